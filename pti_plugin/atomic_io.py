@@ -1,0 +1,94 @@
+"""Atomic, checked writes: a file appears under its final name complete or not at all.
+
+Every writer here writes to a temporary file in the destination folder, flushes and fsyncs it,
+then renames it over the final name (``os.replace``, atomic on POSIX and Windows). A failure
+mid-write leaves any previous file intact and removes the temporary file. Tensors are checked
+for non-finite values before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+
+class DiskFullError(OSError):
+    """Raised when a write fails for lack of space; the message says where and how much."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``.
+
+    ``size_hint`` (bytes) only improves the disk-full message.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            free = _free_bytes(final.parent)
+            need = f"{size_hint / 1e6:.1f} MB" if size_hint else "more space"
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"disk full while writing {final}: needed {need}, {free / 1e6:.1f} MB free in {final.parent}",
+            ) from exc
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _free_bytes(folder: Path) -> int:
+    stat = os.statvfs(folder)
+    return stat.f_bavail * stat.f_frsize
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path, size_hint=len(data)) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None], size_hint: int | None = None) -> None:
+    """Call ``writer(tmp_path)`` and move the result to ``path`` atomically (for savers taking a path)."""
+    with atomic_path(path, size_hint=size_hint) as tmp:
+        writer(tmp)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ``ValueError`` naming the first tensor of ``tensors`` with a NaN or inf value."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"refusing to write {what}: tensor {key!r} holds non-finite values")
+
+
+def save_safetensors_atomic(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Check ``tensors`` are finite, then write them as a safetensors file atomically."""
+    from safetensors.torch import save
+
+    check_finite(tensors, str(path))
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(contiguous, metadata=metadata))
