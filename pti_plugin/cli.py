@@ -1,0 +1,85 @@
+"""Command line of ``train_pti.py``: ``--preset FILE``, kohya-style ``--KEY VALUE`` overrides, ``--set a.b=v``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .config import Config, ConfigError, field_names, load_config, parse_value
+
+USAGE = """usage: train_pti.py [--preset FILE] [--KEY VALUE ...] [--set NESTED.KEY=VALUE ...]
+
+  --preset FILE          a TOML preset (see presets/); without it, the built-in defaults
+  --KEY VALUE            override any top-level preset key (kohya names), e.g. --learning_rate 1e-4;
+                         a boolean key alone means true (--gradient_checkpointing)
+  --set KEY=VALUE        override a nested key, e.g. --set stages.0.steps=10
+  --list_keys            print every preset key with its default and documentation
+"""
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
+    """Split ``argv`` into (preset path, top-level overrides, ``--set`` items)."""
+    preset, overrides, sets = None, {}, []
+    bool_keys = {f for f in field_names(Config) if isinstance(getattr(Config(), f), bool)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}\n{USAGE}")
+        key, eq, inline = arg[2:].partition("=")
+        takes_value = bool(eq) or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
+        if key in bool_keys and not takes_value:
+            value = "true"
+        elif eq:
+            value = inline
+        elif i + 1 < len(argv):
+            i += 1
+            value = argv[i]
+        else:
+            raise ConfigError(f"--{key} needs a value")
+        if key == "preset":
+            preset = value
+        elif key == "set":
+            sets.append(value)
+        else:
+            overrides[key] = parse_value(value)
+        i += 1
+    return preset, overrides, sets
+
+
+def list_keys() -> str:
+    import dataclasses
+
+    lines = []
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{f.name} = {default!r}\n    {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run training; returns the process exit code (2 for configuration errors)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return 0
+    if "--list_keys" in argv:
+        print(list_keys())
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        preset, overrides, sets = parse_args(argv)
+        config = load_config(preset, overrides, sets)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .trainer import Trainer
+
+    try:
+        outputs = Trainer(config).run()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for kind, path in outputs.items():
+        print(f"{kind}: {path}")
+    return 0

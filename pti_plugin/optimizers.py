@@ -1,0 +1,81 @@
+"""Optimizers by kohya name: torch's, bitsandbytes' 8-bit and paged ones, Adafactor, Prodigy.
+
+``optimizer_args`` are kohya's ``"key=value"`` strings; values are Python literals
+(``betas=(0.9,0.99)``, ``weight_decay=0.01``), else strings.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import torch
+
+_BNB = {
+    "adamw8bit": "AdamW8bit", "adam8bit": "Adam8bit", "lion8bit": "Lion8bit", "pagedadamw8bit": "PagedAdamW8bit",
+    "pagedlion8bit": "PagedLion8bit", "pagedadamw": "PagedAdamW", "pagedadamw32bit": "PagedAdamW32bit",
+    "lion": "Lion", "sgdnesterov8bit": "SGD8bit", "rmsprop8bit": "RMSprop8bit",
+}
+_TORCH = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "sgdnesterov": "SGD", "rmsprop": "RMSprop"}
+SUPPORTED = sorted(set(_TORCH.values()) | set(_BNB.values()) | {"SGDNesterov", "Adafactor", "Prodigy"})
+
+
+def parse_optimizer_args(args: list[str]) -> dict[str, Any]:
+    """``["betas=(0.9,0.99)", "weight_decay=0.1"]`` -> ``{"betas": (0.9, 0.99), "weight_decay": 0.1}``."""
+    parsed = {}
+    for item in args:
+        if "=" not in item:
+            raise ValueError(f"optimizer_args entries are key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            parsed[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            parsed[key.strip()] = text.strip()
+    return parsed
+
+
+def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, args: list[str]) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (kohya spelling, case-insensitive) over ``param_groups``."""
+    key = name.lower().replace("_", "")
+    kwargs = parse_optimizer_args(args)
+    if key in _BNB:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ValueError(f"optimizer_type {name!r} needs bitsandbytes (pip install bitsandbytes)") from exc
+        cls = getattr(bnb.optim, _BNB[key])
+        if key == "sgdnesterov8bit":
+            kwargs.setdefault("nesterov", True)
+            kwargs.setdefault("momentum", 0.9)
+        return cls(param_groups, lr=lr, **kwargs)
+    if key in _TORCH:
+        if key == "sgdnesterov":
+            kwargs.setdefault("nesterov", True)
+            kwargs.setdefault("momentum", 0.9)
+        return getattr(torch.optim, _TORCH[key])(param_groups, lr=lr, **kwargs)
+    if key == "adafactor":
+        from transformers.optimization import Adafactor
+
+        kwargs.setdefault("relative_step", False)
+        kwargs.setdefault("scale_parameter", False)
+        kwargs.setdefault("warmup_init", False)
+        return Adafactor(param_groups, lr=lr, **kwargs)
+    if key == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as exc:
+            raise ValueError("optimizer_type 'Prodigy' needs the prodigyopt package (pip install prodigyopt)") from exc
+        return Prodigy(param_groups, lr=lr, **kwargs)
+    raise ValueError(f"unknown optimizer_type {name!r}; supported: {', '.join(SUPPORTED)}")
+
+
+def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, steps: int, num_cycles: int, power: float):
+    """A diffusers LR scheduler, stepped once per optimizer step by the trainer."""
+    from diffusers.optimization import get_scheduler
+
+    try:
+        return get_scheduler(
+            name, optimizer, num_warmup_steps=warmup, num_training_steps=steps, num_cycles=num_cycles, power=power
+        )
+    except ValueError as exc:
+        raise ValueError(f"lr_scheduler {name!r}: {exc}") from exc

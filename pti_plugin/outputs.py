@@ -1,0 +1,103 @@
+"""The run's files in ``output_dir`` and writing the LoRA + embedding pair.
+
+Names: the LoRA ``<output_name>.safetensors``, the standalone embedding ``<token>.safetensors``,
+intermediate saves ``<name>-stepNNNNNNNN.safetensors``, the resolved config
+``<output_name>.config.toml``, the JSONL log ``<output_name>.log.jsonl``, states
+``<output_name>-state-stepNNNNNNNN/``, samples ``samples/<output_name>-<tag>-<i>.png``.
+A new run refuses to start when any of its final files already exists (other runs' files in the
+same folder are fine).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, resolved_dict
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    output_dir: Path
+    output_name: str
+    token: str
+
+    def lora(self, suffix: str | None = None) -> Path:
+        return self.output_dir / (f"{self.output_name}-{suffix}.safetensors" if suffix else f"{self.output_name}.safetensors")
+
+    def embedding(self, suffix: str | None = None) -> Path:
+        return self.output_dir / (f"{self.token}-{suffix}.safetensors" if suffix else f"{self.token}.safetensors")
+
+    @property
+    def config_toml(self) -> Path:
+        return self.output_dir / f"{self.output_name}.config.toml"
+
+    @property
+    def log_jsonl(self) -> Path:
+        return self.output_dir / f"{self.output_name}.log.jsonl"
+
+    def state_dir(self, suffix: str) -> Path:
+        return self.output_dir / f"{self.output_name}-state-{suffix}"
+
+    def sample_path(self, tag: str, index: int) -> Path:
+        return self.output_dir / "samples" / f"{self.output_name}-{tag}-{index}.png"
+
+    def check_new_run(self, resuming: bool) -> None:
+        """Refuse to start a new run that would overwrite files of an earlier run of the same names."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        taken = [p for p in (self.lora(), self.embedding(), self.config_toml, self.log_jsonl) if p.exists()]
+        if resuming:
+            taken = [p for p in taken if p not in (self.config_toml, self.log_jsonl)]
+        else:
+            taken += sorted(self.output_dir.glob(f"{self.output_name}-step*.safetensors"))
+            taken += sorted(self.output_dir.glob(f"{self.output_name}-state-step*"))
+        if taken:
+            raise ConfigError(
+                f"output_dir {self.output_dir} already holds {taken[0].name}, which this run would write "
+                f"(output_name {self.output_name!r}, token {self.token!r}); choose another output_name/token_string "
+                "or output_dir, or move the earlier files away"
+            )
+
+
+def write_lora_and_embedding(
+    files: RunFiles,
+    suffix: str | None,
+    unet_lora: dict[str, torch.Tensor],
+    text_encoder_lora: dict[str, torch.Tensor],
+    pivot_vectors: torch.Tensor,
+    config,
+    steps: int,
+    extra_metadata: dict[str, str],
+    bundle: bool = True,
+) -> dict[str, Path]:
+    """Write the kohya LoRA (with the pivot bundled for A1111) and the standalone embedding."""
+    from .formats.embedding import bundle_embedding_keys, save_embedding
+    from .formats.kohya_lora import kohya_metadata, save_lora, to_kohya
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.save_precision, torch.float32)
+    vectors = pivot_vectors.detach().float().cpu()  # [n, d]
+    tensors = to_kohya(unet_lora, text_encoder_lora, config.network_alpha, dtype=dtype)
+    if bundle:
+        tensors |= bundle_embedding_keys(config.token_string, vectors)
+    pti = {
+        "pti_token_string": config.token_string,
+        "pti_init_word": json.dumps(config.init_word),
+        "pti_num_vectors_per_token": str(config.num_vectors_per_token),
+        "pti_stages": json.dumps(resolved_dict(config)["stages"]),
+        "pti_plugins": json.dumps(config.plugins),
+    } | extra_metadata
+    metadata = kohya_metadata(
+        network_dim=config.network_dim, network_alpha=config.network_alpha, output_name=config.output_name,
+        training_started_at=time.time(), steps=steps, learning_rate=config.learning_rate, extra=pti,
+    )
+    lora_path, embedding_path = files.lora(suffix), files.embedding(suffix)
+    for path in (lora_path, embedding_path):
+        if path.exists():
+            raise FileExistsError(f"refusing to overwrite {path}")
+    save_lora(lora_path, tensors, metadata)
+    save_embedding(embedding_path, vectors)
+    return {"lora": lora_path, "embedding": embedding_path}

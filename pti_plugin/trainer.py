@@ -1,0 +1,384 @@
+"""The training loop: stages planned by the schedule plugin, run under accelerate, hooks dispatched.
+
+Per stage: the schedule plugin's plan says what trains; the trainer freezes everything else,
+prepares the modules that hold trainable parameters (DDP wraps only those) and the optimizer,
+and runs ``plan.steps`` optimizer steps. The LR scheduler is stepped by hand once per optimizer
+
+
+multi-process runs see the same data. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import toml
+import torch
+from tqdm.auto import tqdm
+
+from .atomic_io import atomic_write_text, save_safetensors_atomic
+from .config import EMBEDDED, Config, resolved_dict
+from .data.captions import expand_token
+from .data.dataset import ImageItem, load_subsets, scan_images
+from .data.latents import LatentSource
+from .data.sample_order import SampleOrder, sample_generator
+from .diffusion_loss import draw_noise, min_snr_weights, per_sample_mse, training_target
+from .hooks import Batch, MainPrediction, Plugin, StagePlan, TrainerState, instantiate_plugins
+from .models.loading import configure_attention, load_base_model
+from .models.lora import attach_lora, lora_parameters, set_lora_enabled
+from .models.pivot import add_pivot_token
+from .models.lora import lora_state_dict
+from .outputs import RunFiles, write_lora_and_embedding
+from .resume import load_state, save_state
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term went NaN or inf; the message names the step, the stage and the term."""
+
+
+class Trainer:
+    """Runs a :class:`Config`: ``Trainer(config).run()`` returns the paths of the final outputs."""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        config = self.config
+        output_dir = Path(config.output_dir).expanduser().resolve()
+        logging_dir = Path(config.logging_dir).expanduser().resolve() if config.logging_dir else output_dir / "logs"
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=config.log_with or None,
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+        )
+        self.files = RunFiles(output_dir, config.output_name, config.token_string)
+        if self.accelerator.is_main_process:
+            self.files.check_new_run(resuming=bool(config.resume))
+        self.accelerator.wait_for_everyone()
+        device = self.accelerator.device
+
+        model = load_base_model(config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization)
+        init_words = config.init_word if isinstance(config.init_word, list) else [config.init_word]
+        self.pivot = add_pivot_token(model.tokenizer, model.text_encoder, config.token_string, config.num_vectors_per_token, init_words)
+        attach_lora(model.unet, model.family.unet_lora_targets(model.unet), config.network_dim, config.network_alpha)
+        self.train_te_lora = any(self._stage_trains_te(s) for s in config.stages)
+        if self.train_te_lora:
+            attach_lora(model.text_encoder, model.family.text_encoder_lora_targets(model.text_encoder), config.network_dim, config.network_alpha)
+        self.attention = configure_attention(model.unet, config.xformers, config.sdpa, device)
+        if config.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            model.text_encoder.gradient_checkpointing_enable()
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        trainable = {id(p) for p in [self.pivot.vectors] + lora_parameters(model.unet) + lora_parameters(model.text_encoder)}
+        for module in (model.unet, model.text_encoder):
+            for param in module.parameters():
+                if id(param) not in trainable:
+                    param.data = param.data.to(self.weight_dtype)
+        model.unet.to(device)
+        model.text_encoder.to(device)
+        model.vae.to(device)
+        self.model = model
+
+        train_dir = None
+        if config.train_data_dir == EMBEDDED:
+            from .embedded_default import default_dataset_dir
+
+            train_dir = default_dataset_dir(config.token_string)
+        self.items: list[ImageItem] = scan_images(config, load_subsets(config, train_dir))
+        self.entries = [i for i, item in enumerate(self.items) for _ in range(item.num_repeats)]
+        self.latents = LatentSource(model.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
+        self.latents.fill_cache()
+        # One optimizer step consumes a global batch of batch x processes x accumulation samples.
+        self.global_batch = config.train_batch_size * self.accelerator.num_processes * config.gradient_accumulation_steps
+
+        self.plugins: list[Plugin] = instantiate_plugins(config)
+        self.state = TrainerState(config=config, accelerator=self.accelerator, model=model, pivot=self.pivot, output_dir=output_dir)
+        order = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, 0)
+        self.state.steps_per_epoch = order.batches_per_epoch
+        self.accelerator.init_trackers("pti") if config.log_with else None
+        self._log_file = self.files.log_jsonl
+        self._info(
+            f"model {model.source} ({model.prediction_type}); attention: {self.attention}; "
+            f"{len(self.items)} images, {len(self.entries)} entries with repeats; "
+            f"{self.accelerator.num_processes} process(es), global batch {self.global_batch}; device {device}"
+        )
+        for plugin in self.plugins:
+            plugin.on_setup(self.state)
+
+    def _stage_trains_te(self, stage) -> bool:
+        if stage.kind != "lora":
+            return False
+        return stage.train_text_encoder if stage.train_text_encoder is not None else not self.config.network_train_unet_only
+
+    def _info(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            logger.info(message)
+            print(message, flush=True)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict[str, Path]:
+        self._setup()
+        config = self.config
+        start_stage, start_step, resumed = 0, 0, None
+        if config.resume:
+            resumed = load_state(Path(config.resume), self._trainable_tensors())
+            start_stage, start_step, self.state.global_step = resumed.stage_index, resumed.stage_step, resumed.global_step
+            self._info(f"resumed from {config.resume}: stage {start_stage}, step {start_step}")
+        if self.accelerator.is_main_process and not config.resume:
+            atomic_write_text(self.files.config_toml, toml.dumps(resolved_dict(config)))
+        if config.sample_prompts and config.sample_at_first and not config.resume:
+            self.sample("first")
+        for stage_index in range(start_stage, len(config.stages)):
+            first_step = start_step if stage_index == start_stage else 0
+            self._run_stage(stage_index, first_step, resumed if stage_index == start_stage else None)
+        outputs = self._save(final=True)
+        if config.sample_prompts:
+            outputs["samples"] = self.sample("final")
+        for plugin in self.plugins:
+            plugin.on_end(self.state)
+        self.accelerator.end_training()
+        return outputs
+
+    def _schedule(self) -> Plugin:
+        return next(p for p in self.plugins if type(p).plan_stage is not Plugin.plan_stage)
+
+    def _run_stage(self, stage_index: int, first_step: int, resumed) -> None:
+        config, state, accelerator = self.config, self.state, self.accelerator
+        stage = config.stages[stage_index]
+        state.stage, state.stage_index, state.stage_step = stage, stage_index, first_step
+        plan: StagePlan = self._schedule().plan_stage(state, stage)
+        state.plan = plan
+        if resumed is not None:
+            plan.optimizer.load_state_dict(resumed.optimizer)
+            plan.lr_scheduler.load_state_dict(resumed.lr_scheduler)
+        trainable = [p for group in plan.param_groups for p in group["params"]]
+        trainable_ids = {id(p) for p in trainable}
+        for module in (self.model.unet, self.model.text_encoder):
+            for param in module.parameters():
+                param.requires_grad_(id(param) in trainable_ids)
+        set_lora_enabled(self.model.unet, plan.lora_enabled)
+        if self.train_te_lora:
+            set_lora_enabled(self.model.text_encoder, plan.lora_enabled)
+        unet_trains = any(p.requires_grad for p in self.model.unet.parameters())
+        self.unet_forward = accelerator.prepare(self.model.unet) if unet_trains else self.model.unet
+        self.te_forward = accelerator.prepare(self.model.text_encoder) if plan.trains_text_encoder else self.model.text_encoder
+        self.optimizer = accelerator.prepare(plan.optimizer)
+        self.ddp_modules = [m for m, trains in ((self.unet_forward, unet_trains), (self.te_forward, plan.trains_text_encoder)) if trains]
+        self.trainable = trainable
+        order = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, stage_index)
+        self._info(
+            f"stage {stage_index} {stage.name!r} ({stage.kind}): {plan.steps} steps, groups "
+            + ", ".join(f"{g['name']} lr={g['lr']:g} ({sum(p.numel() for p in g['params'])} params)" for g in plan.param_groups)
+        )
+        for plugin in self.plugins:
+            plugin.on_stage_start(state)
+        progress = tqdm(total=plan.steps, initial=first_step, desc=stage.name, disable=not accelerator.is_main_process)
+        while state.stage_step < plan.steps:
+            logs = self._optimizer_step(order, plan)
+            state.stage_step += 1
+            state.global_step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage.name)
+            for plugin in self.plugins:
+                plugin.on_step_end(state, logs)
+            self._after_step(logs, order)
+        progress.close()
+        for plugin in self.plugins:
+            plugin.on_stage_end(state)
+        self.unet_forward = self.te_forward = None
+        accelerator.free_memory()
+
+    def _optimizer_step(self, order: SampleOrder, plan: StagePlan) -> dict[str, float]:
+        config, accelerator = self.config, self.accelerator
+        accum = config.gradient_accumulation_steps
+        totals: dict[str, float] = {}
+        step = self.state.stage_step
+        for k in range(accum):
+            batch = self._local_batch(order, step, k)
+            sync = contextlib.nullcontext() if k == accum - 1 else contextlib.ExitStack()
+            if k < accum - 1:
+                for module in self.ddp_modules:
+                    sync.enter_context(accelerator.no_sync(module))
+            with sync:
+                terms = self._loss_terms(batch, step)
+                total = sum(terms.values())
+                accelerator.backward(total / accum)
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach()) / accum
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        self.optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            plan.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if config.pivot_norm == "init" and any(g["name"] == "pivot" for g in plan.param_groups):
+            self.pivot.renormalise_to_init()
+        logs = {"loss": sum(totals.values())} | {f"loss/{k}": v for k, v in totals.items()}
+        for group in plan.param_groups:
+            logs[f"lr/{group['name']}"] = float(self.optimizer.param_groups[plan.param_groups.index(group)]["lr"])
+        return logs
+
+    def _local_batch(self, order: SampleOrder, step: int, micro: int) -> Batch:
+        """This process's share of micro-batch ``micro`` of optimizer step ``step``: latents, ids, captions.
+
+        Slots of the step's global batch are laid out micro-batch-major, then rank, then sample.
+        """
+        config, rank = self.config, self.accelerator.process_index
+        entries = order.global_batch_at(step)
+        first = (micro * self.accelerator.num_processes + rank) * config.train_batch_size
+        slots = list(range(first, first + config.train_batch_size))
+        latents, captions, paths = [], [], []
+        for slot in slots:
+            item_index = self.entries[entries[slot]]
+            item = self.items[item_index]
+            generator = sample_generator(config.seed, self.state.stage_index, step, slot, 0xF11B)
+            flip = bool(item.flip_aug and torch.rand((), generator=generator) < 0.5)
+            latents.append(self.latents.latent(item_index, flip))
+            captions.append(expand_token(item.caption, config.token_string, config.num_vectors_per_token))
+            paths.append(str(item.path))
+        input_ids = self.model.family.tokenize(self.model.tokenizer, captions)
+        return Batch(torch.stack(latents).to(self.accelerator.device), input_ids.to(self.accelerator.device), captions, paths, slots)
+
+    def _loss_terms(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """Main denoising loss and every plugin term for one micro-batch of optimizer step ``step`` (scalars)."""
+        config, state, model = self.config, self.state, self.model
+        device = self.accelerator.device
+        noises, timesteps = [], []
+        for slot in batch.slots:
+            generator = sample_generator(config.seed, state.stage_index, step, slot, 0x9015E)
+            noises.append(draw_noise(tuple(batch.latents.shape[1:]), generator, config.noise_offset,
+                                     config.multires_noise_iterations, config.multires_noise_discount))
+            timesteps.append(torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (), generator=generator))
+        noise = torch.stack(noises).to(device)  # [b, 4, h, w] float32
+        t = torch.stack(timesteps).to(device)  # [b] int64
+        noisy = model.noise_scheduler.add_noise(batch.latents, noise, t)
+        for plugin in self.plugins:
+            plugin.on_step_start(state, batch)
+        te_grad = state.plan.trains_text_encoder
+        with self.accelerator.autocast():
+            with torch.set_grad_enabled(te_grad):
+                cond = model.family.encode(self.te_forward, batch.input_ids)  # [b, 77, d]
+            rows = [(p, p.extra_rows(state, batch)) for p in self.plugins]
+            extra = [(p, r) for p, r in rows if r is not None]
+            unet_in = torch.cat([noisy] + [r.noisy_latents for _, r in extra])
+            unet_t = torch.cat([t] + [r.timesteps for _, r in extra])
+            unet_cond = torch.cat([cond] + [r.encoder_hidden_states.to(cond.dtype) for _, r in extra])
+            prediction_all = self.unet_forward(unet_in, unet_t, unet_cond).sample
+        b = noisy.shape[0]
+        prediction = prediction_all[:b]
+        target = training_target(model.noise_scheduler, batch.latents, noise, t, model.prediction_type)
+        per_sample = per_sample_mse(prediction, target)  # [b]
+        if config.min_snr_gamma > 0:
+            per_sample = per_sample * min_snr_weights(model.noise_scheduler, t, config.min_snr_gamma, model.prediction_type)
+        terms = {"main": per_sample.mean()}
+        if config.pivot_norm == "decay" and self.pivot.vectors.requires_grad:
+            terms["pivot_norm"] = config.pivot_norm_weight * self.pivot.norm_penalty()
+        main = MainPrediction(noisy, t, cond, prediction, target)
+        offset = b
+        row_outputs = {}
+        for plugin, r in extra:
+            n = r.noisy_latents.shape[0]
+            row_outputs[id(plugin)] = prediction_all[offset : offset + n]
+            offset += n
+        for plugin in self.plugins:
+            for name, value in plugin.extra_losses(state, batch, main, row_outputs.get(id(plugin))).items():
+                terms[f"{plugin.name}/{name}"] = value
+        for name, value in terms.items():
+            if not torch.isfinite(value.detach()).all():
+                raise NonFiniteLossError(
+                    f"loss term {name!r} is {float(value)} at stage {state.stage_index} ({state.stage.name!r}), "
+                    f"step {state.stage_step} (global {state.global_step}); the last saved files are kept"
+                )
+        return terms
+
+    # ------------------------------------------------------------------ logs, samples, saves
+    def _after_step(self, logs: dict[str, float], order: SampleOrder) -> None:
+        config, state = self.config, self.state
+        if state.global_step % config.log_every_n_steps == 0 or state.stage_step == state.plan.steps:
+            entry = {"global_step": state.global_step, "stage": state.stage.name, "stage_step": state.stage_step}
+            entry |= logs | self.pivot.distance_from_init() | state.logs
+            if self.accelerator.is_main_process:
+                with open(self._log_file, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(entry) + "\n")
+            if config.log_with:
+                self.accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=state.global_step)
+            state.logs = {}
+        epoch_end = state.stage_step % order.batches_per_epoch == 0
+        epoch = state.stage_step // order.batches_per_epoch
+        due = (config.save_every_n_steps and state.global_step % config.save_every_n_steps == 0) or (
+            config.save_every_n_epochs and epoch_end and epoch % config.save_every_n_epochs == 0
+        )
+        last = state.stage_index == len(config.stages) - 1 and state.stage_step == state.plan.steps
+        if due and not last:
+            self._save(final=False)
+        if config.sample_prompts and config.sample_every_n_steps and state.global_step % config.sample_every_n_steps == 0:
+            self.sample(f"step{state.global_step:08d}")
+
+    def _trainable_tensors(self) -> dict[str, torch.nn.Parameter]:
+        """Every tensor that training can change, by stable name (pivot and LoRA weights)."""
+        named = {"pivot.vectors": self.pivot.vectors}
+        for prefix, module in (("unet", self.model.unet), ("text_encoder", self.model.text_encoder)):
+            for name, param in module.named_parameters():
+                if ".lora_" in name:
+                    named[f"{prefix}.{name}"] = param
+        return named
+
+    def _save(self, final: bool) -> dict[str, Path]:
+        """Write the LoRA and embedding (and the resumable state when asked) from the main process."""
+        state, config = self.state, self.config
+        suffix = None if final else f"step{state.global_step:08d}"
+        paths: dict[str, Path] = {}
+        if self.accelerator.is_main_process:
+            files: dict[str, Any] = {"metadata": dict(state.metadata)}
+            for plugin in self.plugins:
+                plugin.on_before_save(state, files)
+            te_lora = lora_state_dict(self.model.text_encoder) if self.train_te_lora else {}
+            paths = write_lora_and_embedding(
+                self.files, suffix, lora_state_dict(self.model.unet), te_lora, self.pivot.vectors,
+                config, state.global_step, files["metadata"],
+            )
+            if config.save_state and not final:
+                paths["state"] = save_state(
+                    self.files.state_dir(suffix), self._trainable_tensors(), self.optimizer.optimizer.state_dict()
+                    if hasattr(self.optimizer, "optimizer") else self.optimizer.state_dict(),
+                    state.plan.lr_scheduler.state_dict(), state.stage_index, state.stage_step, state.global_step,
+                )
+                self._info(f"saved state to {paths['state']}; resume with: --resume {paths['state']}")
+        self.accelerator.wait_for_everyone()
+        return paths
+
+    @torch.no_grad()
+    def sample(self, tag: str) -> list[Path]:
+        """Generate the sample prompts with the current model into ``samples/`` (main process only)."""
+        from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+        from .sampling import generate_samples, read_prompt_file
+
+        if not self.accelerator.is_main_process:
+            return []
+        config, model = self.config, self.model
+        prompts = read_prompt_file(config.sample_prompts)
+        for p in prompts:
+            p.prompt = expand_token(p.prompt, config.token_string, config.num_vectors_per_token)
+        scheduler_cls = DDIMScheduler if config.sample_sampler == "ddim" else EulerAncestralDiscreteScheduler
+        pipe = StableDiffusionPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+            scheduler=scheduler_cls.from_config(model.noise_scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        size = self.items[0].bucket
+        out = [self.files.sample_path(tag, i) for i in range(len(prompts))]
+        with self.accelerator.autocast():
+            generate_samples(pipe, prompts, size, config.sample_steps, out)
+        return out
