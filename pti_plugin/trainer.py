@@ -3,9 +3,9 @@
 Per stage: the schedule plugin's plan says what trains; the trainer freezes everything else,
 prepares the modules that hold trainable parameters (DDP wraps only those) and the optimizer,
 and runs ``plan.steps`` optimizer steps. The LR scheduler is stepped by hand once per optimizer
-
-
-multi-process runs see the same data. Only the main process writes files.
+step, whatever the number of processes. Each optimizer step's global batch and per-sample draws
+are pure functions of (seed, stage, step, slot) (see ``data/sample_order.py``), so resumed,
+accumulated and multi-process runs see the same data. Only the main process writes files.
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ class Trainer:
         config = self.config
         output_dir = Path(config.output_dir).expanduser().resolve()
         logging_dir = Path(config.logging_dir).expanduser().resolve() if config.logging_dir else output_dir / "logs"
+        has_accelerator_device = torch.cuda.is_available() or torch.backends.mps.is_available() or (
+            hasattr(torch, "xpu") and torch.xpu.is_available()
+        )
         self.accelerator = Accelerator(
+            cpu=not has_accelerator_device,  # lets torchrun/accelerate launch on a CPU machine run MULTI_CPU (gloo)
             mixed_precision=config.mixed_precision,
             log_with=config.log_with or None,
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
@@ -70,10 +74,13 @@ class Trainer:
         model = load_base_model(config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization)
         init_words = config.init_word if isinstance(config.init_word, list) else [config.init_word]
         self.pivot = add_pivot_token(model.tokenizer, model.text_encoder, config.token_string, config.num_vectors_per_token, init_words)
-        attach_lora(model.unet, model.family.unet_lora_targets(model.unet), config.network_dim, config.network_alpha)
         self.train_te_lora = any(self._stage_trains_te(s) for s in config.stages)
-        if self.train_te_lora:
-            attach_lora(model.text_encoder, model.family.text_encoder_lora_targets(model.text_encoder), config.network_dim, config.network_alpha)
+        with torch.random.fork_rng(devices=[]):  # LoRA init (peft draws from the global RNG) depends on the seed only
+            torch.manual_seed(config.seed)
+            attach_lora(model.unet, model.family.unet_lora_targets(model.unet), config.network_dim, config.network_alpha)
+            if self.train_te_lora:
+                attach_lora(model.text_encoder, model.family.text_encoder_lora_targets(model.text_encoder),
+                            config.network_dim, config.network_alpha)
         self.attention = configure_attention(model.unet, config.xformers, config.sdpa, device)
         if config.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()

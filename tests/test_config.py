@@ -1,0 +1,85 @@
+"""Presets: defaults, extends, kohya config_file, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from pti_plugin.cli import main, parse_args
+from pti_plugin.config import ConfigError, build_config, load_config, resolved_dict, stage_value
+from pti_plugin.kohya_options import REFUSED_OPTIONS
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_extends_merges_and_paths_are_relative_to_each_preset(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "imgs").mkdir()
+    _write(tmp_path / "base" / "base.toml", 'train_data_dir = "imgs"\nlearning_rate = 1e-3\nnetwork_dim = 8\n')
+    child = _write(tmp_path / "child.toml", 'extends = "base/base.toml"\nnetwork_dim = 16\n[[stages]]\nkind = "inversion"\nsteps = 7\n')
+    config = load_config(child)
+    assert config.train_data_dir == str(tmp_path / "base" / "imgs")
+    assert (config.learning_rate, config.network_dim) == (1e-3, 16)
+    assert [(s.kind, s.steps) for s in config.stages] == [("inversion", 7)]
+    assert stage_value(config, config.stages[0], "learning_rate") == 1e-3  # top-level keys are stage defaults
+
+
+def test_kohya_config_file_sections_are_flattened(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    _write(tmp_path / "kohya.toml", '[model_arguments]\nclip_skip = 2\n[training_arguments]\ntrain_batch_size = 3\n[dataset_arguments]\ntrain_data_dir = "imgs"\n')
+    preset = _write(tmp_path / "p.toml", 'config_file = "kohya.toml"\ntrain_batch_size = 4\n')
+    config = load_config(preset)
+    assert (config.clip_skip, config.train_batch_size, config.train_data_dir) == (2, 4, str(tmp_path / "imgs"))
+
+
+def test_command_line_overrides_top_level_and_nested(tmp_path):
+    preset_path, overrides, sets = parse_args(
+        ["--preset", "x.toml", "--learning_rate", "1e-4", "--gradient_checkpointing", "--output_dir=o", "--set", "stages.1.steps=10"]
+    )
+    assert preset_path == "x.toml"
+    assert overrides == {"learning_rate": 1e-4, "gradient_checkpointing": True, "output_dir": "o"}
+    config = load_config(None, overrides | {"train_data_dir": str(tmp_path)}, sets)
+    assert config.stages[1].steps == 10 and config.stages[0].steps is None
+    assert resolved_dict(config)["stages"][0]["steps"] == 1000  # resolved file holds every effective value
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"learnig_rate": 1e-4}, "unknown key 'learnig_rate'. Did you mean 'learning_rate'?"),
+        ({"v2": True}, "kohya option 'v2' is not supported"),
+        ({"learning_rate": "fast"}, "key 'learning_rate' expects float, got 'fast'"),
+        ({"train_batch_size": 1.5}, "key 'train_batch_size' expects int"),
+        ({"mixed_precision": "fp8"}, "'mixed_precision' must be one of"),
+        ({"stages": [{"kind": "lora", "stpes": 3}]}, "stages.0: unknown key 'stpes'. Did you mean 'steps'?"),
+        ({"stages": [{"kind": "dreambooth"}]}, "stages.0.kind must be one of"),
+        ({"output_name": "tok1"}, "the LoRA and the standalone embedding would be the same file"),
+        ({"pretrained_model_name_or_path": "/no/such/model"}, "path not found: looked for /no/such/model"),
+    ],
+)
+def test_bad_presets_name_the_key(tmp_path, raw, message):
+    with pytest.raises(ConfigError, match=_escape(message)):
+        build_config({"train_data_dir": str(tmp_path)} | raw)
+
+
+def _escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_every_refused_kohya_option_is_refused_by_name(tmp_path):
+    for option in REFUSED_OPTIONS:
+        with pytest.raises(ConfigError, match=f"kohya option '{option}' is not supported"):
+            build_config({"train_data_dir": str(tmp_path), option: 1})
+
+
+def test_cli_reports_config_errors_before_loading_any_model(tmp_path, capsys):
+    preset = _write(tmp_path / "p.toml", f'train_data_dir = "{tmp_path}"\nnetwork_dimm = 4\n')
+    assert main(["--preset", str(preset)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'network_dimm'" in err and "Did you mean 'network_dim'?" in err
+    assert main(["--preset", str(tmp_path / "missing.toml")]) == 2
+    assert "preset not found: looked for" in capsys.readouterr().err
