@@ -142,3 +142,13 @@ REFUSED_OPTIONS: dict[str, str] = {
     "cache_info": _DATASET,
     "conditioning_data_dir": _DATASET,
 }
+
+
+def markdown_table() -> str:
+    """The README table of refused kohya options (``python -m pti_plugin.kohya_options``)."""
+    rows = [f"| `{name}` | {reason} |" for name, reason in sorted(REFUSED_OPTIONS.items())]
+    return "\n".join(["| kohya option | why it is refused |", "| --- | --- |", *rows])
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,123 @@
+"""Textual-inversion embeddings: our standalone file, the bundle inside a LoRA, and reading others'.
+
+Our standalone embedding (``<token>.safetensors``) holds exactly one tensor, ``emb_params``
+``[num_vectors, width]``: AUTOMATIC1111 (which names the embedding after the file), Forge, ComfyUI
+(``embedding:<token>``, which takes the file's first tensor) and diffusers
+(``load_textual_inversion(path, token=...)``) all read it. Inside a LoRA the same vectors sit under
+``bundle_emb.<token>.string_to_param.*``, which AUTOMATIC1111 loads as an embedding named
+``<token>``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic_io import save_safetensors_atomic
+from .kohya_lora import BUNDLE_PREFIX
+from .safe_load import check_safetensors, safe_torch_load
+
+STANDALONE_KEY = "emb_params"
+
+
+class EmbeddingFormatError(ValueError):
+    """An embedding file we cannot read or whose shape does not fit; the message names the file."""
+
+
+def save_embedding(path: str | os.PathLike, vectors: torch.Tensor, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``vectors`` ``[n, d]`` as a standalone embedding (one tensor, ``emb_params``), atomically."""
+    if vectors.dim() != 2:
+        raise ValueError(f"embedding vectors must be [num_vectors, width], got shape {tuple(vectors.shape)}")
+    save_safetensors_atomic(path, {STANDALONE_KEY: vectors.detach()}, dict(metadata) if metadata else None)
+
+
+def bundle_embedding_keys(token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The LoRA-file entry that bundles ``vectors`` ``[n, d]`` as embedding ``token`` (A1111's ``bundle_emb``)."""
+    if "." in token:
+        raise ValueError(f"a bundled embedding's token may not contain '.', got {token!r}")
+    return {f"{BUNDLE_PREFIX}{token}.string_to_param.*": vectors.detach()}
+
+
+def bundled_embeddings(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every embedding bundled in a LoRA's tensors, by name.
+
+    Reads ``bundle_emb.<name>.string_to_param.*`` (A1111, ours) and ``bundle_emb.<name>.clip_l``
+    (OneTrainer); other ``bundle_emb.<name>.*`` keys (e.g. SDXL's ``clip_g``) are ignored.
+    """
+    found = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(BUNDLE_PREFIX):
+            continue
+        name, _, rest = key[len(BUNDLE_PREFIX) :].partition(".")
+        if rest in ("string_to_param.*", "clip_l"):
+            found[name] = tensor
+    return found
+
+
+def _from_safetensors(path: Path, token: str | None) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    check_safetensors(path)
+    tensors = load_file(str(path))
+    bundled = bundled_embeddings(tensors)
+    if token is not None and token in bundled:
+        return bundled[token]
+    for key in (STANDALONE_KEY, "string_to_param.*", "clip_l"):
+        if key in tensors:
+            return tensors[key]
+    if bundled:
+        if token is None and len(bundled) == 1:
+            return next(iter(bundled.values()))
+        raise EmbeddingFormatError(f"{path}: bundles embeddings {sorted(bundled)}; pass token= to choose one (got {token!r})")
+    if len(tensors) == 1:  # diffusers' learned_embeds.safetensors: {token: tensor}
+        return next(iter(tensors.values()))
+    raise EmbeddingFormatError(f"{path}: no embedding found among keys {sorted(tensors)[:5]}")
+
+
+def _from_pickle(path: Path) -> torch.Tensor:
+    data: Any = safe_torch_load(path)
+    if isinstance(data, torch.Tensor):
+        return data
+    if isinstance(data, Mapping):
+        if "string_to_param" in data:  # A1111 .pt: {'string_to_param': {'*': tensor}, 'name': ...}
+            params = data["string_to_param"]
+            if "*" in params:
+                return params["*"]
+            raise EmbeddingFormatError(f"{path}: string_to_param has no '*' entry (keys {list(params)})")
+        tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) == 1:  # diffusers learned_embeds.bin: {token: tensor}
+            return tensors[0]
+    raise EmbeddingFormatError(f"{path}: not an embedding (expected string_to_param or a single tensor)")
+
+
+def load_embedding(path: str | os.PathLike, expected_dim: int | None = None, token: str | None = None) -> torch.Tensor:
+    """Read an embedding file -> ``[num_vectors, width]`` tensor (dtype as stored).
+
+    Reads safetensors (``emb_params``; ``string_to_param.*``; ``clip_l``; a LoRA's
+    ``bundle_emb.<token>.string_to_param.*`` or OneTrainer's ``bundle_emb.<token>.clip_l``; a single
+    tensor under any name), A1111 ``.pt`` (``string_to_param['*']``) and diffusers
+    ``learned_embeds.bin`` (``{token: tensor}``) through ``safe_torch_load``. ``token`` picks a
+    bundled embedding when a file holds several. ``expected_dim`` is the text encoder's width:
+    a mismatch (an SD2 or SDXL embedding on SD1.5) raises ``EmbeddingFormatError`` naming the file
+    and both widths.
+    """
+    path = Path(path)
+    vectors = _from_safetensors(path, token) if path.suffix == ".safetensors" else _from_pickle(path)
+    vectors = vectors.detach()
+    if vectors.dim() == 1:
+        vectors = vectors.unsqueeze(0)
+    if vectors.dim() != 2 or not vectors.is_floating_point():
+        raise EmbeddingFormatError(
+            f"{path}: embedding has shape {tuple(vectors.shape)} and dtype {vectors.dtype}, expected [n, width] float"
+        )
+    if expected_dim is not None and vectors.shape[1] != expected_dim:
+        hints = {768: " (an SD1.x embedding?)", 1024: " (an SD2 embedding?)", 1280: " (an SDXL embedding?)"}
+        hint = hints.get(vectors.shape[1], "")
+        raise EmbeddingFormatError(
+            f"{path}: embedding vectors are {vectors.shape[1]} wide{hint}, but this model's text encoder takes {expected_dim}"
+        )
+    return vectors

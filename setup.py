@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pti-plugin",
+    version="0.1.0",
+    description="Pivotal Tuning Inversion for Stable Diffusion: a kohya-style trainer with hook-based plugins",
+    packages=find_packages(include=["pti_plugin", "pti_plugin.*"]),
+    package_data={"pti_plugin": ["models/configs/**/*.json", "toy_world/weights/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",  # lower bound only: keep the CPU/CUDA build you have
+        "diffusers>=0.32,<0.43",
+        "transformers>=4.45,<6",
+        "peft>=0.13",
+        "accelerate>=1.0",
+        "bitsandbytes>=0.45",
+        "safetensors>=0.4",
+        "toml>=0.10",
+        "tqdm",
+        "pillow",
+        "numpy",
+        "matplotlib",
+    ],
+    extras_require={
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["pti-train=pti_plugin.cli:main"]},
+)
