@@ -75,6 +75,7 @@ class Config:
     config_file: str = doc("A kohya --config_file TOML of arguments, read beneath this preset.", "")
     # --- model
     pretrained_model_name_or_path: str = doc('Base model: a diffusers folder or a single .safetensors/.ckpt file; "@embedded" for the shipped default.', EMBEDDED)
+    single_file_config: str = doc("A diffusers folder whose component configs describe a single-file checkpoint (default: SD1.5's, shipped).", "")
     tokenizer_path: str = doc("CLIP tokenizer folder for single-file checkpoints (else the HF cache, else open_clip's BPE file).", "")
     v_parameterization: bool = doc("Force v-prediction (else read from the model's scheduler config).", False)
     clip_skip: int = doc("Use the hidden state clip_skip layers from the end (1 = last), then the final LayerNorm.", 1)
@@ -150,7 +151,7 @@ class Config:
     plugins: dict[str, dict[str, Any]] = doc("Enabled plugins: [plugins.NAME] tables of options.", factory=dict)
 
 
-_PATH_KEYS = ("pretrained_model_name_or_path", "tokenizer_path", "train_data_dir", "dataset_config", "sample_prompts", "resume", "config_file")
+_PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_path", "train_data_dir", "dataset_config", "sample_prompts", "resume", "config_file")
 _CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "save_precision": ("float", "fp16", "bf16"),

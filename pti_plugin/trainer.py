@@ -71,7 +71,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         device = self.accelerator.device
 
-        model = load_base_model(config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization)
+        model = load_base_model(
+            config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
+            config.single_file_config, config.tokenizer_path,
+        )
         init_words = config.init_word if isinstance(config.init_word, list) else [config.init_word]
         self.pivot = add_pivot_token(model.tokenizer, model.text_encoder, config.token_string, config.num_vectors_per_token, init_words)
         self.train_te_lora = any(self._stage_trains_te(s) for s in config.stages)

@@ -69,3 +69,13 @@ def preset(tiny_model, tiny_dataset, tmp_path):
         return raw
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test may build its own Accelerator (accelerate's state is a per-process singleton)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

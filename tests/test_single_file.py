@@ -201,16 +201,20 @@ def _fake_lightning_modules(monkeypatch):
 
 @pytest.fixture(scope="module")
 def ckpt_file(original_state, tmp_path_factory) -> Path:
-    """A Lightning-style .ckpt as original SD ships: the callbacks dict is keyed by the ModelCheckpoint class."""
+    """A Lightning-style .ckpt as original SD ships (pytorch-lightning 1.4 keys the callbacks dict by the
+    ModelCheckpoint class), plus a ModelCheckpoint object as later Lightning versions pickle."""
     path = tmp_path_factory.mktemp("single") / "tiny-sd15.ckpt"
     with pytest.MonkeyPatch.context() as mp:
         ModelCheckpoint = _fake_lightning_modules(mp)
+        callback = ModelCheckpoint()
+        callback.monitor, callback.best_model_path = None, ""
         torch.save(
             {
                 "epoch": 6,
                 "global_step": 840000,
                 "pytorch-lightning_version": "1.4.2",
                 "callbacks": {ModelCheckpoint: {"best_model_score": None, "best_model_path": "", "dirpath": "/logs"}},
+                "loops": {"checkpoint_callback": callback},
                 "state_dict": original_state,
             },
             path,
@@ -379,6 +383,15 @@ def test_missing_tokenizer_lists_the_three_places(safetensors_file, empty_places
     assert "open_clip_torch" in message and "bpe_simple_vocab_16e6.txt.gz" in message
 
 
+def test_tokenizer_path_with_only_vocab_and_merges(tiny_model, tmp_path):
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((tiny_model / "tokenizer" / name).read_bytes())
+    tokenizer = load_clip_tokenizer(str(tmp_path))
+    text = "an anime illustration of red hair"
+    assert tokenizer(text).input_ids == _ref_tokenizer(tiny_model)(text).input_ids
+    assert tokenizer.model_max_length == 77 and tokenizer.pad_token == "<|endoftext|>"
+
+
 def test_unusable_tokenizer_path_is_an_error_naming_it(safetensors_file, tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="nowhere.*vocab.json"):
         load_single_file(safetensors_file, config_dir=tiny_model, tokenizer_path=str(tmp_path / "nowhere"))
@@ -517,3 +530,18 @@ def test_shipped_sd15_configs_build_sd15_sized_components():
     assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.prediction_type == "epsilon"
     index = json.loads((SD15_CONFIG_DIR / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+
+
+def test_trainer_runs_on_a_single_file_checkpoint(safetensors_file, tiny_model, preset):
+    """The trainer takes a single file as pretrained_model_name_or_path (configs: the tiny model's folder)."""
+    from safetensors.torch import load_file as load_tensors
+
+    from pti_plugin.config import build_config
+    from pti_plugin.trainer import Trainer
+
+    config = build_config(preset(
+        pretrained_model_name_or_path=str(safetensors_file), single_file_config=str(tiny_model),
+        tokenizer_path=str(tiny_model / "tokenizer"), stages=[{"kind": "inversion", "steps": 1}, {"kind": "lora", "steps": 1}],
+    ))
+    outputs = Trainer(config).run()
+    assert len({k.rsplit(".", 2)[0] for k in load_tensors(outputs["lora"]) if k.startswith("lora_unet_")}) == 192

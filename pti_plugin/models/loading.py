@@ -41,25 +41,33 @@ def resolve_model_path(value: str) -> Path:
     return Path(value).expanduser()
 
 
-def load_base_model(path_value: str, clip_skip: int = 1, v_parameterization: bool = False) -> BaseModel:
-    """Load the model at ``path_value`` (a diffusers folder, or ``@embedded``)."""
+def load_base_model(
+    path_value: str, clip_skip: int = 1, v_parameterization: bool = False, single_file_config: str = "", tokenizer_path: str = ""
+) -> BaseModel:
+    """Load the model at ``path_value``: a diffusers folder, a single ``.safetensors``/``.ckpt`` SD1.5
+    checkpoint (see ``single_file.py``), or ``@embedded``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = resolve_model_path(path_value)
     if path.is_file():
-        raise ConfigError(
-            f"{path}: single-file checkpoints are not supported yet; convert it to a diffusers folder "
-            "(diffusers' convert_original_stable_diffusion_to_diffusers.py) and pass the folder"
+        from .single_file import load_single_file
+
+        unet, vae, text_encoder, tokenizer, noise_scheduler = load_single_file(
+            path, config_dir=single_file_config or None, tokenizer_path=tokenizer_path
         )
-    if not (path / "model_index.json").is_file():
-        raise ConfigError(f"base model not found: looked for a diffusers folder with model_index.json at {path}")
-    kwargs = {"local_files_only": True}
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
+    elif (path / "model_index.json").is_file():
+        kwargs = {"local_files_only": True}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
+    else:
+        raise ConfigError(
+            f"base model not found: looked for a diffusers folder with model_index.json, or a "
+            f".safetensors/.ckpt file, at {path}"
+        )
     prediction_type = "v_prediction" if v_parameterization else noise_scheduler.config.prediction_type
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)

@@ -1,0 +1,213 @@
+"""Fast tests of the toy world: rendering, detectors, captions, character dataset, shipped weights."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pti_plugin.toy_world import WEIGHTS_DIR
+from pti_plugin.toy_world.detectors import detect, position_entropy, score_generations
+from pti_plugin.toy_world.world import (
+    BACKGROUNDS,
+    CELL_CENTRES,
+    CHARACTER_CELLS,
+    COLOURS,
+    COLUMNS,
+    JITTER,
+    ROWS,
+    SHAPES,
+    SIZE_RANGE,
+    WORDS,
+    Scene,
+    make_caption,
+    parse_caption,
+    quality_prompts,
+    render_character,
+    render_scene,
+    sample_scene,
+    write_character_dataset,
+)
+
+
+def _scene(shape, colour, background, row, col, rng):
+    return Scene(
+        shape, colour, background, row, col,
+        CELL_CENTRES[col] + rng.uniform(-JITTER, JITTER),
+        CELL_CENTRES[row] + rng.uniform(-JITTER, JITTER),
+        rng.uniform(*SIZE_RANGE),
+    )
+
+
+def test_detectors_recover_every_shape_colour_background_cell():
+    rng = np.random.default_rng(0)
+    combos = list(itertools.product(SHAPES, COLOURS, BACKGROUNDS, range(3), range(3)))
+    correct = {"shape": 0, "colour": 0, "background": 0, "cell": 0}
+    for shape, colour, background, row, col in combos:
+        scene = _scene(shape, colour, background, row, col, rng)
+        img = render_scene(scene)
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        got = detect(img)
+        correct["shape"] += got.shape == shape
+        correct["colour"] += got.colour == colour
+        correct["background"] += got.background == background
+        correct["cell"] += (got.row, got.col) == (row, col)
+        assert abs(got.centroid[0] - scene.cx) < 0.6  # x centroid = bbox centre (symmetric shapes)
+    assert len(combos) == 486
+    assert correct == {k: len(combos) for k in correct}  # 100% on every attribute
+
+
+def test_extreme_sizes_and_jitter_are_detected():
+    for shape, (row, col), size, d in itertools.product(SHAPES, [(0, 0), (2, 2), (0, 2)], SIZE_RANGE, (-JITTER, JITTER)):
+        scene = Scene(shape, "purple", "gray", row, col, CELL_CENTRES[col] + d, CELL_CENTRES[row] + d, size)
+        got = detect(render_scene(scene))
+        assert (got.shape, got.colour, got.background, got.row, got.col) == (shape, "purple", "gray", row, col)
+
+
+def test_empty_image_has_no_object():
+    got = detect(np.full((32, 32, 3), 255, dtype=np.uint8))
+    assert got.background == "white" and got.shape is None and got.row is None
+
+
+def test_character_is_found_at_its_cells():
+    for row, col in CHARACTER_CELLS:
+        img = render_character(CELL_CENTRES[col], CELL_CENTRES[row])
+        got = detect(img)
+        assert (got.row, got.col, got.background) == (row, col, "white")
+        assert len({tuple(p) for p in img.reshape(-1, 3)}) > 3  # two colours + background + rims
+
+
+def test_full_captions_parse_back():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        s = sample_scene(rng)
+        text = make_caption(s)
+        assert text == f"a {s.colour} {s.shape} at the {ROWS[s.row]} {COLUMNS[s.col]} on a {s.background} background"
+        assert parse_caption(text) == {"shape": s.shape, "colour": s.colour, "background": s.background, "row": s.row, "col": s.col}
+
+
+def test_random_captions_drop_attributes_and_parse():
+    rng = np.random.default_rng(2)
+    n, no_position, prefixed = 2000, 0, 0
+    for _ in range(n):
+        s = sample_scene(rng)
+        text = make_caption(s, rng)
+        assert set(text.split()) <= set(WORDS), text
+        parsed = parse_caption(text)
+        for key in ("shape", "colour", "background"):
+            assert parsed[key] in (None, getattr(s, key))
+        assert (parsed["row"], parsed["col"]) in ((None, None), (s.row, s.col))
+        no_position += parsed["row"] is None
+        prefixed += text.startswith("an anime illustration of ")
+    assert abs(no_position / n - 0.25) < 0.04
+    assert abs(prefixed / n - 0.30) < 0.04
+
+
+def test_every_world_word_is_one_token(tmp_path):
+    from pti_plugin.toy_world.train_recipe import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok")
+    caption = "an anime illustration of a red triangle at the middle center on a gray background"
+    ids = tok(caption).input_ids
+    assert len(ids) == len(caption.split()) + 2  # BOS + one token per word + EOS
+    assert ids[5] == tok(" ".join(WORDS)).input_ids[1 + WORDS.index("a")]  # "a" at index 5 after the template
+    for w in WORDS:
+        assert len(tok(w).input_ids) == 3, w
+
+
+def test_character_dataset_kohya_layout(tmp_path):
+    root = write_character_dataset(tmp_path / "ds", num_images=6, seed=3, token="tok1", repeats=10)
+    folder = root / "10_tok1"
+    assert sorted(p.name for p in root.iterdir()) == ["10_tok1"]
+    pngs, txts = sorted(folder.glob("*.png")), sorted(folder.glob("*.txt"))
+    assert [p.stem for p in pngs] == [p.stem for p in txts] == [f"{k:03d}" for k in range(6)]
+    cells = set()
+    for png, txt in zip(pngs, txts):
+        img = np.asarray(Image.open(png))
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        caption = txt.read_text().strip()
+        assert "tok1" in caption.split()
+        assert parse_caption(caption)["row"] is None  # captions never state the position
+        got = detect(img)
+        cells.add((got.row, got.col))
+    assert cells == set(CHARACTER_CELLS)
+    assert (folder / "000.txt").read_text().strip() == "an anime illustration of tok1"
+
+
+def test_determinism_under_seed(tmp_path):
+    a = [sample_scene(np.random.default_rng(7)) for _ in range(1)] + [make_caption(sample_scene(r), r) for r in [np.random.default_rng(7)]]
+    b = [sample_scene(np.random.default_rng(7)) for _ in range(1)] + [make_caption(sample_scene(r), r) for r in [np.random.default_rng(7)]]
+    assert a == b
+    assert quality_prompts(120, 5) == quality_prompts(120, 5) != quality_prompts(120, 6)
+    d1 = write_character_dataset(tmp_path / "a", seed=4) / "10_tok1"
+    d2 = write_character_dataset(tmp_path / "b", seed=4) / "10_tok1"
+    d3 = write_character_dataset(tmp_path / "c", seed=5) / "10_tok1"
+    read = lambda d: [p.read_bytes() for p in sorted(d.iterdir())]  # noqa: E731
+    assert read(d1) == read(d2) != read(d3)
+
+
+def test_quality_prompts_and_scoring_on_ground_truth():
+    prompts, seeds = quality_prompts(216)
+    assert len(set(seeds)) == 216
+    rng = np.random.default_rng(8)
+    images = []
+    for text in prompts:
+        p = parse_caption(text)
+        row, col = (p["row"], p["col"]) if p["row"] is not None else (int(rng.integers(3)), int(rng.integers(3)))
+        images.append(render_scene(_scene(p["shape"], p["colour"], p["background"], row, col, rng)))
+    figures = score_generations(prompts, np.stack(images))
+    assert figures["colour"] == figures["shape"] == figures["background"] == figures["position"] == 1.0
+    assert figures["position_entropy"] > 0.93  # 108 uniform draws over 9 cells
+    assert sum(parse_caption(t)["row"] is not None for t in prompts) == 108
+
+
+def test_position_entropy_bounds():
+    assert position_entropy([(r, c) for r in range(3) for c in range(3)]) == pytest.approx(1.0)
+    assert position_entropy([(1, 1)] * 10) == 0.0
+    assert position_entropy([]) == 0.0
+
+
+def test_recipe_modules_are_sd_style(tmp_path):
+    from pti_plugin.toy_world.train_recipe import RecipeConfig, build_text_encoder, build_tokenizer, build_unet, build_vae
+
+    cfg = RecipeConfig()
+    tok = build_tokenizer(tmp_path / "tok")
+    te = build_text_encoder(cfg, tok)
+    assert (te.config.bos_token_id, te.config.eos_token_id, te.config.pad_token_id) == (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    )
+    assert te.config.max_position_embeddings == 77
+    ids = tok(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    hidden = te(ids)[0]
+    assert hidden.shape == (1, 77, cfg.text_hidden)
+    unet, vae = build_unet(cfg), build_vae(cfg)
+    assert unet.config.down_block_types == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+        assert latents.shape == (1, 4, 16, 16)
+        assert unet(latents, torch.tensor([10]), hidden).sample.shape == (1, 4, 16, 16)
+
+
+@pytest.mark.skipif(
+    not (WEIGHTS_DIR / "model_index.json").exists(),
+    reason=f"shipped toy weights absent ({WEIGHTS_DIR}); train them with python -m pti_plugin.toy_world.train_recipe",
+)
+def test_shipped_weights_load_offline_and_generate():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(WEIGHTS_DIR), safety_checker=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 16
+    out = pipe(
+        ["a red square at the top left on a white background"],
+        num_inference_steps=25, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="np",
+    ).images
+    assert out.shape == (1, 32, 32, 3)
+    img = np.clip(np.rint(out[0] * 255), 0, 255).astype(np.uint8)
+    assert detect(img).background == "white"

@@ -1,0 +1,81 @@
+"""Trainer options beyond the default run: precision, checkpointing, text-encoder LoRA, pivot controls, saves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pti_plugin.config import build_config
+from pti_plugin.trainer import Trainer
+
+from .test_trainer import SnapshotPlugin, _changed
+
+
+def _run(raw) -> Path:
+    config = build_config(raw)
+    Trainer(config).run()
+    return Path(config.output_dir)
+
+
+def test_gradient_checkpointing_gives_the_same_result(preset, tmp_path):
+    stages = [{"kind": "inversion", "steps": 2, "learning_rate": 5e-2, "optimizer_type": "SGD"},
+              {"kind": "lora", "steps": 2, "learning_rate": 5e-1, "optimizer_type": "SGD"}]
+    plain = _run(preset(output_dir=str(tmp_path / "a"), stages=stages, save_precision="float"))
+    ckpt = _run(preset(output_dir=str(tmp_path / "b"), stages=stages, save_precision="float", gradient_checkpointing=True))
+    a, b = load_file(plain / "pti.safetensors"), load_file(ckpt / "pti.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_bf16_mixed_precision_trains_on_cpu(preset):
+    out = _run(preset(mixed_precision="bf16", save_precision="bf16",
+                      stages=[{"kind": "inversion", "steps": 2}, {"kind": "lora", "steps": 2, "learning_rate": 1e-2}]))
+    lora = load_file(out / "pti.safetensors")
+    weights = [v for k, v in lora.items() if k.endswith("weight")]
+    assert weights and all(v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all() for v in weights)
+    assert any(v.abs().max() > 0 for k, v in lora.items() if k.endswith("lora_up.weight"))
+    assert load_file(out / "tok1.safetensors")["emb_params"].dtype == torch.float32
+
+
+def test_text_encoder_lora_and_continued_inversion(preset):
+    SnapshotPlugin.records = []
+    out = _run(preset(plugins={"test_snapshot": {}}, stages=[
+        {"kind": "lora", "steps": 2, "learning_rate": 1e-2, "train_text_encoder": True, "train_pivot": True,
+         "text_encoder_lr": 5e-3, "pivot_lr": 5e-2}]))
+    record = SnapshotPlugin.records[0]
+    groups = {g["name"]: g["lr"] for g in record["optimizer"].param_groups}
+    assert groups == {"pivot": 5e-2, "unet_lora": 1e-2, "text_encoder_lora": 5e-3}
+    assert not torch.equal(record["before"]["pivot"]["v"], record["after"]["pivot"]["v"])
+    te_changed = _changed(record["before"]["text_encoder"], record["after"]["text_encoder"])
+    assert te_changed and all(".lora_" in k for k in te_changed)
+    keys = load_file(out / "pti.safetensors").keys()
+    te_modules = {k.rsplit(".", 2)[0] for k in keys if k.startswith("lora_te_")}
+    assert len(te_modules) == 3 * 6  # 3 layers x (q, k, v, out, fc1, fc2) on the tiny text encoder
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te_modules
+
+
+def test_multi_vector_pivot_with_norm_kept_at_init(preset):
+    SnapshotPlugin.records = []
+    out = _run(preset(plugins={"test_snapshot": {}}, num_vectors_per_token=2, init_word=["girl", "character"],
+                      pivot_norm="init", stages=[{"kind": "inversion", "steps": 3, "learning_rate": 1e-1}]))
+    record = SnapshotPlugin.records[0]
+    before, after = record["before"]["pivot"]["v"], record["after"]["pivot"]["v"]
+    assert after.shape == (2, 32) and not torch.equal(before, after)
+    assert torch.allclose(after.norm(dim=-1), before.norm(dim=-1), atol=1e-5)
+    assert load_file(out / "tok1.safetensors")["emb_params"].shape == (2, 32)
+    log = [json.loads(line) for line in (out / "pti.log.jsonl").read_text().splitlines()]
+    assert log[-1]["pivot_norm"] == pytest.approx(log[-1]["init_norm"], abs=1e-5)
+
+
+def test_epoch_saves_and_tensorboard(preset):
+    # 4 images x 2 repeats = 8 entries = 4 steps of batch 2 per epoch.
+    out = _run(preset(max_train_epochs=2, save_every_n_epochs=1, log_with="tensorboard",
+                      stages=[{"kind": "inversion"}, {"kind": "lora", "learning_rate": 1e-2}]))
+    log = [json.loads(line) for line in (out / "pti.log.jsonl").read_text().splitlines()]
+    assert log[-1]["global_step"] == 16
+    saved = sorted(p.name for p in out.glob("pti-step*.safetensors"))
+    assert saved == [f"pti-step{n:08d}.safetensors" for n in (4, 8, 12)]  # the final save replaces step 16
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
