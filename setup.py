@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Pivotal Tuning Inversion for Stable Diffusion: a kohya-style trainer with hook-based plugins",
     packages=find_packages(include=["pti_plugin", "pti_plugin.*"]),
-    package_data={"pti_plugin": ["models/configs/**/*.json", "toy_world/weights/**/*"]},
+    package_data={"pti_plugin": ["models/configs/**/*", "toy_world/weights/**/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
