@@ -73,13 +73,32 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .trainer import Trainer
+    from .atomic_io import DiskFullError
+    from .data.captions import CaptionError
+    from .formats.embedding import EmbeddingFormatError
+    from .formats.kohya_lora import LoraFormatError
+    from .formats.safe_load import BadSafetensorsError, UnsafeFileError
+    from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
+    user_errors = (ConfigError, CaptionError, EmbeddingFormatError, LoraFormatError, BadSafetensorsError,
+                   UnsafeFileError, FileExistsError, FileNotFoundError)
     try:
         outputs = Trainer(config).run()
-    except ConfigError as exc:
+    except user_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except DiskFullError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("stopped at once (second interrupt); no file was left half-written", file=sys.stderr)
+        return 130
     for kind, path in outputs.items():
         print(f"{kind}: {path}")
     return 0

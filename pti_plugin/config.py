@@ -146,6 +146,10 @@ class Config:
     logging_dir: str = doc("TensorBoard folder (default: <output_dir>/logs).", "")
     log_with: str = doc('"" (JSONL only) or "tensorboard".', "")
     log_every_n_steps: int = doc("Log loss, LR and the pivot's distance from its init every N steps.", 10)
+    # --- reliability
+    nan_policy: str = doc('"stop": a non-finite loss/gradient stops the run (last good state saved); "skip": skip that step.', "stop")
+    max_nan_skips: int = doc('With nan_policy = "skip", stop after this many consecutive skipped steps.', 5)
+    overwrite: bool = doc("Allow this run to replace files of an earlier run with the same names in output_dir.", False)
     # --- composition
     stages: list[StageConfig] = doc("Ordered stages ([[stages]] tables).", factory=default_stages)
     plugins: dict[str, dict[str, Any]] = doc("Enabled plugins: [plugins.NAME] tables of options.", factory=dict)
@@ -160,6 +164,7 @@ _CHOICES = {
     "pivot_norm": ("free", "init", "decay"),
     "sample_sampler": ("ddim", "euler_a"),
     "max_token_length": (75,),
+    "nan_policy": ("stop", "skip"),
 }
 _STAGE_KINDS = ("inversion", "lora")
 
@@ -350,6 +355,29 @@ def _validate(config: Config, check_paths: bool) -> None:
         if stage.name in names:
             raise ConfigError(f"preset: two stages are named {stage.name!r}")
         names.add(stage.name)
+    positive = ["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "network_dim",
+                "network_alpha", "log_every_n_steps", "max_nan_skips", "sample_steps", "clip_skip"]
+    for key in positive:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"preset: key {key!r} must be > 0, got {getattr(config, key)!r}")
+    for key in ("max_grad_norm", "noise_offset", "min_snr_gamma", "lr_warmup_steps", "save_every_n_steps",
+                "save_every_n_epochs", "sample_every_n_steps", "pivot_weight_decay", "multires_noise_iterations"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"preset: key {key!r} must be >= 0, got {getattr(config, key)!r}")
+    for key in ("unet_lr", "text_encoder_lr", "max_train_epochs"):
+        if getattr(config, key) is not None and getattr(config, key) <= 0:
+            raise ConfigError(f"preset: key {key!r} must be > 0, got {getattr(config, key)!r}")
+    for i, stage in enumerate(config.stages):
+        for key in ("steps", "max_train_epochs", "learning_rate", "unet_lr", "text_encoder_lr", "pivot_lr"):
+            value = getattr(stage, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"preset: key 'stages.{i}.{key}' must be > 0, got {value!r}")
+    sizes = config.resolution if isinstance(config.resolution, list) else [config.resolution]
+    multiple = 64 if config.enable_bucket else 8
+    if any(size <= 0 or size % multiple for size in sizes):
+        raise ConfigError(f"preset: key 'resolution' must be a positive multiple of {multiple}"
+                          f"{' (enable_bucket)' if config.enable_bucket else ''}, got {config.resolution!r}")
+    _validate_optimisation_names(config)
     if config.num_vectors_per_token < 1:
         raise ConfigError("preset: key 'num_vectors_per_token' must be >= 1")
     if isinstance(config.init_word, list) and len(config.init_word) not in (1, config.num_vectors_per_token):
@@ -377,6 +405,18 @@ def _validate(config: Config, check_paths: bool) -> None:
     for name in config.plugins:
         if not isinstance(config.plugins[name], dict):
             raise ConfigError(f"preset: plugins.{name} must be a table of options")
+
+
+def _validate_optimisation_names(config: Config) -> None:
+    from .optimizers import SUPPORTED, SUPPORTED_SCHEDULERS, is_supported_optimizer
+
+    for where, stage in [("", None)] + [(f"stages.{i}.", s) for i, s in enumerate(config.stages)]:
+        optimizer = stage.optimizer_type if stage else config.optimizer_type
+        if optimizer is not None and not is_supported_optimizer(optimizer):
+            raise ConfigError(f"preset: key '{where}optimizer_type': unknown optimizer {optimizer!r}; valid: {', '.join(SUPPORTED)}")
+        scheduler = stage.lr_scheduler if stage else config.lr_scheduler
+        if scheduler is not None and scheduler not in SUPPORTED_SCHEDULERS:
+            raise ConfigError(f"preset: key '{where}lr_scheduler': unknown scheduler {scheduler!r}; valid: {', '.join(SUPPORTED_SCHEDULERS)}")
 
 
 def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> Config:

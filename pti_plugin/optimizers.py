@@ -17,7 +17,18 @@ _BNB = {
     "lion": "Lion", "sgdnesterov8bit": "SGD8bit", "rmsprop8bit": "RMSprop8bit",
 }
 _TORCH = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "sgdnesterov": "SGD", "rmsprop": "RMSprop"}
-SUPPORTED = sorted(set(_TORCH.values()) | set(_BNB.values()) | {"SGDNesterov", "Adafactor", "Prodigy"})
+SUPPORTED = sorted([
+    "AdamW", "Adam", "SGD", "SGDNesterov", "RMSprop", "AdamW8bit", "Adam8bit", "Lion8bit", "Lion", "PagedAdamW8bit",
+    "PagedLion8bit", "PagedAdamW", "PagedAdamW32bit", "SGDNesterov8bit", "RMSprop8bit", "Adafactor", "Prodigy",
+])
+SUPPORTED_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant",
+)
+
+
+def is_supported_optimizer(name: str) -> bool:
+    key = name.lower().replace("_", "")
+    return key in _BNB or key in _TORCH or key in ("adafactor", "prodigy")
 
 
 def parse_optimizer_args(args: list[str]) -> dict[str, Any]:

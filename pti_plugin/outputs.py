@@ -25,6 +25,7 @@ class RunFiles:
     output_dir: Path
     output_name: str
     token: str
+    overwrite: bool = False  # replace files of an earlier run with the same names (explicit opt-in)
 
     def lora(self, suffix: str | None = None) -> Path:
         return self.output_dir / (f"{self.output_name}-{suffix}.safetensors" if suffix else f"{self.output_name}.safetensors")
@@ -49,17 +50,19 @@ class RunFiles:
     def check_new_run(self, resuming: bool) -> None:
         """Refuse to start a new run that would overwrite files of an earlier run of the same names."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.overwrite:
+            return
         taken = [p for p in (self.lora(), self.embedding(), self.config_toml, self.log_jsonl) if p.exists()]
         if resuming:
             taken = [p for p in taken if p not in (self.config_toml, self.log_jsonl)]
         else:
-            taken += sorted(self.output_dir.glob(f"{self.output_name}-step*.safetensors"))
-            taken += sorted(self.output_dir.glob(f"{self.output_name}-state-step*"))
+            for pattern in ("-step*.safetensors", "-interrupted-step*.safetensors", "-state-*"):
+                taken += sorted(self.output_dir.glob(f"{self.output_name}{pattern}"))
         if taken:
             raise ConfigError(
                 f"output_dir {self.output_dir} already holds {taken[0].name}, which this run would write "
                 f"(output_name {self.output_name!r}, token {self.token!r}); choose another output_name/token_string "
-                "or output_dir, or move the earlier files away"
+                "or output_dir, move the earlier files away, or set overwrite = true"
             )
 
 
@@ -96,8 +99,8 @@ def write_lora_and_embedding(
     )
     lora_path, embedding_path = files.lora(suffix), files.embedding(suffix)
     for path in (lora_path, embedding_path):
-        if path.exists():
-            raise FileExistsError(f"refusing to overwrite {path}")
+        if path.exists() and not files.overwrite:
+            raise FileExistsError(f"refusing to overwrite {path} (set overwrite = true to allow it)")
     save_lora(lora_path, tensors, metadata)
     save_embedding(embedding_path, vectors)
     return {"lora": lora_path, "embedding": embedding_path}

@@ -36,6 +36,7 @@ def save_state(
     """Write the state folder (to a temporary folder first, renamed when complete)."""
     if folder.exists():
         raise FileExistsError(f"refusing to overwrite state folder {folder}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save_safetensors_atomic(tmp / "trainable.safetensors", {k: v.detach() for k, v in tensors.items()})

@@ -11,6 +11,7 @@ accumulated and multi-process runs see the same data. Only the main process writ
 from __future__ import annotations
 
 import contextlib
+import signal
 import json
 import logging
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write_text, save_safetensors_atomic
 from .config import EMBEDDED, Config, resolved_dict
-from .data.captions import expand_token
+from .data.captions import expand_token, warn_long_captions
 from .data.dataset import ImageItem, load_subsets, scan_images
 from .data.latents import LatentSource
 from .data.sample_order import SampleOrder, sample_generator
@@ -39,7 +40,15 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss term went NaN or inf; the message names the step, the stage and the term."""
+    """A loss term or gradient went NaN or inf; the message names the step, the stage and the term."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; the current step finished and a resumable state was saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 class Trainer:
@@ -65,7 +74,7 @@ class Trainer:
             log_with=config.log_with or None,
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
         )
-        self.files = RunFiles(output_dir, config.output_name, config.token_string)
+        self.files = RunFiles(output_dir, config.output_name, config.token_string, config.overwrite)
         if self.accelerator.is_main_process:
             self.files.check_new_run(resuming=bool(config.resume))
         self.accelerator.wait_for_everyone()
@@ -105,6 +114,11 @@ class Trainer:
 
             train_dir = default_dataset_dir(config.token_string)
         self.items: list[ImageItem] = scan_images(config, load_subsets(config, train_dir))
+        window = model.tokenizer.model_max_length - 2  # BOS and EOS
+        warn_long_captions(
+            [len(model.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),
+                                 add_special_tokens=False).input_ids) for i in self.items], window,
+        )
         self.entries = [i for i, item in enumerate(self.items) for _ in range(item.num_repeats)]
         self.latents = LatentSource(model.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
         self.latents.fill_cache()
@@ -137,7 +151,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Path]:
+        """Train every stage and write the final outputs; see the module docstring.
+
+        Raises ``NonFiniteLossError`` (nan_policy) and ``TrainingInterrupted`` (signals) after saving
+        the last good state under ``*-interrupted-*`` names with the command that resumes it.
+        """
         self._setup()
+        self._signal = None
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._run()
+        except NonFiniteLossError as exc:
+            paths = self._save(tag=f"interrupted-step{self.state.global_step:08d}", with_state=True)
+            raise NonFiniteLossError(f"{exc}\n{self._resume_hint(paths)}") from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:  # second signal: stop now (atomic writes leave no partial file)
+            raise KeyboardInterrupt
+        self._signal = signum
+        self._info(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving (again to stop at once)")
+
+    def _resume_hint(self, paths: dict[str, Path]) -> str:
+        if "state" not in paths:
+            return ""
+        return (f"saved {paths['lora'].name}, {paths['embedding'].name} and the state {paths['state']}\n"
+                f"resume with: accelerate launch train_pti.py --preset {self.files.config_toml} --resume {paths['state']}")
+
+    def _run(self) -> dict[str, Path]:
         config = self.config
         start_stage, start_step, resumed = 0, 0, None
         if config.resume:
@@ -151,7 +194,7 @@ class Trainer:
         for stage_index in range(start_stage, len(config.stages)):
             first_step = start_step if stage_index == start_stage else 0
             self._run_stage(stage_index, first_step, resumed if stage_index == start_stage else None)
-        outputs = self._save(final=True)
+        outputs = self._save()
         if config.sample_prompts:
             outputs["samples"] = self.sample("final")
         for plugin in self.plugins:
@@ -202,17 +245,39 @@ class Trainer:
             for plugin in self.plugins:
                 plugin.on_step_end(state, logs)
             self._after_step(logs, order)
+            self._stop_if_signalled()
         progress.close()
         for plugin in self.plugins:
             plugin.on_stage_end(state)
         self.unet_forward = self.te_forward = None
         accelerator.free_memory()
 
+    def _stop_if_signalled(self) -> None:
+        """After a step: if any process got SIGINT/SIGTERM, every process saves-and-stops together."""
+        flag = torch.tensor(float(self._signal or 0), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() == 0:
+            return
+        signum = int(self._signal or signal.SIGTERM)
+        paths = self._save(tag=f"interrupted-step{self.state.global_step:08d}", with_state=True)
+        raise TrainingInterrupted(
+            f"interrupted by {signal.Signals(signum).name} after step {self.state.global_step}\n{self._resume_hint(paths)}", signum
+        )
+
+    def _any_rank(self, condition: bool) -> bool:
+        flag = torch.tensor(float(condition), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
     def _optimizer_step(self, order: SampleOrder, plan: StagePlan) -> dict[str, float]:
-        config, accelerator = self.config, self.accelerator
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; applies nan_policy."""
+        config, accelerator, state = self.config, self.accelerator, self.state
         accum = config.gradient_accumulation_steps
         totals: dict[str, float] = {}
-        step = self.state.stage_step
+        step = state.stage_step
+        bad: str | None = None
         for k in range(accum):
             batch = self._local_batch(order, step, k)
             sync = contextlib.nullcontext() if k == accum - 1 else contextlib.ExitStack()
@@ -221,10 +286,28 @@ class Trainer:
                     sync.enter_context(accelerator.no_sync(module))
             with sync:
                 terms = self._loss_terms(batch, step)
-                total = sum(terms.values())
-                accelerator.backward(total / accum)
+                nonfinite = [n for n, v in terms.items() if not torch.isfinite(v.detach()).all()]
+                if self._any_rank(bool(nonfinite)):  # every rank skips the backward together (no DDP hang)
+                    bad = f"loss term {nonfinite[0]!r}" if nonfinite else "a loss term on another process"
+                    break
+                accelerator.backward(sum(terms.values()) / accum)
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach()) / accum
+        scaler_handles_inf = accelerator.scaler is not None  # fp16: the scaler skips inf-gradient steps itself
+        if bad is None and not scaler_handles_inf:
+            if not all(torch.isfinite(p.grad).all() for p in self.trainable if p.grad is not None):
+                bad = "the gradients"
+        if bad is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            where = (f"{bad} is non-finite at stage {state.stage_index} ({state.stage.name!r}), "
+                     f"step {state.stage_step + 1} (global step {state.global_step + 1})")
+            self._consecutive_skips = getattr(self, "_consecutive_skips", 0) + 1
+            if config.nan_policy == "stop" or self._consecutive_skips > config.max_nan_skips:
+                reason = "" if config.nan_policy == "stop" else f" ({self._consecutive_skips} consecutive skipped steps)"
+                raise NonFiniteLossError(where + reason)
+            self._info(f"skipping step: {where}")
+            return {"loss": float("nan"), "skipped_nonfinite": 1.0}
+        self._consecutive_skips = 0
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
         self.optimizer.step()
@@ -303,12 +386,6 @@ class Trainer:
         for plugin in self.plugins:
             for name, value in plugin.extra_losses(state, batch, main, row_outputs.get(id(plugin))).items():
                 terms[f"{plugin.name}/{name}"] = value
-        for name, value in terms.items():
-            if not torch.isfinite(value.detach()).all():
-                raise NonFiniteLossError(
-                    f"loss term {name!r} is {float(value)} at stage {state.stage_index} ({state.stage.name!r}), "
-                    f"step {state.stage_step} (global {state.global_step}); the last saved files are kept"
-                )
         return terms
 
     # ------------------------------------------------------------------ logs, samples, saves
@@ -330,7 +407,7 @@ class Trainer:
         )
         last = state.stage_index == len(config.stages) - 1 and state.stage_step == state.plan.steps
         if due and not last:
-            self._save(final=False)
+            self._save(tag=f"step{state.global_step:08d}", with_state=config.save_state)
         if config.sample_prompts and config.sample_every_n_steps and state.global_step % config.sample_every_n_steps == 0:
             self.sample(f"step{state.global_step:08d}")
 
@@ -343,10 +420,11 @@ class Trainer:
                     named[f"{prefix}.{name}"] = param
         return named
 
-    def _save(self, final: bool) -> dict[str, Path]:
-        """Write the LoRA and embedding (and the resumable state when asked) from the main process."""
+    def _save(self, tag: str | None = None, with_state: bool = False) -> dict[str, Path]:
+        """Write the LoRA and embedding (final names when ``tag`` is None, else ``<name>-<tag>``),
+        and the resumable state when asked, from the main process."""
         state, config = self.state, self.config
-        suffix = None if final else f"step{state.global_step:08d}"
+        suffix = tag
         paths: dict[str, Path] = {}
         if self.accelerator.is_main_process:
             files: dict[str, Any] = {"metadata": dict(state.metadata)}
@@ -357,13 +435,13 @@ class Trainer:
                 self.files, suffix, lora_state_dict(self.model.unet), te_lora, self.pivot.vectors,
                 config, state.global_step, files["metadata"],
             )
-            if config.save_state and not final:
+            if with_state:
                 paths["state"] = save_state(
                     self.files.state_dir(suffix), self._trainable_tensors(), self.optimizer.optimizer.state_dict()
                     if hasattr(self.optimizer, "optimizer") else self.optimizer.state_dict(),
                     state.plan.lr_scheduler.state_dict(), state.stage_index, state.stage_step, state.global_step,
                 )
-                self._info(f"saved state to {paths['state']}; resume with: --resume {paths['state']}")
+                self._info(f"saved state {paths['state']}")
         self.accelerator.wait_for_everyone()
         return paths
 

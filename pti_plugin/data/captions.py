@@ -9,8 +9,11 @@ With ``num_vectors_per_token = n`` the token string is expanded to the n pivot t
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 class CaptionError(ValueError):
@@ -35,12 +38,33 @@ def expand_token(caption: str, token: str, num_vectors: int) -> str:
 
 
 def read_caption(image: Path, extension: str) -> str | None:
-    """The caption file's text beside ``image`` (first non-empty line stripped), or None if absent."""
+    """The caption file's text beside ``image`` (its first line, stripped), or None.
+
+    None (the image then takes class_tokens or the template) when there is no caption file, when
+    it is empty, or when it is not UTF-8 — the last two with a warning naming the file.
+    """
     path = image.with_suffix(extension)
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8", errors="replace").strip()
-    return text.splitlines()[0].strip() if text else ""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        logger.warning("caption %s is not UTF-8 (%s); using the default caption instead", path, exc.reason)
+        return None
+    if not text:
+        logger.warning("caption %s is empty; using the default caption instead", path)
+        return None
+    return text.splitlines()[0].strip()
+
+
+def warn_long_captions(token_counts: list[int], limit: int) -> None:
+    """Warn once when captions exceed the text encoder's window (they are truncated)."""
+    long = [n for n in token_counts if n > limit]
+    if long:
+        logger.warning(
+            "%d caption(s) are longer than the text encoder's %d-token window (longest: %d tokens) and are truncated",
+            len(long), limit, max(long),
+        )
 
 
 def resolve_caption(

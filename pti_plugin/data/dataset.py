@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from ..config import Config, ConfigError
 from .buckets import choose_bucket, make_buckets
 from .captions import read_caption, resolve_caption
+from .images import ImageRejected, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +76,11 @@ def _subsets_from_folder(config: Config, root: Path) -> list[Subset]:
     settings = (config.enable_bucket, config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps, config.bucket_no_upscale)
     subsets = []
     for child in sorted(root.iterdir()):
+        try:
+            child.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            logger.warning("ignoring %s: %s", child, exc)
+            continue
         if not child.is_dir():
             continue
         match = re.match(r"^(\d+)_(.+)$", child.name)
@@ -155,17 +159,21 @@ def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Sub
 def scan_images(config: Config, subsets: list[Subset]) -> list[ImageItem]:
     """Every usable image of ``subsets`` with its caption and bucket; warns once about prepended tokens."""
     items: list[ImageItem] = []
+    looked_at, rejected = 0, []
     for subset in subsets:
         width, height = subset.resolution
         enable, min_reso, max_reso, step, no_upscale = subset.bucket_settings
         buckets = make_buckets(width * height, min_reso, max_reso, step) if enable else [(width, height)]
-        for path in sorted(p for p in subset.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+        paths = sorted(p for p in subset.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            logger.warning("no image (%s) in %s", ", ".join(IMAGE_EXTENSIONS), subset.image_dir)
+        looked_at += len(paths)
+        for path in paths:
             try:
-                with Image.open(path) as image:
-                    image.load()
-                    size = image.size
-            except Exception as exc:  # PIL raises many types for corrupt files
-                logger.warning("skipping unreadable image %s: %s", path, exc)
+                size = read_image(path).size
+            except ImageRejected as exc:
+                logger.warning("skipping %s: %s", path, exc)
+                rejected.append(f"{path.name}: {exc}")
                 continue
             caption, prepended = resolve_caption(
                 path, read_caption(path, subset.caption_extension), config.token_string, subset.class_tokens,
@@ -174,7 +182,11 @@ def scan_images(config: Config, subsets: list[Subset]) -> list[ImageItem]:
             bucket = choose_bucket(size, buckets, no_upscale, width * height, step) if enable else (width, height)
             items.append(ImageItem(path, caption, bucket, subset.num_repeats, subset.flip_aug, prepended))
     if not items:
-        raise ConfigError("no usable training image found in " + ", ".join(str(s.image_dir) for s in subsets))
+        reasons = "".join(f"\n  {r}" for r in rejected)
+        raise ConfigError(
+            f"no usable training image in {', '.join(str(s.image_dir) for s in subsets)}: "
+            f"looked at {looked_at} image file(s), rejected {len(rejected)}{reasons}"
+        )
     prepended = sum(item.token_prepended for item in items)
     if prepended:
         logger.warning("%d caption(s) did not contain %r; it was prepended to them", prepended, config.token_string)

@@ -10,18 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..atomic_io import save_safetensors_atomic
 from .buckets import fit_to_bucket
+from .images import read_image
 from .dataset import ImageItem
 from .sample_order import sample_generator
 
 
 def load_pixels(item: ImageItem, flip: bool) -> torch.Tensor:
     """The image fitted to its bucket: float32 [3, H, W] in [-1, 1]."""
-    with Image.open(item.path) as image:
-        array = fit_to_bucket(image, item.bucket)
+    array = fit_to_bucket(read_image(item.path), item.bucket)
     if flip:
         array = array[:, ::-1]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0

@@ -234,3 +234,27 @@ def write_character_dataset(
             caption = f"{token} on a {background} background"
         (folder / f"{k:03d}.txt").write_text(caption + "\n", encoding="utf-8")
     return Path(out_dir)
+
+
+def quality_prompts(n: int, seed: int = 1234) -> tuple[list[str], list[int]]:
+    """``n`` evaluation prompts and their generation seeds, deterministic in ``seed``.
+
+    Even-indexed prompts state a position (cycling through the 9 cells), odd-indexed ones do not;
+    colour, shape and background are random; every fourth prompt carries the template prefix.
+    Form: ``[an anime illustration of] a <colour> <shape> [at the <row> <col>] on a <bg> background``.
+    """
+    rng = np.random.default_rng(seed)
+    prompts, seeds = [], []
+    for k in range(n):
+        scene = sample_scene(rng)
+        cell = (k // 2) % 9
+        scene = Scene(scene.shape, scene.colour, scene.background, cell // 3, cell % 3, scene.cx, scene.cy, scene.size)
+        text = f"a {scene.colour} {scene.shape}"
+        if k % 2 == 0:
+            text += " " + position_phrase(scene.row, scene.col)
+        text += f" on a {scene.background} background"
+        if k % 4 == 3:
+            text = f"{TEMPLATE_PREFIX} {text}"
+        prompts.append(text)
+        seeds.append(int(rng.integers(2**31)))
+    return prompts, seeds

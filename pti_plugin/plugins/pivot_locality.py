@@ -1,0 +1,553 @@
+"""Pivot locality: in LoRA stages, the fine-tuned model must match the frozen one near the pivot.
+
+For a template ``T`` (default: the preset's caption template) the pivot prompt ``T(tok1)`` and the
+class prompt ``T(class word)`` (the class word in the same n slots as the n pivot tokens) give
+encoder outputs ``H_p`` and ``H_c`` ([77, d]). Each regularisation sample picks a (template, class
+word) pair and a fraction ``s`` of the pivot->class angle, interpolates per token position
+``H_r = slerp(H_p, H_c, s)`` (``geometry``: exact LayerNorm slerp by default, see ``geometry.py``),
+takes noisy latents ``x_t`` at a timestep ``t`` (the step's own noisy training latents, or pure
+Gaussian latents at a random timestep), and adds
+
+    weight * mse(eps_lora(x_t, t, H_r), eps_frozen(x_t, t, H_r))
+
+to the loss. ``eps_frozen`` is the same UNet with its LoRA switched off, under ``no_grad``. Each
+side builds its conditioning with its own text encoder: LoRA on for the trained side (with
+gradients when the text-encoder LoRA trains), LoRA off for the frozen side. The pivot is a fixed
+input of the regulariser: no gradient of this term reaches the pivot vectors, even in a LoRA stage
+that continues the inversion. The LoRA-on rows ride on the step's main UNet call (``extra_rows``);
+the loss is computed in ``extra_losses`` and logged as ``loss/pivot_locality/mse``.
+
+Every random draw (pair, fraction, latents, timestep, anchor choice) comes from a generator seeded
+by (seed, stage, step, first slot of the micro-batch, sample) or, for anchor pools, by (seed,
+stage, anchor, latent size): runs are reproducible across processes and resume.
+
+Logged (``state.logs``): ``pivot_locality/angle_layernorm_deg`` (angle between the pivot's and the
+class word's normalised pre-LayerNorm states at the pivot slots), ``angle_centered_deg`` (about the
+centre), ``angle_raw_deg`` (about the origin), ``fraction`` (mean fraction of the step), and every
+``probe_every_n_steps`` the mean |eps_lora - eps_frozen| on a fixed probe set at fractions 0, 0.25,
+0.5 and 1 (``deviation_f0.50`` ...). The settings are saved in the LoRA metadata as
+``pti_pivot_locality`` (JSON).
+
+The centre file (``centre_file``, for ``geometry = "centered"`` and the centred angle) is a
+safetensors file holding a tensor ``centre`` (or ``center``, or one key ending in either) of shape
+[77, d] (one centre per token position) or [d]. Without one, the centre is the mean encoder output
+(LoRA off) over a small built-in prompt set, per token position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import geometry
+from ..config import ConfigError, doc
+from ..data.captions import pivot_token_strings
+from ..data.sample_order import sample_generator
+from ..hooks import Batch, MainPrediction, Plugin, TrainerState, UNetRows
+from ..models.lora import lora_disabled, lora_parameters
+
+logger = logging.getLogger(__name__)
+
+_SAMPLE_TAG, _POOL_TAG, _PICK_TAG, _PROBE_TAG = 0x10CA1, 0x10CA2, 0x10CA3, 0x10CA4
+PROBE_FRACTIONS = (0.0, 0.25, 0.5, 1.0)
+
+#: Prompts whose mean encoder output (per token position) is the centre when no centre_file is given.
+CENTRE_PROMPTS = (
+    "a photo of a cat",
+    "an anime illustration of a girl with red hair",
+    "a boy standing in the snow",
+    "a city at night",
+    "a picture of a dog on the beach",
+    "a painting of a forest in autumn with a small river",
+    "portrait of an old man",
+    "a girl sitting on a chair in a white room",
+    "a red car",
+    "a bowl of fruit on a wooden table next to a window",
+    "an anime illustration of a character",
+    "a person with blue hair and a black coat standing in the rain",
+    "a mountain landscape",
+    "the ocean",
+    "two children playing with a ball in a green park on a sunny day",
+    "a castle on a hill",
+    "a close-up photo of a yellow flower",
+    "a knight in armour holding a sword",
+    "a watercolor of a small house",
+    "an illustration of a robot in a futuristic city with neon lights",
+    "a solo girl",
+    "a black and white photo of a street",
+    "a cartoon of a fox",
+    "a cup of coffee",
+)
+
+
+def _error(message: str) -> ConfigError:
+    return ConfigError(f"plugins.pivot_locality: {message}")
+
+
+@dataclass
+class _Sample:
+    pair: int
+    fraction: float
+    source_row: int = -1  # latents = "batch": the row of the step's batch
+    noise: torch.Tensor | None = None  # latents = "noise": x_t [4, h, w]
+    timestep: int = 0
+
+
+@dataclass
+class _Pending:
+    """What ``extra_rows`` prepared for ``extra_losses`` in the same micro-step."""
+
+    samples: list[_Sample]
+    trained_cond: torch.Tensor  # [r, 77, d] (graph to the text-encoder LoRA when it trains)
+    frozen_cond: torch.Tensor | None  # [r, 77, d]; None when cached targets are used
+    noisy: torch.Tensor | None  # [r, 4, h, w]; None: take the main batch's rows in extra_losses
+    timesteps: torch.Tensor | None  # [r]
+    target: torch.Tensor | None  # cached frozen predictions [r, 4, h, w]
+    in_main_call: bool  # the rows rode on the main UNet call
+
+
+class _PivotDetached:
+    """Calls ``text_encoder`` with its pivot vectors detached: this term's gradient never reaches the pivot."""
+
+    def __init__(self, text_encoder: torch.nn.Module, pivot: Any):
+        self._module = text_encoder
+        name = next(n for n, p in text_encoder.named_parameters() if p is pivot.vectors)
+        self._overrides = {name: pivot.vectors.detach()}
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self._module, self._overrides, args, kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+class PivotLocality(Plugin):
+    name = "pivot_locality"
+
+    @dataclass
+    class Options:
+        class_words: list[str] = doc(
+            "Class words (one drawn per sample); each is one token (repeated in the n pivot slots) or exactly n tokens. "
+            "Empty = the preset's init_word.", factory=list)
+        templates: list[str] = doc(
+            'Prompt templates, "{}" marks the token (one drawn per sample). Empty = the preset\'s caption_template.',
+            factory=list)
+        fractions: list[float] = doc(
+            'Fractions of the pivot->class angle for fraction_sampling = "fixed", each in (0, 1] '
+            "(0.5: half the angle; 1.0: the class prompt itself, the peers' endpoint variant).", factory=lambda: [0.5])
+        fraction_sampling: str = doc('"fixed": one of fractions per sample; "uniform": uniform in [min_fraction, max_fraction].', "fixed")
+        min_fraction: float = doc('Lower end of "uniform" fractions (> 0: the pivot itself is what the main loss fits).', 0.1)
+        max_fraction: float = doc('Upper end of "uniform" fractions (<= 1).', 0.5)
+        weight: float = doc("Weight of the locality MSE added to the loss.", 1.0)
+        every_n_steps: int = doc("Regularise every N optimizer steps of an active stage (its first step included).", 1)
+        num_samples: int = doc("Regularisation samples (extra UNet rows) per micro-batch of a regularised step.", 1)
+        latents: str = doc('"batch": the step\'s own noisy training latents and timesteps; "noise": Gaussian latents at a random timestep.', "batch")
+        geometry: str = doc('"layernorm": exact slerp of the normalised pre-LayerNorm states; "centered": slerp about a centre; "linear": lerp.', "layernorm")
+        centre_file: str = doc("safetensors file with the centre (key 'centre', [77, d] or [d]) for \"centered\"; empty = estimated from built-in prompts.", "")
+        anchor_pool: int = doc('Fixed pool of K anchors (latents, timestep, pair, fraction) per stage and latent size, each step picks from it; 0 = fresh anchors (latents = "noise" only).', 0)
+        cache_anchors: bool = doc("Cache the frozen predictions of the anchor pool (no frozen forward per step); needs anchor_pool and a stage that trains neither the text encoder nor the pivot.", False)
+        stages: list[str] = doc("Names of the stages where it is active; empty = every lora stage.", factory=list)
+        probe_every_n_steps: int = doc("Log the mean |eps_lora - eps_frozen| at fractions 0, 0.25, 0.5, 1 on a fixed probe set every N steps (0 = off).", 100)
+
+    def __init__(self, options: Any):
+        super().__init__(options)
+        o = options
+        if o.fraction_sampling not in ("fixed", "uniform"):
+            raise _error(f'fraction_sampling must be "fixed" or "uniform", got {o.fraction_sampling!r}')
+        if o.fraction_sampling == "fixed":
+            if not o.fractions:
+                raise _error('fractions is empty; give at least one (e.g. [0.5]) or use fraction_sampling = "uniform"')
+            bad = [f for f in o.fractions if not 0 < f <= 1]
+            if bad:
+                raise _error(f"fractions must lie in (0, 1] (0 is the pivot itself, which the main loss fits), got {bad}")
+        elif not 0 < o.min_fraction <= o.max_fraction <= 1:
+            raise _error(f"need 0 < min_fraction <= max_fraction <= 1, got {o.min_fraction} and {o.max_fraction}")
+        if o.latents not in ("batch", "noise"):
+            raise _error(f'latents must be "batch" or "noise", got {o.latents!r}')
+        if o.geometry not in ("layernorm", "centered", "linear"):
+            raise _error(f'geometry must be "layernorm", "centered" or "linear", got {o.geometry!r}')
+        for key in ("every_n_steps", "num_samples"):
+            if getattr(o, key) < 1:
+                raise _error(f"{key} must be >= 1, got {getattr(o, key)}")
+        if o.weight < 0 or not math.isfinite(o.weight):
+            raise _error(f"weight must be a finite number >= 0, got {o.weight}")
+        if o.anchor_pool < 0 or o.probe_every_n_steps < 0:
+            raise _error("anchor_pool and probe_every_n_steps must be >= 0")
+        if o.anchor_pool and o.latents != "noise":
+            raise _error('anchor_pool needs latents = "noise": with latents = "batch" the anchors are the step\'s own latents')
+        if o.cache_anchors and (o.latents != "noise" or not o.anchor_pool):
+            raise _error('cache_anchors needs latents = "noise" and a fixed anchor pool (anchor_pool = K > 0, e.g. 16): '
+                         'with latents = "batch" every step brings new latents, so there is nothing to cache')
+        if o.centre_file and not Path(o.centre_file).expanduser().is_file():
+            raise _error(f"centre_file not found: looked for {Path(o.centre_file).expanduser().resolve()}")
+        self._stage_active = False
+
+    # ------------------------------------------------------------------ setup
+    def on_setup(self, state: TrainerState) -> None:
+        config, model, o = state.config, state.model, self.options
+        stage_names = {s.name: s for s in config.stages}
+        unknown = [n for n in o.stages if n not in stage_names]
+        if unknown:
+            raise _error(f"stages {unknown} are not stages of this preset ({sorted(stage_names)})")
+        not_lora = [n for n in o.stages if stage_names[n].kind != "lora"]
+        if not_lora:
+            raise _error(f"stages {not_lora} are inversion stages: the regulariser constrains LoRA fine-tuning only")
+        self.active_stages = list(o.stages) or [s.name for s in config.stages if s.kind == "lora"]
+        if not self.active_stages:
+            logger.warning("pivot_locality: the preset has no lora stage; the plugin does nothing")
+        if o.cache_anchors:  # early, from the preset (re-checked against the stage's plan when it starts)
+            for name in self.active_stages:
+                stage = stage_names[name]
+                te = stage.train_text_encoder if stage.train_text_encoder is not None else not config.network_train_unet_only
+                if te or stage.train_pivot:
+                    raise self._cache_refusal(name, "text encoder LoRA" if te else "pivot")
+
+        self.ln = None
+        if hasattr(model.family, "pre_layernorm_states"):
+            from ..models.sd15 import final_layer_norm
+
+            norm = final_layer_norm(model.text_encoder)
+            self.ln = norm if isinstance(norm, torch.nn.LayerNorm) else None
+        if o.geometry == "layernorm" and self.ln is None:
+            raise _error(f'geometry = "layernorm" needs a conditioning that ends with a LayerNorm, and the '
+                         f'{model.family.name} conditioning does not; use geometry = "centered"')
+
+        self.pivot_ids, self.class_ids, self.slots, self.pairs = self._prompt_ids(state)
+        self.centre, self.centre_source = self._load_centre(state)
+        self._num_train_timesteps = int(model.noise_scheduler.config.num_train_timesteps)
+        self._last_shape: tuple[int, ...] | None = None
+        if state.accelerator.is_main_process and self.active_stages:
+            print(f"pivot_locality: stages {self.active_stages}, geometry {o.geometry}, weight {o.weight:g}, "
+                  f"{self._fraction_text()}, latents {o.latents}; class prompts: "
+                  + "; ".join(repr(p["class_prompt"]) for p in self.pairs), flush=True)
+
+    def _fraction_text(self) -> str:
+        o = self.options
+        if o.fraction_sampling == "fixed":
+            return f"fractions {o.fractions}"
+        return f"fractions uniform in [{o.min_fraction:g}, {o.max_fraction:g}]"
+
+    @staticmethod
+    def _cache_refusal(stage: str, what: str) -> ConfigError:
+        return _error(f"cache_anchors is refused in stage {stage!r}, which trains the {what}: the anchors' conditionings "
+                      "change every step, so their frozen predictions cannot be cached. Turn cache_anchors off, or "
+                      "train the UNet LoRA only in that stage (network_train_unet_only = true, train_pivot = false)")
+
+    def _prompt_ids(self, state: TrainerState):
+        """Token ids of every (template, class word) pair: pivot prompts [P, 77], class prompts [P, 77], pivot slots [P, n]."""
+        config, model, o = state.config, state.model, self.options
+        n = config.num_vectors_per_token
+        templates = list(o.templates) or [config.caption_template]
+        class_words = list(o.class_words)
+        if not class_words:
+            init = config.init_word if isinstance(config.init_word, list) else [config.init_word]
+            class_words = [init[0] if len(init) == 1 else " ".join(init)]
+        pivot_ids, class_ids, slots, pairs = [], [], [], []
+        token_ids = state.pivot.token_ids.cpu()
+        for template in templates:
+            if template.count("{}") != 1:
+                raise _error(f'template {template!r} must contain "{{}}" (the token) exactly once')
+            prompt = template.format(" ".join(pivot_token_strings(config.token_string, n)))
+            ids = model.family.tokenize(model.tokenizer, [prompt])[0].cpu()
+            where = torch.nonzero(ids[:, None] == token_ids[None, :])  # [(position, which vector)]
+            if len(where) != n or not torch.equal(where[:, 1], torch.arange(n)) or not torch.equal(
+                where[:, 0], where[0, 0] + torch.arange(n)
+            ):
+                raise _error(f"template {template!r}: the pivot tokens do not appear once each, in order, within the "
+                             f"{ids.shape[0]} token positions (is the template too long?)")
+            positions = where[:, 0]
+            for word in class_words:
+                word_ids = model.tokenizer(word, add_special_tokens=False).input_ids
+                if len(word_ids) == 1:
+                    fill, words_in_slots = word_ids * n, " ".join([word] * n)
+                elif len(word_ids) == n:
+                    fill, words_in_slots = list(word_ids), word
+                else:
+                    raise _error(
+                        f"class word {word!r} is {len(word_ids)} tokens for this tokenizer, but the pivot occupies "
+                        f"{n} token slot(s) (num_vectors_per_token = {n}): the per-position slerp needs the class "
+                        "prompt to put the class word in exactly the pivot's slots. Use a single-token class word"
+                        + (f" or one of {n} tokens" if n > 1 else f", or num_vectors_per_token = {len(word_ids)}")
+                    )
+                cls = ids.clone()
+                cls[positions] = torch.tensor(fill, dtype=cls.dtype)
+                pivot_ids.append(ids)
+                class_ids.append(cls)
+                slots.append(positions)
+                pairs.append({"template": template, "class_word": word, "class_prompt": template.format(words_in_slots)})
+        return torch.stack(pivot_ids), torch.stack(class_ids), torch.stack(slots), pairs
+
+    def _load_centre(self, state: TrainerState) -> tuple[torch.Tensor | None, str]:
+        """The centre of the ``centered`` geometry ([77, d] or [d], float32, on the device) and where it came from."""
+        o, device = self.options, state.device
+        d = state.model.text_encoder.config.hidden_size
+        if o.centre_file:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(Path(o.centre_file).expanduser()))
+            keys = [k for k in ("centre", "center") if k in tensors] or [
+                k for k in tensors if k.endswith(("centre", "center"))]
+            if len(keys) != 1 and not ({"centre", "center"} & set(keys)):
+                raise _error(f"centre_file {o.centre_file}: expected one tensor named 'centre' (or ending in 'centre'), "
+                             f"found keys {sorted(tensors)}")
+            centre = tensors[keys[0]].float()
+            if centre.shape[-1] != d or centre.dim() not in (1, 2) or (
+                centre.dim() == 2 and centre.shape[0] != self.pivot_ids.shape[1]
+            ):
+                raise _error(f"centre_file {o.centre_file}: tensor {keys[0]!r} has shape {tuple(centre.shape)}; expected "
+                             f"[{self.pivot_ids.shape[1]}, {d}] or [{d}] for this text encoder")
+            return centre.to(device), f"file:{Path(o.centre_file).name}"
+        if o.geometry != "centered" and self.ln is None:
+            return None, "none"
+        return self._estimate_centre(state), f"estimated:{len(CENTRE_PROMPTS)} built-in prompts"
+
+    @torch.no_grad()
+    def _estimate_centre(self, state: TrainerState) -> torch.Tensor:
+        """Mean encoder output (LoRA off) over :data:`CENTRE_PROMPTS`, per token position: [77, d]."""
+        model = state.model
+        ids = model.family.tokenize(model.tokenizer, list(CENTRE_PROMPTS)).to(state.device)
+        with lora_disabled(model.text_encoder), state.accelerator.autocast():
+            return model.family.encode(model.text_encoder, ids).float().mean(dim=0)
+
+    # ------------------------------------------------------------------ stage
+    def on_stage_start(self, state: TrainerState) -> None:
+        self._stage_active = state.stage.name in self.active_stages
+        self._endpoints: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._pools: dict[tuple[int, ...], dict[str, Any]] = {}
+        self._pending: _Pending | None = None
+        self._angle_logs: dict[str, float] = {}
+        if not self._stage_active:
+            return
+        plan, te = state.plan, state.model.text_encoder
+        trained = {id(p) for group in plan.param_groups for p in group["params"]}
+        self._te_has_lora = bool(lora_parameters(te))
+        self._te_lora_trains = any(id(p) in trained for p in lora_parameters(te))
+        self._pivot_trains = id(state.pivot.vectors) in trained
+        if self.options.cache_anchors and (self._te_lora_trains or self._pivot_trains):
+            raise self._cache_refusal(state.stage.name, "text encoder LoRA" if self._te_lora_trains else "pivot")
+        with torch.no_grad():
+            self._angle_logs = self._angles(self._side_endpoints(state, trained_side=True, grad=False))
+
+    def _compute_endpoints(self, state: TrainerState, lora_on: bool, grad: bool) -> dict[str, torch.Tensor]:
+        """Encoder states of every pair's pivot prompt (``h_p``, and ``xhat_p`` with a final LayerNorm) and class
+        prompt (``h_c``, ``xhat_c``): float32 [P, 77, d], with the text-encoder LoRA on or off."""
+        model = state.model
+        te = model.text_encoder
+        if grad and state.pivot.vectors.requires_grad:
+            te = _PivotDetached(te, state.pivot)
+        has_lora = bool(lora_parameters(model.text_encoder))
+        off = lora_disabled(model.text_encoder) if (not lora_on and has_lora) else contextlib.nullcontext()
+        ids = torch.cat([self.pivot_ids, self.class_ids]).to(state.device)
+        with off, torch.set_grad_enabled(grad), state.accelerator.autocast():
+            if self.ln is None:
+                states = {"h": model.family.encode(te, ids).float()}
+            else:
+                x = model.family.pre_layernorm_states(te, ids)
+                states = {"h": self.ln(x).float(), "xhat": geometry.normalise_like_layernorm(x, self.ln.eps)}
+        P = self.pivot_ids.shape[0]
+        return {f"{k}_p": v[:P] for k, v in states.items()} | {f"{k}_c": v[P:] for k, v in states.items()}
+
+    def _side_endpoints(self, state: TrainerState, trained_side: bool, grad: bool = False) -> dict[str, torch.Tensor]:
+        """:meth:`_compute_endpoints` for the trained side (text-encoder LoRA on; with gradients when ``grad`` and
+        that LoRA trains) or the frozen side (LoRA off), kept through the stage when they cannot change."""
+        lora_on = trained_side and self._te_has_lora  # without a text-encoder LoRA both sides agree
+        key = "trained" if lora_on else "frozen"
+        varies = lora_on and self._te_lora_trains
+        constant = not self._pivot_trains and not varies
+        if constant and key in self._endpoints:
+            return self._endpoints[key]
+        out = self._compute_endpoints(state, lora_on, grad and varies)
+        if constant:
+            out = {k: v.detach() for k, v in out.items()}
+            self._endpoints[key] = out
+        return out
+
+    def _interpolate(self, ends: dict[str, torch.Tensor], pairs: list[int], fractions: list[float]) -> torch.Tensor:
+        """``H_r`` [r, 77, d] (float32) for pair indices and fractions of the pivot->class angle."""
+        index = torch.tensor(pairs, device=ends["h_p"].device)
+        s = torch.tensor(fractions, dtype=torch.float32, device=index.device)[:, None]  # [r, 1] over positions
+        geometry_name = self.options.geometry
+        if geometry_name == "layernorm":
+            return geometry.layernorm_slerp(ends["xhat_p"][index], ends["xhat_c"][index], s,
+                                            self.ln.weight.float(), self.ln.bias.float())
+        if geometry_name == "centered":
+            return geometry.centered_slerp(ends["h_p"][index], ends["h_c"][index], s, self.centre)
+        return geometry.lerp(ends["h_p"][index], ends["h_c"][index], s)
+
+    def _angles(self, ends: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Pivot->class angles (degrees) at the pivot slots, mean over pairs and vectors, in each geometry."""
+        gather = lambda t: t.gather(1, self.slots.to(t.device)[..., None].expand(-1, -1, t.shape[-1]))  # [P, n, d]
+        h_p, h_c = gather(ends["h_p"]), gather(ends["h_c"])
+        logs = {"pivot_locality/angle_raw_deg": float(torch.rad2deg(geometry.angle(h_p, h_c)).mean())}
+        if "xhat_p" in ends:
+            logs["pivot_locality/angle_layernorm_deg"] = float(
+                torch.rad2deg(geometry.layernorm_angle(gather(ends["xhat_p"]), gather(ends["xhat_c"]))).mean())
+        if self.centre is not None:
+            centre = self.centre if self.centre.dim() == 1 else gather(self.centre.expand_as(ends["h_p"]))
+            logs["pivot_locality/angle_centered_deg"] = float(torch.rad2deg(geometry.centered_angle(h_p, h_c, centre)).mean())
+        return logs
+
+    # ------------------------------------------------------------------ sampling
+    def _fraction(self, generator: torch.Generator) -> float:
+        o = self.options
+        if o.fraction_sampling == "fixed":
+            return float(o.fractions[int(torch.randint(len(o.fractions), (), generator=generator))])
+        return float(o.min_fraction + (o.max_fraction - o.min_fraction) * torch.rand((), generator=generator))
+
+    def _draw(self, generator: torch.Generator, shape: tuple[int, ...] | None, batch_size: int, i: int) -> _Sample:
+        sample = _Sample(pair=int(torch.randint(len(self.pairs), (), generator=generator)), fraction=self._fraction(generator))
+        if shape is None:
+            sample.source_row = i % batch_size
+        else:
+            sample.noise = torch.randn(shape, generator=generator)
+            sample.timestep = int(torch.randint(self._num_train_timesteps, (), generator=generator))
+        return sample
+
+    def _pool(self, state: TrainerState, shape: tuple[int, ...]) -> dict[str, Any]:
+        """The stage's anchor pool for latents of ``shape``: samples, and when cached their rows and frozen targets."""
+        if shape in self._pools:
+            return self._pools[shape]
+        seed, stage = state.config.seed, state.stage_index
+        samples = [self._draw(sample_generator(seed, stage, k, *shape, _POOL_TAG), shape, 1, k)
+                   for k in range(self.options.anchor_pool)]
+        pool: dict[str, Any] = {"samples": samples}
+        if self.options.cache_anchors:
+            with torch.no_grad():
+                cond = self._interpolate(self._side_endpoints(state, True, False), [s.pair for s in samples],
+                                         [s.fraction for s in samples])
+                noisy, t = self._stack_latents(state, samples)
+                frozen = self._interpolate(self._side_endpoints(state, False, False), [s.pair for s in samples],
+                                           [s.fraction for s in samples])
+                targets = [self._frozen_prediction(state, noisy[i : i + 8], t[i : i + 8], frozen[i : i + 8])
+                           for i in range(0, len(samples), 8)]
+            pool |= {"cond": cond, "noisy": noisy, "t": t, "target": torch.cat(targets)}
+        self._pools[shape] = pool
+        return pool
+
+    def _stack_latents(self, state: TrainerState, samples: list[_Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        noisy = torch.stack([s.noise for s in samples]).to(state.device)
+        t = torch.tensor([s.timestep for s in samples], dtype=torch.long, device=state.device)
+        return noisy, t
+
+    @torch.no_grad()
+    def _frozen_prediction(self, state: TrainerState, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``eps_frozen``: the UNet with its LoRA off, without gradients: [r, 4, h, w]."""
+        with lora_disabled(state.model.unet), state.accelerator.autocast():
+            return state.model.unet(noisy, t, cond).sample.detach()
+
+    def _active_now(self, state: TrainerState) -> bool:
+        return self._stage_active and state.stage_step % self.options.every_n_steps == 0 and self.options.weight > 0
+
+    # ------------------------------------------------------------------ hooks of the step
+    def extra_rows(self, state: TrainerState, batch: Batch) -> UNetRows | None:
+        self._pending = None
+        if not self._stage_active:
+            return None
+        self._last_shape = tuple(batch.latents.shape[1:])
+        if not self._active_now(state):
+            return None
+        o, shape = self.options, tuple(batch.latents.shape[1:])
+        seed, stage, step, first_slot = state.config.seed, state.stage_index, state.stage_step, batch.slots[0]
+        target = None
+        if o.anchor_pool:
+            pool = self._pool(state, shape)
+            pick = sample_generator(seed, stage, step, first_slot, _PICK_TAG)
+            index = torch.randint(o.anchor_pool, (o.num_samples,), generator=pick).tolist()
+            samples = [pool["samples"][k] for k in index]
+            if o.cache_anchors:
+                index_t = torch.tensor(index, device=pool["noisy"].device)
+                self._pending = _Pending(samples, pool["cond"][index_t], None, pool["noisy"][index_t], pool["t"][index_t],
+                                         pool["target"][index_t], True)
+                return UNetRows(self._pending.noisy, self._pending.timesteps, self._pending.trained_cond)
+        else:
+            noise_shape = shape if o.latents == "noise" else None
+            samples = [self._draw(sample_generator(seed, stage, step, first_slot, i, _SAMPLE_TAG), noise_shape,
+                                  batch.latents.shape[0], i) for i in range(o.num_samples)]
+        pairs, fractions = [s.pair for s in samples], [s.fraction for s in samples]
+        trained = self._interpolate(self._side_endpoints(state, True, grad=True), pairs, fractions)
+        with torch.no_grad():
+            frozen = self._interpolate(self._side_endpoints(state, False, grad=False), pairs, fractions)
+        if o.latents == "noise":
+            noisy, t = self._stack_latents(state, samples)
+        else:
+            # The step's own noisy latents: carried by the batch when the trainer provides them (then the rows
+            # ride on the main UNet call); else taken from ``main`` in extra_losses with a UNet call of their own.
+            main_noisy, main_t = getattr(batch, "noisy_latents", None), getattr(batch, "timesteps", None)
+            if main_noisy is None or main_t is None:
+                self._pending = _Pending(samples, trained, frozen, None, None, None, False)
+                return None
+            rows = torch.tensor([s.source_row for s in samples], device=main_noisy.device)
+            noisy, t = main_noisy[rows], main_t[rows]
+        self._pending = _Pending(samples, trained, frozen, noisy, t, target, True)
+        return UNetRows(noisy, t, trained)
+
+    def extra_losses(
+        self, state: TrainerState, batch: Batch, main: MainPrediction, rows: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return {}
+        if pending.in_main_call:
+            prediction, noisy, t = rows, pending.noisy, pending.timesteps
+        else:
+            index = torch.tensor([s.source_row for s in pending.samples], device=main.noisy_latents.device)
+            noisy, t = main.noisy_latents[index].detach(), main.timesteps[index]
+            with state.accelerator.autocast():
+                prediction = state.model.unet(noisy, t, pending.trained_cond).sample
+        target = pending.target if pending.target is not None else self._frozen_prediction(state, noisy, t, pending.frozen_cond)
+        loss = self.options.weight * F.mse_loss(prediction.float(), target.float())
+        state.logs["pivot_locality/fraction"] = sum(s.fraction for s in pending.samples) / len(pending.samples)
+        return {"mse": loss}
+
+    def on_step_end(self, state: TrainerState, logs: dict[str, float]) -> None:
+        if not self._stage_active:
+            return
+        if self._pivot_trains or self._te_lora_trains:
+            with torch.no_grad():
+                self._angle_logs = self._angles(self._side_endpoints(state, trained_side=True, grad=False))
+        state.logs.update(self._angle_logs)
+        every = self.options.probe_every_n_steps
+        if every and state.stage_step % every == 0 and self._last_shape is not None:
+            state.logs.update({f"pivot_locality/deviation_f{f:.2f}": v
+                               for f, v in self.deviation(state, PROBE_FRACTIONS, self._last_shape).items()})
+
+    # ------------------------------------------------------------------ diagnostics and metadata
+    @torch.no_grad()
+    def deviation(
+        self, state: TrainerState, fractions: tuple[float, ...] | list[float], shape: tuple[int, ...], num_latents: int = 2
+    ) -> dict[float, float]:
+        """Mean |eps_lora - eps_frozen| on a fixed probe set (Gaussian latents [num_latents, *shape] drawn from the
+        seed, timesteps spread over the schedule, every pair) at each of ``fractions``. Usable at any time after
+        ``on_setup``; the trained side is the model as it stands (LoRA as currently switched)."""
+        generator = sample_generator(state.config.seed, _PROBE_TAG)
+        P = len(self.pairs)
+        noisy = torch.randn((num_latents, *shape), generator=generator).to(state.device).repeat(P, 1, 1, 1)
+        t = (torch.linspace(0.1, 0.9, num_latents) * self._num_train_timesteps).long().to(state.device).repeat(P)
+        pairs = [p for p in range(P) for _ in range(num_latents)]
+        trained_ends = self._compute_endpoints(state, lora_on=True, grad=False)
+        frozen_ends = self._compute_endpoints(state, lora_on=False, grad=False)
+        out = {}
+        for f in fractions:
+            trained = self._interpolate(trained_ends, pairs, [f] * len(pairs))
+            frozen = self._interpolate(frozen_ends, pairs, [f] * len(pairs))
+            with state.accelerator.autocast():
+                lora = state.model.unet(noisy, t, trained).sample.float()
+            out[float(f)] = float((lora - self._frozen_prediction(state, noisy, t, frozen).float()).abs().mean())
+        return out
+
+    def on_before_save(self, state: TrainerState, files: dict[str, Any]) -> None:
+        settings = dataclasses.asdict(self.options) | {
+            "stages": self.active_stages,
+            "class_prompts": [p["class_prompt"] for p in self.pairs],
+            "centre": self.centre_source,
+        }
+        files["metadata"]["pti_pivot_locality"] = json.dumps(settings)

@@ -1,0 +1,27 @@
+"""A synthetic "toy world" and a tiny text-to-image model trained on it (loads like SD1.5).
+
+- :mod:`.world`: scenes, rendering, captions, the PTI character and its fine-tuning folder;
+- :mod:`.detectors`: ground-truth readers of colour, shape, position and background;
+- :mod:`.train_recipe`: the from-scratch training recipe (``python -m pti_plugin.toy_world.train_recipe``).
+
+:data:`WEIGHTS_DIR` is the shipped diffusers folder (``StableDiffusionPipeline.from_pretrained``).
+"""
+
+from pathlib import Path
+
+from .detectors import Detection, detect
+from .world import Scene, make_caption, parse_caption, render_scene, sample_scene, write_character_dataset
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+__all__ = [
+    "WEIGHTS_DIR",
+    "Detection",
+    "Scene",
+    "detect",
+    "make_caption",
+    "parse_caption",
+    "render_scene",
+    "sample_scene",
+    "write_character_dataset",
+]

@@ -1,0 +1,198 @@
+"""Ground-truth detectors for toy-world images (rendered or generated), in numpy.
+
+:func:`detect` reads one ``uint8 (32, 32, 3)`` image: the background colour (nearest palette
+entry to the median border pixel), the object (the largest 4-connected component of pixels far
+from the background), its colour (nearest palette entry to the median of its core pixels), its
+shape (best soft IoU of the object's coverage against each shape fitted by area and centroid), its
+centroid and its 3x3 grid cell (cell boundaries half-way between :data:`~.world.CELL_CENTRES`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .world import BACKGROUNDS, CELL_CENTRES, COLOURS, IMAGE_SIZE, SHAPES, parse_caption, shape_coverage
+
+#: A pixel belongs to the object when its RGB distance to the background exceeds this fraction of
+#: the distance between the background and the object's estimated colour (and at least MIN_DIST).
+MASK_FRACTION = 0.5
+MIN_DIST = 40.0
+#: Components smaller than this many pixels are not objects.
+MIN_OBJECT_PIXELS = 12
+CELL_BOUNDARIES = tuple((a + b) / 2 for a, b in zip(CELL_CENTRES, CELL_CENTRES[1:]))
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What :func:`detect` reads from an image. Object fields are ``None`` when none is found.
+
+    ``centroid`` is ``(x, y)`` in pixels (pixel ``(i, j)`` has centre ``(j + 0.5, i + 0.5)``);
+    ``row``/``col`` are grid indices 0..2; ``shape_iou`` is the best template IoU.
+    """
+
+    background: str
+    colour: str | None
+    shape: str | None
+    centroid: tuple[float, float] | None
+    row: int | None
+    col: int | None
+    num_pixels: int
+    shape_iou: float
+
+
+def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
+    names = list(palette)
+    dists = [float(np.linalg.norm(rgb - np.asarray(palette[n], dtype=np.float32))) for n in names]
+    return names[int(np.argmin(dists))]
+
+
+def detect_background(img: np.ndarray) -> str:
+    """Background palette name of a ``uint8 (32, 32, 3)`` image (median of the 1-px border)."""
+    x = img.astype(np.float32)
+    border = np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]], axis=0)
+    return _nearest(np.median(border, axis=0), BACKGROUNDS)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Boolean mask ``(H, W)`` of the largest 4-connected component of ``mask`` (all False if empty)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best_label, best_size, label = 0, 0, 0
+    height, width = mask.shape
+    for i0, j0 in zip(*np.nonzero(mask)):
+        if labels[i0, j0]:
+            continue
+        label += 1
+        labels[i0, j0] = label
+        stack, size = [(i0, j0)], 0
+        while stack:
+            i, j = stack.pop()
+            size += 1
+            for a, b in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)):
+                if 0 <= a < height and 0 <= b < width and mask[a, b] and not labels[a, b]:
+                    labels[a, b] = label
+                    stack.append((a, b))
+        if size > best_size:
+            best_label, best_size = label, size
+    return labels == best_label if best_size else np.zeros_like(mask, dtype=bool)
+
+
+def object_mask(img: np.ndarray, background: str) -> np.ndarray:
+    """Boolean ``(32, 32)`` mask of the object: the largest component of far-from-background pixels.
+
+    The threshold adapts to the object: half the distance from the background to the median
+    colour of the clearly non-background pixels, so anti-aliased or blurred rims count as half.
+    """
+    bg = np.asarray(BACKGROUNDS[background], dtype=np.float32)
+    dist = np.linalg.norm(img.astype(np.float32) - bg, axis=-1)
+    candidates = dist > MIN_DIST
+    if not candidates.any():
+        return candidates
+    object_dist = float(np.median(dist[candidates]))
+    return largest_component(dist > max(MIN_DIST, MASK_FRACTION * object_dist))
+
+
+def object_alpha(img: np.ndarray, background: str, mask: np.ndarray) -> np.ndarray:
+    """Soft coverage float32 ``(32, 32)`` in [0, 1] of the object ``mask`` (its component only).
+
+    Each pixel's RGB distance to the background divided by the median distance of the mask's
+    pixels, clipped to [0, 1], kept within one pixel of ``mask``.
+    """
+    bg = np.asarray(BACKGROUNDS[background], dtype=np.float32)
+    dist = np.linalg.norm(img.astype(np.float32) - bg, axis=-1)
+    near = mask.copy()
+    near[1:, :] |= mask[:-1, :]
+    near[:-1, :] |= mask[1:, :]
+    near[:, 1:] |= mask[:, :-1]
+    near[:, :-1] |= mask[:, 1:]
+    return np.clip(dist / max(float(np.median(dist[mask])), 1.0), 0.0, 1.0) * near
+
+
+def classify_shape(alpha: np.ndarray) -> tuple[str, float]:
+    """Best-matching shape of a soft object coverage ``(32, 32)`` and its soft IoU with it.
+
+    Each shape is fitted by moments — same area and same area centroid as ``alpha`` — rendered
+    like the world renders it, and compared by soft IoU ``sum(min) / sum(max)``.
+    """
+    area = float(alpha.sum())
+    ii, jj = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+    cx = float((alpha * (jj + 0.5)).sum() / area)
+    cy = float((alpha * (ii + 0.5)).sum() / area)
+    fits = {  # shape -> (bounding-box centre y, size) with the same area and centroid
+        "circle": (cy, 2.0 * np.sqrt(area / np.pi)),
+        "square": (cy, np.sqrt(area)),
+        "triangle": (cy - np.sqrt(2.0 * area) / 6.0, np.sqrt(2.0 * area)),
+    }
+    best, best_iou = SHAPES[0], -1.0
+    for shape in SHAPES:
+        box_cy, size = fits[shape]
+        template = shape_coverage(shape, cx, box_cy, float(size))
+        iou = float(np.minimum(template, alpha).sum() / max(np.maximum(template, alpha).sum(), 1e-6))
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best, best_iou
+
+
+def cell_of(coordinate: float) -> int:
+    """Grid index 0..2 of a pixel coordinate (x for the column, y for the row)."""
+    return int(np.searchsorted(np.asarray(CELL_BOUNDARIES), coordinate))
+
+
+def detect(img: np.ndarray) -> Detection:
+    """Read background, object colour, shape, centroid and cell from a ``uint8 (32, 32, 3)`` image."""
+    if img.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(f"expected a (32, 32, 3) image, got {img.shape}")
+    background = detect_background(img)
+    mask = object_mask(img, background)
+    n = int(mask.sum())
+    if n < MIN_OBJECT_PIXELS:
+        return Detection(background, None, None, None, None, None, n, 0.0)
+    ii, jj = np.nonzero(mask)
+    cx, cy = float(jj.mean() + 0.5), float(ii.mean() + 0.5)
+    # Core pixels: the object mask eroded by one pixel where possible (drops blended rims).
+    core = mask.copy()
+    core[1:, :] &= mask[:-1, :]
+    core[:-1, :] &= mask[1:, :]
+    core[:, 1:] &= mask[:, :-1]
+    core[:, :-1] &= mask[:, 1:]
+    pixels = img[core if core.sum() >= 4 else mask].astype(np.float32)
+    colour = _nearest(np.median(pixels, axis=0), COLOURS)
+    shape, iou = classify_shape(object_alpha(img, background, mask))
+    return Detection(background, colour, shape, (cx, cy), cell_of(cy), cell_of(cx), n, iou)
+
+
+def position_entropy(cells: list[tuple[int, int]]) -> float:
+    """Entropy of the 3x3 histogram of ``(row, col)`` cells divided by ``log(9)`` (0 if empty)."""
+    if not cells:
+        return 0.0
+    counts = np.zeros(9)
+    for row, col in cells:
+        counts[3 * row + col] += 1
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum() / np.log(9))
+
+
+def score_generations(prompts: list[str], images: np.ndarray) -> dict[str, float]:
+    """Detector agreement of generated uint8 images ``(N, 32, 32, 3)`` with their prompts.
+
+    Returns fractions ``colour``, ``shape``, ``background`` (over prompts stating the attribute),
+    ``position`` (prompts stating a position: detected cell == stated cell) and
+    ``position_entropy`` (:func:`position_entropy` of the detected cells of the prompts stating
+    no position; images without a detected object count as misses everywhere).
+    """
+    hits = {"colour": [], "shape": [], "background": [], "position": []}
+    free_cells = []
+    for prompt, img in zip(prompts, images, strict=True):
+        want = parse_caption(prompt)
+        got = detect(img)
+        for key in ("colour", "shape", "background"):
+            if want[key] is not None:
+                hits[key].append(getattr(got, key) == want[key])
+        if want["row"] is not None:
+            hits["position"].append((got.row, got.col) == (want["row"], want["col"]))
+        elif got.row is not None:
+            free_cells.append((got.row, got.col))
+    figures = {key: float(np.mean(v)) if v else float("nan") for key, v in hits.items()}
+    figures["position_entropy"] = position_entropy(free_cells)
+    return figures

@@ -1,0 +1,515 @@
+"""Train the toy-world text-to-image model from scratch and export it as an SD1.5-style folder.
+
+Usage::
+
+    python -m pti_plugin.toy_world.train_recipe --out DIR [--minutes M] [--steps N] [--resume]
+    python -m pti_plugin.toy_world.train_recipe --out DIR --export-only
+
+Stages (all deterministic under ``--seed`` for a fixed thread count):
+
+1. **VAE**: a small ``AutoencoderKL`` with one downsampling step (``(3, 32, 32)`` images ->
+   ``(4, 16, 16)`` latents) is trained briefly on world scenes mixed with random "patchwork"
+   images (random colours, two-coloured shapes), so that it also encodes appearances the world
+   never shows (the PTI character). It is then frozen; ``scaling_factor`` = 1 / latent std.
+   Saved atomically to ``DIR/vae.pt``; the encoded scene set to ``DIR/latents.pt``.
+2. **Diffusion**: a ``UNet2DConditionModel`` with SD1.5's block types (3 cross-attention down
+   blocks + 1 plain, mirrored up) at small widths and one layer per block, and a small
+   ``CLIPTextModel`` (ending in its final LayerNorm), trained jointly with v-prediction on a
+   cosine schedule rescaled to zero terminal SNR, AdamW, EMA, caption dropout. The EMA weights,
+   the live weights, the optimizer and all RNG states are checkpointed atomically to
+   ``DIR/checkpoint.pt`` every ``checkpoint_minutes``; ``--resume`` continues exactly from it.
+   Every ``eval_minutes`` a quick detector-based quality estimate is logged.
+3. **Export**: the EMA model as a diffusers folder ``DIR/model`` (``model_index.json``,
+   ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``; safetensors, UNet stored fp16) plus
+   ``recipe.json`` (seed, settings, steps, duration).
+
+``DIR/recipe.json`` holds the settings; a resumed run reads them from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from pti_plugin.models.word_vocab import write_tokenizer_files
+
+from .detectors import score_generations
+from .world import (
+    IMAGE_SIZE,
+    SHAPES,
+    WORDS,
+    make_caption,
+    quality_prompts,
+    render_scene,
+    sample_scene,
+    shape_coverage,
+)
+
+
+@dataclass
+class RecipeConfig:
+    """Every setting of the recipe (written to ``recipe.json``)."""
+
+    seed: int = 0
+    num_scenes: int = 40000
+    # VAE stage
+    vae_channels: tuple[int, ...] = (16, 32)
+    vae_steps: int = 800
+    vae_batch_size: int = 32
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    vae_patchwork_fraction: float = 0.5
+    # diffusion stage
+    unet_channels: tuple[int, ...] = (32, 64, 128, 128)
+    unet_heads: tuple[int, ...] = (1, 2, 4, 4)
+    unet_layers_per_block: int = 1
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    text_intermediate: int = 256
+    batch_size: int = 32
+    lr: float = 4e-4
+    warmup_steps: int = 200
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    # bookkeeping
+    checkpoint_minutes: float = 3.0
+    eval_minutes: float = 10.0
+    eval_prompts: int = 36
+    guidance_scale: float = 3.0
+    num_inference_steps: int = 25
+    scheduler: dict = field(
+        default_factory=lambda: {
+            "num_train_timesteps": 1000,
+            "beta_schedule": "squaredcos_cap_v2",
+            "prediction_type": "v_prediction",
+            "rescale_betas_zero_snr": True,
+            "timestep_spacing": "trailing",
+            "clip_sample": False,
+            "steps_offset": 1,
+        }
+    )
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# model construction
+
+
+def build_tokenizer(out_dir: Path) -> CLIPTokenizer:
+    """Write the toy vocabulary (every world word = one token) to ``out_dir`` and load it."""
+    write_tokenizer_files(WORDS, out_dir)
+    return CLIPTokenizer.from_pretrained(str(out_dir))
+
+
+def build_text_encoder(cfg: RecipeConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """A small CLIP text encoder (77 positions, final LayerNorm) matching ``tokenizer``'s ids."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=77,
+        projection_dim=cfg.text_hidden,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(cfg: RecipeConfig) -> UNet2DConditionModel:
+    """SD1.5's UNet block types at small widths, on ``(4, 16, 16)`` latents."""
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=cfg.unet_layers_per_block,
+        attention_head_dim=tuple(cfg.unet_heads),  # diffusers' legacy name: number of heads
+        cross_attention_dim=cfg.text_hidden,
+        norm_num_groups=16,
+    )
+
+
+def build_vae(cfg: RecipeConfig) -> AutoencoderKL:
+    """AutoencoderKL with one downsampling step: ``(3, 32, 32)`` <-> ``(4, 16, 16)``."""
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.vae_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def build_pipeline(
+    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, cfg: RecipeConfig
+) -> StableDiffusionPipeline:
+    """A standard ``StableDiffusionPipeline`` (DDIM sampler, no safety checker) around the modules."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**cfg.scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, 32, 32, 3)`` -> float32 ``(N, 3, 32, 32)`` in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def random_patchwork(rng: np.random.Generator) -> np.ndarray:
+    """A random image outside the world's palette: 1-3 shapes of random colours (some split in
+    two colours, top/bottom or left/right) at random places and sizes on a random background.
+    Returns uint8 ``(32, 32, 3)``."""
+    img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    img[:] = rng.uniform(0, 255, 3)
+    for _ in range(int(rng.integers(1, 4))):
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        cx, cy = rng.uniform(2, IMAGE_SIZE - 2, 2)
+        size = float(rng.uniform(5, 16))
+        alpha = shape_coverage(shape, float(cx), float(cy), size)[..., None]
+        colour = rng.uniform(0, 255, 3)
+        img = img * (1 - alpha) + colour * alpha
+        if rng.random() < 0.5:  # second colour on one half
+            half = shape_coverage("square", float(cx), float(cy), IMAGE_SIZE * 2.0)
+            if rng.random() < 0.5:
+                half = shape_coverage("square", float(cx), float(cy) - IMAGE_SIZE, IMAGE_SIZE * 2.0)
+            else:
+                half = shape_coverage("square", float(cx) - IMAGE_SIZE, float(cy), IMAGE_SIZE * 2.0)
+            a2 = alpha * half[..., None]
+            img = img * (1 - a2) + rng.uniform(0, 255, 3) * a2
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def train_vae(cfg: RecipeConfig, vae: AutoencoderKL, rng: np.random.Generator) -> float:
+    """Train ``vae`` in place (MSE + tiny KL) and return its latent std (for ``scaling_factor``)."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    t0 = time.time()
+    for step in range(cfg.vae_steps):
+        imgs = np.stack(
+            [
+                random_patchwork(rng) if rng.random() < cfg.vae_patchwork_fraction else render_scene(sample_scene(rng))
+                for _ in range(cfg.vae_batch_size)
+            ]
+        )
+        x = to_tensor(imgs)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg.vae_kl_weight * posterior.kl().mean()
+        lr = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step} mse {mse.item():.5f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+    vae.eval()
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        probe = to_tensor(np.stack([render_scene(sample_scene(rng)) for _ in range(512)]))
+        return float(vae.encode(probe).latent_dist.mean.std())
+
+
+def encode_scenes(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std, float32 ``(N, 4, 16, 16)`` each, of uint8 images ``(N, 32, 32, 3)``."""
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            dist = vae.encode(to_tensor(images[i : i + batch_size])).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling and evaluation
+
+
+def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], *, guidance_scale: float = 3.0,
+             num_inference_steps: int = 25, batch_size: int = 36) -> np.ndarray:
+    """Generate one image per prompt (fixed seed each) -> uint8 ``(N, 32, 32, 3)``."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        result = pipe(
+            prompts[i : i + batch_size],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=[torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]],
+            output_type="np",
+        )
+        out.append(np.clip(np.rint(result.images * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def image_grid(images: np.ndarray, columns: int = 12, scale: int = 2) -> np.ndarray:
+    """Tile uint8 ``(N, 32, 32, 3)`` images into one uint8 image (1-px gray gutters), upscaled."""
+    n = len(images)
+    rows = (n + columns - 1) // columns
+    cell = IMAGE_SIZE + 1
+    grid = np.full((rows * cell + 1, columns * cell + 1, 3), 90, dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, columns)
+        grid[1 + r * cell : 1 + r * cell + IMAGE_SIZE, 1 + c * cell : 1 + c * cell + IMAGE_SIZE] = img
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusion training
+
+
+class Trainer:
+    """Holds the diffusion stage's state; :meth:`state_dict` / :meth:`load_state_dict` cover all of it."""
+
+    def __init__(self, cfg: RecipeConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = build_tokenizer(out / "tokenizer")
+        self.text_encoder = build_text_encoder(cfg, self.tokenizer)
+        self.unet = build_unet(cfg)
+        self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False).eval()
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.noise_scheduler = DDPMScheduler(**cfg.scheduler)
+        self.rng = np.random.default_rng([cfg.seed, 2])
+        self.step = 0
+        self.train_seconds = 0.0
+        self._token_cache: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "unet": self.unet.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "ema_unet": self.ema_unet.state_dict(),
+            "ema_text": self.ema_text.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.train_seconds = state["step"], state["train_seconds"]
+        self.unet.load_state_dict(state["unet"])
+        self.text_encoder.load_state_dict(state["text_encoder"])
+        self.ema_unet.load_state_dict(state["ema_unet"])
+        self.ema_text.load_state_dict(state["ema_text"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        """int64 ``(B, 77)`` ids, padded/truncated exactly as the SD pipeline does."""
+        for c in captions:
+            if c not in self._token_cache:
+                self._token_cache[c] = self.tokenizer(
+                    c, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+                ).input_ids[0]
+        return torch.stack([self._token_cache[c] for c in captions])
+
+    def train_step(self, latents_mean: torch.Tensor, latents_std: torch.Tensor, scenes: list, scaling: float) -> float:
+        """One optimisation step on a random batch; returns the loss."""
+        cfg = self.cfg
+        idx = self.rng.integers(len(scenes), size=cfg.batch_size)
+        captions = [
+            "" if self.rng.random() < cfg.caption_dropout else make_caption(scenes[i], self.rng) for i in idx
+        ]
+        index = torch.from_numpy(idx)
+        latents = (latents_mean[index] + latents_std[index] * torch.randn(cfg.batch_size, 4, 16, 16)) * scaling
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (cfg.batch_size,))
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = self.noise_scheduler.get_velocity(latents, noise, t)
+        hidden = self.text_encoder(self.token_ids(captions))[0]  # (B, 77, text_hidden)
+        pred = self.unet(noisy, t, hidden).sample
+        loss = F.mse_loss(pred, target)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            list(self.unet.parameters()) + list(self.text_encoder.parameters()), cfg.grad_clip
+        )
+        self.optimizer.step()
+        self.step += 1
+        decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for live, ema in ((self.unet, self.ema_unet), (self.text_encoder, self.ema_text)):
+                for p, e in zip(live.parameters(), ema.parameters()):
+                    e.lerp_(p, 1 - decay)
+        return float(loss.detach())
+
+
+def evaluate(pipe: StableDiffusionPipeline, cfg: RecipeConfig, n: int, seed: int = 1234) -> tuple[dict, np.ndarray]:
+    """Detector-based quality of ``pipe`` on ``n`` fixed prompts/seeds -> (figures, images)."""
+    prompts, seeds = quality_prompts(n, seed)
+    images = generate(pipe, prompts, seeds, guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps)
+    return score_generations(prompts, images), images
+
+
+def load_or_train_vae(cfg: RecipeConfig, out: Path) -> tuple[AutoencoderKL, torch.Tensor, torch.Tensor, list]:
+    """Stage 1 (skipped when ``vae.pt``/``latents.pt`` exist): returns vae, latent mean/std, scenes."""
+    vae = build_vae(cfg)
+    scene_rng = np.random.default_rng([cfg.seed, 1])
+    scenes = [sample_scene(scene_rng) for _ in range(cfg.num_scenes)]
+    if (out / "vae.pt").exists() and (out / "latents.pt").exists():
+        vae.load_state_dict(torch.load(out / "vae.pt")["state_dict"])
+        vae.register_to_config(scaling_factor=torch.load(out / "vae.pt")["scaling_factor"])
+        data = torch.load(out / "latents.pt")
+        vae.eval().requires_grad_(False)
+        return vae, data["mean"], data["std"], scenes
+    torch.manual_seed(cfg.seed)
+    std = train_vae(cfg, vae, np.random.default_rng([cfg.seed, 3]))
+    vae.register_to_config(scaling_factor=1.0 / std)
+    log(f"vae latent std {std:.4f} -> scaling_factor {1.0 / std:.4f}")
+    images = np.stack([render_scene(s) for s in scenes])
+    mean, lstd = encode_scenes(vae, images)
+    with torch.no_grad():
+        recon = vae.decode(mean[:300]).sample
+    recon = np.clip(np.rint((recon.permute(0, 2, 3, 1).numpy() + 1) * 127.5), 0, 255).astype(np.uint8)
+    figures = score_generations([make_caption(s) for s in scenes[:300]], recon)
+    log("vae reconstructions: " + " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
+    atomic_save({"state_dict": vae.state_dict(), "scaling_factor": 1.0 / std}, out / "vae.pt")
+    atomic_save({"mean": mean, "std": lstd}, out / "latents.pt")
+    return vae, mean, lstd, scenes
+
+
+def export(trainer: Trainer, vae: AutoencoderKL, cfg: RecipeConfig, dest: Path) -> None:
+    """Write the EMA model as a diffusers folder + ``recipe.json`` to ``dest``.
+
+    The UNet is stored in fp16 (diffusers upcasts it to fp32 on load); the small VAE and text
+    encoder stay fp32 (transformers would otherwise load the text encoder in fp16).
+    """
+    pipe = build_pipeline(copy.deepcopy(trainer.ema_unet).half(), vae, trainer.ema_text, trainer.tokenizer, cfg)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    record = {
+        "command": f"python -m pti_plugin.toy_world.train_recipe --out <DIR> --seed {cfg.seed}",
+        "settings": dataclasses.asdict(cfg),
+        "steps": trainer.step,
+        "train_minutes": round(trainer.train_seconds / 60, 1),
+        "images_seen": trainer.step * cfg.batch_size,
+        "storage_dtype": "unet float16 (loads as float32), vae and text_encoder float32",
+    }
+    (tmp / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    log(f"exported step {trainer.step} to {dest}")
+
+
+def run(out: Path, cfg: RecipeConfig, minutes: float, max_steps: int | None, resume: bool, export_only: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    vae, lat_mean, lat_std, scenes = load_or_train_vae(cfg, out)
+    scaling = float(vae.config.scaling_factor)
+    trainer = Trainer(cfg, out)
+    ckpt = out / "checkpoint.pt"
+    if (resume or export_only) and ckpt.exists():
+        trainer.load_state_dict(torch.load(ckpt, weights_only=False))
+        log(f"resumed at step {trainer.step} ({trainer.train_seconds / 60:.1f} training minutes)")
+    if not export_only:
+        pipe = build_pipeline(trainer.ema_unet, vae, trainer.ema_text, trainer.tokenizer, cfg)
+        pipe.set_progress_bar_config(disable=True)
+        last_ckpt = last_eval = time.time()
+        window_start, window_steps, losses = time.time(), 0, []
+        while trainer.train_seconds < minutes * 60 and (max_steps is None or trainer.step < max_steps):
+            t0 = time.time()
+            losses.append(trainer.train_step(lat_mean, lat_std, scenes, scaling))
+            trainer.train_seconds += time.time() - t0
+            window_steps += 1
+            if trainer.step % 50 == 0:
+                log(f"step {trainer.step} loss {np.mean(losses):.4f} {(time.time() - window_start) / window_steps:.2f} s/step "
+                    f"train_min {trainer.train_seconds / 60:.1f}")
+                window_start, window_steps, losses = time.time(), 0, []
+            if time.time() - last_eval > cfg.eval_minutes * 60:
+                figures, images = evaluate(pipe, cfg, cfg.eval_prompts)
+                log(f"eval step {trainer.step}: " + " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
+                Image.fromarray(image_grid(images)).save(out / "samples_latest.png")
+                last_eval = time.time()
+            if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+                atomic_save(trainer.state_dict(), ckpt)
+                last_ckpt = time.time()
+        atomic_save(trainer.state_dict(), ckpt)
+        log(f"stopped at step {trainer.step} after {trainer.train_seconds / 60:.1f} training minutes")
+    export(trainer, vae, cfg, out / "model")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, model/)")
+    parser.add_argument("--minutes", type=float, default=90.0, help="training-loop minutes in total (across resumes)")
+    parser.add_argument("--steps", type=int, default=None, help="stop at this many diffusion steps (whichever first)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (settings from recipe.json)")
+    parser.add_argument("--export-only", action="store_true", help="only export DIR/model from the latest checkpoint")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="override RecipeConfig fields")
+    args = parser.parse_args(argv)
+    if (args.resume or args.export_only) and (args.out / "recipe.json").exists():
+        cfg = RecipeConfig(**json.loads((args.out / "recipe.json").read_text()))
+    else:
+        cfg = RecipeConfig(seed=args.seed)
+        for item in args.set:
+            key, value = item.split("=", 1)
+            if key not in {f.name for f in dataclasses.fields(RecipeConfig)}:
+                raise SystemExit(f"unknown setting {key!r}")
+            setattr(cfg, key, json.loads(value))
+    run(args.out, cfg, args.minutes, args.steps, args.resume, args.export_only)
+
+
+if __name__ == "__main__":
+    main()
