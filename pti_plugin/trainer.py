@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write_text, save_safetensors_atomic
-from .config import EMBEDDED, Config, resolved_dict
+from .config import EMBEDDED, Config, ConfigError, resolved_dict
 from .data.captions import expand_token, warn_long_captions
 from .data.dataset import ImageItem, load_subsets, scan_images
 from .data.latents import LatentSource
@@ -80,12 +80,22 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         device = self.accelerator.device
 
+        train_dir = None  # the data is checked before any model loads
+        if config.train_data_dir == EMBEDDED:
+            from .embedded_default import default_dataset_dir
+
+            train_dir = default_dataset_dir(config.token_string)
+        self.items: list[ImageItem] = scan_images(config, load_subsets(config, train_dir))
+
         model = load_base_model(
             config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
             config.single_file_config, config.tokenizer_path,
         )
         init_words = config.init_word if isinstance(config.init_word, list) else [config.init_word]
-        self.pivot = add_pivot_token(model.tokenizer, model.text_encoder, config.token_string, config.num_vectors_per_token, init_words)
+        try:
+            self.pivot = add_pivot_token(model.tokenizer, model.text_encoder, config.token_string, config.num_vectors_per_token, init_words)
+        except ValueError as exc:
+            raise ConfigError(f"preset: {exc}") from exc
         self.train_te_lora = any(self._stage_trains_te(s) for s in config.stages)
         with torch.random.fork_rng(devices=[]):  # LoRA init (peft draws from the global RNG) depends on the seed only
             torch.manual_seed(config.seed)
@@ -108,12 +118,6 @@ class Trainer:
         model.vae.to(device)
         self.model = model
 
-        train_dir = None
-        if config.train_data_dir == EMBEDDED:
-            from .embedded_default import default_dataset_dir
-
-            train_dir = default_dataset_dir(config.token_string)
-        self.items: list[ImageItem] = scan_images(config, load_subsets(config, train_dir))
         window = model.tokenizer.model_max_length - 2  # BOS and EOS
         warn_long_captions(
             [len(model.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),

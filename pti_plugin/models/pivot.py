@@ -72,9 +72,10 @@ def add_pivot_token(
     The new base-table rows are also set to the init vectors (they are never trained).
     """
     tokens = pivot_token_strings(token, num_vectors)
+    vocab = tokenizer.get_vocab()
     for t in tokens:
-        if t in tokenizer.get_vocab():
-            raise ValueError(f"token_string {t!r} is already in the tokenizer's vocabulary; choose another token_string")
+        if t in vocab or f"{t}</w>" in vocab:  # CLIP's BPE stores whole words as "word</w>"
+            raise ValueError(f"key 'token_string': {t!r} is already in the tokenizer's vocabulary; choose another token")
     if len(init_words) == 1:
         init_words = init_words * num_vectors
     if len(init_words) != num_vectors:
@@ -84,7 +85,7 @@ def add_pivot_token(
     for word in init_words:
         ids = tokenizer(word, add_special_tokens=False).input_ids
         if len(ids) != 1:
-            raise ValueError(f"init_word {word!r} is {len(ids)} tokens for this tokenizer; use a single-token word")
+            raise ValueError(f"key 'init_word': {word!r} is {len(ids)} tokens for this tokenizer; use a single-token word")
         init_ids.append(ids[0])
     tokenizer.add_tokens(tokens)
     token_ids = tokenizer.convert_tokens_to_ids(tokens)
