@@ -101,7 +101,9 @@ class Config:
     pivot_norm: str = doc('Pivot norm control: "free", "init" (kept at the init word\'s norm), "decay" (pulled toward it).', "free")
     pivot_norm_weight: float = doc('Weight of the norm penalty when pivot_norm = "decay".', 0.01)
     pivot_weight_decay: float = doc("AdamW weight decay of the pivot (decay pulls toward zero, hence 0).", 0.0)
+    weights: str = doc("An embedding file (A1111 .pt/.safetensors, diffusers .bin) that initialises the pivot instead of init_word.", "")
     # --- network
+    network_weights: str = doc("A kohya LoRA file (ours or anyone's) to start the LoRA from; its rank must equal network_dim.", "")
     network_dim: int = doc("LoRA rank.", 4)
     network_alpha: float = doc("LoRA alpha (scale = alpha / rank).", 1.0)
     network_train_unet_only: bool = doc("Do not train a text-encoder LoRA (stages may override).", True)
@@ -155,7 +157,7 @@ class Config:
     plugins: dict[str, dict[str, Any]] = doc("Enabled plugins: [plugins.NAME] tables of options.", factory=dict)
 
 
-_PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_path", "train_data_dir", "dataset_config", "sample_prompts", "resume", "config_file")
+_PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_path", "weights", "network_weights", "train_data_dir", "dataset_config", "sample_prompts", "resume", "config_file")
 _CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "save_precision": ("float", "fp16", "bf16"),

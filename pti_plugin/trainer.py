@@ -103,6 +103,7 @@ class Trainer:
             if self.train_te_lora:
                 attach_lora(model.text_encoder, model.family.text_encoder_lora_targets(model.text_encoder),
                             config.network_dim, config.network_alpha)
+        self._load_starting_weights(model)
         self.attention = configure_attention(model.unet, config.xformers, config.sdpa, device)
         if config.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
@@ -142,6 +143,33 @@ class Trainer:
         )
         for plugin in self.plugins:
             plugin.on_setup(self.state)
+
+    def _load_starting_weights(self, model) -> None:
+        """``weights``: the pivot's initial vectors from an embedding file; ``network_weights``: the LoRA's."""
+        from .formats.embedding import load_embedding
+        from .formats.kohya_lora import from_kohya, load_lora
+        from .models.lora import load_lora_state_dict
+
+        config = self.config
+        if config.weights:
+            vectors = load_embedding(config.weights, expected_dim=self.pivot.vectors.shape[1], token=config.token_string)
+            if vectors.shape[0] != config.num_vectors_per_token:
+                raise ConfigError(f"key 'weights': {config.weights} holds {vectors.shape[0]} vector(s), "
+                                  f"num_vectors_per_token is {config.num_vectors_per_token}")
+            self.pivot.reset_init(vectors)
+        if config.network_weights:
+            tensors, _ = load_lora(config.network_weights)
+            unet_sd, te_sd, alphas = from_kohya(tensors, model.unet, model.text_encoder)
+            ranks = {v.shape[0] for k, v in (unet_sd | te_sd).items() if ".lora_A." in k}
+            if ranks != {config.network_dim} or any(a != config.network_alpha for a in alphas.values()):
+                raise ConfigError(f"key 'network_weights': {config.network_weights} has rank(s) {sorted(ranks)} and "
+                                  f"alpha(s) {sorted(set(alphas.values()))}; set network_dim and network_alpha to match")
+            if te_sd and not self.train_te_lora:
+                raise ConfigError(f"key 'network_weights': {config.network_weights} holds text-encoder LoRA weights; "
+                                  "enable train_text_encoder in a lora stage (or network_train_unet_only = false)")
+            load_lora_state_dict(model.unet, unet_sd)
+            if te_sd:
+                load_lora_state_dict(model.text_encoder, te_sd)
 
     def _stage_trains_te(self, stage) -> bool:
         if stage.kind != "lora":

@@ -79,3 +79,30 @@ def test_epoch_saves_and_tensorboard(preset):
     saved = sorted(p.name for p in out.glob("pti-step*.safetensors"))
     assert saved == [f"pti-step{n:08d}.safetensors" for n in (4, 8, 12)]  # the final save replaces step 16
     assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_starting_from_an_embedding_and_a_lora_file(preset, tmp_path):
+    first = _run(preset(output_dir=str(tmp_path / "first"), save_precision="float",
+                        stages=[{"kind": "inversion", "steps": 2, "learning_rate": 5e-2},
+                                {"kind": "lora", "steps": 2, "learning_rate": 1e-2}]))
+    SnapshotPlugin.records = []
+    # An inversion-only run from both files: the pivot starts at the file's vectors, the LoRA passes through untouched.
+    second = _run(preset(output_dir=str(tmp_path / "second"), save_precision="float", plugins={"test_snapshot": {}},
+                         weights=str(first / "tok1.safetensors"), network_weights=str(first / "pti.safetensors"),
+                         stages=[{"kind": "inversion", "steps": 1, "learning_rate": 5e-2}]))
+    loaded = load_file(first / "tok1.safetensors")["emb_params"]
+    assert torch.equal(SnapshotPlugin.records[0]["before"]["pivot"]["v"], loaded)
+    a, b = load_file(first / "pti.safetensors"), load_file(second / "pti.safetensors")
+    lora_keys = [k for k in a if k.startswith("lora_")]
+    assert lora_keys and all(torch.equal(a[k], b[k]) for k in lora_keys)  # save -> load -> save: identical
+    log = [json.loads(line) for line in (second / "pti.log.jsonl").read_text().splitlines()]
+    assert log[0]["init_norm"] == pytest.approx(float(loaded.norm(dim=-1).mean()), rel=1e-6)
+
+
+def test_network_weights_of_another_rank_are_refused(preset, tmp_path):
+    first = _run(preset(output_dir=str(tmp_path / "first"), stages=[{"kind": "lora", "steps": 1}]))
+    from pti_plugin.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"has rank\(s\) \[4\].*set network_dim and network_alpha to match"):
+        _run(preset(output_dir=str(tmp_path / "second"), network_weights=str(first / "pti.safetensors"), network_dim=8,
+                    stages=[{"kind": "lora", "steps": 1}]))

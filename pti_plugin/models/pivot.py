@@ -40,6 +40,12 @@ class PivotEmbedding(nn.Module):
         pivot = self.vectors.to(embeds.dtype)[which]  # [B, L, d]
         return torch.where(is_pivot, pivot, embeds)
 
+    def reset_init(self, vectors: torch.Tensor) -> None:
+        """Start from ``vectors`` [n, d] (e.g. an embedding file): both the trained and the initial values."""
+        with torch.no_grad():
+            self.vectors.copy_(vectors.float())
+            self.init_vectors.copy_(vectors.float())
+
     def distance_from_init(self) -> dict[str, float]:
         """L2 distance and angle (degrees, mean over vectors) from the initial vectors; current norm."""
         with torch.no_grad():
