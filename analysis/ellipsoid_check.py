@@ -1,0 +1,211 @@
+"""Ellipsoid check: is a slerp about the centre legitimate at token index 5 (``tok1``)?
+
+Embeds a sentence set with the model's text encoder and reports, for the studied index, for the
+EOS token and for every index as a curve, the mean, standard deviation and coefficient of variation
+(CV) of the output norm, about the origin and about the empirical centre; the exact LayerNorm check
+(|xhat| / sqrt(d), 1 by construction: a consistency check, not evidence); and a verdict:
+
+    supported when CV(index) <= max(threshold, eos_factor x CV(EOS))   (defaults 0.10 and 1.5)
+
+with CV = std / mean of |h - centre| (see ``pti_plugin/ellipsoid.py`` for every definition).
+
+Writes into ``--out`` (default ``outputs/ellipsoid``): ``ellipsoid.json`` (all numbers),
+``centre.safetensors`` (the centre file the pivot-locality plugin's ``centered`` geometry reads:
+``centre_file = ".../centre.safetensors"``) and ``ellipsoid.png``. Prints a summary whose last line
+is the verdict.
+
+Usage: ``python analysis/ellipsoid_check.py [--model @embedded] [--sentences FILE] [--index 5]
+[--template_words [add|only]] [--threshold 0.1] [--out DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pti_plugin import ellipsoid as E  # noqa: E402
+from pti_plugin.atomic_io import atomic_write_text, atomic_write_with  # noqa: E402
+
+DEFAULT_OUT = "outputs/ellipsoid"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="@embedded", help="diffusers folder, single-file .safetensors/.ckpt, or @embedded")
+    p.add_argument("--single_file_config", default="", help="config folder for a single-file checkpoint")
+    p.add_argument("--tokenizer_path", default="", help="tokenizer folder for a single-file checkpoint")
+    p.add_argument("--clip_skip", type=int, default=1, help="kohya's clip_skip (1 = last layer)")
+    p.add_argument("--sentences", default="", help="text file (one sentence per line) or COCO-style captions JSON; "
+                   "default: the built-in template x words set")
+    p.add_argument("--index", type=int, default=E.DEFAULT_INDEX, help="token index to study (5 = tok1 in the template)")
+    p.add_argument("--template_words", nargs="?", const="add", default="off", choices=("off", "add", "only"),
+                   help="also ('add', the bare flag) or only ('only') use T(word) prompts, so the index is a content word")
+    p.add_argument("--template", default=E.DEFAULT_TEMPLATE, help="template T of the T(word) prompts")
+    p.add_argument("--threshold", type=float, default=E.DEFAULT_THRESHOLD, help="absolute CV threshold of the verdict")
+    p.add_argument("--eos_factor", type=float, default=E.DEFAULT_EOS_FACTOR,
+                   help="the index passes when its CV is at most this times the EOS CV (or below --threshold)")
+    p.add_argument("--max_sentences", type=int, default=None, help="keep a deterministic random subset of this many")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in set and of --max_sentences' subset")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    args = p.parse_args(argv)
+    if args.max_sentences is not None and args.max_sentences < 2:
+        p.error("--max_sentences must be at least 2")
+    if args.index < 1:
+        p.error("--index must be >= 1 (index 0 is BOS: its state is the same for every sentence)")
+    if args.threshold < 0 or args.eos_factor < 0:
+        p.error("--threshold and --eos_factor must be >= 0")
+    return args
+
+
+def plot(result: E.EllipsoidResult, path: Path) -> None:
+    """Norm distributions about the centre (index vs EOS) and CV / mean norm by token index."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    ax = axes[0]
+    for radii, label, colour in (
+        (result.index_radii, f"index {result.index} (n={result.index_radii.size})", "tab:blue"),
+        (result.eos_radii, f"EOS (n={result.eos_radii.size})", "tab:orange"),
+    ):
+        if radii.size and radii.mean() > 0:
+            cv = radii.std() / radii.mean()
+            ax.hist(radii / radii.mean(), bins=40, alpha=0.55, density=True, color=colour, label=f"{label}, CV={cv:.3f}")
+    ax.set_xlabel("|h - centre| / mean")
+    ax.set_ylabel("density")
+    ax.set_title("norm about the centre (relative)")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    count = result.curves["count"]
+    positions = np.arange(len(count))
+    shown = count >= 2
+    last = int(positions[shown].max()) + 1 if shown.any() else len(count)
+    for kind, style in (("origin", "--"), ("centre", "-")):
+        ax.plot(positions[:last], result.curves[kind]["cv"][:last], style, marker=".", label=f"about the {kind}")
+    if result.eos_centre.cv is not None:
+        ax.axhline(result.eos_centre.cv, color="tab:orange", lw=1, label=f"EOS about its centre ({result.eos_centre.cv:.3f})")
+    if result.verdict["limit"] is not None:
+        ax.axhline(result.verdict["limit"], color="red", lw=1, ls=":", label=f"verdict limit ({result.verdict['limit']:.3f})")
+    ax.axvline(result.index, color="gray", lw=0.8)
+    ax.set_xlabel("token index (words only; EOS/padding excluded)")
+    ax.set_ylabel("CV of the norm (std / mean)")
+    ax.set_title("CV by token index")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    for kind, style in (("origin", "--"), ("centre", "-")):
+        ax.plot(positions[:last], result.curves[kind]["mean"][:last], style, marker=".", label=f"mean norm about the {kind}")
+    ax.axvline(result.index, color="gray", lw=0.8)
+    ax.set_xlabel("token index")
+    ax.set_ylabel("mean norm")
+    twin = ax.twinx()
+    twin.bar(positions[:last], count[:last], alpha=0.15, color="gray")
+    twin.set_ylabel("sentences with a word there")
+    ax.set_title("mean norm by token index")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(result.verdict["line"].replace("VERDICT: ", ""), fontsize=9)
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    start = time.perf_counter()
+    import torch
+
+    from pti_plugin.models.loading import load_base_model
+
+    model = load_base_model(args.model, clip_skip=args.clip_skip, single_file_config=args.single_file_config,
+                            tokenizer_path=args.tokenizer_path)
+    model.text_encoder.to(args.device)
+    prompts = E.build_prompt_set(model.tokenizer, args.sentences or None, args.template_words, args.template,
+                                 args.max_sentences, seed=args.seed)
+    notes = []
+    if args.template_words != "off":
+        word_index = E.template_word_index(model.tokenizer, args.template)
+        if word_index != args.index:
+            notes.append(f"the template puts its word at index {word_index}, not at the studied index {args.index}")
+    with torch.inference_mode():
+        result = E.analyse(E.Encoder.from_base_model(model, args.device), prompts.sentences, index=args.index,
+                           threshold=args.threshold, eos_factor=args.eos_factor, batch_size=args.batch_size)
+    te_hash = E.text_encoder_hash(model.text_encoder)
+    identity = {"argument": args.model, "path": model.source, "text_encoder_hash": te_hash, "width": result.dim}
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "ellipsoid.json", "centre_file": out / "centre.safetensors", "plot": out / "ellipsoid.png"}
+    E.save_result_centre_file(paths["centre_file"], result, {"model": identity, "prompt_set": prompts.describe()})
+    plot(result, paths["plot"])
+    report = result.to_json()
+    report.update(
+        {
+            "model": identity,
+            "prompt_set": prompts.describe(),
+            "notes": notes,
+            "runtime_s": round(time.perf_counter() - start, 2),
+            "outputs": {k: str(v) for k, v in paths.items()},
+        }
+    )
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+    ln = result.layernorm
+    shell = result.shell
+    lines = [
+        f"model: {model.source} (text encoder {te_hash}, width {result.dim}, clip_skip {result.clip_skip})",
+        f"sentences: {prompts.name}: {len(prompts.sentences)} (hash {prompts.hash}); "
+        f"{result.index_centre.n} with a word at index {result.index} ({result.distinct_at_index} distinct prefixes)",
+        f"index {result.index}: mean norm {_fmt(result.index_origin.mean)} about the origin (CV {_fmt(result.index_origin.cv)}), "
+        f"{_fmt(result.index_centre.mean)} about the centre (std {_fmt(result.index_centre.std)}, CV {_fmt(result.index_centre.cv)})",
+        f"EOS:     mean norm {_fmt(result.eos_origin.mean)} about the origin (CV {_fmt(result.eos_origin.cv)}), "
+        f"{_fmt(result.eos_centre.mean)} about its centre (std {_fmt(result.eos_centre.std)}, CV {_fmt(result.eos_centre.cv)})",
+        f"Gaussian reference (CV a Gaussian cloud of the same covariance would have, 1/sqrt(2 d_eff)): "
+        f"index {_fmt(shell['index']['gaussian_cv'])} (d_eff {_fmt(shell['index']['effective_dim'], 1)}), "
+        f"EOS {_fmt(shell['eos']['gaussian_cv'])} (d_eff {_fmt(shell['eos']['effective_dim'], 1)})",
+    ]
+    if ln.get("present"):
+        lines.append(
+            f"LayerNorm check (consistency, 1 by construction): |xhat|/sqrt(d) = {ln['whitened_norm_ratio_mean']:.6f} "
+            f"(min {ln['whitened_norm_ratio_min']:.6f}, max {ln['whitened_norm_ratio_max']:.6f}); "
+            f"conditioning = gamma*xhat+beta to {ln['reconstruction_relative_error']:.1e}"
+        )
+    else:
+        lines.append("LayerNorm check: the text encoder has no final LayerNorm")
+    lines += [f"note: {n}" for n in notes]
+    lines += [f"rule: {result.verdict['rule']}", f"wrote {paths['json']}, {paths['centre_file']}, {paths['plot']} "
+              f"in {report['runtime_s']:.1f} s", result.verdict["line"]]
+    print("\n".join(lines))
+    return report
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Run :func:`main`; a bad model path, sentence file or index ends with a one-line error (exit 2)."""
+    from pti_plugin.config import ConfigError
+
+    try:
+        main(argv)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"ellipsoid_check: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
