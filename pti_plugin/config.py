@@ -79,7 +79,7 @@ class Config:
     tokenizer_path: str = doc("CLIP tokenizer folder for single-file checkpoints (else the HF cache, else open_clip's BPE file).", "")
     v_parameterization: bool = doc("Force v-prediction (else read from the model's scheduler config).", False)
     clip_skip: int = doc("Use the hidden state clip_skip layers from the end (1 = last), then the final LayerNorm.", 1)
-    max_token_length: int = doc("Caption length in tokens (75 only, for now).", 75)
+    max_token_length: int = doc("Caption length in tokens: 75, or 150/225 through kohya's window concatenation.", 75)
     # --- data
     train_data_dir: str = doc('kohya folder of "<repeats>_<name>" subfolders; "@embedded" for the generated demo set.', "")
     dataset_config: str = doc("kohya dataset_config TOML ([[datasets]] / [[datasets.subsets]]); replaces train_data_dir.", "")
@@ -165,7 +165,7 @@ _CHOICES = {
     "log_with": ("", "tensorboard"),
     "pivot_norm": ("free", "init", "decay"),
     "sample_sampler": ("ddim", "euler_a"),
-    "max_token_length": (75,),
+    "max_token_length": (75, 150, 225),
     "nan_policy": ("stop", "skip"),
 }
 _STAGE_KINDS = ("inversion", "lora")

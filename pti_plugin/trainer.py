@@ -89,7 +89,7 @@ class Trainer:
 
         model = load_base_model(
             config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
-            config.single_file_config, config.tokenizer_path,
+            config.single_file_config, config.tokenizer_path, config.max_token_length,
         )
         init_words = config.init_word if isinstance(config.init_word, list) else [config.init_word]
         try:
@@ -119,7 +119,7 @@ class Trainer:
         model.vae.to(device)
         self.model = model
 
-        window = model.tokenizer.model_max_length - 2  # BOS and EOS
+        window = config.max_token_length
         warn_long_captions(
             [len(model.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),
                                  add_special_tokens=False).input_ids) for i in self.items], window,

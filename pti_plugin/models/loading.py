@@ -42,7 +42,8 @@ def resolve_model_path(value: str) -> Path:
 
 
 def load_base_model(
-    path_value: str, clip_skip: int = 1, v_parameterization: bool = False, single_file_config: str = "", tokenizer_path: str = ""
+    path_value: str, clip_skip: int = 1, v_parameterization: bool = False, single_file_config: str = "",
+    tokenizer_path: str = "", max_token_length: int = 75,
 ) -> BaseModel:
     """Load the model at ``path_value``: a diffusers folder, a single ``.safetensors``/``.ckpt`` SD1.5
     checkpoint (see ``single_file.py``), or ``@embedded``."""
@@ -72,7 +73,7 @@ def load_base_model(
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.float()
-    return BaseModel(SD15Family(clip_skip), unet, vae, text_encoder, tokenizer, noise_scheduler, prediction_type, str(path))
+    return BaseModel(SD15Family(clip_skip, max_token_length), unet, vae, text_encoder, tokenizer, noise_scheduler, prediction_type, str(path))
 
 
 def configure_attention(unet: nn.Module, xformers: bool, sdpa: bool, device: torch.device) -> str:
