@@ -106,6 +106,7 @@ class Config:
     network_weights: str = doc("A kohya LoRA file (ours or anyone's) to start the LoRA from; its rank must equal network_dim.", "")
     network_dim: int = doc("LoRA rank.", 4)
     network_alpha: float = doc("LoRA alpha (scale = alpha / rank).", 1.0)
+    network_args: list[str] = doc('kohya network arguments "key=value": conv_dim and conv_alpha (LoCon on ResNet and sampler layers).', factory=list)
     network_train_unet_only: bool = doc("Do not train a text-encoder LoRA (stages may override).", True)
     unet_lr: float | None = doc("UNet LoRA learning rate for lora stages.", None)
     text_encoder_lr: float | None = doc("Text-encoder LoRA learning rate for lora stages.", None)
@@ -380,6 +381,7 @@ def _validate(config: Config, check_paths: bool) -> None:
         raise ConfigError(f"preset: key 'resolution' must be a positive multiple of {multiple}"
                           f"{' (enable_bucket)' if config.enable_bucket else ''}, got {config.resolution!r}")
     _validate_optimisation_names(config)
+    network_args(config)
     if config.num_vectors_per_token < 1:
         raise ConfigError("preset: key 'num_vectors_per_token' must be >= 1")
     if isinstance(config.init_word, list) and len(config.init_word) not in (1, config.num_vectors_per_token):
@@ -407,6 +409,27 @@ def _validate(config: Config, check_paths: bool) -> None:
     for name in config.plugins:
         if not isinstance(config.plugins[name], dict):
             raise ConfigError(f"preset: plugins.{name} must be a table of options")
+
+
+def network_args(config: Config) -> dict[str, float]:
+    """The parsed ``network_args`` (``conv_dim`` int > 0, ``conv_alpha`` float, default conv_dim)."""
+    parsed: dict[str, float] = {}
+    for item in config.network_args:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in ("conv_dim", "conv_alpha"):
+            raise ConfigError(f"preset: network_args entry {item!r}: supported are conv_dim=N and conv_alpha=X")
+        try:
+            parsed[key] = int(value) if key == "conv_dim" else float(value)
+        except ValueError as exc:
+            raise ConfigError(f"preset: network_args entry {item!r}: {key} expects a number") from exc
+    if "conv_alpha" in parsed and "conv_dim" not in parsed:
+        raise ConfigError("preset: network_args sets conv_alpha without conv_dim")
+    if parsed.get("conv_dim", 1) <= 0:
+        raise ConfigError("preset: network_args conv_dim must be > 0")
+    if "conv_dim" in parsed:
+        parsed.setdefault("conv_alpha", float(parsed["conv_dim"]))
+    return parsed
 
 
 def _validate_optimisation_names(config: Config) -> None:

@@ -38,7 +38,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "scale_weight_norms": _NOT_YET,
     # network
     "network_module": "pti-plugin always trains networks.lora (peft LoRA)",
-    "network_args": "conv_dim / conv_alpha (LoCon) are " + _NOT_YET,
     "network_dropout": _NOT_YET,
     "network_train_text_encoder_only": "use stages with train_unet = false",
     "dim_from_weights": _NOT_YET,

@@ -71,19 +71,24 @@ def write_lora_and_embedding(
     suffix: str | None,
     unet_lora: dict[str, torch.Tensor],
     text_encoder_lora: dict[str, torch.Tensor],
+    alphas: dict[str, float],
     pivot_vectors: torch.Tensor,
     config,
     steps: int,
     extra_metadata: dict[str, str],
     bundle: bool = True,
 ) -> dict[str, Path]:
-    """Write the kohya LoRA (with the pivot bundled for A1111) and the standalone embedding."""
+    """Write the kohya LoRA (with the pivot bundled for A1111) and the standalone embedding.
+
+    ``alphas`` maps each LoRA module path (as in the peft state dicts) to its alpha.
+    """
+    from .config import network_args
     from .formats.embedding import bundle_embedding_keys, save_embedding
     from .formats.kohya_lora import kohya_metadata, save_lora, to_kohya
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.save_precision, torch.float32)
     vectors = pivot_vectors.detach().float().cpu()  # [n, d]
-    tensors = to_kohya(unet_lora, text_encoder_lora, config.network_alpha, dtype=dtype)
+    tensors = to_kohya(unet_lora, text_encoder_lora, alphas, dtype=dtype)
     if bundle:
         tensors |= bundle_embedding_keys(config.token_string, vectors)
     pti = {
@@ -93,9 +98,11 @@ def write_lora_and_embedding(
         "pti_stages": json.dumps(resolved_dict(config)["stages"]),
         "pti_plugins": json.dumps(config.plugins),
     } | extra_metadata
+    conv = network_args(config)
     metadata = kohya_metadata(
         network_dim=config.network_dim, network_alpha=config.network_alpha, output_name=config.output_name,
         training_started_at=time.time(), steps=steps, learning_rate=config.learning_rate, extra=pti,
+        conv_dim=conv.get("conv_dim"), conv_alpha=conv.get("conv_alpha"),
     )
     lora_path, embedding_path = files.lora(suffix), files.embedding(suffix)
     for path in (lora_path, embedding_path):

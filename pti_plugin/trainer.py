@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write_text, save_safetensors_atomic
-from .config import EMBEDDED, Config, ConfigError, resolved_dict
+from .config import EMBEDDED, Config, ConfigError, network_args, resolved_dict
 from .data.captions import expand_token, warn_long_captions
 from .data.dataset import ImageItem, load_subsets, scan_images
 from .data.latents import LatentSource
@@ -30,7 +30,7 @@ from .data.sample_order import SampleOrder, sample_generator
 from .diffusion_loss import draw_noise, min_snr_weights, per_sample_mse, training_target
 from .hooks import Batch, MainPrediction, Plugin, StagePlan, TrainerState, instantiate_plugins
 from .models.loading import configure_attention, load_base_model
-from .models.lora import attach_lora, lora_parameters, set_lora_enabled
+from .models.lora import attach_lora, lora_parameters, set_lora_enabled, unet_conv_lora_targets
 from .models.pivot import add_pivot_token
 from .models.lora import lora_state_dict
 from .outputs import RunFiles, write_lora_and_embedding
@@ -99,10 +99,19 @@ class Trainer:
         self.train_te_lora = any(self._stage_trains_te(s) for s in config.stages)
         with torch.random.fork_rng(devices=[]):  # LoRA init (peft draws from the global RNG) depends on the seed only
             torch.manual_seed(config.seed)
-            attach_lora(model.unet, model.family.unet_lora_targets(model.unet), config.network_dim, config.network_alpha)
+            unet_targets, self.lora_alphas = model.family.unet_lora_targets(model.unet), {}
+            conv = network_args(config)
+            overrides = {}
+            if conv:  # LoCon: 3x3 convolutions take conv_dim/conv_alpha, the other ResNet layers network_dim/alpha
+                conv3x3, other = unet_conv_lora_targets(model.unet)
+                unet_targets = unet_targets + conv3x3 + other
+                overrides = {path: (int(conv["conv_dim"]), conv["conv_alpha"]) for path in conv3x3}
+            self.lora_alphas = {path: overrides.get(path, (0, config.network_alpha))[1] for path in unet_targets}
+            attach_lora(model.unet, unet_targets, config.network_dim, config.network_alpha, overrides)
             if self.train_te_lora:
-                attach_lora(model.text_encoder, model.family.text_encoder_lora_targets(model.text_encoder),
-                            config.network_dim, config.network_alpha)
+                te_targets = model.family.text_encoder_lora_targets(model.text_encoder)
+                self.lora_alphas |= {path: config.network_alpha for path in te_targets}
+                attach_lora(model.text_encoder, te_targets, config.network_dim, config.network_alpha)
         self._load_starting_weights(model)
         self.attention = configure_attention(model.unet, config.xformers, config.sdpa, device)
         if config.gradient_checkpointing:
@@ -160,10 +169,19 @@ class Trainer:
         if config.network_weights:
             tensors, _ = load_lora(config.network_weights)
             unet_sd, te_sd, alphas = from_kohya(tensors, model.unet, model.text_encoder)
-            ranks = {v.shape[0] for k, v in (unet_sd | te_sd).items() if ".lora_A." in k}
-            if ranks != {config.network_dim} or any(a != config.network_alpha for a in alphas.values()):
-                raise ConfigError(f"key 'network_weights': {config.network_weights} has rank(s) {sorted(ranks)} and "
-                                  f"alpha(s) {sorted(set(alphas.values()))}; set network_dim and network_alpha to match")
+            expected = {k: v.shape for k, v in lora_state_dict(model.unet).items()}
+            if self.train_te_lora:
+                expected |= {k: v.shape for k, v in lora_state_dict(model.text_encoder).items()}
+            found = {k: v.shape for k, v in (unet_sd | te_sd).items()}
+            wrong = [k for k in found if k not in expected or found[k] != expected[k]]
+            wrong_alpha = [k for k, a in alphas.items() if a != self.lora_alphas.get(k)]
+            if wrong or wrong_alpha:
+                ranks = sorted({v.shape[0] for k, v in (unet_sd | te_sd).items() if ".lora_A." in k})
+                raise ConfigError(
+                    f"key 'network_weights': {config.network_weights} does not fit this run's LoRA "
+                    f"(first mismatch: {(wrong or wrong_alpha)[0]}; file ranks {ranks}, alphas {sorted(set(alphas.values()))}); "
+                    "set network_dim, network_alpha and network_args to match"
+                )
             if te_sd and not self.train_te_lora:
                 raise ConfigError(f"key 'network_weights': {config.network_weights} holds text-encoder LoRA weights; "
                                   "enable train_text_encoder in a lora stage (or network_train_unet_only = false)")
@@ -464,7 +482,7 @@ class Trainer:
                 plugin.on_before_save(state, files)
             te_lora = lora_state_dict(self.model.text_encoder) if self.train_te_lora else {}
             paths = write_lora_and_embedding(
-                self.files, suffix, lora_state_dict(self.model.unet), te_lora, self.pivot.vectors,
+                self.files, suffix, lora_state_dict(self.model.unet), te_lora, self.lora_alphas, self.pivot.vectors,
                 config, state.global_step, files["metadata"],
             )
             if with_state:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from pti_plugin.config import build_config
@@ -49,8 +50,9 @@ class PredictionProbe(Plugin):
         PredictionProbe.prediction = model.unet(x, t, cond).sample
 
 
-def test_plain_diffusers_snippet_reproduces_the_trained_model(preset, tiny_model):
-    raw = preset(save_precision="float", plugins={"test_prediction_probe": {}},
+@pytest.mark.parametrize("network_args", [[], ["conv_dim=2", "conv_alpha=1"]], ids=["lora", "locon"])
+def test_plain_diffusers_snippet_reproduces_the_trained_model(preset, tiny_model, network_args):
+    raw = preset(save_precision="float", plugins={"test_prediction_probe": {}}, network_args=network_args,
                  stages=[{"kind": "inversion", "steps": 3, "learning_rate": 5e-2},
                          {"kind": "lora", "steps": 3, "learning_rate": 2e-2}])
     config = build_config(raw)

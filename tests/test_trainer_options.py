@@ -103,6 +103,22 @@ def test_network_weights_of_another_rank_are_refused(preset, tmp_path):
     first = _run(preset(output_dir=str(tmp_path / "first"), stages=[{"kind": "lora", "steps": 1}]))
     from pti_plugin.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"has rank\(s\) \[4\].*set network_dim and network_alpha to match"):
+    with pytest.raises(ConfigError, match=r"does not fit this run's LoRA .*file ranks \[4\].*set network_dim"):
         _run(preset(output_dir=str(tmp_path / "second"), network_weights=str(first / "pti.safetensors"), network_dim=8,
                     stages=[{"kind": "lora", "steps": 1}]))
+
+
+def test_locon_conv_layers_take_conv_dim_and_alpha(preset):
+    out = _run(preset(save_precision="float", network_args=["conv_dim=2", "conv_alpha=1"],
+                      stages=[{"kind": "lora", "steps": 2, "learning_rate": 1e-2}]))
+    from safetensors import safe_open
+
+    tensors = load_file(out / "pti.safetensors")
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert tensors[f"{conv}.lora_down.weight"].shape == (2, 32, 3, 3) and float(tensors[f"{conv}.alpha"]) == 1.0
+    linear = "lora_unet_down_blocks_0_resnets_0_time_emb_proj"
+    assert tensors[f"{linear}.lora_down.weight"].shape == (4, 128) and float(tensors[f"{linear}.alpha"]) == 4.0
+    modules = {k.rsplit(".", 2)[0] for k in tensors if k.startswith("lora_unet_")}
+    assert len(modules) == 192 + 50 + 34  # attention set + 3x3 convs + time embeddings of the tiny UNet
+    with safe_open(out / "pti.safetensors", "pt") as handle:
+        assert json.loads(handle.metadata()["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}

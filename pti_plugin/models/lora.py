@@ -38,6 +38,23 @@ def unet_lora_targets(unet: torch.nn.Module) -> list[str]:
     return sorted(targets)
 
 
+def unet_conv_lora_targets(unet: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """kohya's LoCon extension (``network_args = ["conv_dim=..."]``): layers of every ResNet block and
+    down/upsampler. Returns (3x3 convolutions, which take conv_dim/conv_alpha; the 1x1 convolutions and
+    linear layers, which take network_dim/network_alpha)."""
+    conv3x3, other = [], []
+    for name, module in unet.named_modules():
+        if type(module).__name__ not in ("ResnetBlock2D", "Downsample2D", "Upsample2D"):
+            continue
+        for child_name, child in module.named_modules():
+            path = f"{name}.{child_name}"
+            if isinstance(child, torch.nn.Conv2d):
+                (conv3x3 if child.kernel_size != (1, 1) else other).append(path)
+            elif isinstance(child, torch.nn.Linear):
+                other.append(path)
+    return sorted(conv3x3), sorted(other)
+
+
 def text_encoder_lora_targets(text_encoder: torch.nn.Module) -> list[str]:
     """Module paths of ``text_encoder`` (a CLIPTextModel) that kohya's LoRA trains."""
     return sorted(
@@ -47,15 +64,23 @@ def text_encoder_lora_targets(text_encoder: torch.nn.Module) -> list[str]:
     )
 
 
-def attach_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: float) -> None:
+def attach_lora(
+    model: torch.nn.Module, targets: list[str], rank: int, alpha: float, overrides: dict[str, tuple[int, float]] | None = None
+) -> None:
     """Inject a peft LoRA adapter named ``ADAPTER_NAME`` into ``targets`` of ``model`` (in place).
 
+    ``overrides`` maps some target paths to their own (rank, alpha) (LoCon's conv_dim/conv_alpha).
     Initialisation is peft's (down: Kaiming-uniform, up: zeros, as kohya), so the model's
     output is unchanged until training moves the up weights. Adapter weights are float32.
     """
     if not targets:
         raise ValueError("no LoRA target modules found in the model")
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+    overrides = overrides or {}
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True,
+        rank_pattern={f"^{k}$": r for k, (r, _) in overrides.items()},
+        alpha_pattern={f"^{k}$": a for k, (_, a) in overrides.items()},
+    )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for param in lora_parameters(model):
         param.data = param.data.float()
