@@ -1,0 +1,100 @@
+"""One call that measures a finished run: what the LR sweep records per run.
+
+:func:`evaluate_run` loads the run (:mod:`.run_model`) and returns a flat, JSON-ready dict:
+the training log's final pivot distance (token-embedding space), the output-space angles and the
+LoRA weight change (:mod:`.movement`), reconstruction (:mod:`.reconstruction`), editability
+(:mod:`.editability`) and, when asked, the position-leakage summary (:mod:`.leakage`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .editability import measure_editability
+from .leakage import measure_position_leakage
+from .movement import lora_delta_norm, output_space_angles
+from .probes import make_probes
+from .reconstruction import measure_reconstruction
+from .prompts import EDIT_PROMPTS, NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS
+from .run_model import file_digest, load_run
+
+
+def final_log_entry(log_path: str | Path, stage: str | None = None) -> dict:
+    """The last JSONL entry of the training log (of ``stage`` when given); {} when absent."""
+    path = Path(log_path)
+    if not path.is_file():
+        return {}
+    last = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        if stage is None or entry.get("stage") == stage:
+            last = entry
+    return last
+
+
+def _finite(value):
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    output_name: str | None = None,
+    clip_model_path: str | None = None,
+    seeds: list[int] = (0, 1, 2, 3),
+    steps: int = 25,
+    guidance: float = 7.5,
+    leakage: bool = False,
+    leakage_seeds: list[int] | None = None,
+    inversion_stage: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    include_base: bool = True,
+    scorer=None,
+    log=None,
+    max_images: int = 8,
+    leakage_prompts: list[str] | None = None,
+    leakage_edit_prompts: list[str] | None = None,
+) -> dict:
+    """Measure the run in ``run_dir`` (see the module docstring). ``inversion_stage``: the stage
+    whose last log entry gives the pivot distance (default: the last entry of the log).
+    ``scorer``: an already loaded :class:`~.clip_scores.ClipScorer` (else one is loaded from
+    ``clip_model_path`` when given). ``max_images``: training images used by the proxies.
+    ``leakage_prompts`` / ``leakage_edit_prompts``: the leakage measurement's neutral and
+    position-edit prompts (default :data:`~.prompts.NEUTRAL_PROMPTS`, :data:`~.prompts.POSITION_EDIT_PROMPTS`)."""
+    run = load_run(run_dir, output_name, device=device, dtype=dtype)
+    if scorer is None and clip_model_path:
+        from .clip_scores import ClipScorer
+
+        scorer = ClipScorer(clip_model_path, device=run.device)
+    name = run.lora_path.name[: -len(".safetensors")]
+    entry = final_log_entry(run.lora_path.with_name(f"{name}.log.jsonl"), inversion_stage)
+    embedding = run.lora_path.with_name(f"{run.token}.safetensors")
+    out: dict = {
+        "pivot_l2_from_init": entry.get("pivot_l2_from_init"),
+        "pivot_angle_from_init_deg": entry.get("pivot_angle_from_init_deg"),
+        "pivot_norm": entry.get("pivot_norm"),
+        "pivot_digest": file_digest(embedding) if embedding.is_file() else None,
+    }
+    out |= output_space_angles(run)
+    out |= lora_delta_norm(run.lora_path)
+    probes = make_probes(run, max_images) if scorer is None else None
+    out |= measure_reconstruction(run, scorer, seeds, steps, guidance, probes, include_base)
+    out |= measure_editability(run, scorer, EDIT_PROMPTS, seeds, steps, guidance, probes, include_base)
+    if leakage:
+        measurement = measure_position_leakage(
+            run, list(leakage_prompts or NEUTRAL_PROMPTS),
+            list(POSITION_EDIT_PROMPTS if leakage_edit_prompts is None else leakage_edit_prompts),
+            list(leakage_seeds or seeds), steps, guidance, log=log,
+        )
+        for family, groups in measurement.summary.items():
+            for group, values in groups.items():
+                for key, value in values.items():
+                    prefix = "" if (family, group) == ("heatmap", "all") else f"{family}_{group}_"
+                    out[f"{prefix}{key}"] = value
+    return {k: _finite(v) for k, v in out.items()}

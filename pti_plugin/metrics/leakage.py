@@ -1,0 +1,264 @@
+"""Position leakage: has fine-tuning taught the model the training images' layouts?
+
+For a set of prompts and fixed seeds, the base model (class word, LoRA off) and the fine-tuned
+model (pivot token, LoRA on) each generate one image per (prompt, seed), and the subject is
+localised in every image (:mod:`.localisation`); the training images are localised too. With a
+distance ``d`` between two layouts:
+
+- **diversity** ``D`` = mean over prompts of the mean pairwise ``d`` between the seeds' layouts
+  (how much the layout still varies with the seed);
+- **attraction distance** ``A`` = mean over generations of ``d`` to the nearest training layout
+  (how far generations stay from the training layouts);
+- both relative to the base model: ``r_D = D_tuned / D_base``, ``r_A = A_tuned / A_base``
+  (1 = behaves like the base model; below 1 = less varied / closer to the training layouts);
+- **leakage score** ``L = 1 - sqrt(r_D * r_A)``: 0 when the fine-tuned model places the subject
+  like the base model, 1 when its layouts have collapsed (``r_D = 0``) or sit exactly on the
+  training layouts (``r_A = 0``); negative when it is more varied/farther than the base model.
+  The geometric mean makes either symptom sufficient, and a ratio change by a factor ``k`` on
+  one axis counts as much as ``k`` on the other.
+
+The layout distance ``d`` (family ``heatmap``) is the energy distance between the two layout
+distributions on a ``grid x grid`` resampling, halved:
+``d(p, q) = pᵀMq - ½ pᵀMp - ½ qᵀMq`` with ``M`` the Euclidean distance between pixel centres in
+image fractions. It is 0 only for equal distributions, grows with how far mass must move (unlike
+an overlap measure, it does not saturate for disjoint blobs), and equals the distance between
+the two points for point masses. Family ``centroid`` uses the Euclidean distance between
+centroids; family ``groundtruth`` (toy world only) the distance between detected object centres.
+For edit prompts, ``paired_distance`` is the mean ``d`` between the two models' layouts for the
+same prompt and seed (does the edit still move the subject as it moves the class word?).
+
+Each model's generations are compared with the training layouts *as that model sees them*: the
+training heatmaps are measured once by the base model (class word) and once by the fine-tuned
+model (pivot), so that a systematic difference between the two tokens' attention patterns does
+not pass for attraction; ``training_observer_distance`` (mean ``d`` between the two
+measurements of the same training image) shows how much the two instruments disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .localisation import centroids, generate_with_heatmaps, heatmap_stats, pixel_centres, resample, training_heatmaps
+
+MODELS = ("base", "tuned")
+GROUPS = ("all", "neutral", "edit")
+
+
+def layout_distance_matrix(p: torch.Tensor, q: torch.Tensor) -> np.ndarray:
+    """Halved energy distances ``[n, m]`` between layout distributions ``p [n, G, G]`` and ``q [m, G, G]``."""
+    grid = p.shape[-2:]
+    if q.shape[-2:] != grid:
+        raise ValueError(f"layouts on different grids: {tuple(grid)} and {tuple(q.shape[-2:])}")
+    pos = pixel_centres(*grid)
+    metric = torch.cdist(pos, pos)  # [G*G, G*G]
+    a, b = p.reshape(len(p), -1).double(), q.reshape(len(q), -1).double()
+    cross = a @ metric @ b.T
+    self_a = ((a @ metric) * a).sum(1)
+    self_b = ((b @ metric) * b).sum(1)
+    return (cross - 0.5 * self_a[:, None] - 0.5 * self_b[None, :]).clamp_min(0).numpy()
+
+
+def point_distance_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances ``[n, m]`` between points ``a [n, 2]`` and ``b [m, 2]``."""
+    return np.linalg.norm(np.asarray(a, float)[:, None, :] - np.asarray(b, float)[None, :, :], axis=-1)
+
+
+def mean_pairwise(distances: np.ndarray) -> float:
+    """Mean of the strict upper triangle of a square distance matrix (nan below 2 items)."""
+    n = distances.shape[0]
+    if n < 2:
+        return float("nan")
+    return float(distances[np.triu_indices(n, k=1)].mean())
+
+
+def leakage_score(div_tuned: float, div_base: float, attr_tuned: float, attr_base: float) -> dict[str, float]:
+    """``diversity_ratio``, ``attraction_ratio`` and ``leakage_score = 1 - sqrt(r_D * r_A)``."""
+    r_d = div_tuned / div_base if div_base > 0 else float("nan")
+    r_a = attr_tuned / attr_base if attr_base > 0 else float("nan")
+    product = r_d * r_a
+    score = 1.0 - float(np.sqrt(product)) if np.isfinite(product) and product >= 0 else float("nan")
+    return {"diversity_ratio": float(r_d), "attraction_ratio": float(r_a), "leakage_score": score}
+
+
+def _family_summary(
+    within: dict[str, list[np.ndarray]],
+    to_train: dict[str, list[np.ndarray]],
+    paired: list[np.ndarray],
+    groups: list[str],
+) -> dict[str, dict[str, float]]:
+    """Per group: diversity and attraction of each model, their ratios and the score.
+
+    ``within[model][k]``: the seeds' pairwise distances for prompt k; ``to_train[model][k]``:
+    ``[seeds, n_train]`` distances; ``paired[k]``: per-seed tuned-vs-base distances.
+    """
+    out = {}
+    for group in GROUPS:
+        ks = [k for k, g in enumerate(groups) if group == "all" or g == group]
+        if not ks:
+            continue
+        entry: dict[str, float] = {}
+        for model in MODELS:
+            divs = [mean_pairwise(within[model][k]) for k in ks]
+            divs = [d for d in divs if np.isfinite(d)]
+            nearest = [to_train[model][k].min(axis=1) for k in ks if to_train[model][k].size]
+            entry[f"diversity_{model}"] = float(np.mean(divs)) if divs else float("nan")
+            entry[f"attraction_{model}"] = float(np.mean(np.concatenate(nearest))) if nearest else float("nan")
+        entry |= leakage_score(entry["diversity_tuned"], entry["diversity_base"], entry["attraction_tuned"], entry["attraction_base"])
+        pairs = [paired[k] for k in ks if paired[k].size]
+        if group != "neutral" and pairs:
+            entry["paired_distance"] = float(np.mean(np.concatenate(pairs)))
+        out[group] = entry
+    return out
+
+
+@dataclass
+class LeakageMeasurement:
+    """Everything :func:`measure_position_leakage` measured, for the summary, the CSV and the plots.
+
+    ``images[model]``: uint8 ``[P, S, H, W, 3]``; ``heatmaps[model]``: ``[P, S, h, w]``;
+    ``centroids[model]``: ``[P, S, 2]``; ``training_heatmaps[model]`` ``[n, h, w]`` and
+    ``training_centroids[model]`` ``[n, 2]``: the training images as each model sees them;
+    ``summary[family][group]``: the numbers (see module doc); ``rows``: one dict per generation
+    and per (training image, observing model).
+    """
+
+    prompts: list[str]
+    groups: list[str]
+    seeds: list[int]
+    images: dict[str, np.ndarray]
+    heatmaps: dict[str, torch.Tensor]
+    centroids: dict[str, np.ndarray]
+    training_images: list[np.ndarray]
+    training_heatmaps: dict[str, torch.Tensor]
+    training_centroids: dict[str, np.ndarray]
+    summary: dict[str, dict[str, dict[str, float]]]
+    rows: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    #: ground-truth centres (x, y) or None: ``{"base": [P][S], "tuned": [P][S], "training": [n]}`` (empty without ``locate``)
+    groundtruth: dict = field(default_factory=dict)
+
+    @property
+    def score(self) -> float:
+        """The leakage score (heatmap layouts, all prompts)."""
+        return self.summary["heatmap"]["all"]["leakage_score"]
+
+
+def measure_position_leakage(
+    run,
+    neutral_prompts: list[str],
+    edit_prompts: list[str],
+    seeds: list[int],
+    steps: int = 25,
+    guidance: float = 7.5,
+    grid: int = 16,
+    size: tuple[int, int] | None = None,
+    training_timestep: int = 500,
+    locate: Callable[[np.ndarray], tuple[float, float] | None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> LeakageMeasurement:
+    """Generate, localise and score (see the module docstring) for a loaded run.
+
+    ``locate`` (optional): a ground-truth locator ``uint8 image -> (x, y) in image fractions or
+    None``, e.g. the toy world's detectors; it adds the ``groundtruth`` family.
+    """
+    prompts = list(neutral_prompts) + list(edit_prompts)
+    groups = ["neutral"] * len(neutral_prompts) + ["edit"] * len(edit_prompts)
+    if not prompts:
+        raise ValueError("no prompts to measure")
+    if len(seeds) < 2:
+        raise ValueError("layout diversity needs at least 2 seeds")
+    images: dict[str, list[np.ndarray]] = {m: [] for m in MODELS}
+    maps: dict[str, list[torch.Tensor]] = {m: [] for m in MODELS}
+    for k, prompt in enumerate(prompts):
+        for model in MODELS:
+            if log:
+                log(f"[{k + 1}/{len(prompts)}] {model}: {run.prompt(prompt, model == 'tuned')!r} x {len(seeds)} seeds")
+            imgs, hms = generate_with_heatmaps(run, prompt, model == "tuned", seeds, steps, guidance, size)
+            images[model].append(imgs)
+            maps[model].append(hms)
+    train_maps = {m: training_heatmaps(run, tuned=m == "tuned", timestep=training_timestep) for m in MODELS}
+    train_images = run.training_images_uint8()
+
+    heat = {m: torch.stack(maps[m]) for m in MODELS}  # [P, S, h, w]
+    cents = {m: centroids(heat[m].reshape(-1, *heat[m].shape[-2:])).reshape(len(prompts), len(seeds), 2) for m in MODELS}
+    train_cents = {m: centroids(train_maps[m]) for m in MODELS}
+    train_grid = {m: resample(train_maps[m], grid) for m in MODELS}
+
+    within: dict[str, dict[str, list[np.ndarray]]] = {f: {m: [] for m in MODELS} for f in ("heatmap", "centroid")}
+    to_train: dict[str, dict[str, list[np.ndarray]]] = {f: {m: [] for m in MODELS} for f in ("heatmap", "centroid")}
+    paired: dict[str, list[np.ndarray]] = {"heatmap": [], "centroid": []}
+    grids = {m: [resample(heat[m][k], grid) for k in range(len(prompts))] for m in MODELS}
+    for k in range(len(prompts)):
+        for m in MODELS:
+            within["heatmap"][m].append(layout_distance_matrix(grids[m][k], grids[m][k]))
+            to_train["heatmap"][m].append(layout_distance_matrix(grids[m][k], train_grid[m]))
+            within["centroid"][m].append(point_distance_matrix(cents[m][k], cents[m][k]))
+            to_train["centroid"][m].append(point_distance_matrix(cents[m][k], train_cents[m]))
+        paired["heatmap"].append(np.diag(layout_distance_matrix(grids["tuned"][k], grids["base"][k])))
+        paired["centroid"].append(np.linalg.norm(cents["tuned"][k] - cents["base"][k], axis=-1))
+    summary = {f: _family_summary(within[f], to_train[f], paired[f], groups) for f in ("heatmap", "centroid")}
+    summary["heatmap"]["all"]["training_observer_distance"] = float(
+        np.diag(layout_distance_matrix(train_grid["tuned"], train_grid["base"])).mean())
+    summary["centroid"]["all"]["training_observer_distance"] = float(
+        np.linalg.norm(train_cents["tuned"] - train_cents["base"], axis=-1).mean())
+
+    gt: dict[str, list[list]] = {}
+    train_gt: list = []
+    if locate is not None:
+        gt = {m: [[locate(img) for img in images[m][k]] for k in range(len(prompts))] for m in MODELS}
+        train_gt = [locate(img) for img in train_images]
+        tg = np.array([c for c in train_gt if c is not None], float).reshape(-1, 2)
+        gw: dict[str, list[np.ndarray]] = {m: [] for m in MODELS}
+        gtt: dict[str, list[np.ndarray]] = {m: [] for m in MODELS}
+        gp: list[np.ndarray] = []
+        for k in range(len(prompts)):
+            for m in MODELS:
+                pts = np.array([c for c in gt[m][k] if c is not None], float).reshape(-1, 2)
+                gw[m].append(point_distance_matrix(pts, pts))
+                gtt[m].append(point_distance_matrix(pts, tg) if len(tg) else np.zeros((0, 0)))
+            both = [(a, b) for a, b in zip(gt["tuned"][k], gt["base"][k]) if a is not None and b is not None]
+            gp.append(np.array([np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in both], float))
+        summary["groundtruth"] = _family_summary(gw, gtt, gp, groups)
+        found = [c is not None for m in MODELS for k in range(len(prompts)) for c in gt[m][k]]
+        summary["groundtruth"]["all"]["detected_fraction"] = float(np.mean(found))
+
+    rows = []
+    for k, prompt in enumerate(prompts):
+        for m in MODELS:
+            nearest = to_train["heatmap"][m][k].min(axis=1)
+            for s, seed in enumerate(seeds):
+                stats = heatmap_stats(heat[m][k, s])
+                row = {
+                    "kind": "generation", "model": m, "group": groups[k], "prompt": run.prompt(prompt, m == "tuned"),
+                    "seed": seed, "centroid_x": stats.x, "centroid_y": stats.y, "spread": stats.spread,
+                    "nearest_training_distance": float(nearest[s]),
+                }
+                if locate is not None:
+                    c = gt[m][k][s]
+                    row |= {"groundtruth_x": c[0] if c else None, "groundtruth_y": c[1] if c else None}
+                rows.append(row)
+    for m in MODELS:
+        for i, item in enumerate(run.items):
+            stats = heatmap_stats(train_maps[m][i])
+            row = {
+                "kind": "training", "model": m, "group": "training", "prompt": run.prompt(item.caption, m == "tuned"),
+                "seed": None, "centroid_x": stats.x, "centroid_y": stats.y, "spread": stats.spread,
+                "nearest_training_distance": 0.0, "image": str(item.path),
+            }
+            if locate is not None:
+                c = train_gt[i]
+                row |= {"groundtruth_x": c[0] if c else None, "groundtruth_y": c[1] if c else None}
+            rows.append(row)
+
+    return LeakageMeasurement(
+        prompts=[run.prompt(p, True) for p in prompts], groups=groups, seeds=list(seeds),
+        images={m: np.stack(images[m]) for m in MODELS}, heatmaps=heat, centroids=cents,
+        training_images=train_images, training_heatmaps=train_maps, training_centroids=train_cents,
+        summary=summary, rows=rows, groundtruth=(gt | {"training": train_gt}) if locate is not None else {},
+        settings={"steps": steps, "guidance": guidance, "grid": grid, "training_timestep": training_timestep,
+                  "class_word": run.class_word, "token": run.token},
+    )

@@ -1,0 +1,239 @@
+"""A finished training run, loaded for measurement: base model + the run's LoRA and pivot, switchable.
+
+:func:`load_run` reads ``<output_name>.config.toml`` (the resolved config the trainer writes) to
+find the base model, the data, the token and the template; it loads the base model from local
+files (never downloads), builds a diffusers ``StableDiffusionPipeline`` from it and loads the
+run's LoRA and bundled pivot with :func:`pti_plugin.load_pti.load_pti` (the path a diffusers user
+takes). :meth:`LoadedRun.lora` switches the LoRA off to get the *base* model; the base model is
+prompted with the class word, the fine-tuned one with the pivot token.
+
+Conditioning is built with the run's model family (``clip_skip`` honoured as in training), and
+the pipeline is called with ``prompt_embeds``, so generation sees exactly the training-time
+conditioning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import toml
+import torch
+
+from ..config import EMBEDDED, Config, ConfigError, build_config
+from ..data.dataset import ImageItem, load_subsets, scan_images
+from ..data.latents import load_pixels
+from .prompts import fill, normalise_prompt, pivot_subject
+
+
+def find_run_files(run_dir: str | Path, output_name: str | None = None) -> tuple[Path, Path]:
+    """``(config_toml, lora)`` of the run in ``run_dir``; ``output_name`` picks one of several runs."""
+    run_dir = Path(run_dir)
+    if output_name:
+        configs = [run_dir / f"{output_name}.config.toml"]
+    else:
+        configs = sorted(run_dir.glob("*.config.toml"))
+    configs = [c for c in configs if c.is_file()]
+    if not configs:
+        raise FileNotFoundError(f"no <output_name>.config.toml in {run_dir} (is it a training output_dir?)")
+    if len(configs) > 1:
+        names = ", ".join(c.name[: -len(".config.toml")] for c in configs)
+        raise ValueError(f"{run_dir} holds several runs ({names}); pass the output_name of one")
+    config_path = configs[0]
+    lora = config_path.with_name(config_path.name[: -len(".config.toml")] + ".safetensors")
+    return config_path, lora
+
+
+def read_run_config(config_path: str | Path) -> Config:
+    """The :class:`Config` of a resolved ``<output_name>.config.toml`` (paths not re-checked)."""
+    raw = toml.load(str(config_path))
+    try:
+        return build_config(raw, check_paths=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from exc
+
+
+def training_items(config: Config) -> list[ImageItem]:
+    """The run's training images (with captions and buckets), as the trainer scanned them."""
+    train_dir = None
+    if config.train_data_dir == EMBEDDED:
+        from ..embedded_default import default_dataset_dir
+
+        train_dir = default_dataset_dir(config.token_string)
+    return scan_images(config, load_subsets(config, train_dir))
+
+
+def file_digest(path: str | Path, length: int = 12) -> str:
+    """First ``length`` hex digits of the SHA-256 of a file (to show that runs share a pivot)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+@dataclass
+class LoadedRun:
+    """A run's pipeline and what the measurements need to prompt it.
+
+    ``pipe`` holds the base model with the run's LoRA (on by default) and the pivot token;
+    ``class_word`` is the base model's subject; ``template`` the run's caption template;
+    ``items`` the training images. Tensors returned by the methods are on ``device``.
+    """
+
+    config: Config
+    pipe: object
+    family: object
+    noise_scheduler: object
+    prediction_type: str
+    token: str
+    num_vectors: int
+    class_word: str
+    template: str
+    items: list[ImageItem]
+    device: torch.device
+    dtype: torch.dtype
+    run_dir: Path | None = None
+    lora_path: Path | None = None
+    _lora_on: bool = field(default=True, repr=False)
+
+    # ------------------------------------------------------------------ subjects and prompts
+    @property
+    def pivot_text(self) -> str:
+        """The pivot as typed in a prompt (``tok1`` or ``tok1 tok1_1 ...``)."""
+        return pivot_subject(self.token, self.num_vectors)
+
+    def subject(self, tuned: bool) -> str:
+        """The subject text: the pivot for the fine-tuned model, the class word for the base model."""
+        return self.pivot_text if tuned else self.class_word
+
+    def prompt(self, prompt: str, tuned: bool) -> str:
+        """``prompt`` (with ``{}``/``{T}``/the token) filled with the subject of that model."""
+        return fill(normalise_prompt(prompt, self.template, self.token), self.subject(tuned))
+
+    # ------------------------------------------------------------------ model switches
+    @contextlib.contextmanager
+    def lora(self, enabled: bool) -> Iterator[None]:
+        """Run the block with the run's LoRA on (fine-tuned model) or off (base model)."""
+        previous = self._lora_on
+        self._set_lora(enabled)
+        try:
+            yield
+        finally:
+            self._set_lora(previous)
+
+    @property
+    def has_lora(self) -> bool:
+        """Whether LoRA adapters were loaded (a file without LoRA keys loads none)."""
+        return any(getattr(m, "peft_config", None) for m in (self.pipe.unet, self.pipe.text_encoder))
+
+    def _set_lora(self, enabled: bool) -> None:
+        if enabled == self._lora_on or not self.has_lora:
+            self._lora_on = enabled
+            return
+        if enabled:
+            self.pipe.enable_lora()
+        else:
+            self.pipe.disable_lora()
+        self._lora_on = enabled
+
+    # ------------------------------------------------------------------ tensors
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids ``[B, L]`` (CPU, int64; L = 77 unless the run set a longer max_token_length)."""
+        return self.family.tokenize(self.pipe.tokenizer, prompts)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """UNet conditioning ``[B, L, d]`` of filled prompts, with the current LoRA state."""
+        ids = self.tokenize(prompts).to(self.device)
+        return self.family.encode(self.pipe.text_encoder, ids).to(self.dtype)
+
+    @torch.no_grad()
+    def pre_layernorm_states(self, prompts: list[str]) -> torch.Tensor:
+        """The encoder's state before its final LayerNorm ``[B, L, d]`` (float32)."""
+        ids = self.tokenize(prompts).to(self.device)
+        return self.family.pre_layernorm_states(self.pipe.text_encoder, ids).float()
+
+    def training_pixels(self, max_images: int | None = None) -> list[torch.Tensor]:
+        """Training images fitted to their buckets: float32 ``[3, H, W]`` in [-1, 1] (CPU)."""
+        items = self.items if max_images is None else self.items[:max_images]
+        return [load_pixels(item, flip=False) for item in items]
+
+    def training_images_uint8(self, max_images: int | None = None) -> list[np.ndarray]:
+        """Training images as ``uint8 [H, W, 3]`` arrays."""
+        return [
+            ((p.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+            for p in self.training_pixels(max_images)
+        ]
+
+    @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE posterior means, scaled: ``[B, 3, H, W]`` pixels -> ``[B, 4, H/f, W/f]``."""
+        vae = self.pipe.vae
+        posterior = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        return (posterior.mean * vae.config.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def unet(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction (epsilon or v, as trained) with the current LoRA state."""
+        return self.pipe.unet(noisy.to(self.dtype), t.to(self.device), encoder_hidden_states=cond).sample
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to predict for ``latents`` noised with ``noise`` at ``t``."""
+        from ..diffusion_loss import training_target
+
+        return training_target(self.noise_scheduler, latents, noise, t, self.prediction_type)
+
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) of generations: the first training image's bucket."""
+        return self.items[0].bucket
+
+
+def load_run(
+    run_dir: str | Path,
+    output_name: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    class_word: str | None = None,
+) -> LoadedRun:
+    """Load the run in ``run_dir`` (a training ``output_dir``) for measurement.
+
+    ``class_word``: the base model's subject (default: the run's first ``init_word``).
+    ``device``: default CUDA when available, else CPU.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ..load_pti import load_pti
+    from ..models.loading import load_base_model
+
+    config_path, lora_path = find_run_files(run_dir, output_name)
+    if not lora_path.is_file():
+        raise FileNotFoundError(f"{lora_path} not found: the run has not finished")
+    config = read_run_config(config_path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_base_model(
+        config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
+        config.single_file_config, config.tokenizer_path, config.max_token_length,
+    )
+    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config, prediction_type=model.prediction_type)
+    pipe = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    token = load_pti(pipe, lora_path, token=config.token_string)
+    if token != config.token_string:
+        raise ValueError(f"{lora_path} bundles no embedding for {config.token_string!r}")
+    pipe.to(device, dtype)
+    init_words = config.init_word if isinstance(config.init_word, list) else [config.init_word]
+    return LoadedRun(
+        config=config, pipe=pipe, family=model.family, noise_scheduler=model.noise_scheduler,
+        prediction_type=model.prediction_type, token=config.token_string,
+        num_vectors=config.num_vectors_per_token, class_word=class_word or init_words[0],
+        template=config.caption_template, items=training_items(config), device=device, dtype=dtype,
+        run_dir=Path(run_dir), lora_path=lora_path,
+    )

@@ -1,0 +1,199 @@
+"""The analysis scripts end to end on the tiny model: position leakage and the resumable LR sweep."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import runpy
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import toml
+from PIL import Image
+
+from pti_plugin.config import ConfigError
+from pti_plugin.hooks import Plugin, register_plugin
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _raw_preset(tiny_model, tiny_dataset, out: Path, steps: int = 2) -> dict:
+    return {
+        "pretrained_model_name_or_path": str(tiny_model), "train_data_dir": str(tiny_dataset), "resolution": 32,
+        "output_dir": str(out), "train_batch_size": 2, "max_train_steps": steps, "log_every_n_steps": 1,
+        "network_dim": 4, "network_alpha": 4.0,
+        "stages": [{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2},
+                   {"name": "lora", "kind": "lora", "learning_rate": 2e-2}],
+    }
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _is_png(path: Path) -> bool:
+    with Image.open(path) as image:
+        return image.format == "PNG" and image.size[0] > 100
+
+
+def _script(name: str, argv: list[str]) -> str:
+    """Run ``analysis/<name>`` as ``__main__`` with ``argv`` (its command line) in this process; return
+    what it printed. In-process rather than a subprocess: a fresh interpreter spends ~25 s importing
+    torch and diffusers on the 2-core CI machine."""
+    saved, buffer = sys.argv, io.StringIO()
+    sys.argv = [str(REPO / "analysis" / name)] + argv
+    try:
+        with contextlib.redirect_stdout(buffer):
+            runpy.run_path(str(REPO / "analysis" / name), run_name="__main__")
+    finally:
+        sys.argv = saved
+        _reset_accelerate()
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def lora_sweep(tiny_model, tiny_dataset, tmp_path_factory):
+    """A LoRA sweep (2 learning rates, shared pivot, 1 step each) with its evaluation, leakage included."""
+    root = tmp_path_factory.mktemp("lora_sweep")
+    preset = root / "p.toml"
+    preset.write_text(toml.dumps(_raw_preset(tiny_model, tiny_dataset, root / "unused", steps=1)))
+    out = root / "sweep"
+    argv = ["--preset", str(preset), "--stage", "lora", "--lrs", "1e-3,1e-1", "--steps", "1", "--out", str(out),
+            "--max_images", "1", "--leakage_seeds", "2", "--sample_steps", "1", "--leakage_prompts", "{T}",
+            "--leakage_edit_prompts"]
+    printed = _script("lr_sweep.py", argv)
+    return types.SimpleNamespace(out=out, argv=argv, printed=printed)
+
+
+def test_lr_sweep_lora_end_to_end_with_shared_pivot(lora_sweep):
+    out, printed = lora_sweep.out, lora_sweep.printed
+    assert "train pivot" in printed and printed.count("train lora-lr") == 2
+    with open(out / "lr_sweep_lora.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["lr"]) for r in rows] == [1e-3, 1e-1]
+    assert len({r["pivot_digest"] for r in rows}) == 1  # one shared pivot
+    for r in rows:
+        assert float(r["pivot_l2_from_init"]) > 0  # the pivot run's distance from the init word
+        assert float(r["lora_delta_norm"]) > 0 and r["leakage_score"] != ""
+        assert r["reconstruction_metric"] == "proxy_denoise_mse" and r["editability_metric"] == "proxy_edit_direction_cos"
+        assert float(r["lr_x_steps"]) == pytest.approx(float(r["lr"])) and float(r["effective_lr"]) == float(r["lr"])
+    assert float(rows[1]["lora_delta_norm"]) > float(rows[0]["lora_delta_norm"])
+    config = toml.load(out / "runs" / "lora-lr0.1" / "pti.config.toml")
+    assert [s["kind"] for s in config["stages"]] == ["lora"] and config["weights"] == str(out / "pivot" / "tok1.safetensors")
+    assert _is_png(out / "lr_sweep_lora.png") and _is_png(out / "lr_sweep_lora_tradeoff.png")
+    record = json.loads((out / "lr_sweep_lora.json").read_text())
+    assert "maximum distance to the chord" in record["knee_method"] and len(record["rows"]) == 2
+    assert record["shared_pivot"] and record["pivot_run"] == str(out / "pivot")
+
+
+def test_lr_sweep_skips_finished_runs(lora_sweep):
+    out = lora_sweep.out
+    files = sorted((out / "runs").glob("*/pti.safetensors")) + [out / "pivot" / "pti.safetensors"]
+    assert len(files) == 3
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    printed = _script("lr_sweep.py", lora_sweep.argv)  # re-run: nothing is trained or re-evaluated
+    assert "train " not in printed
+    assert "skip pivot: finished" in printed and printed.count("skip lora-lr") == 2 and printed.count(": cached") == 2
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+
+
+def test_position_leakage_command_line(lora_sweep, tmp_path):
+    run_dir = lora_sweep.out / "runs" / "lora-lr0.1"
+    out = tmp_path / "leak"
+    printed = _script("position_leakage.py", ["--run", str(run_dir), "--n_seeds", "2", "--steps", "2", "--prompts", "{T}",
+                                              "--edit_prompts", "{T} at the top left", "--out", str(out)])
+    assert "leakage_score=" in printed and "heatmap     all:" in printed
+    record = json.loads((out / "position_leakage.json").read_text())
+    summary = record["summary"]
+    for family in ("heatmap", "centroid"):
+        for group in ("all", "neutral", "edit"):
+            entry = summary[family][group]
+            assert {"diversity_base", "diversity_tuned", "attraction_base", "attraction_tuned",
+                    "diversity_ratio", "attraction_ratio", "leakage_score"} <= set(entry)
+    assert "paired_distance" in summary["heatmap"]["edit"] and "training_observer_distance" in summary["heatmap"]["all"]
+    assert record["leakage_score"] == summary["heatmap"]["all"]["leakage_score"]
+    assert record["settings"]["prompts"] == ["an anime illustration of tok1", "an anime illustration of tok1 at the top left"]
+    with open(out / "position_leakage.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 2 * 2 + 2 * 4  # prompts x models x seeds, plus 4 training images x 2 observing models
+    assert {r["model"] for r in rows if r["kind"] == "generation"} == {"base", "tuned"}
+    assert all(0 <= float(r["centroid_x"]) <= 1 and 0 <= float(r["centroid_y"]) <= 1 for r in rows)
+    assert _is_png(out / "position_leakage_centroids.png") and _is_png(out / "position_leakage_grid.png")
+
+
+def _lr_sweep_module():
+    sys.path.insert(0, str(REPO / "analysis"))
+    try:
+        import lr_sweep
+    finally:
+        sys.path.remove(str(REPO / "analysis"))
+    return lr_sweep
+
+
+@register_plugin
+class _SomePlugin(Plugin):
+    name = "sweep_test_plugin"
+
+    @dataclasses.dataclass
+    class Options:
+        weight: float = 1.0
+
+
+def test_lr_sweep_derived_presets_and_plugin_variants(tiny_model, tiny_dataset, tmp_path):
+    lr_sweep = _lr_sweep_module()
+    raw = _raw_preset(tiny_model, tiny_dataset, tmp_path / "unused")
+    raw["stages"].append({"name": "lora2", "kind": "lora", "learning_rate": 1.0})
+    preset = tmp_path / "p.toml"
+    preset.write_text(toml.dumps(raw))
+    base = ["--preset", str(preset), "--stage", "lora", "--lrs", "1e-4,1e-3", "--steps", "5", "--out", str(tmp_path / "s"),
+            "--with_plugin", "sweep_test_plugin", "--plugin_set", "weight=0.5"]
+    args = lr_sweep.parse_args(base)
+    assert args.leakage_on  # lora sweeps measure leakage by default
+    pivot = lr_sweep.plan_pivot(args, raw)  # the shared pivot: the stages before the lora stage, once, without the plugin
+    derived = toml.load(pivot.preset_path)
+    assert [s["name"] for s in derived["stages"]] == ["inversion"] and derived["plugins"] == {}
+    assert pivot.embedding == tmp_path / "s" / "pivot" / "tok1.safetensors"
+    with pytest.raises(ConfigError, match="unknown plugin"):  # refused before any training
+        lr_sweep.plan_runs(lr_sweep.parse_args(base[:-4] + ["--with_plugin", "no_such_plugin"]), raw, pivot)
+    specs = lr_sweep.plan_runs(args, raw, pivot)
+    assert [s.name for s in specs] == ["lora-lr0.0001", "lora-lr0.001", "lora-lr0.0001-sweep_test_plugin", "lora-lr0.001-sweep_test_plugin"]
+    for spec in specs:
+        derived = toml.load(spec.preset_path)
+        assert [s["name"] for s in derived["stages"]] == ["lora"] and derived["weights"] == str(pivot.embedding)
+        lora = derived["stages"][0]
+        assert lora["learning_rate"] == lora["unet_lr"] == spec.lr and lora["steps"] == 5
+        assert derived["output_dir"] == str(spec.run_dir)
+        assert derived["plugins"] == ({"sweep_test_plugin": {"weight": 0.5}} if spec.variant == "sweep_test_plugin" else {})
+    # Without a shared pivot, every run repeats the preset's stages up to the lora stage (later ones dropped).
+    args = lr_sweep.parse_args(base + ["--shared_pivot", "off"])
+    assert lr_sweep.plan_pivot(args, raw) is None
+    for spec in lr_sweep.plan_runs(args, raw):
+        derived = toml.load(spec.preset_path)
+        assert [s["name"] for s in derived["stages"]] == ["inversion", "lora"] and "weights" not in derived
+        assert derived["stages"][0] == raw["stages"][0]
+    # An inversion sweep keeps the inversion stage alone, at the swept learning rate and step budget.
+    args = lr_sweep.parse_args(["--preset", str(preset), "--stage", "inversion", "--lrs", "5e-3", "--steps", "7",
+                                "--out", str(tmp_path / "i")])
+    assert not args.leakage_on and lr_sweep.plan_pivot(args, raw) is None
+    (spec,) = lr_sweep.plan_runs(args, raw)
+    derived = toml.load(spec.preset_path)
+    assert spec.name == "inversion-lr0.005"
+    assert derived["stages"] == [{"name": "inversion", "kind": "inversion", "learning_rate": 5e-3, "steps": 7}]
+
+
+def test_gpu_scheduler_runs_one_process_per_device(tmp_path):
+    lr_sweep = _lr_sweep_module()
+    code = "import os, time; time.sleep(0.2); print('device', os.environ['CUDA_VISIBLE_DEVICES'])"
+    jobs = [(f"job{i}", [sys.executable, "-c", code], tmp_path / f"job{i}.log") for i in range(3)]
+    codes = lr_sweep.run_on_gpus(jobs, ["0", "1"])
+    assert codes == {"job0": 0, "job1": 0, "job2": 0}
+    devices = [(tmp_path / f"job{i}.log").read_text().split()[-1] for i in range(3)]
+    assert devices[:2] == ["0", "1"] and devices[2] in ("0", "1")

@@ -1,0 +1,241 @@
+"""The metrics library: attention capture is transparent, localisation finds a known blob, layout
+distances and the leakage score behave as documented, knees, LoRA norms, and the CLIP path (a tiny
+random local CLIP model) on a short trained run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pti_plugin.config import build_config
+from pti_plugin.metrics.attention_capture import capture_cross_attention, cross_attention_modules, subject_weights
+from pti_plugin.metrics.knee import knee_index
+from pti_plugin.metrics.leakage import layout_distance_matrix, leakage_score, point_distance_matrix
+from pti_plugin.metrics.localisation import heatmap_stats, layout_distribution, resample
+from pti_plugin.metrics.movement import lora_delta_norm
+from pti_plugin.metrics.prompts import fill, normalise_prompt, subject_positions
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def trained_run(tiny_model, tiny_dataset, tmp_path_factory) -> Path:
+    """A 2 + 2 step run on the tiny model (pivot and LoRA both moved)."""
+    from pti_plugin.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("metrics_run")
+    raw = {
+        "pretrained_model_name_or_path": str(tiny_model), "train_data_dir": str(tiny_dataset), "resolution": 32,
+        "output_dir": str(out), "train_batch_size": 2, "max_train_steps": 2, "log_every_n_steps": 1,
+        "network_dim": 4, "network_alpha": 4.0,
+        "stages": [{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2},
+                   {"name": "lora", "kind": "lora", "learning_rate": 2e-2}],
+    }
+    Trainer(build_config(raw)).run()
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_run):
+    from pti_plugin.metrics.run_model import load_run
+
+    return load_run(trained_run, device="cpu")
+
+
+# ---------------------------------------------------------------------- capture is transparent
+def test_capture_leaves_unet_output_bit_identical(loaded):
+    unet = loaded.pipe.unet  # the diffusers UNet with the run's LoRA loaded (peft layers in to_q/to_k)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    t = torch.tensor([100, 700])
+    cond = loaded.encode([loaded.prompt("{T}", True), loaded.prompt("{T} in the snow", True)])
+    originals = [m.processor for _, m in cross_attention_modules(unet)]
+    references = []
+    with torch.no_grad():
+        for lora_on in (True, False):
+            with loaded.lora(lora_on):
+                reference = unet(x, t, encoder_hidden_states=cond).sample
+                references.append(reference)
+                with capture_cross_attention(unet, subject_weights([[5], [5]])) as collector:
+                    captured = unet(x, t, encoder_hidden_states=cond).sample
+                assert torch.equal(reference, captured)
+                assert collector.calls == len(originals) == 16  # SD1.5 layout: 16 transformer blocks
+                maps = collector.heatmaps((16, 16))
+                assert maps.shape == (2, 16, 16) and torch.all(maps >= 0) and torch.all(maps <= 1)
+    assert [m.processor for _, m in cross_attention_modules(unet)] == originals  # restored
+    assert (references[0] - references[1]).abs().max() > 1e-4  # the switch really turns the trained LoRA off
+
+
+def test_subject_positions_and_prompts():
+    assert normalise_prompt("{T} in the snow", "an anime illustration of {}", "tok1") == "an anime illustration of {} in the snow"
+    assert normalise_prompt("tok1 on the beach", "x {}", "tok1") == "{} on the beach"
+    assert fill("an anime illustration of {} in the snow", "") == "an anime illustration of in the snow"
+    with pytest.raises(ValueError):
+        normalise_prompt("no subject here", "{}", "tok1")
+    ids = torch.tensor([49406, 10, 11, 12, 13, 99, 98, 49407])
+    assert subject_positions(ids, [99, 98]) == [5, 6]
+    with pytest.raises(ValueError):
+        subject_positions(ids, [7])
+
+
+# ---------------------------------------------------------------------- localisation of a known blob
+class _TwoLevels(torch.nn.Module):
+    """Two cross-attention layers at 16x16 and 8x8 (named like a UNet's ``attn2``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+        self.high = torch.nn.Module()
+        self.low = torch.nn.Module()
+        for holder in (self.high, self.low):
+            attn = Attention(channels, cross_attention_dim=channels, heads=1, dim_head=channels, bias=False)
+            with torch.no_grad():  # q = hidden state, k = token embedding: the blob's pixels match token 5
+                attn.to_q.weight.copy_(torch.eye(channels))
+                attn.to_k.weight.copy_(torch.eye(channels))
+            attn.set_processor(AttnProcessor2_0())
+            holder.attn2 = attn
+
+
+def _blob_features(size: int, cx: float, cy: float, radius: float, channels: int) -> torch.Tensor:
+    """``[1, size*size, channels]``: channel 0 = 6 inside a disc (centre in image fractions), else 0."""
+    ys, xs = torch.meshgrid((torch.arange(size) + 0.5) / size, (torch.arange(size) + 0.5) / size, indexing="ij")
+    inside = ((xs - cx) ** 2 + (ys - cy) ** 2) <= radius**2
+    feats = torch.zeros(size * size, channels)
+    feats[:, 0] = 6.0 * inside.reshape(-1).float()
+    return feats[None]
+
+
+def test_localisation_of_a_synthetic_blob():
+    channels, cx, cy = 8, 0.28, 0.66
+    model = _TwoLevels(channels)
+    context = torch.zeros(1, 77, channels)
+    context[0, 5, 0] = 4.0  # token 5 (tok1) attends to channel 0
+    with torch.no_grad(), capture_cross_attention(model, subject_weights([[5]])) as collector:
+        for holder, size in ((model.high, 16), (model.low, 8)):
+            holder.attn2(_blob_features(size, cx, cy, 0.16, channels), encoder_hidden_states=context)
+    assert collector.calls == 2 and set(collector.sums) == {256, 64}
+    heat = collector.heatmaps((16, 16))[0]
+    stats = heatmap_stats(heat)
+    assert abs(stats.x - cx) < 0.03 and abs(stats.y - cy) < 0.03
+    assert stats.spread < 0.2
+    # Analytic check of centroid/spread on a Gaussian blob.
+    ys, xs = torch.meshgrid((torch.arange(32) + 0.5) / 32, (torch.arange(32) + 0.5) / 32, indexing="ij")
+    gauss = torch.exp(-((xs - 0.7) ** 2 + (ys - 0.3) ** 2) / (2 * 0.05**2))
+    stats = heatmap_stats(gauss + 0.2)  # a constant floor does not move the centroid (min-subtracted)
+    assert abs(stats.x - 0.7) < 1e-3 and abs(stats.y - 0.3) < 1e-3
+    assert abs(stats.spread - 0.05 * math.sqrt(2)) < 5e-3
+
+
+# ---------------------------------------------------------------------- distances and the score
+def _point(size: int, x: int, y: int) -> torch.Tensor:
+    m = torch.zeros(size, size)
+    m[y, x] = 1.0
+    return m
+
+
+def test_layout_distance_and_leakage_score():
+    a, b, c = _point(8, 1, 1), _point(8, 1, 5), _point(8, 7, 7)
+    p = resample(torch.stack([a, b, c]), 8)
+    d = layout_distance_matrix(p, p)
+    assert np.allclose(np.diag(d), 0, atol=1e-12)
+    assert d[0, 1] == pytest.approx(4 / 8)  # point masses: their Euclidean distance in image fractions
+    assert d[0, 2] == pytest.approx(math.hypot(6, 6) / 8)
+    assert np.allclose(d, d.T)
+    blur = layout_distribution(a + 0.5 * (_point(8, 2, 1) + _point(8, 1, 2) + _point(8, 0, 1) + _point(8, 1, 0)))
+    assert 0 < layout_distance_matrix(resample(blur[None], 8), p[:1])[0, 0] < d[0, 2]  # graded, not saturated
+    assert np.allclose(point_distance_matrix(np.array([[0, 0]]), np.array([[3, 4]])), 5)
+    s = leakage_score(div_tuned=0.1, div_base=0.4, attr_tuned=0.2, attr_base=0.2)
+    assert s["diversity_ratio"] == pytest.approx(0.25) and s["leakage_score"] == pytest.approx(0.5)
+    assert leakage_score(0.4, 0.4, 0.2, 0.2)["leakage_score"] == pytest.approx(0.0)
+    assert leakage_score(0.0, 0.4, 0.2, 0.2)["leakage_score"] == pytest.approx(1.0)
+    assert math.isnan(leakage_score(0.1, 0.0, 0.2, 0.2)["leakage_score"])
+
+
+def test_knee():
+    x = [1, 2, 3, 4, 5, 6, 7, 8]
+    y = [0, 5, 8, 9, 9.3, 9.5, 9.6, 9.7]  # saturating: the bend is at x = 3
+    assert x[knee_index(x, y)] == 3
+    assert x[knee_index(x, [-v for v in y])] == 3  # falling curves too
+    lrs = [1e-4, 1e-3, 1e-2, 1e-1, 1]
+    assert lrs[knee_index(lrs, [0, 0.1, 0.2, 5, 10], log_x=True)] == 1e-2
+    assert knee_index([1, 2], [3, 4]) is None and knee_index([1, 2, 3], [1, 1, 1]) is None
+
+
+def test_lora_delta_norm(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors, expected = {}, {"unet": 0.0, "te": 0.0}
+    for prefix, rank, alpha, part in (("lora_unet_a", 2, 1.0, "unet"), ("lora_unet_b", 4, 4.0, "unet"), ("lora_te_c", 2, 8.0, "te")):
+        down, up = torch.randn(rank, 6, generator=gen), torch.randn(5, rank, generator=gen)
+        tensors |= {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up, f"{prefix}.alpha": torch.tensor(alpha)}
+        expected[part] += float(((alpha / rank) * up @ down).norm() ** 2)
+    tensors["bundle_emb.tok1.string_to_param.*"] = torch.randn(1, 6)
+    save_file(tensors, tmp_path / "l.safetensors")
+    got = lora_delta_norm(tmp_path / "l.safetensors")
+    assert got["lora_delta_norm_unet"] == pytest.approx(math.sqrt(expected["unet"]), rel=1e-6)
+    assert got["lora_delta_norm_te"] == pytest.approx(math.sqrt(expected["te"]), rel=1e-6)
+    assert got["lora_delta_norm"] == pytest.approx(math.sqrt(expected["unet"] + expected["te"]), rel=1e-6)
+
+
+# ---------------------------------------------------------------------- the measurements on a run
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A random CLIPModel (32 px images) saved as a local folder with tokenizer and image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from pti_plugin.models.word_vocab import write_tokenizer_files
+
+    out = tmp_path_factory.mktemp("tiny_clip")
+    write_tokenizer_files(("snow", "beach"), out)
+    tokenizer = CLIPTokenizer.from_pretrained(out, local_files_only=True)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def test_measurements_on_a_run(loaded, tiny_clip, trained_run):
+    from pti_plugin.metrics.clip_scores import ClipScorer
+    from pti_plugin.metrics.editability import edit_reference_text, measure_editability
+    from pti_plugin.metrics.movement import output_space_angles
+    from pti_plugin.metrics.probes import make_probes
+    from pti_plugin.metrics.reconstruction import clip_image_similarity, measure_reconstruction
+
+    # Proxies (no CLIP): labelled, finite; the base model's editability is 1 by construction.
+    probes = make_probes(loaded, max_images=2, timestep_fractions=(0.3, 0.7))
+    assert len(probes) == 4
+    rec = measure_reconstruction(loaded, probes=probes)
+    assert rec["reconstruction_metric"] == "proxy_denoise_mse" and not rec["reconstruction_higher_is_better"]
+    assert math.isfinite(rec["reconstruction"]) and math.isfinite(rec["reconstruction_base"])
+    edit = measure_editability(loaded, edit_prompts=["{T} in the snow"], probes=probes)
+    assert edit["editability_metric"] == "proxy_edit_direction_cos" and -1 <= edit["editability"] <= 1
+    angles = output_space_angles(loaded)
+    assert angles["output_angle_layernorm_deg"] > 0  # the pivot moved away from "character"
+
+    # CLIP path with a local (random) CLIP model: the TI protocol's texts and similarities.
+    scorer = ClipScorer(tiny_clip, device="cpu")
+    images = loaded.training_images_uint8()
+    emb = scorer.image_embeddings(images)
+    assert emb.shape == (4, 8) and torch.allclose(emb.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert clip_image_similarity(scorer, images[:1], images[:1]) == pytest.approx(1.0, abs=1e-5)
+    assert edit_reference_text(loaded, "{T} in the snow") == "an anime illustration of in the snow"
+    rec = measure_reconstruction(loaded, scorer, seeds=[0, 1], steps=2)
+    assert rec["reconstruction_metric"] == "clip_image_image" and -1 <= rec["reconstruction"] <= 1
+    edit = measure_editability(loaded, scorer, edit_prompts=["{T} in the snow"], seeds=[0, 1], steps=2)
+    assert edit["editability_metric"] == "clip_text_image" and -1 <= edit["editability_base"] <= 1
