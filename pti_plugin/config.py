@@ -92,6 +92,24 @@ class Config:
     bucket_reso_steps: int = doc("Bucket side granularity (pixels).", 64)
     bucket_no_upscale: bool = doc("Never upscale an image to fit a bucket.", False)
     flip_aug: bool = doc("Random horizontal flips.", False)
+    color_aug: bool = doc("kohya's colour jitter: with probability 0.33 a hue shift (up to 8 OpenCV units) or a gamma in [0.95, 1.05]; not with cache_latents.", False)
+    random_crop: bool = doc("Place the crop of the resize-to-cover at random instead of centred; not with cache_latents.", False)
+    skip_image_resolution: int | list[int] | None = doc("Skip images whose area is at most this resolution's (an int or [width, height]).", None)
+    shuffle_caption: bool = doc("Shuffle the caption's tags after the keep_tokens ones (the token's tag keeps its place).", False)
+    keep_tokens: int = doc("Leading tags of each caption that are never shuffled or dropped.", 0)
+    caption_separator: str = doc("Tag separator in captions.", ",")
+    keep_tokens_separator: str = doc('Marks fixed parts in captions: "head ||| shuffled tags ||| tail" with "|||".', "")
+    secondary_separator: str = doc('Joins tags into a group shuffled and dropped as one tag (e.g. ";;;"); replaced by caption_separator.', "")
+    enable_wildcard: bool = doc("{a|b} choices in captions, and multi-line caption files (one line drawn per sample).", False)
+    caption_prefix: str = doc("Text put before every caption (joined with a space, as kohya).", "")
+    caption_suffix: str = doc("Text put after every caption (joined with a space, as kohya).", "")
+    caption_dropout_rate: float = doc("Probability that a sample's caption is dropped (to the token alone; reg captions to empty).", 0.0)
+    caption_dropout_every_n_epochs: int = doc("Drop every caption in epochs n, 2n, ... of each stage (0 = off).", 0)
+    caption_tag_dropout_rate: float = doc("Probability that each movable tag is dropped (never the token's tag).", 0.0)
+    reg_data_dir: str = doc('kohya folder of "<repeats>_<class>" regularisation images, used with train_data_dir.', "")
+    prior_loss_weight: float = doc("Loss weight of regularisation samples (each one's loss is multiplied by it, as kohya).", 1.0)
+    in_json: str = doc("kohya fine-tuning metadata JSON: captions/tags of the images in train_data_dir.", "")
+    dataset_repeats: int = doc("Repeats of the in_json images.", 1)
     cache_latents: bool = doc("Encode every image once and keep the latents in memory.", False)
     cache_latents_to_disk: bool = doc("Like cache_latents, and keep the cache in <image>.pti_latents.safetensors files.", False)
     # --- token
@@ -158,7 +176,7 @@ class Config:
     plugins: dict[str, dict[str, Any]] = doc("Enabled plugins: [plugins.NAME] tables of options.", factory=dict)
 
 
-_PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_path", "weights", "network_weights", "train_data_dir", "dataset_config", "sample_prompts", "resume", "config_file")
+_PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_path", "weights", "network_weights", "train_data_dir", "dataset_config", "reg_data_dir", "in_json", "sample_prompts", "resume", "config_file")
 _CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "save_precision": ("float", "fp16", "bf16"),
@@ -228,7 +246,7 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     for key, value in raw.items():
         if key not in valid:
             raise _unknown_key(key, valid, where)
-        if key == "stages":
+        if key == "stages" and cls is Config:
             if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
                 raise ConfigError(f"{where}: 'stages' must be a list of tables ([[stages]])")
             kwargs[key] = [_build(StageConfig, s, f"{where}: stages.{i}") for i, s in enumerate(value)]
@@ -397,6 +415,7 @@ def _validate(config: Config, check_paths: bool) -> None:
             f"preset: output_name {config.output_name!r} equals token_string: the LoRA and the standalone "
             "embedding would be the same file; choose another output_name"
         )
+    _validate_data(config)
     if not config.train_data_dir and not config.dataset_config:
         raise ConfigError("preset: set 'train_data_dir' (a kohya image folder) or 'dataset_config'")
     if config.train_data_dir and config.dataset_config:
@@ -430,6 +449,33 @@ def network_args(config: Config) -> dict[str, float]:
     if "conv_dim" in parsed:
         parsed.setdefault("conv_alpha", float(parsed["conv_dim"]))
     return parsed
+
+
+def _validate_data(config: Config) -> None:
+    """The top-level kohya dataset keys (dataset_config values are checked when it is read)."""
+    for key in ("keep_tokens", "caption_dropout_every_n_epochs", "prior_loss_weight"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"preset: key {key!r} must be >= 0, got {getattr(config, key)!r}")
+    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0.0 <= getattr(config, key) <= 1.0:
+            raise ConfigError(f"preset: key {key!r} must be in [0, 1], got {getattr(config, key)!r}")
+    if config.dataset_repeats < 1:
+        raise ConfigError(f"preset: key 'dataset_repeats' must be >= 1, got {config.dataset_repeats!r}")
+    if not config.caption_separator:
+        raise ConfigError("preset: key 'caption_separator' must not be empty")
+    size = config.skip_image_resolution
+    if size is not None and (any(v <= 0 for v in (size if isinstance(size, list) else [size]))
+                             or (isinstance(size, list) and len(size) != 2)):
+        raise ConfigError(f"preset: key 'skip_image_resolution' is a positive int or [width, height], got {size!r}")
+    for key in ("reg_data_dir", "in_json"):
+        if getattr(config, key) and config.dataset_config:
+            raise ConfigError(f"preset: {key!r} is not used with 'dataset_config' (kohya ignores it there); "
+                              + ("add [[datasets.subsets]] with is_reg = true instead" if key == "reg_data_dir"
+                                 else "use a metadata_file subset instead"))
+        if getattr(config, key) and not config.train_data_dir:
+            raise ConfigError(f"preset: {key!r} needs 'train_data_dir'")
+    if config.reg_data_dir and config.in_json:
+        raise ConfigError("preset: 'reg_data_dir' applies to kohya folders, not to in_json (fine-tuning) data")
 
 
 def _validate_optimisation_names(config: Config) -> None:

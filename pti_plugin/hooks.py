@@ -47,8 +47,11 @@ class StagePlan:
 class Batch:
     """One process's share of a global batch, ready for the UNet.
 
-    ``latents`` float32 [b, 4, h, w]; ``input_ids`` int64 [b, 77]; ``captions``: final captions;
-    ``entry_indices``/``slots``: which dataset entries and global-batch slots these are.
+    ``latents`` float32 [b, 4, h, w]; ``input_ids`` int64 [b, L]; ``captions``: final captions;
+    ``image_paths``/``slots``: which images and global-batch slots these are;
+    ``is_reg``: per sample, whether it is a regularisation image (its main loss is weighted by
+    ``prior_loss_weight``); ``noisy_latents`` [b, 4, h, w] and ``timesteps`` [b]: the main loss's
+    noised inputs, set before ``on_step_start``.
     """
 
     latents: torch.Tensor
@@ -56,6 +59,9 @@ class Batch:
     captions: list[str]
     image_paths: list[str]
     slots: list[int]
+    is_reg: list[bool] = field(default_factory=list)
+    noisy_latents: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
 
 
 @dataclass
@@ -144,9 +150,10 @@ def register_plugin(cls: type[Plugin]) -> type[Plugin]:
 
 
 def builtin_plugins() -> dict[str, type[Plugin]]:
+    from .plugins.pivot_locality import PivotLocality
     from .plugins.staged_schedule import StagedSchedule
 
-    return {StagedSchedule.name: StagedSchedule}
+    return {StagedSchedule.name: StagedSchedule, PivotLocality.name: PivotLocality}
 
 
 def discover_plugins() -> dict[str, type[Plugin]]:

@@ -8,7 +8,6 @@ stops the run before any model loads, naming the option — never silently ignor
 _NOT_YET = "not implemented yet"
 _SD2 = "pti-plugin trains SD1.5-family models (SDXL comes as a model adapter later)"
 _HUB = "pti-plugin never talks to a model hub; runs are local and offline"
-_DATASET = "dataset option not implemented yet (kohya dataset options issue)"
 
 REFUSED_OPTIONS: dict[str, str] = {
     # model
@@ -65,7 +64,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "debiased_estimation_loss": _NOT_YET,
     "weighted_captions": _NOT_YET,
     "masked_loss": _NOT_YET,
-    "prior_loss_weight": "regularisation images are " + _NOT_YET,
     # saving / hub / logging
     "save_n_epoch_ratio": _NOT_YET,
     "save_last_n_epochs": "pti-plugin never deletes saved files",
@@ -110,34 +108,18 @@ REFUSED_OPTIONS: dict[str, str] = {
     "validate_every_n_epochs": _NOT_YET,
     "max_validation_steps": _NOT_YET,
     "cpu_offload_checkpointing": _NOT_YET,
-    # dataset (top-level forms)
-    "shuffle_caption": _DATASET,
-    "caption_separator": _DATASET,
+    # dataset (top-level forms; the others are keys of the preset)
     "caption_extention": "use caption_extension",
-    "keep_tokens": _DATASET,
-    "keep_tokens_separator": _DATASET,
-    "secondary_separator": _DATASET,
-    "enable_wildcard": _DATASET,
-    "caption_prefix": _DATASET,
-    "caption_suffix": _DATASET,
-    "color_aug": _DATASET,
-    "face_crop_aug_range": _DATASET,
-    "random_crop": _DATASET,
-    "debug_dataset": _DATASET,
-    "skip_cache_check": _DATASET,
-    "token_warmup_min": _DATASET,
-    "token_warmup_step": _DATASET,
-    "alpha_mask": _DATASET,
-    "dataset_class": _DATASET,
-    "caption_dropout_rate": _DATASET,
-    "caption_dropout_every_n_epochs": _DATASET,
-    "caption_tag_dropout_rate": _DATASET,
-    "reg_data_dir": _DATASET,
-    "in_json": _DATASET,
-    "dataset_repeats": _DATASET,
-    "resize_interpolation": _DATASET,
-    "cache_info": _DATASET,
-    "conditioning_data_dir": _DATASET,
+    "face_crop_aug_range": "face-centred crops are not implemented",
+    "debug_dataset": "use python -m pti_plugin.dataset_preview",
+    "skip_cache_check": "the latent disk cache is keyed by bucket size and flip; there is no check to skip",
+    "token_warmup_min": "token warm-up is not implemented",
+    "token_warmup_step": "token warm-up is not implemented",
+    "alpha_mask": "masked loss is not implemented",
+    "dataset_class": "custom dataset classes are not supported",
+    "resize_interpolation": "images are always resized with Lanczos",
+    "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",
+    "conditioning_data_dir": "ControlNet datasets are not supported",
 }
 
 

@@ -76,6 +76,7 @@ def write_lora_and_embedding(
     config,
     steps: int,
     extra_metadata: dict[str, str],
+    tag_frequency: dict[str, dict[str, int]] | None = None,
     bundle: bool = True,
 ) -> dict[str, Path]:
     """Write the kohya LoRA (with the pivot bundled for A1111) and the standalone embedding.
@@ -102,7 +103,7 @@ def write_lora_and_embedding(
     metadata = kohya_metadata(
         network_dim=config.network_dim, network_alpha=config.network_alpha, output_name=config.output_name,
         training_started_at=time.time(), steps=steps, learning_rate=config.learning_rate, extra=pti,
-        conv_dim=conv.get("conv_dim"), conv_alpha=conv.get("conv_alpha"),
+        conv_dim=conv.get("conv_dim"), conv_alpha=conv.get("conv_alpha"), tag_frequency=tag_frequency,
     )
     lora_path, embedding_path = files.lora(suffix), files.embedding(suffix)
     for path in (lora_path, embedding_path):

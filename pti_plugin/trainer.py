@@ -11,9 +11,9 @@ accumulated and multi-process runs see the same data. Only the main process writ
 from __future__ import annotations
 
 import contextlib
-import signal
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,30 @@ import toml
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_write_text, save_safetensors_atomic
+from .atomic_io import atomic_write_text
 from .config import EMBEDDED, Config, ConfigError, network_args, resolved_dict
 from .data.captions import expand_token, warn_long_captions
-from .data.dataset import ImageItem, load_subsets, scan_images
+from .data.dataset import ImageItem, load_subsets, scan_images, tag_frequency
 from .data.latents import LatentSource
 from .data.sample_order import SampleOrder, sample_generator
 from .diffusion_loss import draw_noise, min_snr_weights, per_sample_mse, training_target
-from .hooks import Batch, MainPrediction, Plugin, StagePlan, TrainerState, instantiate_plugins
+from .hooks import (
+    Batch,
+    MainPrediction,
+    Plugin,
+    StagePlan,
+    TrainerState,
+    instantiate_plugins,
+)
 from .models.loading import configure_attention, load_base_model
-from .models.lora import attach_lora, lora_parameters, set_lora_enabled, unet_conv_lora_targets
+from .models.lora import (
+    attach_lora,
+    lora_parameters,
+    lora_state_dict,
+    set_lora_enabled,
+    unet_conv_lora_targets,
+)
 from .models.pivot import add_pivot_token
-from .models.lora import lora_state_dict
 from .outputs import RunFiles, write_lora_and_embedding
 from .resume import load_state, save_state
 
@@ -376,21 +388,23 @@ class Trainer:
 
         Slots of the step's global batch are laid out micro-batch-major, then rank, then sample.
         """
+        from .data.samples import draw_sample  # the same draw the dataset preview shows
+
         config, rank = self.config, self.accelerator.process_index
-        entries = order.global_batch_at(step)
         first = (micro * self.accelerator.num_processes + rank) * config.train_batch_size
         slots = list(range(first, first + config.train_batch_size))
-        latents, captions, paths = [], [], []
+        latents, captions, paths, is_reg = [], [], [], []
         for slot in slots:
-            item_index = self.entries[entries[slot]]
-            item = self.items[item_index]
-            generator = sample_generator(config.seed, self.state.stage_index, step, slot, 0xF11B)
-            flip = bool(item.flip_aug and torch.rand((), generator=generator) < 0.5)
-            latents.append(self.latents.latent(item_index, flip))
-            captions.append(expand_token(item.caption, config.token_string, config.num_vectors_per_token))
+            sample = draw_sample(self.items, self.entries, order, config.seed, self.state.stage_index, step, slot,
+                                 config.token_string, config.num_vectors_per_token)
+            item = self.items[sample.item_index]
+            latents.append(self.latents.latent_for(sample.item_index, sample.augmentation))
+            captions.append(sample.caption)
             paths.append(str(item.path))
+            is_reg.append(item.is_reg)
         input_ids = self.model.family.tokenize(self.model.tokenizer, captions)
-        return Batch(torch.stack(latents).to(self.accelerator.device), input_ids.to(self.accelerator.device), captions, paths, slots)
+        return Batch(torch.stack(latents).to(self.accelerator.device), input_ids.to(self.accelerator.device), captions, paths, slots,
+                     is_reg)
 
     def _loss_terms(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Main denoising loss and every plugin term for one micro-batch of optimizer step ``step`` (scalars)."""
@@ -405,6 +419,7 @@ class Trainer:
         noise = torch.stack(noises).to(device)  # [b, 4, h, w] float32
         t = torch.stack(timesteps).to(device)  # [b] int64
         noisy = model.noise_scheduler.add_noise(batch.latents, noise, t)
+        batch.noisy_latents, batch.timesteps = noisy, t
         for plugin in self.plugins:
             plugin.on_step_start(state, batch)
         te_grad = state.plan.trains_text_encoder
@@ -421,6 +436,8 @@ class Trainer:
         prediction = prediction_all[:b]
         target = training_target(model.noise_scheduler, batch.latents, noise, t, model.prediction_type)
         per_sample = per_sample_mse(prediction, target)  # [b]
+        if any(batch.is_reg):  # kohya: a regularisation sample's loss is multiplied by prior_loss_weight
+            per_sample = per_sample * torch.tensor([config.prior_loss_weight if r else 1.0 for r in batch.is_reg], device=per_sample.device)
         if config.min_snr_gamma > 0:
             per_sample = per_sample * min_snr_weights(model.noise_scheduler, t, config.min_snr_gamma, model.prediction_type)
         terms = {"main": per_sample.mean()}
@@ -483,7 +500,7 @@ class Trainer:
             te_lora = lora_state_dict(self.model.text_encoder) if self.train_te_lora else {}
             paths = write_lora_and_embedding(
                 self.files, suffix, lora_state_dict(self.model.unet), te_lora, self.lora_alphas, self.pivot.vectors,
-                config, state.global_step, files["metadata"],
+                config, state.global_step, files["metadata"], tag_frequency(self.items),
             )
             if with_state:
                 paths["state"] = save_state(
@@ -498,7 +515,11 @@ class Trainer:
     @torch.no_grad()
     def sample(self, tag: str) -> list[Path]:
         """Generate the sample prompts with the current model into ``samples/`` (main process only)."""
-        from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+        from diffusers import (
+            DDIMScheduler,
+            EulerAncestralDiscreteScheduler,
+            StableDiffusionPipeline,
+        )
 
         from .sampling import generate_samples, read_prompt_file
 

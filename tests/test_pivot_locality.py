@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pti_plugin import geometry
 from pti_plugin.config import ConfigError, build_config
@@ -134,7 +134,7 @@ def _log(raw) -> list[dict]:
 
 def test_regulariser_keeps_lora_local_and_leaves_inversion_alone(preset, tmp_path, tiny_model):
     stages = [{"name": "inversion", "kind": "inversion", "steps": 2, "learning_rate": 5e-2},
-              {"name": "lora", "kind": "lora", "steps": 8, "learning_rate": 2e-2}]
+              {"name": "lora", "kind": "lora", "steps": 5, "learning_rate": 2e-2}]
     LocalityProbe.records = []
     off = preset(output_dir=str(tmp_path / "off"), stages=stages, plugins={"test_locality_probe": {}})
     on = off | {"output_dir": str(tmp_path / "on"),
@@ -145,9 +145,11 @@ def test_regulariser_keeps_lora_local_and_leaves_inversion_alone(preset, tmp_pat
 
     log = _log(on)
     term = "loss/pivot_locality/mse"
-    assert [term in e for e in log] == [False] * 2 + [True] * 8  # inactive in the inversion stage
-    assert log[2][term] < 1e-12  # first LoRA step: LoRA up weights are zero, the LoRA model is the frozen one
-    assert all(e[term] > 1e-8 for e in log[3:])
+    assert [term in e for e in log] == [False] * 2 + [True] * 5  # inactive in the inversion stage
+    # First LoRA step: the LoRA up weights are zero, so the LoRA model is the frozen one (up to the float
+    # differences of a larger UNet batch when the rows ride on the main call); later steps are well above that.
+    assert log[2][term] < 1e-9
+    assert all(e[term] > 1e-6 for e in log[3:])
     assert log[2]["pivot_locality/fraction"] in (0.25, 0.5, 0.75)
     assert log[2]["pivot_locality/angle_layernorm_deg"] > 1 and log[2]["pivot_locality/angle_centered_deg"] > 1
     # Inversion untouched: the pivot (frozen in the LoRA stage) is bit-identical with and without the plugin.
@@ -177,7 +179,7 @@ def test_regulariser_keeps_lora_local_and_leaves_inversion_alone(preset, tmp_pat
     assert not torch.allclose(lora, expected, atol=1e-3)  # the LoRA did move
 
 
-@pytest.mark.parametrize("geometry_name", ["layernorm", "centered", "linear"])
+@pytest.mark.parametrize("geometry_name", ["layernorm", "centered"])  # linear: exact by test_centered_slerp_...
 def test_fraction_one_is_the_class_prompt(preset, geometry_name):
     RecordingLocality.rows = []
     raw = preset(stages=[{"kind": "lora", "steps": 1}], plugins={"test_recording_locality": {
@@ -203,8 +205,25 @@ def test_anchor_cache_matches_uncached_loss(preset, tmp_path):
         Trainer(build_config(raw)).run()
         losses.append([e["loss/pivot_locality/mse"] for e in _log(raw)])
     uncached, cached = losses
-    assert uncached[0] < 1e-12 and uncached[2] > 1e-6
+    assert uncached[0] < 1e-9 and uncached[2] > 1e-6
     assert all(abs(a - b) < 1e-5 for a, b in zip(uncached, cached)), losses
+
+
+def test_no_gradient_reaches_the_pivot_when_the_text_encoder_trains(preset, tmp_path):
+    """Continued inversion with a text-encoder LoRA: the term trains the LoRAs (text encoder included), not the pivot."""
+    stages = [{"kind": "lora", "steps": 2, "learning_rate": 1e-2, "optimizer_type": "SGD", "train_pivot": True,
+               "train_text_encoder": True}]
+    files = []
+    for plugins in ({}, {"pivot_locality": {"weight": 100.0, "probe_every_n_steps": 0}}):
+        raw = preset(output_dir=str(tmp_path / str(len(files))), stages=stages, max_grad_norm=0.0, plugins=plugins)
+        outputs = Trainer(build_config(raw)).run()
+        files.append((load_file(outputs["embedding"]), load_file(outputs["lora"])))
+    (emb_off, lora_off), (emb_on, lora_on) = files
+    assert _log(raw)[1]["loss/pivot_locality/mse"] > 1e-6
+    assert _log(raw)[1]["pivot_l2_from_init"] > 1e-4  # the pivot trains (from the main loss)
+    assert torch.allclose(emb_on["emb_params"], emb_off["emb_params"], atol=1e-6)
+    te_keys = [k for k in lora_on if k.startswith("lora_te")]
+    assert te_keys and max(float((lora_on[k].float() - lora_off[k].float()).abs().max()) for k in te_keys) > 1e-5
 
 
 def test_refusals(preset, tmp_path):
@@ -229,9 +248,15 @@ def test_refusals(preset, tmp_path):
             Trainer(build_config(preset(output_dir=str(tmp_path / "x"), plugins={"pivot_locality": options}))).run()
 
 
-def test_centre_file_is_read(preset, tmp_path):
-    centre = torch.zeros(77, 32)
-    save_file({"centre": centre}, tmp_path / "centre.safetensors")
+def test_centre_file_is_read(preset, tmp_path, tiny_model):
+    from transformers import CLIPTextModel
+
+    from pti_plugin.centre_file import save_centre_file
+    from pti_plugin.models.sd15 import final_layer_norm
+
+    norm = final_layer_norm(CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder", local_files_only=True))
+    gamma, beta = norm.weight.detach(), norm.bias.detach()
+    save_centre_file(tmp_path / "centre.safetensors", torch.zeros(77, 32), gamma, beta, {"clip_skip": 1})
     RecordingLocality.rows = []
     raw = preset(stages=[{"kind": "lora", "steps": 1}], plugins={"test_recording_locality": {
         "geometry": "centered", "centre_file": str(tmp_path / "centre.safetensors"), "latents": "noise",
@@ -243,15 +268,18 @@ def test_centre_file_is_read(preset, tmp_path):
     ends = probe._compute_endpoints(state, True, False)
     (rows,) = RecordingLocality.rows
     assert torch.allclose(rows[0], geometry.slerp(ends["h_p"][0], ends["h_c"][0], 0.5), atol=1e-5)
-    save_file({"centre": torch.zeros(16)}, tmp_path / "bad.safetensors")
-    bad = raw | {"output_dir": str(tmp_path / "bad"), "plugins": {"pivot_locality": {
-        "geometry": "centered", "centre_file": str(tmp_path / "bad.safetensors")}}}
-    with pytest.raises(ConfigError, match=r"has shape \(16,\); expected \[77, 32\] or \[32\]"):
-        Trainer(build_config(bad)).run()
+    # Files that do not fit this model are refused.
+    save_centre_file(tmp_path / "narrow.safetensors", torch.zeros(77, 16), torch.ones(16), torch.zeros(16), {})
+    save_centre_file(tmp_path / "other.safetensors", torch.zeros(77, 32), 2 * gamma, beta, {})
+    save_centre_file(tmp_path / "skip2.safetensors", torch.zeros(77, 32), gamma, beta, {"clip_skip": 2})
+    for name, message in (("narrow", "width 16 does not match"), ("other", "made for another model"),
+                          ("skip2", "measured with clip_skip = 2")):
+        bad = raw | {"output_dir": str(tmp_path / name), "plugins": {"pivot_locality": {
+            "geometry": "centered", "centre_file": str(tmp_path / f"{name}.safetensors")}}}
+        with pytest.raises(ConfigError, match=message):
+            Trainer(build_config(bad)).run()
 
 
-@pytest.mark.xfail(strict=True, reason="config._build reads every 'stages' key as [[stages]] tables, plugin options "
-                   "included; needs `if key == \"stages\" and cls is Config` there (remove this mark then)")
 def test_stages_option_selects_lora_stages(preset, tmp_path):
     stages = [{"name": "inv", "kind": "inversion", "steps": 1}, {"name": "a", "kind": "lora", "steps": 2},
               {"name": "b", "kind": "lora", "steps": 2}]

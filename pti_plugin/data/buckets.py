@@ -38,11 +38,19 @@ def choose_bucket(
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
 
 
-def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> np.ndarray:
-    """Resize ``image`` to cover ``bucket`` and centre-crop it: uint8 array [H, W, 3]."""
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], crop: tuple[float, float] | None = None) -> np.ndarray:
+    """Resize ``image`` to cover ``bucket`` and crop it: uint8 array [H, W, 3].
+
+    The crop is centred, or with ``crop = (fx, fy)`` (uniform numbers in [0, 1), ``random_crop``)
+    placed at ``floor(f * (slack + 1))`` pixels, each offset equally likely.
+    """
     target_w, target_h = bucket
     scale = max(target_w / image.width, target_h / image.height)
     new_w, new_h = max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))
     resized = image.convert("RGB").resize((new_w, new_h), Image.Resampling.LANCZOS)
-    left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
+    if crop is None:
+        left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
+    else:
+        left = min(int(crop[0] * (new_w - target_w + 1)), new_w - target_w)
+        top = min(int(crop[1] * (new_h - target_h + 1)), new_h - target_h)
     return np.asarray(resized.crop((left, top, left + target_w, top + target_h)), dtype=np.uint8)

@@ -1,23 +1,72 @@
-"""Captions and the pivot token: read a caption, make sure it names the token exactly once.
+"""Captions and the pivot token: read captions, make sure they name the token once, and build the
+final caption of each training sample (kohya's caption options).
 
-Captions are expected to contain the token string (as in kohya's textual inversion). A caption
-without it gets it prepended (``"tok1, " + caption``) and the run warns once with the count; a
-caption with it twice is an error naming the file. An image without a caption file takes its
-subset's ``class_tokens`` (which must contain the token string), else the caption template.
-With ``num_vectors_per_token = n`` the token string is expanded to the n pivot tokens.
+Resolution at start-up (training images):
+  Captions are expected to contain the token string (as in kohya's textual inversion). A caption
+  without it gets it prepended (``"tok1, " + caption``) and the run warns once with the count; a
+  caption with it twice is an error naming the file. The token may also come from
+  ``caption_prefix``/``caption_suffix`` (it is counted over prefix + caption + suffix). An image
+  without a caption file takes its subset's ``class_tokens`` (which must contain the token string),
+  else the caption template. With ``enable_wildcard`` every line of a caption file is a candidate
+  caption and each line is checked; the token may not sit inside a ``{a|b}`` choice (it could be
+  chosen away).
+
+Regularisation images (``is_reg``) are images of the class: their captions are used as written;
+the token is neither required nor added (see :func:`resolve_reg_lines`).
+
+Per sample (:func:`final_caption`), in kohya's order and with kohya's meanings: caption dropout
+(``caption_dropout_rate``, ``caption_dropout_every_n_epochs``), one line of a multi-line caption
+and ``{a|b}`` choices (``enable_wildcard``), prefix/suffix, the fixed parts (``keep_tokens`` or
+``keep_tokens_separator``), shuffling (``shuffle_caption``) and tag dropout
+(``caption_tag_dropout_rate``) of the rest, then ``secondary_separator`` groups joined with
+``caption_separator``. Every draw comes from the per-sample generator the caller passes, so the
+result is a pure function of (seed, stage, step, slot).
+
+The pivot token survives every transformation: the tag that holds it is never shuffled or
+dropped (under ``shuffle_caption`` it keeps its index while the other tags are shuffled around it,
+as a ``keep_tokens`` tag keeps its place; tag dropout removes only other tags); a dropped caption
+(``caption_dropout_*``) becomes the token alone (kohya: the empty caption, which is what reg
+images get). With ``num_vectors_per_token = n`` the token string is expanded to the n pivot tokens
+last.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
 
 class CaptionError(ValueError):
     """A caption that cannot be used (names the file)."""
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """A subset's kohya caption options (names and defaults as kohya's dataset config)."""
+
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_separator: str = ","
+    keep_tokens_separator: str = ""
+    secondary_separator: str = ""
+    enable_wildcard: bool = False
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+
+    @property
+    def moves_tags(self) -> bool:
+        """Whether tags outside the fixed parts may be shuffled or dropped."""
+        return self.shuffle_caption or self.caption_tag_dropout_rate > 0
 
 
 def pivot_token_strings(token: str, num_vectors: int) -> list[str]:
@@ -37,8 +86,9 @@ def expand_token(caption: str, token: str, num_vectors: int) -> str:
     return re.sub(rf"(?<![\w]){re.escape(token)}(?![\w])", " ".join(pivot_token_strings(token, num_vectors)), caption)
 
 
-def read_caption(image: Path, extension: str) -> str | None:
-    """The caption file's text beside ``image`` (its first line, stripped), or None.
+def read_caption_lines(image: Path, extension: str, all_lines: bool) -> list[str] | None:
+    """The caption file's non-empty stripped lines beside ``image`` (only the first unless
+    ``all_lines``), or None.
 
     None (the image then takes class_tokens or the template) when there is no caption file, when
     it is empty, or when it is not UTF-8 — the last two with a warning naming the file.
@@ -54,7 +104,14 @@ def read_caption(image: Path, extension: str) -> str | None:
     if not text:
         logger.warning("caption %s is empty; using the default caption instead", path)
         return None
-    return text.splitlines()[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines if all_lines else lines[:1]
+
+
+def read_caption(image: Path, extension: str) -> str | None:
+    """The caption file's first line beside ``image`` (stripped), or None (see :func:`read_caption_lines`)."""
+    lines = read_caption_lines(image, extension, all_lines=False)
+    return lines[0] if lines else None
 
 
 def warn_long_captions(token_counts: list[int], limit: int) -> None:
@@ -67,6 +124,87 @@ def warn_long_captions(token_counts: list[int], limit: int) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- wildcards
+
+_WILDCARD = re.compile(r"\{([^}]+)\}")
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use stand-ins for the escaped "{{" and "}}"
+
+
+def _escape_braces(text: str) -> str:
+    return text.replace("{{", _OPEN).replace("}}", _CLOSE)
+
+
+def _unescape_braces(text: str) -> str:
+    return text.replace(_OPEN, "{").replace(_CLOSE, "}")
+
+
+def expand_wildcards(text: str, generator: torch.Generator) -> str:
+    """``{a|b|c}`` replaced by one of its choices (left to right, one draw each); ``{{``/``}}`` are literal braces."""
+
+    def choose(match: re.Match) -> str:
+        choices = match.group(1).split("|")
+        return choices[_randint(generator, len(choices))]
+
+    return _unescape_braces(_WILDCARD.sub(choose, _escape_braces(text)))
+
+
+def _token_counts(text: str, token: str, wildcard: bool) -> tuple[int, int]:
+    """(occurrences outside wildcard choices, occurrences inside them)."""
+    if not wildcard:
+        return count_token(text, token), 0
+    escaped = _escape_braces(text)
+    inside = sum(count_token(m.group(1), token) for m in _WILDCARD.finditer(escaped))
+    return count_token(_WILDCARD.sub(" ", escaped), token), inside
+
+
+# ----------------------------------------------------------------------------- start-up resolution
+
+def with_prefix_suffix(line: str, options: CaptionOptions) -> str:
+    """kohya: ``prefix + " " + caption`` and ``caption + " " + suffix`` (applied to every line here)."""
+    if options.caption_prefix:
+        line = f"{options.caption_prefix} {line}"
+    if options.caption_suffix:
+        line = f"{line} {options.caption_suffix}"
+    return line.strip()
+
+
+def resolve_lines(
+    image: Path, lines: list[str] | None, token: str, class_tokens: str | None, template: str,
+    options: CaptionOptions = CaptionOptions(),
+) -> tuple[list[str], bool]:
+    """A training image's caption lines, each naming the token exactly once (prefix and suffix
+    counted), and whether the token had to be prepended to any of them.
+
+    ``lines`` are the caption file's lines (None when there is none). Without them: ``class_tokens``
+    (which must name the token, unless the prefix/suffix does), else an empty body when the
+    prefix/suffix names the token, else the template.
+    """
+    in_affixes = count_token(f"{options.caption_prefix} {options.caption_suffix}", token)
+    if lines is None:
+        if class_tokens:
+            if in_affixes + count_token(class_tokens, token) != 1:
+                where = " (caption_prefix/caption_suffix name it too)" if in_affixes else ""
+                raise CaptionError(f"class_tokens {class_tokens!r} (for {image}) must contain the token {token!r} once{where}")
+            return [class_tokens], False
+        if in_affixes == 1:
+            return [""], False
+        return [template.format(token)], False
+    resolved, prepended = [], False
+    for line in lines:
+        outside, inside = _token_counts(with_prefix_suffix(line, options), token, options.enable_wildcard)
+        if inside:
+            raise CaptionError(f"caption of {image} puts the token {token!r} inside a wildcard choice {{...|...}}, "
+                               "where it could be chosen away; put it outside the braces")
+        if outside > 1:
+            where = " (caption_prefix/caption_suffix included)" if in_affixes else ""
+            raise CaptionError(f"caption of {image} names the token {token!r} {outside} times{where}; it must appear once")
+        if outside == 0:
+            line = f"{token}, {line}" if line else token
+            prepended = True
+        resolved.append(line)
+    return resolved, prepended
+
+
 def resolve_caption(
     image: Path, caption: str | None, token: str, class_tokens: str | None, template: str
 ) -> tuple[str, bool]:
@@ -74,15 +212,100 @@ def resolve_caption(
 
     ``caption`` is the caption file's text (None when there is none).
     """
-    if caption is None:
-        if class_tokens:
-            if count_token(class_tokens, token) != 1:
-                raise CaptionError(f"class_tokens {class_tokens!r} (for {image}) must contain the token {token!r} once")
-            return class_tokens, False
-        return template.format(token), False
-    found = count_token(caption, token)
-    if found > 1:
-        raise CaptionError(f"caption of {image} names the token {token!r} {found} times; it must appear once")
-    if found == 0:
-        return f"{token}, {caption}" if caption else token, True
-    return caption, False
+    lines, prepended = resolve_lines(image, None if caption is None else [caption], token, class_tokens, template)
+    return lines[0], prepended
+
+
+def resolve_reg_lines(lines: list[str] | None, class_tokens: str | None, class_word: str, template: str) -> list[str]:
+    """A regularisation image's caption lines: the caption file, else ``class_tokens`` (a
+    ``reg_data_dir`` folder ``<repeats>_<class>`` gives its class), else the template with the
+    class word (``init_word``) in the token's place. The token is neither required nor added."""
+    if lines is not None:
+        return lines
+    if class_tokens:
+        return [class_tokens]
+    return [template.format(class_word)]
+
+
+# ----------------------------------------------------------------------------- per-sample caption
+
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand((), generator=generator))
+
+
+def _randint(generator: torch.Generator, n: int) -> int:
+    return int(torch.randint(0, n, (), generator=generator))
+
+
+def _split_tags(text: str, separator: str) -> list[str]:
+    return [t.strip() for t in text.split(separator) if t.strip()]
+
+
+def split_fixed_and_flexible(caption: str, options: CaptionOptions) -> tuple[list[str], list[str], list[str]] | None:
+    """(fixed head, flexible tags, fixed tail) of ``caption``, or None when kohya leaves it as it is.
+
+    ``keep_tokens_separator`` (when the caption holds it) splits head ||| flexible ||| tail;
+    otherwise, when tags move, the first ``keep_tokens`` tags are the fixed head.
+    """
+    separator, kts = options.caption_separator, options.keep_tokens_separator
+    if kts and kts in caption:
+        head, rest = caption.split(kts, 1)
+        flexible, tail = rest.split(kts, 1) if kts in rest else (rest, "")
+        return _split_tags(head, separator), _split_tags(flexible, separator), _split_tags(tail, separator)
+    if not options.moves_tags:
+        return None
+    tags = _split_tags(caption, separator)
+    return tags[: options.keep_tokens], tags[options.keep_tokens :], []
+
+
+def pinned_index(tags: list[str], token: str | None) -> int | None:
+    """Index of the tag that names the pivot token, or None."""
+    if token is None:
+        return None
+    return next((i for i, tag in enumerate(tags) if count_token(tag, token)), None)
+
+
+def final_caption(item: Any, generator: torch.Generator, epoch: int, token: str, num_vectors: int) -> str:
+    """The caption fed to the text encoder for one draw of ``item`` (an :class:`ImageItem`).
+
+    ``generator``: the sample's generator (seeded by seed, stage, step, slot); ``epoch``: 1-based
+    epoch within the stage (``caption_dropout_every_n_epochs`` drops epochs n, 2n, ... as kohya).
+    The draws are taken in a fixed order: dropout, line, wildcard choices, shuffle, tag dropout.
+    The pivot token's tag keeps its index under shuffling and is never dropped (reg images: no pin).
+    """
+    options: CaptionOptions = item.caption_options
+    is_reg = bool(getattr(item, "is_reg", False))
+    lines = getattr(item, "caption_lines", None) or (item.caption,)
+    u = _uniform(generator)
+    dropped = (options.caption_dropout_rate > 0 and u < options.caption_dropout_rate) or (
+        options.caption_dropout_every_n_epochs > 0 and epoch % options.caption_dropout_every_n_epochs == 0
+    )
+    if dropped:
+        return "" if is_reg else expand_token(token, token, num_vectors)
+    line = lines[_randint(generator, len(lines))] if options.enable_wildcard and len(lines) > 1 else lines[0]
+    caption = with_prefix_suffix(line, options)
+    if options.enable_wildcard:
+        caption = expand_wildcards(caption, generator)
+    parts = split_fixed_and_flexible(caption, options)
+    if parts is not None:
+        head, flexible, tail = parts
+        if options.moves_tags:
+            pin = pinned_index(flexible, None if is_reg else token)
+            if options.shuffle_caption and flexible:
+                others = [tag for i, tag in enumerate(flexible) if i != pin]
+                others = [others[i] for i in torch.randperm(len(others), generator=generator).tolist()]
+                if pin is not None:
+                    others.insert(pin, flexible[pin])  # the token's tag keeps its index
+                flexible = others
+            if options.caption_tag_dropout_rate > 0 and flexible:
+                keep = (torch.rand(len(flexible), generator=generator) >= options.caption_tag_dropout_rate).tolist()
+                flexible = [tag for i, tag in enumerate(flexible) if keep[i] or i == pin]
+        caption = ", ".join(head + flexible + tail)
+    if options.secondary_separator:
+        caption = caption.replace(options.secondary_separator, options.caption_separator)
+    return expand_token(caption, token, num_vectors)
+
+
+def tags_of(line: str) -> list[str]:
+    """kohya's tag-frequency tags of one caption line: split on ``,``, stripped, lower-cased."""
+    return [t.strip().lower() for t in line.split(",") if t.strip()]

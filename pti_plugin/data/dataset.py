@@ -1,47 +1,168 @@
 """The training images: kohya folders or a kohya ``dataset_config`` TOML, scanned once at start-up.
 
-A kohya folder holds ``<repeats>_<name>`` subfolders of images with ``.txt``/``.caption`` files.
-A ``dataset_config`` has ``[general]``, ``[[datasets]]`` and ``[[datasets.subsets]]`` levels; a
-key set at an outer level is the default of the inner ones. Keys kohya documents that are not
-implemented are refused by name. Unreadable images are skipped with a warning naming the file;
-the run fails only when no usable image remains.
+Sources (exactly one): ``train_data_dir`` — a kohya folder of ``<repeats>_<name>`` subfolders of
+images with caption files, optionally with ``reg_data_dir`` (the same layout, regularisation
+images; a folder's ``<name>`` is the class caption of its images without a caption file); or
+``train_data_dir`` with ``in_json`` (kohya's fine-tuning metadata, ``dataset_repeats``); or a
+``dataset_config`` with ``[general]``, ``[[datasets]]`` and ``[[datasets.subsets]]`` levels, where
+a key set at an outer level is the default of the inner ones and the preset's top-level keys are
+the defaults of ``[general]`` (kohya: the config file wins over the command line).
+
+kohya semantics kept: dataset-level keys (``resolution``, buckets, ``batch_size``,
+``skip_image_resolution``) cannot be set in a subset; ``image_dir``, ``is_reg``, ``metadata_file``
+only in a subset; DreamBooth-style and ``metadata_file`` subsets cannot share a dataset; a subset
+repeating an earlier subset's ``image_dir`` (``metadata_file``) in the same dataset is ignored with
+a warning (in another dataset it is used again, e.g. at another resolution); a subset with
+``num_repeats < 1`` is ignored with a warning. Regularisation images are balanced per dataset as
+kohya does (:func:`balance_reg_repeats`). Documented kohya keys that are not implemented are
+refused by name, naming the file, with the list of supported keys — never silently ignored.
+Unreadable images are skipped with a warning naming the file; the run fails only when no usable
+training image remains.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import Config, ConfigError
 from .buckets import choose_bucket, make_buckets
-from .captions import read_caption, resolve_caption
+from .captions import (
+    CaptionError,
+    CaptionOptions,
+    count_token,
+    pinned_index,
+    read_caption_lines,
+    resolve_lines,
+    resolve_reg_lines,
+    split_fixed_and_flexible,
+    tags_of,
+    with_prefix_suffix,
+)
 from .images import ImageRejected, read_image
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
-#: dataset_config keys implemented, per level (general and datasets also accept the subset keys as defaults).
-_SUBSET_KEYS = {"image_dir", "num_repeats", "caption_extension", "class_tokens", "flip_aug"}
-_DATASET_KEYS = {"resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"}
-#: Keys kohya documents for dataset_config that are refused for now (never silently ignored).
-_KOHYA_DATASET_KEYS = {
-    "batch_size", "shuffle_caption", "keep_tokens", "keep_tokens_separator", "caption_separator",
-    "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "caption_dropout_rate",
-    "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "color_aug", "random_crop",
-    "face_crop_aug_range", "is_reg", "metadata_file", "cache_info", "resize_interpolation", "alpha_mask",
-    "conditioning_data_dir", "token_warmup_min", "token_warmup_step", "validation_seed", "validation_split",
-    "max_token_length",
+
+# ----------------------------------------------------------------------------- value checks
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expects true or false")
+    return value
+
+
+def _int_at_least(low: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"expects an integer >= {low}")
+        return value
+    return check
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError("expects a number in [0, 1]")
+    return float(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expects a string")
+    return value
+
+
+def _nonempty_text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expects a non-empty string")
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _size(value: Any) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, value
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        return value[0], value[1]
+    raise ValueError("expects an int or [width, height]")
+
+
+def _optional_size(value: Any) -> tuple[int, int] | None:
+    return None if value is None else _size(value)
+
+
+#: Dataset-level keys ([general] and [[datasets]] only), with their checks.
+DATASET_KEYS: dict[str, Callable[[Any], Any]] = {
+    "resolution": _size,
+    "enable_bucket": _bool,
+    "min_bucket_reso": _int_at_least(8),
+    "max_bucket_reso": _int_at_least(8),
+    "bucket_reso_steps": _int_at_least(8),
+    "bucket_no_upscale": _bool,
+    "batch_size": _int_at_least(1),
+    "skip_image_resolution": _optional_size,
 }
+#: Subset keys that may also be set at [general] and [[datasets]] level (defaults of their subsets).
+SUBSET_KEYS: dict[str, Callable[[Any], Any]] = {
+    "num_repeats": _int_at_least(0),
+    "caption_extension": _nonempty_text,
+    "class_tokens": _optional_text,
+    "flip_aug": _bool,
+    "color_aug": _bool,
+    "random_crop": _bool,
+    "shuffle_caption": _bool,
+    "keep_tokens": _int_at_least(0),
+    "caption_separator": _nonempty_text,
+    "keep_tokens_separator": _text,
+    "secondary_separator": _text,
+    "enable_wildcard": _bool,
+    "caption_prefix": _text,
+    "caption_suffix": _text,
+    "caption_dropout_rate": _rate,
+    "caption_dropout_every_n_epochs": _int_at_least(0),
+    "caption_tag_dropout_rate": _rate,
+}
+#: Keys of [[datasets.subsets]] only.
+SUBSET_ONLY_KEYS: dict[str, Callable[[Any], Any]] = {
+    "image_dir": _nonempty_text,
+    "is_reg": _bool,
+    "metadata_file": _nonempty_text,
+}
+#: Keys kohya documents for dataset_config that pti-plugin refuses, with the reason.
+REFUSED_DATASET_KEYS: dict[str, str] = {
+    "face_crop_aug_range": "face-centred crops are not implemented",
+    "resize_interpolation": "images are always resized with Lanczos",
+    "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",
+    "alpha_mask": "masked loss is not implemented",
+    "conditioning_data_dir": "ControlNet datasets are not supported",
+    "token_warmup_min": "token warm-up is not implemented",
+    "token_warmup_step": "token warm-up is not implemented",
+    "network_multiplier": "per-dataset LoRA multipliers are not implemented",
+    "validation_seed": "validation splits are not implemented",
+    "validation_split": "validation splits are not implemented",
+    "max_token_length": "a top-level preset key, not a dataset option",
+    "prior_loss_weight": "a top-level preset key, not a dataset option",
+    "debug_dataset": "use python -m pti_plugin.dataset_preview",
+}
+#: The preset keys that are the defaults of [general] (same names).
+_TOP_LEVEL_DEFAULTS = [k for k in list(DATASET_KEYS) + list(SUBSET_KEYS) if k not in ("batch_size", "num_repeats", "class_tokens")]
 
 
 @dataclass(frozen=True)
 class Subset:
-    """A folder of images and how to read it."""
+    """A folder of images (or a metadata file) and how to read it."""
 
     image_dir: Path
     num_repeats: int
@@ -50,11 +171,26 @@ class Subset:
     flip_aug: bool
     resolution: tuple[int, int]
     bucket_settings: tuple[bool, int, int, int, bool]  # enable, min, max, step, no_upscale
+    is_reg: bool = False
+    caption_options: CaptionOptions = CaptionOptions()
+    color_aug: bool = False
+    random_crop: bool = False
+    metadata_file: Path | None = None
+    dataset_index: int = 0
+    skip_image_resolution: tuple[int, int] | None = None
+    where: str = ""
+
+    @property
+    def name(self) -> str:
+        """kohya's name of the subset (tag-frequency key): the folder's name, or the metadata file's."""
+        return self.metadata_file.name if self.metadata_file is not None else self.image_dir.name
 
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One usable image: its file, final caption (token string present once), bucket (w, h) and repeats."""
+    """One usable image: its file, caption (token string present once for training images; the
+    first line when there are several), bucket (w, h), repeats (for a regularisation image: after
+    kohya's balancing; 0 = never drawn) and the options of its subset."""
 
     path: Path
     caption: str
@@ -62,18 +198,48 @@ class ImageItem:
     num_repeats: int
     flip_aug: bool
     token_prepended: bool
+    is_reg: bool = False
+    caption_lines: tuple[str, ...] = ()
+    caption_options: CaptionOptions = CaptionOptions()
+    color_aug: bool = False
+    random_crop: bool = False
+    subset_name: str = ""
+    dataset_index: int = 0
+    subset_index: int = 0
 
 
 def _resolution(value: Any, where: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return value[0], value[1]
-    raise ConfigError(f"{where}: resolution must be an int or [width, height], got {value!r}")
+    try:
+        return _size(value)
+    except ValueError:
+        raise ConfigError(f"{where}: resolution must be an int or [width, height], got {value!r}") from None
 
 
-def _subsets_from_folder(config: Config, root: Path) -> list[Subset]:
-    settings = (config.enable_bucket, config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps, config.bucket_no_upscale)
+def _caption_options(values: dict[str, Any]) -> CaptionOptions:
+    return CaptionOptions(**{f.name: values[f.name] for f in dataclasses.fields(CaptionOptions)})
+
+
+def _top_level(config: Config) -> dict[str, Any]:
+    """The preset's values of the dataset keys (the defaults of [general])."""
+    values = {key: getattr(config, key) for key in _TOP_LEVEL_DEFAULTS}
+    values["resolution"] = tuple(config.resolution) if isinstance(config.resolution, list) else config.resolution
+    return values | {"num_repeats": 1, "class_tokens": None, "batch_size": None}
+
+
+def _make_subset(values: dict[str, Any], image_dir: Path, where: str, dataset_index: int,
+                 metadata_file: Path | None = None, is_reg: bool = False) -> Subset:
+    settings = (values["enable_bucket"], values["min_bucket_reso"], values["max_bucket_reso"],
+                values["bucket_reso_steps"], values["bucket_no_upscale"])
+    return Subset(
+        image_dir, values["num_repeats"], values["caption_extension"], values["class_tokens"], values["flip_aug"],
+        _resolution(values["resolution"], where), settings, is_reg, _caption_options(values), values["color_aug"],
+        values["random_crop"], metadata_file, dataset_index, _optional_size(values["skip_image_resolution"]), where,
+    )
+
+
+def _subsets_from_folder(config: Config, root: Path, is_reg: bool = False) -> list[Subset]:
+    """kohya's folder convention: ``<repeats>_<name>`` subfolders (``name`` is the class of reg images)."""
+    values = _top_level(config)
     subsets = []
     for child in sorted(root.iterdir()):
         try:
@@ -87,107 +253,374 @@ def _subsets_from_folder(config: Config, root: Path) -> list[Subset]:
         if not match:
             logger.warning("ignoring folder %s: kohya folders are named <repeats>_<name>", child)
             continue
-        subsets.append(
-            Subset(child, int(match.group(1)), config.caption_extension, None, config.flip_aug,
-                   _resolution(config.resolution, "preset"), settings)
-        )
+        folder_values = values | {"num_repeats": int(match.group(1)), "class_tokens": match.group(2) if is_reg else None}
+        subsets.append(_make_subset(folder_values, child, str(child), 0, is_reg=is_reg))
     if not subsets:
-        raise ConfigError(f"train_data_dir {root} has no <repeats>_<name> subfolders (kohya layout)")
+        key = "reg_data_dir" if is_reg else "train_data_dir"
+        raise ConfigError(f"{key} {root} has no <repeats>_<name> subfolders (kohya layout)")
     return subsets
 
 
-def _subsets_from_dataset_config(config: Config, path: Path) -> list[Subset]:
+def _check_table(table: dict[str, Any], allowed: dict[str, Callable[[Any], Any]], path: Path, where: str) -> dict[str, Any]:
+    """``table`` with every value checked; refused and misplaced keys named with the reason."""
+    supported = ", ".join(sorted(DATASET_KEYS | SUBSET_KEYS | SUBSET_ONLY_KEYS))
+    checked = {}
+    for key, value in table.items():
+        if key in allowed:
+            try:
+                checked[key] = allowed[key](value)
+            except ValueError as exc:
+                raise ConfigError(f"{path} {where}: {key!r} {exc}, got {value!r}") from None
+        elif key in REFUSED_DATASET_KEYS:
+            raise ConfigError(f"{path} {where}: kohya dataset option {key!r} is not supported by pti-plugin "
+                              f"({REFUSED_DATASET_KEYS[key]}); supported: {supported}")
+        elif key in DATASET_KEYS:
+            raise ConfigError(f"{path} {where}: {key!r} is a dataset option: set it in [[datasets]] or [general] (as in kohya)")
+        elif key in SUBSET_ONLY_KEYS:
+            raise ConfigError(f"{path} {where}: {key!r} belongs in a [[datasets.subsets]] table (as in kohya)")
+        else:
+            raise ConfigError(f"{path} {where}: unknown key {key!r}; supported: {supported}")
+    return checked
+
+
+def _check_buckets(values: dict[str, Any], path: Any, where: str) -> None:
+    width, height = _resolution(values["resolution"], f"{path} {where}")
+    if values["enable_bucket"]:
+        if min(width, height) < values["min_bucket_reso"] or max(width, height) > values["max_bucket_reso"]:
+            raise ConfigError(
+                f"{path} {where}: resolution {width}x{height} must lie within min_bucket_reso "
+                f"{values['min_bucket_reso']} and max_bucket_reso {values['max_bucket_reso']} (kohya's rule)")
+    multiple = 64 if values["enable_bucket"] else 8
+    if width % multiple or height % multiple:
+        raise ConfigError(f"{path} {where}: resolution must be a multiple of {multiple}"
+                          f"{' (enable_bucket)' if values['enable_bucket'] else ''}, got {width}x{height}")
+
+
+def _subsets_from_dataset_config(config: Config, path: Path) -> tuple[list[Subset], list[int | None]]:
+    """The subsets of a dataset_config and each dataset's batch_size (None when unset)."""
     with open(path, "rb") as handle:
         try:
             raw = tomllib.load(handle)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"dataset_config {path} is not valid TOML: {exc}") from exc
-    supported = sorted(_SUBSET_KEYS | _DATASET_KEYS)
-
-    def check(table: dict[str, Any], allowed: set[str], where: str) -> None:
-        for key in table:
-            if key in allowed:
-                continue
-            if key in _KOHYA_DATASET_KEYS:
-                raise ConfigError(f"{path} {where}: kohya dataset option {key!r} is not supported yet; supported: {', '.join(supported)}")
-            raise ConfigError(f"{path} {where}: unknown key {key!r}; supported: {', '.join(supported)}")
-
     for key in raw:
         if key not in ("general", "datasets"):
             raise ConfigError(f"{path}: unknown top-level key {key!r} (expected [general] and [[datasets]])")
-    general = raw.get("general", {})
-    check(general, _SUBSET_KEYS - {"image_dir"} | _DATASET_KEYS, "[general]")
-    base = {
-        "resolution": config.resolution, "enable_bucket": config.enable_bucket, "min_bucket_reso": config.min_bucket_reso,
-        "max_bucket_reso": config.max_bucket_reso, "bucket_reso_steps": config.bucket_reso_steps,
-        "bucket_no_upscale": config.bucket_no_upscale, "caption_extension": config.caption_extension,
-        "flip_aug": config.flip_aug, "num_repeats": 1, "class_tokens": None,
-    } | general
-    subsets = []
-    for d, dataset in enumerate(raw.get("datasets", [])):
-        check({k: v for k, v in dataset.items() if k != "subsets"}, _SUBSET_KEYS - {"image_dir"} | _DATASET_KEYS, f"datasets.{d}")
-        level = base | {k: v for k, v in dataset.items() if k != "subsets"}
+    outer = DATASET_KEYS | SUBSET_KEYS
+    general = _check_table(raw.get("general", {}), outer, path, "[general]")
+    base = _top_level(config) | general
+    subsets: list[Subset] = []
+    batch_sizes: list[int | None] = []
+    datasets = raw.get("datasets", [])
+    if not isinstance(datasets, list):
+        raise ConfigError(f"{path}: 'datasets' must be [[datasets]] tables")
+    for d, dataset in enumerate(datasets):
+        own = _check_table({k: v for k, v in dataset.items() if k != "subsets"}, outer, path, f"datasets.{d}")
+        level = base | own
+        _check_buckets(level, path, f"datasets.{d}")
+        batch_sizes.append(level["batch_size"])
+        kinds = set()
         for s, subset in enumerate(dataset.get("subsets", [])):
             where = f"datasets.{d}.subsets.{s}"
-            check(subset, _SUBSET_KEYS, where)
-            merged = level | subset
-            if "image_dir" not in merged:
+            merged = level | _check_table(subset, SUBSET_KEYS | SUBSET_ONLY_KEYS, path, where)
+            metadata = merged.get("metadata_file")
+            kinds.add("fine-tuning (metadata_file)" if metadata else "DreamBooth (image_dir)")
+            if len(kinds) > 1:
+                raise ConfigError(f"{path} datasets.{d}: DreamBooth-style subsets and metadata_file subsets cannot be "
+                                  "mixed in one dataset (as in kohya): put them in separate [[datasets]]")
+            if metadata and merged.get("is_reg"):
+                raise ConfigError(f"{path} {where}: is_reg applies to image_dir subsets, not to metadata_file ones (as in kohya)")
+            if "image_dir" not in merged and not metadata:
                 raise ConfigError(f"{path} {where}: image_dir is required")
-            image_dir = Path(merged["image_dir"]).expanduser()
-            if not image_dir.is_absolute():
-                image_dir = (path.parent / image_dir).resolve()
-            if not image_dir.is_dir():
+            image_dir = _relative_to(Path(merged.get("image_dir", ".")), path) if "image_dir" in merged else None
+            if image_dir is not None and not image_dir.is_dir():
                 raise ConfigError(f"{path} {where}: image_dir not found: looked for {image_dir}")
-            settings = (bool(merged["enable_bucket"]), int(merged["min_bucket_reso"]), int(merged["max_bucket_reso"]),
-                        int(merged["bucket_reso_steps"]), bool(merged["bucket_no_upscale"]))
-            subsets.append(
-                Subset(image_dir, int(merged["num_repeats"]), str(merged["caption_extension"]), merged["class_tokens"],
-                       bool(merged["flip_aug"]), _resolution(merged["resolution"], f"{path} {where}"), settings)
-            )
+            metadata_file = _relative_to(Path(metadata), path) if metadata else None
+            if metadata_file is not None and not metadata_file.is_file():
+                raise ConfigError(f"{path} {where}: metadata_file not found: looked for {metadata_file}")
+            subsets.append(_make_subset(merged, image_dir or metadata_file.parent, f"{path} {where}", d,
+                                        metadata_file, bool(merged.get("is_reg", False))))
     if not subsets:
         raise ConfigError(f"dataset_config {path} defines no [[datasets.subsets]]")
-    return subsets
+    return subsets, batch_sizes
+
+
+def _relative_to(value: Path, config_file: Path) -> Path:
+    value = value.expanduser()
+    return value if value.is_absolute() else (config_file.parent / value).resolve()
+
+
+def _drop_ignored(subsets: list[Subset]) -> list[Subset]:
+    """kohya: subsets with num_repeats < 1, and repeats of an earlier subset of the same dataset, are ignored."""
+    kept: list[Subset] = []
+    for subset in subsets:
+        if subset.num_repeats < 1:
+            logger.warning("ignoring subset %s (%s): num_repeats is %d (< 1)", subset.name, subset.where, subset.num_repeats)
+            continue
+        key = subset.metadata_file or subset.image_dir
+        if any(k.dataset_index == subset.dataset_index and (k.metadata_file or k.image_dir) == key for k in kept):
+            logger.warning("ignoring subset %s (%s): it repeats an earlier subset of the same dataset (kohya uses the first)",
+                           key, subset.where)
+            continue
+        kept.append(subset)
+    return kept
+
+
+def _check_cacheable(config: Config, subsets: list[Subset]) -> None:
+    """kohya refuses color_aug / random_crop with cached latents: they change the pixels at every draw."""
+    if not (config.cache_latents or config.cache_latents_to_disk):
+        return
+    for subset in subsets:
+        for key in ("color_aug", "random_crop"):
+            if getattr(subset, key):
+                cache = "cache_latents_to_disk" if config.cache_latents_to_disk else "cache_latents"
+                raise ConfigError(
+                    f"{subset.where}: {key} cannot be combined with {cache}: cached latents are encoded once, while "
+                    f"{key} changes the pixels at every draw (kohya refuses this too); turn off one of them")
 
 
 def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Subset]:
-    """The subsets the config describes (``train_data_dir`` overrides the config's folder)."""
+    """The subsets the config describes (``train_data_dir`` overrides the config's folder).
+
+    A dataset_config's ``batch_size`` (the same in every dataset) replaces ``train_batch_size`` in
+    ``config``, with a warning when they differ (kohya: the config file wins).
+    """
+    batch_sizes: list[int | None] = []
     if config.dataset_config:
-        return _subsets_from_dataset_config(config, Path(config.dataset_config))
-    return _subsets_from_folder(config, train_data_dir or Path(config.train_data_dir))
+        subsets, batch_sizes = _subsets_from_dataset_config(config, Path(config.dataset_config))
+    elif config.in_json:
+        image_dir = train_data_dir or Path(config.train_data_dir)
+        values = _top_level(config) | {"num_repeats": config.dataset_repeats}
+        subsets = [_make_subset(values, image_dir, f"in_json {config.in_json}", 0, Path(config.in_json))]
+    else:
+        subsets = _subsets_from_folder(config, train_data_dir or Path(config.train_data_dir))
+        if config.reg_data_dir:
+            subsets += _subsets_from_folder(config, Path(config.reg_data_dir), is_reg=True)
+    if not config.dataset_config:
+        _check_buckets(_top_level(config), "preset", "(top-level keys)")
+    _check_cacheable(config, subsets)
+    sizes = {b for b in batch_sizes if b is not None}
+    if len(sizes) > 1:
+        raise ConfigError(f"dataset_config {config.dataset_config}: the datasets set different batch_size values "
+                          f"({', '.join(str(b) for b in batch_sizes)}); pti-plugin draws every step from one pool of "
+                          "same-bucket batches: use one batch_size")
+    if sizes:
+        size = sizes.pop()
+        if size != config.train_batch_size:
+            logger.warning("dataset_config batch_size = %d replaces train_batch_size = %d (kohya: the dataset config wins)",
+                           size, config.train_batch_size)
+            config.train_batch_size = size
+    return _drop_ignored(subsets)
 
 
-def scan_images(config: Config, subsets: list[Subset]) -> list[ImageItem]:
-    """Every usable image of ``subsets`` with its caption and bucket; warns once about prepended tokens."""
-    items: list[ImageItem] = []
-    looked_at, rejected = 0, []
-    for subset in subsets:
+# ----------------------------------------------------------------------------- scanning
+
+def _metadata_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] | None]]:
+    """(image path or None, key, caption lines or None) of each entry of kohya's metadata JSON."""
+    assert subset.metadata_file is not None
+    try:
+        metadata = json.loads(subset.metadata_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{subset.where}: metadata_file {subset.metadata_file} is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise ConfigError(f"{subset.where}: metadata_file {subset.metadata_file} must map image keys to "
+                          '{"caption": ..., "tags": ...} objects')
+    options = subset.caption_options
+    entries = []
+    for key, record in metadata.items():
+        if not isinstance(record, dict):
+            raise ConfigError(f"{subset.where}: metadata_file entry {key!r} must be an object with caption/tags")
+        candidates = [Path(key), subset.image_dir / key] + [subset.image_dir / f"{key}{ext}" for ext in IMAGE_EXTENSIONS]
+        path = next((p for p in candidates if p.is_file()), None)
+        caption, tags = record.get("caption"), record.get("tags")
+        if caption is None:
+            caption, tags = tags, None
+        lines = [line.strip() for line in (caption or "").split("\n") if line.strip()]
+        if not options.enable_wildcard:
+            lines = lines[:1]
+        if tags:
+            tags = tags.replace("\n", options.caption_separator)
+            lines = [f"{line}{options.caption_separator}{tags}" for line in lines] or [tags]
+        entries.append((path, key, lines or None))
+    return entries
+
+
+def _image_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] | None]]:
+    if subset.metadata_file is not None:
+        return _metadata_entries(subset)
+    paths = sorted(p for p in subset.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        logger.warning("no image (%s) in %s", ", ".join(IMAGE_EXTENSIONS), subset.image_dir)
+    wildcard = subset.caption_options.enable_wildcard
+    return [(p, p.name, read_caption_lines(p, subset.caption_extension, all_lines=wildcard)) for p in paths]
+
+
+def balance_reg_repeats(train_entries: int, reg_items: list[ImageItem]) -> list[ImageItem]:
+    """kohya's balancing of one dataset's regularisation images against its training entries.
+
+    Each reg image is taken in order with its own repeats until the reg entries reach the training
+    entries (images after that are left out: repeats 0); when one pass is not enough, further passes
+    add one repeat per image until they do. A dataset without training images uses no reg image.
+    """
+    repeats = [0] * len(reg_items)
+    n, first = 0, True
+    while n < train_entries and reg_items:
+        for i, item in enumerate(reg_items):
+            if first:
+                repeats[i] = item.num_repeats
+                n += item.num_repeats
+            else:
+                repeats[i] += 1
+                n += 1
+            if n >= train_entries:
+                break
+        first = False
+    return [dataclasses.replace(item, num_repeats=r) for item, r in zip(reg_items, repeats)]
+
+
+def scan_images(config: Config, subsets: list[Subset], log_notes: bool = True) -> list[ImageItem]:
+    """Every usable image of ``subsets`` with its captions and bucket: the training images, then the
+    regularisation images (repeats balanced per dataset). Logs what is done to captions once
+    (:func:`dataset_notes`) unless ``log_notes`` is false."""
+    train: list[ImageItem] = []
+    reg: list[ImageItem] = []
+    looked_at, rejected, skipped_small = 0, [], 0
+    class_word = config.init_word[0] if isinstance(config.init_word, list) else config.init_word
+    for subset_index, subset in enumerate(subsets):
         width, height = subset.resolution
         enable, min_reso, max_reso, step, no_upscale = subset.bucket_settings
         buckets = make_buckets(width * height, min_reso, max_reso, step) if enable else [(width, height)]
-        paths = sorted(p for p in subset.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not paths:
-            logger.warning("no image (%s) in %s", ", ".join(IMAGE_EXTENSIONS), subset.image_dir)
-        looked_at += len(paths)
-        for path in paths:
+        entries = _image_entries(subset)
+        looked_at += len(entries)
+        for path, key, lines in entries:
+            if path is None:
+                logger.warning("skipping %s: metadata entry %r has no image in %s", subset.metadata_file, key, subset.image_dir)
+                rejected.append(f"{key}: no image file for this metadata entry")
+                continue
             try:
                 size = read_image(path).size
             except ImageRejected as exc:
                 logger.warning("skipping %s: %s", path, exc)
                 rejected.append(f"{path.name}: {exc}")
                 continue
-            caption, prepended = resolve_caption(
-                path, read_caption(path, subset.caption_extension), config.token_string, subset.class_tokens,
-                config.caption_template,
-            )
+            if subset.skip_image_resolution and size[0] * size[1] <= subset.skip_image_resolution[0] * subset.skip_image_resolution[1]:
+                skipped_small += 1
+                continue
+            if subset.is_reg:
+                resolved, prepended = resolve_reg_lines(lines, subset.class_tokens, class_word, config.caption_template), False
+            else:
+                resolved, prepended = resolve_lines(path, lines, config.token_string, subset.class_tokens,
+                                                    config.caption_template, subset.caption_options)
             bucket = choose_bucket(size, buckets, no_upscale, width * height, step) if enable else (width, height)
-            items.append(ImageItem(path, caption, bucket, subset.num_repeats, subset.flip_aug, prepended))
-    if not items:
+            item = ImageItem(path, resolved[0], bucket, subset.num_repeats, subset.flip_aug, prepended, subset.is_reg,
+                             tuple(resolved), subset.caption_options, subset.color_aug, subset.random_crop, subset.name,
+                             subset.dataset_index, subset_index)
+            (reg if subset.is_reg else train).append(item)
+    if not train:
         reasons = "".join(f"\n  {r}" for r in rejected)
         raise ConfigError(
-            f"no usable training image in {', '.join(str(s.image_dir) for s in subsets)}: "
+            f"no usable training image in {', '.join(str(s.image_dir) for s in subsets if not s.is_reg)}: "
             f"looked at {looked_at} image file(s), rejected {len(rejected)}{reasons}"
         )
+    if skipped_small:
+        logger.warning("%d image(s) skipped by skip_image_resolution", skipped_small)
+    balanced: list[ImageItem] = []
+    for dataset_index in sorted({i.dataset_index for i in train + reg}):
+        train_entries = sum(i.num_repeats for i in train if i.dataset_index == dataset_index)
+        dataset_reg = [i for i in reg if i.dataset_index == dataset_index]
+        if dataset_reg:
+            balanced += balance_reg_repeats(train_entries, dataset_reg)
+            reg_entries = sum(i.num_repeats for i in dataset_reg)
+            if train_entries == 0:
+                logger.warning("dataset %d has regularisation images but no training image: they are not used", dataset_index)
+            elif reg_entries > train_entries:
+                logger.warning("dataset %d: %d regularisation entries for %d training entries: some reg images are not used "
+                               "(as kohya)", dataset_index, reg_entries, train_entries)
+    items = train + balanced
+    for note in dataset_notes(items, config.token_string) if log_notes else []:
+        logger.warning(note)
+    return items
+
+
+def build_entries(items: list[ImageItem]) -> list[int]:
+    """One entry (item index) per repeat of each image: the pool an epoch draws from."""
+    return [i for i, item in enumerate(items) for _ in range(item.num_repeats)]
+
+
+# ----------------------------------------------------------------------------- reports
+
+def dataset_notes(items: list[ImageItem], token: str) -> list[str]:
+    """What the trainer does to the captions, said once at start-up (and by the dataset preview)."""
+    notes = []
     prepended = sum(item.token_prepended for item in items)
     if prepended:
-        logger.warning("%d caption(s) did not contain %r; it was prepended to them", prepended, config.token_string)
-    return items
+        notes.append(f"{prepended} caption(s) did not contain {token!r}; it was prepended to them")
+    in_flexible = 0
+    for item in items:
+        if item.is_reg or not item.caption_options.moves_tags:
+            continue
+        for line in item.caption_lines or (item.caption,):
+            parts = split_fixed_and_flexible(with_prefix_suffix(line, item.caption_options), item.caption_options)
+            if parts is not None and pinned_index(parts[1], token) is not None:
+                in_flexible += 1
+                break
+    if in_flexible:
+        notes.append(f"{token!r} is in the shuffled/dropped part of {in_flexible} caption(s) (shuffle_caption / "
+                     "caption_tag_dropout_rate): the tag holding it is never shuffled or dropped; it keeps its "
+                     "index among the shuffled tags, as a keep_tokens tag keeps its place")
+    dropping = {item.subset_name for item in items if not item.is_reg and (
+        item.caption_options.caption_dropout_rate > 0 or item.caption_options.caption_dropout_every_n_epochs > 0)}
+    if dropping:
+        notes.append(f"caption dropout ({', '.join(sorted(dropping))}): a dropped caption becomes {token!r} alone "
+                     "(kohya: the empty caption) so the pivot keeps training; reg captions drop to the empty caption")
+    reg_with_token = sum(1 for item in items if item.is_reg and any(count_token(l, token) for l in item.caption_lines))
+    if reg_with_token:
+        notes.append(f"{reg_with_token} regularisation caption(s) name {token!r}: reg images are images of the class, "
+                     "and these captions will train the pivot on them")
+    return notes
+
+
+def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: ``{subset folder name: {tag: count}}``.
+
+    Tags are each caption line (as resolved: the token included, prefix/suffix not) split on ``,``
+    (and on ``keep_tokens_separator``), stripped and lower-cased; reg subsets are included; a folder name used in several datasets is
+    counted once (its first dataset), as kohya merges them. Metadata subsets are keyed by the
+    metadata file's name.
+    """
+    per_dataset: dict[int, dict[str, dict[str, int]]] = {}
+    for item in items:
+        counts = per_dataset.setdefault(item.dataset_index, {}).setdefault(item.subset_name, {})
+        kts = item.caption_options.keep_tokens_separator
+        for line in item.caption_lines or (item.caption,):
+            for tag in tags_of(line.replace(kts, ",") if kts else line):
+                counts[tag] = counts.get(tag, 0) + 1
+    merged: dict[str, dict[str, int]] = {}
+    for dataset_index in sorted(per_dataset):
+        for name, counts in per_dataset[dataset_index].items():
+            merged.setdefault(name, counts)
+    return merged
+
+
+def subset_counts(items: list[ImageItem]) -> list[dict[str, Any]]:
+    """Per subset: name, dataset, whether reg, images, repeats (as drawn) and entries per epoch."""
+    rows: dict[int, dict[str, Any]] = {}
+    for item in items:
+        row = rows.setdefault(item.subset_index, {"subset": item.subset_name, "dataset": item.dataset_index,
+                                                  "is_reg": item.is_reg, "images": 0, "entries": 0, "repeats": set()})
+        row["images"] += 1
+        row["entries"] += item.num_repeats
+        row["repeats"].add(item.num_repeats)
+    out = []
+    for index in sorted(rows):
+        row = rows[index]
+        repeats = sorted(row.pop("repeats"))
+        row["repeats"] = repeats[0] if len(repeats) == 1 else f"{repeats[0]}-{repeats[-1]}"
+        out.append(row)
+    return out
+
+
+__all__ = [
+    "CaptionError", "ImageItem", "Subset", "balance_reg_repeats", "build_entries", "dataset_notes", "load_subsets",
+    "scan_images", "subset_counts", "tag_frequency",
+]

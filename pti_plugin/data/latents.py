@@ -1,29 +1,26 @@
 """Image pixels and their VAE latents, optionally cached in memory or on disk.
 
 A latent is drawn from the VAE's posterior with a generator seeded by the image and flip, so the
-cached and uncached paths give bit-identical latents.
+cached and uncached paths give bit-identical latents. Draws with ``color_aug``/``random_crop``
+(which change the pixels at every draw) are encoded on the fly (:meth:`LatentSource.latent_for`);
+they cannot be cached, and the dataset refuses them together with ``cache_latents``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..atomic_io import save_safetensors_atomic
-from .buckets import fit_to_bucket
-from .images import read_image
+from .augment import Augmentation, augmented_pixels
 from .dataset import ImageItem
 from .sample_order import sample_generator
 
 
 def load_pixels(item: ImageItem, flip: bool) -> torch.Tensor:
-    """The image fitted to its bucket: float32 [3, H, W] in [-1, 1]."""
-    array = fit_to_bucket(read_image(item.path), item.bucket)
-    if flip:
-        array = array[:, ::-1]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    """The image fitted to its bucket (centre crop): float32 [3, H, W] in [-1, 1]."""
+    return augmented_pixels(item, Augmentation(flip=flip))
 
 
 class LatentSource:
@@ -36,9 +33,12 @@ class LatentSource:
         self.to_disk = to_disk
         self._memory: dict[tuple[int, bool], torch.Tensor] | None = {} if cache else None
 
-    @torch.no_grad()
     def _encode(self, index: int, flip: bool) -> torch.Tensor:
-        pixels = load_pixels(self.items[index], flip)[None]  # [1, 3, H, W]
+        return self._encode_pixels(load_pixels(self.items[index], flip), index, flip)
+
+    @torch.no_grad()
+    def _encode_pixels(self, pixels: torch.Tensor, index: int, flip: bool) -> torch.Tensor:
+        pixels = pixels[None]  # [1, 3, H, W]
         param = next(self.vae.parameters())
         posterior = self.vae.encode(pixels.to(param.device, param.dtype)).latent_dist
         generator = sample_generator(self.seed, 0x1A7E, index, int(flip))
@@ -58,6 +58,8 @@ class LatentSource:
         from safetensors.torch import load_file
 
         for index, item in enumerate(self.items):
+            if item.num_repeats < 1:  # a regularisation image left out by kohya's balancing: never drawn
+                continue
             for flip in (False, True) if item.flip_aug else (False,):
                 path = self._disk_path(index, flip)
                 if self.to_disk and path.is_file():
@@ -74,3 +76,10 @@ class LatentSource:
                 raise KeyError(f"latent of {self.items[index].path} (flip={flip}) is not cached; call fill_cache()")
             return self._memory[(index, flip)]
         return self._encode(index, flip)
+
+    def latent_for(self, index: int, augmentation: Augmentation) -> torch.Tensor:
+        """The latent of one draw: from the cache (or the plain path) when only flipped, else encoded now."""
+        if augmentation.cacheable:
+            return self.latent(index, augmentation.flip)
+        pixels = augmented_pixels(self.items[index], augmentation)
+        return self._encode_pixels(pixels, index, augmentation.flip)

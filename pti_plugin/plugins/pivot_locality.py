@@ -28,10 +28,10 @@ centre), ``angle_raw_deg`` (about the origin), ``fraction`` (mean fraction of th
 0.5 and 1 (``deviation_f0.50`` ...). The settings are saved in the LoRA metadata as
 ``pti_pivot_locality`` (JSON).
 
-The centre file (``centre_file``, for ``geometry = "centered"`` and the centred angle) is a
-safetensors file holding a tensor ``centre`` (or ``center``, or one key ending in either) of shape
-[77, d] (one centre per token position) or [d]. Without one, the centre is the mean encoder output
-(LoRA off) over a small built-in prompt set, per token position.
+The centre (``geometry = "centered"``, and the centred angle in every geometry) comes from
+``centre_file``, the file ``analysis/ellipsoid_check.py`` writes (format: ``pti_plugin/centre_file.py``;
+its width, positions, clip_skip and LayerNorm gamma/beta must match this model), else it is the
+mean encoder output (LoRA off) over a small built-in prompt set, per token position.
 """
 
 from __future__ import annotations
@@ -136,27 +136,41 @@ class PivotLocality(Plugin):
     @dataclass
     class Options:
         class_words: list[str] = doc(
-            "Class words (one drawn per sample); each is one token (repeated in the n pivot slots) or exactly n tokens. "
-            "Empty = the preset's init_word.", factory=list)
+            "Class words (one drawn per sample), each one token (repeated in the n pivot slots) or exactly n tokens; "
+            "empty = the preset's init_word.", factory=list)
         templates: list[str] = doc(
-            'Prompt templates, "{}" marks the token (one drawn per sample). Empty = the preset\'s caption_template.',
+            'Prompt templates, "{}" marks the token (one drawn per sample); empty = the preset\'s caption_template.',
             factory=list)
         fractions: list[float] = doc(
             'Fractions of the pivot->class angle for fraction_sampling = "fixed", each in (0, 1] '
             "(0.5: half the angle; 1.0: the class prompt itself, the peers' endpoint variant).", factory=lambda: [0.5])
-        fraction_sampling: str = doc('"fixed": one of fractions per sample; "uniform": uniform in [min_fraction, max_fraction].', "fixed")
-        min_fraction: float = doc('Lower end of "uniform" fractions (> 0: the pivot itself is what the main loss fits).', 0.1)
+        fraction_sampling: str = doc(
+            '"fixed": one of fractions per sample; "uniform": uniform in [min_fraction, max_fraction].', "fixed")
+        min_fraction: float = doc(
+            'Lower end of "uniform" fractions (> 0: the pivot itself is what the main loss fits).', 0.1)
         max_fraction: float = doc('Upper end of "uniform" fractions (<= 1).', 0.5)
-        weight: float = doc("Weight of the locality MSE added to the loss.", 1.0)
+        weight: float = doc("Weight of the locality MSE added to the loss on regularised steps.", 1.0)
         every_n_steps: int = doc("Regularise every N optimizer steps of an active stage (its first step included).", 1)
         num_samples: int = doc("Regularisation samples (extra UNet rows) per micro-batch of a regularised step.", 1)
-        latents: str = doc('"batch": the step\'s own noisy training latents and timesteps; "noise": Gaussian latents at a random timestep.', "batch")
-        geometry: str = doc('"layernorm": exact slerp of the normalised pre-LayerNorm states; "centered": slerp about a centre; "linear": lerp.', "layernorm")
-        centre_file: str = doc("safetensors file with the centre (key 'centre', [77, d] or [d]) for \"centered\"; empty = estimated from built-in prompts.", "")
-        anchor_pool: int = doc('Fixed pool of K anchors (latents, timestep, pair, fraction) per stage and latent size, each step picks from it; 0 = fresh anchors (latents = "noise" only).', 0)
-        cache_anchors: bool = doc("Cache the frozen predictions of the anchor pool (no frozen forward per step); needs anchor_pool and a stage that trains neither the text encoder nor the pivot.", False)
+        latents: str = doc(
+            '"batch": the step\'s own noisy training latents and timesteps; "noise": Gaussian latents at a random '
+            "timestep.", "batch")
+        geometry: str = doc(
+            '"layernorm": exact slerp of the normalised pre-LayerNorm states; "centered": slerp about a centre; '
+            '"linear": lerp.', "layernorm")
+        centre_file: str = doc(
+            'Centre file of analysis/ellipsoid_check.py (per-position centres) for "centered" and the centred angle; '
+            "empty = estimated from built-in prompts.", "")
+        anchor_pool: int = doc(
+            "K fixed anchors (latents, timestep, pair, fraction) per stage and latent size, each step picks from "
+            'them; 0 = fresh anchors every step. Needs latents = "noise".', 0)
+        cache_anchors: bool = doc(
+            "Precompute the anchor pool's frozen predictions (no frozen UNet pass per step); needs anchor_pool and "
+            "stages that train neither a text-encoder LoRA nor the pivot.", False)
         stages: list[str] = doc("Names of the stages where it is active; empty = every lora stage.", factory=list)
-        probe_every_n_steps: int = doc("Log the mean |eps_lora - eps_frozen| at fractions 0, 0.25, 0.5, 1 on a fixed probe set every N steps (0 = off).", 100)
+        probe_every_n_steps: int = doc(
+            "Log the mean |eps_lora - eps_frozen| at fractions 0, 0.25, 0.5, 1 on a fixed probe set every N steps "
+            "(0 = off).", 100)
 
     def __init__(self, options: Any):
         super().__init__(options)
@@ -287,25 +301,30 @@ class PivotLocality(Plugin):
         return torch.stack(pivot_ids), torch.stack(class_ids), torch.stack(slots), pairs
 
     def _load_centre(self, state: TrainerState) -> tuple[torch.Tensor | None, str]:
-        """The centre of the ``centered`` geometry ([77, d] or [d], float32, on the device) and where it came from."""
-        o, device = self.options, state.device
-        d = state.model.text_encoder.config.hidden_size
-        if o.centre_file:
-            from safetensors.torch import load_file
+        """The centre ([77, d], float32, on the device) for the ``centered`` geometry and the centred angle, and
+        where it came from: the centre file (``pti_plugin.centre_file``), else estimated (None without a use)."""
+        from ..centre_file import CentreFileError, load_centre_file
 
-            tensors = load_file(str(Path(o.centre_file).expanduser()))
-            keys = [k for k in ("centre", "center") if k in tensors] or [
-                k for k in tensors if k.endswith(("centre", "center"))]
-            if len(keys) != 1 and not ({"centre", "center"} & set(keys)):
-                raise _error(f"centre_file {o.centre_file}: expected one tensor named 'centre' (or ending in 'centre'), "
-                             f"found keys {sorted(tensors)}")
-            centre = tensors[keys[0]].float()
-            if centre.shape[-1] != d or centre.dim() not in (1, 2) or (
-                centre.dim() == 2 and centre.shape[0] != self.pivot_ids.shape[1]
-            ):
-                raise _error(f"centre_file {o.centre_file}: tensor {keys[0]!r} has shape {tuple(centre.shape)}; expected "
-                             f"[{self.pivot_ids.shape[1]}, {d}] or [{d}] for this text encoder")
-            return centre.to(device), f"file:{Path(o.centre_file).name}"
+        o, config = self.options, state.config
+        d, positions = state.model.text_encoder.config.hidden_size, self.pivot_ids.shape[1]
+        if o.centre_file:
+            try:
+                loaded = load_centre_file(o.centre_file, expected_dim=d)
+            except CentreFileError as exc:
+                raise _error(f"centre_file: {exc}") from exc
+            if loaded.num_positions != positions:
+                raise _error(f"centre_file {o.centre_file}: {loaded.num_positions} token positions, the prompts have {positions}")
+            skip = loaded.metadata.get("clip_skip")
+            if skip is not None and int(skip) != config.clip_skip:
+                raise _error(f"centre_file {o.centre_file} was measured with clip_skip = {skip}; this run uses "
+                             f"clip_skip = {config.clip_skip} (re-run analysis/ellipsoid_check.py with it)")
+            if self.ln is not None:
+                gamma, beta = self.ln.weight.detach().float().cpu(), self.ln.bias.detach().float().cpu()
+                if not (torch.allclose(loaded.gamma.float(), gamma, rtol=1e-3, atol=1e-3)
+                        and torch.allclose(loaded.beta.float(), beta, rtol=1e-3, atol=1e-3)):
+                    raise _error(f"centre_file {o.centre_file}: its final-LayerNorm gamma/beta differ from this text "
+                                 "encoder's: it was made for another model")
+            return loaded.centre.float().to(state.device), f"file:{Path(o.centre_file).name}"
         if o.geometry != "centered" and self.ln is None:
             return None, "none"
         return self._estimate_centre(state), f"estimated:{len(CENTRE_PROMPTS)} built-in prompts"
@@ -321,7 +340,7 @@ class PivotLocality(Plugin):
     # ------------------------------------------------------------------ stage
     def on_stage_start(self, state: TrainerState) -> None:
         self._stage_active = state.stage.name in self.active_stages
-        self._endpoints: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._endpoints: dict[str, dict[str, torch.Tensor]] = {}
         self._pools: dict[tuple[int, ...], dict[str, Any]] = {}
         self._pending: _Pending | None = None
         self._angle_logs: dict[str, float] = {}
@@ -457,7 +476,6 @@ class PivotLocality(Plugin):
             return None
         o, shape = self.options, tuple(batch.latents.shape[1:])
         seed, stage, step, first_slot = state.config.seed, state.stage_index, state.stage_step, batch.slots[0]
-        target = None
         if o.anchor_pool:
             pool = self._pool(state, shape)
             pick = sample_generator(seed, stage, step, first_slot, _PICK_TAG)
@@ -487,7 +505,7 @@ class PivotLocality(Plugin):
                 return None
             rows = torch.tensor([s.source_row for s in samples], device=main_noisy.device)
             noisy, t = main_noisy[rows], main_t[rows]
-        self._pending = _Pending(samples, trained, frozen, noisy, t, target, True)
+        self._pending = _Pending(samples, trained, frozen, noisy, t, None, True)
         return UNetRows(noisy, t, trained)
 
     def extra_losses(

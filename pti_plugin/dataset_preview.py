@@ -1,0 +1,198 @@
+"""Preview a dataset exactly as training will see it, before spending GPU hours.
+
+    python -m pti_plugin.dataset_preview --preset my.toml [--dataset_config data.toml] [--n 20]
+        [--stage 0] [--num_processes 1] [--save_images DIR] [--tags 40] [--KEY VALUE ...]
+
+Prints, for the first ``n`` samples of a stage (in the order the training loop draws them: step by
+step, slot by slot of the global batch), the final caption after every transformation, the
+bucket, the repeats, whether it is a regularisation image and its augmentation; then per-subset
+counts, the tag-frequency table (the same table the LoRA's ``ss_tag_frequency`` metadata holds)
+and what the trainer does to the captions. It loads no model: every draw goes through
+:func:`pti_plugin.data.samples.draw_sample`, the function the training loop calls, so the
+captions are the ones training feeds the text encoder for the same seed. The global batch depends
+on the number of processes (``--num_processes``, default 1). ``--save_images DIR`` also writes the
+augmented pixels of each sample as PNG files.
+
+Other ``--KEY VALUE`` arguments override preset keys as on the training command line; an explicit
+``--dataset_config`` replaces the preset's ``train_data_dir`` / ``reg_data_dir`` / ``in_json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import EMBEDDED, Config, ConfigError, load_config
+
+@dataclass
+class PreviewSample:
+    """One previewed sample (what the loop feeds for this step and slot)."""
+
+    step: int
+    slot: int
+    epoch: int
+    image: Path
+    subset: str
+    caption: str
+    bucket: tuple[int, int]
+    repeats: int
+    is_reg: bool
+    augmentation: str
+
+
+@dataclass
+class Preview:
+    """The preview of a dataset: samples, per-subset counts, tag frequency and start-up notes."""
+
+    stage_index: int
+    global_batch: int
+    steps_per_epoch: int
+    samples: list[PreviewSample]
+    subsets: list[dict[str, Any]]
+    tag_frequency: dict[str, dict[str, int]]
+    notes: list[str] = field(default_factory=list)
+
+
+def _training_items(config: Config, log_notes: bool):
+    from .data.dataset import load_subsets, scan_images
+
+    train_dir = None
+    if config.train_data_dir == EMBEDDED:
+        from .embedded_default import default_dataset_dir
+
+        train_dir = default_dataset_dir(config.token_string)
+    return scan_images(config, load_subsets(config, train_dir), log_notes=log_notes)
+
+
+def preview_dataset(
+    config: Config, n: int = 20, stage_index: int = 0, num_processes: int = 1, save_images: str | Path | None = None,
+) -> Preview:
+    """The first ``n`` samples of stage ``stage_index`` as the training loop draws them, and the dataset's tables."""
+    from .data.augment import augmented_pixels
+    from .data.dataset import build_entries, dataset_notes, subset_counts, tag_frequency
+    from .data.sample_order import SampleOrder
+    from .data.samples import draw_sample
+
+    if not 0 <= stage_index < len(config.stages):
+        raise ConfigError(f"--stage {stage_index}: the preset has {len(config.stages)} stage(s)")
+    if num_processes < 1 or n < 0:
+        raise ConfigError("--num_processes must be >= 1 and --n >= 0")
+    items = _training_items(config, log_notes=False)
+    entries = build_entries(items)
+    global_batch = config.train_batch_size * num_processes * config.gradient_accumulation_steps
+    order = SampleOrder([items[i].bucket for i in entries], global_batch, config.seed, stage_index)
+    out_dir = Path(save_images) if save_images else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    samples: list[PreviewSample] = []
+    step = 0
+    while len(samples) < n:
+        for slot in range(global_batch):
+            if len(samples) >= n:
+                break
+            sample = draw_sample(items, entries, order, config.seed, stage_index, step, slot,
+                                 config.token_string, config.num_vectors_per_token)
+            item = items[sample.item_index]
+            samples.append(PreviewSample(step, slot, sample.epoch, item.path, item.subset_name, sample.caption,
+                                         item.bucket, item.num_repeats, item.is_reg, sample.augmentation.describe()))
+            if out_dir is not None:
+                _save_png(augmented_pixels(item, sample.augmentation), out_dir / f"step{step:05d}_slot{slot:03d}.png")
+        step += 1
+    return Preview(stage_index, global_batch, order.batches_per_epoch, samples, subset_counts(items),
+                   tag_frequency(items), dataset_notes(items, config.token_string))
+
+
+def _save_png(pixels, path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    array = ((pixels.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+    Image.fromarray(array).save(path)
+
+
+def render(preview: Preview, config: Config, max_tags: int = 40) -> str:
+    """The preview as the text the command prints."""
+    stage = config.stages[preview.stage_index]
+    lines = [
+        f"stage {preview.stage_index} {stage.name!r}: seed {config.seed}, global batch {preview.global_batch}, "
+        f"{preview.steps_per_epoch} step(s) per epoch",
+        "",
+        f"{'step':>5} {'slot':>4} {'epoch':>5}  {'reg':3}  {'bucket':9}  {'repeats':>7}  {'augment':16}  image: caption",
+    ]
+    for s in preview.samples:
+        bucket = f"{s.bucket[0]}x{s.bucket[1]}"
+        lines.append(f"{s.step:>5} {s.slot:>4} {s.epoch:>5}  {'reg' if s.is_reg else '-':3}  {bucket:9}  {s.repeats:>7}  "
+                     f"{s.augmentation:16}  {s.subset}/{s.image.name}: {s.caption}")
+    lines += ["", "subsets (repeats and entries after kohya's reg balancing):",
+              f"  {'dataset':>7}  {'reg':3}  {'images':>6}  {'repeats':>7}  {'entries/epoch':>13}  subset"]
+    for row in preview.subsets:
+        lines.append(f"  {row['dataset']:>7}  {'reg' if row['is_reg'] else '-':3}  {row['images']:>6}  "
+                     f"{str(row['repeats']):>7}  {row['entries']:>13}  {row['subset']}")
+    train = sum(r["entries"] for r in preview.subsets if not r["is_reg"])
+    reg = sum(r["entries"] for r in preview.subsets if r["is_reg"])
+    lines.append(f"  entries per epoch: {train} training + {reg} regularisation")
+    lines += ["", "tag frequency (ss_tag_frequency):"]
+    for name, counts in preview.tag_frequency.items():
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{tag} ({count})" for tag, count in ranked[:max_tags])
+        more = f", ... and {len(ranked) - max_tags} more" if len(ranked) > max_tags else ""
+        lines.append(f"  {name}: {shown}{more}")
+    if preview.notes:
+        lines += ["", "what the trainer does to the captions:"] + [f"  {note}" for note in preview.notes]
+    return "\n".join(lines)
+
+
+def _split_own_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    own = {"n": "20", "stage": "0", "num_processes": "1", "save_images": "", "tags": "40"}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        key = argv[i][2:].partition("=")[0] if argv[i].startswith("--") else ""
+        if key in own:
+            if "=" in argv[i]:
+                own[key] = argv[i].partition("=")[2]
+            elif i + 1 < len(argv):
+                i += 1
+                own[key] = argv[i]
+            else:
+                raise ConfigError(f"--{key} needs a value")
+        else:
+            rest.append(argv[i])
+        i += 1
+    return own, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the preview; returns the exit code (2 for configuration and caption errors)."""
+    from .cli import parse_args
+    from .data.captions import CaptionError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        own, rest = _split_own_flags(argv)
+        preset, overrides, sets = parse_args(rest)
+        if overrides.get("dataset_config"):
+            for key in ("train_data_dir", "reg_data_dir", "in_json"):
+                overrides.setdefault(key, "")
+        config = load_config(preset, overrides, sets)
+        try:
+            n, stage, processes, max_tags = int(own["n"]), int(own["stage"]), int(own["num_processes"]), int(own["tags"])
+        except ValueError as exc:
+            raise ConfigError(f"--n, --stage, --num_processes and --tags take integers ({exc})") from None
+        preview = preview_dataset(config, n, stage, processes, own["save_images"] or None)
+    except (ConfigError, CaptionError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(render(preview, config, max_tags))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
