@@ -100,5 +100,5 @@ def main(argv: list[str] | None = None) -> int:
         print("stopped at once (second interrupt); no file was left half-written", file=sys.stderr)
         return 130
     for kind, path in outputs.items():
-        print(f"{kind}: {path}")
+        print(f"{kind}: {', '.join(map(str, path)) if isinstance(path, list) else path}")
     return 0

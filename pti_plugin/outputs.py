@@ -3,7 +3,7 @@
 Names: the LoRA ``<output_name>.safetensors``, the standalone embedding ``<token>.safetensors``,
 intermediate saves ``<name>-stepNNNNNNNN.safetensors``, the resolved config
 ``<output_name>.config.toml``, the JSONL log ``<output_name>.log.jsonl``, states
-``<output_name>-state-stepNNNNNNNN/``, samples ``samples/<output_name>-<tag>-<i>.png``.
+``<output_name>-state-stepNNNNNNNN/``, samples ``samples/<output_name>-<tag>-<i>.png`` and ``samples/<output_name>-before-after.png``.
 A new run refuses to start when any of its final files already exists (other runs' files in the
 same folder are fine).
 """
@@ -46,6 +46,11 @@ class RunFiles:
 
     def sample_path(self, tag: str, index: int) -> Path:
         return self.output_dir / "samples" / f"{self.output_name}-{tag}-{index}.png"
+
+    @property
+    def before_after_grid(self) -> Path:
+        """``samples/<output_name>-before-after.png``: the samples before training above those after."""
+        return self.output_dir / "samples" / f"{self.output_name}-before-after.png"
 
     def check_new_run(self, resuming: bool) -> None:
         """Refuse to start a new run that would overwrite files of an earlier run of the same names."""

@@ -64,3 +64,19 @@ def generate_samples(pipe, prompts: list[SamplePrompt], default_size: tuple[int,
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         atomic_write_bytes(out, buffer.getvalue())
+
+
+def write_grid(rows: list[list[Path]], out: Path) -> None:
+    """One PNG with the images of ``rows`` (e.g. before / after training) laid out row by row."""
+    from PIL import Image
+
+    images = [[Image.open(p).convert("RGB") for p in row] for row in rows]
+    width = max(im.width for row in images for im in row)
+    height = max(im.height for row in images for im in row)
+    grid = Image.new("RGB", (width * max(len(r) for r in images), height * len(images)), (255, 255, 255))
+    for y, row in enumerate(images):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * width, y * height))
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    atomic_write_bytes(out, buffer.getvalue())

@@ -251,14 +251,20 @@ class Trainer:
             self._info(f"resumed from {config.resume}: stage {start_stage}, step {start_step}")
         if self.accelerator.is_main_process and not config.resume:
             atomic_write_text(self.files.config_toml, toml.dumps(resolved_dict(config)))
+        first_samples = []
         if config.sample_prompts and config.sample_at_first and not config.resume:
-            self.sample("first")
+            first_samples = self.sample("first")
         for stage_index in range(start_stage, len(config.stages)):
             first_step = start_step if stage_index == start_stage else 0
             self._run_stage(stage_index, first_step, resumed if stage_index == start_stage else None)
         outputs = self._save()
         if config.sample_prompts:
             outputs["samples"] = self.sample("final")
+            if first_samples and self.accelerator.is_main_process:
+                from .sampling import write_grid
+
+                outputs["before_after"] = self.files.before_after_grid
+                write_grid([first_samples, outputs["samples"]], outputs["before_after"])
         for plugin in self.plugins:
             plugin.on_end(self.state)
         self.accelerator.end_training()

@@ -18,6 +18,9 @@ def test_demo_preset_runs_on_the_embedded_default(tmp_path, monkeypatch, capsys)
     names = {p.name for p in out.iterdir()}
     assert {"demo.safetensors", "tok1.safetensors", "demo.config.toml", "demo.log.jsonl"} <= names
     samples = sorted(p.name for p in (out / "samples").iterdir())
-    assert samples == [f"demo-{tag}-{i}.png" for tag in ("final", "first") for i in range(3)]
+    assert samples == ["demo-before-after.png"] + [f"demo-{tag}-{i}.png" for tag in ("final", "first") for i in range(3)]
+    from PIL import Image
+
+    assert Image.open(out / "samples" / "demo-before-after.png").size == (3 * 32, 2 * 32)  # a row before, a row after
     data = list((tmp_path / "cache").glob("toy-character-*/*_tok1/*.png"))
     assert len(data) >= 4  # the generated character set in kohya layout
