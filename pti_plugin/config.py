@@ -277,12 +277,27 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
 
 
 def _rebase_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make the path keys of ``raw`` absolute relative to ``base`` (the preset's folder)."""
+    """Make the path keys of ``raw`` absolute relative to ``base`` (the preset's folder).
+
+    Path keys are the top-level ones in ``_PATH_KEYS`` and, in ``[plugins.NAME]`` tables, options
+    whose name ends in ``_file``, ``_dir`` or ``_path``.
+    """
+
+    def rebase(value: Any) -> Any:
+        if isinstance(value, str) and value and value != EMBEDDED and not Path(value).expanduser().is_absolute():
+            return str((base / value).resolve())
+        return value
+
     out = dict(raw)
     for key in _PATH_KEYS + ("extends",):
-        value = out.get(key)
-        if isinstance(value, str) and value and value != EMBEDDED and not Path(value).expanduser().is_absolute():
-            out[key] = str((base / value).resolve())
+        if key in out:
+            out[key] = rebase(out[key])
+    if isinstance(out.get("plugins"), dict):
+        out["plugins"] = {
+            name: {k: rebase(v) if k.endswith(("_file", "_dir", "_path")) else v for k, v in options.items()}
+            if isinstance(options, dict) else options
+            for name, options in out["plugins"].items()
+        }
     return out
 
 

@@ -83,3 +83,10 @@ def test_cli_reports_config_errors_before_loading_any_model(tmp_path, capsys):
     assert "unknown key 'network_dimm'" in err and "Did you mean 'network_dim'?" in err
     assert main(["--preset", str(tmp_path / "missing.toml")]) == 2
     assert "preset not found: looked for" in capsys.readouterr().err
+
+
+def test_plugin_path_options_are_relative_to_the_preset(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    preset = _write(tmp_path / "p.toml", 'train_data_dir = "imgs"\n[plugins.pivot_locality]\ncentre_file = "out/centre.safetensors"\nweight = 2.0\n')
+    config = load_config(preset)
+    assert config.plugins["pivot_locality"] == {"centre_file": str(tmp_path / "out" / "centre.safetensors"), "weight": 2.0}
