@@ -109,21 +109,7 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(f"preset: {exc}") from exc
         self.train_te_lora = any(self._stage_trains_te(s) for s in config.stages)
-        with torch.random.fork_rng(devices=[]):  # LoRA init (peft draws from the global RNG) depends on the seed only
-            torch.manual_seed(config.seed)
-            unet_targets, self.lora_alphas = model.family.unet_lora_targets(model.unet), {}
-            conv = network_args(config)
-            overrides = {}
-            if conv:  # LoCon: 3x3 convolutions take conv_dim/conv_alpha, the other ResNet layers network_dim/alpha
-                conv3x3, other = unet_conv_lora_targets(model.unet)
-                unet_targets = unet_targets + conv3x3 + other
-                overrides = {path: (int(conv["conv_dim"]), conv["conv_alpha"]) for path in conv3x3}
-            self.lora_alphas = {path: overrides.get(path, (0, config.network_alpha))[1] for path in unet_targets}
-            attach_lora(model.unet, unet_targets, config.network_dim, config.network_alpha, overrides)
-            if self.train_te_lora:
-                te_targets = model.family.text_encoder_lora_targets(model.text_encoder)
-                self.lora_alphas |= {path: config.network_alpha for path in te_targets}
-                attach_lora(model.text_encoder, te_targets, config.network_dim, config.network_alpha)
+        self._attach_lora(model)
         self._load_starting_weights(model)
         self.attention = configure_attention(model.unet, config.xformers, config.sdpa, device)
         if config.gradient_checkpointing:
@@ -155,7 +141,8 @@ class Trainer:
         self.state = TrainerState(config=config, accelerator=self.accelerator, model=model, pivot=self.pivot, output_dir=output_dir)
         order = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, 0)
         self.state.steps_per_epoch = order.batches_per_epoch
-        self.accelerator.init_trackers("pti") if config.log_with else None
+        if config.log_with:
+            self.accelerator.init_trackers("pti")
         self._log_file = self.files.log_jsonl
         self._info(
             f"model {model.source} ({model.prediction_type}); attention: {self.attention}; "
@@ -164,6 +151,26 @@ class Trainer:
         )
         for plugin in self.plugins:
             plugin.on_setup(self.state)
+
+    def _attach_lora(self, model) -> None:
+        """LoRA on the UNet (plus LoCon layers with ``network_args``) and, when a stage trains it, the
+        text encoder; records each module's alpha in ``self.lora_alphas`` for the kohya file."""
+        config = self.config
+        unet_targets = model.family.unet_lora_targets(model.unet)
+        overrides: dict[str, tuple[int, float]] = {}
+        conv = network_args(config)
+        if conv:  # LoCon: 3x3 convolutions take conv_dim/conv_alpha, the other ResNet layers network_dim/alpha
+            conv3x3, other = unet_conv_lora_targets(model.unet)
+            unet_targets = unet_targets + conv3x3 + other
+            overrides = {path: (int(conv["conv_dim"]), conv["conv_alpha"]) for path in conv3x3}
+        self.lora_alphas = {path: overrides.get(path, (0, config.network_alpha))[1] for path in unet_targets}
+        with torch.random.fork_rng(devices=[]):  # LoRA init (peft draws from the global RNG) depends on the seed only
+            torch.manual_seed(config.seed)
+            attach_lora(model.unet, unet_targets, config.network_dim, config.network_alpha, overrides)
+            if self.train_te_lora:
+                te_targets = model.family.text_encoder_lora_targets(model.text_encoder)
+                self.lora_alphas |= {path: config.network_alpha for path in te_targets}
+                attach_lora(model.text_encoder, te_targets, config.network_dim, config.network_alpha)
 
     def _load_starting_weights(self, model) -> None:
         """``weights``: the pivot's initial vectors from an embedding file; ``network_weights``: the LoRA's."""
