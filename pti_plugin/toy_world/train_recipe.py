@@ -15,7 +15,9 @@ Stages (all deterministic under ``--seed`` for a fixed thread count):
 2. **Diffusion**: a ``UNet2DConditionModel`` with SD1.5's block types (3 cross-attention down
    blocks + 1 plain, mirrored up) at small widths and one layer per block, and a small
    ``CLIPTextModel`` (ending in its final LayerNorm), trained jointly with v-prediction on a
-   cosine schedule rescaled to zero terminal SNR, AdamW, EMA, caption dropout. The EMA weights,
+   cosine schedule rescaled to zero terminal SNR, AdamW, EMA, caption dropout, and an optional
+   timestep curriculum that, from a given step, draws part of each batch at high noise (where
+   the layout is decided: without it the model ignored position words). The EMA weights,
    the live weights, the optimizer and all RNG states are checkpointed atomically to
    ``DIR/checkpoint.pt`` every ``checkpoint_minutes``; ``--resume`` continues exactly from it.
    Every ``eval_minutes`` a quick detector-based quality estimate is logged.
@@ -23,7 +25,8 @@ Stages (all deterministic under ``--seed`` for a fixed thread count):
    ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``; safetensors, UNet stored fp16) plus
    ``recipe.json`` (seed, settings, steps, duration).
 
-``DIR/recipe.json`` holds the settings; a resumed run reads them from there.
+``DIR/recipe.json`` holds the settings; a resumed run reads them from there. SIGTERM/SIGINT stop
+the run after the current step with a checkpoint (continue with ``--resume``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -90,6 +94,12 @@ class RecipeConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    # timestep curriculum: phases [from_step, fraction, min_t]; from `from_step` on (the last such
+    # phase applies), a `fraction` of each batch draws t uniformly from [min_t, T) instead of
+    # [0, T). The caption alone must decide the layout (position) only at the highest noise
+    # levels (below them the noisy latents already show where the object is), which uniform
+    # sampling visits rarely: without this the model ignored position words.
+    high_noise_phases: list = field(default_factory=list)
     # bookkeeping
     checkpoint_minutes: float = 3.0
     eval_minutes: float = 10.0
@@ -370,7 +380,13 @@ class Trainer:
         index = torch.from_numpy(idx)
         latents = (latents_mean[index] + latents_std[index] * torch.randn(cfg.batch_size, 4, 16, 16)) * scaling
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (cfg.batch_size,))
+        num_t = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, num_t, (cfg.batch_size,))
+        phases = [p for p in cfg.high_noise_phases if self.step >= p[0]]
+        if phases:
+            _, fraction, min_t = max(phases, key=lambda p: p[0])
+            high = torch.rand(cfg.batch_size) < fraction
+            t = torch.where(high, torch.randint(int(min_t), num_t, (cfg.batch_size,)), t)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = self.noise_scheduler.get_velocity(latents, noise, t)
         hidden = self.text_encoder(self.token_ids(captions))[0]  # (B, 77, text_hidden)
@@ -427,6 +443,18 @@ def load_or_train_vae(cfg: RecipeConfig, out: Path) -> tuple[AutoencoderKL, torc
     return vae, mean, lstd, scenes
 
 
+def reproduce_command(cfg: RecipeConfig, steps: int) -> str:
+    """The command line that retrains this model (settings differing from the defaults via --set)."""
+    defaults = dataclasses.asdict(RecipeConfig())
+    changed = [
+        f"{k}={json.dumps(v, separators=(',', ':'))}"
+        for k, v in dataclasses.asdict(cfg).items()
+        if k != "seed" and json.dumps(v) != json.dumps(defaults[k])
+    ]
+    sets = " --set " + " ".join(f"'{c}'" for c in changed) if changed else ""
+    return f"OMP_NUM_THREADS=1 python -m pti_plugin.toy_world.train_recipe --out DIR --seed {cfg.seed} --steps {steps}{sets}"
+
+
 def export(trainer: Trainer, vae: AutoencoderKL, cfg: RecipeConfig, dest: Path) -> None:
     """Write the EMA model as a diffusers folder + ``recipe.json`` to ``dest``.
 
@@ -437,7 +465,7 @@ def export(trainer: Trainer, vae: AutoencoderKL, cfg: RecipeConfig, dest: Path) 
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
     pipe.save_pretrained(tmp, safe_serialization=True)
     record = {
-        "command": f"python -m pti_plugin.toy_world.train_recipe --out <DIR> --seed {cfg.seed}",
+        "command": reproduce_command(cfg, trainer.step),
         "settings": dataclasses.asdict(cfg),
         "steps": trainer.step,
         "train_minutes": round(trainer.train_seconds / 60, 1),
@@ -451,7 +479,8 @@ def export(trainer: Trainer, vae: AutoencoderKL, cfg: RecipeConfig, dest: Path) 
     log(f"exported step {trainer.step} to {dest}")
 
 
-def run(out: Path, cfg: RecipeConfig, minutes: float, max_steps: int | None, resume: bool, export_only: bool) -> None:
+def run(out: Path, cfg: RecipeConfig, minutes: float | None, max_steps: int | None, resume: bool, export_only: bool) -> None:
+    """Run the recipe in ``out``: stages 1-3, training until ``minutes`` or ``max_steps`` (None: no limit)."""
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -467,7 +496,14 @@ def run(out: Path, cfg: RecipeConfig, minutes: float, max_steps: int | None, res
         pipe.set_progress_bar_config(disable=True)
         last_ckpt = last_eval = time.time()
         window_start, window_steps, losses = time.time(), 0, []
-        while trainer.train_seconds < minutes * 60 and (max_steps is None or trainer.step < max_steps):
+        stop = []  # SIGTERM/SIGINT end the run after the current step, with a checkpoint
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.append(signum))
+        while (
+            not stop
+            and (minutes is None or trainer.train_seconds < minutes * 60)
+            and (max_steps is None or trainer.step < max_steps)
+        ):
             t0 = time.time()
             losses.append(trainer.train_step(lat_mean, lat_std, scenes, scaling))
             trainer.train_seconds += time.time() - t0
@@ -486,13 +522,17 @@ def run(out: Path, cfg: RecipeConfig, minutes: float, max_steps: int | None, res
                 last_ckpt = time.time()
         atomic_save(trainer.state_dict(), ckpt)
         log(f"stopped at step {trainer.step} after {trainer.train_seconds / 60:.1f} training minutes")
+        if stop:
+            log("interrupted: checkpoint saved, continue with --resume")
+            return
     export(trainer, vae, cfg, out / "model")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, model/)")
-    parser.add_argument("--minutes", type=float, default=90.0, help="training-loop minutes in total (across resumes)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training-loop minutes in total, across resumes (default 90 unless --steps is given)")
     parser.add_argument("--steps", type=int, default=None, help="stop at this many diffusion steps (whichever first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (settings from recipe.json)")
@@ -508,7 +548,8 @@ def main(argv: list[str] | None = None) -> None:
             if key not in {f.name for f in dataclasses.fields(RecipeConfig)}:
                 raise SystemExit(f"unknown setting {key!r}")
             setattr(cfg, key, json.loads(value))
-    run(args.out, cfg, args.minutes, args.steps, args.resume, args.export_only)
+    minutes = 90.0 if args.minutes is None and args.steps is None else args.minutes
+    run(args.out, cfg, minutes, args.steps, args.resume, args.export_only)
 
 
 if __name__ == "__main__":
