@@ -210,6 +210,10 @@ def test_shipped_weights_load_offline_and_generate():
     assert out.shape == (1, 32, 32, 3)
     img = np.clip(np.rint(out[0] * 255), 0, 255).astype(np.uint8)
     assert detect(img).background == "white"
+    template = pipe.tokenizer("an anime illustration of character").input_ids
+    assert len(template) == 7 and template[0] == pipe.tokenizer.bos_token_id  # class word at index 5
+    for w in WORDS:
+        assert len(pipe.tokenizer(w).input_ids) == 3, w
 
 
 def test_recipe_training_is_deterministic_and_resumes_exactly(tmp_path):
