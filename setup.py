@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["pti_plugin", "pti_plugin.*"]),
     package_data={"pti_plugin": ["models/configs/**/*", "toy_world/weights/**/*"]},
     include_package_data=True,
-    python_requires=">=3.10",
+    python_requires=">=3.11"  # tomllib,
     install_requires=[
         "torch>=2.1",  # lower bound only: keep the CPU/CUDA build you have
         "diffusers>=0.32,<0.43",
@@ -21,9 +21,9 @@ setup(
         "pillow",
         "numpy",
         "matplotlib",
+        "tensorboard",  # log_with = "tensorboard" (kohya's logger; presets/sd15_base.toml uses it)
     ],
     extras_require={
-        "tensorboard": ["tensorboard"],
         "test": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["pti-train=pti_plugin.cli:main"]},

@@ -54,9 +54,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -71,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import toml  # noqa: E402
 
-from pti_plugin.atomic_io import atomic_write_text, atomic_write_with  # noqa: E402
+from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text, atomic_write_with  # noqa: E402
 from pti_plugin.config import ConfigError, apply_overrides, build_config, default_stages, load_preset_dict, parse_value  # noqa: E402
 from pti_plugin.hooks import instantiate_plugins  # noqa: E402
 
@@ -486,15 +484,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
              "pivot_angle_from_init_deg", "output_angle_layernorm_deg", "output_angle_raw_deg", "lora_delta_norm",
              "reconstruction_metric", "reconstruction", "reconstruction_base", "editability_metric", "editability",
              "editability_base", "leakage_score", "diversity_ratio", "attraction_ratio", "pivot_digest", "finished"]
-    columns = [c for c in first if any(c in r for r in rows)]
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, rows, first)
 
 
 def print_table(rows: list[dict], knees: dict, stage: str) -> None:

@@ -48,8 +48,6 @@ summary. Runs on CUDA when available (``--device`` to choose).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import os
@@ -62,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pti_plugin.atomic_io import atomic_write_text, atomic_write_with  # noqa: E402
+from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text, atomic_write_with  # noqa: E402
 from pti_plugin.metrics.leakage import GROUPS, LeakageMeasurement, measure_position_leakage  # noqa: E402
 from pti_plugin.metrics.prompts import NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS  # noqa: E402
 from pti_plugin.metrics.run_model import load_run  # noqa: E402
@@ -107,18 +105,6 @@ def _json_ready(value):
     if isinstance(value, (np.floating, np.integer)):
         return _json_ready(value.item())
     return value
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    atomic_write_text(path, buffer.getvalue())
 
 
 def save_figure(fig, path: Path) -> None:
@@ -298,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "position_leakage.json", json.dumps(_json_ready(record), indent=2) + "\n")
-    write_csv(out / "position_leakage.csv", m.rows)
+    atomic_write_csv(out / "position_leakage.csv", m.rows)
     title = f"{args.run.name}: leakage score {m.score:+.3f} (r_D {m.summary['heatmap']['all']['diversity_ratio']:.2f}, " \
             f"r_A {m.summary['heatmap']['all']['attraction_ratio']:.2f})"
     plot_centroids(m, out / "position_leakage_centroids.png", title)

@@ -9,7 +9,9 @@ for non-finite values before anything is written.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -68,6 +70,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_csv(path: str | os.PathLike, rows: list[dict], first: tuple[str, ...] | list[str] = ()) -> None:
+    """Dict rows as CSV: the ``first`` columns that some row has, then every other key in order of
+    appearance; ``None`` becomes an empty cell."""
+    columns = [c for c in first if any(c in r for r in rows)]
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    atomic_write_text(path, buffer.getvalue())
 
 
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None], size_hint: int | None = None) -> None:

@@ -14,6 +14,7 @@ wrong types and missing paths all raise :class:`ConfigError`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import difflib
 import tomllib
 import typing
@@ -381,6 +382,9 @@ def _validate(config: Config, check_paths: bool) -> None:
     for key, choices in _CHOICES.items():
         if getattr(config, key) not in choices:
             raise ConfigError(f"preset: key {key!r} must be one of {list(choices)}, got {getattr(config, key)!r}")
+    if config.log_with == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ConfigError('preset: log_with = "tensorboard" needs the tensorboard package (pip install tensorboard), '
+                          'or set log_with = "" for the JSONL log only')
     if not config.stages:
         raise ConfigError("preset: 'stages' is empty; at least one stage is needed")
     names = set()

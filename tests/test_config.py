@@ -90,3 +90,14 @@ def test_plugin_path_options_are_relative_to_the_preset(tmp_path):
     preset = _write(tmp_path / "p.toml", 'train_data_dir = "imgs"\n[plugins.pivot_locality]\ncentre_file = "out/centre.safetensors"\nweight = 2.0\n')
     config = load_config(preset)
     assert config.plugins["pivot_locality"] == {"centre_file": str(tmp_path / "out" / "centre.safetensors"), "weight": 2.0}
+
+
+def test_tensorboard_logging_without_the_package_is_refused(tmp_path, monkeypatch):
+    import importlib.util
+
+    build_config({"train_data_dir": str(tmp_path), "log_with": "tensorboard"})  # installed: accepted
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
+    with pytest.raises(ConfigError, match=_escape('log_with = "tensorboard" needs the tensorboard package')):
+        build_config({"train_data_dir": str(tmp_path), "log_with": "tensorboard"})
+    build_config({"train_data_dir": str(tmp_path), "log_with": ""})  # the JSONL log needs nothing

@@ -239,3 +239,20 @@ def test_measurements_on_a_run(loaded, tiny_clip, trained_run):
     assert rec["reconstruction_metric"] == "clip_image_image" and -1 <= rec["reconstruction"] <= 1
     edit = measure_editability(loaded, scorer, edit_prompts=["{T} in the snow"], seeds=[0, 1], steps=2)
     assert edit["editability_metric"] == "clip_text_image" and -1 <= edit["editability_base"] <= 1
+
+
+def test_correlation_pearson_spearman_and_ties():
+    from pti_plugin.metrics.correlation import correlation, ranks
+
+    x = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert correlation(x, [2 * v + 1 for v in x]) == {"pearson": pytest.approx(1.0), "spearman": pytest.approx(1.0), "n": 5}
+    assert correlation(x, [-v for v in x])["pearson"] == pytest.approx(-1.0)
+    exponential = correlation(x, [10.0**v for v in x])
+    assert exponential["spearman"] == pytest.approx(1.0) and exponential["pearson"] < 0.8  # monotone, not linear
+    assert ranks(np.array([3.0, 1.0, 2.0, 2.0])).tolist() == [4.0, 1.0, 2.5, 2.5]
+    # r of (1,2,3,4) with (1,3,2,4) = 0.8, by hand
+    assert correlation([1, 2, 3, 4], [1, 3, 2, 4])["pearson"] == pytest.approx(0.8)
+    dropped = correlation([1.0, None, 2.0, float("nan"), 3.0], [1.0, 5.0, 2.0, 1.0, 3.0])
+    assert dropped["n"] == 3 and dropped["pearson"] == pytest.approx(1.0)
+    assert math.isnan(correlation([1, 2, 3], [4, 4, 4])["pearson"])  # a constant side
+    assert math.isnan(correlation([1, 2], [1, 2])["spearman"])  # below 3 pairs

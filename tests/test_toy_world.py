@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from pti_plugin.toy_world import WEIGHTS_DIR
-from pti_plugin.toy_world.detectors import detect, position_entropy, score_generations
+from pti_plugin.toy_world.detectors import detect, detect_character, position_entropy, score_generations
 from pti_plugin.toy_world.world import (
     BACKGROUNDS,
     CELL_CENTRES,
@@ -78,6 +79,43 @@ def test_character_is_found_at_its_cells():
         got = detect(img)
         assert (got.row, got.col, got.background) == (row, col, "white")
         assert len({tuple(p) for p in img.reshape(-1, 3)}) > 3  # two colours + background + rims
+
+
+def test_character_detector_finds_the_character_and_nothing_else():
+    found = []
+    for row, col, background in itertools.product(range(3), range(3), BACKGROUNDS):
+        got = detect_character(render_character(CELL_CENTRES[col], CELL_CENTRES[row], background))
+        found.append(got.is_character and (got.object.row, got.object.col) == (row, col))
+        assert (got.top_colour, got.bottom_colour) == ("orange", "blue")
+    assert sum(found) == 27
+    rng = np.random.default_rng(0)
+    assert sum(detect_character(render_scene(sample_scene(rng))).is_character for _ in range(300)) == 0
+    flipped = render_character(16.0, 16.0)[::-1]  # blue over orange
+    got = detect_character(np.ascontiguousarray(flipped))
+    assert (got.top_colour, got.bottom_colour, got.is_character) == ("blue", "orange", False)
+    empty = detect_character(np.full((32, 32, 3), 255, dtype=np.uint8))
+    assert (empty.top_colour, empty.is_character) == (None, False)
+
+
+def test_ground_truth_scores_of_rendered_generations():
+    from pti_plugin.toy_world.run_scores import ground_truth
+
+    rng = np.random.default_rng(1)
+    at_training_cells = np.stack([render_character(CELL_CENTRES[c], CELL_CENTRES[r]) for r, c in CHARACTER_CELLS] * 2)
+    everywhere = np.stack([render_scene(_scene("circle", "red", "white", r, c, rng)) for r in range(3) for c in range(3)])
+    top_left = np.stack([render_scene(_scene("square", "blue", "white", 0, 0, rng)) for _ in range(4)])
+    black = np.stack([render_scene(_scene("circle", "green", "black", 1, 1, rng)) for _ in range(4)])
+    white = np.stack([render_scene(_scene("circle", "green", "white", 1, 1, rng)) for _ in range(4)])
+    leaky = ground_truth(at_training_cells, [("tok1 at the top left", top_left), ("tok1 at the bottom right", top_left)],
+                         [("tok1 on a black background", black)])
+    assert leaky == {
+        "gt_reconstruction": 1.0, "gt_edit_position": 0.5, "gt_edit_background": 1.0, "gt_editability": 0.75,
+        "gt_training_cell_fraction": 1.0, "gt_position_entropy": pytest.approx(math.log(3) / math.log(9)),
+    }
+    spread = ground_truth(everywhere, [], [("tok1 on a black background", white)])
+    assert spread["gt_reconstruction"] == 0.0 and spread["gt_edit_background"] == 0.0
+    assert spread["gt_training_cell_fraction"] == pytest.approx(3 / 9) and spread["gt_position_entropy"] == pytest.approx(1.0)
+    assert math.isnan(spread["gt_edit_position"]) and spread["gt_editability"] == 0.0  # mean of what was asked
 
 
 def test_full_captions_parse_back():

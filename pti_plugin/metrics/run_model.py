@@ -58,13 +58,14 @@ def read_run_config(config_path: str | Path) -> Config:
 
 
 def training_items(config: Config) -> list[ImageItem]:
-    """The run's training images (with captions and buckets), as the trainer scanned them."""
+    """The run's training images of the character (with captions and buckets), as the trainer scanned
+    them; regularisation images (``is_reg``) are not the character and are left out."""
     train_dir = None
     if config.train_data_dir == EMBEDDED:
         from ..embedded_default import default_dataset_dir
 
         train_dir = default_dataset_dir(config.token_string)
-    return scan_images(config, load_subsets(config, train_dir))
+    return [item for item in scan_images(config, load_subsets(config, train_dir)) if not item.is_reg]
 
 
 def file_digest(path: str | Path, length: int = 12) -> str:

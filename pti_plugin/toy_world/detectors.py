@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import BACKGROUNDS, CELL_CENTRES, COLOURS, IMAGE_SIZE, SHAPES, parse_caption, shape_coverage
+from .world import BACKGROUNDS, CELL_CENTRES, CHARACTER_COLOURS, COLOURS, IMAGE_SIZE, SHAPES, parse_caption, shape_coverage
 
 #: A pixel belongs to the object when its RGB distance to the background exceeds this fraction of
 #: the distance between the background and the object's estimated colour (and at least MIN_DIST).
@@ -160,6 +160,43 @@ def detect(img: np.ndarray) -> Detection:
     colour = _nearest(np.median(pixels, axis=0), COLOURS)
     shape, iou = classify_shape(object_alpha(img, background, mask))
     return Detection(background, colour, shape, (cx, cy), cell_of(cy), cell_of(cx), n, iou)
+
+
+@dataclass(frozen=True)
+class CharacterDetection:
+    """What :func:`detect_character` reads: the object's half colours, shape and cell, and the verdict.
+
+    ``top_colour``/``bottom_colour`` are palette names of the median colour of the object's pixels
+    above / below its centroid (``None`` without an object); ``is_character`` is true when they are
+    the character's two colours in order and the shape reads as a circle.
+    """
+
+    object: Detection
+    top_colour: str | None
+    bottom_colour: str | None
+    is_character: bool
+
+
+#: Palette names of the character's top and bottom colours.
+CHARACTER_COLOUR_NAMES = tuple(
+    next(name for name, rgb in COLOURS.items() if rgb == tuple(c)) for c in CHARACTER_COLOURS
+)
+
+
+def detect_character(img: np.ndarray) -> CharacterDetection:
+    """Is the PTI character (a disc, top half and bottom half in two colours) in a ``uint8 (32, 32, 3)`` image?"""
+    found = detect(img)
+    if found.centroid is None:
+        return CharacterDetection(found, None, None, False)
+    mask = object_mask(img, found.background)
+    rows = np.arange(IMAGE_SIZE, dtype=np.float32)[:, None] + 0.5
+    cy = found.centroid[1]
+    halves = []
+    for part in (mask & (rows < cy - 0.5), mask & (rows > cy + 0.5)):
+        halves.append(_nearest(np.median(img[part].astype(np.float32), axis=0), COLOURS) if part.sum() >= 3 else None)
+    top, bottom = halves
+    verdict = (top, bottom) == CHARACTER_COLOUR_NAMES and found.shape == "circle"
+    return CharacterDetection(found, top, bottom, verdict)
 
 
 def position_entropy(cells: list[tuple[int, int]]) -> float:

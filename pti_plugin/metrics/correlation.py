@@ -1,0 +1,50 @@
+"""Agreement between two measurements of the same runs: Pearson and Spearman correlation.
+
+The research bench uses it to ask whether a model-internal metric (e.g. the attention-based
+leakage score) ranks runs as the ground truth does. Pairs where either value is missing or not
+finite are dropped; ``n`` says how many remained. Spearman's rho is Pearson's r of the ranks,
+ties sharing their mean rank. Below 3 pairs, or when one side is constant, both are nan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _pairs(x: Sequence, y: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    keep = [(float(a), float(b)) for a, b in zip(x, y, strict=True)
+            if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
+    arr = np.asarray(keep, dtype=np.float64).reshape(-1, 2)
+    return arr[:, 0], arr[:, 1]
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    denominator = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values``; tied values share the mean of their ranks."""
+    order = np.argsort(values, kind="stable")
+    out = np.empty(len(values), dtype=np.float64)
+    sorted_values = values[order]
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        out[order[start : end + 1]] = (start + end) / 2.0 + 1.0
+        start = end + 1
+    return out
+
+
+def correlation(x: Sequence, y: Sequence) -> dict[str, float | int]:
+    """``{"pearson", "spearman", "n"}`` of the finite pairs of ``x`` and ``y`` (equal lengths)."""
+    a, b = _pairs(x, y)
+    return {"pearson": _pearson(a, b), "spearman": _pearson(ranks(a), ranks(b)), "n": int(len(a))}

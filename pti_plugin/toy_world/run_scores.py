@@ -1,0 +1,153 @@
+"""Scores of one finished PTI run on the toy world: the ground truth beside the model-internal metrics.
+
+:func:`score_run` loads a run (:func:`pti_plugin.metrics.load_run`), generates with fixed seeds for
+the fine-tuned model (the pivot ``tok1``, LoRA on) and the base model (the class word, LoRA off) on
+
+- neutral prompts :data:`NEUTRAL_PROMPTS` (no position asked: the model places the subject itself),
+- position edits :data:`~pti_plugin.metrics.prompts.POSITION_EDIT_PROMPTS` (the four corners),
+- background edits :data:`BACKGROUND_EDITS` (black never appears in the character's data),
+
+and returns a flat, JSON-ready dict. **Ground truth** (the toy world's detectors, keys ``gt_*``;
+``*_base`` = the base model with the class word):
+
+- ``gt_reconstruction``: fraction of neutral generations in which :func:`~.detectors.detect_character`
+  finds the character (two colours in order, a disc);
+- ``gt_edit_position`` / ``gt_edit_background``: fraction of edit generations whose object sits in
+  the asked cell / whose background is the asked one; ``gt_editability`` is their mean;
+- ``gt_leakage``: the position-leakage score ``L = 1 - sqrt(r_D r_A)`` of the neutral generations
+  computed from detected object centres (family ``groundtruth`` of
+  :func:`~pti_plugin.metrics.measure_position_leakage`); ``gt_training_cell_fraction``: fraction of
+  neutral generations whose object lies in a cell the training images use (3 of 9 cells; about
+  1/3 for a model that places objects at random); ``gt_position_entropy``: entropy of the neutral
+  generations' cells over log 9.
+
+**Model-internal** (what a real-model run has, no detector): ``attention_leakage`` (the same
+leakage score from cross-attention heatmaps of ``tok1``, neutral prompts), ``proxy_denoise_mse``
+(reconstruction, lower = better), ``proxy_edit_direction_cos`` (editability on the same edit
+prompts), the pivot's distances (``pivot_l2_from_init`` from the training log, output-space angles)
+and ``lora_delta_norm``. Every family/group of the leakage summary is also kept, flattened as
+``<family>_<group>_<key>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..metrics.editability import proxy_edit_direction
+from ..metrics.evaluate import final_log_entry
+from ..metrics.leakage import measure_position_leakage
+from ..metrics.localisation import generate_images
+from ..metrics.movement import lora_delta_norm, output_space_angles
+from ..metrics.probes import make_probes
+from ..metrics.prompts import POSITION_EDIT_PROMPTS
+from ..metrics.reconstruction import proxy_denoise_mse
+from ..metrics.run_model import file_digest, load_run
+from .detectors import detect, detect_character, position_entropy
+from .world import CHARACTER_CELLS, IMAGE_SIZE, parse_caption
+
+#: Prompts that ask for no position (``{T}`` = the run's template, ``{}`` = the subject).
+NEUTRAL_PROMPTS = ("{T}", "{} on a white background")
+#: Prompts that ask for another background than the character's data shows (white, gray).
+BACKGROUND_EDITS = ("{T} on a black background", "{} on a black background")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Generation settings of :func:`score_run`: seeds ``0..seeds-1``, DDIM steps, guidance; probes' images."""
+
+    seeds: int = 16
+    steps: int = 25
+    guidance: float = 3.0
+    max_images: int = 8
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def locate_object(image: np.ndarray) -> tuple[float, float] | None:
+    """The detected object's centre in image fractions ``(x, y)``, or None (the leakage measurement's locator)."""
+    found = detect(image)
+    if found.centroid is None:
+        return None
+    return found.centroid[0] / IMAGE_SIZE, found.centroid[1] / IMAGE_SIZE
+
+
+def _fraction(hits: list[bool]) -> float:
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def ground_truth(neutral: np.ndarray, position_edits: list[tuple[str, np.ndarray]],
+                 background_edits: list[tuple[str, np.ndarray]]) -> dict[str, float]:
+    """Ground-truth fractions of one model's generations (uint8 images ``[..., 32, 32, 3]``).
+
+    ``neutral``: generations of the neutral prompts; ``*_edits``: ``(prompt text, images)`` pairs,
+    the asked cell or background read from the prompt text.
+    """
+    found = [detect_character(img) for img in neutral.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3)]
+    cells = [(d.object.row, d.object.col) for d in found if d.object.row is not None]
+    position_hits, background_hits = [], []
+    for text, images in position_edits:
+        asked = parse_caption(text)
+        position_hits += [(detect(img).row, detect(img).col) == (asked["row"], asked["col"]) for img in images]
+    for text, images in background_edits:
+        asked = parse_caption(text)["background"]
+        background_hits += [detect(img).background == asked for img in images]
+    edit_position, edit_background = _fraction(position_hits), _fraction(background_hits)
+    return {
+        "gt_reconstruction": _fraction([d.is_character for d in found]),
+        "gt_edit_position": edit_position,
+        "gt_edit_background": edit_background,
+        "gt_editability": float(np.nanmean([edit_position, edit_background])),
+        "gt_training_cell_fraction": _fraction([cell in CHARACTER_CELLS for cell in cells]),
+        "gt_position_entropy": position_entropy(cells),
+    }
+
+
+def _finite(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def score_run(run_dir: str | Path, settings: ScoreSettings = ScoreSettings(), device: str | None = None,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Measure the run in ``run_dir`` (see the module docstring); non-finite values become None."""
+    run = load_run(run_dir, device=device)
+    seeds = list(range(settings.seeds))
+    name = run.lora_path.name[: -len(".safetensors")]
+    entry = final_log_entry(run.lora_path.with_name(f"{name}.log.jsonl"))
+    embedding = run.lora_path.with_name(f"{run.token}.safetensors")
+    out: dict = {
+        "pivot_l2_from_init": entry.get("pivot_l2_from_init"),
+        "pivot_angle_from_init_deg": entry.get("pivot_angle_from_init_deg"),
+        "pivot_digest": file_digest(embedding) if embedding.is_file() else None,
+    }
+    out |= output_space_angles(run)
+    out |= lora_delta_norm(run.lora_path)
+    probes = make_probes(run, settings.max_images)
+    out["proxy_denoise_mse"] = proxy_denoise_mse(run, True, probes)
+    out["proxy_denoise_mse_base"] = proxy_denoise_mse(run, False, probes)
+    out |= proxy_edit_direction(run, POSITION_EDIT_PROMPTS + BACKGROUND_EDITS, probes)
+
+    measurement = measure_position_leakage(run, list(NEUTRAL_PROMPTS), list(POSITION_EDIT_PROMPTS), seeds,
+                                           settings.steps, settings.guidance, locate=locate_object, log=log)
+    for family, groups in measurement.summary.items():
+        for group, values in groups.items():
+            for key, value in values.items():
+                out[f"{family}_{group}_{key}"] = value
+    n_neutral = len(NEUTRAL_PROMPTS)
+    for model, tuned in (("tuned", True), ("base", False)):
+        images = measurement.images[model]  # [P, S, 32, 32, 3]
+        position_edits = [(run.prompt(p, tuned), images[n_neutral + k]) for k, p in enumerate(POSITION_EDIT_PROMPTS)]
+        background_edits = [(run.prompt(p, tuned), generate_images(run, p, tuned, seeds, settings.steps, settings.guidance))
+                            for p in BACKGROUND_EDITS]
+        figures = ground_truth(images[:n_neutral], position_edits, background_edits)
+        suffix = "" if tuned else "_base"
+        out |= {f"{key}{suffix}": value for key, value in figures.items()}
+    out["gt_leakage"] = out.get("groundtruth_neutral_leakage_score")
+    out["attention_leakage"] = out.get("heatmap_neutral_leakage_score")
+    return {k: _finite(v) for k, v in out.items()}
