@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["pti_plugin", "pti_plugin.*"]),
     package_data={"pti_plugin": ["models/configs/**/*", "toy_world/weights/**/*"]},
     include_package_data=True,
-    python_requires=">=3.11"  # tomllib,
+    python_requires=">=3.11",  # tomllib
     install_requires=[
         "torch>=2.1",  # lower bound only: keep the CPU/CUDA build you have
         "diffusers>=0.32,<0.43",
