@@ -12,8 +12,8 @@ Usage (in the background, resumable; about an hour on one CPU thread with the de
    preset's inversion stage at each learning rate for ``--inversion_steps`` steps. The
    pivot-locality regulariser acts in LoRA stages only, so this sweep has no variants.
 2. **The pivot**: the inversion run at ``--pivot_lr``; ``knee`` (default) takes the knee of
-   ground-truth reconstruction against the pivot's L2 distance from its init (maximum distance to
-   the chord), else of the denoising proxy, else the middle learning rate. Every LoRA run starts
+   the ground-truth character match against the pivot's L2 distance from its init (maximum
+   distance to the chord), else of the denoising proxy, else the middle learning rate. Every LoRA run starts
    from that embedding (``weights``), so all LoRA sweeps share one pivot.
 3. **LoRA sweeps**, one per variant (``OUT/lora_<variant>/``), the preset's lora stage at each
    learning rate for ``--lora_steps`` steps:
@@ -65,7 +65,7 @@ from pti_plugin.metrics.knee import knee_index  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SCORES_FILE = "bench_scores.json"
 #: Bump when the scores change meaning, so that cached scores are recomputed.
-SCORES_VERSION = 1
+SCORES_VERSION = 2
 VARIANTS = {
     "none": "no regulariser",
     "half_angle": "pivot locality, half the pivot->class angle (the user's method)",
@@ -78,10 +78,12 @@ CORRELATIONS = (
     ("attention_leakage", "gt_leakage", +1, "lora"),
     ("attention_leakage", "gt_training_cell_fraction", +1, "lora"),
     ("proxy_denoise_mse", "gt_reconstruction", -1, "lora"),
+    ("proxy_denoise_mse", "gt_character_match", -1, "lora"),
     ("proxy_edit_direction_cos", "gt_editability", +1, "lora"),
-    ("proxy_denoise_mse", "gt_reconstruction", -1, "inversion"),
+    ("proxy_denoise_mse", "gt_character_match", -1, "inversion"),
     ("proxy_edit_direction_cos", "gt_editability", +1, "inversion"),
     ("proxy_denoise_mse", "gt_reconstruction", -1, "all"),
+    ("proxy_denoise_mse", "gt_character_match", -1, "all"),
     ("proxy_edit_direction_cos", "gt_editability", +1, "all"),
 )
 
@@ -188,7 +190,7 @@ def choose_pivot(rows: list[dict], choice: str) -> tuple[dict, str]:
             raise SystemExit(f"--pivot_lr {choice}: not among the finished inversion runs ({[r['lr'] for r in done]})")
         return match[0], f"--pivot_lr {choice}"
     x = [r.get("pivot_l2_from_init") for r in done]
-    for metric, sign in (("gt_reconstruction", 1.0), ("proxy_denoise_mse", -1.0)):
+    for metric, sign in (("gt_character_match", 1.0), ("proxy_denoise_mse", -1.0)):
         y = [sign * r[metric] if r.get(metric) is not None else float("nan") for r in done]
         k = knee_index([v if v is not None else float("nan") for v in x], y)
         if k is not None:
@@ -269,26 +271,27 @@ def report_text(rows: list[dict], corr: list[dict], light: dict, pivot: dict, pi
         f"{args.seeds} seeds, DDIM {args.sample_steps}, guidance {args.guidance:g})",
         "",
         "Base model (class word, LoRA off): " + ", ".join(
-            f"{k} {_cell(base.get(k + '_base'))}" for k in ("gt_reconstruction", "gt_editability", "gt_training_cell_fraction",
-                                                           "gt_position_entropy")),
+            f"{k} {_cell(base.get(k + '_base'))}" for k in ("gt_reconstruction", "gt_character_match", "gt_editability",
+                                                           "gt_training_cell_fraction", "gt_position_entropy")),
         "",
         "## Inversion sweep (reconstruction and editability against the distance travelled)",
         "",
         markdown_table(
-            ["lr", "lr×steps", "pivot L2 from init", "output angle to class (°)", "GT reconstruction", "GT editability",
-             "GT edit position", "GT edit background", "proxy denoise MSE", "proxy edit cos"],
+            ["lr", "lr×steps", "pivot L2 from init", "output angle to class (°)", "GT reconstruction", "GT character match",
+             "GT editability", "GT edit position", "GT edit background", "proxy denoise MSE", "proxy edit cos"],
             [[r["lr"], r["lr"] * args.inversion_steps, r.get("pivot_l2_from_init"), r.get("output_angle_layernorm_deg"),
-              r.get("gt_reconstruction"), r.get("gt_editability"), r.get("gt_edit_position"), r.get("gt_edit_background"),
-              r.get("proxy_denoise_mse"), r.get("proxy_edit_direction_cos")] for r in inv]),
+              r.get("gt_reconstruction"), r.get("gt_character_match"), r.get("gt_editability"), r.get("gt_edit_position"),
+              r.get("gt_edit_background"), r.get("proxy_denoise_mse"), r.get("proxy_edit_direction_cos")] for r in inv]),
         "",
         f"Pivot of the LoRA sweeps: lr {pivot['lr']:g} ({pivot_rule}), digest {pivot.get('pivot_digest')}.",
         "",
         "## LoRA sweeps (reconstruction, editability, position leakage)",
         "",
         markdown_table(
-            ["variant", "lr", "‖ΔW‖", "GT reconstruction", "GT editability", "GT leakage", "GT training-cell fraction",
-             "GT position entropy", "attention leakage", "proxy denoise MSE", "proxy edit cos"],
-            [[r["variant"], r["lr"], r.get("lora_delta_norm"), r.get("gt_reconstruction"), r.get("gt_editability"),
+            ["variant", "lr", "‖ΔW‖", "GT reconstruction", "GT character match", "GT editability", "GT leakage",
+             "GT training-cell fraction", "GT position entropy", "attention leakage", "proxy denoise MSE", "proxy edit cos"],
+            [[r["variant"], r["lr"], r.get("lora_delta_norm"), r.get("gt_reconstruction"), r.get("gt_character_match"),
+              r.get("gt_editability"),
               r.get("gt_leakage"), r.get("gt_training_cell_fraction"), r.get("gt_position_entropy"),
               r.get("attention_leakage"), r.get("proxy_denoise_mse"), r.get("proxy_edit_direction_cos")] for r in lora]),
         "",
@@ -312,7 +315,7 @@ def report_text(rows: list[dict], corr: list[dict], light: dict, pivot: dict, pi
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     first = ["sweep", "variant", "lr", "run_dir", "pivot_l2_from_init", "output_angle_layernorm_deg", "lora_delta_norm",
-             "gt_reconstruction", "gt_editability", "gt_edit_position", "gt_edit_background", "gt_leakage",
+             "gt_reconstruction", "gt_character_match", "gt_editability", "gt_edit_position", "gt_edit_background", "gt_leakage",
              "gt_training_cell_fraction", "gt_position_entropy", "attention_leakage", "proxy_denoise_mse",
              "proxy_edit_direction_cos"]
     atomic_write_csv(path, rows, first)
@@ -331,6 +334,7 @@ def plot(rows: list[dict], path: Path, args) -> None:
     ax = axes[0][0]
     x = [r.get("pivot_l2_from_init") for r in inv]
     ax.plot(x, [r["gt_reconstruction"] for r in inv], "o-", label="GT reconstruction")
+    ax.plot(x, [r.get("gt_character_match") for r in inv], "^-", label="GT character match")
     ax.plot(x, [r["gt_editability"] for r in inv], "s-", label="GT editability")
     for r in inv:
         ax.annotate(f"lr {r['lr']:g}", (r.get("pivot_l2_from_init"), r["gt_reconstruction"]), fontsize=7,

@@ -86,15 +86,16 @@ def test_character_detector_finds_the_character_and_nothing_else():
     for row, col, background in itertools.product(range(3), range(3), BACKGROUNDS):
         got = detect_character(render_character(CELL_CENTRES[col], CELL_CENTRES[row], background))
         found.append(got.is_character and (got.object.row, got.object.col) == (row, col))
-        assert (got.top_colour, got.bottom_colour) == ("orange", "blue")
+        assert (got.top_colour, got.bottom_colour, got.match) == ("orange", "blue", 1.0)
     assert sum(found) == 27
     rng = np.random.default_rng(0)
     assert sum(detect_character(render_scene(sample_scene(rng))).is_character for _ in range(300)) == 0
     flipped = render_character(16.0, 16.0)[::-1]  # blue over orange
     got = detect_character(np.ascontiguousarray(flipped))
     assert (got.top_colour, got.bottom_colour, got.is_character) == ("blue", "orange", False)
+    assert got.match == pytest.approx(1 / 3)  # a disc, colours the wrong way round
     empty = detect_character(np.full((32, 32, 3), 255, dtype=np.uint8))
-    assert (empty.top_colour, empty.is_character) == (None, False)
+    assert (empty.top_colour, empty.is_character, empty.match) == (None, False, 0.0)
 
 
 def test_ground_truth_scores_of_rendered_generations():
@@ -109,11 +110,12 @@ def test_ground_truth_scores_of_rendered_generations():
     leaky = ground_truth(at_training_cells, [("tok1 at the top left", top_left), ("tok1 at the bottom right", top_left)],
                          [("tok1 on a black background", black)])
     assert leaky == {
-        "gt_reconstruction": 1.0, "gt_edit_position": 0.5, "gt_edit_background": 1.0, "gt_editability": 0.75,
+        "gt_reconstruction": 1.0, "gt_character_match": 1.0, "gt_edit_position": 0.5, "gt_edit_background": 1.0, "gt_editability": 0.75,
         "gt_training_cell_fraction": 1.0, "gt_position_entropy": pytest.approx(math.log(3) / math.log(9)),
     }
     spread = ground_truth(everywhere, [], [("tok1 on a black background", white)])
     assert spread["gt_reconstruction"] == 0.0 and spread["gt_edit_background"] == 0.0
+    assert spread["gt_character_match"] == pytest.approx(1 / 3)  # red circles: the shape only
     assert spread["gt_training_cell_fraction"] == pytest.approx(3 / 9) and spread["gt_position_entropy"] == pytest.approx(1.0)
     assert math.isnan(spread["gt_edit_position"]) and spread["gt_editability"] == 0.0  # mean of what was asked
 

@@ -168,13 +168,21 @@ class CharacterDetection:
 
     ``top_colour``/``bottom_colour`` are palette names of the median colour of the object's pixels
     above / below its centroid (``None`` without an object); ``is_character`` is true when they are
-    the character's two colours in order and the shape reads as a circle.
+    the character's two colours in order and the shape reads as a circle; :attr:`match` gives
+    partial credit.
     """
 
     object: Detection
     top_colour: str | None
     bottom_colour: str | None
     is_character: bool
+
+    @property
+    def match(self) -> float:
+        """Fraction of the character's three traits found: top colour, bottom colour, circle (0 without an object)."""
+        traits = (self.top_colour == CHARACTER_COLOUR_NAMES[0], self.bottom_colour == CHARACTER_COLOUR_NAMES[1],
+                  self.object.shape == "circle")
+        return sum(traits) / 3.0
 
 
 #: Palette names of the character's top and bottom colours.

@@ -11,7 +11,8 @@ and returns a flat, JSON-ready dict. **Ground truth** (the toy world's detectors
 ``*_base`` = the base model with the class word):
 
 - ``gt_reconstruction``: fraction of neutral generations in which :func:`~.detectors.detect_character`
-  finds the character (two colours in order, a disc);
+  finds the character (two colours in order, a disc); ``gt_character_match``: the partial credit
+  (mean fraction of those three traits found), which moves before the whole character appears;
 - ``gt_edit_position`` / ``gt_edit_background``: fraction of edit generations whose object sits in
   the asked cell / whose background is the asked one; ``gt_editability`` is their mean;
 - ``gt_leakage``: the position-leakage score ``L = 1 - sqrt(r_D r_A)`` of the neutral generations
@@ -101,6 +102,7 @@ def ground_truth(neutral: np.ndarray, position_edits: list[tuple[str, np.ndarray
     edit_position, edit_background = _fraction(position_hits), _fraction(background_hits)
     return {
         "gt_reconstruction": _fraction([d.is_character for d in found]),
+        "gt_character_match": float(np.mean([d.match for d in found])) if found else float("nan"),
         "gt_edit_position": edit_position,
         "gt_edit_background": edit_background,
         "gt_editability": float(np.nanmean([edit_position, edit_background])),
