@@ -134,3 +134,14 @@ def test_light_point_picks_the_best_reconstruction_under_the_threshold():
     assert namespace["light_point"](rows, "gt_leakage", 0.15)["lr"] == 1e-3
     assert namespace["light_point"](rows, "gt_leakage", 0.6)["lr"] == 1e-2
     assert namespace["light_point"](rows, "gt_leakage", -1.0) is None
+
+
+def test_scores_are_deterministic(bench):
+    from pti_plugin.toy_world.run_scores import ScoreSettings, score_run
+
+    run_dir = next(r["run_dir"] for r in bench.result["rows"] if r["variant"] == "half_angle")
+    settings = ScoreSettings(seeds=2, steps=2, max_images=2)
+    first = score_run(run_dir, settings, device="cpu")
+    assert score_run(run_dir, settings, device="cpu") == first
+    cached = json.loads((Path(run_dir) / "bench_scores.json").read_text())
+    assert cached["scores"] == first  # the bench's own scoring, with the same settings
