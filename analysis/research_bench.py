@@ -330,39 +330,51 @@ def plot(rows: list[dict], path: Path, args) -> None:
     inv = sorted((r for r in rows if r["sweep"] == "inversion" and r.get("gt_reconstruction") is not None),
                  key=lambda r: r.get("pivot_l2_from_init") or 0.0)
     lora = [r for r in rows if r["sweep"] == "lora" and r.get("gt_reconstruction") is not None]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    by_variant = {v: sorted((r for r in lora if r["variant"] == v), key=lambda r: r["lr"]) for v in VARIANTS}
+    colours = dict(zip(VARIANTS, ("tab:blue", "tab:red", "tab:green", "tab:purple")))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
     ax = axes[0][0]
     x = [r.get("pivot_l2_from_init") for r in inv]
-    ax.plot(x, [r["gt_reconstruction"] for r in inv], "o-", label="GT reconstruction")
-    ax.plot(x, [r.get("gt_character_match") for r in inv], "^-", label="GT character match")
-    ax.plot(x, [r["gt_editability"] for r in inv], "s-", label="GT editability")
+    for key, marker in (("gt_reconstruction", "o-"), ("gt_character_match", "^--"), ("gt_editability", "s-")):
+        ax.plot(x, [r.get(key) for r in inv], marker, label=key)
     for r in inv:
-        ax.annotate(f"lr {r['lr']:g}", (r.get("pivot_l2_from_init"), r["gt_reconstruction"]), fontsize=7,
+        ax.annotate(f"lr {r['lr']:g}", (r.get("pivot_l2_from_init"), r.get("gt_editability")), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
     ax.set_xlabel("pivot L2 distance from init (token-embedding space)")
     ax.set_title(f"inversion sweep, {args.inversion_steps} steps")
-    for key, ax, title in (("gt_reconstruction", axes[0][1], "GT reconstruction"), ("gt_leakage", axes[1][0], "GT position leakage")):
-        for variant in VARIANTS:
-            sub = sorted((r for r in lora if r["variant"] == variant), key=lambda r: r["lr"])
-            if sub:
-                ax.plot([r["lr"] for r in sub], [r.get(key) for r in sub], "o-", label=variant)
+    panels = ((axes[0][1], ("gt_reconstruction", "gt_character_match"), "GT reconstruction (solid), character match (dashed)"),
+              (axes[0][2], ("gt_editability",), "GT editability"),
+              (axes[1][0], ("gt_leakage",), "GT position leakage"))
+    for ax, keys, title in panels:
+        for variant, sub in by_variant.items():
+            for key, style in zip(keys, ("o-", "^--")):
+                ax.plot([r["lr"] for r in sub], [r.get(key) for r in sub], style, color=colours[variant],
+                        label=variant if key == keys[0] else None)
         ax.set_xscale("log")
         ax.set_xlabel("LoRA learning rate")
-        ax.set_title(f"LoRA sweeps, {args.lora_steps} steps: {title}")
+        ax.set_title(f"LoRA sweeps, {args.lora_steps} steps: {title}", fontsize=10)
     axes[1][0].axhline(args.leakage_threshold, color="gray", linestyle=":", label="leakage threshold")
     ax = axes[1][1]
-    for variant in VARIANTS:
-        sub = [r for r in lora if r["variant"] == variant]
-        if sub:
-            ax.scatter([r.get("gt_leakage") for r in sub], [r.get("attention_leakage") for r in sub], label=variant)
+    for variant, sub in by_variant.items():
+        ax.plot([r.get("gt_leakage") for r in sub], [r.get("gt_reconstruction") for r in sub], "o-",
+                color=colours[variant], label=variant)
+    ax.axvline(args.leakage_threshold, color="gray", linestyle=":", label="leakage threshold")
+    ax.set_xlabel("GT position leakage")
+    ax.set_ylabel("GT reconstruction")
+    ax.set_title("reconstruction bought per unit of leakage (runs in lr order)", fontsize=10)
+    ax = axes[1][2]
+    for variant, sub in by_variant.items():
+        ax.scatter([r.get("gt_leakage") for r in sub], [r.get("attention_leakage") for r in sub], color=colours[variant],
+                   label=variant)
     ax.set_xlabel("GT leakage (detected object centres)")
     ax.set_ylabel("attention leakage (cross-attention heatmaps)")
-    ax.set_title("the attention metric against the ground truth")
+    ax.set_title("the attention metric against the ground truth", fontsize=10)
     for a in axes.flat:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
 
 
