@@ -6,7 +6,7 @@ Usage (in the background, resumable; about an hour on one CPU thread with the de
         [--preset presets/research_bench.toml] [--inversion_lrs 1e-3,3e-3,1e-2,3e-2,1e-1]
         [--lora_lrs 1e-4,2e-4,5e-4,1e-3,2e-3,5e-3] [--inversion_steps 1000] [--lora_steps 1000]
         [--variants none,half_angle,class_endpoint,reg_images] [--pivot_lr knee|LR]
-        [--seeds 16] [--sample_steps 25] [--guidance 3] [--leakage_threshold 0.15]
+        [--seeds 16] [--sample_steps 25] [--guidance 3] [--leakage_threshold 0.1]
 
 1. **Inversion sweep** (``analysis/lr_sweep.py --stage inversion``, into ``OUT/inversion/``): the
    preset's inversion stage at each learning rate for ``--inversion_steps`` steps. The
@@ -28,10 +28,12 @@ Usage (in the background, resumable; about an hour on one CPU thread with the de
    ``gt_training_cell_fraction``) and the model-internal metrics a real-model run has
    (``proxy_denoise_mse``, ``proxy_edit_direction_cos``, ``attention_leakage``, distances).
 5. **Report**: the tables, the correlation (Pearson and Spearman, over runs) of each model-internal
-   metric with its ground truth, and per variant the *light* point: the LoRA run of best
-   ground-truth reconstruction whose leakage stays at most ``--leakage_threshold``, chosen once
-   with the ground-truth leakage and once with the attention leakage (what a real-model user would
-   see). Writes ``OUT/research_bench.json`` (settings, rows, correlations, light points),
+   metric with its ground truth, and per variant the *light* point. Both leakage scores compare
+   the pivot (LoRA on) with the class word on the base model, so the pivot alone already scores
+   some leakage; what the LoRA adds is the *excess* over the pivot's own run (LoRA off):
+   ``gt_leakage_excess`` and ``attention_leakage_excess``. The light point is the LoRA run of best
+   ground-truth reconstruction whose excess stays at most ``--leakage_threshold``, chosen once with
+   the ground-truth excess and once with the attention excess (what a real-model user would see). Writes ``OUT/research_bench.json`` (settings, rows, correlations, light points),
    ``OUT/research_bench.csv``, ``OUT/research_bench.md`` (the printed tables) and
    ``OUT/research_bench.png``.
 
@@ -228,6 +230,14 @@ def generate_reg_images(run_dir: Path, class_word: str, reg_dir: Path, count: in
 
 
 # ---------------------------------------------------------------------- report
+def add_excess_leakage(rows: list[dict], pivot: dict) -> None:
+    """``<key>_excess`` = the LoRA run's leakage minus the pivot run's (LoRA off), for both leakage scores."""
+    for row in rows:
+        for key in ("gt_leakage", "attention_leakage"):
+            if row["sweep"] == "lora" and row.get(key) is not None and pivot.get(key) is not None:
+                row[f"{key}_excess"] = row[key] - pivot[key]
+
+
 def light_point(rows: list[dict], leakage_key: str, threshold: float) -> dict | None:
     """The run of best gt_reconstruction among those with ``leakage_key`` <= ``threshold`` (ties: lower lr)."""
     ok = [r for r in rows if r.get(leakage_key) is not None and r[leakage_key] <= threshold
@@ -235,8 +245,8 @@ def light_point(rows: list[dict], leakage_key: str, threshold: float) -> dict | 
     if not ok:
         return None
     best = max(ok, key=lambda r: (r["gt_reconstruction"], -r["lr"]))
-    return {"lr": best["lr"], "gt_reconstruction": best["gt_reconstruction"], "gt_leakage": best.get("gt_leakage"),
-            "attention_leakage": best.get("attention_leakage"), "gt_editability": best.get("gt_editability")}
+    return {"lr": best["lr"], "gt_reconstruction": best["gt_reconstruction"], "gt_leakage_excess": best.get("gt_leakage_excess"),
+            "attention_leakage_excess": best.get("attention_leakage_excess"), "gt_editability": best.get("gt_editability")}
 
 
 def correlations(rows: list[dict]) -> list[dict]:
@@ -283,23 +293,28 @@ def report_text(rows: list[dict], corr: list[dict], light: dict, pivot: dict, pi
               r.get("gt_reconstruction"), r.get("gt_character_match"), r.get("gt_editability"), r.get("gt_edit_position"),
               r.get("gt_edit_background"), r.get("proxy_denoise_mse"), r.get("proxy_edit_direction_cos")] for r in inv]),
         "",
-        f"Pivot of the LoRA sweeps: lr {pivot['lr']:g} ({pivot_rule}), digest {pivot.get('pivot_digest')}.",
+        f"Pivot of the LoRA sweeps: lr {pivot['lr']:g} ({pivot_rule}), digest {pivot.get('pivot_digest')}. "
+        f"Its own leakage (LoRA off, against the class word): GT {_cell(pivot.get('gt_leakage'))}, attention "
+        f"{_cell(pivot.get('attention_leakage'))}; the *excess* columns below subtract these.",
         "",
         "## LoRA sweeps (reconstruction, editability, position leakage)",
         "",
         markdown_table(
             ["variant", "lr", "‖ΔW‖", "GT reconstruction", "GT character match", "GT editability", "GT leakage",
-             "GT training-cell fraction", "GT position entropy", "attention leakage", "proxy denoise MSE", "proxy edit cos"],
+             "GT leakage excess", "GT training-cell fraction", "GT position entropy", "attention leakage",
+             "attention leakage excess", "proxy denoise MSE", "proxy edit cos"],
             [[r["variant"], r["lr"], r.get("lora_delta_norm"), r.get("gt_reconstruction"), r.get("gt_character_match"),
-              r.get("gt_editability"),
-              r.get("gt_leakage"), r.get("gt_training_cell_fraction"), r.get("gt_position_entropy"),
-              r.get("attention_leakage"), r.get("proxy_denoise_mse"), r.get("proxy_edit_direction_cos")] for r in lora]),
+              r.get("gt_editability"), r.get("gt_leakage"), r.get("gt_leakage_excess"), r.get("gt_training_cell_fraction"),
+              r.get("gt_position_entropy"), r.get("attention_leakage"), r.get("attention_leakage_excess"),
+              r.get("proxy_denoise_mse"), r.get("proxy_edit_direction_cos")] for r in lora]),
         "",
-        f"## Light point per variant (best GT reconstruction with leakage ≤ {args.leakage_threshold:g})",
+        f"## Light point per variant (best GT reconstruction with a leakage excess ≤ {args.leakage_threshold:g})",
         "",
         markdown_table(
-            ["variant", "chosen with", "lr", "GT reconstruction", "GT leakage", "attention leakage", "GT editability"],
-            [[v, key, *(([p["lr"], p["gt_reconstruction"], p["gt_leakage"], p["attention_leakage"], p["gt_editability"]])
+            ["variant", "chosen with", "lr", "GT reconstruction", "GT leakage excess", "attention leakage excess",
+             "GT editability"],
+            [[v, key, *(([p["lr"], p["gt_reconstruction"], p["gt_leakage_excess"], p["attention_leakage_excess"],
+                          p["gt_editability"]])
                          if p else ["none qualifies", None, None, None, None])]
              for v, per in light.items() for key, p in per.items()]),
         "",
@@ -316,7 +331,8 @@ def report_text(rows: list[dict], corr: list[dict], light: dict, pivot: dict, pi
 def write_csv(path: Path, rows: list[dict]) -> None:
     first = ["sweep", "variant", "lr", "run_dir", "pivot_l2_from_init", "output_angle_layernorm_deg", "lora_delta_norm",
              "gt_reconstruction", "gt_character_match", "gt_editability", "gt_edit_position", "gt_edit_background", "gt_leakage",
-             "gt_training_cell_fraction", "gt_position_entropy", "attention_leakage", "proxy_denoise_mse",
+             "gt_leakage_excess", "gt_training_cell_fraction", "gt_position_entropy", "attention_leakage",
+             "attention_leakage_excess", "proxy_denoise_mse",
              "proxy_edit_direction_cos"]
     atomic_write_csv(path, rows, first)
 
@@ -345,7 +361,7 @@ def plot(rows: list[dict], path: Path, args) -> None:
     ax.set_title(f"inversion sweep, {args.inversion_steps} steps")
     panels = ((axes[0][1], ("gt_reconstruction", "gt_character_match"), "GT reconstruction (solid), character match (dashed)"),
               (axes[0][2], ("gt_editability",), "GT editability"),
-              (axes[1][0], ("gt_leakage",), "GT position leakage"))
+              (axes[1][0], ("gt_leakage_excess",), "GT leakage excess over the pivot's"))
     for ax, keys, title in panels:
         for variant, sub in by_variant.items():
             for key, style in zip(keys, ("o-", "^--")):
@@ -357,10 +373,10 @@ def plot(rows: list[dict], path: Path, args) -> None:
     axes[1][0].axhline(args.leakage_threshold, color="gray", linestyle=":", label="leakage threshold")
     ax = axes[1][1]
     for variant, sub in by_variant.items():
-        ax.plot([r.get("gt_leakage") for r in sub], [r.get("gt_reconstruction") for r in sub], "o-",
+        ax.plot([r.get("gt_leakage_excess") for r in sub], [r.get("gt_reconstruction") for r in sub], "o-",
                 color=colours[variant], label=variant)
     ax.axvline(args.leakage_threshold, color="gray", linestyle=":", label="leakage threshold")
-    ax.set_xlabel("GT position leakage")
+    ax.set_xlabel("GT leakage excess over the pivot's")
     ax.set_ylabel("GT reconstruction")
     ax.set_title("reconstruction bought per unit of leakage (runs in lr order)", fontsize=10)
     ax = axes[1][2]
@@ -394,7 +410,8 @@ def parse_args(argv):
     parser.add_argument("--sample_steps", type=int, default=25, help="DDIM steps of the generations")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--max_images", type=int, default=8, help="training images of the model-internal proxies")
-    parser.add_argument("--leakage_threshold", type=float, default=0.15, help="largest leakage of a light run")
+    parser.add_argument("--leakage_threshold", type=float, default=0.1,
+                        help="largest leakage excess over the pivot's own of a light run")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
@@ -437,9 +454,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows += [{"sweep": "lora", "variant": variant, "lr": lr, "run_dir": str(d)} | (scores_of(d, output_name, args) or {})
                  for lr, d in sweep_runs(out, "lora", args.lora_lrs)]
 
+    add_excess_leakage(rows, pivot)
     lora_rows = [r for r in rows if r["sweep"] == "lora"]
     light = {v: {key: light_point([r for r in lora_rows if r["variant"] == v], key, args.leakage_threshold)
-                 for key in ("gt_leakage", "attention_leakage")} for v in args.variants}
+                 for key in ("gt_leakage_excess", "attention_leakage_excess")} for v in args.variants}
     corr = correlations(rows)
     text = report_text(rows, corr, light, pivot, pivot_rule, args)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -115,6 +115,9 @@ def test_correlations_and_light_points_are_reported(bench):
     assert corr[("attention_leakage", "gt_leakage", "lora")]["n"] == 8
     assert corr[("proxy_denoise_mse", "gt_reconstruction", "all")]["n"] == 10
     assert set(bench.result["light_points"]) == {"none", "half_angle", "class_endpoint", "reg_images"}
+    pivot_row = next(r for r in bench.result["rows"] if r["sweep"] == "inversion" and r["lr"] == bench.result["pivot"]["lr"])
+    for r in (r for r in bench.result["rows"] if r["sweep"] == "lora"):
+        assert r["gt_leakage_excess"] == pytest.approx(r["gt_leakage"] - pivot_row["gt_leakage"])
     assert "Model-internal metrics against the ground truth" in bench.printed
     assert "attention_leakage | gt_leakage | lora" in (bench.out / "research_bench.md").read_text()
 
@@ -128,12 +131,17 @@ def test_a_second_bench_resumes_without_training_or_scoring(bench):
 
 def test_light_point_picks_the_best_reconstruction_under_the_threshold():
     namespace = runpy.run_path(str(BENCH), run_name="bench_under_test")
-    rows = [{"lr": 1e-4, "gt_reconstruction": 0.2, "gt_leakage": 0.0},
-            {"lr": 1e-3, "gt_reconstruction": 0.6, "gt_leakage": 0.1},
-            {"lr": 1e-2, "gt_reconstruction": 0.9, "gt_leakage": 0.5}]
-    assert namespace["light_point"](rows, "gt_leakage", 0.15)["lr"] == 1e-3
-    assert namespace["light_point"](rows, "gt_leakage", 0.6)["lr"] == 1e-2
-    assert namespace["light_point"](rows, "gt_leakage", -1.0) is None
+    pivot = {"sweep": "inversion", "gt_leakage": 0.2, "attention_leakage": -0.1}
+    rows = [{"sweep": "lora", "lr": 1e-4, "gt_reconstruction": 0.2, "gt_leakage": 0.2, "attention_leakage": 0.0},
+            {"sweep": "lora", "lr": 1e-3, "gt_reconstruction": 0.6, "gt_leakage": 0.3, "attention_leakage": None},
+            {"sweep": "lora", "lr": 1e-2, "gt_reconstruction": 0.9, "gt_leakage": 0.7, "attention_leakage": 0.5}]
+    namespace["add_excess_leakage"](rows, pivot)
+    assert [r["gt_leakage_excess"] for r in rows] == pytest.approx([0.0, 0.1, 0.5])
+    assert rows[0]["attention_leakage_excess"] == pytest.approx(0.1) and "attention_leakage_excess" not in rows[1]
+    assert namespace["light_point"](rows, "gt_leakage_excess", 0.15)["lr"] == 1e-3
+    assert namespace["light_point"](rows, "gt_leakage_excess", 0.6)["lr"] == 1e-2
+    assert namespace["light_point"](rows, "gt_leakage_excess", -1.0) is None
+    assert namespace["light_point"](rows, "attention_leakage_excess", 0.15)["lr"] == 1e-4
 
 
 def test_scores_are_deterministic(bench):
