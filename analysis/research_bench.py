@@ -1,10 +1,10 @@
 """The research bench: the user's protocol on the toy world, ground truth beside the model-internal metrics.
 
-Usage (in the background, resumable; about an hour on one CPU thread with the defaults)::
+Usage (in the background, resumable; about 1.5 hours on one CPU thread with the defaults)::
 
     OMP_NUM_THREADS=1 python analysis/research_bench.py [--out outputs/research_bench]
         [--preset presets/research_bench.toml] [--inversion_lrs 1e-3,3e-3,1e-2,3e-2,1e-1]
-        [--lora_lrs 1e-4,2e-4,5e-4,1e-3,2e-3,5e-3] [--inversion_steps 1000] [--lora_steps 1000]
+        [--lora_lrs 1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3] [--inversion_steps 1000] [--lora_steps 1000]
         [--variants none,half_angle,class_endpoint,reg_images] [--pivot_lr knee|LR]
         [--seeds 16] [--sample_steps 25] [--guidance 3] [--leakage_threshold 0.1]
 
@@ -400,7 +400,7 @@ def parse_args(argv):
     parser.add_argument("--preset", type=Path, default=ROOT / "presets" / "research_bench.toml")
     parser.add_argument("--out", type=Path, default=Path("outputs/research_bench"))
     parser.add_argument("--inversion_lrs", type=lrs_arg, default="1e-3,3e-3,1e-2,3e-2,1e-1")
-    parser.add_argument("--lora_lrs", type=lrs_arg, default="1e-4,2e-4,5e-4,1e-3,2e-3,5e-3")
+    parser.add_argument("--lora_lrs", type=lrs_arg, default="1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3")
     parser.add_argument("--inversion_steps", type=int, default=1000, help="steps per inversion run (the notes: 1000)")
     parser.add_argument("--lora_steps", type=int, default=1000, help="steps per LoRA run (the notes: 1000)")
     parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS), help=", ".join(VARIANTS))
