@@ -3,7 +3,7 @@
 Usage (in the background, resumable; about 1.5 hours on one CPU thread with the defaults)::
 
     OMP_NUM_THREADS=1 python analysis/research_bench.py [--out outputs/research_bench]
-        [--preset presets/research_bench.toml] [--inversion_lrs 1e-3,3e-3,1e-2,3e-2,1e-1]
+        [--preset presets/research_bench.toml] [--set KEY=VALUE] [--inversion_lrs 1e-3,3e-3,1e-2,3e-2,1e-1]
         [--lora_lrs 1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3] [--inversion_steps 1000] [--lora_steps 1000]
         [--variants none,half_angle,class_endpoint,reg_images] [--pivot_lr knee|LR]
         [--seeds 16] [--sample_steps 25] [--guidance 3] [--leakage_threshold 0.1]
@@ -32,8 +32,10 @@ Usage (in the background, resumable; about 1.5 hours on one CPU thread with the 
    the pivot (LoRA on) with the class word on the base model, so the pivot alone already scores
    some leakage; what the LoRA adds is the *excess* over the pivot's own run (LoRA off):
    ``gt_leakage_excess`` and ``attention_leakage_excess``. The light point is the LoRA run of best
-   ground-truth reconstruction whose excess stays at most ``--leakage_threshold``, chosen once with
-   the ground-truth excess and once with the attention excess (what a real-model user would see). Writes ``OUT/research_bench.json`` (settings, rows, correlations, light points),
+   ground-truth reconstruction whose excess stays at most ``--leakage_threshold`` and whose
+   ground-truth editability keeps at least ``--editability_ratio`` of the pivot's own (a run that
+   broke the model does not count as light), chosen once with the ground-truth excess and once
+   with the attention excess (what a real-model user would see). Writes ``OUT/research_bench.json`` (settings, rows, correlations, light points),
    ``OUT/research_bench.csv``, ``OUT/research_bench.md`` (the printed tables) and
    ``OUT/research_bench.png``.
 
@@ -60,7 +62,7 @@ import toml  # noqa: E402
 
 import lr_sweep  # noqa: E402
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text, atomic_write_with  # noqa: E402
-from pti_plugin.config import ConfigError, build_config, load_preset_dict  # noqa: E402
+from pti_plugin.config import ConfigError, apply_overrides, build_config, load_preset_dict  # noqa: E402
 from pti_plugin.metrics.correlation import correlation  # noqa: E402
 from pti_plugin.metrics.knee import knee_index  # noqa: E402
 
@@ -238,10 +240,11 @@ def add_excess_leakage(rows: list[dict], pivot: dict) -> None:
                 row[f"{key}_excess"] = row[key] - pivot[key]
 
 
-def light_point(rows: list[dict], leakage_key: str, threshold: float) -> dict | None:
-    """The run of best gt_reconstruction among those with ``leakage_key`` <= ``threshold`` (ties: lower lr)."""
+def light_point(rows: list[dict], leakage_key: str, threshold: float, min_editability: float = 0.0) -> dict | None:
+    """The run of best gt_reconstruction among those with ``leakage_key`` <= ``threshold`` and
+    gt_editability >= ``min_editability`` (ties: the lower lr); None when no run qualifies."""
     ok = [r for r in rows if r.get(leakage_key) is not None and r[leakage_key] <= threshold
-          and r.get("gt_reconstruction") is not None]
+          and r.get("gt_reconstruction") is not None and (r.get("gt_editability") or 0.0) >= min_editability]
     if not ok:
         return None
     best = max(ok, key=lambda r: (r["gt_reconstruction"], -r["lr"]))
@@ -308,7 +311,8 @@ def report_text(rows: list[dict], corr: list[dict], light: dict, pivot: dict, pi
               r.get("gt_position_entropy"), r.get("attention_leakage"), r.get("attention_leakage_excess"),
               r.get("proxy_denoise_mse"), r.get("proxy_edit_direction_cos")] for r in lora]),
         "",
-        f"## Light point per variant (best GT reconstruction with a leakage excess ≤ {args.leakage_threshold:g})",
+        f"## Light point per variant (best GT reconstruction with a leakage excess ≤ {args.leakage_threshold:g} "
+        f"and a GT editability ≥ {args.editability_ratio:g} × the pivot's)",
         "",
         markdown_table(
             ["variant", "chosen with", "lr", "GT reconstruction", "GT leakage excess", "attention leakage excess",
@@ -399,6 +403,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", type=Path, default=ROOT / "presets" / "research_bench.toml")
     parser.add_argument("--out", type=Path, default=Path("outputs/research_bench"))
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        help="preset override KEY=VALUE (nested keys with dots, e.g. plugins.pivot_locality.weight=1)")
     parser.add_argument("--inversion_lrs", type=lrs_arg, default="1e-3,3e-3,1e-2,3e-2,1e-1")
     parser.add_argument("--lora_lrs", type=lrs_arg, default="1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3")
     parser.add_argument("--inversion_steps", type=int, default=1000, help="steps per inversion run (the notes: 1000)")
@@ -412,6 +418,8 @@ def parse_args(argv):
     parser.add_argument("--max_images", type=int, default=8, help="training images of the model-internal proxies")
     parser.add_argument("--leakage_threshold", type=float, default=0.1,
                         help="largest leakage excess over the pivot's own of a light run")
+    parser.add_argument("--editability_ratio", type=float, default=0.8,
+                        help="a light run keeps at least this fraction of the pivot's GT editability")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
@@ -425,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     try:
-        raw = load_preset_dict(args.preset)
+        raw = apply_overrides(load_preset_dict(args.preset), {}, args.sets)
         config = build_config(copy.deepcopy(raw))
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from exc
@@ -456,7 +464,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     add_excess_leakage(rows, pivot)
     lora_rows = [r for r in rows if r["sweep"] == "lora"]
-    light = {v: {key: light_point([r for r in lora_rows if r["variant"] == v], key, args.leakage_threshold)
+    min_editability = args.editability_ratio * (pivot.get("gt_editability") or 0.0)
+    light = {v: {key: light_point([r for r in lora_rows if r["variant"] == v], key, args.leakage_threshold, min_editability)
                  for key in ("gt_leakage_excess", "attention_leakage_excess")} for v in args.variants}
     corr = correlations(rows)
     text = report_text(rows, corr, light, pivot, pivot_rule, args)

@@ -142,6 +142,8 @@ def test_light_point_picks_the_best_reconstruction_under_the_threshold():
     assert namespace["light_point"](rows, "gt_leakage_excess", 0.6)["lr"] == 1e-2
     assert namespace["light_point"](rows, "gt_leakage_excess", -1.0) is None
     assert namespace["light_point"](rows, "attention_leakage_excess", 0.15)["lr"] == 1e-4
+    rows[1]["gt_editability"], rows[0]["gt_editability"] = 0.3, 0.7  # the better run broke editability
+    assert namespace["light_point"](rows, "gt_leakage_excess", 0.15, min_editability=0.5)["lr"] == 1e-4
 
 
 def test_scores_are_deterministic(bench):
