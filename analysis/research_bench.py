@@ -412,7 +412,9 @@ def parse_args(argv):
     parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS), help=", ".join(VARIANTS))
     parser.add_argument("--pivot_lr", default="knee", help="knee, or the inversion learning rate whose pivot LoRA runs share")
     parser.add_argument("--reg_images", type=int, default=12, help="regularisation images of the reg_images variant")
-    parser.add_argument("--seeds", type=int, default=16, help="generation seeds per prompt when scoring")
+    parser.add_argument("--seeds", type=int, default=16,
+                        help="generation seeds per prompt when scoring; 16 leave the leakage score uncertain by about "
+                             "0.16 (two seed sets on the same run), use 64 or more to compare variants' leakage")
     parser.add_argument("--sample_steps", type=int, default=25, help="DDIM steps of the generations")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--max_images", type=int, default=8, help="training images of the model-internal proxies")
