@@ -38,7 +38,24 @@ def final_log_entry(log_path: str | Path, stage: str | None = None) -> dict:
     return last
 
 
-def _finite(value):
+def run_movement(run, stage: str | None = None) -> dict:
+    """How far a loaded run moved: the pivot's distance, angle and norm from the training log's last
+    entry (of ``stage`` when given), the embedding file's digest, the output-space angles and the
+    LoRA weight change."""
+    name = run.lora_path.name[: -len(".safetensors")]
+    entry = final_log_entry(run.lora_path.with_name(f"{name}.log.jsonl"), stage)
+    embedding = run.lora_path.with_name(f"{run.token}.safetensors")
+    out: dict = {
+        "pivot_l2_from_init": entry.get("pivot_l2_from_init"),
+        "pivot_angle_from_init_deg": entry.get("pivot_angle_from_init_deg"),
+        "pivot_norm": entry.get("pivot_norm"),
+        "pivot_digest": file_digest(embedding) if embedding.is_file() else None,
+    }
+    return out | output_space_angles(run) | lora_delta_norm(run.lora_path)
+
+
+def finite_or_none(value):
+    """``value``, or None for a non-finite float (JSON has no nan)."""
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
@@ -72,17 +89,7 @@ def evaluate_run(
         from .clip_scores import ClipScorer
 
         scorer = ClipScorer(clip_model_path, device=run.device)
-    name = run.lora_path.name[: -len(".safetensors")]
-    entry = final_log_entry(run.lora_path.with_name(f"{name}.log.jsonl"), inversion_stage)
-    embedding = run.lora_path.with_name(f"{run.token}.safetensors")
-    out: dict = {
-        "pivot_l2_from_init": entry.get("pivot_l2_from_init"),
-        "pivot_angle_from_init_deg": entry.get("pivot_angle_from_init_deg"),
-        "pivot_norm": entry.get("pivot_norm"),
-        "pivot_digest": file_digest(embedding) if embedding.is_file() else None,
-    }
-    out |= output_space_angles(run)
-    out |= lora_delta_norm(run.lora_path)
+    out = run_movement(run, inversion_stage)
     probes = make_probes(run, max_images) if scorer is None else None
     out |= measure_reconstruction(run, scorer, seeds, steps, guidance, probes, include_base)
     out |= measure_editability(run, scorer, EDIT_PROMPTS, seeds, steps, guidance, probes, include_base)
@@ -97,4 +104,4 @@ def evaluate_run(
                 for key, value in values.items():
                     prefix = "" if (family, group) == ("heatmap", "all") else f"{family}_{group}_"
                     out[f"{prefix}{key}"] = value
-    return {k: _finite(v) for k, v in out.items()}
+    return {k: finite_or_none(v) for k, v in out.items()}

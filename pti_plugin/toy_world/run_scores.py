@@ -26,14 +26,13 @@ and returns a flat, JSON-ready dict. **Ground truth** (the toy world's detectors
 leakage score from cross-attention heatmaps of ``tok1``, neutral prompts), ``proxy_denoise_mse``
 (reconstruction, lower = better), ``proxy_edit_direction_cos`` (editability on the same edit
 prompts), the pivot's distances (``pivot_l2_from_init`` from the training log, output-space angles)
-and ``lora_delta_norm``. Every family/group of the leakage summary is also kept, flattened as
+and ``lora_delta_norm`` (:func:`~pti_plugin.metrics.evaluate.run_movement`). Every family/group of the leakage summary is also kept, flattened as
 ``<family>_<group>_<key>``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +40,13 @@ from pathlib import Path
 import numpy as np
 
 from ..metrics.editability import proxy_edit_direction
-from ..metrics.evaluate import final_log_entry
+from ..metrics.evaluate import finite_or_none, run_movement
 from ..metrics.leakage import measure_position_leakage
 from ..metrics.localisation import generate_images
-from ..metrics.movement import lora_delta_norm, output_space_angles
 from ..metrics.probes import make_probes
 from ..metrics.prompts import POSITION_EDIT_PROMPTS
 from ..metrics.reconstruction import proxy_denoise_mse
-from ..metrics.run_model import file_digest, load_run
+from ..metrics.run_model import load_run
 from .detectors import detect, detect_character, position_entropy
 from .world import CHARACTER_CELLS, IMAGE_SIZE, parse_caption
 
@@ -95,7 +93,7 @@ def ground_truth(neutral: np.ndarray, position_edits: list[tuple[str, np.ndarray
     position_hits, background_hits = [], []
     for text, images in position_edits:
         asked = parse_caption(text)
-        position_hits += [(detect(img).row, detect(img).col) == (asked["row"], asked["col"]) for img in images]
+        position_hits += [(found.row, found.col) == (asked["row"], asked["col"]) for found in map(detect, images)]
     for text, images in background_edits:
         asked = parse_caption(text)["background"]
         background_hits += [detect(img).background == asked for img in images]
@@ -111,25 +109,12 @@ def ground_truth(neutral: np.ndarray, position_edits: list[tuple[str, np.ndarray
     }
 
 
-def _finite(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def score_run(run_dir: str | Path, settings: ScoreSettings = ScoreSettings(), device: str | None = None,
               log: Callable[[str], None] | None = None) -> dict:
     """Measure the run in ``run_dir`` (see the module docstring); non-finite values become None."""
     run = load_run(run_dir, device=device)
     seeds = list(range(settings.seeds))
-    name = run.lora_path.name[: -len(".safetensors")]
-    entry = final_log_entry(run.lora_path.with_name(f"{name}.log.jsonl"))
-    embedding = run.lora_path.with_name(f"{run.token}.safetensors")
-    out: dict = {
-        "pivot_l2_from_init": entry.get("pivot_l2_from_init"),
-        "pivot_angle_from_init_deg": entry.get("pivot_angle_from_init_deg"),
-        "pivot_digest": file_digest(embedding) if embedding.is_file() else None,
-    }
-    out |= output_space_angles(run)
-    out |= lora_delta_norm(run.lora_path)
+    out = run_movement(run)
     probes = make_probes(run, settings.max_images)
     out["proxy_denoise_mse"] = proxy_denoise_mse(run, True, probes)
     out["proxy_denoise_mse_base"] = proxy_denoise_mse(run, False, probes)
@@ -152,4 +137,4 @@ def score_run(run_dir: str | Path, settings: ScoreSettings = ScoreSettings(), de
         out |= {f"{key}{suffix}": value for key, value in figures.items()}
     out["gt_leakage"] = out.get("groundtruth_neutral_leakage_score")
     out["attention_leakage"] = out.get("heatmap_neutral_leakage_score")
-    return {k: _finite(v) for k, v in out.items()}
+    return {k: finite_or_none(v) for k, v in out.items()}
