@@ -182,6 +182,12 @@ def scores_of(run_dir: Path, output_name: str, args) -> dict | None:
     return scores
 
 
+def scored_rows(out: Path, stage: str, variant: str, lrs: str, output_name: str, args) -> list[dict]:
+    """One report row per run of a sweep: its sweep, variant, lr and folder, then its scores (none if unfinished)."""
+    return [{"sweep": stage, "variant": variant, "lr": lr, "run_dir": str(d)} | (scores_of(d, output_name, args) or {})
+            for lr, d in sweep_runs(out, stage, lrs)]
+
+
 def choose_pivot(rows: list[dict], choice: str) -> tuple[dict, str]:
     """The inversion row whose pivot the LoRA sweeps share, and the rule that chose it."""
     done = [r for r in rows if r.get("gt_reconstruction") is not None]
@@ -450,8 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
     inv_out = args.out / "inversion"
     run_sweep(write_preset(presets / "inversion.toml", inversion_preset(raw)), "inversion", args.inversion_lrs,
               args.inversion_steps, inv_out)
-    rows = [{"sweep": "inversion", "variant": "none", "lr": lr, "run_dir": str(d)} | (scores_of(d, output_name, args) or {})
-            for lr, d in sweep_runs(inv_out, "inversion", args.inversion_lrs)]
+    rows = scored_rows(inv_out, "inversion", "none", args.inversion_lrs, output_name, args)
     pivot, pivot_rule = choose_pivot(rows, args.pivot_lr)
     pivot_file = Path(pivot["run_dir"]) / f"{config.token_string}.safetensors"
     print(f"pivot: inversion lr {pivot['lr']:g} ({pivot_rule}): {pivot_file}", flush=True)
@@ -464,8 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = args.out / f"lora_{variant}"
         preset = write_preset(presets / f"lora_{variant}.toml", variant_preset(raw, variant, pivot_file, reg_dir))
         run_sweep(preset, "lora", args.lora_lrs, args.lora_steps, out)
-        rows += [{"sweep": "lora", "variant": variant, "lr": lr, "run_dir": str(d)} | (scores_of(d, output_name, args) or {})
-                 for lr, d in sweep_runs(out, "lora", args.lora_lrs)]
+        rows += scored_rows(out, "lora", variant, args.lora_lrs, output_name, args)
 
     add_excess_leakage(rows, pivot)
     lora_rows = [r for r in rows if r["sweep"] == "lora"]
