@@ -126,7 +126,7 @@ def test_full_captions_parse_back():
         s = sample_scene(rng)
         text = make_caption(s)
         assert text == f"a {s.colour} {s.shape} at the {ROWS[s.row]} {COLUMNS[s.col]} on a {s.background} background"
-        assert parse_caption(text) == {"shape": s.shape, "colour": s.colour, "background": s.background, "row": s.row, "col": s.col}
+        assert parse_caption(text) == {"shape": s.shape, "colour": s.colour, "colour2": None, "background": s.background, "row": s.row, "col": s.col}
 
 
 def test_random_captions_drop_attributes_and_parse():

@@ -191,18 +191,25 @@ CHARACTER_COLOUR_NAMES = tuple(
 )
 
 
-def detect_character(img: np.ndarray) -> CharacterDetection:
-    """Is the PTI character (a disc, top half and bottom half in two colours) in a ``uint8 (32, 32, 3)`` image?"""
-    found = detect(img)
+def half_colours(img: np.ndarray, found: Detection) -> tuple[str | None, str | None]:
+    """Palette names of the median colour of the object's pixels above / below its centroid
+    (``None`` for a half with fewer than 3 pixels or without an object)."""
     if found.centroid is None:
-        return CharacterDetection(found, None, None, False)
+        return None, None
     mask = object_mask(img, found.background)
     rows = np.arange(IMAGE_SIZE, dtype=np.float32)[:, None] + 0.5
     cy = found.centroid[1]
     halves = []
     for part in (mask & (rows < cy - 0.5), mask & (rows > cy + 0.5)):
         halves.append(_nearest(np.median(img[part].astype(np.float32), axis=0), COLOURS) if part.sum() >= 3 else None)
-    top, bottom = halves
+    return halves[0], halves[1]
+
+
+def detect_character(img: np.ndarray) -> CharacterDetection:
+    """Is the PTI character's coarse look (a disc, top half and bottom half in the character's two
+    colours; the detail is not required) in a ``uint8 (32, 32, 3)`` image?"""
+    found = detect(img)
+    top, bottom = half_colours(img, found)
     verdict = (top, bottom) == CHARACTER_COLOUR_NAMES and found.shape == "circle"
     return CharacterDetection(found, top, bottom, verdict)
 
@@ -221,18 +228,21 @@ def position_entropy(cells: list[tuple[int, int]]) -> float:
 def score_generations(prompts: list[str], images: np.ndarray) -> dict[str, float]:
     """Detector agreement of generated uint8 images ``(N, 32, 32, 3)`` with their prompts.
 
-    Returns fractions ``colour``, ``shape``, ``background`` (over prompts stating the attribute),
+    Returns fractions ``colour``, ``shape``, ``background`` (over prompts stating the attribute;
+    ``colour`` over one-colour prompts), ``two_tone`` (two-tone prompts: both halves' colours right),
     ``position`` (prompts stating a position: detected cell == stated cell) and
     ``position_entropy`` (:func:`position_entropy` of the detected cells of the prompts stating
     no position; images without a detected object count as misses everywhere).
     """
-    hits = {"colour": [], "shape": [], "background": [], "position": []}
+    hits = {"colour": [], "shape": [], "background": [], "position": [], "two_tone": []}
     free_cells = []
     for prompt, img in zip(prompts, images, strict=True):
         want = parse_caption(prompt)
         got = detect(img)
+        if want["colour2"] is not None:
+            hits["two_tone"].append(half_colours(img, got) == (want["colour"], want["colour2"]))
         for key in ("colour", "shape", "background"):
-            if want[key] is not None:
+            if want[key] is not None and not (key == "colour" and want["colour2"] is not None):
                 hits[key].append(getattr(got, key) == want[key])
         if want["row"] is not None:
             hits["position"].append((got.row, got.col) == (want["row"], want["col"]))

@@ -55,14 +55,17 @@ from pti_plugin.models.word_vocab import write_tokenizer_files
 
 from .detectors import score_generations
 from .world import (
+    CELL_CENTRES,
     IMAGE_SIZE,
     SHAPES,
     WORDS,
     make_caption,
     quality_prompts,
+    render_character,
     render_scene,
-    sample_scene,
+    sample_pretraining_scene,
     shape_coverage,
+    two_tone_prompts,
 )
 
 
@@ -72,6 +75,7 @@ class RecipeConfig:
 
     seed: int = 0
     num_scenes: int = 40000
+    two_tone_fraction: float = 0.25  # share of pretraining scenes that are two-tone (world v2)
     # VAE stage
     vae_channels: tuple[int, ...] = (16, 32)
     vae_steps: int = 800
@@ -98,10 +102,10 @@ class RecipeConfig:
     # phase applies), a `fraction` of each batch draws t uniformly from [min_t, T) instead of
     # [0, T). The caption alone must decide the layout (position) only at the highest noise
     # levels (below them the noisy latents already show where the object is), which uniform
-    # sampling visits rarely: with uniform t only, the model ignored position words for 3000+
-    # steps, and [900, T) did not fix it either; [975, T) did within ~500 steps. The default is
-    # the curriculum of the shipped run (found during it), so the defaults reproduce it.
-    high_noise_phases: list = field(default_factory=lambda: [[3082, 0.5, 700], [3775, 0.5, 900], [4377, 0.5, 975]])
+    # sampling visits rarely: in world v1's run, with uniform t only, the model ignored position
+    # words for 3000+ steps, and [900, T) did not fix it either; [975, T) did within ~500 steps.
+    # World v2's run uses [975, T) from step 0.
+    high_noise_phases: list = field(default_factory=lambda: [[0, 0.5, 975]])
     # bookkeeping
     checkpoint_minutes: float = 3.0
     eval_minutes: float = 10.0
@@ -220,7 +224,8 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def random_patchwork(rng: np.random.Generator) -> np.ndarray:
     """A random image outside the world's palette: 1-3 shapes of random colours (some split in
-    two colours, top/bottom or left/right) at random places and sizes on a random background.
+    two colours, top/bottom or left/right) at random places and sizes on a random background, and
+    half the time a small dot.
     Returns uint8 ``(32, 32, 3)``."""
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
     img[:] = rng.uniform(0, 255, 3)
@@ -239,6 +244,10 @@ def random_patchwork(rng: np.random.Generator) -> np.ndarray:
                 half = shape_coverage("square", float(cx) - IMAGE_SIZE, float(cy), IMAGE_SIZE * 2.0)
             a2 = alpha * half[..., None]
             img = img * (1 - a2) + rng.uniform(0, 255, 3) * a2
+    if rng.random() < 0.5:  # a small dot (2-4 px), so the VAE can also carry fine details
+        cx, cy = rng.uniform(2, IMAGE_SIZE - 2, 2)
+        dot = shape_coverage("circle", float(cx), float(cy), float(rng.uniform(2, 4)))[..., None]
+        img = img * (1 - dot) + rng.uniform(0, 255, 3) * dot
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -250,7 +259,7 @@ def train_vae(cfg: RecipeConfig, vae: AutoencoderKL, rng: np.random.Generator) -
     for step in range(cfg.vae_steps):
         imgs = np.stack(
             [
-                random_patchwork(rng) if rng.random() < cfg.vae_patchwork_fraction else render_scene(sample_scene(rng))
+                random_patchwork(rng) if rng.random() < cfg.vae_patchwork_fraction else render_scene(sample_pretraining_scene(rng))
                 for _ in range(cfg.vae_batch_size)
             ]
         )
@@ -270,7 +279,7 @@ def train_vae(cfg: RecipeConfig, vae: AutoencoderKL, rng: np.random.Generator) -
     vae.eval()
     vae.requires_grad_(False)
     with torch.no_grad():
-        probe = to_tensor(np.stack([render_scene(sample_scene(rng)) for _ in range(512)]))
+        probe = to_tensor(np.stack([render_scene(sample_pretraining_scene(rng)) for _ in range(512)]))
         return float(vae.encode(probe).latent_dist.mean.std())
 
 
@@ -414,6 +423,8 @@ class Trainer:
 def evaluate(pipe: StableDiffusionPipeline, cfg: RecipeConfig, n: int, seed: int = 1234) -> tuple[dict, np.ndarray]:
     """Detector-based quality of ``pipe`` on ``n`` fixed prompts/seeds -> (figures, images)."""
     prompts, seeds = quality_prompts(n, seed)
+    two_tone, two_tone_seeds = two_tone_prompts(max(n // 3, 2), seed)
+    prompts, seeds = prompts + two_tone, seeds + two_tone_seeds
     images = generate(pipe, prompts, seeds, guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps)
     return score_generations(prompts, images), images
 
@@ -422,7 +433,7 @@ def load_or_train_vae(cfg: RecipeConfig, out: Path) -> tuple[AutoencoderKL, torc
     """Stage 1 (skipped when ``vae.pt``/``latents.pt`` exist): returns vae, latent mean/std, scenes."""
     vae = build_vae(cfg)
     scene_rng = np.random.default_rng([cfg.seed, 1])
-    scenes = [sample_scene(scene_rng) for _ in range(cfg.num_scenes)]
+    scenes = [sample_pretraining_scene(scene_rng, cfg.two_tone_fraction) for _ in range(cfg.num_scenes)]
     if (out / "vae.pt").exists() and (out / "latents.pt").exists():
         vae.load_state_dict(torch.load(out / "vae.pt")["state_dict"])
         vae.register_to_config(scaling_factor=torch.load(out / "vae.pt")["scaling_factor"])
@@ -440,9 +451,23 @@ def load_or_train_vae(cfg: RecipeConfig, out: Path) -> tuple[AutoencoderKL, torc
     recon = np.clip(np.rint((recon.permute(0, 2, 3, 1).numpy() + 1) * 127.5), 0, 255).astype(np.uint8)
     figures = score_generations([make_caption(s) for s in scenes[:300]], recon)
     log("vae reconstructions: " + " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
+    log(f"vae character (with its detail) mean abs error {character_recon_error(vae):.2f} / 255")
     atomic_save({"state_dict": vae.state_dict(), "scaling_factor": 1.0 / std}, out / "vae.pt")
     atomic_save({"mean": mean, "std": lstd}, out / "latents.pt")
     return vae, mean, lstd, scenes
+
+
+def character_recon_error(vae: AutoencoderKL) -> float:
+    """Mean absolute RGB error (0-255) of the VAE's reconstructions of the character at 9 places,
+    inside a 5x5 window on its centre (where the detail is)."""
+    centres = [(CELL_CENTRES[c] + d, CELL_CENTRES[r] - d) for r in range(3) for c in range(3) for d in (0.3,)]
+    images = np.stack([render_character(cx, cy) for cx, cy in centres])
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample
+    recon = (recon.permute(0, 2, 3, 1).numpy() + 1) * 127.5
+    errors = [np.abs(recon[k, int(cy) - 2 : int(cy) + 3, int(cx) - 2 : int(cx) + 3] - images[k, int(cy) - 2 : int(cy) + 3, int(cx) - 2 : int(cx) + 3]).mean()
+              for k, (cx, cy) in enumerate(centres)]
+    return float(np.mean(errors))
 
 
 def reproduce_command(cfg: RecipeConfig, steps: int) -> str:

@@ -1,21 +1,27 @@
-"""The toy world: procedural 32x32 scenes of one flat-coloured shape on a plain background.
+"""The toy world (v2): procedural 32x32 scenes of one shape on a plain background.
 
-A scene is one object — a ``shape`` in a ``colour`` — centred near one cell of a 3x3 grid (plus a
-small jitter) on a ``background`` colour. Captions describe it in lower-case words that the
-word-level tokenizer (:mod:`pti_plugin.models.word_vocab`) keeps as single tokens, e.g.
-``a red circle at the top left on a white background``. Captions randomly omit attributes (the
-position in a quarter of them) so that a model trained on them draws an unasked attribute at
-random, and some carry the project's template prefix ``an anime illustration of``.
+A scene is one object — a ``shape`` in a ``colour``, or *two-tone*: its top half in ``colour``
+and its bottom half in ``colour2`` — centred near one cell of a 3x3 grid (plus a small jitter)
+on a ``background`` colour. Captions describe it in lower-case words that the word-level
+tokenizer (:mod:`pti_plugin.models.word_vocab`) keeps as single tokens, e.g.
+``a red circle at the top left on a white background`` or, two-tone (top colour first),
+``a orange blue square at the top left on a white background``. Captions randomly omit
+attributes (the position in a quarter of them) so that a model trained on them draws an unasked
+attribute at random, and some carry the project's template prefix ``an anime illustration of``.
 
-The *character* used by PTI is an appearance the world never shows: a disc whose top half and
-bottom half have two different colours. :func:`write_character_dataset` writes a kohya-style
-fine-tuning folder of it at a few fixed positions (:data:`CHARACTER_CELLS`).
+The *character* used by PTI is a new combination of known parts: an orange-over-blue disc
+(:data:`HELD_OUT_TWO_TONE`: pretraining shows orange-over-blue squares and triangles and discs
+of every other pair, never this one) plus one private detail pretraining never shows: a small
+white dot at its centre (:data:`DETAIL_SIZE`). :func:`write_character_dataset` writes a
+kohya-style fine-tuning folder of it at a few fixed cells (:data:`CHARACTER_CELLS`), chosen so
+that no row or column word covers two of them.
 
 All images are ``uint8`` arrays of shape ``(32, 32, 3)`` (rows = y, top first; columns = x).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +65,18 @@ WORDS = tuple(
 )
 
 #: The character: top-half and bottom-half colours, and the fixed (row, column) cells at which
-#: the fine-tuning set shows it (it is never shown elsewhere).
+#: the fine-tuning set shows it (it is never shown elsewhere). No two cells share a row or a
+#: column, so no single position word of the world describes two of them.
 CHARACTER_COLOURS = ((250, 135, 20), (30, 70, 230))
 CHARACTER_SIZE = 12.0
-CHARACTER_CELLS = ((0, 0), (0, 2), (2, 1))
+CHARACTER_CELLS = ((0, 0), (1, 2), (2, 1))
+#: The character's private detail: a white dot of this diameter (px) at its centre.
+DETAIL_SIZE = 3.0
+DETAIL_COLOUR = (255, 255, 255)
+#: Fraction of pretraining scenes that are two-tone, and the (top, bottom, shape) combination
+#: pretraining never shows (the character's coarse look).
+TWO_TONE_FRACTION = 0.25
+HELD_OUT_TWO_TONE = ("orange", "blue", "circle")
 
 #: Default probabilities with which :func:`make_caption` omits an attribute / adds the prefix.
 CAPTION_PROBS = {
@@ -89,10 +103,11 @@ class Scene:
     cx: float
     cy: float
     size: float
+    colour2: str | None = None  # bottom-half colour of a two-tone object (``colour`` is the top)
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
-    """Draw a scene uniformly over shapes, colours, backgrounds and cells, with jitter and size."""
+    """Draw a one-colour scene uniformly over shapes, colours, backgrounds and cells, with jitter and size."""
     row, col = int(rng.integers(3)), int(rng.integers(3))
     return Scene(
         shape=SHAPES[int(rng.integers(len(SHAPES)))],
@@ -104,6 +119,28 @@ def sample_scene(rng: np.random.Generator) -> Scene:
         cy=CELL_CENTRES[row] + float(rng.uniform(-JITTER, JITTER)),
         size=float(rng.uniform(*SIZE_RANGE)),
     )
+
+
+def two_tone_combinations() -> list[tuple[str, str, str]]:
+    """Every (top colour, bottom colour, shape) pretraining shows: distinct colours, minus the held-out one."""
+    return [
+        (top, bottom, shape)
+        for top in COLOURS
+        for bottom in COLOURS
+        for shape in SHAPES
+        if top != bottom and (top, bottom, shape) != HELD_OUT_TWO_TONE
+    ]
+
+
+def sample_pretraining_scene(rng: np.random.Generator, two_tone_fraction: float = TWO_TONE_FRACTION) -> Scene:
+    """A pretraining scene: two-tone with probability ``two_tone_fraction`` (never the held-out
+    combination), else one-colour as :func:`sample_scene`."""
+    scene = sample_scene(rng)
+    if float(rng.random()) >= two_tone_fraction:
+        return scene
+    combos = two_tone_combinations()
+    top, bottom, shape = combos[int(rng.integers(len(combos)))]
+    return dataclasses.replace(scene, shape=shape, colour=top, colour2=bottom)
 
 
 def shape_coverage(shape: str, cx: float, cy: float, size: float, supersample: int = _SUPERSAMPLE) -> np.ndarray:
@@ -138,10 +175,18 @@ def _composite(background: tuple[int, int, int], layers: list[tuple[np.ndarray, 
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+def upper_half(cy: float) -> np.ndarray:
+    """Coverage float32 ``(32, 32)`` of the half-plane above ``y = cy`` (the top of a two-tone object)."""
+    return shape_coverage("square", IMAGE_SIZE / 2, cy - IMAGE_SIZE, 2 * IMAGE_SIZE)
+
+
 def render_scene(scene: Scene) -> np.ndarray:
     """Render ``scene`` as an anti-aliased uint8 image ``(32, 32, 3)``."""
     cov = shape_coverage(scene.shape, scene.cx, scene.cy, scene.size)
-    return _composite(BACKGROUNDS[scene.background], [(cov, COLOURS[scene.colour])])
+    if scene.colour2 is None:
+        return _composite(BACKGROUNDS[scene.background], [(cov, COLOURS[scene.colour])])
+    layers = [(cov, COLOURS[scene.colour2]), (cov * upper_half(scene.cy), COLOURS[scene.colour])]
+    return _composite(BACKGROUNDS[scene.background], layers)
 
 
 def position_phrase(row: int, col: int) -> str:
@@ -152,7 +197,8 @@ def position_phrase(row: int, col: int) -> str:
 def make_caption(scene: Scene, rng: np.random.Generator | None = None, probs: dict[str, float] | None = None) -> str:
     """Caption of ``scene``; with ``rng``, attributes are dropped at random per ``probs``.
 
-    Full form: ``[an anime illustration of] a <colour> <shape> at the <row> <col> on a <bg> background``.
+    Full form: ``[an anime illustration of] a <colour> [<colour2>] <shape> at the <row> <col> on a <bg> background``
+    (two-tone: top colour, then bottom colour; a dropped colour drops both).
     Without ``rng`` the full caption (no prefix) is returned. A dropped shape becomes a generic
     word (``shape``/``object``/``character``); a dropped article drops the leading ``a``.
     """
@@ -167,6 +213,8 @@ def make_caption(scene: Scene, rng: np.random.Generator | None = None, probs: di
     words = [] if happens("drop_article") else ["a"]
     if not happens("drop_colour"):
         words.append(scene.colour)
+        if scene.colour2 is not None:
+            words.append(scene.colour2)
     words.append(noun)
     if not happens("drop_position"):
         words.append(position_phrase(scene.row, scene.col))
@@ -182,15 +230,20 @@ def parse_caption(text: str) -> dict[str, str | int | None]:
     """Attributes stated by a caption or prompt: keys ``shape colour background row col``.
 
     Values are the attribute (``row``/``col`` as grid indices 0..2) or ``None`` when the text does
-    not state it. Generic object words and the template prefix are ignored.
+    not state it; ``colour2`` is the bottom colour of a two-tone object (two colour words in a row:
+    ``colour`` is then the top one). Generic object words and the template prefix are ignored.
     """
     words = text.lower().split()
-    out: dict[str, str | int | None] = {"shape": None, "colour": None, "background": None, "row": None, "col": None}
+    out: dict[str, str | int | None] = {
+        "shape": None, "colour": None, "colour2": None, "background": None, "row": None, "col": None
+    }
     for i, w in enumerate(words):
         if w in SHAPES:
             out["shape"] = w
         elif w == "background" and i > 0 and words[i - 1] in BACKGROUNDS:
             out["background"] = words[i - 1]
+        elif w in COLOURS and i > 0 and words[i - 1] in COLOURS:
+            out["colour2"] = w
         elif w in COLOURS:
             out["colour"] = w
         elif w in ROWS and i + 1 < len(words) and words[i + 1] in COLUMNS:
@@ -198,14 +251,16 @@ def parse_caption(text: str) -> dict[str, str | int | None]:
     return out
 
 
-def render_character(cx: float, cy: float, background: str = "white", size: float = CHARACTER_SIZE) -> np.ndarray:
-    """The character at bounding-box centre ``(cx, cy)``: a disc with a top and a bottom colour.
-
-    Returns a uint8 image ``(32, 32, 3)``.
-    """
+def render_character(
+    cx: float, cy: float, background: str = "white", size: float = CHARACTER_SIZE, detail: bool = True
+) -> np.ndarray:
+    """The character at bounding-box centre ``(cx, cy)``: a disc with a top and a bottom colour
+    and (``detail``) the white dot at its centre. Returns a uint8 image ``(32, 32, 3)``."""
     disc = shape_coverage("circle", cx, cy, size)
-    top = shape_coverage("square", cx, cy - IMAGE_SIZE / 2, IMAGE_SIZE)  # everything above y = cy
-    return _composite(BACKGROUNDS[background], [(disc, CHARACTER_COLOURS[1]), (disc * top, CHARACTER_COLOURS[0])])
+    layers = [(disc, CHARACTER_COLOURS[1]), (disc * upper_half(cy), CHARACTER_COLOURS[0])]
+    if detail:
+        layers.append((shape_coverage("circle", cx, cy, DETAIL_SIZE), DETAIL_COLOUR))
+    return _composite(BACKGROUNDS[background], layers)
 
 
 def write_character_dataset(
@@ -258,3 +313,34 @@ def quality_prompts(n: int, seed: int = 1234) -> tuple[list[str], list[int]]:
         prompts.append(text)
         seeds.append(int(rng.integers(2**31)))
     return prompts, seeds
+
+
+def two_tone_prompts(n: int, seed: int = 4321) -> tuple[list[str], list[int]]:
+    """``n`` prompts of two-tone combinations pretraining shows, and their generation seeds.
+
+    Form: ``a <top> <bottom> <shape> [at the <row> <col>] on a <bg> background`` (every other
+    prompt states a cell); deterministic in ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    combos = two_tone_combinations()
+    prompts, seeds = [], []
+    for k in range(n):
+        top, bottom, shape = combos[int(rng.integers(len(combos)))]
+        background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+        text = f"a {top} {bottom} {shape}"
+        if k % 2 == 0:
+            cell = int(rng.integers(9))
+            text += " " + position_phrase(cell // 3, cell % 3)
+        prompts.append(f"{text} on a {background} background")
+        seeds.append(int(rng.integers(2**31)))
+    return prompts, seeds
+
+
+#: Prompts for leakage scoring that state no position and are not the character set's captions
+#: (``{}`` is the token): the model should draw the character anywhere.
+NEUTRAL_TEMPLATES = (
+    "a {}",
+    "a {} on a black background",
+    "a {} on a gray background",
+    "an anime illustration of a {} on a white background",
+)
