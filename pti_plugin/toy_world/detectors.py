@@ -192,13 +192,15 @@ CHARACTER_COLOUR_NAMES = tuple(
 
 
 def half_colours(img: np.ndarray, found: Detection) -> tuple[str | None, str | None]:
-    """Palette names of the median colour of the object's pixels above / below its centroid
-    (``None`` for a half with fewer than 3 pixels or without an object)."""
+    """Palette names of the median colour of the object's pixels above / below the middle of its
+    bounding box, where a two-tone object changes colour (a triangle's centroid lies lower) —
+    ``None`` for a half with fewer than 3 pixels or without an object."""
     if found.centroid is None:
         return None, None
     mask = object_mask(img, found.background)
     rows = np.arange(IMAGE_SIZE, dtype=np.float32)[:, None] + 0.5
-    cy = found.centroid[1]
+    occupied = np.nonzero(mask.any(axis=1))[0]
+    cy = (occupied[0] + occupied[-1] + 1) / 2.0
     halves = []
     for part in (mask & (rows < cy - 0.5), mask & (rows > cy + 0.5)):
         halves.append(_nearest(np.median(img[part].astype(np.float32), axis=0), COLOURS) if part.sum() >= 3 else None)
