@@ -379,15 +379,24 @@ def _check_cacheable(config: Config, subsets: list[Subset]) -> None:
                     f"{key} changes the pixels at every draw (kohya refuses this too); turn off one of them")
 
 
-def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Subset]:
-    """The subsets the config describes (``train_data_dir`` overrides the config's folder).
+def dataset_config_batch_size(config: Config) -> int | None:
+    """The ``batch_size`` the config's dataset_config sets (the same in every dataset), else None.
 
-    A dataset_config's ``batch_size`` (the same in every dataset) replaces ``train_batch_size`` in
-    ``config``, with a warning when they differ (kohya: the config file wins).
+    :func:`pti_plugin.config.build_config` puts it in ``train_batch_size`` (kohya: the config file wins).
     """
-    batch_sizes: list[int | None] = []
+    _, batch_sizes = _subsets_from_dataset_config(config, Path(config.dataset_config))
+    sizes = {b for b in batch_sizes if b is not None}
+    if len(sizes) > 1:
+        raise ConfigError(f"dataset_config {config.dataset_config}: the datasets set different batch_size values "
+                          f"({', '.join(str(b) for b in batch_sizes)}); pti-plugin draws every step from one pool of "
+                          "same-bucket batches: use one batch_size")
+    return sizes.pop() if sizes else None
+
+
+def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Subset]:
+    """The subsets the config describes (``train_data_dir`` overrides the config's folder)."""
     if config.dataset_config:
-        subsets, batch_sizes = _subsets_from_dataset_config(config, Path(config.dataset_config))
+        subsets, _ = _subsets_from_dataset_config(config, Path(config.dataset_config))
     elif config.in_json:
         image_dir = train_data_dir or Path(config.train_data_dir)
         values = _top_level(config) | {"num_repeats": config.dataset_repeats}
@@ -399,17 +408,6 @@ def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Sub
     if not config.dataset_config:
         _check_buckets(_top_level(config), "preset", "(top-level keys)")
     _check_cacheable(config, subsets)
-    sizes = {b for b in batch_sizes if b is not None}
-    if len(sizes) > 1:
-        raise ConfigError(f"dataset_config {config.dataset_config}: the datasets set different batch_size values "
-                          f"({', '.join(str(b) for b in batch_sizes)}); pti-plugin draws every step from one pool of "
-                          "same-bucket batches: use one batch_size")
-    if sizes:
-        size = sizes.pop()
-        if size != config.train_batch_size:
-            logger.warning("dataset_config batch_size = %d replaces train_batch_size = %d (kohya: the dataset config wins)",
-                           size, config.train_batch_size)
-            config.train_batch_size = size
     return _drop_ignored(subsets)
 
 
@@ -485,7 +483,7 @@ def scan_images(config: Config, subsets: list[Subset], log_notes: bool = True) -
     train: list[ImageItem] = []
     reg: list[ImageItem] = []
     looked_at, rejected, skipped_small = 0, [], 0
-    class_word = config.init_word[0] if isinstance(config.init_word, list) else config.init_word
+    class_word = config.init_words[0]
     for subset_index, subset in enumerate(subsets):
         width, height = subset.resolution
         enable, min_reso, max_reso, step, no_upscale = subset.bucket_settings
