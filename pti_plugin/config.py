@@ -385,19 +385,19 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
         raw = raw | {"stages": default_stage_dicts(raw)}
     parsed = _build(Config, raw, "preset")
     _validate(parsed, check_paths)
-    config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed, check_paths))
+    config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed))
     if given:
         check_given_values_are_used(config, parsed.stages, given)
     return config
 
 
-def _batch_size(config: Config, check_paths: bool) -> int:
+def _batch_size(config: Config) -> int:
     """``train_batch_size``, or the dataset_config's ``batch_size`` (kohya: the dataset config wins)."""
-    if not config.dataset_config or not (check_paths or Path(config.dataset_config).is_file()):
+    if not config.dataset_config:
         return config.train_batch_size
     from .data.dataset import dataset_config_batch_size
 
-    size = dataset_config_batch_size(config)
+    size = dataset_config_batch_size(Path(config.dataset_config))
     if size is not None and size != config.train_batch_size:
         logger.warning("dataset_config batch_size = %d replaces train_batch_size = %d (kohya: the dataset config wins)",
                        size, config.train_batch_size)

@@ -379,24 +379,29 @@ def _check_cacheable(config: Config, subsets: list[Subset]) -> None:
                     f"{key} changes the pixels at every draw (kohya refuses this too); turn off one of them")
 
 
-def dataset_config_batch_size(config: Config) -> int | None:
-    """The ``batch_size`` the config's dataset_config sets (the same in every dataset), else None.
+def dataset_config_batch_size(path: Path) -> int | None:
+    """The one valid ``batch_size`` a dataset_config sets, else None (the file's problems, such as two
+    different values, are reported by :func:`load_subsets`).
 
     :func:`pti_plugin.config.build_config` puts it in ``train_batch_size`` (kohya: the config file wins).
     """
-    _, batch_sizes = _subsets_from_dataset_config(config, Path(config.dataset_config))
-    sizes = {b for b in batch_sizes if b is not None}
-    if len(sizes) > 1:
-        raise ConfigError(f"dataset_config {config.dataset_config}: the datasets set different batch_size values "
-                          f"({', '.join(str(b) for b in batch_sizes)}); pti-plugin draws every step from one pool of "
-                          "same-bucket batches: use one batch_size")
-    return sizes.pop() if sizes else None
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    general = raw.get("general") if isinstance(raw.get("general"), dict) else {}
+    datasets = [d for d in raw.get("datasets", []) if isinstance(d, dict)] if isinstance(raw.get("datasets"), list) else []
+    sizes = {d.get("batch_size", general.get("batch_size")) for d in datasets}
+    valid = {size for size in sizes if isinstance(size, int) and not isinstance(size, bool) and size >= 1}
+    return valid.pop() if len(valid) == 1 and len(sizes) == 1 else None
 
 
 def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Subset]:
     """The subsets the config describes (``train_data_dir`` overrides the config's folder)."""
+    batch_sizes: list[int | None] = []
     if config.dataset_config:
-        subsets, _ = _subsets_from_dataset_config(config, Path(config.dataset_config))
+        subsets, batch_sizes = _subsets_from_dataset_config(config, Path(config.dataset_config))
     elif config.in_json:
         image_dir = train_data_dir or Path(config.train_data_dir)
         values = _top_level(config) | {"num_repeats": config.dataset_repeats}
@@ -408,6 +413,14 @@ def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Sub
     if not config.dataset_config:
         _check_buckets(_top_level(config), "preset", "(top-level keys)")
     _check_cacheable(config, subsets)
+    sizes = {b for b in batch_sizes if b is not None}
+    if len(sizes) > 1:
+        raise ConfigError(f"dataset_config {config.dataset_config}: the datasets set different batch_size values "
+                          f"({', '.join(str(b) for b in batch_sizes)}); pti-plugin draws every step from one pool of "
+                          "same-bucket batches: use one batch_size")
+    if sizes and sizes != {config.train_batch_size}:
+        raise ConfigError(f"dataset_config {config.dataset_config} sets batch_size = {sizes.pop()}, the config "
+                          f"train_batch_size = {config.train_batch_size}: build the config with build_config")
     return _drop_ignored(subsets)
 
 
