@@ -1,7 +1,7 @@
 """Choice-valued preset keys: the accepted values, and whether this machine can run the chosen one.
 
 A value is accepted only when the trainer can run it; a choice that needs a package that is not
-installed is refused by name at validation (before any model loads), never left to fail mid-run.
+installed, or a GPU this machine lacks (``mixed_precision = "fp16"``), is refused by name at validation (before any model loads), never left to fail mid-run.
 ``xformers = true`` is the exception kohya users expect: without CUDA or the package it falls back
 to PyTorch SDPA with a warning.
 """
@@ -41,7 +41,15 @@ def choice_problem(key: str, value: Any) -> str | None:
     modules, pip = _NEEDS.get((key, value), ((), ""))
     if modules and not installed(*modules):
         return f'{key} = "{value}" needs the {pip} package (pip install {pip})'
+    if (key, value) == ("mixed_precision", "fp16") and not cuda_available():
+        return 'mixed_precision = "fp16" needs a CUDA GPU (PyTorch has no fp16 autocast on CPU); use "bf16" or "no" on CPU'
     return None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def optimizer_problem(where: str, optimizer: str | None, scheduler: str | None) -> str | None:
