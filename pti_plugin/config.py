@@ -395,13 +395,26 @@ def _batch_size(config: Config) -> int:
     """``train_batch_size``, or the dataset_config's ``batch_size`` (kohya: the dataset config wins)."""
     if not config.dataset_config:
         return config.train_batch_size
-    from .data.dataset import dataset_config_batch_size
-
-    size = dataset_config_batch_size(Path(config.dataset_config))
+    size = _dataset_config_batch_size(Path(config.dataset_config))
     if size is not None and size != config.train_batch_size:
         logger.warning("dataset_config batch_size = %d replaces train_batch_size = %d (kohya: the dataset config wins)",
                        size, config.train_batch_size)
     return config.train_batch_size if size is None else size
+
+
+def _dataset_config_batch_size(path: Path) -> int | None:
+    """The one valid ``batch_size`` a dataset_config sets, else None (the file's problems, such as two
+    different values, are reported when its subsets are read: ``data/dataset.py``)."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    general = raw.get("general") if isinstance(raw.get("general"), dict) else {}
+    datasets = [d for d in raw.get("datasets", []) if isinstance(d, dict)] if isinstance(raw.get("datasets"), list) else []
+    sizes = {d.get("batch_size", general.get("batch_size")) for d in datasets}
+    valid = {size for size in sizes if isinstance(size, int) and not isinstance(size, bool) and size >= 1}
+    return valid.pop() if len(valid) == 1 and len(sizes) == 1 else None
 
 
 def _validate(config: Config, check_paths: bool) -> None:

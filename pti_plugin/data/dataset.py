@@ -379,24 +379,6 @@ def _check_cacheable(config: Config, subsets: list[Subset]) -> None:
                     f"{key} changes the pixels at every draw (kohya refuses this too); turn off one of them")
 
 
-def dataset_config_batch_size(path: Path) -> int | None:
-    """The one valid ``batch_size`` a dataset_config sets, else None (the file's problems, such as two
-    different values, are reported by :func:`load_subsets`).
-
-    :func:`pti_plugin.config.build_config` puts it in ``train_batch_size`` (kohya: the config file wins).
-    """
-    try:
-        with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
-    general = raw.get("general") if isinstance(raw.get("general"), dict) else {}
-    datasets = [d for d in raw.get("datasets", []) if isinstance(d, dict)] if isinstance(raw.get("datasets"), list) else []
-    sizes = {d.get("batch_size", general.get("batch_size")) for d in datasets}
-    valid = {size for size in sizes if isinstance(size, int) and not isinstance(size, bool) and size >= 1}
-    return valid.pop() if len(valid) == 1 and len(sizes) == 1 else None
-
-
 def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Subset]:
     """The subsets the config describes (``train_data_dir`` overrides the config's folder)."""
     batch_sizes: list[int | None] = []
