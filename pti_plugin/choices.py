@@ -42,7 +42,7 @@ def choice_problem(key: str, value: Any) -> str | None:
     if modules and not installed(*modules):
         return f'{key} = "{value}" needs the {pip} package (pip install {pip})'
     if (key, value) == ("mixed_precision", "fp16") and not cuda_available():
-        return 'mixed_precision = "fp16" needs a CUDA GPU (PyTorch has no fp16 autocast on CPU); use "bf16" or "no" on CPU'
+        return 'mixed_precision = "fp16" needs a CUDA GPU (on CPU the half-precision UNet meets float32 inputs and fails); use "bf16" or "no" on CPU'
     return None
 
 
