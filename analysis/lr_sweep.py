@@ -148,6 +148,8 @@ def derive_preset(raw: dict, stage: str, lr: float, steps: int, run_dir: Path, p
     out["stages"] = stages
     out["output_dir"] = str(run_dir)
     out.pop("max_train_epochs", None)
+    if all("steps" in s or "max_train_epochs" in s for s in stages):
+        out.pop("max_train_steps", None)  # every stage sets its own length: a top-level one would be refused
     plugins = dict(out.get("plugins", {}))
     if drop_plugin:
         plugins.pop(drop_plugin, None)

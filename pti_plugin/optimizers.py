@@ -21,14 +21,21 @@ SUPPORTED = sorted([
     "AdamW", "Adam", "SGD", "SGDNesterov", "RMSprop", "AdamW8bit", "Adam8bit", "Lion8bit", "Lion", "PagedAdamW8bit",
     "PagedLion8bit", "PagedAdamW", "PagedAdamW32bit", "SGDNesterov8bit", "RMSprop8bit", "Adafactor", "Prodigy",
 ])
-SUPPORTED_SCHEDULERS = (
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant",
-)
+#: diffusers' schedulers that run from this trainer's keys (piecewise_constant needs step rules: not offered).
+SUPPORTED_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def is_supported_optimizer(name: str) -> bool:
     key = name.lower().replace("_", "")
     return key in _BNB or key in _TORCH or key in ("adafactor", "prodigy")
+
+
+def optimizer_package(name: str) -> tuple[str, str] | None:
+    """(module, pip name) of the package optimizer ``name`` needs beyond torch, or None."""
+    key = name.lower().replace("_", "")
+    if key in _BNB:
+        return ("bitsandbytes", "bitsandbytes")
+    return {"adafactor": ("transformers", "transformers"), "prodigy": ("prodigyopt", "prodigyopt")}.get(key)
 
 
 def parse_optimizer_args(args: list[str]) -> dict[str, Any]:

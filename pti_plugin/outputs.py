@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, resolved_dict
+from .config import ConfigError
+from .resolution import resolved_dict, training_metadata
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,15 @@ def write_lora_and_embedding(
         "pti_plugins": json.dumps(config.plugins),
     } | extra_metadata
     conv = network_args(config)
+    training = training_metadata(config)  # ss_* from the lora stage, pti_inversion_* from the inversion stage
     metadata = kohya_metadata(
         network_dim=config.network_dim, network_alpha=config.network_alpha, output_name=config.output_name,
-        training_started_at=time.time(), steps=steps, learning_rate=config.learning_rate, extra=pti,
+        training_started_at=time.time(), steps=steps, learning_rate=float(training.get("ss_learning_rate", 0.0)),
+        extra=pti | {k: v for k, v in training.items() if k.startswith("pti_")},
         conv_dim=conv.get("conv_dim"), conv_alpha=conv.get("conv_alpha"), tag_frequency=tag_frequency,
-    )
+    ) | {k: v for k, v in training.items() if k.startswith("ss_")}
+    if "ss_learning_rate" not in training:  # no lora stage: the LoRA never trained
+        metadata.pop("ss_learning_rate")
     lora_path, embedding_path = files.lora(suffix), files.embedding(suffix)
     for path in (lora_path, embedding_path):
         if path.exists() and not files.overwrite:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write_text
-from .config import EMBEDDED, Config, ConfigError, network_args, resolved_dict
+from .config import EMBEDDED, Config, ConfigError, network_args
 from .data.captions import expand_token, warn_long_captions
 from .data.dataset import ImageItem, load_subsets, scan_images, tag_frequency
 from .data.latents import LatentSource
@@ -46,6 +46,7 @@ from .models.lora import (
 )
 from .models.pivot import add_pivot_token
 from .outputs import RunFiles, write_lora_and_embedding
+from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -98,17 +99,21 @@ class Trainer:
 
             train_dir = default_dataset_dir(config.token_string)
         self.items: list[ImageItem] = scan_images(config, load_subsets(config, train_dir))
+        self.entries = [i for i, item in enumerate(self.items) for _ in range(item.num_repeats)]
+        # One optimizer step consumes a global batch of batch x processes x accumulation samples.
+        self.global_batch = config.train_batch_size * self.accelerator.num_processes * config.gradient_accumulation_steps
+        steps_per_epoch = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, 0).batches_per_epoch
+        self.config = config = with_epoch_steps(config, steps_per_epoch)  # the last resolution step, before any model loads
 
         model = load_base_model(
             config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
             config.single_file_config, config.tokenizer_path, config.max_token_length,
         )
-        init_words = config.init_word if isinstance(config.init_word, list) else [config.init_word]
         try:
-            self.pivot = add_pivot_token(model.tokenizer, model.text_encoder, config.token_string, config.num_vectors_per_token, init_words)
+            self.pivot = add_pivot_token(model.tokenizer, model.text_encoder, config.token_string, config.num_vectors_per_token, config.init_words)
         except ValueError as exc:
             raise ConfigError(f"preset: {exc}") from exc
-        self.train_te_lora = any(self._stage_trains_te(s) for s in config.stages)
+        self.train_te_lora = any(s.train_text_encoder for s in config.stages)
         self._attach_lora(model)
         self._load_starting_weights(model)
         self.attention = configure_attention(model.unet, config.xformers, config.sdpa, device)
@@ -131,18 +136,14 @@ class Trainer:
             [len(model.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),
                                  add_special_tokens=False).input_ids) for i in self.items], window,
         )
-        self.entries = [i for i, item in enumerate(self.items) for _ in range(item.num_repeats)]
         self.latents = LatentSource(model.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
         self.latents.fill_cache()
-        # One optimizer step consumes a global batch of batch x processes x accumulation samples.
-        self.global_batch = config.train_batch_size * self.accelerator.num_processes * config.gradient_accumulation_steps
 
         self.plugins: list[Plugin] = instantiate_plugins(config)
         self.state = TrainerState(config=config, accelerator=self.accelerator, model=model, pivot=self.pivot, output_dir=output_dir)
-        order = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, 0)
-        self.state.steps_per_epoch = order.batches_per_epoch
+        self.state.steps_per_epoch = steps_per_epoch
         if config.log_with:
-            self.accelerator.init_trackers("pti")
+            self.accelerator.init_trackers("pti", config=tracker_hparams(config))
         self._log_file = self.files.log_jsonl
         self._info(
             f"model {model.source} ({model.prediction_type}); attention: {self.attention}; "
@@ -207,11 +208,6 @@ class Trainer:
             load_lora_state_dict(model.unet, unet_sd)
             if te_sd:
                 load_lora_state_dict(model.text_encoder, te_sd)
-
-    def _stage_trains_te(self, stage) -> bool:
-        if stage.kind != "lora":
-            return False
-        return stage.train_text_encoder if stage.train_text_encoder is not None else not self.config.network_train_unet_only
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -304,10 +300,8 @@ class Trainer:
         self.ddp_modules = [m for m, trains in ((self.unet_forward, unet_trains), (self.te_forward, plan.trains_text_encoder)) if trains]
         self.trainable = trainable
         order = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, stage_index)
-        self._info(
-            f"stage {stage_index} {stage.name!r} ({stage.kind}): {plan.steps} steps, groups "
-            + ", ".join(f"{g['name']} lr={g['lr']:g} ({sum(p.numel() for p in g['params'])} params)" for g in plan.param_groups)
-        )
+        self._info(stage.describe() + " | params " + ", ".join(
+            f"{g['name']} {sum(p.numel() for p in g['params'])}" for g in plan.param_groups))
         for plugin in self.plugins:
             plugin.on_stage_start(state)
         progress = tqdm(total=plan.steps, initial=first_step, desc=stage.name, disable=not accelerator.is_main_process)

@@ -66,6 +66,9 @@ def preset(tiny_model, tiny_dataset, tmp_path):
             ],
         }
         raw.update(overrides)
+        if "max_train_steps" not in overrides and (raw.get("max_train_epochs") or all(
+                "steps" in s or "max_train_epochs" in s for s in raw["stages"])):
+            del raw["max_train_steps"]  # no stage would use it: a preset given to the CLI would be refused
         return raw
 
     return make

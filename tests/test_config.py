@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pti_plugin.cli import main, parse_args
-from pti_plugin.config import ConfigError, build_config, load_config, resolved_dict, stage_value
+from pti_plugin.config import ConfigError, build_config, load_config
 from pti_plugin.kohya_options import REFUSED_OPTIONS
 
 
@@ -23,7 +23,7 @@ def test_extends_merges_and_paths_are_relative_to_each_preset(tmp_path):
     assert config.train_data_dir == str(tmp_path / "base" / "imgs")
     assert (config.learning_rate, config.network_dim) == (1e-3, 16)
     assert [(s.kind, s.steps) for s in config.stages] == [("inversion", 7)]
-    assert stage_value(config, config.stages[0], "learning_rate") == 1e-3  # top-level keys are stage defaults
+    assert config.stages[0].learning_rate == 1e-3  # top-level keys are stage defaults
 
 
 def test_kohya_config_file_sections_are_flattened(tmp_path):
@@ -41,8 +41,8 @@ def test_command_line_overrides_top_level_and_nested(tmp_path):
     assert preset_path == "x.toml"
     assert overrides == {"learning_rate": 1e-4, "gradient_checkpointing": True, "output_dir": "o"}
     config = load_config(None, overrides | {"train_data_dir": str(tmp_path)}, sets)
-    assert config.stages[1].steps == 10 and config.stages[0].steps is None
-    assert resolved_dict(config)["stages"][0]["steps"] == 1000  # resolved file holds every effective value
+    assert [s.steps for s in config.stages] == [1000, 10]  # stage 0 takes the default max_train_steps
+    assert [s.learning_rate for s in config.stages] == [1e-4, 1e-4]  # a given learning_rate reaches the built-in stages
 
 
 @pytest.mark.parametrize(

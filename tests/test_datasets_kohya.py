@@ -216,8 +216,8 @@ def test_dataset_config_inheritance_duplicates_and_resolutions(tmp_path, caplog)
         "  [[datasets.subsets]]\n  image_dir = 'char'\n  keep_tokens = 0\n"  # another dataset: used again
         "  [[datasets.subsets]]\n  image_dir = 'wide'\n"
     )
-    config = build_config({"dataset_config": str(dataset), "train_batch_size": 1})
     with caplog.at_level(logging.WARNING):
+        config = build_config({"dataset_config": str(dataset), "train_batch_size": 1})
         subsets = load_subsets(config)
     assert config.train_batch_size == 2 and "batch_size = 2 replaces train_batch_size = 1" in caplog.text
     assert "repeats an earlier subset of the same dataset" in caplog.text and "num_repeats is 0" in caplog.text

@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -47,21 +49,25 @@ class CaptionError(ValueError):
     """A caption that cannot be used (names the file)."""
 
 
+#: The preset's defaults (the keys are documented and defaulted once, in :class:`pti_plugin.config.Config`).
+_PRESET = {f.name: f.default for f in fields(Config)}
+
+
 @dataclass(frozen=True)
 class CaptionOptions:
-    """A subset's kohya caption options (names and defaults as kohya's dataset config)."""
+    """A subset's kohya caption options: the preset keys of the same names, with the preset's defaults."""
 
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_separator: str = ","
-    keep_tokens_separator: str = ""
-    secondary_separator: str = ""
-    enable_wildcard: bool = False
-    caption_prefix: str = ""
-    caption_suffix: str = ""
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
+    shuffle_caption: bool = _PRESET["shuffle_caption"]
+    keep_tokens: int = _PRESET["keep_tokens"]
+    caption_separator: str = _PRESET["caption_separator"]
+    keep_tokens_separator: str = _PRESET["keep_tokens_separator"]
+    secondary_separator: str = _PRESET["secondary_separator"]
+    enable_wildcard: bool = _PRESET["enable_wildcard"]
+    caption_prefix: str = _PRESET["caption_prefix"]
+    caption_suffix: str = _PRESET["caption_suffix"]
+    caption_dropout_rate: float = _PRESET["caption_dropout_rate"]
+    caption_dropout_every_n_epochs: int = _PRESET["caption_dropout_every_n_epochs"]
+    caption_tag_dropout_rate: float = _PRESET["caption_tag_dropout_rate"]
 
     @property
     def moves_tags(self) -> bool:

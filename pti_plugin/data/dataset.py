@@ -380,11 +380,7 @@ def _check_cacheable(config: Config, subsets: list[Subset]) -> None:
 
 
 def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Subset]:
-    """The subsets the config describes (``train_data_dir`` overrides the config's folder).
-
-    A dataset_config's ``batch_size`` (the same in every dataset) replaces ``train_batch_size`` in
-    ``config``, with a warning when they differ (kohya: the config file wins).
-    """
+    """The subsets the config describes (``train_data_dir`` overrides the config's folder)."""
     batch_sizes: list[int | None] = []
     if config.dataset_config:
         subsets, batch_sizes = _subsets_from_dataset_config(config, Path(config.dataset_config))
@@ -404,12 +400,9 @@ def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Sub
         raise ConfigError(f"dataset_config {config.dataset_config}: the datasets set different batch_size values "
                           f"({', '.join(str(b) for b in batch_sizes)}); pti-plugin draws every step from one pool of "
                           "same-bucket batches: use one batch_size")
-    if sizes:
-        size = sizes.pop()
-        if size != config.train_batch_size:
-            logger.warning("dataset_config batch_size = %d replaces train_batch_size = %d (kohya: the dataset config wins)",
-                           size, config.train_batch_size)
-            config.train_batch_size = size
+    if sizes and sizes != {config.train_batch_size}:
+        raise ConfigError(f"dataset_config {config.dataset_config} sets batch_size = {sizes.pop()}, the config "
+                          f"train_batch_size = {config.train_batch_size}: build the config with build_config")
     return _drop_ignored(subsets)
 
 
@@ -485,7 +478,7 @@ def scan_images(config: Config, subsets: list[Subset], log_notes: bool = True) -
     train: list[ImageItem] = []
     reg: list[ImageItem] = []
     looked_at, rejected, skipped_small = 0, [], 0
-    class_word = config.init_word[0] if isinstance(config.init_word, list) else config.init_word
+    class_word = config.init_words[0]
     for subset_index, subset in enumerate(subsets):
         width, height = subset.resolution
         enable, min_reso, max_reso, step, no_upscale = subset.bucket_settings

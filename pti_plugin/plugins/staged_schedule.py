@@ -2,17 +2,18 @@
 
 ``inversion`` stages train the pivot vectors only (LoRA off until a LoRA stage has run).
 ``lora`` stages freeze the pivot (bit-identical through the stage unless ``train_pivot = true``:
-continued inversion) and train the UNet LoRA, and the text-encoder LoRA when asked.
+continued inversion) and train the UNet LoRA, and the text-encoder LoRA when asked. Every value
+comes from the resolved stage (``pti_plugin.resolution``); nothing is derived here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, stage_value
 from ..hooks import Plugin, StagePlan, TrainerState
 from ..models.lora import lora_parameters
 from ..optimizers import build_lr_scheduler, build_optimizer
+from ..resolution import ResolvedStage
 
 
 class StagedSchedule(Plugin):
@@ -22,35 +23,24 @@ class StagedSchedule(Plugin):
     class Options:
         pass
 
-    def plan_stage(self, state: TrainerState, stage: StageConfig) -> StagePlan:
-        config = state.config
-        lr = stage_value(config, stage, "learning_rate")
-        is_lora = stage.kind == "lora"
-        train_pivot = stage.train_pivot if stage.train_pivot is not None else not is_lora
-        train_unet = is_lora and (stage.train_unet if stage.train_unet is not None else True)
-        train_te = is_lora and (
-            stage.train_text_encoder if stage.train_text_encoder is not None else not config.network_train_unet_only
-        )
+    def plan_stage(self, state: TrainerState, stage: ResolvedStage) -> StagePlan:
+        params = {
+            "pivot": lambda: [state.pivot.vectors],
+            "unet_lora": lambda: lora_parameters(state.model.unet),
+            "text_encoder_lora": lambda: lora_parameters(state.model.text_encoder),
+        }
         groups = []
-        if train_pivot:
-            groups.append({"name": "pivot", "params": [state.pivot.vectors], "lr": stage.pivot_lr or lr,
-                           "weight_decay": config.pivot_weight_decay})
-        if train_unet:
-            groups.append({"name": "unet_lora", "params": lora_parameters(state.model.unet),
-                           "lr": stage_value(config, stage, "unet_lr") or lr})
-        if train_te:
-            groups.append({"name": "text_encoder_lora", "params": lora_parameters(state.model.text_encoder),
-                           "lr": stage_value(config, stage, "text_encoder_lr") or lr})
-        if not groups or not all(g["params"] for g in groups):
+        for name, lr in stage.groups():
+            group = {"name": name, "params": params[name](), "lr": lr}
+            if name == "pivot":
+                group["weight_decay"] = stage.pivot_weight_decay
+            groups.append(group)
+        if not all(g["params"] for g in groups):
             raise ValueError(f"stage {stage.name!r} trains nothing (check train_pivot / train_unet / train_text_encoder)")
-        epochs = stage_value(config, stage, "max_train_epochs")
-        steps = epochs * state.steps_per_epoch if epochs else (stage.steps if stage.steps is not None else config.max_train_steps)
-        optimizer = build_optimizer(
-            stage_value(config, stage, "optimizer_type"), groups, lr, stage_value(config, stage, "optimizer_args")
-        )
-        scheduler = build_lr_scheduler(
-            stage_value(config, stage, "lr_scheduler"), optimizer, stage_value(config, stage, "lr_warmup_steps"),
-            steps, config.lr_scheduler_num_cycles, config.lr_scheduler_power,
-        )
-        lora_seen = any(s.kind == "lora" for s in config.stages[: state.stage_index + 1])
-        return StagePlan(stage, steps, groups, optimizer, scheduler, lora_enabled=lora_seen, trains_text_encoder=train_pivot or train_te)
+        if stage.steps is None:
+            raise ValueError(f"stage {stage.name!r}: epochs not converted to steps (resolution.with_epoch_steps)")
+        optimizer = build_optimizer(stage.optimizer_type, groups, stage.learning_rate, list(stage.optimizer_args))
+        scheduler = build_lr_scheduler(stage.lr_scheduler, optimizer, stage.lr_warmup_steps, stage.steps,
+                                       stage.lr_scheduler_num_cycles, stage.lr_scheduler_power)
+        return StagePlan(stage, stage.steps, groups, optimizer, scheduler, lora_enabled=stage.lora_enabled,
+                         trains_text_encoder=stage.trains_text_encoder)

@@ -1,0 +1,65 @@
+"""Choice-valued preset keys: the accepted values, and whether this machine can run the chosen one.
+
+A value is accepted only when the trainer can run it; a choice that needs a package that is not
+installed, or a GPU this machine lacks (``mixed_precision = "fp16"``), is refused by name at validation (before any model loads), never left to fail mid-run.
+``xformers = true`` is the exception kohya users expect: without CUDA or the package it falls back
+to PyTorch SDPA with a warning.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from .optimizers import SUPPORTED, SUPPORTED_SCHEDULERS, is_supported_optimizer, optimizer_package
+
+#: Top-level keys with a fixed set of values (stage-level optimizer/scheduler keys are checked below).
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "save_precision": ("float", "fp16", "bf16"),
+    "save_model_as": ("safetensors",),
+    "log_with": ("", "tensorboard"),
+    "pivot_norm": ("free", "init", "decay"),
+    "sample_sampler": ("ddim", "euler_a"),
+    "max_token_length": (75, 150, 225),
+    "nan_policy": ("stop", "skip"),
+    "xformers": (False, True),
+    "sdpa": (False, True),
+}
+#: Packages a choice needs (besides the install's own), and the pip name that brings them.
+_NEEDS = {("log_with", "tensorboard"): (("tensorboard", "tensorboardX"), "tensorboard")}
+
+
+def installed(*modules: str) -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def choice_problem(key: str, value: Any) -> str | None:
+    """Why the top-level ``key = value`` cannot run here (None when it can)."""
+    if value not in CHOICES[key]:
+        return f"key {key!r} must be one of {list(CHOICES[key])}, got {value!r}"
+    modules, pip = _NEEDS.get((key, value), ((), ""))
+    if modules and not installed(*modules):
+        return f'{key} = "{value}" needs the {pip} package (pip install {pip})'
+    if (key, value) == ("mixed_precision", "fp16") and not cuda_available():
+        return 'mixed_precision = "fp16" needs a CUDA GPU (on CPU the half-precision UNet meets float32 inputs and fails); use "bf16" or "no" on CPU'
+    return None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def optimizer_problem(where: str, optimizer: str | None, scheduler: str | None) -> str | None:
+    """Why a stage's (or the top level's) optimizer/scheduler cannot run here (None when they can)."""
+    if optimizer is not None:
+        if not is_supported_optimizer(optimizer):
+            return f"key '{where}optimizer_type': unknown optimizer {optimizer!r}; valid: {', '.join(SUPPORTED)}"
+        package = optimizer_package(optimizer)
+        if package and not installed(package[0]):
+            return f"key '{where}optimizer_type': {optimizer!r} needs the {package[1]} package (pip install {package[1]})"
+    if scheduler is not None and scheduler not in SUPPORTED_SCHEDULERS:
+        return f"key '{where}lr_scheduler': unknown scheduler {scheduler!r}; valid: {', '.join(SUPPORTED_SCHEDULERS)}"
+    return None

@@ -1,0 +1,268 @@
+"""The resolved stage plan: every stage's effective values, computed once from the preset.
+
+Rules (the README's "Which key reaches which stage" table says the same):
+
+- A stage's own key wins. Top-level ``learning_rate``, ``optimizer_type``, ``optimizer_args``,
+  ``lr_scheduler`` and ``lr_warmup_steps`` are the defaults of every stage that does not set them.
+- Length: a stage's own ``steps`` or ``max_train_epochs``, else the
+  top-level ``max_train_epochs``, else the top-level ``max_train_steps`` (a stage setting both is refused). Epochs count passes over
+  the dataset within the stage; they become steps once the dataset has been scanned (before any
+  model loads, :func:`with_epoch_steps`).
+- ``unet_lr`` / ``text_encoder_lr`` (kohya shorthands) set the UNet / text-encoder LoRA group of
+  every lora stage that trains it and does not set its own; else that group takes the stage's
+  ``learning_rate``. ``pivot_lr`` is a stage key (default: the stage's ``learning_rate``).
+- ``network_train_unet_only`` is the default of every lora stage's ``train_text_encoder``.
+- The built-in stages (a preset without ``[[stages]]``) learn at 5e-3 (inversion) and 1e-4 (lora)
+  unless a top-level ``learning_rate`` is given, which then reaches both.
+
+A value the user gives (top-level preset key or command-line flag) that no stage uses is an error
+naming the stage keys that shadow it and the ``--set`` command that would work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, ConfigError, StageConfig
+
+#: Top-level keys that are defaults of stage keys of the same name.
+STAGE_DEFAULT_KEYS = ("learning_rate", "optimizer_type", "optimizer_args", "lr_scheduler", "lr_warmup_steps")
+#: Top-level keys that set stages' length.
+LENGTH_KEYS = ("max_train_steps", "max_train_epochs")
+#: kohya shorthands reaching the lora stages.
+LORA_SHORTHANDS = ("unet_lr", "text_encoder_lr", "network_train_unet_only")
+#: The built-in stages' learning rates (replaced by a top-level learning_rate when one is given).
+DEFAULT_STAGE_LRS = {"inversion": 5e-3, "lora": 1e-4}
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    """One stage with every effective value; what the schedule plans, the log, the TOML and metadata read.
+
+    ``steps`` is None only for an epoch-based stage before the dataset is scanned. A group's learning
+    rate (``pivot_lr``, ``unet_lr``, ``text_encoder_lr``) is None when the stage does not train it.
+    """
+
+    index: int
+    name: str
+    kind: str
+    steps: int | None
+    max_train_epochs: int | None
+    learning_rate: float
+    optimizer_type: str
+    optimizer_args: tuple[str, ...]
+    lr_scheduler: str
+    lr_warmup_steps: int
+    lr_scheduler_num_cycles: int
+    lr_scheduler_power: float
+    train_pivot: bool
+    train_unet: bool
+    train_text_encoder: bool
+    pivot_lr: float | None
+    unet_lr: float | None
+    text_encoder_lr: float | None
+    pivot_weight_decay: float
+    lora_enabled: bool  # LoRA takes part in the forward pass (a lora stage ran at or before this one)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Gradients flow through the text encoder (pivot or text-encoder LoRA trains)."""
+        return self.train_pivot or self.train_text_encoder
+
+    def groups(self) -> list[tuple[str, float]]:
+        """(parameter group name, learning rate) of every group this stage trains, in optimizer order."""
+        named = (("pivot", self.pivot_lr), ("unet_lora", self.unet_lr), ("text_encoder_lora", self.text_encoder_lr))
+        return [(name, lr) for name, lr in named if lr is not None]
+
+    def preset_entry(self) -> dict[str, Any]:
+        """The stage as a ``[[stages]]`` table of effective values (the resolved TOML reloads to this stage)."""
+        entry = {
+            "name": self.name, "kind": self.kind, "steps": self.steps, "learning_rate": self.learning_rate,
+            "optimizer_type": self.optimizer_type, "optimizer_args": list(self.optimizer_args),
+            "lr_scheduler": self.lr_scheduler, "lr_warmup_steps": self.lr_warmup_steps, "train_pivot": self.train_pivot,
+            "train_unet": self.train_unet, "train_text_encoder": self.train_text_encoder,
+            "pivot_lr": self.pivot_lr, "unet_lr": self.unet_lr, "text_encoder_lr": self.text_encoder_lr,
+        }
+        if self.steps is None:
+            entry["max_train_epochs"] = self.max_train_epochs
+        return {k: v for k, v in entry.items() if v is not None}
+
+    def describe(self) -> str:
+        """The log line at stage start: ``key=value`` pairs of :meth:`preset_entry` (groups as ``<name>_lr``)."""
+        entry = self.preset_entry()
+        fields = [f"{key}={entry[key]!r}" for key in entry if key not in ("name", "kind")]
+        return f"stage {self.index} {self.name!r} ({self.kind}): " + " ".join(fields)
+
+
+def _stage_dicts(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The preset's ``[[stages]]`` tables, or the built-in ones (without learning rates when the user gives one)."""
+    if "stages" in raw:
+        return raw["stages"]
+    given_lr = "learning_rate" in raw
+    return [{"name": kind, "kind": kind} | ({} if given_lr else {"learning_rate": lr}) for kind, lr in DEFAULT_STAGE_LRS.items()]
+
+
+def default_stage_dicts(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The built-in stages as ``[[stages]]`` tables for the preset ``raw`` (which has none)."""
+    return [dict(s) for s in _stage_dicts({k: v for k, v in raw.items() if k != "stages"})]
+
+
+def _length(config: Config, stage: StageConfig, index: int) -> tuple[int | None, int | None]:
+    """(steps, epochs) of ``stage``: exactly one is set."""
+    if stage.max_train_epochs is not None and stage.steps is not None:
+        raise ConfigError(f"preset: stages.{index} sets both steps and max_train_epochs; set one")
+    if stage.max_train_epochs is not None:
+        return None, stage.max_train_epochs
+    if stage.steps is not None:
+        return stage.steps, None
+    if config.max_train_epochs is not None:
+        return None, config.max_train_epochs
+    return config.max_train_steps, None
+
+
+def resolve_stage(config: Config, stage: StageConfig, index: int, lora_seen: bool) -> ResolvedStage:
+    def own_or_top(key: str) -> Any:
+        value = getattr(stage, key)
+        return getattr(config, key) if value is None else value
+
+    is_lora = stage.kind == "lora"
+    name = stage.name or f"{stage.kind}{index}"
+    lr = own_or_top("learning_rate")
+    train_pivot = stage.train_pivot if stage.train_pivot is not None else not is_lora
+    train_unet = is_lora and (stage.train_unet if stage.train_unet is not None else True)
+    train_te = is_lora and (stage.train_text_encoder if stage.train_text_encoder is not None
+                            else not config.network_train_unet_only)
+    if not (train_pivot or train_unet or train_te):
+        raise ConfigError(f"preset: stages.{index} ({name!r}) trains nothing: set train_pivot, train_unet or "
+                          "train_text_encoder")
+    steps, epochs = _length(config, stage, index)
+    return ResolvedStage(
+        index=index, name=name, kind=stage.kind, steps=steps, max_train_epochs=epochs,
+        learning_rate=lr, optimizer_type=own_or_top("optimizer_type"), optimizer_args=tuple(own_or_top("optimizer_args")),
+        lr_scheduler=own_or_top("lr_scheduler"), lr_warmup_steps=own_or_top("lr_warmup_steps"),
+        lr_scheduler_num_cycles=config.lr_scheduler_num_cycles, lr_scheduler_power=config.lr_scheduler_power,
+        train_pivot=train_pivot, train_unet=train_unet, train_text_encoder=train_te,
+        pivot_lr=(stage.pivot_lr or lr) if train_pivot else None,
+        unet_lr=(own_or_top("unet_lr") or lr) if train_unet else None,
+        text_encoder_lr=(own_or_top("text_encoder_lr") or lr) if train_te else None,
+        pivot_weight_decay=config.pivot_weight_decay, lora_enabled=lora_seen or is_lora,
+    )
+
+
+def resolve_stages(config: Config) -> tuple[ResolvedStage, ...]:
+    """Every stage of ``config`` (whose ``stages`` are the preset's StageConfig tables) resolved."""
+    resolved, lora_seen = [], False
+    for index, stage in enumerate(config.stages):
+        resolved.append(resolve_stage(config, stage, index, lora_seen))
+        lora_seen = lora_seen or stage.kind == "lora"
+    names = [s.name for s in resolved]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"preset: two stages are named {name!r}")
+    return tuple(resolved)
+
+
+def with_epoch_steps(config: Config, steps_per_epoch: int) -> Config:
+    """``config`` with every epoch-based stage's length in steps (``steps_per_epoch`` optimizer steps per pass)."""
+    stages = tuple(dataclasses.replace(s, steps=s.max_train_epochs * steps_per_epoch) if s.steps is None else s
+                   for s in config.stages)
+    return dataclasses.replace(config, stages=stages)
+
+
+# ----------------------------------------------------------------------------- unused values
+
+def _why_unused(config: Config, key: str, stage: StageConfig, resolved: ResolvedStage) -> str | None:
+    """Why ``stage`` does not use the top-level ``key`` (None when it does)."""
+    where = f"stages.{resolved.index}"
+    if key in STAGE_DEFAULT_KEYS:
+        return None if getattr(stage, key) is None else f"{where}.{key} = {getattr(stage, key)!r}"
+    if key in LENGTH_KEYS:
+        for own in ("max_train_epochs", "steps"):
+            if getattr(stage, own) is not None:
+                return f"{where}.{own} = {getattr(stage, own)!r}"
+        if key == "max_train_steps" and config.max_train_epochs is not None:
+            return f"{where} follows max_train_epochs = {config.max_train_epochs!r}"
+        return None
+    if stage.kind != "lora":
+        return f"{where} ({resolved.name!r}) is an inversion stage"
+    group = {"unet_lr": ("unet_lr", resolved.train_unet, "train_unet"),
+             "text_encoder_lr": ("text_encoder_lr", resolved.train_text_encoder, "train_text_encoder"),
+             "network_train_unet_only": ("train_text_encoder", True, "")}[key]
+    own, trains, switch = group
+    if not trains:
+        return f"{where}.{switch} = false"
+    return None if getattr(stage, own) is None else f"{where}.{own} = {getattr(stage, own)!r}"
+
+
+def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], given: dict[str, str]) -> None:
+    """Raise ConfigError for a given top-level value (``given``: key -> where it came from) that no stage uses."""
+    for key, source in given.items():
+        if key not in STAGE_DEFAULT_KEYS + LENGTH_KEYS + LORA_SHORTHANDS:
+            continue
+        reasons = [_why_unused(config, key, stage, resolved) for stage, resolved in zip(raw_stages, config.stages)]
+        if any(reason is None for reason in reasons):
+            continue
+        value = getattr(config, key)
+        target = {"max_train_steps": "steps", "network_train_unet_only": "train_text_encoder"}.get(key, key)
+        value_text = (str(not value).lower() if key == "network_train_unet_only"
+                      else _toml_literal(value))
+        commands = " or ".join(f"--set stages.{s.index}.{target}={value_text}" for s, raw in zip(config.stages, raw_stages)
+                               if not (target in ("unet_lr", "text_encoder_lr", "train_text_encoder") and s.kind != "lora")
+                               and not (target == "steps" and raw.max_train_epochs is not None))
+        hint = f" To change a stage, use {commands}." if commands else " No stage can use it: remove it."
+        raise ConfigError(f"{key} = {_toml_literal(value)} ({source}) is used by no stage: "
+                          + "; ".join(reasons) + "." + hint)
+
+
+def _toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# ----------------------------------------------------------------------------- consumers
+
+def resolved_dict(config: Config) -> dict[str, Any]:
+    """The resolved preset written beside the outputs: every key with its effective value.
+
+    The stage defaults live in the stages (the top-level keys that only reach stages are left out),
+    so the file reloads as a preset (resume) that trains the same stages.
+    """
+    data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for key in ("extends", "config_file") + STAGE_DEFAULT_KEYS + LENGTH_KEYS + LORA_SHORTHANDS:
+        data.pop(key)
+    data["stages"] = [s.preset_entry() for s in config.stages]
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def training_metadata(config: Config) -> dict[str, str]:
+    """kohya's ``ss_*`` training keys from the (last) lora stage and ``pti_inversion_*`` from the first inversion stage."""
+    meta: dict[str, str] = {}
+    for prefix, kind, stages in (("ss_", "lora", reversed(config.stages)), ("pti_inversion_", "inversion", config.stages)):
+        stage = next((s for s in stages if s.kind == kind), None)
+        if stage is None:
+            continue
+        optimizer = stage.optimizer_type + (f"({','.join(stage.optimizer_args)})" if stage.optimizer_args else "")
+        meta |= {f"{prefix}learning_rate": str(stage.learning_rate), f"{prefix}max_train_steps": str(stage.steps),
+                 f"{prefix}lr_scheduler": stage.lr_scheduler, f"{prefix}lr_warmup_steps": str(stage.lr_warmup_steps),
+                 f"{prefix}optimizer": optimizer}
+        if kind == "lora":
+            meta["ss_network_train_unet_only"] = str(not stage.train_text_encoder)
+            for key in ("unet_lr", "text_encoder_lr"):
+                if getattr(stage, key) is not None:
+                    meta[f"ss_{key}"] = str(getattr(stage, key))
+        else:
+            meta["pti_inversion_pivot_lr"] = str(stage.pivot_lr)
+    return meta
+
+
+def tracker_hparams(config: Config) -> dict[str, Any]:
+    """Scalar hyperparameters of every stage for TensorBoard (``stages.<i>.<key>``)."""
+    return {f"stages.{s.index}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for s in config.stages for k, v in s.preset_entry().items()}
