@@ -7,6 +7,7 @@ Usage (in the background, resumable; about 1.5 hours on one CPU thread with the 
         [--lora_lrs 1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3] [--inversion_steps 1000] [--lora_steps 1000]
         [--variants none,half_angle,class_endpoint,reg_images] [--pivot_lr knee|LR]
         [--seeds 16] [--sample_steps 25] [--guidance 3] [--leakage_threshold 0.1]
+        [--engine local|ray [--address ADDR]]   (training runs as Ray tasks: see pti_plugin.sweeps.engines)
 
 1. **Inversion sweep** (:mod:`pti_plugin.sweeps.lr_sweep` ``--stage inversion``, into ``OUT/inversion/``): the
    preset's inversion stage at each learning rate for ``--inversion_steps`` steps. The
@@ -62,6 +63,7 @@ from pti_plugin.config import ConfigError, apply_overrides, build_config, load_p
 from pti_plugin.metrics.knee import knee_index
 from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correlations, light_point, plot, report_text,
                                             write_csv)
+from pti_plugin.sweeps.engines import add_engine_arguments
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
 from pti_plugin.sweeps.plan import lr_tag, parse_lrs, preset_stages
 
@@ -122,10 +124,11 @@ def write_preset(path: Path, raw: dict) -> Path:
 
 
 # ---------------------------------------------------------------------- steps of the bench
-def run_sweep(preset: Path, stage: str, lrs: str, steps: int, out: Path) -> None:
-    """Train (never evaluate) one lr_sweep; finished runs are skipped by lr_sweep itself."""
+def run_sweep(preset: Path, stage: str, lrs: str, steps: int, out: Path, engine: list[str]) -> None:
+    """Train (never evaluate) one lr_sweep; finished runs are skipped by lr_sweep itself. ``engine``: its
+    ``--engine``/``--address`` arguments (default: in this process)."""
     sweep_main(["--preset", str(preset), "--stage", stage, "--lrs", lrs, "--steps", str(steps),
-                   "--out", str(out), "--no_evaluate", "--gpus", "none"])
+                "--out", str(out), "--no_evaluate", "--gpus", "none", *engine])
 
 
 def sweep_runs(out: Path, stage: str, lrs: str) -> list[tuple[float, Path]]:
@@ -244,6 +247,7 @@ def parse_args(argv):
                         help="a light run keeps at least this fraction of the pivot's GT editability")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
     parser.add_argument("--device", default=None)
+    add_engine_arguments(parser)
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     return args
@@ -261,12 +265,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {exc}") from exc
     stage_of(raw, "inversion"), stage_of(raw, "lora")  # both stages are needed (SystemExit naming them)
     output_name = config.output_name
+    engine = ["--engine", args.engine] + (["--address", args.address] if args.address else []) + (
+        ["--gpus_per_run", str(args.gpus_per_run)] if args.gpus_per_run is not None else [])
     presets = args.out / "presets"
     t0 = time.time()
 
     inv_out = args.out / "inversion"
     run_sweep(write_preset(presets / "inversion.toml", inversion_preset(raw)), "inversion", args.inversion_lrs,
-              args.inversion_steps, inv_out)
+              args.inversion_steps, inv_out, engine)
     rows = scored_rows(inv_out, "inversion", "none", args.inversion_lrs, output_name, args)
     pivot, pivot_rule = choose_pivot(rows, args.pivot_lr)
     pivot_file = Path(pivot["run_dir"]) / f"{config.token_string}.safetensors"
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     for variant in args.variants:
         out = args.out / f"lora_{variant}"
         preset = write_preset(presets / f"lora_{variant}.toml", variant_preset(raw, variant, pivot_file, reg_dir))
-        run_sweep(preset, "lora", args.lora_lrs, args.lora_steps, out)
+        run_sweep(preset, "lora", args.lora_lrs, args.lora_steps, out, engine)
         rows += scored_rows(out, "lora", variant, args.lora_lrs, output_name, args)
 
     add_excess_leakage(rows, pivot)

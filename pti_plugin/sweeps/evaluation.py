@@ -13,7 +13,6 @@ import traceback
 
 from pti_plugin.atomic_io import atomic_write_text
 from pti_plugin.sweeps.plan import RunSpec
-from pti_plugin.sweeps.runner import run_on_gpus
 
 EVAL_FILE = "sweep_eval.json"
 #: Bump when the evaluation changes meaning, so that cached evaluations are recomputed.
@@ -65,9 +64,9 @@ def evaluate_command(argv: list[str], name: str) -> list[str]:
     return [sys.executable, "-m", "pti_plugin.sweeps.lr_sweep", *argv, "--_evaluate_run", name]
 
 
-def evaluate_runs(specs: list[RunSpec], args, argv: list[str], gpus: list[str]) -> dict[str, dict]:
-    """Metrics of every finished run by name: cached ones reused, the others computed (one process per GPU
-    with ``gpus``, else here, one after the other); a failed evaluation is reported and left out."""
+def evaluate_runs(specs: list[RunSpec], args, argv: list[str], engine) -> dict[str, dict]:
+    """Metrics of every finished run by name: cached ones reused, the others computed (one job per run on
+    ``engine``, or here, one after the other); a failed evaluation is reported and left out."""
     settings = eval_settings(args)
     results, to_eval = {}, []
     for spec in specs:
@@ -79,11 +78,13 @@ def evaluate_runs(specs: list[RunSpec], args, argv: list[str], gpus: list[str]) 
             results[spec.name] = cached
         else:
             to_eval.append(spec)
-    if gpus and to_eval:
-        jobs = [(s.name, evaluate_command(argv, s.name), args.out / "logs" / f"{s.name}.eval.log") for s in to_eval]
-        run_on_gpus(jobs, gpus)
+    if not engine.in_process:
+        engine.run([(s.name, evaluate_command(argv, s.name), args.out / "logs" / f"{s.name}.eval.log") for s in to_eval])
         for spec in to_eval:
-            results[spec.name] = cached_evaluation(spec, settings)
+            if (metrics := cached_evaluation(spec, settings)) is not None:
+                results[spec.name] = metrics
+            else:
+                print(f"FAILED evaluation of {spec.name} (see {args.out / 'logs' / (spec.name + '.eval.log')})", flush=True)
         return results
     scorer = None
     if args.clip_model_path and to_eval:

@@ -4,6 +4,7 @@ Usage::
 
     python analysis/lr_sweep.py --preset P --stage inversion|lora --lrs 1e-3,5e-3,1e-2 [--steps 1000]
         [--out DIR] [--with_plugin pivot_locality] [--clip_model_path DIR] [--gpus auto|none|0,1,...]
+        [--engine local|ray [--address ADDR]]
 
 **Runs.** For each learning rate the preset is copied with the swept stage set to that learning
 rate and ``--steps`` steps (the notes' protocol: 1000), into ``OUT/runs/<stage>-lr<lr>[-<plugin>]/``
@@ -25,9 +26,12 @@ cached in each run folder (``sweep_eval.json``) and recomputed only when the eva
 change (or with ``--reevaluate``).
 
 **Devices.** With several CUDA devices (``--gpus auto`` uses all visible ones, or list them),
-runs are spread one process per GPU (``CUDA_VISIBLE_DEVICES``; training through
-``train_pti.py``, evaluation through this script), logs in ``OUT/logs/``. On one device (or a
-CPU) runs are sequential and in-process (``pti_plugin.cli.main``).
+runs are spread one process per GPU (``CUDA_VISIBLE_DEVICES``; training through the trainer's
+``main``, evaluation through this module), logs in ``OUT/logs/``. On one device (or a CPU) runs
+are sequential and in-process (``pti_plugin.cli.main``). ``--engine ray`` (the optional extra
+``pip install -e ".[cluster]"``) instead runs every training run and evaluation as a Ray task, on
+a local Ray or on a cluster (``--address``); see :mod:`pti_plugin.sweeps.engines`. Which runs are
+finished, resumed or restarted is decided before anything is dispatched, the same for every engine.
 
 **Measurements** (``pti_plugin.metrics.evaluate_run``): reconstruction (``clip_image_image``
 with ``--clip_model_path``, else ``proxy_denoise_mse``, lower = better), editability
@@ -60,6 +64,7 @@ import sys
 from pathlib import Path
 
 from pti_plugin.config import ConfigError, apply_overrides, load_preset_dict
+from pti_plugin.sweeps.engines import add_engine_arguments, engine_from_args
 from pti_plugin.sweeps.evaluation import eval_settings, evaluate_one, evaluate_runs
 from pti_plugin.sweeps.plan import parse_lrs, plan_pivot, plan_runs
 from pti_plugin.sweeps.report import write_report
@@ -80,6 +85,7 @@ def parse_args(argv):
     parser.add_argument("--shared_pivot", choices=("on", "off"), default="on",
                         help="lora sweeps: train the pivot once and start every run from it (on), or repeat it per run (off)")
     parser.add_argument("--gpus", default="auto", help="auto (all visible CUDA devices when more than one), none, or a list 0,1")
+    add_engine_arguments(parser)
     parser.add_argument("--no_train", action="store_true", help="only evaluate and plot the runs already finished")
     parser.add_argument("--no_evaluate", action="store_true", help="only train")
     parser.add_argument("--reevaluate", action="store_true", help="ignore cached evaluations")
@@ -116,15 +122,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args._evaluate_run:  # a worker process: evaluate one run and exit
         evaluate_one({s.name: s for s in specs}[args._evaluate_run], args)
         return []
-    gpus = visible_gpus(args.gpus)
-    print(f"{args.stage} sweep: {len(specs)} runs of {args.steps} steps in {args.out}; "
-          + (f"GPUs {','.join(gpus)} (one process each)" if gpus else "sequential, in-process")
+    engine = engine_from_args(args, visible_gpus(args.gpus))
+    print(f"{args.stage} sweep: {len(specs)} runs of {args.steps} steps in {args.out}; {engine.describe()}"
           + (f"; shared pivot from {pivot.run_dir}" if pivot else ""), flush=True)
     if not args.no_train:
-        train_sweep(pivot, specs, gpus, args.out / "logs")
+        train_sweep(pivot, specs, engine, args.out / "logs")
     if args.no_evaluate:
         return []
-    results = evaluate_runs(specs, args, argv, gpus)
+    results = evaluate_runs(specs, args, argv, engine)
     return write_report(specs, pivot, results, eval_settings(args), args)
 
 

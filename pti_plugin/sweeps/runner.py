@@ -119,23 +119,25 @@ def run_on_gpus(jobs: list[tuple[str, list[str], Path]], gpus: list[str]) -> dic
     return codes
 
 
-
-
-def train_runs(specs: list[RunSpec], gpus: list[str], logs: Path) -> None:
-    """Train every unfinished run of ``specs`` (finished ones are skipped, interrupted ones resumed): one
-    process per GPU with ``gpus`` (logs in ``logs/<run>.train.log``), else here, one after the other."""
+def train_runs(specs: list[RunSpec], engine, logs: Path) -> None:
+    """Train every unfinished run of ``specs`` (finished ones are skipped, interrupted ones resumed, decided here
+    before anything is dispatched): in this process one after the other, or one job per run on ``engine``
+    (an :class:`~pti_plugin.sweeps.engines.Engine`; logs in ``logs/<run>.train.log``)."""
     todo = [(s, a) for s in specs if (a := prepare_run(s)) is not None]
-    if gpus:
-        run_on_gpus([(s.name, train_command(a), logs / f"{s.name}.train.log") for s, a in todo], gpus)
-    else:
+    if engine.in_process:
         for spec, argv in todo:
             train_in_process(spec, argv)
+        return
+    codes = engine.run([(s.name, train_command(a), logs / f"{s.name}.train.log") for s, a in todo])
+    for spec, _ in todo:
+        if codes.get(spec.name) != 0 or not spec.lora.is_file():
+            print(f"FAILED {spec.name} (exit code {codes.get(spec.name)}; see {logs / (spec.name + '.train.log')})", flush=True)
 
 
-def train_sweep(pivot: RunSpec | None, specs: list[RunSpec], gpus: list[str], logs: Path) -> None:
+def train_sweep(pivot: RunSpec | None, specs: list[RunSpec], engine, logs: Path) -> None:
     """Train the shared pivot run (if any) on one device first, then the sweep's runs."""
     if pivot is not None:
-        train_runs([pivot], gpus[:1], logs)
+        train_runs([pivot], engine.single(), logs)
         if not pivot.embedding.is_file():
             raise SystemExit(f"the shared pivot run failed: {pivot.embedding} is missing (see above)")
-    train_runs(specs, gpus, logs)
+    train_runs(specs, engine, logs)
