@@ -25,6 +25,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
+        "cluster": ["ray>=2.9"],  # distributed sweeps: analysis/lr_sweep.py --engine ray
     },
     entry_points={"console_scripts": ["pti-train=pti_plugin.cli:main"]},
 )

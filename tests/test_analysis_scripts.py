@@ -18,6 +18,7 @@ from PIL import Image
 
 from pti_plugin.config import ConfigError
 from pti_plugin.hooks import Plugin, register_plugin
+from pti_plugin.sweeps import lr_sweep, plan, runner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,15 +130,6 @@ def test_position_leakage_command_line(lora_sweep, tmp_path):
     assert _is_png(out / "position_leakage_centroids.png") and _is_png(out / "position_leakage_grid.png")
 
 
-def _lr_sweep_module():
-    sys.path.insert(0, str(REPO / "analysis"))
-    try:
-        import lr_sweep
-    finally:
-        sys.path.remove(str(REPO / "analysis"))
-    return lr_sweep
-
-
 @register_plugin
 class _SomePlugin(Plugin):
     name = "sweep_test_plugin"
@@ -148,7 +140,6 @@ class _SomePlugin(Plugin):
 
 
 def test_lr_sweep_derived_presets_and_plugin_variants(tiny_model, tiny_dataset, tmp_path):
-    lr_sweep = _lr_sweep_module()
     raw = _raw_preset(tiny_model, tiny_dataset, tmp_path / "unused")
     raw["stages"].append({"name": "lora2", "kind": "lora", "learning_rate": 1.0})
     preset = tmp_path / "p.toml"
@@ -157,13 +148,13 @@ def test_lr_sweep_derived_presets_and_plugin_variants(tiny_model, tiny_dataset, 
             "--with_plugin", "sweep_test_plugin", "--plugin_set", "weight=0.5"]
     args = lr_sweep.parse_args(base)
     assert args.leakage_on  # lora sweeps measure leakage by default
-    pivot = lr_sweep.plan_pivot(args, raw)  # the shared pivot: the stages before the lora stage, once, without the plugin
+    pivot = plan.plan_pivot(args, raw)  # the shared pivot: the stages before the lora stage, once, without the plugin
     derived = toml.load(pivot.preset_path)
     assert [s["name"] for s in derived["stages"]] == ["inversion"] and derived["plugins"] == {}
     assert pivot.embedding == tmp_path / "s" / "pivot" / "tok1.safetensors"
     with pytest.raises(ConfigError, match="unknown plugin"):  # refused before any training
-        lr_sweep.plan_runs(lr_sweep.parse_args(base[:-4] + ["--with_plugin", "no_such_plugin"]), raw, pivot)
-    specs = lr_sweep.plan_runs(args, raw, pivot)
+        plan.plan_runs(lr_sweep.parse_args(base[:-4] + ["--with_plugin", "no_such_plugin"]), raw, pivot)
+    specs = plan.plan_runs(args, raw, pivot)
     assert [s.name for s in specs] == ["lora-lr0.0001", "lora-lr0.001", "lora-lr0.0001-sweep_test_plugin", "lora-lr0.001-sweep_test_plugin"]
     for spec in specs:
         derived = toml.load(spec.preset_path)
@@ -174,26 +165,38 @@ def test_lr_sweep_derived_presets_and_plugin_variants(tiny_model, tiny_dataset, 
         assert derived["plugins"] == ({"sweep_test_plugin": {"weight": 0.5}} if spec.variant == "sweep_test_plugin" else {})
     # Without a shared pivot, every run repeats the preset's stages up to the lora stage (later ones dropped).
     args = lr_sweep.parse_args(base + ["--shared_pivot", "off"])
-    assert lr_sweep.plan_pivot(args, raw) is None
-    for spec in lr_sweep.plan_runs(args, raw):
+    assert plan.plan_pivot(args, raw) is None
+    for spec in plan.plan_runs(args, raw):
         derived = toml.load(spec.preset_path)
         assert [s["name"] for s in derived["stages"]] == ["inversion", "lora"] and "weights" not in derived
         assert derived["stages"][0] == raw["stages"][0]
     # An inversion sweep keeps the inversion stage alone, at the swept learning rate and step budget.
     args = lr_sweep.parse_args(["--preset", str(preset), "--stage", "inversion", "--lrs", "5e-3", "--steps", "7",
                                 "--out", str(tmp_path / "i")])
-    assert not args.leakage_on and lr_sweep.plan_pivot(args, raw) is None
-    (spec,) = lr_sweep.plan_runs(args, raw)
+    assert not args.leakage_on and plan.plan_pivot(args, raw) is None
+    (spec,) = plan.plan_runs(args, raw)
     derived = toml.load(spec.preset_path)
     assert spec.name == "inversion-lr0.005"
     assert derived["stages"] == [{"name": "inversion", "kind": "inversion", "learning_rate": 5e-3, "steps": 7}]
 
 
 def test_gpu_scheduler_runs_one_process_per_device(tmp_path):
-    lr_sweep = _lr_sweep_module()
     code = "import os, time; time.sleep(0.2); print('device', os.environ['CUDA_VISIBLE_DEVICES'])"
     jobs = [(f"job{i}", [sys.executable, "-c", code], tmp_path / f"job{i}.log") for i in range(3)]
-    codes = lr_sweep.run_on_gpus(jobs, ["0", "1"])
+    codes = runner.run_on_gpus(jobs, ["0", "1"])
     assert codes == {"job0": 0, "job1": 0, "job2": 0}
     devices = [(tmp_path / f"job{i}.log").read_text().split()[-1] for i in range(3)]
     assert devices[:2] == ["0", "1"] and devices[2] in ("0", "1")
+
+
+def test_sweep_workers_import_this_package(tmp_path):
+    """Worker processes (training, evaluation) import the same ``pti_plugin`` as the sweep, from any folder."""
+    import subprocess
+
+    import pti_plugin
+
+    code = "import pti_plugin; print(pti_plugin.__file__)"
+    printed = subprocess.run([sys.executable, "-c", code], env=runner.worker_env(), cwd=tmp_path, capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert printed == pti_plugin.__file__
+    assert runner.train_command(["--preset", "p.toml"])[-2:] == ["--preset", "p.toml"]

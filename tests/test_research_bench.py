@@ -130,20 +130,21 @@ def test_a_second_bench_resumes_without_training_or_scoring(bench):
 
 
 def test_light_point_picks_the_best_reconstruction_under_the_threshold():
-    namespace = runpy.run_path(str(BENCH), run_name="bench_under_test")
+    from pti_plugin.sweeps.bench_report import add_excess_leakage, light_point
+
     pivot = {"sweep": "inversion", "gt_leakage": 0.2, "attention_leakage": -0.1}
     rows = [{"sweep": "lora", "lr": 1e-4, "gt_reconstruction": 0.2, "gt_leakage": 0.2, "attention_leakage": 0.0},
             {"sweep": "lora", "lr": 1e-3, "gt_reconstruction": 0.6, "gt_leakage": 0.3, "attention_leakage": None},
             {"sweep": "lora", "lr": 1e-2, "gt_reconstruction": 0.9, "gt_leakage": 0.7, "attention_leakage": 0.5}]
-    namespace["add_excess_leakage"](rows, pivot)
+    add_excess_leakage(rows, pivot)
     assert [r["gt_leakage_excess"] for r in rows] == pytest.approx([0.0, 0.1, 0.5])
     assert rows[0]["attention_leakage_excess"] == pytest.approx(0.1) and "attention_leakage_excess" not in rows[1]
-    assert namespace["light_point"](rows, "gt_leakage_excess", 0.15)["lr"] == 1e-3
-    assert namespace["light_point"](rows, "gt_leakage_excess", 0.6)["lr"] == 1e-2
-    assert namespace["light_point"](rows, "gt_leakage_excess", -1.0) is None
-    assert namespace["light_point"](rows, "attention_leakage_excess", 0.15)["lr"] == 1e-4
+    assert light_point(rows, "gt_leakage_excess", 0.15)["lr"] == 1e-3
+    assert light_point(rows, "gt_leakage_excess", 0.6)["lr"] == 1e-2
+    assert light_point(rows, "gt_leakage_excess", -1.0) is None
+    assert light_point(rows, "attention_leakage_excess", 0.15)["lr"] == 1e-4
     rows[1]["gt_editability"], rows[0]["gt_editability"] = 0.3, 0.7  # the better run broke editability
-    assert namespace["light_point"](rows, "gt_leakage_excess", 0.15, min_editability=0.5)["lr"] == 1e-4
+    assert light_point(rows, "gt_leakage_excess", 0.15, min_editability=0.5)["lr"] == 1e-4
 
 
 def test_scores_are_deterministic(bench):

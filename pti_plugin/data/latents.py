@@ -4,10 +4,17 @@ A latent is drawn from the VAE's posterior with a generator seeded by the image 
 cached and uncached paths give bit-identical latents. Draws with ``color_aug``/``random_crop``
 (which change the pixels at every draw) are encoded on the fly (:meth:`LatentSource.latent_for`);
 they cannot be cached, and the dataset refuses them together with ``cache_latents``.
+
+The disk cache (``cache_latents_to_disk``) keeps each latent beside its image in
+``<image>.<w>x<h>[.flip].<key>.pti_latents.safetensors``; ``key`` digests what the latent depends
+on: the VAE's weights (names, dtypes, shapes and values: :func:`module_digest`), the seed of the
+posterior draw and the image file's bytes. A different VAE, seed or image therefore never reuses a
+stale latent; it writes its own file beside the others.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -16,6 +23,20 @@ from ..atomic_io import save_safetensors_atomic
 from .augment import Augmentation, augmented_pixels
 from .dataset import ImageItem
 from .sample_order import sample_generator
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """A hex digest of a module's weights and buffers: names, dtypes, shapes and exact values."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
 
 def load_pixels(item: ImageItem, flip: bool) -> torch.Tensor:
@@ -32,6 +53,7 @@ class LatentSource:
         self.seed = seed
         self.to_disk = to_disk
         self._memory: dict[tuple[int, bool], torch.Tensor] | None = {} if cache else None
+        self._vae_digest: str | None = None  # computed once, when the disk cache is first used
 
     def _encode(self, index: int, flip: bool) -> torch.Tensor:
         return self._encode_pixels(load_pixels(self.items[index], flip), index, flip)
@@ -46,10 +68,18 @@ class LatentSource:
         latent = posterior.mean + posterior.std * noise
         return (latent[0] * self.vae.config.scaling_factor).float().cpu()
 
+    def cache_key(self, index: int) -> str:
+        """The digest of what the image's cached latents depend on: VAE weights, seed and image bytes."""
+        if self._vae_digest is None:
+            self._vae_digest = module_digest(self.vae)
+        parts = f"vae={self._vae_digest}|seed={self.seed}|image={file_digest(self.items[index].path)}"
+        return hashlib.blake2b(parts.encode(), digest_size=6).hexdigest()
+
     def _disk_path(self, index: int, flip: bool) -> Path:
         item = self.items[index]
         w, h = item.bucket
-        return item.path.with_name(f"{item.path.stem}.{w}x{h}{'.flip' if flip else ''}.pti_latents.safetensors")
+        key = self.cache_key(index)
+        return item.path.with_name(f"{item.path.stem}.{w}x{h}{'.flip' if flip else ''}.{key}.pti_latents.safetensors")
 
     def fill_cache(self) -> None:
         """Encode every image (and its flip when flip_aug) now, into memory and optionally disk."""
@@ -61,13 +91,14 @@ class LatentSource:
             if item.num_repeats < 1:  # a regularisation image left out by kohya's balancing: never drawn
                 continue
             for flip in (False, True) if item.flip_aug else (False,):
-                path = self._disk_path(index, flip)
-                if self.to_disk and path.is_file():
+                path = self._disk_path(index, flip) if self.to_disk else None
+                if path is not None and path.is_file():
                     latent = load_file(path)["latent"]
                 else:
                     latent = self._encode(index, flip)
-                    if self.to_disk:
-                        save_safetensors_atomic(path, {"latent": latent})
+                    if path is not None:
+                        save_safetensors_atomic(path, {"latent": latent},
+                                                {"vae_digest": self._vae_digest or "", "seed": str(self.seed)})
                 self._memory[(index, flip)] = latent
 
     def latent(self, index: int, flip: bool) -> torch.Tensor:

@@ -1,0 +1,312 @@
+"""The research bench: the user's protocol on the toy world, ground truth beside the model-internal metrics.
+
+Usage (in the background, resumable; about 1.5 hours on one CPU thread with the defaults)::
+
+    OMP_NUM_THREADS=1 python analysis/research_bench.py [--out outputs/research_bench]
+        [--preset presets/research_bench.toml] [--set KEY=VALUE] [--inversion_lrs 1e-3,3e-3,1e-2,3e-2,1e-1]
+        [--lora_lrs 1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3] [--inversion_steps 1000] [--lora_steps 1000]
+        [--variants none,half_angle,class_endpoint,reg_images] [--pivot_lr knee|LR]
+        [--seeds 16] [--sample_steps 25] [--guidance 3] [--leakage_threshold 0.1]
+        [--engine local|ray [--address ADDR]]   (training runs as Ray tasks: see pti_plugin.sweeps.engines)
+
+1. **Inversion sweep** (:mod:`pti_plugin.sweeps.lr_sweep` ``--stage inversion``, into ``OUT/inversion/``): the
+   preset's inversion stage at each learning rate for ``--inversion_steps`` steps. The
+   pivot-locality regulariser acts in LoRA stages only, so this sweep has no variants.
+2. **The pivot**: the inversion run at ``--pivot_lr``; ``knee`` (default) takes the knee of
+   the ground-truth character match against the pivot's L2 distance from its init (maximum
+   distance to the chord), else of the denoising proxy, else the middle learning rate. Every LoRA run starts
+   from that embedding (``weights``), so all LoRA sweeps share one pivot.
+3. **LoRA sweeps**, one per variant (``OUT/lora_<variant>/``), the preset's lora stage at each
+   learning rate for ``--lora_steps`` steps:
+   ``none`` (no regulariser), ``half_angle`` (``[plugins.pivot_locality]`` with ``fractions = [0.5]``,
+   the user's method), ``class_endpoint`` (``fractions = [1.0]``: the class prompt only, what
+   ai-toolkit and OneTrainer offer), ``reg_images`` (kohya regularisation images of the class,
+   ``prior_loss_weight`` 1: ``--reg_images`` images of ``T(class word)`` generated once by the base
+   model into ``OUT/reg/``). The plugin's other options come from the preset's table.
+4. **Scores** of every run (:func:`pti_plugin.toy_world.run_scores.score_run`, cached in
+   ``<run>/bench_scores.json`` and recomputed only when the scoring settings change): ground
+   truth from the toy world's detectors (``gt_reconstruction``, ``gt_editability``, ``gt_leakage``,
+   ``gt_training_cell_fraction``) and the model-internal metrics a real-model run has
+   (``proxy_denoise_mse``, ``proxy_edit_direction_cos``, ``attention_leakage``, distances).
+5. **Report**: the tables, the correlation (Pearson and Spearman, over runs) of each model-internal
+   metric with its ground truth, and per variant the *light* point. Both leakage scores compare
+   the pivot (LoRA on) with the class word on the base model, so the pivot alone already scores
+   some leakage; what the LoRA adds is the *excess* over the pivot's own run (LoRA off):
+   ``gt_leakage_excess`` and ``attention_leakage_excess``. The light point is the LoRA run of best
+   ground-truth reconstruction whose excess stays at most ``--leakage_threshold`` and whose
+   ground-truth editability keeps at least ``--editability_ratio`` of the pivot's own (a run that
+   broke the model does not count as light), chosen once with the ground-truth excess and once
+   with the attention excess (what a real-model user would see). Writes ``OUT/research_bench.json`` (settings, rows, correlations, light points),
+   ``OUT/research_bench.csv``, ``OUT/research_bench.md`` (the printed tables) and
+   ``OUT/research_bench.png``.
+
+Everything is deterministic under the preset's seed: training draws every sample from
+(seed, stage, step, slot) and scoring uses fixed generation seeds. Finished runs are skipped and
+scores reused, so an interrupted bench continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import toml
+
+from pti_plugin.atomic_io import atomic_write_text
+from pti_plugin.config import ConfigError, apply_overrides, build_config, load_preset_dict
+from pti_plugin.metrics.knee import knee_index
+from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correlations, light_point, plot, report_text,
+                                            write_csv)
+from pti_plugin.sweeps.engines import add_engine_arguments
+from pti_plugin.sweeps.lr_sweep import main as sweep_main
+from pti_plugin.sweeps.plan import lr_tag, parse_lrs, preset_stages
+
+#: The presets shipped with the repository (the bench's default preset lives there).
+ROOT = Path(__file__).resolve().parents[2]
+SCORES_FILE = "bench_scores.json"
+PLUGIN = "pivot_locality"
+#: Bump when the scores change meaning, so that cached scores are recomputed.
+SCORES_VERSION = 2
+
+
+def parse_variants(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise SystemExit(f"--variants: unknown {unknown or text!r}; choose among {', '.join(VARIANTS)}")
+    return list(dict.fromkeys(names))
+
+
+def lrs_arg(text: str) -> str:
+    parse_lrs(text)  # validates
+    return text
+
+
+# ---------------------------------------------------------------------- presets of the sweeps
+def stage_of(raw: dict, kind: str) -> dict:
+    stages, index = preset_stages(raw, kind)
+    return stages[index]
+
+
+def inversion_preset(raw: dict) -> dict:
+    """The preset of the inversion sweep: the preset without plugins (they act in LoRA stages)."""
+    out = copy.deepcopy(raw)
+    out["plugins"] = {}
+    return out
+
+
+def variant_preset(raw: dict, variant: str, pivot: Path, reg_dir: Path | None) -> dict:
+    """The preset of one LoRA variant: its lora stage alone, started from ``pivot``."""
+    out = copy.deepcopy(raw)
+    out["stages"] = [stage_of(raw, "lora")]
+    out["weights"] = str(pivot)
+    plugin_options = dict(raw.get("plugins", {}).get(PLUGIN, {}))
+    out["plugins"] = {}
+    if variant == "half_angle":
+        out["plugins"][PLUGIN] = plugin_options | {"fractions": [0.5], "fraction_sampling": "fixed"}
+    elif variant == "class_endpoint":
+        out["plugins"][PLUGIN] = plugin_options | {"fractions": [1.0], "fraction_sampling": "fixed"}
+    elif variant == "reg_images":
+        out["reg_data_dir"] = str(reg_dir)
+        out.setdefault("prior_loss_weight", 1.0)
+    return out
+
+
+def write_preset(path: Path, raw: dict) -> Path:
+    atomic_write_text(path, toml.dumps(raw))
+    return path
+
+
+# ---------------------------------------------------------------------- steps of the bench
+def run_sweep(preset: Path, stage: str, lrs: str, steps: int, out: Path, engine: list[str]) -> None:
+    """Train (never evaluate) one lr_sweep; finished runs are skipped by lr_sweep itself. ``engine``: its
+    ``--engine``/``--address`` arguments (default: in this process)."""
+    sweep_main(["--preset", str(preset), "--stage", stage, "--lrs", lrs, "--steps", str(steps),
+                "--out", str(out), "--no_evaluate", "--gpus", "none", *engine])
+
+
+def sweep_runs(out: Path, stage: str, lrs: str) -> list[tuple[float, Path]]:
+    """``(lr, run folder)`` of a sweep, in lr order (lr_sweep's naming)."""
+    return [(lr, out / "runs" / f"{stage}-lr{lr_tag(lr)}") for lr in parse_lrs(lrs)]
+
+
+def score_settings(args):
+    from pti_plugin.toy_world.run_scores import ScoreSettings
+
+    return ScoreSettings(seeds=args.seeds, steps=args.sample_steps, guidance=args.guidance, max_images=args.max_images)
+
+
+def scores_of(run_dir: Path, output_name: str, args) -> dict | None:
+    """The run's scores, from its cache when the settings match; None when the run has not finished."""
+    from pti_plugin.toy_world.run_scores import score_run
+
+    settings = {"version": SCORES_VERSION} | score_settings(args).as_dict()
+    if not (run_dir / f"{output_name}.safetensors").is_file():
+        return None
+    cache = run_dir / SCORES_FILE
+    if cache.is_file() and not args.rescore:
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            data = {}
+        if data.get("settings") == settings:
+            print(f"scores of {run_dir.name}: cached", flush=True)
+            return data["scores"]
+    print(f"score {run_dir}", flush=True)
+    t0 = time.time()
+    scores = score_run(run_dir, score_settings(args), device=args.device)
+    atomic_write_text(cache, json.dumps({"settings": settings, "scores": scores, "seconds": round(time.time() - t0, 1)},
+                                        indent=2) + "\n")
+    return scores
+
+
+def scored_rows(out: Path, stage: str, variant: str, lrs: str, output_name: str, args) -> list[dict]:
+    """One report row per run of a sweep: its sweep, variant, lr and folder, then its scores (none if unfinished)."""
+    return [{"sweep": stage, "variant": variant, "lr": lr, "run_dir": str(d)} | (scores_of(d, output_name, args) or {})
+            for lr, d in sweep_runs(out, stage, lrs)]
+
+
+def choose_pivot(rows: list[dict], choice: str) -> tuple[dict, str]:
+    """The inversion row whose pivot the LoRA sweeps share, and the rule that chose it."""
+    done = [r for r in rows if r.get("gt_reconstruction") is not None]
+    if not done:
+        raise SystemExit("no finished inversion run to take the pivot from (see above)")
+    if choice != "knee":
+        lr = float(choice)
+        match = [r for r in done if math.isclose(r["lr"], lr, rel_tol=1e-9)]
+        if not match:
+            raise SystemExit(f"--pivot_lr {choice}: not among the finished inversion runs ({[r['lr'] for r in done]})")
+        return match[0], f"--pivot_lr {choice}"
+    x = [r.get("pivot_l2_from_init") for r in done]
+    for metric, sign in (("gt_character_match", 1.0), ("proxy_denoise_mse", -1.0)):
+        y = [sign * r[metric] if r.get(metric) is not None else float("nan") for r in done]
+        k = knee_index([v if v is not None else float("nan") for v in x], y)
+        if k is not None:
+            return done[k], f"knee of {metric} against pivot_l2_from_init"
+    return done[len(done) // 2], "middle learning rate (no knee: fewer than 3 runs or a flat curve)"
+
+
+def generate_reg_images(run_dir: Path, class_word: str, reg_dir: Path, count: int, args) -> Path:
+    """``count`` images of ``T(class_word)`` by the base model, in kohya layout ``reg_dir/1_<class>/``; once."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from pti_plugin.metrics.localisation import generate_images
+    from pti_plugin.metrics.run_model import load_run
+
+    folder = reg_dir / f"1_{class_word}"
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
+        return reg_dir
+    run = load_run(run_dir, device=args.device, class_word=class_word)
+    reg_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".reg.", dir=reg_dir))
+    seeds = [10_000 + k for k in range(count)]
+    images = generate_images(run, "{T}", False, seeds, args.sample_steps, args.guidance)
+    caption = run.prompt("{T}", False)
+    for k, image in enumerate(np.asarray(images)):
+        Image.fromarray(image).save(tmp / f"{k:03d}.png")
+        (tmp / f"{k:03d}.txt").write_text(caption + "\n", encoding="utf-8")
+    if folder.exists():  # an incomplete earlier attempt
+        folder.rename(reg_dir / f".incomplete-{time.time_ns()}")
+    tmp.rename(folder)
+    print(f"regularisation images: {count} of {caption!r} by the base model in {folder}", flush=True)
+    return reg_dir
+
+
+# ---------------------------------------------------------------------- main
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", type=Path, default=ROOT / "presets" / "research_bench.toml")
+    parser.add_argument("--out", type=Path, default=Path("outputs/research_bench"))
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        help="preset override KEY=VALUE (nested keys with dots, e.g. plugins.pivot_locality.weight=1)")
+    parser.add_argument("--inversion_lrs", type=lrs_arg, default="1e-3,3e-3,1e-2,3e-2,1e-1")
+    parser.add_argument("--lora_lrs", type=lrs_arg, default="1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3")
+    parser.add_argument("--inversion_steps", type=int, default=1000, help="steps per inversion run (the notes: 1000)")
+    parser.add_argument("--lora_steps", type=int, default=1000, help="steps per LoRA run (the notes: 1000)")
+    parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS), help=", ".join(VARIANTS))
+    parser.add_argument("--pivot_lr", default="knee", help="knee, or the inversion learning rate whose pivot LoRA runs share")
+    parser.add_argument("--reg_images", type=int, default=12, help="regularisation images of the reg_images variant")
+    parser.add_argument("--seeds", type=int, default=16,
+                        help="generation seeds per prompt when scoring; 16 leave the leakage score uncertain by about "
+                             "0.16 (two seed sets on the same run), use 64 or more to compare variants' leakage")
+    parser.add_argument("--sample_steps", type=int, default=25, help="DDIM steps of the generations")
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--max_images", type=int, default=8, help="training images of the model-internal proxies")
+    parser.add_argument("--leakage_threshold", type=float, default=0.1,
+                        help="largest leakage excess over the pivot's own of a light run")
+    parser.add_argument("--editability_ratio", type=float, default=0.8,
+                        help="a light run keeps at least this fraction of the pivot's GT editability")
+    parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
+    parser.add_argument("--device", default=None)
+    add_engine_arguments(parser)
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    try:
+        raw = apply_overrides(load_preset_dict(args.preset), {}, args.sets)
+        config = build_config(copy.deepcopy(raw))
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    stage_of(raw, "inversion"), stage_of(raw, "lora")  # both stages are needed (SystemExit naming them)
+    output_name = config.output_name
+    engine = ["--engine", args.engine] + (["--address", args.address] if args.address else []) + (
+        ["--gpus_per_run", str(args.gpus_per_run)] if args.gpus_per_run is not None else [])
+    presets = args.out / "presets"
+    t0 = time.time()
+
+    inv_out = args.out / "inversion"
+    run_sweep(write_preset(presets / "inversion.toml", inversion_preset(raw)), "inversion", args.inversion_lrs,
+              args.inversion_steps, inv_out, engine)
+    rows = scored_rows(inv_out, "inversion", "none", args.inversion_lrs, output_name, args)
+    pivot, pivot_rule = choose_pivot(rows, args.pivot_lr)
+    pivot_file = Path(pivot["run_dir"]) / f"{config.token_string}.safetensors"
+    print(f"pivot: inversion lr {pivot['lr']:g} ({pivot_rule}): {pivot_file}", flush=True)
+
+    reg_dir = None
+    if "reg_images" in args.variants:
+        class_word = config.init_word if isinstance(config.init_word, str) else config.init_word[0]
+        reg_dir = generate_reg_images(Path(pivot["run_dir"]), class_word, args.out / "reg", args.reg_images, args)
+    for variant in args.variants:
+        out = args.out / f"lora_{variant}"
+        preset = write_preset(presets / f"lora_{variant}.toml", variant_preset(raw, variant, pivot_file, reg_dir))
+        run_sweep(preset, "lora", args.lora_lrs, args.lora_steps, out, engine)
+        rows += scored_rows(out, "lora", variant, args.lora_lrs, output_name, args)
+
+    add_excess_leakage(rows, pivot)
+    lora_rows = [r for r in rows if r["sweep"] == "lora"]
+    min_editability = args.editability_ratio * (pivot.get("gt_editability") or 0.0)
+    light = {v: {key: light_point([r for r in lora_rows if r["variant"] == v], key, args.leakage_threshold, min_editability)
+                 for key in ("gt_leakage_excess", "attention_leakage_excess")} for v in args.variants}
+    corr = correlations(rows)
+    text = report_text(rows, corr, light, pivot, pivot_rule, args)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result = {"settings": settings, "scores_version": SCORES_VERSION, "variants": {v: VARIANTS[v] for v in args.variants},
+              "pivot": {"lr": pivot["lr"], "rule": pivot_rule, "file": str(pivot_file), "digest": pivot.get("pivot_digest")},
+              "rows": rows, "correlations": corr, "light_points": light, "minutes": round((time.time() - t0) / 60, 1)}
+    atomic_write_text(args.out / "research_bench.json", json.dumps(result, indent=2, default=str) + "\n")
+    write_csv(args.out / "research_bench.csv", rows)
+    atomic_write_text(args.out / "research_bench.md", text)
+    plot(rows, args.out / "research_bench.png", args)
+    print(text)
+    print(f"wrote {args.out}/research_bench.json, .csv, .md, .png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Where a sweep's jobs run: this process, one process per local GPU, or Ray tasks (local or a cluster).
+
+A *job* is ``(name, command line, log file)``: the same jobs (training runs, evaluations) go to
+every engine, and which runs still need training is decided before any job is dispatched, so
+skipping finished runs and resuming interrupted ones work the same whatever the engine.
+
+Ray is an optional extra (``pip install -e ".[cluster]"``). With ``--engine ray`` each job is one
+Ray task (1 CPU, and 1 GPU per task when the cluster has GPUs; ``--gpus_per_run`` overrides)
+that runs the job's command in a fresh process on whichever node Ray picks; ``--address`` joins a
+running cluster (``auto``, or ``ray://host:10001``), else a local Ray instance is started for
+the sweep and stopped after it. On a cluster, the sweep's output folder and the preset's data
+and model paths must be visible at the same paths on every node (a shared filesystem), and
+``pti_plugin`` installed on each node.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pti_plugin.sweeps.runner import PACKAGE_ROOT, run_on_gpus
+
+Job = tuple[str, list[str], Path]
+
+
+@dataclass
+class Engine:
+    kind: str = "local"  # "local" or "ray"
+    gpus: list[str] = field(default_factory=list)  # local: one process per listed GPU; none = in this process
+    address: str | None = None  # ray: a running cluster's address (None: start a local Ray)
+    gpus_per_run: float | None = None  # ray: GPUs per task (None: 1 when the cluster has GPUs, else 0)
+
+    @property
+    def in_process(self) -> bool:
+        """Whether jobs run here, one after the other (local engine without GPUs to spread over)."""
+        return self.kind == "local" and not self.gpus
+
+    def single(self) -> Engine:
+        """The engine for one job on one device (the shared pivot run)."""
+        return Engine(self.kind, self.gpus[:1], self.address, self.gpus_per_run)
+
+    def describe(self) -> str:
+        if self.kind == "ray":
+            return f"Ray tasks ({self.address or 'local Ray'})"
+        return f"GPUs {','.join(self.gpus)} (one process each)" if self.gpus else "sequential, in-process"
+
+    def run(self, jobs: list[Job]) -> dict[str, int]:
+        """Run the jobs (not in-process); returns each job's exit code by name."""
+        if not jobs:
+            return {}
+        if self.kind == "ray":
+            return run_on_ray(jobs, self.address, self.gpus_per_run)
+        return run_on_gpus(jobs, self.gpus)
+
+
+def ray_module():
+    try:
+        import ray
+    except ImportError as exc:
+        raise SystemExit('--engine ray needs Ray: pip install -e ".[cluster]" (or pip install ray)') from exc
+    return ray
+
+
+def _run_job(command: list[str], log: str, pythonpath: str, cwd: str) -> int:
+    """A Ray task: the job's command in a fresh process of this node's Python, in the sweep's working folder
+    (relative paths of the command line mean the same as for the sweep); Ray has set CUDA_VISIBLE_DEVICES."""
+    import os
+    import subprocess
+    import sys as worker_sys
+
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH", "")) if p)}
+    with open(log, "a", encoding="utf-8") as handle:
+        return subprocess.run([worker_sys.executable, *command[1:]], stdout=handle, stderr=subprocess.STDOUT,
+                              env=env, cwd=cwd if os.path.isdir(cwd) else None).returncode
+
+
+def run_on_ray(jobs: list[Job], address: str | None, gpus_per_run: float | None) -> dict[str, int]:
+    """Run every job as a Ray task and wait for all of them; returns exit codes by name."""
+    ray = ray_module()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        if gpus_per_run is None:
+            gpus_per_run = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=0)(_run_job)
+        cwd = os.getcwd()
+        pending = {task.remote(command, str(log), str(PACKAGE_ROOT), cwd): name for name, command, log in jobs}
+        for name, _, log in jobs:
+            print(f"  ray: {name} (log {log})", flush=True)
+        codes = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done[0])
+            try:
+                codes[name] = ray.get(done[0])
+            except Exception as exc:  # the task itself failed (a node lost, ...)
+                print(f"  ray: {name} failed: {exc}", flush=True)
+                codes[name] = 1
+            print(f"  ray: {name} finished with exit code {codes[name]}", flush=True)
+        return codes
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def add_engine_arguments(parser) -> None:
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help='local (default: in this process, or one process per GPU with --gpus) or ray '
+                             '(each run a Ray task; pip install -e ".[cluster]")')
+    parser.add_argument("--address", default=None, help="--engine ray: a running Ray cluster (auto, ray://host:10001); "
+                                                        "default: a local Ray started for the sweep")
+    parser.add_argument("--gpus_per_run", type=float, default=None,
+                        help="--engine ray: GPUs per task (default: 1 when the cluster has GPUs, else 0)")
+
+
+def engine_from_args(args, gpus: list[str]) -> Engine:
+    if args.engine == "ray":
+        ray_module()  # refuse now, before any training, when Ray is missing
+        return Engine("ray", [], args.address, args.gpus_per_run)
+    if args.address or args.gpus_per_run is not None:
+        raise SystemExit("--address and --gpus_per_run apply to --engine ray only")
+    return Engine("local", gpus)
+
+
+__all__ = ["Engine", "Job", "add_engine_arguments", "engine_from_args", "run_on_ray"]

@@ -1,0 +1,143 @@
+"""Running a sweep's training jobs: resume or skip each run, then train in this process or one process per GPU.
+
+A run is *finished* when its final LoRA file exists; an interrupted run resumes from its latest
+saved state, else its folder is moved aside to ``<run>.incomplete-<k>`` and the run starts again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from pti_plugin.sweeps.plan import RunSpec
+
+#: The folder that holds the ``pti_plugin`` package this process imported; worker processes import the same one.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """This process's environment, with ``PYTHONPATH`` leading to the same ``pti_plugin`` package, plus ``extra``."""
+    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return os.environ | {"PYTHONPATH": path} | extra
+
+
+def train_command(argv: list[str]) -> list[str]:
+    """The command line of a training process (the trainer's ``main`` with ``argv``)."""
+    return [sys.executable, "-c", "import sys; from pti_plugin.cli import main; sys.exit(main(sys.argv[1:]))", *argv]
+
+
+def latest_state(spec: RunSpec) -> Path | None:
+    states = sorted(spec.run_dir.glob(f"{spec.output_name}-state-step*"))
+    return states[-1] if states else None
+
+
+def prepare_run(spec: RunSpec) -> list[str] | None:
+    """The trainer's argv for an unfinished run (None when finished); moves an unresumable partial run aside."""
+    if spec.lora.is_file():
+        print(f"skip {spec.name}: finished ({spec.lora.name} exists)", flush=True)
+        return None
+    argv = ["--preset", str(spec.preset_path)]
+    if spec.run_dir.is_dir() and any(spec.run_dir.iterdir()):
+        state = latest_state(spec)
+        if state is not None:
+            print(f"resume {spec.name} from {state.name}", flush=True)
+            return argv + ["--resume", str(state)]
+        k = 1
+        while spec.run_dir.with_name(f"{spec.run_dir.name}.incomplete-{k}").exists():
+            k += 1
+        aside = spec.run_dir.with_name(f"{spec.run_dir.name}.incomplete-{k}")
+        spec.run_dir.rename(aside)
+        print(f"restart {spec.name}: an interrupted run without a saved state was moved to {aside.name}", flush=True)
+    print(f"train {spec.name}", flush=True)
+    return argv
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's per-process singletons between in-process runs."""
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    except Exception:  # older accelerate: nothing to reset
+        pass
+
+
+def train_in_process(spec: RunSpec, argv: list[str]) -> bool:
+    from pti_plugin.cli import main as train_main
+
+    try:
+        code = train_main(argv)
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    finally:
+        reset_accelerate()
+    if code != 0 or not spec.lora.is_file():
+        print(f"FAILED {spec.name} (exit code {code})", flush=True)
+        return False
+    return True
+
+
+def visible_gpus(choice: str) -> list[str]:
+    if choice == "none":
+        return []
+    if choice != "auto":
+        return [g.strip() for g in choice.split(",") if g.strip()]
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception:
+        count = 0
+    return [str(i) for i in range(count)] if count > 1 else []
+
+
+def run_on_gpus(jobs: list[tuple[str, list[str], Path]], gpus: list[str]) -> dict[str, int]:
+    """Run ``(name, argv, log file)`` jobs as subprocesses, one per GPU at a time; returns exit codes."""
+    pending, running, codes = list(jobs), {}, {}
+    while pending or running:
+        for gpu in gpus:
+            if gpu not in running and pending:
+                name, argv, log = pending.pop(0)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(log, "a", encoding="utf-8")
+                env = worker_env(CUDA_VISIBLE_DEVICES=gpu)
+                print(f"  GPU {gpu}: {name} (log {log})", flush=True)
+                running[gpu] = (name, subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env), handle)
+        time.sleep(1.0)
+        for gpu, (name, proc, handle) in list(running.items()):
+            if proc.poll() is not None:
+                handle.close()
+                codes[name] = proc.returncode
+                print(f"  GPU {gpu}: {name} finished with exit code {proc.returncode}", flush=True)
+                del running[gpu]
+    return codes
+
+
+def train_runs(specs: list[RunSpec], engine, logs: Path) -> None:
+    """Train every unfinished run of ``specs`` (finished ones are skipped, interrupted ones resumed, decided here
+    before anything is dispatched): in this process one after the other, or one job per run on ``engine``
+    (an :class:`~pti_plugin.sweeps.engines.Engine`; logs in ``logs/<run>.train.log``)."""
+    todo = [(s, a) for s in specs if (a := prepare_run(s)) is not None]
+    if engine.in_process:
+        for spec, argv in todo:
+            train_in_process(spec, argv)
+        return
+    codes = engine.run([(s.name, train_command(a), logs / f"{s.name}.train.log") for s, a in todo])
+    for spec, _ in todo:
+        if codes.get(spec.name) != 0 or not spec.lora.is_file():
+            print(f"FAILED {spec.name} (exit code {codes.get(spec.name)}; see {logs / (spec.name + '.train.log')})", flush=True)
+
+
+def train_sweep(pivot: RunSpec | None, specs: list[RunSpec], engine, logs: Path) -> None:
+    """Train the shared pivot run (if any) on one device first, then the sweep's runs."""
+    if pivot is not None:
+        train_runs([pivot], engine.single(), logs)
+        if not pivot.embedding.is_file():
+            raise SystemExit(f"the shared pivot run failed: {pivot.embedding} is missing (see above)")
+    train_runs(specs, engine, logs)
