@@ -10,36 +10,43 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import StageConfig, stage_value
-from ..hooks import Plugin, StagePlan, TrainerState
-from ..models.lora import lora_parameters
+from ..hooks import Plugin, StagePlan, StageTrains, TrainerState
 from ..optimizers import build_lr_scheduler, build_optimizer
 
 
 class StagedSchedule(Plugin):
+    """The default :class:`~pti_plugin.hooks.Schedule`."""
+
     name = "staged_schedule"
 
     @dataclass
     class Options:
         pass
 
-    def plan_stage(self, state: TrainerState, stage: StageConfig) -> StagePlan:
+    def trains(self, state: TrainerState, stage: StageConfig) -> StageTrains:
         config = state.config
-        lr = stage_value(config, stage, "learning_rate")
         is_lora = stage.kind == "lora"
-        train_pivot = stage.train_pivot if stage.train_pivot is not None else not is_lora
-        train_unet = is_lora and (stage.train_unet if stage.train_unet is not None else True)
-        train_te = is_lora and (
-            stage.train_text_encoder if stage.train_text_encoder is not None else not config.network_train_unet_only
+        return StageTrains(
+            pivot=stage.train_pivot if stage.train_pivot is not None else not is_lora,
+            unet_lora=is_lora and (stage.train_unet if stage.train_unet is not None else True),
+            text_encoder_lora=is_lora and (
+                stage.train_text_encoder if stage.train_text_encoder is not None else not config.network_train_unet_only
+            ),
         )
+
+    def plan_stage(self, state: TrainerState, stage: StageConfig) -> StagePlan:
+        config, model = state.config, state.model
+        lr = stage_value(config, stage, "learning_rate")
+        trains = self.trains(state, stage)
         groups = []
-        if train_pivot:
-            groups.append({"name": "pivot", "params": [state.pivot.vectors], "lr": stage.pivot_lr or lr,
+        if trains.pivot:
+            groups.append({"name": "pivot", "params": model.pivot_parameters(), "lr": stage.pivot_lr or lr,
                            "weight_decay": config.pivot_weight_decay})
-        if train_unet:
-            groups.append({"name": "unet_lora", "params": lora_parameters(state.model.unet),
+        if trains.unet_lora:
+            groups.append({"name": "unet_lora", "params": model.lora_parameters("unet"),
                            "lr": stage_value(config, stage, "unet_lr") or lr})
-        if train_te:
-            groups.append({"name": "text_encoder_lora", "params": lora_parameters(state.model.text_encoder),
+        if trains.text_encoder_lora:
+            groups.append({"name": "text_encoder_lora", "params": model.lora_parameters("text_encoders"),
                            "lr": stage_value(config, stage, "text_encoder_lr") or lr})
         if not groups or not all(g["params"] for g in groups):
             raise ValueError(f"stage {stage.name!r} trains nothing (check train_pivot / train_unet / train_text_encoder)")
@@ -53,4 +60,4 @@ class StagedSchedule(Plugin):
             steps, config.lr_scheduler_num_cycles, config.lr_scheduler_power,
         )
         lora_seen = any(s.kind == "lora" for s in config.stages[: state.stage_index + 1])
-        return StagePlan(stage, steps, groups, optimizer, scheduler, lora_enabled=lora_seen, trains_text_encoder=train_pivot or train_te)
+        return StagePlan(stage, steps, groups, optimizer, scheduler, lora_enabled=lora_seen, trains=trains)
