@@ -1,4 +1,17 @@
+import ast
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def _builtin_plugin_entry_points() -> list[str]:
+    """The built-in plugins' entry points, declared once in pti_plugin/plugins/__init__.py (read, not imported)."""
+    tree = ast.parse(Path(__file__).with_name("pti_plugin").joinpath("plugins", "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "BUILTIN_ENTRY_POINTS":
+            return list(ast.literal_eval(node.value))
+    raise RuntimeError("BUILTIN_ENTRY_POINTS not found in pti_plugin/plugins/__init__.py")
+
 
 setup(
     name="pti-plugin",
@@ -27,5 +40,8 @@ setup(
         "test": ["pytest>=8"],
         "cluster": ["ray>=2.9"],  # distributed sweeps: analysis/lr_sweep.py --engine ray
     },
-    entry_points={"console_scripts": ["pti-train=pti_plugin.cli:main"]},
+    entry_points={
+        "console_scripts": ["pti-train=pti_plugin.cli:main"],
+        "pti_plugin.plugins": _builtin_plugin_entry_points(),  # third-party plugins declare theirs in this group
+    },
 )

@@ -87,6 +87,7 @@ class Config:
     v_parameterization: bool = doc("Force v-prediction (else read from the model's scheduler config).", False)
     clip_skip: int = doc("Use the hidden state clip_skip layers from the end (1 = last), then the final LayerNorm.", 1)
     max_token_length: int = doc("Caption length in tokens: 75, or 150/225 through kohya's window concatenation.", 75)
+    model_family: str = doc('Model family of the base model: "auto" (detected from its files, logged) or "sd15".', "auto")
     # --- data
     train_data_dir: str = doc('kohya folder of "<repeats>_<name>" subfolders; "@embedded" for the generated demo set.', "")
     dataset_config: str = doc("kohya dataset_config TOML ([[datasets]] / [[datasets.subsets]]); replaces train_data_dir.", "")

@@ -399,7 +399,7 @@ def verdict(
 
 @dataclass
 class Encoder:
-    """What the check needs of a model: its text encoder, tokenizer and family adapter (SD15Family)."""
+    """What the check needs of a model: its text encoder, tokenizer and family adapter (``models.family``)."""
 
     text_encoder: torch.nn.Module
     tokenizer: object
@@ -412,13 +412,7 @@ class Encoder:
 
     @property
     def layer_norm(self) -> torch.nn.LayerNorm | None:
-        getter = getattr(self.family, "final_layer_norm", None)
-        if getter is None:
-            from .models.sd15 import final_layer_norm as getter
-        try:
-            ln = getter(self.text_encoder)
-        except AttributeError:
-            return None
+        ln = self.family.final_layer_norms((self.text_encoder,))[0]
         return ln if isinstance(ln, torch.nn.LayerNorm) else None
 
     @property
@@ -537,9 +531,9 @@ def _encode_batch(enc: Encoder, ids: torch.Tensor, use_ln: bool) -> tuple[torch.
     ids = ids.to(enc.device)
     te = enc.text_encoder
     if use_ln:
-        x = enc.family.pre_layernorm_states(te, ids)
+        x = enc.family.pre_layernorm_states((te,), ids)
         return enc.layer_norm(x).float().cpu(), x.float().cpu()
-    return enc.family.encode(te, ids).float().cpu(), None
+    return enc.family.encode((te,), ids).hidden_states.float().cpu(), None
 
 
 def analyse(
@@ -570,7 +564,7 @@ def analyse(
 
 def _analyse(enc, sentences, index, threshold, eos_factor, batch_size, cache_bytes, min_samples) -> EllipsoidResult:
     family, ln = enc.family, enc.layer_norm
-    ids_all = family.tokenize(enc.tokenizer, list(sentences))
+    ids_all = family.tokenize((enc.tokenizer,), list(sentences))
     n, length = ids_all.shape
     if not 0 <= index < length:
         raise ValueError(f"index {index} is outside the token range 0..{length - 1}")
@@ -580,9 +574,9 @@ def _analyse(enc, sentences, index, threshold, eos_factor, batch_size, cache_byt
 
     # Is the conditioning exactly the final LayerNorm of the pre-LayerNorm state? (checked on batch 0)
     use_ln, recon_err = False, None
-    if ln is not None and hasattr(family, "pre_layernorm_states"):
+    if ln is not None:
         with torch.no_grad():
-            ref = family.encode(enc.text_encoder, ids_all[batches[0]].to(enc.device)).double().cpu()
+            ref = family.encode((enc.text_encoder,), ids_all[batches[0]].to(enc.device)).hidden_states.double().cpu()
         h0, x0 = _encode_batch(enc, ids_all[batches[0]], use_ln=True)
         gamma, beta = ln.weight.detach().double().cpu(), ln.bias.detach().double().cpu()
         x = x0.double()
@@ -617,7 +611,7 @@ def _analyse(enc, sentences, index, threshold, eos_factor, batch_size, cache_byt
         if ratio is not None:
             if x is None:
                 with torch.no_grad():
-                    x = family.pre_layernorm_states(enc.text_encoder, ids_all[sl].to(enc.device)).float().cpu()
+                    x = family.pre_layernorm_states((enc.text_encoder,), ids_all[sl].to(enc.device)).float().cpu()
             ratio[sl] = whitened_norm_ratio(x, ln.eps)
         if cache is not None:
             cached += h.numel() * h.element_size()

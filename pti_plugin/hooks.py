@@ -1,57 +1,88 @@
 """The plugin contract: hook points, the state handed to plugins, and plugin discovery.
 
 A plugin is a class with any of the hook methods of :class:`Plugin`; each receives the
-:class:`TrainerState`. Plugins read what the state carries and change only their own loss
-terms, logs and saved metadata. They never own the loop (Lightning callbacks, HF
-``TrainerCallback`` are the models). Plugins are named in the preset (``[plugins.NAME]``) and
-found among the built-ins or through the ``pti_plugin.plugins`` entry-point group.
+:class:`TrainerState`. Plugins read what the state carries and reach the model only through the
+state's documented calls (:meth:`TrainerState.unet`, :meth:`TrainerState.encode`,
+:meth:`TrainerState.frozen`, :meth:`TrainerState.tokenize`, :meth:`TrainerState.stage_trains`);
+they change only their own loss terms, logs and saved metadata, and never own the loop (Lightning
+callbacks, HF ``TrainerCallback`` are the models). Plugins are named in the preset
+(``[plugins.NAME]``) and found through the ``pti_plugin.plugins`` entry-point group; the built-in
+ones are declared in that group too (``pti_plugin/plugins/__init__.py``, read by ``setup.py``), or
+given to :func:`register_plugin`.
 
-Hook order: ``on_setup`` once; per stage ``plan_stage`` (the schedule plugin only), then
-``on_stage_start``; per optimizer micro-step ``on_step_start``, ``extra_rows``, ``extra_losses``,
-then ``on_step_end`` after the optimizer step; ``on_stage_end``; ``on_before_save`` before every
-save; ``on_end`` once.
+Hook order: ``on_setup`` once; per stage ``plan_stage`` (the schedule only, see :class:`Schedule`),
+then ``on_stage_start``; per micro-step ``on_step_start``, ``extra_rows``, ``extra_losses``; after
+the optimizer step ``on_step_end``; ``on_stage_end``; ``on_before_save`` before every save;
+``on_end`` once.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
-from typing import Any
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from .config import Config, ConfigError, StageConfig, _build
+from .config import Config, ConfigError, _build
+from .resolution import ResolvedStage
+from .models.family import Conditioning
+from .models.pivot import PivotEmbedding
+from .models.trainable import TrainableModel
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 ENTRY_POINT_GROUP = "pti_plugin.plugins"
 
 
+@dataclass(frozen=True)
+class StageTrains:
+    """What a stage trains: the pivot vectors, the UNet LoRA, the text encoders' LoRA."""
+
+    pivot: bool
+    unet_lora: bool
+    text_encoder_lora: bool
+
+    @property
+    def text_encoders(self) -> bool:
+        """Whether gradients flow through the text encoders (their LoRA or the pivot trains)."""
+        return self.pivot or self.text_encoder_lora
+
+
 @dataclass
 class StagePlan:
-    """What a stage trains, as the schedule plugin decides it; the trainer builds and runs it.
+    """What a stage trains, as the schedule decides it; the trainer builds and runs it.
 
     ``param_groups``: optimizer parameter groups (``{"params": [...], "lr": ..., "name": ...}``);
     ``optimizer``/``lr_scheduler``: built over exactly those groups; ``lora_enabled``: whether
     the LoRA adapters take part in the forward pass of this stage.
     """
 
-    stage: StageConfig
+    stage: ResolvedStage
     steps: int
     param_groups: list[dict[str, Any]]
     optimizer: torch.optim.Optimizer
-    lr_scheduler: Any
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     lora_enabled: bool
-    trains_text_encoder: bool
+    trains: StageTrains
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.trains.text_encoders
 
 
 @dataclass
 class Batch:
     """One process's share of a global batch, ready for the UNet.
 
-    ``latents`` float32 [b, 4, h, w]; ``input_ids`` int64 [b, L]; ``captions``: final captions;
-    ``image_paths``/``slots``: which images and global-batch slots these are;
-    ``is_reg``: per sample, whether it is a regularisation image (its main loss is weighted by
-    ``prior_loss_weight``); ``noisy_latents`` [b, 4, h, w] and ``timesteps`` [b]: the main loss's
-    noised inputs, set before ``on_step_start``.
+    ``latents`` float32 [b, 4, h, w]; ``input_ids``: token ids as the family tokenizes them
+    ([b, L] for SD1.5); ``captions``: final captions; ``image_paths``/``slots``: which images and
+    global-batch slots these are; ``is_reg``: per sample, whether it is a regularisation image (its
+    main loss is weighted by ``prior_loss_weight``); ``noisy_latents`` [b, 4, h, w] and
+    ``timesteps`` [b]: the main loss's noised inputs, set before ``on_step_start``.
     """
 
     latents: torch.Tensor
@@ -66,11 +97,11 @@ class Batch:
 
 @dataclass
 class UNetRows:
-    """Rows a plugin appends to the step's UNet call: noisy latents [r, 4, h, w], timesteps [r], conditioning [r, 77, d]."""
+    """Rows a plugin appends to the step's UNet call: noisy latents [r, 4, h, w], timesteps [r], conditioning (r rows)."""
 
     noisy_latents: torch.Tensor
     timesteps: torch.Tensor
-    encoder_hidden_states: torch.Tensor
+    conditioning: Conditioning
 
 
 @dataclass
@@ -79,25 +110,30 @@ class MainPrediction:
 
     noisy_latents: torch.Tensor  # [b, 4, h, w]
     timesteps: torch.Tensor  # [b] int64
-    encoder_hidden_states: torch.Tensor  # [b, 77, d]
+    conditioning: Conditioning  # b rows
     prediction: torch.Tensor  # [b, 4, h, w]
     target: torch.Tensor  # [b, 4, h, w]
 
 
 @dataclass
 class TrainerState:
-    """What plugins may read (everything but ``logs``/``metadata`` is read-only by contract)."""
+    """What plugins may read, and the calls through which they reach the model.
+
+    Everything but ``logs``/``metadata`` is read-only by contract. ``model`` is the schedule's way
+    to the trainable parameters (``model.pivot_parameters()``, ``model.lora_parameters(...)``);
+    other plugins use the calls below.
+    """
 
     config: Config
-    accelerator: Any
-    model: Any  # models.loading.BaseModel (unet, vae, text_encoder, tokenizer, noise_scheduler, family)
-    pivot: Any  # models.pivot.PivotEmbedding
-    output_dir: Any  # pathlib.Path
-    stage: StageConfig | None = None
+    accelerator: Accelerator
+    model: TrainableModel
+    output_dir: Path
+    schedule: Schedule | None = None
+    stage: ResolvedStage | None = None
     stage_index: int = -1
     stage_step: int = 0  # optimizer steps done in the current stage
     global_step: int = 0  # optimizer steps done in all stages
-    plan: StagePlan | None = None
+    plan: StagePlan | None = None  # the current stage's resolved plan
     steps_per_epoch: int = 1  # optimizer steps per pass over the dataset (with repeats)
     logs: dict[str, float] = field(default_factory=dict)  # plugins add scalars logged this step
     metadata: dict[str, str] = field(default_factory=dict)  # plugins add ``pti_*`` metadata saved in the LoRA
@@ -105,6 +141,70 @@ class TrainerState:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def pivots(self) -> tuple[PivotEmbedding, ...]:
+        """One pivot per text encoder (``token_ids``, ``vectors``, ``init_vectors``); read-only."""
+        return self.model.pivots
+
+    @property
+    def pivot(self) -> PivotEmbedding:
+        """The first text encoder's pivot (SD1.5's only one)."""
+        return self.model.pivots[0]
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.model.base.noise_scheduler.config.num_train_timesteps)
+
+    def unet(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet's prediction [r, 4, h, w] (epsilon or v, as trained), the LoRA as the stage switched it
+        (off inside :meth:`frozen`); through the stage's prepared (DDP) module when gradients are on."""
+        return self.model.predict(noisy, timesteps, cond)
+
+    def encode(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True) -> Conditioning:
+        """The conditioning of ``input_ids`` (from :meth:`tokenize`): ``lora=False`` for the base text
+        encoders, ``pivot_grad=False`` to take the pivot as a fixed input (no gradient reaches it)."""
+        return self.model.encode(input_ids, lora=lora, pivot_grad=pivot_grad)
+
+    def pre_layernorm_states(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True) -> torch.Tensor | None:
+        """Per-token states before the final LayerNorm (None where the family's conditioning has none), as :meth:`encode`."""
+        return self.model.pre_layernorm_states(input_ids, lora=lora, pivot_grad=pivot_grad)
+
+    def final_layer_norms(self) -> tuple[torch.nn.LayerNorm | None, ...]:
+        """The LayerNorm ending each encoder's conditioning (None where there is none); read-only."""
+        return self.model.final_layer_norms()
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Token ids of ``captions`` (CPU), as :meth:`encode` takes them."""
+        return self.model.tokenize(captions)
+
+    def word_token_ids(self, word: str) -> list[int]:
+        """The first tokenizer's ids of ``word`` without BOS/EOS (how many tokens a class word takes)."""
+        return list(self.model.base.tokenizers[0](word, add_special_tokens=False).input_ids)
+
+    def frozen(self) -> contextlib.AbstractContextManager[None]:
+        """A block that sees the base model: every LoRA off, no gradients."""
+        return self.model.frozen()
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        return self.accelerator.autocast()
+
+    def stage_trains(self, stage: ResolvedStage) -> StageTrains:
+        """What ``stage`` trains, as the schedule plans it (usable before the stage starts)."""
+        assert self.schedule is not None, "the schedule is set before on_setup"
+        return self.schedule.trains(self, stage)
+
+    def info(self, message: str) -> None:
+        """Print and log ``message`` once (main process only)."""
+        if self.accelerator.is_main_process:
+            import logging
+
+            logging.getLogger("pti_plugin").info(message)
+            print(message, flush=True)
 
 
 class Plugin:
@@ -120,9 +220,6 @@ class Plugin:
         self.options = options
 
     def on_setup(self, state: TrainerState) -> None: ...
-    def plan_stage(self, state: TrainerState, stage: StageConfig) -> StagePlan | None:
-        """Schedule plugins only: return the plan of ``stage``."""
-        return None
     def on_stage_start(self, state: TrainerState) -> None: ...
     def on_step_start(self, state: TrainerState, batch: Batch) -> None: ...
     def extra_rows(self, state: TrainerState, batch: Batch) -> UNetRows | None:
@@ -133,11 +230,22 @@ class Plugin:
     ) -> dict[str, torch.Tensor]:
         """Scalar loss terms to add to the main loss; ``rows``: predictions of the rows from ``extra_rows``."""
         return {}
-    def on_step_end(self, state: TrainerState, logs: dict[str, float]) -> None: ...
+    def on_step_end(self, state: TrainerState, logs: dict[str, float]) -> None:
+        """After the optimizer step (``logs["skipped_nonfinite"]`` is set when the step was skipped)."""
     def on_stage_end(self, state: TrainerState) -> None: ...
     def on_before_save(self, state: TrainerState, files: dict[str, Any]) -> None:
         """Before the LoRA and embedding are written: plugins may add ``pti_*`` entries to ``files["metadata"]``."""
     def on_end(self, state: TrainerState) -> None: ...
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """The schedule: a plugin that plans each stage. Exactly one is active (``staged_schedule`` by default)."""
+
+    def trains(self, state: TrainerState, stage: ResolvedStage) -> StageTrains:
+        """What ``stage`` trains (cheap, no optimizer built)."""
+    def plan_stage(self, state: TrainerState, stage: ResolvedStage) -> StagePlan:
+        """The full plan of ``stage``: parameter groups, optimizer, scheduler, steps."""
 
 
 _REGISTERED: dict[str, type[Plugin]] = {}
@@ -149,28 +257,32 @@ def register_plugin(cls: type[Plugin]) -> type[Plugin]:
     return cls
 
 
-def builtin_plugins() -> dict[str, type[Plugin]]:
-    from .plugins.pivot_locality import PivotLocality
-    from .plugins.staged_schedule import StagedSchedule
+def builtin_entry_points() -> list[EntryPoint]:
+    """The built-in plugins as entry points of :data:`ENTRY_POINT_GROUP` (the list ``setup.py`` installs)."""
+    from .plugins import BUILTIN_ENTRY_POINTS
 
-    return {StagedSchedule.name: StagedSchedule, PivotLocality.name: PivotLocality}
+    return [EntryPoint(name.strip(), value.strip(), ENTRY_POINT_GROUP)
+            for name, value in (line.split("=", 1) for line in BUILTIN_ENTRY_POINTS)]
 
 
 def discover_plugins() -> dict[str, type[Plugin]]:
-    """Built-in plugins, those given to :func:`register_plugin`, and those other packages declare
-    under the ``pti_plugin.plugins`` entry-point group."""
-    found = builtin_plugins() | _REGISTERED
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
+    """Plugins given to :func:`register_plugin` and those declared under the ``pti_plugin.plugins``
+    entry-point group (the built-ins among them), loaded by name."""
+    found: dict[str, type[Plugin]] = dict(_REGISTERED)
+    for entry in [*builtin_entry_points(), *entry_points(group=ENTRY_POINT_GROUP)]:
         if entry.name not in found:
             found[entry.name] = entry.load()
     return found
 
 
-def instantiate_plugins(config: Config) -> list[Plugin]:
-    """The plugins ``config.plugins`` names, with validated options; the staged schedule by default.
+#: Plugins every run has unless the preset names them (the default schedule is added only when no
+#: schedule is named).
+DEFAULT_PLUGINS = ("pivot_norm",)
 
-    Exactly one schedule plugin (one that implements ``plan_stage``) must be active.
-    """
+
+def instantiate_plugins(config: Config) -> list[Plugin]:
+    """The plugins ``config.plugins`` names, with validated options; the staged schedule when none of
+    them is a schedule, and :data:`DEFAULT_PLUGINS`. Exactly one :class:`Schedule` must be active."""
     available = discover_plugins()
     requested = dict(config.plugins)
     plugins: list[Plugin] = []
@@ -183,12 +295,15 @@ def instantiate_plugins(config: Config) -> list[Plugin]:
             raise ConfigError(f"preset: unknown plugin {name!r}.{hint} Available: {', '.join(sorted(available))}")
         cls = available[name]
         plugins.append(cls(_build(cls.Options, options, f"plugins.{name}")))
-    schedulers = [p for p in plugins if type(p).plan_stage is not Plugin.plan_stage]
+    schedulers = [p for p in plugins if isinstance(p, Schedule)]
+    defaults = [available[n] for n in DEFAULT_PLUGINS if n not in requested]
     if not schedulers:
-        from .plugins.staged_schedule import StagedSchedule
-
-        plugins.insert(0, StagedSchedule(StagedSchedule.Options()))
+        defaults.insert(0, available["staged_schedule"])
     elif len(schedulers) > 1:
         raise ConfigError(f"preset: only one schedule plugin may be active, got {[p.name for p in schedulers]}")
-    return plugins
+    return [cls(cls.Options()) for cls in defaults] + plugins
 
+
+def schedule_of(plugins: list[Plugin]) -> Schedule:
+    """The active schedule among ``plugins``."""
+    return next(p for p in plugins if isinstance(p, Schedule))

@@ -35,16 +35,11 @@ from .hooks import (
     StagePlan,
     TrainerState,
     instantiate_plugins,
+    schedule_of,
 )
+from .models.family import Conditioning
 from .models.loading import configure_attention, load_base_model
-from .models.lora import (
-    attach_lora,
-    lora_parameters,
-    lora_state_dict,
-    set_lora_enabled,
-    unet_conv_lora_targets,
-)
-from .models.pivot import add_pivot_token
+from .models.trainable import LoraSpec, TrainableModel
 from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import load_state, save_state
@@ -105,78 +100,62 @@ class Trainer:
         steps_per_epoch = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, 0).batches_per_epoch
         self.config = config = with_epoch_steps(config, steps_per_epoch)  # the last resolution step, before any model loads
 
-        model = load_base_model(
+        base = load_base_model(
             config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
-            config.single_file_config, config.tokenizer_path, config.max_token_length,
+            config.single_file_config, config.tokenizer_path, config.max_token_length, config.model_family,
         )
+        self.plugins: list[Plugin] = instantiate_plugins(config)
+        self.state = TrainerState(config=config, accelerator=self.accelerator, model=None, output_dir=output_dir,  # type: ignore[arg-type]
+                                  schedule=schedule_of(self.plugins))
+        self.train_te_lora = any(self.state.stage_trains(s).text_encoder_lora for s in config.stages)
+        init_words = config.init_word if isinstance(config.init_word, list) else [config.init_word]
+        conv = network_args(config)
+        lora = LoraSpec(config.network_dim, config.network_alpha, int(conv.get("conv_dim", 0)), conv.get("conv_alpha", 1.0),
+                        text_encoders=self.train_te_lora)
         try:
-            self.pivot = add_pivot_token(model.tokenizer, model.text_encoder, config.token_string, config.num_vectors_per_token, config.init_words)
+            model = TrainableModel.build(base, config.token_string, config.num_vectors_per_token, init_words, lora, config.seed)
         except ValueError as exc:
             raise ConfigError(f"preset: {exc}") from exc
-        self.train_te_lora = any(s.train_text_encoder for s in config.stages)
-        self._attach_lora(model)
+        self.state.model = self.model = model
+        self.pivot = model.pivots[0]
         self._load_starting_weights(model)
-        self.attention = configure_attention(model.unet, config.xformers, config.sdpa, device)
+        self.attention = configure_attention(base.unet, config.xformers, config.sdpa, device)
         if config.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-            model.text_encoder.gradient_checkpointing_enable()
+            base.unet.enable_gradient_checkpointing()
+            for te in base.text_encoders:
+                te.gradient_checkpointing_enable()
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-        trainable = {id(p) for p in [self.pivot.vectors] + lora_parameters(model.unet) + lora_parameters(model.text_encoder)}
-        for module in (model.unet, model.text_encoder):
+        trainable = {id(p) for p in model.trainable_tensors().values()}
+        for module in model.components().values():
             for param in module.parameters():
                 if id(param) not in trainable:
                     param.data = param.data.to(self.weight_dtype)
-        model.unet.to(device)
-        model.text_encoder.to(device)
-        model.vae.to(device)
-        self.model = model
+            module.to(device)
+        base.vae.to(device)
 
         window = config.max_token_length
         warn_long_captions(
-            [len(model.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),
-                                 add_special_tokens=False).input_ids) for i in self.items], window,
+            [len(base.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),
+                                add_special_tokens=False).input_ids) for i in self.items], window,
         )
-        self.latents = LatentSource(model.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
+        self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
         self.latents.fill_cache()
-
-        self.plugins: list[Plugin] = instantiate_plugins(config)
-        self.state = TrainerState(config=config, accelerator=self.accelerator, model=model, pivot=self.pivot, output_dir=output_dir)
         self.state.steps_per_epoch = steps_per_epoch
         if config.log_with:
             self.accelerator.init_trackers("pti", config=tracker_hparams(config))
         self._log_file = self.files.log_jsonl
         self._info(
-            f"model {model.source} ({model.prediction_type}); attention: {self.attention}; "
+            f"model {base.source} ({base.family.name}, {base.prediction_type}); attention: {self.attention}; "
             f"{len(self.items)} images, {len(self.entries)} entries with repeats; "
             f"{self.accelerator.num_processes} process(es), global batch {self.global_batch}; device {device}"
         )
         for plugin in self.plugins:
             plugin.on_setup(self.state)
 
-    def _attach_lora(self, model) -> None:
-        """LoRA on the UNet (plus LoCon layers with ``network_args``) and, when a stage trains it, the
-        text encoder; records each module's alpha in ``self.lora_alphas`` for the kohya file."""
-        config = self.config
-        unet_targets = model.family.unet_lora_targets(model.unet)
-        overrides: dict[str, tuple[int, float]] = {}
-        conv = network_args(config)
-        if conv:  # LoCon: 3x3 convolutions take conv_dim/conv_alpha, the other ResNet layers network_dim/alpha
-            conv3x3, other = unet_conv_lora_targets(model.unet)
-            unet_targets = unet_targets + conv3x3 + other
-            overrides = {path: (int(conv["conv_dim"]), conv["conv_alpha"]) for path in conv3x3}
-        self.lora_alphas = {path: overrides.get(path, (0, config.network_alpha))[1] for path in unet_targets}
-        with torch.random.fork_rng(devices=[]):  # LoRA init (peft draws from the global RNG) depends on the seed only
-            torch.manual_seed(config.seed)
-            attach_lora(model.unet, unet_targets, config.network_dim, config.network_alpha, overrides)
-            if self.train_te_lora:
-                te_targets = model.family.text_encoder_lora_targets(model.text_encoder)
-                self.lora_alphas |= {path: config.network_alpha for path in te_targets}
-                attach_lora(model.text_encoder, te_targets, config.network_dim, config.network_alpha)
-
     def _load_starting_weights(self, model) -> None:
         """``weights``: the pivot's initial vectors from an embedding file; ``network_weights``: the LoRA's."""
         from .formats.embedding import load_embedding
-        from .formats.kohya_lora import from_kohya, load_lora
+        from .formats.kohya_lora import kohya_to_peft, load_lora
         from .models.lora import load_lora_state_dict
 
         config = self.config
@@ -188,26 +167,24 @@ class Trainer:
             self.pivot.reset_init(vectors)
         if config.network_weights:
             tensors, _ = load_lora(config.network_weights)
-            unet_sd, te_sd, alphas = from_kohya(tensors, model.unet, model.text_encoder)
-            expected = {k: v.shape for k, v in lora_state_dict(model.unet).items()}
-            if self.train_te_lora:
-                expected |= {k: v.shape for k, v in lora_state_dict(model.text_encoder).items()}
-            found = {k: v.shape for k, v in (unet_sd | te_sd).items()}
-            wrong = [k for k in found if k not in expected or found[k] != expected[k]]
-            wrong_alpha = [k for k, a in alphas.items() if a != self.lora_alphas.get(k)]
+            components = model.components()
+            states, alphas = kohya_to_peft(tensors, components, model.family.key_table)
+            expected = {(c, k): v.shape for c, sd in model.lora_state_dicts().items() for k, v in sd.items()}
+            found = {(c, k): v.shape for c, sd in states.items() for k, v in sd.items()}
+            wrong = [k for (c, k), shape in found.items() if expected.get((c, k)) != shape]
+            wrong_alpha = [k for k, a in alphas.items() if a != model.lora_alphas.get(k)]
             if wrong or wrong_alpha:
-                ranks = sorted({v.shape[0] for k, v in (unet_sd | te_sd).items() if ".lora_A." in k})
+                ranks = sorted({shape[0] for (_, k), shape in found.items() if ".lora_A." in k})
                 raise ConfigError(
                     f"key 'network_weights': {config.network_weights} does not fit this run's LoRA "
                     f"(first mismatch: {(wrong or wrong_alpha)[0]}; file ranks {ranks}, alphas {sorted(set(alphas.values()))}); "
                     "set network_dim, network_alpha and network_args to match"
                 )
-            if te_sd and not self.train_te_lora:
+            if any(c != "unet" for c in states) and not self.train_te_lora:
                 raise ConfigError(f"key 'network_weights': {config.network_weights} holds text-encoder LoRA weights; "
                                   "enable train_text_encoder in a lora stage (or network_train_unet_only = false)")
-            load_lora_state_dict(model.unet, unet_sd)
-            if te_sd:
-                load_lora_state_dict(model.text_encoder, te_sd)
+            for component, state in states.items():
+                load_lora_state_dict(components[component], state)
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -273,31 +250,22 @@ class Trainer:
         self.accelerator.end_training()
         return outputs
 
-    def _schedule(self) -> Plugin:
-        return next(p for p in self.plugins if type(p).plan_stage is not Plugin.plan_stage)
-
     def _run_stage(self, stage_index: int, first_step: int, resumed) -> None:
         config, state, accelerator = self.config, self.state, self.accelerator
         stage = config.stages[stage_index]
         state.stage, state.stage_index, state.stage_step = stage, stage_index, first_step
-        plan: StagePlan = self._schedule().plan_stage(state, stage)
+        plan: StagePlan = schedule_of(self.plugins).plan_stage(state, stage)
         state.plan = plan
         if resumed is not None:
             plan.optimizer.load_state_dict(resumed.optimizer)
             plan.lr_scheduler.load_state_dict(resumed.lr_scheduler)
         trainable = [p for group in plan.param_groups for p in group["params"]]
-        trainable_ids = {id(p) for p in trainable}
-        for module in (self.model.unet, self.model.text_encoder):
-            for param in module.parameters():
-                param.requires_grad_(id(param) in trainable_ids)
-        set_lora_enabled(self.model.unet, plan.lora_enabled)
-        if self.train_te_lora:
-            set_lora_enabled(self.model.text_encoder, plan.lora_enabled)
-        unet_trains = any(p.requires_grad for p in self.model.unet.parameters())
-        self.unet_forward = accelerator.prepare(self.model.unet) if unet_trains else self.model.unet
-        self.te_forward = accelerator.prepare(self.model.text_encoder) if plan.trains_text_encoder else self.model.text_encoder
+        trains = self.model.set_trainable(trainable, plan.lora_enabled)
+        # DDP wraps only the modules that hold trainable parameters (a UNet with none must not be wrapped).
+        forwards = {name: accelerator.prepare(module) for name, module in self.model.components().items() if trains[name]}
+        self.model.use_forwards(forwards, accelerator.autocast)
         self.optimizer = accelerator.prepare(plan.optimizer)
-        self.ddp_modules = [m for m, trains in ((self.unet_forward, unet_trains), (self.te_forward, plan.trains_text_encoder)) if trains]
+        self.ddp_modules = list(forwards.values())
         self.trainable = trainable
         order = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, stage_index)
         self._info(stage.describe() + " | params " + ", ".join(
@@ -318,7 +286,7 @@ class Trainer:
         progress.close()
         for plugin in self.plugins:
             plugin.on_stage_end(state)
-        self.unet_forward = self.te_forward = None
+        self.model.use_forwards({}, accelerator.autocast)
         accelerator.free_memory()
 
     def _stop_if_signalled(self) -> None:
@@ -383,8 +351,6 @@ class Trainer:
         if not accelerator.optimizer_step_was_skipped:
             plan.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if config.pivot_norm == "init" and any(g["name"] == "pivot" for g in plan.param_groups):
-            self.pivot.renormalise_to_init()
         logs = {"loss": sum(totals.values())} | {f"loss/{k}": v for k, v in totals.items()}
         for group in plan.param_groups:
             logs[f"lr/{group['name']}"] = float(self.optimizer.param_groups[plan.param_groups.index(group)]["lr"])
@@ -409,7 +375,7 @@ class Trainer:
             captions.append(sample.caption)
             paths.append(str(item.path))
             is_reg.append(item.is_reg)
-        input_ids = self.model.family.tokenize(self.model.tokenizer, captions)
+        input_ids = self.model.tokenize(captions)
         return Batch(torch.stack(latents).to(self.accelerator.device), input_ids.to(self.accelerator.device), captions, paths, slots,
                      is_reg)
 
@@ -422,34 +388,32 @@ class Trainer:
             generator = sample_generator(config.seed, state.stage_index, step, slot, 0x9015E)
             noises.append(draw_noise(tuple(batch.latents.shape[1:]), generator, config.noise_offset,
                                      config.multires_noise_iterations, config.multires_noise_discount))
-            timesteps.append(torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (), generator=generator))
+            timesteps.append(torch.randint(0, state.num_train_timesteps, (), generator=generator))
         noise = torch.stack(noises).to(device)  # [b, 4, h, w] float32
         t = torch.stack(timesteps).to(device)  # [b] int64
-        noisy = model.noise_scheduler.add_noise(batch.latents, noise, t)
+        scheduler = model.base.noise_scheduler
+        noisy = scheduler.add_noise(batch.latents, noise, t)
         batch.noisy_latents, batch.timesteps = noisy, t
         for plugin in self.plugins:
             plugin.on_step_start(state, batch)
-        te_grad = state.plan.trains_text_encoder
-        with self.accelerator.autocast():
-            with torch.set_grad_enabled(te_grad):
-                cond = model.family.encode(self.te_forward, batch.input_ids)  # [b, 77, d]
-            rows = [(p, p.extra_rows(state, batch)) for p in self.plugins]
-            extra = [(p, r) for p, r in rows if r is not None]
-            unet_in = torch.cat([noisy] + [r.noisy_latents for _, r in extra])
-            unet_t = torch.cat([t] + [r.timesteps for _, r in extra])
-            unet_cond = torch.cat([cond] + [r.encoder_hidden_states.to(cond.dtype) for _, r in extra])
-            prediction_all = self.unet_forward(unet_in, unet_t, unet_cond).sample
+        with torch.set_grad_enabled(state.plan.trains.text_encoders):
+            cond = model.encode(batch.input_ids)  # [b, 77, d] for SD1.5
+        rows = [(p, p.extra_rows(state, batch)) for p in self.plugins]
+        extra = [(p, r) for p, r in rows if r is not None]
+        unet_in = torch.cat([noisy] + [r.noisy_latents for _, r in extra])
+        unet_t = torch.cat([t] + [r.timesteps for _, r in extra])
+        unet_cond = Conditioning.cat([cond] + [r.conditioning for _, r in extra])
+        prediction_all = model.predict(unet_in, unet_t, unet_cond)
         b = noisy.shape[0]
         prediction = prediction_all[:b]
-        target = training_target(model.noise_scheduler, batch.latents, noise, t, model.prediction_type)
+        prediction_type = model.base.prediction_type
+        target = training_target(scheduler, batch.latents, noise, t, prediction_type)
         per_sample = per_sample_mse(prediction, target)  # [b]
         if any(batch.is_reg):  # kohya: a regularisation sample's loss is multiplied by prior_loss_weight
             per_sample = per_sample * torch.tensor([config.prior_loss_weight if r else 1.0 for r in batch.is_reg], device=per_sample.device)
         if config.min_snr_gamma > 0:
-            per_sample = per_sample * min_snr_weights(model.noise_scheduler, t, config.min_snr_gamma, model.prediction_type)
+            per_sample = per_sample * min_snr_weights(scheduler, t, config.min_snr_gamma, prediction_type)
         terms = {"main": per_sample.mean()}
-        if config.pivot_norm == "decay" and self.pivot.vectors.requires_grad:
-            terms["pivot_norm"] = config.pivot_norm_weight * self.pivot.norm_penalty()
         main = MainPrediction(noisy, t, cond, prediction, target)
         offset = b
         row_outputs = {}
@@ -486,13 +450,7 @@ class Trainer:
             self.sample(f"step{state.global_step:08d}")
 
     def _trainable_tensors(self) -> dict[str, torch.nn.Parameter]:
-        """Every tensor that training can change, by stable name (pivot and LoRA weights)."""
-        named = {"pivot.vectors": self.pivot.vectors}
-        for prefix, module in (("unet", self.model.unet), ("text_encoder", self.model.text_encoder)):
-            for name, param in module.named_parameters():
-                if ".lora_" in name:
-                    named[f"{prefix}.{name}"] = param
-        return named
+        return self.model.trainable_tensors()
 
     def _save(self, tag: str | None = None, with_state: bool = False) -> dict[str, Path]:
         """Write the LoRA and embedding (final names when ``tag`` is None, else ``<name>-<tag>``),
@@ -504,9 +462,9 @@ class Trainer:
             files: dict[str, Any] = {"metadata": dict(state.metadata)}
             for plugin in self.plugins:
                 plugin.on_before_save(state, files)
-            te_lora = lora_state_dict(self.model.text_encoder) if self.train_te_lora else {}
+            lora = self.model.lora_state_dicts()
             paths = write_lora_and_embedding(
-                self.files, suffix, lora_state_dict(self.model.unet), te_lora, self.lora_alphas, self.pivot.vectors,
+                self.files, suffix, lora["unet"], lora.get("text_encoder", {}), self.model.lora_alphas, self.pivot.vectors,
                 config, state.global_step, files["metadata"], tag_frequency(self.items),
             )
             if with_state:
@@ -522,26 +480,18 @@ class Trainer:
     @torch.no_grad()
     def sample(self, tag: str) -> list[Path]:
         """Generate the sample prompts with the current model into ``samples/`` (main process only)."""
-        from diffusers import (
-            DDIMScheduler,
-            EulerAncestralDiscreteScheduler,
-            StableDiffusionPipeline,
-        )
+        from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
         from .sampling import generate_samples, read_prompt_file
 
         if not self.accelerator.is_main_process:
             return []
-        config, model = self.config, self.model
+        config, model = self.config, self.model.base
         prompts = read_prompt_file(config.sample_prompts)
         for p in prompts:
             p.prompt = expand_token(p.prompt, config.token_string, config.num_vectors_per_token)
         scheduler_cls = DDIMScheduler if config.sample_sampler == "ddim" else EulerAncestralDiscreteScheduler
-        pipe = StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-            scheduler=scheduler_cls.from_config(model.noise_scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
+        pipe = model.pipeline(scheduler_cls.from_config(model.noise_scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         size = self.items[0].bucket
         out = [self.files.sample_path(tag, i) for i in range(len(prompts))]

@@ -51,8 +51,8 @@ def test_layernorm_ratio_is_one(result):
 def test_cv_matches_direct_numpy(model, sentences, result):
     """Index, EOS and per-index numbers equal a direct computation on family.encode's outputs."""
     with torch.no_grad():
-        ids = model.family.tokenize(model.tokenizer, sentences)
-        h = model.family.encode(model.text_encoder, ids).double().numpy()
+        ids = model.tokenize(sentences)
+        h = model.encode(ids).hidden_states.double().numpy()
     eos_id = model.tokenizer.eos_token_id
     eos = np.array([1 + list(row[1:]).index(eos_id) for row in ids.tolist()])
     tol = dict(rtol=1e-5, atol=1e-7)
@@ -94,7 +94,7 @@ def test_eos_gather_picks_the_right_positions(model):
     assert torch.equal(E.gather_positions(states, eos), torch.stack([states[n, p] for n, p in enumerate(eos.tolist())]))
     assert E.word_mask(eos, 6)[0].tolist() == [True, True, True, False, False, False]
     # with the real tokenizer: "a girl" -> BOS a girl EOS; a very long sentence is truncated with EOS at 76
-    ids = model.family.tokenize(model.tokenizer, ["a girl", "a girl standing in the snow", " ".join(["girl"] * 100)])
+    ids = model.tokenize(["a girl", "a girl standing in the snow", " ".join(["girl"] * 100)])
     assert E.eos_positions(ids, model.tokenizer.eos_token_id).tolist() == [3, 7, 76]
 
 
@@ -106,7 +106,7 @@ def test_builtin_prompts_are_single_token_words(model):
         assert E.token_count(model.tokenizer, s) == len(s.split())
     words = E.template_word_sentences(model.tokenizer)
     assert len(words) >= 10 and E.template_word_index(model.tokenizer) == 5
-    ids = model.family.tokenize(model.tokenizer, words)
+    ids = model.tokenize(words)
     word_ids = [model.tokenizer(w.split()[-1], add_special_tokens=False).input_ids[0] for w in words]
     assert ids[:, 5].tolist() == word_ids
 

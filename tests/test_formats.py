@@ -38,10 +38,32 @@ from pti_plugin.formats import (
 from pti_plugin.formats.safe_load import ModelCheckpointModuleStandIn, ModelCheckpointStandIn
 from pti_plugin.inspect import main as inspect_main
 from pti_plugin.load_pti import load_pti
-from pti_plugin.models.lora import attach_lora, lora_parameters, lora_state_dict, text_encoder_lora_targets, unet_lora_targets
+from pti_plugin.models.lora import attach_lora, lora_parameters, lora_state_dict
+from pti_plugin.models.family import key_table
 from pti_plugin.models.tiny import build_tiny_sd
 
 RANK, ALPHA = 4, 2.0
+
+_TRANSFORMER_LEAVES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                       "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def unet_lora_targets(unet):
+    """kohya networks.lora's rule applied to a model's structure (independent of the family's key table):
+    proj_in, proj_out and the block linears of every Transformer2DModel."""
+    targets = []
+    for name, module in unet.named_modules():
+        if type(module).__name__ == "Transformer2DModel":
+            targets += [f"{name}.proj_in", f"{name}.proj_out"]
+            targets += [f"{name}.{b}.{leaf}" for b, block in module.named_modules()
+                        if type(block).__name__ == "BasicTransformerBlock" for leaf in _TRANSFORMER_LEAVES]
+    return sorted(targets)
+
+
+def text_encoder_lora_targets(text_encoder):
+    """The attention and MLP linears of every CLIP encoder layer (kohya's text-encoder rule)."""
+    leaves = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+    return sorted(n for n, _ in text_encoder.named_modules() if ".layers." in n and n.endswith(leaves))
 PROMPT = "an anime illustration of tok1"
 
 
@@ -258,6 +280,10 @@ def test_key_map_against_sd15_architecture():
     assert len(sd15_kohya_lora_names(text_encoder=False)) == 192 and len(sd15_kohya_lora_names()) == 192 + 72
     assert len(sd15_kohya_lora_names(text_encoder=False, conv=True)) == 192 + 86
     unet, text_encoder = _sd15_models()
+    table = key_table("sd15")  # the family's table picks exactly what kohya's rules pick on the real architecture
+    assert table.peft_targets("unet", unet) == unet_lora_targets(unet)
+    assert sorted(table.peft_targets("unet", unet, conv=True)) == sorted(_kohya_conv_targets(unet))
+    assert table.peft_targets("text_encoder", text_encoder) == text_encoder_lora_targets(text_encoder)
     attach_lora(unet, unet_lora_targets(unet), RANK, 1.0)
     attach_lora(text_encoder, text_encoder_lora_targets(text_encoder), RANK, 1.0)
     exported = to_kohya(lora_state_dict(unet), lora_state_dict(text_encoder), 1.0)

@@ -33,8 +33,8 @@ def _config(tmp_path, plugins):
 def test_entry_point_plugins_are_discovered_with_validated_options(tmp_path, monkeypatch):
     monkeypatch.setattr(hooks, "entry_points", lambda group: [FakeEntryPoint()] if group == hooks.ENTRY_POINT_GROUP else [])
     plugins = instantiate_plugins(_config(tmp_path, {"external_demo": {"strength": 2}}))
-    assert [p.name for p in plugins] == ["staged_schedule", "external_demo"]  # the default schedule is added
-    assert plugins[1].options.strength == 2.0
+    assert [p.name for p in plugins] == ["staged_schedule", "pivot_norm", "external_demo"]  # the defaults are added
+    assert plugins[2].options.strength == 2.0
     with pytest.raises(ConfigError, match="plugins.external_demo: unknown key 'strenght'. Did you mean 'strength'?"):
         instantiate_plugins(_config(tmp_path, {"external_demo": {"strenght": 2}}))
 
@@ -48,10 +48,13 @@ def test_only_one_schedule_plugin(tmp_path, monkeypatch):
     class OtherSchedule(Plugin):
         name = "other_schedule"
 
+        def trains(self, state, stage):
+            raise AssertionError("not called")
+
         def plan_stage(self, state, stage):
             raise AssertionError("not called")
 
     hooks.register_plugin(OtherSchedule)
     with pytest.raises(ConfigError, match="only one schedule plugin may be active"):
         instantiate_plugins(_config(tmp_path, {"staged_schedule": {}, "other_schedule": {}}))
-    assert [p.name for p in instantiate_plugins(_config(tmp_path, {"other_schedule": {}}))] == ["other_schedule"]
+    assert [p.name for p in instantiate_plugins(_config(tmp_path, {"other_schedule": {}}))] == ["pivot_norm", "other_schedule"]

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def _run(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)) | (extra_env or {})
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -38,3 +38,45 @@ def test_two_processes_match_one_process_and_only_rank0_writes(preset, tmp_path)
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert torch.allclose(load_file(one / "tok1.safetensors")["emb_params"], load_file(two / "tok1.safetensors")["emb_params"], atol=1e-6)
+
+
+def _install_entry_point(site: Path) -> None:
+    """Declare tests/contract_plugin.py under the pti_plugin.plugins entry-point group, as a package would."""
+    info = site / "prior_agreement_demo-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: prior-agreement-demo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[pti_plugin.plugins]\nprior_agreement = tests.contract_plugin:PriorAgreement\n")
+
+
+def test_third_party_contract_plugin_trains_under_two_processes(preset, tmp_path):
+    """A plugin outside the package, found through its entry point and using only the documented contract,
+    trains under 2 processes and gives what one process gives; its term is 0 while the LoRA is still zero."""
+    raw = preset(max_train_steps=2, save_precision="float", max_grad_norm=0.0, train_batch_size=1, optimizer_type="SGD",
+                 network_train_unet_only=False, plugins={"prior_agreement": {"weight": 100.0}},
+                 stages=[{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "steps": 1},
+                         {"name": "lora", "kind": "lora", "learning_rate": 0.1, "steps": 2}])
+    raw.pop("output_dir")
+    (tmp_path / "p.toml").write_text(toml.dumps(raw))
+    _install_entry_point(tmp_path / "site")
+    env = {"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path / 'site'}"}
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pti.py"),
+          "--preset", "p.toml", "--output_dir", "two"], tmp_path, env)
+    _run([sys.executable, str(REPO / "train_pti.py"), "--preset", "p.toml", "--output_dir", "one",
+          "--train_batch_size", "2"], tmp_path, env)
+    import json
+
+    logs = {name: [json.loads(line) for line in (tmp_path / name / "pti.log.jsonl").read_text().splitlines()]
+            for name in ("one", "two")}
+    terms = [e.get("loss/prior_agreement/mse") for e in logs["two"]]
+    assert terms[0] is None  # inversion stage: no rows
+    # LoRA up weights start at zero: the trained model is the frozen one (up to batched-matmul rounding)
+    assert terms[1] < 1e-9 and terms[2] > 1e-6
+    assert [e.get("loss/prior_agreement/mse") is None for e in logs["one"]] == [True, False, False]
+    a, b = load_file(tmp_path / "one" / "pti.safetensors"), load_file(tmp_path / "two" / "pti.safetensors")
+    assert any(k.startswith("lora_te_") for k in a) and a.keys() == b.keys()
+    # The LoRA up weights start at zero, so their values are the training's movement: the two runs agree to
+    # float reduction-order noise relative to it (gradients of the extra rows are averaged over the processes).
+    moved = max(float(a[k].abs().max()) for k in a if k.endswith("lora_up.weight"))
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"largest LoRA up weight {moved:.3g}, largest difference {diff:.3g}")
+    assert moved > 1e-4 and diff < 1e-4 * moved

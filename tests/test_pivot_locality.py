@@ -124,7 +124,7 @@ class RecordingLocality(PivotLocality):
     def extra_rows(self, state, batch):
         rows = super().extra_rows(state, batch)
         if rows is not None:
-            RecordingLocality.rows.append(rows.encoder_hidden_states.detach().clone())
+            RecordingLocality.rows.append(rows.conditioning.hidden_states.detach().clone())
         return rows
 
 
@@ -188,9 +188,9 @@ def test_fraction_one_is_the_class_prompt(preset, geometry_name):
     raw["plugins"]["test_locality_probe"] = {}
     Trainer(build_config(raw)).run()
     state = LocalityProbe.records[0]["state"]
-    ids = state.model.family.tokenize(state.model.tokenizer, ["an anime illustration of character"])
+    ids = state.tokenize(["an anime illustration of character"])
     with torch.no_grad():
-        class_cond = state.model.family.encode(state.model.text_encoder, ids)[0]
+        class_cond = state.encode(ids).hidden_states[0]
     (rows,) = RecordingLocality.rows
     assert rows.shape == (2, 77, 32)
     assert (rows - class_cond).abs().max() < 1e-5

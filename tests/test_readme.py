@@ -43,11 +43,9 @@ class PredictionProbe(Plugin):
 
     @torch.no_grad()
     def on_end(self, state):
-        model = state.model
-        ids = model.family.tokenize(model.tokenizer, [PROMPT])
-        cond = model.family.encode(model.text_encoder, ids)
-        x, t = _fixed_inputs(cond.shape[-1])
-        PredictionProbe.prediction = model.unet(x, t, cond).sample
+        cond = state.encode(state.tokenize([PROMPT]).to(state.device))
+        x, t = _fixed_inputs(cond.hidden_states.shape[-1])
+        PredictionProbe.prediction = state.unet(x, t, cond)
 
 
 @pytest.mark.parametrize("network_args", [[], ["conv_dim=2", "conv_alpha=1"]], ids=["lora", "locon"])

@@ -1,6 +1,7 @@
 """Textual-inversion embeddings: our standalone file, the bundle inside a LoRA, and reading others'.
 
-Our standalone embedding (``<token>.safetensors``) holds exactly one tensor, ``emb_params``
+Which tensor names a family writes is its :class:`~pti_plugin.models.family.EmbeddingLayout`
+(one tensor per text encoder); the writers take it, SD1.5's by default. For SD1.5 our standalone embedding (``<token>.safetensors``) holds exactly one tensor, ``emb_params``
 ``[num_vectors, width]``: AUTOMATIC1111 (which names the embedding after the file), Forge, ComfyUI
 (``embedding:<token>``, which takes the file's first tensor) and diffusers
 (``load_textual_inversion(path, token=...)``) all read it. Inside a LoRA the same vectors sit under
@@ -11,13 +12,14 @@ Our standalone embedding (``<token>.safetensors``) holds exactly one tensor, ``e
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..atomic_io import save_safetensors_atomic
+from ..models.family import EmbeddingLayout, embedding_layout
 from .kohya_lora import BUNDLE_PREFIX
 from .safe_load import check_safetensors, safe_torch_load
 
@@ -28,18 +30,36 @@ class EmbeddingFormatError(ValueError):
     """An embedding file we cannot read or whose shape does not fit; the message names the file."""
 
 
-def save_embedding(path: str | os.PathLike, vectors: torch.Tensor, metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``vectors`` ``[n, d]`` as a standalone embedding (one tensor, ``emb_params``), atomically."""
-    if vectors.dim() != 2:
-        raise ValueError(f"embedding vectors must be [num_vectors, width], got shape {tuple(vectors.shape)}")
-    save_safetensors_atomic(path, {STANDALONE_KEY: vectors.detach()}, dict(metadata) if metadata else None)
+def _per_encoder(vectors: torch.Tensor | Sequence[torch.Tensor], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``{key: [n, d_i]}`` for the layout's keys, one tensor per text encoder (a single tensor for one encoder)."""
+    tensors = [vectors] if isinstance(vectors, torch.Tensor) else list(vectors)
+    if len(tensors) != len(keys):
+        raise ValueError(f"this model family stores {len(keys)} embedding tensor(s) ({', '.join(keys)}), got {len(tensors)}")
+    for t in tensors:
+        if t.dim() != 2:
+            raise ValueError(f"embedding vectors must be [num_vectors, width], got shape {tuple(t.shape)}")
+    return {key: t.detach() for key, t in zip(keys, tensors)}
 
 
-def bundle_embedding_keys(token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The LoRA-file entry that bundles ``vectors`` ``[n, d]`` as embedding ``token`` (A1111's ``bundle_emb``)."""
+def save_embedding(
+    path: str | os.PathLike, vectors: torch.Tensor | Sequence[torch.Tensor], metadata: Mapping[str, str] | None = None,
+    layout: EmbeddingLayout | None = None,
+) -> None:
+    """Write the pivot vectors (``[n, d]``, or one tensor per text encoder) as a standalone embedding in the
+    family's layout (SD1.5: one tensor, ``emb_params``), atomically."""
+    layout = layout or embedding_layout("sd15")
+    save_safetensors_atomic(path, _per_encoder(vectors, layout.standalone_keys), dict(metadata) if metadata else None)
+
+
+def bundle_embedding_keys(
+    token: str, vectors: torch.Tensor | Sequence[torch.Tensor], layout: EmbeddingLayout | None = None
+) -> dict[str, torch.Tensor]:
+    """The LoRA-file entries that bundle the pivot vectors as embedding ``token`` (``bundle_emb.<token>.<key>``,
+    SD1.5: A1111's ``string_to_param.*``)."""
     if "." in token:
         raise ValueError(f"a bundled embedding's token may not contain '.', got {token!r}")
-    return {f"{BUNDLE_PREFIX}{token}.string_to_param.*": vectors.detach()}
+    layout = layout or embedding_layout("sd15")
+    return {f"{BUNDLE_PREFIX}{token}.{key}": t for key, t in _per_encoder(vectors, layout.bundle_keys).items()}
 
 
 def bundled_embeddings(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -30,8 +30,6 @@ def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def output_space_angles(run, prompt: str = "{T}") -> dict[str, float]:
     """``{"output_angle_layernorm_deg", "output_angle_raw_deg"}`` (nan when the class word is not one token)."""
-    from ..models.sd15 import final_layer_norm
-
     pivot_prompt = run.prompt(prompt, True)
     class_ids = subject_token_ids(run.pipe.tokenizer, run.class_word)
     nan = {"output_angle_layernorm_deg": float("nan"), "output_angle_raw_deg": float("nan")}
@@ -46,7 +44,7 @@ def output_space_angles(run, prompt: str = "{T}") -> dict[str, float]:
         with run.lora(tuned):
             pre = run.pre_layernorm_states([text])[0, positions]  # [n, d]
             cond = run.encode([text])[0, positions].float()
-        norm = final_layer_norm(run.pipe.text_encoder)
+        norm = run.final_layer_norm()
         xhat = torch.nn.functional.layer_norm(pre, pre.shape[-1:], eps=norm.eps)
         states[tuned] = (xhat, cond)
     return {

@@ -145,19 +145,23 @@ class LoadedRun:
     # ------------------------------------------------------------------ tensors
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids ``[B, L]`` (CPU, int64; L = 77 unless the run set a longer max_token_length)."""
-        return self.family.tokenize(self.pipe.tokenizer, prompts)
+        return self.family.tokenize((self.pipe.tokenizer,), prompts)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """UNet conditioning ``[B, L, d]`` of filled prompts, with the current LoRA state."""
         ids = self.tokenize(prompts).to(self.device)
-        return self.family.encode(self.pipe.text_encoder, ids).to(self.dtype)
+        return self.family.encode((self.pipe.text_encoder,), ids).hidden_states.to(self.dtype)
 
     @torch.no_grad()
     def pre_layernorm_states(self, prompts: list[str]) -> torch.Tensor:
         """The encoder's state before its final LayerNorm ``[B, L, d]`` (float32)."""
         ids = self.tokenize(prompts).to(self.device)
-        return self.family.pre_layernorm_states(self.pipe.text_encoder, ids).float()
+        return self.family.pre_layernorm_states((self.pipe.text_encoder,), ids).float()
+
+    def final_layer_norm(self) -> torch.nn.LayerNorm | None:
+        """The LayerNorm that ends the conditioning (None where the family's has none)."""
+        return self.family.final_layer_norms((self.pipe.text_encoder,))[0]
 
     def training_pixels(self, max_images: int | None = None) -> list[torch.Tensor]:
         """Training images fitted to their buckets: float32 ``[3, H, W]`` in [-1, 1] (CPU)."""
@@ -206,7 +210,7 @@ def load_run(
     ``class_word``: the base model's subject (default: the run's first ``init_word``).
     ``device``: default CUDA when available, else CPU.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     from ..load_pti import load_pti
     from ..models.loading import load_base_model
@@ -218,13 +222,10 @@ def load_run(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_base_model(
         config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
-        config.single_file_config, config.tokenizer_path, config.max_token_length,
+        config.single_file_config, config.tokenizer_path, config.max_token_length, config.model_family,
     )
     scheduler = DDIMScheduler.from_config(model.noise_scheduler.config, prediction_type=model.prediction_type)
-    pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = model.pipeline(scheduler)
     pipe.set_progress_bar_config(disable=True)
     token = load_pti(pipe, lora_path, token=config.token_string)
     if token != config.token_string:

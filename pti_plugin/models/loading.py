@@ -13,23 +13,56 @@ import torch
 from torch import nn
 
 from ..config import EMBEDDED, ConfigError
-from .sd15 import SD15Family
+from .family import Conditioning, ModelFamily, detect_family, make_family
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class BaseModel:
-    """The components of a Stable Diffusion model, as loaded (float32, on the CPU)."""
+    """A loaded base model (float32, on the CPU) bound to its family adapter.
 
-    family: SD15Family
+    ``text_encoders``/``tokenizers``: one per encoder of the family, in the family's order. Code
+    outside ``models/`` conditions through :meth:`tokenize` and :meth:`encode`, never through a
+    family module.
+    """
+
+    family: ModelFamily
     unet: nn.Module
     vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
+    text_encoders: tuple[nn.Module, ...]
+    tokenizers: tuple[object, ...]
     noise_scheduler: object
     prediction_type: str
     source: str
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The first (for SD1.5 the only) text encoder."""
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self) -> object:
+        """The first (for SD1.5 the only) tokenizer."""
+        return self.tokenizers[0]
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Token ids of ``captions`` as the family's conditioning takes them (CPU, int64)."""
+        return self.family.tokenize(self.tokenizers, captions)
+
+    def encode(self, input_ids: torch.Tensor, text_encoders: tuple[nn.Module, ...] | None = None) -> Conditioning:
+        """The UNet conditioning of ``input_ids`` (through ``text_encoders``, default the model's own)."""
+        return self.family.encode(text_encoders or self.text_encoders, input_ids)
+
+    def pipeline(self, scheduler: object) -> object:
+        """The family's diffusers pipeline over these modules (no safety checker), for samples and reloads."""
+        import diffusers
+
+        cls = getattr(diffusers, self.family.pipeline_class_name)
+        modules = dict(zip(self.family.text_encoder_names, self.text_encoders))
+        modules |= {n.replace("text_encoder", "tokenizer"): t for n, t in zip(self.family.text_encoder_names, self.tokenizers)}
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        return cls(vae=self.vae, unet=self.unet, scheduler=scheduler, **modules, **extra)
 
 
 def resolve_model_path(value: str) -> Path:
@@ -41,39 +74,39 @@ def resolve_model_path(value: str) -> Path:
     return Path(value).expanduser()
 
 
+def choose_family(path: Path, requested: str = "auto") -> tuple[str, str]:
+    """(family name, why): detected from the weights at ``path``, or the preset's ``model_family``."""
+    if requested != "auto":
+        return requested, "set by model_family"
+    return detect_family(path)
+
+
 def load_base_model(
     path_value: str, clip_skip: int = 1, v_parameterization: bool = False, single_file_config: str = "",
-    tokenizer_path: str = "", max_token_length: int = 75,
+    tokenizer_path: str = "", max_token_length: int = 75, model_family: str = "auto",
 ) -> BaseModel:
-    """Load the model at ``path_value``: a diffusers folder, a single ``.safetensors``/``.ckpt`` SD1.5
-    checkpoint (see ``single_file.py``), or ``@embedded``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+    """Load the model at ``path_value``: a diffusers folder, a single ``.safetensors``/``.ckpt``
+    checkpoint (see ``single_file.py``), or ``@embedded``; its family is detected (and logged) unless
+    ``model_family`` names it."""
     path = resolve_model_path(path_value)
-    if path.is_file():
-        from .single_file import load_single_file
-
-        unet, vae, text_encoder, tokenizer, noise_scheduler = load_single_file(
-            path, config_dir=single_file_config or None, tokenizer_path=tokenizer_path
-        )
-    elif (path / "model_index.json").is_file():
-        kwargs = {"local_files_only": True}
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
-        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
-    else:
+    if not path.is_file() and not (path / "model_index.json").is_file():
         raise ConfigError(
             f"base model not found: looked for a diffusers folder with model_index.json, or a "
             f".safetensors/.ckpt file, at {path}"
         )
-    prediction_type = "v_prediction" if v_parameterization else noise_scheduler.config.prediction_type
-    for module in (unet, vae, text_encoder):
+    name, why = choose_family(path, model_family)
+    try:
+        family = make_family(name, clip_skip=clip_skip, max_token_length=max_token_length)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc} (model family {name!r}: {why})") from exc
+    logger.info("model family %s (%s)", name, why)
+    parts = family.load(path, single_file_config, tokenizer_path)
+    prediction_type = "v_prediction" if v_parameterization else parts.noise_scheduler.config.prediction_type
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
         module.requires_grad_(False)
         module.float()
-    return BaseModel(SD15Family(clip_skip, max_token_length), unet, vae, text_encoder, tokenizer, noise_scheduler, prediction_type, str(path))
+    return BaseModel(family, parts.unet, parts.vae, parts.text_encoders, parts.tokenizers, parts.noise_scheduler,
+                     prediction_type, str(path))
 
 
 def configure_attention(unet: nn.Module, xformers: bool, sdpa: bool, device: torch.device) -> str:

@@ -1,9 +1,7 @@
-"""LoRA adapters (peft) on the UNet and text encoder: targets, attach, enable/disable, state.
+"""LoRA adapters (peft) on the UNet and text encoders: attach, enable/disable, state.
 
-Targets default to kohya ``networks.lora`` for SD1.5: inside every UNet ``Transformer2DModel``,
-the attention projections (q/k/v/out of attn1 and attn2), the feed-forward layers and
-``proj_in``/``proj_out`` (12 modules per transformer, 192 on SD1.5); in the text encoder, the
-attention projections and MLP layers of every encoder layer.
+Which modules take a LoRA is the model family's key table (``family.KeyTable.peft_targets``), the
+same table that names them for kohya.
 """
 
 from __future__ import annotations
@@ -17,51 +15,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 ADAPTER_NAME = "pti"
 
-_UNET_TRANSFORMER_LEAVES = (
-    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-    "ff.net.0.proj", "ff.net.2",
-)
-_TEXT_ENCODER_LEAVES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
-
-
-def unet_lora_targets(unet: torch.nn.Module) -> list[str]:
-    """Module paths of ``unet`` that kohya's SD1.5 LoRA trains (``proj_in``, transformer blocks, ``proj_out``)."""
-    targets = []
-    for name, module in unet.named_modules():
-        if type(module).__name__ != "Transformer2DModel":
-            continue
-        targets += [f"{name}.proj_in", f"{name}.proj_out"]
-        for block_name, block in module.named_modules():
-            if type(block).__name__ == "BasicTransformerBlock":
-                targets += [f"{name}.{block_name}.{leaf}" for leaf in _UNET_TRANSFORMER_LEAVES]
-    return sorted(targets)
-
-
-def unet_conv_lora_targets(unet: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """kohya's LoCon extension (``network_args = ["conv_dim=..."]``): layers of every ResNet block and
-    down/upsampler. Returns (3x3 convolutions, which take conv_dim/conv_alpha; the 1x1 convolutions and
-    linear layers, which take network_dim/network_alpha)."""
-    conv3x3, other = [], []
-    for name, module in unet.named_modules():
-        if type(module).__name__ not in ("ResnetBlock2D", "Downsample2D", "Upsample2D"):
-            continue
-        for child_name, child in module.named_modules():
-            path = f"{name}.{child_name}"
-            if isinstance(child, torch.nn.Conv2d):
-                (conv3x3 if child.kernel_size != (1, 1) else other).append(path)
-            elif isinstance(child, torch.nn.Linear):
-                other.append(path)
-    return sorted(conv3x3), sorted(other)
-
-
-def text_encoder_lora_targets(text_encoder: torch.nn.Module) -> list[str]:
-    """Module paths of ``text_encoder`` (a CLIPTextModel) that kohya's LoRA trains."""
-    return sorted(
-        name
-        for name, _ in text_encoder.named_modules()
-        if ".layers." in name and name.endswith(_TEXT_ENCODER_LEAVES)
-    )
+def split_conv3x3(model: torch.nn.Module, paths: list[str]) -> tuple[list[str], list[str]]:
+    """kohya's LoCon rule on ``paths`` of ``model``: (3x3 convolutions, which take conv_dim/conv_alpha;
+    the 1x1 convolutions and linear layers, which take network_dim/network_alpha)."""
+    modules = dict(model.named_modules())
+    conv3x3 = [p for p in paths if isinstance(modules[p], torch.nn.Conv2d) and modules[p].kernel_size != (1, 1)]
+    chosen = set(conv3x3)
+    return conv3x3, [p for p in paths if p not in chosen]
 
 
 def attach_lora(

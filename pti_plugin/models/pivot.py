@@ -8,6 +8,9 @@ receives a gradient, so every other row stays bit-identical by construction, and
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -26,6 +29,16 @@ class PivotEmbedding(nn.Module):
         self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
         self.register_buffer("init_vectors", init.detach().clone().float(), persistent=False)
         self.vectors = nn.Parameter(init.detach().clone().float())
+        self._detach = False
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """Inside the block the vectors are a fixed input: no gradient reaches them through this embedding."""
+        previous, self._detach = self._detach, True
+        try:
+            yield
+        finally:
+            self._detach = previous
 
     @property
     def weight(self) -> torch.Tensor:
@@ -37,7 +50,8 @@ class PivotEmbedding(nn.Module):
         match = input_ids[..., None] == self.token_ids  # [B, L, n]
         is_pivot = match.any(dim=-1, keepdim=True)  # [B, L, 1]
         which = match.to(torch.uint8).argmax(dim=-1)  # [B, L]
-        pivot = self.vectors.to(embeds.dtype)[which]  # [B, L, d]
+        vectors = self.vectors.detach() if self._detach else self.vectors
+        pivot = vectors.to(embeds.dtype)[which]  # [B, L, d]
         return torch.where(is_pivot, pivot, embeds)
 
     def reset_init(self, vectors: torch.Tensor) -> None:

@@ -36,7 +36,6 @@ mean encoder output (LoRA off) over a small built-in prompt set, per token posit
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -53,7 +52,7 @@ from ..config import ConfigError, doc
 from ..data.captions import pivot_token_strings
 from ..data.sample_order import sample_generator
 from ..hooks import Batch, MainPrediction, Plugin, TrainerState, UNetRows
-from ..models.lora import lora_disabled, lora_parameters
+from ..models.family import Conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -104,30 +103,13 @@ class _Sample:
 
 @dataclass
 class _Pending:
-    """What ``extra_rows`` prepared for ``extra_losses`` in the same micro-step."""
+    """What ``extra_rows`` prepared for ``extra_losses`` in the same micro-step (its rows ride on the main UNet call)."""
 
     samples: list[_Sample]
-    trained_cond: torch.Tensor  # [r, 77, d] (graph to the text-encoder LoRA when it trains)
     frozen_cond: torch.Tensor | None  # [r, 77, d]; None when cached targets are used
-    noisy: torch.Tensor | None  # [r, 4, h, w]; None: take the main batch's rows in extra_losses
-    timesteps: torch.Tensor | None  # [r]
+    noisy: torch.Tensor  # [r, 4, h, w]
+    timesteps: torch.Tensor  # [r]
     target: torch.Tensor | None  # cached frozen predictions [r, 4, h, w]
-    in_main_call: bool  # the rows rode on the main UNet call
-
-
-class _PivotDetached:
-    """Calls ``text_encoder`` with its pivot vectors detached: this term's gradient never reaches the pivot."""
-
-    def __init__(self, text_encoder: torch.nn.Module, pivot: Any):
-        self._module = text_encoder
-        name = next(n for n, p in text_encoder.named_parameters() if p is pivot.vectors)
-        self._overrides = {name: pivot.vectors.detach()}
-
-    def __call__(self, *args, **kwargs):
-        return torch.func.functional_call(self._module, self._overrides, args, kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self._module, name)
 
 
 class PivotLocality(Plugin):
@@ -207,7 +189,7 @@ class PivotLocality(Plugin):
 
     # ------------------------------------------------------------------ setup
     def on_setup(self, state: TrainerState) -> None:
-        config, model, o = state.config, state.model, self.options
+        config, o = state.config, self.options
         stage_names = {s.name: s for s in config.stages}
         unknown = [n for n in o.stages if n not in stage_names]
         if unknown:
@@ -218,31 +200,27 @@ class PivotLocality(Plugin):
         self.active_stages = list(o.stages) or [s.name for s in config.stages if s.kind == "lora"]
         if not self.active_stages:
             logger.warning("pivot_locality: the preset has no lora stage; the plugin does nothing")
-        if o.cache_anchors:  # early, from the preset (re-checked against the stage's plan when it starts)
+        self._te_has_lora = any(state.stage_trains(s).text_encoder_lora for s in config.stages)
+        if o.cache_anchors:  # early, from the schedule's plan of each stage
             for name in self.active_stages:
-                stage = stage_names[name]
-                te = stage.train_text_encoder if stage.train_text_encoder is not None else not config.network_train_unet_only
-                if te or stage.train_pivot:
-                    raise self._cache_refusal(name, "text encoder LoRA" if te else "pivot")
+                trains = state.stage_trains(stage_names[name])
+                if trains.text_encoder_lora or trains.pivot:
+                    raise self._cache_refusal(name, "text encoder LoRA" if trains.text_encoder_lora else "pivot")
 
-        self.ln = None
-        if hasattr(model.family, "pre_layernorm_states"):
-            from ..models.sd15 import final_layer_norm
-
-            norm = final_layer_norm(model.text_encoder)
-            self.ln = norm if isinstance(norm, torch.nn.LayerNorm) else None
+        norms = state.final_layer_norms()
+        self.ln = norms[0] if len(norms) == 1 and isinstance(norms[0], torch.nn.LayerNorm) else None
         if o.geometry == "layernorm" and self.ln is None:
-            raise _error(f'geometry = "layernorm" needs a conditioning that ends with a LayerNorm, and the '
-                         f'{model.family.name} conditioning does not; use geometry = "centered"')
+            raise _error('geometry = "layernorm" needs a conditioning that ends with one LayerNorm, and this model '
+                         'family\'s conditioning does not; use geometry = "centered"')
 
         self.pivot_ids, self.class_ids, self.slots, self.pairs = self._prompt_ids(state)
         self.centre, self.centre_source = self._load_centre(state)
-        self._num_train_timesteps = int(model.noise_scheduler.config.num_train_timesteps)
+        self._num_train_timesteps = state.num_train_timesteps
         self._last_shape: tuple[int, ...] | None = None
-        if state.accelerator.is_main_process and self.active_stages:
-            print(f"pivot_locality: stages {self.active_stages}, geometry {o.geometry}, weight {o.weight:g}, "
+        if self.active_stages:
+            state.info(f"pivot_locality: stages {self.active_stages}, geometry {o.geometry}, weight {o.weight:g}, "
                   f"{self._fraction_text()}, latents {o.latents}; class prompts: "
-                  + "; ".join(repr(p["class_prompt"]) for p in self.pairs), flush=True)
+                  + "; ".join(repr(p["class_prompt"]) for p in self.pairs))
 
     def _fraction_text(self) -> str:
         o = self.options
@@ -258,7 +236,7 @@ class PivotLocality(Plugin):
 
     def _prompt_ids(self, state: TrainerState):
         """Token ids of every (template, class word) pair: pivot prompts [P, 77], class prompts [P, 77], pivot slots [P, n]."""
-        config, model, o = state.config, state.model, self.options
+        config, o = state.config, self.options
         n = config.num_vectors_per_token
         templates = list(o.templates) or [config.caption_template]
         class_words = list(o.class_words)
@@ -271,7 +249,7 @@ class PivotLocality(Plugin):
             if template.count("{}") != 1:
                 raise _error(f'template {template!r} must contain "{{}}" (the token) exactly once')
             prompt = template.format(" ".join(pivot_token_strings(config.token_string, n)))
-            ids = model.family.tokenize(model.tokenizer, [prompt])[0].cpu()
+            ids = state.tokenize([prompt])[0].cpu()
             where = torch.nonzero(ids[:, None] == token_ids[None, :])  # [(position, which vector)]
             if len(where) != n or not torch.equal(where[:, 1], torch.arange(n)) or not torch.equal(
                 where[:, 0], where[0, 0] + torch.arange(n)
@@ -280,7 +258,7 @@ class PivotLocality(Plugin):
                              f"{ids.shape[0]} token positions (is the template too long?)")
             positions = where[:, 0]
             for word in class_words:
-                word_ids = model.tokenizer(word, add_special_tokens=False).input_ids
+                word_ids = state.word_token_ids(word)
                 if len(word_ids) == 1:
                     fill, words_in_slots = word_ids * n, " ".join([word] * n)
                 elif len(word_ids) == n:
@@ -306,7 +284,9 @@ class PivotLocality(Plugin):
         from ..centre_file import CentreFileError, load_centre_file
 
         o, config = self.options, state.config
-        d, positions = state.model.text_encoder.config.hidden_size, self.pivot_ids.shape[1]
+        positions = self.pivot_ids.shape[1]
+        with state.frozen():
+            d = state.encode(self.pivot_ids[:1].to(state.device), lora=False).hidden_states.shape[-1]
         if o.centre_file:
             try:
                 loaded = load_centre_file(o.centre_file, expected_dim=d)
@@ -332,10 +312,9 @@ class PivotLocality(Plugin):
     @torch.no_grad()
     def _estimate_centre(self, state: TrainerState) -> torch.Tensor:
         """Mean encoder output (LoRA off) over :data:`CENTRE_PROMPTS`, per token position: [77, d]."""
-        model = state.model
-        ids = model.family.tokenize(model.tokenizer, list(CENTRE_PROMPTS)).to(state.device)
-        with lora_disabled(model.text_encoder), state.accelerator.autocast():
-            return model.family.encode(model.text_encoder, ids).float().mean(dim=0)
+        ids = state.tokenize(list(CENTRE_PROMPTS)).to(state.device)
+        with state.frozen():
+            return state.encode(ids, lora=False).hidden_states.float().mean(dim=0)
 
     # ------------------------------------------------------------------ stage
     def on_stage_start(self, state: TrainerState) -> None:
@@ -346,11 +325,8 @@ class PivotLocality(Plugin):
         self._angle_logs: dict[str, float] = {}
         if not self._stage_active:
             return
-        plan, te = state.plan, state.model.text_encoder
-        trained = {id(p) for group in plan.param_groups for p in group["params"]}
-        self._te_has_lora = bool(lora_parameters(te))
-        self._te_lora_trains = any(id(p) in trained for p in lora_parameters(te))
-        self._pivot_trains = id(state.pivot.vectors) in trained
+        self._te_lora_trains = state.plan.trains.text_encoder_lora
+        self._pivot_trains = state.plan.trains.pivot
         if self.options.cache_anchors and (self._te_lora_trains or self._pivot_trains):
             raise self._cache_refusal(state.stage.name, "text encoder LoRA" if self._te_lora_trains else "pivot")
         with torch.no_grad():
@@ -358,20 +334,17 @@ class PivotLocality(Plugin):
 
     def _compute_endpoints(self, state: TrainerState, lora_on: bool, grad: bool) -> dict[str, torch.Tensor]:
         """Encoder states of every pair's pivot prompt (``h_p``, and ``xhat_p`` with a final LayerNorm) and class
-        prompt (``h_c``, ``xhat_c``): float32 [P, 77, d], with the text-encoder LoRA on or off."""
-        model = state.model
-        te = model.text_encoder
-        if grad and state.pivot.vectors.requires_grad:
-            te = _PivotDetached(te, state.pivot)
-        has_lora = bool(lora_parameters(model.text_encoder))
-        off = lora_disabled(model.text_encoder) if (not lora_on and has_lora) else contextlib.nullcontext()
+        prompt (``h_c``, ``xhat_c``): float32 [P, 77, d], with the text-encoder LoRA on or off. The pivot is a
+        fixed input: no gradient of this term reaches it."""
         ids = torch.cat([self.pivot_ids, self.class_ids]).to(state.device)
-        with off, torch.set_grad_enabled(grad), state.accelerator.autocast():
+        with torch.set_grad_enabled(grad):
             if self.ln is None:
-                states = {"h": model.family.encode(te, ids).float()}
+                states = {"h": state.encode(ids, lora=lora_on, pivot_grad=False).hidden_states.float()}
             else:
-                x = model.family.pre_layernorm_states(te, ids)
-                states = {"h": self.ln(x).float(), "xhat": geometry.normalise_like_layernorm(x, self.ln.eps)}
+                x = state.pre_layernorm_states(ids, lora=lora_on, pivot_grad=False)
+                with state.autocast():
+                    h = self.ln(x).float()
+                states = {"h": h, "xhat": geometry.normalise_like_layernorm(x, self.ln.eps)}
         P = self.pivot_ids.shape[0]
         return {f"{k}_p": v[:P] for k, v in states.items()} | {f"{k}_c": v[P:] for k, v in states.items()}
 
@@ -459,9 +432,9 @@ class PivotLocality(Plugin):
 
     @torch.no_grad()
     def _frozen_prediction(self, state: TrainerState, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """``eps_frozen``: the UNet with its LoRA off, without gradients: [r, 4, h, w]."""
-        with lora_disabled(state.model.unet), state.accelerator.autocast():
-            return state.model.unet(noisy, t, cond).sample.detach()
+        """``eps_frozen``: the base model's UNet (LoRA off), without gradients: [r, 4, h, w]."""
+        with state.frozen():
+            return state.unet(noisy, t, Conditioning(cond)).detach()
 
     def _active_now(self, state: TrainerState) -> bool:
         return self._stage_active and state.stage_step % self.options.every_n_steps == 0 and self.options.weight > 0
@@ -483,9 +456,8 @@ class PivotLocality(Plugin):
             samples = [pool["samples"][k] for k in index]
             if o.cache_anchors:
                 index_t = torch.tensor(index, device=pool["noisy"].device)
-                self._pending = _Pending(samples, pool["cond"][index_t], None, pool["noisy"][index_t], pool["t"][index_t],
-                                         pool["target"][index_t], True)
-                return UNetRows(self._pending.noisy, self._pending.timesteps, self._pending.trained_cond)
+                self._pending = _Pending(samples, None, pool["noisy"][index_t], pool["t"][index_t], pool["target"][index_t])
+                return UNetRows(self._pending.noisy, self._pending.timesteps, Conditioning(pool["cond"][index_t]))
         else:
             noise_shape = shape if o.latents == "noise" else None
             samples = [self._draw(sample_generator(seed, stage, step, first_slot, i, _SAMPLE_TAG), noise_shape,
@@ -496,33 +468,22 @@ class PivotLocality(Plugin):
             frozen = self._interpolate(self._side_endpoints(state, False, grad=False), pairs, fractions)
         if o.latents == "noise":
             noisy, t = self._stack_latents(state, samples)
-        else:
-            # The step's own noisy latents: carried by the batch when the trainer provides them (then the rows
-            # ride on the main UNet call); else taken from ``main`` in extra_losses with a UNet call of their own.
-            main_noisy, main_t = getattr(batch, "noisy_latents", None), getattr(batch, "timesteps", None)
-            if main_noisy is None or main_t is None:
-                self._pending = _Pending(samples, trained, frozen, None, None, None, False)
-                return None
-            rows = torch.tensor([s.source_row for s in samples], device=main_noisy.device)
-            noisy, t = main_noisy[rows], main_t[rows]
-        self._pending = _Pending(samples, trained, frozen, noisy, t, None, True)
-        return UNetRows(noisy, t, trained)
+        else:  # the step's own noisy latents (set on the batch before on_step_start)
+            rows = torch.tensor([s.source_row for s in samples], device=batch.noisy_latents.device)
+            noisy, t = batch.noisy_latents[rows], batch.timesteps[rows]
+        self._pending = _Pending(samples, frozen, noisy, t, None)
+        return UNetRows(noisy, t, Conditioning(trained))
 
     def extra_losses(
         self, state: TrainerState, batch: Batch, main: MainPrediction, rows: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         pending, self._pending = self._pending, None
-        if pending is None:
+        if pending is None or rows is None:
             return {}
-        if pending.in_main_call:
-            prediction, noisy, t = rows, pending.noisy, pending.timesteps
-        else:
-            index = torch.tensor([s.source_row for s in pending.samples], device=main.noisy_latents.device)
-            noisy, t = main.noisy_latents[index].detach(), main.timesteps[index]
-            with state.accelerator.autocast():
-                prediction = state.model.unet(noisy, t, pending.trained_cond).sample
-        target = pending.target if pending.target is not None else self._frozen_prediction(state, noisy, t, pending.frozen_cond)
-        loss = self.options.weight * F.mse_loss(prediction.float(), target.float())
+        target = pending.target
+        if target is None:
+            target = self._frozen_prediction(state, pending.noisy, pending.timesteps, pending.frozen_cond)
+        loss = self.options.weight * F.mse_loss(rows.float(), target.float())
         state.logs["pivot_locality/fraction"] = sum(s.fraction for s in pending.samples) / len(pending.samples)
         return {"mse": loss}
 
@@ -557,8 +518,7 @@ class PivotLocality(Plugin):
         for f in fractions:
             trained = self._interpolate(trained_ends, pairs, [f] * len(pairs))
             frozen = self._interpolate(frozen_ends, pairs, [f] * len(pairs))
-            with state.accelerator.autocast():
-                lora = state.model.unet(noisy, t, trained).sample.float()
+            lora = state.unet(noisy, t, Conditioning(trained)).float()
             out[float(f)] = float((lora - self._frozen_prediction(state, noisy, t, frozen).float()).abs().mean())
         return out
 

@@ -10,24 +10,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..hooks import Plugin, StagePlan, TrainerState
-from ..models.lora import lora_parameters
+from ..hooks import Plugin, StagePlan, StageTrains, TrainerState
 from ..optimizers import build_lr_scheduler, build_optimizer
 from ..resolution import ResolvedStage
 
 
 class StagedSchedule(Plugin):
+    """The default :class:`~pti_plugin.hooks.Schedule`."""
+
     name = "staged_schedule"
 
     @dataclass
     class Options:
         pass
 
+    def trains(self, state: TrainerState, stage: ResolvedStage) -> StageTrains:
+        """What ``stage`` trains, as resolved once in the configuration."""
+        return StageTrains(pivot=stage.train_pivot, unet_lora=stage.train_unet, text_encoder_lora=stage.train_text_encoder)
+
     def plan_stage(self, state: TrainerState, stage: ResolvedStage) -> StagePlan:
+        model = state.model
         params = {
-            "pivot": lambda: [state.pivot.vectors],
-            "unet_lora": lambda: lora_parameters(state.model.unet),
-            "text_encoder_lora": lambda: lora_parameters(state.model.text_encoder),
+            "pivot": model.pivot_parameters,
+            "unet_lora": lambda: model.lora_parameters("unet"),
+            "text_encoder_lora": lambda: model.lora_parameters("text_encoders"),
         }
         groups = []
         for name, lr in stage.groups():
@@ -35,7 +41,7 @@ class StagedSchedule(Plugin):
             if name == "pivot":
                 group["weight_decay"] = stage.pivot_weight_decay
             groups.append(group)
-        if not all(g["params"] for g in groups):
+        if not groups or not all(g["params"] for g in groups):
             raise ValueError(f"stage {stage.name!r} trains nothing (check train_pivot / train_unet / train_text_encoder)")
         if stage.steps is None:
             raise ValueError(f"stage {stage.name!r}: epochs not converted to steps (resolution.with_epoch_steps)")
@@ -43,4 +49,4 @@ class StagedSchedule(Plugin):
         scheduler = build_lr_scheduler(stage.lr_scheduler, optimizer, stage.lr_warmup_steps, stage.steps,
                                        stage.lr_scheduler_num_cycles, stage.lr_scheduler_power)
         return StagePlan(stage, stage.steps, groups, optimizer, scheduler, lora_enabled=stage.lora_enabled,
-                         trains_text_encoder=stage.trains_text_encoder)
+                         trains=self.trains(state, stage))

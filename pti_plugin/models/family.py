@@ -1,0 +1,259 @@
+"""The model-family adapter: what differs between model families, behind one protocol.
+
+A family (SD1.5 today, SDXL next) owns: loading its text encoders and tokenizers (N of them), how
+token ids become a :class:`Conditioning` (per-token hidden states plus any extra UNet conditioning:
+SDXL's pooled embedding and size/crop ids travel in ``added_cond_kwargs``), the final LayerNorm(s)
+the slerp geometry needs, ONE :class:`KeyTable` of the LoRA modules from which both the peft
+targets and kohya's names come, the embedding file layout, and the diffusers pipeline class for
+samples and reloads. The trainer, plugins, metrics and analysis ask a family through this protocol
+(or through :class:`~pti_plugin.models.loading.BaseModel`, which binds a family to its loaded
+modules); none of them imports a family module.
+
+Families register in :data:`FAMILIES`; :func:`detect_family` reads a base model's files and says
+which one it is (the preset's ``model_family`` overrides it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on for a batch of prompts.
+
+    ``hidden_states``: per-token states ``[B, L, d]`` (``encoder_hidden_states``);
+    ``added_cond_kwargs``: extra UNet conditioning by diffusers' name, each ``[B, ...]`` (empty for
+    SD1.5; SDXL: ``text_embeds`` [B, 1280] and ``time_ids`` [B, 6]).
+    """
+
+    hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def unet_kwargs(self) -> dict[str, object]:
+        """Keyword arguments of ``UNet2DConditionModel.forward`` that carry this conditioning."""
+        kwargs: dict[str, object] = {"encoder_hidden_states": self.hidden_states}
+        if self.added_cond_kwargs:
+            kwargs["added_cond_kwargs"] = self.added_cond_kwargs
+        return kwargs
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
+        """The same conditioning with ``fn`` applied to every tensor (e.g. a dtype cast or row selection)."""
+        return Conditioning(fn(self.hidden_states), {k: fn(v) for k, v in self.added_cond_kwargs.items()})
+
+    def rows(self, index: torch.Tensor | slice) -> Conditioning:
+        return self.map(lambda t: t[index])
+
+    def detach(self) -> Conditioning:
+        return self.map(torch.Tensor.detach)
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        """Row-wise concatenation (every part must carry the same extra keys)."""
+        keys = set(parts[0].added_cond_kwargs)
+        if any(set(p.added_cond_kwargs) != keys for p in parts):
+            raise ValueError("cannot concatenate conditionings with different added_cond_kwargs keys")
+        dtype = parts[0].hidden_states.dtype
+        return Conditioning(
+            torch.cat([p.hidden_states.to(dtype) for p in parts]),
+            {k: torch.cat([p.added_cond_kwargs[k] for p in parts]) for k in sorted(keys)},
+        )
+
+
+@dataclass(frozen=True)
+class LoraKey:
+    """One module a kohya LoRA of this family may adapt.
+
+    ``component``: which model holds it (``"unet"``, ``"text_encoder"``, ``"text_encoder_2"``);
+    ``path``: its dotted module path in the reference architecture; ``kohya_name``: kohya's name;
+    ``conv``: adapted only with kohya's LoCon ``conv_dim`` (ResNet and sampler layers).
+    """
+
+    component: str
+    path: str
+    kohya_name: str
+    conv: bool = False
+
+
+class KeyTable:
+    """The one table of LoRA modules of a family: peft targets and kohya names both come from it.
+
+    ``optional_prefixes`` maps a component to a path prefix the installed library may omit
+    (transformers 5 dropped ``text_model.`` from ``CLIPTextModel``; kohya and A1111 keep it).
+    """
+
+    def __init__(self, keys: Iterable[LoraKey], optional_prefixes: dict[str, str] | None = None):
+        self.keys = tuple(keys)
+        self.optional_prefixes = dict(optional_prefixes or {})
+        self._by_name = {k.kohya_name: k for k in self.keys}
+        self._by_path = {(k.component, k.path): k for k in self.keys}
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k.component for k in self.keys))
+
+    def names(self, components: Iterable[str] | None = None, conv: bool = False) -> set[str]:
+        """kohya names of ``components`` (default all); LoCon-only modules when ``conv``."""
+        wanted = set(self.components if components is None else components)
+        return {k.kohya_name for k in self.keys if k.component in wanted and (conv or not k.conv)}
+
+    def by_name(self, kohya_name: str) -> LoraKey | None:
+        return self._by_name.get(kohya_name)
+
+    def canonical(self, component: str, path: str) -> str:
+        """``path`` as the table writes it (with the component's optional prefix)."""
+        prefix = self.optional_prefixes.get(component, "")
+        return path if not prefix or path.startswith(prefix) else prefix + path
+
+    def by_path(self, component: str, path: str) -> LoraKey | None:
+        return self._by_path.get((component, self.canonical(component, path)))
+
+    def installed_path(self, key: LoraKey, module_names: set[str] | None) -> str:
+        """``key.path`` in the form the given module names use (``None``: the installed library's form)."""
+        prefix = self.optional_prefixes.get(key.component, "")
+        if not prefix:
+            return key.path
+        prefixed = _clip_has_text_model_prefix() if module_names is None else any(n.startswith(prefix) for n in module_names)
+        return key.path if prefixed else key.path.removeprefix(prefix)
+
+    def peft_targets(self, component: str, model: nn.Module, conv: bool = False) -> list[str]:
+        """Module paths of ``model`` (as ``component``) that a LoRA trains: the table's rows it has.
+
+        ``conv``: the LoCon rows instead of the default ones.
+        """
+        names = {n for n, _ in model.named_modules()}
+        return sorted(
+            path for key in self.keys
+            if key.component == component and key.conv == conv
+            and (path := self.installed_path(key, names)) in names
+        )
+
+
+def _clip_has_text_model_prefix() -> bool:
+    from ..formats.kohya_lora import installed_text_encoder_has_prefix
+
+    return installed_text_encoder_has_prefix()
+
+
+@dataclass(frozen=True)
+class EmbeddingLayout:
+    """How a family's pivot vectors (one ``[n, d_i]`` tensor per text encoder) are stored.
+
+    ``standalone_keys``: the tensor names of the standalone embedding file, one per encoder
+    (SD1.5: ``emb_params``; SDXL: ``clip_l``, ``clip_g``); ``bundle_keys``: the suffix after
+    ``bundle_emb.<token>.`` inside a LoRA file, one per encoder.
+    """
+
+    standalone_keys: tuple[str, ...]
+    bundle_keys: tuple[str, ...]
+
+
+@dataclass
+class LoadedComponents:
+    """A family's components as loaded: one text encoder and one tokenizer per encoder, in order."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoders: tuple[nn.Module, ...]
+    tokenizers: tuple[object, ...]
+    noise_scheduler: object
+
+
+class ModelFamily(Protocol):
+    """What the trainer, plugins, metrics and analysis may ask of a model family."""
+
+    name: str
+    #: the diffusers pipeline class that samples from and reloads this family's models
+    pipeline_class_name: str
+    #: attribute names of the text encoders (and, with ``tokenizer``, the tokenizers) in that pipeline
+    text_encoder_names: tuple[str, ...]
+    key_table: KeyTable
+    embedding_layout: EmbeddingLayout
+
+    def load(self, path: Path, single_file_config: str = "", tokenizer_path: str = "") -> LoadedComponents:
+        """Every component of the model at ``path`` (a diffusers folder or a single file), offline."""
+    def tokenize(self, tokenizers: Sequence[object], captions: list[str]) -> torch.Tensor:
+        """Token ids ``[B, N, L]`` per encoder would be a family's choice; SD1.5 returns ``[B, L]``."""
+    def encode(self, text_encoders: Sequence[nn.Module], input_ids: torch.Tensor) -> Conditioning: ...
+    def pre_layernorm_states(self, text_encoders: Sequence[nn.Module], input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Per-token states before the final LayerNorm when the conditioning ends with one, else None."""
+    def final_layer_norms(self, text_encoders: Sequence[nn.Module]) -> tuple[nn.LayerNorm | None, ...]: ...
+
+
+#: The families this package knows: name -> factory ``(clip_skip, max_token_length) -> family``.
+FAMILIES: dict[str, Callable[..., ModelFamily]] = {}
+#: Families recognised by detection but not implemented yet (refused by name).
+KNOWN_UNSUPPORTED = {"sdxl": "SDXL-architecture models (Illustrious, NoobAI, Pony, SDXL 1.0) are not supported yet"}
+
+
+def register_family(name: str, factory: Callable[..., ModelFamily]) -> None:
+    FAMILIES[name] = factory
+
+
+def _ensure_builtin_families() -> None:
+    if "sd15" not in FAMILIES:
+        from . import sd15  # noqa: F401  (importing it registers the family)
+
+
+def make_family(name: str, **options) -> ModelFamily:
+    """The family ``name`` with its options (SD1.5: ``clip_skip``, ``max_token_length``)."""
+    _ensure_builtin_families()
+    if name in KNOWN_UNSUPPORTED:
+        raise ValueError(KNOWN_UNSUPPORTED[name])
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name](**options)
+
+
+def key_table(name: str = "sd15") -> KeyTable:
+    """The LoRA key table of family ``name`` (the formats' default is SD1.5's)."""
+    return make_family(name).key_table
+
+
+def embedding_layout(name: str = "sd15") -> EmbeddingLayout:
+    return make_family(name).embedding_layout
+
+
+#: Single-file key prefixes that identify a family (the original checkpoint layouts).
+_SINGLE_FILE_MARKERS = (
+    ("conditioner.embedders.1.model.", "sdxl"),
+    ("conditioner.embedders.0.transformer.", "sdxl"),
+    ("cond_stage_model.transformer.", "sd15"),
+)
+#: ``model_index.json`` pipeline class -> family.
+_PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+
+
+def detect_family(path: Path) -> tuple[str, str]:
+    """(family name, the evidence) for the base model at ``path``.
+
+    A diffusers folder is read by its ``model_index.json`` pipeline class; a ``.safetensors`` file by
+    its key names (the header only); a pickle checkpoint is not opened here and taken for SD1.5 (its
+    loader checks the keys).
+    """
+    if path.is_dir():
+        index = path / "model_index.json"
+        cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "") if index.is_file() else ""
+        if cls in _PIPELINE_FAMILIES:
+            return _PIPELINE_FAMILIES[cls], f"model_index.json names {cls}"
+        return "sd15", f"model_index.json names {cls or 'no pipeline class'}; assuming SD1.5"
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        from ..formats.safe_load import check_safetensors
+
+        check_safetensors(path)
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+        for prefix, name in _SINGLE_FILE_MARKERS:
+            if any(k.startswith(prefix) for k in keys):
+                return name, f"single file with {prefix}* keys"
+        return "sd15", "single file without a known text-encoder layout; assuming SD1.5"
+    return "sd15", "pickle checkpoint (keys checked by the loader); assuming SD1.5"

@@ -1,0 +1,211 @@
+"""The model a run trains: the base model (through its family adapter) with one pivot per text
+encoder and the LoRA adapters, and the switches the trainer and the plugin contract use.
+
+:class:`TrainableModel` is where "LoRA on/off", "the pivot's gradient cut" and "the base model,
+frozen" are implemented once; the trainer and the plugins ask for them by name
+(:meth:`encode`, :meth:`frozen`, :meth:`predict`). Components are named as in the family's key
+table: ``"unet"`` and the family's ``text_encoder_names``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .family import Conditioning, ModelFamily
+from .loading import BaseModel
+from .lora import attach_lora, lora_parameters, lora_state_dict, set_lora_enabled, split_conv3x3
+from .pivot import PivotEmbedding, add_pivot_token
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA a run attaches: kohya's ``network_dim``/``network_alpha``, LoCon's ``conv_dim``/``conv_alpha``
+    (0: no LoCon layers), and whether the text encoders take one."""
+
+    rank: int
+    alpha: float
+    conv_rank: int = 0
+    conv_alpha: float = 1.0
+    text_encoders: bool = False
+
+
+class TrainableModel:
+    """``base`` with ``pivots`` (one per text encoder) and LoRA adapters; see the module docstring.
+
+    ``lora_alphas`` maps each LoRA module path (as in the peft state dicts) to its alpha.
+    """
+
+    def __init__(self, base: BaseModel, pivots: tuple[PivotEmbedding, ...], lora_alphas: dict[str, float]):
+        self.base = base
+        self.pivots = pivots
+        self.lora_alphas = lora_alphas
+        self._lora_on = False
+        self._forwards: dict[str, Callable[..., object]] = {}
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    @classmethod
+    def build(
+        cls, base: BaseModel, token: str, num_vectors: int, init_words: list[str], lora: LoraSpec, seed: int
+    ) -> TrainableModel:
+        """Add the pivot tokens to every tokenizer/encoder and attach the LoRA (initialised from ``seed`` only).
+
+        Raises ``ValueError`` for a token already in a vocabulary or an init word of several tokens.
+        """
+        pivots = tuple(
+            add_pivot_token(tokenizer, te, token, num_vectors, init_words)
+            for tokenizer, te in zip(base.tokenizers, base.text_encoders)
+        )
+        table = base.family.key_table
+        unet_targets = table.peft_targets("unet", base.unet)
+        overrides: dict[str, tuple[int, float]] = {}
+        if lora.conv_rank:  # LoCon: 3x3 convolutions take conv_dim/conv_alpha, the other ResNet layers network_dim/alpha
+            conv3x3, other = split_conv3x3(base.unet, table.peft_targets("unet", base.unet, conv=True))
+            unet_targets = unet_targets + conv3x3 + other
+            overrides = {path: (lora.conv_rank, lora.conv_alpha) for path in conv3x3}
+        alphas = {path: overrides.get(path, (0, lora.alpha))[1] for path in unet_targets}
+        with torch.random.fork_rng(devices=[]):  # LoRA init (peft draws from the global RNG) depends on the seed only
+            torch.manual_seed(seed)
+            attach_lora(base.unet, unet_targets, lora.rank, lora.alpha, overrides)
+            if lora.text_encoders:
+                for name, te in zip(base.family.text_encoder_names, base.text_encoders):
+                    targets = table.peft_targets(name, te)
+                    alphas |= {path: lora.alpha for path in targets}
+                    attach_lora(te, targets, lora.rank, lora.alpha)
+        return cls(base, pivots, alphas)
+
+    # ------------------------------------------------------------------ what it is
+    @property
+    def family(self) -> ModelFamily:
+        return self.base.family
+
+    @property
+    def unet(self) -> nn.Module:
+        """The UNet module itself (with its LoRA layers); :meth:`predict` runs it."""
+        return self.base.unet
+
+    @property
+    def text_encoders(self) -> tuple[nn.Module, ...]:
+        return self.base.text_encoders
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The first (for SD1.5 the only) text encoder."""
+        return self.base.text_encoders[0]
+
+    def components(self) -> dict[str, nn.Module]:
+        """Every trainable-bearing module by component name (``"unet"``, then the text encoders)."""
+        return {"unet": self.base.unet} | dict(zip(self.family.text_encoder_names, self.base.text_encoders))
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.base.tokenize(captions)
+
+    def pivot_parameters(self) -> list[nn.Parameter]:
+        return [p.vectors for p in self.pivots]
+
+    def lora_parameters(self, component: str | None = None) -> list[nn.Parameter]:
+        """LoRA parameters of one component (``"unet"``, ``"text_encoders"`` for all of them) or of all."""
+        chosen = self.components()
+        if component == "text_encoders":
+            chosen = {k: v for k, v in chosen.items() if k != "unet"}
+        elif component is not None:
+            chosen = {component: chosen[component]}
+        return [p for module in chosen.values() for p in lora_parameters(module)]
+
+    def lora_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """peft-format LoRA weights by component (components without a LoRA left out)."""
+        return {name: lora_state_dict(m) for name, m in self.components().items() if lora_parameters(m)}
+
+    def trainable_tensors(self) -> dict[str, nn.Parameter]:
+        """Every tensor that training can change, by stable name (pivots and LoRA weights)."""
+        named = {("pivot.vectors" if i == 0 else f"pivot{i + 1}.vectors"): v for i, v in enumerate(self.pivot_parameters())}
+        for prefix, module in self.components().items():
+            for name, param in module.named_parameters():
+                if ".lora_" in name:
+                    named[f"{prefix}.{name}"] = param
+        return named
+
+    # ------------------------------------------------------------------ stage switches (trainer only)
+    def set_trainable(self, parameters: list[nn.Parameter], lora_enabled: bool) -> dict[str, bool]:
+        """Make exactly ``parameters`` require gradients and switch the LoRA on or off; returns which
+        components now train."""
+        ids = {id(p) for p in parameters}
+        trains = {}
+        for name, module in self.components().items():
+            for param in module.parameters():
+                param.requires_grad_(id(param) in ids)
+            trains[name] = any(p.requires_grad for p in module.parameters())
+        self._set_lora(lora_enabled)
+        return trains
+
+    def use_forwards(self, forwards: dict[str, Callable[..., object]], autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+        """The stage's prepared (e.g. DDP-wrapped) module per component, and the autocast context."""
+        self._forwards, self.autocast = dict(forwards), autocast
+
+    def _set_lora(self, enabled: bool) -> None:
+        for module in self.components().values():
+            if lora_parameters(module):
+                set_lora_enabled(module, enabled)
+        self._lora_on = enabled
+
+    # ------------------------------------------------------------------ the contract's calls
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet's prediction ``[b, 4, h, w]`` with the LoRA as currently switched: the stage's prepared
+        module when gradients are on, the plain module otherwise (no DDP collective without a backward)."""
+        forward = self._forwards.get("unet") if torch.is_grad_enabled() else None
+        with self.autocast():
+            return (forward or self.base.unet)(noisy, timesteps, **cond.unet_kwargs()).sample
+
+    def encode(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True) -> Conditioning:
+        """The conditioning of ``input_ids`` through the text encoders: ``lora``: their LoRA as the stage
+        switched it (True) or off, the base encoders (False); ``pivot_grad``: with the pivot's gradient
+        (True) or with the pivot as a fixed input (False). Gradients flow as ``torch.is_grad_enabled()``."""
+        with self._text_side(lora, pivot_grad) as encoders, self.autocast():
+            return self.family.encode(encoders, input_ids)
+
+    def pre_layernorm_states(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True) -> torch.Tensor:
+        """Per-token states before the conditioning's final LayerNorm, switched as :meth:`encode`."""
+        with self._text_side(lora, pivot_grad) as encoders, self.autocast():
+            return self.family.pre_layernorm_states(encoders, input_ids)
+
+    def final_layer_norms(self) -> tuple[nn.LayerNorm | None, ...]:
+        return self.family.final_layer_norms(self.base.text_encoders)
+
+    @contextlib.contextmanager
+    def _text_side(self, lora: bool, pivot_grad: bool) -> Iterator[tuple[nn.Module, ...]]:
+        switch = not lora and self._lora_on
+        plain = switch or not pivot_grad or not torch.is_grad_enabled()
+        names = self.family.text_encoder_names
+        encoders = self.base.text_encoders if plain else tuple(self._forwards.get(n, m) for n, m in zip(names, self.base.text_encoders))
+        with contextlib.ExitStack() as stack:
+            if switch:
+                stack.enter_context(self._lora_switched(False, text_only=True))
+            if not pivot_grad:
+                for pivot in self.pivots:
+                    stack.enter_context(pivot.detached())
+            yield encoders
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The base model: every LoRA off and no gradients inside the block; the previous switch after it."""
+        with torch.no_grad(), self._lora_switched(False):
+            yield
+
+    @contextlib.contextmanager
+    def _lora_switched(self, enabled: bool, text_only: bool = False) -> Iterator[None]:
+        previous = self._lora_on
+        modules = [m for n, m in self.components().items() if not (text_only and n == "unet") and lora_parameters(m)]
+        for module in modules:
+            set_lora_enabled(module, enabled)
+        if not text_only:
+            self._lora_on = enabled
+        try:
+            yield
+        finally:
+            for module in modules:
+                set_lora_enabled(module, previous)
+            self._lora_on = previous
