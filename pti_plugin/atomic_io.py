@@ -43,7 +43,7 @@ def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterat
         with open(tmp, "rb+") as handle:
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -60,7 +60,7 @@ def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterat
         raise
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process umask (read by setting it and restoring it at once)."""
     mask = os.umask(0o022)
     os.umask(mask)

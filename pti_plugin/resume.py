@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .atomic_io import save_safetensors_atomic
+from .atomic_io import save_safetensors_atomic, umask
 
 
 @dataclass
@@ -46,6 +46,7 @@ def save_state(
         torch.save(lr_scheduler, tmp / "lr_scheduler.pt")
         progress = {"stage_index": stage_index, "stage_step": stage_step, "global_step": global_step}
         (tmp / "progress.json").write_text(json.dumps(progress))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is private (0700); give it a plain mkdir's mode
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -277,12 +277,14 @@ def test_weights_going_non_finite_keep_the_last_finite_state_with_the_resume_com
 def test_permissions_of_final_files_follow_the_umask(short, tmp_path, capsys):
     old = os.umask(0o022)
     try:
-        code, seen = _cli(short(), tmp_path, capsys)
+        code, seen = _cli(short(save_every_n_steps=1, save_state=True, stages=[{"kind": "inversion", "steps": 2}]),
+                          tmp_path, capsys)
     finally:
         os.umask(old)
     assert code == 0, seen
-    for name in ("pti.safetensors", "tok1.safetensors", "pti.config.toml"):
+    for name in ("pti.safetensors", "tok1.safetensors", "pti.config.toml", "pti-step00000001.safetensors"):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+    assert (tmp_path / "out" / "pti-state-step00000001").stat().st_mode & 0o777 == 0o755
 
 
 def test_leftovers_of_a_killed_run_are_named_and_the_message_says_how_to_continue(short, saved_state, tmp_path, capsys, caplog):
