@@ -89,10 +89,7 @@ class Trainer:
         )
         self.files = RunFiles(output_dir, config.output_name, config.token_string, config.overwrite)
         if self.accelerator.is_main_process:
-            self._lock = RunLock(output_dir, config.output_name)  # a second run into the same names is refused
-            self._lock.acquire()
-            clean_leftover_temporaries(output_dir, config.output_name, config.token_string)
-            self.files.check_new_run(resuming=bool(config.resume))
+            self._claim_outputs(output_dir)
         self.accelerator.wait_for_everyone()
         device = self.accelerator.device
 
@@ -155,6 +152,15 @@ class Trainer:
         )
         for plugin in self.plugins:
             plugin.on_setup(self.state)
+
+    def _claim_outputs(self, output_dir: Path) -> None:
+        """Lock this run's names in ``output_dir`` (a second run is refused), remove a killed run's
+        temporaries, and refuse to overwrite an earlier run's files."""
+        config = self.config
+        self._lock = RunLock(output_dir, config.output_name)
+        self._lock.acquire()
+        clean_leftover_temporaries(output_dir, config.output_name, config.token_string)
+        self.files.check_new_run(resuming=bool(config.resume))
 
     def _attach_lora(self, model) -> None:
         """LoRA on the UNet (plus LoCon layers with ``network_args``) and, when a stage trains it, the
@@ -408,7 +414,7 @@ class Trainer:
             accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
         before = [p.detach().clone() for p in self.trainable]  # the last finite weights (small: pivot + LoRA)
         self.optimizer.step()
-        if not all(torch.isfinite(p).all() for p in self.trainable):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.trainable]).all()):  # one device sync
             with torch.no_grad():
                 for param, kept in zip(self.trainable, before):
                     param.copy_(kept)

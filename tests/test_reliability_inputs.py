@@ -331,3 +331,45 @@ def test_a_second_run_into_the_same_output_is_refused_at_start(preset, tmp_path)
     assert load_file(Path(raw["output_dir"]) / "pti.safetensors") and not lock.exists()
     log = (Path(raw["output_dir"]) / "pti.log.jsonl").read_text().splitlines()
     assert [json.loads(line)["global_step"] for line in log] == list(range(1, 5))  # one run's log, not two
+
+
+def test_after_a_sigkill_the_rerun_names_the_state_and_its_resume_command_finishes(preset, tmp_path, capsys):
+    """A real SIGKILL mid-run: the re-run is refused with the command that continues the dead run,
+    and that command finishes it."""
+    raw = preset(save_every_n_steps=1, save_state=True, stages=[{"kind": "inversion", "steps": 400}])
+    preset_path = tmp_path / "p.toml"
+    preset_path.write_text(toml.dumps(raw))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, str(REPO / "train_pti.py"), "--preset", str(preset_path)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = Path(raw["output_dir"])
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "pti-state-step00000002").is_dir() and process.poll() is None:
+        time.sleep(0.1)
+    process.kill()
+    process.wait(timeout=60)
+    assert (out / "pti.lock").exists() and not (out / "pti.safetensors").exists()  # what a killed run leaves
+    code = main(["--preset", str(preset_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds pti.config.toml" in err and "Traceback" not in err
+    hint = err.split("to continue the earlier run: ")[1].split()
+    state = Path(hint[hint.index("--resume") + 1])
+    assert state.name.startswith("pti-state-step") and (state / "progress.json").is_file()
+    assert main(hint + ["--set", "stages.0.steps=" + str(json.loads((state / "progress.json").read_text())["stage_step"] + 1)]) == 0
+    assert load_file(out / "pti.safetensors") and not (out / "pti.lock").exists()
+
+
+def test_caption_extension_without_dot_in_a_dataset_config(short, tmp_path, capsys, caplog):
+    images = tmp_path / "images"
+    images.mkdir()
+    draw_character(images / "a.png", 0)
+    (images / "a.caption").write_text("tok1 on a red carpet")
+    config = _dataset_config(tmp_path, f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{images}"\ncaption_extension = "caption"\n')
+    code, seen = _cli(short(train_data_dir="", dataset_config=config), tmp_path, capsys)
+    assert code == 0, seen
+    assert "datasets.0.subsets.0: caption_extension 'caption' has no leading dot; reading it as '.caption'" in caplog.text
+    from pti_plugin.config import build_config
+    from pti_plugin.data.dataset import load_subsets, scan_images
+
+    built = build_config(short(train_data_dir="", dataset_config=config))
+    assert [item.caption for item in scan_images(built, load_subsets(built))] == ["tok1 on a red carpet"]
