@@ -48,7 +48,8 @@ def check_inputs(config: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"preset: key 'seed' must be between 0 and {_MAX_SEED}, got {config.seed}")
     check_token_string(config.token_string)
     check_name_fits("output_name", config.output_name)
-    if config.caption_extension and not config.caption_extension.startswith("."):
+    check_caption_extension("preset: key 'caption_extension'", config.caption_extension)
+    if not config.caption_extension.startswith("."):
         logger.warning("caption_extension %r has no leading dot; reading it as %r (as kohya does)",
                        config.caption_extension, "." + config.caption_extension)
         config.caption_extension = "." + config.caption_extension
@@ -61,11 +62,12 @@ def check_inputs(config: Config, check_paths: bool = True) -> None:
     if config.sample_prompts:
         check_sample_prompts(Path(config.sample_prompts))
     check_starting_files(config)
+    check_clip_skip(config)
     if config.resume:
         check_resume_folder(Path(config.resume))
     model = Path(config.pretrained_model_name_or_path).expanduser()
-    if config.pretrained_model_name_or_path != EMBEDDED and model.suffix == ".safetensors" and model.is_file():
-        _wrap("pretrained_model_name_or_path", lambda: check_safetensors_framing(model))
+    if config.pretrained_model_name_or_path != EMBEDDED and model.is_file():
+        _wrap("pretrained_model_name_or_path", lambda: check_model_framing(model))
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -153,6 +155,13 @@ def check_token_string(token: str) -> None:
     check_name_fits("token_string", token)
 
 
+def check_caption_extension(where: str, extension: str) -> None:
+    """A file extension (``.txt``, ``txt``, ``.caption``): not empty, no path separator."""
+    bare = extension[1:] if extension.startswith(".") else extension
+    if not bare or any(c in "/\\" or c.isspace() for c in bare):
+        raise ConfigError(f"{where} must be a file extension such as '.txt', got {extension!r}")
+
+
 # ----------------------------------------------------------------------------- paths
 
 _FOLDER_KEYS = ("train_data_dir", "reg_data_dir", "resume", "single_file_config", "tokenizer_path")
@@ -212,7 +221,9 @@ def check_dataset_config_shape(path: Path) -> None:
     ] + [(f"datasets.{d}.subsets.{s}", sub) for d, ds in enumerate(raw.get("datasets", []))
          for s, sub in enumerate(ds.get("subsets", []))]:
         ext = table.get("caption_extension")
-        if isinstance(ext, str) and ext and not ext.startswith("."):
+        if isinstance(ext, str):
+            check_caption_extension(f"dataset_config {path} {where}: caption_extension", ext)
+        if isinstance(ext, str) and not ext.startswith("."):
             logger.warning("dataset_config %s %s: caption_extension %r has no leading dot; reading it as %r "
                            "(as kohya does)", path, where, ext, "." + ext)
 
@@ -280,10 +291,12 @@ def _wrap(key: str, action):
         raise ConfigError(f"preset: key {key!r}: {exc}") from None
 
 
-def check_safetensors_framing(path: Path) -> None:
-    from .formats.safe_load import check_safetensors
+def check_model_framing(path: Path) -> None:
+    """A single-file model's framing (safetensors header and extents, or the start of a PyTorch
+    file), cheap checks before the whole file is read once the run starts."""
+    from .formats.safe_load import check_pytorch_framing, check_safetensors
 
-    check_safetensors(path)
+    (check_safetensors if path.suffix == ".safetensors" else check_pytorch_framing)(path)
 
 
 def check_resume_folder(folder: Path) -> None:
@@ -296,3 +309,35 @@ def check_resume_folder(folder: Path) -> None:
     _wrap("resume", lambda: check_safetensors(folder / "trainable.safetensors"))
     for name in ("optimizer.pt", "lr_scheduler.pt"):
         _wrap("resume", lambda: safe_torch_load(folder / name))
+
+
+def _text_encoder_config(config: Config) -> Path | None:
+    """The text encoder's ``config.json`` the model will use, when it can be found without loading anything."""
+    from .models.single_file import SD15_CONFIG_DIR
+
+    value = config.pretrained_model_name_or_path
+    if value == EMBEDDED:
+        from .embedded_default import SHIPPED_WEIGHTS
+
+        folder = SHIPPED_WEIGHTS
+    else:
+        model = Path(value).expanduser()
+        folder = model if model.is_dir() else Path(config.single_file_config).expanduser() if config.single_file_config else SD15_CONFIG_DIR
+    path = folder / "text_encoder" / "config.json"
+    return path if path.is_file() else None
+
+
+def check_clip_skip(config: Config) -> None:
+    """``clip_skip`` counts layers from the end: at most the text encoder's number of layers."""
+    import json
+
+    path = _text_encoder_config(config)
+    if path is None:
+        return
+    try:
+        layers = json.loads(path.read_text(encoding="utf-8"))["num_hidden_layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the model loader names a broken config
+    if config.clip_skip > layers:
+        raise ConfigError(f"preset: key 'clip_skip' = {config.clip_skip}: the model's text encoder has {layers} "
+                          f"layers ({path}); use 1 to {layers}")

@@ -103,7 +103,19 @@ CASES = {
                                       "overlap.safetensors: tensor 'b' (data_offsets [4, 12]) overlaps the previous tensor"),
     "dtype_shape_mismatch": lambda t: ({"weights": str(_dtype_shape_mismatch(t / "short.safetensors"))}, [],
                                        "tensor 'emb_params' (F32 [1, 4]) needs 16 bytes but its data_offsets [0, 8] span 8"),
+    "caption_extension_empty": lambda t: ({"caption_extension": ""}, [],
+                                          "key 'caption_extension' must be a file extension such as '.txt', got ''"),
+    "clip_skip_past_the_layers": lambda t: ({"clip_skip": 50}, [], "key 'clip_skip' = 50: the model's text encoder has 3 layers"),
+    "random_bytes_ckpt_model": lambda t: ({"pretrained_model_name_or_path": _write_bytes(t / "model.ckpt", os.urandom(64)[1:])},
+                                          [], "model.ckpt: not a PyTorch (.pt/.ckpt/.bin) file"),
+    "text_as_pt_weights": lambda t: ({"weights": _write(t, "emb.pt", "not an embedding")}, [],
+                                     "emb.pt: not a PyTorch (.pt/.ckpt/.bin) file: it is neither a zip archive nor a pickle"),
 }
+
+
+def _write_bytes(path: Path, data: bytes) -> str:
+    path.write_bytes(b"\x00" + data)  # never a zip or pickle start
+    return str(path)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -373,3 +385,11 @@ def test_caption_extension_without_dot_in_a_dataset_config(short, tmp_path, caps
 
     built = build_config(short(train_data_dir="", dataset_config=config))
     assert [item.caption for item in scan_images(built, load_subsets(built))] == ["tok1 on a red carpet"]
+
+
+def test_a_preset_that_is_not_text_is_named(tmp_path, capsys):
+    preset_path = tmp_path / "preset.toml"
+    preset_path.write_bytes(b"lr = 1\n\xd1\xff\x00")
+    code = main(["--preset", str(preset_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"preset {preset_path} is not valid TOML" in err and "Traceback" not in err

@@ -36,6 +36,10 @@ class UnsafeFileError(ValueError):
     """A pickle-based file that asks for something outside the allow-list; it was not executed."""
 
 
+class UnreadableFileError(ValueError):
+    """A file that is not a readable PyTorch file (not a zip or pickle, truncated, corrupt); the message names it."""
+
+
 class BadSafetensorsError(ValueError):
     """A safetensors file whose framing is broken (truncated, bad header); the message names the file."""
 
@@ -97,14 +101,26 @@ def _refusal_reason(exc: Exception) -> str:
     return "it holds pickle content the safe loader does not accept"
 
 
+def check_pytorch_framing(path: str | os.PathLike) -> None:
+    """Raise ``UnreadableFileError`` unless ``path`` starts like a ``torch.save`` file (a zip archive,
+    or a protocol-2+ pickle for the legacy format); reads 4 bytes."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        hint = " (it is a safetensors file: name it .safetensors)" if _looks_like_safetensors(path) else ""
+        raise UnreadableFileError(f"{path}: not a PyTorch (.pt/.ckpt/.bin) file: it is neither a zip archive nor a pickle{hint}")
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True, map_location="cpu")`` plus the allow-list above.
 
     Raises ``UnsafeFileError`` (saying what is allowed, and suggesting conversion to safetensors)
     for a pickle that names anything else; nothing from the file runs. A truncated, corrupt or
-    non-PyTorch file raises ``ValueError`` naming the file.
+    non-PyTorch file raises ``UnreadableFileError`` naming the file.
     """
     path = Path(path)
+    check_pytorch_framing(path)
     try:
         with torch.serialization.safe_globals(_allowed_globals()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol notes are not for our users
@@ -119,8 +135,16 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     except OSError:
         raise
     except Exception as exc:  # torch's unpickler raises KeyError/IndexError/... on files that are not its own
-        raise ValueError(f"{path}: not a readable PyTorch (.pt/.ckpt/.bin) or safetensors file "
+        raise UnreadableFileError(f"{path}: not a readable PyTorch (.pt/.ckpt/.bin) or safetensors file "
                          f"({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    try:
+        check_safetensors(path)
+    except (BadSafetensorsError, OSError):
+        return False
+    return True
 
 
 def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
