@@ -180,7 +180,7 @@ def test_inspect_names_a_broken_file_without_a_traceback(kind, tmp_path, capsys)
     elif kind == "text_as_pt":
         path = tmp_path / "f.pt"
         path.write_text("these are notes, not a checkpoint")
-        expected = "not a readable PyTorch (.pt/.ckpt/.bin) or safetensors file"
+        expected = "not a PyTorch (.pt/.ckpt/.bin) file: it is neither a zip archive nor a pickle"
     else:
         path = tmp_path / "f.pt"
         torch.save({"x": torch.zeros(3)}, path)
