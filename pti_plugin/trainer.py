@@ -48,6 +48,7 @@ from .models.pivot import add_pivot_token
 from .outputs import RunFiles, write_lora_and_embedding
 from .resume import load_state, save_state
 from .run_lock import RunLock, clean_leftover_temporaries
+from .weight_guard import WeightGuard
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Trainer:
 
     def __init__(self, config: Config):
         self.config = config
+        self._weight_guard = WeightGuard()  # the weights before each optimizer step, for the NaN guard
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -412,12 +414,9 @@ class Trainer:
         self._consecutive_skips = 0
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
-        before = [p.detach().clone() for p in self.trainable]  # the last finite weights (small: pivot + LoRA)
+        self._weight_guard.keep(self.trainable)
         self.optimizer.step()
-        if not bool(torch.stack([torch.isfinite(p).all() for p in self.trainable]).all()):  # one device sync
-            with torch.no_grad():
-                for param, kept in zip(self.trainable, before):
-                    param.copy_(kept)
+        if self._weight_guard.restore_if_non_finite():
             raise NonFiniteLossError(f"the weights became non-finite in the optimizer step at stage {state.stage_index} "
                                      f"({state.stage.name!r}), step {state.stage_step + 1}; the weights before it are kept")
         if not accelerator.optimizer_step_was_skipped:
