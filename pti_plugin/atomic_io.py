@@ -3,7 +3,10 @@
 Every writer here writes to a temporary file in the destination folder, flushes and fsyncs it,
 then renames it over the final name (``os.replace``, atomic on POSIX and Windows). A failure
 mid-write leaves any previous file intact and removes the temporary file. Tensors are checked
-for non-finite values before anything is written.
+for non-finite values before anything is written. The final file gets the permissions a plain
+``open()`` would give it (0666 less the umask), not ``mkstemp``'s private 0600.
+Temporary names are ``.<final name>.<random>.tmp``; a process killed mid-write (SIGKILL) can leave
+one, which the next run into the same output_dir removes (see ``run_lock.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterat
         with open(tmp, "rb+") as handle:
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -54,6 +58,13 @@ def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterat
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _free_bytes(folder: Path) -> int:
@@ -92,11 +103,19 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None], s
         writer(tmp)
 
 
-def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Raise ``ValueError`` naming the first tensor of ``tensors`` with a NaN or inf value."""
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``tensors`` holding a NaN or inf, else None."""
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"refusing to write {what}: tensor {key!r} holds non-finite values")
+            return key
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ``ValueError`` naming the first tensor of ``tensors`` with a NaN or inf value."""
+    key = first_non_finite(tensors)
+    if key is not None:
+        raise ValueError(f"refusing to write {what}: tensor {key!r} holds non-finite values")
 
 
 def save_safetensors_atomic(

@@ -105,10 +105,13 @@ def load_centre_file(path: str | os.PathLike, expected_dim: int | None = None) -
     """
     from safetensors import safe_open
 
+    from .formats.safe_load import check_safetensors
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise CentreFileError(f"centre file not found: {path.resolve()}")
     try:
+        check_safetensors(path)  # the project's one framing check (extents, dtype x shape)
         with safe_open(str(path), framework="pt") as handle:
             header = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}

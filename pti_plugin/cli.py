@@ -57,6 +57,17 @@ def list_keys() -> str:
     return "\n".join(lines)
 
 
+def _fail(message: str, code: int) -> int:
+    """Print ``message`` as the last thing this process writes (progress bars and logs flushed
+    first), and return ``code``. Under ``accelerate launch`` the launcher then adds its own
+    ``CalledProcessError`` lines below it (``accelerate launch --quiet`` leaves them out)."""
+    sys.stdout.flush()
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    print(message, file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run training; returns the process exit code (2 for configuration errors)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -71,34 +82,28 @@ def main(argv: list[str] | None = None) -> int:
         preset, overrides, sets = parse_args(argv)
         config = load_config(preset, overrides, sets)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {exc}", 2)
     from .atomic_io import DiskFullError
     from .data.captions import CaptionError
     from .formats.embedding import EmbeddingFormatError
     from .formats.kohya_lora import LoraFormatError
-    from .formats.safe_load import BadSafetensorsError, UnsafeFileError
+    from .formats.safe_load import BadSafetensorsError, UnreadableFileError, UnsafeFileError
     from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
     user_errors = (ConfigError, CaptionError, EmbeddingFormatError, LoraFormatError, BadSafetensorsError,
-                   UnsafeFileError, FileExistsError, FileNotFoundError)
+                   UnsafeFileError, UnreadableFileError, FileExistsError, FileNotFoundError)
     try:
         outputs = Trainer(config).run()
     except user_errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {exc}", 2)
     except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return _fail(f"error: {exc}", 3)
     except DiskFullError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 4
+        return _fail(f"error: {exc}", 4)
     except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return 128 + exc.signum
+        return _fail(str(exc), 128 + exc.signum)
     except KeyboardInterrupt:
-        print("stopped at once (second interrupt); no file was left half-written", file=sys.stderr)
-        return 130
+        return _fail("stopped at once (second interrupt); no file was left half-written", 130)
     for kind, path in outputs.items():
         print(f"{kind}: {', '.join(map(str, path)) if isinstance(path, list) else path}")
     return 0

@@ -275,8 +275,8 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
 def _rebase_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -363,12 +363,16 @@ def apply_overrides(raw: dict[str, Any], top_level: dict[str, Any], dotted: list
                     nxt = node[int(part)]
                 except (ValueError, IndexError) as exc:
                     raise ConfigError(f"--set {key}: no element {part!r} in {'.'.join(parts[:i])}") from exc
-            else:
+            elif isinstance(node, dict):
                 nxt = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is {node!r}, not a table or list")
             node = nxt
         last = parts[-1]
         if isinstance(node, list):
             raise ConfigError(f"--set {key}: cannot set a whole list element")
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is {node!r}, not a table")
         node[last] = parse_value(text)
     return out
 
@@ -483,6 +487,9 @@ def _validate(config: Config, check_paths: bool) -> None:
     for name in config.plugins:
         if not isinstance(config.plugins[name], dict):
             raise ConfigError(f"preset: plugins.{name} must be a table of options")
+    from .input_checks import check_inputs  # numbers, names, path kinds, starting files: see there
+
+    check_inputs(config, check_paths)
 
 
 def network_args(config: Config) -> dict[str, float]:

@@ -65,10 +65,14 @@ class RunFiles:
             for pattern in ("-step*.safetensors", "-interrupted-step*.safetensors", "-state-*"):
                 taken += sorted(self.output_dir.glob(f"{self.output_name}{pattern}"))
         if taken:
+            states = sorted(self.output_dir.glob(f"{self.output_name}-state-*"))
+            latest = max(states, key=lambda p: p.stat().st_mtime) if states else None
+            resume = (f"; to continue the earlier run: --preset {self.config_toml} --resume {latest}"
+                      if states and self.config_toml.exists() and not resuming else "")
             raise ConfigError(
                 f"output_dir {self.output_dir} already holds {taken[0].name}, which this run would write "
                 f"(output_name {self.output_name!r}, token {self.token!r}); choose another output_name/token_string "
-                "or output_dir, move the earlier files away, or set overwrite = true"
+                f"or output_dir, move the earlier files away, or set overwrite = true (--overwrite){resume}"
             )
 
 

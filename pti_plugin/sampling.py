@@ -38,7 +38,10 @@ def parse_prompt_line(line: str) -> SamplePrompt:
         if flag not in _FLAGS:
             raise ValueError(f"sample prompt flag --{flag} unknown; supported: {', '.join('--' + f for f in _FLAGS)}")
         name, cast = _FLAGS[flag]
-        setattr(sample, name, cast(value.strip()))
+        try:
+            setattr(sample, name, cast(value.strip()))
+        except ValueError:
+            raise ValueError(f"sample prompt flag --{flag} expects {cast.__name__}, got {value.strip()!r}") from None
     return sample
 
 

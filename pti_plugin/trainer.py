@@ -43,6 +43,8 @@ from .models.trainable import LoraSpec, TrainableModel
 from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import load_state, save_state
+from .run_lock import RunLock, clean_leftover_temporaries
+from .weight_guard import WeightGuard
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class Trainer:
 
     def __init__(self, config: Config):
         self.config = config
+        self._weight_guard = WeightGuard()  # the weights before each optimizer step, for the NaN guard
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -84,7 +87,7 @@ class Trainer:
         )
         self.files = RunFiles(output_dir, config.output_name, config.token_string, config.overwrite)
         if self.accelerator.is_main_process:
-            self.files.check_new_run(resuming=bool(config.resume))
+            self._claim_outputs(output_dir)
         self.accelerator.wait_for_everyone()
         device = self.accelerator.device
 
@@ -152,6 +155,15 @@ class Trainer:
         for plugin in self.plugins:
             plugin.on_setup(self.state)
 
+    def _claim_outputs(self, output_dir: Path) -> None:
+        """Lock this run's names in ``output_dir`` (a second run is refused), remove a killed run's
+        temporaries, and refuse to overwrite an earlier run's files."""
+        config = self.config
+        self._lock = RunLock(output_dir, config.output_name)
+        self._lock.acquire()
+        clean_leftover_temporaries(output_dir, config.output_name, config.token_string)
+        self.files.check_new_run(resuming=bool(config.resume))
+
     def _load_starting_weights(self, model) -> None:
         """``weights``: the pivot's initial vectors from an embedding file; ``network_weights``: the LoRA's."""
         from .formats.embedding import load_embedding
@@ -198,17 +210,34 @@ class Trainer:
         Raises ``NonFiniteLossError`` (nan_policy) and ``TrainingInterrupted`` (signals) after saving
         the last good state under ``*-interrupted-*`` names with the command that resumes it.
         """
-        self._setup()
-        self._signal = None
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._lock = None
+        previous = {}
         try:
+            self._setup()
+            self._signal = None
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
             return self._run()
         except NonFiniteLossError as exc:
-            paths = self._save(tag=f"interrupted-step{self.state.global_step:08d}", with_state=True)
-            raise NonFiniteLossError(f"{exc}\n{self._resume_hint(paths)}") from None
+            raise NonFiniteLossError(f"{exc}\n{self._save_last_finite()}") from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self._lock is not None:
+                self._lock.release()
+
+    def _save_last_finite(self) -> str:
+        """After a non-finite step: save the (finite) weights and, when its optimizer state is finite
+        too, the resumable state; return what was saved and how to continue."""
+        tag = f"interrupted-step{self.state.global_step:08d}"
+        optimizer_state = getattr(self.optimizer, "optimizer", self.optimizer).state_dict()["state"]
+        finite_state = all(torch.isfinite(v).all() for s in optimizer_state.values() for v in s.values()
+                           if isinstance(v, torch.Tensor) and v.is_floating_point())
+        paths = self._save(tag=tag, with_state=finite_state)
+        if finite_state or not paths:
+            return self._resume_hint(paths)
+        return (f"saved {paths['lora'].name} and {paths['embedding'].name} (the optimizer state was non-finite, so no "
+                f"resumable state); start a new run from them with network_weights = {paths['lora']} and weights = "
+                f"{paths['embedding']}")
 
     def _on_signal(self, signum, frame) -> None:
         if self._signal is not None:  # second signal: stop now (atomic writes leave no partial file)
@@ -226,7 +255,7 @@ class Trainer:
         config = self.config
         start_stage, start_step, resumed = 0, 0, None
         if config.resume:
-            resumed = load_state(Path(config.resume), self._trainable_tensors())
+            resumed = load_state(Path(config.resume), self._trainable_tensors(), len(config.stages))
             start_stage, start_step, self.state.global_step = resumed.stage_index, resumed.stage_step, resumed.global_step
             self._info(f"resumed from {config.resume}: stage {start_stage}, step {start_step}")
         if self.accelerator.is_main_process and not config.resume:
@@ -347,7 +376,11 @@ class Trainer:
         self._consecutive_skips = 0
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        self._weight_guard.keep(self.trainable)
         self.optimizer.step()
+        if self._weight_guard.restore_if_non_finite():
+            raise NonFiniteLossError(f"the weights became non-finite in the optimizer step at stage {state.stage_index} "
+                                     f"({state.stage.name!r}), step {state.stage_step + 1}; the weights before it are kept")
         if not accelerator.optimizer_step_was_skipped:
             plan.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

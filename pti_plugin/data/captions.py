@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -97,16 +98,25 @@ def read_caption_lines(image: Path, extension: str, all_lines: bool) -> list[str
     ``all_lines``), or None.
 
     None (the image then takes class_tokens or the template) when there is no caption file, when
-    it is empty, or when it is not UTF-8 — the last two with a warning naming the file.
+    it is empty, or when it is not UTF-8 — the last two with a warning naming the file. A UTF-8
+    byte-order mark is dropped; control characters (NUL, escape codes; not tabs or line breaks) are
+    removed with a warning naming the file. ``extension`` may omit its dot (``"txt"``), as in kohya.
+    Only regular files are read (a named pipe never blocks the scan).
     """
-    path = image.with_suffix(extension)
+    path = image.with_suffix(extension if extension.startswith(".") else "." + extension)
     if not path.is_file():
         return None
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         logger.warning("caption %s is not UTF-8 (%s); using the default caption instead", path, exc.reason)
         return None
+    controls = sorted({c for c in text if c not in "\t\n\r" and unicodedata.category(c) == "Cc"})
+    if controls:
+        logger.warning("caption %s holds control characters (%s); they were removed", path,
+                       ", ".join(f"U+{ord(c):04X}" for c in controls))
+        text = "".join(c if c not in controls else " " for c in text)
+    text = text.strip()
     if not text:
         logger.warning("caption %s is empty; using the default caption instead", path)
         return None

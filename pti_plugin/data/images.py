@@ -4,12 +4,15 @@ Treatment (documented in the README, "When things go wrong"):
 - EXIF orientation is applied; greyscale, CMYK and 16-bit images are converted to 8-bit RGB;
   transparent images (RGBA, LA, palette with transparency) are composited on white;
 - rejected, with the reason: unreadable/truncated/not-an-image files (0-byte files, text named
-  ``.png``, broken symlinks and loops), images over PIL's decompression-bomb limit, and images whose
+  ``.png``, broken symlinks and loops), special files (named pipes, sockets, devices: never opened,
+  so a pipe cannot block the scan), images over PIL's decompression-bomb limit, and images whose
   shorter side is below ``MIN_SIDE`` pixels.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -24,7 +27,17 @@ class ImageRejected(ValueError):
 
 
 def read_image(path: Path) -> Image.Image:
-    """The image at ``path`` as an 8-bit RGB PIL image (orientation applied), or ImageRejected."""
+    """The image at ``path`` as an 8-bit RGB PIL image (orientation applied), or ImageRejected.
+
+    Only regular files (or symlinks to them) are opened: a named pipe, socket or device with an
+    image extension is rejected without being opened (opening a pipe would block forever).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ImageRejected(f"not a readable image ({exc.strerror})") from exc
+    if not stat.S_ISREG(mode):
+        raise ImageRejected(f"not a regular file ({_file_kind(mode)}); only image files are read")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -38,6 +51,12 @@ def read_image(path: Path) -> Image.Image:
     if min(image.size) < MIN_SIDE:
         raise ImageRejected(f"too small ({image.width}x{image.height}; the shorter side must be >= {MIN_SIDE} px)")
     return _to_rgb(image)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")]
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

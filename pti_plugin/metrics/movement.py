@@ -55,9 +55,9 @@ def output_space_angles(run, prompt: str = "{T}") -> dict[str, float]:
 
 def lora_delta_norm(path: str | Path) -> dict[str, float]:
     """``{"lora_delta_norm", "lora_delta_norm_unet", "lora_delta_norm_te"}`` of a kohya LoRA file."""
-    from safetensors.torch import load_file
+    from ..formats.safe_load import load_safetensors
 
-    tensors = load_file(str(path))
+    tensors = load_safetensors(path)
     squares = {"unet": 0.0, "te": 0.0}
     for key, down in tensors.items():
         if not key.endswith(".lora_down.weight"):

@@ -240,8 +240,8 @@ def load_single_file(
     All modules are float32, on the CPU, in eval mode. ``config_dir`` is a folder of diffusers component
     configs (``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``); it defaults to the shipped SD1.5
     configs. ``tokenizer_path`` is a folder with ``vocab.json``/``merges.txt`` (see
-    ``load_clip_tokenizer`` for the fallbacks). The tokenizer is found before the (large) file is read,
-    so a missing tokenizer fails fast. Nothing is downloaded; nothing from a pickle runs.
+    ``load_clip_tokenizer`` for the fallbacks). The file is read and checked before the tokenizer is
+    looked for, so a corrupt or unsafe file is named first. Nothing is downloaded; nothing from a pickle runs.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
@@ -250,9 +250,9 @@ def load_single_file(
     path = Path(path).expanduser()
     config_dir = Path(config_dir).expanduser() if config_dir is not None else SD15_CONFIG_DIR
     _check_config_dir(config_dir)
-    tokenizer = load_clip_tokenizer(tokenizer_path)
-    state = read_checkpoint(path)
+    state = read_checkpoint(path)  # the file first: a corrupt or unsafe file is named before anything else
     check_sd1_checkpoint(path, state)
+    tokenizer = load_clip_tokenizer(tokenizer_path)
 
     # `config=` must be a str (diffusers rejects a Path), and with `config=` diffusers applies no
     # default subfolder, so each component names its own. No `torch_dtype`: the models are built in

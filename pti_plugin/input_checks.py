@@ -1,0 +1,343 @@
+"""Start-time checks of everything a user can hand the trainer, before any model loads.
+
+``check_inputs(config)`` is called at the end of configuration validation. Each problem raises
+:class:`~pti_plugin.config.ConfigError` naming the key and the culprit (file, tensor, line):
+
+- every number is finite (TOML and the command line accept ``inf``/``nan``), ``seed`` is >= 0;
+- ``token_string`` and ``output_name`` fit every place they are used: file names (no ``/``,
+  ``\\``, control characters, not too long), the LoRA's bundled-embedding key (no ``.``) and the
+  tokenizer (one word);
+- ``caption_extension`` without its dot (``"txt"``) is read as ``".txt"``, as kohya does, with a
+  warning;
+- path keys point at the right kind of thing (a folder for ``train_data_dir``, a file for
+  ``dataset_config`` ...), ``output_dir`` can be written;
+- the ``dataset_config`` TOML has the right shape at every level (tables and arrays of tables);
+- the ``sample_prompts`` file parses;
+- the starting files ``weights`` and ``network_weights`` load through the safe loaders and hold
+  finite values only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import tomllib
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+from .config import EMBEDDED, Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: The longest suffix a run adds to ``output_name``/``token_string`` in a file name, plus the
+#: temporary-file wrapping of an atomic write: ``.<name>-interrupted-step00000000.safetensors.XXXXXXXX.tmp``.
+_LONGEST_ADDITION = len(".-interrupted-step00000000.safetensors.XXXXXXXX.tmp")
+_FILE_NAME_FORBIDDEN = set('/\\:*?"<>|')
+_MAX_SEED = 2**63 - 1
+_FLOAT32_MAX = 3.4028234663852886e38  # training runs in float32 at most
+
+
+def check_inputs(config: Config, check_paths: bool = True) -> None:
+    """Run every start-time check on ``config`` (see the module docstring)."""
+    check_finite_numbers(config)
+    if not 0 <= config.seed <= _MAX_SEED:
+        raise ConfigError(f"preset: key 'seed' must be between 0 and {_MAX_SEED}, got {config.seed}")
+    check_token_string(config.token_string)
+    check_name_fits("output_name", config.output_name)
+    check_caption_extension("preset: key 'caption_extension'", config.caption_extension)
+    if not config.caption_extension.startswith("."):
+        logger.warning("caption_extension %r has no leading dot; reading it as %r (as kohya does)",
+                       config.caption_extension, "." + config.caption_extension)
+        config.caption_extension = "." + config.caption_extension
+    if not check_paths:
+        return
+    check_path_kinds(config)
+    check_output_dir_writable(Path(config.output_dir).expanduser())
+    if config.dataset_config:
+        check_dataset_config_shape(Path(config.dataset_config))
+    if config.sample_prompts:
+        check_sample_prompts(Path(config.sample_prompts))
+    check_starting_files(config)
+    check_clip_skip(config)
+    if config.resume:
+        check_resume_folder(Path(config.resume))
+    model = Path(config.pretrained_model_name_or_path).expanduser()
+    if config.pretrained_model_name_or_path != EMBEDDED and model.is_file():
+        _wrap("pretrained_model_name_or_path", lambda: check_model_framing(model))
+
+
+# ----------------------------------------------------------------------------- numbers
+
+def _non_finite(value: Any, where: str) -> str | None:
+    """The dotted key of the first non-finite float in ``value`` (nested lists/tables), or None."""
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+        return where
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}")
+        if found:
+            return found
+    return None
+
+
+def check_finite_numbers(config: Config) -> None:
+    """Refuse NaN/inf anywhere in the preset (top-level keys, stages, plugin options)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name == "stages":
+            value = [dataclasses.asdict(stage) for stage in value]
+        found = _non_finite(value, field.name)
+        if found:
+            raise ConfigError(f"preset: key {found!r} must be a finite number within float32 range, "
+                              f"got {_lookup(config, found)!r}")
+
+
+def _lookup(config: Config, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if isinstance(node, list):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node[part]
+        else:
+            node = getattr(node, part)
+    return node
+
+
+# ----------------------------------------------------------------------------- names
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` (or its nearest existing parent) takes."""
+    existing = _nearest_existing(folder)
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _nearest_existing(folder: Path) -> Path:
+    folder = folder.resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_name_fits(key: str, name: str, limit: int = 255) -> None:
+    """``name`` is usable as the start of a file name: no separators, control characters, or excess length."""
+    bad = sorted({c for c in name if c in _FILE_NAME_FORBIDDEN or unicodedata.category(c).startswith("C")})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ConfigError(f"preset: key {key!r} = {name!r} contains {shown}, which cannot be part of a file name")
+    if name in (".", "..") or name != name.strip():
+        raise ConfigError(f"preset: key {key!r} = {name!r} is not a usable file name")
+    room = limit - _LONGEST_ADDITION
+    if len(name.encode("utf-8")) > room:
+        raise ConfigError(f"preset: key {key!r} is {len(name.encode('utf-8'))} bytes long; file names built from it "
+                          f"would exceed the file system's {limit}-byte limit: use at most {room} bytes")
+
+
+def check_token_string(token: str) -> None:
+    """The token is one word usable as a file name, a bundled-embedding key (no ``.``) and a tokenizer token."""
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"preset: key 'token_string' must be one word (no spaces, tabs or line breaks), got {token!r}")
+    if "." in token:
+        raise ConfigError(f"preset: key 'token_string' = {token!r} contains '.', which the LoRA's bundled-embedding "
+                          "key (bundle_emb.<token>.string_to_param) cannot hold; choose a token without dots")
+    check_name_fits("token_string", token)
+
+
+def check_caption_extension(where: str, extension: str) -> None:
+    """A file extension (``.txt``, ``txt``, ``.caption``): not empty, no path separator."""
+    bare = extension[1:] if extension.startswith(".") else extension
+    if not bare or any(c in "/\\" or c.isspace() for c in bare):
+        raise ConfigError(f"{where} must be a file extension such as '.txt', got {extension!r}")
+
+
+# ----------------------------------------------------------------------------- paths
+
+_FOLDER_KEYS = ("train_data_dir", "reg_data_dir", "resume", "single_file_config", "tokenizer_path")
+_FILE_KEYS = ("dataset_config", "in_json", "sample_prompts", "weights", "network_weights", "config_file")
+
+
+def check_path_kinds(config: Config) -> None:
+    """Folders where folders are expected, files where files are."""
+    for key in _FOLDER_KEYS + _FILE_KEYS:
+        value = getattr(config, key)
+        if not value or value == EMBEDDED:
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            continue  # the missing-path check names it
+        if key in _FOLDER_KEYS and not path.is_dir():
+            raise ConfigError(f"preset: key {key!r}: {path} is a file, not a folder")
+        if key in _FILE_KEYS and not path.is_file():
+            raise ConfigError(f"preset: key {key!r}: {path} is not a regular file")
+
+
+def check_output_dir_writable(folder: Path) -> None:
+    """``output_dir`` (or, when it does not exist yet, its nearest existing parent) is a folder we can write in."""
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise ConfigError(f"preset: key 'output_dir': {existing} is a file, so {folder} cannot be created")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pti-write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"preset: key 'output_dir': cannot write in {existing} ({exc.strerror}); "
+                          "choose a folder you can write to") from None
+
+
+# ----------------------------------------------------------------------------- dataset_config shape
+
+_TABLE_ARRAYS = {"datasets": "[[datasets]]", "subsets": "[[datasets.subsets]]"}
+
+
+def check_dataset_config_shape(path: Path) -> None:
+    """``[general]`` a table, ``datasets`` an array of tables, each ``subsets`` an array of tables."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"dataset_config {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"dataset_config {path} is not UTF-8 text ({exc.reason})") from None
+    if "general" in raw and not isinstance(raw["general"], dict):
+        raise ConfigError(f"dataset_config {path}: 'general' must be a table ([general]), got {raw['general']!r}")
+    _check_table_array(raw, "datasets", path, "")
+    for d, dataset in enumerate(raw.get("datasets", [])):
+        _check_table_array(dataset, "subsets", path, f"datasets.{d}.")
+    for where, table in [("general", raw.get("general", {}))] + [
+        (f"datasets.{d}", ds) for d, ds in enumerate(raw.get("datasets", []))
+    ] + [(f"datasets.{d}.subsets.{s}", sub) for d, ds in enumerate(raw.get("datasets", []))
+         for s, sub in enumerate(ds.get("subsets", []))]:
+        ext = table.get("caption_extension")
+        if isinstance(ext, str):
+            check_caption_extension(f"dataset_config {path} {where}: caption_extension", ext)
+        if isinstance(ext, str) and not ext.startswith("."):
+            logger.warning("dataset_config %s %s: caption_extension %r has no leading dot; reading it as %r "
+                           "(as kohya does)", path, where, ext, "." + ext)
+
+
+def _check_table_array(parent: dict[str, Any], key: str, path: Path, prefix: str) -> None:
+    value = parent.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"dataset_config {path}: '{prefix}{key}' must be {_TABLE_ARRAYS[key]} tables, got {value!r}")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConfigError(f"dataset_config {path}: '{prefix}{key}.{i}' must be a table ({_TABLE_ARRAYS[key]}), "
+                              f"got {item!r}")
+
+
+# ----------------------------------------------------------------------------- sample prompts and starting files
+
+def check_sample_prompts(path: Path) -> None:
+    """Parse every prompt line now (as sampling will), so a bad flag is not found after training."""
+    from .sampling import parse_prompt_line
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"preset: key 'sample_prompts': {path} is not UTF-8 text ({exc.reason})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            prompt = parse_prompt_line(line)
+        except ValueError as exc:
+            raise ConfigError(f"preset: key 'sample_prompts': {path} line {number}: {exc}") from None
+        for flag, value in (("--w", prompt.width), ("--h", prompt.height), ("--s", prompt.steps)):
+            if value is not None and (value <= 0 or (flag != "--s" and value % 8)):
+                need = "> 0" if flag == "--s" else "a positive multiple of 8"
+                raise ConfigError(f"preset: key 'sample_prompts': {path} line {number}: {flag} must be {need}, got {value}")
+        if not math.isfinite(prompt.guidance):
+            raise ConfigError(f"preset: key 'sample_prompts': {path} line {number}: --l must be finite")
+
+
+def check_starting_files(config: Config) -> None:
+    """``weights`` and ``network_weights`` load through the safe loaders and hold finite values only."""
+    from .atomic_io import first_non_finite
+    from .formats.embedding import load_embedding
+    from .formats.kohya_lora import load_lora
+
+    for key, load in (("weights", lambda p: {"vectors": load_embedding(p, token=config.token_string)}),
+                      ("network_weights", lambda p: load_lora(p)[0])):
+        value = getattr(config, key)
+        if not value:
+            continue
+        tensors = _wrap(key, lambda: load(value))
+        bad = first_non_finite(tensors)
+        if bad:
+            raise ConfigError(f"preset: key {key!r}: {value} holds non-finite values (NaN or inf) in tensor {bad!r}; "
+                              "it cannot start a run")
+
+
+def _wrap(key: str, action):
+    """``action()``, its file errors (unsafe pickle, broken safetensors, wrong format) as ConfigError naming ``key``."""
+    try:
+        return action()
+    except ConfigError:
+        raise
+    except ValueError as exc:  # UnsafeFileError, BadSafetensorsError, the format errors
+        raise ConfigError(f"preset: key {key!r}: {exc}") from None
+
+
+def check_model_framing(path: Path) -> None:
+    """A single-file model's framing (safetensors header and extents, or the start of a PyTorch
+    file), cheap checks before the whole file is read once the run starts."""
+    from .formats.safe_load import check_pytorch_framing, check_safetensors
+
+    (check_safetensors if path.suffix == ".safetensors" else check_pytorch_framing)(path)
+
+
+def check_resume_folder(folder: Path) -> None:
+    """The state folder is complete, its ``progress.json`` parses and its pickles pass the safe loader
+    (tensor shapes are compared with the run's once the model is built)."""
+    from .formats.safe_load import check_safetensors, safe_torch_load
+    from .resume import read_progress
+
+    read_progress(folder)
+    _wrap("resume", lambda: check_safetensors(folder / "trainable.safetensors"))
+    for name in ("optimizer.pt", "lr_scheduler.pt"):
+        _wrap("resume", lambda: safe_torch_load(folder / name))
+
+
+def _text_encoder_config(config: Config) -> Path | None:
+    """The text encoder's ``config.json`` the model will use, when it can be found without loading anything."""
+    from .models.single_file import SD15_CONFIG_DIR
+
+    value = config.pretrained_model_name_or_path
+    if value == EMBEDDED:
+        from .embedded_default import SHIPPED_WEIGHTS
+
+        folder = SHIPPED_WEIGHTS
+    else:
+        model = Path(value).expanduser()
+        folder = model if model.is_dir() else Path(config.single_file_config).expanduser() if config.single_file_config else SD15_CONFIG_DIR
+    path = folder / "text_encoder" / "config.json"
+    return path if path.is_file() else None
+
+
+def check_clip_skip(config: Config) -> None:
+    """``clip_skip`` counts layers from the end: at most the text encoder's number of layers."""
+    import json
+
+    path = _text_encoder_config(config)
+    if path is None:
+        return
+    try:
+        layers = json.loads(path.read_text(encoding="utf-8"))["num_hidden_layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the model loader names a broken config
+    if config.clip_skip > layers:
+        raise ConfigError(f"preset: key 'clip_skip' = {config.clip_skip}: the model's text encoder has {layers} "
+                          f"layers ({path}); use 1 to {layers}")

@@ -1,0 +1,129 @@
+"""One run at a time per ``output_dir`` + ``output_name``, and the leftovers of killed runs.
+
+``RunLock`` takes ``<output_dir>/<output_name>.lock`` before a run writes anything: the file is
+created if needed and locked with ``flock`` (exclusive, non-blocking), and holds the owner's
+process id and host. A second run into the same place finds the lock held and is refused at
+start, naming the running process. The operating system drops the lock when its process dies,
+however it dies, so a lock file left by a killed run (SIGKILL, power loss) is recognised as stale,
+named in a warning and taken over. The lock file is removed when the run ends.
+
+While holding the lock, ``clean_leftover_temporaries`` removes the hidden temporary files
+(``.<name>.<random>.tmp`` files and ``.<name>-state-*`` folders) that a killed run's atomic writes
+left behind for this run's names; they are incomplete by construction, and each is named.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+from .config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the lock is then the file's existence (O_EXCL)
+    fcntl = None
+
+
+class RunLock:
+    """The exclusive claim of one run on ``output_dir/output_name``; use as a context manager."""
+
+    def __init__(self, output_dir: Path, output_name: str):
+        self.path = Path(output_dir) / f"{output_name}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise ``ConfigError`` naming the run that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):  # retried only when another process removed the file between open and lock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (0 if fcntl else os.O_EXCL), 0o644)
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    owner = _read_owner(fd)
+                    os.close(fd)
+                    raise ConfigError(
+                        f"another run is writing to {self.path.parent} with output_name {self.path.stem!r} "
+                        f"({owner}; lock file {self.path}); wait for it to finish, or choose another "
+                        "output_name or output_dir"
+                    ) from None
+                if not _same_file(fd, self.path):
+                    os.close(fd)
+                    continue
+            stale = _read_owner(fd, default="")
+            if stale:
+                logger.warning("taking over the lock %s left by %s, which is no longer running", self.path, stale)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+            os.fsync(fd)
+            self._fd = fd
+            return
+        raise ConfigError(f"could not take the lock {self.path}: other runs keep replacing it")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_owner(fd: int, default: str = "a process that did not say which") -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        owner = json.loads(os.read(fd, 4096).decode("utf-8"))
+        return f"process {owner['pid']} on {owner['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _leftover_pattern(output_name: str, token: str) -> re.Pattern:
+    """Hidden temporaries of this run's names: ``.<final>.<random>.tmp`` files and ``.<state>.<random>`` folders."""
+    name, tok = re.escape(output_name), re.escape(token)
+    step = r"(?:-(?:interrupted-)?step\d{8})?"
+    finals = [f"{name}{step}\\.safetensors", f"{tok}{step}\\.safetensors", f"{name}\\.config\\.toml",
+              f"{name}\\.log\\.jsonl"]
+    return re.compile(rf"^\.(?:(?:{'|'.join(finals)})\.[A-Za-z0-9_]+\.tmp|{name}-state-(?:interrupted-)?step\d{{8}}\.[A-Za-z0-9_]+)$")
+
+
+def clean_leftover_temporaries(output_dir: Path, output_name: str, token: str) -> list[Path]:
+    """Remove the hidden temporaries a killed run's atomic writes left for this run's names (call
+    only while holding the run's lock: then no live process is writing them); return what was removed."""
+    removed: list[Path] = []
+    if not output_dir.is_dir():
+        return removed
+    pattern = _leftover_pattern(output_name, token)
+    for child in sorted(output_dir.iterdir()):
+        if not pattern.match(child.name) or child.is_symlink():
+            continue
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+        removed.append(child)
+        logger.warning("removed %s, an incomplete temporary left by an earlier run that was killed while saving", child)
+    return removed
