@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 
 from pti_plugin.toy_world import WEIGHTS_DIR
-from pti_plugin.toy_world.detectors import detect, detect_character, position_entropy, score_generations
+from pti_plugin.toy_world.detectors import (
+    appearance_error,
+    detect,
+    detect_character,
+    has_detail,
+    position_entropy,
+    score_generations,
+)
 from pti_plugin.toy_world.world import (
     BACKGROUNDS,
     CELL_CENTRES,
@@ -29,6 +36,7 @@ from pti_plugin.toy_world.world import (
     quality_prompts,
     render_character,
     render_scene,
+    sample_pretraining_scene,
     sample_scene,
     write_character_dataset,
 )
@@ -96,6 +104,45 @@ def test_character_detector_finds_the_character_and_nothing_else():
     assert got.match == pytest.approx(1 / 3)  # a disc, colours the wrong way round
     empty = detect_character(np.full((32, 32, 3), 255, dtype=np.uint8))
     assert (empty.top_colour, empty.is_character, empty.match) == (None, False, 0.0)
+
+
+def _jittered_centre(row, col, rng):
+    return CELL_CENTRES[col] + rng.uniform(-JITTER, JITTER), CELL_CENTRES[row] + rng.uniform(-JITTER, JITTER)
+
+
+def test_detail_detector_sees_the_dot_at_every_cell_and_background_and_nothing_else():
+    rng = np.random.default_rng(3)
+    for background, row, col, _ in itertools.product(BACKGROUNDS, range(3), range(3), range(3)):
+        cx, cy = _jittered_centre(row, col, rng)
+        with_dot, without_dot = render_character(cx, cy, background), render_character(cx, cy, background, detail=False)
+        assert has_detail(with_dot) and not has_detail(without_dot), (background, row, col, cx, cy)
+        for img in (with_dot, without_dot):  # the coarse reading ignores the dot
+            found = detect_character(img)
+            assert found.is_character and (found.object.row, found.object.col) == (row, col)
+    for _ in range(300):  # pretraining never shows the dot: one-colour and two-tone scenes alike
+        scene = sample_pretraining_scene(rng, two_tone_fraction=0.5)
+        assert not has_detail(render_scene(scene)), scene
+    assert not has_detail(np.full((32, 32, 3), 255, dtype=np.uint8))  # no object, no detail
+
+
+def test_appearance_error_is_zero_for_the_character_and_grows_with_colour_departures():
+    rng = np.random.default_rng(4)
+    for background in BACKGROUNDS:
+        cx, cy = _jittered_centre(int(rng.integers(3)), int(rng.integers(3)), rng)
+        exact = render_character(cx, cy, background)
+        assert appearance_error(exact) < 0.01  # 0 up to the 1/16-px position fit
+        disc = render_character(cx, cy, background, detail=False) != render_character(cx, cy, "white", detail=False)
+        disc = disc.any(-1) | (exact != np.asarray(BACKGROUNDS[background], dtype=np.uint8)).any(-1)
+        errors = []
+        for shift in (8, 16, 32, 64, 128):  # every channel of the object's pixels pulled toward mid-gray
+            perturbed = exact.astype(np.int32)
+            perturbed[disc] += np.where(perturbed[disc] > 127, -shift, shift)
+            errors.append(appearance_error(np.clip(perturbed, 0, 255).astype(np.uint8)))
+        assert all(b > a for a, b in zip(errors, errors[1:])), (background, errors)
+        assert 0.01 < errors[0] and errors[-1] < 1.0
+    undotted = appearance_error(render_character(16.0, 16.0, detail=False))
+    swapped = render_character(16.0, 16.0)[::-1].copy()  # blue over orange
+    assert 0.01 < undotted < appearance_error(swapped) < 1.0
 
 
 def test_ground_truth_scores_of_rendered_generations():
