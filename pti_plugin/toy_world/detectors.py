@@ -320,7 +320,7 @@ def position_entropy(cells: list[tuple[int, int]]) -> float:
     for row, col in cells:
         counts[3 * row + col] += 1
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum() / np.log(9))
+    return max(0.0, float(-(p * np.log(p)).sum() / np.log(9)))  # never -0.0
 
 
 def score_generations(prompts: list[str], images: np.ndarray) -> dict[str, float]:
