@@ -22,6 +22,7 @@ Usage: ``python analysis/toy_quality.py [--model DIR] [--prompts N] [--two_tone_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,12 +38,38 @@ from PIL import Image  # noqa: E402
 
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
-from pti_plugin.toy_world.premise import PremiseSettings, premise_line, run_premise  # noqa: E402
+from pti_plugin.toy_world.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402
 from pti_plugin.toy_world.train_recipe import generate, image_grid  # noqa: E402
 from pti_plugin.toy_world.world import quality_prompts, two_tone_prompts  # noqa: E402
 
 BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
 LINE_KEYS = ("colour", "shape", "background", "position", "position_entropy", "two_tone")
+
+
+def premise_settings(parser: argparse.ArgumentParser, args) -> PremiseSettings:
+    """The premise settings: ``--quick`` or the defaults, with the options given on the command line."""
+    settings = PremiseSettings.quick() if args.quick else PremiseSettings()
+    changes = {}
+    for field in ("init_word", "inversion_lrs", "inversion_steps", "lora_lrs", "lora_steps", "oracle_steps", "seeds"):
+        text = getattr(args, field)
+        if text is None:
+            continue
+        try:
+            if field == "init_word":
+                value = text
+            elif field.endswith("lrs"):
+                value = tuple(float(x) for x in text.split(",") if x.strip())
+            else:
+                value = int(text)
+        except ValueError:
+            parser.error(f"--{field}: expected {'comma-separated numbers' if field.endswith('lrs') else 'an integer'}, got {text!r}")
+        numbers = () if field == "init_word" else value if field.endswith("lrs") else (value,)
+        if field != "init_word" and (not numbers or min(numbers) <= 0):
+            parser.error(f"--{field}: must be positive, got {text!r}")
+        if field == "init_word" and len(text.split()) != 1:
+            parser.error(f"--init_word: one word of the toy vocabulary, got {text!r}")
+        changes[field] = value
+    return dataclasses.replace(settings, **changes)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -56,6 +83,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--out", type=Path, default=Path("outputs/toy_quality"))
     parser.add_argument("--premise", action="store_true", help="run the premise checks 2-4 (into <out>/premise)")
     parser.add_argument("--quick", action="store_true", help="with --premise: a few steps and seeds (plumbing only)")
+    defaults = PremiseSettings()
+    for field in ("init_word", "inversion_lrs", "inversion_steps", "lora_lrs", "lora_steps", "oracle_steps", "seeds"):
+        parser.add_argument(f"--{field}", type=str, default=None,
+                            help=f"with --premise: default {getattr(defaults, field)} (comma-separated learning rates)")
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.two_tone_prompts < 1:
         parser.error("--prompts and --two_tone_prompts must be at least 1")
@@ -64,7 +95,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.premise:
-        settings = PremiseSettings.quick() if args.quick else PremiseSettings()
+        settings = premise_settings(parser, args)
+        try:
+            check_init_word(args.model, settings.init_word)
+        except ValueError as exc:
+            parser.error(str(exc))
         result = run_premise(args.model, args.out / "premise", toml.load(BENCH_PRESET), settings)
         print(f"wrote {args.out / 'premise' / 'premise.json'}")
         print(premise_line(result["summary"]))

@@ -100,3 +100,13 @@ def test_quick_premise_check_prints_its_line_and_resumes_without_training(tmp_pa
         monkeypatch.setattr(premise, name, fail)
     summary_again, printed_again = _script(argv)
     assert printed_again.strip().splitlines()[-1] == line and summary_again == summary
+
+
+@shipped
+@pytest.mark.parametrize("option, culprit", [("--inversion_lrs=1e-3,x", "--inversion_lrs"), ("--seeds=0", "--seeds"),
+                                             ("--init_word=zebra", "zebra"), ("--lora_lrs=,", "--lora_lrs")])
+def test_bad_premise_options_are_refused_before_any_work(tmp_path, capsys, option, culprit):
+    with pytest.raises(SystemExit) as exit_info:
+        _script(["--premise", "--out", str(tmp_path), option])
+    assert exit_info.value.code == 2 and culprit in capsys.readouterr().err
+    assert not (tmp_path / "premise").exists()

@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +56,9 @@ class PremiseSettings:
     """What the checks train and how they sample (``seeds`` generations per model, DDIM ``sample_steps``)."""
 
     init_word: str = "circle"
-    inversion_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+    inversion_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     inversion_steps: int = 1000
-    lora_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    lora_lrs: tuple[float, ...] = (1e-3, 1e-2)
     lora_steps: int = 1000
     oracle_steps: int = 1000
     oracle_lr: float = 1e-2
@@ -148,7 +149,8 @@ class Parts:
                 self.log(f"premise: {name} cached")
                 return cached
         self.log(f"premise: measuring {name}")
-        result = {"settings": settings, **compute()}
+        started = time.time()
+        result = {"settings": settings, **compute(), "seconds": round(time.time() - started, 1)}
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
         return result
@@ -322,10 +324,21 @@ def pick_inversion(inversions: list[dict], null_lo: float, null_hi: float) -> di
 # the whole check
 
 
+def check_init_word(model: Path, word: str) -> None:
+    """Refuse an init word that the model's tokenizer does not hold as one known token (ValueError)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=True)
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        raise ValueError(f"init word {word!r} is not one token of {model}'s tokenizer")
+
+
 def run_premise(model: Path, out: Path, base_preset: dict, settings: PremiseSettings = PremiseSettings(),
                 log: Callable[[str], None] = print) -> dict:
     """Run checks 2-4 on the diffusers folder ``model`` (resumable under ``out``); returns the summary."""
     model, out = Path(model).resolve(), Path(out).resolve()
+    check_init_word(model, settings.init_word)
     data_dir = out / "data"
     if not data_dir.is_dir():
         write_character_dataset(data_dir)
