@@ -159,10 +159,12 @@ def test_ground_truth_scores_of_rendered_generations():
     assert leaky == {
         "gt_reconstruction": 1.0, "gt_character_match": 1.0, "gt_edit_position": 0.5, "gt_edit_background": 1.0, "gt_editability": 0.75,
         "gt_training_cell_fraction": 1.0, "gt_position_entropy": pytest.approx(math.log(3) / math.log(9)),
+        "gt_detail": 1.0, "gt_appearance_error": pytest.approx(0.0, abs=0.01),
     }
     spread = ground_truth(everywhere, [], [("tok1 on a black background", white)])
     assert spread["gt_reconstruction"] == 0.0 and spread["gt_edit_background"] == 0.0
     assert spread["gt_character_match"] == pytest.approx(1 / 3)  # red circles: the shape only
+    assert spread["gt_detail"] == 0.0 and spread["gt_appearance_error"] > 0.1
     assert spread["gt_training_cell_fraction"] == pytest.approx(3 / 9) and spread["gt_position_entropy"] == pytest.approx(1.0)
     assert math.isnan(spread["gt_edit_position"]) and spread["gt_editability"] == 0.0  # mean of what was asked
 
