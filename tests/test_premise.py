@@ -9,6 +9,7 @@ import json
 import re
 import runpy
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +18,7 @@ from pti_plugin.toy_world import WEIGHTS_DIR
 from pti_plugin.toy_world import premise
 from pti_plugin.toy_world.world import CELL_CENTRES, CHARACTER_CELLS, NEUTRAL_TEMPLATES, Scene, render_character, render_scene
 
-from .test_research_bench import REPO
-
-SCRIPT = REPO / "analysis" / "toy_quality.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "toy_quality.py"
 NUMBER = r"(\d+\.\d{3}|nan)"
 
 

@@ -335,7 +335,7 @@ def check_init_word(model: Path, word: str) -> None:
 
 
 def run_premise(model: Path, out: Path, base_preset: dict, settings: PremiseSettings = PremiseSettings(),
-                log: Callable[[str], None] = print) -> dict:
+                log: Callable[[str], None] = lambda text: print(text, flush=True)) -> dict:
     """Run checks 2-4 on the diffusers folder ``model`` (resumable under ``out``); returns the summary."""
     model, out = Path(model).resolve(), Path(out).resolve()
     check_init_word(model, settings.init_word)
