@@ -90,6 +90,9 @@ def test_quick_premise_check_prints_its_line_and_resumes_without_training(tmp_pa
     assert [r["lr"] for r in result["inversions"]] == list(premise.PremiseSettings.quick().inversion_lrs)
     assert len(result["loras"]) == len(premise.PremiseSettings.quick().lora_lrs)
     assert set(result["oracle"]) >= {"coarse", "detail", "appearance_error", "loss_init", "loss_optimised", "vae_round_trip"}
+    kept = np.load(tmp_path / "premise" / "parts" / "null.npz")["images"]  # the generations, for re-scoring
+    assert kept.shape == (premise.PremiseSettings.quick().seeds, 32, 32, 3) and kept.dtype == np.uint8
+    assert premise.measure(kept, null["settings"]["bootstrap"])["training_cells"] == null["training_cells"]
 
     def fail(*args, **kwargs):
         raise AssertionError("a cached premise part was recomputed")

@@ -123,6 +123,11 @@ def test_detail_detector_sees_the_dot_at_every_cell_and_background_and_nothing_e
         scene = sample_pretraining_scene(rng, two_tone_fraction=0.5)
         assert not has_detail(render_scene(scene)), scene
     assert not has_detail(np.full((32, 32, 3), 255, dtype=np.uint8))  # no object, no detail
+    for _ in range(20):  # noise (an untrained model's output) has bright pixels everywhere, and no object
+        assert not has_detail(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
+    ring = render_scene(Scene("circle", "red", "white", 1, 1, 16.0, 16.0, 12.0))
+    ring[10:22, 10:22] = 255  # a white centre wider than the dot, not enclosed by the object
+    assert not has_detail(ring)
 
 
 def test_appearance_error_is_zero_for_the_character_and_grows_with_colour_departures():

@@ -253,9 +253,21 @@ def detect_character(img: np.ndarray) -> CharacterDetection:
 #: The detail is searched within this distance (px) of the object's centroid, and is present when
 #: some pixel there is near-white: its darkest channel at least DETAIL_MIN_CHANNEL (the character's
 #: colours and the gray background have a channel <= 128; the rendered dot always covers one
-#: pixel fully, wherever its centre falls).
+#: pixel fully, wherever its centre falls) ...
 DETAIL_SEARCH_RADIUS = DETAIL_SIZE / 2 + 1.0
 DETAIL_MIN_CHANNEL = 180
+#: ... the ring just outside it (DETAIL_SEARCH_RADIUS to DETAIL_SEARCH_RADIUS + 2 px) is at least
+#: half object, so a white centre must be enclosed by the object (on a white background the dot is
+#: a hole in the object's mask) ...
+DETAIL_RING_COVER = 0.5
+#: ... and the object is object-sized: at most this many pixels (a 12-px disc has about 113, the
+#: largest square 144; a noise image's "object" covers most of the image).
+DETAIL_MAX_OBJECT_PIXELS = 300
+
+
+def _distance_from(centre: tuple[float, float]) -> np.ndarray:
+    ii, jj = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+    return np.sqrt((jj + 0.5 - centre[0]) ** 2 + (ii + 0.5 - centre[1]) ** 2)
 
 
 def detail_strength(img: np.ndarray, found: Detection) -> float:
@@ -263,9 +275,7 @@ def detail_strength(img: np.ndarray, found: Detection) -> float:
     within :data:`DETAIL_SEARCH_RADIUS` of the detected centroid (0 without an object)."""
     if found.centroid is None:
         return 0.0
-    ii, jj = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
-    cx, cy = found.centroid
-    near = (jj + 0.5 - cx) ** 2 + (ii + 0.5 - cy) ** 2 <= DETAIL_SEARCH_RADIUS**2
+    near = _distance_from(found.centroid) <= DETAIL_SEARCH_RADIUS
     return float(img[near].min(axis=-1).max()) if near.any() else 0.0
 
 
@@ -273,7 +283,13 @@ def has_detail(img: np.ndarray, found: Detection | None = None) -> bool:
     """Is the character's private detail (a white dot at the object's centre) in a ``uint8 (32, 32, 3)``
     image? ``found`` is :func:`detect`'s reading of ``img`` (computed when not given)."""
     found = detect(img) if found is None else found
-    return detail_strength(img, found) >= DETAIL_MIN_CHANNEL
+    if found.centroid is None or found.num_pixels > DETAIL_MAX_OBJECT_PIXELS:
+        return False
+    if detail_strength(img, found) < DETAIL_MIN_CHANNEL:
+        return False
+    distance = _distance_from(found.centroid)
+    ring = (distance > DETAIL_SEARCH_RADIUS) & (distance <= DETAIL_SEARCH_RADIUS + 2.0)
+    return float(object_mask(img, found.background)[ring].mean()) >= DETAIL_RING_COVER
 
 
 #: Position steps (px) of the appearance error's coarse-to-fine search around the centroid.

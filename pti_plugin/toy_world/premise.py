@@ -135,7 +135,10 @@ def measure(images: np.ndarray, bootstrap: int = 0) -> dict:
 
 
 class Parts:
-    """``<out>/parts/<name>.json``: reused when its recorded settings equal the asked ones."""
+    """``<out>/parts/<name>.json``: reused when its recorded settings equal the asked ones.
+
+    A part's generations (the ``images`` its computation returns beside its figures) are kept as
+    ``<name>.npz`` (uint8 ``images``, for re-scoring) and ``<name>.png`` (a grid, for looking)."""
 
     def __init__(self, out: Path, log: Callable[[str], None]):
         self.folder = out / "parts"
@@ -150,8 +153,17 @@ class Parts:
                 return cached
         self.log(f"premise: measuring {name}")
         started = time.time()
-        result = {"settings": settings, **compute(), "seconds": round(time.time() - started, 1)}
+        figures = compute()
+        result = {"settings": settings, **figures, "seconds": round(time.time() - started, 1)}
+        images = result.pop("images_generated", None)
         self.folder.mkdir(parents=True, exist_ok=True)
+        if images is not None:
+            from PIL import Image
+
+            from .train_recipe import image_grid
+
+            np.savez_compressed(self.folder / f"{name}.npz", images=images)
+            Image.fromarray(image_grid(images, columns=16)).save(self.folder / f"{name}.png")
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
         return result
 
@@ -189,7 +201,8 @@ def measure_null(model: Path, settings: PremiseSettings) -> dict:
     """The base model on the init word's neutral prompts."""
     base, pipe = load_base(model)
     cond = encode_text(base, neutral_prompts(settings.init_word, settings.seeds))
-    return measure(sample(pipe, cond, encode_text(base, [""]), settings), settings.bootstrap)
+    images = sample(pipe, cond, encode_text(base, [""]), settings)
+    return measure(images, settings.bootstrap) | {"images_generated": images}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +253,8 @@ def measure_oracle(model: Path, data_dir: Path, settings: PremiseSettings) -> di
         denoising_loss(base, latents, cond, generator).backward()
         optimizer.step()
     cond = cond.detach()
-    figures = measure(sample(pipe, cond.expand(settings.seeds, -1, -1), encode_text(base, [""]), settings))
+    images = sample(pipe, cond.expand(settings.seeds, -1, -1), encode_text(base, [""]), settings)
+    figures = measure(images) | {"images_generated": images}
     with torch.no_grad():  # the VAE's round trip of the character images: the ceiling of any generation
         decoded = base.vae.decode(latents / base.vae.config.scaling_factor).sample
     round_trip = ((decoded.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
@@ -305,7 +319,8 @@ def measure_run(run_dir: Path, settings: PremiseSettings) -> dict:
     with run.lora(True):
         cond = run.encode(neutral_prompts(run.pivot_text, settings.seeds))
         uncond = run.encode([""])
-        return measure(sample(run.pipe, cond, uncond, settings))
+        images = sample(run.pipe, cond, uncond, settings)
+    return measure(images) | {"images_generated": images}
 
 
 def preset_digest(preset: dict) -> str:
