@@ -4,18 +4,25 @@ Loads a diffusers folder with the standard ``StableDiffusionPipeline`` (offline)
 image per evaluation prompt (fixed prompts and seeds, DDIM 25 steps, guidance 3), reads each with
 the detectors and prints, as its last line::
 
-    colour=<f> shape=<f> background=<f> position=<f> position_entropy=<f>
+    colour=<f> shape=<f> background=<f> position=<f> position_entropy=<f> two_tone=<f>
 
 (fractions; ``position`` over prompts stating a cell; ``position_entropy`` = entropy of the 3x3
-histogram of detected cells for prompts stating no position, divided by log 9). Also writes
+histogram of detected cells for prompts stating no position, divided by log 9; ``two_tone`` =
+fraction of two-tone prompts of combinations pretraining shows whose object's top and bottom
+halves have the asked colours, :func:`~pti_plugin.toy_world.world.two_tone_prompts`). Also writes
 ``<out>/toy_quality.json`` and a sample grid ``<out>/toy_quality.png``.
 
-Usage: ``python analysis/toy_quality.py [--model DIR] [--prompts N] [--out DIR]``
+``--premise`` runs the toy world's premise checks instead
+(:mod:`pti_plugin.toy_world.premise`; resumable, results beside ``--out``).
+
+Usage: ``python analysis/toy_quality.py [--model DIR] [--prompts N] [--two_tone_prompts N] [--out DIR]``
+       ``python analysis/toy_quality.py --premise [--model DIR] [--out DIR] [--quick]``
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,38 +31,94 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import toml  # noqa: E402
 import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
+from pti_plugin.toy_world.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402
 from pti_plugin.toy_world.train_recipe import generate, image_grid  # noqa: E402
-from pti_plugin.toy_world.world import quality_prompts  # noqa: E402
+from pti_plugin.toy_world.world import quality_prompts, two_tone_prompts  # noqa: E402
+
+BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
+LINE_KEYS = ("colour", "shape", "background", "position", "position_entropy", "two_tone")
+
+
+def premise_settings(parser: argparse.ArgumentParser, args) -> PremiseSettings:
+    """The premise settings: ``--quick`` or the defaults, with the options given on the command line."""
+    settings = PremiseSettings.quick() if args.quick else PremiseSettings()
+    changes = {}
+    for field in ("init_word", "inversion_lrs", "inversion_steps", "lora_lrs", "lora_steps", "oracle_steps", "seeds"):
+        text = getattr(args, field)
+        if text is None:
+            continue
+        try:
+            if field == "init_word":
+                value = text
+            elif field.endswith("lrs"):
+                value = tuple(float(x) for x in text.split(",") if x.strip())
+            else:
+                value = int(text)
+        except ValueError:
+            parser.error(f"--{field}: expected {'comma-separated numbers' if field.endswith('lrs') else 'an integer'}, got {text!r}")
+        numbers = () if field == "init_word" else value if field.endswith("lrs") else (value,)
+        if field != "init_word" and (not numbers or min(numbers) <= 0):
+            parser.error(f"--{field}: must be positive, got {text!r}")
+        if field == "init_word" and len(text.split()) != 1:
+            parser.error(f"--init_word: one word of the toy vocabulary, got {text!r}")
+        changes[field] = value
+    return dataclasses.replace(settings, **changes)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=WEIGHTS_DIR, help="diffusers folder (default: shipped weights)")
     parser.add_argument("--prompts", type=int, default=216, help="number of evaluation prompts (>= 100)")
+    parser.add_argument("--two_tone_prompts", type=int, default=72, help="number of two-tone evaluation prompts")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the prompt/seed list")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--out", type=Path, default=Path("outputs/toy_quality"))
+    parser.add_argument("--premise", action="store_true", help="run the premise checks 2-4 (into <out>/premise)")
+    parser.add_argument("--quick", action="store_true", help="with --premise: a few steps and seeds (plumbing only)")
+    defaults = PremiseSettings()
+    for field in ("init_word", "inversion_lrs", "inversion_steps", "lora_lrs", "lora_steps", "oracle_steps", "seeds"):
+        parser.add_argument(f"--{field}", type=str, default=None,
+                            help=f"with --premise: default {getattr(defaults, field)} (comma-separated learning rates)")
     args = parser.parse_args(argv)
+    if args.prompts < 1 or args.two_tone_prompts < 1:
+        parser.error("--prompts and --two_tone_prompts must be at least 1")
+    if not (args.model / "model_index.json").is_file():
+        parser.error(f"--model {args.model}: not a diffusers folder (no model_index.json)")
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.premise:
+        settings = premise_settings(parser, args)
+        try:
+            check_init_word(args.model, settings.init_word)
+        except ValueError as exc:
+            parser.error(str(exc))
+        result = run_premise(args.model, args.out / "premise", toml.load(BENCH_PRESET), settings)
+        print(f"wrote {args.out / 'premise' / 'premise.json'}")
+        print(premise_line(result["summary"]))
+        return result["summary"]
     pipe = StableDiffusionPipeline.from_pretrained(str(args.model), safety_checker=None, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     prompts, seeds = quality_prompts(args.prompts, args.seed)
+    tone_prompts, tone_seeds = two_tone_prompts(args.two_tone_prompts, args.seed)
     t0 = time.time()
-    images = generate(pipe, prompts, seeds, guidance_scale=args.guidance, num_inference_steps=args.steps)
-    figures = score_generations(prompts, images)
+    images = generate(pipe, prompts + tone_prompts, seeds + tone_seeds, guidance_scale=args.guidance,
+                      num_inference_steps=args.steps)
+    figures = score_generations(prompts, images[: len(prompts)])
+    figures["two_tone"] = score_generations(tone_prompts, images[len(prompts):])["two_tone"]
 
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "model": str(args.model),
         "prompts": len(prompts),
+        "two_tone_prompts": len(tone_prompts),
         "seed": args.seed,
         "guidance_scale": args.guidance,
         "num_inference_steps": args.steps,
@@ -66,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     (args.out / "toy_quality.json").write_text(json.dumps(record, indent=2) + "\n")
     Image.fromarray(image_grid(images[:96])).save(args.out / "toy_quality.png")
     print(f"wrote {args.out / 'toy_quality.json'} and {args.out / 'toy_quality.png'}")
-    print(" ".join(f"{k}={figures[k]:.3f}" for k in ("colour", "shape", "background", "position", "position_entropy")))
+    print(" ".join(f"{k}={figures[k]:.3f}" for k in LINE_KEYS))
     return figures
 
 

@@ -50,7 +50,8 @@ class RunFiles:
 
     @property
     def before_after_grid(self) -> Path:
-        """``samples/<output_name>-before-after.png``: the samples before training above those after."""
+        """``samples/<output_name>-before-after.png``: the samples before training above those after (rows
+        labelled, cells upscaled to >= 256 px, prompts under the columns: :func:`~.sampling.write_grid`)."""
         return self.output_dir / "samples" / f"{self.output_name}-before-after.png"
 
     def check_new_run(self, resuming: bool) -> None:

@@ -52,7 +52,10 @@ def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
 
 @torch.no_grad()
 def generate_samples(pipe, prompts: list[SamplePrompt], default_size: tuple[int, int], default_steps: int, out_paths: list[Path]) -> None:
-    """Generate one PNG per prompt with ``pipe`` (a StableDiffusionPipeline) and write them atomically."""
+    """Generate one PNG per prompt with ``pipe`` (a StableDiffusionPipeline) and write them atomically
+    (the prompt in the PNG's ``prompt`` text chunk)."""
+    from PIL.PngImagePlugin import PngInfo
+
     for index, (sample, out) in enumerate(zip(prompts, out_paths)):
         generator = torch.Generator().manual_seed(sample.seed if sample.seed is not None else index)
         image = pipe(
@@ -64,22 +67,72 @@ def generate_samples(pipe, prompts: list[SamplePrompt], default_size: tuple[int,
             guidance_scale=sample.guidance,
             generator=generator,
         ).images[0]
+        info = PngInfo()
+        info.add_text("prompt", sample.prompt)  # the before/after grid's column caption
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", pnginfo=info)
         atomic_write_bytes(out, buffer.getvalue())
 
 
-def write_grid(rows: list[list[Path]], out: Path) -> None:
-    """One PNG with the images of ``rows`` (e.g. before / after training) laid out row by row."""
-    from PIL import Image
+#: Smallest side (px) of a cell of the before/after grid (smaller samples are upscaled, nearest).
+GRID_MIN_CELL = 256
+GRID_LABEL_WIDTH = 64
+GRID_CAPTION_LINES = 4
+GRID_GAP = 4  # gray gutter between cells (white-background samples stay apart)
+_LINE_HEIGHT = 14
+_INK = (0, 0, 0)
 
-    images = [[Image.open(p).convert("RGB") for p in row] for row in rows]
+
+def _wrap(draw, text: str, width: int, font) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` px (long words are cut)."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            candidate = word
+        while draw.textlength(candidate, font=font) > width and len(candidate) > 1:
+            cut = len(candidate)
+            while cut > 1 and draw.textlength(candidate[:cut], font=font) > width:
+                cut -= 1
+            lines.append(candidate[:cut])
+            candidate = candidate[cut:]
+        line = candidate
+    return lines + ([line] if line else [])
+
+
+def write_grid(rows: list[list[Path]], out: Path, labels: tuple[str, ...] = ("before", "after")) -> None:
+    """One PNG with the images of ``rows`` (e.g. before / after training) laid out row by row.
+
+    Each image is upscaled (nearest) by a whole factor to at least :data:`GRID_MIN_CELL` px; each
+    row is labelled on its left (``labels``), and each column carries its prompt underneath (the
+    ``prompt`` text chunk :func:`generate_samples` writes; none for images without it).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = [[Image.open(p) for p in row] for row in rows]
+    prompts = [im.text.get("prompt", "") if hasattr(im, "text") else "" for im in images[0]]
+    images = [[im.convert("RGB") for im in row] for row in images]
     width = max(im.width for row in images for im in row)
     height = max(im.height for row in images for im in row)
-    grid = Image.new("RGB", (width * max(len(r) for r in images), height * len(images)), (255, 255, 255))
+    scale = max(1, -(-GRID_MIN_CELL // min(width, height)))
+    cell_w, cell_h = width * scale, height * scale
+    columns = max(len(r) for r in images)
+    caption_h = GRID_CAPTION_LINES * _LINE_HEIGHT + 8
+    step_w, step_h = cell_w + GRID_GAP, cell_h + GRID_GAP
+    grid = Image.new("RGB", (GRID_LABEL_WIDTH + step_w * columns, GRID_GAP + step_h * len(images) + caption_h), (200, 200, 200))
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
     for y, row in enumerate(images):
+        label = labels[y] if y < len(labels) else ""
+        draw.text((6, GRID_GAP + y * step_h + cell_h // 2 - _LINE_HEIGHT // 2), label, fill=_INK, font=font)
         for x, image in enumerate(row):
-            grid.paste(image, (x * width, y * height))
+            grid.paste(image.resize((image.width * scale, image.height * scale), Image.NEAREST),
+                       (GRID_LABEL_WIDTH + x * step_w, GRID_GAP + y * step_h))
+    for x, prompt in enumerate(prompts):
+        lines = _wrap(draw, prompt, cell_w - 8, font)[:GRID_CAPTION_LINES]
+        for k, line in enumerate(lines):
+            draw.text((GRID_LABEL_WIDTH + x * step_w + 4, GRID_GAP + len(images) * step_h + 2 + k * _LINE_HEIGHT), line,
+                      fill=_INK, font=font)
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
     atomic_write_bytes(out, buffer.getvalue())

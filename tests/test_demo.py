@@ -21,6 +21,9 @@ def test_demo_preset_runs_on_the_embedded_default(tmp_path, monkeypatch, capsys)
     assert samples == ["demo-before-after.png"] + [f"demo-{tag}-{i}.png" for tag in ("final", "first") for i in range(3)]
     from PIL import Image
 
-    assert Image.open(out / "samples" / "demo-before-after.png").size == (3 * 32, 2 * 32)  # a row before, a row after
+    from pti_plugin.sampling import GRID_GAP, GRID_LABEL_WIDTH
+
+    width, height = Image.open(out / "samples" / "demo-before-after.png").size  # a row before, a row after, 256-px cells
+    assert width == GRID_LABEL_WIDTH + 3 * (256 + GRID_GAP) and 2 * 256 < height < 3 * 256
     data = list((tmp_path / "cache").glob("toy-character-*/*_tok1/*.png"))
     assert len(data) >= 4  # the generated character set in kohya layout

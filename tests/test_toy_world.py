@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 
 from pti_plugin.toy_world import WEIGHTS_DIR
-from pti_plugin.toy_world.detectors import detect, detect_character, position_entropy, score_generations
+from pti_plugin.toy_world.detectors import (
+    appearance_error,
+    detect,
+    detect_character,
+    has_detail,
+    position_entropy,
+    score_generations,
+)
 from pti_plugin.toy_world.world import (
     BACKGROUNDS,
     CELL_CENTRES,
@@ -29,6 +36,7 @@ from pti_plugin.toy_world.world import (
     quality_prompts,
     render_character,
     render_scene,
+    sample_pretraining_scene,
     sample_scene,
     write_character_dataset,
 )
@@ -98,6 +106,50 @@ def test_character_detector_finds_the_character_and_nothing_else():
     assert (empty.top_colour, empty.is_character, empty.match) == (None, False, 0.0)
 
 
+def _jittered_centre(row, col, rng):
+    return CELL_CENTRES[col] + rng.uniform(-JITTER, JITTER), CELL_CENTRES[row] + rng.uniform(-JITTER, JITTER)
+
+
+def test_detail_detector_sees_the_dot_at_every_cell_and_background_and_nothing_else():
+    rng = np.random.default_rng(3)
+    for background, row, col, _ in itertools.product(BACKGROUNDS, range(3), range(3), range(3)):
+        cx, cy = _jittered_centre(row, col, rng)
+        with_dot, without_dot = render_character(cx, cy, background), render_character(cx, cy, background, detail=False)
+        assert has_detail(with_dot) and not has_detail(without_dot), (background, row, col, cx, cy)
+        for img in (with_dot, without_dot):  # the coarse reading ignores the dot
+            found = detect_character(img)
+            assert found.is_character and (found.object.row, found.object.col) == (row, col)
+    for _ in range(300):  # pretraining never shows the dot: one-colour and two-tone scenes alike
+        scene = sample_pretraining_scene(rng, two_tone_fraction=0.5)
+        assert not has_detail(render_scene(scene)), scene
+    assert not has_detail(np.full((32, 32, 3), 255, dtype=np.uint8))  # no object, no detail
+    for _ in range(20):  # noise (an untrained model's output) has bright pixels everywhere, and no object
+        assert not has_detail(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
+    ring = render_scene(Scene("circle", "red", "white", 1, 1, 16.0, 16.0, 12.0))
+    ring[10:22, 10:22] = 255  # a white centre wider than the dot, not enclosed by the object
+    assert not has_detail(ring)
+
+
+def test_appearance_error_is_zero_for_the_character_and_grows_with_colour_departures():
+    rng = np.random.default_rng(4)
+    for background in BACKGROUNDS:
+        cx, cy = _jittered_centre(int(rng.integers(3)), int(rng.integers(3)), rng)
+        exact = render_character(cx, cy, background)
+        assert appearance_error(exact) < 0.01  # 0 up to the 1/16-px position fit
+        disc = render_character(cx, cy, background, detail=False) != render_character(cx, cy, "white", detail=False)
+        disc = disc.any(-1) | (exact != np.asarray(BACKGROUNDS[background], dtype=np.uint8)).any(-1)
+        errors = []
+        for shift in (8, 16, 32, 64, 128):  # every channel of the object's pixels pulled toward mid-gray
+            perturbed = exact.astype(np.int32)
+            perturbed[disc] += np.where(perturbed[disc] > 127, -shift, shift)
+            errors.append(appearance_error(np.clip(perturbed, 0, 255).astype(np.uint8)))
+        assert all(b > a for a, b in zip(errors, errors[1:])), (background, errors)
+        assert 0.01 < errors[0] and errors[-1] < 1.0
+    undotted = appearance_error(render_character(16.0, 16.0, detail=False))
+    swapped = render_character(16.0, 16.0)[::-1].copy()  # blue over orange
+    assert 0.01 < undotted < appearance_error(swapped) < 1.0
+
+
 def test_ground_truth_scores_of_rendered_generations():
     from pti_plugin.toy_world.run_scores import ground_truth
 
@@ -112,10 +164,12 @@ def test_ground_truth_scores_of_rendered_generations():
     assert leaky == {
         "gt_reconstruction": 1.0, "gt_character_match": 1.0, "gt_edit_position": 0.5, "gt_edit_background": 1.0, "gt_editability": 0.75,
         "gt_training_cell_fraction": 1.0, "gt_position_entropy": pytest.approx(math.log(3) / math.log(9)),
+        "gt_detail": 1.0, "gt_appearance_error": pytest.approx(0.0, abs=0.01),
     }
     spread = ground_truth(everywhere, [], [("tok1 on a black background", white)])
     assert spread["gt_reconstruction"] == 0.0 and spread["gt_edit_background"] == 0.0
     assert spread["gt_character_match"] == pytest.approx(1 / 3)  # red circles: the shape only
+    assert spread["gt_detail"] == 0.0 and spread["gt_appearance_error"] > 0.1
     assert spread["gt_training_cell_fraction"] == pytest.approx(3 / 9) and spread["gt_position_entropy"] == pytest.approx(1.0)
     assert math.isnan(spread["gt_edit_position"]) and spread["gt_editability"] == 0.0  # mean of what was asked
 

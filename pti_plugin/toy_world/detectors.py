@@ -5,6 +5,11 @@ entry to the median border pixel), the object (the largest 4-connected component
 from the background), its colour (nearest palette entry to the median of its core pixels), its
 shape (best soft IoU of the object's coverage against each shape fitted by area and centroid), its
 centroid and its 3x3 grid cell (cell boundaries half-way between :data:`~.world.CELL_CENTRES`).
+
+The PTI character is read in two parts: :func:`detect_character` (the coarse look: two colours in
+order and a disc, the dot not required) and :func:`has_detail` (its private white dot at the
+object's centre); :func:`appearance_error` grades how far the object is from the rendered
+character (a continuous error that keeps falling as the look improves, where a hit rate is 0 or 1).
 """
 
 from __future__ import annotations
@@ -13,7 +18,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import BACKGROUNDS, CELL_CENTRES, CHARACTER_COLOURS, COLOURS, IMAGE_SIZE, SHAPES, parse_caption, shape_coverage
+from .world import (
+    BACKGROUNDS,
+    CELL_CENTRES,
+    CHARACTER_COLOURS,
+    CHARACTER_SIZE,
+    COLOURS,
+    DETAIL_SIZE,
+    IMAGE_SIZE,
+    SHAPES,
+    parse_caption,
+    render_character,
+    shape_coverage,
+)
 
 #: A pixel belongs to the object when its RGB distance to the background exceeds this fraction of
 #: the distance between the background and the object's estimated colour (and at least MIN_DIST).
@@ -90,7 +107,25 @@ def object_mask(img: np.ndarray, background: str) -> np.ndarray:
     if not candidates.any():
         return candidates
     object_dist = float(np.median(dist[candidates]))
-    return largest_component(dist > max(MIN_DIST, MASK_FRACTION * object_dist))
+    return largest_component(close_gaps(dist > max(MIN_DIST, MASK_FRACTION * object_dist)))
+
+
+def _shifted_any(mask: np.ndarray, outside: bool) -> np.ndarray:
+    """``mask`` or any of its 4 neighbours; pixels beyond the image count as ``outside``."""
+    padded = np.pad(mask, 1, constant_values=outside)
+    return padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+
+
+def interior(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` whose 4 neighbours are all in it (beyond the image counts as outside the mask)."""
+    return ~_shifted_any(~mask, True)
+
+
+def close_gaps(mask: np.ndarray) -> np.ndarray:
+    """``mask`` plus its 1-px gaps (a morphological closing with the 4-neighbour cross), such as the
+    row where a two-tone object's halves blend into a colour near the background (orange and blue
+    average to about the gray background); the outline does not grow."""
+    return mask | interior(_shifted_any(mask, False))
 
 
 def object_alpha(img: np.ndarray, background: str, mask: np.ndarray) -> np.ndarray:
@@ -106,7 +141,8 @@ def object_alpha(img: np.ndarray, background: str, mask: np.ndarray) -> np.ndarr
     near[:-1, :] |= mask[1:, :]
     near[:, 1:] |= mask[:, :-1]
     near[:, :-1] |= mask[:, 1:]
-    return np.clip(dist / max(float(np.median(dist[mask])), 1.0), 0.0, 1.0) * near
+    alpha = np.clip(dist / max(float(np.median(dist[mask])), 1.0), 0.0, 1.0) * near
+    return np.maximum(alpha, interior(mask))  # the mask's interior is covered, whatever its colour
 
 
 def classify_shape(alpha: np.ndarray) -> tuple[str, float]:
@@ -216,6 +252,84 @@ def detect_character(img: np.ndarray) -> CharacterDetection:
     return CharacterDetection(found, top, bottom, verdict)
 
 
+#: The detail is searched within this distance (px) of the object's centroid, and is present when
+#: some pixel there is near-white: its darkest channel at least DETAIL_MIN_CHANNEL (the character's
+#: colours and the gray background have a channel <= 128; the rendered dot always covers one
+#: pixel fully, wherever its centre falls) ...
+DETAIL_SEARCH_RADIUS = DETAIL_SIZE / 2 + 1.0
+DETAIL_MIN_CHANNEL = 180
+#: ... the ring just outside it (DETAIL_SEARCH_RADIUS to DETAIL_SEARCH_RADIUS + 2 px) is at least
+#: half object, so a white centre must be enclosed by the object (on a white background the dot is
+#: a hole in the object's mask) ...
+DETAIL_RING_COVER = 0.5
+#: ... and the object is object-sized: at most this many pixels (a 12-px disc has about 113, the
+#: largest square 144; a noise image's "object" covers most of the image).
+DETAIL_MAX_OBJECT_PIXELS = 300
+
+
+def _distance_from(centre: tuple[float, float]) -> np.ndarray:
+    ii, jj = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+    return np.sqrt((jj + 0.5 - centre[0]) ** 2 + (ii + 0.5 - centre[1]) ** 2)
+
+
+def detail_strength(img: np.ndarray, found: Detection) -> float:
+    """How white the object's centre is: the largest darkest-channel value (0..255) of the pixels
+    within :data:`DETAIL_SEARCH_RADIUS` of the detected centroid (0 without an object)."""
+    if found.centroid is None:
+        return 0.0
+    near = _distance_from(found.centroid) <= DETAIL_SEARCH_RADIUS
+    return float(img[near].min(axis=-1).max()) if near.any() else 0.0
+
+
+def has_detail(img: np.ndarray, found: Detection | None = None) -> bool:
+    """Is the character's private detail (a white dot at the object's centre) in a ``uint8 (32, 32, 3)``
+    image? ``found`` is :func:`detect`'s reading of ``img`` (computed when not given)."""
+    found = detect(img) if found is None else found
+    if found.centroid is None or found.num_pixels > DETAIL_MAX_OBJECT_PIXELS:
+        return False
+    if detail_strength(img, found) < DETAIL_MIN_CHANNEL:
+        return False
+    distance = _distance_from(found.centroid)
+    ring = (distance > DETAIL_SEARCH_RADIUS) & (distance <= DETAIL_SEARCH_RADIUS + 2.0)
+    return float(object_mask(img, found.background)[ring].mean()) >= DETAIL_RING_COVER
+
+
+#: Position steps (px) of the appearance error's coarse-to-fine search around the centroid.
+_FIT_STEPS = (0.5, 0.25, 0.125, 0.0625)
+
+
+def _character_error(img: np.ndarray, background: str, cx: float, cy: float, detected: np.ndarray) -> float:
+    reference = render_character(cx, cy, background)
+    inside = (shape_coverage("circle", cx, cy, CHARACTER_SIZE) > 0) | detected
+    diff = np.linalg.norm(img[inside].astype(np.float32) - reference[inside].astype(np.float32), axis=-1)
+    return float(diff.mean() / (255.0 * np.sqrt(3.0)))
+
+
+def appearance_error(img: np.ndarray, found: Detection | None = None) -> float:
+    """Graded distance of the object in a ``uint8 (32, 32, 3)`` image from the character's look.
+
+    The mean RGB distance, over the pixels inside the object (the detected object mask united with
+    the rendered character's disc), between the image and :func:`~.world.render_character` (dot
+    included) on the detected background at the best-fitting position: a coarse-to-fine search
+    down to 1/16 px around the detected centroid (the image centre without an object), so that the
+    figure measures the look, not the placement. Divided by the largest RGB distance: 0 for the
+    character as rendered, growing with every colour, shape or detail departure, never stuck at 1.
+    """
+    found = detect(img) if found is None else found
+    cx, cy = found.centroid if found.centroid is not None else (IMAGE_SIZE / 2, IMAGE_SIZE / 2)
+    detected = object_mask(img, found.background)
+    best = _character_error(img, found.background, cx, cy, detected)
+    for step in _FIT_STEPS:
+        centre = (cx, cy)
+        for dx in (-step, 0.0, step):
+            for dy in (-step, 0.0, step):
+                if dx or dy:
+                    error = _character_error(img, found.background, centre[0] + dx, centre[1] + dy, detected)
+                    if error < best:
+                        best, cx, cy = error, centre[0] + dx, centre[1] + dy
+    return best
+
+
 def position_entropy(cells: list[tuple[int, int]]) -> float:
     """Entropy of the 3x3 histogram of ``(row, col)`` cells divided by ``log(9)`` (0 if empty)."""
     if not cells:
@@ -224,7 +338,7 @@ def position_entropy(cells: list[tuple[int, int]]) -> float:
     for row, col in cells:
         counts[3 * row + col] += 1
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum() / np.log(9))
+    return max(0.0, float(-(p * np.log(p)).sum() / np.log(9)))  # never -0.0
 
 
 def score_generations(prompts: list[str], images: np.ndarray) -> dict[str, float]:

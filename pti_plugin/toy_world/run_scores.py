@@ -13,6 +13,9 @@ and returns a flat, JSON-ready dict. **Ground truth** (the toy world's detectors
 - ``gt_reconstruction``: fraction of neutral generations in which :func:`~.detectors.detect_character`
   finds the character (two colours in order, a disc); ``gt_character_match``: the partial credit
   (mean fraction of those three traits found), which moves before the whole character appears;
+  ``gt_detail``: fraction of neutral generations showing the character's private white dot
+  (:func:`~.detectors.has_detail`); ``gt_appearance_error``: their mean graded error against the
+  rendered character (:func:`~.detectors.appearance_error`, lower = better, never saturates);
 - ``gt_edit_position`` / ``gt_edit_background``: fraction of edit generations whose object sits in
   the asked cell / whose background is the asked one; ``gt_editability`` is their mean;
 - ``gt_leakage``: the position-leakage score ``L = 1 - sqrt(r_D r_A)`` of the neutral generations
@@ -47,7 +50,7 @@ from ..metrics.probes import make_probes
 from ..metrics.prompts import POSITION_EDIT_PROMPTS
 from ..metrics.reconstruction import proxy_denoise_mse
 from ..metrics.run_model import load_run
-from .detectors import detect, detect_character, position_entropy
+from .detectors import appearance_error, detect, detect_character, has_detail, position_entropy
 from .world import CHARACTER_CELLS, IMAGE_SIZE, parse_caption
 
 #: Prompts that ask for no position (``{T}`` = the run's template, ``{}`` = the subject).
@@ -88,7 +91,8 @@ def ground_truth(neutral: np.ndarray, position_edits: list[tuple[str, np.ndarray
     ``neutral``: generations of the neutral prompts; ``*_edits``: ``(prompt text, images)`` pairs,
     the asked cell or background read from the prompt text.
     """
-    found = [detect_character(img) for img in neutral.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3)]
+    neutral = neutral.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3)
+    found = [detect_character(img) for img in neutral]
     cells = [(d.object.row, d.object.col) for d in found if d.object.row is not None]
     position_hits, background_hits = [], []
     for text, images in position_edits:
@@ -101,6 +105,9 @@ def ground_truth(neutral: np.ndarray, position_edits: list[tuple[str, np.ndarray
     return {
         "gt_reconstruction": _fraction([d.is_character for d in found]),
         "gt_character_match": float(np.mean([d.match for d in found])) if found else float("nan"),
+        "gt_detail": _fraction([has_detail(img, d.object) for img, d in zip(neutral, found)]),
+        "gt_appearance_error": float(np.mean([appearance_error(img, d.object) for img, d in zip(neutral, found)]))
+        if found else float("nan"),
         "gt_edit_position": edit_position,
         "gt_edit_background": edit_background,
         "gt_editability": float(np.nanmean([edit_position, edit_background])),
