@@ -15,7 +15,7 @@ from pathlib import Path
 
 SHIPPED_WEIGHTS = Path(__file__).parent / "toy_world" / "weights"
 _TINY_MODEL_NAME = "tiny-sd15-random-v1"
-_DATASET_NAME = "toy-character-v1"
+_DATASET_NAME = "toy-character-v2"  # world v2: the character has its dot and v2 cells
 
 
 def cache_dir() -> Path:
