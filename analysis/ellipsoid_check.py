@@ -7,7 +7,7 @@ EOS token and for every index as a curve, the mean, standard deviation and coeff
 
     supported when CV(index) <= max(threshold, eos_factor x CV(EOS))   (defaults 0.10 and 1.5)
 
-with CV = std / mean of |h - centre| (see ``pti_plugin/ellipsoid.py`` for every definition).
+with CV = std / mean of |h - centre| (see ``pti_plugin/ellipsoid/`` for every definition).
 
 Writes into ``--out`` (default ``outputs/ellipsoid``): ``ellipsoid.json`` (all numbers),
 ``centre.safetensors`` (the centre file the pivot-locality plugin's ``centered`` geometry reads:

@@ -1,4 +1,4 @@
-"""The ellipsoid check (pti_plugin/ellipsoid.py, analysis/ellipsoid_check.py) and the centre file."""
+"""The ellipsoid check (pti_plugin/ellipsoid/, analysis/ellipsoid_check.py) and the centre file."""
 
 from __future__ import annotations
 
