@@ -57,7 +57,8 @@ class Preview:
 
 
 def _training_items(config: Config, log_notes: bool):
-    from .data.dataset import load_subsets, scan_images
+    from .data.dataset import load_subsets
+    from .data.scanning import scan_images
 
     train_dir = None
     if config.train_data_dir == EMBEDDED:
@@ -72,9 +73,10 @@ def preview_dataset(
 ) -> Preview:
     """The first ``n`` samples of stage ``stage_index`` as the training loop draws them, and the dataset's tables."""
     from .data.augment import augmented_pixels
-    from .data.dataset import build_entries, dataset_notes, subset_counts, tag_frequency
+    from .data.dataset_stats import dataset_notes, subset_counts, tag_frequency
     from .data.sample_order import SampleOrder
     from .data.samples import draw_sample
+    from .data.scanning import build_entries
 
     if not 0 <= stage_index < len(config.stages):
         raise ConfigError(f"--stage {stage_index}: the preset has {len(config.stages)} stage(s)")

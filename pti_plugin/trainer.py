@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from .atomic_io import atomic_write_text
 from .config import EMBEDDED, Config, ConfigError, network_args
 from .data.captions import expand_token, warn_long_captions
-from .data.dataset import ImageItem, load_subsets, scan_images, tag_frequency
+from .data.dataset import ImageItem, load_subsets
+from .data.dataset_stats import tag_frequency
 from .data.latents import LatentSource
 from .data.sample_order import SampleOrder, sample_generator
+from .data.scanning import scan_images
 from .diffusion_loss import draw_noise, min_snr_weights, per_sample_mse, training_target
 from .hooks import (
     Batch,

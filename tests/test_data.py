@@ -11,9 +11,10 @@ import torch
 from pti_plugin.config import ConfigError, build_config
 from pti_plugin.data.buckets import choose_bucket, make_buckets
 from pti_plugin.data.captions import CaptionError, expand_token, resolve_caption
-from pti_plugin.data.dataset import load_subsets, scan_images
+from pti_plugin.data.dataset import load_subsets
 from pti_plugin.data.latents import LatentSource
 from pti_plugin.data.sample_order import SampleOrder
+from pti_plugin.data.scanning import scan_images
 
 from .conftest import draw_character
 

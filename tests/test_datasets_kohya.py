@@ -15,14 +15,9 @@ import torch
 from pti_plugin.config import ConfigError, build_config
 from pti_plugin.data.augment import Augmentation, augmented_pixels, draw_augmentation
 from pti_plugin.data.captions import CaptionError, CaptionOptions, final_caption, resolve_lines
-from pti_plugin.data.dataset import (
-    ImageItem,
-    balance_reg_repeats,
-    build_entries,
-    load_subsets,
-    scan_images,
-    tag_frequency,
-)
+from pti_plugin.data.dataset import ImageItem, load_subsets
+from pti_plugin.data.dataset_stats import tag_frequency
+from pti_plugin.data.scanning import balance_reg_repeats, build_entries, scan_images
 from pti_plugin.data.sample_order import SampleOrder, sample_generator
 from pti_plugin.data.samples import draw_sample
 from pti_plugin.dataset_preview import main as preview_main, preview_dataset

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from pti_plugin.config import build_config
-from pti_plugin.data.dataset import load_subsets, scan_images
+from pti_plugin.data.dataset import load_subsets
 from pti_plugin.data.latents import LatentSource, module_digest
+from pti_plugin.data.scanning import scan_images
 
 
 def _items(folder):

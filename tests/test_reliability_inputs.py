@@ -152,7 +152,8 @@ def test_caption_extension_without_dot_is_read_as_kohya_does(short, tmp_path, ca
     assert "caption_extension 'txt' has no leading dot; reading it as '.txt'" in caplog.text
     assert f"caption {data / 'a.txt'} holds control characters (U+0000)" in caplog.text
     from pti_plugin.config import build_config
-    from pti_plugin.data.dataset import load_subsets, scan_images
+    from pti_plugin.data.dataset import load_subsets
+    from pti_plugin.data.scanning import scan_images
 
     config = build_config(short(train_data_dir=str(data.parent), caption_extension="txt", output_name="x"))
     (item,) = scan_images(config, load_subsets(config))
@@ -381,7 +382,8 @@ def test_caption_extension_without_dot_in_a_dataset_config(short, tmp_path, caps
     assert code == 0, seen
     assert "datasets.0.subsets.0: caption_extension 'caption' has no leading dot; reading it as '.caption'" in caplog.text
     from pti_plugin.config import build_config
-    from pti_plugin.data.dataset import load_subsets, scan_images
+    from pti_plugin.data.dataset import load_subsets
+    from pti_plugin.data.scanning import scan_images
 
     built = build_config(short(train_data_dir="", dataset_config=config))
     assert [item.caption for item in scan_images(built, load_subsets(built))] == ["tok1 on a red carpet"]

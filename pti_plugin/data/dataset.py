@@ -16,14 +16,13 @@ a warning (in another dataset it is used again, e.g. at another resolution); a s
 ``num_repeats < 1`` is ignored with a warning. Regularisation images are balanced per dataset as
 kohya does (:func:`balance_reg_repeats`). Documented kohya keys that are not implemented are
 refused by name, naming the file, with the list of supported keys — never silently ignored.
-Unreadable images are skipped with a warning naming the file; the run fails only when no usable
-training image remains.
+This module reads the sources into :class:`Subset` s (schema and checks); :mod:`.scanning` reads
+their images into :class:`ImageItem` s and :mod:`.dataset_stats` reports on them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import tomllib
@@ -32,20 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Config, ConfigError
-from .buckets import choose_bucket, make_buckets
-from .captions import (
-    CaptionError,
-    CaptionOptions,
-    count_token,
-    pinned_index,
-    read_caption_lines,
-    resolve_lines,
-    resolve_reg_lines,
-    split_fixed_and_flexible,
-    tags_of,
-    with_prefix_suffix,
-)
-from .images import ImageRejected, read_image
+from .captions import CaptionError, CaptionOptions
 
 logger = logging.getLogger(__name__)
 
@@ -406,214 +392,4 @@ def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Sub
     return _drop_ignored(subsets)
 
 
-# ----------------------------------------------------------------------------- scanning
-
-def _metadata_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] | None]]:
-    """(image path or None, key, caption lines or None) of each entry of kohya's metadata JSON."""
-    assert subset.metadata_file is not None
-    try:
-        metadata = json.loads(subset.metadata_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{subset.where}: metadata_file {subset.metadata_file} is not valid UTF-8 JSON: {exc}") from exc
-    if not isinstance(metadata, dict):
-        raise ConfigError(f"{subset.where}: metadata_file {subset.metadata_file} must map image keys to "
-                          '{"caption": ..., "tags": ...} objects')
-    options = subset.caption_options
-    entries = []
-    for key, record in metadata.items():
-        if not isinstance(record, dict):
-            raise ConfigError(f"{subset.where}: metadata_file entry {key!r} must be an object with caption/tags")
-        candidates = [Path(key), subset.image_dir / key] + [subset.image_dir / f"{key}{ext}" for ext in IMAGE_EXTENSIONS]
-        path = next((p for p in candidates if p.is_file()), None)
-        caption, tags = record.get("caption"), record.get("tags")
-        if caption is None:
-            caption, tags = tags, None
-        lines = [line.strip() for line in (caption or "").split("\n") if line.strip()]
-        if not options.enable_wildcard:
-            lines = lines[:1]
-        if tags:
-            tags = tags.replace("\n", options.caption_separator)
-            lines = [f"{line}{options.caption_separator}{tags}" for line in lines] or [tags]
-        entries.append((path, key, lines or None))
-    return entries
-
-
-def _image_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] | None]]:
-    if subset.metadata_file is not None:
-        return _metadata_entries(subset)
-    paths = sorted(p for p in subset.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        logger.warning("no image (%s) in %s", ", ".join(IMAGE_EXTENSIONS), subset.image_dir)
-    wildcard = subset.caption_options.enable_wildcard
-    return [(p, p.name, read_caption_lines(p, subset.caption_extension, all_lines=wildcard)) for p in paths]
-
-
-def balance_reg_repeats(train_entries: int, reg_items: list[ImageItem]) -> list[ImageItem]:
-    """kohya's balancing of one dataset's regularisation images against its training entries.
-
-    Each reg image is taken in order with its own repeats until the reg entries reach the training
-    entries (images after that are left out: repeats 0); when one pass is not enough, further passes
-    add one repeat per image until they do. A dataset without training images uses no reg image.
-    """
-    repeats = [0] * len(reg_items)
-    n, first = 0, True
-    while n < train_entries and reg_items:
-        for i, item in enumerate(reg_items):
-            if first:
-                repeats[i] = item.num_repeats
-                n += item.num_repeats
-            else:
-                repeats[i] += 1
-                n += 1
-            if n >= train_entries:
-                break
-        first = False
-    return [dataclasses.replace(item, num_repeats=r) for item, r in zip(reg_items, repeats)]
-
-
-def scan_images(config: Config, subsets: list[Subset], log_notes: bool = True) -> list[ImageItem]:
-    """Every usable image of ``subsets`` with its captions and bucket: the training images, then the
-    regularisation images (repeats balanced per dataset). Logs what is done to captions once
-    (:func:`dataset_notes`) unless ``log_notes`` is false."""
-    train: list[ImageItem] = []
-    reg: list[ImageItem] = []
-    looked_at, rejected, skipped_small = 0, [], 0
-    class_word = config.init_words[0]
-    for subset_index, subset in enumerate(subsets):
-        width, height = subset.resolution
-        enable, min_reso, max_reso, step, no_upscale = subset.bucket_settings
-        buckets = make_buckets(width * height, min_reso, max_reso, step) if enable else [(width, height)]
-        entries = _image_entries(subset)
-        looked_at += len(entries)
-        for path, key, lines in entries:
-            if path is None:
-                logger.warning("skipping %s: metadata entry %r has no image in %s", subset.metadata_file, key, subset.image_dir)
-                rejected.append(f"{key}: no image file for this metadata entry")
-                continue
-            try:
-                size = read_image(path).size
-            except ImageRejected as exc:
-                logger.warning("skipping %s: %s", path, exc)
-                rejected.append(f"{path.name}: {exc}")
-                continue
-            if subset.skip_image_resolution and size[0] * size[1] <= subset.skip_image_resolution[0] * subset.skip_image_resolution[1]:
-                skipped_small += 1
-                continue
-            if subset.is_reg:
-                resolved, prepended = resolve_reg_lines(lines, subset.class_tokens, class_word, config.caption_template), False
-            else:
-                resolved, prepended = resolve_lines(path, lines, config.token_string, subset.class_tokens,
-                                                    config.caption_template, subset.caption_options)
-            bucket = choose_bucket(size, buckets, no_upscale, width * height, step) if enable else (width, height)
-            item = ImageItem(path, resolved[0], bucket, subset.num_repeats, subset.flip_aug, prepended, subset.is_reg,
-                             tuple(resolved), subset.caption_options, subset.color_aug, subset.random_crop, subset.name,
-                             subset.dataset_index, subset_index)
-            (reg if subset.is_reg else train).append(item)
-    if not train:
-        reasons = "".join(f"\n  {r}" for r in rejected)
-        raise ConfigError(
-            f"no usable training image in {', '.join(str(s.image_dir) for s in subsets if not s.is_reg)}: "
-            f"looked at {looked_at} image file(s), rejected {len(rejected)}{reasons}"
-        )
-    if skipped_small:
-        logger.warning("%d image(s) skipped by skip_image_resolution", skipped_small)
-    balanced: list[ImageItem] = []
-    for dataset_index in sorted({i.dataset_index for i in train + reg}):
-        train_entries = sum(i.num_repeats for i in train if i.dataset_index == dataset_index)
-        dataset_reg = [i for i in reg if i.dataset_index == dataset_index]
-        if dataset_reg:
-            balanced += balance_reg_repeats(train_entries, dataset_reg)
-            reg_entries = sum(i.num_repeats for i in dataset_reg)
-            if train_entries == 0:
-                logger.warning("dataset %d has regularisation images but no training image: they are not used", dataset_index)
-            elif reg_entries > train_entries:
-                logger.warning("dataset %d: %d regularisation entries for %d training entries: some reg images are not used "
-                               "(as kohya)", dataset_index, reg_entries, train_entries)
-    items = train + balanced
-    for note in dataset_notes(items, config.token_string) if log_notes else []:
-        logger.warning(note)
-    return items
-
-
-def build_entries(items: list[ImageItem]) -> list[int]:
-    """One entry (item index) per repeat of each image: the pool an epoch draws from."""
-    return [i for i, item in enumerate(items) for _ in range(item.num_repeats)]
-
-
-# ----------------------------------------------------------------------------- reports
-
-def dataset_notes(items: list[ImageItem], token: str) -> list[str]:
-    """What the trainer does to the captions, said once at start-up (and by the dataset preview)."""
-    notes = []
-    prepended = sum(item.token_prepended for item in items)
-    if prepended:
-        notes.append(f"{prepended} caption(s) did not contain {token!r}; it was prepended to them")
-    in_flexible = 0
-    for item in items:
-        if item.is_reg or not item.caption_options.moves_tags:
-            continue
-        for line in item.caption_lines or (item.caption,):
-            parts = split_fixed_and_flexible(with_prefix_suffix(line, item.caption_options), item.caption_options)
-            if parts is not None and pinned_index(parts[1], token) is not None:
-                in_flexible += 1
-                break
-    if in_flexible:
-        notes.append(f"{token!r} is in the shuffled/dropped part of {in_flexible} caption(s) (shuffle_caption / "
-                     "caption_tag_dropout_rate): the tag holding it is never shuffled or dropped; it keeps its "
-                     "index among the shuffled tags, as a keep_tokens tag keeps its place")
-    dropping = {item.subset_name for item in items if not item.is_reg and (
-        item.caption_options.caption_dropout_rate > 0 or item.caption_options.caption_dropout_every_n_epochs > 0)}
-    if dropping:
-        notes.append(f"caption dropout ({', '.join(sorted(dropping))}): a dropped caption becomes {token!r} alone "
-                     "(kohya: the empty caption) so the pivot keeps training; reg captions drop to the empty caption")
-    reg_with_token = sum(1 for item in items if item.is_reg and any(count_token(l, token) for l in item.caption_lines))
-    if reg_with_token:
-        notes.append(f"{reg_with_token} regularisation caption(s) name {token!r}: reg images are images of the class, "
-                     "and these captions will train the pivot on them")
-    return notes
-
-
-def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:
-    """kohya's ``ss_tag_frequency``: ``{subset folder name: {tag: count}}``.
-
-    Tags are each caption line (as resolved: the token included, prefix/suffix not) split on ``,``
-    (and on ``keep_tokens_separator``), stripped and lower-cased; reg subsets are included; a folder name used in several datasets is
-    counted once (its first dataset), as kohya merges them. Metadata subsets are keyed by the
-    metadata file's name.
-    """
-    per_dataset: dict[int, dict[str, dict[str, int]]] = {}
-    for item in items:
-        counts = per_dataset.setdefault(item.dataset_index, {}).setdefault(item.subset_name, {})
-        kts = item.caption_options.keep_tokens_separator
-        for line in item.caption_lines or (item.caption,):
-            for tag in tags_of(line.replace(kts, ",") if kts else line):
-                counts[tag] = counts.get(tag, 0) + 1
-    merged: dict[str, dict[str, int]] = {}
-    for dataset_index in sorted(per_dataset):
-        for name, counts in per_dataset[dataset_index].items():
-            merged.setdefault(name, counts)
-    return merged
-
-
-def subset_counts(items: list[ImageItem]) -> list[dict[str, Any]]:
-    """Per subset: name, dataset, whether reg, images, repeats (as drawn) and entries per epoch."""
-    rows: dict[int, dict[str, Any]] = {}
-    for item in items:
-        row = rows.setdefault(item.subset_index, {"subset": item.subset_name, "dataset": item.dataset_index,
-                                                  "is_reg": item.is_reg, "images": 0, "entries": 0, "repeats": set()})
-        row["images"] += 1
-        row["entries"] += item.num_repeats
-        row["repeats"].add(item.num_repeats)
-    out = []
-    for index in sorted(rows):
-        row = rows[index]
-        repeats = sorted(row.pop("repeats"))
-        row["repeats"] = repeats[0] if len(repeats) == 1 else f"{repeats[0]}-{repeats[-1]}"
-        out.append(row)
-    return out
-
-
-__all__ = [
-    "CaptionError", "ImageItem", "Subset", "balance_reg_repeats", "build_entries", "dataset_notes", "load_subsets",
-    "scan_images", "subset_counts", "tag_frequency",
-]
+__all__ = ["CaptionError", "IMAGE_EXTENSIONS", "ImageItem", "Subset", "load_subsets"]

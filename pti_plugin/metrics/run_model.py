@@ -25,8 +25,9 @@ import toml
 import torch
 
 from ..config import EMBEDDED, Config, ConfigError, build_config
-from ..data.dataset import ImageItem, load_subsets, scan_images
+from ..data.dataset import ImageItem, load_subsets
 from ..data.latents import load_pixels
+from ..data.scanning import scan_images
 from .prompts import fill, normalise_prompt, pivot_subject
 
 

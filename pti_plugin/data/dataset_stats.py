@@ -1,0 +1,82 @@
+"""What a scanned dataset holds: caption notes, kohya's tag frequency and per-subset counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .captions import count_token, pinned_index, split_fixed_and_flexible, tags_of, with_prefix_suffix
+from .dataset import ImageItem
+
+
+def dataset_notes(items: list[ImageItem], token: str) -> list[str]:
+    """What the trainer does to the captions, said once at start-up (and by the dataset preview)."""
+    notes = []
+    prepended = sum(item.token_prepended for item in items)
+    if prepended:
+        notes.append(f"{prepended} caption(s) did not contain {token!r}; it was prepended to them")
+    in_flexible = 0
+    for item in items:
+        if item.is_reg or not item.caption_options.moves_tags:
+            continue
+        for line in item.caption_lines or (item.caption,):
+            parts = split_fixed_and_flexible(with_prefix_suffix(line, item.caption_options), item.caption_options)
+            if parts is not None and pinned_index(parts[1], token) is not None:
+                in_flexible += 1
+                break
+    if in_flexible:
+        notes.append(f"{token!r} is in the shuffled/dropped part of {in_flexible} caption(s) (shuffle_caption / "
+                     "caption_tag_dropout_rate): the tag holding it is never shuffled or dropped; it keeps its "
+                     "index among the shuffled tags, as a keep_tokens tag keeps its place")
+    dropping = {item.subset_name for item in items if not item.is_reg and (
+        item.caption_options.caption_dropout_rate > 0 or item.caption_options.caption_dropout_every_n_epochs > 0)}
+    if dropping:
+        notes.append(f"caption dropout ({', '.join(sorted(dropping))}): a dropped caption becomes {token!r} alone "
+                     "(kohya: the empty caption) so the pivot keeps training; reg captions drop to the empty caption")
+    reg_with_token = sum(1 for item in items if item.is_reg and any(count_token(l, token) for l in item.caption_lines))
+    if reg_with_token:
+        notes.append(f"{reg_with_token} regularisation caption(s) name {token!r}: reg images are images of the class, "
+                     "and these captions will train the pivot on them")
+    return notes
+
+
+def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: ``{subset folder name: {tag: count}}``.
+
+    Tags are each caption line (as resolved: the token included, prefix/suffix not) split on ``,``
+    (and on ``keep_tokens_separator``), stripped and lower-cased; reg subsets are included; a folder name used in several datasets is
+    counted once (its first dataset), as kohya merges them. Metadata subsets are keyed by the
+    metadata file's name.
+    """
+    per_dataset: dict[int, dict[str, dict[str, int]]] = {}
+    for item in items:
+        counts = per_dataset.setdefault(item.dataset_index, {}).setdefault(item.subset_name, {})
+        kts = item.caption_options.keep_tokens_separator
+        for line in item.caption_lines or (item.caption,):
+            for tag in tags_of(line.replace(kts, ",") if kts else line):
+                counts[tag] = counts.get(tag, 0) + 1
+    merged: dict[str, dict[str, int]] = {}
+    for dataset_index in sorted(per_dataset):
+        for name, counts in per_dataset[dataset_index].items():
+            merged.setdefault(name, counts)
+    return merged
+
+
+def subset_counts(items: list[ImageItem]) -> list[dict[str, Any]]:
+    """Per subset: name, dataset, whether reg, images, repeats (as drawn) and entries per epoch."""
+    rows: dict[int, dict[str, Any]] = {}
+    for item in items:
+        row = rows.setdefault(item.subset_index, {"subset": item.subset_name, "dataset": item.dataset_index,
+                                                  "is_reg": item.is_reg, "images": 0, "entries": 0, "repeats": set()})
+        row["images"] += 1
+        row["entries"] += item.num_repeats
+        row["repeats"].add(item.num_repeats)
+    out = []
+    for index in sorted(rows):
+        row = rows[index]
+        repeats = sorted(row.pop("repeats"))
+        row["repeats"] = repeats[0] if len(repeats) == 1 else f"{repeats[0]}-{repeats[-1]}"
+        out.append(row)
+    return out
+
+
+__all__ = ["dataset_notes", "subset_counts", "tag_frequency"]

@@ -1,0 +1,157 @@
+"""Scanning the subsets' images once at start-up: each usable image with its captions and bucket.
+
+Unreadable images are skipped with a warning naming the file; the run fails only when no usable
+training image remains. Regularisation images are balanced per dataset as kohya does
+(:func:`balance_reg_repeats`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from ..config import Config, ConfigError
+from .buckets import choose_bucket, make_buckets
+from .captions import read_caption_lines, resolve_lines, resolve_reg_lines
+from .dataset import IMAGE_EXTENSIONS, ImageItem, Subset
+from .dataset_stats import dataset_notes
+from .images import ImageRejected, read_image
+
+logger = logging.getLogger(__name__)
+
+
+def _metadata_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] | None]]:
+    """(image path or None, key, caption lines or None) of each entry of kohya's metadata JSON."""
+    assert subset.metadata_file is not None
+    try:
+        metadata = json.loads(subset.metadata_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{subset.where}: metadata_file {subset.metadata_file} is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise ConfigError(f"{subset.where}: metadata_file {subset.metadata_file} must map image keys to "
+                          '{"caption": ..., "tags": ...} objects')
+    options = subset.caption_options
+    entries = []
+    for key, record in metadata.items():
+        if not isinstance(record, dict):
+            raise ConfigError(f"{subset.where}: metadata_file entry {key!r} must be an object with caption/tags")
+        candidates = [Path(key), subset.image_dir / key] + [subset.image_dir / f"{key}{ext}" for ext in IMAGE_EXTENSIONS]
+        path = next((p for p in candidates if p.is_file()), None)
+        caption, tags = record.get("caption"), record.get("tags")
+        if caption is None:
+            caption, tags = tags, None
+        lines = [line.strip() for line in (caption or "").split("\n") if line.strip()]
+        if not options.enable_wildcard:
+            lines = lines[:1]
+        if tags:
+            tags = tags.replace("\n", options.caption_separator)
+            lines = [f"{line}{options.caption_separator}{tags}" for line in lines] or [tags]
+        entries.append((path, key, lines or None))
+    return entries
+
+
+def _image_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] | None]]:
+    if subset.metadata_file is not None:
+        return _metadata_entries(subset)
+    paths = sorted(p for p in subset.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        logger.warning("no image (%s) in %s", ", ".join(IMAGE_EXTENSIONS), subset.image_dir)
+    wildcard = subset.caption_options.enable_wildcard
+    return [(p, p.name, read_caption_lines(p, subset.caption_extension, all_lines=wildcard)) for p in paths]
+
+
+def balance_reg_repeats(train_entries: int, reg_items: list[ImageItem]) -> list[ImageItem]:
+    """kohya's balancing of one dataset's regularisation images against its training entries.
+
+    Each reg image is taken in order with its own repeats until the reg entries reach the training
+    entries (images after that are left out: repeats 0); when one pass is not enough, further passes
+    add one repeat per image until they do. A dataset without training images uses no reg image.
+    """
+    repeats = [0] * len(reg_items)
+    n, first = 0, True
+    while n < train_entries and reg_items:
+        for i, item in enumerate(reg_items):
+            if first:
+                repeats[i] = item.num_repeats
+                n += item.num_repeats
+            else:
+                repeats[i] += 1
+                n += 1
+            if n >= train_entries:
+                break
+        first = False
+    return [dataclasses.replace(item, num_repeats=r) for item, r in zip(reg_items, repeats)]
+
+
+def scan_images(config: Config, subsets: list[Subset], log_notes: bool = True) -> list[ImageItem]:
+    """Every usable image of ``subsets`` with its captions and bucket: the training images, then the
+    regularisation images (repeats balanced per dataset). Logs what is done to captions once
+    (:func:`dataset_notes`) unless ``log_notes`` is false."""
+    train: list[ImageItem] = []
+    reg: list[ImageItem] = []
+    looked_at, rejected, skipped_small = 0, [], 0
+    class_word = config.init_words[0]
+    for subset_index, subset in enumerate(subsets):
+        width, height = subset.resolution
+        enable, min_reso, max_reso, step, no_upscale = subset.bucket_settings
+        buckets = make_buckets(width * height, min_reso, max_reso, step) if enable else [(width, height)]
+        entries = _image_entries(subset)
+        looked_at += len(entries)
+        for path, key, lines in entries:
+            if path is None:
+                logger.warning("skipping %s: metadata entry %r has no image in %s", subset.metadata_file, key, subset.image_dir)
+                rejected.append(f"{key}: no image file for this metadata entry")
+                continue
+            try:
+                size = read_image(path).size
+            except ImageRejected as exc:
+                logger.warning("skipping %s: %s", path, exc)
+                rejected.append(f"{path.name}: {exc}")
+                continue
+            if subset.skip_image_resolution and size[0] * size[1] <= subset.skip_image_resolution[0] * subset.skip_image_resolution[1]:
+                skipped_small += 1
+                continue
+            if subset.is_reg:
+                resolved, prepended = resolve_reg_lines(lines, subset.class_tokens, class_word, config.caption_template), False
+            else:
+                resolved, prepended = resolve_lines(path, lines, config.token_string, subset.class_tokens,
+                                                    config.caption_template, subset.caption_options)
+            bucket = choose_bucket(size, buckets, no_upscale, width * height, step) if enable else (width, height)
+            item = ImageItem(path, resolved[0], bucket, subset.num_repeats, subset.flip_aug, prepended, subset.is_reg,
+                             tuple(resolved), subset.caption_options, subset.color_aug, subset.random_crop, subset.name,
+                             subset.dataset_index, subset_index)
+            (reg if subset.is_reg else train).append(item)
+    if not train:
+        reasons = "".join(f"\n  {r}" for r in rejected)
+        raise ConfigError(
+            f"no usable training image in {', '.join(str(s.image_dir) for s in subsets if not s.is_reg)}: "
+            f"looked at {looked_at} image file(s), rejected {len(rejected)}{reasons}"
+        )
+    if skipped_small:
+        logger.warning("%d image(s) skipped by skip_image_resolution", skipped_small)
+    balanced: list[ImageItem] = []
+    for dataset_index in sorted({i.dataset_index for i in train + reg}):
+        train_entries = sum(i.num_repeats for i in train if i.dataset_index == dataset_index)
+        dataset_reg = [i for i in reg if i.dataset_index == dataset_index]
+        if dataset_reg:
+            balanced += balance_reg_repeats(train_entries, dataset_reg)
+            reg_entries = sum(i.num_repeats for i in dataset_reg)
+            if train_entries == 0:
+                logger.warning("dataset %d has regularisation images but no training image: they are not used", dataset_index)
+            elif reg_entries > train_entries:
+                logger.warning("dataset %d: %d regularisation entries for %d training entries: some reg images are not used "
+                               "(as kohya)", dataset_index, reg_entries, train_entries)
+    items = train + balanced
+    for note in dataset_notes(items, config.token_string) if log_notes else []:
+        logger.warning(note)
+    return items
+
+
+def build_entries(items: list[ImageItem]) -> list[int]:
+    """One entry (item index) per repeat of each image: the pool an epoch draws from."""
+    return [i for i, item in enumerate(items) for _ in range(item.num_repeats)]
+
+
+__all__ = ["balance_reg_repeats", "build_entries", "scan_images"]
