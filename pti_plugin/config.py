@@ -390,7 +390,10 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
         raw = raw | {"stages": default_stage_dicts(raw)}
     parsed = _build(Config, raw, "preset")
     _validate(parsed, check_paths)
-    config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed))
+    from .input_checks import with_leading_dot
+
+    config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),
+                                 caption_extension=with_leading_dot(parsed.caption_extension))
     if given:
         check_given_values_are_used(config, parsed.stages, given)
     return config

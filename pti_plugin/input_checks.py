@@ -51,8 +51,7 @@ def check_inputs(config: Config, check_paths: bool = True) -> None:
     check_caption_extension("preset: key 'caption_extension'", config.caption_extension)
     if not config.caption_extension.startswith("."):
         logger.warning("caption_extension %r has no leading dot; reading it as %r (as kohya does)",
-                       config.caption_extension, "." + config.caption_extension)
-        config.caption_extension = "." + config.caption_extension
+                       config.caption_extension, with_leading_dot(config.caption_extension))
     if not check_paths:
         return
     check_path_kinds(config)
@@ -153,6 +152,11 @@ def check_token_string(token: str) -> None:
         raise ConfigError(f"preset: key 'token_string' = {token!r} contains '.', which the LoRA's bundled-embedding "
                           "key (bundle_emb.<token>.string_to_param) cannot hold; choose a token without dots")
     check_name_fits("token_string", token)
+
+
+def with_leading_dot(extension: str) -> str:
+    """``caption_extension`` as kohya reads it: ``"txt"`` is ``".txt"``."""
+    return extension if not extension or extension.startswith(".") else "." + extension
 
 
 def check_caption_extension(where: str, extension: str) -> None:

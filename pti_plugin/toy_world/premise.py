@@ -194,7 +194,8 @@ def load_base(model: Path):
 
 @torch.no_grad()
 def encode_text(base, prompts: list[str]) -> torch.Tensor:
-    return base.family.encode(base.text_encoder, base.family.tokenize(base.tokenizer, prompts))
+    """The UNet's per-token conditioning ``[B, 77, d]`` of ``prompts`` (through the family adapter)."""
+    return base.encode(base.tokenize(prompts)).hidden_states
 
 
 def measure_null(model: Path, settings: PremiseSettings) -> dict:
