@@ -37,7 +37,7 @@ setup(
         "tensorboard",  # log_with = "tensorboard" (kohya's logger; presets/sd15_base.toml uses it)
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3"],  # the suite runs on 2 workers (-n 2)
         "cluster": ["ray>=2.9"],  # distributed sweeps: analysis/lr_sweep.py --engine ray
     },
     entry_points={
