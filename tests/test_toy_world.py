@@ -334,3 +334,23 @@ def test_recipe_training_is_deterministic_and_resumes_exactly(tmp_path):
     assert [resumed.train_step(mean, std, scenes, 1.0) for _ in range(2)] == losses[2:]
     for a, b in zip(straight.ema_unet.parameters(), resumed.ema_unet.parameters()):
         assert torch.equal(a, b)
+
+
+def test_recipe_vae_stage_resumes_from_vae_pt_alone(tmp_path, monkeypatch):
+    """A run folder holding only ``vae.pt`` (what a session can commit) skips the VAE's training and
+    re-encodes the scenes to the same latents, bit for bit."""
+    from pti_plugin.toy_world import train_recipe
+
+    cfg = train_recipe.RecipeConfig(num_scenes=12, vae_steps=3, vae_batch_size=4, vae_full_image_steps=1)
+    first = train_recipe.load_or_train_vae(cfg, tmp_path)
+    vae_bytes = (tmp_path / "vae.pt").read_bytes()
+    (tmp_path / "latents.pt").unlink()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the VAE was trained again")
+
+    monkeypatch.setattr(train_recipe, "train_vae", no_training)
+    second = train_recipe.load_or_train_vae(cfg, tmp_path)
+    assert (tmp_path / "vae.pt").read_bytes() == vae_bytes
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+    assert second[0].config.scaling_factor == first[0].config.scaling_factor

@@ -439,29 +439,34 @@ def evaluate(pipe: StableDiffusionPipeline, cfg: RecipeConfig, n: int, seed: int
 
 
 def load_or_train_vae(cfg: RecipeConfig, out: Path) -> tuple[AutoencoderKL, torch.Tensor, torch.Tensor, list]:
-    """Stage 1 (skipped when ``vae.pt``/``latents.pt`` exist): returns vae, latent mean/std, scenes."""
+    """Stage 1: returns vae, latent mean/std, scenes. The VAE comes from ``vae.pt`` (trained and
+    saved when absent) and the encoded scenes from ``latents.pt`` (encoded and saved when absent),
+    so a run folder holding only ``vae.pt`` (a few hundred KB, small enough to commit) skips the
+    VAE's training."""
     vae = build_vae(cfg)
     scene_rng = np.random.default_rng([cfg.seed, 1])
     scenes = [sample_pretraining_scene(scene_rng, cfg.two_tone_fraction) for _ in range(cfg.num_scenes)]
-    if (out / "vae.pt").exists() and (out / "latents.pt").exists():
-        vae.load_state_dict(torch.load(out / "vae.pt")["state_dict"])
-        vae.register_to_config(scaling_factor=torch.load(out / "vae.pt")["scaling_factor"])
+    if (out / "vae.pt").exists():
+        saved = torch.load(out / "vae.pt")
+        vae.load_state_dict(saved["state_dict"])
+        vae.register_to_config(scaling_factor=saved["scaling_factor"])
+    else:
+        torch.manual_seed(cfg.seed)
+        std = train_vae(cfg, vae, np.random.default_rng([cfg.seed, 3]))
+        vae.register_to_config(scaling_factor=1.0 / std)
+        log(f"vae latent std {std:.4f} -> scaling_factor {1.0 / std:.4f}")
+        atomic_save({"state_dict": vae.state_dict(), "scaling_factor": 1.0 / std}, out / "vae.pt")
+    vae.eval().requires_grad_(False)
+    if (out / "latents.pt").exists():
         data = torch.load(out / "latents.pt")
-        vae.eval().requires_grad_(False)
         return vae, data["mean"], data["std"], scenes
-    torch.manual_seed(cfg.seed)
-    std = train_vae(cfg, vae, np.random.default_rng([cfg.seed, 3]))
-    vae.register_to_config(scaling_factor=1.0 / std)
-    log(f"vae latent std {std:.4f} -> scaling_factor {1.0 / std:.4f}")
-    images = np.stack([render_scene(s) for s in scenes])
-    mean, lstd = encode_scenes(vae, images)
+    mean, lstd = encode_scenes(vae, np.stack([render_scene(s) for s in scenes]))
     with torch.no_grad():
         recon = vae.decode(mean[:300]).sample
     recon = np.clip(np.rint((recon.permute(0, 2, 3, 1).numpy() + 1) * 127.5), 0, 255).astype(np.uint8)
     figures = score_generations([make_caption(s) for s in scenes[:300]], recon)
     log("vae reconstructions: " + " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
     log(f"vae character (with its detail) mean abs error {character_recon_error(vae):.2f} / 255")
-    atomic_save({"state_dict": vae.state_dict(), "scaling_factor": 1.0 / std}, out / "vae.pt")
     atomic_save({"mean": mean, "std": lstd}, out / "latents.pt")
     return vae, mean, lstd, scenes
 
