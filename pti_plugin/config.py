@@ -396,7 +396,25 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
                                  caption_extension=with_leading_dot(parsed.caption_extension))
     if given:
         check_given_values_are_used(config, parsed.stages, given)
+    _check_the_pivot_is_learned(config)
     return config
+
+
+def _check_the_pivot_is_learned(config: Config) -> None:
+    """A run where no stage trains the pivot, with no ``weights`` file nor ``resume``, keeps ``tok1``
+    equal to its init word: a warning, and an error with ``pivot_locality`` (whose pivot->class
+    angle is then 0, so the regulariser would tie the model to itself on the training prompt)."""
+    if any(stage.train_pivot for stage in config.stages) or config.weights or config.resume:
+        return
+    words = " ".join(config.init_words)
+    if "pivot_locality" in config.plugins:
+        raise ConfigError(
+            f"preset: plugins.pivot_locality needs a learned pivot, but no stage trains it and no 'weights' file "
+            f"is given: {config.token_string} equals its init word {words!r}, so the pivot->class angle is 0. "
+            "Add an inversion stage, set 'weights' to a trained embedding, or drop the plugin"
+        )
+    logger.warning("no stage trains the pivot and no 'weights' file is given: %s stays its init word %r",
+                   config.token_string, words)
 
 
 def _batch_size(config: Config) -> int:
