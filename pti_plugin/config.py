@@ -402,12 +402,14 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
 
 def _check_the_pivot_is_learned(config: Config) -> None:
     """A run where no stage trains the pivot, with no ``weights`` file nor ``resume``, keeps ``tok1``
-    equal to its init word: a warning, and an error with ``pivot_locality`` (whose pivot->class
-    angle is then 0, so the regulariser would tie the model to itself on the training prompt)."""
+    equal to its init word: a warning, and an error with ``pivot_locality`` toward the init word
+    itself (the default class word: the pivot->class angle is then 0, so the regulariser would tie
+    the model to itself on the training prompt)."""
     if any(stage.train_pivot for stage in config.stages) or config.weights or config.resume:
         return
     words = " ".join(config.init_words)
-    if "pivot_locality" in config.plugins:
+    locality = config.plugins.get("pivot_locality")
+    if locality is not None and set(locality.get("class_words") or config.init_words) <= set(config.init_words):
         raise ConfigError(
             f"preset: plugins.pivot_locality needs a learned pivot, but no stage trains it and no 'weights' file "
             f"is given: {config.token_string} equals its init word {words!r}, so the pivot->class angle is 0. "

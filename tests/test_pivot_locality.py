@@ -182,7 +182,7 @@ def test_regulariser_keeps_lora_local_and_leaves_inversion_alone(preset, tmp_pat
 @pytest.mark.parametrize("geometry_name", ["layernorm", "centered"])  # linear: exact by test_centered_slerp_...
 def test_fraction_one_is_the_class_prompt(preset, geometry_name):
     RecordingLocality.rows = []
-    raw = preset(stages=[{"kind": "lora", "steps": 1}], plugins={"test_recording_locality": {
+    raw = preset(stages=[INVERSION_STEP, {"kind": "lora", "steps": 1}], plugins={"test_recording_locality": {
         "fractions": [1.0], "latents": "noise", "num_samples": 2, "geometry": geometry_name, "probe_every_n_steps": 0}})
     LocalityProbe.records = []
     raw["plugins"]["test_locality_probe"] = {}
@@ -196,14 +196,18 @@ def test_fraction_one_is_the_class_prompt(preset, geometry_name):
     assert (rows - class_cond).abs().max() < 1e-5
 
 
+#: One inversion step before a lora stage: the regulariser toward the init word needs a pivot that moved.
+INVERSION_STEP = {"name": "inversion", "kind": "inversion", "steps": 1, "learning_rate": 5e-2}
+
+
 def test_anchor_cache_matches_uncached_loss(preset, tmp_path):
     base = {"latents": "noise", "anchor_pool": 4, "num_samples": 2, "weight": 10.0, "probe_every_n_steps": 0}
     losses = []
     for cache in (False, True):
-        raw = preset(output_dir=str(tmp_path / str(cache)), stages=[{"kind": "lora", "steps": 3}],
+        raw = preset(output_dir=str(tmp_path / str(cache)), stages=[INVERSION_STEP, {"kind": "lora", "steps": 3}],
                      plugins={"pivot_locality": base | {"cache_anchors": cache}})
         Trainer(build_config(raw)).run()
-        losses.append([e["loss/pivot_locality/mse"] for e in _log(raw)])
+        losses.append([e["loss/pivot_locality/mse"] for e in _log(raw) if "loss/pivot_locality/mse" in e])
     uncached, cached = losses
     assert uncached[0] < 1e-9 and uncached[2] > 1e-6
     assert all(abs(a - b) < 1e-5 for a, b in zip(uncached, cached)), losses
@@ -258,7 +262,7 @@ def test_centre_file_is_read(preset, tmp_path, tiny_model):
     gamma, beta = norm.weight.detach(), norm.bias.detach()
     save_centre_file(tmp_path / "centre.safetensors", torch.zeros(77, 32), gamma, beta, {"clip_skip": 1})
     RecordingLocality.rows = []
-    raw = preset(stages=[{"kind": "lora", "steps": 1}], plugins={"test_recording_locality": {
+    raw = preset(stages=[INVERSION_STEP, {"kind": "lora", "steps": 1}], plugins={"test_recording_locality": {
         "geometry": "centered", "centre_file": str(tmp_path / "centre.safetensors"), "latents": "noise",
         "probe_every_n_steps": 0}, "test_locality_probe": {}})
     LocalityProbe.records = []
