@@ -487,8 +487,6 @@ def _validate(config: Config, check_paths: bool) -> None:
         raise ConfigError("preset: key 'init_word' lists one word, or one word per vector (num_vectors_per_token)")
     if isinstance(config.resolution, list) and len(config.resolution) != 2:
         raise ConfigError("preset: key 'resolution' is an int or [width, height]")
-    if not config.token_string or " " in config.token_string:
-        raise ConfigError(f"preset: key 'token_string' must be one word, got {config.token_string!r}")
     if Path(config.output_name).name != config.output_name or not config.output_name:
         raise ConfigError(f"preset: key 'output_name' must be a plain file name, got {config.output_name!r}")
     if config.output_name == config.token_string:
