@@ -25,7 +25,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "nan_policy": ("stop", "skip"),
     "xformers": (False, True),
     "sdpa": (False, True),
-    "model_family": ("auto", "sd15"),
+    "model_family": ("auto", "sd15", "sdxl"),
 }
 #: Packages a choice needs (besides the install's own), and the pip name that brings them.
 _NEEDS = {("log_with", "tensorboard"): (("tensorboard", "tensorboardX"), "tensorboard")}

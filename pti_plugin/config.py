@@ -85,9 +85,10 @@ class Config:
     single_file_config: str = doc("A diffusers folder whose component configs describe a single-file checkpoint (default: SD1.5's, shipped).", "")
     tokenizer_path: str = doc("CLIP tokenizer folder for single-file checkpoints (else the HF cache, else open_clip's BPE file).", "")
     v_parameterization: bool = doc("Force v-prediction (else read from the model's scheduler config).", False)
+    zero_terminal_snr: bool = doc("Rescale the noise schedule so its last step has zero SNR (for v-prediction models trained that way).", False)
     clip_skip: int = doc("Use the hidden state clip_skip layers from the end (1 = last), then the final LayerNorm.", 1)
     max_token_length: int = doc("Caption length in tokens: 75, or 150/225 through kohya's window concatenation.", 75)
-    model_family: str = doc('Model family of the base model: "auto" (detected from its files, logged) or "sd15".', "auto")
+    model_family: str = doc('Model family of the base model: "auto" (detected from its files, logged) "sd15" or "sdxl".', "auto")
     # --- data
     train_data_dir: str = doc('kohya folder of "<repeats>_<name>" subfolders; "@embedded" for the generated demo set.', "")
     dataset_config: str = doc("kohya dataset_config TOML ([[datasets]] / [[datasets.subsets]]); replaces train_data_dir.", "")

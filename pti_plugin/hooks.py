@@ -81,8 +81,10 @@ class Batch:
     ``latents`` float32 [b, 4, h, w]; ``input_ids``: token ids as the family tokenizes them
     ([b, L] for SD1.5); ``captions``: final captions; ``image_paths``/``slots``: which images and
     global-batch slots these are; ``is_reg``: per sample, whether it is a regularisation image (its
-    main loss is weighted by ``prior_loss_weight``); ``noisy_latents`` [b, 4, h, w] and
-    ``timesteps`` [b]: the main loss's noised inputs, set before ``on_step_start``.
+    main loss is weighted by ``prior_loss_weight``); ``sizes`` float32 [b, 6]: each sample's original
+    size (h, w), crop top-left (top, left) and target size (h, w), which families with size
+    conditioning (SDXL) condition on; ``noisy_latents`` [b, 4, h, w] and ``timesteps`` [b]: the main
+    loss's noised inputs, set before ``on_step_start``.
     """
 
     latents: torch.Tensor
@@ -91,6 +93,7 @@ class Batch:
     image_paths: list[str]
     slots: list[int]
     is_reg: list[bool] = field(default_factory=list)
+    sizes: torch.Tensor | None = None
     noisy_latents: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
 
@@ -165,10 +168,20 @@ class TrainerState:
         (off inside :meth:`frozen`); through the stage's prepared (DDP) module when gradients are on."""
         return self.model.predict(noisy, timesteps, cond)
 
-    def encode(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True) -> Conditioning:
+    def encode(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True,
+               sizes: torch.Tensor | None = None) -> Conditioning:
         """The conditioning of ``input_ids`` (from :meth:`tokenize`): ``lora=False`` for the base text
-        encoders, ``pivot_grad=False`` to take the pivot as a fixed input (no gradient reaches it)."""
-        return self.model.encode(input_ids, lora=lora, pivot_grad=pivot_grad)
+        encoders, ``pivot_grad=False`` to take the pivot as a fixed input (no gradient reaches it);
+        ``sizes`` [B, 6] as :attr:`Batch.sizes` (SDXL's time ids; None: the family's default)."""
+        return self.model.encode(input_ids, lora=lora, pivot_grad=pivot_grad, sizes=sizes)
+
+    def size_conditioning(self, sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ``added_cond_kwargs`` entries that ``sizes`` [B, 6] make for this family (``{}`` for SD1.5)."""
+        return self.model.family.size_conditioning(sizes)
+
+    def conditioning_widths(self) -> tuple[int, ...]:
+        """Each text encoder's share of the conditioning's width, in order (SD1.5: (768,); SDXL: (768, 1280))."""
+        return self.model.family.conditioning_widths(self.model.text_encoders)
 
     def pre_layernorm_states(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True) -> torch.Tensor | None:
         """Per-token states before the final LayerNorm (None where the family's conditioning has none), as :meth:`encode`."""

@@ -6,13 +6,13 @@ stops the run before any model loads, naming the option — never silently ignor
 """
 
 _NOT_YET = "not implemented yet"
-_SD2 = "pti-plugin trains SD1.5-family models (SDXL comes as a model adapter later)"
+_SD2 = "pti-plugin trains SD1.5 and SDXL models"
 _HUB = "pti-plugin never talks to a model hub; runs are local and offline"
 
 REFUSED_OPTIONS: dict[str, str] = {
     # model
-    "v2": _SD2,
-    "sdxl": _SD2,
+    "v2": _SD2 + " (SD2.x is not supported)",
+    "sdxl": "the model family is detected from the weights (set model_family = \"sdxl\" to force it)",
     "tokenizer_cache_dir": "use tokenizer_path",
     "vae": "a separate VAE file is " + _NOT_YET,
     "no_half_vae": "the VAE always runs in float32 here",
@@ -52,7 +52,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "adaptive_noise_scale": _NOT_YET,
     "ip_noise_gamma": _NOT_YET,
     "ip_noise_gamma_random_strength": _NOT_YET,
-    "zero_terminal_snr": _NOT_YET,
     "min_timestep": _NOT_YET,
     "max_timestep": _NOT_YET,
     "loss_type": "only the L2 loss is " + "implemented",

@@ -108,6 +108,7 @@ class Trainer:
         base = load_base_model(
             config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
             config.single_file_config, config.tokenizer_path, config.max_token_length, config.model_family,
+            config.zero_terminal_snr,
         )
         self.plugins: list[Plugin] = instantiate_plugins(config)
         self.state = TrainerState(config=config, accelerator=self.accelerator, model=None, output_dir=output_dir,  # type: ignore[arg-type]
@@ -396,12 +397,13 @@ class Trainer:
 
         Slots of the step's global batch are laid out micro-batch-major, then rank, then sample.
         """
+        from .data.buckets import size_conditioning
         from .data.samples import draw_sample  # the same draw the dataset preview shows
 
         config, rank = self.config, self.accelerator.process_index
         first = (micro * self.accelerator.num_processes + rank) * config.train_batch_size
         slots = list(range(first, first + config.train_batch_size))
-        latents, captions, paths, is_reg = [], [], [], []
+        latents, captions, paths, is_reg, sizes = [], [], [], [], []
         for slot in slots:
             sample = draw_sample(self.items, self.entries, order, config.seed, self.state.stage_index, step, slot,
                                  config.token_string, config.num_vectors_per_token)
@@ -410,9 +412,11 @@ class Trainer:
             captions.append(sample.caption)
             paths.append(str(item.path))
             is_reg.append(item.is_reg)
+            sizes.append(size_conditioning(item.image_size, item.bucket, sample.augmentation.crop))
         input_ids = self.model.tokenize(captions)
-        return Batch(torch.stack(latents).to(self.accelerator.device), input_ids.to(self.accelerator.device), captions, paths, slots,
-                     is_reg)
+        device = self.accelerator.device
+        return Batch(torch.stack(latents).to(device), input_ids.to(device), captions, paths, slots, is_reg,
+                     sizes=torch.tensor(sizes, dtype=torch.float32, device=device))  # sizes [b, 6]
 
     def _loss_terms(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Main denoising loss and every plugin term for one micro-batch of optimizer step ``step`` (scalars)."""
@@ -432,7 +436,7 @@ class Trainer:
         for plugin in self.plugins:
             plugin.on_step_start(state, batch)
         with torch.set_grad_enabled(state.plan.trains.text_encoders):
-            cond = model.encode(batch.input_ids)  # [b, 77, d] for SD1.5
+            cond = model.encode(batch.input_ids, sizes=batch.sizes)  # hidden states [b, 77, d] (+ SDXL's pooled/time ids)
         rows = [(p, p.extra_rows(state, batch)) for p in self.plugins]
         extra = [(p, r) for p, r in rows if r is not None]
         unet_in = torch.cat([noisy] + [r.noisy_latents for _, r in extra])

@@ -173,8 +173,8 @@ def test_regulariser_keeps_lora_local_and_leaves_inversion_alone(preset, tmp_pat
     noisy, t = _rows(10, 2, 4, 16, 16), torch.tensor([100, 700])
     cond = probe._interpolate(probe._compute_endpoints(state, False, False), [0, 0], [0.5, 0.5])
     with torch.no_grad():
-        expected = base(noisy, t, cond).sample
-        lora = state.model.unet(noisy, t, cond).sample
+        expected = base(noisy, t, **cond.unet_kwargs()).sample
+        lora = state.model.unet(noisy, t, **cond.unet_kwargs()).sample
     assert torch.allclose(probe._frozen_prediction(state, noisy, t, cond), expected, atol=1e-5)
     assert not torch.allclose(lora, expected, atol=1e-3)  # the LoRA did move
 

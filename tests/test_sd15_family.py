@@ -62,12 +62,12 @@ def test_family_is_detected_from_the_weights_and_can_be_overridden(tiny_model, t
     sdxl_file = _safetensors_with_keys(tmp_path / "b.safetensors", ["conditioner.embedders.1.model.ln_final.weight"])
     assert detect_family(sd15_file)[0] == "sd15" and detect_family(sdxl_file)[0] == "sdxl"
 
-    # A diffusers folder whose model_index names the SDXL pipeline is refused by name ...
+    # A diffusers folder whose model_index names the SDXL pipeline is read as SDXL, and refused naming what it lacks ...
     xl = tmp_path / "xl"
     shutil.copytree(tiny_model, xl)
     index = json.loads((xl / "model_index.json").read_text())
     (xl / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ConfigError, match="SDXL-architecture models .* not supported yet.*model_index.json names StableDiffusionXLPipeline"):
+    with pytest.raises(ConfigError, match="not a complete SDXL diffusers folder: no text_encoder_2/, tokenizer_2/.*model_index.json names StableDiffusionXLPipeline"):
         load_base_model(str(xl))
     # ... unless the preset's model_family says otherwise; the choice is logged.
     with caplog.at_level(logging.INFO, logger="pti_plugin.models.loading"):

@@ -38,19 +38,36 @@ def choose_bucket(
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
 
 
-def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], crop: tuple[float, float] | None = None) -> np.ndarray:
-    """Resize ``image`` to cover ``bucket`` and crop it: uint8 array [H, W, 3].
+def crop_box(image_size: tuple[int, int], bucket: tuple[int, int], crop: tuple[float, float] | None = None) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top): how an image of ``image_size`` (w, h) is resized to cover
+    ``bucket`` (w, h) and where the bucket-sized window is cut from it.
 
     The crop is centred, or with ``crop = (fx, fy)`` (uniform numbers in [0, 1), ``random_crop``)
     placed at ``floor(f * (slack + 1))`` pixels, each offset equally likely.
     """
-    target_w, target_h = bucket
-    scale = max(target_w / image.width, target_h / image.height)
-    new_w, new_h = max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))
-    resized = image.convert("RGB").resize((new_w, new_h), Image.Resampling.LANCZOS)
+    (width, height), (target_w, target_h) = image_size, bucket
+    scale = max(target_w / width, target_h / height)
+    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
     if crop is None:
-        left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
-    else:
-        left = min(int(crop[0] * (new_w - target_w + 1)), new_w - target_w)
-        top = min(int(crop[1] * (new_h - target_h + 1)), new_h - target_h)
+        return new_w, new_h, (new_w - target_w) // 2, (new_h - target_h) // 2
+    left = min(int(crop[0] * (new_w - target_w + 1)), new_w - target_w)
+    top = min(int(crop[1] * (new_h - target_h + 1)), new_h - target_h)
+    return new_w, new_h, left, top
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], crop: tuple[float, float] | None = None) -> np.ndarray:
+    """Resize ``image`` to cover ``bucket`` and crop it (see :func:`crop_box`): uint8 array [H, W, 3]."""
+    new_w, new_h, left, top = crop_box(image.size, bucket, crop)
+    target_w, target_h = bucket
+    resized = image.convert("RGB").resize((new_w, new_h), Image.Resampling.LANCZOS)
     return np.asarray(resized.crop((left, top, left + target_w, top + target_h)), dtype=np.uint8)
+
+
+def size_conditioning(image_size: tuple[int, int], bucket: tuple[int, int], crop: tuple[float, float] | None = None) -> tuple[int, ...]:
+    """SDXL's six size numbers for one sample, as kohya computes them: ``original_size`` (h, w) of the image
+    file, ``crops_coords_top_left`` (top, left) of the bucket window in the resized image, ``target_size``
+    (h, w) of the bucket. An unknown ``image_size`` ((0, 0)) counts as the bucket itself."""
+    if image_size[0] <= 0 or image_size[1] <= 0:
+        image_size = bucket
+    _, _, left, top = crop_box(image_size, bucket, crop)
+    return (image_size[1], image_size[0], top, left, bucket[1], bucket[0])

@@ -176,7 +176,8 @@ class Subset:
 class ImageItem:
     """One usable image: its file, caption (token string present once for training images; the
     first line when there are several), bucket (w, h), repeats (for a regularisation image: after
-    kohya's balancing; 0 = never drawn) and the options of its subset."""
+    kohya's balancing; 0 = never drawn), the options of its subset and the image's own size (w, h;
+    (0, 0) when unknown), which SDXL's size conditioning reads."""
 
     path: Path
     caption: str
@@ -192,6 +193,7 @@ class ImageItem:
     subset_name: str = ""
     dataset_index: int = 0
     subset_index: int = 0
+    image_size: tuple[int, int] = (0, 0)
 
 
 def _resolution(value: Any, where: str) -> tuple[int, int]:

@@ -121,7 +121,7 @@ def scan_images(config: Config, subsets: list[Subset], log_notes: bool = True) -
             bucket = choose_bucket(size, buckets, no_upscale, width * height, step) if enable else (width, height)
             item = ImageItem(path, resolved[0], bucket, subset.num_repeats, subset.flip_aug, prepended, subset.is_reg,
                              tuple(resolved), subset.caption_options, subset.color_aug, subset.random_crop, subset.name,
-                             subset.dataset_index, subset_index)
+                             subset.dataset_index, subset_index, image_size=tuple(size))
             (reg if subset.is_reg else train).append(item)
     if not train:
         reasons = "".join(f"\n  {r}" for r in rejected)

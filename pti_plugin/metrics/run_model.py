@@ -224,6 +224,7 @@ def load_run(
     model = load_base_model(
         config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
         config.single_file_config, config.tokenizer_path, config.max_token_length, config.model_family,
+        config.zero_terminal_snr,
     )
     scheduler = DDIMScheduler.from_config(model.noise_scheduler.config, prediction_type=model.prediction_type)
     pipe = model.pipeline(scheduler)

@@ -181,7 +181,14 @@ class ModelFamily(Protocol):
         """Every component of the model at ``path`` (a diffusers folder or a single file), offline."""
     def tokenize(self, tokenizers: Sequence[object], captions: list[str]) -> torch.Tensor:
         """Token ids ``[B, N, L]`` per encoder would be a family's choice; SD1.5 returns ``[B, L]``."""
-    def encode(self, text_encoders: Sequence[nn.Module], input_ids: torch.Tensor) -> Conditioning: ...
+    def encode(self, text_encoders: Sequence[nn.Module], input_ids: torch.Tensor,
+               sizes: torch.Tensor | None = None) -> Conditioning:
+        """The UNet conditioning of ``input_ids``; ``sizes`` [B, 6]: per-sample original size, crop and target
+        size for families whose UNet takes them (SDXL's ``time_ids``), ignored by the others."""
+    def size_conditioning(self, sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The extra UNet conditioning (``added_cond_kwargs`` entries) that ``sizes`` [B, 6] make; ``{}`` if none."""
+    def conditioning_widths(self, text_encoders: Sequence[nn.Module]) -> tuple[int, ...]:
+        """Each text encoder's share of the hidden states' width, in order."""
     def pre_layernorm_states(self, text_encoders: Sequence[nn.Module], input_ids: torch.Tensor) -> torch.Tensor | None:
         """Per-token states before the final LayerNorm when the conditioning ends with one, else None."""
     def final_layer_norms(self, text_encoders: Sequence[nn.Module]) -> tuple[nn.LayerNorm | None, ...]: ...
@@ -190,7 +197,7 @@ class ModelFamily(Protocol):
 #: The families this package knows: name -> factory ``(clip_skip, max_token_length) -> family``.
 FAMILIES: dict[str, Callable[..., ModelFamily]] = {}
 #: Families recognised by detection but not implemented yet (refused by name).
-KNOWN_UNSUPPORTED = {"sdxl": "SDXL-architecture models (Illustrious, NoobAI, Pony, SDXL 1.0) are not supported yet"}
+KNOWN_UNSUPPORTED: dict[str, str] = {}
 
 
 def register_family(name: str, factory: Callable[..., ModelFamily]) -> None:
@@ -200,10 +207,12 @@ def register_family(name: str, factory: Callable[..., ModelFamily]) -> None:
 def _ensure_builtin_families() -> None:
     if "sd15" not in FAMILIES:
         from . import sd15  # noqa: F401  (importing it registers the family)
+    if "sdxl" not in FAMILIES:
+        from . import sdxl  # noqa: F401
 
 
 def make_family(name: str, **options) -> ModelFamily:
-    """The family ``name`` with its options (SD1.5: ``clip_skip``, ``max_token_length``)."""
+    """The family ``name`` with its options (``clip_skip``, ``max_token_length``)."""
     _ensure_builtin_families()
     if name in KNOWN_UNSUPPORTED:
         raise ValueError(KNOWN_UNSUPPORTED[name])

@@ -50,9 +50,11 @@ class BaseModel:
         """Token ids of ``captions`` as the family's conditioning takes them (CPU, int64)."""
         return self.family.tokenize(self.tokenizers, captions)
 
-    def encode(self, input_ids: torch.Tensor, text_encoders: tuple[nn.Module, ...] | None = None) -> Conditioning:
-        """The UNet conditioning of ``input_ids`` (through ``text_encoders``, default the model's own)."""
-        return self.family.encode(text_encoders or self.text_encoders, input_ids)
+    def encode(self, input_ids: torch.Tensor, text_encoders: tuple[nn.Module, ...] | None = None,
+               sizes: torch.Tensor | None = None) -> Conditioning:
+        """The UNet conditioning of ``input_ids`` (through ``text_encoders``, default the model's own); ``sizes``
+        [B, 6]: per-sample size conditioning where the family takes it (SDXL)."""
+        return self.family.encode(text_encoders or self.text_encoders, input_ids, sizes)
 
     def pipeline(self, scheduler: object) -> object:
         """The family's diffusers pipeline over these modules (no safety checker), for samples and reloads."""
@@ -83,7 +85,7 @@ def choose_family(path: Path, requested: str = "auto") -> tuple[str, str]:
 
 def load_base_model(
     path_value: str, clip_skip: int = 1, v_parameterization: bool = False, single_file_config: str = "",
-    tokenizer_path: str = "", max_token_length: int = 75, model_family: str = "auto",
+    tokenizer_path: str = "", max_token_length: int = 75, model_family: str = "auto", zero_terminal_snr: bool = False,
 ) -> BaseModel:
     """Load the model at ``path_value``: a diffusers folder, a single ``.safetensors``/``.ckpt``
     checkpoint (see ``single_file.py``), or ``@embedded``; its family is detected (and logged) unless
@@ -100,8 +102,14 @@ def load_base_model(
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc} (model family {name!r}: {why})") from exc
     logger.info("model family %s (%s)", name, why)
-    parts = family.load(path, single_file_config, tokenizer_path)
+    try:
+        parts = family.load(path, single_file_config, tokenizer_path)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (model family {name!r}: {why}; set model_family if the detection is wrong)") from exc
     prediction_type = "v_prediction" if v_parameterization else parts.noise_scheduler.config.prediction_type
+    if zero_terminal_snr and not parts.noise_scheduler.config.get("rescale_betas_zero_snr", False):
+        # kohya's --zero_terminal_snr: the betas rescaled so the last step's alpha-bar is 0 (diffusers' rule)
+        parts.noise_scheduler = type(parts.noise_scheduler).from_config(parts.noise_scheduler.config, rescale_betas_zero_snr=True)
     for module in (parts.unet, parts.vae, *parts.text_encoders):
         module.requires_grad_(False)
         module.float()

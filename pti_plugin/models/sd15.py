@@ -171,7 +171,8 @@ class SD15Family:
         (te,) = text_encoders
         return self._windows(input_ids, lambda ids: te(ids, output_hidden_states=True).hidden_states[-self.clip_skip])
 
-    def encode(self, text_encoders: Sequence[nn.Module], input_ids: torch.Tensor) -> Conditioning:
+    def encode(self, text_encoders: Sequence[nn.Module], input_ids: torch.Tensor,
+               sizes: torch.Tensor | None = None) -> Conditioning:
         """UNet conditioning: ``[B, L, d]``, the final LayerNorm of the ``clip_skip`` layer's state.
 
         ``L = max_token_length + 2``. Longer than 77 ids, the caption is encoded in windows of 75
@@ -182,6 +183,13 @@ class SD15Family:
         if self.clip_skip == 1:
             return Conditioning(self._windows(input_ids, lambda ids: te(ids).last_hidden_state))
         return Conditioning(final_layer_norm(te)(self.pre_layernorm_states(text_encoders, input_ids)))
+
+    def size_conditioning(self, sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Nothing: SD1.5's UNet takes no size conditioning."""
+        return {}
+
+    def conditioning_widths(self, text_encoders: Sequence[nn.Module]) -> tuple[int, ...]:
+        return tuple(int(te.config.hidden_size) for te in text_encoders)
 
     def final_layer_norms(self, text_encoders: Sequence[nn.Module]) -> tuple[nn.LayerNorm]:
         """The LayerNorm that ends SD1.5's conditioning (whatever ``clip_skip``): the exact slerp geometry holds."""

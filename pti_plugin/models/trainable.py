@@ -160,12 +160,14 @@ class TrainableModel:
         with self.autocast():
             return (forward or self.base.unet)(noisy, timesteps, **cond.unet_kwargs()).sample
 
-    def encode(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True) -> Conditioning:
+    def encode(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True,
+               sizes: torch.Tensor | None = None) -> Conditioning:
         """The conditioning of ``input_ids`` through the text encoders: ``lora``: their LoRA as the stage
         switched it (True) or off, the base encoders (False); ``pivot_grad``: with the pivot's gradient
-        (True) or with the pivot as a fixed input (False). Gradients flow as ``torch.is_grad_enabled()``."""
+        (True) or with the pivot as a fixed input (False); ``sizes`` [B, 6]: per-sample size conditioning
+        (SDXL's time ids; ignored by SD1.5). Gradients flow as ``torch.is_grad_enabled()``."""
         with self._text_side(lora, pivot_grad) as encoders, self.autocast():
-            return self.family.encode(encoders, input_ids)
+            return self.family.encode(encoders, input_ids, sizes)
 
     def pre_layernorm_states(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True) -> torch.Tensor:
         """Per-token states before the conditioning's final LayerNorm, switched as :meth:`encode`."""

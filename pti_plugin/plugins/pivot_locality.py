@@ -106,7 +106,7 @@ class _Pending:
     """What ``extra_rows`` prepared for ``extra_losses`` in the same micro-step (its rows ride on the main UNet call)."""
 
     samples: list[_Sample]
-    frozen_cond: torch.Tensor | None  # [r, 77, d]; None when cached targets are used
+    frozen_cond: Conditioning | None  # r rows; None when cached targets are used
     noisy: torch.Tensor  # [r, 4, h, w]
     timesteps: torch.Tensor  # [r]
     target: torch.Tensor | None  # cached frozen predictions [r, 4, h, w]
@@ -138,8 +138,9 @@ class PivotLocality(Plugin):
             '"batch": the step\'s own noisy training latents and timesteps; "noise": Gaussian latents at a random '
             "timestep.", "batch")
         geometry: str = doc(
-            '"layernorm": exact slerp of the normalised pre-LayerNorm states; "centered": slerp about a centre; '
-            '"linear": lerp.', "layernorm")
+            '"layernorm": exact slerp of the normalised pre-LayerNorm states; "centered": slerp about a centre (per '
+            'text encoder, and the pooled embedding likewise); "linear": lerp; "auto": layernorm where the '
+            "conditioning ends with one LayerNorm (SD1.5), else centered (SDXL).", "auto")
         centre_file: str = doc(
             'Centre file of analysis/ellipsoid_check.py (per-position centres) for "centered" and the centred angle; '
             "empty = estimated from built-in prompts.", "")
@@ -169,8 +170,8 @@ class PivotLocality(Plugin):
             raise _error(f"need 0 < min_fraction <= max_fraction <= 1, got {o.min_fraction} and {o.max_fraction}")
         if o.latents not in ("batch", "noise"):
             raise _error(f'latents must be "batch" or "noise", got {o.latents!r}')
-        if o.geometry not in ("layernorm", "centered", "linear"):
-            raise _error(f'geometry must be "layernorm", "centered" or "linear", got {o.geometry!r}')
+        if o.geometry not in ("auto", "layernorm", "centered", "linear"):
+            raise _error(f'geometry must be "auto", "layernorm", "centered" or "linear", got {o.geometry!r}')
         for key in ("every_n_steps", "num_samples"):
             if getattr(o, key) < 1:
                 raise _error(f"{key} must be >= 1, got {getattr(o, key)}")
@@ -209,16 +210,29 @@ class PivotLocality(Plugin):
 
         norms = state.final_layer_norms()
         self.ln = norms[0] if len(norms) == 1 and isinstance(norms[0], torch.nn.LayerNorm) else None
+        self.widths = state.conditioning_widths()  # each encoder's slice of the hidden states' width
+        self._size_conditioning = state.size_conditioning
         if o.geometry == "layernorm" and self.ln is None:
             raise _error('geometry = "layernorm" needs a conditioning that ends with one LayerNorm, and this model '
                          'family\'s conditioning does not; use geometry = "centered"')
+        self.geometry = o.geometry
+        if o.geometry == "auto":
+            self.geometry = "layernorm" if self.ln is not None else "centered"
+            if self.ln is None:
+                state.info("pivot_locality: this model's conditioning is taken before any final LayerNorm (SDXL: "
+                           "penultimate states of both encoders), so the exact LayerNorm slerp does not apply; using "
+                           "the centered geometry (slerp about the empirical centre, per token position and encoder, "
+                           "and for the pooled embedding)")
 
         self.pivot_ids, self.class_ids, self.slots, self.pairs = self._prompt_ids(state)
+        self.pooled_centre: torch.Tensor | None = None
         self.centre, self.centre_source = self._load_centre(state)
+        if self.centre is not None and self.pooled_centre is None and self.geometry == "centered":
+            self._estimate_centre(state)  # a centre file holds the per-token centre only: the pooled one is estimated
         self._num_train_timesteps = state.num_train_timesteps
         self._last_shape: tuple[int, ...] | None = None
         if self.active_stages:
-            state.info(f"pivot_locality: stages {self.active_stages}, geometry {o.geometry}, weight {o.weight:g}, "
+            state.info(f"pivot_locality: stages {self.active_stages}, geometry {self.geometry}, weight {o.weight:g}, "
                   f"{self._fraction_text()}, latents {o.latents}; class prompts: "
                   + "; ".join(repr(p["class_prompt"]) for p in self.pairs))
 
@@ -235,7 +249,8 @@ class PivotLocality(Plugin):
                       "train the UNet LoRA only in that stage (network_train_unet_only = true, train_pivot = false)")
 
     def _prompt_ids(self, state: TrainerState):
-        """Token ids of every (template, class word) pair: pivot prompts [P, 77], class prompts [P, 77], pivot slots [P, n]."""
+        """Token ids of every (template, class word) pair: pivot prompts [P, 77] ([P, encoders, 77] for SDXL), class
+        prompts likewise, pivot slots [P, n]."""
         config, o = state.config, self.options
         n = config.num_vectors_per_token
         templates = list(o.templates) or [config.caption_template]
@@ -249,13 +264,14 @@ class PivotLocality(Plugin):
             if template.count("{}") != 1:
                 raise _error(f'template {template!r} must contain "{{}}" (the token) exactly once')
             prompt = template.format(" ".join(pivot_token_strings(config.token_string, n)))
-            ids = state.tokenize([prompt])[0].cpu()
-            where = torch.nonzero(ids[:, None] == token_ids[None, :])  # [(position, which vector)]
+            ids = state.tokenize([prompt])[0].cpu()  # [77], or [encoders, 77] (SDXL): the same positions in each
+            first = ids if ids.dim() == 1 else ids[0]
+            where = torch.nonzero(first[:, None] == token_ids[None, :])  # [(position, which vector)]
             if len(where) != n or not torch.equal(where[:, 1], torch.arange(n)) or not torch.equal(
                 where[:, 0], where[0, 0] + torch.arange(n)
             ):
                 raise _error(f"template {template!r}: the pivot tokens do not appear once each, in order, within the "
-                             f"{ids.shape[0]} token positions (is the template too long?)")
+                             f"{first.shape[0]} token positions (is the template too long?)")
             positions = where[:, 0]
             for word in class_words:
                 word_ids = state.word_token_ids(word)
@@ -271,7 +287,7 @@ class PivotLocality(Plugin):
                         + (f" or one of {n} tokens" if n > 1 else f", or num_vectors_per_token = {len(word_ids)}")
                     )
                 cls = ids.clone()
-                cls[positions] = torch.tensor(fill, dtype=cls.dtype)
+                cls[..., positions] = torch.tensor(fill, dtype=cls.dtype)
                 pivot_ids.append(ids)
                 class_ids.append(cls)
                 slots.append(positions)
@@ -284,7 +300,7 @@ class PivotLocality(Plugin):
         from ..centre_file import CentreFileError, load_centre_file
 
         o, config = self.options, state.config
-        positions = self.pivot_ids.shape[1]
+        positions = self.pivot_ids.shape[-1]
         with state.frozen():
             d = state.encode(self.pivot_ids[:1].to(state.device), lora=False).hidden_states.shape[-1]
         if o.centre_file:
@@ -305,16 +321,20 @@ class PivotLocality(Plugin):
                     raise _error(f"centre_file {o.centre_file}: its final-LayerNorm gamma/beta differ from this text "
                                  "encoder's: it was made for another model")
             return loaded.centre.float().to(state.device), f"file:{Path(o.centre_file).name}"
-        if o.geometry != "centered" and self.ln is None:
+        if self.geometry != "centered" and self.ln is None:
             return None, "none"
         return self._estimate_centre(state), f"estimated:{len(CENTRE_PROMPTS)} built-in prompts"
 
     @torch.no_grad()
     def _estimate_centre(self, state: TrainerState) -> torch.Tensor:
-        """Mean encoder output (LoRA off) over :data:`CENTRE_PROMPTS`, per token position: [77, d]."""
+        """Mean encoder output (LoRA off) over :data:`CENTRE_PROMPTS`, per token position: [77, d]. The pooled
+        embedding's centre (SDXL), the mean pooled output [d_pool], is kept in ``self.pooled_centre``."""
         ids = state.tokenize(list(CENTRE_PROMPTS)).to(state.device)
         with state.frozen():
-            return state.encode(ids, lora=False).hidden_states.float().mean(dim=0)
+            cond = state.encode(ids, lora=False)
+        pooled = cond.added_cond_kwargs.get("text_embeds")
+        self.pooled_centre = None if pooled is None else pooled.float().mean(dim=0)
+        return cond.hidden_states.float().mean(dim=0)
 
     # ------------------------------------------------------------------ stage
     def on_stage_start(self, state: TrainerState) -> None:
@@ -339,7 +359,10 @@ class PivotLocality(Plugin):
         ids = torch.cat([self.pivot_ids, self.class_ids]).to(state.device)
         with torch.set_grad_enabled(grad):
             if self.ln is None:
-                states = {"h": state.encode(ids, lora=lora_on, pivot_grad=False).hidden_states.float()}
+                cond = state.encode(ids, lora=lora_on, pivot_grad=False)
+                states = {"h": cond.hidden_states.float()}
+                states |= {"pooled": v.float() for k, v in cond.added_cond_kwargs.items() if k == "text_embeds"}
+                states |= {"time_ids": v for k, v in cond.added_cond_kwargs.items() if k == "time_ids"}
             else:
                 x = state.pre_layernorm_states(ids, lora=lora_on, pivot_grad=False)
                 with state.autocast():
@@ -363,17 +386,35 @@ class PivotLocality(Plugin):
             self._endpoints[key] = out
         return out
 
-    def _interpolate(self, ends: dict[str, torch.Tensor], pairs: list[int], fractions: list[float]) -> torch.Tensor:
-        """``H_r`` [r, 77, d] (float32) for pair indices and fractions of the pivot->class angle."""
+    def _interpolate(self, ends: dict[str, torch.Tensor], pairs: list[int], fractions: list[float],
+                     sizes: torch.Tensor | None = None) -> Conditioning:
+        """The conditioning of ``H_r`` (float32 [r, 77, d]) for pair indices and fractions of the pivot->class
+        angle; with a pooled embedding (SDXL) that is interpolated the same way, and ``sizes`` [r, 6] (None:
+        the family's default) give the size conditioning."""
         index = torch.tensor(pairs, device=ends["h_p"].device)
         s = torch.tensor(fractions, dtype=torch.float32, device=index.device)[:, None]  # [r, 1] over positions
-        geometry_name = self.options.geometry
-        if geometry_name == "layernorm":
-            return geometry.layernorm_slerp(ends["xhat_p"][index], ends["xhat_c"][index], s,
-                                            self.ln.weight.float(), self.ln.bias.float())
-        if geometry_name == "centered":
-            return geometry.centered_slerp(ends["h_p"][index], ends["h_c"][index], s, self.centre)
-        return geometry.lerp(ends["h_p"][index], ends["h_c"][index], s)
+        if self.geometry == "layernorm":
+            hidden = geometry.layernorm_slerp(ends["xhat_p"][index], ends["xhat_c"][index], s,
+                                              self.ln.weight.float(), self.ln.bias.float())
+        else:  # per encoder's slice of the width: each encoder's states are their own ellipsoid
+            bounds = torch.tensor((0,) + self.widths).cumsum(0).tolist()
+            hidden = torch.cat([self._slerp(ends["h_p"][index][..., a:b], ends["h_c"][index][..., a:b], s,
+                                            None if self.centre is None else self.centre[..., a:b])
+                                for a, b in zip(bounds[:-1], bounds[1:])], dim=-1)
+        extra = {}
+        if "pooled_p" in ends:
+            extra["text_embeds"] = self._slerp(ends["pooled_p"][index], ends["pooled_c"][index], s[:, 0], self.pooled_centre)
+        if sizes is not None:
+            extra |= self._size_conditioning(sizes)
+        elif "time_ids_p" in ends:
+            extra["time_ids"] = ends["time_ids_p"][index]
+        return Conditioning(hidden, extra)
+
+    def _slerp(self, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
+        """The centered slerp or the lerp of ``a`` toward ``b`` (same shapes) by fractions ``s``."""
+        if self.geometry == "centered":
+            return geometry.centered_slerp(a, b, s, centre)
+        return geometry.lerp(a, b, s)
 
     def _angles(self, ends: dict[str, torch.Tensor]) -> dict[str, float]:
         """Pivot->class angles (degrees) at the pivot slots, mean over pairs and vectors, in each geometry."""
@@ -386,6 +427,11 @@ class PivotLocality(Plugin):
         if self.centre is not None:
             centre = self.centre if self.centre.dim() == 1 else gather(self.centre.expand_as(ends["h_p"]))
             logs["pivot_locality/angle_centered_deg"] = float(torch.rad2deg(geometry.centered_angle(h_p, h_c, centre)).mean())
+            if len(self.widths) > 1:  # the geometry works per encoder: its angle per encoder (te1, te2, ...)
+                bounds = torch.tensor((0,) + self.widths).cumsum(0).tolist()
+                for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+                    angle = geometry.centered_angle(h_p[..., lo:hi], h_c[..., lo:hi], centre[..., lo:hi])
+                    logs[f"pivot_locality/angle_centered_te{i}_deg"] = float(torch.rad2deg(angle).mean())
         return logs
 
     # ------------------------------------------------------------------ sampling
@@ -404,8 +450,9 @@ class PivotLocality(Plugin):
             sample.timestep = int(torch.randint(self._num_train_timesteps, (), generator=generator))
         return sample
 
-    def _pool(self, state: TrainerState, shape: tuple[int, ...]) -> dict[str, Any]:
-        """The stage's anchor pool for latents of ``shape``: samples, and when cached their rows and frozen targets."""
+    def _pool(self, state: TrainerState, shape: tuple[int, ...], sizes: torch.Tensor | None) -> dict[str, Any]:
+        """The stage's anchor pool for latents of ``shape``: samples, and when cached their rows and frozen targets
+        (at ``sizes`` [6], the size conditioning of the batch that first needs the pool)."""
         if shape in self._pools:
             return self._pools[shape]
         seed, stage = state.config.seed, state.stage_index
@@ -414,12 +461,13 @@ class PivotLocality(Plugin):
         pool: dict[str, Any] = {"samples": samples}
         if self.options.cache_anchors:
             with torch.no_grad():
+                rows = None if sizes is None else sizes.expand(len(samples), -1)
                 cond = self._interpolate(self._side_endpoints(state, True, False), [s.pair for s in samples],
-                                         [s.fraction for s in samples])
+                                         [s.fraction for s in samples], rows)
                 noisy, t = self._stack_latents(state, samples)
                 frozen = self._interpolate(self._side_endpoints(state, False, False), [s.pair for s in samples],
-                                           [s.fraction for s in samples])
-                targets = [self._frozen_prediction(state, noisy[i : i + 8], t[i : i + 8], frozen[i : i + 8])
+                                           [s.fraction for s in samples], rows)
+                targets = [self._frozen_prediction(state, noisy[i : i + 8], t[i : i + 8], frozen.rows(slice(i, i + 8)))
                            for i in range(0, len(samples), 8)]
             pool |= {"cond": cond, "noisy": noisy, "t": t, "target": torch.cat(targets)}
         self._pools[shape] = pool
@@ -431,10 +479,10 @@ class PivotLocality(Plugin):
         return noisy, t
 
     @torch.no_grad()
-    def _frozen_prediction(self, state: TrainerState, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _frozen_prediction(self, state: TrainerState, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """``eps_frozen``: the base model's UNet (LoRA off), without gradients: [r, 4, h, w]."""
         with state.frozen():
-            return state.unet(noisy, t, Conditioning(cond)).detach()
+            return state.unet(noisy, t, cond).detach()
 
     def _active_now(self, state: TrainerState) -> bool:
         return self._stage_active and state.stage_step % self.options.every_n_steps == 0 and self.options.weight > 0
@@ -450,29 +498,31 @@ class PivotLocality(Plugin):
         o, shape = self.options, tuple(batch.latents.shape[1:])
         seed, stage, step, first_slot = state.config.seed, state.stage_index, state.stage_step, batch.slots[0]
         if o.anchor_pool:
-            pool = self._pool(state, shape)
+            pool = self._pool(state, shape, None if batch.sizes is None else batch.sizes[:1])
             pick = sample_generator(seed, stage, step, first_slot, _PICK_TAG)
             index = torch.randint(o.anchor_pool, (o.num_samples,), generator=pick).tolist()
             samples = [pool["samples"][k] for k in index]
             if o.cache_anchors:
                 index_t = torch.tensor(index, device=pool["noisy"].device)
                 self._pending = _Pending(samples, None, pool["noisy"][index_t], pool["t"][index_t], pool["target"][index_t])
-                return UNetRows(self._pending.noisy, self._pending.timesteps, Conditioning(pool["cond"][index_t]))
+                return UNetRows(self._pending.noisy, self._pending.timesteps, pool["cond"].rows(index_t))
         else:
             noise_shape = shape if o.latents == "noise" else None
             samples = [self._draw(sample_generator(seed, stage, step, first_slot, i, _SAMPLE_TAG), noise_shape,
                                   batch.latents.shape[0], i) for i in range(o.num_samples)]
         pairs, fractions = [s.pair for s in samples], [s.fraction for s in samples]
-        trained = self._interpolate(self._side_endpoints(state, True, grad=True), pairs, fractions)
-        with torch.no_grad():
-            frozen = self._interpolate(self._side_endpoints(state, False, grad=False), pairs, fractions)
         if o.latents == "noise":
             noisy, t = self._stack_latents(state, samples)
-        else:  # the step's own noisy latents (set on the batch before on_step_start)
+            sizes = None if batch.sizes is None else batch.sizes[:1].expand(len(samples), -1)  # the batch's size
+        else:  # the step's own noisy latents (set on the batch before on_step_start), at their own sizes
             rows = torch.tensor([s.source_row for s in samples], device=batch.noisy_latents.device)
             noisy, t = batch.noisy_latents[rows], batch.timesteps[rows]
+            sizes = None if batch.sizes is None else batch.sizes[rows]
+        trained = self._interpolate(self._side_endpoints(state, True, grad=True), pairs, fractions, sizes)
+        with torch.no_grad():
+            frozen = self._interpolate(self._side_endpoints(state, False, grad=False), pairs, fractions, sizes)
         self._pending = _Pending(samples, frozen, noisy, t, None)
-        return UNetRows(noisy, t, Conditioning(trained))
+        return UNetRows(noisy, t, trained)
 
     def extra_losses(
         self, state: TrainerState, batch: Batch, main: MainPrediction, rows: torch.Tensor | None
@@ -518,7 +568,7 @@ class PivotLocality(Plugin):
         for f in fractions:
             trained = self._interpolate(trained_ends, pairs, [f] * len(pairs))
             frozen = self._interpolate(frozen_ends, pairs, [f] * len(pairs))
-            lora = state.unet(noisy, t, Conditioning(trained)).float()
+            lora = state.unet(noisy, t, trained).float()
             out[float(f)] = float((lora - self._frozen_prediction(state, noisy, t, frozen).float()).abs().mean())
         return out
 

@@ -1,0 +1,144 @@
+"""The SDXL model family (SDXL 1.0, Illustrious, NoobAI, Pony): two text encoders, pooled and size conditioning.
+
+Only this module (with ``sdxl_keys.py``, the architecture's key table, and ``single_file_sdxl.py``)
+knows SDXL's shape; everything else asks the adapter (see ``family.py``).
+
+SDXL conditions its UNet on (diffusers' ``StableDiffusionXLPipeline.encode_prompt``, kohya's
+``sdxl_train_util``):
+
+- per-token states ``[B, 77, 768 + 1280]``: the *penultimate* hidden states of CLIP ViT-L
+  (``text_encoder``) and of OpenCLIP ViT-bigG (``text_encoder_2``, a ``CLIPTextModelWithProjection``),
+  concatenated along the width. They are taken before any final LayerNorm, so the exact
+  whitened-LayerNorm slerp does not apply: :meth:`SDXLFamily.final_layer_norms` says so (``None`` per
+  encoder) and the pivot-locality plugin uses its ``centered`` geometry;
+- ``text_embeds`` ``[B, 1280]``: the second encoder's pooled, projected output;
+- ``time_ids`` ``[B, 6]``: ``original_size (h, w) + crops_coords_top_left (top, left) + target_size (h, w)``,
+  per sample from its image, bucket and crop (see ``data/buckets.py:size_conditioning``); without
+  them (prompts without an image) the square ``default_size`` with no crop.
+
+Token ids are ``[B, 2, 77]``: each tokenizer's ids, stacked (the two share CLIP's BPE vocabulary;
+the second pads with ``!`` instead of EOS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .family import Conditioning, EmbeddingLayout, KeyTable, LoadedComponents, register_family
+
+#: The pipeline's names of the two encoders (and, with ``tokenizer``, the tokenizers), in order.
+SDXL_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+#: The subfolders of an SDXL diffusers model folder that training reads.
+SDXL_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+@dataclass
+class SDXLFamily:
+    """SDXL: two text encoders; see the module docstring.
+
+    ``clip_skip`` must be 1 (SDXL's definition already skips the last layer); ``max_token_length``
+    75 (kohya's longer windows are not implemented for SDXL); ``default_size``: the ``time_ids``
+    size of prompts encoded without an image.
+    """
+
+    clip_skip: int = 1
+    max_token_length: int = 75
+    default_size: int = 1024
+
+    name = "sdxl"
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    text_encoder_names = SDXL_TEXT_ENCODERS
+
+    def __post_init__(self):
+        if self.clip_skip != 1:
+            raise ValueError("clip_skip must be 1 for SDXL: its conditioning is defined on the penultimate layer "
+                             "of both encoders already (kohya ignores clip_skip for SDXL too)")
+        if self.max_token_length != 75:
+            raise ValueError("max_token_length must be 75 for SDXL here (150/225 windows are SD1.5 only)")
+
+    @property
+    def key_table(self) -> KeyTable:
+        from .sdxl_keys import sdxl_key_table
+
+        return sdxl_key_table()
+
+    @property
+    def embedding_layout(self) -> EmbeddingLayout:
+        from .sdxl_keys import SDXL_EMBEDDING_LAYOUT
+
+        return SDXL_EMBEDDING_LAYOUT
+
+    # ------------------------------------------------------------------ loading
+    def load(self, path: Path, single_file_config: str = "", tokenizer_path: str = "") -> LoadedComponents:
+        """A diffusers SDXL folder, or an original single file (``single_file_sdxl.py``), offline."""
+        if path.is_file():
+            from .single_file_sdxl import load_sdxl_single_file
+
+            return load_sdxl_single_file(path, single_file_config or None, tokenizer_path)
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        absent = [name for name in SDXL_FOLDERS if not (path / name).is_dir()]
+        if absent:
+            raise ValueError(f"not a complete SDXL diffusers folder: no {', '.join(s + '/' for s in absent)} in {path}")
+
+        kwargs = {"local_files_only": True}
+        # kohya trains SDXL with DDPM's schedule; the folder's scheduler config (Euler for SDXL base) has
+        # the same betas and says the prediction type.
+        return LoadedComponents(
+            UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
+            AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
+            (CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
+             CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kwargs)),
+            (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs),
+             CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kwargs)),
+            DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs),
+        )
+
+    # ------------------------------------------------------------------ conditioning
+    def tokenize(self, tokenizers: Sequence[object], captions: list[str]) -> torch.Tensor:
+        """Token ids ``[B, 2, 77]`` (int64): each tokenizer's inference tokenisation, stacked."""
+        ids = [tok(captions, padding="max_length", max_length=self.max_token_length + 2, truncation=True,
+                   return_tensors="pt").input_ids for tok in tokenizers]
+        return torch.stack(ids, dim=1)
+
+    def encode(self, text_encoders: Sequence[nn.Module], input_ids: torch.Tensor,
+               sizes: torch.Tensor | None = None) -> Conditioning:
+        """``hidden_states`` [B, 77, d1 + d2], ``text_embeds`` [B, d_proj], ``time_ids`` [B, 6] (see the module
+        docstring); ``sizes`` [B, 6] are the time ids (default: ``default_size`` square, no crop)."""
+        te1, te2 = text_encoders
+        out1 = te1(input_ids[:, 0], output_hidden_states=True)
+        out2 = te2(input_ids[:, 1], output_hidden_states=True)
+        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # [B, 77, d1 + d2]
+        pooled = out2.text_embeds  # [B, d_proj]
+        return Conditioning(hidden, {"text_embeds": pooled, "time_ids": self._time_ids(sizes, input_ids.shape[0], pooled)})
+
+    def _time_ids(self, sizes: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
+        if sizes is None:
+            s = self.default_size
+            sizes = torch.tensor([[s, s, 0, 0, s, s]]).expand(batch, 6)
+        return sizes.to(device=like.device, dtype=like.dtype)
+
+    def size_conditioning(self, sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The UNet's extra conditioning for per-sample ``sizes`` [B, 6] (see :meth:`encode`)."""
+        return {"time_ids": sizes.float()}
+
+    def conditioning_widths(self, text_encoders: Sequence[nn.Module]) -> tuple[int, ...]:
+        """Each encoder's share of the hidden states' width, in order (768, 1280 for SDXL)."""
+        return tuple(int(te.config.hidden_size) for te in text_encoders)
+
+    def pre_layernorm_states(self, text_encoders: Sequence[nn.Module], input_ids: torch.Tensor) -> None:
+        """None: SDXL's conditioning does not end with a LayerNorm (the penultimate states are used as they are)."""
+        return None
+
+    def final_layer_norms(self, text_encoders: Sequence[nn.Module]) -> tuple[None, None]:
+        """None per encoder: the exact LayerNorm slerp geometry does not apply to SDXL's conditioning."""
+        return (None, None)
+
+
+register_family(SDXLFamily.name, SDXLFamily)
