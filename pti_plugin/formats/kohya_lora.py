@@ -125,16 +125,18 @@ def to_kohya(
 
 
 @functools.cache
-def installed_text_encoder_has_prefix() -> bool:
-    """Whether the installed transformers' ``CLIPTextModel`` nests its modules under ``text_model.``."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def installed_text_encoder_has_prefix(class_name: str = "CLIPTextModel") -> bool:
+    """Whether the installed transformers' ``class_name`` (``CLIPTextModel`` or ``CLIPTextModelWithProjection``)
+    nests its modules under ``text_model.``."""
+    import transformers
+    from transformers import CLIPTextConfig
 
     config = CLIPTextConfig(
         vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-        max_position_embeddings=4, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        max_position_embeddings=4, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=8,
     )
     with torch.device("meta"):
-        return hasattr(CLIPTextModel(config), "text_model")
+        return hasattr(getattr(transformers, class_name)(config), "text_model")
 
 
 def _module_names(model: torch.nn.Module | Iterable[str] | None) -> set[str] | None:

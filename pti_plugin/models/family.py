@@ -87,11 +87,17 @@ class KeyTable:
 
     ``optional_prefixes`` maps a component to a path prefix the installed library may omit
     (transformers 5 dropped ``text_model.`` from ``CLIPTextModel``; kohya and A1111 keep it).
+    ``prefix_probes`` maps a component to a function saying whether the installed library keeps
+    that prefix (default: whether ``CLIPTextModel`` does).
     """
 
-    def __init__(self, keys: Iterable[LoraKey], optional_prefixes: dict[str, str] | None = None):
+    def __init__(
+        self, keys: Iterable[LoraKey], optional_prefixes: dict[str, str] | None = None,
+        prefix_probes: dict[str, Callable[[], bool]] | None = None,
+    ):
         self.keys = tuple(keys)
         self.optional_prefixes = dict(optional_prefixes or {})
+        self.prefix_probes = dict(prefix_probes or {})
         self._by_name = {k.kohya_name: k for k in self.keys}
         self._by_path = {(k.component, k.path): k for k in self.keys}
 
@@ -120,7 +126,10 @@ class KeyTable:
         prefix = self.optional_prefixes.get(key.component, "")
         if not prefix:
             return key.path
-        prefixed = _clip_has_text_model_prefix() if module_names is None else any(n.startswith(prefix) for n in module_names)
+        if module_names is None:
+            prefixed = self.prefix_probes.get(key.component, _clip_has_text_model_prefix)()
+        else:
+            prefixed = any(n.startswith(prefix) for n in module_names)
         return key.path if prefixed else key.path.removeprefix(prefix)
 
     def peft_targets(self, component: str, model: nn.Module, conv: bool = False) -> list[str]:
