@@ -243,7 +243,7 @@ def load_single_file(
     ``load_clip_tokenizer`` for the fallbacks). The file is read and checked before the tokenizer is
     looked for, so a corrupt or unsafe file is named first. Nothing is downloaded; nothing from a pickle runs.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel
 
@@ -287,6 +287,16 @@ def load_single_file(
             local_files_only=True,
         ),
     )
+    noise_scheduler = scheduler_from_markers(path, state, config_dir)
+    del state
+    return unet, vae, text_encoder, tokenizer, noise_scheduler
+
+
+def scheduler_from_markers(path: Path, state: dict[str, torch.Tensor], config_dir: Path):
+    """The training ``DDPMScheduler`` of the config folder's ``scheduler/``; a ``v_pred`` marker key in the file
+    selects v-prediction and a ``ztsnr`` one the zero-terminal-SNR rescale (the markers kohya and NoobAI write)."""
+    from diffusers import DDPMScheduler
+
     noise_scheduler = DDPMScheduler.from_pretrained(str(config_dir), subfolder="scheduler", local_files_only=True)
     overrides = {}
     if "v_pred" in state:
@@ -296,8 +306,7 @@ def load_single_file(
     if overrides:
         logger.info("%s: marker keys select %s", path, overrides)
         noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config, **overrides)
-    del state
-    return unet, vae, text_encoder, tokenizer, noise_scheduler
+    return noise_scheduler
 
 
 # --------------------------------------------------------------------------------------------------
