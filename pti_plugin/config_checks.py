@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from .config import EMBEDDED, PATH_KEYS, Config, ConfigError, network_args
+from .data.dataset_keys import DATASET_KEYS, SUBSET_KEYS, TOP_LEVEL_KEYS
 from .input_checks import check_inputs
 
 logger = logging.getLogger(__name__)
@@ -109,21 +110,18 @@ def validate_config(config: Config, check_paths: bool) -> None:
 
 
 def _check_data_keys(config: Config) -> None:
-    """The top-level kohya dataset keys (dataset_config values are checked when it is read)."""
-    for key in ("keep_tokens", "caption_dropout_every_n_epochs", "prior_loss_weight"):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"preset: key {key!r} must be >= 0, got {getattr(config, key)!r}")
-    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-        if not 0.0 <= getattr(config, key) <= 1.0:
-            raise ConfigError(f"preset: key {key!r} must be in [0, 1], got {getattr(config, key)!r}")
+    """The top-level kohya dataset keys, by the dataset_config's own checks (``data/dataset_keys.py``;
+    a dataset_config's values are checked when it is read), and the keys of the other sources."""
+    for key in TOP_LEVEL_KEYS:
+        value = getattr(config, key)
+        try:
+            (DATASET_KEYS | SUBSET_KEYS)[key](value)
+        except ValueError as exc:
+            raise ConfigError(f"preset: key {key!r} {exc}, got {value!r}") from None
+    if config.prior_loss_weight < 0:
+        raise ConfigError(f"preset: key 'prior_loss_weight' must be >= 0, got {config.prior_loss_weight!r}")
     if config.dataset_repeats < 1:
         raise ConfigError(f"preset: key 'dataset_repeats' must be >= 1, got {config.dataset_repeats!r}")
-    if not config.caption_separator:
-        raise ConfigError("preset: key 'caption_separator' must not be empty")
-    size = config.skip_image_resolution
-    if size is not None and (any(v <= 0 for v in (size if isinstance(size, list) else [size]))
-                             or (isinstance(size, list) and len(size) != 2)):
-        raise ConfigError(f"preset: key 'skip_image_resolution' is a positive int or [width, height], got {size!r}")
     for key in ("reg_data_dir", "in_json"):
         if getattr(config, key) and config.dataset_config:
             raise ConfigError(f"preset: {key!r} is not used with 'dataset_config' (kohya ignores it there); "
