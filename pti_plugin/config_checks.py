@@ -80,7 +80,7 @@ def validate_config(config: Config, check_paths: bool) -> None:
     network_args(config)
     if config.num_vectors_per_token < 1:
         raise ConfigError("preset: key 'num_vectors_per_token' must be >= 1")
-    if isinstance(config.init_word, list) and len(config.init_word) not in (1, config.num_vectors_per_token):
+    if len(config.init_words) not in (1, config.num_vectors_per_token):
         raise ConfigError("preset: key 'init_word' lists one word, or one word per vector (num_vectors_per_token)")
     if isinstance(config.resolution, list) and len(config.resolution) != 2:
         raise ConfigError("preset: key 'resolution' is an int or [width, height]")
