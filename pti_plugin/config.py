@@ -1,4 +1,4 @@
-"""The preset schema: every knob with its default and one-line doc, TOML loading, overrides, validation.
+"""The preset schema: every knob with its default and one-line doc, TOML loading, overrides.
 
 A preset is a TOML file whose top-level keys are kohya sd-scripts names where kohya has the
 concept. ``extends = "other.toml"`` merges this preset over another (tables merge key by key,
@@ -6,9 +6,10 @@ lists are replaced). ``config_file = "kohya.toml"`` reads a kohya ``--config_fil
 arguments (its sections are flattened) beneath the preset. Top-level keys are the defaults of
 every stage (``[[stages]]``); a stage's own key wins. ``[plugins.NAME]`` tables enable plugins.
 
-Validation happens here, before any model loads: unknown keys (with the closest valid key),
-kohya options this trainer does not implement (refused by name, see ``kohya_options.py``),
-wrong types and missing paths all raise :class:`ConfigError`.
+Validation happens before any model loads: unknown keys (with the closest valid key), kohya
+options this trainer does not implement (refused by name, see ``kohya_options.py``) and wrong
+types are refused here while parsing; ranges, choices and missing paths in ``config_checks.py``.
+Every problem raises :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -190,8 +191,7 @@ class Config:
         return list(self.init_word) if isinstance(self.init_word, list) else [self.init_word]
 
 
-_PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_path", "weights", "network_weights", "train_data_dir", "dataset_config", "reg_data_dir", "in_json", "sample_prompts", "resume", "config_file")
-_STAGE_KINDS = ("inversion", "lora")
+PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_path", "weights", "network_weights", "train_data_dir", "dataset_config", "reg_data_dir", "in_json", "sample_prompts", "resume", "config_file")
 
 
 def field_names(cls: type) -> list[str]:
@@ -283,7 +283,7 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
 def _rebase_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make the path keys of ``raw`` absolute relative to ``base`` (the preset's folder).
 
-    Path keys are the top-level ones in ``_PATH_KEYS`` and, in ``[plugins.NAME]`` tables, options
+    Path keys are the top-level ones in ``PATH_KEYS`` and, in ``[plugins.NAME]`` tables, options
     whose name ends in ``_file``, ``_dir`` or ``_path``.
     """
 
@@ -293,7 +293,7 @@ def _rebase_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         return value
 
     out = dict(raw)
-    for key in _PATH_KEYS + ("extends",):
+    for key in PATH_KEYS + ("extends",):
         if key in out:
             out[key] = rebase(out[key])
     if isinstance(out.get("plugins"), dict):
@@ -385,39 +385,20 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
     uses is an error. Stages resolve here (``resolution.py``); an epoch-based stage's step count
     follows once the dataset is scanned (:func:`pti_plugin.resolution.with_epoch_steps`).
     """
+    from .config_checks import check_the_pivot_is_learned, validate_config
+    from .input_checks import with_leading_dot
     from .resolution import check_given_values_are_used, default_stage_dicts, resolve_stages
 
     if "stages" not in raw:
         raw = raw | {"stages": default_stage_dicts(raw)}
     parsed = _build(Config, raw, "preset")
-    _validate(parsed, check_paths)
-    from .input_checks import with_leading_dot
-
+    validate_config(parsed, check_paths)
     config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),
                                  caption_extension=with_leading_dot(parsed.caption_extension))
     if given:
         check_given_values_are_used(config, parsed.stages, given)
-    _check_the_pivot_is_learned(config)
+    check_the_pivot_is_learned(config)
     return config
-
-
-def _check_the_pivot_is_learned(config: Config) -> None:
-    """A run where no stage trains the pivot, with no ``weights`` file nor ``resume``, keeps ``tok1``
-    equal to its init word: a warning, and an error with ``pivot_locality`` toward the init word
-    itself (the default class word: the pivot->class angle is then 0, so the regulariser would tie
-    the model to itself on the training prompt)."""
-    if any(stage.train_pivot for stage in config.stages) or config.weights or config.resume:
-        return
-    words = " ".join(config.init_words)
-    locality = config.plugins.get("pivot_locality")
-    if locality is not None and set(locality.get("class_words") or config.init_words) <= set(config.init_words):
-        raise ConfigError(
-            f"preset: plugins.pivot_locality needs a learned pivot, but no stage trains it and no 'weights' file "
-            f"is given: {config.token_string} equals its init word {words!r}, so the pivot->class angle is 0. "
-            "Add an inversion stage, set 'weights' to a trained embedding, or drop the plugin"
-        )
-    logger.warning("no stage trains the pivot and no 'weights' file is given: %s stays its init word %r",
-                   config.token_string, words)
 
 
 def _batch_size(config: Config) -> int:
@@ -446,74 +427,6 @@ def _dataset_config_batch_size(path: Path) -> int | None:
     return valid.pop() if len(valid) == 1 and len(sizes) == 1 else None
 
 
-def _validate(config: Config, check_paths: bool) -> None:
-    from .choices import CHOICES, choice_problem
-
-    for key in CHOICES:
-        problem = choice_problem(key, getattr(config, key))
-        if problem:
-            raise ConfigError(f"preset: {problem}")
-    if not config.stages:
-        raise ConfigError("preset: 'stages' is empty; at least one stage is needed")
-    for i, stage in enumerate(config.stages):
-        if stage.kind not in _STAGE_KINDS:
-            raise ConfigError(f"preset: stages.{i}.kind must be one of {list(_STAGE_KINDS)}, got {stage.kind!r}")
-    positive = ["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "network_dim",
-                "network_alpha", "log_every_n_steps", "max_nan_skips", "sample_steps", "clip_skip"]
-    for key in positive:
-        if getattr(config, key) <= 0:
-            raise ConfigError(f"preset: key {key!r} must be > 0, got {getattr(config, key)!r}")
-    for key in ("max_grad_norm", "noise_offset", "min_snr_gamma", "lr_warmup_steps", "save_every_n_steps",
-                "save_every_n_epochs", "sample_every_n_steps", "pivot_weight_decay", "multires_noise_iterations"):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"preset: key {key!r} must be >= 0, got {getattr(config, key)!r}")
-    for key in ("unet_lr", "text_encoder_lr", "max_train_epochs"):
-        if getattr(config, key) is not None and getattr(config, key) <= 0:
-            raise ConfigError(f"preset: key {key!r} must be > 0, got {getattr(config, key)!r}")
-    for i, stage in enumerate(config.stages):
-        for key in ("steps", "max_train_epochs", "learning_rate", "unet_lr", "text_encoder_lr", "pivot_lr"):
-            value = getattr(stage, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"preset: key 'stages.{i}.{key}' must be > 0, got {value!r}")
-    sizes = config.resolution if isinstance(config.resolution, list) else [config.resolution]
-    multiple = 64 if config.enable_bucket else 8
-    if any(size <= 0 or size % multiple for size in sizes):
-        raise ConfigError(f"preset: key 'resolution' must be a positive multiple of {multiple}"
-                          f"{' (enable_bucket)' if config.enable_bucket else ''}, got {config.resolution!r}")
-    _validate_optimisation_names(config)
-    network_args(config)
-    if config.num_vectors_per_token < 1:
-        raise ConfigError("preset: key 'num_vectors_per_token' must be >= 1")
-    if isinstance(config.init_word, list) and len(config.init_word) not in (1, config.num_vectors_per_token):
-        raise ConfigError("preset: key 'init_word' lists one word, or one word per vector (num_vectors_per_token)")
-    if isinstance(config.resolution, list) and len(config.resolution) != 2:
-        raise ConfigError("preset: key 'resolution' is an int or [width, height]")
-    if Path(config.output_name).name != config.output_name or not config.output_name:
-        raise ConfigError(f"preset: key 'output_name' must be a plain file name, got {config.output_name!r}")
-    if config.output_name == config.token_string:
-        raise ConfigError(
-            f"preset: output_name {config.output_name!r} equals token_string: the LoRA and the standalone "
-            "embedding would be the same file; choose another output_name"
-        )
-    _validate_data(config)
-    if not config.train_data_dir and not config.dataset_config:
-        raise ConfigError("preset: set 'train_data_dir' (a kohya image folder) or 'dataset_config'")
-    if config.train_data_dir and config.dataset_config:
-        raise ConfigError("preset: set only one of 'train_data_dir' and 'dataset_config' (a command-line one "
-                          "replaces the preset's other one)")
-    if check_paths:
-        for key in _PATH_KEYS:
-            value = getattr(config, key)
-            if value and value != EMBEDDED and not Path(value).expanduser().exists():
-                raise ConfigError(f"preset: key {key!r}: path not found: looked for {Path(value).expanduser().resolve()}")
-    for name in config.plugins:
-        if not isinstance(config.plugins[name], dict):
-            raise ConfigError(f"preset: plugins.{name} must be a table of options")
-    from .input_checks import check_inputs  # numbers, names, path kinds, starting files: see there
-
-    check_inputs(config, check_paths)
-
-
 def network_args(config: Config) -> dict[str, float]:
     """The parsed ``network_args`` (``conv_dim`` int > 0, ``conv_alpha`` float, default conv_dim)."""
     parsed: dict[str, float] = {}
@@ -533,42 +446,6 @@ def network_args(config: Config) -> dict[str, float]:
     if "conv_dim" in parsed:
         parsed.setdefault("conv_alpha", float(parsed["conv_dim"]))
     return parsed
-
-
-def _validate_data(config: Config) -> None:
-    """The top-level kohya dataset keys (dataset_config values are checked when it is read)."""
-    for key in ("keep_tokens", "caption_dropout_every_n_epochs", "prior_loss_weight"):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"preset: key {key!r} must be >= 0, got {getattr(config, key)!r}")
-    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-        if not 0.0 <= getattr(config, key) <= 1.0:
-            raise ConfigError(f"preset: key {key!r} must be in [0, 1], got {getattr(config, key)!r}")
-    if config.dataset_repeats < 1:
-        raise ConfigError(f"preset: key 'dataset_repeats' must be >= 1, got {config.dataset_repeats!r}")
-    if not config.caption_separator:
-        raise ConfigError("preset: key 'caption_separator' must not be empty")
-    size = config.skip_image_resolution
-    if size is not None and (any(v <= 0 for v in (size if isinstance(size, list) else [size]))
-                             or (isinstance(size, list) and len(size) != 2)):
-        raise ConfigError(f"preset: key 'skip_image_resolution' is a positive int or [width, height], got {size!r}")
-    for key in ("reg_data_dir", "in_json"):
-        if getattr(config, key) and config.dataset_config:
-            raise ConfigError(f"preset: {key!r} is not used with 'dataset_config' (kohya ignores it there); "
-                              + ("add [[datasets.subsets]] with is_reg = true instead" if key == "reg_data_dir"
-                                 else "use a metadata_file subset instead"))
-        if getattr(config, key) and not config.train_data_dir:
-            raise ConfigError(f"preset: {key!r} needs 'train_data_dir'")
-    if config.reg_data_dir and config.in_json:
-        raise ConfigError("preset: 'reg_data_dir' applies to kohya folders, not to in_json (fine-tuning) data")
-
-
-def _validate_optimisation_names(config: Config) -> None:
-    from .choices import optimizer_problem
-
-    for where, stage in [("", config)] + [(f"stages.{i}.", s) for i, s in enumerate(config.stages)]:
-        problem = optimizer_problem(where, stage.optimizer_type, stage.lr_scheduler)
-        if problem:
-            raise ConfigError(f"preset: {problem}")
 
 
 #: The data sources: a command-line one replaces the preset's other one (with its companion keys).
@@ -597,7 +474,7 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     raw = load_preset_dict(preset) if preset else {}
     given = {key: "preset" for key in raw} | {key: "command line" for key in overrides}
     raw = apply_overrides(_replace_data_source(raw, overrides), overrides, sets or [])
-    for key in _PATH_KEYS:
+    for key in PATH_KEYS:
         value = raw.get(key)
         if isinstance(value, str) and value and value != EMBEDDED:
             raw[key] = str(Path(value).expanduser().resolve())

@@ -48,7 +48,6 @@ def check_inputs(config: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"preset: key 'seed' must be between 0 and {_MAX_SEED}, got {config.seed}")
     check_token_string(config.token_string)
     check_name_fits("output_name", config.output_name)
-    check_caption_extension("preset: key 'caption_extension'", config.caption_extension)
     if not config.caption_extension.startswith("."):
         logger.warning("caption_extension %r has no leading dot; reading it as %r (as kohya does)",
                        config.caption_extension, with_leading_dot(config.caption_extension))
@@ -160,10 +159,13 @@ def with_leading_dot(extension: str) -> str:
 
 
 def check_caption_extension(where: str, extension: str) -> None:
-    """A file extension (``.txt``, ``txt``, ``.caption``): not empty, no path separator."""
-    bare = extension[1:] if extension.startswith(".") else extension
-    if not bare or any(c in "/\\" or c.isspace() for c in bare):
-        raise ConfigError(f"{where} must be a file extension such as '.txt', got {extension!r}")
+    """A file extension (``.txt``, ``txt``, ``.caption``): the rule of ``data/dataset_keys.py``."""
+    from .data.dataset_keys import file_extension
+
+    try:
+        file_extension(extension)
+    except ValueError as exc:
+        raise ConfigError(f"{where} {exc}, got {extension!r}") from None
 
 
 # ----------------------------------------------------------------------------- paths

@@ -114,7 +114,7 @@ class Trainer:
         self.state = TrainerState(config=config, accelerator=self.accelerator, model=None, output_dir=output_dir,  # type: ignore[arg-type]
                                   schedule=schedule_of(self.plugins))
         self.train_te_lora = any(self.state.stage_trains(s).text_encoder_lora for s in config.stages)
-        init_words = config.init_word if isinstance(config.init_word, list) else [config.init_word]
+        init_words = config.init_words
         conv = network_args(config)
         lora = LoraSpec(config.network_dim, config.network_alpha, int(conv.get("conv_dim", 0)), conv.get("conv_alpha", 1.0),
                         text_encoders=self.train_te_lora)

@@ -3,6 +3,7 @@ prior_loss_weight, augmentations, dataset_config levels, refusals, tag frequency
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -225,6 +226,18 @@ def test_dataset_config_inheritance_duplicates_and_resolutions(tmp_path, caplog)
     assert tag_frequency(items) == {"char": {"tok1": 2, "1girl": 2, "smile": 2}, "wide": {"tok1": 1, "1girl": 1, "wide": 1}}
 
 
+def test_every_caption_option_of_a_subset_reaches_its_images(tmp_path):
+    _images(tmp_path / "a", 1)
+    options = {"shuffle_caption": True, "keep_tokens": 2, "caption_separator": ";", "keep_tokens_separator": "|||",
+               "secondary_separator": ";;;", "enable_wildcard": True, "caption_prefix": "best", "caption_suffix": "4k",
+               "caption_dropout_rate": 0.25, "caption_dropout_every_n_epochs": 3, "caption_tag_dropout_rate": 0.5}
+    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
+    (tmp_path / "dataset.toml").write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n{lines}")
+    config = build_config({"dataset_config": str(tmp_path / "dataset.toml"), "resolution": 32})
+    (subset,) = load_subsets(config)
+    assert dataclasses.asdict(subset.caption_options) == options  # no option dropped, none left at its default
+
+
 @pytest.mark.parametrize("body, expected", [
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\ncache_info = true\n",
      "datasets.0.subsets.0: kohya dataset option 'cache_info' is not supported by pti-plugin (image sizes and captions"),
@@ -263,7 +276,8 @@ def test_top_level_dataset_keys_and_refused_options():
     for raw, expected in [
         ({"face_crop_aug_range": [2.0, 4.0]}, "kohya option 'face_crop_aug_range' is not supported by pti-plugin: face-centred"),
         ({"debug_dataset": True}, "use python -m pti_plugin.dataset_preview"),
-        ({"caption_tag_dropout_rate": 2.0}, "key 'caption_tag_dropout_rate' must be in [0, 1]"),
+        ({"caption_tag_dropout_rate": 2.0}, "key 'caption_tag_dropout_rate' expects a number in [0, 1], got 2.0"),
+        ({"min_bucket_reso": 4}, "key 'min_bucket_reso' expects an integer >= 8, got 4"),  # the dataset_config's rule
         ({"dataset_config": "/x.toml", "train_data_dir": "", "reg_data_dir": "/r"},
          "'reg_data_dir' is not used with 'dataset_config' (kohya ignores it there)"),
     ]:

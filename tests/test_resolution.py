@@ -164,13 +164,13 @@ def test_an_optimizer_whose_package_is_missing_is_refused_by_name(tmp_path, monk
 
 def test_a_lora_only_run_with_an_untrained_pivot_warns_and_pivot_locality_is_refused(tmp_path, caplog):
     lora_only = '[[stages]]\nname = "lora"\nkind = "lora"\nsteps = 2\nlearning_rate = 1e-3\n'
-    with caplog.at_level(logging.WARNING, logger="pti_plugin.config"):
+    with caplog.at_level(logging.WARNING, logger="pti_plugin.config_checks"):
         config = _load(["--preset", _preset(tmp_path, lora_only)])
     assert [s.kind for s in config.stages] == ["lora"]
     assert any("stays its init word" in r.getMessage() for r in caplog.records)
     with pytest.raises(ConfigError, match=r"plugins\.pivot_locality needs a learned pivot.*Add an inversion stage"):
         _load(["--preset", _preset(tmp_path, lora_only + "[plugins.pivot_locality]\nweight = 1.0\n")])
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pti_plugin.config"):
+    with caplog.at_level(logging.WARNING, logger="pti_plugin.config_checks"):
         _load(["--preset", _preset(tmp_path, "")])  # the default stages train the pivot first: no warning
     assert not any("stays its init word" in r.getMessage() for r in caplog.records)

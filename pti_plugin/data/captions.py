@@ -56,7 +56,8 @@ _PRESET = {f.name: f.default for f in fields(Config)}
 
 @dataclass(frozen=True)
 class CaptionOptions:
-    """A subset's kohya caption options: the preset keys of the same names, with the preset's defaults."""
+    """A subset's kohya caption options: the preset keys of the same names, with the preset's defaults
+    (their checks: ``dataset_keys.CAPTION_KEYS``)."""
 
     shuffle_caption: bool = _PRESET["shuffle_caption"]
     keep_tokens: int = _PRESET["keep_tokens"]

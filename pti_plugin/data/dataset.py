@@ -22,7 +22,6 @@ their images into :class:`ImageItem` s and :mod:`.dataset_stats` reports on them
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import tomllib
@@ -32,118 +31,12 @@ from typing import Any, Callable
 
 from ..config import Config, ConfigError
 from .captions import CaptionError, CaptionOptions
+from .dataset_keys import (CAPTION_KEYS, DATASET_KEYS, REFUSED_DATASET_KEYS, SUBSET_KEYS, SUBSET_ONLY_KEYS,
+                           TOP_LEVEL_KEYS, optional_size_pair, size_pair)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-# ----------------------------------------------------------------------------- value checks
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expects true or false")
-    return value
-
-
-def _int_at_least(low: int) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"expects an integer >= {low}")
-        return value
-    return check
-
-
-def _rate(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError("expects a number in [0, 1]")
-    return float(value)
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("expects a string")
-    return value
-
-
-def _nonempty_text(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError("expects a non-empty string")
-    return value
-
-
-def _optional_text(value: Any) -> str | None:
-    return None if value is None else _text(value)
-
-
-def _size(value: Any) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value, value
-    if (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-        return value[0], value[1]
-    raise ValueError("expects an int or [width, height]")
-
-
-def _optional_size(value: Any) -> tuple[int, int] | None:
-    return None if value is None else _size(value)
-
-
-#: Dataset-level keys ([general] and [[datasets]] only), with their checks.
-DATASET_KEYS: dict[str, Callable[[Any], Any]] = {
-    "resolution": _size,
-    "enable_bucket": _bool,
-    "min_bucket_reso": _int_at_least(8),
-    "max_bucket_reso": _int_at_least(8),
-    "bucket_reso_steps": _int_at_least(8),
-    "bucket_no_upscale": _bool,
-    "batch_size": _int_at_least(1),
-    "skip_image_resolution": _optional_size,
-}
-#: Subset keys that may also be set at [general] and [[datasets]] level (defaults of their subsets).
-SUBSET_KEYS: dict[str, Callable[[Any], Any]] = {
-    "num_repeats": _int_at_least(0),
-    "caption_extension": _nonempty_text,
-    "class_tokens": _optional_text,
-    "flip_aug": _bool,
-    "color_aug": _bool,
-    "random_crop": _bool,
-    "shuffle_caption": _bool,
-    "keep_tokens": _int_at_least(0),
-    "caption_separator": _nonempty_text,
-    "keep_tokens_separator": _text,
-    "secondary_separator": _text,
-    "enable_wildcard": _bool,
-    "caption_prefix": _text,
-    "caption_suffix": _text,
-    "caption_dropout_rate": _rate,
-    "caption_dropout_every_n_epochs": _int_at_least(0),
-    "caption_tag_dropout_rate": _rate,
-}
-#: Keys of [[datasets.subsets]] only.
-SUBSET_ONLY_KEYS: dict[str, Callable[[Any], Any]] = {
-    "image_dir": _nonempty_text,
-    "is_reg": _bool,
-    "metadata_file": _nonempty_text,
-}
-#: Keys kohya documents for dataset_config that pti-plugin refuses, with the reason.
-REFUSED_DATASET_KEYS: dict[str, str] = {
-    "face_crop_aug_range": "face-centred crops are not implemented",
-    "resize_interpolation": "images are always resized with Lanczos",
-    "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",
-    "alpha_mask": "masked loss is not implemented",
-    "conditioning_data_dir": "ControlNet datasets are not supported",
-    "token_warmup_min": "token warm-up is not implemented",
-    "token_warmup_step": "token warm-up is not implemented",
-    "network_multiplier": "per-dataset LoRA multipliers are not implemented",
-    "validation_seed": "validation splits are not implemented",
-    "validation_split": "validation splits are not implemented",
-    "max_token_length": "a top-level preset key, not a dataset option",
-    "prior_loss_weight": "a top-level preset key, not a dataset option",
-    "debug_dataset": "use python -m pti_plugin.dataset_preview",
-}
-#: The preset keys that are the defaults of [general] (same names).
-_TOP_LEVEL_DEFAULTS = [k for k in list(DATASET_KEYS) + list(SUBSET_KEYS) if k not in ("batch_size", "num_repeats", "class_tokens")]
 
 
 @dataclass(frozen=True)
@@ -198,18 +91,18 @@ class ImageItem:
 
 def _resolution(value: Any, where: str) -> tuple[int, int]:
     try:
-        return _size(value)
+        return size_pair(value)
     except ValueError:
         raise ConfigError(f"{where}: resolution must be an int or [width, height], got {value!r}") from None
 
 
 def _caption_options(values: dict[str, Any]) -> CaptionOptions:
-    return CaptionOptions(**{f.name: values[f.name] for f in dataclasses.fields(CaptionOptions)})
+    return CaptionOptions(**{key: values[key] for key in CAPTION_KEYS})
 
 
 def _top_level(config: Config) -> dict[str, Any]:
     """The preset's values of the dataset keys (the defaults of [general])."""
-    values = {key: getattr(config, key) for key in _TOP_LEVEL_DEFAULTS}
+    values = {key: getattr(config, key) for key in TOP_LEVEL_KEYS}
     values["resolution"] = tuple(config.resolution) if isinstance(config.resolution, list) else config.resolution
     return values | {"num_repeats": 1, "class_tokens": None, "batch_size": None}
 
@@ -221,7 +114,7 @@ def _make_subset(values: dict[str, Any], image_dir: Path, where: str, dataset_in
     return Subset(
         image_dir, values["num_repeats"], values["caption_extension"], values["class_tokens"], values["flip_aug"],
         _resolution(values["resolution"], where), settings, is_reg, _caption_options(values), values["color_aug"],
-        values["random_crop"], metadata_file, dataset_index, _optional_size(values["skip_image_resolution"]), where,
+        values["random_crop"], metadata_file, dataset_index, optional_size_pair(values["skip_image_resolution"]), where,
     )
 
 

@@ -233,11 +233,10 @@ def load_run(
     if token != config.token_string:
         raise ValueError(f"{lora_path} bundles no embedding for {config.token_string!r}")
     pipe.to(device, dtype)
-    init_words = config.init_word if isinstance(config.init_word, list) else [config.init_word]
     return LoadedRun(
         config=config, pipe=pipe, family=model.family, noise_scheduler=model.noise_scheduler,
         prediction_type=model.prediction_type, token=config.token_string,
-        num_vectors=config.num_vectors_per_token, class_word=class_word or init_words[0],
+        num_vectors=config.num_vectors_per_token, class_word=class_word or config.init_words[0],
         template=config.caption_template, items=training_items(config), device=device, dtype=dtype,
         run_dir=Path(run_dir), lora_path=lora_path,
     )

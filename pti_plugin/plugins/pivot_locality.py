@@ -256,8 +256,7 @@ class PivotLocality(Plugin):
         templates = list(o.templates) or [config.caption_template]
         class_words = list(o.class_words)
         if not class_words:
-            init = config.init_word if isinstance(config.init_word, list) else [config.init_word]
-            class_words = [init[0] if len(init) == 1 else " ".join(init)]
+            class_words = [" ".join(config.init_words)]
         pivot_ids, class_ids, slots, pairs = [], [], [], []
         token_ids = state.pivot.token_ids.cpu()
         for template in templates:

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     reg_dir = None
     if "reg_images" in args.variants:
-        class_word = config.init_word if isinstance(config.init_word, str) else config.init_word[0]
+        class_word = config.init_words[0]
         reg_dir = generate_reg_images(Path(pivot["run_dir"]), class_word, args.out / "reg", args.reg_images, args)
     for variant in args.variants:
         out = args.out / f"lora_{variant}"

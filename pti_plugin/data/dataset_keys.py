@@ -1,0 +1,130 @@
+"""The kohya dataset keys, each with its value check: the one table of what a ``dataset_config``
+level may set (``data/dataset.py`` reads the file through it) and of how the preset's top-level
+keys of the same names are checked (``config_checks.py``). No torch here, so configuration
+checks stay light.
+
+A check takes a value and returns it (sizes as ``(width, height)``) or raises ``ValueError`` with
+the rule ("expects ..."); the caller names the key and where it was set.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expects true or false")
+    return value
+
+
+def _int_at_least(low: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"expects an integer >= {low}")
+        return value
+    return check
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError("expects a number in [0, 1]")
+    return float(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expects a string")
+    return value
+
+
+def _nonempty_text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expects a non-empty string")
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else _text(value)
+
+
+def file_extension(value: Any) -> str:
+    """A file extension (``.txt``, ``txt``, ``.caption``): not empty, no path separator or space."""
+    bare = value[1:] if isinstance(value, str) and value.startswith(".") else value
+    if not isinstance(bare, str) or not bare or any(c in "/\\" or c.isspace() for c in bare):
+        raise ValueError("must be a file extension such as '.txt'")
+    return value
+
+
+def size_pair(value: Any) -> tuple[int, int]:
+    """An int side or ``[width, height]``, as ``(width, height)``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, value
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        return value[0], value[1]
+    raise ValueError("expects an int or [width, height]")
+
+
+def optional_size_pair(value: Any) -> tuple[int, int] | None:
+    return None if value is None else size_pair(value)
+
+
+#: Dataset-level keys ([general] and [[datasets]] only), with their checks.
+DATASET_KEYS: dict[str, Callable[[Any], Any]] = {
+    "resolution": size_pair,
+    "enable_bucket": _bool,
+    "min_bucket_reso": _int_at_least(8),
+    "max_bucket_reso": _int_at_least(8),
+    "bucket_reso_steps": _int_at_least(8),
+    "bucket_no_upscale": _bool,
+    "batch_size": _int_at_least(1),
+    "skip_image_resolution": optional_size_pair,
+}
+#: The caption options of a subset (the fields of ``captions.CaptionOptions``), with their checks.
+CAPTION_KEYS: dict[str, Callable[[Any], Any]] = {
+    "shuffle_caption": _bool,
+    "keep_tokens": _int_at_least(0),
+    "caption_separator": _nonempty_text,
+    "keep_tokens_separator": _text,
+    "secondary_separator": _text,
+    "enable_wildcard": _bool,
+    "caption_prefix": _text,
+    "caption_suffix": _text,
+    "caption_dropout_rate": _rate,
+    "caption_dropout_every_n_epochs": _int_at_least(0),
+    "caption_tag_dropout_rate": _rate,
+}
+#: Subset keys that may also be set at [general] and [[datasets]] level (defaults of their subsets).
+SUBSET_KEYS: dict[str, Callable[[Any], Any]] = {
+    "num_repeats": _int_at_least(0),
+    "caption_extension": file_extension,
+    "class_tokens": _optional_text,
+    "flip_aug": _bool,
+    "color_aug": _bool,
+    "random_crop": _bool,
+} | CAPTION_KEYS
+#: Keys of [[datasets.subsets]] only.
+SUBSET_ONLY_KEYS: dict[str, Callable[[Any], Any]] = {
+    "image_dir": _nonempty_text,
+    "is_reg": _bool,
+    "metadata_file": _nonempty_text,
+}
+#: Keys kohya documents for dataset_config that pti-plugin refuses, with the reason.
+REFUSED_DATASET_KEYS: dict[str, str] = {
+    "face_crop_aug_range": "face-centred crops are not implemented",
+    "resize_interpolation": "images are always resized with Lanczos",
+    "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",
+    "alpha_mask": "masked loss is not implemented",
+    "conditioning_data_dir": "ControlNet datasets are not supported",
+    "token_warmup_min": "token warm-up is not implemented",
+    "token_warmup_step": "token warm-up is not implemented",
+    "network_multiplier": "per-dataset LoRA multipliers are not implemented",
+    "validation_seed": "validation splits are not implemented",
+    "validation_split": "validation splits are not implemented",
+    "max_token_length": "a top-level preset key, not a dataset option",
+    "prior_loss_weight": "a top-level preset key, not a dataset option",
+    "debug_dataset": "use python -m pti_plugin.dataset_preview",
+}
+#: The preset's top-level keys that are the defaults of [general] (same names, same checks).
+TOP_LEVEL_KEYS = [k for k in list(DATASET_KEYS) + list(SUBSET_KEYS) if k not in ("batch_size", "num_repeats", "class_tokens")]
