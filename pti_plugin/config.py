@@ -122,6 +122,7 @@ class Config:
     dataset_repeats: int = doc("Repeats of the in_json images.", 1)
     cache_latents: bool = doc("Encode every image once and keep the latents in memory.", False)
     cache_latents_to_disk: bool = doc("Like cache_latents, and keep the cache in <image>.pti_latents.safetensors files.", False)
+    cache_text_encoder_outputs: bool = doc("In stages whose text side is frozen (no pivot, no text-encoder LoRA training), encode each distinct caption once and reuse its conditioning (kohya's option; exact for any caption augmentation, since the key is the final caption).", False)
     # --- token
     token_string: str = doc("The pivot token added to the tokenizer.", "tok1")
     init_word: str | list[str] = doc("Word(s) whose embedding initialises the pivot (one per vector, or one for all).", "character")

@@ -129,7 +129,8 @@ class Trainer:
         if config.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             for te in base.text_encoders:
-                te.gradient_checkpointing_enable()
+                # transformers >= 5 renamed it (the old name warns); both run the same checkpointing
+                (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
         trainable = {id(p) for p in model.trainable_tensors().values()}
         for module in model.components().values():
@@ -302,6 +303,7 @@ class Trainer:
         order = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, stage_index)
         self._info(stage.describe() + " | params " + ", ".join(
             f"{g['name']} {sum(p.numel() for p in g['params'])}" for g in plan.param_groups))
+        self._text_cache: dict[str, Conditioning] = {}  # cache_text_encoder_outputs: final caption -> its row
         for plugin in self.plugins:
             plugin.on_stage_start(state)
         progress = tqdm(total=plan.steps, initial=first_step, desc=stage.name, disable=not accelerator.is_main_process)
@@ -435,8 +437,7 @@ class Trainer:
         batch.noisy_latents, batch.timesteps = noisy, t
         for plugin in self.plugins:
             plugin.on_step_start(state, batch)
-        with torch.set_grad_enabled(state.plan.trains.text_encoders):
-            cond = model.encode(batch.input_ids, sizes=batch.sizes)  # hidden states [b, 77, d] (+ SDXL's pooled/time ids)
+        cond = self._conditioning(batch)  # hidden states [b, 77, d] (+ SDXL's pooled embedding and time ids)
         rows = [(p, p.extra_rows(state, batch)) for p in self.plugins]
         extra = [(p, r) for p, r in rows if r is not None]
         unet_in = torch.cat([noisy] + [r.noisy_latents for _, r in extra])
@@ -464,6 +465,22 @@ class Trainer:
             for name, value in plugin.extra_losses(state, batch, main, row_outputs.get(id(plugin))).items():
                 terms[f"{plugin.name}/{name}"] = value
         return terms
+
+    def _conditioning(self, batch: Batch) -> Conditioning:
+        """The batch's conditioning; with ``cache_text_encoder_outputs`` in a stage whose text side is frozen, each
+        distinct final caption is encoded once per stage and its row reused (sizes applied per sample after)."""
+        model, trains = self.model, self.state.plan.trains.text_encoders
+        if trains or not self.config.cache_text_encoder_outputs:
+            with torch.set_grad_enabled(trains):
+                return model.encode(batch.input_ids, sizes=batch.sizes)
+        missing = list(dict.fromkeys(c for c in batch.captions if c not in self._text_cache))
+        if missing:
+            rows = [batch.captions.index(c) for c in missing]
+            with torch.no_grad():
+                encoded = model.encode(batch.input_ids[rows]).detach()
+            self._text_cache.update({c: encoded.rows(slice(j, j + 1)) for j, c in enumerate(missing)})
+        cond = Conditioning.cat([self._text_cache[c] for c in batch.captions])
+        return cond.with_extra(model.family.size_conditioning(batch.sizes)) if batch.sizes is not None else cond
 
     # ------------------------------------------------------------------ logs, samples, saves
     def _after_step(self, logs: dict[str, float], order: SampleOrder) -> None:

@@ -122,3 +122,29 @@ def test_locon_conv_layers_take_conv_dim_and_alpha(preset):
     assert len(modules) == 192 + 50 + 34  # attention set + 3x3 convs + time embeddings of the tiny UNet
     with safe_open(out / "pti.safetensors", "pt") as handle:
         assert json.loads(handle.metadata()["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+
+
+def test_cache_text_encoder_outputs_encodes_each_caption_once_and_trains_the_same(preset, tmp_path, monkeypatch):
+    """The LoRA stage (text side frozen) with the cache gives the same LoRA as without, while the text encoder
+    runs once per distinct caption instead of once per batch."""
+    from pti_plugin.models.trainable import TrainableModel
+
+    calls = {"rows": 0}
+    encode = TrainableModel.encode
+
+    def counting(self, input_ids, *args, **kwargs):
+        if torch.is_grad_enabled() is False and self._lora_on:  # the LoRA stage's conditioning (no gradient)
+            calls["rows"] += input_ids.shape[0]
+        return encode(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(TrainableModel, "encode", counting)
+    stages = [{"kind": "inversion", "steps": 2, "learning_rate": 5e-2, "optimizer_type": "SGD"},
+              {"kind": "lora", "steps": 4, "learning_rate": 5e-1, "optimizer_type": "SGD"}]
+    plain = _run(preset(output_dir=str(tmp_path / "a"), stages=stages, save_precision="float"))
+    uncached_rows, calls["rows"] = calls["rows"], 0
+    cached = _run(preset(output_dir=str(tmp_path / "b"), stages=stages, save_precision="float", cache_text_encoder_outputs=True))
+    a, b = load_file(plain / "pti.safetensors"), load_file(cached / "pti.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    # 4 steps x batch 2 encoded without the cache; with it, the dataset's 2 distinct captions once each
+    # ("an anime illustration of tok1" from the caption files and the template, which are the same text).
+    assert uncached_rows == 8 and 1 <= calls["rows"] <= 2

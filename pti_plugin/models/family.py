@@ -48,6 +48,10 @@ class Conditioning:
         """The same conditioning with ``fn`` applied to every tensor (e.g. a dtype cast or row selection)."""
         return Conditioning(fn(self.hidden_states), {k: fn(v) for k, v in self.added_cond_kwargs.items()})
 
+    def with_extra(self, extra: dict[str, torch.Tensor]) -> Conditioning:
+        """The same conditioning with ``extra`` entries added to (or replacing those of) ``added_cond_kwargs``."""
+        return Conditioning(self.hidden_states, self.added_cond_kwargs | extra)
+
     def rows(self, index: torch.Tensor | slice) -> Conditioning:
         return self.map(lambda t: t[index])
 

@@ -1,0 +1,33 @@
+"""Silencing the library messages that say nothing to a user of this package.
+
+Only exact, known messages are dropped; everything else the libraries log passes through:
+
+- transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to ..."
+  (and the same for other image processors): diffusers' pipeline modules import image processors
+  for safety checkers and feature extractors this package never uses.
+"""
+
+from __future__ import annotations
+
+import logging
+
+#: (logger name, a fragment of the message to drop)
+KNOWN_NOISE = (("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def silence_known_noise() -> None:
+    """Attach the filters once (idempotent)."""
+    for name, fragment in KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and fragment in f.fragments for f in logger.filters):
+            logger.addFilter(_DropMessages((fragment,)))
