@@ -1,8 +1,9 @@
-"""``python -m pti_plugin.inspect FILE``: what a LoRA or embedding file holds, checked against SD1.5.
+"""``python -m pti_plugin.inspect FILE``: what a LoRA or embedding file holds, checked against SD1.5 or SDXL.
 
-Prints the detected format, LoRA rank(s) and alpha(s), the SD1.5 modules covered, bundled
-embeddings, the header metadata, and every key that no SD1.5 module would take (AUTOMATIC1111 logs
-those only at debug level, so a broken LoRA fails silently there). Exit status: 0 when every key
+Prints the detected format and model family (SDXL when its keys fit SDXL's kohya names better, or it
+holds an SDXL ``clip_l``/``clip_g`` embedding), LoRA rank(s) and alpha(s), the family's modules
+covered, bundled embeddings, the header metadata, and every key that no module of that family would
+take (AUTOMATIC1111 logs those only at debug level, so a broken LoRA fails silently there). Exit status: 0 when every key
 fits, 1 when some key does not or the format is unknown, 2 when the file cannot be read.
 """
 
@@ -17,15 +18,10 @@ from typing import Any
 
 import torch
 
-from .formats.embedding import EmbeddingFormatError, bundled_embeddings, load_embedding
-from .formats.kohya_lora import (
-    BUNDLE_PREFIX,
-    TEXT_ENCODER_PREFIX,
-    UNET_PREFIX,
-    load_lora,
-    sd15_kohya_lora_names,
-    unexpected_keys,
-)
+from .formats.embedding import EmbeddingFormatError, bundled_embedding_parts, load_embeddings
+from .formats.file_family import FILE_FAMILIES, file_family, file_formats, text_encoder_names
+from .formats.kohya_lora import BUNDLE_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, load_lora, unexpected_keys
+from .models.family import EmbeddingLayout, KeyTable
 from .formats.safe_load import BadSafetensorsError, UnsafeFileError, safe_torch_load
 
 _MAX_VALUE_CHARS = 160
@@ -38,24 +34,58 @@ def _counts(values: list[Any]) -> str:
     return ", ".join(f"{value} ({n} modules)" for value, n in sorted(counted.items(), key=lambda kv: -kv[1]))
 
 
-def _describe_lora(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _coverage(modules: set[str], table: KeyTable) -> str:
+    """``UNet attention a/A, UNet conv (LoCon) c/C, text encoder t/T`` (``text encoder 1``/``2`` for two)."""
+    attention = table.names(["unet"])
+    parts = [f"UNet attention {len(modules & attention)}/{len(attention)}"]
+    conv = table.names(["unet"], conv=True) - attention
+    parts.append(f"UNet conv (LoCon) {len(modules & conv)}/{len(conv)}")
+    encoders = text_encoder_names(table)
+    for i, component in enumerate(encoders):
+        names = table.names([component])
+        label = "text encoder" if len(encoders) == 1 else f"text encoder {i + 1}"
+        parts.append(f"{label} {len(modules & names)}/{len(names)}")
+    return "LoRA modules: " + ", ".join(parts)
+
+
+def _describe_lora(tensors: Mapping[str, torch.Tensor], table: KeyTable, layout: EmbeddingLayout) -> list[str]:
     modules = {k.split(".", 1)[0] for k in tensors if k.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX))}
-    attention = sd15_kohya_lora_names(text_encoder=False)
-    conv = sd15_kohya_lora_names(text_encoder=False, conv=True) - attention
-    text = sd15_kohya_lora_names() - attention
     downs = [tensors[f"{m}.lora_down.weight"] for m in sorted(modules) if f"{m}.lora_down.weight" in tensors]
     alphas = [round(float(tensors[f"{m}.alpha"].item()), 6) for m in sorted(modules) if f"{m}.alpha" in tensors]
     lines = [
-        f"LoRA modules: UNet attention {len(modules & attention)}/{len(attention)}, "
-        f"UNet conv (LoCon) {len(modules & conv)}/{len(conv)}, text encoder {len(modules & text)}/{len(text)}",
+        _coverage(modules, table),
         f"rank: {_counts([d.shape[0] for d in downs]) if downs else '-'}",
         f"alpha: {_counts(alphas) if alphas else 'none stored (= rank)'}",
-        f"dtype: {_counts([str(d.dtype).removeprefix('torch.') for d in downs]) if downs else '-'}",
+        f"dtype: {_counts([_dtype(d) for d in downs]) if downs else '-'}",
     ]
-    bundled = bundled_embeddings(tensors)
-    described = [f"{n} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for n, v in bundled.items()]
+    described = []
+    order = {part: i for i, part in enumerate(layout.bundle_keys)}  # the family's encoder order first
+    for name, parts in bundled_embedding_parts(tensors).items():
+        shown = [f"{list(t.shape)} {_dtype(t)}" if len(parts) == 1 else f"{part} {list(t.shape)} {_dtype(t)}"
+                 for part, t in sorted(parts.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))]
+        described.append(f"{name} " + " + ".join(shown))
     lines.append("bundled embeddings: " + (", ".join(described) or "none"))
     return lines
+
+
+def _describe_embedding(path: Path, family: str, tensors: Mapping[str, torch.Tensor] | None, raw: Any) -> list[str]:
+    """The format and vector lines of an embedding file (raises ``EmbeddingFormatError`` when it is none)."""
+    _, layout = file_formats(family)
+    vectors = load_embeddings(path, layout)
+    if len(vectors) > 1:
+        kind = " + ".join(layout.standalone_keys)
+        shapes = ", ".join(f"{key} {v.shape[0]} x {v.shape[1]} {_dtype(v)}" for key, v in zip(layout.standalone_keys, vectors))
+        return [f"format: textual-inversion embedding ({FILE_FAMILIES[family]} {kind})", f"vectors: {shapes}"]
+    (v,) = vectors
+    kind = "A1111 .pt (string_to_param)" if isinstance(raw, Mapping) and "string_to_param" in raw else "single tensor"
+    if tensors is not None and "emb_params" in tensors:
+        kind = "standalone emb_params"
+    return [f"format: textual-inversion embedding ({kind})",
+            f"vectors: {v.shape[0]} x {v.shape[1]} {_dtype(v)}" + ("" if v.shape[1] == 768 else " (SD1.5 takes 768)")]
 
 
 def _describe_metadata(metadata: Mapping[str, str]) -> list[str]:
@@ -85,27 +115,22 @@ def describe(path: str | Path) -> tuple[list[str], int]:
     """The report lines for ``path`` and the exit status (see the module docstring)."""
     path = Path(path)
     tensors, metadata, raw = _tensor_dict(path)
+    family = file_family(tensors) if tensors is not None else "sd15"
+    table, layout = file_formats(family)
     lines = [f"file: {path}"]
     if tensors is not None and any(k.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX, BUNDLE_PREFIX)) for k in tensors):
-        lines.append("format: kohya LoRA (SD1.5 key map)")
-        lines += _describe_lora(tensors)
-        bad = unexpected_keys(tensors)
+        lines.append(f"format: kohya LoRA ({FILE_FAMILIES[family]} key map)")
+        lines += _describe_lora(tensors, table, layout)
+        bad = unexpected_keys(tensors, table=table)
     else:
         try:
-            vectors = load_embedding(path)
+            lines += _describe_embedding(path, family, tensors, raw)
+            bad = []
         except EmbeddingFormatError:
             lines.append("format: unknown (neither a kohya LoRA nor an embedding)")
             bad = sorted(tensors) if tensors is not None else [f"<{type(raw).__name__} object>"]
-        else:
-            kind = "A1111 .pt (string_to_param)" if isinstance(raw, Mapping) and "string_to_param" in raw else "single tensor"
-            if tensors is not None and "emb_params" in tensors:
-                kind = "standalone emb_params"
-            lines.append(f"format: textual-inversion embedding ({kind})")
-            lines.append(f"vectors: {vectors.shape[0]} x {vectors.shape[1]} {str(vectors.dtype).removeprefix('torch.')}"
-                         + ("" if vectors.shape[1] == 768 else " (SD1.5 takes 768)"))
-            bad = []
     lines += _describe_metadata(metadata)
-    lines.append(f"keys no SD1.5 module would take: {len(bad) or 'none'}")
+    lines.append(f"keys no {FILE_FAMILIES[family]} module would take: {len(bad) or 'none'}")
     lines += [f"  {key}" for key in bad]
     return lines, 1 if bad else 0
 

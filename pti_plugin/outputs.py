@@ -80,29 +80,35 @@ class RunFiles:
 def write_lora_and_embedding(
     files: RunFiles,
     suffix: str | None,
-    unet_lora: dict[str, torch.Tensor],
-    text_encoder_lora: dict[str, torch.Tensor],
+    lora: dict[str, dict[str, torch.Tensor]],
     alphas: dict[str, float],
-    pivot_vectors: torch.Tensor,
+    pivot_vectors: tuple[torch.Tensor, ...],
     config,
     steps: int,
     extra_metadata: dict[str, str],
     tag_frequency: dict[str, dict[str, int]] | None = None,
     bundle: bool = True,
+    family=None,
 ) -> dict[str, Path]:
     """Write the kohya LoRA (with the pivot bundled for A1111) and the standalone embedding.
 
-    ``alphas`` maps each LoRA module path (as in the peft state dicts) to its alpha.
+    ``lora`` maps a component (``"unet"``, ``"text_encoder"``, ``"text_encoder_2"``) to its peft state
+    dict; ``alphas`` each LoRA module path (as in those state dicts) to its alpha; ``pivot_vectors``
+    holds one ``[n, d_i]`` tensor per text encoder. ``family`` (a ``ModelFamily``; None: SD1.5) names
+    the modules (its key table) and lays out the embedding (its embedding layout).
     """
     from .config import network_args
     from .formats.embedding import bundle_embedding_keys, save_embedding
-    from .formats.kohya_lora import kohya_metadata, save_lora, to_kohya
+    from .formats.kohya_lora import kohya_metadata, peft_to_kohya, save_lora
+    from .models.family import make_family
 
+    family = family if family is not None else make_family("sd15")
+    table, layout = family.key_table, family.embedding_layout
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.save_precision, torch.float32)
-    vectors = pivot_vectors.detach().float().cpu()  # [n, d]
-    tensors = to_kohya(unet_lora, text_encoder_lora, alphas, dtype=dtype)
+    vectors = tuple(v.detach().float().cpu() for v in pivot_vectors)  # [n, d_i] per encoder
+    tensors = peft_to_kohya(lora, alphas, dtype=dtype, table=table)
     if bundle:
-        tensors |= bundle_embedding_keys(config.token_string, vectors)
+        tensors |= bundle_embedding_keys(config.token_string, vectors, layout)
     pti = {
         "pti_token_string": config.token_string,
         "pti_init_word": json.dumps(config.init_word),
@@ -117,6 +123,7 @@ def write_lora_and_embedding(
         training_started_at=time.time(), steps=steps, learning_rate=float(training.get("ss_learning_rate", 0.0)),
         extra=pti | {k: v for k, v in training.items() if k.startswith("pti_")},
         conv_dim=conv.get("conv_dim"), conv_alpha=conv.get("conv_alpha"), tag_frequency=tag_frequency,
+        family=family.name,
     ) | {k: v for k, v in training.items() if k.startswith("ss_")}
     if "ss_learning_rate" not in training:  # no lora stage: the LoRA never trained
         metadata.pop("ss_learning_rate")
@@ -124,6 +131,6 @@ def write_lora_and_embedding(
     for path in (lora_path, embedding_path):
         if path.exists() and not files.overwrite:
             raise FileExistsError(f"refusing to overwrite {path} (set overwrite = true to allow it)")
-    save_lora(lora_path, tensors, metadata)
-    save_embedding(embedding_path, vectors)
+    save_lora(lora_path, tensors, metadata, table=table)
+    save_embedding(embedding_path, vectors, layout=layout)
     return {"lora": lora_path, "embedding": embedding_path}

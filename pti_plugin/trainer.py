@@ -518,10 +518,10 @@ class Trainer:
             files: dict[str, Any] = {"metadata": dict(state.metadata)}
             for plugin in self.plugins:
                 plugin.on_before_save(state, files)
-            lora = self.model.lora_state_dicts()
             paths = write_lora_and_embedding(
-                self.files, suffix, lora["unet"], lora.get("text_encoder", {}), self.model.lora_alphas, self.pivot.vectors,
-                config, state.global_step, files["metadata"], tag_frequency(self.items),
+                self.files, suffix, self.model.lora_state_dicts(), self.model.lora_alphas,
+                tuple(p.vectors for p in self.model.pivots), config, state.global_step, files["metadata"],
+                tag_frequency(self.items), family=self.model.family,
             )
             if with_state:
                 paths["state"] = save_state(

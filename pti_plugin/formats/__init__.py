@@ -1,10 +1,12 @@
-"""Output and input file formats: kohya LoRA (SD1.5), textual-inversion embeddings, safe loading."""
+"""Output and input file formats: kohya LoRA (SD1.5, SDXL), textual-inversion embeddings, safe loading."""
 
 from .embedding import (
     EmbeddingFormatError,
     bundle_embedding_keys,
+    bundled_embedding_parts,
     bundled_embeddings,
     load_embedding,
+    load_embeddings,
     save_embedding,
 )
 from .kohya_lora import (
@@ -25,11 +27,13 @@ __all__ = [
     "LoraFormatError",
     "UnsafeFileError",
     "bundle_embedding_keys",
+    "bundled_embedding_parts",
     "bundled_embeddings",
     "check_safetensors",
     "from_kohya",
     "kohya_metadata",
     "load_embedding",
+    "load_embeddings",
     "load_lora",
     "safe_torch_load",
     "save_embedding",

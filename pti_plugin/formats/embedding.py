@@ -1,8 +1,10 @@
 """Textual-inversion embeddings: our standalone file, the bundle inside a LoRA, and reading others'.
 
 Which tensor names a family writes is its :class:`~pti_plugin.models.family.EmbeddingLayout`
-(one tensor per text encoder); the writers take it, SD1.5's by default. For SD1.5 our standalone embedding (``<token>.safetensors``) holds exactly one tensor, ``emb_params``
-``[num_vectors, width]``: AUTOMATIC1111 (which names the embedding after the file), Forge, ComfyUI
+(one tensor per text encoder); the writers and :func:`load_embeddings` take it, SD1.5's by default.
+SDXL's standalone file holds ``clip_l`` ``[n, 768]`` and ``clip_g`` ``[n, 1280]`` (AUTOMATIC1111's
+SDXL format), bundled as ``bundle_emb.<token>.clip_l`` / ``.clip_g``. For SD1.5 our standalone
+embedding (``<token>.safetensors``) holds exactly one tensor, ``emb_params`` ``[num_vectors, width]``: AUTOMATIC1111 (which names the embedding after the file), Forge, ComfyUI
 (``embedding:<token>``, which takes the file's first tensor) and diffusers
 (``load_textual_inversion(path, token=...)``) all read it. Inside a LoRA the same vectors sit under
 ``bundle_emb.<token>.string_to_param.*``, which AUTOMATIC1111 loads as an embedding named
@@ -62,19 +64,29 @@ def bundle_embedding_keys(
     return {f"{BUNDLE_PREFIX}{token}.{key}": t for key, t in _per_encoder(vectors, layout.bundle_keys).items()}
 
 
+def bundled_embedding_parts(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every ``bundle_emb.<name>.<part>`` of a LoRA's tensors: ``{name: {part: tensor}}`` (SDXL: parts
+    ``clip_l`` and ``clip_g``; SD1.5: ``string_to_param.*``)."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(BUNDLE_PREFIX):
+            name, _, part = key[len(BUNDLE_PREFIX) :].partition(".")
+            found.setdefault(name, {})[part] = tensor
+    return found
+
+
 def bundled_embeddings(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every embedding bundled in a LoRA's tensors, by name.
+    """Every single-encoder embedding bundled in a LoRA's tensors, by name.
 
     Reads ``bundle_emb.<name>.string_to_param.*`` (A1111, ours) and ``bundle_emb.<name>.clip_l``
-    (OneTrainer); other ``bundle_emb.<name>.*`` keys (e.g. SDXL's ``clip_g``) are ignored.
+    (OneTrainer); an SDXL bundle's ``clip_g`` is read by :func:`load_embeddings`.
     """
     found = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(BUNDLE_PREFIX):
-            continue
-        name, _, rest = key[len(BUNDLE_PREFIX) :].partition(".")
-        if rest in ("string_to_param.*", "clip_l"):
-            found[name] = tensor
+    for name, parts in bundled_embedding_parts(tensors).items():
+        for part in ("string_to_param.*", "clip_l"):
+            if part in parts:
+                found[name] = parts[part]
+                break
     return found
 
 
@@ -140,4 +152,57 @@ def load_embedding(path: str | os.PathLike, expected_dim: int | None = None, tok
         raise EmbeddingFormatError(
             f"{path}: embedding vectors are {vectors.shape[1]} wide{hint}, but this model's text encoder takes {expected_dim}"
         )
+    return vectors
+
+
+def _pick_bundle(path: Path, bundles: Mapping[str, object], token: str | None) -> str:
+    if token in bundles:
+        return token
+    if len(bundles) == 1:
+        return next(iter(bundles))
+    raise EmbeddingFormatError(f"{path}: bundles embeddings {sorted(bundles)}; pass token= to choose one (got {token!r})")
+
+
+def load_embeddings(
+    path: str | os.PathLike, layout: EmbeddingLayout, expected_dims: Sequence[int] | None = None, token: str | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Read an embedding for a family with ``layout`` -> one ``[num_vectors, width_i]`` tensor per text encoder.
+
+    One encoder (SD1.5): every format :func:`load_embedding` reads. Several (SDXL): a safetensors file
+    holding the layout's standalone tensors (``clip_l``, ``clip_g``) or a LoRA bundling them
+    (``bundle_emb.<token>.clip_l`` / ``.clip_g``; ``token`` picks one of several bundles).
+    ``expected_dims`` are the text encoders' widths; a mismatch, a missing tensor or tensors with
+    different vector counts raise ``EmbeddingFormatError`` naming the file.
+    """
+    dims = list(expected_dims) if expected_dims is not None else [None] * len(layout.standalone_keys)
+    if len(layout.standalone_keys) == 1:
+        return (load_embedding(path, dims[0], token),)
+    path = Path(path)
+    keys = layout.standalone_keys
+    if path.suffix != ".safetensors":
+        raise EmbeddingFormatError(f"{path}: an embedding for this model family is a .safetensors file holding {', '.join(keys)}")
+    from safetensors.torch import load_file
+
+    check_safetensors(path)
+    tensors = load_file(str(path))
+    bundles = bundled_embedding_parts(tensors)
+    if all(k in tensors for k in keys):
+        found = [tensors[k] for k in keys]
+    elif bundles:
+        name = _pick_bundle(path, bundles, token)
+        keys = layout.bundle_keys
+        missing = [k for k in keys if k not in bundles[name]]
+        if missing:
+            raise EmbeddingFormatError(f"{path}: bundled embedding {name!r} lacks {', '.join(missing)} (has {sorted(bundles[name])})")
+        found = [bundles[name][k] for k in keys]
+    else:
+        raise EmbeddingFormatError(f"{path}: no {', '.join(keys)} tensors among keys {sorted(tensors)[:5]}")
+    vectors = tuple(t.detach().unsqueeze(0) if t.dim() == 1 else t.detach() for t in found)
+    for key, t, dim in zip(keys, vectors, dims):
+        if t.dim() != 2 or not t.is_floating_point():
+            raise EmbeddingFormatError(f"{path}: {key} has shape {tuple(t.shape)} and dtype {t.dtype}, expected [n, width] float")
+        if dim is not None and t.shape[1] != dim:
+            raise EmbeddingFormatError(f"{path}: {key} vectors are {t.shape[1]} wide, but this model's text encoder takes {dim}")
+    if len({t.shape[0] for t in vectors}) != 1:
+        raise EmbeddingFormatError(f"{path}: {', '.join(keys)} hold different numbers of vectors {[t.shape[0] for t in vectors]}")
     return vectors

@@ -31,6 +31,8 @@ UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te"
 BUNDLE_PREFIX = "bundle_emb."
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+#: kohya's ``ss_base_model_version`` by model family (AUTOMATIC1111 and Forge read it to tell SD1.x from SDXL LoRAs).
+BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
 
 class LoraFormatError(ValueError):
@@ -208,18 +210,20 @@ def kohya_metadata(
     conv_dim: int | None = None,
     conv_alpha: float | None = None,
     extra: Mapping[str, str] | None = None,
+    family: str = "sd15",
 ) -> dict[str, str]:
     """kohya-compatible ``ss_*`` header entries plus our own ``pti_*`` entries (``extra``).
 
     ``tag_frequency`` is kohya's ``{dataset folder: {tag: count}}``; ``training_started_at`` a Unix
     time; ``conv_dim``/``conv_alpha`` (LoCon) go to ``ss_network_args`` as kohya writes them. All
-    values are strings, as safetensors requires. ``extra`` keys must start with ``pti_``.
+    values are strings, as safetensors requires. ``extra`` keys must start with ``pti_``. ``family``
+    (``sd15``, ``sdxl``) sets ``ss_base_model_version``.
     """
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(network_dim)),
         "ss_network_alpha": str(float(network_alpha)),
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
         "ss_output_name": output_name,
         "ss_training_started_at": str(float(training_started_at)),
         "ss_steps": str(int(steps)),
