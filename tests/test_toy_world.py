@@ -265,7 +265,8 @@ def test_position_entropy_bounds():
 
 
 def test_recipe_modules_are_sd_style(tmp_path):
-    from pti_plugin.toy_world.train_recipe import RecipeConfig, build_text_encoder, build_tokenizer, build_unet, build_vae
+    from pti_plugin.toy_world.recipe_vae import build_vae
+    from pti_plugin.toy_world.train_recipe import RecipeConfig, build_text_encoder, build_tokenizer, build_unet
 
     cfg = RecipeConfig()
     tok = build_tokenizer(tmp_path / "tok")
@@ -339,18 +340,19 @@ def test_recipe_training_is_deterministic_and_resumes_exactly(tmp_path):
 def test_recipe_vae_stage_resumes_from_vae_pt_alone(tmp_path, monkeypatch):
     """A run folder holding only ``vae.pt`` (what a session can commit) skips the VAE's training and
     re-encodes the scenes to the same latents, bit for bit."""
-    from pti_plugin.toy_world import train_recipe
+    from pti_plugin.toy_world import recipe_vae
+    from pti_plugin.toy_world.recipe_config import RecipeConfig
 
-    cfg = train_recipe.RecipeConfig(num_scenes=12, vae_steps=3, vae_batch_size=4, vae_full_image_steps=1)
-    first = train_recipe.load_or_train_vae(cfg, tmp_path)
+    cfg = RecipeConfig(num_scenes=12, vae_steps=3, vae_batch_size=4, vae_full_image_steps=1)
+    first = recipe_vae.load_or_train_vae(cfg, tmp_path)
     vae_bytes = (tmp_path / "vae.pt").read_bytes()
     (tmp_path / "latents.pt").unlink()
 
     def no_training(*args, **kwargs):
         raise AssertionError("the VAE was trained again")
 
-    monkeypatch.setattr(train_recipe, "train_vae", no_training)
-    second = train_recipe.load_or_train_vae(cfg, tmp_path)
+    monkeypatch.setattr(recipe_vae, "train_vae", no_training)
+    second = recipe_vae.load_or_train_vae(cfg, tmp_path)
     assert (tmp_path / "vae.pt").read_bytes() == vae_bytes
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
     assert second[0].config.scaling_factor == first[0].config.scaling_factor

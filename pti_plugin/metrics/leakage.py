@@ -211,48 +211,10 @@ def measure_position_leakage(
     if locate is not None:
         gt = {m: [[locate(img) for img in images[m][k]] for k in range(len(prompts))] for m in MODELS}
         train_gt = [locate(img) for img in train_images]
-        tg = np.array([c for c in train_gt if c is not None], float).reshape(-1, 2)
-        gw: dict[str, list[np.ndarray]] = {m: [] for m in MODELS}
-        gtt: dict[str, list[np.ndarray]] = {m: [] for m in MODELS}
-        gp: list[np.ndarray] = []
-        for k in range(len(prompts)):
-            for m in MODELS:
-                pts = np.array([c for c in gt[m][k] if c is not None], float).reshape(-1, 2)
-                gw[m].append(point_distance_matrix(pts, pts))
-                gtt[m].append(point_distance_matrix(pts, tg) if len(tg) else np.zeros((0, 0)))
-            both = [(a, b) for a, b in zip(gt["tuned"][k], gt["base"][k]) if a is not None and b is not None]
-            gp.append(np.array([np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in both], float))
-        summary["groundtruth"] = _family_summary(gw, gtt, gp, groups)
-        found = [c is not None for m in MODELS for k in range(len(prompts)) for c in gt[m][k]]
-        summary["groundtruth"]["all"]["detected_fraction"] = float(np.mean(found))
+        summary["groundtruth"] = _groundtruth_summary(gt, train_gt, groups)
 
-    rows = []
-    for k, prompt in enumerate(prompts):
-        for m in MODELS:
-            nearest = to_train["heatmap"][m][k].min(axis=1)
-            for s, seed in enumerate(seeds):
-                stats = heatmap_stats(heat[m][k, s])
-                row = {
-                    "kind": "generation", "model": m, "group": groups[k], "prompt": run.prompt(prompt, m == "tuned"),
-                    "seed": seed, "centroid_x": stats.x, "centroid_y": stats.y, "spread": stats.spread,
-                    "nearest_training_distance": float(nearest[s]),
-                }
-                if locate is not None:
-                    c = gt[m][k][s]
-                    row |= {"groundtruth_x": c[0] if c else None, "groundtruth_y": c[1] if c else None}
-                rows.append(row)
-    for m in MODELS:
-        for i, item in enumerate(run.items):
-            stats = heatmap_stats(train_maps[m][i])
-            row = {
-                "kind": "training", "model": m, "group": "training", "prompt": run.prompt(item.caption, m == "tuned"),
-                "seed": None, "centroid_x": stats.x, "centroid_y": stats.y, "spread": stats.spread,
-                "nearest_training_distance": 0.0, "image": str(item.path),
-            }
-            if locate is not None:
-                c = train_gt[i]
-                row |= {"groundtruth_x": c[0] if c else None, "groundtruth_y": c[1] if c else None}
-            rows.append(row)
+    rows = _generation_rows(run, prompts, groups, seeds, heat, to_train["heatmap"], gt if locate is not None else None)
+    rows += _training_rows(run, train_maps, train_gt if locate is not None else None)
 
     return LeakageMeasurement(
         prompts=[run.prompt(p, True) for p in prompts], groups=groups, seeds=list(seeds),
@@ -262,3 +224,64 @@ def measure_position_leakage(
         settings={"steps": steps, "guidance": guidance, "grid": grid, "training_timestep": training_timestep,
                   "class_word": run.class_word, "token": run.token},
     )
+
+
+def _groundtruth_summary(gt: dict[str, list[list]], train_gt: list, groups: list[str]) -> dict:
+    """The ``groundtruth`` family: :func:`_family_summary` of the located points (images where the
+    locator finds nothing are left out), plus the fraction of generations it found."""
+    located = np.array([c for c in train_gt if c is not None], float).reshape(-1, 2)
+    within: dict[str, list[np.ndarray]] = {m: [] for m in MODELS}
+    to_train: dict[str, list[np.ndarray]] = {m: [] for m in MODELS}
+    paired: list[np.ndarray] = []
+    for k in range(len(groups)):
+        for m in MODELS:
+            pts = np.array([c for c in gt[m][k] if c is not None], float).reshape(-1, 2)
+            within[m].append(point_distance_matrix(pts, pts))
+            to_train[m].append(point_distance_matrix(pts, located) if len(located) else np.zeros((0, 0)))
+        both = [(a, b) for a, b in zip(gt["tuned"][k], gt["base"][k]) if a is not None and b is not None]
+        paired.append(np.array([np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in both], float))
+    summary = _family_summary(within, to_train, paired, groups)
+    found = [c is not None for m in MODELS for k in range(len(groups)) for c in gt[m][k]]
+    summary["all"]["detected_fraction"] = float(np.mean(found))
+    return summary
+
+
+def _groundtruth_columns(point: tuple[float, float] | None) -> dict[str, float | None]:
+    return {"groundtruth_x": point[0] if point else None, "groundtruth_y": point[1] if point else None}
+
+
+def _generation_rows(run, prompts: list[str], groups: list[str], seeds: list[int], heat: dict[str, torch.Tensor],
+                     to_train: dict[str, list[np.ndarray]], gt: dict[str, list[list]] | None) -> list[dict]:
+    """One CSV row per generated image (``gt``: the located points, None without a locator)."""
+    rows = []
+    for k, prompt in enumerate(prompts):
+        for m in MODELS:
+            nearest = to_train[m][k].min(axis=1)
+            for s, seed in enumerate(seeds):
+                stats = heatmap_stats(heat[m][k, s])
+                row = {
+                    "kind": "generation", "model": m, "group": groups[k], "prompt": run.prompt(prompt, m == "tuned"),
+                    "seed": seed, "centroid_x": stats.x, "centroid_y": stats.y, "spread": stats.spread,
+                    "nearest_training_distance": float(nearest[s]),
+                }
+                if gt is not None:
+                    row |= _groundtruth_columns(gt[m][k][s])
+                rows.append(row)
+    return rows
+
+
+def _training_rows(run, train_maps: dict[str, torch.Tensor], train_gt: list | None) -> list[dict]:
+    """One CSV row per training image and model (``train_gt``: the located points, None without a locator)."""
+    rows = []
+    for m in MODELS:
+        for i, item in enumerate(run.items):
+            stats = heatmap_stats(train_maps[m][i])
+            row = {
+                "kind": "training", "model": m, "group": "training", "prompt": run.prompt(item.caption, m == "tuned"),
+                "seed": None, "centroid_x": stats.x, "centroid_y": stats.y, "spread": stats.spread,
+                "nearest_training_distance": 0.0, "image": str(item.path),
+            }
+            if train_gt is not None:
+                row |= _groundtruth_columns(train_gt[i])
+            rows.append(row)
+    return rows

@@ -2,7 +2,8 @@
 
 - :mod:`.world`: scenes, rendering, captions, the PTI character and its fine-tuning folder;
 - :mod:`.detectors`: ground-truth readers of colour, shape, position and background;
-- :mod:`.train_recipe`: the from-scratch training recipe (``python -m pti_plugin.toy_world.train_recipe``).
+- :mod:`.train_recipe`: the from-scratch training recipe (``python -m pti_plugin.toy_world.train_recipe``),
+  with its settings in :mod:`.recipe_config` and its VAE stage in :mod:`.recipe_vae`.
 
 :data:`WEIGHTS_DIR` is the shipped diffusers folder (``StableDiffusionPipeline.from_pretrained``).
 """
