@@ -11,7 +11,8 @@ SDXL conditions its UNet on (diffusers' ``StableDiffusionXLPipeline.encode_promp
   concatenated along the width. They are taken before any final LayerNorm, so the exact
   whitened-LayerNorm slerp does not apply: :meth:`SDXLFamily.final_layer_norms` says so (``None`` per
   encoder) and the pivot-locality plugin uses its ``centered`` geometry;
-- ``text_embeds`` ``[B, 1280]``: the second encoder's pooled, projected output;
+- ``text_embeds`` ``[B, 1280]``: the second encoder's pooled, projected output, taken at the
+  end-of-text token (see :func:`eos_positions`);
 - ``time_ids`` ``[B, 6]``: ``original_size (h, w) + crops_coords_top_left (top, left) + target_size (h, w)``,
   per sample from its image, bucket and crop (see ``data/buckets.py:size_conditioning``); without
   them (prompts without an image) the square ``default_size`` with no crop.
@@ -115,7 +116,7 @@ class SDXLFamily:
         out1 = te1(input_ids[:, 0], output_hidden_states=True)
         out2 = te2(input_ids[:, 1], output_hidden_states=True)
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # [B, 77, d1 + d2]
-        pooled = out2.text_embeds  # [B, d_proj]
+        pooled = te2.text_projection(out2.last_hidden_state[torch.arange(input_ids.shape[0]), eos_positions(input_ids)])
         return Conditioning(hidden, {"text_embeds": pooled, "time_ids": self._time_ids(sizes, input_ids.shape[0], pooled)})
 
     def _time_ids(self, sizes: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -139,6 +140,19 @@ class SDXLFamily:
     def final_layer_norms(self, text_encoders: Sequence[nn.Module]) -> tuple[None, None]:
         """None per encoder: the exact LayerNorm slerp geometry does not apply to SDXL's conditioning."""
         return (None, None)
+
+
+def eos_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Index [B] of each caption's end-of-text token in SDXL ids ``[B, 2, L]``.
+
+    The first tokenizer pads with EOS, so its last id is EOS and the first position holding that id is
+    the caption's end (the second tokenizer's ids have it at the same place). SDXL's published encoder
+    configs say ``eos_token_id = 2``, with which transformers takes the pooled output at the highest
+    token id, which once the pivot tokens are added is the pivot, not EOS; kohya works around this the
+    same way. A1111 and ComfyUI pool at EOS.
+    """
+    first = input_ids[:, 0]  # [B, L]
+    return (first == first[:, -1:]).int().argmax(dim=-1)
 
 
 register_family(SDXLFamily.name, SDXLFamily)
