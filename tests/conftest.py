@@ -23,6 +23,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_model"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from pti_plugin.models.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)
+
+
 def draw_character(path: Path, offset: int) -> None:
     """A 32 px two-coloured square (red over blue) on white, shifted right by ``offset`` pixels."""
     image = Image.new("RGB", (32, 32), (255, 255, 255))

@@ -35,8 +35,13 @@ RUNNABLE = {key: [v for v in values if _runnable(key, v)] for key, values in SWE
 JOBS = max(len(values) for values in RUNNABLE.values())
 
 
+#: Keys whose values are taken with an offset, so that a value meets runnable partners (model_family "sdxl"
+#: meets max_token_length 75: SDXL refuses the longer windows).
+OFFSETS = {"model_family": 2}
+
+
 def _job(j: int) -> dict:
-    return {key: values[j % len(values)] for key, values in RUNNABLE.items()}
+    return {key: values[(j + OFFSETS.get(key, 0)) % len(values)] for key, values in RUNNABLE.items()}
 
 
 def test_every_accepted_value_is_in_some_job():
@@ -45,8 +50,10 @@ def test_every_accepted_value_is_in_some_job():
 
 
 @pytest.mark.parametrize("j", range(JOBS), ids=lambda j: "-".join(str(v) for v in _job(j).values()))
-def test_a_one_step_job_runs_with_each_accepted_value(preset, tmp_path, j):
+def test_a_one_step_job_runs_with_each_accepted_value(preset, tmp_path, j, tiny_sdxl):
     choices = _job(j)
+    if choices["model_family"] == "sdxl":
+        choices["pretrained_model_name_or_path"] = str(tiny_sdxl)
     stage = {k: choices.pop(k) for k in ("optimizer_type", "lr_scheduler")}
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("tok1 --s 1\n")

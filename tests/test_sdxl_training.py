@@ -16,13 +16,6 @@ from pti_plugin.hooks import Plugin, register_plugin
 from pti_plugin.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    from pti_plugin.models.tiny_sdxl import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)
-
-
 @pytest.fixture
 def sdxl_preset(preset, tiny_sdxl):
     def make(**overrides):
