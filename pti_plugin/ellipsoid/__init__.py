@@ -95,10 +95,11 @@ from .statistics import (
 )
 
 __all__ = [
-    "BUILTIN_TEMPLATES", "Block", "CONVENTIONS", "CONVENTIONS_PER_ENCODER", "NO_LAYERNORM_LINE", "DEFAULT_BUILTIN_SIZE", "DEFAULT_EOS_FACTOR", "DEFAULT_INDEX",
-    "DEFAULT_TEMPLATE", "DEFAULT_THRESHOLD", "DEGENERATE_RADIUS", "MIN_SAMPLES", "TEMPLATE_WORDS", "WORD_POOLS",
-    "EllipsoidResult", "Encoder", "NormStats", "PromptSet", "analyse", "analyse_per_encoder", "build_prompt_set", "builtin_sentences",
-    "eos_positions", "gather_positions", "norm_stats", "overall_verdict", "read_sentences", "save_result_centre_file",
+    "BUILTIN_TEMPLATES", "Block", "CONVENTIONS", "CONVENTIONS_PER_ENCODER", "DEFAULT_BUILTIN_SIZE",
+    "DEFAULT_EOS_FACTOR", "DEFAULT_INDEX", "DEFAULT_TEMPLATE", "DEFAULT_THRESHOLD", "DEGENERATE_RADIUS",
+    "MIN_SAMPLES", "NO_LAYERNORM_LINE", "TEMPLATE_WORDS", "WORD_POOLS", "EllipsoidResult", "Encoder", "NormStats",
+    "PromptSet", "analyse", "analyse_per_encoder", "build_prompt_set", "builtin_sentences", "eos_positions",
+    "gather_positions", "norm_stats", "overall_verdict", "read_sentences", "save_result_centre_file",
     "shell_context", "single_token_words", "template_word_index", "template_word_sentences",
     "text_encoder_hash", "token_count", "verdict", "whitened_norm_ratio", "word_mask",
 ]
