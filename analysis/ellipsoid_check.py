@@ -14,6 +14,13 @@ Writes into ``--out`` (default ``outputs/ellipsoid``): ``ellipsoid.json`` (all n
 ``centre_file = ".../centre.safetensors"``) and ``ellipsoid.png``. Prints a summary whose last line
 is the verdict.
 
+With several text encoders (SDXL) every figure is given per encoder, on that encoder's slice of the
+conditioning (``encoders`` in the JSON, ``ellipsoid_<encoder>.png``); the centre file holds the
+centre of the concatenated states ``[77, d1 + d2]``; the verdict is supported when every encoder's
+is. SDXL's conditioning has no final LayerNorm, so the LayerNorm figures are absent and the output
+says that the exact LayerNorm geometry does not apply: the norm CV about the centre at the index and
+at EOS, per encoder, decides.
+
 Usage: ``python analysis/ellipsoid_check.py [--model @embedded] [--sentences FILE] [--index 5]
 [--template_words [add|only]] [--threshold 0.1] [--out DIR]``
 """
@@ -125,6 +132,30 @@ def _fmt(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _identity(args, model, results) -> dict:
+    """The model's identity in the outputs: the text encoder's hash (one encoder), or each encoder's."""
+    if len(results) == 1:
+        return {"argument": args.model, "path": model.source, "text_encoder_hash": E.text_encoder_hash(model.text_encoder),
+                "width": results[0].dim}
+    hashes = {r.encoder: E.text_encoder_hash(te) for r, te in zip(results, model.text_encoders)}
+    return {"argument": args.model, "path": model.source, "family": model.family.name, "text_encoder_hashes": hashes,
+            "width": sum(r.dim for r in results), "widths": {r.encoder: r.dim for r in results}}
+
+
+def _measure_lines(result: E.EllipsoidResult, prefix: str = "") -> list[str]:
+    """The printed figures of one encoder's result: index, EOS and the Gaussian reference."""
+    shell = result.shell
+    return [
+        f"{prefix}index {result.index}: mean norm {_fmt(result.index_origin.mean)} about the origin (CV {_fmt(result.index_origin.cv)}), "
+        f"{_fmt(result.index_centre.mean)} about the centre (std {_fmt(result.index_centre.std)}, CV {_fmt(result.index_centre.cv)})",
+        f"{prefix}EOS:     mean norm {_fmt(result.eos_origin.mean)} about the origin (CV {_fmt(result.eos_origin.cv)}), "
+        f"{_fmt(result.eos_centre.mean)} about its centre (std {_fmt(result.eos_centre.std)}, CV {_fmt(result.eos_centre.cv)})",
+        f"{prefix}Gaussian reference (CV a Gaussian cloud of the same covariance would have, 1/sqrt(2 d_eff)): "
+        f"index {_fmt(shell['index']['gaussian_cv'])} (d_eff {_fmt(shell['index']['effective_dim'], 1)}), "
+        f"EOS {_fmt(shell['eos']['gaussian_cv'])} (d_eff {_fmt(shell['eos']['effective_dim'], 1)})",
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -135,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = load_base_model(args.model, clip_skip=args.clip_skip, single_file_config=args.single_file_config,
                             tokenizer_path=args.tokenizer_path)
-    model.text_encoder.to(args.device)
+    for te in model.text_encoders:
+        te.to(args.device)
+    # word lists are filtered by the first tokenizer (SDXL's two share CLIP's vocabulary)
     prompts = E.build_prompt_set(model.tokenizer, args.sentences or None, args.template_words, args.template,
                                  args.max_sentences, seed=args.seed)
     notes = []
@@ -144,17 +177,21 @@ def main(argv: list[str] | None = None) -> dict:
         if word_index != args.index:
             notes.append(f"the template puts its word at index {word_index}, not at the studied index {args.index}")
     with torch.inference_mode():
-        result = E.analyse(E.Encoder.from_base_model(model, args.device), prompts.sentences, index=args.index,
-                           threshold=args.threshold, eos_factor=args.eos_factor, batch_size=args.batch_size)
-    te_hash = E.text_encoder_hash(model.text_encoder)
-    identity = {"argument": args.model, "path": model.source, "text_encoder_hash": te_hash, "width": result.dim}
+        results = E.analyse_per_encoder(E.Encoder.from_base_model(model, args.device), prompts.sentences, index=args.index,
+                                        threshold=args.threshold, eos_factor=args.eos_factor, batch_size=args.batch_size)
+    identity = _identity(args, model, results)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "ellipsoid.json", "centre_file": out / "centre.safetensors", "plot": out / "ellipsoid.png"}
-    E.save_result_centre_file(paths["centre_file"], result, {"model": identity, "prompt_set": prompts.describe()})
-    plot(result, paths["plot"])
-    report = result.to_json()
+    several = len(results) > 1
+    plots = {r.encoder: out / (f"ellipsoid_{r.encoder}.png" if several else "ellipsoid.png") for r in results}
+    paths = {"json": out / "ellipsoid.json", "centre_file": out / "centre.safetensors"}
+    paths |= {f"plot_{name}": path for name, path in plots.items()} if several else {"plot": plots[results[0].encoder]}
+    E.save_result_centre_file(paths["centre_file"], results if several else results[0],
+                              {"model": identity, "prompt_set": prompts.describe()})
+    for r in results:
+        plot(r, plots[r.encoder])
+    report = _multi_encoder_report(results) if several else results[0].to_json()
     report.update(
         {
             "model": identity,
@@ -165,20 +202,24 @@ def main(argv: list[str] | None = None) -> dict:
         }
     )
     atomic_write_text(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
+    lines = (_multi_encoder_lines if several else _single_encoder_lines)(model, results, prompts, identity)
+    lines += [f"note: {n}" for n in notes]
+    lines += [f"rule: {results[0].verdict['rule']}", f"wrote {', '.join(str(v) for v in paths.values())} "
+              f"in {report['runtime_s']:.1f} s"]
+    lines += [f"VERDICT [{r.encoder}]: {r.verdict['line'].removeprefix('VERDICT: ')}" for r in results] if several else []
+    lines.append(report["verdict_line"])
+    print("\n".join(lines))
+    return report
 
+
+def _single_encoder_lines(model, results, prompts, identity) -> list[str]:
+    (result,) = results
     ln = result.layernorm
-    shell = result.shell
     lines = [
-        f"model: {model.source} (text encoder {te_hash}, width {result.dim}, clip_skip {result.clip_skip})",
+        f"model: {model.source} (text encoder {identity['text_encoder_hash']}, width {result.dim}, clip_skip {result.clip_skip})",
         f"sentences: {prompts.name}: {len(prompts.sentences)} (hash {prompts.hash}); "
         f"{result.index_centre.n} with a word at index {result.index} ({result.distinct_at_index} distinct prefixes)",
-        f"index {result.index}: mean norm {_fmt(result.index_origin.mean)} about the origin (CV {_fmt(result.index_origin.cv)}), "
-        f"{_fmt(result.index_centre.mean)} about the centre (std {_fmt(result.index_centre.std)}, CV {_fmt(result.index_centre.cv)})",
-        f"EOS:     mean norm {_fmt(result.eos_origin.mean)} about the origin (CV {_fmt(result.eos_origin.cv)}), "
-        f"{_fmt(result.eos_centre.mean)} about its centre (std {_fmt(result.eos_centre.std)}, CV {_fmt(result.eos_centre.cv)})",
-        f"Gaussian reference (CV a Gaussian cloud of the same covariance would have, 1/sqrt(2 d_eff)): "
-        f"index {_fmt(shell['index']['gaussian_cv'])} (d_eff {_fmt(shell['index']['effective_dim'], 1)}), "
-        f"EOS {_fmt(shell['eos']['gaussian_cv'])} (d_eff {_fmt(shell['eos']['effective_dim'], 1)})",
+        *_measure_lines(result),
     ]
     if ln.get("present"):
         lines.append(
@@ -188,11 +229,53 @@ def main(argv: list[str] | None = None) -> dict:
         )
     else:
         lines.append("LayerNorm check: the text encoder has no final LayerNorm")
-    lines += [f"note: {n}" for n in notes]
-    lines += [f"rule: {result.verdict['rule']}", f"wrote {paths['json']}, {paths['centre_file']}, {paths['plot']} "
-              f"in {report['runtime_s']:.1f} s", result.verdict["line"]]
-    print("\n".join(lines))
-    return report
+    return lines
+
+
+def _multi_encoder_lines(model, results, prompts, identity) -> list[str]:
+    widths = ", ".join(f"{r.encoder} {r.dim}" for r in results)
+    lines = [
+        f"model: {model.source} ({model.family.name}, {len(results)} text encoders: {widths}; clip_skip {results[0].clip_skip})",
+        f"sentences: {prompts.name}: {len(prompts.sentences)} (hash {prompts.hash}); "
+        f"{results[0].index_centre.n} with a word at index {results[0].index} ({results[0].distinct_at_index} distinct prefixes)",
+    ]
+    for r in results:
+        lines.append(f"[{r.encoder}] (width {r.dim}, text encoder {identity['text_encoder_hashes'][r.encoder]})")
+        lines += _measure_lines(r, prefix="  ")
+        if r.layernorm.get("present"):
+            lines.append(f"  LayerNorm check: |xhat|/sqrt(d) = {r.layernorm['whitened_norm_ratio_mean']:.6f}")
+    if not all(r.layernorm.get("present") for r in results):
+        lines.append(E.NO_LAYERNORM_LINE)
+    return lines
+
+
+def _multi_encoder_report(results: list[E.EllipsoidResult]) -> dict:
+    """The JSON of a per-encoder check: the overall verdict, then one block per encoder (its
+    ``to_json``, without the conventions, which are given once)."""
+    overall = E.overall_verdict(results)
+    blocks = {}
+    offset = 0
+    for r in results:
+        block = r.to_json()
+        block.pop("conventions")
+        blocks[r.encoder] = {"encoder": r.encoder, "offset": offset, **block}
+        offset += r.dim
+    layernorm = all(r.layernorm.get("present") for r in results)
+    return {
+        "index": results[0].index,
+        "verdict": overall["label"],
+        "supported": overall["supported"],
+        "verdict_line": overall["line"],
+        "rule": results[0].verdict["rule"] + "; with several encoders: supported when every encoder's is",
+        "threshold": results[0].threshold,
+        "eos_factor": results[0].eos_factor,
+        "num_sentences": results[0].num_sentences,
+        "width": offset,
+        "clip_skip": results[0].clip_skip,
+        "layernorm_geometry": {"applies": layernorm, **({} if layernorm else {"note": E.NO_LAYERNORM_LINE})},
+        "encoders": blocks,
+        "conventions": E.CONVENTIONS_PER_ENCODER,
+    }
 
 
 def cli(argv: list[str] | None = None) -> int:

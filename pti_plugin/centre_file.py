@@ -7,7 +7,10 @@ tensors
     ``centre``           ``[L, d]`` (``L`` = 77 for SD1.x) the empirical centre of the UNet
                          conditioning at each token position (see ``metadata["centre_definition"]``);
     ``layernorm_gamma``  ``[d]`` the final LayerNorm's weight (γ);
-    ``layernorm_beta``   ``[d]`` the final LayerNorm's bias (β);
+    ``layernorm_beta``   ``[d]`` the final LayerNorm's bias (β); a family whose conditioning has no
+                         final LayerNorm (SDXL) stores γ = 1 and β = 0 and ``metadata["layernorm"]``
+                         false, and its ``centre`` is that of the concatenated states ``[77, d1 + d2]``
+                         (``metadata["encoders"]`` lists each encoder's name and width, in order);
     optional extras      any further named tensors (the ellipsoid check adds ``centre_all_tokens``
                          ``[L, d]``, ``eos_centre`` ``[d]`` and ``word_count`` ``[L]``).
 

@@ -39,6 +39,14 @@ of the radius within 10 % of its mean), or at most 1.5 times as thick as the EOS
 paper accepts as an ellipsoid. Fewer than :data:`MIN_SAMPLES` sentences with a word at the index
 give "inconclusive".
 
+**Several text encoders** (SDXL): the conditioning ``[N, 77, d1 + d2]`` is the two encoders'
+penultimate states side by side, so every statistic above is taken per encoder on its slice of the
+width (:func:`analyse_per_encoder`, one result each; token positions from that encoder's own ids),
+and the verdict is supported when every encoder's is. SDXL's conditioning has no final LayerNorm:
+the exact LayerNorm geometry does not apply, the LayerNorm figures are absent, and the norm CV about
+the centre at the index and at EOS, per encoder, is what decides whether the pivot-locality
+plugin's ``centered`` geometry (slerp about the centre, per encoder) is legitimate at the index.
+
 Sentence sets: a built-in set generated from templates x word pools (no download; only sentences
 whose every word is one token for the model's tokenizer are kept, so the toy word-level vocabulary
 works too), ``T(word)`` prompts (``an anime illustration of {}`` over many single-token words, so
@@ -46,7 +54,7 @@ the studied index is always a content word), a text file (one sentence per line)
 captions JSON (``annotations[].caption``).
 """
 
-from .check import Encoder, analyse, text_encoder_hash
+from .check import Block, Encoder, analyse, analyse_per_encoder, text_encoder_hash
 from .prompts import (
     BUILTIN_TEMPLATES,
     DEFAULT_BUILTIN_SIZE,
@@ -62,7 +70,14 @@ from .prompts import (
     template_word_sentences,
     token_count,
 )
-from .report import CONVENTIONS, EllipsoidResult, save_result_centre_file
+from .report import (
+    CONVENTIONS,
+    CONVENTIONS_PER_ENCODER,
+    NO_LAYERNORM_LINE,
+    EllipsoidResult,
+    overall_verdict,
+    save_result_centre_file,
+)
 from .statistics import (
     DEFAULT_EOS_FACTOR,
     DEFAULT_INDEX,
@@ -80,10 +95,11 @@ from .statistics import (
 )
 
 __all__ = [
-    "BUILTIN_TEMPLATES", "CONVENTIONS", "DEFAULT_BUILTIN_SIZE", "DEFAULT_EOS_FACTOR", "DEFAULT_INDEX",
-    "DEFAULT_TEMPLATE", "DEFAULT_THRESHOLD", "DEGENERATE_RADIUS", "MIN_SAMPLES", "TEMPLATE_WORDS", "WORD_POOLS",
-    "EllipsoidResult", "Encoder", "NormStats", "PromptSet", "analyse", "build_prompt_set", "builtin_sentences",
-    "eos_positions", "gather_positions", "norm_stats", "read_sentences", "save_result_centre_file",
+    "BUILTIN_TEMPLATES", "Block", "CONVENTIONS", "CONVENTIONS_PER_ENCODER", "DEFAULT_BUILTIN_SIZE",
+    "DEFAULT_EOS_FACTOR", "DEFAULT_INDEX", "DEFAULT_TEMPLATE", "DEFAULT_THRESHOLD", "DEGENERATE_RADIUS",
+    "MIN_SAMPLES", "NO_LAYERNORM_LINE", "TEMPLATE_WORDS", "WORD_POOLS", "EllipsoidResult", "Encoder", "NormStats",
+    "PromptSet", "analyse", "analyse_per_encoder", "build_prompt_set", "builtin_sentences", "eos_positions",
+    "gather_positions", "norm_stats", "overall_verdict", "read_sentences", "save_result_centre_file",
     "shell_context", "single_token_words", "template_word_index", "template_word_sentences",
     "text_encoder_hash", "token_count", "verdict", "whitened_norm_ratio", "word_mask",
 ]

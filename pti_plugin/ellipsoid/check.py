@@ -31,28 +31,58 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Encoder:
-    """What the check needs of a model: its text encoder, tokenizer and family adapter (``models.family``)."""
+    """What the check needs of a model: its text encoders and tokenizers (one per encoder, in the
+    family's order) and its family adapter (``models.family``)."""
 
-    text_encoder: torch.nn.Module
-    tokenizer: object
+    text_encoders: tuple[torch.nn.Module, ...]
+    tokenizers: tuple[object, ...]
     family: object
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
     def from_base_model(cls, model, device: str | torch.device = "cpu") -> "Encoder":
-        return cls(model.text_encoder, model.tokenizer, model.family, torch.device(device))
+        return cls(tuple(model.text_encoders), tuple(model.tokenizers), model.family, torch.device(device))
+
+    def blocks(self) -> list["Block"]:
+        """One :class:`Block` per text encoder: its slice of the conditioning's width (the family's
+        ``conditioning_widths``) and its final LayerNorm where the conditioning ends with one."""
+        widths = self.family.conditioning_widths(self.text_encoders)
+        norms = self.family.final_layer_norms(self.text_encoders)
+        names = tuple(getattr(self.family, "text_encoder_names", ())) or tuple(f"text_encoder_{k + 1}" for k in range(len(widths)))
+        out, offset = [], 0
+        for k, (name, width, ln) in enumerate(zip(names, widths, norms)):
+            out.append(Block(k, name, slice(offset, offset + width), self.tokenizers[k],
+                             ln if isinstance(ln, torch.nn.LayerNorm) else None))
+            offset += width
+        return out
+
+
+@dataclass(frozen=True)
+class Block:
+    """One text encoder's share of the conditioning: ``index`` in the family's order, ``name`` (the
+    pipeline's attribute name), ``part`` (its slice of the width), its tokenizer and its final
+    LayerNorm (None where the conditioning is not taken after one, e.g. SDXL)."""
+
+    index: int
+    name: str
+    part: slice
+    tokenizer: object
+    layer_norm: torch.nn.LayerNorm | None
 
     @property
-    def layer_norm(self) -> torch.nn.LayerNorm | None:
-        ln = self.family.final_layer_norms((self.text_encoder,))[0]
-        return ln if isinstance(ln, torch.nn.LayerNorm) else None
+    def width(self) -> int:
+        return self.part.stop - self.part.start
 
     @property
     def eos_token_id(self) -> int:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is None:
-            raise ValueError("the tokenizer has no eos_token_id: the EOS position cannot be found")
+            raise ValueError(f"the tokenizer of {self.name} has no eos_token_id: the EOS position cannot be found")
         return int(eos)
+
+    def ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """This encoder's token ids ``[N, L]`` from the family's ``[N, L]`` (one encoder) or ``[N, E, L]``."""
+        return input_ids if input_ids.dim() == 2 else input_ids[:, self.index]
 
 
 def text_encoder_hash(text_encoder: torch.nn.Module) -> str:
@@ -67,17 +97,16 @@ def text_encoder_hash(text_encoder: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def _encode_batch(enc: Encoder, ids: torch.Tensor, use_ln: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(conditioning ``[B, L, d]``, pre-LayerNorm state or None), float32 on the CPU."""
+def _encode_batch(enc: Encoder, block: Block, ids: torch.Tensor, use_ln: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``block``'s slice of the conditioning ``[B, L, d]``, its pre-LayerNorm state or None), float32 on the CPU."""
     ids = ids.to(enc.device)
-    te = enc.text_encoder
     if use_ln:
-        x = enc.family.pre_layernorm_states((te,), ids)
-        return enc.layer_norm(x).float().cpu(), x.float().cpu()
-    return enc.family.encode((te,), ids).hidden_states.float().cpu(), None
+        x = enc.family.pre_layernorm_states(enc.text_encoders, ids)[..., block.part]
+        return block.layer_norm(x).float().cpu().contiguous(), x.float().cpu()
+    return enc.family.encode(enc.text_encoders, ids).hidden_states[..., block.part].float().cpu().contiguous(), None
 
 
-def analyse(
+def analyse_per_encoder(
     model_or_encoder,
     sentences: list[str],
     index: int = DEFAULT_INDEX,
@@ -86,39 +115,54 @@ def analyse(
     batch_size: int = 64,
     cache_bytes: int = 1 << 30,
     min_samples: int = MIN_SAMPLES,
-) -> EllipsoidResult:
-    """Run the check on ``sentences`` with a BaseModel or an :class:`Encoder`.
+) -> list[EllipsoidResult]:
+    """Run the check on ``sentences`` with a BaseModel or an :class:`Encoder`: one result per text
+    encoder, each on that encoder's slice of the family's conditioning (SDXL: CLIP-L's 768 columns,
+    then bigG's 1280), in the family's order.
 
-    Two passes over the batches (centres first, then norms about them); the first pass's outputs
-    are kept in memory when they fit in ``cache_bytes``, else re-encoded.
+    Per encoder, two passes over the batches (centres first, then norms about them); the first
+    pass's outputs are kept in memory when they fit in ``cache_bytes``, else re-encoded.
     """
     enc = model_or_encoder if isinstance(model_or_encoder, Encoder) else Encoder.from_base_model(model_or_encoder)
     if not sentences:
         raise ValueError("the sentence set is empty")
-    was_training = enc.text_encoder.training
-    enc.text_encoder.eval()
+    was_training = [te.training for te in enc.text_encoders]
+    for te in enc.text_encoders:
+        te.eval()
     try:
-        return _analyse(enc, sentences, index, threshold, eos_factor, batch_size, cache_bytes, min_samples)
+        ids_all = enc.family.tokenize(enc.tokenizers, list(sentences))
+        return [_analyse(enc, block, ids_all, index, threshold, eos_factor, batch_size, cache_bytes, min_samples)
+                for block in enc.blocks()]
     finally:
-        enc.text_encoder.train(was_training)
+        for te, mode in zip(enc.text_encoders, was_training):
+            te.train(mode)
 
 
-def _analyse(enc, sentences, index, threshold, eos_factor, batch_size, cache_bytes, min_samples) -> EllipsoidResult:
-    family, ln = enc.family, enc.layer_norm
-    ids_all = family.tokenize((enc.tokenizer,), list(sentences))
-    n, length = ids_all.shape
+def analyse(model_or_encoder, sentences: list[str], **options) -> EllipsoidResult:
+    """:func:`analyse_per_encoder` for a family with one text encoder (SD1.5): its one result."""
+    results = analyse_per_encoder(model_or_encoder, sentences, **options)
+    if len(results) != 1:
+        raise ValueError(f"the model has {len(results)} text encoders ({', '.join(r.encoder for r in results)}): "
+                         "use analyse_per_encoder, which gives one result per encoder")
+    return results[0]
+
+
+def _analyse(enc, block, ids_all, index, threshold, eos_factor, batch_size, cache_bytes, min_samples) -> EllipsoidResult:
+    family, ln = enc.family, block.layer_norm
+    ids = block.ids(ids_all)
+    n, length = ids.shape
     if not 0 <= index < length:
         raise ValueError(f"index {index} is outside the token range 0..{length - 1}")
-    eos = eos_positions(ids_all, enc.eos_token_id)
+    eos = eos_positions(ids, block.eos_token_id)
     mask = word_mask(eos, length)  # [N, L]
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    use_ln, recon_err = _layernorm_reconstruction(enc, ids_all[batches[0]])
-    first = _first_pass(enc, ids_all, batches, mask, eos, index, use_ln, cache_bytes)
+    use_ln, recon_err = _layernorm_reconstruction(enc, block, ids_all[batches[0]])
+    first = _first_pass(enc, block, ids_all, batches, mask, eos, index, use_ln, cache_bytes)
 
     count = mask.sum(0)  # [L]
     centre_all = first["sum_all"] / n
     centre = torch.where(count.unsqueeze(-1) > 0, first["sum_word"] / count.clamp_min(1).unsqueeze(-1), centre_all)
-    centre_r = _radii_about(enc, ids_all, batches, centre, first["cache"], use_ln)
+    centre_r = _radii_about(enc, block, ids_all, batches, centre, first["cache"], use_ln)
     curves, per = _per_index_curves(mask, first["origin_r"], centre_r)
 
     eos_vecs = first["eos_vecs"]
@@ -151,7 +195,7 @@ def _analyse(enc, sentences, index, threshold, eos_factor, batch_size, cache_byt
         curves=curves,
         eos_position_counts=eos_counts,
         shell=shape,
-        distinct_at_index=int(torch.unique(ids_all[sel, : index + 1], dim=0).shape[0]) if sel.any() else 0,
+        distinct_at_index=int(torch.unique(ids[sel, : index + 1], dim=0).shape[0]) if sel.any() else 0,
         centre=centre.float(),
         centre_all_tokens=centre_all.float(),
         eos_centre_vector=eos_centre.float(),
@@ -160,18 +204,19 @@ def _analyse(enc, sentences, index, threshold, eos_factor, batch_size, cache_byt
         beta=ln.bias.detach().float().cpu().clone() if ln is not None else None,
         index_radii=centre_r[sel, index].numpy(),
         eos_radii=eos_centre_r,
+        encoder=block.name,
     )
 
 
-def _layernorm_reconstruction(enc: Encoder, ids0: torch.Tensor) -> tuple[bool, float | None]:
-    """Is the conditioning exactly the final LayerNorm of the pre-LayerNorm state? Checked on the
+def _layernorm_reconstruction(enc: Encoder, block: Block, ids0: torch.Tensor) -> tuple[bool, float | None]:
+    """Is ``block``'s conditioning exactly the final LayerNorm of its pre-LayerNorm state? Checked on the
     first batch ``ids0``: (use the LayerNorm path, relative reconstruction error or None without one)."""
-    ln = enc.layer_norm
+    ln = block.layer_norm
     if ln is None:
         return False, None
     with torch.no_grad():
-        ref = enc.family.encode((enc.text_encoder,), ids0.to(enc.device)).hidden_states.double().cpu()
-    _h0, x0 = _encode_batch(enc, ids0, use_ln=True)
+        ref = enc.family.encode(enc.text_encoders, ids0.to(enc.device)).hidden_states[..., block.part].double().cpu()
+    _h0, x0 = _encode_batch(enc, block, ids0, use_ln=True)
     gamma, beta = ln.weight.detach().double().cpu(), ln.bias.detach().double().cpu()
     x = x0.double()
     xhat = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)
@@ -182,12 +227,12 @@ def _layernorm_reconstruction(enc: Encoder, ids0: torch.Tensor) -> tuple[bool, f
     return use_ln, recon_err
 
 
-def _first_pass(enc, ids_all, batches, mask, eos, index, use_ln, cache_bytes) -> dict:
+def _first_pass(enc, block, ids_all, batches, mask, eos, index, use_ln, cache_bytes) -> dict:
     """One pass over the batches: sums for the centres, norms about the origin, EOS and index states,
     the whitened norm ratio (with a LayerNorm) and the outputs while they fit in ``cache_bytes``
     (``cache`` None once they do not)."""
-    family, ln = enc.family, enc.layer_norm
-    n, length = ids_all.shape
+    family, ln = enc.family, block.layer_norm
+    n, length = mask.shape
     d = None
     sum_word = sum_all = eos_vecs = index_vecs = None
     origin_r = torch.zeros(n, length, dtype=torch.float64)
@@ -195,7 +240,7 @@ def _first_pass(enc, ids_all, batches, mask, eos, index, use_ln, cache_bytes) ->
     cache: list[torch.Tensor] | None = []
     cached = 0
     for sl in batches:
-        h, x = _encode_batch(enc, ids_all[sl], use_ln)
+        h, x = _encode_batch(enc, block, ids_all[sl], use_ln)
         d = h.shape[-1]
         if sum_word is None:
             sum_word = torch.zeros(length, d, dtype=torch.float64)
@@ -212,7 +257,7 @@ def _first_pass(enc, ids_all, batches, mask, eos, index, use_ln, cache_bytes) ->
         if ratio is not None:
             if x is None:
                 with torch.no_grad():
-                    x = family.pre_layernorm_states((enc.text_encoder,), ids_all[sl].to(enc.device)).float().cpu()
+                    x = family.pre_layernorm_states(enc.text_encoders, ids_all[sl].to(enc.device))[..., block.part].float().cpu()
             ratio[sl] = whitened_norm_ratio(x, ln.eps)
         if cache is not None:
             cached += h.numel() * h.element_size()
@@ -224,12 +269,12 @@ def _first_pass(enc, ids_all, batches, mask, eos, index, use_ln, cache_bytes) ->
             "eos_vecs": eos_vecs, "index_vecs": index_vecs, "cache": cache}
 
 
-def _radii_about(enc, ids_all, batches, centre, cache, use_ln) -> torch.Tensor:
+def _radii_about(enc, block, ids_all, batches, centre, cache, use_ln) -> torch.Tensor:
     """Second pass: ``|h[n, i] - centre[i]|`` ``[N, L]`` (float64), from ``cache`` or re-encoded."""
-    n, length = ids_all.shape
+    n, length = ids_all.shape[0], centre.shape[0]
     centre_r = torch.zeros(n, length, dtype=torch.float64)
     for k, sl in enumerate(batches):
-        h = cache[k] if cache is not None else _encode_batch(enc, ids_all[sl], use_ln)[0]
+        h = cache[k] if cache is not None else _encode_batch(enc, block, ids_all[sl], use_ln)[0]
         centre_r[sl] = (h.double() - centre.unsqueeze(0)).norm(dim=-1)
     return centre_r
 

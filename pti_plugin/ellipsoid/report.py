@@ -45,6 +45,8 @@ class EllipsoidResult:
     #: per-sentence radii about the centre at the index (sentences with a word there) and at EOS
     index_radii: np.ndarray
     eos_radii: np.ndarray
+    #: the text encoder measured, by the pipeline's name (``text_encoder``; SDXL also ``text_encoder_2``)
+    encoder: str = "text_encoder"
 
     def to_json(self) -> dict:
         def clean(values):
@@ -101,27 +103,69 @@ CONVENTIONS = {
     "conditioning": "final LayerNorm applied to the hidden state clip_skip layers from the end (kohya's clip_skip)",
 }
 
+#: The conventions of a family with several text encoders (SDXL), where they differ from :data:`CONVENTIONS`.
+CONVENTIONS_PER_ENCODER = {
+    **CONVENTIONS,
+    "conditioning": "the family's UNet conditioning (SDXL: penultimate hidden states of both encoders, concatenated "
+    "along the width, no final LayerNorm), measured per encoder on that encoder's slice of the width",
+    "token_index": CONVENTIONS["token_index"] + "; positions found with each encoder's own token ids "
+    "(SDXL's second tokenizer pads with '!', which is not counted as EOS)",
+    "centre_file": "the centre of the concatenated states [L, d1 + d2]: each encoder's centre side by side, in order; "
+    "layernorm_gamma = 1 and layernorm_beta = 0 (no final LayerNorm; metadata layernorm = false)",
+}
 
-def save_result_centre_file(path, result: EllipsoidResult, metadata: dict) -> Path:
-    """Write ``result``'s centres as a centre file (:mod:`pti_plugin.centre_file`) with ``metadata``.
+#: What the check says for a family whose conditioning is not taken after a final LayerNorm.
+NO_LAYERNORM_LINE = (
+    "LayerNorm geometry does not apply: this family's conditioning is taken before any final LayerNorm, so the "
+    "exact LayerNorm slerp (and its |xhat|/sqrt(d) check) has no exact answer here; the centered geometry's "
+    "statistics decide: the norm CV about the centre at the index and at EOS, per encoder"
+)
 
-    Encoders without a final LayerNorm get gamma = 1 and beta = 0 (recorded as ``layernorm: false``).
+
+def overall_verdict(results: list[EllipsoidResult]) -> dict:
+    """The verdict of a per-encoder check: supported when every encoder's is (the pivot-locality plugin
+    slerps each encoder's slice about its own centre), not supported when any is not, else inconclusive."""
+    labels = {r.encoder: r.verdict["label"] for r in results}
+    states = [r.verdict["supported"] for r in results]
+    if any(s is False for s in states):
+        supported, label = False, "not supported"
+    elif all(s is True for s in states):
+        supported, label = True, "supported"
+    else:
+        supported, label = None, "inconclusive"
+    detail = ", ".join(f"{name} {value}" for name, value in labels.items())
+    index = results[0].index
+    line = f"VERDICT: slerp about the centre at index {index} is {label.upper()} over the encoders ({detail})"
+    return {"supported": supported, "label": label, "line": line, "per_encoder": labels}
+
+
+def save_result_centre_file(path, result: EllipsoidResult | list[EllipsoidResult], metadata: dict) -> Path:
+    """Write the centres of ``result`` (one per text encoder, or a single one) as a centre file
+    (:mod:`pti_plugin.centre_file`) with ``metadata``.
+
+    Several encoders' centres are put side by side along the width, in order, which is the centre of
+    the family's concatenated conditioning ``[L, d1 + d2]`` (the pivot-locality plugin slices it per
+    encoder itself); the metadata then lists each encoder's name and width. Encoders without a final
+    LayerNorm get gamma = 1 and beta = 0 (recorded as ``layernorm: false``).
     """
     from ..centre_file import save_centre_file
 
-    d = result.dim
-    gamma = result.gamma if result.gamma is not None else torch.ones(d)
-    beta = result.beta if result.beta is not None else torch.zeros(d)
+    results = result if isinstance(result, list) else [result]
+    gamma = torch.cat([r.gamma if r.gamma is not None else torch.ones(r.dim) for r in results])
+    beta = torch.cat([r.beta if r.beta is not None else torch.zeros(r.dim) for r in results])
+    several = len(results) > 1
     meta = {
-        "layernorm": result.gamma is not None,
-        "clip_skip": result.clip_skip,
-        "studied_index": result.index,
-        "conventions": CONVENTIONS,
+        "layernorm": all(r.gamma is not None for r in results),
+        "clip_skip": results[0].clip_skip,
+        "studied_index": results[0].index,
+        "conventions": CONVENTIONS_PER_ENCODER if several else CONVENTIONS,
+        **({"encoders": [{"name": r.encoder, "width": r.dim} for r in results]} if several else {}),
         **metadata,
     }
     extra = {
-        "centre_all_tokens": result.centre_all_tokens,
-        "eos_centre": result.eos_centre_vector,
-        "word_count": result.word_count,
+        "centre_all_tokens": torch.cat([r.centre_all_tokens for r in results], dim=-1),
+        "eos_centre": torch.cat([r.eos_centre_vector for r in results]),
+        "word_count": results[0].word_count,
     }
-    return save_centre_file(path, result.centre, gamma, beta, meta, extra_tensors=extra)
+    centre = torch.cat([r.centre for r in results], dim=-1)
+    return save_centre_file(path, centre, gamma, beta, meta, extra_tensors=extra)

@@ -84,8 +84,8 @@ def resample(heatmaps: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def _subject_rows(run, prompts: list[str], subject: str) -> list[list[int]]:
-    ids = run.tokenize(prompts)
-    subject_ids = subject_token_ids(run.pipe.tokenizer, subject)
+    ids = run.token_positions_ids(prompts)
+    subject_ids = subject_token_ids(run.tokenizer, subject)
     return [subject_positions(row, subject_ids) for row in ids]
 
 
@@ -111,16 +111,16 @@ def generate_with_heatmaps(
     width, height = size or run.default_size()
     text = run.prompt(prompt, tuned)
     with run.lora(tuned):
-        cond = run.encode([text])  # [1, 77, d]
-        uncond = run.encode([negative_prompt])
+        cond = run.conditioning([text])  # hidden states [1, 77, d]
+        uncond = run.conditioning([negative_prompt])
         n = len(seeds)
         positions = _subject_rows(run, [text], run.subject(tuned)) * n
         cfg = guidance > 1.0
-        weights = subject_weights(([[]] * n if cfg else []) + positions, cond.shape[1])
+        weights = subject_weights(([[]] * n if cfg else []) + positions, cond.hidden_states.shape[1])
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         with capture_cross_attention(run.pipe.unet, weights) if capture else contextlib.nullcontext() as collector:
             images = run.pipe(
-                prompt_embeds=cond.expand(n, -1, -1), negative_prompt_embeds=uncond.expand(n, -1, -1),
+                **run.pipeline_conditioning(cond, uncond, n),
                 num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                 height=height, width=width, output_type="np",
             ).images
@@ -163,12 +163,12 @@ def training_heatmaps(
         for index, (item, pix) in enumerate(zip(items, pixels)):
             latents = run.encode_latents(pix[None])  # [1, 4, h, w]
             caption = run.prompt(item.caption, tuned)
-            cond = run.encode([caption]).expand(noise_draws, -1, -1)
+            cond = run.conditioning([caption]).map(lambda c: c.expand(noise_draws, *c.shape[1:]))
             generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
             noise = torch.randn((noise_draws, *latents.shape[1:]), generator=generator).to(latents.device, latents.dtype)
             t = torch.full((noise_draws,), timestep, dtype=torch.long, device=latents.device)
             noisy = run.noise_scheduler.add_noise(latents.expand(noise_draws, -1, -1, -1), noise, t)
-            weights = subject_weights(_subject_rows(run, [caption], run.subject(tuned)) * noise_draws, cond.shape[1])
+            weights = subject_weights(_subject_rows(run, [caption], run.subject(tuned)) * noise_draws, cond.hidden_states.shape[1])
             with capture_cross_attention(run.pipe.unet, weights) as collector:
                 run.unet(noisy, t, cond)
             heatmap = collector.heatmaps(tuple(latents.shape[-2:])).mean(0)

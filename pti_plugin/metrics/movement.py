@@ -29,26 +29,31 @@ def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def output_space_angles(run, prompt: str = "{T}") -> dict[str, float]:
-    """``{"output_angle_layernorm_deg", "output_angle_raw_deg"}`` (nan when the class word is not one token)."""
+    """``{"output_angle_layernorm_deg", "output_angle_raw_deg"}`` (nan when the class word is not one token; the
+    layernorm angle nan where the conditioning has no final LayerNorm, e.g. SDXL, whose raw angle is taken on
+    both encoders' states side by side)."""
     pivot_prompt = run.prompt(prompt, True)
-    class_ids = subject_token_ids(run.pipe.tokenizer, run.class_word)
+    class_ids = subject_token_ids(run.tokenizer, run.class_word)
     nan = {"output_angle_layernorm_deg": float("nan"), "output_angle_raw_deg": float("nan")}
     if len(class_ids) != 1:
         return nan
     from .prompts import fill, normalise_prompt
 
     class_prompt = fill(normalise_prompt(prompt, run.template, run.token), " ".join([run.class_word] * run.num_vectors))
-    positions = subject_positions(run.tokenize([pivot_prompt])[0], subject_token_ids(run.pipe.tokenizer, run.pivot_text))
+    positions = subject_positions(run.token_positions_ids([pivot_prompt])[0], subject_token_ids(run.tokenizer, run.pivot_text))
+    norm = run.final_layer_norm()
     states = {}
     for tuned, text in ((True, pivot_prompt), (False, class_prompt)):
         with run.lora(tuned):
-            pre = run.pre_layernorm_states([text])[0, positions]  # [n, d]
+            xhat = None
+            if norm is not None:
+                pre = run.pre_layernorm_states([text])[0, positions]  # [n, d]
+                xhat = torch.nn.functional.layer_norm(pre, pre.shape[-1:], eps=norm.eps)
             cond = run.encode([text])[0, positions].float()
-        norm = run.final_layer_norm()
-        xhat = torch.nn.functional.layer_norm(pre, pre.shape[-1:], eps=norm.eps)
         states[tuned] = (xhat, cond)
+    layernorm = float(_angle_deg(states[True][0], states[False][0]).mean()) if norm is not None else float("nan")
     return {
-        "output_angle_layernorm_deg": float(_angle_deg(states[True][0], states[False][0]).mean()),
+        "output_angle_layernorm_deg": layernorm,
         "output_angle_raw_deg": float(_angle_deg(states[True][1], states[False][1]).mean()),
     }
 

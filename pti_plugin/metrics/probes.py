@@ -55,9 +55,10 @@ def make_probes(run, max_images: int = 8, timestep_fractions=TIMESTEP_FRACTIONS,
 def predictions(run, probes: Probes, prompt_text: str, batch_size: int = 16) -> torch.Tensor:
     """The UNet's predictions ``[N, 4, h, w]`` (float32) for every probe with one filled prompt,
     with the run's current LoRA state."""
-    cond = run.encode([prompt_text])
+    cond = run.conditioning([prompt_text])
     out = []
     for i in range(0, len(probes), batch_size):
         noisy = probes.noisy[i : i + batch_size]
-        out.append(run.unet(noisy, probes.timesteps[i : i + batch_size], cond.expand(len(noisy), -1, -1)).float())
+        rows = cond.map(lambda c: c.expand(len(noisy), *c.shape[1:]))
+        out.append(run.unet(noisy, probes.timesteps[i : i + batch_size], rows).float())
     return torch.cat(out)

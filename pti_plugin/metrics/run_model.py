@@ -2,14 +2,20 @@
 
 :func:`load_run` reads ``<output_name>.config.toml`` (the resolved config the trainer writes) to
 find the base model, the data, the token and the template; it loads the base model from local
-files (never downloads), builds a diffusers ``StableDiffusionPipeline`` from it and loads the
-run's LoRA and bundled pivot with :func:`pti_plugin.load_pti.load_pti` (the path a diffusers user
-takes). :meth:`LoadedRun.lora` switches the LoRA off to get the *base* model; the base model is
-prompted with the class word, the fine-tuned one with the pivot token.
+files (never downloads), builds the family's diffusers pipeline from it
+(:meth:`~pti_plugin.models.loading.BaseModel.pipeline`: ``StableDiffusionPipeline`` for SD1.5,
+``StableDiffusionXLPipeline`` for SDXL) and loads the run's LoRA and bundled pivot with
+:func:`pti_plugin.load_pti.load_pti` (the path a diffusers user takes).
+:meth:`LoadedRun.lora` switches the LoRA off to get the *base* model; the base model is prompted
+with the class word, the fine-tuned one with the pivot token. :func:`open_model` gives the same
+object for a base model alone (no run files: no LoRA, no pivot).
 
-Conditioning is built with the run's model family (``clip_skip`` honoured as in training), and
-the pipeline is called with ``prompt_embeds``, so generation sees exactly the training-time
-conditioning.
+Conditioning is built with the run's model family through its adapter (``clip_skip`` honoured as
+in training; every text encoder of the family, e.g. SDXL's two and its pooled embedding), and the
+pipeline is called with ``prompt_embeds`` (plus ``pooled_prompt_embeds`` for SDXL), so generation
+sees exactly the training-time conditioning. Token positions (the subject's) are read from the
+first tokenizer's ids: SDXL's two tokenizers share CLIP's vocabulary and place every word at the
+same index.
 """
 
 from __future__ import annotations
@@ -25,10 +31,16 @@ import toml
 import torch
 
 from ..config import EMBEDDED, Config, ConfigError, build_config
+from ..models.family import Conditioning
 from ..data.dataset import ImageItem, load_subsets
 from ..data.latents import load_pixels
 from ..data.scanning import scan_images
 from .prompts import fill, normalise_prompt, pivot_subject
+
+
+#: Extra conditioning (``Conditioning.added_cond_kwargs`` key) that diffusers pipelines take as arguments:
+#: key -> (argument, negative argument). SDXL's ``time_ids`` are not among them: the pipeline builds them.
+PIPELINE_ARGUMENTS = {"text_embeds": ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
 
 
 def find_run_files(run_dir: str | Path, output_name: str | None = None) -> tuple[Path, Path]:
@@ -131,7 +143,7 @@ class LoadedRun:
     @property
     def has_lora(self) -> bool:
         """Whether LoRA adapters were loaded (a file without LoRA keys loads none)."""
-        return any(getattr(m, "peft_config", None) for m in (self.pipe.unet, self.pipe.text_encoder))
+        return any(getattr(m, "peft_config", None) for m in (self.pipe.unet, *self.text_encoders))
 
     def _set_lora(self, enabled: bool) -> None:
         if enabled == self._lora_on or not self.has_lora:
@@ -144,25 +156,68 @@ class LoadedRun:
         self._lora_on = enabled
 
     # ------------------------------------------------------------------ tensors
+    @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        """The pipeline's text encoders, in the family's order."""
+        return tuple(getattr(self.pipe, name) for name in self.family.text_encoder_names)
+
+    @property
+    def tokenizers(self) -> tuple[object, ...]:
+        """The pipeline's tokenizers, one per text encoder, in the family's order."""
+        return tuple(getattr(self.pipe, name.replace("text_encoder", "tokenizer")) for name in self.family.text_encoder_names)
+
+    @property
+    def tokenizer(self) -> object:
+        """The first tokenizer: the one whose ids give token positions (see the module docstring)."""
+        return self.tokenizers[0]
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids ``[B, L]`` (CPU, int64; L = 77 unless the run set a longer max_token_length)."""
-        return self.family.tokenize((self.pipe.tokenizer,), prompts)
+        """Token ids as the family's conditioning takes them (CPU, int64): ``[B, L]`` (SD1.5; L = 77 unless the
+        run set a longer max_token_length) or ``[B, encoders, 77]`` (SDXL)."""
+        return self.family.tokenize(self.tokenizers, prompts)
+
+    def token_positions_ids(self, prompts: list[str]) -> torch.Tensor:
+        """The first tokenizer's ids ``[B, L]``, whose indices are the conditioning's token positions."""
+        ids = self.tokenize(prompts)
+        return ids if ids.dim() == 2 else ids[:, 0]
 
     @torch.no_grad()
+    def conditioning(self, prompts: list[str]) -> Conditioning:
+        """The UNet conditioning of filled prompts (every tensor in the run's dtype), with the current LoRA state."""
+        ids = self.tokenize(prompts).to(self.device)
+        return self.family.encode(self.text_encoders, ids).map(lambda t: t.to(self.dtype))
+
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """UNet conditioning ``[B, L, d]`` of filled prompts, with the current LoRA state."""
-        ids = self.tokenize(prompts).to(self.device)
-        return self.family.encode((self.pipe.text_encoder,), ids).hidden_states.to(self.dtype)
+        """The per-token conditioning ``[B, L, d]`` of filled prompts (SDXL: both encoders' states side by side)."""
+        return self.conditioning(prompts).hidden_states
 
     @torch.no_grad()
-    def pre_layernorm_states(self, prompts: list[str]) -> torch.Tensor:
-        """The encoder's state before its final LayerNorm ``[B, L, d]`` (float32)."""
+    def pre_layernorm_states(self, prompts: list[str]) -> torch.Tensor | None:
+        """The encoder's state before its final LayerNorm ``[B, L, d]`` (float32); None where the family's
+        conditioning does not end with one (SDXL)."""
         ids = self.tokenize(prompts).to(self.device)
-        return self.family.pre_layernorm_states((self.pipe.text_encoder,), ids).float()
+        states = self.family.pre_layernorm_states(self.text_encoders, ids)
+        return None if states is None else states.float()
 
     def final_layer_norm(self) -> torch.nn.LayerNorm | None:
-        """The LayerNorm that ends the conditioning (None where the family's has none)."""
-        return self.family.final_layer_norms((self.pipe.text_encoder,))[0]
+        """The LayerNorm that ends the conditioning: the family's one final LayerNorm, None where it has none
+        (SDXL: its conditioning is taken before any)."""
+        norms = self.family.final_layer_norms(self.text_encoders)
+        return norms[0] if len(norms) == 1 and isinstance(norms[0], torch.nn.LayerNorm) else None
+
+    def pipeline_conditioning(self, cond: Conditioning, uncond: Conditioning, n: int) -> dict[str, torch.Tensor]:
+        """The pipeline's arguments for ``n`` images of one prompt: ``prompt_embeds`` and ``negative_prompt_embeds``
+        (``cond``/``uncond`` rows repeated), plus each extra conditioning the pipeline takes as an argument (SDXL's
+        pooled embedding). The size ids are left to the pipeline, which builds them from the image size."""
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.expand(n, *t.shape[1:])
+
+        kwargs = {"prompt_embeds": rows(cond.hidden_states), "negative_prompt_embeds": rows(uncond.hidden_states)}
+        for key, (positive, negative) in PIPELINE_ARGUMENTS.items():
+            if key in cond.added_cond_kwargs:
+                kwargs[positive] = rows(cond.added_cond_kwargs[key])
+                kwargs[negative] = rows(uncond.added_cond_kwargs[key])
+        return kwargs
 
     def training_pixels(self, max_images: int | None = None) -> list[torch.Tensor]:
         """Training images fitted to their buckets: float32 ``[3, H, W]`` in [-1, 1] (CPU)."""
@@ -184,9 +239,18 @@ class LoadedRun:
         return (posterior.mean * vae.config.scaling_factor).to(self.dtype)
 
     @torch.no_grad()
-    def unet(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction (epsilon or v, as trained) with the current LoRA state."""
-        return self.pipe.unet(noisy.to(self.dtype), t.to(self.device), encoder_hidden_states=cond).sample
+    def unet(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet's prediction (epsilon or v, as trained) with the current LoRA state; ``cond`` has one row per
+        latent. Families with size conditioning (SDXL) get the latents' own image size, uncropped (as the
+        pipeline gives a generation)."""
+        kwargs = cond.unet_kwargs()
+        factor = self.pipe.vae_scale_factor
+        height, width = (int(s) * factor for s in noisy.shape[-2:])
+        sizes = torch.tensor([[height, width, 0, 0, height, width]]).expand(noisy.shape[0], 6)
+        extra = {k: v.to(self.device, self.dtype) for k, v in self.family.size_conditioning(sizes).items()}
+        if extra:
+            kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), **extra}
+        return self.pipe.unet(noisy.to(self.dtype), t.to(self.device), **kwargs).sample
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the UNet is trained to predict for ``latents`` noised with ``noise`` at ``t``."""
@@ -211,15 +275,37 @@ def load_run(
     ``class_word``: the base model's subject (default: the run's first ``init_word``).
     ``device``: default CUDA when available, else CPU.
     """
-    from diffusers import DDIMScheduler
-
     from ..load_pti import load_pti
-    from ..models.loading import load_base_model
 
     config_path, lora_path = find_run_files(run_dir, output_name)
     if not lora_path.is_file():
         raise FileNotFoundError(f"{lora_path} not found: the run has not finished")
     config = read_run_config(config_path)
+
+    def add_run(pipe) -> None:
+        token = load_pti(pipe, lora_path, token=config.token_string)
+        if token != config.token_string:
+            raise ValueError(f"{lora_path} bundles no embedding for {config.token_string!r}")
+
+    run = open_model(config, device, dtype, class_word, prepare=add_run)
+    run.run_dir, run.lora_path = Path(run_dir), lora_path
+    return run
+
+
+def open_model(
+    config: Config,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    class_word: str | None = None,
+    prepare=None,
+) -> LoadedRun:
+    """The base model of ``config`` as a :class:`LoadedRun` (no LoRA; the token as the tokenizer has it):
+    its family's pipeline with a DDIM sampler. ``prepare(pipe)``, when given, runs before the pipeline moves
+    to ``device``/``dtype`` (:func:`load_run` loads the run's LoRA and pivot there)."""
+    from diffusers import DDIMScheduler
+
+    from ..models.loading import load_base_model
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_base_model(
         config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
@@ -227,16 +313,34 @@ def load_run(
         config.zero_terminal_snr,
     )
     scheduler = DDIMScheduler.from_config(model.noise_scheduler.config, prediction_type=model.prediction_type)
-    pipe = model.pipeline(scheduler)
+    pipe = _family_pipeline(model, scheduler)
     pipe.set_progress_bar_config(disable=True)
-    token = load_pti(pipe, lora_path, token=config.token_string)
-    if token != config.token_string:
-        raise ValueError(f"{lora_path} bundles no embedding for {config.token_string!r}")
+    if prepare is not None:
+        prepare(pipe)
     pipe.to(device, dtype)
     return LoadedRun(
         config=config, pipe=pipe, family=model.family, noise_scheduler=model.noise_scheduler,
         prediction_type=model.prediction_type, token=config.token_string,
         num_vectors=config.num_vectors_per_token, class_word=class_word or config.init_words[0],
         template=config.caption_template, items=training_items(config), device=device, dtype=dtype,
-        run_dir=Path(run_dir), lora_path=lora_path,
     )
+
+
+def _family_pipeline(model, scheduler):
+    """``model.pipeline(scheduler)``; where the family's pipeline class refuses the safety-checker arguments that
+    ``BaseModel.pipeline`` passes (``StableDiffusionXLPipeline`` takes none), the same modules built into it
+    with only the arguments it takes."""
+    try:
+        return model.pipeline(scheduler)
+    except TypeError:
+        import inspect
+
+        import diffusers
+
+        cls = getattr(diffusers, model.family.pipeline_class_name)
+        names = model.family.text_encoder_names
+        modules = dict(zip(names, model.text_encoders))
+        modules |= {n.replace("text_encoder", "tokenizer"): t for n, t in zip(names, model.tokenizers)}
+        accepted = inspect.signature(cls.__init__).parameters
+        extra = {k: v for k, v in {"add_watermarker": False}.items() if k in accepted}
+        return cls(vae=model.vae, unet=model.unet, scheduler=scheduler, **modules, **extra)
