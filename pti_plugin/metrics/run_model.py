@@ -313,7 +313,7 @@ def open_model(
         config.zero_terminal_snr,
     )
     scheduler = DDIMScheduler.from_config(model.noise_scheduler.config, prediction_type=model.prediction_type)
-    pipe = _family_pipeline(model, scheduler)
+    pipe = model.pipeline(scheduler)
     pipe.set_progress_bar_config(disable=True)
     if prepare is not None:
         prepare(pipe)
@@ -324,23 +324,3 @@ def open_model(
         num_vectors=config.num_vectors_per_token, class_word=class_word or config.init_words[0],
         template=config.caption_template, items=training_items(config), device=device, dtype=dtype,
     )
-
-
-def _family_pipeline(model, scheduler):
-    """``model.pipeline(scheduler)``; where the family's pipeline class refuses the safety-checker arguments that
-    ``BaseModel.pipeline`` passes (``StableDiffusionXLPipeline`` takes none), the same modules built into it
-    with only the arguments it takes."""
-    try:
-        return model.pipeline(scheduler)
-    except TypeError:
-        import inspect
-
-        import diffusers
-
-        cls = getattr(diffusers, model.family.pipeline_class_name)
-        names = model.family.text_encoder_names
-        modules = dict(zip(names, model.text_encoders))
-        modules |= {n.replace("text_encoder", "tokenizer"): t for n, t in zip(names, model.tokenizers)}
-        accepted = inspect.signature(cls.__init__).parameters
-        extra = {k: v for k, v in {"add_watermarker": False}.items() if k in accepted}
-        return cls(vae=model.vae, unet=model.unet, scheduler=scheduler, **modules, **extra)

@@ -60,11 +60,14 @@ class BaseModel:
         """The family's diffusers pipeline over these modules (no safety checker), for samples and reloads."""
         import diffusers
 
+        import inspect
+
         cls = getattr(diffusers, self.family.pipeline_class_name)
         modules = dict(zip(self.family.text_encoder_names, self.text_encoders))
         modules |= {n.replace("text_encoder", "tokenizer"): t for n, t in zip(self.family.text_encoder_names, self.tokenizers)}
-        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        return cls(vae=self.vae, unet=self.unet, scheduler=scheduler, **modules, **extra)
+        accepted = inspect.signature(cls.__init__).parameters  # SDXL's pipeline has no safety checker, a watermarker
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False, "add_watermarker": False}
+        return cls(vae=self.vae, unet=self.unet, scheduler=scheduler, **modules, **{k: v for k, v in extra.items() if k in accepted})
 
 
 def resolve_model_path(value: str) -> Path:
