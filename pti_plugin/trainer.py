@@ -125,6 +125,27 @@ class Trainer:
         self.state.model = self.model = model
         self.pivot = model.pivots[0]
         self._load_starting_weights(model)
+        self._place_model(base, model, device)
+
+        window = config.max_token_length
+        warn_long_captions(
+            [len(base.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),
+                                add_special_tokens=False).input_ids) for i in self.items], window,
+        )
+        self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
+        self.latents.fill_cache()
+        self.state.steps_per_epoch = steps_per_epoch
+        if config.log_with:
+            self.accelerator.init_trackers("pti", config=tracker_hparams(config))
+        self._log_file = self.files.log_jsonl
+        self._announce(base, device)
+        for plugin in self.plugins:
+            plugin.on_setup(self.state)
+
+    def _place_model(self, base, model: TrainableModel, device: torch.device) -> None:
+        """Attention backend, gradient checkpointing, and every module on the device (frozen weights in the
+        mixed-precision dtype, trainable tensors float32)."""
+        config = self.config
         self.attention = configure_attention(base.unet, config.xformers, config.sdpa, device)
         if config.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
@@ -140,24 +161,20 @@ class Trainer:
             module.to(device)
         base.vae.to(device)
 
-        window = config.max_token_length
-        warn_long_captions(
-            [len(base.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),
-                                add_special_tokens=False).input_ids) for i in self.items], window,
-        )
-        self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
-        self.latents.fill_cache()
-        self.state.steps_per_epoch = steps_per_epoch
-        if config.log_with:
-            self.accelerator.init_trackers("pti", config=tracker_hparams(config))
-        self._log_file = self.files.log_jsonl
+    def _announce(self, base, device: torch.device) -> None:
+        """The start-up block: model, data, processes, device, precision and what is cached."""
+        config = self.config
         self._info(
             f"model {base.source} ({base.family.name}, {base.prediction_type}); attention: {self.attention}; "
             f"{len(self.items)} images, {len(self.entries)} entries with repeats; "
             f"{self.accelerator.num_processes} process(es), global batch {self.global_batch}; device {device}"
         )
-        for plugin in self.plugins:
-            plugin.on_setup(self.state)
+        latents = "on disk and in memory" if config.cache_latents_to_disk else "in memory" if config.cache_latents else "off"
+        self._info(
+            f"precision: {config.mixed_precision} (frozen weights {str(self.weight_dtype).removeprefix('torch.')}, "
+            f"trainable float32); gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}; cached: "
+            f"latents {latents}, text-encoder outputs {'in frozen-text stages' if config.cache_text_encoder_outputs else 'off'}"
+        )
 
     def _claim_outputs(self, output_dir: Path) -> None:
         """Lock this run's names in ``output_dir`` (a second run is refused), remove a killed run's
