@@ -46,7 +46,7 @@ from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import load_state, save_state
 from .run_lock import RunLock, clean_leftover_temporaries
-from .weight_guard import WeightGuard
+from .weight_guard import WeightGuard, all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ class Trainer:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; applies nan_policy."""
         config, accelerator, state = self.config, self.accelerator, self.state
         accum = config.gradient_accumulation_steps
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}  # per term, summed over micro-batches on the device; read once at the end
         step = state.stage_step
         bad: str | None = None
         for k in range(accum):
@@ -374,16 +374,18 @@ class Trainer:
                     sync.enter_context(accelerator.no_sync(module))
             with sync:
                 terms = self._loss_terms(batch, step)
-                nonfinite = [n for n, v in terms.items() if not torch.isfinite(v.detach()).all()]
-                if self._any_rank(bool(nonfinite)):  # every rank skips the backward together (no DDP hang)
+                values = torch.stack([v.detach().float() for v in terms.values()])  # [terms]
+                finite = torch.isfinite(values)
+                if self._any_rank(not bool(finite.all())):  # one sync; every rank skips the backward together
+                    nonfinite = [n for n, ok in zip(terms, finite.tolist()) if not ok]
                     bad = f"loss term {nonfinite[0]!r}" if nonfinite else "a loss term on another process"
                     break
                 accelerator.backward(sum(terms.values()) / accum)
-            for name, value in terms.items():
-                totals[name] = totals.get(name, 0.0) + float(value.detach()) / accum
+            for name, value in zip(terms, values):
+                totals[name] = totals.get(name, 0.0) + value / accum
         scaler_handles_inf = accelerator.scaler is not None  # fp16: the scaler skips inf-gradient steps itself
         if bad is None and not scaler_handles_inf:
-            if not all(torch.isfinite(p.grad).all() for p in self.trainable if p.grad is not None):
+            if not all_finite([p.grad for p in self.trainable if p.grad is not None]):  # one fused check
                 bad = "the gradients"
         if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -406,7 +408,8 @@ class Trainer:
         if not accelerator.optimizer_step_was_skipped:
             plan.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        logs = {"loss": sum(totals.values())} | {f"loss/{k}": v for k, v in totals.items()}
+        per_term = dict(zip(totals, torch.stack(list(totals.values())).tolist()))  # one sync
+        logs = {"loss": sum(per_term.values())} | {f"loss/{k}": v for k, v in per_term.items()}
         for group in plan.param_groups:
             logs[f"lr/{group['name']}"] = float(self.optimizer.param_groups[plan.param_groups.index(group)]["lr"])
         return logs
