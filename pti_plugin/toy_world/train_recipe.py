@@ -25,6 +25,11 @@ Stages (all deterministic under ``--seed`` for a fixed thread count):
    ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``; safetensors, UNet stored fp16) plus
    ``recipe.json`` (seed, settings, steps, duration).
 
+The recipe keeps its own warm-up and EMA rules rather than diffusers' ``get_scheduler`` and ``EMAModel``:
+``get_scheduler``'s warm-up is one step behind (``step / warmup`` against ``(step + 1) / warmup``) and
+``EMAModel`` starts its decay one step later with other state keys, so switching would change every
+trained model and break the resume of existing checkpoints.
+
 ``DIR/recipe.json`` holds the settings (``recipe_config.py``); a resumed run reads them from there. SIGTERM/SIGINT stop
 the run after the current step with a checkpoint (continue with ``--resume``).
 """
