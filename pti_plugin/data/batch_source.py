@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .augment import Augmentation, augmented_pixels
 from .buckets import size_conditioning
 from .dataset import ImageItem
 from .latents import needs_pixels
-from .augment import Augmentation, augmented_pixels
 from .sample_order import SampleOrder
 from .samples import draw_sample
 
