@@ -60,7 +60,8 @@ def validate_config(config: Config, check_paths: bool) -> None:
         if getattr(config, key) <= 0:
             raise ConfigError(f"preset: key {key!r} must be > 0, got {getattr(config, key)!r}")
     for key in ("max_grad_norm", "noise_offset", "min_snr_gamma", "lr_warmup_steps", "save_every_n_steps",
-                "save_every_n_epochs", "sample_every_n_steps", "pivot_weight_decay", "multires_noise_iterations"):
+                "save_every_n_epochs", "sample_every_n_steps", "pivot_weight_decay", "multires_noise_iterations",
+                "max_data_loader_n_workers"):
         if getattr(config, key) < 0:
             raise ConfigError(f"preset: key {key!r} must be >= 0, got {getattr(config, key)!r}")
     for key in ("unet_lr", "text_encoder_lr", "max_train_epochs"):

@@ -95,8 +95,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "ddp_timeout": "use accelerate's own settings",
     "ddp_gradient_as_bucket_view": "use accelerate's own settings",
     "ddp_static_graph": "use accelerate's own settings",
-    "max_data_loader_n_workers": "data is loaded in-process",
-    "persistent_data_loader_workers": "data is loaded in-process",
     "vae_batch_size": _NOT_YET,
     "skip_until_initial_step": "use resume",
     "initial_epoch": "use resume",

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write_text
 from .config import EMBEDDED, Config, ConfigError, network_args
+from .data.batch_source import DrawSettings, MicroBatchDraws, MicroBatchStream
 from .data.captions import expand_token, warn_long_captions
 from .data.dataset import ImageItem, load_subsets
 from .data.dataset_stats import tag_frequency
@@ -134,6 +135,7 @@ class Trainer:
         )
         self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
         self.latents.fill_cache()
+        self._micro_batches = self._micro_batch_stream()
         self.state.steps_per_epoch = steps_per_epoch
         if config.log_with:
             self.accelerator.init_trackers("pti", config=tracker_hparams(config))
@@ -160,6 +162,16 @@ class Trainer:
                     param.data = param.data.to(self.weight_dtype)
             module.to(device)
         base.vae.to(device)
+
+    def _micro_batch_stream(self) -> MicroBatchStream:
+        """The run's micro-batch draws (see ``data/batch_source.py``), built in ``max_data_loader_n_workers`` processes."""
+        config, accelerator = self.config, self.accelerator
+        buckets = [self.items[i].bucket for i in self.entries]
+        orders = [SampleOrder(buckets, self.global_batch, config.seed, s) for s in range(len(config.stages))]
+        settings = DrawSettings(config.seed, config.token_string, config.num_vectors_per_token, config.train_batch_size,
+                                accelerator.num_processes, accelerator.process_index, self.latents.cached)
+        return MicroBatchStream(MicroBatchDraws(self.items, self.entries, orders, settings), config.max_data_loader_n_workers,
+                                config.persistent_data_loader_workers, config.gradient_accumulation_steps)
 
     def _announce(self, base, device: torch.device) -> None:
         """The start-up block: model, data, processes, device, precision and what is cached."""
@@ -231,7 +243,7 @@ class Trainer:
         Raises ``NonFiniteLossError`` (nan_policy) and ``TrainingInterrupted`` (signals) after saving
         the last good state under ``*-interrupted-*`` names with the command that resumes it.
         """
-        self._lock = None
+        self._lock = self._micro_batches = None
         previous = {}
         try:
             self._setup()
@@ -245,6 +257,8 @@ class Trainer:
                 signal.signal(sig, handler)
             if self._lock is not None:
                 self._lock.release()
+            if self._micro_batches is not None:
+                self._micro_batches.close()
 
     def _save_last_finite(self) -> str:
         """After a non-finite step: save the (finite) weights and, when its optimizer state is finite
@@ -317,7 +331,8 @@ class Trainer:
         self.optimizer = accelerator.prepare(plan.optimizer)
         self.ddp_modules = list(forwards.values())
         self.trainable = trainable
-        order = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, stage_index)
+        order = self._micro_batches.draws.orders[stage_index]
+        self._micro_batches.start_stage(stage_index, first_step, plan.steps)
         self._info(stage.describe() + " | params " + ", ".join(
             f"{g['name']} {sum(p.numel() for p in g['params'])}" for g in plan.param_groups))
         self._text_cache: dict[str, Conditioning] = {}  # cache_text_encoder_outputs: final caption -> its row
@@ -325,7 +340,7 @@ class Trainer:
             plugin.on_stage_start(state)
         progress = tqdm(total=plan.steps, initial=first_step, desc=stage.name, disable=not accelerator.is_main_process)
         while state.stage_step < plan.steps:
-            logs = self._optimizer_step(order, plan)
+            logs = self._optimizer_step(plan)
             state.stage_step += 1
             state.global_step += 1
             progress.update(1)
@@ -359,7 +374,7 @@ class Trainer:
             flag = self.accelerator.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
 
-    def _optimizer_step(self, order: SampleOrder, plan: StagePlan) -> dict[str, float]:
+    def _optimizer_step(self, plan: StagePlan) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; applies nan_policy."""
         config, accelerator, state = self.config, self.accelerator, self.state
         accum = config.gradient_accumulation_steps
@@ -367,7 +382,7 @@ class Trainer:
         step = state.stage_step
         bad: str | None = None
         for k in range(accum):
-            batch = self._local_batch(order, step, k)
+            batch = self._local_batch(step, k)
             sync = contextlib.nullcontext() if k == accum - 1 else contextlib.ExitStack()
             if k < accum - 1:
                 for module in self.ddp_modules:
@@ -414,31 +429,17 @@ class Trainer:
             logs[f"lr/{group['name']}"] = float(self.optimizer.param_groups[plan.param_groups.index(group)]["lr"])
         return logs
 
-    def _local_batch(self, order: SampleOrder, step: int, micro: int) -> Batch:
+    def _local_batch(self, step: int, micro: int) -> Batch:
         """This process's share of micro-batch ``micro`` of optimizer step ``step``: latents, ids, captions.
 
-        Slots of the step's global batch are laid out micro-batch-major, then rank, then sample.
+        The draws come from the micro-batch stream; the latents from the cache, or encoded here from the drawn pixels.
         """
-        from .data.buckets import size_conditioning
-        from .data.samples import draw_sample  # the same draw the dataset preview shows
-
-        config, rank = self.config, self.accelerator.process_index
-        first = (micro * self.accelerator.num_processes + rank) * config.train_batch_size
-        slots = list(range(first, first + config.train_batch_size))
-        latents, captions, paths, is_reg, sizes = [], [], [], [], []
-        for slot in slots:
-            sample = draw_sample(self.items, self.entries, order, config.seed, self.state.stage_index, step, slot,
-                                 config.token_string, config.num_vectors_per_token)
-            item = self.items[sample.item_index]
-            latents.append(self.latents.latent_for(sample.item_index, sample.augmentation))
-            captions.append(sample.caption)
-            paths.append(str(item.path))
-            is_reg.append(item.is_reg)
-            sizes.append(size_conditioning(item.image_size, item.bucket, sample.augmentation.crop))
-        input_ids = self.model.tokenize(captions)
+        drawn = self._micro_batches.get(self.state.stage_index, step, micro)
+        latents = [self.latents.latent_for(i, a, p) for i, a, p in zip(drawn.item_indices, drawn.augmentations, drawn.pixels)]
+        input_ids = self.model.tokenize(drawn.captions)
         device = self.accelerator.device
-        return Batch(torch.stack(latents).to(device), input_ids.to(device), captions, paths, slots, is_reg,
-                     sizes=torch.tensor(sizes, dtype=torch.float32, device=device))  # sizes [b, 6]
+        return Batch(torch.stack(latents).to(device), input_ids.to(device), drawn.captions, drawn.paths, drawn.slots,
+                     drawn.is_reg, sizes=drawn.sizes.to(device))  # sizes [b, 6]
 
     def _loss_terms(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Main denoising loss and every plugin term for one micro-batch of optimizer step ``step`` (scalars)."""

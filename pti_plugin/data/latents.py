@@ -39,6 +39,11 @@ def file_digest(path: Path) -> str:
     return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
 
+def needs_pixels(augmentation: Augmentation, cached: bool) -> bool:
+    """Whether a draw's latent is encoded from its pixels (else the latent cache serves it)."""
+    return not (cached and augmentation.cacheable)
+
+
 def load_pixels(item: ImageItem, flip: bool) -> torch.Tensor:
     """The image fitted to its bucket (centre crop): float32 [3, H, W] in [-1, 1]."""
     return augmented_pixels(item, Augmentation(flip=flip))
@@ -54,6 +59,11 @@ class LatentSource:
         self.to_disk = to_disk
         self._memory: dict[tuple[int, bool], torch.Tensor] | None = {} if cache else None
         self._vae_digest: str | None = None  # computed once, when the disk cache is first used
+
+    @property
+    def cached(self) -> bool:
+        """Whether latents of the plain and flipped images are cached (``cache_latents``)."""
+        return self._memory is not None
 
     def _encode(self, index: int, flip: bool) -> torch.Tensor:
         return self._encode_pixels(load_pixels(self.items[index], flip), index, flip)
@@ -108,9 +118,11 @@ class LatentSource:
             return self._memory[(index, flip)]
         return self._encode(index, flip)
 
-    def latent_for(self, index: int, augmentation: Augmentation) -> torch.Tensor:
-        """The latent of one draw: from the cache (or the plain path) when only flipped, else encoded now."""
-        if augmentation.cacheable:
+    def latent_for(self, index: int, augmentation: Augmentation, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """The latent of one draw: from the cache when it holds it, else encoded now from ``pixels`` (the
+        draw's :func:`augmented_pixels`, e.g. made by a data-loader worker; read here when None)."""
+        if not needs_pixels(augmentation, self.cached):
             return self.latent(index, augmentation.flip)
-        pixels = augmented_pixels(self.items[index], augmentation)
+        if pixels is None:
+            pixels = augmented_pixels(self.items[index], augmentation)
         return self._encode_pixels(pixels, index, augmentation.flip)

@@ -1,6 +1,6 @@
 """One training sample as the loop feeds it: which image, its augmentation and its final caption.
 
-:func:`draw_sample` is the single function the trainer's ``_local_batch`` and the dataset preview
+:func:`draw_sample` is the single function the training batches (``batch_source.py``) and the dataset preview
 call, so the preview shows exactly what training sees for the same seed. All draws come from the
 per-sample generator ``sample_generator(seed, stage, step, slot, 0xF11B)``: first the augmentation
 (a fixed block of 6 numbers, the flip first), then the caption transformations.
