@@ -94,9 +94,3 @@ def augmented_pixels(item: Any, augmentation: Augmentation) -> torch.Tensor:
     if augmentation.flip:
         array = array[:, ::-1]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def sample_pixels(item: Any, generator: torch.Generator) -> tuple[torch.Tensor, Augmentation]:
-    """The pixels of one draw of ``item`` and the augmentation drawn from ``generator``."""
-    augmentation = draw_augmentation(item, generator)
-    return augmented_pixels(item, augmentation), augmentation

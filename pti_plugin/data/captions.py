@@ -125,12 +125,6 @@ def read_caption_lines(image: Path, extension: str, all_lines: bool) -> list[str
     return lines if all_lines else lines[:1]
 
 
-def read_caption(image: Path, extension: str) -> str | None:
-    """The caption file's first line beside ``image`` (stripped), or None (see :func:`read_caption_lines`)."""
-    lines = read_caption_lines(image, extension, all_lines=False)
-    return lines[0] if lines else None
-
-
 def warn_long_captions(token_counts: list[int], limit: int) -> None:
     """Warn once when captions exceed the text encoder's window (they are truncated)."""
     long = [n for n in token_counts if n > limit]
