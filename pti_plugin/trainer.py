@@ -135,6 +135,11 @@ class Trainer:
         )
         self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
         self.latents.fill_cache()
+        # With cached latents every draw is served by the cache (pixel-changing augmentations are refused with
+        # it), so the VAE leaves the accelerator until a sample needs its decoder.
+        self._vae_offloaded = self.latents.cached and device.type != "cpu"
+        if self._vae_offloaded:
+            base.vae.to("cpu")
         self._micro_batches = self._micro_batch_stream()
         self.state.steps_per_epoch = steps_per_epoch
         if config.log_with:
@@ -572,6 +577,12 @@ class Trainer:
         pipe.set_progress_bar_config(disable=True)
         size = self.items[0].bucket
         out = [self.files.sample_path(tag, i) for i in range(len(prompts))]
-        with self.accelerator.autocast():
-            generate_samples(pipe, prompts, size, config.sample_steps, out)
+        if self._vae_offloaded:
+            model.vae.to(self.accelerator.device)
+        try:
+            with self.accelerator.autocast():
+                generate_samples(pipe, prompts, size, config.sample_steps, out)
+        finally:
+            if self._vae_offloaded:
+                model.vae.to("cpu")
         return out

@@ -148,3 +148,19 @@ def test_cache_text_encoder_outputs_encodes_each_caption_once_and_trains_the_sam
     # 4 steps x batch 2 encoded without the cache; with it, the dataset's 2 distinct captions once each
     # ("an anime illustration of tok1" from the caption files and the template, which are the same text).
     assert uncached_rows == 8 and 1 <= calls["rows"] <= 2
+
+
+def test_with_cached_latents_training_never_runs_the_vae_after_caching(preset, monkeypatch):
+    """What lets the trainer move the VAE off the accelerator once latents are cached: after the cache is
+    filled (one encode per image and flip), no training step encodes anything."""
+    from diffusers import AutoencoderKL
+
+    encodes = []
+    original = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: encodes.append(x.shape[0]) or original(self, x, *a, **k))
+    trainer = Trainer(build_config(preset(cache_latents=True, stages=[{"kind": "inversion", "steps": 2},
+                                                                     {"kind": "lora", "steps": 3, "learning_rate": 1e-2}])))
+    trainer.run()
+    # the tiny dataset: 4 images, no flip_aug -> the cache holds 4 latents; training itself encoded nothing
+    assert sum(encodes) == 4
+    assert trainer._vae_offloaded is False  # on a CPU device there is nothing to move
