@@ -15,6 +15,7 @@ import os
 from .formats.embedding import bundled_embedding_parts, load_embeddings
 from .formats.file_family import FILE_FAMILIES, file_formats, pipeline_family, text_encoder_names
 from .formats.kohya_lora import BUNDLE_PREFIX, LoraFormatError, load_lora, unexpected_keys
+from .models.pivot import pool_at_end_of_text
 
 
 def load_pti(
@@ -66,14 +67,6 @@ def load_pti(
         tokenizer = getattr(pipe, name.replace("text_encoder", "tokenizer"))
         text_encoder = getattr(pipe, name)
         pipe.load_textual_inversion(part, token=token, text_encoder=text_encoder, tokenizer=tokenizer)
-        _pool_at_end_of_text(text_encoder, tokenizer)
+        pool_at_end_of_text(text_encoder, tokenizer)
     return token
 
-
-def _pool_at_end_of_text(text_encoder, tokenizer) -> None:
-    """SDXL's published encoder configs say ``eos_token_id = 2``, with which transformers pools at the highest
-    token id: the added token, not the end of the text. Point it at the tokenizer's real EOS id, as the trainer
-    (and A1111, ComfyUI) pool; a config with the right id is left alone."""
-    inner = getattr(text_encoder, "text_model", text_encoder)
-    if getattr(inner, "eos_token_id", None) == 2 and tokenizer.eos_token_id not in (None, 2):
-        inner.eos_token_id = text_encoder.config.eos_token_id = tokenizer.eos_token_id

@@ -117,5 +117,18 @@ def add_pivot_token(
     embedding.weight.requires_grad_(False)
     pivot = PivotEmbedding(embedding, token_ids, init)
     text_encoder.set_input_embeddings(pivot)
+    pool_at_end_of_text(text_encoder, tokenizer)
     return pivot
+
+
+def pool_at_end_of_text(text_encoder: nn.Module, tokenizer) -> None:
+    """Make transformers pool a CLIP encoder's output at the end-of-text token once tokens are added.
+
+    Configs that say ``eos_token_id = 2`` (SDXL's published ones) make transformers pool at the highest token
+    id, which after an added token is that token. Point it at the tokenizer's real EOS id, as A1111, ComfyUI
+    and kohya pool; a config with the right id is left alone.
+    """
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    if getattr(inner, "eos_token_id", None) == 2 and tokenizer.eos_token_id not in (None, 2):
+        inner.eos_token_id = text_encoder.config.eos_token_id = tokenizer.eos_token_id
 
