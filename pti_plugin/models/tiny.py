@@ -18,12 +18,29 @@ from .word_vocab import BOS, EOS, write_tokenizer_files
 TINY_TEXT_DIM = 32
 
 
+def tiny_vae(**extra):
+    """The tiny models' VAE: 32 px images, one downsampling (latents ``[4, 16, 16]``); ``extra`` config values."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        **extra,
+    )
+
+
 def build_tiny_sd(out_dir: str | Path, seed: int = 0, words: tuple[str, ...] = ()) -> Path:
     """Write a random tiny SD1.5-shaped model to ``out_dir`` (a diffusers folder) and return it.
 
     Images are 32 px; the VAE downsamples once (latents ``[4, 16, 16]``).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out_dir)
@@ -42,16 +59,7 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, words: tuple[str, ...] = (
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),

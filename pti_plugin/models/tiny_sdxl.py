@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .tiny import tiny_vae
 from .word_vocab import BOS, EOS, write_tokenizer_files
 
 #: Widths of the tiny model's two text encoders (SDXL: 768 and 1280).
@@ -39,7 +40,7 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, words: tuple[str, ...] =
     Images are 32 px; the VAE downsamples once (latents ``[4, 16, 16]``). The same ``seed`` and
     ``words`` give the same weights.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     out = Path(out_dir)
@@ -65,18 +66,7 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, words: tuple[str, ...] =
         projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED_DIM + d2,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = tiny_vae(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
     text_encoder = _text_encoder(CLIPTextModel, tokenizer, d1)
     text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, tokenizer_2, d2, projection_dim=d2, hidden_act="gelu")
     scheduler = EulerDiscreteScheduler(  # SDXL 1.0 base's scheduler settings

@@ -210,7 +210,9 @@ class PivotLocality(Plugin):
 
         norms = state.final_layer_norms()
         self.ln = norms[0] if len(norms) == 1 and isinstance(norms[0], torch.nn.LayerNorm) else None
-        self.widths = state.conditioning_widths()  # each encoder's slice of the hidden states' width
+        widths = state.conditioning_widths()  # each encoder's share of the hidden states' width
+        bounds = torch.tensor(widths).cumsum(0).tolist()
+        self.slices = [slice(lo, hi) for lo, hi in zip([0] + bounds[:-1], bounds)]  # per encoder
         self._size_conditioning = state.size_conditioning
         if o.geometry == "layernorm" and self.ln is None:
             raise _error('geometry = "layernorm" needs a conditioning that ends with one LayerNorm, and this model '
@@ -396,10 +398,10 @@ class PivotLocality(Plugin):
             hidden = geometry.layernorm_slerp(ends["xhat_p"][index], ends["xhat_c"][index], s,
                                               self.ln.weight.float(), self.ln.bias.float())
         else:  # per encoder's slice of the width: each encoder's states are their own ellipsoid
-            bounds = torch.tensor((0,) + self.widths).cumsum(0).tolist()
-            hidden = torch.cat([self._slerp(ends["h_p"][index][..., a:b], ends["h_c"][index][..., a:b], s,
-                                            None if self.centre is None else self.centre[..., a:b])
-                                for a, b in zip(bounds[:-1], bounds[1:])], dim=-1)
+            h_p, h_c = ends["h_p"][index], ends["h_c"][index]
+            hidden = torch.cat([self._slerp(h_p[..., part], h_c[..., part], s,
+                                            None if self.centre is None else self.centre[..., part])
+                                for part in self.slices], dim=-1)
         extra = {}
         if "pooled_p" in ends:
             extra["text_embeds"] = self._slerp(ends["pooled_p"][index], ends["pooled_c"][index], s[:, 0], self.pooled_centre)
@@ -426,10 +428,9 @@ class PivotLocality(Plugin):
         if self.centre is not None:
             centre = self.centre if self.centre.dim() == 1 else gather(self.centre.expand_as(ends["h_p"]))
             logs["pivot_locality/angle_centered_deg"] = float(torch.rad2deg(geometry.centered_angle(h_p, h_c, centre)).mean())
-            if len(self.widths) > 1:  # the geometry works per encoder: its angle per encoder (te1, te2, ...)
-                bounds = torch.tensor((0,) + self.widths).cumsum(0).tolist()
-                for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
-                    angle = geometry.centered_angle(h_p[..., lo:hi], h_c[..., lo:hi], centre[..., lo:hi])
+            if len(self.slices) > 1:  # the geometry works per encoder: its angle per encoder (te1, te2, ...)
+                for i, part in enumerate(self.slices, start=1):
+                    angle = geometry.centered_angle(h_p[..., part], h_c[..., part], centre[..., part])
                     logs[f"pivot_locality/angle_centered_te{i}_deg"] = float(torch.rad2deg(angle).mean())
         return logs
 
