@@ -18,6 +18,7 @@ v-prediction: a ``v_pred`` marker key (NoobAI-XL v-pred files carry it) selects 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from ..config import ConfigError
@@ -64,7 +65,7 @@ def load_sdxl_single_file(path: str | Path, config_dir: str | Path | None = None
     state = read_checkpoint(path)  # the file first: a corrupt or unsafe file is named before anything else
     check_sdxl_checkpoint(path, state)
     tokenizer = load_clip_tokenizer(tokenizer_path)
-    tokenizer_2 = load_clip_tokenizer(tokenizer_path)
+    tokenizer_2 = copy.deepcopy(tokenizer)  # the same vocabulary, found and read once
     tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!" (its tokenizer_2 config)
 
     common = {"config": str(config_dir), "local_files_only": True, "low_cpu_mem_usage": True}
