@@ -16,7 +16,9 @@ What is timed (each one a run in its own forked process, so that its peak RSS is
 - ``full_table``: what kohya's ``train_textual_inversion.py`` and the diffusers script do: the whole
   token-embedding table trainable in the optimizer, the text encoder run every step, every row
   but the new token's restored after the step; batch 1;
-- ``lora``: the trainer's LoRA stage, batch 1, started from a fixed pivot file (``weights``);
+- ``lora``: the trainer's LoRA stage, batch 1, started from a fixed pivot file (``weights``), with
+  ``cache_text_encoder_outputs`` (the text side is frozen, so each caption is encoded once; every
+  LoRA path below has it too);
 - ``floor``: the same LoRA modules (same rank, alpha, optimizer, loss) with plain diffusers +
   peft: latents and the caption's conditioning computed once, then the VAE and the text encoder
   freed; one forward, backward and optimizer step per step; batch 1;
@@ -210,6 +212,7 @@ def trainer_preset(path: str, spec: dict) -> dict:
     }
     if kind == "lora":
         raw["weights"] = spec["pivot"]
+        raw["cache_text_encoder_outputs"] = True  # the text side is frozen: each caption encoded once, as the floor does
     return raw
 
 

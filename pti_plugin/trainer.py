@@ -47,6 +47,7 @@ from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import load_state, save_state
 from .run_lock import RunLock, clean_leftover_temporaries
+from .text_cache import TextConditioningCache
 from .weight_guard import WeightGuard, all_finite
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class Trainer:
         self.pivot = model.pivots[0]
         self._load_starting_weights(model)
         self._place_model(base, model, device)
+        self.text_cache = TextConditioningCache(model, config.cache_text_encoder_outputs, device)
 
         window = config.max_token_length
         warn_long_captions(
@@ -340,9 +342,13 @@ class Trainer:
         self._micro_batches.start_stage(stage_index, first_step, plan.steps)
         self._info(stage.describe() + " | params " + ", ".join(
             f"{g['name']} {sum(p.numel() for p in g['params'])}" for g in plan.param_groups))
-        self._text_cache: dict[str, Conditioning] = {}  # cache_text_encoder_outputs: final caption -> its row
         for plugin in self.plugins:
             plugin.on_stage_start(state)
+        returns_before = self.model.text_returns
+        offloaded = self.text_cache.start_stage(plan.trains.text_encoders, self.items, config.token_string,
+                                                config.num_vectors_per_token)
+        if offloaded:
+            self._info(offloaded)
         progress = tqdm(total=plan.steps, initial=first_step, desc=stage.name, disable=not accelerator.is_main_process)
         while state.stage_step < plan.steps:
             logs = self._optimizer_step(plan)
@@ -355,6 +361,9 @@ class Trainer:
             self._after_step(logs, order)
             self._stop_if_signalled()
         progress.close()
+        self.text_cache.end_stage()
+        if offloaded and self.model.text_returns > returns_before:
+            self._info("the text encoders came back to the device during the stage (an encode needed them)")
         for plugin in self.plugins:
             plugin.on_stage_end(state)
         self.model.use_forwards({}, accelerator.autocast)
@@ -463,7 +472,7 @@ class Trainer:
         batch.noisy_latents, batch.timesteps = noisy, t
         for plugin in self.plugins:
             plugin.on_step_start(state, batch)
-        cond = self._conditioning(batch)  # hidden states [b, 77, d] (+ SDXL's pooled embedding and time ids)
+        cond = self.text_cache.conditioning(batch)  # hidden states [b, 77, d] (+ SDXL's pooled embedding and time ids)
         rows = [(p, p.extra_rows(state, batch)) for p in self.plugins]
         extra = [(p, r) for p, r in rows if r is not None]
         unet_in = torch.cat([noisy] + [r.noisy_latents for _, r in extra])
@@ -491,22 +500,6 @@ class Trainer:
             for name, value in plugin.extra_losses(state, batch, main, row_outputs.get(id(plugin))).items():
                 terms[f"{plugin.name}/{name}"] = value
         return terms
-
-    def _conditioning(self, batch: Batch) -> Conditioning:
-        """The batch's conditioning; with ``cache_text_encoder_outputs`` in a stage whose text side is frozen, each
-        distinct final caption is encoded once per stage and its row reused (sizes applied per sample after)."""
-        model, trains = self.model, self.state.plan.trains.text_encoders
-        if trains or not self.config.cache_text_encoder_outputs:
-            with torch.set_grad_enabled(trains):
-                return model.encode(batch.input_ids, sizes=batch.sizes)
-        missing = list(dict.fromkeys(c for c in batch.captions if c not in self._text_cache))
-        if missing:
-            rows = [batch.captions.index(c) for c in missing]
-            with torch.no_grad():
-                encoded = model.encode(batch.input_ids[rows]).detach()
-            self._text_cache.update({c: encoded.rows(slice(j, j + 1)) for j, c in enumerate(missing)})
-        cond = Conditioning.cat([self._text_cache[c] for c in batch.captions])
-        return cond.with_extra(model.family.size_conditioning(batch.sizes)) if batch.sizes is not None else cond
 
     # ------------------------------------------------------------------ logs, samples, saves
     def _after_step(self, logs: dict[str, float], order: SampleOrder) -> None:
@@ -579,10 +572,13 @@ class Trainer:
         out = [self.files.sample_path(tag, i) for i in range(len(prompts))]
         if self._vae_offloaded:
             model.vae.to(self.accelerator.device)
+        text_away = self.model.restore_text_encoders()
         try:
             with self.accelerator.autocast():
                 generate_samples(pipe, prompts, size, config.sample_steps, out)
         finally:
             if self._vae_offloaded:
                 model.vae.to("cpu")
+            if text_away:
+                self.model.offload_text_encoders()
         return out

@@ -356,3 +356,25 @@ def test_recipe_vae_stage_resumes_from_vae_pt_alone(tmp_path, monkeypatch):
     assert (tmp_path / "vae.pt").read_bytes() == vae_bytes
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
     assert second[0].config.scaling_factor == first[0].config.scaling_factor
+
+
+def test_two_tone_phase_draws_only_two_tone_scenes_from_its_step_and_leaves_earlier_steps_alone(tmp_path, monkeypatch):
+    from pti_plugin.toy_world import train_recipe
+    from pti_plugin.toy_world.train_recipe import RecipeConfig, Trainer
+    from pti_plugin.toy_world.world import sample_pretraining_scene
+
+    small = dict(unet_channels=(16, 16, 32, 32), unet_heads=(1, 1, 1, 1), text_hidden=32, batch_size=8, caption_dropout=0.0)
+    rng = np.random.default_rng(1)
+    scenes = [sample_pretraining_scene(rng, 0.25) for _ in range(32)]
+    assert 0 < sum(s.colour2 is not None for s in scenes) < 16
+    mean, std = torch.randn(32, 4, 16, 16), torch.full((32, 4, 16, 16), 0.1)
+    drawn = []
+    caption = train_recipe.make_caption
+    monkeypatch.setattr(train_recipe, "make_caption", lambda scene, rng=None: drawn.append(scene) or caption(scene, rng))
+    plain = Trainer(RecipeConfig(**small), tmp_path)
+    plain_losses = [plain.train_step(mean, std, scenes, 1.0) for _ in range(3)]
+    drawn.clear()
+    phased = Trainer(RecipeConfig(**small, two_tone_phases=[[2, 1.0]]), tmp_path)
+    losses = [phased.train_step(mean, std, scenes, 1.0) for _ in range(3)]
+    assert losses[:2] == plain_losses[:2] and losses[2] != plain_losses[2]
+    assert all(s.colour2 is not None for s in drawn[16:]) and not all(s.colour2 is not None for s in drawn[:16])

@@ -32,6 +32,7 @@ last.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import unicodedata
@@ -315,6 +316,21 @@ def final_caption(item: Any, generator: torch.Generator, epoch: int, token: str,
     if options.secondary_separator:
         caption = caption.replace(options.secondary_separator, options.caption_separator)
     return expand_token(caption, token, num_vectors)
+
+
+def possible_captions(item: Any, token: str, num_vectors: int) -> list[str] | None:
+    """Every caption :func:`final_caption` can give ``item``, or None when they vary from draw to draw
+    (shuffled or dropped tags, several caption lines or ``{a|b}`` choices with wildcards on)."""
+    options: CaptionOptions = item.caption_options
+    lines = getattr(item, "caption_lines", None) or (item.caption,)
+    wildcards = options.enable_wildcard and (len(lines) > 1 or _WILDCARD.search(_escape_braces(lines[0])) is not None)
+    if options.shuffle_caption or options.caption_tag_dropout_rate > 0 or wildcards:
+        return None
+    fixed = dataclasses.replace(options, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
+    undropped = final_caption(dataclasses.replace(item, caption_options=fixed), torch.Generator(), 1, token, num_vectors)
+    if options.caption_dropout_rate > 0 or options.caption_dropout_every_n_epochs > 0:
+        return [undropped, "" if getattr(item, "is_reg", False) else expand_token(token, token, num_vectors)]
+    return [undropped]
 
 
 def tags_of(line: str) -> list[str]:

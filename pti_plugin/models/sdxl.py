@@ -123,7 +123,7 @@ class SDXLFamily:
         if sizes is None:
             s = self.default_size
             sizes = torch.tensor([[s, s, 0, 0, s, s]]).expand(batch, 6)
-        return sizes.to(device=like.device, dtype=like.dtype)
+        return self.size_conditioning(sizes)["time_ids"].to(device=like.device, dtype=like.dtype)
 
     def size_conditioning(self, sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         """The UNet's extra conditioning for per-sample ``sizes`` [B, 6] (see :meth:`encode`)."""

@@ -47,6 +47,8 @@ class TrainableModel:
         self._lora_on = False
         self._forwards: dict[str, Callable[..., object]] = {}
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self._text_home: torch.device | None = None  # set while the text encoders wait on the CPU
+        self.text_returns = 0  # times an encode brought them back from the CPU
 
     @classmethod
     def build(
@@ -103,6 +105,30 @@ class TrainableModel:
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.base.tokenize(captions)
+
+    # ------------------------------------------------------------------ text encoders off the device
+    @property
+    def text_encoders_away(self) -> bool:
+        return self._text_home is not None
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders (with their pivots and LoRA) to the CPU until :meth:`restore_text_encoders`
+        or the next :meth:`encode`; nothing happens when they already are on the CPU."""
+        home = next(self.base.text_encoders[0].parameters()).device
+        if home.type == "cpu":
+            return
+        for te in self.base.text_encoders:
+            te.to("cpu")
+        self._text_home = home
+
+    def restore_text_encoders(self) -> bool:
+        """The text encoders back where :meth:`offload_text_encoders` found them; True if they moved."""
+        if self._text_home is None:
+            return False
+        for te in self.base.text_encoders:
+            te.to(self._text_home)
+        self._text_home = None
+        return True
 
     def pivot_parameters(self) -> list[nn.Parameter]:
         return [p.vectors for p in self.pivots]
@@ -166,11 +192,13 @@ class TrainableModel:
         switched it (True) or off, the base encoders (False); ``pivot_grad``: with the pivot's gradient
         (True) or with the pivot as a fixed input (False); ``sizes`` [B, 6]: per-sample size conditioning
         (SDXL's time ids; ignored by SD1.5). Gradients flow as ``torch.is_grad_enabled()``."""
+        self.text_returns += self.restore_text_encoders()
         with self._text_side(lora, pivot_grad) as encoders, self.autocast():
             return self.family.encode(encoders, input_ids, sizes)
 
     def pre_layernorm_states(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True) -> torch.Tensor:
         """Per-token states before the conditioning's final LayerNorm, switched as :meth:`encode`."""
+        self.text_returns += self.restore_text_encoders()
         with self._text_side(lora, pivot_grad) as encoders, self.autocast():
             return self.family.pre_layernorm_states(encoders, input_ids)
 

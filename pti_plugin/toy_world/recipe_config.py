@@ -54,6 +54,12 @@ class RecipeConfig:
     # words for 3000+ steps, and [900, T) did not fix it either; [975, T) did within ~500 steps.
     # World v2's run uses [975, T) from step 0.
     high_noise_phases: list = field(default_factory=lambda: [[0, 0.5, 975]])
+    # data curriculum: phases [from_step, fraction]; from `from_step` on (the last such phase
+    # applies), a `fraction` of each batch is drawn from the two-tone scenes only, the rest
+    # uniformly from all scenes (so 1/3 here with two_tone_fraction 0.25 makes half of each batch
+    # two-tone). The scenes and their cached latents stay the same; with no phase active the
+    # batches are drawn exactly as without this setting.
+    two_tone_phases: list = field(default_factory=list)
     # bookkeeping
     checkpoint_minutes: float = 3.0
     eval_minutes: float = 10.0

@@ -176,6 +176,7 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0
         self._token_cache: dict[str, torch.Tensor] = {}
+        self._two_tone_indices: np.ndarray | None = None  # scene indices drawn by two_tone_phases
 
     def state_dict(self) -> dict:
         return {
@@ -213,6 +214,13 @@ class Trainer:
         """One optimisation step on a random batch; returns the loss."""
         cfg = self.cfg
         idx = self.rng.integers(len(scenes), size=cfg.batch_size)
+        tone_phases = [p for p in cfg.two_tone_phases if self.step >= p[0]]
+        if tone_phases:
+            _, fraction = max(tone_phases, key=lambda p: p[0])
+            if self._two_tone_indices is None:
+                self._two_tone_indices = np.array([i for i, s in enumerate(scenes) if s.colour2 is not None])
+            redraw = self.rng.random(cfg.batch_size) < fraction
+            idx[redraw] = self.rng.choice(self._two_tone_indices, size=int(redraw.sum()))
         captions = [
             "" if self.rng.random() < cfg.caption_dropout else make_caption(scenes[i], self.rng) for i in idx
         ]

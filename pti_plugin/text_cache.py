@@ -1,0 +1,81 @@
+"""``cache_text_encoder_outputs``: each distinct final caption encoded once per stage, and the text
+encoders off the accelerator while nothing needs them.
+
+In a stage whose text side is frozen (no pivot, no text-encoder LoRA training) the conditioning of a
+caption never changes, so :class:`TextConditioningCache` keeps one row per final caption (the key is
+the caption the text encoder would see, so any caption augmentation stays exact). When, moreover,
+every caption a stage can draw is known in advance (no shuffling, tag dropout or wildcards: see
+:func:`~pti_plugin.data.captions.possible_captions`) and the device is an accelerator, all of them
+are encoded at the stage's start and the text encoders move to the CPU (kohya's behaviour with
+``cache_text_encoder_outputs``: SDXL's two encoders are about 1.6 GB in fp16). They come back for
+samples, at the stage's end, and whenever anything (a plugin, through ``state.encode``) encodes
+during the stage (:meth:`TrainableModel.encode` brings them back and counts it in ``text_returns``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data.captions import possible_captions
+from .hooks import Batch
+from .models.family import Conditioning
+from .models.trainable import TrainableModel
+
+#: Captions encoded per forward when the stage's captions are encoded up front.
+ENCODE_CHUNK = 16
+
+
+class TextConditioningCache:
+    """Final caption -> its conditioning row (no size conditioning), for one stage at a time."""
+
+    def __init__(self, model: TrainableModel, enabled: bool, device: torch.device):
+        self.model, self.enabled, self.device = model, enabled, device
+        self.rows: dict[str, Conditioning] = {}
+        self.active = False  # this stage reads conditionings from the cache
+        self.text_trains = True  # this stage trains the pivot or a text-encoder LoRA
+
+    def start_stage(self, text_trains: bool, items: list, token: str, num_vectors: int) -> str | None:
+        """Empty the cache; for a frozen-text stage on an accelerator whose captions are all known, encode
+        them and move the text encoders to the CPU. Returns a line saying so, or None."""
+        self.rows = {}
+        self.text_trains = text_trains
+        self.active = self.enabled and not text_trains
+        if not self.active or not self._can_offload():
+            return None
+        captions: set[str] = set()
+        for item in items:
+            known = possible_captions(item, token, num_vectors)
+            if known is None:
+                return None  # captions vary from draw to draw: encode lazily, the encoders stay
+            captions.update(known)
+        ordered = sorted(captions)
+        for start in range(0, len(ordered), ENCODE_CHUNK):
+            self._encode(ordered[start : start + ENCODE_CHUNK], self.model.tokenize(ordered[start : start + ENCODE_CHUNK]))
+        self.model.offload_text_encoders()
+        return f"text encoders moved to the CPU for this stage ({len(ordered)} captions encoded up front)"
+
+    def _can_offload(self) -> bool:
+        """Whether moving the text encoders away frees anything: on a CPU device there is nowhere to move them."""
+        return self.device.type != "cpu"
+
+    def conditioning(self, batch: Batch) -> Conditioning:
+        """The batch's conditioning [b, 77, d] (+ SDXL's pooled embedding and time ids)."""
+        model = self.model
+        if not self.active:
+            with torch.set_grad_enabled(self.text_trains):  # a frozen text side builds no graph
+                return model.encode(batch.input_ids, sizes=batch.sizes)
+        missing = list(dict.fromkeys(c for c in batch.captions if c not in self.rows))
+        if missing:
+            self._encode(missing, batch.input_ids[[batch.captions.index(c) for c in missing]])
+        cond = Conditioning.cat([self.rows[c] for c in batch.captions])
+        return cond.with_extra(model.family.size_conditioning(batch.sizes)) if batch.sizes is not None else cond
+
+    def _encode(self, captions: list[str], input_ids: torch.Tensor) -> None:
+        """Encode ``captions`` (their ids [n, 77], or [n, encoders, 77]) into the cache, without gradients."""
+        with torch.no_grad():
+            encoded = self.model.encode(input_ids.to(self.device)).detach()
+        self.rows.update({c: encoded.rows(slice(j, j + 1)) for j, c in enumerate(captions)})
+
+    def end_stage(self) -> None:
+        """The text encoders back on the device (the next stage, samples and saves may need them)."""
+        self.model.restore_text_encoders()
