@@ -269,17 +269,21 @@ def load_run(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     class_word: str | None = None,
+    lora_file: str | Path | None = None,
 ) -> LoadedRun:
     """Load the run in ``run_dir`` (a training ``output_dir``) for measurement.
 
     ``class_word``: the base model's subject (default: the run's first ``init_word``).
     ``device``: default CUDA when available, else CPU.
+    ``lora_file``: the LoRA (with its bundled pivot) to load instead of the run's final
+    ``<output_name>.safetensors``, e.g. an intermediate save ``<output_name>-stepNNNNNNNN.safetensors``.
     """
     from ..load_pti import load_pti
 
     config_path, lora_path = find_run_files(run_dir, output_name)
+    lora_path = Path(lora_file) if lora_file is not None else lora_path
     if not lora_path.is_file():
-        raise FileNotFoundError(f"{lora_path} not found: the run has not finished")
+        raise FileNotFoundError(f"{lora_path} not found" + ("" if lora_file else ": the run has not finished"))
     config = read_run_config(config_path)
 
     def add_run(pipe) -> None:

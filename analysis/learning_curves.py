@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""LoRA learning curves on the toy world (hypothesis H2: appearance is learned before position).
+
+Scores every saved checkpoint of each run (:func:`pti_plugin.toy_world.curve_scores.score_checkpoints`,
+cached in each run's folder) and summarises the runs as training seeds of one condition
+(:func:`~pti_plugin.toy_world.curve_scores.h2_summary`)::
+
+    OMP_NUM_THREADS=1 python analysis/learning_curves.py RUN_DIR [RUN_DIR ...] [--seeds 64] [--steps 25]
+        [--guidance 3] [--out DIR]
+
+Runs must be trained with ``save_every_n_steps`` (the same value for all). Prints one line per run and
+a last line ``t_app=<f> t_pos=<f> ratio=<f> ratio_lo=<f> ratio_hi=<f>`` (mean half-way steps of
+appearance and position, and the geometric mean of T_pos / T_app with its interval: H2 holds where
+ratio_lo > 1); writes ``learning_curves.json`` and ``learning_curves.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
+
+from pti_plugin.atomic_io import atomic_write_text  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (training output_dir), one per training seed")
+    parser.add_argument("--seeds", type=int, default=64, help="sampling seeds 0..N-1 per prompt and checkpoint")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps per generation")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--out", type=Path, default=Path("outputs/learning_curves"), help="folder of the json and plot")
+    parser.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
+    return parser.parse_args(argv)
+
+
+def _f(value) -> str:
+    return "nan" if value is None else f"{value:.4g}"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Appearance and training-cell fraction against LoRA-stage step: each run thin, the mean with its band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = summary["steps"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, colour, label in (("appearance", "tab:blue", "appearance (character found)"),
+                               ("position", "tab:red", "position (object in a training cell)")):
+        for curve in summary[key]["per_run"]:
+            ax.plot(x, [float("nan") if v is None else v for v in curve], color=colour, alpha=0.3, linewidth=0.8)
+        mean = [m or {"estimate": None, "lo": None, "hi": None} for m in summary[key]["mean"]]
+        column = {k: [float("nan") if m[k] is None else m[k] for m in mean] for k in ("estimate", "lo", "hi")}
+        ax.plot(x, column["estimate"], "o-", color=colour, label=label)
+        ax.fill_between(x, column["lo"], column["hi"], color=colour, alpha=0.2)
+    ratio = summary["steps_ratio"]["ratio"] or {}
+    ax.set_xlabel("LoRA-stage step")
+    ax.set_ylabel("fraction of neutral generations")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{summary['n_runs']} run(s); T_pos / T_app = {_f(ratio.get('estimate'))} "
+                 f"[{_f(ratio.get('lo'))}, {_f(ratio.get('hi'))}]", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from pti_plugin.toy_world.curve_scores import h2_summary, lora_checkpoints, score_checkpoints
+
+    args = parse_args(argv)
+    for run_dir in args.runs:  # every run checked before any is scored
+        try:
+            lora_checkpoints(run_dir)
+        except (FileNotFoundError, ValueError) as exc:  # missing folder, no run, no intermediate saves
+            raise SystemExit(f"error: {exc}") from exc
+    seeds = list(range(args.seeds))
+    runs = [score_checkpoints(run_dir, seeds, args.steps, args.guidance, device=args.device,
+                              log=lambda message: print(message, flush=True)) for run_dir in args.runs]
+    try:
+        summary = h2_summary(runs)
+    except ValueError as exc:  # runs saved at different steps
+        raise SystemExit(f"error: {exc}") from exc
+    times = summary["steps_ratio"]
+    for k, run in enumerate(runs):
+        print(f"{run['run_dir']}: points={len(run['steps'])} "
+              f"coarse_final={_f(summary['appearance']['per_run'][k][-1])} "
+              f"cell_final={_f(summary['position']['per_run'][k][-1])} t_app={_f(times['t_app'][k])} "
+              f"t_pos={_f(times['t_pos'][k])} ratio={_f(times['ratios'][k])}")
+    ratio = summary["steps_ratio"]["ratio"] or {}
+    print(f"t_app={_f(summary['t_app_mean'])} t_pos={_f(summary['t_pos_mean'])} ratio={_f(ratio.get('estimate'))} "
+          f"ratio_lo={_f(ratio.get('lo'))} ratio_hi={_f(ratio.get('hi'))}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"settings": {"seeds": args.seeds, "steps": args.steps, "guidance": args.guidance},
+              "runs": [str(r) for r in args.runs], "summary": summary}
+    atomic_write_text(args.out / "learning_curves.json", json.dumps(record, indent=1) + "\n")
+    plot(summary, args.out / "learning_curves.png")
+    return record
+
+
+if __name__ == "__main__":
+    main()
