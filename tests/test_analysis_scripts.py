@@ -153,8 +153,8 @@ def test_lr_sweep_derived_presets_and_plugin_variants(tiny_model, tiny_dataset, 
     assert [s["name"] for s in derived["stages"]] == ["inversion"] and derived["plugins"] == {}
     assert pivot.embedding == tmp_path / "s" / "pivot" / "tok1.safetensors"
     with pytest.raises(ConfigError, match="unknown plugin"):  # refused before any training
-        plan.plan_runs(lr_sweep.parse_args(base[:-4] + ["--with_plugin", "no_such_plugin"]), raw, pivot)
-    specs = plan.plan_runs(args, raw, pivot)
+        plan.plan_runs(lr_sweep.parse_args(base[:-4] + ["--with_plugin", "no_such_plugin"]), raw, {0: pivot})
+    specs = plan.plan_runs(args, raw, {0: pivot})
     assert [s.name for s in specs] == ["lora-lr0.0001", "lora-lr0.001", "lora-lr0.0001-sweep_test_plugin", "lora-lr0.001-sweep_test_plugin"]
     for spec in specs:
         derived = toml.load(spec.preset_path)

@@ -1,6 +1,7 @@
 """Sweeps of many training runs: the learning-rate sweep and the research bench built on it.
 
 - :mod:`.plan`: one derived preset per run, checked before any training;
+- :mod:`.seeds`: training seeds (the unit of replication): run names, seed means and their intervals;
 - :mod:`.runner`: skip finished runs, resume interrupted ones, train in this process or as jobs;
 - :mod:`.engines`: where jobs run: one process per local GPU, or Ray tasks (the optional ``cluster`` extra);
 - :mod:`.evaluation`: each run's measurements, cached in its folder;

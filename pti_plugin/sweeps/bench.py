@@ -6,7 +6,7 @@ Usage (in the background, resumable; about 1.5 hours on one CPU thread with the 
         [--preset presets/research_bench.toml] [--set KEY=VALUE] [--inversion_lrs 1e-3,3e-3,1e-2,3e-2,1e-1]
         [--lora_lrs 1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3] [--inversion_steps 1000] [--lora_steps 1000]
         [--variants none,half_angle,class_endpoint,reg_images] [--pivot_lr knee|LR]
-        [--seeds 16] [--sample_steps 25] [--guidance 3] [--leakage_threshold 0.1]
+        [--seeds 16] [--sample_steps 25] [--guidance 3] [--leakage_threshold 0.1] [--training_seeds 1]
         [--engine local|ray [--address ADDR]]   (training runs as Ray tasks: see pti_plugin.sweeps.engines)
 
 1. **Inversion sweep** (:mod:`pti_plugin.sweeps.lr_sweep` ``--stage inversion``, into ``OUT/inversion/``): the
@@ -40,6 +40,21 @@ Usage (in the background, resumable; about 1.5 hours on one CPU thread with the 
    ``OUT/research_bench.csv``, ``OUT/research_bench.md`` (the printed tables) and
    ``OUT/research_bench.png``.
 
+**Training seeds** (``--training_seeds N``, default 1; :mod:`pti_plugin.sweeps.seeds`): every
+(variant, learning rate) point of both sweeps is trained N times, run k with the preset's ``seed``
++ k, in its own folder (``-s<k>`` after the run's name for k >= 1; seed 0's run is the run of a bench
+with N = 1, so raising N reuses the runs already there). The pivot is replicated with them, kept
+simple: one pivot per training seed, the inversion run of seed k at the pivot learning rate, and
+the LoRA runs of seed k start from it (one ``lr_sweep --only_training_seed k`` per variant and
+seed); each LoRA run's leakage excess subtracts its own seed's pivot. The pivot learning rate is
+chosen once, on the seed-mean curve (the knee of the mean character match against the mean L2
+distance). The rows keep one entry per run (``training_seed``, ``seed``); with N > 1 the report's
+tables and plot show per point the mean over training seeds, each ground-truth score with a 95%
+interval over seeds (``0.53 [0.41, 0.66]``; with few seeds it undercovers, as the report says), the
+light points are chosen on those means, the correlations stay over runs, and the JSON and
+``OUT/research_bench_seed_means.csv`` hold the means. With N = 1 the report is per run, without
+intervals.
+
 Everything is deterministic under the preset's seed: training draws every sample from
 (seed, stage, step, slot) and scoring uses fixed generation seeds. Finished runs are skipped and
 scores reused, so an interrupted bench continues where it stopped.
@@ -65,7 +80,8 @@ from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correl
                                             write_csv)
 from pti_plugin.sweeps.engines import add_engine_arguments
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
-from pti_plugin.sweeps.plan import lr_tag, parse_lrs, preset_stages
+from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages
+from pti_plugin.sweeps.seeds import seed_means, seed_suffix, training_seeds_arg
 
 #: The presets shipped with the repository (the bench's default preset lives there).
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,16 +140,20 @@ def write_preset(path: Path, raw: dict) -> Path:
 
 
 # ---------------------------------------------------------------------- steps of the bench
-def run_sweep(preset: Path, stage: str, lrs: str, steps: int, out: Path, engine: list[str]) -> None:
-    """Train (never evaluate) one lr_sweep; finished runs are skipped by lr_sweep itself. ``engine``: its
+def run_sweep(preset: Path, stage: str, lrs: str, steps: int, out: Path, engine: list[str], training_seeds: int = 1,
+              only_training_seed: int | None = None) -> None:
+    """Train (never evaluate) one lr_sweep, every point ``training_seeds`` times (or only its seed
+    ``only_training_seed``); finished runs are skipped by lr_sweep itself. ``engine``: its
     ``--engine``/``--address`` arguments (default: in this process)."""
-    sweep_main(["--preset", str(preset), "--stage", stage, "--lrs", lrs, "--steps", str(steps),
-                "--out", str(out), "--no_evaluate", "--gpus", "none", *engine])
+    only = ["--only_training_seed", str(only_training_seed)] if only_training_seed is not None else []
+    sweep_main(["--preset", str(preset), "--stage", stage, "--lrs", lrs, "--steps", str(steps), "--out", str(out),
+                "--training_seeds", str(training_seeds), *only, "--no_evaluate", "--gpus", "none", *engine])
 
 
-def sweep_runs(out: Path, stage: str, lrs: str) -> list[tuple[float, Path]]:
-    """``(lr, run folder)`` of a sweep, in lr order (lr_sweep's naming)."""
-    return [(lr, out / "runs" / f"{stage}-lr{lr_tag(lr)}") for lr in parse_lrs(lrs)]
+def sweep_runs(out: Path, stage: str, lrs: str, training_seeds: int = 1) -> list[tuple[float, int, Path]]:
+    """``(lr, training seed, run folder)`` of a sweep, in lr order then seed order (lr_sweep's naming)."""
+    return [(lr, k, out / "runs" / (point_name(stage, lr, None) + seed_suffix(k)))
+            for lr in parse_lrs(lrs) for k in range(training_seeds)]
 
 
 def score_settings(args):
@@ -166,10 +186,28 @@ def scores_of(run_dir: Path, output_name: str, args) -> dict | None:
     return scores
 
 
-def scored_rows(out: Path, stage: str, variant: str, lrs: str, output_name: str, args) -> list[dict]:
-    """One report row per run of a sweep: its sweep, variant, lr and folder, then its scores (none if unfinished)."""
-    return [{"sweep": stage, "variant": variant, "lr": lr, "run_dir": str(d)} | (scores_of(d, output_name, args) or {})
-            for lr, d in sweep_runs(out, stage, lrs)]
+def scored_rows(out: Path, stage: str, variant: str, lrs: str, output_name: str, args, base_seed: int = 0) -> list[dict]:
+    """One report row per run of a sweep: its sweep, variant, lr, training seed (``seed``: ``base_seed`` + it)
+    and folder, then its scores (none if unfinished)."""
+    return [{"sweep": stage, "variant": variant, "lr": lr, "training_seed": k, "seed": base_seed + k, "run_dir": str(d)}
+            | (scores_of(d, output_name, args) or {})
+            for lr, k, d in sweep_runs(out, stage, lrs, args.training_seeds)]
+
+
+def point_rows(rows: list[dict]) -> list[dict]:
+    """Per (sweep, variant, lr) point, the mean over training seeds (intervals on the ground-truth scores)."""
+    return seed_means(rows, ("sweep", "variant", "lr"), lambda key: key.startswith("gt_") and not key.endswith("_base"))
+
+
+def seed_pivots(inversion_rows: list[dict], lr: float, training_seeds: int) -> dict[int, dict]:
+    """The pivot of each training seed: its inversion row at ``lr``; SystemExit when one has no scores."""
+    pivots = {r["training_seed"]: r for r in inversion_rows
+              if math.isclose(r["lr"], lr, rel_tol=1e-9) and r.get("gt_reconstruction") is not None}
+    missing = [k for k in range(training_seeds) if k not in pivots]
+    if missing:
+        raise SystemExit(f"the inversion runs of training seeds {missing} at the pivot lr {lr:g} did not finish "
+                         "(see above)")
+    return pivots
 
 
 def choose_pivot(rows: list[dict], choice: str) -> tuple[dict, str]:
@@ -234,6 +272,9 @@ def parse_args(argv):
     parser.add_argument("--lora_steps", type=int, default=1000, help="steps per LoRA run (the notes: 1000)")
     parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS), help=", ".join(VARIANTS))
     parser.add_argument("--pivot_lr", default="knee", help="knee, or the inversion learning rate whose pivot LoRA runs share")
+    parser.add_argument("--training_seeds", type=training_seeds_arg, default=1,
+                        help="train every (variant, lr) point this many times (the preset's seed + 0..N-1); the "
+                             "report shows seed means with 95%% intervals")
     parser.add_argument("--reg_images", type=int, default=12, help="regularisation images of the reg_images variant")
     parser.add_argument("--seeds", type=int, default=16,
                         help="generation seeds per prompt when scoring; 16 leave the leakage score uncertain by about "
@@ -253,6 +294,21 @@ def parse_args(argv):
     return args
 
 
+def lora_sweeps(raw: dict, config, pivot_files: dict[int, Path], reg_dir: Path | None, engine: list[str],
+                args) -> list[dict]:
+    """Train and score every variant's LoRA sweep; the runs of training seed k start from ``pivot_files[k]``."""
+    rows = []
+    for variant in args.variants:
+        out = args.out / f"lora_{variant}"
+        for k, pivot_file in pivot_files.items():
+            preset = write_preset(args.out / "presets" / f"lora_{variant}{seed_suffix(k)}.toml",
+                                  variant_preset(raw, variant, pivot_file, reg_dir))
+            run_sweep(preset, "lora", args.lora_lrs, args.lora_steps, out, engine, args.training_seeds,
+                      k if args.training_seeds > 1 else None)
+        rows += scored_rows(out, "lora", variant, args.lora_lrs, config.output_name, args, config.seed)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
@@ -264,48 +320,58 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from exc
     stage_of(raw, "inversion"), stage_of(raw, "lora")  # both stages are needed (SystemExit naming them)
-    output_name = config.output_name
     engine = ["--engine", args.engine] + (["--address", args.address] if args.address else []) + (
         ["--gpus_per_run", str(args.gpus_per_run)] if args.gpus_per_run is not None else [])
-    presets = args.out / "presets"
     t0 = time.time()
 
     inv_out = args.out / "inversion"
-    run_sweep(write_preset(presets / "inversion.toml", inversion_preset(raw)), "inversion", args.inversion_lrs,
-              args.inversion_steps, inv_out, engine)
-    rows = scored_rows(inv_out, "inversion", "none", args.inversion_lrs, output_name, args)
-    pivot, pivot_rule = choose_pivot(rows, args.pivot_lr)
-    pivot_file = Path(pivot["run_dir"]) / f"{config.token_string}.safetensors"
-    print(f"pivot: inversion lr {pivot['lr']:g} ({pivot_rule}): {pivot_file}", flush=True)
+    run_sweep(write_preset(args.out / "presets" / "inversion.toml", inversion_preset(raw)), "inversion",
+              args.inversion_lrs, args.inversion_steps, inv_out, engine, args.training_seeds)
+    rows = scored_rows(inv_out, "inversion", "none", args.inversion_lrs, config.output_name, args, config.seed)
+    chosen, pivot_rule = choose_pivot(point_rows(rows), args.pivot_lr)  # on the seed-mean curve
+    pivots = seed_pivots(rows, chosen["lr"], args.training_seeds)
+    pivot_files = {k: Path(r["run_dir"]) / f"{config.token_string}.safetensors" for k, r in pivots.items()}
+    print(f"pivot: inversion lr {chosen['lr']:g} ({pivot_rule}): {', '.join(map(str, pivot_files.values()))}", flush=True)
 
     reg_dir = None
-    if "reg_images" in args.variants:
-        class_word = config.init_words[0]
-        reg_dir = generate_reg_images(Path(pivot["run_dir"]), class_word, args.out / "reg", args.reg_images, args)
-    for variant in args.variants:
-        out = args.out / f"lora_{variant}"
-        preset = write_preset(presets / f"lora_{variant}.toml", variant_preset(raw, variant, pivot_file, reg_dir))
-        run_sweep(preset, "lora", args.lora_lrs, args.lora_steps, out, engine)
-        rows += scored_rows(out, "lora", variant, args.lora_lrs, output_name, args)
-
-    add_excess_leakage(rows, pivot)
-    lora_rows = [r for r in rows if r["sweep"] == "lora"]
-    min_editability = args.editability_ratio * (pivot.get("gt_editability") or 0.0)
-    light = {v: {key: light_point([r for r in lora_rows if r["variant"] == v], key, args.leakage_threshold, min_editability)
+    if "reg_images" in args.variants:  # images of the base model (LoRA off, class word): the same for every seed
+        reg_dir = generate_reg_images(Path(pivots[0]["run_dir"]), config.init_words[0], args.out / "reg",
+                                      args.reg_images, args)
+    rows += lora_sweeps(raw, config, pivot_files, reg_dir, engine, args)
+    for k, pivot in pivots.items():  # each run's leakage excess over its own seed's pivot
+        add_excess_leakage([r for r in rows if r["training_seed"] == k], pivot)
+    points = rows if args.training_seeds == 1 else point_rows(rows)  # what the report's tables show
+    pivot_point = pivots[0] if args.training_seeds == 1 else chosen  # the pivot's run, or its seed mean
+    min_editability = args.editability_ratio * (pivot_point.get("gt_editability") or 0.0)
+    light = {v: {key: light_point([r for r in points if r["sweep"] == "lora" and r["variant"] == v], key,
+                                  args.leakage_threshold, min_editability)
                  for key in ("gt_leakage_excess", "attention_leakage_excess")} for v in args.variants}
-    corr = correlations(rows)
-    text = report_text(rows, corr, light, pivot, pivot_rule, args)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result = {"settings": settings, "scores_version": SCORES_VERSION, "variants": {v: VARIANTS[v] for v in args.variants},
-              "pivot": {"lr": pivot["lr"], "rule": pivot_rule, "file": str(pivot_file), "digest": pivot.get("pivot_digest")},
-              "rows": rows, "correlations": corr, "light_points": light, "minutes": round((time.time() - t0) / 60, 1)}
+    pivot_info = {"lr": chosen["lr"], "rule": pivot_rule, "file": str(pivot_files[0]),
+                  "digest": pivots[0].get("pivot_digest"),
+                  "seeds": [{"training_seed": k, "file": str(pivot_files[k]), "digest": pivots[k].get("pivot_digest")}
+                            for k in pivots]}
+    result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "scores_version": SCORES_VERSION, "variants": {v: VARIANTS[v] for v in args.variants}, "pivot": pivot_info,
+              "rows": rows, "correlations": correlations(rows), "light_points": light}
+    if args.training_seeds > 1:
+        result["seed_means"] = points
+    result["minutes"] = round((time.time() - t0) / 60, 1)
+    write_outputs(result, points, pivot_point, args)
+    return result
+
+
+def write_outputs(result: dict, points: list[dict], pivot_point: dict, args) -> None:
+    """The bench's JSON, CSV (per run, and per point with several training seeds), report and plot; prints the report."""
+    rows = result["rows"]
+    text = report_text(points, result["correlations"], result["light_points"], pivot_point, result["pivot"], args)
     atomic_write_text(args.out / "research_bench.json", json.dumps(result, indent=2, default=str) + "\n")
     write_csv(args.out / "research_bench.csv", rows)
+    if args.training_seeds > 1:
+        write_csv(args.out / "research_bench_seed_means.csv", points)
     atomic_write_text(args.out / "research_bench.md", text)
-    plot(rows, args.out / "research_bench.png", args)
+    plot(points, args.out / "research_bench.png", args)
     print(text)
     print(f"wrote {args.out}/research_bench.json, .csv, .md, .png")
-    return result
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""The research bench's report: leakage excess, light points, metric-to-ground-truth correlations, tables and plot."""
+"""The research bench's report: leakage excess, light points, metric-to-ground-truth correlations, tables and plot.
+
+The tables show *points*: with one training seed the runs themselves, with several the seed-mean
+rows of :func:`pti_plugin.sweeps.seeds.seed_means`, whose ground-truth scores carry ``<key>_lo`` and
+``<key>_hi`` and print as ``mean [lo, hi]``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from pathlib import Path
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_with
 from pti_plugin.metrics.correlation import correlation
+from pti_plugin.sweeps.seeds import coverage_note, format_interval
 
 VARIANTS = {
     "none": "no regulariser",
@@ -46,8 +52,9 @@ def light_point(rows: list[dict], leakage_key: str, threshold: float, min_editab
     if not ok:
         return None
     best = max(ok, key=lambda r: (r["gt_reconstruction"], -r["lr"]))
-    return {"lr": best["lr"], "gt_reconstruction": best["gt_reconstruction"], "gt_leakage_excess": best.get("gt_leakage_excess"),
-            "attention_leakage_excess": best.get("attention_leakage_excess"), "gt_editability": best.get("gt_editability")}
+    keys = ("gt_reconstruction", "gt_leakage_excess", "attention_leakage_excess", "gt_editability")
+    bounds = {f"{k}_{end}": best[f"{k}_{end}"] for k in keys for end in ("lo", "hi") if f"{k}_{end}" in best}
+    return {"lr": best["lr"]} | {k: best.get(k) for k in keys} | bounds
 
 
 def correlations(rows: list[dict]) -> list[dict]:
@@ -67,20 +74,44 @@ def _cell(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _value(row: dict, key: str):
+    """``row[key]``, as ``mean [lo, hi]`` text when the row is a seed mean with an interval on ``key``."""
+    if f"{key}_lo" in row and row.get(key) is not None:
+        return format_interval(row[key], row[f"{key}_lo"], row[f"{key}_hi"])
+    return row.get(key)
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def report_text(rows: list[dict], corr: list[dict], light: dict, pivot: dict, pivot_rule: str, args) -> str:
-    inv = [r for r in rows if r["sweep"] == "inversion"]
-    lora = [r for r in rows if r["sweep"] == "lora"]
-    base = next((r for r in rows if r.get("gt_reconstruction_base") is not None), {})
+def pivot_sentence(pivot: dict, pivot_info: dict, seeds: int) -> str:
+    """The report's line on the pivot: ``pivot`` its row (or seed mean), ``pivot_info`` the bench's pivot record."""
+    if seeds == 1:
+        which = f"lr {pivot_info['lr']:g} ({pivot_info['rule']}), digest {pivot_info['digest']}. Its own leakage"
+    else:
+        which = (f"lr {pivot_info['lr']:g} ({pivot_info['rule']}, on the seed means), one per training seed (the LoRA "
+                 f"runs of seed k start from the inversion run of seed k), digests "
+                 f"{', '.join(str(s['digest']) for s in pivot_info['seeds'])}. Its own leakage as a mean over seeds")
+    return (f"Pivot of the LoRA sweeps: {which} (LoRA off, against the class word): GT {_cell(pivot.get('gt_leakage'))}, "
+            f"attention {_cell(pivot.get('attention_leakage'))}; the *excess* columns below subtract these.")
+
+
+def report_text(points: list[dict], corr: list[dict], light: dict, pivot: dict, pivot_info: dict, args) -> str:
+    """The printed report; ``points``: the runs (one training seed) or the seed means (several)."""
+    inv = [r for r in points if r["sweep"] == "inversion"]
+    lora = [r for r in points if r["sweep"] == "lora"]
+    base = next((r for r in points if r.get("gt_reconstruction_base") is not None), {})
+    seeds = getattr(args, "training_seeds", 1)
     parts = [
         f"# Research bench on the toy world ({args.inversion_steps} inversion steps, {args.lora_steps} LoRA steps per run; "
-        f"{args.seeds} seeds, DDIM {args.sample_steps}, guidance {args.guidance:g})",
+        f"{args.seeds} seeds, DDIM {args.sample_steps}, guidance {args.guidance:g}"
+        + (f"; {seeds} training seeds per point)" if seeds > 1 else ")"),
         "",
+        *([coverage_note(seeds) + " Rows are points (sweep, variant, lr); the runs are in research_bench.csv.", ""]
+          if seeds > 1 else []),
         "Base model (class word, LoRA off): " + ", ".join(
             f"{k} {_cell(base.get(k + '_base'))}" for k in ("gt_reconstruction", "gt_character_match", "gt_editability",
                                                            "gt_training_cell_fraction", "gt_position_entropy")),
@@ -91,12 +122,11 @@ def report_text(rows: list[dict], corr: list[dict], light: dict, pivot: dict, pi
             ["lr", "lr×steps", "pivot L2 from init", "output angle to class (°)", "GT reconstruction", "GT character match",
              "GT editability", "GT edit position", "GT edit background", "proxy denoise MSE", "proxy edit cos"],
             [[r["lr"], r["lr"] * args.inversion_steps, r.get("pivot_l2_from_init"), r.get("output_angle_layernorm_deg"),
-              r.get("gt_reconstruction"), r.get("gt_character_match"), r.get("gt_editability"), r.get("gt_edit_position"),
-              r.get("gt_edit_background"), r.get("proxy_denoise_mse"), r.get("proxy_edit_direction_cos")] for r in inv]),
+              *(_value(r, k) for k in ("gt_reconstruction", "gt_character_match", "gt_editability", "gt_edit_position",
+                                       "gt_edit_background")),
+              r.get("proxy_denoise_mse"), r.get("proxy_edit_direction_cos")] for r in inv]),
         "",
-        f"Pivot of the LoRA sweeps: lr {pivot['lr']:g} ({pivot_rule}), digest {pivot.get('pivot_digest')}. "
-        f"Its own leakage (LoRA off, against the class word): GT {_cell(pivot.get('gt_leakage'))}, attention "
-        f"{_cell(pivot.get('attention_leakage'))}; the *excess* columns below subtract these.",
+        pivot_sentence(pivot, pivot_info, seeds),
         "",
         "## LoRA sweeps (reconstruction, editability, position leakage)",
         "",
@@ -104,9 +134,10 @@ def report_text(rows: list[dict], corr: list[dict], light: dict, pivot: dict, pi
             ["variant", "lr", "‖ΔW‖", "GT reconstruction", "GT character match", "GT editability", "GT leakage",
              "GT leakage excess", "GT training-cell fraction", "GT position entropy", "attention leakage",
              "attention leakage excess", "proxy denoise MSE", "proxy edit cos"],
-            [[r["variant"], r["lr"], r.get("lora_delta_norm"), r.get("gt_reconstruction"), r.get("gt_character_match"),
-              r.get("gt_editability"), r.get("gt_leakage"), r.get("gt_leakage_excess"), r.get("gt_training_cell_fraction"),
-              r.get("gt_position_entropy"), r.get("attention_leakage"), r.get("attention_leakage_excess"),
+            [[r["variant"], r["lr"], r.get("lora_delta_norm"),
+              *(_value(r, k) for k in ("gt_reconstruction", "gt_character_match", "gt_editability", "gt_leakage",
+                                       "gt_leakage_excess", "gt_training_cell_fraction", "gt_position_entropy")),
+              r.get("attention_leakage"), r.get("attention_leakage_excess"),
               r.get("proxy_denoise_mse"), r.get("proxy_edit_direction_cos")] for r in lora]),
         "",
         *([f"Caution: leakage from {args.seeds} seeds per prompt. On the shipped toy world, two sets of 16 seeds "
@@ -118,8 +149,8 @@ def report_text(rows: list[dict], corr: list[dict], light: dict, pivot: dict, pi
         markdown_table(
             ["variant", "chosen with", "lr", "GT reconstruction", "GT leakage excess", "attention leakage excess",
              "GT editability"],
-            [[v, key, *(([p["lr"], p["gt_reconstruction"], p["gt_leakage_excess"], p["attention_leakage_excess"],
-                          p["gt_editability"]])
+            [[v, key, *(([p["lr"], *(_value(p, k) for k in ("gt_reconstruction", "gt_leakage_excess",
+                                                             "attention_leakage_excess", "gt_editability"))])
                          if p else ["none qualifies", None, None, None, None])]
              for v, per in light.items() for key, p in per.items()]),
         "",
@@ -134,7 +165,8 @@ def report_text(rows: list[dict], corr: list[dict], light: dict, pivot: dict, pi
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    first = ["sweep", "variant", "lr", "run_dir", "pivot_l2_from_init", "output_angle_layernorm_deg", "lora_delta_norm",
+    first = ["sweep", "variant", "lr", "training_seed", "seed", "n_seeds", "run_dir", "pivot_l2_from_init",
+             "output_angle_layernorm_deg", "lora_delta_norm",
              "gt_reconstruction", "gt_character_match", "gt_editability", "gt_edit_position", "gt_edit_background", "gt_leakage",
              "gt_leakage_excess", "gt_training_cell_fraction", "gt_position_entropy", "attention_leakage",
              "attention_leakage_excess", "proxy_denoise_mse",

@@ -4,7 +4,7 @@ Usage::
 
     python analysis/lr_sweep.py --preset P --stage inversion|lora --lrs 1e-3,5e-3,1e-2 [--steps 1000]
         [--out DIR] [--with_plugin pivot_locality] [--clip_model_path DIR] [--gpus auto|none|0,1,...]
-        [--engine local|ray [--address ADDR]]
+        [--engine local|ray [--address ADDR]] [--training_seeds N]
 
 **Runs.** For each learning rate the preset is copied with the swept stage set to that learning
 rate and ``--steps`` steps (the notes' protocol: 1000), into ``OUT/runs/<stage>-lr<lr>[-<plugin>]/``
@@ -18,6 +18,19 @@ runs the preset's stages up to the lora stage in every run (the same pivot again
 draws every sample from (seed, stage, step, slot); the ``pivot_digest`` column shows it).
 ``--with_plugin NAME`` runs every learning rate twice, without and with ``[plugins.NAME]``
 (options from the preset's table, ``--plugin_set KEY=VALUE``); the pivot run never has it.
+
+**Training seeds** (the unit of replication, :mod:`pti_plugin.sweeps.seeds`). ``--training_seeds N``
+(default 1) trains every (learning rate, variant) point N times, run k with the preset's ``seed``
+set to its resolved seed + k, into ``<run>-s<k>/`` for k >= 1 (seed 0 keeps the plain name, so raising N
+later reuses every run already there). A ``lora`` sweep's shared pivot is trained once per
+training seed (``OUT/pivot/``, ``OUT/pivot-s<k>/``) and the runs of seed k start from pivot k: the
+pivot's training is part of what is replicated. With N > 1 the CSV and JSON keep one row per run
+(``training_seed`` and ``seed`` columns), the JSON adds ``seed_means`` (per point, the mean over
+seeds of every number, with a 95% interval over seeds for ``reconstruction``, ``editability`` and
+``leakage_score``), the printed table shows those as ``mean [lo, hi]``, and knees and plots use the
+seed-mean curves. With few seeds the interval undercovers (see the seeds module).
+``--only_training_seed K`` plans and trains seed K of the N alone (the research bench starts seed
+K's LoRA runs from its own pivot that way).
 
 **Resumable.** A run whose final LoRA file exists is finished and skipped (``skip <run>: finished``).
 An interrupted run resumes from its latest saved state when ``--save_every N`` gave it one; else
@@ -66,9 +79,10 @@ from pathlib import Path
 from pti_plugin.config import ConfigError, apply_overrides, load_preset_dict
 from pti_plugin.sweeps.engines import add_engine_arguments, engine_from_args
 from pti_plugin.sweeps.evaluation import eval_settings, evaluate_one, evaluate_runs
-from pti_plugin.sweeps.plan import parse_lrs, plan_pivot, plan_runs
+from pti_plugin.sweeps.plan import parse_lrs, plan_pivot, plan_runs, training_seed_indices
 from pti_plugin.sweeps.report import write_report
 from pti_plugin.sweeps.runner import train_sweep, visible_gpus
+from pti_plugin.sweeps.seeds import training_seeds_arg
 
 
 def parse_args(argv):
@@ -84,6 +98,10 @@ def parse_args(argv):
     parser.add_argument("--save_every", type=int, default=0, help="save a resumable state every N steps (0 = off)")
     parser.add_argument("--shared_pivot", choices=("on", "off"), default="on",
                         help="lora sweeps: train the pivot once and start every run from it (on), or repeat it per run (off)")
+    parser.add_argument("--training_seeds", type=training_seeds_arg, default=1,
+                        help="train every (lr, variant) point this many times, with the preset's seed + 0..N-1")
+    parser.add_argument("--only_training_seed", type=int, default=None,
+                        help="train (and report) only this one of the --training_seeds seeds (0..N-1)")
     parser.add_argument("--gpus", default="auto", help="auto (all visible CUDA devices when more than one), none, or a list 0,1")
     add_engine_arguments(parser)
     parser.add_argument("--no_train", action="store_true", help="only evaluate and plot the runs already finished")
@@ -115,8 +133,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     try:
         raw = apply_overrides(load_preset_dict(args.preset), {}, args.sets)
-        pivot = plan_pivot(args, raw)
-        specs = plan_runs(args, raw, pivot)
+        pivots = {k: p for k in training_seed_indices(args) if (p := plan_pivot(args, raw, k)) is not None}
+        specs = plan_runs(args, raw, pivots)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from exc
     if args._evaluate_run:  # a worker process: evaluate one run and exit
@@ -124,13 +142,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     engine = engine_from_args(args, visible_gpus(args.gpus))
     print(f"{args.stage} sweep: {len(specs)} runs of {args.steps} steps in {args.out}; {engine.describe()}"
-          + (f"; shared pivot from {pivot.run_dir}" if pivot else ""), flush=True)
+          + (f"; shared pivot from {', '.join(str(p.run_dir) for p in pivots.values())}" if pivots else ""), flush=True)
     if not args.no_train:
-        train_sweep(pivot, specs, engine, args.out / "logs")
+        train_sweep(list(pivots.values()), specs, engine, args.out / "logs")
     if args.no_evaluate:
         return []
     results = evaluate_runs(specs, args, argv, engine)
-    return write_report(specs, pivot, results, eval_settings(args), args)
+    return write_report(specs, pivots, results, eval_settings(args), args)
 
 
 if __name__ == "__main__":

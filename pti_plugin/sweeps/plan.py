@@ -1,7 +1,11 @@
-"""The runs of a learning-rate sweep: one derived preset per (learning rate, variant), written before any training.
+"""The runs of a learning-rate sweep: one derived preset per (learning rate, variant, training seed),
+written before any training.
 
-A ``lora`` sweep's runs share one pivot: :func:`plan_pivot` plans the stages before the lora stage
-once, and every LoRA run starts from its embedding (the trainer's ``weights`` key).
+Every (learning rate, variant) point is trained once per training seed (:mod:`.seeds`: seed ``k``
+sets the preset's ``seed`` to its resolved seed + k, and its run's name ends in ``-s<k>`` for k >= 1).
+A ``lora`` sweep's runs of training seed ``k`` share one pivot: :func:`plan_pivot` plans the stages
+before the lora stage once per seed, and every LoRA run of that seed starts from its embedding (the
+trainer's ``weights`` key).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import toml
 from pti_plugin.atomic_io import atomic_write_text
 from pti_plugin.config import build_config, default_stages, parse_value
 from pti_plugin.hooks import instantiate_plugins
+from pti_plugin.sweeps.seeds import seed_suffix
 
 
 @dataclass
@@ -27,6 +32,8 @@ class RunSpec:
     run_dir: Path
     output_name: str
     token: str = "tok1"
+    training_seed: int = 0  # k: the run's seed is the preset's resolved seed + k
+    seed: int | None = None  # the trainer's seed of the run (None: the preset's own)
 
     @property
     def lora(self) -> Path:
@@ -51,6 +58,27 @@ def lr_tag(lr: float) -> str:
     return f"{lr:g}"
 
 
+def point_name(stage: str, lr: float, variant: str | None) -> str:
+    """The name of a (learning rate, variant) point, which is its training seed 0's run name."""
+    return f"{stage}-lr{lr_tag(lr)}" + (f"-{variant}" if variant and variant != "none" else "")
+
+
+def training_seed_indices(args) -> list[int]:
+    """The training seeds this invocation trains: 0..N-1, or the one ``--only_training_seed`` names."""
+    count = getattr(args, "training_seeds", 1)
+    only = getattr(args, "only_training_seed", None)
+    if only is None:
+        return list(range(count))
+    if not 0 <= only < count:
+        raise SystemExit(f"--only_training_seed {only}: not among the {count} training seeds (0..{count - 1})")
+    return [only]
+
+
+def base_seed(raw: dict) -> int:
+    """The preset's resolved seed (its ``seed``, or the trainer's default)."""
+    return build_config(copy.deepcopy(raw), check_paths=False).seed
+
+
 def preset_stages(raw: dict, stage: str) -> tuple[list[dict], int]:
     """The preset's stages (the defaults when it has none) and the index of the first ``stage`` one."""
     stages = raw.get("stages") or [{k: v for k, v in dataclasses.asdict(s).items() if v is not None} for s in default_stages()]
@@ -61,12 +89,16 @@ def preset_stages(raw: dict, stage: str) -> tuple[list[dict], int]:
 
 
 def derive_preset(raw: dict, stage: str, lr: float, steps: int, run_dir: Path, plugin: str | None, drop_plugin: str | None,
-                  plugin_options: dict, save_every: int, pivot_file: Path | None = None) -> dict:
+                  plugin_options: dict, save_every: int, pivot_file: Path | None = None,
+                  seed: int | None = None) -> dict:
     """The preset of one run: the swept stage at ``lr`` for ``steps`` steps, written into ``run_dir``.
 
     ``pivot_file`` (lora sweeps): start from that embedding (``weights``) and run the lora stage alone.
+    ``seed``: the run's training seed (None: the preset's own).
     """
     out = copy.deepcopy(raw)
+    if seed is not None:
+        out["seed"] = seed
     stages, index = preset_stages(out, stage)
     if stage == "inversion" or pivot_file is not None:
         stages = [stages[index]]
@@ -101,8 +133,9 @@ def derive_preset(raw: dict, stage: str, lr: float, steps: int, run_dir: Path, p
     return out
 
 
-def plan_pivot(args, raw: dict) -> RunSpec | None:
-    """The shared pivot's run of a lora sweep (the stages before the lora stage), or None when not needed."""
+def plan_pivot(args, raw: dict, training_seed: int = 0) -> RunSpec | None:
+    """The shared pivot's run of training seed ``training_seed`` of a lora sweep (the stages before the
+    lora stage, into ``OUT/pivot[-s<k>]/``), or None when not needed."""
     if args.stage != "lora" or args.shared_pivot == "off" or raw.get("weights"):
         return None
     stages, index = preset_stages(raw, "lora")
@@ -110,7 +143,10 @@ def plan_pivot(args, raw: dict) -> RunSpec | None:
         return None
     preset = copy.deepcopy(raw)
     preset["stages"] = stages[:index]
-    run_dir = (args.out / "pivot").resolve()
+    seed = base_seed(raw) + training_seed
+    preset["seed"] = seed
+    name = "pivot" + seed_suffix(training_seed)
+    run_dir = (args.out / name).resolve()
     preset["output_dir"] = str(run_dir)
     plugins = dict(preset.get("plugins", {}))
     plugins.pop(args.with_plugin or "", None)
@@ -119,14 +155,15 @@ def plan_pivot(args, raw: dict) -> RunSpec | None:
         preset["save_every_n_steps"] = args.save_every
         preset["save_state"] = True
     config = build_config(copy.deepcopy(preset))
-    path = (args.out / "presets" / "pivot.toml").resolve()
+    path = (args.out / "presets" / f"{name}.toml").resolve()
     atomic_write_text(path, toml.dumps(preset))
-    return RunSpec("pivot", 0.0, "pivot", path, run_dir, config.output_name, config.token_string)
+    return RunSpec(name, 0.0, "pivot", path, run_dir, config.output_name, config.token_string, training_seed, seed)
 
 
-def plan_runs(args, raw: dict, pivot: RunSpec | None = None) -> list[RunSpec]:
-    """The sweep's runs; with ``pivot`` (a lora sweep's shared pivot run) they start from its embedding."""
-    pivot_file = pivot.embedding if pivot is not None else None
+def plan_runs(args, raw: dict, pivots: dict[int, RunSpec] | None = None) -> list[RunSpec]:
+    """The sweep's runs, each point once per training seed (seeds adjacent); with ``pivots`` (a lora
+    sweep's shared pivot run by training seed) a run of seed k starts from pivot k's embedding."""
+    seed0 = base_seed(raw)
     variants: list[str | None] = [None] + ([args.with_plugin] if args.with_plugin else [])
     plugin_options = {}
     for item in args.plugin_set:
@@ -135,16 +172,20 @@ def plan_runs(args, raw: dict, pivot: RunSpec | None = None) -> list[RunSpec]:
     specs = []
     for variant in variants:
         for lr in args.lrs:
-            name = f"{args.stage}-lr{lr_tag(lr)}" + (f"-{variant}" if variant else "")
-            run_dir = (args.out / "runs" / name).resolve()
-            preset = derive_preset(raw, args.stage, lr, args.steps, run_dir, variant,
-                                   args.with_plugin if variant is None else None, plugin_options, args.save_every, pivot_file)
-            # fails here, before any training, on a bad preset (the shared pivot may not exist yet)
-            config = build_config(copy.deepcopy(preset), check_paths=pivot_file is None or pivot_file.is_file())
-            instantiate_plugins(config)  # unknown plugins and bad plugin options, too
-            path = (args.out / "presets" / f"{name}.toml").resolve()
-            atomic_write_text(path, toml.dumps(preset))
-            specs.append(RunSpec(name, lr, variant or "none", path, run_dir, config.output_name, config.token_string))
+            for k in training_seed_indices(args):
+                pivot_file = pivots[k].embedding if pivots else None
+                name = point_name(args.stage, lr, variant) + seed_suffix(k)
+                run_dir = (args.out / "runs" / name).resolve()
+                preset = derive_preset(raw, args.stage, lr, args.steps, run_dir, variant,
+                                       args.with_plugin if variant is None else None, plugin_options, args.save_every,
+                                       pivot_file, seed0 + k)
+                # fails here, before any training, on a bad preset (the shared pivot may not exist yet)
+                config = build_config(copy.deepcopy(preset), check_paths=pivot_file is None or pivot_file.is_file())
+                instantiate_plugins(config)  # unknown plugins and bad plugin options, too
+                path = (args.out / "presets" / f"{name}.toml").resolve()
+                atomic_write_text(path, toml.dumps(preset))
+                specs.append(RunSpec(name, lr, variant or "none", path, run_dir, config.output_name, config.token_string,
+                                     k, seed0 + k))
     return specs
 
 

@@ -1,4 +1,5 @@
-"""A sweep's report: one row per run, the knees of its curves, the CSV, the plots and the printed table."""
+"""A sweep's report: one row per run, the seed-mean of each point, the knees of its curves, the CSV, the plots
+and the printed table."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ from pathlib import Path
 import toml
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text, atomic_write_with
-from pti_plugin.sweeps.plan import RunSpec
+from pti_plugin.sweeps.plan import RunSpec, point_name
+from pti_plugin.sweeps.seeds import coverage_note, format_interval, seed_means
 
 PIVOT_LOG_KEYS = ("pivot_l2_from_init", "pivot_angle_from_init_deg", "pivot_norm")
+#: The scores whose seed-mean gets a 95% interval over training seeds.
+INTERVAL_KEYS = ("reconstruction", "editability", "leakage_score")
 
 
 def run_row(spec: RunSpec, args, metrics: dict | None, pivot_log: dict | None = None) -> dict:
     """One CSV row. ``pivot_log``: the shared pivot run's final log entry (a LoRA run started from
     ``weights`` logs its distance from that file, 0, instead of from the init word)."""
-    row = {"run": spec.name, "stage": args.stage, "variant": spec.variant, "lr": spec.lr, "steps": args.steps,
+    row = {"run": spec.name, "stage": args.stage, "variant": spec.variant, "lr": spec.lr,
+           "training_seed": spec.training_seed, "seed": spec.seed, "steps": args.steps,
            "lr_x_steps": spec.lr * args.steps, "finished": spec.lora.is_file()}
     config_path = spec.run_dir / f"{spec.output_name}.config.toml"
     if config_path.is_file():
@@ -98,6 +103,10 @@ def plot_sweep(rows: list[dict], knees: dict, stage: str, steps: int, path: Path
                 px, py = [_num(r.get(x)) for r in sub], [_num(r.get(y)) for r in sub]
                 label = "no plugin" if variant == "none" else variant
                 ax.plot(px, py, "o-", color=colours[variant], label=label)
+                if any(r.get("n_seeds", 1) > 1 and f"{y}_lo" in r for r in sub):  # seed means: their intervals
+                    spread = [[b - _num(r.get(f"{y}_lo", b)) for r, b in zip(sub, py)],
+                              [_num(r.get(f"{y}_hi", b)) - b for r, b in zip(sub, py)]]
+                    ax.errorbar(px, py, yerr=spread, fmt="none", ecolor=colours[variant], capsize=3, alpha=0.7)
                 for r, a, b in zip(sub, px, py):
                     if math.isfinite(a) and math.isfinite(b):
                         ax.annotate(f"lr {r['lr']:g}\nlr×steps {r['lr'] * steps:g}", (a, b), fontsize=6,
@@ -113,13 +122,16 @@ def plot_sweep(rows: list[dict], knees: dict, stage: str, steps: int, path: Path
                 ax.axhline(base[0], color="gray", linestyle="--", linewidth=1, label="base model (class word)")
             if y == "leakage_score":
                 ax.axhline(0.0, color="gray", linestyle="--", linewidth=1)
-            if log_x:
-                ax.set_xscale("log")
+            if log_x and any(math.isfinite(_num(r.get(x))) and math.isfinite(_num(r.get(y))) for r in rows):
+                ax.set_xscale("log")  # (not on an empty panel: leakage not measured, matplotlib refuses)
             ax.set_xlabel(LABELS.get(x, x), fontsize=8)
             ax.set_ylabel(y_label(rows, y), fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
-    fig.suptitle(f"{stage} learning-rate sweep, {steps} steps per run; ★ = knee (maximum distance to the chord)", fontsize=11)
+    n_seeds = max(r.get("n_seeds", 1) for r in rows)
+    fig.suptitle(f"{stage} learning-rate sweep, {steps} steps per run; ★ = knee (maximum distance to the chord)"
+                 + (f"; points: means over {n_seeds} training seeds, bars: 95% intervals" if n_seeds > 1 else ""),
+                 fontsize=11)
     fig.tight_layout()
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
@@ -155,7 +167,8 @@ def plot_tradeoff(rows: list[dict], stage: str, path: Path) -> None:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    first = ["run", "stage", "variant", "lr", "steps", "lr_x_steps", "effective_lr", "pivot_l2_from_init",
+    first = ["run", "stage", "variant", "lr", "training_seed", "seed", "steps", "lr_x_steps", "effective_lr",
+             "pivot_l2_from_init",
              "pivot_angle_from_init_deg", "output_angle_layernorm_deg", "output_angle_raw_deg", "lora_delta_norm",
              "reconstruction_metric", "reconstruction", "reconstruction_base", "editability_metric", "editability",
              "editability_base", "leakage_score", "diversity_ratio", "attraction_ratio", "pivot_digest", "finished"]
@@ -171,13 +184,24 @@ def print_table(rows: list[dict], knees: dict, stage: str) -> None:
         cells = []
         for c in cols:
             v = r.get(c)
-            cells.append(f"{v:>18.5g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{str(v):>18}")
+            if f"{c}_lo" in r:
+                cells.append(f"{format_interval(v, r[f'{c}_lo'], r[f'{c}_hi'], '.3g'):>18}")
+            else:
+                cells.append(f"{v:>18.5g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{str(v):>18}")
         print("  ".join(cells))
     for curve, per_variant in knees.items():
         for variant, k in per_variant.items():
             print(f"knee of {curve} [{variant}]: run {k['run']} (lr {k['lr']:g}, x {k['x']:.4g}, y {k['y']:.4g})")
 
 
+
+
+def point_means(rows: list[dict], stage: str) -> list[dict]:
+    """The seed-mean row of each (variant, lr) point over its finished runs, named after the point."""
+    means = seed_means([r for r in rows if r["finished"]], ("variant", "lr"), lambda key: key in INTERVAL_KEYS)
+    for m in means:
+        m["run"] = point_name(stage, m["lr"], m["variant"])
+    return means
 
 
 def pivot_log_of(pivot: RunSpec | None) -> dict | None:
@@ -189,26 +213,38 @@ def pivot_log_of(pivot: RunSpec | None) -> dict | None:
     return final_log_entry(pivot.run_dir / f"{pivot.output_name}.log.jsonl")
 
 
-def write_report(specs: list[RunSpec], pivot: RunSpec | None, results: dict[str, dict], settings: dict, args) -> list[dict]:
-    """Rows, knees, CSV, JSON, plots and the printed table of a sweep; returns the rows."""
-    pivot_log = pivot_log_of(pivot)
-    rows = [run_row(s, args, results.get(s.name), pivot_log) for s in specs]
-    digests = {r.get("pivot_digest") for r in rows if r.get("pivot_digest")}
-    if args.stage == "lora" and len(digests) > 1:
-        print(f"warning: the LoRA runs do not share one pivot ({len(digests)} different embeddings)", flush=True)
-    knees = find_knees([r for r in rows if r["finished"]], args.stage)
+def write_report(specs: list[RunSpec], pivots: dict[int, RunSpec], results: dict[str, dict], settings: dict,
+                 args) -> list[dict]:
+    """Rows (one per run), knees and plots of the seed-mean curves, CSV, JSON and the printed table of a sweep
+    (per run with one training seed, per point with several); returns the rows. ``pivots``: the shared
+    pivot run of each training seed (empty without)."""
+    pivot_logs = {k: pivot_log_of(p) for k, p in pivots.items()}
+    rows = [run_row(s, args, results.get(s.name), pivot_logs.get(s.training_seed)) for s in specs]
+    seeds = sorted({s.training_seed for s in specs})
+    digests = {(r["training_seed"], r.get("pivot_digest")) for r in rows if r.get("pivot_digest")}
+    shared = len(digests) <= len(seeds)
+    if args.stage == "lora" and not shared:
+        print(f"warning: the LoRA runs of a training seed do not share one pivot ({len(digests)} different embeddings "
+              f"over {len(seeds)} seeds)", flush=True)
+    means = point_means(rows, args.stage)
+    knees = find_knees(means, args.stage)
     stem = f"lr_sweep_{args.stage}"
     write_csv(args.out / f"{stem}.csv", rows)
-    atomic_write_text(args.out / f"{stem}.json", json.dumps(
-        {"stage": args.stage, "steps": args.steps, "preset": str(args.preset.resolve()), "lrs": args.lrs,
-         "with_plugin": args.with_plugin, "evaluation": settings, "shared_pivot": len(digests) <= 1,
-         "pivot_run": str(pivot.run_dir) if pivot else None,
-         "knee_method": "maximum distance to the chord after rescaling both axes to [0, 1] (x in log10 for lr)",
-         "knees": knees, "rows": rows}, indent=2, default=str) + "\n")
-    done = [r for r in rows if r["finished"] and r.get("reconstruction") is not None]
+    record = {"stage": args.stage, "steps": args.steps, "preset": str(args.preset.resolve()), "lrs": args.lrs,
+              "with_plugin": args.with_plugin, "evaluation": settings, "shared_pivot": shared,
+              "pivot_run": str(pivots[min(pivots)].run_dir) if pivots else None,
+              "knee_method": "maximum distance to the chord after rescaling both axes to [0, 1] (x in log10 for lr)",
+              "knees": knees, "rows": rows}
+    if len(seeds) > 1:
+        record |= {"training_seeds": seeds, "pivot_runs": [str(p.run_dir) for p in pivots.values()],
+                   "interval": coverage_note(len(seeds)), "seed_means": means}
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(record, indent=2, default=str) + "\n")
+    done = [r for r in means if r.get("reconstruction") is not None]
     if done:
         plot_sweep(done, knees, args.stage, args.steps, args.out / f"{stem}.png")
         plot_tradeoff(done, args.stage, args.out / f"{stem}_tradeoff.png")
-    print_table(rows, knees, args.stage)
+    print_table(rows if len(seeds) == 1 else means, knees, args.stage)
+    if len(seeds) > 1:
+        print(coverage_note(len(seeds)))
     print(f"wrote {args.out}/{stem}.csv, .json, .png, _tradeoff.png")
     return rows

@@ -134,10 +134,11 @@ def train_runs(specs: list[RunSpec], engine, logs: Path) -> None:
             print(f"FAILED {spec.name} (exit code {codes.get(spec.name)}; see {logs / (spec.name + '.train.log')})", flush=True)
 
 
-def train_sweep(pivot: RunSpec | None, specs: list[RunSpec], engine, logs: Path) -> None:
-    """Train the shared pivot run (if any) on one device first, then the sweep's runs."""
-    if pivot is not None:
-        train_runs([pivot], engine.single(), logs)
-        if not pivot.embedding.is_file():
-            raise SystemExit(f"the shared pivot run failed: {pivot.embedding} is missing (see above)")
+def train_sweep(pivots: list[RunSpec], specs: list[RunSpec], engine, logs: Path) -> None:
+    """Train the shared pivot runs (one per training seed, if any) first, then the sweep's runs."""
+    if pivots:
+        train_runs(pivots, engine.single() if len(pivots) == 1 else engine, logs)
+        missing = [str(p.embedding) for p in pivots if not p.embedding.is_file()]
+        if missing:
+            raise SystemExit(f"the shared pivot run failed: {', '.join(missing)} missing (see above)")
     train_runs(specs, engine, logs)
