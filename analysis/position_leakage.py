@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -61,6 +60,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text, atomic_write_with  # noqa: E402
+from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
 from pti_plugin.metrics.leakage import GROUPS, LeakageMeasurement, measure_position_leakage  # noqa: E402
 from pti_plugin.metrics.prompts import NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS  # noqa: E402
 from pti_plugin.metrics.run_model import load_run  # noqa: E402
@@ -93,18 +93,6 @@ def toy_world_locator(run, mode: str):
         return found.centroid[0] / image.shape[1], found.centroid[1] / image.shape[0]
 
     return locate
-
-
-def _json_ready(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_ready(value.item())
-    return value
 
 
 def save_figure(fig, path: Path) -> None:
@@ -283,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": m.rows,
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "position_leakage.json", json.dumps(_json_ready(record), indent=2) + "\n")
+    atomic_write_text(out / "position_leakage.json", json.dumps(json_ready(record), indent=2) + "\n")
     atomic_write_csv(out / "position_leakage.csv", m.rows)
     title = f"{args.run.name}: leakage score {m.score:+.3f} (r_D {m.summary['heatmap']['all']['diversity_ratio']:.2f}, " \
             f"r_A {m.summary['heatmap']['all']['attraction_ratio']:.2f})"

@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .editability import measure_editability
@@ -57,6 +58,18 @@ def run_movement(run, stage: str | None = None) -> dict:
 def finite_or_none(value):
     """``value``, or None for a non-finite float (JSON has no nan)."""
     return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def json_ready(value):
+    """``value`` with numpy scalars made Python numbers and every non-finite float, in nested dicts, lists
+    and tuples, replaced by None (JSON has no nan)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    return finite_or_none(value)
 
 
 def evaluate_run(

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..atomic_io import atomic_write_text
 from ..metrics.curves import crossing_time_ratio
-from ..metrics.evaluate import finite_or_none
+from ..metrics.evaluate import json_ready
 from ..metrics.replication import Interval, seed_level_interval, two_level_bootstrap
 from ..metrics.run_model import find_run_files, read_run_config
 from .detectors import detect_character, has_detail
@@ -281,15 +281,6 @@ def _ratio_on_own_axes(x_per_run: list[np.ndarray], appearance: np.ndarray, posi
                          interval)
 
 
-def _finite_or_none(value):
-    """``value`` with every non-finite float (in nested dicts and lists) replaced by None (JSON has no nan)."""
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    return finite_or_none(value)
-
-
 def _mean_time(times: list) -> float:
     finite = [t for t in times if t is not None]
     return float(np.mean(finite)) if finite else float("nan")
@@ -328,7 +319,7 @@ def h2_summary(runs: list[dict], draws: int = 2000, seed: int = 0, plateau_point
     by_steps = crossing_time_ratio(x, appearance, position, draws=draws, seed=seed, plateau_points=plateau_points)
     ratio = by_steps["geometric_mean_ratio"]
     norms = [np.asarray(run["lora_delta_norm"], dtype=np.float64) for run in runs]
-    return _finite_or_none({
+    return json_ready({
         "n_runs": len(runs), "steps": x.tolist(), "first_step": float(steps[0]),
         "appearance": {"per_run": appearance.tolist(), "mean": _mean_curve(coarse, draws, seed)},
         "position": {"per_run": position.tolist(), "mean": _mean_curve(cells, draws, seed)},
