@@ -158,6 +158,13 @@ def image_grid(images: np.ndarray, columns: int = 12, scale: int = 2) -> np.ndar
 # diffusion training
 
 
+def active_phase(phases: list, step: int) -> list | None:
+    """The curriculum phase in force at ``step``: the one with the latest ``from_step`` (its first entry)
+    not after ``step``, or None."""
+    started = [p for p in phases if step >= p[0]]
+    return max(started, key=lambda p: p[0]) if started else None
+
+
 class Trainer:
     """Holds the diffusion stage's state; :meth:`state_dict` / :meth:`load_state_dict` cover all of it."""
 
@@ -214,9 +221,9 @@ class Trainer:
         """One optimisation step on a random batch; returns the loss."""
         cfg = self.cfg
         idx = self.rng.integers(len(scenes), size=cfg.batch_size)
-        tone_phases = [p for p in cfg.two_tone_phases if self.step >= p[0]]
-        if tone_phases:
-            _, fraction = max(tone_phases, key=lambda p: p[0])
+        tone_phase = active_phase(cfg.two_tone_phases, self.step)
+        if tone_phase is not None:
+            _, fraction = tone_phase
             if self._two_tone_indices is None:
                 self._two_tone_indices = np.array([i for i, s in enumerate(scenes) if s.colour2 is not None])
             redraw = self.rng.random(cfg.batch_size) < fraction
@@ -229,9 +236,9 @@ class Trainer:
         noise = torch.randn_like(latents)
         num_t = self.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, num_t, (cfg.batch_size,))
-        phases = [p for p in cfg.high_noise_phases if self.step >= p[0]]
-        if phases:
-            _, fraction, min_t = max(phases, key=lambda p: p[0])
+        noise_phase = active_phase(cfg.high_noise_phases, self.step)
+        if noise_phase is not None:
+            _, fraction, min_t = noise_phase
             high = torch.rand(cfg.batch_size) < fraction
             t = torch.where(high, torch.randint(int(min_t), num_t, (cfg.batch_size,)), t)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
