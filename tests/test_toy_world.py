@@ -307,7 +307,9 @@ def test_shipped_weights_load_offline_and_generate():
     assert detect(img).background == "white"
     template = pipe.tokenizer("an anime illustration of character").input_ids
     assert len(template) == 7 and template[0] == pipe.tokenizer.bos_token_id  # class word at index 5
-    for w in WORDS:
+    from pti_plugin.toy_world.world import LOOK_NAMES
+
+    for w in sorted(set(WORDS) - set(LOOK_NAMES.values())):  # the shipped model predates the look names
         assert len(pipe.tokenizer(w).input_ids) == 3, w
 
 
@@ -370,7 +372,8 @@ def test_two_tone_phase_draws_only_two_tone_scenes_from_its_step_and_leaves_earl
     mean, std = torch.randn(32, 4, 16, 16), torch.full((32, 4, 16, 16), 0.1)
     drawn = []
     caption = train_recipe.make_caption
-    monkeypatch.setattr(train_recipe, "make_caption", lambda scene, rng=None: drawn.append(scene) or caption(scene, rng))
+    monkeypatch.setattr(train_recipe, "make_caption",
+                        lambda scene, rng=None, probs=None: drawn.append(scene) or caption(scene, rng, probs))
     plain = Trainer(RecipeConfig(**small), tmp_path)
     plain_losses = [plain.train_step(mean, std, scenes, 1.0) for _ in range(3)]
     drawn.clear()
@@ -378,3 +381,94 @@ def test_two_tone_phase_draws_only_two_tone_scenes_from_its_step_and_leaves_earl
     losses = [phased.train_step(mean, std, scenes, 1.0) for _ in range(3)]
     assert losses[:2] == plain_losses[:2] and losses[2] != plain_losses[2]
     assert all(s.colour2 is not None for s in drawn[16:]) and not all(s.colour2 is not None for s in drawn[:16])
+
+
+def test_look_names_name_every_shown_two_tone_combination_once_and_parse_back():
+    from pti_plugin.toy_world.world import HELD_OUT_TWO_TONE, LOOK_NAMES, two_tone_combinations
+
+    assert sorted(LOOK_NAMES) == sorted(two_tone_combinations()) and HELD_OUT_TWO_TONE not in LOOK_NAMES
+    assert len(set(LOOK_NAMES.values())) == len(LOOK_NAMES)
+    assert not set(LOOK_NAMES.values()) & (set(SHAPES) | set(COLOURS) | {"a", "an", "at", "on", "of", "the"})
+    rng = np.random.default_rng(0)
+    for (top, bottom, shape), name in LOOK_NAMES.items():
+        scene = Scene(shape, top, "gray", 2, 1, 25.0, 16.0, 11.0, bottom)
+        caption = make_caption(scene, rng, {"name_look": 1.0})
+        assert name in caption.split() and top not in caption.split() and shape not in caption.split()
+        stated = parse_caption(caption)
+        assert (stated["colour"], stated["colour2"], stated["shape"]) == (top, bottom, shape)
+    one_colour = Scene("circle", "red", "white", 0, 0, 7.0, 7.0, 11.0)
+    assert all(not set(make_caption(one_colour, rng, {"name_look": 1.0}).split()) & set(LOOK_NAMES.values())
+               for _ in range(20))
+
+
+def test_name_look_probability_zero_draws_the_captions_of_before():
+    """With ``name_look`` 0 the random stream is consumed exactly as without the setting."""
+    rng = np.random.default_rng(3)
+    scenes = [sample_pretraining_scene(rng, 0.5) for _ in range(200)]
+    first, second = np.random.default_rng(9), np.random.default_rng(9)
+    assert [make_caption(s, first) for s in scenes] == [make_caption(s, second, {"name_look": 0.0}) for s in scenes]
+
+
+def _small_trainer_setup():
+    from pti_plugin.toy_world.world import sample_pretraining_scene as draw
+
+    small = dict(unet_channels=(16, 16, 32, 32), unet_heads=(1, 1, 1, 1), text_hidden=32, batch_size=8, caption_dropout=0.0)
+    rng = np.random.default_rng(1)
+    scenes = [draw(rng, 0.5) for _ in range(32)]
+    return small, scenes, torch.randn(32, 4, 16, 16), torch.full((32, 4, 16, 16), 0.1)
+
+
+def test_name_caption_phase_names_two_tone_scenes_only_from_its_step(tmp_path, monkeypatch):
+    from pti_plugin.toy_world import train_recipe
+    from pti_plugin.toy_world.train_recipe import RecipeConfig, Trainer
+    from pti_plugin.toy_world.world import LOOK_NAMES
+
+    small, scenes, mean, std = _small_trainer_setup()
+    captions = []
+    caption = train_recipe.make_caption
+    monkeypatch.setattr(train_recipe, "make_caption",
+                        lambda scene, rng=None, probs=None: captions.append((scene, caption(scene, rng, probs))) or captions[-1][1])
+    plain = Trainer(RecipeConfig(**small), tmp_path)
+    plain_losses = [plain.train_step(mean, std, scenes, 1.0) for _ in range(3)]
+    captions.clear()
+    phased = Trainer(RecipeConfig(**small, name_caption_phases=[[2, 1.0]]), tmp_path)
+    losses = [phased.train_step(mean, std, scenes, 1.0) for _ in range(3)]
+    assert losses[:2] == plain_losses[:2] and losses[2] != plain_losses[2]
+    names = set(LOOK_NAMES.values())
+    named = [bool(set(text.split()) & names) for _, text in captions]
+    assert not any(named[:16])
+    assert named[16:] == [scene.colour2 is not None for scene, _ in captions[16:]] and any(named[16:])
+
+
+def test_resume_moves_text_rows_to_the_grown_vocabulary_by_token(tmp_path, monkeypatch):
+    """A checkpoint from world v2's first vocabulary (no look names) resumes under the grown one: the
+    text encoder gives the same output on every caption without names, bit for bit, and the AdamW
+    moments follow their tokens; the names' rows start fresh with zero moments."""
+    from pti_plugin.toy_world import train_recipe
+    from pti_plugin.toy_world.train_recipe import RecipeConfig, Trainer
+    from pti_plugin.toy_world.world import LOOK_NAMES, WORDS
+
+    small, scenes, mean, std = _small_trainer_setup()
+    monkeypatch.setattr(train_recipe, "WORDS", tuple(w for w in WORDS if w not in LOOK_NAMES.values()))
+    old = Trainer(RecipeConfig(**small), tmp_path / "old")
+    for _ in range(2):
+        old.train_step(mean, std, scenes, 1.0)
+    state = old.state_dict()
+    del state["vocab"]  # as in run c's checkpoint, written before the vocabulary was recorded
+    monkeypatch.undo()
+    grown = Trainer(RecipeConfig(**small), tmp_path / "new")
+    assert len(grown.tokenizer) > len(old.tokenizer)
+    grown.load_state_dict(state)
+    prompt = ["an anime illustration of a orange blue square at the top left on a gray background", "a red circle", ""]
+    with torch.no_grad():
+        for mine, theirs in ((grown.text_encoder, old.text_encoder), (grown.ema_text, old.ema_text)):
+            assert torch.equal(mine(grown.token_ids(prompt))[0], theirs(old.token_ids(prompt))[0])
+    embedding = grown.text_encoder.get_input_embeddings().weight
+    index = len(list(grown.unet.parameters())) + [p is embedding for p in grown.text_encoder.parameters()].index(True)
+    moments = grown.optimizer.state_dict()["state"][index]["exp_avg_sq"]
+    old_moments = old.optimizer.state_dict()["state"][index]["exp_avg_sq"]
+    article, name = grown.tokenizer.convert_tokens_to_ids(["a</w>", f"{next(iter(LOOK_NAMES.values()))}</w>"])
+    old_article = old_moments[old.tokenizer.convert_tokens_to_ids("a</w>")]
+    assert float(old_article.abs().sum()) > 0 and torch.equal(moments[article], old_article)
+    assert float(moments[name].abs().sum()) == 0.0
+    assert math.isfinite(grown.train_step(mean, std, scenes, 1.0))

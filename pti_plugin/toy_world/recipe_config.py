@@ -60,6 +60,11 @@ class RecipeConfig:
     # two-tone). The scenes and their cached latents stay the same; with no phase active the
     # batches are drawn exactly as without this setting.
     two_tone_phases: list = field(default_factory=list)
+    # caption curriculum: phases [from_step, probability]; from `from_step` on (the last such phase
+    # applies), a two-tone scene is captioned by its look name alone (world.LOOK_NAMES, e.g. `a kavo
+    # at the top left`) with this probability. With no phase active captions are drawn exactly as
+    # without this setting.
+    name_caption_phases: list = field(default_factory=list)
     # bookkeeping
     checkpoint_minutes: float = 3.0
     eval_minutes: float = 10.0

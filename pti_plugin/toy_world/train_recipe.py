@@ -54,12 +54,12 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pti_plugin.models.word_vocab import write_tokenizer_files
+from pti_plugin.models.word_vocab import BASE_WORDS, build_vocab, write_tokenizer_files
 
 from .detectors import score_generations
 from .recipe_config import RecipeConfig, atomic_save, log
 from .recipe_vae import load_or_train_vae
-from .world import IMAGE_SIZE, WORDS, make_caption, quality_prompts, two_tone_prompts
+from .world import IMAGE_SIZE, LOOK_NAMES, WORDS, make_caption, quality_prompts, two_tone_prompts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,10 +196,15 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": self.rng.bit_generator.state,
+            "vocab": self.tokenizer.get_vocab(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.train_seconds = state["step"], state["train_seconds"]
+        # a checkpoint from before the look names holds world v2's first vocabulary
+        saved_vocab = state.get("vocab") or build_vocab(BASE_WORDS + tuple(w for w in WORDS if w not in LOOK_NAMES.values()))[0]
+        if saved_vocab != self.tokenizer.get_vocab():
+            state = self._grown_vocabulary(state, saved_vocab)
         self.unet.load_state_dict(state["unet"])
         self.text_encoder.load_state_dict(state["text_encoder"])
         self.ema_unet.load_state_dict(state["ema_unet"])
@@ -207,6 +212,29 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.rng.bit_generator.state = state["numpy_rng"]
+
+    def _grown_vocabulary(self, state: dict, saved_vocab: dict[str, int]) -> dict:
+        """``state`` with its token-embedding rows (live, EMA, AdamW moments) moved to this tokenizer's
+        ids, matched by token string; new tokens keep this trainer's fresh rows and zero moments."""
+        vocab = self.tokenizer.get_vocab()  # BPE merge pieces of the old vocabulary may be gone: no caption uses them
+        old_ids = torch.tensor([saved_vocab[t] for t in vocab if t in saved_vocab])
+        new_ids = torch.tensor([vocab[t] for t in vocab if t in saved_vocab])
+        names = [n for n, _ in self.text_encoder.named_parameters()]
+        key = next(n for n in names if n.endswith("token_embedding.weight"))
+        state = dict(state, text_encoder=dict(state["text_encoder"]), ema_text=dict(state["ema_text"]))
+        for part in ("text_encoder", "ema_text"):
+            rows = self.text_encoder.state_dict()[key].clone()  # (len(vocab), text_hidden)
+            rows[new_ids] = state[part][key][old_ids]
+            state[part][key] = rows
+        optimizer = copy.deepcopy(state["optimizer"])
+        moments = optimizer["state"].get(len(list(self.unet.parameters())) + names.index(key), {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in moments:
+                grown = torch.zeros(len(vocab), moments[name].shape[1], dtype=moments[name].dtype)
+                grown[new_ids] = moments[name][old_ids]
+                moments[name] = grown
+        log(f"vocabulary changed from {len(saved_vocab)} to {len(vocab)} tokens: {len(old_ids)} rows moved by token")
+        return dict(state, optimizer=optimizer)
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
         """int64 ``(B, 77)`` ids, padded/truncated exactly as the SD pipeline does."""
@@ -228,8 +256,10 @@ class Trainer:
                 self._two_tone_indices = np.array([i for i, s in enumerate(scenes) if s.colour2 is not None])
             redraw = self.rng.random(cfg.batch_size) < fraction
             idx[redraw] = self.rng.choice(self._two_tone_indices, size=int(redraw.sum()))
+        name_phase = active_phase(cfg.name_caption_phases, self.step)
+        probs = {"name_look": name_phase[1]} if name_phase is not None else None
         captions = [
-            "" if self.rng.random() < cfg.caption_dropout else make_caption(scenes[i], self.rng) for i in idx
+            "" if self.rng.random() < cfg.caption_dropout else make_caption(scenes[i], self.rng, probs) for i in idx
         ]
         index = torch.from_numpy(idx)
         latents = (latents_mean[index] + latents_std[index] * torch.randn(cfg.batch_size, 4, 16, 16)) * scaling

@@ -55,14 +55,6 @@ JITTER = 1.0
 GENERIC_OBJECT_WORDS = ("shape", "object", "character")
 TEMPLATE_PREFIX = "an anime illustration of"
 
-#: Every word a caption of this module can contain (the toy tokenizer's vocabulary).
-WORDS = tuple(
-    sorted(
-        set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | set(ROWS) | set(COLUMNS)
-        | set(GENERIC_OBJECT_WORDS)
-        | {"a", "an", "anime", "illustration", "of", "at", "the", "on", "background"}
-    )
-)
 
 #: The character: top-half and bottom-half colours, and the fixed (row, column) cells at which
 #: the fine-tuning set shows it (it is never shown elsewhere). No two cells share a row or a
@@ -78,6 +70,43 @@ DETAIL_COLOUR = (255, 255, 255)
 TWO_TONE_FRACTION = 0.25
 HELD_OUT_TWO_TONE = ("orange", "blue", "circle")
 
+
+def two_tone_combinations() -> list[tuple[str, str, str]]:
+    """Every (top colour, bottom colour, shape) pretraining shows: distinct colours, minus the held-out one."""
+    return [
+        (top, bottom, shape)
+        for top in COLOURS
+        for bottom in COLOURS
+        for shape in SHAPES
+        if top != bottom and (top, bottom, shape) != HELD_OUT_TWO_TONE
+    ]
+
+
+def _look_names() -> dict[tuple[str, str, str], str]:
+    """A made-up one-token name (consonant-vowel-consonant-vowel, e.g. ``kavo``) for every two-tone
+    combination pretraining shows; deterministic. The held-out combination has none."""
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    pool = sorted(c1 + v1 + c2 + v2 for c1 in consonants for v1 in vowels for c2 in consonants for v2 in vowels)
+    combos = two_tone_combinations()
+    picks = np.random.default_rng(2026).choice(len(pool), size=len(combos), replace=False)
+    return {combo: pool[int(k)] for combo, k in zip(combos, picks)}
+
+
+#: World v2's look names: a two-tone object can be captioned by its name alone (``a kavo at the top
+#: left``), as a real vocabulary names composite looks ("tiger") with one word. Used only when the
+#: caption probability ``name_look`` is above 0 (the recipe's ``name_caption_phases``).
+LOOK_NAMES: dict[tuple[str, str, str], str] = _look_names()
+_NAMED_LOOKS = {name: combo for combo, name in LOOK_NAMES.items()}
+
+#: Every word a caption of this module can contain (the toy tokenizer's vocabulary).
+WORDS = tuple(
+    sorted(
+        set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | set(ROWS) | set(COLUMNS)
+        | set(GENERIC_OBJECT_WORDS) | set(LOOK_NAMES.values())
+        | {"a", "an", "anime", "illustration", "of", "at", "the", "on", "background"}
+    )
+)
+
 #: Default probabilities with which :func:`make_caption` omits an attribute / adds the prefix.
 CAPTION_PROBS = {
     "drop_position": 0.25,
@@ -86,6 +115,7 @@ CAPTION_PROBS = {
     "drop_shape": 0.10,
     "drop_article": 0.15,
     "prefix": 0.30,
+    "name_look": 0.0,  # a two-tone object captioned by its name (LOOK_NAMES) instead of colours and shape
 }
 
 _SUPERSAMPLE = 4
@@ -119,17 +149,6 @@ def sample_scene(rng: np.random.Generator) -> Scene:
         cy=CELL_CENTRES[row] + float(rng.uniform(-JITTER, JITTER)),
         size=float(rng.uniform(*SIZE_RANGE)),
     )
-
-
-def two_tone_combinations() -> list[tuple[str, str, str]]:
-    """Every (top colour, bottom colour, shape) pretraining shows: distinct colours, minus the held-out one."""
-    return [
-        (top, bottom, shape)
-        for top in COLOURS
-        for bottom in COLOURS
-        for shape in SHAPES
-        if top != bottom and (top, bottom, shape) != HELD_OUT_TWO_TONE
-    ]
 
 
 def sample_pretraining_scene(rng: np.random.Generator, two_tone_fraction: float = TWO_TONE_FRACTION) -> Scene:
@@ -198,8 +217,9 @@ def make_caption(scene: Scene, rng: np.random.Generator | None = None, probs: di
     """Caption of ``scene``; with ``rng``, attributes are dropped at random per ``probs``.
 
     Full form: ``[an anime illustration of] a <colour> [<colour2>] <shape> at the <row> <col> on a <bg> background``
-    (two-tone: top colour, then bottom colour; a dropped colour drops both).
-    Without ``rng`` the full caption (no prefix) is returned. A dropped shape becomes a generic
+    (two-tone: top colour, then bottom colour; a dropped colour drops both). With probability
+    ``name_look`` a two-tone object is named instead: ``[an anime illustration of] a <name> at ...``
+    (:data:`LOOK_NAMES`; colour and shape drops do not apply). Without ``rng`` the full caption (no prefix) is returned. A dropped shape becomes a generic
     word (``shape``/``object``/``character``); a dropped article drops the leading ``a``.
     """
     p = {k: 0.0 for k in CAPTION_PROBS} if rng is None else {**CAPTION_PROBS, **(probs or {})}
@@ -207,6 +227,9 @@ def make_caption(scene: Scene, rng: np.random.Generator | None = None, probs: di
     def happens(key: str) -> bool:
         return rng is not None and p[key] > 0 and float(rng.random()) < p[key]
 
+    if scene.colour2 is not None and happens("name_look"):
+        words = ([] if happens("drop_article") else ["a"]) + [LOOK_NAMES[(scene.colour, scene.colour2, scene.shape)]]
+        return _finish_caption(scene, words, happens)
     noun = scene.shape
     if happens("drop_shape"):
         noun = GENERIC_OBJECT_WORDS[int(rng.integers(len(GENERIC_OBJECT_WORDS)))]
@@ -216,6 +239,11 @@ def make_caption(scene: Scene, rng: np.random.Generator | None = None, probs: di
         if scene.colour2 is not None:
             words.append(scene.colour2)
     words.append(noun)
+    return _finish_caption(scene, words, happens)
+
+
+def _finish_caption(scene: Scene, words: list[str], happens) -> str:
+    """``words`` (article and object) with the position, background and prefix, each unless dropped."""
     if not happens("drop_position"):
         words.append(position_phrase(scene.row, scene.col))
     if not happens("drop_background"):
@@ -231,14 +259,17 @@ def parse_caption(text: str) -> dict[str, str | int | None]:
 
     Values are the attribute (``row``/``col`` as grid indices 0..2) or ``None`` when the text does
     not state it; ``colour2`` is the bottom colour of a two-tone object (two colour words in a row:
-    ``colour`` is then the top one). Generic object words and the template prefix are ignored.
+    ``colour`` is then the top one); a look name (:data:`LOOK_NAMES`) states both colours and the
+    shape. Generic object words and the template prefix are ignored.
     """
     words = text.lower().split()
     out: dict[str, str | int | None] = {
         "shape": None, "colour": None, "colour2": None, "background": None, "row": None, "col": None
     }
     for i, w in enumerate(words):
-        if w in SHAPES:
+        if w in _NAMED_LOOKS:
+            out["colour"], out["colour2"], out["shape"] = _NAMED_LOOKS[w]
+        elif w in SHAPES:
             out["shape"] = w
         elif w == "background" and i > 0 and words[i - 1] in BACKGROUNDS:
             out["background"] = words[i - 1]
