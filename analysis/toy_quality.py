@@ -9,7 +9,9 @@ the detectors and prints, as its last line::
 (fractions; ``position`` over prompts stating a cell; ``position_entropy`` = entropy of the 3x3
 histogram of detected cells for prompts stating no position, divided by log 9; ``two_tone`` =
 fraction of two-tone prompts of combinations pretraining shows whose object's top and bottom
-halves have the asked colours, :func:`~pti_plugin.toy_world.world.two_tone_prompts`). Also writes
+halves have the asked colours, :func:`~pti_plugin.toy_world.world.two_tone_prompts`). For a model
+whose tokenizer holds the look names it also prints ``named_two_tone=<f>``, the same on the same
+scenes and seeds with each object stated by its name, the line before. Also writes
 ``<out>/toy_quality.json`` and a sample grid ``<out>/toy_quality.png``.
 
 ``--premise`` runs the toy world's premise checks instead
@@ -40,7 +42,7 @@ from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
 from pti_plugin.toy_world.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402
 from pti_plugin.toy_world.train_recipe import generate, image_grid  # noqa: E402
-from pti_plugin.toy_world.world import quality_prompts, two_tone_prompts  # noqa: E402
+from pti_plugin.toy_world.world import LOOK_NAMES, quality_prompts, two_tone_prompts  # noqa: E402
 
 BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
 LINE_KEYS = ("colour", "shape", "background", "position", "position_entropy", "two_tone")
@@ -113,6 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                       num_inference_steps=args.steps)
     figures = score_generations(prompts, images[: len(prompts)])
     figures["two_tone"] = score_generations(tone_prompts, images[len(prompts):])["two_tone"]
+    if knows_look_names(pipe.tokenizer):  # a model trained with look names: the same scenes, named
+        named_prompts, _ = two_tone_prompts(args.two_tone_prompts, args.seed, named=True)
+        named_images = generate(pipe, named_prompts, tone_seeds, guidance_scale=args.guidance, num_inference_steps=args.steps)
+        figures["named_two_tone"] = score_generations(named_prompts, named_images)["two_tone"]
 
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -129,8 +135,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     (args.out / "toy_quality.json").write_text(json.dumps(record, indent=2) + "\n")
     Image.fromarray(image_grid(images[:96])).save(args.out / "toy_quality.png")
     print(f"wrote {args.out / 'toy_quality.json'} and {args.out / 'toy_quality.png'}")
+    if "named_two_tone" in figures:
+        print(f"named_two_tone={figures['named_two_tone']:.3f} (the two-tone prompts with look names)")
     print(" ".join(f"{k}={figures[k]:.3f}" for k in LINE_KEYS))
     return figures
+
+
+def knows_look_names(tokenizer) -> bool:
+    """Whether every look name is one token of ``tokenizer`` (models trained after the names came)."""
+    return all(len(tokenizer(name, add_special_tokens=False).input_ids) == 1 for name in LOOK_NAMES.values())
 
 
 if __name__ == "__main__":

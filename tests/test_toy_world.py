@@ -472,3 +472,12 @@ def test_resume_moves_text_rows_to_the_grown_vocabulary_by_token(tmp_path, monke
     assert float(old_article.abs().sum()) > 0 and torch.equal(moments[article], old_article)
     assert float(moments[name].abs().sum()) == 0.0
     assert math.isfinite(grown.train_step(mean, std, scenes, 1.0))
+
+
+def test_named_two_tone_prompts_state_the_same_scenes_with_the_same_seeds():
+    from pti_plugin.toy_world.world import two_tone_prompts
+
+    plain, plain_seeds = two_tone_prompts(40, 7)
+    named, named_seeds = two_tone_prompts(40, 7, named=True)
+    assert named_seeds == plain_seeds and named != plain
+    assert [parse_caption(t) for t in named] == [parse_caption(t) for t in plain]

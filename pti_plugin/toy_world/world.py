@@ -346,11 +346,12 @@ def quality_prompts(n: int, seed: int = 1234) -> tuple[list[str], list[int]]:
     return prompts, seeds
 
 
-def two_tone_prompts(n: int, seed: int = 4321) -> tuple[list[str], list[int]]:
+def two_tone_prompts(n: int, seed: int = 4321, named: bool = False) -> tuple[list[str], list[int]]:
     """``n`` prompts of two-tone combinations pretraining shows, and their generation seeds.
 
     Form: ``a <top> <bottom> <shape> [at the <row> <col>] on a <bg> background`` (every other
-    prompt states a cell); deterministic in ``seed``.
+    prompt states a cell); deterministic in ``seed``. ``named``: the same scenes and seeds with the
+    object stated by its look name (``a <name> ...``, :data:`LOOK_NAMES`).
     """
     rng = np.random.default_rng(seed)
     combos = two_tone_combinations()
@@ -358,7 +359,7 @@ def two_tone_prompts(n: int, seed: int = 4321) -> tuple[list[str], list[int]]:
     for k in range(n):
         top, bottom, shape = combos[int(rng.integers(len(combos)))]
         background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
-        text = f"a {top} {bottom} {shape}"
+        text = f"a {LOOK_NAMES[(top, bottom, shape)]}" if named else f"a {top} {bottom} {shape}"
         if k % 2 == 0:
             cell = int(rng.integers(9))
             text += " " + position_phrase(cell // 3, cell % 3)
