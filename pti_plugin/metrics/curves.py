@@ -8,7 +8,9 @@ point), or a single 1-D curve. Intervals over training seeds come from
 - :func:`segment_fits` — one straight line against two joined segments, by AIC and BIC;
 - :func:`half_way_step` — when a training metric has gone half its way to its plateau;
 - :func:`crossing_time_ratio` — how much later one metric gets half-way than another, per run;
-- :func:`value_at_matched` — one metric read off where another reaches given targets.
+- :func:`value_at_matched` — one metric read off where another reaches given targets;
+- :func:`share_decreases` — steps where a share (a fraction of n images) falls by more than its sampling noise;
+- :func:`first_crossing` — where a curve first reaches a level (e.g. where a share reaches 0.5).
 """
 
 from __future__ import annotations
@@ -244,3 +246,42 @@ def value_at_matched(x_per_seed: np.ndarray, y_per_seed: np.ndarray, targets: Se
         inside = (targets >= xs[0]) & (targets <= xs[-1])
         out[k, inside] = np.interp(targets[inside], xs, ys)
     return out
+
+
+def share_decreases(shares: Sequence[float], n: int, z: float = 2.0) -> list[int]:
+    """Indices ``k`` of the steps ``k -> k + 1`` along which a share falls by more than ``z`` binomial
+    standard errors: ``shares[k] - shares[k + 1] > z * sqrt(p (1 - p) / n)`` with ``p`` the mean of the
+    two shares (the sampling noise of one share at their level).
+
+    ``shares`` is 1-D (fractions of ``n`` images each, in path order); NaN steps are never counted. A
+    share that stays at 0 or 1 has no noise and cannot fall; a monotone rising curve gives ``[]``.
+    """
+    values = np.asarray(shares, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"shares must be 1-D, got shape {values.shape}")
+    if int(n) < 1 or z < 0:
+        raise ValueError(f"need n >= 1 images per share and z >= 0, got n={n}, z={z}")
+    level = (values[:-1] + values[1:]) / 2.0
+    tolerance = z * np.sqrt(np.clip(level * (1.0 - level), 0.0, None) / int(n))
+    with np.errstate(invalid="ignore"):
+        falls = (values[:-1] - values[1:]) > tolerance
+    return [int(k) for k in np.flatnonzero(falls)]
+
+
+def first_crossing(x: Sequence[float], y: Sequence[float], level: float = 0.5) -> float | None:
+    """The first ``x`` at which the curve ``y(x)`` reaches ``level`` from below, linearly interpolated
+    between the two points around it; ``x[0]`` when ``y[0]`` is already at or above it; None when it
+    never gets there. ``x`` and ``y`` are 1-D of one length, in path order (NaN points dropped)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"need 1-D x and y of one length, got {x.shape} and {y.shape}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    reached = np.flatnonzero(y >= level)
+    if reached.size == 0:
+        return None
+    i = int(reached[0])
+    if i == 0:
+        return float(x[0])
+    step = (level - y[i - 1]) / (y[i] - y[i - 1])
+    return float(x[i - 1] + step * (x[i] - x[i - 1]))
