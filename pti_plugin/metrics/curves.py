@@ -180,15 +180,7 @@ def half_way_step(steps: Sequence[float], values: Sequence[float], base: float |
         return None
     direction = math.copysign(1.0, plateau - start)
     progress = (values - start) * direction  # distance travelled towards the plateau
-    half = abs(plateau - start) / 2.0
-    crossed = np.flatnonzero(progress >= half)
-    if crossed.size == 0:
-        return None
-    i = int(crossed[0])
-    if i == 0:
-        return float(steps[0])
-    fraction = (half - progress[i - 1]) / (progress[i] - progress[i - 1])
-    return float(steps[i - 1] + fraction * (steps[i] - steps[i - 1]))
+    return first_crossing(steps, progress, abs(plateau - start) / 2.0)
 
 
 def crossing_time_ratio(steps: Sequence[float], first_per_seed: np.ndarray, second_per_seed: np.ndarray,
