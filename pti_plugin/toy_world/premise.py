@@ -89,15 +89,15 @@ def neutral_prompts(subject: str, seeds: int) -> list[str]:
 
 
 @torch.no_grad()
-def sample(pipe, cond: torch.Tensor, uncond: torch.Tensor, settings: PremiseSettings) -> np.ndarray:
-    """Generate with conditioning ``cond [n, L, d]`` (seed ``k`` for row ``k``) -> uint8 ``(n, 32, 32, 3)``."""
+def sample(pipe, cond: torch.Tensor, uncond: torch.Tensor, settings: PremiseSettings, first_seed: int = 0) -> np.ndarray:
+    """Generate with conditioning ``cond [n, L, d]`` (seed ``first_seed + k`` for row ``k``) -> uint8 ``(n, 32, 32, 3)``."""
     out = []
     for start in range(0, len(cond), 32):
         part = cond[start : start + 32]
         images = pipe(
             prompt_embeds=part, negative_prompt_embeds=uncond.expand(len(part), -1, -1),
             num_inference_steps=settings.sample_steps, guidance_scale=settings.guidance, output_type="np",
-            generator=[torch.Generator().manual_seed(start + k) for k in range(len(part))],
+            generator=[torch.Generator().manual_seed(first_seed + start + k) for k in range(len(part))],
         ).images
         out.append((np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8))
     return np.concatenate(out)

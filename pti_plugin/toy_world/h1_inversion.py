@@ -1,0 +1,215 @@
+"""Hypothesis H1 on the toy world: what an inversion gains in reconstruction and loses in editability
+as its pivot moves away from the init word (the research protocol's inversion sweep).
+
+For every (learning rate, training seed, vectors) cell of the grid, :func:`run_h1` trains one
+inversion with the project's trainer (from the init word, the character set, ``steps`` steps) and
+measures its fine-tuned model (pivot in the prompt) on two fixed prompt sets, with the same sampling
+seeds in every cell so that cells compare paired:
+
+- **neutral** prompts (:func:`~.premise.neutral_prompts`: no position asked, seed ``k`` uses
+  template ``k mod 4``): per image the character's coarse look, its private dot, the graded
+  appearance error, whether an object is found and whether it sits in a training cell;
+- **edit** prompts (:data:`EDIT_TEMPLATES`: one of the four cells no training image uses, seed ``k``
+  asks cell ``k mod 4``): per image whether the object sits in the asked cell (``edit``) and
+  whether it does so *and* is the character (``joint_edit``, the protocol's editability: an edit
+  that lost the character is not an edit of the character).
+
+Beside the images, the pivot's movement: token L2 and angle from the init word (the training log),
+the output-space angle to the init word in the text encoder's output
+(:func:`~pti_plugin.metrics.movement.output_space_angles`) and ``lr * steps``.
+Each cell is a part (:class:`~.premise.Parts`: ``<out>/parts/<name>.json`` with its per-image lists,
+``.npz`` and ``.png`` of its generations), reused when its settings match: the sweep resumes.
+The statistics over cells are :mod:`.h1_summary`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic_io import atomic_write_text
+from .detectors import appearance_error, detect, detect_character, has_detail
+from .premise import Parts, check_init_word, model_digest, neutral_prompts, preset_digest, run_preset, sample, train_run
+from .world import CHARACTER_CELLS, IMAGE_SIZE, parse_caption, write_character_dataset
+
+#: Position edits to the cells no training image uses (``{}`` = the pivot): top right, middle left,
+#: middle center, bottom right.
+EDIT_TEMPLATES = ("a {} at the top right", "a {} at the middle left", "a {} at the middle center",
+                  "a {} at the bottom right")
+#: Per-image lists a cell records (0/1, or a float for ``appearance_error``; ``in_training_cell`` is
+#: None where no object is found).
+NEUTRAL_KEYS = ("coarse", "detail", "appearance_error", "has_object", "in_training_cell")
+EDIT_KEYS = ("edit", "joint_edit")
+
+
+@dataclass(frozen=True)
+class H1Settings:
+    """The grid (learning rates x training seeds x vectors) and how each cell samples."""
+
+    init_word: str = "rono"
+    # from a pivot that barely moves (3e-6: L2 about 0.03) through the near-step in coarse
+    # reconstruction (2e-5..3e-5 on run d) to rates 300x past it
+    inversion_lrs: tuple[float, ...] = (3e-6, 1e-5, 2e-5, 2.5e-5, 2.75e-5, 3e-5, 1e-4, 1e-3, 1e-2)
+    training_seeds: tuple[int, ...] = (42, 1, 2)
+    # the textual-inversion paper's check: more vectors trade reconstruction for editability
+    vector_counts: tuple[int, ...] = (2, 4)
+    vector_lrs: tuple[float, ...] = (3e-5, 1e-4)
+    steps: int = 1000
+    seeds: int = 64
+    sample_steps: int = 25
+    guidance: float = 3.0
+
+    @classmethod
+    def quick(cls) -> H1Settings:
+        """Two rates, two seeds, one vector count, a few steps and samples (tests: about a minute)."""
+        return cls(inversion_lrs=(1e-4, 1e-2), training_seeds=(42, 1), vector_counts=(2,), vector_lrs=(1e-2,),
+                   steps=3, seeds=4, sample_steps=2)
+
+    def sampling(self) -> dict:
+        return {"seeds": self.seeds, "sample_steps": self.sample_steps, "guidance": self.guidance}
+
+    def cells(self) -> list[tuple[float, int, int]]:
+        """``(lr, training seed, vectors)`` of every cell: the 1-vector grid, then the vector check."""
+        one = [(lr, seed, 1) for seed in self.training_seeds for lr in self.inversion_lrs]
+        more = [(lr, seed, n) for n in self.vector_counts for seed in self.training_seeds for lr in self.vector_lrs]
+        return one + more
+
+
+def edit_prompts(subject: str, seeds: int) -> list[str]:
+    """The edit prompt of each seed ``0..seeds-1`` (template ``k mod 4``) with ``subject`` in place."""
+    return [EDIT_TEMPLATES[k % len(EDIT_TEMPLATES)].format(subject) for k in range(seeds)]
+
+
+def neutral_records(images: np.ndarray) -> dict[str, list]:
+    """Per-image ground truth of the neutral generations (uint8 ``[n, 32, 32, 3]``): :data:`NEUTRAL_KEYS`."""
+    out: dict[str, list] = {key: [] for key in NEUTRAL_KEYS}
+    for image in images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3):
+        found = detect_character(image)
+        cell = (found.object.row, found.object.col)
+        out["coarse"].append(int(found.is_character))
+        out["detail"].append(int(has_detail(image, found.object)))
+        out["appearance_error"].append(float(appearance_error(image, found.object)))
+        out["has_object"].append(int(cell[0] is not None))
+        out["in_training_cell"].append(None if cell[0] is None else int(cell in CHARACTER_CELLS))
+    return out
+
+
+def edit_records(prompts: list[str], images: np.ndarray) -> dict[str, list]:
+    """Per-image edit success of ``images[k]`` generated from ``prompts[k]``: :data:`EDIT_KEYS`."""
+    out: dict[str, list] = {key: [] for key in EDIT_KEYS}
+    for prompt, image in zip(prompts, images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3)):
+        asked = parse_caption(prompt)
+        found = detect(image)
+        hit = (found.row, found.col) == (asked["row"], asked["col"])
+        out["edit"].append(int(hit))
+        out["joint_edit"].append(int(hit and detect_character(image).is_character))
+    return out
+
+
+def measure_cell(run_dir: Path, settings: H1Settings) -> dict:
+    """The inversion run in ``run_dir`` on the neutral and edit prompts, with its pivot's movement."""
+    from ..metrics.evaluate import run_movement
+    from ..metrics.run_model import load_run
+
+    run = load_run(run_dir, device="cpu", class_word=settings.init_word)
+    with run.lora(True):
+        uncond = run.encode([""])
+        neutral = sample(run.pipe, run.encode(neutral_prompts(run.pivot_text, settings.seeds)), uncond, settings)
+        prompts = edit_prompts(run.pivot_text, settings.seeds)
+        edits = sample(run.pipe, run.encode(prompts), uncond, settings)
+    movement = {key: value for key, value in run_movement(run).items() if key != "lora_delta_norm"}
+    return (neutral_records(neutral) | edit_records(prompts, edits) | {"movement": movement}
+            | {"images_generated": np.concatenate([neutral, edits])})
+
+
+def measure_null(model: Path, settings: H1Settings) -> dict:
+    """The base model with the init word on the neutral prompts, twice, with disjoint sampling seeds
+    (``0..seeds-1`` as every cell, then ``seeds..2 seeds-1``): lists of set ``a`` and set ``b``."""
+    from .premise import encode_text, load_base
+
+    base, pipe = load_base(model)
+    cond, uncond = encode_text(base, neutral_prompts(settings.init_word, settings.seeds)), encode_text(base, [""])
+    sets = {name: sample(pipe, cond, uncond, settings, first_seed=first)
+            for name, first in (("a", 0), ("b", settings.seeds))}
+    return {name: neutral_records(images) for name, images in sets.items()} | {
+        "images_generated": np.concatenate(list(sets.values()))}
+
+
+def cell_preset(base_preset: dict, model: Path, data_dir: Path, settings: H1Settings, lr: float, seed: int,
+                vectors: int) -> dict:
+    """The trainer preset of one cell: one inversion stage from the init word (``vectors`` vectors)."""
+    stage = {"name": "inversion", "kind": "inversion", "steps": settings.steps, "learning_rate": lr}
+    preset = run_preset(base_preset, model, data_dir, settings.init_word, stage, None)
+    return preset | {"seed": seed, "num_vectors_per_token": vectors}
+
+
+def cell_name(lr: float, seed: int, vectors: int) -> str:
+    return f"inversion-lr{lr:g}-seed{seed}-v{vectors}"
+
+
+def cell_run_dir(out: Path, preset: dict, digest: str, lr: float, seed: int, vectors: int) -> Path:
+    """The training folder of a cell: its name and a digest of its preset and model."""
+    return Path(out).resolve() / "runs" / f"{cell_name(lr, seed, vectors)}-{preset_digest(preset | {'model_digest': digest})}"
+
+
+def pivot_file(model: Path, out: Path, base_preset: dict, settings: H1Settings, lr: float, seed: int) -> Path:
+    """The 1-vector pivot an H1 cell trains (or trained) at ``lr`` with training ``seed``."""
+    model = Path(model).resolve()
+    preset = cell_preset(base_preset, model, Path(out).resolve() / "data", settings, lr, seed, 1)
+    return cell_run_dir(out, preset, model_digest(model), lr, seed, 1) / "tok1.safetensors"
+
+
+def run_h1(model: Path, out: Path, base_preset: dict, settings: H1Settings = H1Settings(),
+           log: Callable[[str], None] = lambda text: print(text, flush=True),
+           only_seeds: tuple[int, ...] | None = None) -> list[dict]:
+    """Train and measure every cell (of the training seeds ``only_seeds`` when given: two processes
+    can share a grid); returns the cells' records, each with ``lr``, ``seed``, ``vectors``, ``steps``."""
+    model, out = Path(model).resolve(), Path(out).resolve()
+    check_init_word(model, settings.init_word)
+    data_dir = out / "data"
+    if not data_dir.is_dir():
+        write_character_dataset(data_dir)
+    parts = Parts(out, log)
+    digest = model_digest(model)
+    parts.get("null", {"model_digest": digest, "init_word": settings.init_word} | settings.sampling(),
+              lambda: measure_null(model, settings))
+    cells = []
+    for lr, seed, vectors in settings.cells():
+        if only_seeds is not None and seed not in only_seeds:
+            continue
+        preset = cell_preset(base_preset, model, data_dir, settings, lr, seed, vectors)
+        run_dir = cell_run_dir(out, preset, digest, lr, seed, vectors)
+        part_settings = {"model_digest": digest, "init_word": settings.init_word, "preset": preset} | settings.sampling()
+        record = parts.get(cell_name(lr, seed, vectors), part_settings,
+                           lambda: measure_cell(train_run(preset, run_dir, log), settings))
+        cells.append(record | {"lr": lr, "seed": seed, "vectors": vectors, "steps": settings.steps})
+    atomic_write_text(out / "h1_cells.json", json.dumps({"settings": dataclasses.asdict(settings), "model": str(model),
+                                                         "cells": [_without_lists(c) for c in cells]}, indent=1) + "\n")
+    return cells
+
+
+def load_cells(out: Path, settings: H1Settings) -> tuple[dict | None, list[dict]]:
+    """The null part and the measured cells of the grid under ``out`` (read only: unmeasured cells are
+    left out), each cell with ``lr``, ``seed``, ``vectors``, ``steps``."""
+    folder = Path(out) / "parts"
+
+    def read(name: str) -> dict | None:
+        path = folder / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    cells = []
+    for lr, seed, vectors in settings.cells():
+        record = read(cell_name(lr, seed, vectors))
+        if record is not None:
+            cells.append(record | {"lr": lr, "seed": seed, "vectors": vectors, "steps": settings.steps})
+    return read("null"), cells
+
+
+def _without_lists(cell: dict) -> dict:
+    """A cell's record without its per-image lists (they stay in its part)."""
+    return {key: value for key, value in cell.items() if key not in NEUTRAL_KEYS + EDIT_KEYS and key != "settings"}

@@ -1,0 +1,155 @@
+"""H1's statistics over the cells of :mod:`.h1_inversion`: intervals, the knee, the segment fits, the verdict.
+
+Every figure is a mean over training seeds of per-seed means over sampling seeds, with a 95%
+two-level bootstrap interval (:func:`~pti_plugin.metrics.replication.two_level_bootstrap`). The
+null is the base model with the init word sampled twice with disjoint seed sets; the training-cell
+fraction of a cell is reported as excess over the null's first set.
+
+**The knee** (:func:`~pti_plugin.metrics.curves.knee_with_interval`, Kneedle's maximum distance to
+the chord) of the per-seed coarse-reconstruction curves against the seed-mean output-space angle
+of each learning rate, with a bootstrap interval over training seeds; the same curve is fitted with
+one line and with two joined segments (:func:`~pti_plugin.metrics.curves.segment_fits`, BIC).
+
+**Verdict.** H1 says reconstruction is gained and editability lost as the pivot moves away. It is
+*supported* when the reconstruction curve has a knee (found in at least 95% of resamples) and the
+joint editability at the farthest pivot is below its best over the grid, with the paired
+difference's interval below 0; *not supported* when the knee search ran (3 or more learning rates) and
+finds no knee or that interval lies within +-0.1 (no loss worth the name); otherwise *inconclusive*.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..metrics.curves import knee_with_interval, segment_fits
+from ..metrics.replication import Interval, excess_over_null, paired_difference, two_level_bootstrap
+
+#: Per-image scores summarised for each learning rate, with what they mean.
+SCORES = {
+    "coarse": "coarse reconstruction (the character's two colours in order on a disc)",
+    "detail": "the character's private dot",
+    "appearance_error": "graded appearance error (lower is better)",
+    "joint_edit": "joint editability: the asked cell AND the character",
+    "edit": "the asked cell, character or not",
+    "in_training_cell": "objects in a training cell (chance 1/3)",
+}
+#: A change of joint editability within this margin counts as none (the verdict's "not supported").
+NO_LOSS_MARGIN = 0.1
+MOVEMENT = ("pivot_l2_from_init", "pivot_angle_from_init_deg", "output_angle_layernorm_deg")
+
+
+def _array(values: list) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def seed_matrix(cells: list[dict], key: str) -> np.ndarray:
+    """``[training seeds, sampling seeds]`` of one score over ``cells`` (one per training seed; shorter rows NaN-padded)."""
+    rows = [_array(c[key]) for c in cells]
+    width = max(len(r) for r in rows)
+    return np.vstack([np.pad(r, (0, width - len(r)), constant_values=np.nan) for r in rows])
+
+
+def group_cells(cells: list[dict], vectors: int = 1) -> dict[float, list[dict]]:
+    """Cells with ``vectors`` vectors by learning rate (ascending), each list in seed order."""
+    out: dict[float, list[dict]] = {}
+    for cell in sorted(cells, key=lambda c: (c["lr"], c["seed"])):
+        if cell["vectors"] == vectors:
+            out.setdefault(cell["lr"], []).append(cell)
+    return out
+
+
+def null_summary(null: dict, draws: int = 2000) -> dict:
+    """The base model against itself: each set's training-cell fraction and the difference of the sets."""
+    a, b = (_array(null[name]["in_training_cell"])[None, :] for name in ("a", "b"))
+    return {"training_cells_a": two_level_bootstrap(a, draws).to_dict(),
+            "training_cells_b": two_level_bootstrap(b, draws).to_dict(),
+            "difference_b_minus_a": excess_over_null(b, a, draws).to_dict()}
+
+
+def point_row(lr: float, cells: list[dict], null: dict | None, draws: int = 2000) -> dict:
+    """One learning rate's figures: movement means (and per seed), every score's interval, the leakage excess."""
+    row: dict = {"lr": lr, "lr_x_steps": lr * cells[0]["steps"], "n_seeds": len(cells),
+                 "seeds": [c["seed"] for c in cells]}
+    for key in MOVEMENT:
+        values = [c["movement"].get(key) for c in cells]
+        row[key] = float(np.mean([v for v in values if v is not None])) if any(v is not None for v in values) else None
+        row[f"{key}_per_seed"] = values
+    for key in SCORES:
+        row[key] = two_level_bootstrap(seed_matrix(cells, key), draws).to_dict()
+    if null is not None:
+        row["training_cell_excess"] = excess_over_null(seed_matrix(cells, "in_training_cell"),
+                                                       _array(null["a"]["in_training_cell"])[None, :], draws).to_dict()
+    return row
+
+
+def per_seed_curves(groups: dict[float, list[dict]], key: str) -> np.ndarray:
+    """``[training seeds, learning rates]``: each seed's mean of ``key`` at each rate (NaN where missing)."""
+    seeds = sorted({c["seed"] for cells in groups.values() for c in cells})
+    out = np.full((len(seeds), len(groups)), np.nan)
+    for j, cells in enumerate(groups.values()):
+        for c in cells:
+            out[seeds.index(c["seed"]), j] = np.nanmean(_array(c[key]))
+    return out
+
+
+def knee_and_fits(rows: list[dict], groups: dict[float, list[dict]], draws: int = 2000) -> dict:
+    """Knee of coarse reconstruction against the output-space angle and token L2, and segment fits."""
+    out = {}
+    coarse = per_seed_curves(groups, "coarse")
+    for axis in ("output_angle_layernorm_deg", "pivot_l2_from_init"):
+        x = np.array([np.nan if r[axis] is None else r[axis] for r in rows])
+        if np.isfinite(x).sum() < 3:
+            continue
+        knee = knee_with_interval(x, coarse, draws=draws)
+        out[axis] = {"knee_x": knee["knee_x"], "interval": knee["interval"].to_dict() if knee["interval"] else None,
+                     "no_knee_fraction": knee["no_knee_fraction"],
+                     "segments_coarse": segment_fits(x, np.nanmean(coarse, axis=0)),
+                     "segments_joint_edit": segment_fits(x, np.nanmean(per_seed_curves(groups, "joint_edit"), axis=0))}
+    return out
+
+
+def verdict(rows: list[dict], groups: dict[float, list[dict]], knees: dict, draws: int = 2000) -> dict:
+    """The module docstring's rule, with the interval that decides."""
+    joint = [r["joint_edit"]["estimate"] for r in rows]
+    best = int(np.nanargmax(joint))
+    lrs = list(groups)
+    shared = sorted(set.intersection(*({c["seed"] for c in groups[lr]} for lr in (lrs[best], lrs[-1]))))
+    pick = lambda lr: seed_matrix([c for c in groups[lr] if c["seed"] in shared], "joint_edit")  # noqa: E731
+    drop: Interval = paired_difference(pick(lrs[-1]), pick(lrs[best]), draws)
+    knee = knees.get("output_angle_layernorm_deg")
+    has_knee = knee is not None and knee["knee_x"] is not None and knee["no_knee_fraction"] <= 0.05
+    if has_knee and drop.hi < 0:
+        word = "supported"
+    elif knee is not None and (not has_knee or (-NO_LOSS_MARGIN <= drop.lo and drop.hi <= NO_LOSS_MARGIN)):
+        word = "not supported"
+    else:
+        word = "inconclusive"
+    return {"verdict": word, "joint_edit_best_lr": lrs[best], "farthest_lr": lrs[-1],
+            "joint_edit_farthest_minus_best": drop.to_dict(), "knee_found": has_knee}
+
+
+def vector_rows(cells: list[dict], draws: int = 2000) -> list[dict]:
+    """Coarse reconstruction and joint editability per (vectors, lr) at the rates where several vector counts ran."""
+    counts = sorted({c["vectors"] for c in cells})
+    rates = sorted({c["lr"] for c in cells if c["vectors"] > 1})
+    out = []
+    for lr in rates:
+        for n in counts:
+            chosen = [c for c in cells if c["vectors"] == n and math.isclose(c["lr"], lr)]
+            if chosen:
+                out.append({"vectors": n, "lr": lr, "n_seeds": len(chosen)}
+                           | {k: two_level_bootstrap(seed_matrix(chosen, k), draws).to_dict()
+                              for k in ("coarse", "joint_edit", "appearance_error")})
+    return out
+
+
+def summarise_h1(null: dict | None, cells: list[dict], draws: int = 2000) -> dict:
+    """Everything above for the measured cells (a partial grid gives a partial summary)."""
+    groups = group_cells(cells, 1)
+    rows = [point_row(lr, members, null, draws) for lr, members in groups.items()]
+    knees = knee_and_fits(rows, groups, draws) if len(rows) >= 3 else {}
+    return {"rows": rows, "null": null_summary(null, draws) if null else None, "knees": knees,
+            "verdict": verdict(rows, groups, knees, draws) if len(rows) >= 2 else None,
+            "vectors": vector_rows(cells, draws)}

@@ -1,0 +1,73 @@
+"""Hypothesis H2's training runs on the toy world: LoRA stages that save every few steps.
+
+H2 says the LoRA learns the character's appearance before its position. :func:`train_h2_runs`
+trains, for each (LoRA learning rate, training seed), one LoRA stage from that seed's pivot (an H1
+cell's ``tok1.safetensors``, :mod:`.h1_inversion`) with ``save_every_n_steps``; the checkpoints
+are then scored by :func:`~.curve_scores.score_checkpoints` and summarised by
+:func:`~.curve_scores.h2_summary` (``analysis/learning_curves.py``). Finished runs are skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .premise import model_digest, preset_digest, run_preset, train_run
+
+
+@dataclass(frozen=True)
+class H2Settings:
+    """The LoRA grid of H2 (learning rates x training seeds), its length and how often it saves."""
+
+    lora_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    training_seeds: tuple[int, ...] = (42, 1, 2)
+    steps: int = 1000
+    save_every_n_steps: int = 100
+
+    @classmethod
+    def quick(cls) -> H2Settings:
+        return cls(lora_lrs=(1e-3,), training_seeds=(42, 1), steps=4, save_every_n_steps=2)
+
+
+def h2_run_name(lr: float, seed: int) -> str:
+    return f"lora-lr{lr:g}-seed{seed}"
+
+
+def wait_for(path: Path, log: Callable[[str], None], poll_seconds: float = 30.0, timeout_seconds: float = 0.0) -> Path:
+    """Return ``path`` once it exists (another process may be training it); FileNotFoundError after
+    ``timeout_seconds`` (0: do not wait)."""
+    waited = 0.0
+    while not path.is_file():
+        if waited >= timeout_seconds:
+            raise FileNotFoundError(f"{path}: the pivot of this H2 run does not exist (train the H1 cell first)")
+        if waited == 0.0:
+            log(f"h2: waiting for {path}")
+        time.sleep(poll_seconds)
+        waited += poll_seconds
+    return path
+
+
+def train_h2_runs(model: Path, out: Path, base_preset: dict, pivots: dict[int, Path], init_word: str,
+                  settings: H2Settings = H2Settings(), log: Callable[[str], None] = lambda text: print(text, flush=True),
+                  wait_seconds: float = 0.0) -> dict[float, list[Path]]:
+    """Train every (lr, seed) run from ``pivots[seed]`` under ``out/runs/``; returns the run folders per lr
+    (the training seeds of one H2 condition). ``wait_seconds``: how long to wait for a pivot file."""
+    model, out = Path(model).resolve(), Path(out).resolve()
+    data_dir = out / "data"
+    if not data_dir.is_dir():
+        from .world import write_character_dataset
+
+        write_character_dataset(data_dir)
+    digest = model_digest(model)
+    runs: dict[float, list[Path]] = {lr: [] for lr in settings.lora_lrs}
+    for seed in settings.training_seeds:
+        pivot = wait_for(Path(pivots[seed]), log, timeout_seconds=wait_seconds)
+        for lr in settings.lora_lrs:
+            stage = {"name": "lora", "kind": "lora", "steps": settings.steps, "learning_rate": lr, "unet_lr": lr}
+            preset = run_preset(base_preset, model, data_dir, init_word, stage, pivot)
+            preset |= {"seed": seed, "save_every_n_steps": settings.save_every_n_steps}
+            run_dir = out / "runs" / f"{h2_run_name(lr, seed)}-{preset_digest(preset | {'model_digest': digest})}"
+            runs[lr].append(train_run(preset, run_dir, log))
+    return runs

@@ -1,0 +1,223 @@
+"""The research protocol's report: Markdown, CSV, plots and one self-contained HTML page.
+
+:func:`write_report` takes the H1 summary (:func:`~.h1_summary.summarise_h1`), the H2 learning-curve
+records (``analysis/learning_curves.py``'s JSON, one per LoRA learning rate) and sample grids, and
+writes into one folder ``report.md`` (the tables and verdict lines), ``h1_points.csv`` (one row per
+learning rate), ``h1_summary.json``, ``h1.png`` and ``report.html``: the same content with every
+plot and grid embedded as base64 PNG, so the page needs no network and no other file. The page
+marks ``<body data-images-loaded="N">`` once loaded (a headless browser's DOM dump shows that every
+image decoded: ``analysis/render_report.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+from ..atomic_io import atomic_write_text
+from .h1_summary import SCORES
+
+
+def fmt(interval: dict | None, digits: int = 3) -> str:
+    """``0.672 [0.531, 0.750]`` (or ``n/a``)."""
+    if not interval or interval.get("estimate") is None:
+        return "n/a"
+    return f"{interval['estimate']:.{digits}f} [{interval['lo']:.{digits}f}, {interval['hi']:.{digits}f}]"
+
+
+def _num(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+# ------------------------------------------------------------------------------------------- H1
+def h1_plot(summary: dict, path: Path) -> None:
+    """Four panels against the output-space angle to the init word (log axis): reconstruction, joint
+    editability, appearance error and the training-cell fraction beside the null's band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    x = [max(r["output_angle_layernorm_deg"] or 0.0, 1e-3) for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    panels = ((axes[0, 0], ("coarse", "detail"), "fraction of neutral images"),
+              (axes[0, 1], ("joint_edit", "edit"), "fraction of edit images"),
+              (axes[1, 0], ("appearance_error",), "graded error (lower = better)"),
+              (axes[1, 1], ("in_training_cell",), "objects in a training cell"))
+    for ax, keys, label in panels:
+        for key in keys:
+            est = [r[key]["estimate"] for r in rows]
+            err = [[e - r[key]["lo"] for e, r in zip(est, rows)], [r[key]["hi"] - e for e, r in zip(est, rows)]]
+            ax.errorbar(x, est, yerr=err, marker="o", capsize=3, label=key)
+        ax.set_ylabel(label)
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    null = summary.get("null")
+    if null:
+        a = null["training_cells_a"]
+        axes[1, 1].axhspan(a["lo"], a["hi"], color="grey", alpha=0.3, label="null (base model) 95%")
+        axes[1, 1].legend(fontsize=8)
+    knee = summary["knees"].get("output_angle_layernorm_deg", {})
+    if knee.get("knee_x") is not None:
+        for ax in axes.flat:
+            ax.axvline(knee["knee_x"], color="k", linestyle=":", linewidth=1)
+    for ax in axes[1]:
+        ax.set_xlabel("output-space angle to the init word (deg, log)")
+    for r, xv in zip(rows, x):
+        axes[0, 0].annotate(f"{r['lr']:g}", (xv, r["coarse"]["estimate"]), fontsize=6, xytext=(2, -8),
+                            textcoords="offset points")
+    fig.suptitle("H1: inversions along the learning rate (means over training seeds, 95% two-level intervals)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def h1_table(summary: dict) -> list[str]:
+    head = ["lr", "lr x steps", "seeds", "token L2", "output angle (deg)"] + list(SCORES) + ["training-cell excess"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in summary["rows"]:
+        cells = [f"{r['lr']:g}", f"{r['lr_x_steps']:.3g}", str(r["n_seeds"]), _num(r["pivot_l2_from_init"]),
+                 _num(r["output_angle_layernorm_deg"])] + [fmt(r[k]) for k in SCORES] + [fmt(r.get("training_cell_excess"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def h1_lines(summary: dict) -> list[str]:
+    v = summary.get("verdict") or {}
+    lines = [f"**Verdict: {v.get('verdict', 'not measured')}.** Joint editability at the farthest pivot (lr "
+             f"{_num(v.get('farthest_lr'))}) minus its best (lr {_num(v.get('joint_edit_best_lr'))}): "
+             f"{fmt(v.get('joint_edit_farthest_minus_best'))}; knee found: {v.get('knee_found')}.", ""]
+    for axis, knee in summary["knees"].items():
+        seg = knee["segments_coarse"]
+        two = seg["two_segments"] or {}
+        lines.append(f"- Knee of coarse reconstruction against `{axis}`: {_num(knee['knee_x'])} "
+                     f"(95% over training seeds: {fmt(knee['interval'])}; no knee in "
+                     f"{knee['no_knee_fraction']:.0%} of resamples). Two segments vs one line (BIC "
+                     f"{_num(two.get('bic'))} vs {_num(seg['one_segment']['bic'])}): "
+                     f"{'two segments' if seg['prefers_two_segments'] else 'one line'} preferred.")
+    null = summary.get("null")
+    if null:
+        lines.append(f"- Null (base model, init word, disjoint seed sets): training cells "
+                     f"{fmt(null['training_cells_a'])} and {fmt(null['training_cells_b'])}; difference "
+                     f"{fmt(null['difference_b_minus_a'])}.")
+    lines += ["", *h1_table(summary), ""]
+    if summary["vectors"]:
+        lines += ["Vectors per token (the textual-inversion paper's check):", "",
+                  "| vectors | lr | seeds | coarse | joint_edit | appearance_error |", "|" + " --- |" * 6]
+        lines += [f"| {r['vectors']} | {r['lr']:g} | {r['n_seeds']} | {fmt(r['coarse'])} | {fmt(r['joint_edit'])} | "
+                  f"{fmt(r['appearance_error'])} |" for r in summary["vectors"]]
+    return lines
+
+
+def write_h1_csv(path: Path, summary: dict) -> None:
+    buffer = io.StringIO()
+    keys = ["lr", "lr_x_steps", "n_seeds", "pivot_l2_from_init", "pivot_angle_from_init_deg", "output_angle_layernorm_deg"]
+    names = keys + [f"{k}_{p}" for k in [*SCORES, "training_cell_excess"] for p in ("estimate", "lo", "hi")]
+    writer = csv.DictWriter(buffer, fieldnames=names)
+    writer.writeheader()
+    for r in summary["rows"]:
+        flat = {k: r[k] for k in keys}
+        for k in [*SCORES, "training_cell_excess"]:
+            for p in ("estimate", "lo", "hi"):
+                flat[f"{k}_{p}"] = (r.get(k) or {}).get(p)
+        writer.writerow(flat)
+    atomic_write_text(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------------- H2
+def h2_lines(records: dict[str, dict]) -> list[str]:
+    lines = ["| LoRA lr | runs | T_app (steps) | T_pos (steps) | T_pos / T_app [95%] | same in ‖ΔW‖ | H2 holds |",
+             "|" + " --- |" * 7]
+    for lr, record in records.items():
+        s = record["summary"]
+        ratio = s["steps_ratio"]["ratio"]
+        norm = (s.get("delta_norm_ratio") or {}).get("ratio")
+        lines.append(f"| {lr} | {s['n_runs']} | {_num(s['t_app_mean'])} | {_num(s['t_pos_mean'])} | {fmt(ratio, 2)} | "
+                     f"{fmt(norm, 2)} | {s['h2_holds']} |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------- page
+def _png_data(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _markdown_to_html(lines: list[str]) -> str:
+    """The few Markdown forms the report uses: tables, bullets, bold, paragraphs."""
+    out, table = [], []
+
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        while text.count("**") >= 2:
+            text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
+        while text.count("`") >= 2:
+            text = text.replace("`", "<code>", 1).replace("`", "</code>", 1)
+        return text
+
+    def flush():
+        if table:
+            rows = [[c.strip() for c in r.strip("|").split("|")] for r in table if not set(r) <= set("|- ")]
+            body = "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{inline(c)}</{'th' if i == 0 else 'td'}>"
+                                            for c in row) + "</tr>" for i, row in enumerate(rows))
+            out.append(f"<table>{body}</table>")
+            table.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("- "):
+            out.append(f"<li>{inline(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #bbb;padding:2px 6px}"
+         "img{max-width:100%;image-rendering:pixelated}figure{margin:1em 0}figcaption{font-size:12px;color:#555}")
+LOAD_SCRIPT = ("window.addEventListener('load',function(){var n=0;for(const i of document.images)"
+               "{if(i.complete&&i.naturalWidth>0)n++;}document.body.dataset.imagesLoaded=n;"
+               "document.body.dataset.imagesTotal=document.images.length;});")
+
+
+def _relative(path: Path, folder: Path) -> str:
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+
+
+def write_report(out: Path, sections: list[dict]) -> Path:
+    """``sections``: ``{"title", "lines": [markdown], "figures": [(caption, png path)]}`` in order;
+    writes ``report.md`` and ``report.html`` into ``out`` and returns the page's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    md, body = ["# Research protocol on the toy world", ""], []
+    for section in sections:
+        md += [f"## {section['title']}", "", *section["lines"], ""]
+        md += [f"![{caption}]({_relative(png, out)})" for caption, png in section.get("figures", [])] + [""]
+        figures = "".join(f'<figure><img src="{_png_data(png)}" alt="{html.escape(caption)}">'
+                          f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                          for caption, png in section.get("figures", []))
+        body.append(f"<h2>{html.escape(section['title'])}</h2>{_markdown_to_html(section['lines'])}{figures}")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Research protocol</title>"
+            f"<style>{STYLE}</style><script>{LOAD_SCRIPT}</script></head><body>"
+            f"<h1>Research protocol on the toy world</h1>{''.join(body)}</body></html>\n")
+    atomic_write_text(out / "report.html", page)
+    return out / "report.html"
+
+
+def write_h1_files(out: Path, summary: dict) -> list[str]:
+    """``h1_summary.json``, ``h1_points.csv`` and ``h1.png`` into ``out``; returns the H1 section's lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "h1_summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    write_h1_csv(out / "h1_points.csv", summary)
+    h1_plot(summary, out / "h1.png")
+    return h1_lines(summary)

@@ -1,0 +1,127 @@
+"""The research protocol (toy world): H1 cells, their statistics and the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pti_plugin.toy_world.h1_inversion import EDIT_TEMPLATES, edit_records, neutral_records
+from pti_plugin.toy_world.h1_summary import summarise_h1
+from pti_plugin.toy_world.world import CELL_CENTRES, render_character, render_scene, Scene
+
+
+def _cell(lr, seed, coarse_p, joint_p, angle, rng, n=64):
+    draw = lambda p: rng.binomial(1, p, n).tolist()  # noqa: E731
+    return {"lr": lr, "seed": seed, "vectors": 1, "steps": 1000, "coarse": draw(coarse_p), "detail": draw(0.0),
+            "appearance_error": rng.uniform(0.1, 0.2, n).tolist(), "joint_edit": draw(joint_p), "edit": draw(0.9),
+            "in_training_cell": draw(1 / 3), "has_object": [1] * n,
+            "movement": {"pivot_l2_from_init": angle / 100, "pivot_angle_from_init_deg": angle,
+                         "output_angle_layernorm_deg": angle}}
+
+
+def _grid(joint_far, seeds=(42, 1, 2), rng_seed=0):
+    """Coarse reconstruction a step at the third rate; joint editability peaks there, then ``joint_far``."""
+    rng = np.random.default_rng(rng_seed)
+    shape = [(1e-5, 0.0, 0.0, 1.0), (2e-5, 0.02, 0.02, 2.0), (3e-5, 0.9, 0.8, 3.0), (1e-4, 1.0, 0.8, 6.0),
+             (1e-3, 1.0, 0.75, 10.0), (1e-2, 1.0, joint_far, 14.0)]
+    return [_cell(lr, s, c, j, a + 0.1 * k, rng) for k, s in enumerate(seeds) for lr, c, j, a in shape]
+
+
+def _null(rng_seed=0, n=64):
+    rng = np.random.default_rng(rng_seed)
+    return {name: {"in_training_cell": rng.binomial(1, 1 / 3, n).tolist()} for name in ("a", "b")}
+
+
+def test_h1_summary_intervals_are_ordered_and_reproducible():
+    cells = _grid(0.1)
+    first, again = summarise_h1(_null(), cells, draws=300), summarise_h1(_null(), cells, draws=300)
+    assert json.dumps(first, default=str) == json.dumps(again, default=str)  # the bootstrap is seeded
+    for row in first["rows"]:
+        assert row["n_seeds"] == 3
+        for key in ("coarse", "joint_edit", "appearance_error", "in_training_cell", "training_cell_excess"):
+            assert row[key]["lo"] <= row[key]["estimate"] <= row[key]["hi"], (row["lr"], key)
+    null = first["null"]
+    assert null["difference_b_minus_a"]["lo"] <= 0.0 <= null["difference_b_minus_a"]["hi"]
+
+
+def test_h1_verdict_follows_the_joint_editability_at_the_farthest_pivot():
+    lost = summarise_h1(_null(), _grid(0.1), draws=500)
+    assert lost["verdict"]["verdict"] == "supported"
+    assert lost["verdict"]["joint_edit_farthest_minus_best"]["hi"] < 0
+    knee = lost["knees"]["output_angle_layernorm_deg"]
+    assert 2.0 <= knee["knee_x"] <= 6.5  # the step in reconstruction sits between the 2nd and 4th rate
+    kept = summarise_h1(_null(), _grid(0.8), draws=500)
+    assert kept["verdict"]["verdict"] == "not supported"
+
+
+def _at(cell):
+    return {"cx": CELL_CENTRES[cell[1]], "cy": CELL_CENTRES[cell[0]]}
+
+
+def test_edit_records_require_the_asked_cell_and_the_character():
+    prompt = EDIT_TEMPLATES[0].format("tok1")  # top right: row 0, column 2
+    character_there = render_character(**_at((0, 2)))
+    character_elsewhere = render_character(**_at((2, 0)))
+    square_there = render_scene(Scene("square", "red", "white", 0, 2, CELL_CENTRES[2], CELL_CENTRES[0], 11.0))
+    images = np.stack([character_there, character_elsewhere, square_there])
+    records = edit_records([prompt] * 3, images)
+    assert records == {"edit": [1, 0, 1], "joint_edit": [1, 0, 0]}
+    neutral = neutral_records(images)
+    assert neutral["coarse"] == [1, 1, 0] and neutral["detail"] == [1, 1, 0]
+    assert neutral["in_training_cell"] == [0, 0, 0] and neutral["has_object"] == [1, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def quick_protocol(tmp_path_factory):
+    """The protocol's h1 and h2 parts at --quick on the shipped weights, then the report."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "analysis"))
+    import research_protocol
+
+    out, results = tmp_path_factory.mktemp("protocol"), tmp_path_factory.mktemp("results")
+    research_protocol.main(["h1", "--quick", "--out", str(out)])
+    research_protocol.main(["h2", "--quick", "--out", str(out)])
+    research_protocol.main(["report", "--quick", "--out", str(out), "--results", str(results), "--draws", "200"])
+    return out, results
+
+
+def test_quick_protocol_measures_the_null_on_disjoint_seeds(quick_protocol):
+    out, _ = quick_protocol
+    null = json.loads((out / "h1" / "parts" / "null.json").read_text())
+    images = np.load(out / "h1" / "parts" / "null.npz")["images"]
+    n = len(null["a"]["coarse"])
+    assert len(null["b"]["coarse"]) == n and images.shape[0] == 2 * n
+    assert not np.array_equal(images[:n], images[n:])  # other seeds, other images
+
+
+def test_sample_seeds_are_absolute_so_null_sets_are_disjoint():
+    from pathlib import Path
+
+    from pti_plugin.embedded_default import default_model_dir
+    from pti_plugin.toy_world.premise import PremiseSettings, encode_text, load_base, neutral_prompts, sample
+
+    base, pipe = load_base(Path(default_model_dir()))
+    settings = PremiseSettings(sample_steps=2)
+    cond, uncond = encode_text(base, neutral_prompts("rono", 4)), encode_text(base, [""])
+    four = sample(pipe, cond, uncond, settings)
+    last_two = sample(pipe, cond[2:], uncond, settings, first_seed=2)
+    np.testing.assert_array_equal(four[2:], last_two)
+
+
+def test_quick_protocol_report_holds_every_table_and_plot(quick_protocol):
+    out, results = quick_protocol
+    summary = json.loads((results / "h1_summary.json").read_text())
+    assert [r["lr"] for r in summary["rows"]] == [1e-4, 1e-2] and all(r["n_seeds"] == 2 for r in summary["rows"])
+    assert summary["null"] is not None and summary["vectors"]
+    for name in ("h1.png", "h1_points.csv", "report.md", "report.html"):
+        assert (results / name).stat().st_size > 0, name
+    page = (results / "report.html").read_text()
+    assert page.count("<img src=\"data:image/png;base64,") == len(list((results / "grids").glob("*.png"))) + 1
+    assert 'src="http' not in page and 'href="http' not in page and "Verdict" in page  # self-contained
+    h2_runs = sorted((out / "h2" / "runs").glob("lora-*"))
+    assert len([p for p in h2_runs if p.is_dir()]) == 2  # one lr x two training seeds, each from its own pivot
