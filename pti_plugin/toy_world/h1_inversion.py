@@ -43,7 +43,8 @@ EDIT_TEMPLATES = ("a {} at the top right", "a {} at the middle left", "a {} at t
                   "a {} at the bottom right")
 #: Per-image lists a cell records (0/1, or a float for ``appearance_error``; ``in_training_cell`` is
 #: None where no object is found).
-NEUTRAL_KEYS = ("coarse", "detail", "appearance_error", "has_object", "in_training_cell")
+NEUTRAL_KEYS = ("coarse", "detail", "appearance_error", "has_object", "in_training_cell", "background_edit",
+                "joint_background_edit")
 EDIT_KEYS = ("edit", "joint_edit")
 
 
@@ -54,7 +55,7 @@ class H1Settings:
     init_word: str = "rono"
     # from a pivot that barely moves (3e-6: L2 about 0.03) through the near-step in coarse
     # reconstruction (2e-5..3e-5 on run d) to rates 300x past it
-    inversion_lrs: tuple[float, ...] = (3e-6, 1e-5, 2e-5, 2.5e-5, 2.75e-5, 3e-5, 1e-4, 1e-3, 1e-2)
+    inversion_lrs: tuple[float, ...] = (3e-6, 1e-5, 2e-5, 2.5e-5, 2.75e-5, 3e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     training_seeds: tuple[int, ...] = (42, 1, 2)
     # the textual-inversion paper's check: more vectors trade reconstruction for editability
     vector_counts: tuple[int, ...] = (2, 4)
@@ -85,11 +86,18 @@ def edit_prompts(subject: str, seeds: int) -> list[str]:
     return [EDIT_TEMPLATES[k % len(EDIT_TEMPLATES)].format(subject) for k in range(seeds)]
 
 
-def neutral_records(images: np.ndarray) -> dict[str, list]:
-    """Per-image ground truth of the neutral generations (uint8 ``[n, 32, 32, 3]``): :data:`NEUTRAL_KEYS`."""
+def neutral_records(images: np.ndarray, prompts: list[str]) -> dict[str, list]:
+    """Per-image ground truth of the neutral generations (uint8 ``[n, 32, 32, 3]``, ``images[k]`` from
+    ``prompts[k]``): :data:`NEUTRAL_KEYS`. Three of the four neutral templates ask for a background:
+    ``background_edit`` says whether the image has it, ``joint_background_edit`` whether it has it
+    *and* shows the character (None for the template that asks none)."""
     out: dict[str, list] = {key: [] for key in NEUTRAL_KEYS}
-    for image in images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3):
+    for prompt, image in zip(prompts, images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3), strict=True):
         found = detect_character(image)
+        asked = parse_caption(prompt)["background"]
+        hit = None if asked is None else int(found.object.background == asked)
+        out["background_edit"].append(hit)
+        out["joint_background_edit"].append(None if hit is None else int(hit and found.is_character))
         cell = (found.object.row, found.object.col)
         out["coarse"].append(int(found.is_character))
         out["detail"].append(int(has_detail(image, found.object)))
@@ -119,11 +127,12 @@ def measure_cell(run_dir: Path, settings: H1Settings) -> dict:
     run = load_run(run_dir, device="cpu", class_word=settings.init_word)
     with run.lora(True):
         uncond = run.encode([""])
-        neutral = sample(run.pipe, run.encode(neutral_prompts(run.pivot_text, settings.seeds)), uncond, settings)
+        neutral_texts = neutral_prompts(run.pivot_text, settings.seeds)
+        neutral = sample(run.pipe, run.encode(neutral_texts), uncond, settings)
         prompts = edit_prompts(run.pivot_text, settings.seeds)
         edits = sample(run.pipe, run.encode(prompts), uncond, settings)
     movement = {key: value for key, value in run_movement(run).items() if key != "lora_delta_norm"}
-    return (neutral_records(neutral) | edit_records(prompts, edits) | {"movement": movement}
+    return (neutral_records(neutral, neutral_texts) | edit_records(prompts, edits) | {"movement": movement}
             | {"images_generated": np.concatenate([neutral, edits])})
 
 
@@ -133,10 +142,11 @@ def measure_null(model: Path, settings: H1Settings) -> dict:
     from .premise import encode_text, load_base
 
     base, pipe = load_base(model)
-    cond, uncond = encode_text(base, neutral_prompts(settings.init_word, settings.seeds)), encode_text(base, [""])
+    texts = neutral_prompts(settings.init_word, settings.seeds)
+    cond, uncond = encode_text(base, texts), encode_text(base, [""])
     sets = {name: sample(pipe, cond, uncond, settings, first_seed=first)
             for name, first in (("a", 0), ("b", settings.seeds))}
-    return {name: neutral_records(images) for name, images in sets.items()} | {
+    return {name: neutral_records(images, texts) for name, images in sets.items()} | {
         "images_generated": np.concatenate(list(sets.values()))}
 
 
@@ -205,6 +215,9 @@ def load_cells(out: Path, settings: H1Settings) -> tuple[dict | None, list[dict]
     cells = []
     for lr, seed, vectors in settings.cells():
         record = read(cell_name(lr, seed, vectors))
+        if record is not None and any(key not in record for key in NEUTRAL_KEYS):  # measured before a key existed
+            images = np.load(folder / f"{cell_name(lr, seed, vectors)}.npz")["images"][: settings.seeds]
+            record |= neutral_records(images, neutral_prompts("tok1", settings.seeds))
         if record is not None:
             cells.append(record | {"lr": lr, "seed": seed, "vectors": vectors, "steps": settings.steps})
     return read("null"), cells

@@ -33,6 +33,7 @@ SCORES = {
     "appearance_error": "graded appearance error (lower is better)",
     "joint_edit": "joint editability: the asked cell AND the character",
     "edit": "the asked cell, character or not",
+    "joint_background_edit": "joint editability of the background 3 of the 4 neutral prompts ask for",
     "in_training_cell": "objects in a training cell (chance 1/3)",
 }
 #: A change of joint editability within this margin counts as none (the verdict's "not supported").
