@@ -54,7 +54,7 @@ class H1Settings:
 
     init_word: str = "rono"
     # from a pivot that barely moves (3e-6: L2 about 0.03) through the near-step in coarse
-    # reconstruction (2e-5..3e-5 on run d) to rates 300x past it
+    # reconstruction (2e-5..3e-5 on run d) to rates 3000x past it (run d keeps every edit at 1e-2)
     inversion_lrs: tuple[float, ...] = (3e-6, 1e-5, 2e-5, 2.5e-5, 2.75e-5, 3e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     training_seeds: tuple[int, ...] = (42, 1, 2)
     # the textual-inversion paper's check: more vectors trade reconstruction for editability
