@@ -128,3 +128,31 @@ def test_quick_protocol_report_holds_every_table_and_plot(quick_protocol):
     assert 'src="http' not in page and 'href="http' not in page and "Verdict" in page  # self-contained
     h2_runs = sorted((out / "h2" / "runs").glob("lora-*"))
     assert len([p for p in h2_runs if p.is_dir()]) == 2  # one lr x two training seeds, each from its own pivot
+
+
+def test_train_run_keeps_one_preset_file_per_run_even_with_dotted_names(tmp_path, monkeypatch):
+    """Two runs whose names differ only after a dot ("lr2.5e-05", "lr2.75e-05") must not share a preset
+    file: two processes of one sweep would train each other's settings."""
+    from pathlib import Path
+
+    import toml
+
+    import pti_plugin.cli
+    from pti_plugin.toy_world.premise import train_run
+
+    trained = []
+
+    def fake_main(argv):
+        preset = toml.load(argv[argv.index("--preset") + 1])
+        trained.append(preset)
+        (Path(preset["output_dir"]) / "premise.safetensors").write_bytes(b"")
+        return 0
+
+    monkeypatch.setattr(pti_plugin.cli, "main", fake_main)
+    first, second = tmp_path / "runs" / "inversion-lr2.5e-05-seed1-aaa", tmp_path / "runs" / "inversion-lr2.75e-05-seed1-bbb"
+    (tmp_path / "runs").mkdir()
+    train_run({"seed": 1, "learning_rate": 2.5e-5}, first, lambda s: None)
+    train_run({"seed": 1, "learning_rate": 2.75e-5}, second, lambda s: None)
+    files = sorted(p.name for p in (tmp_path / "runs").glob("*.toml"))
+    assert files == sorted([f"{first.name}.toml", f"{second.name}.toml"])
+    assert toml.load(tmp_path / "runs" / f"{first.name}.toml")["learning_rate"] == 2.5e-5

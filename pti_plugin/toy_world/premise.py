@@ -294,7 +294,7 @@ def train_run(preset: dict, run_dir: Path, log: Callable[[str], None]) -> Path:
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run restarts (runs take minutes)
     run_dir.mkdir(parents=True)
-    path = run_dir.with_suffix(".toml")
+    path = run_dir.parent / f"{run_dir.name}.toml"  # not with_suffix: a name like "lr2.5e-05-..." holds a dot
     atomic_write_text(path, toml.dumps(preset | {"output_dir": str(run_dir)}))
     log(f"premise: training {run_dir.name}")
     try:
