@@ -1,0 +1,174 @@
+"""H3's statistics over the cells of :mod:`.h3_variants`: leakage and drift at matched reconstruction.
+
+A *condition* is a (variant, weight) pair; along its learning rates every training seed gives a
+curve of coarse reconstruction (the seed's mean ``coarse``) and one of each per-image score's mean.
+
+**Matched reconstruction.** Per seed, the training-cell fraction (``in_training_cell``, the
+position leakage) and ``drift`` are read off where the seed's coarse curve reaches
+:data:`MATCHED_COARSE` (:func:`~pti_plugin.metrics.curves.value_at_matched`: linear interpolation;
+NaN where the seed's curve does not reach the target, and that seed is left out). The leakage is
+reported as excess over H1's null (the base model with the init word, set ``a``:
+:func:`~pti_plugin.metrics.replication.excess_over_null`, resampling the seeds on one side and the
+null's images on the other) and as a paired difference against ``none``: per training seed the
+variant's value minus ``none``'s, with an interval over seeds
+(:func:`~pti_plugin.metrics.replication.seed_level_interval`).
+
+**The weight of a variant** (:data:`CHOICE_RULE`): among its weights whose curves reach coarse
+:data:`CHOICE_COARSE` in the most training seeds, the one with the lowest mean leakage there (ties:
+the smaller weight).
+
+**The highest safe learning rate** of a condition: going up from its lowest rate, the last rate
+whose training-cell fraction interval (two-level, :func:`~pti_plugin.metrics.replication.two_level_bootstrap`)
+lies inside the null's interval, and the graded appearance error there (None when the lowest
+rate is already outside).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from ..metrics.curves import value_at_matched
+from ..metrics.replication import Interval, excess_over_null, seed_level_interval, two_level_bootstrap
+from .h1_summary import _array, null_summary, per_seed_curves, seed_matrix
+
+MATCHED_COARSE = (0.5, 0.8, 0.9)
+CHOICE_COARSE = 0.8
+CHOICE_RULE = (f"per variant, among its weights whose curves reach coarse {CHOICE_COARSE} in the most training seeds, "
+               f"the lowest mean training-cell fraction at matched coarse {CHOICE_COARSE} (ties: the smaller weight)")
+#: Per-image scores summarised at each learning rate.
+SCORES = ("coarse", "in_training_cell", "appearance_error", "drift", "drift_cell")
+REFERENCE = "none"
+
+
+def group_conditions(cells: list[dict]) -> dict[tuple[str, float | None], dict[float, list[dict]]]:
+    """Cells by (variant, weight), then by learning rate (ascending), each list in seed order."""
+    out: dict[tuple[str, float | None], dict[float, list[dict]]] = {}
+    for cell in sorted(cells, key=lambda c: (c["lr"], c["seed"])):
+        out.setdefault((cell["variant"], cell["weight"]), {}).setdefault(cell["lr"], []).append(cell)
+    return out
+
+
+def matched_per_seed(groups: dict[float, list[dict]], key: str,
+                     targets: tuple[float, ...] = MATCHED_COARSE) -> dict[int, np.ndarray]:
+    """Per training seed, ``key``'s mean read off where the seed's coarse curve reaches each target
+    (``[len(targets)]``, NaN where it does not)."""
+    seeds = sorted({c["seed"] for members in groups.values() for c in members})  # per_seed_curves' row order
+    with warnings.catch_warnings():  # a seed without any object has no training-cell fraction: NaN
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        values = value_at_matched(per_seed_curves(groups, "coarse"), per_seed_curves(groups, key), targets)
+    return dict(zip(seeds, values))
+
+
+def _interval(compute) -> dict | None:
+    """``compute()``'s interval as a dict; None when it has no finite value to work on."""
+    try:
+        return compute().to_dict()
+    except ValueError:
+        return None
+
+
+def paired_against(values: dict[int, np.ndarray], reference: dict[int, np.ndarray], index: int,
+                   draws: int) -> dict | None:
+    """Mean over the shared training seeds of ``values - reference`` at target ``index``, interval over seeds."""
+    shared = sorted(set(values) & set(reference))
+    differences = np.array([values[s][index] - reference[s][index] for s in shared], dtype=np.float64)
+    return _interval(lambda: seed_level_interval(differences, draws))
+
+
+def lr_rows(groups: dict[float, list[dict]], null_interval: Interval | None, draws: int) -> list[dict]:
+    """One row per learning rate: each score's two-level interval, and whether the training-cell
+    fraction's interval lies inside the null's."""
+    rows = []
+    for lr, members in groups.items():
+        row = {"lr": lr, "n_seeds": len(members), "seeds": [c["seed"] for c in members]}
+        for key in SCORES:
+            row[key] = _interval(lambda: two_level_bootstrap(seed_matrix(members, key), draws))
+        cells = row["in_training_cell"]
+        row["inside_null"] = (None if null_interval is None or cells is None
+                              else bool(null_interval.lo <= cells["lo"] and cells["hi"] <= null_interval.hi))
+        rows.append(row)
+    return rows
+
+
+def highest_safe_lr(rows: list[dict]) -> dict:
+    """The last rate, going up from the lowest, whose training-cell interval lies inside the null's,
+    with the graded appearance error there."""
+    safe = None
+    for row in rows:
+        if not row["inside_null"]:
+            break
+        safe = row
+    return {"lr": None if safe is None else safe["lr"],
+            "appearance_error": None if safe is None else safe["appearance_error"]}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def condition_summary(groups: dict[float, list[dict]], per_seed: dict[str, dict[int, np.ndarray]],
+                      null_a: np.ndarray | None, null_interval: Interval | None,
+                      reference: dict[str, dict[int, np.ndarray]] | None, draws: int) -> dict:
+    """One (variant, weight): rows per rate, leakage and drift at matched coarse (``per_seed``: its
+    :func:`matched_per_seed` of ``leakage`` and ``drift``; ``reference``: ``none``'s, or None), the
+    highest safe rate."""
+    matched = {}
+    for j, target in enumerate(MATCHED_COARSE):
+        leakage = np.array([v[j] for v in per_seed["leakage"].values()])  # [seeds]
+        drift = np.array([v[j] for v in per_seed["drift"].values()])
+        entry = {"seeds_reaching": int(np.isfinite(leakage).sum()),
+                 "leakage_per_seed": {str(s): _finite_or_none(v) for s, v in zip(per_seed["leakage"], leakage)},
+                 "leakage": _interval(lambda: seed_level_interval(leakage, draws)),
+                 "drift": _interval(lambda: seed_level_interval(drift, draws))}
+        if null_a is not None:  # one value per seed against the null's images
+            entry["leakage_excess"] = _interval(lambda: excess_over_null(leakage[:, None], null_a, draws))
+        if reference is not None:
+            entry["leakage_minus_none"] = paired_against(per_seed["leakage"], reference["leakage"], j, draws)
+            entry["drift_minus_none"] = paired_against(per_seed["drift"], reference["drift"], j, draws)
+        matched[f"{target:g}"] = entry
+    rows = lr_rows(groups, null_interval, draws)
+    return {"rows": rows, "matched": matched, "highest_safe_lr": highest_safe_lr(rows)}
+
+
+def choose_weight(conditions: list[dict]) -> dict | None:
+    """:data:`CHOICE_RULE` over one variant's conditions (each with ``weight`` and ``matched``)."""
+    key = f"{CHOICE_COARSE:g}"
+
+    def rank(condition: dict) -> tuple:
+        values = [v for v in condition["matched"][key]["leakage_per_seed"].values() if v is not None]
+        weight = condition["weight"]
+        return (-len(values), float(np.mean(values)) if values else math.inf, -math.inf if weight is None else weight)
+
+    best = min(conditions, key=rank)
+    reaching, mean, _ = rank(best)
+    return None if reaching == 0 else {"weight": best["weight"], "mean_leakage": mean, "seeds_reaching": -reaching}
+
+
+def summarise_h3(null: dict | None, cells: list[dict], draws: int = 2000) -> dict:
+    """Everything above for the measured cells (a partial grid gives a partial summary). ``null``:
+    H1's null part (:func:`~.h1_inversion.load_cells`), lists under ``a`` and ``b``."""
+    null_a = None if null is None else _array(null["a"]["in_training_cell"])[None, :]
+    null_interval = None if null_a is None else two_level_bootstrap(null_a, draws)
+    grouped = group_conditions(cells)
+    per_seed = {condition: {"leakage": matched_per_seed(groups, "in_training_cell"),
+                            "drift": matched_per_seed(groups, "drift")} for condition, groups in grouped.items()}
+    reference = next((per_seed[c] for c in grouped if c[0] == REFERENCE), None)
+    conditions = []
+    for (variant, weight), groups in grouped.items():
+        against = None if variant == REFERENCE else reference
+        conditions.append({"variant": variant, "weight": weight}
+                          | condition_summary(groups, per_seed[(variant, weight)], null_a, null_interval, against, draws))
+    variants = {}
+    for variant in dict.fromkeys(c["variant"] for c in conditions):
+        own = [c for c in conditions if c["variant"] == variant]
+        chosen = choose_weight(own)
+        picked = next((c for c in own if chosen is not None and c["weight"] == chosen["weight"]), None)
+        variants[variant] = {"chosen": chosen, "matched": None if picked is None else picked["matched"],
+                             "highest_safe_lr": None if picked is None else picked["highest_safe_lr"]}
+    return {"matched_coarse": list(MATCHED_COARSE), "choice_rule": CHOICE_RULE,
+            "null": None if null is None else null_summary(null, draws),
+            "null_training_cells": None if null_interval is None else null_interval.to_dict(),
+            "conditions": conditions, "variants": variants}

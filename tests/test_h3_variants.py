@@ -1,0 +1,147 @@
+"""H3 (toy world): LoRA variants at matched reconstruction, the drift record, and the grid end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pti_plugin.toy_world.h3_summary import highest_safe_lr, summarise_h3
+from pti_plugin.toy_world.h3_variants import DRIFT_KEYS, H3Settings, cell_name, drift_records
+from pti_plugin.toy_world.world import CELL_CENTRES, Scene, render_character, render_scene
+
+N = 100  # images per cell: every fraction below is a multiple of 1/N, so the means are exact
+LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+SEEDS = (42, 1, 2)
+SEED_OFFSET = {42: 0.0, 1: 0.04, 2: -0.04}  # a training seed's own leakage level, shared by every variant
+
+
+def _hits(fraction: float) -> list[int]:
+    ones = int(round(fraction * N))
+    return [1] * ones + [0] * (N - ones)
+
+
+def _condition(variant, weight, coarse, intercept, jitter=None):
+    """Cells whose leakage is ``intercept + 0.4 coarse`` (+ the seed's offset and ``jitter[seed]``) at each rate."""
+    cells = []
+    for seed in SEEDS:
+        for lr, c in zip(LRS, coarse):
+            leak = intercept + 0.4 * c + SEED_OFFSET[seed] + (jitter or {}).get(seed, 0.0)
+            cells.append({"variant": variant, "weight": weight, "lr": lr, "seed": seed, "steps": 1000,
+                          "coarse": _hits(c), "in_training_cell": _hits(leak), "appearance_error": [0.1] * N,
+                          "drift": _hits(0.1), "drift_cell": _hits(0.05)})
+    return cells
+
+
+def _null():
+    return {name: {"in_training_cell": _hits(0.33)} for name in ("a", "b")}
+
+
+def _synthetic_grid():
+    # "none" reaches coarse 0.8 at an lr where half_angle is still at 0.55: only matching makes them comparable
+    return (_condition("none", None, (0.3, 0.7, 0.9, 0.95), 0.3)
+            # 0.2 lower at every coarse level (per-seed differences -0.2, -0.19, -0.21)
+            + _condition("half_angle", 1.0, (0.1, 0.4, 0.7, 0.9), 0.1, {1: 0.01, 2: -0.01})
+            # 0.1 lower: not the chosen weight
+            + _condition("half_angle", 10.0, (0.1, 0.4, 0.7, 0.9), 0.2)
+            # lowest leakage of all, but never reaches coarse 0.8: cannot be chosen
+            + _condition("half_angle", 100.0, (0.05, 0.1, 0.2, 0.5), 0.05)
+            # equal to "none" on average (per-seed differences 0, +0.02, -0.02)
+            + _condition("class_endpoint", 1.0, (0.2, 0.6, 0.85, 0.95), 0.3, {1: 0.02, 2: -0.02}))
+
+
+def test_leakage_at_matched_reconstruction_is_paired_against_none():
+    summary = summarise_h3(_null(), _synthetic_grid(), draws=500)
+    by = {(c["variant"], c["weight"]): c for c in summary["conditions"]}
+    lower = by[("half_angle", 1.0)]["matched"]["0.8"]
+    assert lower["leakage_minus_none"]["estimate"] == pytest.approx(-0.2, abs=1e-9)
+    assert lower["leakage_minus_none"]["hi"] < 0  # the paired interval excludes 0
+    assert lower["leakage"]["estimate"] == pytest.approx(0.1 + 0.32, abs=1e-9)
+    none = by[("none", None)]["matched"]["0.8"]
+    assert none["leakage_excess"]["estimate"] == pytest.approx(0.3 + 0.32 - 0.33, abs=1e-9)
+    equal = by[("class_endpoint", 1.0)]["matched"]["0.8"]["leakage_minus_none"]
+    assert equal["estimate"] == pytest.approx(0.0, abs=1e-9) and equal["lo"] <= 0 <= equal["hi"]
+    assert by[("half_angle", 100.0)]["matched"]["0.8"]["seeds_reaching"] == 0
+    assert summary["variants"]["half_angle"]["chosen"]["weight"] == 1.0
+    assert summary["variants"]["half_angle"]["chosen"]["mean_leakage"] == pytest.approx(0.42, abs=1e-9)
+    assert by[("half_angle", 1.0)]["matched"]["0.8"]["drift_minus_none"]["estimate"] == pytest.approx(0.0, abs=1e-9)
+    json.dumps(summary, allow_nan=False)  # JSON-ready
+
+
+def test_highest_safe_lr_stops_at_the_first_rate_outside_the_null():
+    rows = [{"lr": lr, "inside_null": inside, "appearance_error": {"estimate": lr}}
+            for lr, inside in ((1e-3, True), (2e-3, True), (3e-3, False), (6e-3, True))]
+    assert highest_safe_lr(rows) == {"lr": 2e-3, "appearance_error": {"estimate": 2e-3}}
+    assert highest_safe_lr([dict(rows[2])])["lr"] is None
+
+
+def test_drift_is_a_change_of_detected_shape_colour_or_cell():
+    left, right = CELL_CENTRES[0], CELL_CENTRES[2]
+    square = render_scene(Scene("square", "red", "white", 0, 0, left, left, 11.0))
+    moved = render_scene(Scene("square", "red", "white", 2, 2, right, right, 11.0))
+    triangle = render_scene(Scene("triangle", "red", "white", 0, 0, left, left, 11.0))
+    character, character_moved = render_character(left, left), render_character(right, left)
+    on = np.stack([square, square, triangle, character, character_moved])
+    off = np.stack([square, moved, square, character, character])
+    records = drift_records(on, off)
+    assert records["drift"] == [0, 1, 1, 0, 1]
+    assert records["drift_cell"] == [0, 1, 0, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def quick_h3(tmp_path_factory):
+    """The quick H1 pivots (only the rate H3 starts from), then the quick H3 grid into the same folder."""
+    import toml
+
+    from pti_plugin.embedded_default import default_model_dir
+    from pti_plugin.toy_world.h1_inversion import H1Settings, run_h1
+    from pti_plugin.toy_world.h3_variants import run_h3
+
+    out = tmp_path_factory.mktemp("h3")
+    base = toml.load(Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml")
+    model = Path(default_model_dir())
+    settings = H3Settings.quick()
+    assert settings.pivot_lr == H1Settings.quick().inversion_lrs[0]
+    run_h1(model, out, base, dataclasses.replace(settings.h1, inversion_lrs=(settings.pivot_lr,), vector_counts=()),
+           log=lambda text: None)
+    cells = run_h3(model, out, base, settings, log=lambda text: None)
+    return out, settings, cells
+
+
+def test_quick_h3_measures_every_cell(quick_h3):
+    from pti_plugin.toy_world.h1_inversion import load_cells
+    from pti_plugin.toy_world.h3_variants import load_h3_cells
+
+    out, settings, cells = quick_h3
+    assert len(cells) == len(settings.cells()) == 4
+    for variant, weight, lr, seed in settings.cells():
+        part = json.loads((out / "parts" / f"{cell_name(variant, weight, lr, seed)}.json").read_text())
+        for key in DRIFT_KEYS + ("coarse", "in_training_cell", "appearance_error"):
+            assert len(part[key]) == settings.seeds
+    assert len(load_h3_cells(out, settings)) == 4
+    null, _ = load_cells(out, settings.h1)
+    summary = summarise_h3(null, load_h3_cells(out, settings), draws=100)
+    assert {c["variant"] for c in summary["conditions"]} == {"half_angle", "reg_images"}
+
+
+def test_quick_h3_presets_hold_each_variants_regulariser(quick_h3):
+    import toml
+
+    out, settings, _ = quick_h3
+    locality = [toml.load(p) for p in sorted((out / "runs").glob("h3-half_angle-*.toml"))]
+    assert len(locality) == len(settings.training_seeds)
+    for preset in locality:
+        options = preset["plugins"]["pivot_locality"]
+        assert options["fractions"] == [0.5] and options["fraction_sampling"] == "fixed"
+        assert options["weight"] == 10.0 and options["class_words"] == ["character"]
+        assert options["latents"] == "batch"  # the base preset's table
+        assert Path(preset["weights"]).name == "tok1.safetensors" and Path(preset["weights"]).is_file()
+    reg = [toml.load(p) for p in sorted((out / "runs").glob("h3-reg_images-*.toml"))]
+    assert len(reg) == len(settings.training_seeds)
+    for preset in reg:
+        assert preset["plugins"] == {} and preset["prior_loss_weight"] == 1.0
+        images = list(Path(preset["reg_data_dir"]).glob("1_character/*.png"))
+        assert len(images) == settings.reg_images
