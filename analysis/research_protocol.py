@@ -3,12 +3,16 @@
 
     OMP_NUM_THREADS=1 python analysis/research_protocol.py h1 [--out outputs/protocol] [--seeds 42,1,2] [--no_vectors]
     OMP_NUM_THREADS=1 python analysis/research_protocol.py h2 [--out outputs/protocol] [--seeds 42,1,2] [--wait 3600]
+    OMP_NUM_THREADS=1 python analysis/research_protocol.py h3 [--out outputs/protocol] [--seeds 42,1,2] [--wait 3600]
     python analysis/research_protocol.py report [--out outputs/protocol] [--results analysis/results/research_protocol]
 
 ``h1``: the inversion grid of :mod:`pti_plugin.toy_world.h1_inversion` (training seeds ``--seeds``;
 ``--no_vectors`` leaves the 2- and 4-vector cells for later), into ``OUT/h1``.
 ``h2``: the LoRA runs of :mod:`pti_plugin.toy_world.h2_runs` from each seed's H1 pivot at
 ``--pivot_lr`` (waiting up to ``--wait`` seconds for a pivot another process trains), into ``OUT/h2``.
+``h3``: the LoRA variants of :mod:`pti_plugin.toy_world.h3_variants` (none, pivot locality at half
+the angle / uniform over half of it / the class endpoint, kohya reg images; each on a weight grid)
+from each seed's H1 pivot at ``--pivot_lr``, into ``OUT/h3``.
 ``report``: the statistics and the report (:mod:`pti_plugin.toy_world.protocol_report`) of what
 is measured so far, into ``--results``: H1 from the cells' parts, H2 from ``OUT/h2/curves-lr<lr>/
 learning_curves.json`` (``analysis/learning_curves.py`` on each learning rate's runs).
@@ -31,7 +35,7 @@ BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=("h1", "h2", "report"))
+    parser.add_argument("part", choices=("h1", "h2", "h3", "report"))
     parser.add_argument("--results", type=Path, default=Path("analysis/results/research_protocol"))
     parser.add_argument("--draws", type=int, default=2000, help="report: bootstrap draws")
     parser.add_argument("--out", type=Path, default=Path("outputs/protocol"))
@@ -67,6 +71,14 @@ def main(argv=None) -> None:
             h1 = dataclasses.replace(h1, vector_counts=())
         cells = run_h1(model, args.out / "h1", base, h1, only_seeds=seeds)
         print(f"h1: {len(cells)} cells in {args.out / 'h1'}")
+        return
+    if args.part == "h3":
+        from pti_plugin.toy_world.h3_variants import H3Settings, run_h3
+
+        h3 = H3Settings.quick() if args.quick else dataclasses.replace(H3Settings(), pivot_lr=args.pivot_lr)
+        cells = run_h3(model, args.out / "h3", base, h3, only_seeds=seeds, h1_out=args.out / "h1",
+                       wait_seconds=args.wait)
+        print(f"h3: {len(cells)} cells in {args.out / 'h3'}")
         return
     h2 = H2Settings.quick() if args.quick else H2Settings()
     if seeds is not None:
@@ -108,7 +120,33 @@ def write_protocol_report(out: Path, results: Path, h1, draws: int) -> Path:
     if records:
         sections.append({"title": "H2: appearance before position along LoRA training", "lines": h2_lines(records),
                          "figures": [(f"LoRA lr {lr}", results / f"h2_curves-lr{lr}.png") for lr in records]})
+    sections.append(h3_section(out, results, null, draws))
     return write_report(results, sections)
+
+
+def h3_section(out: Path, results: Path, null: dict | None, draws: int) -> dict:
+    """H3's section: its summary (``h3_summary.json``) when cells are measured, else what is missing."""
+    import json
+
+    from pti_plugin.atomic_io import atomic_write_text
+    from pti_plugin.toy_world.h3_summary import summarise_h3
+    from pti_plugin.toy_world.h3_variants import H3Settings, load_h3_cells
+
+    settings = H3Settings()
+    cells = load_h3_cells(out / "h3", settings)
+    title = "H3: pivot locality against the other variants at matched reconstruction"
+    if not cells:
+        return {"title": title, "lines": [f"**Verdict: not measured.** None of the {len(settings.cells())} LoRA cells "
+                                          "(variant x weight x lr x training seed) is measured yet "
+                                          "(`analysis/research_protocol.py h3`)."]}
+    summary = summarise_h3(null, cells, draws)
+    atomic_write_text(results / "h3_summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    lines = [f"{len(cells)} of {len(settings.cells())} cells measured; the full summary is `h3_summary.json`.", "",
+             "| variant | chosen weight | highest lr inside the null |", "| --- | --- | --- |"]
+    for variant, record in summary["variants"].items():
+        chosen, safe = record["chosen"] or {}, record["highest_safe_lr"] or {}
+        lines.append(f"| {variant} | {chosen.get('weight')} | {safe.get('lr')} |")
+    return {"title": title, "lines": lines}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pti_plugin.toy_world.world import CELL_CENTRES, render_character, render_sc
 def _cell(lr, seed, coarse_p, joint_p, angle, rng, n=64):
     draw = lambda p: rng.binomial(1, p, n).tolist()  # noqa: E731
     return {"lr": lr, "seed": seed, "vectors": 1, "steps": 1000, "coarse": draw(coarse_p), "detail": draw(0.0),
-            "appearance_error": rng.uniform(0.1, 0.2, n).tolist(), "joint_edit": draw(joint_p), "edit": draw(0.9), "joint_background_edit": draw(0.5),
+            "appearance_error": rng.uniform(0.1, 0.2, n).tolist(), "joint_edit": draw(joint_p), "edit": draw(0.9), "joint_background_edit": draw(joint_p),
             "in_training_cell": draw(1 / 3), "has_object": [1] * n,
             "movement": {"pivot_l2_from_init": angle / 100, "pivot_angle_from_init_deg": angle,
                          "output_angle_layernorm_deg": angle}}
@@ -49,11 +49,15 @@ def test_h1_summary_intervals_are_ordered_and_reproducible():
 def test_h1_verdict_follows_the_joint_editability_at_the_farthest_pivot():
     lost = summarise_h1(_null(), _grid(0.1), draws=500)
     assert lost["verdict"]["verdict"] == "supported"
-    assert lost["verdict"]["joint_edit_farthest_minus_best"]["hi"] < 0
+    assert lost["verdict"]["editability_drops"]["joint_edit"]["farthest_minus_best"]["hi"] < 0
     knee = lost["knees"]["output_angle_layernorm_deg"]
     assert 2.0 <= knee["knee_x"] <= 6.5  # the step in reconstruction sits between the 2nd and 4th rate
     kept = summarise_h1(_null(), _grid(1.0, plateau=1.0), draws=500)
     assert kept["verdict"]["verdict"] == "not supported"  # editability never falls: no trade-off
+    collapsed = _grid(1.0, plateau=1.0) + [_cell(1e-1, s, 0.3, 0.1, 90.0, np.random.default_rng(s)) for s in (42, 1, 2)]
+    after_collapse = summarise_h1(_null(), collapsed, draws=500)["verdict"]
+    assert after_collapse["collapse_lr"] == 1e-1  # reconstruction 0.3 of 1.0: left out of the verdict
+    assert after_collapse["verdict"] == "not supported"
     noisy = summarise_h1(_null(), _grid(0.6, plateau=0.8), draws=500)
     assert noisy["verdict"]["verdict"] in ("supported", "inconclusive")
 

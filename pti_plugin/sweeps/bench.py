@@ -3,7 +3,7 @@
 Usage (in the background, resumable; about 1.5 hours on one CPU thread with the defaults)::
 
     OMP_NUM_THREADS=1 python analysis/research_bench.py [--out outputs/research_bench]
-        [--preset presets/research_bench.toml] [--set KEY=VALUE] [--inversion_lrs 1e-3,3e-3,1e-2,3e-2,1e-1]
+        [--preset presets/research_bench.toml] [--set KEY=VALUE] [--inversion_lrs 1e-5,2e-5,2.75e-5,3e-5,1e-4,1e-3]
         [--lora_lrs 1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3] [--inversion_steps 1000] [--lora_steps 1000]
         [--variants none,half_angle,class_endpoint,reg_images] [--pivot_lr knee|LR]
         [--seeds 16] [--sample_steps 25] [--guidance 3] [--leakage_threshold 0.1] [--training_seeds 1]
@@ -230,6 +230,12 @@ def choose_pivot(rows: list[dict], choice: str) -> tuple[dict, str]:
     return done[len(done) // 2], "middle learning rate (no knee: fewer than 3 runs or a flat curve)"
 
 
+def class_word_of(raw: dict, config) -> str:
+    """The class of the regularisation images: the pivot-locality plugin's first class word, else the init word."""
+    words = raw.get("plugins", {}).get(PLUGIN, {}).get("class_words") or []
+    return words[0] if words else config.init_words[0]
+
+
 def generate_reg_images(run_dir: Path, class_word: str, reg_dir: Path, count: int, args) -> Path:
     """``count`` images of ``T(class_word)`` by the base model, in kohya layout ``reg_dir/1_<class>/``; once."""
     import tempfile
@@ -266,7 +272,7 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=Path("outputs/research_bench"))
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help="preset override KEY=VALUE (nested keys with dots, e.g. plugins.pivot_locality.weight=1)")
-    parser.add_argument("--inversion_lrs", type=lrs_arg, default="1e-3,3e-3,1e-2,3e-2,1e-1")
+    parser.add_argument("--inversion_lrs", type=lrs_arg, default="1e-5,2e-5,2.75e-5,3e-5,1e-4,1e-3")
     parser.add_argument("--lora_lrs", type=lrs_arg, default="1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3")
     parser.add_argument("--inversion_steps", type=int, default=1000, help="steps per inversion run (the notes: 1000)")
     parser.add_argument("--lora_steps", type=int, default=1000, help="steps per LoRA run (the notes: 1000)")
@@ -335,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     reg_dir = None
     if "reg_images" in args.variants:  # images of the base model (LoRA off, class word): the same for every seed
-        reg_dir = generate_reg_images(Path(pivots[0]["run_dir"]), config.init_words[0], args.out / "reg",
+        reg_dir = generate_reg_images(Path(pivots[0]["run_dir"]), class_word_of(raw, config), args.out / "reg",
                                       args.reg_images, args)
     rows += lora_sweeps(raw, config, pivot_files, reg_dir, engine, args)
     for k, pivot in pivots.items():  # each run's leakage excess over its own seed's pivot

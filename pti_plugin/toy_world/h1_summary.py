@@ -10,10 +10,13 @@ the chord) of the per-seed coarse-reconstruction curves against the seed-mean ou
 of each learning rate, with a bootstrap interval over training seeds; the same curve is fitted with
 one line and with two joined segments (:func:`~pti_plugin.metrics.curves.segment_fits`, BIC).
 
-**Verdict.** H1 says reconstruction is gained and editability lost as the pivot moves away. It is
-*supported* when the reconstruction curve has a knee (found in at least 95% of resamples) and the
-joint editability at the farthest pivot is below its best over the grid, with the paired
-difference's interval below 0; *not supported* when the knee search ran (3 or more learning rates) and
+**Verdict.** H1 says reconstruction is gained and editability lost as the pivot moves away. The
+rates from a *collapse* on (reconstruction falling below 0.9 of its best, past the best: the pivot
+has left what the model can read, and reconstruction and editability fall together) are reported
+but left out of the verdict. It is *supported* when the reconstruction curve has a knee (found in at
+least 95% of resamples) and a joint editability (position edits, or the backgrounds the neutral
+prompts ask for) at the farthest remaining pivot is below its best, with the paired difference's
+interval below 0; *not supported* when the knee search ran (3 or more learning rates) and
 finds no knee or that interval lies within +-0.1 (no loss worth the name); otherwise *inconclusive*.
 """
 
@@ -38,6 +41,10 @@ SCORES = {
 }
 #: A change of joint editability within this margin counts as none (the verdict's "not supported").
 NO_LOSS_MARGIN = 0.1
+#: A rate past the best reconstruction whose reconstruction falls below this share of the best has collapsed.
+COLLAPSE_SHARE = 0.9
+#: The joint editabilities the verdict reads (position edits; backgrounds asked in the neutral prompts).
+EDIT_SCORES = ("joint_edit", "joint_background_edit")
 MOVEMENT = ("pivot_l2_from_init", "pivot_angle_from_init_deg", "output_angle_layernorm_deg")
 
 
@@ -111,24 +118,43 @@ def knee_and_fits(rows: list[dict], groups: dict[float, list[dict]], draws: int 
     return out
 
 
+def collapse_index(rows: list[dict]) -> int | None:
+    """Index of the first learning rate past the best coarse reconstruction whose reconstruction falls
+    below :data:`COLLAPSE_SHARE` of that best (the pivot has left the region the model reads), or None."""
+    coarse = [r["coarse"]["estimate"] for r in rows]
+    best = int(np.nanargmax(coarse))
+    return next((k for k in range(best + 1, len(rows)) if coarse[k] < COLLAPSE_SHARE * coarse[best]), None)
+
+
+def _drop(groups: dict[float, list[dict]], key: str, far: float, best: float, draws: int) -> Interval:
+    """Paired (over shared training seeds and sampling seeds) ``key`` at rate ``far`` minus at rate ``best``."""
+    shared = sorted({c["seed"] for c in groups[far]} & {c["seed"] for c in groups[best]})
+    pick = lambda lr: seed_matrix([c for c in groups[lr] if c["seed"] in shared], key)  # noqa: E731
+    return paired_difference(pick(far), pick(best), draws)
+
+
 def verdict(rows: list[dict], groups: dict[float, list[dict]], knees: dict, draws: int = 2000) -> dict:
-    """The module docstring's rule, with the interval that decides."""
-    joint = [r["joint_edit"]["estimate"] for r in rows]
-    best = int(np.nanargmax(joint))
-    lrs = list(groups)
-    shared = sorted(set.intersection(*({c["seed"] for c in groups[lr]} for lr in (lrs[best], lrs[-1]))))
-    pick = lambda lr: seed_matrix([c for c in groups[lr] if c["seed"] in shared], "joint_edit")  # noqa: E731
-    drop: Interval = paired_difference(pick(lrs[-1]), pick(lrs[best]), draws)
+    """The module docstring's rule, with the intervals that decide, on the rates before any collapse."""
+    collapse = collapse_index(rows)
+    kept = rows[:collapse] if collapse is not None else rows
+    lrs = [r["lr"] for r in kept]
+    drops = {}
+    for key in EDIT_SCORES:
+        best = lrs[int(np.nanargmax([r[key]["estimate"] for r in kept]))]
+        drops[key] = {"best_lr": best, "farthest_lr": lrs[-1],
+                      "farthest_minus_best": _drop(groups, key, lrs[-1], best, draws).to_dict()}
     knee = knees.get("output_angle_layernorm_deg")
     has_knee = knee is not None and knee["knee_x"] is not None and knee["no_knee_fraction"] <= 0.05
-    if has_knee and drop.hi < 0:
+    intervals = [d["farthest_minus_best"] for d in drops.values()]
+    if has_knee and any(i["hi"] < 0 for i in intervals):
         word = "supported"
-    elif knee is not None and (not has_knee or (-NO_LOSS_MARGIN <= drop.lo and drop.hi <= NO_LOSS_MARGIN)):
+    elif knee is not None and (not has_knee or all(-NO_LOSS_MARGIN <= i["lo"] and i["hi"] <= NO_LOSS_MARGIN
+                                                   for i in intervals)):
         word = "not supported"
     else:
         word = "inconclusive"
-    return {"verdict": word, "joint_edit_best_lr": lrs[best], "farthest_lr": lrs[-1],
-            "joint_edit_farthest_minus_best": drop.to_dict(), "knee_found": has_knee}
+    return {"verdict": word, "knee_found": has_knee, "editability_drops": drops,
+            "collapse_lr": None if collapse is None else rows[collapse]["lr"]}
 
 
 def vector_rows(cells: list[dict], draws: int = 2000) -> list[dict]:

@@ -90,9 +90,12 @@ def h1_table(summary: dict) -> list[str]:
 
 def h1_lines(summary: dict) -> list[str]:
     v = summary.get("verdict") or {}
-    lines = [f"**Verdict: {v.get('verdict', 'not measured')}.** Joint editability at the farthest pivot (lr "
-             f"{_num(v.get('farthest_lr'))}) minus its best (lr {_num(v.get('joint_edit_best_lr'))}): "
-             f"{fmt(v.get('joint_edit_farthest_minus_best'))}; knee found: {v.get('knee_found')}.", ""]
+    drops = "; ".join(f"{key} at lr {_num(d['farthest_lr'])} minus its best (lr {_num(d['best_lr'])}): "
+                      f"{fmt(d['farthest_minus_best'])}" for key, d in (v.get("editability_drops") or {}).items())
+    collapse = v.get("collapse_lr")
+    lines = [f"**Verdict: {v.get('verdict', 'not measured')}.** Knee found: {v.get('knee_found')}. {drops}. "
+             + (f"Collapse from lr {collapse:g} (left out of the verdict)." if collapse else "No collapse in the grid."),
+             ""]
     for axis, knee in summary["knees"].items():
         seg = knee["segments_coarse"]
         two = seg["two_segments"] or {}
