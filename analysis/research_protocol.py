@@ -118,7 +118,8 @@ def write_protocol_report(out: Path, results: Path, h1, draws: int) -> Path:
         records[path.parent.name[9:]] = json.loads(path.read_text())
         shutil.copyfile(path.with_suffix(".png"), results / f"h2_{path.parent.name}.png")
     if records:
-        sections.append({"title": "H2: appearance before position along LoRA training", "lines": h2_lines(records),
+        null_hi = (summary["null"] or {}).get("training_cells_a", {}).get("hi")
+        sections.append({"title": "H2: appearance before position along LoRA training", "lines": h2_lines(records, null_hi),
                          "figures": [(f"LoRA lr {lr}", results / f"h2_curves-lr{lr}.png") for lr in records]})
     sections.append(h3_section(out, results, null, draws))
     return write_report(results, sections)

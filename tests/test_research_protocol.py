@@ -160,3 +160,19 @@ def test_train_run_keeps_one_preset_file_per_run_even_with_dotted_names(tmp_path
     files = sorted(p.name for p in (tmp_path / "runs").glob("*.toml"))
     assert files == sorted([f"{first.name}.toml", f"{second.name}.toml"])
     assert toml.load(tmp_path / "runs" / f"{first.name}.toml")["learning_rate"] == 2.5e-5
+
+
+def test_h2_reading_needs_position_to_leave_the_null_band():
+    from pti_plugin.toy_world.protocol_report import h2_verdict
+
+    def summary(position_runs, lo, hi):
+        return {"position": {"per_run": position_runs}, "steps_ratio": {"ratio": {"estimate": (lo + hi) / 2,
+                                                                                  "lo": lo, "hi": hi}}}
+
+    flat = [[0.3, 0.35, 0.3, 0.4, 0.38], [0.33, 0.3, 0.36, 0.34, 0.4]]
+    risen = [[0.3, 0.35, 0.6, 0.9, 0.9], [0.33, 0.4, 0.7, 0.85, 0.9]]
+    assert h2_verdict(summary(flat, 2.0, 5.0), null_hi=0.47).startswith("position not learned")
+    assert h2_verdict(summary(risen, 2.0, 5.0), null_hi=0.47) == "holds"
+    assert h2_verdict(summary(risen, 0.5, 0.9), null_hi=0.47) == "does not hold"
+    assert h2_verdict(summary(risen, 0.8, 1.5), null_hi=0.47) == "inconclusive"
+    assert h2_verdict(summary([risen[0], flat[0]], 2.0, 5.0), null_hi=0.47).startswith("inconclusive")

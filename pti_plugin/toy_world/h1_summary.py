@@ -6,7 +6,7 @@ null is the base model with the init word sampled twice with disjoint seed sets;
 fraction of a cell is reported as excess over the null's first set.
 
 **The knee** (:func:`~pti_plugin.metrics.curves.knee_with_interval`, Kneedle's maximum distance to
-the chord) of the per-seed coarse-reconstruction curves against the seed-mean output-space angle
+the chord; rates from a collapse on, defined below, left out) of the per-seed coarse-reconstruction curves against the seed-mean output-space angle
 of each learning rate, with a bootstrap interval over training seeds; the same curve is fitted with
 one line and with two joined segments (:func:`~pti_plugin.metrics.curves.segment_fits`, BIC).
 
@@ -48,13 +48,14 @@ EDIT_SCORES = ("joint_edit", "joint_background_edit")
 MOVEMENT = ("pivot_l2_from_init", "pivot_angle_from_init_deg", "output_angle_layernorm_deg")
 
 
-def _array(values: list) -> np.ndarray:
+def float_array(values: list) -> np.ndarray:
+    """``values`` as a float64 array, None as NaN."""
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
 def seed_matrix(cells: list[dict], key: str) -> np.ndarray:
     """``[training seeds, sampling seeds]`` of one score over ``cells`` (one per training seed; shorter rows NaN-padded)."""
-    rows = [_array(c[key]) for c in cells]
+    rows = [float_array(c[key]) for c in cells]
     width = max(len(r) for r in rows)
     return np.vstack([np.pad(r, (0, width - len(r)), constant_values=np.nan) for r in rows])
 
@@ -70,7 +71,7 @@ def group_cells(cells: list[dict], vectors: int = 1) -> dict[float, list[dict]]:
 
 def null_summary(null: dict, draws: int = 2000) -> dict:
     """The base model against itself: each set's training-cell fraction and the difference of the sets."""
-    a, b = (_array(null[name]["in_training_cell"])[None, :] for name in ("a", "b"))
+    a, b = (float_array(null[name]["in_training_cell"])[None, :] for name in ("a", "b"))
     return {"training_cells_a": two_level_bootstrap(a, draws).to_dict(),
             "training_cells_b": two_level_bootstrap(b, draws).to_dict(),
             "difference_b_minus_a": excess_over_null(b, a, draws).to_dict()}
@@ -88,7 +89,7 @@ def point_row(lr: float, cells: list[dict], null: dict | None, draws: int = 2000
         row[key] = two_level_bootstrap(seed_matrix(cells, key), draws).to_dict()
     if null is not None:
         row["training_cell_excess"] = excess_over_null(seed_matrix(cells, "in_training_cell"),
-                                                       _array(null["a"]["in_training_cell"])[None, :], draws).to_dict()
+                                                       float_array(null["a"]["in_training_cell"])[None, :], draws).to_dict()
     return row
 
 
@@ -98,7 +99,7 @@ def per_seed_curves(groups: dict[float, list[dict]], key: str) -> np.ndarray:
     out = np.full((len(seeds), len(groups)), np.nan)
     for j, cells in enumerate(groups.values()):
         for c in cells:
-            out[seeds.index(c["seed"]), j] = np.nanmean(_array(c[key]))
+            out[seeds.index(c["seed"]), j] = np.nanmean(float_array(c[key]))
     return out
 
 
@@ -176,7 +177,8 @@ def summarise_h1(null: dict | None, cells: list[dict], draws: int = 2000) -> dic
     """Everything above for the measured cells (a partial grid gives a partial summary)."""
     groups = group_cells(cells, 1)
     rows = [point_row(lr, members, null, draws) for lr, members in groups.items()]
-    knees = knee_and_fits(rows, groups, draws) if len(rows) >= 3 else {}
+    kept = rows[:collapse_index(rows)] if rows else rows  # the knee, like the verdict, stops at a collapse
+    knees = knee_and_fits(kept, {r["lr"]: groups[r["lr"]] for r in kept}, draws) if len(kept) >= 3 else {}
     return {"rows": rows, "null": null_summary(null, draws) if null else None, "knees": knees,
             "verdict": verdict(rows, groups, knees, draws) if len(rows) >= 2 else None,
             "vectors": vector_rows(cells, draws)}

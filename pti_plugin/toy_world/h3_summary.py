@@ -32,7 +32,7 @@ import numpy as np
 
 from ..metrics.curves import value_at_matched
 from ..metrics.replication import Interval, excess_over_null, seed_level_interval, two_level_bootstrap
-from .h1_summary import _array, null_summary, per_seed_curves, seed_matrix
+from .h1_summary import float_array, null_summary, per_seed_curves, seed_matrix
 
 MATCHED_COARSE = (0.5, 0.8, 0.9)
 CHOICE_COARSE = 0.8
@@ -150,7 +150,7 @@ def choose_weight(conditions: list[dict]) -> dict | None:
 def summarise_h3(null: dict | None, cells: list[dict], draws: int = 2000) -> dict:
     """Everything above for the measured cells (a partial grid gives a partial summary). ``null``:
     H1's null part (:func:`~.h1_inversion.load_cells`), lists under ``a`` and ``b``."""
-    null_a = None if null is None else _array(null["a"]["in_training_cell"])[None, :]
+    null_a = None if null is None else float_array(null["a"]["in_training_cell"])[None, :]
     null_interval = None if null_a is None else two_level_bootstrap(null_a, draws)
     grouped = group_conditions(cells)
     per_seed = {condition: {"leakage": matched_per_seed(groups, "in_training_cell"),

@@ -46,7 +46,7 @@ def h1_plot(summary: dict, path: Path) -> None:
     x = [max(r["output_angle_layernorm_deg"] or 0.0, 1e-3) for r in rows]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     panels = ((axes[0, 0], ("coarse", "detail"), "fraction of neutral images"),
-              (axes[0, 1], ("joint_edit", "edit"), "fraction of edit images"),
+              (axes[0, 1], ("joint_edit", "joint_background_edit", "edit"), "fraction of edit images"),
               (axes[1, 0], ("appearance_error",), "graded error (lower = better)"),
               (axes[1, 1], ("in_training_cell",), "objects in a training cell"))
     for ax, keys, label in panels:
@@ -134,15 +134,38 @@ def write_h1_csv(path: Path, summary: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------- H2
-def h2_lines(records: dict[str, dict]) -> list[str]:
-    lines = ["| LoRA lr | runs | T_app (steps) | T_pos (steps) | T_pos / T_app [95%] | same in ‖ΔW‖ | H2 holds |",
-             "|" + " --- |" * 7]
+def _plateau(curve: list, points: int = 3) -> float:
+    values = [v for v in curve[-points:] if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def h2_verdict(summary: dict, null_hi: float | None) -> str:
+    """One learning rate's H2 reading. Position counts as learned in a run when its training-cell
+    plateau (mean of the last 3 saves) lies above the null's upper bound; a half-way time of a curve
+    that never left the null's band is noise, so the ratio then says nothing."""
+    learned = [null_hi is not None and _plateau(run) > null_hi for run in summary["position"]["per_run"]]
+    ratio = summary["steps_ratio"]["ratio"]
+    if not any(learned):
+        return "position not learned (no run's plateau above the null): T_pos undefined"
+    if not all(learned):
+        return f"inconclusive: position learned in {sum(learned)} of {len(learned)} runs"
+    if ratio is None:
+        return "inconclusive: no usable ratio"
+    return "holds" if ratio["lo"] > 1.0 else ("does not hold" if ratio["hi"] <= 1.0 else "inconclusive")
+
+
+def h2_lines(records: dict[str, dict], null_hi: float | None) -> list[str]:
+    lines = ["| LoRA lr | runs | appearance base -> plateau | training cells base -> plateau | T_app | T_pos | "
+             "T_pos / T_app [95%] | same in ‖ΔW‖ | reading |", "|" + " --- |" * 9]
     for lr, record in records.items():
         s = record["summary"]
-        ratio = s["steps_ratio"]["ratio"]
+        app, pos = s["appearance"]["per_run"], s["position"]["per_run"]
+        mean = lambda runs, f: sum(f(r) for r in runs) / len(runs)  # noqa: E731
         norm = (s.get("delta_norm_ratio") or {}).get("ratio")
-        lines.append(f"| {lr} | {s['n_runs']} | {_num(s['t_app_mean'])} | {_num(s['t_pos_mean'])} | {fmt(ratio, 2)} | "
-                     f"{fmt(norm, 2)} | {s['h2_holds']} |")
+        lines.append(f"| {lr} | {s['n_runs']} | {mean(app, lambda r: r[0]):.2f} -> {mean(app, _plateau):.2f} | "
+                     f"{mean(pos, lambda r: r[0]):.2f} -> {mean(pos, _plateau):.2f} | {_num(s['t_app_mean'])} | "
+                     f"{_num(s['t_pos_mean'])} | {fmt(s['steps_ratio']['ratio'], 2)} | {fmt(norm, 2)} | "
+                     f"{h2_verdict(s, null_hi)} |")
     return lines
 
 
