@@ -44,8 +44,45 @@ def parse_args(argv):
     parser.add_argument("--no_vectors", action="store_true", help="h1: only the 1-vector grid")
     parser.add_argument("--pivot_lr", type=float, default=2.75e-5, help="h2: the H1 learning rate whose pivot LoRAs start from")
     parser.add_argument("--wait", type=float, default=0.0, help="h2: seconds to wait for a missing pivot")
+    parser.add_argument("--lrs", default=None,
+                        help="learning rates of the part's grid, comma-separated (h1: inversion; h2, h3: LoRA; default: the part's)")
+    parser.add_argument("--variants", default=None, help="h3: variants, comma-separated (default: all)")
+    parser.add_argument("--weights", action="append", default=[], metavar="VARIANT=W1,W2",
+                        help="h3: one variant's weight grid (repeatable; default: the module's)")
     parser.add_argument("--quick", action="store_true")
     return parser.parse_args(argv)
+
+
+def float_list(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"error: {flag} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise SystemExit(f"error: {flag} is empty")
+    return values
+
+
+def h3_settings(args):
+    """H3's grid from the flags (``--lrs``, ``--variants``, ``--weights VARIANT=W1,W2``)."""
+    from pti_plugin.toy_world.h3_variants import VARIANTS, H3Settings
+
+    h3 = H3Settings.quick() if args.quick else dataclasses.replace(H3Settings(), pivot_lr=args.pivot_lr)
+    if args.lrs:
+        h3 = dataclasses.replace(h3, lora_lrs=float_list(args.lrs, "--lrs"))
+    if args.variants:
+        h3 = dataclasses.replace(h3, variants=tuple(v.strip() for v in args.variants.split(",")))
+    weights = dict(h3.weights)
+    for item in args.weights:
+        variant, _, values = item.partition("=")
+        if variant not in VARIANTS or variant == "none" or not values:
+            raise SystemExit(f"error: --weights {item!r}: expected VARIANT=W1,W2 with VARIANT among "
+                             f"{[v for v in VARIANTS if v != 'none']}")
+        weights[variant] = float_list(values, f"--weights {variant}")
+    unknown = [v for v in h3.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: --variants: unknown {unknown}; choose among {list(VARIANTS)}")
+    return dataclasses.replace(h3, weights=weights)
 
 
 def main(argv=None) -> None:
@@ -63,19 +100,24 @@ def main(argv=None) -> None:
     h1 = H1Settings.quick() if args.quick else H1Settings()
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     if args.part == "report":
-        page = write_protocol_report(args.out, args.results, h1, args.draws)
+        from pti_plugin.toy_world.protocol_sections import write_protocol_report
+
+        pivot_lr = h1.inversion_lrs[0] if args.quick else args.pivot_lr
+        page = write_protocol_report(args.out, args.results, h1, args.draws, pivot_lr)
         print(f"wrote {page}")
         return
     if args.part == "h1":
+        if args.lrs:
+            h1 = dataclasses.replace(h1, inversion_lrs=float_list(args.lrs, "--lrs"))
         if args.no_vectors:
             h1 = dataclasses.replace(h1, vector_counts=())
         cells = run_h1(model, args.out / "h1", base, h1, only_seeds=seeds)
         print(f"h1: {len(cells)} cells in {args.out / 'h1'}")
         return
     if args.part == "h3":
-        from pti_plugin.toy_world.h3_variants import H3Settings, run_h3
+        from pti_plugin.toy_world.h3_variants import run_h3
 
-        h3 = H3Settings.quick() if args.quick else dataclasses.replace(H3Settings(), pivot_lr=args.pivot_lr)
+        h3 = h3_settings(args)
         cells = run_h3(model, args.out / "h3", base, h3, only_seeds=seeds, h1_out=args.out / "h1",
                        wait_seconds=args.wait)
         print(f"h3: {len(cells)} cells in {args.out / 'h3'}")
@@ -83,71 +125,12 @@ def main(argv=None) -> None:
     h2 = H2Settings.quick() if args.quick else H2Settings()
     if seeds is not None:
         h2 = dataclasses.replace(h2, training_seeds=seeds)
+    if args.lrs:
+        h2 = dataclasses.replace(h2, lora_lrs=float_list(args.lrs, "--lrs"))
     pivot_lr = h1.inversion_lrs[0] if args.quick else args.pivot_lr
     pivots = {s: pivot_file(model, args.out / "h1", base, h1, pivot_lr, s) for s in h2.training_seeds}
     runs = train_h2_runs(model, args.out / "h2", base, pivots, h1.init_word, h2, wait_seconds=args.wait)
     print(f"h2: {sum(map(len, runs.values()))} runs in {args.out / 'h2'}")
-
-
-def write_protocol_report(out: Path, results: Path, h1, draws: int) -> Path:
-    """The report of what ``out`` holds so far (see the module docstring)."""
-    import json
-    import shutil
-
-    from pti_plugin.toy_world.h1_inversion import cell_name, load_cells
-    from pti_plugin.toy_world.h1_summary import summarise_h1
-    from pti_plugin.toy_world.protocol_report import h2_lines, write_h1_files, write_report
-
-    null, cells = load_cells(out / "h1", h1)
-    if not cells:
-        raise SystemExit(f"error: no measured H1 cell under {out / 'h1'} (run the h1 part first)")
-    summary = summarise_h1(null, cells, draws)
-    sections = [{"title": "H1: reconstruction against editability along the inversion learning rate",
-                 "lines": write_h1_files(results, summary), "figures": [("H1 curves", results / "h1.png")]}]
-    grids = results / "grids"
-    grids.mkdir(parents=True, exist_ok=True)
-    seed = h1.training_seeds[0]
-    for lr in h1.inversion_lrs:
-        source = out / "h1" / "parts" / f"{cell_name(lr, seed, 1)}.png"
-        if source.is_file():
-            shutil.copyfile(source, grids / source.name)
-            sections[0]["figures"].append((f"inversion lr {lr:g}, training seed {seed}: 64 neutral images "
-                                           "(4 rows) then 64 edit images (4 rows)", grids / source.name))
-    records = {}
-    for path in sorted((out / "h2").glob("curves-lr*/learning_curves.json"), key=lambda p: float(p.parent.name[9:])):
-        records[path.parent.name[9:]] = json.loads(path.read_text())
-        shutil.copyfile(path.with_suffix(".png"), results / f"h2_{path.parent.name}.png")
-    if records:
-        null_hi = (summary["null"] or {}).get("training_cells_a", {}).get("hi")
-        sections.append({"title": "H2: appearance before position along LoRA training", "lines": h2_lines(records, null_hi),
-                         "figures": [(f"LoRA lr {lr}", results / f"h2_curves-lr{lr}.png") for lr in records]})
-    sections.append(h3_section(out, results, null, draws))
-    return write_report(results, sections)
-
-
-def h3_section(out: Path, results: Path, null: dict | None, draws: int) -> dict:
-    """H3's section: its summary (``h3_summary.json``) when cells are measured, else what is missing."""
-    import json
-
-    from pti_plugin.atomic_io import atomic_write_text
-    from pti_plugin.toy_world.h3_summary import summarise_h3
-    from pti_plugin.toy_world.h3_variants import H3Settings, load_h3_cells
-
-    settings = H3Settings()
-    cells = load_h3_cells(out / "h3", settings)
-    title = "H3: pivot locality against the other variants at matched reconstruction"
-    if not cells:
-        return {"title": title, "lines": [f"**Verdict: not measured.** None of the {len(settings.cells())} LoRA cells "
-                                          "(variant x weight x lr x training seed) is measured yet "
-                                          "(`analysis/research_protocol.py h3`)."]}
-    summary = summarise_h3(null, cells, draws)
-    atomic_write_text(results / "h3_summary.json", json.dumps(summary, indent=1, default=str) + "\n")
-    lines = [f"{len(cells)} of {len(settings.cells())} cells measured; the full summary is `h3_summary.json`.", "",
-             "| variant | chosen weight | highest lr inside the null |", "| --- | --- | --- |"]
-    for variant, record in summary["variants"].items():
-        chosen, safe = record["chosen"] or {}, record["highest_safe_lr"] or {}
-        lines.append(f"| {variant} | {chosen.get('weight')} | {safe.get('lr')} |")
-    return {"title": title, "lines": lines}
 
 
 if __name__ == "__main__":

@@ -145,3 +145,30 @@ def test_quick_h3_presets_hold_each_variants_regulariser(quick_h3):
         assert preset["plugins"] == {} and preset["prior_loss_weight"] == 1.0
         images = list(Path(preset["reg_data_dir"]).glob("1_character/*.png"))
         assert len(images) == settings.reg_images
+
+
+def test_measured_cells_are_found_whatever_grid_ran_them(quick_h3):
+    from pti_plugin.toy_world.h3_variants import load_h3_cells
+
+    out, settings, _ = quick_h3
+    by_grid = load_h3_cells(out, settings)
+    found = load_h3_cells(out)
+    key = lambda c: (c["variant"], c["weight"], c["lr"], c["seed"])  # noqa: E731
+    assert sorted(map(key, found)) == sorted(map(key, by_grid)) == sorted(settings.cells())
+    (out / "parts" / "h3-none-lr0.5-seed7.json").write_text(json.dumps({"coarse": [1]}))  # unmeasured: no drift
+    assert len(load_h3_cells(out)) == len(by_grid)
+
+
+def test_pivot_joins_every_condition_as_lr_zero_with_no_drift(quick_h3):
+    from pti_plugin.toy_world.h1_inversion import cell_name as h1_cell_name
+    from pti_plugin.toy_world.h3_variants import load_h3_cells
+    from pti_plugin.toy_world.protocol_sections import with_pivot_cells
+
+    out, settings, _ = quick_h3
+    cells = load_h3_cells(out, settings)
+    joined = with_pivot_cells(cells, out / "parts", settings.pivot_lr)
+    added = [c for c in joined if c["lr"] == 0.0]
+    assert len(added) == 2 * len(settings.training_seeds)  # two conditions x seeds
+    for cell in added:
+        pivot = json.loads((out / "parts" / f"{h1_cell_name(settings.pivot_lr, cell['seed'], 1)}.json").read_text())
+        assert cell["coarse"] == pivot["coarse"] and set(cell["drift"]) == {0}

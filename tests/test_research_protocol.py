@@ -176,3 +176,43 @@ def test_h2_reading_needs_position_to_leave_the_null_band():
     assert h2_verdict(summary(risen, 0.5, 0.9), null_hi=0.47) == "does not hold"
     assert h2_verdict(summary(risen, 0.8, 1.5), null_hi=0.47) == "inconclusive"
     assert h2_verdict(summary([risen[0], flat[0]], 2.0, 5.0), null_hi=0.47).startswith("inconclusive")
+
+
+def test_report_rebuilt_without_the_runs_keeps_the_committed_results(quick_protocol, tmp_path):
+    """A fresh clone has the committed results but no training runs: rebuilding the report there must
+    keep H1's table and every H2 row, not drop them."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+    import research_protocol
+
+    _, results = quick_protocol
+    committed = tmp_path / "results"
+    shutil.copytree(results, committed)
+    row = "| 0.005 | 3 | 0.40 -> 0.70 | 0.30 -> 0.80 | 50 | 300 | 6.00 [5.00, 7.00] | n/a | holds |"
+    (committed / "h2_rows_recorded.json").write_text(json.dumps({"0.005": row}))
+    before = (committed / "report.md").read_text()
+    empty = tmp_path / "empty_out"
+    (empty / "h1").mkdir(parents=True)
+    research_protocol.main(["report", "--quick", "--out", str(empty), "--results", str(committed), "--draws", "200"])
+    after = (committed / "report.md").read_text()
+    h1_table = [line for line in before.splitlines() if line.startswith("| 0.0001 |") or line.startswith("| 0.01 |")]
+    assert len(h1_table) == 2 and all(line in after.splitlines() for line in h1_table)
+    assert row in after.splitlines() and "kept from an earlier report" in after
+    assert json.loads((committed / "h1_summary.json").read_text()) == json.loads((results / "h1_summary.json").read_text())
+
+
+def test_h3_verdict_reads_the_paired_difference_interval():
+    from pti_plugin.toy_world.h3_lines import verdict
+
+    def summary(lo, hi, reaching=3):
+        entry = {"seeds_reaching": reaching, "leakage_minus_none": {"estimate": (lo + hi) / 2, "lo": lo, "hi": hi}}
+        return {"variants": {"half_angle": {"matched": {"0.8": entry}}}}
+
+    assert verdict(summary(-0.4, -0.1)).startswith("supported")
+    assert verdict(summary(0.0, 0.2)).startswith("not supported")
+    assert verdict(summary(-0.2, 0.1)).startswith("inconclusive")
+    assert verdict(summary(-0.4, -0.1, reaching=1)).startswith("inconclusive")
+    assert verdict({"variants": {}}).startswith("inconclusive")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,15 +219,33 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
     return cells
 
 
-def load_h3_cells(out: Path, settings: H3Settings) -> list[dict]:
-    """The measured cells of the grid under ``out`` (read only: unmeasured cells are left out), each
-    with ``variant``, ``weight``, ``lr``, ``seed``, ``steps``."""
+CELL_NAME = re.compile(r"^h3-(?P<variant>[a-z_]+?)(?:-w(?P<weight>[0-9.e+-]+?))?-lr(?P<lr>[0-9.e+-]+)-seed(?P<seed>-?\d+)$")
+
+
+def _cell_key(name: str) -> tuple[str, float | None, float, int] | None:
+    """``(variant, weight, lr, seed)`` of a part named by :func:`cell_name`, or None."""
+    match = CELL_NAME.match(name)
+    if match is None or match["variant"] not in VARIANTS:
+        return None
+    weight = None if match["weight"] is None else float(match["weight"])
+    return match["variant"], weight, float(match["lr"]), int(match["seed"])
+
+
+def load_h3_cells(out: Path, settings: H3Settings | None = None) -> list[dict]:
+    """The measured cells under ``out`` (read only: unmeasured cells are left out), each with
+    ``variant``, ``weight``, ``lr``, ``seed``, ``steps``: those of ``settings``' grid, or with
+    ``settings=None`` every measured cell whatever grid it was run in (parts named by :func:`cell_name`)."""
+    if settings is None:
+        keys = sorted(filter(None, (_cell_key(p.stem) for p in (Path(out) / "parts").glob("h3-*.json"))),
+                      key=lambda k: (k[0], -1.0 if k[1] is None else k[1], k[2], k[3]))
+        steps = H3Settings().steps
+    else:
+        keys, steps = settings.cells(), settings.steps
     cells = []
-    for variant, weight, lr, seed in settings.cells():
+    for variant, weight, lr, seed in keys:
         path = Path(out) / "parts" / f"{cell_name(variant, weight, lr, seed)}.json"
         if path.is_file():
             record = json.loads(path.read_text())
             if all(key in record for key in NEUTRAL_KEYS + DRIFT_KEYS):
-                cells.append(record | {"variant": variant, "weight": weight, "lr": lr, "seed": seed,
-                                       "steps": settings.steps})
+                cells.append(record | {"variant": variant, "weight": weight, "lr": lr, "seed": seed, "steps": steps})
     return cells

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Where along the noise schedule the toy world decides an object's position (issue: research bench v2, H3).
+
+    OMP_NUM_THREADS=1 python analysis/position_timesteps.py [--model DIR] [--seeds 32] [--switch_every 2] [--out DIR] [--quick]
+
+Each image starts with a prompt asking for one cell and switches, after k of the 25 sampler steps,
+to the same prompt asking for the opposite corner (:mod:`pti_plugin.toy_world.position_timesteps`).
+The share of images that keep the first cell, against the timestep of the switch, shows the band
+where position is decided; the band's share of the uniform training timesteps is what pivot
+locality's rows (which reuse the step's timesteps) spend there. Writes ``position_timesteps.json``
+and ``.png``; the last line reads ``t_high=<f> t_low=<f> regulariser_coverage=<f>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the embedded toy world)")
+    parser.add_argument("--seeds", type=int, default=32, help="sampling seeds per prompt pair and switch point")
+    parser.add_argument("--switch_every", type=int, default=2, help="sampler steps between switch points")
+    parser.add_argument("--out", type=Path, default=Path("outputs/position_timesteps"))
+    parser.add_argument("--quick", action="store_true", help="4 seeds, 4 sampler steps (plumbing)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.switch_every < 1:
+        parser.error("--seeds and --switch_every must be at least 1")
+    return args
+
+
+def plot(path: Path, switch_t, share, band, coverage: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(switch_t, share, "o-", label="first prompt's cell kept")
+    ax.axvspan(band[1], band[0], alpha=0.2, label=f"decision band (share 0.1-0.9): {coverage:.0%} of training t")
+    ax.set_xlabel("timestep of the switch (training scale; noisier to the right)")
+    ax.set_ylabel("share in the first cell")
+    ax.set_xlim(1000, 0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    from pti_plugin.atomic_io import atomic_write_text
+    from pti_plugin.embedded_default import default_model_dir
+    from pti_plugin.toy_world.position_timesteps import (SwitchSettings, band_coverage, decision_band,
+                                                         measure_switches, share_curve)
+    from pti_plugin.toy_world.premise import load_base
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    model = args.model or Path(default_model_dir())
+    settings = (SwitchSettings(seeds=4, sample_steps=4, switch_every=2) if args.quick
+                else SwitchSettings(seeds=args.seeds, switch_every=args.switch_every))
+    base, pipe = load_base(model)
+    measured = measure_switches(base, pipe, settings)
+    switch_t, share = share_curve(measured["rows"], measured["timesteps"],
+                                  base.noise_scheduler.config.num_train_timesteps)
+    t_high, t_low = decision_band(switch_t, share)
+    coverage = band_coverage(t_high, t_low, base.noise_scheduler.config.num_train_timesteps)
+    for t, s in zip(switch_t, share):
+        print(f"switch at t={t:6.1f}: share in the first cell {s:.3f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"model": str(model), "settings": vars(settings) | {"switch_points": settings.switch_points()},
+              "switch_timesteps": switch_t.tolist(), "share_first_cell": share.tolist(),
+              "t_high": t_high, "t_low": t_low, "regulariser_coverage": coverage} | measured
+    atomic_write_text(args.out / "position_timesteps.json", json.dumps(record, indent=1) + "\n")
+    plot(args.out / "position_timesteps.png", switch_t, share, (t_high, t_low), coverage)
+    print(f"t_high={t_high:.1f} t_low={t_low:.1f} regulariser_coverage={coverage:.3f}")
+
+
+if __name__ == "__main__":
+    main()

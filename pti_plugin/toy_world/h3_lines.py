@@ -1,0 +1,120 @@
+"""H3's part of the research protocol's report: the verdict, the tables and the plot.
+
+Reads :func:`~.h3_summary.summarise_h3`'s summary (also as reloaded from ``h3_summary.json``).
+
+**The verdict** (:data:`VERDICT_RULE`) is read at matched coarse reconstruction
+:data:`~.h3_summary.CHOICE_COARSE` for the user's variant (``half_angle``) at its chosen weight:
+the paired difference of the training-cell fraction against no regulariser, per training seed,
+with its interval over seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .h3_summary import CHOICE_COARSE, MATCHED_COARSE
+from .protocol_report import fmt
+
+METHOD_VARIANT = "half_angle"
+VERDICT_RULE = (f"`{METHOD_VARIANT}` at its chosen weight, training-cell fraction minus no regulariser's at matched "
+                f"coarse {CHOICE_COARSE:g}, paired over training seeds: supported when the 95% interval lies below 0, "
+                "not supported when it lies at or above 0, inconclusive when it contains 0 or fewer than 2 seeds reach it")
+
+
+def _label(variant: str, weight) -> str:
+    return variant if weight is None else f"{variant} (w {weight:g})"
+
+
+def verdict(summary: dict) -> str:
+    """:data:`VERDICT_RULE` applied to ``summary``."""
+    record = summary["variants"].get(METHOD_VARIANT) or {}
+    entry = (record.get("matched") or {}).get(f"{CHOICE_COARSE:g}") or {}
+    difference = entry.get("leakage_minus_none")
+    if difference is None or entry.get("seeds_reaching", 0) < 2:
+        return "inconclusive (too few training seeds reach the matched reconstruction)"
+    if difference["hi"] < 0:
+        return f"supported: {fmt(difference)}"
+    if difference["lo"] >= 0:
+        return f"not supported: {fmt(difference)}"
+    return f"inconclusive: {fmt(difference)} contains 0"
+
+
+def lr_table(summary: dict) -> list[str]:
+    head = ["condition", "lr", "seeds", "coarse", "graded error", "training cells", "inside null", "drift"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for condition in summary["conditions"]:
+        for row in condition["rows"]:
+            lines.append(f"| {_label(condition['variant'], condition['weight'])} | {row['lr']:g} | {row['n_seeds']} | "
+                         f"{fmt(row['coarse'], 2)} | {fmt(row['appearance_error'])} | {fmt(row['in_training_cell'], 2)} | "
+                         f"{row['inside_null']} | {fmt(row['drift'], 2)} |")
+    return lines
+
+
+def matched_table(summary: dict) -> list[str]:
+    head = ["condition", "matched coarse", "seeds reaching", "training cells", "excess over null",
+            "minus none (paired)", "drift minus none"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for condition in summary["conditions"]:
+        for target in MATCHED_COARSE:
+            entry = condition["matched"][f"{target:g}"]
+            lines.append(f"| {_label(condition['variant'], condition['weight'])} | {target:g} | {entry['seeds_reaching']} | "
+                         f"{fmt(entry['leakage'], 2)} | {fmt(entry.get('leakage_excess'), 2)} | "
+                         f"{fmt(entry.get('leakage_minus_none'), 2)} | {fmt(entry.get('drift_minus_none'), 2)} |")
+    return lines
+
+
+def h3_lines(summary: dict) -> list[str]:
+    """The H3 section's Markdown lines."""
+    lines = [f"**Verdict: {verdict(summary)}.** Rule: {VERDICT_RULE}.", ""]
+    null = summary.get("null_training_cells")
+    if null:
+        lines.append(f"- Null (base model, init word): training cells {fmt(null, 2)}; a condition is *inside the null* "
+                     "when its interval lies within this one.")
+    lines.append(f"- Weight per variant: {summary['choice_rule']}.")
+    for variant, record in summary["variants"].items():
+        chosen, safe = record.get("chosen") or {}, record.get("highest_safe_lr") or {}
+        lines.append(f"- `{variant}`: weight {chosen.get('weight')}; highest learning rate inside the null "
+                     f"{safe.get('lr')} (graded error there {fmt(safe.get('appearance_error'))}).")
+    lines += ["", "Per learning rate (lr 0 is the pivot alone, LoRA off; two-level 95% intervals):", "",
+              *lr_table(summary), "", "At matched coarse reconstruction (per training seed, interpolated along the "
+              "learning rate; intervals over seeds):", "", *matched_table(summary)]
+    return lines
+
+
+def h3_plot(summary: dict, path: Path) -> None:
+    """Leakage against reconstruction per condition (the Pareto view), and the graded error and drift
+    against the learning rate; error bars are the two-level 95% intervals, grey the null's band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for condition in summary["conditions"]:
+        rows = [r for r in condition["rows"] if r["coarse"] and r["in_training_cell"]]
+        label = _label(condition["variant"], condition["weight"])
+        x = [r["coarse"]["estimate"] for r in rows]
+        y = [r["in_training_cell"]["estimate"] for r in rows]
+        xerr = [[e - r["coarse"]["lo"] for e, r in zip(x, rows)], [r["coarse"]["hi"] - e for e, r in zip(x, rows)]]
+        yerr = [[e - r["in_training_cell"]["lo"] for e, r in zip(y, rows)],
+                [r["in_training_cell"]["hi"] - e for e, r in zip(y, rows)]]
+        axes[0].errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=2, label=label)
+        for panel, key in ((axes[1], "appearance_error"), (axes[2], "drift")):
+            kept = [r for r in rows if r[key]]
+            lrs = [max(r["lr"], 1e-5) for r in kept]
+            est = [r[key]["estimate"] for r in kept]
+            err = [[e - r[key]["lo"] for e, r in zip(est, kept)], [r[key]["hi"] - e for e, r in zip(est, kept)]]
+            panel.errorbar(lrs, est, yerr=err, marker="o", capsize=2, label=label)
+    null = summary.get("null_training_cells")
+    if null:
+        axes[0].axhspan(null["lo"], null["hi"], color="grey", alpha=0.3, label="null 95%")
+    axes[0].set(xlabel="coarse reconstruction", ylabel="objects in a training cell (leakage)")
+    axes[1].set(xscale="log", xlabel="LoRA lr (lr 0 drawn at 1e-5)", ylabel="graded appearance error")
+    axes[2].set(xscale="log", xlabel="LoRA lr (lr 0 drawn at 1e-5)", ylabel="drift of prompts without the pivot")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle("H3: variants along the LoRA learning rate (means over training seeds, 95% two-level intervals)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

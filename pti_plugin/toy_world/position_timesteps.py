@@ -1,0 +1,141 @@
+"""When does the toy world decide *where* an object goes, and does the regulariser look there?
+
+H3 asks the pivot-locality regulariser to keep position leakage down; it can only do that at the
+noise levels where a position is decided. This module measures that band with a *prompt switch*:
+for a pair of prompts that differ only in position (``A`` = ``a red circle at the top left``,
+``B`` = ``... at the bottom right``), each image is denoised with ``A``'s conditioning for the
+first ``k`` sampler steps and ``B``'s for the rest (diffusers' ``callback_on_step_end`` swaps the
+prompt embeddings). At ``k = 0`` the image is ``B``'s, at ``k = steps`` it is ``A``'s (both
+bit-for-bit, the tests check it); the share of images whose object lands in ``A``'s cell rises
+with ``k``, and the timesteps over which it rises are where the world commits to a position.
+
+:func:`decision_band` reads the band off the curve: the timesteps (on the training scale,
+``0..num_train_timesteps-1``) at which the share of ``A``'s cell, over the images in either cell,
+crosses ``low`` and ``high`` (linear interpolation between switch points). :func:`band_coverage`
+is the share of a timestep distribution inside the band: the trainer draws training timesteps,
+and pivot locality's ``latents = "batch"`` rows reuse them, uniformly in ``[0, T)``, so the
+regulariser's coverage of the band is its width over ``T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .detectors import detect
+
+#: Pairs of prompts that differ only in the object's cell, with (row, col) of each prompt's cell.
+POSITION_PAIRS = (
+    ("a red circle at the top left", (0, 0), "a red circle at the bottom right", (2, 2)),
+    ("a blue square at the bottom right", (2, 2), "a blue square at the top left", (0, 0)),
+    ("a green triangle at the top right", (0, 2), "a green triangle at the bottom left", (2, 0)),
+)
+
+
+@dataclass(frozen=True)
+class SwitchSettings:
+    """Sampling of the switch experiment (the protocol's: DDIM 25 steps, guidance 3)."""
+
+    seeds: int = 32
+    sample_steps: int = 25
+    guidance: float = 3.0
+    switch_every: int = 2  # switch points k = 0, every, 2*every, ..., steps
+
+    def switch_points(self) -> list[int]:
+        points = list(range(0, self.sample_steps, self.switch_every))
+        return points + [self.sample_steps]
+
+
+def sample_switched(pipe, cond_a: torch.Tensor, cond_b: torch.Tensor, uncond: torch.Tensor, switch_step: int,
+                    settings: SwitchSettings, first_seed: int = 0) -> np.ndarray:
+    """Images denoised with ``cond_a`` ``[n, L, d]`` for the first ``switch_step`` steps, then ``cond_b``
+    (same shape); seed ``first_seed + k`` for row ``k`` -> uint8 ``[n, H, W, 3]``."""
+    n = len(cond_a)
+    negative = uncond.expand(n, -1, -1)
+    after = torch.cat([negative, cond_b])  # classifier-free guidance: [uncond; cond], [2n, L, d]
+
+    def swap(pipeline, step: int, timestep, tensors: dict) -> dict:
+        if step + 1 == switch_step:  # the next step is the first with B's conditioning
+            tensors["prompt_embeds"] = after.to(tensors["prompt_embeds"].dtype)
+        return tensors
+
+    images = pipe(
+        prompt_embeds=cond_a if switch_step > 0 else cond_b, negative_prompt_embeds=negative,
+        num_inference_steps=settings.sample_steps, guidance_scale=settings.guidance, output_type="np",
+        generator=[torch.Generator().manual_seed(first_seed + k) for k in range(n)],
+        callback_on_step_end=swap, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+    ).images
+    return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def cell_shares(images: np.ndarray, cell_a: tuple[int, int], cell_b: tuple[int, int]) -> dict:
+    """How many of ``images`` put their object in ``cell_a``, in ``cell_b``, elsewhere or nowhere."""
+    cells = [(found.row, found.col) for found in map(detect, images)]
+    return {"in_a": sum(c == cell_a for c in cells), "in_b": sum(c == cell_b for c in cells), "images": len(cells)}
+
+
+def switch_timesteps(pipe, settings: SwitchSettings) -> list[int]:
+    """The training-scale timestep of each sampler step (``[steps]``, descending)."""
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(settings.sample_steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
+def measure_switches(base, pipe, settings: SwitchSettings, pairs=POSITION_PAIRS) -> dict:
+    """Every pair at every switch point: counts of images in A's and B's cells, and the timestep of
+    the first step that used B's conditioning (None at ``k = steps``: A throughout)."""
+    from .premise import encode_text
+
+    timesteps = switch_timesteps(pipe, settings)
+    uncond = encode_text(base, [""])
+    rows = []
+    for prompt_a, cell_a, prompt_b, cell_b in pairs:
+        cond_a = encode_text(base, [prompt_a] * settings.seeds)
+        cond_b = encode_text(base, [prompt_b] * settings.seeds)
+        for k in settings.switch_points():
+            images = sample_switched(pipe, cond_a, cond_b, uncond, k, settings)
+            rows.append({"prompt_a": prompt_a, "prompt_b": prompt_b, "switch_step": k,
+                         "first_b_timestep": timesteps[k] if k < settings.sample_steps else None}
+                        | cell_shares(images, cell_a, cell_b))
+    return {"timesteps": timesteps, "rows": rows}
+
+
+def share_curve(rows: list[dict], timesteps: list[int], num_train_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled over pairs: the switch timestep of each switch point (the timestep between the last A
+    step and the first B step, on the training scale; descending) and the share of A's cell among
+    images in A's or B's cell (``[points]`` each)."""
+    points = sorted({r["switch_step"] for r in rows})
+    steps = len(timesteps)
+    bounds = [min(timesteps[0] + (timesteps[0] - timesteps[1]) / 2, num_train_timesteps - 1)] + [
+        (timesteps[k - 1] + (timesteps[k] if k < steps else 0)) / 2 for k in range(1, steps + 1)]
+    shares = []
+    for k in points:
+        in_a = sum(r["in_a"] for r in rows if r["switch_step"] == k)
+        either = in_a + sum(r["in_b"] for r in rows if r["switch_step"] == k)
+        shares.append(in_a / either if either else np.nan)
+    return np.array([bounds[k] for k in points], dtype=np.float64), np.array(shares, dtype=np.float64)
+
+
+def crossing_timestep(switch_t: np.ndarray, share: np.ndarray, level: float) -> float:
+    """The timestep at which the share of A's cell first reaches ``level`` as the switch moves later
+    (``switch_t`` descending), interpolated linearly; NaN if it never does."""
+    for i in range(1, len(share)):
+        lo, hi = share[i - 1], share[i]
+        if lo < level <= hi:
+            w = (level - lo) / (hi - lo)
+            return float(switch_t[i - 1] + w * (switch_t[i] - switch_t[i - 1]))
+    return float("nan")
+
+
+def decision_band(switch_t: np.ndarray, share: np.ndarray, low: float = 0.1, high: float = 0.9) -> tuple[float, float]:
+    """``(t_high, t_low)``: the timesteps where A's share crosses ``low`` (noisier end) and ``high``."""
+    return crossing_timestep(switch_t, share, low), crossing_timestep(switch_t, share, high)
+
+
+def band_coverage(t_high: float, t_low: float, num_train_timesteps: int = 1000) -> float:
+    """Share of uniform training timesteps ``0..T-1`` inside ``[t_low, t_high]``."""
+    if not (np.isfinite(t_high) and np.isfinite(t_low)):
+        return float("nan")
+    return float(np.clip(t_high - t_low, 0, num_train_timesteps) / num_train_timesteps)

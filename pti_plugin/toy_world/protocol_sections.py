@@ -1,0 +1,196 @@
+"""The research protocol's report, section by section, from what is measured so far.
+
+:func:`write_protocol_report` builds one section per hypothesis and hands them to
+:func:`~.protocol_report.write_report`. Each section reads the protocol's working folder ``out``
+(``analysis/research_protocol.py``'s parts) and, for what that folder no longer holds, the
+committed results folder ``results``: a fresh clone has the committed summaries but none of the
+training runs, so a report rebuilt there keeps every finished result.
+
+- **H1** from the measured cells when the whole 1-vector grid is there, else from the committed
+  ``h1_summary.json`` (the section says which);
+- **H2** from ``out/h2/curves-lr<lr>/learning_curves.json``, each copied into ``results`` as
+  ``h2_curves-lr<lr>.json`` so it can be re-read; learning rates known only by an earlier report's
+  table row are kept from ``h2_rows_recorded.json``;
+- **H3** from the measured cells (:func:`~.h3_variants.load_h3_cells`), with its plot;
+- **H4** from the committed interpolation-path and ellipsoid results, and the position-decision
+  band (``analysis/position_timesteps.py``) when present.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..atomic_io import atomic_write_text
+from .protocol_report import h2_lines, write_h1_files, write_report
+
+H2_RECORDED = "h2_rows_recorded.json"
+
+
+def h1_section(out: Path, results: Path, h1, draws: int) -> tuple[dict, dict | None]:
+    """H1's section and its null part (None when not measured here)."""
+    from .h1_inversion import cell_name, load_cells
+    from .h1_summary import summarise_h1
+
+    null, cells = load_cells(out / "h1", h1)
+    title = "H1: reconstruction against editability along the inversion learning rate"
+    full_grid = {(lr, seed) for lr in h1.inversion_lrs for seed in h1.training_seeds}
+    measured = {(c["lr"], c["seed"]) for c in cells if c["vectors"] == 1}
+    committed = results / "h1_summary.json"
+    if measured < full_grid and committed.is_file():  # a partial rerun must not replace the full result
+        summary = json.loads(committed.read_text())
+        note = (f"(From the committed `h1_summary.json`: {len(measured)} of the {len(full_grid)} 1-vector cells "
+                "are in this working folder.)")
+        return {"title": title, "lines": [note, "", *write_h1_files(results, summary)],
+                "figures": [("H1 curves", results / "h1.png"), *_committed_grids(results)]}, null
+    if not cells:
+        raise SystemExit(f"error: no measured H1 cell under {out / 'h1'} and no committed {committed} (run h1 first)")
+    summary = summarise_h1(null, cells, draws)
+    section = {"title": title, "lines": write_h1_files(results, summary), "figures": [("H1 curves", results / "h1.png")]}
+    grids = results / "grids"
+    grids.mkdir(parents=True, exist_ok=True)
+    seed = h1.training_seeds[0]
+    for lr in h1.inversion_lrs:
+        source = out / "h1" / "parts" / f"{cell_name(lr, seed, 1)}.png"
+        if source.is_file():
+            shutil.copyfile(source, grids / source.name)
+    return section | {"figures": section["figures"] + _committed_grids(results)}, null
+
+
+def _committed_grids(results: Path) -> list[tuple[str, Path]]:
+    def lr_of(path: Path) -> float:
+        return float(path.stem.split("-lr")[1].split("-seed")[0])
+
+    grids = sorted((results / "grids").glob("inversion-lr*-v1.png"), key=lr_of)
+    return [(f"inversion lr {lr_of(g):g}, training seed {g.stem.split('-seed')[1].split('-')[0]}: 64 neutral "
+             "images (4 rows) then 64 edit images (4 rows)", g) for g in grids]
+
+
+def h2_section(out: Path, results: Path, null_hi: float | None) -> dict | None:
+    """H2's table: every learning rate with learning curves, from ``out`` or the committed copies."""
+    records: dict[str, dict] = {}
+    for path in sorted(results.glob("h2_curves-lr*.json")):
+        records[path.stem[len("h2_curves-lr"):]] = json.loads(path.read_text())
+    for path in sorted((out / "h2").glob("curves-lr*/learning_curves.json")):
+        lr = path.parent.name[len("curves-lr"):]
+        records[lr] = json.loads(path.read_text())
+        shutil.copyfile(path, results / f"h2_curves-lr{lr}.json")
+        shutil.copyfile(path.with_suffix(".png"), results / f"h2_curves-lr{lr}.png")
+    recorded_path = results / H2_RECORDED
+    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
+    kept = {lr: row for lr, row in recorded.items() if lr not in records}
+    if not records and not kept:
+        return None
+    ordered = dict(sorted(records.items(), key=lambda item: float(item[0])))
+    table = h2_lines(ordered, null_hi) if ordered else h2_lines({}, null_hi)
+    rows = sorted([(float(lr), line) for lr, line in zip(ordered, table[2:])] + [(float(lr), row) for lr, row in kept.items()])
+    lines = table[:2] + [line for _, line in rows]
+    if kept:
+        lines += ["", f"Rows for lr {', '.join(sorted(kept))} are kept from an earlier report (`{H2_RECORDED}`): "
+                  "their learning-curve files were not kept, so they are not recomputed."]
+    figures = [(f"LoRA lr {lr}", results / f"h2_curves-lr{lr}.png")
+               for lr in sorted({*ordered, *kept}, key=float) if (results / f"h2_curves-lr{lr}.png").is_file()]
+    return {"title": "H2: appearance before position along LoRA training", "lines": lines, "figures": figures}
+
+
+def with_pivot_cells(cells: list[dict], h1_parts: Path, pivot_lr: float) -> list[dict]:
+    """``cells`` plus, for every condition and training seed, the pivot alone as learning rate 0: the
+    H1 cell at ``pivot_lr`` (the same neutral prompts and sampling seeds, LoRA off), whose drift is 0
+    (no LoRA: the base model itself). Seeds without that H1 part get no lr-0 point."""
+    from .h1_inversion import cell_name
+
+    out = list(cells)
+    for variant, weight in dict.fromkeys((c["variant"], c["weight"]) for c in cells):
+        for seed in sorted({c["seed"] for c in cells if (c["variant"], c["weight"]) == (variant, weight)}):
+            path = h1_parts / f"{cell_name(pivot_lr, seed, 1)}.json"
+            if path.is_file():
+                record = json.loads(path.read_text())
+                n = len(record["coarse"])
+                out.append(record | {"variant": variant, "weight": weight, "lr": 0.0, "seed": seed,
+                                     "drift": [0] * n, "drift_cell": [0] * n})
+    return out
+
+
+def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr: float) -> dict:
+    """H3's section: its summary (``h3_summary.json``) and plot when cells are measured."""
+    from .h3_lines import h3_lines, h3_plot
+    from .h3_summary import summarise_h3
+    from .h3_variants import load_h3_cells
+
+    title = "H3: pivot locality against the other variants at matched reconstruction"
+    cells = load_h3_cells(out / "h3")
+    committed = results / "h3_summary.json"
+    if not cells and committed.is_file():
+        summary = json.loads(committed.read_text())
+    elif not cells:
+        return {"title": title, "lines": ["**Verdict: not measured.** No LoRA cell (variant x weight x lr x training "
+                                          "seed) is measured yet (`analysis/research_protocol.py h3`)."]}
+    else:
+        summary = summarise_h3(null, with_pivot_cells(cells, out / "h1" / "parts", pivot_lr), draws) | {
+            "n_cells": len(cells), "pivot_lr": pivot_lr}
+        atomic_write_text(committed, json.dumps(summary, indent=1, default=str) + "\n")
+    h3_plot(summary, results / "h3.png")
+    return {"title": title, "lines": h3_lines(summary), "figures": [("H3: leakage against reconstruction", results / "h3.png")]}
+
+
+def h4_section(results: Path) -> dict:
+    """H4 from the committed interpolation-path and ellipsoid results (folders beside ``results``)."""
+    root = results.parent
+    lines = ["**Verdict on the toy world: no functional difference between the geometries; the geometric "
+             "question is not answerable with the toy encoder; on CLIP ViT-L it needs real weights.**", ""]
+    paths = root / "interpolation_paths" / "interpolation_paths.json"
+    if paths.is_file():
+        record = json.loads(paths.read_text())
+        lines.append(f"Interpolation paths (`analysis/interpolation_paths.py`, {record['settings']['seeds']} sampling "
+                     "seeds per point, one model): lowest validity over pairs and fractions, steps where the end "
+                     "attribute's share falls beyond noise, and the fraction where it reaches 0.5:")
+        for geometry, figures in record["summary"].items():
+            crossings = ", ".join(f"{pair} {value:.2f}" for pair, value in figures["crossing_fraction"].items()
+                                  if value is not None)
+            lines.append(f"- `{geometry}`: validity {figures['min_validity']:.3f}, falls {figures['nonmonotone']}, "
+                         f"half-way at {crossings}.")
+    for ellipsoid in sorted((root / "ellipsoid_toy").glob("*/ellipsoid.json")):
+        record = json.loads(ellipsoid.read_text())
+        lines.append(f"- Ellipsoid statistics, toy encoder `{ellipsoid.parent.name}`: norm CV about the centre at index "
+                     f"{record['index']} {record['cv_about_centre']:.3f}, at EOS {record['eos_cv_about_centre']:.3f}; "
+                     f"rule's verdict: {record['verdict']} (width-64 encoder: no evidence either way).")
+    lines.append("- CLIP ViT-L with the ellipsoid paper's captions: **needs real weights** "
+                 "(`python analysis/ellipsoid_check.py --model <local SD1.5 folder>`).")
+    return {"title": "H4: is slerp at the pivot's token index legitimate?", "lines": lines}
+
+
+def timestep_lines(results: Path) -> list[str]:
+    """The position-decision band (``position_timesteps.json``) when committed."""
+    path = results / "position_timesteps.json"
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    return ["", f"Where the world decides positions (`analysis/position_timesteps.py`, base model, prompt switch): "
+            f"the share of images keeping the first prompt's cell goes from 0.1 to 0.9 between timesteps "
+            f"{record['t_high']:.0f} and {record['t_low']:.0f}; pivot locality's rows reuse the step's uniform "
+            f"training timesteps, so {record['regulariser_coverage']:.0%} of them fall in that band."]
+
+
+def write_protocol_report(out: Path, results: Path, h1, draws: int, pivot_lr: float) -> Path:
+    """The report of what ``out`` and ``results`` hold (see the module docstring)."""
+    results.mkdir(parents=True, exist_ok=True)
+    h1_part, null = h1_section(out, results, h1, draws)
+    sections = [h1_part]
+    null_hi = None
+    if null is not None:
+        from .h1_summary import null_summary
+
+        null_hi = null_summary(null, draws)["training_cells_a"]["hi"]
+    else:
+        null_hi = ((json.loads((results / "h1_summary.json").read_text()).get("null") or {})
+                   .get("training_cells_a", {}).get("hi"))
+    h2 = h2_section(out, results, null_hi)
+    if h2 is not None:
+        sections.append(h2)
+    h3 = h3_section(out, results, null, draws, pivot_lr)
+    h3["lines"] = h3["lines"] + timestep_lines(results)
+    sections += [h3, h4_section(results)]
+    return write_report(results, sections)
+
+
