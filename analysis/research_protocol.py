@@ -13,6 +13,8 @@
 ``h3``: the LoRA variants of :mod:`pti_plugin.toy_world.h3_variants` (none, pivot locality at half
 the angle / uniform over half of it / the class endpoint, kohya reg images; each on a weight grid)
 from each seed's H1 pivot at ``--pivot_lr``, into ``OUT/h3``.
+``all``: h1, h2, the learning curves of each H2 rate, h3 and the report, in that order (with
+``--quick``: the whole protocol reduced, for the tests).
 ``report``: the statistics and the report (:mod:`pti_plugin.toy_world.protocol_report`) of what
 is measured so far, into ``--results``: H1 from the cells' parts, H2 from ``OUT/h2/curves-lr<lr>/
 learning_curves.json`` (``analysis/learning_curves.py`` on each learning rate's runs).
@@ -35,7 +37,7 @@ BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=("h1", "h2", "h3", "report"))
+    parser.add_argument("part", choices=("h1", "h2", "h3", "report", "all"))
     parser.add_argument("--results", type=Path, default=Path("analysis/results/research_protocol"))
     parser.add_argument("--draws", type=int, default=2000, help="report: bootstrap draws")
     parser.add_argument("--out", type=Path, default=Path("outputs/protocol"))
@@ -85,8 +87,35 @@ def h3_settings(args):
     return dataclasses.replace(h3, weights=weights)
 
 
+def run_all(args, argv: list[str]) -> None:
+    """Every part in order: h1, h2, the learning curves of each H2 learning rate, h3, the report."""
+    import glob
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import learning_curves
+
+    from pti_plugin.toy_world.h2_runs import H2Settings, h2_run_name
+
+    rest = [a for a in argv if a != "all"]
+    for part in ("h1", "h2"):
+        main([part, *rest])
+    h2 = H2Settings.quick() if args.quick else H2Settings()
+    sampling = ["--seeds", "2", "--steps", "2"] if args.quick else []
+    for lr in (float_list(args.lrs, "--lrs") if args.lrs else h2.lora_lrs):
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else h2.training_seeds
+        runs = [r for seed in seeds for r in sorted(glob.glob(str(args.out / "h2" / "runs" / f"{h2_run_name(lr, seed)}-*")))
+                if Path(r).is_dir()]
+        learning_curves.main([*runs, *sampling, "--out", str(args.out / "h2" / f"curves-lr{lr:g}")])
+    for part in ("h3", "report"):
+        main([part, *rest])
+
+
 def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.part == "all":
+        run_all(args, argv)
+        return
     import toml
     import torch
 

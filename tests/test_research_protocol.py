@@ -82,7 +82,7 @@ def test_edit_records_require_the_asked_cell_and_the_character():
 
 @pytest.fixture(scope="module")
 def quick_protocol(tmp_path_factory):
-    """The protocol's h1 and h2 parts at --quick on the shipped weights, then the report."""
+    """The whole protocol at --quick on the shipped weights (h1, h2, learning curves, h3, report)."""
     import sys
     from pathlib import Path
 
@@ -91,9 +91,7 @@ def quick_protocol(tmp_path_factory):
     import research_protocol
 
     out, results = tmp_path_factory.mktemp("protocol"), tmp_path_factory.mktemp("results")
-    research_protocol.main(["h1", "--quick", "--out", str(out)])
-    research_protocol.main(["h2", "--quick", "--out", str(out)])
-    research_protocol.main(["report", "--quick", "--out", str(out), "--results", str(results), "--draws", "200"])
+    research_protocol.main(["all", "--quick", "--out", str(out), "--results", str(results), "--draws", "200"])
     return out, results
 
 
@@ -127,8 +125,11 @@ def test_quick_protocol_report_holds_every_table_and_plot(quick_protocol):
     assert summary["null"] is not None and summary["vectors"]
     for name in ("h1.png", "h1_points.csv", "report.md", "report.html"):
         assert (results / name).stat().st_size > 0, name
+    for name in ("h2_curves-lr0.001.png", "h2_curves-lr0.001.json", "h3.png", "h3_summary.json"):
+        assert (results / name).stat().st_size > 0, name
     page = (results / "report.html").read_text()
-    assert page.count("<img src=\"data:image/png;base64,") == len(list((results / "grids").glob("*.png"))) + 1
+    plots = 3  # h1.png, the H2 curves of the one quick rate, h3.png
+    assert page.count("<img src=\"data:image/png;base64,") == len(list((results / "grids").glob("*.png"))) + plots
     assert 'src="http' not in page and 'href="http' not in page and "Verdict" in page  # self-contained
     h2_runs = sorted((out / "h2" / "runs").glob("lora-*"))
     assert len([p for p in h2_runs if p.is_dir()]) == 2  # one lr x two training seeds, each from its own pivot
