@@ -163,6 +163,11 @@ class TrainerState:
     def num_train_timesteps(self) -> int:
         return int(self.model.base.noise_scheduler.config.num_train_timesteps)
 
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``latents`` [r, 4, h, w] noised with ``noise`` (same shape) at ``timesteps`` [r], by the model's
+        training noise scheduler (as the main loss noises its batch)."""
+        return self.model.base.noise_scheduler.add_noise(latents, noise, timesteps)
+
     def unet(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's prediction [r, 4, h, w] (epsilon or v, as trained), the LoRA as the stage switched it
         (off inside :meth:`frozen`); through the stage's prepared (DDP) module when gradients are on."""

@@ -292,3 +292,54 @@ def test_stages_option_selects_lora_stages(preset, tmp_path):
     assert ["loss/pivot_locality/mse" in e for e in _log(raw)] == [False, False, False, True, True]
     with pytest.raises(ConfigError, match=r"stages \['inv'\] are inversion stages"):
         Trainer(build_config(raw | {"output_dir": str(tmp_path / "x"), "plugins": {"pivot_locality": {"stages": ["inv"]}}})).run()
+
+
+@register_plugin
+class RecordingLatents(PivotLocality):
+    """pivot_locality that keeps the noisy latents and timesteps of its rows beside the batch's clean latents."""
+
+    name = "test_recording_latents"
+    seen: list = []
+
+    def extra_rows(self, state, batch):
+        rows = super().extra_rows(state, batch)
+        if rows is not None:
+            RecordingLatents.seen.append((rows.noisy_latents.detach().clone(), rows.timesteps.clone(),
+                                          batch.latents.detach().clone(), batch.timesteps.clone()))
+        return rows
+
+
+@pytest.mark.parametrize("latents", ["batch", "noise"])
+def test_timestep_range_puts_every_row_in_the_band(preset, tmp_path, latents):
+    options = {"latents": latents, "num_samples": 3, "probe_every_n_steps": 0, "timestep_range": [850, 900]}
+    RecordingLatents.seen = []
+    raw = preset(output_dir=str(tmp_path / latents), stages=[INVERSION_STEP, {"kind": "lora", "steps": 3}],
+                 plugins={"test_recording_latents": options})
+    Trainer(build_config(raw)).run()
+    assert len(RecordingLatents.seen) == 3
+    for _, t, _, _ in RecordingLatents.seen:
+        assert t.shape == (3,) and bool(((t >= 850) & (t <= 900)).all())
+    assert len({int(v) for _, t, _, _ in RecordingLatents.seen for v in t}) > 1  # drawn, not fixed
+
+
+def test_timestep_range_renoises_the_batch_rows_clean_latents(preset, tmp_path):
+    """At timestep 0 a re-noised row is (almost) its clean latents; at 999 it is (almost) pure noise."""
+    found = {}
+    for band in ([0, 0], [999, 999]):
+        RecordingLatents.seen = []
+        raw = preset(output_dir=str(tmp_path / str(band[0])), stages=[INVERSION_STEP, {"kind": "lora", "steps": 1}],
+                     plugins={"test_recording_latents": {"num_samples": 1, "probe_every_n_steps": 0,
+                                                         "timestep_range": band}})
+        Trainer(build_config(raw)).run()
+        (noisy, t, clean, _), = RecordingLatents.seen
+        found[band[0]] = torch.corrcoef(torch.stack([noisy[0].flatten(), clean[0].flatten()]))[0, 1].item()
+        assert int(t[0]) == band[0]
+    assert found[0] > 0.99 and abs(found[999]) < 0.3, found
+
+
+def test_timestep_range_refusals(preset, tmp_path):
+    for band, message in (([900, 800], "timestep_range must be"), ([5], "timestep_range must be"),
+                          ([0, 1000], "reaches past the schedule's last timestep")):
+        raw = preset(output_dir=str(tmp_path / "x"), plugins={"pivot_locality": {"timestep_range": band}})
+        with pytest.raises(ConfigError, match=message):
+            Trainer(build_config(raw)).run()

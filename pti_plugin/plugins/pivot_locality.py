@@ -6,7 +6,8 @@ encoder outputs ``H_p`` and ``H_c`` ([77, d]). Each regularisation sample picks 
 word) pair and a fraction ``s`` of the pivot->class angle, interpolates per token position
 ``H_r = slerp(H_p, H_c, s)`` (``geometry``: exact LayerNorm slerp by default, see ``geometry.py``),
 takes noisy latents ``x_t`` at a timestep ``t`` (the step's own noisy training latents, or pure
-Gaussian latents at a random timestep), and adds
+Gaussian latents at a random timestep; with ``timestep_range = [low, high]`` the timestep is drawn
+in that band, a batch row's clean latents re-noised there), and adds
 
     weight * mse(eps_lora(x_t, t, H_r), eps_frozen(x_t, t, H_r))
 
@@ -137,6 +138,11 @@ class PivotLocality(Plugin):
         latents: str = doc(
             '"batch": the step\'s own noisy training latents and timesteps; "noise": Gaussian latents at a random '
             "timestep.", "batch")
+        timestep_range: list[int] = doc(
+            "[low, high]: draw each row's timestep uniformly in low..high (inclusive) instead; with latents = "
+            '"batch" the row re-noises its clean training latents there with fresh noise. Empty = the step\'s own '
+            "timesteps (batch) or the whole schedule (noise). E.g. the band where a model decides positions "
+            "(analysis/position_timesteps.py).", factory=list)
         geometry: str = doc(
             '"layernorm": exact slerp of the normalised pre-LayerNorm states; "centered": slerp about a centre (per '
             'text encoder, and the pooled embedding likewise); "linear": lerp; "auto": layernorm where the '
@@ -168,6 +174,8 @@ class PivotLocality(Plugin):
                 raise _error(f"fractions must lie in (0, 1] (0 is the pivot itself, which the main loss fits), got {bad}")
         elif not 0 < o.min_fraction <= o.max_fraction <= 1:
             raise _error(f"need 0 < min_fraction <= max_fraction <= 1, got {o.min_fraction} and {o.max_fraction}")
+        if o.timestep_range and (len(o.timestep_range) != 2 or not 0 <= o.timestep_range[0] <= o.timestep_range[1]):
+            raise _error(f"timestep_range must be [low, high] with 0 <= low <= high, got {o.timestep_range}")
         if o.latents not in ("batch", "noise"):
             raise _error(f'latents must be "batch" or "noise", got {o.latents!r}')
         if o.geometry not in ("auto", "layernorm", "centered", "linear"):
@@ -195,6 +203,9 @@ class PivotLocality(Plugin):
         unknown = [n for n in o.stages if n not in stage_names]
         if unknown:
             raise _error(f"stages {unknown} are not stages of this preset ({sorted(stage_names)})")
+        if o.timestep_range and o.timestep_range[1] >= state.num_train_timesteps:
+            raise _error(f"timestep_range {o.timestep_range} reaches past the schedule's last timestep "
+                         f"({state.num_train_timesteps - 1})")
         not_lora = [n for n in o.stages if stage_names[n].kind != "lora"]
         if not_lora:
             raise _error(f"stages {not_lora} are inversion stages: the regulariser constrains LoRA fine-tuning only")
@@ -448,6 +459,11 @@ class PivotLocality(Plugin):
         else:
             sample.noise = torch.randn(shape, generator=generator)
             sample.timestep = int(torch.randint(self._num_train_timesteps, (), generator=generator))
+        if self.options.timestep_range:  # drawn after the above, so that runs without a range keep their draws
+            low, high = self.options.timestep_range
+            sample.timestep = int(torch.randint(low, high + 1, (), generator=generator))
+            if shape is None:  # fresh noise for the batch row's clean latents
+                sample.noise = torch.randn(self._last_shape, generator=generator)
         return sample
 
     def _pool(self, state: TrainerState, shape: tuple[int, ...], sizes: torch.Tensor | None) -> dict[str, Any]:
@@ -517,6 +533,10 @@ class PivotLocality(Plugin):
         else:  # the step's own noisy latents (set on the batch before on_step_start), at their own sizes
             rows = torch.tensor([s.source_row for s in samples], device=batch.noisy_latents.device)
             noisy, t = batch.noisy_latents[rows], batch.timesteps[rows]
+            if o.timestep_range:
+                t = torch.tensor([s.timestep for s in samples], dtype=batch.timesteps.dtype, device=t.device)
+                noise = torch.stack([s.noise for s in samples]).to(batch.latents)
+                noisy = state.add_noise(batch.latents[rows], noise, t).to(batch.noisy_latents.dtype)
             sizes = None if batch.sizes is None else batch.sizes[rows]
         trained = self._interpolate(self._side_endpoints(state, True, grad=True), pairs, fractions, sizes)
         with torch.no_grad():
