@@ -172,3 +172,18 @@ def test_pivot_joins_every_condition_as_lr_zero_with_no_drift(quick_h3):
     for cell in added:
         pivot = json.loads((out / "parts" / f"{h1_cell_name(settings.pivot_lr, cell['seed'], 1)}.json").read_text())
         assert cell["coarse"] == pivot["coarse"] and set(cell["drift"]) == {0}
+
+
+def test_band_variant_is_half_angle_with_its_rows_in_the_position_band(tmp_path):
+    import toml
+
+    from pti_plugin.toy_world.h3_variants import POSITION_BAND, H3Settings, cell_preset
+
+    base = toml.load(Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml")
+    pivot = tmp_path / "tok1.safetensors"
+    presets = {v: cell_preset(base, tmp_path, tmp_path / "data", H3Settings(), v, 10.0, 1e-3, 42, pivot, None)
+               for v in ("half_angle", "half_angle_band")}
+    band = presets["half_angle_band"]["plugins"]["pivot_locality"]
+    plain = presets["half_angle"]["plugins"]["pivot_locality"]
+    assert band.pop("timestep_range") == POSITION_BAND and "timestep_range" not in plain
+    assert band == plain and band["fractions"] == [0.5] and band["weight"] == 10.0

@@ -43,13 +43,19 @@ from .world import IMAGE_SIZE, write_character_dataset
 VARIANTS = {
     "none": "no regulariser",
     "half_angle": "pivot locality at half the pivot->class angle (fractions [0.5], fixed)",
+    "half_angle_band": "half_angle with its rows at the timesteps where the world decides positions (timestep_range)",
     "uniform_half": "pivot locality at a fraction uniform in [0.01, 0.5] of the angle",
     "class_endpoint": "pivot locality at the class prompt itself (fractions [1.0])",
     "reg_images": "kohya regularisation images of the class word, weighted by prior_loss_weight",
 }
-LOCALITY_VARIANTS = ("half_angle", "uniform_half", "class_endpoint")
+LOCALITY_VARIANTS = ("half_angle", "half_angle_band", "uniform_half", "class_endpoint")
 #: Plugin options of ``uniform_half`` (the fixed-fraction variants are :func:`~pti_plugin.sweeps.bench.variant_preset`'s).
 UNIFORM_HALF = {"fraction_sampling": "uniform", "min_fraction": 0.01, "max_fraction": 0.5}
+#: ``timestep_range`` of ``half_angle_band``: where the shipped toy world decides an object's cell, the
+#: share of images keeping the first prompt's cell going 0.1 -> 0.9 between t 926 and 790
+#: (``analysis/position_timesteps.py``, ``analysis/results/research_protocol/position_timesteps.json``),
+#: widened to the nearest tens.
+POSITION_BAND = [780, 930]
 PLUGIN = "pivot_locality"
 #: Prompts that do not name the pivot (seed ``k`` uses prompt ``k mod 4``): what the LoRA should leave alone.
 DRIFT_PROMPTS = ("a red square", "a green triangle at the top left", "a character", "a blue circle on a black background")
@@ -60,7 +66,8 @@ BASE_DRIFT_PART = "h3-drift-base"
 
 def _default_weights() -> dict[str, tuple[float | None, ...]]:
     locality = (1.0, 10.0, 100.0)
-    return {"none": (None,), "half_angle": locality, "uniform_half": locality, "class_endpoint": locality,
+    return {"none": (None,), "half_angle": locality, "half_angle_band": locality, "uniform_half": locality,
+            "class_endpoint": locality,
             "reg_images": (0.3, 1.0, 3.0)}
 
 
@@ -159,6 +166,10 @@ def cell_preset(base_preset: dict, model: Path, data_dir: Path, settings: H3Sett
     preset["plugins"] = {PLUGIN: options}  # what variant_preset reads the plugin's options from
     if variant == "uniform_half":
         return preset | {"plugins": {PLUGIN: options | UNIFORM_HALF}}
+    if variant == "half_angle_band":
+        preset = variant_preset(preset, "half_angle", pivot, reg_dir)
+        preset["plugins"][PLUGIN]["timestep_range"] = list(POSITION_BAND)
+        return preset
     preset = variant_preset(preset, variant, pivot, reg_dir)
     if variant == "reg_images":
         preset["prior_loss_weight"] = float(weight)
