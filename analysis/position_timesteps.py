@@ -44,7 +44,7 @@ def plot(path: Path, switch_t, share, band, coverage: float) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(switch_t, share, "o-", label="first prompt's cell kept")
     ax.axvspan(band[1], band[0], alpha=0.2, label=f"decision band (share 0.1-0.9): {coverage:.0%} of training t")
-    ax.set_xlabel("timestep of the switch (training scale; noisier to the right)")
+    ax.set_xlabel("timestep of the switch (training scale; noisier to the left)")
     ax.set_ylabel("share in the first cell")
     ax.set_xlim(1000, 0)
     ax.legend(fontsize=8)
