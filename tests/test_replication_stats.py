@@ -245,3 +245,19 @@ def test_value_at_matched_reads_y_where_x_reaches_targets():
     np.testing.assert_allclose(got, expected, atol=1e-12)
     with_gap = value_at_matched([[0.0, np.nan, 1.0]], [[0.0, 7.0, 10.0]], [0.25, -0.1])
     np.testing.assert_allclose(with_gap, [[2.5, np.nan]])
+
+
+def test_value_at_first_crossing_reads_the_way_up_not_a_later_dip():
+    from pti_plugin.metrics.curves import value_at_first_crossing
+
+    # Seed 0 rises 0.6 -> 1.0 then dips to 0.98: coarse 0.8 is reached half-way along the first segment,
+    # where y goes 0.3 -> 0.4 (0.35); sorting by x would pair 0.6 with the dip's 0.98 and read 0.50.
+    x = [[0.6, 1.0, 0.98], [0.2, 0.5, 0.9]]
+    y = [[0.3, 0.4, 0.7], [1.0, 2.0, 6.0]]
+    got = value_at_first_crossing(x, y, [0.8, 0.6, 0.95])
+    # seed 0 at 0.95: 7/8 of the first segment (0.3875); seed 1 at 0.8: 3/4 of the way 2 -> 6 (5.0); 0.95 never.
+    expected = [[0.35, 0.3, 0.3875], [5.0, 3.0, np.nan]]
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    # Starting above the target is not a crossing; NaN points are skipped.
+    np.testing.assert_allclose(value_at_first_crossing([[0.9, 1.0]], [[1.0, 2.0]], [0.5]), [[np.nan]])
+    np.testing.assert_allclose(value_at_first_crossing([[0.0, np.nan, 1.0]], [[0.0, 7.0, 10.0]], [0.25]), [[2.5]])

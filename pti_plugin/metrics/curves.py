@@ -9,6 +9,7 @@ point), or a single 1-D curve. Intervals over training seeds come from
 - :func:`half_way_step` — when a training metric has gone half its way to its plateau;
 - :func:`crossing_time_ratio` — how much later one metric gets half-way than another, per run;
 - :func:`value_at_matched` — one metric read off where another reaches given targets;
+- :func:`value_at_first_crossing` — the same along a sweep's own order, where x first rises to each target;
 - :func:`share_decreases` — steps where a share (a fraction of n images) falls by more than its sampling noise;
 - :func:`first_crossing` — where a curve first reaches a level (e.g. where a share reaches 0.5).
 """
@@ -237,6 +238,35 @@ def value_at_matched(x_per_seed: np.ndarray, y_per_seed: np.ndarray, targets: Se
         ys = np.bincount(inverse, weights=y[k][keep]) / np.bincount(inverse)
         inside = (targets >= xs[0]) & (targets <= xs[-1])
         out[k, inside] = np.interp(targets[inside], xs, ys)
+    return out
+
+
+def value_at_first_crossing(x_per_seed: np.ndarray, y_per_seed: np.ndarray, targets: Sequence[float]) -> np.ndarray:
+    """``[training_seeds, len(targets)]``: per seed, y where x *first* rises to each target along the sweep's
+    own order (columns in sweep order, e.g. ascending learning rate), interpolated linearly on that segment.
+
+    For a sweep whose x is not monotone (reconstruction that saturates, then dips), this reads the cost
+    paid on the way to the target, not at a later point that happens to share its x. A seed whose first
+    finite x already lies above a target, or that never reaches it, gives NaN; NaN points are skipped.
+    """
+    x = np.atleast_2d(np.asarray(x_per_seed, dtype=np.float64))
+    y = np.atleast_2d(np.asarray(y_per_seed, dtype=np.float64))
+    if x.shape != y.shape:
+        raise ValueError(f"x and y need the same shape, got {x.shape} and {y.shape}")
+    targets = np.asarray(targets, dtype=np.float64).reshape(-1)
+    out = np.full((x.shape[0], targets.size), np.nan)
+    for k in range(x.shape[0]):
+        keep = np.isfinite(x[k]) & np.isfinite(y[k])
+        xs, ys = x[k][keep], y[k][keep]
+        for j, target in enumerate(targets):
+            if xs.size and xs[0] == target:
+                out[k, j] = ys[0]
+                continue
+            for i in range(1, xs.size):
+                if xs[i - 1] < target <= xs[i]:
+                    w = (target - xs[i - 1]) / (xs[i] - xs[i - 1])
+                    out[k, j] = ys[i - 1] + w * (ys[i] - ys[i - 1])
+                    break
     return out
 
 

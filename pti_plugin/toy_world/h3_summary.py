@@ -5,8 +5,9 @@ curve of coarse reconstruction (the seed's mean ``coarse``) and one of each per-
 
 **Matched reconstruction.** Per seed, the training-cell fraction (``in_training_cell``, the
 position leakage) and ``drift`` are read off where the seed's coarse curve reaches
-:data:`MATCHED_COARSE` (:func:`~pti_plugin.metrics.curves.value_at_matched`: linear interpolation;
-NaN where the seed's curve does not reach the target, and that seed is left out). The leakage is
+:data:`MATCHED_COARSE`, first on the way up the learning rates, lr 0 being the pivot alone
+(:func:`~pti_plugin.metrics.curves.value_at_first_crossing`: linear interpolation on the crossing
+segment; NaN where the seed's curve does not reach the target, and that seed is left out). The leakage is
 reported as excess over H1's null (the base model with the init word, set ``a``:
 :func:`~pti_plugin.metrics.replication.excess_over_null`, resampling the seeds on one side and the
 null's images on the other) and as a paired difference against ``none``: per training seed the
@@ -30,7 +31,7 @@ import warnings
 
 import numpy as np
 
-from ..metrics.curves import value_at_matched
+from ..metrics.curves import value_at_first_crossing
 from ..metrics.replication import Interval, excess_over_null, seed_level_interval, two_level_bootstrap
 from .h1_summary import float_array, null_summary, per_seed_curves, seed_matrix
 
@@ -58,7 +59,7 @@ def matched_per_seed(groups: dict[float, list[dict]], key: str,
     seeds = sorted({c["seed"] for members in groups.values() for c in members})  # per_seed_curves' row order
     with warnings.catch_warnings():  # a seed without any object has no training-cell fraction: NaN
         warnings.simplefilter("ignore", category=RuntimeWarning)
-        values = value_at_matched(per_seed_curves(groups, "coarse"), per_seed_curves(groups, key), targets)
+        values = value_at_first_crossing(per_seed_curves(groups, "coarse"), per_seed_curves(groups, key), targets)
     return dict(zip(seeds, values))
 
 
