@@ -81,37 +81,45 @@ def h3_lines(summary: dict) -> list[str]:
     return lines
 
 
+def _errorbar(ax, rows: list[dict], x_key: str | None, y_key: str, label: str) -> None:
+    """Estimates of ``y_key`` against ``x_key``'s (or the learning rate, lr 0 drawn at 1e-5), both ways' intervals."""
+    rows = [r for r in rows if r[y_key] and (x_key is None or r[x_key])]
+    y = [r[y_key]["estimate"] for r in rows]
+    yerr = [[e - r[y_key]["lo"] for e, r in zip(y, rows)], [r[y_key]["hi"] - e for e, r in zip(y, rows)]]
+    if x_key is None:
+        ax.errorbar([max(r["lr"], 1e-5) for r in rows], y, yerr=yerr, marker="o", capsize=2, label=label)
+        return
+    x = [r[x_key]["estimate"] for r in rows]
+    xerr = [[e - r[x_key]["lo"] for e, r in zip(x, rows)], [r[x_key]["hi"] - e for e, r in zip(x, rows)]]
+    ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=2, label=label)
+
+
 def h3_plot(summary: dict, path: Path) -> None:
-    """Leakage against reconstruction per condition (the Pareto view), and the graded error and drift
-    against the learning rate; error bars are the two-level 95% intervals, grey the null's band."""
+    """Leakage against reconstruction per condition (coarse, and the graded error that does not saturate:
+    the Pareto views), and the graded error and drift against the learning rate; error bars are the
+    two-level 95% intervals, grey the null's band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for condition in summary["conditions"]:
-        rows = [r for r in condition["rows"] if r["coarse"] and r["in_training_cell"]]
-        label = _label(condition["variant"], condition["weight"])
-        x = [r["coarse"]["estimate"] for r in rows]
-        y = [r["in_training_cell"]["estimate"] for r in rows]
-        xerr = [[e - r["coarse"]["lo"] for e, r in zip(x, rows)], [r["coarse"]["hi"] - e for e, r in zip(x, rows)]]
-        yerr = [[e - r["in_training_cell"]["lo"] for e, r in zip(y, rows)],
-                [r["in_training_cell"]["hi"] - e for e, r in zip(y, rows)]]
-        axes[0].errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=2, label=label)
-        for panel, key in ((axes[1], "appearance_error"), (axes[2], "drift")):
-            kept = [r for r in rows if r[key]]
-            lrs = [max(r["lr"], 1e-5) for r in kept]
-            est = [r[key]["estimate"] for r in kept]
-            err = [[e - r[key]["lo"] for e, r in zip(est, kept)], [r[key]["hi"] - e for e, r in zip(est, kept)]]
-            panel.errorbar(lrs, est, yerr=err, marker="o", capsize=2, label=label)
+        label, rows = _label(condition["variant"], condition["weight"]), condition["rows"]
+        _errorbar(axes[0, 0], rows, "coarse", "in_training_cell", label)
+        _errorbar(axes[0, 1], rows, "appearance_error", "in_training_cell", label)
+        _errorbar(axes[1, 0], rows, None, "appearance_error", label)
+        _errorbar(axes[1, 1], rows, None, "drift", label)
     null = summary.get("null_training_cells")
     if null:
-        axes[0].axhspan(null["lo"], null["hi"], color="grey", alpha=0.3, label="null 95%")
-    axes[0].set(xlabel="coarse reconstruction", ylabel="objects in a training cell (leakage)")
-    axes[1].set(xscale="log", xlabel="LoRA lr (lr 0 drawn at 1e-5)", ylabel="graded appearance error")
-    axes[2].set(xscale="log", xlabel="LoRA lr (lr 0 drawn at 1e-5)", ylabel="drift of prompts without the pivot")
-    for ax in axes:
+        for ax in axes[0]:
+            ax.axhspan(null["lo"], null["hi"], color="grey", alpha=0.3, label="null 95%")
+    axes[0, 0].set(xlabel="coarse reconstruction", ylabel="objects in a training cell (leakage)")
+    axes[0, 1].set(xlabel="graded appearance error (lower = better)", ylabel="objects in a training cell (leakage)")
+    axes[0, 1].invert_xaxis()
+    axes[1, 0].set(xscale="log", xlabel="LoRA lr (lr 0 drawn at 1e-5)", ylabel="graded appearance error")
+    axes[1, 1].set(xscale="log", xlabel="LoRA lr (lr 0 drawn at 1e-5)", ylabel="drift of prompts without the pivot")
+    for ax in axes.flat:
         ax.legend(fontsize=7)
     fig.suptitle("H3: variants along the LoRA learning rate (means over training seeds, 95% two-level intervals)",
                  fontsize=10)
