@@ -187,3 +187,19 @@ def test_band_variant_is_half_angle_with_its_rows_in_the_position_band(tmp_path)
     plain = presets["half_angle"]["plugins"]["pivot_locality"]
     assert band.pop("timestep_range") == POSITION_BAND and "timestep_range" not in plain
     assert band == plain and band["fractions"] == [0.5] and band["weight"] == 10.0
+
+
+def test_drift_splits_the_class_prompt_from_the_unrelated_ones():
+    from pti_plugin.toy_world.h3_variants import DRIFT_PROMPTS, drift_split
+    from pti_plugin.toy_world.world import render_character
+
+    assert DRIFT_PROMPTS[2] == "a character"  # seeds 2, 6, ... use the class prompt
+    drift = [10, 11, 12, 13, 14, 15, 16, 17]  # values that name their index
+    character = render_character(16.0, 16.0)
+    blank = np.full_like(character, 255)
+    images = np.stack([blank, blank, character, blank, blank, blank, blank, blank])
+    split = drift_split(drift, images)
+    assert split["drift_class"] == [12, 16]
+    assert split["drift_unrelated"] == [10, 11, 13, 14, 15, 17]
+    assert split["class_character"] == [1, 0]  # seed 2 draws the character, seed 6 a blank image
+    assert "class_character" not in drift_split(drift, None)

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from .detectors import detect
 from .h3_summary import CHOICE_COARSE, MATCHED_COARSE
 from .protocol_report import fmt
+from .world import CHARACTER_CELLS
 
 METHOD_VARIANT = "half_angle"
 VERDICT_RULE = (f"`{METHOD_VARIANT}` at its chosen weight, training-cell fraction minus no regulariser's at matched "
@@ -40,13 +44,15 @@ def verdict(summary: dict) -> str:
 
 
 def lr_table(summary: dict) -> list[str]:
-    head = ["condition", "lr", "seeds", "coarse", "graded error", "training cells", "inside null", "drift"]
+    head = ["condition", "lr", "seeds", "coarse", "graded error", "training cells", "inside null",
+            "drift, unrelated prompts", "class drift", "`a character` draws the character"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for condition in summary["conditions"]:
         for row in condition["rows"]:
             lines.append(f"| {_label(condition['variant'], condition['weight'])} | {row['lr']:g} | {row['n_seeds']} | "
                          f"{fmt(row['coarse'], 2)} | {fmt(row['appearance_error'])} | {fmt(row['in_training_cell'], 2)} | "
-                         f"{row['inside_null']} | {fmt(row['drift'], 2)} |")
+                         f"{row['inside_null']} | {fmt(row.get('drift_unrelated'), 2)} | {fmt(row.get('drift_class'), 2)} | "
+                         f"{fmt(row.get('class_character'), 2)} |")
     return lines
 
 
@@ -109,7 +115,7 @@ def h3_plot(summary: dict, path: Path) -> None:
         _errorbar(axes[0, 0], rows, "coarse", "in_training_cell", label)
         _errorbar(axes[0, 1], rows, "appearance_error", "in_training_cell", label)
         _errorbar(axes[1, 0], rows, None, "appearance_error", label)
-        _errorbar(axes[1, 1], rows, None, "drift", label)
+        _errorbar(axes[1, 1], rows, None, "drift_unrelated" if rows and rows[0].get("drift_unrelated") else "drift", label)
     null = summary.get("null_training_cells")
     if null:
         for ax in axes[0]:
@@ -118,11 +124,58 @@ def h3_plot(summary: dict, path: Path) -> None:
     axes[0, 1].set(xlabel="graded appearance error (lower = better)", ylabel="objects in a training cell (leakage)")
     axes[0, 1].invert_xaxis()
     axes[1, 0].set(xscale="log", xlabel="LoRA lr (lr 0 drawn at 1e-5)", ylabel="graded appearance error")
-    axes[1, 1].set(xscale="log", xlabel="LoRA lr (lr 0 drawn at 1e-5)", ylabel="drift of prompts without the pivot")
+    axes[1, 1].set(xscale="log", xlabel="LoRA lr (lr 0 drawn at 1e-5)", ylabel="drift of unrelated prompts")
     for ax in axes.flat:
         ax.legend(fontsize=7)
     fig.suptitle("H3: variants along the LoRA learning rate (means over training seeds, 95% two-level intervals)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cell_counts(images: np.ndarray) -> np.ndarray:
+    """``[3, 3]`` counts of the cells where the detector finds the object in ``images`` (uint8 ``[n, 32, 32, 3]``);
+    images without an object are not counted."""
+    counts = np.zeros((3, 3), dtype=np.int64)
+    for found in map(detect, images):
+        if found.row is not None:
+            counts[found.row, found.col] += 1
+    return counts
+
+
+def cell_histograms(counts: dict[str, dict[float, np.ndarray]], path: Path) -> None:
+    """One 3x3 heat map per (condition, learning rate): where the neutral generations put the object,
+    pooled over training and sampling seeds; the training images' cells are outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    labels = list(counts)
+    lrs = sorted({lr for per_lr in counts.values() for lr in per_lr})
+    fig, axes = plt.subplots(len(labels), len(lrs), figsize=(1.8 * len(lrs), 1.9 * len(labels)), squeeze=False)
+    for i, label in enumerate(labels):
+        for j, lr in enumerate(lrs):
+            ax = axes[i, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            grid = counts[label].get(lr)
+            if grid is None:
+                ax.set_axis_off()
+                continue
+            share = grid / max(grid.sum(), 1)
+            ax.imshow(share, vmin=0, vmax=0.5, cmap="viridis")
+            for row, col in CHARACTER_CELLS:
+                ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+            for (row, col), value in np.ndenumerate(share):
+                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white")
+            if i == 0:
+                ax.set_title(f"lr {lr:g}" if lr else "pivot (lr 0)", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=7)
+    fig.suptitle("Where the object lands (neutral prompts; red: the training images' cells; chance 1/9 per cell)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -40,7 +40,8 @@ CHOICE_COARSE = 0.8
 CHOICE_RULE = (f"per variant, among its weights whose curves reach coarse {CHOICE_COARSE} in the most training seeds, "
                f"the lowest mean training-cell fraction at matched coarse {CHOICE_COARSE} (ties: the smaller weight)")
 #: Per-image scores summarised at each learning rate.
-SCORES = ("coarse", "in_training_cell", "appearance_error", "drift", "drift_cell")
+SCORES = ("coarse", "in_training_cell", "appearance_error", "drift", "drift_cell", "drift_unrelated", "drift_class",
+          "class_character")
 REFERENCE = "none"
 
 
@@ -85,8 +86,9 @@ def lr_rows(groups: dict[float, list[dict]], null_interval: Interval | None, dra
     rows = []
     for lr, members in groups.items():
         row = {"lr": lr, "n_seeds": len(members), "seeds": [c["seed"] for c in members]}
-        for key in SCORES:
-            row[key] = _interval(lambda: two_level_bootstrap(seed_matrix(members, key), draws))
+        for key in SCORES:  # a score some cell lacks (an older part) is left out of the row
+            row[key] = (_interval(lambda: two_level_bootstrap(seed_matrix(members, key), draws))
+                        if all(key in c for c in members) else None)
         cells = row["in_training_cell"]
         row["inside_null"] = (None if null_interval is None or cells is None
                               else bool(null_interval.lo <= cells["lo"] and cells["hi"] <= null_interval.hi))

@@ -118,6 +118,24 @@ def drift_prompts(seeds: int) -> list[str]:
     return [DRIFT_PROMPTS[k % len(DRIFT_PROMPTS)] for k in range(seeds)]
 
 
+CLASS_PROMPT = DRIFT_PROMPTS.index("a character")
+
+
+def drift_split(drift: list[int], drift_images: np.ndarray | None) -> dict[str, list[int]]:
+    """Per-image ``drift`` split into the unrelated prompts' (``drift_unrelated``) and the class prompt's
+    (``drift_class``, DreamBooth's class drift), and with the drift images (uint8 ``[seeds, 32, 32, 3]``,
+    LoRA on) ``class_character``: whether each class-prompt image draws the trained character."""
+    from .detectors import detect_character
+
+    k = len(DRIFT_PROMPTS)
+    out = {"drift_unrelated": [d for i, d in enumerate(drift) if i % k != CLASS_PROMPT],
+           "drift_class": [d for i, d in enumerate(drift) if i % k == CLASS_PROMPT]}
+    if drift_images is not None:
+        out["class_character"] = [int(detect_character(img).is_character)
+                                  for i, img in enumerate(drift_images) if i % k == CLASS_PROMPT]
+    return out
+
+
 def drift_records(on: np.ndarray, off: np.ndarray) -> dict[str, list[int]]:
     """Per image pair (uint8 ``[n, 32, 32, 3]`` each, ``on[k]`` and ``off[k]`` from one prompt and seed):
     ``drift`` (the detected shape, colour or cell differ) and ``drift_cell`` (the cell differs)."""

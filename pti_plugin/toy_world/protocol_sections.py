@@ -22,6 +22,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from ..atomic_io import atomic_write_text
 from .protocol_report import h2_lines, write_h1_files, write_report
 
@@ -94,11 +96,13 @@ def h2_section(out: Path, results: Path, null_hi: float | None) -> dict | None:
     return {"title": "H2: appearance before position along LoRA training", "lines": lines, "figures": figures}
 
 
-def with_pivot_cells(cells: list[dict], h1_parts: Path, pivot_lr: float) -> list[dict]:
+def with_pivot_cells(cells: list[dict], h1_parts: Path, pivot_lr: float, base_drift: np.ndarray | None = None) -> list[dict]:
     """``cells`` plus, for every condition and training seed, the pivot alone as learning rate 0: the
     H1 cell at ``pivot_lr`` (the same neutral prompts and sampling seeds, LoRA off), whose drift is 0
-    (no LoRA: the base model itself). Seeds without that H1 part get no lr-0 point."""
+    (no LoRA: the base model itself; ``base_drift``: the base model's drift images, for the class prompt's
+    share of characters). Seeds without that H1 part get no lr-0 point."""
     from .h1_inversion import cell_name
+    from .h3_variants import drift_split
 
     out = list(cells)
     for variant, weight in dict.fromkeys((c["variant"], c["weight"]) for c in cells):
@@ -106,17 +110,25 @@ def with_pivot_cells(cells: list[dict], h1_parts: Path, pivot_lr: float) -> list
             path = h1_parts / f"{cell_name(pivot_lr, seed, 1)}.json"
             if path.is_file():
                 record = json.loads(path.read_text())
-                n = len(record["coarse"])
+                no_drift = [0] * len(record["coarse"])
                 out.append(record | {"variant": variant, "weight": weight, "lr": 0.0, "seed": seed,
-                                     "drift": [0] * n, "drift_cell": [0] * n})
+                                     "drift": no_drift, "drift_cell": no_drift} | drift_split(no_drift, base_drift))
     return out
+
+
+def _drift_images(parts: Path, cell: dict) -> np.ndarray | None:
+    """A cell's drift images (after its neutral ones in the part's npz), or None without the npz."""
+    from .h3_variants import cell_name
+
+    path = parts / f"{cell_name(cell['variant'], cell['weight'], cell['lr'], cell['seed'])}.npz"
+    return np.load(path)["images"][len(cell["coarse"]):] if path.is_file() else None
 
 
 def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr: float) -> dict:
     """H3's section: its summary (``h3_summary.json``) and plot when cells are measured."""
     from .h3_lines import h3_lines, h3_plot
     from .h3_summary import summarise_h3
-    from .h3_variants import load_h3_cells
+    from .h3_variants import BASE_DRIFT_PART, drift_split, load_h3_cells
 
     title = "H3: pivot locality against the other variants at matched reconstruction"
     cells = load_h3_cells(out / "h3")
@@ -127,11 +139,61 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
         return {"title": title, "lines": ["**Verdict: not measured.** No LoRA cell (variant x weight x lr x training "
                                           "seed) is measured yet (`analysis/research_protocol.py h3`)."]}
     else:
-        summary = summarise_h3(null, with_pivot_cells(cells, out / "h1" / "parts", pivot_lr), draws) | {
+        cells = [cell | drift_split(cell["drift"], _drift_images(out / "h3" / "parts", cell)) for cell in cells]
+        base = out / "h3" / "parts" / f"{BASE_DRIFT_PART}.npz"
+        base_drift = np.load(base)["images"] if base.is_file() else None
+        summary = summarise_h3(null, with_pivot_cells(cells, out / "h1" / "parts", pivot_lr, base_drift), draws) | {
             "n_cells": len(cells), "pivot_lr": pivot_lr}
         atomic_write_text(committed, json.dumps(summary, indent=1, default=str) + "\n")
     h3_plot(summary, results / "h3.png")
-    return {"title": title, "lines": h3_lines(summary), "figures": [("H3: leakage against reconstruction", results / "h3.png")]}
+    figures = [("H3: leakage against reconstruction", results / "h3.png")]
+    if cells:
+        h3_cell_figures(out, results, cells, pivot_lr)
+    histograms = results / "h3_cells.png"
+    if histograms.is_file():
+        figures.append(("H3: where the object lands, per condition and learning rate", histograms))
+    band = results / "position_timesteps.png"
+    if band.is_file():
+        figures.append(("Where the world decides positions (prompt switch, base model)", band))
+    figures += [(f"H3 {g.stem[3:]}: 64 neutral images (4 rows), then 64 prompts without the pivot (4 rows)", g)
+                for g in sorted((results / "grids").glob("h3-*.png"))]
+    return {"title": title, "lines": h3_lines(summary), "figures": figures}
+
+
+def h3_cell_figures(out: Path, results: Path, cells: list[dict], pivot_lr: float) -> None:
+    """The cell histograms of every measured condition (``h3_cells.png``) and, for the first training seed,
+    each condition's sample grid at its highest learning rate (``grids/h3-*.png``)."""
+    from .h1_inversion import cell_name as h1_cell_name
+    from .h3_lines import _label, cell_counts, cell_histograms
+    from .h3_variants import H3Settings, cell_name
+
+    counts: dict[str, dict[float, np.ndarray]] = {}
+    pivots = {}
+    for cell in cells:
+        label = _label(cell["variant"], cell["weight"])
+        seeds = len(cell["coarse"])
+        images = np.load(out / "h3" / "parts" / f"{cell_name(cell['variant'], cell['weight'], cell['lr'], cell['seed'])}.npz")
+        per_lr = counts.setdefault(label, {})
+        per_lr[cell["lr"]] = per_lr.get(cell["lr"], 0) + cell_counts(images["images"][:seeds])
+        pivot = out / "h1" / "parts" / f"{h1_cell_name(pivot_lr, cell['seed'], 1)}.npz"
+        if cell["seed"] not in pivots and pivot.is_file():
+            pivots[cell["seed"]] = cell_counts(np.load(pivot)["images"][:seeds])
+    for per_lr in counts.values():
+        if pivots:
+            per_lr[0.0] = sum(pivots.values())
+    cell_histograms(counts, results / "h3_cells.png")
+    grids = results / "grids"
+    grids.mkdir(parents=True, exist_ok=True)
+    for stale in grids.glob("h3-*.png"):  # grids of an earlier, smaller set of cells
+        stale.unlink()
+    seeds = {c["seed"] for c in cells}
+    first_seed = next((s for s in H3Settings().training_seeds if s in seeds), min(seeds))
+    for label in counts:
+        mine = [c for c in cells if _label(c["variant"], c["weight"]) == label and c["seed"] == first_seed]
+        if mine:
+            top = max(mine, key=lambda c: c["lr"])
+            name = cell_name(top["variant"], top["weight"], top["lr"], top["seed"])
+            shutil.copyfile(out / "h3" / "parts" / f"{name}.png", grids / f"{name}.png")
 
 
 def h4_section(results: Path) -> dict:
