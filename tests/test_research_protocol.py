@@ -125,10 +125,10 @@ def test_quick_protocol_report_holds_every_table_and_plot(quick_protocol):
     assert summary["null"] is not None and summary["vectors"]
     for name in ("h1.png", "h1_points.csv", "report.md", "report.html"):
         assert (results / name).stat().st_size > 0, name
-    for name in ("h2_curves-lr0.001.png", "h2_curves-lr0.001.json", "h3.png", "h3_summary.json"):
+    for name in ("h2_curves-lr0.001.png", "h2_curves-lr0.001.json", "h3.png", "h3_cells.png", "h3_summary.json"):
         assert (results / name).stat().st_size > 0, name
     page = (results / "report.html").read_text()
-    plots = 3  # h1.png, the H2 curves of the one quick rate, h3.png
+    plots = 4  # h1.png, the H2 curves of the one quick rate, h3.png, h3_cells.png
     assert page.count("<img src=\"data:image/png;base64,") == len(list((results / "grids").glob("*.png"))) + plots
     assert 'src="http' not in page and 'href="http' not in page and "Verdict" in page  # self-contained
     h2_runs = sorted((out / "h2" / "runs").glob("lora-*"))
