@@ -203,3 +203,14 @@ def test_drift_splits_the_class_prompt_from_the_unrelated_ones():
     assert split["drift_unrelated"] == [10, 11, 13, 14, 15, 17]
     assert split["class_character"] == [1, 0]  # seed 2 draws the character, seed 6 a blank image
     assert "class_character" not in drift_split(drift, None)
+
+
+def test_a_rate_is_inside_the_null_when_its_excess_interval_reaches_zero():
+    # Leakage 0.33 + 0.4 coarse (+ the seed's offset of up to 0.04): at coarse 0 it is the null's 0.33 on
+    # average; at coarse 0.95 it is 0.71, far above.
+    summary = summarise_h3(_null(), _condition("none", None, (0.0, 0.3, 0.9, 0.95), 0.33), draws=500)
+    rows = summary["conditions"][0]["rows"]
+    first, last = rows[0], rows[-1]
+    assert first["training_cell_excess"]["lo"] <= 0 <= first["training_cell_excess"]["hi"] and first["inside_null"]
+    assert last["training_cell_excess"]["lo"] > 0 and not last["inside_null"]
+    assert summary["variants"]["none"]["highest_safe_lr"]["lr"] in LRS[:-2]

@@ -44,13 +44,14 @@ def verdict(summary: dict) -> str:
 
 
 def lr_table(summary: dict) -> list[str]:
-    head = ["condition", "lr", "seeds", "coarse", "graded error", "training cells", "inside null",
+    head = ["condition", "lr", "seeds", "coarse", "graded error", "training cells", "excess over null", "inside null",
             "drift, unrelated prompts", "class drift", "`a character` draws the character"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for condition in summary["conditions"]:
         for row in condition["rows"]:
             lines.append(f"| {_label(condition['variant'], condition['weight'])} | {row['lr']:g} | {row['n_seeds']} | "
                          f"{fmt(row['coarse'], 2)} | {fmt(row['appearance_error'])} | {fmt(row['in_training_cell'], 2)} | "
+                         f"{fmt(row.get('training_cell_excess'), 2)} | "
                          f"{row['inside_null']} | {fmt(row.get('drift_unrelated'), 2)} | {fmt(row.get('drift_class'), 2)} | "
                          f"{fmt(row.get('class_character'), 2)} |")
     return lines
@@ -74,8 +75,8 @@ def h3_lines(summary: dict) -> list[str]:
     lines = [f"**Verdict: {verdict(summary)}.** Rule: {VERDICT_RULE}.", ""]
     null = summary.get("null_training_cells")
     if null:
-        lines.append(f"- Null (base model, init word): training cells {fmt(null, 2)}; a condition is *inside the null* "
-                     "when its interval lies within this one.")
+        lines.append(f"- Null (base model, init word): training cells {fmt(null, 2)}; a learning rate is *inside the "
+                     "null* when its excess over the null has a 95% interval reaching 0.")
     lines.append(f"- Weight per variant: {summary['choice_rule']}.")
     for variant, record in summary["variants"].items():
         chosen, safe = record.get("chosen") or {}, record.get("highest_safe_lr") or {}

@@ -19,9 +19,11 @@ variant's value minus ``none``'s, with an interval over seeds
 the smaller weight).
 
 **The highest safe learning rate** of a condition: going up from its lowest rate, the last rate
-whose training-cell fraction interval (two-level, :func:`~pti_plugin.metrics.replication.two_level_bootstrap`)
-lies inside the null's interval, and the graded appearance error there (None when the lowest
-rate is already outside).
+whose training-cell fraction is *inside the null*: its excess over the null (two-level on both sides,
+:func:`~pti_plugin.metrics.replication.excess_over_null`) has a 95% interval that reaches 0, i.e.
+leakage is not distinguishable from the base model's own placement; and the graded appearance
+error there (None when the lowest rate is already outside). (Asking the condition's own interval to
+nest inside the null's would fail for sampling noise alone: two intervals of equal width rarely nest.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import warnings
 import numpy as np
 
 from ..metrics.curves import value_at_first_crossing
-from ..metrics.replication import Interval, excess_over_null, seed_level_interval, two_level_bootstrap
+from ..metrics.replication import excess_over_null, seed_level_interval, two_level_bootstrap
 from .h1_summary import float_array, null_summary, per_seed_curves, seed_matrix
 
 MATCHED_COARSE = (0.5, 0.8, 0.9)
@@ -80,25 +82,27 @@ def paired_against(values: dict[int, np.ndarray], reference: dict[int, np.ndarra
     return _interval(lambda: seed_level_interval(differences, draws))
 
 
-def lr_rows(groups: dict[float, list[dict]], null_interval: Interval | None, draws: int) -> list[dict]:
-    """One row per learning rate: each score's two-level interval, and whether the training-cell
-    fraction's interval lies inside the null's."""
+def lr_rows(groups: dict[float, list[dict]], null_a: np.ndarray | None, draws: int) -> list[dict]:
+    """One row per learning rate: each score's two-level interval, the training-cell fraction's excess
+    over the null (``null_a``: ``[1, images]``) and whether it is inside the null (the excess's interval
+    reaches 0 or below)."""
     rows = []
     for lr, members in groups.items():
         row = {"lr": lr, "n_seeds": len(members), "seeds": [c["seed"] for c in members]}
         for key in SCORES:  # a score some cell lacks (an older part) is left out of the row
             row[key] = (_interval(lambda: two_level_bootstrap(seed_matrix(members, key), draws))
                         if all(key in c for c in members) else None)
-        cells = row["in_training_cell"]
-        row["inside_null"] = (None if null_interval is None or cells is None
-                              else bool(null_interval.lo <= cells["lo"] and cells["hi"] <= null_interval.hi))
+        row["training_cell_excess"] = (None if null_a is None else _interval(
+            lambda: excess_over_null(seed_matrix(members, "in_training_cell"), null_a, draws)))
+        excess = row["training_cell_excess"]
+        row["inside_null"] = None if excess is None else bool(excess["lo"] <= 0.0)
         rows.append(row)
     return rows
 
 
 def highest_safe_lr(rows: list[dict]) -> dict:
-    """The last rate, going up from the lowest, whose training-cell interval lies inside the null's,
-    with the graded appearance error there."""
+    """The last rate, going up from the lowest, whose training-cell fraction is inside the null (see the
+    module docstring), with the graded appearance error there."""
     safe = None
     for row in rows:
         if not row["inside_null"]:
@@ -113,7 +117,7 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def condition_summary(groups: dict[float, list[dict]], per_seed: dict[str, dict[int, np.ndarray]],
-                      null_a: np.ndarray | None, null_interval: Interval | None,
+                      null_a: np.ndarray | None,
                       reference: dict[str, dict[int, np.ndarray]] | None, draws: int) -> dict:
     """One (variant, weight): rows per rate, leakage and drift at matched coarse (``per_seed``: its
     :func:`matched_per_seed` of ``leakage`` and ``drift``; ``reference``: ``none``'s, or None), the
@@ -132,7 +136,7 @@ def condition_summary(groups: dict[float, list[dict]], per_seed: dict[str, dict[
             entry["leakage_minus_none"] = paired_against(per_seed["leakage"], reference["leakage"], j, draws)
             entry["drift_minus_none"] = paired_against(per_seed["drift"], reference["drift"], j, draws)
         matched[f"{target:g}"] = entry
-    rows = lr_rows(groups, null_interval, draws)
+    rows = lr_rows(groups, null_a, draws)
     return {"rows": rows, "matched": matched, "highest_safe_lr": highest_safe_lr(rows)}
 
 
@@ -163,7 +167,7 @@ def summarise_h3(null: dict | None, cells: list[dict], draws: int = 2000) -> dic
     for (variant, weight), groups in grouped.items():
         against = None if variant == REFERENCE else reference
         conditions.append({"variant": variant, "weight": weight}
-                          | condition_summary(groups, per_seed[(variant, weight)], null_a, null_interval, against, draws))
+                          | condition_summary(groups, per_seed[(variant, weight)], null_a, against, draws))
     variants = {}
     for variant in dict.fromkeys(c["variant"] for c in conditions):
         own = [c for c in conditions if c["variant"] == variant]
