@@ -5,6 +5,9 @@ Only exact, known messages are dropped; everything else the libraries log passes
 - transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to ..."
   (and the same for other image processors): diffusers' pipeline modules import image processors
   for safety checkers and feature extractors this package never uses.
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community: ...": at import (peft and
+  diffusers import it), its CPU backend asks the Hub for an optional 4-bit kernel; this package does no
+  4-bit matmul, and an offline machine cannot fetch it anyway.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import logging
 
 #: (logger name, a fragment of the message to drop)
-KNOWN_NOISE = (("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),)
+KNOWN_NOISE = (("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
+               ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 
 class _DropMessages(logging.Filter):
