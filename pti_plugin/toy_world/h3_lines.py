@@ -78,10 +78,13 @@ def h3_lines(summary: dict) -> list[str]:
         lines.append(f"- Null (base model, init word): training cells {fmt(null, 2)}; a learning rate is *inside the "
                      "null* when its excess over the null has a 95% interval reaching 0.")
     lines.append(f"- Weight per variant: {summary['choice_rule']}.")
+    key = f"{CHOICE_COARSE:g}"
     for variant, record in summary["variants"].items():
         chosen, safe = record.get("chosen") or {}, record.get("highest_safe_lr") or {}
+        paired = ((record.get("matched") or {}).get(key) or {}).get("leakage_minus_none")
+        against = "" if paired is None else f"; training cells minus none's at matched coarse {key}: {fmt(paired)}"
         lines.append(f"- `{variant}`: weight {chosen.get('weight')}; highest learning rate inside the null "
-                     f"{safe.get('lr')} (graded error there {fmt(safe.get('appearance_error'))}).")
+                     f"{safe.get('lr')} (graded error there {fmt(safe.get('appearance_error'))}){against}.")
     lines += ["", "Per learning rate (lr 0 is the pivot alone, LoRA off; two-level 95% intervals):", "",
               *lr_table(summary), "", "At matched coarse reconstruction (per training seed, interpolated along the "
               "learning rate; intervals over seeds):", "", *matched_table(summary)]
