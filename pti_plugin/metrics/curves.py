@@ -217,6 +217,17 @@ def crossing_time_ratio(steps: Sequence[float], first_per_seed: np.ndarray, seco
             "geometric_mean_ratio": geometric}
 
 
+def _per_seed_arrays(x_per_seed, y_per_seed, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x and y as float64 ``[training_seeds, points]`` (same shape, checked), targets 1-D, and the NaN
+    output ``[training_seeds, len(targets)]`` of the matched-value readers."""
+    x = np.atleast_2d(np.asarray(x_per_seed, dtype=np.float64))
+    y = np.atleast_2d(np.asarray(y_per_seed, dtype=np.float64))
+    if x.shape != y.shape:
+        raise ValueError(f"x and y need the same shape, got {x.shape} and {y.shape}")
+    targets = np.asarray(targets, dtype=np.float64).reshape(-1)
+    return x, y, targets, np.full((x.shape[0], targets.size), np.nan)
+
+
 def value_at_matched(x_per_seed: np.ndarray, y_per_seed: np.ndarray, targets: Sequence[float]) -> np.ndarray:
     """``[training_seeds, len(targets)]``: per seed, y linearly interpolated where x equals each target.
 
@@ -224,12 +235,7 @@ def value_at_matched(x_per_seed: np.ndarray, y_per_seed: np.ndarray, targets: Se
     along each run's learning-rate sweep). Each seed's finite (x, y) pairs are sorted by x, y is
     averaged over points sharing an x, and a target outside that seed's x range gives NaN.
     """
-    x = np.atleast_2d(np.asarray(x_per_seed, dtype=np.float64))
-    y = np.atleast_2d(np.asarray(y_per_seed, dtype=np.float64))
-    if x.shape != y.shape:
-        raise ValueError(f"x and y need the same shape, got {x.shape} and {y.shape}")
-    targets = np.asarray(targets, dtype=np.float64).reshape(-1)
-    out = np.full((x.shape[0], targets.size), np.nan)
+    x, y, targets, out = _per_seed_arrays(x_per_seed, y_per_seed, targets)
     for k in range(x.shape[0]):
         keep = np.isfinite(x[k]) & np.isfinite(y[k])
         if not keep.any():
@@ -249,12 +255,7 @@ def value_at_first_crossing(x_per_seed: np.ndarray, y_per_seed: np.ndarray, targ
     paid on the way to the target, not at a later point that happens to share its x. A seed whose first
     finite x already lies above a target, or that never reaches it, gives NaN; NaN points are skipped.
     """
-    x = np.atleast_2d(np.asarray(x_per_seed, dtype=np.float64))
-    y = np.atleast_2d(np.asarray(y_per_seed, dtype=np.float64))
-    if x.shape != y.shape:
-        raise ValueError(f"x and y need the same shape, got {x.shape} and {y.shape}")
-    targets = np.asarray(targets, dtype=np.float64).reshape(-1)
-    out = np.full((x.shape[0], targets.size), np.nan)
+    x, y, targets, out = _per_seed_arrays(x_per_seed, y_per_seed, targets)
     for k in range(x.shape[0]):
         keep = np.isfinite(x[k]) & np.isfinite(y[k])
         xs, ys = x[k][keep], y[k][keep]
