@@ -116,12 +116,12 @@ def with_pivot_cells(cells: list[dict], h1_parts: Path, pivot_lr: float, base_dr
     return out
 
 
-def _drift_images(parts: Path, cell: dict) -> np.ndarray | None:
-    """A cell's drift images (after its neutral ones in the part's npz), or None without the npz."""
+def _cell_images(parts: Path, cell: dict) -> np.ndarray | None:
+    """A cell's generations (its neutral images, then its drift images), or None without the part's npz."""
     from .h3_variants import cell_name
 
     path = parts / f"{cell_name(cell['variant'], cell['weight'], cell['lr'], cell['seed'])}.npz"
-    return np.load(path)["images"][len(cell["coarse"]):] if path.is_file() else None
+    return np.load(path)["images"] if path.is_file() else None
 
 
 def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr: float) -> dict:
@@ -139,7 +139,9 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
         return {"title": title, "lines": ["**Verdict: not measured.** No LoRA cell (variant x weight x lr x training "
                                           "seed) is measured yet (`analysis/research_protocol.py h3`)."]}
     else:
-        cells = [cell | drift_split(cell["drift"], _drift_images(out / "h3" / "parts", cell)) for cell in cells]
+        images = [_cell_images(out / "h3" / "parts", cell) for cell in cells]  # loaded once, used twice
+        cells = [cell | drift_split(cell["drift"], None if generated is None else generated[len(cell["coarse"]):])
+                 for cell, generated in zip(cells, images)]
         base = out / "h3" / "parts" / f"{BASE_DRIFT_PART}.npz"
         base_drift = np.load(base)["images"] if base.is_file() else None
         summary = summarise_h3(null, with_pivot_cells(cells, out / "h1" / "parts", pivot_lr, base_drift), draws) | {
@@ -148,7 +150,7 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
     h3_plot(summary, results / "h3.png")
     figures = [("H3: leakage against reconstruction", results / "h3.png")]
     if cells:
-        h3_cell_figures(out, results, cells, pivot_lr)
+        h3_cell_figures(out, results, cells, images, pivot_lr)
     histograms = results / "h3_cells.png"
     if histograms.is_file():
         figures.append(("H3: where the object lands, per condition and learning rate", histograms))
@@ -160,21 +162,21 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
     return {"title": title, "lines": h3_lines(summary), "figures": figures}
 
 
-def h3_cell_figures(out: Path, results: Path, cells: list[dict], pivot_lr: float) -> None:
+def h3_cell_figures(out: Path, results: Path, cells: list[dict], images: list[np.ndarray], pivot_lr: float) -> None:
     """The cell histograms of every measured condition (``h3_cells.png``) and, for the first training seed,
-    each condition's sample grid at its highest learning rate (``grids/h3-*.png``)."""
+    each condition's sample grid at its highest learning rate (``grids/h3-*.png``); ``images``: each cell's
+    generations, in ``cells``' order."""
     from .h1_inversion import cell_name as h1_cell_name
     from .h3_lines import _label, cell_counts, cell_histograms
     from .h3_variants import H3Settings, cell_name
 
     counts: dict[str, dict[float, np.ndarray]] = {}
     pivots = {}
-    for cell in cells:
+    for cell, generated in zip(cells, images, strict=True):  # every measured cell has its npz
         label = _label(cell["variant"], cell["weight"])
         seeds = len(cell["coarse"])
-        images = np.load(out / "h3" / "parts" / f"{cell_name(cell['variant'], cell['weight'], cell['lr'], cell['seed'])}.npz")
         per_lr = counts.setdefault(label, {})
-        per_lr[cell["lr"]] = per_lr.get(cell["lr"], 0) + cell_counts(images["images"][:seeds])
+        per_lr[cell["lr"]] = per_lr.get(cell["lr"], 0) + cell_counts(generated[:seeds])
         pivot = out / "h1" / "parts" / f"{h1_cell_name(pivot_lr, cell['seed'], 1)}.npz"
         if cell["seed"] not in pivots and pivot.is_file():
             pivots[cell["seed"]] = cell_counts(np.load(pivot)["images"][:seeds])
