@@ -1,4 +1,4 @@
-"""Built-in plugins, one per module.
+"""Built-in plugins, one per module (with the helper modules they use beside them).
 
 They are registered exactly as third-party plugins are: as entry points of the
 ``pti_plugin.plugins`` group. This list is the one place they are declared; ``setup.py`` installs it

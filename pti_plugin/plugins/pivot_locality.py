@@ -54,40 +54,12 @@ from ..data.captions import pivot_token_strings
 from ..data.sample_order import sample_generator
 from ..hooks import Batch, MainPrediction, Plugin, TrainerState, UNetRows
 from ..models.family import Conditioning
+from . import locality_centre
 
 logger = logging.getLogger(__name__)
 
 _SAMPLE_TAG, _POOL_TAG, _PICK_TAG, _PROBE_TAG = 0x10CA1, 0x10CA2, 0x10CA3, 0x10CA4
 PROBE_FRACTIONS = (0.0, 0.25, 0.5, 1.0)
-
-#: Prompts whose mean encoder output (per token position) is the centre when no centre_file is given.
-CENTRE_PROMPTS = (
-    "a photo of a cat",
-    "an anime illustration of a girl with red hair",
-    "a boy standing in the snow",
-    "a city at night",
-    "a picture of a dog on the beach",
-    "a painting of a forest in autumn with a small river",
-    "portrait of an old man",
-    "a girl sitting on a chair in a white room",
-    "a red car",
-    "a bowl of fruit on a wooden table next to a window",
-    "an anime illustration of a character",
-    "a person with blue hair and a black coat standing in the rain",
-    "a mountain landscape",
-    "the ocean",
-    "two children playing with a ball in a green park on a sunny day",
-    "a castle on a hill",
-    "a close-up photo of a yellow flower",
-    "a knight in armour holding a sword",
-    "a watercolor of a small house",
-    "an illustration of a robot in a futuristic city with neon lights",
-    "a solo girl",
-    "a black and white photo of a street",
-    "a cartoon of a fox",
-    "a cup of coffee",
-)
-
 
 def _error(message: str) -> ConfigError:
     return ConfigError(f"plugins.pivot_locality: {message}")
@@ -241,7 +213,7 @@ class PivotLocality(Plugin):
         self.pooled_centre: torch.Tensor | None = None
         self.centre, self.centre_source = self._load_centre(state)
         if self.centre is not None and self.pooled_centre is None and self.geometry == "centered":
-            self._estimate_centre(state)  # a centre file holds the per-token centre only: the pooled one is estimated
+            _, self.pooled_centre = locality_centre.estimate_centre(state)  # a centre file holds the per-token centre only
         self._num_train_timesteps = state.num_train_timesteps
         self._last_shape: tuple[int, ...] | None = None
         if self.active_stages:
@@ -307,46 +279,18 @@ class PivotLocality(Plugin):
         return torch.stack(pivot_ids), torch.stack(class_ids), torch.stack(slots), pairs
 
     def _load_centre(self, state: TrainerState) -> tuple[torch.Tensor | None, str]:
-        """The centre ([77, d], float32, on the device) for the ``centered`` geometry and the centred angle, and
-        where it came from: the centre file (``pti_plugin.centre_file``), else estimated (None without a use)."""
-        from ..centre_file import CentreFileError, load_centre_file
-
-        o, config = self.options, state.config
-        positions = self.pivot_ids.shape[-1]
-        with state.frozen():
-            d = state.encode(self.pivot_ids[:1].to(state.device), lora=False).hidden_states.shape[-1]
+        """The centre for the ``centered`` geometry and the centred angle, and where it came from (None without a use)."""
+        o = self.options
         if o.centre_file:
             try:
-                loaded = load_centre_file(o.centre_file, expected_dim=d)
-            except CentreFileError as exc:
-                raise _error(f"centre_file: {exc}") from exc
-            if loaded.num_positions != positions:
-                raise _error(f"centre_file {o.centre_file}: {loaded.num_positions} token positions, the prompts have {positions}")
-            skip = loaded.metadata.get("clip_skip")
-            if skip is not None and int(skip) != config.clip_skip:
-                raise _error(f"centre_file {o.centre_file} was measured with clip_skip = {skip}; this run uses "
-                             f"clip_skip = {config.clip_skip} (re-run analysis/ellipsoid_check.py with it)")
-            if self.ln is not None:
-                gamma, beta = self.ln.weight.detach().float().cpu(), self.ln.bias.detach().float().cpu()
-                if not (torch.allclose(loaded.gamma.float(), gamma, rtol=1e-3, atol=1e-3)
-                        and torch.allclose(loaded.beta.float(), beta, rtol=1e-3, atol=1e-3)):
-                    raise _error(f"centre_file {o.centre_file}: its final-LayerNorm gamma/beta differ from this text "
-                                 "encoder's: it was made for another model")
-            return loaded.centre.float().to(state.device), f"file:{Path(o.centre_file).name}"
+                centre = locality_centre.load_centre(state, o.centre_file, self.pivot_ids, self.ln)
+            except locality_centre.CentreMismatch as exc:
+                raise _error(str(exc)) from exc
+            return centre, f"file:{Path(o.centre_file).name}"
         if self.geometry != "centered" and self.ln is None:
             return None, "none"
-        return self._estimate_centre(state), f"estimated:{len(CENTRE_PROMPTS)} built-in prompts"
-
-    @torch.no_grad()
-    def _estimate_centre(self, state: TrainerState) -> torch.Tensor:
-        """Mean encoder output (LoRA off) over :data:`CENTRE_PROMPTS`, per token position: [77, d]. The pooled
-        embedding's centre (SDXL), the mean pooled output [d_pool], is kept in ``self.pooled_centre``."""
-        ids = state.tokenize(list(CENTRE_PROMPTS)).to(state.device)
-        with state.frozen():
-            cond = state.encode(ids, lora=False)
-        pooled = cond.added_cond_kwargs.get("text_embeds")
-        self.pooled_centre = None if pooled is None else pooled.float().mean(dim=0)
-        return cond.hidden_states.float().mean(dim=0)
+        centre, self.pooled_centre = locality_centre.estimate_centre(state)
+        return centre, f"estimated:{len(locality_centre.CENTRE_PROMPTS)} built-in prompts"
 
     # ------------------------------------------------------------------ stage
     def on_stage_start(self, state: TrainerState) -> None:
