@@ -214,3 +214,35 @@ def test_a_rate_is_inside_the_null_when_its_excess_interval_reaches_zero():
     assert first["training_cell_excess"]["lo"] <= 0 <= first["training_cell_excess"]["hi"] and first["inside_null"]
     assert last["training_cell_excess"]["lo"] > 0 and not last["inside_null"]
     assert summary["variants"]["none"]["highest_safe_lr"]["lr"] in LRS[:-2]
+
+
+def test_detected_cells_name_the_cell_of_each_object():
+    from pti_plugin.toy_world.h3_lines import cell_counts, detected_cells
+
+    scenes = [render_scene(Scene("circle", "blue", "white", r, c, CELL_CENTRES[c], CELL_CENTRES[r], 11.0))
+              for r, c in ((0, 0), (1, 2), (2, 1), (2, 1))]
+    blank = np.full_like(scenes[0], 255)
+    cells = detected_cells(np.stack([*scenes, blank]))
+    assert cells == [0, 5, 7, 7, None]
+    expected = np.zeros((3, 3), dtype=np.int64)
+    expected[0, 0], expected[1, 2], expected[2, 1] = 1, 1, 2
+    assert np.array_equal(cell_counts(cells), expected)
+
+
+def test_position_entropy_drops_when_the_layout_collapses_onto_a_cell_no_training_image_uses():
+    # Every cell once per 9 images at the lowest rate (entropy 1), then every image in the centre cell (entropy 0),
+    # which is not a training cell: the training-cell fraction falls to 0 and says nothing of the collapse.
+    uniform, centre = list(range(9)) * 11 + [None], [4] * N
+    cells = []
+    for seed in SEEDS:
+        for lr, layout in ((LRS[0], uniform), (LRS[1], centre)):
+            cells.append({"variant": "none", "weight": None, "lr": lr, "seed": seed, "coarse": _hits(0.9),
+                          "in_training_cell": [None if c is None else int(c in (0, 5, 7)) for c in layout],
+                          "appearance_error": [0.1] * N, "drift": _hits(0.1), "drift_cell": _hits(0.0), "cell": layout})
+    null = {name: {"in_training_cell": _hits(0.33), "cell": uniform} for name in ("a", "b")}
+    summary = summarise_h3(null, cells, draws=200)
+    low, high = summary["conditions"][0]["rows"]
+    assert low["position_entropy"] == {"estimate": pytest.approx(1.0), "lo": pytest.approx(1.0), "hi": pytest.approx(1.0)}
+    assert high["position_entropy"]["estimate"] == 0.0 and high["in_training_cell"]["estimate"] == 0.0
+    null_entropy = summary["null_position_entropy"]
+    assert null_entropy["estimate"] == pytest.approx(1.0) and 0.8 < null_entropy["lo"] <= null_entropy["hi"] <= 1.0

@@ -45,14 +45,14 @@ def verdict(summary: dict) -> str:
 
 def lr_table(summary: dict) -> list[str]:
     head = ["condition", "lr", "seeds", "coarse", "graded error", "training cells", "excess over null", "inside null",
-            "drift, unrelated prompts", "class drift", "`a character` draws the character"]
+            "position entropy", "drift, unrelated prompts", "class drift", "`a character` draws the character"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for condition in summary["conditions"]:
         for row in condition["rows"]:
             lines.append(f"| {_label(condition['variant'], condition['weight'])} | {row['lr']:g} | {row['n_seeds']} | "
                          f"{fmt(row['coarse'], 2)} | {fmt(row['appearance_error'])} | {fmt(row['in_training_cell'], 2)} | "
                          f"{fmt(row.get('training_cell_excess'), 2)} | "
-                         f"{row['inside_null']} | {fmt(row.get('drift_unrelated'), 2)} | {fmt(row.get('drift_class'), 2)} | "
+                         f"{row['inside_null']} | {fmt(row.get('position_entropy'), 2)} | {fmt(row.get('drift_unrelated'), 2)} | {fmt(row.get('drift_class'), 2)} | "
                          f"{fmt(row.get('class_character'), 2)} |")
     return lines
 
@@ -75,8 +75,12 @@ def h3_lines(summary: dict) -> list[str]:
     lines = [f"**Verdict: {verdict(summary)}.** Rule: {VERDICT_RULE}.", ""]
     null = summary.get("null_training_cells")
     if null:
-        lines.append(f"- Null (base model, init word): training cells {fmt(null, 2)}; a learning rate is *inside the "
-                     "null* when its excess over the null has a 95% interval reaching 0.")
+        entropy = summary.get("null_position_entropy")
+        lines.append(f"- Null (base model, init word): training cells {fmt(null, 2)}"
+                     + ("" if entropy is None else f", position entropy {fmt(entropy, 2)}")
+                     + "; a learning rate is *inside the null* when its excess over the null has a 95% interval "
+                     "reaching 0. Position entropy: per training seed, of its images' 3x3 cells (1 = uniform), "
+                     "interval over seeds.")
     lines.append(f"- Weight per variant: {summary['choice_rule']}.")
     key = f"{CHOICE_COARSE:g}"
     for variant, record in summary["variants"].items():
@@ -138,14 +142,15 @@ def h3_plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def cell_counts(images: np.ndarray) -> np.ndarray:
-    """``[3, 3]`` counts of the cells where the detector finds the object in ``images`` (uint8 ``[n, 32, 32, 3]``);
-    images without an object are not counted."""
-    counts = np.zeros((3, 3), dtype=np.int64)
-    for found in map(detect, images):
-        if found.row is not None:
-            counts[found.row, found.col] += 1
-    return counts
+def detected_cells(images: np.ndarray) -> list[int | None]:
+    """Per image of ``images`` (uint8 ``[n, 32, 32, 3]``), the 3x3 cell where the detector finds the object
+    (``3 * row + col``), None where it finds none."""
+    return [None if found.row is None else 3 * found.row + found.col for found in map(detect, images)]
+
+
+def cell_counts(cells: list[int | None]) -> np.ndarray:
+    """``[3, 3]`` counts of :func:`detected_cells`' cells; images without an object are not counted."""
+    return np.bincount([c for c in cells if c is not None], minlength=9).reshape(3, 3).astype(np.int64)
 
 
 def cell_histograms(counts: dict[str, dict[float, np.ndarray]], path: Path) -> None:

@@ -24,6 +24,13 @@ whose training-cell fraction is *inside the null*: its excess over the null (two
 leakage is not distinguishable from the base model's own placement; and the graded appearance
 error there (None when the lowest rate is already outside). (Asking the condition's own interval to
 nest inside the null's would fail for sampling noise alone: two intervals of equal width rarely nest.)
+
+**Position entropy** beside the training-cell fraction: per training seed, the normalised entropy of
+the 3x3 histogram of the cells where its neutral images put the object (``cell``: per image
+``3 * row + col``, None without an object; :func:`~.detectors.position_entropy`), with an interval
+over training seeds; the null's from its images, resampled. A collapse onto one cell that no training
+image uses (seen at the highest rates) leaves the training-cell fraction near the null but drops the
+entropy.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import numpy as np
 
 from ..metrics.curves import value_at_first_crossing
 from ..metrics.replication import excess_over_null, seed_level_interval, two_level_bootstrap
+from .detectors import position_entropy
 from .h1_summary import float_array, null_summary, per_seed_curves, seed_matrix
 
 MATCHED_COARSE = (0.5, 0.8, 0.9)
@@ -82,6 +90,19 @@ def paired_against(values: dict[int, np.ndarray], reference: dict[int, np.ndarra
     return _interval(lambda: seed_level_interval(differences, draws))
 
 
+def cells_entropy(cells: list[int | None]) -> float:
+    """:func:`~.detectors.position_entropy` of per-image cells (``3 * row + col`` or None)."""
+    return position_entropy([divmod(c, 3) for c in cells if c is not None])
+
+
+def null_entropy(cells: list[int | None], draws: int, seed: int = 0) -> dict:
+    """The null's position entropy with a percentile interval over resampled images."""
+    rng = np.random.default_rng(seed)
+    replicates = [cells_entropy([cells[i] for i in rng.integers(0, len(cells), len(cells))]) for _ in range(draws)]
+    lo, hi = np.quantile(replicates, [0.025, 0.975])
+    return {"estimate": cells_entropy(cells), "lo": float(lo), "hi": float(hi)}
+
+
 def lr_rows(groups: dict[float, list[dict]], null_a: np.ndarray | None, draws: int) -> list[dict]:
     """One row per learning rate: each score's two-level interval, the training-cell fraction's excess
     over the null (``null_a``: ``[1, images]``) and whether it is inside the null (the excess's interval
@@ -94,6 +115,8 @@ def lr_rows(groups: dict[float, list[dict]], null_a: np.ndarray | None, draws: i
                         if all(key in c for c in members) else None)
         row["training_cell_excess"] = (None if null_a is None else _interval(
             lambda: excess_over_null(seed_matrix(members, "in_training_cell"), null_a, draws)))
+        row["position_entropy"] = (_interval(lambda: seed_level_interval(
+            np.array([cells_entropy(c["cell"]) for c in members]), draws)) if all("cell" in c for c in members) else None)
         excess = row["training_cell_excess"]
         row["inside_null"] = None if excess is None else bool(excess["lo"] <= 0.0)
         rows.append(row)
@@ -178,4 +201,5 @@ def summarise_h3(null: dict | None, cells: list[dict], draws: int = 2000) -> dic
     return {"matched_coarse": list(MATCHED_COARSE), "choice_rule": CHOICE_RULE,
             "null": None if null is None else null_summary(null, draws),
             "null_training_cells": None if null_interval is None else null_interval.to_dict(),
+            "null_position_entropy": None if null is None or "cell" not in null["a"] else null_entropy(null["a"]["cell"], draws),
             "conditions": conditions, "variants": variants}

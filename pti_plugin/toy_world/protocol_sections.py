@@ -100,17 +100,24 @@ def with_pivot_cells(cells: list[dict], h1_parts: Path, pivot_lr: float, base_dr
     """``cells`` plus, for every condition and training seed, the pivot alone as learning rate 0: the
     H1 cell at ``pivot_lr`` (the same neutral prompts and sampling seeds, LoRA off), whose drift is 0
     (no LoRA: the base model itself; ``base_drift``: the base model's drift images, for the class prompt's
-    share of characters). Seeds without that H1 part get no lr-0 point."""
+    share of characters). Seeds without that H1 part get no lr-0 point; with its images, the lr-0 point
+has the detected ``cell`` of each image too."""
     from .h1_inversion import cell_name
+    from .h3_lines import detected_cells
     from .h3_variants import drift_split
 
-    out = list(cells)
+    out, detected = list(cells), {}
     for variant, weight in dict.fromkeys((c["variant"], c["weight"]) for c in cells):
         for seed in sorted({c["seed"] for c in cells if (c["variant"], c["weight"]) == (variant, weight)}):
             path = h1_parts / f"{cell_name(pivot_lr, seed, 1)}.json"
             if path.is_file():
                 record = json.loads(path.read_text())
                 no_drift = [0] * len(record["coarse"])
+                images = path.with_suffix(".npz")
+                if seed not in detected and images.is_file():
+                    detected[seed] = detected_cells(np.load(images)["images"][:len(no_drift)])
+                if seed in detected:
+                    record["cell"] = detected[seed]
                 out.append(record | {"variant": variant, "weight": weight, "lr": 0.0, "seed": seed,
                                      "drift": no_drift, "drift_cell": no_drift} | drift_split(no_drift, base_drift))
     return out
@@ -126,7 +133,7 @@ def _cell_images(parts: Path, cell: dict) -> np.ndarray | None:
 
 def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr: float) -> dict:
     """H3's section: its summary (``h3_summary.json``) and plot when cells are measured."""
-    from .h3_lines import h3_lines, h3_plot
+    from .h3_lines import detected_cells, h3_lines, h3_plot
     from .h3_summary import summarise_h3
     from .h3_variants import BASE_DRIFT_PART, drift_split, load_h3_cells
 
@@ -139,18 +146,22 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
         return {"title": title, "lines": ["**Verdict: not measured.** No LoRA cell (variant x weight x lr x training "
                                           "seed) is measured yet (`analysis/research_protocol.py h3`)."]}
     else:
-        images = [_cell_images(out / "h3" / "parts", cell) for cell in cells]  # loaded once, used twice
+        images = [_cell_images(out / "h3" / "parts", cell) for cell in cells]
         cells = [cell | drift_split(cell["drift"], None if generated is None else generated[len(cell["coarse"]):])
+                 | ({} if generated is None else {"cell": detected_cells(generated[:len(cell["coarse"])])})
                  for cell, generated in zip(cells, images)]
+        null_images = out / "h1" / "parts" / "null.npz"
+        if null is not None and null_images.is_file():  # set a: the first images (measure_null)
+            null = null | {"a": null["a"] | {"cell": detected_cells(np.load(null_images)["images"][:len(null["a"]["coarse"])])}}
         base = out / "h3" / "parts" / f"{BASE_DRIFT_PART}.npz"
         base_drift = np.load(base)["images"] if base.is_file() else None
-        summary = summarise_h3(null, with_pivot_cells(cells, out / "h1" / "parts", pivot_lr, base_drift), draws) | {
-            "n_cells": len(cells), "pivot_lr": pivot_lr}
+        joined = with_pivot_cells(cells, out / "h1" / "parts", pivot_lr, base_drift)
+        summary = summarise_h3(null, joined, draws) | {"n_cells": len(cells), "pivot_lr": pivot_lr}
         atomic_write_text(committed, json.dumps(summary, indent=1, default=str) + "\n")
     h3_plot(summary, results / "h3.png")
     figures = [("H3: leakage against reconstruction", results / "h3.png")]
     if cells:
-        h3_cell_figures(out, results, cells, images, pivot_lr)
+        h3_cell_figures(out, results, joined)
     histograms = results / "h3_cells.png"
     if histograms.is_file():
         figures.append(("H3: where the object lands, per condition and learning rate", histograms))
@@ -162,27 +173,19 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
     return {"title": title, "lines": h3_lines(summary), "figures": figures}
 
 
-def h3_cell_figures(out: Path, results: Path, cells: list[dict], images: list[np.ndarray], pivot_lr: float) -> None:
-    """The cell histograms of every measured condition (``h3_cells.png``) and, for the first training seed,
-    each condition's sample grid at its highest learning rate (``grids/h3-*.png``); ``images``: each cell's
-    generations, in ``cells``' order."""
-    from .h1_inversion import cell_name as h1_cell_name
+def h3_cell_figures(out: Path, results: Path, cells: list[dict]) -> None:
+    """The cell histograms of every measured condition (``h3_cells.png``, from each cell's detected ``cell``
+    list; lr 0: the pivots) and, for the first training seed, each condition's sample grid at its highest
+    learning rate (``grids/h3-*.png``)."""
     from .h3_lines import _label, cell_counts, cell_histograms
     from .h3_variants import H3Settings, cell_name
 
     counts: dict[str, dict[float, np.ndarray]] = {}
-    pivots = {}
-    for cell, generated in zip(cells, images, strict=True):  # every measured cell has its npz
-        label = _label(cell["variant"], cell["weight"])
-        seeds = len(cell["coarse"])
-        per_lr = counts.setdefault(label, {})
-        per_lr[cell["lr"]] = per_lr.get(cell["lr"], 0) + cell_counts(generated[:seeds])
-        pivot = out / "h1" / "parts" / f"{h1_cell_name(pivot_lr, cell['seed'], 1)}.npz"
-        if cell["seed"] not in pivots and pivot.is_file():
-            pivots[cell["seed"]] = cell_counts(np.load(pivot)["images"][:seeds])
-    for per_lr in counts.values():
-        if pivots:
-            per_lr[0.0] = sum(pivots.values())
+    for cell in cells:
+        if "cell" in cell:
+            per_lr = counts.setdefault(_label(cell["variant"], cell["weight"]), {})
+            per_lr[cell["lr"]] = per_lr.get(cell["lr"], 0) + cell_counts(cell["cell"])
+    cells = [c for c in cells if c["lr"] > 0]
     cell_histograms(counts, results / "h3_cells.png")
     grids = results / "grids"
     grids.mkdir(parents=True, exist_ok=True)
