@@ -48,3 +48,20 @@ def correlation(x: Sequence, y: Sequence) -> dict[str, float | int]:
     """``{"pearson", "spearman", "n"}`` of the finite pairs of ``x`` and ``y`` (equal lengths)."""
     a, b = _pairs(x, y)
     return {"pearson": _pearson(a, b), "spearman": _pearson(ranks(a), ranks(b)), "n": int(len(a))}
+
+
+def correlation_interval(x: Sequence, y: Sequence, draws: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """:func:`correlation` plus a percentile bootstrap interval on Spearman's rho (``spearman_lo``,
+    ``spearman_hi``) from ``draws`` resamples of the pairs; resamples where one side is constant are left
+    out. Both ends are nan below 3 pairs."""
+    out = correlation(x, y)
+    a, b = _pairs(x, y)
+    if len(a) < 3:
+        return out | {"spearman_lo": float("nan"), "spearman_hi": float("nan")}
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(a), size=(int(draws), len(a)))
+    rhos = np.array([_pearson(ranks(a[p]), ranks(b[p])) for p in picks])
+    rhos = rhos[np.isfinite(rhos)]
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(rhos, [tail, 1.0 - tail]) if rhos.size else (float("nan"), float("nan"))
+    return out | {"spearman_lo": float(lo), "spearman_hi": float(hi)}

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Rank correlation of the model-internal metrics with the toy world's ground truth over finished runs.
+
+    OMP_NUM_THREADS=1 python analysis/internal_metrics.py RUNS_FOLDER [RUNS_FOLDER ...] [--out DIR]
+        [--seeds 16] [--sample_steps 25] [--guidance 3] [--max_images 8] [--output_name premise]
+        [--shard K/N] [--score_only] [--draws 2000]
+
+Scores every finished run under the folders (e.g. ``outputs/protocol/h3/runs``) with the research
+bench's scorer, cached beside each run, so an interrupted call continues and ``--shard K/N`` splits
+the scoring across processes (then one call without ``--shard`` gathers the cached scores). Writes
+``internal_metrics.json`` and ``internal_metrics.md`` into ``--out`` (see
+:mod:`pti_plugin.toy_world.internal_metrics`); the last line reads
+``attention_leakage_spearman=<f> lo=<f> hi=<f> runs=<n>`` (against ``gt_leakage``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must read K/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= K < N")
+    return k, n
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folders", type=Path, nargs="+", help="folders whose sub-folders are finished runs")
+    parser.add_argument("--out", type=Path, default=Path("outputs/internal_metrics"))
+    parser.add_argument("--seeds", type=int, default=16, help="sampling seeds per prompt")
+    parser.add_argument("--sample_steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--max_images", type=int, default=8, help="training images of the denoising probes")
+    parser.add_argument("--output_name", default="premise", help="the runs' output name (<name>.safetensors)")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="score every N-th run from the K-th")
+    parser.add_argument("--score_only", action="store_true", help="score (and cache), write no summary")
+    parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
+    args = parser.parse_args(argv)
+    missing = [str(f) for f in args.folders if not f.is_dir()]
+    if missing:
+        parser.error(f"not a folder: {', '.join(missing)}")
+    if args.seeds < 1 or args.sample_steps < 1 or args.draws < 1:
+        parser.error("--seeds, --sample_steps and --draws must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    from pti_plugin.atomic_io import atomic_write_text
+    from pti_plugin.toy_world.internal_metrics import find_runs, score_runs, summarise, summary_lines
+
+    args = parse_args(argv)
+    runs = find_runs(args.folders, args.output_name)
+    if not runs:
+        print(f"no finished run ({args.output_name}.safetensors) under {', '.join(map(str, args.folders))}")
+        return 1
+    rows = score_runs(runs, args.output_name, args, args.shard)
+    if args.score_only:
+        return 0
+    summary = summarise(rows, args.draws) | {"folders": [str(f) for f in args.folders], "seeds": args.seeds,
+                                             "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "internal_metrics.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(args.out / "internal_metrics.md", "\n".join(summary_lines(summary)) + "\n")
+    main_pair = next(c for c in summary["correlations"]
+                     if (c["internal"], c["ground_truth"]) == ("attention_leakage", "gt_leakage"))
+    print(f"attention_leakage_spearman={main_pair['spearman']:.3f} lo={main_pair['spearman_lo']:.3f} "
+          f"hi={main_pair['spearman_hi']:.3f} runs={summary['runs']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Rank correlation of the model-internal metrics with the toy world's ground truth (analysis/internal_metrics.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pti_plugin.metrics.correlation import correlation_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("internal_metrics_script", ROOT / "analysis" / "internal_metrics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spearman_interval_is_one_for_a_monotone_relation_and_covers_zero_for_noise():
+    x = np.linspace(0.0, 1.0, 30)
+    exact = correlation_interval(x, np.exp(3 * x), draws=300)
+    assert exact["spearman"] == pytest.approx(1.0) and exact["spearman_lo"] == pytest.approx(1.0)
+    reversed_ = correlation_interval(x, -x ** 3, draws=300)
+    assert reversed_["spearman"] == pytest.approx(-1.0) and reversed_["spearman_hi"] == pytest.approx(-1.0)
+    rng = np.random.default_rng(0)
+    noise = correlation_interval(rng.normal(size=200), rng.normal(size=200), draws=300)
+    assert noise["spearman_lo"] < 0 < noise["spearman_hi"] and noise["n"] == 200
+    few = correlation_interval([1.0, 2.0], [1.0, None], draws=10)
+    assert few["n"] == 1 and np.isnan(few["spearman_lo"])
+
+
+def _fake_runs(folder: Path, script) -> None:
+    """Finished runs whose cached scores (the settings the script asks for) make the answer known: the
+    heatmap leakage ranks runs as the ground truth does, the centroid one in reverse."""
+    from pti_plugin.sweeps.bench import SCORES_FILE, SCORES_VERSION, score_settings
+
+    folder.mkdir()
+    args = script.parse_args([str(folder)])
+    settings = {"version": SCORES_VERSION} | score_settings(args).as_dict()
+    for k in range(8):
+        run = folder / f"h3-none-lr0.00{k + 1}-seed42-abc"
+        run.mkdir()
+        (run / "premise.safetensors").write_bytes(b"")
+        truth = 0.1 * k
+        scores = {"gt_leakage": truth, "gt_training_cell_fraction": 0.3 + truth, "attention_leakage": truth ** 2,
+                  "centroid_neutral_leakage_score": -truth, "proxy_denoise_mse": 1.0 - truth,
+                  "gt_reconstruction": truth, "gt_character_match": truth}
+        (run / SCORES_FILE).write_text(json.dumps({"settings": settings, "scores": scores}))
+    (folder / "unfinished").mkdir()  # no premise.safetensors: not a run
+
+
+def test_cached_scores_give_each_metric_its_rank_correlation(tmp_path, capsys):
+    script = _script()
+    runs = tmp_path / "runs"
+    _fake_runs(runs, script)
+    assert script.main([str(runs), "--out", str(tmp_path / "out"), "--draws", "200"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        "attention_leakage_spearman=1.000 lo=1.000 hi=1.000 runs=8"
+    summary = json.loads((tmp_path / "out" / "internal_metrics.json").read_text())
+    by = {(c["internal"], c["ground_truth"]): c for c in summary["correlations"]}
+    assert by[("attention_leakage", "gt_training_cell_fraction")]["reaches_target"]
+    assert by[("centroid_neutral_leakage_score", "gt_leakage")]["spearman"] == pytest.approx(-1.0)
+    assert not by[("centroid_neutral_leakage_score", "gt_leakage")]["reaches_target"]
+    assert by[("proxy_denoise_mse", "gt_reconstruction")]["spearman"] == pytest.approx(-1.0)
+    assert by[("heatmap_all_leakage_score", "gt_leakage")]["n"] == 0  # not in these scores: listed, not dropped
+    table = (tmp_path / "out" / "internal_metrics.md").read_text()
+    assert "| `attention_leakage` |" in table and "1.00 [1.00, 1.00]" in table
+
+
+def test_shards_split_the_runs_and_bad_input_is_named(tmp_path, capsys):
+    script = _script()
+    runs = tmp_path / "runs"
+    _fake_runs(runs, script)
+    from pti_plugin.toy_world.internal_metrics import find_runs, score_runs
+
+    found = find_runs([runs], "premise")
+    args = script.parse_args([str(runs)])
+    halves = [score_runs(found, "premise", args, (k, 2), log=lambda text: None) for k in (0, 1)]
+    assert sorted(r["run"] for half in halves for r in half) == [r.name for r in found] and len(halves[0]) == 4
+    with pytest.raises(SystemExit):
+        script.parse_args([str(runs), "--shard", "2/2"])
+    assert "--shard 2/2: need 0 <= K < N" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args([str(tmp_path / "missing")])
+    assert "not a folder" in capsys.readouterr().err
