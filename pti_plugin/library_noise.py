@@ -8,6 +8,9 @@ Only exact, known messages are dropped; everything else the libraries log passes
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community: ...": at import (peft and
   diffusers import it), its CPU backend asks the Hub for an optional 4-bit kernel; this package does no
   4-bit matmul, and an offline machine cannot fetch it anyway.
+- diffusers' "There are modules in UNet2DConditionModel that should be kept in float32: []. Casting
+  directly with `to()` ...": printed by every ``pipeline.to(device, dtype)`` although the list of such
+  modules is empty (only the empty-list message is dropped: a non-empty list still warns).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import logging
 
 #: (logger name, a fragment of the message to drop)
 KNOWN_NOISE = (("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
-               ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"))
+               ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+               ("diffusers.models.modeling_utils", "that should be kept in float32: []. Casting directly with `to()`"))
 
 
 class _DropMessages(logging.Filter):
