@@ -58,7 +58,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     from pti_plugin.atomic_io import atomic_write_text
-    from pti_plugin.toy_world.internal_metrics import find_runs, score_runs, summarise, summary_lines
+    from pti_plugin.toy_world.internal_metrics import compact_rows, find_runs, score_runs, summarise, summary_lines
 
     args = parse_args(argv)
     runs = find_runs(args.folders, args.output_name)
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     if args.score_only:
         return 0
     summary = summarise(rows, args.draws) | {"folders": [str(f) for f in args.folders], "seeds": args.seeds,
-                                             "rows": rows}
+                                             "rows": compact_rows(rows)}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "internal_metrics.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(args.out / "internal_metrics.md", "\n".join(summary_lines(summary)) + "\n")

@@ -68,6 +68,9 @@ def test_cached_scores_give_each_metric_its_rank_correlation(tmp_path, capsys):
     assert not by[("centroid_neutral_leakage_score", "gt_leakage")]["reaches_target"]
     assert by[("proxy_denoise_mse", "gt_reconstruction")]["spearman"] == pytest.approx(-1.0)
     assert by[("heatmap_all_leakage_score", "gt_leakage")]["n"] == 0  # not in these scores: listed, not dropped
+    assert set(summary["rows"][0]) >= {"run", "attention_leakage", "gt_leakage"} and len(summary["rows"]) == 8
+    from pti_plugin.toy_world.internal_metrics import verdict
+    assert "Spearman 1.00 [1.00, 1.00] over 8 runs; it meets the target 0.8" in verdict(summary)
     table = (tmp_path / "out" / "internal_metrics.md").read_text()
     assert "| `attention_leakage` |" in table and "1.00 [1.00, 1.00]" in table
 
@@ -88,3 +91,15 @@ def test_shards_split_the_runs_and_bad_input_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         script.parse_args([str(tmp_path / "missing")])
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_verdict_reads_the_target_off_the_interval():
+    from pti_plugin.toy_world.internal_metrics import verdict
+
+    def summary(lo, estimate, hi):
+        return {"target": 0.8, "correlations": [{"internal": "attention_leakage", "ground_truth": "gt_leakage",
+                                                 "spearman": estimate, "spearman_lo": lo, "spearman_hi": hi, "n": 50}]}
+
+    assert "it does not meet the target 0.8 (its interval lies below it)" in verdict(summary(0.4, 0.6, 0.75))
+    assert "it may meet the target 0.8 (its interval reaches it)" in verdict(summary(0.6, 0.75, 0.85))
+    assert "it meets the target 0.8" in verdict(summary(0.82, 0.9, 0.95))

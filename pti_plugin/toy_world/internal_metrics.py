@@ -81,6 +81,22 @@ def summarise(rows: list[dict], draws: int = 2000) -> dict:
     return {"runs": len(rows), "target": TARGET, "correlations": out}
 
 
+def compact_rows(rows: list[dict]) -> list[dict]:
+    """Each row with only its run and the scores :func:`pairs` reads (what the committed summary keeps)."""
+    keys = ["run", *dict.fromkeys(k for internal, truth, _ in pairs() for k in (internal, truth))]
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
+def verdict(summary: dict) -> str:
+    """The line that decides: the attention leakage against ``gt_leakage``, and whether it meets :data:`TARGET`."""
+    c = next(c for c in summary["correlations"] if (c["internal"], c["ground_truth"]) == ("attention_leakage", "gt_leakage"))
+    met = "meets" if c["spearman_lo"] >= summary["target"] else (
+        "may meet" if c["spearman_hi"] >= summary["target"] else "does not meet")
+    return (f"attention leakage against the ground-truth leakage: Spearman {_num(c['spearman'])} "
+            f"[{_num(c['spearman_lo'])}, {_num(c['spearman_hi'])}] over {c['n']} runs; it {met} the target "
+            f"{summary['target']:g} (its interval {'lies above' if met == 'meets' else 'reaches' if met == 'may meet' else 'lies below'} it)")
+
+
 def _num(value: float) -> str:
     return "n/a" if value != value else f"{value:.2f}"  # nan != nan
 

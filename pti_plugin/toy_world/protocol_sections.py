@@ -227,6 +227,20 @@ def h4_section(results: Path) -> dict:
     return {"title": "H4: is slerp at the pivot's token index legitimate?", "lines": lines}
 
 
+def internal_metrics_section(results: Path) -> dict | None:
+    """The model-internal metrics against the ground truth (``internal_metrics.json``), when committed."""
+    from .internal_metrics import summary_lines, verdict
+
+    path = results / "internal_metrics.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return {"title": "Model-internal metrics against the ground truth",
+            "lines": [f"**Verdict: {verdict(summary)}.**", "", *summary_lines(summary), "",
+                      "Command: `OMP_NUM_THREADS=1 python analysis/internal_metrics.py outputs/protocol/h3/runs "
+                      "--out analysis/results/research_protocol`."]}
+
+
 def timestep_lines(results: Path) -> list[str]:
     """The position-decision band (``position_timesteps.json``) when committed."""
     path = results / "position_timesteps.json"
@@ -258,6 +272,9 @@ def write_protocol_report(out: Path, results: Path, h1, draws: int, pivot_lr: fl
     h3 = h3_section(out, results, null, draws, pivot_lr)
     h3["lines"] = h3["lines"] + timestep_lines(results)
     sections += [h3, h4_section(results)]
+    internal = internal_metrics_section(results)
+    if internal is not None:
+        sections.append(internal)
     return write_report(results, sections)
 
 
