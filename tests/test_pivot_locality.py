@@ -116,15 +116,18 @@ class LocalityProbe(Plugin):
 
 @register_plugin
 class RecordingLocality(PivotLocality):
-    """pivot_locality that keeps the rows it contributes to the UNet call."""
+    """pivot_locality that keeps what its rows bring to the UNet call (conditioning, noisy latents,
+    timesteps) beside the batch's clean latents and timesteps, one record per call."""
 
     name = "test_recording_locality"
-    rows: list = []
+    seen: list = []
 
     def extra_rows(self, state, batch):
         rows = super().extra_rows(state, batch)
         if rows is not None:
-            RecordingLocality.rows.append(rows.conditioning.hidden_states.detach().clone())
+            RecordingLocality.seen.append({"conditioning": rows.conditioning.hidden_states.detach().clone(),
+                                           "noisy": rows.noisy_latents.detach().clone(),
+                                           "timesteps": rows.timesteps.clone(), "clean": batch.latents.detach().clone()})
         return rows
 
 
@@ -181,7 +184,7 @@ def test_regulariser_keeps_lora_local_and_leaves_inversion_alone(preset, tmp_pat
 
 @pytest.mark.parametrize("geometry_name", ["layernorm", "centered"])  # linear: exact by test_centered_slerp_...
 def test_fraction_one_is_the_class_prompt(preset, geometry_name):
-    RecordingLocality.rows = []
+    RecordingLocality.seen = []
     raw = preset(stages=[INVERSION_STEP, {"kind": "lora", "steps": 1}], plugins={"test_recording_locality": {
         "fractions": [1.0], "latents": "noise", "num_samples": 2, "geometry": geometry_name, "probe_every_n_steps": 0}})
     LocalityProbe.records = []
@@ -191,7 +194,7 @@ def test_fraction_one_is_the_class_prompt(preset, geometry_name):
     ids = state.tokenize(["an anime illustration of character"])
     with torch.no_grad():
         class_cond = state.encode(ids).hidden_states[0]
-    (rows,) = RecordingLocality.rows
+    (rows,) = [r["conditioning"] for r in RecordingLocality.seen]
     assert rows.shape == (2, 77, 32)
     assert (rows - class_cond).abs().max() < 1e-5
 
@@ -261,7 +264,7 @@ def test_centre_file_is_read(preset, tmp_path, tiny_model):
     norm = final_layer_norm(CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder", local_files_only=True))
     gamma, beta = norm.weight.detach(), norm.bias.detach()
     save_centre_file(tmp_path / "centre.safetensors", torch.zeros(77, 32), gamma, beta, {"clip_skip": 1})
-    RecordingLocality.rows = []
+    RecordingLocality.seen = []
     raw = preset(stages=[INVERSION_STEP, {"kind": "lora", "steps": 1}], plugins={"test_recording_locality": {
         "geometry": "centered", "centre_file": str(tmp_path / "centre.safetensors"), "latents": "noise",
         "probe_every_n_steps": 0}, "test_locality_probe": {}})
@@ -270,7 +273,7 @@ def test_centre_file_is_read(preset, tmp_path, tiny_model):
     # About the origin the centred slerp is the plain slerp of the encoder outputs.
     probe, state = LocalityProbe.records[0]["probe"], LocalityProbe.records[0]["state"]
     ends = probe._compute_endpoints(state, True, False)
-    (rows,) = RecordingLocality.rows
+    (rows,) = [r["conditioning"] for r in RecordingLocality.seen]
     assert torch.allclose(rows[0], geometry.slerp(ends["h_p"][0], ends["h_c"][0], 0.5), atol=1e-5)
     # Files that do not fit this model are refused.
     save_centre_file(tmp_path / "narrow.safetensors", torch.zeros(77, 16), torch.ones(16), torch.zeros(16), {})
@@ -294,44 +297,31 @@ def test_stages_option_selects_lora_stages(preset, tmp_path):
         Trainer(build_config(raw | {"output_dir": str(tmp_path / "x"), "plugins": {"pivot_locality": {"stages": ["inv"]}}})).run()
 
 
-@register_plugin
-class RecordingLatents(PivotLocality):
-    """pivot_locality that keeps the noisy latents and timesteps of its rows beside the batch's clean latents."""
-
-    name = "test_recording_latents"
-    seen: list = []
-
-    def extra_rows(self, state, batch):
-        rows = super().extra_rows(state, batch)
-        if rows is not None:
-            RecordingLatents.seen.append((rows.noisy_latents.detach().clone(), rows.timesteps.clone(),
-                                          batch.latents.detach().clone(), batch.timesteps.clone()))
-        return rows
-
-
 @pytest.mark.parametrize("latents", ["batch", "noise"])
 def test_timestep_range_puts_every_row_in_the_band(preset, tmp_path, latents):
     options = {"latents": latents, "num_samples": 3, "probe_every_n_steps": 0, "timestep_range": [850, 900]}
-    RecordingLatents.seen = []
+    RecordingLocality.seen = []
     raw = preset(output_dir=str(tmp_path / latents), stages=[INVERSION_STEP, {"kind": "lora", "steps": 3}],
-                 plugins={"test_recording_latents": options})
+                 plugins={"test_recording_locality": options})
     Trainer(build_config(raw)).run()
-    assert len(RecordingLatents.seen) == 3
-    for _, t, _, _ in RecordingLatents.seen:
+    assert len(RecordingLocality.seen) == 3
+    for record in RecordingLocality.seen:
+        t = record["timesteps"]
         assert t.shape == (3,) and bool(((t >= 850) & (t <= 900)).all())
-    assert len({int(v) for _, t, _, _ in RecordingLatents.seen for v in t}) > 1  # drawn, not fixed
+    assert len({int(v) for r in RecordingLocality.seen for v in r["timesteps"]}) > 1  # drawn, not fixed
 
 
 def test_timestep_range_renoises_the_batch_rows_clean_latents(preset, tmp_path):
     """At timestep 0 a re-noised row is (almost) its clean latents; at 999 it is (almost) pure noise."""
     found = {}
     for band in ([0, 0], [999, 999]):
-        RecordingLatents.seen = []
+        RecordingLocality.seen = []
         raw = preset(output_dir=str(tmp_path / str(band[0])), stages=[INVERSION_STEP, {"kind": "lora", "steps": 1}],
-                     plugins={"test_recording_latents": {"num_samples": 1, "probe_every_n_steps": 0,
+                     plugins={"test_recording_locality": {"num_samples": 1, "probe_every_n_steps": 0,
                                                          "timestep_range": band}})
         Trainer(build_config(raw)).run()
-        (noisy, t, clean, _), = RecordingLatents.seen
+        (record,) = RecordingLocality.seen
+        noisy, t, clean = record["noisy"], record["timesteps"], record["clean"]
         found[band[0]] = torch.corrcoef(torch.stack([noisy[0].flatten(), clean[0].flatten()]))[0, 1].item()
         assert int(t[0]) == band[0]
     assert found[0] > 0.99 and abs(found[999]) < 0.3, found
