@@ -11,16 +11,25 @@ Only exact, known messages are dropped; everything else the libraries log passes
 - diffusers' "There are modules in UNet2DConditionModel that should be kept in float32: []. Casting
   directly with `to()` ...": printed by every ``pipeline.to(device, dtype)`` although the list of such
   modules is empty (only the empty-list message is dropped: a non-empty list still warns).
+
+And, only while :func:`pti_plugin.load_pti` loads a file without text-encoder keys, diffusers' "No LoRA
+keys associated to CLIPTextModel found with the prefix='text_encoder'" (:data:`NO_TEXT_ENCODER_LORA`):
+such a file has none by design (a UNet-only LoRA), so the message says nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 #: (logger name, a fragment of the message to drop)
 KNOWN_NOISE = (("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
                ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
                ("diffusers.models.modeling_utils", "that should be kept in float32: []. Casting directly with `to()`"))
+
+#: Scoped (:func:`dropped`): diffusers' message for a text encoder the LoRA file has no keys for.
+NO_TEXT_ENCODER_LORA = ("diffusers.loaders.lora_base", "No LoRA keys associated to")
 
 
 class _DropMessages(logging.Filter):
@@ -39,3 +48,14 @@ def silence_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) and fragment in f.fragments for f in logger.filters):
             logger.addFilter(_DropMessages((fragment,)))
+
+
+@contextlib.contextmanager
+def dropped(logger_name: str, fragment: str) -> Iterator[None]:
+    """Drop ``logger_name``'s messages containing ``fragment`` inside the ``with`` block only."""
+    logger, drop = logging.getLogger(logger_name), _DropMessages((fragment,))
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)

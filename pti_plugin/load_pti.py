@@ -10,11 +10,13 @@ build. An SDXL embedding goes in with one ``load_textual_inversion`` call per te
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from .formats.embedding import bundled_embedding_parts, load_embeddings
 from .formats.file_family import FILE_FAMILIES, file_formats, pipeline_family, text_encoder_names
 from .formats.kohya_lora import BUNDLE_PREFIX, LoraFormatError, load_lora, unexpected_keys
+from .library_noise import NO_TEXT_ENCODER_LORA, dropped
 from .models.pivot import pool_at_end_of_text
 
 
@@ -60,7 +62,9 @@ def load_pti(
 
     lora = {k: v for k, v in tensors.items() if not k.startswith(BUNDLE_PREFIX)}
     if lora:
-        pipe.load_lora_weights(lora, adapter_name=adapter_name)
+        unet_only = not any(key.startswith("lora_te") for key in lora)  # kohya: lora_te_, lora_te1_, lora_te2_
+        with dropped(*NO_TEXT_ENCODER_LORA) if unet_only else contextlib.nullcontext():
+            pipe.load_lora_weights(lora, adapter_name=adapter_name)
     if vectors is None:
         return None
     for name, part in zip(encoders, vectors):

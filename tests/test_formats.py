@@ -161,6 +161,33 @@ def test_load_pti_refuses_before_changing_pipe(tiny, trained):
     assert not pipe.get_list_adapters()  # nothing half-loaded
 
 
+def test_load_pti_of_a_unet_only_file_prints_no_text_encoder_notice(tiny, trained):
+    """diffusers' "No LoRA keys associated to CLIPTextModel" says nothing for a UNet-only file: load_pti drops it
+    while it loads such a file, and only then."""
+    import logging
+
+    from pti_plugin.formats.kohya_lora import BUNDLE_PREFIX
+
+    unet_only = {k: v for k, v in load_file(trained.lora).items() if not k.startswith("lora_te")}
+    save_lora(trained.out / "unet_only.safetensors", unet_only, {})
+    logger = logging.getLogger("diffusers.loaders.lora_base")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        plain = {k: v for k, v in unet_only.items() if not k.startswith(BUNDLE_PREFIX)}
+        _pipe(tiny).load_lora_weights(plain)  # diffusers alone prints it
+        assert any("No LoRA keys associated to CLIPTextModel" in m for m in seen)
+        seen.clear()
+        assert load_pti(_pipe(tiny), trained.out / "unet_only.safetensors") == "tok1"
+        assert not any("No LoRA keys associated" in m for m in seen)
+        logger.warning("No LoRA keys associated to something else")  # the filter left with the call
+        assert seen == ["No LoRA keys associated to something else"]
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_plain_diffusers_reproduces_in_memory_model(tiny, trained):
     reference = _reference_prediction(trained)
     pipe = _pipe(tiny)
