@@ -3,11 +3,14 @@
 
     OMP_NUM_THREADS=1 python analysis/internal_metrics.py RUNS_FOLDER [RUNS_FOLDER ...] [--out DIR]
         [--seeds 16] [--sample_steps 25] [--guidance 3] [--max_images 8] [--output_name premise]
-        [--shard K/N] [--score_only] [--draws 2000]
+        [--shard K/N] [--score_only | --cached_only] [--band 780,930 | --no_band] [--draws 2000]
 
 Scores every finished run under the folders (e.g. ``outputs/protocol/h3/runs``) with the research
 bench's scorer, cached beside each run, so an interrupted call continues and ``--shard K/N`` splits
-the scoring across processes (then one call without ``--shard`` gathers the cached scores). Writes
+the scoring across processes (then one call without ``--shard`` gathers the cached scores;
+``--cached_only`` summarises the runs scored so far and computes nothing). ``--band LOW,HIGH``: the
+band versions of the attention leakage (heatmaps from the sampler steps in that timestep range; default
+the toy world's position band), cached in ``<run>/attention_band.json``; ``--no_band`` skips them. Writes
 ``internal_metrics.json`` and ``internal_metrics.md`` into ``--out`` (see
 :mod:`pti_plugin.toy_world.internal_metrics`); the last line reads
 ``attention_leakage_spearman=<f> lo=<f> hi=<f> runs=<n>`` (against ``gt_leakage``).
@@ -33,6 +36,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+def parse_band(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--band must read LOW,HIGH (e.g. 780,930), got {text!r}") from None
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"--band {text}: need 0 <= LOW <= HIGH")
+    return low, high
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", type=Path, nargs="+", help="folders whose sub-folders are finished runs")
@@ -44,6 +57,10 @@ def parse_args(argv):
     parser.add_argument("--output_name", default="premise", help="the runs' output name (<name>.safetensors)")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="score every N-th run from the K-th")
     parser.add_argument("--score_only", action="store_true", help="score (and cache), write no summary")
+    parser.add_argument("--cached_only", action="store_true", help="summarise the runs already scored, score none")
+    parser.add_argument("--band", type=parse_band, default=None,
+                        help="LOW,HIGH timesteps of the band versions (default: the toy world's position band)")
+    parser.add_argument("--no_band", action="store_true", help="no band versions")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
@@ -51,6 +68,8 @@ def parse_args(argv):
     missing = [str(f) for f in args.folders if not f.is_dir()]
     if missing:
         parser.error(f"not a folder: {', '.join(missing)}")
+    if args.score_only and args.cached_only:
+        parser.error("--score_only and --cached_only together would do nothing")
     if args.seeds < 1 or args.sample_steps < 1 or args.draws < 1:
         parser.error("--seeds, --sample_steps and --draws must be at least 1")
     return args
@@ -65,7 +84,10 @@ def main(argv=None) -> int:
     if not runs:
         print(f"no finished run ({args.output_name}.safetensors) under {', '.join(map(str, args.folders))}")
         return 1
-    rows = score_runs(runs, args.output_name, args, args.shard)
+    from pti_plugin.toy_world.h3_variants import POSITION_BAND
+
+    band = None if args.no_band else (args.band or tuple(POSITION_BAND))
+    rows = score_runs(runs, args.output_name, args, args.shard, cached_only=args.cached_only, band=band)
     if args.score_only:
         return 0
     summary = summarise(rows, args.draws) | {"folders": [str(f) for f in args.folders], "seeds": args.seeds,

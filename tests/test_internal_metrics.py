@@ -38,6 +38,7 @@ def _fake_runs(folder: Path, script) -> None:
     """Finished runs whose cached scores (the settings the script asks for) make the answer known: the
     heatmap leakage ranks runs as the ground truth does, the centroid one in reverse."""
     from pti_plugin.sweeps.bench import SCORES_FILE, SCORES_VERSION, score_settings
+    from pti_plugin.toy_world.internal_metrics import BAND_FILE
 
     folder.mkdir()
     args = script.parse_args([str(folder)])
@@ -51,6 +52,8 @@ def _fake_runs(folder: Path, script) -> None:
                   "centroid_neutral_leakage_score": -truth, "proxy_denoise_mse": 1.0 - truth,
                   "gt_reconstruction": truth, "gt_character_match": truth}
         (run / SCORES_FILE).write_text(json.dumps({"settings": settings, "scores": scores}))
+        band = {"band": [780, 930], "seeds": args.seeds, "steps": args.sample_steps, "guidance": args.guidance}
+        (run / BAND_FILE).write_text(json.dumps({"settings": band, "scores": {"attention_leakage_band": -truth}}))
     (folder / "unfinished").mkdir()  # no premise.safetensors: not a run
 
 
@@ -67,6 +70,7 @@ def test_cached_scores_give_each_metric_its_rank_correlation(tmp_path, capsys):
     assert by[("centroid_neutral_leakage_score", "gt_leakage")]["spearman"] == pytest.approx(-1.0)
     assert not by[("centroid_neutral_leakage_score", "gt_leakage")]["reaches_target"]
     assert by[("proxy_denoise_mse", "gt_reconstruction")]["spearman"] == pytest.approx(-1.0)
+    assert by[("attention_leakage_band", "gt_leakage")]["spearman"] == pytest.approx(-1.0)  # from the band caches
     assert by[("heatmap_all_leakage_score", "gt_leakage")]["n"] == 0  # not in these scores: listed, not dropped
     assert set(summary["rows"][0]) >= {"run", "attention_leakage", "gt_leakage"} and len(summary["rows"]) == 8
     from pti_plugin.toy_world.internal_metrics import verdict
@@ -103,3 +107,16 @@ def test_verdict_reads_the_target_off_the_interval():
     assert "it does not meet the target 0.8 (its interval lies below it)" in verdict(summary(0.4, 0.6, 0.75))
     assert "it may meet the target 0.8 (its interval reaches it)" in verdict(summary(0.6, 0.75, 0.85))
     assert "it meets the target 0.8" in verdict(summary(0.82, 0.9, 0.95))
+
+
+def test_cached_only_summarises_the_scored_runs_and_computes_nothing(tmp_path, capsys):
+    script = _script()
+    runs = tmp_path / "runs"
+    _fake_runs(runs, script)
+    unscored = runs / "h3-none-lr0.02-seed42-abc"  # finished, never scored: scoring its empty file would fail
+    unscored.mkdir()
+    (unscored / "premise.safetensors").write_bytes(b"")
+    assert script.main([str(runs), "--out", str(tmp_path / "out"), "--draws", "50", "--cached_only"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("runs=8")
+    with pytest.raises(SystemExit):
+        script.parse_args([str(runs), "--cached_only", "--score_only"])

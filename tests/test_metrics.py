@@ -74,6 +74,25 @@ def test_capture_leaves_unet_output_bit_identical(loaded):
     assert (references[0] - references[1]).abs().max() > 1e-4  # the switch really turns the trained LoRA off
 
 
+def test_capture_records_only_the_calls_in_its_timestep_range(loaded):
+    """Two UNet calls (t 100, then 700) under a range holding only 100: the maps are those of the t 100 call alone."""
+    unet = loaded.pipe.unet
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    cond = loaded.encode([loaded.prompt("{T}", True)] * 2)
+    weights = subject_weights([[5], [5]])
+    with torch.no_grad():
+        with capture_cross_attention(unet, weights) as alone:
+            unet(x, torch.tensor([100, 100]), encoder_hidden_states=cond)
+        with capture_cross_attention(unet, weights, timestep_range=(0, 500)) as gated:
+            unet(x, torch.tensor([100, 100]), encoder_hidden_states=cond)
+            unet(x, timestep=torch.tensor([700, 700]), encoder_hidden_states=cond)
+        with capture_cross_attention(unet, weights, timestep_range=(800, 900)) as outside:
+            unet(x, torch.tensor([100, 100]), encoder_hidden_states=cond)
+    assert gated.calls == alone.calls == 16 and outside.calls == 0
+    assert torch.equal(gated.heatmaps((16, 16)), alone.heatmaps((16, 16)))
+    assert not unet._forward_pre_hooks  # the gate left with the block
+
+
 def test_subject_positions_and_prompts():
     assert normalise_prompt("{T} in the snow", "an anime illustration of {}", "tok1") == "an anime illustration of {} in the snow"
     assert normalise_prompt("tok1 on the beach", "x {}", "tok1") == "{} on the beach"
@@ -256,3 +275,18 @@ def test_correlation_pearson_spearman_and_ties():
     assert dropped["n"] == 3 and dropped["pearson"] == pytest.approx(1.0)
     assert math.isnan(correlation([1, 2, 3], [4, 4, 4])["pearson"])  # a constant side
     assert math.isnan(correlation([1, 2], [1, 2])["spearman"])  # below 3 pairs
+
+
+def test_band_scores_measure_and_cache_the_band_version(trained_run):
+    import argparse
+
+    from pti_plugin.toy_world.internal_metrics import BAND_FILE, band_scores
+
+    scoring = argparse.Namespace(seeds=2, sample_steps=2, guidance=3.0, device="cpu", rescore=False)
+    band = (400, 999)  # 2 DDIM steps: only the first (t 501) is in the band
+    scores = band_scores(trained_run, scoring, band)
+    assert set(scores) == {"attention_leakage_band", "centroid_neutral_leakage_score_band"}
+    assert all(isinstance(v, float) and v == v for v in scores.values())
+    assert band_scores(trained_run, scoring, band, cached_only=True) == scores  # read back, nothing computed
+    assert band_scores(trained_run, scoring, (0, 10), cached_only=True) is None  # other settings: no cache
+    (trained_run / BAND_FILE).unlink()

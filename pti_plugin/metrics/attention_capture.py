@@ -11,7 +11,9 @@ token positions (weighted by ``token_weights``), averaged over heads and summed 
 (layers and denoising steps) at each layer's native resolution.
 
 ``collector.heatmaps((H, W))`` then averages every call's map, upsampled bilinearly to the
-latent size ``H x W``: one heatmap per batch row, each layer call weighted equally.
+latent size ``H x W``: one heatmap per batch row, each layer call weighted equally. With
+``timestep_range = (low, high)`` only the UNet calls whose timestep lies in ``low..high`` are recorded
+(e.g. the noise levels where a model decides positions).
 """
 
 from __future__ import annotations
@@ -133,12 +135,20 @@ def cross_attention_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.M
     return [(name, m) for name, m in unet.named_modules() if name.endswith("attn2") and hasattr(m, "processor")]
 
 
+def _timestep_of_call(args: tuple, kwargs: dict) -> float:
+    """The timestep of a UNet call (``unet(sample, timestep, ...)``; one value for the whole batch)."""
+    t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+    return float(torch.as_tensor(t).flatten()[0])
+
+
 @contextlib.contextmanager
-def capture_cross_attention(unet: torch.nn.Module, token_weights: torch.Tensor) -> Iterator[TokenAttentionCollector]:
+def capture_cross_attention(unet: torch.nn.Module, token_weights: torch.Tensor,
+                            timestep_range: tuple[int, int] | None = None) -> Iterator[TokenAttentionCollector]:
     """Within the block, every cross-attention call of ``unet`` feeds the yielded collector.
 
     ``token_weights``: ``[B, L]`` as :class:`TokenAttentionCollector` takes it (B = the UNet's
-    batch, including the unconditional rows under classifier-free guidance). The original
+    batch, including the unconditional rows under classifier-free guidance). ``timestep_range``:
+    record only the UNet calls whose timestep lies in ``low..high`` (inclusive). The original
     processors are restored on exit.
     """
     collector = TokenAttentionCollector(token_weights)
@@ -146,11 +156,21 @@ def capture_cross_attention(unet: torch.nn.Module, token_weights: torch.Tensor) 
     if not modules:
         raise ValueError("the UNet has no cross-attention (attn2) modules")
     originals = [(m, m.processor) for _, m in modules]
+    gate = None
     try:
         for module, processor in originals:
             module.set_processor(CaptureProcessor(processor, collector))
+        if timestep_range is not None:
+            low, high = timestep_range
+
+            def gate_call(_module, args, kwargs):
+                collector.enabled = low <= _timestep_of_call(args, kwargs) <= high
+
+            gate = unet.register_forward_pre_hook(gate_call, with_kwargs=True)
         yield collector
     finally:
+        if gate is not None:
+            gate.remove()
         for module, processor in originals:
             module.set_processor(processor)
 

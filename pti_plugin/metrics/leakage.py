@@ -159,8 +159,12 @@ def measure_position_leakage(
     training_timestep: int = 500,
     locate: Callable[[np.ndarray], tuple[float, float] | None] | None = None,
     log: Callable[[str], None] | None = None,
+    capture_timesteps: tuple[int, int] | None = None,
 ) -> LeakageMeasurement:
     """Generate, localise and score (see the module docstring) for a loaded run.
+
+    ``capture_timesteps``: the generations' heatmaps from the sampler steps in that timestep range
+    only (the training heatmaps stay at ``training_timestep``).
 
     ``locate`` (optional): a ground-truth locator ``uint8 image -> (x, y) in image fractions or
     None``, e.g. the toy world's detectors; it adds the ``groundtruth`` family.
@@ -177,7 +181,8 @@ def measure_position_leakage(
         for model in MODELS:
             if log:
                 log(f"[{k + 1}/{len(prompts)}] {model}: {run.prompt(prompt, model == 'tuned')!r} x {len(seeds)} seeds")
-            imgs, hms = generate_with_heatmaps(run, prompt, model == "tuned", seeds, steps, guidance, size)
+            imgs, hms = generate_with_heatmaps(run, prompt, model == "tuned", seeds, steps, guidance, size,
+                                               capture_timesteps=capture_timesteps)
             images[model].append(imgs)
             maps[model].append(hms)
     train_maps = {m: training_heatmaps(run, tuned=m == "tuned", timestep=training_timestep) for m in MODELS}
@@ -222,6 +227,7 @@ def measure_position_leakage(
         training_images=train_images, training_heatmaps=train_maps, training_centroids=train_cents,
         summary=summary, rows=rows, groundtruth=(gt | {"training": train_gt}) if locate is not None else {},
         settings={"steps": steps, "guidance": guidance, "grid": grid, "training_timestep": training_timestep,
+                  "capture_timesteps": capture_timesteps,
                   "class_word": run.class_word, "token": run.token},
     )
 

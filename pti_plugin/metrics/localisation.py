@@ -100,13 +100,15 @@ def generate_with_heatmaps(
     size: tuple[int, int] | None = None,
     negative_prompt: str = "",
     capture: bool = True,
+    capture_timesteps: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, torch.Tensor | None]:
     """Generate one image per seed for ``prompt`` and localise the subject in each.
 
     ``prompt`` holds ``{}`` for the subject: the pivot (``tuned``, LoRA on) or the class word (base
     model, LoRA off). Seeds drive CPU generators, so a seed gives the same initial noise on any
     device and for both models. Returns ``(images uint8 [n, H, W, 3], heatmaps [n, H/f, W/f])``
-    (heatmaps None when ``capture`` is false).
+    (heatmaps None when ``capture`` is false; ``capture_timesteps``: only the sampler steps whose
+    timestep lies in that range feed the heatmaps).
     """
     width, height = size or run.default_size()
     text = run.prompt(prompt, tuned)
@@ -118,7 +120,8 @@ def generate_with_heatmaps(
         cfg = guidance > 1.0
         weights = subject_weights(([[]] * n if cfg else []) + positions, cond.hidden_states.shape[1])
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        with capture_cross_attention(run.pipe.unet, weights) if capture else contextlib.nullcontext() as collector:
+        with (capture_cross_attention(run.pipe.unet, weights, capture_timesteps) if capture
+              else contextlib.nullcontext()) as collector:
             images = run.pipe(
                 **run.pipeline_conditioning(cond, uncond, n),
                 num_inference_steps=steps, guidance_scale=guidance, generator=generators,

@@ -162,8 +162,9 @@ def score_settings(args):
     return ScoreSettings(seeds=args.seeds, steps=args.sample_steps, guidance=args.guidance, max_images=args.max_images)
 
 
-def scores_of(run_dir: Path, output_name: str, args) -> dict | None:
-    """The run's scores, from its cache when the settings match; None when the run has not finished."""
+def scores_of(run_dir: Path, output_name: str, args, cached_only: bool = False) -> dict | None:
+    """The run's scores, from its cache when the settings match; None when the run has not finished (or,
+    with ``cached_only``, has no matching cache)."""
     from pti_plugin.toy_world.run_scores import score_run
 
     settings = {"version": SCORES_VERSION} | score_settings(args).as_dict()
@@ -178,6 +179,8 @@ def scores_of(run_dir: Path, output_name: str, args) -> dict | None:
         if data.get("settings") == settings:
             print(f"scores of {run_dir.name}: cached", flush=True)
             return data["scores"]
+    if cached_only:
+        return None
     print(f"score {run_dir}", flush=True)
     t0 = time.time()
     scores = score_run(run_dir, score_settings(args), device=args.device)

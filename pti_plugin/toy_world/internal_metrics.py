@@ -10,15 +10,21 @@ Spearman's rho over runs with a 95% percentile bootstrap interval over runs
 so the run-level interval is if anything too narrow.
 
 Every version of the leakage metric the scorer computes is reported (:data:`LEAKAGE_VERSIONS`), not
-only the best, against the target rho :data:`TARGET`.
+only the best, against the target rho :data:`TARGET`. One more version is measured here
+(:func:`band_scores`, cached in ``<run>/attention_band.json``): the same neutral generations (same
+prompts and seeds, so the same images and ground truth) with the heatmaps taken only from the sampler
+steps in the band where the toy world decides positions (``h3_variants.POSITION_BAND``), and the
+training images' heatmaps at the band's middle timestep.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from pathlib import Path
 
+from ..atomic_io import atomic_write_text
 from ..metrics.correlation import correlation_interval
 from ..sweeps.bench_report import CORRELATIONS
 
@@ -32,7 +38,10 @@ LEAKAGE_VERSIONS = {
     "heatmap_edit_leakage_score": "heatmaps, position-edit prompts",
     "centroid_neutral_leakage_score": "attention centroids, neutral prompts",
     "centroid_all_leakage_score": "attention centroids, neutral and position-edit prompts",
+    "attention_leakage_band": "heatmaps, neutral prompts, sampler steps in the position band only",
+    "centroid_neutral_leakage_score_band": "attention centroids, neutral prompts, sampler steps in the position band only",
 }
+BAND_FILE = "attention_band.json"
 LEAKAGE_TRUTHS = ("gt_leakage", "gt_training_cell_fraction")
 
 
@@ -51,11 +60,38 @@ def find_runs(folders: list[Path], output_name: str) -> list[Path]:
                   if d.is_dir() and (d / f"{output_name}.safetensors").is_file())
 
 
+def band_scores(run: Path, scoring: argparse.Namespace, band: tuple[int, int], cached_only: bool = False) -> dict | None:
+    """The band versions of the neutral-prompt leakage (heatmaps and centroids) of ``run``, from its cache
+    when the settings match (None with ``cached_only`` and no such cache)."""
+    settings = {"band": list(band), "seeds": scoring.seeds, "steps": scoring.sample_steps, "guidance": scoring.guidance}
+    cache = run / BAND_FILE
+    if cache.is_file() and not scoring.rescore:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        if data.get("settings") == settings:
+            return data["scores"]
+    if cached_only:
+        return None
+    from ..metrics.leakage import measure_position_leakage
+    from ..metrics.run_model import load_run
+    from .run_scores import NEUTRAL_PROMPTS
+
+    loaded = load_run(run, device=scoring.device)
+    measured = measure_position_leakage(loaded, list(NEUTRAL_PROMPTS), [], list(range(scoring.seeds)),
+                                        scoring.sample_steps, scoring.guidance, training_timestep=sum(band) // 2,
+                                        capture_timesteps=band)
+    scores = {"attention_leakage_band": measured.summary["heatmap"]["neutral"]["leakage_score"],
+              "centroid_neutral_leakage_score_band": measured.summary["centroid"]["neutral"]["leakage_score"]}
+    atomic_write_text(cache, json.dumps({"settings": settings, "scores": scores}, indent=1) + "\n")
+    return scores
+
+
 def score_runs(runs: list[Path], output_name: str, scoring: argparse.Namespace, shard: tuple[int, int] = (0, 1),
-               log: Callable[[str], None] = print) -> list[dict]:
+               log: Callable[[str], None] = print, cached_only: bool = False,
+               band: tuple[int, int] | None = None) -> list[dict]:
     """Scores of the runs of ``shard`` ``(k, n)`` (every n-th run from the k-th), each cached beside its run
     (:func:`pti_plugin.sweeps.bench.scores_of`; ``scoring``: its seeds, sample_steps, guidance, max_images,
-    device, rescore)."""
+    device, rescore). ``cached_only``: the runs already scored with these settings, nothing computed.
+    ``band``: :func:`band_scores` too, for runs whose standard scores are there."""
     from ..sweeps.bench import scores_of
 
     k, n = shard
@@ -63,7 +99,11 @@ def score_runs(runs: list[Path], output_name: str, scoring: argparse.Namespace, 
     for i, run in enumerate(runs):
         if i % n == k:
             log(f"[{i + 1}/{len(runs)}] {run.name}")
-            rows.append({"run": run.name} | scores_of(run, output_name, scoring))
+            scores = scores_of(run, output_name, scoring, cached_only)
+            if scores is None:
+                continue
+            banded = None if band is None else band_scores(run, scoring, band, cached_only)
+            rows.append({"run": run.name} | scores | (banded or {}))
     return rows
 
 
