@@ -3,14 +3,16 @@
 
     OMP_NUM_THREADS=1 python analysis/internal_metrics.py RUNS_FOLDER [RUNS_FOLDER ...] [--out DIR]
         [--seeds 16] [--sample_steps 25] [--guidance 3] [--max_images 8] [--output_name premise]
-        [--shard K/N] [--score_only | --cached_only] [--band 780,930 | --no_band] [--draws 2000]
+        [--shard K/N] [--score_only | --cached_only] [--band 780,930 | --no_band] [--parts DIR] [--draws 2000]
 
 Scores every finished run under the folders (e.g. ``outputs/protocol/h3/runs``) with the research
 bench's scorer, cached beside each run, so an interrupted call continues and ``--shard K/N`` splits
 the scoring across processes (then one call without ``--shard`` gathers the cached scores;
 ``--cached_only`` summarises the runs scored so far and computes nothing). ``--band LOW,HIGH``: the
 band versions of the attention leakage (heatmaps from the sampler steps in that timestep range; default
-the toy world's position band), cached in ``<run>/attention_band.json``; ``--no_band`` skips them. Writes
+the toy world's position band), cached in ``<run>/attention_band.json``; ``--no_band`` skips them.
+``--parts``: the research protocol's H3 parts, for the independent ground truth (default: ``parts`` beside
+the first runs folder, when there). Writes
 ``internal_metrics.json`` and ``internal_metrics.md`` into ``--out`` (see
 :mod:`pti_plugin.toy_world.internal_metrics`); the last line reads
 ``attention_leakage_spearman=<f> lo=<f> hi=<f> runs=<n>`` (against ``gt_leakage``).
@@ -60,6 +62,7 @@ def parse_args(argv):
     parser.add_argument("--cached_only", action="store_true", help="summarise the runs already scored, score none")
     parser.add_argument("--band", type=parse_band, default=None,
                         help="LOW,HIGH timesteps of the band versions (default: the toy world's position band)")
+    parser.add_argument("--parts", type=Path, default=None, help="H3 parts folder (independent ground truth)")
     parser.add_argument("--no_band", action="store_true", help="no band versions")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--device", default="cpu")
@@ -77,7 +80,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     from pti_plugin.atomic_io import atomic_write_text
-    from pti_plugin.toy_world.internal_metrics import compact_rows, find_runs, score_runs, summarise, summary_lines
+    from pti_plugin.toy_world.internal_metrics import (add_independent_truth, compact_rows, find_runs, score_runs,
+                                                       summarise, summary_lines)
 
     args = parse_args(argv)
     runs = find_runs(args.folders, args.output_name)
@@ -90,6 +94,9 @@ def main(argv=None) -> int:
     rows = score_runs(runs, args.output_name, args, args.shard, cached_only=args.cached_only, band=band)
     if args.score_only:
         return 0
+    parts = args.parts or args.folders[0].parent / "parts"
+    if parts.is_dir():
+        add_independent_truth(rows, parts)
     summary = summarise(rows, args.draws) | {"folders": [str(f) for f in args.folders], "seeds": args.seeds,
                                              "rows": compact_rows(rows)}
     args.out.mkdir(parents=True, exist_ok=True)

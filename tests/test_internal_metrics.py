@@ -54,6 +54,10 @@ def _fake_runs(folder: Path, script) -> None:
         (run / SCORES_FILE).write_text(json.dumps({"settings": settings, "scores": scores}))
         band = {"band": [780, 930], "seeds": args.seeds, "steps": args.sample_steps, "guidance": args.guidance}
         (run / BAND_FILE).write_text(json.dumps({"settings": band, "scores": {"attention_leakage_band": -truth}}))
+        parts = folder.parent / "parts"  # the H3 part of the run: an independent training-cell fraction, k/10
+        parts.mkdir(exist_ok=True)
+        (parts / f"{run.name.rsplit('-', 1)[0]}.json").write_text(
+            json.dumps({"in_training_cell": [1] * k + [0] * (10 - k) + [None]}))
     (folder / "unfinished").mkdir()  # no premise.safetensors: not a run
 
 
@@ -71,6 +75,8 @@ def test_cached_scores_give_each_metric_its_rank_correlation(tmp_path, capsys):
     assert not by[("centroid_neutral_leakage_score", "gt_leakage")]["reaches_target"]
     assert by[("proxy_denoise_mse", "gt_reconstruction")]["spearman"] == pytest.approx(-1.0)
     assert by[("attention_leakage_band", "gt_leakage")]["spearman"] == pytest.approx(-1.0)  # from the band caches
+    reliability = by[("gt_leakage", "h3_training_cell_fraction")]  # the parts beside the runs folder
+    assert reliability["spearman"] == pytest.approx(1.0) and reliability["n"] == 8 and "ceiling" in reliability["version"]
     assert by[("heatmap_all_leakage_score", "gt_leakage")]["n"] == 0  # not in these scores: listed, not dropped
     assert set(summary["rows"][0]) >= {"run", "attention_leakage", "gt_leakage"} and len(summary["rows"]) == 8
     from pti_plugin.toy_world.internal_metrics import verdict
