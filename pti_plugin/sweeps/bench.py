@@ -79,6 +79,7 @@ from pti_plugin.metrics.knee import knee_index
 from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correlations, light_point, plot, report_text,
                                             write_csv)
 from pti_plugin.sweeps.engines import add_engine_arguments
+from pti_plugin.sweeps.evaluation import read_cache
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
 from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix, training_seeds_arg
@@ -171,14 +172,10 @@ def scores_of(run_dir: Path, output_name: str, args, cached_only: bool = False) 
     if not (run_dir / f"{output_name}.safetensors").is_file():
         return None
     cache = run_dir / SCORES_FILE
-    if cache.is_file() and not args.rescore:
-        try:
-            data = json.loads(cache.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            data = {}
-        if data.get("settings") == settings:
-            print(f"scores of {run_dir.name}: cached", flush=True)
-            return data["scores"]
+    cached = None if args.rescore else read_cache(cache, settings, "scores")
+    if cached is not None:
+        print(f"scores of {run_dir.name}: cached", flush=True)
+        return cached
     if cached_only:
         return None
     print(f"score {run_dir}", flush=True)

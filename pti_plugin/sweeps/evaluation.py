@@ -28,15 +28,20 @@ def eval_settings(args) -> dict:
     }
 
 
-def cached_evaluation(spec: RunSpec, settings: dict) -> dict | None:
-    path = spec.run_dir / EVAL_FILE
+def read_cache(path, settings: dict, key: str):
+    """``key`` of the JSON cache at ``path`` (``{"settings": ..., key: ...}``) when it was written under
+    ``settings``; None when the file is missing, unreadable or from other settings."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None
-    return data["metrics"] if data.get("settings") == settings else None
+    return data[key] if data.get("settings") == settings else None
+
+
+def cached_evaluation(spec: RunSpec, settings: dict) -> dict | None:
+    return read_cache(spec.run_dir / EVAL_FILE, settings, "metrics")
 
 
 def evaluate_one(spec: RunSpec, args, scorer=None) -> dict:

@@ -74,11 +74,12 @@ def band_scores(run: Path, scoring: argparse.Namespace, band: tuple[int, int], c
     """The band versions of the neutral-prompt leakage (heatmaps and centroids) of ``run``, from its cache
     when the settings match (None with ``cached_only`` and no such cache)."""
     settings = {"band": list(band), "seeds": scoring.seeds, "steps": scoring.sample_steps, "guidance": scoring.guidance}
+    from ..sweeps.evaluation import read_cache
+
     cache = run / BAND_FILE
-    if cache.is_file() and not scoring.rescore:
-        data = json.loads(cache.read_text(encoding="utf-8"))
-        if data.get("settings") == settings:
-            return data["scores"]
+    cached = None if scoring.rescore else read_cache(cache, settings, "scores")
+    if cached is not None:
+        return cached
     if cached_only:
         return None
     from ..metrics.leakage import measure_position_leakage
@@ -152,11 +153,12 @@ def compact_rows(rows: list[dict]) -> list[dict]:
 def verdict(summary: dict) -> str:
     """The line that decides: the attention leakage against ``gt_leakage``, and whether it meets :data:`TARGET`."""
     c = next(c for c in summary["correlations"] if (c["internal"], c["ground_truth"]) == ("attention_leakage", "gt_leakage"))
-    met = "meets" if c["spearman_lo"] >= summary["target"] else (
-        "may meet" if c["spearman_hi"] >= summary["target"] else "does not meet")
+    target = summary["target"]
+    met, where = (("meets", "lies above") if c["spearman_lo"] >= target else
+                  ("may meet", "reaches") if c["spearman_hi"] >= target else ("does not meet", "lies below"))
     return (f"attention leakage against the ground-truth leakage: Spearman {_num(c['spearman'])} "
             f"[{_num(c['spearman_lo'])}, {_num(c['spearman_hi'])}] over {c['n']} runs; it {met} the target "
-            f"{summary['target']:g} (its interval {'lies above' if met == 'meets' else 'reaches' if met == 'may meet' else 'lies below'} it)")
+            f"{target:g} (its interval {where} it)")
 
 
 def _num(value: float) -> str:
