@@ -6,7 +6,8 @@ Without a CUDA device it prints ``no CUDA device: nothing to check`` and exits 0
 needs a GPU). With one, it builds the tiny SD1.5- and SDXL-shaped models (``pti_plugin.models.tiny``,
 ``tiny_sdxl``) and runs, for each family, 2 inversion + 2 LoRA steps (text-encoder LoRA on) with:
 fp16 (trainable float32 + gradient scaler), bf16, xformers (when installed), AdamW8bit,
-PagedAdamW8bit, gradient checkpointing. Each line: the case, ``ok`` or the error, seconds per step,
+PagedAdamW8bit, gradient checkpointing. Each line: the case, ``ok`` or the error, the run's wall seconds
+divided by its steps (loading and latent caching included: a smoke check, not a speed benchmark),
 peak CUDA memory, and whether every saved tensor is finite.
 
 ``--sdxl_memory`` adds the number the SDXL presets promise: the SDXL 1.0 architecture with random
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import io
 import itertools
@@ -58,7 +60,7 @@ def write_images(folder: Path, size: int) -> Path:
 
 
 def run_case(model: Path, data: Path, out: Path, options: dict, stages: list[dict], resolution: int) -> dict:
-    """One run; returns ok, seconds per step, peak CUDA memory (GiB) and whether the outputs are finite."""
+    """One run; returns its wall seconds per step (loading included), peak CUDA memory (GiB) and whether the outputs are finite."""
     from safetensors.torch import load_file
 
     from pti_plugin.config import build_config
@@ -67,6 +69,8 @@ def run_case(model: Path, data: Path, out: Path, options: dict, stages: list[dic
     raw = {"pretrained_model_name_or_path": str(model), "train_data_dir": str(data), "resolution": resolution,
            "output_dir": str(out), "train_batch_size": 1, "cache_latents": True, "network_dim": 4, "network_alpha": 4.0,
            "init_word": "character", "save_precision": "float", "log_every_n_steps": 10**6, "stages": stages} | options
+    gc.collect()  # the previous case's tensors, so that this peak is this run's own
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc(limit=3)
                 continue
             passed += r["finite"]
-            print(f"{family:5s} {name:22s} ok  {r['s_per_step']:.3f} s/step  peak {r['peak_gib']:.2f} GiB  "
+            print(f"{family:5s} {name:22s} ok  {r['s_per_step']:.3f} s/step (loading included)  peak {r['peak_gib']:.2f} GiB  "
                   f"finite {r['finite']}")
     if args.sdxl_memory:
         total += 1

@@ -65,6 +65,15 @@ class TrainingInterrupted(RuntimeError):
         self.signum = signum
 
 
+def release_accelerate_state() -> None:
+    """Forget accelerate's per-process singletons, so that the next run in this process (a sweep run
+    in-process, a notebook's second ``Trainer(...).run()``) can ask for another ``mixed_precision``.
+    Without it accelerate refuses: "AcceleratorState has already been initialized and cannot be changed"."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
 class Trainer:
     """Runs a :class:`Config`: ``Trainer(config).run()`` returns the paths of the final outputs."""
 
@@ -266,6 +275,7 @@ class Trainer:
                 self._lock.release()
             if self._micro_batches is not None:
                 self._micro_batches.close()
+            release_accelerate_state()
 
     def _save_last_finite(self) -> str:
         """After a non-finite step: save the (finite) weights and, when its optimizer state is finite

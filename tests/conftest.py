@@ -85,7 +85,6 @@ def preset(tiny_model, tiny_dataset, tmp_path):
 def fresh_accelerate_state():
     """Each test may build its own Accelerator (accelerate's state is a per-process singleton)."""
     yield
-    from accelerate.state import AcceleratorState, GradientState
+    from pti_plugin.trainer import release_accelerate_state
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    release_accelerate_state()

@@ -33,13 +33,6 @@ def _raw_preset(tiny_model, tiny_dataset, out: Path, steps: int = 2) -> dict:
     }
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def _is_png(path: Path) -> bool:
     with Image.open(path) as image:
         return image.format == "PNG" and image.size[0] > 100
@@ -56,7 +49,6 @@ def _script(name: str, argv: list[str]) -> str:
             runpy.run_path(str(REPO / "analysis" / name), run_name="__main__")
     finally:
         sys.argv = saved
-        _reset_accelerate()
     return buffer.getvalue()
 
 

@@ -30,6 +30,16 @@ def test_gradient_checkpointing_gives_the_same_result(preset, tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
+def test_runs_in_one_process_may_ask_for_different_precisions(preset, tmp_path):
+    """accelerate keeps one state per process; the trainer releases it, so a second run (a sweep run
+    in-process, a notebook) can change mixed_precision. Without it: "AcceleratorState has already been
+    initialized and cannot be changed". No fixture resets anything between the two runs here."""
+    stages = [{"kind": "inversion", "steps": 1}, {"kind": "lora", "steps": 1, "learning_rate": 1e-2}]
+    _run(preset(output_dir=str(tmp_path / "fp32"), stages=stages))
+    out = _run(preset(output_dir=str(tmp_path / "bf16"), mixed_precision="bf16", save_precision="bf16", stages=stages))
+    assert all(v.dtype == torch.bfloat16 for k, v in load_file(out / "pti.safetensors").items() if k.endswith("weight"))
+
+
 def test_bf16_mixed_precision_trains_on_cpu(preset):
     out = _run(preset(mixed_precision="bf16", save_precision="bf16",
                       stages=[{"kind": "inversion", "steps": 2}, {"kind": "lora", "steps": 2, "learning_rate": 1e-2}]))

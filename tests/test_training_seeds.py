@@ -33,15 +33,9 @@ def _preset(tiny_model, tiny_dataset, root: Path, **extra) -> Path:
 
 
 def _sweep(argv: list[str]) -> tuple[list[dict], str]:
-    from accelerate.state import AcceleratorState, GradientState
-
     buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            rows = lr_sweep.main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    with contextlib.redirect_stdout(buffer):
+        rows = lr_sweep.main(argv)
     return rows, buffer.getvalue()
 
 

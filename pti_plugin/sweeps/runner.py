@@ -56,27 +56,14 @@ def prepare_run(spec: RunSpec) -> list[str] | None:
     return argv
 
 
-def reset_accelerate() -> None:
-    """Forget accelerate's per-process singletons between in-process runs."""
-    try:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    except Exception:  # older accelerate: nothing to reset
-        pass
-
-
 def train_in_process(spec: RunSpec, argv: list[str]) -> bool:
     from pti_plugin.cli import main as train_main
 
     try:
         code = train_main(argv)
-    except Exception:
+    except Exception:  # the trainer has released accelerate's state (Trainer.run)
         traceback.print_exc()
         code = 1
-    finally:
-        reset_accelerate()
     if code != 0 or not spec.lora.is_file():
         print(f"FAILED {spec.name} (exit code {code})", flush=True)
         return False

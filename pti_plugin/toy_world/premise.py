@@ -297,21 +297,10 @@ def train_run(preset: dict, run_dir: Path, log: Callable[[str], None]) -> Path:
     path = run_dir.parent / f"{run_dir.name}.toml"  # not with_suffix: a name like "lr2.5e-05-..." holds a dot
     atomic_write_text(path, toml.dumps(preset | {"output_dir": str(run_dir)}))
     log(f"premise: training {run_dir.name}")
-    try:
-        code = train_main(["--preset", str(path)])
-    finally:
-        _reset_accelerate()
+    code = train_main(["--preset", str(path)])  # the trainer releases accelerate's state (Trainer.run)
     if code != 0 or not (run_dir / "premise.safetensors").is_file():
         raise RuntimeError(f"premise run {run_dir.name} failed (exit code {code}); its preset is {path}")
     return run_dir
-
-
-def _reset_accelerate() -> None:
-    """Forget accelerate's per-process singletons between in-process runs."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def measure_run(run_dir: Path, settings: PremiseSettings) -> dict:
