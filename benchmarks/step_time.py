@@ -34,7 +34,12 @@ rounds and the spread (min-max), and the peak RSS (the high-water mark of the ru
 when its measured steps start, so it is the training peak; also the whole process's peak,
 loading and caching included). Ratios use the medians of process CPU seconds. The last line reads
 ``lora_vs_floor=<f> inversion_vs_full_table=<f> locality_cached_b4=<f> locality_every4=<f>
-lora_rss_vs_floor=<f>`` (locality ratios are against ``lora_b4``; ``locality_every4`` at batch 4 too).
+lora_rss_vs_floor=<f>`` (locality ratios are against ``lora_b4``; ``locality_every4`` at batch 4 too),
+each ratio whose two paths ran.
+
+``--device cuda``: every path on the GPU, each run in a spawned process (CUDA cannot be used again in
+a forked child), the clock waiting for the GPU at every step end; the table adds the peak CUDA memory of
+the measured steps, and the ratios use wall seconds and that memory instead of CPU seconds and RSS.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class Clock:
     """Step-end times (wall, process CPU) of one run; the RSS high-water mark is reset when measuring starts."""
 
     warmup: int
+    cuda: bool = False  # then each step end waits for the GPU, and the CUDA peak is reset with the RSS one
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
 
@@ -89,15 +95,20 @@ class Clock:
         self.wall, self.cpu = [time.perf_counter()], [time.process_time()]
 
     def step_end(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
         if len(self.wall) == self.warmup + 1:
             reset_peak_rss()
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
 
     def result(self) -> dict:
         w, c, k = self.wall, self.cpu, self.warmup
         n = len(w) - 1 - k
-        return {"wall": (w[-1] - w[k]) / n, "cpu": (c[-1] - c[k]) / n, "steps": n,
+        cuda_peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
+        return {"wall": (w[-1] - w[k]) / n, "cpu": (c[-1] - c[k]) / n, "steps": n, "train_peak_cuda_gib": cuda_peak,
                 "train_peak_rss_gib": peak_rss_gib(), "process_peak_rss_gib": process_peak_rss_gib()}
 
 
@@ -220,7 +231,7 @@ def run_trainer(path: str, spec: dict) -> dict:
     from pti_plugin.config import build_config
     from pti_plugin.trainer import Trainer
 
-    BenchClock.clock = Clock(spec["warmup"])
+    BenchClock.clock = Clock(spec["warmup"], cuda=spec["device"] == "cuda")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         Trainer(build_config(trainer_preset(path, spec))).run()
     return BenchClock.clock.result() | {"lora_modules": BenchClock.lora_modules}
@@ -261,7 +272,7 @@ def load_components(spec: dict):
              CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw),
              DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kw))
     for module in parts[:3]:
-        module.requires_grad_(False)
+        module.requires_grad_(False).to(spec["device"])
     return parts
 
 
@@ -273,15 +284,15 @@ def encode_images(vae, spec: dict) -> torch.Tensor:
     files = sorted(Path(spec["data"]).rglob("*.png"))
     size = spec["resolution"]
     pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((size, size)), dtype=np.float32))
-                          .permute(2, 0, 1) / 127.5 - 1 for f in files])
+                          .permute(2, 0, 1) / 127.5 - 1 for f in files]).to(vae.device)
     dist = vae.encode(pixels).latent_dist
-    return dist.sample(torch.Generator().manual_seed(0)) * vae.config.scaling_factor
+    return dist.sample(torch.Generator(vae.device).manual_seed(0)) * vae.config.scaling_factor
 
 
 def diffusion_loss(unet, scheduler, latents, cond, step: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(step)
-    noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+    g = torch.Generator().manual_seed(step)  # drawn on the CPU: the same draws on every device
+    noise = torch.randn(latents.shape, generator=g).to(latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(latents.device)
     pred = unet(scheduler.add_noise(latents, noise, t), t, cond).sample
     return torch.nn.functional.mse_loss(pred.float(), noise.float())
 
@@ -294,13 +305,14 @@ def run_floor(spec: dict) -> dict:
     latents = encode_images(vae, spec)
     with torch.no_grad():
         ids = tokenizer([CAPTION], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        cond = text_encoder(ids)[0]
+        cond = text_encoder(ids.to(spec["device"]))[0]
     del vae, text_encoder
     gc.collect()
     targets = kohya_unet_targets(unet)
     unet.add_adapter(LoraConfig(r=LORA_DIM, lora_alpha=LORA_DIM, target_modules=targets, init_lora_weights="gaussian"))
+    unet.to(spec["device"])
     optimizer = make_optimizer(spec["optimizer"], [p for p in unet.parameters() if p.requires_grad])
-    clock, batch = Clock(spec["warmup"]), spec["batch"]
+    clock, batch = Clock(spec["warmup"], cuda=spec["device"] == "cuda"), spec["batch"]
     clock.start()
     for step in range(spec["warmup"] + spec["steps"]):
         index = [(step * batch + k) % latents.shape[0] for k in range(batch)]
@@ -326,13 +338,14 @@ def run_full_table(spec: dict) -> dict:
     with torch.no_grad():
         table[new_id] = table[tokenizer.convert_tokens_to_ids(INIT_WORD + "</w>")]
     original = table.detach().clone()
-    keep = torch.ones(table.shape[0], dtype=torch.bool)
+    keep = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
     keep[new_id] = False
     table.requires_grad_(True)
     optimizer = torch.optim.AdamW([table], lr=LR["inversion"])
-    ids = tokenizer([CAPTION], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = tokenizer([CAPTION], padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids.to(spec["device"])
     text_encoder.train()
-    clock = Clock(spec["warmup"])
+    clock = Clock(spec["warmup"], cuda=spec["device"] == "cuda")
     clock.start()
     for step in range(spec["warmup"] + spec["steps"]):
         cond = text_encoder(ids)[0]
@@ -370,7 +383,8 @@ def _child(path: str, spec: dict, conn) -> None:
 
 def run_forked(path: str, spec: dict) -> dict:
     """Run one path in a forked process (its own peak RSS; the parent's imports reused)."""
-    context = multiprocessing.get_context("fork")
+    # CUDA cannot be used again in a forked child once the parent touched it: spawn there (slower start)
+    context = multiprocessing.get_context("spawn" if spec["device"] == "cuda" else "fork")
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(path, spec, send))
     process.start()
@@ -389,27 +403,35 @@ def summary(values: list[float], unit: str) -> str:
     return f"{statistics.median(values):8.3f} {unit} ({min(values):.3f}-{max(values):.3f})"
 
 
-def report(results: dict[str, list[dict]]) -> dict[str, float]:
-    """Print the table; return the ratios (empty unless every path ran)."""
-    print(f"\n{'path':20s} {'wall s/step':>26s} {'CPU s/step':>26s} {'train peak RSS GiB':>26s} {'process peak':>13s}")
+RATIOS = {  # name: (path, against); time from process CPU seconds (on a GPU: wall), memory from the training peak
+    "lora_vs_floor": ("lora", "floor"), "inversion_vs_full_table": ("inversion", "full_table"),
+    "locality_cached_b4": ("locality_cached_b4", "lora_b4"), "locality_every4": ("locality_every4_b4", "lora_b4"),
+    "lora_rss_vs_floor": ("lora", "floor"),
+}
+
+
+def report(results: dict[str, list[dict]], device: str = "cpu") -> dict[str, float]:
+    """Print the table; return the ratios whose two paths both ran."""
+    print(f"\n{'path':20s} {'wall s/step':>26s} {'CPU s/step':>26s} {'train peak RSS GiB':>26s} {'process peak':>13s}"
+          + (f" {'train peak CUDA GiB':>26s}" if device == "cuda" else ""))
     for path, runs in results.items():
         print(f"{path:20s} {summary([r['wall'] for r in runs], 's'):>26s} {summary([r['cpu'] for r in runs], 's'):>26s} "
               f"{summary([r['train_peak_rss_gib'] for r in runs], 'G'):>26s} "
-              f"{statistics.median(r['process_peak_rss_gib'] for r in runs):10.2f} G")
+              f"{statistics.median(r['process_peak_rss_gib'] for r in runs):10.2f} G"
+              + (f" {summary([r['train_peak_cuda_gib'] for r in runs], 'G'):>26s}" if device == "cuda" else ""))
+    time_key = "wall" if device == "cuda" else "cpu"  # on a GPU the process's CPU seconds are mostly waiting
+    memory_key = "train_peak_cuda_gib" if device == "cuda" else "train_peak_rss_gib"
 
-    if set(results) != set(PATHS):
-        return {}
-
-    def med(path: str, key: str = "cpu") -> float:
+    def med(path: str, key: str) -> float:
         return statistics.median(r[key] for r in results[path])
 
-    lora_modules = {p: results[p][0].get("lora_modules") for p in ("lora", "floor")}
-    print(f"LoRA modules: trainer {lora_modules['lora']}, floor {lora_modules['floor']}; "
-          f"full-table rows {results['full_table'][0]['table_rows']}")
-    return {"lora_vs_floor": med("lora") / med("floor"), "inversion_vs_full_table": med("inversion") / med("full_table"),
-            "locality_cached_b4": med("locality_cached_b4") / med("lora_b4"),
-            "locality_every4": med("locality_every4_b4") / med("lora_b4"),
-            "lora_rss_vs_floor": med("lora", "train_peak_rss_gib") / med("floor", "train_peak_rss_gib")}
+    if {"lora", "floor"} <= set(results):
+        print(f"LoRA modules: trainer {results['lora'][0].get('lora_modules')}, floor {results['floor'][0].get('lora_modules')}")
+    if "full_table" in results:
+        print(f"full-table rows {results['full_table'][0]['table_rows']}")
+    return {name: med(path, memory_key if name.endswith("rss_vs_floor") else time_key)
+            / med(against, memory_key if name.endswith("rss_vs_floor") else time_key)
+            for name, (path, against) in RATIOS.items() if path in results and against in results}
 
 
 def parse_args(argv):
@@ -423,6 +445,8 @@ def parse_args(argv):
     parser.add_argument("--optimizer", choices=("AdamW", "AdamW8bit"), default="AdamW")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
     parser.add_argument("--work", type=Path, default=None, help="folder for the built model and runs (default: temporary)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: every path on the GPU, ratios from wall seconds and peak CUDA memory")
     args = parser.parse_args(argv)
     if args.steps < 4 or args.steps % 4:
         parser.error("--steps: a positive multiple of 4 (every_n_steps = 4 is averaged over whole cycles)")
@@ -449,7 +473,7 @@ def prepare(args, work: Path) -> dict:
     if not pivot.is_file():
         write_pivot(model, pivot)
     return {"model": str(model), "data": str(data), "resolution": resolution, "pivot": str(pivot), "warmup": args.warmup,
-            "steps": args.steps, "optimizer": args.optimizer}
+            "steps": args.steps, "optimizer": args.optimizer, "device": args.device}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -464,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         work = (args.work or Path(tmp)).resolve()
         spec = prepare(args, work)
-        print(f"model {spec['model']}, {spec['resolution']} px, {args.optimizer}, fp32, 1 thread, LoRA rank {LORA_DIM}; "
+        print(f"model {spec['model']}, {spec['resolution']} px, {args.optimizer}, fp32, {args.device}, 1 thread, LoRA rank {LORA_DIM}; "
               f"{args.repeats} interleaved rounds, {args.warmup} warm-up + {args.steps} measured steps per run", flush=True)
         results: dict[str, list[dict]] = {p: [] for p in args.paths}
         for round_index in range(args.repeats):
@@ -473,10 +497,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 batch = 4 if path.endswith("_b4") else 1
                 out = work / "runs" / f"{path}-{round_index}"
                 result = run_forked(path, spec | {"batch": batch, "out": str(out)})
-                print(f"  round {round_index} {path:20s} {result['cpu']:.3f} s CPU/step, "
+                print(f"  round {round_index} {path:20s} {result['cpu']:.3f} s CPU/step, {result['wall']:.3f} s wall/step, "
                       f"{result['train_peak_rss_gib']:.2f} GiB", flush=True)
                 results[path].append(result)
-    ratios = report(results)
+    ratios = report(results, args.device)
     if ratios:
         print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
     return ratios

@@ -65,10 +65,11 @@ class TrainingInterrupted(RuntimeError):
         self.signum = signum
 
 
-def release_accelerate_state() -> None:
-    """Forget accelerate's per-process singletons, so that the next run in this process (a sweep run
-    in-process, a notebook's second ``Trainer(...).run()``) can ask for another ``mixed_precision``.
-    Without it accelerate refuses: "AcceleratorState has already been initialized and cannot be changed"."""
+def fresh_accelerate_state() -> None:
+    """Forget accelerate's per-process singletons, so that a run that is not the first in this process (a
+    sweep run in-process, a notebook's second ``Trainer(...).run()``) can ask for another ``mixed_precision``.
+    Without it accelerate refuses: "AcceleratorState has already been initialized and cannot be changed".
+    Called as a run sets up, not when it ends, so that a finished run's state stays usable."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -89,6 +90,7 @@ class Trainer:
         config = self.config
         output_dir = Path(config.output_dir).expanduser().resolve()
         logging_dir = Path(config.logging_dir).expanduser().resolve() if config.logging_dir else output_dir / "logs"
+        fresh_accelerate_state()
         has_accelerator_device = torch.cuda.is_available() or torch.backends.mps.is_available() or (
             hasattr(torch, "xpu") and torch.xpu.is_available()
         )
@@ -275,7 +277,6 @@ class Trainer:
                 self._lock.release()
             if self._micro_batches is not None:
                 self._micro_batches.close()
-            release_accelerate_state()
 
     def _save_last_finite(self) -> str:
         """After a non-finite step: save the (finite) weights and, when its optimizer state is finite

@@ -79,12 +79,3 @@ def preset(tiny_model, tiny_dataset, tmp_path):
         return raw
 
     return make
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each test may build its own Accelerator (accelerate's state is a per-process singleton)."""
-    yield
-    from pti_plugin.trainer import release_accelerate_state
-
-    release_accelerate_state()

@@ -333,3 +333,46 @@ def test_timestep_range_refusals(preset, tmp_path):
         raw = preset(output_dir=str(tmp_path / "x"), plugins={"pivot_locality": {"timestep_range": band}})
         with pytest.raises(ConfigError, match=message):
             Trainer(build_config(raw)).run()
+
+
+@pytest.mark.parametrize("anchors", [{}, {"latents": "noise", "anchor_pool": 4, "cache_anchors": True}])
+def test_text_encoders_moved_off_the_device_change_nothing(preset, tmp_path, monkeypatch, anchors):
+    """On a GPU, cache_text_encoder_outputs moves the text encoders (their final LayerNorm too) to the CPU once
+    the stage's captions are encoded, after the plugin's stage start. Simulated on the CPU by moving them to
+    the meta device (any use of their weights then fails; the pivot's own vectors stay readable, as on the
+    CPU) and back: the run must equal one where they stay."""
+    from pti_plugin.models.trainable import TrainableModel
+    from pti_plugin.text_cache import TextConditioningCache
+
+    def run(name: str) -> dict[str, torch.Tensor]:
+        raw = preset(output_dir=str(tmp_path / name), stages=[INVERSION_STEP, {"kind": "lora", "steps": 3}],
+                     cache_text_encoder_outputs=True, save_precision="float",
+                     plugins={"pivot_locality": {"num_samples": 2, "weight": 10.0, "probe_every_n_steps": 0} | anchors})
+        return load_file(Trainer(build_config(raw)).run()["lora"])
+
+    stays = run("stays")
+    saved = {}
+
+    def offload(model):
+        saved.update({i: {k: v.clone() for k, v in te.state_dict().items()} for i, te in enumerate(model.base.text_encoders)})
+        for te in model.base.text_encoders:
+            for leaf in (m for m in te.modules() if not list(m.children())):
+                leaf.to("meta")
+        model._text_home = torch.device("cpu")
+
+    def restore(model):
+        if model._text_home is None:
+            return False
+        for i, te in enumerate(model.base.text_encoders):
+            for leaf in (m for m in te.modules() if not list(m.children())):
+                leaf.to_empty(device="cpu")
+            te.load_state_dict(saved[i])
+        model._text_home = None
+        return True
+
+    monkeypatch.setattr(TextConditioningCache, "_can_offload", lambda self: True)
+    monkeypatch.setattr(TrainableModel, "offload_text_encoders", offload)
+    monkeypatch.setattr(TrainableModel, "restore_text_encoders", restore)
+    moved = run("moved")
+    assert saved, "the stage did not move the text encoders"
+    assert stays.keys() == moved.keys() and all(torch.equal(stays[k], moved[k]) for k in stays)

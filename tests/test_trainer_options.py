@@ -31,9 +31,9 @@ def test_gradient_checkpointing_gives_the_same_result(preset, tmp_path):
 
 
 def test_runs_in_one_process_may_ask_for_different_precisions(preset, tmp_path):
-    """accelerate keeps one state per process; the trainer releases it, so a second run (a sweep run
-    in-process, a notebook) can change mixed_precision. Without it: "AcceleratorState has already been
-    initialized and cannot be changed". No fixture resets anything between the two runs here."""
+    """accelerate keeps one state per process; each run starts from a fresh one, so a second run (a sweep
+    run in-process, a notebook) can change mixed_precision. Without it: "AcceleratorState has already been
+    initialized and cannot be changed". Nothing resets anything between the two runs here."""
     stages = [{"kind": "inversion", "steps": 1}, {"kind": "lora", "steps": 1, "learning_rate": 1e-2}]
     _run(preset(output_dir=str(tmp_path / "fp32"), stages=stages))
     out = _run(preset(output_dir=str(tmp_path / "bf16"), mixed_precision="bf16", save_precision="bf16", stages=stages))

@@ -193,6 +193,9 @@ class PivotLocality(Plugin):
 
         norms = state.final_layer_norms()
         self.ln = norms[0] if len(norms) == 1 and isinstance(norms[0], torch.nn.LayerNorm) else None
+        # its (frozen) affine, float32 on the training device: with cache_text_encoder_outputs the text
+        # encoders, this LayerNorm with them, sit on the CPU during a stage while cached endpoints stay here
+        self._ln_affine = None if self.ln is None else tuple(p.detach().float().to(state.device) for p in (self.ln.weight, self.ln.bias))
         widths = state.conditioning_widths()  # each encoder's share of the hidden states' width
         bounds = torch.tensor(widths).cumsum(0).tolist()
         self.slices = [slice(lo, hi) for lo, hi in zip([0] + bounds[:-1], bounds)]  # per encoder
@@ -350,8 +353,7 @@ class PivotLocality(Plugin):
         index = torch.tensor(pairs, device=ends["h_p"].device)
         s = torch.tensor(fractions, dtype=torch.float32, device=index.device)[:, None]  # [r, 1] over positions
         if self.geometry == "layernorm":
-            hidden = geometry.layernorm_slerp(ends["xhat_p"][index], ends["xhat_c"][index], s,
-                                              self.ln.weight.float(), self.ln.bias.float())
+            hidden = geometry.layernorm_slerp(ends["xhat_p"][index], ends["xhat_c"][index], s, *self._ln_affine)
         else:  # per encoder's slice of the width: each encoder's states are their own ellipsoid
             h_p, h_c = ends["h_p"][index], ends["h_c"][index]
             hidden = torch.cat([self._slerp(h_p[..., part], h_c[..., part], s,

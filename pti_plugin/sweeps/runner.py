@@ -61,7 +61,7 @@ def train_in_process(spec: RunSpec, argv: list[str]) -> bool:
 
     try:
         code = train_main(argv)
-    except Exception:  # the trainer has released accelerate's state (Trainer.run)
+    except Exception:  # each run starts from fresh accelerate state (Trainer._setup)
         traceback.print_exc()
         code = 1
     if code != 0 or not spec.lora.is_file():

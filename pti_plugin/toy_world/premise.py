@@ -297,7 +297,7 @@ def train_run(preset: dict, run_dir: Path, log: Callable[[str], None]) -> Path:
     path = run_dir.parent / f"{run_dir.name}.toml"  # not with_suffix: a name like "lr2.5e-05-..." holds a dot
     atomic_write_text(path, toml.dumps(preset | {"output_dir": str(run_dir)}))
     log(f"premise: training {run_dir.name}")
-    code = train_main(["--preset", str(path)])  # the trainer releases accelerate's state (Trainer.run)
+    code = train_main(["--preset", str(path)])  # each run starts from fresh accelerate state (Trainer._setup)
     if code != 0 or not (run_dir / "premise.safetensors").is_file():
         raise RuntimeError(f"premise run {run_dir.name} failed (exit code {code}); its preset is {path}")
     return run_dir
