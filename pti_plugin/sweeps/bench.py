@@ -79,7 +79,7 @@ from pti_plugin.metrics.knee import knee_index
 from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correlations, light_point, plot, report_text,
                                             write_csv)
 from pti_plugin.sweeps.engines import add_engine_arguments
-from pti_plugin.sweeps.evaluation import read_cache
+from pti_plugin.settings_cache import read_cache
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
 from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix, training_seeds_arg

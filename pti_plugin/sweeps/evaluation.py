@@ -12,6 +12,7 @@ import time
 import traceback
 
 from pti_plugin.atomic_io import atomic_write_text
+from pti_plugin.settings_cache import read_cache
 from pti_plugin.sweeps.plan import RunSpec
 
 EVAL_FILE = "sweep_eval.json"
@@ -26,18 +27,6 @@ def eval_settings(args) -> dict:
         "leakage_seeds": args.leakage_seeds, "leakage_prompts": args.leakage_prompts,
         "leakage_edit_prompts": args.leakage_edit_prompts, "max_images": args.max_images, "fp16": args.fp16,
     }
-
-
-def read_cache(path, settings: dict, key: str):
-    """``key`` of the JSON cache at ``path`` (``{"settings": ..., key: ...}``) when it was written under
-    ``settings``; None when the file is missing, unreadable or from other settings."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
-    return data[key] if data.get("settings") == settings else None
 
 
 def cached_evaluation(spec: RunSpec, settings: dict) -> dict | None:

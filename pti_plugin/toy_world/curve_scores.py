@@ -34,6 +34,7 @@ from ..metrics.curves import crossing_time_ratio
 from ..metrics.evaluate import json_ready
 from ..metrics.replication import Interval, seed_level_interval, two_level_bootstrap
 from ..metrics.run_model import find_run_files, read_run_config
+from ..settings_cache import read_cache
 from .detectors import detect_character, has_detail
 from .run_scores import NEUTRAL_PROMPTS
 from .world import CHARACTER_CELLS, IMAGE_SIZE
@@ -151,15 +152,6 @@ def _file_key(path: Path, step: int) -> dict:
     return {"file": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "step": step}
 
 
-def _read_cache(cache: Path, settings: dict) -> dict[str, dict]:
-    """Cached entries by key, when the cache was computed with ``settings``; else none."""
-    try:
-        data = json.loads(cache.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data.get("entries", {}) if data.get("settings") == settings else {}
-
-
 def _score_files(run_dir: Path, output_name: str | None, wanted: dict[str, tuple[Path, dict]], settings: dict,
                  device: str | None, log: Callable[[str], None]) -> dict[str, dict]:
     """Score the entries ``wanted`` (cache key -> (LoRA file, file key)); a base-point key scores that
@@ -213,7 +205,7 @@ def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = 25, gu
     points = {_BASE_POINT + latest.name: (latest, _file_key(latest, start))}
     points |= {path.name: (path, _file_key(path, step)) for step, path in in_stage}
     cache = run_dir / CACHE_FILE
-    cached = _read_cache(cache, settings)
+    cached = read_cache(cache, settings, "entries") or {}
     entries = {key: cached[key] for key, (_, file_key) in points.items()
                if key in cached and {k: cached[key].get(k) for k in file_key} == file_key}
     missing = {key: value for key, value in points.items() if key not in entries}

@@ -74,7 +74,7 @@ def band_scores(run: Path, scoring: argparse.Namespace, band: tuple[int, int], c
     """The band versions of the neutral-prompt leakage (heatmaps and centroids) of ``run``, from its cache
     when the settings match (None with ``cached_only`` and no such cache)."""
     settings = {"band": list(band), "seeds": scoring.seeds, "steps": scoring.sample_steps, "guidance": scoring.guidance}
-    from ..sweeps.evaluation import read_cache
+    from ..settings_cache import read_cache
 
     cache = run / BAND_FILE
     cached = None if scoring.rescore else read_cache(cache, settings, "scores")

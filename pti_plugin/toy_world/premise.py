@@ -42,6 +42,7 @@ import torch
 
 from ..atomic_io import atomic_write_text
 from ..metrics.run_model import file_digest
+from ..settings_cache import read_cache
 from .detectors import appearance_error, detect_character, has_detail
 from .world import CHARACTER_CELLS, NEUTRAL_TEMPLATES, write_character_dataset
 
@@ -148,11 +149,10 @@ class Parts:
 
     def get(self, name: str, settings: dict, compute: Callable[[], dict]) -> dict:
         path = self.folder / f"{name}.json"
-        if path.is_file():
-            cached = json.loads(path.read_text())
-            if cached.get("settings") == settings:
-                self.log(f"premise: {name} cached")
-                return cached
+        cached = read_cache(path, settings, None)
+        if cached is not None:
+            self.log(f"premise: {name} cached")
+            return cached
         self.log(f"premise: measuring {name}")
         started = time.time()
         figures = compute()
