@@ -70,9 +70,9 @@ def test_cached_scores_give_each_metric_its_rank_correlation(tmp_path, capsys):
         "attention_leakage_spearman=1.000 lo=1.000 hi=1.000 runs=8"
     summary = json.loads((tmp_path / "out" / "internal_metrics.json").read_text())
     by = {(c["internal"], c["ground_truth"]): c for c in summary["correlations"]}
-    assert by[("attention_leakage", "gt_training_cell_fraction")]["reaches_target"]
+    assert by[("attention_leakage", "gt_training_cell_fraction")]["meets_target"]
     assert by[("centroid_neutral_leakage_score", "gt_leakage")]["spearman"] == pytest.approx(-1.0)
-    assert not by[("centroid_neutral_leakage_score", "gt_leakage")]["reaches_target"]
+    assert not by[("centroid_neutral_leakage_score", "gt_leakage")]["meets_target"]
     assert by[("proxy_denoise_mse", "gt_reconstruction")]["spearman"] == pytest.approx(-1.0)
     assert by[("attention_leakage_band", "gt_leakage")]["spearman"] == pytest.approx(-1.0)  # from the band caches
     reliability = by[("gt_leakage", "h3_training_cell_fraction")]  # the parts beside the runs folder
