@@ -10,7 +10,7 @@ import pytest
 
 from pti_plugin.metrics.curves import (crossing_time_ratio, half_way_step, knee_with_interval, segment_fits,
                                        value_at_matched)
-from pti_plugin.metrics.replication import (Interval, excess_over_null, paired_difference, seed_level_interval,
+from pti_plugin.metrics.replication import (Interval, excess_over_null, paired_difference, resampled_interval, seed_level_interval,
                                             two_level_bootstrap)
 
 TRUE_MEAN = 0.3
@@ -261,3 +261,21 @@ def test_value_at_first_crossing_reads_the_way_up_not_a_later_dip():
     # Starting above the target is not a crossing; NaN points are skipped.
     np.testing.assert_allclose(value_at_first_crossing([[0.9, 1.0]], [[1.0, 2.0]], [0.5]), [[np.nan]])
     np.testing.assert_allclose(value_at_first_crossing([[0.0, np.nan, 1.0]], [[0.0, 7.0, 10.0]], [0.25]), [[2.5]])
+
+
+def test_resampled_interval_matches_the_normal_theory_interval_of_a_mean():
+    values = np.random.default_rng(3).normal(2.0, 1.5, 400)
+    got = resampled_interval(len(values), lambda p: float(values[p].mean()), draws=3000, seed=1)
+    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
+    assert got.estimate == pytest.approx(values.mean())
+    assert got.lo == pytest.approx(values.mean() - half, abs=0.15 * half)
+    assert got.hi == pytest.approx(values.mean() + half, abs=0.15 * half)
+
+
+def test_resampled_interval_leaves_out_non_finite_resamples():
+    # nan whenever item 4 is drawn: the interval comes from the other resamples alone, each a mean of ones
+    values = np.array([1.0, 1.0, 1.0, 1.0, 5.0])
+    got = resampled_interval(5, lambda p: float("nan") if 4 in p else float(values[p].mean()), draws=200)
+    assert (got.lo, got.hi) == (1.0, 1.0)
+    none_left = resampled_interval(3, lambda p: float("nan"), draws=50)
+    assert np.isnan(none_left.lo) and np.isnan(none_left.hi)

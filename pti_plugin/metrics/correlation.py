@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .replication import resampled_interval
+
 
 def _pairs(x: Sequence, y: Sequence) -> tuple[np.ndarray, np.ndarray]:
     keep = [(float(a), float(b)) for a, b in zip(x, y, strict=True)
@@ -58,10 +60,5 @@ def correlation_interval(x: Sequence, y: Sequence, draws: int = 2000, level: flo
     a, b = _pairs(x, y)
     if len(a) < 3:
         return out | {"spearman_lo": float("nan"), "spearman_hi": float("nan")}
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(a), size=(int(draws), len(a)))
-    rhos = np.array([_pearson(ranks(a[p]), ranks(b[p])) for p in picks])
-    rhos = rhos[np.isfinite(rhos)]
-    tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(rhos, [tail, 1.0 - tail]) if rhos.size else (float("nan"), float("nan"))
-    return out | {"spearman_lo": float(lo), "spearman_hi": float(hi)}
+    rho = resampled_interval(len(a), lambda p: _pearson(ranks(a[p]), ranks(b[p])), draws, level, seed)
+    return out | {"spearman_lo": rho.lo, "spearman_hi": rho.hi}

@@ -59,6 +59,21 @@ def _percentile_interval(estimate: float, replicates: np.ndarray, level: float) 
     return Interval(float(estimate), float(lo), float(hi))
 
 
+def resampled_interval(n: int, statistic: Callable[[np.ndarray], float], draws: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> Interval:
+    """``statistic(indices)`` of ``n`` items (all of them, in order, for the estimate), with a percentile interval
+    over ``draws`` resamples of the items with replacement; resamples whose statistic is not finite (a
+    constant resample's correlation) are left out, and both ends are nan when none is left."""
+    _check_settings(draws, level)
+    rng = np.random.default_rng(seed)
+    replicates = np.array([statistic(rng.integers(0, n, n)) for _ in range(int(draws))], dtype=np.float64)
+    replicates = replicates[np.isfinite(replicates)]
+    estimate = float(statistic(np.arange(n)))
+    if replicates.size == 0:
+        return Interval(estimate, float("nan"), float("nan"))
+    return _percentile_interval(estimate, replicates, level)
+
+
 def _compact_rows(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows with their finite values moved to the front, and each row's count of finite values.
 

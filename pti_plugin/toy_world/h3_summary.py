@@ -41,7 +41,7 @@ import warnings
 import numpy as np
 
 from ..metrics.curves import value_at_first_crossing
-from ..metrics.replication import excess_over_null, seed_level_interval, two_level_bootstrap
+from ..metrics.replication import excess_over_null, resampled_interval, seed_level_interval, two_level_bootstrap
 from .detectors import position_entropy
 from .h1_summary import float_array, null_summary, per_seed_curves, seed_matrix
 
@@ -97,10 +97,7 @@ def cells_entropy(cells: list[int | None]) -> float:
 
 def null_entropy(cells: list[int | None], draws: int, seed: int = 0) -> dict:
     """The null's position entropy with a percentile interval over resampled images."""
-    rng = np.random.default_rng(seed)
-    replicates = [cells_entropy([cells[i] for i in rng.integers(0, len(cells), len(cells))]) for _ in range(draws)]
-    lo, hi = np.quantile(replicates, [0.025, 0.975])
-    return {"estimate": cells_entropy(cells), "lo": float(lo), "hi": float(hi)}
+    return resampled_interval(len(cells), lambda p: cells_entropy([cells[i] for i in p]), draws, seed=seed).to_dict()
 
 
 def lr_rows(groups: dict[float, list[dict]], null_a: np.ndarray | None, draws: int) -> list[dict]:
