@@ -332,7 +332,7 @@ def run_full_table(spec: dict) -> dict:
     del vae
     gc.collect()
     tokenizer.add_tokens(["tok1"])
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new row is set just below
     table = text_encoder.get_input_embeddings().weight
     new_id = tokenizer.convert_tokens_to_ids("tok1")
     with torch.no_grad():
