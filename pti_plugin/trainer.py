@@ -75,6 +75,7 @@ def fresh_accelerate_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
+
 class Trainer:
     """Runs a :class:`Config`: ``Trainer(config).run()`` returns the paths of the final outputs."""
 
