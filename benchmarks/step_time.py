@@ -91,6 +91,10 @@ class Clock:
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, spec: dict) -> Clock:
+        return cls(spec["warmup"], cuda=spec["device"] == "cuda")
+
     def start(self) -> None:
         self.wall, self.cpu = [time.perf_counter()], [time.process_time()]
 
@@ -231,7 +235,7 @@ def run_trainer(path: str, spec: dict) -> dict:
     from pti_plugin.config import build_config
     from pti_plugin.trainer import Trainer
 
-    BenchClock.clock = Clock(spec["warmup"], cuda=spec["device"] == "cuda")
+    BenchClock.clock = Clock.of(spec)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         Trainer(build_config(trainer_preset(path, spec))).run()
     return BenchClock.clock.result() | {"lora_modules": BenchClock.lora_modules}
@@ -312,7 +316,7 @@ def run_floor(spec: dict) -> dict:
     unet.add_adapter(LoraConfig(r=LORA_DIM, lora_alpha=LORA_DIM, target_modules=targets, init_lora_weights="gaussian"))
     unet.to(spec["device"])
     optimizer = make_optimizer(spec["optimizer"], [p for p in unet.parameters() if p.requires_grad])
-    clock, batch = Clock(spec["warmup"], cuda=spec["device"] == "cuda"), spec["batch"]
+    clock, batch = Clock.of(spec), spec["batch"]
     clock.start()
     for step in range(spec["warmup"] + spec["steps"]):
         index = [(step * batch + k) % latents.shape[0] for k in range(batch)]
@@ -345,7 +349,7 @@ def run_full_table(spec: dict) -> dict:
     ids = tokenizer([CAPTION], padding="max_length", max_length=tokenizer.model_max_length,
                     return_tensors="pt").input_ids.to(spec["device"])
     text_encoder.train()
-    clock = Clock(spec["warmup"], cuda=spec["device"] == "cuda")
+    clock = Clock.of(spec)
     clock.start()
     for step in range(spec["warmup"] + spec["steps"]):
         cond = text_encoder(ids)[0]
@@ -403,10 +407,10 @@ def summary(values: list[float], unit: str) -> str:
     return f"{statistics.median(values):8.3f} {unit} ({min(values):.3f}-{max(values):.3f})"
 
 
-RATIOS = {  # name: (path, against); time from process CPU seconds (on a GPU: wall), memory from the training peak
-    "lora_vs_floor": ("lora", "floor"), "inversion_vs_full_table": ("inversion", "full_table"),
-    "locality_cached_b4": ("locality_cached_b4", "lora_b4"), "locality_every4": ("locality_every4_b4", "lora_b4"),
-    "lora_rss_vs_floor": ("lora", "floor"),
+RATIOS = {  # name: (path, against, measure); time: process CPU seconds (on a GPU: wall); memory: the training peak
+    "lora_vs_floor": ("lora", "floor", "time"), "inversion_vs_full_table": ("inversion", "full_table", "time"),
+    "locality_cached_b4": ("locality_cached_b4", "lora_b4", "time"),
+    "locality_every4": ("locality_every4_b4", "lora_b4", "time"), "lora_rss_vs_floor": ("lora", "floor", "memory"),
 }
 
 
@@ -419,8 +423,8 @@ def report(results: dict[str, list[dict]], device: str = "cpu") -> dict[str, flo
               f"{summary([r['train_peak_rss_gib'] for r in runs], 'G'):>26s} "
               f"{statistics.median(r['process_peak_rss_gib'] for r in runs):10.2f} G"
               + (f" {summary([r['train_peak_cuda_gib'] for r in runs], 'G'):>26s}" if device == "cuda" else ""))
-    time_key = "wall" if device == "cuda" else "cpu"  # on a GPU the process's CPU seconds are mostly waiting
-    memory_key = "train_peak_cuda_gib" if device == "cuda" else "train_peak_rss_gib"
+    key = {"time": "wall" if device == "cuda" else "cpu",  # on a GPU the process's CPU seconds are mostly waiting
+           "memory": "train_peak_cuda_gib" if device == "cuda" else "train_peak_rss_gib"}
 
     def med(path: str, key: str) -> float:
         return statistics.median(r[key] for r in results[path])
@@ -429,9 +433,8 @@ def report(results: dict[str, list[dict]], device: str = "cpu") -> dict[str, flo
         print(f"LoRA modules: trainer {results['lora'][0].get('lora_modules')}, floor {results['floor'][0].get('lora_modules')}")
     if "full_table" in results:
         print(f"full-table rows {results['full_table'][0]['table_rows']}")
-    return {name: med(path, memory_key if name.endswith("rss_vs_floor") else time_key)
-            / med(against, memory_key if name.endswith("rss_vs_floor") else time_key)
-            for name, (path, against) in RATIOS.items() if path in results and against in results}
+    return {name: med(path, key[measure]) / med(against, key[measure])
+            for name, (path, against, measure) in RATIOS.items() if path in results and against in results}
 
 
 def parse_args(argv):

@@ -10,8 +10,8 @@ import pytest
 
 from pti_plugin.metrics.curves import (crossing_time_ratio, half_way_step, knee_with_interval, segment_fits,
                                        value_at_matched)
-from pti_plugin.metrics.replication import (Interval, excess_over_null, paired_difference, resampled_interval, seed_level_interval,
-                                            two_level_bootstrap)
+from pti_plugin.metrics.replication import (Interval, excess_over_null, paired_difference, resampled_interval,
+                                            seed_level_interval, two_level_bootstrap)
 
 TRUE_MEAN = 0.3
 

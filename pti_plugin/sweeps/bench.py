@@ -76,10 +76,10 @@ import toml
 from pti_plugin.atomic_io import atomic_write_text
 from pti_plugin.config import ConfigError, apply_overrides, build_config, load_preset_dict
 from pti_plugin.metrics.knee import knee_index
+from pti_plugin.settings_cache import read_cache
 from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correlations, light_point, plot, report_text,
                                             write_csv)
 from pti_plugin.sweeps.engines import add_engine_arguments
-from pti_plugin.settings_cache import read_cache
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
 from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix, training_seeds_arg

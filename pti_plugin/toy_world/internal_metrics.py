@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..atomic_io import atomic_write_text
 from ..metrics.correlation import correlation_interval
+from ..settings_cache import read_cache
 from ..sweeps.bench_report import CORRELATIONS
 
 #: Spearman's rho the attention leakage should reach against the ground truth (0.68 on toy world v1).
@@ -74,8 +75,6 @@ def band_scores(run: Path, scoring: argparse.Namespace, band: tuple[int, int], c
     """The band versions of the neutral-prompt leakage (heatmaps and centroids) of ``run``, from its cache
     when the settings match (None with ``cached_only`` and no such cache)."""
     settings = {"band": list(band), "seeds": scoring.seeds, "steps": scoring.sample_steps, "guidance": scoring.guidance}
-    from ..settings_cache import read_cache
-
     cache = run / BAND_FILE
     cached = None if scoring.rescore else read_cache(cache, settings, "scores")
     if cached is not None:
