@@ -18,7 +18,9 @@ from each seed's H1 pivot at ``--pivot_lr``, into ``OUT/h3``.
 ``report``: the statistics and the report (:mod:`pti_plugin.toy_world.protocol_report`) of what
 is measured so far, into ``--results``: H1 from the cells' parts, H2 from ``OUT/h2/curves-lr<lr>/
 learning_curves.json`` (``analysis/learning_curves.py`` on each learning rate's runs).
-Two processes with disjoint ``--seeds`` share the work on two cores. ``--quick``: a few steps
+Two processes with disjoint ``--seeds`` share the work on two cores; seeds outside a part's default
+(42, 1, 2) add training seeds (``h1 --seeds 3 --lrs 2.75e-5 --no_vectors`` trains seed 3's pivot,
+then ``h3 --seeds 3`` its LoRA cells). ``--quick``: a few steps
 (plumbing). ``--model``: a diffusers folder (default: the embedded toy world).
 """
 
@@ -42,7 +44,8 @@ def parse_args(argv):
     parser.add_argument("--draws", type=int, default=2000, help="report: bootstrap draws")
     parser.add_argument("--out", type=Path, default=Path("outputs/protocol"))
     parser.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the embedded toy world)")
-    parser.add_argument("--seeds", default=None, help="training seeds to run, comma-separated (default: all)")
+    parser.add_argument("--seeds", default=None,
+                        help="training seeds to run, comma-separated (default: the part's; others add seeds)")
     parser.add_argument("--no_vectors", action="store_true", help="h1: only the 1-vector grid")
     parser.add_argument("--pivot_lr", type=float, default=2.75e-5, help="h2: the H1 learning rate whose pivot LoRAs start from")
     parser.add_argument("--wait", type=float, default=0.0, help="h2: seconds to wait for a missing pivot")
@@ -65,6 +68,16 @@ def float_list(text: str, flag: str) -> tuple[float, ...]:
     return values
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise SystemExit(f"error: --seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise SystemExit("error: --seeds is empty")
+    return seeds
+
+
 def h3_settings(args):
     """H3's grid from the flags (``--lrs``, ``--variants``, ``--weights VARIANT=W1,W2``)."""
     from pti_plugin.toy_world.h3_variants import VARIANTS, H3Settings
@@ -72,6 +85,8 @@ def h3_settings(args):
     h3 = H3Settings.quick() if args.quick else dataclasses.replace(H3Settings(), pivot_lr=args.pivot_lr)
     if args.lrs:
         h3 = dataclasses.replace(h3, lora_lrs=float_list(args.lrs, "--lrs"))
+    if args.seeds:
+        h3 = dataclasses.replace(h3, training_seeds=seed_list(args.seeds))
     if args.variants:
         h3 = dataclasses.replace(h3, variants=tuple(v.strip() for v in args.variants.split(",")))
     weights = dict(h3.weights)
@@ -102,7 +117,7 @@ def run_all(args, argv: list[str]) -> None:
     h2 = H2Settings.quick() if args.quick else H2Settings()
     sampling = ["--seeds", "2", "--steps", "2"] if args.quick else []
     for lr in (float_list(args.lrs, "--lrs") if args.lrs else h2.lora_lrs):
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else h2.training_seeds
+        seeds = seed_list(args.seeds) if args.seeds else h2.training_seeds
         runs = [r for seed in seeds for r in sorted(glob.glob(str(args.out / "h2" / "runs" / f"{h2_run_name(lr, seed)}-*")))
                 if Path(r).is_dir()]
         learning_curves.main([*runs, *sampling, "--out", str(args.out / "h2" / f"curves-lr{lr:g}")])
@@ -127,7 +142,7 @@ def main(argv=None) -> None:
     model = args.model or Path(default_model_dir())
     base = toml.load(BENCH_PRESET)
     h1 = H1Settings.quick() if args.quick else H1Settings()
-    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+    seeds = seed_list(args.seeds) if args.seeds else None
     if args.part == "report":
         from pti_plugin.toy_world.protocol_sections import write_protocol_report
 
@@ -140,14 +155,16 @@ def main(argv=None) -> None:
             h1 = dataclasses.replace(h1, inversion_lrs=float_list(args.lrs, "--lrs"))
         if args.no_vectors:
             h1 = dataclasses.replace(h1, vector_counts=())
-        cells = run_h1(model, args.out / "h1", base, h1, only_seeds=seeds)
+        if seeds is not None:
+            h1 = dataclasses.replace(h1, training_seeds=seeds)
+        cells = run_h1(model, args.out / "h1", base, h1)
         print(f"h1: {len(cells)} cells in {args.out / 'h1'}")
         return
     if args.part == "h3":
         from pti_plugin.toy_world.h3_variants import run_h3
 
         h3 = h3_settings(args)
-        cells = run_h3(model, args.out / "h3", base, h3, only_seeds=seeds, h1_out=args.out / "h1",
+        cells = run_h3(model, args.out / "h3", base, h3, h1_out=args.out / "h1",
                        wait_seconds=args.wait)
         print(f"h3: {len(cells)} cells in {args.out / 'h3'}")
         return

@@ -5,7 +5,7 @@
 The LoRA tensors have the shapes of the SD1.5 UNet's kohya-default targets (192 modules, read from
 the shipped SD1.5 config on the meta device: nothing is downloaded or allocated for the UNet
 itself) at ``--rank``, with random gradients. Each step times ``WeightGuard.keep`` +
-``restore_if_non_finite`` and the AdamW step separately (median over ``--steps`` after 3 warm-up
+``finite`` (read as the trainer does) and the AdamW step separately (median over ``--steps`` after 3 warm-up
 steps). The last line reads ``params=<n> guard_ms=<x> adamw_ms=<y> ratio=<x/y>``.
 """
 
@@ -21,13 +21,13 @@ import torch
 def lora_tensors(rank: int, device: str) -> list[torch.nn.Parameter]:
     from diffusers import UNet2DConditionModel
 
-    from pti_plugin.models.lora import unet_lora_targets
+    from pti_plugin.models.family import key_table
     from pti_plugin.models.single_file import SD15_CONFIG_DIR
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15_CONFIG_DIR / "unet")))
     params = []
-    for path in unet_lora_targets(unet):
+    for path in key_table("sd15").peft_targets("unet", unet):
         module = unet.get_submodule(path)
         n_in = getattr(module, "in_features", None) or module.in_channels
         n_out = getattr(module, "out_features", None) or module.out_channels
@@ -60,7 +60,8 @@ def main() -> None:
         optimizer.step()
         sync()
         after_step = time.perf_counter()
-        guard.restore_if_non_finite()
+        if not bool(guard.finite()):  # the trainer reads this flag with the logged loss terms
+            guard.restore()
         sync()
         end = time.perf_counter()
         if step >= 3:

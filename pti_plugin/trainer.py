@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import load_state, save_state
 from .run_lock import RunLock, clean_leftover_temporaries
 from .text_cache import TextConditioningCache
-from .weight_guard import WeightGuard, all_finite
+from .weight_guard import WeightGuard, finite_flag
 
 logger = logging.getLogger(__name__)
 
@@ -394,66 +395,72 @@ class Trainer:
             f"interrupted by {signal.Signals(signum).name} after step {self.state.global_step}\n{self._resume_hint(paths)}", signum
         )
 
-    def _any_rank(self, condition: bool) -> bool:
-        flag = torch.tensor(float(condition), device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+    def _on_every_rank(self, flag: torch.Tensor) -> torch.Tensor:
+        """``flag`` (0-dim bool on the device) AND-ed over the processes: every rank skips together."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return self.accelerator.reduce(flag.float(), reduction="sum") == self.accelerator.num_processes
 
     def _optimizer_step(self, plan: StagePlan) -> dict[str, float]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; applies nan_policy."""
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; applies nan_policy.
+
+        Two device syncs a step: before the optimizer step, whether the loss terms and the gradients
+        are finite (a non-finite loss is backpropagated like any other and its step skipped); after
+        it, whether the weights are, read with the logged loss terms."""
         config, accelerator, state = self.config, self.accelerator, self.state
         accum = config.gradient_accumulation_steps
-        totals: dict[str, torch.Tensor] = {}  # per term, summed over micro-batches on the device; read once at the end
-        step = state.stage_step
-        bad: str | None = None
+        totals: dict[str, torch.Tensor] = {}  # per term, summed over micro-batches on the device
         for k in range(accum):
-            batch = self._local_batch(step, k)
-            sync = contextlib.nullcontext() if k == accum - 1 else contextlib.ExitStack()
-            if k < accum - 1:
-                for module in self.ddp_modules:
-                    sync.enter_context(accelerator.no_sync(module))
-            with sync:
-                terms = self._loss_terms(batch, step)
-                values = torch.stack([v.detach().float() for v in terms.values()])  # [terms]
-                finite = torch.isfinite(values)
-                if self._any_rank(not bool(finite.all())):  # one sync; every rank skips the backward together
-                    nonfinite = [n for n, ok in zip(terms, finite.tolist()) if not ok]
-                    bad = f"loss term {nonfinite[0]!r}" if nonfinite else "a loss term on another process"
-                    break
+            batch = self._local_batch(state.stage_step, k)
+            with contextlib.ExitStack() as sync:
+                if k < accum - 1:
+                    for module in self.ddp_modules:
+                        sync.enter_context(accelerator.no_sync(module))
+                terms = self._loss_terms(batch, state.stage_step)
                 accelerator.backward(sum(terms.values()) / accum)
-            for name, value in zip(terms, values):
-                totals[name] = totals.get(name, 0.0) + value / accum
-        scaler_handles_inf = accelerator.scaler is not None  # fp16: the scaler skips inf-gradient steps itself
-        if bad is None and not scaler_handles_inf:
-            if not all_finite([p.grad for p in self.trainable if p.grad is not None]):  # one fused check
-                bad = "the gradients"
-        if bad is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            where = (f"{bad} is non-finite at stage {state.stage_index} ({state.stage.name!r}), "
-                     f"step {state.stage_step + 1} (global step {state.global_step + 1})")
-            self._consecutive_skips = getattr(self, "_consecutive_skips", 0) + 1
-            if config.nan_policy == "stop" or self._consecutive_skips > config.max_nan_skips:
-                reason = "" if config.nan_policy == "stop" else f" ({self._consecutive_skips} consecutive skipped steps)"
-                raise NonFiniteLossError(where + reason)
-            self._info(f"skipping step: {where}")
-            return {"loss": float("nan"), "skipped_nonfinite": 1.0}
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
+        values = torch.stack(list(totals.values()))  # [terms] float32
+        finite = torch.isfinite(values).all()
+        if accelerator.scaler is None:  # fp16: the scaler skips inf-gradient steps itself
+            finite = finite & finite_flag([p.grad for p in self.trainable if p.grad is not None]).to(finite.device)
+        if not bool(self._on_every_rank(finite)):  # sync 1
+            return self._skip_non_finite(dict(zip(totals, values.tolist())))
         self._consecutive_skips = 0
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
         self._weight_guard.keep(self.trainable)
         self.optimizer.step()
-        if self._weight_guard.restore_if_non_finite():
+        read = torch.cat([self._weight_guard.finite().float().reshape(1).to(values.device), values]).tolist()  # sync 2
+        if not read[0]:
+            self._weight_guard.restore()
             raise NonFiniteLossError(f"the weights became non-finite in the optimizer step at stage {state.stage_index} "
                                      f"({state.stage.name!r}), step {state.stage_step + 1}; the weights before it are kept")
         if not accelerator.optimizer_step_was_skipped:
             plan.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        per_term = dict(zip(totals, torch.stack(list(totals.values())).tolist()))  # one sync
+        per_term = dict(zip(totals, read[1:]))
         logs = {"loss": sum(per_term.values())} | {f"loss/{k}": v for k, v in per_term.items()}
         for group in plan.param_groups:
             logs[f"lr/{group['name']}"] = float(self.optimizer.param_groups[plan.param_groups.index(group)]["lr"])
         return logs
+
+    def _skip_non_finite(self, per_term: dict[str, float]) -> dict[str, float]:
+        """nan_policy for a step whose loss or gradients are non-finite (``per_term``: this process's
+        loss terms): drop the gradients and skip, or raise when the policy says stop or skips run long."""
+        config, state = self.config, self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        nonfinite = [name for name, value in per_term.items() if not math.isfinite(value)]
+        bad = f"loss term {nonfinite[0]!r}" if nonfinite else (
+            "the gradients" if self.accelerator.num_processes == 1 else "the gradients or a loss term on another process")
+        where = (f"{bad} is non-finite at stage {state.stage_index} ({state.stage.name!r}), "
+                 f"step {state.stage_step + 1} (global step {state.global_step + 1})")
+        self._consecutive_skips = getattr(self, "_consecutive_skips", 0) + 1
+        if config.nan_policy == "stop" or self._consecutive_skips > config.max_nan_skips:
+            reason = "" if config.nan_policy == "stop" else f" ({self._consecutive_skips} consecutive skipped steps)"
+            raise NonFiniteLossError(where + reason)
+        self._info(f"skipping step: {where}")
+        return {"loss": float("nan"), "skipped_nonfinite": 1.0}
 
     def _local_batch(self, step: int, micro: int) -> Batch:
         """This process's share of micro-batch ``micro`` of optimizer step ``step``: latents, ids, captions.

@@ -2,9 +2,9 @@
 
 A step with finite loss and gradients can still overflow the weights (an absurd learning rate, an
 optimizer blow-up). ``WeightGuard.keep`` copies the trainable tensors (pivot and LoRA: small) into
-reused buffers with one fused copy; ``restore_if_non_finite`` checks them with one device sync and,
-when any is non-finite, copies the kept values back so that what the NaN guard saves is the state
-before the failing step.
+reused buffers with one fused copy; ``finite`` answers, as a device tensor (no sync: the caller reads
+it with the step's other values), whether the weights are all finite, and ``restore`` copies the kept
+values back so that what the NaN guard saves is the state before the failing step.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 
 
-def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every value of ``tensors`` is finite (one device sync; no overflow for large finite values)."""
+def finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor on the tensors' device: whether every value of ``tensors`` is finite (no
+    device sync; no overflow for large finite values). An empty list is finite."""
     if not tensors:
-        return True
+        return torch.tensor(True)
     with torch.no_grad():
         zeros = torch._foreach_sub(tensors, tensors)  # 0 where finite, NaN at NaN/inf
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(zeros))).all())
+        return torch.isfinite(torch.stack(torch._foreach_norm(zeros))).all()
 
 
 class WeightGuard:
@@ -33,10 +34,13 @@ class WeightGuard:
         with torch.no_grad():
             torch._foreach_copy_(self._kept, [p.detach() for p in params])
 
-    def restore_if_non_finite(self) -> bool:
-        """Put the kept values back when any parameter is non-finite; return whether it did."""
-        if self._params is None or all_finite(self._params):
-            return False
+    def finite(self) -> torch.Tensor:
+        """:func:`finite_flag` of the kept parameters' current values (True before any ``keep``)."""
+        return finite_flag(self._params or [])
+
+    def restore(self) -> None:
+        """Put the kept values back into the parameters."""
+        if self._params is None:
+            return
         with torch.no_grad():
             torch._foreach_copy_([p.detach() for p in self._params], self._kept)
-        return True

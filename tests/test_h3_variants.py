@@ -71,6 +71,18 @@ def test_leakage_at_matched_reconstruction_is_paired_against_none():
     json.dumps(summary, allow_nan=False)  # JSON-ready
 
 
+def test_a_weight_with_extra_training_seeds_is_chosen_on_the_seeds_all_weights_have():
+    # weight 10 leaks 0.1 more than weight 1 on the shared seeds; two extra seeds of weight 10 alone
+    # leak far less and reach coarse 0.8, which would win on seed count and mean if they counted
+    extra = [cell | {"seed": seed, "in_training_cell": _hits(0.0)}
+             for seed in (3, 4) for cell in _condition("half_angle", 10.0, (0.1, 0.4, 0.7, 0.9), 0.2) if cell["seed"] == 42]
+    cells = (_condition("half_angle", 1.0, (0.1, 0.4, 0.7, 0.9), 0.1)
+             + _condition("half_angle", 10.0, (0.1, 0.4, 0.7, 0.9), 0.2) + extra)
+    chosen = summarise_h3(_null(), cells, draws=100)["variants"]["half_angle"]["chosen"]
+    assert chosen["weight"] == 1.0 and chosen["seeds_reaching"] == 3
+    assert chosen["mean_leakage"] == pytest.approx(0.42, abs=1e-9)
+
+
 def test_highest_safe_lr_stops_at_the_first_rate_outside_the_null():
     rows = [{"lr": lr, "inside_null": inside, "appearance_error": {"estimate": lr}}
             for lr, inside in ((1e-3, True), (2e-3, True), (3e-3, False), (6e-3, True))]

@@ -40,12 +40,13 @@ def test_two_processes_match_one_process_and_only_rank0_writes(preset, tmp_path)
     assert torch.allclose(load_file(one / "tok1.safetensors")["emb_params"], load_file(two / "tok1.safetensors")["emb_params"], atol=1e-6)
 
 
-def _install_entry_point(site: Path) -> None:
-    """Declare tests/contract_plugin.py under the pti_plugin.plugins entry-point group, as a package would."""
+def _install_entry_point(site: Path, entry: str = "prior_agreement = tests.contract_plugin:PriorAgreement") -> None:
+    """Declare a test plugin (default tests/contract_plugin.py) under the pti_plugin.plugins entry-point
+    group, as a package would."""
     info = site / "prior_agreement_demo-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: prior-agreement-demo\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[pti_plugin.plugins]\nprior_agreement = tests.contract_plugin:PriorAgreement\n")
+    (info / "entry_points.txt").write_text(f"[pti_plugin.plugins]\n{entry}\n")
 
 
 def test_third_party_contract_plugin_trains_under_two_processes(preset, tmp_path):
@@ -81,3 +82,24 @@ def test_third_party_contract_plugin_trains_under_two_processes(preset, tmp_path
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"largest LoRA up weight {moved:.3g}, largest difference {diff:.3g}")
     assert moved > 1e-4 and diff < 1e-4 * moved
+
+
+def test_a_non_finite_loss_on_one_process_skips_the_step_on_every_process(preset, tmp_path):
+    """nan_policy skip under 2 processes: a NaN loss term on process 1 only, at step 2; both processes
+    skip that step together (neither pivot moves; the run finishes: no process waits on the other)."""
+    raw = preset(max_train_steps=None, train_batch_size=1, nan_policy="skip", plugins={"rank_nan": {"at_step": 2}},
+                 stages=[{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "steps": 3}])
+    raw = {k: v for k, v in raw.items() if v is not None}
+    raw.pop("output_dir")
+    (tmp_path / "p.toml").write_text(toml.dumps(raw))
+    _install_entry_point(tmp_path / "site", "rank_nan = tests.rank_nan_plugin:RankNan")
+    env = {"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path / 'site'}"}
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pti.py"),
+          "--preset", "p.toml", "--output_dir", "two"], tmp_path, env)
+    import json
+
+    log = [json.loads(line) for line in (tmp_path / "two" / "pti.log.jsonl").read_text().splitlines()]
+    assert [e.get("skipped_nonfinite", 0) for e in log] == [0, 1.0, 0]  # process 0's own loss was finite
+    for rank in (0, 1):
+        pivots = torch.load(tmp_path / "two" / f"pivots-rank{rank}.pt")
+        assert len(pivots) == 3 and torch.equal(pivots[1], pivots[0]) and not torch.equal(pivots[2], pivots[1])

@@ -397,7 +397,7 @@ def test_a_preset_that_is_not_text_is_named(tmp_path, capsys):
     assert code == 2 and f"preset {preset_path} is not valid TOML" in err and "Traceback" not in err
 
 
-def test_weight_guard_puts_back_exactly_the_kept_weights_and_only_when_needed():
+def test_weight_guard_flags_only_non_finite_weights_and_puts_back_exactly_the_kept_ones():
     from pti_plugin.weight_guard import WeightGuard
 
     params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
@@ -406,8 +406,9 @@ def test_weight_guard_puts_back_exactly_the_kept_weights_and_only_when_needed():
     kept = [p.detach().clone() for p in params]
     with torch.no_grad():
         params[0][0, 0] = 1e30  # large but finite: left alone
-    assert not guard.restore_if_non_finite() and params[0][0, 0] == 1e30
+    assert bool(guard.finite()) and params[0][0, 0] == 1e30
     with torch.no_grad():
         params[1][2] = float("nan")
-    assert guard.restore_if_non_finite()
+    assert not bool(guard.finite())
+    guard.restore()
     assert all(torch.equal(p, k) for p, k in zip(params, kept))  # both tensors back, bit for bit

@@ -217,3 +217,16 @@ def test_h3_verdict_reads_the_paired_difference_interval():
     assert verdict(summary(-0.2, 0.1)).startswith("inconclusive")
     assert verdict(summary(-0.4, -0.1, reaching=1)).startswith("inconclusive")
     assert verdict({"variants": {}}).startswith("inconclusive")
+
+
+def test_seeds_outside_the_default_grid_add_training_seeds():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+    import research_protocol
+
+    settings = research_protocol.h3_settings(research_protocol.parse_args(["h3", "--quick", "--seeds", "7,8"]))
+    assert {seed for *_, seed in settings.cells()} == {7, 8}  # not filtered away: the default grid has 42, 1
+    with pytest.raises(SystemExit, match="--seeds"):
+        research_protocol.h3_settings(research_protocol.parse_args(["h3", "--seeds", "3,x"]))

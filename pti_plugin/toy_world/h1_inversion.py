@@ -175,10 +175,9 @@ def pivot_file(model: Path, out: Path, base_preset: dict, settings: H1Settings, 
 
 
 def run_h1(model: Path, out: Path, base_preset: dict, settings: H1Settings = H1Settings(),
-           log: Callable[[str], None] = lambda text: print(text, flush=True),
-           only_seeds: tuple[int, ...] | None = None) -> list[dict]:
-    """Train and measure every cell (of the training seeds ``only_seeds`` when given: two processes
-    can share a grid); returns the cells' records, each with ``lr``, ``seed``, ``vectors``, ``steps``."""
+           log: Callable[[str], None] = lambda text: print(text, flush=True)) -> list[dict]:
+    """Train and measure every cell (two processes with disjoint ``settings.training_seeds`` share a
+    grid); returns the cells' records, each with ``lr``, ``seed``, ``vectors``, ``steps``."""
     model, out = Path(model).resolve(), Path(out).resolve()
     check_init_word(model, settings.init_word)
     data_dir = out / "data"
@@ -190,8 +189,6 @@ def run_h1(model: Path, out: Path, base_preset: dict, settings: H1Settings = H1S
               lambda: measure_null(model, settings))
     cells = []
     for lr, seed, vectors in settings.cells():
-        if only_seeds is not None and seed not in only_seeds:
-            continue
         preset = cell_preset(base_preset, model, data_dir, settings, lr, seed, vectors)
         run_dir = cell_run_dir(out, preset, digest, lr, seed, vectors)
         part_settings = {"model_digest": digest, "init_word": settings.init_word, "preset": preset} | settings.sampling()

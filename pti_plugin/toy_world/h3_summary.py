@@ -14,9 +14,10 @@ null's images on the other) and as a paired difference against ``none``: per tra
 variant's value minus ``none``'s, with an interval over seeds
 (:func:`~pti_plugin.metrics.replication.seed_level_interval`).
 
-**The weight of a variant** (:data:`CHOICE_RULE`): among its weights whose curves reach coarse
-:data:`CHOICE_COARSE` in the most training seeds, the one with the lowest mean leakage there (ties:
-the smaller weight).
+**The weight of a variant** (:data:`CHOICE_RULE`): on the training seeds every one of its weights
+has (extra seeds added to one weight's condition must not decide), among its weights whose curves
+reach coarse :data:`CHOICE_COARSE` in the most of those seeds, the one with the lowest mean leakage
+there (ties: the smaller weight).
 
 **The highest safe learning rate** of a condition: going up from its lowest rate, the last rate
 whose training-cell fraction is *inside the null*: its excess over the null (two-level on both sides,
@@ -47,7 +48,8 @@ from .h1_summary import float_array, null_summary, per_seed_curves, seed_matrix
 
 MATCHED_COARSE = (0.5, 0.8, 0.9)
 CHOICE_COARSE = 0.8
-CHOICE_RULE = (f"per variant, among its weights whose curves reach coarse {CHOICE_COARSE} in the most training seeds, "
+CHOICE_RULE = (f"per variant, on the training seeds all its weights have, among its weights whose curves reach "
+               f"coarse {CHOICE_COARSE} in the most of those seeds, "
                f"the lowest mean training-cell fraction at matched coarse {CHOICE_COARSE} (ties: the smaller weight)")
 #: Per-image scores summarised at each learning rate.
 SCORES = ("coarse", "in_training_cell", "appearance_error", "drift", "drift_cell", "drift_unrelated", "drift_class",
@@ -163,9 +165,11 @@ def condition_summary(groups: dict[float, list[dict]], per_seed: dict[str, dict[
 def choose_weight(conditions: list[dict]) -> dict | None:
     """:data:`CHOICE_RULE` over one variant's conditions (each with ``weight`` and ``matched``)."""
     key = f"{CHOICE_COARSE:g}"
+    shared = set.intersection(*(set(c["matched"][key]["leakage_per_seed"]) for c in conditions))
 
     def rank(condition: dict) -> tuple:
-        values = [v for v in condition["matched"][key]["leakage_per_seed"].values() if v is not None]
+        values = [v for seed, v in condition["matched"][key]["leakage_per_seed"].items()
+                  if seed in shared and v is not None]
         weight = condition["weight"]
         return (-len(values), float(np.mean(values)) if values else math.inf, -math.inf if weight is None else weight)
 

@@ -212,9 +212,8 @@ def reg_images_dir(model: Path, out: Path, settings: H3Settings, run_dir: Path) 
 
 def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3Settings(),
            log: Callable[[str], None] = lambda text: print(text, flush=True),
-           only_seeds: tuple[int, ...] | None = None, h1_out: Path | None = None,
-           wait_seconds: float = 0.0) -> list[dict]:
-    """Train and measure every cell (of the training seeds ``only_seeds`` when given) under ``out``;
+           h1_out: Path | None = None, wait_seconds: float = 0.0) -> list[dict]:
+    """Train and measure every cell under ``out``;
     the pivots are the H1 grid's under ``h1_out`` (default ``out``), waited for up to ``wait_seconds``.
     Returns the cells' records, each with ``variant``, ``weight``, ``lr``, ``seed``, ``steps``."""
     model, out = Path(model).resolve(), Path(out).resolve()
@@ -227,15 +226,13 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
     common = {"model_digest": digest} | settings.sampling()
     parts.get(BASE_DRIFT_PART, common | {"prompts": list(DRIFT_PROMPTS)}, lambda: measure_base_drift(model, settings))
     base_drift = np.load(out / "parts" / f"{BASE_DRIFT_PART}.npz")["images"]
-    seeds = [s for s in settings.training_seeds if only_seeds is None or s in only_seeds]
+    seeds = list(settings.training_seeds)
     pivots = {s: wait_for(pivot_file(model, h1_out, base_preset, settings.h1, settings.pivot_lr, s), log,
                           timeout_seconds=wait_seconds) for s in seeds}
     reg_dir = (reg_images_dir(model, out, settings, pivots[seeds[0]].parent)
                if "reg_images" in settings.variants and seeds else None)
     cells = []
     for variant, weight, lr, seed in settings.cells():
-        if seed not in pivots:
-            continue
         preset = cell_preset(base_preset, model, data_dir, settings, variant, weight, lr, seed, pivots[seed], reg_dir)
         name = cell_name(variant, weight, lr, seed)
         run_dir = out / "runs" / f"{name}-{preset_digest(preset | {'model_digest': digest})}"
