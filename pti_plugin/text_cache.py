@@ -10,14 +10,19 @@ are encoded at the stage's start and the text encoders move to the CPU (kohya's 
 ``cache_text_encoder_outputs``: SDXL's two encoders are about 1.6 GB in fp16). They come back for
 samples, at the stage's end, and whenever anything (a plugin, through ``state.encode``) encodes
 during the stage (:meth:`TrainableModel.encode` brings them back and counts it in ``text_returns``).
+On a CPU device, where there is nowhere to move them, their frozen weights are mapped from a file
+instead (:mod:`~pti_plugin.models.disk_mapping`): out of process memory until something reads them.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from .data.captions import possible_captions
 from .hooks import Batch
+from .models.disk_mapping import map_frozen_to_disk
 from .models.family import Conditioning
 from .models.trainable import TrainableModel
 
@@ -28,19 +33,21 @@ ENCODE_CHUNK = 16
 class TextConditioningCache:
     """Final caption -> its conditioning row (no size conditioning), for one stage at a time."""
 
-    def __init__(self, model: TrainableModel, enabled: bool, device: torch.device):
+    def __init__(self, model: TrainableModel, enabled: bool, device: torch.device, map_folder: Path):
         self.model, self.enabled, self.device = model, enabled, device
+        self.map_folder = map_folder  # where a CPU device's text encoders are mapped from (the file is unlinked)
         self.rows: dict[str, Conditioning] = {}
         self.active = False  # this stage reads conditionings from the cache
         self.text_trains = True  # this stage trains the pivot or a text-encoder LoRA
 
     def start_stage(self, text_trains: bool, items: list, token: str, num_vectors: int) -> str | None:
-        """Empty the cache; for a frozen-text stage on an accelerator whose captions are all known, encode
-        them and move the text encoders to the CPU. Returns a line saying so, or None."""
+        """Empty the cache; for a frozen-text stage whose captions are all known, encode them and move the
+        text encoders to the CPU (on a CPU device: map their frozen weights from a file). Returns a line
+        saying so, or None."""
         self.rows = {}
         self.text_trains = text_trains
         self.active = self.enabled and not text_trains
-        if not self.active or not self._can_offload():
+        if not self.active:
             return None
         captions: set[str] = set()
         for item in items:
@@ -51,11 +58,16 @@ class TextConditioningCache:
         ordered = sorted(captions)
         for start in range(0, len(ordered), ENCODE_CHUNK):
             self._encode(ordered[start : start + ENCODE_CHUNK], self.model.tokenize(ordered[start : start + ENCODE_CHUNK]))
-        self.model.offload_text_encoders()
-        return f"text encoders moved to the CPU for this stage ({len(ordered)} captions encoded up front)"
+        if self._can_offload():
+            self.model.offload_text_encoders()
+            return f"text encoders moved to the CPU for this stage ({len(ordered)} captions encoded up front)"
+        mapped = sum(map_frozen_to_disk(te, self.map_folder) for te in self.model.base.text_encoders)
+        weights = f"frozen weights ({mapped / 2**30:.2f} GiB) now mapped from a file" if mapped else "weights mapped from a file"
+        return f"text encoders' {weights} ({len(ordered)} captions encoded up front)"
 
     def _can_offload(self) -> bool:
-        """Whether moving the text encoders away frees anything: on a CPU device there is nowhere to move them."""
+        """Whether the text encoders can leave the device: on a CPU device there is nowhere to move them
+        (their frozen weights are mapped from a file instead)."""
         return self.device.type != "cpu"
 
     def conditioning(self, batch: Batch) -> Conditioning:

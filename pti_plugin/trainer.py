@@ -49,6 +49,7 @@ from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import load_state, save_state
 from .run_lock import RunLock, clean_leftover_temporaries
 from .text_cache import TextConditioningCache
+from .models.disk_mapping import map_frozen_to_disk
 from .weight_guard import WeightGuard, finite_flag
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class Trainer:
         self.pivot = model.pivots[0]
         self._load_starting_weights(model)
         self._place_model(base, model, device)
-        self.text_cache = TextConditioningCache(model, config.cache_text_encoder_outputs, device)
+        self.text_cache = TextConditioningCache(model, config.cache_text_encoder_outputs, device, output_dir)
 
         window = config.max_token_length
         warn_long_captions(
@@ -155,6 +156,8 @@ class Trainer:
         self._vae_offloaded = self.latents.cached and device.type != "cpu"
         if self._vae_offloaded:
             base.vae.to("cpu")
+        elif self.latents.cached:  # on a CPU device: nowhere to move it, so out of process memory
+            self._vae_mapped = map_frozen_to_disk(base.vae, output_dir)
         self._micro_batches = self._micro_batch_stream()
         self.state.steps_per_epoch = steps_per_epoch
         if config.log_with:
@@ -207,6 +210,9 @@ class Trainer:
             f"trainable float32); gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}; cached: "
             f"latents {latents}, text-encoder outputs {'in frozen-text stages' if config.cache_text_encoder_outputs else 'off'}"
         )
+        if getattr(self, "_vae_mapped", 0):
+            self._info(f"VAE weights ({self._vae_mapped / 2**30:.2f} GiB) mapped from a file: latents are cached and "
+                       "the device is the CPU, so they leave process memory until a sample reads them")
 
     def _claim_outputs(self, output_dir: Path) -> None:
         """Lock this run's names in ``output_dir`` (a second run is refused), remove a killed run's
