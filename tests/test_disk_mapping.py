@@ -45,6 +45,14 @@ def test_mapped_weights_keep_their_values_and_objects_and_leave_process_memory(t
     assert torch.equal(module[0].bias, before["0.bias"] + 1)
 
 
+def test_a_folder_that_cannot_hold_the_file_leaves_the_weights_in_memory(tmp_path, caplog):
+    module = torch.nn.Linear(64, 64).requires_grad_(False)
+    address = module.weight.data_ptr()
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    assert map_frozen_to_disk(module, tmp_path / "taken") == 0
+    assert module.weight.data_ptr() == address and "stay in memory" in caplog.text
+
+
 def test_a_cpu_run_with_mapped_vae_and_text_encoders_trains_and_samples_as_in_memory(preset, tmp_path, monkeypatch, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("tok1 --s 2 --d 7\n")

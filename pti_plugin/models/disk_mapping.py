@@ -17,7 +17,9 @@ be unlinked.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import os
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from torch import nn
 #: Marks a module whose frozen tensors are mapped (mapping it again would only write another file).
 MAPPED_FLAG = "_pti_disk_mapped"
 _counter = itertools.count()
+logger = logging.getLogger(__name__)
 
 
 def frozen_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -44,13 +47,17 @@ def map_frozen_to_disk(module: nn.Module, folder: Path) -> int:
     tensors = frozen_tensors(module)
     if not tensors:
         return 0
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f".pti-mapped-{os.getpid()}-{next(_counter)}.tmp"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         torch.save({name: t.detach() for name, t in tensors.items()}, path)
         mapped = torch.load(path, mmap=True, weights_only=True)
+    except OSError as exc:  # a full or read-only disk: the weights stay in memory, the run goes on
+        logger.warning("could not map frozen weights from a file in %s (%s); they stay in memory", folder, exc)
+        return 0
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # no file was written when the folder is unusable
+            path.unlink(missing_ok=True)
     with torch.no_grad():
         for name, tensor in tensors.items():
             tensor.data = mapped[name]
