@@ -390,10 +390,11 @@ class Trainer:
 
     def _stop_if_signalled(self) -> None:
         """After a step: if any process got SIGINT/SIGTERM, every process saves-and-stops together."""
-        flag = torch.tensor(float(self._signal or 0), device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        if flag.item() == 0:
+        signalled = bool(self._signal)
+        if self.accelerator.num_processes > 1:  # one collective (a device sync); one process reads its own flag
+            flag = torch.tensor(float(signalled), device=self.accelerator.device)
+            signalled = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        if not signalled:
             return
         signum = int(self._signal or signal.SIGTERM)
         paths = self._save(tag=f"interrupted-step{self.state.global_step:08d}", with_state=True)
@@ -410,9 +411,9 @@ class Trainer:
     def _optimizer_step(self, plan: StagePlan) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; applies nan_policy.
 
-        Two device syncs a step: before the optimizer step, whether the loss terms and the gradients
-        are finite (a non-finite loss is backpropagated like any other and its step skipped); after
-        it, whether the weights are, read with the logged loss terms."""
+        Two device syncs a step (one process): before the optimizer step, whether the loss terms and
+        the gradients are finite (a non-finite loss is backpropagated like any other and its step
+        skipped); after it, whether the weights are, read with the logged loss terms."""
         config, accelerator, state = self.config, self.accelerator, self.state
         accum = config.gradient_accumulation_steps
         totals: dict[str, torch.Tensor] = {}  # per term, summed over micro-batches on the device
