@@ -41,6 +41,7 @@ from .hooks import (
     instantiate_plugins,
     schedule_of,
 )
+from .models.disk_mapping import map_frozen_to_disk
 from .models.family import Conditioning
 from .models.loading import configure_attention, load_base_model
 from .models.trainable import LoraSpec, TrainableModel
@@ -49,7 +50,6 @@ from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import load_state, save_state
 from .run_lock import RunLock, clean_leftover_temporaries
 from .text_cache import TextConditioningCache
-from .models.disk_mapping import map_frozen_to_disk
 from .weight_guard import WeightGuard, finite_flag
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class Trainer:
         # With cached latents every draw is served by the cache (pixel-changing augmentations are refused with
         # it), so the VAE leaves the accelerator until a sample needs its decoder.
         self._vae_offloaded = self.latents.cached and device.type != "cpu"
+        self._vae_mapped = 0  # bytes of VAE weights mapped from a file
         if self._vae_offloaded:
             base.vae.to("cpu")
         elif self.latents.cached:  # on a CPU device: nowhere to move it, so out of process memory
@@ -210,7 +211,7 @@ class Trainer:
             f"trainable float32); gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}; cached: "
             f"latents {latents}, text-encoder outputs {'in frozen-text stages' if config.cache_text_encoder_outputs else 'off'}"
         )
-        if getattr(self, "_vae_mapped", 0):
+        if self._vae_mapped:
             self._info(f"VAE weights ({self._vae_mapped / 2**30:.2f} GiB) mapped from a file: latents are cached and "
                        "the device is the CPU, so they leave process memory until a sample reads them")
 
