@@ -217,6 +217,12 @@ def test_h3_verdict_reads_the_paired_difference_interval():
     assert verdict(summary(-0.2, 0.1)).startswith("inconclusive")
     assert verdict(summary(-0.4, -0.1, reaching=1)).startswith("inconclusive")
     assert verdict({"variants": {}}).startswith("inconclusive")
+    per_seed = {"leakage_per_seed": {"42": 0.3, "1": 0.4, "2": None}}  # seed 2 does not reach coarse 0.8
+    full = {"variants": {"half_angle": {"chosen": {"weight": 100.0},
+                                        "matched": {"0.8": summary(-0.4, -0.1)["variants"]["half_angle"]["matched"]["0.8"]
+                                                    | per_seed}},
+                         "none": {"matched": {"0.8": {"leakage_per_seed": {"42": 0.4, "1": 0.5, "2": 0.5, "3": 0.4}}}}}}
+    assert verdict(full).endswith("(weight 100, 2 training seeds paired)")
 
 
 def test_seeds_outside_the_default_grid_add_training_seeds():
