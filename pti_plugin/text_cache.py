@@ -5,8 +5,8 @@ In a stage whose text side is frozen (no pivot, no text-encoder LoRA training) t
 caption never changes, so :class:`TextConditioningCache` keeps one row per final caption (the key is
 the caption the text encoder would see, so any caption augmentation stays exact). When, moreover,
 every caption a stage can draw is known in advance (no shuffling, tag dropout or wildcards: see
-:func:`~pti_plugin.data.captions.possible_captions`) and the device is an accelerator, all of them
-are encoded at the stage's start and the text encoders move to the CPU (kohya's behaviour with
+:func:`~pti_plugin.data.captions.possible_captions`), all of them are encoded at the stage's start
+and, on an accelerator, the text encoders move to the CPU (kohya's behaviour with
 ``cache_text_encoder_outputs``: SDXL's two encoders are about 1.6 GB in fp16). They come back for
 samples, at the stage's end, and whenever anything (a plugin, through ``state.encode``) encodes
 during the stage (:meth:`TrainableModel.encode` brings them back and counts it in ``text_returns``).
