@@ -58,24 +58,24 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def float_list(text: str, flag: str) -> tuple[float, ...]:
+def number_list(text: str, flag: str, cast=float) -> tuple:
+    """``text``'s comma-separated values as ``cast`` (float or int); a malformed or empty list exits naming ``flag``."""
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(cast(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise SystemExit(f"error: {flag} takes comma-separated numbers, got {text!r}") from None
+        kind = "integers" if cast is int else "numbers"
+        raise SystemExit(f"error: {flag} takes comma-separated {kind}, got {text!r}") from None
     if not values:
         raise SystemExit(f"error: {flag} is empty")
     return values
 
 
+def float_list(text: str, flag: str) -> tuple[float, ...]:
+    return number_list(text, flag)
+
+
 def seed_list(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise SystemExit(f"error: --seeds takes comma-separated integers, got {text!r}") from None
-    if not seeds:
-        raise SystemExit("error: --seeds is empty")
-    return seeds
+    return number_list(text, "--seeds", int)
 
 
 def h3_settings(args):

@@ -151,14 +151,7 @@ class Trainer:
         )
         self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
         self.latents.fill_cache()
-        # With cached latents every draw is served by the cache (pixel-changing augmentations are refused with
-        # it), so the VAE leaves the accelerator until a sample needs its decoder.
-        self._vae_offloaded = self.latents.cached and device.type != "cpu"
-        self._vae_mapped = 0  # bytes of VAE weights mapped from a file
-        if self._vae_offloaded:
-            base.vae.to("cpu")
-        elif self.latents.cached:  # on a CPU device: nowhere to move it, so out of process memory
-            self._vae_mapped = map_frozen_to_disk(base.vae, output_dir)
+        self._release_vae(base.vae, device, output_dir)
         self._micro_batches = self._micro_batch_stream()
         self.state.steps_per_epoch = steps_per_epoch
         if config.log_with:
@@ -196,6 +189,17 @@ class Trainer:
                                 accelerator.num_processes, accelerator.process_index, self.latents.cached)
         return MicroBatchStream(MicroBatchDraws(self.items, self.entries, orders, settings), config.max_data_loader_n_workers,
                                 config.persistent_data_loader_workers, config.gradient_accumulation_steps)
+
+    def _release_vae(self, vae: torch.nn.Module, device: torch.device, output_dir: Path) -> None:
+        """With cached latents every draw is served by the cache (pixel-changing augmentations are refused
+        with it), so the VAE leaves the accelerator until a sample needs its decoder; on a CPU device its
+        weights are mapped from a file instead."""
+        self._vae_offloaded = self.latents.cached and device.type != "cpu"
+        self._vae_mapped = 0  # bytes of VAE weights mapped from a file
+        if self._vae_offloaded:
+            vae.to("cpu")
+        elif self.latents.cached:
+            self._vae_mapped = map_frozen_to_disk(vae, output_dir)
 
     def _announce(self, base, device: torch.device) -> None:
         """The start-up block: model, data, processes, device, precision and what is cached."""
