@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from .models.disk_mapping import map_frozen_to_disk
 from .models.family import Conditioning
 from .models.loading import configure_attention, load_base_model
 from .models.trainable import LoraSpec, TrainableModel
+from .nan_policy import NanPolicy, NonFiniteLossError, on_every_process, optimizer_state_is_finite
 from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import load_state, save_state
@@ -53,10 +53,6 @@ from .text_cache import TextConditioningCache
 from .weight_guard import WeightGuard, finite_flag
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term or gradient went NaN or inf; the message names the step, the stage and the term."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -84,6 +80,7 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         self._weight_guard = WeightGuard()  # the weights before each optimizer step, for the NaN guard
+        self._nan_policy = NanPolicy(config.nan_policy, config.max_nan_skips)
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -295,9 +292,7 @@ class Trainer:
         """After a non-finite step: save the (finite) weights and, when its optimizer state is finite
         too, the resumable state; return what was saved and how to continue."""
         tag = f"interrupted-step{self.state.global_step:08d}"
-        optimizer_state = getattr(self.optimizer, "optimizer", self.optimizer).state_dict()["state"]
-        finite_state = all(torch.isfinite(v).all() for s in optimizer_state.values() for v in s.values()
-                           if isinstance(v, torch.Tensor) and v.is_floating_point())
+        finite_state = optimizer_state_is_finite(self.optimizer)
         paths = self._save(tag=tag, with_state=finite_state)
         if finite_state or not paths:
             return self._resume_hint(paths)
@@ -407,12 +402,6 @@ class Trainer:
             f"interrupted by {signal.Signals(signum).name} after step {self.state.global_step}\n{self._resume_hint(paths)}", signum
         )
 
-    def _on_every_rank(self, flag: torch.Tensor) -> torch.Tensor:
-        """``flag`` (0-dim bool on the device) AND-ed over the processes: every rank skips together."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        return self.accelerator.reduce(flag.float(), reduction="sum") == self.accelerator.num_processes
-
     def _optimizer_step(self, plan: StagePlan) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; applies nan_policy.
 
@@ -436,9 +425,9 @@ class Trainer:
         finite = torch.isfinite(values).all()
         if accelerator.scaler is None:  # fp16: the scaler skips inf-gradient steps itself
             finite = finite & finite_flag([p.grad for p in self.trainable if p.grad is not None]).to(finite.device)
-        if not bool(self._on_every_rank(finite)):  # sync 1
+        if not bool(on_every_process(finite, accelerator)):  # sync 1
             return self._skip_non_finite(dict(zip(totals, values.tolist())))
-        self._consecutive_skips = 0
+        self._nan_policy.step_was_finite()
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
         self._weight_guard.keep(self.trainable)
@@ -458,20 +447,13 @@ class Trainer:
         return logs
 
     def _skip_non_finite(self, per_term: dict[str, float]) -> dict[str, float]:
-        """nan_policy for a step whose loss or gradients are non-finite (``per_term``: this process's
-        loss terms): drop the gradients and skip, or raise when the policy says stop or skips run long."""
-        config, state = self.config, self.state
+        """A step whose loss or gradients are non-finite (``per_term``: this process's loss terms): drop
+        the gradients, then skip or stop as ``nan_policy`` says."""
+        state = self.state
         self.optimizer.zero_grad(set_to_none=True)
-        nonfinite = [name for name, value in per_term.items() if not math.isfinite(value)]
-        bad = f"loss term {nonfinite[0]!r}" if nonfinite else (
-            "the gradients" if self.accelerator.num_processes == 1 else "the gradients or a loss term on another process")
-        where = (f"{bad} is non-finite at stage {state.stage_index} ({state.stage.name!r}), "
-                 f"step {state.stage_step + 1} (global step {state.global_step + 1})")
-        self._consecutive_skips = getattr(self, "_consecutive_skips", 0) + 1
-        if config.nan_policy == "stop" or self._consecutive_skips > config.max_nan_skips:
-            reason = "" if config.nan_policy == "stop" else f" ({self._consecutive_skips} consecutive skipped steps)"
-            raise NonFiniteLossError(where + reason)
-        self._info(f"skipping step: {where}")
+        where = (f"at stage {state.stage_index} ({state.stage.name!r}), step {state.stage_step + 1} "
+                 f"(global step {state.global_step + 1})")
+        self._info(self._nan_policy.skip_or_stop(per_term, where, self.accelerator.num_processes))
         return {"loss": float("nan"), "skipped_nonfinite": 1.0}
 
     def _local_batch(self, step: int, micro: int) -> Batch:
