@@ -53,7 +53,7 @@ class NanPolicy:
         "at stage 0 ('inversion0'), step 3 (global step 3)"."""
         nonfinite = [name for name, value in per_term.items() if not math.isfinite(value)]
         culprit = f"loss term {nonfinite[0]!r}" if nonfinite else (
-            "the gradients" if num_processes == 1 else "the gradients or a loss term on another process")
+            "a gradient" if num_processes == 1 else "a gradient or a loss term on another process")
         message = f"{culprit} is non-finite {where}"
         self.consecutive_skips += 1
         if self.policy == "stop":

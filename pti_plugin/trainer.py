@@ -407,7 +407,8 @@ class Trainer:
 
         Two device syncs a step (one process): before the optimizer step, whether the loss terms and
         the gradients are finite (a non-finite loss is backpropagated like any other and its step
-        skipped); after it, whether the weights are, read with the logged loss terms."""
+        skipped; with clipping, the gradients' total norm answers for them, so a norm that overflows
+        float32 skips the step too); after it, whether the weights are, read with the logged loss terms."""
         config, accelerator, state = self.config, self.accelerator, self.state
         accum = config.gradient_accumulation_steps
         totals: dict[str, torch.Tensor] = {}  # per term, summed over micro-batches on the device
@@ -423,12 +424,16 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
         values = torch.stack(list(totals.values()))  # [terms] float32
         finite = torch.isfinite(values).all()
-        if accelerator.scaler is None:  # fp16: the scaler skips inf-gradient steps itself
+        clip_first = config.max_grad_norm > 0 and accelerator.scaler is None  # fp16: the scaler skips inf-gradient steps itself
+        if clip_first:  # the total norm (0-dim) is non-finite when a gradient is: no second pass over the gradients
+            norm = accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+            finite = finite & torch.isfinite(norm).to(finite.device)
+        elif accelerator.scaler is None:
             finite = finite & finite_flag([p.grad for p in self.trainable if p.grad is not None]).to(finite.device)
         if not bool(on_every_process(finite, accelerator)):  # sync 1
             return self._skip_non_finite(dict(zip(totals, values.tolist())))
         self._nan_policy.step_was_finite()
-        if config.max_grad_norm > 0:
+        if config.max_grad_norm > 0 and not clip_first:  # unscaled only for a step that is taken
             accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
         self._weight_guard.keep(self.trainable)
         self.optimizer.step()

@@ -26,7 +26,7 @@ def test_skip_allows_max_skips_in_a_row_and_a_finite_step_starts_the_count_again
         policy.skip_or_stop(bad, WHERE, 1)
 
 
-@pytest.mark.parametrize("processes, culprit", [(1, "the gradients"), (2, "the gradients or a loss term on another process")])
-def test_finite_terms_blame_the_gradients_or_another_process(processes, culprit):
+@pytest.mark.parametrize("processes, culprit", [(1, "a gradient"), (2, "a gradient or a loss term on another process")])
+def test_finite_terms_blame_a_gradient_or_another_process(processes, culprit):
     message = NanPolicy("skip", 5).skip_or_stop({"mse": 0.2}, WHERE, processes)
     assert message == f"skipping step: {culprit} is non-finite {WHERE}"

@@ -327,6 +327,34 @@ def test_nan_skip_stops_after_max_consecutive_skips(preset):
         Trainer(build_config(raw)).run()
 
 
+@register_plugin
+class InfGradient(NanInjector):
+    """At one global step, a loss term of value 0 whose gradient on the pivot is inf (sqrt's slope at 0)."""
+
+    name = "test_inf_gradient"
+
+    def extra_losses(self, state, batch, main, rows):
+        if state.global_step + 1 != self.options.at_step:
+            return {}
+        vectors = state.pivot.vectors
+        return {"flat": torch.sqrt(vectors - vectors.detach()).sum()}  # value 0.0, gradient +inf
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])  # the clipping norm answers for the gradients, or a pass of its own
+def test_a_non_finite_gradient_under_a_finite_loss_is_caught(max_grad_norm, preset, tmp_path):
+    NanInjector.pivots = []
+    stages = [{"kind": "inversion", "steps": 4, "learning_rate": 5e-2}]
+    raw = preset(nan_policy="skip", max_grad_norm=max_grad_norm, plugins={"test_inf_gradient": {"at_step": 3}}, stages=stages)
+    Trainer(build_config(raw)).run()
+    pivots = NanInjector.pivots
+    assert len(pivots) == 4 and torch.equal(pivots[2], pivots[1]) and torch.isfinite(pivots[-1]).all()
+    assert not torch.equal(pivots[3], pivots[2])
+    stop = preset(output_dir=str(tmp_path / "stop"), max_grad_norm=max_grad_norm, plugins={"test_inf_gradient": {"at_step": 3}},
+                  stages=stages)
+    with pytest.raises(NonFiniteLossError, match=r"^a gradient is non-finite at stage 0 \('inversion0'\), step 3 "):
+        Trainer(build_config(stop)).run()
+
+
 # ----------------------------------------------------------------------------- crash during save
 
 def test_crash_during_save_keeps_the_previous_checkpoint(preset, tmp_path, monkeypatch):
