@@ -1,7 +1,7 @@
 """What a run does when a step goes non-finite: the ``nan_policy`` / ``max_nan_skips`` settings.
 
-The trainer reads one flag per optimizer step (loss terms and gradients finite, AND-ed over the
-processes so every process skips together) and hands a failing step to :class:`NanPolicy`, which
+The trainer reads one flag per optimizer step (:func:`finite_on_every_process`: loss terms and
+gradients finite, AND-ed over the processes so every process skips together) and hands a failing step to :class:`NanPolicy`, which
 drops the gradients and skips, or raises :class:`NonFiniteLossError` naming the term, the stage
 and the step. A step that overflowed the weights is handled beside the optimizer step
 (``weight_guard.py``); this module says how to word and count what went wrong.
@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .weight_guard import finite_flag
+
 
 class NonFiniteLossError(RuntimeError):
     """A loss term or gradient went NaN or inf; the message names the step, the stage and the term."""
@@ -23,6 +25,25 @@ def on_every_process(flag: torch.Tensor, accelerator) -> torch.Tensor:
     if accelerator.num_processes == 1:
         return flag
     return accelerator.reduce(flag.float(), reduction="sum") == accelerator.num_processes
+
+
+def finite_on_every_process(values: torch.Tensor, trainable: list[torch.Tensor], accelerator,
+                            max_grad_norm: float) -> tuple[torch.Tensor, bool]:
+    """Whether a step's loss terms (``values``, ``[terms]``) and gradients are finite on every process:
+    a 0-dim bool on the device, not yet read (the caller's read is the step's first device sync).
+
+    With clipping on and no fp16 scaler, the gradients are clipped here and the clip's total norm
+    answers for them (no second pass over them; a norm that overflows float32 counts as non-finite);
+    the second value says whether they were clipped. Under fp16 the scaler skips inf-gradient steps
+    itself, and the gradients are unscaled and clipped only for a step that is taken."""
+    finite = torch.isfinite(values).all()
+    clipped = max_grad_norm > 0 and accelerator.scaler is None
+    if clipped:
+        norm = accelerator.clip_grad_norm_(trainable, max_grad_norm)  # 0-dim: the total norm before clipping
+        finite = finite & torch.isfinite(norm).to(finite.device)
+    elif accelerator.scaler is None:
+        finite = finite & finite_flag([p.grad for p in trainable if p.grad is not None]).to(finite.device)
+    return on_every_process(finite, accelerator), clipped
 
 
 def optimizer_state_is_finite(optimizer) -> bool:

@@ -44,13 +44,13 @@ from .models.disk_mapping import map_frozen_to_disk
 from .models.family import Conditioning
 from .models.loading import configure_attention, load_base_model
 from .models.trainable import LoraSpec, TrainableModel
-from .nan_policy import NanPolicy, NonFiniteLossError, on_every_process, optimizer_state_is_finite
+from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process, optimizer_state_is_finite
 from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import load_state, save_state
 from .run_lock import RunLock, clean_leftover_temporaries
 from .text_cache import TextConditioningCache
-from .weight_guard import WeightGuard, finite_flag
+from .weight_guard import WeightGuard
 
 logger = logging.getLogger(__name__)
 
@@ -407,8 +407,7 @@ class Trainer:
 
         Two device syncs a step (one process): before the optimizer step, whether the loss terms and
         the gradients are finite (a non-finite loss is backpropagated like any other and its step
-        skipped; with clipping, the gradients' total norm answers for them, so a norm that overflows
-        float32 skips the step too); after it, whether the weights are, read with the logged loss terms."""
+        skipped); after it, whether the weights are, read with the logged loss terms."""
         config, accelerator, state = self.config, self.accelerator, self.state
         accum = config.gradient_accumulation_steps
         totals: dict[str, torch.Tensor] = {}  # per term, summed over micro-batches on the device
@@ -423,17 +422,11 @@ class Trainer:
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
         values = torch.stack(list(totals.values()))  # [terms] float32
-        finite = torch.isfinite(values).all()
-        clip_first = config.max_grad_norm > 0 and accelerator.scaler is None  # fp16: the scaler skips inf-gradient steps itself
-        if clip_first:  # the total norm (0-dim) is non-finite when a gradient is: no second pass over the gradients
-            norm = accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
-            finite = finite & torch.isfinite(norm).to(finite.device)
-        elif accelerator.scaler is None:
-            finite = finite & finite_flag([p.grad for p in self.trainable if p.grad is not None]).to(finite.device)
-        if not bool(on_every_process(finite, accelerator)):  # sync 1
+        finite, clipped = finite_on_every_process(values, self.trainable, accelerator, config.max_grad_norm)
+        if not bool(finite):  # sync 1
             return self._skip_non_finite(dict(zip(totals, values.tolist())))
         self._nan_policy.step_was_finite()
-        if config.max_grad_norm > 0 and not clip_first:  # unscaled only for a step that is taken
+        if config.max_grad_norm > 0 and not clipped:  # fp16: unscaled only for a step that is taken
             accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
         self._weight_guard.keep(self.trainable)
         self.optimizer.step()
