@@ -147,6 +147,33 @@ class LeakageMeasurement:
         return self.summary["heatmap"]["all"]["leakage_score"]
 
 
+def _layout_summaries(heat: dict[str, torch.Tensor], cents: dict[str, np.ndarray], train_maps: dict[str, torch.Tensor],
+                      train_cents: dict[str, np.ndarray], groups: list[str], grid: int) -> tuple[dict, list[np.ndarray]]:
+    """The ``heatmap`` and ``centroid`` families' summaries (diversity, attraction, score per group) from the
+    generations' heatmaps ``heat[model] [P, S, h, w]`` and centroids ``cents[model] [P, S, 2]`` against the
+    training images' maps and centroids; also the tuned model's per-prompt heatmap distances to the training maps."""
+    train_grid = {m: resample(train_maps[m], grid) for m in MODELS}
+    prompt_count = len(groups)
+    within: dict[str, dict[str, list[np.ndarray]]] = {f: {m: [] for m in MODELS} for f in ("heatmap", "centroid")}
+    to_train: dict[str, dict[str, list[np.ndarray]]] = {f: {m: [] for m in MODELS} for f in ("heatmap", "centroid")}
+    paired: dict[str, list[np.ndarray]] = {"heatmap": [], "centroid": []}
+    grids = {m: [resample(heat[m][k], grid) for k in range(prompt_count)] for m in MODELS}
+    for k in range(prompt_count):
+        for m in MODELS:
+            within["heatmap"][m].append(layout_distance_matrix(grids[m][k], grids[m][k]))
+            to_train["heatmap"][m].append(layout_distance_matrix(grids[m][k], train_grid[m]))
+            within["centroid"][m].append(point_distance_matrix(cents[m][k], cents[m][k]))
+            to_train["centroid"][m].append(point_distance_matrix(cents[m][k], train_cents[m]))
+        paired["heatmap"].append(np.diag(layout_distance_matrix(grids["tuned"][k], grids["base"][k])))
+        paired["centroid"].append(np.linalg.norm(cents["tuned"][k] - cents["base"][k], axis=-1))
+    summary = {f: _family_summary(within[f], to_train[f], paired[f], groups) for f in ("heatmap", "centroid")}
+    summary["heatmap"]["all"]["training_observer_distance"] = float(
+        np.diag(layout_distance_matrix(train_grid["tuned"], train_grid["base"])).mean())
+    summary["centroid"]["all"]["training_observer_distance"] = float(
+        np.linalg.norm(train_cents["tuned"] - train_cents["base"], axis=-1).mean())
+    return summary, to_train["heatmap"]
+
+
 def measure_position_leakage(
     run,
     neutral_prompts: list[str],
@@ -191,25 +218,7 @@ def measure_position_leakage(
     heat = {m: torch.stack(maps[m]) for m in MODELS}  # [P, S, h, w]
     cents = {m: centroids(heat[m].reshape(-1, *heat[m].shape[-2:])).reshape(len(prompts), len(seeds), 2) for m in MODELS}
     train_cents = {m: centroids(train_maps[m]) for m in MODELS}
-    train_grid = {m: resample(train_maps[m], grid) for m in MODELS}
-
-    within: dict[str, dict[str, list[np.ndarray]]] = {f: {m: [] for m in MODELS} for f in ("heatmap", "centroid")}
-    to_train: dict[str, dict[str, list[np.ndarray]]] = {f: {m: [] for m in MODELS} for f in ("heatmap", "centroid")}
-    paired: dict[str, list[np.ndarray]] = {"heatmap": [], "centroid": []}
-    grids = {m: [resample(heat[m][k], grid) for k in range(len(prompts))] for m in MODELS}
-    for k in range(len(prompts)):
-        for m in MODELS:
-            within["heatmap"][m].append(layout_distance_matrix(grids[m][k], grids[m][k]))
-            to_train["heatmap"][m].append(layout_distance_matrix(grids[m][k], train_grid[m]))
-            within["centroid"][m].append(point_distance_matrix(cents[m][k], cents[m][k]))
-            to_train["centroid"][m].append(point_distance_matrix(cents[m][k], train_cents[m]))
-        paired["heatmap"].append(np.diag(layout_distance_matrix(grids["tuned"][k], grids["base"][k])))
-        paired["centroid"].append(np.linalg.norm(cents["tuned"][k] - cents["base"][k], axis=-1))
-    summary = {f: _family_summary(within[f], to_train[f], paired[f], groups) for f in ("heatmap", "centroid")}
-    summary["heatmap"]["all"]["training_observer_distance"] = float(
-        np.diag(layout_distance_matrix(train_grid["tuned"], train_grid["base"])).mean())
-    summary["centroid"]["all"]["training_observer_distance"] = float(
-        np.linalg.norm(train_cents["tuned"] - train_cents["base"], axis=-1).mean())
+    summary, heatmap_to_train = _layout_summaries(heat, cents, train_maps, train_cents, groups, grid)
 
     gt: dict[str, list[list]] = {}
     train_gt: list = []
@@ -218,7 +227,7 @@ def measure_position_leakage(
         train_gt = [locate(img) for img in train_images]
         summary["groundtruth"] = _groundtruth_summary(gt, train_gt, groups)
 
-    rows = _generation_rows(run, prompts, groups, seeds, heat, to_train["heatmap"], gt if locate is not None else None)
+    rows = _generation_rows(run, prompts, groups, seeds, heat, heatmap_to_train, gt if locate is not None else None)
     rows += _training_rows(run, train_maps, train_gt if locate is not None else None)
 
     return LeakageMeasurement(
