@@ -126,3 +126,22 @@ def test_cached_only_summarises_the_scored_runs_and_computes_nothing(tmp_path, c
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("runs=8")
     with pytest.raises(SystemExit):
         script.parse_args([str(runs), "--cached_only", "--score_only"])
+
+
+def test_each_half_of_the_leakage_score_is_a_version_and_the_half_that_carries_the_truth_ranks_with_it(tmp_path):
+    """Runs whose leakage lies only in the attraction ratio (the diversity ratio is noise): the attraction-only
+    version ranks them as the truth does, the diversity-only version does not."""
+    from pti_plugin.toy_world.internal_metrics import LEAKAGE_VERSIONS, component_scores, summarise
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for k in range(40):
+        truth = k / 40
+        ratios = {"heatmap_neutral_attraction_ratio": 1.0 - truth, "heatmap_neutral_diversity_ratio": rng.uniform(0.2, 1.0)}
+        rows.append({"run": f"r{k}", "gt_leakage": truth} | ratios | component_scores(ratios))
+    by = {(c["internal"], c["ground_truth"]): c for c in summarise(rows, draws=200)["correlations"]}
+    assert by[("heatmap_neutral_attraction_only", "gt_leakage")]["spearman"] == pytest.approx(1.0)
+    diversity = by[("heatmap_neutral_diversity_only", "gt_leakage")]
+    assert diversity["spearman_lo"] < 0 < diversity["spearman_hi"] and diversity["n"] == 40
+    assert by[("centroid_neutral_attraction_only", "gt_leakage")]["n"] == 0  # listed though not computed
+    assert "attraction to the training images" in LEAKAGE_VERSIONS["heatmap_neutral_attraction_only"]

@@ -48,6 +48,17 @@ LEAKAGE_VERSIONS = {
     "attention_leakage_band": "heatmaps, neutral prompts, sampler steps in the position band only",
     "centroid_neutral_leakage_score_band": "attention centroids, neutral prompts, sampler steps in the position band only",
 }
+#: Each half of a neutral-prompt leakage score on its own (the score is ``1 - sqrt(r_D * r_A)``, see
+#: ``metrics/leakage.py``): ``1 - r_A``, how much nearer the training images' maps (or centroids) the
+#: generations sit than the base model's; ``1 - r_D``, how much less they vary. Computed from the cached
+#: ratios: version -> (ratio it reads, description).
+COMPONENT_VERSIONS = {
+    f"{family}_neutral_{part}_only": (f"{family}_neutral_{part}_ratio", f"{label}, neutral prompts, {what} only")
+    for family, label in (("heatmap", "heatmaps"), ("centroid", "attention centroids"))
+    for part, what in (("attraction", "attraction to the training images (1 - r_A)"),
+                       ("diversity", "lost layout diversity (1 - r_D)"))
+}
+LEAKAGE_VERSIONS |= {version: description for version, (_, description) in COMPONENT_VERSIONS.items()}
 BAND_FILE = "attention_band.json"
 #: The training-cell fraction of the run's H3 cell (64 sampling seeds, the protocol's neutral prompts).
 INDEPENDENT = "h3_training_cell_fraction"
@@ -113,8 +124,14 @@ def score_runs(runs: list[Path], output_name: str, scoring: argparse.Namespace, 
             if scores is None:
                 continue
             banded = None if band is None else band_scores(run, scoring, band, cached_only)
-            rows.append({"run": run.name} | scores | (banded or {}))
+            rows.append({"run": run.name} | scores | component_scores(scores) | (banded or {}))
     return rows
+
+
+def component_scores(scores: dict) -> dict[str, float]:
+    """The :data:`COMPONENT_VERSIONS` of one run's cached scores (those whose ratio is there)."""
+    return {version: 1.0 - scores[ratio] for version, (ratio, _) in COMPONENT_VERSIONS.items()
+            if isinstance(scores.get(ratio), (int, float))}
 
 
 def summarise(rows: list[dict], draws: int = 2000) -> dict:
