@@ -258,3 +258,10 @@ def test_position_entropy_drops_when_the_layout_collapses_onto_a_cell_no_trainin
     assert high["position_entropy"]["estimate"] == 0.0 and high["in_training_cell"]["estimate"] == 0.0
     null_entropy = summary["null_position_entropy"]
     assert null_entropy["estimate"] == pytest.approx(1.0) and 0.8 < null_entropy["lo"] <= null_entropy["hi"] <= 1.0
+
+
+def test_the_pivot_alone_is_drawn_left_of_every_measured_rate():
+    from pti_plugin.toy_world.h3_lines import pivot_lr_position
+
+    conditions = [{"rows": [{"lr": 0.0}, {"lr": 1e-5}, {"lr": 1e-3}]}, {"rows": [{"lr": 0.0}, {"lr": 3e-4}]}]
+    assert 0 < pivot_lr_position(conditions) < 1e-5

@@ -99,13 +99,19 @@ def h3_lines(summary: dict) -> list[str]:
     return lines
 
 
-def _errorbar(ax, rows: list[dict], x_key: str | None, y_key: str, label: str) -> None:
-    """Estimates of ``y_key`` against ``x_key``'s (or the learning rate, lr 0 drawn at 1e-5), both ways' intervals."""
+def pivot_lr_position(conditions: list[dict]) -> float:
+    """Where a log learning-rate axis draws lr 0 (the pivot alone): a third of the smallest measured rate."""
+    rates = [r["lr"] for c in conditions for r in c["rows"] if r["lr"] > 0]
+    return min(rates, default=1e-4) / 3
+
+
+def _errorbar(ax, rows: list[dict], x_key: str | None, y_key: str, label: str, zero_at: float) -> None:
+    """Estimates of ``y_key`` against ``x_key``'s (or the learning rate, lr 0 drawn at ``zero_at``), both ways' intervals."""
     rows = [r for r in rows if r[y_key] and (x_key is None or r[x_key])]
     y = [r[y_key]["estimate"] for r in rows]
     yerr = [[e - r[y_key]["lo"] for e, r in zip(y, rows)], [r[y_key]["hi"] - e for e, r in zip(y, rows)]]
     if x_key is None:
-        ax.errorbar([max(r["lr"], 1e-5) for r in rows], y, yerr=yerr, marker="o", capsize=2, label=label)
+        ax.errorbar([r["lr"] or zero_at for r in rows], y, yerr=yerr, marker="o", capsize=2, label=label)
         return
     x = [r[x_key]["estimate"] for r in rows]
     xerr = [[e - r[x_key]["lo"] for e, r in zip(x, rows)], [r[x_key]["hi"] - e for e, r in zip(x, rows)]]
@@ -122,12 +128,14 @@ def h3_plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    zero_at = pivot_lr_position(summary["conditions"])
     for condition in summary["conditions"]:
         label, rows = _label(condition["variant"], condition["weight"]), condition["rows"]
-        _errorbar(axes[0, 0], rows, "coarse", "in_training_cell", label)
-        _errorbar(axes[0, 1], rows, "appearance_error", "in_training_cell", label)
-        _errorbar(axes[1, 0], rows, None, "appearance_error", label)
-        _errorbar(axes[1, 1], rows, None, "drift_unrelated" if rows and rows[0].get("drift_unrelated") else "drift", label)
+        _errorbar(axes[0, 0], rows, "coarse", "in_training_cell", label, zero_at)
+        _errorbar(axes[0, 1], rows, "appearance_error", "in_training_cell", label, zero_at)
+        _errorbar(axes[1, 0], rows, None, "appearance_error", label, zero_at)
+        drift = "drift_unrelated" if rows and rows[0].get("drift_unrelated") else "drift"
+        _errorbar(axes[1, 1], rows, None, drift, label, zero_at)
     null = summary.get("null_training_cells")
     if null:
         for ax in axes[0]:
@@ -135,8 +143,9 @@ def h3_plot(summary: dict, path: Path) -> None:
     axes[0, 0].set(xlabel="coarse reconstruction", ylabel="objects in a training cell (leakage)")
     axes[0, 1].set(xlabel="graded appearance error (lower = better)", ylabel="objects in a training cell (leakage)")
     axes[0, 1].invert_xaxis()
-    axes[1, 0].set(xscale="log", xlabel="LoRA lr (lr 0 drawn at 1e-5)", ylabel="graded appearance error")
-    axes[1, 1].set(xscale="log", xlabel="LoRA lr (lr 0 drawn at 1e-5)", ylabel="drift of unrelated prompts")
+    lr_label = f"LoRA lr (lr 0, the pivot alone, drawn at {zero_at:.2g})"
+    axes[1, 0].set(xscale="log", xlabel=lr_label, ylabel="graded appearance error")
+    axes[1, 1].set(xscale="log", xlabel=lr_label, ylabel="drift of unrelated prompts")
     for ax in axes.flat:
         ax.legend(fontsize=7)
     fig.suptitle("H3: variants along the LoRA learning rate (means over training seeds, 95% two-level intervals)",
