@@ -1,10 +1,11 @@
 """What a run does when a step goes non-finite: the ``nan_policy`` / ``max_nan_skips`` settings.
 
 The trainer reads one flag per optimizer step (:func:`finite_on_every_process`: loss terms and
-gradients finite, AND-ed over the processes so every process skips together) and hands a failing step to :class:`NanPolicy`, which
-drops the gradients and skips, or raises :class:`NonFiniteLossError` naming the term, the stage
-and the step. A step that overflowed the weights is handled beside the optimizer step
-(``weight_guard.py``); this module says how to word and count what went wrong.
+gradients finite, AND-ed over the processes so every process skips together) and hands a failing
+step to :class:`NanPolicy`, which drops the gradients and skips, or raises
+:class:`NonFiniteLossError` naming the term, the stage and the step. A step that overflowed the
+weights is handled beside the optimizer step (``weight_guard.py``); this module says how to word and
+count what went wrong.
 """
 
 from __future__ import annotations
