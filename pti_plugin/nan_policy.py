@@ -29,22 +29,20 @@ def on_every_process(flag: torch.Tensor, accelerator) -> torch.Tensor:
 
 
 def finite_on_every_process(values: torch.Tensor, trainable: list[torch.Tensor], accelerator,
-                            max_grad_norm: float) -> tuple[torch.Tensor, bool]:
+                            grad_norm: torch.Tensor | None) -> torch.Tensor:
     """Whether a step's loss terms (``values``, ``[terms]``) and gradients are finite on every process:
     a 0-dim bool on the device, not yet read (the caller's read is the step's first device sync).
 
-    With clipping on and no fp16 scaler, the gradients are clipped here and the clip's total norm
-    answers for them (no second pass over them; a norm that overflows float32 counts as non-finite);
-    the second value says whether they were clipped. Under fp16 the scaler skips inf-gradient steps
-    itself, and the gradients are unscaled and clipped only for a step that is taken."""
+    ``grad_norm``: the gradients' total norm when the caller has clipped them already; it is non-finite
+    when a gradient is (or when the norm overflows float32), so it answers for them without a second
+    pass. Without it the gradients get a pass of their own, except under fp16, where the scaler skips
+    inf-gradient steps itself."""
     finite = torch.isfinite(values).all()
-    clipped = max_grad_norm > 0 and accelerator.scaler is None
-    if clipped:
-        norm = accelerator.clip_grad_norm_(trainable, max_grad_norm)  # 0-dim: the total norm before clipping
-        finite = finite & torch.isfinite(norm).to(finite.device)
+    if grad_norm is not None:
+        finite = finite & torch.isfinite(grad_norm).to(finite.device)
     elif accelerator.scaler is None:
         finite = finite & finite_flag([p.grad for p in trainable if p.grad is not None]).to(finite.device)
-    return on_every_process(finite, accelerator), clipped
+    return on_every_process(finite, accelerator)
 
 
 def optimizer_state_is_finite(optimizer) -> bool:

@@ -422,11 +422,12 @@ class Trainer:
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
         values = torch.stack(list(totals.values()))  # [terms] float32
-        finite, clipped = finite_on_every_process(values, self.trainable, accelerator, config.max_grad_norm)
-        if not bool(finite):  # sync 1
+        clip_first = config.max_grad_norm > 0 and accelerator.scaler is None  # fp16: unscale only a step that is taken
+        norm = accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm) if clip_first else None  # 0-dim
+        if not bool(finite_on_every_process(values, self.trainable, accelerator, norm)):  # sync 1
             return self._skip_non_finite(dict(zip(totals, values.tolist())))
         self._nan_policy.step_was_finite()
-        if config.max_grad_norm > 0 and not clipped:  # fp16: unscaled only for a step that is taken
+        if config.max_grad_norm > 0 and not clip_first:
             accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
         self._weight_guard.keep(self.trainable)
         self.optimizer.step()
