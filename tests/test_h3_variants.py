@@ -59,6 +59,7 @@ def test_leakage_at_matched_reconstruction_is_paired_against_none():
     lower = by[("half_angle", 1.0)]["matched"]["0.8"]
     assert lower["leakage_minus_none"]["estimate"] == pytest.approx(-0.2, abs=1e-9)
     assert lower["leakage_minus_none"]["hi"] < 0  # the paired interval excludes 0
+    assert lower["leakage_minus_none"]["n_paired"] == 3  # seeds 42, 1, 2 reach coarse 0.8 on both sides
     assert lower["leakage"]["estimate"] == pytest.approx(0.1 + 0.32, abs=1e-9)
     none = by[("none", None)]["matched"]["0.8"]
     assert none["leakage_excess"]["estimate"] == pytest.approx(0.3 + 0.32 - 0.33, abs=1e-9)

@@ -145,3 +145,42 @@ def test_each_half_of_the_leakage_score_is_a_version_and_the_half_that_carries_t
     assert diversity["spearman_lo"] < 0 < diversity["spearman_hi"] and diversity["n"] == 40
     assert by[("centroid_neutral_attraction_only", "gt_leakage")]["n"] == 0  # listed though not computed
     assert "attraction to the training images" in LEAKAGE_VERSIONS["heatmap_neutral_attraction_only"]
+
+
+def test_within_a_learning_rate_the_agreement_that_comes_from_the_rates_alone_is_left_out():
+    """Runs at 4 rates: the rate sets most of both the metric and the truth. A metric that follows the
+    rate but not the runs inside it ranks well pooled and not at all within a rate; one that follows
+    the truth inside each rate ranks well both ways."""
+    from pti_plugin.toy_world.internal_metrics import run_learning_rate, summarise
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for level, lr in enumerate(("1e-05", "0.0001", "0.001", "0.003")):
+        for k in range(12):
+            truth = level + rng.normal(0, 0.3)
+            rows.append({"run": f"h3-none-lr{lr}-seed{k}-abc123", "gt_leakage": truth,
+                         "attention_leakage": level + rng.normal(0, 0.3),  # the rate only
+                         "attention_leakage_band": truth + rng.normal(0, 0.05)})  # the run itself
+    by = {(c["internal"], c["ground_truth"]): c for c in summarise(rows, draws=300)["correlations"]}
+    rate_only = by[("attention_leakage", "gt_leakage")]
+    assert rate_only["spearman"] > 0.7  # pooled, the rates alone give a high rho
+    within = rate_only["within_lr"]
+    assert within["groups"] == 4 and within["n"] == 48
+    assert within["spearman_lo"] < 0 < within["spearman_hi"]
+    follows = by[("attention_leakage_band", "gt_leakage")]["within_lr"]
+    assert follows["spearman_lo"] > 0.8
+    assert follows["spearman_lo"] <= follows["spearman"] <= follows["spearman_hi"]
+    assert run_learning_rate("h3-half_angle-w100-lr1e-05-seed3-0f9a") == 1e-5
+    assert run_learning_rate("lora-run") is None
+
+
+def test_within_group_spearman_skips_groups_it_cannot_rank():
+    from pti_plugin.metrics.correlation import within_group_spearman
+
+    # group "a": perfectly ranked; "b": the truth is constant (no rho); "c": two pairs only; None: left out
+    x = [1, 2, 3, 4, 1, 2, 3, 1, 2, 9]
+    y = [1, 2, 3, 4, 5, 5, 5, 2, 1, 0]
+    groups = ["a"] * 4 + ["b"] * 3 + ["c"] * 2 + [None]
+    out = within_group_spearman(x, y, groups, draws=100)
+    assert out["groups"] == 1 and out["n"] == 4 and out["spearman"] == pytest.approx(1.0)
+    assert np.isnan(within_group_spearman([1, 2], [2, 1], ["a", "a"], draws=10)["spearman"])

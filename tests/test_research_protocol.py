@@ -208,8 +208,9 @@ def test_report_rebuilt_without_the_runs_keeps_the_committed_results(quick_proto
 def test_h3_verdict_reads_the_paired_difference_interval():
     from pti_plugin.toy_world.h3_lines import verdict
 
-    def summary(lo, hi, reaching=3):
-        entry = {"seeds_reaching": reaching, "leakage_minus_none": {"estimate": (lo + hi) / 2, "lo": lo, "hi": hi}}
+    def summary(lo, hi, reaching=3, paired=2):
+        entry = {"seeds_reaching": reaching,
+                 "leakage_minus_none": {"estimate": (lo + hi) / 2, "lo": lo, "hi": hi, "n_paired": paired}}
         return {"variants": {"half_angle": {"matched": {"0.8": entry}}}}
 
     assert verdict(summary(-0.4, -0.1)).startswith("supported")
@@ -217,11 +218,8 @@ def test_h3_verdict_reads_the_paired_difference_interval():
     assert verdict(summary(-0.2, 0.1)).startswith("inconclusive")
     assert verdict(summary(-0.4, -0.1, reaching=1)).startswith("inconclusive")
     assert verdict({"variants": {}}).startswith("inconclusive")
-    per_seed = {"leakage_per_seed": {"42": 0.3, "1": 0.4, "2": None}}  # seed 2 does not reach coarse 0.8
     full = {"variants": {"half_angle": {"chosen": {"weight": 100.0},
-                                        "matched": {"0.8": summary(-0.4, -0.1)["variants"]["half_angle"]["matched"]["0.8"]
-                                                    | per_seed}},
-                         "none": {"matched": {"0.8": {"leakage_per_seed": {"42": 0.4, "1": 0.5, "2": 0.5, "3": 0.4}}}}}}
+                                        "matched": summary(-0.4, -0.1)["variants"]["half_angle"]["matched"]}}}
     assert verdict(full).endswith("(weight 100, 2 training seeds paired)")
 
 

@@ -36,10 +36,8 @@ def verdict(summary: dict) -> str:
     difference = entry.get("leakage_minus_none")
     if difference is None or entry.get("seeds_reaching", 0) < 2:
         return "inconclusive (too few training seeds reach the matched reconstruction)"
-    reference = ((summary["variants"].get("none") or {}).get("matched") or {}).get(f"{CHOICE_COARSE:g}") or {}
-    paired = [seed for seed, value in entry.get("leakage_per_seed", {}).items()
-              if value is not None and reference.get("leakage_per_seed", {}).get(seed) is not None]
-    basis = f" (weight {record['chosen']['weight']:g}, {len(paired)} training seeds paired)" if record.get("chosen") else ""
+    basis = (f" (weight {record['chosen']['weight']:g}, {difference['n_paired']} training seeds paired)"
+             if record.get("chosen") else "")
     if difference["hi"] < 0:
         return f"supported: {fmt(difference)}{basis}"
     if difference["lo"] >= 0:

@@ -86,10 +86,12 @@ def _interval(compute) -> dict | None:
 
 def paired_against(values: dict[int, np.ndarray], reference: dict[int, np.ndarray], index: int,
                    draws: int) -> dict | None:
-    """Mean over the shared training seeds of ``values - reference`` at target ``index``, interval over seeds."""
+    """Mean over the shared training seeds of ``values - reference`` at target ``index``, interval over seeds,
+    and ``n_paired``: how many seeds have a finite value on both sides (the pairs the interval is over)."""
     shared = sorted(set(values) & set(reference))
     differences = np.array([values[s][index] - reference[s][index] for s in shared], dtype=np.float64)
-    return _interval(lambda: seed_level_interval(differences, draws))
+    interval = _interval(lambda: seed_level_interval(differences, draws))
+    return None if interval is None else interval | {"n_paired": int(np.isfinite(differences).sum())}
 
 
 def cells_entropy(cells: list[int | None]) -> float:

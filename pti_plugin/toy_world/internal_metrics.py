@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from ..atomic_io import atomic_write_text
-from ..metrics.correlation import correlation_interval
+from ..metrics.correlation import correlation_interval, within_group_spearman
 from ..settings_cache import read_cache
 from ..sweeps.bench_report import CORRELATIONS
 
@@ -134,13 +135,24 @@ def component_scores(scores: dict) -> dict[str, float]:
             if isinstance(scores.get(ratio), (int, float))}
 
 
+def run_learning_rate(name: str) -> float | None:
+    """The LoRA learning rate in a protocol run's name (``h3-none-lr0.001-seed1-<digest>``), else None."""
+    found = re.search(r"-lr([0-9.]+(?:e[-+]?[0-9]+)?)-", name)
+    return float(found.group(1)) if found else None
+
+
 def summarise(rows: list[dict], draws: int = 2000) -> dict:
-    """Each pair's Pearson, Spearman (interval over runs) and n; for the leakage versions, whether the
-    interval lies at or above :data:`TARGET` (the reading :func:`verdict` calls "meets")."""
+    """Each pair's Pearson, Spearman (interval over runs) and n, and ``within_lr``: Spearman inside each
+    learning rate, averaged (:func:`~pti_plugin.metrics.correlation.within_group_spearman`; does the metric
+    rank runs trained at the same rate?); for the leakage versions, whether the pooled interval lies at or
+    above :data:`TARGET` (the reading :func:`verdict` calls "meets")."""
     out = []
+    rates = [run_learning_rate(r["run"]) for r in rows]
     for internal, truth, sign in pairs():
-        c = correlation_interval([r.get(internal) for r in rows], [r.get(truth) for r in rows], draws)
-        entry = {"internal": internal, "ground_truth": truth, "expected_sign": sign} | c
+        x, y = [r.get(internal) for r in rows], [r.get(truth) for r in rows]
+        c = correlation_interval(x, y, draws)
+        entry = ({"internal": internal, "ground_truth": truth, "expected_sign": sign} | c
+                 | {"within_lr": within_group_spearman(x, y, rates, draws)})
         if truth == INDEPENDENT and internal in LEAKAGE_TRUTHS:
             entry["version"] = RELIABILITY
         if internal in LEAKAGE_VERSIONS:
@@ -183,12 +195,19 @@ def _num(value: float) -> str:
 
 def summary_lines(summary: dict) -> list[str]:
     """The report's Markdown: one row per pair, the leakage versions first."""
-    head = ["internal metric", "version", "ground truth", "expected sign", "Spearman [95% over runs]", "Pearson", "runs"]
+    head = ["internal metric", "version", "ground truth", "expected sign", "Spearman [95% over runs]",
+            "Spearman within a learning rate [95%]", "Pearson", "runs"]
     lines = [f"Spearman's rho over {summary['runs']} LoRA runs (ground truth and internal metric from the same "
              f"generations); target for the attention leakage: rho >= {summary['target']:g}. Every leakage version "
-             "the scorer computes is listed.", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+             "the scorer computes is listed. *Within a learning rate*: rho inside each rate's runs, averaged with "
+             "weights = runs (interval: runs resampled within each rate); it leaves out the agreement that comes "
+             "from barely and fully trained runs sitting apart on both.", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in summary["correlations"]:
+        within = c.get("within_lr") or {}
+        within_text = (f"{_num(within['spearman'])} [{_num(within['spearman_lo'])}, {_num(within['spearman_hi'])}] "
+                       f"({within['groups']} rates)" if within else "n/a")
         lines.append(f"| `{c['internal']}` | {c.get('version', 'proxy')} | `{c['ground_truth']}` | {c['expected_sign']:+d} | "
-                     f"{_num(c['spearman'])} [{_num(c['spearman_lo'])}, {_num(c['spearman_hi'])}] | "
+                     f"{_num(c['spearman'])} [{_num(c['spearman_lo'])}, {_num(c['spearman_hi'])}] | {within_text} | "
                      f"{_num(c['pearson'])} | {c['n']} |")
     return lines
