@@ -184,3 +184,26 @@ def test_within_group_spearman_skips_groups_it_cannot_rank():
     out = within_group_spearman(x, y, groups, draws=100)
     assert out["groups"] == 1 and out["n"] == 4 and out["spearman"] == pytest.approx(1.0)
     assert np.isnan(within_group_spearman([1, 2], [2, 1], ["a", "a"], draws=10)["spearman"])
+
+
+def test_per_rate_breakdown_shows_where_the_metric_ranks_runs():
+    """At lr 1e-3 the metric follows the independent truth, at 1e-4 it is noise: the breakdown says so,
+    with the truth's spread beside each rate."""
+    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, summarise, summary_lines
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for lr, follows in (("0.0001", False), ("0.001", True)):
+        for k in range(20):
+            truth = rng.uniform(0.2, 0.8)
+            metric = truth + rng.normal(0, 0.02) if follows else rng.uniform(0, 1)
+            rows.append({"run": f"h3-half_angle-w10-lr{lr}-seed{k}-d1g3st", INDEPENDENT: truth,
+                         "gt_leakage": truth, "attention_leakage": metric})
+    summary = summarise(rows, draws=300)
+    by = {(c["lr"], c["internal"]): c for c in summary["per_rate"]}
+    assert by[(1e-3, "attention_leakage")]["spearman_lo"] > 0.8 and by[(1e-3, "attention_leakage")]["n"] == 20
+    noise = by[(1e-4, "attention_leakage")]
+    assert noise["spearman_lo"] < 0 < noise["spearman_hi"]
+    assert by[(1e-4, "gt_leakage")]["spearman"] == pytest.approx(1.0)  # the ceiling pair: truth against itself here
+    assert 0.1 < noise["truth_sd"] < 0.25  # a uniform on [0.2, 0.8] has sd 0.17
+    assert any(line.startswith("| 0.001 | `attention_leakage`") for line in summary_lines(summary))

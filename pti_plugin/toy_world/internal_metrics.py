@@ -31,6 +31,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from ..atomic_io import atomic_write_text
 from ..metrics.correlation import correlation_interval, within_group_spearman
 from ..settings_cache import read_cache
@@ -141,6 +143,26 @@ def run_learning_rate(name: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
+#: The pairs :func:`per_rate` breaks down by learning rate: the metric the real-model path reports, and the ceiling.
+PER_RATE_PAIRS = (("attention_leakage", INDEPENDENT), ("gt_leakage", INDEPENDENT))
+
+
+def per_rate(rows: list[dict], draws: int = 2000) -> list[dict]:
+    """For each learning rate in the runs' names and each of :data:`PER_RATE_PAIRS`: Spearman with its
+    interval over that rate's runs, and the spread (standard deviation) of the truth there, which says
+    whether the runs of that rate differ enough to be ranked at all."""
+    rates = [run_learning_rate(r["run"]) for r in rows]
+    out = []
+    for rate in sorted({r for r in rates if r is not None}):
+        members = [row for row, r in zip(rows, rates) if r == rate]
+        for internal, truth in PER_RATE_PAIRS:
+            values = [row[truth] for row in members if isinstance(row.get(truth), (int, float))]
+            c = correlation_interval([row.get(internal) for row in members], [row.get(truth) for row in members], draws)
+            out.append({"lr": rate, "internal": internal, "ground_truth": truth, "truth_sd": float(np.std(values))
+                        if values else float("nan")} | c)
+    return out
+
+
 def summarise(rows: list[dict], draws: int = 2000) -> dict:
     """Each pair's Pearson, Spearman (interval over runs) and n, and ``within_lr``: Spearman inside each
     learning rate, averaged (:func:`~pti_plugin.metrics.correlation.within_group_spearman`; does the metric
@@ -159,7 +181,7 @@ def summarise(rows: list[dict], draws: int = 2000) -> dict:
             entry["version"] = LEAKAGE_VERSIONS[internal]
             entry["meets_target"] = bool(c["spearman_lo"] >= TARGET)
         out.append(entry)
-    return {"runs": len(rows), "target": TARGET, "correlations": out}
+    return {"runs": len(rows), "target": TARGET, "correlations": out, "per_rate": per_rate(rows, draws)}
 
 
 def add_independent_truth(rows: list[dict], parts: Path) -> None:
@@ -210,4 +232,11 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"| `{c['internal']}` | {c.get('version', 'proxy')} | `{c['ground_truth']}` | {c['expected_sign']:+d} | "
                      f"{_num(c['spearman'])} [{_num(c['spearman_lo'])}, {_num(c['spearman_hi'])}] | {within_text} | "
                      f"{_num(c['pearson'])} | {c['n']} |")
+    if summary.get("per_rate"):
+        lines += ["", "By learning rate (Spearman over that rate's runs; the truth's spread says whether they differ "
+                  "enough to be ranked):", "", "| lr | internal metric | ground truth | Spearman [95%] | truth's sd | runs |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {c['lr']:g} | `{c['internal']}` | `{c['ground_truth']}` | {_num(c['spearman'])} "
+                  f"[{_num(c['spearman_lo'])}, {_num(c['spearman_hi'])}] | {c['truth_sd']:.3f} | {c['n']} |"
+                  for c in summary["per_rate"]]
     return lines
