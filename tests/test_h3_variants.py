@@ -266,3 +266,19 @@ def test_the_pivot_alone_is_drawn_left_of_every_measured_rate():
 
     conditions = [{"rows": [{"lr": 0.0}, {"lr": 1e-5}, {"lr": 1e-3}]}, {"rows": [{"lr": 0.0}, {"lr": 3e-4}]}]
     assert 0 < pivot_lr_position(conditions) < 1e-5
+
+
+def test_condition_table_has_a_row_per_condition_and_marks_the_chosen_weight():
+    from pti_plugin.toy_world.h3_lines import condition_table
+
+    summary = summarise_h3(_null(), _synthetic_grid(), draws=200)
+    rows = [line for line in condition_table(summary)[2:]]
+    assert len(rows) == len(summary["conditions"]) == 5
+    labels = [row.split(" | ")[0].lstrip("| ") for row in rows]
+    assert labels.count("half_angle (w 1) (chosen)") == 1  # the rule picks weight 1 (see above)
+    assert "half_angle (w 10)" in labels and "half_angle (w 100)" in labels
+    half_angle_1 = rows[labels.index("half_angle (w 1) (chosen)")].split(" | ")
+    # its paired difference at matched coarse 0.8 is -0.2 (built into the grid), in the last column
+    assert half_angle_1[-1].rstrip(" |").startswith("-0.200")
+    none = rows[labels.index("none")].split(" | ")
+    assert none[1] == "3" and none[-1].rstrip(" |") == "n/a"  # 3 training seeds; no difference with itself

@@ -72,6 +72,36 @@ def matched_table(summary: dict) -> list[str]:
     return lines
 
 
+#: The rate at which :func:`condition_table` reads each condition's leakage and drift: where no regulariser leaks.
+READ_AT_LR = 1e-3
+
+
+def _row_at(condition: dict, lr: float) -> dict:
+    return next((row for row in condition["rows"] if abs(row["lr"] - lr) <= 1e-9 * lr), {})
+
+
+def condition_table(summary: dict) -> list[str]:
+    """One row per condition: its highest safe rate and the look there, its leakage and drift at
+    :data:`READ_AT_LR`, and its paired difference with no regulariser at matched coarse; the weight
+    each variant's rule chose is marked."""
+    at = f"{READ_AT_LR:g}"
+    head = ["condition", "training seeds", "highest lr inside the null", "graded error there", f"training-cell excess at {at}",
+            f"graded error at {at}", f"unrelated-prompt drift at {at}", f"class drift at {at}",
+            f"minus none at matched coarse {CHOICE_COARSE:g}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for condition in summary["conditions"]:
+        chosen = (summary["variants"].get(condition["variant"], {}).get("chosen") or {}).get("weight")
+        mark = " (chosen)" if condition["weight"] is not None and condition["weight"] == chosen else ""
+        safe, row = condition["highest_safe_lr"], _row_at(condition, READ_AT_LR)
+        seeds = max((r["n_seeds"] for r in condition["rows"] if r["lr"] > 0), default=0)
+        lines.append(f"| {_label(condition['variant'], condition['weight'])}{mark} | {seeds} | "
+                     f"{'none' if safe['lr'] is None else format(safe['lr'], 'g')} | {fmt(safe['appearance_error'])} | "
+                     f"{fmt(row.get('training_cell_excess'), 2)} | {fmt(row.get('appearance_error'))} | "
+                     f"{fmt(row.get('drift_unrelated'), 2)} | {fmt(row.get('drift_class'), 2)} | "
+                     f"{fmt(condition['matched'][f'{CHOICE_COARSE:g}'].get('leakage_minus_none'))} |")
+    return lines
+
+
 def h3_lines(summary: dict) -> list[str]:
     """The H3 section's Markdown lines."""
     lines = [f"**Verdict: {verdict(summary)}.** Rule: {VERDICT_RULE}.", ""]
@@ -91,6 +121,8 @@ def h3_lines(summary: dict) -> list[str]:
         against = "" if paired is None else f"; training cells minus none's at matched coarse {key}: {fmt(paired)}"
         lines.append(f"- `{variant}`: weight {chosen.get('weight')}; highest learning rate inside the null "
                      f"{safe.get('lr')} (graded error there {fmt(safe.get('appearance_error'))}){against}.")
+    lines += ["", "Per condition (the weight each variant's rule chose is marked; two-level 95% intervals, the "
+              "paired difference over training seeds):", "", *condition_table(summary)]
     lines += ["", "Per learning rate (lr 0 is the pivot alone, LoRA off; two-level 95% intervals):", "",
               *lr_table(summary), "", "At matched coarse reconstruction (per training seed, interpolated along the "
               "learning rate; intervals over seeds):", "", *matched_table(summary)]
