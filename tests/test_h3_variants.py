@@ -282,3 +282,4 @@ def test_condition_table_has_a_row_per_condition_and_marks_the_chosen_weight():
     assert half_angle_1[-1].rstrip(" |").startswith("-0.200")
     none = rows[labels.index("none")].split(" | ")
     assert none[1] == "3" and none[-1].rstrip(" |") == "n/a"  # 3 training seeds; no difference with itself
+    assert labels[0] == "none"  # the reference comes first

@@ -89,7 +89,7 @@ def condition_table(summary: dict) -> list[str]:
             f"graded error at {at}", f"unrelated-prompt drift at {at}", f"class drift at {at}",
             f"minus none at matched coarse {CHOICE_COARSE:g}"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for condition in summary["conditions"]:
+    for condition in sorted(summary["conditions"], key=lambda c: c["variant"] != "none"):  # none first, the reference
         chosen = (summary["variants"].get(condition["variant"], {}).get("chosen") or {}).get("weight")
         mark = " (chosen)" if condition["weight"] is not None and condition["weight"] == chosen else ""
         safe, row = condition["highest_safe_lr"], _row_at(condition, READ_AT_LR)
