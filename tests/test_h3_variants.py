@@ -283,3 +283,17 @@ def test_condition_table_has_a_row_per_condition_and_marks_the_chosen_weight():
     none = rows[labels.index("none")].split(" | ")
     assert none[1] == "3" and none[-1].rstrip(" |") == "n/a"  # 3 training seeds; no difference with itself
     assert labels[0] == "none"  # the reference comes first
+
+
+def test_each_condition_of_the_h3_plot_has_its_own_look():
+    """Eleven conditions (more than matplotlib's ten-colour cycle): colour says the variant, marker and
+    line the weight, and no two conditions are drawn alike."""
+    from pti_plugin.toy_world.h3_lines import condition_styles
+
+    grid = [("none", None)] + [(v, w) for v in ("half_angle", "half_angle_band", "uniform_half", "class_endpoint")
+                               for w in (10.0, 100.0)] + [("half_angle", 1.0), ("reg_images", 1.0)]
+    styles = condition_styles([{"variant": v, "weight": w} for v, w in grid])
+    looks = [tuple(sorted(s.items())) for s in styles]
+    assert len(set(looks)) == len(grid) == 11
+    colour = {v: {s["color"] for (vv, _), s in zip(grid, styles) if vv == v} for v, _ in grid}
+    assert all(len(c) == 1 for c in colour.values()) and len({next(iter(c)) for c in colour.values()}) == 6

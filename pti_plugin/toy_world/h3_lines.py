@@ -135,17 +135,32 @@ def pivot_lr_position(conditions: list[dict]) -> float:
     return min(rates, default=1e-4) / 3
 
 
-def _errorbar(ax, rows: list[dict], x_key: str | None, y_key: str, label: str, zero_at: float) -> None:
-    """Estimates of ``y_key`` against ``x_key``'s (or the learning rate, lr 0 drawn at ``zero_at``), both ways' intervals."""
+def _errorbar(ax, rows: list[dict], x_key: str | None, y_key: str, label: str, zero_at: float, style: dict) -> None:
+    """Estimates of ``y_key`` against ``x_key``'s (or the learning rate, lr 0 drawn at ``zero_at``), both ways'
+    intervals, drawn in ``style`` (matplotlib's colour, marker, linestyle)."""
     rows = [r for r in rows if r[y_key] and (x_key is None or r[x_key])]
     y = [r[y_key]["estimate"] for r in rows]
     yerr = [[e - r[y_key]["lo"] for e, r in zip(y, rows)], [r[y_key]["hi"] - e for e, r in zip(y, rows)]]
     if x_key is None:
-        ax.errorbar([r["lr"] or zero_at for r in rows], y, yerr=yerr, marker="o", capsize=2, label=label)
+        ax.errorbar([r["lr"] or zero_at for r in rows], y, yerr=yerr, capsize=2, label=label, **style)
         return
     x = [r[x_key]["estimate"] for r in rows]
     xerr = [[e - r[x_key]["lo"] for e, r in zip(x, rows)], [r[x_key]["hi"] - e for e, r in zip(x, rows)]]
-    ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=2, label=label)
+    ax.errorbar(x, y, xerr=xerr, yerr=yerr, capsize=2, label=label, **style)
+
+
+def condition_styles(conditions: list[dict]) -> list[dict]:
+    """One colour per variant and one marker and line style per weight within it (more conditions than
+    a colour cycle has would otherwise share colours)."""
+    variants = list(dict.fromkeys(c["variant"] for c in conditions))
+    weights = {v: sorted({c["weight"] for c in conditions if c["variant"] == v}, key=lambda w: -1 if w is None else w)
+               for v in variants}
+    shapes = (("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."))
+    styles = []
+    for c in conditions:
+        marker, line = shapes[weights[c["variant"]].index(c["weight"]) % len(shapes)]
+        styles.append({"color": f"C{variants.index(c['variant']) % 10}", "marker": marker, "linestyle": line})
+    return styles
 
 
 def h3_plot(summary: dict, path: Path) -> None:
@@ -159,13 +174,13 @@ def h3_plot(summary: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     zero_at = pivot_lr_position(summary["conditions"])
-    for condition in summary["conditions"]:
+    for condition, style in zip(summary["conditions"], condition_styles(summary["conditions"])):
         label, rows = _label(condition["variant"], condition["weight"]), condition["rows"]
-        _errorbar(axes[0, 0], rows, "coarse", "in_training_cell", label, zero_at)
-        _errorbar(axes[0, 1], rows, "appearance_error", "in_training_cell", label, zero_at)
-        _errorbar(axes[1, 0], rows, None, "appearance_error", label, zero_at)
+        _errorbar(axes[0, 0], rows, "coarse", "in_training_cell", label, zero_at, style)
+        _errorbar(axes[0, 1], rows, "appearance_error", "in_training_cell", label, zero_at, style)
+        _errorbar(axes[1, 0], rows, None, "appearance_error", label, zero_at, style)
         drift = "drift_unrelated" if rows and rows[0].get("drift_unrelated") else "drift"
-        _errorbar(axes[1, 1], rows, None, drift, label, zero_at)
+        _errorbar(axes[1, 1], rows, None, drift, label, zero_at, style)
     null = summary.get("null_training_cells")
     if null:
         for ax in axes[0]:
