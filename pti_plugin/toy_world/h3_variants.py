@@ -254,7 +254,7 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
 CELL_NAME = re.compile(r"^h3-(?P<variant>[a-z_]+?)(?:-w(?P<weight>[0-9.e+-]+?))?-lr(?P<lr>[0-9.e+-]+)-seed(?P<seed>-?\d+)$")
 
 
-def _cell_key(name: str) -> tuple[str, float | None, float, int] | None:
+def cell_key(name: str) -> tuple[str, float | None, float, int] | None:
     """``(variant, weight, lr, seed)`` of a part named by :func:`cell_name`, or None."""
     match = CELL_NAME.match(name)
     if match is None or match["variant"] not in VARIANTS:
@@ -268,7 +268,7 @@ def load_h3_cells(out: Path, settings: H3Settings | None = None) -> list[dict]:
     ``variant``, ``weight``, ``lr``, ``seed``, ``steps``: those of ``settings``' grid, or with
     ``settings=None`` every measured cell whatever grid it was run in (parts named by :func:`cell_name`)."""
     if settings is None:
-        keys = sorted(filter(None, (_cell_key(p.stem) for p in (Path(out) / "parts").glob("h3-*.json"))),
+        keys = sorted(filter(None, (cell_key(p.stem) for p in (Path(out) / "parts").glob("h3-*.json"))),
                       key=lambda k: (k[0], -1.0 if k[1] is None else k[1], k[2], k[3]))
         steps = H3Settings().steps
     else:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,9 +137,11 @@ def component_scores(scores: dict) -> dict[str, float]:
 
 
 def run_learning_rate(name: str) -> float | None:
-    """The LoRA learning rate in a protocol run's name (``h3-none-lr0.001-seed1-<digest>``), else None."""
-    found = re.search(r"-lr([0-9.]+(?:e[-+]?[0-9]+)?)-", name)
-    return float(found.group(1)) if found else None
+    """The LoRA learning rate of an H3 run (named ``<cell name>-<digest>``), else None."""
+    from .h3_variants import cell_key
+
+    key = cell_key(name.rsplit("-", 1)[0])
+    return None if key is None else key[2]
 
 
 #: The pairs :func:`per_rate` breaks down by learning rate: the metric the real-model path reports, and the ceiling.
