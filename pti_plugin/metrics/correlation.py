@@ -93,17 +93,13 @@ def within_group_spearman(x: Sequence, y: Sequence, groups: Sequence, draws: int
             if g is not None and a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
     a = np.array([k[0] for k in kept], dtype=np.float64)
     b = np.array([k[1] for k in kept], dtype=np.float64)
-    labels = [k[2] for k in kept]
-    members = [np.array([i for i, g in enumerate(labels) if g == group]) for group in dict.fromkeys(labels)]
+    names = list(dict.fromkeys(k[2] for k in kept))
+    labels = np.array([names.index(k[2]) for k in kept], dtype=np.int64)  # [pairs] group index
+    members = [np.flatnonzero(labels == g) for g in range(len(names))]
     estimate, n, counted = _mean_rho_within(a, b, members)
     out = {"spearman": estimate, "n": n, "groups": counted, "spearman_lo": float("nan"), "spearman_hi": float("nan")}
     if counted == 0:
         return out
-    rng = np.random.default_rng(seed)
-    replicates = np.array([_mean_rho_within(a, b, [m[rng.integers(0, len(m), len(m))] for m in members])[0]
-                           for _ in range(int(draws))])
-    replicates = replicates[np.isfinite(replicates)]
-    if replicates.size:
-        tail = (1.0 - level) / 2.0
-        out["spearman_lo"], out["spearman_hi"] = (float(v) for v in np.quantile(replicates, [tail, 1.0 - tail]))
-    return out
+    rho = resampled_interval(len(a), lambda p: _mean_rho_within(a, b, [p[labels[p] == g] for g in range(len(names))])[0],
+                             draws, level, seed, strata=members)
+    return out | {"spearman_lo": rho.lo, "spearman_hi": rho.hi}

@@ -60,13 +60,22 @@ def _percentile_interval(estimate: float, replicates: np.ndarray, level: float) 
 
 
 def resampled_interval(n: int, statistic: Callable[[np.ndarray], float], draws: int = 2000, level: float = 0.95,
-                       seed: int = 0) -> Interval:
+                       seed: int = 0, strata: list[np.ndarray] | None = None) -> Interval:
     """``statistic(indices)`` of ``n`` items (all of them, in order, for the estimate), with a percentile interval
     over ``draws`` resamples of the items with replacement; resamples whose statistic is not finite (a
-    constant resample's correlation) are left out, and both ends are nan when none is left."""
+    constant resample's correlation) are left out, and both ends are nan when none is left.
+
+    ``strata``: index arrays that partition the items; each resample then draws within each stratum (as
+    many as it holds) and hands ``statistic`` the strata's draws one after the other."""
     _check_settings(draws, level)
     rng = np.random.default_rng(seed)
-    replicates = np.array([statistic(rng.integers(0, n, n)) for _ in range(int(draws))], dtype=np.float64)
+
+    def resample() -> np.ndarray:
+        if strata is None:
+            return rng.integers(0, n, n)
+        return np.concatenate([stratum[rng.integers(0, len(stratum), len(stratum))] for stratum in strata])
+
+    replicates = np.array([statistic(resample()) for _ in range(int(draws))], dtype=np.float64)
     replicates = replicates[np.isfinite(replicates)]
     estimate = float(statistic(np.arange(n)))
     if replicates.size == 0:

@@ -148,11 +148,10 @@ def run_learning_rate(name: str) -> float | None:
 PER_RATE_PAIRS = (("attention_leakage", INDEPENDENT), ("gt_leakage", INDEPENDENT))
 
 
-def per_rate(rows: list[dict], draws: int = 2000) -> list[dict]:
-    """For each learning rate in the runs' names and each of :data:`PER_RATE_PAIRS`: Spearman with its
-    interval over that rate's runs, and the spread (standard deviation) of the truth there, which says
-    whether the runs of that rate differ enough to be ranked at all."""
-    rates = [run_learning_rate(r["run"]) for r in rows]
+def per_rate(rows: list[dict], rates: list[float | None], draws: int = 2000) -> list[dict]:
+    """For each learning rate (``rates[k]``: row k's, from :func:`run_learning_rate`) and each of
+    :data:`PER_RATE_PAIRS`: Spearman with its interval over that rate's runs, and the spread (standard
+    deviation) of the truth there, which says whether the runs of that rate differ enough to be ranked."""
     out = []
     for rate in sorted({r for r in rates if r is not None}):
         members = [row for row, r in zip(rows, rates) if r == rate]
@@ -182,7 +181,7 @@ def summarise(rows: list[dict], draws: int = 2000) -> dict:
             entry["version"] = LEAKAGE_VERSIONS[internal]
             entry["meets_target"] = bool(c["spearman_lo"] >= TARGET)
         out.append(entry)
-    return {"runs": len(rows), "target": TARGET, "correlations": out, "per_rate": per_rate(rows, draws)}
+    return {"runs": len(rows), "target": TARGET, "correlations": out, "per_rate": per_rate(rows, rates, draws)}
 
 
 def add_independent_truth(rows: list[dict], parts: Path) -> None:
@@ -207,13 +206,17 @@ def verdict(summary: dict) -> str:
     target = summary["target"]
     met, where = (("meets", "lies above") if c["spearman_lo"] >= target else
                   ("may meet", "reaches") if c["spearman_hi"] >= target else ("does not meet", "lies below"))
-    return (f"attention leakage against the ground-truth leakage: Spearman {_num(c['spearman'])} "
-            f"[{_num(c['spearman_lo'])}, {_num(c['spearman_hi'])}] over {c['n']} runs; it {met} the target "
+    return (f"attention leakage against the ground-truth leakage: Spearman {_rho(c)} over {c['n']} runs; it {met} the target "
             f"{target:g} (its interval {where} it)")
 
 
 def _num(value: float) -> str:
     return "n/a" if value != value else f"{value:.2f}"  # nan != nan
+
+
+def _rho(c: dict) -> str:
+    """``0.43 [0.30, 0.55]``: a Spearman entry's rho and interval."""
+    return f"{_num(c['spearman'])} [{_num(c['spearman_lo'])}, {_num(c['spearman_hi'])}]"
 
 
 def summary_lines(summary: dict) -> list[str]:
@@ -228,16 +231,14 @@ def summary_lines(summary: dict) -> list[str]:
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in summary["correlations"]:
         within = c.get("within_lr") or {}
-        within_text = (f"{_num(within['spearman'])} [{_num(within['spearman_lo'])}, {_num(within['spearman_hi'])}] "
-                       f"({within['groups']} rates)" if within else "n/a")
+        within_text = f"{_rho(within)} ({within['groups']} rates)" if within else "n/a"
         lines.append(f"| `{c['internal']}` | {c.get('version', 'proxy')} | `{c['ground_truth']}` | {c['expected_sign']:+d} | "
-                     f"{_num(c['spearman'])} [{_num(c['spearman_lo'])}, {_num(c['spearman_hi'])}] | {within_text} | "
+                     f"{_rho(c)} | {within_text} | "
                      f"{_num(c['pearson'])} | {c['n']} |")
     if summary.get("per_rate"):
         lines += ["", "By learning rate (Spearman over that rate's runs; the truth's spread says whether they differ "
                   "enough to be ranked):", "", "| lr | internal metric | ground truth | Spearman [95%] | truth's sd | runs |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {c['lr']:g} | `{c['internal']}` | `{c['ground_truth']}` | {_num(c['spearman'])} "
-                  f"[{_num(c['spearman_lo'])}, {_num(c['spearman_hi'])}] | {c['truth_sd']:.3f} | {c['n']} |"
+        lines += [f"| {c['lr']:g} | `{c['internal']}` | `{c['ground_truth']}` | {_rho(c)} | {c['truth_sd']:.3f} | {c['n']} |"
                   for c in summary["per_rate"]]
     return lines
