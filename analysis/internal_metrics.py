@@ -12,8 +12,9 @@ the scoring across processes (then one call without ``--shard`` gathers the cach
 band versions of the attention leakage (heatmaps from the sampler steps in that timestep range; default
 the toy world's position band), cached in ``<run>/attention_band.json``; ``--no_band`` skips them.
 ``--parts``: the research protocol's H3 parts, for the independent ground truth (default: ``parts`` beside
-the first runs folder, when there). Writes
-``internal_metrics.json`` and ``internal_metrics.md`` into ``--out`` (see
+the first runs folder, when there). An ``internal_metrics.json`` already in ``--out`` keeps its rows of runs
+that are no longer under the folders (a lost working folder loses no score; ``--replace`` drops them).
+Writes ``internal_metrics.json`` and ``internal_metrics.md`` into ``--out`` (see
 :mod:`pti_plugin.toy_world.internal_metrics`); the last line reads
 ``attention_leakage_spearman=<f> lo=<f> hi=<f> runs=<n>`` (against ``gt_leakage``).
 """
@@ -67,6 +68,9 @@ def parse_args(argv):
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
+    parser.add_argument("--replace", action="store_true",
+                        help="summarise only the runs under the folders (default: also keep the rows of --out's "
+                             "internal_metrics.json for runs no longer there)")
     args = parser.parse_args(argv)
     missing = [str(f) for f in args.folders if not f.is_dir()]
     if missing:
@@ -80,8 +84,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     from pti_plugin.atomic_io import atomic_write_text
-    from pti_plugin.toy_world.internal_metrics import (add_independent_truth, compact_rows, find_runs, score_runs,
-                                                       summarise, summary_lines)
+    from pti_plugin.toy_world.internal_metrics import (add_independent_truth, check_committed_seeds, compact_rows,
+                                                       find_runs, score_runs, summarise, summary_lines,
+                                                       with_committed_rows)
 
     args = parse_args(argv)
     runs = find_runs(args.folders, args.output_name)
@@ -91,14 +96,23 @@ def main(argv=None) -> int:
     from pti_plugin.toy_world.h3_variants import POSITION_BAND
 
     band = None if args.no_band else (args.band or tuple(POSITION_BAND))
+    committed = args.out / "internal_metrics.json"
+    earlier = json.loads(committed.read_text()) if committed.is_file() and not args.replace else None
+    if earlier is not None:  # refuse a mix of sampling settings before scoring anything
+        check_committed_seeds(earlier, args.seeds)
     rows = score_runs(runs, args.output_name, args, args.shard, cached_only=args.cached_only, band=band)
     if args.score_only:
         return 0
     parts = args.parts or args.folders[0].parent / "parts"
     if parts.is_dir():
         add_independent_truth(rows, parts)
-    summary = summarise(rows, args.draws) | {"folders": [str(f) for f in args.folders], "seeds": args.seeds,
-                                             "rows": compact_rows(rows)}
+    rows, folders = compact_rows(rows), [str(f) for f in args.folders]
+    if earlier is not None:  # runs scored earlier whose folders are gone stay in
+        rows, folders, kept = with_committed_rows(rows, folders, earlier, args.seeds)
+        if kept:
+            print(f"kept {kept} runs scored earlier from {committed} (not under {', '.join(map(str, args.folders))}; "
+                  "--replace drops them)")
+    summary = summarise(rows, args.draws) | {"folders": folders, "seeds": args.seeds, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "internal_metrics.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(args.out / "internal_metrics.md", "\n".join(summary_lines(summary)) + "\n")

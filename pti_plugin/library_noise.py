@@ -14,7 +14,10 @@ Only exact, known messages are dropped; everything else the libraries log passes
 
 And, only while :func:`pti_plugin.load_pti` loads a file without text-encoder keys, diffusers' "No LoRA
 keys associated to CLIPTextModel found with the prefix='text_encoder'" (:data:`NO_TEXT_ENCODER_LORA`):
-such a file has none by design (a UNet-only LoRA), so the message says nothing.
+such a file has none by design (a UNet-only LoRA), so the message says nothing. And, only while it adds
+an embedding's token (diffusers' ``load_textual_inversion``), transformers' "The new embeddings will be
+initialized from a multivariate normal distribution ..." (:data:`NEW_TOKEN_INIT`): the new row is
+overwritten with the file's vector right after, so how it was initialised says nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ KNOWN_NOISE = (("transformers.utils.import_utils", "requires torchvision (not in
 
 #: Scoped (:func:`dropped`): diffusers' message for a text encoder the LoRA file has no keys for.
 NO_TEXT_ENCODER_LORA = ("diffusers.loaders.lora_base", "No LoRA keys associated to")
+#: Scoped: transformers' note on how ``resize_token_embeddings`` fills a new row (then overwritten).
+NEW_TOKEN_INIT = ("transformers.modeling_utils", "The new embeddings will be initialized from a multivariate normal")
 
 
 class _DropMessages(logging.Filter):

@@ -16,7 +16,7 @@ import os
 from .formats.embedding import bundled_embedding_parts, load_embeddings
 from .formats.file_family import FILE_FAMILIES, file_formats, pipeline_family, text_encoder_names
 from .formats.kohya_lora import BUNDLE_PREFIX, LoraFormatError, load_lora, unexpected_keys
-from .library_noise import NO_TEXT_ENCODER_LORA, dropped
+from .library_noise import NEW_TOKEN_INIT, NO_TEXT_ENCODER_LORA, dropped
 from .models.pivot import pool_at_end_of_text
 
 
@@ -70,7 +70,8 @@ def load_pti(
     for name, part in zip(encoders, vectors):
         tokenizer = getattr(pipe, name.replace("text_encoder", "tokenizer"))
         text_encoder = getattr(pipe, name)
-        pipe.load_textual_inversion(part, token=token, text_encoder=text_encoder, tokenizer=tokenizer)
+        with dropped(*NEW_TOKEN_INIT):
+            pipe.load_textual_inversion(part, token=token, text_encoder=text_encoder, tokenizer=tokenizer)
         pool_at_end_of_text(text_encoder, tokenizer)
     return token
 

@@ -188,6 +188,30 @@ def test_load_pti_of_a_unet_only_file_prints_no_text_encoder_notice(tiny, traine
         logger.removeHandler(handler)
 
 
+def test_load_pti_prints_no_note_on_how_the_new_token_row_is_initialised(tiny, trained):
+    """transformers notes how resize_token_embeddings fills a new row; load_pti overwrites that row with the
+    file's vector at once, so it drops the note while it adds the token, and only then."""
+    import logging
+
+    import transformers.utils.logging as hf_logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        hf_logging.warning_once.cache_clear()  # transformers says it once per process
+        _pipe(tiny).load_textual_inversion(trained.vectors, token="tok1")  # diffusers alone prints it
+        assert any("initialized from a multivariate normal" in m for m in seen)
+        seen.clear()
+        hf_logging.warning_once.cache_clear()
+        assert load_pti(_pipe(tiny), trained.lora) == "tok1"  # the bundled embedding
+        assert not any("multivariate normal" in m for m in seen)
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_plain_diffusers_reproduces_in_memory_model(tiny, trained):
     reference = _reference_prediction(trained)
     pipe = _pipe(tiny)

@@ -207,3 +207,25 @@ def test_per_rate_breakdown_shows_where_the_metric_ranks_runs():
     assert by[(1e-4, "gt_leakage")]["spearman"] == pytest.approx(1.0)  # the ceiling pair: truth against itself here
     assert 0.1 < noise["truth_sd"] < 0.25  # a uniform on [0.2, 0.8] has sd 0.17
     assert any(line.startswith("| 0.001 | `attention_leakage`") for line in summary_lines(summary))
+
+
+def test_runs_scored_earlier_stay_in_the_summary_when_their_folder_is_gone(tmp_path, capsys):
+    import shutil
+
+    script = _script()
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _fake_runs(runs, script)
+    assert script.main([str(runs), "--out", str(out), "--draws", "50"]) == 0
+    before = json.loads((out / "internal_metrics.json").read_text())
+    lost = sorted(p for p in runs.iterdir() if (p / "premise.safetensors").is_file())[:3]
+    for run in lost:
+        shutil.rmtree(run)
+    assert script.main([str(runs), "--out", str(out), "--draws", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "kept 3 runs scored earlier" in printed and printed.strip().endswith("runs=8")
+    after = json.loads((out / "internal_metrics.json").read_text())
+    assert sorted(after["rows"], key=lambda r: r["run"]) == sorted(before["rows"], key=lambda r: r["run"])
+    with pytest.raises(SystemExit, match="--seeds 16"):  # rows scored with 16 seeds are not mixed with 8
+        script.main([str(runs), "--out", str(out), "--draws", "50", "--seeds", "8"])
+    assert script.main([str(runs), "--out", str(out), "--draws", "50", "--replace"]) == 0
+    assert capsys.readouterr().out.strip().endswith("runs=5")

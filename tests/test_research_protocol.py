@@ -203,6 +203,8 @@ def test_report_rebuilt_without_the_runs_keeps_the_committed_results(quick_proto
     assert len(h1_table) == 2 and all(line in after.splitlines() for line in h1_table)
     assert row in after.splitlines() and "kept from an earlier report" in after
     assert json.loads((committed / "h1_summary.json").read_text()) == json.loads((results / "h1_summary.json").read_text())
+    # H3 from the cell archive alone: the same figures as from the runs
+    assert json.loads((committed / "h3_summary.json").read_text()) == json.loads((results / "h3_summary.json").read_text())
 
 
 def test_h3_verdict_reads_the_paired_difference_interval():
@@ -234,3 +236,49 @@ def test_seeds_outside_the_default_grid_add_training_seeds():
     assert {seed for *_, seed in settings.cells()} == {7, 8}  # not filtered away: the default grid has 42, 1
     with pytest.raises(SystemExit, match="--seeds"):
         research_protocol.h3_settings(research_protocol.parse_args(["h3", "--seeds", "3,x"]))
+
+
+def _partial_h3_rerun(quick_protocol, tmp_path, keep_archive: bool):
+    """The report rebuilt from a copy of the committed results and a working folder that lost every H3
+    part but one (a machine that kept only the newest run); returns (before, after) results folders."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+    import research_protocol
+
+    out, results = quick_protocol
+    committed, partial = tmp_path / "results", tmp_path / "out"
+    shutil.copytree(results, committed)
+    shutil.copytree(out, partial)
+    if not keep_archive:
+        (committed / "h3_cell_records.json").unlink()
+    cells = sorted((partial / "h3" / "parts").glob("h3-*-lr*.json"))
+    assert len(cells) == 4
+    for part in cells[1:]:
+        for lost in part.parent.glob(part.stem + ".*"):
+            lost.unlink()
+    research_protocol.main(["report", "--quick", "--out", str(partial), "--results", str(committed), "--draws", "200"])
+    return results, committed
+
+
+def test_a_partial_h3_rerun_summarises_the_archived_cells_too(quick_protocol, tmp_path):
+    results, committed = _partial_h3_rerun(quick_protocol, tmp_path, keep_archive=True)
+    before = json.loads((results / "h3_summary.json").read_text())
+    assert before["n_cells"] == 4
+    assert json.loads((committed / "h3_summary.json").read_text()) == before  # the same cells, the same figures
+    assert sorted(p.name for p in (committed / "grids").glob("h3-*.png")) == \
+        sorted(p.name for p in (results / "grids").glob("h3-*.png"))
+    archive = json.loads((committed / "h3_cell_records.json").read_text())
+    assert len([c for c in archive["cells"] if c["lr"] > 0]) == 4 and archive["null"]["a"]["cell"]
+
+
+def test_a_partial_h3_rerun_keeps_a_summary_from_before_the_archive(quick_protocol, tmp_path):
+    results, committed = _partial_h3_rerun(quick_protocol, tmp_path, keep_archive=False)
+    assert json.loads((committed / "h3_summary.json").read_text()) == json.loads((results / "h3_summary.json").read_text())
+    assert "From the committed `h3_summary.json` over 4 cells" in (committed / "report.md").read_text()
+    assert sorted(p.name for p in (committed / "grids").glob("h3-*.png")) == \
+        sorted(p.name for p in (results / "grids").glob("h3-*.png"))
+    archive = json.loads((committed / "h3_cell_records.json").read_text())
+    assert len([c for c in archive["cells"] if c["lr"] > 0]) == 1  # the rerun's cell starts the archive

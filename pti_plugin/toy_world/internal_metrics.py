@@ -200,6 +200,26 @@ def compact_rows(rows: list[dict]) -> list[dict]:
     return [{k: r.get(k) for k in keys} for r in rows]
 
 
+def check_committed_seeds(committed: dict, seeds: int) -> None:
+    """Refuse (naming ``--seeds``) to add runs scored with ``seeds`` sampling seeds to ``committed`` rows
+    scored with another number."""
+    if committed.get("seeds") != seeds:
+        raise SystemExit(f"error: --seeds {seeds}, but the committed summary's runs were scored with "
+                         f"{committed.get('seeds')} sampling seeds: pass --seeds {committed.get('seeds')}, "
+                         "or --replace to summarise only the runs under the folders")
+
+
+def with_committed_rows(rows: list[dict], folders: list[str], committed: dict,
+                        seeds: int) -> tuple[list[dict], list[str], int]:
+    """``rows`` (compact) plus the ``committed`` summary's rows of runs that ``rows`` lacks, the folders of
+    both, and how many rows were kept (:func:`check_committed_seeds` first)."""
+    check_committed_seeds(committed, seeds)
+    fresh = {r["run"] for r in rows}
+    kept = [r for r in committed.get("rows", []) if r["run"] not in fresh]
+    merged = sorted(rows + kept, key=lambda r: r["run"])
+    return merged, list(dict.fromkeys([*committed.get("folders", []), *folders])), len(kept)
+
+
 def verdict(summary: dict) -> str:
     """The line that decides: the attention leakage against ``gt_leakage``, and whether it meets :data:`TARGET`."""
     c = next(c for c in summary["correlations"] if (c["internal"], c["ground_truth"]) == ("attention_leakage", "gt_leakage"))

@@ -11,7 +11,9 @@ training runs, so a report rebuilt there keeps every finished result.
 - **H2** from ``out/h2/curves-lr<lr>/learning_curves.json``, each copied into ``results`` as
   ``h2_curves-lr<lr>.json`` so it can be re-read; learning rates known only by an earlier report's
   table row are kept from ``h2_rows_recorded.json``;
-- **H3** from the measured cells (:func:`~.h3_variants.load_h3_cells`), with its plot;
+- **H3** from the measured cells (:func:`~.h3_variants.load_h3_cells`) together with those archived in
+  ``results/h3_cell_records.json`` (:mod:`.h3_archive`), with its plot; a committed summary over more
+  cells than both hold is kept;
 - **H4** from the committed interpolation-path and ellipsoid results, and the position-decision
   band (``analysis/position_timesteps.py``) when present.
 """
@@ -131,37 +133,59 @@ def _cell_images(parts: Path, cell: dict) -> np.ndarray | None:
     return np.load(path)["images"] if path.is_file() else None
 
 
-def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr: float) -> dict:
-    """H3's section: its summary (``h3_summary.json``) and plot when cells are measured."""
-    from .h3_lines import detected_cells, h3_lines, h3_plot
-    from .h3_summary import summarise_h3
+def measured_h3_cells(out: Path, null: dict | None, pivot_lr: float) -> tuple[dict | None, list[dict]]:
+    """The working folder's H3 cells as the summary reads them (drift split, detected cells, the pivots
+    as lr 0), and H1's null part with its detected cells."""
+    from .h3_lines import detected_cells
     from .h3_variants import BASE_DRIFT_PART, drift_split, load_h3_cells
 
-    title = "H3: pivot locality against the other variants at matched reconstruction"
     cells = load_h3_cells(out / "h3")
+    images = [_cell_images(out / "h3" / "parts", cell) for cell in cells]
+    cells = [cell | drift_split(cell["drift"], None if generated is None else generated[len(cell["coarse"]):])
+             | ({} if generated is None else {"cell": detected_cells(generated[:len(cell["coarse"])])})
+             for cell, generated in zip(cells, images)]
+    null_images = out / "h1" / "parts" / "null.npz"
+    if null is not None and null_images.is_file():  # set a: the first images (measure_null)
+        null = null | {"a": null["a"] | {"cell": detected_cells(np.load(null_images)["images"][:len(null["a"]["coarse"])])}}
+    if not cells:
+        return null, []
+    base = out / "h3" / "parts" / f"{BASE_DRIFT_PART}.npz"
+    base_drift = np.load(base)["images"] if base.is_file() else None
+    return null, with_pivot_cells(cells, out / "h1" / "parts", pivot_lr, base_drift)
+
+
+def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr: float) -> dict:
+    """H3's section: its summary (``h3_summary.json``) and plot, over the cells measured in ``out`` and
+    those archived in ``results`` (:mod:`.h3_archive`). A summary over more cells than both hold (one
+    from before the archive) is kept, not replaced."""
+    from .h3_archive import lora_cell_count, merge_cells, read_archive, write_archive
+    from .h3_lines import h3_lines, h3_plot
+    from .h3_summary import summarise_h3
+
+    title = "H3: pivot locality against the other variants at matched reconstruction"
+    null, measured = measured_h3_cells(out, null, pivot_lr)
+    archived_null, archived = read_archive(results)
+    null = null if null is not None else archived_null
+    cells = merge_cells(archived, measured)
+    if cells:
+        write_archive(results, null, cells)
     committed = results / "h3_summary.json"
-    if not cells and committed.is_file():
-        summary = json.loads(committed.read_text())
-    elif not cells:
+    earlier = json.loads(committed.read_text()) if committed.is_file() else None
+    lines = []
+    if earlier is not None and earlier.get("n_cells", 0) > lora_cell_count(cells):
+        summary, cells = earlier, []
+        lines = [f"(From the committed `h3_summary.json` over {earlier['n_cells']} cells: this working folder and the "
+                 f"cell archive hold {lora_cell_count(measured)} and {lora_cell_count(archived)}.)", ""]
+    elif cells:
+        summary = summarise_h3(null, cells, draws) | {"n_cells": lora_cell_count(cells), "pivot_lr": pivot_lr}
+        atomic_write_text(committed, json.dumps(summary, indent=1, default=str) + "\n")
+    else:
         return {"title": title, "lines": ["**Verdict: not measured.** No LoRA cell (variant x weight x lr x training "
                                           "seed) is measured yet (`analysis/research_protocol.py h3`)."]}
-    else:
-        images = [_cell_images(out / "h3" / "parts", cell) for cell in cells]
-        cells = [cell | drift_split(cell["drift"], None if generated is None else generated[len(cell["coarse"]):])
-                 | ({} if generated is None else {"cell": detected_cells(generated[:len(cell["coarse"])])})
-                 for cell, generated in zip(cells, images)]
-        null_images = out / "h1" / "parts" / "null.npz"
-        if null is not None and null_images.is_file():  # set a: the first images (measure_null)
-            null = null | {"a": null["a"] | {"cell": detected_cells(np.load(null_images)["images"][:len(null["a"]["coarse"])])}}
-        base = out / "h3" / "parts" / f"{BASE_DRIFT_PART}.npz"
-        base_drift = np.load(base)["images"] if base.is_file() else None
-        joined = with_pivot_cells(cells, out / "h1" / "parts", pivot_lr, base_drift)
-        summary = summarise_h3(null, joined, draws) | {"n_cells": len(cells), "pivot_lr": pivot_lr}
-        atomic_write_text(committed, json.dumps(summary, indent=1, default=str) + "\n")
     h3_plot(summary, results / "h3.png")
     figures = [("H3: leakage against reconstruction", results / "h3.png")]
     if cells:
-        h3_cell_figures(out, results, joined)
+        h3_cell_figures(out, results, cells)
     histograms = results / "h3_cells.png"
     if histograms.is_file():
         figures.append(("H3: where the object lands, per condition and learning rate", histograms))
@@ -170,15 +194,16 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
         figures.append(("Where the world decides positions (prompt switch, base model)", band))
     figures += [(f"H3 {g.stem[3:]}: 64 neutral images (4 rows), then 64 prompts without the pivot (4 rows)", g)
                 for g in sorted((results / "grids").glob("h3-*.png"))]
-    return {"title": title, "lines": h3_lines(summary), "figures": figures}
+    return {"title": title, "lines": lines + h3_lines(summary), "figures": figures}
 
 
 def h3_cell_figures(out: Path, results: Path, cells: list[dict]) -> None:
     """The cell histograms of every measured condition (``h3_cells.png``, from each cell's detected ``cell``
     list; lr 0: the pivots) and, for the first training seed, each condition's sample grid at its highest
     learning rate (``grids/h3-*.png``)."""
+    from .h3_archive import cell_id
     from .h3_lines import _label, cell_counts, cell_histograms
-    from .h3_variants import H3Settings, cell_name
+    from .h3_variants import H3Settings, cell_key, cell_name
 
     counts: dict[str, dict[float, np.ndarray]] = {}
     for cell in cells:
@@ -189,16 +214,19 @@ def h3_cell_figures(out: Path, results: Path, cells: list[dict]) -> None:
     cell_histograms(counts, results / "h3_cells.png")
     grids = results / "grids"
     grids.mkdir(parents=True, exist_ok=True)
-    for stale in grids.glob("h3-*.png"):  # grids of an earlier, smaller set of cells
-        stale.unlink()
     seeds = {c["seed"] for c in cells}
     first_seed = next((s for s in H3Settings().training_seeds if s in seeds), min(seeds))
     for label in counts:
         mine = [c for c in cells if _label(c["variant"], c["weight"]) == label and c["seed"] == first_seed]
-        if mine:
-            top = max(mine, key=lambda c: c["lr"])
-            name = cell_name(top["variant"], top["weight"], top["lr"], top["seed"])
-            shutil.copyfile(out / "h3" / "parts" / f"{name}.png", grids / f"{name}.png")
+        top = max(mine, key=lambda c: c["lr"]) if mine else None
+        source = None if top is None else out / "h3" / "parts" / f"{cell_name(*cell_id(top))}.png"
+        if source is None or not source.is_file():  # an archived cell: its condition keeps the grid it has
+            continue
+        for stale in grids.glob("h3-*.png"):  # the condition's grid from an earlier, smaller set of cells
+            key = cell_key(stale.stem)
+            if key is not None and key[:2] == cell_id(top)[:2]:
+                stale.unlink()
+        shutil.copyfile(source, grids / source.name)
 
 
 def h4_section(results: Path) -> dict:
