@@ -238,9 +238,10 @@ def test_seeds_outside_the_default_grid_add_training_seeds():
         research_protocol.h3_settings(research_protocol.parse_args(["h3", "--seeds", "3,x"]))
 
 
-def _partial_h3_rerun(quick_protocol, tmp_path, keep_archive: bool):
-    """The report rebuilt from a copy of the committed results and a working folder that lost every H3
-    part but one (a machine that kept only the newest run); returns (before, after) results folders."""
+def _partial_rerun(quick_protocol, tmp_path, keep_archive: bool):
+    """The report rebuilt from a copy of the committed results and a working folder that lost every H1
+    and H3 cell but one of each (a machine that kept only the newest runs); returns (before, after)
+    results folders."""
     import shutil
     import sys
     from pathlib import Path
@@ -253,18 +254,21 @@ def _partial_h3_rerun(quick_protocol, tmp_path, keep_archive: bool):
     shutil.copytree(results, committed)
     shutil.copytree(out, partial)
     if not keep_archive:
-        (committed / "h3_cell_records.json").unlink()
-    cells = sorted((partial / "h3" / "parts").glob("h3-*-lr*.json"))
-    assert len(cells) == 4
-    for part in cells[1:]:
+        for archive in ("h1_cell_records.json", "h3_cell_records.json"):
+            (committed / archive).unlink()
+    h3_cells = sorted((partial / "h3" / "parts").glob("h3-*-lr*.json"))
+    h1_cells = sorted((partial / "h1" / "parts").glob("inversion-*.json"))
+    assert len(h3_cells) == 4 and len(h1_cells) > 4
+    for part in h3_cells[1:] + h1_cells[1:]:
         for lost in part.parent.glob(part.stem + ".*"):
             lost.unlink()
     research_protocol.main(["report", "--quick", "--out", str(partial), "--results", str(committed), "--draws", "200"])
     return results, committed
 
 
-def test_a_partial_h3_rerun_summarises_the_archived_cells_too(quick_protocol, tmp_path):
-    results, committed = _partial_h3_rerun(quick_protocol, tmp_path, keep_archive=True)
+def test_a_partial_rerun_summarises_the_archived_cells_too(quick_protocol, tmp_path):
+    results, committed = _partial_rerun(quick_protocol, tmp_path, keep_archive=True)
+    assert json.loads((committed / "h1_summary.json").read_text()) == json.loads((results / "h1_summary.json").read_text())
     before = json.loads((results / "h3_summary.json").read_text())
     assert before["n_cells"] == 4
     assert json.loads((committed / "h3_summary.json").read_text()) == before  # the same cells, the same figures
@@ -274,8 +278,10 @@ def test_a_partial_h3_rerun_summarises_the_archived_cells_too(quick_protocol, tm
     assert len([c for c in archive["cells"] if c["lr"] > 0]) == 4 and archive["null"]["a"]["cell"]
 
 
-def test_a_partial_h3_rerun_keeps_a_summary_from_before_the_archive(quick_protocol, tmp_path):
-    results, committed = _partial_h3_rerun(quick_protocol, tmp_path, keep_archive=False)
+def test_a_partial_rerun_keeps_summaries_from_before_the_archive(quick_protocol, tmp_path):
+    results, committed = _partial_rerun(quick_protocol, tmp_path, keep_archive=False)
+    assert json.loads((committed / "h1_summary.json").read_text()) == json.loads((results / "h1_summary.json").read_text())
+    assert "this working folder and the cell archive hold 1 of the 4 1-vector cells" in (committed / "report.md").read_text()
     assert json.loads((committed / "h3_summary.json").read_text()) == json.loads((results / "h3_summary.json").read_text())
     assert "From the committed `h3_summary.json` over 4 cells" in (committed / "report.md").read_text()
     assert sorted(p.name for p in (committed / "grids").glob("h3-*.png")) == \

@@ -34,18 +34,26 @@ H2_RECORDED = "h2_rows_recorded.json"
 
 def h1_section(out: Path, results: Path, h1, draws: int) -> tuple[dict, dict | None]:
     """H1's section and its null part (None when not measured here)."""
+    from .cell_archive import H1_ARCHIVE, h1_cell_id, merge_cells, read_archive, write_archive
     from .h1_inversion import cell_name, load_cells
     from .h1_summary import summarise_h1
 
-    null, cells = load_cells(out / "h1", h1)
+    null, measured = load_cells(out / "h1", h1)
+    archived_null, archived = read_archive(results / H1_ARCHIVE)
+    null = null if null is not None else archived_null
+    archive = merge_cells(archived, measured, h1_cell_id)
+    if archive:
+        write_archive(results / H1_ARCHIVE, null, archive)
+    grid = {h1_cell_id({"lr": lr, "seed": seed, "vectors": vectors}) for lr, seed, vectors in h1.cells()}
+    cells = [c for c in archive if h1_cell_id(c) in grid]  # this grid's cells (the archive may hold others)
     title = "H1: reconstruction against editability along the inversion learning rate"
     full_grid = {(lr, seed) for lr in h1.inversion_lrs for seed in h1.training_seeds}
-    measured = {(c["lr"], c["seed"]) for c in cells if c["vectors"] == 1}
+    have = {(c["lr"], c["seed"]) for c in cells if c["vectors"] == 1}
     committed = results / "h1_summary.json"
-    if measured < full_grid and committed.is_file():  # a partial rerun must not replace the full result
+    if have < full_grid and committed.is_file():  # a partial rerun must not replace the full result
         summary = json.loads(committed.read_text())
-        note = (f"(From the committed `h1_summary.json`: {len(measured)} of the {len(full_grid)} 1-vector cells "
-                "are in this working folder.)")
+        note = (f"(From the committed `h1_summary.json`: this working folder and the cell archive hold {len(have)} "
+                f"of the {len(full_grid)} 1-vector cells.)")
         return {"title": title, "lines": [note, "", *write_h1_files(results, summary)],
                 "figures": [("H1 curves", results / "h1.png"), *_committed_grids(results)]}, null
     if not cells:
@@ -158,17 +166,18 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
     """H3's section: its summary (``h3_summary.json``) and plot, over the cells measured in ``out`` and
     those archived in ``results`` (:mod:`.h3_archive`). A summary over more cells than both hold (one
     from before the archive) is kept, not replaced."""
-    from .h3_archive import lora_cell_count, merge_cells, read_archive, write_archive
+    from .cell_archive import H3_ARCHIVE, h3_cell_id, lora_cell_count, merge_cells, read_archive, write_archive
     from .h3_lines import h3_lines, h3_plot
     from .h3_summary import summarise_h3
 
     title = "H3: pivot locality against the other variants at matched reconstruction"
     null, measured = measured_h3_cells(out, null, pivot_lr)
-    archived_null, archived = read_archive(results)
-    null = null if null is not None else archived_null
-    cells = merge_cells(archived, measured)
+    archived_null, archived = read_archive(results / H3_ARCHIVE)
+    if archived_null is not None and (null is None or "cell" not in null["a"]):  # without null.npz: no cells
+        null = archived_null
+    cells = merge_cells(archived, measured, h3_cell_id)
     if cells:
-        write_archive(results, null, cells)
+        write_archive(results / H3_ARCHIVE, null, cells)
     committed = results / "h3_summary.json"
     earlier = json.loads(committed.read_text()) if committed.is_file() else None
     lines = []
@@ -201,7 +210,7 @@ def h3_cell_figures(out: Path, results: Path, cells: list[dict]) -> None:
     """The cell histograms of every measured condition (``h3_cells.png``, from each cell's detected ``cell``
     list; lr 0: the pivots) and, for the first training seed, each condition's sample grid at its highest
     learning rate (``grids/h3-*.png``)."""
-    from .h3_archive import cell_id
+    from .cell_archive import h3_cell_id as cell_id
     from .h3_lines import _label, cell_counts, cell_histograms
     from .h3_variants import H3Settings, cell_key, cell_name
 
