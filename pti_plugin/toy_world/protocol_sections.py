@@ -6,13 +6,14 @@
 committed results folder ``results``: a fresh clone has the committed summaries but none of the
 training runs, so a report rebuilt there keeps every finished result.
 
-- **H1** from the measured cells when the whole 1-vector grid is there, else from the committed
+- **H1** from the measured cells together with those archived in ``results/h1_cell_records.json``
+  (:mod:`.cell_archive`) when the whole 1-vector grid is there, else from the committed
   ``h1_summary.json`` (the section says which);
 - **H2** from ``out/h2/curves-lr<lr>/learning_curves.json``, each copied into ``results`` as
   ``h2_curves-lr<lr>.json`` so it can be re-read; learning rates known only by an earlier report's
   table row are kept from ``h2_rows_recorded.json``;
 - **H3** from the measured cells (:func:`~.h3_variants.load_h3_cells`) together with those archived in
-  ``results/h3_cell_records.json`` (:mod:`.h3_archive`), with its plot; a committed summary over more
+  ``results/h3_cell_records.json``, with its plot; a committed summary over more
   cells than both hold is kept;
 - **H4** from the committed interpolation-path and ellipsoid results, and the position-decision
   band (``analysis/position_timesteps.py``) when present.
@@ -164,7 +165,7 @@ def measured_h3_cells(out: Path, null: dict | None, pivot_lr: float) -> tuple[di
 
 def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr: float) -> dict:
     """H3's section: its summary (``h3_summary.json``) and plot, over the cells measured in ``out`` and
-    those archived in ``results`` (:mod:`.h3_archive`). A summary over more cells than both hold (one
+    those archived in ``results`` (:mod:`.cell_archive`). A summary over more cells than both hold (one
     from before the archive) is kept, not replaced."""
     from .cell_archive import H3_ARCHIVE, h3_cell_id, lora_cell_count, merge_cells, read_archive, write_archive
     from .h3_lines import h3_lines, h3_plot
