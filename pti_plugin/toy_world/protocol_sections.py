@@ -184,8 +184,8 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
     lines = []
     if earlier is not None and earlier.get("n_cells", 0) > lora_cell_count(cells):
         summary, cells = earlier, []
-        lines = [f"(From the committed `h3_summary.json` over {earlier['n_cells']} cells: this working folder and the "
-                 f"cell archive hold {lora_cell_count(measured)} and {lora_cell_count(archived)}.)", ""]
+        lines = [f"(From the committed `h3_summary.json` over {earlier['n_cells']} cells: this working folder holds "
+                 f"{lora_cell_count(measured)} cells and the cell archive {lora_cell_count(archived)}.)", ""]
     elif cells:
         summary = summarise_h3(null, cells, draws) | {"n_cells": lora_cell_count(cells), "pivot_lr": pivot_lr}
         atomic_write_text(committed, json.dumps(summary, indent=1, default=str) + "\n")
