@@ -288,3 +288,31 @@ def test_a_partial_rerun_keeps_summaries_from_before_the_archive(quick_protocol,
         sorted(p.name for p in (results / "grids").glob("h3-*.png"))
     archive = json.loads((committed / "h3_cell_records.json").read_text())
     assert len([c for c in archive["cells"] if c["lr"] > 0]) == 1  # the rerun's cell starts the archive
+
+
+def test_cells_measured_otherwise_are_refused_and_the_archive_is_left_alone(quick_protocol, tmp_path):
+    """A working folder sampled with other settings (a --quick run, another model) must not replace the
+    archived cells of the same name."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+    import research_protocol
+
+    out, results = quick_protocol
+    committed, other = tmp_path / "results", tmp_path / "out"
+    shutil.copytree(results, committed)
+    shutil.copytree(out, other)
+    archive = (committed / "h3_cell_records.json").read_bytes()
+    report = ["report", "--quick", "--out", str(other), "--results", str(committed), "--draws", "200"]
+    for k, part in enumerate(sorted((other / "h3" / "parts").glob("h3-*-lr*.json"))):
+        record = json.loads(part.read_text())
+        record["settings"]["seeds"] += 1  # as if sampled with another seed count
+        part.write_text(json.dumps(record))
+        if k == 0:  # one cell measured otherwise: the working folder itself is mixed
+            with pytest.raises(SystemExit, match="measured in 2 different ways"):
+                research_protocol.main(report)
+    with pytest.raises(SystemExit, match="h3_cell_records.json archives cells measured with"):
+        research_protocol.main(report)
+    assert (committed / "h3_cell_records.json").read_bytes() == archive

@@ -5,8 +5,10 @@ not committed: a fresh clone, or a machine that lost that folder, has only the r
 report therefore keeps ``h1_cell_records.json`` and ``h3_cell_records.json`` there: the part's null
 (H1's base model sampled twice) and every cell exactly as the summaries read them (H3: with the drift
 split, the detected cells and the pivot-alone lr-0 cells), i.e. the per-image lists, without images or
-presets. Each rebuild summarises the union of an archive and the working folder (the working folder
-wins for a cell in both) and writes it back.
+presets, and once how they were measured (``measured_with``: the model's digest, the sampling
+settings, the training steps). Each rebuild summarises the union of an archive and the working folder
+(the working folder wins for a cell in both) and writes it back; cells measured otherwise than the
+archive's are refused, so a ``--quick`` or another model's report cannot slip into a committed archive.
 """
 
 from __future__ import annotations
@@ -38,12 +40,42 @@ def _order(key: tuple) -> tuple:
     return tuple(-1.0 if part is None else part for part in key)
 
 
-def read_archive(path: Path) -> tuple[dict | None, list[dict]]:
-    """The archived null (None when not archived) and cells; none of either without the file."""
+def measured_with(cell: dict) -> dict:
+    """How a cell was measured: its part's settings less the preset (model digest, init word, sampling
+    seeds and steps, guidance), with its stages' training steps."""
+    settings = cell.get("settings") or {}
+    stages = (settings.get("preset") or {}).get("stages", [])
+    return {k: v for k, v in settings.items() if k != "preset"} | {"steps": [stage.get("steps") for stage in stages]}
+
+
+def read_archive(path: Path) -> tuple[dict | None, dict | None, list[dict]]:
+    """The archive's ``measured_with``, null (None when not archived) and cells; none of them without the file."""
     if not Path(path).is_file():
-        return None, []
+        return None, None, []
     record = json.loads(Path(path).read_text())
-    return record.get("null"), list(record.get("cells", []))
+    return record.get("measured_with"), record.get("null"), list(record.get("cells", []))
+
+
+def updated_archive(path: Path, null: dict | None, measured: list[dict], key: Callable[[dict], tuple],
+                    trained: Callable[[dict], bool] = lambda cell: True) -> tuple[dict | None, list[dict], list[dict]]:
+    """Merge the working folder's ``measured`` cells into the archive at ``path`` and write it back; returns
+    (the null: ``null``, else the archived one; every cell; the archived cells before the merge).
+    ``trained``: the cells whose ``measured_with`` must match the archive's (H3: not the lr-0 pivots,
+    which are H1's cells). Refused, naming ``path``, when they were measured otherwise."""
+    archived_with, archived_null, archived = read_archive(path)
+    ways = {json.dumps(measured_with(c), sort_keys=True) for c in measured if trained(c)}
+    if len(ways) > 1:
+        raise SystemExit(f"error: the working folder's cells were measured in {len(ways)} different ways "
+                         f"({'; '.join(sorted(ways))}); report them into separate --results folders")
+    now = json.loads(ways.pop()) if ways else archived_with
+    if archived and archived_with is not None and now != archived_with:
+        raise SystemExit(f"error: {path} archives cells measured with {archived_with}, the working folder's were "
+                         f"measured with {now}: pass another --results (or move that archive away)")
+    cells = merge_cells(archived, measured, key)
+    null = null if null is not None else archived_null
+    if cells:
+        write_archive(path, now, null, cells)
+    return null, cells, archived
 
 
 def merge_cells(archived: list[dict], measured: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
@@ -52,11 +84,11 @@ def merge_cells(archived: list[dict], measured: list[dict], key: Callable[[dict]
     return [by_key[k] for k in sorted(by_key, key=_order)]
 
 
-def write_archive(path: Path, null: dict | None, cells: list[dict]) -> Path:
-    """``path`` with ``null`` and ``cells`` (less :data:`NOT_ARCHIVED`)."""
+def write_archive(path: Path, measured: dict | None, null: dict | None, cells: list[dict]) -> Path:
+    """``path`` with ``measured`` (how the cells were measured), ``null`` and ``cells`` (less :data:`NOT_ARCHIVED`)."""
     kept = [{k: v for k, v in c.items() if k not in NOT_ARCHIVED} for c in cells]
     null = None if null is None else {k: v for k, v in null.items() if k not in NOT_ARCHIVED}
-    atomic_write_text(Path(path), json.dumps({"null": null, "cells": kept}, separators=(",", ":"), default=_plain) + "\n")
+    atomic_write_text(Path(path), json.dumps({"measured_with": measured, "null": null, "cells": kept}, separators=(",", ":"), default=_plain) + "\n")
     return Path(path)
 
 

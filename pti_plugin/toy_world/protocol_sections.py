@@ -35,16 +35,12 @@ H2_RECORDED = "h2_rows_recorded.json"
 
 def h1_section(out: Path, results: Path, h1, draws: int) -> tuple[dict, dict | None]:
     """H1's section and its null part (None when not measured here)."""
-    from .cell_archive import H1_ARCHIVE, h1_cell_id, merge_cells, read_archive, write_archive
+    from .cell_archive import H1_ARCHIVE, h1_cell_id, updated_archive
     from .h1_inversion import cell_name, load_cells
     from .h1_summary import summarise_h1
 
     null, measured = load_cells(out / "h1", h1)
-    archived_null, archived = read_archive(results / H1_ARCHIVE)
-    null = null if null is not None else archived_null
-    archive = merge_cells(archived, measured, h1_cell_id)
-    if archive:
-        write_archive(results / H1_ARCHIVE, null, archive)
+    null, archive, _ = updated_archive(results / H1_ARCHIVE, null, measured, h1_cell_id)
     grid = {h1_cell_id({"lr": lr, "seed": seed, "vectors": vectors}) for lr, seed, vectors in h1.cells()}
     cells = [c for c in archive if h1_cell_id(c) in grid]  # this grid's cells (the archive may hold others)
     title = "H1: reconstruction against editability along the inversion learning rate"
@@ -167,18 +163,16 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
     """H3's section: its summary (``h3_summary.json``) and plot, over the cells measured in ``out`` and
     those archived in ``results`` (:mod:`.cell_archive`). A summary over more cells than both hold (one
     from before the archive) is kept, not replaced."""
-    from .cell_archive import H3_ARCHIVE, h3_cell_id, lora_cell_count, merge_cells, read_archive, write_archive
+    from .cell_archive import H3_ARCHIVE, h3_cell_id, lora_cell_count, read_archive, updated_archive
     from .h3_lines import h3_lines, h3_plot
     from .h3_summary import summarise_h3
 
     title = "H3: pivot locality against the other variants at matched reconstruction"
     null, measured = measured_h3_cells(out, null, pivot_lr)
-    archived_null, archived = read_archive(results / H3_ARCHIVE)
-    if archived_null is not None and (null is None or "cell" not in null["a"]):  # without null.npz: no cells
-        null = archived_null
-    cells = merge_cells(archived, measured, h3_cell_id)
-    if cells:
-        write_archive(results / H3_ARCHIVE, null, cells)
+    if null is not None and "cell" not in null["a"]:  # without null.npz, no detected cells: the archive's null
+        null = read_archive(results / H3_ARCHIVE)[1] or null
+    null, cells, archived = updated_archive(results / H3_ARCHIVE, null, measured, h3_cell_id,
+                                            trained=lambda cell: cell["lr"] > 0)
     committed = results / "h3_summary.json"
     earlier = json.loads(committed.read_text()) if committed.is_file() else None
     lines = []
