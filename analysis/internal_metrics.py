@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         add_independent_truth(rows, parts)
     rows, folders = compact_rows(rows), [str(f) for f in args.folders]
     if earlier is not None:  # runs scored earlier whose folders are gone stay in
-        rows, folders, kept = with_committed_rows(rows, folders, earlier, args.seeds)
+        rows, folders, kept = with_committed_rows(rows, folders, earlier)
         if kept:
             print(f"kept {kept} runs scored earlier from {committed} (not under {', '.join(map(str, args.folders))}; "
                   "--replace drops them)")

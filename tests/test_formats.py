@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -161,6 +162,19 @@ def test_load_pti_refuses_before_changing_pipe(tiny, trained):
     assert not pipe.get_list_adapters()  # nothing half-loaded
 
 
+@contextlib.contextmanager
+def _messages_of(logger_name: str):
+    """The messages ``logger_name`` emits inside the ``with`` block (after its filters), as a list."""
+    logger, seen = logging.getLogger(logger_name), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_load_pti_of_a_unet_only_file_prints_no_text_encoder_notice(tiny, trained):
     """diffusers' "No LoRA keys associated to CLIPTextModel" says nothing for a UNet-only file: load_pti drops it
     while it loads such a file, and only then."""
@@ -171,11 +185,7 @@ def test_load_pti_of_a_unet_only_file_prints_no_text_encoder_notice(tiny, traine
     unet_only = {k: v for k, v in load_file(trained.lora).items() if not k.startswith("lora_te")}
     save_lora(trained.out / "unet_only.safetensors", unet_only, {})
     logger = logging.getLogger("diffusers.loaders.lora_base")
-    seen: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())
-    logger.addHandler(handler)
-    try:
+    with _messages_of(logger.name) as seen:
         plain = {k: v for k, v in unet_only.items() if not k.startswith(BUNDLE_PREFIX)}
         _pipe(tiny).load_lora_weights(plain)  # diffusers alone prints it
         assert any("No LoRA keys associated to CLIPTextModel" in m for m in seen)
@@ -184,8 +194,6 @@ def test_load_pti_of_a_unet_only_file_prints_no_text_encoder_notice(tiny, traine
         assert not any("No LoRA keys associated" in m for m in seen)
         logger.warning("No LoRA keys associated to something else")  # the filter left with the call
         assert seen == ["No LoRA keys associated to something else"]
-    finally:
-        logger.removeHandler(handler)
 
 
 def test_load_pti_prints_no_note_on_how_the_new_token_row_is_initialised(tiny, trained):
@@ -196,11 +204,7 @@ def test_load_pti_prints_no_note_on_how_the_new_token_row_is_initialised(tiny, t
     import transformers.utils.logging as hf_logging
 
     logger = logging.getLogger("transformers.modeling_utils")
-    seen: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())
-    logger.addHandler(handler)
-    try:
+    with _messages_of(logger.name) as seen:
         hf_logging.warning_once.cache_clear()  # transformers says it once per process
         _pipe(tiny).load_textual_inversion(trained.vectors, token="tok1")  # diffusers alone prints it
         assert any("initialized from a multivariate normal" in m for m in seen)
@@ -208,8 +212,8 @@ def test_load_pti_prints_no_note_on_how_the_new_token_row_is_initialised(tiny, t
         hf_logging.warning_once.cache_clear()
         assert load_pti(_pipe(tiny), trained.lora) == "tok1"  # the bundled embedding
         assert not any("multivariate normal" in m for m in seen)
-    finally:
-        logger.removeHandler(handler)
+        logger.warning("The new embeddings will be initialized from a multivariate normal x")  # the filter left
+        assert seen == ["The new embeddings will be initialized from a multivariate normal x"]
 
 
 def test_plain_diffusers_reproduces_in_memory_model(tiny, trained):

@@ -209,11 +209,9 @@ def check_committed_seeds(committed: dict, seeds: int) -> None:
                          "or --replace to summarise only the runs under the folders")
 
 
-def with_committed_rows(rows: list[dict], folders: list[str], committed: dict,
-                        seeds: int) -> tuple[list[dict], list[str], int]:
+def with_committed_rows(rows: list[dict], folders: list[str], committed: dict) -> tuple[list[dict], list[str], int]:
     """``rows`` (compact) plus the ``committed`` summary's rows of runs that ``rows`` lacks, the folders of
-    both, and how many rows were kept (:func:`check_committed_seeds` first)."""
-    check_committed_seeds(committed, seeds)
+    both, and how many rows were kept (the caller checks :func:`check_committed_seeds` before scoring)."""
     fresh = {r["run"] for r in rows}
     kept = [r for r in committed.get("rows", []) if r["run"] not in fresh]
     merged = sorted(rows + kept, key=lambda r: r["run"])
