@@ -7,6 +7,10 @@ start, naming the running process. The operating system drops the lock when its 
 however it dies, so a lock file left by a killed run (SIGKILL, power loss) is recognised as stale,
 named in a warning and taken over. The lock file is removed when the run ends.
 
+``exclusive_while_made`` is the blocking counterpart for a product several processes may start to
+make at once (a sweep's regularisation images): the second waits for the first, then finds the
+product made.
+
 While holding the lock, ``clean_leftover_temporaries`` removes the hidden temporary files
 (``.<name>.<random>.tmp`` files and ``.<name>-state-*`` folders) that a killed run's atomic writes
 left behind for this run's names; they are incomplete by construction, and each is named.
@@ -14,6 +18,7 @@ left behind for this run's names; they are incomplete by construction, and each 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -83,6 +88,22 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def exclusive_while_made(lock_path: Path):
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if needed), waiting for another holder to
+    finish; check whether the product exists *inside* the block. Without ``flock`` (Windows) it does not wait."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _read_owner(fd: int, default: str = "a process that did not say which") -> str:

@@ -297,3 +297,36 @@ def test_each_condition_of_the_h3_plot_has_its_own_look():
     assert len(set(looks)) == len(grid) == 11
     colour = {v: {s["color"] for (vv, _), s in zip(grid, styles) if vv == v} for v, _ in grid}
     assert all(len(c) == 1 for c in colour.values()) and len({next(iter(c)) for c in colour.values()}) == 6
+
+
+def test_reg_images_asked_by_two_processes_at_once_are_made_once(tmp_path, monkeypatch):
+    """Two queue workers start the first ``reg_images`` cells together: the second waits for the first's
+    images instead of making its own and moving the first's folder aside while its run reads it."""
+    import threading
+    import time
+
+    from pti_plugin.sweeps import bench
+
+    made = []
+
+    def slow_make(run_dir, class_word, reg_dir, count, args):
+        made.append(run_dir)
+        time.sleep(0.5)
+        folder = reg_dir / f"1_{class_word}"
+        folder.mkdir(parents=True)
+        for k in range(count):
+            (folder / f"{k:03d}.png").write_bytes(b"png")
+
+    monkeypatch.setattr(bench, "_make_reg_images", slow_make)
+    reg_dir = tmp_path / "reg"
+    results = []
+    workers = [threading.Thread(target=lambda name=name: results.append(
+        bench.generate_reg_images(Path(name), "character", reg_dir, 3, None))) for name in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(made) == 1
+    assert results == [reg_dir, reg_dir]
+    assert sorted(p.name for p in reg_dir.iterdir() if p.is_dir()) == ["1_character"]
+    assert len(list((reg_dir / "1_character").glob("*.png"))) == 3

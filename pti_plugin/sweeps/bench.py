@@ -237,7 +237,19 @@ def class_word_of(raw: dict, config) -> str:
 
 
 def generate_reg_images(run_dir: Path, class_word: str, reg_dir: Path, count: int, args) -> Path:
-    """``count`` images of ``T(class_word)`` by the base model, in kohya layout ``reg_dir/1_<class>/``; once."""
+    """``count`` images of ``T(class_word)`` by the base model, in kohya layout ``reg_dir/1_<class>/``; once,
+    also when several processes ask at the same time (the others wait under ``reg_dir/.lock``)."""
+    from pti_plugin.run_lock import exclusive_while_made
+
+    folder = reg_dir / f"1_{class_word}"
+    with exclusive_while_made(reg_dir / ".lock"):
+        if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
+            return reg_dir
+        _make_reg_images(run_dir, class_word, reg_dir, count, args)
+    return reg_dir
+
+
+def _make_reg_images(run_dir: Path, class_word: str, reg_dir: Path, count: int, args) -> None:
     import tempfile
 
     import numpy as np
@@ -247,10 +259,7 @@ def generate_reg_images(run_dir: Path, class_word: str, reg_dir: Path, count: in
     from pti_plugin.metrics.run_model import load_run
 
     folder = reg_dir / f"1_{class_word}"
-    if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
-        return reg_dir
     run = load_run(run_dir, device=args.device, class_word=class_word)
-    reg_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".reg.", dir=reg_dir))
     seeds = [10_000 + k for k in range(count)]
     images = generate_images(run, "{T}", False, seeds, args.sample_steps, args.guidance)
@@ -258,11 +267,10 @@ def generate_reg_images(run_dir: Path, class_word: str, reg_dir: Path, count: in
     for k, image in enumerate(np.asarray(images)):
         Image.fromarray(image).save(tmp / f"{k:03d}.png")
         (tmp / f"{k:03d}.txt").write_text(caption + "\n", encoding="utf-8")
-    if folder.exists():  # an incomplete earlier attempt
+    if folder.exists():  # an incomplete earlier attempt (a complete one returned above)
         folder.rename(reg_dir / f".incomplete-{time.time_ns()}")
     tmp.rename(folder)
     print(f"regularisation images: {count} of {caption!r} by the base model in {folder}", flush=True)
-    return reg_dir
 
 
 # ---------------------------------------------------------------------- main
