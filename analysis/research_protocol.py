@@ -40,7 +40,8 @@ BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("part", choices=("h1", "h2", "h3", "report", "all"))
-    parser.add_argument("--results", type=Path, default=Path("analysis/results/research_protocol"))
+    parser.add_argument("--results", type=Path, default=Path("analysis/results/research_protocol"),
+                        help="report: where it is written; h3: the cells its cell archive holds are not trained again")
     parser.add_argument("--draws", type=int, default=2000, help="report: bootstrap draws")
     parser.add_argument("--out", type=Path, default=Path("outputs/protocol"))
     parser.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the embedded toy world)")
@@ -161,11 +162,12 @@ def main(argv=None) -> None:
         print(f"h1: {len(cells)} cells in {args.out / 'h1'}")
         return
     if args.part == "h3":
+        from pti_plugin.toy_world.cell_archive import H3_ARCHIVE
         from pti_plugin.toy_world.h3_variants import run_h3
 
         h3 = h3_settings(args)
         cells = run_h3(model, args.out / "h3", base, h3, h1_out=args.out / "h1",
-                       wait_seconds=args.wait)
+                       wait_seconds=args.wait, archive=args.results / H3_ARCHIVE)
         print(f"h3: {len(cells)} cells in {args.out / 'h3'}")
         return
     h2 = H2Settings.quick() if args.quick else H2Settings()

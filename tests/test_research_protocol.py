@@ -163,6 +163,24 @@ def test_train_run_keeps_one_preset_file_per_run_even_with_dotted_names(tmp_path
     assert toml.load(tmp_path / "runs" / f"{first.name}.toml")["learning_rate"] == 2.5e-5
 
 
+def test_train_run_leaves_a_run_another_process_is_training(tmp_path, monkeypatch):
+    """Two processes asked for the same unfinished cell: the second must not delete the first's folder
+    (and its lock) and train over it; it is refused, naming the process, and the folder is left alone."""
+    import pti_plugin.cli
+    from pti_plugin.config import ConfigError
+    from pti_plugin.run_lock import RunLock
+    from pti_plugin.toy_world.premise import train_run
+
+    monkeypatch.setattr(pti_plugin.cli, "main", lambda argv: pytest.fail("trained over a running run"))
+    run_dir = tmp_path / "runs" / "h3-none-lr0.001-seed1-aaa"
+    run_dir.mkdir(parents=True)
+    (run_dir / "premise.log.jsonl").write_text("step 435\n")
+    with RunLock(run_dir, "premise"):  # the first process, still training
+        with pytest.raises(ConfigError, match=f"another run is writing to {run_dir}"):
+            train_run({"seed": 1, "output_name": "premise"}, run_dir, lambda s: None)
+        assert (run_dir / "premise.log.jsonl").read_text() == "step 435\n"
+
+
 def test_h2_reading_needs_position_to_leave_the_null_band():
     from pti_plugin.toy_world.protocol_report import h2_verdict
 
@@ -316,3 +334,43 @@ def test_cells_measured_otherwise_are_refused_and_the_archive_is_left_alone(quic
     with pytest.raises(SystemExit, match="h3_cell_records.json archives cells measured with"):
         research_protocol.main(report)
     assert (committed / "h3_cell_records.json").read_bytes() == archive
+
+
+def test_h3_trains_only_the_cells_the_archive_lacks(quick_protocol, tmp_path):
+    """A clone (another working folder, no runs) asked for the grid trains only what the cell archive
+    does not hold as trained and measured alike; the fingerprint does not depend on the folder."""
+    import shutil
+    from pathlib import Path
+
+    import toml
+
+    from pti_plugin.toy_world.cell_archive import trained_with
+    from pti_plugin.toy_world.h3_variants import H3Settings, run_h3
+    from pti_plugin.toy_world import WEIGHTS_DIR
+
+    out, results = quick_protocol
+    base = toml.load(Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml")
+    committed = tmp_path / "results"
+    shutil.copytree(results, committed)
+    archive_path = committed / "h3_cell_records.json"
+
+    logs: list[str] = []  # everything archived: nothing trained, and no pivot needed (this clone has no H1)
+    assert run_h3(WEIGHTS_DIR, tmp_path / "clone" / "h3", base, H3Settings.quick(), log=logs.append,
+                  h1_out=tmp_path / "clone" / "h1", archive=archive_path) == []
+    assert not (tmp_path / "clone" / "h3" / "runs").exists()
+    assert any("4 of 4 cells are in the cell archive" in line for line in logs)
+
+    archive = json.loads(archive_path.read_text())
+    tampered = next(c for c in archive["cells"] if c["lr"] > 0 and c["variant"] == "half_angle" and c["seed"] == 1)
+    original, tampered["trained_with"] = tampered["trained_with"], "0" * 12  # as if trained from another preset
+    archive_path.write_text(json.dumps(archive))
+    logs.clear()
+    cells = run_h3(WEIGHTS_DIR, tmp_path / "other" / "h3", base, H3Settings.quick(), log=logs.append,
+                   h1_out=out / "h1", archive=archive_path)
+    assert [(c["variant"], c["seed"]) for c in cells] == [("half_angle", 1)]
+    assert [p.name.rsplit("-", 1)[0] for p in (tmp_path / "other" / "h3" / "runs").iterdir() if p.is_dir()] == \
+        ["h3-half_angle-w10-lr0.001-seed1"]
+    assert any("3 of 4 cells are in the cell archive" in line for line in logs)
+    part = json.loads((tmp_path / "other" / "h3" / "parts" / "h3-half_angle-w10-lr0.001-seed1.json").read_text())
+    assert trained_with(part["settings"]["preset"]) == original  # other folder, same fingerprint
+    assert part["settings"]["preset"]["train_data_dir"] != str(out / "h3" / "data")

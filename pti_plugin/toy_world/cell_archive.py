@@ -9,10 +9,15 @@ presets, and once how they were measured (``measured_with``: the model's digest,
 settings, the training steps). Each rebuild summarises the union of an archive and the working folder
 (the working folder wins for a cell in both) and writes it back; cells measured otherwise than the
 archive's are refused, so a ``--quick`` or another model's report cannot slip into a committed archive.
+
+Each archived cell also records how it was trained in a form another machine computes alike
+(``trained_with``: :func:`trained_with` of its preset), so that ``h3`` can leave a cell the archive
+already holds untrained (:func:`archived_training`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +28,37 @@ H1_ARCHIVE = "h1_cell_records.json"
 H3_ARCHIVE = "h3_cell_records.json"
 #: What a part holds that the summaries do not read (the preset, with this machine's paths; the time).
 NOT_ARCHIVED = ("settings", "seconds")
+
+
+def _pivot_cell(path: str) -> str:
+    """The H1 cell a pivot file comes from: its run folder's name less the digest of the machine's preset
+    (:func:`~.h1_inversion.cell_run_dir`)."""
+    return Path(path).parent.name.rsplit("-", 1)[0]
+
+
+#: Preset keys that hold this machine's paths, and what a fingerprint keeps of each: the model is in
+#: ``measured_with`` by its digest; the dataset and the regularisation images are made by code from it.
+MACHINE_PATHS: dict[str, Callable[[str], str]] = {
+    "pretrained_model_name_or_path": lambda path: "model", "train_data_dir": lambda path: "data",
+    "reg_data_dir": lambda path: "regularisation images", "weights": _pivot_cell}
+
+
+def trained_with(preset: dict) -> str:
+    """A digest of a cell's training preset with its paths replaced by what they stand for
+    (:data:`MACHINE_PATHS`): the same on every machine and in every working folder."""
+    portable = {key: (MACHINE_PATHS[key](value) if key in MACHINE_PATHS and value else value)
+                for key, value in preset.items()}
+    return hashlib.sha256(json.dumps(portable, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def archived_training(path: Path | None, measuring: dict, key: Callable[[dict], tuple]) -> dict[tuple, str]:
+    """``key(cell) -> trained_with`` of the cells archived at ``path``, when the archive's cells were measured as
+    ``measuring`` (:func:`measured_with` of the part about to run); empty without an archive, when it was
+    measured otherwise, and for cells archived before fingerprints were."""
+    archived_with, _, cells = read_archive(path) if path is not None else (None, None, [])
+    if archived_with != measuring:
+        return {}
+    return {key(cell): cell["trained_with"] for cell in cells if "trained_with" in cell}
 
 
 def h1_cell_id(cell: dict) -> tuple[float, int, int]:
@@ -86,10 +122,17 @@ def merge_cells(archived: list[dict], measured: list[dict], key: Callable[[dict]
 
 def write_archive(path: Path, measured: dict | None, null: dict | None, cells: list[dict]) -> Path:
     """``path`` with ``measured`` (how the cells were measured), ``null`` and ``cells`` (less :data:`NOT_ARCHIVED`)."""
-    kept = [{k: v for k, v in c.items() if k not in NOT_ARCHIVED} for c in cells]
+    kept = [_archived(c) for c in cells]
     null = None if null is None else {k: v for k, v in null.items() if k not in NOT_ARCHIVED}
     atomic_write_text(Path(path), json.dumps({"measured_with": measured, "null": null, "cells": kept}, separators=(",", ":"), default=_plain) + "\n")
     return Path(path)
+
+
+def _archived(cell: dict) -> dict:
+    """``cell`` less :data:`NOT_ARCHIVED`, with ``trained_with`` from its part's preset when it has one."""
+    preset = (cell.get("settings") or {}).get("preset")
+    fingerprint = {"trained_with": trained_with(preset)} if preset else {}
+    return {k: v for k, v in cell.items() if k not in NOT_ARCHIVED} | fingerprint
 
 
 def _plain(value):

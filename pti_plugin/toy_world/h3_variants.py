@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..atomic_io import atomic_write_text
+from .cell_archive import archived_training, h3_cell_id, measured_with, trained_with
 from .detectors import detect
 from .h1_inversion import NEUTRAL_KEYS, H1Settings, neutral_records, pivot_file
 from .h2_runs import wait_for
@@ -205,23 +206,28 @@ def cell_name(variant: str, weight: float | None, lr: float, seed: int) -> str:
     return f"h3-{variant}{strength}-lr{lr:g}-seed{seed}"
 
 
-def reg_images_dir(model: Path, out: Path, settings: H3Settings, run_dir: Path) -> Path:
-    """The kohya folder of ``settings.reg_images`` base-model images of the class word (made once per
-    model and sampling settings, by :func:`~pti_plugin.sweeps.bench.generate_reg_images` from ``run_dir``)."""
+def reg_images_dir(model: Path, out: Path, settings: H3Settings) -> Path:
+    """The kohya folder of ``settings.reg_images`` base-model images of the class word (one per model and
+    sampling settings; made by :func:`make_reg_images`)."""
+    key = {"model_digest": model_digest(model), "class_word": settings.class_word} | settings.sampling()
+    return out / f"reg-{preset_digest(key)}"
+
+
+def make_reg_images(reg_dir: Path, settings: H3Settings, run_dir: Path) -> Path:
+    """``reg_dir``'s images, once, by :func:`~pti_plugin.sweeps.bench.generate_reg_images` from ``run_dir``."""
     from ..sweeps.bench import generate_reg_images
 
-    key = {"model_digest": model_digest(model), "class_word": settings.class_word} | settings.sampling()
     sampling = SimpleNamespace(device="cpu", sample_steps=settings.sample_steps, guidance=settings.guidance)
-    return generate_reg_images(run_dir, settings.class_word, out / f"reg-{preset_digest(key)}", settings.reg_images,
-                               sampling)
+    return generate_reg_images(run_dir, settings.class_word, reg_dir, settings.reg_images, sampling)
 
 
 def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3Settings(),
            log: Callable[[str], None] = lambda text: print(text, flush=True),
-           h1_out: Path | None = None, wait_seconds: float = 0.0) -> list[dict]:
-    """Train and measure every cell under ``out``;
+           h1_out: Path | None = None, wait_seconds: float = 0.0, archive: Path | None = None) -> list[dict]:
+    """Train and measure every cell under ``out``, except those the cell archive ``archive`` holds as
+    measured and trained alike (:func:`~.cell_archive.archived_training`; a part in ``out`` is reused first);
     the pivots are the H1 grid's under ``h1_out`` (default ``out``), waited for up to ``wait_seconds``.
-    Returns the cells' records, each with ``variant``, ``weight``, ``lr``, ``seed``, ``steps``."""
+    Returns the records of the cells measured or reused, each with ``variant``, ``weight``, ``lr``, ``seed``, ``steps``."""
     model, out = Path(model).resolve(), Path(out).resolve()
     h1_out = out if h1_out is None else Path(h1_out).resolve()
     data_dir = out / "data"
@@ -230,25 +236,46 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
     parts = Parts(out, log)
     digest = model_digest(model)
     common = {"model_digest": digest} | settings.sampling()
-    parts.get(BASE_DRIFT_PART, common | {"prompts": list(DRIFT_PROMPTS)}, lambda: measure_base_drift(model, settings))
-    base_drift = np.load(out / "parts" / f"{BASE_DRIFT_PART}.npz")["images"]
-    seeds = list(settings.training_seeds)
-    pivots = {s: wait_for(pivot_file(model, h1_out, base_preset, settings.h1, settings.pivot_lr, s), log,
-                          timeout_seconds=wait_seconds) for s in seeds}
-    reg_dir = (reg_images_dir(model, out, settings, pivots[seeds[0]].parent)
-               if "reg_images" in settings.variants and seeds else None)
-    cells = []
+    pivots = {s: pivot_file(model, h1_out, base_preset, settings.h1, settings.pivot_lr, s) for s in settings.training_seeds}
+    reg_dir = reg_images_dir(model, out, settings)
+    todo = []
     for variant, weight, lr, seed in settings.cells():
         preset = cell_preset(base_preset, model, data_dir, settings, variant, weight, lr, seed, pivots[seed], reg_dir)
+        todo.append((variant, weight, lr, seed, preset, common | {"preset": preset}))
+    todo = _not_archived(todo, parts, archive, log)
+    fresh = [cell for cell in todo if parts.cached(cell_name(*cell[:4]), cell[5]) is None]  # to train
+    base_drift = None
+    if fresh:
+        parts.get(BASE_DRIFT_PART, common | {"prompts": list(DRIFT_PROMPTS)}, lambda: measure_base_drift(model, settings))
+        base_drift = np.load(out / "parts" / f"{BASE_DRIFT_PART}.npz")["images"]
+    for seed in dict.fromkeys(cell[3] for cell in fresh):
+        wait_for(pivots[seed], log, timeout_seconds=wait_seconds)
+    if any(cell[0] == "reg_images" for cell in fresh):
+        make_reg_images(reg_dir, settings, pivots[fresh[0][3]].parent)
+    cells = []
+    for variant, weight, lr, seed, preset, part_settings in todo:
         name = cell_name(variant, weight, lr, seed)
         run_dir = out / "runs" / f"{name}-{preset_digest(preset | {'model_digest': digest})}"
-        record = parts.get(name, common | {"preset": preset},
-                           lambda: measure_cell(train_run(preset, run_dir, log), settings, base_drift))
+        record = parts.get(name, part_settings, lambda: measure_cell(train_run(preset, run_dir, log), settings, base_drift))
         cells.append(record | {"variant": variant, "weight": weight, "lr": lr, "seed": seed, "steps": settings.steps})
     summary = {"settings": dataclasses.asdict(settings), "model": str(model),
                "cells": [{k: v for k, v in c.items() if not isinstance(v, list) and k != "settings"} for c in cells]}
     atomic_write_text(out / "h3_cells.json", json.dumps(summary, indent=1) + "\n")
     return cells
+
+
+def _not_archived(todo: list[tuple], parts: Parts, archive: Path | None, log: Callable[[str], None]) -> list[tuple]:
+    """The planned cells ``(variant, weight, lr, seed, preset, part settings)`` less those ``archive`` holds as
+    measured and trained alike, unless ``out`` has their part (then it is reused)."""
+    if archive is None or not todo:
+        return todo
+    archived = archived_training(archive, measured_with({"settings": todo[0][5]}), h3_cell_id)
+    kept = [cell for cell in todo
+            if parts.cached(cell_name(*cell[:4]), cell[5]) or archived.get(cell[:4]) != trained_with(cell[4])]
+    if len(kept) < len(todo):
+        log(f"h3: {len(todo) - len(kept)} of {len(todo)} cells are in the cell archive {archive} (trained and "
+            "measured alike): not trained again")
+    return kept
 
 
 CELL_NAME = re.compile(r"^h3-(?P<variant>[a-z_]+?)(?:-w(?P<weight>[0-9.e+-]+?))?-lr(?P<lr>[0-9.e+-]+)-seed(?P<seed>-?\d+)$")

@@ -147,9 +147,13 @@ class Parts:
         self.folder = out / "parts"
         self.log = log
 
+    def cached(self, name: str, settings: dict) -> dict | None:
+        """The part ``name`` when it was measured under ``settings``, else None."""
+        return read_cache(self.folder / f"{name}.json", settings, None)
+
     def get(self, name: str, settings: dict, compute: Callable[[], dict]) -> dict:
         path = self.folder / f"{name}.json"
-        cached = read_cache(path, settings, None)
+        cached = self.cached(name, settings)
         if cached is not None:
             self.log(f"premise: {name} cached")
             return cached
@@ -290,9 +294,14 @@ def train_run(preset: dict, run_dir: Path, log: Callable[[str], None]) -> Path:
 
     from ..cli import main as train_main
 
+    from ..run_lock import RunLock
+
     if (run_dir / "premise.safetensors").is_file():
         return run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run restarts (runs take minutes)
+    if run_dir.is_dir():  # unfinished: refused (naming the process) while another process trains it, else restarted
+        with RunLock(run_dir, preset["output_name"]):
+            pass
+    shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     path = run_dir.parent / f"{run_dir.name}.toml"  # not with_suffix: a name like "lr2.5e-05-..." holds a dot
     atomic_write_text(path, toml.dumps(preset | {"output_dir": str(run_dir)}))
