@@ -229,3 +229,34 @@ def test_runs_scored_earlier_stay_in_the_summary_when_their_folder_is_gone(tmp_p
         script.main([str(runs), "--out", str(out), "--draws", "50", "--seeds", "8"])
     assert script.main([str(runs), "--out", str(out), "--draws", "50", "--replace"]) == 0
     assert capsys.readouterr().out.strip().endswith("runs=5")
+
+
+def test_copies_within_a_training_seed_add_no_evidence_when_seeds_are_resampled():
+    """Runs of one training seed that barely differ (lr 1e-5: the pivot plus noise) are one observation,
+    not ten. Resampling training seeds, ten copies of each seed's run give exactly the interval of the
+    distinct runs (Spearman is invariant to duplicating every point alike); resampling runs, the copies
+    make a noisy 5-point relation look decided."""
+    from pti_plugin.metrics.correlation import correlation_interval, within_group_spearman
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=5), rng.normal(size=5)  # one run per training seed, no real relation
+    seeds = [42, 1, 2, 3, 4]
+    copies = 10
+    x10, y10, seeds10 = np.repeat(x, copies), np.repeat(y, copies), np.repeat(seeds, copies).tolist()
+    distinct = correlation_interval(x, y, draws=400, clusters=seeds)
+    clustered = correlation_interval(x10, y10, draws=400, clusters=seeds10)
+    assert (clustered["spearman_lo"], clustered["spearman_hi"]) == \
+        pytest.approx((distinct["spearman_lo"], distinct["spearman_hi"]), abs=1e-12)
+    own = correlation_interval(x, y, draws=400)  # every pair its own cluster: the run-level bootstrap
+    assert (own["spearman_lo"], own["spearman_hi"]) == (distinct["spearman_lo"], distinct["spearman_hi"])
+    runs = correlation_interval(x10, y10, draws=400)
+    assert runs["spearman_hi"] - runs["spearman_lo"] < 0.6 * (clustered["spearman_hi"] - clustered["spearman_lo"])
+
+    # the same inside learning rates: 5 seeds x 2 rates, each run copied within its seed
+    xs, ys = rng.normal(size=10), rng.normal(size=10)
+    rates, seed_of = [1e-5] * 5 + [1e-3] * 5, seeds * 2
+    base = within_group_spearman(xs, ys, rates, draws=300, clusters=seed_of)
+    dup = within_group_spearman(np.repeat(xs, 4), np.repeat(ys, 4), np.repeat(rates, 4).tolist(), draws=300,
+                                clusters=np.repeat(seed_of, 4).tolist())
+    assert dup["spearman"] == pytest.approx(base["spearman"], abs=1e-12)
+    assert (dup["spearman_lo"], dup["spearman_hi"]) == pytest.approx((base["spearman_lo"], base["spearman_hi"]), abs=1e-12)

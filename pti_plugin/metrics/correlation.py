@@ -19,11 +19,30 @@ import numpy as np
 from .replication import resampled_interval
 
 
-def _pairs(x: Sequence, y: Sequence) -> tuple[np.ndarray, np.ndarray]:
-    keep = [(float(a), float(b)) for a, b in zip(x, y, strict=True)
+def _finite(x: Sequence, y: Sequence) -> list[int]:
+    """Indices of the pairs where both values are present and finite."""
+    return [k for k, (a, b) in enumerate(zip(x, y, strict=True))
             if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
-    arr = np.asarray(keep, dtype=np.float64).reshape(-1, 2)
-    return arr[:, 0], arr[:, 1]
+
+
+def _pairs(x: Sequence, y: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    keep = _finite(x, y)
+    return (np.array([float(x[k]) for k in keep], dtype=np.float64),
+            np.array([float(y[k]) for k in keep], dtype=np.float64))
+
+
+def _cluster_members(labels: Sequence | None, kept: list[int]) -> list[np.ndarray] | None:
+    """Index arrays (into the kept pairs) of each cluster label among ``labels[kept]``; None without labels.
+    A pair labelled None is a cluster of its own."""
+    if labels is None:
+        return None
+    names = [labels[k] if labels[k] is not None else ("unlabelled", k) for k in kept]
+    order = list(dict.fromkeys(names))
+    index = {name: i for i, name in enumerate(order)}
+    members: list[list[int]] = [[] for _ in order]
+    for position, name in enumerate(names):
+        members[index[name]].append(position)
+    return [np.array(m, dtype=np.int64) for m in members]
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -55,15 +74,18 @@ def correlation(x: Sequence, y: Sequence) -> dict[str, float | int]:
     return {"pearson": _pearson(a, b), "spearman": _pearson(ranks(a), ranks(b)), "n": int(len(a))}
 
 
-def correlation_interval(x: Sequence, y: Sequence, draws: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+def correlation_interval(x: Sequence, y: Sequence, draws: int = 2000, level: float = 0.95, seed: int = 0,
+                         clusters: Sequence | None = None) -> dict:
     """:func:`correlation` plus a percentile bootstrap interval on Spearman's rho (``spearman_lo``,
-    ``spearman_hi``) from ``draws`` resamples of the pairs; resamples where one side is constant are left
-    out. Both ends are nan below 3 pairs."""
+    ``spearman_hi``) from ``draws`` resamples of the pairs, or, with ``clusters`` (pair k's unit of
+    replication, e.g. its run's training seed), of whole clusters; resamples where one side is constant
+    are left out. Both ends are nan below 3 pairs."""
     out = correlation(x, y)
     a, b = _pairs(x, y)
     if len(a) < 3:
         return out | {"spearman_lo": float("nan"), "spearman_hi": float("nan")}
-    rho = resampled_interval(len(a), lambda p: _pearson(ranks(a[p]), ranks(b[p])), draws, level, seed)
+    rho = resampled_interval(len(a), lambda p: _pearson(ranks(a[p]), ranks(b[p])), draws, level, seed,
+                             clusters=_cluster_members(clusters, _finite(x, y)))
     return out | {"spearman_lo": rho.lo, "spearman_hi": rho.hi}
 
 
@@ -79,27 +101,28 @@ def _mean_rho_within(a: np.ndarray, b: np.ndarray, members: list[np.ndarray]) ->
 
 
 def within_group_spearman(x: Sequence, y: Sequence, groups: Sequence, draws: int = 2000, level: float = 0.95,
-                          seed: int = 0) -> dict:
+                          seed: int = 0, clusters: Sequence | None = None) -> dict:
     """Spearman's rho of ``x`` and ``y`` inside each group (``groups[k]``: the group of pair k, e.g. a run's
     learning rate; None leaves the pair out), averaged over the groups with weights = their pairs.
 
     It asks whether ``x`` ranks items *that share a group* as ``y`` does, leaving out the agreement the
     groups alone would give (runs at a low rate sitting low on both). A group counts where its rho is
     defined (at least 3 finite pairs, neither side constant). Interval: percentile bootstrap over
-    ``draws`` resamples of the pairs within each group. Returns ``{"spearman", "spearman_lo",
+    ``draws`` resamples of the pairs within each group, or, with ``clusters`` (pair k's unit of
+    replication, e.g. its run's training seed), of whole clusters across the groups. Returns ``{"spearman", "spearman_lo",
     "spearman_hi", "n", "groups"}`` (``n``: pairs in the groups that count); nan where no group counts.
     """
-    kept = [(float(a), float(b), g) for a, b, g in zip(x, y, groups, strict=True)
-            if g is not None and a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
-    a = np.array([k[0] for k in kept], dtype=np.float64)
-    b = np.array([k[1] for k in kept], dtype=np.float64)
-    names = list(dict.fromkeys(k[2] for k in kept))
-    labels = np.array([names.index(k[2]) for k in kept], dtype=np.int64)  # [pairs] group index
+    finite = [k for k in _finite(x, y) if groups[k] is not None]
+    a = np.array([float(x[k]) for k in finite], dtype=np.float64)
+    b = np.array([float(y[k]) for k in finite], dtype=np.float64)
+    names = {g: i for i, g in enumerate(dict.fromkeys(groups[k] for k in finite))}
+    labels = np.array([names[groups[k]] for k in finite], dtype=np.int64)  # [pairs] group index
     members = [np.flatnonzero(labels == g) for g in range(len(names))]
     estimate, n, counted = _mean_rho_within(a, b, members)
     out = {"spearman": estimate, "n": n, "groups": counted, "spearman_lo": float("nan"), "spearman_hi": float("nan")}
     if counted == 0:
         return out
+    clustered = _cluster_members(clusters, finite)
     rho = resampled_interval(len(a), lambda p: _mean_rho_within(a, b, [p[labels[p] == g] for g in range(len(names))])[0],
-                             draws, level, seed, strata=members)
+                             draws, level, seed, strata=None if clustered else members, clusters=clustered)
     return out | {"spearman_lo": rho.lo, "spearman_hi": rho.hi}

@@ -60,17 +60,27 @@ def _percentile_interval(estimate: float, replicates: np.ndarray, level: float) 
 
 
 def resampled_interval(n: int, statistic: Callable[[np.ndarray], float], draws: int = 2000, level: float = 0.95,
-                       seed: int = 0, strata: list[np.ndarray] | None = None) -> Interval:
+                       seed: int = 0, strata: list[np.ndarray] | None = None,
+                       clusters: list[np.ndarray] | None = None) -> Interval:
     """``statistic(indices)`` of ``n`` items (all of them, in order, for the estimate), with a percentile interval
     over ``draws`` resamples of the items with replacement; resamples whose statistic is not finite (a
     constant resample's correlation) are left out, and both ends are nan when none is left.
 
     ``strata``: index arrays that partition the items; each resample then draws within each stratum (as
-    many as it holds) and hands ``statistic`` the strata's draws one after the other."""
+    many as it holds) and hands ``statistic`` the strata's draws one after the other.
+
+    ``clusters``: index arrays that partition the items into units of replication (the runs of one
+    training seed, which share its pivot); each resample then draws as many clusters as there are, with
+    replacement, and hands ``statistic`` all their items. Items that are copies of one another within a
+    cluster then add no evidence. Not with ``strata``."""
     _check_settings(draws, level)
+    if strata is not None and clusters is not None:
+        raise ValueError("resampled_interval takes strata or clusters, not both")
     rng = np.random.default_rng(seed)
 
     def resample() -> np.ndarray:
+        if clusters is not None:
+            return np.concatenate([clusters[c] for c in rng.integers(0, len(clusters), len(clusters))])
         if strata is None:
             return rng.integers(0, n, n)
         return np.concatenate([stratum[rng.integers(0, len(stratum), len(stratum))] for stratum in strata])

@@ -5,9 +5,10 @@ of ``tok1`` (``attention_leakage``), reconstruction from the denoising proxy and
 the edit-direction proxy. On the toy world every finished LoRA run is scored both ways by
 :func:`~.run_scores.score_run` (the research bench's scorer and cache, ``<run>/bench_scores.json``:
 ground truth and internal metrics from the same generations), and each pair of :func:`pairs` gets
-Spearman's rho over runs with a 95% percentile bootstrap interval over runs
-(:func:`~pti_plugin.metrics.correlation.correlation_interval`). Runs of one training seed share their pivot,
-so the run-level interval is if anything too narrow.
+Spearman's rho over runs with a 95% percentile bootstrap interval over *training seeds*
+(:func:`~pti_plugin.metrics.correlation.correlation_interval` with ``clusters``): the runs of one
+training seed share its pivot (at lr 1e-5 they are that pivot plus noise), so they are resampled
+together, the seed being the unit of replication. Runs that are not H3 cells count as their own unit.
 
 Every version of the leakage metric the scorer computes is reported (:data:`LEAKAGE_VERSIONS`), not
 only the best, against the target rho :data:`TARGET`. One more version is measured here
@@ -144,37 +145,48 @@ def run_learning_rate(name: str) -> float | None:
     return None if key is None else key[2]
 
 
+def run_training_seed(name: str) -> int | None:
+    """The training seed of an H3 run (its unit of replication), else None."""
+    from .h3_variants import cell_key
+
+    key = cell_key(name.rsplit("-", 1)[0])
+    return None if key is None else key[3]
+
+
 #: The pairs :func:`per_rate` breaks down by learning rate: the metric the real-model path reports, and the ceiling.
 PER_RATE_PAIRS = (("attention_leakage", INDEPENDENT), ("gt_leakage", INDEPENDENT))
 
 
 def per_rate(rows: list[dict], rates: list[float | None], draws: int = 2000) -> list[dict]:
     """For each learning rate (``rates[k]``: row k's, from :func:`run_learning_rate`) and each of
-    :data:`PER_RATE_PAIRS`: Spearman with its interval over that rate's runs, and the spread (standard
+    :data:`PER_RATE_PAIRS`: Spearman over that rate's runs with its interval over their training seeds, and the spread (standard
     deviation) of the truth there, which says whether the runs of that rate differ enough to be ranked."""
     out = []
     for rate in sorted({r for r in rates if r is not None}):
         members = [row for row, r in zip(rows, rates) if r == rate]
+        seeds = [run_training_seed(row["run"]) for row in members]
         for internal, truth in PER_RATE_PAIRS:
             values = [row[truth] for row in members if isinstance(row.get(truth), (int, float))]
-            c = correlation_interval([row.get(internal) for row in members], [row.get(truth) for row in members], draws)
+            c = correlation_interval([row.get(internal) for row in members], [row.get(truth) for row in members], draws,
+                                     clusters=seeds)
             out.append({"lr": rate, "internal": internal, "ground_truth": truth, "truth_sd": float(np.std(values))
-                        if values else float("nan")} | c)
+                        if values else float("nan"), "training_seeds": len(set(seeds))} | c)
     return out
 
 
 def summarise(rows: list[dict], draws: int = 2000) -> dict:
-    """Each pair's Pearson, Spearman (interval over runs) and n, and ``within_lr``: Spearman inside each
+    """Each pair's Pearson, Spearman (interval over training seeds) and n, and ``within_lr``: Spearman inside each
     learning rate, averaged (:func:`~pti_plugin.metrics.correlation.within_group_spearman`; does the metric
     rank runs trained at the same rate?); for the leakage versions, whether the pooled interval lies at or
     above :data:`TARGET` (the reading :func:`verdict` calls "meets")."""
     out = []
     rates = [run_learning_rate(r["run"]) for r in rows]
+    seeds = [run_training_seed(r["run"]) for r in rows]
     for internal, truth, sign in pairs():
         x, y = [r.get(internal) for r in rows], [r.get(truth) for r in rows]
-        c = correlation_interval(x, y, draws)
+        c = correlation_interval(x, y, draws, clusters=seeds)
         entry = ({"internal": internal, "ground_truth": truth, "expected_sign": sign} | c
-                 | {"within_lr": within_group_spearman(x, y, rates, draws)})
+                 | {"within_lr": within_group_spearman(x, y, rates, draws, clusters=seeds)})
         if truth == INDEPENDENT and internal in LEAKAGE_TRUTHS:
             entry["version"] = RELIABILITY
         if internal in LEAKAGE_VERSIONS:
@@ -239,13 +251,13 @@ def _rho(c: dict) -> str:
 
 def summary_lines(summary: dict) -> list[str]:
     """The report's Markdown: one row per pair, the leakage versions first."""
-    head = ["internal metric", "version", "ground truth", "expected sign", "Spearman [95% over runs]",
+    head = ["internal metric", "version", "ground truth", "expected sign", "Spearman [95%, seeds resampled]",
             "Spearman within a learning rate [95%]", "Pearson", "runs"]
     lines = [f"Spearman's rho over {summary['runs']} LoRA runs (ground truth and internal metric from the same "
              f"generations); target for the attention leakage: rho >= {summary['target']:g}. Every leakage version "
              "the scorer computes is listed. *Within a learning rate*: rho inside each rate's runs, averaged with "
-             "weights = runs (interval: runs resampled within each rate); it leaves out the agreement that comes "
-             "from barely and fully trained runs sitting apart on both.", "",
+             "weights = runs; it leaves out the agreement that comes from barely and fully trained runs sitting apart "
+             "on both. Intervals resample training seeds, each with all its runs (a seed's runs share its pivot).", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in summary["correlations"]:
         within = c.get("within_lr") or {}
@@ -254,9 +266,10 @@ def summary_lines(summary: dict) -> list[str]:
                      f"{_rho(c)} | {within_text} | "
                      f"{_num(c['pearson'])} | {c['n']} |")
     if summary.get("per_rate"):
-        lines += ["", "By learning rate (Spearman over that rate's runs; the truth's spread says whether they differ "
-                  "enough to be ranked):", "", "| lr | internal metric | ground truth | Spearman [95%] | truth's sd | runs |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {c['lr']:g} | `{c['internal']}` | `{c['ground_truth']}` | {_rho(c)} | {c['truth_sd']:.3f} | {c['n']} |"
-                  for c in summary["per_rate"]]
+        lines += ["", "By learning rate (Spearman over that rate's runs, interval over its training seeds; the truth's "
+                  "spread says whether they differ enough to be ranked):", "",
+                  "| lr | internal metric | ground truth | Spearman [95%] | truth's sd | runs | training seeds |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {c['lr']:g} | `{c['internal']}` | `{c['ground_truth']}` | {_rho(c)} | {c['truth_sd']:.3f} | {c['n']} | "
+                  f"{c.get('training_seeds', 'n/a')} |" for c in summary["per_rate"]]
     return lines
