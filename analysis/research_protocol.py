@@ -41,14 +41,15 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("part", choices=("h1", "h2", "h3", "report", "all"))
     parser.add_argument("--results", type=Path, default=Path("analysis/results/research_protocol"),
-                        help="report: where it is written; h3: the cells its cell archive holds are not trained again")
+                        help="report: where it is written; h1, h3: the cells its cell archives hold are not trained again")
     parser.add_argument("--draws", type=int, default=2000, help="report: bootstrap draws")
     parser.add_argument("--out", type=Path, default=Path("outputs/protocol"))
     parser.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the embedded toy world)")
     parser.add_argument("--seeds", default=None,
                         help="training seeds to run, comma-separated (default: the part's; others add seeds)")
     parser.add_argument("--no_vectors", action="store_true", help="h1: only the 1-vector grid")
-    parser.add_argument("--pivot_lr", type=float, default=2.75e-5, help="h2: the H1 learning rate whose pivot LoRAs start from")
+    parser.add_argument("--pivot_lr", type=float, default=2.75e-5,
+                        help="h2, h3: the H1 learning rate whose pivot LoRAs start from (h1 always trains those cells)")
     parser.add_argument("--wait", type=float, default=0.0, help="h2: seconds to wait for a missing pivot")
     parser.add_argument("--lrs", default=None,
                         help="learning rates of the part's grid, comma-separated (h1: inversion; h2, h3: LoRA; default: the part's)")
@@ -143,22 +144,24 @@ def main(argv=None) -> None:
     model = args.model or Path(default_model_dir())
     base = toml.load(BENCH_PRESET)
     h1 = H1Settings.quick() if args.quick else H1Settings()
+    pivot_lr = h1.inversion_lrs[0] if args.quick else args.pivot_lr  # the H1 cells H2 and H3 start from
     seeds = seed_list(args.seeds) if args.seeds else None
     if args.part == "report":
         from pti_plugin.toy_world.protocol_sections import write_protocol_report
 
-        pivot_lr = h1.inversion_lrs[0] if args.quick else args.pivot_lr
         page = write_protocol_report(args.out, args.results, h1, args.draws, pivot_lr)
         print(f"wrote {page}")
         return
     if args.part == "h1":
+        from pti_plugin.toy_world.cell_archive import H1_ARCHIVE
+
         if args.lrs:
             h1 = dataclasses.replace(h1, inversion_lrs=float_list(args.lrs, "--lrs"))
         if args.no_vectors:
             h1 = dataclasses.replace(h1, vector_counts=())
         if seeds is not None:
             h1 = dataclasses.replace(h1, training_seeds=seeds)
-        cells = run_h1(model, args.out / "h1", base, h1)
+        cells = run_h1(model, args.out / "h1", base, h1, archive=args.results / H1_ARCHIVE, pivot_lr=pivot_lr)
         print(f"h1: {len(cells)} cells in {args.out / 'h1'}")
         return
     if args.part == "h3":
@@ -175,7 +178,6 @@ def main(argv=None) -> None:
         h2 = dataclasses.replace(h2, training_seeds=seeds)
     if args.lrs:
         h2 = dataclasses.replace(h2, lora_lrs=float_list(args.lrs, "--lrs"))
-    pivot_lr = h1.inversion_lrs[0] if args.quick else args.pivot_lr
     pivots = {s: pivot_file(model, args.out / "h1", base, h1, pivot_lr, s) for s in h2.training_seeds}
     runs = train_h2_runs(model, args.out / "h2", base, pivots, h1.init_word, h2, wait_seconds=args.wait)
     print(f"h2: {sum(map(len, runs.values()))} runs in {args.out / 'h2'}")

@@ -374,3 +374,32 @@ def test_h3_trains_only_the_cells_the_archive_lacks(quick_protocol, tmp_path):
     part = json.loads((tmp_path / "other" / "h3" / "parts" / "h3-half_angle-w10-lr0.001-seed1.json").read_text())
     assert trained_with(part["settings"]["preset"]) == original  # other folder, same fingerprint
     assert part["settings"]["preset"]["train_data_dir"] != str(out / "h3" / "data")
+
+
+def test_h1_trains_only_the_pivots_and_the_cells_the_archive_lacks(quick_protocol, tmp_path):
+    """H1 on a clone: the archived cells are not trained again, except the pivots (H2 and H3 train from
+    their files), which are trained where the clone's H2 and H3 look for them."""
+    import shutil
+    from pathlib import Path
+
+    import toml
+
+    from pti_plugin.toy_world import WEIGHTS_DIR
+    from pti_plugin.toy_world.h1_inversion import H1Settings, pivot_file, run_h1
+
+    _, results = quick_protocol
+    base = toml.load(Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml")
+    committed = tmp_path / "results"
+    shutil.copytree(results, committed)
+    settings = H1Settings.quick()
+    pivot_lr = settings.inversion_lrs[0]
+    logs: list[str] = []
+    cells = run_h1(WEIGHTS_DIR, tmp_path / "clone" / "h1", base, settings, log=logs.append,
+                   archive=committed / "h1_cell_records.json", pivot_lr=pivot_lr)
+    assert sorted((c["lr"], c["seed"], c["vectors"]) for c in cells) == \
+        sorted((pivot_lr, seed, 1) for seed in settings.training_seeds)
+    planned = len(settings.cells())
+    assert planned > len(cells)
+    assert any(f"{planned - len(cells)} of {planned} cells are in the cell archive" in line for line in logs)
+    for seed in settings.training_seeds:
+        assert pivot_file(WEIGHTS_DIR, tmp_path / "clone" / "h1", base, settings, pivot_lr, seed).is_file()

@@ -61,6 +61,23 @@ def archived_training(path: Path | None, measuring: dict, key: Callable[[dict], 
     return {key(cell): cell["trained_with"] for cell in cells if "trained_with" in cell}
 
 
+def left_to_train(planned: list[tuple[tuple, dict, dict]], archive: Path | None, key: Callable[[dict], tuple],
+                  cached: Callable[[tuple, dict], bool], log: Callable[[str], None],
+                  keep: Callable[[tuple], bool] = lambda cell: False) -> list[tuple[tuple, dict, dict]]:
+    """The planned cells ``(cell id, preset, part settings)`` less those ``archive`` holds as measured and
+    trained alike (:func:`archived_training`), except those ``cached`` in the working folder (reused there)
+    and those to ``keep`` (H1's pivots: other parts train from their files); says how many were left out."""
+    if archive is None or not planned:
+        return planned
+    archived = archived_training(archive, measured_with({"settings": planned[0][2]}), key)
+    kept = [cell for cell in planned
+            if keep(cell[0]) or cached(cell[0], cell[2]) or archived.get(cell[0]) != trained_with(cell[1])]
+    if len(kept) < len(planned):
+        log(f"{len(planned) - len(kept)} of {len(planned)} cells are in the cell archive {archive} (trained and "
+            "measured alike): not trained again")
+    return kept
+
+
 def h1_cell_id(cell: dict) -> tuple[float, int, int]:
     """``(lr, seed, vectors)``: one H1 cell."""
     return float(cell["lr"]), int(cell["seed"]), int(cell["vectors"])

@@ -175,9 +175,15 @@ def pivot_file(model: Path, out: Path, base_preset: dict, settings: H1Settings, 
 
 
 def run_h1(model: Path, out: Path, base_preset: dict, settings: H1Settings = H1Settings(),
-           log: Callable[[str], None] = lambda text: print(text, flush=True)) -> list[dict]:
+           log: Callable[[str], None] = lambda text: print(text, flush=True), archive: Path | None = None,
+           pivot_lr: float | None = None) -> list[dict]:
     """Train and measure every cell (two processes with disjoint ``settings.training_seeds`` share a
-    grid); returns the cells' records, each with ``lr``, ``seed``, ``vectors``, ``steps``."""
+    grid), except those the cell archive ``archive`` holds as measured and trained alike
+    (:func:`~.cell_archive.left_to_train`) other than the pivots at ``pivot_lr`` (H2 and H3 train from
+    their files); returns the records of the cells measured or reused, each with ``lr``, ``seed``,
+    ``vectors``, ``steps``."""
+    from .cell_archive import h1_cell_id, left_to_train
+
     model, out = Path(model).resolve(), Path(out).resolve()
     check_init_word(model, settings.init_word)
     data_dir = out / "data"
@@ -185,13 +191,19 @@ def run_h1(model: Path, out: Path, base_preset: dict, settings: H1Settings = H1S
         write_character_dataset(data_dir)
     parts = Parts(out, log)
     digest = model_digest(model)
-    parts.get("null", {"model_digest": digest, "init_word": settings.init_word} | settings.sampling(),
-              lambda: measure_null(model, settings))
+    planned = []
+    for cell in settings.cells():
+        preset = cell_preset(base_preset, model, data_dir, settings, *cell)
+        planned.append((cell, preset, {"model_digest": digest, "init_word": settings.init_word, "preset": preset}
+                        | settings.sampling()))
+    planned = left_to_train(planned, archive, h1_cell_id, lambda cell, part: parts.cached(cell_name(*cell), part) is not None,
+                            lambda text: log(f"h1: {text}"), keep=lambda cell: cell[0] == pivot_lr and cell[2] == 1)
+    if planned:
+        parts.get("null", {"model_digest": digest, "init_word": settings.init_word} | settings.sampling(),
+                  lambda: measure_null(model, settings))
     cells = []
-    for lr, seed, vectors in settings.cells():
-        preset = cell_preset(base_preset, model, data_dir, settings, lr, seed, vectors)
+    for (lr, seed, vectors), preset, part_settings in planned:
         run_dir = cell_run_dir(out, preset, digest, lr, seed, vectors)
-        part_settings = {"model_digest": digest, "init_word": settings.init_word, "preset": preset} | settings.sampling()
         record = parts.get(cell_name(lr, seed, vectors), part_settings,
                            lambda: measure_cell(train_run(preset, run_dir, log), settings))
         cells.append(record | {"lr": lr, "seed": seed, "vectors": vectors, "steps": settings.steps})

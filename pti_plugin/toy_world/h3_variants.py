@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..atomic_io import atomic_write_text
-from .cell_archive import archived_training, h3_cell_id, measured_with, trained_with
+from .cell_archive import h3_cell_id, left_to_train
 from .detectors import detect
 from .h1_inversion import NEUTRAL_KEYS, H1Settings, neutral_records, pivot_file
 from .h2_runs import wait_for
@@ -225,7 +225,7 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
            log: Callable[[str], None] = lambda text: print(text, flush=True),
            h1_out: Path | None = None, wait_seconds: float = 0.0, archive: Path | None = None) -> list[dict]:
     """Train and measure every cell under ``out``, except those the cell archive ``archive`` holds as
-    measured and trained alike (:func:`~.cell_archive.archived_training`; a part in ``out`` is reused first);
+    measured and trained alike (:func:`~.cell_archive.left_to_train`; a part in ``out`` is reused first);
     the pivots are the H1 grid's under ``h1_out`` (default ``out``), waited for up to ``wait_seconds``.
     Returns the records of the cells measured or reused, each with ``variant``, ``weight``, ``lr``, ``seed``, ``steps``."""
     model, out = Path(model).resolve(), Path(out).resolve()
@@ -238,12 +238,13 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
     common = {"model_digest": digest} | settings.sampling()
     pivots = {s: pivot_file(model, h1_out, base_preset, settings.h1, settings.pivot_lr, s) for s in settings.training_seeds}
     reg_dir = reg_images_dir(model, out, settings)
-    todo = []
-    for variant, weight, lr, seed in settings.cells():
-        preset = cell_preset(base_preset, model, data_dir, settings, variant, weight, lr, seed, pivots[seed], reg_dir)
-        todo.append((variant, weight, lr, seed, preset, common | {"preset": preset}))
-    todo = _not_archived(todo, parts, archive, log)
-    fresh = [cell for cell in todo if parts.cached(cell_name(*cell[:4]), cell[5]) is None]  # to train
+    planned = []
+    for cell in settings.cells():
+        preset = cell_preset(base_preset, model, data_dir, settings, *cell, pivots[cell[3]], reg_dir)
+        planned.append((cell, preset, common | {"preset": preset}))
+    planned = left_to_train(planned, archive, h3_cell_id, lambda cell, part: parts.cached(cell_name(*cell), part) is not None,
+                            lambda text: log(f"h3: {text}"))
+    fresh = [cell for cell, _, part in planned if parts.cached(cell_name(*cell), part) is None]  # to train
     base_drift = None
     if fresh:
         parts.get(BASE_DRIFT_PART, common | {"prompts": list(DRIFT_PROMPTS)}, lambda: measure_base_drift(model, settings))
@@ -253,7 +254,7 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
     if any(cell[0] == "reg_images" for cell in fresh):
         make_reg_images(reg_dir, settings, pivots[fresh[0][3]].parent)
     cells = []
-    for variant, weight, lr, seed, preset, part_settings in todo:
+    for (variant, weight, lr, seed), preset, part_settings in planned:
         name = cell_name(variant, weight, lr, seed)
         run_dir = out / "runs" / f"{name}-{preset_digest(preset | {'model_digest': digest})}"
         record = parts.get(name, part_settings, lambda: measure_cell(train_run(preset, run_dir, log), settings, base_drift))
@@ -262,20 +263,6 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
                "cells": [{k: v for k, v in c.items() if not isinstance(v, list) and k != "settings"} for c in cells]}
     atomic_write_text(out / "h3_cells.json", json.dumps(summary, indent=1) + "\n")
     return cells
-
-
-def _not_archived(todo: list[tuple], parts: Parts, archive: Path | None, log: Callable[[str], None]) -> list[tuple]:
-    """The planned cells ``(variant, weight, lr, seed, preset, part settings)`` less those ``archive`` holds as
-    measured and trained alike, unless ``out`` has their part (then it is reused)."""
-    if archive is None or not todo:
-        return todo
-    archived = archived_training(archive, measured_with({"settings": todo[0][5]}), h3_cell_id)
-    kept = [cell for cell in todo
-            if parts.cached(cell_name(*cell[:4]), cell[5]) or archived.get(cell[:4]) != trained_with(cell[4])]
-    if len(kept) < len(todo):
-        log(f"h3: {len(todo) - len(kept)} of {len(todo)} cells are in the cell archive {archive} (trained and "
-            "measured alike): not trained again")
-    return kept
 
 
 CELL_NAME = re.compile(r"^h3-(?P<variant>[a-z_]+?)(?:-w(?P<weight>[0-9.e+-]+?))?-lr(?P<lr>[0-9.e+-]+)-seed(?P<seed>-?\d+)$")
