@@ -11,8 +11,8 @@ settings, the training steps). Each rebuild summarises the union of an archive a
 archive's are refused, so a ``--quick`` or another model's report cannot slip into a committed archive.
 
 Each archived cell also records how it was trained in a form another machine computes alike
-(``trained_with``: :func:`trained_with` of its preset), so that ``h3`` can leave a cell the archive
-already holds untrained (:func:`archived_training`).
+(``trained_with``: :func:`trained_with` of its preset), so that ``h1`` and ``h3`` leave a cell the
+archive already holds untrained (:func:`left_to_train`).
 """
 
 from __future__ import annotations
