@@ -192,3 +192,33 @@ def test_sweep_workers_import_this_package(tmp_path):
                              text=True, check=True).stdout.strip()
     assert printed == pti_plugin.__file__
     assert runner.train_command(["--preset", "p.toml"])[-2:] == ["--preset", "p.toml"]
+
+
+def test_detail_size_reads_each_cells_images_and_intervals_over_seeds(tmp_path, capsys):
+    """Two training seeds of one condition: seed 42 draws the dot in every image, seed 1 a white hole in
+    half of them; the script reports detail 1.0 for both and true-size detail 1.0 and 0.5 (mean 0.75)."""
+    import numpy as np
+
+    from pti_plugin.toy_world.detectors import _distance_from
+    from pti_plugin.toy_world.world import render_character
+
+    parts = tmp_path / "protocol" / "h3" / "parts"
+    parts.mkdir(parents=True)
+    dot = render_character(16.2, 15.7, "gray")
+    hole = dot.copy()
+    hole[_distance_from((16.2, 15.7)) <= 2.2] = 255
+    drift = np.zeros((4, 32, 32, 3), dtype=np.uint8)  # after the neutral images: not read
+    for seed, neutral in ((42, [dot] * 4), (1, [dot, hole] * 2)):
+        name = f"h3-half_angle-w1-lr0.001-seed{seed}"
+        np.savez_compressed(parts / f"{name}.npz", images=np.concatenate([np.stack(neutral), drift]))
+        (parts / f"{name}.json").write_text(json.dumps({"coarse": [1] * 4, "in_training_cell": [1, 0, 0, None]}))
+    namespace = runpy.run_path(str(REPO / "analysis" / "detail_size.py"), run_name="detail_size_under_test")
+    assert namespace["main"](["--out", str(tmp_path / "protocol"), "--results", str(tmp_path / "results"),
+                              "--draws", "200"]) == 0
+    assert capsys.readouterr().out.strip().endswith("cells=2")
+    (row,) = json.loads((tmp_path / "results" / "detail_size.json").read_text())
+    assert (row["variant"], row["weight"], row["lr"], row["seeds"]) == ("half_angle", 1.0, 1e-3, [1, 42])
+    assert row["detail"] == {"estimate": 1.0, "lo": 1.0, "hi": 1.0}
+    assert row["true_size_detail"]["estimate"] == pytest.approx(0.75)
+    assert row["true_size_detail"]["lo"] == pytest.approx(0.5) and row["true_size_detail"]["hi"] == pytest.approx(1.0)
+    assert row["training_cells"]["estimate"] == pytest.approx(1 / 3)

@@ -130,6 +130,23 @@ def test_detail_detector_sees_the_dot_at_every_cell_and_background_and_nothing_e
     assert not has_detail(ring)
 
 
+def test_a_white_hole_in_the_character_is_a_detail_but_not_one_true_to_size():
+    """Pivot-locality LoRAs draw the disc with a white hole several times the dot's size: has_detail
+    accepts it (the white is enclosed), the true-size reading does not; the rendered dot passes both
+    wherever it falls in the pixel grid."""
+    from pti_plugin.toy_world.detectors import _distance_from, has_true_size_detail
+
+    rng = np.random.default_rng(5)
+    for background, row, col in itertools.product(BACKGROUNDS, range(3), range(3)):
+        cx, cy = _jittered_centre(row, col, rng)
+        dot = render_character(cx, cy, background)
+        assert has_true_size_detail(dot), (background, cx, cy)
+        hole = dot.copy()
+        hole[_distance_from((cx, cy)) <= 2.2] = 255  # about 15 white pixels, the dot covers 4-7
+        assert has_detail(hole) and not has_true_size_detail(hole), (background, cx, cy)
+        assert not has_true_size_detail(render_character(cx, cy, background, detail=False))
+
+
 def test_appearance_error_is_zero_for_the_character_and_grows_with_colour_departures():
     rng = np.random.default_rng(4)
     for background in BACKGROUNDS:

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Is the character's private detail drawn to size? H3's cells re-read from their images (exploratory).
+
+    OMP_NUM_THREADS=1 python analysis/detail_size.py --out outputs/protocol [--results DIR] [--draws 2000]
+
+The detail (a white dot at the disc's centre) is the part of the look only the LoRA can learn, and on
+toy world v2 it is learned over the same learning rates as position, so it is a candidate axis for
+H3's matched-reconstruction comparison. But ``has_detail`` accepts any enclosed white centre, and LoRA
+runs under pivot locality draw white holes several times the dot's size. For every H3 cell whose
+images are in the working folder (``OUT/h3/parts/<cell>.npz``; the committed archive keeps no images)
+this prints, per condition and learning rate, the share of neutral images with a detail, the share
+with a *true-size* one (``has_true_size_detail``: at most ``DETAIL_MAX_WHITE_PIXELS`` near-white
+pixels) and the training-cell fraction, means over training seeds with a 95% bootstrap interval over
+them. ``--results`` also writes ``detail_size.md`` and ``.json`` there. Last line ``cells=<n>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/protocol"), help="the protocol's working folder")
+    parser.add_argument("--results", type=Path, default=None, help="also write detail_size.md and .json here")
+    parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
+    return parser.parse_args(argv)
+
+
+def cell_figures(part: Path) -> dict:
+    """Shares of a cell's neutral images with a detail, with a true-size one, and in a training cell."""
+    import numpy as np
+
+    from pti_plugin.toy_world.detectors import detect, detail_white_pixels, has_detail
+    from pti_plugin.toy_world.detectors import DETAIL_MAX_WHITE_PIXELS
+
+    record = json.loads(part.with_suffix(".json").read_text())
+    neutral = np.load(part)["images"][: len(record["coarse"])]  # [seeds, 32, 32, 3] uint8, then the drift images
+    detail = true_size = 0
+    for image in neutral:
+        found = detect(image)
+        if has_detail(image, found):
+            detail += 1
+            true_size += detail_white_pixels(image, found) <= DETAIL_MAX_WHITE_PIXELS
+    cells = [v for v in record["in_training_cell"] if v is not None]
+    return {"detail": detail / len(neutral), "true_size_detail": true_size / len(neutral),
+            "training_cells": sum(cells) / len(cells) if cells else float("nan")}
+
+
+def summarise(folder: Path, draws: int) -> list[dict]:
+    """One row per (condition, learning rate): each figure's mean over training seeds with its interval."""
+    import numpy as np
+
+    from pti_plugin.metrics.replication import seed_level_interval
+    from pti_plugin.toy_world.h3_variants import cell_key
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for part in sorted(folder.glob("h3-*.npz")):
+        key = cell_key(part.stem)
+        if key is not None and part.with_suffix(".json").is_file():
+            groups[key[:3]].append(cell_figures(part) | {"seed": key[3]})
+    rows = []
+    for (variant, weight, lr), cells in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        row = {"variant": variant, "weight": weight, "lr": lr, "seeds": sorted(c["seed"] for c in cells)}
+        for name in ("detail", "true_size_detail", "training_cells"):
+            row[name] = seed_level_interval(np.array([c[name] for c in cells]), draws).to_dict()
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    def cell(interval: dict) -> str:
+        return f"{interval['estimate']:.2f} [{interval['lo']:.2f}, {interval['hi']:.2f}]"
+
+    lines = ["| condition | lr | training seeds | detail | true-size detail | training cells |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        label = r["variant"] if r["weight"] is None else f"{r['variant']} w{r['weight']:g}"
+        lines.append(f"| {label} | {r['lr']:g} | {len(r['seeds'])} | {cell(r['detail'])} | "
+                     f"{cell(r['true_size_detail'])} | {cell(r['training_cells'])} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    folder = args.out / "h3" / "parts"
+    if not folder.is_dir():
+        raise SystemExit(f"error: no H3 parts under {folder} (the --out of `research_protocol.py h3`)")
+    rows = summarise(folder, args.draws)
+    lines = table(rows)
+    print("\n".join(lines))
+    if args.results is not None:
+        from pti_plugin.atomic_io import atomic_write_text
+
+        args.results.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.results / "detail_size.json", json.dumps(rows, indent=1) + "\n")
+        atomic_write_text(args.results / "detail_size.md", "\n".join(lines) + "\n")
+    print(f"cells={sum(len(r['seeds']) for r in rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
