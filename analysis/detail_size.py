@@ -10,7 +10,8 @@ runs under pivot locality draw white holes several times the dot's size. For eve
 images are in the working folder (``OUT/h3/parts/<cell>.npz``; the committed archive keeps no images)
 this prints, per condition and learning rate, the share of neutral images with a detail, the share
 with a *true-size* one (``has_true_size_detail``: at most ``DETAIL_MAX_WHITE_PIXELS`` near-white
-pixels) and the training-cell fraction, means over training seeds with a 95% bootstrap interval over
+pixels; the rendered dot covers 4-7), the median near-white area of the details found, and the
+training-cell fraction, means over training seeds with a 95% bootstrap interval over
 them. ``--results`` also writes ``detail_size.md`` and ``.json`` there. Last line ``cells=<n>``.
 """
 
@@ -42,15 +43,15 @@ def cell_figures(part: Path) -> dict:
 
     record = json.loads(part.with_suffix(".json").read_text())
     neutral = np.load(part)["images"][: len(record["coarse"])]  # [seeds, 32, 32, 3] uint8, then the drift images
-    detail = true_size = 0
+    sizes = []  # near-white pixels of each detail found
     for image in neutral:
         found = detect(image)
         if has_detail(image, found):
-            detail += 1
-            true_size += detail_white_pixels(image, found) <= DETAIL_MAX_WHITE_PIXELS
+            sizes.append(detail_white_pixels(image, found))
     cells = [v for v in record["in_training_cell"] if v is not None]
-    return {"detail": detail / len(neutral), "true_size_detail": true_size / len(neutral),
-            "training_cells": sum(cells) / len(cells) if cells else float("nan")}
+    return {"detail": len(sizes) / len(neutral),
+            "true_size_detail": sum(size <= DETAIL_MAX_WHITE_PIXELS for size in sizes) / len(neutral),
+            "training_cells": sum(cells) / len(cells) if cells else float("nan"), "sizes": sizes}
 
 
 def summarise(folder: Path, draws: int) -> list[dict]:
@@ -67,7 +68,9 @@ def summarise(folder: Path, draws: int) -> list[dict]:
             groups[key[:3]].append(cell_figures(part) | {"seed": key[3]})
     rows = []
     for (variant, weight, lr), cells in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
-        row = {"variant": variant, "weight": weight, "lr": lr, "seeds": sorted(c["seed"] for c in cells)}
+        sizes = [size for c in cells for size in c["sizes"]]
+        row = {"variant": variant, "weight": weight, "lr": lr, "seeds": sorted(c["seed"] for c in cells),
+               "median_detail_pixels": float(np.median(sizes)) if sizes else None}
         for name in ("detail", "true_size_detail", "training_cells"):
             row[name] = seed_level_interval(np.array([c[name] for c in cells]), draws).to_dict()
         rows.append(row)
@@ -78,12 +81,13 @@ def table(rows: list[dict]) -> list[str]:
     def cell(interval: dict) -> str:
         return f"{interval['estimate']:.2f} [{interval['lo']:.2f}, {interval['hi']:.2f}]"
 
-    lines = ["| condition | lr | training seeds | detail | true-size detail | training cells |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| condition | lr | training seeds | detail | true-size detail | median near-white pixels of a detail | training cells |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         label = r["variant"] if r["weight"] is None else f"{r['variant']} w{r['weight']:g}"
+        size = "–" if r["median_detail_pixels"] is None else f"{r['median_detail_pixels']:g}"
         lines.append(f"| {label} | {r['lr']:g} | {len(r['seeds'])} | {cell(r['detail'])} | "
-                     f"{cell(r['true_size_detail'])} | {cell(r['training_cells'])} |")
+                     f"{cell(r['true_size_detail'])} | {size} | {cell(r['training_cells'])} |")
     return lines
 
 
