@@ -25,15 +25,16 @@ def _finite(x: Sequence, y: Sequence) -> list[int]:
             if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
 
 
-def _pairs(x: Sequence, y: Sequence) -> tuple[np.ndarray, np.ndarray]:
-    keep = _finite(x, y)
+def _pairs(x: Sequence, y: Sequence, keep: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The values of the pairs ``keep`` (default: the finite ones) as two float64 arrays."""
+    keep = _finite(x, y) if keep is None else keep
     return (np.array([float(x[k]) for k in keep], dtype=np.float64),
             np.array([float(y[k]) for k in keep], dtype=np.float64))
 
 
 def _cluster_members(labels: Sequence | None, kept: list[int]) -> list[np.ndarray] | None:
-    """Index arrays (into the kept pairs) of each cluster label among ``labels[kept]``; None without labels.
-    A pair labelled None is a cluster of its own."""
+    """Index arrays (into the kept pairs) of each label among ``labels[kept]``, in order of first appearance;
+    None without labels. A pair labelled None is a cluster of its own."""
     if labels is None:
         return None
     names = [labels[k] if labels[k] is not None else ("unlabelled", k) for k in kept]
@@ -81,11 +82,12 @@ def correlation_interval(x: Sequence, y: Sequence, draws: int = 2000, level: flo
     replication, e.g. its run's training seed), of whole clusters; resamples where one side is constant
     are left out. Both ends are nan below 3 pairs."""
     out = correlation(x, y)
-    a, b = _pairs(x, y)
+    kept = _finite(x, y)
+    a, b = _pairs(x, y, kept)
     if len(a) < 3:
         return out | {"spearman_lo": float("nan"), "spearman_hi": float("nan")}
     rho = resampled_interval(len(a), lambda p: _pearson(ranks(a[p]), ranks(b[p])), draws, level, seed,
-                             clusters=_cluster_members(clusters, _finite(x, y)))
+                             clusters=_cluster_members(clusters, kept))
     return out | {"spearman_lo": rho.lo, "spearman_hi": rho.hi}
 
 
@@ -113,16 +115,16 @@ def within_group_spearman(x: Sequence, y: Sequence, groups: Sequence, draws: int
     "spearman_hi", "n", "groups"}`` (``n``: pairs in the groups that count); nan where no group counts.
     """
     finite = [k for k in _finite(x, y) if groups[k] is not None]
-    a = np.array([float(x[k]) for k in finite], dtype=np.float64)
-    b = np.array([float(y[k]) for k in finite], dtype=np.float64)
-    names = {g: i for i, g in enumerate(dict.fromkeys(groups[k] for k in finite))}
-    labels = np.array([names[groups[k]] for k in finite], dtype=np.int64)  # [pairs] group index
-    members = [np.flatnonzero(labels == g) for g in range(len(names))]
+    a, b = _pairs(x, y, finite)
+    members = _cluster_members(groups, finite)  # [groups] indices into the finite pairs
+    labels = np.empty(len(finite), dtype=np.int64)  # [pairs] group index
+    for g, member in enumerate(members):
+        labels[member] = g
     estimate, n, counted = _mean_rho_within(a, b, members)
     out = {"spearman": estimate, "n": n, "groups": counted, "spearman_lo": float("nan"), "spearman_hi": float("nan")}
     if counted == 0:
         return out
     clustered = _cluster_members(clusters, finite)
-    rho = resampled_interval(len(a), lambda p: _mean_rho_within(a, b, [p[labels[p] == g] for g in range(len(names))])[0],
+    rho = resampled_interval(len(a), lambda p: _mean_rho_within(a, b, [p[labels[p] == g] for g in range(len(members))])[0],
                              draws, level, seed, strata=None if clustered else members, clusters=clustered)
     return out | {"spearman_lo": rho.lo, "spearman_hi": rho.hi}

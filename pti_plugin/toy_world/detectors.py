@@ -262,6 +262,7 @@ DETAIL_MIN_CHANNEL = 180
 #: half object, so a white centre must be enclosed by the object (on a white background the dot is
 #: a hole in the object's mask) ...
 DETAIL_RING_COVER = 0.5
+DETAIL_RING_OUTER = DETAIL_SEARCH_RADIUS + 2.0
 #: ... and the object is object-sized: at most this many pixels (a 12-px disc has about 113, the
 #: largest square 144; a noise image's "object" covers most of the image).
 DETAIL_MAX_OBJECT_PIXELS = 300
@@ -290,11 +291,11 @@ def has_detail(img: np.ndarray, found: Detection | None = None) -> bool:
     if detail_strength(img, found) < DETAIL_MIN_CHANNEL:
         return False
     distance = _distance_from(found.centroid)
-    ring = (distance > DETAIL_SEARCH_RADIUS) & (distance <= DETAIL_SEARCH_RADIUS + 2.0)
+    ring = (distance > DETAIL_SEARCH_RADIUS) & (distance <= DETAIL_RING_OUTER)
     return float(object_mask(img, found.background)[ring].mean()) >= DETAIL_RING_COVER
 
 
-#: A detail is *true to size* when its near-white pixels within DETAIL_SEARCH_RADIUS + 2 px of the
+#: A detail is *true to size* when its near-white pixels within DETAIL_RING_OUTER px of the
 #: centroid (the dot and the ring around it) are at most this many: the rendered dot covers 4-7,
 #: depending on where it falls in the pixel grid, while LoRA runs under pivot locality draw white holes
 #: that :func:`has_detail` accepts (its ring test only asks that the white be enclosed by the object).
@@ -302,11 +303,11 @@ DETAIL_MAX_WHITE_PIXELS = 8
 
 
 def detail_white_pixels(img: np.ndarray, found: Detection) -> int:
-    """Near-white pixels (darkest channel >= :data:`DETAIL_MIN_CHANNEL`) within DETAIL_SEARCH_RADIUS + 2 px
+    """Near-white pixels (darkest channel >= :data:`DETAIL_MIN_CHANNEL`) within :data:`DETAIL_RING_OUTER` px
     of the detected centroid of a ``uint8 (32, 32, 3)`` image (0 without an object)."""
     if found.centroid is None:
         return 0
-    near = _distance_from(found.centroid) <= DETAIL_SEARCH_RADIUS + 2.0
+    near = _distance_from(found.centroid) <= DETAIL_RING_OUTER
     return int((img[near].min(axis=-1) >= DETAIL_MIN_CHANNEL).sum())
 
 

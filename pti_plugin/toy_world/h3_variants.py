@@ -242,9 +242,10 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
     for cell in settings.cells():
         preset = cell_preset(base_preset, model, data_dir, settings, *cell, pivots[cell[3]], reg_dir)
         planned.append((cell, preset, common | {"preset": preset}))
-    planned = left_to_train(planned, archive, h3_cell_id, lambda cell, part: parts.cached(cell_name(*cell), part) is not None,
+    in_folder = {cell for cell, _, part in planned if parts.cached(cell_name(*cell), part) is not None}
+    planned = left_to_train(planned, archive, h3_cell_id, lambda cell, part: cell in in_folder,
                             lambda text: log(f"h3: {text}"))
-    fresh = [cell for cell, _, part in planned if parts.cached(cell_name(*cell), part) is None]  # to train
+    fresh = [cell for cell, _, _ in planned if cell not in in_folder]  # to train
     base_drift = None
     if fresh:
         parts.get(BASE_DRIFT_PART, common | {"prompts": list(DRIFT_PROMPTS)}, lambda: measure_base_drift(model, settings))

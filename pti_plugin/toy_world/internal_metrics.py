@@ -137,11 +137,16 @@ def component_scores(scores: dict) -> dict[str, float]:
             if isinstance(scores.get(ratio), (int, float))}
 
 
+def _run_cell(name: str) -> str:
+    """The H3 cell name of a run folder named ``<cell name>-<digest>``."""
+    return name.rsplit("-", 1)[0]
+
+
 def run_learning_rate(name: str) -> float | None:
     """The LoRA learning rate of an H3 run (named ``<cell name>-<digest>``), else None."""
     from .h3_variants import cell_key
 
-    key = cell_key(name.rsplit("-", 1)[0])
+    key = cell_key(_run_cell(name))
     return None if key is None else key[2]
 
 
@@ -149,7 +154,7 @@ def run_training_seed(name: str) -> int | None:
     """The training seed of an H3 run (its unit of replication), else None."""
     from .h3_variants import cell_key
 
-    key = cell_key(name.rsplit("-", 1)[0])
+    key = cell_key(_run_cell(name))
     return None if key is None else key[3]
 
 
@@ -200,7 +205,7 @@ def add_independent_truth(rows: list[dict], parts: Path) -> None:
     """``rows[k][INDEPENDENT]``: the mean training-cell fraction of the H3 part of ``rows[k]["run"]`` (the run's
     name less its digest) in ``parts``, when there is one."""
     for row in rows:
-        path = parts / f"{row['run'].rsplit('-', 1)[0]}.json"
+        path = parts / f"{_run_cell(row['run'])}.json"
         if path.is_file():
             values = [v for v in json.loads(path.read_text())["in_training_cell"] if v is not None]
             row[INDEPENDENT] = sum(values) / len(values) if values else None

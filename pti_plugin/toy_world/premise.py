@@ -293,7 +293,6 @@ def train_run(preset: dict, run_dir: Path, log: Callable[[str], None]) -> Path:
     import toml
 
     from ..cli import main as train_main
-
     from ..run_lock import RunLock
 
     if (run_dir / "premise.safetensors").is_file():
