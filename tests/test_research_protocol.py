@@ -125,10 +125,13 @@ def test_quick_protocol_report_holds_every_table_and_plot(quick_protocol):
     assert summary["null"] is not None and summary["vectors"]
     for name in ("h1.png", "h1_points.csv", "report.md", "report.html"):
         assert (results / name).stat().st_size > 0, name
-    for name in ("h2_curves-lr0.001.png", "h2_curves-lr0.001.json", "h3.png", "h3_cells.png", "h3_summary.json"):
+    for name in ("h2_curves-lr0.001.png", "h2_curves-lr0.001.json", "h3.png", "h3_cells.png", "h3_summary.json",
+                 "h3_detail_axis.png", "h3_detail_axis.json"):
         assert (results / name).stat().st_size > 0, name
+    archived = json.loads((results / "h3_cell_records.json").read_text())["cells"]
+    assert archived and all(len(c["true_size_detail"]) == len(c["coarse"]) for c in archived)  # read from the images
     page = (results / "report.html").read_text()
-    plots = 4  # h1.png, the H2 curves of the one quick rate, h3.png, h3_cells.png
+    plots = 5  # h1.png, the H2 curves of the one quick rate, h3.png, h3_cells.png, h3_detail_axis.png
     assert page.count("<img src=\"data:image/png;base64,") == len(list((results / "grids").glob("*.png"))) + plots
     assert 'src="http' not in page and 'href="http' not in page and "Verdict" in page  # self-contained
     h2_runs = sorted((out / "h2" / "runs").glob("lora-*"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .detectors import detect
+from .detectors import detect, has_true_size_detail
 from .h3_summary import CHOICE_COARSE, MATCHED_COARSE
 from .protocol_report import fmt
 from .world import CHARACTER_CELLS
@@ -135,7 +135,7 @@ def pivot_lr_position(conditions: list[dict]) -> float:
     return min(rates, default=1e-4) / 3
 
 
-def _errorbar(ax, rows: list[dict], x_key: str | None, y_key: str, label: str, zero_at: float, style: dict) -> None:
+def errorbar_rows(ax, rows: list[dict], x_key: str | None, y_key: str, label: str, zero_at: float, style: dict) -> None:
     """Estimates of ``y_key`` against ``x_key``'s (or the learning rate, lr 0 drawn at ``zero_at``), both ways'
     intervals, drawn in ``style`` (matplotlib's colour, marker, linestyle)."""
     rows = [r for r in rows if r[y_key] and (x_key is None or r[x_key])]
@@ -176,11 +176,11 @@ def h3_plot(summary: dict, path: Path) -> None:
     zero_at = pivot_lr_position(summary["conditions"])
     for condition, style in zip(summary["conditions"], condition_styles(summary["conditions"])):
         label, rows = _label(condition["variant"], condition["weight"]), condition["rows"]
-        _errorbar(axes[0, 0], rows, "coarse", "in_training_cell", label, zero_at, style)
-        _errorbar(axes[0, 1], rows, "appearance_error", "in_training_cell", label, zero_at, style)
-        _errorbar(axes[1, 0], rows, None, "appearance_error", label, zero_at, style)
+        errorbar_rows(axes[0, 0], rows, "coarse", "in_training_cell", label, zero_at, style)
+        errorbar_rows(axes[0, 1], rows, "appearance_error", "in_training_cell", label, zero_at, style)
+        errorbar_rows(axes[1, 0], rows, None, "appearance_error", label, zero_at, style)
         drift = "drift_unrelated" if rows and rows[0].get("drift_unrelated") else "drift"
-        _errorbar(axes[1, 1], rows, None, drift, label, zero_at, style)
+        errorbar_rows(axes[1, 1], rows, None, drift, label, zero_at, style)
     null = summary.get("null_training_cells")
     if null:
         for ax in axes[0]:
@@ -200,10 +200,18 @@ def h3_plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def image_readings(images: np.ndarray) -> dict[str, list]:
+    """Per image of ``images`` (uint8 ``[n, 32, 32, 3]``): ``cell``, the 3x3 cell where the detector finds the
+    object (``3 * row + col``, None where it finds none), and ``true_size_detail`` (0/1:
+    :func:`~.detectors.has_true_size_detail`, the private dot drawn to size)."""
+    found = [detect(image) for image in images]
+    return {"cell": [None if f.row is None else 3 * f.row + f.col for f in found],
+            "true_size_detail": [int(has_true_size_detail(image, f)) for image, f in zip(images, found)]}
+
+
 def detected_cells(images: np.ndarray) -> list[int | None]:
-    """Per image of ``images`` (uint8 ``[n, 32, 32, 3]``), the 3x3 cell where the detector finds the object
-    (``3 * row + col``), None where it finds none."""
-    return [None if found.row is None else 3 * found.row + found.col for found in map(detect, images)]
+    """:func:`image_readings`' ``cell`` list."""
+    return image_readings(images)["cell"]
 
 
 def cell_counts(cells: list[int | None]) -> np.ndarray:

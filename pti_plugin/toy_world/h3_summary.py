@@ -66,17 +66,17 @@ def group_conditions(cells: list[dict]) -> dict[tuple[str, float | None], dict[f
 
 
 def matched_per_seed(groups: dict[float, list[dict]], key: str,
-                     targets: tuple[float, ...] = MATCHED_COARSE) -> dict[int, np.ndarray]:
-    """Per training seed, ``key``'s mean read off where the seed's coarse curve reaches each target
-    (``[len(targets)]``, NaN where it does not)."""
+                     targets: tuple[float, ...] = MATCHED_COARSE, axis: str = "coarse") -> dict[int, np.ndarray]:
+    """Per training seed, ``key``'s mean read off where the seed's ``axis`` curve (its mean along the
+    learning rates) reaches each target (``[len(targets)]``, NaN where it does not)."""
     seeds = sorted({c["seed"] for members in groups.values() for c in members})  # per_seed_curves' row order
     with warnings.catch_warnings():  # a seed without any object has no training-cell fraction: NaN
         warnings.simplefilter("ignore", category=RuntimeWarning)
-        values = value_at_first_crossing(per_seed_curves(groups, "coarse"), per_seed_curves(groups, key), targets)
+        values = value_at_first_crossing(per_seed_curves(groups, axis), per_seed_curves(groups, key), targets)
     return dict(zip(seeds, values))
 
 
-def _interval(compute) -> dict | None:
+def interval_or_none(compute) -> dict | None:
     """``compute()``'s interval as a dict; None when it has no finite value to work on."""
     try:
         return compute().to_dict()
@@ -90,7 +90,7 @@ def paired_against(values: dict[int, np.ndarray], reference: dict[int, np.ndarra
     and ``n_paired``: how many seeds have a finite value on both sides (the pairs the interval is over)."""
     shared = sorted(set(values) & set(reference))
     differences = np.array([values[s][index] - reference[s][index] for s in shared], dtype=np.float64)
-    interval = _interval(lambda: seed_level_interval(differences, draws))
+    interval = interval_or_none(lambda: seed_level_interval(differences, draws))
     return None if interval is None else interval | {"n_paired": int(np.isfinite(differences).sum())}
 
 
@@ -112,11 +112,11 @@ def lr_rows(groups: dict[float, list[dict]], null_a: np.ndarray | None, draws: i
     for lr, members in groups.items():
         row = {"lr": lr, "n_seeds": len(members), "seeds": [c["seed"] for c in members]}
         for key in SCORES:  # a score some cell lacks (an older part) is left out of the row
-            row[key] = (_interval(lambda: two_level_bootstrap(seed_matrix(members, key), draws))
+            row[key] = (interval_or_none(lambda: two_level_bootstrap(seed_matrix(members, key), draws))
                         if all(key in c for c in members) else None)
-        row["training_cell_excess"] = (None if null_a is None else _interval(
+        row["training_cell_excess"] = (None if null_a is None else interval_or_none(
             lambda: excess_over_null(seed_matrix(members, "in_training_cell"), null_a, draws)))
-        row["position_entropy"] = (_interval(lambda: seed_level_interval(
+        row["position_entropy"] = (interval_or_none(lambda: seed_level_interval(
             np.array([cells_entropy(c["cell"]) for c in members]), draws)) if all("cell" in c for c in members) else None)
         excess = row["training_cell_excess"]
         row["inside_null"] = None if excess is None else bool(excess["lo"] <= 0.0)
@@ -146,22 +146,31 @@ def condition_summary(groups: dict[float, list[dict]], per_seed: dict[str, dict[
     """One (variant, weight): rows per rate, leakage and drift at matched coarse (``per_seed``: its
     :func:`matched_per_seed` of ``leakage`` and ``drift``; ``reference``: ``none``'s, or None), the
     highest safe rate."""
+    rows = lr_rows(groups, null_a, draws)
+    return {"rows": rows, "matched": matched_entries(per_seed, MATCHED_COARSE, null_a, reference, draws),
+            "highest_safe_lr": highest_safe_lr(rows)}
+
+
+def matched_entries(per_seed: dict[str, dict[int, np.ndarray]], targets: tuple[float, ...], null_a: np.ndarray | None,
+                    reference: dict[str, dict[int, np.ndarray]] | None, draws: int) -> dict[str, dict]:
+    """Per target (keyed ``f"{target:g}"``): how many seeds reach it, the leakage per seed, the leakage and
+    drift over seeds (``per_seed``: :func:`matched_per_seed` of ``leakage`` and ``drift`` at ``targets``),
+    the leakage's excess over the null and, with ``reference`` (``none``'s), the paired differences."""
     matched = {}
-    for j, target in enumerate(MATCHED_COARSE):
+    for j, target in enumerate(targets):
         leakage = np.array([v[j] for v in per_seed["leakage"].values()])  # [seeds]
         drift = np.array([v[j] for v in per_seed["drift"].values()])
         entry = {"seeds_reaching": int(np.isfinite(leakage).sum()),
                  "leakage_per_seed": {str(s): _finite_or_none(v) for s, v in zip(per_seed["leakage"], leakage)},
-                 "leakage": _interval(lambda: seed_level_interval(leakage, draws)),
-                 "drift": _interval(lambda: seed_level_interval(drift, draws))}
+                 "leakage": interval_or_none(lambda: seed_level_interval(leakage, draws)),
+                 "drift": interval_or_none(lambda: seed_level_interval(drift, draws))}
         if null_a is not None:  # one value per seed against the null's images
-            entry["leakage_excess"] = _interval(lambda: excess_over_null(leakage[:, None], null_a, draws))
+            entry["leakage_excess"] = interval_or_none(lambda: excess_over_null(leakage[:, None], null_a, draws))
         if reference is not None:
             entry["leakage_minus_none"] = paired_against(per_seed["leakage"], reference["leakage"], j, draws)
             entry["drift_minus_none"] = paired_against(per_seed["drift"], reference["drift"], j, draws)
         matched[f"{target:g}"] = entry
-    rows = lr_rows(groups, null_a, draws)
-    return {"rows": rows, "matched": matched, "highest_safe_lr": highest_safe_lr(rows)}
+    return matched
 
 
 def choose_weight(conditions: list[dict]) -> dict | None:

@@ -108,9 +108,9 @@ def with_pivot_cells(cells: list[dict], h1_parts: Path, pivot_lr: float, base_dr
     H1 cell at ``pivot_lr`` (the same neutral prompts and sampling seeds, LoRA off), whose drift is 0
     (no LoRA: the base model itself; ``base_drift``: the base model's drift images, for the class prompt's
     share of characters). Seeds without that H1 part get no lr-0 point; with its images, the lr-0 point
-has the detected ``cell`` of each image too."""
+has each image's :func:`~.h3_lines.image_readings` too (``cell``, ``true_size_detail``)."""
     from .h1_inversion import cell_name
-    from .h3_lines import detected_cells
+    from .h3_lines import image_readings
     from .h3_variants import drift_split
 
     out, detected = list(cells), {}
@@ -122,9 +122,8 @@ has the detected ``cell`` of each image too."""
                 no_drift = [0] * len(record["coarse"])
                 images = path.with_suffix(".npz")
                 if seed not in detected and images.is_file():
-                    detected[seed] = detected_cells(np.load(images)["images"][:len(no_drift)])
-                if seed in detected:
-                    record["cell"] = detected[seed]
+                    detected[seed] = image_readings(np.load(images)["images"][:len(no_drift)])
+                record |= detected.get(seed, {})
                 out.append(record | {"variant": variant, "weight": weight, "lr": 0.0, "seed": seed,
                                      "drift": no_drift, "drift_cell": no_drift} | drift_split(no_drift, base_drift))
     return out
@@ -139,15 +138,15 @@ def _cell_images(parts: Path, cell: dict) -> np.ndarray | None:
 
 
 def measured_h3_cells(out: Path, null: dict | None, pivot_lr: float) -> tuple[dict | None, list[dict]]:
-    """The working folder's H3 cells as the summary reads them (drift split, detected cells, the pivots
-    as lr 0), and H1's null part with its detected cells."""
-    from .h3_lines import detected_cells
+    """The working folder's H3 cells as the summary reads them (drift split, each neutral image's
+    :func:`~.h3_lines.image_readings`, the pivots as lr 0), and H1's null part with its detected cells."""
+    from .h3_lines import detected_cells, image_readings
     from .h3_variants import BASE_DRIFT_PART, drift_split, load_h3_cells
 
     cells = load_h3_cells(out / "h3")
     images = [_cell_images(out / "h3" / "parts", cell) for cell in cells]
     cells = [cell | drift_split(cell["drift"], None if generated is None else generated[len(cell["coarse"]):])
-             | ({} if generated is None else {"cell": detected_cells(generated[:len(cell["coarse"])])})
+             | ({} if generated is None else image_readings(generated[:len(cell["coarse"])]))
              for cell, generated in zip(cells, images)]
     null_images = out / "h1" / "parts" / "null.npz"
     if null is not None and null_images.is_file():  # set a: the first images (measure_null)
@@ -175,7 +174,7 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
                                             trained=lambda cell: cell["lr"] > 0)
     committed = results / "h3_summary.json"
     earlier = json.loads(committed.read_text()) if committed.is_file() else None
-    lines = []
+    lines, every_cell = [], cells
     if earlier is not None and earlier.get("n_cells", 0) > lora_cell_count(cells):
         summary, cells = earlier, []
         lines = [f"(From the committed `h3_summary.json` over {earlier['n_cells']} cells: this working folder holds "
@@ -198,7 +197,23 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
         figures.append(("Where the world decides positions (prompt switch, base model)", band))
     figures += [(f"H3 {g.stem[3:]}: 64 neutral images (4 rows), then 64 prompts without the pivot (4 rows)", g)
                 for g in sorted((results / "grids").glob("h3-*.png"))]
-    return {"title": title, "lines": lines + h3_lines(summary), "figures": figures}
+    detail_lines, detail_figures = h3_detail_axis(results, null, every_cell, summary.get("null_training_cells"), draws)
+    return {"title": title, "lines": lines + h3_lines(summary) + detail_lines, "figures": figures + detail_figures}
+
+
+def h3_detail_axis(results: Path, null: dict | None, cells: list[dict], null_interval: dict | None,
+                   draws: int) -> tuple[list[str], list[tuple[str, Path]]]:
+    """H3's secondary axis (:mod:`.h3_detail_axis`) over every archived or measured cell: written to
+    ``h3_detail_axis.json`` and ``h3_detail_axis.png``; its lines and figure (none without a cell on it)."""
+    from .h3_detail_axis import detail_axis_lines, detail_axis_plot, detail_axis_summary
+
+    summary = detail_axis_summary(null, cells, draws)
+    if not summary["conditions"]:
+        return [], []
+    atomic_write_text(results / "h3_detail_axis.json", json.dumps(summary, indent=1, default=str) + "\n")
+    detail_axis_plot(summary, null_interval, results / "h3_detail_axis.png")
+    return (["", *detail_axis_lines(summary)],
+            [("H3, secondary axis (after a look): leakage against the true-size detail", results / "h3_detail_axis.png")])
 
 
 def h3_cell_figures(out: Path, results: Path, cells: list[dict]) -> None:

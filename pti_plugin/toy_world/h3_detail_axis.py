@@ -1,0 +1,135 @@
+"""H3 read along a second axis, the character's private detail drawn to size (stated after a look).
+
+**Why a second axis.** On toy world v2 every condition learns the character's coarse look at learning
+rates where none of them leaks position yet, so at matched *coarse* reconstruction (the verdict's
+axis, :mod:`.h3_summary`) the conditions cannot differ. The private detail, a white dot at the disc's
+centre, is the part of the look only the LoRA can learn, and without a regulariser it is learned over
+the same rates as position. Counted only when drawn to size
+(:func:`~.detectors.has_true_size_detail`: LoRAs trained under pivot locality draw white *holes*
+that :func:`~.detectors.has_detail` accepts), it gives a reconstruction axis along which a regulariser
+could show "the same look for less leakage".
+
+**What is read.** Per condition and training seed, along the learning rates (lr 0: the pivot alone):
+the training-cell fraction and the drift where the seed's mean true-size detail first reaches each of
+:data:`DETAIL_TARGETS` (:func:`~.h3_summary.matched_per_seed` with ``axis``), with the excess over the
+null and the paired difference against ``none`` (:func:`~.h3_summary.matched_entries`); the highest
+true-size detail the seed reaches at any rate; and per rate the two-level intervals of both.
+
+**How far to trust it.** The axis and its targets were chosen *after* an exploratory look at the
+re-run cells' images (``analysis/detail_size.py``), and the targets where the pivot-locality
+variants still get to. Its intervals are honest about sampling, not about that choice: read it as a
+hypothesis for the next protocol, never as H3's verdict.
+
+Only cells whose images were read carry ``true_size_detail``
+(:func:`~.protocol_sections.measured_h3_cells`; the archive keeps it from then on); a condition with a
+cell without it is listed under ``not_measured``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..metrics.replication import seed_level_interval, two_level_bootstrap
+from .h1_summary import float_array, per_seed_curves, seed_matrix
+from .h3_summary import REFERENCE, group_conditions, interval_or_none, matched_entries, matched_per_seed
+from .protocol_report import fmt
+
+AXIS = "true_size_detail"
+DETAIL_TARGETS = (0.25, 0.5)
+
+
+def _label(condition: tuple[str, float | None]) -> str:
+    variant, weight = condition
+    return variant if weight is None else f"{variant} (w {weight:g})"
+
+
+def _measured(groups: dict[float, list[dict]]) -> bool:
+    return all(AXIS in cell for members in groups.values() for cell in members)
+
+
+def detail_rows(groups: dict[float, list[dict]], draws: int) -> list[dict]:
+    """Per learning rate: the true-size detail and the training-cell fraction, two-level intervals."""
+    return [{"lr": lr, "n_seeds": len(members),
+             AXIS: interval_or_none(lambda: two_level_bootstrap(seed_matrix(members, AXIS), draws)),
+             "in_training_cell": interval_or_none(lambda: two_level_bootstrap(seed_matrix(members, "in_training_cell"), draws))}
+            for lr, members in groups.items()]
+
+
+def detail_axis_summary(null: dict | None, cells: list[dict], draws: int = 2000) -> dict:
+    """The module docstring's readings over ``cells`` (with their lr-0 pivot cells), ``null`` as in
+    :func:`~.h3_summary.summarise_h3`."""
+    null_a = None if null is None else float_array(null["a"]["in_training_cell"])[None, :]
+    grouped = group_conditions(cells)
+    measured = {condition: groups for condition, groups in grouped.items() if _measured(groups)}
+    per_seed = {condition: {"leakage": matched_per_seed(groups, "in_training_cell", DETAIL_TARGETS, axis=AXIS),
+                            "drift": matched_per_seed(groups, "drift", DETAIL_TARGETS, axis=AXIS)}
+                for condition, groups in measured.items()}
+    reference = next((per_seed[c] for c in measured if c[0] == REFERENCE), None)
+    conditions = []
+    for (variant, weight), groups in measured.items():
+        reached = np.nanmax(per_seed_curves(groups, AXIS), axis=1)  # [training seeds]
+        against = None if variant == REFERENCE else reference
+        conditions.append({"variant": variant, "weight": weight, "seeds": len(reached),
+                           "reached": interval_or_none(lambda: seed_level_interval(reached, draws)),
+                           "matched": matched_entries(per_seed[(variant, weight)], DETAIL_TARGETS, null_a, against, draws),
+                           "rows": detail_rows(groups, draws)})
+    return {"axis": AXIS, "targets": list(DETAIL_TARGETS), "conditions": conditions,
+            "not_measured": [_label(c) for c in grouped if c not in measured],
+            "n_cells": sum(1 for c in cells if c["lr"] > 0 and (c["variant"], c["weight"]) in measured)}
+
+
+def _over_seeds(entry: dict, key: str) -> str:
+    """``entry[key]`` formatted; an interval over one training seed (no spread to resample) as its value alone."""
+    if entry["seeds_reaching"] == 1 and entry.get(key):
+        return f"{entry[key]['estimate']:.2f} (1 seed)"
+    return fmt(entry.get(key), 2)
+
+
+def detail_axis_lines(summary: dict) -> list[str]:
+    """The Markdown of :func:`detail_axis_summary`: one row per condition and target."""
+    head = ["condition", "training seeds", "highest true-size detail reached", "target", "seeds reaching",
+            "training cells there", "excess over null", "minus none (paired)", "drift minus none"]
+    lines = ["**Secondary axis, stated after an exploratory look: the private detail drawn to size** "
+             f"({summary['n_cells']} LoRA cells whose images were read). Per training seed, the training-cell "
+             "fraction where its true-size detail first reaches the target along the learning rates (lr 0: the "
+             "pivot alone); intervals over training seeds. The targets were chosen after seeing where the "
+             "pivot-locality variants get to: a hypothesis for the next protocol, not H3's verdict.", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for condition in sorted(summary["conditions"], key=lambda c: c["variant"] != REFERENCE):
+        for target, entry in condition["matched"].items():
+            figures = [_over_seeds(entry, "leakage"), fmt(entry.get("leakage_excess"), 2),  # the excess resamples the null too
+                       _over_seeds(entry, "leakage_minus_none"), _over_seeds(entry, "drift_minus_none")]
+            lines.append(f"| {_label((condition['variant'], condition['weight']))} | {condition['seeds']} | "
+                         f"{fmt(condition['reached'], 2)} | {target} | {entry['seeds_reaching']} | "
+                         + " | ".join(figures) + " |")
+    if summary["not_measured"]:
+        lines += ["", "Not on this axis (cells archived without their images read): "
+                  + ", ".join(summary["not_measured"]) + "."]
+    return lines
+
+
+def detail_axis_plot(summary: dict, null: dict | None, path) -> None:
+    """Leakage against the true-size detail per condition along its learning rates (two-level 95%
+    intervals both ways; ``null``: the null's training-cell interval, drawn as a grey band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .h3_lines import condition_styles, errorbar_rows
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for condition, style in zip(summary["conditions"], condition_styles(summary["conditions"])):
+        errorbar_rows(ax, condition["rows"], AXIS, "in_training_cell", _label((condition["variant"], condition["weight"])),
+                      0.0, style)
+    if null:
+        ax.axhspan(null["lo"], null["hi"], color="grey", alpha=0.3, label="null 95%")
+    for target in summary["targets"]:
+        ax.axvline(target, color="black", linewidth=0.6, linestyle=":")
+    ax.set(xlabel="share of neutral images with the private detail drawn to size",
+           ylabel="objects in a training cell (leakage)")
+    ax.legend(fontsize=7)
+    ax.set_title("H3, secondary axis (stated after a look): leakage against the true-size detail", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

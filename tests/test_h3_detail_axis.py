@@ -1,0 +1,54 @@
+"""H3's secondary axis: leakage read where the true-size detail first reaches a target."""
+
+from __future__ import annotations
+
+import pytest
+
+from pti_plugin.toy_world.h3_detail_axis import detail_axis_lines, detail_axis_summary
+
+N = 100  # images per cell: every share below is a whole number of them
+
+
+def _share(p: float) -> list[int]:
+    k = round(p * N)
+    return [1] * k + [0] * (N - k)
+
+
+def _cells(variant, weight, curve, seeds=(42, 1, 2)):
+    """One cell per (lr, seed) with the given (true-size detail, training-cell fraction) per rate."""
+    rates = (0.0, 1e-4, 3e-4, 1e-3)
+    return [{"variant": variant, "weight": weight, "lr": lr, "seed": seed, "true_size_detail": _share(detail),
+             "in_training_cell": _share(leak), "drift": _share(0.1 if lr else 0.0)}
+            for seed in seeds for lr, (detail, leak) in zip(rates, curve)]
+
+
+NONE = [(0.0, 0.33), (0.1, 0.33), (0.3, 0.53), (0.6, 0.73)]  # reaches 0.25 three quarters up its third segment
+LOCALITY = [(0.0, 0.33), (0.25, 0.35), (0.2, 0.6), (0.1, 0.7)]  # reaches 0.25 at 1e-4 exactly, never 0.5
+
+
+def test_leakage_is_read_where_the_detail_first_reaches_each_target():
+    null = {"a": {"in_training_cell": _share(1 / 3)}}
+    summary = detail_axis_summary(null, _cells("none", None, NONE) + _cells("half_angle", 1.0, LOCALITY), draws=200)
+    by = {c["variant"]: c for c in summary["conditions"]}
+    none, locality = by["none"]["matched"], by["half_angle"]["matched"]
+    assert none["0.25"]["seeds_reaching"] == 3 and none["0.5"]["seeds_reaching"] == 3
+    assert none["0.25"]["leakage"]["estimate"] == pytest.approx(0.33 + 0.75 * 0.20)  # 0.48, interpolated
+    assert none["0.5"]["leakage"]["estimate"] == pytest.approx(0.53 + (0.2 / 0.3) * 0.20)
+    assert locality["0.25"]["leakage"]["estimate"] == pytest.approx(0.35)
+    assert locality["0.5"]["seeds_reaching"] == 0 and locality["0.5"]["leakage"] is None
+    paired = locality["0.25"]["leakage_minus_none"]
+    assert paired["estimate"] == pytest.approx(0.35 - 0.48) and paired["n_paired"] == 3
+    assert by["half_angle"]["reached"]["estimate"] == pytest.approx(0.25)  # its peak, not its last rate
+    assert by["none"]["reached"]["estimate"] == pytest.approx(0.6)
+    assert summary["n_cells"] == 18 and summary["not_measured"] == []
+    lines = "\n".join(detail_axis_lines(summary))
+    assert "after an exploratory look" in lines and "| half_angle (w 1) | 3 | 0.25 [0.25, 0.25] | 0.5 | 0 | n/a" in lines
+
+
+def test_conditions_with_a_cell_not_read_are_left_off_the_axis():
+    cells = _cells("none", None, NONE) + _cells("reg_images", 3.0, NONE)
+    del cells[-1]["true_size_detail"]  # an archived cell whose images were never read
+    summary = detail_axis_summary(None, cells, draws=100)
+    assert [c["variant"] for c in summary["conditions"]] == ["none"]
+    assert summary["not_measured"] == ["reg_images (w 3)"] and summary["n_cells"] == 9
+    assert "Not on this axis" in "\n".join(detail_axis_lines(summary))
