@@ -309,10 +309,9 @@ def test_reg_images_asked_by_two_processes_at_once_are_made_once(tmp_path, monke
 
     made = []
 
-    def slow_make(run_dir, class_word, reg_dir, count, args):
+    def slow_make(run_dir, class_word, folder, count, args):
         made.append(run_dir)
         time.sleep(0.5)
-        folder = reg_dir / f"1_{class_word}"
         folder.mkdir(parents=True)
         for k in range(count):
             (folder / f"{k:03d}.png").write_bytes(b"png")

@@ -245,11 +245,13 @@ def generate_reg_images(run_dir: Path, class_word: str, reg_dir: Path, count: in
     with exclusive_while_made(reg_dir / ".lock"):
         if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
             return reg_dir
-        _make_reg_images(run_dir, class_word, reg_dir, count, args)
+        _make_reg_images(run_dir, class_word, folder, count, args)
     return reg_dir
 
 
-def _make_reg_images(run_dir: Path, class_word: str, reg_dir: Path, count: int, args) -> None:
+def _make_reg_images(run_dir: Path, class_word: str, folder: Path, count: int, args) -> None:
+    """Generate into a temporary folder beside ``folder``, then rename it to ``folder`` (an incomplete
+    earlier ``folder`` moved aside); the caller holds the lock."""
     import tempfile
 
     import numpy as np
@@ -258,9 +260,8 @@ def _make_reg_images(run_dir: Path, class_word: str, reg_dir: Path, count: int, 
     from pti_plugin.metrics.localisation import generate_images
     from pti_plugin.metrics.run_model import load_run
 
-    folder = reg_dir / f"1_{class_word}"
     run = load_run(run_dir, device=args.device, class_word=class_word)
-    tmp = Path(tempfile.mkdtemp(prefix=".reg.", dir=reg_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=".reg.", dir=folder.parent))
     seeds = [10_000 + k for k in range(count)]
     images = generate_images(run, "{T}", False, seeds, args.sample_steps, args.guidance)
     caption = run.prompt("{T}", False)
@@ -268,7 +269,7 @@ def _make_reg_images(run_dir: Path, class_word: str, reg_dir: Path, count: int, 
         Image.fromarray(image).save(tmp / f"{k:03d}.png")
         (tmp / f"{k:03d}.txt").write_text(caption + "\n", encoding="utf-8")
     if folder.exists():  # an incomplete earlier attempt (a complete one returned above)
-        folder.rename(reg_dir / f".incomplete-{time.time_ns()}")
+        folder.rename(folder.parent / f".incomplete-{time.time_ns()}")
     tmp.rename(folder)
     print(f"regularisation images: {count} of {caption!r} by the base model in {folder}", flush=True)
 

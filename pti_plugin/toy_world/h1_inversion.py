@@ -24,7 +24,6 @@ The statistics over cells are :mod:`.h1_summary`'s.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic_io import atomic_write_text
 from .detectors import appearance_error, detect, detect_character, has_detail
 from .premise import Parts, check_init_word, model_digest, neutral_prompts, preset_digest, run_preset, sample, train_run
 from .world import CHARACTER_CELLS, IMAGE_SIZE, parse_caption, write_character_dataset
@@ -207,8 +205,6 @@ def run_h1(model: Path, out: Path, base_preset: dict, settings: H1Settings = H1S
         record = parts.get(cell_name(lr, seed, vectors), part_settings,
                            lambda: measure_cell(train_run(preset, run_dir, log), settings))
         cells.append(record | {"lr": lr, "seed": seed, "vectors": vectors, "steps": settings.steps})
-    atomic_write_text(out / "h1_cells.json", json.dumps({"settings": dataclasses.asdict(settings), "model": str(model),
-                                                         "cells": [_without_lists(c) for c in cells]}, indent=1) + "\n")
     return cells
 
 
@@ -231,7 +227,3 @@ def load_cells(out: Path, settings: H1Settings) -> tuple[dict | None, list[dict]
             cells.append(record | {"lr": lr, "seed": seed, "vectors": vectors, "steps": settings.steps})
     return read("null"), cells
 
-
-def _without_lists(cell: dict) -> dict:
-    """A cell's record without its per-image lists (they stay in its part)."""
-    return {key: value for key, value in cell.items() if key not in NEUTRAL_KEYS + EDIT_KEYS and key != "settings"}

@@ -20,7 +20,6 @@ The statistics over cells are :mod:`.h3_summary`'s.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -30,7 +29,6 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..atomic_io import atomic_write_text
 from .cell_archive import h3_cell_id, left_to_train
 from .detectors import detect
 from .h1_inversion import NEUTRAL_KEYS, H1Settings, neutral_records, pivot_file
@@ -260,9 +258,6 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
         run_dir = out / "runs" / f"{name}-{preset_digest(preset | {'model_digest': digest})}"
         record = parts.get(name, part_settings, lambda: measure_cell(train_run(preset, run_dir, log), settings, base_drift))
         cells.append(record | {"variant": variant, "weight": weight, "lr": lr, "seed": seed, "steps": settings.steps})
-    summary = {"settings": dataclasses.asdict(settings), "model": str(model),
-               "cells": [{k: v for k, v in c.items() if not isinstance(v, list) and k != "settings"} for c in cells]}
-    atomic_write_text(out / "h3_cells.json", json.dumps(summary, indent=1) + "\n")
     return cells
 
 
