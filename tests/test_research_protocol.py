@@ -406,3 +406,29 @@ def test_h1_trains_only_the_pivots_and_the_cells_the_archive_lacks(quick_protoco
     assert any(f"{planned - len(cells)} of {planned} cells are in the cell archive" in line for line in logs)
     for seed in settings.training_seeds:
         assert pivot_file(WEIGHTS_DIR, tmp_path / "clone" / "h1", base, settings, pivot_lr, seed).is_file()
+
+
+def test_the_report_renders_in_a_headless_browser_and_a_broken_image_is_caught(quick_protocol, tmp_path):
+    """analysis/render_report.py on the quick report in a real headless browser (skipped without one):
+    every embedded image decodes and the screenshot has content; the same page with one image's data
+    corrupted reports one image fewer and fails."""
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+    import render_report
+
+    browser = render_report.find_browser(None)
+    if browser is None:
+        pytest.skip("no headless browser (apt-get install chromium)")
+    _, results = quick_protocol
+    page = results / "report.html"
+    assert render_report.main([str(page), "--screenshot", str(tmp_path / "shot.png")]) == 0
+    assert (tmp_path / "shot.png").stat().st_size > 0
+    text = page.read_text()
+    total = text.count('src="data:image/png;base64,')
+    broken = tmp_path / "broken.html"
+    broken.write_text(re.sub(r'(src="data:image/png;base64,)[A-Za-z0-9+/]{64}', r"\1!!!!", text, count=1))
+    assert render_report.images_loaded(browser, broken) == (total - 1, total)
+    assert render_report.main([str(broken)]) == 1
