@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Is the character's private detail drawn to size? H3's cells re-read from their images (exploratory).
 
-    OMP_NUM_THREADS=1 python analysis/detail_size.py --out outputs/protocol [--results DIR] [--draws 2000]
+    OMP_NUM_THREADS=1 python analysis/detail_size.py --out outputs/protocol [--out OTHER ...] [--results DIR] [--draws 2000]
 
 The detail (a white dot at the disc's centre) is the part of the look only the LoRA can learn, and on
 toy world v2 it is learned over the same learning rates as position, so it is a candidate axis for
@@ -12,7 +12,10 @@ this prints, per condition and learning rate, the share of neutral images with a
 with a *true-size* one (``has_true_size_detail``: at most ``DETAIL_MAX_WHITE_PIXELS`` near-white
 pixels; the rendered dot covers 4-7), the median near-white area of the details found, and the
 training-cell fraction, means over training seeds with a 95% bootstrap interval over
-them. ``--results`` also writes ``detail_size.md`` and ``.json`` there. Last line ``cells=<n>``.
+them; then H3's secondary-axis table (:mod:`pti_plugin.toy_world.h3_detail_axis`) over the same cells.
+``--out`` may be given several times (an exploratory folder beside the protocol's: its ``h1`` the same
+pivots); a cell in two folders is counted once. ``--results`` also writes ``detail_size.md`` and
+``.json`` there. Last line ``cells=<n>``.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("outputs/protocol"), help="the protocol's working folder")
+    parser.add_argument("--out", type=Path, action="append", default=None,
+                        help="a protocol working folder (repeatable; default outputs/protocol)")
     parser.add_argument("--results", type=Path, default=None, help="also write detail_size.md and .json here")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.out = args.out or [Path("outputs/protocol")]
+    return args
 
 
 def cell_figures(part: Path) -> dict:
@@ -54,18 +60,15 @@ def cell_figures(part: Path) -> dict:
             "training_cells": sum(cells) / len(cells) if cells else float("nan"), "sizes": sizes}
 
 
-def summarise(folder: Path, draws: int) -> list[dict]:
+def summarise(folders: list[Path], draws: int) -> list[dict]:
     """One row per (condition, learning rate): each figure's mean over training seeds with its interval."""
     import numpy as np
 
     from pti_plugin.metrics.replication import seed_level_interval
-    from pti_plugin.toy_world.h3_variants import cell_key
 
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for part in sorted(folder.glob("h3-*.npz")):
-        key = cell_key(part.stem)
-        if key is not None and part.with_suffix(".json").is_file():
-            groups[key[:3]].append(cell_figures(part) | {"seed": key[3]})
+    for key, part in _parts(folders).items():
+        groups[key[:3]].append(cell_figures(part) | {"seed": key[3]})
     rows = []
     for (variant, weight, lr), cells in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
         sizes = [size for c in cells for size in c["sizes"]]
@@ -75,6 +78,37 @@ def summarise(folder: Path, draws: int) -> list[dict]:
             row[name] = seed_level_interval(np.array([c[name] for c in cells]), draws).to_dict()
         rows.append(row)
     return rows
+
+
+def _parts(folders: list[Path]) -> dict[tuple, Path]:
+    """Every measured H3 cell's images under the folders' ``h3/parts`` by (variant, weight, lr, seed), the
+    first folder's where two hold one."""
+    from pti_plugin.toy_world.h3_variants import cell_key
+
+    found: dict[tuple, Path] = {}
+    for folder in folders:
+        for part in sorted((folder / "h3" / "parts").glob("h3-*.npz")):
+            key = cell_key(part.stem)
+            if key is not None and key not in found and part.with_suffix(".json").is_file():
+                found[key] = part
+    return found
+
+
+def matched_lines(folders: list[Path], draws: int) -> list[str]:
+    """H3's secondary-axis table over the folders' cells (each with its pivots as lr 0 and its images read)."""
+    from pti_plugin.toy_world.cell_archive import h3_cell_id
+    from pti_plugin.toy_world.h1_inversion import H1Settings, load_cells
+    from pti_plugin.toy_world.h3_detail_axis import detail_axis_lines, detail_axis_summary
+    from pti_plugin.toy_world.h3_variants import H3Settings
+    from pti_plugin.toy_world.protocol_sections import measured_h3_cells
+
+    pivot_lr, cells, null = H3Settings().pivot_lr, {}, None
+    for folder in folders:
+        folder_null, measured = measured_h3_cells(folder, load_cells(folder / "h1", H1Settings())[0], pivot_lr)
+        null = null or folder_null
+        for cell in measured:
+            cells.setdefault(h3_cell_id(cell), cell)
+    return detail_axis_lines(detail_axis_summary(null, list(cells.values()), draws))
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -93,11 +127,11 @@ def table(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    folder = args.out / "h3" / "parts"
-    if not folder.is_dir():
-        raise SystemExit(f"error: no H3 parts under {folder} (the --out of `research_protocol.py h3`)")
-    rows = summarise(folder, args.draws)
-    lines = table(rows)
+    missing = [str(out / "h3" / "parts") for out in args.out if not (out / "h3" / "parts").is_dir()]
+    if missing:
+        raise SystemExit(f"error: no H3 parts under {', '.join(missing)} (the --out of `research_protocol.py h3`)")
+    rows = summarise(args.out, args.draws)
+    lines = table(rows) + [""] + matched_lines(args.out, args.draws)
     print("\n".join(lines))
     if args.results is not None:
         from pti_plugin.atomic_io import atomic_write_text

@@ -223,3 +223,33 @@ def test_detail_size_reads_each_cells_images_and_intervals_over_seeds(tmp_path, 
     assert row["true_size_detail"]["lo"] == pytest.approx(0.5) and row["true_size_detail"]["hi"] == pytest.approx(1.0)
     assert row["training_cells"]["estimate"] == pytest.approx(1 / 3)
     assert 4 <= row["median_detail_pixels"] <= 7  # 6 dots, 2 holes: the median is a dot's
+
+
+def test_detail_size_reads_several_folders_and_counts_a_cell_once(tmp_path, capsys):
+    """An exploratory folder beside the protocol's: its new condition is added, and a cell both hold is
+    read from the first folder only."""
+    import shutil
+
+    import numpy as np
+
+    from pti_plugin.toy_world.world import render_character
+
+    dot, drift = render_character(16.2, 15.7, "gray"), np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    first, second = tmp_path / "protocol" / "h3" / "parts", tmp_path / "explore" / "h3" / "parts"
+    for folder, names in ((first, ["h3-none-lr0.001-seed42"]),
+                          (second, ["h3-none-lr0.001-seed42", "h3-half_angle-w0.3-lr0.001-seed42"])):
+        folder.mkdir(parents=True)
+        for name in names:
+            np.savez_compressed(folder / f"{name}.npz", images=np.concatenate([np.stack([dot] * 4), drift]))
+            (folder / f"{name}.json").write_text(json.dumps({"coarse": [1] * 4, "in_training_cell": [1, 1, 0, 0]}))
+    (second / "h3-none-lr0.001-seed42.json").write_text(json.dumps({"coarse": [1] * 4, "in_training_cell": [0] * 4}))
+    namespace = runpy.run_path(str(REPO / "analysis" / "detail_size.py"), run_name="detail_size_under_test")
+    assert namespace["main"](["--out", str(tmp_path / "protocol"), "--out", str(tmp_path / "explore"),
+                              "--results", str(tmp_path / "results"), "--draws", "100"]) == 0
+    assert capsys.readouterr().out.strip().endswith("cells=2")
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "results" / "detail_size.json").read_text())}
+    assert sorted(rows) == ["half_angle", "none"] and rows["half_angle"]["weight"] == 0.3
+    assert rows["none"]["training_cells"]["estimate"] == 0.5  # the first folder's cell, not the second's 0
+    shutil.rmtree(tmp_path / "explore")
+    with pytest.raises(SystemExit, match="explore"):  # a folder without parts is named
+        namespace["main"](["--out", str(tmp_path / "protocol"), "--out", str(tmp_path / "explore")])
