@@ -44,19 +44,18 @@ def cell_figures(part: Path) -> dict:
     """Shares of a cell's neutral images with a detail, with a true-size one, and in a training cell."""
     import numpy as np
 
-    from pti_plugin.toy_world.detectors import detect, detail_white_pixels, has_detail
-    from pti_plugin.toy_world.detectors import DETAIL_MAX_WHITE_PIXELS
+    from pti_plugin.toy_world.detectors import detect, detail_white_pixels, has_detail, has_true_size_detail
 
     record = json.loads(part.with_suffix(".json").read_text())
     neutral = np.load(part)["images"][: len(record["coarse"])]  # [seeds, 32, 32, 3] uint8, then the drift images
-    sizes = []  # near-white pixels of each detail found
+    sizes, true_size = [], 0  # near-white pixels of each detail found; how many are drawn to size
     for image in neutral:
         found = detect(image)
         if has_detail(image, found):
             sizes.append(detail_white_pixels(image, found))
+            true_size += has_true_size_detail(image, found)
     cells = [v for v in record["in_training_cell"] if v is not None]
-    return {"detail": len(sizes) / len(neutral),
-            "true_size_detail": sum(size <= DETAIL_MAX_WHITE_PIXELS for size in sizes) / len(neutral),
+    return {"detail": len(sizes) / len(neutral), "true_size_detail": true_size / len(neutral),
             "training_cells": sum(cells) / len(cells) if cells else float("nan"), "sizes": sizes}
 
 
