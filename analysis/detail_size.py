@@ -40,64 +40,42 @@ def parse_args(argv):
     return args
 
 
-def cell_figures(part: Path) -> dict:
-    """Shares of a cell's neutral images with a detail, with a true-size one, and in a training cell."""
-    import numpy as np
-
-    from pti_plugin.toy_world.detectors import detect, detail_white_pixels, has_detail, has_true_size_detail
-
-    record = json.loads(part.with_suffix(".json").read_text())
-    neutral = np.load(part)["images"][: len(record["coarse"])]  # [seeds, 32, 32, 3] uint8, then the drift images
-    sizes, true_size = [], 0  # near-white pixels of each detail found; how many are drawn to size
-    for image in neutral:
-        found = detect(image)
-        if has_detail(image, found):
-            sizes.append(detail_white_pixels(image, found))
-            true_size += has_true_size_detail(image, found)
-    cells = [v for v in record["in_training_cell"] if v is not None]
-    return {"detail": len(sizes) / len(neutral), "true_size_detail": true_size / len(neutral),
-            "training_cells": sum(cells) / len(cells) if cells else float("nan"), "sizes": sizes}
+def cell_figures(cell: dict) -> dict:
+    """Shares of a cell's neutral images with a detail, with a true-size one, and in a training cell, from
+    its :func:`~pti_plugin.toy_world.h3_lines.image_readings`."""
+    sizes = [p for p in cell["detail_pixels"] if p is not None]  # near-white pixels of each detail found
+    n, in_cell = len(cell["detail_pixels"]), [v for v in cell["in_training_cell"] if v is not None]
+    return {"detail": len(sizes) / n, "true_size_detail": sum(cell["true_size_detail"]) / n,
+            "training_cells": sum(in_cell) / len(in_cell) if in_cell else float("nan"), "sizes": sizes}
 
 
-def summarise(folders: list[Path], draws: int) -> list[dict]:
-    """One row per (condition, learning rate): each figure's mean over training seeds with its interval."""
+def summarise(cells: list[dict], draws: int) -> list[dict]:
+    """One row per (condition, learning rate) over the trained cells whose images were read: each figure's
+    mean over training seeds with its interval."""
     import numpy as np
 
     from pti_plugin.metrics.replication import seed_level_interval
 
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for key, part in _parts(folders).items():
-        groups[key[:3]].append(cell_figures(part) | {"seed": key[3]})
+    for cell in cells:
+        if cell["lr"] > 0 and "detail_pixels" in cell:
+            groups[cell["variant"], cell["weight"], cell["lr"]].append(cell_figures(cell) | {"seed": cell["seed"]})
     rows = []
-    for (variant, weight, lr), cells in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
-        sizes = [size for c in cells for size in c["sizes"]]
-        row = {"variant": variant, "weight": weight, "lr": lr, "seeds": sorted(c["seed"] for c in cells),
+    for (variant, weight, lr), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        sizes = [size for c in group for size in c["sizes"]]
+        row = {"variant": variant, "weight": weight, "lr": lr, "seeds": sorted(c["seed"] for c in group),
                "median_detail_pixels": float(np.median(sizes)) if sizes else None}
         for name in ("detail", "true_size_detail", "training_cells"):
-            row[name] = seed_level_interval(np.array([c[name] for c in cells]), draws).to_dict()
+            row[name] = seed_level_interval(np.array([c[name] for c in group]), draws).to_dict()
         rows.append(row)
     return rows
 
 
-def _parts(folders: list[Path]) -> dict[tuple, Path]:
-    """Every measured H3 cell's images under the folders' ``h3/parts`` by (variant, weight, lr, seed), the
-    first folder's where two hold one."""
-    from pti_plugin.toy_world.h3_variants import cell_key
-
-    found: dict[tuple, Path] = {}
-    for folder in folders:
-        for part in sorted((folder / "h3" / "parts").glob("h3-*.npz")):
-            key = cell_key(part.stem)
-            if key is not None and key not in found and part.with_suffix(".json").is_file():
-                found[key] = part
-    return found
-
-
-def matched_lines(folders: list[Path], draws: int) -> list[str]:
-    """H3's secondary-axis table over the folders' cells (each with its pivots as lr 0 and its images read)."""
+def measured_cells(folders: list[Path]) -> tuple[dict | None, list[dict]]:
+    """The first folder's null and every folder's H3 cells as the report reads them (each image read once;
+    each seed's pivot as lr 0), the first folder's where two hold one."""
     from pti_plugin.toy_world.cell_archive import h3_cell_id
     from pti_plugin.toy_world.h1_inversion import H1Settings, load_cells
-    from pti_plugin.toy_world.h3_detail_axis import detail_axis_lines, detail_axis_summary
     from pti_plugin.toy_world.h3_variants import H3Settings
     from pti_plugin.toy_world.protocol_sections import measured_h3_cells
 
@@ -107,7 +85,7 @@ def matched_lines(folders: list[Path], draws: int) -> list[str]:
         null = null or folder_null
         for cell in measured:
             cells.setdefault(h3_cell_id(cell), cell)
-    return detail_axis_lines(detail_axis_summary(null, list(cells.values()), draws))
+    return null, list(cells.values())
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -129,8 +107,11 @@ def main(argv=None) -> int:
     missing = [str(out / "h3" / "parts") for out in args.out if not (out / "h3" / "parts").is_dir()]
     if missing:
         raise SystemExit(f"error: no H3 parts under {', '.join(missing)} (the --out of `research_protocol.py h3`)")
-    rows = summarise(args.out, args.draws)
-    lines = table(rows) + [""] + matched_lines(args.out, args.draws)
+    from pti_plugin.toy_world.h3_detail_axis import detail_axis_lines, detail_axis_summary
+
+    null, cells = measured_cells(args.out)
+    rows = summarise(cells, args.draws)
+    lines = table(rows) + [""] + detail_axis_lines(detail_axis_summary(null, cells, args.draws))
     print("\n".join(lines))
     if args.results is not None:
         from pti_plugin.atomic_io import atomic_write_text

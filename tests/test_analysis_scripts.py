@@ -194,6 +194,15 @@ def test_sweep_workers_import_this_package(tmp_path):
     assert runner.train_command(["--preset", "p.toml"])[-2:] == ["--preset", "p.toml"]
 
 
+def _h3_record(**readings) -> dict:
+    """An H3 part's record over 4 neutral images and 4 drift images: every key a measured cell has, the
+    character in every neutral image, no drift, with ``readings`` replacing those lists."""
+    from pti_plugin.toy_world.h1_inversion import NEUTRAL_KEYS
+    from pti_plugin.toy_world.h3_variants import DRIFT_KEYS
+
+    return {key: [0] * 4 for key in DRIFT_KEYS} | {key: [1] * 4 for key in NEUTRAL_KEYS} | readings
+
+
 def test_detail_size_reads_each_cells_images_and_intervals_over_seeds(tmp_path, capsys):
     """Two training seeds of one condition: seed 42 draws the dot in every image, seed 1 a white hole in
     half of them; the script reports detail 1.0 for both and true-size detail 1.0 and 0.5 (mean 0.75)."""
@@ -211,7 +220,7 @@ def test_detail_size_reads_each_cells_images_and_intervals_over_seeds(tmp_path, 
     for seed, neutral in ((42, [dot] * 4), (1, [dot, hole] * 2)):
         name = f"h3-half_angle-w1-lr0.001-seed{seed}"
         np.savez_compressed(parts / f"{name}.npz", images=np.concatenate([np.stack(neutral), drift]))
-        (parts / f"{name}.json").write_text(json.dumps({"coarse": [1] * 4, "in_training_cell": [1, 0, 0, None]}))
+        (parts / f"{name}.json").write_text(json.dumps(_h3_record(in_training_cell=[1, 0, 0, None])))
     namespace = runpy.run_path(str(REPO / "analysis" / "detail_size.py"), run_name="detail_size_under_test")
     assert namespace["main"](["--out", str(tmp_path / "protocol"), "--results", str(tmp_path / "results"),
                               "--draws", "200"]) == 0
@@ -241,8 +250,8 @@ def test_detail_size_reads_several_folders_and_counts_a_cell_once(tmp_path, caps
         folder.mkdir(parents=True)
         for name in names:
             np.savez_compressed(folder / f"{name}.npz", images=np.concatenate([np.stack([dot] * 4), drift]))
-            (folder / f"{name}.json").write_text(json.dumps({"coarse": [1] * 4, "in_training_cell": [1, 1, 0, 0]}))
-    (second / "h3-none-lr0.001-seed42.json").write_text(json.dumps({"coarse": [1] * 4, "in_training_cell": [0] * 4}))
+            (folder / f"{name}.json").write_text(json.dumps(_h3_record(in_training_cell=[1, 1, 0, 0])))
+    (second / "h3-none-lr0.001-seed42.json").write_text(json.dumps(_h3_record(in_training_cell=[0] * 4)))
     namespace = runpy.run_path(str(REPO / "analysis" / "detail_size.py"), run_name="detail_size_under_test")
     assert namespace["main"](["--out", str(tmp_path / "protocol"), "--out", str(tmp_path / "explore"),
                               "--results", str(tmp_path / "results"), "--draws", "100"]) == 0

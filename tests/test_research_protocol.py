@@ -130,6 +130,7 @@ def test_quick_protocol_report_holds_every_table_and_plot(quick_protocol):
         assert (results / name).stat().st_size > 0, name
     archived = json.loads((results / "h3_cell_records.json").read_text())["cells"]
     assert archived and all(len(c["true_size_detail"]) == len(c["coarse"]) for c in archived)  # read from the images
+    assert not any("detail_pixels" in c for c in archived)  # read with them, but only detail_size.py uses it
     page = (results / "report.html").read_text()
     plots = 5  # h1.png, the H2 curves of the one quick rate, h3.png, h3_cells.png, h3_detail_axis.png
     assert page.count("<img src=\"data:image/png;base64,") == len(list((results / "grids").glob("*.png"))) + plots

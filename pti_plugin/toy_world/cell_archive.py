@@ -26,8 +26,9 @@ from ..atomic_io import atomic_write_text
 
 H1_ARCHIVE = "h1_cell_records.json"
 H3_ARCHIVE = "h3_cell_records.json"
-#: What a part holds that the summaries do not read (the preset, with this machine's paths; the time).
-NOT_ARCHIVED = ("settings", "seconds")
+#: What a part holds that the summaries do not read (the preset, with this machine's paths; the time; each
+#: image's detail size, which only ``analysis/detail_size.py`` reads, from the images).
+NOT_ARCHIVED = ("settings", "seconds", "detail_pixels")
 
 
 def _pivot_cell(path: str) -> str:
@@ -110,11 +111,13 @@ def read_archive(path: Path) -> tuple[dict | None, dict | None, list[dict]]:
 
 
 def updated_archive(path: Path, null: dict | None, measured: list[dict], key: Callable[[dict], tuple],
-                    trained: Callable[[dict], bool] = lambda cell: True) -> tuple[dict | None, list[dict], list[dict]]:
+                    trained: Callable[[dict], bool] = lambda cell: True,
+                    complete: Callable[[dict], bool] = lambda null: True) -> tuple[dict | None, list[dict], list[dict]]:
     """Merge the working folder's ``measured`` cells into the archive at ``path`` and write it back; returns
-    (the null: ``null``, else the archived one; every cell; the archived cells before the merge).
-    ``trained``: the cells whose ``measured_with`` must match the archive's (H3: not the lr-0 pivots,
-    which are H1's cells). Refused, naming ``path``, when they were measured otherwise."""
+    (the null: ``null`` when it is ``complete``, else the archived one, else ``null``; every cell; the
+    archived cells before the merge). ``trained``: the cells whose ``measured_with`` must match the
+    archive's (H3: not the lr-0 pivots, which are H1's cells). Refused, naming ``path``, when they were
+    measured otherwise."""
     archived_with, archived_null, archived = read_archive(path)
     ways = {json.dumps(measured_with(c), sort_keys=True) for c in measured if trained(c)}
     if len(ways) > 1:
@@ -125,7 +128,7 @@ def updated_archive(path: Path, null: dict | None, measured: list[dict], key: Ca
         raise SystemExit(f"error: {path} archives cells measured with {archived_with}, the working folder's were "
                          f"measured with {now}: pass another --results (or move that archive away)")
     cells = merge_cells(archived, measured, key)
-    null = null if null is not None else archived_null
+    null = null if null is not None and complete(null) else (archived_null or null)
     if cells:
         write_archive(path, now, null, cells)
     return null, cells, archived

@@ -162,16 +162,15 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
     """H3's section: its summary (``h3_summary.json``) and plot, over the cells measured in ``out`` and
     those archived in ``results`` (:mod:`.cell_archive`). A summary over more cells than both hold (one
     from before the archive) is kept, not replaced."""
-    from .cell_archive import H3_ARCHIVE, h3_cell_id, lora_cell_count, read_archive, updated_archive
+    from .cell_archive import H3_ARCHIVE, h3_cell_id, lora_cell_count, updated_archive
     from .h3_lines import h3_lines, h3_plot
     from .h3_summary import summarise_h3
 
     title = "H3: pivot locality against the other variants at matched reconstruction"
     null, measured = measured_h3_cells(out, null, pivot_lr)
-    if null is not None and "cell" not in null["a"]:  # without null.npz, no detected cells: the archive's null
-        null = read_archive(results / H3_ARCHIVE)[1] or null
     null, cells, archived = updated_archive(results / H3_ARCHIVE, null, measured, h3_cell_id,
-                                            trained=lambda cell: cell["lr"] > 0)
+                                            trained=lambda cell: cell["lr"] > 0,
+                                            complete=lambda null: "cell" in null["a"])  # without null.npz: the archive's
     committed = results / "h3_summary.json"
     earlier = json.loads(committed.read_text()) if committed.is_file() else None
     lines, every_cell = [], cells
