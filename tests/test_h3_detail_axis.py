@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pti_plugin.toy_world.h3_detail_axis import detail_axis_lines, detail_axis_summary
+from pti_plugin.toy_world.h3_detail_axis import confirmatory_verdict, detail_axis_lines, detail_axis_summary
 
 N = 100  # images per cell: every share below is a whole number of them
 
@@ -52,3 +52,24 @@ def test_conditions_with_a_cell_not_read_are_left_off_the_axis():
     assert [c["variant"] for c in summary["conditions"]] == ["none"]
     assert summary["not_measured"] == ["reg_images (w 3)"] and summary["n_cells"] == 9
     assert "Not on this axis" in "\n".join(detail_axis_lines(summary))
+
+
+WEAK = [(0.0, 0.33), (0.3, 0.36), (0.6, 0.45), (0.2, 0.7)]  # reaches 0.5 two thirds up its second segment: 0.42
+LEAKY = [(0.0, 0.33), (0.3, 0.6), (0.6, 0.8), (0.2, 0.8)]  # the same crossing at leakage 0.733; none's is 0.663
+
+
+@pytest.mark.parametrize("curve, seeds, expected", [
+    (WEAK, (42, 1, 2), "supported: -0.24"),  # 0.42 - 0.663, 3 seeds reach 0.5
+    (WEAK, (42, 1), "inconclusive: -0.24"),  # below 0, but 2 seeds are fewer than the rule asks
+    (LEAKY, (42, 1, 2), "refuted: 0.07"),
+])
+def test_the_confirmatory_rule_decides_on_the_paired_difference_and_the_seeds_reaching(curve, seeds, expected):
+    cells = _cells("none", None, NONE) + _cells("half_angle", 0.1, curve, seeds)
+    verdict = confirmatory_verdict(detail_axis_summary(None, cells, draws=100))
+    assert verdict.startswith(expected), verdict
+    assert f"{len(seeds)} of {len(seeds)} training seeds reach 0.5, {len(seeds)} paired" in verdict
+
+
+def test_no_confirmatory_verdict_without_its_condition():
+    cells = _cells("none", None, NONE) + _cells("half_angle", 1.0, WEAK)  # weight 1, not the test's 0.1
+    assert confirmatory_verdict(detail_axis_summary(None, cells, draws=100)) is None

@@ -36,6 +36,13 @@ from .protocol_report import fmt
 
 AXIS = "true_size_detail"
 DETAIL_TARGETS = (0.25, 0.5)
+#: The confirmatory test of this axis, stated before its runs on fresh training seeds (docs/method.md):
+#: the condition, the target it is read at, and how many seeds must reach it for "supported".
+CONFIRMATORY = {"variant": "half_angle", "weight": 0.1, "target": 0.5, "min_seeds": 3}
+CONFIRMATORY_RULE = (f"`{CONFIRMATORY['variant']}` w{CONFIRMATORY['weight']:g}, training-cell fraction minus no "
+                     f"regulariser's where the true-size detail first reaches {CONFIRMATORY['target']:g}, paired over "
+                     f"training seeds: supported when at least {CONFIRMATORY['min_seeds']} seeds reach it and the 95% "
+                     "interval lies below 0, refuted when the interval lies at or above 0, inconclusive otherwise")
 
 
 def _label(condition: tuple[str, float | None]) -> str:
@@ -133,3 +140,22 @@ def detail_axis_plot(summary: dict, null: dict | None, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def confirmatory_verdict(summary: dict) -> str | None:
+    """:data:`CONFIRMATORY_RULE` on :func:`detail_axis_summary`'s ``summary``; None without that condition."""
+    condition = next((c for c in summary["conditions"]
+                      if (c["variant"], c["weight"]) == (CONFIRMATORY["variant"], CONFIRMATORY["weight"])), None)
+    if condition is None:
+        return None
+    entry = condition["matched"][f"{CONFIRMATORY['target']:g}"]
+    difference = entry.get("leakage_minus_none")
+    basis = f"{entry['seeds_reaching']} of {condition['seeds']} training seeds reach {CONFIRMATORY['target']:g}"
+    if difference is None:
+        return f"inconclusive: no paired difference ({basis})"
+    basis += f", {difference['n_paired']} paired"
+    if difference["hi"] < 0 and entry["seeds_reaching"] >= CONFIRMATORY["min_seeds"]:
+        return f"supported: {fmt(difference)} ({basis})"
+    if difference["lo"] >= 0:
+        return f"refuted: {fmt(difference)} ({basis})"
+    return f"inconclusive: {fmt(difference)} ({basis})"
