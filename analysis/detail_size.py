@@ -16,8 +16,8 @@ them; then H3's secondary-axis table (:mod:`pti_plugin.toy_world.h3_detail_axis`
 ``--out`` may be given several times (an exploratory folder beside the protocol's: its ``h1`` the same
 pivots); a cell in two folders is counted once. Where the cells hold the confirmatory test's condition
 (``CONFIRMATORY`` in :mod:`pti_plugin.toy_world.h3_detail_axis`, stated in ``docs/method.md``), its
-verdict follows the table. ``--results`` also writes ``detail_size.md`` and
-``.json`` there. Last line ``cells=<n>``.
+verdict follows the table. ``--results`` also writes ``detail_size.md``,
+``.json`` and the secondary axis's plot (``h3_detail_axis.png``) there. Last line ``cells=<n>``.
 """
 
 from __future__ import annotations
@@ -90,6 +90,14 @@ def measured_cells(folders: list[Path]) -> tuple[dict | None, list[dict]]:
     return null, list(cells.values())
 
 
+def _null_interval(null: dict | None, draws: int) -> dict | None:
+    """The null's training-cell fraction with its interval (the plot's grey band), or None without a null."""
+    from pti_plugin.metrics.replication import two_level_bootstrap
+    from pti_plugin.toy_world.h1_summary import float_array
+
+    return None if null is None else two_level_bootstrap(float_array(null["a"]["in_training_cell"])[None, :], draws).to_dict()
+
+
 def table(rows: list[dict]) -> list[str]:
     def cell(interval: dict) -> str:
         return f"{interval['estimate']:.2f} [{interval['lo']:.2f}, {interval['hi']:.2f}]"
@@ -110,7 +118,7 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"error: no H3 parts under {', '.join(missing)} (the --out of `research_protocol.py h3`)")
     from pti_plugin.toy_world.h3_detail_axis import (CONFIRMATORY_RULE, confirmatory_verdict, detail_axis_lines,
-                                                     detail_axis_summary)
+                                                     detail_axis_plot, detail_axis_summary)
 
     null, cells = measured_cells(args.out)
     rows = summarise(cells, args.draws)
@@ -126,6 +134,8 @@ def main(argv=None) -> int:
         args.results.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.results / "detail_size.json", json.dumps(rows, indent=1) + "\n")
         atomic_write_text(args.results / "detail_size.md", "\n".join(lines) + "\n")
+        if axis["conditions"]:
+            detail_axis_plot(axis, _null_interval(null, args.draws), args.results / "h3_detail_axis.png")
     print(f"cells={sum(len(r['seeds']) for r in rows)}")
     return 0
 

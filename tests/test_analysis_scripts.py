@@ -232,6 +232,7 @@ def test_detail_size_reads_each_cells_images_and_intervals_over_seeds(tmp_path, 
     assert row["true_size_detail"]["lo"] == pytest.approx(0.5) and row["true_size_detail"]["hi"] == pytest.approx(1.0)
     assert row["training_cells"]["estimate"] == pytest.approx(1 / 3)
     assert 4 <= row["median_detail_pixels"] <= 7  # 6 dots, 2 holes: the median is a dot's
+    assert (tmp_path / "results" / "h3_detail_axis.png").stat().st_size > 0
 
 
 def test_detail_size_reads_several_folders_and_counts_a_cell_once(tmp_path, capsys):
