@@ -70,6 +70,16 @@ def test_the_confirmatory_rule_decides_on_the_paired_difference_and_the_seeds_re
     assert f"{len(seeds)} of {len(seeds)} training seeds reach 0.5, {len(seeds)} paired" in verdict
 
 
+def test_one_paired_seed_gives_no_interval_and_so_no_decision():
+    """Three seeds reach 0.5 under weight 0.1 but no regulariser reaches it in only one: the paired
+    "interval" would be that one difference, [x, x], which must not read as supported."""
+    never = [(0.0, 0.33), (0.1, 0.33), (0.3, 0.53), (0.4, 0.73)]  # no regulariser's detail stops at 0.4
+    cells = (_cells("none", None, NONE, seeds=(42,)) + _cells("none", None, never, seeds=(1, 2))
+             + _cells("half_angle", 0.1, WEAK))
+    verdict = confirmatory_verdict(detail_axis_summary(None, cells, draws=100))
+    assert verdict.startswith("inconclusive: -0.24") and "3 of 3 training seeds reach 0.5, 1 paired" in verdict
+
+
 def test_no_confirmatory_verdict_without_its_condition():
     cells = _cells("none", None, NONE) + _cells("half_angle", 1.0, WEAK)  # weight 1, not the test's 0.1
     assert confirmatory_verdict(detail_axis_summary(None, cells, draws=100)) is None

@@ -42,7 +42,8 @@ CONFIRMATORY = {"variant": "half_angle", "weight": 0.1, "target": 0.5, "min_seed
 CONFIRMATORY_RULE = (f"`{CONFIRMATORY['variant']}` w{CONFIRMATORY['weight']:g}, training-cell fraction minus no "
                      f"regulariser's where the true-size detail first reaches {CONFIRMATORY['target']:g}, paired over "
                      f"training seeds: supported when at least {CONFIRMATORY['min_seeds']} seeds reach it and the 95% "
-                     "interval lies below 0, refuted when the interval lies at or above 0, inconclusive otherwise")
+                     "interval lies below 0, refuted when the interval lies at or above 0, inconclusive otherwise "
+                     "(also when fewer than 2 seeds pair: one difference gives no interval)")
 
 
 def _label(condition: tuple[str, float | None]) -> str:
@@ -154,6 +155,8 @@ def confirmatory_verdict(summary: dict) -> str | None:
     if difference is None:
         return f"inconclusive: no paired difference ({basis})"
     basis += f", {difference['n_paired']} paired"
+    if difference["n_paired"] < 2:  # one difference has no spread: its "interval" is the value itself
+        return f"inconclusive: {fmt(difference)}, no interval over one paired seed ({basis})"
     if difference["hi"] < 0 and entry["seeds_reaching"] >= CONFIRMATORY["min_seeds"]:
         return f"supported: {fmt(difference)} ({basis})"
     if difference["lo"] >= 0:
