@@ -78,6 +78,8 @@ def test_one_paired_seed_gives_no_interval_and_so_no_decision():
              + _cells("half_angle", 0.1, WEAK))
     verdict = confirmatory_verdict(detail_axis_summary(None, cells, draws=100))
     assert verdict.startswith("inconclusive: -0.24") and "3 of 3 training seeds reach 0.5, 1 paired" in verdict
+    assert "| half_angle (w 0.1) | 3 | 0.60 [0.60, 0.60] | 0.5 | 3 | 0.42 [0.42, 0.42] | n/a | -0.24 (1 seed) |" in \
+        "\n".join(detail_axis_lines(detail_axis_summary(None, cells, draws=100)))
 
 
 def test_no_confirmatory_verdict_without_its_condition():

@@ -87,9 +87,11 @@ def detail_axis_summary(null: dict | None, cells: list[dict], draws: int = 2000)
 
 
 def _over_seeds(entry: dict, key: str) -> str:
-    """``entry[key]`` formatted; an interval over one training seed (no spread to resample) as its value alone."""
-    if entry["seeds_reaching"] == 1 and entry.get(key):
-        return f"{entry[key]['estimate']:.2f} (1 seed)"
+    """``entry[key]`` formatted; an interval over one training seed (no spread to resample; for a paired
+    difference, one seed paired) as its value alone."""
+    value = entry.get(key)
+    if value and value.get("n_paired", entry["seeds_reaching"]) == 1:
+        return f"{value['estimate']:.2f} (1 seed)"
     return fmt(entry.get(key), 2)
 
 
