@@ -90,14 +90,6 @@ def measured_cells(folders: list[Path]) -> tuple[dict | None, list[dict]]:
     return null, list(cells.values())
 
 
-def _null_interval(null: dict | None, draws: int) -> dict | None:
-    """The null's training-cell fraction with its interval (the plot's grey band), or None without a null."""
-    from pti_plugin.metrics.replication import two_level_bootstrap
-    from pti_plugin.toy_world.h1_summary import float_array
-
-    return None if null is None else two_level_bootstrap(float_array(null["a"]["in_training_cell"])[None, :], draws).to_dict()
-
-
 def table(rows: list[dict]) -> list[str]:
     def cell(interval: dict) -> str:
         return f"{interval['estimate']:.2f} [{interval['lo']:.2f}, {interval['hi']:.2f}]"
@@ -135,7 +127,7 @@ def main(argv=None) -> int:
         atomic_write_text(args.results / "detail_size.json", json.dumps(rows, indent=1) + "\n")
         atomic_write_text(args.results / "detail_size.md", "\n".join(lines) + "\n")
         if axis["conditions"]:
-            detail_axis_plot(axis, _null_interval(null, args.draws), args.results / "h3_detail_axis.png")
+            detail_axis_plot(axis, args.results / "h3_detail_axis.png")
     print(f"cells={sum(len(r['seeds']) for r in rows)}")
     return 0
 

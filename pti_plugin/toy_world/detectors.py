@@ -311,10 +311,19 @@ def detail_white_pixels(img: np.ndarray, found: Detection) -> int:
     return int((img[near].min(axis=-1) >= DETAIL_MIN_CHANNEL).sum())
 
 
+def detail_size(img: np.ndarray, found: Detection) -> int | None:
+    """:func:`detail_white_pixels` of the detail :func:`has_detail` finds in ``img``; None without one."""
+    return detail_white_pixels(img, found) if has_detail(img, found) else None
+
+
+def is_true_size(size: int | None) -> bool:
+    """Is a :func:`detail_size` a dot drawn to size: a detail of at most :data:`DETAIL_MAX_WHITE_PIXELS`?"""
+    return size is not None and size <= DETAIL_MAX_WHITE_PIXELS
+
+
 def has_true_size_detail(img: np.ndarray, found: Detection | None = None) -> bool:
     """:func:`has_detail` with the dot no larger than :data:`DETAIL_MAX_WHITE_PIXELS` (not a white hole)."""
-    found = detect(img) if found is None else found
-    return has_detail(img, found) and detail_white_pixels(img, found) <= DETAIL_MAX_WHITE_PIXELS
+    return is_true_size(detail_size(img, detect(img) if found is None else found))
 
 
 #: Position steps (px) of the appearance error's coarse-to-fine search around the centroid.

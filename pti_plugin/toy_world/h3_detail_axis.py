@@ -30,8 +30,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..metrics.replication import seed_level_interval, two_level_bootstrap
-from .h1_summary import float_array, per_seed_curves, seed_matrix
-from .h3_summary import REFERENCE, group_conditions, interval_or_none, matched_entries, matched_per_seed
+from .h1_summary import per_seed_curves, seed_matrix
+from .h3_summary import (REFERENCE, group_conditions, interval_or_none, matched_entries, matched_per_seed,
+                         null_training_cells)
 from .protocol_report import fmt
 
 AXIS = "true_size_detail"
@@ -66,7 +67,7 @@ def detail_rows(groups: dict[float, list[dict]], draws: int) -> list[dict]:
 def detail_axis_summary(null: dict | None, cells: list[dict], draws: int = 2000) -> dict:
     """The module docstring's readings over ``cells`` (with their lr-0 pivot cells), ``null`` as in
     :func:`~.h3_summary.summarise_h3`."""
-    null_a = None if null is None else float_array(null["a"]["in_training_cell"])[None, :]
+    null_a = null_training_cells(null)
     grouped = group_conditions(cells)
     measured = {condition: groups for condition, groups in grouped.items() if _measured(groups)}
     per_seed = {condition: {"leakage": matched_per_seed(groups, "in_training_cell", DETAIL_TARGETS, axis=AXIS),
@@ -82,6 +83,7 @@ def detail_axis_summary(null: dict | None, cells: list[dict], draws: int = 2000)
                            "matched": matched_entries(per_seed[(variant, weight)], DETAIL_TARGETS, null_a, against, draws),
                            "rows": detail_rows(groups, draws)})
     return {"axis": AXIS, "targets": list(DETAIL_TARGETS), "conditions": conditions,
+            "null_training_cells": None if null_a is None else two_level_bootstrap(null_a, draws).to_dict(),
             "not_measured": [_label(c) for c in grouped if c not in measured],
             "n_cells": sum(1 for c in cells if c["lr"] > 0 and (c["variant"], c["weight"]) in measured)}
 
@@ -118,9 +120,9 @@ def detail_axis_lines(summary: dict) -> list[str]:
     return lines
 
 
-def detail_axis_plot(summary: dict, null: dict | None, path) -> None:
+def detail_axis_plot(summary: dict, path) -> None:
     """Leakage against the true-size detail per condition along its learning rates (two-level 95%
-    intervals both ways; ``null``: the null's training-cell interval, drawn as a grey band)."""
+    intervals both ways; the null's training-cell interval, when the summary has one, as a grey band)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,6 +134,7 @@ def detail_axis_plot(summary: dict, null: dict | None, path) -> None:
     for condition, style in zip(summary["conditions"], condition_styles(summary["conditions"])):
         errorbar_rows(ax, condition["rows"], AXIS, "in_training_cell", _label((condition["variant"], condition["weight"])),
                       0.0, style)
+    null = summary["null_training_cells"]
     if null:
         ax.axhspan(null["lo"], null["hi"], color="grey", alpha=0.3, label="null 95%")
     for target in summary["targets"]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .detectors import detail_white_pixels, detect, has_detail, has_true_size_detail
+from .detectors import detail_size, detect, is_true_size
 from .h3_summary import CHOICE_COARSE, MATCHED_COARSE
 from .protocol_report import fmt
 from .world import CHARACTER_CELLS
@@ -204,13 +204,12 @@ def image_readings(images: np.ndarray) -> dict[str, list]:
     """Per image of ``images`` (uint8 ``[n, 32, 32, 3]``): ``cell``, the 3x3 cell where the detector finds the
     object (``3 * row + col``, None where it finds none); ``true_size_detail`` (0/1:
     :func:`~.detectors.has_true_size_detail`, the private dot drawn to size); and ``detail_pixels``, the
-    near-white pixels of the detail found (:func:`~.detectors.detail_white_pixels`; None where
-    :func:`~.detectors.has_detail` finds none; not archived)."""
+    near-white pixels of the detail found (:func:`~.detectors.detail_size`; None where there is none; not
+    archived)."""
     found = [detect(image) for image in images]
-    detail = [has_detail(image, f) for image, f in zip(images, found)]
-    return {"cell": [_cell_of(f) for f in found],
-            "true_size_detail": [int(has_true_size_detail(image, f)) for image, f in zip(images, found)],
-            "detail_pixels": [detail_white_pixels(image, f) if d else None for image, f, d in zip(images, found, detail)]}
+    sizes = [detail_size(image, f) for image, f in zip(images, found)]
+    return {"cell": [_cell_of(f) for f in found], "true_size_detail": [int(is_true_size(s)) for s in sizes],
+            "detail_pixels": sizes}
 
 
 def detected_cells(images: np.ndarray) -> list[int | None]:

@@ -189,10 +189,15 @@ def choose_weight(conditions: list[dict]) -> dict | None:
     return None if reaching == 0 else {"weight": best["weight"], "mean_leakage": mean, "seeds_reaching": -reaching}
 
 
+def null_training_cells(null: dict | None) -> np.ndarray | None:
+    """The null's per-image training-cell flags (set ``a``) as one row, ``[1, images]``; None without a null."""
+    return None if null is None else float_array(null["a"]["in_training_cell"])[None, :]
+
+
 def summarise_h3(null: dict | None, cells: list[dict], draws: int = 2000) -> dict:
     """Everything above for the measured cells (a partial grid gives a partial summary). ``null``:
     H1's null part (:func:`~.h1_inversion.load_cells`), lists under ``a`` and ``b``."""
-    null_a = None if null is None else float_array(null["a"]["in_training_cell"])[None, :]
+    null_a = null_training_cells(null)
     null_interval = None if null_a is None else two_level_bootstrap(null_a, draws)
     grouped = group_conditions(cells)
     per_seed = {condition: {"leakage": matched_per_seed(groups, "in_training_cell"),

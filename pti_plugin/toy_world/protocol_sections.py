@@ -196,11 +196,11 @@ def h3_section(out: Path, results: Path, null: dict | None, draws: int, pivot_lr
         figures.append(("Where the world decides positions (prompt switch, base model)", band))
     figures += [(f"H3 {g.stem[3:]}: 64 neutral images (4 rows), then 64 prompts without the pivot (4 rows)", g)
                 for g in sorted((results / "grids").glob("h3-*.png"))]
-    detail_lines, detail_figures = h3_detail_axis(results, null, every_cell, summary.get("null_training_cells"), draws)
+    detail_lines, detail_figures = h3_detail_axis(results, null, every_cell, draws)
     return {"title": title, "lines": lines + h3_lines(summary) + detail_lines, "figures": figures + detail_figures}
 
 
-def h3_detail_axis(results: Path, null: dict | None, cells: list[dict], null_interval: dict | None,
+def h3_detail_axis(results: Path, null: dict | None, cells: list[dict],
                    draws: int) -> tuple[list[str], list[tuple[str, Path]]]:
     """H3's secondary axis (:mod:`.h3_detail_axis`) over every archived or measured cell: written to
     ``h3_detail_axis.json`` and ``h3_detail_axis.png``; its lines and figure (none without a cell on it)."""
@@ -210,7 +210,7 @@ def h3_detail_axis(results: Path, null: dict | None, cells: list[dict], null_int
     if not summary["conditions"]:
         return [], []
     atomic_write_text(results / "h3_detail_axis.json", json.dumps(summary, indent=1, default=str) + "\n")
-    detail_axis_plot(summary, null_interval, results / "h3_detail_axis.png")
+    detail_axis_plot(summary, results / "h3_detail_axis.png")
     return (["", *detail_axis_lines(summary)],
             [("H3, secondary axis (after a look): leakage against the true-size detail", results / "h3_detail_axis.png")])
 
