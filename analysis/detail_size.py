@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         atomic_write_text(args.results / "detail_size.json", json.dumps(rows, indent=1) + "\n")
         atomic_write_text(args.results / "detail_size.md", "\n".join(lines) + "\n")
         if axis["conditions"]:
-            detail_axis_plot(axis, args.results / "h3_detail_axis.png")
+            detail_axis_plot(axis, args.results / "h3_detail_axis.png", verdict)
     print(f"cells={sum(len(r['seeds']) for r in rows)}")
     return 0
 

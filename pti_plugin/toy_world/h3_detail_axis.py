@@ -120,9 +120,12 @@ def detail_axis_lines(summary: dict) -> list[str]:
     return lines
 
 
-def detail_axis_plot(summary: dict, path) -> None:
+def detail_axis_plot(summary: dict, path, verdict: str | None = None) -> None:
     """Leakage against the true-size detail per condition along its learning rates (two-level 95%
-    intervals both ways; the null's training-cell interval, when the summary has one, as a grey band)."""
+    intervals both ways; the null's training-cell interval, when the summary has one, as a grey band);
+    ``verdict``, :func:`confirmatory_verdict`'s line, goes under the title where the cells hold that test."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +145,10 @@ def detail_axis_plot(summary: dict, path) -> None:
     ax.set(xlabel="share of neutral images with the private detail drawn to size",
            ylabel="objects in a training cell (leakage)")
     ax.legend(fontsize=7)
-    ax.set_title("H3, secondary axis (stated after a look): leakage against the true-size detail", fontsize=9)
+    title = "H3, secondary axis (stated after a look): leakage against the true-size detail"
+    if verdict is not None:
+        title += "\n" + textwrap.fill(f"confirmatory test, stated before its runs: {verdict}", 110)
+    ax.set_title(title, fontsize=8 if verdict else 9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
