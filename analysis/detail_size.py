@@ -14,9 +14,9 @@ pixels; the rendered dot covers 4-7), the median near-white area of the details 
 training-cell fraction, means over training seeds with a 95% bootstrap interval over
 them; then H3's secondary-axis table (:mod:`pti_plugin.toy_world.h3_detail_axis`) over the same cells.
 ``--out`` may be given several times (an exploratory folder beside the protocol's: its ``h1`` the same
-pivots); a cell in two folders is counted once. Where the cells hold the confirmatory test's condition
-(``CONFIRMATORY`` in :mod:`pti_plugin.toy_world.h3_detail_axis`, stated in ``docs/method.md``), its
-verdict follows the table. ``--results`` also writes ``detail_size.md``,
+pivots); a cell in two folders is counted once. Where the cells hold a confirmatory test's condition on
+its stated seeds (``CONFIRMATORY`` and ``CEILING_TEST`` in :mod:`pti_plugin.toy_world.h3_detail_axis`,
+stated in ``docs/method.md``), its verdict follows the table. ``--results`` also writes ``detail_size.md``,
 ``.json`` and the secondary axis's plot (``h3_detail_axis.png``) there. Last line ``cells=<n>``.
 """
 
@@ -109,16 +109,19 @@ def main(argv=None) -> int:
     missing = [str(out / "h3" / "parts") for out in args.out if not (out / "h3" / "parts").is_dir()]
     if missing:
         raise SystemExit(f"error: no H3 parts under {', '.join(missing)} (the --out of `research_protocol.py h3`)")
-    from pti_plugin.toy_world.h3_detail_axis import (CONFIRMATORY_RULE, confirmatory_verdict, detail_axis_lines,
-                                                     detail_axis_plot, detail_axis_summary)
+    from pti_plugin.toy_world.h3_detail_axis import (CEILING_RULE, CONFIRMATORY_RULE, ceiling_verdict,
+                                                     confirmatory_verdict, detail_axis_lines, detail_axis_plot,
+                                                     detail_axis_summary)
 
     null, cells = measured_cells(args.out)
     rows = summarise(cells, args.draws)
     axis = detail_axis_summary(null, cells, args.draws)
     lines = table(rows) + [""] + detail_axis_lines(axis)
-    verdict = confirmatory_verdict(axis)
-    if verdict is not None:
-        lines += ["", f"**Confirmatory test** ({CONFIRMATORY_RULE}): {verdict}."]
+    verdicts = {"Confirmatory test": (CONFIRMATORY_RULE, confirmatory_verdict(cells, args.draws)),
+                "Second confirmatory test": (CEILING_RULE, ceiling_verdict(cells, args.draws))}
+    for name, (rule, verdict) in verdicts.items():
+        if verdict is not None:
+            lines += ["", f"**{name}** ({rule}): {verdict}."]
     print("\n".join(lines))
     if args.results is not None:
         from pti_plugin.atomic_io import atomic_write_text
@@ -127,7 +130,8 @@ def main(argv=None) -> int:
         atomic_write_text(args.results / "detail_size.json", json.dumps(rows, indent=1) + "\n")
         atomic_write_text(args.results / "detail_size.md", "\n".join(lines) + "\n")
         if axis["conditions"]:
-            detail_axis_plot(axis, args.results / "h3_detail_axis.png", verdict)
+            detail_axis_plot(axis, args.results / "h3_detail_axis.png",
+                             "; ".join(f"{name}, stated before its runs: {v}" for name, (_, v) in verdicts.items() if v is not None) or None)
     print(f"cells={sum(len(r['seeds']) for r in rows)}")
     return 0
 

@@ -20,6 +20,11 @@ re-run cells' images (``analysis/detail_size.py``), and the targets where the pi
 variants still get to. Its intervals are honest about sampling, not about that choice: read it as a
 hypothesis for the next protocol, never as H3's verdict.
 
+**Confirmatory tests** (``docs/method.md``), each stated with its rule before its runs on training seeds
+never used before, and read only over those seeds: :data:`CONFIRMATORY` (leakage where the detail
+first reaches 0.5) and :data:`CEILING_TEST` (the best detail a seed reaches while its leakage stays
+under the null's upper bound).
+
 Only cells whose images were read carry ``true_size_detail``
 (:func:`~.protocol_sections.measured_h3_cells`; the archive keeps it from then on); a condition with a
 cell without it is listed under ``not_measured``.
@@ -27,24 +32,37 @@ cell without it is listed under ``not_measured``.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from ..metrics.replication import seed_level_interval, two_level_bootstrap
 from .h1_summary import per_seed_curves, seed_matrix
 from .h3_summary import (REFERENCE, group_conditions, interval_or_none, matched_entries, matched_per_seed,
-                         null_training_cells)
+                         null_training_cells, paired_against)
 from .protocol_report import fmt
 
 AXIS = "true_size_detail"
 DETAIL_TARGETS = (0.25, 0.5)
 #: The confirmatory test of this axis, stated before its runs on fresh training seeds (docs/method.md):
-#: the condition, the target it is read at, and how many seeds must reach it for "supported".
-CONFIRMATORY = {"variant": "half_angle", "weight": 0.1, "target": 0.5, "min_seeds": 3}
+#: the condition, its seeds, the target it is read at, and how many seeds must reach it for "supported".
+CONFIRMATORY = {"variant": "half_angle", "weight": 0.1, "seeds": (5, 6, 7, 8, 9), "target": 0.5, "min_seeds": 3}
 CONFIRMATORY_RULE = (f"`{CONFIRMATORY['variant']}` w{CONFIRMATORY['weight']:g}, training-cell fraction minus no "
                      f"regulariser's where the true-size detail first reaches {CONFIRMATORY['target']:g}, paired over "
                      f"training seeds: supported when at least {CONFIRMATORY['min_seeds']} seeds reach it and the 95% "
                      "interval lies below 0, refuted when the interval lies at or above 0, inconclusive otherwise "
                      "(also when fewer than 2 seeds pair: one difference gives no interval)")
+#: The second confirmatory test, stated before its runs on training seeds 10-14 (docs/method.md): per seed and
+#: condition, the highest true-size detail among its cells at ``lrs`` (0: the pivot alone) whose training-cell
+#: fraction is at most ``ceiling`` (the upper end of the committed null's 95% interval, 0.469).
+CEILING_TEST = {"variant": "half_angle", "weight": 0.1, "seeds": (10, 11, 12, 13, 14),
+                "lrs": (0.0, 3e-4, 4e-4, 5e-4, 7e-4), "ceiling": 0.47, "min_paired": 4}
+CEILING_RULE = (f"`{CEILING_TEST['variant']}` w{CEILING_TEST['weight']:g} minus no regulariser, paired over training "
+                "seeds, in the highest true-size detail a seed reaches at lr "
+                + ", ".join(f"{lr:g}" for lr in CEILING_TEST["lrs"])
+                + f" while its training-cell fraction is at most {CEILING_TEST['ceiling']:g}: supported when at least "
+                f"{CEILING_TEST['min_paired']} seeds pair and the 95% interval lies above 0, refuted when it lies at or "
+                "below 0, inconclusive otherwise")
 
 
 def _label(condition: tuple[str, float | None]) -> str:
@@ -123,7 +141,7 @@ def detail_axis_lines(summary: dict) -> list[str]:
 def detail_axis_plot(summary: dict, path, verdict: str | None = None) -> None:
     """Leakage against the true-size detail per condition along its learning rates (two-level 95%
     intervals both ways; the null's training-cell interval, when the summary has one, as a grey band);
-    ``verdict``, :func:`confirmatory_verdict`'s line, goes under the title where the cells hold that test."""
+    ``verdict``, a line giving the confirmatory tests' verdicts, goes under the title."""
     import textwrap
 
     import matplotlib
@@ -147,15 +165,18 @@ def detail_axis_plot(summary: dict, path, verdict: str | None = None) -> None:
     ax.legend(fontsize=7)
     title = "H3, secondary axis (stated after a look): leakage against the true-size detail"
     if verdict is not None:
-        title += "\n" + textwrap.fill(f"confirmatory test, stated before its runs: {verdict}", 110)
+        title += "\n" + textwrap.fill(verdict, 110)
     ax.set_title(title, fontsize=8 if verdict else 9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def confirmatory_verdict(summary: dict) -> str | None:
-    """:data:`CONFIRMATORY_RULE` on :func:`detail_axis_summary`'s ``summary``; None without that condition."""
+def confirmatory_verdict(cells: list[dict], draws: int = 2000) -> str | None:
+    """:data:`CONFIRMATORY_RULE` on the cells of its stated training seeds (lr-0 pivots included); None
+    where they hold no cell of its condition."""
+    stated = [c for c in cells if c["seed"] in CONFIRMATORY["seeds"]]
+    summary = detail_axis_summary(None, stated, draws)
     condition = next((c for c in summary["conditions"]
                       if (c["variant"], c["weight"]) == (CONFIRMATORY["variant"], CONFIRMATORY["weight"])), None)
     if condition is None:
@@ -171,5 +192,42 @@ def confirmatory_verdict(summary: dict) -> str | None:
     if difference["hi"] < 0 and entry["seeds_reaching"] >= CONFIRMATORY["min_seeds"]:
         return f"supported: {fmt(difference)} ({basis})"
     if difference["lo"] >= 0:
+        return f"refuted: {fmt(difference)} ({basis})"
+    return f"inconclusive: {fmt(difference)} ({basis})"
+
+
+def detail_under_ceiling(groups: dict[float, list[dict]], lrs: tuple[float, ...], ceiling: float) -> dict[int, float]:
+    """Per training seed: the highest mean true-size detail among its cells at ``lrs`` whose mean training-cell
+    fraction is at most ``ceiling`` (0 where none is; a cell without objects has no fraction and does not
+    count); NaN for a seed that lacks a cell at one of ``lrs``."""
+    stated = {lr: members for lr, members in groups.items() if any(np.isclose(lr, x, rtol=1e-9, atol=0) for x in lrs)}
+    seeds = sorted({c["seed"] for members in stated.values() for c in members})  # per_seed_curves' row order
+    detail = per_seed_curves(stated, AXIS)  # [seeds, rates]
+    with warnings.catch_warnings():  # a cell without any object has no training-cell fraction: NaN
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        leakage = per_seed_curves(stated, "in_training_cell")
+    complete = len(stated) == len(lrs) and np.isfinite(detail).all(axis=1)
+    under = np.where(np.nan_to_num(leakage, nan=np.inf) <= ceiling, detail, 0.0).max(axis=1)
+    return {seed: float(value) if ok else float("nan") for seed, value, ok in zip(seeds, under, complete)}
+
+
+def ceiling_verdict(cells: list[dict], draws: int = 2000) -> str | None:
+    """:data:`CEILING_RULE` on the cells of its stated training seeds and rates (lr-0 pivots included); None
+    where they hold no measured cell of its condition or of no regulariser."""
+    grouped = group_conditions([c for c in cells if c["seed"] in CEILING_TEST["seeds"]])
+    condition, reference = grouped.get((CEILING_TEST["variant"], CEILING_TEST["weight"])), grouped.get((REFERENCE, None))
+    if condition is None or reference is None or not (_measured(condition) and _measured(reference)):
+        return None
+    readings = [detail_under_ceiling(groups, CEILING_TEST["lrs"], CEILING_TEST["ceiling"])
+                for groups in (condition, reference)]
+    difference = paired_against(*({s: np.array([v]) for s, v in r.items()} for r in readings), 0, draws)
+    means = ", ".join(f"{name} {np.nanmean(list(r.values())):.2f}"
+                      for name, r in zip((f"w{CEILING_TEST['weight']:g}", REFERENCE), readings))
+    basis = f"{0 if difference is None else difference['n_paired']} paired seeds; mean detail under the ceiling {means}"
+    if difference is None or difference["n_paired"] < CEILING_TEST["min_paired"]:
+        return f"inconclusive: {fmt(difference)} ({basis})"
+    if difference["lo"] > 0:
+        return f"supported: {fmt(difference)} ({basis})"
+    if difference["hi"] <= 0:
         return f"refuted: {fmt(difference)} ({basis})"
     return f"inconclusive: {fmt(difference)} ({basis})"
