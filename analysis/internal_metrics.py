@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
+from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
+
 
 def parse_shard(text: str) -> tuple[int, int]:
     try:
@@ -54,8 +56,8 @@ def parse_args(argv):
     parser.add_argument("folders", type=Path, nargs="+", help="folders whose sub-folders are finished runs")
     parser.add_argument("--out", type=Path, default=Path("outputs/internal_metrics"))
     parser.add_argument("--seeds", type=int, default=16, help="sampling seeds per prompt")
-    parser.add_argument("--sample_steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--sample_steps", type=int, default=SAMPLE_STEPS)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
     parser.add_argument("--max_images", type=int, default=8, help="training images of the denoising probes")
     parser.add_argument("--output_name", default="premise", help="the runs' output name (<name>.safetensors)")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="score every N-th run from the K-th")

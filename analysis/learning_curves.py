@@ -24,14 +24,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
 from pti_plugin.atomic_io import atomic_write_text  # noqa: E402
+from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (training output_dir), one per training seed")
     parser.add_argument("--seeds", type=int, default=64, help="sampling seeds 0..N-1 per prompt and checkpoint")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps per generation")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="DDIM steps per generation")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
     parser.add_argument("--out", type=Path, default=Path("outputs/learning_curves"), help="folder of the json and plot")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
     return parser.parse_args(argv)

@@ -41,6 +41,7 @@ from PIL import Image  # noqa: E402
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
 from pti_plugin.toy_world.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402
+from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 from pti_plugin.toy_world.train_recipe import generate, image_grid  # noqa: E402
 from pti_plugin.toy_world.world import LOOK_NAMES, quality_prompts, two_tone_prompts  # noqa: E402
 
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--prompts", type=int, default=216, help="number of evaluation prompts (>= 100)")
     parser.add_argument("--two_tone_prompts", type=int, default=72, help="number of two-tone evaluation prompts")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the prompt/seed list")
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--steps", type=int, default=SAMPLE_STEPS)
     parser.add_argument("--out", type=Path, default=Path("outputs/toy_quality"))
     parser.add_argument("--premise", action="store_true", help="run the premise checks 2-4 (into <out>/premise)")
     parser.add_argument("--quick", action="store_true", help="with --premise: a few steps and seeds (plumbing only)")

@@ -82,6 +82,7 @@ from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correl
 from pti_plugin.sweeps.engines import add_engine_arguments
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
 from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages
+from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix, training_seeds_arg
 
 #: The presets shipped with the repository (the bench's default preset lives there).
@@ -294,8 +295,8 @@ def parse_args(argv):
     parser.add_argument("--seeds", type=int, default=16,
                         help="generation seeds per prompt when scoring; 16 leave the leakage score uncertain by about "
                              "0.16 (two seed sets on the same run), use 64 or more to compare variants' leakage")
-    parser.add_argument("--sample_steps", type=int, default=25, help="DDIM steps of the generations")
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--sample_steps", type=int, default=SAMPLE_STEPS, help="DDIM steps of the generations")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
     parser.add_argument("--max_images", type=int, default=8, help="training images of the model-internal proxies")
     parser.add_argument("--leakage_threshold", type=float, default=0.1,
                         help="largest leakage excess over the pivot's own of a light run")

@@ -36,6 +36,7 @@ from ..metrics.replication import Interval, seed_level_interval, two_level_boots
 from ..metrics.run_model import find_run_files, read_run_config
 from ..settings_cache import read_cache
 from .detectors import detect_character, has_detail
+from .recipe_config import GUIDANCE, SAMPLE_STEPS
 from .run_scores import NEUTRAL_PROMPTS
 from .world import CHARACTER_CELLS, IMAGE_SIZE
 
@@ -179,7 +180,7 @@ def _score_files(run_dir: Path, output_name: str | None, wanted: dict[str, tuple
     return scored
 
 
-def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = 25, guidance: float = 3.0,
+def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
                       device: str | None = None, output_name: str | None = None,
                       log: Callable[[str], None] | None = None) -> dict:
     """Ground truth of the neutral generations at the base point and every checkpoint of the LoRA stage.

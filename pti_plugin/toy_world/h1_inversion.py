@@ -33,6 +33,7 @@ import numpy as np
 
 from .detectors import appearance_error, detect, detect_character, has_detail
 from .premise import Parts, check_init_word, model_digest, neutral_prompts, preset_digest, run_preset, sample, train_run
+from .recipe_config import GUIDANCE, SAMPLE_STEPS
 from .world import CHARACTER_CELLS, IMAGE_SIZE, parse_caption, write_character_dataset
 
 #: Position edits to the cells no training image uses (``{}`` = the pivot): top right, middle left,
@@ -60,8 +61,8 @@ class H1Settings:
     vector_lrs: tuple[float, ...] = (3e-5, 1e-4)
     steps: int = 1000
     seeds: int = 64
-    sample_steps: int = 25
-    guidance: float = 3.0
+    sample_steps: int = SAMPLE_STEPS
+    guidance: float = GUIDANCE
 
     @classmethod
     def quick(cls) -> H1Settings:

@@ -35,6 +35,7 @@ from .h1_inversion import NEUTRAL_KEYS, H1Settings, neutral_records, pivot_file
 from .h2_runs import wait_for
 from .premise import (Parts, encode_text, load_base, model_digest, neutral_prompts, preset_digest, run_preset, sample,
                       train_run)
+from .recipe_config import GUIDANCE, SAMPLE_STEPS
 from .world import IMAGE_SIZE, write_character_dataset
 
 #: The variants (name -> what regularises the LoRA). The pivot-locality ones take the base preset's
@@ -94,8 +95,8 @@ class H3Settings:
     reg_images: int = 12
     steps: int = 1000
     seeds: int = 64
-    sample_steps: int = 25
-    guidance: float = 3.0
+    sample_steps: int = SAMPLE_STEPS
+    guidance: float = GUIDANCE
 
     @classmethod
     def quick(cls) -> H3Settings:

@@ -48,6 +48,7 @@ from .. import geometry
 from ..metrics.curves import first_crossing, share_decreases
 from ..metrics.replication import two_level_bootstrap
 from .detectors import Detection, detect
+from .recipe_config import GUIDANCE, SAMPLE_STEPS
 from .world import make_caption, parse_caption, sample_pretraining_scene
 
 GEOMETRIES = ("layernorm", "centered", "linear")
@@ -80,8 +81,8 @@ class PathSettings:
 
     seeds: int = 16
     fractions: int = 11
-    sample_steps: int = 25
-    guidance: float = 3.0
+    sample_steps: int = SAMPLE_STEPS
+    guidance: float = GUIDANCE
     bootstrap: int = 2000
     tolerance_z: float = 2.0
     centre_captions: int = 512

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .detectors import detect
+from .recipe_config import GUIDANCE, SAMPLE_STEPS
 
 #: Pairs of prompts that differ only in the object's cell, with (row, col) of each prompt's cell.
 POSITION_PAIRS = (
@@ -39,8 +40,8 @@ class SwitchSettings:
     """Sampling of the switch experiment (the protocol's: DDIM 25 steps, guidance 3)."""
 
     seeds: int = 32
-    sample_steps: int = 25
-    guidance: float = 3.0
+    sample_steps: int = SAMPLE_STEPS
+    guidance: float = GUIDANCE
     switch_every: int = 2  # switch points k = 0, every, 2*every, ..., steps
 
     def switch_points(self) -> list[int]:

@@ -44,6 +44,7 @@ from ..atomic_io import atomic_write_text
 from ..metrics.run_model import file_digest
 from ..settings_cache import read_cache
 from .detectors import appearance_error, detect_character, has_detail
+from .recipe_config import GUIDANCE, SAMPLE_STEPS
 from .world import CHARACTER_CELLS, NEUTRAL_TEMPLATES, write_character_dataset
 
 #: Check 3's band for the inversion's coarse reconstruction rate.
@@ -66,8 +67,8 @@ class PremiseSettings:
     oracle_steps: int = 1000
     oracle_lr: float = 1e-2
     seeds: int = 64
-    sample_steps: int = 25
-    guidance: float = 3.0
+    sample_steps: int = SAMPLE_STEPS
+    guidance: float = GUIDANCE
     bootstrap: int = 2000
 
     @classmethod

@@ -8,8 +8,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
+#: How the toy model is sampled unless a caller says otherwise: its evaluations during training and every
+#: study of it (DDIM steps, classifier-free guidance scale).
+SAMPLE_STEPS = 25
+GUIDANCE = 3.0
 
 @dataclass
 class RecipeConfig:
@@ -69,8 +72,8 @@ class RecipeConfig:
     checkpoint_minutes: float = 3.0
     eval_minutes: float = 10.0
     eval_prompts: int = 36
-    guidance_scale: float = 3.0
-    num_inference_steps: int = 25
+    guidance_scale: float = GUIDANCE
+    num_inference_steps: int = SAMPLE_STEPS
     scheduler: dict = field(
         default_factory=lambda: {
             "num_train_timesteps": 1000,
@@ -90,6 +93,8 @@ def log(msg: str) -> None:
 
 def atomic_save(obj: object, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+    import torch  # here, so that reading the settings does not load torch
+
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)

@@ -51,6 +51,7 @@ from ..metrics.prompts import POSITION_EDIT_PROMPTS
 from ..metrics.reconstruction import proxy_denoise_mse
 from ..metrics.run_model import load_run
 from .detectors import appearance_error, detect, detect_character, has_detail, position_entropy
+from .recipe_config import GUIDANCE, SAMPLE_STEPS
 from .world import CHARACTER_CELLS, IMAGE_SIZE, parse_caption
 
 #: Prompts that ask for no position (``{T}`` = the run's template, ``{}`` = the subject).
@@ -64,8 +65,8 @@ class ScoreSettings:
     """Generation settings of :func:`score_run`: seeds ``0..seeds-1``, DDIM steps, guidance; probes' images."""
 
     seeds: int = 16
-    steps: int = 25
-    guidance: float = 3.0
+    steps: int = SAMPLE_STEPS
+    guidance: float = GUIDANCE
     max_images: int = 8
 
     def as_dict(self) -> dict:

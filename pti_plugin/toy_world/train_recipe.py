@@ -57,7 +57,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from pti_plugin.models.word_vocab import BASE_WORDS, build_vocab, write_tokenizer_files
 
 from .detectors import score_generations
-from .recipe_config import RecipeConfig, atomic_save, log
+from .recipe_config import GUIDANCE, SAMPLE_STEPS, RecipeConfig, atomic_save, log
 from .recipe_vae import load_or_train_vae
 from .world import IMAGE_SIZE, LOOK_NAMES, WORDS, make_caption, quality_prompts, two_tone_prompts
 
@@ -126,8 +126,8 @@ def build_pipeline(
 # sampling and evaluation
 
 
-def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], *, guidance_scale: float = 3.0,
-             num_inference_steps: int = 25, batch_size: int = 36) -> np.ndarray:
+def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], *, guidance_scale: float = GUIDANCE,
+             num_inference_steps: int = SAMPLE_STEPS, batch_size: int = 36) -> np.ndarray:
     """Generate one image per prompt (fixed seed each) -> uint8 ``(N, 32, 32, 3)``."""
     out = []
     for i in range(0, len(prompts), batch_size):
