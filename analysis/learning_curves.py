@@ -6,9 +6,11 @@ cached in each run's folder) and summarises the runs as training seeds of one co
 (:func:`~pti_plugin.toy_world.curve_scores.h2_summary`)::
 
     OMP_NUM_THREADS=1 python analysis/learning_curves.py RUN_DIR [RUN_DIR ...] [--seeds 64] [--steps 25]
-        [--guidance 3] [--out DIR]
+        [--guidance 3] [--dense_until 0] [--score_every 1] [--out DIR]
 
-Runs must be trained with ``save_every_n_steps`` (the same value for all). Prints one line per run and
+Runs must be trained with ``save_every_n_steps`` (the same value for all). ``--dense_until M
+--score_every N`` scores every save up to LoRA step M and past it only those at multiples of N (the
+final save always), so runs saved often score densely where appearance moves and sparsely after. Prints one line per run and
 a last line ``t_app=<f> t_pos=<f> ratio=<f> ratio_lo=<f> ratio_hi=<f>`` (mean half-way steps of
 appearance and position, and the geometric mean of T_pos / T_app with its interval: H2 holds where
 ratio_lo > 1); writes ``learning_curves.json`` and ``learning_curves.png`` into ``--out``.
@@ -27,12 +29,33 @@ from pti_plugin.atomic_io import atomic_write_text  # noqa: E402
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 
 
+def positive_or_zero(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need a whole number of steps, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"need 0 or more steps, got {text!r}")
+    return value
+
+
+def positive(text: str) -> int:
+    value = positive_or_zero(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("need 1 or more steps, got 0")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (training output_dir), one per training seed")
     parser.add_argument("--seeds", type=int, default=64, help="sampling seeds 0..N-1 per prompt and checkpoint")
     parser.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="DDIM steps per generation")
     parser.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
+    parser.add_argument("--dense_until", type=positive_or_zero, default=0,
+                        help="score every save up to this LoRA-stage step (default 0)")
+    parser.add_argument("--score_every", type=positive, default=1,
+                        help="past --dense_until, score the saves at multiples of this many steps (default 1: all)")
     parser.add_argument("--out", type=Path, default=Path("outputs/learning_curves"), help="folder of the json and plot")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
     return parser.parse_args(argv)
@@ -72,7 +95,7 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pti_plugin.toy_world.curve_scores import h2_summary, lora_checkpoints, score_checkpoints
+    from pti_plugin.toy_world.curve_scores import h2_summary, lora_checkpoints, score_checkpoints, scored_steps
 
     args = parse_args(argv)
     for run_dir in args.runs:  # every run checked before any is scored
@@ -81,8 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
         except (FileNotFoundError, ValueError) as exc:  # missing folder, no run, no intermediate saves
             raise SystemExit(f"error: {exc}") from exc
     seeds = list(range(args.seeds))
+    scored = scored_steps(args.dense_until, args.score_every)
     runs = [score_checkpoints(run_dir, seeds, args.steps, args.guidance, device=args.device,
-                              log=lambda message: print(message, flush=True)) for run_dir in args.runs]
+                              log=lambda message: print(message, flush=True), scored=scored) for run_dir in args.runs]
     try:
         summary = h2_summary(runs)
     except ValueError as exc:  # runs saved at different steps
@@ -97,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"t_app={_f(summary['t_app_mean'])} t_pos={_f(summary['t_pos_mean'])} ratio={_f(ratio.get('estimate'))} "
           f"ratio_lo={_f(ratio.get('lo'))} ratio_hi={_f(ratio.get('hi'))}")
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"settings": {"seeds": args.seeds, "steps": args.steps, "guidance": args.guidance},
+    record = {"settings": {"seeds": args.seeds, "steps": args.steps, "guidance": args.guidance,
+                           "dense_until": args.dense_until, "score_every": args.score_every},
               "runs": [str(r) for r in args.runs], "summary": summary}
     atomic_write_text(args.out / "learning_curves.json", json.dumps(record, indent=1) + "\n")
     plot(summary, args.out / "learning_curves.png")

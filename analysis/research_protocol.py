@@ -122,7 +122,8 @@ def run_all(args, argv: list[str]) -> None:
         seeds = seed_list(args.seeds) if args.seeds else h2.training_seeds
         runs = [r for seed in seeds for r in sorted(glob.glob(str(args.out / "h2" / "runs" / f"{h2_run_name(lr, seed)}-*")))
                 if Path(r).is_dir()]
-        learning_curves.main([*runs, *sampling, "--out", str(args.out / "h2" / f"curves-lr{lr:g}")])
+        scoring = ["--dense_until", str(h2.dense_until), "--score_every", str(h2.score_every)]
+        learning_curves.main([*runs, *sampling, *scoring, "--out", str(args.out / "h2" / f"curves-lr{lr:g}")])
     for part in ("h3", "report"):
         main([part, *rest])
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pti_plugin.toy_world.curve_scores import (CACHE_FILE, NoCheckpointsError, checkpoint_files, h2_summary,
-                                               lora_checkpoints, score_checkpoints)
+                                               lora_checkpoints, score_checkpoints, scored_steps)
 from pti_plugin.toy_world.run_scores import NEUTRAL_PROMPTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +81,24 @@ def test_scores_cover_every_checkpoint_and_are_cached_and_deterministic(scored_r
     assert score_checkpoints(run_dir, SEEDS, steps=2, device="cpu") == first  # recomputed: the same images
 
 
+def test_saves_left_unscored_are_dropped_but_the_final_save_is_kept(scored_run, monkeypatch):
+    run_dir, first = scored_run
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a cached run was loaded again")
+
+    monkeypatch.setattr("pti_plugin.metrics.run_model.load_run", no_loading)
+    sparse = score_checkpoints(run_dir, SEEDS, steps=2, device="cpu", scored=lambda step: False)
+    assert sparse["steps"] == [1, 3] and sparse["files"] == [None, "pti.safetensors"]  # the pivot alone, the final save
+    assert sparse["coarse"] == [first["coarse"][0], first["coarse"][2]]
+
+
+def test_the_h2_schedule_scores_densely_early_then_every_hundred_steps():
+    keep = scored_steps(dense_until=100, every=100)
+    assert [step for step in range(10, 1001, 10) if keep(step)] == [*range(10, 101, 10), *range(200, 1001, 100)]
+    assert all(scored_steps()(step) for step in range(1, 50))  # the default scores every save
+
+
 def test_command_line_reports_each_run_and_the_ratio(scored_run, tmp_path):
     run_dir, _ = scored_run  # scored with these settings: the command line reads the cache
     printed = io.StringIO()
@@ -94,8 +112,12 @@ def test_command_line_reports_each_run_and_the_ratio(scored_run, tmp_path):
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
 
 
-def test_command_line_names_the_culprit(scored_run, tmp_path):
+def test_command_line_names_the_culprit(scored_run, tmp_path, capsys):
     run_dir, _ = scored_run
+    for option, value in (("--score_every", "0"), ("--dense_until", "-1"), ("--score_every", "ten")):
+        with pytest.raises(SystemExit):
+            _cli([str(run_dir), option, value, "--out", str(tmp_path)])
+        assert option in capsys.readouterr().err
     final_only = tmp_path / "final_only"
     final_only.mkdir()
     for name in ("pti.config.toml", "pti.safetensors"):

@@ -180,9 +180,15 @@ def _score_files(run_dir: Path, output_name: str | None, wanted: dict[str, tuple
     return scored
 
 
+def scored_steps(dense_until: int = 0, every: int = 1) -> Callable[[int], bool]:
+    """Which saves to score, by LoRA-stage step: every save up to step ``dense_until``, then those at
+    multiples of ``every`` (appearance is learned within the first saves, position over hundreds of steps)."""
+    return lambda step: step <= dense_until or step % every == 0
+
+
 def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
                       device: str | None = None, output_name: str | None = None,
-                      log: Callable[[str], None] | None = None) -> dict:
+                      log: Callable[[str], None] | None = None, scored: Callable[[int], bool] | None = None) -> dict:
     """Ground truth of the neutral generations at the base point and every checkpoint of the LoRA stage.
 
     The base point is the pivot alone (LoRA off) at the LoRA stage's start, with the pivot of the
@@ -195,11 +201,14 @@ def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = SAMPLE
     ``in_training_cell``; ``len(NEUTRAL_PROMPTS) * len(seeds)`` images, prompt-major), plus
     ``settings``, ``lora_stage_start`` and ``skipped`` (saves made before the LoRA stage).
     Points are cached in ``<run_dir>/curve_scores.json`` by settings and by each file's name, size and
-    mtime, so a rerun scores only new or changed files. Raises :class:`NoCheckpointsError` when no
+    mtime, so a rerun scores only new or changed files. ``scored`` (e.g. :func:`scored_steps`) picks the
+    saves to score by LoRA-stage step; the final save is always scored. Raises :class:`NoCheckpointsError` when no
     save lies inside the LoRA stage before the final one (train with ``save_every_n_steps``).
     """
     run_dir, log = Path(run_dir), log or (lambda message: None)
     start, in_stage, before = lora_checkpoints(run_dir, output_name)
+    if scored is not None:
+        in_stage = [(step, path) for step, path in in_stage[:-1] if scored(step - start)] + in_stage[-1:]
     settings = {"version": SCORES_VERSION, "seeds": [int(s) for s in seeds], "steps": int(steps),
                 "guidance": float(guidance), "prompts": list(NEUTRAL_PROMPTS)}
     latest = in_stage[-1][1]

@@ -19,16 +19,20 @@ from .premise import model_digest, preset_digest, run_preset, train_run
 
 @dataclass(frozen=True)
 class H2Settings:
-    """The LoRA grid of H2 (learning rates x training seeds), its length and how often it saves."""
+    """The LoRA grid of H2 (learning rates x training seeds), its length, how often it saves, and which
+    saves its learning curves score: every save up to ``dense_until`` (appearance is learned within the
+    first hundred steps), then every ``score_every`` steps (position moves over hundreds)."""
 
     lora_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     training_seeds: tuple[int, ...] = (42, 1, 2)
     steps: int = 1000
-    save_every_n_steps: int = 100
+    save_every_n_steps: int = 10
+    dense_until: int = 100
+    score_every: int = 100
 
     @classmethod
     def quick(cls) -> H2Settings:
-        return cls(lora_lrs=(1e-3,), training_seeds=(42, 1), steps=4, save_every_n_steps=2)
+        return cls(lora_lrs=(1e-3,), training_seeds=(42, 1), steps=4, save_every_n_steps=1, dense_until=2, score_every=2)
 
 
 def h2_run_name(lr: float, seed: int) -> str:
