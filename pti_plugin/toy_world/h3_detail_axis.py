@@ -223,7 +223,10 @@ def ceiling_verdict(cells: list[dict], draws: int = 2000) -> str | None:
     difference = paired_against(*({s: np.array([v]) for s, v in r.items()} for r in readings), 0, draws)
     means = ", ".join(f"{name} {np.nanmean(list(r.values())):.2f}"
                       for name, r in zip((f"w{CEILING_TEST['weight']:g}", REFERENCE), readings))
-    basis = f"{0 if difference is None else difference['n_paired']} paired seeds; mean detail under the ceiling {means}"
+    per_seed = ", ".join(f"{seed} {readings[0][seed]:.2f} vs {readings[1].get(seed, float('nan')):.2f}"
+                         for seed in sorted(readings[0]))
+    basis = (f"{0 if difference is None else difference['n_paired']} paired seeds; mean detail under the ceiling "
+             f"{means}; per seed {per_seed}")
     if difference is None or difference["n_paired"] < CEILING_TEST["min_paired"]:
         return f"inconclusive: {fmt(difference)} ({basis})"
     if difference["lo"] > 0:
