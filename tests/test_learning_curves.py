@@ -81,6 +81,36 @@ def test_scores_cover_every_checkpoint_and_are_cached_and_deterministic(scored_r
     assert score_checkpoints(run_dir, SEEDS, steps=2, device="cpu") == first  # recomputed: the same images
 
 
+def test_an_interrupted_scoring_keeps_the_files_it_scored(scored_run, tmp_path, monkeypatch):
+    import shutil
+
+    import pti_plugin.toy_world.curve_scores as curve_scores
+
+    source, first = scored_run
+    run_dir = tmp_path / "out"
+    shutil.copytree(source, run_dir)  # the module's run stays as it was
+    (run_dir / CACHE_FILE).unlink()
+    real, calls = curve_scores._generate_and_score, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:  # the final file's two points are scored; the step-2 file is not
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(curve_scores, "_generate_and_score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        score_checkpoints(run_dir, SEEDS, steps=2, device="cpu")
+    kept = json.loads((run_dir / CACHE_FILE).read_text())["entries"]
+    assert sorted(entry["step"] for entry in kept.values()) == [1, 3]  # the pivot alone and the final save
+    calls.clear()
+    monkeypatch.setattr(curve_scores, "_generate_and_score", lambda *args: calls.append(1) or real(*args))
+    again = score_checkpoints(run_dir, SEEDS, steps=2, device="cpu")
+    assert len(calls) == 1  # only the step-2 file was left to score
+    assert {k: again[k] for k in ("steps", "coarse", "in_training_cell")} == \
+        {k: first[k] for k in ("steps", "coarse", "in_training_cell")}
+
+
 def test_saves_left_unscored_are_dropped_but_the_final_save_is_kept(scored_run, monkeypatch):
     run_dir, first = scored_run
 

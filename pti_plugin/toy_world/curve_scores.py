@@ -154,9 +154,10 @@ def _file_key(path: Path, step: int) -> dict:
 
 
 def _score_files(run_dir: Path, output_name: str | None, wanted: dict[str, tuple[Path, dict]], settings: dict,
-                 device: str | None, log: Callable[[str], None]) -> dict[str, dict]:
-    """Score the entries ``wanted`` (cache key -> (LoRA file, file key)); a base-point key scores that
-    file's pivot with the LoRA unloaded, reusing the loaded file when its own entry is wanted too."""
+                 device: str | None, log: Callable[[str], None], keep: Callable[[dict[str, dict]], None]) -> None:
+    """Score the entries ``wanted`` (cache key -> (LoRA file, file key)), handing each file's entries to
+    ``keep`` as soon as they are scored; a base-point key scores that file's pivot with the LoRA unloaded,
+    reusing the loaded file when its own entry is wanted too."""
     from ..metrics.movement import lora_delta_norm
     from ..metrics.run_model import load_run
 
@@ -164,8 +165,8 @@ def _score_files(run_dir: Path, output_name: str | None, wanted: dict[str, tuple
     by_file: dict[Path, list[str]] = {}
     for key, (path, _) in wanted.items():
         by_file.setdefault(path, []).append(key)
-    scored = {}
     for path, keys in by_file.items():
+        scored = {}
         run = load_run(run_dir, output_name, device=device, lora_file=path)
         for key in sorted(keys, key=lambda k: k.startswith(_BASE_POINT)):  # the LoRA on first, then unloaded
             log(f"score {run_dir.name} step {wanted[key][1]['step']}: {key}")
@@ -177,7 +178,7 @@ def _score_files(run_dir: Path, output_name: str | None, wanted: dict[str, tuple
             else:
                 norm = lora_delta_norm(path)["lora_delta_norm"]
             scored[key] = wanted[key][1] | {"lora_delta_norm": norm} | _generate_and_score(run, seeds, steps, guidance)
-    return scored
+        keep(scored)
 
 
 def scored_steps(dense_until: int = 0, every: int = 1) -> Callable[[int], bool]:
@@ -201,7 +202,8 @@ def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = SAMPLE
     ``in_training_cell``; ``len(NEUTRAL_PROMPTS) * len(seeds)`` images, prompt-major), plus
     ``settings``, ``lora_stage_start`` and ``skipped`` (saves made before the LoRA stage).
     Points are cached in ``<run_dir>/curve_scores.json`` by settings and by each file's name, size and
-    mtime, so a rerun scores only new or changed files. ``scored`` (e.g. :func:`scored_steps`) picks the
+    mtime, written after every file, so a rerun (or a run after an interruption) scores only new or
+    changed files. ``scored`` (e.g. :func:`scored_steps`) picks the
     saves to score by LoRA-stage step; the final save is always scored. Raises :class:`NoCheckpointsError` when no
     save lies inside the LoRA stage before the final one (train with ``save_every_n_steps``).
     """
@@ -219,9 +221,12 @@ def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = SAMPLE
     entries = {key: cached[key] for key, (_, file_key) in points.items()
                if key in cached and {k: cached[key].get(k) for k in file_key} == file_key}
     missing = {key: value for key, value in points.items() if key not in entries}
-    if missing:
-        entries |= _score_files(run_dir, output_name, missing, settings, device, log)
+    def keep(scored: dict[str, dict]) -> None:  # after every file: an interrupted scoring keeps what it scored
+        entries.update(scored)
         atomic_write_text(cache, json.dumps({"settings": settings, "entries": entries}, indent=1) + "\n")
+
+    if missing:
+        _score_files(run_dir, output_name, missing, settings, device, log, keep)
     ordered = [entries[key] for key in points]
     return {
         "run_dir": str(run_dir), "settings": settings, "lora_stage_start": start,
