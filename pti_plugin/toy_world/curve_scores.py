@@ -221,6 +221,7 @@ def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = SAMPLE
     entries = {key: cached[key] for key, (_, file_key) in points.items()
                if key in cached and {k: cached[key].get(k) for k in file_key} == file_key}
     missing = {key: value for key, value in points.items() if key not in entries}
+
     def keep(scored: dict[str, dict]) -> None:  # after every file: an interrupted scoring keeps what it scored
         entries.update(scored)
         atomic_write_text(cache, json.dumps({"settings": settings, "entries": entries}, indent=1) + "\n")

@@ -32,6 +32,7 @@ cell without it is listed under ``not_measured``.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -172,24 +173,32 @@ def detail_axis_plot(summary: dict, path, verdict: str | None = None) -> None:
     plt.close(fig)
 
 
+def _stated_groups(test: dict, cells: list[dict]) -> tuple[dict | None, dict | None]:
+    """A confirmatory ``test``'s condition and no regulariser, each grouped by learning rate over the cells of
+    the test's stated training seeds; None for a side without cells or with a cell whose images were not read."""
+    grouped = group_conditions([c for c in cells if c["seed"] in test["seeds"]])
+    sides = (grouped.get((test["variant"], test["weight"])), grouped.get((REFERENCE, None)))
+    return tuple(groups if groups is not None and _measured(groups) else None for groups in sides)
+
+
 def confirmatory_verdict(cells: list[dict], draws: int = 2000) -> str | None:
     """:data:`CONFIRMATORY_RULE` on the cells of its stated training seeds (lr-0 pivots included); None
     where they hold no cell of its condition."""
-    stated = [c for c in cells if c["seed"] in CONFIRMATORY["seeds"]]
-    summary = detail_axis_summary(None, stated, draws)
-    condition = next((c for c in summary["conditions"]
-                      if (c["variant"], c["weight"]) == (CONFIRMATORY["variant"], CONFIRMATORY["weight"])), None)
+    condition, reference = _stated_groups(CONFIRMATORY, cells)
     if condition is None:
         return None
-    entry = condition["matched"][f"{CONFIRMATORY['target']:g}"]
-    difference = entry.get("leakage_minus_none")
-    basis = f"{entry['seeds_reaching']} of {condition['seeds']} training seeds reach {CONFIRMATORY['target']:g}"
+    targets = (CONFIRMATORY["target"],)
+    leakage = matched_per_seed(condition, "in_training_cell", targets, axis=AXIS)  # {seed: [1]}
+    reaching = int(sum(np.isfinite(v[0]) for v in leakage.values()))
+    difference = None if reference is None else paired_against(
+        leakage, matched_per_seed(reference, "in_training_cell", targets, axis=AXIS), 0, draws)
+    basis = f"{reaching} of {len(leakage)} training seeds reach {CONFIRMATORY['target']:g}"
     if difference is None:
         return f"inconclusive: no paired difference ({basis})"
     basis += f", {difference['n_paired']} paired"
     if difference["n_paired"] < 2:  # one difference has no spread: its "interval" is the value itself
         return f"inconclusive: {fmt(difference)}, no interval over one paired seed ({basis})"
-    if difference["hi"] < 0 and entry["seeds_reaching"] >= CONFIRMATORY["min_seeds"]:
+    if difference["hi"] < 0 and reaching >= CONFIRMATORY["min_seeds"]:
         return f"supported: {fmt(difference)} ({basis})"
     if difference["lo"] >= 0:
         return f"refuted: {fmt(difference)} ({basis})"
@@ -200,7 +209,7 @@ def detail_under_ceiling(groups: dict[float, list[dict]], lrs: tuple[float, ...]
     """Per training seed: the highest mean true-size detail among its cells at ``lrs`` whose mean training-cell
     fraction is at most ``ceiling`` (0 where none is; a cell without objects has no fraction and does not
     count); NaN for a seed that lacks a cell at one of ``lrs``."""
-    stated = {lr: members for lr, members in groups.items() if any(np.isclose(lr, x, rtol=1e-9, atol=0) for x in lrs)}
+    stated = {lr: members for lr, members in groups.items() if any(math.isclose(lr, x) for x in lrs)}
     seeds = sorted({c["seed"] for members in stated.values() for c in members})  # per_seed_curves' row order
     detail = per_seed_curves(stated, AXIS)  # [seeds, rates]
     with warnings.catch_warnings():  # a cell without any object has no training-cell fraction: NaN
@@ -214,9 +223,8 @@ def detail_under_ceiling(groups: dict[float, list[dict]], lrs: tuple[float, ...]
 def ceiling_verdict(cells: list[dict], draws: int = 2000) -> str | None:
     """:data:`CEILING_RULE` on the cells of its stated training seeds and rates (lr-0 pivots included); None
     where they hold no measured cell of its condition or of no regulariser."""
-    grouped = group_conditions([c for c in cells if c["seed"] in CEILING_TEST["seeds"]])
-    condition, reference = grouped.get((CEILING_TEST["variant"], CEILING_TEST["weight"])), grouped.get((REFERENCE, None))
-    if condition is None or reference is None or not (_measured(condition) and _measured(reference)):
+    condition, reference = _stated_groups(CEILING_TEST, cells)
+    if condition is None or reference is None:
         return None
     readings = [detail_under_ceiling(groups, CEILING_TEST["lrs"], CEILING_TEST["ceiling"])
                 for groups in (condition, reference)]
