@@ -279,3 +279,13 @@ def test_resampled_interval_leaves_out_non_finite_resamples():
     assert (got.lo, got.hi) == (1.0, 1.0)
     none_left = resampled_interval(3, lambda p: float("nan"), draws=50)
     assert np.isnan(none_left.lo) and np.isnan(none_left.hi)
+
+
+def test_same_lr_matches_a_rate_read_back_but_not_a_neighbouring_grid_rate():
+    from pti_plugin.metrics.replication import same_lr
+
+    written = 0.1 * 3 * 1e-3  # 3.0000000000000004e-4: a rate computed, not typed
+    read_back = float("3e-4")  # the same rate parsed from a folder name or a TOML file
+    assert written != read_back and same_lr(written, read_back)
+    for neighbour in (2.75e-4, 3.1e-4, 4e-4):
+        assert not same_lr(read_back, neighbour)

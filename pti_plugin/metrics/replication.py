@@ -21,10 +21,18 @@ Everything is deterministic in ``seed`` (``numpy.random.default_rng``) and vecto
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+def same_lr(a: float, b: float) -> bool:
+    """Whether two learning rates are the same grid point, so their runs are replicates of one condition:
+    equal to 1e-9 relative, since a rate read back from a folder name, TOML or JSON may differ from the
+    written one in its last bits."""
+    return math.isclose(a, b, rel_tol=1e-9)
+
 
 # Largest number of gathered values held at once (draws x seeds x samples); ~64 MB of float64.
 _CHUNK_ELEMENTS = 8_000_000

@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -76,6 +75,7 @@ import toml
 from pti_plugin.atomic_io import atomic_write_text
 from pti_plugin.config import ConfigError, apply_overrides, build_config, load_preset_dict
 from pti_plugin.metrics.knee import knee_index
+from pti_plugin.metrics.replication import same_lr
 from pti_plugin.settings_cache import read_cache
 from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correlations, light_point, plot, report_text,
                                             write_csv)
@@ -203,7 +203,7 @@ def point_rows(rows: list[dict]) -> list[dict]:
 def seed_pivots(inversion_rows: list[dict], lr: float, training_seeds: int) -> dict[int, dict]:
     """The pivot of each training seed: its inversion row at ``lr``; SystemExit when one has no scores."""
     pivots = {r["training_seed"]: r for r in inversion_rows
-              if math.isclose(r["lr"], lr, rel_tol=1e-9) and r.get("gt_reconstruction") is not None}
+              if same_lr(r["lr"], lr) and r.get("gt_reconstruction") is not None}
     missing = [k for k in range(training_seeds) if k not in pivots]
     if missing:
         raise SystemExit(f"the inversion runs of training seeds {missing} at the pivot lr {lr:g} did not finish "
@@ -218,7 +218,7 @@ def choose_pivot(rows: list[dict], choice: str) -> tuple[dict, str]:
         raise SystemExit("no finished inversion run to take the pivot from (see above)")
     if choice != "knee":
         lr = float(choice)
-        match = [r for r in done if math.isclose(r["lr"], lr, rel_tol=1e-9)]
+        match = [r for r in done if same_lr(r["lr"], lr)]
         if not match:
             raise SystemExit(f"--pivot_lr {choice}: not among the finished inversion runs ({[r['lr'] for r in done]})")
         return match[0], f"--pivot_lr {choice}"

@@ -22,12 +22,11 @@ finds no knee or that interval lies within +-0.1 (no loss worth the name); other
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from ..metrics.curves import knee_with_interval, segment_fits
-from ..metrics.replication import Interval, excess_over_null, paired_difference, two_level_bootstrap
+from ..metrics.replication import Interval, excess_over_null, paired_difference, same_lr, two_level_bootstrap
 
 #: Per-image scores summarised for each learning rate, with what they mean.
 SCORES = {
@@ -165,7 +164,7 @@ def vector_rows(cells: list[dict], draws: int = 2000) -> list[dict]:
     out = []
     for lr in rates:
         for n in counts:
-            chosen = [c for c in cells if c["vectors"] == n and math.isclose(c["lr"], lr)]
+            chosen = [c for c in cells if c["vectors"] == n and same_lr(c["lr"], lr)]
             if chosen:
                 out.append({"vectors": n, "lr": lr, "n_seeds": len(chosen)}
                            | {k: two_level_bootstrap(seed_matrix(chosen, k), draws).to_dict()

@@ -32,12 +32,11 @@ cell without it is listed under ``not_measured``.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 
-from ..metrics.replication import seed_level_interval, two_level_bootstrap
+from ..metrics.replication import same_lr, seed_level_interval, two_level_bootstrap
 from .h1_summary import per_seed_curves, seed_matrix
 from .h3_summary import (REFERENCE, group_conditions, interval_or_none, matched_entries, matched_per_seed,
                          null_training_cells, paired_against)
@@ -209,7 +208,7 @@ def detail_under_ceiling(groups: dict[float, list[dict]], lrs: tuple[float, ...]
     """Per training seed: the highest mean true-size detail among its cells at ``lrs`` whose mean training-cell
     fraction is at most ``ceiling`` (0 where none is; a cell without objects has no fraction and does not
     count); NaN for a seed that lacks a cell at one of ``lrs``."""
-    stated = {lr: members for lr, members in groups.items() if any(math.isclose(lr, x) for x in lrs)}
+    stated = {lr: members for lr, members in groups.items() if any(same_lr(lr, x) for x in lrs)}
     seeds = sorted({c["seed"] for members in stated.values() for c in members})  # per_seed_curves' row order
     detail = per_seed_curves(stated, AXIS)  # [seeds, rates]
     with warnings.catch_warnings():  # a cell without any object has no training-cell fraction: NaN

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..metrics.replication import same_lr
 from .detectors import detail_size, detect, is_true_size
 from .h3_summary import CHOICE_COARSE, MATCHED_COARSE
 from .protocol_report import fmt
@@ -77,7 +78,7 @@ READ_AT_LR = 1e-3
 
 
 def _row_at(condition: dict, lr: float) -> dict:
-    return next((row for row in condition["rows"] if abs(row["lr"] - lr) <= 1e-9 * lr), {})
+    return next((row for row in condition["rows"] if same_lr(row["lr"], lr)), {})
 
 
 def condition_table(summary: dict) -> list[str]:
