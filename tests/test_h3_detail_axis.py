@@ -42,7 +42,7 @@ def test_leakage_is_read_where_the_detail_first_reaches_each_target():
     assert by["none"]["reached"]["estimate"] == pytest.approx(0.6)
     assert summary["n_cells"] == 18 and summary["not_measured"] == []
     lines = "\n".join(detail_axis_lines(summary))
-    assert "after an exploratory look" in lines and "| half_angle (w 1) | 3 | 0.25 [0.25, 0.25] | 0.5 | 0 | n/a" in lines
+    assert "after an exploratory look" in lines and "| half_angle (w 1) | 3 | 3: 0.0001 to 0.001 | 0.25 [0.25, 0.25] | 0.5 | 0 | n/a" in lines
 
 
 def test_conditions_with_a_cell_not_read_are_left_off_the_axis():
@@ -78,7 +78,7 @@ def test_one_paired_seed_gives_no_interval_and_so_no_decision():
              + _cells("half_angle", 0.1, WEAK, seeds=(5, 6, 7)))
     verdict = confirmatory_verdict(cells, draws=100)
     assert verdict.startswith("inconclusive: -0.24") and "3 of 3 training seeds reach 0.5, 1 paired" in verdict
-    assert "| half_angle (w 0.1) | 3 | 0.60 [0.60, 0.60] | 0.5 | 3 | 0.42 [0.42, 0.42] | n/a | -0.24 (1 seed) |" in \
+    assert "| half_angle (w 0.1) | 3 | 3: 0.0001 to 0.001 | 0.60 [0.60, 0.60] | 0.5 | 3 | 0.42 [0.42, 0.42] | n/a | -0.24 (1 seed) |" in \
         "\n".join(detail_axis_lines(detail_axis_summary(None, cells, draws=100)))
 
 

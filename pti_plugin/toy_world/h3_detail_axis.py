@@ -97,6 +97,7 @@ def detail_axis_summary(null: dict | None, cells: list[dict], draws: int = 2000)
         reached = np.nanmax(per_seed_curves(groups, AXIS), axis=1)  # [training seeds]
         against = None if variant == REFERENCE else reference
         conditions.append({"variant": variant, "weight": weight, "seeds": len(reached),
+                           "lrs": sorted(lr for lr in groups if lr > 0),
                            "reached": interval_or_none(lambda: seed_level_interval(reached, draws)),
                            "matched": matched_entries(per_seed[(variant, weight)], DETAIL_TARGETS, null_a, against, draws),
                            "rows": detail_rows(groups, draws)})
@@ -115,22 +116,29 @@ def _over_seeds(entry: dict, key: str) -> str:
     return fmt(entry.get(key), 2)
 
 
+def _rates_read(condition: dict) -> str:
+    """The LoRA learning rates a condition's row rests on: how many, and from which to which."""
+    lrs = condition.get("lrs", [])
+    return f"{len(lrs)}: {lrs[0]:g} to {lrs[-1]:g}" if len(lrs) > 1 else ", ".join(f"{lr:g}" for lr in lrs) or "none"
+
+
 def detail_axis_lines(summary: dict) -> list[str]:
     """The Markdown of :func:`detail_axis_summary`: one row per condition and target."""
-    head = ["condition", "training seeds", "highest true-size detail reached", "target", "seeds reaching",
-            "training cells there", "excess over null", "minus none (paired)", "drift minus none"]
+    head = ["condition", "training seeds", "learning rates read", "highest true-size detail reached", "target",
+            "seeds reaching", "training cells there", "excess over null", "minus none (paired)", "drift minus none"]
     lines = ["**Secondary axis, stated after an exploratory look: the private detail drawn to size** "
              f"({summary['n_cells']} LoRA cells whose images were read). Per training seed, the training-cell "
              "fraction where its true-size detail first reaches the target along the learning rates (lr 0: the "
-             "pivot alone); intervals over training seeds. The targets were chosen after seeing where the "
-             "pivot-locality variants get to: a hypothesis for the next protocol, not H3's verdict.", "",
+             "pivot alone); intervals over training seeds. A condition's highest detail is over the learning "
+             "rates read so far. The targets were chosen after seeing where the pivot-locality variants get to: "
+             "a hypothesis for the next protocol, not H3's verdict.", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for condition in sorted(summary["conditions"], key=lambda c: c["variant"] != REFERENCE):
         for target, entry in condition["matched"].items():
             figures = [_over_seeds(entry, "leakage"), fmt(entry.get("leakage_excess"), 2),  # the excess resamples the null too
                        _over_seeds(entry, "leakage_minus_none"), _over_seeds(entry, "drift_minus_none")]
             lines.append(f"| {_label((condition['variant'], condition['weight']))} | {condition['seeds']} | "
-                         f"{fmt(condition['reached'], 2)} | {target} | {entry['seeds_reaching']} | "
+                         f"{_rates_read(condition)} | {fmt(condition['reached'], 2)} | {target} | {entry['seeds_reaching']} | "
                          + " | ".join(figures) + " |")
     if summary["not_measured"]:
         lines += ["", "Not on this axis (cells archived without their images read): "
