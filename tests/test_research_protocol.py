@@ -201,6 +201,18 @@ def test_h2_reading_needs_position_to_leave_the_null_band():
     assert h2_verdict(summary([risen[0], flat[0]], 2.0, 5.0), null_hi=0.47).startswith("inconclusive")
 
 
+def test_h2_verdict_combines_the_rates_readings():
+    from pti_plugin.toy_world.protocol_report import h2_overall
+
+    assert h2_overall({"0.001": "holds", "0.01": "inconclusive: position learned in 1 of 3 runs"}).startswith(
+        "**Verdict: supported.** holds at lr 0.001; inconclusive: position learned in 1 of 3 runs at lr 0.01.")
+    assert h2_overall({"0.001": "does not hold", "0.003": "inconclusive"}).startswith("**Verdict: not supported.**")
+    assert h2_overall({"0.001": "holds", "0.003": "does not hold"}).startswith(
+        "**Verdict: inconclusive.** holds at lr 0.001; does not hold at lr 0.003.")
+    assert h2_overall({"0.001": "position not learned (no run's plateau above the null): T_pos undefined"}).startswith(
+        "**Verdict: inconclusive.**")
+
+
 def test_report_rebuilt_without_the_runs_keeps_the_committed_results(quick_protocol, tmp_path):
     """A fresh clone has the committed results but no training runs: rebuilding the report there must
     keep H1's table and every H2 row, not drop them."""

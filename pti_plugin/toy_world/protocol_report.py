@@ -154,6 +154,23 @@ def h2_verdict(summary: dict, null_hi: float | None) -> str:
     return "holds" if ratio["lo"] > 1.0 else ("does not hold" if ratio["hi"] <= 1.0 else "inconclusive")
 
 
+H2_RULE = ("per learning rate, H2 holds when every run learns position (its training-cell plateau lies above the "
+           "null's upper bound) and the 95% interval of T_pos / T_app lies above 1, and does not hold when it lies at "
+           "or below 1; supported when it holds at some rate and fails at none, not supported when it fails at some "
+           "rate and holds at none, inconclusive otherwise")
+
+
+def h2_overall(readings: dict[str, str]) -> str:
+    """H2's verdict line from each learning rate's reading (:func:`h2_verdict`), by :data:`H2_RULE`."""
+    held = [lr for lr, reading in readings.items() if reading == "holds"]
+    failed = [lr for lr, reading in readings.items() if reading == "does not hold"]
+    word = ("supported" if held and not failed else "not supported" if failed and not held else "inconclusive")
+    parts = ([f"holds at lr {', '.join(held)}"] if held else []) + ([f"does not hold at lr {', '.join(failed)}"]
+                                                                   if failed else [])
+    parts += [f"{reading} at lr {lr}" for lr, reading in readings.items() if lr not in held + failed]
+    return f"**Verdict: {word}.** " + "; ".join(parts) + f". Rule: {H2_RULE}."
+
+
 def h2_lines(records: dict[str, dict], null_hi: float | None) -> list[str]:
     lines = ["| LoRA lr | runs | appearance base -> plateau | training cells base -> plateau | T_app | T_pos | "
              "T_pos / T_app [95%] | same in ‖ΔW‖ | reading |", "|" + " --- |" * 9]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import atomic_write_text
-from .protocol_report import h2_lines, write_h1_files, write_report
+from .protocol_report import h2_lines, h2_overall, write_h1_files, write_report
 
 H2_RECORDED = "h2_rows_recorded.json"
 
@@ -94,7 +94,8 @@ def h2_section(out: Path, results: Path, null_hi: float | None) -> dict | None:
     ordered = dict(sorted(records.items(), key=lambda item: float(item[0])))
     table = h2_lines(ordered, null_hi) if ordered else h2_lines({}, null_hi)
     rows = sorted([(float(lr), line) for lr, line in zip(ordered, table[2:])] + [(float(lr), row) for lr, row in kept.items()])
-    lines = table[:2] + [line for _, line in rows]
+    readings = {f"{lr:g}": line.strip().strip("|").split("|")[-1].strip() for lr, line in rows}
+    lines = [h2_overall(readings), "", *table[:2], *(line for _, line in rows)]
     if kept:
         lines += ["", f"Rows for lr {', '.join(sorted(kept))} are kept from an earlier report (`{H2_RECORDED}`): "
                   "their learning-curve files were not kept, so they are not recomputed."]
