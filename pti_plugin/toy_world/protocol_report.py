@@ -172,14 +172,15 @@ def h2_overall(readings: dict[str, str]) -> str:
 
 
 def h2_lines(records: dict[str, dict], null_hi: float | None) -> list[str]:
-    lines = ["| LoRA lr | runs | appearance base -> plateau | training cells base -> plateau | T_app | T_pos | "
-             "T_pos / T_app [95%] | same in ‖ΔW‖ | reading |", "|" + " --- |" * 9]
+    lines = ["| LoRA lr | runs | saves scored | appearance base -> plateau | training cells base -> plateau | T_app | "
+             "T_pos | T_pos / T_app [95%] | same in ‖ΔW‖ | reading |", "|" + " --- |" * 10]
     for lr, record in records.items():
         s = record["summary"]
         app, pos = s["appearance"]["per_run"], s["position"]["per_run"]
         mean = lambda runs, f: sum(f(r) for r in runs) / len(runs)  # noqa: E731
         norm = (s.get("delta_norm_ratio") or {}).get("ratio")
-        lines.append(f"| {lr} | {s['n_runs']} | {mean(app, lambda r: r[0]):.2f} -> {mean(app, _plateau):.2f} | "
+        saves = [step for step in s["steps"] if step > s["first_step"]]  # the pivot's point is not a save
+        lines.append(f"| {lr} | {s['n_runs']} | {len(saves)}, first at step {saves[0]:g} | {mean(app, lambda r: r[0]):.2f} -> {mean(app, _plateau):.2f} | "
                      f"{mean(pos, lambda r: r[0]):.2f} -> {mean(pos, _plateau):.2f} | {_num(s['t_app_mean'])} | "
                      f"{_num(s['t_pos_mean'])} | {fmt(s['steps_ratio']['ratio'], 2)} | {fmt(norm, 2)} | "
                      f"{h2_verdict(s, null_hi)} |")
