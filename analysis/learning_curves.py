@@ -11,9 +11,11 @@ cached in each run's folder) and summarises the runs as training seeds of one co
 Runs must be trained with ``save_every_n_steps`` (the same value for all). ``--dense_until M
 --score_every N`` scores every save up to LoRA step M and past it only those at multiples of N (the
 final save always), so runs saved often score densely where appearance moves and sparsely after. Prints one line per run and
-a last line ``t_app=<f> t_pos=<f> ratio=<f> ratio_lo=<f> ratio_hi=<f>`` (mean half-way steps of
-appearance and position, and the geometric mean of T_pos / T_app with its interval: H2 holds where
-ratio_lo > 1); writes ``learning_curves.json`` and ``learning_curves.png`` into ``--out``.
+a last line ``t_app=<f> t_pos=<f> ratio=<f> ratio_lo=<f> ratio_hi=<f> t_app_before_first_save=<n>
+ratio_at_least=<f> ratio_at_least_lo=<f> ratio_at_least_hi=<f>`` (mean half-way steps of appearance and
+position, the geometric mean of T_pos / T_app with its interval, and the same with each T_app taken as
+at least the first save, for the n runs whose appearance crossed half-way before it: H2 holds where
+ratio_at_least_lo > 1); writes ``learning_curves.json`` and ``learning_curves.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -118,8 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"cell_final={_f(summary['position']['per_run'][k][-1])} t_app={_f(times['t_app'][k])} "
               f"t_pos={_f(times['t_pos'][k])} ratio={_f(times['ratios'][k])}")
     ratio = summary["steps_ratio"]["ratio"] or {}
+    bounded = summary["steps_ratio_from_first_save"]
+    at_least = bounded["ratio"] or {}
     print(f"t_app={_f(summary['t_app_mean'])} t_pos={_f(summary['t_pos_mean'])} ratio={_f(ratio.get('estimate'))} "
-          f"ratio_lo={_f(ratio.get('lo'))} ratio_hi={_f(ratio.get('hi'))}")
+          f"ratio_lo={_f(ratio.get('lo'))} ratio_hi={_f(ratio.get('hi'))} "
+          f"t_app_before_first_save={bounded['before_first_save']} ratio_at_least={_f(at_least.get('estimate'))} "
+          f"ratio_at_least_lo={_f(at_least.get('lo'))} ratio_at_least_hi={_f(at_least.get('hi'))}")
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"settings": {"seeds": args.seeds, "steps": args.steps, "guidance": args.guidance,
                            "dense_until": args.dense_until, "score_every": args.score_every},

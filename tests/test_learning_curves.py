@@ -137,7 +137,9 @@ def test_command_line_reports_each_run_and_the_ratio(scored_run, tmp_path):
     lines = printed.getvalue().strip().splitlines()
     assert lines[0].startswith(f"{run_dir}: points=3 ")
     number = r"(nan|[-+0-9.e]+)"
-    assert re.fullmatch(rf"t_app={number} t_pos={number} ratio={number} ratio_lo={number} ratio_hi={number}", lines[-1])
+    assert re.fullmatch(rf"t_app={number} t_pos={number} ratio={number} ratio_lo={number} ratio_hi={number} "
+                        rf"t_app_before_first_save=\d ratio_at_least={number} ratio_at_least_lo={number} "
+                        rf"ratio_at_least_hi={number}", lines[-1])
     assert json.loads((tmp_path / "learning_curves.json").read_text()) == json.loads(json.dumps(record))
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
 
@@ -221,3 +223,33 @@ def test_equal_curves_give_a_ratio_interval_around_one():
     # a percentile interval over 5 runs covers less than its 95% (about 83% in replication.py's simulations),
     # and claims H2 (lo > 1) on about half of its misses
     assert covered >= 0.65 * datasets and holds <= 0.2 * datasets
+
+
+def _exact_run(appearance: list[float], position: list[float], images: int = 100) -> dict:
+    """A run whose per-checkpoint fractions are exactly ``appearance`` and ``position`` (on STEPS)."""
+    hits = lambda share: [1] * round(share * images) + [0] * (images - round(share * images))  # noqa: E731
+    return {"steps": STEPS.tolist(), "lora_delta_norm": np.sqrt(STEPS).tolist(),
+            "coarse": [hits(a) for a in appearance], "detail": [[0] * images for _ in STEPS],
+            "in_training_cell": [hits(p) for p in position]}
+
+
+def test_an_appearance_crossing_before_the_first_save_bounds_the_ratio_from_below():
+    """Appearance is 0.2 at the pivot and 0.9 at the first save (step 100), so its half-way point (0.6)
+    is interpolated at 57 steps, though it may lie anywhere before step 100; position crosses half-way
+    (0.65) at step 600 exactly. The ratio as interpolated is 600/57; all the data say is that it is at
+    least 600/100."""
+    position = [0.4 if step <= 500 else 0.9 for step in STEPS]  # half-way between its saves at 500 and 700
+    position[STEPS.tolist().index(600)] = 0.65
+    early = _exact_run([0.2, 0.9] + [1.0] * (STEPS.size - 2), position)
+    summary = h2_summary([early, early], draws=50)
+    assert summary["steps_ratio"]["t_app"][0] == pytest.approx(100 * 0.4 / 0.7)
+    assert summary["steps_ratio"]["ratio"]["estimate"] == pytest.approx(600 / (100 * 0.4 / 0.7))
+    bounded = summary["steps_ratio_from_first_save"]
+    assert bounded["first_save"] == 100 and bounded["before_first_save"] == 2
+    assert bounded["ratio"]["estimate"] == pytest.approx(6.0) and bounded["t_app"] == [100.0, 100.0]
+    # appearance half-way after the first save: the bound is the ratio itself
+    late = _exact_run([0.2, 0.4, 0.8] + [1.0] * (STEPS.size - 3), position)
+    summary = h2_summary([late], draws=50)
+    assert summary["steps_ratio_from_first_save"]["before_first_save"] == 0
+    assert summary["steps_ratio_from_first_save"]["ratio"] == summary["steps_ratio"]["ratio"]
+    assert summary["steps_ratio"]["t_app"][0] == pytest.approx(150.0)

@@ -199,6 +199,9 @@ def test_h2_reading_needs_position_to_leave_the_null_band():
     assert h2_verdict(summary(risen, 0.5, 0.9), null_hi=0.47) == "does not hold"
     assert h2_verdict(summary(risen, 0.8, 1.5), null_hi=0.47) == "inconclusive"
     assert h2_verdict(summary([risen[0], flat[0]], 2.0, 5.0), null_hi=0.47).startswith("inconclusive")
+    # read on the ratio with T_app at least the first save, where the summary has it
+    bounded = summary(risen, 2.0, 5.0) | {"steps_ratio_from_first_save": summary(risen, 0.8, 1.5)["steps_ratio"]}
+    assert h2_verdict(bounded, null_hi=0.47) == "inconclusive"
 
 
 def test_h2_verdict_combines_the_rates_readings():

@@ -280,13 +280,30 @@ def _ratio_on_own_axes(x_per_run: list[np.ndarray], appearance: np.ndarray, posi
     single = [crossing_time_ratio(x, appearance[k][None], position[k][None], draws=1, plateau_points=plateau_points)
               for k, x in enumerate(x_per_run)]
     ratios = [r["ratios"][0] for r in single]
-    logs = np.log([r for r in ratios if r is not None])
-    interval = None
-    if logs.size:
-        on_log = seed_level_interval(logs, draws=draws, seed=seed)
-        interval = Interval(math.exp(on_log.estimate), math.exp(on_log.lo), math.exp(on_log.hi))
     return _ratio_record([r["first_times"][0] for r in single], [r["second_times"][0] for r in single], ratios,
-                         interval)
+                         _geometric_mean(ratios, draws, seed))
+
+
+def _geometric_mean(ratios: list[float | None], draws: int, seed: int) -> Interval | None:
+    """Runs' ratios pooled as :func:`~pti_plugin.metrics.curves.crossing_time_ratio` pools them: the
+    geometric mean, with a bootstrap interval over runs on the log ratios; None without a usable run."""
+    logs = np.log([r for r in ratios if r is not None])
+    if not logs.size:
+        return None
+    on_log = seed_level_interval(logs, draws=draws, seed=seed)
+    return Interval(math.exp(on_log.estimate), math.exp(on_log.lo), math.exp(on_log.hi))
+
+
+def _ratio_from_first_save(first_save: float, by_steps: dict, draws: int, seed: int) -> dict:
+    """T_pos / T_app with each T_app taken as at least the first save: a T_app interpolated between
+    the pivot and the first save only says the crossing lies before that save, so the ratio it gives
+    could be too high; with T_app raised to the save the ratio is a lower bound for those runs."""
+    first = [None if t is None else max(t, first_save) for t in by_steps["first_times"]]
+    ratios = [None if t1 is None or t2 is None or t2 <= 0 else t2 / t1
+              for t1, t2 in zip(first, by_steps["second_times"])]
+    return _ratio_record(first, by_steps["second_times"], ratios, _geometric_mean(ratios, draws, seed)) | {
+        "first_save": first_save,
+        "before_first_save": sum(t is not None and t < first_save for t in by_steps["first_times"])}
 
 
 def _mean_time(times: list) -> float:
@@ -303,7 +320,8 @@ def h2_summary(runs: list[dict], draws: int = 2000, seed: int = 0, plateau_point
     T_app and T_pos are each run's :func:`~pti_plugin.metrics.curves.half_way_step` times (base = the
     base point's value, plateau = mean of the last ``plateau_points``); ``steps_ratio`` is T_pos / T_app
     per run and their geometric mean with a bootstrap interval over runs
-    (:func:`~pti_plugin.metrics.curves.crossing_time_ratio`); ``delta_norm_ratio`` is the same with each
+    (:func:`~pti_plugin.metrics.curves.crossing_time_ratio`); ``steps_ratio_from_first_save`` is its
+    lower bound with every T_app at least the first save (:func:`_ratio_from_first_save`); ``delta_norm_ratio`` is the same with each
     run's ``lora_delta_norm`` as the x axis instead of steps. ``appearance`` / ``position`` hold the
     per-run curves ``[runs][points]`` and, per point, the mean over runs with a two-level bootstrap
     interval (runs, then images; None where no run has a value).
@@ -332,6 +350,7 @@ def h2_summary(runs: list[dict], draws: int = 2000, seed: int = 0, plateau_point
         "appearance": {"per_run": appearance.tolist(), "mean": _mean_curve(coarse, draws, seed)},
         "position": {"per_run": position.tolist(), "mean": _mean_curve(cells, draws, seed)},
         "steps_ratio": _ratio_record(by_steps["first_times"], by_steps["second_times"], by_steps["ratios"], ratio),
+        "steps_ratio_from_first_save": _ratio_from_first_save(float(x[1]), by_steps, draws, seed),
         "delta_norm_ratio": _ratio_on_own_axes(norms, appearance, position, draws, seed, plateau_points),
         "t_app_mean": _mean_time(by_steps["first_times"]), "t_pos_mean": _mean_time(by_steps["second_times"]),
         "h2_holds": bool(ratio is not None and ratio.lo > 1.0),

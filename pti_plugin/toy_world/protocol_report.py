@@ -139,12 +139,27 @@ def _plateau(curve: list, points: int = 3) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _decisive_ratio(summary: dict) -> dict:
+    """The T_pos / T_app record H2 is read on: with every T_app at least the first save (a lower bound,
+    summaries that have it), else as interpolated."""
+    return summary.get("steps_ratio_from_first_save") or summary["steps_ratio"]
+
+
+def _ratio_cell(summary: dict) -> str:
+    bounded = summary.get("steps_ratio_from_first_save")
+    if not bounded or not bounded["before_first_save"]:
+        return fmt(summary["steps_ratio"]["ratio"], 2)
+    return (f"≥ {fmt(bounded['ratio'], 2)} (T_app before the first save, step {bounded['first_save']:g}, in "
+            f"{bounded['before_first_save']} of {summary['n_runs']} runs; interpolated: "
+            f"{fmt(summary['steps_ratio']['ratio'], 2)})")
+
+
 def h2_verdict(summary: dict, null_hi: float | None) -> str:
     """One learning rate's H2 reading. Position counts as learned in a run when its training-cell
     plateau (mean of the last 3 saves) lies above the null's upper bound; a half-way time of a curve
     that never left the null's band is noise, so the ratio then says nothing."""
     learned = [null_hi is not None and _plateau(run) > null_hi for run in summary["position"]["per_run"]]
-    ratio = summary["steps_ratio"]["ratio"]
+    ratio = _decisive_ratio(summary)["ratio"]
     if not any(learned):
         return "position not learned (no run's plateau above the null): T_pos undefined"
     if not all(learned):
@@ -155,8 +170,8 @@ def h2_verdict(summary: dict, null_hi: float | None) -> str:
 
 
 H2_RULE = ("per learning rate, H2 holds when every run learns position (its training-cell plateau lies above the "
-           "null's upper bound) and the 95% interval of T_pos / T_app lies above 1, and does not hold when it lies at "
-           "or below 1; supported when it holds at some rate and fails at none, not supported when it fails at some "
+           "null's upper bound) and the 95% interval of T_pos / T_app, each T_app taken as at least the first save, "
+           "lies above 1, and does not hold when it lies at or below 1; supported when it holds at some rate and fails at none, not supported when it fails at some "
            "rate and holds at none, inconclusive otherwise")
 
 
@@ -182,7 +197,7 @@ def h2_lines(records: dict[str, dict], null_hi: float | None) -> list[str]:
         saves = [step for step in s["steps"] if step > s["first_step"]]  # the pivot's point is not a save
         lines.append(f"| {lr} | {s['n_runs']} | {len(saves)}, first at step {saves[0]:g} | {mean(app, lambda r: r[0]):.2f} -> {mean(app, _plateau):.2f} | "
                      f"{mean(pos, lambda r: r[0]):.2f} -> {mean(pos, _plateau):.2f} | {_num(s['t_app_mean'])} | "
-                     f"{_num(s['t_pos_mean'])} | {fmt(s['steps_ratio']['ratio'], 2)} | {fmt(norm, 2)} | "
+                     f"{_num(s['t_pos_mean'])} | {_ratio_cell(s)} | {fmt(norm, 2)} | "
                      f"{h2_verdict(s, null_hi)} |")
     return lines
 
