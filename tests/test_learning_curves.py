@@ -245,8 +245,13 @@ def test_an_appearance_crossing_before_the_first_save_bounds_the_ratio_from_belo
     assert summary["steps_ratio"]["t_app"][0] == pytest.approx(100 * 0.4 / 0.7)
     assert summary["steps_ratio"]["ratio"]["estimate"] == pytest.approx(600 / (100 * 0.4 / 0.7))
     bounded = summary["steps_ratio_from_first_save"]
-    assert bounded["first_save"] == 100 and bounded["before_first_save"] == 2
+    assert bounded["first_saves"] == [100, 100] and bounded["before_first_save"] == 2
     assert bounded["ratio"]["estimate"] == pytest.approx(6.0) and bounded["t_app"] == [100.0, 100.0]
+    # the same on the weight-change axis (sqrt of the step here): the first save is at 10, position at sqrt(600)
+    in_norm = summary["delta_norm_ratio_from_first_save"]
+    assert in_norm["first_saves"] == [10.0, 10.0] and in_norm["before_first_save"] == 2
+    assert in_norm["ratio"]["estimate"] == pytest.approx(math.sqrt(600) / 10)
+    assert summary["delta_norm_ratio"]["t_app"][0] == pytest.approx(10 * 0.4 / 0.7)
     # appearance half-way after the first save: the bound is the ratio itself
     late = _exact_run([0.2, 0.4, 0.8] + [1.0] * (STEPS.size - 3), position)
     summary = h2_summary([late], draws=50)

@@ -145,13 +145,16 @@ def _decisive_ratio(summary: dict) -> dict:
     return summary.get("steps_ratio_from_first_save") or summary["steps_ratio"]
 
 
-def _ratio_cell(summary: dict) -> str:
-    bounded = summary.get("steps_ratio_from_first_save")
+def _ratio_cell(summary: dict, axis: str) -> str:
+    """The T_pos / T_app cell on ``axis`` ("steps" or "delta_norm"): the bound where some run's T_app fell
+    before its first save (with the interpolated ratio beside), else the ratio."""
+    interpolated, bounded = summary.get(f"{axis}_ratio"), summary.get(f"{axis}_ratio_from_first_save")
+    if not interpolated:
+        return "n/a"
     if not bounded or not bounded["before_first_save"]:
-        return fmt(summary["steps_ratio"]["ratio"], 2)
-    return (f"≥ {fmt(bounded['ratio'], 2)} (T_app before the first save, step {bounded['first_save']:g}, in "
-            f"{bounded['before_first_save']} of {summary['n_runs']} runs; interpolated: "
-            f"{fmt(summary['steps_ratio']['ratio'], 2)})")
+        return fmt(interpolated["ratio"], 2)
+    return (f"≥ {fmt(bounded['ratio'], 2)} (T_app before the first save in {bounded['before_first_save']} of "
+            f"{summary['n_runs']} runs; interpolated: {fmt(interpolated['ratio'], 2)})")
 
 
 def h2_verdict(summary: dict, null_hi: float | None) -> str:
@@ -193,11 +196,10 @@ def h2_lines(records: dict[str, dict], null_hi: float | None) -> list[str]:
         s = record["summary"]
         app, pos = s["appearance"]["per_run"], s["position"]["per_run"]
         mean = lambda runs, f: sum(f(r) for r in runs) / len(runs)  # noqa: E731
-        norm = (s.get("delta_norm_ratio") or {}).get("ratio")
         saves = [step for step in s["steps"] if step > s["first_step"]]  # the pivot's point is not a save
         lines.append(f"| {lr} | {s['n_runs']} | {len(saves)}, first at step {saves[0]:g} | {mean(app, lambda r: r[0]):.2f} -> {mean(app, _plateau):.2f} | "
                      f"{mean(pos, lambda r: r[0]):.2f} -> {mean(pos, _plateau):.2f} | {_num(s['t_app_mean'])} | "
-                     f"{_num(s['t_pos_mean'])} | {_ratio_cell(s)} | {fmt(norm, 2)} | "
+                     f"{_num(s['t_pos_mean'])} | {_ratio_cell(s, 'steps')} | {_ratio_cell(s, 'delta_norm')} | "
                      f"{h2_verdict(s, null_hi)} |")
     return lines
 
