@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+
 def same_lr(a: float, b: float) -> bool:
     """Whether two learning rates are the same grid point, so their runs are replicates of one condition:
     equal to 1e-9 relative, since a rate read back from a folder name, TOML or JSON may differ from the

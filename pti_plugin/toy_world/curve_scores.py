@@ -322,13 +322,13 @@ def h2_summary(runs: list[dict], draws: int = 2000, seed: int = 0, plateau_point
     per run and their geometric mean with a bootstrap interval over runs
     (:func:`~pti_plugin.metrics.curves.crossing_time_ratio`); ``delta_norm_ratio`` is the same with each
     run's ``lora_delta_norm`` as the x axis instead of steps; each ``*_from_first_save`` is its lower
-    bound with every T_app at least the first save (:func:`_ratio_from_first_save`). ``appearance`` / ``position`` hold the
-    per-run curves ``[runs][points]`` and, per point, the mean over runs with a two-level bootstrap
-    interval (runs, then images; None where no run has a value).
+    bound with every T_app at least the first save (:func:`_ratio_from_first_save`). ``appearance`` /
+    ``position`` hold the per-run curves ``[runs][points]`` and, per point, the mean over runs with a
+    two-level bootstrap interval (runs, then images; None where no run has a value).
 
     **H2 holds where the ratio's interval excludes 1 from above** (``ratio.lo > 1``: position gets
-    half-way later than appearance); ``h2_holds`` says so for the bounded ratio in steps. With 3-5 runs the
-    interval is short of its nominal level (see :mod:`pti_plugin.metrics.replication`).
+    half-way later than appearance); ``h2_holds`` says so for the bounded ratio in steps. With 3-5 runs
+    the interval is short of its nominal level (see :mod:`pti_plugin.metrics.replication`).
     """
     if not runs:
         raise ValueError("h2_summary needs at least one run")
@@ -347,15 +347,15 @@ def h2_summary(runs: list[dict], draws: int = 2000, seed: int = 0, plateau_point
     norms = [np.asarray(run["lora_delta_norm"], dtype=np.float64) for run in runs]
     in_steps = _ratio_record(by_steps["first_times"], by_steps["second_times"], by_steps["ratios"], ratio)
     in_norm = _ratio_on_own_axes(norms, appearance, position, draws, seed, plateau_points)
-    at_least = _ratio_from_first_save([float(x[1])] * len(runs), in_steps, draws, seed)["ratio"]
+    at_least = _ratio_from_first_save([float(x[1])] * len(runs), in_steps, draws, seed)
     return json_ready({
         "n_runs": len(runs), "steps": x.tolist(), "first_step": float(steps[0]),
         "appearance": {"per_run": appearance.tolist(), "mean": _mean_curve(coarse, draws, seed)},
         "position": {"per_run": position.tolist(), "mean": _mean_curve(cells, draws, seed)},
         "steps_ratio": in_steps,
-        "steps_ratio_from_first_save": _ratio_from_first_save([float(x[1])] * len(runs), in_steps, draws, seed),
+        "steps_ratio_from_first_save": at_least,
         "delta_norm_ratio": in_norm,
         "delta_norm_ratio_from_first_save": _ratio_from_first_save([float(n[1]) for n in norms], in_norm, draws, seed),
         "t_app_mean": _mean_time(by_steps["first_times"]), "t_pos_mean": _mean_time(by_steps["second_times"]),
-        "h2_holds": bool(at_least is not None and at_least["lo"] > 1.0),
+        "h2_holds": bool(at_least["ratio"] is not None and at_least["ratio"]["lo"] > 1.0),
     })

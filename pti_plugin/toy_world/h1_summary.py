@@ -22,7 +22,6 @@ finds no knee or that interval lies within +-0.1 (no loss worth the name); other
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..metrics.curves import knee_with_interval, segment_fits

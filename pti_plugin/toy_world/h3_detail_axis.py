@@ -138,8 +138,8 @@ def detail_axis_lines(summary: dict) -> list[str]:
             figures = [_over_seeds(entry, "leakage"), fmt(entry.get("leakage_excess"), 2),  # the excess resamples the null too
                        _over_seeds(entry, "leakage_minus_none"), _over_seeds(entry, "drift_minus_none")]
             lines.append(f"| {_label((condition['variant'], condition['weight']))} | {condition['seeds']} | "
-                         f"{_rates_read(condition)} | {fmt(condition['reached'], 2)} | {target} | {entry['seeds_reaching']} | "
-                         + " | ".join(figures) + " |")
+                         f"{_rates_read(condition)} | {fmt(condition['reached'], 2)} | {target} | "
+                         f"{entry['seeds_reaching']} | " + " | ".join(figures) + " |")
     if summary["not_measured"]:
         lines += ["", "Not on this axis (cells archived without their images read): "
                   + ", ".join(summary["not_measured"]) + "."]
