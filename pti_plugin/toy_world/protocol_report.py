@@ -140,8 +140,8 @@ def _plateau(curve: list, points: int = 3) -> float:
 
 
 def _decisive_ratio(summary: dict) -> dict:
-    """The T_pos / T_app record H2 is read on: with every T_app at least the first save (a lower bound,
-    summaries that have it), else as interpolated."""
+    """The T_pos / T_app record H2 is read on: the lower bound with every T_app at least the first save
+    where the summary has it (summaries written before the bound have only the interpolated ratio)."""
     return summary.get("steps_ratio_from_first_save") or summary["steps_ratio"]
 
 
@@ -174,8 +174,8 @@ def h2_verdict(summary: dict, null_hi: float | None) -> str:
 
 H2_RULE = ("per learning rate, H2 holds when every run learns position (its training-cell plateau lies above the "
            "null's upper bound) and the 95% interval of T_pos / T_app, each T_app taken as at least the first save, "
-           "lies above 1, and does not hold when it lies at or below 1; supported when it holds at some rate and fails at none, not supported when it fails at some "
-           "rate and holds at none, inconclusive otherwise")
+           "lies above 1, and does not hold when it lies at or below 1; supported when it holds at some rate and "
+           "fails at none, not supported when it fails at some rate and holds at none, inconclusive otherwise")
 
 
 def h2_overall(readings: dict[str, str]) -> str:
@@ -197,7 +197,8 @@ def h2_lines(records: dict[str, dict], null_hi: float | None) -> list[str]:
         app, pos = s["appearance"]["per_run"], s["position"]["per_run"]
         mean = lambda runs, f: sum(f(r) for r in runs) / len(runs)  # noqa: E731
         saves = [step for step in s["steps"] if step > s["first_step"]]  # the pivot's point is not a save
-        lines.append(f"| {lr} | {s['n_runs']} | {len(saves)}, first at step {saves[0]:g} | {mean(app, lambda r: r[0]):.2f} -> {mean(app, _plateau):.2f} | "
+        lines.append(f"| {lr} | {s['n_runs']} | {len(saves)}, first at step {saves[0]:g} | "
+                     f"{mean(app, lambda r: r[0]):.2f} -> {mean(app, _plateau):.2f} | "
                      f"{mean(pos, lambda r: r[0]):.2f} -> {mean(pos, _plateau):.2f} | {_num(s['t_app_mean'])} | "
                      f"{_num(s['t_pos_mean'])} | {_ratio_cell(s, 'steps')} | {_ratio_cell(s, 'delta_norm')} | "
                      f"{h2_verdict(s, null_hi)} |")
