@@ -204,6 +204,26 @@ def test_h2_reading_needs_position_to_leave_the_null_band():
     assert h2_verdict(bounded, null_hi=0.47) == "inconclusive"
 
 
+def test_h2_row_gives_no_times_where_position_stays_inside_the_null():
+    from pti_plugin.toy_world.protocol_report import h2_lines
+
+    def record(position_runs):
+        ratio = {"t_app": [5.0, 5.0], "t_pos": [8.0, 8.0], "ratios": [1.6, 1.6], "excluded": [],
+                 "ratio": {"estimate": 1.6, "lo": 1.6, "hi": 1.6}}
+        return {"summary": {"n_runs": 2, "steps": [0.0, 10.0, 20.0, 30.0, 40.0], "first_step": 0.0,
+                            "appearance": {"per_run": [[0.4, 0.9, 1.0, 1.0, 1.0]] * 2},
+                            "position": {"per_run": position_runs}, "t_app_mean": 5.0, "t_pos_mean": 8.0,
+                            "steps_ratio": ratio, "delta_norm_ratio": ratio}}
+
+    flat = [[0.3, 0.35, 0.3, 0.4, 0.38], [0.33, 0.3, 0.36, 0.34, 0.4]]
+    risen = [[0.3, 0.35, 0.6, 0.9, 0.9], [0.33, 0.4, 0.7, 0.85, 0.9]]
+    flat_row, risen_row = h2_lines({"0.01": record(flat), "0.001": record(risen)}, null_hi=0.47)[2:]
+    assert flat_row.endswith("| 5 | n/a | n/a | n/a | position not learned (no run's plateau above the null): "
+                             "T_pos undefined |")
+    assert risen_row.endswith("| 5 | 8 | 1.60 [1.60, 1.60] | 1.60 [1.60, 1.60] | holds |")
+    assert "| 4, first at step 10 |" in flat_row
+
+
 def test_h2_verdict_combines_the_rates_readings():
     from pti_plugin.toy_world.protocol_report import h2_overall
 

@@ -139,6 +139,9 @@ def _plateau(curve: list, points: int = 3) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+POSITION_NOT_LEARNED = "position not learned"
+
+
 def _decisive_ratio(summary: dict) -> dict:
     """The T_pos / T_app record H2 is read on: the lower bound with every T_app at least the first save
     where the summary has it (summaries written before the bound have only the interpolated ratio)."""
@@ -164,7 +167,7 @@ def h2_verdict(summary: dict, null_hi: float | None) -> str:
     learned = [null_hi is not None and _plateau(run) > null_hi for run in summary["position"]["per_run"]]
     ratio = _decisive_ratio(summary)["ratio"]
     if not any(learned):
-        return "position not learned (no run's plateau above the null): T_pos undefined"
+        return f"{POSITION_NOT_LEARNED} (no run's plateau above the null): T_pos undefined"
     if not all(learned):
         return f"inconclusive: position learned in {sum(learned)} of {len(learned)} runs"
     if ratio is None:
@@ -197,11 +200,13 @@ def h2_lines(records: dict[str, dict], null_hi: float | None) -> list[str]:
         app, pos = s["appearance"]["per_run"], s["position"]["per_run"]
         mean = lambda runs, f: sum(f(r) for r in runs) / len(runs)  # noqa: E731
         saves = [step for step in s["steps"] if step > s["first_step"]]  # the pivot's point is not a save
+        reading = h2_verdict(s, null_hi)
+        timed = not reading.startswith(POSITION_NOT_LEARNED)  # else T_pos times a curve inside the null: noise
         lines.append(f"| {lr} | {s['n_runs']} | {len(saves)}, first at step {saves[0]:g} | "
                      f"{mean(app, lambda r: r[0]):.2f} -> {mean(app, _plateau):.2f} | "
                      f"{mean(pos, lambda r: r[0]):.2f} -> {mean(pos, _plateau):.2f} | {_num(s['t_app_mean'])} | "
-                     f"{_num(s['t_pos_mean'])} | {_ratio_cell(s, 'steps')} | {_ratio_cell(s, 'delta_norm')} | "
-                     f"{h2_verdict(s, null_hi)} |")
+                     + (f"{_num(s['t_pos_mean'])} | {_ratio_cell(s, 'steps')} | {_ratio_cell(s, 'delta_norm')} | "
+                        if timed else "n/a | n/a | n/a | ") + f"{reading} |")
     return lines
 
 
