@@ -222,6 +222,10 @@ def test_h2_row_gives_no_times_where_position_stays_inside_the_null():
                              "T_pos undefined |")
     assert risen_row.endswith("| 5 | 8 | 1.60 [1.60, 1.60] | 1.60 [1.60, 1.60] | holds |")
     assert "| 4, first at step 10 |" in flat_row
+    # steps count from the LoRA stage's start, wherever that start lies in the run (first_step is absolute)
+    later = record(risen)
+    later["summary"]["first_step"] = 1000.0
+    assert "| 4, first at step 10 |" in h2_lines({"0.001": later}, null_hi=0.47)[2]
 
 
 def test_h2_verdict_combines_the_rates_readings():

@@ -199,7 +199,7 @@ def h2_lines(records: dict[str, dict], null_hi: float | None) -> list[str]:
         s = record["summary"]
         app, pos = s["appearance"]["per_run"], s["position"]["per_run"]
         mean = lambda runs, f: sum(f(r) for r in runs) / len(runs)  # noqa: E731
-        saves = [step for step in s["steps"] if step > s["first_step"]]  # the pivot's point is not a save
+        saves = s["steps"][1:]  # LoRA-stage steps; the first point is the pivot alone, not a save
         reading = h2_verdict(s, null_hi)
         timed = not reading.startswith(POSITION_NOT_LEARNED)  # else T_pos times a curve inside the null: noise
         lines.append(f"| {lr} | {s['n_runs']} | {len(saves)}, first at step {saves[0]:g} | "
