@@ -10,8 +10,7 @@ training runs, so a report rebuilt there keeps every finished result.
   (:mod:`.cell_archive`) when the whole 1-vector grid is there, else from the committed
   ``h1_summary.json`` (the section says which);
 - **H2** from ``out/h2/curves-lr<lr>/learning_curves.json``, each copied into ``results`` as
-  ``h2_curves-lr<lr>.json`` so it can be re-read; learning rates known only by an earlier report's
-  table row are kept from ``h2_rows_recorded.json``;
+  ``h2_curves-lr<lr>.json`` so it can be re-read;
 - **H3** from the measured cells (:func:`~.h3_variants.load_h3_cells`) together with those archived in
   ``results/h3_cell_records.json``, with its plot; a committed summary over more
   cells than both hold is kept;
@@ -28,9 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import atomic_write_text
-from .protocol_report import h2_lines, h2_overall, write_h1_files, write_report
-
-H2_RECORDED = "h2_rows_recorded.json"
+from .protocol_report import h2_lines, h2_overall, h2_verdict, write_h1_files, write_report
 
 
 def h1_section(out: Path, results: Path, h1, draws: int) -> tuple[dict, dict | None]:
@@ -86,21 +83,13 @@ def h2_section(out: Path, results: Path, null_hi: float | None) -> dict | None:
         records[lr] = json.loads(path.read_text())
         shutil.copyfile(path, results / f"h2_curves-lr{lr}.json")
         shutil.copyfile(path.with_suffix(".png"), results / f"h2_curves-lr{lr}.png")
-    recorded_path = results / H2_RECORDED
-    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
-    kept = {lr: row for lr, row in recorded.items() if lr not in records}
-    if not records and not kept:
+    if not records:
         return None
     ordered = dict(sorted(records.items(), key=lambda item: float(item[0])))
-    table = h2_lines(ordered, null_hi) if ordered else h2_lines({}, null_hi)
-    rows = sorted([(float(lr), line) for lr, line in zip(ordered, table[2:])] + [(float(lr), row) for lr, row in kept.items()])
-    readings = {f"{lr:g}": line.strip().strip("|").split("|")[-1].strip() for lr, line in rows}
-    lines = [h2_overall(readings), "", *table[:2], *(line for _, line in rows)]
-    if kept:
-        lines += ["", f"Rows for lr {', '.join(sorted(kept))} are kept from an earlier report (`{H2_RECORDED}`): "
-                  "their learning-curve files were not kept, so they are not recomputed."]
+    readings = {f"{float(lr):g}": h2_verdict(record["summary"], null_hi) for lr, record in ordered.items()}
+    lines = [h2_overall(readings), "", *h2_lines(ordered, null_hi)]
     figures = [(f"LoRA lr {lr}", results / f"h2_curves-lr{lr}.png")
-               for lr in sorted({*ordered, *kept}, key=float) if (results / f"h2_curves-lr{lr}.png").is_file()]
+               for lr in ordered if (results / f"h2_curves-lr{lr}.png").is_file()]
     return {"title": "H2: appearance before position along LoRA training", "lines": lines, "figures": figures}
 
 
