@@ -2,14 +2,15 @@
 """The research protocol's training on the toy world (issue: research bench v2), resumable.
 
     OMP_NUM_THREADS=1 python analysis/research_protocol.py h1 [--out outputs/protocol] [--seeds 42,1,2] [--no_vectors]
-    OMP_NUM_THREADS=1 python analysis/research_protocol.py h2 [--out outputs/protocol] [--seeds 42,1,2] [--wait 3600]
+    OMP_NUM_THREADS=1 python analysis/research_protocol.py h2 [--out outputs/protocol] [--seeds 42,1,2] [--wait 3600] [--save_every 10]
     OMP_NUM_THREADS=1 python analysis/research_protocol.py h3 [--out outputs/protocol] [--seeds 42,1,2] [--wait 3600]
     python analysis/research_protocol.py report [--out outputs/protocol] [--results analysis/results/research_protocol]
 
 ``h1``: the inversion grid of :mod:`pti_plugin.toy_world.h1_inversion` (training seeds ``--seeds``;
 ``--no_vectors`` leaves the 2- and 4-vector cells for later), into ``OUT/h1``.
 ``h2``: the LoRA runs of :mod:`pti_plugin.toy_world.h2_runs` from each seed's H1 pivot at
-``--pivot_lr`` (waiting up to ``--wait`` seconds for a pivot another process trains), into ``OUT/h2``.
+``--pivot_lr`` (waiting up to ``--wait`` seconds for a pivot another process trains), into ``OUT/h2``;
+``--save_every`` / ``--dense_until``: how often the runs save, and up to which step their curves score every save.
 ``h3``: the LoRA variants of :mod:`pti_plugin.toy_world.h3_variants` (none, pivot locality at half
 the angle / uniform over half of it / the class endpoint, kohya reg images; each on a weight grid)
 from each seed's H1 pivot at ``--pivot_lr``, into ``OUT/h3``.
@@ -51,6 +52,10 @@ def parse_args(argv):
     parser.add_argument("--pivot_lr", type=float, default=2.75e-5,
                         help="h2, h3: the H1 learning rate whose pivot LoRAs start from (h1 always trains those cells)")
     parser.add_argument("--wait", type=float, default=0.0, help="h2: seconds to wait for a missing pivot")
+    parser.add_argument("--save_every", type=int, default=None,
+                        help="h2, all: the LoRA runs save every N steps (default: H2Settings')")
+    parser.add_argument("--dense_until", type=int, default=None,
+                        help="all: the learning curves score every save up to this step (default: H2Settings')")
     parser.add_argument("--lrs", default=None,
                         help="learning rates of the part's grid, comma-separated (h1: inversion; h2, h3: LoRA; default: the part's)")
     parser.add_argument("--variants", default=None, help="h3: variants, comma-separated (default: all)")
@@ -104,24 +109,38 @@ def h3_settings(args):
     return dataclasses.replace(h3, weights=weights)
 
 
+def h2_settings(args):
+    """H2's grid and save schedule from the flags (``--seeds``, ``--lrs``, ``--save_every``, ``--dense_until``)."""
+    from pti_plugin.toy_world.h2_runs import H2Settings
+
+    h2 = H2Settings.quick() if args.quick else H2Settings()
+    if args.seeds:
+        h2 = dataclasses.replace(h2, training_seeds=seed_list(args.seeds))
+    if args.lrs:
+        h2 = dataclasses.replace(h2, lora_lrs=float_list(args.lrs, "--lrs"))
+    for flag, field in (("save_every", "save_every_n_steps"), ("dense_until", "dense_until")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 1:
+                raise SystemExit(f"error: --{flag} must be a positive number of steps, got {value}")
+            h2 = dataclasses.replace(h2, **{field: value})
+    return h2
+
+
 def run_all(args, argv: list[str]) -> None:
     """Every part in order: h1, h2, the learning curves of each H2 learning rate, h3, the report."""
-    import glob
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import learning_curves
 
-    from pti_plugin.toy_world.h2_runs import H2Settings, h2_run_name
+    from pti_plugin.toy_world.h2_runs import h2_runs_saved_as
 
     rest = [a for a in argv if a != "all"]
     for part in ("h1", "h2"):
         main([part, *rest])
-    h2 = H2Settings.quick() if args.quick else H2Settings()
+    h2 = h2_settings(args)
     sampling = ["--seeds", "2", "--steps", "2"] if args.quick else []
-    for lr in (float_list(args.lrs, "--lrs") if args.lrs else h2.lora_lrs):
-        seeds = seed_list(args.seeds) if args.seeds else h2.training_seeds
-        runs = [r for seed in seeds for r in sorted(glob.glob(str(args.out / "h2" / "runs" / f"{h2_run_name(lr, seed)}-*")))
-                if Path(r).is_dir()]
+    for lr in h2.lora_lrs:
+        runs = [str(r) for r in h2_runs_saved_as(args.out / "h2", lr, h2)]
         scoring = ["--dense_until", str(h2.dense_until), "--score_every", str(h2.score_every)]
         learning_curves.main([*runs, *sampling, *scoring, "--out", str(args.out / "h2" / f"curves-lr{lr:g}")])
     for part in ("h3", "report"):
@@ -139,7 +158,7 @@ def main(argv=None) -> None:
 
     from pti_plugin.embedded_default import default_model_dir
     from pti_plugin.toy_world.h1_inversion import H1Settings, pivot_file, run_h1
-    from pti_plugin.toy_world.h2_runs import H2Settings, train_h2_runs
+    from pti_plugin.toy_world.h2_runs import train_h2_runs
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model = args.model or Path(default_model_dir())
@@ -174,11 +193,7 @@ def main(argv=None) -> None:
                        wait_seconds=args.wait, archive=args.results / H3_ARCHIVE)
         print(f"h3: {len(cells)} cells in {args.out / 'h3'}")
         return
-    h2 = H2Settings.quick() if args.quick else H2Settings()
-    if seeds is not None:
-        h2 = dataclasses.replace(h2, training_seeds=seeds)
-    if args.lrs:
-        h2 = dataclasses.replace(h2, lora_lrs=float_list(args.lrs, "--lrs"))
+    h2 = h2_settings(args)
     pivots = {s: pivot_file(model, args.out / "h1", base, h1, pivot_lr, s) for s in h2.training_seeds}
     runs = train_h2_runs(model, args.out / "h2", base, pivots, h1.init_word, h2, wait_seconds=args.wait)
     print(f"h2: {sum(map(len, runs.values()))} runs in {args.out / 'h2'}")

@@ -472,3 +472,32 @@ def test_the_report_renders_in_a_headless_browser_and_a_broken_image_is_caught(q
     broken.write_text(re.sub(r'(src="data:image/png;base64,)[A-Za-z0-9+/]{64}', r"\1!!!!", text, count=1))
     assert render_report.images_loaded(browser, broken) == (total - 1, total)
     assert render_report.main([str(broken)]) == 1
+
+
+def test_h2_save_schedule_flags_and_the_runs_read_for_a_schedule(tmp_path):
+    """``--save_every`` / ``--dense_until`` set H2's schedule; the curves of a rate read only the runs trained
+    on that schedule, not those of the same rate and seed trained on another one beside them."""
+    import sys
+    from pathlib import Path
+
+    import toml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+    import research_protocol
+    from pti_plugin.toy_world.h2_runs import h2_runs_saved_as
+
+    h2 = research_protocol.h2_settings(research_protocol.parse_args(
+        ["h2", "--lrs", "3e-3", "--seeds", "1,2", "--save_every", "2", "--dense_until", "20"]))
+    assert (h2.lora_lrs, h2.training_seeds, h2.save_every_n_steps, h2.dense_until) == ((3e-3,), (1, 2), 2, 20)
+    assert h2.steps == 1000 and h2.score_every == 100  # the rest stays the protocol's
+    with pytest.raises(SystemExit, match="--save_every"):
+        research_protocol.h2_settings(research_protocol.parse_args(["h2", "--save_every", "0"]))
+
+    runs = tmp_path / "runs"
+    for name, every, steps in [("lora-lr0.003-seed1-aaa", 10, 1000), ("lora-lr0.003-seed1-bbb", 2, 1000),
+                               ("lora-lr0.003-seed2-ccc", 2, 1000), ("lora-lr0.003-seed2-ddd", 2, 20),
+                               ("lora-lr0.003-seed12-eee", 2, 1000), ("lora-lr0.01-seed1-fff", 2, 1000)]:
+        (runs / name).mkdir(parents=True)
+        preset = {"save_every_n_steps": every, "stages": [{"name": "lora", "kind": "lora", "steps": steps}]}
+        (runs / f"{name}.toml").write_text(toml.dumps(preset))
+    assert [p.name for p in h2_runs_saved_as(tmp_path, 3e-3, h2)] == ["lora-lr0.003-seed1-bbb", "lora-lr0.003-seed2-ccc"]

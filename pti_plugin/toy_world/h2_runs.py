@@ -39,6 +39,24 @@ def h2_run_name(lr: float, seed: int) -> str:
     return f"lora-lr{lr:g}-seed{seed}"
 
 
+def h2_runs_saved_as(out: Path, lr: float, settings: H2Settings) -> list[Path]:
+    """The finished or unfinished run folders under ``out/runs`` of ``lr`` for ``settings``' training seeds whose
+    preset saves as ``settings`` does (its length and save interval): runs of one rate and seed trained on another
+    schedule sit beside them, and their curves must not be pooled."""
+    import toml
+
+    found = []
+    for seed in settings.training_seeds:
+        for preset_path in sorted((Path(out) / "runs").glob(f"{h2_run_name(lr, seed)}-*.toml")):
+            preset = toml.load(preset_path)
+            steps = [stage["steps"] for stage in preset.get("stages", [])]
+            run_dir = preset_path.with_name(preset_path.name[:-len(".toml")])
+            if (run_dir.is_dir() and preset.get("save_every_n_steps") == settings.save_every_n_steps
+                    and steps == [settings.steps]):
+                found.append(run_dir)
+    return found
+
+
 def wait_for(path: Path, log: Callable[[str], None], poll_seconds: float = 30.0, timeout_seconds: float = 0.0) -> Path:
     """Return ``path`` once it exists (another process may be training it); FileNotFoundError after
     ``timeout_seconds`` (0: do not wait)."""
