@@ -134,10 +134,10 @@ def run_all(args, argv: list[str]) -> None:
 
     from pti_plugin.toy_world.h2_runs import h2_runs_saved_as
 
+    h2 = h2_settings(args)  # a bad --save_every / --dense_until is refused before h1 trains
     rest = [a for a in argv if a != "all"]
     for part in ("h1", "h2"):
         main([part, *rest])
-    h2 = h2_settings(args)
     sampling = ["--seeds", "2", "--steps", "2"] if args.quick else []
     for lr in h2.lora_lrs:
         runs = [str(r) for r in h2_runs_saved_as(args.out / "h2", lr, h2)]

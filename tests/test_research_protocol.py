@@ -492,6 +492,9 @@ def test_h2_save_schedule_flags_and_the_runs_read_for_a_schedule(tmp_path):
     assert h2.steps == 1000 and h2.score_every == 100  # the rest stays the protocol's
     with pytest.raises(SystemExit, match="--save_every"):
         research_protocol.h2_settings(research_protocol.parse_args(["h2", "--save_every", "0"]))
+    with pytest.raises(SystemExit, match="--dense_until"):  # refused before h1 trains anything
+        research_protocol.main(["all", "--out", str(tmp_path / "never"), "--dense_until", "0"])
+    assert not (tmp_path / "never").exists()
 
     runs = tmp_path / "runs"
     for name, every, steps in [("lora-lr0.003-seed1-aaa", 10, 1000), ("lora-lr0.003-seed1-bbb", 2, 1000),
