@@ -6,11 +6,12 @@ cached in each run's folder) and summarises the runs as training seeds of one co
 (:func:`~pti_plugin.toy_world.curve_scores.h2_summary`)::
 
     OMP_NUM_THREADS=1 python analysis/learning_curves.py RUN_DIR [RUN_DIR ...] [--seeds 64] [--steps 25]
-        [--guidance 3] [--dense_until 0] [--score_every 1] [--out DIR]
+        [--guidance 3] [--dense_until 0] [--score_every 1] [--score_every_until N:M ...] [--out DIR]
 
 Runs must be trained with ``save_every_n_steps`` (the same value for all). ``--dense_until M
 --score_every N`` scores every save up to LoRA step M and past it only those at multiples of N (the
-final save always), so runs saved often score densely where appearance moves and sparsely after. Prints one line per run and
+final save always), so runs saved often score densely where appearance moves and sparsely after;
+``--score_every_until N:M`` (repeatable) adds the saves at multiples of N up to step M. Prints one line per run and
 a last line ``t_app=<f> t_pos=<f> ratio=<f> ratio_lo=<f> ratio_hi=<f> t_app_before_first_save=<n>
 ratio_at_least=<f> ratio_at_least_lo=<f> ratio_at_least_hi=<f>`` (mean half-way steps of appearance and
 position, the geometric mean of T_pos / T_app with its interval, and the same with each T_app taken as
@@ -48,6 +49,14 @@ def positive(text: str) -> int:
     return value
 
 
+def tier(text: str) -> tuple[int, int]:
+    every, _, until = text.partition(":")
+    try:
+        return positive(every), positive(until)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"need N:M (score multiples of N up to step M), got {text!r}: {exc}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (training output_dir), one per training seed")
@@ -58,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="score every save up to this LoRA-stage step (default 0)")
     parser.add_argument("--score_every", type=positive, default=1,
                         help="past --dense_until, score the saves at multiples of this many steps (default 1: all)")
+    parser.add_argument("--score_every_until", type=tier, action="append", default=[], metavar="N:M",
+                        help="also score the saves at multiples of N up to step M (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("outputs/learning_curves"), help="folder of the json and plot")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
     return parser.parse_args(argv)
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         except (FileNotFoundError, ValueError) as exc:  # missing folder, no run, no intermediate saves
             raise SystemExit(f"error: {exc}") from exc
     seeds = list(range(args.seeds))
-    scored = scored_steps(args.dense_until, args.score_every)
+    scored = scored_steps(args.dense_until, args.score_every, tuple(args.score_every_until))
     runs = [score_checkpoints(run_dir, seeds, args.steps, args.guidance, device=args.device,
                               log=lambda message: print(message, flush=True), scored=scored) for run_dir in args.runs]
     try:
@@ -128,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"ratio_at_least_lo={_f(at_least.get('lo'))} ratio_at_least_hi={_f(at_least.get('hi'))}")
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"settings": {"seeds": args.seeds, "steps": args.steps, "guidance": args.guidance,
-                           "dense_until": args.dense_until, "score_every": args.score_every},
+                           "dense_until": args.dense_until, "score_every": args.score_every,
+                           "score_every_until": [list(t) for t in args.score_every_until]},
               "runs": [str(r) for r in args.runs], "summary": summary}
     atomic_write_text(args.out / "learning_curves.json", json.dumps(record, indent=1) + "\n")
     plot(summary, args.out / "learning_curves.png")

@@ -127,6 +127,19 @@ def test_the_h2_schedule_scores_densely_early_then_every_hundred_steps():
     keep = scored_steps(dense_until=100, every=100)
     assert [step for step in range(10, 1001, 10) if keep(step)] == [*range(10, 101, 10), *range(200, 1001, 100)]
     assert all(scored_steps()(step) for step in range(1, 50))  # the default scores every save
+    # saves every 2 steps: each one to step 20, every 10th step to 100, every 100th after
+    keep = scored_steps(dense_until=20, every=100, tiers=((10, 100),))
+    assert [step for step in range(2, 1001, 2) if keep(step)] == [*range(2, 21, 2), *range(30, 101, 10),
+                                                                    *range(200, 1001, 100)]
+
+
+def test_score_every_until_flag_is_read_and_checked():
+    parse_args = runpy.run_path(str(REPO / "analysis" / "learning_curves.py"), run_name="learning_curves_under_test")["parse_args"]
+    args = parse_args(["run", "--score_every_until", "10:100", "--score_every_until", "5:20"])
+    assert args.score_every_until == [(10, 100), (5, 20)]
+    for bad in ("10", "10:x", "0:100", "10:-5"):
+        with pytest.raises(SystemExit):
+            parse_args(["run", "--score_every_until", bad])
 
 
 def test_command_line_reports_each_run_and_the_ratio(scored_run, tmp_path):

@@ -181,10 +181,12 @@ def _score_files(run_dir: Path, output_name: str | None, wanted: dict[str, tuple
         keep(scored)
 
 
-def scored_steps(dense_until: int = 0, every: int = 1) -> Callable[[int], bool]:
+def scored_steps(dense_until: int = 0, every: int = 1, tiers: tuple[tuple[int, int], ...] = ()) -> Callable[[int], bool]:
     """Which saves to score, by LoRA-stage step: every save up to step ``dense_until``, then those at
-    multiples of ``every`` (appearance is learned within the first saves, position over hundreds of steps)."""
-    return lambda step: step <= dense_until or step % every == 0
+    multiples of ``every`` (appearance is learned within the first saves, position over hundreds of steps);
+    each ``(n, until)`` of ``tiers`` adds the saves at multiples of ``n`` up to step ``until``."""
+    return lambda step: (step <= dense_until or step % every == 0
+                         or any(step <= until and step % n == 0 for n, until in tiers))
 
 
 def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
