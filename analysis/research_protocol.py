@@ -10,7 +10,8 @@
 ``--no_vectors`` leaves the 2- and 4-vector cells for later), into ``OUT/h1``.
 ``h2``: the LoRA runs of :mod:`pti_plugin.toy_world.h2_runs` from each seed's H1 pivot at
 ``--pivot_lr`` (waiting up to ``--wait`` seconds for a pivot another process trains), into ``OUT/h2``;
-``--save_every`` / ``--dense_until``: how often the runs save, and up to which step their curves score every save.
+``--save_every`` / ``--dense_until``: how often every rate's runs save, and up to which step their curves score
+every save (default: :meth:`~pti_plugin.toy_world.h2_runs.H2Settings.schedule`, finer for 3e-3).
 ``h3``: the LoRA variants of :mod:`pti_plugin.toy_world.h3_variants` (none, pivot locality at half
 the angle / uniform over half of it / the class endpoint, kohya reg images; each on a weight grid)
 from each seed's H1 pivot at ``--pivot_lr``, into ``OUT/h3``.
@@ -123,7 +124,7 @@ def h2_settings(args):
         if value is not None:
             if value < 1:
                 raise SystemExit(f"error: --{flag} must be a positive number of steps, got {value}")
-            h2 = dataclasses.replace(h2, **{field: value})
+            h2 = dataclasses.replace(h2, **{field: value}, fine_lrs=())  # a schedule asked for holds for every rate
     return h2
 
 
@@ -141,7 +142,7 @@ def run_all(args, argv: list[str]) -> None:
     sampling = ["--seeds", "2", "--steps", "2"] if args.quick else []
     for lr in h2.lora_lrs:
         runs = [str(r) for r in h2_runs_saved_as(args.out / "h2", lr, h2)]
-        scoring = ["--dense_until", str(h2.dense_until), "--score_every", str(h2.score_every)]
+        scoring = h2.schedule(lr).learning_curves_args()
         learning_curves.main([*runs, *sampling, *scoring, "--out", str(args.out / "h2" / f"curves-lr{lr:g}")])
     for part in ("h3", "report"):
         main([part, *rest])

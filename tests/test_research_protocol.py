@@ -486,10 +486,19 @@ def test_h2_save_schedule_flags_and_the_runs_read_for_a_schedule(tmp_path):
     import research_protocol
     from pti_plugin.toy_world.h2_runs import h2_runs_saved_as
 
+    default = research_protocol.h2_settings(research_protocol.parse_args(["h2"]))
+    # the protocol's schedule: every 10 steps, except 3e-3 (its look is half-way before step 10): every 2
+    assert default.schedule(1e-3).learning_curves_args() == ["--dense_until", "100", "--score_every", "100"]
+    assert default.schedule(0.003000000000000001).save_every_n_steps == 2  # a rate read back from a file
+    assert default.schedule(3e-3).learning_curves_args() == ["--dense_until", "20", "--score_every_until", "10:100",
+                                                             "--score_every", "100"]
     h2 = research_protocol.h2_settings(research_protocol.parse_args(
         ["h2", "--lrs", "3e-3", "--seeds", "1,2", "--save_every", "2", "--dense_until", "20"]))
     assert (h2.lora_lrs, h2.training_seeds, h2.save_every_n_steps, h2.dense_until) == ((3e-3,), (1, 2), 2, 20)
     assert h2.steps == 1000 and h2.score_every == 100  # the rest stays the protocol's
+    assert h2.schedule(3e-3).learning_curves_args() == ["--dense_until", "20", "--score_every", "100"]  # as asked
+    assert research_protocol.h2_settings(research_protocol.parse_args(["h2", "--save_every", "5"])).schedule(
+        3e-3).save_every_n_steps == 5  # a schedule asked for holds for every rate
     with pytest.raises(SystemExit, match="--save_every"):
         research_protocol.h2_settings(research_protocol.parse_args(["h2", "--save_every", "0"]))
     with pytest.raises(SystemExit, match="--dense_until"):  # refused before h1 trains anything
