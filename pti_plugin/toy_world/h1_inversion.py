@@ -34,7 +34,7 @@ import numpy as np
 from .detectors import appearance_error, detect, detect_character, has_detail
 from .premise import Parts, check_init_word, model_digest, neutral_prompts, preset_digest, run_preset, sample, train_run
 from .recipe_config import GUIDANCE, SAMPLE_STEPS
-from .world import CHARACTER_CELLS, IMAGE_SIZE, parse_caption, write_character_dataset
+from .world import CHARACTER_CELLS, IMAGE_SIZE, bench_dataset, parse_caption
 
 #: Position edits to the cells no training image uses (``{}`` = the pivot): top right, middle left,
 #: middle center, bottom right.
@@ -185,9 +185,7 @@ def run_h1(model: Path, out: Path, base_preset: dict, settings: H1Settings = H1S
 
     model, out = Path(model).resolve(), Path(out).resolve()
     check_init_word(model, settings.init_word)
-    data_dir = out / "data"
-    if not data_dir.is_dir():
-        write_character_dataset(data_dir)
+    data_dir = bench_dataset(out)
     parts = Parts(out, log)
     digest = model_digest(model)
     planned = []

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .premise import model_digest, preset_digest, run_preset, train_run
+from .world import bench_dataset
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,7 @@ def train_h2_runs(model: Path, out: Path, base_preset: dict, pivots: dict[int, P
     """Train every (lr, seed) run from ``pivots[seed]`` under ``out/runs/``; returns the run folders per lr
     (the training seeds of one H2 condition). ``wait_seconds``: how long to wait for a pivot file."""
     model, out = Path(model).resolve(), Path(out).resolve()
-    data_dir = out / "data"
-    if not data_dir.is_dir():
-        from .world import write_character_dataset
-
-        write_character_dataset(data_dir)
+    data_dir = bench_dataset(out)
     digest = model_digest(model)
     runs: dict[float, list[Path]] = {lr: [] for lr in settings.lora_lrs}
     for seed in settings.training_seeds:

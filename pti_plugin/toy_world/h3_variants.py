@@ -36,7 +36,7 @@ from .h2_runs import wait_for
 from .premise import (Parts, encode_text, load_base, model_digest, neutral_prompts, preset_digest, run_preset, sample,
                       train_run)
 from .recipe_config import GUIDANCE, SAMPLE_STEPS
-from .world import IMAGE_SIZE, write_character_dataset
+from .world import IMAGE_SIZE, bench_dataset
 
 #: The variants (name -> what regularises the LoRA). The pivot-locality ones take the base preset's
 #: ``[plugins.pivot_locality]`` table with the class word and the weight of the cell.
@@ -229,9 +229,7 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
     Returns the records of the cells measured or reused, each with ``variant``, ``weight``, ``lr``, ``seed``, ``steps``."""
     model, out = Path(model).resolve(), Path(out).resolve()
     h1_out = out if h1_out is None else Path(h1_out).resolve()
-    data_dir = out / "data"
-    if not data_dir.is_dir():
-        write_character_dataset(data_dir)
+    data_dir = bench_dataset(out)
     parts = Parts(out, log)
     digest = model_digest(model)
     common = {"model_digest": digest} | settings.sampling()

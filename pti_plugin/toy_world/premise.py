@@ -45,7 +45,7 @@ from ..metrics.run_model import file_digest
 from ..settings_cache import read_cache
 from .detectors import appearance_error, detect_character, has_detail
 from .recipe_config import GUIDANCE, SAMPLE_STEPS
-from .world import CHARACTER_CELLS, NEUTRAL_TEMPLATES, write_character_dataset
+from .world import CHARACTER_CELLS, NEUTRAL_TEMPLATES, bench_dataset
 
 #: Check 3's band for the inversion's coarse reconstruction rate.
 INVERSION_COARSE_BAND = (0.5, 0.9)
@@ -355,9 +355,7 @@ def run_premise(model: Path, out: Path, base_preset: dict, settings: PremiseSett
     """Run checks 2-4 on the diffusers folder ``model`` (resumable under ``out``); returns the summary."""
     model, out = Path(model).resolve(), Path(out).resolve()
     check_init_word(model, settings.init_word)
-    data_dir = out / "data"
-    if not data_dir.is_dir():
-        write_character_dataset(data_dir)
+    data_dir = bench_dataset(out)
     parts = Parts(out, log)
     common = {"model_digest": model_digest(model), "init_word": settings.init_word} | settings.sampling()
     null = parts.get("null", common | {"bootstrap": settings.bootstrap}, lambda: measure_null(model, settings))

@@ -322,6 +322,15 @@ def write_character_dataset(
     return Path(out_dir)
 
 
+def bench_dataset(out: str | Path) -> Path:
+    """The research bench's character folder ``out/data``, written by :func:`write_character_dataset` the first
+    time a stage of the bench runs under ``out`` and reused after; returns it."""
+    data_dir = Path(out) / "data"
+    if not data_dir.is_dir():
+        write_character_dataset(data_dir)
+    return data_dir
+
+
 def quality_prompts(n: int, seed: int = 1234) -> tuple[list[str], list[int]]:
     """``n`` evaluation prompts and their generation seeds, deterministic in ``seed``.
 
