@@ -285,6 +285,29 @@ def test_condition_table_has_a_row_per_condition_and_marks_the_chosen_weight():
     assert labels[0] == "none"  # the reference comes first
 
 
+def test_condition_table_shows_the_drift_at_the_highest_safe_rate_not_at_the_read_rate():
+    """A run that breaks at lr 1e-2 scatters its layout, so its training-cell fraction falls back inside the
+    null and the rule reads 1e-2 as safe: the column beside it must show that rate's drift (0.88), not the
+    drift at the table's fixed rate (0.41)."""
+    from pti_plugin.toy_world.h3_lines import condition_table
+
+    def interval(x):
+        return {"estimate": x, "lo": x - 0.05, "hi": x + 0.05}
+
+    rows = [{"lr": lr, "n_seeds": 3, "drift_unrelated": interval(d), "drift_class": interval(0.5),
+             "appearance_error": interval(0.16), "training_cell_excess": interval(0.05)}
+            for lr, d in ((1e-3, 0.41), (3e-3, 0.46), (1e-2, 0.88))]
+    condition = {"variant": "half_angle_band", "weight": 10.0, "rows": rows, "matched": {"0.8": {}},
+                 "highest_safe_lr": {"lr": 1e-2, "appearance_error": interval(0.223)}}
+    summary = {"conditions": [condition], "variants": {}}
+    head, _, line = condition_table(summary)
+    columns = [c.strip() for c in head.strip("|").split("|")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[columns.index("highest lr inside the null")] == "0.01"
+    assert cells[columns.index("unrelated-prompt drift there")] == "0.88 [0.83, 0.93]"
+    assert cells[columns.index("unrelated-prompt drift at 0.001")] == "0.41 [0.36, 0.46]"
+
+
 def test_each_condition_of_the_h3_plot_has_its_own_look():
     """Eleven conditions (more than matplotlib's ten-colour cycle): colour says the variant, marker and
     line the weight, and no two conditions are drawn alike."""

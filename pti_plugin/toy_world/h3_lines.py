@@ -82,11 +82,13 @@ def _row_at(condition: dict, lr: float) -> dict:
 
 
 def condition_table(summary: dict) -> list[str]:
-    """One row per condition: its highest safe rate and the look there, its leakage and drift at
-    :data:`READ_AT_LR`, and its paired difference with no regulariser at matched coarse; the weight
-    each variant's rule chose is marked."""
+    """One row per condition: its highest safe rate with the look and the unrelated prompts' drift there
+    (a rate can sit inside the null because the run broke and scattered its layout: the drift shows it),
+    its leakage and drift at :data:`READ_AT_LR`, and its paired difference with no regulariser at matched
+    coarse; the weight each variant's rule chose is marked."""
     at = f"{READ_AT_LR:g}"
-    head = ["condition", "training seeds", "highest lr inside the null", "graded error there", f"training-cell excess at {at}",
+    head = ["condition", "training seeds", "highest lr inside the null", "graded error there",
+            "unrelated-prompt drift there", f"training-cell excess at {at}",
             f"graded error at {at}", f"unrelated-prompt drift at {at}", f"class drift at {at}",
             f"minus none at matched coarse {CHOICE_COARSE:g}"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -94,10 +96,11 @@ def condition_table(summary: dict) -> list[str]:
         chosen = (summary["variants"].get(condition["variant"], {}).get("chosen") or {}).get("weight")
         mark = " (chosen)" if condition["weight"] is not None and condition["weight"] == chosen else ""
         safe, row = condition["highest_safe_lr"], _row_at(condition, READ_AT_LR)
+        at_safe = {} if safe["lr"] is None else _row_at(condition, safe["lr"])
         seeds = max((r["n_seeds"] for r in condition["rows"] if r["lr"] > 0), default=0)
         lines.append(f"| {_label(condition['variant'], condition['weight'])}{mark} | {seeds} | "
                      f"{'none' if safe['lr'] is None else format(safe['lr'], 'g')} | {fmt(safe['appearance_error'])} | "
-                     f"{fmt(row.get('training_cell_excess'), 2)} | {fmt(row.get('appearance_error'))} | "
+                     f"{fmt(at_safe.get('drift_unrelated'), 2)} | {fmt(row.get('training_cell_excess'), 2)} | {fmt(row.get('appearance_error'))} | "
                      f"{fmt(row.get('drift_unrelated'), 2)} | {fmt(row.get('drift_class'), 2)} | "
                      f"{fmt(condition['matched'][f'{CHOICE_COARSE:g}'].get('leakage_minus_none'))} |")
     return lines
