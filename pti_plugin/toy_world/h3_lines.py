@@ -100,7 +100,8 @@ def condition_table(summary: dict) -> list[str]:
         seeds = max((r["n_seeds"] for r in condition["rows"] if r["lr"] > 0), default=0)
         lines.append(f"| {_label(condition['variant'], condition['weight'])}{mark} | {seeds} | "
                      f"{'none' if safe['lr'] is None else format(safe['lr'], 'g')} | {fmt(safe['appearance_error'])} | "
-                     f"{fmt(at_safe.get('drift_unrelated'), 2)} | {fmt(row.get('training_cell_excess'), 2)} | {fmt(row.get('appearance_error'))} | "
+                     f"{fmt(at_safe.get('drift_unrelated'), 2)} | "
+                     f"{fmt(row.get('training_cell_excess'), 2)} | {fmt(row.get('appearance_error'))} | "
                      f"{fmt(row.get('drift_unrelated'), 2)} | {fmt(row.get('drift_class'), 2)} | "
                      f"{fmt(condition['matched'][f'{CHOICE_COARSE:g}'].get('leakage_minus_none'))} |")
     return lines
