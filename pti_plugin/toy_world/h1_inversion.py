@@ -34,7 +34,7 @@ import numpy as np
 from .detectors import appearance_error, detect, detect_character, has_detail
 from .premise import Parts, check_init_word, model_digest, neutral_prompts, preset_digest, run_preset, sample, train_run
 from .recipe_config import GUIDANCE, SAMPLE_STEPS
-from .world import CHARACTER_CELLS, IMAGE_SIZE, bench_dataset, parse_caption
+from .world import CHARACTER_CELLS, IMAGE_SIZE, bench_data_dir, bench_dataset, parse_caption
 
 #: Position edits to the cells no training image uses (``{}`` = the pivot): top right, middle left,
 #: middle center, bottom right.
@@ -169,7 +169,7 @@ def cell_run_dir(out: Path, preset: dict, digest: str, lr: float, seed: int, vec
 def pivot_file(model: Path, out: Path, base_preset: dict, settings: H1Settings, lr: float, seed: int) -> Path:
     """The 1-vector pivot an H1 cell trains (or trained) at ``lr`` with training ``seed``."""
     model = Path(model).resolve()
-    preset = cell_preset(base_preset, model, Path(out).resolve() / "data", settings, lr, seed, 1)
+    preset = cell_preset(base_preset, model, bench_data_dir(Path(out).resolve()), settings, lr, seed, 1)
     return cell_run_dir(out, preset, model_digest(model), lr, seed, 1) / "tok1.safetensors"
 
 

@@ -322,10 +322,17 @@ def write_character_dataset(
     return Path(out_dir)
 
 
+def bench_data_dir(out: str | Path) -> Path:
+    """Where the research bench keeps its character folder under the working folder ``out`` (nothing is
+    written; a preset names it before the folder exists)."""
+    return Path(out) / "data"
+
+
 def bench_dataset(out: str | Path) -> Path:
-    """The research bench's character folder ``out/data``, written by :func:`write_character_dataset` the first
-    time a stage of the bench runs under ``out`` and reused after; returns it."""
-    data_dir = Path(out) / "data"
+    """The research bench's character folder (:func:`bench_data_dir`), written by
+    :func:`write_character_dataset` the first time a stage of the bench runs under ``out`` and reused
+    after; returns it."""
+    data_dir = bench_data_dir(out)
     if not data_dir.is_dir():
         write_character_dataset(data_dir)
     return data_dir
