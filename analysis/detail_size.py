@@ -13,6 +13,8 @@ with a *true-size* one (``has_true_size_detail``: at most ``DETAIL_MAX_WHITE_PIX
 pixels; the rendered dot covers 4-7), the median near-white area of the details found, and the
 training-cell fraction, means over training seeds with a 95% bootstrap interval over
 them; then H3's secondary-axis table (:mod:`pti_plugin.toy_world.h3_detail_axis`) over the same cells.
+A ``detail_size.json`` already in ``--results`` that holds cells this run cannot read (their images
+stayed in the working folder that measured them) is not replaced unless ``--replace`` is given.
 ``--out`` may be given several times (an exploratory folder beside the protocol's: its ``h1`` the same
 pivots); a cell in two folders is counted once. Where the cells hold a confirmatory test's condition on
 its stated seeds (``CONFIRMATORY`` and ``CEILING_TEST`` in :mod:`pti_plugin.toy_world.h3_detail_axis`,
@@ -37,6 +39,8 @@ def parse_args(argv):
                         help="a protocol working folder (repeatable; default outputs/protocol)")
     parser.add_argument("--results", type=Path, default=None, help="also write detail_size.md and .json here")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--replace", action="store_true",
+                        help="write --results even where its detail_size.json holds cells this run cannot read")
     args = parser.parse_args(argv)
     args.out = args.out or [Path("outputs/protocol")]
     return args
@@ -90,6 +94,16 @@ def measured_cells(folders: list[Path]) -> tuple[dict | None, list[dict]]:
     return null, list(cells.values())
 
 
+def cells_only_in(previous: Path, rows: list[dict]) -> list[tuple]:
+    """The (variant, weight, lr, seed) cells a written ``detail_size.json`` covers and ``rows`` do not."""
+    if not previous.is_file():
+        return []
+    have = {(r["variant"], r["weight"], r["lr"], s) for r in rows for s in r["seeds"]}
+    return sorted(((r["variant"], r["weight"], r["lr"], s) for r in json.loads(previous.read_text())
+                   for s in r["seeds"] if (r["variant"], r["weight"], r["lr"], s) not in have),
+                  key=lambda cell: (cell[0], cell[1] or 0.0, cell[2], cell[3]))
+
+
 def table(rows: list[dict]) -> list[str]:
     def cell(interval: dict) -> str:
         return f"{interval['estimate']:.2f} [{interval['lo']:.2f}, {interval['hi']:.2f}]"
@@ -123,6 +137,11 @@ def main(argv=None) -> int:
         if verdict is not None:
             lines += ["", f"**{name}** ({rule}): {verdict}."]
     print("\n".join(lines))
+    lost = [] if args.results is None or args.replace else cells_only_in(args.results / "detail_size.json", rows)
+    if lost:
+        raise SystemExit(f"error: {args.results / 'detail_size.json'} not replaced: it holds {len(lost)} cells "
+                         f"this run cannot read (first: {lost[0]}), whose images stayed in the working folder that "
+                         "measured them; add that folder with --out, write to another --results, or pass --replace")
     if args.results is not None:
         from pti_plugin.atomic_io import atomic_write_text
 

@@ -235,6 +235,33 @@ def test_detail_size_reads_each_cells_images_and_intervals_over_seeds(tmp_path, 
     assert (tmp_path / "results" / "h3_detail_axis.png").stat().st_size > 0
 
 
+def test_detail_size_does_not_replace_a_table_over_cells_it_cannot_read(tmp_path, capsys):
+    """A table written from a folder that held seeds 42 and 1 is kept when a new folder holds only seed 42's
+    images (the run names the missing cell and exits non-zero); ``--replace`` writes the smaller table."""
+    import numpy as np
+
+    from pti_plugin.toy_world.world import render_character
+
+    dot, drift = render_character(16.2, 15.7, "gray"), np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    parts = tmp_path / "protocol" / "h3" / "parts"
+    parts.mkdir(parents=True)
+    for seed in (42, 1):
+        name = f"h3-none-lr0.001-seed{seed}"
+        np.savez_compressed(parts / f"{name}.npz", images=np.concatenate([np.stack([dot] * 4), drift]))
+        (parts / f"{name}.json").write_text(json.dumps(_h3_record(in_training_cell=[1, 1, 0, 0])))
+    namespace = runpy.run_path(str(REPO / "analysis" / "detail_size.py"), run_name="detail_size_under_test")
+    args = ["--out", str(tmp_path / "protocol"), "--results", str(tmp_path / "results"), "--draws", "50"]
+    assert namespace["main"](args) == 0
+    written = (tmp_path / "results" / "detail_size.json").read_bytes()
+    (parts / "h3-none-lr0.001-seed1.npz").unlink()  # a fresh machine: that cell's images are gone
+    with pytest.raises(SystemExit, match=r"not replaced: it holds 1 cells.*'none', None, 0.001, 1"):
+        namespace["main"](args)
+    assert (tmp_path / "results" / "detail_size.json").read_bytes() == written
+    assert namespace["main"]([*args, "--replace"]) == 0
+    (row,) = json.loads((tmp_path / "results" / "detail_size.json").read_text())
+    assert row["seeds"] == [42]
+
+
 def test_detail_size_reads_several_folders_and_counts_a_cell_once(tmp_path, capsys):
     """An exploratory folder beside the protocol's: its new condition is added, and a cell both hold is
     read from the first folder only."""
