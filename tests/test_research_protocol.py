@@ -115,7 +115,12 @@ def test_sample_seeds_are_absolute_so_null_sets_are_disjoint():
     cond, uncond = encode_text(base, neutral_prompts("rono", 4)), encode_text(base, [""])
     four = sample(pipe, cond, uncond, settings)
     last_two = sample(pipe, cond[2:], uncond, settings, first_seed=2)
-    np.testing.assert_array_equal(four[2:], last_two)
+    # A batch of 2 sums in another order than a batch of 4: on some CPUs a pixel lands one uint8 level
+    # apart. A wrong seed changes the whole image.
+    off_by = np.abs(four[2:].astype(int) - last_two.astype(int))
+    assert off_by.max() <= 1 and off_by.mean() < 0.01
+    wrong_seeds = sample(pipe, cond[2:], uncond, settings, first_seed=0)
+    assert np.abs(four[2:].astype(int) - wrong_seeds.astype(int)).mean() > 1
 
 
 def test_quick_protocol_report_holds_every_table_and_plot(quick_protocol):
