@@ -94,13 +94,16 @@ def measured_cells(folders: list[Path]) -> tuple[dict | None, list[dict]]:
     return null, list(cells.values())
 
 
+def row_cells(rows: list[dict]) -> set[tuple]:
+    """The (variant, weight, lr, seed) cells that :func:`summarise`'s ``rows`` are over."""
+    return {(r["variant"], r["weight"], r["lr"], seed) for r in rows for seed in r["seeds"]}
+
+
 def cells_only_in(previous: Path, rows: list[dict]) -> list[tuple]:
-    """The (variant, weight, lr, seed) cells a written ``detail_size.json`` covers and ``rows`` do not."""
+    """The cells a written ``detail_size.json`` covers and ``rows`` do not, sorted."""
     if not previous.is_file():
         return []
-    have = {(r["variant"], r["weight"], r["lr"], s) for r in rows for s in r["seeds"]}
-    return sorted(((r["variant"], r["weight"], r["lr"], s) for r in json.loads(previous.read_text())
-                   for s in r["seeds"] if (r["variant"], r["weight"], r["lr"], s) not in have),
+    return sorted(row_cells(json.loads(previous.read_text())) - row_cells(rows),
                   key=lambda cell: (cell[0], cell[1] or 0.0, cell[2], cell[3]))
 
 
