@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pti_plugin.toy_world.h3_summary import highest_safe_lr, summarise_h3
+from pti_plugin.toy_world.h3_summary import LOST_THE_LOOK, OUTSIDE_NULL, highest_safe_lr, summarise_h3
 from pti_plugin.toy_world.h3_variants import DRIFT_KEYS, H3Settings, cell_name, drift_records
 from pti_plugin.toy_world.world import CELL_CENTRES, Scene, render_character, render_scene
 
@@ -87,8 +87,26 @@ def test_a_weight_with_extra_training_seeds_is_chosen_on_the_seeds_all_weights_h
 def test_highest_safe_lr_stops_at_the_first_rate_outside_the_null():
     rows = [{"lr": lr, "inside_null": inside, "appearance_error": {"estimate": lr}}
             for lr, inside in ((1e-3, True), (2e-3, True), (3e-3, False), (6e-3, True))]
-    assert highest_safe_lr(rows) == {"lr": 2e-3, "appearance_error": {"estimate": 2e-3}}
+    assert highest_safe_lr(rows) == {"lr": 2e-3, "appearance_error": {"estimate": 2e-3},
+                                     "stopped_at": {"lr": 3e-3, "reason": OUTSIDE_NULL}}
     assert highest_safe_lr([dict(rows[2])])["lr"] is None
+    assert highest_safe_lr(rows[:2])["stopped_at"] is None  # every rate passed
+
+
+def test_highest_safe_lr_stops_where_the_run_draws_no_better_than_the_pivot_alone():
+    """The lr 1e-2 runs break: their layout falls back into the null with the look. A rate whose coarse
+    interval reaches down to the pivot alone's estimate (0.60) ends the search even though it is inside
+    the null; one whose interval stays above it (lo 0.61) does not."""
+    def row(lr, coarse_lo):
+        return {"lr": lr, "inside_null": True, "appearance_error": {"estimate": lr},
+                "coarse": {"estimate": coarse_lo + 0.1, "lo": coarse_lo, "hi": coarse_lo + 0.2}}
+
+    pivot_alone = {"lr": 0.0, "inside_null": True, "appearance_error": {"estimate": 0.0},
+                   "coarse": {"estimate": 0.60, "lo": 0.50, "hi": 0.70}}
+    rows = [pivot_alone, row(1e-3, 0.80), row(3e-3, 0.61), row(1e-2, 0.60), row(3e-2, 0.90)]
+    assert highest_safe_lr(rows) == {"lr": 3e-3, "appearance_error": {"estimate": 3e-3},
+                                     "stopped_at": {"lr": 1e-2, "reason": LOST_THE_LOOK}}
+    assert highest_safe_lr(rows[1:])["lr"] == 3e-2  # without the pivot alone's row there is nothing to compare
 
 
 def test_drift_is_a_change_of_detected_shape_colour_or_cell():
@@ -286,9 +304,8 @@ def test_condition_table_has_a_row_per_condition_and_marks_the_chosen_weight():
 
 
 def test_condition_table_shows_the_drift_at_the_highest_safe_rate_not_at_the_read_rate():
-    """A run that breaks at lr 1e-2 scatters its layout, so its training-cell fraction falls back inside the
-    null and the rule reads 1e-2 as safe: the column beside it must show that rate's drift (0.88), not the
-    drift at the table's fixed rate (0.41)."""
+    """The column beside the highest safe rate (3e-3) shows that rate's drift (0.46), not the drift at the
+    table's fixed rate (0.41), and the rate that stopped the search is named with its reason."""
     from pti_plugin.toy_world.h3_lines import condition_table
 
     def interval(x):
@@ -298,13 +315,15 @@ def test_condition_table_shows_the_drift_at_the_highest_safe_rate_not_at_the_rea
              "appearance_error": interval(0.16), "training_cell_excess": interval(0.05)}
             for lr, d in ((1e-3, 0.41), (3e-3, 0.46), (1e-2, 0.88))]
     condition = {"variant": "half_angle_band", "weight": 10.0, "rows": rows, "matched": {"0.8": {}},
-                 "highest_safe_lr": {"lr": 1e-2, "appearance_error": interval(0.223)}}
+                 "highest_safe_lr": {"lr": 3e-3, "appearance_error": interval(0.223),
+                                     "stopped_at": {"lr": 1e-2, "reason": LOST_THE_LOOK}}}
     summary = {"conditions": [condition], "variants": {}}
     head, _, line = condition_table(summary)
     columns = [c.strip() for c in head.strip("|").split("|")]
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[columns.index("highest lr inside the null")] == "0.01"
-    assert cells[columns.index("unrelated-prompt drift there")] == "0.88 [0.83, 0.93]"
+    assert cells[columns.index("highest safe lr")] == "0.003"
+    assert cells[columns.index("unrelated-prompt drift there")] == "0.46 [0.41, 0.51]"
+    assert cells[columns.index("search stopped at")] == f"0.01 ({LOST_THE_LOOK})"
     assert cells[columns.index("unrelated-prompt drift at 0.001")] == "0.41 [0.36, 0.46]"
 
 

@@ -82,13 +82,12 @@ def _row_at(condition: dict, lr: float) -> dict:
 
 
 def condition_table(summary: dict) -> list[str]:
-    """One row per condition: its highest safe rate with the look and the unrelated prompts' drift there
-    (a rate can sit inside the null because the run broke and scattered its layout: the drift shows it),
-    its leakage and drift at :data:`READ_AT_LR`, and its paired difference with no regulariser at matched
+    """One row per condition: its highest safe rate with the look and the unrelated prompts' drift there,
+    the rate that stopped the search and why, its leakage and drift at :data:`READ_AT_LR`, and its paired difference with no regulariser at matched
     coarse; the weight each variant's rule chose is marked."""
     at = f"{READ_AT_LR:g}"
-    head = ["condition", "training seeds", "highest lr inside the null", "graded error there",
-            "unrelated-prompt drift there", f"training-cell excess at {at}",
+    head = ["condition", "training seeds", "highest safe lr", "graded error there",
+            "unrelated-prompt drift there", "search stopped at", f"training-cell excess at {at}",
             f"graded error at {at}", f"unrelated-prompt drift at {at}", f"class drift at {at}",
             f"minus none at matched coarse {CHOICE_COARSE:g}"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -100,11 +99,16 @@ def condition_table(summary: dict) -> list[str]:
         seeds = max((r["n_seeds"] for r in condition["rows"] if r["lr"] > 0), default=0)
         lines.append(f"| {_label(condition['variant'], condition['weight'])}{mark} | {seeds} | "
                      f"{'none' if safe['lr'] is None else format(safe['lr'], 'g')} | {fmt(safe['appearance_error'])} | "
-                     f"{fmt(at_safe.get('drift_unrelated'), 2)} | "
+                     f"{fmt(at_safe.get('drift_unrelated'), 2)} | {_stopped(safe.get('stopped_at'))} | "
                      f"{fmt(row.get('training_cell_excess'), 2)} | {fmt(row.get('appearance_error'))} | "
                      f"{fmt(row.get('drift_unrelated'), 2)} | {fmt(row.get('drift_class'), 2)} | "
                      f"{fmt(condition['matched'][f'{CHOICE_COARSE:g}'].get('leakage_minus_none'))} |")
     return lines
+
+
+def _stopped(stopped_at: dict | None) -> str:
+    """``highest_safe_lr``'s ``stopped_at`` as a cell: the rate and the reason, or "none" when every rate passed."""
+    return "none" if not stopped_at else f"{stopped_at['lr']:g} ({stopped_at['reason']})"
 
 
 def h3_lines(summary: dict) -> list[str]:
@@ -116,7 +120,8 @@ def h3_lines(summary: dict) -> list[str]:
         lines.append(f"- Null (base model, init word): training cells {fmt(null, 2)}"
                      + ("" if entropy is None else f", position entropy {fmt(entropy, 2)}")
                      + "; a learning rate is *inside the null* when its excess over the null has a 95% interval "
-                     "reaching 0. Position entropy: per training seed, of its images' 3x3 cells (1 = uniform), "
+                     "reaching 0; the *highest safe* rate is the last one, going up, inside the null whose "
+                     "coarse reconstruction is still above the pivot alone's. Position entropy: per training seed, of its images' 3x3 cells (1 = uniform), "
                      "interval over seeds.")
     lines.append(f"- Weight per variant: {summary['choice_rule']}.")
     key = f"{CHOICE_COARSE:g}"
@@ -124,7 +129,7 @@ def h3_lines(summary: dict) -> list[str]:
         chosen, safe = record.get("chosen") or {}, record.get("highest_safe_lr") or {}
         paired = ((record.get("matched") or {}).get(key) or {}).get("leakage_minus_none")
         against = "" if paired is None else f"; training cells minus none's at matched coarse {key}: {fmt(paired)}"
-        lines.append(f"- `{variant}`: weight {chosen.get('weight')}; highest learning rate inside the null "
+        lines.append(f"- `{variant}`: weight {chosen.get('weight')}; highest safe learning rate "
                      f"{safe.get('lr')} (graded error there {fmt(safe.get('appearance_error'))}){against}.")
     lines += ["", "Per condition (the weight each variant's rule chose is marked; two-level 95% intervals, the "
               "paired difference over training seeds):", "", *condition_table(summary)]

@@ -25,6 +25,10 @@ whose training-cell fraction is *inside the null*: its excess over the null (two
 leakage is not distinguishable from the base model's own placement; and the graded appearance
 error there (None when the lowest rate is already outside). (Asking the condition's own interval to
 nest inside the null's would fail for sampling noise alone: two intervals of equal width rarely nest.)
+The search also stops at a rate that has *lost the look*: its coarse reconstruction's 95% interval
+reaches down to the pivot alone's estimate (the lr 0 row, LoRA off). There the run is broken, not
+safe: its layout falls back into the null because it no longer draws what it was taught (on this
+world, the lr 1e-2 runs). ``stopped_at`` says which rate ended the search and why.
 
 **Position entropy** beside the training-cell fraction: per training seed, the normalised entropy of
 the 3x3 histogram of the cells where its neutral images put the object (``cell``: per image
@@ -55,6 +59,9 @@ CHOICE_RULE = (f"per variant, on the training seeds all its weights have, among 
 SCORES = ("coarse", "in_training_cell", "appearance_error", "drift", "drift_cell", "drift_unrelated", "drift_class",
           "class_character")
 REFERENCE = "none"
+#: Why the highest-safe-rate search stopped (:func:`highest_safe_lr`).
+OUTSIDE_NULL = "outside the null"
+LOST_THE_LOOK = "look lost: coarse no better than the pivot alone"
 
 
 def group_conditions(cells: list[dict]) -> dict[tuple[str, float | None], dict[float, list[dict]]]:
@@ -124,16 +131,29 @@ def lr_rows(groups: dict[float, list[dict]], null_a: np.ndarray | None, draws: i
     return rows
 
 
+def _lost_the_look(row: dict, pivot_alone: dict | None) -> bool:
+    """``row`` (a learning rate above 0) reconstructs no better than the pivot alone: its coarse interval
+    reaches down to the lr 0 row's estimate."""
+    coarse, reference = row.get("coarse"), (pivot_alone or {}).get("coarse")
+    return row["lr"] > 0 and coarse is not None and reference is not None and coarse["lo"] <= reference["estimate"]
+
+
 def highest_safe_lr(rows: list[dict]) -> dict:
-    """The last rate, going up from the lowest, whose training-cell fraction is inside the null (see the
-    module docstring), with the graded appearance error there."""
-    safe = None
+    """The last rate, going up from the lowest, whose training-cell fraction is inside the null and whose
+    look is not lost (see the module docstring), with the graded appearance error there, and
+    ``stopped_at``: the rate that ended the search and why (None when every rate passed)."""
+    pivot_alone = next((row for row in rows if row["lr"] == 0), None)
+    safe, stopped_at = None, None
     for row in rows:
-        if not row["inside_null"]:
+        reason = (OUTSIDE_NULL if not row["inside_null"]
+                  else LOST_THE_LOOK if _lost_the_look(row, pivot_alone) else None)
+        if reason is not None:
+            stopped_at = {"lr": row["lr"], "reason": reason}
             break
         safe = row
     return {"lr": None if safe is None else safe["lr"],
-            "appearance_error": None if safe is None else safe["appearance_error"]}
+            "appearance_error": None if safe is None else safe["appearance_error"],
+            "stopped_at": stopped_at}
 
 
 def _finite_or_none(value: float) -> float | None:
