@@ -107,6 +107,10 @@ def test_highest_safe_lr_stops_where_the_run_draws_no_better_than_the_pivot_alon
     assert highest_safe_lr(rows) == {"lr": 3e-3, "appearance_error": {"estimate": 3e-3},
                                      "stopped_at": {"lr": 1e-2, "reason": LOST_THE_LOOK}}
     assert highest_safe_lr(rows[1:])["lr"] == 3e-2  # without the pivot alone's row there is nothing to compare
+    # a rate too low to have learned the look yet loses nothing: the search goes on past it
+    too_low = [pivot_alone, row(1e-5, 0.55), row(1e-3, 0.80), row(3e-3, 0.60)]
+    assert highest_safe_lr(too_low) == {"lr": 1e-3, "appearance_error": {"estimate": 1e-3},
+                                        "stopped_at": {"lr": 3e-3, "reason": LOST_THE_LOOK}}
 
 
 def test_drift_is_a_change_of_detected_shape_colour_or_cell():

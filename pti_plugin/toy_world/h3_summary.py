@@ -26,9 +26,10 @@ leakage is not distinguishable from the base model's own placement; and the grad
 error there (None when the lowest rate is already outside). (Asking the condition's own interval to
 nest inside the null's would fail for sampling noise alone: two intervals of equal width rarely nest.)
 The search also stops at a rate that has *lost the look*: its coarse reconstruction's 95% interval
-reaches down to the pivot alone's estimate (the lr 0 row, LoRA off). There the run is broken, not
-safe: its layout falls back into the null because it no longer draws what it was taught (on this
-world, the lr 1e-2 runs). ``stopped_at`` says which rate ended the search and why.
+reaches down to the pivot alone's estimate (the lr 0 row, LoRA off) after a lower rate's did not.
+There the run is broken, not safe: its layout falls back into the null because it no longer draws
+what it was taught (on this world, the lr 1e-2 runs). ``stopped_at`` says which rate ended the
+search and why.
 
 **Position entropy** beside the training-cell fraction: per training seed, the normalised entropy of
 the 3x3 histogram of the cells where its neutral images put the object (``cell``: per image
@@ -131,7 +132,7 @@ def lr_rows(groups: dict[float, list[dict]], null_a: np.ndarray | None, draws: i
     return rows
 
 
-def _lost_the_look(row: dict, pivot_alone: dict | None) -> bool:
+def _no_better_than_pivot(row: dict, pivot_alone: dict | None) -> bool:
     """``row`` (a learning rate above 0) reconstructs no better than the pivot alone: its coarse interval
     reaches down to the lr 0 row's estimate."""
     coarse, reference = row.get("coarse"), (pivot_alone or {}).get("coarse")
@@ -141,16 +142,18 @@ def _lost_the_look(row: dict, pivot_alone: dict | None) -> bool:
 def highest_safe_lr(rows: list[dict]) -> dict:
     """The last rate, going up from the lowest, whose training-cell fraction is inside the null and whose
     look is not lost (see the module docstring), with the graded appearance error there, and
-    ``stopped_at``: the rate that ended the search and why (None when every rate passed)."""
+    ``stopped_at``: the rate that ended the search and why (None when every rate passed). A rate too low
+    to have learned the look yet (no better than the pivot before any rate was) has lost nothing."""
     pivot_alone = next((row for row in rows if row["lr"] == 0), None)
-    safe, stopped_at = None, None
+    safe, stopped_at, had_the_look = None, None, False
     for row in rows:
+        no_better = _no_better_than_pivot(row, pivot_alone)
         reason = (OUTSIDE_NULL if not row["inside_null"]
-                  else LOST_THE_LOOK if _lost_the_look(row, pivot_alone) else None)
+                  else LOST_THE_LOOK if no_better and had_the_look else None)
         if reason is not None:
             stopped_at = {"lr": row["lr"], "reason": reason}
             break
-        safe = row
+        safe, had_the_look = row, had_the_look or (row["lr"] > 0 and not no_better)
     return {"lr": None if safe is None else safe["lr"],
             "appearance_error": None if safe is None else safe["appearance_error"],
             "stopped_at": stopped_at}
