@@ -128,3 +128,23 @@ def within_group_spearman(x: Sequence, y: Sequence, groups: Sequence, draws: int
     rho = resampled_interval(len(a), lambda p: _mean_rho_within(a, b, [p[labels[p] == g] for g in range(len(members))])[0],
                              draws, level, seed, strata=None if clustered else members, clusters=clustered)
     return out | {"spearman_lo": rho.lo, "spearman_hi": rho.hi}
+
+
+def paired_spearman_difference(x_fewer: Sequence, y_fewer: Sequence, x_more: Sequence, y_more: Sequence,
+                               draws: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Spearman's rho of ``(x_more, y_more)`` minus that of ``(x_fewer, y_fewer)``, pair k being the same run
+    on both sides (e.g. a metric and its ground truth scored with more and with fewer sampling seeds).
+    Only the runs finite on all four are kept. Interval: percentile bootstrap over ``draws`` resamples
+    of the runs, each resample drawing the same runs for both sides. Returns ``{"fewer", "more",
+    "difference", "difference_lo", "difference_hi", "n"}``."""
+    kept = sorted(set(_finite(x_fewer, y_fewer)) & set(_finite(x_more, y_more)))
+    a1, b1 = _pairs(x_fewer, y_fewer, kept)
+    a2, b2 = _pairs(x_more, y_more, kept)
+
+    def rho(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> float:
+        return _pearson(ranks(a[p]), ranks(b[p]))
+
+    everything = np.arange(len(kept))
+    difference = resampled_interval(len(kept), lambda p: rho(a2, b2, p) - rho(a1, b1, p), draws, level, seed)
+    return {"fewer": rho(a1, b1, everything), "more": rho(a2, b2, everything), "difference": difference.estimate,
+            "difference_lo": difference.lo, "difference_hi": difference.hi, "n": len(kept)}
