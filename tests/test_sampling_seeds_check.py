@@ -62,12 +62,14 @@ def test_script_compares_the_runs_both_files_score(tmp_path, capsys):
     a, b = _summary(tmp_path / "a" / "internal_metrics.json", 16, fewer), _summary(tmp_path / "b" / "i.json", 64, more)
     assert _script().main([str(a), str(b), "--out", str(tmp_path / "out"), "--draws", "100"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("attention_leakage_vs_independent fewer=-1.000 more=1.000 difference=2.000") and last.endswith("runs=5")
+    assert last.startswith("attention_leakage_vs_independent fewer=-1.000 more=1.000 difference=2.000")
+    assert last.endswith("runs=5")
     saved = json.loads((tmp_path / "out" / "sampling_seeds.json").read_text())
     assert saved["seeds"] == [16, 64] and "only-here" not in saved["runs"]
     assert [(e["internal"], e["ground_truth"]) for e in saved["entries"][:2]] == [
         ("gt_leakage", "h3_training_cell_fraction"), ("gt_training_cell_fraction", "h3_training_cell_fraction")]
-    assert "| attention_leakage | h3_training_cell_fraction | −1.00 | 1.00 | 2.00 [" in (tmp_path / "out" / "sampling_seeds.md").read_text()
+    table = (tmp_path / "out" / "sampling_seeds.md").read_text()
+    assert "| attention_leakage | h3_training_cell_fraction | −1.00 | 1.00 | 2.00 [" in table
     assert all(e["internal"] != "attention_leakage_band" for e in saved["entries"])
     pairs = [(e["internal"], e["ground_truth"]) for e in saved["entries"]]
     assert len(pairs) == len(set(pairs)) == 2 + 2 * 2  # the ceilings, then two versions against two truths

@@ -83,8 +83,8 @@ def _row_at(condition: dict, lr: float) -> dict:
 
 def condition_table(summary: dict) -> list[str]:
     """One row per condition: its highest safe rate with the look and the unrelated prompts' drift there,
-    the rate that stopped the search and why, its leakage and drift at :data:`READ_AT_LR`, and its paired difference with no regulariser at matched
-    coarse; the weight each variant's rule chose is marked."""
+    the rate that stopped the search and why, its leakage and drift at :data:`READ_AT_LR`, and its paired
+    difference with no regulariser at matched coarse; the weight each variant's rule chose is marked."""
     at = f"{READ_AT_LR:g}"
     head = ["condition", "training seeds", "highest safe lr", "graded error there",
             "unrelated-prompt drift there", "search stopped at", f"training-cell excess at {at}",
@@ -120,9 +120,10 @@ def h3_lines(summary: dict) -> list[str]:
         lines.append(f"- Null (base model, init word): training cells {fmt(null, 2)}"
                      + ("" if entropy is None else f", position entropy {fmt(entropy, 2)}")
                      + "; a learning rate is *inside the null* when its excess over the null has a 95% interval "
-                     "reaching 0; the *highest safe* rate is the last one, going up, inside the null whose "
-                     "coarse reconstruction is still above the pivot alone's. Position entropy: per training seed, of its images' 3x3 cells (1 = uniform), "
-                     "interval over seeds.")
+                     "reaching 0; the *highest safe* rate is the last one, going up, inside the null before a "
+                     "rate outside it or one that lost the look (coarse no better than the pivot alone's after "
+                     "a lower rate's was). Position entropy: per training seed, of its images' 3x3 cells "
+                     "(1 = uniform), interval over seeds.")
     lines.append(f"- Weight per variant: {summary['choice_rule']}.")
     key = f"{CHOICE_COARSE:g}"
     for variant, record in summary["variants"].items():
