@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +11,11 @@ import pytest
 
 from pti_plugin.metrics.correlation import paired_spearman_difference
 
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "sampling_seeds_check.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("sampling_seeds_check", ROOT / "analysis" / "sampling_seeds_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _main(argv: list[str]) -> int:
+    return runpy.run_path(str(SCRIPT), run_name="sampling_seeds_check_under_test")["main"](argv)
 
 
 def test_a_less_noisy_measurement_of_the_same_runs_correlates_better_and_the_interval_says_so():
@@ -60,7 +57,7 @@ def test_script_compares_the_runs_both_files_score(tmp_path, capsys):
              "attention_leakage": t, "heatmap_neutral_attraction_only": t} for r, t in zip(runs, truth)]
     more.append({"run": "only-here", "h3_training_cell_fraction": 0.9, "gt_leakage": 0.0, "attention_leakage": 0.0})
     a, b = _summary(tmp_path / "a" / "internal_metrics.json", 16, fewer), _summary(tmp_path / "b" / "i.json", 64, more)
-    assert _script().main([str(a), str(b), "--out", str(tmp_path / "out"), "--draws", "100"]) == 0
+    assert _main([str(a), str(b), "--out", str(tmp_path / "out"), "--draws", "100"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("attention_leakage_vs_independent fewer=-1.000 more=1.000 difference=2.000")
     assert last.endswith("runs=5")
@@ -77,5 +74,5 @@ def test_script_compares_the_runs_both_files_score(tmp_path, capsys):
 
 def test_script_names_a_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        _script().main([str(tmp_path / "nope.json"), str(tmp_path / "nope2.json"), "--out", str(tmp_path)])
+        _main([str(tmp_path / "nope.json"), str(tmp_path / "nope2.json"), "--out", str(tmp_path)])
     assert "nope.json" in capsys.readouterr().err
