@@ -44,11 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def matched_rows(fewer: dict, more: dict) -> tuple[list[dict], list[dict]]:
-    """The rows of the runs both summaries have, in the same order."""
-    by_run = {row["run"]: row for row in fewer["rows"]}
-    shared = [row["run"] for row in more["rows"] if row["run"] in by_run]
-    more_by_run = {row["run"]: row for row in more["rows"]}
-    return [by_run[run] for run in shared], [more_by_run[run] for run in shared]
+    """The rows of the runs both summaries have, in the same order (``more``'s)."""
+    fewer_by_run = {row["run"]: row for row in fewer["rows"]}
+    shared = [row for row in more["rows"] if row["run"] in fewer_by_run]
+    return [fewer_by_run[row["run"]] for row in shared], shared
 
 
 def compared_pairs(fewer_rows: list[dict], more_rows: list[dict]) -> list[tuple[str, str]]:
@@ -67,11 +66,11 @@ def compare(fewer_rows: list[dict], more_rows: list[dict], draws: int) -> list[d
     """One entry per :func:`compared_pairs` pair: rho with fewer and more seeds and the paired difference."""
     from pti_plugin.metrics.correlation import paired_spearman_difference
 
+    def column(rows: list[dict], key: str) -> list:
+        return [row.get(key) for row in rows]
+
     out = []
     for internal, truth in compared_pairs(fewer_rows, more_rows):
-        def column(rows, key):
-            return [row.get(key) for row in rows]
-
         result = paired_spearman_difference(column(fewer_rows, internal), column(fewer_rows, truth),
                                             column(more_rows, internal), column(more_rows, truth), draws=draws)
         out.append({"internal": internal, "ground_truth": truth} | result)
