@@ -3,7 +3,7 @@
 
     OMP_NUM_THREADS=1 python analysis/internal_metrics.py RUNS_FOLDER [RUNS_FOLDER ...] [--out DIR]
         [--seeds 16] [--sample_steps 25] [--guidance 3] [--max_images 8] [--output_name premise]
-        [--shard K/N] [--score_only | --cached_only] [--band 780,930 | --no_band] [--parts DIR] [--draws 2000]
+        [--shard K/N] [--score_only | --cached_only] [--band 780,930 | --no_band] [--layers] [--parts DIR] [--draws 2000]
 
 Scores every finished run under the folders (e.g. ``outputs/protocol/h3/runs``) with the research
 bench's scorer, cached beside each run, so an interrupted call continues and ``--shard K/N`` splits
@@ -11,6 +11,8 @@ the scoring across processes (then one call without ``--shard`` gathers the cach
 ``--cached_only`` summarises the runs scored so far and computes nothing). ``--band LOW,HIGH``: the
 band versions of the attention leakage (heatmaps from the sampler steps in that timestep range; default
 the toy world's position band), cached in ``<run>/attention_band.json``; ``--no_band`` skips them.
+``--layers``: the versions from the cross-attention layers of one UNet resolution at a time (one more
+sampling a run), cached in ``<run>/attention_layers.json``.
 ``--parts``: the research protocol's H3 parts, for the independent ground truth (default: ``parts`` beside
 the first runs folder, when there). An ``internal_metrics.json`` already in ``--out`` keeps its rows of runs
 that are no longer under the folders (a lost working folder loses no score; ``--replace`` drops them).
@@ -67,6 +69,7 @@ def parse_args(argv):
                         help="LOW,HIGH timesteps of the band versions (default: the toy world's position band)")
     parser.add_argument("--parts", type=Path, default=None, help="H3 parts folder (independent ground truth)")
     parser.add_argument("--no_band", action="store_true", help="no band versions")
+    parser.add_argument("--layers", action="store_true", help="also the versions from one UNet resolution's layers each")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
     earlier = json.loads(committed.read_text()) if committed.is_file() and not args.replace else None
     if earlier is not None:  # refuse a mix of sampling settings before scoring anything
         check_committed_seeds(earlier, args.seeds)
-    rows = score_runs(runs, args.output_name, args, args.shard, cached_only=args.cached_only, band=band)
+    rows = score_runs(runs, args.output_name, args, args.shard, cached_only=args.cached_only, band=band,
+                      layers=args.layers)
     if args.score_only:
         return 0
     parts = args.parts or args.folders[0].parent / "parts"

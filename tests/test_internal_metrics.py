@@ -260,3 +260,30 @@ def test_copies_within_a_training_seed_add_no_evidence_when_seeds_are_resampled(
                                 clusters=np.repeat(seed_of, 4).tolist())
     assert dup["spearman"] == pytest.approx(base["spearman"], abs=1e-12)
     assert (dup["spearman_lo"], dup["spearman_hi"]) == pytest.approx((base["spearman_lo"], base["spearman_hi"]), abs=1e-12)
+
+
+def test_a_resolution_that_carries_the_truth_beats_all_layers_on_the_same_runs():
+    """At lr 1e-3 the all-layer leakage is noise, the 4x4 layers follow the independent truth and the 16x16
+    ones are noise too: the paired comparison says which, per rate and over all runs; a version no run
+    carries is listed with no runs; a run without layer scores is left out of the comparison."""
+    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, summarise, summary_lines
+
+    rng = np.random.default_rng(8)
+    rows = []
+    for k in range(24):
+        truth = rng.uniform(0.2, 0.8)
+        rows.append({"run": f"h3-uniform_half-w100-lr0.001-seed{k}-d1g3st", INDEPENDENT: truth, "gt_leakage": truth,
+                     "attention_leakage": rng.uniform(0, 1), "attention_leakage_4x4": truth + rng.normal(0, 0.02),
+                     "attention_leakage_16x16": rng.uniform(0, 1)})
+    rows.append({"run": "h3-none-lr0.001-seed99-d1g3st", INDEPENDENT: 0.5, "gt_leakage": 0.5, "attention_leakage": 0.3})
+    summary = summarise(rows, draws=300)
+    runs = {c["internal"]: c["n"] for c in summary["correlations"] if c["ground_truth"] == INDEPENDENT}
+    assert runs["attention_leakage_4x4"] == runs["attention_leakage_16x16"] == 24 and runs["attention_leakage_2x2"] == 0
+    by = {(c["version"], c["lr"]): c for c in summary["layer_versions"]}
+    assert set(by) == {(v, lr) for v in ("attention_leakage_16x16", "attention_leakage_4x4") for lr in (None, 1e-3)}
+    carries = by[("attention_leakage_4x4", 1e-3)]
+    assert carries["n"] == 24 and carries["rho"] > 0.9 and carries["difference_lo"] > 0.4
+    assert carries["difference_lo"] <= carries["difference"] <= carries["difference_hi"]
+    noise = by[("attention_leakage_16x16", 1e-3)]
+    assert noise["difference_lo"] < 0 < noise["difference_hi"]
+    assert any(line.startswith("| `attention_leakage_4x4` | 0.001 | 24 |") for line in summary_lines(summary))

@@ -93,6 +93,57 @@ def test_capture_records_only_the_calls_in_its_timestep_range(loaded):
     assert not unet._forward_pre_hooks  # the gate left with the block
 
 
+def test_one_resolution_s_maps_are_its_layers_alone_and_all_layers_weigh_each_call_equally():
+    """Two calls at 4x4 and one at 2x2 for a 4x4 latent: a resolution's map is the mean of its own calls'
+    maps; all layers together are the mean over the three calls, the 2x2 one (constant) upsampled."""
+    from pti_plugin.metrics.attention_capture import TokenAttentionCollector
+
+    collector = TokenAttentionCollector(torch.tensor([[0.0, 1.0, 0.0]]))  # the subject is key token 1
+
+    def probs(subject_mass: torch.Tensor) -> torch.Tensor:  # [N] -> [1, 2 heads, N, 3 keys], each row sums to 1
+        p = torch.stack([1 - subject_mass, subject_mass, torch.zeros_like(subject_mass)], dim=-1)
+        return p[None, None].expand(1, 2, -1, -1).clone()
+
+    first, second = torch.linspace(0.0, 0.6, 16), torch.linspace(0.6, 0.0, 16)
+    collector.add(probs(first))
+    collector.add(probs(torch.full((4,), 0.9)))
+    collector.add(probs(second))
+    assert collector.resolutions == [16, 4]
+    fine = collector.heatmaps((4, 4), pixels=16)[0]
+    assert torch.allclose(fine, ((first + second) / 2).reshape(4, 4))
+    assert torch.allclose(collector.heatmaps((4, 4), pixels=4)[0], torch.full((4, 4), 0.9))
+    assert torch.allclose(collector.heatmaps((4, 4))[0], ((first + second + 0.9) / 3).reshape(4, 4))
+    with pytest.raises(ValueError, match=r"64 positions.*recorded: \[16, 4\]"):
+        collector.heatmaps((4, 4), pixels=64)
+
+
+def test_resolution_heatmaps_come_from_the_same_sampling_as_the_all_layer_ones(loaded):
+    """Same images; weighting each resolution's map by its number of cross-attention layers (counted with
+    hooks on the UNet, not by the collector) gives back the all-layer heatmap."""
+    from pti_plugin.metrics.localisation import generate_with_heatmaps, generate_with_resolution_heatmaps
+
+    seeds = [0, 1]
+    images, all_layers = generate_with_heatmaps(loaded, "{} on a beach", True, seeds, steps=2, guidance=3.0)
+    same_images, by_resolution = generate_with_resolution_heatmaps(loaded, "{} on a beach", True, seeds, steps=2,
+                                                                   guidance=3.0)
+    assert np.array_equal(images, same_images)
+    layers: dict[int, int] = {}  # query positions -> cross-attention layers at that resolution
+
+    def count(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]  # [B, N, C] or [B, C, H, W]
+        n = hidden.shape[1] if hidden.ndim == 3 else hidden.shape[2] * hidden.shape[3]
+        layers[n] = layers.get(n, 0) + 1
+
+    hooks = [m.register_forward_pre_hook(count, with_kwargs=True) for _, m in cross_attention_modules(loaded.pipe.unet)]
+    with torch.no_grad():
+        loaded.pipe.unet(torch.zeros(1, 4, 16, 16), torch.tensor([500]), loaded.encode([loaded.prompt("{T}", True)]))
+    for hook in hooks:
+        hook.remove()
+    assert sorted(by_resolution, reverse=True) == list(by_resolution) == sorted(layers, reverse=True)
+    weighted = sum(layers[n] * maps for n, maps in by_resolution.items()) / sum(layers.values())
+    assert all_layers.shape == (2, 16, 16) and torch.allclose(weighted, all_layers, atol=1e-6)
+
+
 def test_subject_positions_and_prompts():
     assert normalise_prompt("{T} in the snow", "an anime illustration of {}", "tok1") == "an anime illustration of {} in the snow"
     assert normalise_prompt("tok1 on the beach", "x {}", "tok1") == "{} on the beach"
@@ -275,6 +326,21 @@ def test_correlation_pearson_spearman_and_ties():
     assert dropped["n"] == 3 and dropped["pearson"] == pytest.approx(1.0)
     assert math.isnan(correlation([1, 2, 3], [4, 4, 4])["pearson"])  # a constant side
     assert math.isnan(correlation([1, 2], [1, 2])["spearman"])  # below 3 pairs
+
+
+def test_layer_scores_measure_each_resolution_and_cache_them(trained_run):
+    import argparse
+
+    from pti_plugin.toy_world.internal_metrics import LAYER_VERSIONS, LAYERS_FILE, layer_scores
+
+    scoring = argparse.Namespace(seeds=2, sample_steps=2, guidance=3.0, device="cpu", rescore=False)
+    scores = layer_scores(trained_run, scoring)
+    assert set(scores) == set(LAYER_VERSIONS)  # the tiny model has the toy world's 16, 8, 4 and 2 levels
+    assert all(isinstance(v, float) and v == v for v in scores.values())
+    assert layer_scores(trained_run, scoring, cached_only=True) == scores  # read back, nothing computed
+    other = argparse.Namespace(**vars(scoring) | {"seeds": 3})
+    assert layer_scores(trained_run, other, cached_only=True) is None  # other settings: no cache
+    (trained_run / LAYERS_FILE).unlink()
 
 
 def test_band_scores_measure_and_cache_the_band_version(trained_run):

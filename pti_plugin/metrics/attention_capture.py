@@ -11,7 +11,8 @@ token positions (weighted by ``token_weights``), averaged over heads and summed 
 (layers and denoising steps) at each layer's native resolution.
 
 ``collector.heatmaps((H, W))`` then averages every call's map, upsampled bilinearly to the
-latent size ``H x W``: one heatmap per batch row, each layer call weighted equally. With
+latent size ``H x W``: one heatmap per batch row, each layer call weighted equally
+(``collector.heatmaps((H, W), pixels=n)``: the layers of one resolution only). With
 ``timestep_range = (low, high)`` only the UNet calls whose timestep lies in ``low..high`` are recorded
 (e.g. the noise levels where a model decides positions).
 """
@@ -59,19 +60,28 @@ class TokenAttentionCollector:
     def calls(self) -> int:
         return sum(self.counts.values())
 
-    def heatmaps(self, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """Mean map over every recorded call, each upsampled to ``latent_hw``: ``[B, H, W]`` (CPU float32)."""
+    @property
+    def resolutions(self) -> list[int]:
+        """The query-pixel counts of the layers recorded so far, largest (finest) first."""
+        return sorted(self.sums, reverse=True)
+
+    def heatmaps(self, latent_hw: tuple[int, int], pixels: int | None = None) -> torch.Tensor:
+        """Mean map over every recorded call, each upsampled to ``latent_hw``: ``[B, H, W]`` (CPU float32).
+        ``pixels``: only the calls of the layers with that many query positions (one UNet resolution)."""
         if not self.sums:
             raise RuntimeError("no cross-attention call was recorded (does the UNet have attn2 modules?)")
+        if pixels is not None and pixels not in self.sums:
+            raise ValueError(f"no cross-attention layer with {pixels} positions was recorded (recorded: {self.resolutions})")
         height, width = latent_hw
+        kept = list(self.sums) if pixels is None else [pixels]  # in recording order
         total = None
-        for n, summed in self.sums.items():
+        for n in kept:
             h, w = layer_grid(n, height, width)
-            grid = summed.reshape(-1, 1, h, w)
+            grid = self.sums[n].reshape(-1, 1, h, w)
             if (h, w) != (height, width):
                 grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
             total = grid if total is None else total + grid
-        return (total[:, 0] / self.calls).float().cpu()
+        return (total[:, 0] / sum(self.counts[n] for n in kept)).float().cpu()
 
 
 def layer_grid(pixels: int, height: int, width: int) -> tuple[int, int]:

@@ -174,6 +174,16 @@ def _layout_summaries(heat: dict[str, torch.Tensor], cents: dict[str, np.ndarray
     return summary, to_train["heatmap"]
 
 
+def layout_scores(heat: dict[str, torch.Tensor], train_maps: dict[str, torch.Tensor], groups: list[str],
+                  grid: int = 16) -> dict:
+    """The ``heatmap`` and ``centroid`` families' summaries (as in :attr:`LeakageMeasurement.summary`) of given
+    heatmaps: ``heat[model]`` ``[P, S, h, w]`` of the generations (``groups[k]``: prompt k's group),
+    ``train_maps[model]`` ``[n, h, w]`` of the training images, for each model of :data:`MODELS`."""
+    cents = {m: centroids(heat[m].reshape(-1, *heat[m].shape[-2:])).reshape(*heat[m].shape[:2], 2) for m in MODELS}
+    train_cents = {m: centroids(train_maps[m]) for m in MODELS}
+    return _layout_summaries(heat, cents, train_maps, train_cents, groups, grid)[0]
+
+
 def measure_position_leakage(
     run,
     neutral_prompts: list[str],

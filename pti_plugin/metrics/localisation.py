@@ -110,6 +110,33 @@ def generate_with_heatmaps(
     (heatmaps None when ``capture`` is false; ``capture_timesteps``: only the sampler steps whose
     timestep lies in that range feed the heatmaps).
     """
+    images, collector, latent_hw, first = _sample_capturing(run, prompt, tuned, seeds, steps, guidance, size,
+                                                            negative_prompt, capture, capture_timesteps)
+    return images, (collector.heatmaps(latent_hw)[first:] if capture else None)
+
+
+@torch.no_grad()
+def generate_with_resolution_heatmaps(
+    run,
+    prompt: str,
+    tuned: bool,
+    seeds: list[int],
+    steps: int = 25,
+    guidance: float = 7.5,
+    size: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, dict[int, torch.Tensor]]:
+    """:func:`generate_with_heatmaps` with one set of heatmaps per UNet resolution, from the same sampling:
+    ``(images uint8 [n, H, W, 3], {pixels: heatmaps [n, H/f, W/f]})``, ``pixels`` the query positions of
+    that resolution's cross-attention layers (256 for a 16x16 level), finest first."""
+    images, collector, latent_hw, first = _sample_capturing(run, prompt, tuned, seeds, steps, guidance, size)
+    return images, {n: collector.heatmaps(latent_hw, pixels=n)[first:] for n in collector.resolutions}
+
+
+def _sample_capturing(run, prompt: str, tuned: bool, seeds: list[int], steps: int, guidance: float,
+                      size: tuple[int, int] | None, negative_prompt: str = "", capture: bool = True,
+                      capture_timesteps: tuple[int, int] | None = None):
+    """Sample ``prompt`` (see :func:`generate_with_heatmaps`), capturing the subject's cross-attention:
+    ``(images uint8 [n, H, W, 3], collector or None, latent (h, w), first row of the conditional half)``."""
     width, height = size or run.default_size()
     text = run.prompt(prompt, tuned)
     with run.lora(tuned):
@@ -128,11 +155,8 @@ def generate_with_heatmaps(
                 height=height, width=width, output_type="np",
             ).images
     images = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
-    if not capture:
-        return images, None
     factor = run.pipe.vae_scale_factor
-    maps = collector.heatmaps((height // factor, width // factor))
-    return images, (maps[n:] if cfg else maps)
+    return images, collector, (height // factor, width // factor), (n if cfg else 0)
 
 
 def generate_images(run, prompt: str, tuned: bool, seeds: list[int], steps: int = 25, guidance: float = 7.5,
@@ -149,8 +173,10 @@ def training_heatmaps(
     noise_draws: int = 2,
     seed: int = 0,
     max_images: int | None = None,
+    layer_pixels: int | None = None,
 ) -> torch.Tensor:
-    """Heatmaps ``[n_images, H/f, W/f]`` of the training images' subject.
+    """Heatmaps ``[n_images, H/f, W/f]`` of the training images' subject (``layer_pixels``: from the cross-attention
+    layers with that many query positions only, one UNet resolution).
 
     Each image is encoded (posterior mean), noised to ``timestep`` with ``noise_draws`` fixed
     noises (seeded by ``seed`` and the image index) and passed once through the UNet with its own
@@ -174,7 +200,7 @@ def training_heatmaps(
             weights = subject_weights(_subject_rows(run, [caption], run.subject(tuned)) * noise_draws, cond.hidden_states.shape[1])
             with capture_cross_attention(run.pipe.unet, weights) as collector:
                 run.unet(noisy, t, cond)
-            heatmap = collector.heatmaps(tuple(latents.shape[-2:])).mean(0)
+            heatmap = collector.heatmaps(tuple(latents.shape[-2:]), layer_pixels).mean(0)
             if out and heatmap.shape != out[0].shape:
                 heatmap = F.interpolate(heatmap[None, None], size=out[0].shape, mode="bilinear", align_corners=False)[0, 0]
             out.append(heatmap)

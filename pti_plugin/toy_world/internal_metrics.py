@@ -63,6 +63,13 @@ COMPONENT_VERSIONS = {
 }
 LEAKAGE_VERSIONS |= {version: description for version, (_, description) in COMPONENT_VERSIONS.items()}
 BAND_FILE = "attention_band.json"
+#: The toy UNet's cross-attention resolutions (latent side: 16 at the outer down and up blocks, 2 at the
+#: mid block), each a version of the neutral-prompt heatmap leakage from those layers alone (:func:`layer_scores`).
+LAYER_SIDES = (16, 8, 4, 2)
+LAYER_VERSIONS = {f"attention_leakage_{side}x{side}": f"heatmaps, neutral prompts, cross-attention layers at {side}x{side} only"
+                  for side in LAYER_SIDES}
+LEAKAGE_VERSIONS |= LAYER_VERSIONS
+LAYERS_FILE = "attention_layers.json"
 #: The training-cell fraction of the run's H3 cell (64 sampling seeds, the protocol's neutral prompts).
 INDEPENDENT = "h3_training_cell_fraction"
 LEAKAGE_TRUTHS = ("gt_leakage", "gt_training_cell_fraction", INDEPENDENT)
@@ -109,13 +116,49 @@ def band_scores(run: Path, scoring: argparse.Namespace, band: tuple[int, int], c
     return scores
 
 
+def layer_scores(run: Path, scoring: argparse.Namespace, cached_only: bool = False) -> dict | None:
+    """The :data:`LAYER_VERSIONS` of ``run`` (the neutral prompts' heatmap leakage from the cross-attention
+    layers of one resolution at a time, one sampling for all), from its cache when the settings match (None
+    with ``cached_only`` and no such cache). The same prompts, seeds and training-image timestep as the
+    scorer's ``attention_leakage``, which these maps average to."""
+    settings = {"seeds": scoring.seeds, "steps": scoring.sample_steps, "guidance": scoring.guidance}
+    cache = run / LAYERS_FILE
+    cached = None if scoring.rescore else read_cache(cache, settings, "scores")
+    if cached is not None or cached_only:
+        return cached
+    import torch
+
+    from ..metrics.attention_capture import layer_grid
+    from ..metrics.leakage import MODELS, layout_scores
+    from ..metrics.localisation import generate_with_resolution_heatmaps, training_heatmaps
+    from ..metrics.run_model import load_run
+    from .run_scores import NEUTRAL_PROMPTS
+
+    loaded = load_run(run, device=scoring.device)
+    seeds = list(range(scoring.seeds))
+    maps: dict[str, list[dict[int, torch.Tensor]]] = {m: [] for m in MODELS}  # [prompt] {pixels: [S, h, w]}
+    for prompt in NEUTRAL_PROMPTS:
+        for model in MODELS:
+            maps[model].append(generate_with_resolution_heatmaps(loaded, prompt, model == "tuned", seeds,
+                                                                 scoring.sample_steps, scoring.guidance)[1])
+    scores = {}
+    for pixels in maps["tuned"][0]:  # each recorded resolution, finest first
+        heat = {m: torch.stack([per_prompt[pixels] for per_prompt in maps[m]]) for m in MODELS}  # [P, S, H, W]
+        train = {m: training_heatmaps(loaded, tuned=m == "tuned", layer_pixels=pixels) for m in MODELS}
+        summary = layout_scores(heat, train, ["neutral"] * len(NEUTRAL_PROMPTS))
+        h, w = layer_grid(pixels, *heat["tuned"].shape[-2:])
+        scores[f"attention_leakage_{h}x{w}"] = summary["heatmap"]["neutral"]["leakage_score"]
+    atomic_write_text(cache, json.dumps({"settings": settings, "scores": scores}, indent=1) + "\n")
+    return scores
+
+
 def score_runs(runs: list[Path], output_name: str, scoring: argparse.Namespace, shard: tuple[int, int] = (0, 1),
                log: Callable[[str], None] = print, cached_only: bool = False,
-               band: tuple[int, int] | None = None) -> list[dict]:
+               band: tuple[int, int] | None = None, layers: bool = False) -> list[dict]:
     """Scores of the runs of ``shard`` ``(k, n)`` (every n-th run from the k-th), each cached beside its run
     (:func:`pti_plugin.sweeps.bench.scores_of`; ``scoring``: its seeds, sample_steps, guidance, max_images,
     device, rescore). ``cached_only``: the runs already scored with these settings, nothing computed.
-    ``band``: :func:`band_scores` too, for runs whose standard scores are there."""
+    ``band``: :func:`band_scores` too, for runs whose standard scores are there; ``layers``: :func:`layer_scores` too."""
     from ..sweeps.bench import scores_of
 
     k, n = shard
@@ -127,7 +170,8 @@ def score_runs(runs: list[Path], output_name: str, scoring: argparse.Namespace, 
             if scores is None:
                 continue
             banded = None if band is None else band_scores(run, scoring, band, cached_only)
-            rows.append({"run": run.name} | scores | component_scores(scores) | (banded or {}))
+            by_layer = layer_scores(run, scoring, cached_only) if layers else None
+            rows.append({"run": run.name} | scores | component_scores(scores) | (banded or {}) | (by_layer or {}))
     return rows
 
 
@@ -198,7 +242,36 @@ def summarise(rows: list[dict], draws: int = 2000) -> dict:
             entry["version"] = LEAKAGE_VERSIONS[internal]
             entry["meets_target"] = bool(c["spearman_lo"] >= TARGET)
         out.append(entry)
-    return {"runs": len(rows), "target": TARGET, "correlations": out, "per_rate": per_rate(rows, rates, draws)}
+    return {"runs": len(rows), "target": TARGET, "correlations": out, "per_rate": per_rate(rows, rates, draws),
+            "layer_versions": layer_comparison(rows, rates, draws)}
+
+
+def layer_comparison(rows: list[dict], rates: list[float | None], draws: int = 2000) -> list[dict]:
+    """Each :data:`LAYER_VERSIONS` version the rows carry against the all-layers ``attention_leakage``, both
+    correlated with the independent truth on the same runs, over all runs and inside each learning rate
+    (``rates[k]``: row k's): ``{"version", "lr" (None: all rates), "all_layers", "rho", "difference",
+    "difference_lo", "difference_hi", "n"}``, the interval resampling runs
+    (:func:`~pti_plugin.metrics.correlation.paired_spearman_difference`)."""
+    from ..metrics.correlation import paired_spearman_difference
+
+    groups = [(None, rows)] + [(rate, [row for row, r in zip(rows, rates) if r == rate])
+                               for rate in sorted({r for r in rates if r is not None})]
+    out = []
+    for version in LAYER_VERSIONS:
+        for rate, members in groups:
+            scored = [row for row in members if isinstance(row.get(version), (int, float))]
+            if len(scored) < 3:
+                continue
+
+            def column(key: str) -> list:
+                return [row.get(key) for row in scored]
+
+            d = paired_spearman_difference(column("attention_leakage"), column(INDEPENDENT), column(version),
+                                           column(INDEPENDENT), draws=draws)
+            out.append({"version": version, "lr": rate, "all_layers": d["fewer"], "rho": d["more"],
+                        "difference": d["difference"], "difference_lo": d["difference_lo"],
+                        "difference_hi": d["difference_hi"], "n": d["n"]})
+    return out
 
 
 def add_independent_truth(rows: list[dict], parts: Path) -> None:
@@ -277,4 +350,12 @@ def summary_lines(summary: dict) -> list[str]:
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {c['lr']:g} | `{c['internal']}` | `{c['ground_truth']}` | {_rho(c)} | {c['truth_sd']:.3f} | {c['n']} | "
                   f"{c.get('training_seeds', 'n/a')} |" for c in summary["per_rate"]]
+    if summary.get("layer_versions"):
+        lines += ["", f"One UNet resolution's cross-attention layers against all layers (`attention_leakage`), each against "
+                  f"`{INDEPENDENT}` on the same runs; difference: the resolution's rho minus all layers', 95% bootstrap "
+                  "interval over the runs:", "",
+                  "| version | lr | runs | rho, all layers | rho, this resolution | difference |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| `{c['version']}` | {'all' if c['lr'] is None else format(c['lr'], 'g')} | {c['n']} | {_num(c['all_layers'])} | "
+                  f"{_num(c['rho'])} | {_num(c['difference'])} [{_num(c['difference_lo'])}, {_num(c['difference_hi'])}] |"
+                  for c in summary["layer_versions"]]
     return lines
