@@ -263,27 +263,34 @@ def test_copies_within_a_training_seed_add_no_evidence_when_seeds_are_resampled(
 
 
 def test_a_resolution_that_carries_the_truth_beats_all_layers_on_the_same_runs():
-    """At lr 1e-3 the all-layer leakage is noise, the 4x4 layers follow the independent truth and the 16x16
-    ones are noise too: the paired comparison says which, per rate and over all runs; a version no run
-    carries is listed with no runs; a run without layer scores is left out of the comparison."""
-    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, summarise, summary_lines
+    """Two rates whose runs differ in leakage: the all-layer leakage follows the rate only, the 4x4 layers
+    follow the independent truth inside each rate and the 16x16 ones are noise. Pooled, the rate alone
+    makes all layers look good; within a rate the paired comparison says which version ranks the runs; a
+    version no run carries is listed with no runs; a run without layer scores is left out of the comparison."""
+    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, LAYER_TRUTHS, summarise, summary_lines
 
     rng = np.random.default_rng(8)
     rows = []
-    for k in range(24):
-        truth = rng.uniform(0.2, 0.8)
-        rows.append({"run": f"h3-uniform_half-w100-lr0.001-seed{k}-d1g3st", INDEPENDENT: truth, "gt_leakage": truth,
-                     "attention_leakage": rng.uniform(0, 1), "attention_leakage_4x4": truth + rng.normal(0, 0.02),
-                     "attention_leakage_16x16": rng.uniform(0, 1)})
+    for level, lr in enumerate(("0.0001", "0.001")):
+        for k in range(24):
+            truth = level + rng.uniform(0.2, 0.8)
+            rows.append({"run": f"h3-uniform_half-w100-lr{lr}-seed{k}-d1g3st", INDEPENDENT: truth, "gt_leakage": truth,
+                         "attention_leakage": level + rng.uniform(0, 1), "attention_leakage_4x4": truth + rng.normal(0, 0.02),
+                         "attention_leakage_16x16": rng.uniform(0, 1)})
     rows.append({"run": "h3-none-lr0.001-seed99-d1g3st", INDEPENDENT: 0.5, "gt_leakage": 0.5, "attention_leakage": 0.3})
     summary = summarise(rows, draws=300)
     runs = {c["internal"]: c["n"] for c in summary["correlations"] if c["ground_truth"] == INDEPENDENT}
-    assert runs["attention_leakage_4x4"] == runs["attention_leakage_16x16"] == 24 and runs["attention_leakage_2x2"] == 0
-    by = {(c["version"], c["lr"]): c for c in summary["layer_versions"]}
-    assert set(by) == {(v, lr) for v in ("attention_leakage_16x16", "attention_leakage_4x4") for lr in (None, 1e-3)}
-    carries = by[("attention_leakage_4x4", 1e-3)]
-    assert carries["n"] == 24 and carries["rho"] > 0.9 and carries["difference_lo"] > 0.4
-    assert carries["difference_lo"] <= carries["difference"] <= carries["difference_hi"]
-    noise = by[("attention_leakage_16x16", 1e-3)]
+    assert runs["attention_leakage_4x4"] == runs["attention_leakage_16x16"] == 48 and runs["attention_leakage_2x2"] == 0
+    by = {(c["version"], c["ground_truth"], c["lr"]): c for c in summary["layer_versions"]}
+    assert set(by) == {(v, truth, lr) for v in ("attention_leakage_16x16", "attention_leakage_4x4")
+                       for truth in LAYER_TRUTHS for lr in ("all", "within", 1e-4, 1e-3)}
+    pooled = by[("attention_leakage_4x4", INDEPENDENT, "all")]
+    assert pooled["all_layers"] > 0.6 and pooled["rho"] > 0.9  # the rates alone make all layers rank well pooled
+    within = by[("attention_leakage_4x4", INDEPENDENT, "within")]
+    assert within["n"] == 48 and within["rho"] > 0.9 and abs(within["all_layers"]) < 0.4 and within["difference_lo"] > 0.5
+    assert within["difference_lo"] <= within["difference"] <= within["difference_hi"]
+    assert by[("attention_leakage_4x4", INDEPENDENT, 1e-3)]["n"] == 24
+    noise = by[("attention_leakage_16x16", INDEPENDENT, "within")]
     assert noise["difference_lo"] < 0 < noise["difference_hi"]
-    assert any(line.startswith("| `attention_leakage_4x4` | 0.001 | 24 |") for line in summary_lines(summary))
+    assert any(line.startswith("| `attention_leakage_4x4` | `h3_training_cell_fraction` | within | 48 |")
+               for line in summary_lines(summary))

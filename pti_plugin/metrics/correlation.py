@@ -131,20 +131,32 @@ def within_group_spearman(x: Sequence, y: Sequence, groups: Sequence, draws: int
 
 
 def paired_spearman_difference(x_fewer: Sequence, y_fewer: Sequence, x_more: Sequence, y_more: Sequence,
-                               draws: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+                               draws: int = 2000, level: float = 0.95, seed: int = 0,
+                               groups: Sequence | None = None) -> dict:
     """Spearman's rho of ``(x_more, y_more)`` minus that of ``(x_fewer, y_fewer)``, pair k being the same run
-    on both sides (e.g. a metric and its ground truth scored with more and with fewer sampling seeds).
-    Only the runs finite on all four are kept. Interval: percentile bootstrap over ``draws`` resamples
-    of the runs, each resample drawing the same runs for both sides. Returns ``{"fewer", "more",
-    "difference", "difference_lo", "difference_hi", "n"}``."""
+    on both sides (e.g. a metric and its ground truth scored with more and with fewer sampling seeds, or two
+    versions of a metric against one truth). Only the runs finite on all four are kept. With ``groups``
+    (run k's group, e.g. its learning rate; None leaves the run out) each rho is the within-group one of
+    :func:`within_group_spearman`. Interval: percentile bootstrap over ``draws`` resamples of the runs
+    (within each group, with ``groups``), each resample drawing the same runs for both sides. Returns
+    ``{"fewer", "more", "difference", "difference_lo", "difference_hi", "n"}``."""
     kept = sorted(set(_finite(x_fewer, y_fewer)) & set(_finite(x_more, y_more)))
+    if groups is not None:
+        kept = [k for k in kept if groups[k] is not None]
     a1, b1 = _pairs(x_fewer, y_fewer, kept)
     a2, b2 = _pairs(x_more, y_more, kept)
+    members = None if groups is None else _cluster_members(groups, kept)
+    labels = np.empty(len(kept), dtype=np.int64)  # [runs] group index
+    for g, member in enumerate(members or []):
+        labels[member] = g
 
     def rho(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> float:
-        return _pearson(ranks(a[p]), ranks(b[p]))
+        if members is None:
+            return _pearson(ranks(a[p]), ranks(b[p]))
+        return _mean_rho_within(a, b, [p[labels[p] == g] for g in range(len(members))])[0]
 
     everything = np.arange(len(kept))
-    difference = resampled_interval(len(kept), lambda p: rho(a2, b2, p) - rho(a1, b1, p), draws, level, seed)
+    difference = resampled_interval(len(kept), lambda p: rho(a2, b2, p) - rho(a1, b1, p), draws, level, seed,
+                                    strata=members)
     return {"fewer": rho(a1, b1, everything), "more": rho(a2, b2, everything), "difference": difference.estimate,
             "difference_lo": difference.lo, "difference_hi": difference.hi, "n": len(kept)}

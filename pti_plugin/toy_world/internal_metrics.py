@@ -246,31 +246,40 @@ def summarise(rows: list[dict], draws: int = 2000) -> dict:
             "layer_versions": layer_comparison(rows, rates, draws)}
 
 
+#: The truths :func:`layer_comparison` compares the layer versions against: the same generations', the independent one.
+LAYER_TRUTHS = ("gt_leakage", INDEPENDENT)
+#: ``lr`` of a :func:`layer_comparison` entry over all runs pooled, and of the one within a learning rate.
+ALL_RATES, WITHIN_RATES = "all", "within"
+
+
 def layer_comparison(rows: list[dict], rates: list[float | None], draws: int = 2000) -> list[dict]:
     """Each :data:`LAYER_VERSIONS` version the rows carry against the all-layers ``attention_leakage``, both
-    correlated with the independent truth on the same runs, over all runs and inside each learning rate
-    (``rates[k]``: row k's): ``{"version", "lr" (None: all rates), "all_layers", "rho", "difference",
-    "difference_lo", "difference_hi", "n"}``, the interval resampling runs
+    correlated with each of :data:`LAYER_TRUTHS` on the same runs (those carrying the version): pooled over
+    all runs (``lr`` :data:`ALL_RATES`), averaged within learning rates (:data:`WITHIN_RATES`; ``rates[k]``:
+    row k's) and inside each rate. Entries ``{"version", "ground_truth", "lr", "all_layers", "rho",
+    "difference", "difference_lo", "difference_hi", "n"}``, the interval resampling runs
     (:func:`~pti_plugin.metrics.correlation.paired_spearman_difference`)."""
     from ..metrics.correlation import paired_spearman_difference
 
-    groups = [(None, rows)] + [(rate, [row for row, r in zip(rows, rates) if r == rate])
-                               for rate in sorted({r for r in rates if r is not None})]
     out = []
     for version in LAYER_VERSIONS:
-        for rate, members in groups:
-            scored = [row for row in members if isinstance(row.get(version), (int, float))]
-            if len(scored) < 3:
-                continue
+        scored = [(row, rate) for row, rate in zip(rows, rates) if isinstance(row.get(version), (int, float))]
+        by_rate = sorted({rate for _, rate in scored if rate is not None})
+        groups = [(ALL_RATES, scored, None), (WITHIN_RATES, scored, [rate for _, rate in scored])]
+        groups += [(rate, [(row, r) for row, r in scored if r == rate], None) for rate in by_rate]
+        for truth in LAYER_TRUTHS:
+            for label, members, group_of in groups:
+                if len(members) < 3:
+                    continue
 
-            def column(key: str) -> list:
-                return [row.get(key) for row in scored]
+                def column(key: str) -> list:
+                    return [row.get(key) for row, _ in members]
 
-            d = paired_spearman_difference(column("attention_leakage"), column(INDEPENDENT), column(version),
-                                           column(INDEPENDENT), draws=draws)
-            out.append({"version": version, "lr": rate, "all_layers": d["fewer"], "rho": d["more"],
-                        "difference": d["difference"], "difference_lo": d["difference_lo"],
-                        "difference_hi": d["difference_hi"], "n": d["n"]})
+                d = paired_spearman_difference(column("attention_leakage"), column(truth), column(version), column(truth),
+                                               draws=draws, groups=group_of)
+                out.append({"version": version, "ground_truth": truth, "lr": label, "all_layers": d["fewer"],
+                            "rho": d["more"], "difference": d["difference"], "difference_lo": d["difference_lo"],
+                            "difference_hi": d["difference_hi"], "n": d["n"]})
     return out
 
 
@@ -351,11 +360,14 @@ def summary_lines(summary: dict) -> list[str]:
         lines += [f"| {c['lr']:g} | `{c['internal']}` | `{c['ground_truth']}` | {_rho(c)} | {c['truth_sd']:.3f} | {c['n']} | "
                   f"{c.get('training_seeds', 'n/a')} |" for c in summary["per_rate"]]
     if summary.get("layer_versions"):
-        lines += ["", f"One UNet resolution's cross-attention layers against all layers (`attention_leakage`), each against "
-                  f"`{INDEPENDENT}` on the same runs; difference: the resolution's rho minus all layers', 95% bootstrap "
-                  "interval over the runs:", "",
-                  "| version | lr | runs | rho, all layers | rho, this resolution | difference |", "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| `{c['version']}` | {'all' if c['lr'] is None else format(c['lr'], 'g')} | {c['n']} | {_num(c['all_layers'])} | "
-                  f"{_num(c['rho'])} | {_num(c['difference'])} [{_num(c['difference_lo'])}, {_num(c['difference_hi'])}] |"
+        lines += ["", "One UNet resolution's cross-attention layers against all layers (`attention_leakage`), both against "
+                  "the same ground truth on the same runs; *lr*: all runs pooled, the mean rho within a learning rate, "
+                  "or one rate's runs; difference: the resolution's rho minus all layers', 95% bootstrap interval over "
+                  "the runs (within each rate for the within-rate rows):", "",
+                  "| version | against | lr | runs | rho, all layers | rho, this resolution | difference |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| `{c['version']}` | `{c['ground_truth']}` | {c['lr'] if isinstance(c['lr'], str) else format(c['lr'], 'g')} | "
+                  f"{c['n']} | {_num(c['all_layers'])} | {_num(c['rho'])} | "
+                  f"{_num(c['difference'])} [{_num(c['difference_lo'])}, {_num(c['difference_hi'])}] |"
                   for c in summary["layer_versions"]]
     return lines
