@@ -116,15 +116,8 @@ def generate_with_heatmaps(
 
 
 @torch.no_grad()
-def generate_with_resolution_heatmaps(
-    run,
-    prompt: str,
-    tuned: bool,
-    seeds: list[int],
-    steps: int = 25,
-    guidance: float = 7.5,
-    size: tuple[int, int] | None = None,
-) -> tuple[np.ndarray, dict[int, torch.Tensor]]:
+def generate_with_resolution_heatmaps(run, prompt: str, tuned: bool, seeds: list[int], steps: int = 25, guidance: float = 7.5,
+                                      size: tuple[int, int] | None = None) -> tuple[np.ndarray, dict[int, torch.Tensor]]:
     """:func:`generate_with_heatmaps` with one set of heatmaps per UNet resolution, from the same sampling:
     ``(images uint8 [n, H, W, 3], {pixels: heatmaps [n, H/f, W/f]})``, ``pixels`` the query positions of
     that resolution's cross-attention layers (256 for a 16x16 level), finest first."""
