@@ -274,7 +274,7 @@ def test_a_resolution_that_carries_the_truth_beats_all_layers_on_the_same_runs()
     for level, lr in enumerate(("0.0001", "0.001")):
         for k in range(24):
             truth = level + rng.uniform(0.2, 0.8)
-            rows.append({"run": f"h3-uniform_half-w100-lr{lr}-seed{k}-d1g3st", INDEPENDENT: truth, "gt_leakage": truth,
+            rows.append({"run": f"h3-uniform_half-w100-lr{lr}-seed{1 + k % 2}-d1g3st", INDEPENDENT: truth, "gt_leakage": truth,
                          "attention_leakage": level + rng.uniform(0, 1), "attention_leakage_4x4": truth + rng.normal(0, 0.02),
                          "attention_leakage_16x16": rng.uniform(0, 1)})
     rows.append({"run": "h3-none-lr0.001-seed99-d1g3st", INDEPENDENT: 0.5, "gt_leakage": 0.5, "attention_leakage": 0.3})
@@ -283,7 +283,8 @@ def test_a_resolution_that_carries_the_truth_beats_all_layers_on_the_same_runs()
     assert runs["attention_leakage_4x4"] == runs["attention_leakage_16x16"] == 48 and runs["attention_leakage_2x2"] == 0
     by = {(c["version"], c["ground_truth"], c["lr"]): c for c in summary["layer_versions"]}
     assert set(by) == {(v, truth, lr) for v in ("attention_leakage_16x16", "attention_leakage_4x4")
-                       for truth in LAYER_TRUTHS for lr in ("all", "within", 1e-4, 1e-3)}
+                       for truth in LAYER_TRUTHS for lr in ("all", "within", 1e-4, 1e-3, "seed 1", "seed 2")}
+    assert by[("attention_leakage_4x4", INDEPENDENT, "seed 1")]["n"] == 24  # runs k % 2 == 1, at both rates
     pooled = by[("attention_leakage_4x4", INDEPENDENT, "all")]
     assert pooled["all_layers"] > 0.6 and pooled["rho"] > 0.9  # the rates alone make all layers rank well pooled
     within = by[("attention_leakage_4x4", INDEPENDENT, "within")]

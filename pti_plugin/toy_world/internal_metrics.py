@@ -256,7 +256,7 @@ def layer_comparison(rows: list[dict], rates: list[float | None], draws: int = 2
     """Each :data:`LAYER_VERSIONS` version the rows carry against the all-layers ``attention_leakage``, both
     correlated with each of :data:`LAYER_TRUTHS` on the same runs (those carrying the version): pooled over
     all runs (``lr`` :data:`ALL_RATES`), averaged within learning rates (:data:`WITHIN_RATES`; ``rates[k]``:
-    row k's) and inside each rate. Entries ``{"version", "ground_truth", "lr", "all_layers", "rho",
+    row k's), inside each rate, and over each training seed's runs (``lr`` ``"seed <s>"``). Entries ``{"version", "ground_truth", "lr", "all_layers", "rho",
     "difference", "difference_lo", "difference_hi", "n"}``, the interval resampling runs
     (:func:`~pti_plugin.metrics.correlation.paired_spearman_difference`)."""
     from ..metrics.correlation import paired_spearman_difference
@@ -267,6 +267,9 @@ def layer_comparison(rows: list[dict], rates: list[float | None], draws: int = 2
         by_rate = sorted({rate for _, rate in scored if rate is not None})
         groups = [(ALL_RATES, scored, None), (WITHIN_RATES, scored, [rate for _, rate in scored])]
         groups += [(rate, [(row, r) for row, r in scored if r == rate], None) for rate in by_rate]
+        seeds = [run_training_seed(row["run"]) for row, _ in scored]
+        groups += [(f"seed {seed}", [m for m, s in zip(scored, seeds) if s == seed], None)
+                   for seed in sorted({s for s in seeds if s is not None})]
         for truth in LAYER_TRUTHS:
             for label, members, group_of in groups:
                 if len(members) < 3:
@@ -362,7 +365,7 @@ def summary_lines(summary: dict) -> list[str]:
     if summary.get("layer_versions"):
         lines += ["", "One UNet resolution's cross-attention layers against all layers (`attention_leakage`), both against "
                   "the same ground truth on the same runs; *lr*: all runs pooled, the mean rho within a learning rate, "
-                  "or one rate's runs; difference: the resolution's rho minus all layers', 95% bootstrap interval over "
+                  "one rate's runs, or one training seed's; difference: the resolution's rho minus all layers', 95% bootstrap interval over "
                   "the runs (within each rate for the within-rate rows):", "",
                   "| version | against | lr | runs | rho, all layers | rho, this resolution | difference |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
