@@ -3,7 +3,7 @@
 Usage::
 
     python analysis/position_leakage.py --run OUTPUT_DIR [--output_name NAME] [--n_seeds 8]
-        [--prompts P ...] [--edit_prompts P ...] [--steps 25] [--guidance 7.5] [--out DIR]
+        [--prompts P ...] [--edit_prompts P ...] [--steps 25] [--guidance 7.5] [--out DIR] [--by_resolution]
 
 Reads the run's resolved config (``<output_name>.config.toml``) to find the base model and the
 training data, loads the base model with the run's LoRA and pivot, and generates ``n_seeds``
@@ -38,6 +38,11 @@ the edit still moves the subject as it moves the class word. On the toy world
 (``--ground_truth auto`` detects its model), the toy world's detectors add a ``groundtruth``
 family computed from the detected object centres.
 
+``--by_resolution`` adds the neutral prompts' heatmap leakage from the cross-attention layers of each
+UNet resolution alone (one more sampling of those prompts; ``by_resolution`` in the JSON): on the toy
+world the finest layers alone ranked runs closer to the ground truth than all layers together
+(exploratory; README, "Model-internal metrics").
+
 Writes to ``--out`` (default ``OUTPUT_DIR/position_leakage``): ``position_leakage.json``
 (summary, settings, per-image rows), ``position_leakage.csv`` (one row per generation and per
 training image), ``position_leakage_centroids.png`` (centroid scatter: training, base,
@@ -61,7 +66,7 @@ import torch  # noqa: E402
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text, atomic_write_with  # noqa: E402
 from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
-from pti_plugin.metrics.leakage import GROUPS, LeakageMeasurement, measure_position_leakage  # noqa: E402
+from pti_plugin.metrics.leakage import GROUPS, LeakageMeasurement, leakage_by_resolution, measure_position_leakage  # noqa: E402
 from pti_plugin.metrics.prompts import NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS  # noqa: E402
 from pti_plugin.metrics.run_model import load_run  # noqa: E402
 
@@ -241,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     parser.add_argument("--fp16", action="store_true", help="run the models in float16 (CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN/position_leakage")
+    parser.add_argument("--by_resolution", action="store_true",
+                        help="also the neutral prompts' leakage from each UNet resolution's cross-attention layers alone")
     args = parser.parse_args(argv)
     if args.n_seeds < 2:
         parser.error("--n_seeds must be at least 2 (diversity compares seeds)")
@@ -267,9 +274,12 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": m.settings | {"seeds": seeds, "prompts": m.prompts, "groups": m.groups,
                                   "ground_truth": bool(m.groundtruth), "device": str(run.device),
                                   "dtype": str(run.dtype).replace("torch.", "")},
-        "seconds": round(time.time() - t0, 1),
         "rows": m.rows,
     }
+    if args.by_resolution:
+        record["by_resolution"] = leakage_by_resolution(run, args.prompts, seeds, args.steps, args.guidance, args.grid,
+                                                        args.training_timestep)
+    record["seconds"] = round(time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "position_leakage.json", json.dumps(json_ready(record), indent=2) + "\n")
     atomic_write_csv(out / "position_leakage.csv", m.rows)
@@ -278,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
     plot_centroids(m, out / "position_leakage_centroids.png", title)
     plot_grid(m, out / "position_leakage_grid.png")
     print("\n".join(summary_lines(m)))
+    for grid, scores in record.get("by_resolution", {}).items():
+        print(f"neutral prompts, layers at {grid} only: leakage {scores['leakage_score']:+.3f} "
+              f"(r_D {scores['diversity_ratio']:.2f}, r_A {scores['attraction_ratio']:.2f})")
     print(f"leakage_score={m.score:+.4f}  (0 = like the base model, 1 = layouts collapsed onto the training layouts)")
     print(f"wrote {out}/position_leakage.json, .csv, _centroids.png, _grid.png")
     return record

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import runpy
 import sys
 import types
@@ -102,9 +103,14 @@ def test_position_leakage_command_line(lora_sweep, tmp_path):
     run_dir = lora_sweep.out / "runs" / "lora-lr0.1"
     out = tmp_path / "leak"
     printed = _script("position_leakage.py", ["--run", str(run_dir), "--n_seeds", "2", "--steps", "2", "--prompts", "{T}",
-                                              "--edit_prompts", "{T} at the top left", "--out", str(out)])
+                                              "--edit_prompts", "{T} at the top left", "--out", str(out),
+                                              "--by_resolution"])
     assert "leakage_score=" in printed and "heatmap     all:" in printed
     record = json.loads((out / "position_leakage.json").read_text())
+    by_resolution = record["by_resolution"]  # the tiny UNet's cross-attention levels, finest first
+    assert list(by_resolution) == ["16x16", "8x8", "4x4", "2x2"]
+    assert all(math.isfinite(entry["leakage_score"]) for entry in by_resolution.values())
+    assert "neutral prompts, layers at 16x16 only: leakage" in printed
     summary = record["summary"]
     for family in ("heatmap", "centroid"):
         for group in ("all", "neutral", "edit"):

@@ -126,28 +126,13 @@ def layer_scores(run: Path, scoring: argparse.Namespace, cached_only: bool = Fal
     cached = None if scoring.rescore else read_cache(cache, settings, "scores")
     if cached is not None or cached_only:
         return cached
-    import torch
-
-    from ..metrics.attention_capture import layer_grid
-    from ..metrics.leakage import MODELS, layout_scores
-    from ..metrics.localisation import generate_with_resolution_heatmaps, training_heatmaps
+    from ..metrics.leakage import leakage_by_resolution
     from ..metrics.run_model import load_run
     from .run_scores import NEUTRAL_PROMPTS
 
-    loaded = load_run(run, device=scoring.device)
-    seeds = list(range(scoring.seeds))
-    maps: dict[str, list[dict[int, torch.Tensor]]] = {m: [] for m in MODELS}  # [prompt] {pixels: [S, h, w]}
-    for prompt in NEUTRAL_PROMPTS:
-        for model in MODELS:
-            maps[model].append(generate_with_resolution_heatmaps(loaded, prompt, model == "tuned", seeds,
-                                                                 scoring.sample_steps, scoring.guidance)[1])
-    scores = {}
-    for pixels in maps["tuned"][0]:  # each recorded resolution, finest first
-        heat = {m: torch.stack([per_prompt[pixels] for per_prompt in maps[m]]) for m in MODELS}  # [P, S, H, W]
-        train = {m: training_heatmaps(loaded, tuned=m == "tuned", layer_pixels=pixels) for m in MODELS}
-        summary = layout_scores(heat, train, ["neutral"] * len(NEUTRAL_PROMPTS))
-        h, w = layer_grid(pixels, *heat["tuned"].shape[-2:])
-        scores[f"attention_leakage_{h}x{w}"] = summary["heatmap"]["neutral"]["leakage_score"]
+    by_resolution = leakage_by_resolution(load_run(run, device=scoring.device), list(NEUTRAL_PROMPTS),
+                                          list(range(scoring.seeds)), scoring.sample_steps, scoring.guidance)
+    scores = {f"attention_leakage_{grid}": summary["leakage_score"] for grid, summary in by_resolution.items()}
     atomic_write_text(cache, json.dumps({"settings": settings, "scores": scores}, indent=1) + "\n")
     return scores
 
