@@ -295,3 +295,29 @@ def test_a_resolution_that_carries_the_truth_beats_all_layers_on_the_same_runs()
     assert noise["difference_lo"] < 0 < noise["difference_hi"]
     assert any(line.startswith("| `attention_leakage_4x4` | `h3_training_cell_fraction` | within | 48 |")
                for line in summary_lines(summary))
+
+
+def test_the_report_shows_each_committed_layer_comparison(tmp_path):
+    """A results folder with the main summary and two ``--layers`` summaries: the report's internal-metrics
+    section carries the main table and one resolution block per layer summary, with its runs and seeds."""
+    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, summarise
+    from pti_plugin.toy_world.protocol_sections import internal_metrics_section
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for k in range(12):
+        truth = rng.uniform(0, 1)
+        rows.append({"run": f"h3-none-lr0.001-seed{k % 3}-abc", INDEPENDENT: truth, "gt_leakage": truth,
+                     "attention_leakage": rng.uniform(0, 1), "attention_leakage_16x16": truth})
+    main = summarise([{k: v for k, v in row.items() if k != "attention_leakage_16x16"} for row in rows], draws=50)
+    (tmp_path / "internal_metrics.json").write_text(json.dumps(main | {"seeds": 16}))
+    for folder, seeds in (("attention_layers", 16), ("attention_layers/seeds64_lr1e-3", 64)):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / "internal_metrics.json").write_text(json.dumps(summarise(rows, draws=50) | {"seeds": seeds}))
+    lines = internal_metrics_section(tmp_path)["lines"]
+    blocks = [line for line in lines if line.startswith("**By UNet resolution")]
+    assert [b.split("`")[1] for b in blocks] == ["attention_layers", "attention_layers/seeds64_lr1e-3"]
+    assert "12 runs scored with 64 sampling seeds" in blocks[1]
+    assert sum(line.startswith("| `attention_leakage_16x16` | `h3_training_cell_fraction` | all | 12 |") for line in lines) == 2
+    before = lines[:lines.index(blocks[0])]  # the main summary's runs carry no layer versions: no comparison there
+    assert any(line.startswith("Command:") for line in before) and not any(line.startswith("| version | against |") for line in before)

@@ -347,15 +347,20 @@ def summary_lines(summary: dict) -> list[str]:
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {c['lr']:g} | `{c['internal']}` | `{c['ground_truth']}` | {_rho(c)} | {c['truth_sd']:.3f} | {c['n']} | "
                   f"{c.get('training_seeds', 'n/a')} |" for c in summary["per_rate"]]
-    if summary.get("layer_versions"):
-        lines += ["", "One UNet resolution's cross-attention layers against all layers (`attention_leakage`), both against "
-                  "the same ground truth on the same runs; *lr*: all runs pooled, the mean rho within a learning rate, "
-                  "one rate's runs, or one training seed's; difference: the resolution's rho minus all layers', 95% bootstrap interval over "
-                  "the runs (within each rate for the within-rate rows):", "",
-                  "| version | against | lr | runs | rho, all layers | rho, this resolution | difference |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| `{c['version']}` | `{c['ground_truth']}` | {c['lr'] if isinstance(c['lr'], str) else format(c['lr'], 'g')} | "
-                  f"{c['n']} | {_num(c['all_layers'])} | {_num(c['rho'])} | "
-                  f"{_num(c['difference'])} [{_num(c['difference_lo'])}, {_num(c['difference_hi'])}] |"
-                  for c in summary["layer_versions"]]
-    return lines
+    return lines + layer_lines(summary)
+
+
+def layer_lines(summary: dict) -> list[str]:
+    """The Markdown of :func:`layer_comparison`'s entries (``summary["layer_versions"]``), [] without them."""
+    if not summary.get("layer_versions"):
+        return []
+    lines = ["", "One UNet resolution's cross-attention layers against all layers (`attention_leakage`), both against "
+             "the same ground truth on the same runs; *lr*: all runs pooled, the mean rho within a learning rate, "
+             "one rate's runs, or one training seed's; difference: the resolution's rho minus all layers', 95% "
+             "bootstrap interval over the runs (within each rate for the within-rate rows):", "",
+             "| version | against | lr | runs | rho, all layers | rho, this resolution | difference |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    return lines + [f"| `{c['version']}` | `{c['ground_truth']}` | {c['lr'] if isinstance(c['lr'], str) else format(c['lr'], 'g')} | "
+                    f"{c['n']} | {_num(c['all_layers'])} | {_num(c['rho'])} | "
+                    f"{_num(c['difference'])} [{_num(c['difference_lo'])}, {_num(c['difference_hi'])}] |"
+                    for c in summary["layer_versions"]]

@@ -271,10 +271,24 @@ def internal_metrics_section(results: Path) -> dict | None:
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    return {"title": "Model-internal metrics against the ground truth",
-            "lines": [f"**Verdict: {verdict(summary)}.**", "", *summary_lines(summary), "",
-                      "Command: `OMP_NUM_THREADS=1 python analysis/internal_metrics.py outputs/protocol/h3/runs "
-                      "--out analysis/results/research_protocol`."]}
+    lines = [f"**Verdict: {verdict(summary)}.**", "", *summary_lines(summary), "",
+             "Command: `OMP_NUM_THREADS=1 python analysis/internal_metrics.py outputs/protocol/h3/runs "
+             "--out analysis/results/research_protocol`."]
+    return {"title": "Model-internal metrics against the ground truth", "lines": lines + resolution_lines(results)}
+
+
+def resolution_lines(results: Path) -> list[str]:
+    """The layer comparisons committed under ``results/attention_layers`` (``internal_metrics.py --layers``
+    summaries of the runs a machine held: exploratory), one block each."""
+    from .internal_metrics import layer_lines
+
+    lines = []
+    for path in sorted((results / "attention_layers").rglob("internal_metrics.json")):
+        summary = json.loads(path.read_text())
+        lines += ["", f"**By UNet resolution, exploratory** (`{path.parent.relative_to(results).as_posix()}`: "
+                  f"{summary['runs']} runs scored with {summary['seeds']} sampling seeds a prompt, "
+                  f"`analysis/internal_metrics.py ... --layers`):", *layer_lines(summary)]
+    return lines
 
 
 def timestep_lines(results: Path) -> list[str]:
