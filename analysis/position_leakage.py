@@ -39,9 +39,8 @@ the edit still moves the subject as it moves the class word. On the toy world
 family computed from the detected object centres.
 
 ``--by_resolution`` adds the neutral prompts' heatmap leakage from the cross-attention layers of each
-UNet resolution alone (one more sampling of those prompts; ``by_resolution`` in the JSON): on the toy
-world the finest layers alone ranked runs closer to the ground truth than all layers together
-(exploratory; README, "Model-internal metrics").
+UNet resolution alone (one more sampling of those prompts; ``by_resolution`` in the JSON); which
+resolution tracks leakage best on the toy world: README, "Model-internal metrics".
 
 Writes to ``--out`` (default ``OUTPUT_DIR/position_leakage``): ``position_leakage.json``
 (summary, settings, per-image rows), ``position_leakage.csv`` (one row per generation and per

@@ -189,8 +189,7 @@ def leakage_by_resolution(run, prompts: list[str], seeds: list[int], steps: int 
     """The ``heatmap`` leakage of ``prompts`` (one group) from the cross-attention layers of one UNet resolution
     at a time, all from one sampling per prompt and model: ``{"<h>x<w>": {"leakage_score", "diversity_ratio",
     "attraction_ratio", ...}}``, finest resolution first (the keys are the layers' latent grids). The maps of
-    all layers together are what :func:`measure_position_leakage` scores; on the toy world the finest
-    layers alone ranked runs closer to the ground truth (see the README)."""
+    all layers together are what :func:`measure_position_leakage` scores."""
     from .attention_capture import layer_grid
     from .localisation import generate_with_resolution_heatmaps
 

@@ -241,9 +241,9 @@ def layer_comparison(rows: list[dict], rates: list[float | None], draws: int = 2
     """Each :data:`LAYER_VERSIONS` version the rows carry against the all-layers ``attention_leakage``, both
     correlated with each of :data:`LAYER_TRUTHS` on the same runs (those carrying the version): pooled over
     all runs (``lr`` :data:`ALL_RATES`), averaged within learning rates (:data:`WITHIN_RATES`; ``rates[k]``:
-    row k's), inside each rate, and over each training seed's runs (``lr`` ``"seed <s>"``). Entries ``{"version", "ground_truth", "lr", "all_layers", "rho",
-    "difference", "difference_lo", "difference_hi", "n"}``, the interval resampling runs
-    (:func:`~pti_plugin.metrics.correlation.paired_spearman_difference`)."""
+    row k's), inside each rate, and over each training seed's runs (``lr`` ``"seed <s>"``). Entries
+    ``{"version", "ground_truth", "lr", "all_layers", "rho", "difference", "difference_lo", "difference_hi",
+    "n"}``, the interval resampling runs (:func:`~pti_plugin.metrics.correlation.paired_spearman_difference`)."""
     from ..metrics.correlation import paired_spearman_difference
 
     out = []
@@ -259,12 +259,8 @@ def layer_comparison(rows: list[dict], rates: list[float | None], draws: int = 2
             for label, members, group_of in groups:
                 if len(members) < 3:
                     continue
-
-                def column(key: str) -> list:
-                    return [row.get(key) for row, _ in members]
-
-                d = paired_spearman_difference(column("attention_leakage"), column(truth), column(version), column(truth),
-                                               draws=draws, groups=group_of)
+                all_layers, mine, truths = ([row.get(key) for row, _ in members] for key in ("attention_leakage", version, truth))
+                d = paired_spearman_difference(all_layers, truths, mine, truths, draws=draws, groups=group_of)
                 out.append({"version": version, "ground_truth": truth, "lr": label, "all_layers": d["fewer"],
                             "rho": d["more"], "difference": d["difference"], "difference_lo": d["difference_lo"],
                             "difference_hi": d["difference_hi"], "n": d["n"]})
