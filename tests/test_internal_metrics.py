@@ -321,3 +321,24 @@ def test_the_report_shows_each_committed_layer_comparison(tmp_path):
     assert sum(line.startswith("| `attention_leakage_16x16` | `h3_training_cell_fraction` | all | 12 |") for line in lines) == 2
     before = lines[:lines.index(blocks[0])]  # the main summary's runs carry no layer versions: no comparison there
     assert any(line.startswith("Command:") for line in before) and not any(line.startswith("| version | against |") for line in before)
+
+
+@pytest.mark.parametrize("follows, reading", [(1.0, "supported"), (0.0, "inconclusive"), (-1.0, "refuted")])
+def test_the_stated_layer_test_reads_its_rule_off_the_interval(follows, reading):
+    """16x16 following the independent truth, noise, or its reverse, against an all-layer leakage that is noise:
+    supported, inconclusive, refuted; the reading says whether the runs are the test's training seeds."""
+    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, LAYER_TEST_SEEDS, layer_test_verdict, summarise
+
+    rng = np.random.default_rng(11)
+    rows = []
+    for k in range(60):
+        truth = rng.uniform(0, 1)
+        rows.append({"run": f"h3-none-lr0.001-seed{LAYER_TEST_SEEDS[k % 3]}-abc", INDEPENDENT: truth, "gt_leakage": truth,
+                     "attention_leakage": rng.uniform(0, 1),
+                     "attention_leakage_16x16": follows * truth + rng.normal(0, 0.05) if follows else rng.uniform(0, 1)})
+    summary = summarise(rows, draws=300)
+    line = layer_test_verdict(summary | {"rows": rows})
+    assert line.startswith(f"{reading}: attention_leakage_16x16 minus all layers") and line.endswith("(the test's runs)")
+    other = [row | {"run": row["run"].replace("-seed42-", "-seed3-")} for row in rows]
+    assert "not the test's (42, 1, 2)" in layer_test_verdict(summary | {"rows": other})
+    assert layer_test_verdict({"layer_versions": []}) is None

@@ -237,6 +237,28 @@ LAYER_TRUTHS = ("gt_leakage", INDEPENDENT)
 ALL_RATES, WITHIN_RATES = "all", "within"
 
 
+#: The stated test of the finest layers (``docs/method.md``, "Which cross-attention layers"): the entry of
+#: :func:`layer_comparison` it reads, and the training seeds of its runs (those the exploration never scored).
+LAYER_TEST = {"version": "attention_leakage_16x16", "ground_truth": INDEPENDENT, "lr": ALL_RATES}
+LAYER_TEST_SEEDS = (42, 1, 2)
+
+
+def layer_test_verdict(summary: dict) -> str | None:
+    """The stated rule applied to ``summary``'s runs (None without the entry): "supported" where the interval of
+    the difference (16x16 minus all layers, against the independent truth, all runs) lies above 0, "refuted"
+    where it lies at or below 0, else "inconclusive"; with the figure and whether the runs are the test's."""
+    entry = next((c for c in summary.get("layer_versions", []) if all(c[k] == v for k, v in LAYER_TEST.items())), None)
+    if entry is None:
+        return None
+    lo, hi = entry["difference_lo"], entry["difference_hi"]
+    reading = "supported" if lo > 0 else "refuted" if hi <= 0 else "inconclusive"
+    seeds = {run_training_seed(row["run"]) for row in summary.get("rows", [])} - {None}
+    whose = ("training seeds not recorded" if not seeds else "the test's runs" if seeds == set(LAYER_TEST_SEEDS) else
+             f"runs of training seeds {', '.join(map(str, sorted(seeds)))}, not the test's ({', '.join(map(str, LAYER_TEST_SEEDS))})")
+    return (f"{reading}: {entry['version']} minus all layers against {entry['ground_truth']}, {_num(entry['difference'])} "
+            f"[{_num(entry['difference_lo'])}, {_num(entry['difference_hi'])}] over {entry['n']} runs ({whose})")
+
+
 def layer_comparison(rows: list[dict], rates: list[float | None], draws: int = 2000) -> list[dict]:
     """Each :data:`LAYER_VERSIONS` version the rows carry against the all-layers ``attention_leakage``, both
     correlated with each of :data:`LAYER_TRUTHS` on the same runs (those carrying the version): pooled over
@@ -350,7 +372,10 @@ def layer_lines(summary: dict) -> list[str]:
     """The Markdown of :func:`layer_comparison`'s entries (``summary["layer_versions"]``), [] without them."""
     if not summary.get("layer_versions"):
         return []
-    lines = ["", "One UNet resolution's cross-attention layers against all layers (`attention_leakage`), both against "
+    verdict_line = layer_test_verdict(summary)
+    lines = ([] if verdict_line is None else ["", f"The finest layers' stated test (`docs/method.md`), its rule on these runs: "
+                                                  f"**{verdict_line}**."])
+    lines += ["", "One UNet resolution's cross-attention layers against all layers (`attention_leakage`), both against "
              "the same ground truth on the same runs; *lr*: all runs pooled, the mean rho within a learning rate, "
              "one rate's runs, or one training seed's; difference: the resolution's rho minus all layers', 95% "
              "bootstrap interval over the runs (within each rate for the within-rate rows):", "",
