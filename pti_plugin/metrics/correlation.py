@@ -102,6 +102,19 @@ def _mean_rho_within(a: np.ndarray, b: np.ndarray, members: list[np.ndarray]) ->
     return sum(rho * n for rho, n in kept) / total, total, len(kept)
 
 
+def _within_resample(members: list[np.ndarray], n: int):
+    """``rho(a, b, p)``: :func:`_mean_rho_within` of the resampled pairs ``p`` (indices into ``n`` pairs), each
+    drawn pair counted in the group ``members`` puts it in."""
+    labels = np.empty(n, dtype=np.int64)  # [pairs] group index
+    for g, member in enumerate(members):
+        labels[member] = g
+
+    def rho(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> float:
+        return _mean_rho_within(a, b, [p[labels[p] == g] for g in range(len(members))])[0]
+
+    return rho
+
+
 def within_group_spearman(x: Sequence, y: Sequence, groups: Sequence, draws: int = 2000, level: float = 0.95,
                           seed: int = 0, clusters: Sequence | None = None) -> dict:
     """Spearman's rho of ``x`` and ``y`` inside each group (``groups[k]``: the group of pair k, e.g. a run's
@@ -117,16 +130,14 @@ def within_group_spearman(x: Sequence, y: Sequence, groups: Sequence, draws: int
     finite = [k for k in _finite(x, y) if groups[k] is not None]
     a, b = _pairs(x, y, finite)
     members = _cluster_members(groups, finite)  # [groups] indices into the finite pairs
-    labels = np.empty(len(finite), dtype=np.int64)  # [pairs] group index
-    for g, member in enumerate(members):
-        labels[member] = g
+    within = _within_resample(members, len(finite))
     estimate, n, counted = _mean_rho_within(a, b, members)
     out = {"spearman": estimate, "n": n, "groups": counted, "spearman_lo": float("nan"), "spearman_hi": float("nan")}
     if counted == 0:
         return out
     clustered = _cluster_members(clusters, finite)
-    rho = resampled_interval(len(a), lambda p: _mean_rho_within(a, b, [p[labels[p] == g] for g in range(len(members))])[0],
-                             draws, level, seed, strata=None if clustered else members, clusters=clustered)
+    rho = resampled_interval(len(a), lambda p: within(a, b, p), draws, level, seed,
+                             strata=None if clustered else members, clusters=clustered)
     return out | {"spearman_lo": rho.lo, "spearman_hi": rho.hi}
 
 
@@ -146,14 +157,11 @@ def paired_spearman_difference(x_fewer: Sequence, y_fewer: Sequence, x_more: Seq
     a1, b1 = _pairs(x_fewer, y_fewer, kept)
     a2, b2 = _pairs(x_more, y_more, kept)
     members = None if groups is None else _cluster_members(groups, kept)
-    labels = np.empty(len(kept), dtype=np.int64)  # [runs] group index
-    for g, member in enumerate(members or []):
-        labels[member] = g
 
-    def rho(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> float:
-        if members is None:
-            return _pearson(ranks(a[p]), ranks(b[p]))
-        return _mean_rho_within(a, b, [p[labels[p] == g] for g in range(len(members))])[0]
+    def pooled(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> float:
+        return _pearson(ranks(a[p]), ranks(b[p]))
+
+    rho = pooled if members is None else _within_resample(members, len(kept))
 
     everything = np.arange(len(kept))
     difference = resampled_interval(len(kept), lambda p: rho(a2, b2, p) - rho(a1, b1, p), draws, level, seed,
