@@ -23,9 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-INDEPENDENT = "h3_training_cell_fraction"
-SAME_GENERATIONS = "gt_leakage"
-CEILINGS = (("gt_leakage", INDEPENDENT), ("gt_training_cell_fraction", INDEPENDENT))
+from pti_plugin.toy_world.internal_metrics import INDEPENDENT, LEAKAGE_TRUTHS, LEAKAGE_VERSIONS  # noqa: E402
+
+SAME_GENERATIONS = LEAKAGE_TRUTHS[0]  # gt_leakage
+#: The scorer's two ground truths against the independent one (the ceiling any metric could reach).
+CEILINGS = tuple((truth, INDEPENDENT) for truth in LEAKAGE_TRUTHS[:2])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,8 +55,6 @@ def matched_rows(fewer: dict, more: dict) -> tuple[list[dict], list[dict]]:
 def compared_pairs(fewer_rows: list[dict], more_rows: list[dict]) -> list[tuple[str, str]]:
     """The ceilings, then every leakage version both sides carry against both ground truths (a version only
     one side scored, e.g. the position-band ones left out with ``--no_band``, is skipped)."""
-    from pti_plugin.toy_world.internal_metrics import LEAKAGE_VERSIONS  # the halves of the score included
-
     def carried(rows: list[dict], version: str) -> bool:
         return any(row.get(version) is not None for row in rows)
 
