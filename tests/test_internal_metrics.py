@@ -342,3 +342,55 @@ def test_the_stated_layer_test_reads_its_rule_off_the_interval(follows, reading)
     other = [row | {"run": row["run"].replace("-seed42-", "-seed3-")} for row in rows]
     assert "not the test's (42, 1, 2)" in layer_test_verdict(summary | {"rows": other})
     assert layer_test_verdict({"layer_versions": []}) is None
+
+
+def _run_with_layer_cache(folder: Path, name: str, scores: dict, seeds: int = 16) -> Path:
+    """A finished run folder (its LoRA file a stub) whose layer scores are cached for ``seeds`` sampling seeds."""
+    from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # the scorer's defaults
+
+    run = folder / name
+    run.mkdir(parents=True)
+    (run / "premise.safetensors").write_bytes(b"stub")
+    settings = {"seeds": seeds, "steps": SAMPLE_STEPS, "guidance": GUIDANCE}
+    (run / "attention_layers.json").write_text(json.dumps({"settings": settings, "scores": scores}))
+    return run
+
+
+def test_runs_trained_again_join_the_scored_rows_of_their_cells_only_when_they_reproduce_them(tmp_path, capsys):
+    """``--layers_only``: each run (a new digest) takes the summary's row of its cell, its layer versions added;
+    a run whose all-layer score differs from the row's attention leakage, or whose cell has no row, is refused
+    by name; the summary is written with the layer comparison and the stated test's line."""
+    cli = _script()
+    from pti_plugin.toy_world.internal_metrics import INDEPENDENT
+
+    rng = np.random.default_rng(5)
+    scored, runs = [], tmp_path / "runs"
+    for k in range(9):
+        cell = f"h3-none-lr0.001-seed{(42, 1, 2)[k % 3]}" if k < 3 else f"h3-half_angle-w10-lr{k}e-05-seed{(42, 1, 2)[k % 3]}"
+        truth, leak = rng.uniform(0, 1), rng.uniform(0, 1)
+        scored.append({"run": f"{cell}-old{k}", "gt_leakage": truth, INDEPENDENT: truth, "attention_leakage": leak})
+        _run_with_layer_cache(runs, f"{cell}-new{k}", {f"attention_leakage_{s}x{s}": truth + s for s in (16, 8, 4, 2)}
+                              | {"attention_leakage_all": leak + 1e-12})
+    summary = tmp_path / "scored.json"
+    summary.write_text(json.dumps({"seeds": 16, "rows": scored}))
+    out = tmp_path / "out"
+    assert cli.main([str(runs), "--out", str(out), "--layers_only", str(summary), "--cached_only", "--draws", "50"]) == 0
+    written = json.loads((out / "internal_metrics.json").read_text())
+    assert [r["run"] for r in written["rows"]] == sorted(r["run"] for r in scored)  # the scored runs, by their names
+    first = next(r for r in written["rows"] if r["run"] == scored[0]["run"])
+    assert first["attention_leakage"] == scored[0]["attention_leakage"] and first[INDEPENDENT] == scored[0][INDEPENDENT]
+    assert first["attention_leakage_16x16"] == scored[0]["gt_leakage"] + 16 and "attention_leakage_all" not in first
+    assert any(c["version"] == "attention_leakage_16x16" and c["lr"] == "all" for c in written["layer_versions"])
+    assert "layer test: supported" in capsys.readouterr().out  # 16x16 is the truth plus a constant here
+
+    cache = next(runs.glob("h3-none-lr0.001-seed42-new0")) / "attention_layers.json"
+    data = json.loads(cache.read_text())
+    data["scores"]["attention_leakage_all"] += 1e-6  # trained otherwise
+    cache.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match=r"h3-none-lr0.001-seed42-new0 does not reproduce the scored run h3-none-lr0.001-seed42-old0"):
+        cli.main([str(runs), "--out", str(out), "--layers_only", str(summary), "--cached_only"])
+    _run_with_layer_cache(runs, "h3-none-lr0.01-seed42-new9", {})
+    with pytest.raises(SystemExit, match=r"h3-none-lr0.01-seed42-new9: the summary has no row of cell h3-none-lr0.01-seed42 \(1 such runs\)"):
+        cli.main([str(runs), "--out", str(out), "--layers_only", str(summary), "--cached_only"])
+    with pytest.raises(SystemExit, match=r"--seeds 64, but the committed summary's runs were scored with 16"):
+        cli.main([str(runs), "--out", str(out), "--layers_only", str(summary), "--cached_only", "--seeds", "64"])

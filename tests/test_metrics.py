@@ -331,12 +331,19 @@ def test_correlation_pearson_spearman_and_ties():
 def test_layer_scores_measure_each_resolution_and_cache_them(trained_run):
     import argparse
 
-    from pti_plugin.toy_world.internal_metrics import LAYER_VERSIONS, LAYERS_FILE, layer_scores
+    from pti_plugin.metrics.leakage import measure_position_leakage
+    from pti_plugin.metrics.run_model import load_run
+    from pti_plugin.toy_world.internal_metrics import ALL_LAYERS, LAYER_VERSIONS, LAYERS_FILE, layer_scores
+    from pti_plugin.toy_world.run_scores import NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS
 
     scoring = argparse.Namespace(seeds=2, sample_steps=2, guidance=3.0, device="cpu", rescore=False)
     scores = layer_scores(trained_run, scoring)
-    assert set(scores) == set(LAYER_VERSIONS)  # the tiny model has the toy world's 16, 8, 4 and 2 levels
+    assert set(scores) == set(LAYER_VERSIONS) | {ALL_LAYERS}  # the tiny model has the toy world's 16, 8, 4 and 2 levels
     assert all(isinstance(v, float) and v == v for v in scores.values())
+    # the all-layer score from the layer sampling is the scorer's attention_leakage, computed as the scorer does
+    scorer = measure_position_leakage(load_run(trained_run, device="cpu"), list(NEUTRAL_PROMPTS), list(POSITION_EDIT_PROMPTS),
+                                      [0, 1], 2, 3.0)
+    assert scores[ALL_LAYERS] == pytest.approx(scorer.summary["heatmap"]["neutral"]["leakage_score"], abs=1e-12)
     assert layer_scores(trained_run, scoring, cached_only=True) == scores  # read back, nothing computed
     other = argparse.Namespace(**vars(scoring) | {"seeds": 3})
     assert layer_scores(trained_run, other, cached_only=True) is None  # other settings: no cache

@@ -185,25 +185,27 @@ def layout_scores(heat: dict[str, torch.Tensor], train_maps: dict[str, torch.Ten
 
 
 def leakage_by_resolution(run, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
-                          grid: int = 16, training_timestep: int = 500) -> dict[str, dict]:
+                          grid: int = 16, training_timestep: int = 500, all_layers: bool = False) -> dict[str, dict]:
     """The ``heatmap`` leakage of ``prompts`` (one group) from the cross-attention layers of one UNet resolution
     at a time, all from one sampling per prompt and model: ``{"<h>x<w>": {"leakage_score", "diversity_ratio",
     "attraction_ratio", ...}}``, finest resolution first (the keys are the layers' latent grids). The maps of
-    all layers together are what :func:`measure_position_leakage` scores."""
+    all layers together are what :func:`measure_position_leakage` scores; ``all_layers`` adds their score from
+    the same sampling, last, as ``"all"``."""
     from .attention_capture import layer_grid
     from .localisation import generate_with_resolution_heatmaps
 
-    maps: dict[str, list[dict[int, torch.Tensor]]] = {m: [] for m in MODELS}  # [prompt] {pixels: [S, H, W]}
+    maps: dict[str, list[dict[int | None, torch.Tensor]]] = {m: [] for m in MODELS}  # [prompt] {pixels: [S, H, W]}
     for prompt in prompts:
         for model in MODELS:
-            maps[model].append(generate_with_resolution_heatmaps(run, prompt, model == "tuned", seeds, steps, guidance)[1])
+            maps[model].append(generate_with_resolution_heatmaps(run, prompt, model == "tuned", seeds, steps, guidance,
+                                                                 all_layers=all_layers)[1])
     out = {}
     for pixels in maps["tuned"][0]:
         heat = {m: torch.stack([per_prompt[pixels] for per_prompt in maps[m]]) for m in MODELS}  # [P, S, H, W]
         train = {m: training_heatmaps(run, tuned=m == "tuned", timestep=training_timestep, layer_pixels=pixels)
                  for m in MODELS}
-        h, w = layer_grid(pixels, *heat["tuned"].shape[-2:])
-        out[f"{h}x{w}"] = layout_scores(heat, train, ["neutral"] * len(prompts), grid)["heatmap"]["neutral"]
+        name = "all" if pixels is None else "x".join(map(str, layer_grid(pixels, *heat["tuned"].shape[-2:])))
+        out[name] = layout_scores(heat, train, ["neutral"] * len(prompts), grid)["heatmap"]["neutral"]
     return out
 
 

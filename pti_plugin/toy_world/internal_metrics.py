@@ -70,6 +70,12 @@ LAYER_VERSIONS = {f"attention_leakage_{side}x{side}": f"heatmaps, neutral prompt
                   for side in LAYER_SIDES}
 LEAKAGE_VERSIONS |= LAYER_VERSIONS
 LAYERS_FILE = "attention_layers.json"
+#: In a run's layer scores: the all-layer score from the same sampling, the scorer's ``attention_leakage`` again
+#: (older caches lack it); :func:`reproduced_rows` checks a run trained again against it.
+ALL_LAYERS = "attention_leakage_all"
+#: How far a run trained again may score from the summary's ``attention_leakage`` and count as the same run:
+#: the same settings on the same software give the same float32 maps, so only the last bits may differ.
+REPRODUCED_TOLERANCE = 1e-9
 #: The training-cell fraction of the run's H3 cell (64 sampling seeds, the protocol's neutral prompts).
 INDEPENDENT = "h3_training_cell_fraction"
 LEAKAGE_TRUTHS = ("gt_leakage", "gt_training_cell_fraction", INDEPENDENT)
@@ -116,14 +122,18 @@ def band_scores(run: Path, scoring: argparse.Namespace, band: tuple[int, int], c
     return scores
 
 
-def layer_scores(run: Path, scoring: argparse.Namespace, cached_only: bool = False) -> dict | None:
+def layer_scores(run: Path, scoring: argparse.Namespace, cached_only: bool = False,
+                 need_all: bool = False) -> dict | None:
     """The :data:`LAYER_VERSIONS` of ``run`` (the neutral prompts' heatmap leakage from the cross-attention
-    layers of one resolution at a time, one sampling for all), from its cache when the settings match (None
-    with ``cached_only`` and no such cache). The same prompts, seeds and training-image timestep as the
+    layers of one resolution at a time, one sampling for all) and :data:`ALL_LAYERS`, from its cache when
+    the settings match (None with ``cached_only`` and no such cache; ``need_all``: a cache written before
+    :data:`ALL_LAYERS` was kept counts as none). The same prompts, seeds and training-image timestep as the
     scorer's ``attention_leakage``, which these maps average to."""
     settings = {"seeds": scoring.seeds, "steps": scoring.sample_steps, "guidance": scoring.guidance}
     cache = run / LAYERS_FILE
     cached = None if scoring.rescore else read_cache(cache, settings, "scores")
+    if cached is not None and need_all and ALL_LAYERS not in cached:
+        cached = None
     if cached is not None or cached_only:
         return cached
     from ..metrics.leakage import leakage_by_resolution
@@ -131,10 +141,41 @@ def layer_scores(run: Path, scoring: argparse.Namespace, cached_only: bool = Fal
     from .run_scores import NEUTRAL_PROMPTS
 
     by_resolution = leakage_by_resolution(load_run(run, device=scoring.device), list(NEUTRAL_PROMPTS),
-                                          list(range(scoring.seeds)), scoring.sample_steps, scoring.guidance)
+                                          list(range(scoring.seeds)), scoring.sample_steps, scoring.guidance,
+                                          all_layers=True)
     scores = {f"attention_leakage_{grid}": summary["leakage_score"] for grid, summary in by_resolution.items()}
     atomic_write_text(cache, json.dumps({"settings": settings, "scores": scores}, indent=1) + "\n")
     return scores
+
+
+def reproduced_rows(runs: list[Path], scored: list[dict], scoring: argparse.Namespace, shard: tuple[int, int] = (0, 1),
+                    log: Callable[[str], None] = print, cached_only: bool = False) -> list[dict]:
+    """Rows for runs trained again after their folders were lost, whose other scores a summary keeps: for
+    each run of ``shard`` (every n-th from the k-th), the row of ``scored`` of the same H3 cell (the run's
+    name less its digest) with the run's :func:`layer_scores` added. A run is refused (SystemExit naming it)
+    without such a row, or when its all-layer score (:data:`ALL_LAYERS`, from the layer sampling) differs from
+    the row's ``attention_leakage`` by more than :data:`REPRODUCED_TOLERANCE`: it is then not the run that was
+    scored. ``cached_only``: the runs whose layer scores are cached, nothing computed."""
+    by_cell = {_run_cell(row["run"]): row for row in scored}
+    mine = [(i, run) for i, run in enumerate(runs) if i % shard[1] == shard[0]]
+    lacking = [run for _, run in mine if _run_cell(run.name) not in by_cell]
+    if lacking:  # before any scoring
+        raise SystemExit(f"error: run {lacking[0]}: the summary has no row of cell {_run_cell(lacking[0].name)} "
+                         f"({len(lacking)} such runs); score them in full (without --layers_only)")
+    rows = []
+    for i, run in mine:
+        row = by_cell[_run_cell(run.name)]
+        log(f"[{i + 1}/{len(runs)}] {run.name}")
+        by_layer = layer_scores(run, scoring, cached_only, need_all=True)
+        if by_layer is None:
+            continue
+        gap = abs(by_layer[ALL_LAYERS] - row["attention_leakage"])
+        if not gap <= REPRODUCED_TOLERANCE:
+            raise SystemExit(f"error: run {run} does not reproduce the scored run {row['run']}: its all-layer attention "
+                             f"leakage is {by_layer[ALL_LAYERS]!r}, the summary's {row['attention_leakage']!r}; "
+                             "it was trained or scored otherwise: score it in full (without --layers_only)")
+        rows.append(row | {key: value for key, value in by_layer.items() if key != ALL_LAYERS})
+    return rows
 
 
 def score_runs(runs: list[Path], output_name: str, scoring: argparse.Namespace, shard: tuple[int, int] = (0, 1),
