@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python analysis/internal_metrics.py RUNS_FOLDER [RUNS_FOLDER ...] [--out DIR]
         [--seeds 16] [--sample_steps 25] [--guidance 3] [--max_images 8] [--output_name premise]
         [--shard K/N] [--score_only | --cached_only] [--band 780,930 | --no_band] [--layers] [--parts DIR] [--draws 2000]
-        [--layers_only SUMMARY.json]
+        [--layers_only]
 
 Scores every finished run under the folders (e.g. ``outputs/protocol/h3/runs``) with the research
 bench's scorer, cached beside each run, so an interrupted call continues and ``--shard K/N`` splits
@@ -13,11 +13,10 @@ the scoring across processes (then one call without ``--shard`` gathers the cach
 band versions of the attention leakage (heatmaps from the sampler steps in that timestep range; default
 the toy world's position band), cached in ``<run>/attention_band.json``; ``--no_band`` skips them.
 ``--layers``: the versions from the cross-attention layers of one UNet resolution at a time (one more
-sampling a run), cached in ``<run>/attention_layers.json``. ``--layers_only SUMMARY.json``: for runs trained
-again (``research_protocol.py h3 --train_only``) whose other scores an earlier summary keeps: only the layer
-versions are scored (about 25 CPU seconds a run instead of 2 minutes), each run joined to the summary's row of
-its cell after checking that it is the run scored there (its all-layer leakage from the same sampling equals
-the row's ``attention_leakage``); a run that is not is refused by name.
+sampling a run), cached in ``<run>/attention_layers.json``. ``--layers_only``: only those layer versions,
+each run's all-layer ``attention_leakage`` taken from the same sampling (the scorer's figure again), and no
+detector truth or proxies: about 25 CPU seconds a run instead of 2 minutes, for the layer comparison
+against the independent truth.
 ``--parts``: the research protocol's H3 parts, for the independent ground truth (default: ``parts`` beside
 the first runs folder, when there). An ``internal_metrics.json`` already in ``--out`` keeps its rows of runs
 that are no longer under the folders (a lost working folder loses no score; ``--replace`` drops them).
@@ -75,8 +74,8 @@ def parse_args(argv):
     parser.add_argument("--parts", type=Path, default=None, help="H3 parts folder (independent ground truth)")
     parser.add_argument("--no_band", action="store_true", help="no band versions")
     parser.add_argument("--layers", action="store_true", help="also the versions from one UNet resolution's layers each")
-    parser.add_argument("--layers_only", type=Path, default=None, metavar="SUMMARY",
-                        help="score only the layer versions and take the other scores from SUMMARY's row of each run's cell")
+    parser.add_argument("--layers_only", action="store_true",
+                        help="score only the layer versions (the all-layer leakage from the same sampling), no detector truth")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
@@ -89,8 +88,6 @@ def parse_args(argv):
         parser.error(f"not a folder: {', '.join(missing)}")
     if args.score_only and args.cached_only:
         parser.error("--score_only and --cached_only together would do nothing")
-    if args.layers_only is not None and not args.layers_only.is_file():
-        parser.error(f"--layers_only: no summary at {args.layers_only}")
     if args.seeds < 1 or args.sample_steps < 1 or args.draws < 1:
         parser.error("--seeds, --sample_steps and --draws must be at least 1")
     return args
@@ -99,7 +96,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     from pti_plugin.atomic_io import atomic_write_text
     from pti_plugin.toy_world.internal_metrics import (add_independent_truth, check_committed_seeds, compact_rows,
-                                                       find_runs, layer_test_verdict, reproduced_rows, score_runs,
+                                                       find_runs, layer_rows, layer_test_verdict, score_runs,
                                                        summarise, summary_lines, with_committed_rows)
 
     args = parse_args(argv)
@@ -114,17 +111,15 @@ def main(argv=None) -> int:
     earlier = json.loads(committed.read_text()) if committed.is_file() and not args.replace else None
     if earlier is not None:  # refuse a mix of sampling settings before scoring anything
         check_committed_seeds(earlier, args.seeds)
-    if args.layers_only is not None:
-        scored = json.loads(args.layers_only.read_text())
-        check_committed_seeds(scored, args.seeds)
-        rows = reproduced_rows(runs, scored["rows"], args, args.shard, cached_only=args.cached_only)
+    if args.layers_only:
+        rows = layer_rows(runs, args, args.shard, cached_only=args.cached_only)
     else:
         rows = score_runs(runs, args.output_name, args, args.shard, cached_only=args.cached_only, band=band,
                           layers=args.layers)
     if args.score_only:
         return 0
     parts = args.parts or args.folders[0].parent / "parts"
-    if parts.is_dir() and args.layers_only is None:
+    if parts.is_dir():
         add_independent_truth(rows, parts)
     rows, folders = compact_rows(rows), [str(f) for f in args.folders]
     if earlier is not None:  # runs scored earlier whose folders are gone stay in

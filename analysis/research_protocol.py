@@ -14,9 +14,7 @@
 every save (default: :meth:`~pti_plugin.toy_world.h2_runs.H2Settings.schedule`, finer for 3e-3).
 ``h3``: the LoRA variants of :mod:`pti_plugin.toy_world.h3_variants` (none, pivot locality at half
 the angle / uniform over half of it / the class endpoint, kohya reg images; each on a weight grid)
-from each seed's H1 pivot at ``--pivot_lr``, into ``OUT/h3``. ``--train_only``: train the cells' runs and
-measure none, archived cells too (to score runs again whose measurements the archive keeps but whose
-folders are gone, e.g. with ``analysis/internal_metrics.py``).
+from each seed's H1 pivot at ``--pivot_lr``, into ``OUT/h3``.
 ``all``: h1, h2, the learning curves of each H2 rate, h3 and the report, in that order (with
 ``--quick``: the whole protocol reduced, for the tests).
 ``report``: the statistics and the report (:mod:`pti_plugin.toy_world.protocol_report`) of what
@@ -64,8 +62,6 @@ def parse_args(argv):
     parser.add_argument("--variants", default=None, help="h3: variants, comma-separated (default: all)")
     parser.add_argument("--weights", action="append", default=[], metavar="VARIANT=W1,W2",
                         help="h3: one variant's weight grid (repeatable; default: the module's)")
-    parser.add_argument("--train_only", action="store_true",
-                        help="h3: train the cells' runs (archived cells too), measure none")
     parser.add_argument("--quick", action="store_true")
     return parser.parse_args(argv)
 
@@ -191,13 +187,9 @@ def main(argv=None) -> None:
         return
     if args.part == "h3":
         from pti_plugin.toy_world.cell_archive import H3_ARCHIVE
-        from pti_plugin.toy_world.h3_variants import run_h3, train_h3_runs
+        from pti_plugin.toy_world.h3_variants import run_h3
 
         h3 = h3_settings(args)
-        if args.train_only:
-            runs = train_h3_runs(model, args.out / "h3", base, h3, h1_out=args.out / "h1", wait_seconds=args.wait)
-            print(f"h3: {len(runs)} runs trained in {args.out / 'h3' / 'runs'}")
-            return
         cells = run_h3(model, args.out / "h3", base, h3, h1_out=args.out / "h1",
                        wait_seconds=args.wait, archive=args.results / H3_ARCHIVE)
         print(f"h3: {len(cells)} cells in {args.out / 'h3'}")

@@ -194,31 +194,6 @@ def test_measured_cells_are_found_whatever_grid_ran_them(quick_h3):
     assert len(load_h3_cells(out)) == len(by_grid)
 
 
-def test_runs_trained_again_without_measuring_are_the_measured_runs_bit_for_bit(quick_h3, tmp_path):
-    """``train_h3_runs`` (``research_protocol.py h3 --train_only``) in another folder, from the same pivots: one
-    run per cell, no part measured, and each LoRA the same tensors as the measured grid's run of that cell;
-    in the grid's own folder it trains nothing again."""
-    import toml
-    import torch
-    from safetensors.torch import load_file
-
-    from pti_plugin.embedded_default import default_model_dir
-    from pti_plugin.toy_world.h3_variants import train_h3_runs
-
-    out, settings, _ = quick_h3
-    base = toml.load(Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml")
-    model = Path(default_model_dir())
-    again = train_h3_runs(model, tmp_path, base, settings, log=lambda text: None, h1_out=out)
-    assert len(again) == len(settings.cells()) and not (tmp_path / "parts").exists()
-    for run, (variant, weight, lr, seed) in zip(again, settings.cells()):
-        [measured] = [d for d in (out / "runs").glob(f"{cell_name(variant, weight, lr, seed)}-*") if d.is_dir()]
-        first, second = load_file(measured / "premise.safetensors"), load_file(run / "premise.safetensors")
-        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    stamps = {run: (run / "premise.safetensors").stat().st_mtime_ns for run in again}
-    assert train_h3_runs(model, tmp_path, base, settings, log=lambda text: None, h1_out=out) == again
-    assert {run: (run / "premise.safetensors").stat().st_mtime_ns for run in again} == stamps
-
-
 def test_pivot_joins_every_condition_as_lr_zero_with_no_drift(quick_h3):
     from pti_plugin.toy_world.h1_inversion import cell_name as h1_cell_name
     from pti_plugin.toy_world.h3_variants import load_h3_cells

@@ -220,32 +220,6 @@ def make_reg_images(reg_dir: Path, settings: H3Settings, run_dir: Path) -> Path:
     return generate_reg_images(run_dir, settings.class_word, reg_dir, settings.reg_images, sampling)
 
 
-def _planned_cells(model: Path, out: Path, base_preset: dict, settings: H3Settings, h1_out: Path) -> tuple[list, dict, Path]:
-    """``([(cell, preset, part settings, run folder)], {seed: pivot file}, reg images folder)`` of every cell of
-    ``settings`` under ``out``, the pivots being the H1 grid's under ``h1_out``."""
-    data_dir = bench_dataset(out)
-    digest = model_digest(model)
-    common = {"model_digest": digest} | settings.sampling()
-    pivots = {s: pivot_file(model, h1_out, base_preset, settings.h1, settings.pivot_lr, s) for s in settings.training_seeds}
-    reg_dir = reg_images_dir(model, out, settings)
-    planned = []
-    for cell in settings.cells():
-        preset = cell_preset(base_preset, model, data_dir, settings, *cell, pivots[cell[3]], reg_dir)
-        run_dir = out / "runs" / f"{cell_name(*cell)}-{preset_digest(preset | {'model_digest': digest})}"
-        planned.append((cell, preset, common | {"preset": preset}, run_dir))
-    return planned, pivots, reg_dir
-
-
-def _prepare_training(cells: list[tuple], pivots: dict, reg_dir: Path, settings: H3Settings,
-                      log: Callable[[str], None], wait_seconds: float) -> None:
-    """Wait for the pivots of ``cells`` (``(variant, weight, lr, seed)``, to train) and make the class
-    images once when a ``reg_images`` cell is among them."""
-    for seed in dict.fromkeys(cell[3] for cell in cells):
-        wait_for(pivots[seed], log, timeout_seconds=wait_seconds)
-    if any(cell[0] == "reg_images" for cell in cells):
-        make_reg_images(reg_dir, settings, pivots[cells[0][3]].parent)
-
-
 def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3Settings(),
            log: Callable[[str], None] = lambda text: print(text, flush=True),
            h1_out: Path | None = None, wait_seconds: float = 0.0, archive: Path | None = None) -> list[dict]:
@@ -254,38 +228,36 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
     the pivots are the H1 grid's under ``h1_out`` (default ``out``), waited for up to ``wait_seconds``.
     Returns the records of the cells measured or reused, each with ``variant``, ``weight``, ``lr``, ``seed``, ``steps``."""
     model, out = Path(model).resolve(), Path(out).resolve()
+    h1_out = out if h1_out is None else Path(h1_out).resolve()
+    data_dir = bench_dataset(out)
     parts = Parts(out, log)
-    planned, pivots, reg_dir = _planned_cells(model, out, base_preset, settings,
-                                              out if h1_out is None else Path(h1_out).resolve())
-    in_folder = {cell for cell, _, part, _ in planned if parts.cached(cell_name(*cell), part) is not None}
+    digest = model_digest(model)
+    common = {"model_digest": digest} | settings.sampling()
+    pivots = {s: pivot_file(model, h1_out, base_preset, settings.h1, settings.pivot_lr, s) for s in settings.training_seeds}
+    reg_dir = reg_images_dir(model, out, settings)
+    planned = []
+    for cell in settings.cells():
+        preset = cell_preset(base_preset, model, data_dir, settings, *cell, pivots[cell[3]], reg_dir)
+        planned.append((cell, preset, common | {"preset": preset}))
+    in_folder = {cell for cell, _, part in planned if parts.cached(cell_name(*cell), part) is not None}
     planned = left_to_train(planned, archive, h3_cell_id, lambda cell, part: cell in in_folder,
                             lambda text: log(f"h3: {text}"))
-    fresh = [cell for cell, *_ in planned if cell not in in_folder]  # to train
+    fresh = [cell for cell, _, _ in planned if cell not in in_folder]  # to train
     base_drift = None
     if fresh:
-        common = {"model_digest": model_digest(model)} | settings.sampling()
         parts.get(BASE_DRIFT_PART, common | {"prompts": list(DRIFT_PROMPTS)}, lambda: measure_base_drift(model, settings))
         base_drift = np.load(out / "parts" / f"{BASE_DRIFT_PART}.npz")["images"]
-        _prepare_training(fresh, pivots, reg_dir, settings, log, wait_seconds)
+    for seed in dict.fromkeys(cell[3] for cell in fresh):
+        wait_for(pivots[seed], log, timeout_seconds=wait_seconds)
+    if any(cell[0] == "reg_images" for cell in fresh):
+        make_reg_images(reg_dir, settings, pivots[fresh[0][3]].parent)
     cells = []
-    for (variant, weight, lr, seed), preset, part_settings, run_dir in planned:
+    for (variant, weight, lr, seed), preset, part_settings in planned:
         name = cell_name(variant, weight, lr, seed)
+        run_dir = out / "runs" / f"{name}-{preset_digest(preset | {'model_digest': digest})}"
         record = parts.get(name, part_settings, lambda: measure_cell(train_run(preset, run_dir, log), settings, base_drift))
         cells.append(record | {"variant": variant, "weight": weight, "lr": lr, "seed": seed, "steps": settings.steps})
     return cells
-
-
-def train_h3_runs(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3Settings(),
-                  log: Callable[[str], None] = lambda text: print(text, flush=True),
-                  h1_out: Path | None = None, wait_seconds: float = 0.0) -> list[Path]:
-    """Train every cell's run under ``out`` as :func:`run_h3` would, measuring none (a finished run is kept):
-    re-creates the runs of cells the archive holds as measured, for scores the archive does not keep
-    (the internal metrics). Returns the run folders."""
-    model, out = Path(model).resolve(), Path(out).resolve()
-    planned, pivots, reg_dir = _planned_cells(model, out, base_preset, settings,
-                                              out if h1_out is None else Path(h1_out).resolve())
-    _prepare_training([cell for cell, *_ in planned], pivots, reg_dir, settings, log, wait_seconds)
-    return [train_run(preset, run_dir, log) for _, preset, _, run_dir in planned]
 
 
 CELL_NAME = re.compile(r"^h3-(?P<variant>[a-z_]+?)(?:-w(?P<weight>[0-9.e+-]+?))?-lr(?P<lr>[0-9.e+-]+)-seed(?P<seed>-?\d+)$")
