@@ -128,6 +128,8 @@ def main(argv=None) -> int:
             print(f"kept {kept} runs scored earlier from {committed} (not under {', '.join(map(str, args.folders))}; "
                   "--replace drops them)")
     summary = summarise(rows, args.draws) | {"folders": folders, "seeds": args.seeds, "rows": rows}
+    if args.layers_only:
+        summary["layers_only"] = True  # the report names how these runs were scored
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "internal_metrics.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(args.out / "internal_metrics.md", "\n".join(summary_lines(summary)) + "\n")

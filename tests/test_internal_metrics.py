@@ -314,11 +314,19 @@ def test_the_report_shows_each_committed_layer_comparison(tmp_path):
     for folder, seeds in (("attention_layers", 16), ("attention_layers/seeds64_lr1e-3", 64)):
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
         (tmp_path / folder / "internal_metrics.json").write_text(json.dumps(summarise(rows, draws=50) | {"seeds": seeds}))
+    test_rows = [row | {"run": row["run"].replace(f"-seed{k % 3}-", f"-seed{(42, 1, 2)[k % 3]}-")}
+                 for k, row in enumerate(rows)]  # the stated test's training seeds, scored --layers_only
+    (tmp_path / "attention_layers" / "test").mkdir()
+    (tmp_path / "attention_layers" / "test" / "internal_metrics.json").write_text(
+        json.dumps(summarise(test_rows, draws=50) | {"seeds": 16, "rows": test_rows, "layers_only": True}))
     lines = internal_metrics_section(tmp_path)["lines"]
     blocks = [line for line in lines if line.startswith("**By UNet resolution")]
-    assert [b.split("`")[1] for b in blocks] == ["attention_layers", "attention_layers/seeds64_lr1e-3"]
+    assert [b.split("`")[1] for b in blocks] == ["attention_layers", "attention_layers/seeds64_lr1e-3",
+                                                 "attention_layers/test"]
     assert "12 runs scored with 64 sampling seeds" in blocks[1]
-    assert sum(line.startswith("| `attention_leakage_16x16` | `h3_training_cell_fraction` | all | 12 |") for line in lines) == 2
+    assert [b.split(" (")[0] for b in blocks] == ["**By UNet resolution, exploratory**"] * 2 + ["**By UNet resolution, the stated test**"]
+    assert blocks[0].endswith("--layers`):") and blocks[2].endswith("--layers_only`):")
+    assert sum(line.startswith("| `attention_leakage_16x16` | `h3_training_cell_fraction` | all | 12 |") for line in lines) == 3
     before = lines[:lines.index(blocks[0])]  # the main summary's runs carry no layer versions: no comparison there
     assert any(line.startswith("Command:") for line in before) and not any(line.startswith("| version | against |") for line in before)
 
@@ -378,7 +386,7 @@ def test_layers_only_rows_carry_the_layer_sampling_and_the_independent_truth(tmp
     out = tmp_path / "out"
     assert _script().main([str(runs), "--out", str(out), "--layers_only", "--cached_only", "--draws", "50"]) == 0
     written = json.loads((out / "internal_metrics.json").read_text())
-    assert {r["run"] for r in written["rows"]} == set(expected)  # the older cache is not read
+    assert {r["run"] for r in written["rows"]} == set(expected) and written["layers_only"]  # the older cache is not read
     for row in written["rows"]:
         truth, leak = expected[row["run"]]
         assert row[INDEPENDENT] == truth and row["attention_leakage"] == leak and row["attention_leakage_16x16"] == truth + 16

@@ -270,6 +270,11 @@ LAYER_TEST = {"version": "attention_leakage_16x16", "ground_truth": INDEPENDENT,
 LAYER_TEST_SEEDS = (42, 1, 2)
 
 
+def summary_training_seeds(summary: dict) -> set[int]:
+    """The training seeds of ``summary``'s runs (those of the stated layer test: :data:`LAYER_TEST_SEEDS`)."""
+    return {run_training_seed(row["run"]) for row in summary.get("rows", [])} - {None}
+
+
 def layer_test_verdict(summary: dict) -> str | None:
     """The stated rule applied to ``summary``'s runs (None without the entry): "supported" where the interval of
     the difference (16x16 minus all layers, against the independent truth, all runs) lies above 0, "refuted"
@@ -279,7 +284,7 @@ def layer_test_verdict(summary: dict) -> str | None:
         return None
     lo, hi = entry["difference_lo"], entry["difference_hi"]
     reading = "supported" if lo > 0 else "refuted" if hi <= 0 else "inconclusive"
-    seeds = {run_training_seed(row["run"]) for row in summary.get("rows", [])} - {None}
+    seeds = summary_training_seeds(summary)
     whose = ("training seeds not recorded" if not seeds else "the test's runs" if seeds == set(LAYER_TEST_SEEDS) else
              f"runs of training seeds {', '.join(map(str, sorted(seeds)))}, not the test's ({', '.join(map(str, LAYER_TEST_SEEDS))})")
     return (f"{reading}: {entry['version']} minus all layers against {entry['ground_truth']}, {_num(entry['difference'])} "
