@@ -192,18 +192,20 @@ def leakage_by_resolution(run, prompts: list[str], seeds: list[int], steps: int 
     all layers together are what :func:`measure_position_leakage` scores; ``all_layers`` adds their score from
     the same sampling, last, as ``"all"``."""
     from .attention_capture import layer_grid
-    from .localisation import generate_with_resolution_heatmaps
+    from .localisation import generate_with_resolution_heatmaps, training_heatmaps_by_layers
 
     maps: dict[str, list[dict[int | None, torch.Tensor]]] = {m: [] for m in MODELS}  # [prompt] {pixels: [S, H, W]}
     for prompt in prompts:
         for model in MODELS:
             maps[model].append(generate_with_resolution_heatmaps(run, prompt, model == "tuned", seeds, steps, guidance,
                                                                  all_layers=all_layers)[1])
+    layers = list(maps["tuned"][0])
+    train_maps = {m: training_heatmaps_by_layers(run, layers, tuned=m == "tuned", timestep=training_timestep)
+                  for m in MODELS}  # one UNet pass per training image for every resolution
     out = {}
-    for pixels in maps["tuned"][0]:
+    for pixels in layers:
         heat = {m: torch.stack([per_prompt[pixels] for per_prompt in maps[m]]) for m in MODELS}  # [P, S, H, W]
-        train = {m: training_heatmaps(run, tuned=m == "tuned", timestep=training_timestep, layer_pixels=pixels)
-                 for m in MODELS}
+        train = {m: train_maps[m][pixels] for m in MODELS}
         name = "all" if pixels is None else "x".join(map(str, layer_grid(pixels, *heat["tuned"].shape[-2:])))
         out[name] = layout_scores(heat, train, ["neutral"] * len(prompts), grid)["heatmap"]["neutral"]
     return out

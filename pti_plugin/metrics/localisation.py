@@ -169,10 +169,8 @@ def training_heatmaps(
     noise_draws: int = 2,
     seed: int = 0,
     max_images: int | None = None,
-    layer_pixels: int | None = None,
 ) -> torch.Tensor:
-    """Heatmaps ``[n_images, H/f, W/f]`` of the training images' subject (``layer_pixels``: from the cross-attention
-    layers with that many query positions only, one UNet resolution).
+    """Heatmaps ``[n_images, H/f, W/f]`` of the training images' subject.
 
     Each image is encoded (posterior mean), noised to ``timestep`` with ``noise_draws`` fixed
     noises (seeded by ``seed`` and the image index) and passed once through the UNet with its own
@@ -181,11 +179,21 @@ def training_heatmaps(
     The heatmap is the mean over the noise draws; images of other buckets than the first are
     resized (bilinear) to the first image's latent size.
     """
+    return training_heatmaps_by_layers(run, [None], tuned, timestep, noise_draws, seed, max_images)[None]
+
+
+@torch.no_grad()
+def training_heatmaps_by_layers(run, layers: list[int | None], tuned: bool = False, timestep: int = 500,
+                                noise_draws: int = 2, seed: int = 0,
+                                max_images: int | None = None) -> dict[int | None, torch.Tensor]:
+    """:func:`training_heatmaps` from the cross-attention layers with ``pixels`` query positions only (one UNet
+    resolution), for each ``pixels`` of ``layers`` (None: every layer), all from one UNet pass per image:
+    ``{pixels: [n_images, H/f, W/f]}``."""
     items = run.items if max_images is None else run.items[:max_images]
-    pixels = run.training_pixels(max_images)
-    out = []
+    images = run.training_pixels(max_images)
+    out: dict[int | None, list[torch.Tensor]] = {pixels: [] for pixels in layers}
     with run.lora(tuned):
-        for index, (item, pix) in enumerate(zip(items, pixels)):
+        for index, (item, pix) in enumerate(zip(items, images)):
             latents = run.encode_latents(pix[None])  # [1, 4, h, w]
             caption = run.prompt(item.caption, tuned)
             cond = run.conditioning([caption]).map(lambda c: c.expand(noise_draws, *c.shape[1:]))
@@ -196,8 +204,9 @@ def training_heatmaps(
             weights = subject_weights(_subject_rows(run, [caption], run.subject(tuned)) * noise_draws, cond.hidden_states.shape[1])
             with capture_cross_attention(run.pipe.unet, weights) as collector:
                 run.unet(noisy, t, cond)
-            heatmap = collector.heatmaps(tuple(latents.shape[-2:]), layer_pixels).mean(0)
-            if out and heatmap.shape != out[0].shape:
-                heatmap = F.interpolate(heatmap[None, None], size=out[0].shape, mode="bilinear", align_corners=False)[0, 0]
-            out.append(heatmap)
-    return torch.stack(out)
+            for pixels, maps in out.items():
+                heatmap = collector.heatmaps(tuple(latents.shape[-2:]), pixels).mean(0)
+                if maps and heatmap.shape != maps[0].shape:
+                    heatmap = F.interpolate(heatmap[None, None], size=maps[0].shape, mode="bilinear", align_corners=False)[0, 0]
+                maps.append(heatmap)
+    return {pixels: torch.stack(maps) for pixels, maps in out.items()}
