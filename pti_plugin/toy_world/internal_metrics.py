@@ -271,8 +271,13 @@ LAYER_TEST_SEEDS = (42, 1, 2)
 
 
 def summary_training_seeds(summary: dict) -> set[int]:
-    """The training seeds of ``summary``'s runs (those of the stated layer test: :data:`LAYER_TEST_SEEDS`)."""
+    """The training seeds of ``summary``'s runs."""
     return {run_training_seed(row["run"]) for row in summary.get("rows", [])} - {None}
+
+
+def is_layer_test(seeds: set[int]) -> bool:
+    """Whether runs of training ``seeds`` (:func:`summary_training_seeds`) are the stated layer test's."""
+    return seeds == set(LAYER_TEST_SEEDS)
 
 
 def layer_test_verdict(summary: dict) -> str | None:
@@ -285,7 +290,7 @@ def layer_test_verdict(summary: dict) -> str | None:
     lo, hi = entry["difference_lo"], entry["difference_hi"]
     reading = "supported" if lo > 0 else "refuted" if hi <= 0 else "inconclusive"
     seeds = summary_training_seeds(summary)
-    whose = ("training seeds not recorded" if not seeds else "the test's runs" if seeds == set(LAYER_TEST_SEEDS) else
+    whose = ("training seeds not recorded" if not seeds else "the test's runs" if is_layer_test(seeds) else
              f"runs of training seeds {', '.join(map(str, sorted(seeds)))}, not the test's ({', '.join(map(str, LAYER_TEST_SEEDS))})")
     return (f"{reading}: {entry['version']} minus all layers against {entry['ground_truth']}, {_num(entry['difference'])} "
             f"[{_num(entry['difference_lo'])}, {_num(entry['difference_hi'])}] over {entry['n']} runs ({whose})")

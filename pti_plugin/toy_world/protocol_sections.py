@@ -280,12 +280,12 @@ def internal_metrics_section(results: Path) -> dict | None:
 def resolution_lines(results: Path) -> list[str]:
     """The layer comparisons committed under ``results/attention_layers`` (``internal_metrics.py --layers`` or
     ``--layers_only`` summaries), one block each: the stated test's runs (its training seeds) or exploratory."""
-    from .internal_metrics import LAYER_TEST_SEEDS, layer_lines, summary_training_seeds
+    from .internal_metrics import is_layer_test, layer_lines, summary_training_seeds
 
     lines = []
     for path in sorted((results / "attention_layers").rglob("internal_metrics.json")):
         summary = json.loads(path.read_text())
-        kind = "the stated test" if summary_training_seeds(summary) == set(LAYER_TEST_SEEDS) else "exploratory"
+        kind = "the stated test" if is_layer_test(summary_training_seeds(summary)) else "exploratory"
         flag = "--layers_only" if summary.get("layers_only") else "--layers"
         lines += ["", f"**By UNet resolution, {kind}** (`{path.parent.relative_to(results).as_posix()}`: "
                   f"{summary['runs']} runs scored with {summary['seeds']} sampling seeds a prompt, "
