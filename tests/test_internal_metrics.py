@@ -283,7 +283,8 @@ def test_a_resolution_that_carries_the_truth_beats_all_layers_on_the_same_runs()
     assert runs["attention_leakage_4x4"] == runs["attention_leakage_16x16"] == 48 and runs["attention_leakage_2x2"] == 0
     by = {(c["version"], c["ground_truth"], c["lr"]): c for c in summary["layer_versions"]}
     assert set(by) == {(v, truth, lr) for v in ("attention_leakage_16x16", "attention_leakage_4x4")
-                       for truth in LAYER_TRUTHS for lr in ("all", "within", 1e-4, 1e-3, "seed 1", "seed 2")}
+                       for truth in LAYER_TRUTHS for lr in ("all", "within", 1e-4, 1e-3, "seed 1", "seed 2",
+                                                            "condition uniform_half-w100", "above 0.0001")}
     assert by[("attention_leakage_4x4", INDEPENDENT, "seed 1")]["n"] == 24  # runs k % 2 == 1, at both rates
     pooled = by[("attention_leakage_4x4", INDEPENDENT, "all")]
     assert pooled["all_layers"] > 0.6 and pooled["rho"] > 0.9  # the rates alone make all layers rank well pooled
@@ -319,14 +320,21 @@ def test_the_report_shows_each_committed_layer_comparison(tmp_path):
     (tmp_path / "attention_layers" / "test").mkdir()
     (tmp_path / "attention_layers" / "test" / "internal_metrics.json").write_text(
         json.dumps(summarise(test_rows, draws=50) | {"seeds": 16, "rows": test_rows, "layers_only": True}))
+    replication_rows = [row | {"run": f"h3-uniform_half-w10-lr0.001-seed{(5, 6, 7)[k % 3]}-abc"}
+                        for k, row in enumerate(rows)]  # the stated replication's seeds and one of its conditions
+    (tmp_path / "attention_layers" / "zreplication").mkdir()
+    (tmp_path / "attention_layers" / "zreplication" / "internal_metrics.json").write_text(
+        json.dumps(summarise(replication_rows, draws=50) | {"seeds": 16, "rows": replication_rows, "layers_only": True}))
     lines = internal_metrics_section(tmp_path)["lines"]
     blocks = [line for line in lines if line.startswith("**By UNet resolution")]
     assert [b.split("`")[1] for b in blocks] == ["attention_layers", "attention_layers/seeds64_lr1e-3",
-                                                 "attention_layers/test"]
+                                                 "attention_layers/test", "attention_layers/zreplication"]
     assert "12 runs scored with 64 sampling seeds" in blocks[1]
-    assert [b.split(" (")[0] for b in blocks] == ["**By UNet resolution, exploratory**"] * 2 + ["**By UNet resolution, the stated test**"]
+    assert [b.split(" (")[0] for b in blocks] == (["**By UNet resolution, exploratory**"] * 2 + ["**By UNet resolution, the stated test**",
+                                                   "**By UNet resolution, the stated replication**"])
     assert blocks[0].endswith("--layers`):") and blocks[2].endswith("--layers_only`):")
-    assert sum(line.startswith("| `attention_leakage_16x16` | `h3_training_cell_fraction` | all | 12 |") for line in lines) == 3
+    assert sum(line.startswith("| `attention_leakage_16x16` | `h3_training_cell_fraction` | all | 12 |") for line in lines) == 4
+    assert any("(the stated replication's runs, 12 of 45)" in line for line in lines)
     before = lines[:lines.index(blocks[0])]  # the main summary's runs carry no layer versions: no comparison there
     assert any(line.startswith("Command:") for line in before) and not any(line.startswith("| version | against |") for line in before)
 
@@ -335,21 +343,67 @@ def test_the_report_shows_each_committed_layer_comparison(tmp_path):
 def test_the_stated_layer_test_reads_its_rule_off_the_interval(follows, reading):
     """16x16 following the independent truth, noise, or its reverse, against an all-layer leakage that is noise:
     supported, inconclusive, refuted; the reading says whether the runs are the test's training seeds."""
-    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, LAYER_TEST_SEEDS, layer_test_verdict, summarise
+    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, layer_test_verdict, summarise
 
     rng = np.random.default_rng(11)
     rows = []
     for k in range(60):
         truth = rng.uniform(0, 1)
-        rows.append({"run": f"h3-none-lr0.001-seed{LAYER_TEST_SEEDS[k % 3]}-abc", INDEPENDENT: truth, "gt_leakage": truth,
+        rows.append({"run": f"h3-none-lr0.001-seed{(42, 1, 2)[k % 3]}-abc", INDEPENDENT: truth, "gt_leakage": truth,
                      "attention_leakage": rng.uniform(0, 1),
                      "attention_leakage_16x16": follows * truth + rng.normal(0, 0.05) if follows else rng.uniform(0, 1)})
     summary = summarise(rows, draws=300)
     line = layer_test_verdict(summary | {"rows": rows})
-    assert line.startswith(f"{reading}: attention_leakage_16x16 minus all layers") and line.endswith("(the test's runs)")
+    assert line.startswith(f"{reading}: attention_leakage_16x16 minus all layers") and line.endswith("(the stated test's runs, 60 of 51)")
     other = [row | {"run": row["run"].replace("-seed42-", "-seed3-")} for row in rows]
-    assert "not the test's (42, 1, 2)" in layer_test_verdict(summary | {"rows": other})
+    assert "not a stated set of runs" in layer_test_verdict(summary | {"rows": other})
     assert layer_test_verdict({"layer_versions": []}) is None
+
+
+def test_a_stated_set_of_runs_is_known_by_its_training_seeds_and_conditions():
+    """The test's seeds with its conditions, or the replication's with theirs, name that set; a seed or a
+    condition outside it (even one the other set has) names none; a condition keeps its weight."""
+    from pti_plugin.toy_world.internal_metrics import run_condition, stated_layer_test
+
+    def summary(cells):
+        return {"rows": [{"run": f"h3-{c}-lr0.001-seed{s}-0123456789"} for c, s in cells]}
+
+    assert run_condition("h3-class_endpoint-w10-lr0.001-seed5-0123456789") == "class_endpoint-w10"
+    assert run_condition("h3-none-lr1e-05-seed42-0123456789") == "none"
+    assert run_condition("h1-lr2.75e-05-seed5-0123456789") is None
+    test = [(c, s) for c in ("none", "half_angle-w10", "reg_images-w1") for s in (42, 1, 2)]
+    replication = [(c, s) for c in ("class_endpoint-w10", "uniform_half-w10", "half_angle_band-w10") for s in (5, 6, 7)]
+    assert stated_layer_test(summary(test)) == "the stated test"
+    assert stated_layer_test(summary(test[:2])) is None  # seed 2 missing: not the test's seeds
+    assert stated_layer_test(summary(replication)) == "the stated replication"
+    assert stated_layer_test(summary(replication[:3])) == "the stated replication"  # one condition, all seeds: partial
+    assert stated_layer_test(summary(replication + [("half_angle_band-w100", 5)])) is None
+    assert stated_layer_test(summary(replication + [("none", 5)])) is None  # the test's condition, the replication's seed
+    assert stated_layer_test(summary([(c, {5: 42, 6: 1, 7: 2}[s]) for c, s in replication])) is None
+    assert stated_layer_test({"rows": []}) is None
+
+
+def test_layer_comparison_reads_each_condition_and_the_runs_above_the_lowest_rate():
+    """16x16 tracks the truth only in the lowest rate's runs and only in one condition, where all layers are
+    noise; elsewhere both are the same numbers: above the lowest rate, and in the other condition, the
+    difference is exactly 0 over exactly those runs, while it is positive in the tracking condition."""
+    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, layer_comparison, run_learning_rate
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for condition in ("uniform_half-w10", "class_endpoint-w10"):
+        for lr in (1e-5, 1e-3, 3e-3):
+            for k in range(12):
+                truth, noise = rng.uniform(0, 1), rng.uniform(0, 1)
+                tracks = lr == 1e-5 and condition == "uniform_half-w10"
+                rows.append({"run": f"h3-{condition}-lr{lr:g}-seed{(5, 6, 7)[k % 3]}-0123456789", INDEPENDENT: truth,
+                             "attention_leakage": noise, "attention_leakage_16x16": truth if tracks else noise})
+    entries = {c["lr"]: c for c in layer_comparison(rows, [run_learning_rate(r["run"]) for r in rows], draws=200)
+               if c["version"] == "attention_leakage_16x16" and c["ground_truth"] == INDEPENDENT}
+    assert entries["above 1e-05"]["n"] == 48 and entries["above 1e-05"]["difference"] == 0
+    assert entries["condition class_endpoint-w10"]["n"] == 36 and entries["condition class_endpoint-w10"]["difference"] == 0
+    assert entries["condition uniform_half-w10"]["n"] == 36 and entries["condition uniform_half-w10"]["difference"] > 0.2
+    assert entries["all"]["n"] == 72
 
 
 def _run_with_layer_cache(folder: Path, name: str, scores: dict, seeds: int = 16) -> Path:

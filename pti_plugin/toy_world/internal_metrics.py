@@ -264,34 +264,48 @@ LAYER_TRUTHS = ("gt_leakage", INDEPENDENT)
 ALL_RATES, WITHIN_RATES = "all", "within"
 
 
-#: The stated test of the finest layers (``docs/method.md``, "Which cross-attention layers"): the entry of
-#: :func:`layer_comparison` it reads, and the training seeds of its runs (those the exploration never scored).
+#: The entry of :func:`layer_comparison` the stated tests of the finest layers read (``docs/method.md``, "Which
+#: cross-attention layers"): 16x16 minus all layers, against the independent truth, all runs pooled.
 LAYER_TEST = {"version": "attention_leakage_16x16", "ground_truth": INDEPENDENT, "lr": ALL_RATES}
-LAYER_TEST_SEEDS = (42, 1, 2)
+#: Each stated set of runs that rule was applied to, by the training seeds and conditions (:func:`run_condition`)
+#: of its runs, and how many runs it names.
+STATED_LAYER_TESTS = {
+    "the stated test": {"seeds": (42, 1, 2), "conditions": ("none", "half_angle-w10", "reg_images-w1"), "runs": 51},
+    "the stated replication": {"seeds": (5, 6, 7), "conditions": ("class_endpoint-w10", "uniform_half-w10",
+                                                           "half_angle_band-w10"), "runs": 45},
+}
 
 
-def summary_training_seeds(summary: dict) -> set[int]:
-    """The training seeds of ``summary``'s runs."""
-    return {run_training_seed(row["run"]) for row in summary.get("rows", [])} - {None}
+def run_condition(name: str) -> str | None:
+    """The H3 condition of a run: its variant, with ``-w<weight>`` where the variant has a weight, else None."""
+    from .h3_variants import cell_key
+
+    key = cell_key(_run_cell(name))
+    return None if key is None else key[0] if key[1] is None else f"{key[0]}-w{key[1]:g}"
 
 
-def is_layer_test(seeds: set[int]) -> bool:
-    """Whether runs of training ``seeds`` (:func:`summary_training_seeds`) are the stated layer test's."""
-    return seeds == set(LAYER_TEST_SEEDS)
+def stated_layer_test(summary: dict) -> str | None:
+    """The name in :data:`STATED_LAYER_TESTS` of the set ``summary``'s runs belong to (their training seeds
+    are its seeds and their conditions among its conditions), else None."""
+    runs = [row["run"] for row in summary.get("rows", [])]
+    seeds, conditions = {run_training_seed(r) for r in runs}, {run_condition(r) for r in runs}
+    return next((name for name, test in STATED_LAYER_TESTS.items()
+                 if runs and seeds == set(test["seeds"]) and conditions <= set(test["conditions"])), None)
 
 
 def layer_test_verdict(summary: dict) -> str | None:
     """The stated rule applied to ``summary``'s runs (None without the entry): "supported" where the interval of
     the difference (16x16 minus all layers, against the independent truth, all runs) lies above 0, "refuted"
-    where it lies at or below 0, else "inconclusive"; with the figure and whether the runs are the test's."""
+    where it lies at or below 0, else "inconclusive"; with the figure and which stated set the runs are."""
     entry = next((c for c in summary.get("layer_versions", []) if all(c[k] == v for k, v in LAYER_TEST.items())), None)
     if entry is None:
         return None
     lo, hi = entry["difference_lo"], entry["difference_hi"]
     reading = "supported" if lo > 0 else "refuted" if hi <= 0 else "inconclusive"
-    seeds = summary_training_seeds(summary)
-    whose = ("training seeds not recorded" if not seeds else "the test's runs" if is_layer_test(seeds) else
-             f"runs of training seeds {', '.join(map(str, sorted(seeds)))}, not the test's ({', '.join(map(str, LAYER_TEST_SEEDS))})")
+    name = stated_layer_test(summary)
+    whose = (f"{name}'s runs, {len(summary['rows'])} of {STATED_LAYER_TESTS[name]['runs']}" if name else
+             "not a stated set of runs: " + "; ".join(f"{n}: training seeds {', '.join(map(str, t['seeds']))}"
+                                                      for n, t in STATED_LAYER_TESTS.items()))
     return (f"{reading}: {entry['version']} minus all layers against {entry['ground_truth']}, {_num(entry['difference'])} "
             f"[{_num(entry['difference_lo'])}, {_num(entry['difference_hi'])}] over {entry['n']} runs ({whose})")
 
@@ -300,7 +314,8 @@ def layer_comparison(rows: list[dict], rates: list[float | None], draws: int = 2
     """Each :data:`LAYER_VERSIONS` version the rows carry against the all-layers ``attention_leakage``, both
     correlated with each of :data:`LAYER_TRUTHS` on the same runs (those carrying the version): pooled over
     all runs (``lr`` :data:`ALL_RATES`), averaged within learning rates (:data:`WITHIN_RATES`; ``rates[k]``:
-    row k's), inside each rate, and over each training seed's runs (``lr`` ``"seed <s>"``). Entries
+    row k's), inside each rate, over each training seed's runs (``lr`` ``"seed <s>"``), each condition's
+    (``"condition <c>"``, :func:`run_condition`) and the runs above the lowest rate (``"above <rate>"``). Entries
     ``{"version", "ground_truth", "lr", "all_layers", "rho", "difference", "difference_lo", "difference_hi",
     "n"}``, the interval resampling runs (:func:`~pti_plugin.metrics.correlation.paired_spearman_difference`)."""
     from ..metrics.correlation import paired_spearman_difference
@@ -314,6 +329,11 @@ def layer_comparison(rows: list[dict], rates: list[float | None], draws: int = 2
         seeds = [run_training_seed(row["run"]) for row, _ in scored]
         groups += [(f"seed {seed}", [m for m, s in zip(scored, seeds) if s == seed], None)
                    for seed in sorted({s for s in seeds if s is not None})]
+        conditions = [run_condition(row["run"]) for row, _ in scored]
+        groups += [(f"condition {c}", [m for m, k in zip(scored, conditions) if k == c], None)
+                   for c in sorted({c for c in conditions if c is not None})]
+        if len(by_rate) > 1:  # is the gain more than the barely trained end?
+            groups.append((f"above {by_rate[0]:g}", [(row, r) for row, r in scored if r is not None and r > by_rate[0]], None))
         for truth in LAYER_TRUTHS:
             for label, members, group_of in groups:
                 known = [isinstance(row.get(truth), (int, float)) for row, _ in members]  # --layers_only: no gt_leakage

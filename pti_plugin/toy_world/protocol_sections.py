@@ -279,13 +279,13 @@ def internal_metrics_section(results: Path) -> dict | None:
 
 def resolution_lines(results: Path) -> list[str]:
     """The layer comparisons committed under ``results/attention_layers`` (``internal_metrics.py --layers`` or
-    ``--layers_only`` summaries), one block each: the stated test's runs (its training seeds) or exploratory."""
-    from .internal_metrics import is_layer_test, layer_lines, summary_training_seeds
+    ``--layers_only`` summaries), one block each: a stated set of runs (``STATED_LAYER_TESTS``) or exploratory."""
+    from .internal_metrics import layer_lines, stated_layer_test
 
     lines = []
     for path in sorted((results / "attention_layers").rglob("internal_metrics.json")):
         summary = json.loads(path.read_text())
-        kind = "the stated test" if is_layer_test(summary_training_seeds(summary)) else "exploratory"
+        kind = stated_layer_test(summary) or "exploratory"
         flag = "--layers_only" if summary.get("layers_only") else "--layers"
         lines += ["", f"**By UNet resolution, {kind}** (`{path.parent.relative_to(results).as_posix()}`: "
                   f"{summary['runs']} runs scored with {summary['seeds']} sampling seeds a prompt, "
