@@ -39,7 +39,8 @@ the edit still moves the subject as it moves the class word. On the toy world
 family computed from the detected object centres.
 
 ``--by_resolution`` adds the neutral prompts' heatmap leakage from the cross-attention layers of each
-UNet resolution alone (one more sampling of those prompts; ``by_resolution`` in the JSON); which
+UNet resolution alone (from the same sampling, no extra cost beyond the scoring; ``by_resolution`` in the
+JSON); which
 resolution tracks leakage best on the toy world: README, "Model-internal metrics".
 
 Writes to ``--out`` (default ``OUTPUT_DIR/position_leakage``): ``position_leakage.json``
@@ -65,7 +66,7 @@ import torch  # noqa: E402
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text, atomic_write_with  # noqa: E402
 from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
-from pti_plugin.metrics.leakage import GROUPS, LeakageMeasurement, leakage_by_resolution, measure_position_leakage  # noqa: E402
+from pti_plugin.metrics.leakage import GROUPS, LeakageMeasurement, measure_position_leakage  # noqa: E402
 from pti_plugin.metrics.prompts import NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS  # noqa: E402
 from pti_plugin.metrics.run_model import load_run  # noqa: E402
 
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     m = measure_position_leakage(
         run, args.prompts, args.edit_prompts, seeds, args.steps, args.guidance, args.grid,
         training_timestep=args.training_timestep, locate=locate, log=lambda s: print(s, flush=True),
+        by_resolution=args.by_resolution,
     )
     record = {
         "leakage_score": m.score,
@@ -276,8 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": m.rows,
     }
     if args.by_resolution:
-        record["by_resolution"] = leakage_by_resolution(run, args.prompts, seeds, args.steps, args.guidance, args.grid,
-                                                        args.training_timestep)
+        record["by_resolution"] = m.by_resolution
     record["seconds"] = round(time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "position_leakage.json", json.dumps(json_ready(record), indent=2) + "\n")

@@ -144,6 +144,29 @@ def test_resolution_heatmaps_come_from_the_same_sampling_as_the_all_layer_ones(l
     assert all_layers.shape == (2, 16, 16) and torch.allclose(weighted, all_layers, atol=1e-6)
 
 
+def test_leakage_by_resolution_is_read_from_the_scores_own_sampling(loaded, monkeypatch):
+    """``by_resolution``: the pipeline runs once per prompt and model, as without it; the score and every
+    summary are bit-identical to a measurement without it; the per-resolution scores of the neutral prompts do
+    not depend on the edit prompts measured beside them (the same as measuring the neutral prompts alone)."""
+    from pti_plugin.metrics.leakage import leakage_by_resolution, measure_position_leakage
+
+    calls = []
+    pipe_class = type(loaded.pipe)
+    original = pipe_class.__call__
+    monkeypatch.setattr(pipe_class, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    args = (loaded, ["{} on a beach"], ["{} at the top left"], [0, 1])
+    plain = measure_position_leakage(*args, steps=2, guidance=3.0)
+    sampled_plain = len(calls)
+    levels = measure_position_leakage(*args, steps=2, guidance=3.0, by_resolution=True)
+    assert sampled_plain == len(calls) - sampled_plain == 4  # 2 prompts x 2 models, both times
+    assert plain.by_resolution == {} and levels.summary == plain.summary
+    assert all(torch.equal(levels.heatmaps[m], plain.heatmaps[m]) for m in ("base", "tuned"))
+    assert list(levels.by_resolution) == ["16x16", "8x8", "4x4", "2x2"]
+    alone = leakage_by_resolution(loaded, ["{} on a beach"], [0, 1], steps=2, guidance=3.0, all_layers=True)
+    assert {k: v for k, v in alone.items() if k != "all"} == levels.by_resolution
+    assert alone["all"] == plain.summary["heatmap"]["neutral"]
+
+
 def test_subject_positions_and_prompts():
     assert normalise_prompt("{T} in the snow", "an anime illustration of {}", "tok1") == "an anime illustration of {} in the snow"
     assert normalise_prompt("tok1 on the beach", "x {}", "tok1") == "{} on the beach"

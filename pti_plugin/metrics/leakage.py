@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .localisation import centroids, generate_with_heatmaps, heatmap_stats, pixel_centres, resample, training_heatmaps
+from .localisation import (centroids, generate_with_heatmaps, heatmap_stats, pixel_centres, resample,
+                           training_heatmaps_by_layers)
 
 MODELS = ("base", "tuned")
 GROUPS = ("all", "neutral", "edit")
@@ -140,6 +141,9 @@ class LeakageMeasurement:
     settings: dict = field(default_factory=dict)
     #: ground-truth centres (x, y) or None: ``{"base": [P][S], "tuned": [P][S], "training": [n]}`` (empty without ``locate``)
     groundtruth: dict = field(default_factory=dict)
+    #: with ``by_resolution``: the neutral prompts' ``heatmap`` summary from each UNet resolution's cross-attention
+    #: layers alone, ``{"16x16": {"leakage_score", "diversity_ratio", "attraction_ratio", ...}}``, finest first
+    by_resolution: dict = field(default_factory=dict)
 
     @property
     def score(self) -> float:
@@ -186,28 +190,56 @@ def layout_scores(heat: dict[str, torch.Tensor], train_maps: dict[str, torch.Ten
 
 def leakage_by_resolution(run, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
                           grid: int = 16, training_timestep: int = 500, all_layers: bool = False) -> dict[str, dict]:
-    """The ``heatmap`` leakage of ``prompts`` (one group) from the cross-attention layers of one UNet resolution
-    at a time, all from one sampling per prompt and model: ``{"<h>x<w>": {"leakage_score", "diversity_ratio",
-    "attraction_ratio", ...}}``, finest resolution first (the keys are the layers' latent grids). The maps of
-    all layers together are what :func:`measure_position_leakage` scores; ``all_layers`` adds their score from
-    the same sampling, last, as ``"all"``."""
-    from .attention_capture import layer_grid
-    from .localisation import generate_with_resolution_heatmaps, training_heatmaps_by_layers
+    """The ``heatmap`` leakage of ``prompts`` (one group, neutral) from the cross-attention layers of one UNet
+    resolution at a time (:attr:`LeakageMeasurement.by_resolution`), all from one sampling per prompt and model;
+    ``all_layers`` adds, last, as ``"all"``, the score of every layer's maps together from the same sampling
+    (what :func:`measure_position_leakage` scores)."""
+    m = measure_position_leakage(run, prompts, [], seeds, steps, guidance, grid, training_timestep=training_timestep,
+                                 by_resolution=True)
+    return m.by_resolution | ({"all": m.summary["heatmap"]["neutral"]} if all_layers else {})
 
-    maps: dict[str, list[dict[int | None, torch.Tensor]]] = {m: [] for m in MODELS}  # [prompt] {pixels: [S, H, W]}
-    for prompt in prompts:
+
+def _sample_prompts(run, prompts: list[str], groups: list[str], seeds: list[int], steps: int, guidance: float,
+                    size: tuple[int, int] | None, capture_timesteps: tuple[int, int] | None, by_resolution: bool,
+                    log: Callable[[str], None] | None) -> tuple[dict, dict, dict]:
+    """Each prompt sampled once per model: ``images[model][k]`` uint8 ``[S, H, W, 3]``, ``maps[model][k]``
+    ``[S, h, w]`` from every cross-attention layer, and with ``by_resolution`` ``per_level[model][pixels][j]``
+    ``[S, h, w]``: the j-th neutral prompt's maps from the layers with ``pixels`` query positions alone."""
+    from .localisation import generate_with_resolution_heatmaps
+
+    images: dict[str, list[np.ndarray]] = {m: [] for m in MODELS}
+    maps: dict[str, list[torch.Tensor]] = {m: [] for m in MODELS}
+    per_level: dict[str, dict[int, list[torch.Tensor]]] = {m: {} for m in MODELS}
+    for k, prompt in enumerate(prompts):
         for model in MODELS:
-            maps[model].append(generate_with_resolution_heatmaps(run, prompt, model == "tuned", seeds, steps, guidance,
-                                                                 all_layers=all_layers)[1])
-    layers = list(maps["tuned"][0])
-    train_maps = {m: training_heatmaps_by_layers(run, layers, tuned=m == "tuned", timestep=training_timestep)
-                  for m in MODELS}  # one UNet pass per training image for every resolution
+            if log:
+                log(f"[{k + 1}/{len(prompts)}] {model}: {run.prompt(prompt, model == 'tuned')!r} x {len(seeds)} seeds")
+            if by_resolution and groups[k] == "neutral":
+                imgs, levels = generate_with_resolution_heatmaps(run, prompt, model == "tuned", seeds, steps, guidance, size,
+                                                                 all_layers=True, capture_timesteps=capture_timesteps)
+                hms = levels.pop(None)
+                for pixels, level_maps in levels.items():
+                    per_level[model].setdefault(pixels, []).append(level_maps)
+            else:
+                imgs, hms = generate_with_heatmaps(run, prompt, model == "tuned", seeds, steps, guidance, size,
+                                                   capture_timesteps=capture_timesteps)
+            images[model].append(imgs)
+            maps[model].append(hms)
+    return images, maps, per_level
+
+
+def _scores_by_level(per_level: dict, train_by_layers: dict, grid: int) -> dict[str, dict]:
+    """The neutral prompts' ``heatmap`` summary from each resolution's maps alone (see :func:`_sample_prompts`),
+    against the training images' maps of the same layers (``train_by_layers[model][pixels]``), finest first,
+    keyed by the layers' latent grid (``"16x16"``)."""
+    from .attention_capture import layer_grid
+
     out = {}
-    for pixels in layers:
-        heat = {m: torch.stack([per_prompt[pixels] for per_prompt in maps[m]]) for m in MODELS}  # [P, S, H, W]
-        train = {m: train_maps[m][pixels] for m in MODELS}
-        name = "all" if pixels is None else "x".join(map(str, layer_grid(pixels, *heat["tuned"].shape[-2:])))
-        out[name] = layout_scores(heat, train, ["neutral"] * len(prompts), grid)["heatmap"]["neutral"]
+    for pixels in per_level["tuned"]:
+        heat = {m: torch.stack(per_level[m][pixels]) for m in MODELS}  # [P_neutral, S, H, W]
+        train = {m: train_by_layers[m][pixels] for m in MODELS}
+        name = "x".join(map(str, layer_grid(pixels, *heat["tuned"].shape[-2:])))
+        out[name] = layout_scores(heat, train, ["neutral"] * len(heat["tuned"]), grid)["heatmap"]["neutral"]
     return out
 
 
@@ -224,6 +256,7 @@ def measure_position_leakage(
     locate: Callable[[np.ndarray], tuple[float, float] | None] | None = None,
     log: Callable[[str], None] | None = None,
     capture_timesteps: tuple[int, int] | None = None,
+    by_resolution: bool = False,
 ) -> LeakageMeasurement:
     """Generate, localise and score (see the module docstring) for a loaded run.
 
@@ -232,6 +265,9 @@ def measure_position_leakage(
 
     ``locate`` (optional): a ground-truth locator ``uint8 image -> (x, y) in image fractions or
     None``, e.g. the toy world's detectors; it adds the ``groundtruth`` family.
+
+    ``by_resolution``: also the neutral prompts' ``heatmap`` leakage from the cross-attention layers of
+    each UNet resolution alone (:attr:`LeakageMeasurement.by_resolution`), from the same sampling.
     """
     prompts = list(neutral_prompts) + list(edit_prompts)
     groups = ["neutral"] * len(neutral_prompts) + ["edit"] * len(edit_prompts)
@@ -239,17 +275,12 @@ def measure_position_leakage(
         raise ValueError("no prompts to measure")
     if len(seeds) < 2:
         raise ValueError("layout diversity needs at least 2 seeds")
-    images: dict[str, list[np.ndarray]] = {m: [] for m in MODELS}
-    maps: dict[str, list[torch.Tensor]] = {m: [] for m in MODELS}
-    for k, prompt in enumerate(prompts):
-        for model in MODELS:
-            if log:
-                log(f"[{k + 1}/{len(prompts)}] {model}: {run.prompt(prompt, model == 'tuned')!r} x {len(seeds)} seeds")
-            imgs, hms = generate_with_heatmaps(run, prompt, model == "tuned", seeds, steps, guidance, size,
-                                               capture_timesteps=capture_timesteps)
-            images[model].append(imgs)
-            maps[model].append(hms)
-    train_maps = {m: training_heatmaps(run, tuned=m == "tuned", timestep=training_timestep) for m in MODELS}
+    images, maps, per_level = _sample_prompts(run, prompts, groups, seeds, steps, guidance, size, capture_timesteps,
+                                              by_resolution, log)
+    layers = [None, *per_level["tuned"]]  # every layer, then each resolution the neutral prompts were read at
+    train_by_layers = {m: training_heatmaps_by_layers(run, layers, tuned=m == "tuned", timestep=training_timestep)
+                       for m in MODELS}  # one UNet pass per training image for all of them
+    train_maps = {m: train_by_layers[m][None] for m in MODELS}
     train_images = run.training_images_uint8()
 
     heat = {m: torch.stack(maps[m]) for m in MODELS}  # [P, S, h, w]
@@ -272,6 +303,7 @@ def measure_position_leakage(
         images={m: np.stack(images[m]) for m in MODELS}, heatmaps=heat, centroids=cents,
         training_images=train_images, training_heatmaps=train_maps, training_centroids=train_cents,
         summary=summary, rows=rows, groundtruth=(gt | {"training": train_gt}) if locate is not None else {},
+        by_resolution=_scores_by_level(per_level, train_by_layers, grid),
         settings={"steps": steps, "guidance": guidance, "grid": grid, "training_timestep": training_timestep,
                   "capture_timesteps": capture_timesteps,
                   "class_word": run.class_word, "token": run.token},

@@ -117,13 +117,16 @@ def generate_with_heatmaps(
 
 @torch.no_grad()
 def generate_with_resolution_heatmaps(run, prompt: str, tuned: bool, seeds: list[int], steps: int = 25, guidance: float = 7.5,
-                                      size: tuple[int, int] | None = None,
-                                      all_layers: bool = False) -> tuple[np.ndarray, dict[int | None, torch.Tensor]]:
+                                      size: tuple[int, int] | None = None, all_layers: bool = False,
+                                      capture_timesteps: tuple[int, int] | None = None,
+                                      ) -> tuple[np.ndarray, dict[int | None, torch.Tensor]]:
     """:func:`generate_with_heatmaps` with one set of heatmaps per UNet resolution, from the same sampling:
     ``(images uint8 [n, H, W, 3], {pixels: heatmaps [n, H/f, W/f]})``, ``pixels`` the query positions of
     that resolution's cross-attention layers (256 for a 16x16 level), finest first; with ``all_layers``, last,
-    ``None``: the maps of every layer together (what :func:`generate_with_heatmaps` returns)."""
-    images, collector, latent_hw, first = _sample_capturing(run, prompt, tuned, seeds, steps, guidance, size)
+    ``None``: the maps of every layer together (what :func:`generate_with_heatmaps` returns; ``capture_timesteps``
+    as there)."""
+    images, collector, latent_hw, first = _sample_capturing(run, prompt, tuned, seeds, steps, guidance, size,
+                                                            capture_timesteps=capture_timesteps)
     maps = {n: collector.heatmaps(latent_hw, pixels=n)[first:] for n in collector.resolutions}
     return images, maps | ({None: collector.heatmaps(latent_hw)[first:]} if all_layers else {})
 
