@@ -167,6 +167,38 @@ def test_leakage_by_resolution_is_read_from_the_scores_own_sampling(loaded, monk
     assert alone["all"] == plain.summary["heatmap"]["neutral"]
 
 
+@pytest.mark.parametrize("down, mid", [
+    (("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"), "UNetMidBlock2DCrossAttn"),
+    (("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), "UNetMidBlock2DCrossAttn"),  # SDXL's layout
+    (("CrossAttnDownBlock2D", "DownBlock2D"), None),
+])
+def test_cross_attention_sides_are_the_sides_the_unet_attends_at(down, mid):
+    """For tiny UNets of several block layouts, the sides named from the config are the square roots of the
+    query positions that hooks on the built model's cross-attention modules see in a forward pass."""
+    from diffusers import UNet2DConditionModel
+
+    from pti_plugin.metrics.attention_capture import cross_attention_sides
+
+    up = tuple(b.replace("Down", "Up") for b in reversed(down))
+    config = {"sample_size": 12, "in_channels": 4, "out_channels": 4, "down_block_types": down, "up_block_types": up,
+              "mid_block_type": mid, "block_out_channels": (8,) * len(down), "layers_per_block": 1,
+              "cross_attention_dim": 8, "attention_head_dim": 2, "norm_num_groups": 4}
+    unet = UNet2DConditionModel(**config)
+    seen: list[int] = []
+
+    def record(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden.shape[1] if hidden.ndim == 3 else hidden.shape[2] * hidden.shape[3])
+
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for _, m in cross_attention_modules(unet)]
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 12, 12), torch.tensor([10]), torch.zeros(1, 3, 8))
+    for hook in hooks:
+        hook.remove()
+    assert cross_attention_sides(unet.config) == tuple(sorted({math.isqrt(n) for n in seen}, reverse=True))
+    assert all(math.isqrt(n) ** 2 == n for n in seen)
+
+
 def test_subject_positions_and_prompts():
     assert normalise_prompt("{T} in the snow", "an anime illustration of {}", "tok1") == "an anime illustration of {} in the snow"
     assert normalise_prompt("tok1 on the beach", "x {}", "tok1") == "{} on the beach"

@@ -84,6 +84,19 @@ class TokenAttentionCollector:
         return (total[:, 0] / sum(self.counts[n] for n in kept)).float().cpu()
 
 
+def cross_attention_sides(unet_config: dict) -> tuple[int, ...]:
+    """The latent sides of a ``UNet2DConditionModel`` config's cross-attention levels (square ``sample_size``
+    latent), finest first: each down level whose block type has cross-attention (the up path mirrors it),
+    then the mid block at the coarsest level when it has cross-attention. Each level halves the side."""
+    side, sides = unet_config["sample_size"], []
+    for level, block in enumerate(unet_config["down_block_types"]):
+        if "CrossAttn" in block:
+            sides.append(math.ceil(side / 2 ** level))
+    if "CrossAttn" in (unet_config.get("mid_block_type") or ""):
+        sides.append(math.ceil(side / 2 ** (len(unet_config["down_block_types"]) - 1)))
+    return tuple(dict.fromkeys(sides))
+
+
 def layer_grid(pixels: int, height: int, width: int) -> tuple[int, int]:
     """The (h, w) of a layer with ``pixels`` query positions in a UNet on a ``height x width`` latent.
 

@@ -34,9 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import atomic_write_text
+from ..metrics.attention_capture import cross_attention_sides
 from ..metrics.correlation import correlation_interval, within_group_spearman
 from ..settings_cache import read_cache
 from ..sweeps.bench_report import CORRELATIONS
+from . import WEIGHTS_DIR
 
 #: Spearman's rho the attention leakage should reach against the ground truth (0.68 on toy world v1).
 TARGET = 0.8
@@ -63,9 +65,9 @@ COMPONENT_VERSIONS = {
 }
 LEAKAGE_VERSIONS |= {version: description for version, (_, description) in COMPONENT_VERSIONS.items()}
 BAND_FILE = "attention_band.json"
-#: The toy UNet's cross-attention resolutions (latent side: 16 at the outer down and up blocks, 2 at the
-#: mid block), each a version of the neutral-prompt heatmap leakage from those layers alone (:func:`layer_scores`).
-LAYER_SIDES = (16, 8, 4, 2)
+#: The shipped toy UNet's cross-attention resolutions (latent sides, finest first, from its config), each a
+#: version of the neutral-prompt heatmap leakage from those layers alone (:func:`layer_scores`).
+LAYER_SIDES = cross_attention_sides(json.loads((WEIGHTS_DIR / "unet" / "config.json").read_text()))
 LAYER_VERSIONS = {f"attention_leakage_{side}x{side}": f"heatmaps, neutral prompts, cross-attention layers at {side}x{side} only"
                   for side in LAYER_SIDES}
 LEAKAGE_VERSIONS |= LAYER_VERSIONS
