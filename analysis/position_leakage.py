@@ -255,8 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     out = args.out or args.run / "position_leakage"
     t0 = time.time()
-    run = load_run(args.run, args.output_name, device=args.device, dtype=torch.float16 if args.fp16 else torch.float32,
-                   class_word=args.class_word)
+    try:
+        run = load_run(args.run, args.output_name, device=args.device,
+                       dtype=torch.float16 if args.fp16 else torch.float32, class_word=args.class_word)
+    except (FileNotFoundError, ValueError) as error:  # no run there, an unfinished one, or several
+        parser.error(f"--run {args.run}: {error}")
     locate = toy_world_locator(run, args.ground_truth)
     seeds = list(range(args.first_seed, args.first_seed + args.n_seeds))
     m = measure_position_leakage(

@@ -99,6 +99,22 @@ def test_lr_sweep_skips_finished_runs(lora_sweep):
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
 
 
+def test_position_leakage_names_a_run_it_cannot_measure(lora_sweep, tmp_path, capsys):
+    """A folder that is no training output, and a run whose LoRA file is missing (unfinished): exit 2 with a
+    message naming --run and what is missing, no traceback."""
+    import shutil
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(lora_sweep.out / "runs" / "lora-lr0.1", unfinished, ignore=shutil.ignore_patterns("*.safetensors"))
+    for folder, missing in ((tmp_path / "empty", "config.toml"), (unfinished, "the run has not finished")):
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(SystemExit) as stop:
+            _script("position_leakage.py", ["--run", str(folder), "--n_seeds", "2", "--steps", "1"])
+        assert stop.value.code == 2
+        error = capsys.readouterr().err
+        assert f"--run {folder}" in error and missing in error and "Traceback" not in error
+
+
 def test_position_leakage_command_line(lora_sweep, tmp_path):
     run_dir = lora_sweep.out / "runs" / "lora-lr0.1"
     out = tmp_path / "leak"
