@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text  # noqa: E402
 from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
+from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.interpolation_paths import (DEFAULT_PAIRS, GEOMETRIES, PathSettings,  # noqa: E402
                                                       measure_paths)
@@ -60,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, PathS
         parser.error(f"--seeds must be at least 2 (an interval needs two sampling seeds), got {args.seeds}")
     if args.fractions is not None and args.fractions < 2:
         parser.error(f"--fractions must be at least 2 (the start and the end), got {args.fractions}")
-    if not (args.model / "model_index.json").is_file():
-        parser.error(f"--model {args.model}: not a diffusers folder (no model_index.json)")
+    if problem := diffusers_folder_problem(args.model):
+        parser.error(f"--model {args.model}: {problem}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out}: exists and is not a folder")
     _check_vocabulary(parser, args.model)

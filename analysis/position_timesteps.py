@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
+from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -32,6 +34,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.switch_every < 1:
         parser.error("--seeds and --switch_every must be at least 1")
+    if args.model is not None and (problem := diffusers_folder_problem(args.model)):
+        parser.error(f"--model {args.model}: {problem}")
     return args
 
 

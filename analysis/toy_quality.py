@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
 from pti_plugin.toy_world.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.two_tone_prompts < 1:
         parser.error("--prompts and --two_tone_prompts must be at least 1")
-    if not (args.model / "model_index.json").is_file():
-        parser.error(f"--model {args.model}: not a diffusers folder (no model_index.json)")
+    if problem := diffusers_folder_problem(args.model):
+        parser.error(f"--model {args.model}: {problem}")
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.premise:

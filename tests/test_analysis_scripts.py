@@ -99,6 +99,22 @@ def test_lr_sweep_skips_finished_runs(lora_sweep):
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
 
 
+@pytest.mark.parametrize("script", ["analysis/position_timesteps.py", "analysis/interpolation_paths.py",
+                                    "analysis/toy_quality.py", "benchmarks/step_time.py"])
+def test_a_model_option_that_is_no_diffusers_folder_is_a_usage_error(script, tmp_path, capsys):
+    """``--model`` at a folder without ``model_index.json``: exit 2 naming the option and the folder, before
+    anything is loaded or built."""
+    saved = sys.argv
+    sys.argv = [str(REPO / script), "--model", str(tmp_path)]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    finally:
+        sys.argv = saved
+    assert stop.value.code == 2
+    assert f"--model {tmp_path}: not a diffusers folder (no model_index.json)" in capsys.readouterr().err
+
+
 def test_position_leakage_names_a_run_it_cannot_measure(lora_sweep, tmp_path, capsys):
     """A folder that is no training output, and a run whose LoRA file is missing (unfinished): exit 2 with a
     message naming --run and what is missing, no traceback."""

@@ -86,6 +86,11 @@ def choose_family(path: Path, requested: str = "auto") -> tuple[str, str]:
     return detect_family(path)
 
 
+def diffusers_folder_problem(path: Path) -> str | None:
+    """Why ``path`` is not a diffusers model folder (for a script's usage error naming its option), else None."""
+    return None if (Path(path) / "model_index.json").is_file() else "not a diffusers folder (no model_index.json)"
+
+
 def load_base_model(
     path_value: str, clip_skip: int = 1, v_parameterization: bool = False, single_file_config: str = "",
     tokenizer_path: str = "", max_token_length: int = 75, model_family: str = "auto", zero_terminal_snr: bool = False,
