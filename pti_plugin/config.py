@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -481,4 +482,17 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
         value = raw.get(key)
         if isinstance(value, str) and value and value != EMBEDDED:
             raw[key] = str(Path(value).expanduser().resolve())
-    return build_config(raw, given=given)
+    try:
+        return build_config(raw, given=given)
+    except ConfigError as error:
+        raise _named_where_given(error, overrides) from None
+
+
+def _named_where_given(error: ConfigError, overrides: dict[str, Any]) -> ConfigError:
+    """``error`` about a top-level key (``preset: key 'k' ...``) that the command line gave, naming ``--k``
+    instead of the preset (the user typed the value as a flag); any other error unchanged."""
+    message = str(error)
+    match = re.match(r"preset: key '(\w+)'", message)
+    if match is None or match[1] not in overrides:
+        return error
+    return ConfigError(f"--{match[1]} (command line){message[match.end():]}")

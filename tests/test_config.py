@@ -45,6 +45,24 @@ def test_command_line_overrides_top_level_and_nested(tmp_path):
     assert [s.learning_rate for s in config.stages] == [1e-4, 1e-4]  # a given learning_rate reaches the built-in stages
 
 
+@pytest.mark.parametrize("key, value, reading", [
+    ("learning_rate", "fast", "expects float, got 'fast'"),
+    ("learning_rate", -1.0, "must be > 0, got -1.0"),
+    ("network_dim", 0, "must be > 0, got 0"),
+])
+def test_a_bad_value_is_named_where_the_user_gave_it(tmp_path, key, value, reading):
+    """The same bad value written in the preset is named as the preset's key, given as a flag as the flag
+    (the user looks where they typed it); a bad preset value beside a good flag stays the preset's."""
+    preset = _write(tmp_path / "p.toml", f"train_data_dir = {str(tmp_path)!r}\n{key} = {value!r}\n".replace("'", '"'))
+    with pytest.raises(ConfigError, match=f"^preset: key '{key}' {reading}"):
+        load_config(preset)
+    clean = _write(tmp_path / "clean.toml", f"train_data_dir = {str(tmp_path)!r}\n".replace("'", '"'))
+    with pytest.raises(ConfigError, match=f"^--{key} \\(command line\\) {reading}"):
+        load_config(clean, {key: value})
+    with pytest.raises(ConfigError, match=f"^preset: key '{key}' {reading}"):
+        load_config(preset, {"output_dir": str(tmp_path / "out")})
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [
