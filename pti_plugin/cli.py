@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
+import typing
 
 from .config import Config, ConfigError, field_names, load_config, parse_value
 
@@ -11,28 +13,46 @@ USAGE = """usage: train_pti.py [--preset FILE] [--KEY VALUE ...] [--set NESTED.K
 
   --preset FILE          a TOML preset (see presets/); without it, the built-in defaults
   --KEY VALUE            override any top-level preset key (kohya names), e.g. --learning_rate 1e-4;
-                         a boolean key alone means true (--gradient_checkpointing)
+                         a boolean key alone means true (--gradient_checkpointing); a list key takes
+                         every value up to the next flag (--network_args conv_dim=4 conv_alpha=1);
+                         a size takes W,H (--resolution 640,512)
   --set KEY=VALUE        override a nested key, e.g. --set stages.0.steps=10
   --list_keys            print every preset key with its default and documentation
 """
 
 
+def _keys_typed(test) -> set[str]:
+    """The top-level keys whose declared type passes ``test``."""
+    hints = typing.get_type_hints(Config)
+    return {name for name in field_names(Config) if test(hints[name])}
+
+
 def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
-    """Split ``argv`` into (preset path, top-level overrides, ``--set`` items)."""
+    """Split ``argv`` into (preset path, top-level overrides, ``--set`` items). As in kohya, a list key takes
+    every value up to the next flag (``--network_args conv_dim=4 conv_alpha=1``), and a size takes ``W,H``
+    (``--resolution 512,768``); a TOML literal (``[...]``) is read as one."""
     preset, overrides, sets = None, {}, []
     bool_keys = {f for f in field_names(Config) if isinstance(getattr(Config(), f), bool)}
+    list_keys = _keys_typed(lambda kind: kind == list[str])  # kohya: nargs="*"
+    size_keys = _keys_typed(lambda kind: list[int] in typing.get_args(kind))  # an int or [W, H]
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}\n{USAGE}")
         key, eq, inline = arg[2:].partition("=")
-        takes_value = bool(eq) or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
-        if key in bool_keys and not takes_value:
+        following = list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i + 1:]))
+        if key in bool_keys and not eq and not following:
             value = "true"
+        elif key in list_keys and not eq:
+            values = following
+            i += len(values)
+            overrides[key] = parse_value(values[0]) if len(values) == 1 and values[0].startswith("[") else values
+            i += 1
+            continue
         elif eq:
             value = inline
-        elif i + 1 < len(argv):
+        elif following:
             i += 1
             value = argv[i]
         else:
@@ -41,6 +61,10 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
             preset = value
         elif key == "set":
             sets.append(value)
+        elif key in list_keys and not value.startswith("["):
+            overrides[key] = [value]
+        elif key in size_keys and "," in value and not value.startswith("["):
+            overrides[key] = parse_value(f"[{value}]")  # kohya's "W,H"
         else:
             overrides[key] = parse_value(value)
         i += 1

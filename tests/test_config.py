@@ -45,6 +45,25 @@ def test_command_line_overrides_top_level_and_nested(tmp_path):
     assert [s.learning_rate for s in config.stages] == [1e-4, 1e-4]  # a given learning_rate reaches the built-in stages
 
 
+def test_kohya_multi_value_flags_and_sizes_reach_the_config(tmp_path):
+    """kohya's command-line forms: a list option takes every value up to the next flag, a size takes W,H; the
+    resolved config holds what a preset writing the same TOML would."""
+    argv = ["--network_args", "conv_dim=4", "conv_alpha=1", "--optimizer_args", "weight_decay=0.1", "betas=0.9,0.99",
+            "--resolution", "640,512", "--init_word", "girl", "--learning_rate", "-1e-4"]
+    _, overrides, _ = parse_args(argv)
+    assert overrides == {"network_args": ["conv_dim=4", "conv_alpha=1"], "optimizer_args": ["weight_decay=0.1", "betas=0.9,0.99"],
+                         "resolution": [640, 512], "init_word": "girl", "learning_rate": -1e-4}
+    overrides["learning_rate"] = 1e-4
+    preset = _write(tmp_path / "p.toml", f'train_data_dir = "{tmp_path}"\nnetwork_args = ["conv_dim=4", "conv_alpha=1"]\n'
+                    'optimizer_args = ["weight_decay=0.1", "betas=0.9,0.99"]\nresolution = [640, 512]\n'
+                    'init_word = "girl"\nlearning_rate = 1e-4\n')
+    assert load_config(None, overrides | {"train_data_dir": str(tmp_path)}) == load_config(preset)
+    assert parse_args(["--network_args=conv_dim=4"])[1] == {"network_args": ["conv_dim=4"]}
+    assert parse_args(["--network_args", '["conv_dim=4"]', "--resolution", "512"])[1] == {"network_args": ["conv_dim=4"],
+                                                                                      "resolution": 512}
+    assert parse_args(["--network_args", "--gradient_checkpointing"])[1] == {"network_args": [], "gradient_checkpointing": True}
+
+
 @pytest.mark.parametrize("key, value, reading", [
     ("learning_rate", "fast", "expects float, got 'fast'"),
     ("learning_rate", -1.0, "must be > 0, got -1.0"),
