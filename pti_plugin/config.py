@@ -485,14 +485,18 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     try:
         return build_config(raw, given=given)
     except ConfigError as error:
-        raise _named_where_given(error, overrides) from None
+        raise _named_where_given(error, overrides, sets or []) from None
 
 
-def _named_where_given(error: ConfigError, overrides: dict[str, Any]) -> ConfigError:
-    """``error`` about a top-level key (``preset: key 'k' ...``) that the command line gave, naming ``--k``
-    instead of the preset (the user typed the value as a flag); any other error unchanged."""
+def _named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[str]) -> ConfigError:
+    """``error`` about a key the command line gave, naming the flag the user typed instead of the preset:
+    ``preset: key 'k' ...`` as ``--k (command line) ...``, and ``preset: key 'stages.0.k' ...`` or
+    ``preset: stages.0: key 'k' ...`` as ``--set stages.0.k ...`` when ``--set`` gave it; any other error unchanged."""
     message = str(error)
-    match = re.match(r"preset: key '(\w+)'", message)
-    if match is None or match[1] not in overrides:
+    match = re.match(r"preset: key '([\w.]+)'", message) or re.match(r"preset: (stages\.\d+): key '(\w+)'", message)
+    if match is None:
         return error
-    return ConfigError(f"--{match[1]} (command line){message[match.end():]}")
+    path = ".".join(match.groups())
+    set_paths = {item.partition("=")[0].strip() for item in sets}
+    named = f"--{path} (command line)" if path in overrides else f"--set {path}" if path in set_paths else None
+    return error if named is None else ConfigError(named + message[match.end():])

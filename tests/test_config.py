@@ -82,6 +82,19 @@ def test_a_bad_value_is_named_where_the_user_gave_it(tmp_path, key, value, readi
         load_config(preset, {"output_dir": str(tmp_path / "out")})
 
 
+def test_a_bad_stage_value_given_with_set_is_named_as_the_set_path(tmp_path):
+    """``--set stages.0.k=v`` with a bad value names ``--set stages.0.k``; the same value in the preset's stage
+    keeps the preset's name."""
+    clean = _write(tmp_path / "clean.toml", f'train_data_dir = "{tmp_path}"\n[[stages]]\nkind = "inversion"\n')
+    with pytest.raises(ConfigError, match=r"^--set stages\.0\.learning_rate must be > 0, got -1\.0"):
+        load_config(clean, {}, ["stages.0.learning_rate=-1"])
+    with pytest.raises(ConfigError, match=r"^--set stages\.0\.steps expects int"):
+        load_config(clean, {}, ["stages.0.steps=abc"])
+    written = _write(tmp_path / "bad.toml", f'train_data_dir = "{tmp_path}"\n[[stages]]\nkind = "inversion"\nsteps = "abc"\n')
+    with pytest.raises(ConfigError, match=r"^preset: stages\.0: key 'steps' expects int"):
+        load_config(written, {}, ["stages.0.learning_rate=1e-4"])
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [
