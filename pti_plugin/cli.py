@@ -32,7 +32,8 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
     every value up to the next flag (``--network_args conv_dim=4 conv_alpha=1``), and a size takes ``W,H``
     (``--resolution 512,768``); a TOML literal (``[...]``) is read as one."""
     preset, overrides, sets = None, {}, []
-    bool_keys = {f for f in field_names(Config) if isinstance(getattr(Config(), f), bool)}
+    known = set(field_names(Config)) | {"preset", "set"}
+    bool_keys = {f for f in known - {"preset", "set"} if isinstance(getattr(Config(), f), bool)}
     list_keys = _keys_typed(lambda kind: kind == list[str])  # kohya: nargs="*"
     size_keys = _keys_typed(lambda kind: list[int] in typing.get_args(kind))  # an int or [W, H]
     i = 0
@@ -42,8 +43,8 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
             raise ConfigError(f"unexpected argument {arg!r}\n{USAGE}")
         key, eq, inline = arg[2:].partition("=")
         following = list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i + 1:]))
-        if key in bool_keys and not eq and not following:
-            value = "true"
+        if not eq and not following and (key in bool_keys or key not in known):
+            value = "true"  # a flag alone; an unknown or refused one is named by load_config
         elif key in list_keys and not eq:
             values = following
             i += len(values)

@@ -491,8 +491,12 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
 def _named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[str]) -> ConfigError:
     """``error`` about a key the command line gave, naming the flag the user typed instead of the preset:
     ``preset: key 'k' ...`` as ``--k (command line) ...``, and ``preset: key 'stages.0.k' ...`` or
-    ``preset: stages.0: key 'k' ...`` as ``--set stages.0.k ...`` when ``--set`` gave it; any other error unchanged."""
+    ``preset: stages.0: key 'k' ...`` as ``--set stages.0.k ...`` when ``--set`` gave it, and a refused or
+    unknown key as the command line's; any other error unchanged."""
     message = str(error)
+    refused = re.match(r"preset: (?:kohya option|unknown key) '(\w+)'", message)
+    if refused is not None:
+        return ConfigError("command line: " + message.removeprefix("preset: ")) if refused[1] in overrides else error
     match = re.match(r"preset: key '([\w.]+)'", message) or re.match(r"preset: (stages\.\d+): key '(\w+)'", message)
     if match is None:
         return error

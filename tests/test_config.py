@@ -82,6 +82,23 @@ def test_a_bad_value_is_named_where_the_user_gave_it(tmp_path, key, value, readi
         load_config(preset, {"output_dir": str(tmp_path / "out")})
 
 
+def test_a_refused_or_unknown_flag_alone_is_named_as_the_command_lines(tmp_path):
+    """kohya's value-less flags that pti-plugin refuses (``--full_fp16``) or does not know are refused by name as
+    the command line's, not as 'needs a value'; a known key without its value still needs one; the same keys in
+    a preset are named as the preset's."""
+    _, overrides, _ = parse_args(["--full_fp16", "--lowram", "--learnig_rate", "1e-4"])
+    assert overrides == {"full_fp16": True, "lowram": True, "learnig_rate": 1e-4}
+    with pytest.raises(ConfigError, match=r"^command line: kohya option 'full_fp16' is not supported"):
+        load_config(None, {"full_fp16": True, "train_data_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"^command line: unknown key 'learnig_rate'\. Did you mean 'learning_rate'\?"):
+        load_config(None, {"learnig_rate": 1e-4, "train_data_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="^--learning_rate needs a value"):
+        parse_args(["--learning_rate"])
+    preset = _write(tmp_path / "p.toml", f'train_data_dir = "{tmp_path}"\nfull_fp16 = true\n')
+    with pytest.raises(ConfigError, match=r"^preset: kohya option 'full_fp16' is not supported"):
+        load_config(preset, {"seed": 1})
+
+
 def test_a_bad_stage_value_given_with_set_is_named_as_the_set_path(tmp_path):
     """``--set stages.0.k=v`` with a bad value names ``--set stages.0.k``; the same value in the preset's stage
     keeps the preset's name."""
