@@ -43,14 +43,13 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
             raise ConfigError(f"unexpected argument {arg!r}\n{USAGE}")
         key, eq, inline = arg[2:].partition("=")
         following = list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i + 1:]))
+        if key in list_keys and not eq:  # every value up to the next flag
+            toml_list = len(following) == 1 and following[0].startswith("[")
+            overrides[key] = parse_value(following[0]) if toml_list else following
+            i += 1 + len(following)
+            continue
         if not eq and not following and (key in bool_keys or key not in known):
             value = "true"  # a flag alone; an unknown or refused one is named by load_config
-        elif key in list_keys and not eq:
-            values = following
-            i += len(values)
-            overrides[key] = parse_value(values[0]) if len(values) == 1 and values[0].startswith("[") else values
-            i += 1
-            continue
         elif eq:
             value = inline
         elif following:
