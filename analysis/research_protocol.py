@@ -52,7 +52,7 @@ def parse_args(argv):
     parser.add_argument("--no_vectors", action="store_true", help="h1: only the 1-vector grid")
     parser.add_argument("--pivot_lr", type=float, default=2.75e-5,
                         help="h2, h3: the H1 learning rate whose pivot LoRAs start from (h1 always trains those cells)")
-    parser.add_argument("--wait", type=float, default=0.0, help="h2: seconds to wait for a missing pivot")
+    parser.add_argument("--wait", type=float, default=0.0, help="h2, h3: seconds to wait for a missing pivot")
     parser.add_argument("--save_every", type=int, default=None,
                         help="h2, all: the LoRA runs save every N steps (default: H2Settings')")
     parser.add_argument("--dense_until", type=int, default=None,
@@ -79,11 +79,19 @@ def number_list(text: str, flag: str, cast=float) -> tuple:
 
 
 def float_list(text: str, flag: str) -> tuple[float, ...]:
-    return number_list(text, flag)
+    """``text``'s comma-separated positive finite numbers (learning rates, weights); anything else exits naming ``flag``."""
+    values = number_list(text, flag)
+    if bad := [v for v in values if not 0 < v < float("inf")]:
+        raise SystemExit(f"error: {flag} takes positive finite numbers, got {', '.join(map(str, bad))}")
+    return values
 
 
 def seed_list(text: str) -> tuple[int, ...]:
-    return number_list(text, "--seeds", int)
+    """``text``'s comma-separated training seeds (integers >= 0); anything else exits naming ``--seeds``."""
+    seeds = number_list(text, "--seeds", int)
+    if bad := [s for s in seeds if s < 0]:
+        raise SystemExit(f"error: --seeds takes integers >= 0, got {', '.join(map(str, bad))}")
+    return seeds
 
 
 def h3_settings(args):
@@ -190,13 +198,19 @@ def main(argv=None) -> None:
         from pti_plugin.toy_world.h3_variants import run_h3
 
         h3 = h3_settings(args)
-        cells = run_h3(model, args.out / "h3", base, h3, h1_out=args.out / "h1",
-                       wait_seconds=args.wait, archive=args.results / H3_ARCHIVE)
+        try:
+            cells = run_h3(model, args.out / "h3", base, h3, h1_out=args.out / "h1",
+                           wait_seconds=args.wait, archive=args.results / H3_ARCHIVE)
+        except FileNotFoundError as error:  # a missing pivot (wait_for)
+            raise SystemExit(f"error: {error}") from None
         print(f"h3: {len(cells)} cells in {args.out / 'h3'}")
         return
     h2 = h2_settings(args)
     pivots = {s: pivot_file(model, args.out / "h1", base, h1, pivot_lr, s) for s in h2.training_seeds}
-    runs = train_h2_runs(model, args.out / "h2", base, pivots, h1.init_word, h2, wait_seconds=args.wait)
+    try:
+        runs = train_h2_runs(model, args.out / "h2", base, pivots, h1.init_word, h2, wait_seconds=args.wait)
+    except FileNotFoundError as error:  # a missing pivot (wait_for)
+        raise SystemExit(f"error: {error}") from None
     print(f"h2: {sum(map(len, runs.values()))} runs in {args.out / 'h2'}")
 
 

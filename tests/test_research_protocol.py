@@ -304,6 +304,36 @@ def test_seeds_outside_the_default_grid_add_training_seeds():
         research_protocol.h3_settings(research_protocol.parse_args(["h3", "--seeds", "3,x"]))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--lrs", "1e-3,-1"], "--lrs takes positive finite numbers, got -1.0"),
+    (["--lrs", "inf"], "--lrs takes positive finite numbers, got inf"),
+    (["--weights", "half_angle=10,0"], "--weights half_angle takes positive finite numbers, got 0.0"),
+    (["--seeds", "1,-2"], "--seeds takes integers >= 0, got -2"),
+])
+def test_a_grid_value_the_protocol_cannot_train_is_refused_naming_its_flag(argv, message):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+    import research_protocol
+
+    with pytest.raises(SystemExit, match=message):
+        research_protocol.h3_settings(research_protocol.parse_args(["h3", *argv]))
+
+
+def test_a_missing_pivot_names_how_to_train_it_or_wait(tmp_path):
+    """No pivot and no wait: a message naming the file, the part that trains it and ``--wait`` (the CLI exits
+    with it, no traceback)."""
+    from pti_plugin.toy_world.h2_runs import wait_for
+
+    missing = tmp_path / "h1" / "runs" / "cell" / "tok1.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"tok1\.safetensors: the pivot .*research_protocol\.py h1 .*--wait"):
+        wait_for(missing, print)
+    missing.parent.mkdir(parents=True)
+    missing.write_bytes(b"x")
+    assert wait_for(missing, print) == missing
+
+
 def _partial_rerun(quick_protocol, tmp_path, keep_archive: bool):
     """The report rebuilt from a copy of the committed results and a working folder that lost every H1
     and H3 cell but one of each (a machine that kept only the newest runs); returns (before, after)

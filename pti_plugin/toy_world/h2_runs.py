@@ -95,9 +95,11 @@ def wait_for(path: Path, log: Callable[[str], None], poll_seconds: float = 30.0,
     waited = 0.0
     while not path.is_file():
         if waited >= timeout_seconds:
-            raise FileNotFoundError(f"{path}: the pivot of this H2 run does not exist (train the H1 cell first)")
+            raise FileNotFoundError(f"{path}: the pivot these LoRA runs start from does not exist; train its H1 cell "
+                                    "first (research_protocol.py h1 --seeds S --out OUT), or pass --wait SECONDS while "
+                                    "another process trains it")
         if waited == 0.0:
-            log(f"h2: waiting for {path}")
+            log(f"waiting for the pivot {path}")
         time.sleep(poll_seconds)
         waited += poll_seconds
     return path
