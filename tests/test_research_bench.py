@@ -156,3 +156,18 @@ def test_scores_are_deterministic(bench):
     assert score_run(run_dir, settings, device="cpu") == first
     cached = json.loads((Path(run_dir) / "bench_scores.json").read_text())
     assert cached["scores"] == first  # the bench's own scoring, with the same settings
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seeds", "1", "--seeds must be at least 2, got 1 (layout diversity compares seeds)"),
+    ("--lora_steps", "0", "--lora_steps must be at least 1, got 0"),
+    ("--max_images", "0", "--max_images must be at least 1, got 0"),
+])
+def test_a_bench_setting_that_cannot_run_is_refused_before_anything_trains(flag, value, message, tmp_path, capsys):
+    """Exit 2 naming the flag, and nothing written under --out (a 0 used to start the whole bench)."""
+    from pti_plugin.sweeps.bench import parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--out", str(tmp_path / "bench"), flag, value])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()

@@ -53,3 +53,20 @@ def test_ray_options_without_the_ray_engine_are_refused():
     args = lr_sweep.parse_args(["--preset", "p.toml", "--stage", "lora", "--lrs", "1e-3", "--address", "auto"])
     with pytest.raises(SystemExit, match="--engine ray only"):
         lr_sweep.engine_from_args(args, [])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--leakage_seeds", "1"], "--leakage_seeds must be at least 2"),
+    (["--max_images", "0"], "--max_images must be at least 1"),
+    (["--save_every", "-1"], "--save_every must be at least 0"),
+    (["--lrs", "1e-3,nan"], "--lrs: give positive finite learning rates, got '1e-3,nan'"),
+    (["--lrs=-1e-3"], "--lrs: give positive finite learning rates"),
+])
+def test_a_sweep_setting_that_cannot_run_is_refused_naming_its_flag(argv, message, capsys):
+    """Refused by the argument parser, before any preset is read or run trained (a sweep of 0 steps used to
+    reach the preset's check and be named as 'stages.0.steps')."""
+    with pytest.raises(SystemExit) as stop:
+        lr_sweep.parse_args(["--preset", "p.toml", "--stage", "lora", "--lrs", "1e-3", *argv])
+    said = capsys.readouterr().err + str(stop.value.code)  # parser.error prints (code 2); --lrs exits with the text
+    assert message in said

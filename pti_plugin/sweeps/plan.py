@@ -49,9 +49,20 @@ def parse_lrs(text: str) -> list[float]:
         lrs = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
         raise SystemExit(f"--lrs: expected comma-separated numbers, got {text!r}") from exc
-    if not lrs or any(lr <= 0 for lr in lrs):
-        raise SystemExit("--lrs: give at least one positive learning rate")
+    if not lrs or not all(0 < lr < float("inf") for lr in lrs):  # nan fails both comparisons
+        raise SystemExit(f"--lrs: give positive finite learning rates, got {text!r}")
     return sorted(set(lrs))
+
+
+#: Why a count must be at least 2: layout diversity compares seeds.
+_AT_LEAST_WHY = {2: " (layout diversity compares seeds)"}
+
+
+def refuse_below(parser, args, least: dict[str, int]) -> None:
+    """``parser.error`` naming the first ``--flag`` whose value in ``args`` is below ``least[flag]``."""
+    for flag, minimum in least.items():
+        if getattr(args, flag) < minimum:
+            parser.error(f"--{flag} must be at least {minimum}, got {getattr(args, flag)}{_AT_LEAST_WHY.get(minimum, '')}")
 
 
 def lr_tag(lr: float) -> str:
