@@ -81,7 +81,7 @@ from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correl
                                             write_csv)
 from pti_plugin.sweeps.engines import add_engine_arguments
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
-from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, refuse_below
+from pti_plugin.sweeps.plan import TWO_SEEDS, parse_lrs, point_name, preset_stages, refuse_below
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix, training_seeds_arg
 
@@ -306,7 +306,7 @@ def parse_args(argv):
     parser.add_argument("--device", default=None)
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
-    refuse_below(parser, args, {"inversion_steps": 1, "lora_steps": 1, "reg_images": 1, "seeds": 2, "sample_steps": 1,
+    refuse_below(parser, args, {"inversion_steps": 1, "lora_steps": 1, "reg_images": 1, "seeds": TWO_SEEDS, "sample_steps": 1,
                                 "max_images": 1})
     args.out = args.out.resolve()
     return args

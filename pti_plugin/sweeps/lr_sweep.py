@@ -79,7 +79,7 @@ from pathlib import Path
 from pti_plugin.config import ConfigError, apply_overrides, load_preset_dict
 from pti_plugin.sweeps.engines import add_engine_arguments, engine_from_args
 from pti_plugin.sweeps.evaluation import eval_settings, evaluate_one, evaluate_runs
-from pti_plugin.sweeps.plan import parse_lrs, plan_pivot, plan_runs, refuse_below, training_seed_indices
+from pti_plugin.sweeps.plan import TWO_SEEDS, parse_lrs, plan_pivot, plan_runs, refuse_below, training_seed_indices
 from pti_plugin.sweeps.report import write_report
 from pti_plugin.sweeps.runner import train_sweep, visible_gpus
 from pti_plugin.sweeps.seeds import training_seeds_arg
@@ -120,7 +120,7 @@ def parse_args(argv):
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--_evaluate_run", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    refuse_below(parser, args, {"steps": 1, "n_seeds": 1, "sample_steps": 1, "leakage_seeds": 2, "max_images": 1,
+    refuse_below(parser, args, {"steps": 1, "n_seeds": 1, "sample_steps": 1, "leakage_seeds": TWO_SEEDS, "max_images": 1,
                                 "save_every": 0})
     args.leakage_on = args.leakage == "on" or (args.leakage == "auto" and args.stage == "lora")
     args.out = args.out.resolve()

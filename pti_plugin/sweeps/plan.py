@@ -54,15 +54,17 @@ def parse_lrs(text: str) -> list[float]:
     return sorted(set(lrs))
 
 
-#: Why a count must be at least 2: layout diversity compares seeds.
-_AT_LEAST_WHY = {2: " (layout diversity compares seeds)"}
+#: The reason a seed count must be at least 2, for :func:`refuse_below`.
+TWO_SEEDS = (2, "layout diversity compares seeds")
 
 
-def refuse_below(parser, args, least: dict[str, int]) -> None:
-    """``parser.error`` naming the first ``--flag`` whose value in ``args`` is below ``least[flag]``."""
-    for flag, minimum in least.items():
+def refuse_below(parser, args, least: dict[str, int | tuple[int, str]]) -> None:
+    """``parser.error`` naming the first ``--flag`` whose value in ``args`` is below ``least[flag]`` (a minimum,
+    or a minimum and the reason for it)."""
+    for flag, rule in least.items():
+        minimum, why = rule if isinstance(rule, tuple) else (rule, "")
         if getattr(args, flag) < minimum:
-            parser.error(f"--{flag} must be at least {minimum}, got {getattr(args, flag)}{_AT_LEAST_WHY.get(minimum, '')}")
+            parser.error(f"--{flag} must be at least {minimum}, got {getattr(args, flag)}" + (f" ({why})" if why else ""))
 
 
 def lr_tag(lr: float) -> str:
