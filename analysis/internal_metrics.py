@@ -90,6 +90,8 @@ def parse_args(argv):
         parser.error("--score_only and --cached_only together would do nothing")
     if args.seeds < 1 or args.sample_steps < 1 or args.draws < 1:
         parser.error("--seeds, --sample_steps and --draws must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: exists and is not a folder")
     return args
 
 

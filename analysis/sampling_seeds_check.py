@@ -42,6 +42,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"not a file: {', '.join(missing)}")
     if args.draws < 1:
         parser.error("--draws must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: exists and is not a folder")
+    for path in (args.fewer, args.more):
+        try:
+            summary = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            parser.error(f"{path}: not JSON ({error})")
+        if not isinstance(summary, dict) or not isinstance(summary.get("rows"), list):
+            parser.error(f"{path}: not an internal_metrics.json (no 'rows' list)")
     return args
 
 

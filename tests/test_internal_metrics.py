@@ -360,6 +360,16 @@ def test_the_stated_layer_test_reads_its_rule_off_the_interval(follows, reading)
     assert layer_test_verdict({"layer_versions": []}) is None
 
 
+def test_an_out_that_is_a_file_is_refused_before_anything_is_scored(tmp_path, capsys):
+    script = _script()
+    taken = tmp_path / "taken.json"
+    taken.write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        script.main([str(tmp_path), "--out", str(taken)])
+    assert stop.value.code == 2 and f"--out {taken}: exists and is not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "{}"
+
+
 def test_a_stated_set_of_runs_is_known_by_its_training_seeds_and_conditions():
     """The test's seeds with its conditions, or the replication's with theirs, name that set; a seed or a
     condition outside it (even one the other set has) names none; a condition keeps its weight."""

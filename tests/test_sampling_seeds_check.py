@@ -76,3 +76,21 @@ def test_script_names_a_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _main([str(tmp_path / "nope.json"), str(tmp_path / "nope2.json"), "--out", str(tmp_path)])
     assert "nope.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [("not json", "not JSON"), ("{}", "not an internal_metrics.json (no 'rows' list)"),
+                                           ("[1, 2]", "not an internal_metrics.json")])
+def test_script_names_a_file_that_is_no_summary(tmp_path, capsys, text, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        _main([str(bad), str(bad), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and f"{bad}: {message}" in capsys.readouterr().err
+
+
+def test_script_names_an_out_that_is_a_file(tmp_path, capsys):
+    summary = tmp_path / "s.json"
+    summary.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit):
+        _main([str(summary), str(summary), "--out", str(summary)])
+    assert f"--out {summary}: exists and is not a folder" in capsys.readouterr().err
