@@ -200,19 +200,22 @@ def _run_cell(name: str) -> str:
     return name.rsplit("-", 1)[0]
 
 
-def run_learning_rate(name: str) -> float | None:
-    """The LoRA learning rate of an H3 run (named ``<cell name>-<digest>``), else None."""
+def _run_key(name: str) -> tuple[str, float | None, float, int] | None:
+    """``(variant, weight, lr, seed)`` of an H3 run named ``<cell name>-<digest>``, else None."""
     from .h3_variants import cell_key
 
-    key = cell_key(_run_cell(name))
+    return cell_key(_run_cell(name))
+
+
+def run_learning_rate(name: str) -> float | None:
+    """The LoRA learning rate of an H3 run (named ``<cell name>-<digest>``), else None."""
+    key = _run_key(name)
     return None if key is None else key[2]
 
 
 def run_training_seed(name: str) -> int | None:
     """The training seed of an H3 run (its unit of replication), else None."""
-    from .h3_variants import cell_key
-
-    key = cell_key(_run_cell(name))
+    key = _run_key(name)
     return None if key is None else key[3]
 
 
@@ -280,9 +283,7 @@ STATED_LAYER_TESTS = {
 
 def run_condition(name: str) -> str | None:
     """The H3 condition of a run: its variant, with ``-w<weight>`` where the variant has a weight, else None."""
-    from .h3_variants import cell_key
-
-    key = cell_key(_run_cell(name))
+    key = _run_key(name)
     return None if key is None else key[0] if key[1] is None else f"{key[0]}-w{key[1]:g}"
 
 
