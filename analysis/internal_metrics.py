@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
+from pti_plugin.input_checks import out_folder_problem  # noqa: E402
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 
 
@@ -90,8 +91,8 @@ def parse_args(argv):
         parser.error("--score_only and --cached_only together would do nothing")
     if args.seeds < 1 or args.sample_steps < 1 or args.draws < 1:
         parser.error("--seeds, --sample_steps and --draws must be at least 1")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out}: exists and is not a folder")
+    if problem := out_folder_problem(args.out):
+        parser.error(f"--out {args.out}: {problem}")
     return args
 
 

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text  # noqa: E402
+from pti_plugin.input_checks import out_folder_problem  # noqa: E402
 from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
 from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
@@ -63,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, PathS
         parser.error(f"--fractions must be at least 2 (the start and the end), got {args.fractions}")
     if problem := diffusers_folder_problem(args.model):
         parser.error(f"--model {args.model}: {problem}")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out}: exists and is not a folder")
+    if problem := out_folder_problem(args.out):
+        parser.error(f"--out {args.out}: {problem}")
     _check_vocabulary(parser, args.model)
     settings = PathSettings.quick() if args.quick else defaults
     changes = {key: getattr(args, key) for key in ("seeds", "fractions") if getattr(args, key) is not None}

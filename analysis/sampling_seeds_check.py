@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pti_plugin.input_checks import out_folder_problem  # noqa: E402
 from pti_plugin.toy_world.internal_metrics import INDEPENDENT, LEAKAGE_TRUTHS, LEAKAGE_VERSIONS  # noqa: E402
 
 SAME_GENERATIONS = LEAKAGE_TRUTHS[0]  # gt_leakage
@@ -42,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"not a file: {', '.join(missing)}")
     if args.draws < 1:
         parser.error("--draws must be at least 1")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out}: exists and is not a folder")
+    if problem := out_folder_problem(args.out):
+        parser.error(f"--out {args.out}: {problem}")
+    args.summaries = []  # the two files, read once here
     for path in (args.fewer, args.more):
         try:
             summary = json.loads(path.read_text())
@@ -51,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{path}: not JSON ({error})")
         if not isinstance(summary, dict) or not isinstance(summary.get("rows"), list):
             parser.error(f"{path}: not an internal_metrics.json (no 'rows' list)")
+        args.summaries.append(summary)
     return args
 
 
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
     from pti_plugin.atomic_io import atomic_write_text
 
     args = parse_args(argv)
-    fewer, more = (json.loads(p.read_text()) for p in (args.fewer, args.more))
+    fewer, more = args.summaries
     fewer_rows, more_rows = matched_rows(fewer, more)
     if len(fewer_rows) < 3:
         print(f"only {len(fewer_rows)} runs are in both {args.fewer} and {args.more}: nothing to compare")

@@ -41,6 +41,11 @@ _MAX_SEED = 2**63 - 1
 _FLOAT32_MAX = 3.4028234663852886e38  # training runs in float32 at most
 
 
+def out_folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a script's output folder (for its usage error naming the option), else None."""
+    return "exists and is not a folder" if path.exists() and not path.is_dir() else None
+
+
 def check_inputs(config: Config, check_paths: bool = True) -> None:
     """Run every start-time check on ``config`` (see the module docstring)."""
     check_finite_numbers(config)
