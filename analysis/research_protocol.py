@@ -36,6 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
+from pti_plugin.input_checks import number_list, positive_finite  # noqa: E402
+
 BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
 
 
@@ -66,29 +68,20 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def number_list(text: str, flag: str, cast=float) -> tuple:
-    """``text``'s comma-separated values as ``cast`` (float or int); a malformed or empty list exits naming ``flag``."""
-    try:
-        values = tuple(cast(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        kind = "integers" if cast is int else "numbers"
-        raise SystemExit(f"error: {flag} takes comma-separated {kind}, got {text!r}") from None
-    if not values:
-        raise SystemExit(f"error: {flag} is empty")
-    return values
-
-
 def float_list(text: str, flag: str) -> tuple[float, ...]:
     """``text``'s comma-separated positive finite numbers (learning rates, weights); anything else exits naming ``flag``."""
-    values = number_list(text, flag)
-    if bad := [v for v in values if not 0 < v < float("inf")]:
-        raise SystemExit(f"error: {flag} takes positive finite numbers, got {', '.join(map(str, bad))}")
-    return values
+    try:
+        return positive_finite(number_list(text))
+    except ValueError as exc:
+        raise SystemExit(f"error: {flag}: {exc}") from None
 
 
 def seed_list(text: str) -> tuple[int, ...]:
     """``text``'s comma-separated training seeds (integers >= 0); anything else exits naming ``--seeds``."""
-    seeds = number_list(text, "--seeds", int)
+    try:
+        seeds = number_list(text, int)
+    except ValueError as exc:
+        raise SystemExit(f"error: --seeds: {exc}") from None
     if bad := [s for s in seeds if s < 0]:
         raise SystemExit(f"error: --seeds takes integers >= 0, got {', '.join(map(str, bad))}")
     return seeds

@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pti_plugin.input_checks import number_list, positive_finite  # noqa: E402
 from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
@@ -58,21 +59,20 @@ def premise_settings(parser: argparse.ArgumentParser, args) -> PremiseSettings:
         text = getattr(args, field)
         if text is None:
             continue
+        if field == "init_word":
+            if len(text.split()) != 1:
+                parser.error(f"--init_word: one word of the toy vocabulary, got {text!r}")
+            changes[field] = text
+            continue
         try:
-            if field == "init_word":
-                value = text
-            elif field.endswith("lrs"):
-                value = tuple(float(x) for x in text.split(",") if x.strip())
+            if field.endswith("lrs"):
+                changes[field] = positive_finite(number_list(text))
             else:
-                value = int(text)
-        except ValueError:
-            parser.error(f"--{field}: expected {'comma-separated numbers' if field.endswith('lrs') else 'an integer'}, got {text!r}")
-        numbers = () if field == "init_word" else value if field.endswith("lrs") else (value,)
-        if field != "init_word" and (not numbers or min(numbers) <= 0):
+                changes[field] = int(text)
+        except ValueError as exc:
+            parser.error(f"--{field}: {exc if field.endswith('lrs') else f'expected an integer, got {text!r}'}")
+        if not field.endswith("lrs") and changes[field] <= 0:
             parser.error(f"--{field}: must be positive, got {text!r}")
-        if field == "init_word" and len(text.split()) != 1:
-            parser.error(f"--init_word: one word of the toy vocabulary, got {text!r}")
-        changes[field] = value
     return dataclasses.replace(settings, **changes)
 
 

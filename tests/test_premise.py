@@ -106,7 +106,8 @@ def test_quick_premise_check_prints_its_line_and_resumes_without_training(tmp_pa
 
 @shipped
 @pytest.mark.parametrize("option, culprit", [("--inversion_lrs=1e-3,x", "--inversion_lrs"), ("--seeds=0", "--seeds"),
-                                             ("--init_word=zebra", "zebra"), ("--lora_lrs=,", "--lora_lrs")])
+                                             ("--init_word=zebra", "zebra"), ("--lora_lrs=,", "--lora_lrs"),
+                                             ("--lora_lrs=1e-3,nan", "--lora_lrs: expected positive finite numbers, got nan")])
 def test_bad_premise_options_are_refused_before_any_work(tmp_path, capsys, option, culprit):
     with pytest.raises(SystemExit) as exit_info:
         _script(["--premise", "--out", str(tmp_path), option])

@@ -162,6 +162,8 @@ def test_scores_are_deterministic(bench):
     ("--seeds", "1", "--seeds must be at least 2, got 1 (layout diversity compares seeds)"),
     ("--lora_steps", "0", "--lora_steps must be at least 1, got 0"),
     ("--max_images", "0", "--max_images must be at least 1, got 0"),
+    ("--inversion_lrs", "1e-3,nan", "argument --inversion_lrs: expected positive finite numbers, got nan"),
+    ("--lora_lrs", "1e-3,x", "argument --lora_lrs: expected comma-separated numbers, got '1e-3,x'"),
 ])
 def test_a_bench_setting_that_cannot_run_is_refused_before_anything_trains(flag, value, message, tmp_path, capsys):
     """Exit 2 naming the flag, and nothing written under --out (a 0 used to start the whole bench)."""

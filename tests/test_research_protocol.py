@@ -305,9 +305,9 @@ def test_seeds_outside_the_default_grid_add_training_seeds():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--lrs", "1e-3,-1"], "--lrs takes positive finite numbers, got -1.0"),
-    (["--lrs", "inf"], "--lrs takes positive finite numbers, got inf"),
-    (["--weights", "half_angle=10,0"], "--weights half_angle takes positive finite numbers, got 0.0"),
+    (["--lrs", "1e-3,-1"], "--lrs: expected positive finite numbers, got -1.0"),
+    (["--lrs", "inf"], "--lrs: expected positive finite numbers, got inf"),
+    (["--weights", "half_angle=10,0"], "--weights half_angle: expected positive finite numbers, got 0.0"),
     (["--seeds", "1,-2"], "--seeds takes integers >= 0, got -2"),
 ])
 def test_a_grid_value_the_protocol_cannot_train_is_refused_naming_its_flag(argv, message):

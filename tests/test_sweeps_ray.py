@@ -60,8 +60,9 @@ def test_ray_options_without_the_ray_engine_are_refused():
     (["--leakage_seeds", "1"], "--leakage_seeds must be at least 2"),
     (["--max_images", "0"], "--max_images must be at least 1"),
     (["--save_every", "-1"], "--save_every must be at least 0"),
-    (["--lrs", "1e-3,nan"], "--lrs: give positive finite learning rates, got '1e-3,nan'"),
-    (["--lrs=-1e-3"], "--lrs: give positive finite learning rates"),
+    (["--lrs", "1e-3,nan"], "argument --lrs: expected positive finite numbers, got nan"),
+    (["--lrs=-1e-3"], "argument --lrs: expected positive finite numbers, got -0.001"),
+    (["--lrs", "1e-3,x"], "argument --lrs: expected comma-separated numbers, got '1e-3,x'"),
 ])
 def test_a_sweep_setting_that_cannot_run_is_refused_naming_its_flag(argv, message, capsys):
     """Refused by the argument parser, before any preset is read or run trained (a sweep of 0 steps used to

@@ -10,6 +10,7 @@ trainer's ``weights`` key).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import toml
 from pti_plugin.atomic_io import atomic_write_text
 from pti_plugin.config import build_config, default_stages, parse_value
 from pti_plugin.hooks import instantiate_plugins
+from pti_plugin.input_checks import number_list, positive_finite
 from pti_plugin.sweeps.seeds import seed_suffix
 
 
@@ -45,13 +47,11 @@ class RunSpec:
 
 
 def parse_lrs(text: str) -> list[float]:
+    """``--lrs``' learning rates, sorted without repeats (an argparse ``type``: a bad list is named by its option)."""
     try:
-        lrs = [float(x) for x in text.split(",") if x.strip()]
+        return sorted(set(positive_finite(number_list(text))))
     except ValueError as exc:
-        raise SystemExit(f"--lrs: expected comma-separated numbers, got {text!r}") from exc
-    if not lrs or not all(0 < lr < float("inf") for lr in lrs):  # nan fails both comparisons
-        raise SystemExit(f"--lrs: give positive finite learning rates, got {text!r}")
-    return sorted(set(lrs))
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 #: The reason a seed count must be at least 2, for :func:`refuse_below`.
