@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from .config import ConfigError
 from .optimizers import SUPPORTED, SUPPORTED_SCHEDULERS, is_supported_optimizer, optimizer_package
 
 #: Top-level keys with a fixed set of values (stage-level optimizer/scheduler keys are checked below).
@@ -35,15 +36,16 @@ def installed(*modules: str) -> bool:
     return any(importlib.util.find_spec(m) is not None for m in modules)
 
 
-def choice_problem(key: str, value: Any) -> str | None:
+def choice_problem(key: str, value: Any) -> ConfigError | None:
     """Why the top-level ``key = value`` cannot run here (None when it can)."""
     if value not in CHOICES[key]:
-        return f"key {key!r} must be one of {list(CHOICES[key])}, got {value!r}"
+        return ConfigError.at(key, f" must be one of {list(CHOICES[key])}, got {value!r}")
     modules, pip = _NEEDS.get((key, value), ((), ""))
     if modules and not installed(*modules):
-        return f'{key} = "{value}" needs the {pip} package (pip install {pip})'
+        return ConfigError.at(key, f' = "{value}" needs the {pip} package (pip install {pip})')
     if (key, value) == ("mixed_precision", "fp16") and not cuda_available():
-        return 'mixed_precision = "fp16" needs a CUDA GPU (on CPU the half-precision UNet meets float32 inputs and fails); use "bf16" or "no" on CPU'
+        return ConfigError.at(key, ' = "fp16" needs a CUDA GPU (on CPU the half-precision UNet meets float32 inputs '
+                                   'and fails); use "bf16" or "no" on CPU')
     return None
 
 
@@ -53,14 +55,14 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def optimizer_problem(where: str, optimizer: str | None, scheduler: str | None) -> str | None:
+def optimizer_problem(where: str, optimizer: str | None, scheduler: str | None) -> ConfigError | None:
     """Why a stage's (or the top level's) optimizer/scheduler cannot run here (None when they can)."""
     if optimizer is not None:
         if not is_supported_optimizer(optimizer):
-            return f"key '{where}optimizer_type': unknown optimizer {optimizer!r}; valid: {', '.join(SUPPORTED)}"
+            return ConfigError.at(f"{where}optimizer_type", f": unknown optimizer {optimizer!r}; valid: {', '.join(SUPPORTED)}")
         package = optimizer_package(optimizer)
         if package and not installed(package[0]):
-            return f"key '{where}optimizer_type': {optimizer!r} needs the {package[1]} package (pip install {package[1]})"
+            return ConfigError.at(f"{where}optimizer_type", f": {optimizer!r} needs the {package[1]} package (pip install {package[1]})")
     if scheduler is not None and scheduler not in SUPPORTED_SCHEDULERS:
-        return f"key '{where}lr_scheduler': unknown scheduler {scheduler!r}; valid: {', '.join(SUPPORTED_SCHEDULERS)}"
+        return ConfigError.at(f"{where}lr_scheduler", f": unknown scheduler {scheduler!r}; valid: {', '.join(SUPPORTED_SCHEDULERS)}")
     return None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +32,21 @@ EMBEDDED = "@embedded"
 
 
 class ConfigError(ValueError):
-    """A preset or command-line problem, reported before any model is loaded."""
+    """A preset or command-line problem, reported before any model is loaded.
+
+    ``key``: the setting at fault as a dotted path (``learning_rate``, ``stages.0.steps``,
+    ``plugins.pivot_locality.weight``), when one is; ``tail``: the message after the key's name, when the
+    message is ``preset: key '<key>'<tail>`` (:meth:`at`). With them the command line names the flag the
+    user typed instead of the preset (:func:`_named_where_given`)."""
+
+    def __init__(self, message: str, key: str | None = None, tail: str | None = None):
+        super().__init__(message)
+        self.key, self.tail = key, tail
+
+    @classmethod
+    def at(cls, key: str, tail: str) -> ConfigError:
+        """``preset: key '<key>'<tail>``: ``key``'s value is at fault."""
+        return cls(f"preset: key {key!r}{tail}", key, tail)
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -202,16 +215,18 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
+    """``prefix + key`` (``prefix``: ``""``, ``"stages.0."`` ...) is a kohya option pti-plugin refuses or no key."""
     if key in REFUSED_OPTIONS:
-        return ConfigError(f"{where}: kohya option {key!r} is not supported by pti-plugin: {REFUSED_OPTIONS[key]}")
+        return ConfigError(f"preset: kohya option {prefix + key!r} is not supported by pti-plugin: {REFUSED_OPTIONS[key]}",
+                           prefix + key)
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(sorted(valid))}")
+    return ConfigError(f"preset: unknown key {prefix + key!r}.{hint} Valid keys: {', '.join(sorted(valid))}", prefix + key)
 
 
-def _check_type(value: Any, annotation: Any, key: str, where: str) -> Any:
-    """Return ``value`` (ints widened to float where a float is expected) or raise ConfigError."""
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Return ``value`` (ints widened to float where a float is expected) or raise ConfigError naming ``key`` (a dotted path)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
@@ -222,24 +237,24 @@ def _check_type(value: Any, annotation: Any, key: str, where: str) -> Any:
                     return None
                 continue
             try:
-                return _check_type(value, arg, key, where)
+                return _check_type(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{where}: key {key!r} expects {_type_name(annotation)}, got {value!r}")
+        raise ConfigError.at(key, f" expects {_type_name(annotation)}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: key {key!r} expects {_type_name(annotation)}, got {value!r}")
-        return [_check_type(v, args[0], key, where) for v in value]
+            raise ConfigError.at(key, f" expects {_type_name(annotation)}, got {value!r}")
+        return [_check_type(v, args[0], key) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: key {key!r} expects a table, got {value!r}")
+            raise ConfigError.at(key, f" expects a table, got {value!r}")
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, bool):
-        raise ConfigError(f"{where}: key {key!r} expects int, got {value!r}")
+        raise ConfigError.at(key, f" expects int, got {value!r}")
     if isinstance(annotation, type) and not isinstance(value, annotation):
-        raise ConfigError(f"{where}: key {key!r} expects {_type_name(annotation)}, got {value!r}")
+        raise ConfigError.at(key, f" expects {_type_name(annotation)}, got {value!r}")
     return value
 
 
@@ -247,19 +262,21 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """``cls`` from the table ``raw``, each value type-checked; errors name ``prefix + key`` (``prefix``: the
+    table's dotted path with a trailing dot, ``""`` at the top)."""
     hints = typing.get_type_hints(cls)
     valid = field_names(cls)
     kwargs = {}
     for key, value in raw.items():
         if key not in valid:
-            raise _unknown_key(key, valid, where)
+            raise _unknown_key(key, valid, prefix)
         if key == "stages" and cls is Config:
             if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
-                raise ConfigError(f"{where}: 'stages' must be a list of tables ([[stages]])")
-            kwargs[key] = [_build(StageConfig, s, f"{where}: stages.{i}") for i, s in enumerate(value)]
+                raise ConfigError.at("stages", " must be a list of tables ([[stages]])")
+            kwargs[key] = [_build(StageConfig, s, f"stages.{i}.") for i, s in enumerate(value)]
             continue
-        kwargs[key] = _check_type(value, hints[key], key, where)
+        kwargs[key] = _check_type(value, hints[key], prefix + key)
     return cls(**kwargs)
 
 
@@ -395,7 +412,7 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
 
     if "stages" not in raw:
         raw = raw | {"stages": default_stage_dicts(raw)}
-    parsed = _build(Config, raw, "preset")
+    parsed = _build(Config, raw)
     validate_config(parsed, check_paths)
     config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),
                                  caption_extension=with_leading_dot(parsed.caption_extension))
@@ -438,15 +455,15 @@ def network_args(config: Config) -> dict[str, float]:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in ("conv_dim", "conv_alpha"):
-            raise ConfigError(f"preset: network_args entry {item!r}: supported are conv_dim=N and conv_alpha=X")
+            raise ConfigError.at("network_args", f": entry {item!r}: supported are conv_dim=N and conv_alpha=X")
         try:
             parsed[key] = int(value) if key == "conv_dim" else float(value)
         except ValueError as exc:
-            raise ConfigError(f"preset: network_args entry {item!r}: {key} expects a number") from exc
+            raise ConfigError.at("network_args", f": entry {item!r}: {key} expects a number") from exc
     if "conv_alpha" in parsed and "conv_dim" not in parsed:
-        raise ConfigError("preset: network_args sets conv_alpha without conv_dim")
+        raise ConfigError.at("network_args", " sets conv_alpha without conv_dim")
     if parsed.get("conv_dim", 1) <= 0:
-        raise ConfigError("preset: network_args conv_dim must be > 0")
+        raise ConfigError.at("network_args", ": conv_dim must be > 0")
     if "conv_dim" in parsed:
         parsed.setdefault("conv_alpha", float(parsed["conv_dim"]))
     return parsed
@@ -489,18 +506,13 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
 
 
 def _named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[str]) -> ConfigError:
-    """``error`` about a key the command line gave, naming the flag the user typed instead of the preset:
-    ``preset: key 'k' ...`` as ``--k (command line) ...``, and ``preset: key 'stages.0.k' ...`` or
-    ``preset: stages.0: key 'k' ...`` as ``--set stages.0.k ...`` when ``--set`` gave it, and a refused or
-    unknown key as the command line's; any other error unchanged."""
-    message = str(error)
-    refused = re.match(r"preset: (?:kohya option|unknown key) '(\w+)'", message)
-    if refused is not None:
-        return ConfigError("command line: " + message.removeprefix("preset: ")) if refused[1] in overrides else error
-    match = re.match(r"preset: key '([\w.]+)'", message) or re.match(r"preset: (stages\.\d+): key '(\w+)'", message)
-    if match is None:
-        return error
-    path = ".".join(match.groups())
+    """``error`` about a key the command line gave (its :attr:`~ConfigError.key`), naming the flag the user typed
+    instead of the preset: ``--k (command line) ...`` for a flag, ``--set stages.0.k ...`` for a ``--set``, and
+    ``command line: ...`` for a refused or unknown key; any other error unchanged."""
     set_paths = {item.partition("=")[0].strip() for item in sets}
-    named = f"--{path} (command line)" if path in overrides else f"--set {path}" if path in set_paths else None
-    return error if named is None else ConfigError(named + message[match.end():])
+    if error.key is None or (error.key not in overrides and error.key not in set_paths):
+        return error
+    if error.tail is None:  # a refused or unknown key: the message is about the key itself
+        return ConfigError("command line: " + str(error).removeprefix("preset: "), error.key)
+    named = f"--{error.key} (command line)" if error.key in overrides else f"--set {error.key}"
+    return ConfigError(named + error.tail, error.key, error.tail)

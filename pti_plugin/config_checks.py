@@ -44,49 +44,50 @@ def check_the_pivot_is_learned(config: Config) -> None:
 def validate_config(config: Config, check_paths: bool) -> None:
     """Every check of a parsed (not yet resolved) config; the first problem raises ConfigError naming its key."""
     from .choices import CHOICES, choice_problem
+    from .hooks import instantiate_plugins
 
     for key in CHOICES:
         problem = choice_problem(key, getattr(config, key))
         if problem:
-            raise ConfigError(f"preset: {problem}")
+            raise problem
     if not config.stages:
         raise ConfigError("preset: 'stages' is empty; at least one stage is needed")
     for i, stage in enumerate(config.stages):
         if stage.kind not in _STAGE_KINDS:
-            raise ConfigError(f"preset: stages.{i}.kind must be one of {list(_STAGE_KINDS)}, got {stage.kind!r}")
+            raise ConfigError.at(f"stages.{i}.kind", f" must be one of {list(_STAGE_KINDS)}, got {stage.kind!r}")
     positive = ["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "network_dim",
                 "network_alpha", "log_every_n_steps", "max_nan_skips", "sample_steps", "clip_skip"]
     for key in positive:
         if getattr(config, key) <= 0:
-            raise ConfigError(f"preset: key {key!r} must be > 0, got {getattr(config, key)!r}")
+            raise ConfigError.at(key, f" must be > 0, got {getattr(config, key)!r}")
     for key in ("max_grad_norm", "noise_offset", "min_snr_gamma", "lr_warmup_steps", "save_every_n_steps",
                 "save_every_n_epochs", "sample_every_n_steps", "pivot_weight_decay", "multires_noise_iterations",
                 "max_data_loader_n_workers"):
         if getattr(config, key) < 0:
-            raise ConfigError(f"preset: key {key!r} must be >= 0, got {getattr(config, key)!r}")
+            raise ConfigError.at(key, f" must be >= 0, got {getattr(config, key)!r}")
     for key in ("unet_lr", "text_encoder_lr", "max_train_epochs"):
         if getattr(config, key) is not None and getattr(config, key) <= 0:
-            raise ConfigError(f"preset: key {key!r} must be > 0, got {getattr(config, key)!r}")
+            raise ConfigError.at(key, f" must be > 0, got {getattr(config, key)!r}")
     for i, stage in enumerate(config.stages):
         for key in ("steps", "max_train_epochs", "learning_rate", "unet_lr", "text_encoder_lr", "pivot_lr"):
             value = getattr(stage, key)
             if value is not None and value <= 0:
-                raise ConfigError(f"preset: key 'stages.{i}.{key}' must be > 0, got {value!r}")
+                raise ConfigError.at(f"stages.{i}.{key}", f" must be > 0, got {value!r}")
     sizes = config.resolution if isinstance(config.resolution, list) else [config.resolution]
     multiple = 64 if config.enable_bucket else 8
     if any(size <= 0 or size % multiple for size in sizes):
-        raise ConfigError(f"preset: key 'resolution' must be a positive multiple of {multiple}"
+        raise ConfigError.at("resolution", f" must be a positive multiple of {multiple}"
                           f"{' (enable_bucket)' if config.enable_bucket else ''}, got {config.resolution!r}")
     _check_optimisation_names(config)
     network_args(config)
     if config.num_vectors_per_token < 1:
-        raise ConfigError("preset: key 'num_vectors_per_token' must be >= 1")
+        raise ConfigError.at("num_vectors_per_token", " must be >= 1")
     if len(config.init_words) not in (1, config.num_vectors_per_token):
-        raise ConfigError("preset: key 'init_word' lists one word, or one word per vector (num_vectors_per_token)")
+        raise ConfigError.at("init_word", " lists one word, or one word per vector (num_vectors_per_token)")
     if isinstance(config.resolution, list) and len(config.resolution) != 2:
-        raise ConfigError("preset: key 'resolution' is an int or [width, height]")
+        raise ConfigError.at("resolution", " is an int or [width, height]")
     if Path(config.output_name).name != config.output_name or not config.output_name:
-        raise ConfigError(f"preset: key 'output_name' must be a plain file name, got {config.output_name!r}")
+        raise ConfigError.at("output_name", f" must be a plain file name, got {config.output_name!r}")
     if config.output_name == config.token_string:
         raise ConfigError(
             f"preset: output_name {config.output_name!r} equals token_string: the LoRA and the standalone "
@@ -102,10 +103,11 @@ def validate_config(config: Config, check_paths: bool) -> None:
         for key in PATH_KEYS:
             value = getattr(config, key)
             if value and value != EMBEDDED and not Path(value).expanduser().exists():
-                raise ConfigError(f"preset: key {key!r}: path not found: looked for {Path(value).expanduser().resolve()}")
+                raise ConfigError.at(key, f": path not found: looked for {Path(value).expanduser().resolve()}")
     for name in config.plugins:
         if not isinstance(config.plugins[name], dict):
-            raise ConfigError(f"preset: plugins.{name} must be a table of options")
+            raise ConfigError.at(f"plugins.{name}", " must be a table of options")
+    instantiate_plugins(config)  # unknown plugins and bad plugin options, before any model loads
     check_inputs(config, check_paths)  # numbers, names, path kinds, starting files: see there
 
 
@@ -118,18 +120,18 @@ def _check_data_keys(config: Config) -> None:
         try:
             (DATASET_KEYS | SUBSET_KEYS)[key](value)
         except ValueError as exc:
-            raise ConfigError(f"preset: key {key!r} {exc}, got {value!r}") from None
+            raise ConfigError.at(key, f" {exc}, got {value!r}") from None
     if config.prior_loss_weight < 0:
-        raise ConfigError(f"preset: key 'prior_loss_weight' must be >= 0, got {config.prior_loss_weight!r}")
+        raise ConfigError.at("prior_loss_weight", f" must be >= 0, got {config.prior_loss_weight!r}")
     if config.dataset_repeats < 1:
-        raise ConfigError(f"preset: key 'dataset_repeats' must be >= 1, got {config.dataset_repeats!r}")
+        raise ConfigError.at("dataset_repeats", f" must be >= 1, got {config.dataset_repeats!r}")
     for key in ("reg_data_dir", "in_json"):
         if getattr(config, key) and config.dataset_config:
-            raise ConfigError(f"preset: {key!r} is not used with 'dataset_config' (kohya ignores it there); "
+            raise ConfigError.at(key, " is not used with 'dataset_config' (kohya ignores it there); "
                               + ("add [[datasets.subsets]] with is_reg = true instead" if key == "reg_data_dir"
                                  else "use a metadata_file subset instead"))
         if getattr(config, key) and not config.train_data_dir:
-            raise ConfigError(f"preset: {key!r} needs 'train_data_dir'")
+            raise ConfigError.at(key, " needs 'train_data_dir'")
     if config.reg_data_dir and config.in_json:
         raise ConfigError("preset: 'reg_data_dir' applies to kohya folders, not to in_json (fine-tuning) data")
 
@@ -140,4 +142,4 @@ def _check_optimisation_names(config: Config) -> None:
     for where, stage in [("", config)] + [(f"stages.{i}.", s) for i, s in enumerate(config.stages)]:
         problem = optimizer_problem(where, stage.optimizer_type, stage.lr_scheduler)
         if problem:
-            raise ConfigError(f"preset: {problem}")
+            raise problem

@@ -312,7 +312,7 @@ def instantiate_plugins(config: Config) -> list[Plugin]:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"preset: unknown plugin {name!r}.{hint} Available: {', '.join(sorted(available))}")
         cls = available[name]
-        plugins.append(cls(_build(cls.Options, options, f"plugins.{name}")))
+        plugins.append(cls(_build(cls.Options, options, f"plugins.{name}.")))
     schedulers = [p for p in plugins if isinstance(p, Schedule)]
     defaults = [available[n] for n in DEFAULT_PLUGINS if n not in requested]
     if not schedulers:

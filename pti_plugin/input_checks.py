@@ -70,7 +70,7 @@ def check_inputs(config: Config, check_paths: bool = True) -> None:
     """Run every start-time check on ``config`` (see the module docstring)."""
     check_finite_numbers(config)
     if not 0 <= config.seed <= _MAX_SEED:
-        raise ConfigError(f"preset: key 'seed' must be between 0 and {_MAX_SEED}, got {config.seed}")
+        raise ConfigError.at("seed", f" must be between 0 and {_MAX_SEED}, got {config.seed}")
     check_token_string(config.token_string)
     check_name_fits("output_name", config.output_name)
     if not config.caption_extension.startswith("."):
@@ -120,7 +120,7 @@ def check_finite_numbers(config: Config) -> None:
             value = [dataclasses.asdict(stage) for stage in value]
         found = _non_finite(value, field.name)
         if found:
-            raise ConfigError(f"preset: key {found!r} must be a finite number within float32 range, "
+            raise ConfigError.at(found, f" must be a finite number within float32 range, "
                               f"got {_lookup(config, found)!r}")
 
 
@@ -159,21 +159,21 @@ def check_name_fits(key: str, name: str, limit: int = 255) -> None:
     bad = sorted({c for c in name if c in _FILE_NAME_FORBIDDEN or unicodedata.category(c).startswith("C")})
     if bad:
         shown = ", ".join(repr(c) for c in bad)
-        raise ConfigError(f"preset: key {key!r} = {name!r} contains {shown}, which cannot be part of a file name")
+        raise ConfigError.at(key, f" = {name!r} contains {shown}, which cannot be part of a file name")
     if name in (".", "..") or name != name.strip():
-        raise ConfigError(f"preset: key {key!r} = {name!r} is not a usable file name")
+        raise ConfigError.at(key, f" = {name!r} is not a usable file name")
     room = limit - _LONGEST_ADDITION
     if len(name.encode("utf-8")) > room:
-        raise ConfigError(f"preset: key {key!r} is {len(name.encode('utf-8'))} bytes long; file names built from it "
+        raise ConfigError.at(key, f" is {len(name.encode('utf-8'))} bytes long; file names built from it "
                           f"would exceed the file system's {limit}-byte limit: use at most {room} bytes")
 
 
 def check_token_string(token: str) -> None:
     """The token is one word usable as a file name, a bundled-embedding key (no ``.``) and a tokenizer token."""
     if not token or any(c.isspace() for c in token):
-        raise ConfigError(f"preset: key 'token_string' must be one word (no spaces, tabs or line breaks), got {token!r}")
+        raise ConfigError.at("token_string", f" must be one word (no spaces, tabs or line breaks), got {token!r}")
     if "." in token:
-        raise ConfigError(f"preset: key 'token_string' = {token!r} contains '.', which the LoRA's bundled-embedding "
+        raise ConfigError.at("token_string", f" = {token!r} contains '.', which the LoRA's bundled-embedding "
                           "key (bundle_emb.<token>.string_to_param) cannot hold; choose a token without dots")
     check_name_fits("token_string", token)
 
@@ -209,22 +209,22 @@ def check_path_kinds(config: Config) -> None:
         if not path.exists():
             continue  # the missing-path check names it
         if key in _FOLDER_KEYS and not path.is_dir():
-            raise ConfigError(f"preset: key {key!r}: {path} is a file, not a folder")
+            raise ConfigError.at(key, f": {path} is a file, not a folder")
         if key in _FILE_KEYS and not path.is_file():
-            raise ConfigError(f"preset: key {key!r}: {path} is not a regular file")
+            raise ConfigError.at(key, f": {path} is not a regular file")
 
 
 def check_output_dir_writable(folder: Path) -> None:
     """``output_dir`` (or, when it does not exist yet, its nearest existing parent) is a folder we can write in."""
     existing = _nearest_existing(folder)
     if not existing.is_dir():
-        raise ConfigError(f"preset: key 'output_dir': {existing} is a file, so {folder} cannot be created")
+        raise ConfigError.at("output_dir", f": {existing} is a file, so {folder} cannot be created")
     try:
         fd, probe = tempfile.mkstemp(prefix=".pti-write-check.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ConfigError(f"preset: key 'output_dir': cannot write in {existing} ({exc.strerror}); "
+        raise ConfigError.at("output_dir", f": cannot write in {existing} ({exc.strerror}); "
                           "choose a folder you can write to") from None
 
 
@@ -278,20 +278,20 @@ def check_sample_prompts(path: Path) -> None:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"preset: key 'sample_prompts': {path} is not UTF-8 text ({exc.reason})") from None
+        raise ConfigError.at("sample_prompts", f": {path} is not UTF-8 text ({exc.reason})") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
             prompt = parse_prompt_line(line)
         except ValueError as exc:
-            raise ConfigError(f"preset: key 'sample_prompts': {path} line {number}: {exc}") from None
+            raise ConfigError.at("sample_prompts", f": {path} line {number}: {exc}") from None
         for flag, value in (("--w", prompt.width), ("--h", prompt.height), ("--s", prompt.steps)):
             if value is not None and (value <= 0 or (flag != "--s" and value % 8)):
                 need = "> 0" if flag == "--s" else "a positive multiple of 8"
-                raise ConfigError(f"preset: key 'sample_prompts': {path} line {number}: {flag} must be {need}, got {value}")
+                raise ConfigError.at("sample_prompts", f": {path} line {number}: {flag} must be {need}, got {value}")
         if not math.isfinite(prompt.guidance):
-            raise ConfigError(f"preset: key 'sample_prompts': {path} line {number}: --l must be finite")
+            raise ConfigError.at("sample_prompts", f": {path} line {number}: --l must be finite")
 
 
 def check_starting_files(config: Config) -> None:
@@ -308,7 +308,7 @@ def check_starting_files(config: Config) -> None:
         tensors = _wrap(key, lambda: load(value))
         bad = first_non_finite(tensors)
         if bad:
-            raise ConfigError(f"preset: key {key!r}: {value} holds non-finite values (NaN or inf) in tensor {bad!r}; "
+            raise ConfigError.at(key, f": {value} holds non-finite values (NaN or inf) in tensor {bad!r}; "
                               "it cannot start a run")
 
 
@@ -319,7 +319,7 @@ def _wrap(key: str, action):
     except ConfigError:
         raise
     except ValueError as exc:  # UnsafeFileError, BadSafetensorsError, the format errors
-        raise ConfigError(f"preset: key {key!r}: {exc}") from None
+        raise ConfigError.at(key, f": {exc}") from None
 
 
 def check_model_framing(path: Path) -> None:
@@ -370,5 +370,5 @@ def check_clip_skip(config: Config) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return  # the model loader names a broken config
     if config.clip_skip > layers:
-        raise ConfigError(f"preset: key 'clip_skip' = {config.clip_skip}: the model's text encoder has {layers} "
+        raise ConfigError.at("clip_skip", f" = {config.clip_skip}: the model's text encoder has {layers} "
                           f"layers ({path}); use 1 to {layers}")

@@ -112,7 +112,7 @@ def default_stage_dicts(raw: dict[str, Any]) -> list[dict[str, Any]]:
 def _length(config: Config, stage: StageConfig, index: int) -> tuple[int | None, int | None]:
     """(steps, epochs) of ``stage``: exactly one is set."""
     if stage.max_train_epochs is not None and stage.steps is not None:
-        raise ConfigError(f"preset: stages.{index} sets both steps and max_train_epochs; set one")
+        raise ConfigError.at(f"stages.{index}.max_train_epochs", f": stages.{index} also sets steps; set one of the two")
     if stage.max_train_epochs is not None:
         return None, stage.max_train_epochs
     if stage.steps is not None:
@@ -135,8 +135,8 @@ def resolve_stage(config: Config, stage: StageConfig, index: int, lora_seen: boo
     train_te = is_lora and (stage.train_text_encoder if stage.train_text_encoder is not None
                             else not config.network_train_unet_only)
     if not (train_pivot or train_unet or train_te):
-        raise ConfigError(f"preset: stages.{index} ({name!r}) trains nothing: set train_pivot, train_unet or "
-                          "train_text_encoder")
+        raise ConfigError.at(f"stages.{index}.train_pivot", f": stage {name!r} trains nothing: set train_pivot, train_unet or "
+                             "train_text_encoder")
     steps, epochs = _length(config, stage, index)
     return ResolvedStage(
         index=index, name=name, kind=stage.kind, steps=steps, max_train_epochs=epochs,
@@ -158,9 +158,9 @@ def resolve_stages(config: Config) -> tuple[ResolvedStage, ...]:
         resolved.append(resolve_stage(config, stage, index, lora_seen))
         lora_seen = lora_seen or stage.kind == "lora"
     names = [s.name for s in resolved]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"preset: two stages are named {name!r}")
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError.at(f"stages.{index}.name", f": two stages are named {name!r}")
     return tuple(resolved)
 
 

@@ -108,8 +108,30 @@ def test_a_bad_stage_value_given_with_set_is_named_as_the_set_path(tmp_path):
     with pytest.raises(ConfigError, match=r"^--set stages\.0\.steps expects int"):
         load_config(clean, {}, ["stages.0.steps=abc"])
     written = _write(tmp_path / "bad.toml", f'train_data_dir = "{tmp_path}"\n[[stages]]\nkind = "inversion"\nsteps = "abc"\n')
-    with pytest.raises(ConfigError, match=r"^preset: stages\.0: key 'steps' expects int"):
+    with pytest.raises(ConfigError, match=r"^preset: key 'stages\.0\.steps' expects int"):
         load_config(written, {}, ["stages.0.learning_rate=1e-4"])
+
+
+@pytest.mark.parametrize("overrides, sets, message", [
+    ({"network_args": ["foo=1"]}, [], "--network_args (command line): entry 'foo=1': supported are conv_dim=N"),
+    ({"network_args": ["conv_dim=0"]}, [], "--network_args (command line): conv_dim must be > 0"),
+    ({}, ["stages.0.max_train_epochs=2"], "--set stages.0.max_train_epochs: stages.0 also sets steps; set one"),
+    ({}, ["stages.0.kind=x"], "--set stages.0.kind must be one of ['inversion', 'lora'], got 'x'"),
+    ({}, ["stages.0.train_pivot=false"], "--set stages.0.train_pivot: stage 'inversion0' trains nothing"),
+    ({}, ["stages.0.foo=1"], "command line: unknown key 'stages.0.foo'."),
+    ({}, ["stages.0.optimizer_type=foo"], "--set stages.0.optimizer_type: unknown optimizer 'foo'"),
+    ({}, ["plugins.pivot_locality.weight=x"], "--set plugins.pivot_locality.weight expects float, got 'x'"),
+    ({}, ["plugins.pivot_locality.foo=1"], "command line: unknown key 'plugins.pivot_locality.foo'."),
+])
+def test_a_bad_value_in_a_table_is_named_as_the_command_line_gave_it(tmp_path, overrides, sets, message):
+    """Stage, plugin and network_args errors name the flag or ``--set`` path the user typed (these said
+    ``preset:``, or a plugin's table with no origin, before)."""
+    preset = _write(tmp_path / "p.toml", f'train_data_dir = "{tmp_path}"\n[[stages]]\nkind = "inversion"\nsteps = 5\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(preset, overrides, sets)
+    assert str(error.value).startswith(message)
+    with pytest.raises(ConfigError, match=r"^preset: key 'stages\.0\.kind' must be one of"):  # the preset's own stays the preset's
+        load_config(_write(tmp_path / "q.toml", f'train_data_dir = "{tmp_path}"\n[[stages]]\nkind = "x"\n'))
 
 
 @pytest.mark.parametrize(
@@ -120,8 +142,8 @@ def test_a_bad_stage_value_given_with_set_is_named_as_the_set_path(tmp_path):
         ({"learning_rate": "fast"}, "key 'learning_rate' expects float, got 'fast'"),
         ({"train_batch_size": 1.5}, "key 'train_batch_size' expects int"),
         ({"mixed_precision": "fp8"}, "'mixed_precision' must be one of"),
-        ({"stages": [{"kind": "lora", "stpes": 3}]}, "stages.0: unknown key 'stpes'. Did you mean 'steps'?"),
-        ({"stages": [{"kind": "dreambooth"}]}, "stages.0.kind must be one of"),
+        ({"stages": [{"kind": "lora", "stpes": 3}]}, "unknown key 'stages.0.stpes'. Did you mean 'steps'?"),
+        ({"stages": [{"kind": "dreambooth"}]}, "key 'stages.0.kind' must be one of"),
         ({"output_name": "tok1"}, "the LoRA and the standalone embedding would be the same file"),
         ({"pretrained_model_name_or_path": "/no/such/model"}, "path not found: looked for /no/such/model"),
     ],
@@ -154,6 +176,8 @@ def test_cli_reports_config_errors_before_loading_any_model(tmp_path, capsys):
 
 def test_plugin_path_options_are_relative_to_the_preset(tmp_path):
     (tmp_path / "imgs").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "centre.safetensors").touch()  # a plugin's options are checked with the preset (the file must exist)
     preset = _write(tmp_path / "p.toml", 'train_data_dir = "imgs"\n[plugins.pivot_locality]\ncentre_file = "out/centre.safetensors"\nweight = 2.0\n')
     config = load_config(preset)
     assert config.plugins["pivot_locality"] == {"centre_file": str(tmp_path / "out" / "centre.safetensors"), "weight": 2.0}
@@ -165,6 +189,6 @@ def test_tensorboard_logging_without_the_package_is_refused(tmp_path, monkeypatc
     build_config({"train_data_dir": str(tmp_path), "log_with": "tensorboard"})  # installed: accepted
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
-    with pytest.raises(ConfigError, match=_escape('log_with = "tensorboard" needs the tensorboard package')):
+    with pytest.raises(ConfigError, match=_escape("""key 'log_with' = "tensorboard" needs the tensorboard package""")):
         build_config({"train_data_dir": str(tmp_path), "log_with": "tensorboard"})
     build_config({"train_data_dir": str(tmp_path), "log_with": ""})  # the JSONL log needs nothing

@@ -35,7 +35,7 @@ def test_entry_point_plugins_are_discovered_with_validated_options(tmp_path, mon
     plugins = instantiate_plugins(_config(tmp_path, {"external_demo": {"strength": 2}}))
     assert [p.name for p in plugins] == ["staged_schedule", "pivot_norm", "external_demo"]  # the defaults are added
     assert plugins[2].options.strength == 2.0
-    with pytest.raises(ConfigError, match="plugins.external_demo: unknown key 'strenght'. Did you mean 'strength'?"):
+    with pytest.raises(ConfigError, match="unknown key 'plugins.external_demo.strenght'. Did you mean 'strength'?"):
         instantiate_plugins(_config(tmp_path, {"external_demo": {"strenght": 2}}))
 
 

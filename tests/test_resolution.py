@@ -108,7 +108,7 @@ def test_stage_length_own_steps_win_and_epochs_become_steps_once_the_data_is_sca
                                                     "stages.2.max_train_epochs = 2. To change a stage, use "
                                                     "--set stages.0.steps=9 or --set stages.1.steps=9.")):
         load_config(path, {"max_train_steps": 9})
-    with pytest.raises(ConfigError, match="stages.2 sets both steps and max_train_epochs"):
+    with pytest.raises(ConfigError, match="key 'stages.2.max_train_epochs': stages.2 also sets steps"):
         load_config(path, sets=["stages.2.steps=4"])
 
 
@@ -145,7 +145,7 @@ def _dataset_preset(tmp_path, dataset) -> str:
     ({"lr_scheduler": "piecewise_constant"}, "unknown scheduler 'piecewise_constant'"),
     ({"stages": [{"kind": "inversion", "lr_scheduler": "piecewise_constant"}]}, "key 'stages.0.lr_scheduler'"),
     ({"save_model_as": "ckpt"}, "key 'save_model_as' must be one of ['safetensors']"),
-    ({"stages": [{"kind": "lora", "train_unet": False}]}, "stages.0 ('lora0') trains nothing"),
+    ({"stages": [{"kind": "lora", "train_unet": False}]}, "key 'stages.0.train_pivot': stage 'lora0' trains nothing"),
 ])
 def test_choices_that_cannot_run_are_refused_at_validation(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

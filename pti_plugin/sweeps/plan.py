@@ -20,7 +20,6 @@ import toml
 
 from pti_plugin.atomic_io import atomic_write_text
 from pti_plugin.config import build_config, default_stages, parse_value
-from pti_plugin.hooks import instantiate_plugins
 from pti_plugin.input_checks import number_list, positive_finite
 from pti_plugin.sweeps.seeds import seed_suffix
 
@@ -192,9 +191,8 @@ def plan_runs(args, raw: dict, pivots: dict[int, RunSpec] | None = None) -> list
                 preset = derive_preset(raw, args.stage, lr, args.steps, run_dir, variant,
                                        args.with_plugin if variant is None else None, plugin_options, args.save_every,
                                        pivot_file, seed0 + k)
-                # fails here, before any training, on a bad preset (the shared pivot may not exist yet)
+                # fails here, before any training, on a bad preset or plugin option (the shared pivot may not exist yet)
                 config = build_config(copy.deepcopy(preset), check_paths=pivot_file is None or pivot_file.is_file())
-                instantiate_plugins(config)  # unknown plugins and bad plugin options, too
                 path = (args.out / "presets" / f"{name}.toml").resolve()
                 atomic_write_text(path, toml.dumps(preset))
                 specs.append(RunSpec(name, lr, variant or "none", path, run_dir, config.output_name, config.token_string,
