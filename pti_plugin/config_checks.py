@@ -55,7 +55,7 @@ def validate_config(config: Config, check_paths: bool) -> None:
     for i, stage in enumerate(config.stages):
         if stage.kind not in _STAGE_KINDS:
             raise ConfigError.at(f"stages.{i}.kind", f" must be one of {list(_STAGE_KINDS)}, got {stage.kind!r}")
-    positive = ["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "network_dim",
+    positive = ["lr_scheduler_num_cycles", "lr_scheduler_power", "max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "network_dim",
                 "network_alpha", "log_every_n_steps", "max_nan_skips", "sample_steps", "clip_skip"]
     for key in positive:
         if getattr(config, key) <= 0:
@@ -137,9 +137,17 @@ def _check_data_keys(config: Config) -> None:
 
 
 def _check_optimisation_names(config: Config) -> None:
+    """Each stage's optimizer and scheduler names, then its optimizer built with its ``optimizer_args`` (a bad
+    argument used to stop the run when its stage began, after the stages before it had trained)."""
     from .choices import optimizer_problem
+    from .optimizers import optimizer_args_problem
 
     for where, stage in [("", config)] + [(f"stages.{i}.", s) for i, s in enumerate(config.stages)]:
         problem = optimizer_problem(where, stage.optimizer_type, stage.lr_scheduler)
         if problem:
             raise problem
+    for where, stage in [(f"stages.{i}.", s) for i, s in enumerate(config.stages)] or [("", config)]:
+        args, args_where = (config.optimizer_args, "") if stage.optimizer_args is None else (stage.optimizer_args, where)
+        problem = optimizer_args_problem(stage.optimizer_type or config.optimizer_type, args)
+        if problem:
+            raise ConfigError.at(f"{args_where}optimizer_args", f": {problem}")

@@ -87,6 +87,17 @@ def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, ar
     raise ValueError(f"unknown optimizer_type {name!r}; supported: {', '.join(SUPPORTED)}")
 
 
+def optimizer_args_problem(name: str, args: list[str]) -> str | None:
+    """Why ``optimizer_args`` cannot build optimizer ``name`` (an unknown argument, a value of the wrong type or
+    range, Adafactor's ``relative_step=True`` beside the learning rate every group has), found by building it over
+    one throw-away parameter group as the trainer's are built; None when it builds."""
+    try:
+        build_optimizer(name, [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3}], 1e-3, args)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return f"{exc} (optimizer_type {name!r})"
+    return None
+
+
 def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, steps: int, num_cycles: int, power: float):
     """A diffusers LR scheduler, stepped once per optimizer step by the trainer."""
     from diffusers.optimization import get_scheduler

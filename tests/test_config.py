@@ -192,3 +192,28 @@ def test_tensorboard_logging_without_the_package_is_refused(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=_escape("""key 'log_with' = "tensorboard" needs the tensorboard package""")):
         build_config({"train_data_dir": str(tmp_path), "log_with": "tensorboard"})
     build_config({"train_data_dir": str(tmp_path), "log_with": ""})  # the JSONL log needs nothing
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"stages": [{"kind": "inversion"}, {"kind": "lora", "optimizer_args": ["eps=abc"]}]},
+     "preset: key 'stages.1.optimizer_args': '<=' not supported"),
+    ({"optimizer_args": ["foo=1"]}, "preset: key 'optimizer_args': AdamW.__init__() got an unexpected keyword argument 'foo'"),
+    ({"optimizer_args": ["weight_decay=-1"]}, "preset: key 'optimizer_args': Invalid weight_decay value: -1"),
+    ({"optimizer_type": "Adafactor", "optimizer_args": ["relative_step=True"]},
+     "preset: key 'optimizer_args': Cannot combine manual `lr` and `relative_step=True` options (optimizer_type 'Adafactor')"),
+    ({"lr_scheduler": "polynomial", "lr_scheduler_power": -1.0}, "preset: key 'lr_scheduler_power' must be > 0, got -1.0"),
+    ({"lr_scheduler_num_cycles": 0}, "preset: key 'lr_scheduler_num_cycles' must be > 0, got 0"),
+])
+def test_optimizer_and_scheduler_settings_that_cannot_build_are_refused_with_the_preset(tmp_path, changes, message):
+    """Refused when the preset is read (no model loaded). Before, a bad lora stage's optimizer_args stopped the run
+    when that stage began, after the inversion stage had trained (and was not saved), and a negative polynomial
+    power divided by zero mid-stage."""
+    with pytest.raises(ConfigError) as error:
+        build_config({"train_data_dir": str(tmp_path), **changes})
+    assert str(error.value).startswith(message)
+
+
+def test_good_optimizer_args_of_each_family_pass_the_preset_check(tmp_path):
+    for optimizer, args in (("AdamW", ["betas=(0.9,0.99)", "weight_decay=0.1"]), ("AdamW8bit", ["betas=(0.9,0.99)"]),
+                            ("Adafactor", ["scale_parameter=False"]), ("SGDNesterov", ["momentum=0.8"])):
+        build_config({"train_data_dir": str(tmp_path), "optimizer_type": optimizer, "optimizer_args": args})

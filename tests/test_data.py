@@ -82,6 +82,20 @@ def test_buckets_follow_aspect_ratio():
     assert choose_bucket((300, 200), buckets, True, 512 * 512, 64) == (256, 192)  # no upscale: own bucket
 
 
+def test_a_bucket_range_no_width_fits_still_has_kohyas_square_bucket():
+    """Resolution 64 with buckets from 64 to 128 in steps of 48: no width in the range has a height in it, so the
+    list was empty and the dataset scan died (``min() arg is an empty sequence``); kohya always adds the square."""
+    assert make_buckets(64 * 64, 64, 128, 48) == [(48, 48)]
+    assert choose_bucket((100, 60), make_buckets(64 * 64, 64, 128, 48), False, 64 * 64, 48) == (48, 48)
+    assert (512, 512) in make_buckets(512 * 512, 576, 1024, 64)  # the square even below min_bucket_reso, as kohya
+
+
+@pytest.mark.parametrize("value", [12, 4, 60])
+def test_a_bucket_step_that_is_not_a_multiple_of_8_is_refused_naming_the_key(tmp_path, value):
+    with pytest.raises(ConfigError, match=f"key 'bucket_reso_steps' expects a multiple of 8 .*got {value}"):
+        build_config({"train_data_dir": str(tmp_path), "enable_bucket": True, "bucket_reso_steps": value})
+
+
 def test_sample_order_covers_every_entry_each_epoch_in_same_bucket_batches():
     buckets = [(32, 32)] * 5 + [(32, 16)] * 3
     order = SampleOrder(buckets, global_batch=2, seed=1, stage_index=0)

@@ -11,8 +11,11 @@ from PIL import Image
 def make_buckets(
     max_area: int, min_reso: int, max_reso: int, step: int
 ) -> list[tuple[int, int]]:
-    """Bucket sizes (width, height), multiples of ``step``, with area <= ``max_area``."""
-    buckets = set()
+    """Bucket sizes (width, height), multiples of ``step``, with area <= ``max_area``: kohya's square bucket (the
+    largest square side, at least ``step``) and every width in [``min_reso``, ``max_reso``] with its tallest height
+    in that range, both ways round. The square bucket is there whatever the range, so the list is never empty."""
+    side = max(step, math.isqrt(max_area) // step * step)
+    buckets = {(side, side)}
     width = min_reso
     while width <= max_reso:
         height = min(max_reso, (max_area // width) // step * step)

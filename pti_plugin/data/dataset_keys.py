@@ -26,6 +26,14 @@ def _int_at_least(low: int) -> Callable[[Any], int]:
     return check
 
 
+def _latent_multiple(value: Any) -> int:
+    """A side step of the image buckets: a multiple of 8, the VAE's downsampling factor (a side that is not one
+    has no whole latent size)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 8 or value % 8:
+        raise ValueError("expects a multiple of 8 (the VAE's downsampling factor)")
+    return value
+
+
 def _rate(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError("expects a number in [0, 1]")
@@ -76,7 +84,7 @@ DATASET_KEYS: dict[str, Callable[[Any], Any]] = {
     "enable_bucket": _bool,
     "min_bucket_reso": _int_at_least(8),
     "max_bucket_reso": _int_at_least(8),
-    "bucket_reso_steps": _int_at_least(8),
+    "bucket_reso_steps": _latent_multiple,
     "bucket_no_upscale": _bool,
     "batch_size": _int_at_least(1),
     "skip_image_resolution": optional_size_pair,
