@@ -10,7 +10,7 @@
 - ``caption_extension`` without its dot (``"txt"``) is read as ``".txt"``, as kohya does, with a
   warning;
 - path keys point at the right kind of thing (a folder for ``train_data_dir``, a file for
-  ``dataset_config`` ...), ``output_dir`` can be written;
+  ``dataset_config`` ...), ``output_dir`` (and ``logging_dir`` when a tracker logs) can be written;
 - the ``dataset_config`` TOML has the right shape at every level (tables and arrays of tables);
 - the ``sample_prompts`` file parses;
 - the starting files ``weights`` and ``network_weights`` load through the safe loaders and hold
@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 import os
+import string
 import tempfile
 import tomllib
 import unicodedata
@@ -39,11 +40,6 @@ _LONGEST_ADDITION = len(".-interrupted-step00000000.safetensors.XXXXXXXX.tmp")
 _FILE_NAME_FORBIDDEN = set('/\\:*?"<>|')
 _MAX_SEED = 2**63 - 1
 _FLOAT32_MAX = 3.4028234663852886e38  # training runs in float32 at most
-
-
-def out_folder_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be a script's output folder (for its usage error naming the option), else None."""
-    return "exists and is not a folder" if path.exists() and not path.is_dir() else None
 
 
 def number_list(text: str, cast=float) -> tuple:
@@ -72,6 +68,9 @@ def check_inputs(config: Config, check_paths: bool = True) -> None:
     if not 0 <= config.seed <= _MAX_SEED:
         raise ConfigError.at("seed", f" must be between 0 and {_MAX_SEED}, got {config.seed}")
     check_token_string(config.token_string)
+    check_token_outside_separators(config)
+    if problem := template_problem(config.caption_template):
+        raise ConfigError.at("caption_template", f" = {config.caption_template!r} {problem}")
     check_name_fits("output_name", config.output_name)
     if not config.caption_extension.startswith("."):
         logger.warning("caption_extension %r has no leading dot; reading it as %r (as kohya does)",
@@ -80,6 +79,8 @@ def check_inputs(config: Config, check_paths: bool = True) -> None:
         return
     check_path_kinds(config)
     check_output_dir_writable(Path(config.output_dir).expanduser())
+    if config.log_with and config.logging_dir:  # the tracker's folder, made once training starts
+        check_output_dir_writable(Path(config.logging_dir).expanduser(), "logging_dir")
     if config.dataset_config:
         check_dataset_config_shape(Path(config.dataset_config))
     if config.sample_prompts:
@@ -178,6 +179,30 @@ def check_token_string(token: str) -> None:
     check_name_fits("token_string", token)
 
 
+def check_token_outside_separators(config: Config) -> None:
+    """The token holds none of the caption separators (``,`` and the configured ones): shuffling, tag dropout and
+    keep_tokens would cut it in two, and its pivot would never train."""
+    separators = dict.fromkeys([",", config.caption_separator, config.keep_tokens_separator, config.secondary_separator])
+    found = [sep for sep in separators if sep and sep in config.token_string]
+    if found:
+        raise ConfigError.at("token_string", f" = {config.token_string!r} contains the caption separator {found[0]!r}, "
+                                             "which splits captions into tags; choose a token without it")
+
+
+def template_problem(template: str) -> str | None:
+    """Why ``template`` is not a caption template (exactly one ``{}``, where the token goes; other braces doubled),
+    else None. The rule of ``caption_template`` and of pivot_locality's ``templates``."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        return f"is not a template ({exc}); write a literal brace as {{{{ or }}}}"
+    if fields != [("", "", None)]:
+        return f"needs exactly one {{}} where the token goes, found {len(fields)} field(s)" + (
+            "" if all(f == ("", "", None) for f in fields) else " other than {}")
+    return None
+
+
 def with_leading_dot(extension: str) -> str:
     """``caption_extension`` as kohya reads it: ``"txt"`` is ``".txt"``."""
     return extension if not extension or extension.startswith(".") else "." + extension
@@ -214,18 +239,20 @@ def check_path_kinds(config: Config) -> None:
             raise ConfigError.at(key, f": {path} is not a regular file")
 
 
-def check_output_dir_writable(folder: Path) -> None:
-    """``output_dir`` (or, when it does not exist yet, its nearest existing parent) is a folder we can write in."""
+def check_output_dir_writable(folder: Path, key: str = "output_dir") -> None:
+    """``folder`` (or, when it does not exist yet, its nearest existing parent) is a folder we can write in; a
+    problem names ``key`` (``output_dir``, ``logging_dir``)."""
     existing = _nearest_existing(folder)
     if not existing.is_dir():
-        raise ConfigError.at("output_dir", f": {existing} is a file, so {folder} cannot be created")
+        raise ConfigError.at(key, f": {existing} is a file, not a folder" if existing == folder else
+                             f": {existing} is a file, so {folder} cannot be created")
     try:
         fd, probe = tempfile.mkstemp(prefix=".pti-write-check.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ConfigError.at("output_dir", f": cannot write in {existing} ({exc.strerror}); "
-                          "choose a folder you can write to") from None
+        raise ConfigError.at(key, f": cannot write in {existing} ({exc.strerror}); "
+                                  "choose a folder you can write to") from None
 
 
 # ----------------------------------------------------------------------------- dataset_config shape
@@ -292,6 +319,9 @@ def check_sample_prompts(path: Path) -> None:
                 raise ConfigError.at("sample_prompts", f": {path} line {number}: {flag} must be {need}, got {value}")
         if not math.isfinite(prompt.guidance):
             raise ConfigError.at("sample_prompts", f": {path} line {number}: --l must be finite")
+        if prompt.seed is not None and not 0 <= prompt.seed <= _MAX_SEED:
+            raise ConfigError.at("sample_prompts", f": {path} line {number}: --d must be between 0 and {_MAX_SEED}, "
+                                                   f"got {prompt.seed}")
 
 
 def check_starting_files(config: Config) -> None:

@@ -53,6 +53,7 @@ from ..config import ConfigError, doc
 from ..data.captions import pivot_token_strings
 from ..data.sample_order import sample_generator
 from ..hooks import Batch, MainPrediction, Plugin, TrainerState, UNetRows
+from ..input_checks import template_problem
 from ..models.family import Conditioning
 from . import locality_centre
 
@@ -164,6 +165,9 @@ class PivotLocality(Plugin):
         if o.cache_anchors and (o.latents != "noise" or not o.anchor_pool):
             raise _error('cache_anchors needs latents = "noise" and a fixed anchor pool (anchor_pool = K > 0, e.g. 16): '
                          'with latents = "batch" every step brings new latents, so there is nothing to cache')
+        for template in o.templates:
+            if problem := template_problem(template):
+                raise _error(f"templates entry {template!r} {problem}")
         if o.centre_file and not Path(o.centre_file).expanduser().is_file():
             raise _error(f"centre_file not found: looked for {Path(o.centre_file).expanduser().resolve()}")
         self._stage_active = False
