@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .kohya_options import REFUSED_OPTIONS
+from .kohya_options import REFUSED_OPTIONS, asks_for_nothing
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +269,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     valid = field_names(cls)
     kwargs = {}
     for key, value in raw.items():
+        if key not in valid and key in REFUSED_OPTIONS and asks_for_nothing(key, value):
+            logger.info("kohya option %s = %r asks for nothing pti-plugin lacks; left out", prefix + key, value)
+            continue
         if key not in valid:
             raise _unknown_key(key, valid, prefix)
         if key == "stages" and cls is Config:
@@ -332,6 +335,9 @@ def load_preset_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     if path in _seen:
         raise ConfigError(f"preset {path} extends itself (cycle: {' -> '.join(map(str, _seen + (path,)))})")
     raw = _rebase_paths(_read_toml(path, "preset"), path.parent)
+    for key in ("extends", "config_file"):
+        if key in raw and not isinstance(raw[key], str):
+            raise ConfigError(f"preset {path}: key {key!r} expects the path of a TOML file, got {raw[key]!r}")
     merged: dict[str, Any] = {}
     if raw.get("extends"):
         merged = load_preset_dict(raw["extends"], _seen + (path,))

@@ -2,8 +2,12 @@
 
 Every kohya option is either a key of :class:`pti_plugin.config.Config` (supported, same meaning)
 or listed here with the reason it is refused. A refused option in a preset or on the command line
-stops the run before any model loads, naming the option — never silently ignored.
+stops the run before any model loads, naming the option — never silently ignored — unless its value asks
+for nothing (:func:`asks_for_nothing`): kohya's ``--output_config`` writes every option, ``v2 = false``
+and ``network_module = "networks.lora"`` included, and such a file should load.
 """
+
+from typing import Any
 
 _NOT_YET = "not implemented yet"
 _SD2 = "pti-plugin trains SD1.5 and SDXL models"
@@ -118,6 +122,17 @@ REFUSED_OPTIONS: dict[str, str] = {
     "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",
     "conditioning_data_dir": "ControlNet datasets are not supported",
 }
+
+
+#: Refused options whose value, beside the "off" values every option has (false, empty), is what pti-plugin
+#: does anyway: kohya's own default for them.
+WHAT_PTI_DOES: dict[str, Any] = {"network_module": "networks.lora", "loss_type": "l2", "dynamo_backend": "no"}
+
+
+def asks_for_nothing(key: str, value: Any) -> bool:
+    """Whether refused option ``key`` set to ``value`` asks for nothing pti-plugin lacks: false, an empty string,
+    list or table, or :data:`WHAT_PTI_DOES`'s value."""
+    return value is False or (isinstance(value, (str, list, dict)) and not value) or WHAT_PTI_DOES.get(key, object()) == value
 
 
 def markdown_table() -> str:

@@ -26,6 +26,28 @@ def test_extends_merges_and_paths_are_relative_to_each_preset(tmp_path):
     assert config.stages[0].learning_rate == 1e-3  # top-level keys are stage defaults
 
 
+def test_a_kohya_config_file_with_refused_options_set_to_ask_for_nothing_loads(tmp_path):
+    """kohya's --output_config writes every option: ``v2 = false``, ``network_module = "networks.lora"`` ... are
+    left out; the same options asking for something are still refused by name."""
+    (tmp_path / "imgs").mkdir()
+    _write(tmp_path / "kohya.toml", '[model]\nv2 = false\nfull_fp16 = false\nvae = ""\n[network]\n'
+           'network_module = "networks.lora"\nnetwork_dim = 8\n[loss]\nloss_type = "l2"\nbase_weights = []\n')
+    preset = _write(tmp_path / "p.toml", 'config_file = "kohya.toml"\ntrain_data_dir = "imgs"\n')
+    assert load_config(preset).network_dim == 8
+    for line, key in (("v2 = true", "v2"), ('network_module = "lycoris.kohya"', "network_module"),
+                      ('loss_type = "huber"', "loss_type"), ('vae = "my.vae"', "vae")):
+        _write(tmp_path / "kohya.toml", f"[model]\n{line}\n")
+        with pytest.raises(ConfigError, match=f"kohya option '{key}' is not supported"):
+            load_config(preset)
+
+
+@pytest.mark.parametrize("key", ["extends", "config_file"])
+def test_an_extends_or_config_file_that_is_not_a_path_is_named(tmp_path, key):
+    preset = _write(tmp_path / "p.toml", f"{key} = 5\n")
+    with pytest.raises(ConfigError, match=f"key '{key}' expects the path of a TOML file, got 5"):
+        load_config(preset)
+
+
 def test_kohya_config_file_sections_are_flattened(tmp_path):
     (tmp_path / "imgs").mkdir()
     _write(tmp_path / "kohya.toml", '[model_arguments]\nclip_skip = 2\n[training_arguments]\ntrain_batch_size = 3\n[dataset_arguments]\ntrain_data_dir = "imgs"\n')
