@@ -387,10 +387,10 @@ def apply_overrides(raw: dict[str, Any], top_level: dict[str, Any], dotted: list
         for i, part in enumerate(parts[:-1]):
             nxt: Any
             if isinstance(node, list):
-                try:
-                    nxt = node[int(part)]
-                except (ValueError, IndexError) as exc:
-                    raise ConfigError(f"--set {key}: no element {part!r} in {'.'.join(parts[:i])}") from exc
+                if not part.isdigit() or int(part) >= len(node):  # "-1" would reach the last element silently
+                    raise ConfigError(f"--set {key}: no element {part!r} in {'.'.join(parts[:i])} (indices 0 to "
+                                      f"{len(node) - 1})")
+                nxt = node[int(part)]
             elif isinstance(node, dict):
                 nxt = node.setdefault(part, {})
             else:

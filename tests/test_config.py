@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pti_plugin.cli import main, parse_args
@@ -239,3 +241,11 @@ def test_good_optimizer_args_of_each_family_pass_the_preset_check(tmp_path):
     for optimizer, args in (("AdamW", ["betas=(0.9,0.99)", "weight_decay=0.1"]), ("AdamW8bit", ["betas=(0.9,0.99)"]),
                             ("Adafactor", ["scale_parameter=False"]), ("SGDNesterov", ["momentum=0.8"])):
         build_config({"train_data_dir": str(tmp_path), "optimizer_type": optimizer, "optimizer_args": args})
+
+
+@pytest.mark.parametrize("path", ["stages.-1.steps", "stages.5.steps", "stages.x.steps"])
+def test_a_set_into_a_stage_that_is_not_there_is_refused(tmp_path, path):
+    """``stages.-1`` used to edit the last stage silently (Python's negative index)."""
+    preset = _write(tmp_path / "p.toml", f'train_data_dir = "{tmp_path}"\n[[stages]]\nkind = "inversion"\n[[stages]]\nkind = "lora"\n')
+    with pytest.raises(ConfigError, match=rf"^--set {re.escape(path)}: no element '.+' in stages \(indices 0 to 1\)"):
+        load_config(preset, {}, [f"{path}=3"])

@@ -256,6 +256,7 @@ def test_every_caption_option_of_a_subset_reaches_its_images(tmp_path):
      "DreamBooth-style subsets and metadata_file subsets cannot be mixed in one dataset"),
     ("[[datasets]]\nresolution = 64\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = 'a'\n",
      "resolution 64x64 must lie within min_bucket_reso 256 and max_bucket_reso 1024"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'md.json'\n", "image_dir " + "{tmp}/md.json is a file, not a folder"),
 ])
 def test_dataset_config_refusals_name_the_option_and_file(tmp_path, body, expected):
     _images(tmp_path / "a", 1)
@@ -264,7 +265,19 @@ def test_dataset_config_refusals_name_the_option_and_file(tmp_path, body, expect
     config = build_config({"dataset_config": str(tmp_path / "dataset.toml"), "resolution": 32})
     with pytest.raises(ConfigError) as error:
         load_subsets(config)
-    assert str(tmp_path / "dataset.toml") in str(error.value) and expected in str(error.value)
+    assert str(tmp_path / "dataset.toml") in str(error.value) and expected.format(tmp=tmp_path) in str(error.value)
+
+
+@pytest.mark.parametrize("repeats, is_reg", [(0, "false"), (1, "true")])
+def test_a_dataset_with_no_training_subset_left_says_so(tmp_path, repeats, is_reg):
+    """Only regularisation subsets, or only ignored ones (num_repeats 0): the error said 'no usable training image
+    in :' with an empty folder list."""
+    _images(tmp_path / "a", 1)
+    (tmp_path / "dataset.toml").write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nnum_repeats = {repeats}\n"
+                                           f"is_reg = {is_reg}\n")
+    config = build_config({"dataset_config": str(tmp_path / "dataset.toml"), "resolution": 32})
+    with pytest.raises(ConfigError, match="no training subset: every subset left is a regularisation one"):
+        scan_images(config, load_subsets(config))
 
 
 def test_top_level_dataset_keys_and_refused_options():

@@ -215,7 +215,8 @@ def _subsets_from_dataset_config(config: Config, path: Path) -> tuple[list[Subse
                 raise ConfigError(f"{path} {where}: image_dir is required")
             image_dir = _relative_to(Path(merged.get("image_dir", ".")), path) if "image_dir" in merged else None
             if image_dir is not None and not image_dir.is_dir():
-                raise ConfigError(f"{path} {where}: image_dir not found: looked for {image_dir}")
+                raise ConfigError(f"{path} {where}: image_dir {image_dir} is a file, not a folder" if image_dir.exists()
+                                  else f"{path} {where}: image_dir not found: looked for {image_dir}")
             metadata_file = _relative_to(Path(metadata), path) if metadata else None
             if metadata_file is not None and not metadata_file.is_file():
                 raise ConfigError(f"{path} {where}: metadata_file not found: looked for {metadata_file}")

@@ -125,9 +125,13 @@ def scan_images(config: Config, subsets: list[Subset], log_notes: bool = True) -
             (reg if subset.is_reg else train).append(item)
     if not train:
         reasons = "".join(f"\n  {r}" for r in rejected)
+        folders = [str(s.image_dir) for s in subsets if not s.is_reg]
+        small = f", skipped {skipped_small} at or under skip_image_resolution" if skipped_small else ""
         raise ConfigError(
-            f"no usable training image in {', '.join(str(s.image_dir) for s in subsets if not s.is_reg)}: "
-            f"looked at {looked_at} image file(s), rejected {len(rejected)}{reasons}"
+            f"no usable training image in {', '.join(folders)}: looked at {looked_at} image file(s), rejected "
+            f"{len(rejected)}{small}{reasons}" if folders else
+            "no training subset: every subset left is a regularisation one (is_reg = true); subsets with num_repeats "
+            "< 1 are ignored, as in kohya"
         )
     if skipped_small:
         logger.warning("%d image(s) skipped by skip_image_resolution", skipped_small)
