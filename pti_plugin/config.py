@@ -150,7 +150,7 @@ class Config:
     # --- network
     network_weights: str = doc("A kohya LoRA file (ours or anyone's) to start the LoRA from; its rank must equal network_dim.", "")
     network_dim: int = doc("LoRA rank.", 4)
-    network_alpha: float = doc("LoRA alpha (scale = alpha / rank).", 1.0)
+    network_alpha: float = doc("LoRA alpha (scale = alpha / rank); 0 means alpha = network_dim, as in kohya.", 1.0)
     network_args: list[str] = doc('kohya network arguments "key=value": conv_dim and conv_alpha (LoCon on ResNet and sampler layers).', factory=list)
     network_train_unet_only: bool = doc("Do not train a text-encoder LoRA (stages may override).", True)
     unet_lr: float | None = doc("UNet LoRA learning rate for lora stages.", None)
@@ -421,7 +421,8 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
     parsed = _build(Config, raw)
     validate_config(parsed, check_paths)
     config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),
-                                 caption_extension=with_leading_dot(parsed.caption_extension))
+                                 caption_extension=with_leading_dot(parsed.caption_extension),
+                                 network_alpha=parsed.network_alpha or float(parsed.network_dim))  # kohya: 0 is dim
     if given:
         check_given_values_are_used(config, parsed.stages, given)
     check_the_pivot_is_learned(config)

@@ -56,11 +56,11 @@ def validate_config(config: Config, check_paths: bool) -> None:
         if stage.kind not in _STAGE_KINDS:
             raise ConfigError.at(f"stages.{i}.kind", f" must be one of {list(_STAGE_KINDS)}, got {stage.kind!r}")
     positive = ["lr_scheduler_num_cycles", "lr_scheduler_power", "max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "network_dim",
-                "network_alpha", "log_every_n_steps", "max_nan_skips", "sample_steps", "clip_skip"]
+                "log_every_n_steps", "max_nan_skips", "sample_steps", "clip_skip"]
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError.at(key, f" must be > 0, got {getattr(config, key)!r}")
-    for key in ("max_grad_norm", "noise_offset", "min_snr_gamma", "lr_warmup_steps", "save_every_n_steps",
+    for key in ("network_alpha", "max_grad_norm", "noise_offset", "min_snr_gamma", "lr_warmup_steps", "save_every_n_steps",
                 "save_every_n_epochs", "sample_every_n_steps", "pivot_weight_decay", "multires_noise_iterations",
                 "max_data_loader_n_workers"):
         if getattr(config, key) < 0:
@@ -80,8 +80,10 @@ def validate_config(config: Config, check_paths: bool) -> None:
                           f"{' (enable_bucket)' if config.enable_bucket else ''}, got {config.resolution!r}")
     _check_optimisation_names(config)
     network_args(config)
-    if config.num_vectors_per_token < 1:
-        raise ConfigError.at("num_vectors_per_token", " must be >= 1")
+    if not 1 <= config.num_vectors_per_token <= config.max_token_length:  # vectors past it would never train
+        raise ConfigError.at("num_vectors_per_token", f" must be between 1 and max_token_length = "
+                                                      f"{config.max_token_length} (the caption's tokens), got "
+                                                      f"{config.num_vectors_per_token}")
     if len(config.init_words) not in (1, config.num_vectors_per_token):
         raise ConfigError.at("init_word", " lists one word, or one word per vector (num_vectors_per_token)")
     if isinstance(config.resolution, list) and len(config.resolution) != 2:

@@ -306,6 +306,8 @@ def check_sample_prompts(path: Path) -> None:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise ConfigError.at("sample_prompts", f": {path} is not UTF-8 text ({exc.reason})") from None
+    if not any(line.strip() and not line.lstrip().startswith("#") for line in lines):
+        logger.warning("sample_prompts %s holds no prompt (only blank or # lines): no samples will be made", path)
     for number, line in enumerate(lines, start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue

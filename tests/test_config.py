@@ -249,3 +249,16 @@ def test_a_set_into_a_stage_that_is_not_there_is_refused(tmp_path, path):
     preset = _write(tmp_path / "p.toml", f'train_data_dir = "{tmp_path}"\n[[stages]]\nkind = "inversion"\n[[stages]]\nkind = "lora"\n')
     with pytest.raises(ConfigError, match=rf"^--set {re.escape(path)}: no element '.+' in stages \(indices 0 to 1\)"):
         load_config(preset, {}, [f"{path}=3"])
+
+
+def test_network_alpha_0_means_the_rank_as_in_kohya(tmp_path):
+    config = build_config({"train_data_dir": str(tmp_path), "network_dim": 8, "network_alpha": 0})
+    assert config.network_alpha == 8.0  # the resolved value: the LoRA's scale and its ss_network_alpha
+    with pytest.raises(ConfigError, match="key 'network_alpha' must be >= 0, got -1.0"):
+        build_config({"train_data_dir": str(tmp_path), "network_alpha": -1})
+
+
+def test_more_vectors_than_the_text_window_holds_are_refused(tmp_path):
+    """80 vectors only warned that the caption was truncated; the vectors past the window never trained."""
+    with pytest.raises(ConfigError, match="key 'num_vectors_per_token' must be between 1 and max_token_length = 75 .*got 80"):
+        build_config({"train_data_dir": str(tmp_path), "num_vectors_per_token": 80})
