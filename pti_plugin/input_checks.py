@@ -338,10 +338,25 @@ def check_starting_files(config: Config) -> None:
         if not value:
             continue
         tensors = _wrap(key, lambda: load(value))
+        if key == "network_weights":
+            check_lora_keys(value, tensors)
         bad = first_non_finite(tensors)
         if bad:
             raise ConfigError.at(key, f": {value} holds non-finite values (NaN or inf) in tensor {bad!r}; "
                               "it cannot start a run")
+
+
+def check_lora_keys(path: str, tensors: dict[str, Any]) -> None:
+    """``network_weights`` holds LoRA tensors under kohya's key suffixes (which modules they adapt is checked against
+    the model once it loads): an empty file, or another kind of file, is named now."""
+    from .formats.kohya_lora import BUNDLE_PREFIX, LORA_SUFFIXES
+
+    lora = [k for k in tensors if not k.startswith(BUNDLE_PREFIX)]
+    if not lora:
+        raise ConfigError.at("network_weights", f": {path} holds no LoRA tensors")
+    if other := [k for k in lora if k.partition(".")[2] not in LORA_SUFFIXES]:
+        raise ConfigError.at("network_weights", f": {path} is not a kohya LoRA: key {other[0]!r} ({len(other)} in all) "
+                                                f"does not end in {', '.join('.' + s for s in LORA_SUFFIXES)}")
 
 
 def _wrap(key: str, action):

@@ -37,6 +37,16 @@ def _nan_embedding(path: Path) -> Path:
     return path
 
 
+def _embedding_file(path: Path) -> Path:
+    save_file({"emb_params": torch.zeros(1, 32)}, str(path))
+    return path
+
+
+def _empty_file(path: Path) -> Path:
+    save_file({}, str(path))
+    return path
+
+
 def _raw_safetensors(path: Path, header: dict, payload: bytes) -> Path:
     """A safetensors file with exactly ``header`` (no checks): for broken framings."""
     text = json.dumps(header).encode()
@@ -108,6 +118,10 @@ CASES = {
     "clip_skip_past_the_layers": lambda t: ({"clip_skip": 50}, [], "key 'clip_skip' = 50: the model's text encoder has 3 layers"),
     "random_bytes_ckpt_model": lambda t: ({"pretrained_model_name_or_path": _write_bytes(t / "model.ckpt", os.urandom(64)[1:])},
                                           [], "model.ckpt: not a PyTorch (.pt/.ckpt/.bin) file"),
+    "network_weights_not_a_lora": lambda t: ({"network_weights": str(_embedding_file(t / "emb.safetensors"))}, [],
+                                             "emb.safetensors is not a kohya LoRA: key 'emb_params' (1 in all)"),
+    "network_weights_empty": lambda t: ({"network_weights": str(_empty_file(t / "empty.safetensors"))}, [],
+                                        "empty.safetensors holds no LoRA tensors"),
     "logging_dir_is_file": lambda t: ({"log_with": "tensorboard", "logging_dir": _write(t, "notes.txt", "x")}, [],
                                       f"key 'logging_dir': {t / 'notes.txt'} is a file, not a folder"),
     "caption_template_without_token": lambda t: ({"caption_template": "a photo"}, [],
