@@ -32,18 +32,50 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
+from pti_plugin.script_args import check_out_folder, positive_int  # noqa: E402
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, action="append", default=None,
                         help="a protocol working folder (repeatable; default outputs/protocol)")
     parser.add_argument("--results", type=Path, default=None, help="also write detail_size.md and .json here")
-    parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--draws", type=positive_int, default=2000, help="bootstrap resamples (>= 1)")
     parser.add_argument("--replace", action="store_true",
                         help="write --results even where its detail_size.json holds cells this run cannot read")
     args = parser.parse_args(argv)
     args.out = args.out or [Path("outputs/protocol")]
+    check_out_folder(parser, args.results, "--results")
+    args.previous_rows = None if args.results is None else previous_rows(parser, args.results / "detail_size.json")
     return args
+
+
+def previous_rows(parser: argparse.ArgumentParser, path: Path) -> list[dict] | None:
+    """The rows of a ``detail_size.json`` already written (None: none there); ``parser.error`` naming the file
+    when it is not such a table (a folder, not JSON, another shape)."""
+    if not path.exists():
+        return None
+    why = None
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        why = "a folder, not a file"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = f"cannot be read as JSON ({exc})"
+    else:
+        if not isinstance(rows, list) or not all(_is_row(r) for r in rows):
+            why = "not a detail_size table (expected a list of rows with variant, weight, lr and a list of seeds)"
+    if why:
+        parser.error(f"--results {path}: {why}; move it away or give another --results")
+    return rows
+
+
+def _is_row(row) -> bool:
+    """Whether ``row`` has the keys :func:`row_cells` reads, of the kinds it reads."""
+    number = (int, float)
+    return (isinstance(row, dict) and isinstance(row.get("variant"), str) and isinstance(row.get("lr"), number)
+            and "weight" in row and (row["weight"] is None or isinstance(row["weight"], number))
+            and isinstance(row.get("seeds"), list) and all(isinstance(seed, int) for seed in row["seeds"]))
 
 
 def cell_figures(cell: dict) -> dict:
@@ -99,12 +131,11 @@ def row_cells(rows: list[dict]) -> set[tuple]:
     return {(r["variant"], r["weight"], r["lr"], seed) for r in rows for seed in r["seeds"]}
 
 
-def cells_only_in(previous: Path, rows: list[dict]) -> list[tuple]:
-    """The cells a written ``detail_size.json`` covers and ``rows`` do not, sorted."""
-    if not previous.is_file():
+def cells_only_in(previous: list[dict] | None, rows: list[dict]) -> list[tuple]:
+    """The cells a written ``detail_size.json``'s rows ``previous`` cover and ``rows`` do not, sorted."""
+    if not previous:
         return []
-    return sorted(row_cells(json.loads(previous.read_text())) - row_cells(rows),
-                  key=lambda cell: (cell[0], cell[1] or 0.0, cell[2], cell[3]))
+    return sorted(row_cells(previous) - row_cells(rows), key=lambda cell: (cell[0], cell[1] or 0.0, cell[2], cell[3]))
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -140,7 +171,7 @@ def main(argv=None) -> int:
         if verdict is not None:
             lines += ["", f"**{name}** ({rule}): {verdict}."]
     print("\n".join(lines))
-    lost = [] if args.results is None or args.replace else cells_only_in(args.results / "detail_size.json", rows)
+    lost = [] if args.results is None or args.replace else cells_only_in(args.previous_rows, rows)
     if lost:
         raise SystemExit(f"error: {args.results / 'detail_size.json'} not replaced: it holds {len(lost)} cells "
                          f"this run cannot read (first: {lost[0]}), whose images stayed in the working folder that "

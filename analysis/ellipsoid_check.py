@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import string
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pti_plugin import ellipsoid as E  # noqa: E402
-from pti_plugin.atomic_io import atomic_write_text, atomic_write_with  # noqa: E402
+from pti_plugin.atomic_io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from pti_plugin.script_args import check_out_folder, device, finite_float_at_least, positive_int  # noqa: E402
 
 DEFAULT_OUT = "outputs/ellipsoid"
 
@@ -54,12 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--template_words", nargs="?", const="add", default="off", choices=("off", "add", "only"),
                    help="also ('add', the bare flag) or only ('only') use T(word) prompts, so the index is a content word")
     p.add_argument("--template", default=E.DEFAULT_TEMPLATE, help="template T of the T(word) prompts")
-    p.add_argument("--threshold", type=float, default=E.DEFAULT_THRESHOLD, help="absolute CV threshold of the verdict")
-    p.add_argument("--eos_factor", type=float, default=E.DEFAULT_EOS_FACTOR,
+    p.add_argument("--threshold", type=finite_float_at_least(0), default=E.DEFAULT_THRESHOLD, help="absolute CV threshold of the verdict")
+    p.add_argument("--eos_factor", type=finite_float_at_least(0), default=E.DEFAULT_EOS_FACTOR,
                    help="the index passes when its CV is at most this times the EOS CV (or below --threshold)")
     p.add_argument("--max_sentences", type=int, default=None, help="keep a deterministic random subset of this many")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch_size", type=positive_int, default=64)
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in set and of --max_sentences' subset")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
     args = p.parse_args(argv)
@@ -67,13 +69,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max_sentences must be at least 2")
     if args.index < 1:
         p.error("--index must be >= 1 (index 0 is BOS: its state is the same for every sentence)")
-    if args.threshold < 0 or args.eos_factor < 0:
-        p.error("--threshold and --eos_factor must be >= 0")
+    if _template_problem(args.template):
+        p.error(f"--template {args.template!r}: must hold exactly one {{}} (where the word goes) and no other "
+                "{ or } (write {{ or }} for a brace)")
+    if args.sentences:
+        sentences = Path(args.sentences).expanduser()
+        if not sentences.exists():
+            p.error(f"--sentences {args.sentences}: no such file")
+        if not sentences.is_file():
+            p.error(f"--sentences {args.sentences}: not a file (a text file, one sentence per line, or a captions JSON)")
+        try:
+            sentences.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            p.error(f"--sentences {args.sentences}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+        except OSError as exc:
+            p.error(f"--sentences {args.sentences}: cannot be read ({exc.strerror or exc})")
+    check_out_folder(p, Path(args.out))
     return args
 
 
+def _template_problem(template: str) -> bool:
+    """Whether ``template`` has other than one ``{}`` field (none, two, a named or numbered one, a stray brace)."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError:
+        return True
+    return fields != [""]
+
+
 def plot(result: E.EllipsoidResult, path: Path) -> None:
-    """Norm distributions about the centre (index vs EOS) and CV / mean norm by token index."""
+    """Norm distributions about the centre (index vs EOS) and CV / mean norm by token index, into ``path``."""
+    atomic_write_bytes(path, plot_png(result))
+
+
+def plot_png(result: E.EllipsoidResult) -> bytes:
+    """The PNG of :func:`plot`, in memory (the outputs are written once all of them are made)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,8 +156,10 @@ def plot(result: E.EllipsoidResult, path: Path) -> None:
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(result.verdict["line"].replace("VERDICT: ", ""), fontsize=9)
     fig.tight_layout()
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -166,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = load_base_model(args.model, clip_skip=args.clip_skip, single_file_config=args.single_file_config,
                             tokenizer_path=args.tokenizer_path)
+    layers = min(te.config.num_hidden_layers for te in model.text_encoders)
+    if args.clip_skip > layers:
+        raise ValueError(f"--clip_skip {args.clip_skip}: the model's text encoder has {layers} layers; use 1 to {layers}")
     for te in model.text_encoders:
         te.to(args.device)
     # word lists are filtered by the first tokenizer (SDXL's two share CLIP's vocabulary)
@@ -182,15 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
     identity = _identity(args, model, results)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     several = len(results) > 1
     plots = {r.encoder: out / (f"ellipsoid_{r.encoder}.png" if several else "ellipsoid.png") for r in results}
     paths = {"json": out / "ellipsoid.json", "centre_file": out / "centre.safetensors"}
     paths |= {f"plot_{name}": path for name, path in plots.items()} if several else {"plot": plots[results[0].encoder]}
-    E.save_result_centre_file(paths["centre_file"], results if several else results[0],
-                              {"model": identity, "prompt_set": prompts.describe()})
-    for r in results:
-        plot(r, plots[r.encoder])
     report = _multi_encoder_report(results) if several else results[0].to_json()
     report.update(
         {
@@ -201,7 +233,15 @@ def main(argv: list[str] | None = None) -> dict:
             "outputs": {k: str(v) for k, v in paths.items()},
         }
     )
-    atomic_write_text(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
+    # every output is made before any is written: a failure leaves an earlier run's files as they were
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    pngs = {r.encoder: plot_png(r) for r in results}
+    out.mkdir(parents=True, exist_ok=True)
+    E.save_result_centre_file(paths["centre_file"], results if several else results[0],
+                              {"model": identity, "prompt_set": prompts.describe()})
+    for encoder, png in pngs.items():
+        atomic_write_bytes(plots[encoder], png)
+    atomic_write_text(paths["json"], text)
     lines = (_multi_encoder_lines if several else _single_encoder_lines)(model, results, prompts, identity)
     lines += [f"note: {n}" for n in notes]
     lines += [f"rule: {results[0].verdict['rule']}", f"wrote {', '.join(str(v) for v in paths.values())} "

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.input_checks import out_folder_problem  # noqa: E402
+from pti_plugin.script_args import device, out_folder_problem  # noqa: E402
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def parse_args(argv):
     parser.add_argument("--layers_only", action="store_true",
                         help="score only the layer versions (the all-layer leakage from the same sampling), no detector truth")
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device, default="cpu")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
     parser.add_argument("--replace", action="store_true",
                         help="summarise only the runs under the folders (default: also keep the rows of --out's "

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text  # noqa: E402
-from pti_plugin.input_checks import out_folder_problem  # noqa: E402
+from pti_plugin.script_args import out_folder_problem  # noqa: E402
 from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
 from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
 from pti_plugin.atomic_io import atomic_write_text  # noqa: E402
+from pti_plugin.script_args import check_out_folder, device, finite_float_at_least, positive_int  # noqa: E402
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 
 
@@ -60,9 +61,10 @@ def tier(text: str) -> tuple[int, int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (training output_dir), one per training seed")
-    parser.add_argument("--seeds", type=int, default=64, help="sampling seeds 0..N-1 per prompt and checkpoint")
-    parser.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="DDIM steps per generation")
-    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
+    parser.add_argument("--seeds", type=positive_int, default=64, help="sampling seeds 0..N-1 per prompt and checkpoint")
+    parser.add_argument("--steps", type=positive_int, default=SAMPLE_STEPS, help="DDIM steps per generation")
+    parser.add_argument("--guidance", type=finite_float_at_least(0), default=GUIDANCE,
+                        help="classifier-free guidance scale (finite, >= 0)")
     parser.add_argument("--dense_until", type=positive_or_zero, default=0,
                         help="score every save up to this LoRA-stage step (default 0)")
     parser.add_argument("--score_every", type=positive, default=1,
@@ -70,8 +72,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score_every_until", type=tier, action="append", default=[], metavar="N:M",
                         help="also score the saves at multiples of N up to step M (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("outputs/learning_curves"), help="folder of the json and plot")
-    parser.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
-    return parser.parse_args(argv)
+    parser.add_argument("--device", type=device, default=None, help="torch device (default: CUDA when available)")
+    args = parser.parse_args(argv)
+    seen: dict[Path, Path] = {}
+    for run in args.runs:
+        if run.exists() and not run.is_dir():
+            parser.error(f"run {run}: not a folder (a training output_dir)")
+        key = run.expanduser().resolve()
+        if key in seen:
+            also = f" (also as {seen[key]})" if str(seen[key]) != str(run) else ""
+            parser.error(f"run {run} given twice{also}: each run counts as one training seed")
+        seen[key] = run
+    check_out_folder(parser, args.out)
+    return args
 
 
 def _f(value) -> str:

@@ -9,12 +9,14 @@ browser built after the ``load`` event and checks that every ``<img>`` decoded (
 ``data-images-loaded`` equals ``data-images-total``), then takes a screenshot and checks that it is
 not blank. Prints ``images_loaded=<n> images_total=<n> screenshot_ink=<f>`` and exits 0 when all
 images decoded and the screenshot shows content, 1 otherwise, 2 when no browser is found (install
-one: ``apt-get install chromium``).
+one: ``apt-get install chromium``) or an argument is wrong (no such page; a ``--screenshot`` that is not a
+``.png`` in an existing folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -49,17 +51,33 @@ def images_loaded(browser: str, page: Path) -> tuple[int, int]:
 
 
 def screenshot_ink(browser: str, page: Path, shot: Path) -> float:
-    """Take a 1200x2400 screenshot into ``shot``; the fraction of its pixels that are not near-white."""
-    import numpy as np
-    from PIL import Image
+    """Take a 1200x2400 screenshot into ``shot`` (a ``.png`` in an existing folder); the fraction of its pixels
+    that are not near-white (0 when the browser wrote no image: ``shot`` is then left as it was).
 
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([*browser_command(browser, profile), f"--screenshot={shot.resolve()}", "--window-size=1200,2400",
-                        page.resolve().as_uri()], capture_output=True, timeout=120)
-    if not shot.is_file():
-        return 0.0
-    pixels = np.asarray(Image.open(shot).convert("L"))
-    return float((pixels < 240).mean())
+    The browser writes a new temporary file beside ``shot``, which replaces ``shot`` only once it holds an image:
+    an earlier screenshot, or whatever file ``shot`` names, is never read as this one."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    handle, name = tempfile.mkstemp(prefix=f".{shot.stem}.", suffix=".png", dir=shot.resolve().parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        temporary.unlink()  # the browser's own file, or none when it wrote nothing
+        with tempfile.TemporaryDirectory() as profile:
+            subprocess.run([*browser_command(browser, profile), f"--screenshot={temporary}", "--window-size=1200,2400",
+                            page.resolve().as_uri()], capture_output=True, timeout=120)
+        if not temporary.is_file():
+            return 0.0
+        try:
+            with Image.open(temporary) as image:
+                pixels = np.asarray(image.convert("L"))
+        except (UnidentifiedImageError, OSError):
+            return 0.0
+        os.replace(temporary, shot)
+        return float((pixels < 240).mean())
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--browser", default=None, help=f"browser executable (default: the first of {', '.join(BROWSERS)})")
     args = parser.parse_args(argv)
     if not args.page.is_file():
-        print(f"error: {args.page}: no such page", file=sys.stderr)
-        return 1
+        parser.error(f"{args.page}: no such page" if not args.page.exists() else f"{args.page}: not a file")
+    if args.screenshot is not None:
+        shot = args.screenshot
+        if shot.suffix.lower() != ".png":
+            parser.error(f"--screenshot {shot}: must be a .png file (the browser writes PNG)")
+        if shot.is_dir():
+            parser.error(f"--screenshot {shot}: is a folder; name a .png file")
+        if shot.resolve() == args.page.resolve():
+            parser.error(f"--screenshot {shot}: is the page itself")
+        if not shot.resolve().parent.is_dir():
+            parser.error(f"--screenshot {shot}: its folder {shot.parent} does not exist")
     browser = find_browser(args.browser)
     if browser is None:
         print(f"error: no headless browser found ({args.browser or ', '.join(BROWSERS)}); install chromium",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pti_plugin.input_checks import out_folder_problem  # noqa: E402
+from pti_plugin.script_args import out_folder_problem  # noqa: E402
 from pti_plugin.toy_world.internal_metrics import INDEPENDENT, LEAKAGE_TRUTHS, LEAKAGE_VERSIONS  # noqa: E402
 
 SAME_GENERATIONS = LEAKAGE_TRUTHS[0]  # gt_leakage

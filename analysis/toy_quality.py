@@ -40,6 +40,7 @@ from PIL import Image  # noqa: E402
 
 from pti_plugin.input_checks import number_list, positive_finite  # noqa: E402
 from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
+from pti_plugin.script_args import check_out_folder, finite_float_at_least, positive_int  # noqa: E402
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
 from pti_plugin.toy_world.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402
@@ -48,6 +49,10 @@ from pti_plugin.toy_world.train_recipe import generate, image_grid  # noqa: E402
 from pti_plugin.toy_world.world import LOOK_NAMES, quality_prompts, two_tone_prompts  # noqa: E402
 
 BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
+PREMISE_HELP = {"init_word": "one word of the toy vocabulary", "inversion_lrs": "comma-separated learning rates",
+                "inversion_steps": "a whole number >= 1", "lora_lrs": "comma-separated learning rates",
+                "lora_steps": "a whole number >= 1", "oracle_steps": "a whole number >= 1",
+                "seeds": "sampling seeds per model: a whole number >= 1"}
 LINE_KEYS = ("colour", "shape", "background", "position", "position_entropy", "two_tone")
 
 
@@ -79,23 +84,25 @@ def premise_settings(parser: argparse.ArgumentParser, args) -> PremiseSettings:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=WEIGHTS_DIR, help="diffusers folder (default: shipped weights)")
-    parser.add_argument("--prompts", type=int, default=216, help="number of evaluation prompts (>= 100)")
+    parser.add_argument("--prompts", type=int, default=216, help="number of evaluation prompts (>= 1; 100 or more for a stable figure)")
     parser.add_argument("--two_tone_prompts", type=int, default=72, help="number of two-tone evaluation prompts")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the prompt/seed list")
-    parser.add_argument("--guidance", type=float, default=GUIDANCE)
-    parser.add_argument("--steps", type=int, default=SAMPLE_STEPS)
+    parser.add_argument("--guidance", type=finite_float_at_least(0), default=GUIDANCE,
+                        help="classifier-free guidance scale (a finite number >= 0; 1 or less: no guidance)")
+    parser.add_argument("--steps", type=positive_int, default=SAMPLE_STEPS, help="DDIM steps per image (>= 1)")
     parser.add_argument("--out", type=Path, default=Path("outputs/toy_quality"))
     parser.add_argument("--premise", action="store_true", help="run the premise checks 2-4 (into <out>/premise)")
     parser.add_argument("--quick", action="store_true", help="with --premise: a few steps and seeds (plumbing only)")
     defaults = PremiseSettings()
     for field in ("init_word", "inversion_lrs", "inversion_steps", "lora_lrs", "lora_steps", "oracle_steps", "seeds"):
         parser.add_argument(f"--{field}", type=str, default=None,
-                            help=f"with --premise: default {getattr(defaults, field)} (comma-separated learning rates)")
+                            help=f"with --premise: default {getattr(defaults, field)} ({PREMISE_HELP[field]})")
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.two_tone_prompts < 1:
         parser.error("--prompts and --two_tone_prompts must be at least 1")
     if problem := diffusers_folder_problem(args.model):
         parser.error(f"--model {args.model}: {problem}")
+    check_out_folder(parser, args.out)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.premise:

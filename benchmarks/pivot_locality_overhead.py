@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from pti_plugin.config import build_config  # noqa: E402
 from pti_plugin.hooks import Plugin, register_plugin  # noqa: E402
 from pti_plugin.plugins.pivot_locality import PivotLocality  # noqa: E402
+from pti_plugin.script_args import int_at_least, positive_int  # noqa: E402
 
 register_plugin(PivotLocality)
 
@@ -198,16 +199,25 @@ def sd15(root: Path, steps: int, cached: bool) -> float:
     return ratio
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs of each tiny-model config (>= 5)")
-    parser.add_argument("--tiny-steps", type=int, default=3, help="measured steps per tiny run (after 1 warm-up)")
-    parser.add_argument("--sd15-steps", type=int, default=5,
-                        help="steps of each SD1.5-architecture run, every 2nd regularised; the first is warm-up")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="interleaved runs of each tiny-model config (>= 1; 5 or more for a stable median)")
+    parser.add_argument("--tiny-steps", type=positive_int, default=3, help="measured steps per tiny run (after 1 warm-up; >= 1)")
+    parser.add_argument("--sd15-steps", type=int_at_least(3), default=5,
+                        help="steps of each SD1.5-architecture run, every 2nd regularised; the first is warm-up "
+                             "(>= 3: one warm-up, then at least one plain and one regularised step)")
     parser.add_argument("--sd15-cached", action="store_true", help="also time the anchor cache on the SD1.5 architecture")
     parser.add_argument("--skip-sd15", action="store_true", help="tiny model only")
     parser.add_argument("--skip-tiny", action="store_true", help="SD1.5 architecture only")
     args = parser.parse_args(argv)
+    if args.skip_sd15 and args.skip_tiny:
+        parser.error("--skip-sd15 and --skip-tiny together would measure nothing")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     import logging
 

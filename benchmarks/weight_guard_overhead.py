@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from pti_plugin.script_args import device, positive_int
+
 
 def lora_tensors(rank: int, device: str) -> list[torch.nn.Parameter]:
     from diffusers import UNet2DConditionModel
@@ -36,18 +38,22 @@ def lora_tensors(rank: int, device: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (>= 1)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="measured steps, after 3 warm-up steps (>= 1)")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
     from pti_plugin.weight_guard import WeightGuard
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parse_args(argv)
     params = lora_tensors(args.rank, args.device)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     guard = WeightGuard()
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     guard_times, step_times = [], []
     for step in range(args.steps + 3):
         for p in params:

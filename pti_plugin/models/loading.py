@@ -5,6 +5,7 @@ Nothing is ever downloaded: every ``from_pretrained`` call passes ``local_files_
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +87,30 @@ def choose_family(path: Path, requested: str = "auto") -> tuple[str, str]:
     return detect_family(path)
 
 
+#: The components a model needs to load (the pipeline's optional parts, such as a safety checker, may be absent).
+_NEEDED_COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
+
+
 def diffusers_folder_problem(path: Path) -> str | None:
-    """Why ``path`` is not a diffusers model folder (for a script's usage error naming its option), else None."""
-    return None if (Path(path) / "model_index.json").is_file() else "not a diffusers folder (no model_index.json)"
+    """Why ``path`` is not a diffusers model folder (for a script's usage error naming its option), else None:
+    no readable ``model_index.json``, or a component it lists that the model needs (UNet, VAE, scheduler, each
+    text encoder and tokenizer) without its subfolder."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return "not a diffusers folder (no model_index.json)"
+    try:
+        listed = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{index.name} cannot be read ({exc})"
+    if not isinstance(listed, dict):
+        return f"{index.name} is not a JSON object"
+    missing = [name for name, value in listed.items()
+               if name.startswith(_NEEDED_COMPONENTS) and isinstance(value, list) and value and value[0] is not None
+               and not (Path(path) / name).is_dir()]
+    if missing:
+        return (f"{index.name} lists {', '.join(missing)} but the folder has no {'/, '.join(missing)}/ "
+                f"subfolder{'s' if len(missing) > 1 else ''} (an incomplete copy or download?)")
+    return None
 
 
 def load_base_model(

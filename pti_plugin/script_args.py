@@ -1,0 +1,112 @@
+"""Argument checks shared by the analysis and benchmark scripts.
+
+Every script checks what a user typed in its ``parse_args``, before any model loads, and ends a bad value
+with its usage error (``parser.error``: exit 2, the option named). The rules written once here:
+
+- argparse types: :func:`int_at_least` (``positive_int``: whole numbers >= 1), :func:`finite_float` and
+  :func:`finite_float_at_least` (NaN and inf refused), :func:`device` (a torch device this machine has);
+- :func:`out_folder_problem` / :func:`check_out_folder`: an output folder that exists as a file, or lies
+  under a file, or whose nearest existing parent cannot be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+
+def int_at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+#: An argparse type: a whole number >= 1 (steps, seeds, draws, ranks, repeats).
+positive_int = int_at_least(1)
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf``, which ``float`` reads, are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def finite_float_at_least(minimum: float):
+    """An argparse type: a finite number >= ``minimum``."""
+
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text!r}")
+        return value
+
+    parse.__name__ = f"finite_float_at_least_{minimum:g}"
+    return parse
+
+
+def device_problem(text: str) -> str | None:
+    """Why ``text`` is not a torch device this machine can use (unknown name, no CUDA, no such GPU), else None."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        return f"not a torch device ({text!r}; expected cpu, cuda, cuda:N or mps)"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{text!r}, but CUDA is not available on this machine (torch.cuda.is_available() is False); use cpu"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"{text!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        return f"{text!r}, but MPS is not available on this machine; use cpu"
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        return f"{text!r}: only cpu, cuda and mps devices are supported"
+    return None
+
+
+def device(text: str) -> str:
+    """An argparse type for ``--device``: ``text`` unchanged when :func:`device_problem` finds nothing."""
+    if problem := device_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def out_folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a script's output folder (for its usage error naming the option), else None:
+    it exists and is not a folder, or the nearest of its parents that exists is a file or cannot be written."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        return "exists and is not a folder"
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.exists():  # a relative path whose start is missing: the current folder
+        existing = Path(".")
+    if not existing.is_dir():
+        return f"cannot be created: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: {existing} is not writable"
+    return None
+
+
+def check_out_folder(parser: argparse.ArgumentParser, path: Path | None, flag: str = "--out") -> None:
+    """``parser.error`` naming ``flag`` and ``path`` when :func:`out_folder_problem` finds one (None: not given)."""
+    if path is not None and (problem := out_folder_problem(path)):
+        parser.error(f"{flag} {path}: {problem}")

@@ -1,0 +1,375 @@
+"""What a user types into the analysis and benchmark scripts: each bad value ends in a usage error (exit 2)
+naming the option or file, before any model loads, and nothing is written (an earlier output stays as it was)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pti_plugin.models.loading import diffusers_folder_problem
+from pti_plugin.toy_world import WEIGHTS_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(path: str) -> dict:
+    """The globals of ``path`` (a script of this repository), run under another name than ``__main__``."""
+    return runpy.run_path(str(REPO / path), run_name=Path(path).stem + "_under_test")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _refused(call, capsys) -> str:
+    """Run ``call``; it must end in a usage error (SystemExit 2); return what it printed on stderr."""
+    with pytest.raises(SystemExit) as stop:
+        call()
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def afile(tmp_path) -> Path:
+    path = tmp_path / "afile"
+    path.write_text("mine\n")
+    return path
+
+
+@pytest.fixture
+def earlier_out(tmp_path) -> Path:
+    """An output folder holding an earlier run's files."""
+    out = tmp_path / "earlier"
+    out.mkdir()
+    for name in ("ellipsoid.json", "centre.safetensors", "ellipsoid.png", "learning_curves.json", "toy_quality.json"):
+        (out / name).write_bytes(f"earlier {name}\n".encode())
+    return out
+
+
+# ----------------------------------------------------------------------------- ellipsoid_check.py
+
+ELLIPSOID_REFUSALS = [
+    (["--threshold", "nan"], "argument --threshold: must be a finite number"),
+    (["--eos_factor", "inf"], "argument --eos_factor: must be a finite number"),
+    (["--batch_size", "0"], "argument --batch_size: must be at least 1"),
+    (["--batch_size", "-3"], "argument --batch_size: must be at least 1"),
+    (["--template_words", "only", "--template", "{} and {}"], "--template '{} and {}': must hold exactly one {}"),
+    (["--template_words", "only", "--template", "no field"], "--template 'no field': must hold exactly one {}"),
+    (["--template", "a {0} b"], "--template 'a {0} b'"),
+    (["--device", "foo"], "argument --device: not a torch device"),
+]
+
+
+@pytest.mark.parametrize("argv,message", ELLIPSOID_REFUSALS)
+def test_ellipsoid_check_refuses_bad_numbers_and_templates_before_loading(argv, message, earlier_out, capsys):
+    before = _snapshot(earlier_out)
+    err = _refused(lambda: _script("analysis/ellipsoid_check.py")["cli"]([*argv, "--out", str(earlier_out)]), capsys)
+    assert message in err
+    assert _snapshot(earlier_out) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of cuda on a machine without it")
+def test_ellipsoid_check_refuses_cuda_without_cuda(tmp_path, capsys):
+    err = _refused(lambda: _script("analysis/ellipsoid_check.py")["cli"](["--device", "cuda", "--out", str(tmp_path / "o")]),
+                   capsys)
+    assert "argument --device: 'cuda', but CUDA is not available" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ellipsoid_check_names_a_sentences_folder_or_binary_file(tmp_path, capsys):
+    cli = _script("analysis/ellipsoid_check.py")["cli"]
+    out = tmp_path / "o"
+    err = _refused(lambda: cli(["--sentences", str(tmp_path), "--out", str(out)]), capsys)
+    assert f"--sentences {tmp_path}: not a file" in err
+    binary = tmp_path / "s.txt"
+    binary.write_bytes(b"\xff\xfe\x00 a girl\n")
+    err = _refused(lambda: cli(["--sentences", str(binary), "--out", str(out)]), capsys)
+    assert f"--sentences {binary}: not UTF-8 text" in err
+    assert not out.exists()
+
+
+def test_ellipsoid_check_refuses_an_out_that_is_or_lies_under_a_file(afile, capsys):
+    cli = _script("analysis/ellipsoid_check.py")["cli"]
+    assert f"--out {afile}: exists and is not a folder" in _refused(lambda: cli(["--out", str(afile)]), capsys)
+    err = _refused(lambda: cli(["--out", str(afile / "sub")]), capsys)
+    assert f"--out {afile / 'sub'}: cannot be created: {afile} is a file" in err
+    assert afile.read_text() == "mine\n"
+
+
+def test_ellipsoid_check_names_a_clip_skip_past_the_text_encoder(tiny_model, tmp_path, capsys):
+    cli = _script("analysis/ellipsoid_check.py")["cli"]
+    assert cli(["--model", str(tiny_model), "--clip_skip", "99", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--clip_skip 99: the model's text encoder has" in err and "use 1 to" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ellipsoid_check_writes_nothing_when_its_result_cannot_be_written(tiny_model, tmp_path, capsys, monkeypatch):
+    """A result that cannot be JSON (here a NaN in the model's identity) is refused before any file is written:
+    an earlier run's folder is left byte for byte (before, its centre file and plot were replaced, its JSON not)."""
+    cli = _script("analysis/ellipsoid_check.py")["cli"]
+    out = tmp_path / "o"
+    argv = ["--model", str(tiny_model), "--template_words", "only", "--max_sentences", "12", "--out", str(out)]
+    monkeypatch.setenv("PTI_PLUGIN_CACHE", str(tmp_path / "cache"))
+    assert cli(argv) == 0
+    before = _snapshot(out)
+    assert sorted(before) == ["centre.safetensors", "ellipsoid.json", "ellipsoid.png"]
+    identity = cli.__globals__["_identity"]
+    monkeypatch.setitem(cli.__globals__, "_identity", lambda *a: identity(*a) | {"width": float("nan")})
+    capsys.readouterr()
+    assert cli([*argv, "--seed", "1"]) == 2
+    assert "not JSON compliant" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- toy_quality.py
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "argument --steps: must be at least 1"),
+    (["--steps", "-2"], "argument --steps: must be at least 1"),
+    (["--guidance", "nan"], "argument --guidance: must be a finite number"),
+    (["--guidance", "inf"], "argument --guidance: must be a finite number"),
+])
+def test_toy_quality_refuses_bad_sampling_options(argv, message, earlier_out, capsys):
+    before = _snapshot(earlier_out)
+    err = _refused(lambda: _script("analysis/toy_quality.py")["main"]([*argv, "--out", str(earlier_out)]), capsys)
+    assert message in err
+    assert _snapshot(earlier_out) == before
+
+
+@pytest.mark.parametrize("premise", [[], ["--premise", "--quick"]])
+def test_toy_quality_refuses_an_out_that_is_or_lies_under_a_file(premise, afile, capsys):
+    main = _script("analysis/toy_quality.py")["main"]
+    assert f"--out {afile}: exists and is not a folder" in _refused(lambda: main([*premise, "--out", str(afile)]), capsys)
+    assert f"{afile} is a file" in _refused(lambda: main([*premise, "--out", str(afile / "sub")]), capsys)
+    assert afile.read_text() == "mine\n"
+
+
+def test_toy_quality_help_names_what_each_premise_option_takes(capsys, monkeypatch):
+    """Only the two learning-rate options say "comma-separated learning rates" (before, all seven did)."""
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    with pytest.raises(SystemExit):
+        _script("analysis/toy_quality.py")["main"](["--help"])
+    lines, option = {}, None
+    for line in capsys.readouterr().out.splitlines():  # an option's help may start on the line after its name
+        if line.startswith("  --"):
+            option = line.split()[0]
+            lines[option] = line
+        elif option and line.startswith("      "):
+            lines[option] += " " + line.strip()
+    for option in ("--init_word", "--inversion_steps", "--lora_steps", "--oracle_steps", "--seeds"):
+        assert "learning rates" not in lines[option], option
+    assert "a whole number >= 1" in lines["--inversion_steps"] and "vocabulary" in lines["--init_word"]
+    for option in ("--inversion_lrs", "--lora_lrs"):
+        assert "comma-separated learning rates" in lines[option]
+
+
+# ----------------------------------------------------------------------------- learning_curves.py
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seeds", "0"], "argument --seeds: must be at least 1"),
+    (["--seeds", "-2"], "argument --seeds: must be at least 1"),
+    (["--steps", "0"], "argument --steps: must be at least 1"),
+    (["--steps", "-2"], "argument --steps: must be at least 1"),
+    (["--guidance", "nan"], "argument --guidance: must be a finite number"),
+    (["--device", "foo"], "argument --device: not a torch device"),
+])
+def test_learning_curves_refuses_bad_sampling_options(argv, message, tmp_path, earlier_out, capsys):
+    before = _snapshot(earlier_out)
+    err = _refused(lambda: _script("analysis/learning_curves.py")["main"]([str(tmp_path), *argv, "--out", str(earlier_out)]),
+                   capsys)
+    assert message in err
+    assert _snapshot(earlier_out) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of cuda on a machine without it")
+def test_learning_curves_refuses_cuda_without_cuda(tmp_path, capsys):
+    parse_args = _script("analysis/learning_curves.py")["parse_args"]
+    assert "argument --device: 'cuda', but CUDA is not available" in _refused(
+        lambda: parse_args([str(tmp_path), "--device", "cuda"]), capsys)
+
+
+def test_learning_curves_refuses_a_run_given_twice(tmp_path, capsys):
+    parse_args = _script("analysis/learning_curves.py")["parse_args"]
+    run, other = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    run.mkdir(parents=True)
+    other.mkdir()
+    assert f"run {run} given twice" in _refused(lambda: parse_args([str(run), str(other), str(run)]), capsys)
+    spelled = tmp_path / "runs" / ".." / "runs" / "a"
+    err = _refused(lambda: parse_args([str(run), f"{spelled}/"]), capsys)
+    assert "given twice" in err and f"(also as {run})" in err
+    assert parse_args([str(run), str(other)]).runs == [run, other]
+
+
+def test_learning_curves_refuses_a_file_as_run_or_out(tmp_path, afile, capsys):
+    parse_args = _script("analysis/learning_curves.py")["parse_args"]
+    assert f"run {afile}: not a folder" in _refused(lambda: parse_args([str(afile)]), capsys)
+    assert f"--out {afile}: exists and is not a folder" in _refused(
+        lambda: parse_args([str(tmp_path), "--out", str(afile)]), capsys)
+    assert f"{afile} is a file" in _refused(lambda: parse_args([str(tmp_path), "--out", str(afile / "x")]), capsys)
+
+
+# ----------------------------------------------------------------------------- interpolation_paths.py
+
+def test_interpolation_paths_refuses_an_out_under_a_file(afile, capsys):
+    parse_args = _script("analysis/interpolation_paths.py")["parse_args"]
+    err = _refused(lambda: parse_args(["--quick", "--out", str(afile / "sub")]), capsys)
+    assert f"--out {afile / 'sub'}: cannot be created: {afile} is a file" in err
+
+
+def test_a_model_folder_missing_a_listed_component_is_named(tmp_path, capsys):
+    """model_index.json, tokenizer and text_encoder but no unet or vae: the missing parts are named before loading."""
+    half = tmp_path / "half"
+    half.mkdir()
+    for part in ("model_index.json", "tokenizer", "text_encoder", "scheduler"):
+        source = WEIGHTS_DIR / part
+        (shutil.copy if source.is_file() else shutil.copytree)(source, half / part)
+    assert diffusers_folder_problem(WEIGHTS_DIR) is None
+    assert "lists unet, vae but the folder has no unet/, vae/" in diffusers_folder_problem(half)
+    parse_args = _script("analysis/interpolation_paths.py")["parse_args"]
+    err = _refused(lambda: parse_args(["--model", str(half), "--out", str(tmp_path / "o")]), capsys)
+    assert f"--model {half}: model_index.json lists unet, vae" in err
+    only_index = tmp_path / "only_index"
+    only_index.mkdir()
+    shutil.copy(WEIGHTS_DIR / "model_index.json", only_index)
+    err = _refused(lambda: parse_args(["--model", str(only_index)]), capsys)
+    assert "tokenizer" in err and "init word" not in err
+    (only_index / "model_index.json").write_text("[1, 2]")
+    assert diffusers_folder_problem(only_index) == "model_index.json is not a JSON object"
+
+
+# ----------------------------------------------------------------------------- detail_size.py
+
+@pytest.mark.parametrize("draws", ["0", "-5"])
+def test_detail_size_refuses_draws_below_one(draws, tmp_path, capsys):
+    err = _refused(lambda: _script("analysis/detail_size.py")["parse_args"](["--out", str(tmp_path), "--draws", draws]),
+                   capsys)
+    assert "argument --draws: must be at least 1" in err
+
+
+@pytest.mark.parametrize("content,message", [
+    ('[{"vari', "cannot be read as JSON"),
+    ('{"a": 1}', "not a detail_size table"),
+    ('[{"variant": "x"}]', "not a detail_size table"),
+    ('[{"variant": "x", "weight": null, "lr": 0.001, "seeds": [[1]]}]', "not a detail_size table"),
+    (None, "a folder, not a file"),
+])
+def test_detail_size_names_a_results_table_it_cannot_read(content, message, tmp_path, capsys):
+    results = tmp_path / "results"
+    table = results / "detail_size.json"
+    if content is None:
+        table.mkdir(parents=True)
+    else:
+        results.mkdir()
+        table.write_text(content)
+    before = _snapshot(results)
+    err = _refused(lambda: _script("analysis/detail_size.py")["parse_args"](
+        ["--out", str(tmp_path), "--results", str(results)]), capsys)
+    assert f"--results {table}: {message}" in err
+    assert _snapshot(results) == before
+
+
+def test_detail_size_reads_a_good_results_table_and_refuses_a_file_as_results(tmp_path, afile, capsys):
+    parse_args = _script("analysis/detail_size.py")["parse_args"]
+    rows = [{"variant": "none", "weight": None, "lr": 0.001, "seeds": [1, 42]}]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "detail_size.json").write_text(json.dumps(rows))
+    assert parse_args(["--out", str(tmp_path), "--results", str(tmp_path / "results")]).previous_rows == rows
+    assert f"--results {afile}: exists and is not a folder" in _refused(
+        lambda: parse_args(["--out", str(tmp_path), "--results", str(afile)]), capsys)
+
+
+# ----------------------------------------------------------------------------- render_report.py
+
+@pytest.fixture
+def page(tmp_path) -> Path:
+    path = tmp_path / "report.html"
+    path.write_text('<html><body data-images-loaded="0" data-images-total="0"><h1>report</h1></body></html>')
+    return path
+
+
+def _fake_browser(tmp_path: Path, body: str) -> str:
+    """An executable standing in for chromium: ``body`` is Python run with the browser's arguments in ``args``."""
+    script = tmp_path / "fake_browser"
+    script.write_text(f"#!{sys.executable}\nimport sys\nargs = sys.argv[1:]\n"
+                      "shot = next((a.split('=', 1)[1] for a in args if a.startswith('--screenshot=')), None)\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_render_report_refuses_a_screenshot_that_is_no_png_path(page, tmp_path, capsys):
+    main = _script("analysis/render_report.py")["main"]
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my notes\n")
+    assert "--screenshot" in _refused(lambda: main([str(page), "--screenshot", str(mine)]), capsys)
+    assert "--screenshot" in _refused(lambda: main([str(page), "--screenshot", str(page)]), capsys)
+    assert "does not exist" in _refused(lambda: main([str(page), "--screenshot", str(tmp_path / "no" / "s.png")]), capsys)
+    (tmp_path / "dir.png").mkdir()
+    assert "is a folder" in _refused(lambda: main([str(page), "--screenshot", str(tmp_path / "dir.png")]), capsys)
+    assert "no such page" in _refused(lambda: main([str(tmp_path / "missing.html")]), capsys)
+    assert mine.read_text() == "my notes\n" and page.read_text().startswith("<html>")
+
+
+def test_render_report_never_reads_an_earlier_file_as_the_screenshot(page, tmp_path, capsys):
+    """A browser that writes no image (or not a PNG) leaves an earlier screenshot as it was and the ink at 0;
+    one that writes an image replaces it. No temporary file is left beside it."""
+    import numpy as np
+    from PIL import Image
+
+    main = _script("analysis/render_report.py")["main"]
+    shot = tmp_path / "shots" / "shot.png"
+    shot.parent.mkdir()
+    Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(shot)  # an earlier, all-ink screenshot
+    earlier = shot.read_bytes()
+    for body in ("", "if shot: open(shot, 'w').write('not a png')\n"):
+        assert main([str(page), "--screenshot", str(shot), "--browser", _fake_browser(tmp_path, body)]) == 1
+        assert "screenshot_ink=0.000" in capsys.readouterr().out
+        assert shot.read_bytes() == earlier
+    writes = ("import numpy as np\nfrom PIL import Image\n"
+              "print('<body data-images-loaded=\"0\" data-images-total=\"0\">')\n"
+              "if shot: Image.fromarray(np.full((20, 20), 128, dtype=np.uint8)).save(shot)\n")
+    assert main([str(page), "--screenshot", str(shot), "--browser", _fake_browser(tmp_path, writes)]) == 0
+    assert "screenshot_ink=1.000" in capsys.readouterr().out
+    assert shot.read_bytes() != earlier
+    assert sorted(p.name for p in shot.parent.iterdir()) == ["shot.png"]
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "argument --steps: must be at least 1"),
+    (["--rank", "0"], "argument --rank: must be at least 1"),
+    (["--rank", "-1"], "argument --rank: must be at least 1"),
+    (["--device", "foo"], "argument --device: not a torch device"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
+])
+def test_weight_guard_overhead_refuses_bad_options(argv, message, capsys):
+    assert message in _refused(lambda: _script("benchmarks/weight_guard_overhead.py")["main"](argv), capsys)
+
+
+@pytest.fixture
+def pivot_overhead():
+    """The benchmark's globals; the plugins it registers are unregistered afterwards."""
+    from pti_plugin import hooks
+
+    saved = dict(hooks._REGISTERED)
+    yield _script("benchmarks/pivot_locality_overhead.py")
+    hooks._REGISTERED.clear()
+    hooks._REGISTERED.update(saved)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--repeats", "0", "--skip-sd15"], "argument --repeats: must be at least 1"),
+    (["--tiny-steps", "0", "--skip-sd15"], "argument --tiny-steps: must be at least 1"),
+    (["--tiny-steps", "-3"], "argument --tiny-steps: must be at least 1"),
+    (["--sd15-steps", "2"], "argument --sd15-steps: must be at least 3"),
+    (["--skip-sd15", "--skip-tiny"], "--skip-sd15 and --skip-tiny together would measure nothing"),
+])
+def test_pivot_locality_overhead_refuses_what_its_statistics_cannot_use(argv, message, pivot_overhead, capsys):
+    assert message in _refused(lambda: pivot_overhead["main"](argv), capsys)

@@ -1,0 +1,86 @@
+"""pti_plugin/script_args.py: the argument checks shared by the analysis and benchmark scripts."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from pti_plugin.script_args import (check_out_folder, device, device_problem, finite_float, finite_float_at_least,
+                                    int_at_least, out_folder_problem, positive_int)
+
+
+def _parser(**types) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="script")
+    for name, kind in types.items():
+        parser.add_argument(f"--{name}", type=kind)
+    return parser
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "2.5", "x", ""])
+def test_positive_int_refuses_what_is_not_a_whole_number_from_1(text, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _parser(steps=positive_int).parse_args(["--steps", text])
+    assert stop.value.code == 2
+    assert "argument --steps:" in capsys.readouterr().err
+
+
+def test_positive_int_and_int_at_least_accept_their_range():
+    assert _parser(steps=positive_int).parse_args(["--steps", "1"]).steps == 1
+    assert _parser(n=int_at_least(3)).parse_args(["--n", "3"]).n == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="at least 3, got 2"):
+        int_at_least(3)("2")
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN", "x"])
+def test_finite_float_refuses_nan_inf_and_words(text, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _parser(guidance=finite_float).parse_args(["--guidance", text])
+    assert stop.value.code == 2
+    assert "argument --guidance:" in capsys.readouterr().err
+
+
+def test_finite_float_at_least():
+    assert finite_float("-2.5") == -2.5
+    assert finite_float_at_least(0)("0") == 0.0
+    with pytest.raises(argparse.ArgumentTypeError, match="at least 0"):
+        finite_float_at_least(0)("-0.1")
+    with pytest.raises(argparse.ArgumentTypeError, match="finite"):
+        finite_float_at_least(0)("inf")
+
+
+def test_device_refuses_an_unknown_name_and_cuda_without_cuda(capsys):
+    assert device("cpu") == "cpu" and device_problem("cpu") is None
+    assert "not a torch device" in device_problem("foo")
+    with pytest.raises(SystemExit) as stop:
+        _parser(device=device).parse_args(["--device", "foo"])
+    assert stop.value.code == 2 and "argument --device:" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in device_problem("cuda")
+        assert "CUDA is not available" in device_problem("cuda:0")
+    else:
+        assert device_problem("cuda") is None
+        assert "CUDA device(s)" in device_problem(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_out_folder_problem(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert out_folder_problem(tmp_path) is None  # an existing folder
+    assert out_folder_problem(tmp_path / "new" / "deeper") is None  # made later
+    assert out_folder_problem(afile) == "exists and is not a folder"
+    assert out_folder_problem(afile / "sub") == f"cannot be created: {afile} is a file, not a folder"
+    assert "is a file" in out_folder_problem(afile / "sub" / "deeper")
+
+
+def test_check_out_folder_names_the_option(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    parser = _parser()
+    check_out_folder(parser, None)  # not given: nothing to check
+    check_out_folder(parser, tmp_path / "new")
+    with pytest.raises(SystemExit) as stop:
+        check_out_folder(parser, afile / "sub", "--results")
+    assert stop.value.code == 2
+    assert f"--results {afile / 'sub'}: cannot be created" in capsys.readouterr().err
