@@ -408,3 +408,20 @@ def _write_preset(tmp_path: Path, raw: dict) -> str:
     path = tmp_path / "preset.toml"
     path.write_text(toml.dumps({k: v for k, v in raw.items() if k != "plugins"}))
     return str(path)
+
+
+def test_captions_under_another_extension_are_pointed_out(tmp_path, caplog):
+    """caption_extension = ".caption" beside .txt captions: every image silently took the template; now a warning
+    names the files and the setting (and none when the captions are found)."""
+    _images(tmp_path / "a", 2, captions=["tok1, red hair"])
+    (tmp_path / "dataset.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\ncaption_extension = '.caption'\n")
+    config = build_config({"dataset_config": str(tmp_path / "dataset.toml"), "resolution": 32})
+    with caplog.at_level(logging.WARNING):
+        items = scan_images(config, load_subsets(config))
+    assert [i.caption for i in items] == ["an anime illustration of tok1"] * 2
+    assert "no .caption caption file beside the 2 image(s)" in caplog.text and "set caption_extension = '.txt'" in caplog.text
+    caplog.clear()
+    (tmp_path / "dataset.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n")
+    with caplog.at_level(logging.WARNING):
+        scan_images(config := build_config({"dataset_config": str(tmp_path / "dataset.toml"), "resolution": 32}), load_subsets(config))
+    assert "caption file beside" not in caplog.text

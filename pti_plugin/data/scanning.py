@@ -59,7 +59,22 @@ def _image_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] | N
     if not paths:
         logger.warning("no image (%s) in %s", ", ".join(IMAGE_EXTENSIONS), subset.image_dir)
     wildcard = subset.caption_options.enable_wildcard
-    return [(p, p.name, read_caption_lines(p, subset.caption_extension, all_lines=wildcard)) for p in paths]
+    entries = [(p, p.name, read_caption_lines(p, subset.caption_extension, all_lines=wildcard)) for p in paths]
+    if paths and all(lines is None for *_, lines in entries):
+        _warn_other_caption_files(subset, paths)
+    return entries
+
+
+def _warn_other_caption_files(subset: Subset, paths: list[Path]) -> None:
+    """No image of ``subset`` has a ``caption_extension`` file: when its images have caption files of another
+    common extension, say so (the run would otherwise train every image on class_tokens or the template)."""
+    for other in (".txt", ".caption", ".tags"):
+        found = sum(p.with_suffix(other).is_file() for p in paths)
+        if other != subset.caption_extension and found:
+            logger.warning("no %s caption file beside the %d image(s) of %s, but %d %s file(s): captions come from "
+                           "class_tokens or caption_template; set caption_extension = %r to read them",
+                           subset.caption_extension, len(paths), subset.image_dir, found, other, other)
+            return
 
 
 def balance_reg_repeats(train_entries: int, reg_items: list[ImageItem]) -> list[ImageItem]:
