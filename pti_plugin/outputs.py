@@ -4,13 +4,15 @@ Names: the LoRA ``<output_name>.safetensors``, the standalone embedding ``<token
 intermediate saves ``<name>-stepNNNNNNNN.safetensors``, the resolved config
 ``<output_name>.config.toml``, the JSONL log ``<output_name>.log.jsonl``, states
 ``<output_name>-state-stepNNNNNNNN/``, samples ``samples/<output_name>-<tag>-<i>.png`` and ``samples/<output_name>-before-after.png``.
-A new run refuses to start when any of its final files already exists (other runs' files in the
-same folder are fine).
+A new run refuses to start when any of its files already exists (other runs' files in the same
+folder are fine); a resume refuses the final files and the step files and states past its state's
+step. ``overwrite = true`` lets the run replace whatever it writes, state folders included.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,22 +56,55 @@ class RunFiles:
         labelled, cells upscaled to >= 256 px, prompts under the columns: :func:`~.sampling.write_grid`)."""
         return self.output_dir / "samples" / f"{self.output_name}-before-after.png"
 
-    def check_new_run(self, resuming: bool) -> None:
-        """Refuse to start a new run that would overwrite files of an earlier run of the same names."""
+    def step_files(self) -> list[tuple[int, Path]]:
+        """This run's step-tagged files and state folders in ``output_dir`` with their global step:
+        ``<output_name>-[interrupted-]stepNNNNNNNN.safetensors``, the same for ``<token>``, and
+        ``<output_name>-state-[interrupted-]stepNNNNNNNN/``, sorted by step then name."""
+        if not self.output_dir.is_dir():
+            return []
+        name, tok = re.escape(self.output_name), re.escape(self.token)
+        step = r"-(?:interrupted-)?step(\d{8})"
+        pattern = re.compile(rf"^(?:(?:{name}|{tok}){step}\.safetensors|{name}-state{step})$")
+        found = []
+        for child in self.output_dir.iterdir():
+            match = pattern.match(child.name)
+            if match:
+                found.append((int(next(g for g in match.groups() if g is not None)), child))
+        return sorted(found, key=lambda sp: (sp[0], sp[1].name))
+
+    def check_new_run(self, resuming: bool, resumed_step: int | None = None) -> None:
+        """Refuse to start a new run that would overwrite files of an earlier run of the same names.
+
+        A resume (``resumed_step``: the state's global step) may find the earlier run's config and
+        log, but not its final files nor its step files and states past ``resumed_step`` (the resumed
+        run would write them again). With ``overwrite`` nothing is refused: the run replaces what it writes."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.overwrite:
             return
         taken = [p for p in (self.lora(), self.embedding(), self.config_toml, self.log_jsonl) if p.exists()]
+        steps = self.step_files()
+        states = [(n, p) for n, p in steps if p.is_dir()]
         if resuming:
             taken = [p for p in taken if p not in (self.config_toml, self.log_jsonl)]
+            later = [p for n, p in steps if resumed_step is not None and n > resumed_step]
+            if later and not taken:
+                shown = ", ".join(p.name for p in later[:6]) + (f" and {len(later) - 6} more" if len(later) > 6 else "")
+                latest = max(states)[1] if states else None
+                hint = (f"; or continue from the latest state instead: --resume {latest}"
+                        if latest is not None and latest in later else "")
+                raise ConfigError(
+                    f"key 'resume': output_dir {self.output_dir} already holds {shown}, which the earlier run saved after "
+                    f"step {resumed_step} (the resumed state's step) and this run would write again; move them away, "
+                    f"choose another output_dir or output_name, or set overwrite = true (--overwrite) to replace "
+                    f"them as they are written{hint}"
+                )
         else:
-            for pattern in ("-step*.safetensors", "-interrupted-step*.safetensors", "-state-*"):
-                taken += sorted(self.output_dir.glob(f"{self.output_name}{pattern}"))
+            taken += sorted(self.output_dir.glob(f"{self.output_name}-state-*"))
+            taken += [p for _, p in steps if p not in taken]
         if taken:
-            states = sorted(self.output_dir.glob(f"{self.output_name}-state-*"))
-            latest = max(states, key=lambda p: p.stat().st_mtime) if states else None
+            latest = max(states)[1] if states else None
             resume = (f"; to continue the earlier run: --preset {self.config_toml} --resume {latest}"
-                      if states and self.config_toml.exists() and not resuming else "")
+                      if latest is not None and self.config_toml.exists() and not resuming else "")
             raise ConfigError(
                 f"output_dir {self.output_dir} already holds {taken[0].name}, which this run would write "
                 f"(output_name {self.output_name!r}, token {self.token!r}); choose another output_name/token_string "

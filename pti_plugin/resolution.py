@@ -232,9 +232,16 @@ def resolved_dict(config: Config) -> dict[str, Any]:
     """The resolved preset written beside the outputs: every key with its effective value.
 
     The stage defaults live in the stages (the top-level keys that only reach stages are left out),
-    so the file reloads as a preset (resume) that trains the same stages.
+    so the file reloads as a preset (resume) that trains the same stages. ``output_dir`` and
+    ``logging_dir`` are absolute, so that a resume started from another working directory writes
+    into the same folders.
     """
+    from pathlib import Path
+
     data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for key in ("output_dir", "logging_dir"):
+        if data.get(key):
+            data[key] = str(Path(data[key]).expanduser().resolve())
     for key in ("extends", "config_file") + STAGE_DEFAULT_KEYS + LENGTH_KEYS + LORA_SHORTHANDS:
         data.pop(key)
     data["stages"] = [s.preset_entry() for s in config.stages]

@@ -3,8 +3,10 @@
 ``<state>/trainable.safetensors`` holds the pivot and LoRA weights by name, ``optimizer.pt`` and
 ``lr_scheduler.pt`` the optimizer and scheduler state of the current stage (loaded through the
 project's allow-listed unpickler, ``formats/safe_load.py``), ``progress.json`` the stage index and
-step counters. Loading refuses, naming the culprit, a broken file and a state that does not fit
-the run (tensor names or shapes).
+step counters and what the optimizer state belongs to: the stage's kind, its ``optimizer_type`` and
+its parameter groups (names and tensor counts; state folders written before these were recorded
+lack them). Loading refuses, naming the culprit, a broken file and a state that does not fit the
+run (tensor names or shapes, stage kind, optimizer type, parameter groups).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +32,45 @@ class ResumedState:
     global_step: int
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
+    saved_with: dict[str, Any] = field(default_factory=dict)  # read_saved_with's view of progress.json
+    folder: Path | None = None
 
 
 def save_state(
     folder: Path, tensors: dict[str, torch.Tensor], optimizer: dict[str, Any], lr_scheduler: dict[str, Any],
-    stage_index: int, stage_step: int, global_step: int,
+    stage_index: int, stage_step: int, global_step: int, *, stage_kind: str | None = None,
+    optimizer_type: str | None = None, param_groups: list[tuple[str, int]] | None = None, replace: bool = False,
 ) -> Path:
-    """Write the state folder (to a temporary folder first, renamed when complete)."""
-    if folder.exists():
-        raise FileExistsError(f"refusing to overwrite state folder {folder}")
+    """Write the state folder (to a temporary folder first, renamed when complete).
+
+    ``stage_kind``, ``optimizer_type`` and ``param_groups`` (``(name, number of tensors)`` per optimizer
+    group) go to ``progress.json``, so that a resume with another optimizer or stage is refused before
+    it trains. An existing ``folder`` is refused unless ``replace`` (``overwrite = true``): then the new
+    state takes its place once complete."""
+    if folder.exists() and not replace:
+        raise FileExistsError(f"refusing to overwrite state folder {folder} (set overwrite = true to allow it)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    old = folder.parent / f".{folder.name}.old{uuid.uuid4().hex[:8]}"  # a name the leftover clean-up knows
     try:
         save_safetensors_atomic(tmp / "trainable.safetensors", {k: v.detach() for k, v in tensors.items()})
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(lr_scheduler, tmp / "lr_scheduler.pt")
-        progress = {"stage_index": stage_index, "stage_step": stage_step, "global_step": global_step}
+        progress: dict[str, Any] = {"stage_index": stage_index, "stage_step": stage_step, "global_step": global_step}
+        if stage_kind is not None:
+            progress["stage_kind"] = stage_kind
+        if optimizer_type is not None:
+            progress["optimizer_type"] = optimizer_type
+        if param_groups is not None:
+            progress["param_groups"] = [{"name": name, "tensors": count} for name, count in param_groups]
         (tmp / "progress.json").write_text(json.dumps(progress))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is private (0700); give it a plain mkdir's mode
+        if folder.exists():  # replace: a folder cannot be renamed over a non-empty one, so move the old one aside
+            os.replace(folder, old)
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
@@ -78,6 +99,92 @@ def read_progress(folder: Path) -> dict[str, int]:
     return {k: progress[k] for k in keys}
 
 
+def optimizer_key(name: str) -> str:
+    """``optimizer_type`` as the optimizer builder reads it (kohya spelling, case and ``_`` ignored)."""
+    return name.lower().replace("_", "")
+
+
+def read_saved_with(folder: Path) -> dict[str, Any]:
+    """What ``folder``'s optimizer state belongs to, from its ``progress.json``: ``stage_kind``,
+    ``optimizer_type`` (strings) and ``param_groups`` (a list of ``(name, tensors)``), each only when
+    recorded (state folders from before they were recorded lack them). Call after :func:`read_progress`."""
+    from .config import ConfigError
+
+    progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
+    out: dict[str, Any] = {}
+    for key in ("stage_kind", "optimizer_type"):
+        if key in progress:
+            if not isinstance(progress[key], str):
+                raise ConfigError(f"key 'resume': {folder / 'progress.json'}: {key} must be a string; got {progress[key]!r}")
+            out[key] = progress[key]
+    if "param_groups" in progress:
+        groups = progress["param_groups"]
+        if not isinstance(groups, list) or not all(
+                isinstance(g, dict) and isinstance(g.get("name"), str) and type(g.get("tensors")) is int for g in groups):
+            raise ConfigError(f"key 'resume': {folder / 'progress.json'}: param_groups must be a list of "
+                              f"{{name, tensors}}; got {groups!r}")
+        out["param_groups"] = [(g["name"], g["tensors"]) for g in groups]
+    return out
+
+
+def check_resume_fits(folder: Path, stages) -> dict[str, Any]:
+    """Before anything loads: refuse a state whose stage is not in ``stages`` (the run's resolved stages)
+    or was saved by a stage of another kind or optimizer type; return its ``progress.json`` counters
+    with what it recorded (:func:`read_saved_with`)."""
+    from .config import ConfigError
+
+    progress = read_progress(folder) | read_saved_with(folder)
+    index = progress["stage_index"]
+    if index >= len(stages):
+        raise ConfigError(f"key 'resume': {folder} is at stage {index}, but this run has {len(stages)} stage(s)")
+    stage = stages[index]
+    kind = progress.get("stage_kind")
+    if kind is not None and kind != stage.kind:
+        raise ConfigError(f"key 'resume': state {folder} was saved by a {kind!r} stage {index}; this run's stage {index} "
+                          f"({stage.name!r}) is {stage.kind!r}; resume with the stages the state was saved with")
+    saved = progress.get("optimizer_type")
+    if saved is not None and optimizer_key(saved) != optimizer_key(stage.optimizer_type):
+        raise ConfigError(f"key 'resume': state {folder} holds the optimizer state of {saved} (stage {index}, "
+                          f"{stage.name!r}); this run's stage {index} uses optimizer_type {stage.optimizer_type}; resume "
+                          f"with optimizer_type {saved} (e.g. --set stages.{index}.optimizer_type={saved})")
+    return progress
+
+
+def check_optimizer_groups(folder: Path, saved_with: dict[str, Any], saved_optimizer: dict[str, Any],
+                           optimizer: torch.optim.Optimizer, param_groups: list[dict[str, Any]]) -> None:
+    """Before the saved optimizer state is loaded into ``optimizer`` (built over ``param_groups``, the
+    stage's named groups): refuse, naming the groups, a state whose parameter groups differ (names and
+    tensor counts when ``saved_with`` records them; the saved groups' sizes; and, for a state that does not
+    record its ``optimizer_type``, option names this optimizer does not know)."""
+    from .config import ConfigError
+
+    ours = [(g["name"], len(g["params"])) for g in param_groups]
+    show = lambda groups: ", ".join(f"{n} ({c} tensors)" for n, c in groups)  # noqa: E731
+    recorded = saved_with.get("param_groups")
+    if recorded is not None and recorded != ours:
+        raise ConfigError(f"key 'resume': state {folder} holds the optimizer state of the parameter groups "
+                          f"{show(recorded)}; this run's stage trains {show(ours)}; resume with the stage settings "
+                          "(kind, train_pivot, train_unet, train_text_encoder, LoRA) the state was saved with")
+    groups = saved_optimizer.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise ConfigError(f"key 'resume': {folder / 'optimizer.pt'} holds no optimizer state dict (param_groups)")
+    sizes = [len(g["params"]) for g in groups]
+    if sizes != [c for _, c in ours]:
+        raise ConfigError(f"key 'resume': state {folder} holds the optimizer state of {len(sizes)} parameter group(s) "
+                          f"of {sizes} tensors; this run's stage trains {show(ours)}; resume with the stage settings "
+                          "the state was saved with")
+    if "optimizer_type" in saved_with:  # compared by name already (check_resume_fits)
+        return
+    # A state from before optimizer_type was recorded: options this optimizer does not know mean another optimizer
+    # (options it lacks may be ones a newer torch added; torch fills those in).
+    for saved_group, group in zip(groups, optimizer.param_groups):
+        unknown = sorted(set(saved_group) - set(group) - {"initial_lr", "name"})
+        if unknown:
+            raise ConfigError(f"key 'resume': state {folder} holds the state of another optimizer than this run's "
+                              f"{type(optimizer).__name__} (its options {unknown} are not {type(optimizer).__name__}'s); "
+                              "resume with the optimizer_type the state was saved with")
+
+
 def load_state(folder: Path, tensors: dict[str, torch.nn.Parameter], num_stages: int | None = None) -> ResumedState:
     """Copy the saved trainable weights into ``tensors`` (by name) and return the rest of the state.
 
@@ -89,6 +196,7 @@ def load_state(folder: Path, tensors: dict[str, torch.nn.Parameter], num_stages:
     from .formats.safe_load import load_safetensors, safe_torch_load
 
     progress = read_progress(folder)
+    saved_with = read_saved_with(folder)
     if num_stages is not None and progress["stage_index"] >= num_stages:
         raise ConfigError(f"key 'resume': {folder} is at stage {progress['stage_index']}, "
                           f"but this run has {num_stages} stage(s)")
@@ -112,4 +220,5 @@ def load_state(folder: Path, tensors: dict[str, torch.nn.Parameter], num_stages:
     with torch.no_grad():
         for name, param in tensors.items():
             param.copy_(saved[name].to(param.device, param.dtype))
-    return ResumedState(progress["stage_index"], progress["stage_step"], progress["global_step"], optimizer, scheduler)
+    return ResumedState(progress["stage_index"], progress["stage_step"], progress["global_step"], optimizer, scheduler,
+                        saved_with, folder)

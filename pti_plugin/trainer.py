@@ -47,7 +47,7 @@ from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process, optimizer_state_is_finite
 from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
-from .resume import load_state, save_state
+from .resume import check_optimizer_groups, check_resume_fits, load_state, save_state
 from .run_lock import RunLock, clean_leftover_temporaries
 from .text_cache import TextConditioningCache
 from .weight_guard import WeightGuard
@@ -90,6 +90,8 @@ class Trainer:
         config = self.config
         output_dir = Path(config.output_dir).expanduser().resolve()
         logging_dir = Path(config.logging_dir).expanduser().resolve() if config.logging_dir else output_dir / "logs"
+        # A state that cannot continue this run (another stage kind or optimizer) is refused before anything loads.
+        self._resume_progress = check_resume_fits(Path(config.resume), config.stages) if config.resume else None
         fresh_accelerate_state()
         has_accelerator_device = torch.cuda.is_available() or torch.backends.mps.is_available() or (
             hasattr(torch, "xpu") and torch.xpu.is_available()
@@ -223,7 +225,8 @@ class Trainer:
         self._lock = RunLock(output_dir, config.output_name)
         self._lock.acquire()
         clean_leftover_temporaries(output_dir, config.output_name, config.token_string)
-        self.files.check_new_run(resuming=bool(config.resume))
+        resumed_step = self._resume_progress["global_step"] if self._resume_progress else None
+        self.files.check_new_run(resuming=bool(config.resume), resumed_step=resumed_step)
 
     def _load_starting_weights(self, model) -> None:
         """``weights``: the pivot's initial vectors from an embedding file; ``network_weights``: the LoRA's."""
@@ -327,7 +330,7 @@ class Trainer:
         for stage_index in range(start_stage, len(config.stages)):
             first_step = start_step if stage_index == start_stage else 0
             self._run_stage(stage_index, first_step, resumed if stage_index == start_stage else None)
-        outputs = self._save()
+        outputs = self._save(with_state=config.save_state)  # kohya's save_state saves the state at the end too
         if config.sample_prompts:
             outputs["samples"] = self.sample("final")
             if first_samples and self.accelerator.is_main_process:
@@ -347,8 +350,13 @@ class Trainer:
         plan: StagePlan = schedule_of(self.plugins).plan_stage(state, stage)
         state.plan = plan
         if resumed is not None:
-            plan.optimizer.load_state_dict(resumed.optimizer)
-            plan.lr_scheduler.load_state_dict(resumed.lr_scheduler)
+            check_optimizer_groups(resumed.folder, resumed.saved_with, resumed.optimizer, plan.optimizer, plan.param_groups)
+            try:
+                plan.optimizer.load_state_dict(resumed.optimizer)
+                plan.lr_scheduler.load_state_dict(resumed.lr_scheduler)
+            except (KeyError, ValueError, TypeError) as exc:  # what the checks above cannot foresee
+                raise ConfigError(f"key 'resume': the optimizer or scheduler state in {resumed.folder} does not fit "
+                                  f"this run's stage {stage_index} ({stage.name!r}): {exc}") from None
         trainable = [p for group in plan.param_groups for p in group["params"]]
         trains = self.model.set_trainable(trainable, plan.lora_enabled)
         # DDP wraps only the modules that hold trainable parameters (a UNet with none must not be wrapped).
@@ -541,7 +549,8 @@ class Trainer:
 
     def _save(self, tag: str | None = None, with_state: bool = False) -> dict[str, Path]:
         """Write the LoRA and embedding (final names when ``tag`` is None, else ``<name>-<tag>``),
-        and the resumable state when asked, from the main process."""
+        and the resumable state when asked (``<name>-state-<tag>``; the final one ``<name>-state-stepNNNNNNNN``),
+        from the main process."""
         state, config = self.state, self.config
         suffix = tag
         paths: dict[str, Path] = {}
@@ -554,11 +563,17 @@ class Trainer:
                 tuple(p.vectors for p in self.model.pivots), config, state.global_step, files["metadata"],
                 tag_frequency(self.items), family=self.model.family,
             )
-            if with_state:
+            folder = self.files.state_dir(suffix or f"step{state.global_step:08d}")
+            if with_state and config.resume and folder.resolve() == Path(config.resume).resolve():
+                paths["state"] = folder  # resumed at the end of training: nothing trained since this state
+            elif with_state:
                 paths["state"] = save_state(
-                    self.files.state_dir(suffix), self._trainable_tensors(), self.optimizer.optimizer.state_dict()
+                    folder, self._trainable_tensors(), self.optimizer.optimizer.state_dict()
                     if hasattr(self.optimizer, "optimizer") else self.optimizer.state_dict(),
                     state.plan.lr_scheduler.state_dict(), state.stage_index, state.stage_step, state.global_step,
+                    stage_kind=state.stage.kind, optimizer_type=state.stage.optimizer_type,
+                    param_groups=[(g["name"], len(g["params"])) for g in state.plan.param_groups],
+                    replace=self.files.overwrite,
                 )
                 self._info(f"saved state {paths['state']}")
         self.accelerator.wait_for_everyone()

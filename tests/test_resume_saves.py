@@ -1,0 +1,150 @@
+"""Resume and save: the final state, files a resume would write again, another optimizer or stage, another cwd."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import toml
+import torch
+from safetensors.torch import load_file
+
+from pti_plugin.cli import main
+from pti_plugin.config import build_config
+from pti_plugin.trainer import Trainer
+
+
+def _cli(raw: dict, tmp_path: Path, capsys, extra: list[str] = ()) -> tuple[int, str]:
+    """Run the CLI in-process on the preset ``raw``; return (exit code, stdout + stderr)."""
+    path = tmp_path / "preset.toml"
+    path.write_text(toml.dumps(raw))
+    code = main(["--preset", str(path), *extra])
+    seen = capsys.readouterr()
+    return code, seen.out + seen.err
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _same(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+STAGES = [{"kind": "inversion", "steps": 2, "learning_rate": 5e-2},
+          {"kind": "lora", "steps": 2, "learning_rate": 1e-2}]
+
+
+def test_save_state_writes_a_final_state_that_continues_like_a_longer_run(preset, tmp_path):
+    """save_state alone (no intermediate saves): the final save writes pti-state-step00000004, which records
+    what its optimizer state belongs to; resumed with a longer last stage it ends bit for bit like a straight run."""
+    first = preset(output_dir=str(tmp_path / "first"), save_state=True, save_precision="float", stages=STAGES)
+    outputs = Trainer(build_config(first)).run()
+    state = tmp_path / "first" / "pti-state-step00000004"
+    assert outputs["state"] == state and state.is_dir()
+    assert [p.name for p in (tmp_path / "first").glob("pti-state-*")] == [state.name]
+    progress = json.loads((state / "progress.json").read_text())
+    assert progress == {"stage_index": 1, "stage_step": 2, "global_step": 4, "stage_kind": "lora",
+                        "optimizer_type": "AdamW", "param_groups": [{"name": "unet_lora", "tensors": 384}]}
+    saved = load_file(state / "trainable.safetensors")
+    assert torch.equal(saved["pivot.vectors"], load_file(tmp_path / "first" / "tok1.safetensors")["emb_params"])
+
+    longer = [STAGES[0], STAGES[1] | {"steps": 3}]
+    resumed = first | {"output_dir": str(tmp_path / "resumed"), "resume": str(state), "stages": longer}
+    Trainer(build_config(resumed)).run()
+    Trainer(build_config(first | {"output_dir": str(tmp_path / "straight"), "stages": longer})).run()
+    assert _same(tmp_path / "resumed" / "pti.safetensors", tmp_path / "straight" / "pti.safetensors")
+    assert _same(tmp_path / "resumed" / "tok1.safetensors", tmp_path / "straight" / "tok1.safetensors")
+    assert (tmp_path / "resumed" / "pti-state-step00000005" / "progress.json").is_file()
+
+
+@pytest.fixture
+def killed_run(preset, tmp_path):
+    """A 3-step run that saved (with states) at every step and whose final files are missing, as after a
+    kill during the final save; returns (its preset, its output folder)."""
+    raw = preset(output_dir=str(tmp_path / "run"), save_every_n_steps=1, save_state=True,
+                 stages=[{"kind": "inversion", "steps": 3, "learning_rate": 5e-2}])
+    Trainer(build_config(raw)).run()
+    out = tmp_path / "run"
+    for name in ("pti.safetensors", "tok1.safetensors"):
+        (out / name).unlink()
+    return raw, out
+
+
+def test_a_resume_whose_later_step_files_exist_is_refused_before_training(killed_run, tmp_path, capsys):
+    raw, out = killed_run
+    before = _files(out)
+    code, seen = _cli(raw | {"resume": str(out / "pti-state-step00000001")}, tmp_path, capsys)
+    assert code == 2, seen
+    assert "Traceback" not in seen
+    assert (f"key 'resume': output_dir {out} already holds pti-state-step00000002, pti-step00000002.safetensors, "
+            "tok1-step00000002.safetensors, pti-state-step00000003") in seen
+    assert "--overwrite" in seen and f"--resume {out / 'pti-state-step00000003'}" in seen
+    assert _files(out) == before  # nothing trained, nothing written (the log included)
+
+
+def test_overwrite_lets_a_resume_and_a_new_run_replace_state_folders(killed_run, tmp_path, capsys):
+    raw, out = killed_run
+    code, seen = _cli(raw | {"resume": str(out / "pti-state-step00000001")}, tmp_path, capsys, ["--overwrite"])
+    assert code == 0, seen
+    assert json.loads((out / "pti-state-step00000002" / "progress.json").read_text())["global_step"] == 2
+    assert (out / "pti-state-step00000003").is_dir() and (out / "pti.safetensors").is_file()
+    code, seen = _cli(raw, tmp_path, capsys, ["--overwrite"])  # a new run over a folder holding states
+    assert code == 0, seen
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary or old folder left
+
+
+def _strip_progress(state: Path) -> None:
+    """Make ``state`` look like a state folder from before the optimizer was recorded."""
+    progress = json.loads((state / "progress.json").read_text())
+    (state / "progress.json").write_text(json.dumps({k: progress[k] for k in ("stage_index", "stage_step", "global_step")}))
+
+
+@pytest.mark.parametrize("old_state", [False, True], ids=["recorded", "old_state"])
+@pytest.mark.parametrize("change", ["optimizer", "kind"])
+def test_resuming_with_another_optimizer_or_stage_kind_is_refused_naming_resume(change, old_state, preset, tmp_path, capsys):
+    raw = preset(output_dir=str(tmp_path / "first"), save_every_n_steps=3, save_state=True,
+                 stages=[STAGES[0], STAGES[1] | {"steps": 3}])
+    Trainer(build_config(raw)).run()
+    state = tmp_path / "first" / "pti-state-step00000003"  # stage 1 (lora, AdamW) after one step
+    if old_state:
+        _strip_progress(state)
+    if change == "optimizer":
+        stages = [STAGES[0], STAGES[1] | {"steps": 3, "optimizer_type": "SGD"}]
+        expected = ["AdamW", "SGD"] if not old_state else ["SGD", "'betas'"]  # old: AdamW's options named
+    else:
+        stages = [STAGES[0], {"kind": "inversion", "steps": 3, "learning_rate": 5e-2}]
+        expected = ["'lora'", "'inversion'"] if not old_state else ["[384] tensors", "pivot (1 tensors)"]
+    out = tmp_path / "second"
+    code, seen = _cli(raw | {"output_dir": str(out), "resume": str(state), "stages": stages}, tmp_path, capsys)
+    assert code == 2, seen
+    assert "Traceback" not in seen
+    message = next(line for line in seen.splitlines() if "key 'resume'" in line)
+    assert str(state) in message and all(word in message for word in expected), message
+    assert not (out / "pti.log.jsonl").exists()  # refused before the first step
+
+
+def test_run_config_holds_absolute_folders_and_a_resume_from_another_cwd_writes_there(preset, tmp_path, monkeypatch, capsys):
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(home)
+    raw = preset(output_dir="out", logging_dir="tb", save_every_n_steps=1, save_state=True,
+                 stages=[{"kind": "inversion", "steps": 2, "learning_rate": 5e-2}])
+    code, seen = _cli(raw, tmp_path, capsys)
+    assert code == 0, seen
+    out = home / "out"
+    resolved = toml.loads((out / "pti.config.toml").read_text())
+    assert resolved["output_dir"] == str(out) and resolved["logging_dir"] == str(home / "tb")
+    for name in ("pti.safetensors", "tok1.safetensors"):
+        (out / name).unlink()
+    for state in out.glob("pti-state-step00000002"):  # continue from step 1
+        for child in state.iterdir():
+            child.unlink()
+        state.rmdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["--preset", str(out / "pti.config.toml"), "--resume", str(out / "pti-state-step00000001")]) == 0
+    assert (out / "pti.safetensors").is_file() and (out / "pti-state-step00000002").is_dir()
+    assert list(elsewhere.iterdir()) == []
