@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.input_checks import number_list, positive_finite  # noqa: E402
+from pti_plugin.script_args import number_list, positive_finite  # noqa: E402
 
 BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
 

@@ -38,9 +38,9 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pti_plugin.input_checks import number_list, positive_finite  # noqa: E402
 from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
-from pti_plugin.script_args import check_out_folder, finite_float_at_least, positive_int  # noqa: E402
+from pti_plugin.script_args import (check_out_folder, finite_float_at_least, number_list,  # noqa: E402
+                                    positive_finite, positive_int)
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
 from pti_plugin.toy_world.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402

@@ -42,26 +42,6 @@ _MAX_SEED = 2**63 - 1
 _FLOAT32_MAX = 3.4028234663852886e38  # training runs in float32 at most
 
 
-def number_list(text: str, cast=float) -> tuple:
-    """``text``'s comma-separated values as ``cast`` (float or int). Raises ValueError saying what is wrong, for
-    the caller to name its option: a value ``cast`` does not read, or no value at all."""
-    try:
-        values = tuple(cast(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        kind = "integers" if cast is int else "numbers"
-        raise ValueError(f"expected comma-separated {kind}, got {text!r}") from None
-    if not values:
-        raise ValueError(f"expected at least one value, got {text!r}")
-    return values
-
-
-def positive_finite(values: tuple[float, ...]) -> tuple[float, ...]:
-    """``values`` when each is a positive finite number (learning rates, loss weights; NaN fails), else ValueError."""
-    if bad := [v for v in values if not 0 < v < math.inf]:
-        raise ValueError(f"expected positive finite numbers, got {', '.join(map(str, bad))}")
-    return values
-
-
 def check_inputs(config: Config, check_paths: bool = True) -> None:
     """Run every start-time check on ``config`` (see the module docstring)."""
     check_finite_numbers(config)

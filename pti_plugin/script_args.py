@@ -5,6 +5,7 @@ with its usage error (``parser.error``: exit 2, the option named). The rules wri
 
 - argparse types: :func:`int_at_least` (``positive_int``: whole numbers >= 1), :func:`finite_float` and
   :func:`finite_float_at_least` (NaN and inf refused), :func:`device` (a torch device this machine has);
+- comma-separated lists: :func:`number_list` and :func:`positive_finite` (learning rates and weights);
 - :func:`out_folder_problem` / :func:`check_out_folder`: an output folder that exists as a file, or lies
   under a file, or whose nearest existing parent cannot be written.
 """
@@ -59,6 +60,26 @@ def finite_float_at_least(minimum: float):
 
     parse.__name__ = f"finite_float_at_least_{minimum:g}"
     return parse
+
+
+def number_list(text: str, cast=float) -> tuple:
+    """``text``'s comma-separated values as ``cast`` (float or int). Raises ValueError saying what is wrong, for
+    the caller to name its option: a value ``cast`` does not read, or no value at all."""
+    try:
+        values = tuple(cast(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        kind = "integers" if cast is int else "numbers"
+        raise ValueError(f"expected comma-separated {kind}, got {text!r}") from None
+    if not values:
+        raise ValueError(f"expected at least one value, got {text!r}")
+    return values
+
+
+def positive_finite(values: tuple[float, ...]) -> tuple[float, ...]:
+    """``values`` when each is a positive finite number (learning rates, loss weights; NaN fails), else ValueError."""
+    if bad := [v for v in values if not 0 < v < math.inf]:
+        raise ValueError(f"expected positive finite numbers, got {', '.join(map(str, bad))}")
+    return values
 
 
 def device_problem(text: str) -> str | None:

@@ -20,7 +20,7 @@ import toml
 
 from pti_plugin.atomic_io import atomic_write_text
 from pti_plugin.config import build_config, default_stages, parse_value
-from pti_plugin.input_checks import number_list, positive_finite
+from pti_plugin.script_args import number_list, positive_finite
 from pti_plugin.sweeps.seeds import seed_suffix
 
 
