@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -333,6 +334,7 @@ def test_leftovers_of_a_killed_run_are_named_and_the_message_says_how_to_continu
     first = saved_state.parent
     for name in ("pti.safetensors", "tok1.safetensors"):  # never written: the run died before
         (first / name).unlink()
+    shutil.rmtree(first / "pti-state-step00000002")  # the final state, written after them: never written either
     tmp_file = first / ".pti.safetensors.k2j3abcd.tmp"
     tmp_file.write_bytes(b"\0" * 4096)
     (first / "pti.lock").write_text(json.dumps({"pid": 999999, "host": "gone"}))  # lock of a dead process
