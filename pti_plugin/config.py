@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -500,7 +501,9 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     """
     overrides = overrides or {}
     raw = load_preset_dict(preset) if preset else {}
-    given = {key: "preset" for key in raw} | {key: "command line" for key in overrides}
+    given = {key: "preset" for key in raw} | {key: "command line" for key in overrides} | {
+        path: "--set" for path in (item.partition("=")[0].strip() for item in sets or [])
+        if re.fullmatch(r"stages\.\d+\.learning_rate", path)}
     raw = apply_overrides(_replace_data_source(raw, overrides), overrides, sets or [])
     for key in PATH_KEYS:
         value = raw.get(key)

@@ -173,11 +173,31 @@ def with_epoch_steps(config: Config, steps_per_epoch: int) -> Config:
 
 # ----------------------------------------------------------------------------- unused values
 
-def _why_unused(config: Config, key: str, stage: StageConfig, resolved: ResolvedStage) -> str | None:
-    """Why ``stage`` does not use the top-level ``key`` (None when it does)."""
+def _group_rates(config: Config, stage: StageConfig, resolved: ResolvedStage) -> list[tuple[str, str]] | None:
+    """``(group rate key, where it is set)`` for every group ``stage`` trains when each has its own rate
+    (``pivot_lr``, ``unet_lr``, ``text_encoder_lr``, the stage's or the top level's), so the stage's
+    ``learning_rate`` reaches no group; None when one group takes ``learning_rate``."""
+    found = []
+    for trains, key in ((resolved.train_pivot, "pivot_lr"), (resolved.train_unet, "unet_lr"),
+                        (resolved.train_text_encoder, "text_encoder_lr")):
+        own, top = getattr(stage, key), getattr(config, key, None)
+        if trains and own is None and top is None:
+            return None
+        if trains:
+            found.append((key, f"stages.{resolved.index}.{key} = {own!r}" if own is not None else f"{key} = {top!r}"))
+    return found or None
+
+
+def _why_unused(config: Config, key: str, stage: StageConfig, resolved: ResolvedStage, typed: bool = False) -> str | None:
+    """Why ``stage`` does not use the top-level ``key`` (None when it does). ``typed`` (a value the command line
+    gave): a ``learning_rate`` that every group's own rate replaces counts as unused too (a preset may well set
+    ``learning_rate`` beside ``unet_lr`` and ``text_encoder_lr``, as kohya configs do)."""
     where = f"stages.{resolved.index}"
     if key in STAGE_DEFAULT_KEYS:
-        return None if getattr(stage, key) is None else f"{where}.{key} = {getattr(stage, key)!r}"
+        if getattr(stage, key) is not None:
+            return f"{where}.{key} = {getattr(stage, key)!r}"
+        rates = _group_rates(config, stage, resolved) if key == "learning_rate" and typed else None
+        return None if rates is None else f"{where}'s groups take {', '.join(text for _, text in rates)}"
     if key in LENGTH_KEYS:
         for own in ("max_train_epochs", "steps"):
             if getattr(stage, own) is not None:
@@ -199,9 +219,13 @@ def _why_unused(config: Config, key: str, stage: StageConfig, resolved: Resolved
 def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], given: dict[str, str]) -> None:
     """Raise ConfigError for a given top-level value (``given``: key -> where it came from) that no stage uses."""
     for key, source in given.items():
+        if key.startswith("stages."):
+            _check_stage_rate_is_used(config, raw_stages, key, source)
+            continue
         if key not in STAGE_DEFAULT_KEYS + LENGTH_KEYS + LORA_SHORTHANDS:
             continue
-        reasons = [_why_unused(config, key, stage, resolved) for stage, resolved in zip(raw_stages, config.stages)]
+        reasons = [_why_unused(config, key, stage, resolved, typed=source != "preset")
+                   for stage, resolved in zip(raw_stages, config.stages)]
         if any(reason is None for reason in reasons):
             continue
         value = getattr(config, key)
@@ -210,10 +234,25 @@ def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], g
                       else _toml_literal(value))
         commands = " or ".join(f"--set stages.{s.index}.{target}={value_text}" for s, raw in zip(config.stages, raw_stages)
                                if not (target in ("unet_lr", "text_encoder_lr", "train_text_encoder") and s.kind != "lora")
-                               and not (target == "steps" and raw.max_train_epochs is not None))
+                               and not (target == "steps" and raw.max_train_epochs is not None)
+                               and not (target == "learning_rate" and _group_rates(config, raw, s)))
         hint = f" To change a stage, use {commands}." if commands else " No stage can use it: remove it."
         raise ConfigError(f"{key} = {_toml_literal(value)} ({source}) is used by no stage: "
                           + "; ".join(reasons) + "." + hint)
+
+
+def _check_stage_rate_is_used(config: Config, raw_stages: list[StageConfig], path: str, source: str) -> None:
+    """``path`` = ``stages.N.learning_rate`` given by ``source`` (``--set``): refused when every group stage N trains
+    has its own rate (the value would change nothing), naming them and the ``--set`` that would."""
+    index = int(path.split(".")[1])
+    stage, resolved = raw_stages[index], config.stages[index]
+    rates = _group_rates(config, stage, resolved)
+    if rates:
+        value = _toml_literal(stage.learning_rate)
+        commands = " or ".join(f"--set stages.{index}.{key}={value}" for key, _ in rates)
+        raise ConfigError(f"{path} = {value} ({source}) reaches no parameter group of stages.{index} "
+                          f"({resolved.name!r}): its groups take {', '.join(text for _, text in rates)}. "
+                          f"To change them, use {commands}.")
 
 
 def _toml_literal(value: Any) -> str:

@@ -174,3 +174,27 @@ def test_a_lora_only_run_with_an_untrained_pivot_warns_and_pivot_locality_is_ref
     with caplog.at_level(logging.WARNING, logger="pti_plugin.config_checks"):
         _load(["--preset", _preset(tmp_path, "")])  # the default stages train the pivot first: no warning
     assert not any("stays its init word" in r.getMessage() for r in caplog.records)
+
+
+def test_a_typed_learning_rate_that_every_group_rate_replaces_is_refused(tmp_path):
+    """``--set stages.0.learning_rate=0.5`` on a stage whose groups have their own rates (a reloaded run.config.toml
+    sets unet_lr) was shown in the stage line but trained nothing at 0.5; the same keys in a preset stay accepted,
+    as kohya configs write learning_rate beside unet_lr and text_encoder_lr."""
+    from pti_plugin.config import load_config
+
+    preset = tmp_path / "p.toml"
+    preset.write_text(f'train_data_dir = "{tmp_path}"\nlearning_rate = 1e-3\nunet_lr = 1e-4\nnetwork_train_unet_only = true\n'
+                      '[[stages]]\nkind = "lora"\nsteps = 5\n')
+    assert load_config(preset).stages[0].unet_lr == 1e-4  # the preset's own learning_rate beside unet_lr: fine
+    preset.write_text(f'train_data_dir = "{tmp_path}"\nunet_lr = 1e-4\nnetwork_train_unet_only = true\n'
+                      '[[stages]]\nkind = "lora"\nsteps = 5\n')
+    with pytest.raises(ConfigError, match=r"stages\.0\.learning_rate = 0\.5 \(--set\) reaches no parameter group of stages\.0 "
+                                          r"\('lora0'\): its groups take unet_lr = 0\.0001\. To change them, use "
+                                          r"--set stages\.0\.unet_lr=0\.5\."):
+        load_config(preset, {}, ["stages.0.learning_rate=0.5"])
+    with pytest.raises(ConfigError, match=r"learning_rate = 0\.5 \(command line\) is used by no stage: stages\.0's groups "
+                                          r"take unet_lr = 0\.0001\. No stage can use it"):
+        load_config(preset, {"learning_rate": 0.5})
+    preset.write_text(f'train_data_dir = "{tmp_path}"\nunet_lr = 1e-4\n[[stages]]\nkind = "lora"\nsteps = 5\n'
+                      'train_text_encoder = true\n')
+    assert load_config(preset, {}, ["stages.0.learning_rate=0.5"]).stages[0].text_encoder_lr == 0.5  # reaches the TE
