@@ -14,14 +14,7 @@ from pti_plugin.cli import main
 from pti_plugin.config import build_config
 from pti_plugin.trainer import Trainer
 
-
-def _cli(raw: dict, tmp_path: Path, capsys, extra: list[str] = ()) -> tuple[int, str]:
-    """Run the CLI in-process on the preset ``raw``; return (exit code, stdout + stderr)."""
-    path = tmp_path / "preset.toml"
-    path.write_text(toml.dumps(raw))
-    code = main(["--preset", str(path), *extra])
-    seen = capsys.readouterr()
-    return code, seen.out + seen.err
+from .test_reliability import _cli
 
 
 def _files(out: Path) -> dict[str, bytes]:
