@@ -25,14 +25,19 @@ SUPPORTED = sorted([
 SUPPORTED_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
+def optimizer_key(name: str) -> str:
+    """``optimizer_type`` as the builder reads it: kohya spelling, case and ``_`` ignored."""
+    return name.lower().replace("_", "")
+
+
 def is_supported_optimizer(name: str) -> bool:
-    key = name.lower().replace("_", "")
+    key = optimizer_key(name)
     return key in _BNB or key in _TORCH or key in ("adafactor", "prodigy")
 
 
 def optimizer_package(name: str) -> tuple[str, str] | None:
     """(module, pip name) of the package optimizer ``name`` needs beyond torch, or None."""
-    key = name.lower().replace("_", "")
+    key = optimizer_key(name)
     if key in _BNB:
         return ("bitsandbytes", "bitsandbytes")
     return {"adafactor": ("transformers", "transformers"), "prodigy": ("prodigyopt", "prodigyopt")}.get(key)
@@ -54,7 +59,7 @@ def parse_optimizer_args(args: list[str]) -> dict[str, Any]:
 
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, args: list[str]) -> torch.optim.Optimizer:
     """The optimizer ``name`` (kohya spelling, case-insensitive) over ``param_groups``."""
-    key = name.lower().replace("_", "")
+    key = optimizer_key(name)
     kwargs = parse_optimizer_args(args)
     if key in _BNB:
         try:

@@ -35,6 +35,21 @@ class ResumedState:
     saved_with: dict[str, Any] = field(default_factory=dict)  # read_saved_with's view of progress.json
     folder: Path | None = None
 
+    def load_into(self, optimizer: torch.optim.Optimizer, lr_scheduler: Any, param_groups: list[dict[str, Any]],
+                  stage: str) -> None:
+        """The saved optimizer and scheduler state into ``optimizer`` (built over ``param_groups``) and
+        ``lr_scheduler`` of ``stage`` (its name, for messages), after :func:`check_optimizer_groups`; what that
+        check cannot foresee is refused naming ``key 'resume'`` too, not a traceback."""
+        from .config import ConfigError
+
+        check_optimizer_groups(self.folder, self.saved_with, self.optimizer, optimizer, param_groups)
+        try:
+            optimizer.load_state_dict(self.optimizer)
+            lr_scheduler.load_state_dict(self.lr_scheduler)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"key 'resume': the optimizer or scheduler state in {self.folder} does not fit "
+                              f"this run's {stage}: {exc}") from None
+
 
 def save_state(
     folder: Path, tensors: dict[str, torch.Tensor], optimizer: dict[str, Any], lr_scheduler: dict[str, Any],
@@ -99,11 +114,6 @@ def read_progress(folder: Path) -> dict[str, int]:
     return {k: progress[k] for k in keys}
 
 
-def optimizer_key(name: str) -> str:
-    """``optimizer_type`` as the optimizer builder reads it (kohya spelling, case and ``_`` ignored)."""
-    return name.lower().replace("_", "")
-
-
 def read_saved_with(folder: Path) -> dict[str, Any]:
     """What ``folder``'s optimizer state belongs to, from its ``progress.json``: ``stage_kind``,
     ``optimizer_type`` (strings) and ``param_groups`` (a list of ``(name, tensors)``), each only when
@@ -132,6 +142,7 @@ def check_resume_fits(folder: Path, stages) -> dict[str, Any]:
     or was saved by a stage of another kind or optimizer type; return its ``progress.json`` counters
     with what it recorded (:func:`read_saved_with`)."""
     from .config import ConfigError
+    from .optimizers import optimizer_key
 
     progress = read_progress(folder) | read_saved_with(folder)
     index = progress["stage_index"]

@@ -47,7 +47,7 @@ from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process, optimizer_state_is_finite
 from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
-from .resume import check_optimizer_groups, check_resume_fits, load_state, save_state
+from .resume import check_resume_fits, load_state, save_state
 from .run_lock import RunLock, clean_leftover_temporaries
 from .text_cache import TextConditioningCache
 from .weight_guard import WeightGuard
@@ -231,8 +231,6 @@ class Trainer:
     def _load_starting_weights(self, model) -> None:
         """``weights``: the pivot's initial vectors from an embedding file; ``network_weights``: the LoRA's."""
         from .formats.embedding import load_embedding
-        from .formats.kohya_lora import kohya_to_peft, load_lora
-        from .models.lora import load_lora_state_dict
 
         config = self.config
         if config.weights:
@@ -242,25 +240,7 @@ class Trainer:
                                   f"num_vectors_per_token is {config.num_vectors_per_token}")
             self.pivot.reset_init(vectors)
         if config.network_weights:
-            tensors, _ = load_lora(config.network_weights)
-            components = model.components()
-            states, alphas = kohya_to_peft(tensors, components, model.family.key_table)
-            expected = {(c, k): v.shape for c, sd in model.lora_state_dicts().items() for k, v in sd.items()}
-            found = {(c, k): v.shape for c, sd in states.items() for k, v in sd.items()}
-            wrong = [k for (c, k), shape in found.items() if expected.get((c, k)) != shape]
-            wrong_alpha = [k for k, a in alphas.items() if a != model.lora_alphas.get(k)]
-            if wrong or wrong_alpha:
-                ranks = sorted({shape[0] for (_, k), shape in found.items() if ".lora_A." in k})
-                raise ConfigError(
-                    f"key 'network_weights': {config.network_weights} does not fit this run's LoRA "
-                    f"(first mismatch: {(wrong or wrong_alpha)[0]}; file ranks {ranks}, alphas {sorted(set(alphas.values()))}); "
-                    "set network_dim, network_alpha and network_args to match"
-                )
-            if any(c != "unet" for c in states) and not self.train_te_lora:
-                raise ConfigError(f"key 'network_weights': {config.network_weights} holds text-encoder LoRA weights; "
-                                  "enable train_text_encoder in a lora stage (or network_train_unet_only = false)")
-            for component, state in states.items():
-                load_lora_state_dict(components[component], state)
+            model.load_network_weights(config.network_weights, text_encoder_lora=self.train_te_lora)
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -350,13 +330,7 @@ class Trainer:
         plan: StagePlan = schedule_of(self.plugins).plan_stage(state, stage)
         state.plan = plan
         if resumed is not None:
-            check_optimizer_groups(resumed.folder, resumed.saved_with, resumed.optimizer, plan.optimizer, plan.param_groups)
-            try:
-                plan.optimizer.load_state_dict(resumed.optimizer)
-                plan.lr_scheduler.load_state_dict(resumed.lr_scheduler)
-            except (KeyError, ValueError, TypeError) as exc:  # what the checks above cannot foresee
-                raise ConfigError(f"key 'resume': the optimizer or scheduler state in {resumed.folder} does not fit "
-                                  f"this run's stage {stage_index} ({stage.name!r}): {exc}") from None
+            resumed.load_into(plan.optimizer, plan.lr_scheduler, plan.param_groups, f"stage {stage_index} ({stage.name!r})")
         trainable = [p for group in plan.param_groups for p in group["params"]]
         trains = self.model.set_trainable(trainable, plan.lora_enabled)
         # DDP wraps only the modules that hold trainable parameters (a UNet with none must not be wrapped).

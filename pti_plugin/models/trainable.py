@@ -146,6 +146,33 @@ class TrainableModel:
         """peft-format LoRA weights by component (components without a LoRA left out)."""
         return {name: lora_state_dict(m) for name, m in self.components().items() if lora_parameters(m)}
 
+    def load_network_weights(self, path: str, text_encoder_lora: bool) -> None:
+        """Start the LoRA from the kohya LoRA file ``path`` (``network_weights``); a file of other ranks, alphas or
+        modules, or with text-encoder weights when no stage trains a text-encoder LoRA, is refused naming the key."""
+        from ..config import ConfigError
+        from ..formats.kohya_lora import kohya_to_peft, load_lora
+        from .lora import load_lora_state_dict
+
+        tensors, _ = load_lora(path)
+        components = self.components()
+        states, alphas = kohya_to_peft(tensors, components, self.family.key_table)
+        expected = {(c, k): v.shape for c, sd in self.lora_state_dicts().items() for k, v in sd.items()}
+        found = {(c, k): v.shape for c, sd in states.items() for k, v in sd.items()}
+        wrong = [k for (c, k), shape in found.items() if expected.get((c, k)) != shape]
+        wrong_alpha = [k for k, a in alphas.items() if a != self.lora_alphas.get(k)]
+        if wrong or wrong_alpha:
+            ranks = sorted({shape[0] for (_, k), shape in found.items() if ".lora_A." in k})
+            raise ConfigError(
+                f"key 'network_weights': {path} does not fit this run's LoRA "
+                f"(first mismatch: {(wrong or wrong_alpha)[0]}; file ranks {ranks}, alphas {sorted(set(alphas.values()))}); "
+                "set network_dim, network_alpha and network_args to match"
+            )
+        if any(c != "unet" for c in states) and not text_encoder_lora:
+            raise ConfigError(f"key 'network_weights': {path} holds text-encoder LoRA weights; "
+                              "enable train_text_encoder in a lora stage (or network_train_unet_only = false)")
+        for component, state in states.items():
+            load_lora_state_dict(components[component], state)
+
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
         """Every tensor that training can change, by stable name (pivots and LoRA weights)."""
         named = {("pivot.vectors" if i == 0 else f"pivot{i + 1}.vectors"): v for i, v in enumerate(self.pivot_parameters())}
