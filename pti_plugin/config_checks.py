@@ -55,8 +55,9 @@ def validate_config(config: Config, check_paths: bool) -> None:
     for i, stage in enumerate(config.stages):
         if stage.kind not in _STAGE_KINDS:
             raise ConfigError.at(f"stages.{i}.kind", f" must be one of {list(_STAGE_KINDS)}, got {stage.kind!r}")
-    positive = ["lr_scheduler_num_cycles", "lr_scheduler_power", "max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "network_dim",
-                "log_every_n_steps", "max_nan_skips", "sample_steps", "clip_skip"]
+    positive = ["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "network_dim",
+                "log_every_n_steps", "max_nan_skips", "sample_steps", "clip_skip", "lr_scheduler_num_cycles",
+                "lr_scheduler_power"]
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError.at(key, f" must be > 0, got {getattr(config, key)!r}")
@@ -78,7 +79,7 @@ def validate_config(config: Config, check_paths: bool) -> None:
     if any(size <= 0 or size % multiple for size in sizes):
         raise ConfigError.at("resolution", f" must be a positive multiple of {multiple}"
                           f"{' (enable_bucket)' if config.enable_bucket else ''}, got {config.resolution!r}")
-    _check_optimisation_names(config)
+    _check_optimisation(config)
     network_args(config)
     if not 1 <= config.num_vectors_per_token <= config.max_token_length:  # vectors past it would never train
         raise ConfigError.at("num_vectors_per_token", f" must be between 1 and max_token_length = "
@@ -138,7 +139,7 @@ def _check_data_keys(config: Config) -> None:
         raise ConfigError("preset: 'reg_data_dir' applies to kohya folders, not to in_json (fine-tuning) data")
 
 
-def _check_optimisation_names(config: Config) -> None:
+def _check_optimisation(config: Config) -> None:
     """Each stage's optimizer and scheduler names, then its optimizer built with its ``optimizer_args`` (a bad
     argument used to stop the run when its stage began, after the stages before it had trained)."""
     from .choices import optimizer_problem
