@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import string
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pti_plugin import ellipsoid as E  # noqa: E402
 from pti_plugin.atomic_io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from pti_plugin.input_checks import template_problem  # noqa: E402
 from pti_plugin.script_args import check_out_folder, device, finite_float_at_least, positive_int  # noqa: E402
 
 DEFAULT_OUT = "outputs/ellipsoid"
@@ -69,9 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max_sentences must be at least 2")
     if args.index < 1:
         p.error("--index must be >= 1 (index 0 is BOS: its state is the same for every sentence)")
-    if _template_problem(args.template):
-        p.error(f"--template {args.template!r}: must hold exactly one {{}} (where the word goes) and no other "
-                "{ or } (write {{ or }} for a brace)")
+    if problem := template_problem(args.template, "the word"):
+        p.error(f"--template {args.template!r}: {problem}")
     if args.sentences:
         sentences = Path(args.sentences).expanduser()
         if not sentences.exists():
@@ -86,15 +85,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--sentences {args.sentences}: cannot be read ({exc.strerror or exc})")
     check_out_folder(p, Path(args.out))
     return args
-
-
-def _template_problem(template: str) -> bool:
-    """Whether ``template`` has other than one ``{}`` field (none, two, a named or numbered one, a stray brace)."""
-    try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
-    except ValueError:
-        return True
-    return fields != [""]
 
 
 def plot(result: E.EllipsoidResult, path: Path) -> None:

@@ -169,16 +169,16 @@ def check_token_outside_separators(config: Config) -> None:
                                              "which splits captions into tags; choose a token without it")
 
 
-def template_problem(template: str) -> str | None:
-    """Why ``template`` is not a caption template (exactly one ``{}``, where the token goes; other braces doubled),
-    else None. The rule of ``caption_template`` and of pivot_locality's ``templates``."""
+def template_problem(template: str, slot: str = "the token") -> str | None:
+    """Why ``template`` is not a caption template (exactly one ``{}``, where ``slot`` goes; other braces doubled),
+    else None. The rule of ``caption_template``, pivot_locality's ``templates`` and ellipsoid_check's ``--template``."""
     try:
         fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
                   if name is not None]
     except ValueError as exc:
         return f"is not a template ({exc}); write a literal brace as {{{{ or }}}}"
     if fields != [("", "", None)]:
-        return f"needs exactly one {{}} where the token goes, found {len(fields)} field(s)" + (
+        return f"needs exactly one {{}} where {slot} goes, found {len(fields)} field(s)" + (
             "" if all(f == ("", "", None) for f in fields) else " other than {}")
     return None
 

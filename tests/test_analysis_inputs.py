@@ -59,8 +59,8 @@ ELLIPSOID_REFUSALS = [
     (["--eos_factor", "inf"], "argument --eos_factor: must be a finite number"),
     (["--batch_size", "0"], "argument --batch_size: must be at least 1"),
     (["--batch_size", "-3"], "argument --batch_size: must be at least 1"),
-    (["--template_words", "only", "--template", "{} and {}"], "--template '{} and {}': must hold exactly one {}"),
-    (["--template_words", "only", "--template", "no field"], "--template 'no field': must hold exactly one {}"),
+    (["--template_words", "only", "--template", "{} and {}"], "--template '{} and {}': needs exactly one {} where the word goes"),
+    (["--template_words", "only", "--template", "no field"], "--template 'no field': needs exactly one {} where the word goes"),
     (["--template", "a {0} b"], "--template 'a {0} b'"),
     (["--device", "foo"], "argument --device: not a torch device"),
 ]
