@@ -87,13 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def plot(result: E.EllipsoidResult, path: Path) -> None:
-    """Norm distributions about the centre (index vs EOS) and CV / mean norm by token index, into ``path``."""
-    atomic_write_bytes(path, plot_png(result))
-
-
 def plot_png(result: E.EllipsoidResult) -> bytes:
-    """The PNG of :func:`plot`, in memory (the outputs are written once all of them are made)."""
+    """Norm distributions about the centre (index vs EOS) and CV / mean norm by token index, as PNG bytes (the
+    outputs are written once all of them are made)."""
     import io
 
     import matplotlib
