@@ -47,6 +47,8 @@ def parse_args(argv):
     args.out = args.out or [Path("outputs/protocol")]
     check_out_folder(parser, args.results, "--results")
     args.previous_rows = None if args.results is None else previous_rows(parser, args.results / "detail_size.json")
+    if missing := [str(out / "h3" / "parts") for out in args.out if not (out / "h3" / "parts").is_dir()]:
+        parser.error(f"no H3 parts under {', '.join(missing)} (the --out of `research_protocol.py h3`)")
     return args
 
 
@@ -154,9 +156,6 @@ def table(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    missing = [str(out / "h3" / "parts") for out in args.out if not (out / "h3" / "parts").is_dir()]
-    if missing:
-        raise SystemExit(f"error: no H3 parts under {', '.join(missing)} (the --out of `research_protocol.py h3`)")
     from pti_plugin.toy_world.h3_detail_axis import (CEILING_RULE, CONFIRMATORY_RULE, ceiling_verdict,
                                                      confirmatory_verdict, detail_axis_lines, detail_axis_plot,
                                                      detail_axis_summary)

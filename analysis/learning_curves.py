@@ -84,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"run {run} given twice{also}: each run counts as one training seed")
         seen[key] = run
     check_out_folder(parser, args.out)
+    from pti_plugin.toy_world.curve_scores import lora_checkpoints
+
+    for run in args.runs:  # every run checked before any is scored
+        try:
+            lora_checkpoints(run)
+        except (FileNotFoundError, ValueError) as exc:  # missing folder, no run, no intermediate saves
+            parser.error(str(exc))
     return args
 
 
@@ -121,14 +128,9 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pti_plugin.toy_world.curve_scores import h2_summary, lora_checkpoints, score_checkpoints, scored_steps
+    from pti_plugin.toy_world.curve_scores import h2_summary, score_checkpoints, scored_steps
 
     args = parse_args(argv)
-    for run_dir in args.runs:  # every run checked before any is scored
-        try:
-            lora_checkpoints(run_dir)
-        except (FileNotFoundError, ValueError) as exc:  # missing folder, no run, no intermediate saves
-            raise SystemExit(f"error: {exc}") from exc
     seeds = list(range(args.seeds))
     scored = scored_steps(args.dense_until, args.score_every, tuple(args.score_every_until))
     runs = [score_checkpoints(run_dir, seeds, args.steps, args.guidance, device=args.device,

@@ -69,6 +69,7 @@ from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
 from pti_plugin.metrics.leakage import GROUPS, LeakageMeasurement, measure_position_leakage  # noqa: E402
 from pti_plugin.metrics.prompts import NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS  # noqa: E402
 from pti_plugin.metrics.run_model import load_run  # noqa: E402
+from pti_plugin.script_args import device, finite_float, int_at_least, positive_int  # noqa: E402
 
 README_FRAGMENT = __doc__
 
@@ -238,12 +239,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="neutral prompts ({} or the token = the subject, {T} = the run's template)")
     parser.add_argument("--edit_prompts", nargs="*", default=list(POSITION_EDIT_PROMPTS), help="position-changing prompts")
     parser.add_argument("--class_word", default=None, help="the base model's subject (default: the run's init_word)")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (the toy world uses 3)")
-    parser.add_argument("--grid", type=int, default=16, help="grid of the layout distance")
-    parser.add_argument("--training_timestep", type=int, default=500)
+    parser.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
+    parser.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale (the toy world uses 3)")
+    parser.add_argument("--grid", type=positive_int, default=16, help="grid of the layout distance")
+    parser.add_argument("--training_timestep", type=int_at_least(0), default=500)
     parser.add_argument("--ground_truth", choices=("auto", "on", "off"), default="auto")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", type=device, default=None)
     parser.add_argument("--fp16", action="store_true", help="run the models in float16 (CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN/position_leakage")
     parser.add_argument("--by_resolution", action="store_true",

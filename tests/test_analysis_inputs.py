@@ -204,7 +204,7 @@ def test_learning_curves_refuses_a_run_given_twice(tmp_path, capsys):
     spelled = tmp_path / "runs" / ".." / "runs" / "a"
     err = _refused(lambda: parse_args([str(run), f"{spelled}/"]), capsys)
     assert "given twice" in err and f"(also as {run})" in err
-    assert parse_args([str(run), str(other)]).runs == [run, other]
+    assert f"no <output_name>.config.toml in {run}" in _refused(lambda: parse_args([str(run), str(other)]), capsys)
 
 
 def test_learning_curves_refuses_a_file_as_run_or_out(tmp_path, afile, capsys):
@@ -244,6 +244,19 @@ def test_a_model_folder_missing_a_listed_component_is_named(tmp_path, capsys):
     assert diffusers_folder_problem(only_index) == "model_index.json is not a JSON object"
 
 
+# ----------------------------------------------------------------------------- position_leakage.py
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "foo"], "argument --device:"),
+    (["--steps", "0"], "argument --steps: must be at least 1"),
+    (["--guidance", "nan"], "argument --guidance: must be a finite number"),
+    (["--training_timestep", "-1"], "argument --training_timestep: must be at least 0"),
+])
+def test_position_leakage_refuses_settings_before_loading_the_run(argv, message, tmp_path, capsys):
+    main = _script("analysis/position_leakage.py")["main"]
+    assert message in _refused(lambda: main(["--run", str(tmp_path), *argv]), capsys)
+
+
 # ----------------------------------------------------------------------------- detail_size.py
 
 @pytest.mark.parametrize("draws", ["0", "-5"])
@@ -277,6 +290,7 @@ def test_detail_size_names_a_results_table_it_cannot_read(content, message, tmp_
 
 def test_detail_size_reads_a_good_results_table_and_refuses_a_file_as_results(tmp_path, afile, capsys):
     parse_args = _script("analysis/detail_size.py")["parse_args"]
+    (tmp_path / "h3" / "parts").mkdir(parents=True)  # an --out that holds H3 parts
     rows = [{"variant": "none", "weight": None, "lr": 0.001, "seeds": [1, 42]}]
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "detail_size.json").write_text(json.dumps(rows))

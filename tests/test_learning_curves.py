@@ -167,13 +167,15 @@ def test_command_line_names_the_culprit(scored_run, tmp_path, capsys):
     final_only.mkdir()
     for name in ("pti.config.toml", "pti.safetensors"):
         shutil.copy2(run_dir / name, final_only / name)
-    with pytest.raises(SystemExit, match=rf"{re.escape(str(final_only))}.*save_every_n_steps"):
+    with pytest.raises(SystemExit) as stop:  # a usage error, before anything is scored
         _cli([str(run_dir), str(final_only), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and re.search(rf"{re.escape(str(final_only))}.*save_every_n_steps", capsys.readouterr().err)
     with pytest.raises(NoCheckpointsError, match="save_every_n_steps"):
         score_checkpoints(final_only, SEEDS, steps=2, device="cpu")
     missing = tmp_path / "no_such_run"
-    with pytest.raises(SystemExit, match=rf"{re.escape(str(missing))} does not exist"):
+    with pytest.raises(SystemExit) as stop:
         _cli([str(missing), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and f"{missing} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing scored or written
 
 
