@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if problem := diffusers_folder_problem(args.model):
         parser.error(f"--model {args.model}: {problem}")
     check_out_folder(parser, args.out)
+    premise_only = ["quick", "init_word", "inversion_lrs", "inversion_steps", "lora_lrs", "lora_steps", "oracle_steps", "seeds"]
+    if not args.premise and (given := [f"--{k}" for k in premise_only if getattr(args, k) not in (None, False)]):
+        parser.error(f"{', '.join(given)} set(s) the premise checks: add --premise (without it they would be ignored)")
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.premise:

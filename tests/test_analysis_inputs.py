@@ -244,6 +244,17 @@ def test_a_model_folder_missing_a_listed_component_is_named(tmp_path, capsys):
     assert diffusers_folder_problem(only_index) == "model_index.json is not a JSON object"
 
 
+# ----------------------------------------------------------------------------- toy_quality.py (premise options)
+
+@pytest.mark.parametrize("argv", [["--quick"], ["--lora_lrs", "1e-3"], ["--seeds", "2", "--init_word", "shape"]])
+def test_toy_quality_refuses_premise_options_without_premise(argv, tmp_path, capsys):
+    """They were silently ignored: the quality run ran in full at its defaults."""
+    main = _script("analysis/toy_quality.py")["main"]
+    err = _refused(lambda: main([*argv, "--out", str(tmp_path / "o")]), capsys)
+    assert f"{argv[0]}" in err and "add --premise" in err
+    assert not (tmp_path / "o").exists()
+
+
 # ----------------------------------------------------------------------------- position_leakage.py
 
 @pytest.mark.parametrize("argv, message", [
