@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         shot = args.screenshot or Path(folder) / "shot.png"
         ink = screenshot_ink(browser, args.page, shot)
     print(f"images_loaded={loaded} images_total={total} screenshot_ink={ink:.3f}")
+    if total < 0:
+        print(f"error: {browser} gave no page (its DOM dump has no data-images-total): is it a headless Chromium "
+              "or Chrome?", file=sys.stderr)
     return 0 if total >= 0 and loaded == total and ink > 0.01 else 1
 
 

@@ -354,7 +354,8 @@ def test_render_report_never_reads_an_earlier_file_as_the_screenshot(page, tmp_p
     earlier = shot.read_bytes()
     for body in ("", "if shot: open(shot, 'w').write('not a png')\n"):
         assert main([str(page), "--screenshot", str(shot), "--browser", _fake_browser(tmp_path, body)]) == 1
-        assert "screenshot_ink=0.000" in capsys.readouterr().out
+        seen = capsys.readouterr()
+        assert "screenshot_ink=0.000" in seen.out and "gave no page" in seen.err  # it printed no DOM either
         assert shot.read_bytes() == earlier
     writes = ("import numpy as np\nfrom PIL import Image\n"
               "print('<body data-images-loaded=\"0\" data-images-total=\"0\">')\n"
