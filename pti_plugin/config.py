@@ -330,8 +330,10 @@ def _rebase_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def load_preset_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a preset with its ``extends`` chain and ``config_file``; paths made absolute."""
+def load_preset_dict(path: str | Path, _seen: tuple[Path, ...] = (), origins: dict[str, str] | None = None) -> dict[str, Any]:
+    """Read a preset with its ``extends`` chain and ``config_file``; paths made absolute. ``origins``, when given,
+    receives ``key -> "config_file <path>"`` for each top-level key a kohya ``config_file`` set and no preset
+    replaced (for messages naming that file)."""
     path = Path(path).expanduser().resolve()
     if path in _seen:
         raise ConfigError(f"preset {path} extends itself (cycle: {' -> '.join(map(str, _seen + (path,)))})")
@@ -341,9 +343,15 @@ def load_preset_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
             raise ConfigError(f"preset {path}: key {key!r} expects the path of a TOML file, got {raw[key]!r}")
     merged: dict[str, Any] = {}
     if raw.get("extends"):
-        merged = load_preset_dict(raw["extends"], _seen + (path,))
+        merged = load_preset_dict(raw["extends"], _seen + (path,), origins)
     if raw.get("config_file"):
-        merged = deep_merge(merged, _read_kohya_config_file(Path(raw["config_file"])))
+        kohya = _read_kohya_config_file(Path(raw["config_file"]))
+        merged = deep_merge(merged, kohya)
+        if origins is not None:
+            origins.update(dict.fromkeys(kohya, f"config_file {raw['config_file']}"))
+    if origins is not None:
+        for key in raw:
+            origins.pop(key, None)
     merged = deep_merge(merged, raw)
     merged.pop("extends", None)
     merged.pop("config_file", None)
@@ -500,7 +508,8 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     line that no stage uses (every stage sets its own) is refused, naming the shadowing stage keys.
     """
     overrides = overrides or {}
-    raw = load_preset_dict(preset) if preset else {}
+    origins: dict[str, str] = {}
+    raw = load_preset_dict(preset, origins=origins) if preset else {}
     given = {key: "preset" for key in raw} | {key: "command line" for key in overrides} | {
         path: "--set" for path in (item.partition("=")[0].strip() for item in sets or [])
         if re.fullmatch(r"stages\.\d+\.learning_rate", path)}
@@ -512,16 +521,24 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     try:
         return build_config(raw, given=given)
     except ConfigError as error:
-        raise _named_where_given(error, overrides, sets or []) from None
+        raise _named_where_given(error, overrides, sets or [], origins) from None
 
 
-def _named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[str]) -> ConfigError:
+def _named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[str],
+                       origins: dict[str, str] | None = None) -> ConfigError:
     """``error`` about a key the command line gave (its :attr:`~ConfigError.key`), naming the flag the user typed
     instead of the preset: ``--k (command line) ...`` for a flag, ``--set stages.0.k ...`` for a ``--set``, and
-    ``command line: ...`` for a refused or unknown key; any other error unchanged."""
+    ``command line: ...`` for a refused or unknown key; a key a kohya ``config_file`` gave (``origins``) names
+    that file instead of ``preset``; any other error unchanged."""
     set_paths = {item.partition("=")[0].strip() for item in sets}
-    if error.key is None or (error.key not in overrides and error.key not in set_paths):
+    if error.key is None:
         return error
+    if error.key not in overrides and error.key not in set_paths:
+        origin = (origins or {}).get(error.key)
+        text = str(error)
+        if origin is None or not text.startswith("preset: "):
+            return error
+        return ConfigError(f"{origin}: " + text.removeprefix("preset: "), error.key, error.tail)
     if error.tail is None:  # a refused or unknown key: the message is about the key itself
         return ConfigError("command line: " + str(error).removeprefix("preset: "), error.key)
     named = f"--{error.key} (command line)" if error.key in overrides else f"--set {error.key}"

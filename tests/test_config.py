@@ -39,8 +39,15 @@ def test_a_kohya_config_file_with_refused_options_set_to_ask_for_nothing_loads(t
     for line, key in (("v2 = true", "v2"), ('network_module = "lycoris.kohya"', "network_module"),
                       ('loss_type = "huber"', "loss_type"), ('vae = "my.vae"', "vae")):
         _write(tmp_path / "kohya.toml", f"[model]\n{line}\n")
-        with pytest.raises(ConfigError, match=f"kohya option '{key}' is not supported"):
+        with pytest.raises(ConfigError, match=f"^config_file {re.escape(str(tmp_path / 'kohya.toml'))}: kohya option "
+                                              f"'{key}' is not supported"):  # the file that set it, not "preset"
             load_config(preset)
+    _write(tmp_path / "kohya.toml", "[training]\nclip_skip = 0\n")
+    with pytest.raises(ConfigError, match=r"^config_file .*kohya\.toml: key 'clip_skip' must be > 0"):
+        load_config(preset)
+    _write(preset, 'config_file = "kohya.toml"\ntrain_data_dir = "imgs"\nclip_skip = -1\n')  # the preset's own wins
+    with pytest.raises(ConfigError, match=r"^preset: key 'clip_skip' must be > 0"):
+        load_config(preset)
 
 
 @pytest.mark.parametrize("key", ["extends", "config_file"])
