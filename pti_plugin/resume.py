@@ -12,6 +12,7 @@ run (tensor names or shapes, stage kind, optimizer type, parameter groups).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 
 from .atomic_io import save_safetensors_atomic, umask
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +46,13 @@ class ResumedState:
         from .config import ConfigError
 
         check_optimizer_groups(self.folder, self.saved_with, self.optimizer, optimizer, param_groups)
+        for saved, group in zip(self.optimizer["param_groups"], optimizer.param_groups):
+            changed = {k: (saved[k], group[k]) for k in sorted(set(saved) & set(group) - {"params", "lr", "name"})
+                       if saved[k] != group[k]}  # lr moves with the schedule; initial_lr is the group's rate
+            if changed:
+                logger.warning("resuming %s keeps the saved optimizer settings of group %s (torch restores them): %s",
+                               stage, group.get("name", "?"), "; ".join(f"{k} {a!r} (saved) instead of {b!r}"
+                                                                     for k, (a, b) in changed.items()))
         try:
             optimizer.load_state_dict(self.optimizer)
             lr_scheduler.load_state_dict(self.lr_scheduler)

@@ -141,3 +141,19 @@ def test_run_config_holds_absolute_folders_and_a_resume_from_another_cwd_writes_
     assert main(["--preset", str(out / "pti.config.toml"), "--resume", str(out / "pti-state-step00000001")]) == 0
     assert (out / "pti.safetensors").is_file() and (out / "pti-state-step00000002").is_dir()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_resume_with_another_learning_rate_warns_that_the_saved_one_is_kept(killed_run, tmp_path, caplog):
+    """torch restores a group's settings with its state: the new rate does nothing, so a warning names both."""
+    import logging
+
+    raw, out = killed_run
+    stages = [{"kind": "inversion", "steps": 3, "learning_rate": 1e-3}]
+    with caplog.at_level(logging.WARNING):
+        Trainer(build_config(raw | {"output_dir": str(tmp_path / "again"), "resume": str(out / "pti-state-step00000003"),
+                                    "stages": stages})).run()
+    assert "keeps the saved optimizer settings of group pivot (torch restores them): initial_lr 0.05 (saved) instead of 0.001" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the same settings: no warning
+        Trainer(build_config(raw | {"output_dir": str(tmp_path / "same"), "resume": str(out / "pti-state-step00000003")})).run()
+    assert "keeps the saved optimizer settings" not in caplog.text
