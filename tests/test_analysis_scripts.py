@@ -326,5 +326,6 @@ def test_detail_size_reads_several_folders_and_counts_a_cell_once(tmp_path, caps
     assert sorted(rows) == ["half_angle", "none"] and rows["half_angle"]["weight"] == 0.3
     assert rows["none"]["training_cells"]["estimate"] == 0.5  # the first folder's cell, not the second's 0
     shutil.rmtree(tmp_path / "explore")
-    with pytest.raises(SystemExit, match="explore"):  # a folder without parts is named
+    with pytest.raises(SystemExit) as stop:  # a folder without parts is named, as a usage error
         namespace["main"](["--out", str(tmp_path / "protocol"), "--out", str(tmp_path / "explore")])
+    assert stop.value.code == 2 and "explore" in capsys.readouterr().err

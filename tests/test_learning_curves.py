@@ -133,13 +133,15 @@ def test_the_h2_schedule_scores_densely_early_then_every_hundred_steps():
                                                                     *range(200, 1001, 100)]
 
 
-def test_score_every_until_flag_is_read_and_checked():
+def test_score_every_until_flag_is_read_and_checked(scored_run, capsys):
+    run = str(scored_run[0])  # parse_args checks that the run has intermediate saves
     parse_args = runpy.run_path(str(REPO / "analysis" / "learning_curves.py"), run_name="learning_curves_under_test")["parse_args"]
-    args = parse_args(["run", "--score_every_until", "10:100", "--score_every_until", "5:20"])
+    args = parse_args([run, "--score_every_until", "10:100", "--score_every_until", "5:20"])
     assert args.score_every_until == [(10, 100), (5, 20)]
     for bad in ("10", "10:x", "0:100", "10:-5"):
-        with pytest.raises(SystemExit):
-            parse_args(["run", "--score_every_until", bad])
+        with pytest.raises(SystemExit) as stop:
+            parse_args([run, "--score_every_until", bad])
+        assert stop.value.code == 2 and "--score_every_until" in capsys.readouterr().err
 
 
 def test_command_line_reports_each_run_and_the_ratio(scored_run, tmp_path):
