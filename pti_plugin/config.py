@@ -510,9 +510,11 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     overrides = overrides or {}
     origins: dict[str, str] = {}
     raw = load_preset_dict(preset, origins=origins) if preset else {}
-    given = {key: "preset" for key in raw} | {key: "command line" for key in overrides} | {
-        path: "--set" for path in (item.partition("=")[0].strip() for item in sets or [])
-        if re.fullmatch(r"stages\.\d+\.learning_rate", path)}
+    set_paths = [item.partition("=")[0].strip() for item in sets or []]
+    set_keys = {path.split(".")[-1] for path in set_paths if path.startswith("stages.")}
+    # a preset value that a --set of the stages shadows is the user's choice, not a forgotten key
+    given = {key: "preset" for key in raw if key not in set_keys} | {key: "command line" for key in overrides} | {
+        path: "--set" for path in set_paths if re.fullmatch(r"stages\.\d+\.learning_rate", path)}
     raw = apply_overrides(_replace_data_source(raw, overrides), overrides, sets or [])
     for key in PATH_KEYS:
         value = raw.get(key)

@@ -48,6 +48,9 @@ def test_a_top_level_preset_key_every_stage_shadows_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=re.escape("optimizer_type = \"SGD\" (preset) is used by no stage: "
                                                     "stages.0.optimizer_type = 'AdamW'")):
         load_config(path)
+    # the same shadowing made by a --set of the stage is what the user asked for: accepted
+    path = _preset(tmp_path, 'optimizer_type = "SGD"\n[[stages]]\nkind = "inversion"\n')
+    assert load_config(path, {}, ["stages.0.optimizer_type=AdamW"]).stages[0].optimizer_type == "AdamW"
 
 
 def test_top_level_keys_reach_the_stages_that_do_not_set_them(tmp_path):
