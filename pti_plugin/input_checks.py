@@ -121,14 +121,15 @@ def _lookup(config: Config, dotted: str) -> Any:
 
 def _name_max(folder: Path) -> int:
     """The longest file name (bytes) the file system of ``folder`` (or its nearest existing parent) takes."""
-    existing = _nearest_existing(folder)
+    existing = nearest_existing(folder)
     try:
         return os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
         return 255
 
 
-def _nearest_existing(folder: Path) -> Path:
+def nearest_existing(folder: Path) -> Path:
+    """``folder`` (made absolute) or its nearest parent that exists: where a folder not made yet would go."""
     folder = folder.resolve()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -222,7 +223,7 @@ def check_path_kinds(config: Config) -> None:
 def check_output_dir_writable(folder: Path, key: str = "output_dir") -> None:
     """``folder`` (or, when it does not exist yet, its nearest existing parent) is a folder we can write in; a
     problem names ``key`` (``output_dir``, ``logging_dir``)."""
-    existing = _nearest_existing(folder)
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise ConfigError.at(key, f": {existing} is a file, not a folder" if existing == folder else
                              f": {existing} is a file, so {folder} cannot be created")

@@ -115,11 +115,9 @@ def out_folder_problem(path: Path) -> str | None:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         return "exists and is not a folder"
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.exists():  # a relative path whose start is missing: the current folder
-        existing = Path(".")
+    from .input_checks import nearest_existing
+
+    existing = nearest_existing(path)
     if not existing.is_dir():
         return f"cannot be created: {existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
