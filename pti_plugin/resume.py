@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,26 @@ from .atomic_io import save_safetensors_atomic, umask
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ResumedState:
+@dataclass(frozen=True)
+class SavedProgress:
+    """A state folder's ``progress.json``, read and checked once (:func:`read_progress`): where the state
+    is in the run, and what its optimizer state belongs to (``None`` where a state folder written before
+    these were recorded lacks them)."""
+
+    folder: Path
     stage_index: int
     stage_step: int
     global_step: int
+    stage_kind: str | None = None
+    optimizer_type: str | None = None
+    param_groups: list[tuple[str, int]] | None = None  # (group name, number of tensors) per optimizer group
+
+
+@dataclass
+class ResumedState:
+    progress: SavedProgress
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
-    saved_with: dict[str, Any] = field(default_factory=dict)  # read_saved_with's view of progress.json
-    folder: Path | None = None
 
     def load_into(self, optimizer: torch.optim.Optimizer, lr_scheduler: Any, param_groups: list[dict[str, Any]],
                   stage: str) -> None:
@@ -45,7 +56,7 @@ class ResumedState:
         check cannot foresee is refused naming ``key 'resume'`` too, not a traceback."""
         from .config import ConfigError
 
-        check_optimizer_groups(self.folder, self.saved_with, self.optimizer, optimizer, param_groups)
+        check_optimizer_groups(self.progress, self.optimizer, optimizer, param_groups)
         for saved, group in zip(self.optimizer["param_groups"], optimizer.param_groups):
             changed = {k: (saved[k], group[k]) for k in sorted(set(saved) & set(group) - {"params", "lr", "name"})
                        if saved[k] != group[k]}  # lr moves with the schedule; initial_lr is the group's rate
@@ -57,7 +68,7 @@ class ResumedState:
             optimizer.load_state_dict(self.optimizer)
             lr_scheduler.load_state_dict(self.lr_scheduler)
         except (KeyError, ValueError, TypeError) as exc:
-            raise ConfigError(f"key 'resume': the optimizer or scheduler state in {self.folder} does not fit "
+            raise ConfigError(f"key 'resume': the optimizer or scheduler state in {self.progress.folder} does not fit "
                               f"this run's {stage}: {exc}") from None
 
 
@@ -102,8 +113,8 @@ def save_state(
 _STATE_FILES = ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt", "progress.json")
 
 
-def read_progress(folder: Path) -> dict[str, int]:
-    """Check that ``folder`` is a complete state folder and return its ``progress.json`` counters.
+def read_progress(folder: Path) -> SavedProgress:
+    """Check that ``folder`` is a complete state folder and return its ``progress.json``.
 
     Raises ``ConfigError`` naming the folder and what is missing or broken."""
     from .config import ConfigError
@@ -113,57 +124,41 @@ def read_progress(folder: Path) -> dict[str, int]:
     missing = [n for n in _STATE_FILES if not (folder / n).is_file()]
     if missing:
         raise ConfigError(f"key 'resume': {folder} is not a pti-plugin state folder: missing {', '.join(missing)}")
+    path = folder / "progress.json"
     try:
-        progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
+        progress = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"key 'resume': {folder / 'progress.json'} is not valid JSON ({exc})") from None
+        raise ConfigError(f"key 'resume': {path} is not valid JSON ({exc})") from None
     keys = ("stage_index", "stage_step", "global_step")
     if not isinstance(progress, dict) or not all(type(progress.get(k)) is int and progress[k] >= 0 for k in keys):
-        raise ConfigError(f"key 'resume': {folder / 'progress.json'} must hold the non-negative integers "
-                          f"{', '.join(keys)}; got {progress!r}")
-    return {k: progress[k] for k in keys}
-
-
-def read_saved_with(folder: Path) -> dict[str, Any]:
-    """What ``folder``'s optimizer state belongs to, from its ``progress.json``: ``stage_kind``,
-    ``optimizer_type`` (strings) and ``param_groups`` (a list of ``(name, tensors)``), each only when
-    recorded (state folders from before they were recorded lack them). Call after :func:`read_progress`."""
-    from .config import ConfigError
-
-    progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
-    out: dict[str, Any] = {}
+        raise ConfigError(f"key 'resume': {path} must hold the non-negative integers {', '.join(keys)}; got {progress!r}")
     for key in ("stage_kind", "optimizer_type"):
-        if key in progress:
-            if not isinstance(progress[key], str):
-                raise ConfigError(f"key 'resume': {folder / 'progress.json'}: {key} must be a string; got {progress[key]!r}")
-            out[key] = progress[key]
-    if "param_groups" in progress:
-        groups = progress["param_groups"]
-        if not isinstance(groups, list) or not all(
-                isinstance(g, dict) and isinstance(g.get("name"), str) and type(g.get("tensors")) is int for g in groups):
-            raise ConfigError(f"key 'resume': {folder / 'progress.json'}: param_groups must be a list of "
-                              f"{{name, tensors}}; got {groups!r}")
-        out["param_groups"] = [(g["name"], g["tensors"]) for g in groups]
-    return out
+        if key in progress and not isinstance(progress[key], str):
+            raise ConfigError(f"key 'resume': {path}: {key} must be a string; got {progress[key]!r}")
+    groups = progress.get("param_groups")
+    if groups is not None and (not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("name"), str) and type(g.get("tensors")) is int for g in groups)):
+        raise ConfigError(f"key 'resume': {path}: param_groups must be a list of {{name, tensors}}; got {groups!r}")
+    return SavedProgress(folder, *(progress[k] for k in keys), progress.get("stage_kind"), progress.get("optimizer_type"),
+                         None if groups is None else [(g["name"], g["tensors"]) for g in groups])
 
 
-def check_resume_fits(folder: Path, stages) -> dict[str, Any]:
+def check_resume_fits(folder: Path, stages) -> SavedProgress:
     """Before anything loads: refuse a state whose stage is not in ``stages`` (the run's resolved stages)
-    or was saved by a stage of another kind or optimizer type; return its ``progress.json`` counters
-    with what it recorded (:func:`read_saved_with`)."""
+    or was saved by a stage of another kind or optimizer type; return its :class:`SavedProgress`."""
     from .config import ConfigError
     from .optimizers import optimizer_key
 
-    progress = read_progress(folder) | read_saved_with(folder)
-    index = progress["stage_index"]
+    progress = read_progress(folder)
+    index = progress.stage_index
     if index >= len(stages):
         raise ConfigError(f"key 'resume': {folder} is at stage {index}, but this run has {len(stages)} stage(s)")
     stage = stages[index]
-    kind = progress.get("stage_kind")
+    kind = progress.stage_kind
     if kind is not None and kind != stage.kind:
         raise ConfigError(f"key 'resume': state {folder} was saved by a {kind!r} stage {index}; this run's stage {index} "
                           f"({stage.name!r}) is {stage.kind!r}; resume with the stages the state was saved with")
-    saved = progress.get("optimizer_type")
+    saved = progress.optimizer_type
     if saved is not None and optimizer_key(saved) != optimizer_key(stage.optimizer_type):
         raise ConfigError(f"key 'resume': state {folder} holds the optimizer state of {saved} (stage {index}, "
                           f"{stage.name!r}); this run's stage {index} uses optimizer_type {stage.optimizer_type}; resume "
@@ -171,17 +166,18 @@ def check_resume_fits(folder: Path, stages) -> dict[str, Any]:
     return progress
 
 
-def check_optimizer_groups(folder: Path, saved_with: dict[str, Any], saved_optimizer: dict[str, Any],
+def check_optimizer_groups(progress: SavedProgress, saved_optimizer: dict[str, Any],
                            optimizer: torch.optim.Optimizer, param_groups: list[dict[str, Any]]) -> None:
     """Before the saved optimizer state is loaded into ``optimizer`` (built over ``param_groups``, the
     stage's named groups): refuse, naming the groups, a state whose parameter groups differ (names and
-    tensor counts when ``saved_with`` records them; the saved groups' sizes; and, for a state that does not
+    tensor counts when ``progress`` records them; the saved groups' sizes; and, for a state that does not
     record its ``optimizer_type``, option names this optimizer does not know)."""
     from .config import ConfigError
 
+    folder = progress.folder
     ours = [(g["name"], len(g["params"])) for g in param_groups]
     show = lambda groups: ", ".join(f"{n} ({c} tensors)" for n, c in groups)  # noqa: E731
-    recorded = saved_with.get("param_groups")
+    recorded = progress.param_groups
     if recorded is not None and recorded != ours:
         raise ConfigError(f"key 'resume': state {folder} holds the optimizer state of the parameter groups "
                           f"{show(recorded)}; this run's stage trains {show(ours)}; resume with the stage settings "
@@ -194,7 +190,7 @@ def check_optimizer_groups(folder: Path, saved_with: dict[str, Any], saved_optim
         raise ConfigError(f"key 'resume': state {folder} holds the optimizer state of {len(sizes)} parameter group(s) "
                           f"of {sizes} tensors; this run's stage trains {show(ours)}; resume with the stage settings "
                           "the state was saved with")
-    if "optimizer_type" in saved_with:  # compared by name already (check_resume_fits)
+    if progress.optimizer_type is not None:  # compared by name already (check_resume_fits)
         return
     # A state from before optimizer_type was recorded: options this optimizer does not know mean another optimizer
     # (options it lacks may be ones a newer torch added; torch fills those in).
@@ -206,8 +202,9 @@ def check_optimizer_groups(folder: Path, saved_with: dict[str, Any], saved_optim
                               "resume with the optimizer_type the state was saved with")
 
 
-def load_state(folder: Path, tensors: dict[str, torch.nn.Parameter], num_stages: int | None = None) -> ResumedState:
-    """Copy the saved trainable weights into ``tensors`` (by name) and return the rest of the state.
+def load_state(progress: SavedProgress, tensors: dict[str, torch.nn.Parameter]) -> ResumedState:
+    """Copy the saved trainable weights of ``progress.folder`` (read and checked by :func:`check_resume_fits`)
+    into ``tensors`` (by name) and return the rest of the state.
 
     Every file goes through the safe loaders (``optimizer.pt``/``lr_scheduler.pt`` through the
     allow-listed unpickler); a state whose tensor names or shapes differ from this run's (another
@@ -216,11 +213,7 @@ def load_state(folder: Path, tensors: dict[str, torch.nn.Parameter], num_stages:
     from .config import ConfigError
     from .formats.safe_load import load_safetensors, safe_torch_load
 
-    progress = read_progress(folder)
-    saved_with = read_saved_with(folder)
-    if num_stages is not None and progress["stage_index"] >= num_stages:
-        raise ConfigError(f"key 'resume': {folder} is at stage {progress['stage_index']}, "
-                          f"but this run has {num_stages} stage(s)")
+    folder = progress.folder
     try:
         saved = load_safetensors(folder / "trainable.safetensors")
         optimizer, scheduler = (safe_torch_load(folder / name) for name in ("optimizer.pt", "lr_scheduler.pt"))
@@ -241,5 +234,4 @@ def load_state(folder: Path, tensors: dict[str, torch.nn.Parameter], num_stages:
     with torch.no_grad():
         for name, param in tensors.items():
             param.copy_(saved[name].to(param.device, param.dtype))
-    return ResumedState(progress["stage_index"], progress["stage_step"], progress["global_step"], optimizer, scheduler,
-                        saved_with, folder)
+    return ResumedState(progress, optimizer, scheduler)

@@ -225,7 +225,7 @@ class Trainer:
         self._lock = RunLock(output_dir, config.output_name)
         self._lock.acquire()
         clean_leftover_temporaries(output_dir, config.output_name, config.token_string)
-        resumed_step = self._resume_progress["global_step"] if self._resume_progress else None
+        resumed_step = self._resume_progress.global_step if self._resume_progress else None
         self.files.check_new_run(resuming=bool(config.resume), resumed_step=resumed_step)
 
     def _load_starting_weights(self, model) -> None:
@@ -273,7 +273,12 @@ class Trainer:
 
     def _save_last_finite(self) -> str:
         """After a non-finite step: save the (finite) weights and, when its optimizer state is finite
-        too, the resumable state; return what was saved and how to continue."""
+        too, the resumable state; return what was saved and how to continue. Nothing is saved when no step
+        finished since the resumed state: it holds these very weights (and may be this tag's own files)."""
+        if self._resume_progress is not None and self.state.global_step == self._resume_progress.global_step:
+            return (f"nothing saved: no step finished since the resumed state {self.config.resume}, which holds the last "
+                    "finite weights; a resumed run repeats its steps exactly, so resuming it again meets the same step: "
+                    "resume it with --set nan_policy=skip to skip such steps, or start again with other settings")
         tag = f"interrupted-step{self.state.global_step:08d}"
         finite_state = optimizer_state_is_finite(self.optimizer)
         paths = self._save(tag=tag, with_state=finite_state)
@@ -299,8 +304,9 @@ class Trainer:
         config = self.config
         start_stage, start_step, resumed = 0, 0, None
         if config.resume:
-            resumed = load_state(Path(config.resume), self._trainable_tensors(), len(config.stages))
-            start_stage, start_step, self.state.global_step = resumed.stage_index, resumed.stage_step, resumed.global_step
+            resumed = load_state(self._resume_progress, self._trainable_tensors())
+            progress = resumed.progress
+            start_stage, start_step, self.state.global_step = progress.stage_index, progress.stage_step, progress.global_step
             self._info(f"resumed from {config.resume}: stage {start_stage}, step {start_step}")
         if self.accelerator.is_main_process and not config.resume:
             atomic_write_text(self.files.config_toml, toml.dumps(resolved_dict(config)))

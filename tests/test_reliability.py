@@ -299,6 +299,26 @@ def test_nan_stop_saves_the_last_good_step(preset, tmp_path):
     assert not (out / "pti.safetensors").exists()
 
 
+def test_a_resume_that_meets_the_same_non_finite_step_keeps_the_saved_files_and_says_how_to_go_on(preset):
+    """Resumed runs repeat their steps exactly, so resuming the NaN stop's state meets the same NaN at its first
+    step. Nothing trained since that state: the files saved by the first stop stay as they were, byte for byte
+    (before: 'refusing to overwrite' its own interrupted LoRA, and no resume hint), and nan_policy = "skip" goes on."""
+    raw = preset(plugins={"test_nan_injector": {"at_step": 3}}, stages=[{"kind": "inversion", "steps": 5, "learning_rate": 5e-2}])
+    with pytest.raises(NonFiniteLossError):
+        Trainer(build_config(raw)).run()
+    out = Path(raw["output_dir"])
+    state = out / "pti-state-interrupted-step00000002"
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith("pti.log")}
+    with pytest.raises(NonFiniteLossError, match=r"step 3") as error:
+        Trainer(build_config(dict(raw, resume=str(state)))).run()
+    assert f"nothing saved: no step finished since the resumed state {state}" in str(error.value)
+    assert "--set nan_policy=skip" in str(error.value)
+    assert {p: p.read_bytes() for p in before} == before
+    assert not [p for p in out.rglob("*") if p.is_file() and p not in before and not p.name.startswith("pti.log")]
+    Trainer(build_config(dict(raw, resume=str(state), nan_policy="skip"))).run()
+    assert (out / "pti.safetensors").is_file() and (out / "tok1.safetensors").is_file()
+
+
 def test_nan_skip_leaves_the_weights_of_the_previous_step(preset, tmp_path):
     NanInjector.pivots = []
     raw = preset(nan_policy="skip", plugins={"test_nan_injector": {"at_step": 3}},
