@@ -74,6 +74,9 @@ def validate_config(config: Config, check_paths: bool) -> None:
             value = getattr(stage, key)
             if value is not None and value <= 0:
                 raise ConfigError.at(f"stages.{i}.{key}", f" must be > 0, got {value!r}")
+    if isinstance(config.resolution, list) and len(config.resolution) != 2:
+        raise ConfigError.at("resolution", " must be one size or two (width, height; W,H on the command line), "
+                                           f"got {config.resolution!r}")
     sizes = config.resolution if isinstance(config.resolution, list) else [config.resolution]
     multiple = 64 if config.enable_bucket else 8
     if any(size <= 0 or size % multiple for size in sizes):
@@ -87,8 +90,6 @@ def validate_config(config: Config, check_paths: bool) -> None:
                                                       f"{config.num_vectors_per_token}")
     if len(config.init_words) not in (1, config.num_vectors_per_token):
         raise ConfigError.at("init_word", " lists one word, or one word per vector (num_vectors_per_token)")
-    if isinstance(config.resolution, list) and len(config.resolution) != 2:
-        raise ConfigError.at("resolution", " is an int or [width, height]")
     if Path(config.output_name).name != config.output_name or not config.output_name:
         raise ConfigError.at("output_name", f" must be a plain file name, got {config.output_name!r}")
     if config.output_name == config.token_string:
