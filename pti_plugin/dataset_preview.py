@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         own, rest = _split_own_flags(argv)
         preset, overrides, sets = parse_args(rest)
+        # the preview runs no model: a GPU-only precision (fp16 in the shipped presets) must not stop it on a laptop
+        overrides["mixed_precision"] = "no"
         if overrides.get("dataset_config"):
             for key in ("train_data_dir", "reg_data_dir", "in_json"):
                 overrides.setdefault(key, "")

@@ -402,6 +402,20 @@ def test_training_feeds_what_the_preview_shows_and_weights_reg_loss(tiny_model, 
     assert preview_main(["--preset", _write_preset(tmp_path, raw), "--shuffle_captions", "true"]) == 2
 
 
+def test_the_preview_runs_on_a_machine_without_a_gpu_with_a_preset_asking_for_fp16(tiny_model, tmp_path, capsys, monkeypatch):
+    """It loads no model, so the shipped presets' mixed_precision = "fp16" (a CUDA-only setting, refused for
+    training on a CPU) must not stop it."""
+    import pti_plugin.choices as choices
+
+    monkeypatch.setattr(choices, "cuda_available", lambda: False)
+    _images(tmp_path / "train" / "2_tok1", 2, ["tok1, red hair", "tok1, smile"])
+    raw = {"pretrained_model_name_or_path": str(tiny_model), "train_data_dir": str(tmp_path / "train"), "resolution": 32,
+           "output_dir": str(tmp_path / "out"), "mixed_precision": "fp16"}
+    assert preview_main(["--preset", _write_preset(tmp_path, raw), "--n", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "tok1, red hair" in printed or "tok1, smile" in printed
+
+
 def _write_preset(tmp_path: Path, raw: dict) -> str:
     import toml
 
