@@ -88,7 +88,10 @@ def preview_dataset(
     order = SampleOrder([items[i].bucket for i in entries], global_batch, config.seed, stage_index)
     out_dir = Path(save_images) if save_images else None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--save_images {out_dir}: cannot be created ({exc.strerror})") from None
     samples: list[PreviewSample] = []
     step = 0
     while len(samples) < n:
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the preview; returns the exit code (2 for configuration and caption errors)."""
     from .cli import parse_args
     from .data.captions import CaptionError
+    from .script_args import out_folder_problem
 
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
@@ -190,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             n, stage, processes, max_tags = int(own["n"]), int(own["stage"]), int(own["num_processes"]), int(own["tags"])
         except ValueError as exc:
             raise ConfigError(f"--n, --stage, --num_processes and --tags take integers ({exc})") from None
+        if max_tags < 0:
+            raise ConfigError(f"--tags must be >= 0 (tags shown per subset), got {max_tags}")
+        if own["save_images"] and (problem := out_folder_problem(Path(own["save_images"]))):
+            raise ConfigError(f"--save_images {own['save_images']}: {problem}")
         preview = preview_dataset(config, n, stage, processes, own["save_images"] or None)
     except (ConfigError, CaptionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -416,6 +416,22 @@ def test_the_preview_runs_on_a_machine_without_a_gpu_with_a_preset_asking_for_fp
     assert "tok1, red hair" in printed or "tok1, smile" in printed
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--tags", "-1"], "--tags must be >= 0"),
+    (["--save_images", "{file}"], "--save_images {file}: exists and is not a folder"),
+    (["--save_images", "{file}/sub"], "--save_images {file}/sub: cannot be created: {file} is a file, not a folder"),
+])
+def test_the_previews_own_flags_are_named_when_wrong(tiny_model, tmp_path, capsys, flags, message):
+    _images(tmp_path / "train" / "2_tok1", 1, ["tok1, red hair"])
+    file = tmp_path / "notes.txt"
+    file.write_text("x")
+    raw = {"pretrained_model_name_or_path": str(tiny_model), "train_data_dir": str(tmp_path / "train"), "resolution": 32,
+           "output_dir": str(tmp_path / "out")}
+    argv = ["--preset", _write_preset(tmp_path, raw)] + [f.format(file=file) for f in flags]
+    assert preview_main(argv) == 2
+    assert message.format(file=file) in capsys.readouterr().err
+
+
 def _write_preset(tmp_path: Path, raw: dict) -> str:
     import toml
 
