@@ -33,6 +33,7 @@ setup(
         "tqdm",
         "pillow",
         "numpy",
+        "scipy",  # Student's t quantiles (metrics/replication.py)
         "matplotlib",
         "tensorboard",  # log_with = "tensorboard" (kohya's logger; presets/sd15_base.toml uses it)
     ],

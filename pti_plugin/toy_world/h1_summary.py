@@ -25,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..metrics.curves import knee_with_interval, segment_fits
-from ..metrics.replication import Interval, excess_over_null, paired_difference, same_lr, two_level_bootstrap
+from ..metrics.replication import (Interval, excess_over_null, paired_difference, same_lr, student_interval,
+                                   two_level_bootstrap)
 
 #: Per-image scores summarised for each learning rate, with what they mean.
 SCORES = {
@@ -125,34 +126,47 @@ def collapse_index(rows: list[dict]) -> int | None:
     return next((k for k in range(best + 1, len(rows)) if coarse[k] < COLLAPSE_SHARE * coarse[best]), None)
 
 
-def _drop(groups: dict[float, list[dict]], key: str, far: float, best: float, draws: int) -> Interval:
-    """Paired (over shared training seeds and sampling seeds) ``key`` at rate ``far`` minus at rate ``best``."""
+def _drop(groups: dict[float, list[dict]], key: str, far: float, best: float, draws: int) -> tuple[Interval, Interval | None]:
+    """Paired (over shared training seeds and sampling seeds) ``key`` at rate ``far`` minus at rate ``best``:
+    the two-level interval, and Student's t over the per-seed differences (the small-sample check; None
+    with fewer than two seeds)."""
     shared = sorted({c["seed"] for c in groups[far]} & {c["seed"] for c in groups[best]})
     pick = lambda lr: seed_matrix([c for c in groups[lr] if c["seed"] in shared], key)  # noqa: E731
-    return paired_difference(pick(far), pick(best), draws)
+    far_values, best_values = pick(far), pick(best)  # [seeds, sampling seeds], rows in the same seed order
+    per_seed = np.nanmean(far_values - best_values, axis=1)
+    student = student_interval(per_seed) if np.isfinite(per_seed).sum() >= 2 else None
+    return paired_difference(far_values, best_values, draws), student
+
+
+def _verdict_word(knee: dict | None, has_knee: bool, intervals: list[dict]) -> str:
+    """The module docstring's rule on the editability drops' ``intervals``."""
+    if has_knee and any(i["hi"] < 0 for i in intervals):
+        return "supported"
+    if knee is not None and (not has_knee or all(-NO_LOSS_MARGIN <= i["lo"] and i["hi"] <= NO_LOSS_MARGIN
+                                                 for i in intervals)):
+        return "not supported"
+    return "inconclusive"
 
 
 def verdict(rows: list[dict], groups: dict[float, list[dict]], knees: dict, draws: int = 2000) -> dict:
-    """The module docstring's rule, with the intervals that decide, on the rates before any collapse."""
+    """The module docstring's rule, with the intervals that decide, on the rates before any collapse; and
+    ``verdict_student``, the same rule on Student's t intervals (the small-sample check; None when a drop
+    has fewer than two seeds)."""
     collapse = collapse_index(rows)
     kept = rows[:collapse] if collapse is not None else rows
     lrs = [r["lr"] for r in kept]
     drops = {}
     for key in EDIT_SCORES:
         best = lrs[int(np.nanargmax([r[key]["estimate"] for r in kept]))]
-        drops[key] = {"best_lr": best, "farthest_lr": lrs[-1],
-                      "farthest_minus_best": _drop(groups, key, lrs[-1], best, draws).to_dict()}
+        interval, student = _drop(groups, key, lrs[-1], best, draws)
+        drops[key] = {"best_lr": best, "farthest_lr": lrs[-1], "farthest_minus_best": interval.to_dict(),
+                      "farthest_minus_best_student": None if student is None else student.to_dict()}
     knee = knees.get("output_angle_layernorm_deg")
     has_knee = knee is not None and knee["knee_x"] is not None and knee["no_knee_fraction"] <= 0.05
-    intervals = [d["farthest_minus_best"] for d in drops.values()]
-    if has_knee and any(i["hi"] < 0 for i in intervals):
-        word = "supported"
-    elif knee is not None and (not has_knee or all(-NO_LOSS_MARGIN <= i["lo"] and i["hi"] <= NO_LOSS_MARGIN
-                                                   for i in intervals)):
-        word = "not supported"
-    else:
-        word = "inconclusive"
-    return {"verdict": word, "knee_found": has_knee, "editability_drops": drops,
+    students = [d["farthest_minus_best_student"] for d in drops.values()]
+    return {"verdict": _verdict_word(knee, has_knee, [d["farthest_minus_best"] for d in drops.values()]),
+            "verdict_student": None if None in students else _verdict_word(knee, has_knee, students),
+            "knee_found": has_knee, "editability_drops": drops,
             "collapse_lr": None if collapse is None else rows[collapse]["lr"]}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from ..metrics.replication import same_lr
 from .detectors import detail_size, detect, is_true_size
 from .h3_summary import CHOICE_COARSE, MATCHED_COARSE
-from .protocol_report import fmt
+from .protocol_report import SMALL_SAMPLE_CHECK, fmt
 from .world import CHARACTER_CELLS
 
 METHOD_VARIANT = "half_angle"
@@ -39,11 +39,28 @@ def verdict(summary: dict) -> str:
         return "inconclusive (too few training seeds reach the matched reconstruction)"
     basis = (f" (weight {record['chosen']['weight']:g}, {difference['n_paired']} training seeds paired)"
              if record.get("chosen") else "")
+    return f"{_reading(difference)}{basis}"
+
+
+def verdict_check(summary: dict) -> str:
+    """The small-sample check of :func:`verdict`: the paired difference's Student's t interval and the rule's
+    reading on it (a sentence), or "" where the summary has none."""
+    record = summary["variants"].get(METHOD_VARIANT) or {}
+    difference = ((record.get("matched") or {}).get(f"{CHOICE_COARSE:g}") or {}).get("leakage_minus_none") or {}
+    student = difference.get("student")
+    if student is None:
+        return ""
+    return (f"Small-sample check ({SMALL_SAMPLE_CHECK}): {fmt(student)}; the rule reads "
+            f"**{_reading(student).split(':')[0]}** with it. ")
+
+
+def _reading(difference: dict) -> str:
+    """:data:`VERDICT_RULE`'s reading of one interval of the paired difference, with the interval."""
     if difference["hi"] < 0:
-        return f"supported: {fmt(difference)}{basis}"
+        return f"supported: {fmt(difference)}"
     if difference["lo"] >= 0:
-        return f"not supported: {fmt(difference)}{basis}"
-    return f"inconclusive: {fmt(difference)} contains 0{basis}"
+        return f"not supported: {fmt(difference)}"
+    return f"inconclusive: {fmt(difference)} contains 0"
 
 
 def lr_table(summary: dict) -> list[str]:
@@ -113,7 +130,7 @@ def _stopped(stopped_at: dict | None) -> str:
 
 def h3_lines(summary: dict) -> list[str]:
     """The H3 section's Markdown lines."""
-    lines = [f"**Verdict: {verdict(summary)}.** Rule: {VERDICT_RULE}.", ""]
+    lines = [f"**Verdict: {verdict(summary)}.** {verdict_check(summary)}Rule: {VERDICT_RULE}.", ""]
     null = summary.get("null_training_cells")
     if null:
         entropy = summary.get("null_position_entropy")

@@ -47,7 +47,8 @@ import warnings
 import numpy as np
 
 from ..metrics.curves import value_at_first_crossing
-from ..metrics.replication import excess_over_null, resampled_interval, seed_level_interval, two_level_bootstrap
+from ..metrics.replication import (excess_over_null, resampled_interval, seed_level_interval, student_interval,
+                                   two_level_bootstrap)
 from .detectors import position_entropy
 from .h1_summary import float_array, null_summary, per_seed_curves, seed_matrix
 
@@ -95,11 +96,13 @@ def interval_or_none(compute) -> dict | None:
 def paired_against(values: dict[int, np.ndarray], reference: dict[int, np.ndarray], index: int,
                    draws: int) -> dict | None:
     """Mean over the shared training seeds of ``values - reference`` at target ``index``, interval over seeds,
-    and ``n_paired``: how many seeds have a finite value on both sides (the pairs the interval is over)."""
+    ``n_paired``: how many seeds have a finite value on both sides (the pairs the interval is over), and
+    ``student``: Student's t interval over those pairs (None with fewer than two), the small-sample check."""
     shared = sorted(set(values) & set(reference))
     differences = np.array([values[s][index] - reference[s][index] for s in shared], dtype=np.float64)
     interval = interval_or_none(lambda: seed_level_interval(differences, draws))
-    return None if interval is None else interval | {"n_paired": int(np.isfinite(differences).sum())}
+    return None if interval is None else interval | {"n_paired": int(np.isfinite(differences).sum()),
+                                                     "student": interval_or_none(lambda: student_interval(differences))}
 
 
 def cells_entropy(cells: list[int | None]) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import atomic_write_text
-from .protocol_report import h2_lines, h2_overall, h2_verdict, write_h1_files, write_report
+from .protocol_report import h2_check, h2_lines, h2_overall, h2_verdict, write_h1_files, write_report
 
 
 def h1_section(out: Path, results: Path, h1, draws: int) -> tuple[dict, dict | None]:
@@ -87,7 +87,8 @@ def h2_section(out: Path, results: Path, null_hi: float | None) -> dict | None:
         return None
     ordered = dict(sorted(records.items(), key=lambda item: float(item[0])))
     readings = {f"{float(lr):g}": h2_verdict(record["summary"], null_hi) for lr, record in ordered.items()}
-    lines = [h2_overall(readings), "", *h2_lines(ordered, null_hi)]
+    checks = {f"{float(lr):g}": h2_check(record["summary"], null_hi) for lr, record in ordered.items()}
+    lines = [h2_overall(readings, checks), "", *h2_lines(ordered, null_hi)]
     figures = [(f"LoRA lr {lr}", results / f"h2_curves-lr{lr}.png")
                for lr in ordered if (results / f"h2_curves-lr{lr}.png").is_file()]
     return {"title": "H2: appearance before position along LoRA training", "lines": lines, "figures": figures}
