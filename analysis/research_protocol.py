@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.script_args import number_list, positive_finite  # noqa: E402
+from pti_plugin.script_args import check_out_folder, number_list, positive_finite, positive_int  # noqa: E402
 
 BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
 
@@ -46,7 +46,7 @@ def parse_args(argv):
     parser.add_argument("part", choices=("h1", "h2", "h3", "report", "all"))
     parser.add_argument("--results", type=Path, default=Path("analysis/results/research_protocol"),
                         help="report: where it is written; h1, h3: the cells its cell archives hold are not trained again")
-    parser.add_argument("--draws", type=int, default=2000, help="report: bootstrap draws")
+    parser.add_argument("--draws", type=positive_int, default=2000, help="report: bootstrap draws")
     parser.add_argument("--out", type=Path, default=Path("outputs/protocol"))
     parser.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the embedded toy world)")
     parser.add_argument("--seeds", default=None,
@@ -55,9 +55,9 @@ def parse_args(argv):
     parser.add_argument("--pivot_lr", type=float, default=2.75e-5,
                         help="h2, h3: the H1 learning rate whose pivot LoRAs start from (h1 always trains those cells)")
     parser.add_argument("--wait", type=float, default=0.0, help="h2, h3: seconds to wait for a missing pivot")
-    parser.add_argument("--save_every", type=int, default=None,
+    parser.add_argument("--save_every", type=positive_int, default=None,
                         help="h2, all: the LoRA runs save every N steps (default: H2Settings')")
-    parser.add_argument("--dense_until", type=int, default=None,
+    parser.add_argument("--dense_until", type=positive_int, default=None,
                         help="all: the learning curves score every save up to this step (default: H2Settings')")
     parser.add_argument("--lrs", default=None,
                         help="learning rates of the part's grid, comma-separated (h1: inversion; h2, h3: LoRA; default: the part's)")
@@ -65,13 +65,18 @@ def parse_args(argv):
     parser.add_argument("--weights", action="append", default=[], metavar="VARIANT=W1,W2",
                         help="h3: one variant's weight grid (repeatable; default: the module's)")
     parser.add_argument("--quick", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_out_folder(parser, args.out)
+    if args.part == "report":
+        check_out_folder(parser, args.results, "--results")
+    return args
 
 
 def float_list(text: str, flag: str) -> tuple[float, ...]:
-    """``text``'s comma-separated positive finite numbers (learning rates, weights); anything else exits naming ``flag``."""
+    """``text``'s comma-separated positive finite numbers (learning rates, weights), sorted without repeats (a repeat
+    would list its cells twice); anything else exits naming ``flag``."""
     try:
-        return positive_finite(number_list(text))
+        return tuple(sorted(set(positive_finite(number_list(text)))))
     except ValueError as exc:
         raise SystemExit(f"error: {flag}: {exc}") from None
 
@@ -122,9 +127,7 @@ def h2_settings(args):
         h2 = dataclasses.replace(h2, lora_lrs=float_list(args.lrs, "--lrs"))
     for flag, field in (("save_every", "save_every_n_steps"), ("dense_until", "dense_until")):
         value = getattr(args, flag)
-        if value is not None:
-            if value < 1:
-                raise SystemExit(f"error: --{flag} must be a positive number of steps, got {value}")
+        if value is not None:  # >= 1 (parse_args)
             h2 = dataclasses.replace(h2, **{field: value}, fine_lrs=())  # a schedule asked for holds for every rate
     return h2
 
@@ -136,7 +139,7 @@ def run_all(args, argv: list[str]) -> None:
 
     from pti_plugin.toy_world.h2_runs import h2_runs_saved_as
 
-    h2 = h2_settings(args)  # a bad --save_every / --dense_until is refused before h1 trains
+    h2 = h2_settings(args)
     rest = [a for a in argv if a != "all"]
     for part in ("h1", "h2"):
         main([part, *rest])

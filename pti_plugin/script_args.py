@@ -18,8 +18,9 @@ import os
 from pathlib import Path
 
 
-def int_at_least(minimum: int):
-    """An argparse type: a whole number >= ``minimum`` (argparse names the option in its error)."""
+def int_at_least(minimum: int, why: str = ""):
+    """An argparse type: a whole number >= ``minimum`` (argparse names the option in its error; ``why``, the
+    reason for the minimum, is added to it in brackets)."""
 
     def parse(text: str) -> int:
         try:
@@ -27,7 +28,7 @@ def int_at_least(minimum: int):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}" + (f" ({why})" if why else ""))
         return value
 
     parse.__name__ = f"int_at_least_{minimum}"

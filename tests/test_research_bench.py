@@ -159,9 +159,10 @@ def test_scores_are_deterministic(bench):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--seeds", "1", "--seeds must be at least 2, got 1 (layout diversity compares seeds)"),
-    ("--lora_steps", "0", "--lora_steps must be at least 1, got 0"),
-    ("--max_images", "0", "--max_images must be at least 1, got 0"),
+    ("--seeds", "1", "argument --seeds: must be at least 2, got 1 (layout diversity compares seeds)"),
+    ("--lora_steps", "0", "argument --lora_steps: must be at least 1, got 0"),
+    ("--max_images", "0", "argument --max_images: must be at least 1, got 0"),
+    ("--training_seeds", "0", "argument --training_seeds: must be at least 1, got 0"),
     ("--inversion_lrs", "1e-3,nan", "argument --inversion_lrs: expected positive finite numbers, got nan"),
     ("--lora_lrs", "1e-3,x", "argument --lora_lrs: expected comma-separated numbers, got '1e-3,x'"),
 ])

@@ -509,7 +509,7 @@ def test_the_report_renders_in_a_headless_browser_and_a_broken_image_is_caught(q
     assert render_report.main([str(broken)]) == 1
 
 
-def test_h2_save_schedule_flags_and_the_runs_read_for_a_schedule(tmp_path):
+def test_h2_save_schedule_flags_and_the_runs_read_for_a_schedule(tmp_path, capsys):
     """``--save_every`` / ``--dense_until`` set H2's schedule; the curves of a rate read only the runs trained
     on that schedule, not those of the same rate and seed trained on another one beside them."""
     import sys
@@ -534,10 +534,10 @@ def test_h2_save_schedule_flags_and_the_runs_read_for_a_schedule(tmp_path):
     assert h2.schedule(3e-3).learning_curves_args() == ["--dense_until", "20", "--score_every", "100"]  # as asked
     assert research_protocol.h2_settings(research_protocol.parse_args(["h2", "--save_every", "5"])).schedule(
         3e-3).save_every_n_steps == 5  # a schedule asked for holds for every rate
-    with pytest.raises(SystemExit, match="--save_every"):
-        research_protocol.h2_settings(research_protocol.parse_args(["h2", "--save_every", "0"]))
-    with pytest.raises(SystemExit, match="--dense_until"):  # refused before h1 trains anything
-        research_protocol.main(["all", "--out", str(tmp_path / "never"), "--dense_until", "0"])
+    for flag in ("--save_every", "--dense_until", "--draws"):  # refused by the parser, before h1 trains anything
+        with pytest.raises(SystemExit) as stop:
+            research_protocol.main(["all", "--out", str(tmp_path / "never"), flag, "0"])
+        assert stop.value.code == 2 and f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
 
     runs = tmp_path / "runs"

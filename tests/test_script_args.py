@@ -35,6 +35,14 @@ def test_positive_int_and_int_at_least_accept_their_range():
         int_at_least(3)("2")
 
 
+def test_int_at_least_names_the_reason_for_its_minimum(capsys):
+    with pytest.raises(SystemExit) as stop:
+        _parser(seeds=int_at_least(2, "diversity compares seeds")).parse_args(["--seeds", "1"])
+    assert stop.value.code == 2
+    assert "argument --seeds: must be at least 2, got 1 (diversity compares seeds)" in capsys.readouterr().err
+    assert _parser(seeds=int_at_least(2, "diversity compares seeds")).parse_args(["--seeds", "2"]).seeds == 2
+
+
 def test_finite_float_at_least():
     assert finite_float("-2.5") == -2.5
     assert finite_float_at_least(0)("0") == 0.0

@@ -56,10 +56,11 @@ def test_ray_options_without_the_ray_engine_are_refused():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "--steps must be at least 1, got 0"),
-    (["--leakage_seeds", "1"], "--leakage_seeds must be at least 2"),
-    (["--max_images", "0"], "--max_images must be at least 1"),
-    (["--save_every", "-1"], "--save_every must be at least 0"),
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--leakage_seeds", "1"], "argument --leakage_seeds: must be at least 2, got 1 (layout diversity compares seeds)"),
+    (["--max_images", "0"], "argument --max_images: must be at least 1, got 0"),
+    (["--save_every", "-1"], "argument --save_every: must be at least 0, got -1"),
+    (["--training_seeds", "0"], "argument --training_seeds: must be at least 1, got 0"),
     (["--lrs", "1e-3,nan"], "argument --lrs: expected positive finite numbers, got nan"),
     (["--lrs=-1e-3"], "argument --lrs: expected positive finite numbers, got -0.001"),
     (["--lrs", "1e-3,x"], "argument --lrs: expected comma-separated numbers, got '1e-3,x'"),
@@ -69,5 +70,4 @@ def test_a_sweep_setting_that_cannot_run_is_refused_naming_its_flag(argv, messag
     reach the preset's check and be named as 'stages.0.steps')."""
     with pytest.raises(SystemExit) as stop:
         lr_sweep.parse_args(["--preset", "p.toml", "--stage", "lora", "--lrs", "1e-3", *argv])
-    said = capsys.readouterr().err + str(stop.value.code)  # parser.error prints (code 2); --lrs exits with the text
-    assert message in said
+    assert stop.value.code == 2 and message in capsys.readouterr().err

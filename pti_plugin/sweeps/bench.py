@@ -81,9 +81,10 @@ from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correl
                                             write_csv)
 from pti_plugin.sweeps.engines import add_engine_arguments
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
-from pti_plugin.sweeps.plan import TWO_SEEDS, parse_lrs, point_name, preset_stages, refuse_below
+from pti_plugin.script_args import check_out_folder, positive_int
+from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, seed_count
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
-from pti_plugin.sweeps.seeds import seed_means, seed_suffix, training_seeds_arg
+from pti_plugin.sweeps.seeds import seed_means, seed_suffix
 
 #: The presets shipped with the repository (the bench's default preset lives there).
 ROOT = Path(__file__).resolve().parents[2]
@@ -284,20 +285,20 @@ def parse_args(argv):
                         help="preset override KEY=VALUE (nested keys with dots, e.g. plugins.pivot_locality.weight=1)")
     parser.add_argument("--inversion_lrs", type=lrs_arg, default="1e-5,2e-5,2.75e-5,3e-5,1e-4,1e-3")
     parser.add_argument("--lora_lrs", type=lrs_arg, default="1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3")
-    parser.add_argument("--inversion_steps", type=int, default=1000, help="steps per inversion run (the notes: 1000)")
-    parser.add_argument("--lora_steps", type=int, default=1000, help="steps per LoRA run (the notes: 1000)")
+    parser.add_argument("--inversion_steps", type=positive_int, default=1000, help="steps per inversion run (the notes: 1000)")
+    parser.add_argument("--lora_steps", type=positive_int, default=1000, help="steps per LoRA run (the notes: 1000)")
     parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS), help=", ".join(VARIANTS))
     parser.add_argument("--pivot_lr", default="knee", help="knee, or the inversion learning rate whose pivot LoRA runs share")
-    parser.add_argument("--training_seeds", type=training_seeds_arg, default=1,
+    parser.add_argument("--training_seeds", type=positive_int, default=1,
                         help="train every (variant, lr) point this many times (the preset's seed + 0..N-1); the "
                              "report shows seed means with 95%% intervals")
-    parser.add_argument("--reg_images", type=int, default=12, help="regularisation images of the reg_images variant")
-    parser.add_argument("--seeds", type=int, default=16,
+    parser.add_argument("--reg_images", type=positive_int, default=12, help="regularisation images of the reg_images variant")
+    parser.add_argument("--seeds", type=seed_count, default=16,
                         help="generation seeds per prompt when scoring; 16 leave the leakage score uncertain by about "
                              "0.16 (two seed sets on the same run), use 64 or more to compare variants' leakage")
-    parser.add_argument("--sample_steps", type=int, default=SAMPLE_STEPS, help="DDIM steps of the generations")
+    parser.add_argument("--sample_steps", type=positive_int, default=SAMPLE_STEPS, help="DDIM steps of the generations")
     parser.add_argument("--guidance", type=float, default=GUIDANCE)
-    parser.add_argument("--max_images", type=int, default=8, help="training images of the model-internal proxies")
+    parser.add_argument("--max_images", type=positive_int, default=8, help="training images of the model-internal proxies")
     parser.add_argument("--leakage_threshold", type=float, default=0.1,
                         help="largest leakage excess over the pivot's own of a light run")
     parser.add_argument("--editability_ratio", type=float, default=0.8,
@@ -306,8 +307,7 @@ def parse_args(argv):
     parser.add_argument("--device", default=None)
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
-    refuse_below(parser, args, {"inversion_steps": 1, "lora_steps": 1, "reg_images": 1, "seeds": TWO_SEEDS, "sample_steps": 1,
-                                "max_images": 1})
+    check_out_folder(parser, args.out)
     args.out = args.out.resolve()
     return args
 

@@ -64,7 +64,7 @@ def evaluate_runs(specs: list[RunSpec], args, argv: list[str], engine) -> dict[s
     settings = eval_settings(args)
     results, to_eval = {}, []
     for spec in specs:
-        if not spec.lora.is_file():
+        if not spec.finished:
             continue
         cached = None if args.reevaluate else cached_evaluation(spec, settings)
         if cached is not None:

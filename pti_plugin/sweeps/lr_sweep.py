@@ -32,9 +32,12 @@ seed-mean curves. With few seeds the interval undercovers (see the seeds module)
 ``--only_training_seed K`` plans and trains seed K of the N alone (the research bench starts seed
 K's LoRA runs from its own pivot that way).
 
-**Resumable.** A run whose final LoRA file exists is finished and skipped (``skip <run>: finished``).
-An interrupted run resumes from its latest saved state when ``--save_every N`` gave it one; else
-its folder is moved aside to ``<run>.incomplete-<k>`` and the run starts again. Evaluations are
+**Resumable.** A run whose final LoRA and embedding exist is finished and skipped (``skip <run>: finished``);
+one another process is training (its run lock is held) is skipped and left alone. An interrupted run resumes
+from its latest saved state (``--save_every N``'s, or the one the trainer saves on SIGINT/SIGTERM, which also
+stops the sweep); else its folder is moved aside to ``<run>.incomplete-<k>`` and the run starts again.
+``OUT/presets/<run>.toml`` records the settings of each run: a run in ``OUT`` trained with other settings
+stops the sweep before anything trains, naming it and what differs. Evaluations are
 cached in each run folder (``sweep_eval.json``) and recomputed only when the evaluation settings
 change (or with ``--reevaluate``).
 
@@ -79,10 +82,10 @@ from pathlib import Path
 from pti_plugin.config import ConfigError, apply_overrides, load_preset_dict
 from pti_plugin.sweeps.engines import add_engine_arguments, engine_from_args
 from pti_plugin.sweeps.evaluation import eval_settings, evaluate_one, evaluate_runs
-from pti_plugin.sweeps.plan import TWO_SEEDS, parse_lrs, plan_pivot, plan_runs, refuse_below, training_seed_indices
+from pti_plugin.script_args import check_out_folder, int_at_least, positive_int
+from pti_plugin.sweeps.plan import parse_lrs, plan_pivot, plan_runs, seed_count, training_seed_indices
 from pti_plugin.sweeps.report import write_report
 from pti_plugin.sweeps.runner import train_sweep, visible_gpus
-from pti_plugin.sweeps.seeds import training_seeds_arg
 
 
 def parse_args(argv):
@@ -90,15 +93,15 @@ def parse_args(argv):
     parser.add_argument("--preset", required=True, type=Path)
     parser.add_argument("--stage", required=True, choices=("inversion", "lora"))
     parser.add_argument("--lrs", required=True, type=parse_lrs, help="comma-separated learning rates")
-    parser.add_argument("--steps", type=int, default=1000, help="steps of the swept stage (the notes' fixed budget)")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="steps of the swept stage (the notes' fixed budget)")
     parser.add_argument("--out", type=Path, default=Path("outputs/lr_sweep"))
     parser.add_argument("--set", dest="sets", action="append", default=[], help="preset override KEY=VALUE (nested keys with dots)")
     parser.add_argument("--with_plugin", default=None, help="also run every lr with [plugins.NAME] (e.g. pivot_locality)")
     parser.add_argument("--plugin_set", action="append", default=[], help="option of that plugin, KEY=VALUE")
-    parser.add_argument("--save_every", type=int, default=0, help="save a resumable state every N steps (0 = off)")
+    parser.add_argument("--save_every", type=int_at_least(0), default=0, help="save a resumable state every N steps (0 = off)")
     parser.add_argument("--shared_pivot", choices=("on", "off"), default="on",
                         help="lora sweeps: train the pivot once and start every run from it (on), or repeat it per run (off)")
-    parser.add_argument("--training_seeds", type=training_seeds_arg, default=1,
+    parser.add_argument("--training_seeds", type=positive_int, default=1,
                         help="train every (lr, variant) point this many times, with the preset's seed + 0..N-1")
     parser.add_argument("--only_training_seed", type=int, default=None,
                         help="train (and report) only this one of the --training_seeds seeds (0..N-1)")
@@ -108,20 +111,19 @@ def parse_args(argv):
     parser.add_argument("--no_evaluate", action="store_true", help="only train")
     parser.add_argument("--reevaluate", action="store_true", help="ignore cached evaluations")
     parser.add_argument("--clip_model_path", default=None, help="a LOCAL CLIPModel folder; without it, proxies are used")
-    parser.add_argument("--n_seeds", type=int, default=4, help="generations per prompt for the CLIP scores")
-    parser.add_argument("--sample_steps", type=int, default=25, help="DDIM steps of the generations")
+    parser.add_argument("--n_seeds", type=positive_int, default=4, help="generations per prompt for the CLIP scores")
+    parser.add_argument("--sample_steps", type=positive_int, default=25, help="DDIM steps of the generations")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--leakage", choices=("auto", "on", "off"), default="auto", help="auto: on for lora sweeps")
-    parser.add_argument("--leakage_seeds", type=int, default=8)
+    parser.add_argument("--leakage_seeds", type=seed_count, default=8)
     parser.add_argument("--leakage_prompts", nargs="+", default=None, help="neutral prompts of the leakage measurement")
     parser.add_argument("--leakage_edit_prompts", nargs="*", default=None, help="position-edit prompts of the leakage measurement")
-    parser.add_argument("--max_images", type=int, default=8, help="training images used by the proxies")
+    parser.add_argument("--max_images", type=positive_int, default=8, help="training images used by the proxies")
     parser.add_argument("--device", default=None)
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--_evaluate_run", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    refuse_below(parser, args, {"steps": 1, "n_seeds": 1, "sample_steps": 1, "leakage_seeds": TWO_SEEDS, "max_images": 1,
-                                "save_every": 0})
+    check_out_folder(parser, args.out)
     args.leakage_on = args.leakage == "on" or (args.leakage == "auto" and args.stage == "lora")
     args.out = args.out.resolve()
     return args

@@ -20,7 +20,7 @@ import toml
 
 from pti_plugin.atomic_io import atomic_write_text
 from pti_plugin.config import build_config, default_stages, parse_value
-from pti_plugin.script_args import number_list, positive_finite
+from pti_plugin.script_args import int_at_least, number_list, positive_finite
 from pti_plugin.sweeps.seeds import seed_suffix
 
 
@@ -44,26 +44,81 @@ class RunSpec:
     def embedding(self) -> Path:
         return self.run_dir / f"{self.token}.safetensors"
 
+    @property
+    def finished(self) -> bool:
+        return run_finished(self.run_dir, self.output_name, self.token)
+
+
+def run_finished(run_dir: Path, output_name: str, token: str) -> bool:
+    """A run is finished when both its final files exist: the trainer writes the LoRA, then the embedding,
+    so a run stopped between the two has the LoRA alone and is not finished."""
+    return (run_dir / f"{output_name}.safetensors").is_file() and (run_dir / f"{token}.safetensors").is_file()
+
 
 def parse_lrs(text: str) -> list[float]:
-    """``--lrs``' learning rates, sorted without repeats (an argparse ``type``: a bad list is named by its option)."""
+    """``--lrs``' learning rates, sorted without repeats (an argparse ``type``: a bad list is named by its option);
+    two different rates whose run names would be the same (:func:`lr_tag`) are refused."""
     try:
-        return sorted(set(positive_finite(number_list(text))))
+        lrs = sorted(set(positive_finite(number_list(text))))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    for low, high in zip(lrs, lrs[1:]):
+        if lr_tag(low) == lr_tag(high):
+            raise argparse.ArgumentTypeError(f"{low!r} and {high!r} would share the run name lr{lr_tag(low)}; "
+                                             "give rates that differ in their first 6 significant digits")
+    return lrs
 
 
-#: The reason a seed count must be at least 2, for :func:`refuse_below`.
-TWO_SEEDS = (2, "layout diversity compares seeds")
+#: An argparse type: a count of generation seeds per prompt that the leakage score can use (>= 2).
+seed_count = int_at_least(2, "layout diversity compares seeds")
 
 
-def refuse_below(parser, args, least: dict[str, int | tuple[int, str]]) -> None:
-    """``parser.error`` naming the first ``--flag`` whose value in ``args`` is below ``least[flag]`` (a minimum,
-    or a minimum and the reason for it)."""
-    for flag, rule in least.items():
-        minimum, why = rule if isinstance(rule, tuple) else (rule, "")
-        if getattr(args, flag) < minimum:
-            parser.error(f"--{flag} must be at least {minimum}, got {getattr(args, flag)}" + (f" ({why})" if why else ""))
+#: Preset keys that set how often a run saves, not what it trains: a change of them alone keeps the run.
+SAVE_KEYS = frozenset({"save_every_n_steps", "save_state"})
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """A preset as ``{dotted key: value}`` (tables and arrays of tables opened; ``stages.0.steps``)."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: value}
+
+
+def preset_differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every key (dotted) whose value differs between two presets, save keys aside."""
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k) and k not in SAVE_KEYS]
+    return [f"{k}: {a.get(k, 'unset')!r} -> {b.get(k, 'unset')!r}" for k in keys]
+
+
+def write_run_preset(out: Path, name: str, run_dir: Path, output_name: str, token: str, preset: dict) -> Path:
+    """Write run ``name``'s preset to ``OUT/presets/<name>.toml``, the record of the settings its folder is trained
+    with. When the folder holds work the sweep would reuse (the finished run, or a saved state to resume), the
+    record must match ``preset``: a run trained with other settings stops the sweep before anything trains,
+    naming the folder, the run and what differs, instead of mixing it silently into a sweep of other settings."""
+    path = (out / "presets" / f"{name}.toml").resolve()
+    text = toml.dumps(preset)
+    reused = run_finished(run_dir, output_name, token) or any(run_dir.glob(f"{output_name}-state-*"))
+    if reused and path.is_file():
+        try:
+            diffs = preset_differences(toml.loads(path.read_text(encoding="utf-8")), toml.loads(text))
+        except (OSError, UnicodeDecodeError, toml.TomlDecodeError) as exc:
+            print(f"note: the settings record {path} of {name} is unreadable ({exc}); assuming {run_dir.name} was "
+                  "trained with this sweep's settings", flush=True)
+            diffs = []
+        if diffs:
+            shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+            raise SystemExit(
+                f"error: --out {out}: the run {name} there was trained with other settings than this sweep's "
+                f"({shown}; its record: {path}). Reusing it would mix runs of two settings in one sweep: use "
+                f"another --out, or move {run_dir} away to train it again with these settings.")
+    elif reused:
+        print(f"note: no record of the settings {run_dir.name} was trained with ({path} is missing); assuming "
+              "this sweep's", flush=True)
+    atomic_write_text(path, text)
+    return path
 
 
 def lr_tag(lr: float) -> str:
@@ -167,8 +222,7 @@ def plan_pivot(args, raw: dict, training_seed: int = 0) -> RunSpec | None:
         preset["save_every_n_steps"] = args.save_every
         preset["save_state"] = True
     config = build_config(copy.deepcopy(preset))
-    path = (args.out / "presets" / f"{name}.toml").resolve()
-    atomic_write_text(path, toml.dumps(preset))
+    path = write_run_preset(args.out, name, run_dir, config.output_name, config.token_string, preset)
     return RunSpec(name, 0.0, "pivot", path, run_dir, config.output_name, config.token_string, training_seed, seed)
 
 
@@ -193,8 +247,7 @@ def plan_runs(args, raw: dict, pivots: dict[int, RunSpec] | None = None) -> list
                                        pivot_file, seed0 + k)
                 # fails here, before any training, on a bad preset or plugin option (the shared pivot may not exist yet)
                 config = build_config(copy.deepcopy(preset), check_paths=pivot_file is None or pivot_file.is_file())
-                path = (args.out / "presets" / f"{name}.toml").resolve()
-                atomic_write_text(path, toml.dumps(preset))
+                path = write_run_preset(args.out, name, run_dir, config.output_name, config.token_string, preset)
                 specs.append(RunSpec(name, lr, variant or "none", path, run_dir, config.output_name, config.token_string,
                                      k, seed0 + k))
     return specs

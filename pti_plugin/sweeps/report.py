@@ -23,7 +23,7 @@ def run_row(spec: RunSpec, args, metrics: dict | None, pivot_log: dict | None = 
     ``weights`` logs its distance from that file, 0, instead of from the init word)."""
     row = {"run": spec.name, "stage": args.stage, "variant": spec.variant, "lr": spec.lr,
            "training_seed": spec.training_seed, "seed": spec.seed, "steps": args.steps,
-           "lr_x_steps": spec.lr * args.steps, "finished": spec.lora.is_file()}
+           "lr_x_steps": spec.lr * args.steps, "finished": spec.finished}
     config_path = spec.run_dir / f"{spec.output_name}.config.toml"
     if config_path.is_file():
         stages = toml.load(str(config_path)).get("stages", [])

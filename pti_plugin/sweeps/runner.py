@@ -1,18 +1,24 @@
 """Running a sweep's training jobs: resume or skip each run, then train in this process or one process per GPU.
 
-A run is *finished* when its final LoRA file exists; an interrupted run resumes from its latest
-saved state, else its folder is moved aside to ``<run>.incomplete-<k>`` and the run starts again.
+A run is *finished* when both its final files exist (the LoRA, then the embedding). A run folder that
+another process is training (its run lock is held) is left alone. An interrupted run resumes from its
+latest saved state (``--save_every``'s, or the one the trainer saves when interrupted), else its folder
+is moved aside to ``<run>.incomplete-<k>`` and the run starts again. A run stopped by SIGINT or SIGTERM
+in this process stops the sweep (exit 128 + the signal); the same command resumes it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from pti_plugin.config import ConfigError
+from pti_plugin.run_lock import RunLock
 from pti_plugin.sweeps.plan import RunSpec
 
 #: The folder that holds the ``pti_plugin`` package this process imported; worker processes import the same one.
@@ -31,19 +37,39 @@ def train_command(argv: list[str]) -> list[str]:
 
 
 def latest_state(spec: RunSpec) -> Path | None:
-    states = sorted(spec.run_dir.glob(f"{spec.output_name}-state-step*"))
+    """The run's saved state of the highest step, interrupted ones included (the trainer's names)."""
+    from pti_plugin.outputs import RunFiles  # imports torch
+
+    states = [path for _, path in RunFiles(spec.run_dir, spec.output_name, spec.token).step_files() if path.is_dir()]
     return states[-1] if states else None
 
 
+def held_by_another(spec: RunSpec) -> str | None:
+    """Who trains the run now when another live process holds its run lock (the trainer's), else None."""
+    lock = RunLock(spec.run_dir, spec.output_name)
+    if not lock.path.is_file():
+        return None
+    try:
+        lock.acquire()
+    except ConfigError as exc:
+        return str(exc)
+    lock.release()  # a lock left by a killed run: nobody trains it
+    return None
+
+
 def prepare_run(spec: RunSpec) -> list[str] | None:
-    """The trainer's argv for an unfinished run (None when finished); moves an unresumable partial run aside."""
-    if spec.lora.is_file():
-        print(f"skip {spec.name}: finished ({spec.lora.name} exists)", flush=True)
+    """The trainer's argv for an unfinished run (None when finished or being trained by another process); moves
+    an unresumable partial run aside (a final LoRA without its embedding, or no saved state)."""
+    if spec.finished:
+        print(f"skip {spec.name}: finished ({spec.lora.name} and {spec.embedding.name} exist)", flush=True)
+        return None
+    if (owner := held_by_another(spec)) is not None:
+        print(f"skip {spec.name}: another process is training it, left alone ({owner})", flush=True)
         return None
     argv = ["--preset", str(spec.preset_path)]
     if spec.run_dir.is_dir() and any(spec.run_dir.iterdir()):
         state = latest_state(spec)
-        if state is not None:
+        if state is not None and not spec.lora.is_file():
             print(f"resume {spec.name} from {state.name}", flush=True)
             return argv + ["--resume", str(state)]
         k = 1
@@ -64,7 +90,11 @@ def train_in_process(spec: RunSpec, argv: list[str]) -> bool:
     except Exception:  # each run starts from fresh accelerate state (Trainer._setup)
         traceback.print_exc()
         code = 1
-    if code != 0 or not spec.lora.is_file():
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the trainer saved a state and stopped: so does the sweep
+        print(f"sweep stopped: {spec.name} was interrupted by {signal.Signals(code - 128).name}; run the same command "
+              "again to resume it and train the runs left", flush=True)
+        raise SystemExit(code)
+    if code != 0 or not spec.finished:
         print(f"FAILED {spec.name} (exit code {code})", flush=True)
         return False
     return True
@@ -107,17 +137,19 @@ def run_on_gpus(jobs: list[tuple[str, list[str], Path]], gpus: list[str]) -> dic
 
 
 def train_runs(specs: list[RunSpec], engine, logs: Path) -> None:
-    """Train every unfinished run of ``specs`` (finished ones are skipped, interrupted ones resumed, decided here
-    before anything is dispatched): in this process one after the other, or one job per run on ``engine``
-    (an :class:`~pti_plugin.sweeps.engines.Engine`; logs in ``logs/<run>.train.log``)."""
-    todo = [(s, a) for s in specs if (a := prepare_run(s)) is not None]
+    """Train every unfinished run of ``specs`` (finished ones and those another process trains are skipped,
+    interrupted ones resumed): in this process one after the other, each decided just before it trains, or one
+    job per run on ``engine`` (an :class:`~pti_plugin.sweeps.engines.Engine`; decided before anything is
+    dispatched; logs in ``logs/<run>.train.log``)."""
     if engine.in_process:
-        for spec, argv in todo:
-            train_in_process(spec, argv)
+        for spec in specs:
+            if (argv := prepare_run(spec)) is not None:
+                train_in_process(spec, argv)
         return
+    todo = [(s, a) for s in specs if (a := prepare_run(s)) is not None]
     codes = engine.run([(s.name, train_command(a), logs / f"{s.name}.train.log") for s, a in todo])
     for spec, _ in todo:
-        if codes.get(spec.name) != 0 or not spec.lora.is_file():
+        if codes.get(spec.name) != 0 or not spec.finished:
             print(f"FAILED {spec.name} (exit code {codes.get(spec.name)}; see {logs / (spec.name + '.train.log')})", flush=True)
 
 

@@ -15,7 +15,6 @@ not where the truth lies with 95% confidence.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable, Iterable
 
@@ -29,17 +28,6 @@ from pti_plugin.metrics.replication import seed_level_interval
 COVERAGE_OF_95 = {2: 0.50, 3: 0.75, 5: 0.84}
 #: Row keys that identify a run within its point, never averaged.
 SEED_KEYS = ("training_seed", "seed")
-
-
-def training_seeds_arg(text: str) -> int:
-    """argparse type of ``--training_seeds``: a positive integer (the error names the option through argparse)."""
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number of training seeds, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"at least 1 training seed is needed, got {value}")
-    return value
 
 
 def seed_suffix(training_seed: int) -> str:
