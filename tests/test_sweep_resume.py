@@ -152,3 +152,24 @@ def test_an_out_that_is_a_file_is_refused_naming_out_and_the_path(script, under,
     with pytest.raises(SystemExit) as stop:
         parse()
     assert stop.value.code == 2 and f"--out {out}: " in capsys.readouterr().err
+
+
+def test_a_sweep_with_a_failed_run_trains_the_others_then_exits_1_naming_it(argv, tmp_path, monkeypatch, capsys):
+    """Before, the command printed FAILED and exited 0, so a script running sweeps could not tell."""
+    from pti_plugin.trainer import Trainer
+
+    original = Trainer.run
+
+    def failing(self):
+        if Path(self.config.output_dir).name == "inversion-lr0.01":
+            raise RuntimeError("a run that breaks")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "run", failing)
+    assert lr_sweep.cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: 1 run(s) failed: inversion-lr0.01" in err
+    assert (tmp_path / "out" / "runs" / "inversion-lr0.1" / "tok1.safetensors").is_file()
+    monkeypatch.setattr(Trainer, "run", original)
+    assert lr_sweep.cli(argv) == 0  # the same command retrains the failed run and skips the finished one
+    assert (tmp_path / "out" / "runs" / "inversion-lr0.01" / "tok1.safetensors").is_file()

@@ -130,7 +130,21 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    argv = sys.argv[1:] if argv is None else argv
+    """Train and measure the sweep; the report's rows (a run that failed is reported FAILED and left out)."""
+    return sweep(sys.argv[1:] if argv is None else argv)[0]
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command: :func:`main`, exit status 1 when a run failed (after the others trained and were measured)."""
+    failed = sweep(sys.argv[1:] if argv is None else argv)[1]
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see FAILED above; the same command "
+              "retrains them and skips the finished ones)", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+def sweep(argv: list[str]) -> tuple[list[dict], list[str]]:
+    """The report's rows and the names of the runs that failed."""
     args = parse_args(argv)
     import torch
 
@@ -143,17 +157,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"error: {exc}") from exc
     if args._evaluate_run:  # a worker process: evaluate one run and exit
         evaluate_one({s.name: s for s in specs}[args._evaluate_run], args)
-        return []
+        return [], []
     engine = engine_from_args(args, visible_gpus(args.gpus))
     print(f"{args.stage} sweep: {len(specs)} runs of {args.steps} steps in {args.out}; {engine.describe()}"
           + (f"; shared pivot from {', '.join(str(p.run_dir) for p in pivots.values())}" if pivots else ""), flush=True)
-    if not args.no_train:
-        train_sweep(list(pivots.values()), specs, engine, args.out / "logs")
+    failed = [] if args.no_train else train_sweep(list(pivots.values()), specs, engine, args.out / "logs")
     if args.no_evaluate:
-        return []
+        return [], failed
     results = evaluate_runs(specs, args, argv, engine)
-    return write_report(specs, pivots, results, eval_settings(args), args)
+    return write_report(specs, pivots, results, eval_settings(args), args), failed
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

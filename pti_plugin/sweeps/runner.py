@@ -136,28 +136,30 @@ def run_on_gpus(jobs: list[tuple[str, list[str], Path]], gpus: list[str]) -> dic
     return codes
 
 
-def train_runs(specs: list[RunSpec], engine, logs: Path) -> None:
+def train_runs(specs: list[RunSpec], engine, logs: Path) -> list[str]:
     """Train every unfinished run of ``specs`` (finished ones and those another process trains are skipped,
     interrupted ones resumed): in this process one after the other, each decided just before it trains, or one
     job per run on ``engine`` (an :class:`~pti_plugin.sweeps.engines.Engine`; decided before anything is
-    dispatched; logs in ``logs/<run>.train.log``)."""
+    dispatched; logs in ``logs/<run>.train.log``). Returns the names of the runs that failed."""
     if engine.in_process:
-        for spec in specs:
-            if (argv := prepare_run(spec)) is not None:
-                train_in_process(spec, argv)
-        return
+        return [spec.name for spec in specs
+                if (argv := prepare_run(spec)) is not None and not train_in_process(spec, argv)]
     todo = [(s, a) for s in specs if (a := prepare_run(s)) is not None]
     codes = engine.run([(s.name, train_command(a), logs / f"{s.name}.train.log") for s, a in todo])
+    failed = []
     for spec, _ in todo:
         if codes.get(spec.name) != 0 or not spec.finished:
             print(f"FAILED {spec.name} (exit code {codes.get(spec.name)}; see {logs / (spec.name + '.train.log')})", flush=True)
+            failed.append(spec.name)
+    return failed
 
 
-def train_sweep(pivots: list[RunSpec], specs: list[RunSpec], engine, logs: Path) -> None:
-    """Train the shared pivot runs (one per training seed, if any) first, then the sweep's runs."""
+def train_sweep(pivots: list[RunSpec], specs: list[RunSpec], engine, logs: Path) -> list[str]:
+    """Train the shared pivot runs (one per training seed, if any) first, then the sweep's runs; returns the
+    names of the sweep's runs that failed."""
     if pivots:
         train_runs(pivots, engine.single() if len(pivots) == 1 else engine, logs)
         missing = [str(p.embedding) for p in pivots if not p.embedding.is_file()]
         if missing:
             raise SystemExit(f"the shared pivot run failed: {', '.join(missing)} missing (see above)")
-    train_runs(specs, engine, logs)
+    return train_runs(specs, engine, logs)
