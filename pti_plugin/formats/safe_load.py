@@ -109,6 +109,8 @@ def check_pytorch_framing(path: str | os.PathLike) -> None:
         magic = handle.read(4)
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
         hint = " (it is a safetensors file: name it .safetensors)" if _looks_like_safetensors(path) else ""
+        if path.name == "model_index.json":
+            hint = " (it is the index of a diffusers model: pass the folder that holds it)"
         raise UnreadableFileError(f"{path}: not a PyTorch (.pt/.ckpt/.bin) file: it is neither a zip archive nor a pickle{hint}")
 
 

@@ -15,7 +15,6 @@ which one it is (the preset's ``model_family`` overrides it).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,10 +217,11 @@ def register_family(name: str, factory: Callable[..., ModelFamily]) -> None:
 
 
 def _ensure_builtin_families() -> None:
-    if "sd15" not in FAMILIES:
-        from . import sd15  # noqa: F401  (importing it registers the family)
-    if "sdxl" not in FAMILIES:
-        from . import sdxl  # noqa: F401
+    import importlib
+
+    for name in ("sd15", "sdxl"):
+        if name not in FAMILIES:
+            importlib.import_module(f".{name}", __package__)  # importing the module registers the family
 
 
 def make_family(name: str, **options) -> ModelFamily:
@@ -261,8 +261,10 @@ def detect_family(path: Path) -> tuple[str, str]:
     loader checks the keys).
     """
     if path.is_dir():
+        from .model_checks import read_json
+
         index = path / "model_index.json"
-        cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "") if index.is_file() else ""
+        cls = read_json(index).get("_class_name", "") if index.is_file() else ""
         if cls in _PIPELINE_FAMILIES:
             return _PIPELINE_FAMILIES[cls], f"model_index.json names {cls}"
         return "sd15", f"model_index.json names {cls or 'no pipeline class'}; assuming SD1.5"

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import EMBEDDED, ConfigError
 from .family import Conditioning, ModelFamily, detect_family, make_family
+from .model_checks import MODEL_KEY, architecture_problem, not_a_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +120,20 @@ def load_base_model(
 ) -> BaseModel:
     """Load the model at ``path_value``: a diffusers folder, a single ``.safetensors``/``.ckpt``
     checkpoint (see ``single_file.py``), or ``@embedded``; its family is detected (and logged) unless
-    ``model_family`` names it."""
+    ``model_family`` names it. A model that cannot be trained (not a model, incomplete, another architecture)
+    is a ``ConfigError`` naming ``pretrained_model_name_or_path`` and the file (see ``model_checks.py``)."""
     path = resolve_model_path(path_value)
-    if not path.is_file() and not (path / "model_index.json").is_file():
-        raise ConfigError(
-            f"base model not found: looked for a diffusers folder with model_index.json, or a "
-            f".safetensors/.ckpt file, at {path}"
-        )
-    name, why = choose_family(path, model_family)
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ConfigError.at(MODEL_KEY, f": {not_a_model_folder(path)}")
+    if not path.exists():
+        raise ConfigError.at(MODEL_KEY, f": base model not found: looked for a diffusers folder with model_index.json, "
+                                        f"or a .safetensors/.ckpt file, at {path}")
+    try:
+        name, why = choose_family(path, model_family)
+    except ValueError as exc:  # an unreadable model_index.json or safetensors header
+        raise ConfigError.at(MODEL_KEY, f": {exc}") from exc
+    hint = (f"model family {name!r}: {why}; " + ("'auto' detects it from the files" if model_family != "auto"
+                                                 else "set model_family if the detection is wrong"))
     try:
         family = make_family(name, clip_skip=clip_skip, max_token_length=max_token_length)
     except ValueError as exc:
@@ -134,9 +141,16 @@ def load_base_model(
     logger.info("model family %s (%s)", name, why)
     try:
         parts = family.load(path, single_file_config, tokenizer_path)
+        problem = architecture_problem(name, parts.unet.config, [int(te.config.hidden_size) for te in parts.text_encoders])
+        if problem:  # a diffusers folder's configs were checked before loading; a single file's configs here
+            raise ConfigError(f"{path}: {problem}")
+    except ConfigError as exc:
+        if exc.key is not None:  # another key's fault (tokenizer_path, single_file_config): named already
+            raise
+        raise ConfigError.at(MODEL_KEY, f": {exc} ({hint})") from exc
     except ValueError as exc:
-        raise ConfigError(f"{exc} (model family {name!r}: {why}; set model_family if the detection is wrong)") from exc
-    prediction_type = "v_prediction" if v_parameterization else parts.noise_scheduler.config.prediction_type
+        raise ConfigError.at(MODEL_KEY, f": {exc} ({hint})") from exc
+    prediction_type = _prediction_type(path, parts.noise_scheduler.config, v_parameterization)
     if zero_terminal_snr and not parts.noise_scheduler.config.get("rescale_betas_zero_snr", False):
         # kohya's --zero_terminal_snr: the betas rescaled so the last step's alpha-bar is 0 (diffusers' rule)
         parts.noise_scheduler = type(parts.noise_scheduler).from_config(parts.noise_scheduler.config, rescale_betas_zero_snr=True)
@@ -145,6 +159,23 @@ def load_base_model(
         module.float()
     return BaseModel(family, parts.unet, parts.vae, parts.text_encoders, parts.tokenizers, parts.noise_scheduler,
                      prediction_type, str(path))
+
+
+def _prediction_type(path: Path, scheduler_config, v_parameterization: bool) -> str:
+    """The training target: v-prediction with ``v_parameterization``, else what the model declares (a diffusers
+    folder's scheduler config, a single file's ``v_pred`` key). kohya ignores the declaration (epsilon unless
+    ``--v_parameterization``): following it is said in the log; ``v_parameterization`` over an epsilon model
+    is warned about."""
+    declared = scheduler_config.prediction_type
+    source = path / "scheduler" / "scheduler_config.json" if path.is_dir() else f"{path} (its v_pred key)"
+    if declared == "v_prediction" and not v_parameterization:
+        logger.info("the model declares prediction_type = 'v_prediction' (%s): training v-prediction, as the model "
+                    "was trained (kohya would train epsilon without --v_parameterization)", source)
+    if v_parameterization and declared != "v_prediction" and path.is_dir():
+        logger.warning("v_parameterization = true, but the model's scheduler config (%s) says prediction_type = %r: "
+                       "training v-prediction as asked; a model trained for %s learns a new target from it",
+                       source, declared, declared)
+    return "v_prediction" if v_parameterization else declared
 
 
 def configure_attention(unet: nn.Module, xformers: bool, sdpa: bool, device: torch.device) -> str:

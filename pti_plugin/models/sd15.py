@@ -25,6 +25,7 @@ from torch import nn
 
 from ..formats.kohya_lora import TEXT_ENCODER_PREFIX, UNET_PREFIX
 from .family import Conditioning, EmbeddingLayout, KeyTable, LoadedComponents, LoraKey, register_family
+from .model_checks import load_folder
 
 _TEXT_ENCODER_PREFIX = TEXT_ENCODER_PREFIX + "_"  # one text encoder: lora_te_
 
@@ -146,14 +147,9 @@ class SD15Family:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        kwargs = {"local_files_only": True}
-        return LoadedComponents(
-            UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
-            AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
-            (CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),),
-            (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs),),
-            DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs),
-        )
+        parts = load_folder(path, self.name, {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                                              "tokenizer": CLIPTokenizer, "scheduler": DDPMScheduler})
+        return LoadedComponents(parts["unet"], parts["vae"], (parts["text_encoder"],), (parts["tokenizer"],), parts["scheduler"])
 
     # ------------------------------------------------------------------ conditioning
     def tokenize(self, tokenizers: Sequence[object], captions: list[str]) -> torch.Tensor:

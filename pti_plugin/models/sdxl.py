@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .family import Conditioning, EmbeddingLayout, KeyTable, LoadedComponents, register_family
+from .model_checks import load_folder
 
 #: The pipeline's names of the two encoders (and, with ``tokenizer``, the tokenizers), in order.
 SDXL_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -84,22 +85,13 @@ class SDXLFamily:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        absent = [name for name in SDXL_FOLDERS if not (path / name).is_dir()]
-        if absent:
-            raise ValueError(f"not a complete SDXL diffusers folder: no {', '.join(s + '/' for s in absent)} in {path}")
-
-        kwargs = {"local_files_only": True}
         # kohya trains SDXL with DDPM's schedule; the folder's scheduler config (Euler for SDXL base) has
         # the same betas and says the prediction type.
-        return LoadedComponents(
-            UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
-            AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
-            (CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
-             CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kwargs)),
-            (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs),
-             CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kwargs)),
-            DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs),
-        )
+        parts = load_folder(path, self.name, dict(zip(SDXL_FOLDERS, (
+            UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPTokenizer,
+            DDPMScheduler))))
+        return LoadedComponents(parts["unet"], parts["vae"], (parts["text_encoder"], parts["text_encoder_2"]),
+                                (parts["tokenizer"], parts["tokenizer_2"]), parts["scheduler"])
 
     # ------------------------------------------------------------------ conditioning
     def tokenize(self, tokenizers: Sequence[object], captions: list[str]) -> torch.Tensor:

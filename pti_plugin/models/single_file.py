@@ -44,6 +44,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..formats.safe_load import check_safetensors, safe_torch_load
+from .model_checks import file_kind
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ _UNET_PREFIX = "model.diffusion_model."
 _VAE_PREFIXES = ("first_stage_model.", "vae.")
 _CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 _CLIP_MARKER = _CLIP_PREFIX + "embeddings.position_embedding.weight"
-#: diffusers' names for the model types it recognises that are not SD1.x.
+#: diffusers' names for the model types it recognises that are not SD1.x (SDXL base files load as family sdxl).
 _OTHER_FAMILIES = {
     "v2": "Stable Diffusion 2.x",
     "inpainting": "SD1.x inpainting (9 input channels)",
@@ -122,7 +123,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ConfigError(f"{path}: holds no tensors")
+        kind = file_kind(k for k in state if isinstance(k, str))  # an A1111 embedding nests its tensors
+        raise ConfigError(f"{path}: {'this is ' + kind if kind else 'holds no tensors'}")
     return _normalise_clip_keys(tensors)
 
 
@@ -140,16 +142,24 @@ def _normalise_clip_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return renamed
 
 
-def check_sd1_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """Refuse, naming the file, a checkpoint of another family or one lacking a component."""
+def check_checkpoint_kind(path: Path, state: dict[str, torch.Tensor], family: str) -> None:
+    """Refuse, naming the file, a checkpoint diffusers recognises as another family than ``family`` (``sd15`` or
+    ``sdxl``) or as a kind pti-plugin does not train (SD2.x, inpainting, upscaler ...)."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     kind = infer_diffusers_model_type(state)
-    if kind in _OTHER_FAMILIES:
-        raise ConfigError(
-            f"{path}: this looks like a {_OTHER_FAMILIES[kind]} checkpoint; only SD1.x single files are "
-            "supported here (for another family, convert it to a diffusers folder and pass the folder)"
-        )
+    if kind == "xl_base" and family != "sdxl":
+        raise ConfigError(f"{path}: this is an SDXL checkpoint, read as SD1.x; set model_family = 'auto' or 'sdxl'")
+    if kind == "v1" and family != "sd15" and _CLIP_MARKER in state:  # "v1" is also diffusers' answer for unknown files
+        raise ConfigError(f"{path}: this is an SD1.x checkpoint, read as SDXL; set model_family = 'auto' or 'sd15'")
+    if kind in _OTHER_FAMILIES and kind != "xl_base":
+        raise ConfigError(f"{path}: this looks like a {_OTHER_FAMILIES[kind]} checkpoint, which is not supported: "
+                          "pti-plugin trains SD1.x and SDXL base models")
+
+
+def check_sd1_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse, naming the file, a checkpoint of another family or one lacking a component."""
+    check_checkpoint_kind(path, state, "sd15")
     missing = []
     if not any(k.startswith(_UNET_PREFIX) for k in state):
         missing.append(f"the UNet ({_UNET_PREFIX}*)")
@@ -158,10 +168,10 @@ def check_sd1_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
     if _CLIP_MARKER not in state:
         missing.append(f"the CLIP text encoder ({_CLIP_PREFIX}*)")
     if missing:
-        raise ConfigError(
-            f"{path}: not a complete SD1.x checkpoint: no weights for {', '.join(missing)} "
-            f"(the file holds {len(state)} tensors)"
-        )
+        what = file_kind(state)
+        raise ConfigError(f"{path}: this is {what}" if what else
+                          f"{path}: not a complete SD1.x checkpoint: no weights for {', '.join(missing)} "
+                          f"(the file holds {len(state)} tensors)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,9 +182,8 @@ def _check_config_dir(config_dir: Path) -> None:
     needed = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"]
     absent = [name for name in needed if not (config_dir / name).is_file()]
     if absent:
-        raise ConfigError(
-            f"{config_dir}: not a folder of diffusers component configs: missing {', '.join(absent)}"
-        )
+        raise ConfigError.at("single_file_config", f": {config_dir} is not a folder of diffusers component "
+                                                   f"configs: missing {', '.join(absent)}")
 
 
 def _describe_missing(component: str, empty: list[str]) -> str:
@@ -288,7 +297,7 @@ def load_single_file(
         ),
     )
     noise_scheduler = scheduler_from_markers(path, state, config_dir)
-    del state
+    state = None  # the tensors are released (the loaders above are done with them)
     return unet, vae, text_encoder, tokenizer, noise_scheduler
 
 
@@ -420,9 +429,8 @@ def load_clip_tokenizer(tokenizer_path: str = ""):
         folder = Path(tokenizer_path).expanduser()
         found = _tokenizer_folder(folder)
         if found is None:
-            raise ConfigError(
-                f"tokenizer_path {folder}: no vocab.json and merges.txt there (nor in {folder / 'tokenizer'})"
-            )
+            raise ConfigError.at("tokenizer_path", f": {folder}: no vocab.json and merges.txt there "
+                                                   f"(nor in {folder / 'tokenizer'})")
         if not (found / "tokenizer_config.json").is_file():  # just the two files: SD1.5's settings
             return CLIPTokenizer(vocab=str(found / "vocab.json"), merges=str(found / "merges.txt"), **SD15_TOKENIZER_KWARGS)
         return CLIPTokenizer.from_pretrained(str(found), local_files_only=True)
@@ -445,5 +453,6 @@ def load_clip_tokenizer(tokenizer_path: str = ""):
         "(looked offline)\n"
         f"  3. the {OPEN_CLIP_DISTRIBUTION} package: not installed, or without {OPEN_CLIP_BPE_NAME}\n"
         "Set tokenizer_path to a folder with vocab.json and merges.txt (e.g. the tokenizer/ folder of a "
-        f"diffusers SD1.5 model), or install {OPEN_CLIP_DISTRIBUTION} (pip), which carries CLIP's BPE file."
+        f"diffusers SD1.5 model), or install {OPEN_CLIP_DISTRIBUTION} (pip), which carries CLIP's BPE file.",
+        key="tokenizer_path",
     )

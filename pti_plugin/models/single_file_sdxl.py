@@ -23,7 +23,9 @@ from pathlib import Path
 
 from ..config import ConfigError
 from .family import LoadedComponents
-from .single_file import _build, _diagnose, load_clip_tokenizer, read_checkpoint, scheduler_from_markers
+from .model_checks import file_kind
+from .single_file import (_build, _diagnose, check_checkpoint_kind, load_clip_tokenizer, read_checkpoint,
+                          scheduler_from_markers)
 
 #: The SDXL component configs shipped with the package (a diffusers folder without weights).
 SDXL_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sdxl"
@@ -45,9 +47,12 @@ def check_sdxl_checkpoint(path: Path, state: dict) -> None:
     kind = infer_diffusers_model_type(state)
     if kind in ("xl_refiner", "xl_inpaint"):
         raise ConfigError(f"{path}: this is an SDXL {kind.removeprefix('xl_')} checkpoint; train on a base SDXL model")
+    check_checkpoint_kind(path, state, "sdxl")
     missing = [name for name, prefix in _COMPONENT_MARKERS.items() if not any(k.startswith(prefix) for k in state)]
     if missing:
-        raise ConfigError(f"{path}: not a complete SDXL checkpoint: no weights for {', '.join(missing)} "
+        what = file_kind(state)
+        raise ConfigError(f"{path}: this is {what}" if what else
+                          f"{path}: not a complete SDXL checkpoint: no weights for {', '.join(missing)} "
                           f"(the file holds {len(state)} tensors)")
 
 
@@ -61,7 +66,8 @@ def load_sdxl_single_file(path: str | Path, config_dir: str | Path | None = None
     config_dir = Path(config_dir).expanduser() if config_dir is not None else SDXL_CONFIG_DIR
     absent = [name for name in _NEEDED_CONFIGS if not (config_dir / name).is_file()]
     if absent:
-        raise ConfigError(f"{config_dir}: not a folder of SDXL component configs: missing {', '.join(absent)}")
+        raise ConfigError.at("single_file_config", f": {config_dir} is not a folder of SDXL component configs: "
+                                                   f"missing {', '.join(absent)}")
     state = read_checkpoint(path)  # the file first: a corrupt or unsafe file is named before anything else
     check_sdxl_checkpoint(path, state)
     tokenizer = load_clip_tokenizer(tokenizer_path)
@@ -81,6 +87,6 @@ def load_sdxl_single_file(path: str | Path, config_dir: str | Path | None = None
         encoders.append(_build(name, path, config_dir, lambda cls=cls, subfolder=subfolder: create_diffusers_clip_model_from_ldm(
             cls, state, subfolder=subfolder, config=str(config_dir), local_files_only=True)))
     scheduler = scheduler_from_markers(path, state, config_dir)
-    del state
+    state = None  # the tensors are released (the loaders above are done with them)
     return LoadedComponents(unet, vae, tuple(encoders), (tokenizer, tokenizer_2), scheduler)
 
