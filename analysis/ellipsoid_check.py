@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pti_plugin import ellipsoid as E  # noqa: E402
 from pti_plugin.atomic_io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from pti_plugin.input_checks import template_problem  # noqa: E402
-from pti_plugin.script_args import check_out_folder, device, finite_float_at_least, positive_int  # noqa: E402
+from pti_plugin.script_args import check_out_folder, device, finite_float_at_least, int_at_least, positive_int  # noqa: E402
 
 DEFAULT_OUT = "outputs/ellipsoid"
 
@@ -52,23 +52,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip_skip", type=int, default=1, help="kohya's clip_skip (1 = last layer)")
     p.add_argument("--sentences", default="", help="text file (one sentence per line) or COCO-style captions JSON; "
                    "default: the built-in template x words set")
-    p.add_argument("--index", type=int, default=E.DEFAULT_INDEX, help="token index to study (5 = tok1 in the template)")
+    p.add_argument("--index", type=int_at_least(1, "index 0 is BOS: its state is the same for every sentence"),
+                   default=E.DEFAULT_INDEX, help="token index to study (5 = tok1 in the template)")
     p.add_argument("--template_words", nargs="?", const="add", default="off", choices=("off", "add", "only"),
                    help="also ('add', the bare flag) or only ('only') use T(word) prompts, so the index is a content word")
     p.add_argument("--template", default=E.DEFAULT_TEMPLATE, help="template T of the T(word) prompts")
     p.add_argument("--threshold", type=finite_float_at_least(0), default=E.DEFAULT_THRESHOLD, help="absolute CV threshold of the verdict")
     p.add_argument("--eos_factor", type=finite_float_at_least(0), default=E.DEFAULT_EOS_FACTOR,
                    help="the index passes when its CV is at most this times the EOS CV (or below --threshold)")
-    p.add_argument("--max_sentences", type=int, default=None, help="keep a deterministic random subset of this many")
+    p.add_argument("--max_sentences", type=int_at_least(2), default=None, help="keep a deterministic random subset of this many")
     p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in set and of --max_sentences' subset")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
     args = p.parse_args(argv)
-    if args.max_sentences is not None and args.max_sentences < 2:
-        p.error("--max_sentences must be at least 2")
-    if args.index < 1:
-        p.error("--index must be >= 1 (index 0 is BOS: its state is the same for every sentence)")
     if problem := template_problem(args.template, "the word"):
         p.error(f"--template {args.template!r}: {problem}")
     if args.sentences:

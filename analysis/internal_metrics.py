@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.script_args import device, out_folder_problem  # noqa: E402
+from pti_plugin.script_args import device, out_folder_problem, positive_int  # noqa: E402
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 
 
@@ -62,8 +62,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", type=Path, nargs="+", help="folders whose sub-folders are finished runs")
     parser.add_argument("--out", type=Path, default=Path("outputs/internal_metrics"))
-    parser.add_argument("--seeds", type=int, default=16, help="sampling seeds per prompt")
-    parser.add_argument("--sample_steps", type=int, default=SAMPLE_STEPS)
+    parser.add_argument("--seeds", type=positive_int, default=16, help="sampling seeds per prompt")
+    parser.add_argument("--sample_steps", type=positive_int, default=SAMPLE_STEPS)
     parser.add_argument("--guidance", type=float, default=GUIDANCE)
     parser.add_argument("--max_images", type=int, default=8, help="training images of the denoising probes")
     parser.add_argument("--output_name", default="premise", help="the runs' output name (<name>.safetensors)")
@@ -77,7 +77,7 @@ def parse_args(argv):
     parser.add_argument("--layers", action="store_true", help="also the versions from one UNet resolution's layers each")
     parser.add_argument("--layers_only", action="store_true",
                         help="score only the layer versions (the all-layer leakage from the same sampling), no detector truth")
-    parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--draws", type=positive_int, default=2000, help="bootstrap resamples")
     parser.add_argument("--device", type=device, default="cpu")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
     parser.add_argument("--replace", action="store_true",
@@ -89,8 +89,6 @@ def parse_args(argv):
         parser.error(f"not a folder: {', '.join(missing)}")
     if args.score_only and args.cached_only:
         parser.error("--score_only and --cached_only together would do nothing")
-    if args.seeds < 1 or args.sample_steps < 1 or args.draws < 1:
-        parser.error("--seeds, --sample_steps and --draws must be at least 1")
     if problem := out_folder_problem(args.out):
         parser.error(f"--out {args.out}: {problem}")
     return args

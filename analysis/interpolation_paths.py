@@ -37,9 +37,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text  # noqa: E402
-from pti_plugin.script_args import out_folder_problem  # noqa: E402
+from pti_plugin.script_args import int_at_least, out_folder_problem  # noqa: E402
 from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
-from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
+from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.interpolation_paths import (DEFAULT_PAIRS, GEOMETRIES, PathSettings,  # noqa: E402
                                                       measure_paths)
@@ -53,16 +53,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, PathS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=WEIGHTS_DIR, help="diffusers folder (default: the shipped toy weights)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--seeds", type=int, default=None, help=f"sampling seeds 0..N-1 per fraction (default {defaults.seeds}, >= 2)")
-    parser.add_argument("--fractions", type=int, default=None,
+    parser.add_argument("--seeds", type=int_at_least(2, "an interval needs two sampling seeds"), default=None,
+                        help=f"sampling seeds 0..N-1 per fraction (default {defaults.seeds}, >= 2)")
+    parser.add_argument("--fractions", type=int_at_least(2, "the start and the end"), default=None,
                         help=f"evenly spaced fractions from 0 to 1 (default {defaults.fractions}, >= 2)")
     parser.add_argument("--quick", action="store_true", help="4 seeds, 3 fractions, 2 DDIM steps (plumbing only)")
     args = parser.parse_args(argv)
-    if args.seeds is not None and args.seeds < 2:
-        parser.error(f"--seeds must be at least 2 (an interval needs two sampling seeds), got {args.seeds}")
-    if args.fractions is not None and args.fractions < 2:
-        parser.error(f"--fractions must be at least 2 (the start and the end), got {args.fractions}")
-    if problem := diffusers_folder_problem(args.model):
+    if problem := model_folder_problem(args.model):
         parser.error(f"--model {args.model}: {problem}")
     if problem := out_folder_problem(args.out):
         parser.error(f"--out {args.out}: {problem}")

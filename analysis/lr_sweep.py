@@ -13,4 +13,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 from pti_plugin.sweeps.lr_sweep import cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    if code := cli():  # exit 0 by returning (scripts run in-process, runpy, are not stopped)
+        sys.exit(code)

@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="the training run's output_dir")
     parser.add_argument("--output_name", default=None, help="which run, when the folder holds several")
-    parser.add_argument("--n_seeds", type=int, default=8, help="images per prompt and model (seeds 0..n-1; >= 2)")
+    parser.add_argument("--n_seeds", type=int_at_least(2, "diversity compares seeds"), default=8,
+                        help="images per prompt and model (seeds 0..n-1; >= 2)")
     parser.add_argument("--first_seed", type=int, default=0)
     parser.add_argument("--prompts", nargs="+", default=list(NEUTRAL_PROMPTS),
                         help="neutral prompts ({} or the token = the subject, {T} = the run's template)")
@@ -250,8 +251,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--by_resolution", action="store_true",
                         help="also the neutral prompts' leakage from each UNet resolution's cross-attention layers alone")
     args = parser.parse_args(argv)
-    if args.n_seeds < 2:
-        parser.error("--n_seeds must be at least 2 (diversity compares seeds)")
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     out = args.out or args.run / "position_leakage"

@@ -21,20 +21,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
+from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
+from pti_plugin.script_args import positive_int  # noqa: E402
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the embedded toy world)")
-    parser.add_argument("--seeds", type=int, default=32, help="sampling seeds per prompt pair and switch point")
-    parser.add_argument("--switch_every", type=int, default=2, help="sampler steps between switch points")
+    parser.add_argument("--seeds", type=positive_int, default=32, help="sampling seeds per prompt pair and switch point")
+    parser.add_argument("--switch_every", type=positive_int, default=2, help="sampler steps between switch points")
     parser.add_argument("--out", type=Path, default=Path("outputs/position_timesteps"))
     parser.add_argument("--quick", action="store_true", help="4 seeds, 4 sampler steps (plumbing)")
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.switch_every < 1:
-        parser.error("--seeds and --switch_every must be at least 1")
-    if args.model is not None and (problem := diffusers_folder_problem(args.model)):
+    if args.model is not None and (problem := model_folder_problem(args.model)):
         parser.error(f"--model {args.model}: {problem}")
     return args
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pti_plugin.script_args import out_folder_problem  # noqa: E402
+from pti_plugin.script_args import out_folder_problem, positive_int  # noqa: E402
 from pti_plugin.toy_world.internal_metrics import INDEPENDENT, LEAKAGE_TRUTHS, LEAKAGE_VERSIONS  # noqa: E402
 
 SAME_GENERATIONS = LEAKAGE_TRUTHS[0]  # gt_leakage
@@ -36,13 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("fewer", type=Path, help="internal_metrics.json scored with fewer sampling seeds")
     parser.add_argument("more", type=Path, help="internal_metrics.json of the same runs, more sampling seeds")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--draws", type=positive_int, default=2000, help="bootstrap resamples")
     args = parser.parse_args(argv)
     missing = [str(p) for p in (args.fewer, args.more) if not p.is_file()]
     if missing:
         parser.error(f"not a file: {', '.join(missing)}")
-    if args.draws < 1:
-        parser.error("--draws must be at least 1")
     if problem := out_folder_problem(args.out):
         parser.error(f"--out {args.out}: {problem}")
     args.summaries = []  # the two files, read once here

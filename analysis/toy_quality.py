@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
+from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
 from pti_plugin.script_args import (check_out_folder, finite_float_at_least, number_list,  # noqa: E402
                                     positive_finite, positive_int)
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
@@ -53,6 +53,8 @@ PREMISE_HELP = {"init_word": "one word of the toy vocabulary", "inversion_lrs": 
                 "inversion_steps": "a whole number >= 1", "lora_lrs": "comma-separated learning rates",
                 "lora_steps": "a whole number >= 1", "oracle_steps": "a whole number >= 1",
                 "seeds": "sampling seeds per model: a whole number >= 1"}
+#: The premise options read as text (a word, comma-separated learning rates); the others are whole numbers >= 1.
+PREMISE_TEXT = ("init_word", "inversion_lrs", "lora_lrs")
 LINE_KEYS = ("colour", "shape", "background", "position", "position_entropy", "two_tone")
 
 
@@ -69,23 +71,21 @@ def premise_settings(parser: argparse.ArgumentParser, args) -> PremiseSettings:
                 parser.error(f"--init_word: one word of the toy vocabulary, got {text!r}")
             changes[field] = text
             continue
+        if field not in PREMISE_TEXT:  # a whole number >= 1, already checked by its argparse type
+            changes[field] = text
+            continue
         try:
-            if field.endswith("lrs"):
-                changes[field] = positive_finite(number_list(text))
-            else:
-                changes[field] = int(text)
+            changes[field] = positive_finite(number_list(text))
         except ValueError as exc:
-            parser.error(f"--{field}: {exc if field.endswith('lrs') else f'expected an integer, got {text!r}'}")
-        if not field.endswith("lrs") and changes[field] <= 0:
-            parser.error(f"--{field}: must be positive, got {text!r}")
+            parser.error(f"--{field}: {exc}")
     return dataclasses.replace(settings, **changes)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=WEIGHTS_DIR, help="diffusers folder (default: shipped weights)")
-    parser.add_argument("--prompts", type=int, default=216, help="number of evaluation prompts (>= 1; 100 or more for a stable figure)")
-    parser.add_argument("--two_tone_prompts", type=int, default=72, help="number of two-tone evaluation prompts")
+    parser.add_argument("--prompts", type=positive_int, default=216, help="number of evaluation prompts (>= 1; 100 or more for a stable figure)")
+    parser.add_argument("--two_tone_prompts", type=positive_int, default=72, help="number of two-tone evaluation prompts")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the prompt/seed list")
     parser.add_argument("--guidance", type=finite_float_at_least(0), default=GUIDANCE,
                         help="classifier-free guidance scale (a finite number >= 0; 1 or less: no guidance)")
@@ -95,12 +95,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--quick", action="store_true", help="with --premise: a few steps and seeds (plumbing only)")
     defaults = PremiseSettings()
     for field in ("init_word", "inversion_lrs", "inversion_steps", "lora_lrs", "lora_steps", "oracle_steps", "seeds"):
-        parser.add_argument(f"--{field}", type=str, default=None,
+        parser.add_argument(f"--{field}", type=str if field in PREMISE_TEXT else positive_int, default=None,
                             help=f"with --premise: default {getattr(defaults, field)} ({PREMISE_HELP[field]})")
     args = parser.parse_args(argv)
-    if args.prompts < 1 or args.two_tone_prompts < 1:
-        parser.error("--prompts and --two_tone_prompts must be at least 1")
-    if problem := diffusers_folder_problem(args.model):
+    if problem := model_folder_problem(args.model):
         parser.error(f"--model {args.model}: {problem}")
     check_out_folder(parser, args.out)
     premise_only = ["quick", "init_word", "inversion_lrs", "inversion_steps", "lora_lrs", "lora_steps", "oracle_steps", "seeds"]

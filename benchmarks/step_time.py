@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pti_plugin.hooks import Plugin, register_plugin  # noqa: E402
-from pti_plugin.models.loading import diffusers_folder_problem  # noqa: E402
+from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
 
 CAPTION = "an anime illustration of tok1"
 INIT_WORD = "character"
@@ -457,7 +457,7 @@ def parse_args(argv):
     args.paths = [p for p in args.paths.split(",") if p]
     if unknown := [p for p in args.paths if p not in PATHS]:
         parser.error(f"--paths: unknown {unknown}; choose among {', '.join(PATHS)}")
-    if args.model is not None and (problem := diffusers_folder_problem(args.model)):
+    if args.model is not None and (problem := model_folder_problem(args.model)):
         parser.error(f"--model {args.model}: {problem}")
     return args
 

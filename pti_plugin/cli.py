@@ -7,7 +7,7 @@ import logging
 import sys
 import typing
 
-from .config import Config, ConfigError, field_names, load_config, parse_value
+from .config import Config, ConfigError, field_names, load_config, named_where_given, parse_value
 
 USAGE = """usage: train_pti.py [--preset FILE] [--KEY VALUE ...] [--set NESTED.KEY=VALUE ...]
 
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                    UnsafeFileError, UnreadableFileError, FileExistsError, FileNotFoundError)
     try:
         outputs = Trainer(config).run()
+    except ConfigError as exc:  # found once the model or data is there: named as the user gave it, as above
+        return _fail(f"error: {named_where_given(exc, overrides, sets)}", 2)
     except user_errors as exc:
         return _fail(f"error: {exc}", 2)
     except NonFiniteLossError as exc:

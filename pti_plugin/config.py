@@ -38,7 +38,7 @@ class ConfigError(ValueError):
     ``key``: the setting at fault as a dotted path (``learning_rate``, ``stages.0.steps``,
     ``plugins.pivot_locality.weight``), when one is; ``tail``: the message after the key's name, when the
     message is ``preset: key '<key>'<tail>`` (:meth:`at`). With them the command line names the flag the
-    user typed instead of the preset (:func:`_named_where_given`)."""
+    user typed instead of the preset (:func:`named_where_given`)."""
 
     def __init__(self, message: str, key: str | None = None, tail: str | None = None):
         super().__init__(message)
@@ -523,10 +523,10 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     try:
         return build_config(raw, given=given)
     except ConfigError as error:
-        raise _named_where_given(error, overrides, sets or [], origins) from None
+        raise named_where_given(error, overrides, sets or [], origins) from None
 
 
-def _named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[str],
+def named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[str],
                        origins: dict[str, str] | None = None) -> ConfigError:
     """``error`` about a key the command line gave (its :attr:`~ConfigError.key`), naming the flag the user typed
     instead of the preset: ``--k (command line) ...`` for a flag, ``--set stages.0.k ...`` for a ``--set``, and

@@ -72,6 +72,11 @@ def check_inputs(config: Config, check_paths: bool = True) -> None:
     model = Path(config.pretrained_model_name_or_path).expanduser()
     if config.pretrained_model_name_or_path != EMBEDDED and model.is_file():
         _wrap("pretrained_model_name_or_path", lambda: check_model_framing(model))
+    elif config.pretrained_model_name_or_path != EMBEDDED and model.is_dir():
+        from .models.model_checks import MODEL_KEY, model_folder_problem
+
+        if problem := model_folder_problem(model, config.model_family):  # its JSON files only, before the data scan
+            raise ConfigError.at(MODEL_KEY, f": {problem}")
 
 
 # ----------------------------------------------------------------------------- numbers

@@ -135,6 +135,8 @@ class Trainer:
                         text_encoders=self.train_te_lora)
         try:
             model = TrainableModel.build(base, config.token_string, config.num_vectors_per_token, init_words, lora, config.seed)
+        except ConfigError:
+            raise
         except ValueError as exc:
             raise ConfigError(f"preset: {exc}") from exc
         self.state.model = self.model = model

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pti_plugin.models.loading import diffusers_folder_problem
+from pti_plugin.models.model_checks import model_folder_problem
 from pti_plugin.toy_world import WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,18 +230,18 @@ def test_a_model_folder_missing_a_listed_component_is_named(tmp_path, capsys):
     for part in ("model_index.json", "tokenizer", "text_encoder", "scheduler"):
         source = WEIGHTS_DIR / part
         (shutil.copy if source.is_file() else shutil.copytree)(source, half / part)
-    assert diffusers_folder_problem(WEIGHTS_DIR) is None
-    assert "lists unet, vae but the folder has no unet/, vae/" in diffusers_folder_problem(half)
+    assert model_folder_problem(WEIGHTS_DIR) is None
+    assert model_folder_problem(half).startswith(f"not a complete SD1.x diffusers folder: no unet/, vae/ in {half} (model family")
     parse_args = _script("analysis/interpolation_paths.py")["parse_args"]
     err = _refused(lambda: parse_args(["--model", str(half), "--out", str(tmp_path / "o")]), capsys)
-    assert f"--model {half}: model_index.json lists unet, vae" in err
+    assert f"--model {half}: not a complete SD1.x diffusers folder: no unet/, vae/" in err
     only_index = tmp_path / "only_index"
     only_index.mkdir()
     shutil.copy(WEIGHTS_DIR / "model_index.json", only_index)
     err = _refused(lambda: parse_args(["--model", str(only_index)]), capsys)
     assert "tokenizer" in err and "init word" not in err
     (only_index / "model_index.json").write_text("[1, 2]")
-    assert diffusers_folder_problem(only_index) == "model_index.json is not a JSON object"
+    assert model_folder_problem(only_index) == f"{only_index / 'model_index.json'} is not a JSON object"
 
 
 # ----------------------------------------------------------------------------- toy_quality.py (premise options)
@@ -399,3 +399,59 @@ def pivot_overhead():
 ])
 def test_pivot_locality_overhead_refuses_what_its_statistics_cannot_use(argv, message, pivot_overhead, capsys):
     assert message in _refused(lambda: pivot_overhead["main"](argv), capsys)
+
+
+# ----------------------------------------------------------------------------- counts: one argparse type
+
+# (script, entry, argv before the flag, flag, value below the minimum, the refusal argparse prints)
+COUNT_REFUSALS = [
+    ("analysis/ellipsoid_check.py", "cli", [], "--max_sentences", "1", "argument --max_sentences: must be at least 2, got 1"),
+    ("analysis/ellipsoid_check.py", "cli", [], "--index", "0",
+     "argument --index: must be at least 1, got 0 (index 0 is BOS: its state is the same for every sentence)"),
+    ("analysis/internal_metrics.py", "parse_args", ["."], "--seeds", "0", "argument --seeds: must be at least 1, got 0"),
+    ("analysis/internal_metrics.py", "parse_args", ["."], "--sample_steps", "0", "argument --sample_steps: must be at least 1, got 0"),
+    ("analysis/internal_metrics.py", "parse_args", ["."], "--draws", "-1", "argument --draws: must be at least 1, got -1"),
+    ("analysis/interpolation_paths.py", "parse_args", [], "--seeds", "1",
+     "argument --seeds: must be at least 2, got 1 (an interval needs two sampling seeds)"),
+    ("analysis/interpolation_paths.py", "parse_args", [], "--fractions", "0",
+     "argument --fractions: must be at least 2, got 0 (the start and the end)"),
+    ("analysis/position_leakage.py", "main", ["--run", "."], "--n_seeds", "1",
+     "argument --n_seeds: must be at least 2, got 1 (diversity compares seeds)"),
+    ("analysis/position_timesteps.py", "parse_args", [], "--seeds", "0", "argument --seeds: must be at least 1, got 0"),
+    ("analysis/position_timesteps.py", "parse_args", [], "--switch_every", "0", "argument --switch_every: must be at least 1, got 0"),
+    ("analysis/sampling_seeds_check.py", "parse_args", ["a.json", "b.json", "--out", "o"], "--draws", "0",
+     "argument --draws: must be at least 1, got 0"),
+    ("analysis/toy_quality.py", "main", [], "--prompts", "0", "argument --prompts: must be at least 1, got 0"),
+    ("analysis/toy_quality.py", "main", [], "--two_tone_prompts", "-2", "argument --two_tone_prompts: must be at least 1, got -2"),
+    ("analysis/toy_quality.py", "main", ["--premise"], "--inversion_steps", "0",
+     "argument --inversion_steps: must be at least 1, got 0"),
+    ("analysis/toy_quality.py", "main", ["--premise"], "--seeds", "x", "argument --seeds: expected a whole number, got 'x'"),
+]
+
+
+@pytest.mark.parametrize("path, entry, before, flag, value, message", COUNT_REFUSALS,
+                         ids=[f"{Path(c[0]).stem}{c[3]}={c[4]}" for c in COUNT_REFUSALS])
+def test_a_count_below_its_minimum_is_refused_by_its_argparse_type(path, entry, before, flag, value, message,
+                                                                   tmp_path, capsys, monkeypatch):
+    """Each count's minimum is its option's argparse type: exit 2, the option, the minimum and its reason."""
+    monkeypatch.chdir(tmp_path)  # relative paths above, and nothing written anywhere else
+    call = _script(path)[entry]
+    assert message in _refused(lambda: call([*before, flag, value, "--out", str(tmp_path / "out")]), capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("path, argv, expected", [
+    ("analysis/interpolation_paths.py", ["--seeds", "2", "--fractions", "2"], {"seeds": 2, "fractions": 2}),
+    ("analysis/interpolation_paths.py", [], {"seeds": None, "fractions": None}),  # None: the preset's default
+    ("analysis/position_timesteps.py", ["--seeds", "1", "--switch_every", "1"], {"seeds": 1, "switch_every": 1}),
+    ("analysis/position_timesteps.py", [], {"seeds": 32, "switch_every": 2}),
+    ("analysis/internal_metrics.py", [".", "--seeds", "1", "--sample_steps", "1", "--draws", "1"],
+     {"seeds": 1, "sample_steps": 1, "draws": 1}),
+    ("analysis/ellipsoid_check.py", ["--max_sentences", "2", "--index", "1"], {"max_sentences": 2, "index": 1}),
+    ("analysis/ellipsoid_check.py", [], {"max_sentences": None}),
+])
+def test_a_count_at_its_minimum_or_left_out_parses(path, argv, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parsed = _script(path)["parse_args"]([*argv, "--out", str(tmp_path / "out")])
+    args = parsed[0] if isinstance(parsed, tuple) else parsed
+    assert {key: getattr(args, key) for key in expected} == expected

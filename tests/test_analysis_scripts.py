@@ -112,7 +112,7 @@ def test_a_model_option_that_is_no_diffusers_folder_is_a_usage_error(script, tmp
     finally:
         sys.argv = saved
     assert stop.value.code == 2
-    assert f"--model {tmp_path}: not a diffusers folder (no model_index.json)" in capsys.readouterr().err
+    assert f"--model {tmp_path}: {tmp_path} is an empty folder; expected a diffusers model folder" in capsys.readouterr().err
 
 
 def test_position_leakage_names_a_run_it_cannot_measure(lora_sweep, tmp_path, capsys):

@@ -167,3 +167,17 @@ def test_a_v_prediction_model_is_followed_and_a_preset_overriding_an_epsilon_mod
         load_base_model(str(model), v_parameterization=True)
         load_base_model(str(tiny_model))
     assert caplog.text == ""  # preset and model agree
+
+
+@pytest.mark.parametrize("case", ["sd2", "unet_folder_missing", "broken_model_index"])
+def test_a_model_folder_is_checked_with_the_preset_before_any_data_is_read(case, preset, tmp_path):
+    """The folder's JSON files are read when the preset is checked: the error comes from build_config, before
+    the dataset scan and the model load (before: only when the model loaded, after the data was scanned)."""
+    from pti_plugin.config import ConfigError, build_config
+
+    change, phrase, _ = FOLDER_CASES[case]
+    model = _copy(preset()["pretrained_model_name_or_path"], tmp_path)
+    change(model)
+    with pytest.raises(ConfigError, match=f"key '{KEY}'") as error:
+        build_config(preset(pretrained_model_name_or_path=str(model)))
+    assert phrase in str(error.value) and str(model) in str(error.value)

@@ -92,6 +92,9 @@ CASES = {
     "negative_seed": lambda t: ({}, ["--seed", "-1"], "--seed (command line) must be between 0 and"),
     "resolution_three_sizes": lambda t: ({}, ["--resolution", "640,512,3"],
                                          "--resolution (command line) must be one size or two (width, height; W,H"),
+    "token_in_vocabulary_typed": lambda t: ({}, ["--token_string", "character"],
+                                            "--token_string (command line): 'character' is already in the tokenizer's "
+                                            "vocabulary"),
     "set_into_int": lambda t: ({}, ["--set", "stages.0.steps.x=1"], "--set stages.0.steps.x: stages.0.steps is 1, not a table"),
     "long_output_name": lambda t: ({"output_name": "n" * 300}, [], "key 'output_name' is 300 bytes long"),
     "train_data_dir_is_file": lambda t: ({"train_data_dir": _write(t, "notes.txt", "x")}, [],

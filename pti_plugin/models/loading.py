@@ -5,7 +5,6 @@ Nothing is ever downloaded: every ``from_pretrained`` call passes ``local_files_
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from torch import nn
 
 from ..config import EMBEDDED, ConfigError
 from .family import Conditioning, ModelFamily, detect_family, make_family
-from .model_checks import MODEL_KEY, architecture_problem, not_a_model_folder
+from .model_checks import MODEL_KEY, architecture_problem, model_folder_problem
 
 logger = logging.getLogger(__name__)
 
@@ -88,32 +87,6 @@ def choose_family(path: Path, requested: str = "auto") -> tuple[str, str]:
     return detect_family(path)
 
 
-#: The components a model needs to load (the pipeline's optional parts, such as a safety checker, may be absent).
-_NEEDED_COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
-
-
-def diffusers_folder_problem(path: Path) -> str | None:
-    """Why ``path`` is not a diffusers model folder (for a script's usage error naming its option), else None:
-    no readable ``model_index.json``, or a component it lists that the model needs (UNet, VAE, scheduler, each
-    text encoder and tokenizer) without its subfolder."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return "not a diffusers folder (no model_index.json)"
-    try:
-        listed = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"{index.name} cannot be read ({exc})"
-    if not isinstance(listed, dict):
-        return f"{index.name} is not a JSON object"
-    missing = [name for name, value in listed.items()
-               if name.startswith(_NEEDED_COMPONENTS) and isinstance(value, list) and value and value[0] is not None
-               and not (Path(path) / name).is_dir()]
-    if missing:
-        return (f"{index.name} lists {', '.join(missing)} but the folder has no {'/, '.join(missing)}/ "
-                f"subfolder{'s' if len(missing) > 1 else ''} (an incomplete copy or download?)")
-    return None
-
-
 def load_base_model(
     path_value: str, clip_skip: int = 1, v_parameterization: bool = False, single_file_config: str = "",
     tokenizer_path: str = "", max_token_length: int = 75, model_family: str = "auto", zero_terminal_snr: bool = False,
@@ -123,8 +96,8 @@ def load_base_model(
     ``model_family`` names it. A model that cannot be trained (not a model, incomplete, another architecture)
     is a ``ConfigError`` naming ``pretrained_model_name_or_path`` and the file (see ``model_checks.py``)."""
     path = resolve_model_path(path_value)
-    if path.is_dir() and not (path / "model_index.json").is_file():
-        raise ConfigError.at(MODEL_KEY, f": {not_a_model_folder(path)}")
+    if path.is_dir() and (problem := model_folder_problem(path, model_family)):
+        raise ConfigError.at(MODEL_KEY, f": {problem}")
     if not path.exists():
         raise ConfigError.at(MODEL_KEY, f": base model not found: looked for a diffusers folder with model_index.json, "
                                         f"or a .safetensors/.ckpt file, at {path}")

@@ -6,7 +6,9 @@
   alone, one diffusers component's weights), from its key names;
 - :func:`check_model_folder`: a diffusers folder holds each subfolder its family reads, with the files that
   component's loader needs, and (from the JSON configs, before any weight loads) an architecture the
-  family trains; :func:`load_folder` then loads the components, naming the subfolder whose loader fails;
+  family trains; :func:`model_folder_problem` runs it on a folder before anything loads (the trainer's
+  start-time checks, the scripts' usage errors); :func:`load_folder` then loads the components, naming the
+  subfolder whose loader fails;
 - :func:`architecture_problem`: THE rule of which architectures a family trains (SD2.x, inpainting and
   other UNets, an SDXL model read as SD1.5 and the reverse), applied to configs, whatever the source.
 
@@ -26,6 +28,9 @@ from ..config import ConfigError
 MODEL_KEY = "pretrained_model_name_or_path"
 #: How the messages name each family.
 FAMILY_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
+#: The subfolders of each family's diffusers model folder that training reads (its loader's order).
+FAMILY_FOLDERS = {"sd15": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+                  "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
 _MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: The files each component subfolder needs before its loader runs (any one group); others: ``config.json``.
 _COMPONENT_FILES = {
@@ -112,6 +117,30 @@ def check_model_folder(path: Path, family: str, folders: Sequence[str]) -> None:
     widths = [read_json(path / name / "config.json").get("hidden_size") for name in encoders]
     if problem := architecture_problem(family, read_json(path / "unet" / "config.json"), widths):
         raise ConfigError(f"{path}: {problem}")
+
+
+def model_folder_problem(path: Path, model_family: str = "auto") -> str | None:
+    """Why the folder ``path`` is not a diffusers model that can be trained (:func:`not_a_model_folder`,
+    an unreadable ``model_index.json``, :func:`check_model_folder` for its family: ``model_family``, or the one
+    ``model_index.json`` names), else None. Reads only JSON files: the trainer calls it before anything
+    loads, and the scripts that take a model folder for their usage errors."""
+    from .family import detect_family
+
+    path = Path(path)
+    if not path.is_dir():
+        return "not found" if not path.exists() else "is a file, not a diffusers model folder"
+    if not (path / "model_index.json").is_file():
+        return not_a_model_folder(path)
+    try:
+        family, why = (model_family, "set by model_family") if model_family != "auto" else detect_family(path)
+    except ConfigError as exc:  # model_index.json unreadable
+        return str(exc)
+    try:
+        if family in FAMILY_FOLDERS:  # a registered third-party family checks its own folder when it loads
+            check_model_folder(path, family, FAMILY_FOLDERS[family])
+    except ConfigError as exc:
+        return f"{exc} (model family {family!r}: {why})"
+    return None
 
 
 def _check_weights_file(folder: Path) -> None:

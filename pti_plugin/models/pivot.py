@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..data.captions import pivot_token_strings
 
 
@@ -95,7 +96,7 @@ def add_pivot_token(
     vocab = tokenizer.get_vocab()
     for t in tokens:
         if t in vocab or f"{t}</w>" in vocab:  # CLIP's BPE stores whole words as "word</w>"
-            raise ValueError(f"key 'token_string': {t!r} is already in the tokenizer's vocabulary; choose another token")
+            raise ConfigError.at("token_string", f": {t!r} is already in the tokenizer's vocabulary; choose another token")
     if len(init_words) == 1:
         init_words = init_words * num_vectors
     if len(init_words) != num_vectors:
@@ -105,7 +106,7 @@ def add_pivot_token(
     for word in init_words:
         ids = tokenizer(word, add_special_tokens=False).input_ids
         if len(ids) != 1:
-            raise ValueError(f"key 'init_word': {word!r} is {len(ids)} tokens for this tokenizer; use a single-token word")
+            raise ConfigError.at("init_word", f": {word!r} is {len(ids)} tokens for this tokenizer; use a single-token word")
         init_ids.append(ids[0])
     tokenizer.add_tokens(tokens)
     token_ids = tokenizer.convert_tokens_to_ids(tokens)

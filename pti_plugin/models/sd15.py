@@ -25,7 +25,7 @@ from torch import nn
 
 from ..formats.kohya_lora import TEXT_ENCODER_PREFIX, UNET_PREFIX
 from .family import Conditioning, EmbeddingLayout, KeyTable, LoadedComponents, LoraKey, register_family
-from .model_checks import load_folder
+from .model_checks import FAMILY_FOLDERS, load_folder
 
 _TEXT_ENCODER_PREFIX = TEXT_ENCODER_PREFIX + "_"  # one text encoder: lora_te_
 
@@ -147,8 +147,8 @@ class SD15Family:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        parts = load_folder(path, self.name, {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-                                              "tokenizer": CLIPTokenizer, "scheduler": DDPMScheduler})
+        parts = load_folder(path, self.name, dict(zip(FAMILY_FOLDERS["sd15"], (
+            UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDPMScheduler))))
         return LoadedComponents(parts["unet"], parts["vae"], (parts["text_encoder"],), (parts["tokenizer"],), parts["scheduler"])
 
     # ------------------------------------------------------------------ conditioning

@@ -31,12 +31,10 @@ import torch
 from torch import nn
 
 from .family import Conditioning, EmbeddingLayout, KeyTable, LoadedComponents, register_family
-from .model_checks import load_folder
+from .model_checks import FAMILY_FOLDERS, load_folder
 
 #: The pipeline's names of the two encoders (and, with ``tokenizer``, the tokenizers), in order.
 SDXL_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-#: The subfolders of an SDXL diffusers model folder that training reads.
-SDXL_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 @dataclass
@@ -87,7 +85,7 @@ class SDXLFamily:
 
         # kohya trains SDXL with DDPM's schedule; the folder's scheduler config (Euler for SDXL base) has
         # the same betas and says the prediction type.
-        parts = load_folder(path, self.name, dict(zip(SDXL_FOLDERS, (
+        parts = load_folder(path, self.name, dict(zip(FAMILY_FOLDERS["sdxl"], (
             UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPTokenizer,
             DDPMScheduler))))
         return LoadedComponents(parts["unet"], parts["vae"], (parts["text_encoder"], parts["text_encoder_2"]),

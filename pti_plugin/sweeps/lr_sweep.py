@@ -169,4 +169,5 @@ def sweep(argv: list[str]) -> tuple[list[dict], list[str]]:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    if code := cli():  # exit 0 by returning (scripts run in-process, runpy, are not stopped)
+        sys.exit(code)
