@@ -211,10 +211,13 @@ class Trainer:
             f"{self.accelerator.num_processes} process(es), global batch {self.global_batch}; device {device}"
         )
         latents = "on disk and in memory" if config.cache_latents_to_disk else "in memory" if config.cache_latents else "off"
+        frozen_text = [s.name for s in config.stages if not self.state.stage_trains(s).text_encoders]
+        texts = (("in stages " + ", ".join(map(repr, frozen_text)) if frozen_text else "asked, but every stage trains "
+                  "the text side (the pivot or a text-encoder LoRA), so none") if config.cache_text_encoder_outputs else "off")
         self._info(
             f"precision: {config.mixed_precision} (frozen weights {str(self.weight_dtype).removeprefix('torch.')}, "
             f"trainable float32); gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}; cached: "
-            f"latents {latents}, text-encoder outputs {'in frozen-text stages' if config.cache_text_encoder_outputs else 'off'}"
+            f"latents {latents}, text-encoder outputs {texts}"
         )
         if self._vae_mapped:
             self._info(f"VAE weights ({self._vae_mapped / 2**30:.2f} GiB) mapped from a file: latents are cached and "

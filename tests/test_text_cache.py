@@ -123,3 +123,14 @@ def test_captions_that_vary_keep_the_encoders(preset, tmp_path, monkeypatch, cap
     _, trainer, out = _run(preset(output_dir=str(tmp_path / "b"), stages=STAGES, cache_text_encoder_outputs=True,
                                   shuffle_caption=True), capsys)
     assert seen["offloads"] == 0 and "moved to the CPU" not in out
+
+
+def test_the_start_up_block_names_the_stages_whose_text_side_is_cached(preset, tmp_path, capsys):
+    """Which stages encode once is said at start; asked for where no stage qualifies, the block says so (it used to
+    print 'in frozen-text stages' whatever the stages)."""
+    stages = [dict(STAGES[0], steps=1), dict(STAGES[1], steps=1, name="look")]
+    _, _, out = _run(preset(output_dir=str(tmp_path / "a"), stages=stages, cache_text_encoder_outputs=True), capsys)
+    assert "text-encoder outputs in stages 'look'" in out
+    stages[1]["train_text_encoder"] = True
+    _, _, out = _run(preset(output_dir=str(tmp_path / "b"), stages=stages, cache_text_encoder_outputs=True), capsys)
+    assert "text-encoder outputs asked, but every stage trains the text side" in out
