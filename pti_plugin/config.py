@@ -69,7 +69,7 @@ class StageConfig:
     optimizer_type: str | None = doc("Optimizer of this stage (default: top-level optimizer_type).", None)
     optimizer_args: list[str] | None = doc('Optimizer "key=value" arguments (default: top-level).', None)
     lr_scheduler: str | None = doc("LR scheduler of this stage (default: top-level).", None)
-    lr_warmup_steps: int | None = doc("Warm-up steps of this stage (default: top-level).", None)
+    lr_warmup_steps: int | float | None = doc("Warm-up steps of this stage, or a float below 1: that fraction of its steps (default: top-level).", None)
     train_pivot: bool | None = doc("Train the pivot embedding (default: true for inversion, false for lora: continued inversion when true).", None)
     train_unet: bool | None = doc("Train the UNet LoRA (lora stages; default true).", None)
     train_text_encoder: bool | None = doc("Train a text-encoder LoRA (lora stages; default: not network_train_unet_only).", None)
@@ -163,7 +163,7 @@ class Config:
     optimizer_type: str = doc("AdamW, AdamW8bit, Lion8bit, PagedAdamW8bit, SGD, Lion, Adafactor, Prodigy ...", "AdamW")
     optimizer_args: list[str] = doc('Extra optimizer arguments as "key=value" strings.', factory=list)
     lr_scheduler: str = doc("constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.", "constant")
-    lr_warmup_steps: int = doc("Warm-up steps.", 0)
+    lr_warmup_steps: int | float = doc("Warm-up steps, or (kohya) a float below 1: that fraction of each stage's steps.", 0)
     lr_scheduler_num_cycles: int = doc("Cycles of cosine_with_restarts.", 1)
     lr_scheduler_power: float = doc("Power of the polynomial scheduler.", 1.0)
     train_batch_size: int = doc("Images per process per step.", 1)
@@ -421,19 +421,20 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
     uses is an error. Stages resolve here (``resolution.py``); an epoch-based stage's step count
     follows once the dataset is scanned (:func:`pti_plugin.resolution.with_epoch_steps`).
     """
-    from .config_checks import check_the_pivot_is_learned, validate_config
+    from .config_checks import check_stage_schedules, check_the_pivot_is_learned, validate_config, with_kohya_tracker
     from .input_checks import with_leading_dot
     from .resolution import check_given_values_are_used, default_stage_dicts, resolve_stages
 
     if "stages" not in raw:
         raw = raw | {"stages": default_stage_dicts(raw)}
-    parsed = _build(Config, raw)
+    parsed = with_kohya_tracker(_build(Config, raw))
     validate_config(parsed, check_paths)
     config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),
                                  caption_extension=with_leading_dot(parsed.caption_extension),
                                  network_alpha=parsed.network_alpha or float(parsed.network_dim))  # kohya: 0 is dim
     if given:
         check_given_values_are_used(config, parsed.stages, given)
+    check_stage_schedules(parsed, config)
     check_the_pivot_is_learned(config)
     return config
 

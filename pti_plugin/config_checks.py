@@ -9,6 +9,7 @@ and starting files follow in :mod:`pti_plugin.input_checks`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def validate_config(config: Config, check_paths: bool) -> None:
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError.at(key, f" must be > 0, got {getattr(config, key)!r}")
-    for key in ("network_alpha", "max_grad_norm", "noise_offset", "min_snr_gamma", "lr_warmup_steps", "save_every_n_steps",
+    for key in ("network_alpha", "max_grad_norm", "noise_offset", "min_snr_gamma", "save_every_n_steps",
                 "save_every_n_epochs", "sample_every_n_steps", "pivot_weight_decay", "multires_noise_iterations",
                 "max_data_loader_n_workers"):
         if getattr(config, key) < 0:
@@ -74,6 +75,9 @@ def validate_config(config: Config, check_paths: bool) -> None:
             value = getattr(stage, key)
             if value is not None and value <= 0:
                 raise ConfigError.at(f"stages.{i}.{key}", f" must be > 0, got {value!r}")
+    _check_warmups(config)
+    if not 0 <= config.multires_noise_discount <= 1:  # > 1 drowns the noise in its coarse levels (1e30: NaN noise)
+        raise ConfigError.at("multires_noise_discount", f" must be between 0 and 1, got {config.multires_noise_discount!r}")
     if isinstance(config.resolution, list) and len(config.resolution) != 2:
         raise ConfigError.at("resolution", " must be one size or two (width, height; W,H on the command line), "
                                            f"got {config.resolution!r}")
@@ -155,3 +159,51 @@ def _check_optimisation(config: Config) -> None:
         problem = optimizer_args_problem(stage.optimizer_type or config.optimizer_type, args)
         if problem:
             raise ConfigError.at(f"{args_where}optimizer_args", f": {problem}")
+
+
+# ----------------------------------------------------------------------------- warm-up and schedulers
+
+def _check_warmups(config: Config) -> None:
+    """``lr_warmup_steps`` (top level and each stage's): whole steps >= 0, or kohya's ratio, a float in [0, 1)."""
+    for key, value in [("lr_warmup_steps", config.lr_warmup_steps)] + [
+            (f"stages.{i}.lr_warmup_steps", s.lr_warmup_steps) for i, s in enumerate(config.stages)]:
+        if value is not None and value < 0:
+            raise ConfigError.at(key, f" must be >= 0, got {value!r}")
+        if isinstance(value, float) and value >= 1:
+            raise ConfigError.at(key, f" as a float is a fraction of the stage's steps (kohya) and must be below 1, got "
+                                      f"{value!r}; give whole steps as an integer")
+
+
+def check_stage_schedules(parsed: Config, config: Config) -> None:
+    """Each resolved stage's scheduler, before any model loads: a warm-up on the ``constant`` scheduler (which
+    ignores it: kohya refuses it too), and a scheduler diffusers cannot build for the stage (``polynomial`` at a
+    learning rate at or below its end rate 1e-7), used to stop the run with a traceback when the stage began.
+    ``parsed``: the config as written (its stages name where each value was given)."""
+    from .optimizers import scheduler_problem
+
+    for given, stage in zip(parsed.stages, config.stages):
+        def where(key: str) -> str:
+            return f"stages.{stage.index}.{key}" if getattr(given, key) is not None else key
+
+        if stage.lr_scheduler == "constant" and stage.lr_warmup_steps:
+            raise ConfigError.at(where("lr_warmup_steps"), f" = {stage.lr_warmup_steps!r} reaches stage {stage.index} "
+                                 f"{stage.name!r}, whose lr_scheduler 'constant' has no warm-up (it would be ignored): "
+                                 "use lr_scheduler = \"constant_with_warmup\", or set the stage's lr_warmup_steps to 0")
+        if problem := scheduler_problem(stage.lr_scheduler, stage.learning_rate, stage.lr_scheduler_num_cycles,
+                                        stage.lr_scheduler_power):
+            raise ConfigError.at(where("lr_scheduler"), f": stage {stage.index} {stage.name!r}: {problem}")
+
+
+def with_kohya_tracker(config: Config) -> Config:
+    """kohya's meaning of ``logging_dir`` without ``log_with``: log to TensorBoard there (before, nothing was
+    logged and nothing said so). Without the tensorboard package, a warning says the folder stays unused."""
+    if not config.logging_dir or config.log_with:
+        return config
+    from .choices import installed
+
+    if not installed("tensorboard", "tensorboardX"):
+        logger.warning("logging_dir = %r: kohya logs to TensorBoard there, but the tensorboard package is not "
+                       "installed, so nothing is logged (pip install tensorboard)", config.logging_dir)
+        return config
+    logger.info("logging_dir = %r without log_with: logging to TensorBoard there, as kohya does", config.logging_dir)
+    return dataclasses.replace(config, log_with="tensorboard")

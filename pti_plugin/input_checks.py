@@ -40,6 +40,9 @@ _LONGEST_ADDITION = len(".-interrupted-step00000000.safetensors.XXXXXXXX.tmp")
 _FILE_NAME_FORBIDDEN = set('/\\:*?"<>|')
 _MAX_SEED = 2**63 - 1
 _FLOAT32_MAX = 3.4028234663852886e38  # training runs in float32 at most
+#: Denoising steps a sample may take: the schedulers refuse more than the 1000 training timesteps of SD1.5/SDXL
+#: (before: a traceback when the first sample ran, after training).
+MAX_SAMPLE_STEPS = 1000
 
 
 def check_inputs(config: Config, check_paths: bool = True) -> None:
@@ -47,6 +50,9 @@ def check_inputs(config: Config, check_paths: bool = True) -> None:
     check_finite_numbers(config)
     if not 0 <= config.seed <= _MAX_SEED:
         raise ConfigError.at("seed", f" must be between 0 and {_MAX_SEED}, got {config.seed}")
+    if config.sample_steps > MAX_SAMPLE_STEPS:
+        raise ConfigError.at("sample_steps", f" must be at most {MAX_SAMPLE_STEPS} (the model's training timesteps), "
+                                             f"got {config.sample_steps}")
     check_token_string(config.token_string)
     check_token_outside_separators(config)
     if problem := template_problem(config.caption_template):
@@ -302,8 +308,11 @@ def check_sample_prompts(path: Path) -> None:
         except ValueError as exc:
             raise ConfigError.at("sample_prompts", f": {path} line {number}: {exc}") from None
         for flag, value in (("--w", prompt.width), ("--h", prompt.height), ("--s", prompt.steps)):
-            if value is not None and (value <= 0 or (flag != "--s" and value % 8)):
-                need = "> 0" if flag == "--s" else "a positive multiple of 8"
+            if value is None:
+                continue
+            if value <= 0 or (value > MAX_SAMPLE_STEPS if flag == "--s" else value % 8):
+                need = (f"between 1 and {MAX_SAMPLE_STEPS} (the model's training timesteps)" if flag == "--s"
+                        else "a positive multiple of 8")
                 raise ConfigError.at("sample_prompts", f": {path} line {number}: {flag} must be {need}, got {value}")
         if not math.isfinite(prompt.guidance):
             raise ConfigError.at("sample_prompts", f": {path} line {number}: --l must be finite")

@@ -113,3 +113,14 @@ def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int,
         )
     except ValueError as exc:
         raise ValueError(f"lr_scheduler {name!r}: {exc}") from exc
+
+
+def scheduler_problem(name: str, lr: float, num_cycles: int, power: float) -> str | None:
+    """Why scheduler ``name`` cannot be built for a stage at learning rate ``lr`` (diffusers' ``polynomial``
+    needs ``lr`` above its end rate 1e-7), found by building it over a throw-away optimizer; None when it builds."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    try:
+        build_lr_scheduler(name, optimizer, 0, 1, num_cycles, power)
+    except ValueError as exc:
+        return str(exc)
+    return None

@@ -22,10 +22,13 @@ naming the stage keys that shadow it and the ``--set`` command that would work.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, ConfigError, StageConfig
+
+logger = logging.getLogger(__name__)
 
 #: Top-level keys that are defaults of stage keys of the same name.
 STAGE_DEFAULT_KEYS = ("learning_rate", "optimizer_type", "optimizer_args", "lr_scheduler", "lr_warmup_steps")
@@ -54,7 +57,7 @@ class ResolvedStage:
     optimizer_type: str
     optimizer_args: tuple[str, ...]
     lr_scheduler: str
-    lr_warmup_steps: int
+    lr_warmup_steps: int  # kohya's ratio (a float) only in an epoch-based stage before the scan
     lr_scheduler_num_cycles: int
     lr_scheduler_power: float
     train_pivot: bool
@@ -138,10 +141,11 @@ def resolve_stage(config: Config, stage: StageConfig, index: int, lora_seen: boo
         raise ConfigError.at(f"stages.{index}.train_pivot", f": stage {name!r} trains nothing: set train_pivot, train_unet or "
                              "train_text_encoder")
     steps, epochs = _length(config, stage, index)
+    warmup = own_or_top("lr_warmup_steps")
     return ResolvedStage(
         index=index, name=name, kind=stage.kind, steps=steps, max_train_epochs=epochs,
         learning_rate=lr, optimizer_type=own_or_top("optimizer_type"), optimizer_args=tuple(own_or_top("optimizer_args")),
-        lr_scheduler=own_or_top("lr_scheduler"), lr_warmup_steps=own_or_top("lr_warmup_steps"),
+        lr_scheduler=own_or_top("lr_scheduler"), lr_warmup_steps=warmup if steps is None else warmup_steps(warmup, steps),
         lr_scheduler_num_cycles=config.lr_scheduler_num_cycles, lr_scheduler_power=config.lr_scheduler_power,
         train_pivot=train_pivot, train_unet=train_unet, train_text_encoder=train_te,
         pivot_lr=(stage.pivot_lr or lr) if train_pivot else None,
@@ -164,11 +168,25 @@ def resolve_stages(config: Config) -> tuple[ResolvedStage, ...]:
     return tuple(resolved)
 
 
+def warmup_steps(value: int | float, steps: int) -> int:
+    """kohya's ``lr_warmup_steps``: whole steps, or a float below 1 as that fraction of the stage's ``steps``."""
+    return int(value * steps) if isinstance(value, float) else value
+
+
 def with_epoch_steps(config: Config, steps_per_epoch: int) -> Config:
-    """``config`` with every epoch-based stage's length in steps (``steps_per_epoch`` optimizer steps per pass)."""
-    stages = tuple(dataclasses.replace(s, steps=s.max_train_epochs * steps_per_epoch) if s.steps is None else s
-                   for s in config.stages)
-    return dataclasses.replace(config, stages=stages)
+    """``config`` with every epoch-based stage's length in steps (``steps_per_epoch`` optimizer steps per pass),
+    its warm-up ratio in steps, and a warning for each stage whose warm-up outlasts it (the stage never
+    reaches its learning rate)."""
+    stages = []
+    for s in config.stages:
+        if s.steps is None:
+            steps = s.max_train_epochs * steps_per_epoch
+            s = dataclasses.replace(s, steps=steps, lr_warmup_steps=warmup_steps(s.lr_warmup_steps, steps))
+        if s.lr_warmup_steps >= s.steps:
+            logger.warning("stage %d %r: lr_warmup_steps = %d is not below its %d steps, so its learning rate never "
+                           "reaches %g", s.index, s.name, s.lr_warmup_steps, s.steps, s.learning_rate)
+        stages.append(s)
+    return dataclasses.replace(config, stages=tuple(stages))
 
 
 # ----------------------------------------------------------------------------- unused values
