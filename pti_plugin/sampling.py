@@ -7,13 +7,30 @@ Each non-empty line not starting with ``#`` is a prompt with optional kohya flag
 from __future__ import annotations
 
 import io
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .atomic_io import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def sample_during_training(sample: Callable[[str], list[Path]], tag: str) -> list[Path]:
+    """``sample(tag)`` between training steps. A failure in it (out of memory, a sampler error) is a warning naming
+    the tag and the error, and training goes on: the samples are not needed for the run, and a failing one used to
+    end it with a traceback, losing the steps since the last save. A Ctrl-C is not caught."""
+    try:
+        return sample(tag)
+    except Exception as exc:  # noqa: BLE001 - whatever broke the samples, the training state is intact
+        logger.warning("samples %s failed, training goes on without them: %s: %s", tag, type(exc).__name__, exc)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return []
 
 
 @dataclass

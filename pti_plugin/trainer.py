@@ -49,6 +49,7 @@ from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import check_resume_fits, load_state, save_state
 from .run_lock import RunLock, clean_leftover_temporaries
+from .sampling import sample_during_training
 from .text_cache import TextConditioningCache
 from .weight_guard import WeightGuard
 
@@ -527,7 +528,7 @@ class Trainer:
         if due and not last:
             self._save(tag=f"step{state.global_step:08d}", with_state=config.save_state)
         if config.sample_prompts and config.sample_every_n_steps and state.global_step % config.sample_every_n_steps == 0:
-            self.sample(f"step{state.global_step:08d}")
+            sample_during_training(self.sample, f"step{state.global_step:08d}")
 
     def _trainable_tensors(self) -> dict[str, torch.nn.Parameter]:
         return self.model.trainable_tensors()

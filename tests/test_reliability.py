@@ -434,3 +434,30 @@ def test_sigint_saves_a_resumable_state_that_finishes_like_an_uninterrupted_run(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(load_file(interrupted / "tok1.safetensors")["emb_params"],
                        load_file(tmp_path / "straight" / "tok1.safetensors")["emb_params"])
+
+
+def test_a_sample_that_fails_during_training_is_a_warning_and_training_goes_on(preset, tmp_path, monkeypatch, caplog):
+    """A sample between steps that breaks (here a simulated out-of-memory error at step 2) used to end the run
+    with a traceback, losing the steps since the last save; now it is a warning and the run finishes."""
+    import logging
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("tok1 --s 1\n")
+    original = Trainer.sample
+
+    def sample(self, tag):
+        if tag == "step00000002":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(self, tag)
+
+    monkeypatch.setattr(Trainer, "sample", sample)
+    raw = preset(sample_prompts=str(prompts), sample_steps=1, sample_every_n_steps=1,
+                 stages=[{"kind": "inversion", "steps": 3, "learning_rate": 5e-2}])
+    with caplog.at_level(logging.WARNING, logger="pti_plugin.sampling"):
+        outputs = Trainer(build_config(raw)).run()
+    assert "samples step00000002 failed, training goes on without them: RuntimeError: CUDA out of memory" in caplog.text
+    out = Path(raw["output_dir"])
+    assert (out / "pti.safetensors").is_file() and (out / "tok1.safetensors").is_file()
+    samples = {p.name for p in (out / "samples").iterdir()}
+    assert any("step00000001" in n for n in samples) and any("step00000003" in n for n in samples)
+    assert not any("step00000002" in n for n in samples) and outputs["samples"]
