@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import ConfigError
 from .optimizers import SUPPORTED, SUPPORTED_SCHEDULERS, is_supported_optimizer, optimizer_package
+from .sampling import SAMPLERS
 
 #: Top-level keys with a fixed set of values (stage-level optimizer/scheduler keys are checked below).
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -21,7 +22,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "save_model_as": ("safetensors",),
     "log_with": ("", "tensorboard"),
     "pivot_norm": ("free", "init", "decay"),
-    "sample_sampler": ("ddim", "euler_a"),
+    "sample_sampler": tuple(SAMPLERS),
     "max_token_length": (75, 150, 225),
     "nan_policy": ("stop", "skip"),
     "xformers": (False, True),

@@ -190,7 +190,7 @@ class Config:
     sample_prompts: str = doc("A text file of prompts (kohya syntax: --n --w --h --s --l --d).", "")
     sample_at_first: bool = doc("Also generate samples before training.", False)
     sample_every_n_steps: int = doc("Generate samples every N global steps (0 = off; always at the end if prompts are given).", 0)
-    sample_sampler: str = doc("ddim or euler_a.", "ddim")
+    sample_sampler: str = doc("kohya's sampler names: ddim, euler_a, euler, dpmsolver++, lms, heun, dpm_2_a ... (k_ names too).", "ddim")
     sample_steps: int = doc("Default denoising steps of samples (prompt --s wins).", 20)
     logging_dir: str = doc("TensorBoard folder (default: <output_dir>/logs).", "")
     log_with: str = doc('"" (JSONL only) or "tensorboard".', "")

@@ -19,6 +19,31 @@ from .atomic_io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
+#: kohya's ``sample_sampler`` names: the diffusers scheduler each one samples with, and its options (as kohya's
+#: sample-image code builds them; the ``k_`` names are aliases; ``dpmsolver`` ends at sigma_min, which diffusers
+#: requires of it). The model's own scheduler config supplies the rest (betas, prediction type).
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as SD1.5's own scheduler config: PLMS from the first step
+    "lms": ("LMSDiscreteScheduler", {}), "k_lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}), "k_euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}), "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}), "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}), "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}), "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+}
+
+
+def sample_scheduler(name: str, model_scheduler_config):
+    """The diffusers scheduler that samples with kohya's sampler ``name`` (:data:`SAMPLERS`), built from the
+    model's scheduler config."""
+    import diffusers
+
+    class_name, options = SAMPLERS[name]
+    return getattr(diffusers, class_name).from_config(model_scheduler_config, **options)
+
 
 def sample_during_training(sample: Callable[[str], list[Path]], tag: str) -> list[Path]:
     """``sample(tag)`` between training steps. A failure in it (out of memory, a sampler error) is a warning naming

@@ -568,9 +568,7 @@ class Trainer:
     @torch.no_grad()
     def sample(self, tag: str) -> list[Path]:
         """Generate the sample prompts with the current model into ``samples/`` (main process only)."""
-        from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
-
-        from .sampling import generate_samples, read_prompt_file
+        from .sampling import generate_samples, read_prompt_file, sample_scheduler
 
         if not self.accelerator.is_main_process:
             return []
@@ -578,8 +576,7 @@ class Trainer:
         prompts = read_prompt_file(config.sample_prompts)
         for p in prompts:
             p.prompt = expand_token(p.prompt, config.token_string, config.num_vectors_per_token)
-        scheduler_cls = DDIMScheduler if config.sample_sampler == "ddim" else EulerAncestralDiscreteScheduler
-        pipe = model.pipeline(scheduler_cls.from_config(model.noise_scheduler.config))
+        pipe = model.pipeline(sample_scheduler(config.sample_sampler, model.noise_scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         size = self.items[0].bucket
         out = [self.files.sample_path(tag, i) for i in range(len(prompts))]
