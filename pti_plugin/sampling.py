@@ -67,9 +67,21 @@ class SamplePrompt:
     steps: int | None = None
     guidance: float = 7.5
     seed: int | None = None
+    sampler: str | None = None  # kohya's --ss: this prompt's sampler instead of sample_sampler
 
 
-_FLAGS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int), "l": ("guidance", float), "d": ("seed", int)}
+def sampler_name(text: str) -> str:
+    """A sampler name as kohya reads it (lower case, spaces as underscores), one of :data:`SAMPLERS`."""
+    name = text.strip().lower().replace(" ", "_")
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {text.strip()!r}")
+    return name
+
+
+_FLAGS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int), "l": ("guidance", float),
+          "d": ("seed", int), "ss": ("sampler", sampler_name)}
+#: What a flag whose value does not parse expects, where its parser's name does not say it.
+_EXPECTS = {"ss": "one of kohya's sampler names (" + ", ".join(SAMPLERS) + ")"}
 
 
 def parse_prompt_line(line: str) -> SamplePrompt:
@@ -83,7 +95,8 @@ def parse_prompt_line(line: str) -> SamplePrompt:
         try:
             setattr(sample, name, cast(value.strip()))
         except ValueError:
-            raise ValueError(f"sample prompt flag --{flag} expects {cast.__name__}, got {value.strip()!r}") from None
+            raise ValueError(f"sample prompt flag --{flag} expects {_EXPECTS.get(flag, cast.__name__)}, "
+                             f"got {value.strip()!r}") from None
     return sample
 
 
@@ -94,11 +107,13 @@ def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
 
 @torch.no_grad()
 def generate_samples(pipe, prompts: list[SamplePrompt], default_size: tuple[int, int], default_steps: int, out_paths: list[Path]) -> None:
-    """Generate one PNG per prompt with ``pipe`` (a StableDiffusionPipeline) and write them atomically
-    (the prompt in the PNG's ``prompt`` text chunk)."""
+    """Generate one PNG per prompt with ``pipe`` (a StableDiffusionPipeline; a prompt's ``--ss`` sampler replaces
+    its scheduler for that prompt) and write them atomically (the prompt in the PNG's ``prompt`` text chunk)."""
     from PIL.PngImagePlugin import PngInfo
 
+    default = pipe.scheduler
     for index, (sample, out) in enumerate(zip(prompts, out_paths)):
+        pipe.scheduler = sample_scheduler(sample.sampler, default.config) if sample.sampler else default
         generator = torch.Generator().manual_seed(sample.seed if sample.seed is not None else index)
         image = pipe(
             sample.prompt,

@@ -42,3 +42,28 @@ def test_a_k_name_samples_the_image_of_the_name_it_stands_for(base, alias, name)
 def test_a_sampler_kohya_does_not_name_is_refused_listing_the_names(tmp_path):
     with pytest.raises(ConfigError, match=r"sample_sampler' must be one of .*'dpmsolver\+\+'.*got 'dpm\+\+ 2m karras'"):
         build_config({"train_data_dir": str(tmp_path), "sample_sampler": "dpm++ 2m karras"})
+
+
+def test_a_prompts_ss_flag_samples_it_with_that_sampler_and_the_next_prompt_with_the_default(base, tmp_path):
+    """kohya's per-prompt ``--ss``: the prompt's image is the one a run whose sample_sampler is that sampler gives,
+    bit for bit, and the next prompt without ``--ss`` is back on the run's own sampler."""
+    from pti_plugin.sampling import generate_samples, parse_prompt_line
+
+    def pngs(default: str, lines: list[str], name: str) -> list[bytes]:
+        pipe = base.pipeline(sample_scheduler(default, base.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        out = [tmp_path / f"{name}-{i}.png" for i in range(len(lines))]
+        generate_samples(pipe, [parse_prompt_line(line) for line in lines], (32, 32), 3, out)
+        return [p.read_bytes() for p in out]
+
+    mixed = pngs("ddim", ["a --ss Euler A --d 1", "a --d 1"], "mixed")
+    assert mixed[0] == pngs("euler_a", ["a --d 1"], "euler")[0]
+    assert mixed[1] == pngs("ddim", ["a --d 1"], "ddim")[0] and mixed[0] != mixed[1]
+
+
+def test_an_unknown_ss_sampler_is_refused_at_start_naming_the_file_and_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("tok1 --ss euler\ntok1 --ss dpm++ 2m karras\n")
+    with pytest.raises(ConfigError, match=r"prompts.txt line 2: sample prompt flag --ss expects one of kohya's sampler "
+                                          r"names \(ddim, .*got 'dpm\+\+ 2m karras'"):
+        build_config({"train_data_dir": str(tmp_path), "sample_prompts": str(prompts)})
