@@ -105,19 +105,44 @@ def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
     return [parse_prompt_line(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+#: Extra conditioning (``Conditioning.added_cond_kwargs`` key) that diffusers pipelines take as arguments:
+#: key -> (argument, negative argument). SDXL's ``time_ids`` are not among them: the pipeline builds them.
+PIPELINE_ARGUMENTS = {"text_embeds": ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
+
+
+def pipeline_conditioning(cond, uncond, n: int = 1) -> dict[str, torch.Tensor]:
+    """A diffusers pipeline's arguments for ``n`` images of one prompt from two
+    :class:`~pti_plugin.models.family.Conditioning`: ``prompt_embeds`` and ``negative_prompt_embeds`` (``cond`` /
+    ``uncond`` rows repeated), plus each extra conditioning the pipeline takes as an argument (SDXL's pooled
+    embedding). The size ids are left to the pipeline, which builds them from the image size."""
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(n, *t.shape[1:])
+
+    kwargs = {"prompt_embeds": rows(cond.hidden_states), "negative_prompt_embeds": rows(uncond.hidden_states)}
+    for key, (positive, negative) in PIPELINE_ARGUMENTS.items():
+        if key in cond.added_cond_kwargs:
+            kwargs[positive] = rows(cond.added_cond_kwargs[key])
+            kwargs[negative] = rows(uncond.added_cond_kwargs[key])
+    return kwargs
+
+
 @torch.no_grad()
-def generate_samples(pipe, prompts: list[SamplePrompt], default_size: tuple[int, int], default_steps: int, out_paths: list[Path]) -> None:
+def generate_samples(pipe, prompts: list[SamplePrompt], default_size: tuple[int, int], default_steps: int, out_paths: list[Path],
+                     encode: Callable[[list[str]], object] | None = None) -> None:
     """Generate one PNG per prompt with ``pipe`` (a StableDiffusionPipeline; a prompt's ``--ss`` sampler replaces
-    its scheduler for that prompt) and write them atomically (the prompt in the PNG's ``prompt`` text chunk)."""
+    its scheduler for that prompt) and write them atomically (the prompt in the PNG's ``prompt`` text chunk).
+    ``encode`` (texts -> the family's ``Conditioning``): prompt and negative prompt are conditioned as in training
+    (``clip_skip``, long-caption windows, both prompts alike), not by the pipeline's own text encoding."""
     from PIL.PngImagePlugin import PngInfo
 
     default = pipe.scheduler
     for index, (sample, out) in enumerate(zip(prompts, out_paths)):
         pipe.scheduler = sample_scheduler(sample.sampler, default.config) if sample.sampler else default
         generator = torch.Generator().manual_seed(sample.seed if sample.seed is not None else index)
+        text = ({"prompt": sample.prompt, "negative_prompt": sample.negative or None} if encode is None
+                else pipeline_conditioning(encode([sample.prompt]), encode([sample.negative])))
         image = pipe(
-            sample.prompt,
-            negative_prompt=sample.negative or None,
+            **text,
             width=sample.width or default_size[0],
             height=sample.height or default_size[1],
             num_inference_steps=sample.steps or default_steps,

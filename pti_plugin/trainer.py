@@ -585,7 +585,8 @@ class Trainer:
         text_away = self.model.restore_text_encoders()
         try:
             with self.accelerator.autocast():
-                generate_samples(pipe, prompts, size, config.sample_steps, out)
+                generate_samples(pipe, prompts, size, config.sample_steps, out, encode=lambda texts: self.model.encode(
+                    self.model.tokenize(texts).to(self.accelerator.device), pivot_grad=False))
         finally:
             if self._vae_offloaded:
                 model.vae.to("cpu")

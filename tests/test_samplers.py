@@ -67,3 +67,36 @@ def test_an_unknown_ss_sampler_is_refused_at_start_naming_the_file_and_line(tmp_
     with pytest.raises(ConfigError, match=r"prompts.txt line 2: sample prompt flag --ss expects one of kohya's sampler "
                                           r"names \(ddim, .*got 'dpm\+\+ 2m karras'"):
         build_config({"train_data_dir": str(tmp_path), "sample_prompts": str(prompts)})
+
+
+def test_training_samples_are_conditioned_as_training_is_with_clip_skip(preset, tmp_path):
+    """kohya's clip_skip 2 (the penultimate layer's states, then the final LayerNorm) trains on one conditioning;
+    the samples drawn during training used to ignore it (the pipeline's own last-layer encoding). Without guidance
+    (--l 1, so no negative prompt), a sample must be the image of that conditioning, computed here with
+    transformers' hidden states, and not the last-layer image."""
+    from PIL import Image
+
+    from pti_plugin.trainer import Trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --l 1 --d 3 --s 2\n")
+    trainer = Trainer(build_config(preset(clip_skip=2, sample_prompts=str(prompts), sample_steps=2,
+                                          stages=[{"kind": "inversion", "steps": 1, "learning_rate": 5e-2}])))
+    outputs = trainer.run()
+    sample = np.asarray(Image.open(outputs["samples"][0]).convert("RGB")).astype(int)
+    base = trainer.model.base
+    pipe = base.pipeline(sample_scheduler("ddim", base.noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    encoder = base.text_encoders[0]
+    ids = pipe.tokenizer("a red square", padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    def image_of(skip: int) -> np.ndarray:
+        with torch.no_grad():
+            output = encoder(ids, output_hidden_states=True)
+            embeds = output.last_hidden_state if skip == 1 else encoder.final_layer_norm(output.hidden_states[-skip])
+            image = pipe(prompt_embeds=embeds, width=32, height=32, num_inference_steps=2, guidance_scale=1.0,
+                         generator=torch.Generator().manual_seed(3)).images[0]
+        return np.asarray(image.convert("RGB")).astype(int)
+
+    assert np.abs(sample - image_of(2)).max() <= 1  # PNG rounding
+    assert np.abs(sample - image_of(1)).max() > 1

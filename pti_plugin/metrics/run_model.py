@@ -35,12 +35,8 @@ from ..models.family import Conditioning
 from ..data.dataset import ImageItem, load_subsets
 from ..data.latents import load_pixels
 from ..data.scanning import scan_images
+from ..sampling import pipeline_conditioning
 from .prompts import fill, normalise_prompt, pivot_subject
-
-
-#: Extra conditioning (``Conditioning.added_cond_kwargs`` key) that diffusers pipelines take as arguments:
-#: key -> (argument, negative argument). SDXL's ``time_ids`` are not among them: the pipeline builds them.
-PIPELINE_ARGUMENTS = {"text_embeds": ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
 
 
 def find_run_files(run_dir: str | Path, output_name: str | None = None) -> tuple[Path, Path]:
@@ -206,18 +202,8 @@ class LoadedRun:
         return norms[0] if len(norms) == 1 and isinstance(norms[0], torch.nn.LayerNorm) else None
 
     def pipeline_conditioning(self, cond: Conditioning, uncond: Conditioning, n: int) -> dict[str, torch.Tensor]:
-        """The pipeline's arguments for ``n`` images of one prompt: ``prompt_embeds`` and ``negative_prompt_embeds``
-        (``cond``/``uncond`` rows repeated), plus each extra conditioning the pipeline takes as an argument (SDXL's
-        pooled embedding). The size ids are left to the pipeline, which builds them from the image size."""
-        def rows(t: torch.Tensor) -> torch.Tensor:
-            return t.expand(n, *t.shape[1:])
-
-        kwargs = {"prompt_embeds": rows(cond.hidden_states), "negative_prompt_embeds": rows(uncond.hidden_states)}
-        for key, (positive, negative) in PIPELINE_ARGUMENTS.items():
-            if key in cond.added_cond_kwargs:
-                kwargs[positive] = rows(cond.added_cond_kwargs[key])
-                kwargs[negative] = rows(uncond.added_cond_kwargs[key])
-        return kwargs
+        """The pipeline's arguments for ``n`` images of one prompt (:func:`pti_plugin.sampling.pipeline_conditioning`)."""
+        return pipeline_conditioning(cond, uncond, n)
 
     def training_pixels(self, max_images: int | None = None) -> list[torch.Tensor]:
         """Training images fitted to their buckets: float32 ``[3, H, W]`` in [-1, 1] (CPU)."""
