@@ -11,6 +11,9 @@ from pti_plugin.config import ConfigError, build_config
 from pti_plugin.models.loading import load_base_model
 from pti_plugin.sampling import SAMPLERS, sample_scheduler
 
+# diffusers' k-schedulers warn on every step under numpy 2 (np.array(copy=False), __array_wrap__): not ours, and many
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a"}
 
 
