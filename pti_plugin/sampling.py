@@ -1,7 +1,10 @@
 """Sample images during training from a kohya-style prompt file.
 
 Each non-empty line not starting with ``#`` is a prompt with optional kohya flags:
-``--n`` negative prompt, ``--w``/``--h`` size, ``--s`` steps, ``--l`` guidance scale, ``--d`` seed.
+``--n`` negative prompt, ``--w``/``--h`` size, ``--s`` steps, ``--l`` guidance scale, ``--d`` seed, ``--ss``
+sampler (:data:`SAMPLERS`, kohya's names). Prompts are conditioned through the model family, as in training
+(:func:`generate_samples`' ``encode``); a failure between training steps is a warning
+(:func:`sample_during_training`).
 """
 
 from __future__ import annotations
