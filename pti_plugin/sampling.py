@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import logging
 import re
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,17 +50,36 @@ def sample_scheduler(name: str, model_scheduler_config):
     return getattr(diffusers, class_name).from_config(model_scheduler_config, **options)
 
 
-def sample_during_training(sample: Callable[[str], list[Path]], tag: str) -> list[Path]:
+class SamplesInterrupted(Exception):
+    """SIGINT or SIGTERM arrived while samples were drawn between steps (:func:`sample_during_training`)."""
+
+
+def sample_during_training(sample: Callable[[str], list[Path]], tag: str, on_signal: Callable | None = None) -> list[Path]:
     """``sample(tag)`` between training steps. A failure in it (out of memory, a sampler error) is a warning naming
     the tag and the error, and training goes on: the samples are not needed for the run, and a failing one used to
-    end it with a traceback, losing the steps since the last save. A Ctrl-C is not caught."""
+    end it with a traceback, losing the steps since the last save. With ``on_signal`` (the trainer's SIGINT/SIGTERM
+    handler), a signal during the samples is handed to it and stops them at once, so the trainer saves and stops
+    after this step without waiting for the samples (a cluster's SIGKILL follows its SIGTERM after a grace time)."""
+    previous = {}
+
+    def stop(signum, frame):
+        on_signal(signum, frame)  # the trainer records it (a second one stops the run at once)
+        raise SamplesInterrupted(signal.Signals(signum).name)
+
+    if on_signal is not None and threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return sample(tag)
+    except SamplesInterrupted as exc:
+        logger.warning("samples %s stopped by %s", tag, exc)
     except Exception as exc:  # noqa: BLE001 - whatever broke the samples, the training state is intact
         logger.warning("samples %s failed, training goes on without them: %s: %s", tag, type(exc).__name__, exc)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return []
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return []
 
 
 @dataclass

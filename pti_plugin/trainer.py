@@ -528,7 +528,7 @@ class Trainer:
         if due and not last:
             self._save(tag=f"step{state.global_step:08d}", with_state=config.save_state)
         if config.sample_prompts and config.sample_every_n_steps and state.global_step % config.sample_every_n_steps == 0:
-            sample_during_training(self.sample, f"step{state.global_step:08d}")
+            sample_during_training(self.sample, f"step{state.global_step:08d}", self._on_signal)
 
     def _trainable_tensors(self) -> dict[str, torch.nn.Parameter]:
         return self.model.trainable_tensors()

@@ -461,3 +461,35 @@ def test_a_sample_that_fails_during_training_is_a_warning_and_training_goes_on(p
     samples = {p.name for p in (out / "samples").iterdir()}
     assert any("step00000001" in n for n in samples) and any("step00000003" in n for n in samples)
     assert not any("step00000002" in n for n in samples) and outputs["samples"]
+
+
+def test_a_signal_during_samples_between_steps_stops_them_and_saves_at_once(preset, tmp_path, monkeypatch):
+    """SIGTERM while samples are drawn used to wait for every sample before the save (a cluster's SIGKILL follows
+    its SIGTERM after a grace time); now the samples stop, the step's state is saved and the run stops."""
+    import os
+    import signal as signals
+    import time
+
+    from pti_plugin.trainer import TrainingInterrupted
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("tok1 --s 1\n")
+    finished = []
+
+    def sample(self, tag):
+        if tag == "step00000002":
+            os.kill(os.getpid(), signals.SIGTERM)
+            for _ in range(200):  # 10 s of "sampling", cut short by the signal
+                time.sleep(0.05)
+            finished.append(tag)
+        return []
+
+    monkeypatch.setattr(Trainer, "sample", sample)
+    raw = preset(sample_prompts=str(prompts), sample_steps=1, sample_every_n_steps=1,
+                 stages=[{"kind": "inversion", "steps": 4, "learning_rate": 5e-2}])
+    started = time.monotonic()
+    with pytest.raises(TrainingInterrupted, match="interrupted by SIGTERM after step 2"):
+        Trainer(build_config(raw)).run()
+    assert not finished and time.monotonic() - started < 9
+    assert (Path(raw["output_dir"]) / "pti-state-interrupted-step00000002" / "progress.json").is_file()
+    assert signals.getsignal(signals.SIGTERM) is not None  # the handlers are put back
