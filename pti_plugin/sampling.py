@@ -55,9 +55,10 @@ class SamplesInterrupted(Exception):
 
 
 def sample_during_training(sample: Callable[[str], list[Path]], tag: str, on_signal: Callable | None = None) -> list[Path]:
-    """``sample(tag)`` between training steps. A failure in it (out of memory, a sampler error) is a warning naming
-    the tag and the error, and training goes on: the samples are not needed for the run, and a failing one used to
-    end it with a traceback, losing the steps since the last save. With ``on_signal`` (the trainer's SIGINT/SIGTERM
+    """``sample(tag)`` before, between or after the training steps. A failure in it (out of memory, a sampler error)
+    is a warning naming the tag and the error, and training goes on: the samples are not needed for the run, and a
+    failing one used to end it with a traceback, losing the steps since the last save (or, at the end, hiding that
+    the final files were saved). With ``on_signal`` (the trainer's SIGINT/SIGTERM
     handler), a signal during the samples is handed to it and stops them at once, so the trainer saves and stops
     after this step without waiting for the samples (a cluster's SIGKILL follows its SIGTERM after a grace time)."""
     previous = {}
@@ -73,7 +74,7 @@ def sample_during_training(sample: Callable[[str], list[Path]], tag: str, on_sig
     except SamplesInterrupted as exc:
         logger.warning("samples %s stopped by %s", tag, exc)
     except Exception as exc:  # noqa: BLE001 - whatever broke the samples, the training state is intact
-        logger.warning("samples %s failed, training goes on without them: %s: %s", tag, type(exc).__name__, exc)
+        logger.warning("samples %s failed, the run goes on without them: %s: %s", tag, type(exc).__name__, exc)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     finally:

@@ -318,14 +318,14 @@ class Trainer:
             atomic_write_text(self.files.config_toml, toml.dumps(resolved_dict(config)))
         first_samples = []
         if config.sample_prompts and config.sample_at_first and not config.resume:
-            first_samples = self.sample("first")
+            first_samples = sample_during_training(self.sample, "first", self._on_signal)
         for stage_index in range(start_stage, len(config.stages)):
             first_step = start_step if stage_index == start_stage else 0
             self._run_stage(stage_index, first_step, resumed if stage_index == start_stage else None)
         outputs = self._save(with_state=config.save_state)  # kohya's save_state saves the state at the end too
         if config.sample_prompts:
-            outputs["samples"] = self.sample("final")
-            if first_samples and self.accelerator.is_main_process:
+            outputs["samples"] = sample_during_training(self.sample, "final", self._on_signal)
+            if first_samples and outputs["samples"] and self.accelerator.is_main_process:
                 from .sampling import write_grid
 
                 outputs["before_after"] = self.files.before_after_grid

@@ -455,7 +455,7 @@ def test_a_sample_that_fails_during_training_is_a_warning_and_training_goes_on(p
                  stages=[{"kind": "inversion", "steps": 3, "learning_rate": 5e-2}])
     with caplog.at_level(logging.WARNING, logger="pti_plugin.sampling"):
         outputs = Trainer(build_config(raw)).run()
-    assert "samples step00000002 failed, training goes on without them: RuntimeError: CUDA out of memory" in caplog.text
+    assert "samples step00000002 failed, the run goes on without them: RuntimeError: CUDA out of memory" in caplog.text
     out = Path(raw["output_dir"])
     assert (out / "pti.safetensors").is_file() and (out / "tok1.safetensors").is_file()
     samples = {p.name for p in (out / "samples").iterdir()}
@@ -493,3 +493,26 @@ def test_a_signal_during_samples_between_steps_stops_them_and_saves_at_once(pres
     assert not finished and time.monotonic() - started < 9
     assert (Path(raw["output_dir"]) / "pti-state-interrupted-step00000002" / "progress.json").is_file()
     assert signals.getsignal(signals.SIGTERM) is not None  # the handlers are put back
+
+
+def test_final_samples_that_fail_leave_the_saved_run_and_no_grid(preset, tmp_path, monkeypatch, caplog):
+    """After the final save a failing sample used to end the run with a traceback (exit 1) although the LoRA and the
+    embedding were written; now a warning, the run's outputs without samples and without the before/after grid."""
+    import logging
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("tok1 --s 1\n")
+    original = Trainer.sample
+
+    def sample(self, tag):
+        if tag == "final":
+            raise RuntimeError("sampler broke (simulated)")
+        return original(self, tag)
+
+    monkeypatch.setattr(Trainer, "sample", sample)
+    raw = preset(sample_prompts=str(prompts), sample_steps=1, sample_at_first=True,
+                 stages=[{"kind": "inversion", "steps": 1, "learning_rate": 5e-2}])
+    with caplog.at_level(logging.WARNING, logger="pti_plugin.sampling"):
+        outputs = Trainer(build_config(raw)).run()
+    assert "samples final failed, the run goes on without them: RuntimeError: sampler broke" in caplog.text
+    assert outputs["samples"] == [] and "before_after" not in outputs and outputs["lora"].is_file()
