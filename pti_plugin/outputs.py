@@ -12,6 +12,7 @@ step. ``overwrite = true`` lets the run replace whatever it writes, state folder
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -21,6 +22,29 @@ import torch
 
 from .config import ConfigError
 from .resolution import resolved_dict, training_metadata
+
+logger = logging.getLogger(__name__)
+
+
+def read_training_log(path: str | Path) -> list[dict]:
+    """The entries of a run's JSONL log (``<output_name>.log.jsonl``), in order; [] when absent. A line that is
+    not a JSON object (cut short by a crash: the log is appended line by line) is left out with a warning naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict):
+            logger.warning("%s line %d is not a JSON object (cut short by a crash?); read without it", path, number)
+            continue
+        entries.append(entry)
+    return entries
 
 
 @dataclass(frozen=True)

@@ -418,3 +418,20 @@ def test_band_scores_measure_and_cache_the_band_version(trained_run):
     assert band_scores(trained_run, scoring, band, cached_only=True) == scores  # read back, nothing computed
     assert band_scores(trained_run, scoring, (0, 10), cached_only=True) is None  # other settings: no cache
     (trained_run / BAND_FILE).unlink()
+
+
+def test_a_training_log_line_cut_short_by_a_crash_is_left_out_with_a_warning(tmp_path, caplog):
+    """The log is appended line by line, so a crash can leave half a line; the evaluation read it with
+    json.loads and failed with a traceback. Now the last whole entry (of the stage asked) is used."""
+    import json
+    import logging
+
+    from pti_plugin.metrics.evaluate import final_log_entry
+
+    log = tmp_path / "pti.log.jsonl"
+    log.write_text(json.dumps({"stage": "inversion", "step": 1}) + "\n" + json.dumps({"stage": "lora", "step": 2})
+                   + "\n[1, 2]\n" + '{"stage": "lora", "st')
+    with caplog.at_level(logging.WARNING, logger="pti_plugin.outputs"):
+        assert final_log_entry(log) == {"stage": "lora", "step": 2}
+        assert final_log_entry(log, "inversion") == {"stage": "inversion", "step": 1}
+    assert f"{log} line 4 is not a JSON object" in caplog.text and f"{log} line 3 is not a JSON object" in caplog.text

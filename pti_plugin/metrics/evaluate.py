@@ -8,7 +8,6 @@ LoRA weight change (:mod:`.movement`), reconstruction (:mod:`.reconstruction`), 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -21,22 +20,15 @@ from .movement import lora_delta_norm, output_space_angles
 from .probes import make_probes
 from .reconstruction import measure_reconstruction
 from .prompts import EDIT_PROMPTS, NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS
+from ..outputs import read_training_log
 from .run_model import file_digest, load_run
 
 
 def final_log_entry(log_path: str | Path, stage: str | None = None) -> dict:
-    """The last JSONL entry of the training log (of ``stage`` when given); {} when absent."""
-    path = Path(log_path)
-    if not path.is_file():
-        return {}
-    last = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        entry = json.loads(line)
-        if stage is None or entry.get("stage") == stage:
-            last = entry
-    return last
+    """The last entry of the training log (of ``stage`` when given; :func:`~pti_plugin.outputs.read_training_log`,
+    which leaves out a line cut short by a crash); {} when there is none."""
+    entries = [e for e in read_training_log(log_path) if stage is None or e.get("stage") == stage]
+    return entries[-1] if entries else {}
 
 
 def run_movement(run, stage: str | None = None) -> dict:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import atomic_write_text
+from ..outputs import read_training_log
 from ..metrics.curves import crossing_time_ratio
 from ..metrics.evaluate import json_ready
 from ..metrics.replication import Interval, seed_level_interval, two_level_bootstrap
@@ -64,11 +65,7 @@ def _saved_step(path: Path) -> int | None:
 
 
 def _last_logged_step(log_path: Path) -> int | None:
-    if not log_path.is_file():
-        return None
-    steps = [json.loads(line).get("global_step") for line in log_path.read_text(encoding="utf-8").splitlines()
-             if line.strip()]
-    steps = [s for s in steps if isinstance(s, int)]
+    steps = [s for e in read_training_log(log_path) if isinstance(s := e.get("global_step"), int)]
     return max(steps) if steps else None
 
 
