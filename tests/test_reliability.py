@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -436,21 +437,25 @@ def test_sigint_saves_a_resumable_state_that_finishes_like_an_uninterrupted_run(
                        load_file(tmp_path / "straight" / "tok1.safetensors")["emb_params"])
 
 
-def test_a_sample_that_fails_during_training_is_a_warning_and_training_goes_on(preset, tmp_path, monkeypatch, caplog):
-    """A sample between steps that breaks (here a simulated out-of-memory error at step 2) used to end the run
-    with a traceback, losing the steps since the last save; now it is a warning and the run finishes."""
-    import logging
-
+def _breaking_samples(tmp_path: Path, monkeypatch, tag: str, error: str) -> Path:
+    """A one-line sample prompt file; the trainer's samples tagged ``tag`` raise RuntimeError(``error``)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("tok1 --s 1\n")
     original = Trainer.sample
 
-    def sample(self, tag):
-        if tag == "step00000002":
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return original(self, tag)
+    def sample(self, wanted):
+        if wanted == tag:
+            raise RuntimeError(error)
+        return original(self, wanted)
 
     monkeypatch.setattr(Trainer, "sample", sample)
+    return prompts
+
+
+def test_a_sample_that_fails_during_training_is_a_warning_and_training_goes_on(preset, tmp_path, monkeypatch, caplog):
+    """A sample between steps that breaks (here a simulated out-of-memory error at step 2) used to end the run
+    with a traceback, losing the steps since the last save; now it is a warning and the run finishes."""
+    prompts = _breaking_samples(tmp_path, monkeypatch, "step00000002", "CUDA out of memory (simulated)")
     raw = preset(sample_prompts=str(prompts), sample_steps=1, sample_every_n_steps=1,
                  stages=[{"kind": "inversion", "steps": 3, "learning_rate": 5e-2}])
     with caplog.at_level(logging.WARNING, logger="pti_plugin.sampling"):
@@ -498,18 +503,7 @@ def test_a_signal_during_samples_between_steps_stops_them_and_saves_at_once(pres
 def test_final_samples_that_fail_leave_the_saved_run_and_no_grid(preset, tmp_path, monkeypatch, caplog):
     """After the final save a failing sample used to end the run with a traceback (exit 1) although the LoRA and the
     embedding were written; now a warning, the run's outputs without samples and without the before/after grid."""
-    import logging
-
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("tok1 --s 1\n")
-    original = Trainer.sample
-
-    def sample(self, tag):
-        if tag == "final":
-            raise RuntimeError("sampler broke (simulated)")
-        return original(self, tag)
-
-    monkeypatch.setattr(Trainer, "sample", sample)
+    prompts = _breaking_samples(tmp_path, monkeypatch, "final", "sampler broke (simulated)")
     raw = preset(sample_prompts=str(prompts), sample_steps=1, sample_at_first=True,
                  stages=[{"kind": "inversion", "steps": 1, "learning_rate": 5e-2}])
     with caplog.at_level(logging.WARNING, logger="pti_plugin.sampling"):
