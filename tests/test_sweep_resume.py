@@ -173,3 +173,21 @@ def test_a_sweep_with_a_failed_run_trains_the_others_then_exits_1_naming_it(argv
     monkeypatch.setattr(Trainer, "run", original)
     assert lr_sweep.cli(argv) == 0  # the same command retrains the failed run and skips the finished one
     assert (tmp_path / "out" / "runs" / "inversion-lr0.01" / "tok1.safetensors").is_file()
+
+
+def test_the_scorers_count_a_run_finished_only_with_its_embedding(tmp_path):
+    """The sweep's rule (LoRA and embedding) now holds for the scorers too (bench.scores_of, internal metrics'
+    find_runs), the token read from the run's resolved config; they counted a LoRA without its embedding."""
+    from pti_plugin.sweeps.bench import scores_of
+    from pti_plugin.toy_world.internal_metrics import find_runs
+
+    for name, files in {"whole": ["pti.safetensors", "tok9.safetensors"], "half": ["pti.safetensors"],
+                        "no_config": ["pti.safetensors"]}.items():
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        for file in files:
+            (run / file).write_bytes(b"")
+        if name != "no_config":  # an older run without its resolved config: the LoRA alone decides
+            (run / "pti.config.toml").write_text('token_string = "tok9"\n')
+    assert [r.name for r in find_runs([tmp_path / "runs"], "pti")] == ["no_config", "whole"]
+    assert scores_of(tmp_path / "runs" / "half", "pti", args=None) is None  # before any scoring or cache read

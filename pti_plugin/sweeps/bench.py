@@ -82,7 +82,7 @@ from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correl
 from pti_plugin.sweeps.engines import add_engine_arguments
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
 from pti_plugin.script_args import check_out_folder, positive_int
-from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, seed_count
+from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, run_dir_finished, seed_count
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix
 
@@ -170,9 +170,9 @@ def scores_of(run_dir: Path, output_name: str, args, cached_only: bool = False) 
     with ``cached_only``, has no matching cache)."""
     from pti_plugin.toy_world.run_scores import score_run
 
-    settings = {"version": SCORES_VERSION} | score_settings(args).as_dict()
-    if not (run_dir / f"{output_name}.safetensors").is_file():
+    if not run_dir_finished(run_dir, output_name):
         return None
+    settings = {"version": SCORES_VERSION} | score_settings(args).as_dict()
     cache = run_dir / SCORES_FILE
     cached = None if args.rescore else read_cache(cache, settings, "scores")
     if cached is not None:

@@ -55,6 +55,18 @@ def run_finished(run_dir: Path, output_name: str, token: str) -> bool:
     return (run_dir / f"{output_name}.safetensors").is_file() and (run_dir / f"{token}.safetensors").is_file()
 
 
+def run_dir_finished(run_dir: Path, output_name: str) -> bool:
+    """:func:`run_finished` for a run folder known by its output name alone (the scorers): the token is read
+    from the run's resolved config ``<output_name>.config.toml``; without a readable one, the LoRA alone decides."""
+    try:
+        token = toml.loads((run_dir / f"{output_name}.config.toml").read_text(encoding="utf-8")).get("token_string")
+    except (OSError, UnicodeDecodeError, toml.TomlDecodeError):
+        token = None
+    if isinstance(token, str) and token:
+        return run_finished(run_dir, output_name, token)
+    return (run_dir / f"{output_name}.safetensors").is_file()
+
+
 def parse_lrs(text: str) -> list[float]:
     """``--lrs``' learning rates, sorted without repeats (an argparse ``type``: a bad list is named by its option);
     two different rates whose run names would be the same (:func:`lr_tag`) are refused."""

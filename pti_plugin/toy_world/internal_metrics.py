@@ -92,9 +92,11 @@ def pairs() -> list[tuple[str, str, int]]:
 
 
 def find_runs(folders: list[Path], output_name: str) -> list[Path]:
-    """The finished runs (folders holding ``<output_name>.safetensors``) directly under ``folders``, sorted."""
-    return sorted(d for folder in folders for d in Path(folder).iterdir()
-                  if d.is_dir() and (d / f"{output_name}.safetensors").is_file())
+    """The finished runs (:func:`~pti_plugin.sweeps.plan.run_dir_finished`: the LoRA and the embedding) directly
+    under ``folders``, sorted."""
+    from ..sweeps.plan import run_dir_finished
+
+    return sorted(d for folder in folders for d in Path(folder).iterdir() if d.is_dir() and run_dir_finished(d, output_name))
 
 
 def band_scores(run: Path, scoring: argparse.Namespace, band: tuple[int, int], cached_only: bool = False) -> dict | None:
