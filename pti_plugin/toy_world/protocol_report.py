@@ -211,10 +211,14 @@ H2_RULE = ("per learning rate, H2 holds when every run learns position (its trai
            "fails at none, not supported when it fails at some rate and holds at none, inconclusive otherwise")
 
 
-def _h2_word(readings: dict[str, str]) -> str:
-    """:data:`H2_RULE`'s overall word from each learning rate's reading."""
-    held = [lr for lr, reading in readings.items() if reading == "holds"]
-    failed = [lr for lr, reading in readings.items() if reading == "does not hold"]
+def _held_failed(readings: dict[str, str]) -> tuple[list[str], list[str]]:
+    """The learning rates at which H2 holds, and those at which it does not, from each rate's reading."""
+    return ([lr for lr, reading in readings.items() if reading == "holds"],
+            [lr for lr, reading in readings.items() if reading == "does not hold"])
+
+
+def _h2_word(held: list[str], failed: list[str]) -> str:
+    """:data:`H2_RULE`'s overall word from the rates at which H2 holds and those at which it does not."""
     return "supported" if held and not failed else "not supported" if failed and not held else "inconclusive"
 
 
@@ -222,17 +226,17 @@ def h2_overall(readings: dict[str, str], checks: dict[str, tuple[dict | None, st
     """H2's verdict line from each learning rate's reading (:func:`h2_verdict`), by :data:`H2_RULE`; with
     ``checks`` (per rate, the Student's t interval of T_pos / T_app and the reading on it), the small-sample
     check after it."""
-    held = [lr for lr, reading in readings.items() if reading == "holds"]
-    failed = [lr for lr, reading in readings.items() if reading == "does not hold"]
+    held, failed = _held_failed(readings)
     parts = ([f"holds at lr {', '.join(held)}"] if held else []) + ([f"does not hold at lr {', '.join(failed)}"]
                                                                    if failed else [])
     parts += [f"{reading} at lr {lr}" for lr, reading in readings.items() if lr not in held + failed]
-    line = f"**Verdict: {_h2_word(readings)}.** " + "; ".join(parts) + f". Rule: {H2_RULE}."
+    line = f"**Verdict: {_h2_word(held, failed)}.** " + "; ".join(parts) + f". Rule: {H2_RULE}."
     if checks:
         read = "; ".join(f"lr {lr}: {reading}" if reading.startswith(POSITION_NOT_LEARNED) or not interval
                          else f"lr {lr} {fmt(interval, 2)}: {reading}" for lr, (interval, reading) in checks.items())
+        word = _h2_word(*_held_failed({lr: reading for lr, (_, reading) in checks.items()}))
         line += (f" Small-sample check ({SMALL_SAMPLE_CHECK}; T_pos / T_app on the runs' log ratios): {read}; the "
-                 f"rule reads **{_h2_word({lr: reading for lr, (_, reading) in checks.items()})}** with them.")
+                 f"rule reads **{word}** with them.")
     return line
 
 
