@@ -40,13 +40,18 @@ class TextConditioningCache:
         self.active = False  # this stage reads conditionings from the cache
         self.text_trains = True  # this stage trains the pivot or a text-encoder LoRA
 
+    def caches(self, text_trains: bool) -> bool:
+        """Whether a stage caches its conditioning: the option is on and its text side is frozen (``text_trains``:
+        the stage trains the pivot or a text-encoder LoRA)."""
+        return self.enabled and not text_trains
+
     def start_stage(self, text_trains: bool, items: list, token: str, num_vectors: int) -> str | None:
         """Empty the cache; for a frozen-text stage whose captions are all known, encode them and move the
         text encoders to the CPU (on a CPU device: map their frozen weights from a file). Returns a line
         saying so, or None."""
         self.rows = {}
         self.text_trains = text_trains
-        self.active = self.enabled and not text_trains
+        self.active = self.caches(text_trains)
         if not self.active:
             return None
         captions: set[str] = set()

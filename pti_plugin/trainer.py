@@ -212,7 +212,7 @@ class Trainer:
             f"{self.accelerator.num_processes} process(es), global batch {self.global_batch}; device {device}"
         )
         latents = "on disk and in memory" if config.cache_latents_to_disk else "in memory" if config.cache_latents else "off"
-        frozen_text = [s.name for s in config.stages if not self.state.stage_trains(s).text_encoders]
+        frozen_text = [s.name for s in config.stages if self.text_cache.caches(self.state.stage_trains(s).text_encoders)]
         texts = (("in stages " + ", ".join(map(repr, frozen_text)) if frozen_text else "asked, but every stage trains "
                   "the text side (the pivot or a text-encoder LoRA), so none") if config.cache_text_encoder_outputs else "off")
         self._info(
