@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import EMBEDDED, ConfigError
 from .family import Conditioning, ModelFamily, detect_family, make_family
-from .model_checks import MODEL_KEY, architecture_problem, model_folder_problem
+from .model_checks import MODEL_KEY, architecture_problem, not_a_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ def load_base_model(
     ``model_family`` names it. A model that cannot be trained (not a model, incomplete, another architecture)
     is a ``ConfigError`` naming ``pretrained_model_name_or_path`` and the file (see ``model_checks.py``)."""
     path = resolve_model_path(path_value)
-    if path.is_dir() and (problem := model_folder_problem(path, model_family)):
-        raise ConfigError.at(MODEL_KEY, f": {problem}")
+    if path.is_dir() and not (path / "model_index.json").is_file():  # a model folder's own checks run as it loads
+        raise ConfigError.at(MODEL_KEY, f": {not_a_model_folder(path)}")
     if not path.exists():
         raise ConfigError.at(MODEL_KEY, f": base model not found: looked for a diffusers folder with model_index.json, "
                                         f"or a .safetensors/.ckpt file, at {path}")
