@@ -90,6 +90,10 @@ def test_a_folder_that_is_not_a_model_says_what_it_is(tiny_model, preset, tmp_pa
     _assert_refused(code, seen, empty, "is an empty folder", tmp_path / "out")
     code, seen = _cli(preset(pretrained_model_name_or_path=str(tiny_model / "vae")), tmp_path, capsys)
     _assert_refused(code, seen, tiny_model / "vae", "one diffusers component (AutoencoderKL", tmp_path / "out")
+    damaged = Path(shutil.copytree(tiny_model / "unet", tmp_path / "unet"))  # a component whose config is damaged
+    (damaged / "config.json").write_text("{not json")
+    code, seen = _cli(preset(pretrained_model_name_or_path=str(damaged)), tmp_path, capsys)
+    _assert_refused(code, seen, damaged, "one diffusers component (its config.json unreadable", tmp_path / "out")
     index = tiny_model / "model_index.json"  # the folder's index file given instead of the folder
     code, seen = _cli(preset(pretrained_model_name_or_path=str(index)), tmp_path, capsys)
     _assert_refused(code, seen, index, "pass the folder that holds it", tmp_path / "out")

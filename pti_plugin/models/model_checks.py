@@ -58,7 +58,10 @@ def not_a_model_folder(path: Path) -> str:
         return f"{path} is an empty folder; expected a diffusers model folder (with model_index.json) or a single file"
     config = path / "config.json"
     if config.is_file():
-        cls = read_json(config).get("_class_name", "a model")
+        try:
+            cls = read_json(config).get("_class_name", "a model")
+        except ConfigError:  # a damaged component is still a component: say what was passed
+            cls = "its config.json unreadable"
         return (f"{path} holds one diffusers component ({cls}: config.json), not a whole model; pass the model "
                 "folder above it, the one with model_index.json")
     files = [name for name in entries if name.lower().endswith(_MODEL_SUFFIXES)]
