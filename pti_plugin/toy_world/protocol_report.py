@@ -182,14 +182,23 @@ def _ratio_cell(summary: dict, axis: str) -> str:
             f"{summary['n_runs']} runs; interpolated: {fmt(interpolated['ratio'], 2)})")
 
 
-def h2_verdict(summary: dict, null_hi: float | None, student: bool = False) -> str:
-    """One learning rate's H2 reading. Position counts as learned in a run when its training-cell
-    plateau (mean of the last 3 saves) lies above the null's upper bound; a half-way time of a curve
-    that never left the null's band is noise, so the ratio then says nothing. ``student``: read the
-    ratio's Student's t interval (:func:`student_on_logs`, the small-sample check) instead of the bootstrap's."""
+def h2_verdict(summary: dict, null_hi: float | None) -> str:
+    """One learning rate's H2 reading on the bootstrap interval of T_pos / T_app (:func:`_h2_reading`)."""
+    return _h2_reading(summary, null_hi, _decisive_ratio(summary)["ratio"])
+
+
+def h2_check(summary: dict, null_hi: float | None) -> tuple[dict | None, str]:
+    """One learning rate's small-sample check: T_pos / T_app's Student's t interval on the runs' log ratios
+    (:func:`student_on_logs`) and the same reading on it."""
+    interval = student_on_logs(_decisive_ratio(summary)["ratios"])
+    return interval, _h2_reading(summary, null_hi, interval)
+
+
+def _h2_reading(summary: dict, null_hi: float | None, ratio: dict | None) -> str:
+    """One learning rate's H2 reading on the interval ``ratio`` of T_pos / T_app. Position counts as learned
+    in a run when its training-cell plateau (mean of the last 3 saves) lies above the null's upper bound; a
+    half-way time of a curve that never left the null's band is noise, so the ratio then says nothing."""
     learned = [null_hi is not None and _plateau(run) > null_hi for run in summary["position"]["per_run"]]
-    decisive = _decisive_ratio(summary)
-    ratio = student_on_logs(decisive["ratios"]) if student else decisive["ratio"]
     if not any(learned):
         return f"{POSITION_NOT_LEARNED} (no run's plateau above the null): T_pos undefined"
     if not all(learned):
@@ -197,12 +206,6 @@ def h2_verdict(summary: dict, null_hi: float | None, student: bool = False) -> s
     if ratio is None:
         return "inconclusive: no usable ratio"
     return "holds" if ratio["lo"] > 1.0 else ("does not hold" if ratio["hi"] <= 1.0 else "inconclusive")
-
-
-def h2_check(summary: dict, null_hi: float | None) -> tuple[dict | None, str]:
-    """One learning rate's small-sample check: T_pos / T_app's Student's t interval on the runs' log ratios
-    and :func:`h2_verdict`'s reading on it."""
-    return student_on_logs(_decisive_ratio(summary)["ratios"]), h2_verdict(summary, null_hi, student=True)
 
 
 H2_RULE = ("per learning rate, H2 holds when every run learns position (its training-cell plateau lies above the "
