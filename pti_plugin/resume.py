@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .atomic_io import save_safetensors_atomic, umask
+from .config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ class ResumedState:
         """The saved optimizer and scheduler state into ``optimizer`` (built over ``param_groups``) and
         ``lr_scheduler`` of ``stage`` (its name, for messages), after :func:`check_optimizer_groups`; what that
         check cannot foresee is refused naming ``key 'resume'`` too, not a traceback."""
-        from .config import ConfigError
 
         check_optimizer_groups(self.progress, self.optimizer, optimizer, param_groups)
         for saved, group in zip(self.optimizer["param_groups"], optimizer.param_groups):
@@ -117,7 +117,6 @@ def read_progress(folder: Path) -> SavedProgress:
     """Check that ``folder`` is a complete state folder and return its ``progress.json``.
 
     Raises ``ConfigError`` naming the folder and what is missing or broken."""
-    from .config import ConfigError
 
     if not folder.is_dir():
         raise ConfigError(f"key 'resume': {folder} is not a state folder")
@@ -146,7 +145,6 @@ def read_progress(folder: Path) -> SavedProgress:
 def check_resume_fits(folder: Path, stages) -> SavedProgress:
     """Before anything loads: refuse a state whose stage is not in ``stages`` (the run's resolved stages)
     or was saved by a stage of another kind or optimizer type; return its :class:`SavedProgress`."""
-    from .config import ConfigError
     from .optimizers import optimizer_key
 
     progress = read_progress(folder)
@@ -172,7 +170,6 @@ def check_optimizer_groups(progress: SavedProgress, saved_optimizer: dict[str, A
     stage's named groups): refuse, naming the groups, a state whose parameter groups differ (names and
     tensor counts when ``progress`` records them; the saved groups' sizes; and, for a state that does not
     record its ``optimizer_type``, option names this optimizer does not know)."""
-    from .config import ConfigError
 
     folder = progress.folder
     ours = [(g["name"], len(g["params"])) for g in param_groups]
@@ -210,7 +207,6 @@ def load_state(progress: SavedProgress, tensors: dict[str, torch.nn.Parameter]) 
     allow-listed unpickler); a state whose tensor names or shapes differ from this run's (another
     ``num_vectors_per_token``, ``network_dim``, LoRA targets) is refused naming the first difference.
     """
-    from .config import ConfigError
     from .formats.safe_load import load_safetensors, safe_torch_load
 
     folder = progress.folder
