@@ -32,11 +32,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.script_args import check_out_folder, positive_int  # noqa: E402
+from pti_plugin.script_args import argument_parser, check_out_folder, positive_int  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, action="append", default=None,
                         help="a protocol working folder (repeatable; default outputs/protocol)")
     parser.add_argument("--results", type=Path, default=None, help="also write detail_size.md and .json here")

@@ -39,13 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pti_plugin import ellipsoid as E  # noqa: E402
 from pti_plugin.atomic_io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from pti_plugin.input_checks import template_problem  # noqa: E402
-from pti_plugin.script_args import check_out_folder, device, finite_float_at_least, int_at_least, positive_int  # noqa: E402
+from pti_plugin.script_args import argument_parser, check_out_folder, device, finite_float_at_least, int_at_least, positive_int  # noqa: E402
 
 DEFAULT_OUT = "outputs/ellipsoid"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="@embedded", help="diffusers folder, single-file .safetensors/.ckpt, or @embedded")
     p.add_argument("--single_file_config", default="", help="config folder for a single-file checkpoint")
     p.add_argument("--tokenizer_path", default="", help="tokenizer folder for a single-file checkpoint")

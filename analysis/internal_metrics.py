@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.script_args import device, out_folder_problem, positive_int  # noqa: E402
+from pti_plugin.script_args import argument_parser, device, out_folder_problem, positive_int  # noqa: E402
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def parse_band(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", type=Path, nargs="+", help="folders whose sub-folders are finished runs")
     parser.add_argument("--out", type=Path, default=Path("outputs/internal_metrics"))
     parser.add_argument("--seeds", type=positive_int, default=16, help="sampling seeds per prompt")

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text  # noqa: E402
-from pti_plugin.script_args import int_at_least, out_folder_problem  # noqa: E402
+from pti_plugin.script_args import argument_parser, int_at_least, out_folder_problem  # noqa: E402
 from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
 from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
@@ -50,7 +50,7 @@ DEFAULT_OUT = Path("outputs/interpolation_paths")
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, PathSettings]:
     defaults = PathSettings()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=WEIGHTS_DIR, help="diffusers folder (default: the shipped toy weights)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--seeds", type=int_at_least(2, "an interval needs two sampling seeds"), default=None,

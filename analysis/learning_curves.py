@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
 from pti_plugin.atomic_io import atomic_write_text  # noqa: E402
-from pti_plugin.script_args import check_out_folder, device, finite_float_at_least, positive_int  # noqa: E402
+from pti_plugin.script_args import argument_parser, check_out_folder, device, finite_float_at_least, positive_int  # noqa: E402
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def tier(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (training output_dir), one per training seed")
     parser.add_argument("--seeds", type=positive_int, default=64, help="sampling seeds 0..N-1 per prompt and checkpoint")
     parser.add_argument("--steps", type=positive_int, default=SAMPLE_STEPS, help="DDIM steps per generation")

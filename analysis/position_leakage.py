@@ -52,7 +52,6 @@ summary. Runs on CUDA when available (``--device`` to choose).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -69,7 +68,7 @@ from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
 from pti_plugin.metrics.leakage import GROUPS, LeakageMeasurement, measure_position_leakage  # noqa: E402
 from pti_plugin.metrics.prompts import NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS  # noqa: E402
 from pti_plugin.metrics.run_model import load_run  # noqa: E402
-from pti_plugin.script_args import device, finite_float, int_at_least, positive_int  # noqa: E402
+from pti_plugin.script_args import argument_parser, device, finite_float, int_at_least, positive_int  # noqa: E402
 
 README_FRAGMENT = __doc__
 
@@ -230,7 +229,7 @@ def summary_lines(m: LeakageMeasurement) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="the training run's output_dir")
     parser.add_argument("--output_name", default=None, help="which run, when the folder holds several")
     parser.add_argument("--n_seeds", type=int_at_least(2, "diversity compares seeds"), default=8,

@@ -13,7 +13,6 @@ and ``.png``; the last line reads ``t_high=<f> t_low=<f> regulariser_coverage=<f
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
 from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
-from pti_plugin.script_args import positive_int  # noqa: E402
+from pti_plugin.script_args import argument_parser, positive_int  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the embedded toy world)")
     parser.add_argument("--seeds", type=positive_int, default=32, help="sampling seeds per prompt pair and switch point")
     parser.add_argument("--switch_every", type=positive_int, default=2, help="sampler steps between switch points")

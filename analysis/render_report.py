@@ -15,7 +15,6 @@ one: ``apt-get install chromium``) or an argument is wrong (no such page; a ``--
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -23,6 +22,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pti_plugin.script_args import argument_parser  # noqa: E402
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
@@ -81,7 +84,7 @@ def screenshot_ink(browser: str, page: Path, shot: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("page", type=Path)
     parser.add_argument("--screenshot", type=Path, default=None, help="where to keep the screenshot")
     parser.add_argument("--browser", default=None, help=f"browser executable (default: the first of {', '.join(BROWSERS)})")

@@ -28,7 +28,6 @@ then ``h3 --seeds 3`` its LoRA cells). ``--quick``: a few steps
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -36,13 +35,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.script_args import check_out_folder, number_list, positive_finite, positive_int  # noqa: E402
+from pti_plugin.script_args import argument_parser, check_out_folder, number_list, positive_finite, positive_int  # noqa: E402
 
 BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(description=__doc__.split("\n")[0])
     parser.add_argument("part", choices=("h1", "h2", "h3", "report", "all"))
     parser.add_argument("--results", type=Path, default=Path("analysis/results/research_protocol"),
                         help="report: where it is written; h1, h3: the cells its cell archives hold are not trained again")

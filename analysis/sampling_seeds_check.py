@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pti_plugin.script_args import out_folder_problem, positive_int  # noqa: E402
+from pti_plugin.script_args import argument_parser, out_folder_problem, positive_int  # noqa: E402
 from pti_plugin.toy_world.internal_metrics import INDEPENDENT, LEAKAGE_TRUTHS, LEAKAGE_VERSIONS  # noqa: E402
 
 SAME_GENERATIONS = LEAKAGE_TRUTHS[0]  # gt_leakage
@@ -32,7 +32,7 @@ CEILINGS = tuple((truth, INDEPENDENT) for truth in LEAKAGE_TRUTHS[:2])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("fewer", type=Path, help="internal_metrics.json scored with fewer sampling seeds")
     parser.add_argument("more", type=Path, help="internal_metrics.json of the same runs, more sampling seeds")
     parser.add_argument("--out", type=Path, required=True)

@@ -39,8 +39,8 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
-from pti_plugin.script_args import (check_out_folder, finite_float_at_least, number_list,  # noqa: E402
-                                    positive_finite, positive_int)
+from pti_plugin.script_args import (argument_parser, check_out_folder, finite_float_at_least,  # noqa: E402
+                                    number_list, positive_finite, positive_int)
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
 from pti_plugin.toy_world.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402
@@ -82,7 +82,7 @@ def premise_settings(parser: argparse.ArgumentParser, args) -> PremiseSettings:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=WEIGHTS_DIR, help="diffusers folder (default: shipped weights)")
     parser.add_argument("--prompts", type=positive_int, default=216, help="number of evaluation prompts (>= 1; 100 or more for a stable figure)")
     parser.add_argument("--two_tone_prompts", type=positive_int, default=72, help="number of two-tone evaluation prompts")

@@ -19,7 +19,6 @@ The last line reads ``gpu_check: <passed>/<cases> passed``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import importlib.util
@@ -35,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from pti_plugin.script_args import argument_parser  # noqa: E402
 
 CASES = {
     "fp16": {"mixed_precision": "fp16"},
@@ -112,7 +113,7 @@ def build_sdxl_architecture(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None, help="folder for the models and runs (default: a temporary one)")
     parser.add_argument("--sdxl_memory", action="store_true", help="also measure SDXL 1.0's architecture at 1024 px")
     args = parser.parse_args(argv)

@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from pti_plugin.config import build_config  # noqa: E402
 from pti_plugin.hooks import Plugin, register_plugin  # noqa: E402
 from pti_plugin.plugins.pivot_locality import PivotLocality  # noqa: E402
-from pti_plugin.script_args import int_at_least, positive_int  # noqa: E402
+from pti_plugin.script_args import argument_parser, int_at_least, positive_int  # noqa: E402
 
 register_plugin(PivotLocality)
 
@@ -200,7 +200,7 @@ def sd15(root: Path, steps: int, cached: bool) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="interleaved runs of each tiny-model config (>= 1; 5 or more for a stable median)")
     parser.add_argument("--tiny-steps", type=positive_int, default=3, help="measured steps per tiny run (after 1 warm-up; >= 1)")

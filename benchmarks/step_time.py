@@ -44,7 +44,6 @@ the measured steps, and the ratios use wall seconds and that memory instead of C
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import io
@@ -68,6 +67,7 @@ import torch  # noqa: E402
 
 from pti_plugin.hooks import Plugin, register_plugin  # noqa: E402
 from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
+from pti_plugin.script_args import argument_parser  # noqa: E402
 
 CAPTION = "an anime illustration of tok1"
 INIT_WORD = "character"
@@ -439,7 +439,7 @@ def report(results: dict[str, list[dict]], device: str = "cpu") -> dict[str, flo
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the toy world's shipped weights at 32 px")
     parser.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: random SD1.5 architecture)")
     parser.add_argument("--resolution", type=int, default=None, help="default 256 (--quick: 32)")

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from pti_plugin.script_args import device, positive_int
+from pti_plugin.script_args import argument_parser, device, positive_int
 
 
 def lora_tensors(rank: int, device: str) -> list[torch.nn.Parameter]:
@@ -39,7 +39,7 @@ def lora_tensors(rank: int, device: str) -> list[torch.nn.Parameter]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (>= 1)")
     parser.add_argument("--steps", type=positive_int, default=30, help="measured steps, after 3 warm-up steps (>= 1)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")

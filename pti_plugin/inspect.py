@@ -9,7 +9,6 @@ fits, 1 when some key does not or the format is unknown, 2 when the file cannot 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from .formats.embedding import EmbeddingFormatError, bundled_embedding_parts, lo
 from .formats.file_family import FILE_FAMILIES, file_family, file_formats, text_encoder_names
 from .formats.kohya_lora import BUNDLE_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, load_lora, unexpected_keys
 from .models.family import EmbeddingLayout, KeyTable
+from .script_args import argument_parser
 from .formats.safe_load import BadSafetensorsError, UnsafeFileError, safe_torch_load
 
 _MAX_VALUE_CHARS = 160
@@ -137,7 +137,7 @@ def describe(path: str | Path) -> tuple[list[str], int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: print the report for each FILE; the exit status is the worst of them."""
-    parser = argparse.ArgumentParser(prog="python -m pti_plugin.inspect", description=__doc__.splitlines()[0])
+    parser = argument_parser(prog="python -m pti_plugin.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", metavar="FILE")
     args = parser.parse_args(argv)
     status = 0

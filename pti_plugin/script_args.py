@@ -7,7 +7,8 @@ with its usage error (``parser.error``: exit 2, the option named). The rules wri
   :func:`finite_float_at_least` (NaN and inf refused), :func:`device` (a torch device this machine has);
 - comma-separated lists: :func:`number_list` and :func:`positive_finite` (learning rates and weights);
 - :func:`out_folder_problem` / :func:`check_out_folder`: an output folder that exists as a file, or lies
-  under a file, or whose nearest existing parent cannot be written.
+  under a file, or whose nearest existing parent cannot be written;
+- :func:`argument_parser`: every script's parser, which takes a flag only as typed in full.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import argparse
 import math
 import os
 from pathlib import Path
+
+
+def argument_parser(description: str | None = None, **kwargs) -> argparse.ArgumentParser:
+    """A script's parser. A flag is taken only as typed in full: argparse's default reads a prefix as the one
+    flag it begins, so another script's flag or a slip was taken silently as something else (``--gpus 2`` as
+    the bench's ``--gpus_per_run 2``); now it is an unrecognised argument (exit 2, the flag named)."""
+    return argparse.ArgumentParser(description=description, allow_abbrev=False, **kwargs)
 
 
 def int_at_least(minimum: int, why: str = ""):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
 
 from pti_plugin.script_args import (check_out_folder, device, device_problem, finite_float, finite_float_at_least,
                                     int_at_least, out_folder_problem, positive_int)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parser(**types) -> argparse.ArgumentParser:
@@ -86,3 +89,26 @@ def test_check_out_folder_names_the_option(tmp_path, capsys):
         check_out_folder(parser, afile / "sub", "--results")
     assert stop.value.code == 2
     assert f"--results {afile / 'sub'}: cannot be created" in capsys.readouterr().err
+
+
+def test_a_flag_is_taken_only_as_typed_in_full(capsys):
+    """argparse reads a prefix as the flag it begins: the bench took ``--gpus 2`` (lr_sweep's flag) as
+    ``--gpus_per_run 2``, and the protocol ``--see 3`` as ``--seeds 3``. Both are now unrecognised."""
+    import runpy
+
+    from pti_plugin.sweeps.bench import parse_args as bench_args
+
+    protocol_args = runpy.run_path(str(ROOT / "analysis" / "research_protocol.py"))["parse_args"]
+    for parse, argv, flag in ((bench_args, ["--gpus", "2"], "--gpus"), (protocol_args, ["h1", "--see", "3"], "--see")):
+        with pytest.raises(SystemExit) as stop:
+            parse(argv)
+        assert stop.value.code == 2
+        assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_every_script_builds_its_parser_through_argument_parser():
+    """The rule above is written once (``argument_parser``); a script that builds its own parser escapes it."""
+    scripts = [p for folder in ("analysis", "benchmarks", "pti_plugin") for p in (ROOT / folder).rglob("*.py")]
+    own = [str(p.relative_to(ROOT)) for p in scripts
+           if "argparse.ArgumentParser(" in p.read_text(encoding="utf-8") and p.name != "script_args.py"]
+    assert own == [], own

@@ -62,7 +62,6 @@ scores reused, so an interrupted bench continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -81,7 +80,7 @@ from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correl
                                             write_csv)
 from pti_plugin.sweeps.engines import add_engine_arguments
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
-from pti_plugin.script_args import check_out_folder, positive_int
+from pti_plugin.script_args import argument_parser, check_out_folder, positive_int
 from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, run_dir_finished, seed_count
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix
@@ -278,7 +277,7 @@ def _make_reg_images(run_dir: Path, class_word: str, folder: Path, count: int, a
 
 # ---------------------------------------------------------------------- main
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", type=Path, default=ROOT / "presets" / "research_bench.toml")
     parser.add_argument("--out", type=Path, default=Path("outputs/research_bench"))
     parser.add_argument("--set", dest="sets", action="append", default=[],
@@ -305,7 +304,7 @@ def parse_args(argv):
                         help="a light run keeps at least this fraction of the pivot's GT editability")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
     parser.add_argument("--device", default=None)
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, gpus_flag=False)
     args = parser.parse_args(argv)
     check_out_folder(parser, args.out)
     args.out = args.out.resolve()

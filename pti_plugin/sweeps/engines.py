@@ -106,10 +106,12 @@ def run_on_ray(jobs: list[Job], address: str | None, gpus_per_run: float | None)
             ray.shutdown()
 
 
-def add_engine_arguments(parser) -> None:
+def add_engine_arguments(parser, gpus_flag: bool = True) -> None:
+    """``--engine``, ``--address``, ``--gpus_per_run``; ``gpus_flag``: the script has ``--gpus`` (local: one
+    process per GPU)."""
+    local = "in this process, or one process per GPU with --gpus" if gpus_flag else "in this process"
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
-                        help='local (default: in this process, or one process per GPU with --gpus) or ray '
-                             '(each run a Ray task; pip install -e ".[cluster]")')
+                        help=f'local (default: {local}) or ray (each run a Ray task; pip install -e ".[cluster]")')
     parser.add_argument("--address", default=None, help="--engine ray: a running Ray cluster (auto, ray://host:10001); "
                                                         "default: a local Ray started for the sweep")
     parser.add_argument("--gpus_per_run", type=float, default=None,

@@ -82,14 +82,14 @@ from pathlib import Path
 from pti_plugin.config import ConfigError, apply_overrides, load_preset_dict
 from pti_plugin.sweeps.engines import add_engine_arguments, engine_from_args
 from pti_plugin.sweeps.evaluation import eval_settings, evaluate_one, evaluate_runs
-from pti_plugin.script_args import check_out_folder, int_at_least, positive_int
+from pti_plugin.script_args import argument_parser, check_out_folder, int_at_least, positive_int
 from pti_plugin.sweeps.plan import parse_lrs, plan_pivot, plan_runs, seed_count, training_seed_indices
 from pti_plugin.sweeps.report import write_report
 from pti_plugin.sweeps.runner import train_sweep, visible_gpus
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", required=True, type=Path)
     parser.add_argument("--stage", required=True, choices=("inversion", "lora"))
     parser.add_argument("--lrs", required=True, type=parse_lrs, help="comma-separated learning rates")

@@ -36,7 +36,6 @@ the run after the current step with a checkpoint (continue with ``--resume``).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -55,6 +54,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from pti_plugin.models.word_vocab import BASE_WORDS, build_vocab, write_tokenizer_files
+from pti_plugin.script_args import argument_parser
 
 from .detectors import score_generations
 from .recipe_config import GUIDANCE, SAMPLE_STEPS, RecipeConfig, atomic_save, log
@@ -388,7 +388,7 @@ def run(out: Path, cfg: RecipeConfig, minutes: float | None, max_steps: int | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, model/)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="training-loop minutes in total, across resumes (default 90 unless --steps is given)")
