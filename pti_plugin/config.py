@@ -136,7 +136,7 @@ class Config:
     in_json: str = doc("kohya fine-tuning metadata JSON: captions/tags of the images in train_data_dir.", "")
     dataset_repeats: int = doc("Repeats of the in_json images.", 1)
     cache_latents: bool = doc("Encode every image once and keep the latents in memory.", False)
-    cache_latents_to_disk: bool = doc("Like cache_latents, and keep the cache in <image>.pti_latents.safetensors files.", False)
+    cache_latents_to_disk: bool = doc("Like cache_latents, and keep the cache beside each image in <stem>.<w>x<h>[.flip].<key>.pti_latents.safetensors files.", False)
     cache_text_encoder_outputs: bool = doc("In stages whose text side is frozen (no pivot, no text-encoder LoRA training), encode each distinct caption once and reuse its conditioning (kohya's option; exact for any caption augmentation, since the key is the final caption).", False)
     max_data_loader_n_workers: int = doc("Worker processes that read and augment the images of upcoming batches (0 = in the training process); results are identical for any number.", 0)
     persistent_data_loader_workers: bool = doc("Keep the data-loader workers from one stage to the next (with max_data_loader_n_workers > 0).", False)
