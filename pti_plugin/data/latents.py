@@ -6,7 +6,7 @@ cached and uncached paths give bit-identical latents. Draws with ``color_aug``/`
 they cannot be cached, and the dataset refuses them together with ``cache_latents``.
 
 The disk cache (``cache_latents_to_disk``) keeps each latent beside its image in
-``<image>.<w>x<h>[.flip].<key>.pti_latents.safetensors``; ``key`` digests what the latent depends
+``<stem>.<w>x<h>[.flip].<key>.pti_latents.safetensors``; ``key`` digests what the latent depends
 on: the VAE's weights (names, dtypes, shapes and values: :func:`module_digest`), the seed of the
 posterior draw and the image file's bytes. A different VAE, seed or image therefore never reuses a
 stale latent; it writes its own file beside the others.
