@@ -94,6 +94,8 @@ def validate_config(config: Config, check_paths: bool) -> None:
                                                       f"{config.num_vectors_per_token}")
     if len(config.init_words) not in (1, config.num_vectors_per_token):
         raise ConfigError.at("init_word", " lists one word, or one word per vector (num_vectors_per_token)")
+    if not config.output_dir.strip():  # before: the run wrote into the current folder without a word
+        raise ConfigError.at("output_dir", " is empty: give the folder for the run's files ('.' for the current one)")
     if Path(config.output_name).name != config.output_name or not config.output_name:
         raise ConfigError.at("output_name", f" must be a plain file name, got {config.output_name!r}")
     if config.output_name == config.token_string:
@@ -192,6 +194,23 @@ def check_stage_schedules(parsed: Config, config: Config) -> None:
         if problem := scheduler_problem(stage.lr_scheduler, stage.learning_rate, stage.lr_scheduler_num_cycles,
                                         stage.lr_scheduler_power):
             raise ConfigError.at(where("lr_scheduler"), f": stage {stage.index} {stage.name!r}: {problem}")
+
+
+def check_resume_within_stage(progress, stages) -> None:
+    """A resumed state (``progress``: its :class:`~pti_plugin.resume.SavedProgress`, or None) lies within its stage
+    of the resolved ``stages``: one saved past the end of the stage as this run sets it (a stage shortened since) is
+    refused. Before, the rest of that stage was skipped silently and the run went on as the saved one had."""
+    if progress is None:
+        return
+    stage = stages[progress.stage_index]
+    if progress.stage_step > stage.steps:
+        how = (f"stages.{stage.index}.max_train_epochs" if stage.max_train_epochs is not None else
+               f"--set stages.{stage.index}.steps={progress.stage_step} or more")
+        raise ConfigError(
+            f"key 'resume': state {progress.folder} is at step {progress.stage_step} of stage {stage.index} "
+            f"({stage.name!r}), but this run's stage {stage.index} has {stage.steps} step(s); resume with the stage as "
+            f"long as when it was saved or longer ({how})"
+        )
 
 
 def with_kohya_tracker(config: Config) -> Config:

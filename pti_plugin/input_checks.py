@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 #: temporary-file wrapping of an atomic write: ``.<name>-interrupted-step00000000.safetensors.XXXXXXXX.tmp``.
 _LONGEST_ADDITION = len(".-interrupted-step00000000.safetensors.XXXXXXXX.tmp")
 _FILE_NAME_FORBIDDEN = set('/\\:*?"<>|')
+#: Windows device names: a file whose name is one of them before its first dot (``NUL.safetensors``) cannot be made
+#: or copied there (writes go to the device); the rule of Python's ``ntpath.isreserved``.
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {f"{p}{i}" for p in ("COM", "LPT") for i in
+                                                                       [*"123456789", "\u00b9", "\u00b2", "\u00b3"]}
 _MAX_SEED = 2**63 - 1
 _FLOAT32_MAX = 3.4028234663852886e38  # training runs in float32 at most
 #: Denoising steps a sample may take: the schedulers refuse more than the 1000 training timesteps of SD1.5/SDXL
@@ -155,6 +159,9 @@ def check_name_fits(key: str, name: str, limit: int = 255) -> None:
         raise ConfigError.at(key, f" = {name!r} contains {shown}, which cannot be part of a file name")
     if name in (".", "..") or name != name.strip():
         raise ConfigError.at(key, f" = {name!r} is not a usable file name")
+    if name.partition(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+        raise ConfigError.at(key, f" = {name!r} is a device name on Windows ({name.partition('.')[0]}): files named "
+                                  f"{name}.safetensors cannot be made or copied there; choose another name")
     room = limit - _LONGEST_ADDITION
     if len(name.encode("utf-8")) > room:
         raise ConfigError.at(key, f" is {len(name.encode('utf-8'))} bytes long; file names built from it "

@@ -127,13 +127,24 @@ class RunFiles:
             taken += [p for _, p in steps if p not in taken]
         if taken:
             latest = max(states)[1] if states else None
-            resume = (f"; to continue the earlier run: --preset {self.config_toml} --resume {latest}"
-                      if latest is not None and self.config_toml.exists() and not resuming else "")
+            resume = (self._continue_hint(latest) if latest is not None and self.config_toml.exists() and not resuming
+                      else "")
             raise ConfigError(
                 f"output_dir {self.output_dir} already holds {taken[0].name}, which this run would write "
                 f"(output_name {self.output_name!r}, token {self.token!r}); choose another output_name/token_string "
                 f"or output_dir, move the earlier files away, or set overwrite = true (--overwrite){resume}"
             )
+
+    def _continue_hint(self, latest: Path) -> str:
+        """The command that continues the earlier run from its ``latest`` state, into this folder (its config names the
+        folder it ran in, which differs once the folder is moved or copied). Where the earlier run wrote its final
+        LoRA or embedding (it finished, or was stopped during its final save), a resume would write them again, so the
+        command needs ``--overwrite`` (before, the suggested command was refused in turn) and says what it replaces."""
+        command = f"--preset {self.config_toml} --resume {latest} --output_dir {self.output_dir}"
+        final = [p.name for p in (self.lora(), self.embedding()) if p.exists()]
+        if not final:
+            return f"; to continue the earlier run: {command}"
+        return f"; to continue the earlier run, replacing its final {' and '.join(final)}: {command} --overwrite"
 
 
 def write_lora_and_embedding(

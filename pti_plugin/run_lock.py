@@ -7,6 +7,11 @@ start, naming the running process. The operating system drops the lock when its 
 however it dies, so a lock file left by a killed run (SIGKILL, power loss) is recognised as stale,
 named in a warning and taken over. The lock file is removed when the run ends.
 
+``RunLocks`` takes one such lock for every name a run's files start with: its ``output_name`` (the LoRA, config,
+log, states) and its ``token_string`` (the embedding files), so two runs in one folder that differ in one of them
+but share the other are refused at start too (before, the later run's final save met the earlier run's embedding
+and was refused, losing every step it had trained). Each lock file records the key its run uses the name for.
+
 ``exclusive_while_made`` is the blocking counterpart for a product several processes may start to
 make at once (a sweep's regularisation images): the second waits for the first, then finds the
 product made.
@@ -40,8 +45,9 @@ except ImportError:  # Windows: no flock; the lock is then the file's existence 
 class RunLock:
     """The exclusive claim of one run on ``output_dir/output_name``; use as a context manager."""
 
-    def __init__(self, output_dir: Path, output_name: str):
+    def __init__(self, output_dir: Path, output_name: str, key: str = "output_name"):
         self.path = Path(output_dir) / f"{output_name}.lock"
+        self.key = key  # what the run uses the name for: "output_name" or "token_string"
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -53,12 +59,14 @@ class RunLock:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
-                    owner = _read_owner(fd)
+                    owner, held_as = _read_owner(fd), _read_key(fd)
                     os.close(fd)
+                    clash = ("" if held_as == self.key else
+                             f", whose files this run's {self.key} {self.path.stem!r} would overwrite")
                     raise ConfigError(
-                        f"another run is writing to {self.path.parent} with output_name {self.path.stem!r} "
-                        f"({owner}; lock file {self.path}); wait for it to finish, or choose another "
-                        "output_name or output_dir"
+                        f"another run is writing to {self.path.parent} with {held_as} {self.path.stem!r} "
+                        f"({owner}; lock file {self.path}){clash}; wait for it to finish, or choose another "
+                        f"{self.key} or output_dir"
                     ) from None
                 if not _same_file(fd, self.path):
                     os.close(fd)
@@ -67,7 +75,7 @@ class RunLock:
             if stale:
                 logger.warning("taking over the lock %s left by %s, which is no longer running", self.path, stale)
             os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "key": self.key}).encode())
             os.fsync(fd)
             self._fd = fd
             return
@@ -88,6 +96,29 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class RunLocks:
+    """The :class:`RunLock` of each name a run's files start with (``{"output_name": ..., "token_string": ...}``),
+    taken in order; when one is held by another run, those already taken are released and its error raised."""
+
+    def __init__(self, output_dir: Path, names: dict[str, str]):
+        self.locks = [RunLock(output_dir, name, key) for key, name in names.items()]
+
+    def acquire(self) -> None:
+        taken: list[RunLock] = []
+        try:
+            for lock in self.locks:
+                lock.acquire()
+                taken.append(lock)
+        except BaseException:
+            for lock in reversed(taken):
+                lock.release()
+            raise
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
 
 
 @contextlib.contextmanager
@@ -113,6 +144,16 @@ def _read_owner(fd: int, default: str = "a process that did not say which") -> s
         return f"process {owner['pid']} on {owner['host']}"
     except (OSError, ValueError, KeyError, TypeError):
         return default
+
+
+def _read_key(fd: int) -> str:
+    """The key the lock's holder uses its name for (lock files written before this was recorded: ``output_name``)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        key = json.loads(os.read(fd, 4096).decode("utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return "output_name"
+    return key if key in ("output_name", "token_string") else "output_name"
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write_text
 from .config import EMBEDDED, Config, ConfigError, network_args
+from .config_checks import check_resume_within_stage
 from .data.batch_source import DrawSettings, MicroBatchDraws, MicroBatchStream
 from .data.captions import expand_token, warn_long_captions
 from .data.dataset import ImageItem, load_subsets
@@ -48,7 +49,7 @@ from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process, 
 from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import check_resume_fits, load_state, save_state
-from .run_lock import RunLock, clean_leftover_temporaries
+from .run_lock import RunLocks, clean_leftover_temporaries
 from .sampling import sample_during_training
 from .text_cache import TextConditioningCache
 from .weight_guard import WeightGuard
@@ -120,6 +121,7 @@ class Trainer:
         self.global_batch = config.train_batch_size * self.accelerator.num_processes * config.gradient_accumulation_steps
         steps_per_epoch = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, 0).batches_per_epoch
         self.config = config = with_epoch_steps(config, steps_per_epoch)  # the last resolution step, before any model loads
+        check_resume_within_stage(self._resume_progress, config.stages)
 
         base = load_base_model(
             config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
@@ -225,10 +227,10 @@ class Trainer:
                        "the device is the CPU, so they leave process memory until a sample reads them")
 
     def _claim_outputs(self, output_dir: Path) -> None:
-        """Lock this run's names in ``output_dir`` (a second run is refused), remove a killed run's
-        temporaries, and refuse to overwrite an earlier run's files."""
+        """Lock this run's names in ``output_dir``, its output_name's and its token's (a second run writing either is
+        refused), remove a killed run's temporaries, and refuse to overwrite an earlier run's files."""
         config = self.config
-        self._lock = RunLock(output_dir, config.output_name)
+        self._lock = RunLocks(output_dir, {"output_name": config.output_name, "token_string": config.token_string})
         self._lock.acquire()
         clean_leftover_temporaries(output_dir, config.output_name, config.token_string)
         resumed_step = self._resume_progress.global_step if self._resume_progress else None
@@ -314,8 +316,8 @@ class Trainer:
             progress = resumed.progress
             start_stage, start_step, self.state.global_step = progress.stage_index, progress.stage_step, progress.global_step
             self._info(f"resumed from {config.resume}: stage {start_stage}, step {start_step}")
-        if self.accelerator.is_main_process and not config.resume:
-            atomic_write_text(self.files.config_toml, toml.dumps(resolved_dict(config)))
+        if self.accelerator.is_main_process and not (config.resume and self.files.config_toml.exists()):
+            atomic_write_text(self.files.config_toml, toml.dumps(resolved_dict(config)))  # a resume elsewhere too
         first_samples = []
         if config.sample_prompts and config.sample_at_first and not config.resume:
             first_samples = sample_during_training(self.sample, "first", self._on_signal)
@@ -323,7 +325,10 @@ class Trainer:
             first_step = start_step if stage_index == start_stage else 0
             self._run_stage(stage_index, first_step, resumed if stage_index == start_stage else None)
         outputs = self._save(with_state=config.save_state)  # kohya's save_state saves the state at the end too
-        if config.sample_prompts:
+        if self._signal:  # during the final save: the files are complete, so the run ends here
+            self._info(f"{signal.Signals(self._signal).name} received during the final save: the files are saved; "
+                       "stopping without the final samples")
+        elif config.sample_prompts:
             outputs["samples"] = sample_during_training(self.sample, "final", self._on_signal)
             if first_samples and outputs["samples"] and self.accelerator.is_main_process:
                 from .sampling import write_grid

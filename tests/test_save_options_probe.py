@@ -1,0 +1,211 @@
+"""Saving and outputs as a kohya user drives them: where the run writes, what names it may take, what a rerun or a
+resume into a folder that holds earlier files does, and a signal during the final save. Each test gives the
+command-line input and checks the exit code, the message and that earlier files are untouched byte for byte."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import toml
+from safetensors.torch import load_file
+
+from pti_plugin.cli import main
+from pti_plugin.hooks import Plugin, register_plugin
+
+from .test_reliability import REPO, _assert_clean, _cli, _output_state, short  # noqa: F401 (short: fixture)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _main(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    seen = capsys.readouterr()
+    return code, seen.out + seen.err
+
+
+@register_plugin
+class SignalAtStep(Plugin):
+    """Sends this process SIGINT after optimizer step ``at_step`` (``during_save``: while the save after it runs)."""
+
+    name = "test_signal_at_step"
+
+    @dataclasses.dataclass
+    class Options:
+        at_step: int = 2
+        during_save: bool = False
+
+    def on_step_end(self, state, logs) -> None:
+        if state.global_step == self.options.at_step and not self.options.during_save:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_before_save(self, state, files) -> None:
+        if state.global_step == self.options.at_step and self.options.during_save:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny_model, tiny_dataset, tmp_path_factory) -> tuple[dict, Path]:
+    """A finished 2-step run that saved the LoRA, embedding and state at step 1 and at the end (step 2)."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    raw = {"pretrained_model_name_or_path": str(tiny_model), "train_data_dir": str(tiny_dataset), "resolution": 32,
+           "output_dir": str(out), "train_batch_size": 2, "log_every_n_steps": 1, "network_dim": 4,
+           "network_alpha": 4.0, "save_every_n_steps": 1, "save_state": True,
+           "stages": [{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "steps": 2}]}
+    path = out.parent / "preset.toml"
+    path.write_text(toml.dumps(raw))
+    assert main(["--preset", str(path)]) == 0
+    assert (out / "pti-state-step00000001").is_dir() and (out / "pti-state-step00000002").is_dir()
+    return raw, out
+
+
+def _copy_of(saved_run, tmp_path: Path) -> tuple[dict, Path]:
+    raw, out = saved_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return raw | {"output_dir": str(copy)}, copy
+
+
+# ----------------------------------------------------------------------------- names and folders
+
+def test_an_empty_output_dir_is_refused_instead_of_writing_into_the_current_folder(short, tmp_path, capsys, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, seen = _cli(short(), tmp_path, capsys, ["--output_dir", ""])
+    assert code == 2, seen
+    assert "--output_dir (command line) is empty" in seen and "Traceback" not in seen
+    assert list(here.iterdir()) == []
+
+
+@pytest.mark.parametrize("key, name", [("output_name", "CON"), ("output_name", "nul"), ("output_name", "com1.v2"),
+                                       ("output_name", "Aux"), ("token_string", "LPT1")])
+def test_a_windows_device_name_is_refused_for_the_names_files_take(key, name, short, tmp_path, capsys):
+    out = tmp_path / "out"
+    before = _output_state(out)
+    code, seen = _cli(short(), tmp_path, capsys, [f"--{key}", name])
+    assert code == 2, seen
+    assert f"--{key} (command line) = {name!r}" in seen and "Windows" in seen and "Traceback" not in seen
+    _assert_clean(out, before)
+    assert sorted(_output_state(out)) == ["earlier-run.safetensors"]
+
+
+# ----------------------------------------------------------------------------- two runs at once
+
+def test_a_run_that_would_write_a_running_runs_files_is_refused_at_start(preset, tmp_path, capsys):
+    """A real first process (output_name 'a', token 'tok1'), paused while it trains; a second run into the same folder
+    whose token or output_name names the first's files is refused at start, and the first then saves its work.
+    Before: the second finished, and the first trained every step, then lost them all at its final save."""
+    out = tmp_path / "out"
+    raw = preset(output_dir=str(out), output_name="a", stages=[{"kind": "inversion", "steps": 4}])
+    (tmp_path / "a.toml").write_text(toml.dumps(raw))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    first = subprocess.Popen([sys.executable, str(REPO / "train_pti.py"), "--preset", str(tmp_path / "a.toml")],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("*.lock")) and first.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.5)  # both of the first run's locks taken
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        same_token = _cli(raw | {"output_name": "b"}, tmp_path, capsys)
+        name_is_token = _cli(raw | {"output_name": "tok1", "token_string": "zxq"}, tmp_path, capsys)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=600)
+    for code, seen in (same_token, name_is_token):
+        assert code == 2, seen
+        assert f"another run is writing to {out} with token_string 'tok1' (process {first.pid} on" in seen, seen
+        assert "Traceback" not in seen
+    assert "this run's output_name 'tok1' would overwrite" in name_is_token[1]
+    assert first.returncode == 0, err[-2000:]
+    assert load_file(out / "a.safetensors") and load_file(out / "tok1.safetensors")
+    assert sorted(p.name for p in out.iterdir()) == ["a.config.toml", "a.log.jsonl", "a.safetensors", "tok1.safetensors"]
+
+
+# ----------------------------------------------------------------------------- reruns and resumes
+
+@pytest.mark.parametrize("left", ["finished", "killed_between_lora_and_embedding"])
+def test_the_command_a_refused_rerun_suggests_runs(left, saved_run, tmp_path, capsys):
+    """A rerun into a folder holding a run that finished, or that was killed during its final save (the LoRA written,
+    not the embedding nor the final state), is refused untouched; the command it suggests then runs, in that folder
+    (a copy here: its config names the original folder, which stays untouched). Before: that command was refused
+    too (the folder holds the final LoRA)."""
+    original = _digests(saved_run[1])
+    raw, out = _copy_of(saved_run, tmp_path)
+    if left != "finished":
+        (out / "tok1.safetensors").unlink()
+        shutil.rmtree(out / "pti-state-step00000002")
+    before = _digests(out)
+    code, seen = _cli(raw, tmp_path, capsys)
+    assert code == 2 and "already holds pti.safetensors" in seen, seen
+    assert _digests(out) == before
+    command = seen.split("to continue the earlier run")[1].split(": ", 1)[1].split()
+    assert command[command.index("--resume") + 1] == str(out / ("pti-state-step00000002" if left == "finished"
+                                                                 else "pti-state-step00000001"))
+    code, seen = _main(command, capsys)
+    assert code == 0, seen
+    assert load_file(out / "pti.safetensors") and load_file(out / "tok1.safetensors")
+    assert _digests(saved_run[1]) == original
+
+
+def test_a_run_resumed_into_another_folder_records_its_config_there_and_its_resume_command_runs(saved_run, tmp_path,
+                                                                                                 capsys):
+    """Resuming another run's state into a new output_dir writes the resolved config there, which the printed resume
+    command of that run names. Before: no config was written, and that command failed (preset not found)."""
+    raw, first = saved_run
+    before = _digests(first)
+    elsewhere = tmp_path / "elsewhere"
+    longer = raw | {"output_dir": str(elsewhere), "resume": str(first / "pti-state-step00000001"),
+                    "stages": [raw["stages"][0] | {"steps": 3}], "plugins": {"test_signal_at_step": {"at_step": 2}}}
+    code, seen = _cli(longer, tmp_path, capsys)
+    assert code == 130, seen
+    assert toml.loads((elsewhere / "pti.config.toml").read_text())["output_dir"] == str(elsewhere)
+    command = re.search(r"resume with: accelerate launch train_pti.py (.*)", seen).group(1).split()
+    code, seen = _main(command, capsys)
+    assert code == 0, seen
+    assert load_file(elsewhere / "pti.safetensors") and load_file(elsewhere / "tok1.safetensors")
+    assert _digests(first) == before
+
+
+def test_a_state_past_the_end_of_its_stage_is_refused_naming_both_step_counts(saved_run, tmp_path, capsys):
+    """The final state (step 2 of a 2-step stage) resumed with the stage shortened to 1 step. Before: the stage was
+    skipped silently and the run ended as if it had the saved stage's length."""
+    raw, first = saved_run
+    state = first / "pti-state-step00000002"
+    elsewhere = tmp_path / "elsewhere"
+    code, seen = _cli(raw | {"output_dir": str(elsewhere), "resume": str(state)}, tmp_path, capsys,
+                      ["--set", "stages.0.steps=1"])
+    assert code == 2, seen
+    assert "key 'resume'" in seen and str(state) in seen and "step 2 of stage 0" in seen and "1 step" in seen, seen
+    assert "Traceback" not in seen
+    assert not (elsewhere / "pti.safetensors").exists() and not (elsewhere / "pti.log.jsonl").exists()
+
+
+def test_a_signal_during_the_final_save_keeps_the_files_and_skips_the_final_samples(preset, tmp_path, capsys):
+    """Ctrl-C while the final files are written: they are complete, the run stops there and says so. Before: the
+    signal was ignored, the final samples (minutes on a real model) were drawn, and nothing was said."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("tok1 --s 2\n")
+    out = tmp_path / "out"
+    raw = preset(output_dir=str(out), save_state=True, sample_prompts=str(prompts),
+                 stages=[{"kind": "inversion", "steps": 2}],
+                 plugins={"test_signal_at_step": {"at_step": 2, "during_save": True}})
+    code, seen = _cli(raw, tmp_path, capsys)
+    assert code == 0, seen
+    assert "SIGINT received during the final save" in seen and "Traceback" not in seen
+    assert load_file(out / "pti.safetensors") and load_file(out / "tok1.safetensors")
+    assert (out / "pti-state-step00000002" / "progress.json").is_file()
+    assert not list(out.glob("samples/pti-final-*"))
