@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -113,6 +114,15 @@ def save_state(
 _STATE_FILES = ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt", "progress.json")
 
 
+def _states_inside(folder: Path) -> str:
+    """When ``folder`` is a run's output folder (it holds state folders, ``*-state-*``), the hint naming the latest."""
+    states = [p for p in folder.glob("*-state-*") if p.is_dir() and (p / "progress.json").is_file()]
+    if not states:
+        return ""
+    latest = max(states, key=lambda p: (int(m.group(1)) if (m := re.search(r"step(\d+)$", p.name)) else -1, p.name))
+    return f"; it is a run's folder holding {len(states)} state folder(s): to continue, --resume {latest} (the latest saved)"
+
+
 def read_progress(folder: Path) -> SavedProgress:
     """Check that ``folder`` is a complete state folder and return its ``progress.json``.
 
@@ -122,7 +132,8 @@ def read_progress(folder: Path) -> SavedProgress:
         raise ConfigError(f"key 'resume': {folder} is not a state folder")
     missing = [n for n in _STATE_FILES if not (folder / n).is_file()]
     if missing:
-        raise ConfigError(f"key 'resume': {folder} is not a pti-plugin state folder: missing {', '.join(missing)}")
+        raise ConfigError(f"key 'resume': {folder} is not a pti-plugin state folder: missing {', '.join(missing)}"
+                          + _states_inside(folder))
     path = folder / "progress.json"
     try:
         progress = json.loads(path.read_text(encoding="utf-8"))

@@ -209,3 +209,12 @@ def test_a_signal_during_the_final_save_keeps_the_files_and_skips_the_final_samp
     assert load_file(out / "pti.safetensors") and load_file(out / "tok1.safetensors")
     assert (out / "pti-state-step00000002" / "progress.json").is_file()
     assert not list(out.glob("samples/pti-final-*"))
+
+
+def test_resuming_a_run_folder_instead_of_its_state_names_the_latest_state(saved_run, tmp_path, capsys):
+    """``--resume`` of the run's output folder (a kohya habit: its states sit inside) names the state to give."""
+    raw, first = saved_run
+    code, seen = _cli(raw | {"output_dir": str(tmp_path / "elsewhere"), "resume": str(first)}, tmp_path, capsys)
+    assert code == 2, seen
+    assert "key 'resume'" in seen and "not a pti-plugin state folder" in seen, seen
+    assert f"--resume {first / 'pti-state-step00000002'}" in seen, seen
