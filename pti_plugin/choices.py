@@ -29,6 +29,13 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "sdpa": (False, True),
     "model_family": ("auto", "sd15", "sdxl"),
 }
+#: Why values kohya accepts are refused here: (key, values) -> the reason, added to the "must be one of" message.
+_KOHYA_VALUES_REFUSED = {
+    ("save_model_as", ("ckpt", "pt")): "those are pickles, which a UI can only load by running their code; "
+                                       "every UI reads the LoRA and embedding as safetensors",
+    ("save_model_as", ("diffusers", "diffusers_safetensors")): "those are kohya's formats for a whole fine-tuned model; "
+                                                               "this trains a LoRA and an embedding",
+}
 #: Packages a choice needs (besides the install's own), and the pip name that brings them.
 _NEEDS = {("log_with", "tensorboard"): (("tensorboard", "tensorboardX"), "tensorboard")}
 
@@ -40,7 +47,8 @@ def installed(*modules: str) -> bool:
 def choice_problem(key: str, value: Any) -> ConfigError | None:
     """Why the top-level ``key = value`` cannot run here (None when it can)."""
     if value not in CHOICES[key]:
-        return ConfigError.at(key, f" must be one of {list(CHOICES[key])}, got {value!r}")
+        why = next((f" ({reason})" for (k, values), reason in _KOHYA_VALUES_REFUSED.items() if k == key and value in values), "")
+        return ConfigError.at(key, f" must be one of {list(CHOICES[key])}, got {value!r}{why}")
     modules, pip = _NEEDS.get((key, value), ((), ""))
     if modules and not installed(*modules):
         return ConfigError.at(key, f' = "{value}" needs the {pip} package (pip install {pip})')

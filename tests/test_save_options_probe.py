@@ -218,3 +218,9 @@ def test_resuming_a_run_folder_instead_of_its_state_names_the_latest_state(saved
     assert code == 2, seen
     assert "key 'resume'" in seen and "not a pti-plugin state folder" in seen, seen
     assert f"--resume {first / 'pti-state-step00000002'}" in seen, seen
+
+
+@pytest.mark.parametrize("value, reason", [("ckpt", "pickles"), ("pt", "pickles"), ("diffusers", "whole fine-tuned model")])
+def test_a_save_format_kohya_accepts_is_refused_with_the_reason(value, reason, capsys):
+    code, seen = _main(["--save_model_as", value], capsys)
+    assert code == 2 and "--save_model_as" in seen and repr(value) in seen and reason in seen, seen
