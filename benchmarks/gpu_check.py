@@ -64,7 +64,7 @@ def run_case(model: Path, data: Path, out: Path, options: dict, stages: list[dic
     """One run; returns its wall seconds per step (loading included), peak CUDA memory (GiB) and whether the outputs are finite."""
     from safetensors.torch import load_file
 
-    from pti_plugin.config import build_config
+    from pti_plugin.config_loading import build_config
     from pti_plugin.trainer import Trainer
 
     raw = {"pretrained_model_name_or_path": str(model), "train_data_dir": str(data), "resolution": resolution,

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from pti_plugin.config import build_config  # noqa: E402
+from pti_plugin.config_loading import build_config  # noqa: E402
 from pti_plugin.hooks import Plugin, register_plugin  # noqa: E402
 from pti_plugin.plugins.pivot_locality import PivotLocality  # noqa: E402
 from pti_plugin.script_args import argument_parser, int_at_least, positive_int  # noqa: E402

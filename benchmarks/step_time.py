@@ -233,7 +233,7 @@ def trainer_preset(path: str, spec: dict) -> dict:
 
 
 def run_trainer(path: str, spec: dict) -> dict:
-    from pti_plugin.config import build_config
+    from pti_plugin.config_loading import build_config
     from pti_plugin.trainer import Trainer
 
     BenchClock.clock = Clock.of(spec)

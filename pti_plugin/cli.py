@@ -7,7 +7,8 @@ import logging
 import sys
 import typing
 
-from .config import Config, ConfigError, field_names, load_config, named_where_given, parse_value
+from .config import Config, ConfigError, field_names, parse_value
+from .config_loading import load_config, named_where_given
 
 USAGE = """usage: train_pti.py [--preset FILE] [--KEY VALUE ...] [--set NESTED.KEY=VALUE ...]
 

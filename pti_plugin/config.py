@@ -1,4 +1,4 @@
-"""The preset schema: every knob with its default and one-line doc, TOML loading, overrides.
+"""The preset schema: every knob with its default and one-line doc, and reading preset files.
 
 A preset is a TOML file whose top-level keys are kohya sd-scripts names where kohya has the
 concept. ``extends = "other.toml"`` merges this preset over another (tables merge key by key,
@@ -9,7 +9,9 @@ every stage (``[[stages]]``); a stage's own key wins. ``[plugins.NAME]`` tables 
 Validation happens before any model loads: unknown keys (with the closest valid key), kohya
 options this trainer does not implement (refused by name, see ``kohya_options.py``) and wrong
 types are refused here while parsing; ranges, choices and missing paths in ``config_checks.py``.
-Every problem raises :class:`ConfigError`.
+Every problem raises :class:`ConfigError`. Applying the command line, checking and resolving a preset into
+the run's ``Config`` is ``config_loading.py``'s (this module imports none of the checks, so any module may
+take ``Config`` and ``ConfigError`` from here).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -78,10 +79,12 @@ class StageConfig:
     pivot_lr: float | None = doc("Pivot learning rate in a lora stage with train_pivot (default: the stage learning_rate).", None)
 
 
+#: The built-in stages of a preset without ``[[stages]]``, and each one's learning rate.
+DEFAULT_STAGE_LRS = {"inversion": 5e-3, "lora": 1e-4}
+
+
 def default_stages() -> list[StageConfig]:
     """The built-in stages of a preset without ``[[stages]]`` (a given top-level learning_rate replaces their rates)."""
-    from .resolution import DEFAULT_STAGE_LRS
-
     return [StageConfig(name=kind, kind=kind, learning_rate=lr) for kind, lr in DEFAULT_STAGE_LRS.items()]
 
 
@@ -378,93 +381,6 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(raw: dict[str, Any], top_level: dict[str, Any], dotted: list[str]) -> dict[str, Any]:
-    """Apply ``--key value`` overrides and ``--set a.b.c=value`` (list indices allowed) to ``raw``."""
-    out = deep_merge(raw, {})
-    for key, value in top_level.items():
-        out[key] = value
-    for item in dotted:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        parts = key.split(".")
-        node: Any = out
-        if parts[0] == "stages" and "stages" not in out:
-            from .resolution import default_stage_dicts
-
-            out["stages"] = default_stage_dicts(out)
-        for i, part in enumerate(parts[:-1]):
-            nxt: Any
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):  # "-1" would reach the last element silently
-                    raise ConfigError(f"--set {key}: no element {part!r} in {'.'.join(parts[:i])} (indices 0 to "
-                                      f"{len(node) - 1})")
-                nxt = node[int(part)]
-            elif isinstance(node, dict):
-                nxt = node.setdefault(part, {})
-            else:
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is {node!r}, not a table or list")
-            node = nxt
-        last = parts[-1]
-        if isinstance(node, list):
-            raise ConfigError(f"--set {key}: cannot set a whole list element")
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is {node!r}, not a table")
-        node[last] = parse_value(text)
-    return out
-
-
-def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str, str] | None = None) -> Config:
-    """Validate and resolve ``raw`` into a frozen :class:`Config`; raise ConfigError naming the first bad key.
-
-    ``given`` (key -> "preset"/"command line"): top-level values the user wrote; one that no stage
-    uses is an error. Stages resolve here (``resolution.py``); an epoch-based stage's step count
-    follows once the dataset is scanned (:func:`pti_plugin.resolution.with_epoch_steps`).
-    """
-    from .config_checks import check_stage_schedules, check_the_pivot_is_learned, validate_config, with_kohya_tracker
-    from .input_checks import with_leading_dot
-    from .resolution import check_given_values_are_used, default_stage_dicts, resolve_stages
-
-    if "stages" not in raw:
-        raw = raw | {"stages": default_stage_dicts(raw)}
-    parsed = with_kohya_tracker(_build(Config, raw))
-    validate_config(parsed, check_paths)
-    config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),
-                                 caption_extension=with_leading_dot(parsed.caption_extension),
-                                 network_alpha=parsed.network_alpha or float(parsed.network_dim))  # kohya: 0 is dim
-    if given:
-        check_given_values_are_used(config, parsed.stages, given)
-    check_stage_schedules(parsed, config)
-    check_the_pivot_is_learned(config)
-    return config
-
-
-def _batch_size(config: Config) -> int:
-    """``train_batch_size``, or the dataset_config's ``batch_size`` (kohya: the dataset config wins)."""
-    if not config.dataset_config:
-        return config.train_batch_size
-    size = _dataset_config_batch_size(Path(config.dataset_config))
-    if size is not None and size != config.train_batch_size:
-        logger.warning("dataset_config batch_size = %d replaces train_batch_size = %d (kohya: the dataset config wins)",
-                       size, config.train_batch_size)
-    return config.train_batch_size if size is None else size
-
-
-def _dataset_config_batch_size(path: Path) -> int | None:
-    """The one valid ``batch_size`` a dataset_config sets, else None (the file's problems, such as two
-    different values, are reported when its subsets are read: ``data/dataset.py``)."""
-    try:
-        with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
-    general = raw.get("general") if isinstance(raw.get("general"), dict) else {}
-    datasets = [d for d in raw.get("datasets", []) if isinstance(d, dict)] if isinstance(raw.get("datasets"), list) else []
-    sizes = {d.get("batch_size", general.get("batch_size")) for d in datasets}
-    valid = {size for size in sizes if isinstance(size, int) and not isinstance(size, bool) and size >= 1}
-    return valid.pop() if len(valid) == 1 and len(sizes) == 1 else None
-
-
 def network_args(config: Config) -> dict[str, float]:
     """The parsed ``network_args`` (``conv_dim`` int > 0, ``conv_alpha`` float, default conv_dim)."""
     parsed: dict[str, float] = {}
@@ -484,65 +400,3 @@ def network_args(config: Config) -> dict[str, float]:
     if "conv_dim" in parsed:
         parsed.setdefault("conv_alpha", float(parsed["conv_dim"]))
     return parsed
-
-
-#: The data sources: a command-line one replaces the preset's other one (with its companion keys).
-_DATA_SOURCES = {"train_data_dir": ("dataset_config",), "dataset_config": ("train_data_dir", "reg_data_dir", "in_json")}
-
-
-def _replace_data_source(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """kohya: ``--dataset_config`` on the command line replaces the preset's ``train_data_dir`` (and the
-    reverse), with a notice naming what it replaced. Both on the command line stay an error."""
-    given = [key for key in _DATA_SOURCES if overrides.get(key)]
-    if len(given) != 1:
-        return raw
-    replaced = {key: raw[key] for key in _DATA_SOURCES[given[0]] if raw.get(key) and key not in overrides}
-    if replaced:
-        logger.warning("--%s replaces the preset's %s", given[0], ", ".join(f"{k} = {v!r}" for k, v in replaced.items()))
-    return {k: v for k, v in raw.items() if k not in replaced}
-
-
-def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> Config:
-    """The resolved config of ``preset`` (or the defaults) with command-line overrides applied.
-
-    Besides :func:`build_config`'s checks, a top-level value given in the preset or on the command
-    line that no stage uses (every stage sets its own) is refused, naming the shadowing stage keys.
-    """
-    overrides = overrides or {}
-    origins: dict[str, str] = {}
-    raw = load_preset_dict(preset, origins=origins) if preset else {}
-    set_paths = [item.partition("=")[0].strip() for item in sets or []]
-    set_keys = {path.split(".")[-1] for path in set_paths if path.startswith("stages.")}
-    # a preset value that a --set of the stages shadows is the user's choice, not a forgotten key
-    given = {key: "preset" for key in raw if key not in set_keys} | {key: "command line" for key in overrides} | {
-        path: "--set" for path in set_paths if re.fullmatch(r"stages\.\d+\.learning_rate", path)}
-    raw = apply_overrides(_replace_data_source(raw, overrides), overrides, sets or [])
-    for key in PATH_KEYS:
-        value = raw.get(key)
-        if isinstance(value, str) and value and value != EMBEDDED:
-            raw[key] = str(Path(value).expanduser().resolve())
-    try:
-        return build_config(raw, given=given)
-    except ConfigError as error:
-        raise named_where_given(error, overrides, sets or [], origins) from None
-
-
-def named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[str],
-                       origins: dict[str, str] | None = None) -> ConfigError:
-    """``error`` about a key the command line gave (its :attr:`~ConfigError.key`), naming the flag the user typed
-    instead of the preset: ``--k (command line) ...`` for a flag, ``--set stages.0.k ...`` for a ``--set``, and
-    ``command line: ...`` for a refused or unknown key; a key a kohya ``config_file`` gave (``origins``) names
-    that file instead of ``preset``; any other error unchanged."""
-    set_paths = {item.partition("=")[0].strip() for item in sets}
-    if error.key is None:
-        return error
-    if error.key not in overrides and error.key not in set_paths:
-        origin = (origins or {}).get(error.key)
-        text = str(error)
-        if origin is None or not text.startswith("preset: "):
-            return error
-        return ConfigError(f"{origin}: " + text.removeprefix("preset: "), error.key, error.tail)
-    if error.tail is None:  # a refused or unknown key: the message is about the key itself
-        return ConfigError("command line: " + str(error).removeprefix("preset: "), error.key)
-    named = f"--{error.key} (command line)" if error.key in overrides else f"--set {error.key}"
-    return ConfigError(named + error.tail, error.key, error.tail)

@@ -2,7 +2,7 @@
 paths that must exist, and whether the pivot is learned at all. Each problem raises
 :class:`~pti_plugin.config.ConfigError` naming its key.
 
-:func:`pti_plugin.config.build_config` calls :func:`validate_config` on the parsed config and
+:func:`pti_plugin.config_loading.build_config` calls :func:`validate_config` on the parsed config and
 :func:`check_the_pivot_is_learned` on the resolved one; the checks of numbers, names, path kinds
 and starting files follow in :mod:`pti_plugin.input_checks`.
 """

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED, Config, ConfigError, load_config
+from .config import EMBEDDED, Config, ConfigError
+from .config_loading import load_config
 
 @dataclass
 class PreviewSample:

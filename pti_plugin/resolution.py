@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config, ConfigError, StageConfig
+from .config import DEFAULT_STAGE_LRS, Config, ConfigError, StageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,6 @@ STAGE_DEFAULT_KEYS = ("learning_rate", "optimizer_type", "optimizer_args", "lr_s
 LENGTH_KEYS = ("max_train_steps", "max_train_epochs")
 #: kohya shorthands reaching the lora stages.
 LORA_SHORTHANDS = ("unet_lr", "text_encoder_lr", "network_train_unet_only")
-#: The built-in stages' learning rates (replaced by a top-level learning_rate when one is given).
-DEFAULT_STAGE_LRS = {"inversion": 5e-3, "lora": 1e-4}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pti_plugin.config import ConfigError, build_config
+from pti_plugin.config import ConfigError
+from pti_plugin.config_loading import build_config
 from pti_plugin.data.augment import augmented_pixels
 from pti_plugin.data.batch_source import DrawSettings, MicroBatchDraws, MicroBatchStream
 from pti_plugin.data.dataset import load_subsets

@@ -15,7 +15,8 @@ import pytest
 from safetensors import safe_open
 
 from pti_plugin.choices import CHOICES, cuda_available, installed
-from pti_plugin.config import ConfigError, build_config
+from pti_plugin.config import ConfigError
+from pti_plugin.config_loading import build_config
 from pti_plugin.optimizers import SUPPORTED, SUPPORTED_SCHEDULERS, optimizer_package
 from pti_plugin.trainer import Trainer
 

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from pti_plugin.cli import main, parse_args
-from pti_plugin.config import ConfigError, build_config, load_config
+from pti_plugin.config import ConfigError
+from pti_plugin.config_loading import build_config, load_config
 from pti_plugin.kohya_options import REFUSED_OPTIONS
 
 

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from pti_plugin.config import ConfigError, build_config
+from pti_plugin.config import ConfigError
+from pti_plugin.config_loading import build_config
 from pti_plugin.data.buckets import choose_bucket, make_buckets
 from pti_plugin.data.captions import CaptionError, expand_token, resolve_caption
 from pti_plugin.data.dataset import load_subsets

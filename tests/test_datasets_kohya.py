@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pti_plugin.config import ConfigError, build_config
+from pti_plugin.config import ConfigError
+from pti_plugin.config_loading import build_config
 from pti_plugin.data.augment import Augmentation, augmented_pixels, draw_augmentation
 from pti_plugin.data.captions import CaptionError, CaptionOptions, final_caption, resolve_lines
 from pti_plugin.data.dataset import ImageItem, load_subsets

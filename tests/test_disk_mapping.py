@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pti_plugin.config import build_config
+from pti_plugin.config_loading import build_config
 from pti_plugin.models.disk_mapping import map_frozen_to_disk
 from pti_plugin.trainer import Trainer
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import pytest
 
 import pti_plugin.hooks as hooks
-from pti_plugin.config import ConfigError, build_config, doc
+from pti_plugin.config import ConfigError, doc
+from pti_plugin.config_loading import build_config
 from pti_plugin.hooks import Plugin, instantiate_plugins
 
 

@@ -8,7 +8,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from pti_plugin.config import build_config
+from pti_plugin.config_loading import build_config
 from pti_plugin.data.dataset import load_subsets
 from pti_plugin.data.latents import LatentSource, module_digest
 from pti_plugin.data.scanning import scan_images

@@ -33,7 +33,7 @@ def scored_run(tiny_model, tiny_dataset, tmp_path_factory):
     """A run of 1 inversion step then 2 LoRA steps, saved after every step, scored once (2 seeds, 2 DDIM steps)."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from pti_plugin.config import build_config
+    from pti_plugin.config_loading import build_config
     from pti_plugin.trainer import Trainer
 
     run_dir = tmp_path_factory.mktemp("curve_run") / "out"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pti_plugin.config import build_config
+from pti_plugin.config_loading import build_config
 from pti_plugin.metrics.attention_capture import capture_cross_attention, cross_attention_modules, subject_weights
 from pti_plugin.metrics.knee import knee_index
 from pti_plugin.metrics.leakage import layout_distance_matrix, leakage_score, point_distance_matrix

@@ -177,7 +177,8 @@ def test_a_v_prediction_model_is_followed_and_a_preset_overriding_an_epsilon_mod
 def test_a_model_folder_is_checked_with_the_preset_before_any_data_is_read(case, preset, tmp_path):
     """The folder's JSON files are read when the preset is checked: the error comes from build_config, before
     the dataset scan and the model load (before: only when the model loaded, after the data was scanned)."""
-    from pti_plugin.config import ConfigError, build_config
+    from pti_plugin.config import ConfigError
+    from pti_plugin.config_loading import build_config
 
     change, phrase, _ = FOLDER_CASES[case]
     model = _copy(preset()["pretrained_model_name_or_path"], tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pti_plugin.config import build_config
+from pti_plugin.config_loading import build_config
 from pti_plugin.resolution import with_epoch_steps
 from pti_plugin.trainer import Trainer
 

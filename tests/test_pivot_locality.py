@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pti_plugin import geometry
-from pti_plugin.config import ConfigError, build_config
+from pti_plugin.config import ConfigError
+from pti_plugin.config_loading import build_config
 from pti_plugin.hooks import Plugin, register_plugin
 from pti_plugin.plugins.pivot_locality import PivotLocality
 from pti_plugin.trainer import Trainer

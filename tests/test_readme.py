@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pti_plugin.config import build_config
+from pti_plugin.config_loading import build_config
 from pti_plugin.hooks import Plugin, register_plugin
 from pti_plugin.kohya_options import markdown_table
 from pti_plugin.trainer import Trainer

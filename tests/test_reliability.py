@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pti_plugin.cli import main
-from pti_plugin.config import build_config
+from pti_plugin.config_loading import build_config
 from pti_plugin.data.images import read_image
 from pti_plugin.hooks import Plugin, register_plugin
 from pti_plugin.trainer import NonFiniteLossError, Trainer

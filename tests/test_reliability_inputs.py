@@ -185,7 +185,7 @@ def test_caption_extension_without_dot_is_read_as_kohya_does(short, tmp_path, ca
     assert code == 0, seen
     assert "caption_extension 'txt' has no leading dot; reading it as '.txt'" in caplog.text
     assert f"caption {data / 'a.txt'} holds control characters (U+0000)" in caplog.text
-    from pti_plugin.config import build_config
+    from pti_plugin.config_loading import build_config
     from pti_plugin.data.dataset import load_subsets
     from pti_plugin.data.scanning import scan_images
 
@@ -249,7 +249,7 @@ def test_corrupt_single_file_model_is_named_before_the_tokenizer(short, tmp_path
 @pytest.fixture
 def saved_state(preset, tmp_path):
     """A 1-vector state folder from a 2-step run (kept in ``tmp_path/first``)."""
-    from pti_plugin.config import build_config
+    from pti_plugin.config_loading import build_config
     from pti_plugin.trainer import Trainer
 
     raw = preset(output_dir=str(tmp_path / "first"), save_every_n_steps=1, save_state=True,
@@ -416,7 +416,7 @@ def test_caption_extension_without_dot_in_a_dataset_config(short, tmp_path, caps
     code, seen = _cli(short(train_data_dir="", dataset_config=config), tmp_path, capsys)
     assert code == 0, seen
     assert "datasets.0.subsets.0: caption_extension 'caption' has no leading dot; reading it as '.caption'" in caplog.text
-    from pti_plugin.config import build_config
+    from pti_plugin.config_loading import build_config
     from pti_plugin.data.dataset import load_subsets
     from pti_plugin.data.scanning import scan_images
 

@@ -11,7 +11,8 @@ import pytest
 import toml
 
 from pti_plugin.cli import main, parse_args
-from pti_plugin.config import ConfigError, build_config, load_config
+from pti_plugin.config import ConfigError
+from pti_plugin.config_loading import build_config, load_config
 from pti_plugin.resolution import resolved_dict, with_epoch_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +184,7 @@ def test_a_typed_learning_rate_that_every_group_rate_replaces_is_refused(tmp_pat
     """``--set stages.0.learning_rate=0.5`` on a stage whose groups have their own rates (a reloaded run.config.toml
     sets unet_lr) was shown in the stage line but trained nothing at 0.5; the same keys in a preset stay accepted,
     as kohya configs write learning_rate beside unet_lr and text_encoder_lr."""
-    from pti_plugin.config import load_config
+    from pti_plugin.config_loading import load_config
 
     preset = tmp_path / "p.toml"
     preset.write_text(f'train_data_dir = "{tmp_path}"\nlearning_rate = 1e-3\nunet_lr = 1e-4\nnetwork_train_unet_only = true\n'

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from pti_plugin.cli import main
-from pti_plugin.config import build_config
+from pti_plugin.config_loading import build_config
 from pti_plugin.trainer import Trainer
 
 from .test_reliability import _cli

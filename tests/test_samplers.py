@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pti_plugin.config import ConfigError, build_config
+from pti_plugin.config import ConfigError
+from pti_plugin.config_loading import build_config
 from pti_plugin.models.loading import load_base_model
 from pti_plugin.sampling import SAMPLERS, sample_scheduler
 

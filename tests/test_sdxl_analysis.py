@@ -116,7 +116,7 @@ def test_script_reports_per_encoder_and_says_layernorm_does_not_apply(sdxl_dir, 
 def test_position_leakage_runs_on_sdxl(sdxl_dir, tiny_dataset):
     """The leakage measurement end to end on the SDXL base model (1 sampling step, 2 seeds): both encoders'
     states and the pooled embedding reach the pipeline and the UNet."""
-    from pti_plugin.config import build_config
+    from pti_plugin.config_loading import build_config
     from pti_plugin.metrics.leakage import measure_position_leakage
     from pti_plugin.metrics.run_model import open_model
 
@@ -136,7 +136,7 @@ def test_position_leakage_script_measures_an_sdxl_trained_run(preset, sdxl_dir, 
     """A tiny SDXL run trained by the trainer, measured by ``analysis/position_leakage.py``: its LoRA and both
     encoders' pivot embeddings are loaded (the LoRA switch changes the UNet's prediction; both tokenizers know
     the token), and the script reports the leakage, per resolution too (the tiny SDXL UNet's 8x8 and 4x4 levels)."""
-    from pti_plugin.config import build_config
+    from pti_plugin.config_loading import build_config
     from pti_plugin.metrics.run_model import load_run
     from pti_plugin.trainer import Trainer
 

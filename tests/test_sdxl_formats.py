@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pti_plugin.config import build_config
+from pti_plugin.config_loading import build_config
 from pti_plugin.formats.embedding import EmbeddingFormatError
 from pti_plugin.formats.kohya_lora import LoraFormatError, kohya_to_peft, peft_to_kohya
 from pti_plugin.inspect import main as inspect_main

@@ -536,7 +536,7 @@ def test_trainer_runs_on_a_single_file_checkpoint(safetensors_file, tiny_model, 
     """The trainer takes a single file as pretrained_model_name_or_path (configs: the tiny model's folder)."""
     from safetensors.torch import load_file as load_tensors
 
-    from pti_plugin.config import build_config
+    from pti_plugin.config_loading import build_config
     from pti_plugin.trainer import Trainer
 
     config = build_config(preset(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pti_plugin.config import build_config
+from pti_plugin.config_loading import build_config
 from pti_plugin.hooks import Plugin, register_plugin
 from pti_plugin.data.captions import CaptionOptions, final_caption, possible_captions
 from pti_plugin.models.trainable import TrainableModel

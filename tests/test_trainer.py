@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pti_plugin.config import ConfigError, build_config
+from pti_plugin.config import ConfigError
+from pti_plugin.config_loading import build_config
 from pti_plugin.hooks import Plugin, register_plugin
 from pti_plugin.trainer import Trainer
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pti_plugin.config import build_config
+from pti_plugin.config_loading import build_config
 from pti_plugin.trainer import Trainer
 
 from .test_trainer import SnapshotPlugin, _changed

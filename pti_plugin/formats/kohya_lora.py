@@ -13,7 +13,6 @@ takes ``table``; without it, SD1.5's.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -124,21 +123,6 @@ def to_kohya(
 ) -> dict[str, torch.Tensor]:
     """SD1.5's :func:`peft_to_kohya`: the UNet's and the text encoder's peft state dicts."""
     return peft_to_kohya({"unet": unet_lora, "text_encoder": text_encoder_lora}, alpha, dtype)
-
-
-@functools.cache
-def installed_text_encoder_has_prefix(class_name: str = "CLIPTextModel") -> bool:
-    """Whether the installed transformers' ``class_name`` (``CLIPTextModel`` or ``CLIPTextModelWithProjection``)
-    nests its modules under ``text_model.``."""
-    import transformers
-    from transformers import CLIPTextConfig
-
-    config = CLIPTextConfig(
-        vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-        max_position_embeddings=4, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=8,
-    )
-    with torch.device("meta"):
-        return hasattr(getattr(transformers, class_name)(config), "text_model")
 
 
 def _module_names(model: torch.nn.Module | Iterable[str] | None) -> set[str] | None:

@@ -30,7 +30,8 @@ import numpy as np
 import toml
 import torch
 
-from ..config import EMBEDDED, Config, ConfigError, build_config
+from ..config import EMBEDDED, Config, ConfigError
+from ..config_loading import build_config
 from ..models.family import Conditioning
 from ..data.dataset import ImageItem, load_subsets
 from ..data.latents import load_pixels

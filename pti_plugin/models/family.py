@@ -15,6 +15,8 @@ which one it is (the preset's ``model_family`` overrides it).
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import Protocol
 
 import torch
 from torch import nn
+
+from ..config import ConfigError
 
 
 @dataclass
@@ -130,7 +134,7 @@ class KeyTable:
         if not prefix:
             return key.path
         if module_names is None:
-            prefixed = self.prefix_probes.get(key.component, _clip_has_text_model_prefix)()
+            prefixed = self.prefix_probes.get(key.component, installed_text_encoder_has_prefix)()
         else:
             prefixed = any(n.startswith(prefix) for n in module_names)
         return key.path if prefixed else key.path.removeprefix(prefix)
@@ -148,10 +152,19 @@ class KeyTable:
         )
 
 
-def _clip_has_text_model_prefix() -> bool:
-    from ..formats.kohya_lora import installed_text_encoder_has_prefix
+@functools.cache
+def installed_text_encoder_has_prefix(class_name: str = "CLIPTextModel") -> bool:
+    """Whether the installed transformers' ``class_name`` (``CLIPTextModel`` or ``CLIPTextModelWithProjection``)
+    nests its modules under ``text_model.``."""
+    import transformers
+    from transformers import CLIPTextConfig
 
-    return installed_text_encoder_has_prefix()
+    config = CLIPTextConfig(
+        vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        max_position_embeddings=4, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=8,
+    )
+    with torch.device("meta"):
+        return hasattr(getattr(transformers, class_name)(config), "text_model")
 
 
 @dataclass(frozen=True)
@@ -253,6 +266,17 @@ _SINGLE_FILE_MARKERS = (
 _PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a ``ConfigError`` naming the file when it cannot be read as one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read as JSON ({exc}): a damaged or incomplete copy of the model?") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    return data
+
+
 def detect_family(path: Path) -> tuple[str, str]:
     """(family name, the evidence) for the base model at ``path``.
 
@@ -261,8 +285,6 @@ def detect_family(path: Path) -> tuple[str, str]:
     loader checks the keys).
     """
     if path.is_dir():
-        from .model_checks import read_json
-
         index = path / "model_index.json"
         cls = read_json(index).get("_class_name", "") if index.is_file() else ""
         if cls in _PIPELINE_FAMILIES:

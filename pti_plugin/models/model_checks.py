@@ -18,11 +18,11 @@ Each problem is a :class:`~pti_plugin.config.ConfigError` naming the file or fol
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..config import ConfigError
+from .family import detect_family, read_json
 
 #: The preset key that names the base model.
 MODEL_KEY = "pretrained_model_name_or_path"
@@ -91,17 +91,6 @@ def file_kind(keys: Iterable[str]) -> str | None:
     return None
 
 
-def read_json(path: Path) -> dict:
-    """The JSON object in ``path``; a ``ConfigError`` naming the file when it cannot be read as one."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} cannot be read as JSON ({exc}): a damaged or incomplete copy of the model?") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} is not a JSON object")
-    return data
-
-
 def check_model_folder(path: Path, family: str, folders: Sequence[str]) -> None:
     """The diffusers folder ``path`` holds each of ``folders`` with the files its loader needs, and its UNet and
     text-encoder configs describe an architecture ``family`` trains (read before any weight loads)."""
@@ -127,8 +116,6 @@ def model_folder_problem(path: Path, model_family: str = "auto") -> str | None:
     an unreadable ``model_index.json``, :func:`check_model_folder` for its family: ``model_family``, or the one
     ``model_index.json`` names), else None. Reads only JSON files: the trainer calls it before anything
     loads, and the scripts that take a model folder for their usage errors."""
-    from .family import detect_family
-
     path = Path(path)
     if not path.is_dir():
         return "not found" if not path.exists() else "is a file, not a diffusers model folder"

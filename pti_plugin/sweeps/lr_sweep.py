@@ -79,7 +79,8 @@ import os
 import sys
 from pathlib import Path
 
-from pti_plugin.config import ConfigError, apply_overrides, load_preset_dict
+from pti_plugin.config import ConfigError, load_preset_dict
+from pti_plugin.config_loading import apply_overrides
 from pti_plugin.sweeps.engines import add_engine_arguments, engine_from_args
 from pti_plugin.sweeps.evaluation import eval_settings, evaluate_one, evaluate_runs
 from pti_plugin.script_args import argument_parser, check_out_folder, int_at_least, positive_int

@@ -19,7 +19,8 @@ from pathlib import Path
 import toml
 
 from pti_plugin.atomic_io import atomic_write_text
-from pti_plugin.config import build_config, default_stages, parse_value
+from pti_plugin.config import default_stages, parse_value
+from pti_plugin.config_loading import build_config
 from pti_plugin.script_args import int_at_least, number_list, positive_finite
 from pti_plugin.sweeps.seeds import seed_suffix
 
