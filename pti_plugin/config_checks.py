@@ -196,23 +196,6 @@ def check_stage_schedules(parsed: Config, config: Config) -> None:
             raise ConfigError.at(where("lr_scheduler"), f": stage {stage.index} {stage.name!r}: {problem}")
 
 
-def check_resume_within_stage(progress, stages) -> None:
-    """A resumed state (``progress``: its :class:`~pti_plugin.resume.SavedProgress`, or None) lies within its stage
-    of the resolved ``stages``: one saved past the end of the stage as this run sets it (a stage shortened since) is
-    refused. Before, the rest of that stage was skipped silently and the run went on as the saved one had."""
-    if progress is None:
-        return
-    stage = stages[progress.stage_index]
-    if progress.stage_step > stage.steps:
-        how = (f"stages.{stage.index}.max_train_epochs" if stage.max_train_epochs is not None else
-               f"--set stages.{stage.index}.steps={progress.stage_step} or more")
-        raise ConfigError(
-            f"key 'resume': state {progress.folder} is at step {progress.stage_step} of stage {stage.index} "
-            f"({stage.name!r}), but this run's stage {stage.index} has {stage.steps} step(s); resume with the stage as "
-            f"long as when it was saved or longer ({how})"
-        )
-
-
 def with_kohya_tracker(config: Config) -> Config:
     """kohya's meaning of ``logging_dir`` without ``log_with``: log to TensorBoard there (before, nothing was
     logged and nothing said so). Without the tensorboard package, a warning says the folder stays unused."""

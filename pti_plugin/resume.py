@@ -172,6 +172,7 @@ def check_resume_fits(folder: Path, stages) -> SavedProgress:
         raise ConfigError(f"key 'resume': state {folder} holds the optimizer state of {saved} (stage {index}, "
                           f"{stage.name!r}); this run's stage {index} uses optimizer_type {stage.optimizer_type}; resume "
                           f"with optimizer_type {saved} (e.g. --set stages.{index}.optimizer_type={saved})")
+    check_resume_within_stage(progress, stages)
     return progress
 
 
@@ -208,6 +209,25 @@ def check_optimizer_groups(progress: SavedProgress, saved_optimizer: dict[str, A
             raise ConfigError(f"key 'resume': state {folder} holds the state of another optimizer than this run's "
                               f"{type(optimizer).__name__} (its options {unknown} are not {type(optimizer).__name__}'s); "
                               "resume with the optimizer_type the state was saved with")
+
+
+def check_resume_within_stage(progress: SavedProgress | None, stages) -> None:
+    """A resumed state (``progress``, or None) lies within its stage of the resolved ``stages``: one saved past the
+    end of the stage as this run sets it (a stage shortened since) is refused. Before, the rest of that stage was
+    skipped silently and the run went on as the saved one had. An epoch-based stage's length is known once the
+    data is scanned (its ``steps`` is None until then): :func:`check_resume_fits` checks the others before
+    anything loads, the trainer this one again after the scan."""
+    if progress is None:
+        return
+    stage = stages[progress.stage_index]
+    if stage.steps is not None and progress.stage_step > stage.steps:
+        how = (f"stages.{stage.index}.max_train_epochs" if stage.max_train_epochs is not None else
+               f"--set stages.{stage.index}.steps={progress.stage_step} or more")
+        raise ConfigError(
+            f"key 'resume': state {progress.folder} is at step {progress.stage_step} of stage {stage.index} "
+            f"({stage.name!r}), but this run's stage {stage.index} has {stage.steps} step(s); resume with the stage as "
+            f"long as when it was saved or longer ({how})"
+        )
 
 
 def load_state(progress: SavedProgress, tensors: dict[str, torch.nn.Parameter]) -> ResumedState:

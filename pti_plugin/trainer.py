@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write_text
 from .config import EMBEDDED, Config, ConfigError, network_args
-from .config_checks import check_resume_within_stage
 from .data.batch_source import DrawSettings, MicroBatchDraws, MicroBatchStream
 from .data.captions import expand_token, warn_long_captions
 from .data.dataset import ImageItem, load_subsets
@@ -48,7 +47,7 @@ from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process, optimizer_state_is_finite
 from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
-from .resume import check_resume_fits, load_state, save_state
+from .resume import check_resume_fits, check_resume_within_stage, load_state, save_state
 from .run_lock import RunLocks, clean_leftover_temporaries
 from .sampling import sample_during_training
 from .text_cache import TextConditioningCache

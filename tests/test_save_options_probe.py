@@ -191,7 +191,7 @@ def test_a_state_past_the_end_of_its_stage_is_refused_naming_both_step_counts(sa
     assert code == 2, seen
     assert "key 'resume'" in seen and str(state) in seen and "step 2 of stage 0" in seen and "1 step" in seen, seen
     assert "Traceback" not in seen
-    assert not (elsewhere / "pti.safetensors").exists() and not (elsewhere / "pti.log.jsonl").exists()
+    assert not elsewhere.exists()  # a step-based stage's length is known before the output folder is claimed
 
 
 def test_a_signal_during_the_final_save_keeps_the_files_and_skips_the_final_samples(preset, tmp_path, capsys):
