@@ -39,7 +39,7 @@ class ConfigError(ValueError):
     ``key``: the setting at fault as a dotted path (``learning_rate``, ``stages.0.steps``,
     ``plugins.pivot_locality.weight``), when one is; ``tail``: the message after the key's name, when the
     message is ``preset: key '<key>'<tail>`` (:meth:`at`). With them the command line names the flag the
-    user typed instead of the preset (:func:`named_where_given`)."""
+    user typed instead of the preset (:func:`pti_plugin.config_loading.named_where_given`)."""
 
     def __init__(self, message: str, key: str | None = None, tail: str | None = None):
         super().__init__(message)
@@ -92,7 +92,7 @@ def default_stages() -> list[StageConfig]:
 class Config:
     """The whole run, resolved and frozen. Field names follow kohya sd-scripts where kohya has the concept.
 
-    Built by :func:`build_config`: ``stages`` then holds :class:`pti_plugin.resolution.ResolvedStage`
+    Built by :func:`pti_plugin.config_loading.build_config`: ``stages`` then holds :class:`pti_plugin.resolution.ResolvedStage`
     values (every effective setting of each stage), the only place any consumer reads them from.
     """
 

@@ -98,10 +98,10 @@ def validate_config(config: Config, check_paths: bool) -> None:
         raise ConfigError.at("output_dir", " is empty: give the folder for the run's files ('.' for the current one)")
     if Path(config.output_name).name != config.output_name or not config.output_name:
         raise ConfigError.at("output_name", f" must be a plain file name, got {config.output_name!r}")
-    if config.output_name == config.token_string:
+    if config.output_name.casefold() == config.token_string.casefold():  # one file where case is not told apart
         raise ConfigError(
-            f"preset: output_name {config.output_name!r} equals token_string: the LoRA and the standalone "
-            "embedding would be the same file; choose another output_name"
+            f"preset: output_name {config.output_name!r} equals token_string {config.token_string!r} (letter case aside, "
+            "as on Windows and macOS): the LoRA and the standalone embedding would be the same file; choose another output_name"
         )
     _check_data_keys(config)
     if not config.train_data_dir and not config.dataset_config:

@@ -297,7 +297,8 @@ def resolved_dict(config: Config) -> dict[str, Any]:
     for key in ("output_dir", "logging_dir"):
         if data.get(key):
             data[key] = str(Path(data[key]).expanduser().resolve())
-    for key in ("extends", "config_file") + STAGE_DEFAULT_KEYS + LENGTH_KEYS + LORA_SHORTHANDS:
+    # resume: the file is the run's preset; which state it continues from is the resume command's --resume
+    for key in ("extends", "config_file", "resume") + STAGE_DEFAULT_KEYS + LENGTH_KEYS + LORA_SHORTHANDS:
         data.pop(key)
     data["stages"] = [s.preset_entry() for s in config.stages]
     return {k: v for k, v in data.items() if v is not None}

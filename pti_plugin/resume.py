@@ -114,9 +114,11 @@ def save_state(
 _STATE_FILES = ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt", "progress.json")
 
 
-def _states_inside(folder: Path) -> str:
-    """When ``folder`` is a run's output folder (it holds state folders, ``*-state-*``), the hint naming the latest."""
-    states = [p for p in folder.glob("*-state-*") if p.is_dir() and (p / "progress.json").is_file()]
+def _latest_state_hint(folder: Path) -> str:
+    """When ``folder`` is a run's output folder (it holds state folders, ``*-state-*``), the hint naming the latest
+    (a hidden one is an interrupted save's temporary, which the next run removes)."""
+    states = [p for p in folder.glob("*-state-*") if p.is_dir() and not p.name.startswith(".")
+              and (p / "progress.json").is_file()]
     if not states:
         return ""
     latest = max(states, key=lambda p: (int(m.group(1)) if (m := re.search(r"step(\d+)$", p.name)) else -1, p.name))
@@ -133,7 +135,7 @@ def read_progress(folder: Path) -> SavedProgress:
     missing = [n for n in _STATE_FILES if not (folder / n).is_file()]
     if missing:
         raise ConfigError(f"key 'resume': {folder} is not a pti-plugin state folder: missing {', '.join(missing)}"
-                          + _states_inside(folder))
+                          + _latest_state_hint(folder))
     path = folder / "progress.json"
     try:
         progress = json.loads(path.read_text(encoding="utf-8"))
@@ -221,8 +223,9 @@ def check_resume_within_stage(progress: SavedProgress | None, stages) -> None:
         return
     stage = stages[progress.stage_index]
     if stage.steps is not None and progress.stage_step > stage.steps:
-        how = (f"stages.{stage.index}.max_train_epochs" if stage.max_train_epochs is not None else
-               f"--set stages.{stage.index}.steps={progress.stage_step} or more")
+        epochs = stage.max_train_epochs  # its steps = epochs x steps per epoch, once the data is scanned
+        how = (f"--set stages.{stage.index}.max_train_epochs={-(-progress.stage_step * epochs // stage.steps)} or more"
+               if epochs is not None else f"--set stages.{stage.index}.steps={progress.stage_step} or more")
         raise ConfigError(
             f"key 'resume': state {progress.folder} is at step {progress.stage_step} of stage {stage.index} "
             f"({stage.name!r}), but this run's stage {stage.index} has {stage.steps} step(s); resume with the stage as "

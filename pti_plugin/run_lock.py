@@ -1,4 +1,5 @@
-"""One run at a time per ``output_dir`` + ``output_name``, and the leftovers of killed runs.
+"""One run at a time per ``output_dir`` + each name its files take (``output_name``, ``token_string``), and the
+leftovers of killed runs.
 
 ``RunLock`` takes ``<output_dir>/<output_name>.lock`` before a run writes anything: the file is
 created if needed and locked with ``flock`` (exclusive, non-blocking), and holds the owner's
@@ -117,8 +118,15 @@ class RunLocks:
             raise
 
     def release(self) -> None:
+        """Release every lock, each even when releasing another failed (the first failure is raised after)."""
+        failures = []
         for lock in reversed(self.locks):
-            lock.release()
+            try:
+                lock.release()
+            except OSError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 @contextlib.contextmanager

@@ -229,8 +229,8 @@ class Trainer:
         """Lock this run's names in ``output_dir``, its output_name's and its token's (a second run writing either is
         refused), remove a killed run's temporaries, and refuse to overwrite an earlier run's files."""
         config = self.config
-        self._lock = RunLocks(output_dir, {"output_name": config.output_name, "token_string": config.token_string})
-        self._lock.acquire()
+        self._locks = RunLocks(output_dir, {"output_name": config.output_name, "token_string": config.token_string})
+        self._locks.acquire()
         clean_leftover_temporaries(output_dir, config.output_name, config.token_string)
         resumed_step = self._resume_progress.global_step if self._resume_progress else None
         self.files.check_new_run(resuming=bool(config.resume), resumed_step=resumed_step)
@@ -261,7 +261,7 @@ class Trainer:
         Raises ``NonFiniteLossError`` (nan_policy) and ``TrainingInterrupted`` (signals) after saving
         the last good state under ``*-interrupted-*`` names with the command that resumes it.
         """
-        self._lock = self._micro_batches = None
+        self._locks = self._micro_batches = None
         previous = {}
         try:
             self._setup()
@@ -273,8 +273,8 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if self._lock is not None:
-                self._lock.release()
+            if self._locks is not None:
+                self._locks.release()
             if self._micro_batches is not None:
                 self._micro_batches.close()
 
@@ -315,8 +315,8 @@ class Trainer:
             progress = resumed.progress
             start_stage, start_step, self.state.global_step = progress.stage_index, progress.stage_step, progress.global_step
             self._info(f"resumed from {config.resume}: stage {start_stage}, step {start_step}")
-        if self.accelerator.is_main_process and not (config.resume and self.files.config_toml.exists()):
-            atomic_write_text(self.files.config_toml, toml.dumps(resolved_dict(config)))  # a resume elsewhere too
+        if self.accelerator.is_main_process:  # a resume's too: its printed resume command reads the settings it ran with
+            atomic_write_text(self.files.config_toml, toml.dumps(resolved_dict(config)))
         first_samples = []
         if config.sample_prompts and config.sample_at_first and not config.resume:
             first_samples = sample_during_training(self.sample, "first", self._on_signal)

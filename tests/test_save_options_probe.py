@@ -172,12 +172,30 @@ def test_a_run_resumed_into_another_folder_records_its_config_there_and_its_resu
                     "stages": [raw["stages"][0] | {"steps": 3}], "plugins": {"test_signal_at_step": {"at_step": 2}}}
     code, seen = _cli(longer, tmp_path, capsys)
     assert code == 130, seen
-    assert toml.loads((elsewhere / "pti.config.toml").read_text())["output_dir"] == str(elsewhere)
+    written = toml.loads((elsewhere / "pti.config.toml").read_text())
+    assert written["output_dir"] == str(elsewhere)
+    assert "resume" not in written  # the file is a preset; the printed command says which state it continues
     command = re.search(r"resume with: accelerate launch train_pti.py (.*)", seen).group(1).split()
     code, seen = _main(command, capsys)
     assert code == 0, seen
     assert load_file(elsewhere / "pti.safetensors") and load_file(elsewhere / "tok1.safetensors")
     assert _digests(first) == before
+
+
+def test_a_resume_in_the_same_folder_with_a_longer_stage_records_it_so_its_resume_command_runs(saved_run, tmp_path,
+                                                                                                  capsys):
+    """A finished run continued in its own folder with its stage lengthened (2 -> 4 steps, --overwrite for its
+    final files), stopped at step 3: the config must say 4 steps, else the printed resume command is refused (its
+    state lies past the 2 steps the first run's config says)."""
+    raw, out = _copy_of(saved_run, tmp_path)
+    longer = raw | {"resume": str(out / "pti-state-step00000002"), "overwrite": True,
+                    "stages": [raw["stages"][0] | {"steps": 4}], "plugins": {"test_signal_at_step": {"at_step": 3}}}
+    code, seen = _cli(longer, tmp_path, capsys)
+    assert code == 130, seen
+    assert toml.loads((out / "pti.config.toml").read_text())["stages"][0]["steps"] == 4
+    command = re.search(r"resume with: accelerate launch train_pti.py (.*)", seen).group(1).split()
+    code, seen = _main(command, capsys)
+    assert code == 0, seen
 
 
 def test_a_state_past_the_end_of_its_stage_is_refused_naming_both_step_counts(saved_run, tmp_path, capsys):
@@ -192,6 +210,19 @@ def test_a_state_past_the_end_of_its_stage_is_refused_naming_both_step_counts(sa
     assert "key 'resume'" in seen and str(state) in seen and "step 2 of stage 0" in seen and "1 step" in seen, seen
     assert "Traceback" not in seen
     assert not elsewhere.exists()  # a step-based stage's length is known before the output folder is claimed
+
+
+def test_a_state_past_the_end_of_an_epoch_based_stage_is_refused_naming_the_epochs_that_fit(saved_run, tmp_path, capsys):
+    """An epoch-based stage's length is known after the data scan: 8 samples at batch 8 make 1 step an epoch, so
+    the state at step 2 needs 2 epochs."""
+    raw, first = saved_run
+    state = first / "pti-state-step00000002"
+    stage = {"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "max_train_epochs": 1}
+    code, seen = _cli(raw | {"output_dir": str(tmp_path / "elsewhere"), "resume": str(state), "train_batch_size": 8,
+                             "stages": [stage]}, tmp_path, capsys)
+    assert code == 2, seen
+    assert "key 'resume'" in seen and "step 2 of stage 0" in seen and "--set stages.0.max_train_epochs=2" in seen, seen
+    assert "Traceback" not in seen
 
 
 def test_a_signal_during_the_final_save_keeps_the_files_and_skips_the_final_samples(preset, tmp_path, capsys):
@@ -224,3 +255,9 @@ def test_resuming_a_run_folder_instead_of_its_state_names_the_latest_state(saved
 def test_a_save_format_kohya_accepts_is_refused_with_the_reason(value, reason, capsys):
     code, seen = _main(["--save_model_as", value], capsys)
     assert code == 2 and "--save_model_as" in seen and repr(value) in seen and reason in seen, seen
+
+
+def test_an_output_name_equal_to_the_token_but_for_letter_case_is_refused(short, tmp_path, capsys):
+    """On Windows and macOS ``TOK1.safetensors`` and ``tok1.safetensors`` are one file (and one lock file)."""
+    code, seen = _cli(short(output_name="TOK1"), tmp_path, capsys)
+    assert code == 2 and "output_name 'TOK1' equals token_string 'tok1'" in seen, seen

@@ -125,6 +125,20 @@ def test_a_run_another_process_is_training_is_left_alone(argv, tmp_path):
     assert (run.with_name("inversion-lr0.1") / "tok1.safetensors").is_file()  # the rest trained
 
 
+def test_a_run_killed_before_it_wrote_anything_is_trained_in_place(argv, tmp_path):
+    """A run killed during its set-up leaves only its lock files (its output_name's and its token's); nobody holds
+    them, so the run is trained where it is, not moved aside as an unresumable partial run."""
+    run = tmp_path / "out" / "runs" / "inversion-lr0.01"
+    run.mkdir(parents=True)
+    for name in ("pti.lock", "tok1.lock"):
+        (run / name).write_text('{"pid": 999999999, "host": "gone"}')
+    printed = _sweep(argv)
+    assert "restart inversion-lr0.01" not in printed, printed
+    assert not list(run.parent.glob("*.incomplete-*"))
+    assert (run / "pti.safetensors").is_file() and (run / "tok1.safetensors").is_file()
+    assert not (run / "pti.lock").exists() and not (run / "tok1.lock").exists()
+
+
 def test_learning_rates_that_would_share_a_run_name_are_refused(capsys):
     with pytest.raises(SystemExit) as stop:
         lr_sweep.parse_args(["--preset", "p.toml", "--stage", "lora", "--lrs", "1e-2,1.0000001e-2"])

@@ -59,10 +59,10 @@ def not_a_model_folder(path: Path) -> str:
     config = path / "config.json"
     if config.is_file():
         try:
-            cls = read_json(config).get("_class_name", "a model")
+            what = f"{read_json(config).get('_class_name', 'a model')}: config.json"
         except ConfigError:  # a damaged component is still a component: say what was passed
-            cls = "its config.json unreadable"
-        return (f"{path} holds one diffusers component ({cls}: config.json), not a whole model; pass the model "
+            what = "its config.json unreadable"
+        return (f"{path} holds one diffusers component ({what}), not a whole model; pass the model "
                 "folder above it, the one with model_index.json")
     files = [name for name in entries if name.lower().endswith(_MODEL_SUFFIXES)]
     if files:

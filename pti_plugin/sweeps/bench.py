@@ -73,8 +73,7 @@ import toml
 
 from pti_plugin.atomic_io import atomic_write_text
 from pti_plugin.config import ConfigError, load_preset_dict
-from pti_plugin.config_loading import apply_overrides
-from pti_plugin.config_loading import build_config
+from pti_plugin.config_loading import apply_overrides, build_config
 from pti_plugin.metrics.knee import knee_index
 from pti_plugin.metrics.replication import same_lr
 from pti_plugin.settings_cache import read_cache

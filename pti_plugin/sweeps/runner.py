@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from pti_plugin.config import ConfigError
-from pti_plugin.run_lock import RunLock
+from pti_plugin.run_lock import RunLocks
 from pti_plugin.sweeps.plan import RunSpec
 
 #: The folder that holds the ``pti_plugin`` package this process imported; worker processes import the same one.
@@ -45,15 +45,17 @@ def latest_state(spec: RunSpec) -> Path | None:
 
 
 def held_by_another(spec: RunSpec) -> str | None:
-    """Who trains the run now when another live process holds its run lock (the trainer's), else None."""
-    lock = RunLock(spec.run_dir, spec.output_name)
-    if not lock.path.is_file():
+    """Who trains the run now when another live process holds one of its run locks (the trainer's: its output_name's
+    and its token's), else None."""
+    names = {"output_name": spec.output_name, "token_string": spec.token}
+    if not any((spec.run_dir / f"{name}.lock").is_file() for name in names.values()):
         return None
+    locks = RunLocks(spec.run_dir, names)
     try:
-        lock.acquire()
+        locks.acquire()
     except ConfigError as exc:
         return str(exc)
-    lock.release()  # a lock left by a killed run: nobody trains it
+    locks.release()  # locks left by a killed run: nobody trains it (their files go with them)
     return None
 
 
