@@ -55,7 +55,14 @@ class RunLock:
         """Take the lock or raise ``ConfigError`` naming the run that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):  # retried only when another process removed the file between open and lock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (0 if fcntl else os.O_EXCL), 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (0 if fcntl else os.O_EXCL), 0o644)
+            except FileExistsError:  # no flock (Windows): a held lock and one a killed run left look the same
+                raise ConfigError(
+                    f"the lock file {self.path} exists: another run is writing to {self.path.parent} with {self.key} "
+                    f"{self.path.stem!r}, or one was killed there; wait for it, or delete the file if no run is "
+                    "writing there"
+                ) from None
             if fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,6 +91,11 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is None:
+            return
+        if fcntl is None:  # Windows: an open file cannot be removed; without flock, no lock races the removal
+            os.close(self._fd)
+            self._fd = None
+            self.path.unlink(missing_ok=True)
             return
         try:
             self.path.unlink(missing_ok=True)

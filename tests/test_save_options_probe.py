@@ -261,3 +261,19 @@ def test_an_output_name_equal_to_the_token_but_for_letter_case_is_refused(short,
     """On Windows and macOS ``TOK1.safetensors`` and ``tok1.safetensors`` are one file (and one lock file)."""
     code, seen = _cli(short(output_name="TOK1"), tmp_path, capsys)
     assert code == 2 and "output_name 'TOK1' equals token_string 'tok1'" in seen, seen
+
+
+def test_without_flock_an_existing_lock_file_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """Windows has no flock: the lock is the file's existence, so a killed run's lock file cannot be told from a
+    held one. Before: a bare FileExistsError; now the file, the name and what to do. Releasing removes the file."""
+    from pti_plugin import run_lock
+    from pti_plugin.config import ConfigError
+
+    monkeypatch.setattr(run_lock, "fcntl", None)
+    lock = run_lock.RunLock(tmp_path, "pti")
+    lock.acquire()
+    with pytest.raises(ConfigError, match=r"the lock file .*pti\.lock exists.*delete the file if no run is writing"):
+        run_lock.RunLock(tmp_path, "pti").acquire()
+    lock.release()
+    assert not (tmp_path / "pti.lock").exists()
+    run_lock.RunLock(tmp_path, "pti").acquire()  # free again
