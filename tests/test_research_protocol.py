@@ -548,3 +548,14 @@ def test_h2_save_schedule_flags_and_the_runs_read_for_a_schedule(tmp_path, capsy
         preset = {"save_every_n_steps": every, "stages": [{"name": "lora", "kind": "lora", "steps": steps}]}
         (runs / f"{name}.toml").write_text(toml.dumps(preset))
     assert [p.name for p in h2_runs_saved_as(tmp_path, 3e-3, h2)] == ["lora-lr0.003-seed1-bbb", "lora-lr0.003-seed2-ccc"]
+
+
+def test_the_vector_check_does_not_depend_on_the_order_its_cells_are_read_in():
+    """A rebuild reads the cells in the archive's order, not the grid's: the same cells must give the same rows."""
+    from pti_plugin.toy_world.h1_summary import vector_rows
+
+    rng = np.random.default_rng(0)
+    cells = [{"lr": 1e-4, "seed": seed, "vectors": n, **{k: rng.integers(0, 2, 16).astype(float).tolist()
+                                                          for k in ("coarse", "joint_edit", "appearance_error")}}
+             for seed in (42, 1, 2) for n in (1, 2)]
+    assert vector_rows(cells, draws=200) == vector_rows(cells[::-1], draws=200)

@@ -171,13 +171,14 @@ def verdict(rows: list[dict], groups: dict[float, list[dict]], knees: dict, draw
 
 
 def vector_rows(cells: list[dict], draws: int = 2000) -> list[dict]:
-    """Coarse reconstruction and joint editability per (vectors, lr) at the rates where several vector counts ran."""
+    """Coarse reconstruction and joint editability per (vectors, lr) at the rates where several vector counts ran
+    (each in seed order, as :func:`group_cells`: the bootstrap's draws then do not depend on the cells' order)."""
     counts = sorted({c["vectors"] for c in cells})
     rates = sorted({c["lr"] for c in cells if c["vectors"] > 1})
     out = []
     for lr in rates:
         for n in counts:
-            chosen = [c for c in cells if c["vectors"] == n and same_lr(c["lr"], lr)]
+            chosen = sorted((c for c in cells if c["vectors"] == n and same_lr(c["lr"], lr)), key=lambda c: c["seed"])
             if chosen:
                 out.append({"vectors": n, "lr": lr, "n_seeds": len(chosen)}
                            | {k: two_level_bootstrap(seed_matrix(chosen, k), draws).to_dict()
