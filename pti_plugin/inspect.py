@@ -3,8 +3,9 @@
 Prints the detected format and model family (SDXL when its keys fit SDXL's kohya names better, or it
 holds an SDXL ``clip_l``/``clip_g`` embedding), LoRA rank(s) and alpha(s), the family's modules
 covered, bundled embeddings, the header metadata, and every key that no module of that family would
-take (AUTOMATIC1111 logs those only at debug level, so a broken LoRA fails silently there). Exit status: 0 when every key
-fits, 1 when some key does not or the format is unknown, 2 when the file cannot be read.
+take (AUTOMATIC1111 logs those only at debug level, so a broken LoRA fails silently there), and the tensors holding
+NaN or infinite values. Exit status: 0 when every key fits, 1 when some key does not, the format is unknown (an
+empty file included) or a tensor is not finite, 2 when the file cannot be read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 
 from .formats.embedding import EmbeddingFormatError, bundled_embedding_parts, load_embeddings
-from .formats.file_family import FILE_FAMILIES, file_family, file_formats, text_encoder_names
+from .formats.file_family import (FILE_FAMILIES, file_family, file_formats, foreign_file_hint, non_finite_keys,
+                                  text_encoder_names)
 from .formats.kohya_lora import BUNDLE_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, load_lora, unexpected_keys
 from .models.family import EmbeddingLayout, KeyTable
 from .script_args import argument_parser
@@ -114,6 +116,10 @@ def _tensor_dict(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, 
 def describe(path: str | Path) -> tuple[list[str], int]:
     """The report lines for ``path`` and the exit status (see the module docstring)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; pass a LoRA or embedding file")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
     tensors, metadata, raw = _tensor_dict(path)
     family = file_family(tensors) if tensors is not None else "sd15"
     table, layout = file_formats(family)
@@ -127,12 +133,18 @@ def describe(path: str | Path) -> tuple[list[str], int]:
             lines += _describe_embedding(path, family, tensors, raw)
             bad = []
         except EmbeddingFormatError:
-            lines.append("format: unknown (neither a kohya LoRA nor an embedding)")
+            empty = " (the file holds no tensors)" if tensors == {} else ""
+            lines.append(f"format: unknown (neither a kohya LoRA nor an embedding){empty}")
             bad = sorted(tensors) if tensors is not None else [f"<{type(raw).__name__} object>"]
     lines += _describe_metadata(metadata)
     lines.append(f"keys no {FILE_FAMILIES[family]} module would take: {len(bad) or 'none'}")
     lines += [f"  {key}" for key in bad]
-    return lines, 1 if bad else 0
+    hint = foreign_file_hint(tensors, family).removeprefix("; ") if bad and tensors else ""
+    lines += [f"note: {hint}"] if hint else []
+    broken = non_finite_keys(tensors) if tensors is not None else []
+    if broken:
+        lines += [f"tensors holding NaN or infinite values: {len(broken)}"] + [f"  {key}" for key in broken]
+    return lines, 1 if bad or broken or tensors == {} else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,61 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
-from .formats.embedding import bundled_embedding_parts, load_embeddings
-from .formats.file_family import FILE_FAMILIES, file_formats, pipeline_family, text_encoder_names
+from .formats.embedding import EmbeddingFormatError, bundled_embedding_parts, load_embeddings
+from .formats.file_family import (FILE_FAMILIES, file_formats, foreign_file_hint, non_finite_keys, pipeline_family,
+                                  text_encoder_names)
 from .formats.kohya_lora import BUNDLE_PREFIX, LoraFormatError, load_lora, unexpected_keys
 from .library_noise import NEW_TOKEN_INIT, NO_TEXT_ENCODER_LORA, dropped
 from .models.pivot import pool_at_end_of_text
+
+
+def _existing_file(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not {what} file (pass the file inside it)")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file ({what} file was expected)")
+    return path
+
+
+def _read_lora(lora_path: str | os.PathLike, family: str, table) -> dict:
+    """The LoRA file's tensors; a missing path, a folder, a file that is not a ``.safetensors``, keys no module of
+    ``family`` takes and NaN/inf values are refused with a message naming the file."""
+    path = _existing_file(lora_path, "a LoRA")
+    if path.suffix != ".safetensors":
+        raise LoraFormatError(f"{path}: not a .safetensors file; load_pti reads a kohya LoRA .safetensors "
+                              "(an embedding .pt/.bin goes in as embedding_path=)")
+    tensors, _ = load_lora(path)
+    bad = unexpected_keys(tensors, table=table)
+    if bad:
+        raise LoraFormatError(f"{path}: unexpected key {bad[0]!r} ({len(bad)} keys no {FILE_FAMILIES[family]} module "
+                              f"takes){foreign_file_hint(tensors, family)}")
+    broken = non_finite_keys(tensors)
+    if broken:
+        raise LoraFormatError(f"{path}: tensor {broken[0]!r} holds NaN or infinite values ({len(broken)} tensors do): "
+                              "the file is broken")
+    return tensors
+
+
+def _check_free(pipe, encoders, token, vectors, source, adapter_name: str | None) -> None:
+    """Refuse, before ``pipe`` changes, a token its tokenizers already hold (diffusers would refuse it after the
+    LoRA went in) or an adapter name already in use; NaN/inf embedding vectors."""
+    if adapter_name is not None and any(adapter_name in names for names in pipe.get_list_adapters().values()):
+        raise ValueError(f"{source}: adapter name {adapter_name!r} is already in use in this pipeline; "
+                         "pass another adapter_name=")
+    if vectors is None:
+        return
+    if any(not bool(v.isfinite().all()) for v in vectors):
+        raise EmbeddingFormatError(f"{source}: the embedding's vectors hold NaN or infinite values: the file is broken")
+    taken = (token, f"{token}_1") if vectors[0].shape[0] > 1 else (token,)  # diffusers names extra vectors tok_1, ...
+    for name in encoders:
+        tokenizer = name.replace("text_encoder", "tokenizer")
+        clash = [t for t in taken if t in getattr(pipe, tokenizer).get_vocab()]
+        if clash:
+            raise ValueError(f"{source}: token {clash[0]!r} is already in this pipeline's {tokenizer} (was the file "
+                             "loaded into it before?); pass token= with another name, or use a fresh pipeline")
 
 
 def load_pti(
@@ -38,19 +87,21 @@ def load_pti(
     bundled embedding any other ``token`` renames it; None keeps the bundled name.
     A multi-vector embedding is typed as the single token in prompts (diffusers expands it).
     Returns the token added, or None when the file bundles no embedding and none was given.
-    Raises ``LoraFormatError`` naming the first key no module of the pipeline's family takes, and
-    ``EmbeddingFormatError`` for an embedding of the wrong width, before ``pipe`` is changed.
+    Raises ``LoraFormatError`` naming the first key no module of the pipeline's family takes (saying when the
+    file is an embedding, a peft or LyCORIS file, or of the other family), a non-``.safetensors`` file or NaN/inf
+    values; ``EmbeddingFormatError`` for an embedding of the wrong width or with NaN/inf;
+    ``ValueError`` for a token the pipeline's tokenizers already hold (the file loaded twice) or an
+    ``adapter_name`` in use; ``FileNotFoundError``/``IsADirectoryError`` for a missing file or a folder; all
+    before ``pipe`` is changed.
     """
     family = pipeline_family(pipe)
     table, layout = file_formats(family)
     encoders = text_encoder_names(table)
-    tensors, _ = load_lora(lora_path)
-    bad = unexpected_keys(tensors, table=table)
-    if bad:
-        raise LoraFormatError(f"{lora_path}: unexpected key {bad[0]!r} ({len(bad)} keys no {FILE_FAMILIES[family]} module takes)")
+    tensors = _read_lora(lora_path, family, table)
     widths = [getattr(pipe, name).get_input_embeddings().weight.shape[1] for name in encoders]
     vectors = None
     if embedding_path is not None:
+        _existing_file(embedding_path, "an embedding")
         vectors = load_embeddings(embedding_path, layout, widths, token=token)
         token = token or os.path.splitext(os.path.basename(embedding_path))[0]
     elif bundled := bundled_embedding_parts(tensors):
@@ -59,6 +110,7 @@ def load_pti(
         name = token if token in bundled else next(iter(bundled))
         vectors = load_embeddings(lora_path, layout, widths, token=name)
         token = token or name
+    _check_free(pipe, encoders, token, vectors, embedding_path or lora_path, adapter_name)
 
     lora = {k: v for k, v in tensors.items() if not k.startswith(BUNDLE_PREFIX)}
     if lora:

@@ -26,6 +26,8 @@ from .kohya_lora import BUNDLE_PREFIX
 from .safe_load import check_safetensors, safe_torch_load
 
 STANDALONE_KEY = "emb_params"
+#: The top-level tensor names of an embedding file: ours (SD1.5), AUTOMATIC1111's, SDXL's pair.
+EMBEDDING_KEYS = frozenset({STANDALONE_KEY, "string_to_param.*", "clip_l", "clip_g"})
 
 
 class EmbeddingFormatError(ValueError):

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from ..models.family import EmbeddingLayout, KeyTable, embedding_layout, key_table
+from .embedding import EMBEDDING_KEYS
 from .kohya_lora import BUNDLE_PREFIX, unexpected_keys
 
 #: File families the readers know, with the name they print.
@@ -46,3 +47,24 @@ def file_family(tensors: Mapping[str, torch.Tensor]) -> str:
 def pipeline_family(pipe) -> str:
     """``"sdxl"`` for a diffusers pipeline with a second text encoder, else ``"sd15"``."""
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+
+
+def foreign_file_hint(tensors: Mapping[str, torch.Tensor], family: str) -> str:
+    """Why a file's keys do not fit ``family``'s kohya LoRA, when its keys tell ("" when they do not):
+    an embedding, a peft/diffusers-format LoRA, a LyCORIS LoHa/LoKr file, or a LoRA of the other family."""
+    keys = list(tensors)
+    if keys and (set(keys) <= EMBEDDING_KEYS or (len(keys) == 1 and not keys[0].startswith("lora_"))):
+        return "; it is a textual-inversion embedding, not a LoRA (load_pti takes it as embedding_path=)"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "; it is a peft/diffusers-format LoRA, not kohya's (load it with pipe.load_lora_weights)"
+    if any(".hada_" in k or ".lokr_" in k for k in keys):
+        return "; it is a LyCORIS LoHa/LoKr file: only kohya LoRA/LoCon (lora_down/lora_up) files are read"
+    other = file_family(tensors)
+    if other != family and any(k.startswith("lora_") for k in keys):
+        return f"; it is an {FILE_FAMILIES[other]} file and this is an {FILE_FAMILIES[family]} model"
+    return ""
+
+
+def non_finite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of floating-point tensors holding NaN or infinite values."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

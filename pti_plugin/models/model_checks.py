@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..config import ConfigError
+from ..formats.embedding import EMBEDDING_KEYS
 from .family import detect_family, read_json
 
 #: The preset key that names the base model.
@@ -78,7 +79,7 @@ def file_kind(keys: Iterable[str]) -> str | None:
         part in k for part in (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1", ".lokr_w1"))), None)
     if lora is not None:
         return f"a LoRA (key {lora!r}), not a base model; a LoRA to start from goes in network_weights"
-    embedding = next((k for k in keys if k in ("emb_params", "clip_l", "clip_g") or k.startswith("string_to_param")), None)
+    embedding = next((k for k in keys if k in EMBEDDING_KEYS or k.startswith("string_to_param")), None)
     if embedding is not None:
         return (f"a textual-inversion embedding (key {embedding!r}), not a base model; an embedding to start the "
                 "pivot from goes in weights")
