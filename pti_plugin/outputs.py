@@ -47,6 +47,18 @@ def read_training_log(path: str | Path) -> list[dict]:
     return entries
 
 
+#: The step tag of a saved file's or state folder's name: ``-stepNNNNNNNN`` or ``-interrupted-stepNNNNNNNN``.
+STEP_TAG = r"-(?:interrupted-)?step(\d{8})"
+
+
+def state_folders(output_dir: Path) -> list[Path]:
+    """Every run's state folders in ``output_dir`` (``<output_name>-state-[interrupted-]stepNNNNNNNN/``, any
+    output_name; not an interrupted save's hidden temporary), sorted by step then name."""
+    pattern = re.compile(rf"^[^.].*-state{STEP_TAG}$")
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := pattern.match(p.name))]
+    return [p for _, p in sorted(found, key=lambda sp: (sp[0], sp[1].name))]
+
+
 @dataclass(frozen=True)
 class RunFiles:
     output_dir: Path
@@ -87,8 +99,7 @@ class RunFiles:
         if not self.output_dir.is_dir():
             return []
         name, tok = re.escape(self.output_name), re.escape(self.token)
-        step = r"-(?:interrupted-)?step(\d{8})"
-        pattern = re.compile(rf"^(?:(?:{name}|{tok}){step}\.safetensors|{name}-state{step})$")
+        pattern = re.compile(rf"^(?:(?:{name}|{tok}){STEP_TAG}\.safetensors|{name}-state{STEP_TAG})$")
         found = []
         for child in self.output_dir.iterdir():
             match = pattern.match(child.name)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -26,6 +25,7 @@ import torch
 
 from .atomic_io import save_safetensors_atomic, umask
 from .config import ConfigError
+from .outputs import state_folders
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +117,10 @@ _STATE_FILES = ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt", "pro
 def _latest_state_hint(folder: Path) -> str:
     """When ``folder`` is a run's output folder (it holds state folders, ``*-state-*``), the hint naming the latest
     (a hidden one is an interrupted save's temporary, which the next run removes)."""
-    states = [p for p in folder.glob("*-state-*") if p.is_dir() and not p.name.startswith(".")
-              and (p / "progress.json").is_file()]
+    states = [p for p in state_folders(folder) if (p / "progress.json").is_file()]
     if not states:
         return ""
-    latest = max(states, key=lambda p: (int(m.group(1)) if (m := re.search(r"step(\d+)$", p.name)) else -1, p.name))
+    latest = states[-1]
     return f"; it is a run's folder holding {len(states)} state folder(s): to continue, --resume {latest} (the latest saved)"
 
 
