@@ -17,7 +17,7 @@ import errno
 import io
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -103,12 +103,19 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None], s
         writer(tmp)
 
 
-def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+def _non_finite(tensors: Mapping[str, torch.Tensor]) -> Iterator[str]:
+    """The names of the floating-point tensors of ``tensors`` holding a NaN or inf, in order, read lazily."""
+    return (key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all())
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     """The name of the first floating-point tensor of ``tensors`` holding a NaN or inf, else None."""
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return key
-    return None
+    return next(_non_finite(tensors), None)
+
+
+def non_finite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of every floating-point tensor of ``tensors`` holding a NaN or inf."""
+    return list(_non_finite(tensors))
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:

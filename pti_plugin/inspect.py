@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from .atomic_io import non_finite_keys
 from .formats.embedding import EmbeddingFormatError, bundled_embedding_parts, load_embeddings
-from .formats.file_family import (FILE_FAMILIES, file_family, file_formats, foreign_file_hint, non_finite_keys,
-                                  text_encoder_names)
+from .formats.file_family import FILE_FAMILIES, file_family, file_formats, foreign_file_hint, text_encoder_names
 from .formats.kohya_lora import BUNDLE_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, load_lora, unexpected_keys
 from .models.family import EmbeddingLayout, KeyTable
 from .script_args import argument_parser

@@ -14,9 +14,9 @@ import contextlib
 import os
 from pathlib import Path
 
+from .atomic_io import non_finite_keys
 from .formats.embedding import EmbeddingFormatError, bundled_embedding_parts, load_embeddings
-from .formats.file_family import (FILE_FAMILIES, file_formats, foreign_file_hint, non_finite_keys, pipeline_family,
-                                  text_encoder_names)
+from .formats.file_family import FILE_FAMILIES, file_formats, foreign_file_hint, pipeline_family, text_encoder_names
 from .formats.kohya_lora import BUNDLE_PREFIX, LoraFormatError, load_lora, unexpected_keys
 from .library_noise import NEW_TOKEN_INIT, NO_TEXT_ENCODER_LORA, dropped
 from .models.pivot import pool_at_end_of_text

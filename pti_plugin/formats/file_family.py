@@ -64,7 +64,3 @@ def foreign_file_hint(tensors: Mapping[str, torch.Tensor], family: str) -> str:
         return f"; it is an {FILE_FAMILIES[other]} file and this is an {FILE_FAMILIES[family]} model"
     return ""
 
-
-def non_finite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """The keys of floating-point tensors holding NaN or infinite values."""
-    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
