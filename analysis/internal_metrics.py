@@ -97,8 +97,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     from pti_plugin.atomic_io import atomic_write_text
     from pti_plugin.toy_world.internal_metrics import (add_independent_truth, check_committed_seeds, compact_rows,
-                                                       find_runs, layer_rows, layer_test_verdict, score_runs,
-                                                       summarise, summary_lines, with_committed_rows)
+                                                       find_runs, layer_rows, layer_test_small_sample, layer_test_verdict,
+                                                       score_runs, summarise, summary_lines, with_committed_rows)
 
     args = parse_args(argv)
     runs = find_runs(args.folders, args.output_name)
@@ -137,6 +137,9 @@ def main(argv=None) -> int:
     layer_test = layer_test_verdict(summary)
     if layer_test is not None:
         print(f"layer test: {layer_test}")
+        check = layer_test_small_sample(summary)
+        if check is not None:
+            print(f"layer test, small-sample check: {check}")
     main_pair = next(c for c in summary["correlations"]
                      if (c["internal"], c["ground_truth"]) == ("attention_leakage", "gt_leakage"))
     print(f"attention_leakage_spearman={main_pair['spearman']:.3f} lo={main_pair['spearman_lo']:.3f} "

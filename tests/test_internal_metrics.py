@@ -360,6 +360,29 @@ def test_the_stated_layer_test_reads_its_rule_off_the_interval(follows, reading)
     assert layer_test_verdict({"layer_versions": []}) is None
 
 
+@pytest.mark.parametrize("per_seed, reading, interval", [
+    # mean 0.2167, sd 0.02887; t(2, 0.975) = 4.3027: half-width 0.0717
+    ((0.20, 0.25, 0.20), "supported", "0.22 [0.14, 0.29]"),
+    # mean 0.1333, sd 0.3889: half-width 0.966
+    ((0.07, -0.22, 0.55), "inconclusive", "0.13 [-0.83, 1.10]"),
+    # mean -0.3, sd 0.1: half-width 0.248
+    ((-0.2, -0.3, -0.4), "refuted", "-0.30 [-0.55, -0.05]"),
+])
+def test_the_layer_tests_small_sample_check_reads_students_t_over_the_seeds(per_seed, reading, interval):
+    """The small-sample check takes the 16x16-minus-all-layers difference of each training seed's runs against the
+    independent truth, and only those: other versions, truths, the pooled and per-rate rows are left out."""
+    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, layer_test_small_sample
+
+    entry = lambda lr, d, version="attention_leakage_16x16", truth=INDEPENDENT: {  # noqa: E731
+        "version": version, "ground_truth": truth, "lr": lr, "difference": d, "difference_lo": d, "difference_hi": d, "n": 17}
+    entries = [entry(f"seed {s}", d) for s, d in zip((1, 2, 42), per_seed)]
+    entries += [entry("all", 5.0), entry(0.001, -5.0), entry("seed 7", 9.0, version="attention_leakage_8x8"),
+                entry("seed 7", 9.0, truth="gt_leakage"), entry("condition none", 9.0)]
+    line = layer_test_small_sample({"layer_versions": entries})
+    assert line == f"{reading}: the mean of 3 training seeds' differences {interval} (Student's t over the seeds)"
+    assert layer_test_small_sample({"layer_versions": entries[:1] + entries[3:]}) is None  # one seed: no check
+
+
 def test_an_out_that_is_a_file_is_refused_before_anything_is_scored(tmp_path, capsys):
     script = _script()
     taken = tmp_path / "taken.json"

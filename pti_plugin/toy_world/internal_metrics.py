@@ -305,14 +305,34 @@ def layer_test_verdict(summary: dict) -> str | None:
     entry = next((c for c in summary.get("layer_versions", []) if all(c[k] == v for k, v in LAYER_TEST.items())), None)
     if entry is None:
         return None
-    lo, hi = entry["difference_lo"], entry["difference_hi"]
-    reading = "supported" if lo > 0 else "refuted" if hi <= 0 else "inconclusive"
+    reading = _layer_rule(entry["difference_lo"], entry["difference_hi"])
     name = stated_layer_test(summary)
     whose = (f"{name}'s runs, {len(summary['rows'])} of {STATED_LAYER_TESTS[name]['runs']}" if name else
              "not a stated set of runs: " + "; ".join(f"{n}: training seeds {', '.join(map(str, t['seeds']))}"
                                                       for n, t in STATED_LAYER_TESTS.items()))
     return (f"{reading}: {entry['version']} minus all layers against {entry['ground_truth']}, {_num(entry['difference'])} "
             f"[{_num(entry['difference_lo'])}, {_num(entry['difference_hi'])}] over {entry['n']} runs ({whose})")
+
+
+def _layer_rule(lo: float, hi: float) -> str:
+    """The stated rule's reading of an interval of the difference: above 0, at or below 0, or reaching across it."""
+    return "supported" if lo > 0 else "refuted" if hi <= 0 else "inconclusive"
+
+
+def layer_test_small_sample(summary: dict) -> str | None:
+    """The small-sample check of :func:`layer_test_verdict` (added after the stated tests, not part of their rule):
+    the same difference computed in each training seed's runs on its own (the ``"seed <s>"`` entries), their mean
+    with Student's t interval over the seeds, read with the rule's thresholds; None with fewer than two seeds."""
+    from ..metrics.replication import student_interval
+
+    per_seed = [c["difference"] for c in summary.get("layer_versions", []) if c["version"] == LAYER_TEST["version"]
+                and c["ground_truth"] == LAYER_TEST["ground_truth"] and str(c["lr"]).startswith("seed ")]
+    values = np.array(per_seed, dtype=np.float64)
+    if np.isfinite(values).sum() < 2:
+        return None
+    check = student_interval(values)
+    return (f"{_layer_rule(check.lo, check.hi)}: the mean of {int(np.isfinite(values).sum())} training seeds' differences "
+            f"{_num(check.estimate)} [{_num(check.lo)}, {_num(check.hi)}] (Student's t over the seeds)")
 
 
 def layer_comparison(rows: list[dict], rates: list[float | None], draws: int = 2000) -> list[dict]:
@@ -440,6 +460,9 @@ def layer_lines(summary: dict) -> list[str]:
     verdict_line = layer_test_verdict(summary)
     lines = ([] if verdict_line is None else ["", f"The finest layers' stated test (`docs/method.md`), its rule on these runs: "
                                                   f"**{verdict_line}**."])
+    check = layer_test_small_sample(summary) if verdict_line is not None else None
+    if check is not None:
+        lines[-1] += f" Small-sample check, read after the tests were stated: {check}."
     lines += ["", "One UNet resolution's cross-attention layers against all layers (`attention_leakage`), both against "
              "the same ground truth on the same runs; *lr*: all runs pooled, the mean rho within a learning rate, "
              "one rate's runs, or one training seed's; difference: the resolution's rho minus all layers', 95% "
