@@ -213,6 +213,9 @@ class Config:
 
 
 PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_path", "weights", "network_weights", "train_data_dir", "dataset_config", "reg_data_dir", "in_json", "sample_prompts", "resume", "config_file")
+#: The path keys a tool that loads no model reads (``python -m pti_plugin.dataset_preview``): the training data and
+#: the preset's kohya ``config_file``; the others name the model, its starting files, a state and the prompts.
+DATA_PATH_KEYS = ("train_data_dir", "dataset_config", "reg_data_dir", "in_json", "config_file")
 
 
 def field_names(cls: type) -> list[str]:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from .config import EMBEDDED, PATH_KEYS, Config, ConfigError, network_args
+from .config import DATA_PATH_KEYS, EMBEDDED, PATH_KEYS, Config, ConfigError, network_args
 from .data.dataset_keys import DATASET_KEYS, SUBSET_KEYS, TOP_LEVEL_KEYS
 from .input_checks import check_inputs
 
@@ -42,8 +42,9 @@ def check_the_pivot_is_learned(config: Config) -> None:
 
 
 
-def validate_config(config: Config, check_paths: bool) -> None:
-    """Every check of a parsed (not yet resolved) config; the first problem raises ConfigError naming its key."""
+def validate_config(config: Config, check_paths: bool, data_only: bool = False) -> None:
+    """Every check of a parsed (not yet resolved) config; the first problem raises ConfigError naming its key.
+    ``data_only``: of the paths, check only those a tool that loads no model reads (``DATA_PATH_KEYS``)."""
     from .choices import CHOICES, choice_problem
     from .hooks import instantiate_plugins
 
@@ -110,7 +111,7 @@ def validate_config(config: Config, check_paths: bool) -> None:
         raise ConfigError("preset: set only one of 'train_data_dir' and 'dataset_config' (a command-line one "
                           "replaces the preset's other one)")
     if check_paths:
-        for key in PATH_KEYS:
+        for key in DATA_PATH_KEYS if data_only else PATH_KEYS:
             value = getattr(config, key)
             if value and value != EMBEDDED and not Path(value).expanduser().exists():
                 raise ConfigError.at(key, f": path not found: looked for {Path(value).expanduser().resolve()}")
@@ -118,7 +119,7 @@ def validate_config(config: Config, check_paths: bool) -> None:
         if not isinstance(config.plugins[name], dict):
             raise ConfigError.at(f"plugins.{name}", " must be a table of options")
     instantiate_plugins(config)  # unknown plugins and bad plugin options, before any model loads
-    check_inputs(config, check_paths)  # numbers, names, path kinds, starting files: see there
+    check_inputs(config, check_paths, data_only)  # numbers, names, path kinds, starting files: see there
 
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from .config import EMBEDDED, PATH_KEYS, Config, ConfigError, _build, deep_merge, load_preset_dict, parse_value
 from .config_checks import check_stage_schedules, check_the_pivot_is_learned, validate_config, with_kohya_tracker
 from .input_checks import with_leading_dot
-from .resolution import check_given_values_are_used, default_stage_dicts, resolve_stages
+from .resolution import check_given_values_are_used, default_stage_dicts, resolve_stages, warn_unreached_intervals
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +58,21 @@ def apply_overrides(raw: dict[str, Any], top_level: dict[str, Any], dotted: list
     return out
 
 
-def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str, str] | None = None) -> Config:
+def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str, str] | None = None, *,
+                 data_only: bool = False) -> Config:
     """Validate and resolve ``raw`` into a frozen :class:`Config`; raise ConfigError naming the first bad key.
 
     ``given`` (key -> "preset"/"command line"): top-level values the user wrote; one that no stage
-    uses is an error. Stages resolve here (``resolution.py``); an epoch-based stage's step count
-    follows once the dataset is scanned (:func:`pti_plugin.resolution.with_epoch_steps`).
+    uses is an error. ``data_only`` (a tool that loads no model: the dataset preview): the model, the
+    starting files, a state, the prompts and the output folders are neither looked for nor read. Stages
+    resolve here (``resolution.py``); an epoch-based stage's step count follows once the dataset is
+    scanned (:func:`pti_plugin.resolution.with_epoch_steps`). A save or sample interval longer than the
+    run is a warning (:func:`pti_plugin.resolution.warn_unreached_intervals`).
     """
     if "stages" not in raw:
         raw = raw | {"stages": default_stage_dicts(raw)}
     parsed = with_kohya_tracker(_build(Config, raw))
-    validate_config(parsed, check_paths)
+    validate_config(parsed, check_paths, data_only)
     config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),
                                  caption_extension=with_leading_dot(parsed.caption_extension),
                                  network_alpha=parsed.network_alpha or float(parsed.network_dim))  # kohya: 0 is dim
@@ -76,6 +80,8 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
         check_given_values_are_used(config, parsed.stages, given)
     check_stage_schedules(parsed, config)
     check_the_pivot_is_learned(config)
+    if check_paths:  # a config to run now (not a saved run's, read back for measurements)
+        warn_unreached_intervals(config)
     return config
 
 
@@ -121,11 +127,13 @@ def _replace_data_source(raw: dict[str, Any], overrides: dict[str, Any]) -> dict
     return {k: v for k, v in raw.items() if k not in replaced}
 
 
-def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> Config:
+def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None,
+                *, data_only: bool = False) -> Config:
     """The resolved config of ``preset`` (or the defaults) with command-line overrides applied.
 
     Besides :func:`build_config`'s checks, a top-level value given in the preset or on the command
     line that no stage uses (every stage sets its own) is refused, naming the shadowing stage keys.
+    ``data_only``: see :func:`build_config`.
     """
     overrides = overrides or {}
     origins: dict[str, str] = {}
@@ -141,7 +149,7 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
         if isinstance(value, str) and value and value != EMBEDDED:
             raw[key] = str(Path(value).expanduser().resolve())
     try:
-        return build_config(raw, given=given)
+        return build_config(raw, given=given, data_only=data_only)
     except ConfigError as error:
         raise named_where_given(error, overrides, sets or [], origins) from None
 

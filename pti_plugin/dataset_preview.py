@@ -7,7 +7,9 @@ Prints, for the first ``n`` samples of a stage (in the order the training loop d
 step, slot by slot of the global batch), the final caption after every transformation, the
 bucket, the repeats, whether it is a regularisation image and its augmentation; then per-subset
 counts, the tag-frequency table (the same table the LoRA's ``ss_tag_frequency`` metadata holds)
-and what the trainer does to the captions. It loads no model: every draw goes through
+and what the trainer does to the captions. It loads no model and looks for none (the model path, the
+starting files, a state, the sample prompts and the output folder are not checked; the captions need no
+tokenizer: only training counts their tokens). Every draw goes through
 :func:`pti_plugin.data.samples.draw_sample`, the function the training loop calls, so the
 captions are the ones training feeds the text encoder for the same seed. The global batch depends
 on the number of processes (``--num_processes``, default 1). ``--save_images DIR`` also writes the
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         if overrides.get("dataset_config"):
             for key in ("train_data_dir", "reg_data_dir", "in_json"):
                 overrides.setdefault(key, "")
-        config = load_config(preset, overrides, sets)
+        config = load_config(preset, overrides, sets, data_only=True)  # no model, starting file, prompt or output
         try:
             n, stage, processes, max_tags = int(own["n"]), int(own["stage"]), int(own["num_processes"]), int(own["tags"])
         except ValueError as exc:

@@ -30,7 +30,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED, Config, ConfigError
+from .config import DATA_PATH_KEYS, EMBEDDED, Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,14 @@ _FLOAT32_MAX = 3.4028234663852886e38  # training runs in float32 at most
 #: Denoising steps a sample may take: the schedulers refuse more than the 1000 training timesteps of SD1.5/SDXL
 #: (before: a traceback when the first sample ran, after training).
 MAX_SAMPLE_STEPS = 1000
+#: The largest sample width or height (px, ``--w``/``--h``): four times SDXL's 1024 px. Beyond it a typo
+#: (``--w 100000``) would try to allocate a huge latent when the first sample runs, after training.
+MAX_SAMPLE_SIZE = 4096
 
 
-def check_inputs(config: Config, check_paths: bool = True) -> None:
-    """Run every start-time check on ``config`` (see the module docstring)."""
+def check_inputs(config: Config, check_paths: bool = True, data_only: bool = False) -> None:
+    """Run every start-time check on ``config`` (see the module docstring); ``data_only`` (a tool that loads no
+    model): of the paths, only the data's (``DATA_PATH_KEYS``)."""
     check_finite_numbers(config)
     if not 0 <= config.seed <= _MAX_SEED:
         raise ConfigError.at("seed", f" must be between 0 and {_MAX_SEED}, got {config.seed}")
@@ -67,18 +71,20 @@ def check_inputs(config: Config, check_paths: bool = True) -> None:
                        config.caption_extension, with_leading_dot(config.caption_extension))
     if not check_paths:
         return
-    check_path_kinds(config)
+    check_path_kinds(config, DATA_PATH_KEYS if data_only else _FOLDER_KEYS + _FILE_KEYS)
+    if config.dataset_config:
+        check_dataset_config_shape(Path(config.dataset_config))
+    if data_only:
+        return
     check_output_dir_writable(Path(config.output_dir).expanduser())
     if config.log_with and config.logging_dir:  # the tracker's folder, made once training starts
         check_output_dir_writable(Path(config.logging_dir).expanduser(), "logging_dir")
-    if config.dataset_config:
-        check_dataset_config_shape(Path(config.dataset_config))
     if config.sample_prompts:
         check_sample_prompts(Path(config.sample_prompts))
     check_starting_files(config)
     check_clip_skip(config)
     if config.resume:
-        check_resume_folder(Path(config.resume))
+        check_resume_folder(Path(config.resume), config.token_string)
     model = Path(config.pretrained_model_name_or_path).expanduser()
     if config.pretrained_model_name_or_path != EMBEDDED and model.is_file():
         _wrap("pretrained_model_name_or_path", lambda: check_model_framing(model))
@@ -223,9 +229,9 @@ _FOLDER_KEYS = ("train_data_dir", "reg_data_dir", "resume", "single_file_config"
 _FILE_KEYS = ("dataset_config", "in_json", "sample_prompts", "weights", "network_weights", "config_file")
 
 
-def check_path_kinds(config: Config) -> None:
-    """Folders where folders are expected, files where files are."""
-    for key in _FOLDER_KEYS + _FILE_KEYS:
+def check_path_kinds(config: Config, keys: tuple[str, ...]) -> None:
+    """Folders where folders are expected, files where files are (of the path keys ``keys``)."""
+    for key in keys:
         value = getattr(config, key)
         if not value or value == EMBEDDED:
             continue
@@ -315,17 +321,27 @@ def check_sample_prompts(path: Path) -> None:
         except ValueError as exc:
             raise ConfigError.at("sample_prompts", f": {path} line {number}: {exc}") from None
         for flag, value in (("--w", prompt.width), ("--h", prompt.height), ("--s", prompt.steps)):
-            if value is None:
-                continue
-            if value <= 0 or (value > MAX_SAMPLE_STEPS if flag == "--s" else value % 8):
-                need = (f"between 1 and {MAX_SAMPLE_STEPS} (the model's training timesteps)" if flag == "--s"
-                        else "a positive multiple of 8")
-                raise ConfigError.at("sample_prompts", f": {path} line {number}: {flag} must be {need}, got {value}")
+            if problem := _sample_option_problem(flag, value):
+                raise ConfigError.at("sample_prompts", f": {path} line {number}: {flag} {problem}")
         if not math.isfinite(prompt.guidance):
             raise ConfigError.at("sample_prompts", f": {path} line {number}: --l must be finite")
         if prompt.seed is not None and not 0 <= prompt.seed <= _MAX_SEED:
             raise ConfigError.at("sample_prompts", f": {path} line {number}: --d must be between 0 and {_MAX_SEED}, "
                                                    f"got {prompt.seed}")
+
+
+def _sample_option_problem(flag: str, value: int | None) -> str | None:
+    """Why a prompt's ``--w``/``--h`` (px) or ``--s`` (steps) ``value`` cannot sample, else None (None: not given)."""
+    if value is None:
+        return None
+    if flag == "--s":
+        return None if 1 <= value <= MAX_SAMPLE_STEPS else (
+            f"must be between 1 and {MAX_SAMPLE_STEPS} (the model's training timesteps), got {value}")
+    if value <= 0 or value % 8:
+        return f"must be a positive multiple of 8, got {value}"
+    if value > MAX_SAMPLE_SIZE:
+        return f"must be at most {MAX_SAMPLE_SIZE} px (a larger sample would not fit in memory), got {value}"
+    return None
 
 
 def check_starting_files(config: Config) -> None:
@@ -379,13 +395,14 @@ def check_model_framing(path: Path) -> None:
     (check_safetensors if path.suffix == ".safetensors" else check_pytorch_framing)(path)
 
 
-def check_resume_folder(folder: Path) -> None:
-    """The state folder is complete, its ``progress.json`` parses and its pickles pass the safe loader
-    (tensor shapes are compared with the run's once the model is built)."""
+def check_resume_folder(folder: Path, token_string: str) -> None:
+    """The state folder is complete, its ``progress.json`` parses, its pivot was trained for ``token_string``
+    (when it records it) and its pickles pass the safe loader (tensor shapes are compared with the run's once
+    the model is built)."""
     from .formats.safe_load import check_safetensors, safe_torch_load
-    from .resume import read_progress
+    from .resume import check_resume_token, read_progress
 
-    read_progress(folder)
+    check_resume_token(read_progress(folder), token_string)
     _wrap("resume", lambda: check_safetensors(folder / "trainable.safetensors"))
     for name in ("optimizer.pt", "lr_scheduler.pt"):
         _wrap("resume", lambda: safe_torch_load(folder / name))

@@ -174,7 +174,9 @@ def warmup_steps(value: int | float, steps: int) -> int:
 def with_epoch_steps(config: Config, steps_per_epoch: int) -> Config:
     """``config`` with every epoch-based stage's length in steps (``steps_per_epoch`` optimizer steps per pass),
     its warm-up ratio in steps, and a warning for each stage whose warm-up outlasts it (the stage never
-    reaches its learning rate)."""
+    reaches its learning rate), and for each save or sample interval only the scan tells to be longer than the
+    run (:func:`warn_unreached_intervals`)."""
+    warn_unreached_intervals(config, steps_per_epoch)
     stages = []
     for s in config.stages:
         if s.steps is None:
@@ -185,6 +187,43 @@ def with_epoch_steps(config: Config, steps_per_epoch: int) -> Config:
                            "reaches %g", s.index, s.name, s.lr_warmup_steps, s.steps, s.learning_rate)
         stages.append(s)
     return dataclasses.replace(config, stages=tuple(stages))
+
+
+def _unreached_intervals(config: Config, steps_per_epoch: int | None) -> dict[str, str | None]:
+    """For each save or sample interval that is set: the warning when it is longer than the run, so that it never
+    fires before the end ("" when it fires), or None when that cannot be told yet (a stage's length in steps or
+    epochs that needs ``steps_per_epoch``, known after the data scan). ``config``: stages not yet in steps."""
+    per_epoch = steps_per_epoch
+    steps = [s.steps if s.steps is not None else s.max_train_epochs * per_epoch if per_epoch else None
+             for s in config.stages]
+    epochs = [s.max_train_epochs if s.steps is None else s.steps // per_epoch if per_epoch else None
+              for s in config.stages]  # full passes within the stage: save_every_n_epochs counts them per stage
+    total = None if None in steps else sum(steps)
+    longest = None if None in epochs else max(epochs)
+    saves, samples = ("nothing is saved before the final save", "save"), ("no sample is drawn during training", "sample")
+    checks = [("save_every_n_steps", total, f"the run's {total} step(s)", saves),
+              ("save_every_n_epochs", longest, f"the {longest} epoch(s) of the longest stage (epochs are counted "
+               "within each stage" + (f", {per_epoch} step(s) each)" if per_epoch else ")"), saves)]
+    if config.sample_prompts:
+        checks.append(("sample_every_n_steps", total, f"the run's {total} step(s)", samples))
+    problems: dict[str, str | None] = {}
+    for key, length, run, (outcome, verb) in checks:
+        value = getattr(config, key)
+        if value:
+            problems[key] = None if length is None else "" if value <= length else (
+                f"{key} = {value} is more than {run}: {outcome}; lower it to {verb} in between")
+    return problems
+
+
+def warn_unreached_intervals(config: Config, steps_per_epoch: int | None = None) -> None:
+    """A warning for each of ``save_every_n_steps``, ``save_every_n_epochs`` and ``sample_every_n_steps`` (with
+    ``sample_prompts``) that is longer than the run, once, where the run's length is first known: when the config
+    is built (``steps_per_epoch`` None) for step-based stages, after the data scan (:func:`with_epoch_steps`) for
+    the rest. A warning, not an error: kohya says nothing, and such a run trains and saves at its end."""
+    told = _unreached_intervals(config, None) if steps_per_epoch else {}
+    for key, problem in _unreached_intervals(config, steps_per_epoch).items():
+        if problem and told.get(key) is None:
+            logger.warning("%s", problem)
 
 
 # ----------------------------------------------------------------------------- unused values

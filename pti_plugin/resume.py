@@ -3,10 +3,11 @@
 ``<state>/trainable.safetensors`` holds the pivot and LoRA weights by name, ``optimizer.pt`` and
 ``lr_scheduler.pt`` the optimizer and scheduler state of the current stage (loaded through the
 project's allow-listed unpickler, ``formats/safe_load.py``), ``progress.json`` the stage index and
-step counters and what the optimizer state belongs to: the stage's kind, its ``optimizer_type`` and
-its parameter groups (names and tensor counts; state folders written before these were recorded
-lack them). Loading refuses, naming the culprit, a broken file and a state that does not fit the
-run (tensor names or shapes, stage kind, optimizer type, parameter groups).
+step counters, what the optimizer state belongs to: the stage's kind, its ``optimizer_type`` and
+its parameter groups (names and tensor counts), and the ``token_string`` the pivot was trained for
+(state folders written before these were recorded lack them). Loading refuses, naming the culprit, a
+broken file and a state that does not fit the run (tensor names or shapes, stage kind, optimizer type,
+parameter groups, token).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class SavedProgress:
     stage_kind: str | None = None
     optimizer_type: str | None = None
     param_groups: list[tuple[str, int]] | None = None  # (group name, number of tensors) per optimizer group
+    token_string: str | None = None  # the token the saved pivot was trained for
 
 
 @dataclass
@@ -77,13 +79,14 @@ def save_state(
     folder: Path, tensors: dict[str, torch.Tensor], optimizer: dict[str, Any], lr_scheduler: dict[str, Any],
     stage_index: int, stage_step: int, global_step: int, *, stage_kind: str | None = None,
     optimizer_type: str | None = None, param_groups: list[tuple[str, int]] | None = None, replace: bool = False,
+    token_string: str | None = None,
 ) -> Path:
     """Write the state folder (to a temporary folder first, renamed when complete).
 
-    ``stage_kind``, ``optimizer_type`` and ``param_groups`` (``(name, number of tensors)`` per optimizer
-    group) go to ``progress.json``, so that a resume with another optimizer or stage is refused before
-    it trains. An existing ``folder`` is refused unless ``replace`` (``overwrite = true``): then the new
-    state takes its place once complete."""
+    ``stage_kind``, ``optimizer_type``, ``param_groups`` (``(name, number of tensors)`` per optimizer
+    group) and ``token_string`` go to ``progress.json``, so that a resume with another optimizer, stage
+    or token is refused before it trains. An existing ``folder`` is refused unless ``replace``
+    (``overwrite = true``): then the new state takes its place once complete."""
     if folder.exists() and not replace:
         raise FileExistsError(f"refusing to overwrite state folder {folder} (set overwrite = true to allow it)")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +103,8 @@ def save_state(
             progress["optimizer_type"] = optimizer_type
         if param_groups is not None:
             progress["param_groups"] = [{"name": name, "tensors": count} for name, count in param_groups]
+        if token_string is not None:
+            progress["token_string"] = token_string
         (tmp / "progress.json").write_text(json.dumps(progress))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is private (0700); give it a plain mkdir's mode
         if folder.exists():  # replace: a folder cannot be renamed over a non-empty one, so move the old one aside
@@ -143,7 +148,7 @@ def read_progress(folder: Path) -> SavedProgress:
     keys = ("stage_index", "stage_step", "global_step")
     if not isinstance(progress, dict) or not all(type(progress.get(k)) is int and progress[k] >= 0 for k in keys):
         raise ConfigError(f"key 'resume': {path} must hold the non-negative integers {', '.join(keys)}; got {progress!r}")
-    for key in ("stage_kind", "optimizer_type"):
+    for key in ("stage_kind", "optimizer_type", "token_string"):
         if key in progress and not isinstance(progress[key], str):
             raise ConfigError(f"key 'resume': {path}: {key} must be a string; got {progress[key]!r}")
     groups = progress.get("param_groups")
@@ -151,7 +156,18 @@ def read_progress(folder: Path) -> SavedProgress:
             isinstance(g, dict) and isinstance(g.get("name"), str) and type(g.get("tensors")) is int for g in groups)):
         raise ConfigError(f"key 'resume': {path}: param_groups must be a list of {{name, tensors}}; got {groups!r}")
     return SavedProgress(folder, *(progress[k] for k in keys), progress.get("stage_kind"), progress.get("optimizer_type"),
-                         None if groups is None else [(g["name"], g["tensors"]) for g in groups])
+                         None if groups is None else [(g["name"], g["tensors"]) for g in groups],
+                         progress.get("token_string"))
+
+
+def check_resume_token(progress: SavedProgress, token_string: str) -> None:
+    """A state whose pivot was trained for another ``token_string`` is refused (before, the resumed pivot was
+    saved under the new token's name, as if trained for it); a state that does not record it is accepted."""
+    saved = progress.token_string
+    if saved is not None and saved != token_string:
+        raise ConfigError(f"key 'resume': state {progress.folder} holds the pivot of token_string {saved!r}; this run's "
+                          f"token_string is {token_string!r} (the pivot would be saved as {token_string}.safetensors, "
+                          f"under another token's name); resume with --token_string {saved}")
 
 
 def check_resume_fits(folder: Path, stages) -> SavedProgress:

@@ -157,15 +157,24 @@ def generate_samples(pipe, prompts: list[SamplePrompt], default_size: tuple[int,
     """Generate one PNG per prompt with ``pipe`` (a StableDiffusionPipeline; a prompt's ``--ss`` sampler replaces
     its scheduler for that prompt) and write them atomically (the prompt in the PNG's ``prompt`` text chunk).
     ``encode`` (texts -> the family's ``Conditioning``): prompt and negative prompt are conditioned as in training
-    (``clip_skip``, long-caption windows, both prompts alike), not by the pipeline's own text encoding."""
+    (``clip_skip``, long-caption windows, both prompts alike), not by the pipeline's own text encoding; each
+    distinct text once per call (a prompt file repeats one negative prompt on every line), the same tensors
+    for every prompt that uses it."""
     from PIL.PngImagePlugin import PngInfo
 
     default = pipe.scheduler
+    encoded: dict[str, object] = {}
+
+    def condition(text: str):
+        if text not in encoded:
+            encoded[text] = encode([text])
+        return encoded[text]
+
     for index, (sample, out) in enumerate(zip(prompts, out_paths)):
         pipe.scheduler = sample_scheduler(sample.sampler, default.config) if sample.sampler else default
         generator = torch.Generator().manual_seed(sample.seed if sample.seed is not None else index)
         text = ({"prompt": sample.prompt, "negative_prompt": sample.negative or None} if encode is None
-                else pipeline_conditioning(encode([sample.prompt]), encode([sample.negative])))
+                else pipeline_conditioning(condition(sample.prompt), condition(sample.negative)))
         image = pipe(
             **text,
             width=sample.width or default_size[0],

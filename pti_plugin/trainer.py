@@ -563,7 +563,7 @@ class Trainer:
                     state.plan.lr_scheduler.state_dict(), state.stage_index, state.stage_step, state.global_step,
                     stage_kind=state.stage.kind, optimizer_type=state.stage.optimizer_type,
                     param_groups=[(g["name"], len(g["params"])) for g in state.plan.param_groups],
-                    replace=self.files.overwrite,
+                    replace=self.files.overwrite, token_string=config.token_string,
                 )
                 self._info(f"saved state {paths['state']}")
         self.accelerator.wait_for_everyone()

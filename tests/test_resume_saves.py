@@ -40,7 +40,8 @@ def test_save_state_writes_a_final_state_that_continues_like_a_longer_run(preset
     assert [p.name for p in (tmp_path / "first").glob("pti-state-*")] == [state.name]
     progress = json.loads((state / "progress.json").read_text())
     assert progress == {"stage_index": 1, "stage_step": 2, "global_step": 4, "stage_kind": "lora",
-                        "optimizer_type": "AdamW", "param_groups": [{"name": "unet_lora", "tensors": 384}]}
+                        "optimizer_type": "AdamW", "param_groups": [{"name": "unet_lora", "tensors": 384}],
+                        "token_string": "tok1"}
     saved = load_file(state / "trainable.safetensors")
     assert torch.equal(saved["pivot.vectors"], load_file(tmp_path / "first" / "tok1.safetensors")["emb_params"])
 
@@ -76,6 +77,19 @@ def test_a_resume_whose_later_step_files_exist_is_refused_before_training(killed
             "tok1-step00000002.safetensors, pti-state-step00000003") in seen
     assert "--overwrite" in seen and f"--resume {out / 'pti-state-step00000003'}" in seen
     assert _files(out) == before  # nothing trained, nothing written (the log included)
+
+
+def test_a_trained_state_resumed_under_another_token_is_refused_before_training(killed_run, tmp_path, capsys):
+    """The trainer records the token in each state it saves, so a resume with another token_string is refused at
+    start naming both (before, the pivot trained for tok1 went on and was saved as tok2.safetensors)."""
+    raw, out = killed_run
+    state = out / "pti-state-step00000002"
+    second = tmp_path / "second"
+    code, seen = _cli(raw | {"output_dir": str(second), "resume": str(state), "token_string": "tok2"}, tmp_path, capsys)
+    assert code == 2, seen
+    message = next(line for line in seen.splitlines() if "key 'resume'" in line)
+    assert "'tok1'" in message and "'tok2'" in message and "--token_string tok1" in message, message
+    assert not (second / "tok2.safetensors").exists() and not (second / "pti.log.jsonl").exists()
 
 
 def test_overwrite_lets_a_resume_and_a_new_run_replace_state_folders(killed_run, tmp_path, capsys):
