@@ -94,6 +94,9 @@ class Clock:
 
     @classmethod
     def of(cls, spec: dict) -> Clock:
+        """The run's clock; ``spec["clock"]``, a subclass (``step_ops.py``'s op counter), builds its own."""
+        if spec.get("clock", cls) is not cls:
+            return spec["clock"].of(spec)
         return cls(spec["warmup"], cuda=spec["device"] == "cuda")
 
     def start(self) -> None:
@@ -404,6 +407,17 @@ def run_forked(path: str, spec: dict) -> dict:
     return result
 
 
+def interleaved_rounds(paths: list[str], repeats: int, run_one) -> dict[str, list[dict]]:
+    """``run_one(path, round)`` for every path in each of ``repeats`` rounds, each round's order rotated by one
+    (so that no path always runs first); the results per path, in round order."""
+    results: dict[str, list[dict]] = {p: [] for p in paths}
+    for round_index in range(repeats):
+        shift = round_index % len(paths)
+        for path in paths[shift:] + paths[:shift]:
+            results[path].append(run_one(path, round_index))
+    return results
+
+
 def summary(values: list[float], unit: str) -> str:
     return f"{statistics.median(values):8.3f} {unit} ({min(values):.3f}-{max(values):.3f})"
 
@@ -496,16 +510,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         spec = prepare(args, work)
         print(f"model {spec['model']}, {spec['resolution']} px, {args.optimizer}, fp32, {args.device}, 1 thread, LoRA rank {LORA_DIM}; "
               f"{args.repeats} interleaved rounds, {args.warmup} warm-up + {args.steps} measured steps per run", flush=True)
-        results: dict[str, list[dict]] = {p: [] for p in args.paths}
-        for round_index in range(args.repeats):
-            order = args.paths[round_index % len(args.paths):] + args.paths[:round_index % len(args.paths)]
-            for path in order:
-                batch = 4 if path.endswith("_b4") else 1
-                out = work / "runs" / f"{path}-{round_index}"
-                result = run_forked(path, spec | {"batch": batch, "out": str(out)})
-                print(f"  round {round_index} {path:20s} {result['cpu']:.3f} s CPU/step, {result['wall']:.3f} s wall/step, "
-                      f"{result['train_peak_rss_gib']:.2f} GiB", flush=True)
-                results[path].append(result)
+
+        def run_one(path: str, round_index: int) -> dict:
+            out = work / "runs" / f"{path}-{round_index}"
+            result = run_forked(path, spec | {"batch": 4 if path.endswith("_b4") else 1, "out": str(out)})
+            print(f"  round {round_index} {path:20s} {result['cpu']:.3f} s CPU/step, {result['wall']:.3f} s wall/step, "
+                  f"{result['train_peak_rss_gib']:.2f} GiB", flush=True)
+            return result
+
+        results = interleaved_rounds(args.paths, args.repeats, run_one)
     ratios = report(results, args.device)
     if ratios:
         print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()))

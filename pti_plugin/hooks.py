@@ -106,6 +106,16 @@ class UNetRows:
     timesteps: torch.Tensor
     conditioning: Conditioning
 
+    @staticmethod
+    def joined(noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+               rows: list[UNetRows]) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """The step's UNet inputs: the main rows, then each plugin's ``rows``; the main rows themselves when no
+        plugin adds any (a concatenation of one tensor would only copy it)."""
+        if not rows:
+            return noisy, timesteps, cond
+        return (torch.cat([noisy] + [r.noisy_latents for r in rows]), torch.cat([timesteps] + [r.timesteps for r in rows]),
+                Conditioning.cat([cond] + [r.conditioning for r in rows]))
+
 
 @dataclass
 class MainPrediction:

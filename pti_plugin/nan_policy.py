@@ -37,10 +37,10 @@ def finite_on_every_process(values: torch.Tensor, trainable: list[torch.Tensor],
     when a gradient is (or when the norm overflows float32), so it answers for them without a second
     pass. Without it the gradients get a pass of their own, except under fp16, where the scaler skips
     inf-gradient steps itself."""
+    if grad_norm is not None:  # one check over both (a finiteness check is four kernels on a GPU)
+        values = torch.cat([values, grad_norm.reshape(1).to(values.device)])
     finite = torch.isfinite(values).all()
-    if grad_norm is not None:
-        finite = finite & torch.isfinite(grad_norm).to(finite.device)
-    elif accelerator.scaler is None:
+    if grad_norm is None and accelerator.scaler is None:
         finite = finite & finite_flag([p.grad for p in trainable if p.grad is not None]).to(finite.device)
     return on_every_process(finite, accelerator)
 

@@ -11,8 +11,10 @@ accumulated and multi-process runs see the same data. Only the main process writ
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import operator
 import signal
 from pathlib import Path
 from typing import Any
@@ -37,11 +39,11 @@ from .hooks import (
     Plugin,
     StagePlan,
     TrainerState,
+    UNetRows,
     instantiate_plugins,
     schedule_of,
 )
 from .models.disk_mapping import map_frozen_to_disk
-from .models.family import Conditioning
 from .models.loading import configure_attention, load_base_model
 from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process, optimizer_state_is_finite
@@ -311,7 +313,7 @@ class Trainer:
         config = self.config
         start_stage, start_step, resumed = 0, 0, None
         if config.resume:
-            resumed = load_state(self._resume_progress, self._trainable_tensors())
+            resumed = load_state(self._resume_progress, self.model.trainable_tensors())
             progress = resumed.progress
             start_stage, start_step, self.state.global_step = progress.stage_index, progress.stage_step, progress.global_step
             self._info(f"resumed from {config.resume}: stage {start_stage}, step {start_step}")
@@ -371,8 +373,8 @@ class Trainer:
             logs = self._optimizer_step(plan)
             state.stage_step += 1
             state.global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage.name)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage.name, refresh=False)  # shown by update's refresh,
+            progress.update(1)  # which tqdm rate-limits (a refresh per step formats and writes the bar every step)
             for plugin in self.plugins:
                 plugin.on_step_end(state, logs)
             self._after_step(logs, order)
@@ -416,9 +418,11 @@ class Trainer:
                     for module in self.ddp_modules:
                         sync.enter_context(accelerator.no_sync(module))
                 terms = self._loss_terms(batch, state.stage_step)
-                accelerator.backward(sum(terms.values()) / accum)
+                loss = functools.reduce(operator.add, terms.values())  # no "0 +" nor "/ 1": each a kernel on a GPU
+                accelerator.backward(loss / accum if accum > 1 else loss)
             for name, value in terms.items():
-                totals[name] = totals.get(name, 0.0) + value.detach().float() / accum
+                share = value.detach().float() / accum if accum > 1 else value.detach().float()
+                totals[name] = totals[name] + share if name in totals else share
         values = torch.stack(list(totals.values()))  # [terms] float32
         clip_first = config.max_grad_norm > 0 and accelerator.scaler is None  # fp16: unscale only a step that is taken
         norm = accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm) if clip_first else None  # 0-dim
@@ -485,12 +489,9 @@ class Trainer:
         cond = self.text_cache.conditioning(batch)  # hidden states [b, 77, d] (+ SDXL's pooled embedding and time ids)
         rows = [(p, p.extra_rows(state, batch)) for p in self.plugins]
         extra = [(p, r) for p, r in rows if r is not None]
-        unet_in = torch.cat([noisy] + [r.noisy_latents for _, r in extra])
-        unet_t = torch.cat([t] + [r.timesteps for _, r in extra])
-        unet_cond = Conditioning.cat([cond] + [r.conditioning for _, r in extra])
-        prediction_all = model.predict(unet_in, unet_t, unet_cond)
+        prediction_all = model.predict(*UNetRows.joined(noisy, t, cond, [r for _, r in extra]))
         b = noisy.shape[0]
-        prediction = prediction_all[:b]
+        prediction = prediction_all[:b] if extra else prediction_all  # a slice's backward would copy the gradient
         prediction_type = model.base.prediction_type
         target = training_target(scheduler, batch.latents, noise, t, prediction_type)
         per_sample = per_sample_mse(prediction, target)  # [b]
@@ -534,9 +535,6 @@ class Trainer:
         if config.sample_prompts and config.sample_every_n_steps and state.global_step % config.sample_every_n_steps == 0:
             sample_during_training(self.sample, f"step{state.global_step:08d}", self._on_signal)
 
-    def _trainable_tensors(self) -> dict[str, torch.nn.Parameter]:
-        return self.model.trainable_tensors()
-
     def _save(self, tag: str | None = None, with_state: bool = False) -> dict[str, Path]:
         """Write the LoRA and embedding (final names when ``tag`` is None, else ``<name>-<tag>``),
         and the resumable state when asked (``<name>-state-<tag>``; the final one ``<name>-state-stepNNNNNNNN``),
@@ -558,7 +556,7 @@ class Trainer:
                 paths["state"] = folder  # resumed at the end of training: nothing trained since this state
             elif with_state:
                 paths["state"] = save_state(
-                    folder, self._trainable_tensors(), self.optimizer.optimizer.state_dict()
+                    folder, self.model.trainable_tensors(), self.optimizer.optimizer.state_dict()
                     if hasattr(self.optimizer, "optimizer") else self.optimizer.state_dict(),
                     state.plan.lr_scheduler.state_dict(), state.stage_index, state.stage_step, state.global_step,
                     stage_kind=state.stage.kind, optimizer_type=state.stage.optimizer_type,

@@ -31,8 +31,8 @@ class WeightGuard:
         """Copy ``params`` (the buffers are reallocated only when the list of parameters changes)."""
         if self._params is not params:
             self._params, self._kept = params, [torch.empty_like(p) for p in params]
-        with torch.no_grad():
-            torch._foreach_copy_(self._kept, [p.detach() for p in params])
+        with torch.no_grad():  # the parameters themselves, not a detached view of each (one call, no per-tensor op)
+            torch._foreach_copy_(self._kept, params)
 
     def finite(self) -> torch.Tensor:
         """:func:`finite_flag` of the kept parameters' current values (True before any ``keep``)."""
@@ -42,5 +42,5 @@ class WeightGuard:
         """Put the kept values back into the parameters."""
         if self._params is None:
             return
-        with torch.no_grad():
-            torch._foreach_copy_([p.detach() for p in self._params], self._kept)
+        with torch.no_grad():  # in place into the leaves: allowed without gradient recording
+            torch._foreach_copy_(self._params, self._kept)

@@ -62,16 +62,14 @@ class PivotEmbedding(nn.Module):
             self.init_vectors.copy_(vectors.float())
 
     def distance_from_init(self) -> dict[str, float]:
-        """L2 distance and angle (degrees, mean over vectors) from the initial vectors; current norm."""
+        """L2 distance and angle (degrees, mean over vectors) from the initial vectors; current norm (read from
+        the device at once: one sync)."""
         with torch.no_grad():
             v, v0 = self.vectors.float(), self.init_vectors
             cos = torch.nn.functional.cosine_similarity(v, v0, dim=-1).clamp(-1, 1)
-            return {
-                "pivot_l2_from_init": float((v - v0).norm()),
-                "pivot_angle_from_init_deg": float(torch.rad2deg(torch.acos(cos)).mean()),
-                "pivot_norm": float(v.norm(dim=-1).mean()),
-                "init_norm": float(v0.norm(dim=-1).mean()),
-            }
+            values = torch.stack([(v - v0).norm(), torch.rad2deg(torch.acos(cos)).mean(), v.norm(dim=-1).mean(),
+                                  v0.norm(dim=-1).mean()]).tolist()
+        return dict(zip(("pivot_l2_from_init", "pivot_angle_from_init_deg", "pivot_norm", "init_norm"), values))
 
     def renormalise_to_init(self) -> None:
         """Project each vector back to its initial vector's norm (``pivot_norm = "init"``)."""

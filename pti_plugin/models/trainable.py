@@ -21,6 +21,9 @@ from .loading import BaseModel
 from .lora import attach_lora, lora_parameters, lora_state_dict, set_lora_enabled, split_conv3x3
 from .pivot import PivotEmbedding, add_pivot_token
 
+#: Captions whose token ids :meth:`TrainableModel.tokenize` keeps.
+TOKEN_MEMO = 4096
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -49,6 +52,7 @@ class TrainableModel:
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self._text_home: torch.device | None = None  # set while the text encoders wait on the CPU
         self.text_returns = 0  # times an encode brought them back from the CPU
+        self._token_ids: dict[str, list] = {}  # caption -> its ids (see tokenize)
 
     @classmethod
     def build(
@@ -104,7 +108,17 @@ class TrainableModel:
         return {"unet": self.base.unet} | dict(zip(self.family.text_encoder_names, self.base.text_encoders))
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return self.base.tokenize(captions)
+        """Token ids of ``captions`` as the family tokenizes them (CPU, int64). Each caption is tokenized once and
+        its ids kept (up to :data:`TOKEN_MEMO` captions, then the memo starts again): a run's steps draw the same
+        captions again and again, and a tokenizer call costs far more than building the tensor."""
+        if not captions:
+            return self.base.tokenize(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self._token_ids]
+        if missing:
+            if len(self._token_ids) + len(missing) > TOKEN_MEMO:
+                self._token_ids.clear()
+            self._token_ids.update(zip(missing, self.base.tokenize(missing).tolist()))
+        return torch.tensor([self._token_ids[c] for c in captions], dtype=torch.long)
 
     # ------------------------------------------------------------------ text encoders off the device
     @property
