@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import signal
 import sys
+import threading
 import typing
 
 from .config import Config, ConfigError, field_names, parse_value
 from .config_loading import load_config, named_where_given
+from .stop_signals import STOP_SIGNALS, StopSignals
 
 USAGE = """usage: train_pti.py [--preset FILE] [--KEY VALUE ...] [--set NESTED.KEY=VALUE ...]
 
@@ -93,6 +97,33 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+class StoppedBeforeTraining(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived while the run was setting up (model, data), before the trainer's own handler."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stops_while_setting_up():
+    """SIGINT and SIGTERM raise :class:`StoppedBeforeTraining` until the trainer sets its own handler (which saves
+    and stops after a step): the run stops at once, as nothing is trained yet, and releases its locks on the way out
+    (SIGTERM's default ended the process on the spot, leaving its lock files)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise StoppedBeforeTraining(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        StopSignals.restore(previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run training; returns the process exit code (2 for configuration errors)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -118,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = (ConfigError, CaptionError, EmbeddingFormatError, LoraFormatError, BadSafetensorsError,
                    UnsafeFileError, UnreadableFileError, FileExistsError, FileNotFoundError)
     try:
-        outputs = Trainer(config).run()
+        with stops_while_setting_up():
+            outputs = Trainer(config).run()
     except ConfigError as exc:  # found once the model or data is there: named as the user gave it, as above
         return _fail(f"error: {named_where_given(exc, overrides, sets)}", 2)
     except user_errors as exc:
@@ -129,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"error: {exc}", 4)
     except TrainingInterrupted as exc:
         return _fail(str(exc), 128 + exc.signum)
+    except StoppedBeforeTraining as exc:
+        return _fail(f"stopped by {exc} while the run was setting up, before its first step: nothing new was trained "
+                     "or saved; run the same command again to start it", 128 + exc.signum)
     except KeyboardInterrupt:
         return _fail("stopped at once (second interrupt); no file was left half-written", 130)
     for kind, path in outputs.items():

@@ -79,13 +79,17 @@ class RunLock:
                 if not _same_file(fd, self.path):
                     os.close(fd)
                     continue
-            stale = _read_owner(fd, default="")
-            if stale:
-                logger.warning("taking over the lock %s left by %s, which is no longer running", self.path, stale)
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "key": self.key}).encode())
-            os.fsync(fd)
-            self._fd = fd
+            self._fd = fd  # held: from here release() removes the file, also when a signal stops the write below
+            try:
+                stale = _read_owner(fd, default="")
+                if stale:
+                    logger.warning("taking over the lock %s left by %s, which is no longer running", self.path, stale)
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "key": self.key}).encode())
+                os.fsync(fd)
+            except BaseException:
+                self.release()
+                raise
             return
         raise ConfigError(f"could not take the lock {self.path}: other runs keep replacing it")
 

@@ -52,18 +52,11 @@ from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import check_resume_fits, check_resume_within_stage, load_state, save_state
 from .run_lock import RunLocks, clean_leftover_temporaries
 from .sampling import sample_during_training
+from .stop_signals import StopSignals, TrainingInterrupted
 from .text_cache import TextConditioningCache
 from .weight_guard import WeightGuard
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT/SIGTERM arrived; the current step finished and a resumable state was saved."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 def fresh_accelerate_state() -> None:
@@ -264,17 +257,15 @@ class Trainer:
         the last good state under ``*-interrupted-*`` names with the command that resumes it.
         """
         self._locks = self._micro_batches = None
-        previous = {}
+        self._stops, previous = StopSignals(self._info), {}
         try:
             self._setup()
-            self._signal = None
-            previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+            previous = self._stops.install()
             return self._run()
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"{exc}\n{self._save_last_finite()}") from None
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            StopSignals.restore(previous)
             if self._locks is not None:
                 self._locks.release()
             if self._micro_batches is not None:
@@ -297,12 +288,6 @@ class Trainer:
                 f"resumable state); start a new run from them with network_weights = {paths['lora']} and weights = "
                 f"{paths['embedding']}")
 
-    def _on_signal(self, signum, frame) -> None:
-        if self._signal is not None:  # second signal: stop now (atomic writes leave no partial file)
-            raise KeyboardInterrupt
-        self._signal = signum
-        self._info(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving (again to stop at once)")
-
     def _resume_hint(self, paths: dict[str, Path]) -> str:
         if "state" not in paths:
             return ""
@@ -321,16 +306,16 @@ class Trainer:
             atomic_write_text(self.files.config_toml, toml.dumps(resolved_dict(config)))
         first_samples = []
         if config.sample_prompts and config.sample_at_first and not config.resume:
-            first_samples = sample_during_training(self.sample, "first", self._on_signal)
+            first_samples = sample_during_training(self.sample, "first", self._stops)
         for stage_index in range(start_stage, len(config.stages)):
             first_step = start_step if stage_index == start_stage else 0
             self._run_stage(stage_index, first_step, resumed if stage_index == start_stage else None)
         outputs = self._save(with_state=config.save_state)  # kohya's save_state saves the state at the end too
-        if self._signal:  # during the final save: the files are complete, so the run ends here
-            self._info(f"{signal.Signals(self._signal).name} received during the final save: the files are saved; "
+        if self._stops.received:  # during the final save: the files are complete, so the run ends here
+            self._info(f"{signal.Signals(self._stops.received).name} received during the final save: the files are saved; "
                        "stopping without the final samples")
         elif config.sample_prompts:
-            outputs["samples"] = sample_during_training(self.sample, "final", self._on_signal)
+            outputs["samples"] = sample_during_training(self.sample, "final", self._stops)
             if first_samples and outputs["samples"] and self.accelerator.is_main_process:
                 from .sampling import write_grid
 
@@ -390,13 +375,13 @@ class Trainer:
 
     def _stop_if_signalled(self) -> None:
         """After a step: if any process got SIGINT/SIGTERM, every process saves-and-stops together."""
-        signalled = bool(self._signal)
+        signalled = bool(self._stops.received)
         if self.accelerator.num_processes > 1:  # one collective (a device sync); one process reads its own flag
             flag = torch.tensor(float(signalled), device=self.accelerator.device)
             signalled = self.accelerator.reduce(flag, reduction="sum").item() > 0
         if not signalled:
             return
-        signum = int(self._signal or signal.SIGTERM)
+        signum = int(self._stops.received or signal.SIGTERM)
         paths = self._save(tag=f"interrupted-step{self.state.global_step:08d}", with_state=True)
         raise TrainingInterrupted(
             f"interrupted by {signal.Signals(signum).name} after step {self.state.global_step}\n{self._resume_hint(paths)}", signum
@@ -533,7 +518,7 @@ class Trainer:
         if due and not last:
             self._save(tag=f"step{state.global_step:08d}", with_state=config.save_state)
         if config.sample_prompts and config.sample_every_n_steps and state.global_step % config.sample_every_n_steps == 0:
-            sample_during_training(self.sample, f"step{state.global_step:08d}", self._on_signal)
+            sample_during_training(self.sample, f"step{state.global_step:08d}", self._stops)
 
     def _save(self, tag: str | None = None, with_state: bool = False) -> dict[str, Path]:
         """Write the LoRA and embedding (final names when ``tag`` is None, else ``<name>-<tag>``),

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pti_plugin.sweeps.runner import PACKAGE_ROOT, run_on_gpus
+from pti_plugin.sweeps.stopping import KILL_AT, StopBoard, StopRequests, stop_signal_of, stop_sweep
 
 Job = tuple[str, list[str], Path]
 
@@ -62,48 +63,86 @@ def ray_module():
     return ray
 
 
-def _run_job(command: list[str], log: str, pythonpath: str, cwd: str) -> int:
+def _run_job(command: list[str], log: str, pythonpath: str, cwd: str, board) -> int | None:
     """A Ray task: the job's command in a fresh process of this node's Python, in the sweep's working folder
-    (relative paths of the command line mean the same as for the sweep); Ray has set CUDA_VISIBLE_DEVICES."""
+    (relative paths of the command line mean the same as for the sweep); Ray has set CUDA_VISIBLE_DEVICES. The
+    sweep's stop signals, read from ``board`` (a :class:`~pti_plugin.sweeps.stopping.StopBoard` actor), are passed
+    on to the job; None when the sweep was stopping before the job started."""
     import os
     import subprocess
     import sys as worker_sys
 
+    import ray
+
+    from pti_plugin.sweeps.stopping import start_job, wait_passing_stops
+
+    def read_signals() -> list[int]:
+        return ray.get(board.read.remote())
+
+    if read_signals():
+        return None
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH", "")) if p)}
     with open(log, "a", encoding="utf-8") as handle:
-        return subprocess.run([worker_sys.executable, *command[1:]], stdout=handle, stderr=subprocess.STDOUT,
-                              env=env, cwd=cwd if os.path.isdir(cwd) else None).returncode
+        process = start_job([worker_sys.executable, *command[1:]], stdout=handle, stderr=subprocess.STDOUT, env=env,
+                            cwd=cwd if os.path.isdir(cwd) else None)
+        try:
+            return wait_passing_stops(process, read_signals)
+        finally:
+            if process.poll() is None:  # this task itself was stopped (its worker ends): the job goes with it
+                process.kill()
+                process.wait()
+
+
+def _wait_for_tasks(ray, pending: dict, stops: StopRequests, board) -> dict[str, int | None]:
+    """Exit codes by name of the Ray tasks ``pending`` (``{object ref: name}``), passing the sweep's stop signals on
+    to them through ``board``; at :data:`~pti_plugin.sweeps.stopping.KILL_AT` signals it stops waiting (the
+    tasks still running are then stopped with Ray)."""
+    codes: dict[str, int | None] = {}
+    while pending:
+        stops.news(lambda signals, already: board.add.remote(signals))
+        if len(stops.signals) >= KILL_AT:
+            break
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        if not done:
+            continue
+        name = pending.pop(done[0])
+        try:
+            codes[name] = ray.get(done[0])
+        except Exception as exc:  # the task itself failed (a node lost, ...)
+            print(f"  ray: {name} failed: {exc}", flush=True)
+            codes[name] = 1
+        if codes[name] is not None:
+            print(f"  ray: {name} finished with exit code {codes[name]}", flush=True)
+    return codes
 
 
 def run_on_ray(jobs: list[Job], address: str | None, gpus_per_run: float | None) -> dict[str, int]:
-    """Run every job as a Ray task and wait for all of them; returns exit codes by name."""
+    """Run every job as a Ray task and wait for all of them; returns exit codes by name. On SIGINT, SIGTERM or
+    SIGHUP the running jobs are stopped as :mod:`.stopping` says, Ray is shut down and the sweep stops (SystemExit)."""
     ray = ray_module()
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
-        if gpus_per_run is None:
-            gpus_per_run = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=0)(_run_job)
-        cwd = os.getcwd()
-        pending = {task.remote(command, str(log), str(PACKAGE_ROOT), cwd): name for name, command, log in jobs}
-        for name, _, log in jobs:
-            print(f"  ray: {name} (log {log})", flush=True)
-        codes = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            name = pending.pop(done[0])
-            try:
-                codes[name] = ray.get(done[0])
-            except Exception as exc:  # the task itself failed (a node lost, ...)
-                print(f"  ray: {name} failed: {exc}", flush=True)
-                codes[name] = 1
-            print(f"  ray: {name} finished with exit code {codes[name]}", flush=True)
-        return codes
+        with StopRequests() as stops:  # after ray.init, which sets a SIGTERM handler of its own
+            if gpus_per_run is None:
+                gpus_per_run = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+            task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=0)(_run_job)
+            board = ray.remote(num_cpus=0)(StopBoard).remote()
+            cwd = os.getcwd()
+            pending = {}
+            for name, command, log in jobs if not stops.signals else []:  # stopping already: none starts
+                pending[task.remote(command, str(log), str(PACKAGE_ROOT), cwd, board)] = name
+                print(f"  ray: {name} (log {log})", flush=True)
+            codes = _wait_for_tasks(ray, pending, stops, board)
     finally:
         if started:
             ray.shutdown()
+    if stops.first is not None:  # a job left out of codes was still running at the signal that stops the waiting
+        names = [name for name, _, _ in jobs if name in pending.values() or stop_signal_of(codes.get(name))]
+        stop_sweep(stops.first, names, [name for name, _, _ in jobs if name not in names and codes.get(name) is None])
+    return codes
 
 
 def add_engine_arguments(parser, gpus_flag: bool = True) -> None:

@@ -3,14 +3,13 @@
 A run is *finished* when both its final files exist (the LoRA, then the embedding). A run folder that
 another process is training (its run lock is held) is left alone. An interrupted run resumes from its
 latest saved state (``--save_every``'s, or the one the trainer saves when interrupted), else its folder
-is moved aside to ``<run>.incomplete-<k>`` and the run starts again. A run stopped by SIGINT or SIGTERM
-in this process stops the sweep (exit 128 + the signal); the same command resumes it.
+is moved aside to ``<run>.incomplete-<k>`` and the run starts again. SIGINT, SIGTERM or SIGHUP stops the sweep
+once the running runs saved their state (exit 128 + the signal; :mod:`.stopping`); the same command resumes it.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from pti_plugin.config import ConfigError
 from pti_plugin.run_lock import RunLocks
 from pti_plugin.sweeps.plan import RunSpec
+from pti_plugin.sweeps.stopping import StopRequests, start_job, stop_signal_of, stop_sweep
 
 #: The folder that holds the ``pti_plugin`` package this process imported; worker processes import the same one.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -92,10 +92,8 @@ def train_in_process(spec: RunSpec, argv: list[str]) -> bool:
     except Exception:  # each run starts from fresh accelerate state (Trainer._setup)
         traceback.print_exc()
         code = 1
-    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the trainer saved a state and stopped: so does the sweep
-        print(f"sweep stopped: {spec.name} was interrupted by {signal.Signals(code - 128).name}; run the same command "
-              "again to resume it and train the runs left", flush=True)
-        raise SystemExit(code)
+    if (signum := stop_signal_of(code)) is not None:  # the trainer saved a state and stopped: so does the sweep
+        stop_sweep(signum, [spec.name])
     if code != 0 or not spec.finished:
         print(f"FAILED {spec.name} (exit code {code})", flush=True)
         return False
@@ -117,24 +115,30 @@ def visible_gpus(choice: str) -> list[str]:
 
 
 def run_on_gpus(jobs: list[tuple[str, list[str], Path]], gpus: list[str]) -> dict[str, int]:
-    """Run ``(name, argv, log file)`` jobs as subprocesses, one per GPU at a time; returns exit codes."""
+    """Run ``(name, argv, log file)`` jobs as subprocesses, one per GPU at a time; returns exit codes. On SIGINT,
+    SIGTERM or SIGHUP the running jobs are stopped as :mod:`.stopping` says and the sweep stops (SystemExit)."""
     pending, running, codes = list(jobs), {}, {}
-    while pending or running:
-        for gpu in gpus:
-            if gpu not in running and pending:
-                name, argv, log = pending.pop(0)
-                log.parent.mkdir(parents=True, exist_ok=True)
-                handle = open(log, "a", encoding="utf-8")
-                env = worker_env(CUDA_VISIBLE_DEVICES=gpu)
-                print(f"  GPU {gpu}: {name} (log {log})", flush=True)
-                running[gpu] = (name, subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env), handle)
-        time.sleep(1.0)
-        for gpu, (name, proc, handle) in list(running.items()):
-            if proc.poll() is not None:
-                handle.close()
-                codes[name] = proc.returncode
-                print(f"  GPU {gpu}: {name} finished with exit code {proc.returncode}", flush=True)
-                del running[gpu]
+    with StopRequests() as stops:
+        while (pending and not stops.signals) or running:
+            for gpu in gpus:
+                if gpu not in running and pending and not stops.signals:
+                    name, argv, log = pending.pop(0)
+                    log.parent.mkdir(parents=True, exist_ok=True)
+                    handle = open(log, "a", encoding="utf-8")
+                    env = worker_env(CUDA_VISIBLE_DEVICES=gpu)
+                    print(f"  GPU {gpu}: {name} (log {log})", flush=True)
+                    process = start_job(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                    running[gpu] = (name, process, handle)
+            stops.pass_to([process for _, process, _ in running.values()])
+            time.sleep(0.2 if stops.signals else 1.0)
+            for gpu, (name, process, handle) in list(running.items()):
+                if process.poll() is not None:
+                    handle.close()
+                    codes[name] = process.returncode
+                    print(f"  GPU {gpu}: {name} finished with exit code {process.returncode}", flush=True)
+                    del running[gpu]
+    if stops.first is not None:
+        stop_sweep(stops.first, [n for n, _, _ in jobs if stop_signal_of(codes.get(n))], [n for n, _, _ in pending])
     return codes
 
 

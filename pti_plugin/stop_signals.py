@@ -1,0 +1,60 @@
+"""How a training run hears SIGINT (Ctrl-C) and SIGTERM (a job scheduler's stop).
+
+The first signal is recorded: the trainer finishes the current step, saves a resumable state and stops
+(:class:`TrainingInterrupted`). A second one stops the run at once (``KeyboardInterrupt``; every write is atomic,
+so no file is left half-written), unless it comes within :data:`SAME_STOP_S` of the first: then it is the same
+stop passed on. ``accelerate launch`` answers the terminal's Ctrl-C, which the training process gets too, with a
+SIGTERM to the training process (and a SIGKILL 5 s later); a scheduler may signal every process of a job beside
+a launcher that passes the signal on. Taken for a second Ctrl-C, that SIGTERM used to stop the run without its save.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+
+#: A second SIGINT/SIGTERM this soon (seconds) after the first is the same stop passed on, not a second Ctrl-C.
+SAME_STOP_S = 1.0
+#: The signals a run saves its state and stops on.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; the current step finished and a resumable state was saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """The run's signal handler (call it as one) and what it received: :attr:`received`, the first signal's number,
+    or None. ``say`` prints a line to the user (the trainer's main-process output)."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.received: int | None = None
+        self._at = 0.0
+        self._say = say
+
+    def __call__(self, signum: int, frame=None) -> None:
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._at = signum, now
+            self._say(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving "
+                      "(again to stop at once)")
+            return
+        if now - self._at < SAME_STOP_S:  # the same stop, passed on by a launcher or a scheduler
+            self._say(f"{signal.Signals(signum).name} received too, {now - self._at:.2f} s after "
+                      f"{signal.Signals(self.received).name}: the same stop (a launcher passing it on); still saving")
+            return
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now
+
+    def install(self) -> dict:
+        """Handle :data:`STOP_SIGNALS` from now on (main thread only); the handlers this replaces, for :meth:`restore`."""
+        return {sig: signal.signal(sig, self) for sig in STOP_SIGNALS}
+
+    @staticmethod
+    def restore(previous: dict) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
