@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.sweeps.bench import main  # noqa: E402
+from pti_plugin.sweeps.bench import cli  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -285,3 +285,18 @@ def test_a_second_signal_within_a_second_is_the_same_stop_and_a_later_one_stops_
     assert stops.received == signal.SIGINT and "SIGTERM received too, 0.30 s after SIGINT: the same stop" in said[-1]
     with pytest.raises(KeyboardInterrupt):
         stops(signal.SIGINT)
+
+
+def test_ctrl_c_between_the_research_benchs_sweeps_stops_it_with_the_sweeps_last_line(monkeypatch, capsys):
+    """The bench scores runs and chooses its pivot between sweeps, in this process: a Ctrl-C there came out as a
+    traceback."""
+    from pti_plugin.sweeps import bench
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "main", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        bench.cli([])
+    assert stop.value.code == 130
+    assert capsys.readouterr().out.startswith("sweep stopped by SIGINT. Run the same command again")

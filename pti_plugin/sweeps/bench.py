@@ -65,6 +65,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,7 @@ from pti_plugin.script_args import argument_parser, check_out_folder, positive_i
 from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, run_dir_finished, seed_count
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix
+from pti_plugin.sweeps.stopping import stop_sweep
 
 #: The presets shipped with the repository (the bench's default preset lives there).
 ROOT = Path(__file__).resolve().parents[2]
@@ -378,6 +380,16 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The command: :func:`main`. A Ctrl-C outside a run's training (scoring, choosing the pivot, between the
+    sweeps) ends with the sweeps' last line instead of a traceback; the same command goes on from the cached
+    runs and scores."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        stop_sweep(signal.SIGINT, [])
+
+
 def write_outputs(result: dict, points: list[dict], pivot_point: dict, args) -> None:
     """The bench's JSON, CSV (per run, and per point with several training seeds), report and plot; prints the report."""
     rows = result["rows"]
@@ -393,4 +405,4 @@ def write_outputs(result: dict, points: list[dict], pivot_point: dict, args) -> 
 
 
 if __name__ == "__main__":
-    main()
+    cli()
