@@ -106,15 +106,18 @@ class StoppedBeforeTraining(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def stops_while_setting_up():
-    """SIGINT and SIGTERM raise :class:`StoppedBeforeTraining` until the trainer sets its own handler (which saves
-    and stops after a step): the run stops at once, as nothing is trained yet, and releases its locks on the way out
-    (SIGTERM's default ended the process on the spot, leaving its lock files)."""
+def stops_while_setting_up(stops: StopSignals):
+    """SIGINT and SIGTERM raise :class:`StoppedBeforeTraining` until the trainer installs ``stops``, its own handler
+    (which saves and stops after a step): the run stops at once, as nothing is trained yet, and releases its locks on
+    the way out (SIGTERM's default ended the process on the spot, leaving its lock files). Once training has begun,
+    a signal that arrives here (as the trainer's handler is taken down) goes to ``stops``."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame):
+        if stops.installed:
+            return stops(signum, frame)
         raise StoppedBeforeTraining(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
@@ -149,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = (ConfigError, CaptionError, EmbeddingFormatError, LoraFormatError, BadSafetensorsError,
                    UnsafeFileError, UnreadableFileError, FileExistsError, FileNotFoundError)
     try:
-        with stops_while_setting_up():
-            outputs = Trainer(config).run()
+        trainer = Trainer(config)
+        with stops_while_setting_up(trainer.stops):
+            outputs = trainer.run()
     except ConfigError as exc:  # found once the model or data is there: named as the user gave it, as above
         return _fail(f"error: {named_where_given(exc, overrides, sets)}", 2)
     except user_errors as exc:

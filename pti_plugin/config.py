@@ -216,6 +216,7 @@ PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_p
 #: The path keys a tool that loads no model reads (``python -m pti_plugin.dataset_preview``): the training data and
 #: the preset's kohya ``config_file``; the others name the model, its starting files, a state and the prompts.
 DATA_PATH_KEYS = ("train_data_dir", "dataset_config", "reg_data_dir", "in_json", "config_file")
+assert set(DATA_PATH_KEYS) <= set(PATH_KEYS), "a data path key must be a path key"
 
 
 def field_names(cls: type) -> list[str]:

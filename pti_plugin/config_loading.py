@@ -59,7 +59,7 @@ def apply_overrides(raw: dict[str, Any], top_level: dict[str, Any], dotted: list
 
 
 def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str, str] | None = None, *,
-                 data_only: bool = False) -> Config:
+                 data_only: bool = False, warn_intervals: bool = True) -> Config:
     """Validate and resolve ``raw`` into a frozen :class:`Config`; raise ConfigError naming the first bad key.
 
     ``given`` (key -> "preset"/"command line"): top-level values the user wrote; one that no stage
@@ -67,7 +67,8 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
     starting files, a state, the prompts and the output folders are neither looked for nor read. Stages
     resolve here (``resolution.py``); an epoch-based stage's step count follows once the dataset is
     scanned (:func:`pti_plugin.resolution.with_epoch_steps`). A save or sample interval longer than the
-    run is a warning (:func:`pti_plugin.resolution.warn_unreached_intervals`).
+    run is a warning (:func:`pti_plugin.resolution.warn_unreached_intervals`), unless ``warn_intervals`` is off (a
+    sweep planning its runs: each run warns as it starts) or ``data_only``.
     """
     if "stages" not in raw:
         raw = raw | {"stages": default_stage_dicts(raw)}
@@ -80,7 +81,7 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
         check_given_values_are_used(config, parsed.stages, given)
     check_stage_schedules(parsed, config)
     check_the_pivot_is_learned(config)
-    if check_paths:  # a config to run now (not a saved run's, read back for measurements)
+    if check_paths and warn_intervals and not data_only:  # a config to run now (not a saved run's, read back)
         warn_unreached_intervals(config)
     return config
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 import uuid
@@ -167,7 +168,7 @@ def check_resume_token(progress: SavedProgress, token_string: str) -> None:
     if saved is not None and saved != token_string:
         raise ConfigError(f"key 'resume': state {progress.folder} holds the pivot of token_string {saved!r}; this run's "
                           f"token_string is {token_string!r} (the pivot would be saved as {token_string}.safetensors, "
-                          f"under another token's name); resume with --token_string {saved}")
+                          f"under another token's name); resume with --token_string {shlex.quote(saved)}")
 
 
 def check_resume_fits(folder: Path, stages) -> SavedProgress:

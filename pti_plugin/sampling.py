@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .atomic_io import atomic_write_bytes
+from .stop_signals import STOP_SIGNALS, StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +62,16 @@ def sample_during_training(sample: Callable[[str], list[Path]], tag: str, on_sig
     the final files were saved). With ``on_signal`` (the trainer's SIGINT/SIGTERM
     handler), a signal during the samples is handed to it and stops them at once, so the trainer saves and stops
     after this step without waiting for the samples (a cluster's SIGKILL follows its SIGTERM after a grace time)."""
-    previous = {}
+    previous, stopping = {}, []
 
     def stop(signum, frame):
-        on_signal(signum, frame)  # the trainer records it (a second one stops the run at once)
-        raise SamplesInterrupted(signal.Signals(signum).name)
+        on_signal(signum, frame)  # the trainer records it (a later second one stops the run at once)
+        if not stopping:  # only once: a second exception here could escape the handling of the first
+            stopping.append(signum)
+            raise SamplesInterrupted(signal.Signals(signum).name)
 
     if on_signal is not None and threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
         return sample(tag)
     except SamplesInterrupted as exc:
@@ -78,8 +81,7 @@ def sample_during_training(sample: Callable[[str], list[Path]], tag: str, on_sig
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        StopSignals.restore(previous)
     return []
 
 

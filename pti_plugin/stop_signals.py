@@ -34,6 +34,7 @@ class StopSignals:
 
     def __init__(self, say: Callable[[str], None]):
         self.received: int | None = None
+        self.installed = False  # whether training has begun (install): from then on a signal saves and stops
         self._at = 0.0
         self._say = say
 
@@ -52,6 +53,7 @@ class StopSignals:
 
     def install(self) -> dict:
         """Handle :data:`STOP_SIGNALS` from now on (main thread only); the handlers this replaces, for :meth:`restore`."""
+        self.installed = True
         return {sig: signal.signal(sig, self) for sig in STOP_SIGNALS}
 
     @staticmethod

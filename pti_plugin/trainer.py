@@ -77,6 +77,7 @@ class Trainer:
         self.config = config
         self._weight_guard = WeightGuard()  # the weights before each optimizer step, for the NaN guard
         self._nan_policy = NanPolicy(config.nan_policy, config.max_nan_skips)
+        self.stops = StopSignals(self._info)  # SIGINT/SIGTERM, handled from the first step (run)
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -257,19 +258,19 @@ class Trainer:
         the last good state under ``*-interrupted-*`` names with the command that resumes it.
         """
         self._locks = self._micro_batches = None
-        self._stops, previous = StopSignals(self._info), {}
+        previous = {}
         try:
             self._setup()
-            previous = self._stops.install()
+            previous = self.stops.install()
             return self._run()
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"{exc}\n{self._save_last_finite()}") from None
         finally:
-            StopSignals.restore(previous)
             if self._locks is not None:
                 self._locks.release()
             if self._micro_batches is not None:
                 self._micro_batches.close()
+            StopSignals.restore(previous)  # last: a signal while the locks are released still meets this run's handler
 
     def _save_last_finite(self) -> str:
         """After a non-finite step: save the (finite) weights and, when its optimizer state is finite
@@ -306,16 +307,16 @@ class Trainer:
             atomic_write_text(self.files.config_toml, toml.dumps(resolved_dict(config)))
         first_samples = []
         if config.sample_prompts and config.sample_at_first and not config.resume:
-            first_samples = sample_during_training(self.sample, "first", self._stops)
+            first_samples = sample_during_training(self.sample, "first", self.stops)
         for stage_index in range(start_stage, len(config.stages)):
             first_step = start_step if stage_index == start_stage else 0
             self._run_stage(stage_index, first_step, resumed if stage_index == start_stage else None)
         outputs = self._save(with_state=config.save_state)  # kohya's save_state saves the state at the end too
-        if self._stops.received:  # during the final save: the files are complete, so the run ends here
-            self._info(f"{signal.Signals(self._stops.received).name} received during the final save: the files are saved; "
+        if self.stops.received:  # during the final save: the files are complete, so the run ends here
+            self._info(f"{signal.Signals(self.stops.received).name} received during the final save: the files are saved; "
                        "stopping without the final samples")
         elif config.sample_prompts:
-            outputs["samples"] = sample_during_training(self.sample, "final", self._stops)
+            outputs["samples"] = sample_during_training(self.sample, "final", self.stops)
             if first_samples and outputs["samples"] and self.accelerator.is_main_process:
                 from .sampling import write_grid
 
@@ -375,13 +376,13 @@ class Trainer:
 
     def _stop_if_signalled(self) -> None:
         """After a step: if any process got SIGINT/SIGTERM, every process saves-and-stops together."""
-        signalled = bool(self._stops.received)
+        signalled = bool(self.stops.received)
         if self.accelerator.num_processes > 1:  # one collective (a device sync); one process reads its own flag
             flag = torch.tensor(float(signalled), device=self.accelerator.device)
             signalled = self.accelerator.reduce(flag, reduction="sum").item() > 0
         if not signalled:
             return
-        signum = int(self._stops.received or signal.SIGTERM)
+        signum = int(self.stops.received or signal.SIGTERM)
         paths = self._save(tag=f"interrupted-step{self.state.global_step:08d}", with_state=True)
         raise TrainingInterrupted(
             f"interrupted by {signal.Signals(signum).name} after step {self.state.global_step}\n{self._resume_hint(paths)}", signum
@@ -518,7 +519,7 @@ class Trainer:
         if due and not last:
             self._save(tag=f"step{state.global_step:08d}", with_state=config.save_state)
         if config.sample_prompts and config.sample_every_n_steps and state.global_step % config.sample_every_n_steps == 0:
-            sample_during_training(self.sample, f"step{state.global_step:08d}", self._stops)
+            sample_during_training(self.sample, f"step{state.global_step:08d}", self.stops)
 
     def _save(self, tag: str | None = None, with_state: bool = False) -> dict[str, Path]:
         """Write the LoRA and embedding (final names when ``tag`` is None, else ``<name>-<tag>``),

@@ -5,6 +5,7 @@ group) or a scheduler (one process) does, and kills whatever of it is left at th
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -300,3 +301,78 @@ def test_ctrl_c_between_the_research_benchs_sweeps_stops_it_with_the_sweeps_last
         bench.cli([])
     assert stop.value.code == 130
     assert capsys.readouterr().out.startswith("sweep stopped by SIGINT. Run the same command again")
+
+
+def test_two_signals_together_during_samples_stop_the_samples_once_and_reach_the_trainer():
+    """accelerate's SIGTERM comes right after the terminal's Ctrl-C: both arrive during the samples. The samples stop
+    once; the second signal, the same stop, is handed to the trainer and raises nothing (before: a second
+    SamplesInterrupted came out of the handling of the first, and could end the run without its save)."""
+    import threading
+
+    from pti_plugin.sampling import sample_during_training
+    from pti_plugin.stop_signals import StopSignals
+
+    said = []
+    stops = StopSignals(said.append)
+
+    def sample(tag):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
+        for sig in (signal.SIGINT, signal.SIGTERM):  # to this thread (a process signal could go to another thread)
+            signal.pthread_kill(threading.get_ident(), sig)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # both handlers run now, one after the other
+        for _ in range(100):
+            time.sleep(0.001)
+        return [Path("never")]
+
+    before = signal.getsignal(signal.SIGINT)
+    logging.disable(logging.CRITICAL)  # no handler's emit to swallow a second exception (logging's handleError would)
+    try:
+        assert sample_during_training(sample, "step1", stops) == []
+        for _ in range(100):  # any signal still pending would be handled here
+            time.sleep(0.001)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert stops.received == signal.SIGINT and any("same stop" in line for line in said), said
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_signal_after_training_began_goes_to_the_runs_handler_not_the_setting_up_stop():
+    """While a run sets up, a signal stops it at once; once its handler was installed (training began), a signal that
+    meets the command's handler again, as the run's is taken down, is the run's (before: 'stopped while the run was
+    setting up ... nothing saved', wrong after an interrupted save)."""
+    import os
+
+    from pti_plugin.cli import StoppedBeforeTraining, stops_while_setting_up
+    from pti_plugin.stop_signals import StopSignals
+
+    stops = StopSignals(lambda line: None)
+    with pytest.raises(StoppedBeforeTraining):
+        with stops_while_setting_up(stops):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    with stops_while_setting_up(stops):
+        StopSignals.restore(stops.install())  # training began and ended: the command's handler is back
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+    assert stops.received == signal.SIGTERM
+
+
+def test_sigterm_outside_a_runs_training_stops_the_sweep_with_its_last_line(monkeypatch, capsys):
+    """SIGTERM while the sweep plans or scores in this process: the sweep's last line and exit 143 (before: SIGTERM's
+    default ended the process without a word)."""
+    import os
+
+    from pti_plugin.sweeps import lr_sweep
+
+    def signalled(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2)
+        pytest.fail("SIGTERM did not stop the sweep")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(lr_sweep, "sweep", signalled)
+    with pytest.raises(SystemExit) as stop:
+        lr_sweep.cli([])
+    assert stop.value.code == 143
+    assert capsys.readouterr().out.startswith("sweep stopped by SIGTERM. Run the same command again")
+    assert signal.getsignal(signal.SIGTERM) is before

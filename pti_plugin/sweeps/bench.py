@@ -65,7 +65,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -86,7 +85,7 @@ from pti_plugin.script_args import argument_parser, check_out_folder, positive_i
 from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, run_dir_finished, seed_count
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix
-from pti_plugin.sweeps.stopping import stop_sweep
+from pti_plugin.sweeps.stopping import stoppable
 
 #: The presets shipped with the repository (the bench's default preset lives there).
 ROOT = Path(__file__).resolve().parents[2]
@@ -381,13 +380,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """The command: :func:`main`. A Ctrl-C outside a run's training (scoring, choosing the pivot, between the
-    sweeps) ends with the sweeps' last line instead of a traceback; the same command goes on from the cached
-    runs and scores."""
-    try:
-        main(argv)
-    except KeyboardInterrupt:
-        stop_sweep(signal.SIGINT, [])
+    """The command: :func:`main`. A Ctrl-C or SIGTERM outside a run's training (scoring, choosing the pivot, between
+    the sweeps) ends with the sweeps' last line (:func:`~pti_plugin.sweeps.stopping.stoppable`); the same command goes
+    on from the cached runs and scores."""
+    stoppable(lambda: main(argv))
 
 
 def write_outputs(result: dict, points: list[dict], pivot_point: dict, args) -> None:

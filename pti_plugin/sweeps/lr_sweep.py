@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -88,7 +87,7 @@ from pti_plugin.script_args import argument_parser, check_out_folder, int_at_lea
 from pti_plugin.sweeps.plan import parse_lrs, plan_pivot, plan_runs, seed_count, training_seed_indices
 from pti_plugin.sweeps.report import write_report
 from pti_plugin.sweeps.runner import train_sweep, visible_gpus
-from pti_plugin.sweeps.stopping import stop_sweep
+from pti_plugin.sweeps.stopping import stoppable
 
 
 def parse_args(argv):
@@ -139,10 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def cli(argv: list[str] | None = None) -> int:
     """The command: :func:`main`, exit status 1 when a run failed (after the others trained and were measured)."""
-    try:
-        failed = sweep(sys.argv[1:] if argv is None else argv)[1]
-    except KeyboardInterrupt:  # Ctrl-C outside a run's training (while planning, between runs, evaluating here)
-        stop_sweep(signal.SIGINT, [])
+    failed = stoppable(lambda: sweep(sys.argv[1:] if argv is None else argv))[1]
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see FAILED above; the same command "
               "retrains them and skips the finished ones)", file=sys.stderr, flush=True)

@@ -234,7 +234,7 @@ def plan_pivot(args, raw: dict, training_seed: int = 0) -> RunSpec | None:
     if args.save_every:
         preset["save_every_n_steps"] = args.save_every
         preset["save_state"] = True
-    config = build_config(copy.deepcopy(preset))
+    config = build_config(copy.deepcopy(preset), warn_intervals=False)  # each run warns as it starts
     path = write_run_preset(args.out, name, run_dir, config.output_name, config.token_string, preset)
     return RunSpec(name, 0.0, "pivot", path, run_dir, config.output_name, config.token_string, training_seed, seed)
 
@@ -259,7 +259,8 @@ def plan_runs(args, raw: dict, pivots: dict[int, RunSpec] | None = None) -> list
                                        args.with_plugin if variant is None else None, plugin_options, args.save_every,
                                        pivot_file, seed0 + k)
                 # fails here, before any training, on a bad preset or plugin option (the shared pivot may not exist yet)
-                config = build_config(copy.deepcopy(preset), check_paths=pivot_file is None or pivot_file.is_file())
+                config = build_config(copy.deepcopy(preset), check_paths=pivot_file is None or pivot_file.is_file(),
+                                      warn_intervals=False)
                 path = write_run_preset(args.out, name, run_dir, config.output_name, config.token_string, preset)
                 specs.append(RunSpec(name, lr, variant or "none", path, run_dir, config.output_name, config.token_string,
                                      k, seed0 + k))

@@ -9,6 +9,7 @@ once the running runs saved their state (exit 128 + the signal; :mod:`.stopping`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -114,11 +115,26 @@ def visible_gpus(choice: str) -> list[str]:
     return [str(i) for i in range(count)] if count > 1 else []
 
 
+@contextlib.contextmanager
+def _killed_on_error(running: dict):
+    """Kill the jobs still in ``running`` (``{gpu: (name, process, log handle)}``) when the block fails: they run in
+    their own session, so nothing else would stop them."""
+    try:
+        yield
+    except BaseException:
+        for _, process, handle in running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            handle.close()
+        raise
+
+
 def run_on_gpus(jobs: list[tuple[str, list[str], Path]], gpus: list[str]) -> dict[str, int]:
     """Run ``(name, argv, log file)`` jobs as subprocesses, one per GPU at a time; returns exit codes. On SIGINT,
     SIGTERM or SIGHUP the running jobs are stopped as :mod:`.stopping` says and the sweep stops (SystemExit)."""
     pending, running, codes = list(jobs), {}, {}
-    with StopRequests() as stops:
+    with StopRequests() as stops, _killed_on_error(running):
         while (pending and not stops.signals) or running:
             for gpu in gpus:
                 if gpu not in running and pending and not stops.signals:

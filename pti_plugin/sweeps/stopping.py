@@ -23,15 +23,16 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from pti_plugin.stop_signals import STOP_SIGNALS, StopSignals
 
 _HANGUP = getattr(signal, "SIGHUP", None)  # POSIX only
 #: The signals a sweep stops on, each with the one its jobs get.
-PASSED_AS = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM}
+PASSED_AS = {sig: sig for sig in STOP_SIGNALS}
 if _HANGUP is not None:
     PASSED_AS[_HANGUP] = signal.SIGTERM
+T = TypeVar("T")
 #: The signal count at which the sweep stops waiting for its jobs and kills them.
 KILL_AT = 3
 
@@ -45,7 +46,8 @@ def stop_signal_of(code: int | None) -> int | None:
 def stop_sweep(signum: int, interrupted: list[str], not_started: list[str] = ()) -> NoReturn:
     """Say how the sweep stopped and how to go on, as its last line; exit with 128 + ``signum``."""
     name = signal.Signals(signum).name
-    parts = [f"{', '.join(interrupted)} interrupted (the state each saved is named in its output)"]
+    parts = [f"{', '.join(interrupted)} interrupted (the state each saved, once it had trained a step, is named in its "
+             "output)"]
     parts = parts if interrupted else []
     if not_started:
         parts.append(f"{len(not_started)} job(s) not started ({', '.join(not_started)})")
@@ -62,6 +64,36 @@ def _say(text: str) -> None:
         pass
 
 
+class _SweepSignalled(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stopping_signals() -> list[int]:
+    """:data:`PASSED_AS`'s signals, less SIGHUP where it is ignored (``nohup``)."""
+    return [sig for sig in PASSED_AS if sig != _HANGUP or signal.getsignal(sig) is not signal.SIG_IGN]
+
+
+def stoppable(command: Callable[[], T]) -> T:
+    """``command()``, a sweep's whole command. SIGINT, SIGTERM or SIGHUP outside a run's training (planning, between
+    runs, scoring in this process), where no handler of a run or of :class:`StopRequests` is set, ends it with
+    :func:`stop_sweep`'s last line (before: a Ctrl-C traceback; SIGTERM or SIGHUP ended it without a word)."""
+    def stop(signum, frame):
+        raise _SweepSignalled(signum)
+
+    previous = ({sig: signal.signal(sig, stop) for sig in _stopping_signals()}
+                if threading.current_thread() is threading.main_thread() else {})
+    try:
+        return command()
+    except _SweepSignalled as exc:
+        stop_sweep(exc.signum, [])
+    except KeyboardInterrupt:  # a second Ctrl-C that a run's handler turned into one
+        stop_sweep(signal.SIGINT, [])
+    finally:
+        StopSignals.restore(previous)
+
+
 class StopRequests:
     """While active (a ``with`` block in the main thread), the signals of :data:`PASSED_AS` are recorded in
     :attr:`signals` instead of stopping this process (SIGHUP only when not ignored); the previous handlers come back
@@ -74,8 +106,7 @@ class StopRequests:
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
-            wanted = [sig for sig in PASSED_AS if sig != _HANGUP or signal.getsignal(sig) is not signal.SIG_IGN]
-            self._previous = {sig: signal.signal(sig, self._record) for sig in wanted}
+            self._previous = {sig: signal.signal(sig, self._record) for sig in _stopping_signals()}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -92,7 +123,7 @@ class StopRequests:
         """Hand the signals received since the last call to ``passing_on(signals, count before them)``, then announce
         each on this process's output."""
         already, new = self._told, self.signals[self._told:]
-        self._told = len(self.signals)
+        self._told = already + len(new)  # not len(self.signals): one recorded meanwhile is told next time
         if not new:
             return
         passing_on(new, already)
@@ -156,4 +187,4 @@ class StopBoard:
 
 
 __all__ = ["KILL_AT", "PASSED_AS", "STOP_SIGNALS", "StopBoard", "StopRequests", "pass_on", "start_job",
-           "stop_signal_of", "stop_sweep", "wait_passing_stops"]
+           "stop_signal_of", "stop_sweep", "stoppable", "wait_passing_stops"]

@@ -325,8 +325,8 @@ def layer_test_small_sample(summary: dict) -> str | None:
     with Student's t interval over the seeds, read with the rule's thresholds; None with fewer than two seeds."""
     from ..metrics.replication import student_interval
 
-    per_seed = [c["difference"] for c in summary.get("layer_versions", []) if c["version"] == LAYER_TEST["version"]
-                and c["ground_truth"] == LAYER_TEST["ground_truth"] and str(c["lr"]).startswith("seed ")]
+    per_seed = [c["difference"] for c in summary.get("layer_versions", []) if str(c["lr"]).startswith("seed ")
+                and all(c[k] == v for k, v in LAYER_TEST.items() if k != "lr")]
     values = np.array(per_seed, dtype=np.float64)
     if np.isfinite(values).sum() < 2:
         return None
