@@ -211,14 +211,28 @@ def test_a_ray_sweep_stopped_by_ctrl_c_saves_its_running_runs_and_shuts_ray_down
     _check_stopped_sweep(code, output, signal.SIGINT, started, sweep.left())
 
 
-def test_sigterm_while_a_run_sets_up_stops_it_naming_the_signal_and_releases_its_locks(preset, tmp_path, command):
+def test_sigterm_while_a_run_sets_up_stops_it_naming_the_signal_and_releases_its_locks(preset, tmp_path, capsys,
+                                                                                       monkeypatch):
     """Before the trainer's handler is set (model and data loading), SIGTERM used to end the process on the spot:
-    exit -15, no word, the lock files left for the next run to take over."""
-    run, out = _start_run(preset(), tmp_path, command)
-    _wait_for(lambda: (out / "pti.lock").exists(), 120, poll_s=0.01)
-    time.sleep(0.3)  # past the lock's write; the model and data load for about 1.5 s more
-    run.signal(signal.SIGTERM, group=False)
-    code, output = run.finish()
+    exit -15, no word, the lock files left for the next run to take over. The signal arrives as the data is scanned,
+    after the locks are taken."""
+    import os
+
+    from pti_plugin import trainer
+
+    from .test_reliability import _cli
+
+    scan = trainer.scan_images
+
+    def signalled_scan(*args, **kwargs):
+        assert (out / "pti.lock").exists()  # taken before the scan
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        return scan(*args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(trainer, "scan_images", signalled_scan)
+    code, output = _cli(preset(output_dir=str(out)), tmp_path, capsys)
     assert code == 128 + signal.SIGTERM, output[-2000:]
     assert output.strip().splitlines()[-1].startswith("stopped by SIGTERM while the run was setting up")
     assert "Traceback" not in output and not list(out.glob("*.lock"))
