@@ -10,7 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.sweeps.bench import cli  # noqa: E402
+from pti_plugin.sweeps.bench import cli, main  # noqa: E402
+
+__all__ = ["cli", "main"]  # main: what a caller running this file (runpy) calls for the bench's result
 
 if __name__ == "__main__":
     cli()
