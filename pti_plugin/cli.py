@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import signal
 import sys
-import threading
 import typing
 
 from .config import Config, ConfigError, field_names, parse_value
 from .config_loading import load_config, named_where_given
-from .stop_signals import STOP_SIGNALS, StopSignals
+from .stop_signals import StopSignalled, stop_raises
 
 USAGE = """usage: train_pti.py [--preset FILE] [--KEY VALUE ...] [--set NESTED.KEY=VALUE ...]
 
@@ -97,36 +94,6 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-class StoppedBeforeTraining(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived while the run was setting up (model, data), before the trainer's own handler."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stops_while_setting_up(stops: StopSignals):
-    """SIGINT and SIGTERM raise :class:`StoppedBeforeTraining` until the trainer installs ``stops``, its own handler
-    (which saves and stops after a step): the run stops at once, as nothing is trained yet, and releases its locks on
-    the way out (SIGTERM's default ended the process on the spot, leaving its lock files). Once training has begun,
-    a signal that arrives here (as the trainer's handler is taken down) goes to ``stops``."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        if stops.installed:
-            return stops(signum, frame)
-        raise StoppedBeforeTraining(signum)
-
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        StopSignals.restore(previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run training; returns the process exit code (2 for configuration errors)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -153,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                    UnsafeFileError, UnreadableFileError, FileExistsError, FileNotFoundError)
     try:
         trainer = Trainer(config)
-        with stops_while_setting_up(trainer.stops):
+        with stop_raises(after=trainer.stops):  # until the run's own handler, which saves and stops after a step
             outputs = trainer.run()
     except ConfigError as exc:  # found once the model or data is there: named as the user gave it, as above
         return _fail(f"error: {named_where_given(exc, overrides, sets)}", 2)
@@ -165,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"error: {exc}", 4)
     except TrainingInterrupted as exc:
         return _fail(str(exc), 128 + exc.signum)
-    except StoppedBeforeTraining as exc:
+    except StopSignalled as exc:
         return _fail(f"stopped by {exc} while the run was setting up, before its first step: nothing new was trained "
                      "or saved; run the same command again to start it", 128 + exc.signum)
     except KeyboardInterrupt:

@@ -6,13 +6,18 @@ so no file is left half-written), unless it comes within :data:`SAME_STOP_S` of 
 stop passed on. ``accelerate launch`` answers the terminal's Ctrl-C, which the training process gets too, with a
 SIGTERM to the training process (and a SIGKILL 5 s later); a scheduler may signal every process of a job beside
 a launcher that passes the signal on. Taken for a second Ctrl-C, that SIGTERM used to stop the run without its save.
+
+Where there is nothing to save yet (a run setting up, a sweep between its runs), :func:`stop_raises` makes a signal
+stop the block at once with :class:`StopSignalled`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 #: A second SIGINT/SIGTERM this soon (seconds) after the first is the same stop passed on, not a second Ctrl-C.
 SAME_STOP_S = 1.0
@@ -60,3 +65,34 @@ class StopSignals:
     def restore(previous: dict) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
+
+
+class StopSignalled(KeyboardInterrupt):
+    """A stop signal arrived where there is nothing to save (a run setting up, a sweep between its runs)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_raises(signals=STOP_SIGNALS, after: StopSignals | None = None) -> Iterator[None]:
+    """While the block runs (main thread only), each of ``signals`` raises :class:`StopSignalled`: there is nothing
+    to save there, so the block stops at once and its ``finally`` clauses release what it holds (SIGTERM's default
+    ends a process on the spot, leaving its lock files). Once ``after``, a run's own handler, has been installed, a
+    signal that meets this one (as the run's handler is taken down) goes to it instead. The previous handlers come
+    back after the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        if after is not None and after.installed:
+            return after(signum, frame)
+        raise StopSignalled(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    try:
+        yield
+    finally:
+        StopSignals.restore(previous)

@@ -356,15 +356,14 @@ def test_a_signal_after_training_began_goes_to_the_runs_handler_not_the_setting_
     setting up ... nothing saved', wrong after an interrupted save)."""
     import os
 
-    from pti_plugin.cli import StoppedBeforeTraining, stops_while_setting_up
-    from pti_plugin.stop_signals import StopSignals
+    from pti_plugin.stop_signals import StopSignalled, StopSignals, stop_raises
 
     stops = StopSignals(lambda line: None)
-    with pytest.raises(StoppedBeforeTraining):
-        with stops_while_setting_up(stops):
+    with pytest.raises(StopSignalled):
+        with stop_raises(after=stops):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
-    with stops_while_setting_up(stops):
+    with stop_raises(after=stops):
         StopSignals.restore(stops.install())  # training began and ended: the command's handler is back
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-from pti_plugin.stop_signals import STOP_SIGNALS, StopSignals
+from pti_plugin.stop_signals import STOP_SIGNALS, StopSignalled, StopSignals, stop_raises
 
 _HANGUP = getattr(signal, "SIGHUP", None)  # POSIX only
 #: The signals a sweep stops on, each with the one its jobs get.
@@ -64,12 +64,6 @@ def _say(text: str) -> None:
         pass
 
 
-class _SweepSignalled(BaseException):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 def _stopping_signals() -> list[int]:
     """:data:`PASSED_AS`'s signals, less SIGHUP where it is ignored (``nohup``)."""
     return [sig for sig in PASSED_AS if sig != _HANGUP or signal.getsignal(sig) is not signal.SIG_IGN]
@@ -79,19 +73,13 @@ def stoppable(command: Callable[[], T]) -> T:
     """``command()``, a sweep's whole command. SIGINT, SIGTERM or SIGHUP outside a run's training (planning, between
     runs, scoring in this process), where no handler of a run or of :class:`StopRequests` is set, ends it with
     :func:`stop_sweep`'s last line (before: a Ctrl-C traceback; SIGTERM or SIGHUP ended it without a word)."""
-    def stop(signum, frame):
-        raise _SweepSignalled(signum)
-
-    previous = ({sig: signal.signal(sig, stop) for sig in _stopping_signals()}
-                if threading.current_thread() is threading.main_thread() else {})
     try:
-        return command()
-    except _SweepSignalled as exc:
+        with stop_raises(_stopping_signals()):
+            return command()
+    except StopSignalled as exc:
         stop_sweep(exc.signum, [])
     except KeyboardInterrupt:  # a second Ctrl-C that a run's handler turned into one
         stop_sweep(signal.SIGINT, [])
-    finally:
-        StopSignals.restore(previous)
 
 
 class StopRequests:
