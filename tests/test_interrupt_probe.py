@@ -1,7 +1,7 @@
 """Ctrl-C and a scheduler's SIGTERM where no test looked before: a sweep whose runs are other processes (one per
-GPU, Ray tasks), a run signalled while it sets up, one rank of a two-process run, and the doubled signal a launcher
-gives a training process. Each test starts the command in its own session, signals it as a terminal (its process
-group) or a scheduler (one process) does, and kills whatever of it is left at the end."""
+GPU, Ray tasks), a run signalled while it sets up, and one rank of a two-process run (the doubled signal a launcher
+gives a training process is in tests/test_reliability.py). Each test starts the command in its own session, signals
+it as a terminal (its process group) or a scheduler (one process) does, and kills whatever of it is left at the end."""
 
 from __future__ import annotations
 
@@ -270,19 +270,6 @@ def test_one_rank_of_two_signalled_stops_both_with_one_saved_state_and_one_resum
     state = Path(re.search(r"--resume (\S+)", output).group(1))
     assert state.is_dir() and state.name.startswith("pti-state-interrupted-step")
     assert not list(out.glob("*.lock"))
-
-
-def test_a_launchers_sigterm_right_after_the_terminals_ctrl_c_still_saves(preset, tmp_path, command):
-    """accelerate launch (one process) answers the terminal's Ctrl-C, which its training process gets too, with a
-    SIGTERM to that process: the trainer took it for a second Ctrl-C and stopped at once, saving nothing."""
-    stages = [{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "steps": 400}]
-    run, out = _start_run(preset(max_train_steps=None, stages=stages), tmp_path, command)
-    _wait_for(lambda: _lines(out / "pti.log.jsonl") >= 2)
-    run.signal(signal.SIGINT, group=False)
-    time.sleep(0.05)
-    run.signal(signal.SIGTERM, group=False)
-    code, output = run.finish()
-    assert code == 130 and "resume with: " in output, output[-2000:]
 
 
 def test_a_second_signal_within_a_second_is_the_same_stop_and_a_later_one_stops_at_once(monkeypatch):

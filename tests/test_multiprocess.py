@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,26 +21,6 @@ def _run(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_two_processes_match_one_process_and_only_rank0_writes(preset, tmp_path):
-    # SGD: the update is proportional to the gradient, so the comparison tests gradient averaging
-    # (Adam's first steps are ~lr * sign(grad) and amplify float reduction-order noise in tiny gradients).
-    raw = preset(max_train_steps=2, save_precision="float", max_grad_norm=0.0, train_batch_size=1, optimizer_type="SGD")
-    raw.pop("output_dir")
-    (tmp_path / "p.toml").write_text(toml.dumps(raw))
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pti.py"),
-          "--preset", "p.toml", "--output_dir", "two"], tmp_path)
-    _run([sys.executable, str(REPO / "train_pti.py"), "--preset", "p.toml", "--output_dir", "one",
-          "--train_batch_size", "2"], tmp_path)
-    one, two = tmp_path / "one", tmp_path / "two"
-    expected = {"pti.safetensors", "tok1.safetensors", "pti.config.toml", "pti.log.jsonl"}
-    assert {p.name for p in two.iterdir()} == expected  # no stray or temporary files
-    assert len((two / "pti.log.jsonl").read_text().splitlines()) == 4  # one writer: one line per step
-    a, b = load_file(one / "pti.safetensors"), load_file(two / "pti.safetensors")
-    assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
-    assert torch.allclose(load_file(one / "tok1.safetensors")["emb_params"], load_file(two / "tok1.safetensors")["emb_params"], atol=1e-6)
-
-
 def _install_entry_point(site: Path, entry: str = "prior_agreement = tests.contract_plugin:PriorAgreement") -> None:
     """Declare a test plugin (default tests/contract_plugin.py) under the pti_plugin.plugins entry-point
     group, as a package would."""
@@ -49,9 +30,13 @@ def _install_entry_point(site: Path, entry: str = "prior_agreement = tests.contr
     (info / "entry_points.txt").write_text(f"[pti_plugin.plugins]\n{entry}\n")
 
 
-def test_third_party_contract_plugin_trains_under_two_processes(preset, tmp_path):
-    """A plugin outside the package, found through its entry point and using only the documented contract,
-    trains under 2 processes and gives what one process gives; its term is 0 while the LoRA is still zero."""
+def test_two_processes_with_a_third_party_plugin_match_one_process_and_only_rank0_writes(preset, tmp_path):
+    """Both stages (UNet and text-encoder LoRA) under 2 processes give what one process gives at the same global
+    batch, and only process 0 writes. A plugin outside the package, found through its entry point and using only
+    the documented contract, trains under both; its term is 0 while the LoRA is still zero.
+
+    SGD: the update is proportional to the gradient, so the comparison tests gradient averaging (Adam's first
+    steps are ~lr * sign(grad) and amplify float reduction-order noise in tiny gradients)."""
     raw = preset(max_train_steps=None, save_precision="float", max_grad_norm=0.0, train_batch_size=1, optimizer_type="SGD",
                  network_train_unet_only=False, plugins={"prior_agreement": {"weight": 100.0}},
                  stages=[{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "steps": 1},
@@ -65,10 +50,13 @@ def test_third_party_contract_plugin_trains_under_two_processes(preset, tmp_path
           "--preset", "p.toml", "--output_dir", "two"], tmp_path, env)
     _run([sys.executable, str(REPO / "train_pti.py"), "--preset", "p.toml", "--output_dir", "one",
           "--train_batch_size", "2"], tmp_path, env)
-    import json
-
+    one, two = tmp_path / "one", tmp_path / "two"
+    expected = {"pti.safetensors", "tok1.safetensors", "pti.config.toml", "pti.log.jsonl"}
+    assert {p.name for p in two.iterdir()} == expected  # no stray or temporary files
     logs = {name: [json.loads(line) for line in (tmp_path / name / "pti.log.jsonl").read_text().splitlines()]
             for name in ("one", "two")}
+    assert len(logs["two"]) == 3  # one writer: one line per step
+    assert torch.allclose(load_file(one / "tok1.safetensors")["emb_params"], load_file(two / "tok1.safetensors")["emb_params"], atol=1e-6)
     terms = [e.get("loss/prior_agreement/mse") for e in logs["two"]]
     assert terms[0] is None  # inversion stage: no rows
     # LoRA up weights start at zero: the trained model is the frozen one (up to batched-matmul rounding)
@@ -96,8 +84,6 @@ def test_a_non_finite_loss_on_one_process_skips_the_step_on_every_process(preset
     env = {"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path / 'site'}"}
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pti.py"),
           "--preset", "p.toml", "--output_dir", "two"], tmp_path, env)
-    import json
-
     log = [json.loads(line) for line in (tmp_path / "two" / "pti.log.jsonl").read_text().splitlines()]
     assert [e.get("skipped_nonfinite", 0) for e in log] == [0, 1.0, 0]  # process 0's own loss was finite
     for rank in (0, 1):

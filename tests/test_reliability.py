@@ -404,6 +404,9 @@ def test_crash_during_save_keeps_the_previous_checkpoint(preset, tmp_path, monke
 # ----------------------------------------------------------------------------- interrupts
 
 def test_sigint_saves_a_resumable_state_that_finishes_like_an_uninterrupted_run(preset, tmp_path):
+    """Ctrl-C as ``accelerate launch`` (one process) passes it on: the terminal's SIGINT, then the launcher's SIGTERM
+    to the same process right after. The SIGTERM used to be taken for a second Ctrl-C (stop at once, nothing
+    saved); the run saves once, and the printed resume command finishes it bit-identically to a run never stopped."""
     raw = preset(save_precision="float", log_every_n_steps=1,
                  stages=[{"kind": "inversion", "steps": 4, "learning_rate": 5e-2},
                          {"kind": "lora", "steps": 12, "learning_rate": 1e-2}])
@@ -420,6 +423,8 @@ def test_sigint_saves_a_resumable_state_that_finishes_like_an_uninterrupted_run(
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 6):
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 130, err[-2000:]
     assert "Traceback" not in err

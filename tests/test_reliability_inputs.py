@@ -354,8 +354,9 @@ def test_leftovers_of_a_killed_run_are_named_and_the_message_says_how_to_continu
     assert code == 0, seen
 
 
-def test_a_second_run_into_the_same_output_is_refused_at_start(preset, tmp_path):
-    """Two real processes: the second finds the first's lock and stops at once; the first finishes."""
+def test_a_second_run_into_the_same_output_is_refused_at_start(preset, tmp_path, capsys):
+    """Two runs: the second (in this process) finds the lock of the first (another process) and stops at once;
+    the first finishes."""
     raw = preset(stages=[{"kind": "inversion", "steps": 4}])
     preset_path = tmp_path / "p.toml"
     preset_path.write_text(toml.dumps(raw))
@@ -368,14 +369,15 @@ def test_a_second_run_into_the_same_output_is_refused_at_start(preset, tmp_path)
         time.sleep(0.1)
     os.kill(first.pid, signal.SIGSTOP)  # the first run holds its lock, paused, while the second starts
     try:
-        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        second_code = main(["--preset", str(preset_path)])
     finally:
         os.kill(first.pid, signal.SIGCONT)
+    second_err = capsys.readouterr().err
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
-    assert second.returncode == 2, second.stderr[-2000:]
-    assert f"another run is writing to {lock.parent} with output_name 'pti' (process {first.pid} on" in second.stderr
-    assert "Traceback" not in second.stderr
+    assert second_code == 2, second_err[-2000:]
+    assert f"another run is writing to {lock.parent} with output_name 'pti' (process {first.pid} on" in second_err
+    assert "Traceback" not in second_err
     assert load_file(Path(raw["output_dir"]) / "pti.safetensors") and not lock.exists()
     log = (Path(raw["output_dir"]) / "pti.log.jsonl").read_text().splitlines()
     assert [json.loads(line)["global_step"] for line in log] == list(range(1, 5))  # one run's log, not two

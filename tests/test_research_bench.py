@@ -44,7 +44,7 @@ def _bench(argv: list[str]) -> tuple[dict, str]:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory, monkeypatch_module):
     out = tmp_path_factory.mktemp("bench") / "out"
-    argv = ["--out", str(out), "--inversion_lrs", "1e-2,1e-1", "--lora_lrs", "1e-3,3e-2", "--inversion_steps", "2",
+    argv = ["--out", str(out), "--inversion_lrs", "1e-2,1e-1", "--lora_lrs", "3e-2", "--inversion_steps", "2",
             "--lora_steps", "2", "--seeds", "2", "--sample_steps", "2", "--reg_images", "2", "--max_images", "2"]
     result, printed = _bench(argv)
     return types.SimpleNamespace(out=out, argv=argv, result=result, printed=printed)
@@ -62,7 +62,7 @@ def test_bench_runs_both_sweeps_and_every_variant(bench):
     rows = bench.result["rows"]
     assert [(r["sweep"], r["variant"], r["lr"]) for r in rows] == [
         ("inversion", "none", 1e-2), ("inversion", "none", 1e-1),
-        *[("lora", v, lr) for v in ("none", "half_angle", "class_endpoint", "reg_images") for lr in (1e-3, 3e-2)],
+        *[("lora", v, 3e-2) for v in ("none", "half_angle", "class_endpoint", "reg_images")],
     ]
     for row in rows:  # every run scored, ground truth and model-internal side by side
         for key in ("gt_reconstruction", "gt_editability", "gt_leakage", "attention_leakage", "proxy_denoise_mse",
@@ -112,8 +112,8 @@ def test_reg_images_are_not_measured_as_training_images(bench):
 
 def test_correlations_and_light_points_are_reported(bench):
     corr = {(c["internal"], c["ground_truth"], c["runs"]): c for c in bench.result["correlations"]}
-    assert corr[("attention_leakage", "gt_leakage", "lora")]["n"] == 8
-    assert corr[("proxy_denoise_mse", "gt_reconstruction", "all")]["n"] == 10
+    assert corr[("attention_leakage", "gt_leakage", "lora")]["n"] == 4
+    assert corr[("proxy_denoise_mse", "gt_reconstruction", "all")]["n"] == 6
     assert set(bench.result["light_points"]) == {"none", "half_angle", "class_endpoint", "reg_images"}
     pivot_row = next(r for r in bench.result["rows"] if r["sweep"] == "inversion" and r["lr"] == bench.result["pivot"]["lr"])
     for r in (r for r in bench.result["rows"] if r["sweep"] == "lora"):
@@ -124,8 +124,8 @@ def test_correlations_and_light_points_are_reported(bench):
 
 def test_a_second_bench_resumes_without_training_or_scoring(bench):
     result, printed = _bench(bench.argv)
-    assert "train " not in printed.replace("train pivot", "") and printed.count("skip ") == 10
-    assert printed.count(": cached") == 10 and not any(line.startswith("score ") for line in printed.splitlines())
+    assert "train " not in printed.replace("train pivot", "") and printed.count("skip ") == 6
+    assert printed.count(": cached") == 6 and not any(line.startswith("score ") for line in printed.splitlines())
     assert result["rows"] == bench.result["rows"]
 
 
@@ -152,10 +152,9 @@ def test_scores_are_deterministic(bench):
 
     run_dir = next(r["run_dir"] for r in bench.result["rows"] if r["variant"] == "half_angle")
     settings = ScoreSettings(seeds=2, steps=2, max_images=2)
-    first = score_run(run_dir, settings, device="cpu")
-    assert score_run(run_dir, settings, device="cpu") == first
+    again = score_run(run_dir, settings, device="cpu")  # a second scoring, in this process, of the same files
     cached = json.loads((Path(run_dir) / "bench_scores.json").read_text())
-    assert cached["scores"] == first  # the bench's own scoring, with the same settings
+    assert cached["scores"] == again  # equals the bench's own scoring, with the same settings
 
 
 @pytest.mark.parametrize("flag, value, message", [

@@ -18,7 +18,7 @@ from torch import nn
 
 from .family import Conditioning, ModelFamily
 from .loading import BaseModel
-from .lora import attach_lora, lora_parameters, lora_state_dict, set_lora_enabled, split_conv3x3
+from .lora import attach_lora, lora_layers, lora_parameters, lora_state_dict, set_lora_enabled, split_conv3x3
 from .pivot import PivotEmbedding, add_pivot_token
 
 #: Captions whose token ids :meth:`TrainableModel.tokenize` keeps.
@@ -215,7 +215,7 @@ class TrainableModel:
 
     def _set_lora(self, enabled: bool) -> None:
         for module in self.components().values():
-            if lora_parameters(module):
+            if lora_layers(module):
                 set_lora_enabled(module, enabled)
         self._lora_on = enabled
 
@@ -269,7 +269,7 @@ class TrainableModel:
     @contextlib.contextmanager
     def _lora_switched(self, enabled: bool, text_only: bool = False) -> Iterator[None]:
         previous = self._lora_on
-        modules = [m for n, m in self.components().items() if not (text_only and n == "unet") and lora_parameters(m)]
+        modules = [m for n, m in self.components().items() if not (text_only and n == "unet") and lora_layers(m)]
         for module in modules:
             set_lora_enabled(module, enabled)
         if not text_only:
