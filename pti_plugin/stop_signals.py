@@ -14,7 +14,9 @@ stop the block at once with :class:`StopSignalled`.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +35,18 @@ class TrainingInterrupted(RuntimeError):
         self.signum = signum
 
 
+def write_unbuffered(text: str) -> None:
+    """Write ``text`` and a newline to standard output's file descriptor with one ``os.write``, past Python's buffered
+    stream (a signal handler may run while that stream is mid-write); nothing if there is no such descriptor."""
+    data = (text + "\n").encode(errors="replace")
+    for stream in (sys.stdout, sys.__stdout__):
+        try:
+            os.write(stream.fileno(), data)
+            return
+        except (AttributeError, OSError, ValueError):  # no descriptor (a capture, closed), or it cannot be written
+            continue
+
+
 class StopSignals:
     """The run's signal handler (call it as one) and what it received: :attr:`received`, the first signal's number,
     or None. ``say`` prints a line to the user (the trainer's main-process output)."""
@@ -47,14 +61,25 @@ class StopSignals:
         now = time.monotonic()
         if self.received is None:
             self.received, self._at = signum, now
-            self._say(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving "
-                      "(again to stop at once)")
+            self._tell(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving "
+                       "(again to stop at once)")
             return
         if now - self._at < SAME_STOP_S:  # the same stop, passed on by a launcher or a scheduler
-            self._say(f"{signal.Signals(signum).name} received too, {now - self._at:.2f} s after "
-                      f"{signal.Signals(self.received).name}: the same stop (a launcher passing it on); still saving")
+            self._tell(f"{signal.Signals(signum).name} received too, {now - self._at:.2f} s after "
+                       f"{signal.Signals(self.received).name}: the same stop (a launcher passing it on); still saving "
+                       f"(to stop at once: again, {SAME_STOP_S:g} s or more after the first)")
             return
         raise KeyboardInterrupt  # a second Ctrl-C: stop now
+
+    def _tell(self, text: str) -> None:
+        """``say(text)``, which never raises here, in the handler: the signal may have interrupted this process's own
+        write to the same stream (a print, tqdm's bar), whose lock it holds, and the handler's print then raises
+        ``RuntimeError: reentrant call`` (out of the interrupted write: the run would end without its save). Then
+        ``text`` goes straight to standard output's file descriptor, unbuffered, so it is still seen at once."""
+        try:
+            self._say(text)
+        except Exception:
+            write_unbuffered(text)
 
     def install(self) -> dict:
         """Handle :data:`STOP_SIGNALS` from now on (main thread only); the handlers this replaces, for :meth:`restore`."""
@@ -65,6 +90,23 @@ class StopSignals:
     def restore(previous: dict) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
+
+
+def received_on_any_process(received: int | None, accelerator) -> int | None:
+    """The stop signal a run of several processes stops on, in every process (one collective, each calls it after
+    the same step): its own ``received`` where it got one, else the one most of the others got (ties: the first of
+    :data:`STOP_SIGNALS`); None where none got one. Each process sends a count per signal, summed over processes, so
+    the processes that got no signal name the one that was sent (they named SIGTERM, whatever it was)."""
+    import torch  # here: the sweeps import this module and not torch
+
+    slot = {sig: index for index, sig in enumerate(STOP_SIGNALS)}
+    counts = torch.zeros(len(STOP_SIGNALS), device=accelerator.device)
+    if received is not None:
+        counts[slot.get(received, len(STOP_SIGNALS) - 1)] = 1.0
+    counts = accelerator.reduce(counts, reduction="sum").tolist()
+    if received is not None or max(counts) <= 0:
+        return received
+    return int(STOP_SIGNALS[counts.index(max(counts))])
 
 
 class StopSignalled(KeyboardInterrupt):

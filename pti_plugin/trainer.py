@@ -52,7 +52,7 @@ from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import check_resume_fits, check_resume_within_stage, load_state, save_state
 from .run_lock import RunLocks, clean_leftover_temporaries
 from .sampling import sample_during_training
-from .stop_signals import StopSignals, TrainingInterrupted
+from .stop_signals import StopSignals, TrainingInterrupted, received_on_any_process
 from .text_cache import TextConditioningCache
 from .weight_guard import WeightGuard
 
@@ -376,13 +376,11 @@ class Trainer:
 
     def _stop_if_signalled(self) -> None:
         """After a step: if any process got SIGINT/SIGTERM, every process saves-and-stops together."""
-        signalled = bool(self.stops.received)
-        if self.accelerator.num_processes > 1:  # one collective (a device sync); one process reads its own flag
-            flag = torch.tensor(float(signalled), device=self.accelerator.device)
-            signalled = self.accelerator.reduce(flag, reduction="sum").item() > 0
-        if not signalled:
+        signum = self.stops.received
+        if self.accelerator.num_processes > 1:  # one collective (a device sync); one process reads its own signal
+            signum = received_on_any_process(signum, self.accelerator)  # the signal sent, in every process
+        if not signum:
             return
-        signum = int(self.stops.received or signal.SIGTERM)
         paths = self._save(tag=f"interrupted-step{self.state.global_step:08d}", with_state=True)
         raise TrainingInterrupted(
             f"interrupted by {signal.Signals(signum).name} after step {self.state.global_step}\n{self._resume_hint(paths)}", signum

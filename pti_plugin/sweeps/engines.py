@@ -23,6 +23,9 @@ from pti_plugin.sweeps.runner import PACKAGE_ROOT, run_on_gpus
 from pti_plugin.sweeps.stopping import KILL_AT, StopBoard, StopRequests, stop_signal_of, stop_sweep
 
 Job = tuple[str, list[str], Path]
+#: At the sweep's KILL_AT-th signal, the longest it waits (seconds) for its Ray tasks to kill their jobs (each reads
+#: the sweep's signals every 0.5 s) before Ray is shut down: a task's worker ended by the shutdown left its job running.
+KILL_WAIT_S = 5.0
 
 
 @dataclass
@@ -74,7 +77,7 @@ def _run_job(command: list[str], log: str, pythonpath: str, cwd: str, board) -> 
 
     import ray
 
-    from pti_plugin.sweeps.stopping import start_job, wait_passing_stops
+    from pti_plugin.sweeps.stopping import kill_job, start_job, wait_passing_stops
 
     def read_signals() -> list[int]:
         return ray.get(board.read.remote())
@@ -85,23 +88,24 @@ def _run_job(command: list[str], log: str, pythonpath: str, cwd: str, board) -> 
     env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH", "")) if p)}
     with open(log, "a", encoding="utf-8") as handle:
         process = start_job([worker_sys.executable, *command[1:]], stdout=handle, stderr=subprocess.STDOUT, env=env,
-                            cwd=cwd if os.path.isdir(cwd) else None)
+                            cwd=cwd if os.path.isdir(cwd) else None, start_new_session=True)  # a group, killed whole
         try:
             return wait_passing_stops(process, read_signals)
         finally:
             if process.poll() is None:  # this task itself was stopped (its worker ends): the job goes with it
-                process.kill()
+                kill_job(process)
                 process.wait()
 
 
 def _wait_for_tasks(ray, pending: dict, stops: StopRequests, board) -> dict[str, int | None]:
     """Exit codes by name of the Ray tasks ``pending`` (``{object ref: name}``), passing the sweep's stop signals on
-    to them through ``board``; at :data:`~pti_plugin.sweeps.stopping.KILL_AT` signals it stops waiting (the
-    tasks still running are then stopped with Ray)."""
+    to them through ``board``; at :data:`~pti_plugin.sweeps.stopping.KILL_AT` signals it stops waiting once the
+    tasks have killed their jobs (at most :data:`KILL_WAIT_S`; the tasks still running are then stopped with Ray)."""
     codes: dict[str, int | None] = {}
     while pending:
         stops.news(lambda signals, already: board.add.remote(signals))
-        if len(stops.signals) >= KILL_AT:
+        if len(stops.signals) >= KILL_AT:  # each task kills its job's process group on reading this signal: let them
+            ray.wait(list(pending), num_returns=len(pending), timeout=KILL_WAIT_S)  # (a job can outlive Ray's shutdown)
             break
         done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
         if not done:

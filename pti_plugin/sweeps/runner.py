@@ -20,7 +20,7 @@ from pathlib import Path
 from pti_plugin.config import ConfigError
 from pti_plugin.run_lock import RunLocks
 from pti_plugin.sweeps.plan import RunSpec
-from pti_plugin.sweeps.stopping import StopRequests, start_job, stop_signal_of, stop_sweep
+from pti_plugin.sweeps.stopping import StopRequests, kill_job, start_job, stop_signal_of, stop_sweep
 
 #: The folder that holds the ``pti_plugin`` package this process imported; worker processes import the same one.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -124,7 +124,7 @@ def _killed_on_error(running: dict):
     except BaseException:
         for _, process, handle in running.values():
             if process.poll() is None:
-                process.kill()
+                kill_job(process)  # with the processes it started (its own process group)
                 process.wait()
             handle.close()
         raise

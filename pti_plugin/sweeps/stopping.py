@@ -6,19 +6,21 @@ stops after it. When the jobs run in other processes (one per GPU, or Ray tasks)
 sweep's signals instead, and each one is passed on to every running job once: the first makes each trainer finish
 its step, save its interrupted state and stop, as a run started by hand does; a second makes them stop at once
 (their earlier saves kept). No job starts after the first; the sweep waits for the running ones, and a third
-signal stops waiting for them (killed). The sweep then stops with :func:`stop_sweep`'s message, exit status 128 + the
-first signal; the same command resumes it.
+signal kills them, each with the processes it started (its process group), and stops waiting. The sweep then stops
+with :func:`stop_sweep`'s message, exit status 128 + the first signal; the same command resumes it.
 
 Job processes start in their own session (``start_new_session``): a terminal's Ctrl-C goes to its foreground
 process group, and a job in that group would get it twice, from the terminal and from the sweep, and stop at once
 without its save. A job gets SIGHUP as SIGTERM (a trainer saves on SIGTERM; SIGHUP would end it on the spot), and
 a sweep started with SIGHUP ignored (``nohup``) keeps ignoring it. A Ray task cannot be signalled from the sweep:
-it runs its job under :func:`wait_passing_stops`, which reads the sweep's signals from a Ray actor
-(:class:`StopBoard`) and passes them on.
+it runs its job (in its own session too) under :func:`wait_passing_stops`, which reads the sweep's signals from a
+Ray actor (:class:`StopBoard`) and passes them on; at the third the sweep waits for its tasks to kill their jobs
+before it shuts Ray down.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -117,7 +119,8 @@ class StopRequests:
         passing_on(new, already)
         what = {1: "passing it on to the running jobs (each saves its state and stops); no job starts now; "
                    "again to stop them at once",
-                2: "passing it on again: the jobs stop at once (their earlier saves are kept); again to kill them"}
+                2: "passing it on again: the jobs stop at once (their earlier saves are kept; a job that got the "
+                   "first under a second before takes this for the same stop and saves); again to kill them"}
         for count, signum in enumerate(new, start=already + 1):
             _say(f"\n{signal.Signals(signum).name} received: {what.get(count, 'killing the jobs left')}")
 
@@ -138,13 +141,28 @@ def start_job(argv: list[str], **popen_args) -> subprocess.Popen:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+def kill_job(process: subprocess.Popen) -> None:
+    """Kill ``process`` with SIGKILL and, where it leads its own process group (a job started in its own session), the
+    whole group: the processes it started (a trainer's data loader workers) go with it, none left holding a GPU."""
+    if process.poll() is not None:
+        return
+    try:
+        if hasattr(os, "killpg") and os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+            return
+    except OSError:  # gone meanwhile
+        pass
+    process.kill()
+
+
 def pass_on(processes: list[subprocess.Popen], signals: list[int], already: int = 0) -> None:
     """Send each of ``signals`` (the sweep's, after the ``already`` passed on) to every process still running, as
-    :data:`PASSED_AS` says; the :data:`KILL_AT`-th signal and later ones kill them instead."""
+    :data:`PASSED_AS` says (to the process alone: a trainer's data loader workers end on SIGTERM); the
+    :data:`KILL_AT`-th signal and later ones kill them and their process groups instead (:func:`kill_job`)."""
     for count, signum in enumerate(signals, start=already + 1):
         for process in processes:
             if process.poll() is None:
-                process.kill() if count >= KILL_AT else process.send_signal(PASSED_AS.get(signum, signum))
+                kill_job(process) if count >= KILL_AT else process.send_signal(PASSED_AS.get(signum, signum))
 
 
 def wait_passing_stops(process: subprocess.Popen, read_signals: Callable[[], list[int]], poll_s: float = 0.5) -> int:
@@ -174,5 +192,5 @@ class StopBoard:
         return list(self.signals)
 
 
-__all__ = ["KILL_AT", "PASSED_AS", "STOP_SIGNALS", "StopBoard", "StopRequests", "pass_on", "start_job",
+__all__ = ["KILL_AT", "PASSED_AS", "STOP_SIGNALS", "StopBoard", "StopRequests", "kill_job", "pass_on", "start_job",
            "stop_signal_of", "stop_sweep", "stoppable", "wait_passing_stops"]
