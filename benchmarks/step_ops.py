@@ -2,13 +2,14 @@
 
     OMP_NUM_THREADS=1 python benchmarks/step_ops.py [--quick] [--model DIR] [--resolution 64] [--repeats 3]
         [--steps 4] [--warmup 2] [--paths inversion,full_table,lora,floor] [--sites] [--cpu_optimizer]
+        [--work DIR]
 
 The paths are ``step_time.py``'s (same model, data, presets and plain diffusers + peft code; default
 model the SD1.5 architecture with random weights at 64 px, ``--quick`` the toy world at 32 px; batch
-1). Each run (a forked process per path and round, rounds interleaved) does ``--warmup`` steps, then
-``--steps`` timed steps (no instrumentation: process CPU s/step), ``--steps`` steps under a
-``TorchDispatchMode`` that sees every aten operator call below autograd, backward included, and
-``--steps`` steps under ``sys.setprofile``. Per step:
+1, the ``_b4`` paths below 4). Each run (a forked process per path and round, rounds interleaved) does
+``--warmup`` steps, then ``--steps`` timed steps (no instrumentation: process CPU s/step), ``--steps``
+steps under a ``TorchDispatchMode`` that sees every aten operator call below autograd, backward
+included, and ``--steps`` steps under ``sys.setprofile``. Per step:
 
 - ``ops``: aten calls; ``kernels``: those that are not views, allocations or profiler marks
   (``detach``, ``view``, ``t``, ``empty``, ``item``...: no kernel on a GPU): the launch proxy the ratios
@@ -34,6 +35,12 @@ median (min-max) over rounds, then the aten calls the trainer's LoRA step runs b
 its inversion step beyond the full table's, by op name (``--sites``: also the kernels, reads and moves
 of each by the innermost ``pti_plugin``/benchmark function that called them). The last line reads
 ``lora_ops_vs_floor=<f> inversion_ops_vs_full_table=<f>`` (ratios of ``kernels``).
+
+``--paths`` also takes ``step_time``'s batch-4 paths (not run by default): ``lora_b4`` and the LoRA stage
+with the ``pivot_locality`` plugin, ``locality_b4``, ``locality_cached_b4``, ``locality_every4_b4`` (the
+last's counted steps differ, one in four regularised). With ``lora_b4`` and ``locality_cached_b4`` both
+counted, a line gives the ``py_calls`` per step of each and their difference (the host work a regularised
+step adds), and the last line ends with ``locality_cached_ops_vs_lora_b4=<f>`` (ratio of ``kernels``).
 """
 
 from __future__ import annotations
@@ -53,8 +60,10 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-PATHS = ("inversion", "full_table", "lora", "floor")
-RATIOS = {"lora_ops_vs_floor": ("lora", "floor"), "inversion_ops_vs_full_table": ("inversion", "full_table")}
+PATHS = ("inversion", "full_table", "lora", "floor")  # the default --paths
+BATCH4_PATHS = ("lora_b4", *step_time.LOCALITY)  # step_time's batch-4 paths: only when --paths names them
+RATIOS = {"lora_ops_vs_floor": ("lora", "floor"), "inversion_ops_vs_full_table": ("inversion", "full_table"),
+          "locality_cached_ops_vs_lora_b4": ("locality_cached_b4", "lora_b4")}
 NO_KERNEL = {"_local_scalar_dense", "_record_function_enter_new", "_record_function_exit", "_unsafe_view", "empty",
              "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "_reshape_alias", "set_", "resize_"}
 FOREACH_TENSORS_PER_LAUNCH = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}  # CUDA multi_tensor_apply, by list depth
@@ -289,11 +298,12 @@ def spread(values: list[float]) -> str:
 def report(results: dict[str, list[dict]], sites: bool) -> dict[str, float]:
     """Print the tables; return the ratios whose two paths ran."""
     typical = {p: typical_step(runs) for p, runs in results.items()}
-    print(f"\n{'path':12s} {'ops':>6s} {'kernels':>7s} {'gpu_kern':>8s} {'reads':>5s} {'moves':>5s} {'py_calls':>8s}  "
+    width = max(12, *map(len, results))
+    print(f"\n{'path':{width}s} {'ops':>6s} {'kernels':>7s} {'gpu_kern':>8s} {'reads':>5s} {'moves':>5s} {'py_calls':>8s}  "
           f"{'CPU s/step (timed steps)':>26s}")
     for path, runs in results.items():
         step, varies = typical[path]
-        print(f"{path:12s} " + " ".join(f"{step[k]:>{w}d}" for k, w in zip(COUNTS, (6, 7, 8, 5, 5, 8)))
+        print(f"{path:{width}s} " + " ".join(f"{step[k]:>{w}d}" for k, w in zip(COUNTS, (6, 7, 8, 5, 5, 8)))
               + f"  {spread([r['cpu'] for r in runs]):>26s}" + ("  (aten counts vary between steps or rounds)" if varies else ""))
     print("\nPython calls per step by package: " + "; ".join(
         f"{p} " + ", ".join(f"{k} {v}" for k, v in sorted(s[0]["py_by_package"].items(), key=lambda x: -x[1]))
@@ -301,6 +311,10 @@ def report(results: dict[str, list[dict]], sites: bool) -> dict[str, float]:
     for name, (path, against) in RATIOS.items():
         if path in typical and against in typical:
             extra_ops(path, typical[path][0], against, typical[against][0], sites)
+    if {"lora_b4", "locality_cached_b4"} <= set(typical):
+        plain, regularised = (typical[p][0]["py_calls"] for p in ("lora_b4", "locality_cached_b4"))
+        print(f"\npy_calls per step: lora_b4 {plain}, locality_cached_b4 {regularised} "
+              f"({regularised - plain:+d} per regularised step)")
     return {name: typical[p][0]["kernels"] / typical[a][0]["kernels"]
             for name, (p, a) in RATIOS.items() if p in typical and a in typical}
 
@@ -343,14 +357,15 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (every path once per round)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps, then as many counted steps, per run")
     parser.add_argument("--warmup", type=int, default=2, help="steps before timing")
-    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help="comma-separated subset of " + ",".join(PATHS + BATCH4_PATHS) + " (batch 4: the _b4 paths)")
     parser.add_argument("--sites", action="store_true", help="also attribute the kernels, reads and moves to call sites")
     parser.add_argument("--cpu_optimizer", action="store_true", help="the optimizers' CPU default (per-parameter loop)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the built model and runs (default: temporary)")
     args = parser.parse_args(argv)
     args.paths = [p for p in args.paths.split(",") if p]
-    if unknown := [p for p in args.paths if p not in PATHS]:
-        parser.error(f"--paths: unknown {unknown}; choose among {', '.join(PATHS)}")
+    if unknown := [p for p in args.paths if p not in PATHS + BATCH4_PATHS]:
+        parser.error(f"--paths: unknown {unknown}; choose among {', '.join(PATHS + BATCH4_PATHS)}")
     if args.steps < 1 or args.warmup < 1 or args.repeats < 1:
         parser.error("--steps, --warmup and --repeats: at least 1")
     args.optimizer, args.device = "AdamW", "cpu"
@@ -371,13 +386,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         work = (args.work or Path(tmp)).resolve()
         spec = step_time.prepare(args, work) | {"clock": OpClock, "steps": 3 * args.steps, "sites": args.sites,
                                                  "cpu_optimizer": args.cpu_optimizer, "batch": 1}
+        batches = " (_b4 paths: 4)" if set(args.paths) & set(BATCH4_PATHS) else ""
         print(f"model {spec['model']}, {spec['resolution']} px, AdamW ({'CPU loop' if args.cpu_optimizer else 'foreach'}), "
-              f"fp32, 1 thread, LoRA rank {step_time.LORA_DIM}, batch 1; {args.repeats} interleaved rounds of "
+              f"fp32, 1 thread, LoRA rank {step_time.LORA_DIM}, batch 1{batches}; {args.repeats} interleaved rounds of "
               f"{args.warmup} warm-up + {args.steps} timed + {args.steps} op-counted + {args.steps} call-counted steps", flush=True)
         runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))  # each invocation's own output folders
 
         def run_one(path: str, round_index: int) -> dict:
-            result = step_time.run_forked(path, spec | {"out": str(runs / f"{path}-{round_index}")})
+            batch = 4 if path in BATCH4_PATHS else 1
+            result = step_time.run_forked(path, spec | {"out": str(runs / f"{path}-{round_index}"), "batch": batch})
             print(f"  round {round_index} {path:12s} {result['cpu']:.4f} s CPU/step, "
                   f"{result['counted'][0]['kernels']} kernels/step", flush=True)
             return result

@@ -98,3 +98,13 @@ def test_clock_counts_only_its_counted_steps():
     result = clock.result()
     assert [s["kernels"] for s in result["counted"]] == [3, 3]
     assert [s["py_calls"] for s in result["counted"]] == [6, 7]
+
+
+def test_paths_take_the_batch4_paths_and_refuse_unknown_ones(capsys):
+    """The default paths stay the four batch-1 ones; ``--paths`` also takes step_time's batch-4 paths and refuses a
+    name it does not know."""
+    assert step_ops.parse_args([]).paths == list(step_ops.PATHS)
+    assert step_ops.parse_args(["--paths", "lora_b4,locality_cached_b4"]).paths == ["lora_b4", "locality_cached_b4"]
+    with pytest.raises(SystemExit):
+        step_ops.parse_args(["--paths", "lora_b4,locality_b5"])
+    assert "locality_b5" in capsys.readouterr().err
