@@ -5,12 +5,12 @@ from setuptools import find_packages, setup
 
 
 def _builtin_plugin_entry_points() -> list[str]:
-    """The built-in plugins' entry points, declared once in pti_plugin/plugins/__init__.py (read, not imported)."""
-    tree = ast.parse(Path(__file__).with_name("pti_plugin").joinpath("plugins", "__init__.py").read_text(encoding="utf-8"))
+    """The built-in plugins' entry points, declared once in pti_plugin/hooks.py (read, not imported)."""
+    tree = ast.parse(Path(__file__).with_name("pti_plugin").joinpath("hooks.py").read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "BUILTIN_ENTRY_POINTS":
             return list(ast.literal_eval(node.value))
-    raise RuntimeError("BUILTIN_ENTRY_POINTS not found in pti_plugin/plugins/__init__.py")
+    raise RuntimeError("BUILTIN_ENTRY_POINTS not found in pti_plugin/hooks.py")
 
 
 setup(

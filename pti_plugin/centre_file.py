@@ -108,7 +108,7 @@ def load_centre_file(path: str | os.PathLike, expected_dim: int | None = None) -
     """
     from safetensors import safe_open
 
-    from .formats.safe_load import check_safetensors
+    from .safe_load import check_safetensors
 
     path = Path(path).expanduser()
     if not path.is_file():

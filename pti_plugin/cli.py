@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data.captions import CaptionError
     from .formats.embedding import EmbeddingFormatError
     from .formats.kohya_lora import LoraFormatError
-    from .formats.safe_load import BadSafetensorsError, UnreadableFileError, UnsafeFileError
+    from .safe_load import BadSafetensorsError, UnreadableFileError, UnsafeFileError
     from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
     user_errors = (ConfigError, CaptionError, EmbeddingFormatError, LoraFormatError, BadSafetensorsError,

@@ -7,7 +7,7 @@ state's documented calls (:meth:`TrainerState.unet`, :meth:`TrainerState.encode`
 they change only their own loss terms, logs and saved metadata, and never own the loop (Lightning
 callbacks, HF ``TrainerCallback`` are the models). Plugins are named in the preset
 (``[plugins.NAME]``) and found through the ``pti_plugin.plugins`` entry-point group; the built-in
-ones are declared in that group too (``pti_plugin/plugins/__init__.py``, read by ``setup.py``), or
+ones are declared in that group too (:data:`BUILTIN_ENTRY_POINTS`, read by ``setup.py``), or
 given to :func:`register_plugin`.
 
 Hook order: ``on_setup`` once; per stage ``plan_stage`` (the schedule only, see :class:`Schedule`),
@@ -36,6 +36,15 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 ENTRY_POINT_GROUP = "pti_plugin.plugins"
+#: The built-in plugins (``pti_plugin/plugins/``), registered exactly as third-party plugins are: as entry points of
+#: :data:`ENTRY_POINT_GROUP`. This list is the one place they are declared; ``setup.py`` installs it (read, not
+#: imported) and :func:`discover_plugins` reads it too (so a stale editable install still finds them). Named here,
+#: with the discovery, so that the contract imports nothing from the plugins that import it.
+BUILTIN_ENTRY_POINTS = (
+    "staged_schedule = pti_plugin.plugins.staged_schedule:StagedSchedule",
+    "pivot_norm = pti_plugin.plugins.pivot_norm:PivotNorm",
+    "pivot_locality = pti_plugin.plugins.pivot_locality:PivotLocality",
+)
 
 
 @dataclass(frozen=True)
@@ -287,8 +296,6 @@ def register_plugin(cls: type[Plugin]) -> type[Plugin]:
 
 def builtin_entry_points() -> list[EntryPoint]:
     """The built-in plugins as entry points of :data:`ENTRY_POINT_GROUP` (the list ``setup.py`` installs)."""
-    from .plugins import BUILTIN_ENTRY_POINTS
-
     return [EntryPoint(name.strip(), value.strip(), ENTRY_POINT_GROUP)
             for name, value in (line.split("=", 1) for line in BUILTIN_ENTRY_POINTS)]
 

@@ -390,7 +390,7 @@ def _wrap(key: str, action):
 def check_model_framing(path: Path) -> None:
     """A single-file model's framing (safetensors header and extents, or the start of a PyTorch
     file), cheap checks before the whole file is read once the run starts."""
-    from .formats.safe_load import check_pytorch_framing, check_safetensors
+    from .safe_load import check_pytorch_framing, check_safetensors
 
     (check_safetensors if path.suffix == ".safetensors" else check_pytorch_framing)(path)
 
@@ -399,7 +399,7 @@ def check_resume_folder(folder: Path, token_string: str) -> None:
     """The state folder is complete, its ``progress.json`` parses, its pivot was trained for ``token_string``
     (when it records it) and its pickles pass the safe loader (tensor shapes are compared with the run's once
     the model is built)."""
-    from .formats.safe_load import check_safetensors, safe_torch_load
+    from .safe_load import check_safetensors, safe_torch_load
     from .resume import check_resume_token, read_progress
 
     check_resume_token(read_progress(folder), token_string)

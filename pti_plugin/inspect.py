@@ -21,10 +21,10 @@ import torch
 from .atomic_io import non_finite_keys
 from .formats.embedding import EmbeddingFormatError, bundled_embedding_parts, load_embeddings
 from .formats.file_family import FILE_FAMILIES, file_family, file_formats, foreign_file_hint, text_encoder_names
-from .formats.kohya_lora import BUNDLE_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, load_lora, unexpected_keys
-from .models.family import EmbeddingLayout, KeyTable
+from .formats.kohya_lora import BUNDLE_PREFIX, load_lora, unexpected_keys
+from .models.family import TEXT_ENCODER_PREFIX, UNET_PREFIX, EmbeddingLayout, KeyTable
+from .safe_load import BadSafetensorsError, UnsafeFileError, safe_torch_load
 from .script_args import argument_parser
-from .formats.safe_load import BadSafetensorsError, UnsafeFileError, safe_torch_load
 
 _MAX_VALUE_CHARS = 160
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import toml
 import torch
 
 from .config import ConfigError
@@ -57,6 +58,24 @@ def state_folders(output_dir: Path) -> list[Path]:
     pattern = re.compile(rf"^[^.].*-state{STEP_TAG}$")
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := pattern.match(p.name))]
     return [p for _, p in sorted(found, key=lambda sp: (sp[0], sp[1].name))]
+
+
+def run_finished(run_dir: Path, output_name: str, token: str) -> bool:
+    """A run is finished when both its final files exist: the trainer writes the LoRA, then the embedding,
+    so a run stopped between the two has the LoRA alone and is not finished."""
+    return (run_dir / f"{output_name}.safetensors").is_file() and (run_dir / f"{token}.safetensors").is_file()
+
+
+def run_dir_finished(run_dir: Path, output_name: str) -> bool:
+    """:func:`run_finished` for a run folder known by its output name alone (the scorers): the token is read
+    from the run's resolved config ``<output_name>.config.toml``; without a readable one, the LoRA alone decides."""
+    try:
+        token = toml.loads((run_dir / f"{output_name}.config.toml").read_text(encoding="utf-8")).get("token_string")
+    except (OSError, UnicodeDecodeError, toml.TomlDecodeError):
+        token = None
+    if isinstance(token, str) and token:
+        return run_finished(run_dir, output_name, token)
+    return (run_dir / f"{output_name}.safetensors").is_file()
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 ``<state>/trainable.safetensors`` holds the pivot and LoRA weights by name, ``optimizer.pt`` and
 ``lr_scheduler.pt`` the optimizer and scheduler state of the current stage (loaded through the
-project's allow-listed unpickler, ``formats/safe_load.py``), ``progress.json`` the stage index and
+project's allow-listed unpickler, ``safe_load.py``), ``progress.json`` the stage index and
 step counters, what the optimizer state belongs to: the stage's kind, its ``optimizer_type`` and
 its parameter groups (names and tensor counts), and the ``token_string`` the pivot was trained for
 (state folders written before these were recorded lack them). Loading refuses, naming the culprit, a
@@ -12,6 +12,7 @@ parameter groups, token).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -130,8 +131,14 @@ def _latest_state_hint(folder: Path) -> str:
     return f"; it is a run's folder holding {len(states)} state folder(s): to continue, --resume {latest} (the latest saved)"
 
 
+#: Each state folder's ``progress.json`` as last read, under the file's identity then: the config checks (its token,
+#: as the config loads) and the trainer (its stage, as the run sets up) share one reading of an unchanged file.
+_READ: dict[Path, tuple[tuple[int, ...], SavedProgress]] = {}
+
+
 def read_progress(folder: Path) -> SavedProgress:
-    """Check that ``folder`` is a complete state folder and return its ``progress.json``.
+    """Check that ``folder`` is a complete state folder and return its ``progress.json``, read once while the file
+    is unchanged (a rewritten one is read again).
 
     Raises ``ConfigError`` naming the folder and what is missing or broken."""
 
@@ -142,6 +149,18 @@ def read_progress(folder: Path) -> SavedProgress:
         raise ConfigError(f"key 'resume': {folder} is not a pti-plugin state folder: missing {', '.join(missing)}"
                           + _latest_state_hint(folder))
     path = folder / "progress.json"
+    stat = path.stat()
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    known = _READ.get(path.absolute())
+    if known is not None and known[0] == identity:
+        return dataclasses.replace(known[1], folder=folder)  # named in messages as this caller gave it
+    progress = _parse_progress(folder, path)
+    _READ[path.absolute()] = (identity, progress)
+    return progress
+
+
+def _parse_progress(folder: Path, path: Path) -> SavedProgress:
+    """``path``, ``folder``'s ``progress.json``, parsed and checked."""
     try:
         progress = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -173,7 +192,9 @@ def check_resume_token(progress: SavedProgress, token_string: str) -> None:
 
 def check_resume_fits(folder: Path, stages) -> SavedProgress:
     """Before anything loads: refuse a state whose stage is not in ``stages`` (the run's resolved stages)
-    or was saved by a stage of another kind or optimizer type; return its :class:`SavedProgress`."""
+    or was saved by a stage of another kind or optimizer type, or, when that stage's length is set in steps, past its
+    end (:func:`check_resume_within_stage`; an epoch-based stage's is checked once the data is scanned); return its
+    :class:`SavedProgress`."""
     from .optimizers import optimizer_key
 
     progress = read_progress(folder)
@@ -190,7 +211,8 @@ def check_resume_fits(folder: Path, stages) -> SavedProgress:
         raise ConfigError(f"key 'resume': state {folder} holds the optimizer state of {saved} (stage {index}, "
                           f"{stage.name!r}); this run's stage {index} uses optimizer_type {stage.optimizer_type}; resume "
                           f"with optimizer_type {saved} (e.g. --set stages.{index}.optimizer_type={saved})")
-    check_resume_within_stage(progress, stages)
+    if stage.max_train_epochs is None:  # set in steps: its length is known before the data scan
+        check_resume_within_stage(progress, stages)
     return progress
 
 
@@ -232,9 +254,9 @@ def check_optimizer_groups(progress: SavedProgress, saved_optimizer: dict[str, A
 def check_resume_within_stage(progress: SavedProgress | None, stages) -> None:
     """A resumed state (``progress``, or None) lies within its stage of the resolved ``stages``: one saved past the
     end of the stage as this run sets it (a stage shortened since) is refused. Before, the rest of that stage was
-    skipped silently and the run went on as the saved one had. An epoch-based stage's length is known once the
-    data is scanned (its ``steps`` is None until then): :func:`check_resume_fits` checks the others before
-    anything loads, the trainer this one again after the scan."""
+    skipped silently and the run went on as the saved one had. Called once per resume, once the stage's length is
+    known: a stage set in steps by :func:`check_resume_fits`, before anything loads; an epoch-based one (its ``steps``
+    is None until the data is scanned) by :func:`check_resume_within_epochs`, after the scan, before the model loads."""
     if progress is None:
         return
     stage = stages[progress.stage_index]
@@ -249,6 +271,13 @@ def check_resume_within_stage(progress: SavedProgress | None, stages) -> None:
         )
 
 
+def check_resume_within_epochs(progress: SavedProgress | None, stages) -> None:
+    """After the data scan (``stages`` in steps): :func:`check_resume_within_stage` for a state of an epoch-based
+    stage, whose length is known only now (one set in steps was checked by :func:`check_resume_fits`)."""
+    if progress is not None and stages[progress.stage_index].max_train_epochs is not None:
+        check_resume_within_stage(progress, stages)
+
+
 def load_state(progress: SavedProgress, tensors: dict[str, torch.nn.Parameter]) -> ResumedState:
     """Copy the saved trainable weights of ``progress.folder`` (read and checked by :func:`check_resume_fits`)
     into ``tensors`` (by name) and return the rest of the state.
@@ -257,7 +286,7 @@ def load_state(progress: SavedProgress, tensors: dict[str, torch.nn.Parameter]) 
     allow-listed unpickler); a state whose tensor names or shapes differ from this run's (another
     ``num_vectors_per_token``, ``network_dim``, LoRA targets) is refused naming the first difference.
     """
-    from .formats.safe_load import load_safetensors, safe_torch_load
+    from .safe_load import load_safetensors, safe_torch_load
 
     folder = progress.folder
     try:

@@ -49,7 +49,7 @@ from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process, optimizer_state_is_finite
 from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
-from .resume import check_resume_fits, check_resume_within_stage, load_state, save_state
+from .resume import check_resume_fits, check_resume_within_epochs, load_state, save_state
 from .run_lock import RunLocks, clean_leftover_temporaries
 from .sampling import sample_during_training
 from .stop_signals import StopSignals, TrainingInterrupted, received_on_any_process
@@ -116,7 +116,7 @@ class Trainer:
         self.global_batch = config.train_batch_size * self.accelerator.num_processes * config.gradient_accumulation_steps
         steps_per_epoch = SampleOrder([self.items[i].bucket for i in self.entries], self.global_batch, config.seed, 0).batches_per_epoch
         self.config = config = with_epoch_steps(config, steps_per_epoch)  # the last resolution step, before any model loads
-        check_resume_within_stage(self._resume_progress, config.stages)
+        check_resume_within_epochs(self._resume_progress, config.stages)
 
         base = load_base_model(
             config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
@@ -234,6 +234,7 @@ class Trainer:
     def _load_starting_weights(self, model) -> None:
         """``weights``: the pivot's initial vectors from an embedding file; ``network_weights``: the LoRA's."""
         from .formats.embedding import load_embedding
+        from .formats.kohya_lora import kohya_to_peft, load_lora
 
         config = self.config
         if config.weights:
@@ -243,7 +244,8 @@ class Trainer:
                                   f"num_vectors_per_token is {config.num_vectors_per_token}")
             self.pivot.reset_init(vectors)
         if config.network_weights:
-            model.load_network_weights(config.network_weights, text_encoder_lora=self.train_te_lora)
+            states, alphas = kohya_to_peft(load_lora(config.network_weights)[0], model.components(), model.family.key_table)
+            model.load_network_weights(config.network_weights, states, alphas, text_encoder_lora=self.train_te_lora)
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,26 @@ def test_a_trained_state_resumed_under_another_token_is_refused_before_training(
     message = next(line for line in seen.splitlines() if "key 'resume'" in line)
     assert "'tok1'" in message and "'tok2'" in message and "--token_string tok1" in message, message
     assert not (second / "tok2.safetensors").exists() and not (second / "pti.log.jsonl").exists()
+
+
+def test_a_state_past_its_epoch_based_stage_is_refused_before_the_model_loads(killed_run, tiny_model, tmp_path, capsys):
+    """An epoch-based stage's length is known once the data is scanned (8 samples at batch 8: 1 step an epoch), and a
+    state past it (step 3) is refused then, before the model loads: with a base model whose UNet weights are cut
+    short, the user reads the resume's refusal and the epochs that fit, not the model's error."""
+    raw, out = killed_run
+    model = tmp_path / "cut_model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    stage = {"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "max_train_epochs": 1}
+    run = raw | {"pretrained_model_name_or_path": str(model), "output_dir": str(tmp_path / "elsewhere"),
+                 "train_batch_size": 8, "stages": [stage]}
+    code, seen = _cli(run, tmp_path, capsys)  # the cut model is refused as it loads
+    assert code == 2 and "diffusion_pytorch_model.safetensors" in seen and "key 'resume'" not in seen, seen
+    code, seen = _cli(run | {"resume": str(out / "pti-state-step00000003")}, tmp_path, capsys)
+    assert code == 2, seen
+    assert "key 'resume'" in seen and "step 3 of stage 0" in seen and "--set stages.0.max_train_epochs=3" in seen, seen
+    assert "diffusion_pytorch_model" not in seen and "Traceback" not in seen, seen
 
 
 def test_overwrite_lets_a_resume_and_a_new_run_replace_state_folders(killed_run, tmp_path, capsys):

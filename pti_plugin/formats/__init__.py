@@ -1,5 +1,7 @@
-"""Output and input file formats: kohya LoRA (SD1.5, SDXL), textual-inversion embeddings, safe loading."""
+"""Output and input file formats: kohya LoRA (SD1.5, SDXL), textual-inversion embeddings; the safe loader
+(:mod:`pti_plugin.safe_load`) re-exported."""
 
+from ..safe_load import BadSafetensorsError, UnsafeFileError, check_safetensors, safe_torch_load
 from .embedding import (
     EmbeddingFormatError,
     bundle_embedding_keys,
@@ -19,7 +21,6 @@ from .kohya_lora import (
     to_kohya,
     unexpected_keys,
 )
-from .safe_load import BadSafetensorsError, UnsafeFileError, check_safetensors, safe_torch_load
 
 __all__ = [
     "BadSafetensorsError",

@@ -21,13 +21,11 @@ from typing import Any
 import torch
 
 from ..atomic_io import save_safetensors_atomic
-from ..models.family import EmbeddingLayout, embedding_layout
+from ..models.family import EMBEDDING_KEYS, EmbeddingLayout, embedding_layout
+from ..safe_load import check_safetensors, safe_torch_load
 from .kohya_lora import BUNDLE_PREFIX
-from .safe_load import check_safetensors, safe_torch_load
 
-STANDALONE_KEY = "emb_params"
-#: The top-level tensor names of an embedding file: ours (SD1.5), AUTOMATIC1111's, SDXL's pair.
-EMBEDDING_KEYS = frozenset({STANDALONE_KEY, "string_to_param.*", "clip_l", "clip_g"})
+STANDALONE_KEY = "emb_params"  # SD1.5's layout; EMBEDDING_KEYS (models.family) holds every embedding file's names
 
 
 class EmbeddingFormatError(ValueError):
@@ -208,3 +206,9 @@ def load_embeddings(
     if len({t.shape[0] for t in vectors}) != 1:
         raise EmbeddingFormatError(f"{path}: {', '.join(keys)} hold different numbers of vectors {[t.shape[0] for t in vectors]}")
     return vectors
+
+
+__all__ = [  # EMBEDDING_KEYS: a fact of the families' layouts (models.family), re-exported
+    "EMBEDDING_KEYS", "EmbeddingFormatError", "STANDALONE_KEY", "bundle_embedding_keys", "bundled_embedding_parts",
+    "bundled_embeddings", "load_embedding", "load_embeddings", "save_embedding",
+]

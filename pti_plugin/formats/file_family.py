@@ -12,8 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..models.family import EmbeddingLayout, KeyTable, embedding_layout, key_table
-from .embedding import EMBEDDING_KEYS
+from ..models.family import EMBEDDING_KEYS, EmbeddingLayout, KeyTable, embedding_layout, key_table
 from .kohya_lora import BUNDLE_PREFIX, unexpected_keys
 
 #: File families the readers know, with the name they print.

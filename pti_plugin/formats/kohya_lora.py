@@ -23,11 +23,8 @@ from pathlib import Path
 import torch
 
 from ..atomic_io import save_safetensors_atomic
-from ..models.family import KeyTable, key_table
+from ..models.family import TEXT_ENCODER_PREFIX, UNET_PREFIX, KeyTable, key_table
 
-#: kohya's module-name prefixes: ``lora_unet_``, and ``lora_te_`` (one text encoder) or ``lora_te1_``/``lora_te2_``.
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te"
 BUNDLE_PREFIX = "bundle_emb."
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 #: kohya's ``ss_base_model_version`` by model family (AUTOMATIC1111 and Forge read it to tell SD1.x from SDXL LoRAs).
@@ -266,7 +263,7 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     """
     from safetensors import safe_open
 
-    from .safe_load import check_safetensors
+    from ..safe_load import check_safetensors
 
     check_safetensors(path)
     tensors = {}
@@ -275,3 +272,11 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
         for key in handle.keys():
             tensors[key] = handle.get_tensor(key)
     return tensors, metadata
+
+
+__all__ = [  # the prefixes: the key tables' (models.family), re-exported
+    "BASE_MODEL_VERSIONS", "BUNDLE_PREFIX", "LORA_SUFFIXES", "TEXT_ENCODER_PREFIX", "UNET_PREFIX",
+    "LoraFormatError", "from_kohya", "kohya_metadata", "kohya_to_peft", "load_lora", "peft_to_kohya",
+    "safetensors_payload_sha256", "save_lora", "sd15_kohya_lora_names", "split_kohya_key", "to_kohya",
+    "unexpected_keys",
+]

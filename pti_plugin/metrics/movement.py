@@ -60,7 +60,7 @@ def output_space_angles(run, prompt: str = "{T}") -> dict[str, float]:
 
 def lora_delta_norm(path: str | Path) -> dict[str, float]:
     """``{"lora_delta_norm", "lora_delta_norm_unet", "lora_delta_norm_te"}`` of a kohya LoRA file."""
-    from ..formats.safe_load import load_safetensors
+    from ..safe_load import load_safetensors
 
     tensors = load_safetensors(path)
     squares = {"unet": 0.0, "te": 0.0}

@@ -74,6 +74,12 @@ class Conditioning:
         )
 
 
+#: kohya's module-name prefixes, from which each family's key table builds its kohya names: ``lora_unet_``, and
+#: ``lora_te_`` (one text encoder) or ``lora_te1_``/``lora_te2_``.
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te"
+
+
 @dataclass(frozen=True)
 class LoraKey:
     """One module a kohya LoRA of this family may adapt.
@@ -178,6 +184,10 @@ class EmbeddingLayout:
 
     standalone_keys: tuple[str, ...]
     bundle_keys: tuple[str, ...]
+
+
+#: The top-level tensor names of an embedding file: ours (SD1.5's layout), AUTOMATIC1111's, SDXL's pair.
+EMBEDDING_KEYS = frozenset({"emb_params", "string_to_param.*", "clip_l", "clip_g"})
 
 
 @dataclass
@@ -293,7 +303,7 @@ def detect_family(path: Path) -> tuple[str, str]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        from ..formats.safe_load import check_safetensors
+        from ..safe_load import check_safetensors
 
         check_safetensors(path)
         with safe_open(str(path), framework="pt") as handle:

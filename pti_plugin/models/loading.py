@@ -74,7 +74,7 @@ class BaseModel:
 def resolve_model_path(value: str) -> Path:
     """The local folder or file a ``pretrained_model_name_or_path`` value designates."""
     if value == EMBEDDED:
-        from ..embedded_default import default_model_dir
+        from .tiny import default_model_dir
 
         return default_model_dir()
     return Path(value).expanduser()

@@ -22,8 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..config import ConfigError
-from ..formats.embedding import EMBEDDING_KEYS
-from .family import detect_family, read_json
+from .family import EMBEDDING_KEYS, detect_family, read_json
 
 #: The preset key that names the base model.
 MODEL_KEY = "pretrained_model_name_or_path"

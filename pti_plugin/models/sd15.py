@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..formats.kohya_lora import TEXT_ENCODER_PREFIX, UNET_PREFIX
-from .family import Conditioning, EmbeddingLayout, KeyTable, LoadedComponents, LoraKey, register_family
+from .family import (TEXT_ENCODER_PREFIX, UNET_PREFIX, Conditioning, EmbeddingLayout, KeyTable, LoadedComponents, LoraKey,
+                     register_family)
 from .model_checks import FAMILY_FOLDERS, load_folder
 
 _TEXT_ENCODER_PREFIX = TEXT_ENCODER_PREFIX + "_"  # one text encoder: lora_te_

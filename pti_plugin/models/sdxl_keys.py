@@ -33,8 +33,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 
-from ..formats.kohya_lora import TEXT_ENCODER_PREFIX, UNET_PREFIX
-from .family import EmbeddingLayout, KeyTable, LoraKey, installed_text_encoder_has_prefix
+from .family import TEXT_ENCODER_PREFIX, UNET_PREFIX, EmbeddingLayout, KeyTable, LoraKey, installed_text_encoder_has_prefix
 from .sd15 import _TEXT_LAYER_LEAVES, _TRANSFORMER_BLOCK_LEAVES
 
 SDXL_EMBEDDING_LAYOUT = EmbeddingLayout(standalone_keys=("clip_l", "clip_g"), bundle_keys=("clip_l", "clip_g"))

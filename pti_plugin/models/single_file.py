@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..formats.safe_load import check_safetensors, safe_torch_load
+from ..safe_load import check_safetensors, safe_torch_load
 from .model_checks import file_kind
 
 logger = logging.getLogger(__name__)

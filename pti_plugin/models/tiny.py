@@ -4,6 +4,9 @@ Used by the tests (as a fixture) and as the embedded default until trained toy-w
 shipped. It keeps SD1.5's block structure (three cross-attention down blocks and a plain one,
 two layers per block, 16 transformer blocks) at small widths, so every code path of the real
 model (LoRA targets, kohya key names, LayerNorm-ended text encoder) is exercised.
+
+:func:`default_model_dir` is the model ``@embedded`` names: the shipped toy-world weights, else this model built
+once into the cache folder (:mod:`pti_plugin.cache_folder`).
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ from pathlib import Path
 
 import torch
 
+from ..cache_folder import build_once
 from .word_vocab import BOS, EOS, write_tokenizer_files
 
 #: Text width of the tiny model (SD1.5: 768).
 TINY_TEXT_DIM = 32
+#: The trained toy-world model shipped in the package (a diffusers folder), the embedded default when present.
+SHIPPED_WEIGHTS = Path(__file__).parent.parent / "toy_world" / "weights"
+_TINY_MODEL_NAME = "tiny-sd15-random-v1"
 
 
 def tiny_vae(**extra):
@@ -94,3 +101,10 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, words: tuple[str, ...] = (
     )
     pipe.save_pretrained(out)
     return out
+
+
+def default_model_dir() -> Path:
+    """The shipped toy-world model, else the cached tiny random model (built on first use)."""
+    if (SHIPPED_WEIGHTS / "model_index.json").is_file():
+        return SHIPPED_WEIGHTS
+    return build_once(_TINY_MODEL_NAME, lambda out: build_tiny_sd(out, seed=0))

@@ -160,16 +160,15 @@ class TrainableModel:
         """peft-format LoRA weights by component (components without a LoRA left out)."""
         return {name: lora_state_dict(m) for name, m in self.components().items() if lora_parameters(m)}
 
-    def load_network_weights(self, path: str, text_encoder_lora: bool) -> None:
-        """Start the LoRA from the kohya LoRA file ``path`` (``network_weights``); a file of other ranks, alphas or
-        modules, or with text-encoder weights when no stage trains a text-encoder LoRA, is refused naming the key."""
+    def load_network_weights(self, path: str, states: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float],
+                             text_encoder_lora: bool) -> None:
+        """Start the LoRA from the kohya LoRA file ``path`` (``network_weights``), read by the formats into peft
+        ``states`` by component and ``alphas`` (``formats.kohya_lora.kohya_to_peft``); a file of other ranks, alphas
+        or modules, or with text-encoder weights when no stage trains a text-encoder LoRA, is refused naming the key."""
         from ..config import ConfigError
-        from ..formats.kohya_lora import kohya_to_peft, load_lora
         from .lora import load_lora_state_dict
 
-        tensors, _ = load_lora(path)
         components = self.components()
-        states, alphas = kohya_to_peft(tensors, components, self.family.key_table)
         expected = {(c, k): v.shape for c, sd in self.lora_state_dicts().items() for k, v in sd.items()}
         found = {(c, k): v.shape for c, sd in states.items() for k, v in sd.items()}
         wrong = [k for (c, k), shape in found.items() if expected.get((c, k)) != shape]

@@ -1,12 +1,10 @@
 """Built-in plugins, one per module (with the helper modules they use beside them).
 
 They are registered exactly as third-party plugins are: as entry points of the
-``pti_plugin.plugins`` group. This list is the one place they are declared; ``setup.py`` installs it
-and ``hooks.discover_plugins`` reads it too (so a stale editable install still finds them).
+``pti_plugin.plugins`` group. The list is declared once, with the discovery that reads it
+(:data:`pti_plugin.hooks.BUILTIN_ENTRY_POINTS`, which ``setup.py`` installs); it is re-exported here.
 """
 
-BUILTIN_ENTRY_POINTS = (
-    "staged_schedule = pti_plugin.plugins.staged_schedule:StagedSchedule",
-    "pivot_norm = pti_plugin.plugins.pivot_norm:PivotNorm",
-    "pivot_locality = pti_plugin.plugins.pivot_locality:PivotLocality",
-)
+from ..hooks import BUILTIN_ENTRY_POINTS
+
+__all__ = ["BUILTIN_ENTRY_POINTS"]

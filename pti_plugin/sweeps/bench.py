@@ -76,23 +76,20 @@ from pti_plugin.config import ConfigError, load_preset_dict
 from pti_plugin.config_loading import apply_overrides, build_config
 from pti_plugin.metrics.knee import knee_index
 from pti_plugin.metrics.replication import same_lr
-from pti_plugin.settings_cache import read_cache
 from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correlations, light_point, plot, report_text,
                                             write_csv)
 from pti_plugin.sweeps.engines import add_engine_arguments
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
 from pti_plugin.script_args import argument_parser, check_out_folder, positive_int
-from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, run_dir_finished, seed_count
+from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, seed_count
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix
 from pti_plugin.sweeps.stopping import stoppable
+from pti_plugin.toy_world.run_scores import SCORES_FILE, SCORES_VERSION, score_settings, scores_of
 
 #: The presets shipped with the repository (the bench's default preset lives there).
 ROOT = Path(__file__).resolve().parents[2]
-SCORES_FILE = "bench_scores.json"
 PLUGIN = "pivot_locality"
-#: Bump when the scores change meaning, so that cached scores are recomputed.
-SCORES_VERSION = 2
 
 
 def parse_variants(text: str) -> list[str]:
@@ -158,35 +155,6 @@ def sweep_runs(out: Path, stage: str, lrs: str, training_seeds: int = 1) -> list
     """``(lr, training seed, run folder)`` of a sweep, in lr order then seed order (lr_sweep's naming)."""
     return [(lr, k, out / "runs" / (point_name(stage, lr, None) + seed_suffix(k)))
             for lr in parse_lrs(lrs) for k in range(training_seeds)]
-
-
-def score_settings(args):
-    from pti_plugin.toy_world.run_scores import ScoreSettings
-
-    return ScoreSettings(seeds=args.seeds, steps=args.sample_steps, guidance=args.guidance, max_images=args.max_images)
-
-
-def scores_of(run_dir: Path, output_name: str, args, cached_only: bool = False) -> dict | None:
-    """The run's scores, from its cache when the settings match; None when the run has not finished (or,
-    with ``cached_only``, has no matching cache)."""
-    from pti_plugin.toy_world.run_scores import score_run
-
-    if not run_dir_finished(run_dir, output_name):
-        return None
-    settings = {"version": SCORES_VERSION} | score_settings(args).as_dict()
-    cache = run_dir / SCORES_FILE
-    cached = None if args.rescore else read_cache(cache, settings, "scores")
-    if cached is not None:
-        print(f"scores of {run_dir.name}: cached", flush=True)
-        return cached
-    if cached_only:
-        return None
-    print(f"score {run_dir}", flush=True)
-    t0 = time.time()
-    scores = score_run(run_dir, score_settings(args), device=args.device)
-    atomic_write_text(cache, json.dumps({"settings": settings, "scores": scores, "seconds": round(time.time() - t0, 1)},
-                                        indent=2) + "\n")
-    return scores
 
 
 def scored_rows(out: Path, stage: str, variant: str, lrs: str, output_name: str, args, base_seed: int = 0) -> list[dict]:
@@ -402,3 +370,11 @@ def write_outputs(result: dict, points: list[dict], pivot_point: dict, args) -> 
 
 if __name__ == "__main__":
     cli()
+
+
+__all__ = [  # SCORES_FILE, SCORES_VERSION, score_settings, scores_of: the toy world's scorer cache, re-exported
+    "PLUGIN", "ROOT", "SCORES_FILE", "SCORES_VERSION", "choose_pivot", "class_word_of", "cli", "generate_reg_images",
+    "inversion_preset", "lora_sweeps", "lrs_arg", "main", "parse_args", "parse_variants", "point_rows", "run_sweep",
+    "score_settings", "scored_rows", "scores_of", "seed_pivots", "stage_of", "sweep_runs", "variant_preset",
+    "write_outputs", "write_preset",
+]

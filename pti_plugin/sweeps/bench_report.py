@@ -13,6 +13,7 @@ from pathlib import Path
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_with
 from pti_plugin.metrics.correlation import correlation
 from pti_plugin.sweeps.seeds import coverage_note, format_interval
+from pti_plugin.toy_world.run_scores import CORRELATIONS  # what each internal score should track
 
 VARIANTS = {
     "none": "no regulariser",
@@ -20,20 +21,6 @@ VARIANTS = {
     "class_endpoint": "pivot locality, class-word endpoint only (ai-toolkit / OneTrainer)",
     "reg_images": "kohya regularisation images of the class word",
 }
-#: (model-internal metric, ground truth, expected sign of the correlation, runs it is computed over)
-CORRELATIONS = (
-    ("attention_leakage", "gt_leakage", +1, "lora"),
-    ("attention_leakage", "gt_training_cell_fraction", +1, "lora"),
-    ("proxy_denoise_mse", "gt_reconstruction", -1, "lora"),
-    ("proxy_denoise_mse", "gt_character_match", -1, "lora"),
-    ("proxy_edit_direction_cos", "gt_editability", +1, "lora"),
-    ("proxy_denoise_mse", "gt_character_match", -1, "inversion"),
-    ("proxy_edit_direction_cos", "gt_editability", +1, "inversion"),
-    ("proxy_denoise_mse", "gt_reconstruction", -1, "all"),
-    ("proxy_denoise_mse", "gt_character_match", -1, "all"),
-    ("proxy_edit_direction_cos", "gt_editability", +1, "all"),
-)
-
 
 
 def add_excess_leakage(rows: list[dict], pivot: dict) -> None:

@@ -21,6 +21,7 @@ import toml
 from pti_plugin.atomic_io import atomic_write_text
 from pti_plugin.config import default_stages, parse_value
 from pti_plugin.config_loading import build_config
+from pti_plugin.outputs import run_finished
 from pti_plugin.script_args import int_at_least, number_list, positive_finite
 from pti_plugin.sweeps.seeds import seed_suffix
 
@@ -48,24 +49,6 @@ class RunSpec:
     @property
     def finished(self) -> bool:
         return run_finished(self.run_dir, self.output_name, self.token)
-
-
-def run_finished(run_dir: Path, output_name: str, token: str) -> bool:
-    """A run is finished when both its final files exist: the trainer writes the LoRA, then the embedding,
-    so a run stopped between the two has the LoRA alone and is not finished."""
-    return (run_dir / f"{output_name}.safetensors").is_file() and (run_dir / f"{token}.safetensors").is_file()
-
-
-def run_dir_finished(run_dir: Path, output_name: str) -> bool:
-    """:func:`run_finished` for a run folder known by its output name alone (the scorers): the token is read
-    from the run's resolved config ``<output_name>.config.toml``; without a readable one, the LoRA alone decides."""
-    try:
-        token = toml.loads((run_dir / f"{output_name}.config.toml").read_text(encoding="utf-8")).get("token_string")
-    except (OSError, UnicodeDecodeError, toml.TomlDecodeError):
-        token = None
-    if isinstance(token, str) and token:
-        return run_finished(run_dir, output_name, token)
-    return (run_dir / f"{output_name}.safetensors").is_file()
 
 
 def parse_lrs(text: str) -> list[float]:

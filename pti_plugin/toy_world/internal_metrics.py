@@ -36,9 +36,10 @@ import numpy as np
 from ..atomic_io import atomic_write_text
 from ..metrics.attention_capture import cross_attention_sides
 from ..metrics.correlation import correlation_interval, within_group_spearman
+from ..outputs import run_dir_finished
 from ..settings_cache import read_cache
-from ..sweeps.bench_report import CORRELATIONS
 from . import WEIGHTS_DIR
+from .run_scores import CORRELATIONS, scores_of
 
 #: Spearman's rho the attention leakage should reach against the ground truth (0.68 on toy world v1).
 TARGET = 0.8
@@ -83,7 +84,7 @@ RELIABILITY = "the scorer's ground truth against the independent one (the ceilin
 
 def pairs() -> list[tuple[str, str, int]]:
     """``(internal metric, ground truth, expected sign)``: every leakage version against each leakage truth,
-    then the research bench's LoRA-run proxies (``sweeps.bench_report.CORRELATIONS``)."""
+    then the research bench's LoRA-run proxies (:data:`~.run_scores.CORRELATIONS`)."""
     reliability = [(truth, INDEPENDENT, +1) for truth in LEAKAGE_TRUTHS[:2]]
     leakage = reliability + [(version, truth, +1) for version in LEAKAGE_VERSIONS for truth in LEAKAGE_TRUTHS]
     proxies = [(internal, truth, sign) for internal, truth, sign, over in CORRELATIONS
@@ -92,10 +93,8 @@ def pairs() -> list[tuple[str, str, int]]:
 
 
 def find_runs(folders: list[Path], output_name: str) -> list[Path]:
-    """The finished runs (:func:`~pti_plugin.sweeps.plan.run_dir_finished`: the LoRA and the embedding) directly
+    """The finished runs (:func:`~pti_plugin.outputs.run_dir_finished`: the LoRA and the embedding) directly
     under ``folders``, sorted."""
-    from ..sweeps.plan import run_dir_finished
-
     return sorted(d for folder in folders for d in Path(folder).iterdir() if d.is_dir() and run_dir_finished(d, output_name))
 
 
@@ -172,11 +171,9 @@ def score_runs(runs: list[Path], output_name: str, scoring: argparse.Namespace, 
                log: Callable[[str], None] = print, cached_only: bool = False,
                band: tuple[int, int] | None = None, layers: bool = False) -> list[dict]:
     """Scores of the runs of ``shard`` ``(k, n)`` (every n-th run from the k-th), each cached beside its run
-    (:func:`pti_plugin.sweeps.bench.scores_of`; ``scoring``: its seeds, sample_steps, guidance, max_images,
+    (:func:`~.run_scores.scores_of`; ``scoring``: its seeds, sample_steps, guidance, max_images,
     device, rescore). ``cached_only``: the runs already scored with these settings, nothing computed.
     ``band``: :func:`band_scores` too, for runs whose standard scores are there; ``layers``: :func:`layer_scores` too."""
-    from ..sweeps.bench import scores_of
-
     k, n = shard
     rows = []
     for i, run in enumerate(runs):

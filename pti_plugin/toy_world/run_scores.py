@@ -36,12 +36,15 @@ and ``lora_delta_norm`` (:func:`~pti_plugin.metrics.evaluate.run_movement`). Eve
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic_io import atomic_write_text
 from ..metrics.editability import proxy_edit_direction
 from ..metrics.evaluate import finite_or_none, run_movement
 from ..metrics.leakage import measure_position_leakage
@@ -50,6 +53,8 @@ from ..metrics.probes import make_probes
 from ..metrics.prompts import POSITION_EDIT_PROMPTS
 from ..metrics.reconstruction import proxy_denoise_mse
 from ..metrics.run_model import load_run
+from ..outputs import run_dir_finished
+from ..settings_cache import read_cache
 from .detectors import appearance_error, detect, detect_character, has_detail, position_entropy
 from .recipe_config import GUIDANCE, SAMPLE_STEPS
 from .world import CHARACTER_CELLS, IMAGE_SIZE, parse_caption
@@ -58,6 +63,25 @@ from .world import CHARACTER_CELLS, IMAGE_SIZE, parse_caption
 NEUTRAL_PROMPTS = ("{T}", "{} on a white background")
 #: Prompts that ask for another background than the character's data shows (white, gray).
 BACKGROUND_EDITS = ("{T} on a black background", "{} on a black background")
+#: The cache of a run's scores beside it (:func:`scores_of`).
+SCORES_FILE = "bench_scores.json"
+#: Bump when the scores change meaning, so that cached scores are recomputed.
+SCORES_VERSION = 2
+#: (model-internal metric, ground truth, expected sign of the correlation, runs it is computed over): what each
+#: internal score should track (the research bench's correlations, ``sweeps.bench_report``; the internal metrics'
+#: LoRA-run proxies, ``internal_metrics``).
+CORRELATIONS = (
+    ("attention_leakage", "gt_leakage", +1, "lora"),
+    ("attention_leakage", "gt_training_cell_fraction", +1, "lora"),
+    ("proxy_denoise_mse", "gt_reconstruction", -1, "lora"),
+    ("proxy_denoise_mse", "gt_character_match", -1, "lora"),
+    ("proxy_edit_direction_cos", "gt_editability", +1, "lora"),
+    ("proxy_denoise_mse", "gt_character_match", -1, "inversion"),
+    ("proxy_edit_direction_cos", "gt_editability", +1, "inversion"),
+    ("proxy_denoise_mse", "gt_reconstruction", -1, "all"),
+    ("proxy_denoise_mse", "gt_character_match", -1, "all"),
+    ("proxy_edit_direction_cos", "gt_editability", +1, "all"),
+)
 
 
 @dataclass(frozen=True)
@@ -146,3 +170,30 @@ def score_run(run_dir: str | Path, settings: ScoreSettings = ScoreSettings(), de
     out["gt_leakage"] = out.get("groundtruth_neutral_leakage_score")
     out["attention_leakage"] = out.get("heatmap_neutral_leakage_score")
     return {k: finite_or_none(v) for k, v in out.items()}
+
+
+def score_settings(args) -> ScoreSettings:
+    """The :class:`ScoreSettings` of a scorer's arguments (``seeds``, ``sample_steps``, ``guidance``, ``max_images``)."""
+    return ScoreSettings(seeds=args.seeds, steps=args.sample_steps, guidance=args.guidance, max_images=args.max_images)
+
+
+def scores_of(run_dir: Path, output_name: str, args, cached_only: bool = False) -> dict | None:
+    """The run's scores (:func:`score_run`), from its cache :data:`SCORES_FILE` beside it when the settings match; None
+    when the run has not finished (or, with ``cached_only``, has no matching cache). ``args``: the scorer's arguments
+    (:func:`score_settings`'s, ``rescore``, ``device``)."""
+    if not run_dir_finished(run_dir, output_name):
+        return None
+    settings = {"version": SCORES_VERSION} | score_settings(args).as_dict()
+    cache = run_dir / SCORES_FILE
+    cached = None if args.rescore else read_cache(cache, settings, "scores")
+    if cached is not None:
+        print(f"scores of {run_dir.name}: cached", flush=True)
+        return cached
+    if cached_only:
+        return None
+    print(f"score {run_dir}", flush=True)
+    t0 = time.time()
+    scores = score_run(run_dir, score_settings(args), device=args.device)
+    atomic_write_text(cache, json.dumps({"settings": settings, "scores": scores, "seconds": round(time.time() - t0, 1)},
+                                        indent=2) + "\n")
+    return scores
