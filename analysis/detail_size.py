@@ -12,12 +12,12 @@ this prints, per condition and learning rate, the share of neutral images with a
 with a *true-size* one (``has_true_size_detail``: at most ``DETAIL_MAX_WHITE_PIXELS`` near-white
 pixels; the rendered dot covers 4-7), the median near-white area of the details found, and the
 training-cell fraction, means over training seeds with a 95% bootstrap interval over
-them; then H3's secondary-axis table (:mod:`pti_plugin.toy_world.h3_detail_axis`) over the same cells.
+them; then H3's secondary-axis table (:mod:`pti_plugin.protocol.h3_detail_axis`) over the same cells.
 A ``detail_size.json`` already in ``--results`` that holds cells this run cannot read (their images
 stayed in the working folder that measured them) is not replaced unless ``--replace`` is given.
 ``--out`` may be given several times (an exploratory folder beside the protocol's: its ``h1`` the same
 pivots); a cell in two folders is counted once. Where the cells hold a confirmatory test's condition on
-its stated seeds (``CONFIRMATORY`` and ``CEILING_TEST`` in :mod:`pti_plugin.toy_world.h3_detail_axis`,
+its stated seeds (``CONFIRMATORY`` and ``CEILING_TEST`` in :mod:`pti_plugin.protocol.h3_detail_axis`,
 stated in ``docs/method.md``), its verdict follows the table. ``--results`` also writes ``detail_size.md``,
 ``.json`` and the secondary axis's plot (``h3_detail_axis.png``) there. Last line ``cells=<n>``.
 """
@@ -82,7 +82,7 @@ def _is_row(row) -> bool:
 
 def cell_figures(cell: dict) -> dict:
     """Shares of a cell's neutral images with a detail, with a true-size one, and in a training cell, from
-    its :func:`~pti_plugin.toy_world.h3_lines.image_readings`."""
+    its :func:`~pti_plugin.protocol.h3_lines.image_readings`."""
     sizes = [p for p in cell["detail_pixels"] if p is not None]  # near-white pixels of each detail found
     n, in_cell = len(cell["detail_pixels"]), [v for v in cell["in_training_cell"] if v is not None]
     return {"detail": len(sizes) / n, "true_size_detail": sum(cell["true_size_detail"]) / n,
@@ -114,10 +114,10 @@ def summarise(cells: list[dict], draws: int) -> list[dict]:
 def measured_cells(folders: list[Path]) -> tuple[dict | None, list[dict]]:
     """The first folder's null and every folder's H3 cells as the report reads them (each image read once;
     each seed's pivot as lr 0), the first folder's where two hold one."""
-    from pti_plugin.toy_world.cell_archive import h3_cell_id
-    from pti_plugin.toy_world.h1_inversion import H1Settings, load_cells
-    from pti_plugin.toy_world.h3_variants import H3Settings
-    from pti_plugin.toy_world.protocol_sections import measured_h3_cells
+    from pti_plugin.protocol.cell_archive import h3_cell_id
+    from pti_plugin.protocol.h1_inversion import H1Settings, load_cells
+    from pti_plugin.protocol.h3_variants import H3Settings
+    from pti_plugin.protocol.protocol_sections import measured_h3_cells
 
     pivot_lr, cells, null = H3Settings().pivot_lr, {}, None
     for folder in folders:
@@ -156,9 +156,9 @@ def table(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from pti_plugin.toy_world.h3_detail_axis import (CEILING_RULE, CONFIRMATORY_RULE, ceiling_verdict,
-                                                     confirmatory_verdict, detail_axis_lines, detail_axis_plot,
-                                                     detail_axis_summary)
+    from pti_plugin.protocol.h3_detail_axis import (CEILING_RULE, CONFIRMATORY_RULE, ceiling_verdict,
+                                                    confirmatory_verdict, detail_axis_lines, detail_axis_plot,
+                                                    detail_axis_summary)
 
     null, cells = measured_cells(args.out)
     rows = summarise(cells, args.draws)

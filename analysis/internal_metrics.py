@@ -21,7 +21,7 @@ against the independent truth.
 the first runs folder, when there). An ``internal_metrics.json`` already in ``--out`` keeps its rows of runs
 that are no longer under the folders (a lost working folder loses no score; ``--replace`` drops them).
 Writes ``internal_metrics.json`` and ``internal_metrics.md`` into ``--out`` (see
-:mod:`pti_plugin.toy_world.internal_metrics`); the last line reads
+:mod:`pti_plugin.protocol.internal_metrics`); the last line reads
 ``attention_leakage_spearman=<f> lo=<f> hi=<f> runs=<n>`` (against ``gt_leakage``).
 """
 
@@ -96,16 +96,16 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     from pti_plugin.atomic_io import atomic_write_text
-    from pti_plugin.toy_world.internal_metrics import (add_independent_truth, check_committed_seeds, compact_rows,
-                                                       find_runs, layer_rows, layer_test_small_sample, layer_test_verdict,
-                                                       score_runs, summarise, summary_lines, with_committed_rows)
+    from pti_plugin.protocol.internal_metrics import (add_independent_truth, check_committed_seeds, compact_rows,
+                                                      find_runs, layer_rows, layer_test_small_sample, layer_test_verdict,
+                                                      score_runs, summarise, summary_lines, with_committed_rows)
 
     args = parse_args(argv)
     runs = find_runs(args.folders, args.output_name)
     if not runs:
         print(f"no finished run ({args.output_name}.safetensors) under {', '.join(map(str, args.folders))}")
         return 1
-    from pti_plugin.toy_world.h3_variants import POSITION_BAND
+    from pti_plugin.protocol.h3_variants import POSITION_BAND
 
     band = None if args.no_band else (args.band or tuple(POSITION_BAND))
     committed = args.out / "internal_metrics.json"

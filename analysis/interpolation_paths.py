@@ -5,7 +5,7 @@ Walks from one prompt's whole UNet conditioning (77 positions, each on its own p
 three geometries, ``layernorm`` (slerp of the normalised pre-LayerNorm states), ``centered`` (slerp
 about the mean conditioning) and ``linear``, at evenly spaced fractions from 0 to 1; generates the
 same seeds at every (geometry, fraction) (DDIM 25 steps, guidance 3) and reads each image with the
-toy world's detectors (:mod:`pti_plugin.toy_world.interpolation_paths`). Pairs: colour
+toy world's detectors (:mod:`pti_plugin.protocol.interpolation_paths`). Pairs: colour
 (``a red circle`` -> ``a blue circle``), shape (-> ``a red square``), position (``... at the top left``
 -> ``... at the bottom right``) and class word (``a character`` -> ``a circle``)::
 
@@ -40,9 +40,9 @@ from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text  # noqa: E4
 from pti_plugin.script_args import argument_parser, int_at_least, out_folder_problem  # noqa: E402
 from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
 from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
+from pti_plugin.protocol.interpolation_paths import (DEFAULT_PAIRS, GEOMETRIES, PathSettings,  # noqa: E402
+                                                     measure_paths)
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
-from pti_plugin.toy_world.interpolation_paths import (DEFAULT_PAIRS, GEOMETRIES, PathSettings,  # noqa: E402
-                                                      measure_paths)
 
 COLOURS = {"layernorm": "tab:blue", "centered": "tab:orange", "linear": "tab:green"}
 DEFAULT_OUT = Path("outputs/interpolation_paths")
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, PathS
 
 def _check_vocabulary(parser: argparse.ArgumentParser, model: Path) -> None:
     """Every word of the pairs' prompts must be one known token of the model's tokenizer."""
-    from pti_plugin.toy_world.premise import check_init_word
+    from pti_plugin.protocol.premise import check_init_word
 
     words = sorted({w for pair in DEFAULT_PAIRS for prompt in (pair.start, pair.end) for w in prompt.split()})
     for word in words:

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """LoRA learning curves on the toy world (hypothesis H2: appearance is learned before position).
 
-Scores every saved checkpoint of each run (:func:`pti_plugin.toy_world.curve_scores.score_checkpoints`,
+Scores every saved checkpoint of each run (:func:`pti_plugin.protocol.curve_scores.score_checkpoints`,
 cached in each run's folder) and summarises the runs as training seeds of one condition
-(:func:`~pti_plugin.toy_world.curve_scores.h2_summary`)::
+(:func:`~pti_plugin.protocol.curve_scores.h2_summary`)::
 
     OMP_NUM_THREADS=1 python analysis/learning_curves.py RUN_DIR [RUN_DIR ...] [--seeds 64] [--steps 25]
         [--guidance 3] [--dense_until 0] [--score_every 1] [--score_every_until N:M ...] [--out DIR]
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"run {run} given twice{also}: each run counts as one training seed")
         seen[key] = run
     check_out_folder(parser, args.out)
-    from pti_plugin.toy_world.curve_scores import lora_checkpoints
+    from pti_plugin.protocol.curve_scores import lora_checkpoints
 
     for run in args.runs:  # every run checked before any is scored
         try:
@@ -128,7 +128,7 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pti_plugin.toy_world.curve_scores import h2_summary, score_checkpoints, scored_steps
+    from pti_plugin.protocol.curve_scores import h2_summary, score_checkpoints, scored_steps
 
     args = parse_args(argv)
     seeds = list(range(args.seeds))

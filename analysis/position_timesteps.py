@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python analysis/position_timesteps.py [--model DIR] [--seeds 32] [--switch_every 2] [--out DIR] [--quick]
 
 Each image starts with a prompt asking for one cell and switches, after k of the 25 sampler steps,
-to the same prompt asking for the opposite corner (:mod:`pti_plugin.toy_world.position_timesteps`).
+to the same prompt asking for the opposite corner (:mod:`pti_plugin.protocol.position_timesteps`).
 The share of images that keep the first cell, against the timestep of the switch, shows the band
 where position is decided; the band's share of the uniform training timesteps is what pivot
 locality's rows (which reuse the step's timesteps) spend there. Writes ``position_timesteps.json``
@@ -61,9 +61,9 @@ def main(argv=None) -> None:
 
     from pti_plugin.atomic_io import atomic_write_text
     from pti_plugin.embedded_default import default_model_dir
-    from pti_plugin.toy_world.position_timesteps import (SwitchSettings, band_coverage, decision_band,
-                                                         measure_switches, share_curve)
-    from pti_plugin.toy_world.premise import load_base
+    from pti_plugin.protocol.position_timesteps import (SwitchSettings, band_coverage, decision_band,
+                                                        measure_switches, share_curve)
+    from pti_plugin.protocol.premise import load_base
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model = args.model or Path(default_model_dir())

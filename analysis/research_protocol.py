@@ -6,18 +6,18 @@
     OMP_NUM_THREADS=1 python analysis/research_protocol.py h3 [--out outputs/protocol] [--seeds 42,1,2] [--wait 3600]
     python analysis/research_protocol.py report [--out outputs/protocol] [--results analysis/results/research_protocol]
 
-``h1``: the inversion grid of :mod:`pti_plugin.toy_world.h1_inversion` (training seeds ``--seeds``;
+``h1``: the inversion grid of :mod:`pti_plugin.protocol.h1_inversion` (training seeds ``--seeds``;
 ``--no_vectors`` leaves the 2- and 4-vector cells for later), into ``OUT/h1``.
-``h2``: the LoRA runs of :mod:`pti_plugin.toy_world.h2_runs` from each seed's H1 pivot at
+``h2``: the LoRA runs of :mod:`pti_plugin.protocol.h2_runs` from each seed's H1 pivot at
 ``--pivot_lr`` (waiting up to ``--wait`` seconds for a pivot another process trains), into ``OUT/h2``;
 ``--save_every`` / ``--dense_until``: how often every rate's runs save, and up to which step their curves score
-every save (default: :meth:`~pti_plugin.toy_world.h2_runs.H2Settings.schedule`, finer for 3e-3).
-``h3``: the LoRA variants of :mod:`pti_plugin.toy_world.h3_variants` (none, pivot locality at half
+every save (default: :meth:`~pti_plugin.protocol.h2_runs.H2Settings.schedule`, finer for 3e-3).
+``h3``: the LoRA variants of :mod:`pti_plugin.protocol.h3_variants` (none, pivot locality at half
 the angle / uniform over half of it / the class endpoint, kohya reg images; each on a weight grid)
 from each seed's H1 pivot at ``--pivot_lr``, into ``OUT/h3``.
 ``all``: h1, h2, the learning curves of each H2 rate, h3 and the report, in that order (with
 ``--quick``: the whole protocol reduced, for the tests).
-``report``: the statistics and the report (:mod:`pti_plugin.toy_world.protocol_report`) of what
+``report``: the statistics and the report (:mod:`pti_plugin.protocol.protocol_report`) of what
 is measured so far, into ``--results``: H1 from the cells' parts, H2 from ``OUT/h2/curves-lr<lr>/
 learning_curves.json`` (``analysis/learning_curves.py`` on each learning rate's runs).
 Two processes with disjoint ``--seeds`` share the work on two cores; seeds outside a part's default
@@ -93,7 +93,7 @@ def seed_list(text: str) -> tuple[int, ...]:
 
 def h3_settings(args):
     """H3's grid from the flags (``--lrs``, ``--variants``, ``--weights VARIANT=W1,W2``)."""
-    from pti_plugin.toy_world.h3_variants import VARIANTS, H3Settings
+    from pti_plugin.protocol.h3_variants import VARIANTS, H3Settings
 
     h3 = H3Settings.quick() if args.quick else dataclasses.replace(H3Settings(), pivot_lr=args.pivot_lr)
     if args.lrs:
@@ -117,7 +117,7 @@ def h3_settings(args):
 
 def h2_settings(args):
     """H2's grid and save schedule from the flags (``--seeds``, ``--lrs``, ``--save_every``, ``--dense_until``)."""
-    from pti_plugin.toy_world.h2_runs import H2Settings
+    from pti_plugin.protocol.h2_runs import H2Settings
 
     h2 = H2Settings.quick() if args.quick else H2Settings()
     if args.seeds:
@@ -136,7 +136,7 @@ def run_all(args, argv: list[str]) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import learning_curves
 
-    from pti_plugin.toy_world.h2_runs import h2_runs_saved_as
+    from pti_plugin.protocol.h2_runs import h2_runs_saved_as
 
     h2 = h2_settings(args)
     rest = [a for a in argv if a != "all"]
@@ -161,8 +161,8 @@ def main(argv=None) -> None:
     import torch
 
     from pti_plugin.embedded_default import default_model_dir
-    from pti_plugin.toy_world.h1_inversion import H1Settings, pivot_file, run_h1
-    from pti_plugin.toy_world.h2_runs import train_h2_runs
+    from pti_plugin.protocol.h1_inversion import H1Settings, pivot_file, run_h1
+    from pti_plugin.protocol.h2_runs import train_h2_runs
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model = args.model or Path(default_model_dir())
@@ -171,13 +171,13 @@ def main(argv=None) -> None:
     pivot_lr = h1.inversion_lrs[0] if args.quick else args.pivot_lr  # the H1 cells H2 and H3 start from
     seeds = seed_list(args.seeds) if args.seeds else None
     if args.part == "report":
-        from pti_plugin.toy_world.protocol_sections import write_protocol_report
+        from pti_plugin.protocol.protocol_sections import write_protocol_report
 
         page = write_protocol_report(args.out, args.results, h1, args.draws, pivot_lr)
         print(f"wrote {page}")
         return
     if args.part == "h1":
-        from pti_plugin.toy_world.cell_archive import H1_ARCHIVE
+        from pti_plugin.protocol.cell_archive import H1_ARCHIVE
 
         if args.lrs:
             h1 = dataclasses.replace(h1, inversion_lrs=float_list(args.lrs, "--lrs"))
@@ -189,8 +189,8 @@ def main(argv=None) -> None:
         print(f"h1: {len(cells)} cells in {args.out / 'h1'}")
         return
     if args.part == "h3":
-        from pti_plugin.toy_world.cell_archive import H3_ARCHIVE
-        from pti_plugin.toy_world.h3_variants import run_h3
+        from pti_plugin.protocol.cell_archive import H3_ARCHIVE
+        from pti_plugin.protocol.h3_variants import run_h3
 
         h3 = h3_settings(args)
         try:

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pti_plugin.script_args import argument_parser, out_folder_problem, positive_int  # noqa: E402
-from pti_plugin.toy_world.internal_metrics import INDEPENDENT, LEAKAGE_TRUTHS, LEAKAGE_VERSIONS  # noqa: E402
+from pti_plugin.protocol.internal_metrics import INDEPENDENT, LEAKAGE_TRUTHS, LEAKAGE_VERSIONS  # noqa: E402
 
 SAME_GENERATIONS = LEAKAGE_TRUTHS[0]  # gt_leakage
 #: The scorer's two ground truths against the independent one (the ceiling any metric could reach).

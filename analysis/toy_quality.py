@@ -15,7 +15,7 @@ scenes and seeds with each object stated by its name, the line before. Also writ
 ``<out>/toy_quality.json`` and a sample grid ``<out>/toy_quality.png``.
 
 ``--premise`` runs the toy world's premise checks instead
-(:mod:`pti_plugin.toy_world.premise`; resumable, results beside ``--out``).
+(:mod:`pti_plugin.protocol.premise`; resumable, results beside ``--out``).
 
 Usage: ``python analysis/toy_quality.py [--model DIR] [--prompts N] [--two_tone_prompts N] [--out DIR]``
        ``python analysis/toy_quality.py --premise [--model DIR] [--out DIR] [--quick]``
@@ -41,9 +41,9 @@ from PIL import Image  # noqa: E402
 from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
 from pti_plugin.script_args import (argument_parser, check_out_folder, finite_float_at_least,  # noqa: E402
                                     number_list, positive_finite, positive_int)
+from pti_plugin.protocol.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
-from pti_plugin.toy_world.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 from pti_plugin.toy_world.train_recipe import generate, image_grid  # noqa: E402
 from pti_plugin.toy_world.world import LOOK_NAMES, quality_prompts, two_tone_prompts  # noqa: E402

@@ -235,8 +235,8 @@ def test_sweep_workers_import_this_package(tmp_path):
 def _h3_record(**readings) -> dict:
     """An H3 part's record over 4 neutral images and 4 drift images: every key a measured cell has, the
     character in every neutral image, no drift, with ``readings`` replacing those lists."""
-    from pti_plugin.toy_world.h1_inversion import NEUTRAL_KEYS
-    from pti_plugin.toy_world.h3_variants import DRIFT_KEYS
+    from pti_plugin.protocol.h1_inversion import NEUTRAL_KEYS
+    from pti_plugin.protocol.h3_variants import DRIFT_KEYS
 
     return {key: [0] * 4 for key in DRIFT_KEYS} | {key: [1] * 4 for key in NEUTRAL_KEYS} | readings
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pti_plugin.toy_world.h3_detail_axis import (CEILING_TEST, ceiling_verdict, confirmatory_verdict, detail_axis_lines,
-                                                 detail_axis_summary)
+from pti_plugin.protocol.h3_detail_axis import (CEILING_TEST, ceiling_verdict, confirmatory_verdict, detail_axis_lines,
+                                                detail_axis_summary)
 
 N = 100  # images per cell: every share below is a whole number of them
 

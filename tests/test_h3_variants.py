@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pti_plugin.toy_world.h3_summary import LOST_THE_LOOK, OUTSIDE_NULL, highest_safe_lr, summarise_h3
-from pti_plugin.toy_world.h3_variants import DRIFT_KEYS, H3Settings, cell_name, drift_records
+from pti_plugin.protocol.h3_summary import LOST_THE_LOOK, OUTSIDE_NULL, highest_safe_lr, summarise_h3
+from pti_plugin.protocol.h3_variants import DRIFT_KEYS, H3Settings, cell_name, drift_records
 from pti_plugin.toy_world.world import CELL_CENTRES, Scene, render_character, render_scene
 
 N = 100  # images per cell: every fraction below is a multiple of 1/N, so the means are exact
@@ -132,8 +132,8 @@ def quick_h3(tmp_path_factory):
     import toml
 
     from pti_plugin.embedded_default import default_model_dir
-    from pti_plugin.toy_world.h1_inversion import H1Settings, run_h1
-    from pti_plugin.toy_world.h3_variants import run_h3
+    from pti_plugin.protocol.h1_inversion import H1Settings, run_h1
+    from pti_plugin.protocol.h3_variants import run_h3
 
     out = tmp_path_factory.mktemp("h3")
     base = toml.load(Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml")
@@ -147,8 +147,8 @@ def quick_h3(tmp_path_factory):
 
 
 def test_quick_h3_measures_every_cell(quick_h3):
-    from pti_plugin.toy_world.h1_inversion import load_cells
-    from pti_plugin.toy_world.h3_variants import load_h3_cells
+    from pti_plugin.protocol.h1_inversion import load_cells
+    from pti_plugin.protocol.h3_variants import load_h3_cells
 
     out, settings, cells = quick_h3
     assert len(cells) == len(settings.cells()) == 4
@@ -183,7 +183,7 @@ def test_quick_h3_presets_hold_each_variants_regulariser(quick_h3):
 
 
 def test_measured_cells_are_found_whatever_grid_ran_them(quick_h3):
-    from pti_plugin.toy_world.h3_variants import load_h3_cells
+    from pti_plugin.protocol.h3_variants import load_h3_cells
 
     out, settings, _ = quick_h3
     by_grid = load_h3_cells(out, settings)
@@ -195,9 +195,9 @@ def test_measured_cells_are_found_whatever_grid_ran_them(quick_h3):
 
 
 def test_pivot_joins_every_condition_as_lr_zero_with_no_drift(quick_h3):
-    from pti_plugin.toy_world.h1_inversion import cell_name as h1_cell_name
-    from pti_plugin.toy_world.h3_variants import load_h3_cells
-    from pti_plugin.toy_world.protocol_sections import with_pivot_cells
+    from pti_plugin.protocol.h1_inversion import cell_name as h1_cell_name
+    from pti_plugin.protocol.h3_variants import load_h3_cells
+    from pti_plugin.protocol.protocol_sections import with_pivot_cells
 
     out, settings, _ = quick_h3
     cells = load_h3_cells(out, settings)
@@ -212,7 +212,7 @@ def test_pivot_joins_every_condition_as_lr_zero_with_no_drift(quick_h3):
 def test_band_variant_is_half_angle_with_its_rows_in_the_position_band(tmp_path):
     import toml
 
-    from pti_plugin.toy_world.h3_variants import POSITION_BAND, H3Settings, cell_preset
+    from pti_plugin.protocol.h3_variants import POSITION_BAND, H3Settings, cell_preset
 
     base = toml.load(Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml")
     pivot = tmp_path / "tok1.safetensors"
@@ -225,7 +225,7 @@ def test_band_variant_is_half_angle_with_its_rows_in_the_position_band(tmp_path)
 
 
 def test_drift_splits_the_class_prompt_from_the_unrelated_ones():
-    from pti_plugin.toy_world.h3_variants import DRIFT_PROMPTS, drift_split
+    from pti_plugin.protocol.h3_variants import DRIFT_PROMPTS, drift_split
     from pti_plugin.toy_world.world import render_character
 
     assert DRIFT_PROMPTS[2] == "a character"  # seeds 2, 6, ... use the class prompt
@@ -252,7 +252,7 @@ def test_a_rate_is_inside_the_null_when_its_excess_interval_reaches_zero():
 
 
 def test_detected_cells_name_the_cell_of_each_object():
-    from pti_plugin.toy_world.h3_lines import cell_counts, detected_cells
+    from pti_plugin.protocol.h3_lines import cell_counts, detected_cells
 
     scenes = [render_scene(Scene("circle", "blue", "white", r, c, CELL_CENTRES[c], CELL_CENTRES[r], 11.0))
               for r, c in ((0, 0), (1, 2), (2, 1), (2, 1))]
@@ -284,14 +284,14 @@ def test_position_entropy_drops_when_the_layout_collapses_onto_a_cell_no_trainin
 
 
 def test_the_pivot_alone_is_drawn_left_of_every_measured_rate():
-    from pti_plugin.toy_world.h3_lines import pivot_lr_position
+    from pti_plugin.protocol.h3_lines import pivot_lr_position
 
     conditions = [{"rows": [{"lr": 0.0}, {"lr": 1e-5}, {"lr": 1e-3}]}, {"rows": [{"lr": 0.0}, {"lr": 3e-4}]}]
     assert 0 < pivot_lr_position(conditions) < 1e-5
 
 
 def test_condition_table_has_a_row_per_condition_and_marks_the_chosen_weight():
-    from pti_plugin.toy_world.h3_lines import condition_table
+    from pti_plugin.protocol.h3_lines import condition_table
 
     summary = summarise_h3(_null(), _synthetic_grid(), draws=200)
     rows = [line for line in condition_table(summary)[2:]]
@@ -310,7 +310,7 @@ def test_condition_table_has_a_row_per_condition_and_marks_the_chosen_weight():
 def test_condition_table_shows_the_drift_at_the_highest_safe_rate_not_at_the_read_rate():
     """The column beside the highest safe rate (3e-3) shows that rate's drift (0.46), not the drift at the
     table's fixed rate (0.41), and the rate that stopped the search is named with its reason."""
-    from pti_plugin.toy_world.h3_lines import condition_table
+    from pti_plugin.protocol.h3_lines import condition_table
 
     def interval(x):
         return {"estimate": x, "lo": x - 0.05, "hi": x + 0.05}
@@ -334,7 +334,7 @@ def test_condition_table_shows_the_drift_at_the_highest_safe_rate_not_at_the_rea
 def test_each_condition_of_the_h3_plot_has_its_own_look():
     """Eleven conditions (more than matplotlib's ten-colour cycle): colour says the variant, marker and
     line the weight, and no two conditions are drawn alike."""
-    from pti_plugin.toy_world.h3_lines import condition_styles
+    from pti_plugin.protocol.h3_lines import condition_styles
 
     grid = [("none", None)] + [(v, w) for v in ("half_angle", "half_angle_band", "uniform_half", "class_endpoint")
                                for w in (10.0, 100.0)] + [("half_angle", 1.0), ("reg_images", 1.0)]

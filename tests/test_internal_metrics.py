@@ -38,7 +38,7 @@ def _fake_runs(folder: Path, script) -> None:
     """Finished runs whose cached scores (the settings the script asks for) make the answer known: the
     heatmap leakage ranks runs as the ground truth does, the centroid one in reverse."""
     from pti_plugin.sweeps.bench import SCORES_FILE, SCORES_VERSION, score_settings
-    from pti_plugin.toy_world.internal_metrics import BAND_FILE
+    from pti_plugin.protocol.internal_metrics import BAND_FILE
 
     folder.mkdir()
     args = script.parse_args([str(folder)])
@@ -79,7 +79,7 @@ def test_cached_scores_give_each_metric_its_rank_correlation(tmp_path, capsys):
     assert reliability["spearman"] == pytest.approx(1.0) and reliability["n"] == 8 and "ceiling" in reliability["version"]
     assert by[("heatmap_all_leakage_score", "gt_leakage")]["n"] == 0  # not in these scores: listed, not dropped
     assert set(summary["rows"][0]) >= {"run", "attention_leakage", "gt_leakage"} and len(summary["rows"]) == 8
-    from pti_plugin.toy_world.internal_metrics import verdict
+    from pti_plugin.protocol.internal_metrics import verdict
     assert "Spearman 1.00 [1.00, 1.00] over 8 runs; it meets the target 0.8" in verdict(summary)
     table = (tmp_path / "out" / "internal_metrics.md").read_text()
     assert "| `attention_leakage` |" in table and "1.00 [1.00, 1.00]" in table
@@ -89,7 +89,7 @@ def test_shards_split_the_runs_and_bad_input_is_named(tmp_path, capsys):
     script = _script()
     runs = tmp_path / "runs"
     _fake_runs(runs, script)
-    from pti_plugin.toy_world.internal_metrics import find_runs, score_runs
+    from pti_plugin.protocol.internal_metrics import find_runs, score_runs
 
     found = find_runs([runs], "premise")
     args = script.parse_args([str(runs)])
@@ -104,7 +104,7 @@ def test_shards_split_the_runs_and_bad_input_is_named(tmp_path, capsys):
 
 
 def test_verdict_reads_the_target_off_the_interval():
-    from pti_plugin.toy_world.internal_metrics import verdict
+    from pti_plugin.protocol.internal_metrics import verdict
 
     def summary(lo, estimate, hi):
         return {"target": 0.8, "correlations": [{"internal": "attention_leakage", "ground_truth": "gt_leakage",
@@ -131,7 +131,7 @@ def test_cached_only_summarises_the_scored_runs_and_computes_nothing(tmp_path, c
 def test_each_half_of_the_leakage_score_is_a_version_and_the_half_that_carries_the_truth_ranks_with_it(tmp_path):
     """Runs whose leakage lies only in the attraction ratio (the diversity ratio is noise): the attraction-only
     version ranks them as the truth does, the diversity-only version does not."""
-    from pti_plugin.toy_world.internal_metrics import LEAKAGE_VERSIONS, component_scores, summarise
+    from pti_plugin.protocol.internal_metrics import LEAKAGE_VERSIONS, component_scores, summarise
 
     rng = np.random.default_rng(1)
     rows = []
@@ -151,7 +151,7 @@ def test_within_a_learning_rate_the_agreement_that_comes_from_the_rates_alone_is
     """Runs at 4 rates: the rate sets most of both the metric and the truth. A metric that follows the
     rate but not the runs inside it ranks well pooled and not at all within a rate; one that follows
     the truth inside each rate ranks well both ways."""
-    from pti_plugin.toy_world.internal_metrics import run_learning_rate, summarise
+    from pti_plugin.protocol.internal_metrics import run_learning_rate, summarise
 
     rng = np.random.default_rng(3)
     rows = []
@@ -189,7 +189,7 @@ def test_within_group_spearman_skips_groups_it_cannot_rank():
 def test_per_rate_breakdown_shows_where_the_metric_ranks_runs():
     """At lr 1e-3 the metric follows the independent truth, at 1e-4 it is noise: the breakdown says so,
     with the truth's spread beside each rate."""
-    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, summarise, summary_lines
+    from pti_plugin.protocol.internal_metrics import INDEPENDENT, summarise, summary_lines
 
     rng = np.random.default_rng(5)
     rows = []
@@ -267,7 +267,7 @@ def test_a_resolution_that_carries_the_truth_beats_all_layers_on_the_same_runs()
     follow the independent truth inside each rate and the 16x16 ones are noise. Pooled, the rate alone
     makes all layers look good; within a rate the paired comparison says which version ranks the runs; a
     version no run carries is listed with no runs; a run without layer scores is left out of the comparison."""
-    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, LAYER_TRUTHS, summarise, summary_lines
+    from pti_plugin.protocol.internal_metrics import INDEPENDENT, LAYER_TRUTHS, summarise, summary_lines
 
     rng = np.random.default_rng(8)
     rows = []
@@ -301,8 +301,8 @@ def test_a_resolution_that_carries_the_truth_beats_all_layers_on_the_same_runs()
 def test_the_report_shows_each_committed_layer_comparison(tmp_path):
     """A results folder with the main summary and two ``--layers`` summaries: the report's internal-metrics
     section carries the main table and one resolution block per layer summary, with its runs and seeds."""
-    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, summarise
-    from pti_plugin.toy_world.protocol_sections import internal_metrics_section
+    from pti_plugin.protocol.internal_metrics import INDEPENDENT, summarise
+    from pti_plugin.protocol.protocol_sections import internal_metrics_section
 
     rng = np.random.default_rng(2)
     rows = []
@@ -343,7 +343,7 @@ def test_the_report_shows_each_committed_layer_comparison(tmp_path):
 def test_the_stated_layer_test_reads_its_rule_off_the_interval(follows, reading):
     """16x16 following the independent truth, noise, or its reverse, against an all-layer leakage that is noise:
     supported, inconclusive, refuted; the reading says whether the runs are the test's training seeds."""
-    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, layer_test_verdict, summarise
+    from pti_plugin.protocol.internal_metrics import INDEPENDENT, layer_test_verdict, summarise
 
     rng = np.random.default_rng(11)
     rows = []
@@ -371,7 +371,7 @@ def test_the_stated_layer_test_reads_its_rule_off_the_interval(follows, reading)
 def test_the_layer_tests_small_sample_check_reads_students_t_over_the_seeds(per_seed, reading, interval):
     """The small-sample check takes the 16x16-minus-all-layers difference of each training seed's runs against the
     independent truth, and only those: other versions, truths, the pooled and per-rate rows are left out."""
-    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, layer_test_small_sample
+    from pti_plugin.protocol.internal_metrics import INDEPENDENT, layer_test_small_sample
 
     entry = lambda lr, d, version="attention_leakage_16x16", truth=INDEPENDENT: {  # noqa: E731
         "version": version, "ground_truth": truth, "lr": lr, "difference": d, "difference_lo": d, "difference_hi": d, "n": 17}
@@ -396,7 +396,7 @@ def test_an_out_that_is_a_file_is_refused_before_anything_is_scored(tmp_path, ca
 def test_a_stated_set_of_runs_is_known_by_its_training_seeds_and_conditions():
     """The test's seeds with its conditions, or the replication's with theirs, name that set; a seed or a
     condition outside it (even one the other set has) names none; a condition keeps its weight."""
-    from pti_plugin.toy_world.internal_metrics import run_condition, stated_layer_test
+    from pti_plugin.protocol.internal_metrics import run_condition, stated_layer_test
 
     def summary(cells):
         return {"rows": [{"run": f"h3-{c}-lr0.001-seed{s}-0123456789"} for c, s in cells]}
@@ -420,7 +420,7 @@ def test_layer_comparison_reads_each_condition_and_the_runs_above_the_lowest_rat
     """16x16 tracks the truth only in the lowest rate's runs and only in one condition, where all layers are
     noise; elsewhere both are the same numbers: above the lowest rate, and in the other condition, the
     difference is exactly 0 over exactly those runs, while it is positive in the tracking condition."""
-    from pti_plugin.toy_world.internal_metrics import INDEPENDENT, layer_comparison, run_learning_rate
+    from pti_plugin.protocol.internal_metrics import INDEPENDENT, layer_comparison, run_learning_rate
 
     rng = np.random.default_rng(4)
     rows = []
@@ -455,7 +455,7 @@ def test_layers_only_rows_carry_the_layer_sampling_and_the_independent_truth(tmp
     """``--layers_only``: each run's row is its cached layer versions, the all-layer score of the same sampling
     as its ``attention_leakage``, and the independent truth of its H3 part; a cache written before the
     all-layer score was kept is no such cache; the summary has the layer comparison and the stated test's line."""
-    from pti_plugin.toy_world.internal_metrics import ALL_LAYERS, INDEPENDENT
+    from pti_plugin.protocol.internal_metrics import ALL_LAYERS, INDEPENDENT
 
     rng = np.random.default_rng(5)
     runs, parts = tmp_path / "h3" / "runs", tmp_path / "h3" / "parts"

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from pti_plugin.metrics.curves import first_crossing, share_decreases
+from pti_plugin.protocol.interpolation_paths import (GEOMETRIES, PathPair, PathSettings, endpoints, encoder_space,
+                                                     interpolate)
 from pti_plugin.toy_world import WEIGHTS_DIR
-from pti_plugin.toy_world.interpolation_paths import (GEOMETRIES, PathPair, PathSettings, endpoints, encoder_space,
-                                                      interpolate)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "analysis" / "interpolation_paths.py"
@@ -46,7 +46,7 @@ def quick_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy_base():
-    from pti_plugin.toy_world.premise import load_base
+    from pti_plugin.protocol.premise import load_base
 
     base, _ = load_base(WEIGHTS_DIR)
     return base, encoder_space(base, PathSettings.quick())

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pti_plugin.toy_world.curve_scores import (CACHE_FILE, NoCheckpointsError, checkpoint_files, h2_summary,
-                                               lora_checkpoints, score_checkpoints, scored_steps)
+from pti_plugin.protocol.curve_scores import (CACHE_FILE, NoCheckpointsError, checkpoint_files, h2_summary,
+                                              lora_checkpoints, score_checkpoints, scored_steps)
 from pti_plugin.toy_world.run_scores import NEUTRAL_PROMPTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_scores_cover_every_checkpoint_and_are_cached_and_deterministic(scored_r
 def test_an_interrupted_scoring_keeps_the_files_it_scored(scored_run, tmp_path, monkeypatch):
     import shutil
 
-    import pti_plugin.toy_world.curve_scores as curve_scores
+    import pti_plugin.protocol.curve_scores as curve_scores
 
     source, first = scored_run
     run_dir = tmp_path / "out"

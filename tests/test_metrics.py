@@ -388,7 +388,7 @@ def test_layer_scores_measure_each_resolution_and_cache_them(trained_run):
 
     from pti_plugin.metrics.leakage import measure_position_leakage
     from pti_plugin.metrics.run_model import load_run
-    from pti_plugin.toy_world.internal_metrics import ALL_LAYERS, LAYER_VERSIONS, LAYERS_FILE, layer_scores
+    from pti_plugin.protocol.internal_metrics import ALL_LAYERS, LAYER_VERSIONS, LAYERS_FILE, layer_scores
     from pti_plugin.toy_world.run_scores import NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS
 
     scoring = argparse.Namespace(seeds=2, sample_steps=2, guidance=3.0, device="cpu", rescore=False)
@@ -408,7 +408,7 @@ def test_layer_scores_measure_each_resolution_and_cache_them(trained_run):
 def test_band_scores_measure_and_cache_the_band_version(trained_run):
     import argparse
 
-    from pti_plugin.toy_world.internal_metrics import BAND_FILE, band_scores
+    from pti_plugin.protocol.internal_metrics import BAND_FILE, band_scores
 
     scoring = argparse.Namespace(seeds=2, sample_steps=2, guidance=3.0, device="cpu", rescore=False)
     band = (400, 999)  # 2 DDIM steps: only the first (t 501) is in the band

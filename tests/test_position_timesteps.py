@@ -5,20 +5,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pti_plugin.toy_world.position_timesteps import (SwitchSettings, band_coverage, crossing_timestep, decision_band,
-                                                     sample_switched, share_curve)
+from pti_plugin.protocol.position_timesteps import (SwitchSettings, band_coverage, crossing_timestep, decision_band,
+                                                    sample_switched, share_curve)
 
 
 @pytest.fixture(scope="module")
 def toy_pipe():
     from pti_plugin.embedded_default import default_model_dir
-    from pti_plugin.toy_world.premise import load_base
+    from pti_plugin.protocol.premise import load_base
 
     return load_base(Path(default_model_dir()))
 
 
 def test_switch_at_the_ends_gives_each_prompts_own_images_bit_for_bit(toy_pipe):
-    from pti_plugin.toy_world.premise import PremiseSettings, encode_text, sample
+    from pti_plugin.protocol.premise import PremiseSettings, encode_text, sample
 
     base, pipe = toy_pipe
     settings = SwitchSettings(seeds=3, sample_steps=4)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pti_plugin.protocol import premise
 from pti_plugin.toy_world import WEIGHTS_DIR
-from pti_plugin.toy_world import premise
 from pti_plugin.toy_world.world import CELL_CENTRES, CHARACTER_CELLS, NEUTRAL_TEMPLATES, Scene, render_character, render_scene
 
 SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "toy_quality.py"

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from pti_plugin.toy_world.h1_inversion import EDIT_TEMPLATES, edit_records, neutral_records
-from pti_plugin.toy_world.h1_summary import summarise_h1
+from pti_plugin.protocol.h1_inversion import EDIT_TEMPLATES, edit_records, neutral_records
+from pti_plugin.protocol.h1_summary import summarise_h1
 from pti_plugin.toy_world.world import CELL_CENTRES, render_character, render_scene, Scene
 
 
@@ -108,7 +108,7 @@ def test_sample_seeds_are_absolute_so_null_sets_are_disjoint():
     from pathlib import Path
 
     from pti_plugin.embedded_default import default_model_dir
-    from pti_plugin.toy_world.premise import PremiseSettings, encode_text, load_base, neutral_prompts, sample
+    from pti_plugin.protocol.premise import PremiseSettings, encode_text, load_base, neutral_prompts, sample
 
     base, pipe = load_base(Path(default_model_dir()))
     settings = PremiseSettings(sample_steps=2)
@@ -152,7 +152,7 @@ def test_train_run_keeps_one_preset_file_per_run_even_with_dotted_names(tmp_path
     import toml
 
     import pti_plugin.cli
-    from pti_plugin.toy_world.premise import train_run
+    from pti_plugin.protocol.premise import train_run
 
     trained = []
 
@@ -178,7 +178,7 @@ def test_train_run_leaves_a_run_another_process_is_training(tmp_path, monkeypatc
     import pti_plugin.cli
     from pti_plugin.config import ConfigError
     from pti_plugin.run_lock import RunLock
-    from pti_plugin.toy_world.premise import train_run
+    from pti_plugin.protocol.premise import train_run
 
     monkeypatch.setattr(pti_plugin.cli, "main", lambda argv: pytest.fail("trained over a running run"))
     run_dir = tmp_path / "runs" / "h3-none-lr0.001-seed1-aaa"
@@ -191,7 +191,7 @@ def test_train_run_leaves_a_run_another_process_is_training(tmp_path, monkeypatc
 
 
 def test_h2_reading_needs_position_to_leave_the_null_band():
-    from pti_plugin.toy_world.protocol_report import h2_verdict
+    from pti_plugin.protocol.protocol_report import h2_verdict
 
     def summary(position_runs, lo, hi):
         return {"position": {"per_run": position_runs}, "steps_ratio": {"ratio": {"estimate": (lo + hi) / 2,
@@ -210,7 +210,7 @@ def test_h2_reading_needs_position_to_leave_the_null_band():
 
 
 def test_h2_row_gives_no_times_where_position_stays_inside_the_null():
-    from pti_plugin.toy_world.protocol_report import h2_lines
+    from pti_plugin.protocol.protocol_report import h2_lines
 
     def record(position_runs):
         ratio = {"t_app": [5.0, 5.0], "t_pos": [8.0, 8.0], "ratios": [1.6, 1.6], "excluded": [],
@@ -234,7 +234,7 @@ def test_h2_row_gives_no_times_where_position_stays_inside_the_null():
 
 
 def test_h2_verdict_combines_the_rates_readings():
-    from pti_plugin.toy_world.protocol_report import h2_overall
+    from pti_plugin.protocol.protocol_report import h2_overall
 
     assert h2_overall({"0.001": "holds", "0.01": "inconclusive: position learned in 1 of 3 runs"}).startswith(
         "**Verdict: supported.** holds at lr 0.001; inconclusive: position learned in 1 of 3 runs at lr 0.01.")
@@ -274,7 +274,7 @@ def test_report_rebuilt_without_the_runs_keeps_the_committed_results(quick_proto
 
 
 def test_h3_verdict_reads_the_paired_difference_interval():
-    from pti_plugin.toy_world.h3_lines import verdict
+    from pti_plugin.protocol.h3_lines import verdict
 
     def summary(lo, hi, reaching=3, paired=2):
         entry = {"seeds_reaching": reaching,
@@ -324,7 +324,7 @@ def test_a_grid_value_the_protocol_cannot_train_is_refused_naming_its_flag(argv,
 def test_a_missing_pivot_names_how_to_train_it_or_wait(tmp_path):
     """No pivot and no wait: a message naming the file, the part that trains it and ``--wait`` (the CLI exits
     with it, no traceback)."""
-    from pti_plugin.toy_world.h2_runs import wait_for
+    from pti_plugin.protocol.h2_runs import wait_for
 
     missing = tmp_path / "h1" / "runs" / "cell" / "tok1.safetensors"
     with pytest.raises(FileNotFoundError, match=r"tok1\.safetensors: the pivot .*research_protocol\.py h1 .*--wait"):
@@ -422,8 +422,8 @@ def test_h3_trains_only_the_cells_the_archive_lacks(quick_protocol, tmp_path):
 
     import toml
 
-    from pti_plugin.toy_world.cell_archive import trained_with
-    from pti_plugin.toy_world.h3_variants import H3Settings, run_h3
+    from pti_plugin.protocol.cell_archive import trained_with
+    from pti_plugin.protocol.h3_variants import H3Settings, run_h3
     from pti_plugin.toy_world import WEIGHTS_DIR
 
     out, results = quick_protocol
@@ -463,7 +463,7 @@ def test_h1_trains_only_the_pivots_and_the_cells_the_archive_lacks(quick_protoco
     import toml
 
     from pti_plugin.toy_world import WEIGHTS_DIR
-    from pti_plugin.toy_world.h1_inversion import H1Settings, pivot_file, run_h1
+    from pti_plugin.protocol.h1_inversion import H1Settings, pivot_file, run_h1
 
     _, results = quick_protocol
     base = toml.load(Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml")
@@ -519,7 +519,7 @@ def test_h2_save_schedule_flags_and_the_runs_read_for_a_schedule(tmp_path, capsy
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
     import research_protocol
-    from pti_plugin.toy_world.h2_runs import h2_runs_saved_as
+    from pti_plugin.protocol.h2_runs import h2_runs_saved_as
 
     default = research_protocol.h2_settings(research_protocol.parse_args(["h2"]))
     # the protocol's schedule: every 10 steps, except 3e-3 (its look is half-way before step 10): every 2
@@ -552,7 +552,7 @@ def test_h2_save_schedule_flags_and_the_runs_read_for_a_schedule(tmp_path, capsy
 
 def test_the_vector_check_does_not_depend_on_the_order_its_cells_are_read_in():
     """A rebuild reads the cells in the archive's order, not the grid's: the same cells must give the same rows."""
-    from pti_plugin.toy_world.h1_summary import vector_rows
+    from pti_plugin.protocol.h1_summary import vector_rows
 
     rng = np.random.default_rng(0)
     cells = [{"lr": 1e-4, "seed": seed, "vectors": n, **{k: rng.integers(0, 2, 16).astype(float).tolist()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from pti_plugin.settings_cache import read_cache
-from pti_plugin.toy_world.premise import Parts
+from pti_plugin.protocol.premise import Parts
 
 
 def test_a_cache_is_read_only_under_its_own_settings(tmp_path):

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from pti_plugin.toy_world.h1_summary import verdict as h1_verdict
-from pti_plugin.toy_world.h3_lines import verdict as h3_verdict, verdict_check
-from pti_plugin.toy_world.h3_summary import paired_against
-from pti_plugin.toy_world.protocol_report import h2_check, h2_overall, h2_verdict
+from pti_plugin.protocol.h1_summary import verdict as h1_verdict
+from pti_plugin.protocol.h3_lines import verdict as h3_verdict, verdict_check
+from pti_plugin.protocol.h3_summary import paired_against
+from pti_plugin.protocol.protocol_report import h2_check, h2_overall, h2_verdict
 
 T2 = 4.302653  # Student's t quantile 0.975 with 2 degrees of freedom
 

@@ -193,7 +193,7 @@ def test_the_scorers_count_a_run_finished_only_with_its_embedding(tmp_path):
     """The sweep's rule (LoRA and embedding) now holds for the scorers too (bench.scores_of, internal metrics'
     find_runs), the token read from the run's resolved config; they counted a LoRA without its embedding."""
     from pti_plugin.sweeps.bench import scores_of
-    from pti_plugin.toy_world.internal_metrics import find_runs
+    from pti_plugin.protocol.internal_metrics import find_runs
 
     for name, files in {"whole": ["pti.safetensors", "tok9.safetensors"], "half": ["pti.safetensors"],
                         "no_config": ["pti.safetensors"]}.items():

@@ -3,7 +3,11 @@
 - :mod:`.world`: scenes, rendering, captions, the PTI character and its fine-tuning folder;
 - :mod:`.detectors`: ground-truth readers of colour, shape, position and background;
 - :mod:`.train_recipe`: the from-scratch training recipe (``python -m pti_plugin.toy_world.train_recipe``),
-  with its settings in :mod:`.recipe_config` and its VAE stage in :mod:`.recipe_vae`.
+  with its settings in :mod:`.recipe_config` and its VAE stage in :mod:`.recipe_vae`;
+- :mod:`.run_scores`: the ground-truth scorer of a training run (the research bench's, :mod:`pti_plugin.sweeps.bench`).
+
+The research protocol measured on this world is :mod:`pti_plugin.protocol`, above it: the world imports nothing from
+the protocol, the sweeps, the command line or the trainer.
 
 :data:`WEIGHTS_DIR` is the shipped diffusers folder (``StableDiffusionPipeline.from_pretrained``).
 """

@@ -69,7 +69,7 @@ SCORES_FILE = "bench_scores.json"
 SCORES_VERSION = 2
 #: (model-internal metric, ground truth, expected sign of the correlation, runs it is computed over): what each
 #: internal score should track (the research bench's correlations, ``sweeps.bench_report``; the internal metrics'
-#: LoRA-run proxies, ``internal_metrics``).
+#: LoRA-run proxies, ``protocol.internal_metrics``).
 CORRELATIONS = (
     ("attention_leakage", "gt_leakage", +1, "lora"),
     ("attention_leakage", "gt_training_cell_fraction", +1, "lora"),

@@ -18,7 +18,7 @@ along the way and reads them with the ground-truth detectors.
   (:func:`~pti_plugin.geometry.lerp`);
 - **generation**: ``seeds`` images per (geometry, fraction), seeds ``0..seeds-1`` for every one (paired
   across geometries and fractions; identical conditionings are generated once), DDIM
-  ``sample_steps`` steps at guidance ``guidance`` (:func:`~pti_plugin.toy_world.premise.sample`);
+  ``sample_steps`` steps at guidance ``guidance`` (:func:`~.premise.sample`);
 - **scores** (:func:`score_images`): ``validity`` (an object is detected), ``start_share`` /
   ``end_share`` (the detected attribute equals the start / end prompt's; an image without an object
   counts as neither), each with a 95% percentile bootstrap interval over the sampling seeds
@@ -47,9 +47,9 @@ import torch
 from .. import geometry
 from ..metrics.curves import first_crossing, share_decreases
 from ..metrics.replication import two_level_bootstrap
-from .detectors import Detection, detect
-from .recipe_config import GUIDANCE, SAMPLE_STEPS
-from .world import make_caption, parse_caption, sample_pretraining_scene
+from ..toy_world.detectors import Detection, detect
+from ..toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
+from ..toy_world.world import make_caption, parse_caption, sample_pretraining_scene
 
 GEOMETRIES = ("layernorm", "centered", "linear")
 ATTRIBUTES = ("colour", "shape", "position")

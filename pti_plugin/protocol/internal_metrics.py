@@ -3,7 +3,7 @@
 A real-model run has no detector: the project reads position leakage from cross-attention heatmaps
 of ``tok1`` (``attention_leakage``), reconstruction from the denoising proxy and editability from
 the edit-direction proxy. On the toy world every finished LoRA run is scored both ways by
-:func:`~.run_scores.score_run` (the research bench's scorer and cache, ``<run>/bench_scores.json``:
+:func:`~pti_plugin.toy_world.run_scores.score_run` (the research bench's scorer and cache, ``<run>/bench_scores.json``:
 ground truth and internal metrics from the same generations), and each pair of :func:`pairs` gets
 Spearman's rho over runs with a 95% percentile bootstrap interval over *training seeds*
 (:func:`~pti_plugin.metrics.correlation.correlation_interval` with ``clusters``): the runs of one
@@ -38,8 +38,8 @@ from ..metrics.attention_capture import cross_attention_sides
 from ..metrics.correlation import correlation_interval, within_group_spearman
 from ..outputs import run_dir_finished
 from ..settings_cache import read_cache
-from . import WEIGHTS_DIR
-from .run_scores import CORRELATIONS, scores_of
+from ..toy_world import WEIGHTS_DIR
+from ..toy_world.run_scores import CORRELATIONS, scores_of
 
 #: Spearman's rho the attention leakage should reach against the ground truth (0.68 on toy world v1).
 TARGET = 0.8
@@ -84,7 +84,7 @@ RELIABILITY = "the scorer's ground truth against the independent one (the ceilin
 
 def pairs() -> list[tuple[str, str, int]]:
     """``(internal metric, ground truth, expected sign)``: every leakage version against each leakage truth,
-    then the research bench's LoRA-run proxies (:data:`~.run_scores.CORRELATIONS`)."""
+    then the research bench's LoRA-run proxies (:data:`~pti_plugin.toy_world.run_scores.CORRELATIONS`)."""
     reliability = [(truth, INDEPENDENT, +1) for truth in LEAKAGE_TRUTHS[:2]]
     leakage = reliability + [(version, truth, +1) for version in LEAKAGE_VERSIONS for truth in LEAKAGE_TRUTHS]
     proxies = [(internal, truth, sign) for internal, truth, sign, over in CORRELATIONS
@@ -110,7 +110,7 @@ def band_scores(run: Path, scoring: argparse.Namespace, band: tuple[int, int], c
         return None
     from ..metrics.leakage import measure_position_leakage
     from ..metrics.run_model import load_run
-    from .run_scores import NEUTRAL_PROMPTS
+    from ..toy_world.run_scores import NEUTRAL_PROMPTS
 
     loaded = load_run(run, device=scoring.device)
     measured = measure_position_leakage(loaded, list(NEUTRAL_PROMPTS), [], list(range(scoring.seeds)),
@@ -138,7 +138,7 @@ def layer_scores(run: Path, scoring: argparse.Namespace, cached_only: bool = Fal
         return cached
     from ..metrics.leakage import leakage_by_resolution
     from ..metrics.run_model import load_run
-    from .run_scores import NEUTRAL_PROMPTS
+    from ..toy_world.run_scores import NEUTRAL_PROMPTS
 
     by_resolution = leakage_by_resolution(load_run(run, device=scoring.device), list(NEUTRAL_PROMPTS),
                                           list(range(scoring.seeds)), scoring.sample_steps, scoring.guidance,
@@ -171,7 +171,7 @@ def score_runs(runs: list[Path], output_name: str, scoring: argparse.Namespace, 
                log: Callable[[str], None] = print, cached_only: bool = False,
                band: tuple[int, int] | None = None, layers: bool = False) -> list[dict]:
     """Scores of the runs of ``shard`` ``(k, n)`` (every n-th run from the k-th), each cached beside its run
-    (:func:`~.run_scores.scores_of`; ``scoring``: its seeds, sample_steps, guidance, max_images,
+    (:func:`~pti_plugin.toy_world.run_scores.scores_of`; ``scoring``: its seeds, sample_steps, guidance, max_images,
     device, rescore). ``cached_only``: the runs already scored with these settings, nothing computed.
     ``band``: :func:`band_scores` too, for runs whose standard scores are there; ``layers``: :func:`layer_scores` too."""
     k, n = shard

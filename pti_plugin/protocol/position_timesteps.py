@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .detectors import detect
-from .recipe_config import GUIDANCE, SAMPLE_STEPS
+from ..toy_world.detectors import detect
+from ..toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 
 #: Pairs of prompts that differ only in the object's cell, with (row, col) of each prompt's cell.
 POSITION_PAIRS = (

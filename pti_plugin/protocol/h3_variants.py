@@ -29,14 +29,14 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..toy_world.detectors import detect
+from ..toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
+from ..toy_world.world import IMAGE_SIZE, bench_dataset
 from .cell_archive import h3_cell_id, left_to_train
-from .detectors import detect
 from .h1_inversion import NEUTRAL_KEYS, H1Settings, neutral_records, pivot_file
 from .h2_runs import wait_for
 from .premise import (Parts, encode_text, load_base, model_digest, neutral_prompts, preset_digest, run_preset, sample,
                       train_run)
-from .recipe_config import GUIDANCE, SAMPLE_STEPS
-from .world import IMAGE_SIZE, bench_dataset
 
 #: The variants (name -> what regularises the LoRA). The pivot-locality ones take the base preset's
 #: ``[plugins.pivot_locality]`` table with the class word and the weight of the cell.
@@ -131,7 +131,7 @@ def drift_split(drift: list[int], drift_images: np.ndarray | None) -> dict[str, 
     """Per-image ``drift`` split into the unrelated prompts' (``drift_unrelated``) and the class prompt's
     (``drift_class``, DreamBooth's class drift), and with the drift images (uint8 ``[seeds, 32, 32, 3]``,
     LoRA on) ``class_character``: whether each class-prompt image draws the trained character."""
-    from .detectors import detect_character
+    from ..toy_world.detectors import detect_character
 
     k = len(DRIFT_PROMPTS)
     out = {"drift_unrelated": [d for i, d in enumerate(drift) if i % k != CLASS_PROMPT],

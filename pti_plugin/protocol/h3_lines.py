@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..metrics.replication import same_lr
-from .detectors import detail_size, detect, is_true_size
+from ..toy_world.detectors import detail_size, detect, is_true_size
+from ..toy_world.world import CHARACTER_CELLS
 from .h3_summary import CHOICE_COARSE, MATCHED_COARSE
 from .protocol_report import SMALL_SAMPLE_CHECK, fmt
-from .world import CHARACTER_CELLS
 
 METHOD_VARIANT = "half_angle"
 VERDICT_RULE = (f"`{METHOD_VARIANT}` at its chosen weight, training-cell fraction minus no regulariser's at matched "
@@ -231,9 +231,9 @@ def h3_plot(summary: dict, path: Path) -> None:
 def image_readings(images: np.ndarray) -> dict[str, list]:
     """Per image of ``images`` (uint8 ``[n, 32, 32, 3]``): ``cell``, the 3x3 cell where the detector finds the
     object (``3 * row + col``, None where it finds none); ``true_size_detail`` (0/1:
-    :func:`~.detectors.has_true_size_detail`, the private dot drawn to size); and ``detail_pixels``, the
-    near-white pixels of the detail found (:func:`~.detectors.detail_size`; None where there is none; not
-    archived)."""
+    :func:`~pti_plugin.toy_world.detectors.has_true_size_detail`, the private dot drawn to size); and
+    ``detail_pixels``, the near-white pixels of the detail found
+    (:func:`~pti_plugin.toy_world.detectors.detail_size`; None where there is none; not archived)."""
     found = [detect(image) for image in images]
     sizes = [detail_size(image, f) for image, f in zip(images, found)]
     return {"cell": [_cell_of(f) for f in found], "true_size_detail": [int(is_true_size(s)) for s in sizes],

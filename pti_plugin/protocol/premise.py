@@ -3,11 +3,11 @@
 The research bench means something only when, on the toy world, the character's coarse look is
 within reach of the frozen generator, a light inversion gets near it without learning the
 training images' positions, and the character's private detail needs the LoRA. Each check is
-measured on generations of held-out neutral prompts (:data:`~.world.NEUTRAL_TEMPLATES`, the
+measured on generations of held-out neutral prompts (:data:`~pti_plugin.toy_world.world.NEUTRAL_TEMPLATES`, the
 subject in place of ``{}``; seed ``k`` uses template ``k mod 4``):
 
 - **null**: the base model prompted with the init word; its training-cell fraction (objects in one
-  of :data:`~.world.CHARACTER_CELLS`) with a bootstrap 95% interval, the band an inversion's
+  of :data:`~pti_plugin.toy_world.world.CHARACTER_CELLS`) with a bootstrap 95% interval, the band an inversion's
   fraction must stay in (about 1/3 for a model that places objects at random);
 - **oracle** (check 2): the UNet's whole conditioning (77 x d) optimised directly on the
   character images by the denoising loss (no text encoder, no LoRA), then sampled with; its
@@ -17,7 +17,7 @@ subject in place of ``{}``; seed ``k`` uses template ``k mod 4``):
   training-cell fraction inside the null interval (the best coarse rate among those; without one,
   the best coarse rate overall);
 - **lora** (check 4): a LoRA stage from the picked pivot at a few learning rates; the detail rate
-  (:func:`~.detectors.has_detail`) must stay low after every inversion and appear after the LoRA.
+  (:func:`~pti_plugin.toy_world.detectors.has_detail`) must stay low after every inversion and appear after the LoRA.
 
 Every part is written as JSON under ``<out>/parts/`` with the settings it was measured with and is
 reused when they match (resumable: an interrupted check redoes only the unfinished part); training
@@ -43,9 +43,9 @@ import torch
 from ..atomic_io import atomic_write_text
 from ..metrics.run_model import file_digest
 from ..settings_cache import read_cache
-from .detectors import appearance_error, detect_character, has_detail
-from .recipe_config import GUIDANCE, SAMPLE_STEPS
-from .world import CHARACTER_CELLS, NEUTRAL_TEMPLATES, bench_dataset
+from ..toy_world.detectors import appearance_error, detect_character, has_detail
+from ..toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
+from ..toy_world.world import CHARACTER_CELLS, NEUTRAL_TEMPLATES, bench_dataset
 
 #: Check 3's band for the inversion's coarse reconstruction rate.
 INVERSION_COARSE_BAND = (0.5, 0.9)
@@ -167,7 +167,7 @@ class Parts:
         if images is not None:
             from PIL import Image
 
-            from .train_recipe import image_grid
+            from ..toy_world.train_recipe import image_grid
 
             np.savez_compressed(self.folder / f"{name}.npz", images=images)
             Image.fromarray(image_grid(images, columns=16)).save(self.folder / f"{name}.png")

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .detectors import appearance_error, detect, detect_character, has_detail
+from ..toy_world.detectors import appearance_error, detect, detect_character, has_detail
+from ..toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
+from ..toy_world.world import CHARACTER_CELLS, IMAGE_SIZE, bench_data_dir, bench_dataset, parse_caption
 from .premise import Parts, check_init_word, model_digest, neutral_prompts, preset_digest, run_preset, sample, train_run
-from .recipe_config import GUIDANCE, SAMPLE_STEPS
-from .world import CHARACTER_CELLS, IMAGE_SIZE, bench_data_dir, bench_dataset, parse_caption
 
 #: Position edits to the cells no training image uses (``{}`` = the pivot): top right, middle left,
 #: middle center, bottom right.

@@ -5,9 +5,9 @@ rates where none of them leaks position yet, so at matched *coarse* reconstructi
 axis, :mod:`.h3_summary`) the conditions cannot differ. The private detail, a white dot at the disc's
 centre, is the part of the look only the LoRA can learn, and without a regulariser it is learned over
 the same rates as position. Counted only when drawn to size
-(:func:`~.detectors.has_true_size_detail`: LoRAs trained under pivot locality draw white *holes*
-that :func:`~.detectors.has_detail` accepts), it gives a reconstruction axis along which a regulariser
-could show "the same look for less leakage".
+(:func:`~pti_plugin.toy_world.detectors.has_true_size_detail`: LoRAs trained under pivot locality draw white
+*holes* that :func:`~pti_plugin.toy_world.detectors.has_detail` accepts), it gives a reconstruction axis along
+which a regulariser could show "the same look for less leakage".
 
 **What is read.** Per condition and training seed, along the learning rates (lr 0: the pivot alone):
 the training-cell fraction and the drift where the seed's mean true-size detail first reaches each of

@@ -33,7 +33,7 @@ search and why.
 
 **Position entropy** beside the training-cell fraction: per training seed, the normalised entropy of
 the 3x3 histogram of the cells where its neutral images put the object (``cell``: per image
-``3 * row + col``, None without an object; :func:`~.detectors.position_entropy`), with an interval
+``3 * row + col``, None without an object; :func:`~pti_plugin.toy_world.detectors.position_entropy`), with an interval
 over training seeds; the null's from its images, resampled. A collapse onto one cell that no training
 image uses (seen at the highest rates) leaves the training-cell fraction near the null but drops the
 entropy.
@@ -49,7 +49,7 @@ import numpy as np
 from ..metrics.curves import value_at_first_crossing
 from ..metrics.replication import (excess_over_null, resampled_interval, seed_level_interval, student_interval,
                                    two_level_bootstrap)
-from .detectors import position_entropy
+from ..toy_world.detectors import position_entropy
 from .h1_summary import float_array, null_summary, per_seed_curves, seed_matrix
 
 MATCHED_COARSE = (0.5, 0.8, 0.9)
@@ -106,7 +106,7 @@ def paired_against(values: dict[int, np.ndarray], reference: dict[int, np.ndarra
 
 
 def cells_entropy(cells: list[int | None]) -> float:
-    """:func:`~.detectors.position_entropy` of per-image cells (``3 * row + col`` or None)."""
+    """:func:`~pti_plugin.toy_world.detectors.position_entropy` of per-image cells (``3 * row + col`` or None)."""
     return position_entropy([divmod(c, 3) for c in cells if c is not None])
 
 

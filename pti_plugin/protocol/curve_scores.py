@@ -6,7 +6,7 @@ in a cell the training images use.
 
 - :func:`checkpoint_files` lists a run's saved LoRAs in step order (the intermediate saves
   ``<output_name>-stepNNNNNNNN.safetensors`` that ``save_every_n_steps`` writes, then the final file);
-- :func:`score_checkpoints` generates the neutral prompts :data:`~.run_scores.NEUTRAL_PROMPTS` with
+- :func:`score_checkpoints` generates the neutral prompts :data:`~pti_plugin.toy_world.run_scores.NEUTRAL_PROMPTS` with
   the pivot at every checkpoint of the LoRA stage, and with the pivot alone (LoRA off) as the curve's
   base point, with the same sampling seeds everywhere, and reads each image with the toy world's
   detectors; the result is cached in ``<run_dir>/curve_scores.json``;
@@ -36,10 +36,10 @@ from ..metrics.evaluate import json_ready
 from ..metrics.replication import Interval, seed_level_interval, two_level_bootstrap
 from ..metrics.run_model import find_run_files, read_run_config
 from ..settings_cache import read_cache
-from .detectors import detect_character, has_detail
-from .recipe_config import GUIDANCE, SAMPLE_STEPS
-from .run_scores import NEUTRAL_PROMPTS
-from .world import CHARACTER_CELLS, IMAGE_SIZE
+from ..toy_world.detectors import detect_character, has_detail
+from ..toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
+from ..toy_world.run_scores import NEUTRAL_PROMPTS
+from ..toy_world.world import CHARACTER_CELLS, IMAGE_SIZE
 
 #: The cache of :func:`score_checkpoints`, in the run's folder.
 CACHE_FILE = "curve_scores.json"
@@ -125,7 +125,8 @@ def lora_checkpoints(run_dir: str | Path, output_name: str | None = None
 def image_scores(images: np.ndarray) -> dict[str, list]:
     """Per-image ground truth of uint8 images ``[..., 32, 32, 3]`` (flattened in order): ``coarse``
     (the character's coarse look, 0/1), ``detail`` (its private dot, 0/1) and ``in_training_cell``
-    (the object lies in one of :data:`~.world.CHARACTER_CELLS`: 0/1; None where no object is found)."""
+    (the object lies in one of :data:`~pti_plugin.toy_world.world.CHARACTER_CELLS`: 0/1; None where no object is
+    found)."""
     out: dict[str, list] = {key: [] for key in IMAGE_SCORES}
     for image in images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3):
         found = detect_character(image)

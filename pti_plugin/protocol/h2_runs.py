@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..toy_world.world import bench_dataset
 from .premise import model_digest, preset_digest, run_preset, train_run
-from .world import bench_dataset
 
 
 @dataclass(frozen=True)
