@@ -22,7 +22,7 @@ from .atomic_io import non_finite_keys
 from .formats.embedding import EmbeddingFormatError, bundled_embedding_parts, load_embeddings
 from .formats.file_family import FILE_FAMILIES, file_family, file_formats, foreign_file_hint, text_encoder_names
 from .formats.kohya_lora import BUNDLE_PREFIX, load_lora, unexpected_keys
-from .models.family import TEXT_ENCODER_PREFIX, UNET_PREFIX, EmbeddingLayout, KeyTable
+from .models.family import STANDALONE_KEY, TEXT_ENCODER_PREFIX, UNET_PREFIX, EmbeddingLayout, KeyTable
 from .safe_load import BadSafetensorsError, UnsafeFileError, safe_torch_load
 from .script_args import argument_parser
 
@@ -84,8 +84,8 @@ def _describe_embedding(path: Path, family: str, tensors: Mapping[str, torch.Ten
         return [f"format: textual-inversion embedding ({FILE_FAMILIES[family]} {kind})", f"vectors: {shapes}"]
     (v,) = vectors
     kind = "A1111 .pt (string_to_param)" if isinstance(raw, Mapping) and "string_to_param" in raw else "single tensor"
-    if tensors is not None and "emb_params" in tensors:
-        kind = "standalone emb_params"
+    if tensors is not None and STANDALONE_KEY in tensors:
+        kind = f"standalone {STANDALONE_KEY}"
     return [f"format: textual-inversion embedding ({kind})",
             f"vectors: {v.shape[0]} x {v.shape[1]} {_dtype(v)}" + ("" if v.shape[1] == 768 else " (SD1.5 takes 768)")]
 

@@ -12,7 +12,6 @@ parameter groups, token).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -131,14 +130,8 @@ def _latest_state_hint(folder: Path) -> str:
     return f"; it is a run's folder holding {len(states)} state folder(s): to continue, --resume {latest} (the latest saved)"
 
 
-#: Each state folder's ``progress.json`` as last read, under the file's identity then: the config checks (its token,
-#: as the config loads) and the trainer (its stage, as the run sets up) share one reading of an unchanged file.
-_READ: dict[Path, tuple[tuple[int, ...], SavedProgress]] = {}
-
-
 def read_progress(folder: Path) -> SavedProgress:
-    """Check that ``folder`` is a complete state folder and return its ``progress.json``, read once while the file
-    is unchanged (a rewritten one is read again).
+    """Check that ``folder`` is a complete state folder and return its ``progress.json``.
 
     Raises ``ConfigError`` naming the folder and what is missing or broken."""
 
@@ -149,18 +142,6 @@ def read_progress(folder: Path) -> SavedProgress:
         raise ConfigError(f"key 'resume': {folder} is not a pti-plugin state folder: missing {', '.join(missing)}"
                           + _latest_state_hint(folder))
     path = folder / "progress.json"
-    stat = path.stat()
-    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    known = _READ.get(path.absolute())
-    if known is not None and known[0] == identity:
-        return dataclasses.replace(known[1], folder=folder)  # named in messages as this caller gave it
-    progress = _parse_progress(folder, path)
-    _READ[path.absolute()] = (identity, progress)
-    return progress
-
-
-def _parse_progress(folder: Path, path: Path) -> SavedProgress:
-    """``path``, ``folder``'s ``progress.json``, parsed and checked."""
     try:
         progress = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

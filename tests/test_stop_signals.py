@@ -307,3 +307,36 @@ def test_a_ray_sweeps_third_signal_leaves_no_job_to_outlive_rays_shutdown(tmp_pa
         sender.join(10)
         _kill(started)
         pool.shutdown(wait=True)
+
+
+LEADER_LEAVING_A_CHILD = """import os, signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+                          "import signal, time\\nfor s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)\\n"
+                          "time.sleep(60)"])
+signal.signal(signal.SIGINT, lambda s, f: os._exit(130))
+print(os.getpid(), child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["ray task", "third signal"])
+def test_a_job_that_ended_at_the_sweeps_signal_leaves_no_process_behind(how):
+    """The job's own process stops at the sweep's first signal but a process it started does not (a data loader
+    worker stuck in a read). The group was killed only while the job itself lived: a Ray task returned as soon as
+    its job ended, and the third signal found the job gone and killed nothing."""
+    from pti_plugin.sweeps.stopping import KILL_AT, pass_on, start_job, wait_passing_stops
+
+    process = start_job([sys.executable, "-c", LEADER_LEAVING_A_CHILD], stdout=subprocess.PIPE, text=True)
+    job, child = map(int, process.stdout.readline().split())
+    started = _processes([job, child])
+    try:
+        if how == "ray task":
+            assert wait_passing_stops(process, lambda: [signal.SIGINT], poll_s=0.05) == 130
+        else:
+            pass_on([process], [signal.SIGINT])
+            assert process.wait(5) == 130 and not _gone(child, seconds=0.3)  # the job alone stopped
+            pass_on([process], [signal.SIGINT] * (KILL_AT - 1), already=1)
+        assert _gone(child, seconds=3), "the job's child outlived the sweep's stop"
+    finally:
+        _kill(started)
+        process.stdout.close()

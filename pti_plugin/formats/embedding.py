@@ -21,11 +21,9 @@ from typing import Any
 import torch
 
 from ..atomic_io import save_safetensors_atomic
-from ..models.family import EMBEDDING_KEYS, EmbeddingLayout, embedding_layout
+from ..models.family import EMBEDDING_KEYS, STANDALONE_KEY, EmbeddingLayout, embedding_layout
 from ..safe_load import check_safetensors, safe_torch_load
 from .kohya_lora import BUNDLE_PREFIX
-
-STANDALONE_KEY = "emb_params"  # SD1.5's layout; EMBEDDING_KEYS (models.family) holds every embedding file's names
 
 
 class EmbeddingFormatError(ValueError):
@@ -208,7 +206,7 @@ def load_embeddings(
     return vectors
 
 
-__all__ = [  # EMBEDDING_KEYS: a fact of the families' layouts (models.family), re-exported
+__all__ = [  # EMBEDDING_KEYS, STANDALONE_KEY: facts of the families' layouts (models.family), re-exported
     "EMBEDDING_KEYS", "EmbeddingFormatError", "STANDALONE_KEY", "bundle_embedding_keys", "bundled_embedding_parts",
     "bundled_embeddings", "load_embedding", "load_embeddings", "save_embedding",
 ]

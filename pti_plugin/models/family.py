@@ -186,8 +186,10 @@ class EmbeddingLayout:
     bundle_keys: tuple[str, ...]
 
 
+#: The tensor name of a one-encoder (SD1.5) embedding file: ours and kohya's.
+STANDALONE_KEY = "emb_params"
 #: The top-level tensor names of an embedding file: ours (SD1.5's layout), AUTOMATIC1111's, SDXL's pair.
-EMBEDDING_KEYS = frozenset({"emb_params", "string_to_param.*", "clip_l", "clip_g"})
+EMBEDDING_KEYS = frozenset({STANDALONE_KEY, "string_to_param.*", "clip_l", "clip_g"})
 
 
 @dataclass

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .family import (TEXT_ENCODER_PREFIX, UNET_PREFIX, Conditioning, EmbeddingLayout, KeyTable, LoadedComponents, LoraKey,
-                     register_family)
+from .family import (STANDALONE_KEY, TEXT_ENCODER_PREFIX, UNET_PREFIX, Conditioning, EmbeddingLayout, KeyTable,
+                     LoadedComponents, LoraKey, register_family)
 from .model_checks import FAMILY_FOLDERS, load_folder
 
 _TEXT_ENCODER_PREFIX = TEXT_ENCODER_PREFIX + "_"  # one text encoder: lora_te_
@@ -121,7 +121,7 @@ class SD15Family:
     name = "sd15"
     pipeline_class_name = "StableDiffusionPipeline"
     text_encoder_names = ("text_encoder",)
-    embedding_layout = EmbeddingLayout(standalone_keys=("emb_params",), bundle_keys=("string_to_param.*",))
+    embedding_layout = EmbeddingLayout(standalone_keys=(STANDALONE_KEY,), bundle_keys=("string_to_param.*",))
 
     def __post_init__(self):
         if self.clip_skip < 1:

@@ -16,6 +16,7 @@ and model paths must be visible at the same paths on every node (a shared filesy
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def _run_job(command: list[str], log: str, pythonpath: str, cwd: str, board) -> 
     env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH", "")) if p)}
     with open(log, "a", encoding="utf-8") as handle:
         process = start_job([worker_sys.executable, *command[1:]], stdout=handle, stderr=subprocess.STDOUT, env=env,
-                            cwd=cwd if os.path.isdir(cwd) else None, start_new_session=True)  # a group, killed whole
+                            cwd=cwd if os.path.isdir(cwd) else None)
         try:
             return wait_passing_stops(process, read_signals)
         finally:
@@ -105,20 +106,29 @@ def _wait_for_tasks(ray, pending: dict, stops: StopRequests, board) -> dict[str,
     while pending:
         stops.news(lambda signals, already: board.add.remote(signals))
         if len(stops.signals) >= KILL_AT:  # each task kills its job's process group on reading this signal: let them
-            ray.wait(list(pending), num_returns=len(pending), timeout=KILL_WAIT_S)  # (a job can outlive Ray's shutdown)
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=KILL_WAIT_S)  # (a job can outlive
+            for ref in done:  # Ray's shutdown); the codes of those that ended meanwhile are kept
+                name = pending.pop(ref)
+                codes[name] = _task_code(ray, ref, name)
             break
         done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-        if not done:
-            continue
-        name = pending.pop(done[0])
-        try:
-            codes[name] = ray.get(done[0])
-        except Exception as exc:  # the task itself failed (a node lost, ...)
-            print(f"  ray: {name} failed: {exc}", flush=True)
-            codes[name] = 1
-        if codes[name] is not None:
-            print(f"  ray: {name} finished with exit code {codes[name]}", flush=True)
+        if done:
+            name = pending.pop(done[0])
+            codes[name] = _task_code(ray, done[0], name)
     return codes
+
+
+def _task_code(ray, ref, name: str) -> int | None:
+    """The exit code of the finished Ray task ``ref`` (running job ``name``): None when its job never started, 1 when
+    the task itself failed; said, unless None."""
+    try:
+        code = ray.get(ref)
+    except Exception as exc:  # the task itself failed (a node lost, ...)
+        print(f"  ray: {name} failed: {exc}", flush=True)
+        code = 1
+    if code is not None:
+        print(f"  ray: {name} finished with exit code {code}", flush=True)
+    return code
 
 
 def run_on_ray(jobs: list[Job], address: str | None, gpus_per_run: float | None) -> dict[str, int]:
@@ -144,7 +154,8 @@ def run_on_ray(jobs: list[Job], address: str | None, gpus_per_run: float | None)
         if started:
             ray.shutdown()
     if stops.first is not None:  # a job left out of codes was still running at the signal that stops the waiting
-        names = [name for name, _, _ in jobs if name in pending.values() or stop_signal_of(codes.get(name))]
+        names = [name for name, _, _ in jobs if name in pending.values() or stop_signal_of(codes.get(name))
+                 or codes.get(name) == -signal.SIGKILL]  # killed at that signal
         stop_sweep(stops.first, names, [name for name, _, _ in jobs if name not in names and codes.get(name) is None])
     return codes
 

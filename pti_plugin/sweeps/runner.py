@@ -123,9 +123,8 @@ def _killed_on_error(running: dict):
         yield
     except BaseException:
         for _, process, handle in running.values():
-            if process.poll() is None:
-                kill_job(process)  # with the processes it started (its own process group)
-                process.wait()
+            kill_job(process)  # with the processes it started (its own process group)
+            process.wait()
             handle.close()
         raise
 
@@ -143,12 +142,14 @@ def run_on_gpus(jobs: list[tuple[str, list[str], Path]], gpus: list[str]) -> dic
                     handle = open(log, "a", encoding="utf-8")
                     env = worker_env(CUDA_VISIBLE_DEVICES=gpu)
                     print(f"  GPU {gpu}: {name} (log {log})", flush=True)
-                    process = start_job(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                    process = start_job(argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
                     running[gpu] = (name, process, handle)
             stops.pass_to([process for _, process, _ in running.values()])
             time.sleep(0.2 if stops.signals else 1.0)
             for gpu, (name, process, handle) in list(running.items()):
                 if process.poll() is not None:
+                    if stops.signals:  # stopped by the sweep: nothing of it is left behind
+                        kill_job(process)
                     handle.close()
                     codes[name] = process.returncode
                     print(f"  GPU {gpu}: {name} finished with exit code {process.returncode}", flush=True)

@@ -20,6 +20,7 @@ before it shuts Ray down.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -27,7 +28,7 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-from pti_plugin.stop_signals import STOP_SIGNALS, StopSignalled, StopSignals, stop_raises
+from pti_plugin.stop_signals import SAME_STOP_S, STOP_SIGNALS, StopSignalled, StopSignals, stop_raises
 
 _HANGUP = getattr(signal, "SIGHUP", None)  # POSIX only
 #: The signals a sweep stops on, each with the one its jobs get.
@@ -120,7 +121,7 @@ class StopRequests:
         what = {1: "passing it on to the running jobs (each saves its state and stops); no job starts now; "
                    "again to stop them at once",
                 2: "passing it on again: the jobs stop at once (their earlier saves are kept; a job that got the "
-                   "first under a second before takes this for the same stop and saves); again to kill them"}
+                   f"first under {SAME_STOP_S:g} s before takes this for the same stop and saves); again to kill them"}
         for count, signum in enumerate(new, start=already + 1):
             _say(f"\n{signal.Signals(signum).name} received: {what.get(count, 'killing the jobs left')}")
 
@@ -130,8 +131,10 @@ class StopRequests:
 
 
 def start_job(argv: list[str], **popen_args) -> subprocess.Popen:
-    """``subprocess.Popen(argv, **popen_args)`` in which SIGINT and SIGTERM can arrive: a child inherits its parent
-    thread's blocked signals, and a Ray worker blocks SIGINT (its trainer then never heard the sweep's Ctrl-C)."""
+    """``subprocess.Popen(argv, **popen_args)`` in its own session (its process group is the job: :func:`kill_job`),
+    where SIGINT and SIGTERM can arrive: a child inherits its parent thread's blocked signals, and a Ray worker
+    blocks SIGINT (its trainer then never heard the sweep's Ctrl-C)."""
+    popen_args["start_new_session"] = True
     if not hasattr(signal, "pthread_sigmask"):  # Windows
         return subprocess.Popen(argv, **popen_args)
     blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -142,17 +145,15 @@ def start_job(argv: list[str], **popen_args) -> subprocess.Popen:
 
 
 def kill_job(process: subprocess.Popen) -> None:
-    """Kill ``process`` with SIGKILL and, where it leads its own process group (a job started in its own session), the
-    whole group: the processes it started (a trainer's data loader workers) go with it, none left holding a GPU."""
-    if process.poll() is not None:
+    """SIGKILL to the process group of ``process``, a job :func:`start_job` started: the job and every process it
+    started (a trainer's data loader workers), none left holding a GPU, whether or not the job itself has ended
+    (while any of them lives, the group's id is not reused); nothing where the group is gone."""
+    if not hasattr(os, "killpg"):  # Windows: no process groups to signal
+        if process.poll() is None:
+            process.kill()
         return
-    try:
-        if hasattr(os, "killpg") and os.getpgid(process.pid) == process.pid:
-            os.killpg(process.pid, signal.SIGKILL)
-            return
-    except OSError:  # gone meanwhile
-        pass
-    process.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def pass_on(processes: list[subprocess.Popen], signals: list[int], already: int = 0) -> None:
@@ -161,12 +162,15 @@ def pass_on(processes: list[subprocess.Popen], signals: list[int], already: int 
     :data:`KILL_AT`-th signal and later ones kill them and their process groups instead (:func:`kill_job`)."""
     for count, signum in enumerate(signals, start=already + 1):
         for process in processes:
-            if process.poll() is None:
-                kill_job(process) if count >= KILL_AT else process.send_signal(PASSED_AS.get(signum, signum))
+            if count >= KILL_AT:
+                kill_job(process)
+            elif process.poll() is None:
+                process.send_signal(PASSED_AS.get(signum, signum))
 
 
 def wait_passing_stops(process: subprocess.Popen, read_signals: Callable[[], list[int]], poll_s: float = 0.5) -> int:
-    """Wait for ``process``, passing on each signal ``read_signals`` (the sweep's, in order) adds; its exit code."""
+    """Wait for ``process``, passing on each signal ``read_signals`` (the sweep's, in order) adds; its exit code. A job
+    that ends once a signal was passed on leaves nothing behind: what is left of its process group is killed."""
     passed = 0
     while process.poll() is None:
         signals = read_signals()
@@ -176,6 +180,8 @@ def wait_passing_stops(process: subprocess.Popen, read_signals: Callable[[], lis
             process.wait(timeout=poll_s)
         except subprocess.TimeoutExpired:
             pass
+    if passed:
+        kill_job(process)
     return process.returncode
 
 
