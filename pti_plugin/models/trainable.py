@@ -53,6 +53,9 @@ class TrainableModel:
         self._text_home: torch.device | None = None  # set while the text encoders wait on the CPU
         self.text_returns = 0  # times an encode brought them back from the CPU
         self._token_ids: dict[str, list] = {}  # caption -> its ids (see tokenize)
+        # the components that carry a LoRA (attached before this model is built, never after): the switch visits
+        # only these, without walking the others' modules each time
+        self._with_lora = [name for name, module in self.components().items() if lora_layers(module)]
 
     @classmethod
     def build(
@@ -213,9 +216,9 @@ class TrainableModel:
         self._forwards, self.autocast = dict(forwards), autocast
 
     def _set_lora(self, enabled: bool) -> None:
-        for module in self.components().values():
-            if lora_layers(module):
-                set_lora_enabled(module, enabled)
+        components = self.components()
+        for name in self._with_lora:
+            set_lora_enabled(components[name], enabled)
         self._lora_on = enabled
 
     # ------------------------------------------------------------------ the contract's calls
@@ -268,7 +271,8 @@ class TrainableModel:
     @contextlib.contextmanager
     def _lora_switched(self, enabled: bool, text_only: bool = False) -> Iterator[None]:
         previous = self._lora_on
-        modules = [m for n, m in self.components().items() if not (text_only and n == "unet") and lora_layers(m)]
+        components = self.components()
+        modules = [components[n] for n in self._with_lora if not (text_only and n == "unet")]
         for module in modules:
             set_lora_enabled(module, enabled)
         if not text_only:
