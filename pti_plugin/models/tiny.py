@@ -21,7 +21,7 @@ from .word_vocab import BOS, EOS, write_tokenizer_files
 #: Text width of the tiny model (SD1.5: 768).
 TINY_TEXT_DIM = 32
 #: The trained toy-world model shipped in the package (a diffusers folder), the embedded default when present.
-SHIPPED_WEIGHTS = Path(__file__).parent.parent / "toy_world" / "weights"
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "toy_world" / "weights"
 _TINY_MODEL_NAME = "tiny-sd15-random-v1"
 
 

@@ -12,12 +12,9 @@ the protocol, the sweeps, the command line or the trainer.
 :data:`WEIGHTS_DIR` is the shipped diffusers folder (``StableDiffusionPipeline.from_pretrained``).
 """
 
-from pathlib import Path
-
+from ..models.tiny import SHIPPED_WEIGHTS as WEIGHTS_DIR  # the folder's one definition (what @embedded loads)
 from .detectors import Detection, detect
 from .world import Scene, make_caption, parse_caption, render_scene, sample_scene, write_character_dataset
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 __all__ = [
     "WEIGHTS_DIR",
