@@ -61,7 +61,7 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 PATHS = ("inversion", "full_table", "lora", "floor")  # the default --paths
-BATCH4_PATHS = ("lora_b4", *step_time.LOCALITY)  # step_time's batch-4 paths: only when --paths names them
+BATCH4_PATHS = tuple(p for p in step_time.PATHS if step_time.batch_of(p) == 4)  # only when --paths names them
 RATIOS = {"lora_ops_vs_floor": ("lora", "floor"), "inversion_ops_vs_full_table": ("inversion", "full_table"),
           "locality_cached_ops_vs_lora_b4": ("locality_cached_b4", "lora_b4")}
 NO_KERNEL = {"_local_scalar_dense", "_record_function_enter_new", "_record_function_exit", "_unsafe_view", "empty",
@@ -393,8 +393,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))  # each invocation's own output folders
 
         def run_one(path: str, round_index: int) -> dict:
-            batch = 4 if path in BATCH4_PATHS else 1
-            result = step_time.run_forked(path, spec | {"out": str(runs / f"{path}-{round_index}"), "batch": batch})
+            out = str(runs / f"{path}-{round_index}")
+            result = step_time.run_forked(path, spec | {"out": out, "batch": step_time.batch_of(path)})
             print(f"  round {round_index} {path:12s} {result['cpu']:.4f} s CPU/step, "
                   f"{result['counted'][0]['kernels']} kernels/step", flush=True)
             return result

@@ -82,6 +82,11 @@ PATHS = ("inversion", "full_table", "lora", "floor", "lora_b4", *LOCALITY)
 SD15_VOCAB = 49408  # CLIP's token table
 
 
+def batch_of(path: str) -> int:
+    """The batch a path trains at: 4 for the ``_b4`` paths, else 1."""
+    return 4 if path.endswith("_b4") else 1
+
+
 # ---------------------------------------------------------------------- measurement
 @dataclass
 class Clock:
@@ -513,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         def run_one(path: str, round_index: int) -> dict:
             out = work / "runs" / f"{path}-{round_index}"
-            result = run_forked(path, spec | {"batch": 4 if path.endswith("_b4") else 1, "out": str(out)})
+            result = run_forked(path, spec | {"batch": batch_of(path), "out": str(out)})
             print(f"  round {round_index} {path:20s} {result['cpu']:.3f} s CPU/step, {result['wall']:.3f} s wall/step, "
                   f"{result['train_peak_rss_gib']:.2f} GiB", flush=True)
             return result
