@@ -36,7 +36,7 @@ from pti_plugin.formats import (
     sd15_kohya_lora_names,
     to_kohya,
 )
-from pti_plugin.formats.safe_load import ModelCheckpointModuleStandIn, ModelCheckpointStandIn
+from pti_plugin.safe_load import ModelCheckpointModuleStandIn, ModelCheckpointStandIn
 from pti_plugin.inspect import main as inspect_main
 from pti_plugin.load_pti import load_pti
 from pti_plugin.models.lora import attach_lora, lora_parameters, lora_state_dict

@@ -37,7 +37,7 @@ def test_spearman_interval_is_one_for_a_monotone_relation_and_covers_zero_for_no
 def _fake_runs(folder: Path, script) -> None:
     """Finished runs whose cached scores (the settings the script asks for) make the answer known: the
     heatmap leakage ranks runs as the ground truth does, the centroid one in reverse."""
-    from pti_plugin.sweeps.bench import SCORES_FILE, SCORES_VERSION, score_settings
+    from pti_plugin.toy_world.run_scores import SCORES_FILE, SCORES_VERSION, score_settings
     from pti_plugin.protocol.internal_metrics import BAND_FILE
 
     folder.mkdir()

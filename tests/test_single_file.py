@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from pti_plugin.config import ConfigError
-from pti_plugin.formats.safe_load import UnsafeFileError
+from pti_plugin.safe_load import UnsafeFileError
 from pti_plugin.models import single_file
 from pti_plugin.models.single_file import (
     CLIP_NUM_MERGES,

@@ -190,9 +190,9 @@ def test_a_sweep_with_a_failed_run_trains_the_others_then_exits_1_naming_it(argv
 
 
 def test_the_scorers_count_a_run_finished_only_with_its_embedding(tmp_path):
-    """The sweep's rule (LoRA and embedding) now holds for the scorers too (bench.scores_of, internal metrics'
+    """The sweep's rule (LoRA and embedding) now holds for the scorers too (run_scores.scores_of, internal metrics'
     find_runs), the token read from the run's resolved config; they counted a LoRA without its embedding."""
-    from pti_plugin.sweeps.bench import scores_of
+    from pti_plugin.toy_world.run_scores import scores_of
     from pti_plugin.protocol.internal_metrics import find_runs
 
     for name, files in {"whole": ["pti.safetensors", "tok9.safetensors"], "half": ["pti.safetensors"],

@@ -85,7 +85,7 @@ from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, seed_co
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix
 from pti_plugin.sweeps.stopping import stoppable
-from pti_plugin.toy_world.run_scores import SCORES_FILE, SCORES_VERSION, score_settings, scores_of
+from pti_plugin.toy_world.run_scores import SCORES_VERSION, scores_of
 
 #: The presets shipped with the repository (the bench's default preset lives there).
 ROOT = Path(__file__).resolve().parents[2]
@@ -370,11 +370,3 @@ def write_outputs(result: dict, points: list[dict], pivot_point: dict, args) -> 
 
 if __name__ == "__main__":
     cli()
-
-
-__all__ = [  # SCORES_FILE, SCORES_VERSION, score_settings, scores_of: the toy world's scorer cache, re-exported
-    "PLUGIN", "ROOT", "SCORES_FILE", "SCORES_VERSION", "choose_pivot", "class_word_of", "cli", "generate_reg_images",
-    "inversion_preset", "lora_sweeps", "lrs_arg", "main", "parse_args", "parse_variants", "point_rows", "run_sweep",
-    "score_settings", "scored_rows", "scores_of", "seed_pivots", "stage_of", "sweep_runs", "variant_preset",
-    "write_outputs", "write_preset",
-]
