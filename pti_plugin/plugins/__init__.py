@@ -2,9 +2,5 @@
 
 They are registered exactly as third-party plugins are: as entry points of the
 ``pti_plugin.plugins`` group. The list is declared once, with the discovery that reads it
-(:data:`pti_plugin.hooks.BUILTIN_ENTRY_POINTS`, which ``setup.py`` installs); it is re-exported here.
+(:data:`pti_plugin.hooks.BUILTIN_ENTRY_POINTS`, which ``setup.py`` installs).
 """
-
-from ..hooks import BUILTIN_ENTRY_POINTS
-
-__all__ = ["BUILTIN_ENTRY_POINTS"]
