@@ -12,7 +12,8 @@ import importlib.util
 from typing import Any
 
 from .config import ConfigError
-from .optimizers import SUPPORTED, SUPPORTED_SCHEDULERS, is_supported_optimizer, optimizer_package
+from .lr_schedulers import scheduler_name_problem
+from .optimizers import SUPPORTED, is_supported_optimizer, optimizer_package
 from .sampling import SAMPLERS
 
 #: Top-level keys with a fixed set of values (stage-level optimizer/scheduler keys are checked below).
@@ -28,6 +29,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "xformers": (False, True),
     "sdpa": (False, True),
     "model_family": ("auto", "sd15", "sdxl"),
+    "loss_type": ("l2", "l1", "huber", "smooth_l1"),
+    "huber_schedule": ("snr", "exponential", "constant"),
 }
 #: Why values kohya accepts are refused here: (key, values) -> the reason, added to the "must be one of" message.
 _KOHYA_VALUES_REFUSED = {
@@ -72,6 +75,6 @@ def optimizer_problem(where: str, optimizer: str | None, scheduler: str | None) 
         package = optimizer_package(optimizer)
         if package and not installed(package[0]):
             return ConfigError.at(f"{where}optimizer_type", f": {optimizer!r} needs the {package[1]} package (pip install {package[1]})")
-    if scheduler is not None and scheduler not in SUPPORTED_SCHEDULERS:
-        return ConfigError.at(f"{where}lr_scheduler", f": unknown scheduler {scheduler!r}; valid: {', '.join(SUPPORTED_SCHEDULERS)}")
+    if scheduler is not None and (problem := scheduler_name_problem(scheduler)):
+        return ConfigError.at(f"{where}lr_scheduler", f": {problem}")
     return None

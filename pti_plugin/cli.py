@@ -38,6 +38,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
     bool_keys = {f for f in known - {"preset", "set"} if isinstance(getattr(Config(), f), bool)}
     list_keys = _keys_typed(lambda kind: kind == list[str])  # kohya: nargs="*"
     size_keys = _keys_typed(lambda kind: list[int] in typing.get_args(kind))  # an int or [W, H]
+    ratio_keys = _keys_typed(lambda kind: set(typing.get_args(kind)) == {int, float})  # kohya's int_or_float
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -67,10 +68,20 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
             overrides[key] = [value]
         elif key in size_keys and "," in value and not value.startswith("["):
             overrides[key] = parse_value(f"[{value}]")  # kohya's "W,H"
+        elif key in ratio_keys and value.endswith("%"):
+            overrides[key] = _percent(key, value)
         else:
             overrides[key] = parse_value(value)
         i += 1
     return preset, overrides, sets
+
+
+def _percent(key: str, value: str) -> float:
+    """kohya's ``--lr_warmup_steps 10%``: the ratio 0.1 of the stage's steps."""
+    try:
+        return float(value[:-1]) / 100
+    except ValueError:
+        raise ConfigError(f"--{key} {value!r} is not a percentage (e.g. 10%)") from None
 
 
 def list_keys() -> str:

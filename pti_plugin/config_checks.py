@@ -42,6 +42,14 @@ def check_the_pivot_is_learned(config: Config) -> None:
 
 
 
+def _warn_replaced_epoch_interval(config: Config) -> None:
+    """kohya's ``save_n_epoch_ratio`` replaces ``save_every_n_epochs`` when both are set: a warning naming both."""
+    if config.save_n_epoch_ratio and config.save_every_n_epochs:
+        logger.warning("save_n_epoch_ratio = %d replaces save_every_n_epochs = %d (as in kohya): each stage saves every "
+                       "floor(its epochs / %d) epochs (at least 1)", config.save_n_epoch_ratio, config.save_every_n_epochs,
+                       config.save_n_epoch_ratio)
+
+
 def validate_config(config: Config, check_paths: bool, data_only: bool = False) -> None:
     """Every check of a parsed (not yet resolved) config; the first problem raises ConfigError naming its key.
     ``data_only``: of the paths, check only those a tool that loads no model reads (``DATA_PATH_KEYS``)."""
@@ -59,26 +67,28 @@ def validate_config(config: Config, check_paths: bool, data_only: bool = False) 
             raise ConfigError.at(f"stages.{i}.kind", f" must be one of {list(_STAGE_KINDS)}, got {stage.kind!r}")
     positive = ["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "network_dim",
                 "log_every_n_steps", "max_nan_skips", "sample_steps", "clip_skip", "lr_scheduler_num_cycles",
-                "lr_scheduler_power"]
+                "lr_scheduler_power", "huber_c", "huber_scale"]
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError.at(key, f" must be > 0, got {getattr(config, key)!r}")
     for key in ("network_alpha", "max_grad_norm", "noise_offset", "min_snr_gamma", "save_every_n_steps",
                 "save_every_n_epochs", "sample_every_n_steps", "pivot_weight_decay", "multires_noise_iterations",
-                "max_data_loader_n_workers"):
+                "max_data_loader_n_workers", "min_timestep", "ip_noise_gamma", "v_pred_like_loss"):
         if getattr(config, key) < 0:
             raise ConfigError.at(key, f" must be >= 0, got {getattr(config, key)!r}")
-    for key in ("unet_lr", "text_encoder_lr", "max_train_epochs"):
+    for key in ("unet_lr", "text_encoder_lr", "max_train_epochs", "save_n_epoch_ratio"):
         if getattr(config, key) is not None and getattr(config, key) <= 0:
             raise ConfigError.at(key, f" must be > 0, got {getattr(config, key)!r}")
+    _warn_replaced_epoch_interval(config)
     for i, stage in enumerate(config.stages):
         for key in ("steps", "max_train_epochs", "learning_rate", "unet_lr", "text_encoder_lr", "pivot_lr"):
             value = getattr(stage, key)
             if value is not None and value <= 0:
                 raise ConfigError.at(f"stages.{i}.{key}", f" must be > 0, got {value!r}")
-    _check_warmups(config)
+    _check_schedule_values(config)
     if not 0 <= config.multires_noise_discount <= 1:  # > 1 drowns the noise in its coarse levels (1e30: NaN noise)
         raise ConfigError.at("multires_noise_discount", f" must be between 0 and 1, got {config.multires_noise_discount!r}")
+    _check_noise_keys(config)
     if isinstance(config.resolution, list) and len(config.resolution) != 2:
         raise ConfigError.at("resolution", " must be one size or two (width, height; W,H on the command line), "
                                            f"got {config.resolution!r}")
@@ -147,6 +157,28 @@ def _check_data_keys(config: Config) -> None:
         raise ConfigError("preset: 'reg_data_dir' applies to kohya folders, not to in_json (fine-tuning) data")
 
 
+def _check_noise_keys(config: Config) -> None:
+    """kohya's noise options that refine another one need it (kohya ignores them silently without it), and the
+    timestep bounds; the bounds against the model's schedule are checked as it loads (``diffusion_loss``). Huber
+    settings that the loss_type (or the "snr" schedule, for huber_scale) does not use are warned about."""
+    needs = {"noise_offset_random_strength": "noise_offset", "adaptive_noise_scale": "noise_offset",
+             "ip_noise_gamma_random_strength": "ip_noise_gamma"}
+    for key, base in needs.items():
+        if getattr(config, key) and not getattr(config, base):
+            raise ConfigError.at(key, f" = {getattr(config, key)!r} needs {base} > 0: it changes {base}'s strength, "
+                                      f"and {base} is 0 (off)")
+    if config.max_timestep is not None and config.max_timestep < config.min_timestep:
+        raise ConfigError.at("max_timestep", f" = {config.max_timestep} is below min_timestep = {config.min_timestep}: "
+                                             "timesteps are drawn in [min_timestep, max_timestep) (kohya), or are "
+                                             "max_timestep itself when the two are equal")
+    unused = ["huber_schedule", "huber_c", "huber_scale"] if config.loss_type not in ("huber", "smooth_l1") else (
+        ["huber_scale"] if config.huber_schedule == "snr" else [])
+    defaults = Config()
+    if given := [f"{key} = {getattr(config, key)!r}" for key in unused if getattr(config, key) != getattr(defaults, key)]:
+        logger.warning("%s: not used with loss_type = %r and huber_schedule = %r (kohya ignores it too)",
+                       ", ".join(given), config.loss_type, config.huber_schedule)
+
+
 def _check_optimisation(config: Config) -> None:
     """Each stage's optimizer and scheduler names, then its optimizer built with its ``optimizer_args`` (a bad
     argument used to stop the run when its stage began, after the stages before it had trained)."""
@@ -166,35 +198,52 @@ def _check_optimisation(config: Config) -> None:
 
 # ----------------------------------------------------------------------------- warm-up and schedulers
 
-def _check_warmups(config: Config) -> None:
-    """``lr_warmup_steps`` (top level and each stage's): whole steps >= 0, or kohya's ratio, a float in [0, 1)."""
-    for key, value in [("lr_warmup_steps", config.lr_warmup_steps)] + [
-            (f"stages.{i}.lr_warmup_steps", s.lr_warmup_steps) for i, s in enumerate(config.stages)]:
-        if value is not None and value < 0:
-            raise ConfigError.at(key, f" must be >= 0, got {value!r}")
-        if isinstance(value, float) and value >= 1:
-            raise ConfigError.at(key, f" as a float is a fraction of the stage's steps (kohya) and must be below 1, got "
-                                      f"{value!r}; give whole steps as an integer")
+def _check_schedule_values(config: Config) -> None:
+    """kohya's schedule numbers (top level and each stage's): ``lr_warmup_steps`` and ``lr_decay_steps`` whole steps
+    >= 0, or kohya's ratio, a float in [0, 1); ``lr_scheduler_min_lr_ratio`` in [0, 1]; ``lr_scheduler_timescale`` > 0."""
+    for where, table in [("", config)] + [(f"stages.{i}.", s) for i, s in enumerate(config.stages)]:
+        for key in ("lr_warmup_steps", "lr_decay_steps"):
+            value = getattr(table, key)
+            if value is not None and value < 0:
+                raise ConfigError.at(where + key, f" must be >= 0, got {value!r}")
+            if isinstance(value, float) and value >= 1:
+                raise ConfigError.at(where + key, f" as a float is a fraction of the stage's steps (kohya) and must be "
+                                                  f"below 1, got {value!r}; give whole steps as an integer")
+        ratio, timescale = table.lr_scheduler_min_lr_ratio, table.lr_scheduler_timescale
+        if ratio is not None and not 0 <= ratio <= 1:
+            raise ConfigError.at(where + "lr_scheduler_min_lr_ratio", " is a fraction of the learning rate and must be "
+                                                                      f"between 0 and 1, got {ratio!r}")
+        if timescale is not None and timescale <= 0:
+            raise ConfigError.at(where + "lr_scheduler_timescale", f" must be > 0, got {timescale!r}")
 
 
 def check_stage_schedules(parsed: Config, config: Config) -> None:
-    """Each resolved stage's scheduler, before any model loads: a warm-up on the ``constant`` scheduler (which
-    ignores it: kohya refuses it too), and a scheduler diffusers cannot build for the stage (``polynomial`` at a
-    learning rate at or below its end rate 1e-7), used to stop the run with a traceback when the stage began.
-    ``parsed``: the config as written (its stages name where each value was given)."""
-    from .optimizers import scheduler_problem
+    """Each resolved stage's schedule, before any model loads (:func:`pti_plugin.lr_schedulers.schedule_problem`):
+    a setting its schedule ignores (a warm-up on ``constant``: kohya refuses it too), one it needs and lacks,
+    ``lr_scheduler_args`` it cannot take, warm-up and decay longer than the stage, a schedule that cannot be built
+    (``polynomial`` at a learning rate at or below its end rate 1e-7: before, a traceback when the stage began); an
+    ``lr_scheduler`` beside ``lr_scheduler_type``, which replaces it. An epoch-based stage is checked on a stand-in
+    length here, and on its own once the data scan tells it (``resolution.with_epoch_steps``). ``parsed``: the
+    config as written (its stages name where each value was given)."""
+    from .lr_schedulers import schedule_problem
+    from .resolution import warmup_steps
 
+    default_scheduler = next(f.default for f in dataclasses.fields(Config) if f.name == "lr_scheduler")
     for given, stage in zip(parsed.stages, config.stages):
         def where(key: str) -> str:
             return f"stages.{stage.index}.{key}" if getattr(given, key) is not None else key
 
-        if stage.lr_scheduler == "constant" and stage.lr_warmup_steps:
-            raise ConfigError.at(where("lr_warmup_steps"), f" = {stage.lr_warmup_steps!r} reaches stage {stage.index} "
-                                 f"{stage.name!r}, whose lr_scheduler 'constant' has no warm-up (it would be ignored): "
-                                 "use lr_scheduler = \"constant_with_warmup\", or set the stage's lr_warmup_steps to 0")
-        if problem := scheduler_problem(stage.lr_scheduler, stage.learning_rate, stage.lr_scheduler_num_cycles,
-                                        stage.lr_scheduler_power):
-            raise ConfigError.at(where("lr_scheduler"), f": stage {stage.index} {stage.name!r}: {problem}")
+        if stage.lr_scheduler_type and stage.lr_scheduler != default_scheduler:
+            raise ConfigError.at(where("lr_scheduler"), f" = {stage.lr_scheduler!r} reaches stage {stage.index} "
+                                 f"{stage.name!r}, whose lr_scheduler_type {stage.lr_scheduler_type!r} replaces it "
+                                 "(kohya ignores lr_scheduler then): leave one of the two out")
+        probe = stage
+        if stage.steps is None:  # a length at which any warm-up or decay ratio is whole steps
+            steps = 10**6 + sum(v for v in (stage.lr_warmup_steps, stage.lr_decay_steps) if isinstance(v, int))
+            probe = dataclasses.replace(stage, steps=steps, lr_warmup_steps=warmup_steps(stage.lr_warmup_steps, steps),
+                                        lr_decay_steps=warmup_steps(stage.lr_decay_steps, steps))
+        if problem := schedule_problem(probe, length_known=stage.steps is not None):
+            raise ConfigError.at(where(problem[0]), problem[1])
 
 
 def with_kohya_tracker(config: Config) -> Config:

@@ -14,7 +14,8 @@
 - the ``dataset_config`` TOML has the right shape at every level (tables and arrays of tables);
 - the ``sample_prompts`` file parses;
 - the starting files ``weights`` and ``network_weights`` load through the safe loaders and hold
-  finite values only.
+  finite values only;
+- a ``vae`` file or folder is a VAE of the model's architecture (``models/vae_file.py``).
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def check_inputs(config: Config, check_paths: bool = True, data_only: bool = Fal
 
         if problem := model_folder_problem(model, config.model_family):  # its JSON files only, before the data scan
             raise ConfigError.at(MODEL_KEY, f": {problem}")
+    if config.vae:  # after the model's own checks: the VAE's shapes are checked against its VAE config
+        from .models.vae_file import check_vae_source
+
+        check_vae_source(config.vae, _component_config(config, "vae"))
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -408,8 +413,10 @@ def check_resume_folder(folder: Path, token_string: str) -> None:
         _wrap("resume", lambda: safe_torch_load(folder / name))
 
 
-def _text_encoder_config(config: Config) -> Path | None:
-    """The text encoder's ``config.json`` the model will use, when it can be found without loading anything."""
+def _component_config(config: Config, component: str = "text_encoder") -> Path | None:
+    """The ``config.json`` of the model's ``component`` (``text_encoder``, ``vae``) the run will use, when it can be
+    found without loading anything (a single file's: SD1.5's shipped configs, whose text encoder and VAE have the
+    architecture of SDXL's first text encoder and VAE, unless ``single_file_config`` names others)."""
     from .models.single_file import SD15_CONFIG_DIR
 
     value = config.pretrained_model_name_or_path
@@ -420,7 +427,7 @@ def _text_encoder_config(config: Config) -> Path | None:
     else:
         model = Path(value).expanduser()
         folder = model if model.is_dir() else Path(config.single_file_config).expanduser() if config.single_file_config else SD15_CONFIG_DIR
-    path = folder / "text_encoder" / "config.json"
+    path = folder / component / "config.json"
     return path if path.is_file() else None
 
 
@@ -428,7 +435,7 @@ def check_clip_skip(config: Config) -> None:
     """``clip_skip`` counts layers from the end: at most the text encoder's number of layers."""
     import json
 
-    path = _text_encoder_config(config)
+    path = _component_config(config)
     if path is None:
         return
     try:

@@ -18,7 +18,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "v2": _SD2 + " (SD2.x is not supported)",
     "sdxl": "the model family is detected from the weights (set model_family = \"sdxl\" to force it)",
     "tokenizer_cache_dir": "use tokenizer_path",
-    "vae": "a separate VAE file is " + _NOT_YET,
     "no_half_vae": "the VAE always runs in float32 here",
     "lowram": "no effect in pti-plugin",
     "highvram": "no effect in pti-plugin",
@@ -32,11 +31,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     # optimizer / scheduler
     "use_8bit_adam": 'use optimizer_type = "AdamW8bit"',
     "use_lion_optimizer": 'use optimizer_type = "Lion"',
-    "lr_scheduler_type": "custom scheduler classes are " + _NOT_YET,
-    "lr_scheduler_args": _NOT_YET,
-    "lr_decay_steps": _NOT_YET,
-    "lr_scheduler_timescale": _NOT_YET,
-    "lr_scheduler_min_lr_ratio": _NOT_YET,
     "fused_backward_pass": _NOT_YET,
     "scale_weight_norms": _NOT_YET,
     # network
@@ -49,26 +43,11 @@ REFUSED_OPTIONS: dict[str, str] = {
     "use_object_template": "captions come from files or caption_template",
     "use_style_template": "captions come from files or caption_template",
     "no_token_padding": "prompts are always padded to 77 tokens as at inference",
-    "training_comment": _NOT_YET,
     "no_metadata": "metadata is always written",
     # noise / loss
-    "noise_offset_random_strength": _NOT_YET,
-    "adaptive_noise_scale": _NOT_YET,
-    "ip_noise_gamma": _NOT_YET,
-    "ip_noise_gamma_random_strength": _NOT_YET,
-    "min_timestep": _NOT_YET,
-    "max_timestep": _NOT_YET,
-    "loss_type": "only the L2 loss is " + "implemented",
-    "huber_schedule": "only the L2 loss is implemented",
-    "huber_c": "only the L2 loss is implemented",
-    "huber_scale": "only the L2 loss is implemented",
-    "scale_v_pred_loss_like_noise_pred": _NOT_YET,
-    "v_pred_like_loss": _NOT_YET,
-    "debiased_estimation_loss": _NOT_YET,
     "weighted_captions": _NOT_YET,
     "masked_loss": _NOT_YET,
     # saving / hub / logging
-    "save_n_epoch_ratio": _NOT_YET,
     "save_last_n_epochs": "pti-plugin never deletes saved files",
     "save_last_n_epochs_state": "pti-plugin never deletes saved files",
     "save_last_n_steps": "pti-plugin never deletes saved files",
@@ -90,11 +69,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "wandb_api_key": 'only log_with = "tensorboard" is supported',
     "output_config": "the resolved config is always written beside the outputs",
     "sample_every_n_epochs": "use sample_every_n_steps",
-    "metadata_title": _NOT_YET,
-    "metadata_author": _NOT_YET,
-    "metadata_description": _NOT_YET,
-    "metadata_license": _NOT_YET,
-    "metadata_tags": _NOT_YET,
     # distributed / loader
     "ddp_timeout": "use accelerate's own settings",
     "ddp_gradient_as_bucket_view": "use accelerate's own settings",
@@ -126,7 +100,7 @@ REFUSED_OPTIONS: dict[str, str] = {
 
 #: Refused options whose value, beside the "off" values every option has (false, empty), is what pti-plugin
 #: does anyway: kohya's own default for them.
-WHAT_PTI_DOES: dict[str, Any] = {"network_module": "networks.lora", "loss_type": "l2", "dynamo_backend": "no"}
+WHAT_PTI_DOES: dict[str, Any] = {"network_module": "networks.lora", "dynamo_backend": "no"}
 
 
 def asks_for_nothing(key: str, value: Any) -> bool:

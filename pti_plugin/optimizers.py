@@ -21,8 +21,6 @@ SUPPORTED = sorted([
     "AdamW", "Adam", "SGD", "SGDNesterov", "RMSprop", "AdamW8bit", "Adam8bit", "Lion8bit", "Lion", "PagedAdamW8bit",
     "PagedLion8bit", "PagedAdamW", "PagedAdamW32bit", "SGDNesterov8bit", "RMSprop8bit", "Adafactor", "Prodigy",
 ])
-#: diffusers' schedulers that run from this trainer's keys (piecewise_constant needs step rules: not offered).
-SUPPORTED_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def optimizer_key(name: str) -> str:
@@ -102,25 +100,3 @@ def optimizer_args_problem(name: str, args: list[str]) -> str | None:
         return f"{exc} (optimizer_type {name!r})"
     return None
 
-
-def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, steps: int, num_cycles: int, power: float):
-    """A diffusers LR scheduler, stepped once per optimizer step by the trainer."""
-    from diffusers.optimization import get_scheduler
-
-    try:
-        return get_scheduler(
-            name, optimizer, num_warmup_steps=warmup, num_training_steps=steps, num_cycles=num_cycles, power=power
-        )
-    except ValueError as exc:
-        raise ValueError(f"lr_scheduler {name!r}: {exc}") from exc
-
-
-def scheduler_problem(name: str, lr: float, num_cycles: int, power: float) -> str | None:
-    """Why scheduler ``name`` cannot be built for a stage at learning rate ``lr`` (diffusers' ``polynomial``
-    needs ``lr`` above its end rate 1e-7), found by building it over a throw-away optimizer; None when it builds."""
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    try:
-        build_lr_scheduler(name, optimizer, 0, 1, num_cycles, power)
-    except ValueError as exc:
-        return str(exc)
-    return None

@@ -78,6 +78,23 @@ def run_dir_finished(run_dir: Path, output_name: str) -> bool:
     return (run_dir / f"{output_name}.safetensors").is_file()
 
 
+def epoch_save_interval(config, stage_steps: int, steps_per_epoch: int) -> int:
+    """Every how many epochs a stage of ``stage_steps`` steps saves (0: never). With kohya's ``save_n_epoch_ratio``
+    N: ``floor(epochs / N)``, at least 1, where epochs = ``ceil(stage_steps / steps_per_epoch)`` (kohya's
+    ``num_train_epochs``, its last pass maybe partial), per stage as epochs are counted within each stage; it replaces
+    ``save_every_n_epochs`` (as kohya). Else ``save_every_n_epochs``."""
+    if not config.save_n_epoch_ratio:
+        return config.save_every_n_epochs
+    return (-(-stage_steps // steps_per_epoch) // config.save_n_epoch_ratio) or 1
+
+
+def epoch_save_due(config, stage_step: int, stage_steps: int, steps_per_epoch: int) -> bool:
+    """Whether the stage's step ``stage_step`` (of ``stage_steps``, counted from 1) ends an epoch at which the run
+    saves (:func:`epoch_save_interval`)."""
+    every = epoch_save_interval(config, stage_steps, steps_per_epoch)
+    return bool(every) and stage_step % steps_per_epoch == 0 and (stage_step // steps_per_epoch) % every == 0
+
+
 @dataclass(frozen=True)
 class RunFiles:
     output_dir: Path
@@ -200,6 +217,7 @@ def write_lora_and_embedding(
     from .config import network_args
     from .formats.embedding import bundle_embedding_keys, save_embedding
     from .formats.kohya_lora import kohya_metadata, peft_to_kohya, save_lora
+    from .formats.model_spec import OPTIONAL_FIELDS, model_spec_metadata
     from .models.family import make_family
 
     family = family if family is not None else make_family("sd15")
@@ -218,19 +236,25 @@ def write_lora_and_embedding(
     } | extra_metadata
     conv = network_args(config)
     training = training_metadata(config)  # ss_* from the lora stage, pti_inversion_* from the inversion stage
+    now = time.time()
     metadata = kohya_metadata(
         network_dim=config.network_dim, network_alpha=config.network_alpha, output_name=config.output_name,
-        training_started_at=time.time(), steps=steps, learning_rate=float(training.get("ss_learning_rate", 0.0)),
+        training_started_at=now, steps=steps, learning_rate=float(training.get("ss_learning_rate", 0.0)),
         extra=pti | {k: v for k, v in training.items() if k.startswith("pti_")},
         conv_dim=conv.get("conv_dim"), conv_alpha=conv.get("conv_alpha"), tag_frequency=tag_frequency,
-        family=family.name,
+        family=family.name, training_comment=config.training_comment,
     ) | {k: v for k, v in training.items() if k.startswith("ss_")}
     if "ss_learning_rate" not in training:  # no lora stage: the LoRA never trained
         metadata.pop("ss_learning_rate")
+    # kohya's modelspec.*, from its metadata_* options, in the LoRA and (as kohya's TI writes it) in the embedding
+    title = config.metadata_title if config.metadata_title is not None else config.output_name  # kohya's default
+    given = {name: getattr(config, f"metadata_{name}") for name in OPTIONAL_FIELDS}
+    spec = {kind: model_spec_metadata(kind, family.name, title, config.resolution, now, given) for kind in ("lora", "embedding")}
+    metadata |= spec["lora"]
     lora_path, embedding_path = files.lora(suffix), files.embedding(suffix)
     for path in (lora_path, embedding_path):
         if path.exists() and not files.overwrite:
             raise FileExistsError(f"refusing to overwrite {path} (set overwrite = true to allow it)")
     save_lora(lora_path, tensors, metadata, table=table)
-    save_embedding(embedding_path, vectors, layout=layout)
+    save_embedding(embedding_path, vectors, spec["embedding"], layout=layout)
     return {"lora": lora_path, "embedding": embedding_path}

@@ -3,7 +3,9 @@
 Rules (the README's "Which key reaches which stage" table says the same):
 
 - A stage's own key wins. Top-level ``learning_rate``, ``optimizer_type``, ``optimizer_args``,
-  ``lr_scheduler`` and ``lr_warmup_steps`` are the defaults of every stage that does not set them.
+  ``lr_scheduler``, ``lr_warmup_steps`` and kohya's other schedule keys (``lr_scheduler_type``,
+  ``lr_scheduler_args``, ``lr_decay_steps``, ``lr_scheduler_timescale``, ``lr_scheduler_min_lr_ratio``) are
+  the defaults of every stage that does not set them.
 - Length: a stage's own ``steps`` or ``max_train_epochs``, else the
   top-level ``max_train_epochs``, else the top-level ``max_train_steps`` (a stage setting both is refused). Epochs count passes over
   the dataset within the stage; they become steps once the dataset has been scanned (before any
@@ -31,7 +33,9 @@ from .config import DEFAULT_STAGE_LRS, Config, ConfigError, StageConfig
 logger = logging.getLogger(__name__)
 
 #: Top-level keys that are defaults of stage keys of the same name.
-STAGE_DEFAULT_KEYS = ("learning_rate", "optimizer_type", "optimizer_args", "lr_scheduler", "lr_warmup_steps")
+STAGE_DEFAULT_KEYS = ("learning_rate", "optimizer_type", "optimizer_args", "lr_scheduler", "lr_warmup_steps",
+                      "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale",
+                      "lr_scheduler_min_lr_ratio")
 #: Top-level keys that set stages' length.
 LENGTH_KEYS = ("max_train_steps", "max_train_epochs")
 #: kohya shorthands reaching the lora stages.
@@ -58,6 +62,11 @@ class ResolvedStage:
     lr_warmup_steps: int  # kohya's ratio (a float) only in an epoch-based stage before the scan
     lr_scheduler_num_cycles: int
     lr_scheduler_power: float
+    lr_scheduler_type: str
+    lr_scheduler_args: tuple[str, ...]
+    lr_decay_steps: int  # kohya's ratio (a float) only in an epoch-based stage before the scan
+    lr_scheduler_timescale: int | None
+    lr_scheduler_min_lr_ratio: float | None
     train_pivot: bool
     train_unet: bool
     train_text_encoder: bool
@@ -88,6 +97,10 @@ class ResolvedStage:
         }
         if self.steps is None:
             entry["max_train_epochs"] = self.max_train_epochs
+        entry |= {  # kohya's other schedule keys where set (left out, they reload as their defaults)
+            "lr_scheduler_type": self.lr_scheduler_type or None, "lr_scheduler_args": list(self.lr_scheduler_args) or None,
+            "lr_decay_steps": self.lr_decay_steps or None, "lr_scheduler_timescale": self.lr_scheduler_timescale,
+            "lr_scheduler_min_lr_ratio": self.lr_scheduler_min_lr_ratio}
         return {k: v for k, v in entry.items() if v is not None}
 
     def describe(self) -> str:
@@ -139,12 +152,16 @@ def resolve_stage(config: Config, stage: StageConfig, index: int, lora_seen: boo
         raise ConfigError.at(f"stages.{index}.train_pivot", f": stage {name!r} trains nothing: set train_pivot, train_unet or "
                              "train_text_encoder")
     steps, epochs = _length(config, stage, index)
-    warmup = own_or_top("lr_warmup_steps")
+    warmup, decay = own_or_top("lr_warmup_steps"), own_or_top("lr_decay_steps")
     return ResolvedStage(
         index=index, name=name, kind=stage.kind, steps=steps, max_train_epochs=epochs,
         learning_rate=lr, optimizer_type=own_or_top("optimizer_type"), optimizer_args=tuple(own_or_top("optimizer_args")),
         lr_scheduler=own_or_top("lr_scheduler"), lr_warmup_steps=warmup if steps is None else warmup_steps(warmup, steps),
         lr_scheduler_num_cycles=config.lr_scheduler_num_cycles, lr_scheduler_power=config.lr_scheduler_power,
+        lr_scheduler_type=own_or_top("lr_scheduler_type"), lr_scheduler_args=tuple(own_or_top("lr_scheduler_args")),
+        lr_decay_steps=decay if steps is None else warmup_steps(decay, steps),
+        lr_scheduler_timescale=own_or_top("lr_scheduler_timescale"),
+        lr_scheduler_min_lr_ratio=own_or_top("lr_scheduler_min_lr_ratio"),
         train_pivot=train_pivot, train_unet=train_unet, train_text_encoder=train_te,
         pivot_lr=(stage.pivot_lr or lr) if train_pivot else None,
         unet_lr=(own_or_top("unet_lr") or lr) if train_unet else None,
@@ -167,21 +184,28 @@ def resolve_stages(config: Config) -> tuple[ResolvedStage, ...]:
 
 
 def warmup_steps(value: int | float, steps: int) -> int:
-    """kohya's ``lr_warmup_steps``: whole steps, or a float below 1 as that fraction of the stage's ``steps``."""
+    """kohya's ``lr_warmup_steps`` (and ``lr_decay_steps``): whole steps, or a float below 1 as that fraction of the
+    stage's ``steps``."""
     return int(value * steps) if isinstance(value, float) else value
 
 
 def with_epoch_steps(config: Config, steps_per_epoch: int) -> Config:
     """``config`` with every epoch-based stage's length in steps (``steps_per_epoch`` optimizer steps per pass),
-    its warm-up ratio in steps, and a warning for each stage whose warm-up outlasts it (the stage never
-    reaches its learning rate), and for each save or sample interval only the scan tells to be longer than the
-    run (:func:`warn_unreached_intervals`)."""
+    its warm-up and decay ratios in steps (a schedule that does not fit those steps is refused, naming the stage),
+    and a warning for each stage whose warm-up outlasts it (the stage never reaches its learning rate), and for
+    each save or sample interval only the scan tells to be longer than the run (:func:`warn_unreached_intervals`)."""
+    from .lr_schedulers import schedule_problem
+
     warn_unreached_intervals(config, steps_per_epoch)
     stages = []
     for s in config.stages:
         if s.steps is None:
             steps = s.max_train_epochs * steps_per_epoch
-            s = dataclasses.replace(s, steps=steps, lr_warmup_steps=warmup_steps(s.lr_warmup_steps, steps))
+            s = dataclasses.replace(s, steps=steps, lr_warmup_steps=warmup_steps(s.lr_warmup_steps, steps),
+                                    lr_decay_steps=warmup_steps(s.lr_decay_steps, steps))
+            if problem := schedule_problem(s):
+                raise ConfigError(f"key {problem[0]!r}{problem[1]} ({s.max_train_epochs} epoch(s) of "
+                                  f"{steps_per_epoch} step(s))", problem[0])
         if s.lr_warmup_steps >= s.steps:
             logger.warning("stage %d %r: lr_warmup_steps = %d is not below its %d steps, so its learning rate never "
                            "reaches %g", s.index, s.name, s.lr_warmup_steps, s.steps, s.learning_rate)
@@ -209,7 +233,7 @@ def _unreached_intervals(config: Config, steps_per_epoch: int | None) -> dict[st
     problems: dict[str, str | None] = {}
     for key, length, run, (outcome, verb) in checks:
         value = getattr(config, key)
-        if value:
+        if value and not (key == "save_every_n_epochs" and config.save_n_epoch_ratio):  # the ratio replaces it
             problems[key] = None if length is None else "" if value <= length else (
                 f"{key} = {value} is more than {run}: {outcome}; lower it to {verb} in between")
     return problems

@@ -32,7 +32,7 @@ from .data.dataset_stats import tag_frequency
 from .data.latents import LatentSource
 from .data.sample_order import SampleOrder, sample_generator
 from .data.scanning import scan_images
-from .diffusion_loss import draw_noise, min_snr_weights, per_sample_mse, training_target
+from .diffusion_loss import check_against_model, draw_batch, per_sample_loss, timestep_weighted, training_target
 from .hooks import (
     Batch,
     MainPrediction,
@@ -47,7 +47,7 @@ from .models.disk_mapping import map_frozen_to_disk
 from .models.loading import configure_attention, load_base_model
 from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process, optimizer_state_is_finite
-from .outputs import RunFiles, write_lora_and_embedding
+from .outputs import RunFiles, epoch_save_due, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import check_resume_fits, check_resume_within_epochs, load_state, save_state
 from .run_lock import RunLocks, clean_leftover_temporaries
@@ -121,8 +121,9 @@ class Trainer:
         base = load_base_model(
             config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
             config.single_file_config, config.tokenizer_path, config.max_token_length, config.model_family,
-            config.zero_terminal_snr,
+            config.zero_terminal_snr, config.vae,
         )
+        check_against_model(config, base.noise_scheduler, base.prediction_type)  # timestep bounds, v-prediction options
         self.plugins: list[Plugin] = instantiate_plugins(config)
         self.state = TrainerState(config=config, accelerator=self.accelerator, model=None, output_dir=output_dir,  # type: ignore[arg-type]
                                   schedule=schedule_of(self.plugins))
@@ -458,17 +459,11 @@ class Trainer:
     def _loss_terms(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Main denoising loss and every plugin term for one micro-batch of optimizer step ``step`` (scalars)."""
         config, state, model = self.config, self.state, self.model
-        device = self.accelerator.device
-        noises, timesteps = [], []
-        for slot in batch.slots:
-            generator = sample_generator(config.seed, state.stage_index, step, slot, 0x9015E)
-            noises.append(draw_noise(tuple(batch.latents.shape[1:]), generator, config.noise_offset,
-                                     config.multires_noise_iterations, config.multires_noise_discount))
-            timesteps.append(torch.randint(0, state.num_train_timesteps, (), generator=generator))
-        noise = torch.stack(noises).to(device)  # [b, 4, h, w] float32
-        t = torch.stack(timesteps).to(device)  # [b] int64
+        generators = [sample_generator(config.seed, state.stage_index, step, slot, 0x9015E) for slot in batch.slots]
+        # the target's noise [b, 4, h, w] float32, timesteps [b] int64, the input's noise (ip_noise_gamma perturbs it)
+        noise, t, input_noise = draw_batch(generators, batch.latents, config, state.num_train_timesteps)
         scheduler = model.base.noise_scheduler
-        noisy = scheduler.add_noise(batch.latents, noise, t)
+        noisy = scheduler.add_noise(batch.latents, input_noise, t)
         batch.noisy_latents, batch.timesteps = noisy, t
         for plugin in self.plugins:
             plugin.on_step_start(state, batch)
@@ -480,11 +475,10 @@ class Trainer:
         prediction = prediction_all[:b] if extra else prediction_all  # a slice's backward would copy the gradient
         prediction_type = model.base.prediction_type
         target = training_target(scheduler, batch.latents, noise, t, prediction_type)
-        per_sample = per_sample_mse(prediction, target)  # [b]
+        per_sample = per_sample_loss(prediction, target, scheduler, t, config)  # [b] (loss_type)
         if any(batch.is_reg):  # kohya: a regularisation sample's loss is multiplied by prior_loss_weight
             per_sample = per_sample * torch.tensor([config.prior_loss_weight if r else 1.0 for r in batch.is_reg], device=per_sample.device)
-        if config.min_snr_gamma > 0:
-            per_sample = per_sample * min_snr_weights(scheduler, t, config.min_snr_gamma, prediction_type)
+        per_sample = timestep_weighted(per_sample, scheduler, t, config, prediction_type)  # Min-SNR, debiased ...
         terms = {"main": per_sample.mean()}
         main = MainPrediction(noisy, t, cond, prediction, target)
         offset = b
@@ -510,11 +504,8 @@ class Trainer:
             if config.log_with:
                 self.accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=state.global_step)
             state.logs = {}
-        epoch_end = state.stage_step % order.batches_per_epoch == 0
-        epoch = state.stage_step // order.batches_per_epoch
-        due = (config.save_every_n_steps and state.global_step % config.save_every_n_steps == 0) or (
-            config.save_every_n_epochs and epoch_end and epoch % config.save_every_n_epochs == 0
-        )
+        due = (config.save_every_n_steps and state.global_step % config.save_every_n_steps == 0) or epoch_save_due(
+            config, state.stage_step, state.plan.steps, order.batches_per_epoch)
         last = state.stage_index == len(config.stages) - 1 and state.stage_step == state.plan.steps
         if due and not last:
             self._save(tag=f"step{state.global_step:08d}", with_state=config.save_state)

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from pti_plugin.choices import CHOICES, cuda_available, installed
 from pti_plugin.config import ConfigError
 from pti_plugin.config_loading import build_config
-from pti_plugin.optimizers import SUPPORTED, SUPPORTED_SCHEDULERS, optimizer_package
+from pti_plugin.lr_schedulers import SUPPORTED_SCHEDULERS
+from pti_plugin.optimizers import SUPPORTED, optimizer_package
 from pti_plugin.trainer import Trainer
 
 SWEPT = {"optimizer_type": tuple(SUPPORTED), "lr_scheduler": SUPPORTED_SCHEDULERS} | CHOICES
@@ -36,6 +37,9 @@ RUNNABLE = {key: [v for v in values if _runnable(key, v)] for key, values in SWE
 JOBS = max(len(values) for values in RUNNABLE.values())
 
 
+#: The settings a scheduler cannot run without, given beside it in its job's stage.
+NEEDS = {"cosine_with_min_lr": {"lr_scheduler_min_lr_ratio": 0.1}, "warmup_stable_decay": {"lr_decay_steps": 1},
+         "piecewise_constant": {"lr_scheduler_args": ["step_rules='1:1,0.5'"]}}
 #: Keys whose values are taken with an offset, so that a value meets runnable partners (model_family "sdxl"
 #: meets max_token_length 75: SDXL refuses the longer windows).
 OFFSETS = {"model_family": 2}
@@ -56,6 +60,7 @@ def test_a_one_step_job_runs_with_each_accepted_value(preset, tmp_path, j, tiny_
     if choices["model_family"] == "sdxl":
         choices["pretrained_model_name_or_path"] = str(tiny_sdxl)
     stage = {k: choices.pop(k) for k in ("optimizer_type", "lr_scheduler")}
+    stage |= NEEDS.get(stage["lr_scheduler"], {})
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("tok1 --s 1\n")
     raw = preset(**choices, train_batch_size=1, sample_prompts=str(prompts) if j < 2 else "", sample_steps=1,

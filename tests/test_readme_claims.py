@@ -7,7 +7,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from pti_plugin.config import StageConfig
-from pti_plugin.optimizers import SUPPORTED, SUPPORTED_SCHEDULERS
+from pti_plugin.lr_schedulers import SUPPORTED_SCHEDULERS
+from pti_plugin.optimizers import SUPPORTED
 from pti_plugin.sampling import SAMPLERS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")

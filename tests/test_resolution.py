@@ -146,8 +146,8 @@ def _dataset_preset(tmp_path, dataset) -> str:
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"lr_scheduler": "piecewise_constant"}, "unknown scheduler 'piecewise_constant'"),
-    ({"stages": [{"kind": "inversion", "lr_scheduler": "piecewise_constant"}]}, "key 'stages.0.lr_scheduler'"),
+    ({"lr_scheduler": "reduce_lr_on_plateau"}, "scheduler 'reduce_lr_on_plateau' is not supported by pti-plugin"),
+    ({"stages": [{"kind": "inversion", "lr_scheduler": "reduce_lr_on_plateau"}]}, "key 'stages.0.lr_scheduler'"),
     ({"save_model_as": "ckpt"}, "key 'save_model_as' must be one of ['safetensors']"),
     ({"stages": [{"kind": "lora", "train_unet": False}]}, "key 'stages.0.train_pivot': stage 'lora0' trains nothing"),
 ])

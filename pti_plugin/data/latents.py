@@ -7,9 +7,11 @@ they cannot be cached, and the dataset refuses them together with ``cache_latent
 
 The disk cache (``cache_latents_to_disk``) keeps each latent beside its image in
 ``<stem>.<w>x<h>[.flip].<key>.pti_latents.safetensors``; ``key`` digests what the latent depends
-on: the VAE's weights (names, dtypes, shapes and values: :func:`module_digest`), the seed of the
-posterior draw and the image file's bytes. A different VAE, seed or image therefore never reuses a
-stale latent; it writes its own file beside the others.
+on: the VAE's weights (names, dtypes, shapes and values: :func:`module_digest`) and its
+``scaling_factor`` (the model's: the same VAE under SD1.5 and SDXL scales its latents differently), the
+seed of the posterior draw and the image file's bytes. A different VAE (another model's, or ``vae``'s
+replacement), scale, seed or image therefore never reuses a stale latent; it writes its own file beside
+the others.
 """
 
 from __future__ import annotations
@@ -79,10 +81,11 @@ class LatentSource:
         return (latent[0] * self.vae.config.scaling_factor).float().cpu()
 
     def cache_key(self, index: int) -> str:
-        """The digest of what the image's cached latents depend on: VAE weights, seed and image bytes."""
+        """The digest of what the image's cached latents depend on: VAE weights and scale, seed and image bytes."""
         if self._vae_digest is None:
             self._vae_digest = module_digest(self.vae)
-        parts = f"vae={self._vae_digest}|seed={self.seed}|image={file_digest(self.items[index].path)}"
+        scale = float(self.vae.config.scaling_factor)
+        parts = f"vae={self._vae_digest}|scale={scale!r}|seed={self.seed}|image={file_digest(self.items[index].path)}"
         return hashlib.blake2b(parts.encode(), digest_size=6).hexdigest()
 
     def _disk_path(self, index: int, flip: bool) -> Path:
@@ -108,7 +111,8 @@ class LatentSource:
                     latent = self._encode(index, flip)
                     if path is not None:
                         save_safetensors_atomic(path, {"latent": latent},
-                                                {"vae_digest": self._vae_digest or "", "seed": str(self.seed)})
+                                                {"vae_digest": self._vae_digest or "", "seed": str(self.seed),
+                                                 "scaling_factor": repr(float(self.vae.config.scaling_factor))})
                 self._memory[(index, flip)] = latent
 
     def latent(self, index: int, flip: bool) -> torch.Tensor:

@@ -192,13 +192,15 @@ def kohya_metadata(
     conv_alpha: float | None = None,
     extra: Mapping[str, str] | None = None,
     family: str = "sd15",
+    training_comment: str | None = None,
 ) -> dict[str, str]:
     """kohya-compatible ``ss_*`` header entries plus our own ``pti_*`` entries (``extra``).
 
     ``tag_frequency`` is kohya's ``{dataset folder: {tag: count}}``; ``training_started_at`` a Unix
     time; ``conv_dim``/``conv_alpha`` (LoCon) go to ``ss_network_args`` as kohya writes them. All
     values are strings, as safetensors requires. ``extra`` keys must start with ``pti_``. ``family``
-    (``sd15``, ``sdxl``) sets ``ss_base_model_version``.
+    (``sd15``, ``sdxl``) sets ``ss_base_model_version``. ``training_comment`` (kohya's option) goes to
+    ``ss_training_comment`` as given; when None the key is left out (kohya writes the string ``"None"``).
     """
     meta = {
         "ss_network_module": "networks.lora",
@@ -213,6 +215,8 @@ def kohya_metadata(
     }
     if (conv_dim is None) != (conv_alpha is None):
         raise ValueError("conv_dim and conv_alpha go together (kohya's network_args for LoCon)")
+    if training_comment is not None:
+        meta["ss_training_comment"] = training_comment
     if conv_dim is not None:
         meta["ss_network_args"] = json.dumps({"conv_dim": str(int(conv_dim)), "conv_alpha": str(float(conv_alpha))})
     for key, value in (extra or {}).items():

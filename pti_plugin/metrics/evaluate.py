@@ -21,7 +21,7 @@ from .probes import make_probes
 from .reconstruction import measure_reconstruction
 from .prompts import EDIT_PROMPTS, NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS
 from ..outputs import read_training_log
-from .run_model import file_digest, load_run
+from .run_model import load_run, tensors_digest
 
 
 def final_log_entry(log_path: str | Path, stage: str | None = None) -> dict:
@@ -42,7 +42,7 @@ def run_movement(run, stage: str | None = None) -> dict:
         "pivot_l2_from_init": entry.get("pivot_l2_from_init"),
         "pivot_angle_from_init_deg": entry.get("pivot_angle_from_init_deg"),
         "pivot_norm": entry.get("pivot_norm"),
-        "pivot_digest": file_digest(embedding) if embedding.is_file() else None,
+        "pivot_digest": tensors_digest(embedding) if embedding.is_file() else None,
     }
     return out | output_space_angles(run) | lora_delta_norm(run.lora_path)
 

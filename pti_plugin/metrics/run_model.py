@@ -87,6 +87,15 @@ def file_digest(path: str | Path, length: int = 12) -> str:
     return digest.hexdigest()[:length]
 
 
+def tensors_digest(path: str | Path, length: int = 12) -> str:
+    """First ``length`` hex digits of the SHA-256 of the safetensors file ``path`` as safetensors writes its tensors
+    without metadata: the same tensors give the same digest whatever metadata a run wrote beside them (kohya's
+    ``modelspec.*`` title and date), and a file without metadata gives its own :func:`file_digest`."""
+    from safetensors.torch import load_file, save
+
+    return hashlib.sha256(save(load_file(str(path)))).hexdigest()[:length]
+
+
 @dataclass
 class LoadedRun:
     """A run's pipeline and what the measurements need to prompt it.
@@ -301,7 +310,7 @@ def open_model(
     model = load_base_model(
         config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
         config.single_file_config, config.tokenizer_path, config.max_token_length, config.model_family,
-        config.zero_terminal_snr,
+        config.zero_terminal_snr, config.vae,
     )
     scheduler = DDIMScheduler.from_config(model.noise_scheduler.config, prediction_type=model.prediction_type)
     pipe = model.pipeline(scheduler)

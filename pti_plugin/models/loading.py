@@ -90,11 +90,13 @@ def choose_family(path: Path, requested: str = "auto") -> tuple[str, str]:
 def load_base_model(
     path_value: str, clip_skip: int = 1, v_parameterization: bool = False, single_file_config: str = "",
     tokenizer_path: str = "", max_token_length: int = 75, model_family: str = "auto", zero_terminal_snr: bool = False,
+    vae: str = "",
 ) -> BaseModel:
     """Load the model at ``path_value``: a diffusers folder, a single ``.safetensors``/``.ckpt``
     checkpoint (see ``single_file.py``), or ``@embedded``; its family is detected (and logged) unless
     ``model_family`` names it. A model that cannot be trained (not a model, incomplete, another architecture)
-    is a ``ConfigError`` naming ``pretrained_model_name_or_path`` and the file (see ``model_checks.py``)."""
+    is a ``ConfigError`` naming ``pretrained_model_name_or_path`` and the file (see ``model_checks.py``).
+    ``vae``: a VAE file or folder that replaces the model's (``vae_file.py``; its problems name ``vae``)."""
     path = resolve_model_path(path_value)
     if path.is_dir() and not (path / "model_index.json").is_file():  # a model folder's own checks run as it loads
         raise ConfigError.at(MODEL_KEY, f": {not_a_model_folder(path)}")
@@ -127,11 +129,15 @@ def load_base_model(
     if zero_terminal_snr and not parts.noise_scheduler.config.get("rescale_betas_zero_snr", False):
         # kohya's --zero_terminal_snr: the betas rescaled so the last step's alpha-bar is 0 (diffusers' rule)
         parts.noise_scheduler = type(parts.noise_scheduler).from_config(parts.noise_scheduler.config, rescale_betas_zero_snr=True)
+    if vae:
+        from .vae_file import load_vae
+
+        parts.vae = load_vae(vae, parts.vae)
     for module in (parts.unet, parts.vae, *parts.text_encoders):
         module.requires_grad_(False)
         module.float()
     return BaseModel(family, parts.unet, parts.vae, parts.text_encoders, parts.tokenizers, parts.noise_scheduler,
-                     prediction_type, str(path))
+                     prediction_type, str(path) + (f" with the VAE {Path(vae).expanduser()}" if vae else ""))
 
 
 def _prediction_type(path: Path, scheduler_config, v_parameterization: bool) -> str:

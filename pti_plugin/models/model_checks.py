@@ -83,7 +83,7 @@ def file_kind(keys: Iterable[str]) -> str | None:
         return (f"a textual-inversion embedding (key {embedding!r}), not a base model; an embedding to start the "
                 "pivot from goes in weights")
     if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")) for k in keys):
-        return "a VAE alone (encoder.*/decoder.* keys), not a base model (a separate VAE file is not supported)"
+        return "a VAE alone (encoder.*/decoder.* keys), not a base model; a VAE to use instead of the model's goes in vae"
     for prefix, what in (("down_blocks.", "a diffusers UNet's weights"), ("text_model.", "a text encoder's weights")):
         if any(k.startswith(prefix) for k in keys):
             return (f"{what} alone (keys {prefix}*), not a whole model; pass the diffusers model folder (with "

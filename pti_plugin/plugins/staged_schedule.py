@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..hooks import Plugin, StagePlan, StageTrains, TrainerState
-from ..optimizers import build_lr_scheduler, build_optimizer
+from ..lr_schedulers import build_lr_scheduler
+from ..optimizers import build_optimizer
 from ..resolution import ResolvedStage
 
 
@@ -46,7 +47,6 @@ class StagedSchedule(Plugin):
         if stage.steps is None:
             raise ValueError(f"stage {stage.name!r}: epochs not converted to steps (resolution.with_epoch_steps)")
         optimizer = build_optimizer(stage.optimizer_type, groups, stage.learning_rate, list(stage.optimizer_args))
-        scheduler = build_lr_scheduler(stage.lr_scheduler, optimizer, stage.lr_warmup_steps, stage.steps,
-                                       stage.lr_scheduler_num_cycles, stage.lr_scheduler_power)
+        scheduler = build_lr_scheduler(stage, optimizer)
         return StagePlan(stage, stage.steps, groups, optimizer, scheduler, lora_enabled=stage.lora_enabled,
                          trains=self.trains(state, stage))

@@ -1,0 +1,54 @@
+"""The SAI model spec (``modelspec.*`` safetensors metadata) as kohya sd-scripts writes it into a LoRA and an embedding.
+
+kohya (``library/sai_model_spec.py``, ``train_util.get_sai_model_spec``) writes into every saved LoRA
+(``train_network.py``) and every saved textual-inversion embedding (``train_textual_inversion.py``), the
+intermediate saves included: the spec's version, the architecture (the base model's, then ``/lora`` or
+``/textual-inversion``), the implementation, the title (``metadata_title``, else ``output_name``), the
+training resolution ``WxH`` and the date (ISO 8601, local time, whole seconds); then ``modelspec.author``,
+``.description``, ``.license`` and ``.tags`` (``metadata_*``) only when given, each as given (tags: one
+comma-separated string, as kohya). kohya's ``prediction_type``, ``encoder_layer`` (``clip_skip``),
+``timestep_range`` and ``implementation_version`` (its git commit) are not written here.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+
+SPEC_VERSION = "1.0.1"
+#: The base model's architecture by model family (kohya's ``ARCH_SD_V1``, ``ARCH_SD_XL_V1_BASE``).
+ARCHITECTURES = {"sd15": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
+#: The adapter suffix of the architecture by file kind.
+ADAPTERS = {"lora": "lora", "embedding": "textual-inversion"}
+_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+#: kohya's ``determine_implementation``: an SDXL LoRA and any embedding name Stability AI's code, an SD1.x LoRA diffusers.
+IMPLEMENTATIONS = {("lora", "sd15"): "diffusers", ("lora", "sdxl"): _STABILITY_AI,
+                   ("embedding", "sd15"): _STABILITY_AI, ("embedding", "sdxl"): _STABILITY_AI}
+#: The ``metadata_*`` options written only when given, by their ``modelspec.*`` field.
+OPTIONAL_FIELDS = ("author", "description", "license", "tags")
+
+
+def model_spec_metadata(
+    kind: str, family: str, title: str, resolution: int | list[int] | tuple[int, int], timestamp: float,
+    given: Mapping[str, str | None] | None = None,
+) -> dict[str, str]:
+    """The ``modelspec.*`` entries of a ``kind`` file (``"lora"`` or ``"embedding"``) for a model ``family``
+    (``"sd15"``, ``"sdxl"``): ``title``; ``resolution`` an int or (width, height); ``timestamp`` a Unix time (the
+    date). ``given``: :data:`OPTIONAL_FIELDS` values (author, description, license, tags), None where not given."""
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    meta = {
+        "modelspec.sai_model_spec": SPEC_VERSION,
+        "modelspec.architecture": f"{ARCHITECTURES[family]}/{ADAPTERS[kind]}",
+        "modelspec.implementation": IMPLEMENTATIONS[(kind, family)],
+        "modelspec.title": title,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
+    }
+    for name in OPTIONAL_FIELDS:
+        value = (given or {}).get(name)
+        if value is not None:
+            meta[f"modelspec.{name}"] = value
+    return meta
+
+
+__all__ = ["ADAPTERS", "ARCHITECTURES", "IMPLEMENTATIONS", "OPTIONAL_FIELDS", "SPEC_VERSION", "model_spec_metadata"]
