@@ -50,6 +50,11 @@ def _warn_replaced_epoch_interval(config: Config) -> None:
                        config.save_n_epoch_ratio)
 
 
+#: Keys that are unset (None) or > 0.
+_POSITIVE_WHEN_SET = ("unet_lr", "text_encoder_lr", "max_train_epochs", "save_n_epoch_ratio", "validate_every_n_steps",
+                      "validate_every_n_epochs", "max_validation_steps")
+
+
 def validate_config(config: Config, check_paths: bool, data_only: bool = False) -> None:
     """Every check of a parsed (not yet resolved) config; the first problem raises ConfigError naming its key.
     ``data_only``: of the paths, check only those a tool that loads no model reads (``DATA_PATH_KEYS``)."""
@@ -76,7 +81,7 @@ def validate_config(config: Config, check_paths: bool, data_only: bool = False) 
                 "max_data_loader_n_workers", "min_timestep", "ip_noise_gamma", "v_pred_like_loss"):
         if getattr(config, key) < 0:
             raise ConfigError.at(key, f" must be >= 0, got {getattr(config, key)!r}")
-    for key in ("unet_lr", "text_encoder_lr", "max_train_epochs", "save_n_epoch_ratio"):
+    for key in _POSITIVE_WHEN_SET:
         if getattr(config, key) is not None and getattr(config, key) <= 0:
             raise ConfigError.at(key, f" must be > 0, got {getattr(config, key)!r}")
     _warn_replaced_epoch_interval(config)

@@ -74,6 +74,7 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
         raw = raw | {"stages": default_stage_dicts(raw)}
     parsed = with_kohya_tracker(_build(Config, raw))
     validate_config(parsed, check_paths, data_only)
+    parsed = _with_dims_from_weights(parsed, read=check_paths and not data_only)
     config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),
                                  caption_extension=with_leading_dot(parsed.caption_extension),
                                  network_alpha=parsed.network_alpha or float(parsed.network_dim))  # kohya: 0 is dim
@@ -84,6 +85,32 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
     if check_paths and warn_intervals and not data_only:  # a config to run now (not a saved run's, read back)
         warn_unreached_intervals(config)
     return config
+
+
+def _with_dims_from_weights(parsed: Config, read: bool) -> Config:
+    """kohya's ``dim_from_weights``: ``network_dim``, ``network_alpha`` and ``network_args`` (LoCon's conv_dim and
+    conv_alpha, else none) from the ``network_weights`` file's header and alphas
+    (``formats.kohya_lora.lora_file_dims``), replacing the preset's, so the resolved config shows the dims trained.
+    Only when ``read`` (a run's file, checked by then): a saved run's config read back already holds the file's dims."""
+    if not parsed.dim_from_weights:
+        return parsed
+    if not parsed.network_weights:
+        raise ConfigError.at("dim_from_weights", " needs network_weights (the kohya LoRA file to take the dims from)")
+    if not read:
+        return parsed
+    from .formats.kohya_lora import LoraFormatError, lora_file_dims
+
+    try:
+        dims = lora_file_dims(parsed.network_weights)
+    except LoraFormatError as exc:
+        raise ConfigError.at("dim_from_weights", f": network_weights {exc}") from None
+    conv = [f"conv_dim={dims['conv_dim']}", f"conv_alpha={dims['conv_alpha']!r}"] if "conv_dim" in dims else []
+    taken = dataclasses.replace(parsed, network_dim=dims["network_dim"], network_alpha=dims["network_alpha"],
+                                network_args=conv)
+    logger.info("dim_from_weights: network_dim = %d, network_alpha = %r, network_args = %s from %s (the preset's: %d, "
+                "%r, %s)", taken.network_dim, taken.network_alpha, conv, parsed.network_weights, parsed.network_dim,
+                parsed.network_alpha, parsed.network_args)
+    return taken
 
 
 def _batch_size(config: Config) -> int:

@@ -1,5 +1,6 @@
 """The denoising objective: per-sample noise (offset, pyramid, input perturbation), timesteps, target, the
-per-sample loss (``loss_type``) and its timestep weights (Min-SNR, kohya's v-prediction scalings, debiased estimation).
+per-sample loss (``loss_type``, kohya's masked loss) and its timestep weights (Min-SNR, kohya's v-prediction scalings,
+debiased estimation).
 
 The keys keep kohya sd-scripts' meaning (``train_util.get_noise_noisy_latents_and_timesteps``,
 ``custom_train_functions``); what differs is that every draw is per sample, from the sample's own generator
@@ -168,18 +169,29 @@ def huber_threshold(noise_scheduler, timesteps: torch.Tensor, config: Config) ->
     raise ValueError(f"unsupported huber_schedule {config.huber_schedule!r}")
 
 
+def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """kohya's ``apply_masked_loss``: the per-element loss [b, C, h, w] times ``mask`` ([b, 1, H, W] or [b, H, W] in
+    [0, 1]) area-interpolated to (h, w) (the identity when it is already latent-sized); ``loss`` itself when None.
+    A plain product: the per-sample mean that follows still divides by every element, masked or not (kohya)."""
+    if mask is None:
+        return loss
+    mask = mask.to(device=loss.device, dtype=loss.dtype)
+    mask = mask.unsqueeze(1) if mask.dim() == 3 else mask
+    return loss * F.interpolate(mask, size=loss.shape[2:], mode="area")
+
+
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, noise_scheduler, timesteps: torch.Tensor,
-                    config: Config) -> torch.Tensor:
+                    config: Config, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The loss per sample [b], the mean over its elements of ``loss_type``'s: squared error ("l2"), absolute error
     ("l1"), or kohya's pseudo-Huber 2c (sqrt(d^2 + c^2) - c) ("huber") and 2 (sqrt(d^2 + c^2) - c) ("smooth_l1"),
-    c from :func:`huber_threshold`."""
+    c from :func:`huber_threshold`; each element first multiplied by ``loss_mask`` (:func:`apply_loss_mask`)."""
     prediction, target = prediction.float(), target.float()
     if config.loss_type == "l2":
-        return F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        return apply_loss_mask(F.mse_loss(prediction, target, reduction="none"), loss_mask).mean(dim=(1, 2, 3))
     if config.loss_type == "l1":
-        return F.l1_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        return apply_loss_mask(F.l1_loss(prediction, target, reduction="none"), loss_mask).mean(dim=(1, 2, 3))
     if config.loss_type not in ("huber", "smooth_l1"):
         raise ValueError(f"unsupported loss_type {config.loss_type!r}")
     c = huber_threshold(noise_scheduler, timesteps, config).to(prediction.device).view(-1, 1, 1, 1)
     loss = 2 * (torch.sqrt((prediction - target) ** 2 + c**2) - c)
-    return (c * loss if config.loss_type == "huber" else loss).mean(dim=(1, 2, 3))
+    return apply_loss_mask(c * loss if config.loss_type == "huber" else loss, loss_mask).mean(dim=(1, 2, 3))

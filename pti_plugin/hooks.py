@@ -93,7 +93,10 @@ class Batch:
     main loss is weighted by ``prior_loss_weight``); ``sizes`` float32 [b, 6]: each sample's original
     size (h, w), crop top-left (top, left) and target size (h, w), which families with size
     conditioning (SDXL) condition on; ``noisy_latents`` [b, 4, h, w] and ``timesteps`` [b]: the main
-    loss's noised inputs, set before ``on_step_start``.
+    loss's noised inputs, set before ``on_step_start``; ``loss_masks`` float32 [b, 1, h, w] in [0, 1]: kohya's
+    masked loss (``alpha_mask``, ``masked_loss``), each sample's mask fitted, cropped and flipped with its image and
+    area-downsampled to the latent size (all ones for a sample without a mask), which multiplies the main loss
+    per element; None when no sample of the batch has a mask. Plugin terms are not masked by it.
     """
 
     latents: torch.Tensor
@@ -105,6 +108,7 @@ class Batch:
     sizes: torch.Tensor | None = None
     noisy_latents: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
+    loss_masks: torch.Tensor | None = None
 
 
 @dataclass

@@ -37,16 +37,15 @@ REFUSED_OPTIONS: dict[str, str] = {
     "network_module": "pti-plugin always trains networks.lora (peft LoRA)",
     "network_dropout": _NOT_YET,
     "network_train_text_encoder_only": "use stages with train_unet = false",
-    "dim_from_weights": _NOT_YET,
     "base_weights": _NOT_YET,
     "base_weights_multiplier": _NOT_YET,
     "use_object_template": "captions come from files or caption_template",
     "use_style_template": "captions come from files or caption_template",
     "no_token_padding": "prompts are always padded to 77 tokens as at inference",
     "no_metadata": "metadata is always written",
+    "metadata_thumbnail": "a thumbnail image (kohya's modelspec.thumbnail data URL) is " + _NOT_YET,
     # noise / loss
     "weighted_captions": _NOT_YET,
-    "masked_loss": _NOT_YET,
     # saving / hub / logging
     "save_last_n_epochs": "pti-plugin never deletes saved files",
     "save_last_n_epochs_state": "pti-plugin never deletes saved files",
@@ -77,11 +76,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "skip_until_initial_step": "use resume",
     "initial_epoch": "use resume",
     "initial_step": "use resume",
-    "validation_seed": _NOT_YET,
-    "validation_split": _NOT_YET,
-    "validate_every_n_steps": _NOT_YET,
-    "validate_every_n_epochs": _NOT_YET,
-    "max_validation_steps": _NOT_YET,
     "cpu_offload_checkpointing": _NOT_YET,
     # dataset (top-level forms; the others are keys of the preset)
     "caption_extention": "use caption_extension",
@@ -90,11 +84,11 @@ REFUSED_OPTIONS: dict[str, str] = {
     "skip_cache_check": "the latent disk cache is keyed by bucket size and flip; there is no check to skip",
     "token_warmup_min": "token warm-up is not implemented",
     "token_warmup_step": "token warm-up is not implemented",
-    "alpha_mask": "masked loss is not implemented",
     "dataset_class": "custom dataset classes are not supported",
     "resize_interpolation": "images are always resized with Lanczos",
     "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",
-    "conditioning_data_dir": "ControlNet datasets are not supported",
+    "conditioning_data_dir": "set it in a dataset_config subset, with masked_loss = true (kohya's train_network reads it "
+                             "only there; ControlNet training is not supported)",
 }
 
 

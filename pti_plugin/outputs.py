@@ -11,6 +11,7 @@ step. ``overwrite = true`` lets the run replace whatever it writes, state folder
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -194,6 +195,20 @@ class RunFiles:
         return f"; to continue the earlier run, replacing its final {' and '.join(final)}: {command} --overwrite"
 
 
+def kohya_run_metadata(config) -> dict[str, str]:
+    """kohya's run-wide ``ss_*`` keys beside the stage's (``training_metadata``): the training settings
+    (``formats.kohya_lora.KOHYA_SETTINGS``) and the base model's and ``vae``'s names and hashes."""
+    from .config import Config
+    from .formats.kohya_lora import KOHYA_SETTINGS, kohya_settings_metadata, kohya_source_metadata
+
+    values = {option: getattr(config, option) for option in KOHYA_SETTINGS.values()}
+    values["cache_latents"] = config.cache_latents or config.cache_latents_to_disk  # kohya: to disk turns it on
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    meta = kohya_settings_metadata(values, defaults)
+    meta |= kohya_source_metadata("sd_model", config.pretrained_model_name_or_path)
+    return meta | (kohya_source_metadata("vae", config.vae) if config.vae else {})
+
+
 def write_lora_and_embedding(
     files: RunFiles,
     suffix: str | None,
@@ -243,12 +258,14 @@ def write_lora_and_embedding(
         extra=pti | {k: v for k, v in training.items() if k.startswith("pti_")},
         conv_dim=conv.get("conv_dim"), conv_alpha=conv.get("conv_alpha"), tag_frequency=tag_frequency,
         family=family.name, training_comment=config.training_comment,
-    ) | {k: v for k, v in training.items() if k.startswith("ss_")}
+    ) | {k: v for k, v in training.items() if k.startswith("ss_")} | kohya_run_metadata(config)
     if "ss_learning_rate" not in training:  # no lora stage: the LoRA never trained
         metadata.pop("ss_learning_rate")
     # kohya's modelspec.*, from its metadata_* options, in the LoRA and (as kohya's TI writes it) in the embedding
     title = config.metadata_title if config.metadata_title is not None else config.output_name  # kohya's default
     given = {name: getattr(config, f"metadata_{name}") for name in OPTIONAL_FIELDS}
+    trigger = config.metadata_trigger_phrase  # our default (kohya has none): a PTI LoRA's trigger is its pivot token
+    given["trigger_phrase"] = (config.token_string if trigger is None else trigger) or None  # "": left out
     spec = {kind: model_spec_metadata(kind, family.name, title, config.resolution, now, given) for kind in ("lora", "embedding")}
     metadata |= spec["lora"]
     lora_path, embedding_path = files.lora(suffix), files.embedding(suffix)

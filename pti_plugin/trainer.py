@@ -31,7 +31,7 @@ from .data.dataset import ImageItem, load_subsets
 from .data.dataset_stats import tag_frequency
 from .data.latents import LatentSource
 from .data.sample_order import SampleOrder, sample_generator
-from .data.scanning import scan_images
+from .data.scanning import scan_images_and_held_out
 from .diffusion_loss import check_against_model, draw_batch, per_sample_loss, timestep_weighted, training_target
 from .hooks import (
     Batch,
@@ -54,6 +54,7 @@ from .run_lock import RunLocks, clean_leftover_temporaries
 from .sampling import sample_during_training
 from .stop_signals import StopSignals, TrainingInterrupted, received_on_any_process
 from .text_cache import TextConditioningCache
+from .validation import Validation, has_validation
 from .weight_guard import WeightGuard
 
 logger = logging.getLogger(__name__)
@@ -105,12 +106,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         device = self.accelerator.device
 
-        train_dir = None  # the data is checked before any model loads
-        if config.train_data_dir == EMBEDDED:
-            from .embedded_default import default_dataset_dir
-
-            train_dir = default_dataset_dir(config.token_string)
-        self.items: list[ImageItem] = scan_images(config, load_subsets(config, train_dir))
+        held_out = self._scan_data()  # the data is checked before any model loads
         self.entries = [i for i, item in enumerate(self.items) for _ in range(item.num_repeats)]
         # One optimizer step consumes a global batch of batch x processes x accumulation samples.
         self.global_batch = config.train_batch_size * self.accelerator.num_processes * config.gradient_accumulation_steps
@@ -151,6 +147,7 @@ class Trainer:
         )
         self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
         self.latents.fill_cache()
+        self.validation = Validation(config, self.accelerator, model, self.text_cache, held_out, self._info)
         self._release_vae(base.vae, device, output_dir)
         self._micro_batches = self._micro_batch_stream()
         self.state.steps_per_epoch = steps_per_epoch
@@ -160,6 +157,16 @@ class Trainer:
         self._announce(base, device)
         for plugin in self.plugins:
             plugin.on_setup(self.state)
+
+    def _scan_data(self) -> list[ImageItem]:
+        """The training images into ``self.items``; returns the images ``validation_split`` holds out (never among them)."""
+        config, train_dir = self.config, None
+        if config.train_data_dir == EMBEDDED:
+            from .embedded_default import default_dataset_dir
+
+            train_dir = default_dataset_dir(config.token_string)
+        self.items, held_out = scan_images_and_held_out(config, load_subsets(config, train_dir))
+        return held_out
 
     def _place_model(self, base, model: TrainableModel, device: torch.device) -> None:
         """Attention backend, gradient checkpointing, and every module on the device (frozen weights in the
@@ -353,6 +360,7 @@ class Trainer:
         for plugin in self.plugins:
             plugin.on_stage_start(state)
         returns_before = self.model.text_returns
+        self.validation.start_stage(plan, order.batches_per_epoch)  # before the text encoders may leave the device
         offloaded = self.text_cache.start_stage(plan.trains.text_encoders, self.items, config.token_string,
                                                 config.num_vectors_per_token)
         if offloaded:
@@ -362,10 +370,12 @@ class Trainer:
             logs = self._optimizer_step(plan)
             state.stage_step += 1
             state.global_step += 1
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage.name, refresh=False)  # shown by update's refresh,
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage.name, **self.validation.postfix,  # + val_loss
+                                 refresh=False)  # shown by update's refresh,
             progress.update(1)  # which tqdm rate-limits (a refresh per step formats and writes the bar every step)
             for plugin in self.plugins:
                 plugin.on_step_end(state, logs)
+            logs |= self.validation.after_step(state, logs)  # validation_split's held-out loss, when due
             self._after_step(logs, order)
             self._stop_if_signalled()
         progress.close()
@@ -454,7 +464,8 @@ class Trainer:
         input_ids = self.model.tokenize(drawn.captions)
         device = self.accelerator.device
         return Batch(torch.stack(latents).to(device), input_ids.to(device), drawn.captions, drawn.paths, drawn.slots,
-                     drawn.is_reg, sizes=drawn.sizes.to(device))  # sizes [b, 6]
+                     drawn.is_reg, sizes=drawn.sizes.to(device),  # sizes [b, 6]; loss masks [b, 1, h, w] or None
+                     loss_masks=self.latents.loss_masks(drawn, latents[0].shape[-2:], device))
 
     def _loss_terms(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Main denoising loss and every plugin term for one micro-batch of optimizer step ``step`` (scalars)."""
@@ -475,7 +486,7 @@ class Trainer:
         prediction = prediction_all[:b] if extra else prediction_all  # a slice's backward would copy the gradient
         prediction_type = model.base.prediction_type
         target = training_target(scheduler, batch.latents, noise, t, prediction_type)
-        per_sample = per_sample_loss(prediction, target, scheduler, t, config)  # [b] (loss_type)
+        per_sample = per_sample_loss(prediction, target, scheduler, t, config, batch.loss_masks)  # [b] (loss_type, mask)
         if any(batch.is_reg):  # kohya: a regularisation sample's loss is multiplied by prior_loss_weight
             per_sample = per_sample * torch.tensor([config.prior_loss_weight if r else 1.0 for r in batch.is_reg], device=per_sample.device)
         per_sample = timestep_weighted(per_sample, scheduler, t, config, prediction_type)  # Min-SNR, debiased ...
@@ -495,7 +506,7 @@ class Trainer:
     # ------------------------------------------------------------------ logs, samples, saves
     def _after_step(self, logs: dict[str, float], order: SampleOrder) -> None:
         config, state = self.config, self.state
-        if state.global_step % config.log_every_n_steps == 0 or state.stage_step == state.plan.steps:
+        if state.global_step % config.log_every_n_steps == 0 or state.stage_step == state.plan.steps or has_validation(logs):
             entry = {"global_step": state.global_step, "stage": state.stage.name, "stage_step": state.stage_step}
             entry |= logs | self.pivot.distance_from_init() | state.logs
             if self.accelerator.is_main_process:

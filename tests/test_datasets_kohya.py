@@ -242,9 +242,9 @@ def test_every_caption_option_of_a_subset_reaches_its_images(tmp_path):
 @pytest.mark.parametrize("body, expected", [
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\ncache_info = true\n",
      "datasets.0.subsets.0: kohya dataset option 'cache_info' is not supported by pti-plugin (image sizes and captions"),
-    ("[general]\nalpha_mask = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n",
-     "[general]: kohya dataset option 'alpha_mask' is not supported by pti-plugin (masked loss is not implemented); "
-     "supported: batch_size, bucket_no_upscale"),
+    ("[general]\ntoken_warmup_min = 2\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n",
+     "[general]: kohya dataset option 'token_warmup_min' is not supported by pti-plugin (token warm-up is not "
+     "implemented); supported: alpha_mask, batch_size, bucket_no_upscale"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nresolution = 64\n",
      "'resolution' is a dataset option: set it in [[datasets]] or [general]"),
     ("[[datasets]]\nis_reg = true\n[[datasets.subsets]]\nimage_dir = 'a'\n", "'is_reg' belongs in a [[datasets.subsets]] table"),

@@ -222,7 +222,7 @@ def test_sigterm_while_a_run_sets_up_stops_it_naming_the_signal_and_releases_its
 
     from .test_reliability import _cli
 
-    scan = trainer.scan_images
+    scan = trainer.scan_images_and_held_out
 
     def signalled_scan(*args, **kwargs):
         assert (out / "pti.lock").exists()  # taken before the scan
@@ -231,7 +231,7 @@ def test_sigterm_while_a_run_sets_up_stops_it_naming_the_signal_and_releases_its
         return scan(*args, **kwargs)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(trainer, "scan_images", signalled_scan)
+    monkeypatch.setattr(trainer, "scan_images_and_held_out", signalled_scan)
     code, output = _cli(preset(output_dir=str(out)), tmp_path, capsys)
     assert code == 128 + signal.SIGTERM, output[-2000:]
     assert output.strip().splitlines()[-1].startswith("stopped by SIGTERM while the run was setting up")

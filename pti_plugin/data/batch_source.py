@@ -15,7 +15,7 @@ Slots of a step's global batch are laid out micro-batch-major, then rank, then s
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -24,6 +24,7 @@ from .augment import Augmentation, augmented_pixels
 from .buckets import size_conditioning
 from .dataset import ImageItem
 from .latents import needs_pixels
+from .masks import fitted_mask
 from .sample_order import SampleOrder
 from .samples import draw_sample
 
@@ -35,7 +36,8 @@ class DrawnMicroBatch:
     """One process's micro-batch before the model: per slot the draw, and pixels where no cached latent serves it.
 
     ``sizes`` float32 [b, 6] (see :func:`size_conditioning`); ``pixels[i]`` float32 [3, H, W] in
-    [-1, 1], or None when the latent cache holds slot i's latent.
+    [-1, 1], or None when the latent cache holds slot i's latent; ``masks[i]`` float32 [H, W] in [0, 1], slot i's
+    loss mask fitted as its pixels are (``masks.py``), or None when its image has none or the cache holds it.
     """
 
     key: Key
@@ -47,6 +49,7 @@ class DrawnMicroBatch:
     is_reg: list[bool]
     sizes: torch.Tensor
     pixels: list[torch.Tensor | None]
+    masks: list[torch.Tensor | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,10 @@ class MicroBatchDraws(Dataset):
         sizes = [size_conditioning(i.image_size, i.bucket, d.augmentation.crop) for i, d in zip(items, draws)]
         pixels = [augmented_pixels(i, d.augmentation) if needs_pixels(d.augmentation, s.latents_cached) else None
                   for i, d in zip(items, draws)]
+        masks = [fitted_mask(i, d.augmentation) if p is not None else None for i, d, p in zip(items, draws, pixels)]
         return DrawnMicroBatch(key, slots, [d.item_index for d in draws], [d.augmentation for d in draws],
                                [d.caption for d in draws], [str(i.path) for i in items], [i.is_reg for i in items],
-                               torch.tensor(sizes, dtype=torch.float32), pixels)
+                               torch.tensor(sizes, dtype=torch.float32), pixels, masks)
 
 
 class _StageKeys:

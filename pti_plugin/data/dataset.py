@@ -9,12 +9,13 @@ a key set at an outer level is the default of the inner ones and the preset's to
 the defaults of ``[general]`` (kohya: the config file wins over the command line).
 
 kohya semantics kept: dataset-level keys (``resolution``, buckets, ``batch_size``,
-``skip_image_resolution``) cannot be set in a subset; ``image_dir``, ``is_reg``, ``metadata_file``
-only in a subset; DreamBooth-style and ``metadata_file`` subsets cannot share a dataset; a subset
-repeating an earlier subset's ``image_dir`` (``metadata_file``) in the same dataset is ignored with
-a warning (in another dataset it is used again, e.g. at another resolution); a subset with
-``num_repeats < 1`` is ignored with a warning. Regularisation images are balanced per dataset as
-kohya does (:func:`balance_reg_repeats`). Documented kohya keys that are not implemented are
+``skip_image_resolution``) cannot be set in a subset; ``image_dir``, ``is_reg``, ``metadata_file``,
+``alpha_mask``, ``conditioning_data_dir`` only in a subset (a masked, ``conditioning_data_dir`` subset only
+with ``masked_loss``, and not beside unmasked ones in a dataset: see ``masks.py``); DreamBooth-style and
+``metadata_file`` subsets cannot share a dataset; a subset repeating an earlier subset's ``image_dir``
+(``metadata_file``) in the same dataset is ignored with a warning (in another dataset it is used again,
+e.g. at another resolution); a subset with ``num_repeats < 1`` is ignored with a warning. Regularisation
+images are balanced per dataset as kohya does (:func:`balance_reg_repeats`). Documented kohya keys that are not implemented are
 refused by name, naming the file, with the list of supported keys — never silently ignored.
 This module reads the sources into :class:`Subset` s (schema and checks); :mod:`.scanning` reads
 their images into :class:`ImageItem` s and :mod:`.dataset_stats` reports on them.
@@ -58,6 +59,10 @@ class Subset:
     dataset_index: int = 0
     skip_image_resolution: tuple[int, int] | None = None
     where: str = ""
+    alpha_mask: bool = False  # the images' alpha channel is the loss mask (``masks.py``)
+    conditioning_data_dir: Path | None = None  # masked_loss: the folder of the images' mask files (``masks.py``)
+    validation_split: float = 0.0  # kohya: the fraction of its images held out for the validation loss
+    validation_seed: int | None = None  # kohya: the seed of that split (None: the run's seed); ``validation_split.py``
 
     @property
     def name(self) -> str:
@@ -87,6 +92,8 @@ class ImageItem:
     dataset_index: int = 0
     subset_index: int = 0
     image_size: tuple[int, int] = (0, 0)
+    alpha_mask: bool = False  # the loss mask is the image's alpha channel
+    mask_path: Path | None = None  # the loss mask is this file's red channel (conditioning_data_dir)
 
 
 def _resolution(value: Any, where: str) -> tuple[int, int]:
@@ -104,17 +111,19 @@ def _top_level(config: Config) -> dict[str, Any]:
     """The preset's values of the dataset keys (the defaults of [general])."""
     values = {key: getattr(config, key) for key in TOP_LEVEL_KEYS}
     values["resolution"] = tuple(config.resolution) if isinstance(config.resolution, list) else config.resolution
-    return values | {"num_repeats": 1, "class_tokens": None, "batch_size": None}
+    return values | {"num_repeats": 1, "class_tokens": None, "batch_size": None, "alpha_mask": config.alpha_mask}
 
 
 def _make_subset(values: dict[str, Any], image_dir: Path, where: str, dataset_index: int,
-                 metadata_file: Path | None = None, is_reg: bool = False) -> Subset:
+                 metadata_file: Path | None = None, is_reg: bool = False, conditioning_data_dir: Path | None = None) -> Subset:
     settings = (values["enable_bucket"], values["min_bucket_reso"], values["max_bucket_reso"],
                 values["bucket_reso_steps"], values["bucket_no_upscale"])
     return Subset(
         image_dir, values["num_repeats"], values["caption_extension"], values["class_tokens"], values["flip_aug"],
         _resolution(values["resolution"], where), settings, is_reg, _caption_options(values), values["color_aug"],
         values["random_crop"], metadata_file, dataset_index, optional_size_pair(values["skip_image_resolution"]), where,
+        values["alpha_mask"], conditioning_data_dir,
+        validation_split=values["validation_split"], validation_seed=values["validation_seed"],
     )
 
 
@@ -220,11 +229,36 @@ def _subsets_from_dataset_config(config: Config, path: Path) -> tuple[list[Subse
             metadata_file = _relative_to(Path(metadata), path) if metadata else None
             if metadata_file is not None and not metadata_file.is_file():
                 raise ConfigError(f"{path} {where}: metadata_file not found: looked for {metadata_file}")
+            conditioning = _conditioning_dir(config, subset, merged, image_dir, path, where)
+            if s and (conditioning is None) != (subsets[-1].conditioning_data_dir is None):
+                raise ConfigError(f"{path} datasets.{d}: conditioning_data_dir is set in some subsets and not in others: "
+                                  "kohya's masked (ControlNet-style) subsets cannot share a dataset with others; split them")
             subsets.append(_make_subset(merged, image_dir or metadata_file.parent, f"{path} {where}", d,
-                                        metadata_file, bool(merged.get("is_reg", False))))
+                                        metadata_file, bool(merged.get("is_reg", False)), conditioning))
     if not subsets:
         raise ConfigError(f"dataset_config {path} defines no [[datasets.subsets]]")
     return subsets, batch_sizes
+
+
+def _conditioning_dir(config: Config, table: dict[str, Any], merged: dict[str, Any], image_dir: Path | None, path: Path,
+                      where: str) -> Path | None:
+    """A subset's ``conditioning_data_dir`` (the folder of its images' masks for ``masked_loss``), with kohya's rules:
+    only with ``masked_loss``, beside ``image_dir`` only (no ``metadata_file``, ``is_reg`` or ``alpha_mask``)."""
+    if "conditioning_data_dir" not in merged:
+        return None
+    at = f"{path} {where}: conditioning_data_dir"
+    if not config.masked_loss:
+        raise ConfigError(f"{at} holds loss masks, read only with masked_loss = true (as in kohya): set it in the preset")
+    for key in ("metadata_file", "is_reg", "alpha_mask"):
+        if table.get(key):
+            raise ConfigError(f"{at} cannot be combined with {key} = {table[key]!r} in one subset (kohya's masked subsets "
+                              "take an image_dir and its masks only)")
+    folder = _relative_to(Path(merged["conditioning_data_dir"]), path)
+    if not folder.is_dir():
+        raise ConfigError(f"{at} {folder} is a file, not a folder" if folder.exists() else f"{at} not found: looked for {folder}")
+    if folder == image_dir:
+        raise ConfigError(f"{at} is the image_dir itself: masks need their own folder (files named as their images)")
+    return folder
 
 
 def _relative_to(value: Path, config_file: Path) -> Path:
@@ -277,6 +311,9 @@ def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Sub
     if not config.dataset_config:
         _check_buckets(_top_level(config), "preset", "(top-level keys)")
     _check_cacheable(config, subsets)
+    if config.masked_loss and not any(s.alpha_mask or s.conditioning_data_dir is not None for s in subsets):
+        raise ConfigError.at("masked_loss", " = true, but no subset has masks: they come from a dataset_config subset's "
+                             "conditioning_data_dir (or, with alpha_mask, from the images' alpha); kohya would train unmasked")
     sizes = {b for b in batch_sizes if b is not None}
     if len(sizes) > 1:
         raise ConfigError(f"dataset_config {config.dataset_config}: the datasets set different batch_size values "

@@ -40,6 +40,19 @@ def _rate(value: Any) -> float:
     return float(value)
 
 
+def _below_one(value: Any) -> float:
+    """A fraction in [0, 1): ``validation_split`` (1 would leave nothing to train on)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError("expects a number in [0, 1)")
+    return float(value)
+
+
+def _optional_seed(value: Any) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**63 - 1):
+        raise ValueError(f"expects an integer between 0 and {2**63 - 1}")
+    return value
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("expects a string")
@@ -88,6 +101,8 @@ DATASET_KEYS: dict[str, Callable[[Any], Any]] = {
     "bucket_no_upscale": _bool,
     "batch_size": _int_at_least(1),
     "skip_image_resolution": optional_size_pair,
+    "validation_split": _below_one,  # kohya: the fraction of each subset held out (``validation_split.py``)
+    "validation_seed": _optional_seed,  # kohya: the seed of that split (unset: ``seed``)
 }
 #: The caption options of a subset (the fields of ``captions.CaptionOptions``), with their checks.
 CAPTION_KEYS: dict[str, Callable[[Any], Any]] = {
@@ -112,24 +127,22 @@ SUBSET_KEYS: dict[str, Callable[[Any], Any]] = {
     "color_aug": _bool,
     "random_crop": _bool,
 } | CAPTION_KEYS
-#: Keys of [[datasets.subsets]] only.
+#: Keys of [[datasets.subsets]] only (as in kohya; ``alpha_mask``'s default is the preset's top-level key, kohya's ``--alpha_mask``).
 SUBSET_ONLY_KEYS: dict[str, Callable[[Any], Any]] = {
     "image_dir": _nonempty_text,
     "is_reg": _bool,
     "metadata_file": _nonempty_text,
+    "alpha_mask": _bool,
+    "conditioning_data_dir": _nonempty_text,
 }
 #: Keys kohya documents for dataset_config that pti-plugin refuses, with the reason.
 REFUSED_DATASET_KEYS: dict[str, str] = {
     "face_crop_aug_range": "face-centred crops are not implemented",
     "resize_interpolation": "images are always resized with Lanczos",
     "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",
-    "alpha_mask": "masked loss is not implemented",
-    "conditioning_data_dir": "ControlNet datasets are not supported",
     "token_warmup_min": "token warm-up is not implemented",
     "token_warmup_step": "token warm-up is not implemented",
     "network_multiplier": "per-dataset LoRA multipliers are not implemented",
-    "validation_seed": "validation splits are not implemented",
-    "validation_split": "validation splits are not implemented",
     "max_token_length": "a top-level preset key, not a dataset option",
     "prior_loss_weight": "a top-level preset key, not a dataset option",
     "debug_dataset": "use python -m pti_plugin.dataset_preview",

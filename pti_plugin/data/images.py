@@ -32,6 +32,12 @@ def read_image(path: Path) -> Image.Image:
     Only regular files (or symlinks to them) are opened: a named pipe, socket or device with an
     image extension is rejected without being opened (opening a pipe would block forever).
     """
+    return _to_rgb(open_oriented(path))
+
+
+def open_oriented(path: Path) -> Image.Image:
+    """The image at ``path`` as PIL loads it (any mode, alpha kept), EXIF orientation applied, or ImageRejected
+    (the checks of :func:`read_image`)."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -50,7 +56,7 @@ def read_image(path: Path) -> Image.Image:
         raise ImageRejected(f"not a readable image ({type(exc).__name__}: {exc})") from exc
     if min(image.size) < MIN_SIDE:
         raise ImageRejected(f"too small ({image.width}x{image.height}; the shorter side must be >= {MIN_SIDE} px)")
-    return _to_rgb(image)
+    return image
 
 
 def _file_kind(mode: int) -> str:

@@ -12,6 +12,12 @@ on: the VAE's weights (names, dtypes, shapes and values: :func:`module_digest`) 
 seed of the posterior draw and the image file's bytes. A different VAE (another model's, or ``vae``'s
 replacement), scale, seed or image therefore never reuses a stale latent; it writes its own file beside
 the others.
+
+Loss masks (``masks.py``) are cached with the latents: per image and flip, the mask fitted to the bucket and
+area-downsampled to the latent's size (kohya's ``apply_masked_loss``), in memory and as the disk file's ``mask``
+tensor. The key of an image with a mask also digests its source (``alpha``: the image's bytes, already in the key;
+a mask file: its bytes), so an edited mask, or ``alpha_mask`` turned on, never reuses a file without it; an image
+without a mask keeps the key it always had.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from ..atomic_io import save_safetensors_atomic
 from .augment import Augmentation, augmented_pixels
 from .dataset import ImageItem
+from .masks import fitted_mask, has_mask, latent_mask, stack_masks
 from .sample_order import sample_generator
 
 
@@ -60,6 +67,7 @@ class LatentSource:
         self.seed = seed
         self.to_disk = to_disk
         self._memory: dict[tuple[int, bool], torch.Tensor] | None = {} if cache else None
+        self._masks: dict[tuple[int, bool], torch.Tensor] = {}  # latent-sized loss masks [1, h, w] of cached draws
         self._vae_digest: str | None = None  # computed once, when the disk cache is first used
 
     @property
@@ -85,7 +93,10 @@ class LatentSource:
         if self._vae_digest is None:
             self._vae_digest = module_digest(self.vae)
         scale = float(self.vae.config.scaling_factor)
-        parts = f"vae={self._vae_digest}|scale={scale!r}|seed={self.seed}|image={file_digest(self.items[index].path)}"
+        item = self.items[index]
+        parts = f"vae={self._vae_digest}|scale={scale!r}|seed={self.seed}|image={file_digest(item.path)}"
+        if has_mask(item):  # the mask is saved in the file too
+            parts += f"|mask={'alpha' if item.mask_path is None else file_digest(item.mask_path)}"
         return hashlib.blake2b(parts.encode(), digest_size=6).hexdigest()
 
     def _disk_path(self, index: int, flip: bool) -> Path:
@@ -105,15 +116,19 @@ class LatentSource:
                 continue
             for flip in (False, True) if item.flip_aug else (False,):
                 path = self._disk_path(index, flip) if self.to_disk else None
-                if path is not None and path.is_file():
-                    latent = load_file(path)["latent"]
-                else:
+                tensors = load_file(path) if path is not None and path.is_file() else {}
+                latent, mask = tensors.get("latent"), tensors.get("mask")
+                if latent is None:
                     latent = self._encode(index, flip)
+                    mask = self.mask_for(index, Augmentation(flip=flip), latent.shape[-2:]) if has_mask(item) else None
                     if path is not None:
-                        save_safetensors_atomic(path, {"latent": latent},
+                        save_safetensors_atomic(path, {"latent": latent} | ({"mask": mask} if mask is not None else {}),
                                                 {"vae_digest": self._vae_digest or "", "seed": str(self.seed),
                                                  "scaling_factor": repr(float(self.vae.config.scaling_factor))})
                 self._memory[(index, flip)] = latent
+                if has_mask(item):
+                    self._masks[(index, flip)] = mask if mask is not None else self.mask_for(
+                        index, Augmentation(flip=flip), latent.shape[-2:])
 
     def latent(self, index: int, flip: bool) -> torch.Tensor:
         if self._memory is not None:
@@ -130,3 +145,20 @@ class LatentSource:
         if pixels is None:
             pixels = augmented_pixels(self.items[index], augmentation)
         return self._encode_pixels(pixels, index, augmentation.flip)
+
+    def mask_for(self, index: int, augmentation: Augmentation, size: tuple[int, int],
+                 mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The loss mask [1, h, w] of one draw at the latent ``size`` (h, w): from the cache when it serves the draw,
+        else from ``mask`` (the draw's :func:`masks.fitted_mask`; made here when None); None without a mask."""
+        if not has_mask(self.items[index]):
+            return None
+        if (index, augmentation.flip) in self._masks and not needs_pixels(augmentation, self.cached):
+            return self._masks[(index, augmentation.flip)]
+        return latent_mask(fitted_mask(self.items[index], augmentation) if mask is None else mask, size)
+
+    def loss_masks(self, drawn, size: tuple[int, int], device: torch.device | None = None) -> torch.Tensor | None:
+        """A drawn micro-batch's loss masks [b, 1, h, w] at the latent ``size`` on ``device`` (all ones for a sample
+        without one), or None when no sample has a mask (``batch_source.DrawnMicroBatch``)."""
+        given = drawn.masks or [None] * len(drawn.item_indices)
+        masks = stack_masks([self.mask_for(i, a, size, m) for i, a, m in zip(drawn.item_indices, drawn.augmentations, given)])
+        return None if masks is None else masks.to(device)

@@ -2,7 +2,8 @@
 
 Unreadable images are skipped with a warning naming the file; the run fails only when no usable
 training image remains. Regularisation images are balanced per dataset as kohya does
-(:func:`balance_reg_repeats`).
+(:func:`balance_reg_repeats`). Loss masks (``alpha_mask``, ``conditioning_data_dir``) are found and checked
+here too (``masks.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from .captions import read_caption_lines, resolve_lines, resolve_reg_lines
 from .dataset import IMAGE_EXTENSIONS, ImageItem, Subset
 from .dataset_stats import dataset_notes
 from .images import ImageRejected, read_image
+from .masks import attach_loss_masks
+from .validation_split import split_validation
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +104,15 @@ def balance_reg_repeats(train_entries: int, reg_items: list[ImageItem]) -> list[
 
 
 def scan_images(config: Config, subsets: list[Subset], log_notes: bool = True) -> list[ImageItem]:
+    """The images training draws from (:func:`scan_images_and_held_out`, without the held-out ones)."""
+    return scan_images_and_held_out(config, subsets, log_notes)[0]
+
+
+def scan_images_and_held_out(config: Config, subsets: list[Subset],
+                             log_notes: bool = True) -> tuple[list[ImageItem], list[ImageItem]]:
     """Every usable image of ``subsets`` with its captions and bucket: the training images, then the
-    regularisation images (repeats balanced per dataset). Logs what is done to captions once
+    regularisation images (repeats balanced per dataset); and the training images ``validation_split`` holds out
+    (``validation_split.py``), which are not among the first. Logs what is done to captions once
     (:func:`dataset_notes`) unless ``log_notes`` is false."""
     train: list[ImageItem] = []
     reg: list[ImageItem] = []
@@ -138,6 +148,7 @@ def scan_images(config: Config, subsets: list[Subset], log_notes: bool = True) -
                              tuple(resolved), subset.caption_options, subset.color_aug, subset.random_crop, subset.name,
                              subset.dataset_index, subset_index, image_size=tuple(size))
             (reg if subset.is_reg else train).append(item)
+    train, held_out = split_validation(config, subsets, train)  # before the reg balancing, as kohya
     if not train:
         reasons = "".join(f"\n  {r}" for r in rejected)
         folders = [str(s.image_dir) for s in subsets if not s.is_reg]
@@ -162,10 +173,10 @@ def scan_images(config: Config, subsets: list[Subset], log_notes: bool = True) -
             elif reg_entries > train_entries:
                 logger.warning("dataset %d: %d regularisation entries for %d training entries: some reg images are not used "
                                "(as kohya)", dataset_index, reg_entries, train_entries)
-    items = train + balanced
+    items = attach_loss_masks(subsets, train + balanced)  # alpha_mask, conditioning_data_dir: checked here
     for note in dataset_notes(items, config.token_string) if log_notes else []:
         logger.warning(note)
-    return items
+    return items, attach_loss_masks(subsets, held_out) if held_out else []
 
 
 def build_entries(items: list[ImageItem]) -> list[int]:
@@ -173,4 +184,4 @@ def build_entries(items: list[ImageItem]) -> list[int]:
     return [i for i, item in enumerate(items) for _ in range(item.num_repeats)]
 
 
-__all__ = ["balance_reg_repeats", "build_entries", "scan_images"]
+__all__ = ["balance_reg_repeats", "build_entries", "scan_images", "scan_images_and_held_out"]

@@ -13,12 +13,14 @@ takes ``table``; without it, SD1.5's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -226,6 +228,83 @@ def kohya_metadata(
     return meta
 
 
+#: kohya's training-setting keys (``train_network.py``'s metadata) that pti-plugin writes, each from the option of
+#: kohya's name and meaning (a Config key), written as kohya writes it: ``str(args.<option>)`` ("True"/"False" for a
+#: switch, "0.1" for a float, "l2" for a string). Run-wide here, as in kohya.
+KOHYA_SETTINGS = {
+    "ss_gradient_checkpointing": "gradient_checkpointing",
+    "ss_gradient_accumulation_steps": "gradient_accumulation_steps",
+    "ss_mixed_precision": "mixed_precision",
+    "ss_clip_skip": "clip_skip",
+    "ss_max_token_length": "max_token_length",
+    "ss_cache_latents": "cache_latents",
+    "ss_seed": "seed",
+    "ss_noise_offset": "noise_offset",
+    "ss_multires_noise_iterations": "multires_noise_iterations",
+    "ss_multires_noise_discount": "multires_noise_discount",
+    "ss_adaptive_noise_scale": "adaptive_noise_scale",
+    "ss_zero_terminal_snr": "zero_terminal_snr",
+    "ss_max_grad_norm": "max_grad_norm",
+    "ss_caption_dropout_rate": "caption_dropout_rate",
+    "ss_caption_dropout_every_n_epochs": "caption_dropout_every_n_epochs",
+    "ss_caption_tag_dropout_rate": "caption_tag_dropout_rate",
+    "ss_prior_loss_weight": "prior_loss_weight",
+    "ss_min_snr_gamma": "min_snr_gamma",
+    "ss_ip_noise_gamma": "ip_noise_gamma",
+    "ss_debiased_estimation": "debiased_estimation_loss",
+    "ss_noise_offset_random_strength": "noise_offset_random_strength",
+    "ss_ip_noise_gamma_random_strength": "ip_noise_gamma_random_strength",
+    "ss_loss_type": "loss_type",
+    "ss_huber_schedule": "huber_schedule",
+    "ss_huber_scale": "huber_scale",
+    "ss_huber_c": "huber_c",
+    "ss_validation_seed": "validation_seed",
+    "ss_validation_split": "validation_split",
+    "ss_max_validation_steps": "max_validation_steps",
+    "ss_validate_every_n_epochs": "validate_every_n_epochs",
+    "ss_validate_every_n_steps": "validate_every_n_steps",
+}
+#: The options of :data:`KOHYA_SETTINGS` whose kohya default is None, which means what pti-plugin's default means
+#: (off; the last layer for clip_skip; 75 tokens for max_token_length): at pti-plugin's default the value is written
+#: ``"None"``, as kohya writes it for a run without the option.
+KOHYA_NONE_DEFAULTS = frozenset({"clip_skip", "max_token_length", "noise_offset", "multires_noise_iterations",
+                                 "adaptive_noise_scale", "min_snr_gamma", "ip_noise_gamma"})
+
+
+def kohya_settings_metadata(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, str]:
+    """The :data:`KOHYA_SETTINGS` keys from each option's value (``values``, by option) as kohya writes them; an
+    option of :data:`KOHYA_NONE_DEFAULTS` at its pti-plugin default (``defaults``) is ``"None"``."""
+    return {key: "None" if option in KOHYA_NONE_DEFAULTS and values[option] == defaults[option] else str(values[option])
+            for key, option in KOHYA_SETTINGS.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _file_hashes(path: str, size: int, mtime_ns: int) -> tuple[str, str]:
+    """kohya's ``model_hash`` (sha256 of the 64 KiB at 1 MiB, 8 hex digits: A1111's old hash) and
+    ``calculate_sha256`` (the whole file) of ``path``; ``size`` and ``mtime_ns`` key the cache (once per file)."""
+    with open(path, "rb") as handle:
+        handle.seek(0x100000)
+        old = hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
+        handle.seek(0)
+        new = hashlib.file_digest(handle, "sha256").hexdigest()
+    return old, new
+
+
+def kohya_source_metadata(kind: str, source: str) -> dict[str, str]:
+    """kohya's keys naming a model file a run started from: ``kind`` ``"sd_model"`` (``pretrained_model_name_or_path``:
+    ``ss_sd_model_name``, ``ss_sd_model_hash``, ``ss_new_sd_model_hash``) or ``"vae"`` (``vae``: ``ss_vae_*``). As
+    kohya: an existing path is named by its base name with both hashes (a folder's: ``"IsADirectory"``), anything
+    else (``@embedded``) as given, without hashes."""
+    if not os.path.exists(source):
+        return {f"ss_{kind}_name": source}
+    if os.path.isdir(source):
+        old = new = "IsADirectory"
+    else:
+        stat = os.stat(source)
+        old, new = _file_hashes(os.path.realpath(source), stat.st_size, stat.st_mtime_ns)
+    return {f"ss_{kind}_hash": old, f"ss_new_{kind}_hash": new, f"ss_{kind}_name": os.path.basename(source)}
+
+
 def safetensors_payload_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 of the data after the header of the safetensors file holding ``tensors``.
 
@@ -278,9 +357,45 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
+def lora_file_dims(path: str | os.PathLike) -> dict[str, int | float]:
+    """kohya's ``dim_from_weights``: the ranks and alphas of the kohya LoRA file ``path``, from its header's shapes and
+    its ``alpha`` tensors: ``network_dim``/``network_alpha`` of its linear and 1x1-convolution modules and, when it
+    holds 3x3-convolution modules (LoCon), ``conv_dim``/``conv_alpha``. A module without an alpha has its rank (as
+    kohya). pti-plugin trains one rank and alpha per kind, so a file of several (a resized LoRA) raises
+    ``LoraFormatError``, as does one without linear modules."""
+    from safetensors import safe_open
+
+    found: dict[str, dict[tuple[int, float], list[str]]] = {"network": {}, "conv": {}}
+    with safe_open(str(Path(path)), framework="pt") as handle:
+        keys = set(handle.keys())
+        for key in sorted(k for k in keys if k.endswith(".lora_down.weight") and not k.startswith(BUNDLE_PREFIX)):
+            name, shape = key[: -len(".lora_down.weight")], handle.get_slice(key).get_shape()
+            if f"{name}.alpha" in keys and handle.get_slice(f"{name}.alpha").get_shape() not in ([], [1]):
+                raise LoraFormatError(f"{path}: {name}.alpha holds several values; a LoRA module's alpha is one number")
+            alpha = float(handle.get_tensor(f"{name}.alpha").item()) if f"{name}.alpha" in keys else float(shape[0])
+            kind = "conv" if len(shape) == 4 and tuple(shape[2:]) != (1, 1) else "network"
+            found[kind].setdefault((int(shape[0]), alpha), []).append(name)
+    if not found["network"]:
+        raise LoraFormatError(f"{path} holds no linear-layer LoRA module to take network_dim from")
+    dims: dict[str, int | float] = {}
+    for kind, pairs in found.items():
+        if len(pairs) > 1:
+            shown = ", ".join(f"rank {r} alpha {a:g} in {len(n)} module(s) such as {n[0]}"
+                              for (r, a), n in sorted(pairs.items()))
+            what = "3x3-convolution" if kind == "conv" else "linear-layer"
+            raise LoraFormatError(f"{path} holds {what} LoRA modules "
+                                  f"of several ranks or alphas: {shown}; pti-plugin trains one {kind}_dim and "
+                                  f"{kind}_alpha for all of them")
+        if pairs:
+            (rank, alpha), = pairs
+            dims |= {f"{kind}_dim": rank, f"{kind}_alpha": alpha}
+    return dims
+
+
 __all__ = [  # the prefixes: the key tables' (models.family), re-exported
     "BASE_MODEL_VERSIONS", "BUNDLE_PREFIX", "LORA_SUFFIXES", "TEXT_ENCODER_PREFIX", "UNET_PREFIX",
-    "LoraFormatError", "from_kohya", "kohya_metadata", "kohya_to_peft", "load_lora", "peft_to_kohya",
+    "KOHYA_NONE_DEFAULTS", "KOHYA_SETTINGS", "LoraFormatError", "from_kohya", "kohya_metadata",
+    "kohya_settings_metadata", "kohya_source_metadata", "kohya_to_peft", "load_lora", "lora_file_dims", "peft_to_kohya",
     "safetensors_payload_sha256", "save_lora", "sd15_kohya_lora_names", "split_kohya_key", "to_kohya",
     "unexpected_keys",
 ]

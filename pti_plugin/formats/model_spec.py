@@ -5,9 +5,11 @@ kohya (``library/sai_model_spec.py``, ``train_util.get_sai_model_spec``) writes 
 intermediate saves included: the spec's version, the architecture (the base model's, then ``/lora`` or
 ``/textual-inversion``), the implementation, the title (``metadata_title``, else ``output_name``), the
 training resolution ``WxH`` and the date (ISO 8601, local time, whole seconds); then ``modelspec.author``,
-``.description``, ``.license`` and ``.tags`` (``metadata_*``) only when given, each as given (tags: one
-comma-separated string, as kohya). kohya's ``prediction_type``, ``encoder_layer`` (``clip_skip``),
-``timestep_range`` and ``implementation_version`` (its git commit) are not written here.
+``.description``, ``.license``, ``.tags``, ``.usage_hint``, ``.merged_from``, ``.trigger_phrase``, ``.preprocessor``
+and ``.is_negative_embedding`` (``metadata_*``) only when given, each as given (tags: one comma-separated string,
+as kohya); pti-plugin's trigger phrase defaults to the pivot token (``outputs.py``; kohya has no default). kohya's
+``prediction_type``, ``encoder_layer`` (``clip_skip``), ``timestep_range`` and ``implementation_version`` (its git
+commit) are not written here.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ _STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 #: kohya's ``determine_implementation``: an SDXL LoRA and any embedding name Stability AI's code, an SD1.x LoRA diffusers.
 IMPLEMENTATIONS = {("lora", "sd15"): "diffusers", ("lora", "sdxl"): _STABILITY_AI,
                    ("embedding", "sd15"): _STABILITY_AI, ("embedding", "sdxl"): _STABILITY_AI}
-#: The ``metadata_*`` options written only when given, by their ``modelspec.*`` field.
-OPTIONAL_FIELDS = ("author", "description", "license", "tags")
+#: The ``metadata_*`` options written only when given, by their ``modelspec.*`` field: kohya's standard four, then
+#: those kohya writes as given from any other ``metadata_<field>`` option (``metadata_thumbnail``, which kohya turns
+#: from a file into a data URL, is refused: ``kohya_options.py``).
+OPTIONAL_FIELDS = ("author", "description", "license", "tags",
+                   "usage_hint", "merged_from", "trigger_phrase", "preprocessor", "is_negative_embedding")
 
 
 def model_spec_metadata(
@@ -34,7 +39,7 @@ def model_spec_metadata(
 ) -> dict[str, str]:
     """The ``modelspec.*`` entries of a ``kind`` file (``"lora"`` or ``"embedding"``) for a model ``family``
     (``"sd15"``, ``"sdxl"``): ``title``; ``resolution`` an int or (width, height); ``timestamp`` a Unix time (the
-    date). ``given``: :data:`OPTIONAL_FIELDS` values (author, description, license, tags), None where not given."""
+    date). ``given``: :data:`OPTIONAL_FIELDS` values, None where not given."""
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     meta = {
         "modelspec.sai_model_spec": SPEC_VERSION,
