@@ -36,7 +36,8 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
     preset, overrides, sets = None, {}, []
     known = set(field_names(Config)) | {"preset", "set"}
     bool_keys = {f for f in known - {"preset", "set"} if isinstance(getattr(Config(), f), bool)}
-    list_keys = _keys_typed(lambda kind: kind == list[str])  # kohya: nargs="*"
+    list_keys = _keys_typed(lambda kind: kind in (list[str], list[float]))  # kohya: nargs="*"
+    number_lists = _keys_typed(lambda kind: kind == list[float])  # each value read as a number
     size_keys = _keys_typed(lambda kind: list[int] in typing.get_args(kind))  # an int or [W, H]
     ratio_keys = _keys_typed(lambda kind: set(typing.get_args(kind)) == {int, float})  # kohya's int_or_float
     i = 0
@@ -48,7 +49,8 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
         following = list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i + 1:]))
         if key in list_keys and not eq:  # every value up to the next flag
             toml_list = len(following) == 1 and following[0].startswith("[")
-            overrides[key] = parse_value(following[0]) if toml_list else following
+            overrides[key] = (parse_value(following[0]) if toml_list else
+                              [parse_value(v) for v in following] if key in number_lists else following)
             i += 1 + len(following)
             continue
         if not eq and not following and (key in bool_keys or key not in known):
@@ -65,7 +67,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
         elif key == "set":
             sets.append(value)
         elif key in list_keys and not value.startswith("["):
-            overrides[key] = [value]
+            overrides[key] = [parse_value(value) if key in number_lists else value]
         elif key in size_keys and "," in value and not value.startswith("["):
             overrides[key] = parse_value(f"[{value}]")  # kohya's "W,H"
         elif key in ratio_keys and value.endswith("%"):

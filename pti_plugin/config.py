@@ -147,6 +147,7 @@ class Config:
     dataset_repeats: int = doc("Repeats of the in_json images.", 1)
     cache_latents: bool = doc("Encode every image once and keep the latents in memory.", False)
     cache_latents_to_disk: bool = doc("Like cache_latents, and keep the cache beside each image in <stem>.<w>x<h>[.flip].<key>.pti_latents.safetensors files.", False)
+    vae_batch_size: int = doc("kohya: images of one bucket size encoded together when caching latents (equal to one-by-one within 1e-4).", 1)
     cache_text_encoder_outputs: bool = doc("In stages whose text side is frozen (no pivot, no text-encoder LoRA training), encode each distinct caption once and reuse its conditioning (kohya's option; exact for any caption augmentation, since the key is the final caption).", False)
     max_data_loader_n_workers: int = doc("Worker processes that read and augment the images of upcoming batches (0 = in the training process); results are identical for any number.", 0)
     persistent_data_loader_workers: bool = doc("Keep the data-loader workers from one stage to the next (with max_data_loader_n_workers > 0).", False)
@@ -167,9 +168,13 @@ class Config:
     # --- network
     network_weights: str = doc("A kohya LoRA file (ours or anyone's) to start the LoRA from; its rank must equal network_dim (or set dim_from_weights).", "")
     dim_from_weights: bool = doc("kohya: take network_dim/network_alpha (and LoCon's conv_dim/conv_alpha in network_args) from network_weights.", False)
+    base_weights: list[str] = doc("kohya: LoRA files (kohya format) merged into the base model's UNet and text encoders before training; the trained LoRA is relative to the merged model.", factory=list)
+    base_weights_multiplier: list[float] = doc("kohya: the multiplier of each base_weights file, one per file (default: 1.0 each).", factory=list)
     network_dim: int = doc("LoRA rank.", 4)
     network_alpha: float = doc("LoRA alpha (scale = alpha / rank); 0 means alpha = network_dim, as in kohya.", 1.0)
-    network_args: list[str] = doc('kohya network arguments "key=value": conv_dim and conv_alpha (LoCon on ResNet and sampler layers).', factory=list)
+    network_args: list[str] = doc('kohya network arguments "key=value": conv_dim and conv_alpha (LoCon on ResNet and sampler layers), rank_dropout and module_dropout (kohya\'s LoRA dropouts, in [0, 1)).', factory=list)
+    network_dropout: float | None = doc("kohya: dropout (probability in [0, 1)) on each LoRA module's down-projection output in training steps (never at sampling); unset: none.", None)
+    scale_weight_norms: float | None = doc("kohya: max-norm; after each optimizer step of a lora stage, a LoRA module whose update (up @ down x alpha/rank) has a norm above this is scaled down to it; unset: off.", None)
     network_train_unet_only: bool = doc("Do not train a text-encoder LoRA (stages may override).", True)
     unet_lr: float | None = doc("UNet LoRA learning rate for lora stages.", None)
     text_encoder_lr: float | None = doc("Text-encoder LoRA learning rate for lora stages.", None)
@@ -233,6 +238,7 @@ class Config:
     metadata_trigger_phrase: str | None = doc('kohya: modelspec.trigger_phrase of the saved LoRA and embedding (default: token_string, our addition; "" leaves it out).', None)
     metadata_preprocessor: str | None = doc("kohya: modelspec.preprocessor of the saved LoRA and embedding.", None)
     metadata_is_negative_embedding: str | None = doc("kohya: modelspec.is_negative_embedding of the saved LoRA and embedding, as given.", None)
+    metadata_thumbnail: str | None = doc('kohya: modelspec.thumbnail of the saved LoRA and embedding: an image file, written as a data URL ("data:image/png;base64,..."), or a data URL as given.', None)
     training_comment: str | None = doc("kohya: any text, written to the LoRA's ss_training_comment.", None)
     save_state: bool = doc("With each save, also save a resumable state folder.", False)
     resume: str = doc("A state folder to resume from.", "")
@@ -243,6 +249,9 @@ class Config:
     sample_steps: int = doc("Default denoising steps of samples (prompt --s wins).", 20)
     logging_dir: str = doc("TensorBoard folder (default: <output_dir>/logs).", "")
     log_with: str = doc('"" (JSONL only) or "tensorboard".', "")
+    log_prefix: str = doc("kohya: the tracker logs into <logging_dir>/<log_prefix><YYYYmmddHHMMSS>/ (unset: <logging_dir>/).", "")
+    log_tracker_name: str = doc('kohya: the tracker\'s project name, TensorBoard\'s sub-folder (default: "pti").', "")
+    log_tracker_config: str = doc("kohya: a TOML file of tracker init arguments by tracker ([tensorboard]: SummaryWriter's).", "")
     log_every_n_steps: int = doc("Log loss, LR and the pivot's distance from its init every N steps.", 10)
     # --- reliability
     nan_policy: str = doc('"stop": a non-finite loss/gradient stops the run (last good state saved); "skip": skip that step.', "stop")
@@ -263,6 +272,8 @@ PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_p
 #: the preset's kohya ``config_file``; the others name the model, its starting files, a state and the prompts.
 DATA_PATH_KEYS = ("train_data_dir", "dataset_config", "reg_data_dir", "in_json", "config_file")
 assert set(DATA_PATH_KEYS) <= set(PATH_KEYS), "a data path key must be a path key"
+#: Path keys whose value is a list of paths (each made absolute as the ``PATH_KEYS`` are).
+PATH_LIST_KEYS = ("base_weights",)
 
 
 def field_names(cls: type) -> list[str]:
@@ -374,6 +385,9 @@ def _rebase_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     for key in PATH_KEYS + ("extends",):
         if key in out:
             out[key] = rebase(out[key])
+    for key in PATH_LIST_KEYS:
+        if isinstance(out.get(key), list):
+            out[key] = [rebase(value) for value in out[key]]
     if isinstance(out.get("plugins"), dict):
         out["plugins"] = {
             name: {k: rebase(v) if k.endswith(("_file", "_dir", "_path")) else v for k, v in options.items()}
@@ -432,13 +446,15 @@ def parse_value(text: str) -> Any:
 
 
 def network_args(config: Config) -> dict[str, float]:
-    """The parsed ``network_args`` (``conv_dim`` int > 0, ``conv_alpha`` float, default conv_dim)."""
+    """The parsed ``network_args`` (``conv_dim`` int > 0, ``conv_alpha`` float, default conv_dim; ``rank_dropout``
+    and ``module_dropout`` floats in [0, 1): see ``lora_regularisation.py``)."""
     parsed: dict[str, float] = {}
     for item in config.network_args:
         key, eq, value = item.partition("=")
         key = key.strip()
-        if not eq or key not in ("conv_dim", "conv_alpha"):
-            raise ConfigError.at("network_args", f": entry {item!r}: supported are conv_dim=N and conv_alpha=X")
+        if not eq or key not in ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout"):
+            raise ConfigError.at("network_args", f": entry {item!r}: supported are conv_dim=N, conv_alpha=X, "
+                                                 "rank_dropout=P and module_dropout=P")
         try:
             parsed[key] = int(value) if key == "conv_dim" else float(value)
         except ValueError as exc:
@@ -447,6 +463,9 @@ def network_args(config: Config) -> dict[str, float]:
         raise ConfigError.at("network_args", " sets conv_alpha without conv_dim")
     if parsed.get("conv_dim", 1) <= 0:
         raise ConfigError.at("network_args", ": conv_dim must be > 0")
+    for key in ("rank_dropout", "module_dropout"):
+        if not 0 <= parsed.get(key, 0) < 1:
+            raise ConfigError.at("network_args", f": {key} must be in [0, 1) (a dropout probability), got {parsed[key]!r}")
     if "conv_dim" in parsed:
         parsed.setdefault("conv_alpha", float(parsed["conv_dim"]))
     return parsed

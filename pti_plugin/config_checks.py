@@ -72,7 +72,7 @@ def validate_config(config: Config, check_paths: bool, data_only: bool = False) 
             raise ConfigError.at(f"stages.{i}.kind", f" must be one of {list(_STAGE_KINDS)}, got {stage.kind!r}")
     positive = ["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "network_dim",
                 "log_every_n_steps", "max_nan_skips", "sample_steps", "clip_skip", "lr_scheduler_num_cycles",
-                "lr_scheduler_power", "huber_c", "huber_scale"]
+                "lr_scheduler_power", "huber_c", "huber_scale", "vae_batch_size"]
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError.at(key, f" must be > 0, got {getattr(config, key)!r}")
@@ -186,8 +186,10 @@ def _check_noise_keys(config: Config) -> None:
 
 def _check_optimisation(config: Config) -> None:
     """Each stage's optimizer and scheduler names, then its optimizer built with its ``optimizer_args`` (a bad
-    argument used to stop the run when its stage began, after the stages before it had trained)."""
+    argument used to stop the run when its stage began, after the stages before it had trained); kohya's LoRA
+    regularisation keys (``lora_regularisation.py``)."""
     from .choices import optimizer_problem
+    from .lora_regularisation import check_lora_regularisation
     from .optimizers import optimizer_args_problem
 
     for where, stage in [("", config)] + [(f"stages.{i}.", s) for i, s in enumerate(config.stages)]:
@@ -199,6 +201,7 @@ def _check_optimisation(config: Config) -> None:
         problem = optimizer_args_problem(stage.optimizer_type or config.optimizer_type, args)
         if problem:
             raise ConfigError.at(f"{args_where}optimizer_args", f": {problem}")
+    check_lora_regularisation(config)
 
 
 # ----------------------------------------------------------------------------- warm-up and schedulers
@@ -238,10 +241,14 @@ def check_stage_schedules(parsed: Config, config: Config) -> None:
         def where(key: str) -> str:
             return f"stages.{stage.index}.{key}" if getattr(given, key) is not None else key
 
-        if stage.lr_scheduler_type and stage.lr_scheduler != default_scheduler:
+        # A stage's own lr_scheduler_type replaces the top-level lr_scheduler the other stages use; given together at
+        # one level (or a stage's lr_scheduler under a top-level lr_scheduler_type), one of them would be ignored.
+        overrides = given.lr_scheduler_type is not None and given.lr_scheduler is None
+        if stage.lr_scheduler_type and stage.lr_scheduler != default_scheduler and not overrides:
             raise ConfigError.at(where("lr_scheduler"), f" = {stage.lr_scheduler!r} reaches stage {stage.index} "
                                  f"{stage.name!r}, whose lr_scheduler_type {stage.lr_scheduler_type!r} replaces it "
-                                 "(kohya ignores lr_scheduler then): leave one of the two out")
+                                 "(kohya ignores lr_scheduler then): leave one of the two out (a stage goes back to a "
+                                 'named schedule with its own lr_scheduler_type = "")')
         probe = stage
         if stage.steps is None:  # a length at which any warm-up or decay ratio is whole steps
             steps = 10**6 + sum(v for v in (stage.lr_warmup_steps, stage.lr_decay_steps) if isinstance(v, int))

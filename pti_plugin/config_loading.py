@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED, PATH_KEYS, Config, ConfigError, _build, deep_merge, load_preset_dict, parse_value
+from .config import EMBEDDED, PATH_KEYS, PATH_LIST_KEYS, Config, ConfigError, _build, deep_merge, load_preset_dict, parse_value
 from .config_checks import check_stage_schedules, check_the_pivot_is_learned, validate_config, with_kohya_tracker
 from .input_checks import with_leading_dot
 from .resolution import check_given_values_are_used, default_stage_dicts, resolve_stages, warn_unreached_intervals
@@ -105,8 +105,9 @@ def _with_dims_from_weights(parsed: Config, read: bool) -> Config:
     except LoraFormatError as exc:
         raise ConfigError.at("dim_from_weights", f": network_weights {exc}") from None
     conv = [f"conv_dim={dims['conv_dim']}", f"conv_alpha={dims['conv_alpha']!r}"] if "conv_dim" in dims else []
+    kept = [a for a in parsed.network_args if a.partition("=")[0].strip() not in ("conv_dim", "conv_alpha")]  # dropouts
     taken = dataclasses.replace(parsed, network_dim=dims["network_dim"], network_alpha=dims["network_alpha"],
-                                network_args=conv)
+                                network_args=conv + kept)
     logger.info("dim_from_weights: network_dim = %d, network_alpha = %r, network_args = %s from %s (the preset's: %d, "
                 "%r, %s)", taken.network_dim, taken.network_alpha, conv, parsed.network_weights, parsed.network_dim,
                 parsed.network_alpha, parsed.network_args)
@@ -176,6 +177,9 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
         value = raw.get(key)
         if isinstance(value, str) and value and value != EMBEDDED:
             raw[key] = str(Path(value).expanduser().resolve())
+    for key in PATH_LIST_KEYS:  # each path of a list (base_weights) as the one path of a PATH_KEYS key
+        if isinstance(raw.get(key), list):
+            raw[key] = [str(Path(v).expanduser().resolve()) if isinstance(v, str) and v else v for v in raw[key]]
     try:
         return build_config(raw, given=given, data_only=data_only)
     except ConfigError as error:

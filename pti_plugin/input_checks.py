@@ -13,8 +13,10 @@
   ``dataset_config`` ...), ``output_dir`` (and ``logging_dir`` when a tracker logs) can be written;
 - the ``dataset_config`` TOML has the right shape at every level (tables and arrays of tables);
 - the ``sample_prompts`` file parses;
+- ``log_prefix``/``log_tracker_name``/``log_tracker_config`` fit the tracker (``tracking.py``), the
+  ``metadata_thumbnail`` image reads;
 - the starting files ``weights`` and ``network_weights`` load through the safe loaders and hold
-  finite values only;
+  finite values only, as do the ``base_weights`` LoRAs (one ``base_weights_multiplier`` each);
 - a ``vae`` file or folder is a VAE of the model's architecture (``models/vae_file.py``).
 """
 
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import DATA_PATH_KEYS, EMBEDDED, Config, ConfigError
+from .formats.model_spec import thumbnail_data_url
+from .tracking import check_tracker_options
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +84,9 @@ def check_inputs(config: Config, check_paths: bool = True, data_only: bool = Fal
     check_output_dir_writable(Path(config.output_dir).expanduser())
     if config.log_with and config.logging_dir:  # the tracker's folder, made once training starts
         check_output_dir_writable(Path(config.logging_dir).expanduser(), "logging_dir")
+    check_tracker_options(config)  # log_prefix, log_tracker_name, log_tracker_config (tracking.py)
+    if config.metadata_thumbnail:  # kohya's modelspec.thumbnail: the image is read now, not at the first save
+        _wrap("metadata_thumbnail", lambda: thumbnail_data_url(config.metadata_thumbnail))
     if config.sample_prompts:
         check_sample_prompts(Path(config.sample_prompts))
     check_starting_files(config)
@@ -367,6 +374,10 @@ def check_starting_files(config: Config) -> None:
         if bad:
             raise ConfigError.at(key, f": {value} holds non-finite values (NaN or inf) in tensor {bad!r}; "
                               "it cannot start a run")
+    if config.base_weights or config.base_weights_multiplier:  # the LoRA files merged into the model: see there
+        from .base_weights import check_base_weights
+
+        check_base_weights(config.base_weights, config.base_weights_multiplier)
 
 
 def check_lora_keys(path: str, tensors: dict[str, Any]) -> None:

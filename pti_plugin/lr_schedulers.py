@@ -198,7 +198,7 @@ def schedule_problem(stage: Any, length_known: bool = True) -> tuple[str, str] |
     if length_known and stage.lr_decay_steps and stage.lr_warmup_steps + stage.lr_decay_steps > stage.steps:
         return "lr_decay_steps", (f": {label}: lr_warmup_steps {stage.lr_warmup_steps} + lr_decay_steps "
                                   f"{stage.lr_decay_steps} exceed the stage's {stage.steps} steps")
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=stage.learning_rate)
+    optimizer = _probe_optimizer(stage)
     steps = stage.steps if stage.lr_scheduler_type and length_known else 1  # OneCycleLR's total_steps may be too few
     try:
         scheduler = factory(optimizer, **kwargs, **args)
@@ -209,6 +209,19 @@ def schedule_problem(stage: Any, length_known: bool = True) -> tuple[str, str] |
         over = f" (stepped once per optimizer step over the stage's {steps} steps)" if steps > 1 else ""
         return ("lr_scheduler_args" if args else name_key), f": {label}: {what}: {exc}{over}"
     return None
+
+
+def _probe_optimizer(stage: Any) -> torch.optim.Optimizer:
+    """The stage's own optimizer over one stand-in parameter, for the throw-away schedule of :func:`schedule_problem`
+    (``CyclicLR`` and ``OneCycleLR`` need a momentum or betas that Adafactor, for one, lacks); SGD when it cannot be
+    built here (its own problems are named by the optimizer check)."""
+    from .optimizers import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    try:
+        return build_optimizer(stage.optimizer_type, [{"params": params}], stage.learning_rate, list(stage.optimizer_args))
+    except Exception:  # noqa: BLE001 - a missing package or bad optimizer_args: refused by the optimizer check
+        return torch.optim.SGD(params, lr=stage.learning_rate)
 
 
 def _args_problem(factory: Callable[..., Any], args: dict[str, Any], set_by: dict[str, str], what: str) -> str | None:

@@ -232,7 +232,8 @@ def write_lora_and_embedding(
     from .config import network_args
     from .formats.embedding import bundle_embedding_keys, save_embedding
     from .formats.kohya_lora import kohya_metadata, peft_to_kohya, save_lora
-    from .formats.model_spec import OPTIONAL_FIELDS, model_spec_metadata
+    from .formats.model_spec import OPTIONAL_FIELDS, model_spec_metadata, thumbnail_data_url
+    from .base_weights import base_weights_metadata
     from .models.family import make_family
 
     family = family if family is not None else make_family("sd15")
@@ -248,7 +249,7 @@ def write_lora_and_embedding(
         "pti_num_vectors_per_token": str(config.num_vectors_per_token),
         "pti_stages": json.dumps(resolved_dict(config)["stages"]),
         "pti_plugins": json.dumps(config.plugins),
-    } | extra_metadata
+    } | base_weights_metadata(config.base_weights, config.base_weights_multiplier) | extra_metadata
     conv = network_args(config)
     training = training_metadata(config)  # ss_* from the lora stage, pti_inversion_* from the inversion stage
     now = time.time()
@@ -257,6 +258,7 @@ def write_lora_and_embedding(
         training_started_at=now, steps=steps, learning_rate=float(training.get("ss_learning_rate", 0.0)),
         extra=pti | {k: v for k, v in training.items() if k.startswith("pti_")},
         conv_dim=conv.get("conv_dim"), conv_alpha=conv.get("conv_alpha"), tag_frequency=tag_frequency,
+        lora_dropouts={k: v for k, v in conv.items() if k.endswith("_dropout")},
         family=family.name, training_comment=config.training_comment,
     ) | {k: v for k, v in training.items() if k.startswith("ss_")} | kohya_run_metadata(config)
     if "ss_learning_rate" not in training:  # no lora stage: the LoRA never trained
@@ -266,6 +268,7 @@ def write_lora_and_embedding(
     given = {name: getattr(config, f"metadata_{name}") for name in OPTIONAL_FIELDS}
     trigger = config.metadata_trigger_phrase  # our default (kohya has none): a PTI LoRA's trigger is its pivot token
     given["trigger_phrase"] = (config.token_string if trigger is None else trigger) or None  # "": left out
+    given["thumbnail"] = thumbnail_data_url(config.metadata_thumbnail) if config.metadata_thumbnail else None
     spec = {kind: model_spec_metadata(kind, family.name, title, config.resolution, now, given) for kind in ("lora", "embedding")}
     metadata |= spec["lora"]
     lora_path, embedding_path = files.lora(suffix), files.embedding(suffix)

@@ -350,15 +350,15 @@ def resolved_dict(config: Config) -> dict[str, Any]:
     """The resolved preset written beside the outputs: every key with its effective value.
 
     The stage defaults live in the stages (the top-level keys that only reach stages are left out),
-    so the file reloads as a preset (resume) that trains the same stages. ``output_dir`` and
-    ``logging_dir`` are absolute, so that a resume started from another working directory writes
-    into the same folders.
+    so the file reloads as a preset (resume) that trains the same stages. ``output_dir``,
+    ``logging_dir`` and the files ``log_tracker_config`` and ``metadata_thumbnail`` are absolute, so that
+    a resume started from another working directory writes into the same folders and reads the same files.
     """
     from pathlib import Path
 
     data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    for key in ("output_dir", "logging_dir"):
-        if data.get(key):
+    for key in ("output_dir", "logging_dir", "log_tracker_config", "metadata_thumbnail"):
+        if data.get(key) and not (key == "metadata_thumbnail" and data[key].startswith("data:")):  # a data URL as given
             data[key] = str(Path(data[key]).expanduser().resolve())
     # resume: the file is the run's preset; which state it continues from is the resume command's --resume
     for key in ("extends", "config_file", "resume") + STAGE_DEFAULT_KEYS + LENGTH_KEYS + LORA_SHORTHANDS:

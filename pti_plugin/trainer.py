@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write_text
+from .base_weights import merge_base_weights
 from .config import EMBEDDED, Config, ConfigError, network_args
 from .data.batch_source import DrawSettings, MicroBatchDraws, MicroBatchStream
 from .data.captions import expand_token, warn_long_captions
@@ -43,6 +44,7 @@ from .hooks import (
     instantiate_plugins,
     schedule_of,
 )
+from .lora_regularisation import LoraRegularisation
 from .models.disk_mapping import map_frozen_to_disk
 from .models.loading import configure_attention, load_base_model
 from .models.trainable import LoraSpec, TrainableModel
@@ -54,6 +56,7 @@ from .run_lock import RunLocks, clean_leftover_temporaries
 from .sampling import sample_during_training
 from .stop_signals import StopSignals, TrainingInterrupted, received_on_any_process
 from .text_cache import TextConditioningCache
+from .tracking import tracker_init_kwargs, tracker_logging_dir, tracker_name
 from .validation import Validation, has_validation
 from .weight_guard import WeightGuard
 
@@ -87,7 +90,7 @@ class Trainer:
 
         config = self.config
         output_dir = Path(config.output_dir).expanduser().resolve()
-        logging_dir = Path(config.logging_dir).expanduser().resolve() if config.logging_dir else output_dir / "logs"
+        logging_dir = tracker_logging_dir(config, output_dir)  # kohya's log_prefix: <logging_dir>/<prefix><time>
         # A state that cannot continue this run (another stage kind or optimizer) is refused before anything loads.
         self._resume_progress = check_resume_fits(Path(config.resume), config.stages) if config.resume else None
         fresh_accelerate_state()
@@ -119,6 +122,7 @@ class Trainer:
             config.single_file_config, config.tokenizer_path, config.max_token_length, config.model_family,
             config.zero_terminal_snr, config.vae,
         )
+        merge_base_weights(base, config.base_weights, config.base_weights_multiplier)  # before any LoRA, cast or mapping
         check_against_model(config, base.noise_scheduler, base.prediction_type)  # timestep bounds, v-prediction options
         self.plugins: list[Plugin] = instantiate_plugins(config)
         self.state = TrainerState(config=config, accelerator=self.accelerator, model=None, output_dir=output_dir,  # type: ignore[arg-type]
@@ -137,6 +141,7 @@ class Trainer:
         self.state.model = self.model = model
         self.pivot = model.pivots[0]
         self._load_starting_weights(model)
+        self.lora_regularisation = LoraRegularisation(config, model)  # kohya's network_dropout, scale_weight_norms
         self._place_model(base, model, device)
         self.text_cache = TextConditioningCache(model, config.cache_text_encoder_outputs, device, output_dir)
 
@@ -145,14 +150,15 @@ class Trainer:
             [len(base.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),
                                 add_special_tokens=False).input_ids) for i in self.items], window,
         )
-        self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk, config.cache_latents_to_disk)
+        self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk,
+                                    config.cache_latents_to_disk, config.vae_batch_size)
         self.latents.fill_cache()
         self.validation = Validation(config, self.accelerator, model, self.text_cache, held_out, self._info)
         self._release_vae(base.vae, device, output_dir)
         self._micro_batches = self._micro_batch_stream()
         self.state.steps_per_epoch = steps_per_epoch
         if config.log_with:
-            self.accelerator.init_trackers("pti", config=tracker_hparams(config))
+            self.accelerator.init_trackers(tracker_name(config), config=tracker_hparams(config), init_kwargs=tracker_init_kwargs(config))
         self._log_file = self.files.log_jsonl
         self._announce(base, device)
         for plugin in self.plugins:
@@ -367,7 +373,7 @@ class Trainer:
             self._info(offloaded)
         progress = tqdm(total=plan.steps, initial=first_step, desc=stage.name, disable=not accelerator.is_main_process)
         while state.stage_step < plan.steps:
-            logs = self._optimizer_step(plan)
+            logs = self._optimizer_step(plan) | self.lora_regularisation.after_step()  # after_step: max-norm
             state.stage_step += 1
             state.global_step += 1
             progress.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage.name, **self.validation.postfix,  # + val_loss
@@ -414,6 +420,7 @@ class Trainer:
                 if k < accum - 1:
                     for module in self.ddp_modules:
                         sync.enter_context(accelerator.no_sync(module))
+                sync.enter_context(self.lora_regularisation.step(state.stage_index, state.stage_step, batch.slots))
                 terms = self._loss_terms(batch, state.stage_step)
                 loss = functools.reduce(operator.add, terms.values())  # no "0 +" nor "/ 1": each a kernel on a GPU
                 accelerator.backward(loss / accum if accum > 1 else loss)

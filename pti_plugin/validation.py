@@ -136,7 +136,7 @@ class Validation:
                          for i, item in enumerate(items)]
         plain = [dataclasses.replace(i, flip_aug=False, color_aug=False, random_crop=False) for i in items]
         cache = config.cache_latents or config.cache_latents_to_disk
-        self.latents = LatentSource(model.base.vae, plain, config.seed, cache, config.cache_latents_to_disk)
+        self.latents = LatentSource(model.base.vae, plain, config.seed, cache, config.cache_latents_to_disk, config.vae_batch_size)
         self.latents.fill_cache()  # the training images' cache path: in memory, on disk beside each image
         names = ", ".join(i.path.name for i in items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
         every = config.validate_every_n_epochs

@@ -204,3 +204,29 @@ def test_kohyas_percent_ratio_on_the_command_line():
     _, overrides, _ = parse_args(["--lr_warmup_steps", "10%", "--lr_decay_steps", "25%", "--lr_scheduler_args",
                                   "step_size=2", "gamma=0.5"])
     assert overrides == {"lr_warmup_steps": 0.1, "lr_decay_steps": 0.25, "lr_scheduler_args": ["step_size=2", "gamma=0.5"]}
+
+
+def test_a_schedule_that_needs_momentum_is_refused_at_start_for_an_optimizer_without_it(tmp_path):
+    """CyclicLR cycles the momentum by default; over Adafactor (neither momentum nor betas) torch raises as the stage
+    begins. Checked on a throw-away SGD, it passed the start-up checks and the run died at the lora stage, after the
+    inversion stage had trained, with nothing saved."""
+    cyclic = {"lr_scheduler_type": "CyclicLR", "lr_scheduler_args": ["base_lr=0.001", "max_lr=0.01"]}
+    stages = [{"kind": "inversion", "steps": 2}, {"kind": "lora", "steps": 2, "optimizer_type": "Adafactor"}]
+    message = _refused(tmp_path, cyclic | {"stages": stages})
+    assert "key 'lr_scheduler_args': stage 1 'lora1'" in message and "momentum" in message, message
+    assert build_config({"train_data_dir": str(tmp_path)} | cyclic | {"stages": stages[:1]}).stages[0]  # AdamW: betas
+
+
+def test_a_stages_own_scheduler_class_replaces_the_top_level_schedule_the_other_stages_use(tmp_path):
+    """A top-level lr_scheduler that one stage replaces with its own lr_scheduler_type used to be refused with
+    "leave one of the two out", which the other stages could not follow; given together in one place it still is."""
+    stages = [{"kind": "inversion", "steps": 4, "lr_scheduler_type": "StepLR", "lr_scheduler_args": ["step_size=2"]},
+              {"kind": "lora", "steps": 4}]
+    config = build_config({"train_data_dir": str(tmp_path), "lr_scheduler": "cosine", "stages": stages})
+    lr = config.stages[0].learning_rate
+    assert _rates(config.stages[0], 4) == pytest.approx([lr, lr, lr * 0.1, lr * 0.1, lr * 0.01])  # StepLR's gamma 0.1
+    assert [config.stages[0].lr_scheduler_type, config.stages[1].lr_scheduler_type] == ["StepLR", ""]
+    assert _rates(config.stages[1], 4)[2] == pytest.approx(config.stages[1].learning_rate * 0.5)  # cosine's middle
+    message = _refused(tmp_path, {"lr_scheduler": "cosine", "lr_scheduler_type": "StepLR",
+                                  "lr_scheduler_args": ["step_size=2"]})
+    assert "key 'lr_scheduler' = 'cosine' reaches stage 0" in message, message

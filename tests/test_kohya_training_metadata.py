@@ -128,7 +128,7 @@ def test_a_given_trigger_phrase_replaces_the_token_and_an_empty_one_leaves_it_ou
     ("metadata_usage_hint", ["a"], "key 'metadata_usage_hint' expects str | None, got ['a']"),
     ("metadata_trigger_phrase", 3, "key 'metadata_trigger_phrase' expects str | None, got 3"),
     ("metadata_is_negative_embedding", True, "key 'metadata_is_negative_embedding' expects str | None, got True"),
-    ("metadata_thumbnail", "thumb.png", "kohya option 'metadata_thumbnail' is not supported by pti-plugin"),
+    ("metadata_thumbnail", "thumb.png", "key 'metadata_thumbnail': cannot read the thumbnail image"),
     ("dim_from_weights", True, "key 'dim_from_weights' needs network_weights"),
     ("dim_from_weights", "yes", "key 'dim_from_weights' expects bool, got 'yes'"),
 ])

@@ -192,6 +192,7 @@ def kohya_metadata(
     tag_frequency: Mapping[str, Mapping[str, int]] | None = None,
     conv_dim: int | None = None,
     conv_alpha: float | None = None,
+    lora_dropouts: Mapping[str, float] | None = None,
     extra: Mapping[str, str] | None = None,
     family: str = "sd15",
     training_comment: str | None = None,
@@ -199,7 +200,8 @@ def kohya_metadata(
     """kohya-compatible ``ss_*`` header entries plus our own ``pti_*`` entries (``extra``).
 
     ``tag_frequency`` is kohya's ``{dataset folder: {tag: count}}``; ``training_started_at`` a Unix
-    time; ``conv_dim``/``conv_alpha`` (LoCon) go to ``ss_network_args`` as kohya writes them. All
+    time; ``conv_dim``/``conv_alpha`` (LoCon) and ``lora_dropouts`` (``rank_dropout``/``module_dropout`` by name)
+    go to ``ss_network_args`` as kohya writes them. All
     values are strings, as safetensors requires. ``extra`` keys must start with ``pti_``. ``family``
     (``sd15``, ``sdxl``) sets ``ss_base_model_version``. ``training_comment`` (kohya's option) goes to
     ``ss_training_comment`` as given; when None the key is left out (kohya writes the string ``"None"``).
@@ -219,8 +221,10 @@ def kohya_metadata(
         raise ValueError("conv_dim and conv_alpha go together (kohya's network_args for LoCon)")
     if training_comment is not None:
         meta["ss_training_comment"] = training_comment
-    if conv_dim is not None:
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(int(conv_dim)), "conv_alpha": str(float(conv_alpha))})
+    args = {"conv_dim": str(int(conv_dim)), "conv_alpha": str(float(conv_alpha))} if conv_dim is not None else {}
+    args |= {key: str(float(value)) for key, value in (lora_dropouts or {}).items()}
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     for key, value in (extra or {}).items():
         if not key.startswith("pti_") or not isinstance(value, str):
             raise ValueError(f"extra metadata must be 'pti_*' keys with string values, got {key!r}: {type(value).__name__}")
@@ -245,6 +249,8 @@ KOHYA_SETTINGS = {
     "ss_adaptive_noise_scale": "adaptive_noise_scale",
     "ss_zero_terminal_snr": "zero_terminal_snr",
     "ss_max_grad_norm": "max_grad_norm",
+    "ss_network_dropout": "network_dropout",
+    "ss_scale_weight_norms": "scale_weight_norms",
     "ss_caption_dropout_rate": "caption_dropout_rate",
     "ss_caption_dropout_every_n_epochs": "caption_dropout_every_n_epochs",
     "ss_caption_tag_dropout_rate": "caption_tag_dropout_rate",

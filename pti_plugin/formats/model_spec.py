@@ -7,15 +7,19 @@ intermediate saves included: the spec's version, the architecture (the base mode
 training resolution ``WxH`` and the date (ISO 8601, local time, whole seconds); then ``modelspec.author``,
 ``.description``, ``.license``, ``.tags``, ``.usage_hint``, ``.merged_from``, ``.trigger_phrase``, ``.preprocessor``
 and ``.is_negative_embedding`` (``metadata_*``) only when given, each as given (tags: one comma-separated string,
-as kohya); pti-plugin's trigger phrase defaults to the pivot token (``outputs.py``; kohya has no default). kohya's
+as kohya), and ``.thumbnail`` (``metadata_thumbnail``): an image file as a data URL (:func:`thumbnail_data_url`); pti-plugin's trigger phrase defaults to the pivot token (``outputs.py``; kohya has no default). kohya's
 ``prediction_type``, ``encoder_layer`` (``clip_skip``), ``timestep_range`` and ``implementation_version`` (its git
 commit) are not written here.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
+import io
+import mimetypes
 from collections.abc import Mapping
+from pathlib import Path
 
 SPEC_VERSION = "1.0.1"
 #: The base model's architecture by model family (kohya's ``ARCH_SD_V1``, ``ARCH_SD_XL_V1_BASE``).
@@ -27,10 +31,33 @@ _STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 IMPLEMENTATIONS = {("lora", "sd15"): "diffusers", ("lora", "sdxl"): _STABILITY_AI,
                    ("embedding", "sd15"): _STABILITY_AI, ("embedding", "sdxl"): _STABILITY_AI}
 #: The ``metadata_*`` options written only when given, by their ``modelspec.*`` field: kohya's standard four, then
-#: those kohya writes as given from any other ``metadata_<field>`` option (``metadata_thumbnail``, which kohya turns
-#: from a file into a data URL, is refused: ``kohya_options.py``).
+#: those kohya writes as given from any other ``metadata_<field>`` option (``thumbnail``: the data URL of
+#: ``metadata_thumbnail``'s file, :func:`thumbnail_data_url`).
 OPTIONAL_FIELDS = ("author", "description", "license", "tags",
-                   "usage_hint", "merged_from", "trigger_phrase", "preprocessor", "is_negative_embedding")
+                   "usage_hint", "merged_from", "trigger_phrase", "preprocessor", "is_negative_embedding", "thumbnail")
+
+
+def thumbnail_data_url(value: str) -> str:
+    """kohya's ``modelspec.thumbnail`` of ``metadata_thumbnail`` (``sai_model_spec.file_to_data_url``): a value
+    starting ``data:`` as given, else the image file's bytes as ``data:<MIME type>;base64,<base64>`` (the type guessed
+    from the file name, ``application/octet-stream`` when unknown). Raises ValueError naming the file when it is
+    missing, unreadable or not an image (kohya warns and leaves the field out)."""
+    if value.startswith("data:"):
+        return value
+    path = Path(value).expanduser()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the thumbnail image {path.resolve()}: {exc.strerror or exc}") from None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{path.resolve()} is not a readable image: {exc}") from None
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def model_spec_metadata(
@@ -56,4 +83,5 @@ def model_spec_metadata(
     return meta
 
 
-__all__ = ["ADAPTERS", "ARCHITECTURES", "IMPLEMENTATIONS", "OPTIONAL_FIELDS", "SPEC_VERSION", "model_spec_metadata"]
+__all__ = ["ADAPTERS", "ARCHITECTURES", "IMPLEMENTATIONS", "OPTIONAL_FIELDS", "SPEC_VERSION", "model_spec_metadata",
+           "thumbnail_data_url"]

@@ -2,7 +2,7 @@
 
 :func:`load_run` reads ``<output_name>.config.toml`` (the resolved config the trainer writes) to
 find the base model, the data, the token and the template; it loads the base model from local
-files (never downloads), builds the family's diffusers pipeline from it
+files (never downloads; merged with the run's ``base_weights``, as it trained), builds the family's diffusers pipeline from it
 (:meth:`~pti_plugin.models.loading.BaseModel.pipeline`: ``StableDiffusionPipeline`` for SD1.5,
 ``StableDiffusionXLPipeline`` for SDXL) and loads the run's LoRA and bundled pivot with
 :func:`pti_plugin.load_pti.load_pti` (the path a diffusers user takes).
@@ -304,6 +304,7 @@ def open_model(
     to ``device``/``dtype`` (:func:`load_run` loads the run's LoRA and pivot there)."""
     from diffusers import DDIMScheduler
 
+    from ..base_weights import merge_base_weights
     from ..models.loading import load_base_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -312,6 +313,7 @@ def open_model(
         config.single_file_config, config.tokenizer_path, config.max_token_length, config.model_family,
         config.zero_terminal_snr, config.vae,
     )
+    merge_base_weights(model, config.base_weights, config.base_weights_multiplier)  # the base the run trained on
     scheduler = DDIMScheduler.from_config(model.noise_scheduler.config, prediction_type=model.prediction_type)
     pipe = model.pipeline(scheduler)
     pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,89 @@
+"""The tracker's folder, project name and init arguments: kohya's ``log_prefix``, ``log_tracker_name`` and
+``log_tracker_config`` (``train_util.prepare_accelerator`` and ``init_trackers``).
+
+kohya logs into ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>`` (local time at start), and accelerate's TensorBoard
+tracker into the project's sub-folder of it: ``.../<log_tracker_name>`` (kohya's default: the script's name;
+pti-plugin's: ``pti``). pti-plugin adds the prefix and timestamp folder only when ``log_prefix`` is set: without it the
+tracker logs into ``<logging_dir>/pti`` as it always did (``logging_dir`` defaults to ``<output_dir>/logs``).
+``log_tracker_config`` is a TOML file of init arguments by tracker (``[tensorboard]``: ``SummaryWriter``'s
+``comment``, ``flush_secs`` ...); only TensorBoard is supported here, so another tracker's table is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError
+
+DEFAULT_TRACKER_NAME = "pti"
+SUPPORTED_TRACKERS = ("tensorboard",)
+_TRACKER_KEYS = ("log_prefix", "log_tracker_name", "log_tracker_config")
+
+
+def tracker_logging_dir(config: Config, output_dir: Path, now: float | None = None) -> Path:
+    """The folder accelerate's tracker logs under (the project name's sub-folder is added by the tracker)."""
+    base = Path(config.logging_dir).expanduser().resolve() if config.logging_dir else output_dir / "logs"
+    if not config.log_prefix:
+        return base
+    return base / (config.log_prefix + time.strftime("%Y%m%d%H%M%S", time.localtime(now)))
+
+
+def tracker_name(config: Config) -> str:
+    return config.log_tracker_name or DEFAULT_TRACKER_NAME
+
+
+def tracker_init_kwargs(config: Config) -> dict[str, dict[str, Any]]:
+    """The tracker init arguments of ``log_tracker_config`` by tracker name ({} without it)."""
+    if not config.log_tracker_config:
+        return {}
+    with open(Path(config.log_tracker_config).expanduser(), "rb") as handle:
+        return tomllib.load(handle)
+
+
+def _summary_writer_arguments() -> set[str] | None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            return None
+    return set(inspect.signature(SummaryWriter.__init__).parameters) - {"self", "log_dir", "logdir", "args", "kwargs"}
+
+
+def check_tracker_options(config: Config) -> None:
+    """``log_prefix``, ``log_tracker_name`` and ``log_tracker_config`` at start: each needs a tracker; the prefix and
+    name are plain folder names; the TOML file reads, holds only a ``[tensorboard]`` table, of ``SummaryWriter``'s
+    arguments."""
+    for key in _TRACKER_KEYS:
+        if getattr(config, key) and not config.log_with:
+            raise ConfigError.at(key, f" = {getattr(config, key)!r} needs a tracker: set log_with = \"tensorboard\" "
+                                      "(or logging_dir, as kohya)")
+    for key in ("log_prefix", "log_tracker_name"):
+        value = getattr(config, key)
+        if value and (any(c in value for c in '/\\\0') or value in (".", "..")):
+            raise ConfigError.at(key, f" = {value!r} must be a plain folder name (it names a folder of the logs)")
+    if not config.log_tracker_config:
+        return
+    key, path = "log_tracker_config", Path(config.log_tracker_config).expanduser()
+    if not path.is_file():
+        raise ConfigError.at(key, f": file not found: looked for {path.resolve()}")
+    try:
+        tables = tracker_init_kwargs(config)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError.at(key, f": {path} is not readable TOML: {exc}") from None
+    for name, table in tables.items():
+        if name not in SUPPORTED_TRACKERS:
+            raise ConfigError.at(key, f": {path} configures tracker {name!r}, which pti-plugin does not support "
+                                      f"(only {', '.join(SUPPORTED_TRACKERS)}; log_with = {config.log_with!r})")
+        if not isinstance(table, dict):
+            raise ConfigError.at(key, f": {path}: [{name}] must be a table of init arguments, got {table!r}")
+        allowed = _summary_writer_arguments()
+        unknown = sorted(set(table) - allowed) if allowed is not None else []
+        if unknown:
+            raise ConfigError.at(key, f": {path}: [{name}] has {', '.join(map(repr, unknown))}, not arguments of "
+                                      f"SummaryWriter (accepted: {', '.join(sorted(allowed))})")
