@@ -88,7 +88,10 @@ def preview_dataset(
     items = _training_items(config, log_notes=False)
     entries = build_entries(items)
     global_batch = config.train_batch_size * num_processes * config.gradient_accumulation_steps
-    order = SampleOrder([items[i].bucket for i in entries], global_batch, config.seed, stage_index)
+    stage = config.stages[stage_index]
+    order = SampleOrder([items[i].bucket for i in entries], global_batch, config.seed, stage_index, stage.steps)
+    if order.steps is None:  # an epoch-based stage (the token warm-up's fraction is of its steps)
+        order.steps = stage.max_train_epochs * order.batches_per_epoch
     out_dir = Path(save_images) if save_images else None
     if out_dir is not None:
         try:

@@ -39,8 +39,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "use_style_template": "captions come from files or caption_template",
     "no_token_padding": "prompts are always padded to 77 tokens as at inference",
     "no_metadata": "metadata is always written",
-    # noise / loss
-    "weighted_captions": _NOT_YET,
     # saving / hub / logging
     "save_last_n_epochs": "pti-plugin never deletes saved files",
     "save_last_n_epochs_state": "pti-plugin never deletes saved files",
@@ -73,8 +71,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "face_crop_aug_range": "face-centred crops are not implemented",
     "debug_dataset": "use python -m pti_plugin.dataset_preview",
     "skip_cache_check": "the latent disk cache is keyed by bucket size and flip; there is no check to skip",
-    "token_warmup_min": "token warm-up is not implemented",
-    "token_warmup_step": "token warm-up is not implemented",
     "dataset_class": "custom dataset classes are not supported",
     "resize_interpolation": "images are always resized with Lanczos",
     "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",

@@ -62,7 +62,7 @@ class TextConditioningCache:
             captions.update(known)
         ordered = sorted(captions)
         for start in range(0, len(ordered), ENCODE_CHUNK):
-            self._encode(ordered[start : start + ENCODE_CHUNK], self.model.tokenize(ordered[start : start + ENCODE_CHUNK]))
+            self._encode(ordered[start : start + ENCODE_CHUNK], self.model.tokenize_captions(ordered[start : start + ENCODE_CHUNK]))
         if self._can_offload():
             self.model.offload_text_encoders()
             return f"text encoders moved to the CPU for this stage ({len(ordered)} captions encoded up front)"
@@ -80,7 +80,7 @@ class TextConditioningCache:
         model = self.model
         if not self.active:
             with torch.set_grad_enabled(self.text_trains):  # a frozen text side builds no graph
-                return model.encode(batch.input_ids, sizes=batch.sizes)
+                return model.weigh(model.encode(batch.input_ids, sizes=batch.sizes), batch.captions)
         missing = list(dict.fromkeys(c for c in batch.captions if c not in self.rows))
         if missing:
             self._encode(missing, batch.input_ids[[batch.captions.index(c) for c in missing]])
@@ -90,7 +90,7 @@ class TextConditioningCache:
     def _encode(self, captions: list[str], input_ids: torch.Tensor) -> None:
         """Encode ``captions`` (their ids [n, 77], or [n, encoders, 77]) into the cache, without gradients."""
         with torch.no_grad():
-            encoded = self.model.encode(input_ids.to(self.device)).detach()
+            encoded = self.model.weigh(self.model.encode(input_ids.to(self.device)), captions).detach()
         self.rows.update({c: encoded.rows(slice(j, j + 1)) for j, c in enumerate(captions)})
 
     def end_stage(self) -> None:

@@ -28,6 +28,7 @@ from .base_weights import merge_base_weights
 from .config import EMBEDDED, Config, ConfigError, network_args
 from .data.batch_source import DrawSettings, MicroBatchDraws, MicroBatchStream
 from .data.captions import expand_token, warn_long_captions
+from .data.weighted_captions import check_weighted_captions
 from .data.dataset import ImageItem, load_subsets
 from .data.dataset_stats import tag_frequency
 from .data.latents import LatentSource
@@ -144,6 +145,7 @@ class Trainer:
         self.lora_regularisation = LoraRegularisation(config, model)  # kohya's network_dropout, scale_weight_norms
         self._place_model(base, model, device)
         self.text_cache = TextConditioningCache(model, config.cache_text_encoder_outputs, device, output_dir)
+        model.weighted_captions = check_weighted_captions(config.weighted_captions, base.family.name, self.items)
 
         window = config.max_token_length
         warn_long_captions(
@@ -197,7 +199,7 @@ class Trainer:
         """The run's micro-batch draws (see ``data/batch_source.py``), built in ``max_data_loader_n_workers`` processes."""
         config, accelerator = self.config, self.accelerator
         buckets = [self.items[i].bucket for i in self.entries]
-        orders = [SampleOrder(buckets, self.global_batch, config.seed, s) for s in range(len(config.stages))]
+        orders = [SampleOrder(buckets, self.global_batch, config.seed, i, s.steps) for i, s in enumerate(config.stages)]
         settings = DrawSettings(config.seed, config.token_string, config.num_vectors_per_token, config.train_batch_size,
                                 accelerator.num_processes, accelerator.process_index, self.latents.cached)
         return MicroBatchStream(MicroBatchDraws(self.items, self.entries, orders, settings), config.max_data_loader_n_workers,
@@ -468,7 +470,7 @@ class Trainer:
         """
         drawn = self._micro_batches.get(self.state.stage_index, step, micro)
         latents = [self.latents.latent_for(i, a, p) for i, a, p in zip(drawn.item_indices, drawn.augmentations, drawn.pixels)]
-        input_ids = self.model.tokenize(drawn.captions)
+        input_ids = self.model.tokenize_captions(drawn.captions)  # kohya's weighted_captions parsed there
         device = self.accelerator.device
         return Batch(torch.stack(latents).to(device), input_ids.to(device), drawn.captions, drawn.paths, drawn.slots,
                      drawn.is_reg, sizes=drawn.sizes.to(device),  # sizes [b, 6]; loss masks [b, 1, h, w] or None

@@ -158,7 +158,7 @@ class Validation:
         with torch.no_grad():
             for start in range(0, len(captions), ENCODE_CHUNK):
                 chunk = captions[start : start + ENCODE_CHUNK]
-                encoded = self.model.encode(self.model.tokenize(chunk).to(self.accelerator.device)).detach()
+                encoded = self.model.weigh(self.model.encode(self.model.tokenize_captions(chunk).to(self.accelerator.device)), chunk).detach()
                 self.rows.update({c: encoded.rows(slice(j, j + 1)) for j, c in enumerate(chunk)})
 
     def after_step(self, state, logs: dict[str, float]) -> dict[str, float]:
@@ -213,7 +213,7 @@ class Validation:
         if self.rows is not None:  # the training path of a stage that caches text-encoder outputs
             cond = Conditioning.cat([self.rows[c] for c in captions]).with_extra(model.family.size_conditioning(sizes))
         else:
-            cond = model.encode(model.tokenize(captions).to(device), sizes=sizes)
+            cond = model.weigh(model.encode(model.tokenize_captions(captions).to(device), sizes=sizes), captions)
         masks = stack_masks([self.latents.mask_for(i, PLAIN, latents.shape[-2:]) for i in indices])
         masks = masks.to(device) if masks is not None else None
         scheduler, prediction_type = model.base.noise_scheduler, model.base.prediction_type

@@ -231,7 +231,8 @@ def test_every_caption_option_of_a_subset_reaches_its_images(tmp_path):
     _images(tmp_path / "a", 1)
     options = {"shuffle_caption": True, "keep_tokens": 2, "caption_separator": ";", "keep_tokens_separator": "|||",
                "secondary_separator": ";;;", "enable_wildcard": True, "caption_prefix": "best", "caption_suffix": "4k",
-               "caption_dropout_rate": 0.25, "caption_dropout_every_n_epochs": 3, "caption_tag_dropout_rate": 0.5}
+               "caption_dropout_rate": 0.25, "caption_dropout_every_n_epochs": 3, "caption_tag_dropout_rate": 0.5,
+               "token_warmup_min": 2, "token_warmup_step": 0.5}
     lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
     (tmp_path / "dataset.toml").write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n{lines}")
     config = build_config({"dataset_config": str(tmp_path / "dataset.toml"), "resolution": 32})
@@ -242,9 +243,9 @@ def test_every_caption_option_of_a_subset_reaches_its_images(tmp_path):
 @pytest.mark.parametrize("body, expected", [
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\ncache_info = true\n",
      "datasets.0.subsets.0: kohya dataset option 'cache_info' is not supported by pti-plugin (image sizes and captions"),
-    ("[general]\ntoken_warmup_min = 2\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n",
-     "[general]: kohya dataset option 'token_warmup_min' is not supported by pti-plugin (token warm-up is not "
-     "implemented); supported: alpha_mask, batch_size, bucket_no_upscale"),
+    ("[general]\nnetwork_multiplier = 2\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n",
+     "[general]: kohya dataset option 'network_multiplier' is not supported by pti-plugin (per-dataset LoRA "
+     "multipliers are not implemented); supported: alpha_mask, batch_size, bucket_no_upscale"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nresolution = 64\n",
      "'resolution' is a dataset option: set it in [[datasets]] or [general]"),
     ("[[datasets]]\nis_reg = true\n[[datasets.subsets]]\nimage_dir = 'a'\n", "'is_reg' belongs in a [[datasets.subsets]] table"),

@@ -17,7 +17,8 @@ the token is neither required nor added (see :func:`resolve_reg_lines`).
 Per sample (:func:`final_caption`), in kohya's order and with kohya's meanings: caption dropout
 (``caption_dropout_rate``, ``caption_dropout_every_n_epochs``), one line of a multi-line caption
 and ``{a|b}`` choices (``enable_wildcard``), prefix/suffix, the fixed parts (``keep_tokens`` or
-``keep_tokens_separator``), shuffling (``shuffle_caption``) and tag dropout
+``keep_tokens_separator``), the token warm-up's cut of the rest (``token_warmup_min``/``token_warmup_step``,
+counted in the stage's steps), shuffling (``shuffle_caption``) and tag dropout
 (``caption_tag_dropout_rate``) of the rest, then ``secondary_separator`` groups joined with
 ``caption_separator``. Every draw comes from the per-sample generator the caller passes, so the
 result is a pure function of (seed, stage, step, slot).
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, fields
@@ -71,11 +73,29 @@ class CaptionOptions:
     caption_dropout_rate: float = _PRESET["caption_dropout_rate"]
     caption_dropout_every_n_epochs: int = _PRESET["caption_dropout_every_n_epochs"]
     caption_tag_dropout_rate: float = _PRESET["caption_tag_dropout_rate"]
+    token_warmup_min: int = _PRESET["token_warmup_min"]
+    token_warmup_step: float = _PRESET["token_warmup_step"]
 
     @property
     def moves_tags(self) -> bool:
         """Whether tags outside the fixed parts may be shuffled or dropped."""
         return self.shuffle_caption or self.caption_tag_dropout_rate > 0
+
+    def warmup_tags(self, flexible: int, step: int | None, stage_steps: int | None) -> int:
+        """kohya's token warm-up: how many of the ``flexible`` movable tags (in caption order) a sample keeps at
+        ``step`` (0-based, within the stage) of a stage of ``stage_steps`` steps: ``token_warmup_min`` at step 0,
+        ``floor(step * (flexible - min) / W) + min`` before step W (``token_warmup_step``; a number below 1 is
+        ``floor(W * stage_steps)``), all of them from step W on. ``step`` None (validation): all."""
+        warmup = self.token_warmup_step
+        if step is None or warmup <= 0:
+            return flexible
+        if warmup < 1:
+            if stage_steps is None:
+                raise ValueError("token_warmup_step below 1 is a fraction of the stage's steps, which are not known here")
+            warmup = math.floor(warmup * stage_steps)
+        if not warmup or step >= warmup:
+            return flexible
+        return math.floor(step * ((flexible - self.token_warmup_min) / warmup)) + self.token_warmup_min
 
 
 def pivot_token_strings(token: str, num_vectors: int) -> list[str]:
@@ -264,7 +284,7 @@ def split_fixed_and_flexible(caption: str, options: CaptionOptions) -> tuple[lis
         head, rest = caption.split(kts, 1)
         flexible, tail = rest.split(kts, 1) if kts in rest else (rest, "")
         return _split_tags(head, separator), _split_tags(flexible, separator), _split_tags(tail, separator)
-    if not options.moves_tags:
+    if not options.moves_tags and not options.token_warmup_step > 0:
         return None
     tags = _split_tags(caption, separator)
     return tags[: options.keep_tokens], tags[options.keep_tokens :], []
@@ -277,13 +297,17 @@ def pinned_index(tags: list[str], token: str | None) -> int | None:
     return next((i for i, tag in enumerate(tags) if count_token(tag, token)), None)
 
 
-def final_caption(item: Any, generator: torch.Generator, epoch: int, token: str, num_vectors: int) -> str:
+def final_caption(item: Any, generator: torch.Generator, epoch: int, token: str, num_vectors: int,
+                  step: int | None = None, stage_steps: int | None = None) -> str:
     """The caption fed to the text encoder for one draw of ``item`` (an :class:`ImageItem`).
 
     ``generator``: the sample's generator (seeded by seed, stage, step, slot); ``epoch``: 1-based
     epoch within the stage (``caption_dropout_every_n_epochs`` drops epochs n, 2n, ... as kohya).
     The draws are taken in a fixed order: dropout, line, wildcard choices, shuffle, tag dropout.
     The pivot token's tag keeps its index under shuffling and is never dropped (reg images: no pin).
+    ``step``/``stage_steps``: the optimizer step (0-based, within the stage) and the stage's length, for the
+    token warm-up (:meth:`CaptionOptions.warmup_tags`, applied before shuffling; it keeps the token's tag
+    too); ``step`` None: no warm-up (the whole caption).
     """
     options: CaptionOptions = item.caption_options
     is_reg = bool(getattr(item, "is_reg", False))
@@ -301,6 +325,10 @@ def final_caption(item: Any, generator: torch.Generator, epoch: int, token: str,
     parts = split_fixed_and_flexible(caption, options)
     if parts is not None:
         head, flexible, tail = parts
+        kept = options.warmup_tags(len(flexible), step, stage_steps)
+        if kept < len(flexible):  # token warm-up: the first ``kept`` movable tags, and the token's tag
+            pin = pinned_index(flexible, None if is_reg else token)
+            flexible = [tag for i, tag in enumerate(flexible) if i < kept or i == pin]
         if options.moves_tags:
             pin = pinned_index(flexible, None if is_reg else token)
             if options.shuffle_caption and flexible:
@@ -320,7 +348,8 @@ def final_caption(item: Any, generator: torch.Generator, epoch: int, token: str,
 
 def possible_captions(item: Any, token: str, num_vectors: int) -> list[str] | None:
     """Every caption :func:`final_caption` can give ``item``, or None when they vary from draw to draw
-    (shuffled or dropped tags, several caption lines or ``{a|b}`` choices with wildcards on)."""
+    (shuffled or dropped tags, several caption lines or ``{a|b}`` choices with wildcards on). With token
+    warm-up: the caption at every warm-up length (a superset of what any stage's length draws)."""
     options: CaptionOptions = item.caption_options
     lines = getattr(item, "caption_lines", None) or (item.caption,)
     wildcards = options.enable_wildcard and (len(lines) > 1 or _WILDCARD.search(_escape_braces(lines[0])) is not None)
@@ -328,9 +357,17 @@ def possible_captions(item: Any, token: str, num_vectors: int) -> list[str] | No
         return None
     fixed = dataclasses.replace(options, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
     undropped = final_caption(dataclasses.replace(item, caption_options=fixed), torch.Generator(), 1, token, num_vectors)
+    if options.token_warmup_step > 0:  # every warm-up length from token_warmup_min up (a superset of the stage's)
+        tags = len(_split_tags(with_prefix_suffix(lines[0], options), options.caption_separator))
+        warm = [final_caption(dataclasses.replace(item, caption_options=dataclasses.replace(
+            fixed, token_warmup_min=k, token_warmup_step=1)), torch.Generator(), 1, token, num_vectors, step=0)
+            for k in range(min(options.token_warmup_min, tags), tags)]
+        undropped = list(dict.fromkeys(warm + [undropped]))
+    else:
+        undropped = [undropped]
     if options.caption_dropout_rate > 0 or options.caption_dropout_every_n_epochs > 0:
-        return [undropped, "" if getattr(item, "is_reg", False) else expand_token(token, token, num_vectors)]
-    return [undropped]
+        return undropped + ["" if getattr(item, "is_reg", False) else expand_token(token, token, num_vectors)]
+    return undropped
 
 
 def tags_of(line: str) -> list[str]:

@@ -40,6 +40,13 @@ def _rate(value: Any) -> float:
     return float(value)
 
 
+def _warmup_step(value: Any) -> float:
+    """``token_warmup_step``: whole steps, or (kohya) a number below 1: that fraction of the stage's steps (0 = off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError("expects a number >= 0 (steps, or below 1: a fraction of the stage's steps)")
+    return value
+
+
 def _below_one(value: Any) -> float:
     """A fraction in [0, 1): ``validation_split`` (1 would leave nothing to train on)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -117,6 +124,8 @@ CAPTION_KEYS: dict[str, Callable[[Any], Any]] = {
     "caption_dropout_rate": _rate,
     "caption_dropout_every_n_epochs": _int_at_least(0),
     "caption_tag_dropout_rate": _rate,
+    "token_warmup_min": _int_at_least(0),
+    "token_warmup_step": _warmup_step,
 }
 #: Subset keys that may also be set at [general] and [[datasets]] level (defaults of their subsets).
 SUBSET_KEYS: dict[str, Callable[[Any], Any]] = {
@@ -140,8 +149,6 @@ REFUSED_DATASET_KEYS: dict[str, str] = {
     "face_crop_aug_range": "face-centred crops are not implemented",
     "resize_interpolation": "images are always resized with Lanczos",
     "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",
-    "token_warmup_min": "token warm-up is not implemented",
-    "token_warmup_step": "token warm-up is not implemented",
     "network_multiplier": "per-dataset LoRA multipliers are not implemented",
     "max_token_length": "a top-level preset key, not a dataset option",
     "prior_loss_weight": "a top-level preset key, not a dataset option",

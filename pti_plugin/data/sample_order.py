@@ -32,10 +32,12 @@ class SampleOrder:
     batch has its last batch completed by wrapping around its own shuffled list.
     """
 
-    def __init__(self, entry_buckets: list[tuple[int, int]], global_batch: int, seed: int, stage_index: int):
+    def __init__(self, entry_buckets: list[tuple[int, int]], global_batch: int, seed: int, stage_index: int,
+                 steps: int | None = None):
         if global_batch < 1:
             raise ValueError("global batch size must be >= 1")
         self.global_batch = global_batch
+        self.steps = steps  # the stage's optimizer steps, when known (token_warmup_step's fraction is of them)
         self.seed = seed
         self.stage_index = stage_index
         groups: dict[tuple[int, int], list[int]] = {}

@@ -3,7 +3,8 @@
 :func:`draw_sample` is the single function the training batches (``batch_source.py``) and the dataset preview
 call, so the preview shows exactly what training sees for the same seed. All draws come from the
 per-sample generator ``sample_generator(seed, stage, step, slot, 0xF11B)``: first the augmentation
-(a fixed block of 6 numbers, the flip first), then the caption transformations.
+(a fixed block of 6 numbers, the flip first), then the caption transformations. The caption's token
+warm-up counts ``step`` within the stage (and ``order.steps``, the stage's length, for a fraction).
 """
 
 from __future__ import annotations
@@ -45,5 +46,5 @@ def draw_sample(
     generator = sample_generator(seed, stage_index, step, slot, SAMPLE_STREAM)
     augmentation = draw_augmentation(item, generator)
     epoch = epoch_of(order, step)
-    caption = final_caption(item, generator, epoch, token, num_vectors)
+    caption = final_caption(item, generator, epoch, token, num_vectors, step=step, stage_steps=order.steps)
     return Sample(step, slot, item_index, augmentation, caption, epoch)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data.weighted_captions import apply_weights, weighted_ids
 from .family import Conditioning, ModelFamily
 from .loading import BaseModel
 from .lora import attach_lora, lora_layers, lora_parameters, lora_state_dict, set_lora_enabled, split_conv3x3
@@ -53,6 +54,8 @@ class TrainableModel:
         self._text_home: torch.device | None = None  # set while the text encoders wait on the CPU
         self.text_returns = 0  # times an encode brought them back from the CPU
         self._token_ids: dict[str, list] = {}  # caption -> its ids (see tokenize)
+        self.weighted_captions = False  # kohya's weighted_captions: see tokenize_captions and weigh
+        self._weighted: dict[str, tuple[list, list]] = {}  # caption -> its weighted ids and weights
         # the components that carry a LoRA (attached before this model is built, never after): the switch visits
         # only these, without walking the others' modules each time
         self._with_lora = [name for name, module in self.components().items() if lora_layers(module)]
@@ -122,6 +125,29 @@ class TrainableModel:
                 self._token_ids.clear()
             self._token_ids.update(zip(missing, self.base.tokenize(missing).tolist()))
         return torch.tensor([self._token_ids[c] for c in captions], dtype=torch.long)
+
+    def tokenize_captions(self, captions: list[str]) -> torch.Tensor:
+        """Token ids of training captions: :meth:`tokenize`, or with ``weighted_captions`` the ids of the captions'
+        weighted pieces (:mod:`~pti_plugin.data.weighted_captions`; sample prompts and plugins' prompts stay plain)."""
+        if not self.weighted_captions:
+            return self.tokenize(captions)
+        return torch.tensor([self._weighted_caption(c)[0] for c in captions], dtype=torch.long)
+
+    def weigh(self, cond: Conditioning, captions: list[str]) -> Conditioning:
+        """``cond`` (of :meth:`tokenize_captions`'s ids of ``captions``) with the captions' weights applied (kohya's
+        ``weighted_captions``); ``cond`` itself when the option is off."""
+        if not self.weighted_captions:
+            return cond
+        weights = torch.tensor([self._weighted_caption(c)[1] for c in captions])
+        return Conditioning(apply_weights(cond.hidden_states, weights), cond.added_cond_kwargs)
+
+    def _weighted_caption(self, caption: str) -> tuple[list, list]:
+        if caption not in self._weighted:
+            if len(self._weighted) >= TOKEN_MEMO:
+                self._weighted.clear()
+            length = self.family.max_token_length + 2  # type: ignore[attr-defined]
+            self._weighted[caption] = weighted_ids(self.base.tokenizer, caption, length)
+        return self._weighted[caption]
 
     # ------------------------------------------------------------------ text encoders off the device
     @property
