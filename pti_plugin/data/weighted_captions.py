@@ -8,8 +8,9 @@ and the pivot token's expansion (kohya parses when it tokenizes, after ``process
 
 Each parsed piece is tokenized on its own (without BOS/EOS), the ids are joined, truncated to ``max_token_length``
 and framed as the plain tokenisation (BOS, ids, EOS, padding); BOS, EOS and padding weigh 1. The encoder's output
-rows are multiplied by their tokens' weights and the whole ``[L, d]`` conditioning is then rescaled to its mean
-before weighting (kohya's ``get_weighted_text_embeddings``).
+rows are multiplied by their tokens' weights, as kohya's ``train_network.py`` does today
+(``strategy_sd.encode_tokens_with_weights``); kohya's older ``get_weighted_text_embeddings`` then rescaled the
+conditioning to its mean before weighting, which the current code, and this one, do not.
 """
 
 from __future__ import annotations
