@@ -46,6 +46,7 @@ class SavedProgress:
     optimizer_type: str | None = None
     param_groups: list[tuple[str, int]] | None = None  # (group name, number of tensors) per optimizer group
     token_string: str | None = None  # the token the saved pivot was trained for
+    base: dict[str, Any] | None = None  # what the weights were trained on (:func:`base_identity`)
 
 
 @dataclass
@@ -80,13 +81,14 @@ def save_state(
     folder: Path, tensors: dict[str, torch.Tensor], optimizer: dict[str, Any], lr_scheduler: dict[str, Any],
     stage_index: int, stage_step: int, global_step: int, *, stage_kind: str | None = None,
     optimizer_type: str | None = None, param_groups: list[tuple[str, int]] | None = None, replace: bool = False,
-    token_string: str | None = None,
+    token_string: str | None = None, base: dict[str, Any] | None = None,
 ) -> Path:
     """Write the state folder (to a temporary folder first, renamed when complete).
 
     ``stage_kind``, ``optimizer_type``, ``param_groups`` (``(name, number of tensors)`` per optimizer
     group) and ``token_string`` go to ``progress.json``, so that a resume with another optimizer, stage
-    or token is refused before it trains. An existing ``folder`` is refused unless ``replace``
+    or token is refused before it trains; ``base`` (:func:`base_identity`) too, so that a resume on another
+    base model is warned about. An existing ``folder`` is refused unless ``replace``
     (``overwrite = true``): then the new state takes its place once complete."""
     if folder.exists() and not replace:
         raise FileExistsError(f"refusing to overwrite state folder {folder} (set overwrite = true to allow it)")
@@ -106,6 +108,8 @@ def save_state(
             progress["param_groups"] = [{"name": name, "tensors": count} for name, count in param_groups]
         if token_string is not None:
             progress["token_string"] = token_string
+        if base is not None:
+            progress["base"] = base
         (tmp / "progress.json").write_text(json.dumps(progress))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is private (0700); give it a plain mkdir's mode
         if folder.exists():  # replace: a folder cannot be renamed over a non-empty one, so move the old one aside
@@ -156,9 +160,35 @@ def read_progress(folder: Path) -> SavedProgress:
     if groups is not None and (not isinstance(groups, list) or not all(
             isinstance(g, dict) and isinstance(g.get("name"), str) and type(g.get("tensors")) is int for g in groups)):
         raise ConfigError(f"key 'resume': {path}: param_groups must be a list of {{name, tensors}}; got {groups!r}")
+    base = progress.get("base")
+    if base is not None and not isinstance(base, dict):
+        raise ConfigError(f"key 'resume': {path}: base must be a table; got {base!r}")
     return SavedProgress(folder, *(progress[k] for k in keys), progress.get("stage_kind"), progress.get("optimizer_type"),
                          None if groups is None else [(g["name"], g["tensors"]) for g in groups],
-                         progress.get("token_string"))
+                         progress.get("token_string"), base)
+
+
+def base_identity(config) -> dict[str, Any]:
+    """What a run's weights are trained on, by file name (paths differ between machines): the base model, the ``vae``
+    and the ``base_weights`` files with their multipliers."""
+    from .base_weights import multipliers_of
+
+    weights = config.base_weights
+    return {"model": Path(config.pretrained_model_name_or_path).name, "vae": Path(config.vae).name if config.vae else None,
+            "base_weights": [[Path(f).name, m] for f, m in zip(weights, multipliers_of(weights, config.base_weights_multiplier))]}
+
+
+def warn_other_base(progress: SavedProgress, base: dict[str, Any]) -> None:
+    """A state trained on another base model, ``vae`` or ``base_weights`` than this run's (``base``,
+    :func:`base_identity`) is warned about, naming both: the run would go on training against other weights. Not
+    refused: the names are file names, and a file renamed or copied to another machine under another name reads as
+    another. A state that does not record its base (written before it was) is accepted silently."""
+    saved = progress.base
+    if saved is None or saved == base:
+        return
+    differ = ", ".join(f"{key} {saved.get(key)!r} then, {base.get(key)!r} now" for key in base if saved.get(key) != base.get(key))
+    logger.warning(f"resume: state {progress.folder} was trained on another base than this run's ({differ}): the "
+                   "resumed run trains against other weights; resume with the model, vae and base_weights it was saved with")
 
 
 def check_resume_token(progress: SavedProgress, token_string: str) -> None:
@@ -171,11 +201,11 @@ def check_resume_token(progress: SavedProgress, token_string: str) -> None:
                           f"under another token's name); resume with --token_string {shlex.quote(saved)}")
 
 
-def check_resume_fits(folder: Path, stages) -> SavedProgress:
+def check_resume_fits(folder: Path, stages, base: dict[str, Any] | None = None) -> SavedProgress:
     """Before anything loads: refuse a state whose stage is not in ``stages`` (the run's resolved stages)
     or was saved by a stage of another kind or optimizer type, or, when that stage's length is set in steps, past its
-    end (:func:`check_resume_within_stage`; an epoch-based stage's is checked once the data is scanned); return its
-    :class:`SavedProgress`."""
+    end (:func:`check_resume_within_stage`; an epoch-based stage's is checked once the data is scanned); warn when it
+    was trained on another ``base`` (:func:`warn_other_base`); return its :class:`SavedProgress`."""
     from .optimizers import optimizer_key
 
     progress = read_progress(folder)
@@ -194,6 +224,8 @@ def check_resume_fits(folder: Path, stages) -> SavedProgress:
                           f"with optimizer_type {saved} (e.g. --set stages.{index}.optimizer_type={saved})")
     if stage.max_train_epochs is None:  # set in steps: its length is known before the data scan
         check_resume_within_stage(progress, stages)
+    if base is not None:
+        warn_other_base(progress, base)
     return progress
 
 

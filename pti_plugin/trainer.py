@@ -52,7 +52,7 @@ from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process, optimizer_state_is_finite
 from .outputs import RunFiles, epoch_save_due, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
-from .resume import check_resume_fits, check_resume_within_epochs, load_state, save_state
+from .resume import base_identity, check_resume_fits, check_resume_within_epochs, load_state, save_state
 from .run_lock import RunLocks, clean_leftover_temporaries
 from .sampling import sample_during_training
 from .stop_signals import StopSignals, TrainingInterrupted, received_on_any_process
@@ -93,7 +93,7 @@ class Trainer:
         output_dir = Path(config.output_dir).expanduser().resolve()
         logging_dir = tracker_logging_dir(config, output_dir)  # kohya's log_prefix: <logging_dir>/<prefix><time>
         # A state that cannot continue this run (another stage kind or optimizer) is refused before anything loads.
-        self._resume_progress = check_resume_fits(Path(config.resume), config.stages) if config.resume else None
+        self._resume_progress = check_resume_fits(Path(config.resume), config.stages, base_identity(config)) if config.resume else None
         fresh_accelerate_state()
         has_accelerator_device = torch.cuda.is_available() or torch.backends.mps.is_available() or (
             hasattr(torch, "xpu") and torch.xpu.is_available()
@@ -558,7 +558,7 @@ class Trainer:
                     state.plan.lr_scheduler.state_dict(), state.stage_index, state.stage_step, state.global_step,
                     stage_kind=state.stage.kind, optimizer_type=state.stage.optimizer_type,
                     param_groups=[(g["name"], len(g["params"])) for g in state.plan.param_groups],
-                    replace=self.files.overwrite, token_string=config.token_string,
+                    replace=self.files.overwrite, token_string=config.token_string, base=base_identity(config),
                 )
                 self._info(f"saved state {paths['state']}")
         self.accelerator.wait_for_everyone()

@@ -193,3 +193,35 @@ def test_a_run_on_merged_weights_records_them_and_is_measured_on_the_merged_base
     original = load_base_model(config.pretrained_model_name_or_path).unet.state_dict()[f"{UNET_PATH[Q]}.weight"]
     expected = original.double() + 0.5 * _expected_delta(tensors, Q)
     assert torch.allclose(run.pipe.unet.state_dict()[f"{UNET_PATH[Q]}.weight"].double(), expected, atol=1e-6, rtol=0)
+
+
+def test_a_resume_on_another_base_is_warned_about_naming_both(preset, tmp_path, caplog):
+    """A state records what it was trained on (model, vae, base_weights by file name); a resume with other
+    base_weights went on silently, training against other weights. Now a warning names both; the same base, and a
+    state written before the record (no ``base`` in progress.json), resume without it."""
+    from pti_plugin.trainer import Trainer
+
+    _lora_file(tmp_path / "style.safetensors")
+    stages = [{"kind": "lora", "steps": 3, "learning_rate": 1e-2}]
+    raw = preset(base_weights=[str(tmp_path / "style.safetensors")], base_weights_multiplier=[0.5], stages=stages,
+                 save_every_n_steps=2, save_state=True)
+    Trainer(build_config(raw)).run()
+    state = Path(raw["output_dir"]) / "pti-state-step00000002"
+    progress = json.loads((state / "progress.json").read_text())
+    assert progress["base"] == {"model": Path(raw["pretrained_model_name_or_path"]).name, "vae": None,
+                                "base_weights": [["style.safetensors", 0.5]]}
+
+    def resume(name: str, **overrides) -> str:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            Trainer(build_config(raw | {"output_dir": str(tmp_path / name), "resume": str(state),
+                                        "save_every_n_steps": 0} | overrides)).run()
+        return caplog.text
+
+    other = resume("other", base_weights_multiplier=[1.0])
+    assert "was trained on another base than this run's" in other
+    assert "base_weights [['style.safetensors', 0.5]] then, [['style.safetensors', 1.0]] now" in other
+    assert "another base" not in resume("same")
+    del progress["base"]
+    (state / "progress.json").write_text(json.dumps(progress))
+    assert "another base" not in resume("old_state", base_weights=[], base_weights_multiplier=[])

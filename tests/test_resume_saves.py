@@ -42,7 +42,8 @@ def test_save_state_writes_a_final_state_that_continues_like_a_longer_run(preset
     progress = json.loads((state / "progress.json").read_text())
     assert progress == {"stage_index": 1, "stage_step": 2, "global_step": 4, "stage_kind": "lora",
                         "optimizer_type": "AdamW", "param_groups": [{"name": "unet_lora", "tensors": 384}],
-                        "token_string": "tok1"}
+                        "token_string": "tok1", "base": {"model": Path(first["pretrained_model_name_or_path"]).name, "vae": None,
+                                                           "base_weights": []}}
     saved = load_file(state / "trainable.safetensors")
     assert torch.equal(saved["pivot.vectors"], load_file(tmp_path / "first" / "tok1.safetensors")["emb_params"])
 
