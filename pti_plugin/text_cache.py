@@ -61,8 +61,7 @@ class TextConditioningCache:
                 return None  # captions vary from draw to draw: encode lazily, the encoders stay
             captions.update(known)
         ordered = sorted(captions)
-        for start in range(0, len(ordered), ENCODE_CHUNK):
-            self._encode(ordered[start : start + ENCODE_CHUNK], self.model.tokenize_captions(ordered[start : start + ENCODE_CHUNK]))
+        self.rows.update(self.encoded_rows(ordered))
         if self._can_offload():
             self.model.offload_text_encoders()
             return f"text encoders moved to the CPU for this stage ({len(ordered)} captions encoded up front)"
@@ -83,15 +82,24 @@ class TextConditioningCache:
                 return model.weigh(model.encode(batch.input_ids, sizes=batch.sizes), batch.captions)
         missing = list(dict.fromkeys(c for c in batch.captions if c not in self.rows))
         if missing:
-            self._encode(missing, batch.input_ids[[batch.captions.index(c) for c in missing]])
+            self.rows.update(self._encoded(missing, batch.input_ids[[batch.captions.index(c) for c in missing]]))
         cond = Conditioning.cat([self.rows[c] for c in batch.captions])
         return cond.with_extra(model.family.size_conditioning(batch.sizes)) if batch.sizes is not None else cond
 
-    def _encode(self, captions: list[str], input_ids: torch.Tensor) -> None:
-        """Encode ``captions`` (their ids [n, 77], or [n, encoders, 77]) into the cache, without gradients."""
+    def encoded_rows(self, captions: list[str]) -> dict[str, Conditioning]:
+        """Each of ``captions`` encoded to its conditioning row, :data:`ENCODE_CHUNK` at a time, without gradients and
+        without storing them (the cache's encoding up front; the validation's held-out captions use it too)."""
+        rows: dict[str, Conditioning] = {}
+        for start in range(0, len(captions), ENCODE_CHUNK):
+            chunk = captions[start : start + ENCODE_CHUNK]
+            rows.update(self._encoded(chunk, self.model.tokenize_captions(chunk)))
+        return rows
+
+    def _encoded(self, captions: list[str], input_ids: torch.Tensor) -> dict[str, Conditioning]:
+        """``captions`` (their ids [n, 77], or [n, encoders, 77]) encoded without gradients: caption -> its row."""
         with torch.no_grad():
             encoded = self.model.weigh(self.model.encode(input_ids.to(self.device)), captions).detach()
-        self.rows.update({c: encoded.rows(slice(j, j + 1)) for j, c in enumerate(captions)})
+        return {c: encoded.rows(slice(j, j + 1)) for j, c in enumerate(captions)}
 
     def end_stage(self) -> None:
         """The text encoders back on the device (the next stage, samples and saves may need them)."""

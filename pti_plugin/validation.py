@@ -56,7 +56,6 @@ from .data.masks import stack_masks
 from .data.sample_order import sample_generator
 from .diffusion_loss import draw_batch, per_sample_loss, timestep_bounds, timestep_weighted, training_target
 from .models.family import Conditioning
-from .text_cache import ENCODE_CHUNK
 
 #: kohya's number of fixed validation timesteps (``NUM_VALIDATION_TIMESTEPS``).
 NUM_VALIDATION_TIMESTEPS = 4
@@ -153,13 +152,7 @@ class Validation:
         self.stage_steps, self.steps_per_epoch, self.rows = plan.steps, steps_per_epoch, None
         if not self.enabled or not self.text_cache.caches(plan.trains.text_encoders):
             return
-        captions = sorted({self.captions[i] for batch in self.batches for i in batch})
-        self.rows = {}
-        with torch.no_grad():
-            for start in range(0, len(captions), ENCODE_CHUNK):
-                chunk = captions[start : start + ENCODE_CHUNK]
-                encoded = self.model.weigh(self.model.encode(self.model.tokenize_captions(chunk).to(self.accelerator.device)), chunk).detach()
-                self.rows.update({c: encoded.rows(slice(j, j + 1)) for j, c in enumerate(chunk)})
+        self.rows = self.text_cache.encoded_rows(sorted({self.captions[i] for batch in self.batches for i in batch}))
 
     def after_step(self, state, logs: dict[str, float]) -> dict[str, float]:
         """After an optimizer step (``logs``: its logs): the validation's logs when one is due, else {}."""
