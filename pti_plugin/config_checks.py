@@ -234,7 +234,7 @@ def check_stage_schedules(parsed: Config, config: Config) -> None:
     length here, and on its own once the data scan tells it (``resolution.with_epoch_steps``). ``parsed``: the
     config as written (its stages name where each value was given)."""
     from .lr_schedulers import schedule_problem
-    from .resolution import warmup_steps
+    from .resolution import with_length
 
     default_scheduler = next(f.default for f in dataclasses.fields(Config) if f.name == "lr_scheduler")
     for given, stage in zip(parsed.stages, config.stages):
@@ -252,8 +252,7 @@ def check_stage_schedules(parsed: Config, config: Config) -> None:
         probe = stage
         if stage.steps is None:  # a length at which any warm-up or decay ratio is whole steps
             steps = 10**6 + sum(v for v in (stage.lr_warmup_steps, stage.lr_decay_steps) if isinstance(v, int))
-            probe = dataclasses.replace(stage, steps=steps, lr_warmup_steps=warmup_steps(stage.lr_warmup_steps, steps),
-                                        lr_decay_steps=warmup_steps(stage.lr_decay_steps, steps))
+            probe = with_length(stage, steps)
         if problem := schedule_problem(probe, length_known=stage.steps is not None):
             raise ConfigError.at(where(problem[0]), problem[1])
 

@@ -189,6 +189,12 @@ def warmup_steps(value: int | float, steps: int) -> int:
     return int(value * steps) if isinstance(value, float) else value
 
 
+def with_length(stage: ResolvedStage, steps: int) -> ResolvedStage:
+    """``stage`` ``steps`` long, its warm-up and decay (kohya's ratios, :func:`warmup_steps`) in whole steps of it."""
+    return dataclasses.replace(stage, steps=steps, lr_warmup_steps=warmup_steps(stage.lr_warmup_steps, steps),
+                               lr_decay_steps=warmup_steps(stage.lr_decay_steps, steps))
+
+
 def with_epoch_steps(config: Config, steps_per_epoch: int) -> Config:
     """``config`` with every epoch-based stage's length in steps (``steps_per_epoch`` optimizer steps per pass),
     its warm-up and decay ratios in steps (a schedule that does not fit those steps is refused, naming the stage),
@@ -200,9 +206,7 @@ def with_epoch_steps(config: Config, steps_per_epoch: int) -> Config:
     stages = []
     for s in config.stages:
         if s.steps is None:
-            steps = s.max_train_epochs * steps_per_epoch
-            s = dataclasses.replace(s, steps=steps, lr_warmup_steps=warmup_steps(s.lr_warmup_steps, steps),
-                                    lr_decay_steps=warmup_steps(s.lr_decay_steps, steps))
+            s = with_length(s, s.max_train_epochs * steps_per_epoch)
             if problem := schedule_problem(s):
                 raise ConfigError(f"key {problem[0]!r}{problem[1]} ({s.max_train_epochs} epoch(s) of "
                                   f"{steps_per_epoch} step(s))", problem[0])
