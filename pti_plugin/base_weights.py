@@ -14,7 +14,7 @@ A top-level module, not one of ``models/``: the models never import the formats 
 
 A file's bundled embeddings (``bundle_emb.*``) are not loaded: kohya's merge reads only the LoRA keys.
 The file checks that need no model (missing file, no LoRA key, non-finite values, the multipliers' count) run at
-start (:func:`check_base_weights`); keys of another family's LoRA and shape mismatches are named as the model loads.
+start (:func:`pti_plugin.input_checks.check_starting_files`); keys of another family's LoRA and shape mismatches are named as the model loads.
 """
 
 from __future__ import annotations
@@ -43,37 +43,23 @@ def multipliers_of(paths: Sequence[str], multipliers: Sequence[float]) -> list[f
     return [float(m) for m in multipliers] if multipliers else [1.0] * len(paths)
 
 
+def require_file(path: str) -> None:
+    """``path`` is a regular file; else a ConfigError naming the key and the file."""
+    if not Path(path).is_file():
+        raise ConfigError.at(KEY, f": {path} not found (a kohya LoRA .safetensors file)" if not Path(path).exists()
+                             else f": {path} is not a regular file")
+
+
 def _read(path: str) -> dict[str, torch.Tensor]:
     """The tensors of the LoRA file ``path`` through the safe loader; its problems as ConfigError naming the key and
     the file."""
     from .formats.kohya_lora import load_lora
 
-    if not Path(path).is_file():
-        raise ConfigError.at(KEY, f": {path} not found (a kohya LoRA .safetensors file)" if not Path(path).exists()
-                             else f": {path} is not a regular file")
+    require_file(path)
     try:
         return load_lora(path)[0]
-    except ValueError as exc:  # UnsafeFileError, BadSafetensorsError
-        raise ConfigError.at(KEY, f": {path}: {exc}") from None
-
-
-def check_base_weights(paths: Sequence[str], multipliers: Sequence[float]) -> None:
-    """Start-time checks (no model): one multiplier per file, each file present, read by the safe loader, holding LoRA
-    tensors under kohya's suffixes only, all finite."""
-    from .atomic_io import first_non_finite
-    from .formats.kohya_lora import BUNDLE_PREFIX, LORA_SUFFIXES
-
-    multipliers_of(paths, multipliers)
-    for path in paths:
-        tensors = _read(path)
-        lora = [k for k in tensors if not k.startswith(BUNDLE_PREFIX)]
-        if not lora:
-            raise ConfigError.at(KEY, f": {path} holds no LoRA tensors (no lora_down/lora_up/alpha key)")
-        if other := [k for k in lora if k.partition(".")[2] not in LORA_SUFFIXES]:
-            raise ConfigError.at(KEY, f": {path} is not a kohya LoRA: key {other[0]!r} ({len(other)} in all) does not "
-                                      f"end in {', '.join('.' + s for s in LORA_SUFFIXES)}")
-        if bad := first_non_finite(tensors):
-            raise ConfigError.at(KEY, f": {path} holds non-finite values (NaN or inf) in tensor {bad!r}")
+    except ValueError as exc:  # BadSafetensorsError, naming the file
+        raise ConfigError.at(KEY, f": {exc}") from None
 
 
 def lora_delta(key: str, weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -50,9 +50,13 @@ def _warn_replaced_epoch_interval(config: Config) -> None:
                        config.save_n_epoch_ratio)
 
 
-#: Keys that are unset (None) or > 0.
+#: Keys that are unset (None) or > 0: top-level ones, and a stage's (``stages.<i>.<key>``).
 _POSITIVE_WHEN_SET = ("unet_lr", "text_encoder_lr", "max_train_epochs", "save_n_epoch_ratio", "validate_every_n_steps",
-                      "validate_every_n_epochs", "max_validation_steps")
+                      "validate_every_n_epochs", "max_validation_steps", "lr_scheduler_timescale",
+                      "save_last_n_steps", "save_last_n_steps_state", "save_last_n_epochs", "save_last_n_epochs_state",
+                      "sample_every_n_epochs")
+_STAGE_POSITIVE_WHEN_SET = ("steps", "max_train_epochs", "learning_rate", "unet_lr", "text_encoder_lr", "pivot_lr",
+                            "lr_scheduler_timescale")
 
 
 def validate_config(config: Config, check_paths: bool, data_only: bool = False) -> None:
@@ -86,7 +90,7 @@ def validate_config(config: Config, check_paths: bool, data_only: bool = False) 
             raise ConfigError.at(key, f" must be > 0, got {getattr(config, key)!r}")
     _warn_replaced_epoch_interval(config)
     for i, stage in enumerate(config.stages):
-        for key in ("steps", "max_train_epochs", "learning_rate", "unet_lr", "text_encoder_lr", "pivot_lr"):
+        for key in _STAGE_POSITIVE_WHEN_SET:
             value = getattr(stage, key)
             if value is not None and value <= 0:
                 raise ConfigError.at(f"stages.{i}.{key}", f" must be > 0, got {value!r}")
@@ -160,6 +164,28 @@ def _check_data_keys(config: Config) -> None:
             raise ConfigError.at(key, " needs 'train_data_dir'")
     if config.reg_data_dir and config.in_json:
         raise ConfigError("preset: 'reg_data_dir' applies to kohya folders, not to in_json (fine-tuning) data")
+    _check_kohya_caption_keys(config)
+
+
+def _check_kohya_caption_keys(config: Config) -> None:
+    """kohya's ``caption_extention`` (a file extension, which replaces ``caption_extension``) and its textual
+    inversion's ``use_object_template`` / ``use_style_template`` (one of them, with an inversion stage to apply to)."""
+    from .data.dataset_keys import file_extension
+
+    if config.caption_extention:
+        try:
+            file_extension(config.caption_extention)
+        except ValueError as exc:
+            raise ConfigError.at("caption_extention", f" {exc}, got {config.caption_extention!r}") from None
+        logger.info("caption_extention = %r (kohya's misspelt alias) replaces caption_extension = %r, as in kohya",
+                    config.caption_extention, config.caption_extension)
+    if config.use_object_template and config.use_style_template:
+        raise ConfigError.at("use_style_template", " and use_object_template are both true: kohya then uses the object "
+                                                   "templates and ignores this one; set only one of them")
+    key = "use_object_template" if config.use_object_template else "use_style_template" if config.use_style_template else ""
+    if key and not any(stage.kind == "inversion" for stage in config.stages):
+        raise ConfigError.at(key, " replaces the training captions in inversion stages (kohya's textual inversion), "
+                                  "and no stage is one: add an inversion stage or drop it")
 
 
 def _check_noise_keys(config: Config) -> None:
@@ -208,7 +234,8 @@ def _check_optimisation(config: Config) -> None:
 
 def _check_schedule_values(config: Config) -> None:
     """kohya's schedule numbers (top level and each stage's): ``lr_warmup_steps`` and ``lr_decay_steps`` whole steps
-    >= 0, or kohya's ratio, a float in [0, 1); ``lr_scheduler_min_lr_ratio`` in [0, 1]; ``lr_scheduler_timescale`` > 0."""
+    >= 0, or kohya's ratio, a float in [0, 1); ``lr_scheduler_min_lr_ratio`` in [0, 1] (``lr_scheduler_timescale`` > 0:
+    ``_POSITIVE_WHEN_SET``)."""
     for where, table in [("", config)] + [(f"stages.{i}.", s) for i, s in enumerate(config.stages)]:
         for key in ("lr_warmup_steps", "lr_decay_steps"):
             value = getattr(table, key)
@@ -217,12 +244,10 @@ def _check_schedule_values(config: Config) -> None:
             if isinstance(value, float) and value >= 1:
                 raise ConfigError.at(where + key, f" as a float is a fraction of the stage's steps (kohya) and must be "
                                                   f"below 1, got {value!r}; give whole steps as an integer")
-        ratio, timescale = table.lr_scheduler_min_lr_ratio, table.lr_scheduler_timescale
+        ratio = table.lr_scheduler_min_lr_ratio
         if ratio is not None and not 0 <= ratio <= 1:
             raise ConfigError.at(where + "lr_scheduler_min_lr_ratio", " is a fraction of the learning rate and must be "
                                                                       f"between 0 and 1, got {ratio!r}")
-        if timescale is not None and timescale <= 0:
-            raise ConfigError.at(where + "lr_scheduler_timescale", f" must be > 0, got {timescale!r}")
 
 
 def check_stage_schedules(parsed: Config, config: Config) -> None:

@@ -76,7 +76,8 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
     validate_config(parsed, check_paths, data_only)
     parsed = _with_dims_from_weights(parsed, read=check_paths and not data_only)
     config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),
-                                 caption_extension=with_leading_dot(parsed.caption_extension),
+                                 caption_extension=with_leading_dot(parsed.caption_extention or parsed.caption_extension),
+                                 caption_extention="",  # kohya's misspelt alias replaces caption_extension
                                  network_alpha=parsed.network_alpha or float(parsed.network_dim))  # kohya: 0 is dim
     if given:
         check_given_values_are_used(config, parsed.stages, given)

@@ -13,7 +13,9 @@ tokenizer: only training counts their tokens). Every draw goes through
 :func:`pti_plugin.data.samples.draw_sample`, the function the training loop calls, so the
 captions are the ones training feeds the text encoder for the same seed. The global batch depends
 on the number of processes (``--num_processes``, default 1). ``--save_images DIR`` also writes the
-augmented pixels of each sample as PNG files.
+augmented pixels of each sample as PNG files (``stepSSSSS_slotBBB.png``) and, for an image with a loss mask
+(``alpha_mask``, ``masked_loss``), the mask as training fits it to those pixels (bucket resize, crop, flip; before the
+area downsampling to the latent's size) beside it as ``stepSSSSS_slotBBB-mask.png`` (8-bit greyscale, 255 = weight 1).
 
 Other ``--KEY VALUE`` arguments override preset keys as on the training command line; an explicit
 ``--dataset_config`` replaces the preset's ``train_data_dir`` / ``reg_data_dir`` / ``in_json``.
@@ -75,9 +77,9 @@ def preview_dataset(
     config: Config, n: int = 20, stage_index: int = 0, num_processes: int = 1, save_images: str | Path | None = None,
 ) -> Preview:
     """The first ``n`` samples of stage ``stage_index`` as the training loop draws them, and the dataset's tables."""
-    from .data.augment import augmented_pixels
+    from .data.masks import pixels_and_mask
     from .data.dataset_stats import dataset_notes, subset_counts, tag_frequency
-    from .data.sample_order import SampleOrder
+    from .data.sample_order import stage_order
     from .data.samples import draw_sample
     from .data.scanning import build_entries
 
@@ -89,7 +91,7 @@ def preview_dataset(
     entries = build_entries(items)
     global_batch = config.train_batch_size * num_processes * config.gradient_accumulation_steps
     stage = config.stages[stage_index]
-    order = SampleOrder([items[i].bucket for i in entries], global_batch, config.seed, stage_index, stage.steps)
+    order = stage_order(config, stage_index, [items[i].bucket for i in entries], global_batch)
     if order.steps is None:  # an epoch-based stage (the token warm-up's fraction is of its steps)
         order.steps = stage.max_train_epochs * order.batches_per_epoch
     out_dir = Path(save_images) if save_images else None
@@ -110,18 +112,23 @@ def preview_dataset(
             samples.append(PreviewSample(step, slot, sample.epoch, item.path, item.subset_name, sample.caption,
                                          item.bucket, item.num_repeats, item.is_reg, sample.augmentation.describe()))
             if out_dir is not None:
-                _save_png(augmented_pixels(item, sample.augmentation), out_dir / f"step{step:05d}_slot{slot:03d}.png")
+                _save_pngs(*pixels_and_mask(item, sample.augmentation), out_dir / f"step{step:05d}_slot{slot:03d}")
         step += 1
     return Preview(stage_index, global_batch, order.batches_per_epoch, samples, subset_counts(items),
                    tag_frequency(items), dataset_notes(items, config.token_string))
 
 
-def _save_png(pixels, path: Path) -> None:
+def _save_pngs(pixels, mask, stem: Path) -> None:
+    """``<stem>.png``: the pixels ([3, H, W] in [-1, 1]); ``<stem>-mask.png``: the fitted loss mask ([H, W] in [0, 1],
+    the 8-bit values it was read from), when there is one."""
     import numpy as np
     from PIL import Image
 
     array = ((pixels.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-    Image.fromarray(array).save(path)
+    Image.fromarray(array).save(stem.with_name(f"{stem.name}.png"))
+    if mask is not None:
+        Image.fromarray((mask.numpy() * 255.0).round().clip(0, 255).astype(np.uint8)).save(
+            stem.with_name(f"{stem.name}-mask.png"))
 
 
 def render(preview: Preview, config: Config, max_tags: int = 40) -> str:

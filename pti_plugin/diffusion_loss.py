@@ -171,13 +171,14 @@ def huber_threshold(noise_scheduler, timesteps: torch.Tensor, config: Config) ->
 
 def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """kohya's ``apply_masked_loss``: the per-element loss [b, C, h, w] times ``mask`` ([b, 1, H, W] or [b, H, W] in
-    [0, 1]) area-interpolated to (h, w) (the identity when it is already latent-sized); ``loss`` itself when None.
+    [0, 1]) area-interpolated to (h, w) (a mask already latent-sized, as the trainer's are, is used as it is: area
+    interpolation to the same size is the identity, bit for bit); ``loss`` itself when None.
     A plain product: the per-sample mean that follows still divides by every element, masked or not (kohya)."""
     if mask is None:
         return loss
     mask = mask.to(device=loss.device, dtype=loss.dtype)
     mask = mask.unsqueeze(1) if mask.dim() == 3 else mask
-    return loss * F.interpolate(mask, size=loss.shape[2:], mode="area")
+    return loss * (mask if mask.shape[2:] == loss.shape[2:] else F.interpolate(mask, size=loss.shape[2:], mode="area"))
 
 
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, noise_scheduler, timesteps: torch.Tensor,

@@ -30,6 +30,7 @@ import string
 import tempfile
 import tomllib
 import unicodedata
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -357,40 +358,58 @@ def _sample_option_problem(flag: str, value: int | None) -> str | None:
 
 
 def check_starting_files(config: Config) -> None:
-    """``weights`` and ``network_weights`` load through the safe loaders and hold finite values only."""
+    """``weights`` and ``network_weights`` load through the safe loaders and hold finite values only (the LoRA files
+    of ``network_weights`` and ``base_weights``: :func:`check_lora_file`)."""
     from .atomic_io import first_non_finite
     from .formats.embedding import load_embedding
-    from .formats.kohya_lora import load_lora
 
-    for key, load in (("weights", lambda p: {"vectors": load_embedding(p, token=config.token_string)}),
-                      ("network_weights", lambda p: load_lora(p)[0])):
-        value = getattr(config, key)
-        if not value:
-            continue
-        tensors = _wrap(key, lambda: load(value))
-        if key == "network_weights":
-            check_lora_keys(value, tensors)
-        bad = first_non_finite(tensors)
-        if bad:
-            raise ConfigError.at(key, f": {value} holds non-finite values (NaN or inf) in tensor {bad!r}; "
-                              "it cannot start a run")
+    if config.weights:
+        tensors = _wrap("weights", lambda: {"vectors": load_embedding(config.weights, token=config.token_string)})
+        if bad := first_non_finite(tensors):
+            raise ConfigError.at("weights", _non_finite_message(config.weights, bad))
+    if config.network_weights:
+        check_lora_file("network_weights", config.network_weights)
     if config.base_weights or config.base_weights_multiplier:  # the LoRA files merged into the model: see there
-        from .base_weights import check_base_weights
+        from .base_weights import KEY, multipliers_of, require_file
 
-        check_base_weights(config.base_weights, config.base_weights_multiplier)
+        multipliers_of(config.base_weights, config.base_weights_multiplier)  # one multiplier per file
+        for path in config.base_weights:
+            require_file(path)
+            check_lora_file(KEY, path)  # keeps no tensor: the merge reads the file again
 
 
-def check_lora_keys(path: str, tensors: dict[str, Any]) -> None:
-    """``network_weights`` holds LoRA tensors under kohya's key suffixes (which modules they adapt is checked against
-    the model once it loads): an empty file, or another kind of file, is named now."""
+def _non_finite_message(path: str, tensor: str) -> str:
+    return f": {path} holds non-finite values (NaN or inf) in tensor {tensor!r}; it cannot start a run"
+
+
+def check_lora_file(key: str, path: str) -> None:
+    """The kohya LoRA file ``path`` given as ``key`` (``network_weights``, a ``base_weights`` file) passes the safe
+    loader's checks, holds LoRA tensors under kohya's key suffixes (:func:`check_lora_keys`) and finite values only;
+    its tensors are read one at a time, none kept (which modules they adapt is checked once the model loads)."""
+    from safetensors import safe_open
+
+    from .atomic_io import first_non_finite
+    from .safe_load import check_safetensors
+
+    _wrap(key, lambda: check_safetensors(path))
+    with safe_open(str(Path(path)), framework="pt") as handle:
+        names = list(handle.keys())
+        check_lora_keys(key, path, names)
+        if bad := next((name for name in names if first_non_finite({name: handle.get_tensor(name)})), None):
+            raise ConfigError.at(key, _non_finite_message(path, bad))
+
+
+def check_lora_keys(key: str, path: str, names: Iterable[str]) -> None:
+    """The tensor names ``names`` of the LoRA file ``path`` given as ``key`` are LoRA tensors under kohya's key
+    suffixes: an empty file, or another kind of file, is named now."""
     from .formats.kohya_lora import BUNDLE_PREFIX, LORA_SUFFIXES
 
-    lora = [k for k in tensors if not k.startswith(BUNDLE_PREFIX)]
+    lora = [k for k in names if not k.startswith(BUNDLE_PREFIX)]
     if not lora:
-        raise ConfigError.at("network_weights", f": {path} holds no LoRA tensors")
+        raise ConfigError.at(key, f": {path} holds no LoRA tensors (no lora_down/lora_up/alpha key)")
     if other := [k for k in lora if k.partition(".")[2] not in LORA_SUFFIXES]:
-        raise ConfigError.at("network_weights", f": {path} is not a kohya LoRA: key {other[0]!r} ({len(other)} in all) "
-                                                f"does not end in {', '.join('.' + s for s in LORA_SUFFIXES)}")
+        raise ConfigError.at(key, f": {path} is not a kohya LoRA: key {other[0]!r} ({len(other)} in all) does not end "
+                                  f"in {', '.join('.' + s for s in LORA_SUFFIXES)}")
 
 
 def _wrap(key: str, action):
@@ -413,15 +432,15 @@ def check_model_framing(path: Path) -> None:
 
 def check_resume_folder(folder: Path, token_string: str) -> None:
     """The state folder is complete, its ``progress.json`` parses, its pivot was trained for ``token_string``
-    (when it records it) and its pickles pass the safe loader (tensor shapes are compared with the run's once
-    the model is built)."""
+    (when it records it) and its pickles pass the safe loader, their tensors mapped, not read: the resume reads them
+    once the model is built, and compares the tensor shapes with the run's."""
     from .safe_load import check_safetensors, safe_torch_load
     from .resume import check_resume_token, read_progress
 
     check_resume_token(read_progress(folder), token_string)
     _wrap("resume", lambda: check_safetensors(folder / "trainable.safetensors"))
     for name in ("optimizer.pt", "lr_scheduler.pt"):
-        _wrap("resume", lambda: safe_torch_load(folder / name))
+        _wrap("resume", lambda: safe_torch_load(folder / name, mmap=True))
 
 
 def _component_config(config: Config, component: str = "text_encoder") -> Path | None:

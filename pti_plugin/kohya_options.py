@@ -35,16 +35,9 @@ REFUSED_OPTIONS: dict[str, str] = {
     # network
     "network_module": "pti-plugin always trains networks.lora (peft LoRA)",
     "network_train_text_encoder_only": "use stages with train_unet = false",
-    "use_object_template": "captions come from files or caption_template",
-    "use_style_template": "captions come from files or caption_template",
     "no_token_padding": "prompts are always padded to 77 tokens as at inference",
     "no_metadata": "metadata is always written",
     # saving / hub / logging
-    "save_last_n_epochs": "pti-plugin never deletes saved files",
-    "save_last_n_epochs_state": "pti-plugin never deletes saved files",
-    "save_last_n_steps": "pti-plugin never deletes saved files",
-    "save_last_n_steps_state": "pti-plugin never deletes saved files",
-    "save_state_on_train_end": "use save_state (the final save includes the state)",
     "huggingface_repo_id": _HUB,
     "huggingface_repo_type": _HUB,
     "huggingface_path_in_repo": _HUB,
@@ -57,7 +50,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "wandb_run_name": 'only log_with = "tensorboard" is supported',
     "wandb_api_key": 'only log_with = "tensorboard" is supported',
     "output_config": "the resolved config is always written beside the outputs",
-    "sample_every_n_epochs": "use sample_every_n_steps",
     # distributed / loader
     "ddp_timeout": "use accelerate's own settings",
     "ddp_gradient_as_bucket_view": "use accelerate's own settings",
@@ -67,12 +59,9 @@ REFUSED_OPTIONS: dict[str, str] = {
     "initial_step": "use resume",
     "cpu_offload_checkpointing": _NOT_YET,
     # dataset (top-level forms; the others are keys of the preset)
-    "caption_extention": "use caption_extension",
-    "face_crop_aug_range": "face-centred crops are not implemented",
     "debug_dataset": "use python -m pti_plugin.dataset_preview",
     "skip_cache_check": "the latent disk cache is keyed by bucket size and flip; there is no check to skip",
     "dataset_class": "custom dataset classes are not supported",
-    "resize_interpolation": "images are always resized with Lanczos",
     "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",
     "conditioning_data_dir": "set it in a dataset_config subset, with masked_loss = true (kohya's train_network reads it "
                              "only there; ControlNet training is not supported)",

@@ -11,7 +11,10 @@ checkpointing's recomputation (which restores the global state) too, and nothing
 Sampling, validation, the pivot-locality plugin's frozen pass (LoRA off) and the saved weights are untouched.
 
 ``scale_weight_norms``: after each optimizer step of a stage that trains a LoRA, kohya's
-``apply_max_norm_regularization`` on the modules that train, logged with kohya's keys (:data:`MAX_NORM_LOGS`).
+``apply_max_norm_regularization`` on the modules that train, logged with kohya's keys (:data:`MAX_NORM_LOGS`). The clamp
+acts at every step, as kohya's; its three values stay on the device until a step the log writes reads them (kohya
+logs every step; here the log writes every ``log_every_n_steps``-th step, a stage's last and a validating one), so the
+steps in between wait on no read-back.
 """
 
 from __future__ import annotations
@@ -136,10 +139,13 @@ class LoraRegularisation:
 
     def __init__(self, config: Config, model):
         args = network_args(config)
-        self.seed, self.max_norm, self.components = config.seed, config.scale_weight_norms, model.components()
-        with_lora = [m for m in self.components.values() if lora_layers(m)]
+        self.seed, self.max_norm = config.seed, config.scale_weight_norms
+        with_lora = list(model.lora_components().values())
         self.dropout = LoraDropout(with_lora, config.network_dropout, args.get("rank_dropout"),
                                    args.get("module_dropout"))
+        # the adapter's LoRA layers (attached before the model is built, never after): found once, not every step
+        self._layers = [layer for module in with_lora for layer in lora_layers(module) if ADAPTER_NAME in layer.lora_A]
+        self._values: torch.Tensor | None = None  # the last step's max-norm values [3], on the device
 
     def step(self, stage_index: int, step: int, slots: list[int]) -> contextlib.AbstractContextManager[None]:
         """The dropouts of one micro-batch of optimizer step ``step`` whose samples are global ``slots`` (the first
@@ -148,14 +154,17 @@ class LoraRegularisation:
             return contextlib.nullcontext()
         return self.dropout.step(sample_generator(self.seed, stage_index, step, slots[0], MASK_DRAWS).initial_seed())
 
-    def after_step(self) -> dict[str, float]:
-        """After an optimizer step: the max-norm clamp of the LoRA modules that train, and kohya's three values
-        (:data:`MAX_NORM_LOGS`); nothing without ``scale_weight_norms`` or in a stage that trains no LoRA."""
-        if not self.max_norm:
+    def after_step(self) -> None:
+        """After an optimizer step: the max-norm clamp of the LoRA modules that train, its values kept on the device
+        for :meth:`logs` (no read-back); nothing without ``scale_weight_norms`` or in a stage that trains no LoRA."""
+        self._values = None
+        layers = [layer for layer in self._layers if layer.lora_A[ADAPTER_NAME].weight.requires_grad] if self.max_norm else []
+        if layers:
+            self._values = torch.stack([v.float() for v in apply_max_norm(layers, self.max_norm)])
+
+    def logs(self) -> dict[str, float]:
+        """kohya's three values (:data:`MAX_NORM_LOGS`) of the last :meth:`after_step`'s clamp, read back now (a
+        device sync: called for the steps the log writes); {} when it clamped nothing."""
+        if self._values is None:
             return {}
-        layers = [layer for module in self.components.values() for layer in lora_layers(module)
-                  if ADAPTER_NAME in layer.lora_A and layer.lora_A[ADAPTER_NAME].weight.requires_grad]
-        if not layers:
-            return {}
-        values = torch.stack([v.float() for v in apply_max_norm(layers, self.max_norm)]).tolist()
-        return {key: int(v) if key == MAX_NORM_LOGS[0] else v for key, v in zip(MAX_NORM_LOGS, values)}
+        return {key: int(v) if key == MAX_NORM_LOGS[0] else v for key, v in zip(MAX_NORM_LOGS, self._values.tolist())}

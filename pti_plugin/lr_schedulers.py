@@ -12,11 +12,12 @@ The stage is a :class:`pti_plugin.resolution.ResolvedStage` (read by attribute: 
 
 from __future__ import annotations
 
-import ast
 import inspect
 from typing import Any, Callable
 
 import torch
+
+from .optimizers import parse_key_values
 
 #: kohya's scheduler names this trainer runs: name -> (the library whose function of that name builds it, the
 #: settings (:data:`_SETTINGS`) kohya gives that function). ``piecewise_constant`` takes ``step_rules`` from
@@ -111,25 +112,6 @@ def torch_scheduler_class(name: str) -> type[torch.optim.lr_scheduler.LRSchedule
     return cls
 
 
-def parse_scheduler_args(args: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """kohya's ``lr_scheduler_args``: ``["step_size=2", "gamma=0.5"]`` -> ``{"step_size": 2, "gamma": 0.5}``, each
-    value a Python literal (``ast.literal_eval``, as kohya reads them); ValueError naming a malformed entry."""
-    parsed: dict[str, Any] = {}
-    for item in args:
-        key, eq, text = item.partition("=")
-        key, text = key.strip(), text.strip()
-        if not eq or not key.isidentifier():
-            raise ValueError(f"entry {item!r} is not key=value (e.g. \"gamma=0.5\")")
-        if key in parsed:
-            raise ValueError(f"entry {item!r}: {key} is given twice")
-        try:
-            parsed[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            raise ValueError(f"entry {item!r}: {text!r} is not a Python literal (kohya reads the values with "
-                             f"ast.literal_eval): quote a string, e.g. {key}='{text}'") from None
-    return parsed
-
-
 def _required(parameter: inspect.Parameter) -> bool:
     return parameter.default is inspect.Parameter.empty and parameter.kind not in (
         inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -164,7 +146,7 @@ def build_lr_scheduler(stage: Any, optimizer: torch.optim.Optimizer) -> torch.op
     """``stage``'s schedule over ``optimizer``, stepped once per optimizer step by the trainer (checked before
     training by :func:`schedule_problem`)."""
     factory, kwargs, _ = _schedule(stage)
-    return factory(optimizer, **kwargs, **parse_scheduler_args(stage.lr_scheduler_args))
+    return factory(optimizer, **kwargs, **parse_key_values(stage.lr_scheduler_args, strict=True))
 
 
 def schedule_problem(stage: Any, length_known: bool = True) -> tuple[str, str] | None:
@@ -179,7 +161,7 @@ def schedule_problem(stage: Any, length_known: bool = True) -> tuple[str, str] |
     except ValueError as exc:
         return "lr_scheduler_type", f": {label}: {exc}"
     try:
-        args = parse_scheduler_args(stage.lr_scheduler_args)
+        args = parse_key_values(stage.lr_scheduler_args, strict=True)
     except ValueError as exc:
         return "lr_scheduler_args", f": {label}: {exc}"
     set_by = _set_by(stage)

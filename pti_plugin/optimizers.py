@@ -1,7 +1,8 @@
 """Optimizers by kohya name: torch's, bitsandbytes' 8-bit and paged ones, Adafactor, Prodigy.
 
 ``optimizer_args`` are kohya's ``"key=value"`` strings; values are Python literals
-(``betas=(0.9,0.99)``, ``weight_decay=0.01``), else strings.
+(``betas=(0.9,0.99)``, ``weight_decay=0.01``), else strings (:func:`parse_key_values`, which reads
+``lr_scheduler_args`` too).
 """
 
 from __future__ import annotations
@@ -41,24 +42,35 @@ def optimizer_package(name: str) -> tuple[str, str] | None:
     return {"adafactor": ("transformers", "transformers"), "prodigy": ("prodigyopt", "prodigyopt")}.get(key)
 
 
-def parse_optimizer_args(args: list[str]) -> dict[str, Any]:
-    """``["betas=(0.9,0.99)", "weight_decay=0.1"]`` -> ``{"betas": (0.9, 0.99), "weight_decay": 0.1}``."""
-    parsed = {}
+def parse_key_values(args: list[str] | tuple[str, ...], strict: bool = False) -> dict[str, Any]:
+    """kohya's ``"key=value"`` argument strings -> a dict, each value a Python literal (``ast.literal_eval``, as kohya
+    reads them): ``["betas=(0.9,0.99)", "weight_decay=0.1"]`` -> ``{"betas": (0.9, 0.99), "weight_decay": 0.1}``.
+    ``optimizer_args`` (not ``strict``): a value that is not a literal is kept as its string, a key given again
+    replaces the first. ``strict`` (``lr_scheduler_args``): a ValueError names an entry whose key is not a name, is
+    given twice, or whose value is not a literal."""
+    parsed: dict[str, Any] = {}
     for item in args:
-        if "=" not in item:
-            raise ValueError(f"optimizer_args entries are key=value, got {item!r}")
-        key, text = item.split("=", 1)
+        key, eq, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not eq or (strict and not key.isidentifier()):
+            raise ValueError(f"entry {item!r} is not key=value (e.g. \"gamma=0.5\")" if strict
+                             else f"optimizer_args entries are key=value, got {item!r}")
+        if strict and key in parsed:
+            raise ValueError(f"entry {item!r}: {key} is given twice")
         try:
-            parsed[key.strip()] = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError):
-            parsed[key.strip()] = text.strip()
+            parsed[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            if strict:
+                raise ValueError(f"entry {item!r}: {text!r} is not a Python literal (kohya reads the values with "
+                                 f"ast.literal_eval): quote a string, e.g. {key}='{text}'") from None
+            parsed[key] = text
     return parsed
 
 
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, args: list[str]) -> torch.optim.Optimizer:
     """The optimizer ``name`` (kohya spelling, case-insensitive) over ``param_groups``."""
     key = optimizer_key(name)
-    kwargs = parse_optimizer_args(args)
+    kwargs = parse_key_values(args)
     if key in _BNB:
         try:
             import bitsandbytes as bnb

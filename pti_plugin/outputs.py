@@ -6,7 +6,8 @@ intermediate saves ``<name>-stepNNNNNNNN.safetensors``, the resolved config
 ``<output_name>-state-stepNNNNNNNN/``, samples ``samples/<output_name>-<tag>-<i>.png`` and ``samples/<output_name>-before-after.png``.
 A new run refuses to start when any of its files already exists (other runs' files in the same
 folder are fine); a resume refuses the final files and the step files and states past its state's
-step. ``overwrite = true`` lets the run replace whatever it writes, state folders included.
+step. ``overwrite = true`` lets the run replace whatever it writes, state folders included. Only kohya's
+``save_last_n_*`` delete saved files: the run's own older intermediate saves (``save_schedule.py``).
 """
 
 from __future__ import annotations
@@ -221,13 +222,15 @@ def write_lora_and_embedding(
     tag_frequency: dict[str, dict[str, int]] | None = None,
     bundle: bool = True,
     family=None,
+    num_validation_images: int = 0,
 ) -> dict[str, Path]:
     """Write the kohya LoRA (with the pivot bundled for A1111) and the standalone embedding.
 
     ``lora`` maps a component (``"unet"``, ``"text_encoder"``, ``"text_encoder_2"``) to its peft state
     dict; ``alphas`` each LoRA module path (as in those state dicts) to its alpha; ``pivot_vectors``
     holds one ``[n, d_i]`` tensor per text encoder. ``family`` (a ``ModelFamily``; None: SD1.5) names
-    the modules (its key table) and lays out the embedding (its embedding layout).
+    the modules (its key table) and lays out the embedding (its embedding layout). ``num_validation_images``: the
+    images ``validation_split`` holds out (kohya's ``ss_num_validation_images``).
     """
     from .config import network_args
     from .formats.embedding import bundle_embedding_keys, save_embedding
@@ -259,7 +262,7 @@ def write_lora_and_embedding(
         extra=pti | {k: v for k, v in training.items() if k.startswith("pti_")},
         conv_dim=conv.get("conv_dim"), conv_alpha=conv.get("conv_alpha"), tag_frequency=tag_frequency,
         lora_dropouts={k: v for k, v in conv.items() if k.endswith("_dropout")},
-        family=family.name, training_comment=config.training_comment,
+        family=family.name, training_comment=config.training_comment, num_validation_images=num_validation_images,
     ) | {k: v for k, v in training.items() if k.startswith("ss_")} | kohya_run_metadata(config)
     if "ss_learning_rate" not in training:  # no lora stage: the LoRA never trained
         metadata.pop("ss_learning_rate")

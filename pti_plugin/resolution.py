@@ -247,11 +247,35 @@ def warn_unreached_intervals(config: Config, steps_per_epoch: int | None = None)
     """A warning for each of ``save_every_n_steps``, ``save_every_n_epochs`` and ``sample_every_n_steps`` (with
     ``sample_prompts``) that is longer than the run, once, where the run's length is first known: when the config
     is built (``steps_per_epoch`` None) for step-based stages, after the data scan (:func:`with_epoch_steps`) for
-    the rest. A warning, not an error: kohya says nothing, and such a run trains and saves at its end."""
+    the rest. A warning, not an error: kohya says nothing, and such a run trains and saves at its end. When the
+    config is built, also the save and sample keys that do nothing here (:func:`_warn_idle_save_keys`)."""
     told = _unreached_intervals(config, None) if steps_per_epoch else {}
     for key, problem in _unreached_intervals(config, steps_per_epoch).items():
         if problem and told.get(key) is None:
             logger.warning("%s", problem)
+    if not steps_per_epoch:  # once: when the config is built
+        _warn_idle_save_keys(config)
+
+
+def _warn_idle_save_keys(config: Config) -> None:
+    """A warning naming both keys for kohya's ``save_last_n_*`` without the saves they prune (``save_last_n_steps``:
+    ``save_every_n_steps``'s; ``save_last_n_epochs``: ``save_every_n_epochs``' or ``save_n_epoch_ratio``'s; the
+    ``_state`` forms: also ``save_state``'s states), and for ``sample_every_n_epochs`` replacing
+    ``sample_every_n_steps``. kohya says nothing of either."""
+    saves = {"steps": ("save_every_n_steps", config.save_every_n_steps),
+             "epochs": ("save_every_n_epochs or save_n_epoch_ratio", config.save_every_n_epochs or config.save_n_epoch_ratio)}
+    for unit, (schedule, scheduled) in saves.items():
+        for key in (f"save_last_n_{unit}", f"save_last_n_{unit}_state"):
+            value, needs = getattr(config, key), None if scheduled else (schedule, f"{unit[:-1]} saves")
+            if value and not needs and key.endswith("_state") and not config.save_state:
+                needs = ("save_state", "intermediate states")
+            if value and needs:
+                logger.warning("%s = %d does nothing without %s: there are no %s for it to delete (kohya ignores it "
+                               "too)", key, value, *needs)
+    if config.sample_every_n_epochs and config.sample_every_n_steps:
+        logger.warning("sample_every_n_epochs = %d replaces sample_every_n_steps = %d (as in kohya): samples are drawn "
+                       "at the end of every %d-th epoch of each stage only", config.sample_every_n_epochs,
+                       config.sample_every_n_steps, config.sample_every_n_epochs)
 
 
 # ----------------------------------------------------------------------------- unused values

@@ -101,9 +101,9 @@ def _refusal_reason(exc: Exception) -> str:
     return "it holds pickle content the safe loader does not accept"
 
 
-def check_pytorch_framing(path: str | os.PathLike) -> None:
+def check_pytorch_framing(path: str | os.PathLike) -> bool:
     """Raise ``UnreadableFileError`` unless ``path`` starts like a ``torch.save`` file (a zip archive,
-    or a protocol-2+ pickle for the legacy format); reads 4 bytes."""
+    or a protocol-2+ pickle for the legacy format); reads 4 bytes. Returns whether it is a zip archive."""
     path = Path(path)
     with open(path, "rb") as handle:
         magic = handle.read(4)
@@ -112,21 +112,23 @@ def check_pytorch_framing(path: str | os.PathLike) -> None:
         if path.name == "model_index.json":
             hint = " (it is the index of a diffusers model: pass the folder that holds it)"
         raise UnreadableFileError(f"{path}: not a PyTorch (.pt/.ckpt/.bin) file: it is neither a zip archive nor a pickle{hint}")
+    return magic.startswith(b"PK\x03\x04")
 
 
-def safe_torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True, map_location="cpu")`` plus the allow-list above.
+def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True, map_location="cpu")`` plus the allow-list above; ``mmap``: a zip-format
+    file's tensors are mapped from the file, not read (a check of the pickle that holds no tensor in memory).
 
     Raises ``UnsafeFileError`` (saying what is allowed, and suggesting conversion to safetensors)
     for a pickle that names anything else; nothing from the file runs. A truncated, corrupt or
     non-PyTorch file raises ``UnreadableFileError`` naming the file.
     """
     path = Path(path)
-    check_pytorch_framing(path)
+    zipped = check_pytorch_framing(path)
     try:
         with torch.serialization.safe_globals(_allowed_globals()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol notes are not for our users
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
     except pickle.UnpicklingError as exc:
         raise UnsafeFileError(
             f"refused to load {path}: {_refusal_reason(exc)}. Pickle-based files (.ckpt/.pt/.bin) can run "

@@ -32,7 +32,7 @@ from .data.weighted_captions import check_weighted_captions
 from .data.dataset import ImageItem, load_subsets
 from .data.dataset_stats import tag_frequency
 from .data.latents import LatentSource
-from .data.sample_order import SampleOrder, sample_generator
+from .data.sample_order import SampleOrder, sample_generator, stage_order
 from .data.scanning import scan_images_and_held_out
 from .diffusion_loss import check_against_model, draw_batch, per_sample_loss, timestep_weighted, training_target
 from .hooks import (
@@ -50,11 +50,12 @@ from .models.disk_mapping import map_frozen_to_disk
 from .models.loading import configure_attention, load_base_model
 from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process, optimizer_state_is_finite
-from .outputs import RunFiles, epoch_save_due, write_lora_and_embedding
+from .outputs import RunFiles, write_lora_and_embedding
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import base_identity, check_resume_fits, check_resume_within_epochs, load_state, save_state
 from .run_lock import RunLocks, clean_leftover_temporaries
 from .sampling import sample_during_training
+from .save_schedule import prune_saves, sample_due, save_due
 from .stop_signals import StopSignals, TrainingInterrupted, received_on_any_process
 from .text_cache import TextConditioningCache
 from .tracking import tracker_init_kwargs, tracker_logging_dir, tracker_name
@@ -145,7 +146,7 @@ class Trainer:
         self.lora_regularisation = LoraRegularisation(config, model)  # kohya's network_dropout, scale_weight_norms
         self._place_model(base, model, device)
         self.text_cache = TextConditioningCache(model, config.cache_text_encoder_outputs, device, output_dir)
-        model.weighted_captions = check_weighted_captions(config.weighted_captions, base.family.name, self.items)
+        model.weighted_captions = check_weighted_captions(config.weighted_captions, self.items)
 
         window = config.max_token_length
         warn_long_captions(
@@ -199,7 +200,7 @@ class Trainer:
         """The run's micro-batch draws (see ``data/batch_source.py``), built in ``max_data_loader_n_workers`` processes."""
         config, accelerator = self.config, self.accelerator
         buckets = [self.items[i].bucket for i in self.entries]
-        orders = [SampleOrder(buckets, self.global_batch, config.seed, i, s.steps) for i, s in enumerate(config.stages)]
+        orders = [stage_order(config, i, buckets, self.global_batch) for i in range(len(config.stages))]
         settings = DrawSettings(config.seed, config.token_string, config.num_vectors_per_token, config.train_batch_size,
                                 accelerator.num_processes, accelerator.process_index, self.latents.cached)
         return MicroBatchStream(MicroBatchDraws(self.items, self.entries, orders, settings), config.max_data_loader_n_workers,
@@ -375,7 +376,8 @@ class Trainer:
             self._info(offloaded)
         progress = tqdm(total=plan.steps, initial=first_step, desc=stage.name, disable=not accelerator.is_main_process)
         while state.stage_step < plan.steps:
-            logs = self._optimizer_step(plan) | self.lora_regularisation.after_step()  # after_step: max-norm
+            logs = self._optimizer_step(plan)
+            self.lora_regularisation.after_step()  # max-norm; its values are read when the step is logged
             state.stage_step += 1
             state.global_step += 1
             progress.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage.name, **self.validation.postfix,  # + val_loss
@@ -517,28 +519,24 @@ class Trainer:
         config, state = self.config, self.state
         if state.global_step % config.log_every_n_steps == 0 or state.stage_step == state.plan.steps or has_validation(logs):
             entry = {"global_step": state.global_step, "stage": state.stage.name, "stage_step": state.stage_step}
-            entry |= logs | self.pivot.distance_from_init() | state.logs
+            entry |= logs | self.lora_regularisation.logs() | self.pivot.distance_from_init() | state.logs
             if self.accelerator.is_main_process:
                 with open(self._log_file, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(entry) + "\n")
             if config.log_with:
                 self.accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=state.global_step)
             state.logs = {}
-        due = (config.save_every_n_steps and state.global_step % config.save_every_n_steps == 0) or epoch_save_due(
-            config, state.stage_step, state.plan.steps, order.batches_per_epoch)
-        last = state.stage_index == len(config.stages) - 1 and state.stage_step == state.plan.steps
-        if due and not last:
+        if save_due(config, state, order.batches_per_epoch):
             self._save(tag=f"step{state.global_step:08d}", with_state=config.save_state)
-        if config.sample_prompts and config.sample_every_n_steps and state.global_step % config.sample_every_n_steps == 0:
+        if sample_due(config, state, order.batches_per_epoch):  # sample_every_n_epochs or sample_every_n_steps
             sample_during_training(self.sample, f"step{state.global_step:08d}", self.stops)
 
     def _save(self, tag: str | None = None, with_state: bool = False) -> dict[str, Path]:
         """Write the LoRA and embedding (final names when ``tag`` is None, else ``<name>-<tag>``),
         and the resumable state when asked (``<name>-state-<tag>``; the final one ``<name>-state-stepNNNNNNNN``),
         from the main process."""
-        state, config = self.state, self.config
-        suffix = tag
-        paths: dict[str, Path] = {}
+        state, config, suffix, paths = self.state, self.config, tag, {}
+        with_state = with_state or (tag is None and config.save_state_on_train_end)  # kohya's: the final save's state
         if self.accelerator.is_main_process:
             files: dict[str, Any] = {"metadata": dict(state.metadata)}
             for plugin in self.plugins:
@@ -546,7 +544,7 @@ class Trainer:
             paths = write_lora_and_embedding(
                 self.files, suffix, self.model.lora_state_dicts(), self.model.lora_alphas,
                 tuple(p.vectors for p in self.model.pivots), config, state.global_step, files["metadata"],
-                tag_frequency(self.items), family=self.model.family,
+                tag_frequency(self.items), family=self.model.family, num_validation_images=len(self.validation.items),
             )
             folder = self.files.state_dir(suffix or f"step{state.global_step:08d}")
             if with_state and config.resume and folder.resolve() == Path(config.resume).resolve():
@@ -561,6 +559,8 @@ class Trainer:
                     replace=self.files.overwrite, token_string=config.token_string, base=base_identity(config),
                 )
                 self._info(f"saved state {paths['state']}")
+            if not (tag or "").startswith("interrupted"):  # kohya's save_last_n_*: the run's older saves, by name
+                prune_saves(self.files, config, state.global_step, state.steps_per_epoch)
         self.accelerator.wait_for_everyone()
         return paths
 

@@ -48,11 +48,11 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data.augment import Augmentation
+from .data.batch_source import draw_inputs
 from .data.buckets import size_conditioning
 from .data.captions import final_caption
 from .data.dataset import ImageItem
 from .data.latents import LatentSource
-from .data.masks import stack_masks
 from .data.sample_order import sample_generator
 from .diffusion_loss import draw_batch, per_sample_loss, timestep_bounds, timestep_weighted, training_target
 from .models.family import Conditioning
@@ -200,15 +200,15 @@ class Validation:
         ``indices`` (one bucket), as training computes its main loss."""
         model, config, device = self.model, self.config, self.accelerator.device
         items = [self.items[i] for i in indices]
-        latents = torch.stack([self.latents.latent_for(i, PLAIN) for i in indices]).to(device)
+        drawn = [draw_inputs(self.latents.items[i], PLAIN, self.latents.cached) for i in indices]  # (pixels, mask)
+        latents = torch.stack([self.latents.latent_for(i, PLAIN, p) for i, (p, _) in zip(indices, drawn)]).to(device)
         captions = [self.captions[i] for i in indices]
         sizes = torch.tensor([size_conditioning(i.image_size, i.bucket) for i in items], dtype=torch.float32).to(device)
         if self.rows is not None:  # the training path of a stage that caches text-encoder outputs
             cond = Conditioning.cat([self.rows[c] for c in captions]).with_extra(model.family.size_conditioning(sizes))
         else:
             cond = model.weigh(model.encode(model.tokenize_captions(captions).to(device), sizes=sizes), captions)
-        masks = stack_masks([self.latents.mask_for(i, PLAIN, latents.shape[-2:]) for i in indices])
-        masks = masks.to(device) if masks is not None else None
+        masks = self.latents.stacked_masks(indices, [PLAIN] * len(indices), latents.shape[-2:], device, [m for _, m in drawn])
         scheduler, prediction_type = model.base.noise_scheduler, model.base.prediction_type
         out = []
         for k, draw_config in enumerate(self._draw_configs):

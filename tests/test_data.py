@@ -70,8 +70,8 @@ def test_dataset_config_levels_and_refused_options(tmp_path):
     items = scan_images(config, subsets)
     assert [i.caption for i in items] == ["tok1 girl", "an anime illustration of tok1"]
     assert items[0].bucket == (32, 16)
-    dataset.write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nface_crop_aug_range = [2.0, 4.0]\n")
-    with pytest.raises(ConfigError, match="kohya dataset option 'face_crop_aug_range' is not supported by pti-plugin"):
+    dataset.write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nnetwork_multiplier = 0.5\n")
+    with pytest.raises(ConfigError, match="kohya dataset option 'network_multiplier' is not supported by pti-plugin"):
         load_subsets(config)
 
 

@@ -289,7 +289,7 @@ def test_top_level_dataset_keys_and_refused_options():
     base = {"train_data_dir": "/d", "resolution": 32}
     assert build_config(base | {"keep_tokens": 2, "shuffle_caption": True}, check_paths=False).keep_tokens == 2
     for raw, expected in [
-        ({"face_crop_aug_range": [2.0, 4.0]}, "kohya option 'face_crop_aug_range' is not supported by pti-plugin: face-centred"),
+        ({"cache_info": True}, "kohya option 'cache_info' is not supported by pti-plugin: image sizes and captions"),
         ({"debug_dataset": True}, "use python -m pti_plugin.dataset_preview"),
         ({"caption_tag_dropout_rate": 2.0}, "key 'caption_tag_dropout_rate' expects a number in [0, 1], got 2.0"),
         ({"min_bucket_reso": 4}, "key 'min_bucket_reso' expects an integer >= 8, got 4"),  # the dataset_config's rule

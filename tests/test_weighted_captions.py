@@ -1,6 +1,6 @@
-"""kohya's weighted_captions (SD1.5): the A1111 weight syntax, the weighted conditioning (rows scaled by their
-weights, as kohya's train_network.py weighs them), the pivot's gradient through it, the text-encoder output cache, and
-the checks before training. The expectations are written out or computed here from the unweighted encoder output."""
+"""kohya's weighted_captions (SD1.5; SDXL in test_weighted_captions_sdxl.py): the A1111 weight syntax, the weighted
+conditioning (rows scaled by their weights, as kohya's train_network.py weighs them), the pivot's gradient through it,
+the text-encoder output cache, and the checks before training. The expectations are written out or computed here from the unweighted encoder output."""
 
 from __future__ import annotations
 
@@ -113,12 +113,10 @@ def test_checks_before_training(caplog):
     from pti_plugin.kohya_options import REFUSED_OPTIONS
 
     assert "weighted_captions" not in REFUSED_OPTIONS
-    assert check_weighted_captions(False, "sdxl", [Item("(x:1.2.3)")]) is False  # off: nothing checked
-    with pytest.raises(ConfigError, match="key 'weighted_captions'.*SD1.5"):
-        check_weighted_captions(True, "sdxl", [Item(CAPTION)])
+    assert check_weighted_captions(False, [Item("(x:1.2.3)")]) is False  # off: nothing checked
     with pytest.raises(ConfigError, match="key 'weighted_captions'.*imgs/002.png"):
-        check_weighted_captions(True, "sd15", [Item(CAPTION), Item("tok1, (red:1.2.3)", "imgs/002.png")])
+        check_weighted_captions(True, [Item(CAPTION), Item("tok1, (red:1.2.3)", "imgs/002.png")])
     with caplog.at_level(logging.WARNING):
-        assert check_weighted_captions(True, "sd15", [Item("tok1, (red", "imgs/003.png"), Item(CAPTION)]) is True
+        assert check_weighted_captions(True, [Item("tok1, (red", "imgs/003.png"), Item(CAPTION)]) is True
     assert [r for r in caplog.records if "imgs/003.png" in r.getMessage() and "never closed" in r.getMessage()]
     assert not [r for r in caplog.records if "imgs/001.png" in r.getMessage()]

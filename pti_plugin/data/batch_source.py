@@ -15,16 +15,16 @@ Slots of a step's global batch are laid out micro-batch-major, then rank, then s
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import Augmentation, augmented_pixels
+from .augment import Augmentation
 from .buckets import size_conditioning
 from .dataset import ImageItem
 from .latents import needs_pixels
-from .masks import fitted_mask
+from .masks import pixels_and_mask
 from .sample_order import SampleOrder
 from .samples import draw_sample
 
@@ -49,7 +49,7 @@ class DrawnMicroBatch:
     is_reg: list[bool]
     sizes: torch.Tensor
     pixels: list[torch.Tensor | None]
-    masks: list[torch.Tensor | None] = field(default_factory=list)
+    masks: list[torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,18 @@ class MicroBatchDraws(Dataset):
                              s.num_vectors) for slot in slots]
         items = [self.items[d.item_index] for d in draws]
         sizes = [size_conditioning(i.image_size, i.bucket, d.augmentation.crop) for i, d in zip(items, draws)]
-        pixels = [augmented_pixels(i, d.augmentation) if needs_pixels(d.augmentation, s.latents_cached) else None
-                  for i, d in zip(items, draws)]
-        masks = [fitted_mask(i, d.augmentation) if p is not None else None for i, d, p in zip(items, draws, pixels)]
+        drawn = [draw_inputs(i, d.augmentation, s.latents_cached) for i, d in zip(items, draws)]
+        pixels, masks = [p for p, _ in drawn], [m for _, m in drawn]
         return DrawnMicroBatch(key, slots, [d.item_index for d in draws], [d.augmentation for d in draws],
                                [d.caption for d in draws], [str(i.path) for i in items], [i.is_reg for i in items],
                                torch.tensor(sizes, dtype=torch.float32), pixels, masks)
+
+
+def draw_inputs(item: ImageItem, augmentation: Augmentation, latents_cached: bool,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A draw's pixels and fitted loss mask (:func:`masks.pixels_and_mask`: the image decoded once), or (None, None)
+    when the latent cache serves it (:func:`latents.needs_pixels`; its mask is cached with its latent)."""
+    return pixels_and_mask(item, augmentation) if needs_pixels(augmentation, latents_cached) else (None, None)
 
 
 class _StageKeys:

@@ -7,6 +7,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from .dataset_keys import RESIZE_INTERPOLATIONS
+
 
 def make_buckets(
     max_area: int, min_reso: int, max_reso: int, step: int
@@ -58,11 +60,18 @@ def crop_box(image_size: tuple[int, int], bucket: tuple[int, int], crop: tuple[f
     return new_w, new_h, left, top
 
 
-def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], crop: tuple[float, float] | None = None) -> np.ndarray:
-    """Resize ``image`` to cover ``bucket`` and crop it (see :func:`crop_box`): uint8 array [H, W, 3]."""
-    new_w, new_h, left, top = crop_box(image.size, bucket, crop)
+def resample_filter(interpolation: str | None) -> Image.Resampling:
+    """The PIL filter of a ``resize_interpolation`` name (``dataset_keys.RESIZE_INTERPOLATIONS``); unset: Lanczos."""
+    return Image.Resampling[RESIZE_INTERPOLATIONS[interpolation or "lanczos"]]
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], crop: tuple[float, float] | None = None,
+                  interpolation: str | None = None, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Resize ``image`` to cover ``bucket`` and crop it (see :func:`crop_box`; ``box``: another such box, a face
+    crop's) with the ``interpolation`` filter (:func:`resample_filter`): uint8 array [H, W, 3]."""
+    new_w, new_h, left, top = box or crop_box(image.size, bucket, crop)
     target_w, target_h = bucket
-    resized = image.convert("RGB").resize((new_w, new_h), Image.Resampling.LANCZOS)
+    resized = image.convert("RGB").resize((new_w, new_h), resample_filter(interpolation))
     return np.asarray(resized.crop((left, top, left + target_w, top + target_h)), dtype=np.uint8)
 
 

@@ -298,7 +298,7 @@ def pinned_index(tags: list[str], token: str | None) -> int | None:
 
 
 def final_caption(item: Any, generator: torch.Generator, epoch: int, token: str, num_vectors: int,
-                  step: int | None = None, stage_steps: int | None = None) -> str:
+                  step: int | None = None, stage_steps: int | None = None, templates: tuple[str, ...] = ()) -> str:
     """The caption fed to the text encoder for one draw of ``item`` (an :class:`ImageItem`).
 
     ``generator``: the sample's generator (seeded by seed, stage, step, slot); ``epoch``: 1-based
@@ -307,7 +307,9 @@ def final_caption(item: Any, generator: torch.Generator, epoch: int, token: str,
     The pivot token's tag keeps its index under shuffling and is never dropped (reg images: no pin).
     ``step``/``stage_steps``: the optimizer step (0-based, within the stage) and the stage's length, for the
     token warm-up (:meth:`CaptionOptions.warmup_tags`, applied before shuffling; it keeps the token's tag
-    too); ``step`` None: no warm-up (the whole caption).
+    too); ``step`` None: no warm-up (the whole caption). ``templates`` (kohya's ``use_object_template`` /
+    ``use_style_template``, ``caption_templates.py``): a training image's caption, unless dropped, is one of them
+    drawn uniformly (right after the dropout draw) with the token in ``{}``; its own caption is not used.
     """
     options: CaptionOptions = item.caption_options
     is_reg = bool(getattr(item, "is_reg", False))
@@ -318,6 +320,8 @@ def final_caption(item: Any, generator: torch.Generator, epoch: int, token: str,
     )
     if dropped:
         return "" if is_reg else expand_token(token, token, num_vectors)
+    if templates and not is_reg:
+        return expand_token(templates[_randint(generator, len(templates))].format(token), token, num_vectors)
     line = lines[_randint(generator, len(lines))] if options.enable_wildcard and len(lines) > 1 else lines[0]
     caption = with_prefix_suffix(line, options)
     if options.enable_wildcard:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 from ..config import Config, ConfigError
 from .captions import CaptionError, CaptionOptions
 from .dataset_keys import (CAPTION_KEYS, DATASET_KEYS, REFUSED_DATASET_KEYS, SUBSET_KEYS, SUBSET_ONLY_KEYS,
-                           TOP_LEVEL_KEYS, optional_size_pair, size_pair)
+                           TOP_LEVEL_KEYS, face_range, optional_size_pair, size_pair)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class Subset:
     conditioning_data_dir: Path | None = None  # masked_loss: the folder of the images' mask files (``masks.py``)
     validation_split: float = 0.0  # kohya: the fraction of its images held out for the validation loss
     validation_seed: int | None = None  # kohya: the seed of that split (None: the run's seed); ``validation_split.py``
+    resize_interpolation: str | None = None  # kohya's filter name (``buckets.resample_filter``); None: Lanczos
+    face_crop_aug_range: tuple[float, float] | None = None  # kohya's face crop (``face_crop.py``), without buckets
 
     @property
     def name(self) -> str:
@@ -94,6 +96,9 @@ class ImageItem:
     image_size: tuple[int, int] = (0, 0)
     alpha_mask: bool = False  # the loss mask is the image's alpha channel
     mask_path: Path | None = None  # the loss mask is this file's red channel (conditioning_data_dir)
+    resize_interpolation: str | None = None  # the resize filter's name (``buckets.resample_filter``); None: Lanczos
+    face_box: tuple[int, int, int, int] | None = None  # (cx, cy, w, h) from the name, with face_crop_aug_range only
+    face_crop_aug_range: tuple[float, float] | None = None  # the subset's [lo, hi] (``face_crop.py``)
 
 
 def _resolution(value: Any, where: str) -> tuple[int, int]:
@@ -124,6 +129,7 @@ def _make_subset(values: dict[str, Any], image_dir: Path, where: str, dataset_in
         values["random_crop"], metadata_file, dataset_index, optional_size_pair(values["skip_image_resolution"]), where,
         values["alpha_mask"], conditioning_data_dir,
         validation_split=values["validation_split"], validation_seed=values["validation_seed"],
+        resize_interpolation=values["resize_interpolation"], face_crop_aug_range=face_range(values["face_crop_aug_range"]),
     )
 
 
@@ -283,16 +289,37 @@ def _drop_ignored(subsets: list[Subset]) -> list[Subset]:
 
 
 def _check_cacheable(config: Config, subsets: list[Subset]) -> None:
-    """kohya refuses color_aug / random_crop with cached latents: they change the pixels at every draw."""
+    """kohya refuses color_aug / random_crop with cached latents: they change the pixels at every draw; so does a
+    face crop with a range (``face_crop_aug_range`` lo < hi)."""
     if not (config.cache_latents or config.cache_latents_to_disk):
         return
+    cache = "cache_latents_to_disk" if config.cache_latents_to_disk else "cache_latents"
     for subset in subsets:
         for key in ("color_aug", "random_crop"):
             if getattr(subset, key):
-                cache = "cache_latents_to_disk" if config.cache_latents_to_disk else "cache_latents"
                 raise ConfigError(
                     f"{subset.where}: {key} cannot be combined with {cache}: cached latents are encoded once, while "
                     f"{key} changes the pixels at every draw (kohya refuses this too); turn off one of them")
+        face = subset.face_crop_aug_range
+        if face is not None and face[0] != face[1]:
+            raise ConfigError(
+                f"{subset.where}: face_crop_aug_range = {list(face)} cannot be combined with {cache}: cached latents are "
+                "encoded once, while a range draws the face crop's scale at every draw (kohya caches the image without "
+                "its face crop); give lo = hi for a fixed face crop, or turn off the cache")
+
+
+def _check_face_crops(subsets: list[Subset]) -> None:
+    """kohya applies ``face_crop_aug_range`` only without buckets (with them it is ignored), and crops the image's
+    alpha with it; here a face crop beside buckets or loss masks is refused, naming the subset."""
+    for subset in subsets:
+        if subset.face_crop_aug_range is None:
+            continue
+        if subset.bucket_settings[0]:
+            raise ConfigError(f"{subset.where}: face_crop_aug_range applies only without buckets (kohya ignores it with "
+                              "enable_bucket = true): turn off one of them")
+        if subset.alpha_mask or subset.conditioning_data_dir is not None:
+            raise ConfigError(f"{subset.where}: face_crop_aug_range with loss masks (alpha_mask, conditioning_data_dir) "
+                              "is not implemented: the mask would not follow the face crop")
 
 
 def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Subset]:
@@ -311,6 +338,7 @@ def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Sub
     if not config.dataset_config:
         _check_buckets(_top_level(config), "preset", "(top-level keys)")
     _check_cacheable(config, subsets)
+    _check_face_crops(subsets)
     if config.masked_loss and not any(s.alpha_mask or s.conditioning_data_dir is not None for s in subsets):
         raise ConfigError.at("masked_loss", " = true, but no subset has masks: they come from a dataset_config subset's "
                              "conditioning_data_dir (or, with alpha_mask, from the images' alpha); kohya would train unmasked")

@@ -98,6 +98,38 @@ def optional_size_pair(value: Any) -> tuple[int, int] | None:
     return None if value is None else size_pair(value)
 
 
+#: kohya's ``resize_interpolation`` names (``library/utils.py``: ``validate_interpolation_fn``), each with the PIL
+#: filter that kohya's ``get_pil_interpolation`` gives it (``Image.Resampling`` member names). Unset: Lanczos.
+RESIZE_INTERPOLATIONS: dict[str, str] = {
+    "lanczos": "LANCZOS", "nearest": "NEAREST", "bilinear": "BILINEAR", "linear": "BILINEAR",
+    "bicubic": "BICUBIC", "cubic": "BICUBIC", "area": "HAMMING", "box": "BOX",
+}
+
+
+def interpolation(value: Any) -> str | None:
+    """``resize_interpolation``: unset (None) or one of kohya's names."""
+    if value is not None and value not in RESIZE_INTERPOLATIONS:
+        raise ValueError(f"expects one of {', '.join(RESIZE_INTERPOLATIONS)} (kohya's names)")
+    return value
+
+
+def face_range(value: Any) -> tuple[float, float] | None:
+    """``face_crop_aug_range``: unset (None), or two numbers ``[lo, hi]`` with 0 < lo <= hi (kohya's command line
+    writes them ``"lo,hi"``, read too): the crop's shorter side is lo to hi times the face's size."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        if not isinstance(parts, (list, tuple)) or len(parts) != 2 or any(isinstance(p, bool) for p in parts):
+            raise TypeError
+        lo, hi = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError("expects two numbers [lo, hi] (kohya's \"lo,hi\")") from None
+    if not 0.0 < lo <= hi < float("inf"):
+        raise ValueError("expects two numbers [lo, hi] with 0 < lo <= hi")
+    return lo, hi
+
+
 #: Dataset-level keys ([general] and [[datasets]] only), with their checks.
 DATASET_KEYS: dict[str, Callable[[Any], Any]] = {
     "resolution": size_pair,
@@ -135,6 +167,8 @@ SUBSET_KEYS: dict[str, Callable[[Any], Any]] = {
     "flip_aug": _bool,
     "color_aug": _bool,
     "random_crop": _bool,
+    "resize_interpolation": interpolation,  # kohya: a subset's own, else its dataset's, else the top-level one
+    "face_crop_aug_range": face_range,  # applied without buckets only, as kohya (``face_crop.py``)
 } | CAPTION_KEYS
 #: Keys of [[datasets.subsets]] only (as in kohya; ``alpha_mask``'s default is the preset's top-level key, kohya's ``--alpha_mask``).
 SUBSET_ONLY_KEYS: dict[str, Callable[[Any], Any]] = {
@@ -146,8 +180,6 @@ SUBSET_ONLY_KEYS: dict[str, Callable[[Any], Any]] = {
 }
 #: Keys kohya documents for dataset_config that pti-plugin refuses, with the reason.
 REFUSED_DATASET_KEYS: dict[str, str] = {
-    "face_crop_aug_range": "face-centred crops are not implemented",
-    "resize_interpolation": "images are always resized with Lanczos",
     "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",
     "network_multiplier": "per-dataset LoRA multipliers are not implemented",
     "max_token_length": "a top-level preset key, not a dataset option",

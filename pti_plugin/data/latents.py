@@ -15,9 +15,11 @@ The disk cache (``cache_latents_to_disk``) keeps each latent beside its image in
 ``<stem>.<w>x<h>[.flip].<key>.pti_latents.safetensors``; ``key`` digests what the latent depends
 on: the VAE's weights (names, dtypes, shapes and values: :func:`module_digest`) and its
 ``scaling_factor`` (the model's: the same VAE under SD1.5 and SDXL scales its latents differently), the
-seed of the posterior draw and the image file's bytes. A different VAE (another model's, or ``vae``'s
-replacement), scale, seed or image therefore never reuses a stale latent; it writes its own file beside
-the others.
+seed of the posterior draw and the image file's bytes, and, when they change the pixels, the resize filter
+(``resize_interpolation`` other than Lanczos, by its PIL filter) and a fixed face crop (``face_crop_aug_range``
+with lo = hi: the face box and range). A different VAE (another model's, or ``vae``'s replacement), scale, seed,
+image, filter or face crop therefore never reuses a stale latent; it writes its own file beside the others. The
+key of an image with neither is what it was before they existed.
 
 Loss masks (``masks.py``) are cached with the latents: per image and flip, the mask fitted to the bucket and
 area-downsampled to the latent's size (kohya's ``apply_masked_loss``), in memory and as the disk file's ``mask``
@@ -35,8 +37,9 @@ import torch
 
 from ..atomic_io import save_safetensors_atomic
 from .augment import Augmentation, augmented_pixels
+from .buckets import resample_filter
 from .dataset import ImageItem
-from .masks import fitted_mask, has_mask, latent_mask, stack_masks
+from .masks import fitted_mask, has_mask, latent_mask, pixels_and_mask, stack_masks
 from .sample_order import sample_generator
 
 
@@ -102,7 +105,8 @@ class LatentSource:
         return (latent * self.vae.config.scaling_factor).float().cpu()
 
     def cache_key(self, index: int) -> str:
-        """The digest of what the image's cached latents depend on: VAE weights and scale, seed and image bytes."""
+        """The digest of what the image's cached latents depend on: VAE weights and scale, seed and image bytes (and its
+        mask, a resize filter other than Lanczos and a fixed face crop, when it has them)."""
         if self._vae_digest is None:
             self._vae_digest = module_digest(self.vae)
         scale = float(self.vae.config.scaling_factor)
@@ -110,6 +114,10 @@ class LatentSource:
         parts = f"vae={self._vae_digest}|scale={scale!r}|seed={self.seed}|image={file_digest(item.path)}"
         if has_mask(item):  # the mask is saved in the file too
             parts += f"|mask={'alpha' if item.mask_path is None else file_digest(item.mask_path)}"
+        if resample_filter(item.resize_interpolation) != resample_filter(None):  # another filter: other pixels
+            parts += f"|filter={resample_filter(item.resize_interpolation).name}"
+        if item.face_box is not None:  # a fixed face crop (a random one is refused with the cache)
+            parts += f"|face={item.face_box}@{item.face_crop_aug_range}"
         return hashlib.blake2b(parts.encode(), digest_size=6).hexdigest()
 
     def _disk_path(self, index: int, flip: bool) -> Path:
@@ -139,13 +147,15 @@ class LatentSource:
         for draws in pending.values():
             for start in range(0, len(draws), self.batch_size):
                 chunk = draws[start:start + self.batch_size]
-                pixels = torch.stack([load_pixels(self.items[index], flip) for index, flip in chunk])
-                for (index, flip), latent in zip(chunk, self._encode_batch(pixels, chunk)):
-                    self._keep_encoded(index, flip, latent.clone())
+                drawn = [pixels_and_mask(self.items[index], Augmentation(flip=flip)) for index, flip in chunk]
+                pixels = torch.stack([p for p, _ in drawn])  # each image decoded once for its pixels and alpha mask
+                for (index, flip), latent, (_, fitted) in zip(chunk, self._encode_batch(pixels, chunk), drawn):
+                    self._keep_encoded(index, flip, latent.clone(), fitted)
 
-    def _keep_encoded(self, index: int, flip: bool, latent: torch.Tensor) -> None:
-        """Keep a freshly encoded latent (and the draw's mask) in memory, and on disk with ``to_disk``."""
-        mask = self.mask_for(index, Augmentation(flip=flip), latent.shape[-2:]) if has_mask(self.items[index]) else None
+    def _keep_encoded(self, index: int, flip: bool, latent: torch.Tensor, fitted: torch.Tensor | None) -> None:
+        """Keep a freshly encoded latent (and the draw's mask, from ``fitted``: its :func:`masks.fitted_mask`) in
+        memory, and on disk with ``to_disk``."""
+        mask = self.mask_for(index, Augmentation(flip=flip), latent.shape[-2:], fitted) if has_mask(self.items[index]) else None
         if self.to_disk:
             save_safetensors_atomic(self._disk_path(index, flip), {"latent": latent} | ({"mask": mask} if mask is not None else {}),
                                     {"vae_digest": self._vae_digest or "", "seed": str(self.seed),
@@ -185,8 +195,14 @@ class LatentSource:
         return latent_mask(fitted_mask(self.items[index], augmentation) if mask is None else mask, size)
 
     def loss_masks(self, drawn, size: tuple[int, int], device: torch.device | None = None) -> torch.Tensor | None:
-        """A drawn micro-batch's loss masks [b, 1, h, w] at the latent ``size`` on ``device`` (all ones for a sample
-        without one), or None when no sample has a mask (``batch_source.DrawnMicroBatch``)."""
-        given = drawn.masks or [None] * len(drawn.item_indices)
-        masks = stack_masks([self.mask_for(i, a, size, m) for i, a, m in zip(drawn.item_indices, drawn.augmentations, given)])
+        """A drawn micro-batch's (``batch_source.DrawnMicroBatch``) :meth:`stacked_masks`."""
+        return self.stacked_masks(drawn.item_indices, drawn.augmentations, size, device, drawn.masks)
+
+    def stacked_masks(self, indices: list[int], augmentations: list[Augmentation], size: tuple[int, int],
+                      device: torch.device | None = None, fitted: list | None = None) -> torch.Tensor | None:
+        """The loss masks [b, 1, h, w] of draws (``indices``, ``augmentations``) at the latent ``size`` on ``device``
+        (all ones for a sample without one), or None when no sample has a mask; ``fitted``: the draws' masks where
+        :func:`masks.fitted_mask` made them already (made here where None; all when ``fitted`` is None)."""
+        fitted = [None] * len(indices) if fitted is None else fitted
+        masks = stack_masks([self.mask_for(i, a, size, m) for i, a, m in zip(indices, augmentations, fitted)])
         return None if masks is None else masks.to(device)

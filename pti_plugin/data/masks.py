@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..config import ConfigError
+from .augment import augmented_pixels
 from .buckets import crop_box
 from .dataset import IMAGE_EXTENSIONS, ImageItem, Subset
-from .images import ImageRejected, _to_rgb, open_oriented
+from .images import ImageRejected, _to_rgb, open_oriented, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -51,25 +52,26 @@ def alpha_channel(image: Image.Image) -> Image.Image | None:
     return None
 
 
-def mask_image(item: ImageItem) -> Image.Image:
+def mask_image(item: ImageItem, image: Image.Image | None = None) -> Image.Image:
     """``item``'s mask at its image's size, mode "L": the red channel of its mask file, else its alpha channel (all
-    255 without one)."""
+    255 without one) — of ``image`` when given (the item's image as :func:`images.open_oriented` reads it)."""
     if item.mask_path is not None:
         mask = open_oriented(item.mask_path)
         if mask.mode in ("I;16", "I;16B", "I;16L", "I"):
             mask = _to_rgb(mask)  # 16-bit greyscale scaled to 8 bits, as training images are
         return mask.convert("RGB").getchannel("R")
-    image = open_oriented(item.path)
+    image = open_oriented(item.path) if image is None else image
     alpha = alpha_channel(image)
     return alpha if alpha is not None else Image.new("L", image.size, 255)
 
 
-def fitted_mask(item: ImageItem, augmentation: Any) -> torch.Tensor | None:
-    """float32 [H, W] in [0, 1] at ``item``'s bucket size (W, H): its mask resized and cropped as the image is for
-    ``augmentation`` (``crop``, ``flip``), or None for an item without a mask."""
+def fitted_mask(item: ImageItem, augmentation: Any, image: Image.Image | None = None) -> torch.Tensor | None:
+    """float32 [H, W] in [0, 1] at ``item``'s bucket size (W, H): its mask (:func:`mask_image`, of ``image`` when
+    given) resized and cropped as the image is for ``augmentation`` (``crop``, ``flip``), or None for an item without
+    a mask."""
     if not has_mask(item):
         return None
-    mask = mask_image(item)
+    mask = mask_image(item, image)
     new_w, new_h, left, top = crop_box(mask.size, item.bucket, augmentation.crop)
     width, height = item.bucket
     resized = mask.resize((new_w, new_h), Image.Resampling.LANCZOS)
@@ -77,6 +79,27 @@ def fitted_mask(item: ImageItem, augmentation: Any) -> torch.Tensor | None:
     if augmentation.flip:
         array = array[:, ::-1]
     return torch.from_numpy(array.copy()).float() / 255.0
+
+
+def pixels_and_mask(item: ImageItem, augmentation: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One draw's :func:`augment.augmented_pixels` and :func:`fitted_mask`, its image decoded once: with
+    ``alpha_mask`` the mask is the alpha of the image the pixels come from (a mask file is read on its own)."""
+    if not getattr(item, "alpha_mask", False) or item.mask_path is not None:
+        return augmented_pixels(item, augmentation), fitted_mask(item, augmentation)
+    image = open_oriented(item.path)
+    return augmented_pixels(item, augmentation, _to_rgb(image)), fitted_mask(item, augmentation, image)
+
+
+def scan_read(path: Path, alpha: bool) -> tuple[tuple[int, int], int | None]:
+    """The start-up scan's one read of an image: its size as :func:`images.read_image` reads it (its checks:
+    ImageRejected) and, with ``alpha`` (``alpha_mask``), the largest value of its alpha channel (None without one, or
+    without ``alpha``), which :func:`attach_loss_masks` warns from."""
+    if not alpha:
+        return read_image(path).size, None
+    image = open_oriented(path)
+    size = _to_rgb(image).size
+    channel = alpha_channel(image)
+    return size, None if channel is None else channel.getextrema()[1]
 
 
 def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -132,14 +155,15 @@ def _mask_files(subset: Subset, items: list[ImageItem]) -> dict[Path, Path]:
     return found
 
 
-def _warn_alpha(subset: Subset, items: list[ImageItem]) -> None:
-    """``alpha_mask`` on images without alpha (all-ones masks, kohya's rule) or transparent everywhere: a warning."""
+def _warn_alpha(subset: Subset, items: list[ImageItem], alpha_peaks: dict[tuple[int, Path], int | None]) -> None:
+    """``alpha_mask`` on images without alpha (all-ones masks, kohya's rule) or transparent everywhere: a warning.
+    ``alpha_peaks``: (subset index, path) -> the image's largest alpha (None without alpha), read by :func:`scan_read`."""
     without, clear = [], []
     for item in items:
-        alpha = alpha_channel(open_oriented(item.path))
-        if alpha is None:
+        peak = alpha_peaks[item.subset_index, item.path]
+        if peak is None:
             without.append(item.path.name)
-        elif alpha.getextrema()[1] == 0:
+        elif peak == 0:
             clear.append(item.path.name)
     if without:
         logger.warning("alpha_mask (%s): %d image(s) have no alpha channel: their loss mask is all ones (as in kohya): %s",
@@ -149,10 +173,12 @@ def _warn_alpha(subset: Subset, items: list[ImageItem]) -> None:
                        "nothing: %s", subset.where, len(clear), _some(clear))
 
 
-def attach_loss_masks(subsets: list[Subset], items: list[ImageItem]) -> list[ImageItem]:
+def attach_loss_masks(subsets: list[Subset], items: list[ImageItem],
+                      alpha_peaks: dict[tuple[int, Path], int | None]) -> list[ImageItem]:
     """``items`` (of ``subsets``, by ``subset_index``) with their subset's mask source: ``alpha_mask``, or the mask
     file of its ``conditioning_data_dir`` (which then takes the place of ``alpha_mask``), each checked. ``items``
-    itself when no subset masks."""
+    itself when no subset masks. ``alpha_peaks``: (subset index, path) -> the largest alpha of each image of an
+    ``alpha_mask`` subset, as the scan read it (:func:`scan_read`), for the warnings."""
     if not any(s.alpha_mask or s.conditioning_data_dir is not None for s in subsets):
         return items
     files: dict[tuple[int, Path], Path] = {}
@@ -161,7 +187,7 @@ def attach_loss_masks(subsets: list[Subset], items: list[ImageItem]) -> list[Ima
         if subset.conditioning_data_dir is not None:
             files |= {(index, path): mask for path, mask in _mask_files(subset, own).items()}
         elif subset.alpha_mask:
-            _warn_alpha(subset, own)
+            _warn_alpha(subset, own, alpha_peaks)
     return [dataclasses.replace(i, mask_path=files.get((i.subset_index, i.path)),
                                 alpha_mask=subsets[i.subset_index].alpha_mask and (i.subset_index, i.path) not in files)
             for i in items]

@@ -10,9 +10,12 @@ run and a run that skipped a step all see the same samples and draws by construc
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
+
+from .caption_templates import stage_templates
 
 
 def _seed64(*parts: int) -> int:
@@ -33,11 +36,12 @@ class SampleOrder:
     """
 
     def __init__(self, entry_buckets: list[tuple[int, int]], global_batch: int, seed: int, stage_index: int,
-                 steps: int | None = None):
+                 steps: int | None = None, templates: tuple[str, ...] = ()):
         if global_batch < 1:
             raise ValueError("global batch size must be >= 1")
         self.global_batch = global_batch
         self.steps = steps  # the stage's optimizer steps, when known (token_warmup_step's fraction is of them)
+        self.templates = templates  # captions that replace the training captions (``caption_templates.py``)
         self.seed = seed
         self.stage_index = stage_index
         groups: dict[tuple[int, int], list[int]] = {}
@@ -62,3 +66,11 @@ class SampleOrder:
     def global_batch_at(self, step: int) -> list[int]:
         """Entry indices of the global batch consumed at optimizer ``step`` (0-based, within the stage)."""
         return self.epoch(step // self.batches_per_epoch)[step % self.batches_per_epoch]
+
+
+def stage_order(config: Any, stage_index: int, entry_buckets: list[tuple[int, int]], global_batch: int) -> SampleOrder:
+    """The :class:`SampleOrder` of stage ``stage_index`` of ``config`` (its steps, and its caption templates:
+    :func:`caption_templates.stage_templates`)."""
+    stage = config.stages[stage_index]
+    return SampleOrder(entry_buckets, global_batch, config.seed, stage_index, stage.steps,
+                       stage_templates(config, stage.kind))

@@ -3,8 +3,9 @@
 :func:`draw_sample` is the single function the training batches (``batch_source.py``) and the dataset preview
 call, so the preview shows exactly what training sees for the same seed. All draws come from the
 per-sample generator ``sample_generator(seed, stage, step, slot, 0xF11B)``: first the augmentation
-(a fixed block of 6 numbers, the flip first), then the caption transformations. The caption's token
-warm-up counts ``step`` within the stage (and ``order.steps``, the stage's length, for a fraction).
+(a fixed block of 6 numbers, the flip first, and a random face crop's numbers), then the caption transformations.
+The caption's token warm-up counts ``step`` within the stage (and ``order.steps``, the stage's length, for a
+fraction); the stage's caption templates (``order.templates``) replace its training captions.
 """
 
 from __future__ import annotations
@@ -46,5 +47,6 @@ def draw_sample(
     generator = sample_generator(seed, stage_index, step, slot, SAMPLE_STREAM)
     augmentation = draw_augmentation(item, generator)
     epoch = epoch_of(order, step)
-    caption = final_caption(item, generator, epoch, token, num_vectors, step=step, stage_steps=order.steps)
+    caption = final_caption(item, generator, epoch, token, num_vectors, step=step, stage_steps=order.steps,
+                            templates=order.templates)
     return Sample(step, slot, item_index, augmentation, caption, epoch)

@@ -12,14 +12,16 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from ..config import Config, ConfigError
 from .buckets import choose_bucket, make_buckets
 from .captions import read_caption_lines, resolve_lines, resolve_reg_lines
 from .dataset import IMAGE_EXTENSIONS, ImageItem, Subset
 from .dataset_stats import dataset_notes
-from .images import ImageRejected, read_image
-from .masks import attach_loss_masks
+from .face_crop import face_box_of
+from .images import ImageRejected
+from .masks import attach_loss_masks, scan_read
 from .validation_split import split_validation
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,26 @@ def _warn_other_caption_files(subset: Subset, paths: list[Path]) -> None:
             return
 
 
+def _image_options(subset: Subset, path: Path, size: tuple[int, int]) -> dict[str, Any]:
+    """An image's size and its subset's ``resize_interpolation``; with ``face_crop_aug_range``, the face box its name
+    gives (``face_crop.py``): a bad one, or an image smaller than the crop, is a ConfigError naming the file (kohya
+    fails on both). SDXL's original size of a face-cropped image is the crop's, as kohya's (``image_size``)."""
+    options = {"image_size": tuple(size), "resize_interpolation": subset.resize_interpolation}
+    if subset.face_crop_aug_range is None:
+        return options
+    try:
+        box = face_box_of(path)
+    except ValueError as exc:
+        raise ConfigError(f"{subset.where}: face_crop_aug_range: {path}: {exc}") from None
+    if box is None:
+        return options
+    width, height = subset.resolution
+    if size[0] < width or size[1] < height:
+        raise ConfigError(f"{subset.where}: face_crop_aug_range: {path} is {size[0]}x{size[1]}, smaller than the "
+                          f"resolution {width}x{height} on a side; the face crop never enlarges (kohya fails on it)")
+    return options | {"face_box": box, "face_crop_aug_range": subset.face_crop_aug_range, "image_size": (width, height)}
+
+
 def balance_reg_repeats(train_entries: int, reg_items: list[ImageItem]) -> list[ImageItem]:
     """kohya's balancing of one dataset's regularisation images against its training entries.
 
@@ -117,6 +139,7 @@ def scan_images_and_held_out(config: Config, subsets: list[Subset],
     train: list[ImageItem] = []
     reg: list[ImageItem] = []
     looked_at, rejected, skipped_small = 0, [], 0
+    alpha_peaks: dict[tuple[int, Path], int | None] = {}  # for alpha_mask's warnings (masks.scan_read)
     class_word = config.init_words[0]
     for subset_index, subset in enumerate(subsets):
         width, height = subset.resolution
@@ -130,7 +153,7 @@ def scan_images_and_held_out(config: Config, subsets: list[Subset],
                 rejected.append(f"{key}: no image file for this metadata entry")
                 continue
             try:
-                size = read_image(path).size
+                size, alpha_peaks[subset_index, path] = scan_read(path, subset.alpha_mask)
             except ImageRejected as exc:
                 logger.warning("skipping %s: %s", path, exc)
                 rejected.append(f"{path.name}: {exc}")
@@ -146,7 +169,7 @@ def scan_images_and_held_out(config: Config, subsets: list[Subset],
             bucket = choose_bucket(size, buckets, no_upscale, width * height, step) if enable else (width, height)
             item = ImageItem(path, resolved[0], bucket, subset.num_repeats, subset.flip_aug, prepended, subset.is_reg,
                              tuple(resolved), subset.caption_options, subset.color_aug, subset.random_crop, subset.name,
-                             subset.dataset_index, subset_index, image_size=tuple(size))
+                             subset.dataset_index, subset_index, **_image_options(subset, path, size))
             (reg if subset.is_reg else train).append(item)
     train, held_out = split_validation(config, subsets, train)  # before the reg balancing, as kohya
     if not train:
@@ -173,10 +196,10 @@ def scan_images_and_held_out(config: Config, subsets: list[Subset],
             elif reg_entries > train_entries:
                 logger.warning("dataset %d: %d regularisation entries for %d training entries: some reg images are not used "
                                "(as kohya)", dataset_index, reg_entries, train_entries)
-    items = attach_loss_masks(subsets, train + balanced)  # alpha_mask, conditioning_data_dir: checked here
+    items = attach_loss_masks(subsets, train + balanced, alpha_peaks)  # alpha_mask, conditioning_data_dir: checked here
     for note in dataset_notes(items, config.token_string) if log_notes else []:
         logger.warning(note)
-    return items, attach_loss_masks(subsets, held_out) if held_out else []
+    return items, attach_loss_masks(subsets, held_out, alpha_peaks) if held_out else []
 
 
 def build_entries(items: list[ImageItem]) -> list[int]:

@@ -1,4 +1,4 @@
-"""kohya's ``weighted_captions`` (SD1.5): A1111-style attention weights in captions.
+"""kohya's ``weighted_captions``: A1111-style attention weights in captions (SD1.5 and SDXL).
 
 ``(word)`` multiplies the weight of ``word``'s tokens by 1.1, ``[word]`` divides it by 1.1, ``(word:1.5)`` multiplies
 it by 1.5; brackets nest (their factors multiply); ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are the literal
@@ -10,7 +10,9 @@ Each parsed piece is tokenized on its own (without BOS/EOS), the ids are joined,
 and framed as the plain tokenisation (BOS, ids, EOS, padding); BOS, EOS and padding weigh 1. The encoder's output
 rows are multiplied by their tokens' weights, as kohya's ``train_network.py`` does today
 (``strategy_sd.encode_tokens_with_weights``); kohya's older ``get_weighted_text_embeddings`` then rescaled the
-conditioning to its mean before weighting, which the current code, and this one, do not.
+conditioning to its mean before weighting, which the current code, and this one, do not. A family with several text
+encoders (SDXL) tokenizes with each tokenizer and weighs each encoder's share of the rows by its own weights; its pooled
+output is not weighted (kohya's ``strategy_sdxl``). The families call :func:`weighted_ids` and :func:`apply_weights`.
 """
 
 from __future__ import annotations
@@ -111,15 +113,12 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return hidden * weights.to(hidden.device, hidden.dtype).unsqueeze(-1)
 
 
-def check_weighted_captions(enabled: bool, family: str, items: Iterable) -> bool:
-    """Before training: ``weighted_captions`` only for SD1.5 (refused otherwise, naming the key); every caption's
-    weights must parse (refused naming the key and the image); unbalanced brackets are warned about, naming the image.
-    ``items``: the dataset's :class:`~pti_plugin.data.dataset.ImageItem` s. Returns ``enabled``."""
+def check_weighted_captions(enabled: bool, items: Iterable) -> bool:
+    """Before training: with ``weighted_captions`` every caption's weights must parse (refused naming the key and the
+    image); unbalanced brackets are warned about, naming the image. ``items``: the dataset's
+    :class:`~pti_plugin.data.dataset.ImageItem` s. Returns ``enabled``."""
     if not enabled:
         return False
-    if family != "sd15":
-        raise ConfigError(f"key 'weighted_captions': supported for SD1.5 models only (this model is {family}); "
-                          "set weighted_captions = false")
     from .captions import with_prefix_suffix
 
     captions = {(str(i.path), with_prefix_suffix(line, i.caption_options)) for i in items for line in (i.caption_lines or (i.caption,))}

@@ -196,6 +196,7 @@ def kohya_metadata(
     extra: Mapping[str, str] | None = None,
     family: str = "sd15",
     training_comment: str | None = None,
+    num_validation_images: int = 0,
 ) -> dict[str, str]:
     """kohya-compatible ``ss_*`` header entries plus our own ``pti_*`` entries (``extra``).
 
@@ -205,6 +206,8 @@ def kohya_metadata(
     values are strings, as safetensors requires. ``extra`` keys must start with ``pti_``. ``family``
     (``sd15``, ``sdxl``) sets ``ss_base_model_version``. ``training_comment`` (kohya's option) goes to
     ``ss_training_comment`` as given; when None the key is left out (kohya writes the string ``"None"``).
+    ``num_validation_images``: the images ``validation_split`` holds out, each once (kohya's validation dataset counts
+    no repeats and holds out no regularisation images), 0 without validation: ``ss_num_validation_images``.
     """
     meta = {
         "ss_network_module": "networks.lora",
@@ -216,6 +219,7 @@ def kohya_metadata(
         "ss_steps": str(int(steps)),
         "ss_learning_rate": str(float(learning_rate)),
         "ss_tag_frequency": json.dumps(tag_frequency or {}),
+        "ss_num_validation_images": str(int(num_validation_images)),
     }
     if (conv_dim is None) != (conv_alpha is None):
         raise ValueError("conv_dim and conv_alpha go together (kohya's network_args for LoCon)")

@@ -229,6 +229,12 @@ class ModelFamily(Protocol):
     def pre_layernorm_states(self, text_encoders: Sequence[nn.Module], input_ids: torch.Tensor) -> torch.Tensor | None:
         """Per-token states before the final LayerNorm when the conditioning ends with one, else None."""
     def final_layer_norms(self, text_encoders: Sequence[nn.Module]) -> tuple[nn.LayerNorm | None, ...]: ...
+    def weighted_ids(self, tokenizers: Sequence[object], caption: str) -> tuple[list, list]:
+        """kohya's ``weighted_captions``: ``caption``'s ids shaped as :meth:`tokenize` gives one caption's, and each
+        id's weight, of the same shape (see ``data/weighted_captions.py``)."""
+    def weigh(self, text_encoders: Sequence[nn.Module], cond: Conditioning, weights: torch.Tensor) -> Conditioning:
+        """``cond`` with each text encoder's per-token rows times that encoder's ``weights`` (shaped as the ids of
+        :meth:`weighted_ids`); the extra conditioning (SDXL's pooled output) unweighted."""
 
 
 #: The families this package knows: name -> factory ``(clip_skip, max_token_length) -> family``.

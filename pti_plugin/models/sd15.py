@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.weighted_captions import apply_weights, weighted_ids
 from .family import (STANDALONE_KEY, TEXT_ENCODER_PREFIX, UNET_PREFIX, Conditioning, EmbeddingLayout, KeyTable,
                      LoadedComponents, LoraKey, register_family)
 from .model_checks import FAMILY_FOLDERS, load_folder
@@ -190,6 +191,15 @@ class SD15Family:
     def final_layer_norms(self, text_encoders: Sequence[nn.Module]) -> tuple[nn.LayerNorm]:
         """The LayerNorm that ends SD1.5's conditioning (whatever ``clip_skip``): the exact slerp geometry holds."""
         return tuple(final_layer_norm(te) for te in text_encoders)
+
+    def weighted_ids(self, tokenizers: Sequence[object], caption: str) -> tuple[list[int], list[float]]:
+        """kohya's ``weighted_captions``: ``max_token_length + 2`` ids (as :meth:`tokenize`) and their weights."""
+        (tokenizer,) = tokenizers
+        return weighted_ids(tokenizer, caption, self.max_token_length + 2)
+
+    def weigh(self, text_encoders: Sequence[nn.Module], cond: Conditioning, weights: torch.Tensor) -> Conditioning:
+        """``cond`` with its rows times ``weights`` [B, L] (the windows' rows line up with the ids)."""
+        return Conditioning(apply_weights(cond.hidden_states, weights), cond.added_cond_kwargs)
 
     def _windows(self, input_ids: torch.Tensor, run) -> torch.Tensor:
         if input_ids.shape[1] <= 77:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.weighted_captions import apply_weights, weighted_ids
 from .family import Conditioning, EmbeddingLayout, KeyTable, LoadedComponents, register_family
 from .model_checks import FAMILY_FOLDERS, load_folder
 
@@ -108,6 +109,19 @@ class SDXLFamily:
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # [B, 77, d1 + d2]
         pooled = te2.text_projection(out2.last_hidden_state[torch.arange(input_ids.shape[0]), eos_positions(input_ids)])
         return Conditioning(hidden, {"text_embeds": pooled, "time_ids": self._time_ids(sizes, input_ids.shape[0], pooled)})
+
+    def weighted_ids(self, tokenizers: Sequence[object], caption: str) -> tuple[list[list[int]], list[list[float]]]:
+        """kohya's ``weighted_captions``: each tokenizer's 77 ids (as :meth:`tokenize`, the second padding with its
+        own pad token) and their weights, one list per tokenizer."""
+        pairs = [weighted_ids(tok, caption, self.max_token_length + 2) for tok in tokenizers]
+        return [ids for ids, _ in pairs], [weights for _, weights in pairs]
+
+    def weigh(self, text_encoders: Sequence[nn.Module], cond: Conditioning, weights: torch.Tensor) -> Conditioning:
+        """``cond`` with each encoder's share of the hidden states' width times its own weights (``weights``
+        [B, 2, 77]); ``text_embeds`` and ``time_ids`` unweighted (kohya's ``strategy_sdxl``)."""
+        parts = cond.hidden_states.split(self.conditioning_widths(text_encoders), dim=-1)
+        hidden = torch.cat([apply_weights(part, weights[:, i]) for i, part in enumerate(parts)], dim=-1)
+        return Conditioning(hidden, cond.added_cond_kwargs)
 
     def _time_ids(self, sizes: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
         if sizes is None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data.weighted_captions import apply_weights, weighted_ids
 from .family import Conditioning, ModelFamily
 from .loading import BaseModel
 from .lora import attach_lora, lora_layers, lora_parameters, lora_state_dict, set_lora_enabled, split_conv3x3
@@ -113,6 +112,11 @@ class TrainableModel:
         """Every trainable-bearing module by component name (``"unet"``, then the text encoders)."""
         return {"unet": self.base.unet} | dict(zip(self.family.text_encoder_names, self.base.text_encoders))
 
+    def lora_components(self) -> dict[str, nn.Module]:
+        """The :meth:`components` that carry a LoRA (attached before this model is built, never after), by name."""
+        components = self.components()
+        return {name: components[name] for name in self._with_lora}
+
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Token ids of ``captions`` as the family tokenizes them (CPU, int64). Each caption is tokenized once and
         its ids kept (up to :data:`TOKEN_MEMO` captions, then the memo starts again): a run's steps draw the same
@@ -139,14 +143,13 @@ class TrainableModel:
         if not self.weighted_captions:
             return cond
         weights = torch.tensor([self._weighted_caption(c)[1] for c in captions])
-        return Conditioning(apply_weights(cond.hidden_states, weights), cond.added_cond_kwargs)
+        return self.family.weigh(self.base.text_encoders, cond, weights)
 
     def _weighted_caption(self, caption: str) -> tuple[list, list]:
         if caption not in self._weighted:
             if len(self._weighted) >= TOKEN_MEMO:
                 self._weighted.clear()
-            length = self.family.max_token_length + 2  # type: ignore[attr-defined]
-            self._weighted[caption] = weighted_ids(self.base.tokenizer, caption, length)
+            self._weighted[caption] = self.family.weighted_ids(self.base.tokenizers, caption)
         return self._weighted[caption]
 
     # ------------------------------------------------------------------ text encoders off the device
@@ -242,9 +245,8 @@ class TrainableModel:
         self._forwards, self.autocast = dict(forwards), autocast
 
     def _set_lora(self, enabled: bool) -> None:
-        components = self.components()
-        for name in self._with_lora:
-            set_lora_enabled(components[name], enabled)
+        for module in self.lora_components().values():
+            set_lora_enabled(module, enabled)
         self._lora_on = enabled
 
     # ------------------------------------------------------------------ the contract's calls
@@ -297,8 +299,7 @@ class TrainableModel:
     @contextlib.contextmanager
     def _lora_switched(self, enabled: bool, text_only: bool = False) -> Iterator[None]:
         previous = self._lora_on
-        components = self.components()
-        modules = [components[n] for n in self._with_lora if not (text_only and n == "unet")]
+        modules = [module for name, module in self.lora_components().items() if not (text_only and name == "unet")]
         for module in modules:
             set_lora_enabled(module, enabled)
         if not text_only:
