@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,6 +65,7 @@ class Subset:
     validation_seed: int | None = None  # kohya: the seed of that split (None: the run's seed); ``validation_split.py``
     resize_interpolation: str | None = None  # kohya's filter name (``buckets.resample_filter``); None: Lanczos
     face_crop_aug_range: tuple[float, float] | None = None  # kohya's face crop (``face_crop.py``), without buckets
+    mask_interpolation: str | None = None  # its conditioning_data_dir masks' filter: its dataset's (``masks.py``)
 
     @property
     def name(self) -> str:
@@ -99,6 +100,7 @@ class ImageItem:
     resize_interpolation: str | None = None  # the resize filter's name (``buckets.resample_filter``); None: Lanczos
     face_box: tuple[int, int, int, int] | None = None  # (cx, cy, w, h) from the name, with face_crop_aug_range only
     face_crop_aug_range: tuple[float, float] | None = None  # the subset's [lo, hi] (``face_crop.py``)
+    mask_interpolation: str | None = None  # the filter of its mask file (``masks.mask_filter``); None: Lanczos
 
 
 def _resolution(value: Any, where: str) -> tuple[int, int]:
@@ -239,8 +241,9 @@ def _subsets_from_dataset_config(config: Config, path: Path) -> tuple[list[Subse
             if s and (conditioning is None) != (subsets[-1].conditioning_data_dir is None):
                 raise ConfigError(f"{path} datasets.{d}: conditioning_data_dir is set in some subsets and not in others: "
                                   "kohya's masked (ControlNet-style) subsets cannot share a dataset with others; split them")
-            subsets.append(_make_subset(merged, image_dir or metadata_file.parent, f"{path} {where}", d,
-                                        metadata_file, bool(merged.get("is_reg", False)), conditioning))
+            subsets.append(replace(_make_subset(merged, image_dir or metadata_file.parent, f"{path} {where}", d,
+                                                metadata_file, bool(merged.get("is_reg", False)), conditioning),
+                                   mask_interpolation=level["resize_interpolation"]))
     if not subsets:
         raise ConfigError(f"dataset_config {path} defines no [[datasets.subsets]]")
     return subsets, batch_sizes

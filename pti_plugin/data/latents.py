@@ -24,8 +24,9 @@ key of an image with neither is what it was before they existed.
 Loss masks (``masks.py``) are cached with the latents: per image and flip, the mask fitted to the bucket and
 area-downsampled to the latent's size (kohya's ``apply_masked_loss``), in memory and as the disk file's ``mask``
 tensor. The key of an image with a mask also digests its source (``alpha``: the image's bytes, already in the key;
-a mask file: its bytes), so an edited mask, or ``alpha_mask`` turned on, never reuses a file without it; the key of
-an image without a mask names no mask (VAE, scale, seed and image only).
+a mask file: its bytes) and the mask's filter when not Lanczos (``masks.mask_filter``), so an edited mask, another
+filter, or ``alpha_mask`` turned on, never reuses a file without it; the key of an image without a mask names no
+mask (VAE, scale, seed and image only).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..atomic_io import save_safetensors_atomic
 from .augment import Augmentation, augmented_pixels
 from .buckets import resample_filter
 from .dataset import ImageItem
-from .masks import fitted_mask, has_mask, latent_mask, pixels_and_mask, stack_masks
+from .masks import fitted_mask, has_mask, latent_mask, mask_filter, pixels_and_mask, stack_masks
 from .sample_order import sample_generator
 
 
@@ -112,8 +113,9 @@ class LatentSource:
         scale = float(self.vae.config.scaling_factor)
         item = self.items[index]
         parts = f"vae={self._vae_digest}|scale={scale!r}|seed={self.seed}|image={file_digest(item.path)}"
-        if has_mask(item):  # the mask is saved in the file too
+        if has_mask(item):  # the mask is saved in the file too (and its filter, when not Lanczos)
             parts += f"|mask={'alpha' if item.mask_path is None else file_digest(item.mask_path)}"
+            parts += f"@{mask_filter(item).name}" if mask_filter(item) != resample_filter(None) else ""
         if resample_filter(item.resize_interpolation) != resample_filter(None):  # another filter: other pixels
             parts += f"|filter={resample_filter(item.resize_interpolation).name}"
         if item.face_box is not None:  # a fixed face crop (a random one is refused with the cache)

@@ -13,10 +13,13 @@ Two sources, as kohya sd-scripts:
   maps it from [-1, 1] back to [0, 1]). It must have its image's size (EXIF orientation applied to both); a missing
   mask, a mask with no image and two masks for one image are refused at start, naming the key and the file.
 
-A mask is resized with the image's own crop box (:func:`buckets.crop_box`, Lanczos, 8-bit as the image), so
-``random_crop`` and the bucket crop cut the mask where they cut the image (kohya centres the conditioning image
-whatever the crop), and flipped with it. ``latents.py`` turns it into the latent-sized mask the loss uses (and
-caches it with the latents).
+A mask is resized with the image's own crop box (:func:`buckets.crop_box`, 8-bit as the image), so ``random_crop``
+and the bucket crop cut the mask where they cut the image (kohya centres the conditioning image whatever the crop),
+and flipped with it. Its filter (:func:`mask_filter`) is kohya's: an alpha mask takes its image's
+``resize_interpolation`` (kohya resizes the RGBA image, then takes its alpha); a mask file takes its dataset's
+(``Subset.mask_interpolation``: kohya's ControlNet-style dataset resizes the conditioning image with the dataset's
+filter, not a subset's own); unset, Lanczos either way. ``latents.py`` turns it into the latent-sized mask the loss
+uses (and caches it with the latents).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from PIL import Image
 
 from ..config import ConfigError
 from .augment import augmented_pixels
-from .buckets import crop_box
+from .buckets import crop_box, resample_filter
 from .dataset import IMAGE_EXTENSIONS, ImageItem, Subset
 from .images import ImageRejected, _to_rgb, open_oriented, read_image
 
@@ -65,16 +68,22 @@ def mask_image(item: ImageItem, image: Image.Image | None = None) -> Image.Image
     return alpha if alpha is not None else Image.new("L", image.size, 255)
 
 
+def mask_filter(item: ImageItem) -> Image.Resampling:
+    """The PIL filter ``item``'s mask is resized with (:func:`buckets.resample_filter`): a mask file's
+    ``mask_interpolation`` (its dataset's ``resize_interpolation``), else the image's own ``resize_interpolation``."""
+    return resample_filter(item.mask_interpolation if item.mask_path is not None else item.resize_interpolation)
+
+
 def fitted_mask(item: ImageItem, augmentation: Any, image: Image.Image | None = None) -> torch.Tensor | None:
     """float32 [H, W] in [0, 1] at ``item``'s bucket size (W, H): its mask (:func:`mask_image`, of ``image`` when
-    given) resized and cropped as the image is for ``augmentation`` (``crop``, ``flip``), or None for an item without
-    a mask."""
+    given) resized (:func:`mask_filter`) and cropped as the image is for ``augmentation`` (``crop``, ``flip``), or
+    None for an item without a mask."""
     if not has_mask(item):
         return None
     mask = mask_image(item, image)
     new_w, new_h, left, top = crop_box(mask.size, item.bucket, augmentation.crop)
     width, height = item.bucket
-    resized = mask.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    resized = mask.resize((new_w, new_h), mask_filter(item))
     array = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
     if augmentation.flip:
         array = array[:, ::-1]
@@ -176,9 +185,10 @@ def _warn_alpha(subset: Subset, items: list[ImageItem], alpha_peaks: dict[tuple[
 def attach_loss_masks(subsets: list[Subset], items: list[ImageItem],
                       alpha_peaks: dict[tuple[int, Path], int | None]) -> list[ImageItem]:
     """``items`` (of ``subsets``, by ``subset_index``) with their subset's mask source: ``alpha_mask``, or the mask
-    file of its ``conditioning_data_dir`` (which then takes the place of ``alpha_mask``), each checked. ``items``
-    itself when no subset masks. ``alpha_peaks``: (subset index, path) -> the largest alpha of each image of an
-    ``alpha_mask`` subset, as the scan read it (:func:`scan_read`), for the warnings."""
+    file of its ``conditioning_data_dir`` (which then takes the place of ``alpha_mask``) with the subset's
+    ``mask_interpolation``, each checked. ``items`` itself when no subset masks. ``alpha_peaks``: (subset index,
+    path) -> the largest alpha of each image of an ``alpha_mask`` subset, as the scan read it (:func:`scan_read`),
+    for the warnings."""
     if not any(s.alpha_mask or s.conditioning_data_dir is not None for s in subsets):
         return items
     files: dict[tuple[int, Path], Path] = {}
@@ -189,5 +199,7 @@ def attach_loss_masks(subsets: list[Subset], items: list[ImageItem],
         elif subset.alpha_mask:
             _warn_alpha(subset, own, alpha_peaks)
     return [dataclasses.replace(i, mask_path=files.get((i.subset_index, i.path)),
-                                alpha_mask=subsets[i.subset_index].alpha_mask and (i.subset_index, i.path) not in files)
+                                alpha_mask=subsets[i.subset_index].alpha_mask and (i.subset_index, i.path) not in files,
+                                mask_interpolation=subsets[i.subset_index].mask_interpolation
+                                if (i.subset_index, i.path) in files else None)
             for i in items]

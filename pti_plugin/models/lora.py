@@ -17,6 +17,9 @@ ADAPTER_NAME = "pti"
 #: off and on again, and finding the layers and their parameters by walking an SD1.5 UNet (~2600 modules, ~1000
 #: parameters) cost ~20 ms of CPU a switch (peft replaces no layer module once injected).
 _ATTACHED_LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, list[BaseTunerLayer]] = weakref.WeakKeyDictionary()
+#: The adapter parameters of those layers whose ``requires_grad`` peft's switch sets, found once too (walking them
+#: at every switch was about half of a switch's CPU time on the SD1.5 UNet).
+_SWITCHED_PARAMETERS: weakref.WeakKeyDictionary[torch.nn.Module, list[torch.nn.Parameter]] = weakref.WeakKeyDictionary()
 
 
 def split_conv3x3(model: torch.nn.Module, paths: list[str]) -> tuple[list[str], list[str]]:
@@ -48,7 +51,13 @@ def attach_lora(
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for param in lora_parameters(model):
         param.data = param.data.float()
-    _ATTACHED_LAYERS[model] = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    _ATTACHED_LAYERS[model] = layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    _SWITCHED_PARAMETERS[model] = _switched_parameters(layers)
+
+
+def _switched_parameters(layers: list[BaseTunerLayer]) -> list[torch.nn.Parameter]:
+    """The adapter weights of ``layers`` whose ``requires_grad`` flags peft's ``enable_adapters`` sets."""
+    return [p for layer in layers for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()]
 
 
 def lora_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
@@ -78,8 +87,8 @@ def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
 def set_lora_enabled(model: torch.nn.Module, enabled: bool) -> None:
     """Switch every LoRA layer of ``model`` on or off, leaving ``requires_grad`` unchanged."""
     layers = lora_layers(model)
-    saved = [(p, p.requires_grad) for layer in layers  # the adapter weights, whose flags peft's switch sets
-             for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()]
+    switched = _SWITCHED_PARAMETERS.get(model)
+    saved = [(p, p.requires_grad) for p in (_switched_parameters(layers) if switched is None else switched)]
     for layer in layers:
         layer.enable_adapters(enabled)
     for param, flag in saved:
