@@ -205,6 +205,7 @@ class Config:
     gradient_accumulation_steps: int = doc("Batches accumulated per optimizer step.", 1)
     max_grad_norm: float = doc("Gradient clipping norm (0 = off).", 1.0)
     mixed_precision: str = doc('"no", "fp16" or "bf16".', "no")
+    full_bf16: bool = doc('kohya: train the pivot and the LoRA in bf16 too (weights, gradients, optimizer state; no float32 copy); needs mixed_precision = "bf16".', False)
     gradient_checkpointing: bool = doc("Trade compute for memory in the UNet and text encoder.", False)
     seed: int = doc("Seed of every random draw (per sample, stage and step).", 42)
     noise_offset: float = doc("kohya noise offset.", 0.0)

@@ -213,7 +213,7 @@ def _check_noise_keys(config: Config) -> None:
 def _check_optimisation(config: Config) -> None:
     """Each stage's optimizer and scheduler names, then its optimizer built with its ``optimizer_args`` (a bad
     argument used to stop the run when its stage began, after the stages before it had trained); kohya's LoRA
-    regularisation keys (``lora_regularisation.py``)."""
+    regularisation keys (``lora_regularisation.py``) and ``full_bf16``."""
     from .choices import optimizer_problem
     from .lora_regularisation import check_lora_regularisation
     from .optimizers import optimizer_args_problem
@@ -228,6 +228,14 @@ def _check_optimisation(config: Config) -> None:
         if problem:
             raise ConfigError.at(f"{args_where}optimizer_args", f": {problem}")
     check_lora_regularisation(config)
+    _check_full_bf16(config)
+
+
+def _check_full_bf16(config: Config) -> None:
+    """kohya's rule: ``full_bf16`` needs ``mixed_precision = "bf16"``, the dtype it casts the trainable tensors to."""
+    if config.full_bf16 and config.mixed_precision != "bf16":
+        raise ConfigError.at("full_bf16", f" = true needs mixed_precision = \"bf16\" (kohya's rule: the pivot and the "
+                                          f"LoRA train in the mixed-precision dtype), got {config.mixed_precision!r}")
 
 
 # ----------------------------------------------------------------------------- warm-up and schedulers

@@ -23,8 +23,8 @@ REFUSED_OPTIONS: dict[str, str] = {
     "highvram": "no effect in pti-plugin",
     "fp8_base": _NOT_YET,
     "fp8_base_unet": _NOT_YET,
-    "full_fp16": "use mixed_precision (full half-precision training is " + _NOT_YET + ")",
-    "full_bf16": "use mixed_precision (full half-precision training is " + _NOT_YET + ")",
+    "full_fp16": "needs fp16 gradients unscaled by a patched GradScaler (kohya patches torch); use full_bf16 with "
+                 'mixed_precision = "bf16", or mixed_precision = "fp16" (float32 trainables with a gradient scaler)',
     "mem_eff_attn": "use sdpa (PyTorch's memory-efficient attention)",
     "torch_compile": _NOT_YET,
     "dynamo_backend": _NOT_YET,

@@ -179,7 +179,7 @@ class Trainer:
 
     def _place_model(self, base, model: TrainableModel, device: torch.device) -> None:
         """Attention backend, gradient checkpointing, and every module on the device (frozen weights in the
-        mixed-precision dtype, trainable tensors float32)."""
+        mixed-precision dtype, trainable tensors float32, or bf16 with full_bf16)."""
         config = self.config
         self.attention = configure_attention(base.unet, config.xformers, config.sdpa, device)
         if config.gradient_checkpointing:
@@ -188,7 +188,7 @@ class Trainer:
                 # transformers >= 5 renamed it (the old name warns); both run the same checkpointing
                 (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-        trainable = {id(p) for p in model.trainable_tensors().values()}
+        trainable = model.kept_float32(config.full_bf16)  # the trainable tensors (none with full_bf16: all bf16)
         for module in model.components().values():
             for param in module.parameters():
                 if id(param) not in trainable:
@@ -230,9 +230,9 @@ class Trainer:
         texts = (("in stages " + ", ".join(map(repr, frozen_text)) if frozen_text else "asked, but every stage trains "
                   "the text side (the pivot or a text-encoder LoRA), so none") if config.cache_text_encoder_outputs else "off")
         self._info(
-            f"precision: {config.mixed_precision} (frozen weights {str(self.weight_dtype).removeprefix('torch.')}, "
-            f"trainable float32); gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}; cached: "
-            f"latents {latents}, text-encoder outputs {texts}"
+            f"precision: {config.mixed_precision} (frozen weights {str(self.weight_dtype).removeprefix('torch.')}, trainable "
+            f"{str(self.pivot.vectors.dtype).removeprefix('torch.')}); gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}"
+            f"; cached: latents {latents}, text-encoder outputs {texts}"
         )
         if self._vae_mapped:
             self._info(f"VAE weights ({self._vae_mapped / 2**30:.2f} GiB) mapped from a file: latents are cached and "

@@ -211,6 +211,7 @@ def kohya_metadata(
     """
     meta = {
         "ss_network_module": "networks.lora",
+        "ss_full_fp16": "False",  # kohya's str(bool(args.full_fp16)): refused here (kohya writes no key for full_bf16)
         "ss_network_dim": str(int(network_dim)),
         "ss_network_alpha": str(float(network_alpha)),
         "ss_base_model_version": BASE_MODEL_VERSIONS[family],

@@ -227,6 +227,13 @@ class TrainableModel:
                     named[f"{prefix}.{name}"] = param
         return named
 
+    def kept_float32(self, full_bf16: bool) -> set[int]:
+        """The ids of the tensors that stay float32 while the frozen weights take the mixed-precision dtype: the
+        trainable ones (the optimizer's full-precision weights), none with kohya's ``full_bf16`` (``mixed_precision
+        = "bf16"``: the pivot and the LoRA are cast with the rest, so their gradients and optimizer state are bf16
+        too, as kohya's ``network.to(weight_dtype)`` and its textual inversion's cast of the text encoders)."""
+        return set() if full_bf16 else {id(p) for p in self.trainable_tensors().values()}
+
     # ------------------------------------------------------------------ stage switches (trainer only)
     def set_trainable(self, parameters: list[nn.Parameter], lora_enabled: bool) -> dict[str, bool]:
         """Make exactly ``parameters`` require gradients and switch the LoRA on or off; returns which

@@ -329,7 +329,7 @@ class PivotLocality(Plugin):
             else:
                 x = state.pre_layernorm_states(ids, lora=lora_on, pivot_grad=False)
                 with state.autocast():
-                    h = self.ln(x).float()
+                    h = F.layer_norm(x.float(), self.ln.normalized_shape, *self._ln_affine, self.ln.eps)  # float32 affine (CPU: no bf16)
                 states = {"h": h, "xhat": geometry.normalise_like_layernorm(x, self.ln.eps)}
         P = self.pivot_ids.shape[0]
         return {f"{k}_p": v[:P] for k, v in states.items()} | {f"{k}_c": v[P:] for k, v in states.items()}
