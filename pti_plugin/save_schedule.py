@@ -136,6 +136,8 @@ def prune_saves(files, config, step: int, steps_per_epoch: int) -> list[Path]:
             continue  # the embedding goes with its LoRA; -interrupted- saves and states without save_state stay
         if not schedule.gone(save, step, *(state_n if is_state else model_n)):
             continue
+        if not is_state and (path.is_symlink() or not path.is_file()):
+            continue  # a link or a folder by the LoRA's name is not a save of the run: its embedding stays with it
         for old in ([path] if is_state else [files.embedding(tag), path]):  # the embedding first: a LoRA left by a
             if old.is_symlink() or not (old.is_dir() if is_state else old.is_file()):  # stop between the two is
                 continue  # still found by its name and removed later; a link or another kind of entry is not ours

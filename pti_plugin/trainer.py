@@ -146,7 +146,7 @@ class Trainer:
         self.lora_regularisation = LoraRegularisation(config, model)  # kohya's network_dropout, scale_weight_norms
         self._place_model(base, model, device)
         self.text_cache = TextConditioningCache(model, config.cache_text_encoder_outputs, device, output_dir)
-        model.weighted_captions = check_weighted_captions(config.weighted_captions, self.items)
+        model.weighted_captions = check_weighted_captions(config.weighted_captions, self.items + held_out)
 
         window = config.max_token_length
         warn_long_captions(
