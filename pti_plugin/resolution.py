@@ -226,13 +226,19 @@ def _unreached_intervals(config: Config, steps_per_epoch: int | None) -> dict[st
              for s in config.stages]
     epochs = [s.max_train_epochs if s.steps is None else s.steps // per_epoch if per_epoch else None
               for s in config.stages]  # full passes within the stage: save_every_n_epochs counts them per stage
+    passes = [s.max_train_epochs if s.steps is None else -(-s.steps // per_epoch) if per_epoch else None
+              for s in config.stages]  # with a last partial one: sample_every_n_epochs samples at its end too
     total = None if None in steps else sum(steps)
     longest = None if None in epochs else max(epochs)
+    most = None if None in passes else max(passes)
     saves, samples = ("nothing is saved before the final save", "save"), ("no sample is drawn during training", "sample")
     checks = [("save_every_n_steps", total, f"the run's {total} step(s)", saves),
               ("save_every_n_epochs", longest, f"the {longest} epoch(s) of the longest stage (epochs are counted "
                "within each stage" + (f", {per_epoch} step(s) each)" if per_epoch else ")"), saves)]
-    if config.sample_prompts:
+    if config.sample_prompts and config.sample_every_n_epochs:  # it replaces sample_every_n_steps (as kohya)
+        checks.append(("sample_every_n_epochs", most, f"the {most} epoch(s) of the longest stage (epochs are counted "
+                       "within each stage, its last one partial or not)", samples))
+    elif config.sample_prompts:
         checks.append(("sample_every_n_steps", total, f"the run's {total} step(s)", samples))
     problems: dict[str, str | None] = {}
     for key, length, run, (outcome, verb) in checks:
@@ -244,8 +250,8 @@ def _unreached_intervals(config: Config, steps_per_epoch: int | None) -> dict[st
 
 
 def warn_unreached_intervals(config: Config, steps_per_epoch: int | None = None) -> None:
-    """A warning for each of ``save_every_n_steps``, ``save_every_n_epochs`` and ``sample_every_n_steps`` (with
-    ``sample_prompts``) that is longer than the run, once, where the run's length is first known: when the config
+    """A warning for each of ``save_every_n_steps``, ``save_every_n_epochs`` and ``sample_every_n_steps`` or
+    ``sample_every_n_epochs`` (with ``sample_prompts``) that is longer than the run, once, where the run's length is first known: when the config
     is built (``steps_per_epoch`` None) for step-based stages, after the data scan (:func:`with_epoch_steps`) for
     the rest. A warning, not an error: kohya says nothing, and such a run trains and saves at its end. When the
     config is built, also the save and sample keys that do nothing here (:func:`_warn_idle_save_keys`)."""

@@ -116,6 +116,25 @@ def test_a_step_interval_longer_than_an_epoch_based_run_is_warned_after_the_scan
         "save in between"]
 
 
+def test_sample_every_n_epochs_longer_than_every_stage_is_warned_after_the_scan(tmp_path, caplog):
+    """kohya's sample_every_n_epochs (which replaces sample_every_n_steps) samples at the end of a stage's every N-th
+    epoch, its last partial one included: 10 steps of 4 are 3 epochs (the third partial), so 3 samples in between and
+    4 never does."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("tok1\n")
+    caplog.set_level(logging.WARNING)
+    config = build_config(_raw(tmp_path, max_train_steps=10, sample_every_n_epochs=4, sample_every_n_steps=100,
+                               sample_prompts=str(prompts)))  # two built-in stages of 10 steps
+    assert _interval_warnings(caplog) == []  # epochs unknown before the scan; the replaced step key is not measured
+    with_epoch_steps(config, 4)
+    assert _interval_warnings(caplog) == [
+        "sample_every_n_epochs = 4 is more than the 3 epoch(s) of the longest stage (epochs are counted within each "
+        "stage, its last one partial or not): no sample is drawn during training; lower it to sample in between"]
+    fits = build_config(_raw(tmp_path / "fits", max_train_steps=10, sample_every_n_epochs=3, sample_prompts=str(prompts)))
+    with_epoch_steps(fits, 4)
+    assert _interval_warnings(caplog) == []
+
+
 # ----------------------------------------------------------------------------- 4. sample size cap
 
 CAP = 4096  # input_checks.MAX_SAMPLE_SIZE, the cap the README states
