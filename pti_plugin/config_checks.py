@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 from .config import DATA_PATH_KEYS, EMBEDDED, PATH_KEYS, Config, ConfigError, network_args
 from .data.dataset_keys import DATASET_KEYS, SUBSET_KEYS, TOP_LEVEL_KEYS
@@ -213,7 +214,8 @@ def _check_noise_keys(config: Config) -> None:
 def _check_optimisation(config: Config) -> None:
     """Each stage's optimizer and scheduler names, then its optimizer built with its ``optimizer_args`` (a bad
     argument used to stop the run when its stage began, after the stages before it had trained); kohya's LoRA
-    regularisation keys (``lora_regularisation.py``) and ``full_bf16``."""
+    regularisation keys (``lora_regularisation.py``), ``full_bf16`` and kohya's accelerator options (``accelerator_options.py``)."""
+    from .accelerator_options import check_accelerator_options
     from .choices import optimizer_problem
     from .lora_regularisation import check_lora_regularisation
     from .optimizers import optimizer_args_problem
@@ -229,6 +231,17 @@ def _check_optimisation(config: Config) -> None:
             raise ConfigError.at(f"{args_where}optimizer_args", f": {problem}")
     check_lora_regularisation(config)
     _check_full_bf16(config)
+    _check_fp8_base(config)
+    check_accelerator_options(config)
+
+
+def _check_fp8_base(config: Config) -> None:
+    """kohya's rule: ``fp8_base`` / ``fp8_base_unet`` need ``mixed_precision`` fp16 or bf16, whose autocast upcasts
+    the float8 weights in each layer (a float8 weight cannot enter an operation as it is)."""
+    key = "fp8_base" if config.fp8_base else "fp8_base_unet" if config.fp8_base_unet else None
+    if key and config.mixed_precision not in ("fp16", "bf16"):
+        raise ConfigError.at(key, f' = true needs mixed_precision = "fp16" or "bf16" (kohya\'s rule: autocast upcasts the '
+                                  f"float8 weights in each layer), got {config.mixed_precision!r}")
 
 
 def _check_full_bf16(config: Config) -> None:
@@ -303,3 +316,44 @@ def with_kohya_tracker(config: Config) -> Config:
         return config
     logger.info("logging_dir = %r without log_with: logging to TensorBoard there, as kohya does", config.logging_dir)
     return dataclasses.replace(config, log_with="tensorboard")
+
+
+#: kohya's deprecated optimizer switches and the optimizer_type each stands for (``train_util.get_optimizer``).
+OPTIMIZER_SWITCHES = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
+
+
+def with_kohya_switches(config: Config, raw: dict[str, Any]) -> Config:
+    """kohya's switches that set other keys, applied to the parsed ``config`` (``raw``: the preset and command line as
+    written, which tell a key given from our default), before the checks:
+
+    - ``use_8bit_adam`` / ``use_lion_optimizer``: the top-level ``optimizer_type`` ``"AdamW8bit"`` / ``"Lion"``, so the
+      default of every stage without its own (kohya's ``get_optimizer``: refused beside each other or beside a
+      non-empty top-level ``optimizer_type``, as kohya asserts; refused when every stage sets its own). The switch is
+      then cleared, so the resolved config, read back, does not apply it again.
+    - ``network_train_text_encoder_only``: kohya's default ``network_train_unet_only = false`` (ours is true) unless
+      given; given true beside it, refused naming both (kohya would then train no LoRA module and stop on an empty
+      parameter list)."""
+    switches = [key for key in OPTIMIZER_SWITCHES if getattr(config, key)]
+    if len(switches) == 2:
+        raise ConfigError.at("use_lion_optimizer", " = true beside use_8bit_adam = true: kohya refuses both (one "
+                                                   "optimizer); set one of them, or optimizer_type")
+    if switches:
+        key, name = switches[0], OPTIMIZER_SWITCHES[switches[0]]
+        if raw.get("optimizer_type"):
+            raise ConfigError.at(key, f" = true (kohya's deprecated optimizer_type = {name!r}) beside optimizer_type = "
+                                      f"{raw['optimizer_type']!r}: kohya refuses both; keep one of them")
+        if all(stage.optimizer_type is not None for stage in config.stages):
+            shadows = "; ".join(f"stages.{i}.optimizer_type = {s.optimizer_type!r}" for i, s in enumerate(config.stages))
+            raise ConfigError.at(key, f" = true (optimizer_type = {name!r}) reaches no stage: {shadows}. Remove it, or "
+                                      "set a stage's optimizer_type")
+        logger.info("%s = true: optimizer_type = %r (kohya's deprecated switch)", key, name)
+        config = dataclasses.replace(config, optimizer_type=name, **dict.fromkeys(OPTIMIZER_SWITCHES, False))
+    if not config.network_train_text_encoder_only:
+        return config
+    if "network_train_unet_only" not in raw:
+        return dataclasses.replace(config, network_train_unet_only=False)
+    if config.network_train_unet_only:
+        raise ConfigError.at("network_train_text_encoder_only", " = true beside network_train_unet_only = true: no "
+                                                                "LoRA would train (kohya stops on an empty parameter "
+                                                                "list); set one of them")
+    return config

@@ -18,23 +18,18 @@ REFUSED_OPTIONS: dict[str, str] = {
     "v2": _SD2 + " (SD2.x is not supported)",
     "sdxl": "the model family is detected from the weights (set model_family = \"sdxl\" to force it)",
     "tokenizer_cache_dir": "use tokenizer_path",
-    "no_half_vae": "the VAE always runs in float32 here",
-    "lowram": "no effect in pti-plugin",
-    "highvram": "no effect in pti-plugin",
-    "fp8_base": _NOT_YET,
-    "fp8_base_unet": _NOT_YET,
+    "no_half_vae": "the VAE always runs in float32 here (true, what it asks for, is accepted)",
+    "lowram": "the model is loaded into RAM and then moved to the device; loading it onto the GPU directly (kohya's "
+              "lowram) is not implemented",
+    "highvram": "pti-plugin never clears the CUDA cache while caching latents, the low-VRAM step that highvram turns "
+                "off (true is accepted)",
     "full_fp16": "needs fp16 gradients unscaled by a patched GradScaler (kohya patches torch); use full_bf16 with "
                  'mixed_precision = "bf16", or mixed_precision = "fp16" (float32 trainables with a gradient scaler)',
     "mem_eff_attn": "use sdpa (PyTorch's memory-efficient attention)",
-    "torch_compile": _NOT_YET,
-    "dynamo_backend": _NOT_YET,
     # optimizer / scheduler
-    "use_8bit_adam": 'use optimizer_type = "AdamW8bit"',
-    "use_lion_optimizer": 'use optimizer_type = "Lion"',
     "fused_backward_pass": _NOT_YET,
     # network
     "network_module": "pti-plugin always trains networks.lora (peft LoRA)",
-    "network_train_text_encoder_only": "use stages with train_unet = false",
     "no_token_padding": "prompts are always padded to 77 tokens as at inference",
     "no_metadata": "metadata is always written",
     # saving / hub / logging
@@ -46,14 +41,10 @@ REFUSED_OPTIONS: dict[str, str] = {
     "save_state_to_huggingface": _HUB,
     "resume_from_huggingface": _HUB,
     "async_upload": _HUB,
-    "log_config": "the resolved config is always written beside the outputs",
     "wandb_run_name": 'only log_with = "tensorboard" is supported',
     "wandb_api_key": 'only log_with = "tensorboard" is supported',
     "output_config": "the resolved config is always written beside the outputs",
     # distributed / loader
-    "ddp_timeout": "use accelerate's own settings",
-    "ddp_gradient_as_bucket_view": "use accelerate's own settings",
-    "ddp_static_graph": "use accelerate's own settings",
     "skip_until_initial_step": "use resume",
     "initial_epoch": "use resume",
     "initial_step": "use resume",
@@ -69,14 +60,17 @@ REFUSED_OPTIONS: dict[str, str] = {
 
 
 #: Refused options whose value, beside the "off" values every option has (false, empty), is what pti-plugin
-#: does anyway: kohya's own default for them.
-WHAT_PTI_DOES: dict[str, Any] = {"network_module": "networks.lora", "dynamo_backend": "no"}
+#: does anyway: kohya's own default for them, or the switch that asks for what pti-plugin always does (its VAE runs
+#: in float32; it never clears the CUDA cache after caching latents).
+WHAT_PTI_DOES: dict[str, Any] = {"network_module": "networks.lora", "no_half_vae": True, "highvram": True}
 
 
 def asks_for_nothing(key: str, value: Any) -> bool:
     """Whether refused option ``key`` set to ``value`` asks for nothing pti-plugin lacks: false, an empty string,
-    list or table, or :data:`WHAT_PTI_DOES`'s value."""
-    return value is False or (isinstance(value, (str, list, dict)) and not value) or WHAT_PTI_DOES.get(key, object()) == value
+    list or table, or :data:`WHAT_PTI_DOES`'s value (of its type: ``highvram = 1`` is no ``true``)."""
+    expected = WHAT_PTI_DOES.get(key, object())
+    return value is False or (isinstance(value, (str, list, dict)) and not value) or (
+        type(value) is type(expected) and value == expected)
 
 
 def markdown_table() -> str:

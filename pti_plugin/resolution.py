@@ -13,7 +13,8 @@ Rules (the README's "Which key reaches which stage" table says the same):
 - ``unet_lr`` / ``text_encoder_lr`` (kohya shorthands) set the UNet / text-encoder LoRA group of
   every lora stage that trains it and does not set its own; else that group takes the stage's
   ``learning_rate``. ``pivot_lr`` is a stage key (default: the stage's ``learning_rate``).
-- ``network_train_unet_only`` is the default of every lora stage's ``train_text_encoder``.
+- ``network_train_unet_only`` is the default of every lora stage's ``train_text_encoder``, kohya's
+  ``network_train_text_encoder_only`` of its ``train_unet`` (:data:`SWITCH_TARGETS`).
 - The built-in stages (a preset without ``[[stages]]``) learn at 5e-3 (inversion) and 1e-4 (lora)
   unless a top-level ``learning_rate`` is given, which then reaches both.
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import DEFAULT_STAGE_LRS, Config, ConfigError, StageConfig
+from .tracking import logged_config
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ STAGE_DEFAULT_KEYS = ("learning_rate", "optimizer_type", "optimizer_args", "lr_s
 #: Top-level keys that set stages' length.
 LENGTH_KEYS = ("max_train_steps", "max_train_epochs")
 #: kohya shorthands reaching the lora stages.
-LORA_SHORTHANDS = ("unet_lr", "text_encoder_lr", "network_train_unet_only")
+LORA_SHORTHANDS = ("unet_lr", "text_encoder_lr", "network_train_unet_only", "network_train_text_encoder_only")
+#: kohya's "only" switches: the lora stage key each one is the (negated) default of.
+SWITCH_TARGETS = {"network_train_unet_only": "train_text_encoder", "network_train_text_encoder_only": "train_unet"}
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,8 @@ def resolve_stage(config: Config, stage: StageConfig, index: int, lora_seen: boo
     name = stage.name or f"{stage.kind}{index}"
     lr = own_or_top("learning_rate")
     train_pivot = stage.train_pivot if stage.train_pivot is not None else not is_lora
-    train_unet = is_lora and (stage.train_unet if stage.train_unet is not None else True)
+    train_unet = is_lora and (stage.train_unet if stage.train_unet is not None
+                              else not config.network_train_text_encoder_only)
     train_te = is_lora and (stage.train_text_encoder if stage.train_text_encoder is not None
                             else not config.network_train_unet_only)
     if not (train_pivot or train_unet or train_te):
@@ -322,7 +327,7 @@ def _why_unused(config: Config, key: str, stage: StageConfig, resolved: Resolved
         return f"{where} ({resolved.name!r}) is an inversion stage"
     group = {"unet_lr": ("unet_lr", resolved.train_unet, "train_unet"),
              "text_encoder_lr": ("text_encoder_lr", resolved.train_text_encoder, "train_text_encoder"),
-             "network_train_unet_only": ("train_text_encoder", True, "")}[key]
+             **{switch: (target, True, "") for switch, target in SWITCH_TARGETS.items()}}[key]
     own, trains, switch = group
     if not trains:
         return f"{where}.{switch} = false"
@@ -342,11 +347,10 @@ def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], g
         if any(reason is None for reason in reasons):
             continue
         value = getattr(config, key)
-        target = {"max_train_steps": "steps", "network_train_unet_only": "train_text_encoder"}.get(key, key)
-        value_text = (str(not value).lower() if key == "network_train_unet_only"
-                      else _toml_literal(value))
+        target = ({"max_train_steps": "steps"} | SWITCH_TARGETS).get(key, key)
+        value_text = str(not value).lower() if key in SWITCH_TARGETS else _toml_literal(value)
         commands = " or ".join(f"--set stages.{s.index}.{target}={value_text}" for s, raw in zip(config.stages, raw_stages)
-                               if not (target in ("unet_lr", "text_encoder_lr", "train_text_encoder") and s.kind != "lora")
+                               if not (target in ("unet_lr", "text_encoder_lr", *SWITCH_TARGETS.values()) and s.kind != "lora")
                                and not (target == "steps" and raw.max_train_epochs is not None)
                                and not (target == "learning_rate" and _group_rates(config, raw, s)))
         hint = f" To change a stage, use {commands}." if commands else " No stage can use it: remove it."
@@ -423,6 +427,7 @@ def training_metadata(config: Config) -> dict[str, str]:
 
 
 def tracker_hparams(config: Config) -> dict[str, Any]:
-    """Scalar hyperparameters of every stage for TensorBoard (``stages.<i>.<key>``)."""
+    """Scalar hyperparameters of every stage for TensorBoard (``stages.<i>.<key>``), and with kohya's ``log_config``
+    the top-level settings (:func:`pti_plugin.tracking.logged_config`)."""
     return {f"stages.{s.index}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
-            for s in config.stages for k, v in s.preset_entry().items()}
+            for s in config.stages for k, v in s.preset_entry().items()} | logged_config(config, resolved_dict(config))

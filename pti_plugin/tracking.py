@@ -7,6 +7,8 @@ pti-plugin's: ``pti``). pti-plugin adds the prefix and timestamp folder only whe
 tracker logs into ``<logging_dir>/pti`` as it always did (``logging_dir`` defaults to ``<output_dir>/logs``).
 ``log_tracker_config`` is a TOML file of init arguments by tracker (``[tensorboard]``: ``SummaryWriter``'s
 ``comment``, ``flush_secs`` ...); only TensorBoard is supported here, so another tracker's table is refused.
+kohya's ``log_config`` adds the run's top-level settings to the hyperparameters the tracker stores at its start
+(:func:`logged_config`; kohya's ``get_sanitized_config_or_none``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from .config import Config, ConfigError
 
 DEFAULT_TRACKER_NAME = "pti"
 SUPPORTED_TRACKERS = ("tensorboard",)
-_TRACKER_KEYS = ("log_prefix", "log_tracker_name", "log_tracker_config")
+_TRACKER_KEYS = ("log_prefix", "log_tracker_name", "log_tracker_config", "log_config")
+#: The keys kohya's ``log_config`` leaves out (paths that name the user's folders), as pti-plugin spells them:
+#: ``tokenizer_path`` is kohya's ``tokenizer_cache_dir``.
+MASKED_KEYS = ("pretrained_model_name_or_path", "vae", "tokenizer_path", "train_data_dir", "reg_data_dir", "output_dir",
+               "logging_dir")
 
 
 def tracker_logging_dir(config: Config, output_dir: Path, now: float | None = None) -> Path:
@@ -44,6 +50,17 @@ def tracker_init_kwargs(config: Config) -> dict[str, dict[str, Any]]:
         return tomllib.load(handle)
 
 
+def logged_config(config: Config, resolved: dict[str, Any]) -> dict[str, Any]:
+    """kohya's ``log_config``: the resolved preset's top-level keys (``resolved``: ``resolution.resolved_dict``, where
+    every stage default is in the stages, logged as ``stages.<i>.<key>`` anyway) less :data:`MASKED_KEYS`, each value
+    as accelerate's trackers take it: a bool, int, float or string as it is, a list or table as its ``str()``, as
+    kohya passes them. Empty without ``log_config``."""
+    if not config.log_config:
+        return {}
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in resolved.items() if key not in MASKED_KEYS + ("stages",)}
+
+
 def _summary_writer_arguments() -> set[str] | None:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -56,13 +73,14 @@ def _summary_writer_arguments() -> set[str] | None:
 
 
 def check_tracker_options(config: Config) -> None:
-    """``log_prefix``, ``log_tracker_name`` and ``log_tracker_config`` at start: each needs a tracker; the prefix and
-    name are plain folder names; the TOML file reads, holds only a ``[tensorboard]`` table, of ``SummaryWriter``'s
-    arguments."""
+    """``log_prefix``, ``log_tracker_name``, ``log_tracker_config`` and ``log_config`` at start: each needs a tracker;
+    the prefix and name are plain folder names; the TOML file reads, holds only a ``[tensorboard]`` table, of
+    ``SummaryWriter``'s arguments."""
     for key in _TRACKER_KEYS:
-        if getattr(config, key) and not config.log_with:
-            raise ConfigError.at(key, f" = {getattr(config, key)!r} needs a tracker: set log_with = \"tensorboard\" "
-                                      "(or logging_dir, as kohya)")
+        if getattr(config, key) and not config.log_with:  # kohya's log_config logs nothing then, silently
+            value = "true" if getattr(config, key) is True else repr(getattr(config, key))
+            raise ConfigError.at(key, f" = {value} needs a tracker: set log_with = \"tensorboard\" (or logging_dir, as "
+                                      "kohya)")
     for key in ("log_prefix", "log_tracker_name"):
         value = getattr(config, key)
         if value and (any(c in value for c in '/\\\0') or value in (".", "..")):

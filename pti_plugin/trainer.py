@@ -23,6 +23,7 @@ import toml
 import torch
 from tqdm.auto import tqdm
 
+from .accelerator_options import accelerator_kwargs, prepare_for_stage  # kohya's torch_compile, ddp_*, ...
 from .atomic_io import atomic_write_text
 from .base_weights import merge_base_weights
 from .config import EMBEDDED, Config, ConfigError, network_args
@@ -101,8 +102,7 @@ class Trainer:
         )
         self.accelerator = Accelerator(
             cpu=not has_accelerator_device,  # lets torchrun/accelerate launch on a CPU machine run MULTI_CPU (gloo)
-            mixed_precision=config.mixed_precision,
-            log_with=config.log_with or None,
+            mixed_precision=config.mixed_precision, log_with=config.log_with or None, **accelerator_kwargs(config),
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
         )
         self.files = RunFiles(output_dir, config.output_name, config.token_string, config.overwrite)
@@ -188,7 +188,7 @@ class Trainer:
                 # transformers >= 5 renamed it (the old name warns); both run the same checkpointing
                 (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-        trainable = model.kept_float32(config.full_bf16)  # the trainable tensors (none with full_bf16: all bf16)
+        trainable = model.kept_float32(config.full_bf16) | model.store_fp8(config.fp8_base, config.fp8_base_unet, self.accelerator.autocast)
         for module in model.components().values():
             for param in module.parameters():
                 if id(param) not in trainable:
@@ -357,7 +357,7 @@ class Trainer:
         trainable = [p for group in plan.param_groups for p in group["params"]]
         trains = self.model.set_trainable(trainable, plan.lora_enabled)
         # DDP wraps only the modules that hold trainable parameters (a UNet with none must not be wrapped).
-        forwards = {name: accelerator.prepare(module) for name, module in self.model.components().items() if trains[name]}
+        forwards = {name: prepare_for_stage(accelerator, module) for name, module in self.model.components().items() if trains[name]}
         self.model.use_forwards(forwards, accelerator.autocast)
         self.optimizer = accelerator.prepare(plan.optimizer)
         self.ddp_modules = list(forwards.values())

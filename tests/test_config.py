@@ -38,7 +38,7 @@ def test_a_kohya_config_file_with_refused_options_set_to_ask_for_nothing_loads(t
     preset = _write(tmp_path / "p.toml", 'config_file = "kohya.toml"\ntrain_data_dir = "imgs"\n')
     assert load_config(preset).network_dim == 8
     for line, key in (("v2 = true", "v2"), ('network_module = "lycoris.kohya"', "network_module"),
-                      ("torch_compile = true", "torch_compile"), ("no_half_vae = true", "no_half_vae")):
+                      ('huggingface_repo_id = "a/b"', "huggingface_repo_id"), ("lowram = true", "lowram")):
         _write(tmp_path / "kohya.toml", f"[model]\n{line}\n")
         with pytest.raises(ConfigError, match=f"^config_file {re.escape(str(tmp_path / 'kohya.toml'))}: kohya option "
                                               f"'{key}' is not supported"):  # the file that set it, not "preset"

@@ -269,6 +269,8 @@ KOHYA_SETTINGS = {
     "ss_huber_schedule": "huber_schedule",
     "ss_huber_scale": "huber_scale",
     "ss_huber_c": "huber_c",
+    "ss_fp8_base": "fp8_base",
+    "ss_fp8_base_unet": "fp8_base_unet",
     "ss_validation_seed": "validation_seed",
     "ss_validation_split": "validation_split",
     "ss_max_validation_steps": "max_validation_steps",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .family import Conditioning, ModelFamily
 from .loading import BaseModel
@@ -23,6 +24,10 @@ from .pivot import PivotEmbedding, add_pivot_token
 
 #: Captions whose token ids :meth:`TrainableModel.tokenize` keeps.
 TOKEN_MEMO = 4096
+#: kohya's ``fp8_base`` dtype, and the layers whose frozen weights it stores in it (:meth:`TrainableModel.store_fp8`):
+#: those whose operation autocast casts to the compute dtype on every device.
+FP8 = torch.float8_e4m3fn
+FP8_LAYERS = (nn.Linear, nn.Conv2d)
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,36 @@ class TrainableModel:
         too, as kohya's ``network.to(weight_dtype)`` and its textual inversion's cast of the text encoders)."""
         return set() if full_bf16 else {id(p) for p in self.trainable_tensors().values()}
 
+    def store_fp8(self, fp8_base: bool, fp8_base_unet: bool, autocast: Callable[[], contextlib.AbstractContextManager]) -> set[int]:
+        """kohya's ``fp8_base_unet`` (the UNet) and ``fp8_base`` (the UNet and the text encoders; the UNet alone when
+        both are set, as kohya): their frozen linear and convolution weights stored in ``float8_e4m3fn``, which autocast
+        upcasts in each layer; returns the ids of the tensors so stored (none with both off: nothing is touched). The
+        trainable tensors stay as they are, and so (as kohya) do the text encoders' embeddings: the token table (which
+        the pivot reads) and the positions. The other frozen weights (the normalisations' affines) take float8's
+        values, the same as kohya's, but keep their dtype (the trainer casts them to the mixed-precision dtype): CUDA's
+        autocast runs a normalisation in float32 from float8 weights, the CPU's takes no float8 weight there. With
+        float8 weights every forward needs ``autocast`` (the run's): it is the model's from now on, not from the first
+        stage (:meth:`use_forwards`), so that an encode before it (a plugin's setup) runs too; and DDP leaves them out
+        of its start-up broadcast (gloo, a CPU run's backend, cannot send float8; every process loaded the same)."""
+        text = list(self.family.text_encoder_names) if fp8_base and not fp8_base_unet else []  # kohya: _unet wins
+        names = ["unet"] + text if fp8_base or fp8_base_unet else []
+        components, trained, stored = self.components(), {id(p) for p in self.trainable_tensors().values()}, set()
+        for module in (m for name in names for m in components[name].modules() if not isinstance(m, nn.Embedding)):
+            for param in module.parameters(recurse=False):
+                if id(param) in trained:
+                    continue
+                if isinstance(module, FP8_LAYERS):
+                    param.data = param.data.to(FP8)
+                    stored.add(id(param))
+                else:
+                    param.data = param.data.to(FP8).to(param.dtype)
+        if stored:
+            self.autocast = autocast
+        for name in names:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                components[name], [key for key, p in components[name].named_parameters() if id(p) in stored])
+        return stored
+
     # ------------------------------------------------------------------ stage switches (trainer only)
     def set_trainable(self, parameters: list[nn.Parameter], lora_enabled: bool) -> dict[str, bool]:
         """Make exactly ``parameters`` require gradients and switch the LoRA on or off; returns which
@@ -260,9 +295,9 @@ class TrainableModel:
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's prediction ``[b, 4, h, w]`` with the LoRA as currently switched: the stage's prepared
         module when gradients are on, the plain module otherwise (no DDP collective without a backward)."""
-        forward = self._forwards.get("unet") if torch.is_grad_enabled() else None
-        with self.autocast():
-            return (forward or self.base.unet)(noisy, timesteps, **cond.unet_kwargs()).sample
+        forward = self._forwards.get("unet", self.base.unet) if torch.is_grad_enabled() else self.base.unet
+        with self.autocast():  # (no truth test of a module: a compiled one's raises TypeError)
+            return forward(noisy, timesteps, **cond.unet_kwargs()).sample
 
     def encode(self, input_ids: torch.Tensor, lora: bool = True, pivot_grad: bool = True,
                sizes: torch.Tensor | None = None) -> Conditioning:
