@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import shutil
 from typing import Any
 
 import torch
@@ -27,6 +29,8 @@ KOHYA_BACKENDS = ("inductor", "eager", "aot_eager", "aot_ts_nvfuser", "nvprims_n
                   "fx2trt", "onnxrt", "tensort", "ipex", "tvm")
 #: The value that compiles nothing (before this option existed, the only one accepted).
 OFF = "no"
+#: The longest ``ddp_timeout``: the minutes a ``datetime.timedelta`` holds (a longer one overflowed building it).
+MAX_TIMEOUT_MINUTES = datetime.timedelta.max // datetime.timedelta(minutes=1)
 
 
 def accelerator_kwargs(config: Config) -> dict[str, Any]:
@@ -58,13 +62,14 @@ def prepare_for_stage(accelerator: Any, module: torch.nn.Module) -> Any:
 
 
 def check_accelerator_options(config: Config) -> None:
-    """kohya's choices of ``dynamo_backend`` (and ``"no"``), a ``ddp_timeout`` >= 0, and a backend that this
-    machine can run when ``torch_compile`` is on; without it, a ``dynamo_backend`` other than the default is unused
-    (as in kohya): a warning naming both keys."""
+    """kohya's choices of ``dynamo_backend`` (and ``"no"``), a ``ddp_timeout`` >= 0 that a timedelta holds, and a
+    backend that this machine can run when ``torch_compile`` is on; without it, a ``dynamo_backend`` other than the
+    default is unused (as in kohya): a warning naming both keys."""
     if config.dynamo_backend not in (*KOHYA_BACKENDS, OFF):
         raise ConfigError.at("dynamo_backend", f" must be one of {[*KOHYA_BACKENDS, OFF]}, got {config.dynamo_backend!r}")
-    if config.ddp_timeout is not None and config.ddp_timeout < 0:
-        raise ConfigError.at("ddp_timeout", f" is in minutes and must be >= 0 (0 or unset: accelerate's default), got {config.ddp_timeout!r}")
+    if config.ddp_timeout is not None and not 0 <= config.ddp_timeout <= MAX_TIMEOUT_MINUTES:
+        raise ConfigError.at("ddp_timeout", f" is in minutes and must be >= 0 and <= {MAX_TIMEOUT_MINUTES} (0 or "
+                                            f"unset: accelerate's default), got {config.ddp_timeout!r}")
     if not config.torch_compile:
         if config.dynamo_backend not in (KOHYA_BACKENDS[0], OFF):
             logger.warning("dynamo_backend = %r is unused without torch_compile = true (kohya ignores it too)",
@@ -85,16 +90,27 @@ def _backend_problem(backend: str) -> str | None:
 
     if backend.upper() not in DynamoBackend.__members__:
         return "accelerate has no such backend (kohya lists it, but its Accelerator refuses it)"
-    import torch._dynamo
-
-    available = torch._dynamo.list_backends(exclude_tags=())
+    available = torch.compiler.list_backends(exclude_tags=())
     if backend not in available:
         return f"this PyTorch has no such backend (it has {', '.join(b for b in available if '_TESTING' not in b)})"
     if backend == "inductor" and not torch.cuda.is_available():
-        from torch._inductor.cpp_builder import get_cpp_compiler
+        return _cpp_compiler_problem()
+    return None
 
-        try:
-            get_cpp_compiler()
-        except Exception as exc:  # torch's InvalidCxxCompiler and its Windows checks
-            return f"inductor compiles C++ on the CPU and found no C++ compiler ({exc}); install one or use \"eager\""
+
+def _cpp_compiler_problem() -> str | None:
+    """Why inductor finds no C++ compiler for the CPU (None when it finds one): torch's own search where this PyTorch
+    has it (``torch._inductor.cpp_builder``, private; absent from older versions), else the compilers on the PATH
+    (``$CXX``, g++, c++, clang++)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
+        names = [n for n in (os.environ.get("CXX"), "g++", "c++", "clang++") if n]
+        found = any(shutil.which(n) for n in names)
+        return None if found else (f"inductor compiles C++ on the CPU and found no C++ compiler (none of {names} on "
+                                   "the PATH); install one or use \"eager\"")
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # torch's InvalidCxxCompiler and its Windows checks
+        return f"inductor compiles C++ on the CPU and found no C++ compiler ({exc}); install one or use \"eager\""
     return None

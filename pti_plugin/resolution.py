@@ -154,8 +154,10 @@ def resolve_stage(config: Config, stage: StageConfig, index: int, lora_seen: boo
     train_te = is_lora and (stage.train_text_encoder if stage.train_text_encoder is not None
                             else not config.network_train_unet_only)
     if not (train_pivot or train_unet or train_te):
-        raise ConfigError.at(f"stages.{index}.train_pivot", f": stage {name!r} trains nothing: set train_pivot, train_unet or "
-                             "train_text_encoder")
+        implied = "".join(f" ({target} = false by {switch} = true)" for switch, target in SWITCH_TARGETS.items()
+                          if is_lora and getattr(stage, target) is None and getattr(config, switch))
+        raise ConfigError.at(f"stages.{index}.train_pivot", f": stage {name!r} trains nothing{implied}: set train_pivot, "
+                             "train_unet or train_text_encoder")
     steps, epochs = _length(config, stage, index)
     warmup, decay = own_or_top("lr_warmup_steps"), own_or_top("lr_decay_steps")
     return ResolvedStage(
