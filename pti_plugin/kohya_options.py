@@ -31,7 +31,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     # network
     "network_module": "pti-plugin always trains networks.lora (peft LoRA)",
     "no_token_padding": "prompts are always padded to 77 tokens as at inference",
-    "no_metadata": "metadata is always written",
     # saving / hub / logging
     "huggingface_repo_id": _HUB,
     "huggingface_repo_type": _HUB,

@@ -234,7 +234,7 @@ def write_lora_and_embedding(
     """
     from .config import network_args
     from .formats.embedding import bundle_embedding_keys, save_embedding
-    from .formats.kohya_lora import kohya_metadata, peft_to_kohya, save_lora
+    from .formats.kohya_lora import kohya_metadata, minimum_metadata, peft_to_kohya, save_lora
     from .formats.model_spec import OPTIONAL_FIELDS, model_spec_metadata, thumbnail_data_url
     from .base_weights import base_weights_metadata
     from .models.family import make_family
@@ -266,6 +266,8 @@ def write_lora_and_embedding(
     ) | {k: v for k, v in training.items() if k.startswith("ss_")} | kohya_run_metadata(config)
     if "ss_learning_rate" not in training:  # no lora stage: the LoRA never trained
         metadata.pop("ss_learning_rate")
+    if config.no_metadata:  # kohya's: the keys a UI needs to tell what the file is, no training settings
+        metadata = minimum_metadata(metadata)
     # kohya's modelspec.*, from its metadata_* options, in the LoRA and (as kohya's TI writes it) in the embedding
     title = config.metadata_title if config.metadata_title is not None else config.output_name  # kohya's default
     given = {name: getattr(config, f"metadata_{name}") for name in OPTIONAL_FIELDS}

@@ -237,6 +237,16 @@ def kohya_metadata(
     return meta
 
 
+#: kohya's ``SS_METADATA_MINIMUM_KEYS``: what its ``no_metadata`` keeps of a LoRA's ``ss_*`` keys (beside the model spec).
+MINIMUM_METADATA_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                         "ss_network_args")
+
+
+def minimum_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """kohya's ``no_metadata``: the keys of :data:`MINIMUM_METADATA_KEYS` that ``metadata`` holds, nothing else."""
+    return {key: metadata[key] for key in MINIMUM_METADATA_KEYS if key in metadata}
+
+
 #: kohya's training-setting keys (``train_network.py``'s metadata) that pti-plugin writes, each from the option of
 #: kohya's name and meaning (a Config key), written as kohya writes it: ``str(args.<option>)`` ("True"/"False" for a
 #: switch, "0.1" for a float, "l2" for a string). Run-wide here, as in kohya.
