@@ -108,6 +108,8 @@ class Config:
     pretrained_model_name_or_path: str = doc('Base model: a diffusers folder or a single .safetensors/.ckpt file; "@embedded" for the shipped default.', EMBEDDED)
     single_file_config: str = doc("A diffusers folder whose component configs describe a single-file checkpoint (default: SD1.5's, shipped).", "")
     tokenizer_path: str = doc("CLIP tokenizer folder for single-file checkpoints (else the HF cache, else open_clip's BPE file).", "")
+    tokenizer_cache_dir: str = doc("kohya: the folder holding kohya's saved tokenizer, <dir>/openai_clip-vit-large-patch14; "
+                                   "it becomes tokenizer_path (never downloaded).", "")
     vae: str = doc("A VAE used instead of the model's (kohya's --vae): a .safetensors/.ckpt file (original or diffusers key names) or a diffusers VAE folder.", "")
     v_parameterization: bool = doc("Force v-prediction (else read from the model's scheduler config).", False)
     zero_terminal_snr: bool = doc("Rescale the noise schedule so its last step has zero SNR (for v-prediction models trained that way).", False)
@@ -298,7 +300,7 @@ class Config:
         return list(self.init_word) if isinstance(self.init_word, list) else [self.init_word]
 
 
-PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_path", "vae", "weights", "network_weights", "train_data_dir", "dataset_config", "reg_data_dir", "in_json", "sample_prompts", "resume", "config_file")
+PATH_KEYS = ("pretrained_model_name_or_path", "single_file_config", "tokenizer_path", "tokenizer_cache_dir", "vae", "weights", "network_weights", "train_data_dir", "dataset_config", "reg_data_dir", "in_json", "sample_prompts", "resume", "config_file")
 #: The path keys a tool that loads no model reads (``python -m pti_plugin.dataset_preview``): the training data and
 #: the preset's kohya ``config_file``; the others name the model, its starting files, a state and the prompts.
 DATA_PATH_KEYS = ("train_data_dir", "dataset_config", "reg_data_dir", "in_json", "config_file")

@@ -19,7 +19,7 @@ from typing import Any
 from .config import EMBEDDED, PATH_KEYS, PATH_LIST_KEYS, Config, ConfigError, _build, deep_merge, load_preset_dict, parse_value
 from .config_checks import (check_stage_schedules, check_the_pivot_is_learned, validate_config, with_kohya_switches,
                             with_kohya_tracker)
-from .input_checks import with_leading_dot
+from .input_checks import with_leading_dot, with_tokenizer_cache_dir
 from .resolution import check_given_values_are_used, default_stage_dicts, resolve_stages, warn_unreached_intervals
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
     if "stages" not in raw:
         raw = raw | {"stages": default_stage_dicts(raw)}
     parsed = with_kohya_tracker(with_kohya_switches(_build(Config, raw), raw))  # kohya's deprecated switches, logging_dir
+    parsed = with_tokenizer_cache_dir(parsed, check=check_paths and not data_only)  # kohya's: the tokenizer_path
     validate_config(parsed, check_paths, data_only)
     parsed = _with_dims_from_weights(parsed, read=check_paths and not data_only)
     config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),

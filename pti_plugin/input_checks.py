@@ -357,6 +357,26 @@ def _sample_option_problem(flag: str, value: int | None) -> str | None:
     return None
 
 
+def with_tokenizer_cache_dir(config: Config, check: bool) -> Config:
+    """kohya's ``tokenizer_cache_dir``: the folder where kohya keeps the CLIP tokenizer it downloaded once, as
+    ``<dir>/openai_clip-vit-large-patch14`` (``strategy_base._load_tokenizer``), becomes ``tokenizer_path`` (and the key
+    is cleared, so the resolved config reads back the same). ``check``: that folder holds the tokenizer (pti-plugin
+    never downloads it). Beside ``tokenizer_path`` it is refused naming both."""
+    if not config.tokenizer_cache_dir:
+        return config
+    from .models.single_file import CLIP_REPO
+
+    if config.tokenizer_path:
+        raise ConfigError.at("tokenizer_cache_dir", f" and tokenizer_path ({config.tokenizer_path!r}) both name the "
+                                                    "tokenizer: set one of them")
+    folder = Path(config.tokenizer_cache_dir).expanduser() / CLIP_REPO.replace("/", "_")
+    if check and not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        raise ConfigError.at("tokenizer_cache_dir", f": {folder} holds no CLIP tokenizer (vocab.json, merges.txt), "
+                                                    "where kohya saves the one it downloads; pti-plugin never downloads "
+                                                    "it: copy a CLIP tokenizer folder there, or set tokenizer_path")
+    return dataclasses.replace(config, tokenizer_path=str(folder), tokenizer_cache_dir="")
+
+
 def check_starting_files(config: Config) -> None:
     """``weights`` and ``network_weights`` load through the safe loaders and hold finite values only (the LoRA files
     of ``network_weights`` and ``base_weights``: :func:`check_lora_file`)."""

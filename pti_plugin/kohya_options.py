@@ -17,7 +17,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     # model
     "v2": _SD2 + " (SD2.x is not supported)",
     "sdxl": "the model family is detected from the weights (set model_family = \"sdxl\" to force it)",
-    "tokenizer_cache_dir": "use tokenizer_path",
     "no_half_vae": "the VAE always runs in float32 here (true, what it asks for, is accepted)",
     "lowram": "the model is loaded into RAM and then moved to the device; loading it onto the GPU directly (kohya's "
               "lowram) is not implemented",
