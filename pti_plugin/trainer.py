@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import operator
 import signal
 from pathlib import Path
-from typing import Any
 
 import toml
 import torch
 from tqdm.auto import tqdm
 
-from .accelerator_options import accelerator_kwargs, prepare_for_stage  # kohya's torch_compile, ddp_*, ...
+from .accelerator_options import prepare_for_stage  # kohya's torch_compile, ddp_*, ...
 from .atomic_io import atomic_write_text
 from .base_weights import merge_base_weights
 from .config import EMBEDDED, Config, ConfigError, network_args
@@ -31,7 +29,6 @@ from .data.batch_source import DrawSettings, MicroBatchDraws, MicroBatchStream
 from .data.captions import expand_token, warn_long_captions
 from .data.weighted_captions import check_weighted_captions
 from .data.dataset import ImageItem, load_subsets
-from .data.dataset_stats import tag_frequency
 from .data.latents import LatentSource
 from .data.sample_order import SampleOrder, sample_generator, stage_order
 from .data.scanning import scan_images_and_held_out
@@ -47,16 +44,17 @@ from .hooks import (
     schedule_of,
 )
 from .lora_regularisation import LoraRegularisation
-from .models.disk_mapping import map_frozen_to_disk
-from .models.loading import configure_attention, load_base_model
+from .models.loading import load_base_model
 from .models.trainable import LoraSpec, TrainableModel
-from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process, optimizer_state_is_finite
-from .outputs import RunFiles, write_lora_and_embedding
+from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process
+from .outputs import RunFiles
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
-from .resume import base_identity, check_resume_fits, check_resume_within_epochs, load_state, save_state
+from .resume import base_identity, check_resume_fits, check_resume_within_epochs, load_state
 from .run_lock import RunLocks, clean_leftover_temporaries
+from .run_outputs import RunOutputs
+from .run_setup import announce, make_accelerator, place_model, release_vae
 from .sampling import sample_during_training
-from .save_schedule import prune_saves, sample_due, save_due
+from .save_schedule import sample_due, save_due
 from .stop_signals import StopSignals, TrainingInterrupted, received_on_any_process
 from .text_cache import TextConditioningCache
 from .tracking import tracker_init_kwargs, tracker_logging_dir, tracker_name
@@ -64,17 +62,6 @@ from .validation import Validation, has_validation
 from .weight_guard import WeightGuard
 
 logger = logging.getLogger(__name__)
-
-
-def fresh_accelerate_state() -> None:
-    """Forget accelerate's per-process singletons, so that a run that is not the first in this process (a
-    sweep run in-process, a notebook's second ``Trainer(...).run()``) can ask for another ``mixed_precision``.
-    Without it accelerate refuses: "AcceleratorState has already been initialized and cannot be changed".
-    Called as a run sets up, not when it ends, so that a finished run's state stays usable."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 class Trainer:
@@ -88,23 +75,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-
         config = self.config
         output_dir = Path(config.output_dir).expanduser().resolve()
         logging_dir = tracker_logging_dir(config, output_dir)  # kohya's log_prefix: <logging_dir>/<prefix><time>
         # A state that cannot continue this run (another stage kind or optimizer) is refused before anything loads.
         self._resume_progress = check_resume_fits(Path(config.resume), config.stages, base_identity(config)) if config.resume else None
-        fresh_accelerate_state()
-        has_accelerator_device = torch.cuda.is_available() or torch.backends.mps.is_available() or (
-            hasattr(torch, "xpu") and torch.xpu.is_available()
-        )
-        self.accelerator = Accelerator(
-            cpu=not has_accelerator_device,  # lets torchrun/accelerate launch on a CPU machine run MULTI_CPU (gloo)
-            mixed_precision=config.mixed_precision, log_with=config.log_with or None, **accelerator_kwargs(config),
-            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
-        )
+        self.accelerator = make_accelerator(config, output_dir, logging_dir)  # from a fresh accelerate state
         self.files = RunFiles(output_dir, config.output_name, config.token_string, config.overwrite)
         if self.accelerator.is_main_process:
             self._claim_outputs(output_dir)
@@ -129,41 +105,28 @@ class Trainer:
         self.plugins: list[Plugin] = instantiate_plugins(config)
         self.state = TrainerState(config=config, accelerator=self.accelerator, model=None, output_dir=output_dir,  # type: ignore[arg-type]
                                   schedule=schedule_of(self.plugins))
-        self.train_te_lora = any(self.state.stage_trains(s).text_encoder_lora for s in config.stages)
-        init_words = config.init_words
-        conv = network_args(config)
-        lora = LoraSpec(config.network_dim, config.network_alpha, int(conv.get("conv_dim", 0)), conv.get("conv_alpha", 1.0),
-                        text_encoders=self.train_te_lora)
-        try:
-            model = TrainableModel.build(base, config.token_string, config.num_vectors_per_token, init_words, lora, config.seed)
-        except ConfigError:
-            raise
-        except ValueError as exc:
-            raise ConfigError(f"preset: {exc}") from exc
-        self.state.model = self.model = model
-        self.pivot = model.pivots[0]
-        self._load_starting_weights(model)
+        self.state.model = self.model = model = self._build_model(base)
         self.lora_regularisation = LoraRegularisation(config, model)  # kohya's network_dropout, scale_weight_norms
-        self._place_model(base, model, device)
+        self.placement = place_model(config, base, model, device, self.accelerator.autocast)
         self.text_cache = TextConditioningCache(model, config.cache_text_encoder_outputs, device, output_dir)
         model.weighted_captions = check_weighted_captions(config.weighted_captions, self.items + held_out)
-
-        window = config.max_token_length
-        warn_long_captions(
-            [len(base.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),
-                                add_special_tokens=False).input_ids) for i in self.items], window,
-        )
+        warn_long_captions([len(base.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),
+                                               add_special_tokens=False).input_ids) for i in self.items], config.max_token_length)
         self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk,
                                     config.cache_latents_to_disk, config.vae_batch_size)
         self.latents.fill_cache()
         self.validation = Validation(config, self.accelerator, model, self.text_cache, held_out, self._info)
-        self._release_vae(base.vae, device, output_dir)
+        release_vae(self.placement, base.vae, self.latents.cached, device, output_dir)
         self._micro_batches = self._micro_batch_stream()
         self.state.steps_per_epoch = steps_per_epoch
         if config.log_with:
             self.accelerator.init_trackers(tracker_name(config), config=tracker_hparams(config), init_kwargs=tracker_init_kwargs(config))
-        self._log_file = self.files.log_jsonl
-        self._announce(base, device)
+        self.outputs = RunOutputs(config, self.accelerator, self.files, model, self.plugins, self.state, self.items,
+                                  len(self.validation.items), self.placement.vae_offloaded, self._info)
+        frozen_text = [s.name for s in config.stages if self.text_cache.caches(self.state.stage_trains(s).text_encoders)]
+        announce(self._info, config, base, self.placement, device, images=len(self.items), entries=len(self.entries),
+                 processes=self.accelerator.num_processes, global_batch=self.global_batch, frozen_text=frozen_text,
+                 trainable_dtype=self.pivot.vectors.dtype)
         for plugin in self.plugins:
             plugin.on_setup(self.state)
 
@@ -177,24 +140,27 @@ class Trainer:
         self.items, held_out = scan_images_and_held_out(config, load_subsets(config, train_dir))
         return held_out
 
-    def _place_model(self, base, model: TrainableModel, device: torch.device) -> None:
-        """Attention backend, gradient checkpointing, and every module on the device (frozen weights in the
-        mixed-precision dtype, trainable tensors float32, or bf16 with full_bf16)."""
+    def _build_model(self, base) -> TrainableModel:
+        """The pivots and the LoRA on ``base`` (a text-encoder LoRA when a stage trains one, a UNet LoRA unless
+        the run's stages train a LoRA and none the UNet's, as kohya's), then the starting weights."""
         config = self.config
-        self.attention = configure_attention(base.unet, config.xformers, config.sdpa, device)
-        if config.gradient_checkpointing:
-            base.unet.enable_gradient_checkpointing()
-            for te in base.text_encoders:
-                # transformers >= 5 renamed it (the old name warns); both run the same checkpointing
-                (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-        trainable = model.kept_float32(config.full_bf16) | model.store_fp8(config.fp8_base, config.fp8_base_unet, self.accelerator.autocast)
-        for module in model.components().values():
-            for param in module.parameters():
-                if id(param) not in trainable:
-                    param.data = param.data.to(self.weight_dtype)
-            module.to(device)
-        base.vae.to(device)
+        trains = [self.state.stage_trains(s) for s in config.stages]
+        self.train_te_lora = any(t.text_encoder_lora for t in trains)
+        # without any LoRA training (inversion only) the UNet's still carries a network_weights file through
+        unet = any(t.unet_lora for t in trains) or not self.train_te_lora
+        conv = network_args(config)
+        lora = LoraSpec(config.network_dim, config.network_alpha, int(conv.get("conv_dim", 0)), conv.get("conv_alpha", 1.0),
+                        text_encoders=self.train_te_lora, unet=unet)
+        try:
+            model = TrainableModel.build(base, config.token_string, config.num_vectors_per_token, config.init_words, lora,
+                                         config.seed)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"preset: {exc}") from exc
+        self.pivot = model.pivots[0]
+        self._load_starting_weights(model)
+        return model
 
     def _micro_batch_stream(self) -> MicroBatchStream:
         """The run's micro-batch draws (see ``data/batch_source.py``), built in ``max_data_loader_n_workers`` processes."""
@@ -205,38 +171,6 @@ class Trainer:
                                 accelerator.num_processes, accelerator.process_index, self.latents.cached)
         return MicroBatchStream(MicroBatchDraws(self.items, self.entries, orders, settings), config.max_data_loader_n_workers,
                                 config.persistent_data_loader_workers, config.gradient_accumulation_steps)
-
-    def _release_vae(self, vae: torch.nn.Module, device: torch.device, output_dir: Path) -> None:
-        """With cached latents every draw is served by the cache (pixel-changing augmentations are refused
-        with it), so the VAE leaves the accelerator until a sample needs its decoder; on a CPU device its
-        weights are mapped from a file instead."""
-        self._vae_offloaded = self.latents.cached and device.type != "cpu"
-        self._vae_mapped = 0  # bytes of VAE weights mapped from a file
-        if self._vae_offloaded:
-            vae.to("cpu")
-        elif self.latents.cached:
-            self._vae_mapped = map_frozen_to_disk(vae, output_dir)
-
-    def _announce(self, base, device: torch.device) -> None:
-        """The start-up block: model, data, processes, device, precision and what is cached."""
-        config = self.config
-        self._info(
-            f"model {base.source} ({base.family.name}, {base.prediction_type}); attention: {self.attention}; "
-            f"{len(self.items)} images, {len(self.entries)} entries with repeats; "
-            f"{self.accelerator.num_processes} process(es), global batch {self.global_batch}; device {device}"
-        )
-        latents = "on disk and in memory" if config.cache_latents_to_disk else "in memory" if config.cache_latents else "off"
-        frozen_text = [s.name for s in config.stages if self.text_cache.caches(self.state.stage_trains(s).text_encoders)]
-        texts = (("in stages " + ", ".join(map(repr, frozen_text)) if frozen_text else "asked, but every stage trains "
-                  "the text side (the pivot or a text-encoder LoRA), so none") if config.cache_text_encoder_outputs else "off")
-        self._info(
-            f"precision: {config.mixed_precision} (frozen weights {str(self.weight_dtype).removeprefix('torch.')}, trainable "
-            f"{str(self.pivot.vectors.dtype).removeprefix('torch.')}); gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}"
-            f"; cached: latents {latents}, text-encoder outputs {texts}"
-        )
-        if self._vae_mapped:
-            self._info(f"VAE weights ({self._vae_mapped / 2**30:.2f} GiB) mapped from a file: latents are cached and "
-                       "the device is the CPU, so they leave process memory until a sample reads them")
 
     def _claim_outputs(self, output_dir: Path) -> None:
         """Lock this run's names in ``output_dir``, its output_name's and its token's (a second run writing either is
@@ -283,36 +217,13 @@ class Trainer:
             previous = self.stops.install()
             return self._run()
         except NonFiniteLossError as exc:
-            raise NonFiniteLossError(f"{exc}\n{self._save_last_finite()}") from None
+            raise NonFiniteLossError(f"{exc}\n{self.outputs.save_last_finite(self.optimizer, self._resume_progress)}") from None
         finally:
             if self._locks is not None:
                 self._locks.release()
             if self._micro_batches is not None:
                 self._micro_batches.close()
             StopSignals.restore(previous)  # last: a signal while the locks are released still meets this run's handler
-
-    def _save_last_finite(self) -> str:
-        """After a non-finite step: save the (finite) weights and, when its optimizer state is finite
-        too, the resumable state; return what was saved and how to continue. Nothing is saved when no step
-        finished since the resumed state: it holds these very weights (and may be this tag's own files)."""
-        if self._resume_progress is not None and self.state.global_step == self._resume_progress.global_step:
-            return (f"nothing saved: no step finished since the resumed state {self.config.resume}, which holds the last "
-                    "finite weights; a resumed run repeats its steps exactly, so resuming it again meets the same step: "
-                    "resume it with --set nan_policy=skip to skip such steps, or start again with other settings")
-        tag = f"interrupted-step{self.state.global_step:08d}"
-        finite_state = optimizer_state_is_finite(self.optimizer)
-        paths = self._save(tag=tag, with_state=finite_state)
-        if finite_state or not paths:
-            return self._resume_hint(paths)
-        return (f"saved {paths['lora'].name} and {paths['embedding'].name} (the optimizer state was non-finite, so no "
-                f"resumable state); start a new run from them with network_weights = {paths['lora']} and weights = "
-                f"{paths['embedding']}")
-
-    def _resume_hint(self, paths: dict[str, Path]) -> str:
-        if "state" not in paths:
-            return ""
-        return (f"saved {paths['lora'].name}, {paths['embedding'].name} and the state {paths['state']}\n"
-                f"resume with: accelerate launch train_pti.py --preset {self.files.config_toml} --resume {paths['state']}")
 
     def _run(self) -> dict[str, Path]:
         config = self.config
@@ -330,7 +241,7 @@ class Trainer:
         for stage_index in range(start_stage, len(config.stages)):
             first_step = start_step if stage_index == start_stage else 0
             self._run_stage(stage_index, first_step, resumed if stage_index == start_stage else None)
-        outputs = self._save(with_state=config.save_state)  # kohya's save_state saves the state at the end too
+        outputs = self.outputs.save(self.optimizer, with_state=config.save_state)  # kohya's save_state saves the state at the end too
         if self.stops.received:  # during the final save: the files are complete, so the run ends here
             self._info(f"{signal.Signals(self.stops.received).name} received during the final save: the files are saved; "
                        "stopping without the final samples")
@@ -404,9 +315,10 @@ class Trainer:
             signum = received_on_any_process(signum, self.accelerator)  # the signal sent, in every process
         if not signum:
             return
-        paths = self._save(tag=f"interrupted-step{self.state.global_step:08d}", with_state=True)
+        paths = self.outputs.save(self.optimizer, tag=f"interrupted-step{self.state.global_step:08d}", with_state=True)
         raise TrainingInterrupted(
-            f"interrupted by {signal.Signals(signum).name} after step {self.state.global_step}\n{self._resume_hint(paths)}", signum
+            f"interrupted by {signal.Signals(signum).name} after step {self.state.global_step}\n{self.outputs.resume_hint(paths)}",
+            signum,
         )
 
     def _optimizer_step(self, plan: StagePlan) -> dict[str, float]:
@@ -520,75 +432,13 @@ class Trainer:
         if state.global_step % config.log_every_n_steps == 0 or state.stage_step == state.plan.steps or has_validation(logs):
             entry = {"global_step": state.global_step, "stage": state.stage.name, "stage_step": state.stage_step}
             entry |= logs | self.lora_regularisation.logs() | self.pivot.distance_from_init() | state.logs
-            if self.accelerator.is_main_process:
-                with open(self._log_file, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(entry) + "\n")
-            if config.log_with:
-                self.accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=state.global_step)
+            self.outputs.write_log(entry, state.global_step)
             state.logs = {}
         if save_due(config, state, order.batches_per_epoch):
-            self._save(tag=f"step{state.global_step:08d}", with_state=config.save_state)
+            self.outputs.save(self.optimizer, tag=f"step{state.global_step:08d}", with_state=config.save_state)
         if sample_due(config, state, order.batches_per_epoch):  # sample_every_n_epochs or sample_every_n_steps
             sample_during_training(self.sample, f"step{state.global_step:08d}", self.stops)
 
-    def _save(self, tag: str | None = None, with_state: bool = False) -> dict[str, Path]:
-        """Write the LoRA and embedding (final names when ``tag`` is None, else ``<name>-<tag>``),
-        and the resumable state when asked (``<name>-state-<tag>``; the final one ``<name>-state-stepNNNNNNNN``),
-        from the main process."""
-        state, config, suffix, paths = self.state, self.config, tag, {}
-        with_state = with_state or (tag is None and config.save_state_on_train_end)  # kohya's: the final save's state
-        if self.accelerator.is_main_process:
-            files: dict[str, Any] = {"metadata": dict(state.metadata)}
-            for plugin in self.plugins:
-                plugin.on_before_save(state, files)
-            paths = write_lora_and_embedding(
-                self.files, suffix, self.model.lora_state_dicts(), self.model.lora_alphas,
-                tuple(p.vectors for p in self.model.pivots), config, state.global_step, files["metadata"],
-                tag_frequency(self.items), family=self.model.family, num_validation_images=len(self.validation.items),
-            )
-            folder = self.files.state_dir(suffix or f"step{state.global_step:08d}")
-            if with_state and config.resume and folder.resolve() == Path(config.resume).resolve():
-                paths["state"] = folder  # resumed at the end of training: nothing trained since this state
-            elif with_state:
-                paths["state"] = save_state(
-                    folder, self.model.trainable_tensors(), self.optimizer.optimizer.state_dict()
-                    if hasattr(self.optimizer, "optimizer") else self.optimizer.state_dict(),
-                    state.plan.lr_scheduler.state_dict(), state.stage_index, state.stage_step, state.global_step,
-                    stage_kind=state.stage.kind, optimizer_type=state.stage.optimizer_type,
-                    param_groups=[(g["name"], len(g["params"])) for g in state.plan.param_groups],
-                    replace=self.files.overwrite, token_string=config.token_string, base=base_identity(config),
-                )
-                self._info(f"saved state {paths['state']}")
-            if not (tag or "").startswith("interrupted"):  # kohya's save_last_n_*: the run's older saves, by name
-                prune_saves(self.files, config, state.global_step, state.steps_per_epoch)
-        self.accelerator.wait_for_everyone()
-        return paths
-
-    @torch.no_grad()
     def sample(self, tag: str) -> list[Path]:
         """Generate the sample prompts with the current model into ``samples/`` (main process only)."""
-        from .sampling import generate_samples, read_prompt_file, sample_scheduler
-
-        if not self.accelerator.is_main_process:
-            return []
-        config, model = self.config, self.model.base
-        prompts = read_prompt_file(config.sample_prompts)
-        for p in prompts:
-            p.prompt = expand_token(p.prompt, config.token_string, config.num_vectors_per_token)
-        pipe = model.pipeline(sample_scheduler(config.sample_sampler, model.noise_scheduler.config))
-        pipe.set_progress_bar_config(disable=True)
-        size = self.items[0].bucket
-        out = [self.files.sample_path(tag, i) for i in range(len(prompts))]
-        if self._vae_offloaded:
-            model.vae.to(self.accelerator.device)
-        text_away = self.model.restore_text_encoders()
-        try:
-            with self.accelerator.autocast():
-                generate_samples(pipe, prompts, size, config.sample_steps, out, encode=lambda texts: self.model.encode(
-                    self.model.tokenize(texts).to(self.accelerator.device), pivot_grad=False))
-        finally:
-            if self._vae_offloaded:
-                model.vae.to("cpu")
-            if text_away:
-                self.model.offload_text_encoders()
-        return out
+        return self.outputs.sample(tag)

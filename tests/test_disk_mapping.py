@@ -66,7 +66,7 @@ def test_a_cpu_run_with_mapped_vae_and_text_encoders_trains_and_samples_as_in_me
         return tmp_path / name, capsys.readouterr().out
 
     with monkeypatch.context() as patch:  # the reference: every weight stays in process memory
-        patch.setattr("pti_plugin.trainer.map_frozen_to_disk", lambda module, folder: 0)
+        patch.setattr("pti_plugin.run_setup.map_frozen_to_disk", lambda module, folder: 0)
         patch.setattr("pti_plugin.text_cache.map_frozen_to_disk", lambda module, folder: 0)
         in_memory, _ = run("in_memory")
     mapped, out = run("mapped")

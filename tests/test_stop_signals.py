@@ -160,8 +160,9 @@ def _stop_every_rank(received: list[int | None]) -> list[int | None]:
         if received[index] is not None:
             stops(received[index])
         trainer = types.SimpleNamespace(
-            stops=stops, accelerator=ranks.accelerator(index), state=types.SimpleNamespace(global_step=7),
-            _save=lambda tag, with_state: [Path(f"out/{tag}")], _resume_hint=lambda paths: f"resume with: {paths[0]}")
+            stops=stops, accelerator=ranks.accelerator(index), state=types.SimpleNamespace(global_step=7), optimizer=None,
+            outputs=types.SimpleNamespace(save=lambda optimizer, tag, with_state: [Path(f"out/{tag}")],
+                                          resume_hint=lambda paths: f"resume with: {paths[0]}"))
         try:
             Trainer._stop_if_signalled(trainer)
         except TrainingInterrupted as exc:

@@ -173,4 +173,4 @@ def test_with_cached_latents_training_never_runs_the_vae_after_caching(preset, m
     trainer.run()
     # the tiny dataset: 4 images, no flip_aug -> the cache holds 4 latents; training itself encoded nothing
     assert sum(encodes) == 4
-    assert trainer._vae_offloaded is False  # on a CPU device there is nothing to move
+    assert trainer.placement.vae_offloaded is False  # on a CPU device there is nothing to move

@@ -33,13 +33,15 @@ FP8_LAYERS = (nn.Linear, nn.Conv2d)
 @dataclass(frozen=True)
 class LoraSpec:
     """The LoRA a run attaches: kohya's ``network_dim``/``network_alpha``, LoCon's ``conv_dim``/``conv_alpha``
-    (0: no LoCon layers), and whether the text encoders take one."""
+    (0: no LoCon layers), and whether the text encoders take one and the UNet does (kohya attaches none to the
+    UNet of a run that trains only the text encoders' LoRA, so its file holds no ``lora_unet_*`` module)."""
 
     rank: int
     alpha: float
     conv_rank: int = 0
     conv_alpha: float = 1.0
     text_encoders: bool = False
+    unet: bool = True
 
 
 class TrainableModel:
@@ -77,16 +79,17 @@ class TrainableModel:
             for tokenizer, te in zip(base.tokenizers, base.text_encoders)
         )
         table = base.family.key_table
-        unet_targets = table.peft_targets("unet", base.unet)
+        unet_targets = table.peft_targets("unet", base.unet) if lora.unet else []
         overrides: dict[str, tuple[int, float]] = {}
-        if lora.conv_rank:  # LoCon: 3x3 convolutions take conv_dim/conv_alpha, the other ResNet layers network_dim/alpha
+        if lora.unet and lora.conv_rank:  # LoCon: 3x3 convolutions take conv_dim/conv_alpha, the other ResNet layers network_dim/alpha
             conv3x3, other = split_conv3x3(base.unet, table.peft_targets("unet", base.unet, conv=True))
             unet_targets = unet_targets + conv3x3 + other
             overrides = {path: (lora.conv_rank, lora.conv_alpha) for path in conv3x3}
         alphas = {path: overrides.get(path, (0, lora.alpha))[1] for path in unet_targets}
         with torch.random.fork_rng(devices=[]):  # LoRA init (peft draws from the global RNG) depends on the seed only
             torch.manual_seed(seed)
-            attach_lora(base.unet, unet_targets, lora.rank, lora.alpha, overrides)
+            if lora.unet:
+                attach_lora(base.unet, unet_targets, lora.rank, lora.alpha, overrides)
             if lora.text_encoders:
                 for name, te in zip(base.family.text_encoder_names, base.text_encoders):
                     targets = table.peft_targets(name, te)
@@ -201,11 +204,19 @@ class TrainableModel:
                              text_encoder_lora: bool) -> None:
         """Start the LoRA from the kohya LoRA file ``path`` (``network_weights``), read by the formats into peft
         ``states`` by component and ``alphas`` (``formats.kohya_lora.kohya_to_peft``); a file of other ranks, alphas
-        or modules, or with text-encoder weights when no stage trains a text-encoder LoRA, is refused naming the key."""
+        or modules, or with weights of a component this run attaches no LoRA to (text encoders: no stage trains their
+        LoRA; the UNet: the run's lora stages train only the text encoders'), is refused naming the key."""
         from ..config import ConfigError
         from .lora import load_lora_state_dict
 
         components = self.components()
+        if "unet" in states and "unet" not in self._with_lora:
+            raise ConfigError(f"key 'network_weights': {path} holds UNet LoRA weights, but no lora stage trains the UNet "
+                              "LoRA (network_train_text_encoder_only = true, or train_unet = false in every lora stage), "
+                              "so this run has none to start from them; set train_unet = true in a lora stage")
+        if any(c != "unet" for c in states) and not text_encoder_lora:
+            raise ConfigError(f"key 'network_weights': {path} holds text-encoder LoRA weights; "
+                              "enable train_text_encoder in a lora stage (or network_train_unet_only = false)")
         expected = {(c, k): v.shape for c, sd in self.lora_state_dicts().items() for k, v in sd.items()}
         found = {(c, k): v.shape for c, sd in states.items() for k, v in sd.items()}
         wrong = [k for (c, k), shape in found.items() if expected.get((c, k)) != shape]
@@ -217,9 +228,6 @@ class TrainableModel:
                 f"(first mismatch: {(wrong or wrong_alpha)[0]}; file ranks {ranks}, alphas {sorted(set(alphas.values()))}); "
                 "set network_dim, network_alpha and network_args to match"
             )
-        if any(c != "unet" for c in states) and not text_encoder_lora:
-            raise ConfigError(f"key 'network_weights': {path} holds text-encoder LoRA weights; "
-                              "enable train_text_encoder in a lora stage (or network_train_unet_only = false)")
         for component, state in states.items():
             load_lora_state_dict(components[component], state)
 

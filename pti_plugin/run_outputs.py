@@ -1,0 +1,131 @@
+"""What a run writes while it trains, from the main process: the step log (``<output_name>.log.jsonl`` and the
+tracker), the saves (the LoRA + embedding pair through ``outputs.py``, the resumable state, kohya's
+``save_last_n_*`` pruning), the samples, and the lines that say how to go on after a stop. The trainer decides
+when (``save_schedule.py``); this module writes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config
+from .data.captions import expand_token
+from .data.dataset import ImageItem
+from .data.dataset_stats import tag_frequency
+from .hooks import Plugin, TrainerState
+from .models.trainable import TrainableModel
+from .nan_policy import optimizer_state_is_finite
+from .outputs import RunFiles, write_lora_and_embedding
+from .resume import SavedProgress, base_identity, save_state
+from .save_schedule import prune_saves
+
+
+class RunOutputs:
+    """A run's writes (see the module docstring). ``items``: the training images (the metadata's tag frequency, the
+    samples' size); ``vae_offloaded``: the VAE waits on the CPU and comes to the device for the samples."""
+
+    def __init__(self, config: Config, accelerator, files: RunFiles, model: TrainableModel, plugins: list[Plugin],
+                 state: TrainerState, items: list[ImageItem], num_validation_images: int, vae_offloaded: bool,
+                 info: Callable[[str], None]):
+        self.config, self.accelerator, self.files, self.model = config, accelerator, files, model
+        self.plugins, self.state, self.items, self.info = plugins, state, items, info
+        self.num_validation_images, self.vae_offloaded = num_validation_images, vae_offloaded
+
+    def write_log(self, entry: dict[str, Any], step: int) -> None:
+        """One logged step: a line of the JSONL log (main process) and, with ``log_with``, its numbers to the tracker."""
+        if self.accelerator.is_main_process:
+            with open(self.files.log_jsonl, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        if self.config.log_with:
+            self.accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=step)
+
+    def save(self, optimizer, tag: str | None = None, with_state: bool = False) -> dict[str, Path]:
+        """Write the LoRA and embedding (final names when ``tag`` is None, else ``<name>-<tag>``),
+        and the resumable state when asked (``<name>-state-<tag>``; the final one ``<name>-state-stepNNNNNNNN``;
+        ``optimizer``: the stage's, accelerate's wrapper or a plain one), from the main process."""
+        state, config, suffix, paths = self.state, self.config, tag, {}
+        with_state = with_state or (tag is None and config.save_state_on_train_end)  # kohya's: the final save's state
+        if self.accelerator.is_main_process:
+            files: dict[str, Any] = {"metadata": dict(state.metadata)}
+            for plugin in self.plugins:
+                plugin.on_before_save(state, files)
+            paths = write_lora_and_embedding(
+                self.files, suffix, self.model.lora_state_dicts(), self.model.lora_alphas,
+                tuple(p.vectors for p in self.model.pivots), config, state.global_step, files["metadata"],
+                tag_frequency(self.items), family=self.model.family, num_validation_images=self.num_validation_images,
+            )
+            folder = self.files.state_dir(suffix or f"step{state.global_step:08d}")
+            if with_state and config.resume and folder.resolve() == Path(config.resume).resolve():
+                paths["state"] = folder  # resumed at the end of training: nothing trained since this state
+            elif with_state:
+                paths["state"] = save_state(
+                    folder, self.model.trainable_tensors(), optimizer.optimizer.state_dict()
+                    if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
+                    state.plan.lr_scheduler.state_dict(), state.stage_index, state.stage_step, state.global_step,
+                    stage_kind=state.stage.kind, optimizer_type=state.stage.optimizer_type,
+                    param_groups=[(g["name"], len(g["params"])) for g in state.plan.param_groups],
+                    replace=self.files.overwrite, token_string=config.token_string, base=base_identity(config),
+                )
+                self.info(f"saved state {paths['state']}")
+            if not (tag or "").startswith("interrupted"):  # kohya's save_last_n_*: the run's older saves, by name
+                prune_saves(self.files, config, state.global_step, state.steps_per_epoch)
+        self.accelerator.wait_for_everyone()
+        return paths
+
+    def save_last_finite(self, optimizer, resumed: SavedProgress | None) -> str:
+        """After a non-finite step: save the (finite) weights and, when its optimizer state is finite
+        too, the resumable state; return what was saved and how to continue. Nothing is saved when no step
+        finished since the resumed state (``resumed``): it holds these very weights (and may be this tag's own files)."""
+        if resumed is not None and self.state.global_step == resumed.global_step:
+            return (f"nothing saved: no step finished since the resumed state {self.config.resume}, which holds the last "
+                    "finite weights; a resumed run repeats its steps exactly, so resuming it again meets the same step: "
+                    "resume it with --set nan_policy=skip to skip such steps, or start again with other settings")
+        tag = f"interrupted-step{self.state.global_step:08d}"
+        finite_state = optimizer_state_is_finite(optimizer)
+        paths = self.save(optimizer, tag=tag, with_state=finite_state)
+        if finite_state or not paths:
+            return self.resume_hint(paths)
+        return (f"saved {paths['lora'].name} and {paths['embedding'].name} (the optimizer state was non-finite, so no "
+                f"resumable state); start a new run from them with network_weights = {paths['lora']} and weights = "
+                f"{paths['embedding']}")
+
+    def resume_hint(self, paths: dict[str, Path]) -> str:
+        """The files a save wrote and the command that resumes its state ("" when it saved no state)."""
+        if "state" not in paths:
+            return ""
+        return (f"saved {paths['lora'].name}, {paths['embedding'].name} and the state {paths['state']}\n"
+                f"resume with: accelerate launch train_pti.py --preset {self.files.config_toml} --resume {paths['state']}")
+
+    @torch.no_grad()
+    def sample(self, tag: str) -> list[Path]:
+        """Generate the sample prompts with the current model into ``samples/`` (main process only)."""
+        from .sampling import generate_samples, read_prompt_file, sample_scheduler
+
+        if not self.accelerator.is_main_process:
+            return []
+        config, model = self.config, self.model.base
+        prompts = read_prompt_file(config.sample_prompts)
+        for p in prompts:
+            p.prompt = expand_token(p.prompt, config.token_string, config.num_vectors_per_token)
+        pipe = model.pipeline(sample_scheduler(config.sample_sampler, model.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        size = self.items[0].bucket
+        out = [self.files.sample_path(tag, i) for i in range(len(prompts))]
+        if self.vae_offloaded:
+            model.vae.to(self.accelerator.device)
+        text_away = self.model.restore_text_encoders()
+        try:
+            with self.accelerator.autocast():
+                generate_samples(pipe, prompts, size, config.sample_steps, out, encode=lambda texts: self.model.encode(
+                    self.model.tokenize(texts).to(self.accelerator.device), pivot_grad=False))
+        finally:
+            if self.vae_offloaded:
+                model.vae.to("cpu")
+            if text_away:
+                self.model.offload_text_encoders()
+        return out
