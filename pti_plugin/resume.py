@@ -291,6 +291,17 @@ def check_resume_within_epochs(progress: SavedProgress | None, stages) -> None:
         check_resume_within_stage(progress, stages)
 
 
+def _untrained_unet_lora(saved: dict[str, torch.Tensor], tensors: dict[str, torch.nn.Parameter]) -> set[str]:
+    """The names of a state's UNet LoRA tensors when this run has no UNet LoRA (no stage trains the UNet) and they
+    never trained (every ``lora_B`` weight still zero, as peft starts it): a state saved before such runs stopped
+    attaching one. Empty otherwise (a trained one is a real difference, refused by the caller)."""
+    extra = set(saved) - set(tensors)
+    if not extra or any(not n.startswith("unet.") for n in extra) or any(n.startswith("unet.") for n in tensors):
+        return set()
+    ups = [saved[n] for n in extra if ".lora_B." in n]
+    return extra if ups and not any(bool(t.any()) for t in ups) else set()
+
+
 def load_state(progress: SavedProgress, tensors: dict[str, torch.nn.Parameter]) -> ResumedState:
     """Copy the saved trainable weights of ``progress.folder`` (read and checked by :func:`check_resume_fits`)
     into ``tensors`` (by name) and return the rest of the state.
@@ -307,6 +318,10 @@ def load_state(progress: SavedProgress, tensors: dict[str, torch.nn.Parameter]) 
         optimizer, scheduler = (safe_torch_load(folder / name) for name in ("optimizer.pt", "lr_scheduler.pt"))
     except ValueError as exc:
         raise ConfigError(f"key 'resume': {exc}") from None
+    if untrained := _untrained_unet_lora(saved, tensors):
+        logger.info("resume: %s holds the %d tensors of a UNet LoRA that never trained (saved before runs that train no "
+                    "UNet stopped attaching one); left out", folder, len(untrained))
+        saved = {name: tensor for name, tensor in saved.items() if name not in untrained}
     if set(saved) != set(tensors):
         diff = sorted(set(saved) ^ set(tensors))
         raise ConfigError(f"key 'resume': state {folder} does not match this run's trainable tensors "

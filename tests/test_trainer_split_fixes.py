@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pti_plugin.config import ConfigError
 from pti_plugin.config_loading import build_config
@@ -119,3 +120,30 @@ def test_network_weights_with_unet_modules_are_refused_where_no_stage_trains_the
                                           r"lora stage trains the UNet LoRA .*set train_unet = true"):
         Trainer(build_config(raw)).run()
     assert not Path(tmp_path / "te" / "pti.safetensors").exists()
+
+
+def test_a_state_saved_with_an_untrained_unet_lora_still_resumes_a_text_encoder_only_run(preset, tmp_path):
+    """Before such runs stopped attaching a UNet LoRA, their states held one that never trained (its lora_B zero):
+    a resume leaves it out and ends as a resume from the state without it; a trained one is still refused."""
+    lora = {"kind": "lora", "steps": 2, "learning_rate": 1e-2}
+    first = preset(output_dir=str(tmp_path / "first"), save_state=True, save_precision="float",
+                   network_train_text_encoder_only=True, stages=[INVERSION, lora])
+    Trainer(build_config(first)).run()
+    with_unet = preset(output_dir=str(tmp_path / "unet"), save_state=True, stages=[INVERSION])  # keeps its UNet LoRA
+    Trainer(build_config(with_unet)).run()
+    unet = {k: v for k, v in load_file(tmp_path / "unet" / "pti-state-step00000001" / "trainable.safetensors").items()
+            if k.startswith("unet.")}
+    assert unet and any(".lora_B." in k for k in unet) and not any(v.any() for k, v in unet.items() if ".lora_B." in k)
+    state = tmp_path / "first" / "pti-state-step00000003"
+    old = tmp_path / "old-state-step00000003"
+    shutil.copytree(state, old)
+    save_file(load_file(state / "trainable.safetensors") | unet, str(old / "trainable.safetensors"))
+    longer = [INVERSION, lora | {"steps": 3}]
+    for name, folder in (("new", state), ("old", old)):
+        Trainer(build_config(first | {"output_dir": str(tmp_path / name), "resume": str(folder), "stages": longer})).run()
+    a, b = (load_file(tmp_path / name / "pti.safetensors") for name in ("new", "old"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    trained = next(k for k in unet if ".lora_B." in k)
+    save_file(load_file(state / "trainable.safetensors") | unet | {trained: unet[trained] + 1}, str(old / "trainable.safetensors"))
+    with pytest.raises(ConfigError, match=r"key 'resume': state .* does not match this run's trainable tensors"):
+        Trainer(build_config(first | {"output_dir": str(tmp_path / "refused"), "resume": str(old), "stages": longer})).run()
