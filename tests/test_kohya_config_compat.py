@@ -174,4 +174,4 @@ def test_a_text_encoder_only_run_trains_only_the_text_encoder_lora(preset, tmp_p
     unet = [v for k, v in ups.items() if k.startswith("lora_unet_")]
     text = [v for k, v in ups.items() if k.startswith("lora_te_")]
     assert text and any(bool(v.any()) for v in text)  # the text-encoder LoRA moved from its zero start
-    assert all(not v.any() for v in unet)  # the UNet LoRA's up weights are still their zero start: untrained
+    assert not unet  # no UNet LoRA at all, as kohya's file (tests/test_trainer_split_fixes.py)
