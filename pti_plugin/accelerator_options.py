@@ -102,15 +102,17 @@ def _cpp_compiler_problem() -> str | None:
     """Why inductor finds no C++ compiler for the CPU (None when it finds one): torch's own search where this PyTorch
     has it (``torch._inductor.cpp_builder``, private; absent from older versions), else the compilers on the PATH
     (``$CXX``, g++, c++, clang++)."""
+    why = None
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
     except ImportError:
         names = [n for n in (os.environ.get("CXX"), "g++", "c++", "clang++") if n]
-        found = any(shutil.which(n) for n in names)
-        return None if found else (f"inductor compiles C++ on the CPU and found no C++ compiler (none of {names} on "
-                                   "the PATH); install one or use \"eager\"")
-    try:
-        get_cpp_compiler()
-    except Exception as exc:  # torch's InvalidCxxCompiler and its Windows checks
-        return f"inductor compiles C++ on the CPU and found no C++ compiler ({exc}); install one or use \"eager\""
-    return None
+        if not any(shutil.which(n) for n in names):
+            why = f"none of {names} on the PATH"
+    else:
+        try:
+            get_cpp_compiler()
+        except Exception as exc:  # torch's InvalidCxxCompiler and its Windows checks
+            why = str(exc)
+    return None if why is None else (f"inductor compiles C++ on the CPU and found no C++ compiler ({why}); install one "
+                                     "or use \"eager\"")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import DEFAULT_STAGE_LRS, Config, ConfigError, StageConfig
-from .tracking import logged_config
+from .tracking import hparam_value, logged_config
 
 logger = logging.getLogger(__name__)
 
@@ -431,5 +431,5 @@ def training_metadata(config: Config) -> dict[str, str]:
 def tracker_hparams(config: Config) -> dict[str, Any]:
     """Scalar hyperparameters of every stage for TensorBoard (``stages.<i>.<key>``), and with kohya's ``log_config``
     the top-level settings (:func:`pti_plugin.tracking.logged_config`)."""
-    return {f"stages.{s.index}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+    return {f"stages.{s.index}.{k}": hparam_value(v)
             for s in config.stages for k, v in s.preset_entry().items()} | logged_config(config, resolved_dict(config))

@@ -50,15 +50,19 @@ def tracker_init_kwargs(config: Config) -> dict[str, dict[str, Any]]:
         return tomllib.load(handle)
 
 
+def hparam_value(value: Any) -> Any:
+    """A hyperparameter as accelerate's trackers take it: a bool, int, float or string as it is, anything else (a list,
+    a table) as its ``str()``, as kohya passes them."""
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
 def logged_config(config: Config, resolved: dict[str, Any]) -> dict[str, Any]:
     """kohya's ``log_config``: the resolved preset's top-level keys (``resolved``: ``resolution.resolved_dict``, where
     every stage default is in the stages, logged as ``stages.<i>.<key>`` anyway) less :data:`MASKED_KEYS`, each value
-    as accelerate's trackers take it: a bool, int, float or string as it is, a list or table as its ``str()``, as
-    kohya passes them. Empty without ``log_config``."""
+    as :func:`hparam_value` gives it. Empty without ``log_config``."""
     if not config.log_config:
         return {}
-    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
-            for key, value in resolved.items() if key not in MASKED_KEYS + ("stages",)}
+    return {key: hparam_value(value) for key, value in resolved.items() if key not in MASKED_KEYS + ("stages",)}
 
 
 def _summary_writer_arguments() -> set[str] | None:

@@ -106,7 +106,7 @@ RESIZE_INTERPOLATIONS: dict[str, str] = {
 }
 
 
-def interpolation(value: Any) -> str | None:
+def interpolation_name(value: Any) -> str | None:
     """``resize_interpolation``: unset (None) or one of kohya's names."""
     if value is not None and value not in RESIZE_INTERPOLATIONS:
         raise ValueError(f"expects one of {', '.join(RESIZE_INTERPOLATIONS)} (kohya's names)")
@@ -167,7 +167,7 @@ SUBSET_KEYS: dict[str, Callable[[Any], Any]] = {
     "flip_aug": _bool,
     "color_aug": _bool,
     "random_crop": _bool,
-    "resize_interpolation": interpolation,  # kohya: a subset's own, else its dataset's, else the top-level one
+    "resize_interpolation": interpolation_name,  # kohya: a subset's own, else its dataset's, else the top-level one
     "face_crop_aug_range": face_range,  # applied without buckets only, as kohya (``face_crop.py``)
 } | CAPTION_KEYS
 #: Keys of [[datasets.subsets]] only (as in kohya; ``alpha_mask``'s default is the preset's top-level key, kohya's ``--alpha_mask``).

@@ -113,11 +113,13 @@ class LatentSource:
         scale = float(self.vae.config.scaling_factor)
         item = self.items[index]
         parts = f"vae={self._vae_digest}|scale={scale!r}|seed={self.seed}|image={file_digest(item.path)}"
+        lanczos = resample_filter(None)  # the default filter, named in no key (the keys from before the option)
         if has_mask(item):  # the mask is saved in the file too (and its filter, when not Lanczos)
             parts += f"|mask={'alpha' if item.mask_path is None else file_digest(item.mask_path)}"
-            parts += f"@{mask_filter(item).name}" if mask_filter(item) != resample_filter(None) else ""
-        if resample_filter(item.resize_interpolation) != resample_filter(None):  # another filter: other pixels
-            parts += f"|filter={resample_filter(item.resize_interpolation).name}"
+            if (filter_of_mask := mask_filter(item)) != lanczos:
+                parts += f"@{filter_of_mask.name}"
+        if (image_filter := resample_filter(item.resize_interpolation)) != lanczos:  # another filter: other pixels
+            parts += f"|filter={image_filter.name}"
         if item.face_box is not None:  # a fixed face crop (a random one is refused with the cache)
             parts += f"|face={item.face_box}@{item.face_crop_aug_range}"
         return hashlib.blake2b(parts.encode(), digest_size=6).hexdigest()
@@ -201,10 +203,9 @@ class LatentSource:
         return self.stacked_masks(drawn.item_indices, drawn.augmentations, size, device, drawn.masks)
 
     def stacked_masks(self, indices: list[int], augmentations: list[Augmentation], size: tuple[int, int],
-                      device: torch.device | None = None, fitted: list | None = None) -> torch.Tensor | None:
+                      device: torch.device | None, fitted: list[torch.Tensor | None]) -> torch.Tensor | None:
         """The loss masks [b, 1, h, w] of draws (``indices``, ``augmentations``) at the latent ``size`` on ``device``
-        (all ones for a sample without one), or None when no sample has a mask; ``fitted``: the draws' masks where
-        :func:`masks.fitted_mask` made them already (made here where None; all when ``fitted`` is None)."""
-        fitted = [None] * len(indices) if fitted is None else fitted
+        (all ones for a sample without one), or None when no sample has a mask; ``fitted``: each draw's mask where
+        :func:`masks.fitted_mask` made it already (made here where None)."""
         masks = stack_masks([self.mask_for(i, a, size, m) for i, a, m in zip(indices, augmentations, fitted)])
         return None if masks is None else masks.to(device)
