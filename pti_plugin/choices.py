@@ -47,15 +47,16 @@ def installed(*modules: str) -> bool:
     return any(importlib.util.find_spec(m) is not None for m in modules)
 
 
-def choice_problem(key: str, value: Any) -> ConfigError | None:
-    """Why the top-level ``key = value`` cannot run here (None when it can)."""
+def choice_problem(key: str, value: Any, runs_no_model: bool = False) -> ConfigError | None:
+    """Why the top-level ``key = value`` cannot run here (None when it can). ``runs_no_model`` (a tool such as the
+    dataset preview): a precision this machine's device cannot train in is not a problem."""
     if value not in CHOICES[key]:
         why = next((f" ({reason})" for (k, values), reason in _KOHYA_VALUES_REFUSED.items() if k == key and value in values), "")
         return ConfigError.at(key, f" must be one of {list(CHOICES[key])}, got {value!r}{why}")
     modules, pip = _NEEDS.get((key, value), ((), ""))
     if modules and not installed(*modules):
         return ConfigError.at(key, f' = "{value}" needs the {pip} package (pip install {pip})')
-    if (key, value) == ("mixed_precision", "fp16") and not cuda_available():
+    if (key, value) == ("mixed_precision", "fp16") and not runs_no_model and not cuda_available():
         return ConfigError.at(key, ' = "fp16" needs a CUDA GPU (on CPU the half-precision UNet meets float32 inputs '
                                    'and fails); use "bf16" or "no" on CPU')
     return None

@@ -197,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         own, rest = _split_own_flags(argv)
         preset, overrides, sets = parse_args(rest)
-        # the preview runs no model: a GPU-only precision (fp16 in the shipped presets) must not stop it on a laptop
-        overrides |= {"mixed_precision": "no", "full_bf16": False, "fp8_base": False, "fp8_base_unet": False}  # (these need fp16/bf16)
+        # the preview runs no model: data_only leaves a GPU-only precision (fp16 in the shipped presets) unchecked
         if overrides.get("dataset_config"):
             for key in ("train_data_dir", "reg_data_dir", "in_json"):
                 overrides.setdefault(key, "")

@@ -418,6 +418,20 @@ def test_the_preview_runs_on_a_machine_without_a_gpu_with_a_preset_asking_for_fp
     assert "tok1, red hair" in printed or "tok1, smile" in printed
 
 
+
+def test_the_preview_refuses_precision_keys_that_contradict_each_other_as_training_does(tiny_model, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """It skips only the question whether this machine can train in the precision: full_bf16 without
+    mixed_precision = "bf16" is the preset's own error, named before a run would meet it."""
+    import pti_plugin.choices as choices
+
+    monkeypatch.setattr(choices, "cuda_available", lambda: False)
+    _images(tmp_path / "train" / "2_tok1", 2, ["tok1, red hair", "tok1, smile"])
+    raw = {"pretrained_model_name_or_path": str(tiny_model), "train_data_dir": str(tmp_path / "train"), "resolution": 32,
+           "output_dir": str(tmp_path / "out"), "mixed_precision": "fp16", "full_bf16": True}
+    assert preview_main(["--preset", _write_preset(tmp_path, raw), "--n", "2"]) != 0
+    assert "key 'full_bf16' = true needs mixed_precision = \"bf16\"" in capsys.readouterr().err
+
 @pytest.mark.parametrize("flags, message", [
     (["--tags", "-1"], "--tags must be >= 0"),
     (["--save_images", "{file}"], "--save_images {file}: exists and is not a folder"),
