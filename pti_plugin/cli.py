@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(preset, overrides, sets)
     except ConfigError as exc:
         return _fail(f"error: {exc}", 2)
+    if config.debug_dataset:  # kohya's: show the dataset, train nothing
+        from .dataset_preview import main as preview
+
+        return preview(argv)
     from .atomic_io import DiskFullError
     from .data.captions import CaptionError
     from .formats.embedding import EmbeddingFormatError

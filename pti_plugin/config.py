@@ -267,6 +267,8 @@ class Config:
     metadata_is_negative_embedding: str | None = doc("kohya: modelspec.is_negative_embedding of the saved LoRA and embedding, as given.", None)
     metadata_thumbnail: str | None = doc('kohya: modelspec.thumbnail of the saved LoRA and embedding: an image file, written as a data URL ("data:image/png;base64,..."), or a data URL as given.', None)
     training_comment: str | None = doc("kohya: any text, written to the LoRA's ss_training_comment.", None)
+    debug_dataset: bool = doc("kohya: show the dataset instead of training (train_pti.py runs the dataset preview with "
+                              "the same arguments and exits).", False)
     no_metadata: bool = doc("kohya: the LoRA keeps only kohya's minimum metadata (network module, dim, alpha, args, base "
                             "model version) and the model spec: no training settings, tag frequencies or pti_* keys.", False)
     save_state: bool = doc("With each save, also save a resumable state folder.", False)

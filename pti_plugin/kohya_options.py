@@ -48,7 +48,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "initial_step": "use resume",
     "cpu_offload_checkpointing": _NOT_YET,
     # dataset (top-level forms; the others are keys of the preset)
-    "debug_dataset": "use python -m pti_plugin.dataset_preview",
     "skip_cache_check": "the latent disk cache is keyed by bucket size and flip; there is no check to skip",
     "dataset_class": "custom dataset classes are not supported",
     "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",

@@ -432,6 +432,21 @@ def test_the_preview_refuses_precision_keys_that_contradict_each_other_as_traini
     assert preview_main(["--preset", _write_preset(tmp_path, raw), "--n", "2"]) != 0
     assert "key 'full_bf16' = true needs mixed_precision = \"bf16\"" in capsys.readouterr().err
 
+
+def test_debug_dataset_shows_the_dataset_through_train_pti_and_trains_nothing(tiny_model, tmp_path, capsys):
+    """kohya's debug_dataset shows the dataset instead of training: train_pti.py runs the preview with its arguments."""
+    from pti_plugin.cli import main as train_main
+
+    _images(tmp_path / "train" / "2_tok1", 2, ["tok1, red hair", "tok1, smile"])
+    raw = {"pretrained_model_name_or_path": str(tiny_model), "train_data_dir": str(tmp_path / "train"), "resolution": 32,
+           "output_dir": str(tmp_path / "out")}
+    preset = _write_preset(tmp_path, raw)
+    assert preview_main(["--preset", preset]) == 0
+    expected = capsys.readouterr().out
+    assert train_main(["--preset", preset, "--debug_dataset"]) == 0
+    assert capsys.readouterr().out == expected and "tok1, red hair" in expected
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
 @pytest.mark.parametrize("flags, message", [
     (["--tags", "-1"], "--tags must be >= 0"),
     (["--save_images", "{file}"], "--save_images {file}: exists and is not a folder"),
