@@ -62,8 +62,7 @@ _STAGE_POSITIVE_WHEN_SET = ("steps", "max_train_epochs", "learning_rate", "unet_
 
 def validate_config(config: Config, check_paths: bool, data_only: bool = False) -> None:
     """Every check of a parsed (not yet resolved) config; the first problem raises ConfigError naming its key.
-    ``data_only``: of the paths, check only those a tool that loads no model reads (``DATA_PATH_KEYS``), and not
-    whether this machine can run the chosen precision (:func:`~pti_plugin.choices.choice_problem`)."""
+    ``data_only``: only the paths a tool that loads no model reads (``DATA_PATH_KEYS``); no device question."""
     from .choices import CHOICES, choice_problem
     from .hooks import instantiate_plugins
 

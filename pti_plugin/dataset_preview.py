@@ -185,7 +185,7 @@ def _split_own_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the preview; returns the exit code (2 for configuration and caption errors)."""
-    from .cli import parse_args
+    from .command_line import parse_args
     from .data.captions import CaptionError
     from .script_args import out_folder_problem
 

@@ -290,7 +290,7 @@ def test_top_level_dataset_keys_and_refused_options():
     assert build_config(base | {"keep_tokens": 2, "shuffle_caption": True}, check_paths=False).keep_tokens == 2
     for raw, expected in [
         ({"cache_info": True}, "kohya option 'cache_info' is not supported by pti-plugin: image sizes and captions"),
-        ({"debug_dataset": True}, "use python -m pti_plugin.dataset_preview"),
+        ({"skip_cache_check": True}, "kohya option 'skip_cache_check' is not supported by pti-plugin"),
         ({"caption_tag_dropout_rate": 2.0}, "key 'caption_tag_dropout_rate' expects a number in [0, 1], got 2.0"),
         ({"min_bucket_reso": 4}, "key 'min_bucket_reso' expects an integer >= 8, got 4"),  # the dataset_config's rule
         ({"dataset_config": "/x.toml", "train_data_dir": "", "reg_data_dir": "/r"},
