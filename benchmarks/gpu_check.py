@@ -6,7 +6,8 @@ Without a CUDA device it prints ``no CUDA device: nothing to check`` and exits 0
 needs a GPU). With one, it builds the tiny SD1.5- and SDXL-shaped models (``pti_plugin.models.tiny``,
 ``tiny_sdxl``) and runs, for each family, 2 inversion + 2 LoRA steps (text-encoder LoRA on) with:
 fp16 (trainable float32 + gradient scaler), bf16, xformers (when installed), AdamW8bit,
-PagedAdamW8bit, gradient checkpointing. Each line: the case, ``ok`` or the error, the run's wall seconds
+PagedAdamW8bit, gradient checkpointing, kohya's full_bf16, fp8_base (bf16), fp8_base_unet (fp16) and
+torch_compile (inductor). Each line: the case, ``ok`` or the error, the run's wall seconds
 divided by its steps (loading and latent caching included: a smoke check, not a speed benchmark),
 peak CUDA memory, and whether every saved tensor is finite.
 
@@ -44,6 +45,10 @@ CASES = {
     "AdamW8bit": {"optimizer_type": "AdamW8bit"},
     "PagedAdamW8bit": {"optimizer_type": "PagedAdamW8bit"},
     "gradient_checkpointing": {"gradient_checkpointing": True},
+    "full_bf16": {"mixed_precision": "bf16", "full_bf16": True},
+    "fp8_base_bf16": {"mixed_precision": "bf16", "fp8_base": True},
+    "fp8_base_unet_fp16": {"mixed_precision": "fp16", "fp8_base_unet": True},
+    "torch_compile": {"torch_compile": True, "dynamo_backend": "inductor"},
 }
 
 
