@@ -235,6 +235,8 @@ class Config:
     huber_scale: float = doc('The "exponential" and "constant" schedules\' scale (kohya; > 0; "snr" ignores it, as kohya).', 1.0)
     xformers: bool = doc("Use xformers attention when installed and on CUDA (else PyTorch SDPA).", False)
     sdpa: bool = doc("Use PyTorch scaled-dot-product attention.", True)
+    mem_eff_attn: bool = doc("kohya: memory-efficient attention, before xformers and sdpa: PyTorch SDPA here (sdpa = "
+                             "true, xformers = false).", False)
     torch_compile: bool = doc("kohya: compile the modules a stage trains with torch.compile (through accelerate), backend dynamo_backend.", False)
     dynamo_backend: str = doc('kohya: torch.compile\'s backend with torch_compile: "inductor" (kohya\'s default), "eager", "aot_eager", "cudagraphs", ... ("no": none).', "inductor")
     ddp_timeout: int | None = doc("kohya: timeout of the process group of a multi-process run, in minutes (unset or 0: accelerate's default).", None)

@@ -332,7 +332,9 @@ def with_kohya_switches(config: Config, raw: dict[str, Any]) -> Config:
       then cleared, so the resolved config, read back, does not apply it again.
     - ``network_train_text_encoder_only``: kohya's default ``network_train_unet_only = false`` (ours is true) unless
       given; given true beside it, refused naming both (kohya would then train no LoRA module and stop on an empty
-      parameter list)."""
+      parameter list).
+    - ``mem_eff_attn``: kohya's own memory-efficient attention, which comes before xformers and sdpa in kohya's
+      ``replace_unet_modules``: PyTorch SDPA (its memory-efficient kernels; the same attention) and no xformers."""
     switches = [key for key in OPTIMIZER_SWITCHES if getattr(config, key)]
     if len(switches) == 2:
         raise ConfigError.at("use_lion_optimizer", " = true beside use_8bit_adam = true: kohya refuses both (one "
@@ -348,6 +350,9 @@ def with_kohya_switches(config: Config, raw: dict[str, Any]) -> Config:
                                       "set a stage's optimizer_type")
         logger.info("%s = true: optimizer_type = %r (kohya's deprecated switch)", key, name)
         config = dataclasses.replace(config, optimizer_type=name, **dict.fromkeys(OPTIMIZER_SWITCHES, False))
+    if config.mem_eff_attn:
+        logger.info("mem_eff_attn = true: PyTorch SDPA attention (kohya's memory-efficient attention comes first)")
+        config = dataclasses.replace(config, mem_eff_attn=False, sdpa=True, xformers=False)
     if not config.network_train_text_encoder_only:
         return config
     if "network_train_unet_only" not in raw:

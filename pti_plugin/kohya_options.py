@@ -24,7 +24,6 @@ REFUSED_OPTIONS: dict[str, str] = {
                 "off (true is accepted)",
     "full_fp16": "needs fp16 gradients unscaled by a patched GradScaler (kohya patches torch); use full_bf16 with "
                  'mixed_precision = "bf16", or mixed_precision = "fp16" (float32 trainables with a gradient scaler)',
-    "mem_eff_attn": "use sdpa (PyTorch's memory-efficient attention)",
     # optimizer / scheduler
     "fused_backward_pass": _NOT_YET,
     # network

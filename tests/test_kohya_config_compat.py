@@ -90,6 +90,14 @@ def _trains(config):
     return [(s.name, s.train_pivot, s.train_unet, s.train_text_encoder) for s in config.stages]
 
 
+def test_mem_eff_attn_is_pytorch_sdpa_before_xformers_as_kohyas_order(tmp_path):
+    """kohya's replace_unet_modules takes mem_eff_attn before xformers and sdpa: here PyTorch SDPA, xformers off."""
+    base = {"train_data_dir": str(tmp_path)}
+    config = build_config(base | {"mem_eff_attn": True, "sdpa": False, "xformers": True})
+    assert (config.sdpa, config.xformers, config.mem_eff_attn) == (True, False, False)
+    assert config == build_config(base | {"sdpa": True})  # the resolved config reads back as plain sdpa
+
+
 def test_network_train_text_encoder_only_trains_the_text_encoder_lora_in_every_lora_stage(tmp_path):
     stages = [{"name": "inv", "kind": "inversion"}, {"name": "te", "kind": "lora"},
               {"name": "both", "kind": "lora", "train_unet": True}]
