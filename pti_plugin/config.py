@@ -463,7 +463,8 @@ def load_preset_dict(path: str | Path, _seen: tuple[Path, ...] = (), origins: di
 
 
 def _read_kohya_config_file(path: Path) -> dict[str, Any]:
-    """kohya's --config_file TOML: arguments grouped in arbitrary sections; flatten them."""
+    """kohya's --config_file TOML: arguments grouped in arbitrary sections; flatten them. kohya keeps each argument
+    as its parser types it, so ``resolution`` is a string there (``"512"``, ``"512,768"``): read as our size."""
     raw = _read_toml(path, "kohya config_file")
     flat: dict[str, Any] = {}
     for key, value in raw.items():
@@ -471,6 +472,9 @@ def _read_kohya_config_file(path: Path) -> dict[str, Any]:
             flat.update(value)
         else:
             flat[key] = value
+    if isinstance(flat.get("resolution"), str):  # a malformed one stays a string, refused naming the key
+        size = parse_value(f"[{flat['resolution']}]")
+        flat["resolution"] = (size[0] if len(size) == 1 else size) if isinstance(size, list) and size else flat["resolution"]
     return _rebase_paths(flat, path.parent)
 
 

@@ -66,6 +66,18 @@ def test_kohya_config_file_sections_are_flattened(tmp_path):
     assert (config.clip_skip, config.train_batch_size, config.train_data_dir) == (2, 4, str(tmp_path / "imgs"))
 
 
+def test_a_kohya_config_files_resolution_string_is_read_as_kohya_reads_it(tmp_path):
+    """kohya keeps --resolution as the string its parser takes ("512" or "W,H"), and so do its config files (its
+    --output_config and the GUI write resolution = "512,512")."""
+    (tmp_path / "imgs").mkdir()
+    for text, expected in (('"512,768"', [512, 768]), ('"640"', 640)):
+        _write(tmp_path / "kohya.toml", f'train_data_dir = "imgs"\nresolution = {text}\n')
+        assert load_config(_write(tmp_path / "p.toml", 'config_file = "kohya.toml"\n')).resolution == expected
+    _write(tmp_path / "kohya.toml", 'train_data_dir = "imgs"\nresolution = "512x512"\n')
+    with pytest.raises(ConfigError, match=r"key 'resolution' expects int \| list\[int\], got '512x512'"):
+        load_config(_write(tmp_path / "p.toml", 'config_file = "kohya.toml"\n'))
+
+
 def test_command_line_overrides_top_level_and_nested(tmp_path):
     preset_path, overrides, sets = parse_args(
         ["--preset", "x.toml", "--learning_rate", "1e-4", "--gradient_checkpointing", "--output_dir=o", "--set", "stages.1.steps=10"]
