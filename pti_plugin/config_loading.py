@@ -63,8 +63,8 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
                  data_only: bool = False, warn_intervals: bool = True) -> Config:
     """Validate and resolve ``raw`` into a frozen :class:`Config`; raise ConfigError naming the first bad key.
 
-    ``given`` (key -> "preset"/"command line"): top-level values the user wrote; one that no stage
-    uses is an error. ``data_only`` (a tool that loads no model: the dataset preview): the model, the
+    ``given`` (key -> "preset"/"command line"/"config_file <path>"): top-level values the user wrote; one that no
+    stage uses is an error (a warning for a kohya config_file's). ``data_only`` (a tool that loads no model: the dataset preview): the model, the
     starting files, a state, the prompts and the output folders are neither looked for nor read. Stages
     resolve here (``resolution.py``); an epoch-based stage's step count follows once the dataset is
     scanned (:func:`pti_plugin.resolution.with_epoch_steps`). A save or sample interval longer than the
@@ -173,7 +173,8 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     set_paths = [item.partition("=")[0].strip() for item in sets or []]
     set_keys = {path.split(".")[-1] for path in set_paths if path.startswith("stages.")}
     # a preset value that a --set of the stages shadows is the user's choice, not a forgotten key
-    given = {key: "preset" for key in raw if key not in set_keys} | {key: "command line" for key in overrides} | {
+    given = {key: origins.get(key, "preset") for key in raw if key not in set_keys} | {  # origins: a kohya config_file's
+        key: "command line" for key in overrides} | {
         path: "--set" for path in set_paths if re.fullmatch(r"stages\.\d+\.learning_rate", path)}
     raw = apply_overrides(_replace_data_source(raw, overrides), overrides, sets or [])
     for key in PATH_KEYS:

@@ -337,14 +337,16 @@ def _why_unused(config: Config, key: str, stage: StageConfig, resolved: Resolved
 
 
 def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], given: dict[str, str]) -> None:
-    """Raise ConfigError for a given top-level value (``given``: key -> where it came from) that no stage uses."""
+    """Raise ConfigError for a given top-level value (``given``: key -> where it came from) that no stage uses; one a
+    kohya ``config_file`` gave (``"config_file <path>"``) is a warning instead, as kohya ignores it silently (its GUI
+    writes ``text_encoder_lr`` beside ``network_train_unet_only = true``)."""
     for key, source in given.items():
         if key.startswith("stages."):
             _check_stage_rate_is_used(config, raw_stages, key, source)
             continue
         if key not in STAGE_DEFAULT_KEYS + LENGTH_KEYS + LORA_SHORTHANDS:
             continue
-        reasons = [_why_unused(config, key, stage, resolved, typed=source != "preset")
+        reasons = [_why_unused(config, key, stage, resolved, typed=source == "command line")
                    for stage, resolved in zip(raw_stages, config.stages)]
         if any(reason is None for reason in reasons):
             continue
@@ -356,8 +358,10 @@ def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], g
                                and not (target == "steps" and raw.max_train_epochs is not None)
                                and not (target == "learning_rate" and _group_rates(config, raw, s)))
         hint = f" To change a stage, use {commands}." if commands else " No stage can use it: remove it."
-        raise ConfigError(f"{key} = {_toml_literal(value)} ({source}) is used by no stage: "
-                          + "; ".join(reasons) + "." + hint)
+        message = f"{key} = {_toml_literal(value)} ({source}) is used by no stage: " + "; ".join(reasons) + "." + hint
+        if not source.startswith("config_file"):
+            raise ConfigError(message)
+        logger.warning("%s (kohya ignores it; the run goes on without it)", message)
 
 
 def _check_stage_rate_is_used(config: Config, raw_stages: list[StageConfig], path: str, source: str) -> None:

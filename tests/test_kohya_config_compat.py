@@ -183,3 +183,21 @@ def test_a_text_encoder_only_run_trains_only_the_text_encoder_lora(preset, tmp_p
     text = [v for k, v in ups.items() if k.startswith("lora_te_")]
     assert text and any(bool(v.any()) for v in text)  # the text-encoder LoRA moved from its zero start
     assert not unet  # no UNet LoRA at all, as kohya's file (tests/test_trainer_split_fixes.py)
+
+
+def test_a_kohya_config_files_unused_rate_is_a_warning_where_a_presets_is_refused(tmp_path, caplog):
+    """kohya's GUI writes text_encoder_lr beside network_train_unet_only = true, and kohya ignores it: from a kohya
+    config_file such a value is warned about and the run goes on; the same value in our preset is still refused."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "kohya.toml").write_text('train_data_dir = "imgs"\nresolution = "512,512"\nnetwork_train_unet_only = true\n'
+                                         "text_encoder_lr = 5e-5\nunet_lr = 1e-4\nlearning_rate = 1e-4\n")
+    (tmp_path / "p.toml").write_text('config_file = "kohya.toml"\n')
+    with caplog.at_level("WARNING", logger="pti_plugin.resolution"):
+        config = load_config(tmp_path / "p.toml")
+    assert not config.stages[1].train_text_encoder and config.stages[1].unet_lr == 1e-4
+    assert f"text_encoder_lr = 5e-05 (config_file {tmp_path / 'kohya.toml'}) is used by no stage" in caplog.text
+    assert "kohya ignores it" in caplog.text
+    (tmp_path / "own.toml").write_text(f'train_data_dir = "{tmp_path / "imgs"}"\nnetwork_train_unet_only = true\n'
+                                       "text_encoder_lr = 5e-5\n")
+    with pytest.raises(ConfigError, match=r"text_encoder_lr = 5e-05 \(preset\) is used by no stage"):
+        load_config(tmp_path / "own.toml")
