@@ -80,6 +80,12 @@ def run_dir_finished(run_dir: Path, output_name: str) -> bool:
     return (run_dir / f"{output_name}.safetensors").is_file()
 
 
+def precision_dtype(name: str) -> torch.dtype:
+    """The dtype of a precision name as ``mixed_precision`` and ``save_precision`` spell them: ``"fp16"``, ``"bf16"``,
+    else float32 (``"no"``, ``"float"``)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
+
+
 def epoch_save_interval(config, stage_steps: int, steps_per_epoch: int) -> int:
     """Every how many epochs a stage of ``stage_steps`` steps saves (0: never). With kohya's ``save_n_epoch_ratio``
     N: ``floor(epochs / N)``, at least 1, where epochs = ``ceil(stage_steps / steps_per_epoch)`` (kohya's
@@ -241,7 +247,7 @@ def write_lora_and_embedding(
 
     family = family if family is not None else make_family("sd15")
     table, layout = family.key_table, family.embedding_layout
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.save_precision, torch.float32)
+    dtype = precision_dtype(config.save_precision)
     vectors = tuple(v.detach().float().cpu() for v in pivot_vectors)  # [n, d_i] per encoder
     tensors = peft_to_kohya(lora, alphas, dtype=dtype, table=table)
     if bundle:

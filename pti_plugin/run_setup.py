@@ -17,6 +17,7 @@ from .config import Config
 from .models.disk_mapping import map_frozen_to_disk
 from .models.loading import configure_attention
 from .models.trainable import FP8, TrainableModel
+from .outputs import precision_dtype
 
 
 def fresh_accelerate_state() -> None:
@@ -68,7 +69,7 @@ def place_model(config: Config, base, model: TrainableModel, device: torch.devic
         for te in base.text_encoders:
             # transformers >= 5 renamed it (the old name warns); both run the same checkpointing
             (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    weight_dtype = precision_dtype(config.mixed_precision)
     kept = model.kept_float32(config.full_bf16)
     stored = model.store_fp8(config.fp8_base, config.fp8_base_unet, autocast)
     trainable = kept | stored
