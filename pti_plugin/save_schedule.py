@@ -32,9 +32,17 @@ import shutil
 from pathlib import Path
 
 from .outputs import epoch_save_due, epoch_save_interval
-from .validation import epoch_validation_due
 
 logger = logging.getLogger(__name__)
+
+
+def nth_epoch_ends(every: int | None, stage_step: int, stage_steps: int, steps_per_epoch: int) -> bool:
+    """Whether stage step ``stage_step`` (from 1) ends an ``every``-th epoch of the stage (every epoch when None),
+    the stage's last, partial epoch included: when validation (kohya's ``(epoch + 1) % validate_every_n_epochs``) and
+    epoch sampling (``epoch % sample_every_n_epochs``) run."""
+    if stage_step % steps_per_epoch and stage_step != stage_steps:
+        return False
+    return -(-stage_step // steps_per_epoch) % (every or 1) == 0
 
 
 def save_due(config, state, steps_per_epoch: int) -> bool:
@@ -54,7 +62,7 @@ def sample_due(config, state, steps_per_epoch: int) -> bool:
     if not config.sample_prompts:
         return False
     if config.sample_every_n_epochs:
-        return epoch_validation_due(config.sample_every_n_epochs, state.stage_step, state.plan.steps, steps_per_epoch)
+        return nth_epoch_ends(config.sample_every_n_epochs, state.stage_step, state.plan.steps, steps_per_epoch)
     return bool(config.sample_every_n_steps) and state.global_step % config.sample_every_n_steps == 0
 
 

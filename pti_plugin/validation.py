@@ -56,6 +56,7 @@ from .data.latents import LatentSource
 from .data.sample_order import sample_generator
 from .diffusion_loss import draw_batch, per_sample_loss, timestep_bounds, timestep_weighted, training_target
 from .models.family import Conditioning
+from .save_schedule import nth_epoch_ends
 
 #: kohya's number of fixed validation timesteps (``NUM_VALIDATION_TIMESTEPS``).
 NUM_VALIDATION_TIMESTEPS = 4
@@ -90,14 +91,6 @@ def validation_batches(items: list[ImageItem], batch_size: int, max_batches: int
         by_bucket.setdefault(item.bucket, []).append(index)
     batches = [ids[k : k + batch_size] for ids in by_bucket.values() for k in range(0, len(ids), batch_size)]
     return batches[:max_batches] if max_batches else batches
-
-
-def epoch_validation_due(every: int | None, stage_step: int, stage_steps: int, steps_per_epoch: int) -> bool:
-    """Whether stage step ``stage_step`` (from 1) ends an epoch that validates: every ``every``-th epoch (every epoch
-    when None; kohya's ``(epoch + 1) % validate_every_n_epochs``), the stage's last, partial epoch included."""
-    if stage_step % steps_per_epoch and stage_step != stage_steps:
-        return False
-    return -(-stage_step // steps_per_epoch) % (every or 1) == 0
 
 
 @contextlib.contextmanager
@@ -163,7 +156,7 @@ class Validation:
             self.recent.append(main)
         every = self.config.validate_every_n_steps
         step_due = bool(every) and state.global_step % every == 0
-        epoch_due = epoch_validation_due(self.config.validate_every_n_epochs, state.stage_step, self.stage_steps,
+        epoch_due = nth_epoch_ends(self.config.validate_every_n_epochs, state.stage_step, self.stage_steps,
                                          self.steps_per_epoch)
         if not (step_due or epoch_due):
             return {}
@@ -227,5 +220,5 @@ def has_validation(logs: dict[str, float]) -> bool:
     return any(key.startswith(KEY_PREFIX) for key in logs)
 
 
-__all__ = ["Validation", "epoch_validation_due", "has_validation", "validation_batches", "validation_caption",
+__all__ = ["Validation", "has_validation", "validation_batches", "validation_caption",
            "validation_timesteps"]

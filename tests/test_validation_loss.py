@@ -209,12 +209,13 @@ def test_validation_loss_is_the_objective_on_fixed_draws(validated_run):
 
 
 def test_epoch_validation_defaults_to_every_epoch_as_kohya():
-    from pti_plugin.validation import epoch_validation_due, validation_batches
+    from pti_plugin.save_schedule import nth_epoch_ends
+    from pti_plugin.validation import validation_batches
 
     # 3 steps per epoch, a stage of 7: epochs end at 3, 6 and (partial) 7
-    assert [s for s in range(1, 8) if epoch_validation_due(None, s, 7, 3)] == [3, 6, 7]
-    assert [s for s in range(1, 8) if epoch_validation_due(2, s, 7, 3)] == [6]
-    assert [s for s in range(1, 8) if epoch_validation_due(3, s, 7, 3)] == [7]
+    assert [s for s in range(1, 8) if nth_epoch_ends(None, s, 7, 3)] == [3, 6, 7]
+    assert [s for s in range(1, 8) if nth_epoch_ends(2, s, 7, 3)] == [6]
+    assert [s for s in range(1, 8) if nth_epoch_ends(3, s, 7, 3)] == [7]
 
     class Item:
         def __init__(self, bucket):
