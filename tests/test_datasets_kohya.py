@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -359,10 +358,6 @@ class RecordingPlugin(Plugin):
 
     name = "test_kohya_recording"
     records: list = []
-
-    @dataclass
-    class Options:
-        pass
 
     def extra_losses(self, state, batch, main, rows):
         mse = ((main.prediction.float() - main.target.float()) ** 2).mean(dim=(1, 2, 3)).detach()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -57,10 +56,6 @@ class Fp8Probe(Plugin):
 
     name = "test_fp8_probe"
     steps: list[dict] = []
-
-    @dataclass
-    class Options:
-        pass
 
     def on_step_end(self, state, logs):
         model = state.model

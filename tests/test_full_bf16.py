@@ -9,7 +9,6 @@ float32 (as without the option); kohya writes ``ss_full_fp16`` (``False``: refus
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,10 +38,6 @@ class DtypeProbe(Plugin):
 
     name = "test_full_bf16_probe"
     steps: list[dict] = []
-
-    @dataclass
-    class Options:
-        pass
 
     def on_step_end(self, state, logs):
         optimizer_state = state.plan.optimizer.state

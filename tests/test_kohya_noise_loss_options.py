@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -224,10 +223,6 @@ class RecordStep(Plugin):
 
     name = "test_record_noise_loss"
     records: list = []
-
-    @dataclass
-    class Options:
-        pass
 
     def extra_losses(self, state, batch, main, rows):
         RecordStep.records.append({"latents": batch.latents.detach().clone(), "slots": list(batch.slots),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -28,10 +27,6 @@ class LrRecorder(Plugin):
 
     name = "test_lr_recorder"
     rates: dict = {}
-
-    @dataclass
-    class Options:
-        pass
 
     def on_step_start(self, state, batch):
         LrRecorder.rates[(state.stage_index, state.stage_step)] = [g["lr"] for g in state.plan.optimizer.param_groups]

@@ -9,7 +9,6 @@ Every expectation is PIL's own resize of the noise written into the alpha channe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -115,10 +114,6 @@ class RecordFilteredMasks(Plugin):
 
     name = "test_record_filtered_masks"
     records: list = []
-
-    @dataclass
-    class Options:
-        pass
 
     def extra_losses(self, state, batch, main, rows):
         RecordFilteredMasks.records.append((batch.latents.detach().clone(), batch.loss_masks.detach().clone()))

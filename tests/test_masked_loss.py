@@ -8,7 +8,6 @@ mean over every element, flips and crops checked against the image's own pixels 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +31,6 @@ class RecordMasks(Plugin):
     name = "test_record_masks"
     records: list = []
     losses: list = []
-
-    @dataclass
-    class Options:
-        pass
 
     def extra_losses(self, state, batch, main, rows):
         mask = None if batch.loss_masks is None else batch.loss_masks.detach().clone()

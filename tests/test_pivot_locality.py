@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -103,10 +102,6 @@ class LocalityProbe(Plugin):
 
     name = "test_locality_probe"
     records: list = []
-
-    @dataclass
-    class Options:
-        pass
 
     def on_end(self, state):
         probe = PivotLocality(PivotLocality.Options())

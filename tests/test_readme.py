@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,10 +35,6 @@ class PredictionProbe(Plugin):
 
     name = "test_prediction_probe"
     prediction: torch.Tensor | None = None
-
-    @dataclass
-    class Options:
-        pass
 
     @torch.no_grad()
     def on_end(self, state):

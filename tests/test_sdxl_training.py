@@ -4,7 +4,6 @@ SDXL-shaped model, v-prediction with zero terminal SNR, and pivot locality's cen
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,10 +35,6 @@ def _encoders_snapshot(state) -> dict[str, dict[str, torch.Tensor]]:
 class SDXLSnapshot(Plugin):
     name = "test_sdxl_snapshot"
     records: list = []
-
-    @dataclass
-    class Options:
-        pass
 
     def on_stage_start(self, state):
         SDXLSnapshot.records.append({"stage": state.stage.name, "before": _encoders_snapshot(state)})

@@ -4,7 +4,6 @@ encoded up front, nothing encodes during the stage, and the result is the uncach
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -100,10 +99,6 @@ class EncodingPlugin(Plugin):
     """Encodes a prompt through ``state.encode`` at every step end (as a plugin may)."""
 
     name = "test_encoding"
-
-    @dataclass
-    class Options:
-        pass
 
     def on_step_end(self, state, logs):
         with torch.no_grad():

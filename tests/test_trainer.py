@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,10 +27,6 @@ class SnapshotPlugin(Plugin):
 
     name = "test_snapshot"
     records: list = []
-
-    @dataclass
-    class Options:
-        pass
 
     def on_stage_start(self, state):
         SnapshotPlugin.records.append({"stage": state.stage.name, "before": _snapshot(state), "optimizer": state.plan.optimizer})
