@@ -28,19 +28,46 @@ def make_buckets(
     return sorted(buckets)
 
 
+def bucket_range(min_reso: int, max_reso: int, step: int) -> tuple[int, int]:
+    """kohya's bucket range (``adjust_min_max_bucket_reso_by_steps``): ``min_bucket_reso`` rounded down and
+    ``max_bucket_reso`` up to multiples of ``bucket_reso_steps``, so every bucket side is one."""
+    return min_reso - min_reso % step, max_reso + (-max_reso) % step
+
+
 def choose_bucket(
     size: tuple[int, int], buckets: list[tuple[int, int]], no_upscale: bool, max_area: int, step: int
 ) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to ``size``'s (width, height).
+    """kohya's bucket of an image of ``size`` (width, height) (``BucketManager.select_bucket``).
 
-    With ``no_upscale``, an image smaller than ``max_area`` gets its own bucket: its size rounded
-    down to ``step`` multiples.
+    Without ``no_upscale``: the bucket of the image's own size when there is one, else the first of ``buckets``
+    (sorted) whose width / height is nearest the image's. With ``no_upscale``: the image's size, or the size that
+    scales it down to ``max_area`` (kohya's rounding), each side rounded down to a multiple of ``step`` — a side
+    may round to 0 (an image side under ``step``), which the caller refuses (kohya fails on it).
     """
     width, height = size
-    if no_upscale and width * height <= max_area:
-        return max(step, width // step * step), max(step, height // step * step)
-    aspect = math.log(width / height)
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+    if no_upscale:
+        return _no_upscale_bucket(width, height, max_area, step)
+    if (width, height) in buckets:
+        return width, height
+    aspect = width / height
+    return min(buckets, key=lambda b: abs(b[0] / b[1] - aspect))  # min: the first of equal errors, as kohya's argmin
+
+
+def _no_upscale_bucket(width: int, height: int, max_area: int, step: int) -> tuple[int, int]:
+    if width * height > max_area:  # scaled down to the area; the side rounded to steps that keeps the aspect best
+        aspect = width / height
+        scaled_w = math.sqrt(max_area * aspect)
+        by_w, by_h = _to_step(scaled_w, step), _to_step(max_area / scaled_w, step)
+        h_of_w, w_of_h = _to_step(by_w / aspect, step), _to_step(by_h * aspect, step)
+        error_w = abs(by_w / h_of_w - aspect) if h_of_w else math.inf
+        error_h = abs(w_of_h / by_h - aspect) if by_h else math.inf
+        width, height = (by_w, int(by_w / aspect + 0.5)) if error_w < error_h else (int(by_h * aspect + 0.5), by_h)
+    return width - width % step, height - height % step
+
+
+def _to_step(value: float, step: int) -> int:
+    rounded = int(value + 0.5)
+    return rounded - rounded % step
 
 
 def crop_box(image_size: tuple[int, int], bucket: tuple[int, int], crop: tuple[float, float] | None = None) -> tuple[int, int, int, int]:

@@ -123,10 +123,17 @@ def read_caption_lines(image: Path, extension: str, all_lines: bool) -> list[str
     it is empty, or when it is not UTF-8 — the last two with a warning naming the file. A UTF-8
     byte-order mark is dropped; control characters (NUL, escape codes; not tabs or line breaks) are
     removed with a warning naming the file. ``extension`` may omit its dot (``"txt"``), as in kohya.
-    Only regular files are read (a named pipe never blocks the scan).
+    Only regular files are read (a named pipe never blocks the scan). As kohya, an image whose name ends in a face box
+    (``<name>_<cx>_<cy>_<w>_<h>``: five or more ``_``-separated parts) without its own caption file takes
+    ``<name>``'s.
     """
-    path = image.with_suffix(extension if extension.startswith(".") else "." + extension)
-    if not path.is_file():
+    extension = extension if extension.startswith(".") else "." + extension
+    parts = image.stem.split("_")
+    candidates = [image.with_suffix(extension)]
+    if len(parts) >= 5:
+        candidates.append(image.with_name("_".join(parts[:-4]) + extension))
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
         return None
     try:
         text = path.read_text(encoding="utf-8-sig")

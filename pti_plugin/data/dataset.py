@@ -24,13 +24,13 @@ their images into :class:`ImageItem` s and :mod:`.dataset_stats` reports on them
 from __future__ import annotations
 
 import logging
-import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Config, ConfigError
+from .buckets import bucket_range
 from .captions import CaptionError, CaptionOptions
 from .dataset_keys import (CAPTION_KEYS, DATASET_KEYS, REFUSED_DATASET_KEYS, SUBSET_KEYS, SUBSET_ONLY_KEYS,
                            TOP_LEVEL_KEYS, face_range, optional_size_pair, size_pair)
@@ -38,6 +38,14 @@ from .dataset_keys import (CAPTION_KEYS, DATASET_KEYS, REFUSED_DATASET_KEYS, SUB
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: Image types kohya does not read either (without its optional plugins): such files are named in a warning.
+UNREAD_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".jxl", ".heic", ".heif", ".jfif")
+
+
+def image_files(folder: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The files of ``folder`` with one of ``extensions`` (any case), sorted; hidden names (``.name.png``, macOS's
+    ``._name.png`` copies) are left out, as kohya's ``glob`` leaves them out."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in extensions and not p.name.startswith("."))
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,8 @@ def _top_level(config: Config) -> dict[str, Any]:
 
 def _make_subset(values: dict[str, Any], image_dir: Path, where: str, dataset_index: int,
                  metadata_file: Path | None = None, is_reg: bool = False, conditioning_data_dir: Path | None = None) -> Subset:
-    settings = (values["enable_bucket"], values["min_bucket_reso"], values["max_bucket_reso"],
+    settings = (values["enable_bucket"], *bucket_range(values["min_bucket_reso"], values["max_bucket_reso"],
+                                                       values["bucket_reso_steps"]),
                 values["bucket_reso_steps"], values["bucket_no_upscale"])
     return Subset(
         image_dir, values["num_repeats"], values["caption_extension"], values["class_tokens"], values["flip_aug"],
@@ -147,11 +156,13 @@ def _subsets_from_folder(config: Config, root: Path, is_reg: bool = False) -> li
             continue
         if not child.is_dir():
             continue
-        match = re.match(r"^(\d+)_(.+)$", child.name)
-        if not match:
+        head, _, name = child.name.partition("_")  # kohya: the repeats are the name up to its first "_"
+        try:
+            repeats = int(head)
+        except ValueError:
             logger.warning("ignoring folder %s: kohya folders are named <repeats>_<name>", child)
             continue
-        folder_values = values | {"num_repeats": int(match.group(1)), "class_tokens": match.group(2) if is_reg else None}
+        folder_values = values | {"num_repeats": repeats, "class_tokens": name or None if is_reg else None}
         subsets.append(_make_subset(folder_values, child, str(child), 0, is_reg=is_reg))
     if not subsets:
         key = "reg_data_dir" if is_reg else "train_data_dir"
@@ -184,14 +195,30 @@ def _check_table(table: dict[str, Any], allowed: dict[str, Callable[[Any], Any]]
 def _check_buckets(values: dict[str, Any], path: Any, where: str) -> None:
     width, height = _resolution(values["resolution"], f"{path} {where}")
     if values["enable_bucket"]:
-        if min(width, height) < values["min_bucket_reso"] or max(width, height) > values["max_bucket_reso"]:
+        low, high = _bucket_range(values, f"{path} {where}")
+        if min(width, height) < low or max(width, height) > high:
             raise ConfigError(
                 f"{path} {where}: resolution {width}x{height} must lie within min_bucket_reso "
-                f"{values['min_bucket_reso']} and max_bucket_reso {values['max_bucket_reso']} (kohya's rule)")
+                f"{low} and max_bucket_reso {high} (kohya's rule)")
     multiple = 64 if values["enable_bucket"] else 8
     if width % multiple or height % multiple:
         raise ConfigError(f"{path} {where}: resolution must be a multiple of {multiple}"
                           f"{' (enable_bucket)' if values['enable_bucket'] else ''}, got {width}x{height}")
+
+
+def _bucket_range(values: dict[str, Any], where: str) -> tuple[int, int]:
+    """kohya's bucket range (:func:`buckets.bucket_range`), a warning when it moved, refused when the smallest side
+    rounds down to 0 (kohya then fails dividing by it)."""
+    given, step = (values["min_bucket_reso"], values["max_bucket_reso"]), values["bucket_reso_steps"]
+    low, high = bucket_range(*given, step)
+    if not low:
+        raise ConfigError(f"{where}: min_bucket_reso = {given[0]} is under bucket_reso_steps = {step}; kohya rounds it "
+                          f"down to a multiple of the step, here 0: set min_bucket_reso to at least {step}")
+    for key, old, new in (("min_bucket_reso", given[0], low), ("max_bucket_reso", given[1], high)):
+        if old != new:
+            logger.warning("%s: %s %d is not a multiple of bucket_reso_steps = %d: %d is used (as kohya)", where, key,
+                           old, step, new)
+    return low, high
 
 
 def _subsets_from_dataset_config(config: Config, path: Path) -> tuple[list[Subset], list[int | None]]:
@@ -356,4 +383,4 @@ def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Sub
     return _drop_ignored(subsets)
 
 
-__all__ = ["CaptionError", "IMAGE_EXTENSIONS", "ImageItem", "Subset", "load_subsets"]
+__all__ = ["CaptionError", "IMAGE_EXTENSIONS", "ImageItem", "Subset", "image_files", "load_subsets"]

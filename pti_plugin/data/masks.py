@@ -37,7 +37,7 @@ from PIL import Image
 from ..config import ConfigError
 from .augment import augmented_pixels
 from .buckets import crop_box, resample_filter
-from .dataset import IMAGE_EXTENSIONS, ImageItem, Subset
+from .dataset import IMAGE_EXTENSIONS, ImageItem, Subset, image_files
 from .images import ImageRejected, _to_rgb, open_oriented, read_image
 
 logger = logging.getLogger(__name__)
@@ -134,11 +134,11 @@ def _mask_files(subset: Subset, items: list[ImageItem]) -> dict[Path, Path]:
     folder = subset.conditioning_data_dir
     assert folder is not None
     where = f"{subset.where}: conditioning_data_dir {folder}"
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = image_files(folder)
     by_stem: dict[str, list[Path]] = {}
     for file in files:
         by_stem.setdefault(file.stem, []).append(file)
-    stems = {p.stem for p in subset.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+    stems = {p.stem for p in image_files(subset.image_dir)}
     extra = [f.name for f in files if f.stem not in stems]
     if extra:
         raise ConfigError(f"{where} has {len(extra)} mask file(s) named after no image of {subset.image_dir} "

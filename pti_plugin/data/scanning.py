@@ -17,11 +17,11 @@ from typing import Any
 from ..config import Config, ConfigError
 from .buckets import choose_bucket, make_buckets
 from .captions import read_caption_lines, resolve_lines, resolve_reg_lines
-from .dataset import IMAGE_EXTENSIONS, ImageItem, Subset
+from .dataset import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, ImageItem, Subset, image_files
 from .dataset_stats import dataset_notes
 from .face_crop import face_box_of
 from .images import ImageRejected
-from .masks import attach_loss_masks, scan_read
+from .masks import _some, attach_loss_masks, scan_read
 from .validation_split import split_validation
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,12 @@ def _metadata_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] 
 def _image_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] | None]]:
     if subset.metadata_file is not None:
         return _metadata_entries(subset)
-    paths = sorted(p for p in subset.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = image_files(subset.image_dir)
     if not paths:
         logger.warning("no image (%s) in %s", ", ".join(IMAGE_EXTENSIONS), subset.image_dir)
+    if unread := [p.name for p in image_files(subset.image_dir, UNREAD_IMAGE_EXTENSIONS)]:
+        logger.warning("%d file(s) in %s are of an image type that is not read (as kohya; convert them to one of %s): %s",
+                       len(unread), subset.image_dir, ", ".join(IMAGE_EXTENSIONS), _some(unread))
     wildcard = subset.caption_options.enable_wildcard
     entries = [(p, p.name, read_caption_lines(p, subset.caption_extension, all_lines=wildcard)) for p in paths]
     if paths and all(lines is None for *_, lines in entries):
@@ -167,6 +170,12 @@ def scan_images_and_held_out(config: Config, subsets: list[Subset],
                 resolved, prepended = resolve_lines(path, lines, config.token_string, subset.class_tokens,
                                                     config.caption_template, subset.caption_options)
             bucket = choose_bucket(size, buckets, no_upscale, width * height, step) if enable else (width, height)
+            if not min(bucket):  # bucket_no_upscale: a side under bucket_reso_steps rounds to 0 (kohya fails on it)
+                reason = (f"{size[0]}x{size[1]} has a side under bucket_reso_steps = {step} px, which bucket_no_upscale "
+                          "cannot fit to a bucket (it never enlarges)")
+                logger.warning("skipping %s: %s", path, reason)
+                rejected.append(f"{path.name}: {reason}")
+                continue
             item = ImageItem(path, resolved[0], bucket, subset.num_repeats, subset.flip_aug, prepended, subset.is_reg,
                              tuple(resolved), subset.caption_options, subset.color_aug, subset.random_crop, subset.name,
                              subset.dataset_index, subset_index, **_image_options(subset, path, size))
