@@ -1,6 +1,6 @@
 """Per-step cost of the NaN guard's weight copy and check, against the AdamW step it guards.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/weight_guard_overhead.py [--rank 4] [--steps 30] [--device cpu|cuda]
+    OMP_NUM_THREADS=1 python benchmarks/weight_guard_overhead.py [--rank 4] [--steps 30] [--device cpu|cuda]
 
 The LoRA tensors have the shapes of the SD1.5 UNet's kohya-default targets (192 modules, read from
 the shipped SD1.5 config on the meta device: nothing is downloaded or allocated for the UNet
@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pti_plugin.script_args import argument_parser, device, positive_int
 
 

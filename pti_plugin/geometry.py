@@ -4,7 +4,7 @@ Pure tensor functions (no models). Every function works row-wise over the last a
 ``[..., d]`` and broadcast against each other; fractions ``t`` are scalars or tensors
 broadcastable to ``[...]`` (one per row). Arithmetic happens in float32 or wider; results keep that dtype.
 
-Geometries (METHOD.md section 3, DECISIONS.md "Pivot locality"):
+Geometries (docs/method.md, "Where to interpolate, and how" and "The regulariser, precisely"):
 
 - ``layernorm``: an encoder output is ``h = gamma * xhat + beta`` where ``xhat`` (the normalised
   state before the final LayerNorm) has zero mean and norm ``sqrt(d)``: every output lies on the
@@ -12,7 +12,7 @@ Geometries (METHOD.md section 3, DECISIONS.md "Pivot locality"):
   back, so interpolated states stay on that manifold (``xhat`` is taken from the pre-LayerNorm
   state, never computed by dividing by ``gamma``, which may have tiny entries).
 - ``centered``: :func:`centered_slerp` slerps the unit directions about a centre and interpolates
-  the radius linearly (the notes' "slerp around the centre" for encoders without a final LayerNorm).
+  the radius linearly (the method's "slerp around the centre" for encoders without a final LayerNorm).
 - ``linear``: :func:`lerp`.
 """
 

@@ -1,6 +1,6 @@
 """The ellipsoid check: is a slerp about the centre legitimate at a given token index?
 
-METHOD.md sections 2-3, DECISIONS.md "Analysis". The notes' argument: CLIP's text outputs lie on an
+docs/method.md, "Is slerp legitimate at token index 5?". The argument: CLIP's text outputs lie on an
 ellipsoid (shown for the end-of-text token), so moving on it is a slerp about its centre. The UNet
 reads the output of *every* token, so the check embeds a sentence set and measures, at the studied
 token index (5 = ``tok1`` in ``an anime illustration of tok1``), whether the norm of the output
@@ -20,15 +20,15 @@ layer's state, ``[N, 77, d]``):
 - **EOS**: its position varies per sentence, so its state is gathered at each sentence's EOS
   position (the first EOS id after BOS; 76 for truncated sentences) and the same statistics are
   taken about the origin and about the mean EOS state;
-- **LayerNorm structure** (METHOD.md section 3): ``h = gamma * xhat + beta`` with ``xhat`` the
+- **LayerNorm structure** (docs/method.md, "Where to interpolate, and how"): ``h = gamma * xhat + beta`` with ``xhat`` the
   normalised pre-LayerNorm state, computed from that state as the LayerNorm does (never by
   dividing by gamma). ``|xhat| / sqrt(d)`` is reported (mean, min, max over every position of
   every sentence); it is ``sqrt(var / (var + eps))``, i.e. 1 up to the LayerNorm's eps. It is a
   *consistency check* (1 by construction, so every output lies exactly on the ellipsoid centred
-  at beta with axes gamma), not evidence for the notes' claim; the conditioning is also checked
+  at beta with axes gamma), not evidence for the ellipsoid claim; the conditioning is also checked
   to equal ``gamma * xhat + beta`` to float precision.
 
-**Verdict** (the decisive statistic, DECISIONS.md): with ``cv_index`` the CV of the norm about the
+**Verdict** (the decisive statistic): with ``cv_index`` the CV of the norm about the
 centre at the studied index and ``cv_eos`` the same at EOS (where the double-ellipsoid paper shows
 the ellipsoid), slerp about the centre at the index is **supported** when
 

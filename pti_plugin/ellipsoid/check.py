@@ -297,7 +297,7 @@ def _per_index_curves(mask, origin_r, centre_r) -> tuple[dict, dict]:
 
 
 def _layernorm_summary(ln, ratio, mask, eos, index, recon_err, use_ln) -> dict:
-    """The LayerNorm structure figures (METHOD.md section 3); ``{"present": False}`` without one."""
+    """The LayerNorm structure figures (docs/method.md, "Where to interpolate, and how"); ``{"present": False}`` without one."""
     layernorm: dict = {"present": ln is not None}
     if ln is None:
         return layernorm

@@ -1,4 +1,4 @@
-"""Measurements of a PTI run (METHOD.md section 5): reconstruction, editability, subject localisation,
+"""Measurements of a PTI run (docs/method.md, "The measurements"): reconstruction, editability, subject localisation,
 position leakage, and how far the run moved.
 
 Modules (one concept each):

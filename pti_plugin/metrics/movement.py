@@ -3,7 +3,7 @@
 - :func:`output_space_angles`: the angle, at the pivot's token positions, between the encoder
   output of ``T(tok1)`` (fine-tuned text encoder) and of ``T(class word)`` (base text encoder,
   the class word in the same slots), in two geometries: ``layernorm`` (between the normalised
-  pre-LayerNorm states, the exact ellipsoid geometry of METHOD.md section 3) and ``raw`` (between
+  pre-LayerNorm states, the exact ellipsoid geometry of docs/method.md, "Where to interpolate, and how") and ``raw`` (between
   the UNet conditionings, about the origin). Mean over the pivot's vectors, in degrees. The
   token-embedding-space distance (input side) is in the training log
   (``pivot_l2_from_init``, ``pivot_angle_from_init_deg``).

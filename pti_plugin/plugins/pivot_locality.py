@@ -4,7 +4,7 @@ For a template ``T`` (default: the preset's caption template) the pivot prompt `
 class prompt ``T(class word)`` (the class word in the same n slots as the n pivot tokens) give
 encoder outputs ``H_p`` and ``H_c`` ([77, d]). Each regularisation sample picks a (template, class
 word) pair and a fraction ``s`` of the pivot->class angle, interpolates per token position
-``H_r = slerp(H_p, H_c, s)`` (``geometry``: exact LayerNorm slerp by default, see ``geometry.py``),
+``H_r = slerp(H_p, H_c, s)`` (``geometry``: ``auto``: the exact LayerNorm slerp where the conditioning ends with one LayerNorm (SD1.5), see ``geometry.py``),
 takes noisy latents ``x_t`` at a timestep ``t`` (the step's own noisy training latents, or pure
 Gaussian latents at a random timestep; with ``timestep_range = [low, high]`` the timestep is drawn
 in that band, a batch row's clean latents re-noised there), and adds

@@ -254,8 +254,8 @@ def parse_args(argv):
                         help="preset override KEY=VALUE (nested keys with dots, e.g. plugins.pivot_locality.weight=1)")
     parser.add_argument("--inversion_lrs", type=lrs_arg, default="1e-5,2e-5,2.75e-5,3e-5,1e-4,1e-3")
     parser.add_argument("--lora_lrs", type=lrs_arg, default="1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3")
-    parser.add_argument("--inversion_steps", type=positive_int, default=1000, help="steps per inversion run (the notes: 1000)")
-    parser.add_argument("--lora_steps", type=positive_int, default=1000, help="steps per LoRA run (the notes: 1000)")
+    parser.add_argument("--inversion_steps", type=positive_int, default=1000, help="steps per inversion run (the method's protocol: 1000)")
+    parser.add_argument("--lora_steps", type=positive_int, default=1000, help="steps per LoRA run (the method's protocol: 1000)")
     parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS), help=", ".join(VARIANTS))
     parser.add_argument("--pivot_lr", default="knee", help="knee, or the inversion learning rate whose pivot LoRA runs share")
     parser.add_argument("--training_seeds", type=positive_int, default=1,

@@ -7,7 +7,7 @@ Usage::
         [--engine local|ray [--address ADDR]] [--training_seeds N]
 
 **Runs.** For each learning rate the preset is copied with the swept stage set to that learning
-rate and ``--steps`` steps (the notes' protocol: 1000), into ``OUT/runs/<stage>-lr<lr>[-<plugin>]/``
+rate and ``--steps`` steps (the method's protocol: 1000), into ``OUT/runs/<stage>-lr<lr>[-<plugin>]/``
 (the derived preset is kept in ``OUT/presets/``). An ``inversion`` sweep keeps only the preset's
 first inversion stage. A ``lora`` sweep sets the first lora stage's ``learning_rate`` and
 ``unet_lr`` (a preset ``text_encoder_lr`` is left as it is), and all its runs share one pivot:
@@ -95,7 +95,7 @@ def parse_args(argv):
     parser.add_argument("--preset", required=True, type=Path)
     parser.add_argument("--stage", required=True, choices=("inversion", "lora"))
     parser.add_argument("--lrs", required=True, type=parse_lrs, help="comma-separated learning rates")
-    parser.add_argument("--steps", type=positive_int, default=1000, help="steps of the swept stage (the notes' fixed budget)")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="steps of the swept stage (the method's fixed budget)")
     parser.add_argument("--out", type=Path, default=Path("outputs/lr_sweep"))
     parser.add_argument("--set", dest="sets", action="append", default=[], help="preset override KEY=VALUE (nested keys with dots)")
     parser.add_argument("--with_plugin", default=None, help="also run every lr with [plugins.NAME] (e.g. pivot_locality)")
