@@ -33,6 +33,12 @@ logger = logging.getLogger(__name__)
 EMBEDDED = "@embedded"
 
 
+def first_of(names: list[str], limit: int, separator: str = ", ") -> str:
+    """The first ``limit`` of ``names`` joined by ``separator``, and how many more there are (for messages)."""
+    more = len(names) - limit
+    return separator.join(names[:limit]) + (f"{separator.rstrip(' ,')} and {more} more" if more > 0 else "")
+
+
 class ConfigError(ValueError):
     """A preset or command-line problem, reported before any model is loaded.
 

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, first_of
 from .data.augment import Augmentation
 from .data.batch_source import draw_inputs
 from .data.buckets import size_conditioning
@@ -130,7 +130,7 @@ class Validation:
         cache = config.cache_latents or config.cache_latents_to_disk
         self.latents = LatentSource(model.base.vae, plain, config.seed, cache, config.cache_latents_to_disk, config.vae_batch_size)
         self.latents.fill_cache()  # the training images' cache path: in memory, on disk beside each image
-        names = ", ".join(i.path.name for i in items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+        names = first_of([i.path.name for i in items], 8)
         every = config.validate_every_n_epochs
         when = (f"every {config.validate_every_n_steps} global step(s) and " if config.validate_every_n_steps else "") + (
             f"every {every} epoch(s) of each stage" if every else "every epoch of each stage")

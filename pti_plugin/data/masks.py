@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..config import ConfigError
+from ..config import ConfigError, first_of
 from .augment import augmented_pixels
 from .buckets import crop_box, resample_filter
 from .dataset import IMAGE_EXTENSIONS, ImageItem, Subset, image_files
@@ -125,10 +125,6 @@ def stack_masks(masks: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.stack([m if m is not None else torch.ones(shape) for m in masks])
 
 
-def _some(names: list[str], limit: int = 5) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _mask_files(subset: Subset, items: list[ImageItem]) -> dict[Path, Path]:
     """Image path -> its mask file in ``subset``'s conditioning_data_dir, every rule checked (kohya's and sizes)."""
     folder = subset.conditioning_data_dir
@@ -142,11 +138,11 @@ def _mask_files(subset: Subset, items: list[ImageItem]) -> dict[Path, Path]:
     extra = [f.name for f in files if f.stem not in stems]
     if extra:
         raise ConfigError(f"{where} has {len(extra)} mask file(s) named after no image of {subset.image_dir} "
-                          f"(kohya refuses extra conditioning images): {_some(extra)}")
+                          f"(kohya refuses extra conditioning images): {first_of(extra, 5)}")
     missing = [i.path.name for i in items if i.path.stem not in by_stem]
     if missing:
         raise ConfigError(f"{where} has no mask for {len(missing)} image(s) (a mask is the file of the image's name, any "
-                          f"of {', '.join(IMAGE_EXTENSIONS)}): {_some(missing)}")
+                          f"of {', '.join(IMAGE_EXTENSIONS)}): {first_of(missing, 5)}")
     found = {}
     for item in items:
         candidates = by_stem[item.path.stem]
@@ -176,10 +172,10 @@ def _warn_alpha(subset: Subset, items: list[ImageItem], alpha_peaks: dict[tuple[
             clear.append(item.path.name)
     if without:
         logger.warning("alpha_mask (%s): %d image(s) have no alpha channel: their loss mask is all ones (as in kohya): %s",
-                       subset.where, len(without), _some(without))
+                       subset.where, len(without), first_of(without, 5))
     if clear:
         logger.warning("alpha_mask (%s): %d image(s) are transparent everywhere (alpha 0): their loss is 0, they train "
-                       "nothing: %s", subset.where, len(clear), _some(clear))
+                       "nothing: %s", subset.where, len(clear), first_of(clear, 5))
 
 
 def attach_loss_masks(subsets: list[Subset], items: list[ImageItem],

@@ -14,14 +14,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, first_of
 from .buckets import choose_bucket, make_buckets
 from .captions import read_caption_lines, resolve_lines, resolve_reg_lines
 from .dataset import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, ImageItem, Subset, image_files
 from .dataset_stats import dataset_notes
 from .face_crop import face_box_of
 from .images import ImageRejected
-from .masks import _some, attach_loss_masks, scan_read
+from .masks import attach_loss_masks, scan_read
 from .validation_split import split_validation
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def _image_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] | N
         logger.warning("no image (%s) in %s", ", ".join(IMAGE_EXTENSIONS), subset.image_dir)
     if unread := [p.name for p in image_files(subset.image_dir, UNREAD_IMAGE_EXTENSIONS)]:
         logger.warning("%d file(s) in %s are of an image type that is not read (as kohya; convert them to one of %s): %s",
-                       len(unread), subset.image_dir, ", ".join(IMAGE_EXTENSIONS), _some(unread))
+                       len(unread), subset.image_dir, ", ".join(IMAGE_EXTENSIONS), first_of(unread, 5))
     wildcard = subset.caption_options.enable_wildcard
     entries = [(p, p.name, read_caption_lines(p, subset.caption_extension, all_lines=wildcard)) for p in paths]
     if paths and all(lines is None for *_, lines in entries):

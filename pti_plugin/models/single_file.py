@@ -42,7 +42,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, first_of
 from ..safe_load import check_safetensors, safe_torch_load
 from .model_checks import file_kind
 
@@ -187,8 +187,7 @@ def _check_config_dir(config_dir: Path) -> None:
 
 
 def _describe_missing(component: str, empty: list[str]) -> str:
-    shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-    return f"the {component} weights are incomplete: {len(empty)} tensors missing ({shown})"
+    return f"the {component} weights are incomplete: {len(empty)} tensors missing ({first_of(empty, 5)})"
 
 
 def _check_loaded(module: nn.Module, component: str, path: Path, config_dir: Path) -> None:
@@ -218,7 +217,7 @@ def _diagnose(cls, subfolder: str, state: dict, config_dir: Path, component: str
         if name in converted and hasattr(converted[name], "shape") and converted[name].shape != t.shape
     ]
     if mismatched:
-        shown = "; ".join(mismatched[:3]) + (f"; and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
+        shown = first_of(mismatched, 3, "; ")
         return (
             f"the {component} weights have other shapes than the config describes ({len(mismatched)} tensors, "
             f"e.g. {shown}): the file is another architecture"

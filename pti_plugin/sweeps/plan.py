@@ -19,7 +19,7 @@ from pathlib import Path
 import toml
 
 from pti_plugin.atomic_io import atomic_write_text
-from pti_plugin.config import default_stages, parse_value
+from pti_plugin.config import default_stages, first_of, parse_value
 from pti_plugin.config_loading import build_config
 from pti_plugin.outputs import run_finished
 from pti_plugin.script_args import int_at_least, number_list, positive_finite
@@ -105,7 +105,7 @@ def write_run_preset(out: Path, name: str, run_dir: Path, output_name: str, toke
                   "trained with this sweep's settings", flush=True)
             diffs = []
         if diffs:
-            shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+            shown = first_of(diffs, 5, "; ")
             raise SystemExit(
                 f"error: --out {out}: the run {name} there was trained with other settings than this sweep's "
                 f"({shown}; its record: {path}). Reusing it would mix runs of two settings in one sweep: use "
