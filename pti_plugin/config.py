@@ -493,8 +493,8 @@ def parse_value(text: str) -> Any:
 
 
 def network_args(config: Config) -> dict[str, float]:
-    """The parsed ``network_args`` (``conv_dim`` int > 0, ``conv_alpha`` float, default conv_dim; ``rank_dropout``
-    and ``module_dropout`` floats in [0, 1): see ``lora_regularisation.py``)."""
+    """The parsed ``network_args`` (``conv_dim`` int > 0, ``conv_alpha`` float, default 1.0 and 0 meaning conv_dim, as
+    kohya; ``rank_dropout`` and ``module_dropout`` floats in [0, 1): see ``lora_regularisation.py``)."""
     parsed: dict[str, float] = {}
     for item in config.network_args:
         key, eq, value = item.partition("=")
@@ -513,6 +513,6 @@ def network_args(config: Config) -> dict[str, float]:
     for key in ("rank_dropout", "module_dropout"):
         if not 0 <= parsed.get(key, 0) < 1:
             raise ConfigError.at("network_args", f": {key} must be in [0, 1) (a dropout probability), got {parsed[key]!r}")
-    if "conv_dim" in parsed:
-        parsed.setdefault("conv_alpha", float(parsed["conv_dim"]))
+    if "conv_dim" in parsed:  # kohya: conv_alpha 1.0 when not given; 0 is the rank (LoRAModule: no scaling)
+        parsed["conv_alpha"] = parsed.get("conv_alpha", 1.0) or float(parsed["conv_dim"])
     return parsed

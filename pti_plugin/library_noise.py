@@ -14,7 +14,9 @@ Only exact, known messages are dropped; everything else the libraries log passes
 
 And, only while :func:`pti_plugin.load_pti` loads a file without text-encoder keys, diffusers' "No LoRA
 keys associated to CLIPTextModel found with the prefix='text_encoder'" (:data:`NO_TEXT_ENCODER_LORA`):
-such a file has none by design (a UNet-only LoRA), so the message says nothing. And, only while it adds
+such a file has none by design (a UNet-only LoRA), so the message says nothing; the same for a file without
+UNet keys (kohya's ``network_train_text_encoder_only``) and "No LoRA keys associated to UNet2DConditionModel"
+(:data:`NO_UNET_LORA`). And, only while it adds
 an embedding's token (diffusers' ``load_textual_inversion``), transformers' "The new embeddings will be
 initialized from a multivariate normal distribution ..." (:data:`NEW_TOKEN_INIT`): the new row is
 overwritten with the file's vector right after, so how it was initialised says nothing.
@@ -33,6 +35,8 @@ KNOWN_NOISE = (("transformers.utils.import_utils", "requires torchvision (not in
 
 #: Scoped (:func:`dropped`): diffusers' message for a text encoder the LoRA file has no keys for.
 NO_TEXT_ENCODER_LORA = ("diffusers.loaders.lora_base", "No LoRA keys associated to")
+#: Scoped: diffusers' message for a UNet the LoRA file has no keys for.
+NO_UNET_LORA = ("diffusers.loaders.peft", "No LoRA keys associated to UNet2DConditionModel")
 #: Scoped: transformers' note on how ``resize_token_embeddings`` fills a new row (then overwritten).
 NEW_TOKEN_INIT = ("transformers.modeling_utils", "The new embeddings will be initialized from a multivariate normal")
 

@@ -328,23 +328,24 @@ def kohya_source_metadata(kind: str, source: str) -> dict[str, str]:
     return {f"ss_{kind}_hash": old, f"ss_new_{kind}_hash": new, f"ss_{kind}_name": os.path.basename(source)}
 
 
-def safetensors_payload_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of the data after the header of the safetensors file holding ``tensors``.
-
-    This is kohya's ``sshs_model_hash`` (the hash sd-webui-additional-networks indexes LoRAs by); it
-    does not depend on the metadata.
-    """
+def kohya_weight_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """The hashes kohya's save adds to a LoRA's metadata (``precalculate_safetensors_hashes``), of the safetensors file
+    holding ``tensors`` with ``metadata``'s ``ss_*`` keys alone: ``sshs_model_hash``, the sha256 of the data after the
+    header (the hash sd-webui-additional-networks indexes LoRAs by; it does not depend on the metadata), and
+    ``sshs_legacy_hash``, that extension's old hash: the sha256 of the 64 KiB at 1 MiB, 8 hex digits."""
     from safetensors.torch import save
 
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    training = {key: value for key, value in metadata.items() if key.startswith("ss_")}
+    data = memoryview(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, training))
     (header_len,) = struct.unpack("<Q", data[:8])
-    return hashlib.sha256(memoryview(data)[8 + header_len :]).hexdigest()
+    return {"sshs_model_hash": hashlib.sha256(data[8 + header_len :]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
 
 
 def save_lora(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], table: KeyTable | None = None
 ) -> None:
-    """Write a kohya LoRA file atomically, with ``metadata`` plus ``sshs_model_hash`` in its header.
+    """Write a kohya LoRA file atomically, with ``metadata`` plus kohya's ``sshs_*`` hashes in its header.
 
     Refuses (``LoraFormatError``, naming the key) any key other than the family's LoRA keys and bundled
     embeddings (Forge drops a LoRA with more than 12 keys it cannot map), non-string metadata, and
@@ -356,8 +357,7 @@ def save_lora(
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise ValueError(f"metadata value for {key!r} must be a string, got {type(value).__name__}")
-    header = dict(metadata)
-    header["sshs_model_hash"] = safetensors_payload_sha256(tensors)
+    header = dict(metadata) | kohya_weight_hashes(tensors, metadata)
     save_safetensors_atomic(path, dict(tensors), header)
 
 
@@ -417,8 +417,8 @@ def lora_file_dims(path: str | os.PathLike) -> dict[str, int | float]:
 
 __all__ = [  # the prefixes: the key tables' (models.family), re-exported
     "BASE_MODEL_VERSIONS", "BUNDLE_PREFIX", "LORA_SUFFIXES", "TEXT_ENCODER_PREFIX", "UNET_PREFIX",
-    "KOHYA_NONE_DEFAULTS", "KOHYA_SETTINGS", "LoraFormatError", "from_kohya", "kohya_metadata",
+    "KOHYA_NONE_DEFAULTS", "KOHYA_SETTINGS", "LoraFormatError", "from_kohya", "kohya_metadata", "kohya_weight_hashes",
     "kohya_settings_metadata", "kohya_source_metadata", "kohya_to_peft", "load_lora", "lora_file_dims", "peft_to_kohya",
-    "safetensors_payload_sha256", "save_lora", "sd15_kohya_lora_names", "split_kohya_key", "to_kohya",
+    "save_lora", "sd15_kohya_lora_names", "split_kohya_key", "to_kohya",
     "unexpected_keys",
 ]
