@@ -4,9 +4,14 @@ overrides (kohya's names and value forms), ``--set a.b=v``."""
 from __future__ import annotations
 
 import itertools
+import logging
 import typing
 
 from .config import Config, ConfigError, field_names, parse_value
+from .kohya_config_file import first_text_encoder_lr
+from .kohya_options import REFUSED_OPTIONS
+
+logger = logging.getLogger(__name__)
 
 USAGE = """usage: train_pti.py [--preset FILE] [--KEY VALUE ...] [--set NESTED.KEY=VALUE ...]
 
@@ -15,6 +20,8 @@ USAGE = """usage: train_pti.py [--preset FILE] [--KEY VALUE ...] [--set NESTED.K
                          a boolean key alone means true (--gradient_checkpointing); a list key takes
                          every value up to the next flag (--network_args conv_dim=4 conv_alpha=1);
                          a size takes W,H (--resolution 640,512)
+  --config_file FILE     a kohya --config_file TOML (.toml added when missing): read over the preset,
+                         beneath the flags you type (as kohya); its relative paths are the current folder's
   --set KEY=VALUE        override a nested key, e.g. --set stages.0.steps=10
   --list_keys            print every preset key with its default and documentation
 """
@@ -29,12 +36,15 @@ def _keys_typed(test) -> set[str]:
 def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
     """Split ``argv`` into (preset path, top-level overrides, ``--set`` items). As in kohya, a list key takes
     every value up to the next flag (``--network_args conv_dim=4 conv_alpha=1``), and a size takes ``W,H``
-    (``--resolution 512,768``); a TOML literal (``[...]``) is read as one."""
+    (``--resolution 512,768``); a TOML literal (``[...]``) is read as one. A value is read as kohya's parser reads
+    it (:func:`_typed`): a string option keeps the text (``--output_name 2024``), a number takes Python's
+    forms (``.5``, ``1e-4``). A flag given twice keeps its last value, as in kohya (a list flag's is named)."""
     preset, overrides, sets = None, {}, []
     known = set(field_names(Config)) | {"preset", "set"}
     bool_keys = {f for f in known - {"preset", "set"} if isinstance(getattr(Config(), f), bool)}
-    list_keys = _keys_typed(lambda kind: kind in (list[str], list[float]))  # kohya: nargs="*"
-    number_lists = _keys_typed(lambda kind: kind == list[float])  # each value read as a number
+    # kohya: nargs="*"; text_encoder_lr too (networks.lora trains every text encoder at its first rate)
+    list_keys = _keys_typed(lambda kind: kind in (list[str], list[float])) | {"text_encoder_lr"}
+    number_lists = _keys_typed(lambda kind: kind == list[float]) | {"text_encoder_lr"}  # each value a number
     size_keys = _keys_typed(lambda kind: list[int] in typing.get_args(kind))  # an int or [W, H]
     ratio_keys = _keys_typed(lambda kind: set(typing.get_args(kind)) == {int, float})  # kohya's int_or_float
     i = 0
@@ -43,11 +53,15 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}\n{USAGE}")
         key, eq, inline = arg[2:].partition("=")
+        _refuse_an_abbreviation(key, known)
         following = list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i + 1:]))
+        if key in list_keys and key in overrides:
+            logger.warning("--%s given twice: the last one, %s, replaces %s (as kohya's argparse)", key,
+                           " ".join(following) if not eq else inline, overrides[key])
         if key in list_keys and not eq:  # every value up to the next flag
             toml_list = len(following) == 1 and following[0].startswith("[")
             overrides[key] = (parse_value(following[0]) if toml_list else
-                              [parse_value(v) for v in following] if key in number_lists else following)
+                              [_typed(key, v, float) for v in following] if key in number_lists else following)
             i += 1 + len(following)
             continue
         if not eq and not following and (key in bool_keys or key not in known):
@@ -64,15 +78,49 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
         elif key == "set":
             sets.append(value)
         elif key in list_keys and not value.startswith("["):
-            overrides[key] = [parse_value(value) if key in number_lists else value]
+            overrides[key] = [_typed(key, value, float) if key in number_lists else value]
         elif key in size_keys and "," in value and not value.startswith("["):
             overrides[key] = parse_value(f"[{value}]")  # kohya's "W,H"
         elif key in ratio_keys and value.endswith("%"):
             overrides[key] = _percent(key, value)
         else:
-            overrides[key] = parse_value(value)
+            overrides[key] = _typed(key, value)
         i += 1
+    if isinstance(overrides.get("text_encoder_lr"), list):  # kohya: none given is unset
+        rate = first_text_encoder_lr(overrides.pop("text_encoder_lr"), "--text_encoder_lr (command line)")
+        overrides.update({} if rate is None else {"text_encoder_lr": rate})
     return preset, overrides, sets
+
+
+def _refuse_an_abbreviation(key: str, known: set[str]) -> None:
+    """kohya's argparse reads a flag that begins exactly one option's name as that option (``--learning_r`` is
+    ``--learning_rate``); pti-plugin takes a flag only as typed in full, so such a flag is refused naming the option
+    it begins, not as an unknown key."""
+    names = known | set(REFUSED_OPTIONS)
+    if key in names:
+        return
+    begun = [name for name in names if name.startswith(key)]
+    if len(begun) == 1:
+        raise ConfigError(f"command line: --{key} is no key; it begins --{begun[0]} only, and kohya's parser takes "
+                          f"such an abbreviation, but pti-plugin takes a flag only as typed in full: write --{begun[0]}",
+                          key)
+
+
+def _typed(key: str, text: str, kind: typing.Any = None) -> typing.Any:
+    """``--key text`` read as kohya's parser reads it: the text itself for a string option (``--output_name 2024``,
+    ``--training_comment true``), Python's ``int()``/``float()`` for a number (``.5``, ``1.``, ``5E-5``); anything
+    else, or a number that does not read as one, a TOML literal (refused naming the key when it is the wrong type).
+    ``kind``: the type to read ``text`` as, instead of ``key``'s declared one."""
+    declared = kind or typing.get_type_hints(Config).get(key)
+    kinds = set(typing.get_args(declared) or (declared,)) - {type(None)}
+    if kinds == {str}:
+        return text
+    if len(kinds) == 1 and kinds <= {int, float}:
+        try:
+            return kinds.pop()(text)
+        except ValueError:
+            pass
+    return parse_value(text)
 
 
 def _percent(key: str, value: str) -> float:

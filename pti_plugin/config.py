@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .kohya_config_file import kohya_arguments, kohya_file_path
 from .kohya_options import REFUSED_OPTIONS, asks_for_nothing
 
 logger = logging.getLogger(__name__)
@@ -468,20 +469,17 @@ def load_preset_dict(path: str | Path, _seen: tuple[Path, ...] = (), origins: di
     return merged
 
 
-def _read_kohya_config_file(path: Path) -> dict[str, Any]:
-    """kohya's --config_file TOML: arguments grouped in arbitrary sections; flatten them. kohya keeps each argument
-    as its parser types it, so ``resolution`` is a string there (``"512"``, ``"512,768"``): read as our size."""
-    raw = _read_toml(path, "kohya config_file")
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if isinstance(value, dict) and key not in ("plugins",):
-            flat.update(value)
-        else:
-            flat[key] = value
+def _read_kohya_config_file(path: Path, base: Path | None = None) -> dict[str, Any]:
+    """kohya's --config_file TOML, read as kohya reads it (``kohya_config_file.py``: ``.toml`` added to a name without
+    it, sections flattened, the values as kohya's parser keeps them, so ``resolution`` is a string there: ``"512"``,
+    ``"512,768"``, read as our size); relative paths against ``base`` (default: the file's folder, as a preset's)."""
+    path = kohya_file_path(path)
+    switches = {name for name, kind in typing.get_type_hints(Config).items() if kind is bool}
+    flat = kohya_arguments(_read_toml(path, "kohya config_file"), path, switches)
     if isinstance(flat.get("resolution"), str):  # a malformed one stays a string, refused naming the key
         size = parse_value(f"[{flat['resolution']}]")
         flat["resolution"] = (size[0] if len(size) == 1 else size) if isinstance(size, list) and size else flat["resolution"]
-    return _rebase_paths(flat, path.parent)
+    return _rebase_paths(flat, path.parent if base is None else base)
 
 
 def parse_value(text: str) -> Any:

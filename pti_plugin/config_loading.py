@@ -16,7 +16,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED, PATH_KEYS, PATH_LIST_KEYS, Config, ConfigError, _build, deep_merge, load_preset_dict, parse_value
+from .config import (EMBEDDED, PATH_KEYS, PATH_LIST_KEYS, Config, ConfigError, _build, _read_kohya_config_file, deep_merge,
+                     load_preset_dict, parse_value)
+from .kohya_config_file import kohya_file_path
 from .config_checks import (check_stage_schedules, check_the_pivot_is_learned, validate_config, with_kohya_switches,
                             with_kohya_tracker)
 from .input_checks import with_leading_dot, with_tokenizer_cache_dir
@@ -167,9 +169,11 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     line that no stage uses (every stage sets its own) is refused, naming the shadowing stage keys.
     ``data_only``: see :func:`build_config`.
     """
-    overrides = overrides or {}
+    overrides = dict(overrides or {})
     origins: dict[str, str] = {}
     raw = load_preset_dict(preset, origins=origins) if preset else {}
+    if "config_file" in overrides:  # kohya's --config_file: over the preset, beneath the flags typed
+        raw = _with_kohya_config_file(raw, overrides.pop("config_file"), origins)
     set_paths = [item.partition("=")[0].strip() for item in sets or []]
     set_keys = {path.split(".")[-1] for path in set_paths if path.startswith("stages.")}
     # a preset value that a --set of the stages shadows is the user's choice, not a forgotten key
@@ -188,6 +192,17 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
         return build_config(raw, given=given, data_only=data_only)
     except ConfigError as error:
         raise named_where_given(error, overrides, sets or [], origins) from None
+
+
+def _with_kohya_config_file(raw: dict[str, Any], name: Any, origins: dict[str, str]) -> dict[str, Any]:
+    """``raw`` (the preset) with kohya config file ``name`` (``--config_file``) read over it as kohya reads it
+    (``kohya_config_file.py``: its relative paths are the current folder's); ``origins`` names the file as the
+    source of each key it sets."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"--config_file (command line) expects the path of a kohya TOML file, got {name!r}")
+    kohya = _read_kohya_config_file(Path(name), base=Path.cwd())
+    origins.update(dict.fromkeys(kohya, f"config_file {kohya_file_path(name)}"))
+    return deep_merge(raw, kohya)
 
 
 def named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[str],

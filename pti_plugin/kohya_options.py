@@ -52,21 +52,37 @@ REFUSED_OPTIONS: dict[str, str] = {
     "cache_info": "image sizes and captions are read at every start (no metadata_cache.json)",
     "conditioning_data_dir": "set it in a dataset_config subset, with masked_loss = true (kohya's train_network reads it "
                              "only there; ControlNet training is not supported)",
+    "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory only (cache_text_encoder_outputs)",
+    "disable_mmap_load_safetensors": _NOT_YET,
+    # kohya's logging set-up and DeepSpeed
+    "console_log_level": "pti-plugin's console shows warnings and errors; the run's log is its JSONL/TensorBoard files",
+    "console_log_file": "pti-plugin's console shows warnings and errors; the run's log is its JSONL/TensorBoard files",
+    "console_log_simple": "pti-plugin's console shows warnings and errors; the run's log is its JSONL/TensorBoard files",
+    **dict.fromkeys(("deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
+                     "offload_param_device", "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
+                     "fp16_master_weights_and_gradients"), "DeepSpeed is not supported"),
 }
 
 
 #: Refused options whose value, beside the "off" values every option has (false, empty), is what pti-plugin
 #: does anyway: kohya's own default for them, or the switch that asks for what pti-plugin always does (its VAE runs
 #: in float32; it never clears the CUDA cache after caching latents).
-WHAT_PTI_DOES: dict[str, Any] = {"network_module": "networks.lora", "no_half_vae": True, "highvram": True}
+WHAT_PTI_DOES: dict[str, Any] = {"network_module": "networks.lora", "no_half_vae": True, "highvram": True,
+                                 "zero_stage": 2}  # kohya's default, read with deepspeed only
+
+#: Refused options that kohya reads only beside another refused option, where any name asks for nothing alone: the
+#: wandb run's name (read with log_with = "wandb"), which the kohya_ss GUI always writes (its output_name).
+NAMES_ONLY_BESIDE_A_REFUSED_OPTION = ("wandb_run_name",)
 
 
 def asks_for_nothing(key: str, value: Any) -> bool:
     """Whether refused option ``key`` set to ``value`` asks for nothing pti-plugin lacks: false, an empty string,
-    list or table, or :data:`WHAT_PTI_DOES`'s value (of its type: ``highvram = 1`` is no ``true``)."""
+    list or table, :data:`WHAT_PTI_DOES`'s value (of its type: ``highvram = 1`` is no ``true``), or any name given to
+    an option of :data:`NAMES_ONLY_BESIDE_A_REFUSED_OPTION`."""
     expected = WHAT_PTI_DOES.get(key, object())
     return value is False or (isinstance(value, (str, list, dict)) and not value) or (
-        type(value) is type(expected) and value == expected)
+        type(value) is type(expected) and value == expected) or (
+        key in NAMES_ONLY_BESIDE_A_REFUSED_OPTION and isinstance(value, str))
 
 
 def markdown_table() -> str:
