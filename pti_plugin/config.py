@@ -283,7 +283,8 @@ class Config:
     save_state: bool = doc("With each save, also save a resumable state folder.", False)
     save_state_on_train_end: bool = doc("kohya: save the resumable state with the final save (save_state: with every save).", False)
     resume: str = doc("A state folder to resume from.", "")
-    sample_prompts: str = doc("A text file of prompts (kohya syntax: --n --w --h --s --l --d).", "")
+    sample_prompts: str = doc(
+        "A text file of prompts (kohya syntax: --n --w --h --s --l --d --ss), or kohya's .toml / .json prompt file.", "")
     sample_at_first: bool = doc("Also generate samples before training.", False)
     sample_every_n_steps: int = doc("Generate samples every N global steps (0 = off; always at the end if prompts are given).", 0)
     sample_every_n_epochs: int | None = doc("kohya: generate samples at the end of every N-th epoch of each stage "

@@ -317,37 +317,41 @@ def _check_table_array(parent: dict[str, Any], key: str, path: Path, prefix: str
 # ----------------------------------------------------------------------------- sample prompts and starting files
 
 def check_sample_prompts(path: Path) -> None:
-    """Parse every prompt line now (as sampling will), so a bad flag is not found after training."""
-    from .sampling import parse_prompt_line
+    """Parse every prompt now (as sampling will), so a bad flag or key is not found after training."""
+    from .sampling import parse_prompt_entry, prompt_file_entries
 
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        entries = prompt_file_entries(path)
     except UnicodeDecodeError as exc:
         raise ConfigError.at("sample_prompts", f": {path} is not UTF-8 text ({exc.reason})") from None
-    if not any(line.strip() and not line.lstrip().startswith("#") for line in lines):
+    except ValueError as exc:
+        raise ConfigError.at("sample_prompts", f": {path} {exc}") from None
+    if not entries:
         logger.warning("sample_prompts %s holds no prompt (only blank or # lines): no samples will be made", path)
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
+    for where, entry in entries:
         try:
-            prompt = parse_prompt_line(line)
+            prompt = parse_prompt_entry(entry)
         except ValueError as exc:
-            raise ConfigError.at("sample_prompts", f": {path} line {number}: {exc}") from None
-        for flag, value in (("--w", prompt.width), ("--h", prompt.height), ("--s", prompt.steps)):
-            if problem := _sample_option_problem(flag, value):
-                raise ConfigError.at("sample_prompts", f": {path} line {number}: {flag} {problem}")
+            raise ConfigError.at("sample_prompts", f": {path} {where}: {exc}") from None
+        # a line's flags, a table's keys (kohya's names for them)
+        w, h, s, scale, seed = ("--w", "--h", "--s", "--l", "--d") if isinstance(entry, str) else (
+            "width", "height", "sample_steps", "scale", "seed")
+        for flag, value in ((w, prompt.width), (h, prompt.height), (s, prompt.steps)):
+            if problem := _sample_option_problem(value, steps=flag == s):
+                raise ConfigError.at("sample_prompts", f": {path} {where}: {flag} {problem}")
         if not math.isfinite(prompt.guidance):
-            raise ConfigError.at("sample_prompts", f": {path} line {number}: --l must be finite")
+            raise ConfigError.at("sample_prompts", f": {path} {where}: {scale} must be finite")
         if prompt.seed is not None and not 0 <= prompt.seed <= _MAX_SEED:
-            raise ConfigError.at("sample_prompts", f": {path} line {number}: --d must be between 0 and {_MAX_SEED}, "
+            raise ConfigError.at("sample_prompts", f": {path} {where}: {seed} must be between 0 and {_MAX_SEED}, "
                                                    f"got {prompt.seed}")
 
 
-def _sample_option_problem(flag: str, value: int | None) -> str | None:
-    """Why a prompt's ``--w``/``--h`` (px) or ``--s`` (steps) ``value`` cannot sample, else None (None: not given)."""
+def _sample_option_problem(value: int | None, steps: bool) -> str | None:
+    """Why a prompt's width or height (px) or, with ``steps``, its steps ``value`` cannot sample, else None (None: not
+    given)."""
     if value is None:
         return None
-    if flag == "--s":
+    if steps:
         return None if 1 <= value <= MAX_SAMPLE_STEPS else (
             f"must be between 1 and {MAX_SAMPLE_STEPS} (the model's training timesteps), got {value}")
     if value <= 0 or value % 8:

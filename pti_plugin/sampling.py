@@ -2,7 +2,9 @@
 
 Each non-empty line not starting with ``#`` is a prompt with optional kohya flags:
 ``--n`` negative prompt, ``--w``/``--h`` size, ``--s`` steps, ``--l`` guidance scale, ``--d`` seed, ``--ss``
-sampler (:data:`SAMPLERS`, kohya's names). Prompts are conditioned through the model family, as in training
+sampler (:data:`SAMPLERS`, kohya's names). A ``.toml`` or ``.json`` file is read as kohya's ``load_prompts`` reads
+it (:func:`prompt_file_entries`): tables of kohya's keys (:data:`PROMPT_KEYS`), or lines as above in a JSON list.
+Prompts are conditioned through the model family, as in training
 (:func:`generate_samples`' ``encode``); a failure between training steps is a warning
 (:func:`sample_during_training`).
 """
@@ -10,10 +12,12 @@ sampler (:data:`SAMPLERS`, kohya's names). Prompts are conditioned through the m
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import signal
 import threading
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +131,63 @@ def parse_prompt_line(line: str) -> SamplePrompt:
     return sample
 
 
+#: The keys of a prompt table in a ``.toml``/``.json`` prompt file (kohya's ``sample_image_inference`` reads them;
+#: its ``line_to_prompt_dict`` writes them for the flags above) -> (SamplePrompt field, the value's type).
+PROMPT_KEYS = {"prompt": ("prompt", str), "negative_prompt": ("negative", str), "width": ("width", int),
+               "height": ("height", int), "sample_steps": ("steps", int), "scale": ("guidance", float),
+               "seed": ("seed", int), "sample_sampler": ("sampler", str)}
+
+
+def prompt_file_entries(path: str | Path) -> list[tuple[str, str | dict]]:
+    """The prompts of a ``sample_prompts`` file as kohya's ``load_prompts`` finds them, each with where it is: a
+    ``.toml`` file's ``[prompt]`` table merged with each of its ``[[prompt.subset]]`` tables (``prompt N``; kohya
+    fails where both set a key, here the subset's value wins), a ``.json`` file's list of tables or prompt lines
+    (``prompt N``), any other file's lines but blank and ``#`` ones (``line N``). ValueError: not that shape."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        return [(f"line {n}", line) for n, line in enumerate(text.splitlines(), start=1)
+                if line.strip() and not line.lstrip().startswith("#")]
+    if suffix == ".toml":
+        try:
+            table = tomllib.loads(text).get("prompt")
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"is not valid TOML ({exc})") from None
+        subsets = table.get("subset") if isinstance(table, dict) else None
+        if not isinstance(subsets, list) or not all(isinstance(s, dict) for s in subsets):
+            raise ValueError("is not in kohya's .toml prompt format: a [prompt] table of defaults and "
+                             "[[prompt.subset]] tables, one a prompt")
+        defaults = {key: value for key, value in table.items() if key != "subset"}
+        entries: list = [defaults | subset for subset in subsets]
+    else:
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"is not valid JSON ({exc})") from None
+        if not isinstance(entries, list) or not all(isinstance(e, (str, dict)) for e in entries):
+            raise ValueError("is not in kohya's .json prompt format: a list of prompt tables or prompt lines")
+    return [(f"prompt {n}", entry) for n, entry in enumerate(entries, start=1)]
+
+
+def parse_prompt_entry(entry: str | dict) -> SamplePrompt:
+    """A prompt line (:func:`parse_prompt_line`) or a table of :data:`PROMPT_KEYS` -> SamplePrompt; ValueError
+    names a key this trainer does not take or a value of the wrong type."""
+    if isinstance(entry, str):
+        return parse_prompt_line(entry)
+    sample = SamplePrompt("")
+    for key, value in entry.items():
+        if key not in PROMPT_KEYS:
+            raise ValueError(f"key {key!r} unknown; supported: {', '.join(PROMPT_KEYS)}")
+        name, kind = PROMPT_KEYS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+            raise ValueError(f"key {key!r} expects {'a number' if kind is float else kind.__name__}, got {value!r}")
+        setattr(sample, name, sampler_name(value) if key == "sample_sampler" else kind(value))
+    return sample
+
+
 def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [parse_prompt_line(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [parse_prompt_entry(entry) for _, entry in prompt_file_entries(path)]
 
 
 #: Extra conditioning (``Conditioning.added_cond_kwargs`` key) that diffusers pipelines take as arguments:

@@ -203,7 +203,6 @@ def test_bad_values_name_the_key(raw, message):
 @pytest.mark.parametrize("name, raw, message", [
     ("img_1_2_3_4.png", {"enable_bucket": True, "resolution": 256}, "face_crop_aug_range applies only without buckets"),
     ("img_1_2_3_4.png", {"cache_latents": True}, "face_crop_aug_range = [2.0, 3.0] cannot be combined with cache_latents"),
-    ("img_1_2_3_4.png", {"alpha_mask": True}, "face_crop_aug_range with loss masks"),
     ("a_b_c_d_e.png", {}, "face_crop_aug_range: "),  # kohya reads the last four parts as the face box: it fails
     ("img_10_10_0_0.png", {}, "has no size"),
     ("img_10_10_4_4.png", {"resolution": 64}, "is 48x32, smaller than the resolution 64x64"),

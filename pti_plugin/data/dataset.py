@@ -339,17 +339,12 @@ def _check_cacheable(config: Config, subsets: list[Subset]) -> None:
 
 
 def _check_face_crops(subsets: list[Subset]) -> None:
-    """kohya applies ``face_crop_aug_range`` only without buckets (with them it is ignored), and crops the image's
-    alpha with it; here a face crop beside buckets or loss masks is refused, naming the subset."""
+    """kohya applies ``face_crop_aug_range`` only without buckets (with them it is ignored); here a face crop beside
+    buckets is refused, naming the subset. Loss masks follow the face crop (``masks.fitted_mask``)."""
     for subset in subsets:
-        if subset.face_crop_aug_range is None:
-            continue
-        if subset.bucket_settings[0]:
+        if subset.face_crop_aug_range is not None and subset.bucket_settings[0]:
             raise ConfigError(f"{subset.where}: face_crop_aug_range applies only without buckets (kohya ignores it with "
                               "enable_bucket = true): turn off one of them")
-        if subset.alpha_mask or subset.conditioning_data_dir is not None:
-            raise ConfigError(f"{subset.where}: face_crop_aug_range with loss masks (alpha_mask, conditioning_data_dir) "
-                              "is not implemented: the mask would not follow the face crop")
 
 
 def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Subset]:

@@ -13,10 +13,11 @@ Two sources, as kohya sd-scripts:
   maps it from [-1, 1] back to [0, 1]). It must have its image's size (EXIF orientation applied to both); a missing
   mask, a mask with no image and two masks for one image are refused at start, naming the key and the file.
 
-A mask is resized with the image's own crop box (:func:`buckets.crop_box`, 8-bit as the image), so ``random_crop``
-and the bucket crop cut the mask where they cut the image (kohya centres the conditioning image whatever the crop),
-and flipped with it. Its filter (:func:`mask_filter`) is kohya's: an alpha mask takes its image's
-``resize_interpolation`` (kohya resizes the RGBA image, then takes its alpha); a mask file takes its dataset's
+A mask is resized with the image's own crop box (:func:`buckets.crop_box`, or the face crop's, 8-bit as the image),
+so ``random_crop``, the bucket crop and ``face_crop_aug_range`` cut the mask where they cut the image (kohya crops an
+alpha mask with its image; it centres the conditioning image whatever the crop), and flipped with it. Its filter
+(:func:`mask_filter`) is kohya's: an alpha mask takes its image's ``resize_interpolation`` (kohya resizes the RGBA
+image, then takes its alpha); a mask file takes its dataset's
 (``Subset.mask_interpolation``: kohya's ControlNet-style dataset resizes the conditioning image with the dataset's
 filter, not a subset's own); unset, Lanczos either way. ``latents.py`` turns it into the latent-sized mask the loss
 uses (and caches it with the latents).
@@ -38,6 +39,7 @@ from ..config import ConfigError, first_of
 from .augment import augmented_pixels
 from .buckets import crop_box, resample_filter
 from .dataset import IMAGE_EXTENSIONS, ImageItem, Subset, image_files
+from .face_crop import item_face_box
 from .images import ImageRejected, _to_rgb, open_oriented, read_image
 
 logger = logging.getLogger(__name__)
@@ -76,12 +78,13 @@ def mask_filter(item: ImageItem) -> Image.Resampling:
 
 def fitted_mask(item: ImageItem, augmentation: Any, image: Image.Image | None = None) -> torch.Tensor | None:
     """float32 [H, W] in [0, 1] at ``item``'s bucket size (W, H): its mask (:func:`mask_image`, of ``image`` when
-    given) resized (:func:`mask_filter`) and cropped as the image is for ``augmentation`` (``crop``, ``flip``), or
-    None for an item without a mask."""
+    given) resized (:func:`mask_filter`) and cropped as the image is for ``augmentation`` (``crop``, ``face``,
+    ``flip``), or None for an item without a mask."""
     if not has_mask(item):
         return None
     mask = mask_image(item, image)
-    new_w, new_h, left, top = crop_box(mask.size, item.bucket, augmentation.crop)
+    box = item_face_box(item, mask.size, augmentation.face)
+    new_w, new_h, left, top = box or crop_box(mask.size, item.bucket, augmentation.crop)
     width, height = item.bucket
     resized = mask.resize((new_w, new_h), mask_filter(item))
     array = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
