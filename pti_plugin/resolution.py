@@ -361,7 +361,17 @@ def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], g
         message = f"{key} = {_toml_literal(value)} ({source}) is used by no stage: " + "; ".join(reasons) + "." + hint
         if not source.startswith("config_file"):
             raise ConfigError(message)
-        logger.warning("%s (kohya ignores it; the run goes on without it)", message)
+        logger.warning("%s (%s)", message, _what_kohya_does(key, given))
+
+
+def _what_kohya_does(key: str, given: dict[str, str]) -> str:
+    """What kohya does with a kohya config file's ``key`` that no stage here uses: it ignores it, except a
+    ``text_encoder_lr`` in a file that leaves ``network_train_unet_only`` unset, where kohya's default (false) trains
+    a text-encoder LoRA at that rate and pti-plugin's (true) does not."""
+    if key == "text_encoder_lr" and "network_train_unet_only" not in given:
+        return ("kohya would train a text-encoder LoRA at this rate, its network_train_unet_only defaulting to false; "
+                "pti-plugin's defaults to true: add network_train_unet_only = false to the file to train one")
+    return "kohya ignores it; the run goes on without it"
 
 
 def _check_stage_rate_is_used(config: Config, raw_stages: list[StageConfig], path: str, source: str) -> None:

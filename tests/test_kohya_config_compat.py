@@ -201,3 +201,18 @@ def test_a_kohya_config_files_unused_rate_is_a_warning_where_a_presets_is_refuse
                                        "text_encoder_lr = 5e-5\n")
     with pytest.raises(ConfigError, match=r"text_encoder_lr = 5e-05 \(preset\) is used by no stage"):
         load_config(tmp_path / "own.toml")
+
+
+def test_a_kohya_files_text_encoder_lr_without_its_unet_only_switch_says_kohya_would_train_it(tmp_path, caplog):
+    """kohya's network_train_unet_only defaults to false, so a kohya file with text_encoder_lr and no such switch trains
+    a text-encoder LoRA in kohya; ours defaults to true, and the warning must not claim kohya ignores the rate."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "kohya.toml").write_text('train_data_dir = "imgs"\nresolution = "512,512"\n'
+                                         "text_encoder_lr = 5e-5\nunet_lr = 1e-4\n")
+    (tmp_path / "p.toml").write_text('config_file = "kohya.toml"\n')
+    with caplog.at_level("WARNING", logger="pti_plugin.resolution"):
+        config = load_config(tmp_path / "p.toml")
+    assert not config.stages[1].train_text_encoder
+    assert "text_encoder_lr = 5e-05" in caplog.text and "kohya ignores it" not in caplog.text
+    assert "kohya would train a text-encoder LoRA at this rate" in caplog.text
+    assert "network_train_unet_only = false" in caplog.text
