@@ -23,7 +23,7 @@ from pathlib import Path
 import toml
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, first_of
 from .resolution import resolved_dict, training_metadata
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class RunFiles:
             taken = [p for p in taken if p not in (self.config_toml, self.log_jsonl)]
             later = [p for n, p in steps if resumed_step is not None and n > resumed_step]
             if later and not taken:
-                shown = ", ".join(p.name for p in later[:6]) + (f" and {len(later) - 6} more" if len(later) > 6 else "")
+                shown = first_of([p.name for p in later], 6)
                 latest = max(states)[1] if states else None
                 hint = (f"; or continue from the latest state instead: --resume {latest}"
                         if latest is not None and latest in later else "")
