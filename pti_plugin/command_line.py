@@ -108,18 +108,20 @@ def _refuse_an_abbreviation(key: str, known: set[str]) -> None:
 
 def _typed(key: str, text: str, kind: typing.Any = None) -> typing.Any:
     """``--key text`` read as kohya's parser reads it: the text itself for a string option (``--output_name 2024``,
-    ``--training_comment true``), Python's ``int()``/``float()`` for a number (``.5``, ``1.``, ``5E-5``); anything
-    else, or a number that does not read as one, a TOML literal (refused naming the key when it is the wrong type).
-    ``kind``: the type to read ``text`` as, instead of ``key``'s declared one."""
+    ``--training_comment true``), Python's ``int()``/``float()`` for a number (``.5``, ``1.``, ``5E-5``; a steps or
+    fraction key, kohya's ``int_or_float``, an int where ``int()`` reads it: ``--lr_warmup_steps .1`` or ``10``);
+    anything else, or a number that does not read as one, a TOML literal (refused naming the key when it is the wrong
+    type). ``kind``: the type to read ``text`` as, instead of ``key``'s declared one."""
     declared = kind or typing.get_type_hints(Config).get(key)
     kinds = set(typing.get_args(declared) or (declared,)) - {type(None)}
     if kinds == {str}:
         return text
-    if len(kinds) == 1 and kinds <= {int, float}:
-        try:
-            return kinds.pop()(text)
-        except ValueError:
-            pass
+    for number in (int, float):
+        if number in kinds and kinds <= {int, float}:
+            try:
+                return number(text)
+            except ValueError:
+                pass
     return parse_value(text)
 
 

@@ -99,6 +99,16 @@ def test_the_rounded_bucket_range_is_what_the_resolution_is_checked_against(tmp_
                "min_bucket_reso": 32})
 
 
+def test_a_bucket_range_that_rounds_to_0_is_read_with_bucket_no_upscale_which_ignores_it(tmp_path):
+    """kohya's bucket_no_upscale makes no bucket list from min/max_bucket_reso (it says it ignores them): a
+    min_bucket_reso under the step trains there (it was refused); the image's bucket is its size rounded to steps."""
+    folder = _folder(tmp_path)
+    _image(folder / "a.png", (150, 100))
+    items = _scan({"train_data_dir": str(tmp_path / "data"), "resolution": 128, "enable_bucket": True,
+                   "bucket_no_upscale": True, "min_bucket_reso": 32})
+    assert [i.bucket for i in items] == [(128, 64)]
+
+
 # ----------------------------------------------------------------------------- files and folders
 
 def test_hidden_files_are_left_out_as_kohyas_glob_leaves_them(tmp_path, caplog):

@@ -170,6 +170,13 @@ def test_a_value_is_read_as_kohyas_parser_reads_it(argv, key, expected):
     assert parse_args(argv)[1].get(key) == expected
 
 
+def test_a_steps_or_fraction_flag_is_read_as_kohyas_int_or_float():
+    """kohya's ``int_or_float`` (``--lr_warmup_steps``, ``--lr_decay_steps``): ``float(text)``, an int from 1 up, so
+    ``.1`` is the fraction 0.1 (it stayed the text '.1', refused as no number) and ``10`` is ten steps."""
+    overrides = parse_args(["--lr_warmup_steps", ".1", "--lr_decay_steps", "10"])[1]
+    assert overrides == {"lr_warmup_steps": 0.1, "lr_decay_steps": 10} and type(overrides["lr_decay_steps"]) is int
+
+
 def test_the_kohya_forms_load_and_name_what_kohya_would_drop_silently(in_tmp, caplog):
     with caplog.at_level(logging.WARNING):
         config = _load(["--train_data_dir", "data", "--output_name", "2024", "--training_comment", "123",

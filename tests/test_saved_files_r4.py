@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -90,10 +89,6 @@ class EndPrediction(Plugin):
     name = "test_saved_files_r4_prediction"
     prediction: torch.Tensor | None = None
     added: dict = {}
-
-    @dataclass
-    class Options:
-        pass
 
     @torch.no_grad()
     def on_end(self, state):

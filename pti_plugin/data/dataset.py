@@ -208,10 +208,11 @@ def _check_buckets(values: dict[str, Any], path: Any, where: str) -> None:
 
 def _bucket_range(values: dict[str, Any], where: str) -> tuple[int, int]:
     """kohya's bucket range (:func:`buckets.bucket_range`), a warning when it moved, refused when the smallest side
-    rounds down to 0 (kohya then fails dividing by it)."""
+    rounds down to 0 (kohya then fails dividing by it), except with ``bucket_no_upscale``, whose buckets are the
+    images' own sizes (kohya makes no bucket list from the range then)."""
     given, step = (values["min_bucket_reso"], values["max_bucket_reso"]), values["bucket_reso_steps"]
     low, high = bucket_range(*given, step)
-    if not low:
+    if not low and not values["bucket_no_upscale"]:
         raise ConfigError(f"{where}: min_bucket_reso = {given[0]} is under bucket_reso_steps = {step}; kohya rounds it "
                           f"down to a multiple of the step, here 0: set min_bucket_reso to at least {step}")
     for key, old, new in (("min_bucket_reso", given[0], low), ("max_bucket_reso", given[1], high)):

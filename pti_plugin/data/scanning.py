@@ -147,7 +147,8 @@ def scan_images_and_held_out(config: Config, subsets: list[Subset],
     for subset_index, subset in enumerate(subsets):
         width, height = subset.resolution
         enable, min_reso, max_reso, step, no_upscale = subset.bucket_settings
-        buckets = make_buckets(width * height, min_reso, max_reso, step) if enable else [(width, height)]
+        # kohya: bucket_no_upscale makes no bucket list (each image's bucket is its own size)
+        buckets = make_buckets(width * height, min_reso, max_reso, step) if enable and not no_upscale else [(width, height)]
         entries = _image_entries(subset)
         looked_at += len(entries)
         for path, key, lines in entries:
