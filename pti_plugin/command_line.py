@@ -101,8 +101,8 @@ def _refuse_an_abbreviation(key: str, known: set[str]) -> None:
         return
     begun = [name for name in names if name.startswith(key)]
     if len(begun) == 1:
-        raise ConfigError(f"command line: --{key} is no key; it begins --{begun[0]} only, and kohya's parser takes "
-                          f"such an abbreviation, but pti-plugin takes a flag only as typed in full: write --{begun[0]}",
+        raise ConfigError(f"command line: --{key} is no key; it begins --{begun[0]} only, and a parser such as kohya's "
+                          f"takes such an abbreviation, but pti-plugin takes a flag only as typed in full: write --{begun[0]}",
                           key)
 
 

@@ -327,7 +327,7 @@ def check_sample_prompts(path: Path) -> None:
     except ValueError as exc:
         raise ConfigError.at("sample_prompts", f": {path} {exc}") from None
     if not entries:
-        logger.warning("sample_prompts %s holds no prompt (only blank or # lines): no samples will be made", path)
+        logger.warning("sample_prompts %s holds no prompt (only blank or # lines, or no prompt table): no samples will be made", path)
     for where, entry in entries:
         try:
             prompt = parse_prompt_entry(entry)

@@ -366,9 +366,9 @@ def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], g
 
 def _what_kohya_does(key: str, given: dict[str, str]) -> str:
     """What kohya does with a kohya config file's ``key`` that no stage here uses: it ignores it, except a
-    ``text_encoder_lr`` in a file that leaves ``network_train_unet_only`` unset, where kohya's default (false) trains
+    ``text_encoder_lr`` in a file that leaves ``network_train_unet_only`` unset (whatever the preset says), where kohya's default (false) trains
     a text-encoder LoRA at that rate and pti-plugin's (true) does not."""
-    if key == "text_encoder_lr" and "network_train_unet_only" not in given:
+    if key == "text_encoder_lr" and not given.get("network_train_unet_only", "").startswith("config_file"):
         return ("kohya would train a text-encoder LoRA at this rate, its network_train_unet_only defaulting to false; "
                 "pti-plugin's defaults to true: add network_train_unet_only = false to the file to train one")
     return "kohya ignores it; the run goes on without it"

@@ -216,3 +216,14 @@ def test_a_kohya_files_text_encoder_lr_without_its_unet_only_switch_says_kohya_w
     assert "text_encoder_lr = 5e-05" in caplog.text and "kohya ignores it" not in caplog.text
     assert "kohya would train a text-encoder LoRA at this rate" in caplog.text
     assert "network_train_unet_only = false" in caplog.text
+
+
+def test_the_presets_unet_only_switch_does_not_make_the_warning_say_kohya_ignores_the_files_rate(tmp_path, caplog):
+    """What kohya does with the file's text_encoder_lr depends on the file alone: a network_train_unet_only in our
+    preset beside it does not make kohya ignore the rate."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "kohya.toml").write_text('train_data_dir = "imgs"\nresolution = "512,512"\ntext_encoder_lr = 5e-5\n')
+    (tmp_path / "p.toml").write_text('config_file = "kohya.toml"\nnetwork_train_unet_only = true\n')
+    with caplog.at_level("WARNING", logger="pti_plugin.resolution"):
+        load_config(tmp_path / "p.toml")
+    assert "kohya would train a text-encoder LoRA at this rate" in caplog.text

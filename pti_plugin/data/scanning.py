@@ -172,8 +172,9 @@ def scan_images_and_held_out(config: Config, subsets: list[Subset],
                                                     config.caption_template, subset.caption_options)
             bucket = choose_bucket(size, buckets, no_upscale, width * height, step) if enable else (width, height)
             if not min(bucket):  # bucket_no_upscale: a side under bucket_reso_steps rounds to 0 (kohya fails on it)
-                reason = (f"{size[0]}x{size[1]} has a side under bucket_reso_steps = {step} px, which bucket_no_upscale "
-                          "cannot fit to a bucket (it never enlarges)")
+                reason = (f"{size[0]}x{size[1]} has a side under bucket_reso_steps = {step} px (once scaled to the "
+                          "resolution's area, when larger), which bucket_no_upscale cannot fit to a bucket (it never "
+                          "enlarges)")
                 logger.warning("skipping %s: %s", path, reason)
                 rejected.append(f"{path.name}: {reason}")
                 continue
