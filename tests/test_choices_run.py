@@ -40,8 +40,8 @@ JOBS = max(len(values) for values in RUNNABLE.values())
 #: The settings a scheduler cannot run without, given beside it in its job's stage.
 NEEDS = {"cosine_with_min_lr": {"lr_scheduler_min_lr_ratio": 0.1}, "warmup_stable_decay": {"lr_decay_steps": 1},
          "piecewise_constant": {"lr_scheduler_args": ["step_rules='1:1,0.5'"]}}
-#: Keys whose values are taken with an offset, so that a value meets runnable partners (model_family "sdxl"
-#: meets max_token_length 75: SDXL refuses the longer windows).
+#: Keys whose values are taken with an offset, so that a value meets other partners (model_family "sdxl" meets
+#: max_token_length 75; SDXL's 150/225 windows are tested in test_sdxl_kohya_r4.py).
 OFFSETS = {"model_family": 2}
 
 

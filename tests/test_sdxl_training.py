@@ -71,13 +71,14 @@ def test_conditioning_equals_diffusers_encode_prompt(tiny_sdxl):
 
 
 def test_size_conditioning_of_a_wide_image_in_a_square_bucket():
-    """kohya: original size (h, w) of the file, the crop's top-left in the resized image, the bucket (h, w)."""
+    """kohya: original size (h, w) of the file, the margins (top, left) of the image fitted inside the bucket, the
+    bucket (h, w) (tests/test_sdxl_kohya_r4.py has more)."""
     from pti_plugin.data.buckets import size_conditioning
 
-    # 48 x 32 (w x h) covering a 32 x 32 bucket: no resize (scale 1), centred crop 8 px from the left.
-    assert size_conditioning((48, 32), (32, 32)) == (32, 48, 0, 8, 32, 32)
-    # 64 x 128 into 32 x 32: scaled by 1/2 to 32 x 64, 16 px of vertical slack; random crop at the far end.
-    assert size_conditioning((64, 128), (32, 32), crop=(0.0, 0.999)) == (128, 64, 32, 0, 32, 32)
+    # 48 x 32 (w x h) in a 32 x 32 bucket: fitted 32 x 21.33, top margin 10.67 // 2 = 5.
+    assert size_conditioning((48, 32), (32, 32)) == (32, 48, 5, 0, 32, 32)
+    # 64 x 128 in 32 x 32: fitted 16 x 32, left margin 8; flipped: 32 - (8 + 16) = 8.
+    assert size_conditioning((64, 128), (32, 32), flip=True) == (128, 64, 0, 8, 32, 32)
 
 
 def test_sdxl_two_stage_run_trains_each_encoders_pivot_then_only_the_lora(sdxl_preset, caplog):

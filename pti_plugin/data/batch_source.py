@@ -79,7 +79,7 @@ class MicroBatchDraws(Dataset):
         draws = [draw_sample(self.items, self.entries, self.orders[stage], s.seed, stage, step, slot, s.token,
                              s.num_vectors) for slot in slots]
         items = [self.items[d.item_index] for d in draws]
-        sizes = [size_conditioning(i.image_size, i.bucket, d.augmentation.crop) for i, d in zip(items, draws)]
+        sizes = [size_conditioning(i.image_size, i.bucket, d.augmentation.flip) for i, d in zip(items, draws)]
         drawn = [draw_inputs(i, d.augmentation, s.latents_cached) for i, d in zip(items, draws)]
         pixels, masks = [p for p, _ in drawn], [m for _, m in drawn]
         return DrawnMicroBatch(key, slots, [d.item_index for d in draws], [d.augmentation for d in draws],

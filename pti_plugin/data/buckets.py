@@ -102,11 +102,26 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], crop: tuple[float
     return np.asarray(resized.crop((left, top, left + target_w, top + target_h)), dtype=np.uint8)
 
 
-def size_conditioning(image_size: tuple[int, int], bucket: tuple[int, int], crop: tuple[float, float] | None = None) -> tuple[int, ...]:
-    """SDXL's six size numbers for one sample, as kohya computes them: ``original_size`` (h, w) of the image
-    file, ``crops_coords_top_left`` (top, left) of the bucket window in the resized image, ``target_size``
-    (h, w) of the bucket. An unknown ``image_size`` ((0, 0)) counts as the bucket itself."""
+def size_conditioning(image_size: tuple[int, int], bucket: tuple[int, int], flip: bool = False) -> tuple[int, ...]:
+    """SDXL's six size numbers for one sample, as kohya computes them (``BucketManager.get_crop_ltrb`` and the
+    dataset's ``__getitem__``): ``original_size`` (h, w) of the image file, ``crops_coords_top_left`` (top, left)
+    and ``target_size`` (h, w) of the bucket. An unknown ``image_size`` ((0, 0)) counts as the bucket itself.
+
+    kohya's crop numbers are not the offset of the bucket window in the resized image (:func:`crop_box`) but the
+    margins, whole pixels rounded down, of the image fitted *inside* the bucket and centred there (0 on the axis the
+    fitted image fills). They do not follow ``random_crop``'s window
+    (kohya: centred numbers whatever the crop); with ``flip`` the left number is the bucket width less the fitted
+    image's right edge (kohya's mirror of the left margin).
+    """
     if image_size[0] <= 0 or image_size[1] <= 0:
         image_size = bucket
-    _, _, left, top = crop_box(image_size, bucket, crop)
-    return (image_size[1], image_size[0], top, left, bucket[1], bucket[0])
+    (width, height), (bucket_w, bucket_h) = image_size, bucket
+    aspect = width / height
+    if bucket_w / bucket_h > aspect:  # the bucket is wider: the image fills its height
+        fitted_w, fitted_h = bucket_h * aspect, bucket_h
+    else:
+        fitted_w, fitted_h = bucket_w, bucket_w / aspect
+    left, top = (bucket_w - fitted_w) // 2, (bucket_h - fitted_h) // 2
+    if flip:
+        left = bucket_w - (left + fitted_w)
+    return (height, width, int(top), int(left), bucket_h, bucket_w)

@@ -6,7 +6,8 @@ knows SDXL's shape; everything else asks the adapter (see ``family.py``).
 SDXL conditions its UNet on (diffusers' ``StableDiffusionXLPipeline.encode_prompt``, kohya's
 ``sdxl_train_util``):
 
-- per-token states ``[B, 77, 768 + 1280]``: the *penultimate* hidden states of CLIP ViT-L
+- per-token states ``[B, 77, 768 + 1280]`` (``[B, 152 | 227, ...]`` with kohya's longer windows, see
+  :func:`window_ids`): the *penultimate* hidden states of CLIP ViT-L
   (``text_encoder``) and of OpenCLIP ViT-bigG (``text_encoder_2``, a ``CLIPTextModelWithProjection``),
   concatenated along the width. They are taken before any final LayerNorm, so the exact
   whitened-LayerNorm slerp does not apply: :meth:`SDXLFamily.final_layer_norms` says so (``None`` per
@@ -14,15 +15,16 @@ SDXL conditions its UNet on (diffusers' ``StableDiffusionXLPipeline.encode_promp
 - ``text_embeds`` ``[B, 1280]``: the second encoder's pooled, projected output, taken at the
   end-of-text token (see :func:`eos_positions`);
 - ``time_ids`` ``[B, 6]``: ``original_size (h, w) + crops_coords_top_left (top, left) + target_size (h, w)``,
-  per sample from its image, bucket and crop (see ``data/buckets.py:size_conditioning``); without
+  per sample from its image, bucket and flip, as kohya's (see ``data/buckets.py:size_conditioning``); without
   them (prompts without an image) the square ``default_size`` with no crop.
 
-Token ids are ``[B, 2, 77]``: each tokenizer's ids, stacked (the two share CLIP's BPE vocabulary;
-the second pads with ``!`` instead of EOS).
+Token ids are ``[B, 2, 77]`` (``max_token_length + 2``): each tokenizer's ids, stacked (the two share CLIP's
+BPE vocabulary; the second pads with ``!`` instead of EOS).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ from ..data.weighted_captions import apply_weights, weighted_ids
 from .family import Conditioning, EmbeddingLayout, KeyTable, LoadedComponents, register_family
 from .model_checks import FAMILY_FOLDERS, load_folder
 
+logger = logging.getLogger(__name__)
+
 #: The pipeline's names of the two encoders (and, with ``tokenizer``, the tokenizers), in order.
 SDXL_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -42,9 +46,9 @@ SDXL_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 class SDXLFamily:
     """SDXL: two text encoders; see the module docstring.
 
-    ``clip_skip`` must be 1 (SDXL's definition already skips the last layer); ``max_token_length``
-    75 (kohya's longer windows are not implemented for SDXL); ``default_size``: the ``time_ids``
-    size of prompts encoded without an image.
+    ``clip_skip`` other than 1 is ignored with a warning, as kohya's ``sdxl_train_util`` ignores it (SDXL's
+    definition already takes the penultimate layer); ``max_token_length`` 75, or 150/225 by kohya's windows
+    (:func:`window_ids`); ``default_size``: the ``time_ids`` size of prompts encoded without an image.
     """
 
     clip_skip: int = 1
@@ -57,10 +61,12 @@ class SDXLFamily:
 
     def __post_init__(self):
         if self.clip_skip != 1:
-            raise ValueError("clip_skip must be 1 for SDXL: its conditioning is defined on the penultimate layer "
-                             "of both encoders already (kohya ignores clip_skip for SDXL too)")
-        if self.max_token_length != 75:
-            raise ValueError("max_token_length must be 75 for SDXL here (150/225 windows are SD1.5 only)")
+            logger.warning("clip_skip = %d is ignored for SDXL, as kohya ignores it: SDXL's conditioning is defined on "
+                           "the penultimate layer of both encoders already (what 'clip skip 2' means for SDXL models)",
+                           self.clip_skip)
+            self.clip_skip = 1
+        if self.max_token_length not in (75, 150, 225):
+            raise ValueError("max_token_length must be 75, 150 or 225")
 
     @property
     def key_table(self) -> KeyTable:
@@ -94,31 +100,54 @@ class SDXLFamily:
 
     # ------------------------------------------------------------------ conditioning
     def tokenize(self, tokenizers: Sequence[object], captions: list[str]) -> torch.Tensor:
-        """Token ids ``[B, 2, 77]`` (int64): each tokenizer's inference tokenisation, stacked."""
+        """Token ids ``[B, 2, max_token_length + 2]`` (int64): each tokenizer's tokenisation, stacked (with 75: the
+        inference tokenisation, 77 ids)."""
         ids = [tok(captions, padding="max_length", max_length=self.max_token_length + 2, truncation=True,
                    return_tensors="pt").input_ids for tok in tokenizers]
         return torch.stack(ids, dim=1)
 
     def encode(self, text_encoders: Sequence[nn.Module], input_ids: torch.Tensor,
                sizes: torch.Tensor | None = None) -> Conditioning:
-        """``hidden_states`` [B, 77, d1 + d2], ``text_embeds`` [B, d_proj], ``time_ids`` [B, 6] (see the module
-        docstring); ``sizes`` [B, 6] are the time ids (default: ``default_size`` square, no crop)."""
+        """``hidden_states`` [B, L, d1 + d2] (L = ``max_token_length + 2``), ``text_embeds`` [B, d_proj], ``time_ids``
+        [B, 6] (see the module docstring); ``sizes`` [B, 6] are the time ids (default: ``default_size`` square, no
+        crop). Longer than 77 ids, kohya's windows (:func:`window_ids`)."""
         te1, te2 = text_encoders
+        if input_ids.shape[-1] > 77:
+            return self._encode_windows(te1, te2, input_ids, sizes)
         out1 = te1(input_ids[:, 0], output_hidden_states=True)
         out2 = te2(input_ids[:, 1], output_hidden_states=True)
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # [B, 77, d1 + d2]
         pooled = te2.text_projection(out2.last_hidden_state[torch.arange(input_ids.shape[0]), eos_positions(input_ids)])
         return Conditioning(hidden, {"text_embeds": pooled, "time_ids": self._time_ids(sizes, input_ids.shape[0], pooled)})
 
+    def _encode_windows(self, te1: nn.Module, te2: nn.Module, input_ids: torch.Tensor,
+                        sizes: torch.Tensor | None) -> Conditioning:
+        """kohya's ``max_token_length`` 150/225 for SDXL (``strategy_sdxl._get_hidden_states_sdxl``): each encoder's
+        windows (:func:`window_ids`) encoded, their penultimate states stitched back to L rows (the first window's BOS,
+        every window's 75 caption rows, the last window's final row); the pooled output is the first window's, at its
+        first EOS."""
+        batch, eos = input_ids.shape[0], input_ids[:, 0, -1:]  # the first tokenizer always ends with EOS
+        states = []
+        for index, te in enumerate((te1, te2)):  # after the loop, windows and outputs are the second encoder's
+            windows = window_ids(input_ids[:, index], eos)
+            outputs = [te(ids, output_hidden_states=True) for ids in windows]
+            rows = [out.hidden_states[-2][:, 1:76] for out in outputs]  # each window's 75 caption rows
+            first, last = outputs[0].hidden_states[-2][:, :1], outputs[-1].hidden_states[-2][:, -1:]
+            states.append(torch.cat([first, *rows, last], dim=1))
+        position = (windows[0] == eos).int().argmax(dim=-1)  # 0 when the window holds no EOS, as kohya
+        pooled = te2.text_projection(outputs[0].last_hidden_state[torch.arange(batch), position])
+        return Conditioning(torch.cat(states, dim=-1), {"text_embeds": pooled,
+                                                        "time_ids": self._time_ids(sizes, batch, pooled)})
+
     def weighted_ids(self, tokenizers: Sequence[object], caption: str) -> tuple[list[list[int]], list[list[float]]]:
-        """kohya's ``weighted_captions``: each tokenizer's 77 ids (as :meth:`tokenize`, the second padding with its
+        """kohya's ``weighted_captions``: each tokenizer's ids (as :meth:`tokenize`, the second padding with its
         own pad token) and their weights, one list per tokenizer."""
         pairs = [weighted_ids(tok, caption, self.max_token_length + 2) for tok in tokenizers]
         return [ids for ids, _ in pairs], [weights for _, weights in pairs]
 
     def weigh(self, text_encoders: Sequence[nn.Module], cond: Conditioning, weights: torch.Tensor) -> Conditioning:
         """``cond`` with each encoder's share of the hidden states' width times its own weights (``weights``
-        [B, 2, 77]); ``text_embeds`` and ``time_ids`` unweighted (kohya's ``strategy_sdxl``)."""
+        [B, 2, L]); ``text_embeds`` and ``time_ids`` unweighted (kohya's ``strategy_sdxl``)."""
         parts = cond.hidden_states.split(self.conditioning_widths(text_encoders), dim=-1)
         hidden = torch.cat([apply_weights(part, weights[:, i]) for i, part in enumerate(parts)], dim=-1)
         return Conditioning(hidden, cond.added_cond_kwargs)
@@ -157,6 +186,23 @@ def eos_positions(input_ids: torch.Tensor) -> torch.Tensor:
     """
     first = input_ids[:, 0]  # [B, L]
     return (first == first[:, -1:]).int().argmax(dim=-1)
+
+
+def window_ids(ids: torch.Tensor, eos: torch.Tensor) -> list[torch.Tensor]:
+    """kohya's windows of one tokenizer's ids ``[B, L]`` (L = 75 k + 2; ``strategy_base._get_input_ids``): k windows
+    ``[B, 77]``, each the BOS, 75 ids and the last id (EOS, or the pad token of a tokenizer that pads with its own);
+    a window the caption runs past ends with EOS (``eos`` [B, 1]), and one that starts with padding with BOS EOS.
+    The tokenizer's pad id is its last id when the caption is shorter than L; a caption that fills L ends with EOS,
+    which no window changes."""
+    bos, body, last = ids[:, :1], ids[:, 1:-1], ids[:, -1:]
+    windows = []
+    for start in range(0, body.shape[1], 75):
+        window = torch.cat([bos, body[:, start : start + 75], last], dim=1)
+        runs_past = (window[:, -2:-1] != eos) & (window[:, -2:-1] != last)
+        window[:, -1:] = torch.where(runs_past, eos, window[:, -1:])
+        window[:, 1:2] = torch.where(window[:, 1:2] == last, eos, window[:, 1:2])
+        windows.append(window)
+    return windows
 
 
 register_family(SDXLFamily.name, SDXLFamily)
