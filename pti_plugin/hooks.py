@@ -186,6 +186,11 @@ class TrainerState:
     def num_train_timesteps(self) -> int:
         return int(self.model.base.noise_scheduler.config.num_train_timesteps)
 
+    @property
+    def clip_skip(self) -> int:
+        """The ``clip_skip`` the conditioning applies: the config's, but 1 for SDXL, which ignores it (as kohya)."""
+        return int(self.model.family.clip_skip)
+
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``latents`` [r, 4, h, w] noised with ``noise`` (same shape) at ``timesteps`` [r], by the model's
         training noise scheduler (as the main loss noises its batch)."""

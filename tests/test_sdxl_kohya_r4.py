@@ -189,3 +189,24 @@ def test_sdxl_trains_with_max_token_length_225_and_weighted_captions(tiny_sdxl, 
                                           weighted_captions=True, cache_text_encoder_outputs=True))).run()
     with safe_open(str(outputs["lora"]), "pt") as lora:
         assert lora.metadata()["ss_max_token_length"] == "225"
+
+
+def test_a_centre_file_measured_on_sdxl_fits_a_run_whose_ignored_clip_skip_is_2(tmp_path):
+    """SDXL ignores clip_skip (the family applies 1): the ellipsoid check records 1, so a pivot-locality run with
+    clip_skip = 2 must compare the file with the 1 its conditioning applies, not with the config's 2."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from pti_plugin.centre_file import save_centre_file
+    from pti_plugin.hooks import TrainerState
+    from pti_plugin.models.sdxl import SDXLFamily
+    from pti_plugin.plugins.locality_centre import load_centre
+
+    path = save_centre_file(tmp_path / "centre.safetensors", torch.zeros(77, 8), torch.ones(8), torch.zeros(8),
+                            {"clip_skip": 1})
+    stub = SimpleNamespace(model=SimpleNamespace(family=SDXLFamily(clip_skip=2)), config=SimpleNamespace(clip_skip=2),
+                           device="cpu", frozen=contextlib.nullcontext,
+                           encode=lambda ids, lora: SimpleNamespace(hidden_states=torch.zeros(1, 77, 8)))
+    stub.clip_skip = TrainerState.clip_skip.fget(stub)
+    centre = load_centre(stub, str(path), torch.zeros(1, 2, 77, dtype=torch.long), None)
+    assert centre.shape == (77, 8)

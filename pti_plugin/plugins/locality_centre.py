@@ -60,9 +60,9 @@ def load_centre(state: TrainerState, centre_file: str, pivot_ids: torch.Tensor,
     if loaded.num_positions != positions:
         raise CentreMismatch(f"centre_file {centre_file}: {loaded.num_positions} token positions, the prompts have {positions}")
     skip = loaded.metadata.get("clip_skip")
-    if skip is not None and int(skip) != state.config.clip_skip:
+    if skip is not None and int(skip) != state.clip_skip:
         raise CentreMismatch(f"centre_file {centre_file} was measured with clip_skip = {skip}; this run uses "
-                             f"clip_skip = {state.config.clip_skip} (re-run analysis/ellipsoid_check.py with it)")
+                             f"clip_skip = {state.clip_skip} (re-run analysis/ellipsoid_check.py with it)")
     if final_layer_norm is not None:
         gamma = final_layer_norm.weight.detach().float().cpu()
         beta = final_layer_norm.bias.detach().float().cpu()
