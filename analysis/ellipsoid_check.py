@@ -39,9 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pti_plugin import ellipsoid as E  # noqa: E402
 from pti_plugin.atomic_io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from pti_plugin.input_checks import template_problem  # noqa: E402
-from pti_plugin.script_args import argument_parser, check_out_folder, device, finite_float_at_least, int_at_least, positive_int  # noqa: E402
+from pti_plugin.script_args import (argument_parser, check_out_folder, device, finite_float_at_least, flag_message,  # noqa: E402
+                                    int_at_least, positive_int)
 
 DEFAULT_OUT = "outputs/ellipsoid"
+#: The loader's preset keys this script's flags set (its errors name the flag).
+MODEL_FLAGS = {"pretrained_model_name_or_path": "--model", "tokenizer_path": "--tokenizer_path",
+               "single_file_config": "--single_file_config"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--sentences {args.sentences}: not UTF-8 text ({exc.reason} at byte {exc.start})")
         except OSError as exc:
             p.error(f"--sentences {args.sentences}: cannot be read ({exc.strerror or exc})")
+        try:  # its sentences, read now: a file without any is named before the model loads
+            E.read_sentences(sentences)
+        except ValueError as exc:
+            p.error(f"--sentences {exc}")
     check_out_folder(p, Path(args.out))
     return args
 
@@ -186,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     layers = min(te.config.num_hidden_layers for te in model.text_encoders)
     if args.clip_skip > layers:
         raise ValueError(f"--clip_skip {args.clip_skip}: the model's text encoder has {layers} layers; use 1 to {layers}")
+    if args.index >= (length := model.tokenizer.model_max_length):
+        raise ValueError(f"--index {args.index}: the model's prompts have {length} token positions; use 1 to {length - 1}")
     for te in model.text_encoders:
         te.to(args.device)
     # word lists are filtered by the first tokenizer (SDXL's two share CLIP's vocabulary)
@@ -308,7 +318,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"ellipsoid_check: error: {exc}", file=sys.stderr)
+        print(f"ellipsoid_check: error: {flag_message(exc, MODEL_FLAGS)}", file=sys.stderr)
         return 2
     return 0
 

@@ -37,9 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text  # noqa: E402
-from pti_plugin.script_args import argument_parser, int_at_least, out_folder_problem  # noqa: E402
+from pti_plugin.script_args import argument_parser, int_at_least, out_folder_problem, sd15_folder_problem  # noqa: E402
 from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
-from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
 from pti_plugin.protocol.interpolation_paths import (DEFAULT_PAIRS, GEOMETRIES, PathSettings,  # noqa: E402
                                                      measure_paths)
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
@@ -59,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, PathS
                         help=f"evenly spaced fractions from 0 to 1 (default {defaults.fractions}, >= 2)")
     parser.add_argument("--quick", action="store_true", help="4 seeds, 3 fractions, 2 DDIM steps (plumbing only)")
     args = parser.parse_args(argv)
-    if problem := model_folder_problem(args.model):
+    if problem := sd15_folder_problem(args.model):
         parser.error(f"--model {args.model}: {problem}")
     if problem := out_folder_problem(args.out):
         parser.error(f"--out {args.out}: {problem}")

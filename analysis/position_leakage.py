@@ -68,7 +68,7 @@ from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
 from pti_plugin.metrics.leakage import GROUPS, LeakageMeasurement, measure_position_leakage  # noqa: E402
 from pti_plugin.metrics.prompts import NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS  # noqa: E402
 from pti_plugin.metrics.run_model import load_run  # noqa: E402
-from pti_plugin.script_args import argument_parser, device, finite_float, int_at_least, positive_int  # noqa: E402
+from pti_plugin.script_args import argument_parser, check_out_folder, device, finite_float, int_at_least, positive_int  # noqa: E402
 
 README_FRAGMENT = __doc__
 
@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also the neutral prompts' leakage from each UNet resolution's cross-attention layers alone")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     out = args.out or args.run / "position_leakage"
+    check_out_folder(parser, out, "--out" if args.out else "--run")  # before the measurement, not after it
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     t0 = time.time()
     try:
         run = load_run(args.run, args.output_name, device=args.device,

@@ -35,11 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import toml  # noqa: E402
 import torch  # noqa: E402
-from diffusers import StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
-from pti_plugin.script_args import (argument_parser, check_out_folder, finite_float_at_least,  # noqa: E402
+from pti_plugin.script_args import (argument_parser, check_out_folder, finite_float_at_least, sd15_folder_problem,  # noqa: E402
                                     number_list, positive_finite, positive_int)
 from pti_plugin.protocol.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
@@ -47,6 +45,7 @@ from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 from pti_plugin.toy_world.train_recipe import generate, image_grid  # noqa: E402
 from pti_plugin.toy_world.world import LOOK_NAMES, quality_prompts, two_tone_prompts  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402 - after pti_plugin, which silences known library noise
 
 BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
 PREMISE_HELP = {"init_word": "one word of the toy vocabulary", "inversion_lrs": "comma-separated learning rates",
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.add_argument(f"--{field}", type=str if field in PREMISE_TEXT else positive_int, default=None,
                             help=f"with --premise: default {getattr(defaults, field)} ({PREMISE_HELP[field]})")
     args = parser.parse_args(argv)
-    if problem := model_folder_problem(args.model):
+    if problem := sd15_folder_problem(args.model):
         parser.error(f"--model {args.model}: {problem}")
     check_out_folder(parser, args.out)
     premise_only = ["quick", "init_word", "inversion_lrs", "inversion_steps", "lora_lrs", "lora_steps", "oracle_steps", "seeds"]

@@ -96,6 +96,8 @@ def preview_dataset(
         order.steps = stage.max_train_epochs * order.batches_per_epoch
     out_dir = Path(save_images) if save_images else None
     if out_dir is not None:
+        if problem := _save_folder_problem(config, items, out_dir):
+            raise ConfigError(f"--save_images {out_dir}: {problem}")
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -116,6 +118,20 @@ def preview_dataset(
         step += 1
     return Preview(stage_index, global_batch, order.batches_per_epoch, samples, subset_counts(items),
                    tag_frequency(items), dataset_notes(items, config.token_string))
+
+
+def _save_folder_problem(config: Config, items, folder: Path) -> str | None:
+    """Why ``folder`` cannot take the previewed images, else None: it is a folder training reads images from (the
+    previews would be trained on), or a folder directly in ``train_data_dir``/``reg_data_dir``
+    (read there as a ``<repeats>_<name>`` subset)."""
+    folder = folder.expanduser().resolve()
+    if folder in {item.path.parent.resolve() for item in items}:
+        return "it holds the dataset's images: training would read the previews written there as images of the dataset"
+    for key in ("train_data_dir", "reg_data_dir"):
+        root = getattr(config, key)
+        if root and root != EMBEDDED and folder.parent == Path(root).expanduser().resolve():
+            return f"it lies directly in {key} {root}, where training reads every <repeats>_<name> folder as images"
+    return None
 
 
 def _save_pngs(pixels, mask, stem: Path) -> None:

@@ -8,7 +8,10 @@ with its usage error (``parser.error``: exit 2, the option named). The rules wri
 - comma-separated lists: :func:`number_list` and :func:`positive_finite` (learning rates and weights);
 - :func:`out_folder_problem` / :func:`check_out_folder`: an output folder that exists as a file, or lies
   under a file, or whose nearest existing parent cannot be written;
-- :func:`argument_parser`: every script's parser, which takes a flag only as typed in full.
+- :func:`argument_parser`: every script's parser, which takes a flag only as typed in full;
+- :func:`sd15_folder_problem`: a ``--model`` of the toy-world scripts (SD1.x diffusers folders only);
+- :func:`flag_message`: a loader's :class:`~pti_plugin.config.ConfigError` about a preset key, naming the
+  script's flag instead (``--model`` for ``pretrained_model_name_or_path``).
 """
 
 from __future__ import annotations
@@ -138,3 +141,28 @@ def check_out_folder(parser: argparse.ArgumentParser, path: Path | None, flag: s
     """``parser.error`` naming ``flag`` and ``path`` when :func:`out_folder_problem` finds one (None: not given)."""
     if path is not None and (problem := out_folder_problem(path)):
         parser.error(f"{flag} {path}: {problem}")
+
+
+def sd15_folder_problem(path: Path) -> str | None:
+    """Why ``path`` is not an SD1.x diffusers model folder, else None: :func:`model_folder_problem`'s reasons, or
+    another family's folder (an SDXL one). The toy-world scripts generate with SD1.x's pipeline: an SDXL
+    folder failed there in the UNet's first call, after the model had loaded. Reads JSON files only."""
+    from .models.family import detect_family
+    from .models.model_checks import FAMILY_NAMES, model_folder_problem
+
+    if problem := model_folder_problem(path):
+        return problem
+    family, why = detect_family(Path(path))
+    if family != "sd15":
+        return (f"an {FAMILY_NAMES.get(family, family)} model ({why}); this script generates with the SD1.x "
+                "pipeline: pass an SD1.x diffusers folder")
+    return None
+
+
+def flag_message(error: Exception, flags: dict[str, str]) -> str:
+    """``error``'s message, naming the script's flag where it names a preset key the flag sets (``flags``: key ->
+    flag, e.g. ``{"pretrained_model_name_or_path": "--model"}``): ``--model: <path>: <what is wrong>``."""
+    key, tail = getattr(error, "key", None), getattr(error, "tail", None)
+    if key in flags and tail is not None:
+        return flags[key] + tail
+    return str(error)

@@ -170,7 +170,9 @@ def read_sentences(path: str | Path) -> list[str]:
                 raise ValueError(f"{path}: a captions JSON needs a list 'annotations' of {{'caption': ...}} objects")
             sentences = [str(a["caption"]).strip() for a in data["annotations"] if isinstance(a, dict) and "caption" in a]
         elif isinstance(data, list):
-            sentences = [str(s).strip() for s in data]
+            if bad := [item for item in data if not isinstance(item, str)]:
+                raise ValueError(f"{path}: a JSON list must hold sentences (strings), got {json.dumps(bad[0])[:60]}")
+            sentences = [s.strip() for s in data]
         else:
             sentences = None
         if sentences is not None:

@@ -50,12 +50,15 @@ def pipeline_family(pipe) -> str:
 
 def foreign_file_hint(tensors: Mapping[str, torch.Tensor], family: str) -> str:
     """Why a file's keys do not fit ``family``'s kohya LoRA, when its keys tell ("" when they do not):
-    an embedding, a peft/diffusers-format LoRA, a LyCORIS LoHa/LoKr file, or a LoRA of the other family."""
+    an embedding, a peft/diffusers-format LoRA, a base-model checkpoint, a LyCORIS LoHa/LoKr file, or a LoRA of
+    the other family."""
     keys = list(tensors)
     if keys and (set(keys) <= EMBEDDING_KEYS or (len(keys) == 1 and not keys[0].startswith("lora_"))):
         return "; it is a textual-inversion embedding, not a LoRA (load_pti takes it as embedding_path=)"
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
         return "; it is a peft/diffusers-format LoRA, not kohya's (load it with pipe.load_lora_weights)"
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in keys):  # the original layout
+        return "; it is a base-model checkpoint (a single-file model), not a LoRA or an embedding"
     if any(".hada_" in k or ".lokr_" in k for k in keys):
         return "; it is a LyCORIS LoHa/LoKr file: only kohya LoRA/LoCon (lora_down/lora_up) files are read"
     other = file_family(tensors)

@@ -31,7 +31,7 @@ import toml
 import torch
 
 from ..config import EMBEDDED, Config, ConfigError
-from ..config_loading import build_config
+from ..config_loading import build_config, named_where_given
 from ..models.family import Conditioning
 from ..data.dataset import ImageItem, load_subsets
 from ..data.latents import load_pixels
@@ -75,7 +75,11 @@ def training_items(config: Config) -> list[ImageItem]:
         from ..embedded_default import default_dataset_dir
 
         train_dir = default_dataset_dir(config.token_string)
-    return [item for item in scan_images(config, load_subsets(config, train_dir)) if not item.is_reg]
+    try:
+        return [item for item in scan_images(config, load_subsets(config, train_dir)) if not item.is_reg]
+    except OSError as exc:  # the run's images moved or were deleted since it trained
+        key = "dataset_config" if config.dataset_config else "train_data_dir"
+        raise ConfigError.at(key, f": the run's training images cannot be read ({exc.strerror}: {exc.filename})") from exc
 
 
 def file_digest(path: str | Path, length: int = 12) -> str:
@@ -287,7 +291,10 @@ def load_run(
         if token != config.token_string:
             raise ValueError(f"{lora_path} bundles no embedding for {config.token_string!r}")
 
-    run = open_model(config, device, dtype, class_word, prepare=add_run)
+    try:
+        run = open_model(config, device, dtype, class_word, prepare=add_run)
+    except ConfigError as exc:  # a key of the run's config (its model, its data): named in that file, not a preset
+        raise named_where_given(exc, {}, [], {exc.key: str(config_path)}) from exc
     run.run_dir, run.lora_path = Path(run_dir), lora_path
     return run
 
@@ -308,6 +315,7 @@ def open_model(
     from ..models.loading import load_base_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    items = training_items(config)  # before the model loads: a run whose images moved is named in seconds
     model = load_base_model(
         config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
         config.single_file_config, config.tokenizer_path, config.max_token_length, config.model_family,
@@ -324,5 +332,5 @@ def open_model(
         config=config, pipe=pipe, family=model.family, noise_scheduler=model.noise_scheduler,
         prediction_type=model.prediction_type, token=config.token_string,
         num_vectors=config.num_vectors_per_token, class_word=class_word or config.init_words[0],
-        template=config.caption_template, items=training_items(config), device=device, dtype=dtype,
+        template=config.caption_template, items=items, device=device, dtype=dtype,
     )
