@@ -2,7 +2,8 @@
 
 Every writer here writes to a temporary file in the destination folder, flushes and fsyncs it,
 then renames it over the final name (``os.replace``, atomic on POSIX and Windows). A failure
-mid-write leaves any previous file intact and removes the temporary file. Tensors are checked
+mid-write leaves any previous file intact and removes the temporary file; it raises :class:`WriteFailedError`
+(:class:`DiskFullError` for lack of space) naming the final file and the cause. Tensors are checked
 for non-finite values before anything is written. The final file gets the permissions a plain
 ``open()`` would give it (0666 less the umask), not ``mkstemp``'s private 0600.
 Temporary names are ``.<final name>.<random>.tmp``; a process killed mid-write (SIGKILL) can leave
@@ -23,19 +24,56 @@ from pathlib import Path
 import torch
 
 
-class DiskFullError(OSError):
-    """Raised when a write fails for lack of space; the message says where and how much."""
+class WriteFailedError(OSError):
+    """A file could not be written (a full disk, a quota, a file-size limit, a read-only or forbidden folder, an I/O
+    error): the message names the file and the cause; whatever was under the file's name before is intact."""
+
+    def __str__(self) -> str:  # the message alone (an OSError's str starts "[Errno N]")
+        return str(self.strerror)
+
+
+class DiskFullError(WriteFailedError):
+    """Raised when a write fails for lack of space (a full disk or quota); the message says where and how much."""
+
+
+#: The errnos of a write that failed for lack of space: a full disk, an exhausted quota.
+NO_SPACE = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def write_failed(final: Path, exc: OSError, size_hint: int | None = None) -> WriteFailedError:
+    """The error to raise for ``exc``, met while writing ``final`` (``size_hint`` bytes, when known), naming the file
+    and the cause. Before, a failure other than a full disk (a file-size limit: ``ulimit -f``, FAT32's 4 GiB; a quota;
+    a folder made read-only) was the bare ``OSError`` of the temporary file's write, naming no file, with a traceback."""
+    if isinstance(exc, WriteFailedError):
+        return exc
+    if exc.errno in NO_SPACE:
+        need = f"{size_hint / 1e6:.1f} MB" if size_hint else "more space"
+        try:
+            free = f"{_free_bytes(final.parent) / 1e6:.1f} MB free"
+        except OSError:
+            free = "free space unknown"
+        what = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+        return DiskFullError(exc.errno, f"{what} while writing {final}: needed {need}, {free} in {final.parent}")
+    if exc.errno == errno.EFBIG:
+        size = f" ({size_hint / 1e6:.1f} MB)" if size_hint else ""
+        return WriteFailedError(exc.errno, f"could not write {final}{size}: file too large for this file system "
+                                           "(FAT32 holds 4 GiB at most) or for this process's file-size limit (ulimit -f)")
+    return WriteFailedError(exc.errno, f"could not write {final}: {exc.strerror or exc}")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``.
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``. A write that fails
+    raises :class:`WriteFailedError` (:class:`DiskFullError` for lack of space) naming ``path`` and the cause.
 
-    ``size_hint`` (bytes) only improves the disk-full message.
+    ``size_hint`` (bytes) only improves the message.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as exc:
+        raise write_failed(final, exc, size_hint) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -46,18 +84,17 @@ def atomic_path(path: str | os.PathLike, size_hint: int | None = None) -> Iterat
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, final)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            free = _free_bytes(final.parent)
-            need = f"{size_hint / 1e6:.1f} MB" if size_hint else "more space"
-            raise DiskFullError(
-                errno.ENOSPC,
-                f"disk full while writing {final}: needed {need}, {free / 1e6:.1f} MB free in {final.parent}",
-            ) from exc
-        raise
+        _remove(tmp)
+        raise write_failed(final, exc, size_hint) from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a temporary file; one that cannot be (a folder turned read-only) is left for the next run's clean-up."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
 
 
 def umask() -> int:
@@ -101,6 +138,18 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None], s
     """Call ``writer(tmp_path)`` and move the result to ``path`` atomically (for savers taking a path)."""
     with atomic_path(path, size_hint=size_hint) as tmp:
         writer(tmp)
+
+
+def atomic_torch_save(path: str | os.PathLike, obj) -> None:
+    """``torch.save(obj)`` to ``path`` atomically. torch reports a failed write of its own (a full disk) as a
+    ``RuntimeError`` whose context is the ``OSError``; that is raised as :func:`atomic_path`'s error, naming ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as exc:
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
 
 
 def _non_finite(tensors: Mapping[str, torch.Tensor]) -> Iterator[str]:

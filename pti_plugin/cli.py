@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         from .dataset_preview import main as preview
 
         return preview(argv)
-    from .atomic_io import DiskFullError
+    from .atomic_io import WriteFailedError
     from .data.captions import CaptionError
     from .formats.embedding import EmbeddingFormatError
     from .formats.kohya_lora import LoraFormatError
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"error: {exc}", 2)
     except NonFiniteLossError as exc:
         return _fail(f"error: {exc}", 3)
-    except DiskFullError as exc:
+    except WriteFailedError as exc:  # a full disk, a file-size limit, a read-only folder: the file named
         return _fail(f"error: {exc}", 4)
     except TrainingInterrupted as exc:
         return _fail(str(exc), 128 + exc.signum)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .atomic_io import save_safetensors_atomic, umask
+from .atomic_io import atomic_torch_save, atomic_write_text, save_safetensors_atomic, umask, write_failed
 from .config import ConfigError
 from .outputs import state_folders
 
@@ -92,13 +92,16 @@ def save_state(
     (``overwrite = true``): then the new state takes its place once complete."""
     if folder.exists() and not replace:
         raise FileExistsError(f"refusing to overwrite state folder {folder} (set overwrite = true to allow it)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as exc:
+        raise write_failed(folder, exc) from exc
     old = folder.parent / f".{folder.name}.old{uuid.uuid4().hex[:8]}"  # a name the leftover clean-up knows
     try:
         save_safetensors_atomic(tmp / "trainable.safetensors", {k: v.detach() for k, v in tensors.items()})
-        torch.save(optimizer, tmp / "optimizer.pt")
-        torch.save(lr_scheduler, tmp / "lr_scheduler.pt")
+        atomic_torch_save(tmp / "optimizer.pt", optimizer)
+        atomic_torch_save(tmp / "lr_scheduler.pt", lr_scheduler)
         progress: dict[str, Any] = {"stage_index": stage_index, "stage_step": stage_step, "global_step": global_step}
         if stage_kind is not None:
             progress["stage_kind"] = stage_kind
@@ -110,12 +113,18 @@ def save_state(
             progress["token_string"] = token_string
         if base is not None:
             progress["base"] = base
-        (tmp / "progress.json").write_text(json.dumps(progress))
+        atomic_write_text(tmp / "progress.json", json.dumps(progress))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is private (0700); give it a plain mkdir's mode
         if folder.exists():  # replace: a folder cannot be renamed over a non-empty one, so move the old one aside
-            os.replace(folder, old)
+            os.replace(folder, old)  # (a kill before the next rename: the next run's clean-up puts it back)
         os.replace(tmp, folder)
+    except OSError as exc:  # named as the user looks for it (not the hidden temporary folder); the earlier one intact
+        failed = write_failed(folder, exc)
+        raise type(failed)(failed.errno, f"{str(failed).replace(str(tmp), str(folder))} (saving the state "
+                                         f"{folder.name}; not saved)") from exc
     finally:
+        if old.is_dir() and not folder.exists():  # the new state could not take its place: the old one goes back
+            os.replace(old, folder)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return folder

@@ -19,7 +19,9 @@ product made.
 
 While holding the lock, ``clean_leftover_temporaries`` removes the hidden temporary files
 (``.<name>.<random>.tmp`` files and ``.<name>-state-*`` folders) that a killed run's atomic writes
-left behind for this run's names; they are incomplete by construction, and each is named.
+left behind for this run's names; they are incomplete by construction, and each is named. The one exception is a
+complete state folder an ``overwrite`` save moved aside (``.<state>.old<hex>``) to put its new one in its place: when
+nothing holds the state's name (the run was killed between the two renames), it is put back instead.
 """
 
 from __future__ import annotations
@@ -196,6 +198,22 @@ def _leftover_pattern(output_name: str, token: str) -> re.Pattern:
     return re.compile(rf"^\.(?:(?:{'|'.join(finals)})\.[A-Za-z0-9_]+\.tmp|{name}-state-(?:interrupted-)?step\d{{8}}\.[A-Za-z0-9_]+)$")
 
 
+def _put_back(child: Path) -> bool:
+    """Whether ``child`` is a complete state folder that an ``overwrite`` save moved aside (``.<state>.old<8 hex>``) to
+    put the new one in its place, and was killed before it could: then nothing holds the state's name, and the folder
+    is renamed back (before, it was removed with the temporaries, and the state of that step was lost)."""
+    match = re.fullmatch(r"\.(.+)\.old[0-9a-f]{8}", child.name)
+    if match is None or not child.is_dir():
+        return False
+    final = child.with_name(match.group(1))
+    if final.exists() or final.is_symlink():
+        return False
+    os.replace(child, final)
+    logger.warning("put back %s, a state folder an earlier run moved aside to replace it and was killed before it "
+                   "could (overwrite = true)", final)
+    return True
+
+
 def clean_leftover_temporaries(output_dir: Path, output_name: str, token: str) -> list[Path]:
     """Remove the hidden temporaries a killed run's atomic writes left for this run's names (call
     only while holding the run's lock: then no live process is writing them); return what was removed."""
@@ -205,6 +223,8 @@ def clean_leftover_temporaries(output_dir: Path, output_name: str, token: str) -
     pattern = _leftover_pattern(output_name, token)
     for child in sorted(output_dir.iterdir()):
         if not pattern.match(child.name) or child.is_symlink():
+            continue
+        if _put_back(child):
             continue
         if child.is_dir():
             shutil.rmtree(child, ignore_errors=True)

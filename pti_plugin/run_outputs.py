@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .atomic_io import write_failed
 from .config import Config
 from .data.captions import expand_token
 from .data.dataset import ImageItem
@@ -35,12 +36,21 @@ class RunOutputs:
         self.config, self.accelerator, self.files, self.model = config, accelerator, files, model
         self.plugins, self.state, self.items, self.info = plugins, state, items, info
         self.num_validation_images, self.vae_offloaded = num_validation_images, vae_offloaded
+        # A new run (not a resume) replaces an earlier run's log (there only with ``overwrite``) at its first line
+        # instead of appending to it: before, the log held both runs' steps.
+        self._log_mode = "a" if config.resume else "w"
+        self._saved: tuple[int, dict[str, Path]] | None = None  # the last save with a state: (global step, its paths)
 
     def write_log(self, entry: dict[str, Any], step: int) -> None:
         """One logged step: a line of the JSONL log (main process) and, with ``log_with``, its numbers to the tracker."""
         if self.accelerator.is_main_process:
-            with open(self.files.log_jsonl, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry) + "\n")
+            line = json.dumps(entry) + "\n"
+            try:
+                with open(self.files.log_jsonl, self._log_mode, encoding="utf-8") as handle:
+                    handle.write(line)
+                self._log_mode = "a"
+            except OSError as exc:  # a full disk: the log named, as a save's file is (atomic_io)
+                raise write_failed(self.files.log_jsonl, exc, len(line.encode())) from exc
         if self.config.log_with:
             self.accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=step)
 
@@ -75,7 +85,18 @@ class RunOutputs:
             if not (tag or "").startswith("interrupted"):  # kohya's save_last_n_*: the run's older saves, by name
                 prune_saves(self.files, config, state.global_step, state.steps_per_epoch)
         self.accelerator.wait_for_everyone()
+        if with_state:  # on every process (the others' paths are empty), so that they stop alike (save_on_stop)
+            self._saved = (state.global_step, paths)
         return paths
+
+    def save_on_stop(self, optimizer) -> dict[str, Path]:
+        """The save a stop signal makes after the step just taken: the ``interrupted-stepNNNNNNNN`` LoRA, embedding and
+        state, unless that step's own save wrote them with a state (the signal came during it or the samples after it):
+        then its paths. Before, the same weights and state were written a second time, under ``-interrupted-`` names,
+        while a scheduler's grace time ran out."""
+        if self._saved is not None and self._saved[0] == self.state.global_step:
+            return self._saved[1]
+        return self.save(optimizer, tag=f"interrupted-step{self.state.global_step:08d}", with_state=True)
 
     def save_last_finite(self, optimizer, resumed: SavedProgress | None) -> str:
         """After a non-finite step: save the (finite) weights and, when its optimizer state is finite

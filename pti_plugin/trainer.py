@@ -315,7 +315,7 @@ class Trainer:
             signum = received_on_any_process(signum, self.accelerator)  # the signal sent, in every process
         if not signum:
             return
-        paths = self.outputs.save(self.optimizer, tag=f"interrupted-step{self.state.global_step:08d}", with_state=True)
+        paths = self.outputs.save_on_stop(self.optimizer)
         raise TrainingInterrupted(
             f"interrupted by {signal.Signals(signum).name} after step {self.state.global_step}\n{self.outputs.resume_hint(paths)}",
             signum,

@@ -161,7 +161,7 @@ def _stop_every_rank(received: list[int | None]) -> list[int | None]:
             stops(received[index])
         trainer = types.SimpleNamespace(
             stops=stops, accelerator=ranks.accelerator(index), state=types.SimpleNamespace(global_step=7), optimizer=None,
-            outputs=types.SimpleNamespace(save=lambda optimizer, tag, with_state: [Path(f"out/{tag}")],
+            outputs=types.SimpleNamespace(save_on_stop=lambda optimizer: [Path("out/interrupted-step00000007")],
                                           resume_hint=lambda paths: f"resume with: {paths[0]}"))
         try:
             Trainer._stop_if_signalled(trainer)
