@@ -47,6 +47,7 @@ class SavedProgress:
     param_groups: list[tuple[str, int]] | None = None  # (group name, number of tensors) per optimizer group
     token_string: str | None = None  # the token the saved pivot was trained for
     base: dict[str, Any] | None = None  # what the weights were trained on (:func:`base_identity`)
+    lora_scales: dict[str, Any] | None = None  # the LoRA's alphas (:func:`lora_scales`)
 
 
 @dataclass
@@ -81,7 +82,7 @@ def save_state(
     folder: Path, tensors: dict[str, torch.Tensor], optimizer: dict[str, Any], lr_scheduler: dict[str, Any],
     stage_index: int, stage_step: int, global_step: int, *, stage_kind: str | None = None,
     optimizer_type: str | None = None, param_groups: list[tuple[str, int]] | None = None, replace: bool = False,
-    token_string: str | None = None, base: dict[str, Any] | None = None,
+    token_string: str | None = None, base: dict[str, Any] | None = None, lora_scales: dict[str, Any] | None = None,
 ) -> Path:
     """Write the state folder (to a temporary folder first, renamed when complete).
 
@@ -113,6 +114,8 @@ def save_state(
             progress["token_string"] = token_string
         if base is not None:
             progress["base"] = base
+        if lora_scales is not None:
+            progress["lora_scales"] = lora_scales
         atomic_write_text(tmp / "progress.json", json.dumps(progress))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is private (0700); give it a plain mkdir's mode
         if folder.exists():  # replace: a folder cannot be renamed over a non-empty one, so move the old one aside
@@ -174,7 +177,7 @@ def read_progress(folder: Path) -> SavedProgress:
         raise ConfigError(f"key 'resume': {path}: base must be a table; got {base!r}")
     return SavedProgress(folder, *(progress[k] for k in keys), progress.get("stage_kind"), progress.get("optimizer_type"),
                          None if groups is None else [(g["name"], g["tensors"]) for g in groups],
-                         progress.get("token_string"), base)
+                         progress.get("token_string"), base, progress.get("lora_scales"))
 
 
 def base_identity(config) -> dict[str, Any]:
@@ -185,6 +188,38 @@ def base_identity(config) -> dict[str, Any]:
     weights = config.base_weights
     return {"model": Path(config.pretrained_model_name_or_path).name, "vae": Path(config.vae).name if config.vae else None,
             "base_weights": [[Path(f).name, m] for f, m in zip(weights, multipliers_of(weights, config.base_weights_multiplier))]}
+
+
+def lora_scales(config) -> dict[str, Any]:
+    """The LoRA's alphas, which set its scale with the weights: ``network_alpha`` and LoCon's ``conv_alpha`` (None
+    without ``conv_dim``), recorded with a state (:func:`check_lora_scales`)."""
+    from .config import network_args
+
+    return {"network_alpha": float(config.network_alpha), "conv_alpha": network_args(config).get("conv_alpha")}
+
+
+def check_lora_scales(progress: SavedProgress | None, config) -> None:
+    """A state whose LoRA was trained with other alphas than this run's is refused, naming both (its weights would
+    go on training as another function). A state that does not record them (written before they were) with LoCon's
+    ``conv_dim`` and no ``conv_alpha`` given is warned about: ``conv_alpha`` then defaulted to ``conv_dim``, where it
+    is kohya's 1.0 now."""
+    from .config import network_args
+
+    if progress is None:
+        return
+    now, saved = lora_scales(config), progress.lora_scales
+    if saved is None:
+        given = any(item.partition("=")[0].strip() == "conv_alpha" for item in config.network_args)
+        if now["conv_alpha"] is not None and not given:
+            conv_dim = int(network_args(config)["conv_dim"])
+            logger.warning(f"resume: state {progress.folder} was saved before conv_alpha followed kohya's default (1.0): "
+                           f"it was trained with conv_alpha = conv_dim = {conv_dim} unless network_args gave it; add "
+                           f"conv_alpha={conv_dim} to network_args to continue it as it was trained")
+        return
+    differ = [f"{key} {saved.get(key)!r} then, {value!r} now" for key, value in now.items() if saved.get(key) != value]
+    if differ:
+        raise ConfigError(f"key 'resume': state {progress.folder} was trained with other LoRA alphas ({', '.join(differ)}): "
+                          "its weights would go on as another function; resume with the alphas it was saved with")
 
 
 def warn_other_base(progress: SavedProgress, base: dict[str, Any]) -> None:

@@ -49,7 +49,7 @@ from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process
 from .outputs import RunFiles
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
-from .resume import base_identity, check_resume_fits, check_resume_within_epochs, load_state
+from .resume import base_identity, check_lora_scales, check_resume_fits, check_resume_within_epochs, load_state
 from .run_lock import RunLocks, clean_leftover_temporaries
 from .run_outputs import RunOutputs
 from .run_setup import announce, make_accelerator, place_model, release_vae
@@ -80,6 +80,7 @@ class Trainer:
         logging_dir = tracker_logging_dir(config, output_dir)  # kohya's log_prefix: <logging_dir>/<prefix><time>
         # A state that cannot continue this run (another stage kind or optimizer) is refused before anything loads.
         self._resume_progress = check_resume_fits(Path(config.resume), config.stages, base_identity(config)) if config.resume else None
+        check_lora_scales(self._resume_progress, config)  # a LoRA's alphas are part of what it learned
         self.accelerator = make_accelerator(config, output_dir, logging_dir)  # from a fresh accelerate state
         self.files = RunFiles(output_dir, config.output_name, config.token_string, config.overwrite)
         if self.accelerator.is_main_process:

@@ -43,7 +43,8 @@ def test_save_state_writes_a_final_state_that_continues_like_a_longer_run(preset
     assert progress == {"stage_index": 1, "stage_step": 2, "global_step": 4, "stage_kind": "lora",
                         "optimizer_type": "AdamW", "param_groups": [{"name": "unet_lora", "tensors": 384}],
                         "token_string": "tok1", "base": {"model": Path(first["pretrained_model_name_or_path"]).name, "vae": None,
-                                                           "base_weights": []}}
+                                                           "base_weights": []},
+                        "lora_scales": {"network_alpha": float(build_config(first).network_alpha), "conv_alpha": None}}
     saved = load_file(state / "trainable.safetensors")
     assert torch.equal(saved["pivot.vectors"], load_file(tmp_path / "first" / "tok1.safetensors")["emb_params"])
 
@@ -193,3 +194,23 @@ def test_a_resume_with_another_learning_rate_warns_that_the_saved_one_is_kept(ki
     with caplog.at_level(logging.WARNING):  # the same settings: no warning
         Trainer(build_config(raw | {"output_dir": str(tmp_path / "same"), "resume": str(out / "pti-state-step00000003")})).run()
     assert "keeps the saved optimizer settings" not in caplog.text
+
+
+def test_a_resume_with_other_lora_alphas_is_refused_and_an_old_locon_state_is_named(preset, tmp_path, capsys, caplog):
+    """A LoRA's alphas are part of what it learned: a state records them and a resume with others is refused naming
+    both. A state saved before they were recorded, with conv_dim and no conv_alpha, was trained with conv_alpha =
+    conv_dim (the default then; kohya's 1.0 now): the resume says so and names the network_args item to add."""
+    raw = preset(output_dir=str(tmp_path / "first"), save_every_n_steps=3, save_state=True, network_args=["conv_dim=4"],
+                 stages=[STAGES[0], STAGES[1] | {"steps": 3}])
+    Trainer(build_config(raw)).run()
+    state = tmp_path / "first" / "pti-state-step00000003"
+    assert json.loads((state / "progress.json").read_text())["lora_scales"]["conv_alpha"] == 1.0
+    second = tmp_path / "second"
+    code, seen = _cli(raw | {"output_dir": str(second), "resume": str(state), "network_args": ["conv_dim=4", "conv_alpha=4"]},
+                      tmp_path, capsys)
+    assert code == 2, seen
+    assert "conv_alpha 1.0 then, 4.0 now" in seen and not (second / "pti.log.jsonl").exists()
+    _strip_progress(state)  # as a state saved before the alphas were recorded
+    with caplog.at_level("WARNING", logger="pti_plugin.resume"):
+        Trainer(build_config(raw | {"output_dir": str(tmp_path / "third"), "resume": str(state)})).run()
+    assert "add conv_alpha=4 to network_args" in caplog.text
