@@ -7,7 +7,8 @@ Only exact, known messages are dropped; everything else the libraries log passes
   for safety checkers and feature extractors this package never uses.
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community: ...": at import (peft and
   diffusers import it), its CPU backend asks the Hub for an optional 4-bit kernel; this package does no
-  4-bit matmul, and an offline machine cannot fetch it anyway.
+  4-bit matmul, and an offline machine cannot fetch it anyway; in offline mode (``train_pti.py`` sets
+  ``HF_HUB_OFFLINE``) the kernels package also says it skips that kernel's publisher check.
 - diffusers' "There are modules in UNet2DConditionModel that should be kept in float32: []. Casting
   directly with `to()` ...": printed by every ``pipeline.to(device, dtype)`` although the list of such
   modules is empty (only the empty-list message is dropped: a non-empty list still warns).
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 #: (logger name, a fragment of the message to drop)
 KNOWN_NOISE = (("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
                ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+               ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/"),
                ("diffusers.models.modeling_utils", "that should be kept in float32: []. Casting directly with `to()`"))
 
 #: Scoped (:func:`dropped`): diffusers' message for a text encoder the LoRA file has no keys for.

@@ -20,3 +20,31 @@ def test_importing_the_trainer_prints_no_known_library_noise():
     assert "gemm_4bit_forward" not in output and "requires torchvision" not in output
     assert "kept in float32: []" not in output and "kept in float32: ['x']" in output
     assert "another bitsandbytes message" in output and "another transformers message" in output
+
+
+def test_the_trainer_process_never_looks_up_the_hub(tmp_path):
+    """train_pti.py reads local files only: nothing it imports may reach the Hugging Face Hub (bitsandbytes, which
+    peft and diffusers import, asks the Hub for an optional CPU kernel at import on CPUs with AVX512-BF16). The
+    process records every host name looked up; it also says nothing about that kernel."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import runpy, socket\n"
+        "looked_up = []\n"
+        "def refuse(host, *args, **kwargs):\n"
+        "    looked_up.append(host)\n"
+        "    raise OSError('no network in this test')\n"
+        "socket.getaddrinfo = refuse\n"
+        f"runpy.run_path({str(repo / 'train_pti.py')!r}, run_name='imported')\n"
+        "import diffusers, peft  # noqa: F401\n"
+        "print('looked up:', looked_up)\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "looked up: []" in done.stdout, done.stdout
+    assert "kernels-community" not in done.stderr, done.stderr
