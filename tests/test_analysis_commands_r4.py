@@ -14,20 +14,14 @@ import toml
 import torch
 from safetensors.torch import save_file
 
+from .test_analysis_inputs import _refused
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _script(path: str) -> dict:
     """The globals of ``path`` (a script of this repository), run under another name than ``__main__``."""
     return runpy.run_path(str(REPO / path), run_name=Path(path).stem + "_under_test")
-
-
-def _refused(call, capsys) -> str:
-    """Run ``call``; it must end in a usage error (SystemExit 2); return what it printed on stderr."""
-    with pytest.raises(SystemExit) as stop:
-        call()
-    assert stop.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.fixture
