@@ -133,7 +133,8 @@ def save_state(
     return folder
 
 
-_STATE_FILES = ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt", "progress.json")
+#: The files of a complete state folder (each written atomically: present means whole).
+STATE_FILES = ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt", "progress.json")
 
 
 def _latest_state_hint(folder: Path) -> str:
@@ -153,7 +154,7 @@ def read_progress(folder: Path) -> SavedProgress:
 
     if not folder.is_dir():
         raise ConfigError(f"key 'resume': {folder} is not a state folder")
-    missing = [n for n in _STATE_FILES if not (folder / n).is_file()]
+    missing = [n for n in STATE_FILES if not (folder / n).is_file()]
     if missing:
         raise ConfigError(f"key 'resume': {folder} is not a pti-plugin state folder: missing {', '.join(missing)}"
                           + _latest_state_hint(folder))

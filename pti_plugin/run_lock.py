@@ -202,9 +202,11 @@ def _put_back(child: Path) -> bool:
     """Whether ``child`` is a complete state folder that an ``overwrite`` save moved aside (``.<state>.old<8 hex>``) to
     put the new one in its place, and was killed before it could: then nothing holds the state's name, and the folder
     is renamed back (before, it was removed with the temporaries, and the state of that step was lost)."""
+    from .resume import STATE_FILES
+
     match = re.fullmatch(r"\.(.+)\.old[0-9a-f]{8}", child.name)
-    if match is None or not child.is_dir():
-        return False
+    if match is None or not child.is_dir() or not all((child / name).is_file() for name in STATE_FILES):
+        return False  # a part of one (killed while its removal ran, once the new state had its name) is a temporary
     final = child.with_name(match.group(1))
     if final.exists() or final.is_symlink():
         return False
