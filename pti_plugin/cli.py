@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 
-from .command_line import USAGE, parse_args
-from .config import Config, ConfigError
-from .config_loading import load_config, named_where_given
-from .stop_signals import StopSignalled, stop_raises
+# Training reads local files only, so nothing in its process may reach the Hugging Face Hub: bitsandbytes, which peft
+# and diffusers import, otherwise asks it for an optional CPU kernel at import. Set before any library loads (this
+# package's __init__ loads none), for train_pti.py and the pti-train console script alike; the user's value wins.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from .command_line import USAGE, parse_args  # noqa: E402
+from .config import Config, ConfigError  # noqa: E402
+from .config_loading import load_config, named_where_given  # noqa: E402
+from .main_process_checks import launcher_rank, told_elsewhere  # noqa: E402
+from .stop_signals import StopSignalled, stop_raises  # noqa: E402
 
 
 def list_keys() -> str:
@@ -21,10 +29,19 @@ def list_keys() -> str:
     return "\n".join(lines)
 
 
-def _fail(message: str, code: int) -> int:
+#: seconds a process whose refusal process 0 prints waits for it (see :func:`_fail`)
+QUIET_WAIT_S = 30
+
+
+def _fail(message: str, code: int, quiet: bool = False) -> int:
     """Print ``message`` as the last thing this process writes (progress bars and logs flushed
     first), and return ``code``. Under ``accelerate launch`` the launcher then adds its own
-    ``CalledProcessError`` lines below it (``accelerate launch --quiet`` leaves them out)."""
+    ``CalledProcessError`` lines below it (``accelerate launch --quiet`` leaves them out). ``quiet``: another
+    process prints the same message (a multi-process run's refusal is said once, by process 0); this one waits
+    for it to be said first, as the launcher stops every process when one exits with an error."""
+    if quiet:
+        time.sleep(QUIET_WAIT_S)  # the launcher ends this process once process 0 has printed and exited
+        return code
     sys.stdout.flush()
     for handler in logging.getLogger().handlers:
         handler.flush()
@@ -41,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     if "--list_keys" in argv:
         print(list_keys())
         return 0
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    other_rank = launcher_rank() != 0  # another process of a multi-process run: process 0 says what every one finds
+    logging.basicConfig(level=logging.ERROR if other_rank else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         preset, overrides, sets = parse_args(argv)
         config = load_config(preset, overrides, sets)
-    except ConfigError as exc:
-        return _fail(f"error: {exc}", 2)
+    except ConfigError as exc:  # the same on every process (the same command and files): said once
+        return _fail(f"error: {exc}", 2, quiet=other_rank)
     if config.debug_dataset:  # kohya's: show the dataset, train nothing
         from .dataset_preview import main as preview
 
@@ -65,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         with stop_raises(after=trainer.stops):  # until the run's own handler, which saves and stops after a step
             outputs = trainer.run()
     except ConfigError as exc:  # found once the model or data is there: named as the user gave it, as above
-        return _fail(f"error: {named_where_given(exc, overrides, sets)}", 2)
+        return _fail(f"error: {named_where_given(exc, overrides, sets)}", 2, quiet=told_elsewhere(exc))
     except user_errors as exc:
-        return _fail(f"error: {exc}", 2)
+        return _fail(f"error: {exc}", 2, quiet=told_elsewhere(exc))
     except NonFiniteLossError as exc:
         return _fail(f"error: {exc}", 3)
     except WriteFailedError as exc:  # a full disk, a file-size limit, a read-only folder: the file named
@@ -79,6 +97,6 @@ def main(argv: list[str] | None = None) -> int:
                      "or saved; run the same command again to start it", 128 + exc.signum)
     except KeyboardInterrupt:
         return _fail("stopped at once (second interrupt); no file was left half-written", 130)
-    for kind, path in outputs.items():
+    for kind, path in outputs.items() if trainer.accelerator.is_main_process else ():  # the files process 0 wrote
         print(f"{kind}: {', '.join(map(str, path)) if isinstance(path, list) else path}")
     return 0

@@ -318,7 +318,7 @@ def _check_table_array(parent: dict[str, Any], key: str, path: Path, prefix: str
 
 def check_sample_prompts(path: Path) -> None:
     """Parse every prompt now (as sampling will), so a bad flag or key is not found after training."""
-    from .sampling import parse_prompt_entry, prompt_file_entries
+    from .sampling import MIN_SAMPLE_SIDE, kohya_sample_side, parse_prompt_entry, prompt_file_entries
 
     try:
         entries = prompt_file_entries(path)
@@ -339,6 +339,9 @@ def check_sample_prompts(path: Path) -> None:
         for flag, value in ((w, prompt.width), (h, prompt.height), (s, prompt.steps)):
             if problem := _sample_option_problem(value, steps=flag == s):
                 raise ConfigError.at("sample_prompts", f": {path} {where}: {flag} {problem}")
+            if flag != s and value is not None and (side := kohya_sample_side(value)) != value:
+                logger.warning("sample_prompts %s %s (%r): %s %d is sampled at %d px, as kohya rounds it (down to a "
+                               "multiple of 8, at least %d)", path, where, prompt.prompt, flag, value, side, MIN_SAMPLE_SIDE)
         if not math.isfinite(prompt.guidance):
             raise ConfigError.at("sample_prompts", f": {path} {where}: {scale} must be finite")
         if prompt.seed is not None and not 0 <= prompt.seed <= _MAX_SEED:
@@ -354,9 +357,11 @@ def _sample_option_problem(value: int | None, steps: bool) -> str | None:
     if steps:
         return None if 1 <= value <= MAX_SAMPLE_STEPS else (
             f"must be between 1 and {MAX_SAMPLE_STEPS} (the model's training timesteps), got {value}")
-    if value <= 0 or value % 8:
-        return f"must be a positive multiple of 8, got {value}"
-    if value > MAX_SAMPLE_SIZE:
+    if value < 0:  # kohya's prompt line takes digits only; its 0 (or a table's negative) becomes 64
+        return f"must not be negative, got {value}"
+    from .sampling import kohya_sample_side
+
+    if kohya_sample_side(value) > MAX_SAMPLE_SIZE:  # the side kohya samples
         return f"must be at most {MAX_SAMPLE_SIZE} px (a larger sample would not fit in memory), got {value}"
     return None
 

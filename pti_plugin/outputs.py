@@ -229,6 +229,7 @@ def write_lora_and_embedding(
     bundle: bool = True,
     family=None,
     num_validation_images: int = 0,
+    run_metadata: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write the kohya LoRA (with the pivot bundled for A1111) and the standalone embedding.
 
@@ -236,7 +237,8 @@ def write_lora_and_embedding(
     dict; ``alphas`` each LoRA module path (as in those state dicts) to its alpha; ``pivot_vectors``
     holds one ``[n, d_i]`` tensor per text encoder. ``family`` (a ``ModelFamily``; None: SD1.5) names
     the modules (its key table) and lays out the embedding (its embedding layout). ``num_validation_images``: the
-    images ``validation_split`` holds out (kohya's ``ss_num_validation_images``).
+    images ``validation_split`` holds out (kohya's ``ss_num_validation_images``). ``run_metadata``: kohya's dataset,
+    session and epoch keys (``formats.kohya_dataset_metadata``), over the others.
     """
     from .config import network_args
     from .formats.embedding import bundle_embedding_keys, save_embedding
@@ -270,6 +272,7 @@ def write_lora_and_embedding(
         lora_dropouts={k: v for k, v in conv.items() if k.endswith("_dropout")},
         family=family.name, training_comment=config.training_comment, num_validation_images=num_validation_images,
     ) | {k: v for k, v in training.items() if k.startswith("ss_")} | kohya_run_metadata(config)
+    metadata |= {"ss_training_finished_at": str(now)} | (run_metadata or {})  # kohya: the save's time
     if "ss_learning_rate" not in training:  # no lora stage: the LoRA never trained
         metadata.pop("ss_learning_rate")
     if config.no_metadata:  # kohya's: the keys a UI needs to tell what the file is, no training settings

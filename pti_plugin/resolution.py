@@ -421,11 +421,18 @@ def resolved_dict(config: Config) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
+def metadata_lora_stage(config: Config) -> ResolvedStage | None:
+    """The stage whose values kohya's single-stage ``ss_*`` keys hold (learning rates, steps, epochs): the last lora
+    stage, None without one."""
+    return next((s for s in reversed(config.stages) if s.kind == "lora"), None)
+
+
 def training_metadata(config: Config) -> dict[str, str]:
-    """kohya's ``ss_*`` training keys from the (last) lora stage and ``pti_inversion_*`` from the first inversion stage."""
+    """kohya's ``ss_*`` training keys from the (last) lora stage and ``pti_inversion_*`` from the first inversion stage.
+    ``ss_unet_lr``/``ss_text_encoder_lr`` of a LoRA the stage does not train read ``"None"`` (kohya's unset value)."""
     meta: dict[str, str] = {}
-    for prefix, kind, stages in (("ss_", "lora", reversed(config.stages)), ("pti_inversion_", "inversion", config.stages)):
-        stage = next((s for s in stages if s.kind == kind), None)
+    inversion = next((s for s in config.stages if s.kind == "inversion"), None)
+    for prefix, kind, stage in (("ss_", "lora", metadata_lora_stage(config)), ("pti_inversion_", "inversion", inversion)):
         if stage is None:
             continue
         optimizer = stage.optimizer_type + (f"({','.join(stage.optimizer_args)})" if stage.optimizer_args else "")
@@ -435,8 +442,7 @@ def training_metadata(config: Config) -> dict[str, str]:
         if kind == "lora":
             meta["ss_network_train_unet_only"] = str(not stage.train_text_encoder)
             for key in ("unet_lr", "text_encoder_lr"):
-                if getattr(stage, key) is not None:
-                    meta[f"ss_{key}"] = str(getattr(stage, key))
+                meta[f"ss_{key}"] = str(getattr(stage, key))
         else:
             meta["pti_inversion_pivot_lr"] = str(stage.pivot_lr)
     return meta

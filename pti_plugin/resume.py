@@ -206,8 +206,8 @@ def check_lora_scales(progress: SavedProgress | None, config) -> None:
     is kohya's 1.0 now."""
     from .config import network_args
 
-    if progress is None:
-        return
+    if progress is None or not any(stage.kind == "lora" for stage in config.stages[: progress.stage_index + 1]):
+        return  # no LoRA stage has begun by the saved step: the alphas scale no trained weights yet
     now, saved = lora_scales(config), progress.lora_scales
     if saved is None:
         given = any(item.partition("=")[0].strip() == "conv_alpha" for item in config.network_args)

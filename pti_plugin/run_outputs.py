@@ -7,6 +7,7 @@ when (``save_schedule.py``); this module writes.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,15 @@ import torch
 from .atomic_io import write_failed
 from .config import Config
 from .data.captions import expand_token
-from .data.dataset import ImageItem
+from .data.dataset import ImageItem, Subset
 from .data.dataset_stats import tag_frequency
+from .formats.kohya_dataset_metadata import kohya_dataset_metadata, session_metadata
 from .hooks import Plugin, TrainerState
 from .models.trainable import TrainableModel
 from .nan_policy import optimizer_state_is_finite
 from .outputs import RunFiles, write_lora_and_embedding
 from .resume import SavedProgress, base_identity, lora_scales, save_state
-from .save_schedule import prune_saves
+from .save_schedule import epoch_metadata, prune_saves
 
 
 class RunOutputs:
@@ -32,10 +34,13 @@ class RunOutputs:
 
     def __init__(self, config: Config, accelerator, files: RunFiles, model: TrainableModel, plugins: list[Plugin],
                  state: TrainerState, items: list[ImageItem], num_validation_images: int, vae_offloaded: bool,
-                 info: Callable[[str], None]):
+                 info: Callable[[str], None], subsets: list[Subset] | None = None):
         self.config, self.accelerator, self.files, self.model = config, accelerator, files, model
         self.plugins, self.state, self.items, self.info = plugins, state, items, info
         self.num_validation_images, self.vae_offloaded = num_validation_images, vae_offloaded
+        # kohya's dataset and session keys, once (``subsets``: the scan's, which ``items`` index)
+        self.kohya_keys = session_metadata(time.time()) | (kohya_dataset_metadata(
+            config, subsets, items, state.steps_per_epoch, accelerator.num_processes) if subsets else {})
         # A new run (not a resume) replaces an earlier run's log (there only with ``overwrite``) at its first line
         # instead of appending to it: before, the log held both runs' steps.
         self._log_mode = "a" if config.resume else "w"
@@ -68,6 +73,8 @@ class RunOutputs:
                 self.files, suffix, self.model.lora_state_dicts(), self.model.lora_alphas,
                 tuple(p.vectors for p in self.model.pivots), config, state.global_step, files["metadata"],
                 tag_frequency(self.items), family=self.model.family, num_validation_images=self.num_validation_images,
+                run_metadata=self.kohya_keys | epoch_metadata(config, state.steps_per_epoch, state.stage_index,
+                                                              state.stage_step, final=tag is None),
             )
             folder = self.files.state_dir(suffix or f"step{state.global_step:08d}")
             if with_state and config.resume and folder.resolve() == Path(config.resume).resolve():

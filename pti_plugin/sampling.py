@@ -101,6 +101,16 @@ class SamplePrompt:
     sampler: str | None = None  # kohya's --ss: this prompt's sampler instead of sample_sampler
 
 
+#: kohya's smallest sample side (px): ``sample_image_inference`` makes a smaller one this size.
+MIN_SAMPLE_SIDE = 64
+
+
+def kohya_sample_side(value: int) -> int:
+    """The side (px) kohya samples for a prompt's ``--w``/``--h`` (``width``/``height``) ``value``: rounded down to
+    a multiple of 8, at least :data:`MIN_SAMPLE_SIDE` (``sample_image_inference``: ``max(64, v - v % 8)``)."""
+    return max(MIN_SAMPLE_SIDE, value - value % 8)
+
+
 def sampler_name(text: str) -> str:
     """A sampler name as kohya reads it (lower case, spaces as underscores), one of :data:`SAMPLERS`."""
     name = text.strip().lower().replace(" ", "_")
@@ -219,7 +229,7 @@ def generate_samples(pipe, prompts: list[SamplePrompt], default_size: tuple[int,
     ``encode`` (texts -> the family's ``Conditioning``): prompt and negative prompt are conditioned as in training
     (``clip_skip``, long-caption windows, both prompts alike), not by the pipeline's own text encoding; each
     distinct text once per call (a prompt file repeats one negative prompt on every line), the same tensors
-    for every prompt that uses it."""
+    for every prompt that uses it. A ``--w``/``--h`` is sampled as kohya does (:func:`kohya_sample_side`)."""
     from PIL.PngImagePlugin import PngInfo
 
     default = pipe.scheduler
@@ -237,8 +247,8 @@ def generate_samples(pipe, prompts: list[SamplePrompt], default_size: tuple[int,
                 else pipeline_conditioning(condition(sample.prompt), condition(sample.negative)))
         image = pipe(
             **text,
-            width=sample.width or default_size[0],
-            height=sample.height or default_size[1],
+            width=default_size[0] if sample.width is None else kohya_sample_side(sample.width),
+            height=default_size[1] if sample.height is None else kohya_sample_side(sample.height),
             num_inference_steps=sample.steps or default_steps,
             guidance_scale=sample.guidance,
             generator=generator,

@@ -28,10 +28,12 @@ The state a resume started from may be pruned too, but only after a newer state 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 
 from .outputs import epoch_save_due, epoch_save_interval
+from .resolution import metadata_lora_stage
 
 logger = logging.getLogger(__name__)
 
@@ -159,3 +161,25 @@ def prune_saves(files, config, step: int, steps_per_epoch: int) -> list[Path]:
             print(message, flush=True)  # as the trainer says what it saves (it calls this from the main process)
             removed.append(old)
     return removed
+
+
+def epoch_metadata(config, steps_per_epoch: int, stage_index: int, stage_step: int, final: bool) -> dict[str, str]:
+    """kohya's ``ss_num_epochs`` and ``ss_epoch`` for a save after ``stage_step`` steps of stage ``stage_index``
+    (``final``: the run's last save), counted in the LoRA stage whose settings the metadata holds (the last lora stage,
+    :func:`~pti_plugin.resolution.metadata_lora_stage`); {} without one. Its epochs: ``ceil(steps / steps_per_epoch)``.
+    As kohya's saves: the final save (or any after that stage) writes its epochs; a save at a saving epoch's end the
+    epochs done; any other save (a step's, an interrupted one) the 0-based epoch in progress (kohya's step saves
+    pass the loop's epoch index); a save before the stage, 0."""
+    stage = metadata_lora_stage(config)
+    if stage is None:
+        return {}
+    epochs = math.ceil(stage.steps / steps_per_epoch)
+    if final or stage_index > stage.index:
+        epoch = epochs
+    elif stage_index < stage.index:
+        epoch = 0
+    elif epoch_save_due(config, stage_step, stage.steps, steps_per_epoch):
+        epoch = stage_step // steps_per_epoch
+    else:
+        epoch = max(stage_step - 1, 0) // steps_per_epoch
+    return {"ss_num_epochs": str(epochs), "ss_epoch": str(epoch)}

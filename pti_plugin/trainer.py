@@ -33,6 +33,7 @@ from .data.latents import LatentSource
 from .data.sample_order import SampleOrder, sample_generator, stage_order
 from .data.scanning import scan_images_and_held_out
 from .diffusion_loss import check_against_model, draw_batch, per_sample_loss, timestep_weighted, training_target
+from .family_checks import check_bucket_steps
 from .hooks import (
     Batch,
     MainPrediction,
@@ -44,6 +45,7 @@ from .hooks import (
     schedule_of,
 )
 from .lora_regularisation import LoraRegularisation
+from .main_process_checks import checked_on_main_process
 from .models.loading import load_base_model
 from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process
@@ -83,9 +85,7 @@ class Trainer:
         check_lora_scales(self._resume_progress, config)  # a LoRA's alphas are part of what it learned
         self.accelerator = make_accelerator(config, output_dir, logging_dir)  # from a fresh accelerate state
         self.files = RunFiles(output_dir, config.output_name, config.token_string, config.overwrite)
-        if self.accelerator.is_main_process:
-            self._claim_outputs(output_dir)
-        self.accelerator.wait_for_everyone()
+        checked_on_main_process(self.accelerator, lambda: self._claim_outputs(output_dir))  # refused on every process
         device = self.accelerator.device
 
         held_out = self._scan_data()  # the data is checked before any model loads
@@ -123,7 +123,7 @@ class Trainer:
         if config.log_with:
             self.accelerator.init_trackers(tracker_name(config), config=tracker_hparams(config), init_kwargs=tracker_init_kwargs(config))
         self.outputs = RunOutputs(config, self.accelerator, self.files, model, self.plugins, self.state, self.items,
-                                  len(self.validation.items), self.placement.vae_offloaded, self._info)
+                                  len(self.validation.items), self.placement.vae_offloaded, self._info, self.subsets)
         frozen_text = [s.name for s in config.stages if self.text_cache.caches(self.state.stage_trains(s).text_encoders)]
         announce(self._info, config, base, self.placement, device, images=len(self.items), entries=len(self.entries),
                  processes=self.accelerator.num_processes, global_batch=self.global_batch, frozen_text=frozen_text,
@@ -138,7 +138,9 @@ class Trainer:
             from .embedded_default import default_dataset_dir
 
             train_dir = default_dataset_dir(config.token_string)
-        self.items, held_out = scan_images_and_held_out(config, load_subsets(config, train_dir))
+        self.subsets = subsets = load_subsets(config, train_dir)  # the items index them (the LoRA's dataset keys)
+        check_bucket_steps(config, subsets)  # kohya's rule for the model's family, before the images are read
+        self.items, held_out = scan_images_and_held_out(config, subsets)
         return held_out
 
     def _build_model(self, base) -> TrainableModel:

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_importing_the_trainer_prints_no_known_library_noise():
     """A fresh interpreter importing the package and the libraries that make the noise prints none of it,
@@ -22,7 +24,9 @@ def test_importing_the_trainer_prints_no_known_library_noise():
     assert "another bitsandbytes message" in output and "another transformers message" in output
 
 
-def test_the_trainer_process_never_looks_up_the_hub(tmp_path):
+@pytest.mark.parametrize("entry", ["runpy.run_path({train!r}, run_name='imported')", "from pti_plugin.cli import main"],
+                         ids=["train_pti.py", "pti-train"])
+def test_the_trainer_process_never_looks_up_the_hub(tmp_path, entry):
     """train_pti.py reads local files only: nothing it imports may reach the Hugging Face Hub (bitsandbytes, which
     peft and diffusers import, asks the Hub for an optional CPU kernel at import on CPUs with AVX512-BF16). The
     process records every host name looked up; it also says nothing about that kernel."""
@@ -40,7 +44,7 @@ def test_the_trainer_process_never_looks_up_the_hub(tmp_path):
         "    looked_up.append(host)\n"
         "    raise OSError('no network in this test')\n"
         "socket.getaddrinfo = refuse\n"
-        f"runpy.run_path({str(repo / 'train_pti.py')!r}, run_name='imported')\n"
+        + entry.format(train=str(repo / "train_pti.py")) + "\n"
         "import diffusers, peft  # noqa: F401\n"
         "print('looked up:', looked_up)\n")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"PYTHONPATH": str(repo)}

@@ -28,7 +28,7 @@ def test_no_metadata_keeps_kohyas_minimum_keys_and_the_model_spec_only(preset, t
     spec = {k for k in full if k.startswith("modelspec.")}
     hashes = {k for k in full if k.startswith("sshs_")}  # the weights' hashes, which kohya's save adds to any metadata
     assert spec and {"ss_tag_frequency", "ss_training_comment", "pti_stages", "ss_steps"} <= full.keys()
-    assert bare.keys() == {"ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+    assert bare.keys() == {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                            "ss_network_args"} | spec | hashes
     assert (bare["ss_network_dim"], bare["ss_network_alpha"], bare["ss_network_module"]) == (
         full["ss_network_dim"], full["ss_network_alpha"], "networks.lora")

@@ -149,8 +149,8 @@ def test_a_run_samples_each_prompt_of_a_toml_prompt_file_once(preset, tmp_path):
 PROMPT_FILE_CASES = {
     "a key kohya's SD sampling does not read": ("prompts.toml", '[prompt]\n[[prompt.subset]]\nprompt = "tok1"\n'
                                                 "guidance_scale = 3.5\n", "prompt 1: key 'guidance_scale' unknown"),
-    "a size no sample can take": ("prompts.toml", '[prompt]\nwidth = 30\n[[prompt.subset]]\nprompt = "tok1"\n',
-                                  "prompt 1: width must be a positive multiple of 8, got 30"),
+    "a size no sample can take": ("prompts.toml", '[prompt]\nwidth = -30\n[[prompt.subset]]\nprompt = "tok1"\n',
+                                  "prompt 1: width must not be negative, got -30"),
     "a .toml file without kohya's tables": ("prompts.toml", 'prompt = "tok1"\n', "is not in kohya's .toml prompt format"),
     "a number as text": ("prompts.json", '[{"prompt": "tok1", "sample_steps": "20"}]',
                          "prompt 1: key 'sample_steps' expects int, got '20'"),

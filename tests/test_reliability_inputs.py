@@ -108,8 +108,8 @@ CASES = {
                                     [], "'datasets.0.subsets' must be [[datasets.subsets]] tables, got 'abc'"),
     "sample_prompt_bad_flag": lambda t: ({"sample_prompts": _write(t, "prompts.txt", "# header\ntok1 --w abc\n")}, [],
                                          "prompts.txt line 2: sample prompt flag --w expects int, got 'abc'"),
-    "sample_prompt_odd_size": lambda t: ({"sample_prompts": _write(t, "prompts.txt", "tok1 --h 30\n")}, [],
-                                         "line 1: --h must be a positive multiple of 8, got 30"),
+    "sample_prompt_odd_size": lambda t: ({"sample_prompts": _write(t, "prompts.txt", "tok1 --h -8\n")}, [],
+                                         "line 1: --h must not be negative, got -8"),
     "nan_network_weights": lambda t: ({"network_weights": str(_nan_lora(t / "nan.safetensors"))}, [],
                                       "nan.safetensors holds non-finite values (NaN or inf) in tensor "
                                       "'lora_unet_mid_block_attentions_0_proj_in.lora_down.weight'"),

@@ -60,7 +60,7 @@ def test_log_toml_and_metadata_hold_the_resolved_values(preset, tmp_path, capsys
         meta = handle.metadata()
     assert {k: meta.get(k) for k in ("ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_max_train_steps",
                                      "ss_lr_scheduler", "ss_lr_warmup_steps", "ss_optimizer", "ss_steps")} == {
-        "ss_learning_rate": "0.01", "ss_unet_lr": "0.003", "ss_text_encoder_lr": None, "ss_max_train_steps": "2",
+        "ss_learning_rate": "0.01", "ss_unet_lr": "0.003", "ss_text_encoder_lr": "None", "ss_max_train_steps": "2",
         "ss_lr_scheduler": "linear", "ss_lr_warmup_steps": "1", "ss_optimizer": "AdamW(weight_decay=0.1)", "ss_steps": "6"}
     assert {k: meta.get(k) for k in ("pti_inversion_learning_rate", "pti_inversion_max_train_steps",
                                      "pti_inversion_lr_scheduler", "pti_inversion_pivot_lr")} == {

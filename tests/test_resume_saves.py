@@ -214,3 +214,13 @@ def test_a_resume_with_other_lora_alphas_is_refused_and_an_old_locon_state_is_na
     with caplog.at_level("WARNING", logger="pti_plugin.resume"):
         Trainer(build_config(raw | {"output_dir": str(tmp_path / "third"), "resume": str(state)})).run()
     assert "add conv_alpha=4 to network_args" in caplog.text
+
+
+def test_a_state_saved_before_any_lora_stage_resumes_with_other_alphas(killed_run, tmp_path):
+    """The alphas scale the LoRA's trained weights; a state from the inversion stage has none yet, so a resume with
+    another network_alpha is no reason to refuse it."""
+    raw, out = killed_run
+    state = out / "pti-state-step00000002"
+    resumed = raw | {"output_dir": str(tmp_path / "second"), "resume": str(state), "network_alpha": 2.0}
+    Trainer(build_config(resumed)).run()
+    assert (tmp_path / "second" / "tok1.safetensors").is_file()

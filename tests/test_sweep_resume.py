@@ -85,7 +85,8 @@ def test_a_run_trained_with_other_settings_stops_the_sweep_and_stays_as_it_was(a
     changed = [a if a != "4" else "6" for a in argv]
     with pytest.raises(SystemExit) as stop:
         _sweep(changed)
-    message = str(stop.value.code)
+    assert stop.value.code == 2  # a bad input, as every script's usage error
+    message = str(stop.value)
     assert f"--out {out}" in message and "inversion-lr0.01" in message and "stages.0.steps: 4 -> 6" in message
     assert str(out / "runs" / "inversion-lr0.01") in message  # what to move away to retrain it
     assert _digests(out) == before  # runs and their settings records untouched

@@ -27,11 +27,22 @@ tensor. The key of an image with a mask also digests its source (``alpha``: the 
 a mask file: its bytes) and the mask's filter when not Lanczos (``masks.mask_filter``), so an edited mask, another
 filter, or ``alpha_mask`` turned on, never reuses a file without it; the key of an image without a mask names no
 mask (VAE, scale, seed and image only).
+
+A process killed while writing a disk-cache file (SIGKILL, a power cut) leaves its hidden temporary
+``.<cache file name>.<8 random characters>.tmp`` (``atomic_io``'s naming) beside the images. The next run that
+caches into that folder removes each such temporary whose last write is :data:`STALE_TEMPORARY_SECONDS` old or more,
+naming it (:func:`remove_stale_temporaries`): a cache file takes well under a second to write, so an older one has
+no live writer, while a younger one may be another run's, writing now, and is kept. Only names of exactly that
+pattern are touched (a plain file, hidden, a cache file's name with ``.pti_latents.safetensors``, then the random
+part and ``.tmp``); nothing else in the user's folder is.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +53,32 @@ from .buckets import resample_filter
 from .dataset import ImageItem
 from .masks import fitted_mask, has_mask, latent_mask, mask_filter, pixels_and_mask, stack_masks
 from .sample_order import sample_generator
+
+logger = logging.getLogger(__name__)
+
+#: Age (seconds since its last write) from which a disk-cache temporary has no live writer (module docstring).
+STALE_TEMPORARY_SECONDS = 10 * 60
+#: The hidden temporary of a disk-cache file: ``.<stem>.<w>x<h>[.flip].<key>.pti_latents.safetensors.<random>.tmp``
+#: (``atomic_io.atomic_path``'s ``mkstemp`` names: 8 characters of ``[a-z0-9_]``).
+_TEMPORARY = re.compile(r"\..+\.\d+x\d+(\.flip)?\.[0-9a-f]{12}\.pti_latents\.safetensors\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove the disk-cache temporaries in ``folder`` a killed writer left (module docstring), each named in a
+    warning; return them."""
+    now = time.time() if now is None else now
+    removed = []
+    for path in sorted(folder.iterdir()):
+        try:
+            if (not _TEMPORARY.fullmatch(path.name) or path.is_symlink() or not path.is_file()
+                    or now - path.stat().st_mtime < STALE_TEMPORARY_SECONDS):
+                continue
+            path.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove: left as it is
+            continue
+        removed.append(path)
+        logger.warning("removed %s, an incomplete latent-cache file left by a run killed while caching", path)
+    return removed
 
 
 def module_digest(module: torch.nn.Module) -> str:
@@ -137,6 +174,9 @@ class LatentSource:
             return
         from safetensors.torch import load_file
 
+        if self.to_disk:
+            for folder in sorted({item.path.parent for item in self.items}):
+                remove_stale_temporaries(folder)
         pending: dict[tuple[int, int], list[tuple[int, bool]]] = {}  # by bucket: the draws to encode
         for index, item in enumerate(self.items):
             if item.num_repeats < 1:  # a regularisation image left out by kohya's balancing: never drawn

@@ -208,10 +208,14 @@ def kohya_metadata(
     ``ss_training_comment`` as given; when None the key is left out (kohya writes the string ``"None"``).
     ``num_validation_images``: the images ``validation_split`` holds out, each once (kohya's validation dataset counts
     no repeats and holds out no regularisation images), 0 without validation: ``ss_num_validation_images``.
+    ``ss_v2`` and ``ss_lowram`` read ``"False"`` (kohya's options refused here). The dataset, bucket, epoch and session
+    keys: :mod:`.kohya_dataset_metadata`.
     """
     meta = {
         "ss_network_module": "networks.lora",
         "ss_full_fp16": "False",  # kohya's str(bool(args.full_fp16)): refused here (kohya writes no key for full_bf16)
+        "ss_v2": "False",  # kohya's str(bool(args.v2)), False for SD1.x and SDXL (SD2.x's v2 is refused here)
+        "ss_lowram": "False",  # kohya's str(args.lowram): refused here
         "ss_network_dim": str(int(network_dim)),
         "ss_network_alpha": str(float(network_alpha)),
         "ss_base_model_version": BASE_MODEL_VERSIONS[family],
@@ -286,6 +290,7 @@ KOHYA_SETTINGS = {
     "ss_max_validation_steps": "max_validation_steps",
     "ss_validate_every_n_epochs": "validate_every_n_epochs",
     "ss_validate_every_n_steps": "validate_every_n_steps",
+    "ss_resize_interpolation": "resize_interpolation",
 }
 #: The options of :data:`KOHYA_SETTINGS` whose kohya default is None, which means what pti-plugin's default means
 #: (off; the last layer for clip_skip; 75 tokens for max_token_length): at pti-plugin's default the value is written

@@ -15,7 +15,9 @@ in training; every text encoder of the family, e.g. SDXL's two and its pooled em
 pipeline is called with ``prompt_embeds`` (plus ``pooled_prompt_embeds`` for SDXL), so generation
 sees exactly the training-time conditioning. Token positions (the subject's) are read from the
 first tokenizer's ids: SDXL's two tokenizers share CLIP's vocabulary and place every word at the
-same index.
+same index. Prompts are tokenised at the run's ``max_token_length`` (75, or kohya's 150 / 225 windows): ids and
+per-token states are ``max_token_length + 2`` long, and a subject past the 77th token is found and weighted at its
+own row (tested on SDXL at 225).
 """
 
 from __future__ import annotations
@@ -182,8 +184,10 @@ class LoadedRun:
         return self.tokenizers[0]
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids as the family's conditioning takes them (CPU, int64): ``[B, L]`` (SD1.5; L = 77 unless the
-        run set a longer max_token_length) or ``[B, encoders, 77]`` (SDXL)."""
+        """Token ids as the family's conditioning takes them (CPU, int64): ``[B, L]`` (SD1.5) or ``[B, encoders, L]``
+        (SDXL), L = the run's ``max_token_length + 2`` (77, or 152 / 227 with kohya's windows), the length of
+        :meth:`conditioning`'s hidden states, whose rows are at the same positions (each window's 75 caption rows
+        are stitched back in order)."""
         return self.family.tokenize(self.tokenizers, prompts)
 
     def token_positions_ids(self, prompts: list[str]) -> torch.Tensor:

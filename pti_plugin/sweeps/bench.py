@@ -62,6 +62,7 @@ scores reused, so an interrupted bench continues where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -85,6 +86,7 @@ from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, seed_co
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix
 from pti_plugin.sweeps.stopping import stoppable
+from pti_plugin.sweeps.usage import usage_exit
 from pti_plugin.toy_world.run_scores import SCORES_VERSION, scores_of
 
 #: The presets shipped with the repository (the bench's default preset lives there).
@@ -96,7 +98,7 @@ def parse_variants(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
-        raise SystemExit(f"--variants: unknown {unknown or text!r}; choose among {', '.join(VARIANTS)}")
+        raise argparse.ArgumentTypeError(f"unknown {unknown or text!r}; choose among {', '.join(VARIANTS)}")
     return list(dict.fromkeys(names))
 
 
@@ -190,7 +192,7 @@ def choose_pivot(rows: list[dict], choice: str) -> tuple[dict, str]:
         lr = float(choice)
         match = [r for r in done if same_lr(r["lr"], lr)]
         if not match:
-            raise SystemExit(f"--pivot_lr {choice}: not among the finished inversion runs ({[r['lr'] for r in done]})")
+            raise usage_exit(f"--pivot_lr {choice}: not among the finished inversion runs ({[r['lr'] for r in done]})")
         return match[0], f"--pivot_lr {choice}"
     x = [r.get("pivot_l2_from_init") for r in done]
     for metric, sign in (("gt_character_match", 1.0), ("proxy_denoise_mse", -1.0)):
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
         raw = apply_overrides(load_preset_dict(args.preset), {}, args.sets)
         config = build_config(copy.deepcopy(raw))
     except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        raise usage_exit(str(exc)) from exc
     stage_of(raw, "inversion"), stage_of(raw, "lora")  # both stages are needed (SystemExit naming them)
     engine = ["--engine", args.engine] + (["--address", args.address] if args.address else []) + (
         ["--gpus_per_run", str(args.gpus_per_run)] if args.gpus_per_run is not None else [])

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pti_plugin.sweeps.runner import PACKAGE_ROOT, run_on_gpus
 from pti_plugin.sweeps.stopping import KILL_AT, StopBoard, StopRequests, stop_signal_of, stop_sweep
+from pti_plugin.sweeps.usage import usage_exit
 
 Job = tuple[str, list[str], Path]
 #: At the sweep's KILL_AT-th signal, the longest it waits (seconds) for its Ray tasks to kill their jobs (each reads
@@ -177,7 +178,7 @@ def engine_from_args(args, gpus: list[str]) -> Engine:
         ray_module()  # refuse now, before any training, when Ray is missing
         return Engine("ray", [], args.address, args.gpus_per_run)
     if args.address or args.gpus_per_run is not None:
-        raise SystemExit("--address and --gpus_per_run apply to --engine ray only")
+        raise usage_exit("--address and --gpus_per_run apply to --engine ray only")
     return Engine("local", gpus)
 
 

@@ -88,6 +88,7 @@ from pti_plugin.sweeps.plan import parse_lrs, plan_pivot, plan_runs, seed_count,
 from pti_plugin.sweeps.report import write_report
 from pti_plugin.sweeps.runner import train_sweep, visible_gpus
 from pti_plugin.sweeps.stopping import stoppable
+from pti_plugin.sweeps.usage import usage_exit
 
 
 def parse_args(argv):
@@ -156,7 +157,7 @@ def sweep(argv: list[str]) -> tuple[list[dict], list[str]]:
         pivots = {k: p for k in training_seed_indices(args) if (p := plan_pivot(args, raw, k)) is not None}
         specs = plan_runs(args, raw, pivots)
     except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        raise usage_exit(str(exc)) from exc
     if args._evaluate_run:  # a worker process: evaluate one run and exit
         evaluate_one({s.name: s for s in specs}[args._evaluate_run], args)
         return [], []

@@ -24,6 +24,7 @@ from pti_plugin.config_loading import build_config
 from pti_plugin.outputs import run_finished
 from pti_plugin.script_args import int_at_least, number_list, positive_finite
 from pti_plugin.sweeps.seeds import seed_suffix
+from pti_plugin.sweeps.usage import usage_exit
 
 
 @dataclass
@@ -106,8 +107,8 @@ def write_run_preset(out: Path, name: str, run_dir: Path, output_name: str, toke
             diffs = []
         if diffs:
             shown = first_of(diffs, 5, "; ")
-            raise SystemExit(
-                f"error: --out {out}: the run {name} there was trained with other settings than this sweep's "
+            raise usage_exit(
+                f"--out {out}: the run {name} there was trained with other settings than this sweep's "
                 f"({shown}; its record: {path}). Reusing it would mix runs of two settings in one sweep: use "
                 f"another --out, or move {run_dir} away to train it again with these settings.")
     elif reused:
@@ -133,7 +134,7 @@ def training_seed_indices(args) -> list[int]:
     if only is None:
         return list(range(count))
     if not 0 <= only < count:
-        raise SystemExit(f"--only_training_seed {only}: not among the {count} training seeds (0..{count - 1})")
+        raise usage_exit(f"--only_training_seed {only}: not among the {count} training seeds (0..{count - 1})")
     return [only]
 
 
@@ -147,7 +148,7 @@ def preset_stages(raw: dict, stage: str) -> tuple[list[dict], int]:
     stages = raw.get("stages") or [{k: v for k, v in dataclasses.asdict(s).items() if v is not None} for s in default_stages()]
     index = next((i for i, s in enumerate(stages) if s.get("kind", "inversion") == stage), None)
     if index is None:
-        raise SystemExit(f"the preset has no {stage!r} stage to sweep (stages: {[s.get('kind', 'inversion') for s in stages]})")
+        raise usage_exit(f"the preset has no {stage!r} stage to sweep (stages: {[s.get('kind', 'inversion') for s in stages]})")
     return [dict(s) for s in stages], index
 
 

@@ -1,0 +1,63 @@
+"""Start-up checks that only the main process makes (the output folder's claim), refused on every process.
+
+Under several processes a check that only process 0 makes (it alone writes the output folder) must stop every
+process when it refuses: the others would otherwise wait at the next collective for a process that has exited,
+and end with the process group's ``Connection closed by peer`` traceback (or, on GPUs, a hang until the launcher
+kills them). :func:`checked_on_main_process` runs the check on process 0 and raises its refusal on every process;
+the other processes' copy is marked :data:`TOLD_BY_MAIN_PROCESS`, so the command line prints it once (process 0's).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Callable
+
+#: attribute set on the copy of process 0's refusal that another process raises (the message is process 0's to print)
+TOLD_BY_MAIN_PROCESS = "told_by_main_process"
+
+
+def checked_on_main_process(accelerator, check: Callable[[], None]) -> None:
+    """Run ``check`` on the main process only; an exception it raises is raised on every process (the same type and
+    message; on the others marked :data:`TOLD_BY_MAIN_PROCESS`). Every process returns together, as a barrier."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            check()
+        except Exception as exc:  # noqa: BLE001 - passed on to every process, then raised here as it came
+            error = exc
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [_sendable(error) if accelerator.is_main_process else None]
+        broadcast_object_list(box, from_process=0)
+        if not accelerator.is_main_process and box[0] is not None:
+            setattr(box[0], TOLD_BY_MAIN_PROCESS, True)
+            raise box[0]
+    if error is not None:
+        raise error
+
+
+def _sendable(error: Exception | None) -> Exception | None:
+    """``error``, or a ``RuntimeError`` with its message when it cannot be pickled to the other processes."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(str(error))
+
+
+def told_elsewhere(exc: BaseException) -> bool:
+    """Whether ``exc``'s message is printed by another process: a copy of process 0's refusal
+    (:func:`checked_on_main_process`)."""
+    return bool(getattr(exc, TOLD_BY_MAIN_PROCESS, False))
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher (``torchrun``, ``accelerate launch``) set it; 0 without one."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
