@@ -18,6 +18,8 @@ from pti_plugin.config import ConfigError
 from pti_plugin.config_loading import build_config
 from pti_plugin.trainer import Trainer
 
+from .test_analysis_inputs import _refused
+
 # ----------------------------------------------------------------------------- 1. sample sizes kohya rounds
 
 
@@ -139,13 +141,6 @@ def test_the_dataset_of_a_dataset_config_is_named_and_nothing_loads(preset, tiny
 # ----------------------------------------------------------------------------- 3. the sweeps' bad inputs: exit 2
 
 
-def _exit(call, capsys) -> str:
-    with pytest.raises(SystemExit) as stop:
-        call()
-    assert stop.value.code == 2
-    return capsys.readouterr().err
-
-
 @pytest.fixture
 def sweep_preset(tiny_model, tiny_dataset, tmp_path):
     def write(**overrides) -> str:
@@ -171,7 +166,7 @@ def test_a_bad_input_of_the_lr_sweep_is_one_error_line_and_exit_2(case, sweep_pr
         "address without ray": (["--preset", sweep_preset(), "--address", "auto"],
                                 "error: --address and --gpus_per_run apply to --engine ray only"),
     }[case]
-    err = _exit(lambda: lr_sweep.cli(base + argv), capsys)
+    err = _refused(lambda: lr_sweep.cli(base + argv), capsys)
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "o" / "runs").exists()
 
@@ -181,9 +176,9 @@ def test_a_bad_input_of_the_bench_is_exit_2(tmp_path, capsys):
 
     bad = tmp_path / "bad.toml"
     bad.write_text("network_dim = 0\n")
-    err = _exit(lambda: bench.main(["--preset", str(bad), "--out", str(tmp_path / "b")]), capsys)
+    err = _refused(lambda: bench.main(["--preset", str(bad), "--out", str(tmp_path / "b")]), capsys)
     assert "error: preset: key 'network_dim' must be > 0" in err
-    err = _exit(lambda: bench.parse_args(["--variants", "bogus", "--out", str(tmp_path / "b")]), capsys)
+    err = _refused(lambda: bench.parse_args(["--variants", "bogus", "--out", str(tmp_path / "b")]), capsys)
     assert "argument --variants: unknown ['bogus']" in err
 
 
