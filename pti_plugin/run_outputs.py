@@ -34,13 +34,13 @@ class RunOutputs:
 
     def __init__(self, config: Config, accelerator, files: RunFiles, model: TrainableModel, plugins: list[Plugin],
                  state: TrainerState, items: list[ImageItem], num_validation_images: int, vae_offloaded: bool,
-                 info: Callable[[str], None], subsets: list[Subset] | None = None):
+                 info: Callable[[str], None], subsets: list[Subset], global_batch: int):
         self.config, self.accelerator, self.files, self.model = config, accelerator, files, model
         self.plugins, self.state, self.items, self.info = plugins, state, items, info
         self.num_validation_images, self.vae_offloaded = num_validation_images, vae_offloaded
         # kohya's dataset and session keys, once (``subsets``: the scan's, which ``items`` index)
-        self.kohya_keys = session_metadata(time.time()) | (kohya_dataset_metadata(
-            config, subsets, items, state.steps_per_epoch, accelerator.num_processes) if subsets else {})
+        self.kohya_keys = session_metadata(time.time()) | kohya_dataset_metadata(
+            config, subsets, items, state.steps_per_epoch, global_batch)
         # A new run (not a resume) replaces an earlier run's log (there only with ``overwrite``) at its first line
         # instead of appending to it: before, the log held both runs' steps.
         self._log_mode = "a" if config.resume else "w"

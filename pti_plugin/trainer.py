@@ -123,7 +123,8 @@ class Trainer:
         if config.log_with:
             self.accelerator.init_trackers(tracker_name(config), config=tracker_hparams(config), init_kwargs=tracker_init_kwargs(config))
         self.outputs = RunOutputs(config, self.accelerator, self.files, model, self.plugins, self.state, self.items,
-                                  len(self.validation.items), self.placement.vae_offloaded, self._info, self.subsets)
+                                  len(self.validation.items), self.placement.vae_offloaded, self._info, self.subsets,
+                                  self.global_batch)
         frozen_text = [s.name for s in config.stages if self.text_cache.caches(self.state.stage_trains(s).text_encoders)]
         announce(self._info, config, base, self.placement, device, images=len(self.items), entries=len(self.entries),
                  processes=self.accelerator.num_processes, global_batch=self.global_batch, frozen_text=frozen_text,

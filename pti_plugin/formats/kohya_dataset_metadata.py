@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,10 +45,6 @@ def bucket_info(items: Sequence[ImageItem], enabled: bool) -> dict[str, Any] | N
         errors.append(bucket_w / bucket_h - width / height if width > 0 and height > 0 else 0.0)
     buckets = {i: {"resolution": reso, "count": counts[reso]} for i, reso in enumerate(sorted(counts))}
     return {"buckets": buckets, "mean_img_ar_error": float(np.mean(np.abs(np.array(errors)))) if errors else 0}
-
-
-def _of_subset(items: Sequence[ImageItem], index: int) -> list[ImageItem]:
-    return [item for item in items if item.subset_index == index]
 
 
 def _image_counts(counted: Sequence[tuple[Subset, int]]) -> tuple[int, int]:
@@ -86,20 +83,20 @@ def _subset_entry(subset: Subset, img_count: int) -> dict[str, Any]:
     return entry | {"metadata_file": subset.metadata_file.name}
 
 
-def _datasets(subsets: Sequence[Subset], items: Sequence[ImageItem], batch_size: int) -> dict[str, str]:
-    """``ss_datasets`` and ``ss_dataset_dirs`` (kohya's dataset_config form)."""
+def _datasets(subsets: Sequence[Subset], items: Sequence[ImageItem], counts: Counter, batch_size: int) -> dict[str, str]:
+    """``ss_datasets`` and ``ss_dataset_dirs`` (kohya's dataset_config form); ``counts``: images per subset index."""
     datasets, dirs = [], {}
     for dataset_index in sorted({s.dataset_index for s in subsets}):
-        indices = [i for i, s in enumerate(subsets) if s.dataset_index == dataset_index and _of_subset(items, i)]
+        indices = [i for i, s in enumerate(subsets) if s.dataset_index == dataset_index and counts[i]]
         if not indices:
             continue
         own = [item for item in items if item.dataset_index == dataset_index]
         first = subsets[indices[0]]
         enable, low, high, _ = _bucket_settings(first)
-        train, reg = _image_counts([(subsets[i], len(_of_subset(items, i))) for i in indices])
+        train, reg = _image_counts([(subsets[i], counts[i]) for i in indices])
         entries = []
         for i in indices:
-            subset, count = subsets[i], len(_of_subset(items, i))
+            subset, count = subsets[i], counts[i]
             entries.append(_subset_entry(subset, count))
             if subset.is_reg:
                 continue
@@ -117,12 +114,14 @@ def _datasets(subsets: Sequence[Subset], items: Sequence[ImageItem], batch_size:
     return {"ss_datasets": json.dumps(datasets), "ss_dataset_dirs": json.dumps(dirs)}
 
 
-def _flat(config: Any, subsets: Sequence[Subset], items: Sequence[ImageItem], global_batch: int) -> dict[str, str]:
-    """kohya's flat dataset keys (folders or ``in_json``: one dataset, the preset's settings)."""
+def _flat(config: Any, subsets: Sequence[Subset], items: Sequence[ImageItem], counts: Counter,
+          global_batch: int) -> dict[str, str]:
+    """kohya's flat dataset keys (folders or ``in_json``: one dataset, the preset's settings); ``counts``: images per
+    subset index."""
     dirs: dict[str, dict[str, int]] = {}
     reg_dirs: dict[str, dict[str, int]] = {}
     for index, subset in enumerate(subsets):
-        count = len(_of_subset(items, index))
+        count = counts[index]
         if count:  # kohya: a subset without images is not one of its dataset's
             (reg_dirs if subset.is_reg else dirs)[_dir_name(subset)] = {"n_repeats": subset.num_repeats, "img_count": count}
     enable, low, high, no_upscale = _bucket_settings(subsets[0])
@@ -138,21 +137,21 @@ def _flat(config: Any, subsets: Sequence[Subset], items: Sequence[ImageItem], gl
 
 
 def kohya_dataset_metadata(config: Any, subsets: Sequence[Subset], items: Sequence[ImageItem], steps_per_epoch: int,
-                           num_processes: int = 1) -> dict[str, str]:
+                           global_batch: int) -> dict[str, str]:
     """kohya's dataset keys of a run (see the module docstring): ``subsets`` as the scan read them (``items``' subset
     indices), ``items`` the training and reg images (the held-out ones not among them: kohya counts its training
     dataset's), ``steps_per_epoch`` optimizer steps, each ``gradient_accumulation_steps`` batches on every process:
-    ``ss_num_batches_per_epoch`` counts one process's batches (kohya's ``len(train_dataloader)``). The tag frequency
+    ``ss_num_batches_per_epoch`` counts one process's batches (kohya's ``len(train_dataloader)``); ``global_batch`` the
+    images of one optimizer step over every process (the trainer's, kohya's ``ss_total_batch_size``). The tag frequency
     (``ss_tag_frequency``) is :func:`~pti_plugin.data.dataset_stats.tag_frequency`'s, written with the other keys."""
-    counted = [(subset, len(_of_subset(items, index))) for index, subset in enumerate(subsets)]
-    train, reg = _image_counts(counted)
-    accumulation = config.gradient_accumulation_steps
+    counts = Counter(item.subset_index for item in items)
+    train, reg = _image_counts([(subset, counts[index]) for index, subset in enumerate(subsets)])
     meta = {"ss_num_train_images": str(train), "ss_num_reg_images": str(reg),
-            "ss_num_batches_per_epoch": str(steps_per_epoch * accumulation),
+            "ss_num_batches_per_epoch": str(steps_per_epoch * config.gradient_accumulation_steps),
             "ss_face_crop_aug_range": str(face_range(config.face_crop_aug_range))}
     if config.dataset_config:
-        return meta | _datasets(subsets, items, config.train_batch_size)
-    return meta | _flat(config, subsets, items, config.train_batch_size * num_processes * accumulation)
+        return meta | _datasets(subsets, items, counts, config.train_batch_size)
+    return meta | _flat(config, subsets, items, counts, global_batch)
 
 
 def session_metadata(started_at: float) -> dict[str, str]:
