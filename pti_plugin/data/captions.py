@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from ..config import Config
+from .face_crop import face_name_parts
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +129,9 @@ def read_caption_lines(image: Path, extension: str, all_lines: bool) -> list[str
     ``<name>``'s.
     """
     extension = extension if extension.startswith(".") else "." + extension
-    parts = image.stem.split("_")
     candidates = [image.with_suffix(extension)]
-    if len(parts) >= 5:
-        candidates.append(image.with_name("_".join(parts[:-4]) + extension))
+    if named := face_name_parts(image):
+        candidates.append(image.with_name(named[0] + extension))
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         return None

@@ -28,17 +28,26 @@ from typing import Any
 FACE_DRAWS = 5
 
 
+def face_name_parts(path: Path) -> tuple[str, list[str]] | None:
+    """kohya's reading of a face-box file name: ``(the name before the box, the box's four parts)`` when ``path``'s
+    name has five or more ``_``-separated parts, else None. The caption falls back to the first's (kohya's
+    ``read_caption``), the face crop reads the second (:func:`face_box_of`)."""
+    parts = path.stem.split("_")
+    return ("_".join(parts[:-4]), parts[-4:]) if len(parts) >= 5 else None
+
+
 def face_box_of(path: Path) -> tuple[int, int, int, int] | None:
     """The face box ``(cx, cy, w, h)`` kohya reads from ``path``'s name, or None when the name gives none (fewer
     than five ``_``-separated parts, or ``cx`` <= 0). ValueError when the last four parts are not whole numbers
     (kohya fails on such a name) or the face has no size."""
-    parts = path.stem.split("_")
-    if len(parts) < 5:
+    named = face_name_parts(path)
+    if named is None:
         return None
+    parts = named[1]
     try:
-        cx, cy, w, h = (int(p) for p in parts[-4:])
+        cx, cy, w, h = (int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"its name ends in {'_'.join(parts[-4:])!r}, not the face box _cx_cy_w_h (whole numbers) that "
+        raise ValueError(f"its name ends in {'_'.join(parts)!r}, not the face box _cx_cy_w_h (whole numbers) that "
                          "face_crop_aug_range reads from a name of five or more '_'-separated parts") from None
     if cx <= 0:
         return None
