@@ -17,7 +17,7 @@ from pathlib import Path
 from .atomic_io import non_finite_keys
 from .formats.embedding import EmbeddingFormatError, bundled_embedding_parts, load_embeddings
 from .formats.file_family import FILE_FAMILIES, file_formats, foreign_file_hint, pipeline_family, text_encoder_names
-from .formats.kohya_lora import BUNDLE_PREFIX, LoraFormatError, load_lora, unexpected_keys
+from .formats.kohya_lora import BUNDLE_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, LoraFormatError, load_lora, unexpected_keys
 from .library_noise import NEW_TOKEN_INIT, NO_TEXT_ENCODER_LORA, NO_UNET_LORA, dropped
 from .models.pivot import pool_at_end_of_text
 
@@ -114,8 +114,8 @@ def load_pti(
 
     lora = {k: v for k, v in tensors.items() if not k.startswith(BUNDLE_PREFIX)}
     if lora:
-        unet_only = not any(key.startswith("lora_te") for key in lora)  # kohya: lora_te_, lora_te1_, lora_te2_
-        text_only = not any(key.startswith("lora_unet_") for key in lora)  # kohya's network_train_text_encoder_only
+        unet_only = not any(key.startswith(TEXT_ENCODER_PREFIX) for key in lora)  # kohya: lora_te_, lora_te1_, lora_te2_
+        text_only = not any(key.startswith(UNET_PREFIX) for key in lora)  # kohya's network_train_text_encoder_only
         notice = NO_TEXT_ENCODER_LORA if unet_only else NO_UNET_LORA if text_only else None
         with dropped(*notice) if notice else contextlib.nullcontext():
             pipe.load_lora_weights(lora, adapter_name=adapter_name)
