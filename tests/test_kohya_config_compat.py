@@ -185,15 +185,21 @@ def test_a_text_encoder_only_run_trains_only_the_text_encoder_lora(preset, tmp_p
     assert not unet  # no UNet LoRA at all, as kohya's file (tests/test_trainer_split_fixes.py)
 
 
+def _load_through_kohya_file(tmp_path, kohya_lines: str, preset_lines: str = "", caplog=None):
+    """A preset naming a kohya config file (``train_data_dir = "imgs"``, ``resolution = "512,512"`` and
+    ``kohya_lines``) beside ``preset_lines``, loaded with the resolution's warnings captured."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "kohya.toml").write_text('train_data_dir = "imgs"\nresolution = "512,512"\n' + kohya_lines)
+    (tmp_path / "p.toml").write_text('config_file = "kohya.toml"\n' + preset_lines)
+    with caplog.at_level("WARNING", logger="pti_plugin.resolution"):
+        return load_config(tmp_path / "p.toml")
+
+
 def test_a_kohya_config_files_unused_rate_is_a_warning_where_a_presets_is_refused(tmp_path, caplog):
     """kohya's GUI writes text_encoder_lr beside network_train_unet_only = true, and kohya ignores it: from a kohya
     config_file such a value is warned about and the run goes on; the same value in our preset is still refused."""
-    (tmp_path / "imgs").mkdir()
-    (tmp_path / "kohya.toml").write_text('train_data_dir = "imgs"\nresolution = "512,512"\nnetwork_train_unet_only = true\n'
-                                         "text_encoder_lr = 5e-5\nunet_lr = 1e-4\nlearning_rate = 1e-4\n")
-    (tmp_path / "p.toml").write_text('config_file = "kohya.toml"\n')
-    with caplog.at_level("WARNING", logger="pti_plugin.resolution"):
-        config = load_config(tmp_path / "p.toml")
+    config = _load_through_kohya_file(tmp_path, "network_train_unet_only = true\ntext_encoder_lr = 5e-5\nunet_lr = 1e-4\n"
+                                      "learning_rate = 1e-4\n", caplog=caplog)
     assert not config.stages[1].train_text_encoder and config.stages[1].unet_lr == 1e-4
     assert f"text_encoder_lr = 5e-05 (config_file {tmp_path / 'kohya.toml'}) is used by no stage" in caplog.text
     assert "kohya ignores it" in caplog.text
@@ -206,12 +212,7 @@ def test_a_kohya_config_files_unused_rate_is_a_warning_where_a_presets_is_refuse
 def test_a_kohya_files_text_encoder_lr_without_its_unet_only_switch_says_kohya_would_train_it(tmp_path, caplog):
     """kohya's network_train_unet_only defaults to false, so a kohya file with text_encoder_lr and no such switch trains
     a text-encoder LoRA in kohya; ours defaults to true, and the warning must not claim kohya ignores the rate."""
-    (tmp_path / "imgs").mkdir()
-    (tmp_path / "kohya.toml").write_text('train_data_dir = "imgs"\nresolution = "512,512"\n'
-                                         "text_encoder_lr = 5e-5\nunet_lr = 1e-4\n")
-    (tmp_path / "p.toml").write_text('config_file = "kohya.toml"\n')
-    with caplog.at_level("WARNING", logger="pti_plugin.resolution"):
-        config = load_config(tmp_path / "p.toml")
+    config = _load_through_kohya_file(tmp_path, "text_encoder_lr = 5e-5\nunet_lr = 1e-4\n", caplog=caplog)
     assert not config.stages[1].train_text_encoder
     assert "text_encoder_lr = 5e-05" in caplog.text and "kohya ignores it" not in caplog.text
     assert "kohya would train a text-encoder LoRA at this rate" in caplog.text
@@ -221,9 +222,5 @@ def test_a_kohya_files_text_encoder_lr_without_its_unet_only_switch_says_kohya_w
 def test_the_presets_unet_only_switch_does_not_make_the_warning_say_kohya_ignores_the_files_rate(tmp_path, caplog):
     """What kohya does with the file's text_encoder_lr depends on the file alone: a network_train_unet_only in our
     preset beside it does not make kohya ignore the rate."""
-    (tmp_path / "imgs").mkdir()
-    (tmp_path / "kohya.toml").write_text('train_data_dir = "imgs"\nresolution = "512,512"\ntext_encoder_lr = 5e-5\n')
-    (tmp_path / "p.toml").write_text('config_file = "kohya.toml"\nnetwork_train_unet_only = true\n')
-    with caplog.at_level("WARNING", logger="pti_plugin.resolution"):
-        load_config(tmp_path / "p.toml")
+    _load_through_kohya_file(tmp_path, "text_encoder_lr = 5e-5\n", "network_train_unet_only = true\n", caplog)
     assert "kohya would train a text-encoder LoRA at this rate" in caplog.text
