@@ -47,14 +47,23 @@ def nth_epoch_ends(every: int | None, stage_step: int, stage_steps: int, steps_p
     return -(-stage_step // steps_per_epoch) % (every or 1) == 0
 
 
+def save_reasons(config, global_step: int, stage_step: int, stage_steps: int,
+                 steps_per_epoch: int) -> tuple[bool, bool]:
+    """Why the run saves after global step ``global_step``, its stage's step ``stage_step`` of ``stage_steps`` (both
+    from 1): (a ``save_every_n_steps``-th global step, a saving epoch's end: :func:`~.outputs.epoch_save_due`). The
+    run's last step is not set apart here: its save is the final one (:func:`save_due`, :class:`SaveSchedule`)."""
+    every = config.save_every_n_steps
+    return (bool(every) and global_step % every == 0,
+            epoch_save_due(config, stage_step, stage_steps, steps_per_epoch))
+
+
 def save_due(config, state, steps_per_epoch: int) -> bool:
     """Whether an intermediate save ``<name>-stepNNNNNNNN`` follows the step just taken (``state``: the trainer's,
-    its ``stage_step`` of the stage's ``plan.steps``, from 1): at every ``save_every_n_steps``-th global step and at
-    a saving epoch's end, except at the run's last step (the final save)."""
+    its ``stage_step`` of the stage's ``plan.steps``, from 1): for either of :func:`save_reasons`, except at the run's
+    last step (the final save)."""
     step, stage_steps = state.stage_step, state.plan.steps
-    due = (config.save_every_n_steps and state.global_step % config.save_every_n_steps == 0) or epoch_save_due(
-        config, step, stage_steps, steps_per_epoch)
-    return bool(due) and not (state.stage_index == len(config.stages) - 1 and step == stage_steps)
+    due = any(save_reasons(config, state.global_step, step, stage_steps, steps_per_epoch))
+    return due and not (state.stage_index == len(config.stages) - 1 and step == stage_steps)
 
 
 def sample_due(config, state, steps_per_epoch: int) -> bool:
@@ -83,22 +92,25 @@ class SaveSchedule:
         """The stage that takes global step ``step`` (from 1)."""
         return max(i for i, start in enumerate(self.starts) if start < step) if step > 0 else 0
 
+    def _reasons(self, step: int) -> tuple[int, int, tuple[bool, bool]]:
+        """The stage that takes global step ``step``, the step within it and :func:`save_reasons` there."""
+        index = self._stage_of(step)
+        stage_step = step - self.starts[index]
+        return index, stage_step, save_reasons(self.config, step, stage_step, self.config.stages[index].steps,
+                                               self.per_epoch)
+
     def step_save(self, step: int) -> bool:
         """Whether global step ``step`` is a ``save_every_n_steps`` save (at the run's last step: the final save,
         which stands for the step save kohya makes there beside its final file)."""
-        every = self.config.save_every_n_steps
-        return bool(every) and 0 < step <= self.total and step % every == 0
+        return 0 < step <= self.total and self._reasons(step)[2][0]
 
     def epoch_save(self, step: int) -> tuple[int, int] | None:
         """``(stage, epoch within the stage)`` when global step ``step`` ends an epoch the run saves at, else None
         (the run's last step is the final save, not an epoch save, as kohya saves no epoch file at its last epoch)."""
         if not 0 < step < self.total:
             return None
-        index = self._stage_of(step)
-        stage_step = step - self.starts[index]
-        if not epoch_save_due(self.config, stage_step, self.config.stages[index].steps, self.per_epoch):
-            return None
-        return index, stage_step // self.per_epoch
+        index, stage_step, (_, by_epoch) = self._reasons(step)
+        return (index, stage_step // self.per_epoch) if by_epoch else None
 
     def _latest_epoch_save(self, index: int, step: int) -> int:
         """The latest epoch of stage ``index`` saved at or before global step ``step`` (0: none yet)."""
