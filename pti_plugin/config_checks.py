@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import DATA_PATH_KEYS, EMBEDDED, PATH_KEYS, Config, ConfigError, network_args
 from .data.dataset_keys import DATASET_KEYS, SUBSET_KEYS, TOP_LEVEL_KEYS
-from .input_checks import check_inputs
+from .input_checks import check_inputs, with_leading_dot, with_tokenizer_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -169,17 +169,8 @@ def _check_data_keys(config: Config) -> None:
 
 
 def _check_kohya_caption_keys(config: Config) -> None:
-    """kohya's ``caption_extention`` (a file extension, which replaces ``caption_extension``) and its textual
-    inversion's ``use_object_template`` / ``use_style_template`` (one of them, with an inversion stage to apply to)."""
-    from .data.dataset_keys import file_extension
-
-    if config.caption_extention:
-        try:
-            file_extension(config.caption_extention)
-        except ValueError as exc:
-            raise ConfigError.at("caption_extention", f" {exc}, got {config.caption_extention!r}") from None
-        logger.info("caption_extention = %r (kohya's misspelt alias) replaces caption_extension = %r, as in kohya",
-                    config.caption_extention, config.caption_extension)
+    """kohya's textual inversion's ``use_object_template`` / ``use_style_template`` (one of them, with an inversion
+    stage to apply to)."""
     if config.use_object_template and config.use_style_template:
         raise ConfigError.at("use_style_template", " and use_object_template are both true: kohya then uses the object "
                                                    "templates and ignores this one; set only one of them")
@@ -322,10 +313,30 @@ def with_kohya_tracker(config: Config) -> Config:
 OPTIMIZER_SWITCHES = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
 
 
-def with_kohya_switches(config: Config, raw: dict[str, Any]) -> Config:
-    """kohya's switches that set other keys, applied to the parsed ``config`` (``raw``: the preset and command line as
-    written, which tell a key given from our default), before the checks:
+def _with_caption_extention(config: Config) -> Config:
+    """kohya's misspelt ``caption_extention``, checked as a file extension naming it, replaces ``caption_extension``
+    (with its leading dot, as that key is read) and is cleared."""
+    from .data.dataset_keys import file_extension
 
+    if not config.caption_extention:
+        return config
+    try:
+        file_extension(config.caption_extention)
+    except ValueError as exc:
+        raise ConfigError.at("caption_extention", f" {exc}, got {config.caption_extention!r}") from None
+    logger.info("caption_extention = %r (kohya's misspelt alias) replaces caption_extension = %r, as in kohya",
+                config.caption_extention, config.caption_extension)
+    return dataclasses.replace(config, caption_extension=with_leading_dot(config.caption_extention), caption_extention="")
+
+
+def with_kohya_switches(config: Config, raw: dict[str, Any], check_paths: bool) -> Config:
+    """kohya's switches and aliases that set other keys, applied to the parsed ``config`` (``raw``: the preset and
+    command line as written, which tell a key given from our default), before the checks; each error names the key
+    the user wrote:
+
+    - ``tokenizer_cache_dir``: ``tokenizer_path`` (:func:`~.input_checks.with_tokenizer_cache_dir`; ``check_paths``:
+      its folder holds a tokenizer).
+    - ``caption_extention``: ``caption_extension`` (:func:`_with_caption_extention`).
     - ``use_8bit_adam`` / ``use_lion_optimizer``: the top-level ``optimizer_type`` ``"AdamW8bit"`` / ``"Lion"``, so the
       default of every stage without its own (kohya's ``get_optimizer``: refused beside each other or beside a
       non-empty top-level ``optimizer_type``, as kohya asserts; refused when every stage sets its own). The switch is
@@ -335,6 +346,7 @@ def with_kohya_switches(config: Config, raw: dict[str, Any]) -> Config:
       parameter list).
     - ``mem_eff_attn``: kohya's own memory-efficient attention, which comes before xformers and sdpa in kohya's
       ``replace_unet_modules``: PyTorch SDPA (its memory-efficient kernels; the same attention) and no xformers."""
+    config = _with_caption_extention(with_tokenizer_cache_dir(config, check_paths))
     switches = [key for key in OPTIMIZER_SWITCHES if getattr(config, key)]
     if len(switches) == 2:
         raise ConfigError.at("use_lion_optimizer", " = true beside use_8bit_adam = true: kohya refuses both (one "

@@ -21,7 +21,7 @@ from .config import (EMBEDDED, PATH_KEYS, PATH_LIST_KEYS, Config, ConfigError, _
 from .kohya_config_file import kohya_file_path
 from .config_checks import (check_stage_schedules, check_the_pivot_is_learned, validate_config, with_kohya_switches,
                             with_kohya_tracker)
-from .input_checks import with_leading_dot, with_tokenizer_cache_dir
+from .input_checks import with_leading_dot
 from .resolution import check_given_values_are_used, default_stage_dicts, resolve_stages, warn_unreached_intervals
 
 logger = logging.getLogger(__name__)
@@ -75,13 +75,11 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
     """
     if "stages" not in raw:
         raw = raw | {"stages": default_stage_dicts(raw)}
-    parsed = with_kohya_tracker(with_kohya_switches(_build(Config, raw), raw))  # kohya's deprecated switches, logging_dir
-    parsed = with_tokenizer_cache_dir(parsed, check=check_paths and not data_only)  # kohya's: the tokenizer_path
+    parsed = with_kohya_tracker(with_kohya_switches(_build(Config, raw), raw, check_paths=check_paths and not data_only))
     validate_config(parsed, check_paths, data_only)
     parsed = _with_dims_from_weights(parsed, read=check_paths and not data_only)
     config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),
-                                 caption_extension=with_leading_dot(parsed.caption_extention or parsed.caption_extension),
-                                 caption_extention="",  # kohya's misspelt alias replaces caption_extension
+                                 caption_extension=with_leading_dot(parsed.caption_extension),
                                  network_alpha=parsed.network_alpha or float(parsed.network_dim))  # kohya: 0 is dim
     if given:
         check_given_values_are_used(config, parsed.stages, given)

@@ -373,13 +373,13 @@ def with_tokenizer_cache_dir(config: Config, check: bool) -> Config:
     never downloads it). Beside ``tokenizer_path`` it is refused naming both."""
     if not config.tokenizer_cache_dir:
         return config
-    from .models.single_file import CLIP_REPO
+    from .models.single_file import CLIP_REPO, tokenizer_folder
 
     if config.tokenizer_path:
         raise ConfigError.at("tokenizer_cache_dir", f" and tokenizer_path ({config.tokenizer_path!r}) both name the "
                                                     "tokenizer: set one of them")
     folder = Path(config.tokenizer_cache_dir).expanduser() / CLIP_REPO.replace("/", "_")
-    if check and not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+    if check and tokenizer_folder(folder, subfolder=False) is None:  # kohya loads the folder itself
         raise ConfigError.at("tokenizer_cache_dir", f": {folder} holds no CLIP tokenizer (vocab.json, merges.txt), "
                                                     "where kohya saves the one it downloads; pti-plugin never downloads "
                                                     "it: copy a CLIP tokenizer folder there, or set tokenizer_path")

@@ -405,8 +405,10 @@ def _find_cached_clip_files() -> tuple[str, str] | None:
     return found[0], found[1]
 
 
-def _tokenizer_folder(folder: Path) -> Path | None:
-    for candidate in (folder, folder / "tokenizer"):
+def tokenizer_folder(folder: Path, subfolder: bool = True) -> Path | None:
+    """The folder holding a CLIP tokenizer's ``vocab.json`` and ``merges.txt``: ``folder`` itself or (``subfolder``)
+    its ``tokenizer/``; None when neither does."""
+    for candidate in (folder, folder / "tokenizer") if subfolder else (folder,):
         if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
             return candidate
     return None
@@ -426,7 +428,7 @@ def load_clip_tokenizer(tokenizer_path: str = ""):
 
     if tokenizer_path:
         folder = Path(tokenizer_path).expanduser()
-        found = _tokenizer_folder(folder)
+        found = tokenizer_folder(folder)
         if found is None:
             raise ConfigError.at("tokenizer_path", f": {folder}: no vocab.json and merges.txt there "
                                                    f"(nor in {folder / 'tokenizer'})")
