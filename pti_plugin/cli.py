@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from .command_line import USAGE, parse_args  # noqa: E402
 from .config import Config, ConfigError  # noqa: E402
 from .config_loading import load_config, named_where_given  # noqa: E402
-from .main_process_checks import launcher_rank, told_elsewhere  # noqa: E402
+from .main_process_checks import launcher_rank, main_process_printed, tell_refusal_printed, told_elsewhere  # noqa: E402
 from .stop_signals import StopSignalled, stop_raises  # noqa: E402
 
 
@@ -31,21 +31,32 @@ def list_keys() -> str:
 
 #: seconds a process whose refusal process 0 prints waits for it (see :func:`_fail`)
 QUIET_WAIT_S = 30
+#: seconds it waits on once process 0 has printed, for the launcher to stop it (process 0's exit then comes first)
+SAID_GRACE_S = 5
 
 
-def _fail(message: str, code: int, quiet: bool = False) -> int:
+def _fail(message: str, code: int, quiet: bool = False, alike: bool = False) -> int:
     """Print ``message`` as the last thing this process writes (progress bars and logs flushed
     first), and return ``code``. Under ``accelerate launch`` the launcher then adds its own
     ``CalledProcessError`` lines below it (``accelerate launch --quiet`` leaves them out). ``quiet``: another
     process prints the same message (a multi-process run's refusal is said once, by process 0); this one waits
-    for it to be said first, as the launcher stops every process when one exits with an error."""
-    if quiet:
-        time.sleep(QUIET_WAIT_S)  # the launcher ends this process once process 0 has printed and exited
-        return code
+    for it to be said first, as the launcher stops every process when one exits with an error. ``alike``: another
+    process of a multi-process run may have found the same (a refusal of the data or the model, found by each): this
+    one says nothing when process 0 prints the same message, and its own when process 0 prints another or none
+    within :data:`QUIET_WAIT_S`."""
+    started = time.monotonic()
+    if quiet or alike:
+        said = main_process_printed(QUIET_WAIT_S)  # at once when process 0 has printed
+        left = max(0.0, QUIET_WAIT_S - (time.monotonic() - started))
+        if quiet or said == message:  # the launcher stops this process once process 0 has exited
+            time.sleep(left if said is None else min(SAID_GRACE_S, left))
+            return code
     sys.stdout.flush()
     for handler in logging.getLogger().handlers:
         handler.flush()
     print(message, file=sys.stderr, flush=True)
+    if launcher_rank() == 0:
+        tell_refusal_printed(message)
     return code
 
 
@@ -83,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         with stop_raises(after=trainer.stops):  # until the run's own handler, which saves and stops after a step
             outputs = trainer.run()
     except ConfigError as exc:  # found once the model or data is there: named as the user gave it, as above
-        return _fail(f"error: {named_where_given(exc, overrides, sets)}", 2, quiet=told_elsewhere(exc))
-    except user_errors as exc:
-        return _fail(f"error: {exc}", 2, quiet=told_elsewhere(exc))
+        return _fail(f"error: {named_where_given(exc, overrides, sets)}", 2, quiet=told_elsewhere(exc), alike=other_rank)
+    except user_errors as exc:  # alike: each process reads the same data and model files
+        return _fail(f"error: {exc}", 2, quiet=told_elsewhere(exc), alike=other_rank)
     except NonFiniteLossError as exc:
         return _fail(f"error: {exc}", 3)
     except WriteFailedError as exc:  # a full disk, a file-size limit, a read-only folder: the file named

@@ -5,6 +5,10 @@ process when it refuses: the others would otherwise wait at the next collective 
 and end with the process group's ``Connection closed by peer`` traceback (or, on GPUs, a hang until the launcher
 kills them). :func:`checked_on_main_process` runs the check on process 0 and raises its refusal on every process;
 the other processes' copy is marked :data:`TOLD_BY_MAIN_PROCESS`, so the command line prints it once (process 0's).
+
+A refusal every process finds on its own later in the set-up (the data, the model) is said once too: process 0
+prints it and says so through the launcher's key-value store (:func:`tell_refusal_printed`); another process waits
+for that word (:func:`main_process_printed`) and prints its own message only when process 0's differs or none comes.
 """
 
 from __future__ import annotations
@@ -53,6 +57,52 @@ def told_elsewhere(exc: BaseException) -> bool:
     """Whether ``exc``'s message is printed by another process: a copy of process 0's refusal
     (:func:`checked_on_main_process`)."""
     return bool(getattr(exc, TOLD_BY_MAIN_PROCESS, False))
+
+
+def _launcher_store(timeout_s: float):
+    """A client of the launcher's key-value store (``torchrun``'s and ``accelerate launch``'s, at ``MASTER_ADDR``:
+    ``MASTER_PORT``), or None in a single-process run or when it cannot be reached."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or "MASTER_ADDR" not in os.environ:
+        return None
+    try:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=timeout_s))
+    except Exception:  # noqa: BLE001 - no store to share the refusal through: each process says its own
+        return None
+
+
+def _refusal_key() -> str:
+    return f"pti_plugin/refusal/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # one per launch attempt
+
+
+def tell_refusal_printed(message: str) -> None:
+    """Process 0 of a multi-process run, once it has printed ``message`` (a refusal): say so to the other processes
+    (:func:`main_process_printed`). Nothing in a single-process run."""
+    store = _launcher_store(5)
+    if store is not None:
+        try:
+            store.set(_refusal_key(), message)
+        except Exception:  # noqa: BLE001 - the others then say their own
+            pass
+
+
+def main_process_printed(timeout_s: float) -> str | None:
+    """Another process of a multi-process run, refused at start-up: what process 0 printed as its refusal, waiting for
+    it up to ``timeout_s`` seconds; None when it prints none meanwhile (it found nothing wrong) or cannot be asked."""
+    from datetime import timedelta
+
+    store = _launcher_store(timeout_s)
+    if store is None:
+        return None
+    try:
+        store.wait([_refusal_key()], timedelta(seconds=timeout_s))
+        return store.get(_refusal_key()).decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - the wait timed out, or the launcher is gone
+        return None
 
 
 def launcher_rank() -> int:

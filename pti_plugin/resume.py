@@ -4,8 +4,9 @@
 ``lr_scheduler.pt`` the optimizer and scheduler state of the current stage (loaded through the
 project's allow-listed unpickler, ``safe_load.py``), ``progress.json`` the stage index and
 step counters, what the optimizer state belongs to: the stage's kind, its ``optimizer_type`` and
-its parameter groups (names and tensor counts), and the ``token_string`` the pivot was trained for
-(state folders written before these were recorded lack them). Loading refuses, naming the culprit, a
+its parameter groups (names and tensor counts), the ``token_string`` the pivot was trained for, and how its
+global batch was made (processes, batch, accumulation: a resume with another is warned about; state folders
+written before these were recorded lack them). Loading refuses, naming the culprit, a
 broken file and a state that does not fit the run (tensor names or shapes, stage kind, optimizer type,
 parameter groups, token).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -48,6 +50,7 @@ class SavedProgress:
     token_string: str | None = None  # the token the saved pivot was trained for
     base: dict[str, Any] | None = None  # what the weights were trained on (:func:`base_identity`)
     lora_scales: dict[str, Any] | None = None  # the LoRA's alphas (:func:`lora_scales`)
+    batch: dict[str, int] | None = None  # how the global batch was made (:func:`batch_shape`)
 
 
 @dataclass
@@ -83,13 +86,14 @@ def save_state(
     stage_index: int, stage_step: int, global_step: int, *, stage_kind: str | None = None,
     optimizer_type: str | None = None, param_groups: list[tuple[str, int]] | None = None, replace: bool = False,
     token_string: str | None = None, base: dict[str, Any] | None = None, lora_scales: dict[str, Any] | None = None,
+    batch: dict[str, int] | None = None,
 ) -> Path:
     """Write the state folder (to a temporary folder first, renamed when complete).
 
     ``stage_kind``, ``optimizer_type``, ``param_groups`` (``(name, number of tensors)`` per optimizer
     group) and ``token_string`` go to ``progress.json``, so that a resume with another optimizer, stage
     or token is refused before it trains; ``base`` (:func:`base_identity`) too, so that a resume on another
-    base model is warned about. An existing ``folder`` is refused unless ``replace``
+    base model is warned about, and ``batch`` (:func:`batch_shape`), so that one with another global batch is. An existing ``folder`` is refused unless ``replace``
     (``overwrite = true``): then the new state takes its place once complete."""
     if folder.exists() and not replace:
         raise FileExistsError(f"refusing to overwrite state folder {folder} (set overwrite = true to allow it)")
@@ -116,6 +120,8 @@ def save_state(
             progress["base"] = base
         if lora_scales is not None:
             progress["lora_scales"] = lora_scales
+        if batch is not None:
+            progress["batch"] = batch
         atomic_write_text(tmp / "progress.json", json.dumps(progress))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is private (0700); give it a plain mkdir's mode
         if folder.exists():  # replace: a folder cannot be renamed over a non-empty one, so move the old one aside
@@ -173,12 +179,16 @@ def read_progress(folder: Path) -> SavedProgress:
     if groups is not None and (not isinstance(groups, list) or not all(
             isinstance(g, dict) and isinstance(g.get("name"), str) and type(g.get("tensors")) is int for g in groups)):
         raise ConfigError(f"key 'resume': {path}: param_groups must be a list of {{name, tensors}}; got {groups!r}")
-    base = progress.get("base")
+    base, batch = progress.get("base"), progress.get("batch")
     if base is not None and not isinstance(base, dict):
         raise ConfigError(f"key 'resume': {path}: base must be a table; got {base!r}")
+    if batch is not None and (not isinstance(batch, dict) or sorted(batch) != sorted(BATCH_KEYS)
+                              or not all(type(v) is int and v >= 1 for v in batch.values())):
+        raise ConfigError(f"key 'resume': {path}: batch must hold the positive integers {', '.join(BATCH_KEYS)}; "
+                          f"got {batch!r}")
     return SavedProgress(folder, *(progress[k] for k in keys), progress.get("stage_kind"), progress.get("optimizer_type"),
                          None if groups is None else [(g["name"], g["tensors"]) for g in groups],
-                         progress.get("token_string"), base, progress.get("lora_scales"))
+                         progress.get("token_string"), base, progress.get("lora_scales"), batch)
 
 
 def base_identity(config) -> dict[str, Any]:
@@ -189,6 +199,34 @@ def base_identity(config) -> dict[str, Any]:
     weights = config.base_weights
     return {"model": Path(config.pretrained_model_name_or_path).name, "vae": Path(config.vae).name if config.vae else None,
             "base_weights": [[Path(f).name, m] for f, m in zip(weights, multipliers_of(weights, config.base_weights_multiplier))]}
+
+
+#: What makes a run's global batch, recorded with a state (:func:`batch_shape`)
+BATCH_KEYS = ("processes", "train_batch_size", "gradient_accumulation_steps")
+
+
+def batch_shape(config, num_processes: int) -> dict[str, int]:
+    """How a run's global batch is made: its processes, ``train_batch_size`` and ``gradient_accumulation_steps``."""
+    return dict(zip(BATCH_KEYS, (num_processes, config.train_batch_size, config.gradient_accumulation_steps)))
+
+
+def warn_other_batch(progress: SavedProgress | None, now: dict[str, int]) -> None:
+    """A state saved by a run of another global batch than this run's (``now``, :func:`batch_shape`; another number of
+    processes, say) is warned about, naming both: the run continues as kohya's resume does, at the saved optimizer
+    step, and its remaining steps draw this run's global batches (those a run of this global batch draws from that
+    step), so it is neither run uninterrupted. The same global batch otherwise split (2 processes of batch 1, 1 of
+    batch 2) draws the same batches, and a state that does not record it (written before it was) is accepted
+    silently."""
+    saved = progress.batch if progress is not None else None
+    if saved is None or math.prod(saved.values()) == math.prod(now.values()):
+        return
+    shape = lambda b: (f"{math.prod(b.values())} ({b['processes']} process(es) x train_batch_size {b['train_batch_size']} "
+                       f"x gradient_accumulation_steps {b['gradient_accumulation_steps']})")
+    logger.warning(f"resume: state {progress.folder} was saved by a run of global batch {shape(saved)}; this run's is "
+                   f"{shape(now)}. It continues at step {progress.stage_step} of stage {progress.stage_index}, counted "
+                   "in optimizer steps as kohya's resume counts them, and its remaining steps take this run's global "
+                   "batches (a stage set in epochs is as many of this run's steps per epoch): neither run uninterrupted "
+                   "gives what it gives; resume with the processes and batch it was saved with to continue it as it was")
 
 
 def lora_scales(config) -> dict[str, Any]:

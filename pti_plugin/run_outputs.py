@@ -24,7 +24,7 @@ from .hooks import Plugin, TrainerState
 from .models.trainable import TrainableModel
 from .nan_policy import optimizer_state_is_finite
 from .outputs import RunFiles, write_lora_and_embedding
-from .resume import SavedProgress, base_identity, lora_scales, save_state
+from .resume import SavedProgress, base_identity, batch_shape, lora_scales, save_state
 from .save_schedule import epoch_metadata, prune_saves
 
 
@@ -87,7 +87,7 @@ class RunOutputs:
                     stage_kind=state.stage.kind, optimizer_type=state.stage.optimizer_type,
                     param_groups=[(g["name"], len(g["params"])) for g in state.plan.param_groups],
                     replace=self.files.overwrite, token_string=config.token_string, base=base_identity(config),
-                    lora_scales=lora_scales(config),
+                    lora_scales=lora_scales(config), batch=batch_shape(config, self.accelerator.num_processes),
                 )
                 self.info(f"saved state {paths['state']}")
             if not (tag or "").startswith("interrupted"):  # kohya's save_last_n_*: the run's older saves, by name

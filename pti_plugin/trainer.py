@@ -51,7 +51,8 @@ from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process
 from .outputs import RunFiles
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
-from .resume import base_identity, check_lora_scales, check_resume_fits, check_resume_within_epochs, load_state
+from .resume import (base_identity, batch_shape, check_lora_scales, check_resume_fits, check_resume_within_epochs,
+                     load_state, warn_other_batch)
 from .run_lock import RunLocks, clean_leftover_temporaries
 from .run_outputs import RunOutputs
 from .run_setup import announce, make_accelerator, place_model, release_vae
@@ -84,6 +85,7 @@ class Trainer:
         self._resume_progress = check_resume_fits(Path(config.resume), config.stages, base_identity(config)) if config.resume else None
         check_lora_scales(self._resume_progress, config)  # a LoRA's alphas are part of what it learned
         self.accelerator = make_accelerator(config, output_dir, logging_dir)  # from a fresh accelerate state
+        warn_other_batch(self._resume_progress, batch_shape(config, self.accelerator.num_processes))
         self.files = RunFiles(output_dir, config.output_name, config.token_string, config.overwrite)
         checked_on_main_process(self.accelerator, lambda: self._claim_outputs(output_dir))  # refused on every process
         device = self.accelerator.device
@@ -115,7 +117,7 @@ class Trainer:
                                                add_special_tokens=False).input_ids) for i in self.items], config.max_token_length)
         self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk,
                                     config.cache_latents_to_disk, config.vae_batch_size)
-        self.latents.fill_cache()
+        self.latents.fill_cache(self.accelerator)  # several processes: each encodes its share
         self.validation = Validation(config, self.accelerator, model, self.text_cache, held_out, self._info)
         release_vae(self.placement, base.vae, self.latents.cached, device, output_dir)
         self._micro_batches = self._micro_batch_stream()

@@ -129,7 +129,7 @@ class Validation:
         plain = [dataclasses.replace(i, flip_aug=False, color_aug=False, random_crop=False) for i in items]
         cache = config.cache_latents or config.cache_latents_to_disk
         self.latents = LatentSource(model.base.vae, plain, config.seed, cache, config.cache_latents_to_disk, config.vae_batch_size)
-        self.latents.fill_cache()  # the training images' cache path: in memory, on disk beside each image
+        self.latents.fill_cache(accelerator)  # the training images' cache path: in memory, on disk beside each image
         names = first_of([i.path.name for i in items], 8)
         every = config.validate_every_n_epochs
         when = (f"every {config.validate_every_n_steps} global step(s) and " if config.validate_every_n_steps else "") + (

@@ -1,4 +1,4 @@
-"""A two-process CPU run (torchrun -> accelerate MULTI_CPU, gloo) equals a one-process run of the same global batch."""
+"""A two-process CPU run (torchrun -> accelerate MULTI_CPU, gloo) equals a one-process run of the same micro-batches."""
 
 from __future__ import annotations
 
@@ -31,14 +31,18 @@ def _install_entry_point(site: Path, entry: str = "prior_agreement = tests.contr
 
 
 def test_two_processes_with_a_third_party_plugin_match_one_process_and_only_rank0_writes(preset, tmp_path):
-    """Both stages (UNet and text-encoder LoRA) under 2 processes give what one process gives at the same global
-    batch, and only process 0 writes. A plugin outside the package, found through its entry point and using only
-    the documented contract, trains under both; its term is 0 while the LoRA is still zero.
+    """Both stages (UNet and text-encoder LoRA) under 2 processes at batch 1 give what one process gives at batch 1
+    with 2 accumulated micro-batches (the same global batch, cut into the same micro-batches), and only process 0
+    writes. A plugin outside the package, found through its entry point and using only the documented contract,
+    trains under both; its term is 0 while the LoRA is still zero. pivot_locality trains under both: its draws
+    (num_samples per micro-batch, seeded by the micro-batch's first slot) are the same micro-batch for micro-batch
+    (a one-process run at batch 2 has one micro-batch, hence other draws, and differs by ~5% of the movement).
 
     SGD: the update is proportional to the gradient, so the comparison tests gradient averaging (Adam's first
     steps are ~lr * sign(grad) and amplify float reduction-order noise in tiny gradients)."""
     raw = preset(max_train_steps=None, save_precision="float", max_grad_norm=0.0, train_batch_size=1, optimizer_type="SGD",
-                 network_train_unet_only=False, plugins={"prior_agreement": {"weight": 100.0}},
+                 network_train_unet_only=False,
+                 plugins={"prior_agreement": {"weight": 100.0}, "pivot_locality": {"weight": 100.0}},
                  stages=[{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "steps": 1},
                          {"name": "lora", "kind": "lora", "learning_rate": 0.1, "steps": 2}])
     raw = {k: v for k, v in raw.items() if v is not None}
@@ -49,7 +53,7 @@ def test_two_processes_with_a_third_party_plugin_match_one_process_and_only_rank
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pti.py"),
           "--preset", "p.toml", "--output_dir", "two"], tmp_path, env)
     _run([sys.executable, str(REPO / "train_pti.py"), "--preset", "p.toml", "--output_dir", "one",
-          "--train_batch_size", "2"], tmp_path, env)
+          "--gradient_accumulation_steps", "2"], tmp_path, env)
     one, two = tmp_path / "one", tmp_path / "two"
     expected = {"pti.safetensors", "tok1.safetensors", "pti.config.toml", "pti.log.jsonl"}
     assert {p.name for p in two.iterdir()} == expected  # no stray or temporary files
@@ -62,6 +66,9 @@ def test_two_processes_with_a_third_party_plugin_match_one_process_and_only_rank
     # LoRA up weights start at zero: the trained model is the frozen one (up to batched-matmul rounding)
     assert terms[1] < 1e-9 and terms[2] > 1e-6
     assert [e.get("loss/prior_agreement/mse") is None for e in logs["one"]] == [True, False, False]
+    for name in ("one", "two"):  # pivot_locality: lora stage only, 0 while the LoRA is zero, then > 0
+        locality = [e.get("loss/pivot_locality/mse") for e in logs[name]]
+        assert locality[0] is None and locality[1] < 1e-9 and locality[2] > 1e-6, locality
     a, b = load_file(tmp_path / "one" / "pti.safetensors"), load_file(tmp_path / "two" / "pti.safetensors")
     assert any(k.startswith("lora_te_") for k in a) and a.keys() == b.keys()
     # The LoRA up weights start at zero, so their values are the training's movement: the two runs agree to

@@ -167,14 +167,17 @@ class LatentSource:
         key = self.cache_key(index)
         return item.path.with_name(f"{item.path.stem}.{w}x{h}{'.flip' if flip else ''}.{key}.pti_latents.safetensors")
 
-    def fill_cache(self) -> None:
+    def fill_cache(self, accelerator=None) -> None:
         """Encode every image (and its flip when flip_aug) now, into memory and optionally disk. Images not on disk
-        are encoded ``batch_size`` at a time, those of one bucket size together (kohya's ``vae_batch_size``)."""
+        are encoded ``batch_size`` at a time, those of one bucket size together (kohya's ``vae_batch_size``).
+
+        With the disk cache under several processes (``accelerator``: a multi-process run), each process encodes and
+        writes every N-th of those batches, then reads the others' files (kohya's caching strategy splits the work
+        the same way): each file is written once, by one process, and every process trains on the same latents."""
         if self._memory is None:
             return
-        from safetensors.torch import load_file
-
-        if self.to_disk:
+        shared = self.to_disk and accelerator is not None and accelerator.num_processes > 1
+        if self.to_disk and (not shared or accelerator.is_main_process):
             for folder in sorted({item.path.parent for item in self.items}):
                 remove_stale_temporaries(folder)
         pending: dict[tuple[int, int], list[tuple[int, bool]]] = {}  # by bucket: the draws to encode
@@ -182,19 +185,35 @@ class LatentSource:
             if item.num_repeats < 1:  # a regularisation image left out by kohya's balancing: never drawn
                 continue
             for flip in (False, True) if item.flip_aug else (False,):
-                path = self._disk_path(index, flip) if self.to_disk else None
-                tensors = load_file(path) if path is not None and path.is_file() else {}
-                if "latent" in tensors:
-                    self._keep(index, flip, tensors["latent"], tensors.get("mask"))
-                else:
+                if not self._read_disk(index, flip):
                     pending.setdefault(tuple(item.bucket), []).append((index, flip))
-        for draws in pending.values():
-            for start in range(0, len(draws), self.batch_size):
-                chunk = draws[start:start + self.batch_size]
-                drawn = [pixels_and_mask(self.items[index], Augmentation(flip=flip)) for index, flip in chunk]
-                pixels = torch.stack([p for p, _ in drawn])  # each image decoded once for its pixels and alpha mask
-                for (index, flip), latent, (_, fitted) in zip(chunk, self._encode_batch(pixels, chunk), drawn):
-                    self._keep_encoded(index, flip, latent.clone(), fitted)
+        chunks = [draws[start:start + self.batch_size] for draws in pending.values()
+                  for start in range(0, len(draws), self.batch_size)]
+        rank, processes = (accelerator.process_index, accelerator.num_processes) if shared else (0, 1)
+        if shared:
+            accelerator.wait_for_everyone()  # every process has looked before any writes: the same batches on each
+        for chunk in chunks[rank::processes]:
+            drawn = [pixels_and_mask(self.items[index], Augmentation(flip=flip)) for index, flip in chunk]
+            pixels = torch.stack([p for p, _ in drawn])  # each image decoded once for its pixels and alpha mask
+            for (index, flip), latent, (_, fitted) in zip(chunk, self._encode_batch(pixels, chunk), drawn):
+                self._keep_encoded(index, flip, latent.clone(), fitted)
+        if shared:
+            accelerator.wait_for_everyone()  # the other processes' shares are on disk
+            for index, flip in (draw for i, chunk in enumerate(chunks) if i % processes != rank for draw in chunk):
+                if not self._read_disk(index, flip):
+                    raise FileNotFoundError(f"latent cache file {self._disk_path(index, flip)}, written by another "
+                                            "process of this run, is gone: was it removed while the run started?")
+
+    def _read_disk(self, index: int, flip: bool) -> bool:
+        """Keep the draw's latent (and mask) from its disk-cache file; False without the disk cache or the file."""
+        from safetensors.torch import load_file
+
+        path = self._disk_path(index, flip) if self.to_disk else None
+        tensors = load_file(path) if path is not None and path.is_file() else {}
+        if "latent" not in tensors:
+            return False
+        self._keep(index, flip, tensors["latent"], tensors.get("mask"))
+        return True
 
     def _keep_encoded(self, index: int, flip: bool, latent: torch.Tensor, fitted: torch.Tensor | None) -> None:
         """Keep a freshly encoded latent (and the draw's mask, from ``fitted``: its :func:`masks.fitted_mask`) in
