@@ -43,33 +43,35 @@ def _raw(model: Path, out: Path, **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def folder_run(tiny_model, tmp_path_factory) -> Path:
-    """``3_tok1``: 64x64, 128x64, 40x64; ``2_person`` (reg): one 64x64. Buckets of resolution [128, 64], 64..128
-    step 64: (64, 64), (64, 128), (128, 64); the 40x64 image (w/h 0.625) goes to (64, 128) (w/h 0.5). Entries: 9
-    training, the reg image balanced to 9: buckets of 12, 3, 3 entries, batch 8: 2 + 1 + 1 = 4 batches an epoch; the
-    lora stage's 6 steps are ceil(6 / 4) = 2 epochs; save_every_n_steps = 5 saves at lora step 4 (epoch index 0)."""
+    """``1_tok1``: 64x64, 128x64, 40x64; ``2_person`` (reg): one 64x64. Buckets of resolution [128, 64], 64..128
+    step 64: (64, 64), (64, 128), (128, 64); the 40x64 image (w/h 0.625) goes to (64, 128) (w/h 0.5). Entries: 3
+    training, the reg image (2 repeats) balanced to 3: buckets of 4, 1, 1 entries, batch 8: 1 + 1 + 1 = 3 batches an
+    epoch; the lora stage's 4 steps are ceil(4 / 3) = 2 epochs; save_every_n_steps = 3 saves at lora step 2 (epoch
+    index 0). One repeat keeps the run short: the tiny VAE halves the size, so a 128x64 row is 2048 UNet tokens."""
     root = tmp_path_factory.mktemp("folders")
     for name, size in (("a", (64, 64)), ("b", (128, 64)), ("c", (40, 64))):
-        _image(root / "data" / "3_tok1" / f"{name}.png", size, "tok1, red")
+        _image(root / "data" / "1_tok1" / f"{name}.png", size, "tok1, red")
     _image(root / "reg" / "2_person" / "r.png", (64, 64))
     raw = _raw(tiny_model, root / "out", train_data_dir=str(root / "data"), reg_data_dir=str(root / "reg"),
                resolution=[128, 64], enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128, train_batch_size=8,
-               keep_tokens=1, shuffle_caption=True, flip_aug=True, resize_interpolation="bicubic", save_every_n_steps=5)
+               keep_tokens=1, shuffle_caption=True, flip_aug=True, resize_interpolation="bicubic", save_every_n_steps=3,
+               stages=[{"kind": "inversion", "steps": 1, "learning_rate": 5e-2}, {"kind": "lora", "steps": 4, "learning_rate": 1e-2}])
     Trainer(build_config(raw)).run()
     return root / "out"
 
 
 #: kohya's flat keys for the folder run, written out.
 FLAT = {
-    "ss_num_train_images": "9", "ss_num_reg_images": "2", "ss_num_batches_per_epoch": "4",
+    "ss_num_train_images": "3", "ss_num_reg_images": "2", "ss_num_batches_per_epoch": "3",
     "ss_batch_size_per_device": "8", "ss_total_batch_size": "8", "ss_resolution": "(128, 64)",
     "ss_enable_bucket": "True", "ss_bucket_no_upscale": "False", "ss_min_bucket_reso": "64",
     "ss_max_bucket_reso": "128", "ss_keep_tokens": "1", "ss_shuffle_caption": "True", "ss_flip_aug": "True",
     "ss_color_aug": "False", "ss_random_crop": "False", "ss_face_crop_aug_range": "None",
     "ss_resize_interpolation": "bicubic", "ss_v2": "False", "ss_lowram": "False",
-    "ss_dataset_dirs": '{"3_tok1": {"n_repeats": 3, "img_count": 3}}',
+    "ss_dataset_dirs": '{"1_tok1": {"n_repeats": 1, "img_count": 3}}',
     "ss_reg_dataset_dirs": '{"2_person": {"n_repeats": 2, "img_count": 1}}',
-    "ss_bucket_info": '{"buckets": {"0": {"resolution": [64, 64], "count": 12}, "1": {"resolution": [64, 128], '
-                      '"count": 3}, "2": {"resolution": [128, 64], "count": 3}}, "mean_img_ar_error": 0.03125}',
+    "ss_bucket_info": '{"buckets": {"0": {"resolution": [64, 64], "count": 4}, "1": {"resolution": [64, 128], '
+                      '"count": 1}, "2": {"resolution": [128, 64], "count": 1}}, "mean_img_ar_error": 0.03125}',
     "ss_num_epochs": "2", "ss_epoch": "2",
 }
 
@@ -81,9 +83,9 @@ def test_a_folder_run_writes_kohyas_flat_dataset_and_bucket_keys(folder_run):
 
 
 def test_the_session_and_epoch_keys_of_a_step_save_and_the_final_save(folder_run):
-    step, final = _metadata(folder_run / "pti-step00000005.safetensors"), _metadata(folder_run / "pti.safetensors")
-    assert (step["ss_steps"], step["ss_epoch"], step["ss_num_epochs"]) == ("5", "0", "2")
-    assert (final["ss_steps"], final["ss_epoch"]) == ("7", "2")
+    step, final = _metadata(folder_run / "pti-step00000003.safetensors"), _metadata(folder_run / "pti.safetensors")
+    assert (step["ss_steps"], step["ss_epoch"], step["ss_num_epochs"]) == ("3", "0", "2")
+    assert (final["ss_steps"], final["ss_epoch"]) == ("5", "2")
     assert step["ss_session_id"] == final["ss_session_id"] and 0 <= int(final["ss_session_id"]) <= 2**32
     assert step["ss_training_started_at"] == final["ss_training_started_at"]  # the run's start, once
     started = float(final["ss_training_started_at"])
