@@ -7,7 +7,7 @@ import itertools
 import logging
 import typing
 
-from .config import Config, ConfigError, field_names, parse_value
+from .config import Config, ConfigError, field_names, parse_size, parse_value
 from .kohya_config_file import first_text_encoder_lr
 from .kohya_options import REFUSED_OPTIONS
 
@@ -79,8 +79,8 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
             sets.append(value)
         elif key in list_keys and not value.startswith("["):
             overrides[key] = [_typed(key, value, float) if key in number_lists else value]
-        elif key in size_keys and "," in value and not value.startswith("["):
-            overrides[key] = parse_value(f"[{value}]")  # kohya's "W,H"
+        elif key in size_keys and not value.startswith("["):  # kohya's "W,H" (a TOML list as one)
+            overrides[key] = parse_size(value, key, f"--{key} (command line)")
         elif key in ratio_keys and value.endswith("%"):
             overrides[key] = _percent(key, value)
         else:

@@ -477,9 +477,8 @@ def _read_kohya_config_file(path: Path, base: Path | None = None) -> dict[str, A
     path = kohya_file_path(path)
     switches = {name for name, kind in typing.get_type_hints(Config).items() if kind is bool}
     flat = kohya_arguments(_read_toml(path, "kohya config_file"), path, switches)
-    if isinstance(flat.get("resolution"), str):  # a malformed one stays a string, refused naming the key
-        size = parse_value(f"[{flat['resolution']}]")
-        flat["resolution"] = (size[0] if len(size) == 1 else size) if isinstance(size, list) and size else flat["resolution"]
+    if isinstance(flat.get("resolution"), str):
+        flat["resolution"] = parse_size(flat["resolution"], "resolution", f"config_file {path}: key 'resolution'")
     return _rebase_paths(flat, path.parent if base is None else base)
 
 
@@ -489,6 +488,21 @@ def parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def parse_size(text: str, key: str, named: str) -> int | list[int]:
+    """kohya's size text, as its ``prepare_dataset_args`` reads ``--resolution`` (``int()`` of each comma-separated
+    part, one part a square): ``"512"`` -> 512, ``"512,768"`` -> [512, 768] (width, height). Text it refuses
+    (``"512,"``, ``"a,b"``, three parts) is a ``ConfigError`` at ``key`` quoting the text as given, after ``named``
+    (where it was given: ``--resolution (command line)``, ``config_file F: key 'resolution'``)."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2):
+        tail = f" expects a size as kohya writes it, 'SIZE' or 'WIDTH,HEIGHT' in whole numbers, got {text!r}"
+        raise ConfigError(named + tail, key, tail)
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def network_args(config: Config) -> dict[str, float]:

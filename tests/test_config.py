@@ -74,7 +74,8 @@ def test_a_kohya_config_files_resolution_string_is_read_as_kohya_reads_it(tmp_pa
         _write(tmp_path / "kohya.toml", f'train_data_dir = "imgs"\nresolution = {text}\n')
         assert load_config(_write(tmp_path / "p.toml", 'config_file = "kohya.toml"\n')).resolution == expected
     _write(tmp_path / "kohya.toml", 'train_data_dir = "imgs"\nresolution = "512x512"\n')
-    with pytest.raises(ConfigError, match=r"key 'resolution' expects int \| list\[int\], got '512x512'"):
+    with pytest.raises(ConfigError, match=r"^config_file .*kohya.toml: key 'resolution' expects a size as kohya writes "
+                                          r"it, 'SIZE' or 'WIDTH,HEIGHT' in whole numbers, got '512x512'$"):
         load_config(_write(tmp_path / "p.toml", 'config_file = "kohya.toml"\n'))
 
 

@@ -91,7 +91,8 @@ CASES = {
                                "--set stages.0.learning_rate must be a finite number within float32 range, got nan"),
     "negative_seed": lambda t: ({}, ["--seed", "-1"], "--seed (command line) must be between 0 and"),
     "resolution_three_sizes": lambda t: ({}, ["--resolution", "640,512,3"],
-                                         "--resolution (command line) must be one size or two (width, height; W,H"),
+                                         "--resolution (command line) expects a size as kohya writes it, 'SIZE' or "
+                                         "'WIDTH,HEIGHT' in whole numbers, got '640,512,3'"),
     "token_in_vocabulary_typed": lambda t: ({}, ["--token_string", "character"],
                                             "--token_string (command line): 'character' is already in the tokenizer's "
                                             "vocabulary"),

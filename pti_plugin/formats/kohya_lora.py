@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..atomic_io import save_safetensors_atomic
+from ..atomic_io import atomic_write_with, check_finite
 from ..models.family import TEXT_ENCODER_PREFIX, UNET_PREFIX, KeyTable, key_table
 
 BUNDLE_PREFIX = "bundle_emb."
@@ -333,18 +333,51 @@ def kohya_source_metadata(kind: str, source: str) -> dict[str, str]:
     return {f"ss_{kind}_hash": old, f"ss_new_{kind}_hash": new, f"ss_{kind}_name": os.path.basename(source)}
 
 
-def kohya_weight_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+def kohya_weight_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                        serialised: bytes | memoryview | None = None) -> dict[str, str]:
     """The hashes kohya's save adds to a LoRA's metadata (``precalculate_safetensors_hashes``), of the safetensors file
     holding ``tensors`` with ``metadata``'s ``ss_*`` keys alone: ``sshs_model_hash``, the sha256 of the data after the
     header (the hash sd-webui-additional-networks indexes LoRAs by; it does not depend on the metadata), and
-    ``sshs_legacy_hash``, that extension's old hash: the sha256 of the 64 KiB at 1 MiB, 8 hex digits."""
+    ``sshs_legacy_hash``, that extension's old hash: the sha256 of the 64 KiB at 1 MiB, 8 hex digits.
+
+    ``serialised``: ``tensors`` as ``safetensors.torch.save`` wrote them under another header (the file being saved).
+    Its data is that file's; where that file's data starts follows from the header's JSON with the other keys left
+    out (checked: the same reckoning must give this header's own length), so nothing is serialised again. Without it,
+    or when the reckoning fails or that file's header passes 1 MiB, the ``ss_*`` file is serialised, as kohya does."""
     from safetensors.torch import save
 
     training = {key: value for key, value in metadata.items() if key.startswith("ss_")}
-    data = memoryview(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, training))
+    data = memoryview(serialised) if serialised is not None else None
+    start = None if data is None else _data_start_with(data, training)  # where the ss_* file's data starts
+    if start is None:  # the ss_* file itself
+        data = memoryview(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, training))
+        legacy = data[0x100000:0x110000]
+    body = data[8 + struct.unpack("<Q", data[:8])[0] :]
+    if start is not None:  # the ss_* file's bytes at 1 MiB, in this file's data
+        legacy = body[0x100000 - start : 0x110000 - start]
+    return {"sshs_model_hash": hashlib.sha256(body).hexdigest(), "sshs_legacy_hash": hashlib.sha256(legacy).hexdigest()[:8]}
+
+
+def _data_start_with(data: memoryview, metadata: Mapping[str, str]) -> int | None:
+    """Where the data would start in safetensors file ``data`` were its header's metadata ``metadata``: safetensors
+    writes the header as compact JSON (UTF-8, escaped as Python's ``json`` does) padded with spaces to 8 bytes. None
+    when the same reckoning does not give ``data``'s own header length, or the start passes 1 MiB."""
     (header_len,) = struct.unpack("<Q", data[:8])
-    return {"sshs_model_hash": hashlib.sha256(data[8 + header_len :]).hexdigest(),
-            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
+    text = bytes(data[8 : 8 + header_len]).rstrip(b" ")
+    header = json.loads(text)
+
+    def length(meta: Mapping[str, str]) -> int:
+        return len(json.dumps(header | {"__metadata__": meta}, separators=(",", ":"), ensure_ascii=False).encode())
+
+    if "__metadata__" not in header or length(header["__metadata__"]) != len(text):
+        return None
+    unpadded = length(metadata)
+    start = 8 + unpadded + (-unpadded) % 8
+    return start if start <= 0x100000 else None
+
+
+#: The hashes' places in the header of the file being saved: as long as the hashes (sha256, 8 hex digits).
+_HASH_PLACEHOLDERS = {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
 
 
 def save_lora(
@@ -354,16 +387,33 @@ def save_lora(
 
     Refuses (``LoraFormatError``, naming the key) any key other than the family's LoRA keys and bundled
     embeddings (Forge drops a LoRA with more than 12 keys it cannot map), non-string metadata, and
-    non-finite tensors (``ValueError``).
+    non-finite tensors (``ValueError``). The tensors are serialised once: with the hashes' places held, hashed
+    (:func:`kohya_weight_hashes`), and written with the hashes in those places.
     """
+    from safetensors.torch import save
+
     bad = unexpected_keys(tensors, table=table)
     if bad:
         raise LoraFormatError(f"refusing to write {path}: unexpected key {bad[0]!r} ({len(bad)} in all)")
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise ValueError(f"metadata value for {key!r} must be a string, got {type(value).__name__}")
-    header = dict(metadata) | kohya_weight_hashes(tensors, metadata)
-    save_safetensors_atomic(path, dict(tensors), header)
+    check_finite(dict(tensors), str(path))
+    data = memoryview(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                           dict(metadata) | _HASH_PLACEHOLDERS))
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = bytes(data[: 8 + header_len])
+    for key, value in kohya_weight_hashes(tensors, metadata, data).items():
+        # "key":"000…": once in the header (the quotes in a metadata text are escaped)
+        held = json.dumps({key: _HASH_PLACEHOLDERS[key]}, separators=(",", ":"))[1:-1].encode()
+        header = header.replace(held, held.replace(_HASH_PLACEHOLDERS[key].encode(), value.encode()), 1)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(header)
+            handle.write(data[8 + header_len :])
+
+    atomic_write_with(path, write, size_hint=len(data))
 
 
 def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -54,6 +54,8 @@ class SDXLFamily:
     clip_skip: int = 1
     max_token_length: int = 75
     default_size: int = 1024
+    #: each tokenizer's pad id (set by :meth:`load`; the second pads with ``!``, the first with EOS)
+    pad_ids: tuple[int, ...] = ()
 
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
@@ -82,7 +84,13 @@ class SDXLFamily:
 
     # ------------------------------------------------------------------ loading
     def load(self, path: Path, single_file_config: str = "", tokenizer_path: str = "") -> LoadedComponents:
-        """A diffusers SDXL folder, or an original single file (``single_file_sdxl.py``), offline."""
+        """A diffusers SDXL folder, or an original single file (``single_file_sdxl.py``), offline; records the
+        tokenizers' pad ids (``pad_ids``), which kohya's windows (:func:`window_ids`) compare with."""
+        parts = self._load_components(path, single_file_config, tokenizer_path)
+        self.pad_ids = tuple(int(tok.pad_token_id) for tok in parts.tokenizers)
+        return parts
+
+    def _load_components(self, path: Path, single_file_config: str, tokenizer_path: str) -> LoadedComponents:
         if path.is_file():
             from .single_file_sdxl import load_sdxl_single_file
 
@@ -127,9 +135,11 @@ class SDXLFamily:
         every window's 75 caption rows, the last window's final row); the pooled output is the first window's, at its
         first EOS."""
         batch, eos = input_ids.shape[0], input_ids[:, 0, -1:]  # the first tokenizer always ends with EOS
+        if len(self.pad_ids) != 2:
+            raise ValueError("the SDXL family encodes kohya's windows with its tokenizers' pad ids, which load() records")
         states = []
         for index, te in enumerate((te1, te2)):  # after the loop, windows and outputs are the second encoder's
-            windows = window_ids(input_ids[:, index], eos)
+            windows = window_ids(input_ids[:, index], eos, self.pad_ids[index])
             outputs = [te(ids, output_hidden_states=True) for ids in windows]
             rows = [out.hidden_states[-2][:, 1:76] for out in outputs]  # each window's 75 caption rows
             first, last = outputs[0].hidden_states[-2][:, :1], outputs[-1].hidden_states[-2][:, -1:]
@@ -188,19 +198,20 @@ def eos_positions(input_ids: torch.Tensor) -> torch.Tensor:
     return (first == first[:, -1:]).int().argmax(dim=-1)
 
 
-def window_ids(ids: torch.Tensor, eos: torch.Tensor) -> list[torch.Tensor]:
+def window_ids(ids: torch.Tensor, eos: torch.Tensor, pad: int) -> list[torch.Tensor]:
     """kohya's windows of one tokenizer's ids ``[B, L]`` (L = 75 k + 2; ``strategy_base._get_input_ids``): k windows
-    ``[B, 77]``, each the BOS, 75 ids and the last id (EOS, or the pad token of a tokenizer that pads with its own);
-    a window the caption runs past ends with EOS (``eos`` [B, 1]), and one that starts with padding with BOS EOS.
-    The tokenizer's pad id is its last id when the caption is shorter than L; a caption that fills L ends with EOS,
-    which no window changes."""
+    ``[B, 77]``, each the BOS, 75 ids and the last id (EOS, or ``pad``, the tokenizer's pad id, when the caption is
+    shorter than L); a window whose 75th id is neither EOS (``eos`` [B, 1]) nor ``pad`` ends with EOS, and one whose
+    first id is ``pad`` starts BOS EOS (also where ``pad`` is the caption's own text, the second tokenizer's ``!``,
+    in a caption that fills L). With a tokenizer that pads with EOS (the first) nothing changes: kohya's rule for
+    such tokenizers keeps the windows as cut."""
     bos, body, last = ids[:, :1], ids[:, 1:-1], ids[:, -1:]
     windows = []
     for start in range(0, body.shape[1], 75):
         window = torch.cat([bos, body[:, start : start + 75], last], dim=1)
-        runs_past = (window[:, -2:-1] != eos) & (window[:, -2:-1] != last)
+        runs_past = (window[:, -2:-1] != eos) & (window[:, -2:-1] != pad)
         window[:, -1:] = torch.where(runs_past, eos, window[:, -1:])
-        window[:, 1:2] = torch.where(window[:, 1:2] == last, eos, window[:, 1:2])
+        window[:, 1:2] = torch.where(window[:, 1:2] == pad, eos, window[:, 1:2])
         windows.append(window)
     return windows
 
