@@ -30,6 +30,7 @@ import torch
 from .atomic_io import atomic_torch_save, atomic_write_text, save_safetensors_atomic, umask, write_failed
 from .config import ConfigError
 from .outputs import state_folders
+from .rule_changes import RULES
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class SavedProgress:
     base: dict[str, Any] | None = None  # what the weights were trained on (:func:`base_identity`)
     lora_scales: dict[str, Any] | None = None  # the LoRA's alphas (:func:`lora_scales`)
     batch: dict[str, int] | None = None  # how the global batch was made (:func:`batch_shape`)
+    rules: int | None = None  # the training rules it was saved under (:mod:`~pti_plugin.rule_changes`)
 
 
 @dataclass
@@ -122,6 +124,7 @@ def save_state(
             progress["lora_scales"] = lora_scales
         if batch is not None:
             progress["batch"] = batch
+        progress["rules"] = RULES  # what a resume by another version compares (rule_changes)
         atomic_write_text(tmp / "progress.json", json.dumps(progress))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is private (0700); give it a plain mkdir's mode
         if folder.exists():  # replace: a folder cannot be renamed over a non-empty one, so move the old one aside
@@ -179,7 +182,9 @@ def read_progress(folder: Path) -> SavedProgress:
     if groups is not None and (not isinstance(groups, list) or not all(
             isinstance(g, dict) and isinstance(g.get("name"), str) and type(g.get("tensors")) is int for g in groups)):
         raise ConfigError(f"key 'resume': {path}: param_groups must be a list of {{name, tensors}}; got {groups!r}")
-    base, batch = progress.get("base"), progress.get("batch")
+    base, batch, rules = progress.get("base"), progress.get("batch"), progress.get("rules")
+    if rules is not None and (type(rules) is not int or rules < 0):
+        raise ConfigError(f"key 'resume': {path}: rules must be a non-negative integer; got {rules!r}")
     if base is not None and not isinstance(base, dict):
         raise ConfigError(f"key 'resume': {path}: base must be a table; got {base!r}")
     if batch is not None and (not isinstance(batch, dict) or sorted(batch) != sorted(BATCH_KEYS)
@@ -188,7 +193,7 @@ def read_progress(folder: Path) -> SavedProgress:
                           f"got {batch!r}")
     return SavedProgress(folder, *(progress[k] for k in keys), progress.get("stage_kind"), progress.get("optimizer_type"),
                          None if groups is None else [(g["name"], g["tensors"]) for g in groups],
-                         progress.get("token_string"), base, progress.get("lora_scales"), batch)
+                         progress.get("token_string"), base, progress.get("lora_scales"), batch, rules)
 
 
 def base_identity(config) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from .outputs import RunFiles
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import (base_identity, batch_shape, check_lora_scales, check_resume_fits, check_resume_within_epochs,
                      load_state, warn_other_batch)
+from .rule_changes import warn_older_rules
 from .run_lock import RunLocks, clean_leftover_temporaries
 from .run_outputs import RunOutputs
 from .run_setup import announce, make_accelerator, place_model, release_vae
@@ -91,6 +92,7 @@ class Trainer:
         device = self.accelerator.device
 
         held_out = self._scan_data()  # the data is checked before any model loads
+        warn_older_rules(self._resume_progress, config, self.subsets, self.items)  # a state saved by an older version
         self.entries = [i for i, item in enumerate(self.items) for _ in range(item.num_repeats)]
         # One optimizer step consumes a global batch of batch x processes x accumulation samples.
         self.global_batch = config.train_batch_size * self.accelerator.num_processes * config.gradient_accumulation_steps

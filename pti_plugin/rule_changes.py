@@ -1,0 +1,95 @@
+"""Training rules that changed between pti-plugin versions, for a state resumed across an upgrade.
+
+A state folder's ``progress.json`` records ``rules``: the version of the training rules (:data:`RULES`) the run that
+saved it trained under. When a change makes the same preset train on differently (another bucket, other size ids,
+another caption), :data:`RULES` goes up by one and :data:`RULE_CHANGES` gets an entry naming what changed and which
+runs it touches. A resume of a state saved under older rules is then warned about, naming each change that touches
+this run (:func:`warn_older_rules`): the resumed run trains on under the current rules, so it does not continue as
+the version that saved it would have. It is not refused: the earlier steps stay as trained, and most runs are touched
+by none of the changes. A state saved under newer rules than these (a downgrade) is warned about too.
+
+States written before ``rules`` was recorded are dated by the newest key their ``progress.json`` holds:
+``lora_scales`` (recorded from the version after the changes of rules 1) means rules 1; a state without it was
+written before those changes, or in the few versions between them and ``lora_scales``, and counts as rules 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .data.dataset import ImageItem, Subset
+
+logger = logging.getLogger(__name__)
+
+#: The training rules this version trains under, recorded with each state as progress.json's ``rules``.
+RULES = 1
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What decides whether a change touches a run: its model family (None where it cannot be read), datasets and
+    training images."""
+
+    family: str | None
+    subsets: Sequence["Subset"]
+    items: Sequence["ImageItem"]
+
+
+@dataclass(frozen=True)
+class RuleChange:
+    rules: int  # the rules version that brought the change
+    what: str  # the change, as the warning names it
+    touches: Callable[[RunFacts], bool]  # whether it changes this run's training
+
+
+def _has_face_box_names(facts: RunFacts) -> bool:
+    from .data.face_crop import face_name_parts
+
+    return any(face_name_parts(item.path) is not None for item in facts.items)
+
+
+RULE_CHANGES: tuple[RuleChange, ...] = (
+    RuleChange(1, "SDXL's size ids: crop_top_left is kohya's (the margins of the image fitted inside its bucket), "
+                  "where it was the bucket window's offset", lambda f: f.family == "sdxl"),
+    RuleChange(1, "bucket choice is kohya's (the image's own size first, then the nearest width / height; 1-2% of "
+                  "images went to another bucket) and bucket_no_upscale scales a large image to its own bucket",
+               lambda f: any(subset.bucket_settings[0] for subset in f.subsets)),
+    RuleChange(1, "an image named as a face box (<name>_<cx>_<cy>_<w>_<h>) without its own caption file takes "
+                  "<name>'s caption, as kohya", _has_face_box_names),
+)
+
+
+def saved_rules(progress: Any) -> int:
+    """The rules version a state (its ``resume.SavedProgress``) was saved under: recorded, or dated by its keys
+    (module docstring)."""
+    if progress.rules is not None:
+        return progress.rules
+    return 1 if progress.lora_scales is not None else 0
+
+
+def warn_older_rules(progress: Any, config: "Config", subsets: Sequence["Subset"],
+                     items: Sequence["ImageItem"]) -> None:
+    """Warn when the resumed state (``progress``, or None) was saved under other training rules than :data:`RULES`,
+    naming each change between the two that touches this run (none: nothing is said)."""
+    if progress is None:
+        return
+    saved = saved_rules(progress)
+    if saved > RULES:
+        logger.warning(f"resume: state {progress.folder} was saved by a newer pti-plugin (training rules {saved}; this "
+                       f"version's are {RULES}): the resumed run trains on under this version's older rules; resume it "
+                       "with the version that saved it (or a newer one) to continue it as it was trained")
+        return
+    from .family_checks import run_family
+
+    facts = RunFacts(run_family(config), subsets, items)
+    changed = [change.what for change in RULE_CHANGES if saved < change.rules <= RULES and change.touches(facts)]
+    if changed:
+        listed = "; ".join(f"({n}) {what}" for n, what in enumerate(changed, 1))
+        logger.warning(f"resume: state {progress.folder} was saved by an older pti-plugin, whose training differs from "
+                       f"this version's for this run: {listed}. The resumed run trains on under this version's rules, "
+                       "not as the version that saved it would have (its earlier steps stay as trained); to continue "
+                       "it exactly, resume it with the version that saved it")

@@ -1,0 +1,106 @@
+"""Files written by older pti-plugin versions, read by this one (a user upgrades between runs).
+
+Each "old" file is built by hand in the form the named version wrote it (no git history is read), checked against
+runs of those versions: resume states, LoRA and embedding files, resolved configs and disk latent caches from the
+versions of commits dfac8bd, 3b18ebc, 207b960 and 2b897a4 were read by this version. Everything but one case carried
+across unchanged (bit for bit where training did not change); the case that did not: a state saved before a change
+of the training rules (SDXL's size ids, kohya's bucket choice, face-box captions) resumed silently under the new
+rules. It is now warned about, naming each change that touches the run (``pti_plugin.rule_changes``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pti_plugin.config import ConfigError
+from pti_plugin.config_loading import build_config
+from pti_plugin.resume import STATE_FILES, read_progress
+from pti_plugin.rule_changes import RULES, warn_older_rules
+
+#: progress.json as the version of commit 2b897a4 wrote it (the last before the rules changed): no ``lora_scales``,
+#: ``batch`` or ``rules``.
+FORM_2B897A4 = ("stage_index", "stage_step", "global_step", "stage_kind", "optimizer_type", "param_groups",
+                "token_string", "base")
+
+OLDER = "was saved by an older pti-plugin"
+
+
+def _state(folder: Path, **progress) -> Path:
+    """A state folder whose progress.json holds ``progress`` (its other files are not read by these checks)."""
+    folder.mkdir(parents=True)
+    for name in STATE_FILES:
+        (folder / name).write_bytes(b"")
+    (folder / "progress.json").write_text(json.dumps({"stage_index": 0, "stage_step": 1, "global_step": 1} | progress))
+    return folder
+
+
+def test_a_state_saved_before_the_bucket_rule_changed_is_warned_about_on_resume(preset, tmp_path, caplog):
+    """A bucketed run's state in 2b897a4's form (FORM_2B897A4) resumed: the version that saved it chose other buckets
+    for some images; the resume names the bucket change (and no SDXL change: an SD1.5 run). The same state as this
+    version writes it, and the old state resumed without buckets (no change touches that run), resume silently."""
+    from pti_plugin.trainer import Trainer
+
+    stages = [{"kind": "inversion", "steps": 2, "learning_rate": 5e-2}]
+    raw = preset(stages=stages, resolution=64, enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128,
+                 save_every_n_steps=1, save_state=True)
+    Trainer(build_config(raw)).run()
+    state = Path(raw["output_dir"]) / "pti-state-step00000001"
+    assert json.loads((state / "progress.json").read_text())["rules"] == RULES
+    old = tmp_path / "old-state"
+    shutil.copytree(state, old)
+    progress = json.loads((old / "progress.json").read_text())
+    (old / "progress.json").write_text(json.dumps({k: progress[k] for k in FORM_2B897A4}))
+
+    def resume(name: str, folder: Path, **overrides) -> str:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            Trainer(build_config(raw | {"output_dir": str(tmp_path / name), "resume": str(folder),
+                                        "save_every_n_steps": 0, "save_state": False} | overrides)).run()
+        return caplog.text
+
+    warned = resume("old", old)
+    assert OLDER in warned and "(1) bucket choice is kohya's" in warned and "SDXL" not in warned
+    assert OLDER not in resume("recorded", state)
+    assert OLDER not in resume("unbucketed", old, enable_bucket=False)
+
+
+def test_an_sdxl_state_from_before_the_size_id_change_is_warned_about(preset, tiny_sdxl, tmp_path, caplog):
+    """SDXL's crop_top_left changed after 2b897a4: a state of its form (no lora_scales) on an SDXL model is warned
+    about; a state that records lora_scales (written after the change) is not."""
+    config = build_config(preset(pretrained_model_name_or_path=str(tiny_sdxl)))
+    with caplog.at_level("WARNING"):
+        warn_older_rules(read_progress(_state(tmp_path / "old", stage_kind="inversion")), config, [], [])
+    assert OLDER in caplog.text and "SDXL's size ids" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_older_rules(read_progress(_state(tmp_path / "new", lora_scales={"network_alpha": 4.0, "conv_alpha": None})),
+                         config, [], [])
+    assert caplog.text == ""
+
+
+def test_face_box_names_and_a_newer_state(preset, tmp_path, caplog):
+    """An image named as a face box took no caption from its base name before the change: an old state (no
+    lora_scales) of a run with such an image is warned about, one with plain names is not. A state of newer rules than
+    this version's (a downgrade) is warned about the other way."""
+    config = build_config(preset())
+    old = read_progress(_state(tmp_path / "old"))
+    with caplog.at_level("WARNING"):
+        warn_older_rules(old, config, [], [SimpleNamespace(path=Path("face.png"))])
+    assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        warn_older_rules(old, config, [], [SimpleNamespace(path=Path("char_40_40_16_16.png"))])
+    assert OLDER in caplog.text and "face box" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_older_rules(read_progress(_state(tmp_path / "newer", rules=RULES + 1)), config, [], [])
+    assert f"saved by a newer pti-plugin (training rules {RULES + 1}; this version's are {RULES})" in caplog.text
+
+
+def test_a_broken_rules_entry_is_refused_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'resume': .*progress.json: rules must be a non-negative integer; got '1'"):
+        read_progress(_state(tmp_path / "s", rules="1"))
