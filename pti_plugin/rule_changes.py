@@ -26,15 +26,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: The training rules this version trains under, recorded with each state as progress.json's ``rules``.
-RULES = 1
+RULES = 2
 
 
 @dataclass(frozen=True)
 class RunFacts:
-    """What decides whether a change touches a run: its model family (None where it cannot be read), datasets and
-    training images."""
+    """What decides whether a change touches a run: its model family (None where it cannot be read), token length,
+    datasets and training images."""
 
     family: str | None
+    max_token_length: int
     subsets: Sequence["Subset"]
     items: Sequence["ImageItem"]
 
@@ -52,6 +53,12 @@ def _has_face_box_names(facts: RunFacts) -> bool:
     return any(face_name_parts(item.path) is not None for item in facts.items)
 
 
+def _has_sdxl_pad_windows(facts: RunFacts) -> bool:
+    """SDXL with 150/225-token windows and a caption holding the second tokenizer's pad token ``!``."""
+    return facts.family == "sdxl" and facts.max_token_length > 75 and any(
+        "!" in line for item in facts.items for line in (item.caption, *item.caption_lines))
+
+
 RULE_CHANGES: tuple[RuleChange, ...] = (
     RuleChange(1, "SDXL's size ids: crop_top_left is kohya's (the margins of the image fitted inside its bucket), "
                   "where it was the bucket window's offset", lambda f: f.family == "sdxl"),
@@ -60,6 +67,8 @@ RULE_CHANGES: tuple[RuleChange, ...] = (
                lambda f: any(subset.bucket_settings[0] for subset in f.subsets)),
     RuleChange(1, "an image named as a face box (<name>_<cx>_<cy>_<w>_<h>) without its own caption file takes "
                   "<name>'s caption, as kohya", _has_face_box_names),
+    RuleChange(2, "SDXL's 150/225-token windows: a window of a caption that fills them and opens with the second "
+                  "tokenizer's pad token '!' starts BOS EOS, as kohya", _has_sdxl_pad_windows),
 )
 
 
@@ -85,7 +94,7 @@ def warn_older_rules(progress: Any, config: "Config", subsets: Sequence["Subset"
         return
     from .family_checks import run_family
 
-    facts = RunFacts(run_family(config), subsets, items)
+    facts = RunFacts(run_family(config), config.max_token_length, subsets, items)
     changed = [change.what for change in RULE_CHANGES if saved < change.rules <= RULES and change.touches(facts)]
     if changed:
         listed = "; ".join(f"({n}) {what}" for n, what in enumerate(changed, 1))

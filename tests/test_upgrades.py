@@ -104,3 +104,22 @@ def test_face_box_names_and_a_newer_state(preset, tmp_path, caplog):
 def test_a_broken_rules_entry_is_refused_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"key 'resume': .*progress.json: rules must be a non-negative integer; got '1'"):
         read_progress(_state(tmp_path / "s", rules="1"))
+
+
+def test_an_sdxl_state_from_before_the_pad_window_change_is_warned_about_where_a_caption_has_the_pad(
+        preset, tiny_sdxl, tmp_path, caplog):
+    """SDXL's 150/225-token windows changed after rules 1 (a window opening with the second tokenizer's pad '!' now
+    starts BOS EOS): a rules-1 state (lora_scales, no rules) of such a run whose captions hold a '!' is warned about;
+    without a '!', or at 75 tokens, it is not."""
+    old = read_progress(_state(tmp_path / "old", lora_scales={"network_alpha": 4.0, "conv_alpha": None}))
+    long = build_config(preset(pretrained_model_name_or_path=str(tiny_sdxl), max_token_length=150))
+    short = build_config(preset(pretrained_model_name_or_path=str(tiny_sdxl)))
+    bang = [SimpleNamespace(path=Path("a.png"), caption="tok1, wow!", caption_lines=())]
+    plain = [SimpleNamespace(path=Path("a.png"), caption="tok1, red", caption_lines=())]
+    for config, items in ((long, plain), (short, bang)):
+        with caplog.at_level("WARNING"):
+            warn_older_rules(old, config, [], items)
+        assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        warn_older_rules(old, long, [], bang)
+    assert OLDER in caplog.text and "(1) SDXL's 150/225-token windows" in caplog.text
