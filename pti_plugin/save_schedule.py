@@ -31,6 +31,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 from .outputs import epoch_save_due, epoch_save_interval
 from .resolution import metadata_lora_stage
@@ -47,14 +48,20 @@ def nth_epoch_ends(every: int | None, stage_step: int, stage_steps: int, steps_p
     return -(-stage_step // steps_per_epoch) % (every or 1) == 0
 
 
-def save_reasons(config, global_step: int, stage_step: int, stage_steps: int,
-                 steps_per_epoch: int) -> tuple[bool, bool]:
+class SaveReasons(NamedTuple):
+    """Why the run saves after a step: a ``save_every_n_steps``-th global step, a saving epoch's end."""
+
+    by_steps: bool
+    by_epoch: bool
+
+
+def save_reasons(config, global_step: int, stage_step: int, stage_steps: int, steps_per_epoch: int) -> SaveReasons:
     """Why the run saves after global step ``global_step``, its stage's step ``stage_step`` of ``stage_steps`` (both
     from 1): (a ``save_every_n_steps``-th global step, a saving epoch's end: :func:`~.outputs.epoch_save_due`). The
     run's last step is not set apart here: its save is the final one (:func:`save_due`, :class:`SaveSchedule`)."""
     every = config.save_every_n_steps
-    return (bool(every) and global_step % every == 0,
-            epoch_save_due(config, stage_step, stage_steps, steps_per_epoch))
+    return SaveReasons(bool(every) and global_step % every == 0,
+                       epoch_save_due(config, stage_step, stage_steps, steps_per_epoch))
 
 
 def save_due(config, state, steps_per_epoch: int) -> bool:
@@ -92,7 +99,7 @@ class SaveSchedule:
         """The stage that takes global step ``step`` (from 1)."""
         return max(i for i, start in enumerate(self.starts) if start < step) if step > 0 else 0
 
-    def _reasons(self, step: int) -> tuple[int, int, tuple[bool, bool]]:
+    def _reasons(self, step: int) -> tuple[int, int, SaveReasons]:
         """The stage that takes global step ``step``, the step within it and :func:`save_reasons` there."""
         index = self._stage_of(step)
         stage_step = step - self.starts[index]
@@ -102,15 +109,15 @@ class SaveSchedule:
     def step_save(self, step: int) -> bool:
         """Whether global step ``step`` is a ``save_every_n_steps`` save (at the run's last step: the final save,
         which stands for the step save kohya makes there beside its final file)."""
-        return 0 < step <= self.total and self._reasons(step)[2][0]
+        return 0 < step <= self.total and self._reasons(step)[2].by_steps
 
     def epoch_save(self, step: int) -> tuple[int, int] | None:
         """``(stage, epoch within the stage)`` when global step ``step`` ends an epoch the run saves at, else None
         (the run's last step is the final save, not an epoch save, as kohya saves no epoch file at its last epoch)."""
         if not 0 < step < self.total:
             return None
-        index, stage_step, (_, by_epoch) = self._reasons(step)
-        return (index, stage_step // self.per_epoch) if by_epoch else None
+        index, stage_step, reasons = self._reasons(step)
+        return (index, stage_step // self.per_epoch) if reasons.by_epoch else None
 
     def _latest_epoch_save(self, index: int, step: int) -> int:
         """The latest epoch of stage ``index`` saved at or before global step ``step`` (0: none yet)."""
