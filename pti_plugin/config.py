@@ -27,6 +27,7 @@ from typing import Any
 
 from .kohya_config_file import kohya_arguments, kohya_file_path
 from .kohya_options import REFUSED_OPTIONS, asks_for_nothing
+from .text_files import read_toml_file
 
 logger = logging.getLogger(__name__)
 
@@ -408,10 +409,9 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{what} not found: looked for {path.resolve()}")
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+        return read_toml_file(path)  # UTF-8 with or without a BOM, CRLF; Windows paths in "..." get a hint
+    except ValueError as exc:
+        raise ConfigError(f"{what} {path} {exc}") from None
 
 
 def _rebase_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:

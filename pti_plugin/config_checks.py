@@ -17,6 +17,7 @@ from typing import Any
 from .config import DATA_PATH_KEYS, EMBEDDED, PATH_KEYS, Config, ConfigError, network_args
 from .data.dataset_keys import DATASET_KEYS, SUBSET_KEYS, TOP_LEVEL_KEYS
 from .input_checks import check_inputs, with_leading_dot, with_tokenizer_cache_dir
+from .text_files import path_not_found
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def validate_config(config: Config, check_paths: bool, data_only: bool = False) 
         for key in DATA_PATH_KEYS if data_only else PATH_KEYS:
             value = getattr(config, key)
             if value and value != EMBEDDED and not Path(value).expanduser().exists():
-                raise ConfigError.at(key, f": path not found: looked for {Path(value).expanduser().resolve()}")
+                raise ConfigError.at(key, f": {path_not_found(value)}")
     for name in config.plugins:
         if not isinstance(config.plugins[name], dict):
             raise ConfigError.at(f"plugins.{name}", " must be a table of options")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from .kohya_config_file import kohya_file_path
 from .config_checks import (check_stage_schedules, check_the_pivot_is_learned, validate_config, with_kohya_switches,
                             with_kohya_tracker)
 from .input_checks import with_leading_dot
+from .text_files import read_toml_file
 from .resolution import check_given_values_are_used, default_stage_dicts, resolve_stages, warn_unreached_intervals
 
 logger = logging.getLogger(__name__)
@@ -132,9 +132,8 @@ def _dataset_config_batch_size(path: Path) -> int | None:
     """The one valid ``batch_size`` a dataset_config sets, else None (the file's problems, such as two
     different values, are reported when its subsets are read: ``data/dataset.py``)."""
     try:
-        with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError):
+        raw = read_toml_file(path)
+    except (OSError, ValueError):
         return None
     general = raw.get("general") if isinstance(raw.get("general"), dict) else {}
     datasets = [d for d in raw.get("datasets", []) if isinstance(d, dict)] if isinstance(raw.get("datasets"), list) else []

@@ -28,7 +28,6 @@ import math
 import os
 import string
 import tempfile
-import tomllib
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 from .config import DATA_PATH_KEYS, EMBEDDED, Config, ConfigError
 from .formats.model_spec import thumbnail_data_url
+from .text_files import read_toml_file
 from .tracking import check_tracker_options
 
 logger = logging.getLogger(__name__)
@@ -281,12 +281,9 @@ _TABLE_ARRAYS = {"datasets": "[[datasets]]", "subsets": "[[datasets.subsets]]"}
 def check_dataset_config_shape(path: Path) -> None:
     """``[general]`` a table, ``datasets`` an array of tables, each ``subsets`` an array of tables."""
     try:
-        with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"dataset_config {path} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"dataset_config {path} is not UTF-8 text ({exc.reason})") from None
+        raw = read_toml_file(path)
+    except ValueError as exc:
+        raise ConfigError(f"dataset_config {path} {exc}") from None
     if "general" in raw and not isinstance(raw["general"], dict):
         raise ConfigError(f"dataset_config {path}: 'general' must be a table ([general]), got {raw['general']!r}")
     _check_table_array(raw, "datasets", path, "")
@@ -322,8 +319,6 @@ def check_sample_prompts(path: Path) -> None:
 
     try:
         entries = prompt_file_entries(path)
-    except UnicodeDecodeError as exc:
-        raise ConfigError.at("sample_prompts", f": {path} is not UTF-8 text ({exc.reason})") from None
     except ValueError as exc:
         raise ConfigError.at("sample_prompts", f": {path} {exc}") from None
     if not entries:

@@ -17,7 +17,6 @@ import logging
 import re
 import signal
 import threading
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from .atomic_io import atomic_write_bytes
 from .stop_signals import STOP_SIGNALS, StopSignals
+from .text_files import load_toml_text, read_user_text
 
 logger = logging.getLogger(__name__)
 
@@ -154,16 +154,13 @@ def prompt_file_entries(path: str | Path) -> list[tuple[str, str | dict]]:
     fails where both set a key, here the subset's value wins), a ``.json`` file's list of tables or prompt lines
     (``prompt N``), any other file's lines but blank and ``#`` ones (``line N``). ValueError: not that shape."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_user_text(path)  # a BOM dropped; CRLF lines split; UTF-16 refused saying how to save it
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
         return [(f"line {n}", line) for n, line in enumerate(text.splitlines(), start=1)
                 if line.strip() and not line.lstrip().startswith("#")]
     if suffix == ".toml":
-        try:
-            table = tomllib.loads(text).get("prompt")
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"is not valid TOML ({exc})") from None
+        table = load_toml_text(text).get("prompt")
         subsets = table.get("subset") if isinstance(table, dict) else None
         if not isinstance(subsets, list) or not all(isinstance(s, dict) for s in subsets):
             raise ValueError("is not in kohya's .toml prompt format: a [prompt] table of defaults and "

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import inspect
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
+from .text_files import read_toml_file
 
 DEFAULT_TRACKER_NAME = "pti"
 SUPPORTED_TRACKERS = ("tensorboard",)
@@ -46,8 +46,7 @@ def tracker_init_kwargs(config: Config) -> dict[str, dict[str, Any]]:
     """The tracker init arguments of ``log_tracker_config`` by tracker name ({} without it)."""
     if not config.log_tracker_config:
         return {}
-    with open(Path(config.log_tracker_config).expanduser(), "rb") as handle:
-        return tomllib.load(handle)
+    return read_toml_file(Path(config.log_tracker_config).expanduser())
 
 
 def hparam_value(value: Any) -> Any:
@@ -96,8 +95,10 @@ def check_tracker_options(config: Config) -> None:
         raise ConfigError.at(key, f": file not found: looked for {path.resolve()}")
     try:
         tables = tracker_init_kwargs(config)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError.at(key, f": {path} is not readable TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError.at(key, f": {path} is not readable: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError.at(key, f": {path} {exc}") from None
     for name, table in tables.items():
         if name not in SUPPORTED_TRACKERS:
             raise ConfigError.at(key, f": {path} configures tracker {name!r}, which pti-plugin does not support "

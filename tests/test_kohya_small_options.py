@@ -125,7 +125,7 @@ def test_a_data_url_thumbnail_is_written_as_given():
      "configures tracker 'wandb', which pti-plugin does not support"),
     ({"log_tracker_config": "t.toml", "log_with": "tensorboard"}, {"t.toml": "[tensorboard]\nflush_sec = 3\n"},
      "[tensorboard] has 'flush_sec', not arguments of SummaryWriter"),
-    ({"log_tracker_config": "t.toml", "log_with": "tensorboard"}, {"t.toml": "[tensorboard\n"}, "is not readable TOML"),
+    ({"log_tracker_config": "t.toml", "log_with": "tensorboard"}, {"t.toml": "[tensorboard\n"}, "t.toml is not valid TOML"),
     ({"log_tracker_config": "missing.toml", "log_with": "tensorboard"}, {}, "key 'log_tracker_config': file not found"),
     ({"log_prefix": "run-"}, {}, "key 'log_prefix' = 'run-' needs a tracker"),
     ({"log_tracker_name": "a/b", "log_with": "tensorboard"}, {}, "must be a plain folder name"),

@@ -34,8 +34,10 @@ last.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, fields
@@ -128,11 +130,7 @@ def read_caption_lines(image: Path, extension: str, all_lines: bool) -> list[str
     (``<name>_<cx>_<cy>_<w>_<h>``: five or more ``_``-separated parts) without its own caption file takes
     ``<name>``'s.
     """
-    extension = extension if extension.startswith(".") else "." + extension
-    candidates = [image.with_suffix(extension)]
-    if named := face_name_parts(image):
-        candidates.append(image.with_name(named[0] + extension))
-    path = next((c for c in candidates if c.is_file()), None)
+    path = caption_file(image, extension)
     if path is None:
         return None
     try:
@@ -151,6 +149,34 @@ def read_caption_lines(image: Path, extension: str, all_lines: bool) -> list[str
         return None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines if all_lines else lines[:1]
+
+
+def caption_file(image: Path, extension: str) -> Path | None:
+    """The caption file of ``image`` (:func:`read_caption_lines`), or None. A name that differs only in letter case
+    (``a.TXT``, ``a.Txt`` for ``a.png`` and ``.txt``) is taken when the exact one is missing, as Windows (where
+    such files are often made) finds it; kohya on Linux does not."""
+    extension = extension if extension.startswith(".") else "." + extension
+    candidates = [image.with_suffix(extension)]
+    if named := face_name_parts(image):
+        candidates.append(image.with_name(named[0] + extension))
+    if path := next((c for c in candidates if c.is_file()), None):
+        return path
+    try:
+        names = _names_by_case(image.parent, image.parent.stat().st_mtime_ns)
+    except OSError:
+        return None
+    return next((image.parent / names[c.name.casefold()] for c in candidates if c.name.casefold() in names
+                 and (image.parent / names[c.name.casefold()]).is_file()), None)
+
+
+@functools.lru_cache(maxsize=64)
+def _names_by_case(folder: Path, mtime_ns: int) -> dict[str, str]:
+    """The file names of ``folder`` by their case-folded form (the first in sorted order where two fold alike);
+    ``mtime_ns`` keys the cache, so a folder changed since is listed again."""
+    names: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        names.setdefault(name.casefold(), name)
+    return names
 
 
 def warn_long_captions(token_counts: list[int], limit: int) -> None:

@@ -24,7 +24,6 @@ their images into :class:`ImageItem` s and :mod:`.dataset_stats` reports on them
 from __future__ import annotations
 
 import logging
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +31,7 @@ from typing import Any, Callable
 from ..config import Config, ConfigError
 from .buckets import bucket_range
 from .captions import CaptionError, CaptionOptions
+from ..text_files import read_toml_file, windows_path_hint
 from .dataset_keys import (CAPTION_KEYS, DATASET_KEYS, REFUSED_DATASET_KEYS, SUBSET_KEYS, SUBSET_ONLY_KEYS,
                            TOP_LEVEL_KEYS, face_range, optional_size_pair, size_pair)
 
@@ -224,11 +224,10 @@ def _bucket_range(values: dict[str, Any], where: str) -> tuple[int, int]:
 
 def _subsets_from_dataset_config(config: Config, path: Path) -> tuple[list[Subset], list[int | None]]:
     """The subsets of a dataset_config and each dataset's batch_size (None when unset)."""
-    with open(path, "rb") as handle:
-        try:
-            raw = tomllib.load(handle)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"dataset_config {path} is not valid TOML: {exc}") from exc
+    try:
+        raw = read_toml_file(path)
+    except ValueError as exc:
+        raise ConfigError(f"dataset_config {path} {exc}") from None
     for key in raw:
         if key not in ("general", "datasets"):
             raise ConfigError(f"{path}: unknown top-level key {key!r} (expected [general] and [[datasets]])")
@@ -261,10 +260,12 @@ def _subsets_from_dataset_config(config: Config, path: Path) -> tuple[list[Subse
             image_dir = _relative_to(Path(merged.get("image_dir", ".")), path) if "image_dir" in merged else None
             if image_dir is not None and not image_dir.is_dir():
                 raise ConfigError(f"{path} {where}: image_dir {image_dir} is a file, not a folder" if image_dir.exists()
-                                  else f"{path} {where}: image_dir not found: looked for {image_dir}")
+                                  else f"{path} {where}: image_dir not found: looked for {image_dir}"
+                                       f"{windows_path_hint(merged['image_dir'])}")
             metadata_file = _relative_to(Path(metadata), path) if metadata else None
             if metadata_file is not None and not metadata_file.is_file():
-                raise ConfigError(f"{path} {where}: metadata_file not found: looked for {metadata_file}")
+                raise ConfigError(f"{path} {where}: metadata_file not found: looked for {metadata_file}"
+                                  f"{windows_path_hint(metadata)}")
             conditioning = _conditioning_dir(config, subset, merged, image_dir, path, where)
             if s and (conditioning is None) != (subsets[-1].conditioning_data_dir is None):
                 raise ConfigError(f"{path} datasets.{d}: conditioning_data_dir is set in some subsets and not in others: "

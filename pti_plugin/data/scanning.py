@@ -16,13 +16,14 @@ from typing import Any
 
 from ..config import Config, ConfigError, first_of
 from .buckets import choose_bucket, make_buckets
-from .captions import read_caption_lines, resolve_lines, resolve_reg_lines
+from .captions import caption_file, read_caption_lines, resolve_lines, resolve_reg_lines
 from .dataset import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, ImageItem, Subset, image_files
 from .dataset_stats import dataset_notes
 from .face_crop import face_box_of
 from .images import ImageRejected
 from .masks import attach_loss_masks, scan_read
 from .validation_split import split_validation
+from ..text_files import read_user_text
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,11 @@ def _metadata_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] 
     """(image path or None, key, caption lines or None) of each entry of kohya's metadata JSON."""
     assert subset.metadata_file is not None
     try:
-        metadata = json.loads(subset.metadata_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{subset.where}: metadata_file {subset.metadata_file} is not valid UTF-8 JSON: {exc}") from exc
+        metadata = json.loads(read_user_text(subset.metadata_file))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{subset.where}: metadata_file {subset.metadata_file} is not valid JSON: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{subset.where}: metadata_file {subset.metadata_file} {exc}") from None
     if not isinstance(metadata, dict):
         raise ConfigError(f"{subset.where}: metadata_file {subset.metadata_file} must map image keys to "
                           '{"caption": ..., "tags": ...} objects')
@@ -68,9 +71,21 @@ def _image_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] | N
                        len(unread), subset.image_dir, ", ".join(IMAGE_EXTENSIONS), first_of(unread, 5))
     wildcard = subset.caption_options.enable_wildcard
     entries = [(p, p.name, read_caption_lines(p, subset.caption_extension, all_lines=wildcard)) for p in paths]
+    _note_caption_case(subset, paths)
     if paths and all(lines is None for *_, lines in entries):
         _warn_other_caption_files(subset, paths)
     return entries
+
+
+def _note_caption_case(subset: Subset, paths: list[Path]) -> None:
+    """Say once which caption files were found by a name in another letter case (``a.TXT`` for ``.txt``)."""
+    ext = subset.caption_extension
+    found = [f.name for p in paths if (f := caption_file(p, ext)) and not f.name.endswith(ext if ext.startswith(".")
+                                                                                        else "." + ext)]
+    if found:
+        logger.warning("%d caption file(s) in %s differ from caption_extension %r only in letter case (%s): read, as "
+                       "on Windows (kohya on Linux would not read them); rename them to end in %r to silence this",
+                       len(found), subset.image_dir, ext, first_of(found, 3), ext)
 
 
 def _warn_other_caption_files(subset: Subset, paths: list[Path]) -> None:
