@@ -7,7 +7,7 @@ import itertools
 import logging
 import typing
 
-from .config import Config, ConfigError, field_names, parse_size, parse_value
+from .config import SIZE_KEYS, Config, ConfigError, field_names, parse_size, parse_value
 from .kohya_config_file import first_text_encoder_lr
 from .kohya_options import REFUSED_OPTIONS
 
@@ -45,7 +45,6 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
     # kohya: nargs="*"; text_encoder_lr too (networks.lora trains every text encoder at its first rate)
     list_keys = _keys_typed(lambda kind: kind in (list[str], list[float])) | {"text_encoder_lr"}
     number_lists = _keys_typed(lambda kind: kind == list[float]) | {"text_encoder_lr"}  # each value a number
-    size_keys = _keys_typed(lambda kind: list[int] in typing.get_args(kind))  # an int or [W, H]
     ratio_keys = _keys_typed(lambda kind: set(typing.get_args(kind)) == {int, float})  # kohya's int_or_float
     i = 0
     while i < len(argv):
@@ -79,7 +78,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
             sets.append(value)
         elif key in list_keys and not value.startswith("["):
             overrides[key] = [_typed(key, value, float) if key in number_lists else value]
-        elif key in size_keys and not value.startswith("["):  # kohya's "W,H" (a TOML list as one)
+        elif key in SIZE_KEYS and not value.startswith("["):  # kohya's "W,H" (a TOML list as one)
             overrides[key] = parse_size(value, key, f"--{key} (command line)")
         elif key in ratio_keys and value.endswith("%"):
             overrides[key] = _percent(key, value)

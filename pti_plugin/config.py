@@ -477,8 +477,8 @@ def _read_kohya_config_file(path: Path, base: Path | None = None) -> dict[str, A
     path = kohya_file_path(path)
     switches = {name for name, kind in typing.get_type_hints(Config).items() if kind is bool}
     flat = kohya_arguments(_read_toml(path, "kohya config_file"), path, switches)
-    if isinstance(flat.get("resolution"), str):
-        flat["resolution"] = parse_size(flat["resolution"], "resolution", f"config_file {path}: key 'resolution'")
+    for key in SIZE_KEYS & {k for k, v in flat.items() if isinstance(v, str)}:  # kohya's parser keeps "W,H" text
+        flat[key] = parse_size(flat[key], key, f"config_file {path}: key {key!r}")
     return _rebase_paths(flat, path.parent if base is None else base)
 
 
@@ -488,6 +488,10 @@ def parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+#: The keys that take a size, an int or [W, H]: kohya's "W,H" text on the command line and in its config_file.
+SIZE_KEYS = frozenset(name for name, kind in typing.get_type_hints(Config).items() if list[int] in typing.get_args(kind))
 
 
 def parse_size(text: str, key: str, named: str) -> int | list[int]:

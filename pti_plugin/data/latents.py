@@ -172,8 +172,8 @@ class LatentSource:
         are encoded ``batch_size`` at a time, those of one bucket size together (kohya's ``vae_batch_size``).
 
         With the disk cache under several processes (``accelerator``: a multi-process run), each process encodes and
-        writes every N-th of those batches, then reads the others' files (kohya's caching strategy splits the work
-        the same way): each file is written once, by one process, and every process trains on the same latents."""
+        writes every N-th of those batches, then reads every file back (kohya's caching strategy splits the work the
+        same way): each file is written once, by one process, and every process trains on the same latents."""
         if self._memory is None:
             return
         shared = self.to_disk and accelerator is not None and accelerator.num_processes > 1
@@ -199,10 +199,12 @@ class LatentSource:
                 self._keep_encoded(index, flip, latent.clone(), fitted)
         if shared:
             accelerator.wait_for_everyone()  # the other processes' shares are on disk
-            for index, flip in (draw for i, chunk in enumerate(chunks) if i % processes != rank for draw in chunk):
+            # every draw read back, this process's too: draws of one image in two datasets share a file, which each
+            # process may have written, so all hold what it holds last
+            for index, flip in (draw for chunk in chunks for draw in chunk):
                 if not self._read_disk(index, flip):
-                    raise FileNotFoundError(f"latent cache file {self._disk_path(index, flip)}, written by another "
-                                            "process of this run, is gone: was it removed while the run started?")
+                    raise FileNotFoundError(f"latent cache file {self._disk_path(index, flip)}, written by this run's "
+                                            "processes, is gone: was it removed while the run started?")
 
     def _read_disk(self, index: int, flip: bool) -> bool:
         """Keep the draw's latent (and mask) from its disk-cache file; False without the disk cache or the file."""
