@@ -67,3 +67,19 @@ def test_plain_diffusers_snippet_reproduces_the_trained_model(preset, tiny_model
 
 def test_readme_kohya_table_is_current():
     assert markdown_table() in README.read_text()
+
+
+def test_sdxl_embedding_snippet_loads_both_vectors(tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    widths = (pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size)
+    saved = {"clip_l": torch.randn(1, widths[0]), "clip_g": torch.randn(1, widths[1])}
+    save_file(saved, str(tmp_path / "tok1.safetensors"))
+    namespace = {"pipe": pipe, "OUT": str(tmp_path), "load_file": load_file}  # the plain snippet's import
+    exec(_snippet("sdxl-embedding"), namespace)  # the README lines, verbatim
+    for tokenizer, encoder, key in ((pipe.tokenizer, pipe.text_encoder, "clip_l"),
+                                    (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")):
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("tok1")]
+        assert torch.equal(row.detach(), saved[key][0])
