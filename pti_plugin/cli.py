@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.debug_dataset:  # kohya's: show the dataset, train nothing
         from .dataset_preview import main as preview
 
-        return preview(argv)
+        return preview(argv, config)  # the config loaded above: each of its warnings said once
     from .atomic_io import WriteFailedError
     from .data.captions import CaptionError
     from .formats.embedding import EmbeddingFormatError

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
-from .config import (EMBEDDED, PATH_KEYS, PATH_LIST_KEYS, Config, ConfigError, _build, _read_kohya_config_file, deep_merge,
-                     load_preset_dict, parse_value)
+from .config import (EMBEDDED, PATH_KEYS, PATH_LIST_KEYS, Config, ConfigError, StageConfig, _build, _read_kohya_config_file,
+                     _type_name, deep_merge, load_preset_dict, parse_value)
 from .kohya_config_file import kohya_file_path
 from .config_checks import (check_stage_schedules, check_the_pivot_is_learned, validate_config, with_kohya_switches,
                             with_kohya_tracker)
@@ -48,17 +49,48 @@ def apply_overrides(raw: dict[str, Any], top_level: dict[str, Any], dotted: list
                                       f"{len(node) - 1})")
                 nxt = node[int(part)]
             elif isinstance(node, dict):
+                if part not in node and not _takes_a_table(parts[:i + 1]):  # a key the preset leaves unset
+                    raise _not_a_table(key, parts[:i + 1], _UNSET)
                 nxt = node.setdefault(part, {})
             else:
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is {node!r}, not a table or list")
+                raise _not_a_table(key, parts[:i], node)
             node = nxt
         last = parts[-1]
         if isinstance(node, list):
             raise ConfigError(f"--set {key}: cannot set a whole list element")
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is {node!r}, not a table")
+            raise _not_a_table(key, parts[:-1], node)
         node[last] = parse_value(text)
     return out
+
+
+def _declared_type(parts: list[str]) -> Any:
+    """The type the schema declares for the dotted path ``parts`` (a top-level key, or ``stages.N.key``); None for
+    another path (a plugin's option) or an unknown key (named as such when the config is built)."""
+    if len(parts) == 1:
+        return typing.get_type_hints(Config).get(parts[0])
+    if len(parts) == 3 and parts[0] == "stages":
+        return typing.get_type_hints(StageConfig).get(parts[2])
+    return None
+
+
+def _takes_a_table(parts: list[str]) -> bool:
+    """Whether ``--set`` may make ``parts`` a table: the schema declares one there, or declares nothing."""
+    declared = _declared_type(parts)
+    return declared is None or any(kind is dict or typing.get_origin(kind) is dict
+                                   for kind in typing.get_args(declared) or (declared,))
+
+
+_UNSET = object()  # a key the preset leaves out
+
+
+def _not_a_table(key: str, parts: list[str], value: Any) -> ConfigError:
+    """``--set key`` goes below ``parts``, which is not a table: the message names what it holds (``value``, or
+    unset) and the type the schema declares there, the same whether the preset sets it or not."""
+    declared = _declared_type(parts)
+    takes = f" (it takes {_type_name(declared)})" if declared is not None else ""
+    holds = "unset" if value is _UNSET else repr(value)
+    return ConfigError(f"--set {key}: {'.'.join(parts)} is {holds}, not a table{takes}")
 
 
 def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str, str] | None = None, *,

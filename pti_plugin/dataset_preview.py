@@ -199,9 +199,22 @@ def _split_own_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return own, rest
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the preview; returns the exit code (2 for configuration and caption errors)."""
+def _load(argv: list[str]) -> Config:
+    """The config of the preview's command line (its own flags taken out): no model, starting file, prompt or output
+    folder is looked for (``data_only``, which also leaves a GPU-only precision, fp16 in the shipped presets,
+    unchecked); an explicit ``--dataset_config`` replaces the preset's image folders."""
     from .command_line import parse_args
+
+    preset, overrides, sets = parse_args(argv)
+    if overrides.get("dataset_config"):
+        for key in ("train_data_dir", "reg_data_dir", "in_json"):
+            overrides.setdefault(key, "")
+    return load_config(preset, overrides, sets, data_only=True)
+
+
+def main(argv: list[str] | None = None, config: Config | None = None) -> int:
+    """Print the preview; returns the exit code (2 for configuration and caption errors). ``config``: the config of
+    ``argv``, already loaded (``train_pti.py --debug_dataset``): not loaded again, so each warning is said once."""
     from .data.captions import CaptionError
     from .script_args import out_folder_problem
 
@@ -212,12 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         own, rest = _split_own_flags(argv)
-        preset, overrides, sets = parse_args(rest)
-        # the preview runs no model: data_only leaves a GPU-only precision (fp16 in the shipped presets) unchecked
-        if overrides.get("dataset_config"):
-            for key in ("train_data_dir", "reg_data_dir", "in_json"):
-                overrides.setdefault(key, "")
-        config = load_config(preset, overrides, sets, data_only=True)  # no model, starting file, prompt or output
+        config = _load(rest) if config is None else config
         try:
             n, stage, processes, max_tags = int(own["n"]), int(own["stage"]), int(own["num_processes"]), int(own["tags"])
         except ValueError as exc:
