@@ -26,6 +26,7 @@ from .nan_policy import optimizer_state_is_finite
 from .outputs import RunFiles, write_lora_and_embedding
 from .resume import SavedProgress, base_identity, batch_shape, lora_scales, save_state
 from .save_schedule import epoch_metadata, prune_saves
+from .tracker_keys import TrackerKeys
 
 
 class RunOutputs:
@@ -45,9 +46,11 @@ class RunOutputs:
         # instead of appending to it: before, the log held both runs' steps.
         self._log_mode = "a" if config.resume else "w"
         self._saved: tuple[int, dict[str, Path]] | None = None  # the last save with a state: (global step, its paths)
+        self.tracker_keys = TrackerKeys(config, accelerator)  # kohya's keys beside ours, on the tracker
 
-    def write_log(self, entry: dict[str, Any], step: int) -> None:
-        """One logged step: a line of the JSONL log (main process) and, with ``log_with``, its numbers to the tracker."""
+    def write_log(self, entry: dict[str, Any], step: int, tracker_only: dict[str, float] | None = None) -> None:
+        """One logged step: a line of the JSONL log (main process) and, with ``log_with``, its numbers to the tracker,
+        with ``tracker_only`` (kohya's keys: ``tracker_keys.py``)."""
         if self.accelerator.is_main_process:
             line = json.dumps(entry) + "\n"
             try:
@@ -57,7 +60,8 @@ class RunOutputs:
             except OSError as exc:  # a full disk: the log named, as a save's file is (atomic_io)
                 raise write_failed(self.files.log_jsonl, exc, len(line.encode())) from exc
         if self.config.log_with:
-            self.accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=step)
+            numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float))}
+            self.accelerator.log(numbers | (tracker_only or {}), step=step)
 
     def save(self, optimizer, tag: str | None = None, with_state: bool = False) -> dict[str, Path]:
         """Write the LoRA and embedding (final names when ``tag`` is None, else ``<name>-<tag>``),

@@ -437,10 +437,11 @@ class Trainer:
     # ------------------------------------------------------------------ logs, samples, saves
     def _after_step(self, logs: dict[str, float], order: SampleOrder) -> None:
         config, state = self.config, self.state
+        kohya_keys = self.outputs.tracker_keys.after_step(state, logs)  # every step: kohya's average, epoch values
         if state.global_step % config.log_every_n_steps == 0 or state.stage_step == state.plan.steps or has_validation(logs):
             entry = {"global_step": state.global_step, "stage": state.stage.name, "stage_step": state.stage_step}
             entry |= logs | self.lora_regularisation.logs() | self.pivot.distance_from_init() | state.logs
-            self.outputs.write_log(entry, state.global_step)
+            self.outputs.write_log(entry, state.global_step, kohya_keys)
             state.logs = {}
         if save_due(config, state, order.batches_per_epoch):
             self.outputs.save(self.optimizer, tag=f"step{state.global_step:08d}", with_state=config.save_state)
