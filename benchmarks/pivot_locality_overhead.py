@@ -231,14 +231,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(1)
     import logging
 
-    logging.disable(logging.WARNING)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)  # the runs' warnings; restored below, as a caller (a test) may go on logging
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        ratios = {name: float("nan") for name in CONFIGS} if args.skip_tiny else tiny(Path(tmp), args.repeats, args.tiny_steps)
-        sd_ratio = float("nan") if args.skip_sd15 else sd15(Path(tmp), args.sd15_steps, args.sd15_cached)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ratios = ({name: float("nan") for name in CONFIGS} if args.skip_tiny
+                      else tiny(Path(tmp), args.repeats, args.tiny_steps))
+            sd_ratio = float("nan") if args.skip_sd15 else sd15(Path(tmp), args.sd15_steps, args.sd15_cached)
+    finally:
+        logging.disable(logging.NOTSET)
+        torch.set_num_threads(threads)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     print(f"tiny_ratio_batch={ratios['on, latents=batch']:.3f} tiny_ratio_noise={ratios['on, latents=noise']:.3f} "
           f"tiny_ratio_cached={ratios['on, noise + cache']:.3f} sd15_ratio_batch={sd_ratio:.3f}")
