@@ -3,6 +3,7 @@ no file left behind, and a run that trains and samples exactly as with the weigh
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,12 @@ from pti_plugin.trainer import Trainer
 
 
 def _rss_mib() -> float:
+    """This process's resident memory, after glibc hands back the heap's free pages (a worker that ran other tests
+    first may keep freed tensors in its heap instead of unmapping them)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
