@@ -77,7 +77,8 @@ def _describe_lora(tensors: Mapping[str, torch.Tensor], table: KeyTable, layout:
 def _describe_embedding(path: Path, family: str, tensors: Mapping[str, torch.Tensor] | None, raw: Any) -> list[str]:
     """The format and vector lines of an embedding file (raises ``EmbeddingFormatError`` when it is none)."""
     _, layout = file_formats(family)
-    vectors = load_embeddings(path, layout)
+    # the file as describe read it, not read again
+    vectors = load_embeddings(path, layout, contents=tensors if path.suffix == ".safetensors" else raw)
     if len(vectors) > 1:
         kind = " + ".join(layout.standalone_keys)
         shapes = ", ".join(f"{key} {v.shape[0]} x {v.shape[1]} {_dtype(v)}" for key, v in zip(layout.standalone_keys, vectors))

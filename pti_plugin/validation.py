@@ -23,7 +23,8 @@ images of one bucket, buckets in the order of their first held-out image).
 Logged (the step's JSONL entry, written at every validating step, and TensorBoard through the same entry):
 ``loss/validation/step_average`` / ``loss/validation/epoch_average``, the mean over the held-out images and
 timesteps, and ``.../step_divergence`` / ``.../epoch_divergence``, that minus the mean main training loss of the
-stage's last epoch of steps (kohya's moving average; it restarts with each stage and after a resume); the progress
+stage's last epoch of steps (kohya's moving average, its running total kept as kohya keeps it:
+``tracker_keys.LossRecorder``; it restarts with each stage and after a resume); the progress
 bar shows ``val_loss``. Several processes: each computes every N-th batch and the sums are reduced, so every
 process holds the value of the whole held-out set.
 
@@ -36,7 +37,6 @@ global step (stages count epochs from 1 each).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import math
@@ -57,6 +57,7 @@ from .data.sample_order import sample_generator
 from .diffusion_loss import draw_batch, per_sample_loss, timestep_bounds, timestep_weighted, training_target
 from .models.family import Conditioning
 from .save_schedule import nth_epoch_ends
+from .tracker_keys import LossRecorder
 
 #: kohya's number of fixed validation timesteps (``NUM_VALIDATION_TIMESTEPS``).
 NUM_VALIDATION_TIMESTEPS = 4
@@ -114,7 +115,7 @@ class Validation:
         self.config, self.accelerator, self.model, self.text_cache, self.items = config, accelerator, model, text_cache, items
         self.enabled = bool(items)
         self.postfix: dict[str, str] = {}  # shown on the progress bar: the last validation loss
-        self.recent: collections.deque[float] = collections.deque()
+        self.recent = LossRecorder(1)  # the stage's main training loss: kohya's moving average (start_stage)
         self.rows: dict[str, Conditioning] | None = None  # this stage's cached conditionings (frozen text side)
         self.stage_steps = self.steps_per_epoch = 1
         if not self.enabled:
@@ -141,7 +142,7 @@ class Validation:
         """A stage begins (``plan``: its :class:`~pti_plugin.hooks.StagePlan`): the training-loss window restarts; in a
         stage that caches text-encoder outputs, the validated captions are encoded now, before the encoders may leave
         the device (and kept apart from the training cache, which they must not change)."""
-        self.recent = collections.deque(maxlen=steps_per_epoch)
+        self.recent = LossRecorder(steps_per_epoch)
         self.stage_steps, self.steps_per_epoch, self.rows = plan.steps, steps_per_epoch, None
         if not self.enabled or not self.text_cache.caches(plan.trains.text_encoders):
             return
@@ -153,7 +154,7 @@ class Validation:
             return {}
         main = logs.get("loss/main")
         if main is not None and math.isfinite(main):
-            self.recent.append(main)
+            self.recent.add(main)
         every = self.config.validate_every_n_steps
         step_due = bool(every) and state.global_step % every == 0
         epoch_due = nth_epoch_ends(self.config.validate_every_n_epochs, state.stage_step, self.stage_steps,
@@ -162,7 +163,7 @@ class Validation:
             return {}
         value = self.loss()
         self.postfix = {"val_loss": f"{value:.4f}"}
-        training = sum(self.recent) / len(self.recent) if self.recent else math.nan
+        training = self.recent.moving_average if self.recent.losses else math.nan
         out: dict[str, float] = {}
         for kind, due in (("step", step_due), ("epoch", epoch_due)):
             if due:

@@ -224,3 +224,29 @@ def test_epoch_validation_defaults_to_every_epoch_as_kohya():
     items = [Item((32, 32)), Item((64, 32)), Item((32, 32)), Item((32, 32))]
     assert validation_batches(items, 2, None) == [[0, 2], [3], [1]]
     assert validation_batches(items, 2, 2) == [[0, 2], [3]]  # max_validation_steps: the first batches
+
+
+def test_the_divergence_subtracts_kohyas_moving_average_to_the_last_bit():
+    """kohya's ``*_divergence`` is the validation loss minus ``loss_recorder.moving_average`` (train_network.py),
+    whose running total drops the loss an epoch before and adds the new one: here with a window of 3 steps and
+    the main losses below, written out from that rule (at step 6 it differs in the last bit from a fresh mean)."""
+    from types import SimpleNamespace
+
+    from pti_plugin.validation import Validation
+
+    validation = object.__new__(Validation)
+    validation.enabled, validation.loss = True, lambda: 0.5  # 0.5 - x: exact for these x
+    validation.config = SimpleNamespace(validate_every_n_steps=1, validate_every_n_epochs=None)
+    validation.text_cache = SimpleNamespace(caches=lambda encoders: False)
+    validation.start_stage(SimpleNamespace(steps=8, trains=SimpleNamespace(text_encoders=())), 3)
+    losses = [0.1, 0.7, 0.3, 0.9, 0.2, 0.05, 1.3, 0.4]
+    got = [validation.after_step(SimpleNamespace(global_step=s, stage_step=s), {"loss/main": loss})
+           ["loss/validation/step_divergence"] for s, loss in enumerate(losses, 1)]
+    total = [0.1, 0.1 + 0.7, 0.1 + 0.7 + 0.3]
+    total.append(total[-1] - 0.1 + 0.9)
+    total.append(total[-1] - 0.7 + 0.2)
+    total.append(total[-1] - 0.3 + 0.05)
+    total.append(total[-1] - 0.9 + 1.3)
+    total.append(total[-1] - 0.2 + 0.4)
+    assert got == [0.5 - t / n for t, n in zip(total, [1, 2, 3, 3, 3, 3, 3, 3])]
+    assert got[5] != 0.5 - (0.9 + 0.2 + 0.05) / 3  # kohya's total, not a fresh sum of the window

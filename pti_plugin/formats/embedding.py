@@ -88,11 +88,16 @@ def bundled_embeddings(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return found
 
 
-def _from_safetensors(path: Path, token: str | None) -> torch.Tensor:
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     check_safetensors(path)
-    tensors = load_file(str(path))
+    return load_file(str(path))
+
+
+def _from_safetensors(path: Path, token: str | None, tensors: Mapping[str, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+    tensors = _read_safetensors(path) if tensors is None else tensors
     bundled = bundled_embeddings(tensors)
     if token is not None and token in bundled:
         return bundled[token]
@@ -108,8 +113,8 @@ def _from_safetensors(path: Path, token: str | None) -> torch.Tensor:
     raise EmbeddingFormatError(f"{path}: no embedding found among keys {sorted(tensors)[:5]}")
 
 
-def _from_pickle(path: Path) -> torch.Tensor:
-    data: Any = safe_torch_load(path)
+def _from_pickle(path: Path, data: Any = None) -> torch.Tensor:
+    data = safe_torch_load(path) if data is None else data
     if isinstance(data, torch.Tensor):
         return data
     if isinstance(data, Mapping):
@@ -124,7 +129,8 @@ def _from_pickle(path: Path) -> torch.Tensor:
     raise EmbeddingFormatError(f"{path}: not an embedding (expected string_to_param or a single tensor)")
 
 
-def load_embedding(path: str | os.PathLike, expected_dim: int | None = None, token: str | None = None) -> torch.Tensor:
+def load_embedding(path: str | os.PathLike, expected_dim: int | None = None, token: str | None = None,
+                   contents: Any = None) -> torch.Tensor:
     """Read an embedding file -> ``[num_vectors, width]`` tensor (dtype as stored).
 
     Reads safetensors (``emb_params``; ``string_to_param.*``; ``clip_l``; a LoRA's
@@ -133,10 +139,11 @@ def load_embedding(path: str | os.PathLike, expected_dim: int | None = None, tok
     ``learned_embeds.bin`` (``{token: tensor}``) through ``safe_torch_load``. ``token`` picks a
     bundled embedding when a file holds several. ``expected_dim`` is the text encoder's width:
     a mismatch (an SD2 or SDXL embedding on SD1.5) raises ``EmbeddingFormatError`` naming the file
-    and both widths.
+    and both widths. ``contents``: the file as already read (a safetensors file's tensors, a pickle's object), not
+    read again.
     """
     path = Path(path)
-    vectors = _from_safetensors(path, token) if path.suffix == ".safetensors" else _from_pickle(path)
+    vectors = _from_safetensors(path, token, contents) if path.suffix == ".safetensors" else _from_pickle(path, contents)
     vectors = vectors.detach()
     if vectors.dim() == 1:
         vectors = vectors.unsqueeze(0)
@@ -162,7 +169,8 @@ def _pick_bundle(path: Path, bundles: Mapping[str, object], token: str | None) -
 
 
 def load_embeddings(
-    path: str | os.PathLike, layout: EmbeddingLayout, expected_dims: Sequence[int] | None = None, token: str | None = None
+    path: str | os.PathLike, layout: EmbeddingLayout, expected_dims: Sequence[int] | None = None, token: str | None = None,
+    contents: Any = None,
 ) -> tuple[torch.Tensor, ...]:
     """Read an embedding for a family with ``layout`` -> one ``[num_vectors, width_i]`` tensor per text encoder.
 
@@ -170,19 +178,16 @@ def load_embeddings(
     holding the layout's standalone tensors (``clip_l``, ``clip_g``) or a LoRA bundling them
     (``bundle_emb.<token>.clip_l`` / ``.clip_g``; ``token`` picks one of several bundles).
     ``expected_dims`` are the text encoders' widths; a mismatch, a missing tensor or tensors with
-    different vector counts raise ``EmbeddingFormatError`` naming the file.
+    different vector counts raise ``EmbeddingFormatError`` naming the file. ``contents``: as :func:`load_embedding`'s.
     """
     dims = list(expected_dims) if expected_dims is not None else [None] * len(layout.standalone_keys)
     if len(layout.standalone_keys) == 1:
-        return (load_embedding(path, dims[0], token),)
+        return (load_embedding(path, dims[0], token, contents),)
     path = Path(path)
     keys = layout.standalone_keys
     if path.suffix != ".safetensors":
         raise EmbeddingFormatError(f"{path}: an embedding for this model family is a .safetensors file holding {', '.join(keys)}")
-    from safetensors.torch import load_file
-
-    check_safetensors(path)
-    tensors = load_file(str(path))
+    tensors = _read_safetensors(path) if contents is None else contents
     bundles = bundled_embedding_parts(tensors)
     if all(k in tensors for k in keys):
         found = [tensors[k] for k in keys]

@@ -352,18 +352,23 @@ def kohya_weight_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[s
     if start is None:  # the ss_* file itself
         data = memoryview(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, training))
         legacy = data[0x100000:0x110000]
-    body = data[8 + struct.unpack("<Q", data[:8])[0] :]
+    body = data[_data_start(data) :]
     if start is not None:  # the ss_* file's bytes at 1 MiB, in this file's data
         legacy = body[0x100000 - start : 0x110000 - start]
     return {"sshs_model_hash": hashlib.sha256(body).hexdigest(), "sshs_legacy_hash": hashlib.sha256(legacy).hexdigest()[:8]}
+
+
+def _data_start(data: memoryview) -> int:
+    """Where the tensor data starts in safetensors file ``data``: after the 8-byte little-endian header length and
+    the header."""
+    return 8 + struct.unpack("<Q", data[:8])[0]
 
 
 def _data_start_with(data: memoryview, metadata: Mapping[str, str]) -> int | None:
     """Where the data would start in safetensors file ``data`` were its header's metadata ``metadata``: safetensors
     writes the header as compact JSON (UTF-8, escaped as Python's ``json`` does) padded with spaces to 8 bytes. None
     when the same reckoning does not give ``data``'s own header length, or the start passes 1 MiB."""
-    (header_len,) = struct.unpack("<Q", data[:8])
-    text = bytes(data[8 : 8 + header_len]).rstrip(b" ")
+    text = bytes(data[8 : _data_start(data)]).rstrip(b" ")
     header = json.loads(text)
 
     def length(meta: Mapping[str, str]) -> int:
@@ -401,8 +406,8 @@ def save_lora(
     check_finite(dict(tensors), str(path))
     data = memoryview(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                            dict(metadata) | _HASH_PLACEHOLDERS))
-    (header_len,) = struct.unpack("<Q", data[:8])
-    header = bytes(data[: 8 + header_len])
+    start = _data_start(data)
+    header = bytes(data[:start])
     for key, value in kohya_weight_hashes(tensors, metadata, data).items():
         # "key":"000…": once in the header (the quotes in a metadata text are escaped)
         held = json.dumps({key: _HASH_PLACEHOLDERS[key]}, separators=(",", ":"))[1:-1].encode()
@@ -411,7 +416,7 @@ def save_lora(
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             handle.write(header)
-            handle.write(data[8 + header_len :])
+            handle.write(data[start:])
 
     atomic_write_with(path, write, size_hint=len(data))
 

@@ -274,6 +274,7 @@ def load_run(
     dtype: torch.dtype = torch.float32,
     class_word: str | None = None,
     lora_file: str | Path | None = None,
+    config: Config | None = None,
 ) -> LoadedRun:
     """Load the run in ``run_dir`` (a training ``output_dir``) for measurement.
 
@@ -281,6 +282,7 @@ def load_run(
     ``device``: default CUDA when available, else CPU.
     ``lora_file``: the LoRA (with its bundled pivot) to load instead of the run's final
     ``<output_name>.safetensors``, e.g. an intermediate save ``<output_name>-stepNNNNNNNN.safetensors``.
+    ``config``: the run's, when already read (:func:`read_run_config`), not read again.
     """
     from ..load_pti import load_pti
 
@@ -288,7 +290,7 @@ def load_run(
     lora_path = Path(lora_file) if lora_file is not None else lora_path
     if not lora_path.is_file():
         raise FileNotFoundError(f"{lora_path} not found" + ("" if lora_file else ": the run has not finished"))
-    config = read_run_config(config_path)
+    config = read_run_config(config_path) if config is None else config
 
     def add_run(pipe) -> None:
         token = load_pti(pipe, lora_path, token=config.token_string)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import atomic_write_text
+from ..config import Config
 from ..outputs import read_training_log
 from ..metrics.curves import crossing_time_ratio
 from ..metrics.evaluate import json_ready
@@ -93,11 +94,13 @@ def checkpoint_files(run_dir: str | Path, output_name: str | None = None) -> lis
     return saves
 
 
-def lora_stage_start(run_dir: str | Path, output_name: str | None = None) -> int:
+def lora_stage_start(run_dir: str | Path, output_name: str | None = None, config: Config | None = None) -> int:
     """Global step at which the run's first LoRA stage starts: the steps of the stages before it
-    (read from the resolved ``<output_name>.config.toml``). Raises ValueError for a run without one."""
+    (read from the resolved ``<output_name>.config.toml``, unless ``config``, the run's as
+    :func:`~pti_plugin.metrics.run_model.read_run_config` read it, is given). Raises ValueError for a run
+    without one."""
     config_path, _ = find_run_files(run_dir, output_name)
-    config = read_run_config(config_path)
+    config = read_run_config(config_path) if config is None else config
     start = 0
     for stage in config.stages:
         if stage.kind == "lora":
@@ -111,14 +114,21 @@ def lora_checkpoints(run_dir: str | Path, output_name: str | None = None
     """``(LoRA stage start, saves inside the LoRA stage, saves before it)`` of a run (saves as
     :func:`checkpoint_files` lists them). Raises :class:`NoCheckpointsError` when fewer than two saves lie
     inside the LoRA stage (the final file alone gives no curve)."""
+    return _lora_checkpoints(run_dir, output_name)[1:]
+
+
+def _lora_checkpoints(run_dir: str | Path, output_name: str | None
+                      ) -> tuple[Config, int, list[tuple[int, Path]], list[tuple[int, Path]]]:
+    """The run's config (read once), then :func:`lora_checkpoints`' three."""
     files = checkpoint_files(run_dir, output_name)
-    start = lora_stage_start(run_dir, output_name)
+    config = read_run_config(find_run_files(run_dir, output_name)[0])
+    start = lora_stage_start(run_dir, output_name, config)
     in_stage = [(step, path) for step, path in files if step > start]
     if len(in_stage) < 2:
         raise NoCheckpointsError(
             f"{run_dir}: {len(in_stage)} LoRA file(s) saved inside the LoRA stage (steps > {start}); a learning "
             "curve needs intermediate saves: train with save_every_n_steps = N (a few dozen saves per run)")
-    return start, in_stage, [(step, path) for step, path in files if step <= start]
+    return config, start, in_stage, [(step, path) for step, path in files if step <= start]
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -151,11 +161,12 @@ def _file_key(path: Path, step: int) -> dict:
     return {"file": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "step": step}
 
 
-def _score_files(run_dir: Path, output_name: str | None, wanted: dict[str, tuple[Path, dict]], settings: dict,
-                 device: str | None, log: Callable[[str], None], keep: Callable[[dict[str, dict]], None]) -> None:
-    """Score the entries ``wanted`` (cache key -> (LoRA file, file key)), handing each file's entries to
-    ``keep`` as soon as they are scored; a base-point key scores that file's pivot with the LoRA unloaded,
-    reusing the loaded file when its own entry is wanted too."""
+def _score_files(run_dir: Path, output_name: str | None, config: Config, wanted: dict[str, tuple[Path, dict]],
+                 settings: dict, device: str | None, log: Callable[[str], None],
+                 keep: Callable[[dict[str, dict]], None]) -> None:
+    """Score the entries ``wanted`` (cache key -> (LoRA file, file key)) of the run of ``config``, handing each
+    file's entries to ``keep`` as soon as they are scored; a base-point key scores that file's pivot with the LoRA
+    unloaded, reusing the loaded file when its own entry is wanted too."""
     from ..metrics.movement import lora_delta_norm
     from ..metrics.run_model import load_run
 
@@ -165,7 +176,7 @@ def _score_files(run_dir: Path, output_name: str | None, wanted: dict[str, tuple
         by_file.setdefault(path, []).append(key)
     for path, keys in by_file.items():
         scored = {}
-        run = load_run(run_dir, output_name, device=device, lora_file=path)
+        run = load_run(run_dir, output_name, device=device, lora_file=path, config=config)
         for key in sorted(keys, key=lambda k: k.startswith(_BASE_POINT)):  # the LoRA on first, then unloaded
             log(f"score {run_dir.name} step {wanted[key][1]['step']}: {key}")
             if key.startswith(_BASE_POINT):
@@ -208,7 +219,7 @@ def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = SAMPLE
     save lies inside the LoRA stage before the final one (train with ``save_every_n_steps``).
     """
     run_dir, log = Path(run_dir), log or (lambda message: None)
-    start, in_stage, before = lora_checkpoints(run_dir, output_name)
+    config, start, in_stage, before = _lora_checkpoints(run_dir, output_name)
     if scored is not None:
         in_stage = [(step, path) for step, path in in_stage[:-1] if scored(step - start)] + in_stage[-1:]
     settings = {"version": SCORES_VERSION, "seeds": [int(s) for s in seeds], "steps": int(steps),
@@ -227,7 +238,7 @@ def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = SAMPLE
         atomic_write_text(cache, json.dumps({"settings": settings, "entries": entries}, indent=1) + "\n")
 
     if missing:
-        _score_files(run_dir, output_name, missing, settings, device, log, keep)
+        _score_files(run_dir, output_name, config, missing, settings, device, log, keep)
     ordered = [entries[key] for key in points]
     return {
         "run_dir": str(run_dir), "settings": settings, "lora_stage_start": start,

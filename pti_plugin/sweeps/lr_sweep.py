@@ -84,7 +84,7 @@ from pti_plugin.config_loading import apply_overrides
 from pti_plugin.sweeps.engines import add_engine_arguments, engine_from_args
 from pti_plugin.sweeps.evaluation import eval_settings, evaluate_one, evaluate_runs
 from pti_plugin.script_args import argument_parser, check_out_folder, int_at_least, positive_int
-from pti_plugin.sweeps.plan import parse_lrs, plan_pivot, plan_runs, seed_count, training_seed_indices
+from pti_plugin.sweeps.plan import parse_lrs, plan_sweep, seed_count
 from pti_plugin.sweeps.report import write_report
 from pti_plugin.sweeps.runner import train_sweep, visible_gpus
 from pti_plugin.sweeps.stopping import stoppable
@@ -154,8 +154,7 @@ def sweep(argv: list[str]) -> tuple[list[dict], list[str]]:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     try:
         raw = apply_overrides(load_preset_dict(args.preset), {}, args.sets)
-        pivots = {k: p for k in training_seed_indices(args) if (p := plan_pivot(args, raw, k)) is not None}
-        specs = plan_runs(args, raw, pivots)
+        pivots, specs = plan_sweep(args, raw)
     except ConfigError as exc:
         raise usage_exit(str(exc)) from exc
     if args._evaluate_run:  # a worker process: evaluate one run and exit

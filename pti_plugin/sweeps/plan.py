@@ -11,10 +11,13 @@ trainer's ``weights`` key).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import toml
 
@@ -197,9 +200,10 @@ def derive_preset(raw: dict, stage: str, lr: float, steps: int, run_dir: Path, p
     return out
 
 
-def plan_pivot(args, raw: dict, training_seed: int = 0) -> RunSpec | None:
+def plan_pivot(args, raw: dict, training_seed: int = 0, seed0: int | None = None) -> RunSpec | None:
     """The shared pivot's run of training seed ``training_seed`` of a lora sweep (the stages before the
-    lora stage, into ``OUT/pivot[-s<k>]/``), or None when not needed."""
+    lora stage, into ``OUT/pivot[-s<k>]/``), or None when not needed. ``seed0``: :func:`base_seed` of ``raw``
+    when known."""
     if args.stage != "lora" or args.shared_pivot == "off" or raw.get("weights"):
         return None
     stages, index = preset_stages(raw, "lora")
@@ -207,7 +211,7 @@ def plan_pivot(args, raw: dict, training_seed: int = 0) -> RunSpec | None:
         return None
     preset = copy.deepcopy(raw)
     preset["stages"] = stages[:index]
-    seed = base_seed(raw) + training_seed
+    seed = (base_seed(raw) if seed0 is None else seed0) + training_seed
     preset["seed"] = seed
     name = "pivot" + seed_suffix(training_seed)
     run_dir = (args.out / name).resolve()
@@ -223,10 +227,11 @@ def plan_pivot(args, raw: dict, training_seed: int = 0) -> RunSpec | None:
     return RunSpec(name, 0.0, "pivot", path, run_dir, config.output_name, config.token_string, training_seed, seed)
 
 
-def plan_runs(args, raw: dict, pivots: dict[int, RunSpec] | None = None) -> list[RunSpec]:
+def plan_runs(args, raw: dict, pivots: dict[int, RunSpec] | None = None, seed0: int | None = None) -> list[RunSpec]:
     """The sweep's runs, each point once per training seed (seeds adjacent); with ``pivots`` (a lora
-    sweep's shared pivot run by training seed) a run of seed k starts from pivot k's embedding."""
-    seed0 = base_seed(raw)
+    sweep's shared pivot run by training seed) a run of seed k starts from pivot k's embedding. ``seed0``:
+    :func:`base_seed` of ``raw`` when known."""
+    seed0 = base_seed(raw) if seed0 is None else seed0
     variants: list[str | None] = [None] + ([args.with_plugin] if args.with_plugin else [])
     plugin_options = {}
     for item in args.plugin_set:
@@ -251,3 +256,44 @@ def plan_runs(args, raw: dict, pivots: dict[int, RunSpec] | None = None) -> list
     return specs
 
 
+class _FirstOfEach(logging.Filter):
+    """Lets through the first record of each (logger, level, message) that reaches its handler."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+@contextlib.contextmanager
+def each_message_once(name: str = "pti_plugin") -> Iterator[None]:
+    """Inside the block, a message of ``name``'s loggers is shown once (by each handler it reaches, ``logging``'s
+    last resort included): a warning of the base preset, which the preset of every run repeats, shows once."""
+    handlers, logger = [], logging.getLogger(name)
+    while logger is not None:
+        handlers += logger.handlers
+        logger = logger.parent if logger.propagate else None
+    handlers += [logging.lastResort] if logging.lastResort is not None else []
+    filters = [(handler, _FirstOfEach()) for handler in dict.fromkeys(handlers)]
+    for handler, first in filters:
+        handler.addFilter(first)
+    try:
+        yield
+    finally:
+        for handler, first in filters:
+            handler.removeFilter(first)
+
+
+def plan_sweep(args, raw: dict) -> tuple[dict[int, RunSpec], list[RunSpec]]:
+    """The sweep's shared pivots (by training seed; a lora sweep's, see :func:`plan_pivot`) and its runs
+    (:func:`plan_runs`), the base preset's config built once, each config message logged once."""
+    with each_message_once():
+        seed0 = base_seed(raw)
+        pivots = {k: p for k in training_seed_indices(args) if (p := plan_pivot(args, raw, k, seed0)) is not None}
+        return pivots, plan_runs(args, raw, pivots, seed0)
