@@ -42,6 +42,7 @@ from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
 from pti_plugin.protocol.interpolation_paths import (DEFAULT_PAIRS, GEOMETRIES, PathSettings,  # noqa: E402
                                                      measure_paths)
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
+from pti_plugin.toy_world.world import IMAGE_SIZE  # noqa: E402
 
 COLOURS = {"layernorm": "tab:blue", "centered": "tab:orange", "linear": "tab:green"}
 DEFAULT_OUT = Path("outputs/interpolation_paths")
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, PathS
                         help=f"evenly spaced fractions from 0 to 1 (default {defaults.fractions}, >= 2)")
     parser.add_argument("--quick", action="store_true", help="4 seeds, 3 fractions, 2 DDIM steps (plumbing only)")
     args = parser.parse_args(argv)
-    if problem := sd15_folder_problem(args.model):
+    if problem := sd15_folder_problem(args.model, IMAGE_SIZE):
         parser.error(f"--model {args.model}: {problem}")
     if problem := out_folder_problem(args.out):
         parser.error(f"--out {args.out}: {problem}")

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
 from pti_plugin.script_args import argument_parser, check_out_folder, positive_int, sd15_folder_problem  # noqa: E402
+from pti_plugin.toy_world.world import IMAGE_SIZE  # noqa: E402
 
 
 def parse_args(argv):
@@ -31,7 +32,7 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=Path("outputs/position_timesteps"))
     parser.add_argument("--quick", action="store_true", help="4 seeds, 4 sampler steps (plumbing)")
     args = parser.parse_args(argv)
-    if args.model is not None and (problem := sd15_folder_problem(args.model)):
+    if args.model is not None and (problem := sd15_folder_problem(args.model, IMAGE_SIZE)):
         parser.error(f"--model {args.model}: {problem}")
     check_out_folder(parser, args.out)
     return args

@@ -35,7 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.script_args import argument_parser, check_out_folder, number_list, positive_finite, positive_int  # noqa: E402
+from pti_plugin.script_args import (argument_parser, check_out_folder, number_list, positive_finite,  # noqa: E402
+                                    positive_int, sd15_folder_problem)
+from pti_plugin.toy_world.world import IMAGE_SIZE  # noqa: E402
 
 BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
 
@@ -65,6 +67,8 @@ def parse_args(argv):
                         help="h3: one variant's weight grid (repeatable; default: the module's)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    if args.model is not None and (problem := sd15_folder_problem(args.model, IMAGE_SIZE)):
+        parser.error(f"--model {args.model}: {problem}")
     check_out_folder(parser, args.out)
     if args.part == "report":
         check_out_folder(parser, args.results, "--results")

@@ -44,7 +44,7 @@ from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 from pti_plugin.toy_world.train_recipe import generate, image_grid  # noqa: E402
-from pti_plugin.toy_world.world import LOOK_NAMES, quality_prompts, two_tone_prompts  # noqa: E402
+from pti_plugin.toy_world.world import IMAGE_SIZE, LOOK_NAMES, quality_prompts, two_tone_prompts  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402 - after pti_plugin, which silences known library noise
 
 BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.add_argument(f"--{field}", type=str if field in PREMISE_TEXT else positive_int, default=None,
                             help=f"with --premise: default {getattr(defaults, field)} ({PREMISE_HELP[field]})")
     args = parser.parse_args(argv)
-    if problem := sd15_folder_problem(args.model):
+    if problem := sd15_folder_problem(args.model, IMAGE_SIZE):
         parser.error(f"--model {args.model}: {problem}")
     check_out_folder(parser, args.out)
     premise_only = ["quick", "init_word", "inversion_lrs", "inversion_steps", "lora_lrs", "lora_steps", "oracle_steps", "seeds"]

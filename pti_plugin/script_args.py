@@ -9,7 +9,8 @@ with its usage error (``parser.error``: exit 2, the option named). The rules wri
 - :func:`out_folder_problem` / :func:`check_out_folder`: an output folder that exists as a file, or lies
   under a file, or whose nearest existing parent cannot be written;
 - :func:`argument_parser`: every script's parser, which takes a flag only as typed in full;
-- :func:`sd15_folder_problem`: a ``--model`` of the toy-world scripts (SD1.x diffusers folders only);
+- :func:`sd15_folder_problem`: a ``--model`` of the toy-world scripts (SD1.x diffusers folders only; with the
+  toy world's image size, toy-world models only);
 - :func:`flag_message`: a loader's :class:`~pti_plugin.config.ConfigError` about a preset key, naming the
   script's flag instead (``--model`` for ``pretrained_model_name_or_path``).
 """
@@ -143,10 +144,13 @@ def check_out_folder(parser: argparse.ArgumentParser, path: Path | None, flag: s
         parser.error(f"{flag} {path}: {problem}")
 
 
-def sd15_folder_problem(path: Path) -> str | None:
+def sd15_folder_problem(path: Path, image_size: int | None = None) -> str | None:
     """Why ``path`` is not an SD1.x diffusers model folder, else None: :func:`model_folder_problem`'s reasons, or
     another family's folder (an SDXL one). The toy-world scripts generate with SD1.x's pipeline: an SDXL
-    folder failed there in the UNet's first call, after the model had loaded. Reads JSON files only."""
+    folder failed there in the UNet's first call, after the model had loaded. With ``image_size`` (the toy world's
+    scenes, which its detectors read), a model whose pipeline makes images of another size is refused too: a real
+    SD1.5 model drew 512 px images for hours, which the detectors then misread (or a toy prompt word was refused
+    with a traceback). Reads JSON files only."""
     from .models.family import detect_family
     from .models.model_checks import FAMILY_NAMES, model_folder_problem
 
@@ -156,7 +160,29 @@ def sd15_folder_problem(path: Path) -> str | None:
     if family != "sd15":
         return (f"an {FAMILY_NAMES.get(family, family)} model ({why}); this script generates with the SD1.x "
                 "pipeline: pass an SD1.x diffusers folder")
+    size = None if image_size is None else native_image_size(Path(path))
+    if size is not None and size != image_size:
+        return (f"a model whose images are {size} px, not a toy-world model; this script measures with the toy "
+                f"world's detectors, which read its {image_size} px scenes: pass a toy-world model (the default, or "
+                "one `python -m pti_plugin.toy_world.train_recipe` exported). On your own model, the analysis "
+                "commands are analysis/ellipsoid_check.py --model and analysis/position_leakage.py --run")
     return None
+
+
+def native_image_size(folder: Path) -> int | None:
+    """The image size a diffusers SD1.x folder's pipeline generates by default (the UNet's ``sample_size`` times the
+    VAE's downsampling, ``2 ** (len(block_out_channels) - 1)``, as diffusers' pipeline), read from the two
+    ``config.json`` files; None when they do not say."""
+    import json
+
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        sample, levels = unet["sample_size"], len(vae["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return int(sample) * 2 ** (levels - 1) if isinstance(sample, int) else None
 
 
 def flag_message(error: Exception, flags: dict[str, str]) -> str:
