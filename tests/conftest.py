@@ -89,36 +89,3 @@ def pytest_collection_finish(session) -> None:
     sixth of some test files' time). Objects the tests create later are collected as before."""
     gc.collect()
     gc.freeze()
-
-
-GROUP_KEY = "pti_module_fixture_groups"
-
-
-def pytest_configure(config) -> None:
-    """Under ``-n N`` (xdist's "load" scheduling deals tests out one by one, the first quarter alternately), the
-    tests that use a module-scoped fixture of their own module are kept on one worker ("loadgroup", groups made
-    below): dealt out singly, both workers built the same module fixture (the research bench's ~40 s run, the
-    accelerator, bf16, fp8, h3 and sweep runs: ~2 minutes of CPU built twice). Other tests are still dealt singly."""
-    if getattr(config.option, "dist", "no") == "load":
-        config.option.dist = "loadgroup"
-    if getattr(config, "workerinput", {}).get(GROUP_KEY):
-        config.option.loadgroup = True  # a worker re-parses the command line, which names no --dist
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node) -> None:
-    if node.config.option.dist == "loadgroup":
-        node.workerinput[GROUP_KEY] = True
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items) -> None:
-    """Mark each test that uses a module-scoped fixture of its own module with its module's ``xdist_group``."""
-    if not getattr(config.option, "loadgroup", False):
-        return
-    for item in items:
-        module = getattr(item, "module", None)
-        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        if module is not None and any(d.scope == "module" and d.baseid == item.nodeid.split("::")[0]
-                                      for fixturedefs in defs.values() for d in fixturedefs):
-            item.add_marker(pytest.mark.xdist_group(Path(module.__file__).stem))
