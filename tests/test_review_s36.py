@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from .conftest import draw_character
+from .test_two_processes_r5 import fill_as_two_processes
 from pti_plugin.config_loading import build_config
 from pti_plugin.data.dataset import load_subsets
 from pti_plugin.data.latents import LatentSource
 from pti_plugin.data.scanning import scan_images
-
-
-class _Process:
-    """What the latent cache asks of the run's accelerator, for one of two processes played by threads."""
-
-    def __init__(self, rank: int, barrier: threading.Barrier):
-        self.process_index, self.num_processes, self.is_main_process = rank, 2, rank == 0
-        self._barrier = barrier
-
-    def wait_for_everyone(self) -> None:
-        self._barrier.wait(timeout=120)
 
 
 def test_two_processes_hold_the_same_latents_of_an_image_two_subsets_share(tiny_model, tmp_path):
@@ -45,22 +34,8 @@ def test_two_processes_hold_the_same_latents_of_an_image_two_subsets_share(tiny_
     items = scan_images(config, load_subsets(config))
     assert sorted(i.path.name for i in items) == ["0.png", "0.png", "1.png", "1.png"]
     vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae", local_files_only=True)
-    barrier, errors = threading.Barrier(2), []
     sources = [LatentSource(vae, items, seed=0, cache=True, to_disk=True, batch_size=1) for _ in range(2)]
-
-    def process(rank: int) -> None:
-        try:
-            sources[rank].fill_cache(_Process(rank, barrier))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            barrier.abort()
-            errors.append(exc)
-
-    threads = [threading.Thread(target=process, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    fill_as_two_processes(sources)
     files = sorted(Path(folder).glob("*.pti_latents.safetensors"))
     assert len(files) == 2  # one per image
     on_disk = {f.name.split(".")[0]: load_file(f)["latent"] for f in files}

@@ -41,6 +41,25 @@ class _Process:
         self._barrier.wait(timeout=120)
 
 
+def fill_as_two_processes(sources: list[LatentSource]) -> None:
+    """``sources[rank].fill_cache`` on two threads (named ``rank0``, ``rank1``) playing processes 0 and 1."""
+    barrier, errors = threading.Barrier(2), []
+
+    def process(rank: int) -> None:
+        try:
+            sources[rank].fill_cache(_Process(rank, barrier))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            barrier.abort()
+            errors.append(exc)
+
+    threads = [threading.Thread(target=process, args=(rank,), name=f"rank{rank}") for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
 def test_two_processes_write_each_latent_cache_file_once_and_read_the_same_latents(tiny_model, tiny_dataset, tmp_path,
                                                                                   monkeypatch):
     """cache_latents_to_disk under 2 processes: 4 images x flip at vae_batch_size 2 are 4 batches; each process encodes
@@ -57,22 +76,8 @@ def test_two_processes_write_each_latent_cache_file_once_and_read_the_same_laten
     save = latents_module.save_safetensors_atomic
     monkeypatch.setattr(latents_module, "save_safetensors_atomic",
                         lambda path, *a, **k: (writes.append((threading.current_thread().name, path.name)), save(path, *a, **k)))
-    barrier, errors = threading.Barrier(2), []
     sources = [LatentSource(vae, items, seed=0, cache=True, to_disk=True, batch_size=2) for _ in range(2)]
-
-    def process(rank: int) -> None:
-        try:
-            sources[rank].fill_cache(_Process(rank, barrier))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            barrier.abort()
-            errors.append(exc)
-
-    threads = [threading.Thread(target=process, args=(rank,), name=f"rank{rank}") for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    fill_as_two_processes(sources)
     assert len(writes) == 8 and len({name for _, name in writes}) == 8  # 4 images x (plain, flip), each written once
     assert sorted(thread for thread, _ in writes) == ["rank0"] * 4 + ["rank1"] * 4
     assert len(list(data.rglob("*.pti_latents.safetensors"))) == 8
