@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .atomic_io import save_safetensors_atomic
+from .text_files import path_not_found
 
 #: Metadata key marking a centre file, and its format version.
 FORMAT_KEY = "pti_centre_format"
@@ -68,6 +69,17 @@ class CentreFile:
     @property
     def num_positions(self) -> int:
         return int(self.centre.shape[0])
+
+    def origin(self) -> str:
+        """Where the centres come from, for a run's start-up lines: ``file <path> (measured on <model>, clip_skip <n>,
+        <size> sentences: <prompt set>)``, from what the metadata records (the ellipsoid check records all three)."""
+        model, prompts = self.metadata.get("model"), self.metadata.get("prompt_set")
+        said = [f"measured on {model['path']}"] if isinstance(model, dict) and model.get("path") else []
+        said += [f"clip_skip {self.metadata['clip_skip']}"] if "clip_skip" in self.metadata else []
+        if isinstance(prompts, dict) and prompts.get("size"):
+            said.append(f"{prompts['size']} sentences: {prompts.get('name', '?')}")
+        where = self.path.resolve() if self.path is not None else "(in memory)"
+        return f"file {where} ({', '.join(said) if said else 'its metadata records no model or sentences'})"
 
 
 def save_centre_file(
@@ -110,9 +122,9 @@ def load_centre_file(path: str | os.PathLike, expected_dim: int | None = None) -
 
     from .safe_load import check_safetensors
 
-    path = Path(path).expanduser()
+    given, path = path, Path(path).expanduser()
     if not path.is_file():
-        raise CentreFileError(f"centre file not found: {path.resolve()}")
+        raise CentreFileError(path_not_found(given, "centre file"))
     try:
         check_safetensors(path)  # the project's one framing check (extents, dtype x shape)
         with safe_open(str(path), framework="pt") as handle:

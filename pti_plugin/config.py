@@ -27,7 +27,7 @@ from typing import Any
 
 from .kohya_config_file import kohya_arguments, kohya_file_path
 from .kohya_options import REFUSED_OPTIONS, asks_for_nothing
-from .text_files import read_toml_file
+from .text_files import path_not_found, read_toml_file
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _read_toml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"{what} not found: looked for {path.resolve()}")
+        raise ConfigError(path_not_found(path, what))
     try:
         return read_toml_file(path)  # UTF-8 with or without a BOM, CRLF; Windows paths in "..." get a hint
     except ValueError as exc:

@@ -196,7 +196,8 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
 
     Besides :func:`build_config`'s checks, a top-level value given in the preset or on the command
     line that no stage uses (every stage sets its own) is refused, naming the shadowing stage keys.
-    ``data_only``: see :func:`build_config`.
+    ``data_only``: see :func:`build_config`; a config that asks for ``debug_dataset`` is checked as one too, as
+    kohya's ``--debug_dataset`` shows the dataset before it looks for the model, the output folder or a device.
     """
     overrides = dict(overrides or {})
     origins: dict[str, str] = {}
@@ -218,7 +219,7 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
         if isinstance(raw.get(key), list):
             raw[key] = [str(Path(v).expanduser().resolve()) if isinstance(v, str) and v else v for v in raw[key]]
     try:
-        return build_config(raw, given=given, data_only=data_only)
+        return build_config(raw, given=given, data_only=data_only or raw.get("debug_dataset") is True)
     except ConfigError as error:
         raise named_where_given(error, overrides, sets or [], origins) from None
 
@@ -239,11 +240,14 @@ def named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[
     """``error`` about a key the command line gave (its :attr:`~ConfigError.key`), naming the flag the user typed
     instead of the preset: ``--k (command line) ...`` for a flag, ``--set stages.0.k ...`` for a ``--set``, and
     ``command line: ...`` for a refused or unknown key; a key a kohya ``config_file`` gave (``origins``) names
-    that file instead of ``preset``; any other error unchanged."""
-    set_paths = {item.partition("=")[0].strip() for item in sets}
+    that file instead of ``preset``; any other error unchanged. An error about a key above a ``--set`` path (``--set
+    nokey.x=1``: the unknown key ``nokey``) names that ``--set`` path."""
     if error.key is None:
         return error
-    if error.key not in overrides and error.key not in set_paths:
+    set_path = _set_path_of(error.key, sets)
+    if set_path is not None and set_path != error.key:  # the key is a table above the path the --set typed
+        return ConfigError(f"--set {set_path}: " + str(error).removeprefix("preset: "), error.key, error.tail)
+    if error.key not in overrides and set_path is None:
         origin = (origins or {}).get(error.key)
         text = str(error)
         if origin is None or not text.startswith("preset: "):
@@ -253,3 +257,9 @@ def named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[
         return ConfigError("command line: " + str(error).removeprefix("preset: "), error.key)
     named = f"--{error.key} (command line)" if error.key in overrides else f"--set {error.key}"
     return ConfigError(named + error.tail, error.key, error.tail)
+
+
+def _set_path_of(key: str, sets: list[str]) -> str | None:
+    """The first ``--set`` path (of ``sets``, ``path=value`` items) that is ``key`` or lies below it, else None."""
+    paths = [item.partition("=")[0].strip() for item in sets]
+    return next((path for path in paths if path == key or path.startswith(key + ".")), None)

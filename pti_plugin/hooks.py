@@ -30,9 +30,9 @@ from .config import Config, ConfigError, _build
 from .resolution import ResolvedStage
 from .models.family import Conditioning
 from .models.pivot import PivotEmbedding
-from .models.trainable import TrainableModel
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the model's module imports peft (seconds): not needed to check a preset's plugins
+    from .models.trainable import TrainableModel
     from accelerate import Accelerator
 
 ENTRY_POINT_GROUP = "pti_plugin.plugins"
@@ -336,7 +336,8 @@ def instantiate_plugins(config: Config) -> list[Plugin]:
 
             close = difflib.get_close_matches(name, list(available), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"preset: unknown plugin {name!r}.{hint} Available: {', '.join(sorted(available))}")
+            raise ConfigError(f"preset: unknown plugin {name!r}.{hint} Available: {', '.join(sorted(available))}",
+                              f"plugins.{name}")
         cls = available[name]
         plugins.append(cls(_build(cls.Options, options, f"plugins.{name}.")))
     schedulers = [p for p in plugins if isinstance(p, Schedule)]

@@ -107,11 +107,14 @@ def windows_path_hint(value: str) -> str:
     return ""
 
 
-def path_not_found(value: str) -> str:
-    """``path not found: looked for <the absolute path>``, with :func:`windows_path_hint`."""
-    looked = str(Path(value).expanduser().resolve())
+def path_not_found(value: str | os.PathLike, what: str = "path", at: os.PathLike | None = None, kind: str = "") -> str:
+    """``<what> not found: looked for <the absolute path>`` (the one form of this message), with
+    :func:`windows_path_hint` of ``value``, the path as the user wrote it. ``at``: where it was looked for, when not
+    at ``value`` itself (a path relative to the file that names it); ``kind``: what was looked for there, said in
+    brackets after the path."""
+    looked = str(Path(value if at is None else at).expanduser().resolve())
     shown = repr(looked) if any(c in looked for c in _LINE_BREAKS) else looked
-    return f"path not found: looked for {shown}{windows_path_hint(value)}"
+    return f"{what} not found: looked for {shown}{f' ({kind})' if kind else ''}{windows_path_hint(str(value))}"
 
 
 __all__ = ["decode_user_text", "path_not_found", "load_toml_text", "read_toml_file", "read_user_text", "toml_problem",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
-from .text_files import read_toml_file
+from .text_files import path_not_found, read_toml_file
 
 DEFAULT_TRACKER_NAME = "pti"
 SUPPORTED_TRACKERS = ("tensorboard",)
@@ -92,7 +92,7 @@ def check_tracker_options(config: Config) -> None:
         return
     key, path = "log_tracker_config", Path(config.log_tracker_config).expanduser()
     if not path.is_file():
-        raise ConfigError.at(key, f": file not found: looked for {path.resolve()}")
+        raise ConfigError.at(key, f": {path_not_found(config.log_tracker_config, 'file')}")
     try:
         tables = tracker_init_kwargs(config)
     except OSError as exc:

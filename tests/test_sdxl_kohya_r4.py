@@ -208,5 +208,5 @@ def test_a_centre_file_measured_on_sdxl_fits_a_run_whose_ignored_clip_skip_is_2(
                            device="cpu", frozen=contextlib.nullcontext,
                            encode=lambda ids, lora: SimpleNamespace(hidden_states=torch.zeros(1, 77, 8)))
     stub.clip_skip = TrainerState.clip_skip.fget(stub)
-    centre = load_centre(stub, str(path), torch.zeros(1, 2, 77, dtype=torch.long), None)
+    centre = load_centre(stub, str(path), torch.zeros(1, 2, 77, dtype=torch.long), None).centre
     assert centre.shape == (77, 8)

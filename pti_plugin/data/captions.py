@@ -118,19 +118,15 @@ def expand_token(caption: str, token: str, num_vectors: int) -> str:
     return re.sub(rf"(?<![\w]){re.escape(token)}(?![\w])", " ".join(pivot_token_strings(token, num_vectors)), caption)
 
 
-def read_caption_lines(image: Path, extension: str, all_lines: bool) -> list[str] | None:
-    """The caption file's non-empty stripped lines beside ``image`` (only the first unless
+def read_caption_lines(path: Path | None, all_lines: bool) -> list[str] | None:
+    """The non-empty stripped lines of caption file ``path``, an image's :func:`caption_file` (only the first unless
     ``all_lines``), or None.
 
-    None (the image then takes class_tokens or the template) when there is no caption file, when
+    None (the image then takes class_tokens or the template) when there is no caption file (``path`` None), when
     it is empty, or when it is not UTF-8 — the last two with a warning naming the file. A UTF-8
     byte-order mark is dropped; control characters (NUL, escape codes; not tabs or line breaks) are
-    removed with a warning naming the file. ``extension`` may omit its dot (``"txt"``), as in kohya.
-    Only regular files are read (a named pipe never blocks the scan). As kohya, an image whose name ends in a face box
-    (``<name>_<cx>_<cy>_<w>_<h>``: five or more ``_``-separated parts) without its own caption file takes
-    ``<name>``'s.
+    removed with a warning naming the file.
     """
-    path = caption_file(image, extension)
     if path is None:
         return None
     try:
@@ -152,7 +148,10 @@ def read_caption_lines(image: Path, extension: str, all_lines: bool) -> list[str
 
 
 def caption_file(image: Path, extension: str) -> Path | None:
-    """The caption file of ``image`` (:func:`read_caption_lines`), or None. A name that differs only in letter case
+    """The caption file of ``image`` (:func:`read_caption_lines` reads it), or None. ``extension`` may omit its dot
+    (``"txt"``), as in kohya. Only regular files count (a named pipe never blocks the scan). As kohya, an image whose
+    name ends in a face box (``<name>_<cx>_<cy>_<w>_<h>``: five or more ``_``-separated parts) without its own caption
+    file takes ``<name>``'s. A name that differs only in letter case
     (``a.TXT``, ``a.Txt`` for ``a.png`` and ``.txt``) is taken when the exact one is missing, as Windows (where
     such files are often made) finds it; kohya on Linux does not."""
     extension = extension if extension.startswith(".") else "." + extension

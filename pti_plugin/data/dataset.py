@@ -31,7 +31,7 @@ from typing import Any, Callable
 from ..config import Config, ConfigError
 from .buckets import bucket_range
 from .captions import CaptionError, CaptionOptions
-from ..text_files import read_toml_file, windows_path_hint
+from ..text_files import path_not_found, read_toml_file
 from .dataset_keys import (CAPTION_KEYS, DATASET_KEYS, REFUSED_DATASET_KEYS, SUBSET_KEYS, SUBSET_ONLY_KEYS,
                            TOP_LEVEL_KEYS, face_range, optional_size_pair, size_pair)
 
@@ -260,12 +260,10 @@ def _subsets_from_dataset_config(config: Config, path: Path) -> tuple[list[Subse
             image_dir = _relative_to(Path(merged.get("image_dir", ".")), path) if "image_dir" in merged else None
             if image_dir is not None and not image_dir.is_dir():
                 raise ConfigError(f"{path} {where}: image_dir {image_dir} is a file, not a folder" if image_dir.exists()
-                                  else f"{path} {where}: image_dir not found: looked for {image_dir}"
-                                       f"{windows_path_hint(merged['image_dir'])}")
+                                  else f"{path} {where}: {path_not_found(merged['image_dir'], 'image_dir', image_dir)}")
             metadata_file = _relative_to(Path(metadata), path) if metadata else None
             if metadata_file is not None and not metadata_file.is_file():
-                raise ConfigError(f"{path} {where}: metadata_file not found: looked for {metadata_file}"
-                                  f"{windows_path_hint(metadata)}")
+                raise ConfigError(f"{path} {where}: {path_not_found(metadata, 'metadata_file', metadata_file)}")
             conditioning = _conditioning_dir(config, subset, merged, image_dir, path, where)
             if s and (conditioning is None) != (subsets[-1].conditioning_data_dir is None):
                 raise ConfigError(f"{path} datasets.{d}: conditioning_data_dir is set in some subsets and not in others: "
@@ -293,7 +291,8 @@ def _conditioning_dir(config: Config, table: dict[str, Any], merged: dict[str, A
                               "take an image_dir and its masks only)")
     folder = _relative_to(Path(merged["conditioning_data_dir"]), path)
     if not folder.is_dir():
-        raise ConfigError(f"{at} {folder} is a file, not a folder" if folder.exists() else f"{at} not found: looked for {folder}")
+        raise ConfigError(f"{at} {folder} is a file, not a folder" if folder.exists() else
+                          f"{path} {where}: {path_not_found(merged['conditioning_data_dir'], 'conditioning_data_dir', folder)}")
     if folder == image_dir:
         raise ConfigError(f"{at} is the image_dir itself: masks need their own folder (files named as their images)")
     return folder

@@ -70,18 +70,19 @@ def _image_entries(subset: Subset) -> list[tuple[Path | None, str, list[str] | N
         logger.warning("%d file(s) in %s are of an image type that is not read (as kohya; convert them to one of %s): %s",
                        len(unread), subset.image_dir, ", ".join(IMAGE_EXTENSIONS), first_of(unread, 5))
     wildcard = subset.caption_options.enable_wildcard
-    entries = [(p, p.name, read_caption_lines(p, subset.caption_extension, all_lines=wildcard)) for p in paths]
-    _note_caption_case(subset, paths)
+    files = [caption_file(p, subset.caption_extension) for p in paths]  # each image's, looked up once
+    entries = [(p, p.name, read_caption_lines(file, all_lines=wildcard)) for p, file in zip(paths, files)]
+    _note_caption_case(subset, files)
     if paths and all(lines is None for *_, lines in entries):
         _warn_other_caption_files(subset, paths)
     return entries
 
 
-def _note_caption_case(subset: Subset, paths: list[Path]) -> None:
-    """Say once which caption files were found by a name in another letter case (``a.TXT`` for ``.txt``)."""
+def _note_caption_case(subset: Subset, files: list[Path | None]) -> None:
+    """Say once which caption files (``files``: the images' :func:`caption_file`) were found by a name in another
+    letter case (``a.TXT`` for ``.txt``)."""
     ext = subset.caption_extension
-    found = [f.name for p in paths if (f := caption_file(p, ext)) and not f.name.endswith(ext if ext.startswith(".")
-                                                                                        else "." + ext)]
+    found = [f.name for f in files if f and not f.name.endswith(ext if ext.startswith(".") else "." + ext)]
     if found:
         logger.warning("%d caption file(s) in %s differ from caption_extension %r only in letter case (%s): read, as "
                        "on Windows (kohya on Linux would not read them); rename them to end in %r to silence this",

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import EMBEDDED, ConfigError
+from ..text_files import path_not_found
 from .family import Conditioning, ModelFamily, detect_family, make_family
 from .model_checks import MODEL_KEY, architecture_problem, not_a_model_folder
 
@@ -101,8 +102,8 @@ def load_base_model(
     if path.is_dir() and not (path / "model_index.json").is_file():  # a model folder's own checks run as it loads
         raise ConfigError.at(MODEL_KEY, f": {not_a_model_folder(path)}")
     if not path.exists():
-        raise ConfigError.at(MODEL_KEY, f": base model not found: looked for a diffusers folder with model_index.json, "
-                                        f"or a .safetensors/.ckpt file, at {path}")
+        wanted = "a diffusers folder with model_index.json, or a .safetensors/.ckpt file"
+        raise ConfigError.at(MODEL_KEY, f": {path_not_found(path_value, 'base model', path, wanted)}")
     try:
         name, why = choose_family(path, model_family)
     except ValueError as exc:  # an unreadable model_index.json or safetensors header

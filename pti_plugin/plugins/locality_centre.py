@@ -7,9 +7,11 @@ LayerNorm gamma/beta), or estimated as the mean encoder output (LoRA off) over :
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ..centre_file import CentreFileError, load_centre_file
+from ..centre_file import CentreFile, CentreFileError, load_centre_file
 from ..hooks import TrainerState
 
 
@@ -47,8 +49,8 @@ CENTRE_PROMPTS = (
 
 
 def load_centre(state: TrainerState, centre_file: str, pivot_ids: torch.Tensor,
-                final_layer_norm: torch.nn.LayerNorm | None) -> torch.Tensor:
-    """The centre file's centre ([positions, d], float32, on the device), after checking it was made for this
+                final_layer_norm: torch.nn.LayerNorm | None) -> CentreFile:
+    """The centre file, its ``centre`` ([positions, d]) float32 on the device, after checking it was made for this
     model: ``pivot_ids`` [P, positions] (or [P, encoders, positions]) are the prompts it will centre."""
     positions = pivot_ids.shape[-1]
     with state.frozen():
@@ -70,7 +72,7 @@ def load_centre(state: TrainerState, centre_file: str, pivot_ids: torch.Tensor,
                 and torch.allclose(loaded.beta.float(), beta, rtol=1e-3, atol=1e-3)):
             raise CentreMismatch(f"centre_file {centre_file}: its final-LayerNorm gamma/beta differ from this text "
                                  "encoder's: it was made for another model")
-    return loaded.centre.float().to(state.device)
+    return dataclasses.replace(loaded, centre=loaded.centre.float().to(state.device))
 
 
 @torch.no_grad()

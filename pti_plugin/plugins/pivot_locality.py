@@ -55,6 +55,7 @@ from ..data.sample_order import sample_generator
 from ..hooks import Batch, MainPrediction, Plugin, TrainerState, UNetRows
 from ..input_checks import template_problem
 from ..models.family import Conditioning
+from ..text_files import path_not_found
 from . import locality_centre
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class PivotLocality(Plugin):
             if problem := template_problem(template):
                 raise _error(f"templates entry {template!r} {problem}")
         if o.centre_file and not Path(o.centre_file).expanduser().is_file():
-            raise _error(f"centre_file not found: looked for {Path(o.centre_file).expanduser().resolve()}")
+            raise _error(path_not_found(o.centre_file, "centre_file"))
         self._stage_active = False
 
     # ------------------------------------------------------------------ setup
@@ -218,14 +219,14 @@ class PivotLocality(Plugin):
 
         self.pivot_ids, self.class_ids, self.slots, self.pairs = self._prompt_ids(state)
         self.pooled_centre: torch.Tensor | None = None
-        self.centre, self.centre_source = self._load_centre(state)
+        self.centre, self.centre_source, centre_origin = self._load_centre(state)
         if self.centre is not None and self.pooled_centre is None and self.geometry == "centered":
             _, self.pooled_centre = locality_centre.estimate_centre(state)  # a centre file holds the per-token centre only
         self._num_train_timesteps = state.num_train_timesteps
         self._last_shape: tuple[int, ...] | None = None
         if self.active_stages:
             state.info(f"pivot_locality: stages {self.active_stages}, geometry {self.geometry}, weight {o.weight:g}, "
-                  f"{self._fraction_text()}, latents {o.latents}; class prompts: "
+                  f"{self._fraction_text()}, latents {o.latents}; centre: {centre_origin}; class prompts: "
                   + "; ".join(repr(p["class_prompt"]) for p in self.pairs))
 
     def _fraction_text(self) -> str:
@@ -285,19 +286,21 @@ class PivotLocality(Plugin):
                 pairs.append({"template": template, "class_word": word, "class_prompt": template.format(words_in_slots)})
         return torch.stack(pivot_ids), torch.stack(class_ids), torch.stack(slots), pairs
 
-    def _load_centre(self, state: TrainerState) -> tuple[torch.Tensor | None, str]:
-        """The centre for the ``centered`` geometry and the centred angle, and where it came from (None without a use)."""
+    def _load_centre(self, state: TrainerState) -> tuple[torch.Tensor | None, str, str]:
+        """The centre for the ``centered`` geometry and the centred angle (None without a use), where it came from
+        as the LoRA's metadata records it, and as the start-up line says it."""
         o = self.options
         if o.centre_file:
             try:
-                centre = locality_centre.load_centre(state, o.centre_file, self.pivot_ids, self.ln)
+                loaded = locality_centre.load_centre(state, o.centre_file, self.pivot_ids, self.ln)
             except locality_centre.CentreMismatch as exc:
                 raise _error(str(exc)) from exc
-            return centre, f"file:{Path(o.centre_file).name}"
+            return loaded.centre, f"file:{Path(o.centre_file).name}", loaded.origin()
         if self.geometry != "centered" and self.ln is None:
-            return None, "none"
+            return None, "none", f"none (geometry {self.geometry})"
         centre, self.pooled_centre = locality_centre.estimate_centre(state)
-        return centre, f"estimated:{len(locality_centre.CENTRE_PROMPTS)} built-in prompts"
+        prompts = len(locality_centre.CENTRE_PROMPTS)
+        return centre, f"estimated:{prompts} built-in prompts", f"estimated from {prompts} built-in prompts (no centre_file)"
 
     # ------------------------------------------------------------------ stage
     def on_stage_start(self, state: TrainerState) -> None:
