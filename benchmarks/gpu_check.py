@@ -24,8 +24,6 @@ import contextlib
 import gc
 import importlib.util
 import io
-import itertools
-import string
 import sys
 import tempfile
 import time
@@ -97,10 +95,9 @@ def build_sdxl_architecture(out: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from pti_plugin.models.single_file_sdxl import SDXL_CONFIG_DIR
-    from pti_plugin.models.word_vocab import BOS, EOS, write_tokenizer_files
+    from pti_plugin.models.word_vocab import BOS, EOS, filler_words, write_tokenizer_files
 
-    # a CLIP-sized token table over letter-only filler words (the word vocabulary takes letters only)
-    words = ["".join(p) for p in itertools.islice(itertools.product(string.ascii_lowercase, repeat=4), 49408 - 1410)]
+    words = filler_words(49408)  # CLIP's token table, over letter-only filler words (the word vocabulary's letters)
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(words, out / "tokenizer"), local_files_only=True)
     shutil.copytree(out / "tokenizer", out / "tokenizer_2")
     ids = {"bos_token_id": tokenizer.convert_tokens_to_ids(BOS), "eos_token_id": tokenizer.convert_tokens_to_ids(EOS),

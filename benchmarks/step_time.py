@@ -47,12 +47,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import itertools
 import multiprocessing
 import os
 import resource
 import statistics
-import string
 import sys
 import tempfile
 import time
@@ -173,11 +171,11 @@ def build_sd15(out: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from pti_plugin.models.single_file import SD15_CONFIG_DIR
-    from pti_plugin.models.word_vocab import BOS, EOS, write_tokenizer_files
+    from pti_plugin.models.word_vocab import BOS, EOS, filler_words, write_tokenizer_files
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    fillers = ["".join(p) for p in itertools.islice(itertools.product(string.ascii_lowercase, repeat=4), SD15_VOCAB - 1410)]
+    fillers = filler_words(SD15_VOCAB)  # CLIP's token table: 49408 rows
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(fillers, tmp / "tokenizer"), local_files_only=True)
     torch.manual_seed(0)
     UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet")).save_pretrained(tmp / "unet")

@@ -14,7 +14,9 @@ A top-level module, not one of ``models/``: the models never import the formats 
 
 A file's bundled embeddings (``bundle_emb.*``) are not loaded: kohya's merge reads only the LoRA keys.
 The file checks that need no model (missing file, no LoRA key, non-finite values, the multipliers' count) run at
-start (:func:`pti_plugin.input_checks.check_starting_files`); keys of another family's LoRA and shape mismatches are named as the model loads.
+start (:func:`pti_plugin.input_checks.check_starting_files`); keys of another family's LoRA and shape mismatches are
+named as the model loads. Each file is read once: the tensors the start-up check read are kept for the merge
+(:func:`keep_for_merge`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from .config import ConfigError
 logger = logging.getLogger(__name__)
 KEY = "base_weights"
 
+#: The tensors of the files the latest start-up check read (:func:`keep_for_merge`), by file (:func:`_identity`), until
+#: the merge takes them (:func:`merge_file`); a file that changed since its check is read again.
+_CHECKED: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
+
 
 def multipliers_of(paths: Sequence[str], multipliers: Sequence[float]) -> list[float]:
     """Each file's multiplier: ``multipliers`` (one per file), or 1.0 each when none is given (kohya's default)."""
@@ -50,7 +56,27 @@ def require_file(path: str) -> None:
                              else f": {path} is not a regular file")
 
 
-def _read(path: str) -> dict[str, torch.Tensor]:
+def keep_for_merge(files: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Keep the tensors the start-up check read (``files``: by path, through :func:`read_file`) for the merge, in place
+    of those of an earlier check."""
+    _CHECKED.clear()
+    _CHECKED.update({_identity(path): tensors for path, tensors in files.items()})
+
+
+def _identity(path: str) -> tuple[str, int, int]:
+    """The file ``path`` as the start-up check read it: its resolved path, size and modification time."""
+    stat = os.stat(path)
+    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _tensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of the file ``path``: those its start-up check read, taken (a second merge of the file reads it
+    again), where it has not changed since; else read now."""
+    checked = _CHECKED.pop(_identity(path), None) if Path(path).is_file() else None
+    return checked if checked is not None else read_file(path)
+
+
+def read_file(path: str) -> dict[str, torch.Tensor]:
     """The tensors of the LoRA file ``path`` through the safe loader; its problems as ConfigError naming the key and
     the file."""
     from .formats.kohya_lora import load_lora
@@ -86,7 +112,7 @@ def merge_file(components: dict[str, nn.Module], table, path: str, multiplier: f
     from .formats.kohya_lora import LoraFormatError, kohya_to_peft
 
     try:
-        states, alphas = kohya_to_peft(_read(path), components, table)
+        states, alphas = kohya_to_peft(_tensors(path), components, table)
     except LoraFormatError as exc:
         raise ConfigError.at(KEY, f": {path}: {exc} (a LoRA for another model family?)") from None
     deltas = []

@@ -382,8 +382,8 @@ def with_tokenizer_cache_dir(config: Config, check: bool) -> Config:
 
 
 def check_starting_files(config: Config) -> None:
-    """``weights`` and ``network_weights`` load through the safe loaders and hold finite values only (the LoRA files
-    of ``network_weights`` and ``base_weights``: :func:`check_lora_file`)."""
+    """``weights`` and ``network_weights`` load through the safe loaders and hold finite values only (``network_weights``:
+    :func:`check_lora_file`; the ``base_weights`` files: :func:`check_lora_tensors`, their tensors kept for the merge)."""
     from .atomic_io import first_non_finite
     from .formats.embedding import load_embedding
 
@@ -394,12 +394,14 @@ def check_starting_files(config: Config) -> None:
     if config.network_weights:
         check_lora_file("network_weights", config.network_weights)
     if config.base_weights or config.base_weights_multiplier:  # the LoRA files merged into the model: see there
-        from .base_weights import KEY, multipliers_of, require_file
+        from .base_weights import KEY, keep_for_merge, multipliers_of, read_file
 
         multipliers_of(config.base_weights, config.base_weights_multiplier)  # one multiplier per file
+        files = {}
         for path in config.base_weights:
-            require_file(path)
-            check_lora_file(KEY, path)  # keeps no tensor: the merge reads the file again
+            files[path] = read_file(path)  # through the safe loader
+            check_lora_tensors(KEY, path, files[path])
+        keep_for_merge(files)  # each file read once: the merge takes these
 
 
 def _non_finite_message(path: str, tensor: str) -> str:
@@ -421,6 +423,16 @@ def check_lora_file(key: str, path: str) -> None:
         check_lora_keys(key, path, names)
         if bad := next((name for name in names if first_non_finite({name: handle.get_tensor(name)})), None):
             raise ConfigError.at(key, _non_finite_message(path, bad))
+
+
+def check_lora_tensors(key: str, path: str, tensors: dict[str, Any]) -> None:
+    """The tensors read from the kohya LoRA file ``path`` given as ``key`` (a ``base_weights`` file): LoRA tensors
+    under kohya's key suffixes (:func:`check_lora_keys`), finite values only."""
+    from .atomic_io import first_non_finite
+
+    check_lora_keys(key, path, tensors)
+    if bad := first_non_finite(tensors):
+        raise ConfigError.at(key, _non_finite_message(path, bad))
 
 
 def check_lora_keys(key: str, path: str, names: Iterable[str]) -> None:

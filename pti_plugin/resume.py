@@ -215,6 +215,12 @@ def batch_shape(config, num_processes: int) -> dict[str, int]:
     return dict(zip(BATCH_KEYS, (num_processes, config.train_batch_size, config.gradient_accumulation_steps)))
 
 
+def _batch_text(batch: dict[str, int]) -> str:
+    """A :func:`batch_shape` as the warnings name it: the global batch, then how it is made."""
+    return (f"{math.prod(batch.values())} ({batch['processes']} process(es) x train_batch_size "
+            f"{batch['train_batch_size']} x gradient_accumulation_steps {batch['gradient_accumulation_steps']})")
+
+
 def warn_other_batch(progress: SavedProgress | None, now: dict[str, int]) -> None:
     """A state saved by a run of another global batch than this run's (``now``, :func:`batch_shape`; another number of
     processes, say) is warned about, naming both: the run continues as kohya's resume does, at the saved optimizer
@@ -225,11 +231,10 @@ def warn_other_batch(progress: SavedProgress | None, now: dict[str, int]) -> Non
     saved = progress.batch if progress is not None else None
     if saved is None or math.prod(saved.values()) == math.prod(now.values()):
         return
-    shape = lambda b: (f"{math.prod(b.values())} ({b['processes']} process(es) x train_batch_size {b['train_batch_size']} "
-                       f"x gradient_accumulation_steps {b['gradient_accumulation_steps']})")
-    logger.warning(f"resume: state {progress.folder} was saved by a run of global batch {shape(saved)}; this run's is "
-                   f"{shape(now)}. It continues at step {progress.stage_step} of stage {progress.stage_index}, counted "
-                   "in optimizer steps as kohya's resume counts them, and its remaining steps take this run's global "
+    logger.warning(f"resume: state {progress.folder} was saved by a run of global batch {_batch_text(saved)}; this "
+                   f"run's is {_batch_text(now)}. It continues at step {progress.stage_step} of stage "
+                   f"{progress.stage_index}, counted in optimizer steps as kohya's resume counts them, and its remaining "
+                   "steps take this run's global "
                    "batches (a stage set in epochs is as many of this run's steps per epoch): neither run uninterrupted "
                    "gives what it gives; resume with the processes and batch it was saved with to continue it as it was")
 

@@ -32,12 +32,16 @@ RULES = 2
 @dataclass(frozen=True)
 class RunFacts:
     """What decides whether a change touches a run: its model family (None where it cannot be read), token length,
-    datasets and training images."""
+    datasets and training images; the pivot token and its vectors, and the built model (its ``family`` and
+    ``tokenize_captions``), for a change decided by the captions' token ids."""
 
     family: str | None
     max_token_length: int
     subsets: Sequence["Subset"]
     items: Sequence["ImageItem"]
+    token: str = ""
+    num_vectors: int = 1
+    model: Any = None
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,25 @@ def _has_face_box_names(facts: RunFacts) -> bool:
 
 
 def _has_sdxl_pad_windows(facts: RunFacts) -> bool:
-    """SDXL with 150/225-token windows and a caption holding the second tokenizer's pad token ``!``."""
-    return facts.family == "sdxl" and facts.max_token_length > 75 and any(
-        "!" in line for item in facts.items for line in (item.caption, *item.caption_lines))
+    """SDXL with 150/225-token windows and a training caption with a window the change alters (the family's
+    ``pad_opens_a_window``): one that fills them and has a window opening with the second tokenizer's pad token
+    ``!``; a caption whose tags move from draw to draw (shuffled, dropped, drawn lines or choices), each of its lines
+    as written that fills them and holds the pad token anywhere."""
+    if facts.family != "sdxl" or facts.max_token_length <= 75:
+        return False
+    from .data.captions import expand_token, possible_captions, with_prefix_suffix
+
+    fixed, moving = [], []
+    for item in facts.items:
+        known = possible_captions(item, facts.token, facts.num_vectors)
+        if known is not None:
+            fixed += known
+        else:
+            moving += [expand_token(with_prefix_suffix(line, item.caption_options), facts.token, facts.num_vectors)
+                       for line in (item.caption_lines or (item.caption,))]
+    family, ids = facts.model.family, facts.model.tokenize_captions
+    return any(bool(family.pad_opens_a_window(ids(captions), anywhere).any())
+               for captions, anywhere in ((fixed, False), (moving, True)) if captions)
 
 
 RULE_CHANGES: tuple[RuleChange, ...] = (
@@ -81,9 +101,10 @@ def saved_rules(progress: Any) -> int:
 
 
 def warn_older_rules(progress: Any, config: "Config", subsets: Sequence["Subset"],
-                     items: Sequence["ImageItem"]) -> None:
+                     items: Sequence["ImageItem"], model: Any) -> None:
     """Warn when the resumed state (``progress``, or None) was saved under other training rules than :data:`RULES`,
-    naming each change between the two that touches this run (none: nothing is said)."""
+    naming each change between the two that touches this run (none: nothing is said). ``model``: the built model
+    (:class:`RunFacts`), with its pivot tokens and ``weighted_captions`` set."""
     if progress is None:
         return
     saved = saved_rules(progress)
@@ -94,7 +115,8 @@ def warn_older_rules(progress: Any, config: "Config", subsets: Sequence["Subset"
         return
     from .family_checks import run_family
 
-    facts = RunFacts(run_family(config), config.max_token_length, subsets, items)
+    facts = RunFacts(run_family(config), config.max_token_length, subsets, items, config.token_string,
+                     config.num_vectors_per_token, model)
     changed = [change.what for change in RULE_CHANGES if saved < change.rules <= RULES and change.touches(facts)]
     if changed:
         listed = "; ".join(f"({n}) {what}" for n, what in enumerate(changed, 1))

@@ -17,6 +17,9 @@ Epochs count within a stage, from 1, after the epochs of the run's earlier stage
 never repeat); the average and the epoch's mean restart with each stage (a kohya run of that stage starts them) and
 after a resume (kohya's recorder is new then: the average is the mean of the steps since the resume until an epoch's
 worth). A step skipped as non-finite (``nan_policy = "skip"``) logs its NaN ``loss/current`` and is left out of both.
+
+Under gradient accumulation a step's loss is the mean of its micro-batches', one value per optimizer step; kohya logs
+(and averages) each micro-batch's loss, at the global step as it stands then (README's "Differences").
 """
 
 from __future__ import annotations

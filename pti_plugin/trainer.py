@@ -92,7 +92,6 @@ class Trainer:
         device = self.accelerator.device
 
         held_out = self._scan_data()  # the data is checked before any model loads
-        warn_older_rules(self._resume_progress, config, self.subsets, self.items)  # a state saved by an older version
         self.entries = [i for i, item in enumerate(self.items) for _ in range(item.num_repeats)]
         # One optimizer step consumes a global batch of batch x processes x accumulation samples.
         self.global_batch = config.train_batch_size * self.accelerator.num_processes * config.gradient_accumulation_steps
@@ -115,6 +114,7 @@ class Trainer:
         self.placement = place_model(config, base, model, device, self.accelerator.autocast)
         self.text_cache = TextConditioningCache(model, config.cache_text_encoder_outputs, device, output_dir)
         model.weighted_captions = check_weighted_captions(config.weighted_captions, self.items + held_out)
+        warn_older_rules(self._resume_progress, config, self.subsets, self.items, model)  # a state saved by an older version
         warn_long_captions([len(base.tokenizer(expand_token(i.caption, config.token_string, config.num_vectors_per_token),
                                                add_special_tokens=False).input_ids) for i in self.items], config.max_token_length)
         self.latents = LatentSource(base.vae, self.items, config.seed, config.cache_latents or config.cache_latents_to_disk,

@@ -174,15 +174,46 @@ def test_paths_resolve_like_network_weights_and_the_cli_reads_number_lists(prese
     assert overrides == {"base_weights": ["a.safetensors", "b.safetensors"], "base_weights_multiplier": [1, 0.5]}
 
 
-def test_a_run_on_merged_weights_records_them_and_is_measured_on_the_merged_base(preset, tmp_path, caplog):
+class _CountingHandle:
+    """A safetensors handle that counts the tensors read through it (``reads``: (file, tensor name) -> reads)."""
+
+    def __init__(self, handle, path: str, reads: dict):
+        self.handle, self.path, self.reads = handle, path, reads
+
+    def __enter__(self):
+        self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def get_tensor(self, name):
+        self.reads[(self.path, name)] = self.reads.get((self.path, name), 0) + 1
+        return self.handle.get_tensor(name)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def test_a_run_on_merged_weights_records_them_and_is_measured_on_the_merged_base(preset, tmp_path, caplog, monkeypatch):
+    """A run on a merged base records the files (its start-up line, config and LoRA metadata) and is measured on the
+    merged base; from the start-up check to the merge, each tensor of the file is read once."""
+    import safetensors
+
     from pti_plugin.metrics.run_model import open_model, read_run_config
     from pti_plugin.trainer import Trainer
 
     tensors = _lora_file(tmp_path / "style.safetensors")
+    reads: dict = {}
+    opener = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda path, *a, **k: _CountingHandle(opener(path, *a, **k),
+                                                                                        Path(path).name, reads))
     config = build_config(preset(base_weights=[str(tmp_path / "style.safetensors")], base_weights_multiplier=[0.5],
                                  stages=[{"kind": "lora", "steps": 1, "learning_rate": 1e-2}]))
     with caplog.at_level("INFO"):
         Trainer(config).run()
+    monkeypatch.undo()
+    assert {name: n for (file, name), n in reads.items() if file == "style.safetensors"} == dict.fromkeys(tensors, 1)
     assert "merged with style.safetensors x 0.5" in caplog.text  # the start-up line: the run trained on the merge
     out = Path(config.output_dir)
     saved = read_run_config(out / "pti.config.toml")

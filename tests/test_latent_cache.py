@@ -70,3 +70,26 @@ def test_disk_cache_is_keyed_by_the_image(tiny_model, tiny_dataset, tmp_path):
     source = LatentSource(vae, items, seed=0, cache=True, to_disk=True)
     source.fill_cache()
     assert torch.equal(source.latent(0, False), LatentSource(vae, items, seed=0, cache=False, to_disk=False).latent(0, False))
+
+
+def test_a_disk_cache_fill_hashes_each_image_once(tiny_model, tiny_dataset, tmp_path, monkeypatch):
+    """With flip_aug, 4 images are 8 draws, each looked up on disk and then written (a first run) or read (a second):
+    each image's bytes are read for its cache key once per run, not at every look and write of its two files."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    config = build_config({"train_data_dir": str(data), "resolution": 32, "flip_aug": True})
+    items = scan_images(config, load_subsets(config))
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae", local_files_only=True)
+    reads: list[str] = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (reads.append(self.name), read_bytes(self))[1])
+    images = sorted(item.path.name for item in items)
+    for run in ("writes", "reads"):
+        reads.clear()
+        LatentSource(vae, items, seed=0, cache=True, to_disk=True).fill_cache()
+        assert sorted(name for name in reads if name.endswith(".png")) == images, run
+    assert len(_cache_files(data)) == 2 * len(items)

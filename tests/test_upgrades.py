@@ -74,12 +74,12 @@ def test_an_sdxl_state_from_before_the_size_id_change_is_warned_about(preset, ti
     about; a state that records lora_scales (written after the change) is not."""
     config = build_config(preset(pretrained_model_name_or_path=str(tiny_sdxl)))
     with caplog.at_level("WARNING"):
-        warn_older_rules(read_progress(_state(tmp_path / "old", stage_kind="inversion")), config, [], [])
+        warn_older_rules(read_progress(_state(tmp_path / "old", stage_kind="inversion")), config, [], [], None)
     assert OLDER in caplog.text and "SDXL's size ids" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
         warn_older_rules(read_progress(_state(tmp_path / "new", lora_scales={"network_alpha": 4.0, "conv_alpha": None})),
-                         config, [], [])
+                         config, [], [], None)
     assert caplog.text == ""
 
 
@@ -90,14 +90,14 @@ def test_face_box_names_and_a_newer_state(preset, tmp_path, caplog):
     config = build_config(preset())
     old = read_progress(_state(tmp_path / "old"))
     with caplog.at_level("WARNING"):
-        warn_older_rules(old, config, [], [SimpleNamespace(path=Path("face.png"))])
+        warn_older_rules(old, config, [], [SimpleNamespace(path=Path("face.png"))], None)
     assert caplog.text == ""
     with caplog.at_level("WARNING"):
-        warn_older_rules(old, config, [], [SimpleNamespace(path=Path("char_40_40_16_16.png"))])
+        warn_older_rules(old, config, [], [SimpleNamespace(path=Path("char_40_40_16_16.png"))], None)
     assert OLDER in caplog.text and "face box" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        warn_older_rules(read_progress(_state(tmp_path / "newer", rules=RULES + 1)), config, [], [])
+        warn_older_rules(read_progress(_state(tmp_path / "newer", rules=RULES + 1)), config, [], [], None)
     assert f"saved by a newer pti-plugin (training rules {RULES + 1}; this version's are {RULES})" in caplog.text
 
 
@@ -106,20 +106,36 @@ def test_a_broken_rules_entry_is_refused_naming_it(tmp_path):
         read_progress(_state(tmp_path / "s", rules="1"))
 
 
-def test_an_sdxl_state_from_before_the_pad_window_change_is_warned_about_where_a_caption_has_the_pad(
+def test_an_sdxl_state_from_before_the_pad_window_change_is_warned_about_where_a_window_changes(
         preset, tiny_sdxl, tmp_path, caplog):
-    """SDXL's 150/225-token windows changed after rules 1 (a window opening with the second tokenizer's pad '!' now
-    starts BOS EOS): a rules-1 state (lora_scales, no rules) of such a run whose captions hold a '!' is warned about;
-    without a '!', or at 75 tokens, it is not."""
+    """SDXL's 150/225-token windows changed after rules 1: a window of a caption that fills them and opens with the
+    second tokenizer's pad token '!' now starts BOS EOS (before, the caption's last id, EOS, was taken for the pad, and
+    such a window was kept). A rules-1 state (lora_scales, no rules) of a 150-token run is warned about where a training
+    caption has such a window (the second window opens at the caption's 76th token), or where a caption whose tags are
+    shuffled fills them and holds a '!' (any of its tokens may open a window); a '!' in a caption that does not fill
+    them (whose windows the change leaves as they were), or elsewhere in a fixed one, and 75 tokens: no warning."""
+    from pti_plugin.data.captions import CaptionOptions
+    from pti_plugin.data.dataset import ImageItem
+    from pti_plugin.models.loading import load_base_model
+
+    base = load_base_model(str(tiny_sdxl), max_token_length=150)
+    model = SimpleNamespace(family=base.family, tokenize_captions=base.tokenize)
     old = read_progress(_state(tmp_path / "old", lora_scales={"network_alpha": 4.0, "conv_alpha": None}))
     long = build_config(preset(pretrained_model_name_or_path=str(tiny_sdxl), max_token_length=150))
     short = build_config(preset(pretrained_model_name_or_path=str(tiny_sdxl)))
-    bang = [SimpleNamespace(path=Path("a.png"), caption="tok1, wow!", caption_lines=())]
-    plain = [SimpleNamespace(path=Path("a.png"), caption="tok1, red", caption_lines=())]
-    for config, items in ((long, plain), (short, bang)):
+    red = lambda n: " ".join(["red"] * n)  # noqa: E731  n tokens
+
+    def warned(config, caption: str, **options) -> bool:
+        item = ImageItem(Path("a.png"), caption, (32, 32), 1, False, False, caption_options=CaptionOptions(**options))
+        caplog.clear()
         with caplog.at_level("WARNING"):
-            warn_older_rules(old, config, [], items)
-        assert caplog.text == ""
-    with caplog.at_level("WARNING"):
-        warn_older_rules(old, long, [], bang)
-    assert OLDER in caplog.text and "(1) SDXL's 150/225-token windows" in caplog.text
+            warn_older_rules(old, config, [], [item], model)
+        return OLDER in caplog.text and "(1) SDXL's 150/225-token windows" in caplog.text
+
+    assert not warned(long, "red, wow!")  # short: padded with the pad id, as before
+    assert not warned(long, f"{red(75)} !")  # the second window opens with '!', but the caption does not fill 150
+    assert not warned(long, f"{red(10)} ! {red(150)}")  # fills 150; '!' opens no window
+    assert warned(long, f"{red(75)} ! {red(80)}")  # fills 150; the second window opens with '!'
+    assert warned(long, f"! {red(160)}")  # the first window opens with '!'
+    assert warned(long, f"{red(10)}, !, {red(150)}", shuffle_caption=True)  # shuffled, the tag '!' may open one
+    assert not warned(short, f"! {red(160)}")  # 75 tokens: one window, unchanged

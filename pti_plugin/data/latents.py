@@ -118,6 +118,7 @@ class LatentSource:
         self._memory: dict[tuple[int, bool], torch.Tensor] | None = {} if cache else None
         self._masks: dict[tuple[int, bool], torch.Tensor] = {}  # latent-sized loss masks [1, h, w] of cached draws
         self._vae_digest: str | None = None  # computed once, when the disk cache is first used
+        self._keys: dict[int, str] = {}  # each image's cache key, computed once (its files' looks, writes, read-backs)
 
     @property
     def cached(self) -> bool:
@@ -144,7 +145,10 @@ class LatentSource:
 
     def cache_key(self, index: int) -> str:
         """The digest of what the image's cached latents depend on: VAE weights and scale, seed and image bytes (and its
-        mask, a resize filter other than Lanczos and a fixed face crop, when it has them)."""
+        mask, a resize filter other than Lanczos and a fixed face crop, when it has them). Computed once per image (its
+        plain and flipped files' looks, writes and read-backs share it: the image's bytes are hashed once)."""
+        if index in self._keys:
+            return self._keys[index]
         if self._vae_digest is None:
             self._vae_digest = module_digest(self.vae)
         scale = float(self.vae.config.scaling_factor)
@@ -159,7 +163,8 @@ class LatentSource:
             parts += f"|filter={image_filter.name}"
         if item.face_box is not None:  # a fixed face crop (a random one is refused with the cache)
             parts += f"|face={item.face_box}@{item.face_crop_aug_range}"
-        return hashlib.blake2b(parts.encode(), digest_size=6).hexdigest()
+        self._keys[index] = hashlib.blake2b(parts.encode(), digest_size=6).hexdigest()
+        return self._keys[index]
 
     def _disk_path(self, index: int, flip: bool) -> Path:
         item = self.items[index]

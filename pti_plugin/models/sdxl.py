@@ -149,6 +149,17 @@ class SDXLFamily:
         return Conditioning(torch.cat(states, dim=-1), {"text_embeds": pooled,
                                                         "time_ids": self._time_ids(sizes, batch, pooled)})
 
+    def pad_opens_a_window(self, input_ids: torch.Tensor, anywhere: bool = False) -> torch.Tensor:
+        """[B]: whether a window (:func:`window_ids`) of each caption's ids ``[B, 2, L]`` (L > 77) is one that training
+        rules 2 changed (``rule_changes``): a window of a caption that fills L (the second tokenizer's ids end with EOS,
+        not its pad id) opening with the second tokenizer's pad id, which now starts BOS EOS and was kept before (the
+        caption's last id, EOS, was taken for the pad). ``anywhere``: the pad id at any place of such a caption (one
+        whose tags move from draw to draw, so that any of its ids may open a window)."""
+        ids, pad = input_ids[:, 1], self.pad_ids[1]
+        body = ids[:, 1:-1]
+        openers = body if anywhere else body[:, ::75]
+        return (ids[:, -1] != pad) & (openers == pad).any(dim=-1)
+
     def weighted_ids(self, tokenizers: Sequence[object], caption: str) -> tuple[list[list[int]], list[list[float]]]:
         """kohya's ``weighted_captions``: each tokenizer's ids (as :meth:`tokenize`, the second padding with its
         own pad token) and their weights, one list per tokenizer."""

@@ -88,6 +88,26 @@ def build_vocab(words: list[str] | tuple[str, ...]) -> tuple[dict[str, int], lis
     return vocab, merges
 
 
+def filler_words(rows: int) -> list[str]:
+    """Letter-only words (the first four-letter ones: ``aaaa``, ``aaab``, ...) with which :func:`write_tokenizer_files`
+    writes a vocabulary of exactly ``rows`` tokens, e.g. CLIP's 49408 (the benchmarks' SD1.5- and SDXL-sized token
+    tables). Each filler adds its own token, and the first of its 2- and 3-letter prefixes that prefix's, beside the
+    vocabulary's other tokens (the byte symbols, the base words' merges, BOS, EOS): the count is found by building the
+    vocabulary (a few builds, seconds each). A ValueError where no count gives ``rows``."""
+    import itertools
+    import string
+
+    words = ["".join(w) for w in itertools.islice(itertools.product(string.ascii_lowercase, repeat=4), rows)]
+    count, tried = rows, set()
+    while count not in tried and 0 <= count <= len(words):
+        tried.add(count)
+        size = len(build_vocab(BASE_WORDS + tuple(words[:count]))[0])
+        if size == rows:
+            return words[:count]
+        count -= size - rows  # each filler adds at least one token (none where it is a base word)
+    raise ValueError(f"no number of filler words gives a vocabulary of {rows} tokens")
+
+
 def write_tokenizer_files(words: list[str] | tuple[str, ...], out_dir: str | Path) -> Path:
     """Write ``vocab.json``, ``merges.txt`` and the tokenizer configs into ``out_dir``.
 
