@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError
+from .main_process_checks import passed_without_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def prepare_for_stage(accelerator: Any, module: torch.nn.Module) -> Any:
     stage would get that module back plain (neither compiled nor, with several processes, DDP-wrapped): an earlier
     stage's mark is dropped first."""
     module.__dict__.pop("_is_accelerate_prepared", None)
+    passed_without_refusal()  # several processes: DDP's wrapping waits for every one (a refusal is said at once)
     return accelerator.prepare(module)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import sys
@@ -42,13 +44,13 @@ def _fail(message: str, code: int, quiet: bool = False, alike: bool = False) -> 
     process prints the same message (a multi-process run's refusal is said once, by process 0); this one waits
     for it to be said first, as the launcher stops every process when one exits with an error. ``alike``: another
     process of a multi-process run may have found the same (a refusal of the data or the model, found by each): this
-    one says nothing when process 0 prints the same message, and its own when process 0 prints another or none
-    within :data:`QUIET_WAIT_S`."""
+    one says nothing when process 0 prints the same message, and its own when process 0 prints another, says it
+    passed this stretch of the set-up without a refusal, or says nothing within :data:`QUIET_WAIT_S`."""
     started = time.monotonic()
     if quiet or alike:
-        said = main_process_printed(QUIET_WAIT_S)  # at once when process 0 has printed
+        said = main_process_printed(QUIET_WAIT_S)  # at once when process 0 has printed or passed on ("")
         left = max(0.0, QUIET_WAIT_S - (time.monotonic() - started))
-        if quiet or said == message:  # the launcher stops this process once process 0 has exited
+        if said == message or (quiet and said != ""):  # the launcher stops this process once process 0 has exited
             time.sleep(left if said is None else min(SAID_GRACE_S, left))
             return code
     sys.stdout.flush()
@@ -62,6 +64,8 @@ def _fail(message: str, code: int, quiet: bool = False, alike: bool = False) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Run training; returns the process exit code (2 for configuration errors)."""
+    if argv is None:  # this process is the command: at its exit, the interpreter's last collections need not walk
+        atexit.register(gc.freeze)  # the millions of objects torch and the model libraries hold (seconds a process)
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(USAGE)

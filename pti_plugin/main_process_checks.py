@@ -9,6 +9,9 @@ the other processes' copy is marked :data:`TOLD_BY_MAIN_PROCESS`, so the command
 A refusal every process finds on its own later in the set-up (the data, the model) is said once too: process 0
 prints it and says so through the launcher's key-value store (:func:`tell_refusal_printed`); another process waits
 for that word (:func:`main_process_printed`) and prints its own message only when process 0's differs or none comes.
+None comes when process 0 found nothing wrong: it then waits for the others at the next operation that waits for every
+process (a broadcast, a barrier, DDP's wrapping). Before each such point of the set-up, process 0 says that it found
+no refusal since the previous one (:func:`passed_without_refusal`), so that a process refused alone prints at once.
 """
 
 from __future__ import annotations
@@ -30,14 +33,18 @@ def checked_on_main_process(accelerator, check: Callable[[], None]) -> None:
             check()
         except Exception as exc:  # noqa: BLE001 - passed on to every process, then raised here as it came
             error = exc
+        else:
+            passed_without_refusal()  # before the broadcast, which waits for every process
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         box = [_sendable(error) if accelerator.is_main_process else None]
         broadcast_object_list(box, from_process=0)
-        if not accelerator.is_main_process and box[0] is not None:
-            setattr(box[0], TOLD_BY_MAIN_PROCESS, True)
-            raise box[0]
+        if not accelerator.is_main_process:
+            if box[0] is not None:
+                setattr(box[0], TOLD_BY_MAIN_PROCESS, True)
+                raise box[0]
+            passed_without_refusal()  # the same point as process 0's
     if error is not None:
         raise error
 
@@ -75,13 +82,17 @@ def _launcher_store(timeout_s: float):
         return None
 
 
+#: how many points of the set-up this process has passed (:func:`passed_without_refusal`); every process passes the
+#: same points in the same order, so a refusal's key names the stretch of the set-up where it was found
+_points_passed = 0
+
+
 def _refusal_key() -> str:
-    return f"pti_plugin/refusal/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # one per launch attempt
+    # one per launch attempt and stretch of the set-up
+    return f"pti_plugin/refusal/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_points_passed}"
 
 
-def tell_refusal_printed(message: str) -> None:
-    """Process 0 of a multi-process run, once it has printed ``message`` (a refusal): say so to the other processes
-    (:func:`main_process_printed`). Nothing in a single-process run."""
+def _tell(message: str) -> None:
     store = _launcher_store(5)
     if store is not None:
         try:
@@ -90,9 +101,27 @@ def tell_refusal_printed(message: str) -> None:
             pass
 
 
+def tell_refusal_printed(message: str) -> None:
+    """Process 0 of a multi-process run, once it has printed ``message`` (a refusal): say so to the other processes
+    (:func:`main_process_printed`). Nothing in a single-process run."""
+    _tell(message)
+
+
+def passed_without_refusal() -> None:
+    """Every process, at a point of the set-up that every process passes in the same order, just before an operation
+    that waits for every process: process 0 says that it found no refusal since the previous point (it would have
+    stopped), so that another process refused since then prints its own at once (:func:`main_process_printed`)
+    instead of waiting for process 0's, which would never come (process 0 now waits for it)."""
+    global _points_passed
+    if launcher_rank() == 0:
+        _tell("")
+    _points_passed += 1
+
+
 def main_process_printed(timeout_s: float) -> str | None:
     """Another process of a multi-process run, refused at start-up: what process 0 printed as its refusal, waiting for
-    it up to ``timeout_s`` seconds; None when it prints none meanwhile (it found nothing wrong) or cannot be asked."""
+    it up to ``timeout_s`` seconds; "" when process 0 passed the same stretch of the set-up without a refusal
+    (:func:`passed_without_refusal`); None when neither comes meanwhile or it cannot be asked."""
     from datetime import timedelta
 
     store = _launcher_store(timeout_s)

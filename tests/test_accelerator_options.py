@@ -158,25 +158,49 @@ def test_a_kohya_config_file_with_these_options_loads(tmp_path):
     assert config.ddp_gradient_as_bucket_view and config.ddp_static_graph
 
 
-def test_two_processes_with_the_ddp_options_match_one_process(preset, tmp_path):
+def test_two_processes_with_the_ddp_options_match_one_process_and_their_state_resumed_by_one_warns_naming_both_batches(
+        preset, tiny_dataset, tmp_path, caplog):
     """A two-process CPU run (torchrun, gloo) with ddp_timeout, ddp_gradient_as_bucket_view and ddp_static_graph
     (both stages: the text encoder, then the UNet and text-encoder LoRA DDP-wrapped with them) gives what one
-    process gives at the same global batch, as without the options (test_multiprocess)."""
+    process gives at the same global batch, as without the options (test_multiprocess).
+
+    The same run (batch 1: global batch 2, the latents cached to disk) saves a state at step 2 of 3; one process
+    resumes it: warned, naming both global batches and process counts (before: silent), it continues at step 1 of
+    stage 1 as kohya's resume does and trains step 3 alone. The 2-process run wrote each latent cache file (4 images,
+    no flip)."""
+    import shutil
+
     from .test_multiprocess import REPO, _run as run_command
 
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)  # the latent cache is written beside the images
     raw = preset(save_precision="float", max_grad_norm=0.0, train_batch_size=1, optimizer_type="SGD",
                  network_train_unet_only=False, ddp_timeout=5, ddp_gradient_as_bucket_view=True, ddp_static_graph=True,
+                 train_data_dir=str(data), cache_latents_to_disk=True, save_state=True, save_every_n_steps=2,
                  stages=[{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "steps": 1},
                          {"name": "lora", "kind": "lora", "learning_rate": 0.1, "steps": 2}])
     raw.pop("output_dir")
-    (tmp_path / "p.toml").write_text(toml.dumps({k: v for k, v in raw.items() if v is not None}))
+    raw = {k: v for k, v in raw.items() if v is not None}
+    (tmp_path / "p.toml").write_text(toml.dumps(raw))
     run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pti.py"),
                  "--preset", "p.toml", "--output_dir", "two"], tmp_path)
-    run_command([sys.executable, str(REPO / "train_pti.py"), "--preset", "p.toml", "--output_dir", "one",
-                 "--train_batch_size", "2"], tmp_path)
+    assert len(list(data.rglob("*.pti_latents.safetensors"))) == 4
+    # one process, in this one, at the same global batch (the latents read from the same cache)
+    Trainer(build_config(raw | {"output_dir": str(tmp_path / "one"), "train_batch_size": 2, "save_state": False})).run()
     one, two = _trained(tmp_path / "one"), _trained(tmp_path / "two")
     assert one.keys() == two.keys() and any(k.startswith("lora_te_") for k in one)
     moved = max(float(one[k].abs().max()) for k in one if k.endswith("lora_up.weight"))
     diff = max(float((one[k] - two[k]).abs().max()) for k in one)
     print(f"largest LoRA up weight {moved:.3g}, largest difference {diff:.3g}")
     assert moved > 1e-4 and diff < 1e-4 * moved
+
+    state = tmp_path / "two" / "pti-state-step00000002"
+    assert json.loads((state / "progress.json").read_text())["batch"] == {
+        "processes": 2, "train_batch_size": 1, "gradient_accumulation_steps": 1}
+    with caplog.at_level(logging.WARNING):
+        Trainer(build_config(raw | {"output_dir": str(tmp_path / "resumed"), "resume": str(state)})).run()
+    assert (f"state {state} was saved by a run of global batch 2 (2 process(es) x train_batch_size 1 x "
+            "gradient_accumulation_steps 1); this run's is 1 (1 process(es) x train_batch_size 1 x "
+            "gradient_accumulation_steps 1). It continues at step 1 of stage 1") in caplog.text
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "pti.log.jsonl").read_text().splitlines()]
+    assert [entry["global_step"] for entry in log] == [3]

@@ -1,4 +1,6 @@
-"""A two-process CPU run (torchrun -> accelerate MULTI_CPU, gloo) equals a one-process run of the same micro-batches."""
+"""Two-process CPU runs (torchrun -> accelerate MULTI_CPU, gloo): one equals a one-process run of the same
+micro-batches; one skips a non-finite step on both processes, trains float8 weights and says its outputs and warnings
+once."""
 
 from __future__ import annotations
 
@@ -12,13 +14,18 @@ import toml
 import torch
 from safetensors.torch import load_file
 
+from pti_plugin.config_loading import build_config
+from pti_plugin.formats.kohya_lora import load_lora
+from pti_plugin.trainer import Trainer
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> None:
+def _run(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)) | (extra_env or {})
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def _install_entry_point(site: Path, entry: str = "prior_agreement = tests.contract_plugin:PriorAgreement") -> None:
@@ -30,11 +37,11 @@ def _install_entry_point(site: Path, entry: str = "prior_agreement = tests.contr
     (info / "entry_points.txt").write_text(f"[pti_plugin.plugins]\n{entry}\n")
 
 
-def test_two_processes_with_a_third_party_plugin_match_one_process_and_only_rank0_writes(preset, tmp_path):
+def test_two_processes_with_a_third_party_plugin_match_one_process_and_only_rank0_writes(preset, tmp_path, monkeypatch):
     """Both stages (UNet and text-encoder LoRA) under 2 processes at batch 1 give what one process gives at batch 1
-    with 2 accumulated micro-batches (the same global batch, cut into the same micro-batches), and only process 0
-    writes. A plugin outside the package, found through its entry point and using only the documented contract,
-    trains under both; its term is 0 while the LoRA is still zero. pivot_locality trains under both: its draws
+    with 2 accumulated micro-batches (the same global batch, cut into the same micro-batches; the one process is the
+    test's), and only process 0 writes. A plugin outside the package, found through its entry point and using only
+    the documented contract, trains under both; its term is 0 while the LoRA is still zero. pivot_locality trains under both: its draws
     (num_samples per micro-batch, seeded by the micro-batch's first slot) are the same micro-batch for micro-batch
     (a one-process run at batch 2 has one micro-batch, hence other draws, and differs by ~5% of the movement).
 
@@ -52,8 +59,8 @@ def test_two_processes_with_a_third_party_plugin_match_one_process_and_only_rank
     env = {"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path / 'site'}"}
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pti.py"),
           "--preset", "p.toml", "--output_dir", "two"], tmp_path, env)
-    _run([sys.executable, str(REPO / "train_pti.py"), "--preset", "p.toml", "--output_dir", "one",
-          "--gradient_accumulation_steps", "2"], tmp_path, env)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))  # the plugin's entry point, for the one process: this one
+    Trainer(build_config(raw | {"output_dir": str(tmp_path / "one"), "gradient_accumulation_steps": 2})).run()
     one, two = tmp_path / "one", tmp_path / "two"
     expected = {"pti.safetensors", "tok1.safetensors", "pti.config.toml", "pti.log.jsonl"}
     assert {p.name for p in two.iterdir()} == expected  # no stray or temporary files
@@ -79,20 +86,43 @@ def test_two_processes_with_a_third_party_plugin_match_one_process_and_only_rank
     assert moved > 1e-4 and diff < 1e-4 * moved
 
 
-def test_a_non_finite_loss_on_one_process_skips_the_step_on_every_process(preset, tmp_path):
-    """nan_policy skip under 2 processes: a NaN loss term on process 1 only, at step 2; both processes
-    skip that step together (neither pivot moves; the run finishes: no process waits on the other)."""
+def test_two_processes_skip_a_non_finite_step_together_train_float8_weights_and_say_outputs_and_warnings_once(
+        preset, tmp_path):
+    """One two-process run serves three claims.
+
+    nan_policy skip under 2 processes: a NaN loss term on process 1 only, at step 2; both processes skip that step
+    together (neither pivot moves; the run finishes: no process waits on the other).
+
+    fp8_base with bf16 (the text encoder DDP-wrapped in the inversion stage, the UNet and text-encoder LoRA in the
+    LoRA stage): DDP leaves the float8 weights out of its start-up broadcast, which gloo (a CPU run's backend)
+    cannot send.
+
+    The output lines and the warnings come once (before: process 1 printed a bare `samples: ` line and every warning
+    again)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("tok1 --w 32 --h 32 --s 1\n")  # warned about: kohya samples 32 px at 64
     raw = preset(max_train_steps=None, train_batch_size=1, nan_policy="skip", plugins={"rank_nan": {"at_step": 2}},
-                 stages=[{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "steps": 3}])
+                 mixed_precision="bf16", fp8_base=True, sample_prompts=str(prompts), sample_steps=1,
+                 stages=[{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "steps": 3},
+                         {"name": "lora", "kind": "lora", "learning_rate": 1e-2, "steps": 1,
+                          "train_text_encoder": True}])
     raw = {k: v for k, v in raw.items() if v is not None}
     raw.pop("output_dir")
     (tmp_path / "p.toml").write_text(toml.dumps(raw))
     _install_entry_point(tmp_path / "site", "rank_nan = tests.rank_nan_plugin:RankNan")
     env = {"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path / 'site'}"}
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pti.py"),
-          "--preset", "p.toml", "--output_dir", "two"], tmp_path, env)
+    done = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pti.py"),
+                 "--preset", "p.toml", "--output_dir", "two"], tmp_path, env)
     log = [json.loads(line) for line in (tmp_path / "two" / "pti.log.jsonl").read_text().splitlines()]
-    assert [e.get("skipped_nonfinite", 0) for e in log] == [0, 1.0, 0]  # process 0's own loss was finite
+    assert [e.get("skipped_nonfinite", 0) for e in log] == [0, 1.0, 0, 0]  # process 0's own loss was finite
     for rank in (0, 1):
         pivots = torch.load(tmp_path / "two" / f"pivots-rank{rank}.pt")
-        assert len(pivots) == 3 and torch.equal(pivots[1], pivots[0]) and not torch.equal(pivots[2], pivots[1])
+        assert len(pivots) == 4 and torch.equal(pivots[1], pivots[0]) and not torch.equal(pivots[2], pivots[1])
+
+    lora, _ = load_lora(str(tmp_path / "two" / "pti.safetensors"))
+    assert any(k.startswith("lora_te_") for k in lora) and all(torch.isfinite(v.float()).all() for v in lora.values())
+
+    lines = done.stdout.splitlines()
+    sample = tmp_path / "two" / "samples" / "pti-final-0.png"
+    assert [line for line in lines if line.startswith("samples:")] == [f"samples: {sample}"]
+    assert done.stderr.count("--w 32 is sampled at 64 px") == 1, done.stderr[-3000:]

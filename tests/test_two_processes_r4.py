@@ -1,4 +1,4 @@
-"""Two-process CPU runs (torchrun, gloo) say what one process says, once: refusals, warnings and the outputs."""
+"""Two-process CPU runs (torchrun, gloo) say a refusal once, as one process does."""
 
 from __future__ import annotations
 
@@ -20,20 +20,14 @@ def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _preset(preset, tmp_path: Path) -> None:
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("tok1 --w 32 --h 32 --s 1\n")  # warned about: kohya samples 32 px at 64
-    raw = preset(train_batch_size=1, sample_prompts=str(prompts), sample_steps=1,
-                 stages=[{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "steps": 1}])
-    raw.pop("output_dir")
-    (tmp_path / "p.toml").write_text(toml.dumps({k: v for k, v in raw.items() if v is not None}))
-
-
 def test_two_processes_refuse_together_and_say_it_once(preset, tmp_path):
     """A run into a folder holding an earlier run's LoRA is refused by process 0 (it alone claims the folder): process 1
     exits with it, with no traceback of its own (before: it died at the barrier with the process group's `Connection
     closed by peer` traceback), and the refusal is printed once. A preset error is printed once, not once per process."""
-    _preset(preset, tmp_path)
+    raw = preset(train_batch_size=1,
+                 stages=[{"name": "inversion", "kind": "inversion", "learning_rate": 5e-2, "steps": 1}])
+    raw.pop("output_dir")
+    (tmp_path / "p.toml").write_text(toml.dumps({k: v for k, v in raw.items() if v is not None}))
     bad = _torchrun(tmp_path, "--output_dir", "out", "--learning_rate", "-1")
     assert bad.returncode != 0
     assert bad.stderr.count("error: ") == 1 and "learning_rate" in bad.stderr, bad.stderr[-3000:]
@@ -50,12 +44,5 @@ def test_two_processes_refuse_together_and_say_it_once(preset, tmp_path):
     assert (tmp_path / "taken" / "pti.safetensors").read_bytes() == b"an earlier run's LoRA"
 
 
-def test_a_finished_two_process_run_says_its_outputs_and_warnings_once(preset, tmp_path):
-    """The output lines and the warnings come once (before: process 1 printed a bare `samples: ` line and every
-    warning again)."""
-    _preset(preset, tmp_path)
-    done = _torchrun(tmp_path, "--output_dir", "out")
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert [line for line in lines if line.startswith("samples:")] == [f"samples: {tmp_path / 'out' / 'samples' / 'pti-final-0.png'}"]
-    assert done.stderr.count("--w 32 is sampled at 64 px") == 1, done.stderr[-3000:]
+# A finished two-process run's outputs and warnings said once: test_multiprocess's
+# test_two_processes_skip_a_non_finite_step_together_train_float8_weights_and_say_outputs_and_warnings_once (one run).

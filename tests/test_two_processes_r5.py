@@ -1,33 +1,23 @@
 """Several processes (multi-GPU runs): the latent disk cache is written once, each process encoding its share; a
-state resumed by another number of processes is warned about, naming both; a refusal every process finds later in the
-set-up is printed once."""
+refusal every process finds later in the set-up is printed once; one process 1 alone finds is printed at once."""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
+import time
 from datetime import timedelta
-from pathlib import Path
 
-import toml
 import torch
 
-from pti_plugin import cli
+from pti_plugin import cli, main_process_checks
 
 from pti_plugin.config_loading import build_config
 from pti_plugin.data import latents as latents_module
 from pti_plugin.data.dataset import load_subsets
 from pti_plugin.data.latents import LatentSource
 from pti_plugin.data.scanning import scan_images
-from pti_plugin.trainer import Trainer
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _Process:
@@ -89,34 +79,9 @@ def test_two_processes_write_each_latent_cache_file_once_and_read_the_same_laten
                 assert torch.equal(source.latent(index, flip), alone.latent(index, flip))
 
 
-def test_a_state_saved_by_two_processes_resumed_by_one_warns_naming_both_global_batches(preset, tiny_dataset, tmp_path,
-                                                                                         caplog):
-    """A 2-process run (batch 1: global batch 2, the latents cached to disk) saves a state at step 2 of 3; one process
-    resumes it: warned, naming both global batches and process counts (before: silent), it continues at step 2 as
-    kohya's resume does and trains step 3 alone. The 2-process run wrote each latent cache file (4 images, no flip)."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_dataset, data)
-    raw = preset(train_batch_size=1, train_data_dir=str(data), cache_latents_to_disk=True,
-                 save_state=True, save_every_n_steps=2,
-                 stages=[{"name": "lora", "kind": "lora", "learning_rate": 1e-2, "steps": 3}])
-    raw.pop("output_dir")
-    (tmp_path / "p.toml").write_text(toml.dumps(raw))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pti.py"),
-                          "--preset", "p.toml", "--output_dir", "two"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert len(list(data.rglob("*.pti_latents.safetensors"))) == 4
-    state = tmp_path / "two" / "pti-state-step00000002"
-    assert json.loads((state / "progress.json").read_text())["batch"] == {
-        "processes": 2, "train_batch_size": 1, "gradient_accumulation_steps": 1}
-    with caplog.at_level(logging.WARNING):
-        Trainer(build_config(raw | {"output_dir": str(tmp_path / "one"), "resume": str(state)})).run()
-    assert (f"state {state} was saved by a run of global batch 2 (2 process(es) x train_batch_size 1 x "
-            "gradient_accumulation_steps 1); this run's is 1 (1 process(es) x train_batch_size 1 x "
-            "gradient_accumulation_steps 1). It continues at step 2 of stage 0") in caplog.text
-    log = [json.loads(line) for line in (tmp_path / "one" / "pti.log.jsonl").read_text().splitlines()]
-    assert [entry["global_step"] for entry in log] == [3]
+# A state saved by two processes resumed by one warns naming both global batches: test_accelerator_options's
+# test_two_processes_with_the_ddp_options_match_one_process_and_their_state_resumed_by_one_warns_naming_both_batches
+# (one two-process run serves both).
 
 
 def _store() -> torch.distributed.TCPStore:
@@ -148,3 +113,24 @@ def test_a_refusal_both_processes_find_is_printed_by_process_0_alone(monkeypatch
     assert capsys.readouterr().err == ""
     assert cli._fail("error: model file unreadable", 2, alike=True) == 2  # this process alone found it
     assert capsys.readouterr().err == "error: model file unreadable\n"
+
+
+def test_a_refusal_process_1_alone_finds_is_printed_at_once_when_process_0_passed_its_place(monkeypatch, capsys):
+    """A refusal only process 1 finds (a file it alone could not read, a plugin's check on process 1): process 0
+    found none there and reaches the next point where every process waits for the others (a broadcast, a barrier,
+    DDP's wrapping), saying so first; process 1 prints its refusal at once (before: after QUIET_WAIT_S, 30 s, for a
+    word from process 0 that never came). Both processes passed the same earlier points."""
+    store = _store()
+    monkeypatch.setattr(cli, "QUIET_WAIT_S", 20)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(main_process_checks, "_points_passed", 2)  # this test plays both processes in one
+    main_process_checks.passed_without_refusal()  # process 0, at its 3rd point
+    monkeypatch.setattr(main_process_checks, "_points_passed", 2)  # process 1, refused after its 2nd
+    monkeypatch.setenv("RANK", "1")
+    started = time.monotonic()
+    assert cli._fail("error: 3.png: cannot identify image file", 2, alike=True) == 2
+    assert capsys.readouterr().err == "error: 3.png: cannot identify image file\n"
+    assert time.monotonic() - started < 5

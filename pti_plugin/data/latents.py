@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from ..atomic_io import save_safetensors_atomic
+from ..main_process_checks import passed_without_refusal
 from .augment import Augmentation, augmented_pixels
 from .buckets import resample_filter
 from .dataset import ImageItem
@@ -196,6 +197,7 @@ class LatentSource:
                   for start in range(0, len(draws), self.batch_size)]
         rank, processes = (accelerator.process_index, accelerator.num_processes) if shared else (0, 1)
         if shared:
+            passed_without_refusal()  # before each barrier: another process's refusal is said at once (cli._fail)
             accelerator.wait_for_everyone()  # every process has looked before any writes: the same batches on each
         for chunk in chunks[rank::processes]:
             drawn = [pixels_and_mask(self.items[index], Augmentation(flip=flip)) for index, flip in chunk]
@@ -203,6 +205,7 @@ class LatentSource:
             for (index, flip), latent, (_, fitted) in zip(chunk, self._encode_batch(pixels, chunk), drawn):
                 self._keep_encoded(index, flip, latent.clone(), fitted)
         if shared:
+            passed_without_refusal()
             accelerator.wait_for_everyone()  # the other processes' shares are on disk
             # every draw read back, this process's too: draws of one image in two datasets share a file, which each
             # process may have written, so all hold what it holds last
