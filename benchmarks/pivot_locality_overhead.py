@@ -9,10 +9,10 @@ over runs and their spread (min-max), and the ratio to "off". The tiny model is 
 (python, hooks, small kernels), so its ratios understate the compute cost.
 
 Part 2, an SD1.5-architecture model with random weights (the real UNet: 860M parameters, 192 LoRA
-modules; a CLIP ViT-L-sized text encoder; a small VAE) at 256 px (32x32 latents), batch 1, one
-thread: one run with the regulariser on every 2nd step (``every_n_steps = 2``), so regularised and
-plain steps alternate in the same process (step 0 is warm-up); the regularised step is
-what ``every_n_steps = 1`` costs per step. Another run measures the anchor cache the same way with ``--sd15-cached``
+modules; a CLIP ViT-L-sized text encoder with SD1.5's 49,408-row token table, over filler words; a small
+VAE) at 256 px (32x32 latents), batch 1, one thread: one run with the regulariser on every 2nd step
+(``every_n_steps = 2``), so regularised and plain steps alternate in the same process (step 0 is warm-up);
+the regularised step is what ``every_n_steps = 1`` costs per step. Another run measures the anchor cache the same way with ``--sd15-cached``
 (adds about 2 minutes). Nothing is downloaded: the model is built in memory and handed to the
 trainer in place of its loader.
 
@@ -149,16 +149,19 @@ def tiny(root: Path, repeats: int, steps: int) -> dict[str, float]:
 
 
 def _sd15_model(root: Path):
-    """An SD1.5-architecture model with random weights, in memory (UNet as SD1.5; ViT-L/14-sized text encoder)."""
+    """An SD1.5-architecture model with random weights, in memory (UNet as SD1.5; ViT-L/14-sized text encoder with
+    CLIP's token table, over filler words)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from pti_plugin.models.loading import BaseModel
     from pti_plugin.models.sd15 import SD15Family
-    from pti_plugin.models.word_vocab import BOS, EOS, write_tokenizer_files
+    from pti_plugin.models.single_file import CLIP_VOCAB_SIZE
+    from pti_plugin.models.word_vocab import BOS, EOS, filler_words, write_tokenizer_files
 
     torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files((), root / "tokenizer"), local_files_only=True)
+    words = filler_words(CLIP_VOCAB_SIZE)  # SD1.5's token table: 49,408 rows
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(words, root / "tokenizer"), local_files_only=True)
     unet = UNet2DConditionModel(  # SD1.5's configuration (v1-inference.yaml)
         sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
         layers_per_block=2, norm_num_groups=32,

@@ -15,8 +15,8 @@ A top-level module, not one of ``models/``: the models never import the formats 
 A file's bundled embeddings (``bundle_emb.*``) are not loaded: kohya's merge reads only the LoRA keys.
 The file checks that need no model (missing file, no LoRA key, non-finite values, the multipliers' count) run at
 start (:func:`pti_plugin.input_checks.check_starting_files`); keys of another family's LoRA and shape mismatches are
-named as the model loads. Each file is read once: the tensors the start-up check read are kept for the merge
-(:func:`keep_for_merge`).
+named as the model loads. Each file is read once: the merge takes the tensors the start-up check read
+(:mod:`pti_plugin.checked_files`).
 """
 
 from __future__ import annotations
@@ -30,14 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checked_files import take
 from .config import ConfigError
+from .text_files import path_not_found
 
 logger = logging.getLogger(__name__)
 KEY = "base_weights"
-
-#: The tensors of the files the latest start-up check read (:func:`keep_for_merge`), by file (:func:`_identity`), until
-#: the merge takes them (:func:`merge_file`); a file that changed since its check is read again.
-_CHECKED: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
 
 
 def multipliers_of(paths: Sequence[str], multipliers: Sequence[float]) -> list[float]:
@@ -52,28 +50,8 @@ def multipliers_of(paths: Sequence[str], multipliers: Sequence[float]) -> list[f
 def require_file(path: str) -> None:
     """``path`` is a regular file; else a ConfigError naming the key and the file."""
     if not Path(path).is_file():
-        raise ConfigError.at(KEY, f": {path} not found (a kohya LoRA .safetensors file)" if not Path(path).exists()
-                             else f": {path} is not a regular file")
-
-
-def keep_for_merge(files: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Keep the tensors the start-up check read (``files``: by path, through :func:`read_file`) for the merge, in place
-    of those of an earlier check."""
-    _CHECKED.clear()
-    _CHECKED.update({_identity(path): tensors for path, tensors in files.items()})
-
-
-def _identity(path: str) -> tuple[str, int, int]:
-    """The file ``path`` as the start-up check read it: its resolved path, size and modification time."""
-    stat = os.stat(path)
-    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
-
-
-def _tensors(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of the file ``path``: those its start-up check read, taken (a second merge of the file reads it
-    again), where it has not changed since; else read now."""
-    checked = _CHECKED.pop(_identity(path), None) if Path(path).is_file() else None
-    return checked if checked is not None else read_file(path)
+        raise ConfigError.at(KEY, f": {path_not_found(path, 'file', kind='a kohya LoRA .safetensors file')}"
+                             if not Path(path).exists() else f": {path} is not a regular file")
 
 
 def read_file(path: str) -> dict[str, torch.Tensor]:
@@ -112,7 +90,7 @@ def merge_file(components: dict[str, nn.Module], table, path: str, multiplier: f
     from .formats.kohya_lora import LoraFormatError, kohya_to_peft
 
     try:
-        states, alphas = kohya_to_peft(_tensors(path), components, table)
+        states, alphas = kohya_to_peft(take(path, read_file), components, table)
     except LoraFormatError as exc:
         raise ConfigError.at(KEY, f": {path}: {exc} (a LoRA for another model family?)") from None
     deltas = []

@@ -202,14 +202,11 @@ def _split_own_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 def _load(argv: list[str]) -> Config:
     """The config of the preview's command line (its own flags taken out): no model, starting file, prompt or output
     folder is looked for (``data_only``, which also leaves a GPU-only precision, fp16 in the shipped presets,
-    unchecked); an explicit ``--dataset_config`` replaces the preset's image folders."""
+    unchecked); an explicit ``--dataset_config`` replaces the preset's image folders, as in training
+    (:func:`~pti_plugin.config_loading.load_config`)."""
     from .command_line import parse_args
 
-    preset, overrides, sets = parse_args(argv)
-    if overrides.get("dataset_config"):
-        for key in ("train_data_dir", "reg_data_dir", "in_json"):
-            overrides.setdefault(key, "")
-    return load_config(preset, overrides, sets, data_only=True)
+    return load_config(*parse_args(argv), data_only=True)
 
 
 def main(argv: list[str] | None = None, config: Config | None = None) -> int:

@@ -382,52 +382,39 @@ def with_tokenizer_cache_dir(config: Config, check: bool) -> Config:
 
 
 def check_starting_files(config: Config) -> None:
-    """``weights`` and ``network_weights`` load through the safe loaders and hold finite values only (``network_weights``:
-    :func:`check_lora_file`; the ``base_weights`` files: :func:`check_lora_tensors`, their tensors kept for the merge)."""
+    """``weights`` and ``network_weights`` load through the safe loaders and hold finite values only (the LoRA files,
+    ``network_weights`` and each of ``base_weights``: :func:`check_lora_tensors`). Each LoRA file is read once: its
+    tensors are kept for the run (:mod:`pti_plugin.checked_files`)."""
     from .atomic_io import first_non_finite
+    from .checked_files import keep
     from .formats.embedding import load_embedding
+    from .formats.kohya_lora import load_lora
 
     if config.weights:
         tensors = _wrap("weights", lambda: {"vectors": load_embedding(config.weights, token=config.token_string)})
         if bad := first_non_finite(tensors):
             raise ConfigError.at("weights", _non_finite_message(config.weights, bad))
+    files = {}
     if config.network_weights:
-        check_lora_file("network_weights", config.network_weights)
+        files[config.network_weights] = _wrap("network_weights", lambda: load_lora(config.network_weights)[0])
+        check_lora_tensors("network_weights", config.network_weights, files[config.network_weights])
     if config.base_weights or config.base_weights_multiplier:  # the LoRA files merged into the model: see there
-        from .base_weights import KEY, keep_for_merge, multipliers_of, read_file
+        from .base_weights import KEY, multipliers_of, read_file
 
         multipliers_of(config.base_weights, config.base_weights_multiplier)  # one multiplier per file
-        files = {}
         for path in config.base_weights:
             files[path] = read_file(path)  # through the safe loader
             check_lora_tensors(KEY, path, files[path])
-        keep_for_merge(files)  # each file read once: the merge takes these
+    keep(files)  # the trainer takes these: each file read once
 
 
 def _non_finite_message(path: str, tensor: str) -> str:
     return f": {path} holds non-finite values (NaN or inf) in tensor {tensor!r}; it cannot start a run"
 
 
-def check_lora_file(key: str, path: str) -> None:
-    """The kohya LoRA file ``path`` given as ``key`` (``network_weights``, a ``base_weights`` file) passes the safe
-    loader's checks, holds LoRA tensors under kohya's key suffixes (:func:`check_lora_keys`) and finite values only;
-    its tensors are read one at a time, none kept (which modules they adapt is checked once the model loads)."""
-    from safetensors import safe_open
-
-    from .atomic_io import first_non_finite
-    from .safe_load import check_safetensors
-
-    _wrap(key, lambda: check_safetensors(path))
-    with safe_open(str(Path(path)), framework="pt") as handle:
-        names = list(handle.keys())
-        check_lora_keys(key, path, names)
-        if bad := next((name for name in names if first_non_finite({name: handle.get_tensor(name)})), None):
-            raise ConfigError.at(key, _non_finite_message(path, bad))
-
-
 def check_lora_tensors(key: str, path: str, tensors: dict[str, Any]) -> None:
-    """The tensors read from the kohya LoRA file ``path`` given as ``key`` (a ``base_weights`` file): LoRA tensors
-    under kohya's key suffixes (:func:`check_lora_keys`), finite values only."""
+    """The tensors read from the kohya LoRA file ``path`` given as ``key`` (``network_weights``, a ``base_weights``
+    file): LoRA tensors under kohya's key suffixes (:func:`check_lora_keys`), finite values only."""
     from .atomic_io import first_non_finite
 
     check_lora_keys(key, path, tensors)

@@ -192,6 +192,7 @@ class Trainer:
 
     def _load_starting_weights(self, model) -> None:
         """``weights``: the pivot's initial vectors from an embedding file; ``network_weights``: the LoRA's."""
+        from .checked_files import take
         from .formats.embedding import load_embedding
         from .formats.kohya_lora import kohya_to_peft, load_lora
 
@@ -203,7 +204,8 @@ class Trainer:
                                   f"num_vectors_per_token is {config.num_vectors_per_token}")
             self.pivot.reset_init(vectors)
         if config.network_weights:
-            states, alphas = kohya_to_peft(load_lora(config.network_weights)[0], model.components(), model.family.key_table)
+            tensors = take(config.network_weights, lambda path: load_lora(path)[0])  # as the start-up check read it
+            states, alphas = kohya_to_peft(tensors, model.components(), model.family.key_table)
             model.load_network_weights(config.network_weights, states, alphas, text_encoder_lora=self.train_te_lora)
 
     def _info(self, message: str) -> None:

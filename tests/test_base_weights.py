@@ -125,7 +125,8 @@ def test_bad_files_and_multipliers_are_refused_at_start_naming_key_and_file(pres
     good = str(tmp_path / "good.safetensors")
     _lora_file(Path(good))
     missing = str(tmp_path / "missing.safetensors")
-    _refused_at_start(preset, r"base_weights.*missing\.safetensors not found", base_weights=[good, missing])
+    _refused_at_start(preset, r"base_weights.: file not found: looked for .*missing\.safetensors \(a kohya LoRA",
+                      base_weights=[good, missing])
     save_file({"emb_params": torch.zeros(1, 32)}, str(tmp_path / "embedding.safetensors"))
     _refused_at_start(preset, r"base_weights.*embedding\.safetensors is not a kohya LoRA: key 'emb_params'",
                       base_weights=[str(tmp_path / "embedding.safetensors")])

@@ -91,15 +91,28 @@ def test_epoch_saves_and_tensorboard(preset):
     assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 
-def test_starting_from_an_embedding_and_a_lora_file(preset, tmp_path):
+def test_starting_from_an_embedding_and_a_lora_file(preset, tmp_path, monkeypatch):
+    """The second run starts from the first's files; from the start-up check to the LoRA's load, each tensor of its
+    network_weights file is read once (twice before: the check read the file, then the trainer again)."""
+    import safetensors
+
+    from .test_base_weights import _CountingHandle
+
     first = _run(preset(output_dir=str(tmp_path / "first"), save_precision="float",
                         stages=[{"kind": "inversion", "steps": 2, "learning_rate": 5e-2},
                                 {"kind": "lora", "steps": 2, "learning_rate": 1e-2}]))
     SnapshotPlugin.records = []
+    reads: dict = {}
+    opener = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda path, *a, **k: _CountingHandle(opener(path, *a, **k),
+                                                                                        Path(path).resolve(), reads))
     # An inversion-only run from both files: the pivot starts at the file's vectors, the LoRA passes through untouched.
     second = _run(preset(output_dir=str(tmp_path / "second"), save_precision="float", plugins={"test_snapshot": {}},
                          weights=str(first / "tok1.safetensors"), network_weights=str(first / "pti.safetensors"),
                          stages=[{"kind": "inversion", "steps": 1, "learning_rate": 5e-2}]))
+    monkeypatch.undo()
+    lora_file = (first / "pti.safetensors").resolve()
+    assert {name: n for (file, name), n in reads.items() if file == lora_file} == dict.fromkeys(load_file(lora_file), 1)
     loaded = load_file(first / "tok1.safetensors")["emb_params"]
     assert torch.equal(SnapshotPlugin.records[0]["before"]["pivot"]["v"], loaded)
     a, b = load_file(first / "pti.safetensors"), load_file(second / "pti.safetensors")

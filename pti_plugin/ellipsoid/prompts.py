@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..text_files import path_not_found
+
 DEFAULT_TEMPLATE = "an anime illustration of {}"
 #: Size of the built-in template x words sentence set.
 DEFAULT_BUILTIN_SIZE = 600
@@ -156,7 +158,7 @@ def read_sentences(path: str | Path) -> list[str]:
     strings also works) or a text file with one sentence per line (blank lines skipped)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"sentence file not found: {path.resolve()}")
+        raise FileNotFoundError(path_not_found(path, "sentence file"))
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json" or text.lstrip().startswith(("{", "[")):
         try:

@@ -39,6 +39,7 @@ from ..data.dataset import ImageItem, load_subsets
 from ..data.latents import load_pixels
 from ..data.scanning import scan_images
 from ..sampling import pipeline_conditioning
+from ..text_files import path_not_found
 from .prompts import fill, normalise_prompt, pivot_subject
 
 
@@ -289,7 +290,8 @@ def load_run(
     config_path, lora_path = find_run_files(run_dir, output_name)
     lora_path = Path(lora_file) if lora_file is not None else lora_path
     if not lora_path.is_file():
-        raise FileNotFoundError(f"{lora_path} not found" + ("" if lora_file else ": the run has not finished"))
+        raise FileNotFoundError(path_not_found(lora_path, "LoRA file") if lora_file is not None else
+                                path_not_found(lora_path, "the run's LoRA", kind="the run has not finished"))
     config = read_run_config(config_path) if config is None else config
 
     def add_run(pipe) -> None:

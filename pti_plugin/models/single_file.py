@@ -44,6 +44,7 @@ from torch import nn
 
 from ..config import ConfigError, first_of
 from ..safe_load import check_safetensors, safe_torch_load
+from ..text_files import path_not_found
 from .model_checks import file_kind
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"single-file checkpoint not found: {path}")
+        raise ConfigError(path_not_found(path, "single-file checkpoint"))
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         check_safetensors(path)
