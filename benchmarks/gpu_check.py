@@ -94,10 +94,11 @@ def build_sdxl_architecture(out: Path) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from pti_plugin.models.single_file import CLIP_VOCAB_SIZE
     from pti_plugin.models.single_file_sdxl import SDXL_CONFIG_DIR
     from pti_plugin.models.word_vocab import BOS, EOS, filler_words, write_tokenizer_files
 
-    words = filler_words(49408)  # CLIP's token table, over letter-only filler words (the word vocabulary's letters)
+    words = filler_words(CLIP_VOCAB_SIZE)  # CLIP's token table, over letter-only filler words (the word vocabulary's letters)
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(words, out / "tokenizer"), local_files_only=True)
     shutil.copytree(out / "tokenizer", out / "tokenizer_2")
     ids = {"bos_token_id": tokenizer.convert_tokens_to_ids(BOS), "eos_token_id": tokenizer.convert_tokens_to_ids(EOS),

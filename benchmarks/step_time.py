@@ -65,6 +65,7 @@ import torch  # noqa: E402
 
 from pti_plugin.hooks import Plugin, register_plugin  # noqa: E402
 from pti_plugin.models.model_checks import model_folder_problem  # noqa: E402
+from pti_plugin.models.single_file import CLIP_VOCAB_SIZE  # noqa: E402
 from pti_plugin.script_args import argument_parser  # noqa: E402
 
 CAPTION = "an anime illustration of tok1"
@@ -77,7 +78,6 @@ LOCALITY = {
     "locality_every4_b4": {"every_n_steps": 4},
 }
 PATHS = ("inversion", "full_table", "lora", "floor", "lora_b4", *LOCALITY)
-SD15_VOCAB = 49408  # CLIP's token table
 
 
 def batch_of(path: str) -> int:
@@ -175,7 +175,7 @@ def build_sd15(out: Path) -> Path:
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    fillers = filler_words(SD15_VOCAB)  # CLIP's token table: 49408 rows
+    fillers = filler_words(CLIP_VOCAB_SIZE)  # CLIP's token table: 49408 rows
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(fillers, tmp / "tokenizer"), local_files_only=True)
     torch.manual_seed(0)
     UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet")).save_pretrained(tmp / "unet")
