@@ -66,9 +66,10 @@ class H1Settings:
 
     @classmethod
     def quick(cls) -> H1Settings:
-        """Two rates, two seeds, one vector count, a few steps and samples (tests: about a minute)."""
+        """Two rates, two seeds, one vector count, one training step, four samples of one DDIM step (tests; one
+        step and one DDIM step keep every table, plot and interval of the quick report)."""
         return cls(inversion_lrs=(1e-4, 1e-2), training_seeds=(42, 1), vector_counts=(2,), vector_lrs=(1e-2,),
-                   steps=3, seeds=4, sample_steps=2)
+                   steps=1, seeds=4, sample_steps=1)
 
     def sampling(self) -> dict:
         return {"seeds": self.seeds, "sample_steps": self.sample_steps, "guidance": self.guidance}

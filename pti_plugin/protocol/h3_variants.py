@@ -100,12 +100,12 @@ class H3Settings:
 
     @classmethod
     def quick(cls) -> H3Settings:
-        """Two variants (a locality one and reg images), one weight, one rate, two seeds, a few steps
-        and samples, from the pivots of :meth:`H1Settings.quick` at its first rate (tests)."""
+        """Two variants (a locality one and reg images), one weight, one rate, two seeds, one training step
+        and four samples of one DDIM step, from the pivots of :meth:`H1Settings.quick` at its first rate (tests)."""
         h1 = H1Settings.quick()
         return cls(variants=("half_angle", "reg_images"), weights={"half_angle": (10.0,), "reg_images": (1.0,)},
                    lora_lrs=(1e-3,), training_seeds=(42, 1), h1=h1, pivot_lr=h1.inversion_lrs[0], reg_images=2,
-                   steps=3, seeds=4, sample_steps=2)
+                   steps=1, seeds=4, sample_steps=1)
 
     def sampling(self) -> dict:
         return {"seeds": self.seeds, "sample_steps": self.sample_steps, "guidance": self.guidance}
