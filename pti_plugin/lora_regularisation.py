@@ -29,7 +29,9 @@ import torch.nn.functional as F
 
 from .config import Config, ConfigError, network_args
 from .data.sample_order import sample_generator
-from .models.lora import ADAPTER_NAME, lora_layers
+
+# .models.lora (peft: seconds to import) is imported where a LoRA is at hand: the config check runs in processes
+# that train none (a sweep's planning)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class LoraDropout:
                  module_dropout: float | None = None):
         self.dropout, self.rank_dropout, self.module_dropout = (dropout or None, rank_dropout or None,
                                                                 module_dropout or None)  # 0: off, as None
+        from .models.lora import ADAPTER_NAME, lora_layers
+
         self._active = False
         self._downs = [layer.lora_A[ADAPTER_NAME] for module in modules for layer in lora_layers(module)
                        if ADAPTER_NAME in getattr(layer, "lora_A", {})]
@@ -114,6 +118,8 @@ def apply_max_norm(layers: list, max_norm: float) -> tuple[torch.Tensor, torch.T
     3x3 down: ``down`` convolved with ``up``) times ``alpha / rank``, whose norm is clamped at ``max_norm`` by scaling
     ``up`` and ``down`` by the square root of the ratio; a module under the limit is left as it is, bit for bit.
     Returns (keys scaled, average norm, max norm) after the clamp, 0-dim tensors on the weights' device (no sync)."""
+    from .models.lora import ADAPTER_NAME
+
     norms, scaled = [], []
     for layer in layers:
         down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
@@ -138,6 +144,8 @@ class LoraRegularisation:
     """A run's kohya LoRA regularisation (see the module docstring); inert when none of its keys is set."""
 
     def __init__(self, config: Config, model):
+        from .models.lora import ADAPTER_NAME, lora_layers
+
         args = network_args(config)
         self.seed, self.max_norm = config.seed, config.scale_weight_norms
         with_lora = list(model.lora_components().values())
@@ -157,6 +165,8 @@ class LoraRegularisation:
     def after_step(self) -> None:
         """After an optimizer step: the max-norm clamp of the LoRA modules that train, its values kept on the device
         for :meth:`logs` (no read-back); nothing without ``scale_weight_norms`` or in a stage that trains no LoRA."""
+        from .models.lora import ADAPTER_NAME
+
         self._values = None
         layers = [layer for layer in self._layers if layer.lora_A[ADAPTER_NAME].weight.requires_grad] if self.max_norm else []
         if layers:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -104,27 +105,34 @@ def test_a_windows_device_name_is_refused_for_the_names_files_take(key, name, sh
 
 # ----------------------------------------------------------------------------- two runs at once
 
-def test_a_run_that_would_write_a_running_runs_files_is_refused_at_start(preset, tmp_path, capsys):
-    """A real first process (output_name 'a', token 'tok1'), paused while it trains; a second run into the same folder
-    whose token or output_name names the first's files is refused at start, and the first then saves its work.
-    Before: the second finished, and the first trained every step, then lost them all at its final save."""
+def test_a_second_run_into_the_same_output_or_onto_a_running_runs_files_is_refused_at_start(preset, tmp_path, capsys):
+    """A real first process (output_name 'a', token 'tok1'), paused while it trains. A second run of the same command
+    finds the lock of the first and stops at once; a run into the same folder whose token or output_name names the
+    first's files is refused at start too. The first then finishes and saves its work, its log one run's alone.
+    Before: such a second run finished, and the first trained every step, then lost them all at its final save."""
     out = tmp_path / "out"
     raw = preset(output_dir=str(out), output_name="a", stages=[{"kind": "inversion", "steps": 4}])
     (tmp_path / "a.toml").write_text(toml.dumps(raw))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     first = subprocess.Popen([sys.executable, str(REPO / "train_pti.py"), "--preset", str(tmp_path / "a.toml")],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("*.lock")) and first.poll() is None:
+    locks = [out / "a.lock", out / "tok1.lock"]
+    deadline = time.time() + 300  # both of the first run's locks taken (each records its owner once held)
+    while time.time() < deadline and not all(lock.is_file() and lock.read_text() for lock in locks):
+        assert first.poll() is None, first.communicate()[1][-2000:]
         time.sleep(0.1)
-    time.sleep(0.5)  # both of the first run's locks taken
-    os.kill(first.pid, signal.SIGSTOP)
+    os.kill(first.pid, signal.SIGSTOP)  # the first run holds its locks, paused, while the others start
     try:
+        same_command = _main(["--preset", str(tmp_path / "a.toml")], capsys)
         same_token = _cli(raw | {"output_name": "b"}, tmp_path, capsys)
         name_is_token = _cli(raw | {"output_name": "tok1", "token_string": "zxq"}, tmp_path, capsys)
     finally:
         os.kill(first.pid, signal.SIGCONT)
     _, err = first.communicate(timeout=600)
+    code, seen = same_command
+    assert code == 2, seen[-2000:]
+    assert f"another run is writing to {out} with output_name 'a' (process {first.pid} on" in seen
+    assert "Traceback" not in seen
     for code, seen in (same_token, name_is_token):
         assert code == 2, seen
         assert f"another run is writing to {out} with token_string 'tok1' (process {first.pid} on" in seen, seen
@@ -133,6 +141,8 @@ def test_a_run_that_would_write_a_running_runs_files_is_refused_at_start(preset,
     assert first.returncode == 0, err[-2000:]
     assert load_file(out / "a.safetensors") and load_file(out / "tok1.safetensors")
     assert sorted(p.name for p in out.iterdir()) == ["a.config.toml", "a.log.jsonl", "a.safetensors", "tok1.safetensors"]
+    log = (out / "a.log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["global_step"] for line in log] == list(range(1, 5))  # one run's log, not two
 
 
 # ----------------------------------------------------------------------------- reruns and resumes

@@ -259,7 +259,7 @@ def test_a_ray_sweeps_third_signal_leaves_no_job_to_outlive_rays_shutdown(tmp_pa
     played by threads (a task) and lists (the board): no Ray is started."""
     from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future
 
-    from pti_plugin.sweeps import engines
+    from pti_plugin.sweeps import engines, ray_task
     from pti_plugin.sweeps.stopping import KILL_AT, StopRequests
 
     posted: list[int] = []
@@ -296,7 +296,7 @@ def test_a_ray_sweeps_third_signal_leaves_no_job_to_outlive_rays_shutdown(tmp_pa
     sender = threading.Thread(target=signal_three_times)
     try:
         with StopRequests() as stops:
-            task = pool.submit(engines._run_job, [sys.executable, "-c", STUBBORN_JOB], str(log), "", str(tmp_path),
+            task = pool.submit(ray_task.run_job, [sys.executable, "-c", STUBBORN_JOB], str(log), "", str(tmp_path),
                                board)
             sender.start()
             engines._wait_for_tasks(ray, {task: "run1"}, stops, board)

@@ -4,6 +4,7 @@
 - :mod:`.seeds`: training seeds (the unit of replication): run names, seed means and their intervals;
 - :mod:`.runner`: skip finished runs, resume interrupted ones, train in this process or as jobs;
 - :mod:`.engines`: where jobs run: one process per local GPU, or Ray tasks (the optional ``cluster`` extra);
+- :mod:`.ray_task`: the Ray task that runs one job (in a module a Ray worker imports quickly);
 - :mod:`.stopping`: Ctrl-C, SIGTERM or SIGHUP: the running jobs save their state, the sweep stops, resumable;
 - :mod:`.evaluation`: each run's measurements, cached in its folder;
 - :mod:`.report`: rows, knees, CSV/JSON, plots;

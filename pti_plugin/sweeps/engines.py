@@ -20,6 +20,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pti_plugin.sweeps.ray_task import run_job
 from pti_plugin.sweeps.runner import PACKAGE_ROOT, run_on_gpus
 from pti_plugin.sweeps.stopping import KILL_AT, StopBoard, StopRequests, stop_signal_of, stop_sweep
 from pti_plugin.sweeps.usage import usage_exit
@@ -68,37 +69,6 @@ def ray_module():
     return ray
 
 
-def _run_job(command: list[str], log: str, pythonpath: str, cwd: str, board) -> int | None:
-    """A Ray task: the job's command in a fresh process of this node's Python, in the sweep's working folder
-    (relative paths of the command line mean the same as for the sweep); Ray has set CUDA_VISIBLE_DEVICES. The
-    sweep's stop signals, read from ``board`` (a :class:`~pti_plugin.sweeps.stopping.StopBoard` actor), are passed
-    on to the job; None when the sweep was stopping before the job started."""
-    import os
-    import subprocess
-    import sys as worker_sys
-
-    import ray
-
-    from pti_plugin.sweeps.stopping import kill_job, start_job, wait_passing_stops
-
-    def read_signals() -> list[int]:
-        return ray.get(board.read.remote())
-
-    if read_signals():
-        return None
-    Path(log).parent.mkdir(parents=True, exist_ok=True)
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH", "")) if p)}
-    with open(log, "a", encoding="utf-8") as handle:
-        process = start_job([worker_sys.executable, *command[1:]], stdout=handle, stderr=subprocess.STDOUT, env=env,
-                            cwd=cwd if os.path.isdir(cwd) else None)
-        try:
-            return wait_passing_stops(process, read_signals)
-        finally:
-            if process.poll() is None:  # this task itself was stopped (its worker ends): the job goes with it
-                kill_job(process)
-                process.wait()
-
-
 def _wait_for_tasks(ray, pending: dict, stops: StopRequests, board) -> dict[str, int | None]:
     """Exit codes by name of the Ray tasks ``pending`` (``{object ref: name}``), passing the sweep's stop signals on
     to them through ``board``; at :data:`~pti_plugin.sweeps.stopping.KILL_AT` signals it stops waiting once the
@@ -143,7 +113,7 @@ def run_on_ray(jobs: list[Job], address: str | None, gpus_per_run: float | None)
         with StopRequests() as stops:  # after ray.init, which sets a SIGTERM handler of its own
             if gpus_per_run is None:
                 gpus_per_run = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-            task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=0)(_run_job)
+            task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=0)(run_job)
             board = ray.remote(num_cpus=0)(StopBoard).remote()
             cwd = os.getcwd()
             pending = {}

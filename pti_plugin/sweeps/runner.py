@@ -24,6 +24,9 @@ from pti_plugin.sweeps.stopping import StopRequests, kill_job, start_job, stop_s
 
 #: The folder that holds the ``pti_plugin`` package this process imported; worker processes import the same one.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+#: How often (seconds) the sweep looks at its jobs: a signal is passed on, and a GPU that a job freed gets the next
+#: one, this soon (a few ``poll`` calls a second cost nothing beside a training run).
+POLL_S = 0.2
 
 
 def worker_env(**extra: str) -> dict[str, str]:
@@ -145,7 +148,7 @@ def run_on_gpus(jobs: list[tuple[str, list[str], Path]], gpus: list[str]) -> dic
                     process = start_job(argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
                     running[gpu] = (name, process, handle)
             stops.pass_to([process for _, process, _ in running.values()])
-            time.sleep(0.2 if stops.signals else 1.0)
+            time.sleep(POLL_S)
             for gpu, (name, process, handle) in list(running.items()):
                 if process.poll() is not None:
                     if stops.signals:  # stopped by the sweep: nothing of it is left behind
