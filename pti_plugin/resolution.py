@@ -1,6 +1,6 @@
 """The resolved stage plan: every stage's effective values, computed once from the preset.
 
-Rules (the README's "Which key reaches which stage" table says the same):
+Rules (the README's table under "Stages", of where each top-level key applies, says the same):
 
 - A stage's own key wins. Top-level ``learning_rate``, ``optimizer_type``, ``optimizer_args``,
   ``lr_scheduler``, ``lr_warmup_steps`` and kohya's other schedule keys (``lr_scheduler_type``,

@@ -16,6 +16,9 @@ Modules (one concept each):
 - :mod:`.editability` — ``clip_text_image`` or, without CLIP, ``proxy_edit_direction_cos``;
 - :mod:`.movement` — output-space angles of the pivot, LoRA weight-change norm;
 - :mod:`.knee` — the knee of a sampled curve (maximum distance to the chord);
+- :mod:`.curves` — shapes of replicated curves: knees, breakpoints, half-way times, values at matched x;
+- :mod:`.replication` — intervals for replicated experiments (a two-level bootstrap over training and sampling seeds);
+- :mod:`.correlation` — Pearson and Spearman agreement of two measurements of the same runs;
 - :mod:`.evaluate` — :func:`evaluate_run`: everything the LR sweep records for one run.
 
 Names starting with ``proxy_`` are model-internal stand-ins used when no CLIP model is given;
