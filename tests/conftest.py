@@ -53,31 +53,37 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return root
 
 
+def make_preset(tiny_model: Path, tiny_dataset: Path, out: Path, /, **overrides) -> dict:
+    """A raw preset dict for a short run on the tiny model writing to ``out``; keyword arguments override keys
+    (the ``preset`` fixture's builder, for module fixtures that train one run for several tests)."""
+    raw = {
+        "pretrained_model_name_or_path": str(tiny_model),
+        "train_data_dir": str(tiny_dataset),
+        "resolution": 32,
+        "output_dir": str(out),
+        "train_batch_size": 2,
+        "max_train_steps": 3,
+        "log_every_n_steps": 1,
+        "network_dim": 4,
+        "network_alpha": 4.0,
+        "stages": [
+            {"name": "inversion", "kind": "inversion", "learning_rate": 5e-2},
+            {"name": "lora", "kind": "lora", "learning_rate": 1e-2},
+        ],
+    }
+    raw.update(overrides)
+    if "max_train_steps" not in overrides and (raw.get("max_train_epochs") or all(
+            "steps" in s or "max_train_epochs" in s for s in raw["stages"])):
+        del raw["max_train_steps"]  # no stage would use it: a preset given to the CLI would be refused
+    return raw
+
+
 @pytest.fixture
 def preset(tiny_model, tiny_dataset, tmp_path):
     """Build a raw preset dict for a short run on the tiny model; keyword arguments override keys."""
 
     def make(**overrides):
-        raw = {
-            "pretrained_model_name_or_path": str(tiny_model),
-            "train_data_dir": str(tiny_dataset),
-            "resolution": 32,
-            "output_dir": str(tmp_path / "out"),
-            "train_batch_size": 2,
-            "max_train_steps": 3,
-            "log_every_n_steps": 1,
-            "network_dim": 4,
-            "network_alpha": 4.0,
-            "stages": [
-                {"name": "inversion", "kind": "inversion", "learning_rate": 5e-2},
-                {"name": "lora", "kind": "lora", "learning_rate": 1e-2},
-            ],
-        }
-        raw.update(overrides)
-        if "max_train_steps" not in overrides and (raw.get("max_train_epochs") or all(
-                "steps" in s or "max_train_epochs" in s for s in raw["stages"])):
-            del raw["max_train_steps"]  # no stage would use it: a preset given to the CLI would be refused
-        return raw
+        return make_preset(tiny_model, tiny_dataset, tmp_path / "out", **overrides)
 
     return make
 

@@ -383,11 +383,10 @@ def test_correlation_pearson_spearman_and_ties():
     assert math.isnan(correlation([1, 2], [1, 2])["spearman"])  # below 3 pairs
 
 
-def test_layer_scores_measure_each_resolution_and_cache_them(trained_run):
+def test_layer_scores_measure_each_resolution_and_cache_them(trained_run, loaded):
     import argparse
 
     from pti_plugin.metrics.leakage import measure_position_leakage
-    from pti_plugin.metrics.run_model import load_run
     from pti_plugin.protocol.internal_metrics import ALL_LAYERS, LAYER_VERSIONS, LAYERS_FILE, layer_scores
     from pti_plugin.toy_world.run_scores import NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS
 
@@ -395,9 +394,10 @@ def test_layer_scores_measure_each_resolution_and_cache_them(trained_run):
     scores = layer_scores(trained_run, scoring)
     assert set(scores) == set(LAYER_VERSIONS) | {ALL_LAYERS}  # the tiny model has the toy world's 16, 8, 4 and 2 levels
     assert all(isinstance(v, float) and v == v for v in scores.values())
-    # the all-layer score from the layer sampling is the scorer's attention_leakage, computed as the scorer does
-    scorer = measure_position_leakage(load_run(trained_run, device="cpu"), list(NEUTRAL_PROMPTS), list(POSITION_EDIT_PROMPTS),
-                                      [0, 1], 2, 3.0)
+    # the all-layer score from the layer sampling is the scorer's attention_leakage, computed as the scorer does: the
+    # neutral prompts with position-edit prompts beside them (one here: the neutral prompts' scores do not depend on
+    # the edit prompts beside them, test_leakage_by_resolution_is_read_from_the_scores_own_sampling)
+    scorer = measure_position_leakage(loaded, list(NEUTRAL_PROMPTS), list(POSITION_EDIT_PROMPTS[:1]), [0, 1], 2, 3.0)
     assert scores[ALL_LAYERS] == pytest.approx(scorer.summary["heatmap"]["neutral"]["leakage_score"], abs=1e-12)
     assert layer_scores(trained_run, scoring, cached_only=True) == scores  # read back, nothing computed
     other = argparse.Namespace(**vars(scoring) | {"seeds": 3})

@@ -19,6 +19,7 @@ import pytest
 import toml
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pti_plugin.cli import main
@@ -97,10 +98,13 @@ def _rejected_file(kind: str, folder: Path) -> str:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize(
-    "kind", ["zero_byte", "truncated_jpeg", "text_named_png", "one_pixel", "decompression_bomb", "symlink_loop"]
-)
+UNUSABLE = ["zero_byte", "truncated_jpeg", "text_named_png", "one_pixel", "decompression_bomb", "symlink_loop"]
+
+
+@pytest.mark.parametrize("kind", UNUSABLE)
 def test_unusable_image_is_named_and_the_run_fails_only_when_nothing_remains(kind, short, tmp_path, capsys, monkeypatch):
+    """Alone in the data, the file is refused at start naming it (exit 2, no output touched); beside a usable image it
+    is skipped: ``test_unusable_images_beside_a_usable_one_are_skipped_naming_each`` (one run for every kind)."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 64x64 = 4096 > 2 x 2000: a "bomb"; 32x32 is fine
     data = tmp_path / "bad"
     (data / "1_tok1").mkdir(parents=True)
@@ -112,11 +116,21 @@ def test_unusable_image_is_named_and_the_run_fails_only_when_nothing_remains(kin
     assert "no usable training image" in seen and "looked at 1 image file(s), rejected 1" in seen and name in seen
     assert "Traceback" not in seen
     _assert_clean(out, before)
-    # With a usable image beside it, the bad file is skipped with a warning naming it and the run completes.
+
+
+def test_unusable_images_beside_a_usable_one_are_skipped_naming_each(short, tmp_path, capsys, caplog, monkeypatch):
+    """With a usable image beside them, each unusable file is skipped with a warning naming it and the run completes
+    (one run holding one file of every kind above)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    data = tmp_path / "bad"
+    (data / "1_tok1").mkdir(parents=True)
+    names = [_rejected_file(kind, data / "1_tok1") for kind in UNUSABLE]
     draw_character(data / "1_tok1" / "good.png", 0)
     code, seen = _cli(short(train_data_dir=str(data), output_name="second", token_string="tok2"), tmp_path, capsys)
     assert code == 0, seen
-    assert (out / "second.safetensors").is_file()
+    skipped = [line for line in caplog.text.splitlines() if "skipping " in line]
+    assert all(any(name in line for line in skipped) for name in names), skipped
+    assert (tmp_path / "out" / "second.safetensors").is_file()
 
 
 def _treated_file(kind: str, folder: Path) -> None:
@@ -161,21 +175,27 @@ _TREATMENT_MESSAGE = {
 }
 
 
-@pytest.mark.parametrize("kind", ["png16", "palette_transparency", "cmyk_jpeg", "greyscale", "exif_rotated",
-                                  "empty_caption", "non_utf8_caption", "long_caption", "caption_with_token"])
-def test_image_or_caption_with_a_documented_treatment_trains(kind, short, tmp_path, capsys, caplog):
+TREATED = ["png16", "palette_transparency", "cmyk_jpeg", "greyscale", "exif_rotated", "empty_caption", "non_utf8_caption",
+           "long_caption", "caption_with_token"]
+
+
+def test_image_or_caption_with_a_documented_treatment_trains(short, tmp_path, capsys, caplog):
+    """One file of each kind in one folder and one step whose batch holds them all: none is skipped (every one is
+    counted in the LoRA's ss_num_train_images), each documented treatment is said, and the run finishes."""
     data = tmp_path / "data"
     (data / "1_tok1").mkdir(parents=True)
-    _treated_file(kind, data / "1_tok1")
+    for kind in TREATED:
+        _treated_file(kind, data / "1_tok1")
     out = tmp_path / "out"
     before = _output_state(out)
-    code, seen = _cli(short(train_data_dir=str(data)), tmp_path, capsys)
+    code, seen = _cli(short(train_data_dir=str(data), train_batch_size=len(TREATED)), tmp_path, capsys)
     assert code == 0, seen
-    assert "Traceback" not in seen
-    if kind in _TREATMENT_MESSAGE:
-        assert _TREATMENT_MESSAGE[kind] in caplog.text
+    assert "Traceback" not in seen and "skipping " not in caplog.text
+    for message in _TREATMENT_MESSAGE.values():
+        assert message in caplog.text
     _assert_clean(out, before)
-    assert (out / "pti.safetensors").is_file()
+    with safe_open(str(out / "pti.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_num_train_images"] == str(len(TREATED))
 
 
 def test_image_treatments_give_the_expected_pixels(tmp_path):
@@ -286,7 +306,11 @@ class NanInjector(Plugin):
         NanInjector.pivots.append(state.pivot.vectors.detach().clone())
 
 
-def test_nan_stop_saves_the_last_good_step(preset, tmp_path):
+def test_nan_stop_saves_the_last_good_step_and_a_resume_that_meets_the_same_step_keeps_the_saved_files(preset):
+    """The NaN at step 3 stops the run: the last good step's pivot is saved as an interrupted LoRA and state, no final
+    file. Resumed runs repeat their steps exactly, so resuming that state meets the same NaN at its first step.
+    Nothing trained since that state: the files saved by the first stop stay as they were, byte for byte (before:
+    'refusing to overwrite' its own interrupted LoRA, and no resume hint), and nan_policy = "skip" goes on."""
     NanInjector.pivots = []
     raw = preset(plugins={"test_nan_injector": {"at_step": 3}}, stages=[{"kind": "inversion", "steps": 5, "learning_rate": 5e-2}])
     with pytest.raises(NonFiniteLossError, match=r"loss term 'test_nan_injector/bad' is non-finite at stage 0 \('inversion0'\), step 3") as error:
@@ -299,15 +323,6 @@ def test_nan_stop_saves_the_last_good_step(preset, tmp_path):
     assert (out / "pti-state-interrupted-step00000002" / "progress.json").is_file()
     assert not (out / "pti.safetensors").exists()
 
-
-def test_a_resume_that_meets_the_same_non_finite_step_keeps_the_saved_files_and_says_how_to_go_on(preset):
-    """Resumed runs repeat their steps exactly, so resuming the NaN stop's state meets the same NaN at its first
-    step. Nothing trained since that state: the files saved by the first stop stay as they were, byte for byte
-    (before: 'refusing to overwrite' its own interrupted LoRA, and no resume hint), and nan_policy = "skip" goes on."""
-    raw = preset(plugins={"test_nan_injector": {"at_step": 3}}, stages=[{"kind": "inversion", "steps": 5, "learning_rate": 5e-2}])
-    with pytest.raises(NonFiniteLossError):
-        Trainer(build_config(raw)).run()
-    out = Path(raw["output_dir"])
     state = out / "pti-state-interrupted-step00000002"
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith("pti.log")}
     with pytest.raises(NonFiniteLossError, match=r"step 3") as error:
@@ -408,8 +423,8 @@ def test_sigint_saves_a_resumable_state_that_finishes_like_an_uninterrupted_run(
     to the same process right after. The SIGTERM used to be taken for a second Ctrl-C (stop at once, nothing
     saved); the run saves once, and the printed resume command finishes it bit-identically to a run never stopped."""
     raw = preset(save_precision="float", log_every_n_steps=1,
-                 stages=[{"kind": "inversion", "steps": 4, "learning_rate": 5e-2},
-                         {"kind": "lora", "steps": 12, "learning_rate": 1e-2}])
+                 stages=[{"kind": "inversion", "steps": 2, "learning_rate": 5e-2},
+                         {"kind": "lora", "steps": 8, "learning_rate": 1e-2}])
     raw.pop("output_dir")
     preset_path = tmp_path / "p.toml"
     preset_path.write_text(toml.dumps(raw))
@@ -420,7 +435,7 @@ def test_sigint_saves_a_resumable_state_that_finishes_like_an_uninterrupted_run(
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = interrupted / "pti.log.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 6):
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):  # into the lora stage, 7 steps to go
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)

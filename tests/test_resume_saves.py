@@ -15,6 +15,7 @@ from pti_plugin.cli import main
 from pti_plugin.config_loading import build_config
 from pti_plugin.trainer import Trainer
 
+from .conftest import make_preset
 from .test_reliability import _cli
 
 
@@ -32,15 +33,17 @@ STAGES = [{"kind": "inversion", "steps": 2, "learning_rate": 5e-2},
 
 
 def test_save_state_writes_a_final_state_that_continues_like_a_longer_run(preset, tmp_path):
-    """save_state alone (no intermediate saves): the final save writes pti-state-step00000004, which records
-    what its optimizer state belongs to; resumed with a longer last stage it ends bit for bit like a straight run."""
-    first = preset(output_dir=str(tmp_path / "first"), save_state=True, save_precision="float", stages=STAGES)
+    """save_state alone (no intermediate saves): the final save (one inversion and one lora step) writes
+    pti-state-step00000002, which records what its optimizer state belongs to; resumed with a longer last stage it
+    ends bit for bit like a straight run."""
+    stages = [STAGES[0] | {"steps": 1}, STAGES[1] | {"steps": 1}]
+    first = preset(output_dir=str(tmp_path / "first"), save_state=True, save_precision="float", stages=stages)
     outputs = Trainer(build_config(first)).run()
-    state = tmp_path / "first" / "pti-state-step00000004"
+    state = tmp_path / "first" / "pti-state-step00000002"
     assert outputs["state"] == state and state.is_dir()
     assert [p.name for p in (tmp_path / "first").glob("pti-state-*")] == [state.name]
     progress = json.loads((state / "progress.json").read_text())
-    assert progress == {"stage_index": 1, "stage_step": 2, "global_step": 4, "stage_kind": "lora",
+    assert progress == {"stage_index": 1, "stage_step": 1, "global_step": 2, "stage_kind": "lora",
                         "optimizer_type": "AdamW", "param_groups": [{"name": "unet_lora", "tensors": 384}],
                         "token_string": "tok1", "base": {"model": Path(first["pretrained_model_name_or_path"]).name, "vae": None,
                                                            "base_weights": []},
@@ -49,26 +52,35 @@ def test_save_state_writes_a_final_state_that_continues_like_a_longer_run(preset
     saved = load_file(state / "trainable.safetensors")
     assert torch.equal(saved["pivot.vectors"], load_file(tmp_path / "first" / "tok1.safetensors")["emb_params"])
 
-    longer = [STAGES[0], STAGES[1] | {"steps": 3}]
+    longer = [stages[0], stages[1] | {"steps": 2}]
     resumed = first | {"output_dir": str(tmp_path / "resumed"), "resume": str(state), "stages": longer}
     Trainer(build_config(resumed)).run()
     Trainer(build_config(first | {"output_dir": str(tmp_path / "straight"), "stages": longer})).run()
     assert _same(tmp_path / "resumed" / "pti.safetensors", tmp_path / "straight" / "pti.safetensors")
     assert _same(tmp_path / "resumed" / "tok1.safetensors", tmp_path / "straight" / "tok1.safetensors")
-    assert (tmp_path / "resumed" / "pti-state-step00000005" / "progress.json").is_file()
+    assert (tmp_path / "resumed" / "pti-state-step00000003" / "progress.json").is_file()
+
+
+KILLED = {"save_every_n_steps": 1, "save_state": True, "stages": [{"kind": "inversion", "steps": 3, "learning_rate": 5e-2}]}
+
+
+@pytest.fixture(scope="module")
+def killed_source(tiny_model, tiny_dataset, tmp_path_factory) -> Path:
+    """The output folder of a 3-step run that saved (with states) at every step and whose final files are missing,
+    as after a kill during the final save: trained once, copied by ``killed_run`` for each test."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    Trainer(build_config(make_preset(tiny_model, tiny_dataset, out, **KILLED))).run()
+    for name in ("pti.safetensors", "tok1.safetensors"):
+        (out / name).unlink()
+    return out
 
 
 @pytest.fixture
-def killed_run(preset, tmp_path):
-    """A 3-step run that saved (with states) at every step and whose final files are missing, as after a
-    kill during the final save; returns (its preset, its output folder)."""
-    raw = preset(output_dir=str(tmp_path / "run"), save_every_n_steps=1, save_state=True,
-                 stages=[{"kind": "inversion", "steps": 3, "learning_rate": 5e-2}])
-    Trainer(build_config(raw)).run()
+def killed_run(killed_source, preset, tmp_path):
+    """A copy of ``killed_source`` in this test's folder; returns (its preset, its output folder)."""
     out = tmp_path / "run"
-    for name in ("pti.safetensors", "tok1.safetensors"):
-        (out / name).unlink()
-    return raw, out
+    shutil.copytree(killed_source, out)
+    return preset(output_dir=str(out), **KILLED), out
 
 
 def test_a_resume_whose_later_step_files_exist_is_refused_before_training(killed_run, tmp_path, capsys):
@@ -133,13 +145,24 @@ def _strip_progress(state: Path) -> None:
     (state / "progress.json").write_text(json.dumps({k: progress[k] for k in ("stage_index", "stage_step", "global_step")}))
 
 
+LORA_AFTER_ONE_STEP = {"save_every_n_steps": 3, "save_state": True, "stages": [STAGES[0], STAGES[1] | {"steps": 3}]}
+
+
+@pytest.fixture(scope="module")
+def lora_state(tiny_model, tiny_dataset, tmp_path_factory) -> Path:
+    """The state after step 3 of a run of 2 inversion then 3 lora (AdamW) steps: stage 1 after one step."""
+    out = tmp_path_factory.mktemp("lora_state") / "first"
+    Trainer(build_config(make_preset(tiny_model, tiny_dataset, out, **LORA_AFTER_ONE_STEP))).run()
+    return out / "pti-state-step00000003"
+
+
 @pytest.mark.parametrize("old_state", [False, True], ids=["recorded", "old_state"])
 @pytest.mark.parametrize("change", ["optimizer", "kind"])
-def test_resuming_with_another_optimizer_or_stage_kind_is_refused_naming_resume(change, old_state, preset, tmp_path, capsys):
-    raw = preset(output_dir=str(tmp_path / "first"), save_every_n_steps=3, save_state=True,
-                 stages=[STAGES[0], STAGES[1] | {"steps": 3}])
-    Trainer(build_config(raw)).run()
-    state = tmp_path / "first" / "pti-state-step00000003"  # stage 1 (lora, AdamW) after one step
+def test_resuming_with_another_optimizer_or_stage_kind_is_refused_naming_resume(change, old_state, lora_state, preset,
+                                                                                 tmp_path, capsys):
+    raw = preset(output_dir=str(tmp_path / "first"), **LORA_AFTER_ONE_STEP)
+    state = tmp_path / "first" / lora_state.name  # a copy: stage 1 (lora, AdamW) after one step
+    shutil.copytree(lora_state, state)
     if old_state:
         _strip_progress(state)
     if change == "optimizer":
@@ -201,10 +224,10 @@ def test_a_resume_with_other_lora_alphas_is_refused_and_an_old_locon_state_is_na
     """A LoRA's alphas are part of what it learned: a state records them and a resume with others is refused naming
     both. A state saved before they were recorded, with conv_dim and no conv_alpha, was trained with conv_alpha =
     conv_dim (the default then; kohya's 1.0 now): the resume says so and names the network_args item to add."""
-    raw = preset(output_dir=str(tmp_path / "first"), save_every_n_steps=3, save_state=True, network_args=["conv_dim=4"],
-                 stages=[STAGES[0], STAGES[1] | {"steps": 3}])
+    raw = preset(output_dir=str(tmp_path / "first"), save_every_n_steps=2, save_state=True, network_args=["conv_dim=4"],
+                 stages=[STAGES[0] | {"steps": 1}, STAGES[1]])
     Trainer(build_config(raw)).run()
-    state = tmp_path / "first" / "pti-state-step00000003"
+    state = tmp_path / "first" / "pti-state-step00000002"  # after the lora stage's first step
     assert json.loads((state / "progress.json").read_text())["lora_scales"]["conv_alpha"] == 1.0
     second = tmp_path / "second"
     code, seen = _cli(raw | {"output_dir": str(second), "resume": str(state), "network_args": ["conv_dim=4", "conv_alpha=4"]},

@@ -25,6 +25,8 @@ from pti_plugin.outputs import RunFiles
 from pti_plugin.save_schedule import SaveSchedule, prune_saves
 from pti_plugin.trainer import Trainer
 
+from .conftest import draw_character
+
 #: The files of a finished run of output_name "pti", token "tok1", beside its step saves and states.
 RUN_FILES = {"pti.safetensors", "tok1.safetensors", "pti.config.toml", "pti.log.jsonl"}
 #: Another run's files, and names that only look like this run's: pruning never touches them.
@@ -56,32 +58,29 @@ def _plant_strangers(out: Path) -> None:
 
 
 def test_save_last_n_steps_keeps_the_saves_of_the_last_n_steps_and_nothing_else_is_touched(preset, tmp_path):
-    # 3 inversion + 3 lora steps, a save every step: steps 1..5 and the final save at 6. kohya deletes at step g the
-    # step save g - 3: 1 at 4, 2 at 5, 3 at 6 (kohya's step-6 save beside its final file; here the final save).
+    # 3 inversion + 3 lora steps, a save and a state every step: steps 1..5 and the final save at 6. kohya deletes at
+    # step g the step save g - 3: 1 at 4, 2 at 5, 3 at 6 (kohya's step-6 save beside its final file; here the final
+    # save). The states with save_last_n_steps_state = 1: kohya deletes at step g the state g - 2, so after the final
+    # save (step 6, with its state) the states 5 and 6 stay. Another run's saves and states are never touched.
     out = tmp_path / "out"
     _plant_strangers(out)
-    raw = preset(output_dir=str(out), save_every_n_steps=1, save_last_n_steps=2,
-                 stages=[{"kind": "inversion", "steps": 3, "learning_rate": 5e-2},
-                         {"kind": "lora", "steps": 3, "learning_rate": 1e-2}])
+    raw = preset(output_dir=str(out), save_every_n_steps=1, save_last_n_steps=2, save_last_n_steps_state=1,
+                 save_state=True, stages=[{"kind": "inversion", "steps": 3, "learning_rate": 5e-2},
+                                          {"kind": "lora", "steps": 3, "learning_rate": 1e-2}])
     Trainer(build_config(raw)).run()
-    assert _names(out) == RUN_FILES | _saves(4, 5) | set(STRANGERS)
+    assert _names(out) == RUN_FILES | _saves(4, 5) | _states(5, 6) | set(STRANGERS)
     for name in STRANGERS:
         assert (out / name / "progress.json").is_file() if name.endswith("/") else (out / name).read_bytes() == b"not ours"
 
 
 def test_the_state_forms_prune_the_states_and_save_state_on_train_end_writes_the_last_state(preset, tmp_path):
-    # A save and a state every step of 6: the model files as above (N = 2); the states with N = 1: kohya deletes at
-    # step g the state g - 2, so after the final save (step 6, with its state) the states 5 and 6 stay.
-    out = tmp_path / "states"
-    raw = preset(output_dir=str(out), save_every_n_steps=1, save_last_n_steps=2, save_last_n_steps_state=1,
-                 save_state=True, stages=[{"kind": "inversion", "steps": 3, "learning_rate": 5e-2},
-                                          {"kind": "lora", "steps": 3, "learning_rate": 1e-2}])
-    Trainer(build_config(raw)).run()
-    assert _names(out) == RUN_FILES | _saves(4, 5) | _states(5, 6)
-    # save_last_n_steps_state alone: the states are pruned, the model files kept (kohya's get_remove_step_no
-    # reads save_last_n_steps only)
+    # save_last_n_steps_state = 1 beside save_last_n_steps: the test above. save_last_n_steps_state alone (a save and
+    # a state every step of 6): the states are pruned as above (5 and 6 stay), the model files kept (kohya's
+    # get_remove_step_no reads save_last_n_steps only)
     out = tmp_path / "states_only"
-    Trainer(build_config(raw | {"output_dir": str(out), "save_last_n_steps": None})).run()
+    Trainer(build_config(preset(output_dir=str(out), save_every_n_steps=1, save_last_n_steps_state=1, save_state=True,
+                                stages=[{"kind": "inversion", "steps": 3, "learning_rate": 5e-2},
+                                        {"kind": "lora", "steps": 3, "learning_rate": 1e-2}]))).run()
     assert _names(out) == RUN_FILES | _saves(1, 2, 3, 4, 5) | _states(5, 6)
     # save_state_on_train_end without save_state: no state with the step saves, one with the final save
     out = tmp_path / "end_state"
@@ -91,13 +90,21 @@ def test_the_state_forms_prune_the_states_and_save_state_on_train_end_writes_the
     assert (out / "pti-state-step00000002" / "progress.json").is_file()
 
 
+def _one_image_data(folder: Path, repeats: int) -> str:
+    """A data folder of one image seen ``repeats`` times an epoch: with batch 1, ``repeats`` steps an epoch."""
+    (folder / f"{repeats}_tok1").mkdir(parents=True)
+    draw_character(folder / f"{repeats}_tok1" / "a.png", 0)
+    return str(folder)
+
+
 def test_save_last_n_epochs_keeps_each_stages_last_epoch_saves(preset, tmp_path):
-    # 4 images x 2 repeats at batch 8: one step an epoch. Inversion 3 epochs (steps 1-3), lora 4 (steps 4-7), a save
+    # 1 image x 1 repeat at batch 1: one step an epoch. Inversion 3 epochs (steps 1-3), lora 4 (steps 4-7), a save
     # every epoch: stage 0 saves its epochs 1, 2, 3 (steps 1-3; its end is not the run's), stage 1 its epochs 1-3
     # (steps 4-6; its epoch 4 is the final save). kohya deletes at epoch E the save of epoch E - 1 x 2 within the
     # stage: epoch 1 of each (steps 1 and 4). States with N = 1: epoch E - 1: each stage's last epoch state stays.
     out = tmp_path / "epochs"
-    raw = preset(output_dir=str(out), train_batch_size=8, save_every_n_epochs=1, save_last_n_epochs=2,
+    raw = preset(output_dir=str(out), train_data_dir=_one_image_data(tmp_path / "data", 1), train_batch_size=1,
+                 save_every_n_epochs=1, save_last_n_epochs=2,
                  save_last_n_epochs_state=1, save_state=True,
                  stages=[{"kind": "inversion", "max_train_epochs": 3, "learning_rate": 5e-2},
                          {"kind": "lora", "max_train_epochs": 4, "learning_rate": 1e-2}])
@@ -140,13 +147,14 @@ def test_an_interrupted_save_is_never_pruned(preset, tmp_path):
 
 def test_sample_every_n_epochs_samples_at_each_stages_epoch_ends_and_replaces_sample_every_n_steps(
         preset, tmp_path, monkeypatch, caplog):
-    # batch 4: 2 steps an epoch. Inversion 3 steps (epoch 1 ends at step 2, its partial epoch 2 at step 3), lora 4
+    # 1 image x 2 repeats at batch 1: 2 steps an epoch. Inversion 3 steps (epoch 1 ends at step 2, its partial epoch 2 at step 3), lora 4
     # (epochs 1 and 2 end at global steps 5 and 7). Every 2nd epoch: steps 3 and 7; then the final samples.
     tags = []
     monkeypatch.setattr(Trainer, "sample", lambda self, tag: tags.append(tag) or [])
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("tok1 --s 1\n")
-    raw = preset(output_dir=str(tmp_path / "out"), train_batch_size=4, sample_prompts=str(prompts),
+    raw = preset(output_dir=str(tmp_path / "out"), train_data_dir=_one_image_data(tmp_path / "data", 2),
+                 train_batch_size=1, sample_prompts=str(prompts),
                  sample_every_n_epochs=2, sample_every_n_steps=1,
                  stages=[{"kind": "inversion", "steps": 3, "learning_rate": 5e-2},
                          {"kind": "lora", "steps": 4, "learning_rate": 1e-2}])

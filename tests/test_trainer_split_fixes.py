@@ -17,6 +17,8 @@ from pti_plugin.config import ConfigError
 from pti_plugin.config_loading import build_config
 from pti_plugin.trainer import Trainer
 
+from .conftest import make_preset
+
 INVERSION = {"kind": "inversion", "steps": 1, "learning_rate": 5e-2}
 
 
@@ -46,7 +48,8 @@ def _kohya_modules(tensors: dict, prefix: str) -> set[str]:
     {"stages": [INVERSION, {"kind": "lora", "steps": 2, "learning_rate": 1e-2, "train_unet": False,
                             "train_text_encoder": True}]},
 ], ids=["network_train_text_encoder_only", "train_unet_false"])
-def test_a_run_that_trains_only_the_text_encoder_lora_saves_no_unet_module(preset, tiny_model, tmp_path, text_only):
+def test_a_run_that_trains_only_the_text_encoder_lora_saves_no_unet_module(preset, tiny_model, tmp_path, text_only,
+                                                                           request):
     """Its file held every lora_unet_* module with all-zero up weights (a UNet LoRA attached, never trained); kohya's
     holds none. Now: only the text encoder's modules (each of the family's), its state no UNet tensor, and the file
     loads through load_pti (into the text encoder alone) and as network_weights."""
@@ -57,8 +60,11 @@ def test_a_run_that_trains_only_the_text_encoder_lora_saves_no_unet_module(prese
     from pti_plugin.models.family import make_family
 
     raw = preset(output_dir=str(tmp_path / "te"), save_state=True, save_precision="float", **text_only)
-    Trainer(build_config(raw)).run()
-    out = tmp_path / "te"
+    if raw == preset(output_dir=str(tmp_path / "te"), **TEXT_ONLY_FIRST):  # the module's run: trained once for both
+        out = request.getfixturevalue("text_only_runs")[1].parent
+    else:
+        Trainer(build_config(raw)).run()
+        out = tmp_path / "te"
     tensors = load_file(out / "pti.safetensors")
     table = make_family("sd15").key_table
     assert not [k for k in tensors if k.startswith("lora_unet_")]
@@ -85,31 +91,50 @@ def test_a_run_that_trains_only_the_text_encoder_lora_saves_no_unet_module(prese
     assert all(torch.equal(passed[k], tensors[k]) for k in lora)
 
 
-def test_a_text_encoder_only_run_resumes_like_a_straight_run(preset, tiny_model, tmp_path):
+LORA = {"kind": "lora", "steps": 2, "learning_rate": 1e-2}
+TEXT_ONLY_FIRST = {"save_state": True, "save_precision": "float", "network_train_text_encoder_only": True,
+                   "stages": [INVERSION, LORA]}
+LONGER = [INVERSION, LORA | {"steps": 3}]
+
+
+@pytest.fixture(scope="module")
+def text_only_runs(tiny_model, tiny_dataset, tmp_path_factory):
+    """A text-encoder-only run (1 inversion + 2 lora steps, its state saved at the end) and that state resumed with a
+    3-step lora stage; returns (the first run's preset, its state, the resumed run's folder)."""
+    root = tmp_path_factory.mktemp("text_only")
+    first = make_preset(tiny_model, tiny_dataset, root / "first", **TEXT_ONLY_FIRST)
+    Trainer(build_config(first)).run()
+    state = root / "first" / "pti-state-step00000003"
+    Trainer(build_config(first | {"output_dir": str(root / "resumed"), "resume": str(state), "stages": LONGER})).run()
+    return first, state, root / "resumed"
+
+
+@pytest.fixture(scope="module")
+def inversion_only(tiny_model, tiny_dataset, tmp_path_factory) -> Path:
+    """The output folder of a one-step inversion-only run with its state (it keeps its UNet LoRA, untrained)."""
+    out = tmp_path_factory.mktemp("inversion_only") / "inversion"
+    Trainer(build_config(make_preset(tiny_model, tiny_dataset, out, save_state=True, stages=[INVERSION]))).run()
+    return out
+
+
+def test_a_text_encoder_only_run_resumes_like_a_straight_run(text_only_runs, tiny_model, tmp_path):
     """The state of a run without a UNet LoRA resumes (its tensors are this run's) and ends bit for bit as the run
     that went straight through."""
-    lora = {"kind": "lora", "steps": 2, "learning_rate": 1e-2}
-    first = preset(output_dir=str(tmp_path / "first"), save_state=True, save_precision="float",
-                   network_train_text_encoder_only=True, stages=[INVERSION, lora])
-    Trainer(build_config(first)).run()
-    state = tmp_path / "first" / "pti-state-step00000003"
+    first, state, resumed = text_only_runs
     layers = json.loads((Path(tiny_model) / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
     assert json.loads((state / "progress.json").read_text())["param_groups"] == [  # 6 modules a layer, down and up
         {"name": "text_encoder_lora", "tensors": layers * 6 * 2}]
-    longer = [INVERSION, lora | {"steps": 3}]
-    Trainer(build_config(first | {"output_dir": str(tmp_path / "resumed"), "resume": str(state), "stages": longer})).run()
-    Trainer(build_config(first | {"output_dir": str(tmp_path / "straight"), "save_state": False, "stages": longer})).run()
-    a, b = (load_file(tmp_path / name / "pti.safetensors") for name in ("resumed", "straight"))
+    Trainer(build_config(first | {"output_dir": str(tmp_path / "straight"), "save_state": False, "stages": LONGER})).run()
+    a, b = (load_file(folder / "pti.safetensors") for folder in (resumed, tmp_path / "straight"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [k for k in a if k.startswith("lora_unet_")]
 
 
-def test_network_weights_with_unet_modules_are_refused_where_no_stage_trains_the_unet(preset, tmp_path):
+def test_network_weights_with_unet_modules_are_refused_where_no_stage_trains_the_unet(inversion_only, preset, tmp_path):
     """An inversion-only run keeps its UNet LoRA (a network_weights LoRA passes through it; untrained here, so its
     ups are zero) and its file holds the UNet modules as before. A run whose lora stages train only the text encoder
     has no UNet LoRA to start from that file: refused naming network_weights (it loaded them before, and saved them)."""
-    Trainer(build_config(preset(output_dir=str(tmp_path / "inversion"), stages=[INVERSION]))).run()
-    inverted = tmp_path / "inversion" / "pti.safetensors"
+    inverted = inversion_only / "pti.safetensors"
     tensors = load_file(inverted)
     assert _kohya_modules(tensors, "lora_unet_") and not _kohya_modules(tensors, "lora_te")
     assert all(not tensors[k].any() for k in tensors if k.endswith(".lora_up.weight"))
@@ -122,28 +147,21 @@ def test_network_weights_with_unet_modules_are_refused_where_no_stage_trains_the
     assert not Path(tmp_path / "te" / "pti.safetensors").exists()
 
 
-def test_a_state_saved_with_an_untrained_unet_lora_still_resumes_a_text_encoder_only_run(preset, tmp_path):
+def test_a_state_saved_with_an_untrained_unet_lora_still_resumes_a_text_encoder_only_run(text_only_runs, inversion_only,
+                                                                                         tmp_path):
     """Before such runs stopped attaching a UNet LoRA, their states held one that never trained (its lora_B zero):
     a resume leaves it out and ends as a resume from the state without it; a trained one is still refused."""
-    lora = {"kind": "lora", "steps": 2, "learning_rate": 1e-2}
-    first = preset(output_dir=str(tmp_path / "first"), save_state=True, save_precision="float",
-                   network_train_text_encoder_only=True, stages=[INVERSION, lora])
-    Trainer(build_config(first)).run()
-    with_unet = preset(output_dir=str(tmp_path / "unet"), save_state=True, stages=[INVERSION])  # keeps its UNet LoRA
-    Trainer(build_config(with_unet)).run()
-    unet = {k: v for k, v in load_file(tmp_path / "unet" / "pti-state-step00000001" / "trainable.safetensors").items()
-            if k.startswith("unet.")}
+    first, state, resumed = text_only_runs
+    unet = {k: v for k, v in load_file(inversion_only / "pti-state-step00000001" / "trainable.safetensors").items()
+            if k.startswith("unet.")}  # the inversion-only run's untrained UNet LoRA
     assert unet and any(".lora_B." in k for k in unet) and not any(v.any() for k, v in unet.items() if ".lora_B." in k)
-    state = tmp_path / "first" / "pti-state-step00000003"
     old = tmp_path / "old-state-step00000003"
     shutil.copytree(state, old)
     save_file(load_file(state / "trainable.safetensors") | unet, str(old / "trainable.safetensors"))
-    longer = [INVERSION, lora | {"steps": 3}]
-    for name, folder in (("new", state), ("old", old)):
-        Trainer(build_config(first | {"output_dir": str(tmp_path / name), "resume": str(folder), "stages": longer})).run()
-    a, b = (load_file(tmp_path / name / "pti.safetensors") for name in ("new", "old"))
+    Trainer(build_config(first | {"output_dir": str(tmp_path / "old"), "resume": str(old), "stages": LONGER})).run()
+    a, b = (load_file(folder / "pti.safetensors") for folder in (resumed, tmp_path / "old"))  # resumed: from `state`
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     trained = next(k for k in unet if ".lora_B." in k)
     save_file(load_file(state / "trainable.safetensors") | unet | {trained: unet[trained] + 1}, str(old / "trainable.safetensors"))
     with pytest.raises(ConfigError, match=r"key 'resume': state .* does not match this run's trainable tensors"):
-        Trainer(build_config(first | {"output_dir": str(tmp_path / "refused"), "resume": str(old), "stages": longer})).run()
+        Trainer(build_config(first | {"output_dir": str(tmp_path / "refused"), "resume": str(old), "stages": LONGER})).run()
