@@ -204,7 +204,7 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     raw = load_preset_dict(preset, origins=origins) if preset else {}
     if "config_file" in overrides:  # kohya's --config_file: over the preset, beneath the flags typed
         raw = _with_kohya_config_file(raw, overrides.pop("config_file"), origins)
-    set_paths = [item.partition("=")[0].strip() for item in sets or []]
+    set_paths = _set_paths(sets or [])
     set_keys = {path.split(".")[-1] for path in set_paths if path.startswith("stages.")}
     # a preset value that a --set of the stages shadows is the user's choice, not a forgotten key
     given = {key: origins.get(key, "preset") for key in raw if key not in set_keys} | {  # origins: a kohya config_file's
@@ -259,7 +259,11 @@ def named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[
     return ConfigError(named + error.tail, error.key, error.tail)
 
 
+def _set_paths(sets: list[str]) -> list[str]:
+    """The dotted paths of ``--set`` items ``sets`` (``path=value``)."""
+    return [item.partition("=")[0].strip() for item in sets]
+
+
 def _set_path_of(key: str, sets: list[str]) -> str | None:
     """The first ``--set`` path (of ``sets``, ``path=value`` items) that is ``key`` or lies below it, else None."""
-    paths = [item.partition("=")[0].strip() for item in sets]
-    return next((path for path in paths if path == key or path.startswith(key + ".")), None)
+    return next((path for path in _set_paths(sets) if path == key or path.startswith(key + ".")), None)
