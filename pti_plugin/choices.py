@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import ConfigError
 from .lr_schedulers import scheduler_name_problem
+from .models.family import MAX_TOKEN_LENGTHS
 from .optimizers import SUPPORTED, is_supported_optimizer, optimizer_package
 from .sampling import SAMPLERS
 
@@ -24,7 +25,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "log_with": ("", "tensorboard"),
     "pivot_norm": ("free", "init", "decay"),
     "sample_sampler": tuple(SAMPLERS),
-    "max_token_length": (75, 150, 225),
+    "max_token_length": MAX_TOKEN_LENGTHS,
     "nan_policy": ("stop", "skip"),
     "xformers": (False, True),
     "sdpa": (False, True),

@@ -27,6 +27,21 @@ from torch import nn
 
 from ..config import ConfigError
 
+#: CLIP's window: the caption tokens its text encoders read between BOS and EOS (77 ids in all). A longer
+#: ``max_token_length`` is kohya's 2 or 3 windows, each encoded on its own and stitched back.
+CLIP_WINDOW = 75
+#: The ids of one window: BOS, the window's tokens, EOS.
+CLIP_WINDOW_IDS = CLIP_WINDOW + 2
+#: The ``max_token_length`` values the families accept: 1, 2 or 3 windows (kohya's 75, 150, 225).
+MAX_TOKEN_LENGTHS = tuple(CLIP_WINDOW * windows for windows in (1, 2, 3))
+
+
+def check_max_token_length(max_token_length: int) -> None:
+    """A ``ValueError`` unless ``max_token_length`` is one of :data:`MAX_TOKEN_LENGTHS`."""
+    if max_token_length not in MAX_TOKEN_LENGTHS:
+        *first, last = MAX_TOKEN_LENGTHS
+        raise ValueError(f"max_token_length must be {', '.join(map(str, first))} or {last}")
+
 
 @dataclass
 class Conditioning:

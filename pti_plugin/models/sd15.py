@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..data.weighted_captions import apply_weights, weighted_ids
-from .family import (STANDALONE_KEY, TEXT_ENCODER_PREFIX, UNET_PREFIX, Conditioning, EmbeddingLayout, KeyTable,
-                     LoadedComponents, LoraKey, register_family)
+from .family import (CLIP_WINDOW, CLIP_WINDOW_IDS, STANDALONE_KEY, TEXT_ENCODER_PREFIX, UNET_PREFIX, Conditioning,
+                     EmbeddingLayout, KeyTable, LoadedComponents, LoraKey, check_max_token_length, register_family)
 from .model_checks import FAMILY_FOLDERS, load_folder
 
 _TEXT_ENCODER_PREFIX = TEXT_ENCODER_PREFIX + "_"  # one text encoder: lora_te_
@@ -117,7 +117,7 @@ class SD15Family:
     """
 
     clip_skip: int = 1
-    max_token_length: int = 75
+    max_token_length: int = CLIP_WINDOW
 
     name = "sd15"
     pipeline_class_name = "StableDiffusionPipeline"
@@ -127,8 +127,7 @@ class SD15Family:
     def __post_init__(self):
         if self.clip_skip < 1:
             raise ValueError("clip_skip must be >= 1")
-        if self.max_token_length not in (75, 150, 225):
-            raise ValueError("max_token_length must be 75, 150 or 225")
+        check_max_token_length(self.max_token_length)
 
     @property
     def key_table(self) -> KeyTable:
@@ -202,16 +201,17 @@ class SD15Family:
         return Conditioning(apply_weights(cond.hidden_states, weights), cond.added_cond_kwargs)
 
     def _windows(self, input_ids: torch.Tensor, run) -> torch.Tensor:
-        if input_ids.shape[1] <= 77:
+        if input_ids.shape[1] <= CLIP_WINDOW_IDS:
             return run(input_ids)
         bos, body, eos = input_ids[:, :1], input_ids[:, 1:-1], input_ids[:, -1:]  # body [B, 75 * k]
         chunks = []
-        for i, start in enumerate(range(0, body.shape[1], 75)):
-            window = body[:, start : start + 75]
+        for i, start in enumerate(range(0, body.shape[1], CLIP_WINDOW)):
+            window = body[:, start : start + CLIP_WINDOW]
             # A window after the caption's end holds only padding (EOS ids); keep the framing tokens.
             states = run(torch.cat([bos, window, eos], dim=1))  # [B, 77, d]
+            # Only the first window keeps its BOS, only the last its EOS.
             first = 0 if i == 0 else 1
-            last = 77 if start + 75 >= body.shape[1] else 76
+            last = None if start + CLIP_WINDOW >= body.shape[1] else -1
             chunks.append(states[:, first:last])
         return torch.cat(chunks, dim=1)
 

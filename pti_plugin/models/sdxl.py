@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ..data.weighted_captions import apply_weights, weighted_ids
-from .family import Conditioning, EmbeddingLayout, KeyTable, LoadedComponents, register_family
+from .family import (CLIP_WINDOW, CLIP_WINDOW_IDS, Conditioning, EmbeddingLayout, KeyTable, LoadedComponents,
+                     check_max_token_length, register_family)
 from .model_checks import FAMILY_FOLDERS, load_folder
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class SDXLFamily:
     """
 
     clip_skip: int = 1
-    max_token_length: int = 75
+    max_token_length: int = CLIP_WINDOW
     default_size: int = 1024
     #: each tokenizer's pad id (set by :meth:`load`; the second pads with ``!``, the first with EOS)
     pad_ids: tuple[int, ...] = ()
@@ -67,8 +68,7 @@ class SDXLFamily:
                            "the penultimate layer of both encoders already (what 'clip skip 2' means for SDXL models)",
                            self.clip_skip)
             self.clip_skip = 1
-        if self.max_token_length not in (75, 150, 225):
-            raise ValueError("max_token_length must be 75, 150 or 225")
+        check_max_token_length(self.max_token_length)
 
     @property
     def key_table(self) -> KeyTable:
@@ -120,7 +120,7 @@ class SDXLFamily:
         [B, 6] (see the module docstring); ``sizes`` [B, 6] are the time ids (default: ``default_size`` square, no
         crop). Longer than 77 ids, kohya's windows (:func:`window_ids`)."""
         te1, te2 = text_encoders
-        if input_ids.shape[-1] > 77:
+        if input_ids.shape[-1] > CLIP_WINDOW_IDS:
             return self._encode_windows(te1, te2, input_ids, sizes)
         out1 = te1(input_ids[:, 0], output_hidden_states=True)
         out2 = te2(input_ids[:, 1], output_hidden_states=True)
@@ -141,7 +141,7 @@ class SDXLFamily:
         for index, te in enumerate((te1, te2)):  # after the loop, windows and outputs are the second encoder's
             windows = window_ids(input_ids[:, index], eos, self.pad_ids[index])
             outputs = [te(ids, output_hidden_states=True) for ids in windows]
-            rows = [out.hidden_states[-2][:, 1:76] for out in outputs]  # each window's 75 caption rows
+            rows = [out.hidden_states[-2][:, 1:-1] for out in outputs]  # each window's 75 caption rows
             first, last = outputs[0].hidden_states[-2][:, :1], outputs[-1].hidden_states[-2][:, -1:]
             states.append(torch.cat([first, *rows, last], dim=1))
         position = (windows[0] == eos).int().argmax(dim=-1)  # 0 when the window holds no EOS, as kohya
@@ -157,7 +157,7 @@ class SDXLFamily:
         whose tags move from draw to draw, so that any of its ids may open a window)."""
         ids, pad = input_ids[:, 1], self.pad_ids[1]
         body = ids[:, 1:-1]
-        openers = body if anywhere else body[:, ::75]
+        openers = body if anywhere else body[:, ::CLIP_WINDOW]
         return (ids[:, -1] != pad) & (openers == pad).any(dim=-1)
 
     def weighted_ids(self, tokenizers: Sequence[object], caption: str) -> tuple[list[list[int]], list[list[float]]]:
@@ -218,8 +218,8 @@ def window_ids(ids: torch.Tensor, eos: torch.Tensor, pad: int) -> list[torch.Ten
     such tokenizers keeps the windows as cut."""
     bos, body, last = ids[:, :1], ids[:, 1:-1], ids[:, -1:]
     windows = []
-    for start in range(0, body.shape[1], 75):
-        window = torch.cat([bos, body[:, start : start + 75], last], dim=1)
+    for start in range(0, body.shape[1], CLIP_WINDOW):
+        window = torch.cat([bos, body[:, start : start + CLIP_WINDOW], last], dim=1)
         runs_past = (window[:, -2:-1] != eos) & (window[:, -2:-1] != pad)
         window[:, -1:] = torch.where(runs_past, eos, window[:, -1:])
         window[:, 1:2] = torch.where(window[:, 1:2] == pad, eos, window[:, 1:2])
