@@ -36,7 +36,7 @@ def apply_overrides(raw: dict[str, Any], top_level: dict[str, Any], dotted: list
     for item in dotted:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
+        key, text = _split_set(item)
         parts = key.split(".")
         node: Any = out
         if parts[0] == "stages" and "stages" not in out:
@@ -124,19 +124,21 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
 
 def _with_dims_from_weights(parsed: Config, read: bool) -> Config:
     """kohya's ``dim_from_weights``: ``network_dim``, ``network_alpha`` and ``network_args`` (LoCon's conv_dim and
-    conv_alpha, else none) from the ``network_weights`` file's header and alphas
+    conv_alpha, else none) from the ``network_weights`` file's ``lora_down`` shapes and alphas
     (``formats.kohya_lora.lora_file_dims``), replacing the preset's, so the resolved config shows the dims trained.
-    Only when ``read`` (a run's file, checked by then): a saved run's config read back already holds the file's dims."""
+    Only when ``read`` (a run's file, checked by then): the tensors the check read (``checked_files.peek``), left for
+    the trainer; a saved run's config read back already holds the file's dims."""
     if not parsed.dim_from_weights:
         return parsed
     if not parsed.network_weights:
         raise ConfigError.at("dim_from_weights", " needs network_weights (the kohya LoRA file to take the dims from)")
     if not read:
         return parsed
-    from .formats.kohya_lora import LoraFormatError, lora_file_dims
+    from .checked_files import peek
+    from .formats.kohya_lora import LoraFormatError, load_lora, lora_file_dims
 
     try:
-        dims = lora_file_dims(parsed.network_weights)
+        dims = lora_file_dims(parsed.network_weights, peek(parsed.network_weights, lambda path: load_lora(path)[0]))
     except LoraFormatError as exc:
         raise ConfigError.at("dim_from_weights", f": network_weights {exc}") from None
     conv = [f"conv_dim={dims['conv_dim']}", f"conv_alpha={dims['conv_alpha']!r}"] if "conv_dim" in dims else []
@@ -259,9 +261,17 @@ def named_where_given(error: ConfigError, overrides: dict[str, Any], sets: list[
     return ConfigError(named + error.tail, error.key, error.tail)
 
 
+def _split_set(item: str) -> tuple[str, str]:
+    """A ``--set`` item ``path=value`` -> (its dotted path, its value's text): the one reading of an item. The path
+    is stripped (``" a.b = 1"`` sets ``a.b``); the value's text is kept as typed (:func:`~pti_plugin.config.parse_value`
+    reads a TOML literal around its spaces, ``" 1"`` -> 1; a bare string keeps them)."""
+    path, _, text = item.partition("=")
+    return path.strip(), text
+
+
 def _set_paths(sets: list[str]) -> list[str]:
     """The dotted paths of ``--set`` items ``sets`` (``path=value``)."""
-    return [item.partition("=")[0].strip() for item in sets]
+    return [_split_set(item)[0] for item in sets]
 
 
 def _set_path_of(key: str, sets: list[str]) -> str | None:

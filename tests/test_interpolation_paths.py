@@ -136,7 +136,8 @@ def test_only_the_positions_where_the_prompts_differ_move(toy_base):
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "1"], "argument --seeds: must be at least 2, got 1 (an interval needs two sampling seeds)"),
     (["--fractions", "1"], "argument --fractions: must be at least 2, got 1 (the start and the end)"),
-    (["--model", "/no/such/model"], "--model /no/such/model: not found"),
+    (["--model", "/no/such/model"], "--model /no/such/model: base model not found: looked for /no/such/model "
+                                    "(a diffusers folder with model_index.json)"),
 ])
 def test_bad_values_are_argparse_errors_naming_the_flag(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as stop:

@@ -440,24 +440,22 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
-def lora_file_dims(path: str | os.PathLike) -> dict[str, int | float]:
-    """kohya's ``dim_from_weights``: the ranks and alphas of the kohya LoRA file ``path``, from its header's shapes and
-    its ``alpha`` tensors: ``network_dim``/``network_alpha`` of its linear and 1x1-convolution modules and, when it
-    holds 3x3-convolution modules (LoCon), ``conv_dim``/``conv_alpha``. A module without an alpha has its rank (as
-    kohya). pti-plugin trains one rank and alpha per kind, so a file of several (a resized LoRA) raises
-    ``LoraFormatError``, as does one without linear modules."""
-    from safetensors import safe_open
-
+def lora_file_dims(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> dict[str, int | float]:
+    """kohya's ``dim_from_weights``: the ranks and alphas of the kohya LoRA file ``path`` (named in the messages), from
+    its ``tensors`` (as :func:`load_lora` reads them; the start-up check's, :mod:`pti_plugin.checked_files`): the
+    shapes of its ``lora_down`` tensors and its ``alpha`` tensors give ``network_dim``/``network_alpha`` of its linear
+    and 1x1-convolution modules and, when it holds 3x3-convolution modules (LoCon), ``conv_dim``/``conv_alpha``. A
+    module without an alpha has its rank (as kohya). pti-plugin trains one rank and alpha per kind, so a file of
+    several (a resized LoRA) raises ``LoraFormatError``, as does one without linear modules."""
     found: dict[str, dict[tuple[int, float], list[str]]] = {"network": {}, "conv": {}}
-    with safe_open(str(Path(path)), framework="pt") as handle:
-        keys = set(handle.keys())
-        for key in sorted(k for k in keys if k.endswith(".lora_down.weight") and not k.startswith(BUNDLE_PREFIX)):
-            name, shape = key[: -len(".lora_down.weight")], handle.get_slice(key).get_shape()
-            if f"{name}.alpha" in keys and handle.get_slice(f"{name}.alpha").get_shape() not in ([], [1]):
-                raise LoraFormatError(f"{path}: {name}.alpha holds several values; a LoRA module's alpha is one number")
-            alpha = float(handle.get_tensor(f"{name}.alpha").item()) if f"{name}.alpha" in keys else float(shape[0])
-            kind = "conv" if len(shape) == 4 and tuple(shape[2:]) != (1, 1) else "network"
-            found[kind].setdefault((int(shape[0]), alpha), []).append(name)
+    for key in sorted(k for k in tensors if k.endswith(".lora_down.weight") and not k.startswith(BUNDLE_PREFIX)):
+        name, shape = key[: -len(".lora_down.weight")], tuple(tensors[key].shape)
+        alpha_tensor = tensors.get(f"{name}.alpha")
+        if alpha_tensor is not None and tuple(alpha_tensor.shape) not in ((), (1,)):
+            raise LoraFormatError(f"{path}: {name}.alpha holds several values; a LoRA module's alpha is one number")
+        alpha = float(alpha_tensor.item()) if alpha_tensor is not None else float(shape[0])
+        kind = "conv" if len(shape) == 4 and shape[2:] != (1, 1) else "network"
+        found[kind].setdefault((int(shape[0]), alpha), []).append(name)
     if not found["network"]:
         raise LoraFormatError(f"{path} holds no linear-layer LoRA module to take network_dim from")
     dims: dict[str, int | float] = {}

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..config import ConfigError
+from ..text_files import path_not_found
 from .family import EMBEDDING_KEYS, detect_family, read_json
 
 #: The preset key that names the base model.
@@ -118,7 +119,9 @@ def model_folder_problem(path: Path, model_family: str = "auto") -> str | None:
     loads, and the scripts that take a model folder for their usage errors."""
     path = Path(path)
     if not path.is_dir():
-        return "not found" if not path.exists() else "is a file, not a diffusers model folder"
+        if not path.exists():
+            return path_not_found(path, "base model", path.absolute(), "a diffusers folder with model_index.json")
+        return "is a file, not a diffusers model folder"
     if not (path / "model_index.json").is_file():
         return not_a_model_folder(path)
     try:

@@ -22,6 +22,7 @@ from typing import Iterator
 import toml
 
 from pti_plugin.atomic_io import atomic_write_text
+from pti_plugin.checked_files import release
 from pti_plugin.config import default_stages, first_of, parse_value
 from pti_plugin.config_loading import build_config
 from pti_plugin.outputs import run_finished
@@ -292,8 +293,12 @@ def each_message_once(name: str = "pti_plugin") -> Iterator[None]:
 
 def plan_sweep(args, raw: dict) -> tuple[dict[int, RunSpec], list[RunSpec]]:
     """The sweep's shared pivots (by training seed; a lora sweep's, see :func:`plan_pivot`) and its runs
-    (:func:`plan_runs`), the base preset's config built once, each config message logged once."""
+    (:func:`plan_runs`), the base preset's config built once, each config message logged once. Planning trains
+    nothing: the starting files its checks read are not kept (``checked_files.release``; each run reads its own)."""
     with each_message_once():
-        seed0 = base_seed(raw)
-        pivots = {k: p for k in training_seed_indices(args) if (p := plan_pivot(args, raw, k, seed0)) is not None}
-        return pivots, plan_runs(args, raw, pivots, seed0)
+        try:
+            seed0 = base_seed(raw)
+            pivots = {k: p for k in training_seed_indices(args) if (p := plan_pivot(args, raw, k, seed0)) is not None}
+            return pivots, plan_runs(args, raw, pivots, seed0)
+        finally:
+            release()
