@@ -119,6 +119,8 @@ class Config:
     tokenizer_cache_dir: str = doc("kohya: the folder holding kohya's saved tokenizer, <dir>/openai_clip-vit-large-patch14; "
                                    "it becomes tokenizer_path (never downloaded).", "")
     vae: str = doc("A VAE used instead of the model's (kohya's --vae): a .safetensors/.ckpt file (original or diffusers key names) or a diffusers VAE folder.", "")
+    disable_mmap_load_safetensors: bool = doc("kohya: read a single-file model's (and vae's) .safetensors into memory instead of "
+                                              "memory-mapping it (WSL's /mnt/c, network drives); frozen weights stay in memory.", False)
     v_parameterization: bool = doc("Force v-prediction (else read from the model's scheduler config).", False)
     zero_terminal_snr: bool = doc("Rescale the noise schedule so its last step has zero SNR (for v-prediction models trained that way).", False)
     clip_skip: int = doc("Use the hidden state clip_skip layers from the end (1 = last), then the final LayerNorm.", 1)

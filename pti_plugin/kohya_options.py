@@ -53,7 +53,6 @@ REFUSED_OPTIONS: dict[str, str] = {
     "conditioning_data_dir": "set it in a dataset_config subset, with masked_loss = true (kohya's train_network reads it "
                              "only there; ControlNet training is not supported)",
     "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory only (cache_text_encoder_outputs)",
-    "disable_mmap_load_safetensors": _NOT_YET,
     # kohya's logging set-up and DeepSpeed
     "console_log_level": "pti-plugin's console shows warnings and errors; the run's log is its JSONL/TensorBoard files",
     "console_log_file": "pti-plugin's console shows warnings and errors; the run's log is its JSONL/TensorBoard files",

@@ -15,6 +15,12 @@ files reference, as AUTOMATIC1111's safe unpickler does:
 
 Anything else is refused with ``UnsafeFileError`` before it can run. ``check_safetensors`` checks a
 safetensors file's framing (header length, JSON header, tensor extents) with a clear error.
+
+``load_safetensors`` reads a checked file's tensors through ``safetensors`` (which memory-maps the file), or,
+inside ``without_mmap()`` (kohya's ``disable_mmap_load_safetensors``, set while the base model and ``vae`` load),
+by plain reads: each tensor's bytes are read into memory in file order, nothing is mapped (as kohya's own
+non-mmap reader does; memory-mapped reads are very slow or fail on WSL's ``/mnt/c``, network drives and some
+Windows set-ups). Both give the same tensors bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ import pickle
 import re
 import struct
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -184,21 +193,67 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``check_safetensors`` then ``safetensors.torch.load_file`` (CPU): the one way to read a whole file."""
-    from safetensors import SafetensorError
+_MMAP_DISABLED: ContextVar[bool] = ContextVar("pti_mmap_disabled", default=False)
+
+
+@contextmanager
+def without_mmap(disabled: bool = True) -> Iterator[None]:
+    """Inside it (``disabled`` true), :func:`load_safetensors` reads files by plain reads instead of mapping them."""
+    token = _MMAP_DISABLED.set(disabled)
+    try:
+        yield
+    finally:
+        _MMAP_DISABLED.reset(token)
+
+
+def load_safetensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """``check_safetensors`` then the tensors (CPU; ``keys``: only those, else all): the one way to read a file's
+    tensors. ``safetensors`` reads them from a memory map, or, inside :func:`without_mmap`, plain reads do."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    check_safetensors(path)
+    header = check_safetensors(path)
+    wanted = [k for k in header if k != "__metadata__"] if keys is None else list(keys)
+    if _MMAP_DISABLED.get():
+        return _read_without_mmap(Path(path), header, wanted)
     try:
-        return load_file(str(path), device="cpu")
+        if keys is None:
+            return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {k: handle.get_tensor(k) for k in wanted}
     except SafetensorError as exc:
         raise BadSafetensorsError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _read_without_mmap(path: Path, header: dict[str, Any], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` of the checked file ``path`` (its ``header``), each read into its own buffer in file order
+    and viewed with its dtype and shape: the bytes safetensors would map, nothing mapped."""
+    tensors = {}
+    with open(path, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        for key in sorted(keys, key=lambda k: header[k]["data_offsets"][0]):
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            dtype = TORCH_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise BadSafetensorsError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which this PyTorch lacks")
+            data = bytearray(end - begin)
+            handle.seek(8 + header_len + begin)
+            if handle.readinto(data) != len(data):
+                raise BadSafetensorsError(f"{path}: the file ended while tensor {key!r} was read: truncated file")
+            flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            tensors[key] = flat.reshape(entry["shape"])
+    return {k: tensors[k] for k in keys}  # in the order asked, whatever the order read
 
 
 #: Bytes per element of each safetensors dtype.
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+#: The PyTorch dtype of each safetensors dtype (the unsigned and float8 ones where this PyTorch has them).
+TORCH_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("F8_E5M2", "float8_e5m2"), ("F8_E4M3", "float8_e4m3fn"),
+    ("I16", "int16"), ("U16", "uint16"), ("F16", "float16"), ("BF16", "bfloat16"), ("I32", "int32"), ("U32", "uint32"),
+    ("F32", "float32"), ("F64", "float64"), ("I64", "int64"), ("U64", "uint64")) if hasattr(torch, attr)}
 
 
 def _check_extents(path: Path, header: dict[str, Any], payload: int) -> None:

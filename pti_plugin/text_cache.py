@@ -22,7 +22,7 @@ import torch
 
 from .data.captions import possible_captions
 from .hooks import Batch
-from .models.disk_mapping import map_frozen_to_disk
+from .models.disk_mapping import kept_in_memory, map_frozen_to_disk
 from .models.family import Conditioning
 from .models.trainable import TrainableModel
 
@@ -66,7 +66,8 @@ class TextConditioningCache:
             self.model.offload_text_encoders()
             return f"text encoders moved to the CPU for this stage ({len(ordered)} captions encoded up front)"
         mapped = sum(map_frozen_to_disk(te, self.map_folder) for te in self.model.base.text_encoders)
-        weights = f"frozen weights ({mapped / 2**30:.2f} GiB) now mapped from a file" if mapped else "weights mapped from a file"
+        weights = (f"frozen weights ({mapped / 2**30:.2f} GiB) now mapped from a file" if mapped else "weights kept in memory "
+                   "(disable_mmap_load_safetensors)" if kept_in_memory(self.model.base.text_encoder) else "weights mapped from a file")
         return f"text encoders' {weights} ({len(ordered)} captions encoded up front)"
 
     def _can_offload(self) -> bool:

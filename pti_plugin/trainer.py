@@ -102,7 +102,7 @@ class Trainer:
         base = load_base_model(
             config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
             config.single_file_config, config.tokenizer_path, config.max_token_length, config.model_family,
-            config.zero_terminal_snr, config.vae,
+            config.zero_terminal_snr, config.vae, disable_mmap=config.disable_mmap_load_safetensors,
         )
         merge_base_weights(base, config.base_weights, config.base_weights_multiplier)  # before any LoRA, cast or mapping
         check_against_model(config, base.noise_scheduler, base.prediction_type)  # timestep bounds, v-prediction options

@@ -201,7 +201,7 @@ def test_an_abbreviation_kohyas_parser_takes_names_the_key_it_begins():
 
 @pytest.mark.parametrize("option", ["console_log_level", "console_log_file", "console_log_simple", "deepspeed",
                                     "zero3_init_flag", "fp16_master_weights_and_gradients",
-                                    "cache_text_encoder_outputs_to_disk", "disable_mmap_load_safetensors"])
+                                    "cache_text_encoder_outputs_to_disk"])
 def test_kohya_train_network_options_that_were_unknown_keys_are_refused_by_name(in_tmp, option):
     with pytest.raises(ConfigError, match=f"^command line: kohya option '{option}' is not supported by pti-plugin: "):
         _load(["--train_data_dir", "data", f"--{option}"])

@@ -327,7 +327,7 @@ def open_model(
     model = load_base_model(
         config.pretrained_model_name_or_path, config.clip_skip, config.v_parameterization,
         config.single_file_config, config.tokenizer_path, config.max_token_length, config.model_family,
-        config.zero_terminal_snr, config.vae,
+        config.zero_terminal_snr, config.vae, disable_mmap=config.disable_mmap_load_safetensors,
     )
     merge_base_weights(model, config.base_weights, config.base_weights_multiplier)  # the base the run trained on
     scheduler = DDIMScheduler.from_config(model.noise_scheduler.config, prediction_type=model.prediction_type)

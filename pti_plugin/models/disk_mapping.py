@@ -12,7 +12,9 @@ tensor in when something reads it (a sample, a later stage) and may drop those p
 memory pressure, and an in-place write (a later stage training it) copies only the pages it touches.
 The file is unlinked as soon as it is mapped (the mapping keeps its blocks until the process ends),
 so nothing is left in the folder, even after a crash. Not done on Windows, where a mapped file cannot
-be unlinked.
+be unlinked, nor for a module marked :func:`keep_in_memory`: under ``disable_mmap_load_safetensors`` the base
+model's modules are (a user who turns memory-mapped reads off, for a file system where they are slow or fail,
+gets no memory-mapped weights at all; they stay in process memory, as in kohya, which never maps them).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from torch import nn
 
 #: Marks a module whose frozen tensors are mapped (mapping it again would only write another file).
 MAPPED_FLAG = "_pti_disk_mapped"
+#: Marks a module whose frozen tensors stay in process memory (:func:`keep_in_memory`).
+IN_MEMORY_FLAG = "_pti_kept_in_memory"
 _counter = itertools.count()
 logger = logging.getLogger(__name__)
 
@@ -39,10 +43,21 @@ def frozen_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in tensors.items() if t.device.type == "cpu" and t.numel() > 0}
 
 
+def keep_in_memory(module: nn.Module) -> None:
+    """Never map ``module``'s frozen tensors from a file (:func:`map_frozen_to_disk` leaves it alone)."""
+    setattr(module, IN_MEMORY_FLAG, True)
+
+
+def kept_in_memory(module: nn.Module) -> bool:
+    """Whether ``module`` is marked :func:`keep_in_memory`."""
+    return getattr(module, IN_MEMORY_FLAG, False)
+
+
 def map_frozen_to_disk(module: nn.Module, folder: Path) -> int:
     """Move ``module``'s frozen CPU tensors into a file under ``folder`` (unlinked once mapped) and back
-    as a memory map; returns the bytes that left process memory (0 when nothing was done)."""
-    if os.name == "nt" or getattr(module, MAPPED_FLAG, False):
+    as a memory map; returns the bytes that left process memory (0 when nothing was done: on Windows, a module
+    mapped already or one marked :func:`keep_in_memory`)."""
+    if os.name == "nt" or getattr(module, MAPPED_FLAG, False) or kept_in_memory(module):
         return 0
     tensors = frozen_tensors(module)
     if not tensors:

@@ -324,13 +324,9 @@ def detect_family(path: Path) -> tuple[str, str]:
             return _PIPELINE_FAMILIES[cls], f"model_index.json names {cls}"
         return "sd15", f"model_index.json names {cls or 'no pipeline class'}; assuming SD1.5"
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         from ..safe_load import check_safetensors
 
-        check_safetensors(path)
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
+        keys = [k for k in check_safetensors(path) if k != "__metadata__"]  # the header, read (never mapped)
         for prefix, name in _SINGLE_FILE_MARKERS:
             if any(k.startswith(prefix) for k in keys):
                 return name, f"single file with {prefix}* keys"

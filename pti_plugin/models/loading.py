@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from ..config import EMBEDDED, ConfigError
+from ..safe_load import without_mmap
 from ..text_files import path_not_found
-from .family import Conditioning, ModelFamily, detect_family, make_family
+from .disk_mapping import keep_in_memory
+from .family import CLIP_WINDOW, Conditioning, ModelFamily, detect_family, make_family
 from .model_checks import MODEL_KEY, architecture_problem, not_a_model_folder
 
 logger = logging.getLogger(__name__)
@@ -90,14 +92,17 @@ def choose_family(path: Path, requested: str = "auto") -> tuple[str, str]:
 
 def load_base_model(
     path_value: str, clip_skip: int = 1, v_parameterization: bool = False, single_file_config: str = "",
-    tokenizer_path: str = "", max_token_length: int = 75, model_family: str = "auto", zero_terminal_snr: bool = False,
-    vae: str = "",
+    tokenizer_path: str = "", max_token_length: int = CLIP_WINDOW, model_family: str = "auto",
+    zero_terminal_snr: bool = False, vae: str = "", disable_mmap: bool = False,
 ) -> BaseModel:
     """Load the model at ``path_value``: a diffusers folder, a single ``.safetensors``/``.ckpt``
     checkpoint (see ``single_file.py``), or ``@embedded``; its family is detected (and logged) unless
     ``model_family`` names it. A model that cannot be trained (not a model, incomplete, another architecture)
     is a ``ConfigError`` naming ``pretrained_model_name_or_path`` and the file (see ``model_checks.py``).
-    ``vae``: a VAE file or folder that replaces the model's (``vae_file.py``; its problems name ``vae``)."""
+    ``vae``: a VAE file or folder that replaces the model's (``vae_file.py``; its problems name ``vae``).
+    ``disable_mmap`` (kohya's ``disable_mmap_load_safetensors``): a ``.safetensors`` single file or ``vae`` is read
+    into memory, not memory-mapped (``safe_load.without_mmap``), and the modules' frozen weights are never mapped
+    from a file later (``disk_mapping.keep_in_memory``); a diffusers folder is read by diffusers as always."""
     path = resolve_model_path(path_value)
     if path.is_dir() and not (path / "model_index.json").is_file():  # a model folder's own checks run as it loads
         raise ConfigError.at(MODEL_KEY, f": {not_a_model_folder(path)}")
@@ -115,8 +120,12 @@ def load_base_model(
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc} (model family {name!r}: {why})") from exc
     logger.info("model family %s (%s)", name, why)
+    if disable_mmap and path.is_dir():
+        logger.warning("disable_mmap_load_safetensors: %s is a diffusers folder, which diffusers and transformers read "
+                       "memory-mapped as always (as kohya does); the option covers single-file models and vae", path)
     try:
-        parts = family.load(path, single_file_config, tokenizer_path)
+        with without_mmap(disable_mmap):
+            parts = family.load(path, single_file_config, tokenizer_path)
         problem = architecture_problem(name, parts.unet.config, [int(te.config.hidden_size) for te in parts.text_encoders])
         if problem:  # a diffusers folder's configs were checked before loading; a single file's configs here
             raise ConfigError(f"{path}: {problem}")
@@ -133,10 +142,13 @@ def load_base_model(
     if vae:
         from .vae_file import load_vae
 
-        parts.vae = load_vae(vae, parts.vae)
+        with without_mmap(disable_mmap):
+            parts.vae = load_vae(vae, parts.vae)
     for module in (parts.unet, parts.vae, *parts.text_encoders):
         module.requires_grad_(False)
         module.float()
+        if disable_mmap:
+            keep_in_memory(module)
     return BaseModel(family, parts.unet, parts.vae, parts.text_encoders, parts.tokenizers, parts.noise_scheduler,
                      prediction_type, str(path) + (f" with the VAE {Path(vae).expanduser()}" if vae else ""))
 

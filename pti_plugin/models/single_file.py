@@ -5,10 +5,10 @@ A single file holds the original (CompVis/LDM) key layout: ``model.diffusion_mod
 ``load_single_file`` reads it safely, then builds each diffusers/transformers component with diffusers'
 own single-file machinery:
 
-- the file is read here, never by diffusers: ``.safetensors`` after ``check_safetensors`` (framing
-  checked first), ``.ckpt``/``.pt``/``.pth``/``.bin`` only through ``safe_torch_load``
-  (``torch.load(weights_only=True)`` plus the allow-list for Lightning's ``ModelCheckpoint`` etc.);
-  a ``state_dict`` wrapper is unwrapped;
+- the file is read here, never by diffusers: ``.safetensors`` through ``load_safetensors`` (framing
+  checked first; without mmap under ``disable_mmap_load_safetensors``), ``.ckpt``/``.pt``/``.pth``/``.bin`` only
+  through ``safe_torch_load`` (``torch.load(weights_only=True)`` plus the allow-list for Lightning's
+  ``ModelCheckpoint`` etc.); a ``state_dict`` wrapper is unwrapped;
 - the UNet and VAE come from ``UNet2DConditionModel.from_single_file`` / ``AutoencoderKL.from_single_file``
   given the *state dict* (so diffusers' own loader, which would ``torch.load`` without the allow-list,
   never runs), ``config=`` a local folder of diffusers configs, ``subfolder=`` the component and
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, first_of
-from ..safe_load import check_safetensors, safe_torch_load
+from ..safe_load import load_safetensors, safe_torch_load
 from ..text_files import path_not_found
 from .model_checks import file_kind
 
@@ -99,8 +99,9 @@ _OTHER_FAMILIES = {
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of an original-format checkpoint file, read without running anything from it.
 
-    ``.safetensors``: framing checked with ``check_safetensors`` first. ``.ckpt``/``.pt``/``.pth``/
-    ``.bin``: only through ``safe_torch_load`` (raises ``UnsafeFileError`` for a code-running pickle).
+    ``.safetensors``: through ``load_safetensors`` (framing checked first; memory-mapped, or read whole inside
+    ``safe_load.without_mmap``, kohya's ``disable_mmap_load_safetensors``). ``.ckpt``/``.pt``/``.pth``/``.bin``: only
+    through ``safe_torch_load`` (raises ``UnsafeFileError`` for a code-running pickle; read, never mapped).
     A ``state_dict`` wrapper (Lightning checkpoints) is unwrapped; non-tensor entries are dropped.
     """
     path = Path(path)
@@ -108,10 +109,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(path_not_found(path, "single-file checkpoint"))
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        check_safetensors(path)
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
+        state = load_safetensors(path)  # framing checked; read without mmap under disable_mmap_load_safetensors
     elif suffix in PICKLE_SUFFIXES:
         state = safe_torch_load(path)
     else:

@@ -10,6 +10,9 @@
 - a diffusers folder: an ``AutoencoderKL`` folder (``config.json`` and its weights), or a model folder with a
   ``vae/`` subfolder; its weights file is read by the same safe loader.
 
+A ``.safetensors`` file of either kind is read without mmap under ``disable_mmap_load_safetensors`` (as the base
+model's single file is; kohya itself maps its ``--vae``).
+
 The original layout is converted by diffusers' own ``convert_ldm_vae_checkpoint`` (the conversion
 ``AutoencoderKL.from_single_file`` runs for a model's VAE in ``single_file.py``), old diffusers attention names by
 diffusers' own key fix-up. The replacement must be this model's VAE architecture: its tensors must have exactly the
@@ -163,15 +166,15 @@ def _header_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_state(weights: Path) -> dict[str, torch.Tensor]:
     """The tensors of ``weights`` (``single_file.read_checkpoint``); of a whole ``.safetensors`` checkpoint, only its
-    VAE's (``first_stage_model.*``), so the UNet and text encoders are never read into memory."""
+    VAE's (``first_stage_model.*``), so the UNet and text encoders are never read into memory (nor, under
+    ``disable_mmap_load_safetensors``, read at all: ``safe_load.load_safetensors`` reads only those tensors)."""
     if weights.suffix.lower() in SAFETENSORS_SUFFIXES:
         keys = list(_header_tensors(weights))
         prefix = next((p for p in _VAE_PREFIXES if any(k.startswith(p) for k in keys)), None)
         if prefix is not None and not all(k.startswith(prefix) for k in keys):
-            from safetensors import safe_open
+            from ..safe_load import load_safetensors
 
-            with safe_open(str(weights), framework="pt", device="cpu") as handle:
-                return {k: handle.get_tensor(k) for k in keys if k.startswith(prefix)}
+            return load_safetensors(weights, [k for k in keys if k.startswith(prefix)])
     return read_checkpoint(weights)
 
 
