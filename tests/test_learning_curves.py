@@ -181,6 +181,35 @@ def test_command_line_names_the_culprit(scored_run, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing scored or written
 
 
+def test_a_run_not_drawn_at_the_toy_worlds_size_is_refused_before_scoring(scored_run, tmp_path, capsys, monkeypatch):
+    """The same SD1.5-family run with its config at resolution 64 generates 64 px images, which the toy world's
+    32 px detectors used to read as four 32 px tiles each (scores of 4 images per generation, silently). The
+    command line refuses it before any scoring (exit 2, the run and its size named); score_checkpoints before
+    any model loads; image_scores refuses such images."""
+    from pti_plugin.protocol.curve_scores import image_scores
+
+    source, _ = scored_run
+    run_dir = tmp_path / "at64"
+    shutil.copytree(source, run_dir)
+    (run_dir / CACHE_FILE).unlink()
+    config = run_dir / "pti.config.toml"
+    text = config.read_text()
+    assert "\nresolution = 32\n" in text
+    config.write_text(text.replace("\nresolution = 32\n", "\nresolution = 64\n"))
+    monkeypatch.setattr("pti_plugin.metrics.run_model.load_run",
+                        lambda *a, **k: pytest.fail("a model was loaded for a run the detectors cannot read"))
+    with pytest.raises(SystemExit) as stop:
+        _cli([str(source), str(run_dir), "--seeds", "2", "--steps", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and re.search(rf"{re.escape(str(run_dir))}: .*64x64 px.*toy world's 32 px", err)
+    assert str(source) + ":" not in err  # the 32 px run passes the check
+    assert not (tmp_path / "out").exists() and not (run_dir / CACHE_FILE).exists()
+    with pytest.raises(ValueError, match="64x64 px"):
+        score_checkpoints(run_dir, SEEDS, steps=2, device="cpu")
+    with pytest.raises(ValueError, match=r"\(2, 64, 64, 3\)"):
+        image_scores(np.zeros((2, 64, 64, 3), dtype=np.uint8))
+
+
 # ------------------------------------------------------------------------------------------ simulated runs
 STEPS = np.arange(0, 1600, 100)  # 16 checkpoints, the first the base point
 WIDTH = 80.0  # logistic width of every simulated curve, in steps
