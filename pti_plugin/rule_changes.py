@@ -62,7 +62,9 @@ def _has_sdxl_pad_windows(facts: RunFacts) -> bool:
     ``pad_opens_a_window``): one that fills them and has a window opening with the second tokenizer's pad token
     ``!``; a caption whose tags move from draw to draw (shuffled, dropped, drawn lines or choices), each of its lines
     as written that fills them and holds the pad token anywhere."""
-    if facts.family != "sdxl" or facts.max_token_length <= 75:
+    from .models.family import CLIP_WINDOW
+
+    if facts.family != "sdxl" or facts.max_token_length <= CLIP_WINDOW:
         return False
     from .data.captions import expand_token, possible_captions, with_prefix_suffix
 
