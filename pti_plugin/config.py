@@ -201,8 +201,10 @@ class Config:
     text_encoder_lr: float | None = doc("Text-encoder LoRA learning rate for lora stages.", None)
     # --- optimisation (defaults for every stage)
     max_train_steps: int = doc("Optimizer steps per stage unless the stage says otherwise.", 1000)
-    max_train_epochs: int | None = doc("Epochs per stage unless the stage says otherwise; overrides max_train_steps.", None)
-    learning_rate: float = doc("Learning rate unless the stage says otherwise.", 1e-4)
+    max_train_epochs: int | None = doc("Epochs per stage unless the stage says otherwise; overrides max_train_steps (as kohya: both given, a warning names them).", None)
+    learning_rate: float = doc("Default rate of every stage without its own learning_rate, the inversion stage's too (kohya's is the LoRA's only; a warning says so when a command-line or config_file rate reaches an inversion stage). Not given, the built-in stages learn at "
+                               + " and ".join(f"{lr:g} ({kind})" for kind, lr in DEFAULT_STAGE_LRS.items())
+                               + ", a preset's stage without its own rate at this key's default.", 1e-4)
     optimizer_type: str = doc("AdamW, AdamW8bit, Lion8bit, PagedAdamW8bit, SGD, Lion, Adafactor, Prodigy ...", "AdamW")
     optimizer_args: list[str] = doc('Extra optimizer arguments as "key=value" strings.', factory=list)
     use_8bit_adam: bool = doc('kohya\'s deprecated switch: optimizer_type = "AdamW8bit" (the top-level one: every stage without its own); refused beside optimizer_type or use_lion_optimizer.', False)

@@ -23,7 +23,8 @@ from .config_checks import (check_stage_schedules, check_the_pivot_is_learned, v
                             with_kohya_tracker)
 from .input_checks import with_leading_dot
 from .text_files import read_toml_file
-from .resolution import check_given_values_are_used, default_stage_dicts, resolve_stages, warn_unreached_intervals
+from .resolution import (check_given_values_are_used, default_stage_dicts, resolve_stages, warn_rate_reaching_inversion,
+                         warn_unreached_intervals)
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +111,13 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
     parsed = with_kohya_tracker(with_kohya_switches(_build(Config, raw), raw, check_paths=check_paths and not data_only))
     validate_config(parsed, check_paths, data_only)
     parsed = _with_dims_from_weights(parsed, read=check_paths and not data_only)
-    config = dataclasses.replace(parsed, stages=resolve_stages(parsed), train_batch_size=_batch_size(parsed),
+    config = dataclasses.replace(parsed, stages=resolve_stages(parsed),
+                                 train_batch_size=_batch_size(parsed, given_size="train_batch_size" in raw),
                                  caption_extension=with_leading_dot(parsed.caption_extension),
                                  network_alpha=parsed.network_alpha or float(parsed.network_dim))  # kohya: 0 is dim
     if given:
         check_given_values_are_used(config, parsed.stages, given)
+        warn_rate_reaching_inversion(config, parsed.stages, given)
     check_stage_schedules(parsed, config)
     check_the_pivot_is_learned(config)
     if check_paths and warn_intervals and not data_only:  # a config to run now (not a saved run's, read back)
@@ -151,12 +154,13 @@ def _with_dims_from_weights(parsed: Config, read: bool) -> Config:
     return taken
 
 
-def _batch_size(config: Config) -> int:
-    """``train_batch_size``, or the dataset_config's ``batch_size`` (kohya: the dataset config wins)."""
+def _batch_size(config: Config, given_size: bool) -> int:
+    """``train_batch_size``, or the dataset_config's ``batch_size`` (kohya: the dataset config wins), with a warning
+    when it replaces a ``train_batch_size`` the user gave (``given_size``), not the default."""
     if not config.dataset_config:
         return config.train_batch_size
     size = _dataset_config_batch_size(Path(config.dataset_config))
-    if size is not None and size != config.train_batch_size:
+    if given_size and size is not None and size != config.train_batch_size:
         logger.warning("dataset_config batch_size = %d replaces train_batch_size = %d (kohya: the dataset config wins)",
                        size, config.train_batch_size)
     return config.train_batch_size if size is None else size

@@ -15,8 +15,12 @@ Rules (the README's table under "Stages", of where each top-level key applies, s
   ``learning_rate``. ``pivot_lr`` is a stage key (default: the stage's ``learning_rate``).
 - ``network_train_unet_only`` is the default of every lora stage's ``train_text_encoder``, kohya's
   ``network_train_text_encoder_only`` of its ``train_unet`` (:data:`SWITCH_TARGETS`).
-- The built-in stages (a preset without ``[[stages]]``) learn at 5e-3 (inversion) and 1e-4 (lora)
-  unless a top-level ``learning_rate`` is given, which then reaches both.
+- The built-in stages (a preset without ``[[stages]]``) learn at ``DEFAULT_STAGE_LRS`` (inversion, lora)
+  unless a top-level ``learning_rate`` is given, which then reaches both. One the command line or a kohya
+  ``config_file`` gives (kohya's is the LoRA's rate) that reaches an inversion stage without a rate of its own is
+  named in a warning (:func:`warn_rate_reaching_inversion`).
+- ``max_train_epochs`` replaces ``max_train_steps`` where both reach a stage, with a warning naming both (kohya's
+  "override steps").
 
 A value the user gives (top-level preset key or command-line flag) that no stage uses is an error
 naming the stage keys that shadow it and the ``--set`` command that would work.
@@ -353,15 +357,49 @@ def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], g
         value = getattr(config, key)
         target = ({"max_train_steps": "steps"} | SWITCH_TARGETS).get(key, key)
         value_text = str(not value).lower() if key in SWITCH_TARGETS else _toml_literal(value)
-        commands = " or ".join(f"--set stages.{s.index}.{target}={value_text}" for s, raw in zip(config.stages, raw_stages)
+        commands = " or ".join(f"--set stages.{s.index}.{target}={value_text} ({s.kind} stage {s.name!r})"
+                               for s, raw in zip(config.stages, raw_stages)
                                if not (target in ("unet_lr", "text_encoder_lr", *SWITCH_TARGETS.values()) and s.kind != "lora")
                                and not (target == "steps" and raw.max_train_epochs is not None)
                                and not (target == "learning_rate" and _group_rates(config, raw, s)))
-        hint = f" To change a stage, use {commands}." if commands else " No stage can use it: remove it."
+        overridden = key == "max_train_steps" and any("follows max_train_epochs" in reason for reason in reasons)
+        lead = f"To give a stage {value} steps instead" if overridden else "To change a stage"
+        hint = f" {lead}, use {commands}." if commands else " No stage can use it: remove it."
+        if overridden:  # kohya: max_train_epochs overrides max_train_steps
+            logger.warning("max_train_epochs = %d (%s) replaces max_train_steps = %d (%s), as in kohya (\"override "
+                           "steps\"): %s.%s", config.max_train_epochs, given.get("max_train_epochs", "preset"), value,
+                           source, "; ".join(reasons), hint)
+            continue
         message = f"{key} = {_toml_literal(value)} ({source}) is used by no stage: " + "; ".join(reasons) + "." + hint
         if not source.startswith("config_file"):
             raise ConfigError(message)
         logger.warning("%s (%s)", message, _what_kohya_does(key, given))
+
+
+def warn_rate_reaching_inversion(config: Config, raw_stages: list[StageConfig], given: dict[str, str]) -> None:
+    """Once, at start-up: a warning when a top-level ``learning_rate`` that the command line or a kohya ``config_file``
+    gave (``given``: key -> where from) reaches an inversion stage that sets neither ``learning_rate`` nor ``pivot_lr``
+    (a built-in one, or a preset's): it replaces the inversion default (``DEFAULT_STAGE_LRS``) there, while in kohya
+    it is the LoRA's rate. It names the ``--set`` that keeps the default; a stage rate of the user's own (that
+    ``--set``, or the preset stage's) is what the user meant: that stage is left out. A preset's top-level
+    ``learning_rate`` is the preset's design (the README says where it reaches): no warning."""
+    source, default = given.get("learning_rate", ""), DEFAULT_STAGE_LRS["inversion"]
+    if not (source == "command line" or source.startswith("config_file")) or config.learning_rate == default:
+        return
+    reached = [s for s, raw in zip(config.stages, raw_stages)
+               if s.kind == "inversion" and raw.learning_rate is None and raw.pivot_lr is None]
+    if not reached:
+        return
+    several = len(reached) > 1
+    stages = ("stages " if several else "stage ") + " and ".join(f"stages.{s.index} ({s.name!r})" for s in reached)
+    commands = " ".join(f"--set stages.{s.index}.learning_rate={_toml_literal(default)}" for s in reached)
+    logger.warning("learning_rate = %s (%s) is also the rate of the inversion %s, which set%s no learning_rate "
+                   "of %s own: %s pivot learns at it instead of the inversion default %s. Here a top-level "
+                   "learning_rate is the default of every stage; in kohya it is the LoRA's rate (and a lower rate "
+                   "slows the inversion). To keep %s for the inversion, add %s (a stage rate of your own, set that "
+                   "way, also silences this warning).", _toml_literal(config.learning_rate), source, stages,
+                   "" if several else "s", "their" if several else "its", "their" if several else "its",
+                   _toml_literal(default), _toml_literal(default), commands)
 
 
 def _what_kohya_does(key: str, given: dict[str, str]) -> str:

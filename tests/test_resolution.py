@@ -101,17 +101,18 @@ def test_a_shorthand_no_lora_stage_can_use_is_refused(tmp_path):
     assert dict(config.stages[1].groups())["text_encoder_lora"] == 2e-3
 
 
-def test_stage_length_own_steps_win_and_epochs_become_steps_once_the_data_is_scanned(tmp_path):
+def test_stage_length_own_steps_win_and_epochs_become_steps_once_the_data_is_scanned(tmp_path, caplog):
     path = _preset(tmp_path, 'max_train_epochs = 3\n[[stages]]\nkind = "inversion"\nsteps = 5\n'
                    '[[stages]]\nkind = "lora"\n[[stages]]\nname = "x"\nkind = "lora"\nmax_train_epochs = 2\n')
     config = load_config(path)
     assert [(s.steps, s.max_train_epochs) for s in config.stages] == [(5, None), (None, 3), (None, 2)]
     assert [s.steps for s in with_epoch_steps(config, 7).stages] == [5, 21, 14]
-    with pytest.raises(ConfigError, match=re.escape("max_train_steps = 9 (command line) is used by no stage: "
-                                                    "stages.0.steps = 5; stages.1 follows max_train_epochs = 3; "
-                                                    "stages.2.max_train_epochs = 2. To change a stage, use "
-                                                    "--set stages.0.steps=9 or --set stages.1.steps=9.")):
-        load_config(path, {"max_train_steps": 9})
+    with caplog.at_level(logging.WARNING):  # kohya: max_train_epochs overrides max_train_steps
+        assert load_config(path, {"max_train_steps": 9}).stages == config.stages
+    assert ("max_train_epochs = 3 (preset) replaces max_train_steps = 9 (command line), as in kohya (\"override steps\"): "
+            "stages.0.steps = 5; stages.1 follows max_train_epochs = 3; stages.2.max_train_epochs = 2. To give a stage 9 "
+            "steps instead, use --set stages.0.steps=9 (inversion stage 'inversion0') or --set stages.1.steps=9 (lora "
+            "stage 'lora1').") in caplog.text
     with pytest.raises(ConfigError, match="key 'stages.2.max_train_epochs': stages.2 also sets steps"):
         load_config(path, sets=["stages.2.steps=4"])
 
