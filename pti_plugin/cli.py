@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 import os
@@ -15,20 +16,52 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .command_line import USAGE, parse_args  # noqa: E402
-from .config import Config, ConfigError  # noqa: E402
+from .config import Config, ConfigError, StageConfig  # noqa: E402
 from .config_loading import load_config, named_where_given  # noqa: E402
 from .main_process_checks import launcher_rank, main_process_printed, tell_refusal_printed, told_elsewhere  # noqa: E402
 from .stop_signals import StopSignalled, stop_raises  # noqa: E402
 
 
 def list_keys() -> str:
+    """Every preset key with its default and documentation (``--list_keys``); ``stages``' default as a preset writes
+    its ``[[stages]]`` tables, followed by the keys of such a table."""
     import dataclasses
+
+    import toml
 
     lines = []
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"{f.name} = {default!r}\n    {f.metadata.get('doc', '')}")
+        if f.name != "stages":
+            lines.append(f"{f.name} = {default!r}\n    {f.metadata.get('doc', '')}")
+            continue
+        tables = [{k: v for k, v in dataclasses.asdict(stage).items() if v is not None} for stage in default]
+        written = toml.dumps({"stages": tables}).replace("\n\n", "\n").strip().replace("\n", "\n    ")
+        lines.append(f"stages = (the two a preset without [[stages]] trains)\n    {written}\n"
+                     f"    {f.metadata.get('doc', '')} The keys of a [[stages]] table:")
+        lines += [f"    stages.N.{s.name} = {s.default!r}\n        {s.metadata.get('doc', '')}"
+                  for s in dataclasses.fields(StageConfig)]
     return "\n".join(lines)
+
+
+#: The loggers whose info lines the console shows while the configuration is read (process 0): the keys of a preset or
+#: kohya config_file that are left out (the kohya_ss GUI's ``epoch``, ``no_half_vae = true``: README, "with an info
+#: line"), as kohya's console shows its info lines. Otherwise it shows warnings and errors (and the run's progress).
+INFO_SHOWN = ("pti_plugin.config", "pti_plugin.kohya_config_file")
+
+
+@contextlib.contextmanager
+def info_lines_shown(shown: bool):
+    """Within it, the info lines of :data:`INFO_SHOWN` reach the console when ``shown``; their levels are restored."""
+    loggers = [logging.getLogger(name) for name in INFO_SHOWN] if shown else []
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 #: seconds a process whose refusal process 0 prints waits for it (see :func:`_fail`)
@@ -77,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR if other_rank else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         preset, overrides, sets = parse_args(argv)
-        config = load_config(preset, overrides, sets)
+        with info_lines_shown(not other_rank):
+            config = load_config(preset, overrides, sets)
     except ConfigError as exc:  # the same on every process (the same command and files): said once
         return _fail(f"error: {exc}", 2, quiet=other_rank)
     if config.debug_dataset:  # kohya's: show the dataset, train nothing

@@ -23,6 +23,10 @@ USAGE = """usage: train_pti.py [--preset FILE] [--KEY VALUE ...] [--set NESTED.K
   --config_file FILE     a kohya --config_file TOML (.toml added when missing): read over the preset,
                          beneath the flags you type (as kohya); its relative paths are the current folder's
   --set KEY=VALUE        override a nested key, e.g. --set stages.0.steps=10
+  --resume STATE_FOLDER  continue a run from a state it saved (save_state: <output_name>-state-stepNNNNNNNN),
+                         bit-identical to the uninterrupted run; a stopped run prints the command
+  --overwrite            let this run replace an earlier run's files of the same names in output_dir
+                         (without it, a run that would replace them is refused at start)
   --list_keys            print every preset key with its default and documentation
 """
 

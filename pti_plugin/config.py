@@ -131,7 +131,7 @@ class Config:
     dataset_config: str = doc("kohya dataset_config TOML ([[datasets]] / [[datasets.subsets]]); replaces train_data_dir.", "")
     caption_extension: str = doc("Caption file extension.", ".txt")
     caption_template: str = doc("Prompt for images without a caption file; {} is the token.", "an anime illustration of {}")
-    resolution: int | list[int] = doc("Training resolution: an int or [width, height].", 512)
+    resolution: int | list[int] = doc("Training resolution: an int or [width, height] (or kohya's \"width,height\").", 512)
     enable_bucket: bool = doc("Aspect-ratio bucketing.", False)
     min_bucket_reso: int = doc("Smallest bucket side.", 256)
     max_bucket_reso: int = doc("Largest bucket side.", 1024)
@@ -389,6 +389,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
             continue
         if key not in valid:
             raise _unknown_key(key, valid, prefix)
+        if cls is Config and key in SIZE_KEYS and isinstance(value, str):  # kohya's "W,H", as --resolution reads it
+            value = parse_size(value, key, f"preset: key {key!r}")
         if key == "stages" and cls is Config:
             if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
                 raise ConfigError.at("stages", " must be a list of tables ([[stages]])")
@@ -494,7 +496,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-#: The keys that take a size, an int or [W, H]: kohya's "W,H" text on the command line and in its config_file.
+#: The keys that take a size, an int or [W, H], or kohya's "W,H" text (its command line's and config_file's) anywhere.
 SIZE_KEYS = frozenset(name for name, kind in typing.get_type_hints(Config).items() if list[int] in typing.get_args(kind))
 
 

@@ -257,6 +257,11 @@ def _unreached_intervals(config: Config, steps_per_epoch: int | None) -> dict[st
         if value and not (key == "save_every_n_epochs" and config.save_n_epoch_ratio):  # the ratio replaces it
             problems[key] = None if length is None else "" if value <= length else (
                 f"{key} = {value} is more than {run}: {outcome}; lower it to {verb} in between")
+    if longest == 0 and problems.get("save_every_n_epochs"):  # no stage reaches the end of its first epoch
+        problems["save_every_n_epochs"] = (
+            f"save_every_n_epochs = {config.save_every_n_epochs}: every stage ends before its first epoch ends "
+            f"({per_epoch} step(s) each): no epoch save, nothing is saved before the final save; save_every_n_steps "
+            "saves in between")
     return problems
 
 

@@ -6,6 +6,7 @@ once latents are cached); and the start-up block that says so.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,15 +109,17 @@ def release_vae(placement: Placement, vae: torch.nn.Module, latents_cached: bool
 
 
 def announce(info: Callable[[str], None], config: Config, base, placement: Placement, device: torch.device, *,
-             images: int, entries: int, processes: int, global_batch: int, frozen_text: list[str],
-             trainable_dtype: torch.dtype) -> None:
-    """The start-up block: model, data, processes, device, precision and what is cached (``frozen_text``: the
-    stages whose text-encoder outputs the cache serves)."""
+             items: list, entries: list[int], processes: int, global_batch: int, frozen_text: list[str],
+             trainable_dtype: torch.dtype, subsets: list, output_dir: Path) -> None:
+    """The start-up block: model, data (``items``, the images; ``entries``, their indices with repeats), processes,
+    device, output folder and sizes (:func:`sizes_text`), precision and what is cached (``frozen_text``: the stages
+    whose text-encoder outputs the cache serves)."""
     info(
         f"model {base.source} ({base.family.name}, {base.prediction_type}); attention: {placement.attention}; "
-        f"{images} images, {entries} entries with repeats; "
+        f"{len(items)} images, {len(entries)} entries with repeats; "
         f"{processes} process(es), global batch {global_batch}; device {device}"
     )
+    info(f"output folder {output_dir}; {sizes_text(subsets, [items[i].bucket for i in entries])}")
     latents = "on disk and in memory" if config.cache_latents_to_disk else "in memory" if config.cache_latents else "off"
     texts = (("in stages " + ", ".join(map(repr, frozen_text)) if frozen_text else "asked, but every stage trains "
               "the text side (the pivot or a text-encoder LoRA), so none") if config.cache_text_encoder_outputs else "off")
@@ -129,3 +132,22 @@ def announce(info: Callable[[str], None], config: Config, base, placement: Place
     if placement.vae_mapped:
         info(f"VAE weights ({placement.vae_mapped / 2**30:.2f} GiB) mapped from a file: latents are cached and "
              "the device is the CPU, so they leave process memory until a sample reads them")
+
+
+#: At most this many bucket sizes are named in the start-up block (the rest counted).
+NAMED_BUCKETS = 8
+
+
+def sizes_text(subsets: list, buckets: list[tuple[int, int]]) -> str:
+    """The subsets' resolutions and whether they bucket, and with buckets the sizes in use by ``buckets`` (one (w, h)
+    per entry with repeats), each with its number of entries: ``resolution 512x512, buckets on: 2 in use (448x576 x2,
+    512x512 x10)``."""
+    resolutions = ", ".join(dict.fromkeys(f"{w}x{h}" for w, h in (s.resolution for s in subsets)))
+    bucketing = [s.bucket_settings[0] for s in subsets]
+    if not any(bucketing):
+        return f"resolution {resolutions}, buckets off"
+    counts = sorted(Counter(buckets).items())
+    named = ", ".join(f"{w}x{h} x{n}" for (w, h), n in counts[:NAMED_BUCKETS])
+    more = f", {len(counts) - NAMED_BUCKETS} more" if len(counts) > NAMED_BUCKETS else ""
+    where = "" if all(bucketing) else " (in some subsets)"
+    return f"resolution {resolutions}, buckets on{where}: {len(counts)} in use ({named}{more})"

@@ -130,9 +130,9 @@ class Trainer:
                                   len(self.validation.items), self.placement.vae_offloaded, self._info, self.subsets,
                                   self.global_batch)
         frozen_text = [s.name for s in config.stages if self.text_cache.caches(self.state.stage_trains(s).text_encoders)]
-        announce(self._info, config, base, self.placement, device, images=len(self.items), entries=len(self.entries),
+        announce(self._info, config, base, self.placement, device, items=self.items, entries=self.entries,
                  processes=self.accelerator.num_processes, global_batch=self.global_batch, frozen_text=frozen_text,
-                 trainable_dtype=self.pivot.vectors.dtype)
+                 trainable_dtype=self.pivot.vectors.dtype, subsets=self.subsets, output_dir=output_dir)
         for plugin in self.plugins:
             plugin.on_setup(self.state)
 

@@ -101,6 +101,10 @@ def test_save_and_sample_intervals_longer_than_a_step_based_run_are_warned_once_
     assert _interval_warnings(caplog) == [
         "save_every_n_epochs = 2 is more than the 1 epoch(s) of the longest stage (epochs are counted within each "
         "stage, 6 step(s) each): nothing is saved before the final save; lower it to save in between"]
+    with_epoch_steps(config, 12)  # 10 steps of 12: no stage ends its first epoch, lowering the value cannot help
+    assert _interval_warnings(caplog) == [
+        "save_every_n_epochs = 2: every stage ends before its first epoch ends (12 step(s) each): no epoch save, "
+        "nothing is saved before the final save; save_every_n_steps saves in between"]
     build_config(_raw(tmp_path / "fits", max_train_steps=10, save_every_n_steps=15, sample_every_n_steps=20,
                       sample_prompts=str(prompts)))
     assert _interval_warnings(caplog) == []

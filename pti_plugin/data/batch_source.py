@@ -14,6 +14,7 @@ Slots of a step's global batch are laid out micro-batch-major, then rank, then s
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 
@@ -117,14 +118,16 @@ def _init_worker(worker_id: int) -> None:
 class MicroBatchStream:
     """The run's micro-batches in order, from one DataLoader over :class:`MicroBatchDraws`.
 
-    ``workers`` = 0 builds them in this process; ``persistent`` keeps the worker processes from one
-    stage to the next. :meth:`start_stage` points the loader at a stage's remaining steps (a resumed
-    stage starts at its resumed step); :meth:`get` returns the micro-batch of (step, micro).
+    ``workers`` = 0 builds them in this process, N in ``min(N, os.cpu_count())`` worker processes (kohya's cap in
+    ``train_network.py``, silent as kohya's); ``persistent`` keeps the worker processes from one stage to the next.
+    :meth:`start_stage` points the loader at a stage's remaining steps (a resumed stage starts at its resumed
+    step); :meth:`get` returns the micro-batch of (step, micro).
     """
 
     def __init__(self, draws: MicroBatchDraws, workers: int, persistent: bool, accumulation: int):
         self.draws, self.accumulation = draws, accumulation
         self._keys = _StageKeys()
+        workers = min(workers, os.cpu_count() or 1)  # kohya: min(max_data_loader_n_workers, os.cpu_count())
         # batch_size=None: each item is already a micro-batch. The generator keeps the loader from
         # drawing its workers' base seed from torch's global generator (nothing here uses that seed).
         self._loader: DataLoader | None = DataLoader(
