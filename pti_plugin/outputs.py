@@ -6,8 +6,11 @@ intermediate saves ``<name>-stepNNNNNNNN.safetensors``, the resolved config
 ``<output_name>-state-stepNNNNNNNN/``, samples ``samples/<output_name>-<tag>-<i>.png`` and ``samples/<output_name>-before-after.png``.
 A new run refuses to start when any of its files already exists (other runs' files in the same
 folder are fine); a resume refuses the final files and the step files and states past its state's
-step. ``overwrite = true`` lets the run replace whatever it writes, state folders included. Only kohya's
-``save_last_n_*`` delete saved files: the run's own older intermediate saves (``save_schedule.py``).
+step. ``overwrite = true`` lets the run replace whatever it writes of an earlier run of its ``output_name``, state
+folders included; the files of its token's names (the embedding, its step saves) that another run in the folder wrote
+(another ``output_name`` with the same ``token_string``) are refused with or without it, naming that run
+(:meth:`RunFiles.other_runs_files`). Only kohya's ``save_last_n_*`` delete saved files: the run's own older
+intermediate saves (``save_schedule.py``). The commands printed for the user: :func:`trainer_command`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import dataclasses
 import json
 import logging
 import re
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,7 @@ import torch
 
 from .config import ConfigError, first_of
 from .resolution import resolved_dict, training_metadata
+from .safe_load import BadSafetensorsError, check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +84,33 @@ def run_dir_finished(run_dir: Path, output_name: str) -> bool:
     if isinstance(token, str) and token:
         return run_finished(run_dir, output_name, token)
     return (run_dir / f"{output_name}.safetensors").is_file()
+
+
+def trainer_command(*args: str | Path) -> str:
+    """The command line that runs the trainer with ``args``, each quoted for a POSIX shell (a path with a space stays
+    one argument), to copy and paste: ``accelerate launch`` with the script as this process was started
+    (``sys.argv[0]`` as given, e.g. ``/work/main/train_pti.py`` when started from another folder); the ``pti-train``
+    console script through ``accelerate launch --no_python``; ``train_pti.py`` when the trainer runs inside another
+    program (``sys.argv[0]`` not a Python script of its own)."""
+    script = sys.argv[0] if sys.argv else ""
+    name = Path(script).name
+    if name == "pti-train":
+        head = "accelerate launch --no_python pti-train"
+    elif name.endswith(".py") and name != "__main__.py":
+        head = f"accelerate launch {shlex.quote(script)}"
+    else:
+        head = "accelerate launch train_pti.py"
+    return " ".join([head, *(shlex.quote(str(arg)) for arg in args)])
+
+
+def safetensors_title(path: Path) -> str | None:
+    """The ``modelspec.title`` in a saved file's metadata (a run writes its ``metadata_title``, by default its
+    ``output_name``); None when the file has none or is not a readable safetensors file."""
+    try:
+        title = (check_safetensors(path).get("__metadata__") or {}).get("modelspec.title")
+    except (BadSafetensorsError, OSError, AttributeError):
+        return None
+    return title if isinstance(title, str) else None
 
 
 def precision_dtype(name: str) -> torch.dtype:
@@ -156,8 +189,10 @@ class RunFiles:
 
         A resume (``resumed_step``: the state's global step) may find the earlier run's config and
         log, but not its final files nor its step files and states past ``resumed_step`` (the resumed
-        run would write them again). With ``overwrite`` nothing is refused: the run replaces what it writes."""
+        run would write them again). With ``overwrite`` the run replaces what it writes, except another run's files
+        (:meth:`other_runs_files`), which are refused with or without it."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._refuse_other_runs_files()
         if self.overwrite:
             return
         taken = [p for p in (self.lora(), self.embedding(), self.config_toml, self.log_jsonl) if p.exists()]
@@ -169,7 +204,7 @@ class RunFiles:
             if later and not taken:
                 shown = first_of([p.name for p in later], 6)
                 latest = max(states)[1] if states else None
-                hint = (f"; or continue from the latest state instead: --resume {latest}"
+                hint = (f"; or continue from the latest state instead: --resume {shlex.quote(str(latest))}"
                         if latest is not None and latest in later else "")
                 raise ConfigError(
                     f"key 'resume': output_dir {self.output_dir} already holds {shown}, which the earlier run saved after "
@@ -195,11 +230,69 @@ class RunFiles:
         folder it ran in, which differs once the folder is moved or copied). Where the earlier run wrote its final
         LoRA or embedding (it finished, or was stopped during its final save), a resume would write them again, so the
         command needs ``--overwrite`` (before, the suggested command was refused in turn) and says what it replaces."""
-        command = f"--preset {self.config_toml} --resume {latest} --output_dir {self.output_dir}"
+        command = ("--preset", self.config_toml, "--resume", latest, "--output_dir", self.output_dir)
         final = [p.name for p in (self.lora(), self.embedding()) if p.exists()]
         if not final:
-            return f"; to continue the earlier run: {command}"
-        return f"; to continue the earlier run, replacing its final {' and '.join(final)}: {command} --overwrite"
+            return f"; to continue the earlier run: {trainer_command(*command)}"
+        return (f"; to continue the earlier run, replacing its final {' and '.join(final)}: "
+                f"{trainer_command(*command, '--overwrite')}")
+
+    def _token_claims(self) -> list[str]:
+        """The output_names of the runs whose resolved config in the folder (``<output_name>.config.toml``, written
+        by every run at its start) has this run's ``token_string``."""
+        claims = []
+        for path in sorted(self.output_dir.glob("*.config.toml")):
+            try:
+                token = toml.loads(path.read_text(encoding="utf-8")).get("token_string")
+            except (OSError, UnicodeDecodeError, toml.TomlDecodeError):
+                continue
+            if token == self.token:
+                claims.append(path.name[: -len(".config.toml")])
+        return claims
+
+    def other_runs_files(self) -> dict[Path, tuple[str, ...]]:
+        """The files of this run's token names (``<token>.safetensors``, ``<token>-[interrupted-]stepNNNNNNNN
+        .safetensors``) in the folder that a run of another ``output_name`` wrote, each with that run's output_name:
+        the embedding is named by the token (A1111 takes its file name for the prompt word), so two runs of one token
+        in one folder (``char`` and ``char_v2``) would write the same files. A file's run: the ``modelspec.title``
+        of its metadata when that names a run here (its LoRA or config in the folder; the title is the output_name
+        unless ``metadata_title`` set another), else the runs whose config here has this token (:meth:`_token_claims`)
+        when this run's config does not (then each of them, several in a folder where files were moved by hand); a file
+        of no known run is not listed."""
+        if not self.output_dir.is_dir():
+            return {}
+        claims = self._token_claims()
+        others = [name for name in claims if name != self.output_name]
+        own = re.compile(rf"^{re.escape(self.token)}(?:{STEP_TAG})?\.safetensors$")
+        found = {}
+        for path in [self.embedding()] + [p for _, p in self.step_files() if p != self.embedding()]:
+            if not own.match(path.name) or not path.is_file():
+                continue
+            title = safetensors_title(path)
+            if title == self.output_name:
+                continue
+            if title and any((self.output_dir / f"{title}{end}").is_file() for end in (".safetensors", ".config.toml")):
+                found[path] = (title,)
+            elif others and self.output_name not in claims:
+                found[path] = tuple(others)
+        return found
+
+    def _refuse_other_runs_files(self) -> None:
+        """Refuse to start when the folder holds files of this run's token names that another run wrote
+        (:meth:`other_runs_files`): ``overwrite`` replaces an earlier run of this output_name, never another run."""
+        found = self.other_runs_files()
+        if not found:
+            return
+        runs = sorted({name for names in found.values() for name in names})
+        whose = f"run {runs[0]!r}" if len(runs) == 1 else f"runs {', '.join(map(repr, runs))}"
+        raise ConfigError(
+            f"output_dir {self.output_dir} already holds {first_of([p.name for p in found], 6)}: embedding files "
+            f"{whose} saved, named by its token {self.token!r} (as A1111 takes the file name for the prompt word); this "
+            f"run (output_name {self.output_name!r}, the same token) would write its own under the same names, "
+            f"replacing them: choose another output_dir for this run (or another token_string). overwrite = true "
+            f"(--overwrite) replaces only an earlier run of this output_name; to replace {whose}'s files anyway, "
+            f"delete or move them yourself first"
+        )
 
 
 def kohya_run_metadata(config) -> dict[str, str]:

@@ -153,7 +153,8 @@ def _latest_state_hint(folder: Path) -> str:
     if not states:
         return ""
     latest = states[-1]
-    return f"; it is a run's folder holding {len(states)} state folder(s): to continue, --resume {latest} (the latest saved)"
+    return (f"; it is a run's folder holding {len(states)} state folder(s): to continue, --resume {shlex.quote(str(latest))} "
+            "(the latest saved)")
 
 
 def read_progress(folder: Path) -> SavedProgress:

@@ -7,6 +7,7 @@ when (``save_schedule.py``); this module writes.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from .atomic_io import write_failed
-from .config import Config
+from .config import Config, first_of
 from .data.captions import expand_token
 from .data.dataset import ImageItem, Subset
 from .data.dataset_stats import tag_frequency
@@ -23,10 +24,30 @@ from .formats.kohya_dataset_metadata import kohya_dataset_metadata, session_meta
 from .hooks import Plugin, TrainerState
 from .models.trainable import TrainableModel
 from .nan_policy import optimizer_state_is_finite
-from .outputs import RunFiles, write_lora_and_embedding
+from .outputs import RunFiles, trainer_command, write_lora_and_embedding
 from .resume import SavedProgress, base_identity, batch_shape, lora_scales, save_state
-from .save_schedule import epoch_metadata, prune_saves
+from .save_schedule import SaveSchedule, epoch_metadata, prune_saves
 from .tracker_keys import TrackerKeys
+
+logger = logging.getLogger(__name__)
+
+
+def saves_left_in_place(config: Config, files: RunFiles, steps_per_epoch: int) -> list[Path]:
+    """The step saves of this run's names in ``output_dir`` (an earlier run's, found by a new run with ``overwrite``)
+    that this run will not write again, so that they stay beside its outputs: ``-interrupted-`` saves, LoRA and
+    embedding saves at a step this run does not save (its schedule: :class:`~.save_schedule.SaveSchedule`; never at
+    its last step, whose save is the final one) and state folders at a step where it saves no state (the last step's
+    with ``save_state`` or ``save_state_on_train_end``)."""
+    schedule = SaveSchedule(config, steps_per_epoch)
+    left = []
+    for step, path in files.step_files():
+        saved = step < schedule.total and (schedule.step_save(step) or schedule.epoch_save(step) is not None)
+        if path.is_dir():
+            saved = (config.save_state and saved) or (step == schedule.total and (
+                config.save_state or config.save_state_on_train_end))
+        if "-interrupted-" in path.name or not saved:
+            left.append(path)
+    return left
 
 
 class RunOutputs:
@@ -47,6 +68,19 @@ class RunOutputs:
         self._log_mode = "a" if config.resume else "w"
         self._saved: tuple[int, dict[str, Path]] | None = None  # the last save with a state: (global step, its paths)
         self.tracker_keys = TrackerKeys(config, accelerator)  # kohya's keys beside ours, on the tracker
+        if config.overwrite and not config.resume and accelerator.is_main_process:
+            self._warn_saves_left(state.steps_per_epoch)
+
+    def _warn_saves_left(self, steps_per_epoch: int) -> None:
+        """``overwrite``: name the earlier run's step saves this run leaves in place (:func:`saves_left_in_place`);
+        before, they stayed beside the new run's outputs unsaid. Nothing is deleted."""
+        left = saves_left_in_place(self.config, self.files, steps_per_epoch)
+        if left:
+            logger.warning(
+                "overwrite: %s holds an earlier run's step saves of this run's names (output_name %r, token %r) that "
+                "this run will not write again: %s; they stay as they are beside this run's outputs (nothing is "
+                "deleted): move or delete them if they are not wanted", self.files.output_dir, self.files.output_name,
+                self.files.token, first_of([p.name for p in left], 12))
 
     def write_log(self, entry: dict[str, Any], step: int, tracker_only: dict[str, float] | None = None) -> None:
         """One logged step: a line of the JSONL log (main process) and, with ``log_with``, its numbers to the tracker,
@@ -132,7 +166,7 @@ class RunOutputs:
         if "state" not in paths:
             return ""
         return (f"saved {paths['lora'].name}, {paths['embedding'].name} and the state {paths['state']}\n"
-                f"resume with: accelerate launch train_pti.py --preset {self.files.config_toml} --resume {paths['state']}")
+                f"resume with: {trainer_command('--preset', self.files.config_toml, '--resume', paths['state'])}")
 
     @torch.no_grad()
     def sample(self, tag: str) -> list[Path]:

@@ -446,7 +446,7 @@ def test_sigint_saves_a_resumable_state_that_finishes_like_an_uninterrupted_run(
     match = re.search(r"resume with: (.*)", err)
     assert match, err[-2000:]
     resume_cmd = match.group(1).split()
-    assert resume_cmd[:3] == ["accelerate", "launch", "train_pti.py"]
+    assert resume_cmd[:3] == ["accelerate", "launch", str(REPO / "train_pti.py")]  # the script as it was started
     state = Path(resume_cmd[resume_cmd.index("--resume") + 1])
     assert state.is_dir() and not (interrupted / "pti.safetensors").exists()
     assert main(resume_cmd[3:]) == 0  # the printed command, in-process (saves a Python start-up)

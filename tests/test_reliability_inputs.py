@@ -346,7 +346,8 @@ def test_leftovers_of_a_killed_run_are_named_and_the_message_says_how_to_continu
     raw = short(output_dir=str(first), stages=[{"kind": "inversion", "steps": 2}])
     code, seen = _cli(raw, tmp_path, capsys)
     assert code == 2 and "already holds pti.config.toml" in seen and "--overwrite" in seen
-    assert f"to continue the earlier run: --preset {first / 'pti.config.toml'} --resume {saved_state}" in seen
+    assert (f"to continue the earlier run: accelerate launch train_pti.py --preset {first / 'pti.config.toml'} "
+            f"--resume {saved_state}") in seen
     assert f"taking over the lock {first / 'pti.lock'} left by process 999999 on gone" in caplog.text
     assert f"removed {tmp_file}" in caplog.text and not tmp_file.exists()
     assert not (first / "pti.lock").exists()  # released on exit
@@ -377,7 +378,7 @@ def test_after_a_sigkill_the_rerun_names_the_state_and_its_resume_command_finish
     code = main(["--preset", str(preset_path)])
     err = capsys.readouterr().err
     assert code == 2 and "already holds pti.config.toml" in err and "Traceback" not in err
-    hint = err.split("to continue the earlier run: ")[1].split()
+    hint = err.split("to continue the earlier run: accelerate launch train_pti.py ")[1].split()
     state = Path(hint[hint.index("--resume") + 1])
     assert state.name.startswith("pti-state-step") and (state / "progress.json").is_file()
     assert main(hint + ["--set", "stages.0.steps=" + str(json.loads((state / "progress.json").read_text())["stage_step"] + 1)]) == 0

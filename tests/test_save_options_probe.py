@@ -163,6 +163,8 @@ def test_the_command_a_refused_rerun_suggests_runs(left, saved_run, tmp_path, ca
     assert code == 2 and "already holds pti.safetensors" in seen, seen
     assert _digests(out) == before
     command = seen.split("to continue the earlier run")[1].split(": ", 1)[1].split()
+    assert command[:3] == ["accelerate", "launch", "train_pti.py"]  # the whole command (inside pytest: train_pti.py)
+    command = command[3:]
     assert command[command.index("--resume") + 1] == str(out / ("pti-state-step00000002" if left == "finished"
                                                                  else "pti-state-step00000001"))
     code, seen = _main(command, capsys)
