@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: The training rules this version trains under, recorded with each state as progress.json's ``rules``.
-RULES = 2
+RULES = 3
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,9 @@ RULE_CHANGES: tuple[RuleChange, ...] = (
                   "<name>'s caption, as kohya", _has_face_box_names),
     RuleChange(2, "SDXL's 150/225-token windows: a window of a caption that fills them and opens with the second "
                   "tokenizer's pad token '!' starts BOS EOS, as kohya", _has_sdxl_pad_windows),
+    RuleChange(3, "a training image without a caption file in a kohya folder <repeats>_<name> whose name contains the "
+                  "token is captioned with the name (kohya's class_tokens), where it took caption_template",
+               lambda f: any(not item.is_reg and item.caption_source == "folder" for item in f.items)),
 )
 
 

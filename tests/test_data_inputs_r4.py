@@ -165,4 +165,4 @@ def test_an_image_named_with_a_face_box_takes_the_caption_of_its_name_without_it
     (folder / "b.txt").write_text("tok1, not this one")
     items = {i.path.name: i.caption for i in _scan({"train_data_dir": str(tmp_path / "data")})}
     assert items == {"face_10_12_4_4.png": "tok1, shared caption", "face_20_12_4_4.png": "tok1, own caption",
-                     "b_c_d.png": "an anime illustration of tok1"}
+                     "b_c_d.png": "tok1"}  # its folder's name

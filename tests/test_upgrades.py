@@ -22,6 +22,8 @@ from pti_plugin.config_loading import build_config
 from pti_plugin.resume import STATE_FILES, read_progress
 from pti_plugin.rule_changes import RULES, warn_older_rules
 
+from .conftest import draw_character
+
 #: progress.json as the version of commit 2b897a4 wrote it (the last before the rules changed): no ``lora_scales``,
 #: ``batch`` or ``rules``.
 FORM_2B897A4 = ("stage_index", "stage_step", "global_step", "stage_kind", "optimizer_type", "param_groups",
@@ -65,8 +67,13 @@ def test_a_state_saved_before_the_bucket_rule_changed_is_warned_about_on_resume(
 
     warned = resume("old", old)
     assert OLDER in warned and "(1) bucket choice is kohya's" in warned and "SDXL" not in warned
+    assert "(2) a training image without a caption file in a kohya folder" in warned  # 2_tok1's two uncaptioned images
     assert OLDER not in resume("recorded", state)
-    assert OLDER not in resume("unbucketed", old, enable_bucket=False)
+    captioned = tmp_path / "captioned"  # every image with a caption file: no change of the rules touches the run
+    shutil.copytree(raw["train_data_dir"], captioned)
+    for image in (captioned / "2_tok1").glob("*.png"):
+        image.with_suffix(".txt").write_text("an anime illustration of tok1")
+    assert OLDER not in resume("unbucketed", old, enable_bucket=False, train_data_dir=str(captioned))
 
 
 def test_an_sdxl_state_from_before_the_size_id_change_is_warned_about(preset, tiny_sdxl, tmp_path, caplog):
@@ -90,10 +97,12 @@ def test_face_box_names_and_a_newer_state(preset, tmp_path, caplog):
     config = build_config(preset())
     old = read_progress(_state(tmp_path / "old"))
     with caplog.at_level("WARNING"):
-        warn_older_rules(old, config, [], [SimpleNamespace(path=Path("face.png"))], None)
+        warn_older_rules(old, config, [], [SimpleNamespace(path=Path("face.png"), is_reg=False, caption_source="file")],
+                         None)
     assert caplog.text == ""
     with caplog.at_level("WARNING"):
-        warn_older_rules(old, config, [], [SimpleNamespace(path=Path("char_40_40_16_16.png"))], None)
+        warn_older_rules(old, config, [], [SimpleNamespace(path=Path("char_40_40_16_16.png"), is_reg=False,
+                                                           caption_source="file")], None)
     assert OLDER in caplog.text and "face box" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
@@ -139,3 +148,32 @@ def test_an_sdxl_state_from_before_the_pad_window_change_is_warned_about_where_a
     assert warned(long, f"! {red(160)}")  # the first window opens with '!'
     assert warned(long, f"{red(10)}, !, {red(150)}", shuffle_caption=True)  # shuffled, the tag '!' may open one
     assert not warned(short, f"! {red(160)}")  # 75 tokens: one window, unchanged
+
+
+def test_a_rules_2_state_of_a_folder_run_whose_name_now_captions_its_images_is_warned_about(preset, tmp_path, caplog):
+    """Rules 3: a training image without a caption file in a kohya folder whose name contains the token took the
+    template; it is captioned with the folder's name now (kohya's class_tokens). A rules-2 state of a run with such
+    an image is warned about; one whose uncaptioned image lies in a folder whose name lacks the token (it keeps the
+    template), or whose images all have captions, is not."""
+    from pti_plugin.data.dataset import load_subsets
+    from pti_plugin.data.scanning import scan_images
+
+    old = read_progress(_state(tmp_path / "old", rules=2))
+    for name, captions in (("1_tok1 girl", [None, "tok1"]), ("1_girl", [None]), ("1_tok1", ["tok1"])):
+        folder = tmp_path / name / name
+        folder.mkdir(parents=True)
+        for i, caption in enumerate(captions):
+            draw_character(folder / f"{i}.png", i)
+            if caption:
+                (folder / f"{i}.txt").write_text(caption)
+
+    def warned(name: str) -> bool:
+        config = build_config(preset(train_data_dir=str(tmp_path / name)))
+        subsets = load_subsets(config)
+        items = scan_images(config, subsets, log_notes=False)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            warn_older_rules(old, config, subsets, items, None)
+        return OLDER in caplog.text and "(1) a training image without a caption file in a kohya folder" in caplog.text
+
+    assert warned("1_tok1 girl") and not warned("1_girl") and not warned("1_tok1")

@@ -232,6 +232,12 @@ def with_prefix_suffix(line: str, options: CaptionOptions) -> str:
     return line.strip()
 
 
+def names_token_once(class_tokens: str, token: str, options: CaptionOptions) -> bool:
+    """Whether ``class_tokens`` with ``caption_prefix``/``caption_suffix`` names the token exactly once (a class caption
+    a training image can take: :func:`resolve_lines`)."""
+    return count_token(f"{options.caption_prefix} {class_tokens} {options.caption_suffix}", token) == 1
+
+
 def resolve_lines(
     image: Path, lines: list[str] | None, token: str, class_tokens: str | None, template: str,
     options: CaptionOptions = CaptionOptions(),
@@ -246,7 +252,7 @@ def resolve_lines(
     in_affixes = count_token(f"{options.caption_prefix} {options.caption_suffix}", token)
     if lines is None:
         if class_tokens:
-            if in_affixes + count_token(class_tokens, token) != 1:
+            if not names_token_once(class_tokens, token, options):
                 where = " (caption_prefix/caption_suffix name it too)" if in_affixes else ""
                 raise CaptionError(f"class_tokens {class_tokens!r} (for {image}) must contain the token {token!r} once{where}")
             return [class_tokens], False

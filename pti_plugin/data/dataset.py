@@ -2,7 +2,8 @@
 
 Sources (exactly one): ``train_data_dir`` — a kohya folder of ``<repeats>_<name>`` subfolders of
 images with caption files, optionally with ``reg_data_dir`` (the same layout, regularisation
-images; a folder's ``<name>`` is the class caption of its images without a caption file); or
+images); a folder's ``<name>`` is kohya's ``class_tokens``, the caption of its images without a caption
+file (a training folder's only where it names the token string; else the template); or
 ``train_data_dir`` with ``in_json`` (kohya's fine-tuning metadata, ``dataset_repeats``); or a
 ``dataset_config`` with ``[general]``, ``[[datasets]]`` and ``[[datasets.subsets]]`` levels, where
 a key set at an outer level is the default of the inner ones and the preset's top-level keys are
@@ -30,7 +31,7 @@ from typing import Any, Callable
 
 from ..config import Config, ConfigError
 from .buckets import bucket_range
-from .captions import CaptionError, CaptionOptions
+from .captions import CaptionError, CaptionOptions, names_token_once
 from ..text_files import path_not_found, read_toml_file
 from .dataset_keys import (CAPTION_KEYS, DATASET_KEYS, REFUSED_DATASET_KEYS, SUBSET_KEYS, SUBSET_ONLY_KEYS,
                            TOP_LEVEL_KEYS, face_range, optional_size_pair, size_pair)
@@ -74,6 +75,7 @@ class Subset:
     resize_interpolation: str | None = None  # kohya's filter name (``buckets.resample_filter``); None: Lanczos
     face_crop_aug_range: tuple[float, float] | None = None  # kohya's face crop (``face_crop.py``), without buckets
     mask_interpolation: str | None = None  # its conditioning_data_dir masks' filter: its dataset's (``masks.py``)
+    kohya_folder: bool = False  # a ``<repeats>_<name>`` subfolder of train_data_dir / reg_data_dir (:func:`folder_class`)
 
     @property
     def name(self) -> str:
@@ -109,6 +111,15 @@ class ImageItem:
     face_box: tuple[int, int, int, int] | None = None  # (cx, cy, w, h) from the name, with face_crop_aug_range only
     face_crop_aug_range: tuple[float, float] | None = None  # the subset's [lo, hi] (``face_crop.py``)
     mask_interpolation: str | None = None  # the filter of its mask file (``masks.mask_filter``); None: Lanczos
+    #: where the caption came from: "file" (its caption file), else (no usable caption file) "folder" (its kohya
+    #: folder's name, kohya's class_tokens), "class_tokens", "affixes" (caption_prefix/suffix alone), "template", or
+    #: "folder_template" (the template: its kohya folder's name does not name the token); ``dataset_stats`` says so
+    caption_source: str = "file"
+
+
+def folder_class(folder: Path) -> str:
+    """kohya's class_tokens of a ``<repeats>_<name>`` folder: ``<name>``, the folder's name after its first "_"."""
+    return folder.name.partition("_")[2]
 
 
 def _resolution(value: Any, where: str) -> tuple[int, int]:
@@ -145,8 +156,11 @@ def _make_subset(values: dict[str, Any], image_dir: Path, where: str, dataset_in
 
 
 def _subsets_from_folder(config: Config, root: Path, is_reg: bool = False) -> list[Subset]:
-    """kohya's folder convention: ``<repeats>_<name>`` subfolders (``name`` is the class of reg images)."""
+    """kohya's folder convention: ``<repeats>_<name>`` subfolders; ``name`` is the subset's ``class_tokens`` (the caption
+    of its images without a caption file), as kohya; for a training folder only where it names the token once
+    (with ``caption_prefix``/``caption_suffix``), else its images take the template (``dataset_stats`` says so)."""
     values = _top_level(config)
+    options = _caption_options(values)
     subsets = []
     for child in sorted(root.iterdir()):
         try:
@@ -156,14 +170,15 @@ def _subsets_from_folder(config: Config, root: Path, is_reg: bool = False) -> li
             continue
         if not child.is_dir():
             continue
-        head, _, name = child.name.partition("_")  # kohya: the repeats are the name up to its first "_"
+        name = folder_class(child)
         try:
-            repeats = int(head)
+            repeats = int(child.name.partition("_")[0])  # kohya: the repeats are the name up to its first "_"
         except ValueError:
             logger.warning("ignoring folder %s: kohya folders are named <repeats>_<name>", child)
             continue
-        folder_values = values | {"num_repeats": repeats, "class_tokens": name or None if is_reg else None}
-        subsets.append(_make_subset(folder_values, child, str(child), 0, is_reg=is_reg))
+        usable = name and (is_reg or names_token_once(name, config.token_string, options))
+        folder_values = values | {"num_repeats": repeats, "class_tokens": name if usable else None}
+        subsets.append(replace(_make_subset(folder_values, child, str(child), 0, is_reg=is_reg), kohya_folder=True))
     if not subsets:
         key = "reg_data_dir" if is_reg else "train_data_dir"
         raise ConfigError(f"{key} {root} has no <repeats>_<name> subfolders (kohya layout)")
@@ -257,11 +272,11 @@ def _subsets_from_dataset_config(config: Config, path: Path) -> tuple[list[Subse
                 raise ConfigError(f"{path} {where}: is_reg applies to image_dir subsets, not to metadata_file ones (as in kohya)")
             if "image_dir" not in merged and not metadata:
                 raise ConfigError(f"{path} {where}: image_dir is required")
-            image_dir = _relative_to(Path(merged.get("image_dir", ".")), path) if "image_dir" in merged else None
+            image_dir = _relative_to(Path(merged["image_dir"]), path, f"{where}: image_dir") if "image_dir" in merged else None
             if image_dir is not None and not image_dir.is_dir():
                 raise ConfigError(f"{path} {where}: image_dir {image_dir} is a file, not a folder" if image_dir.exists()
                                   else f"{path} {where}: {path_not_found(merged['image_dir'], 'image_dir', image_dir)}")
-            metadata_file = _relative_to(Path(metadata), path) if metadata else None
+            metadata_file = _relative_to(Path(metadata), path, f"{where}: metadata_file") if metadata else None
             if metadata_file is not None and not metadata_file.is_file():
                 raise ConfigError(f"{path} {where}: {path_not_found(metadata, 'metadata_file', metadata_file)}")
             conditioning = _conditioning_dir(config, subset, merged, image_dir, path, where)
@@ -289,7 +304,7 @@ def _conditioning_dir(config: Config, table: dict[str, Any], merged: dict[str, A
         if table.get(key):
             raise ConfigError(f"{at} cannot be combined with {key} = {table[key]!r} in one subset (kohya's masked subsets "
                               "take an image_dir and its masks only)")
-    folder = _relative_to(Path(merged["conditioning_data_dir"]), path)
+    folder = _relative_to(Path(merged["conditioning_data_dir"]), path, f"{where}: conditioning_data_dir")
     if not folder.is_dir():
         raise ConfigError(f"{at} {folder} is a file, not a folder" if folder.exists() else
                           f"{path} {where}: {path_not_found(merged['conditioning_data_dir'], 'conditioning_data_dir', folder)}")
@@ -298,9 +313,21 @@ def _conditioning_dir(config: Config, table: dict[str, Any], merged: dict[str, A
     return folder
 
 
-def _relative_to(value: Path, config_file: Path) -> Path:
+def _relative_to(value: Path, config_file: Path, what: str) -> Path:
+    """A dataset_config's path ``value`` (``what`` names its key): relative to the TOML's own folder, as the preset's
+    paths are to their file (so a resume or a sweep reads it from anywhere). kohya reads it relative to the current
+    folder: where it is missing beside the TOML but found there, that one is read, with a warning naming both."""
     value = value.expanduser()
-    return value if value.is_absolute() else (config_file.parent / value).resolve()
+    if value.is_absolute():
+        return value
+    beside = (config_file.parent / value).resolve()
+    here = value.resolve()
+    if not beside.exists() and here.exists():
+        logger.warning("%s %s: %r is not found beside the dataset_config (%s) but in the current folder (%s), as kohya "
+                       "reads it: that one is read; write the path relative to the dataset_config's folder, or absolute, "
+                       "to read it from any folder", config_file, what, str(value), beside, here)
+        return here
+    return beside
 
 
 def _drop_ignored(subsets: list[Subset]) -> list[Subset]:
@@ -379,4 +406,4 @@ def load_subsets(config: Config, train_data_dir: Path | None = None) -> list[Sub
     return _drop_ignored(subsets)
 
 
-__all__ = ["CaptionError", "IMAGE_EXTENSIONS", "ImageItem", "Subset", "image_files", "load_subsets"]
+__all__ = ["CaptionError", "IMAGE_EXTENSIONS", "ImageItem", "Subset", "folder_class", "image_files", "load_subsets"]

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from ..config import first_of
 from .captions import count_token, pinned_index, split_fixed_and_flexible, tags_of, with_prefix_suffix
-from .dataset import ImageItem
+from .dataset import ImageItem, folder_class
 
 
 def dataset_notes(items: list[ImageItem], token: str) -> list[str]:
     """What the trainer does to the captions, said once at start-up (and by the dataset preview)."""
-    notes = []
-    prepended = sum(item.token_prepended for item in items)
-    if prepended:
-        notes.append(f"{prepended} caption(s) did not contain {token!r}; it was prepended to them")
+    notes = [note for note in (_prepended_note(items, token), uncaptioned_note(items, token)) if note]
     in_flexible = 0
     for item in items:
         if item.is_reg or not item.caption_options.moves_tags:
@@ -37,6 +36,57 @@ def dataset_notes(items: list[ImageItem], token: str) -> list[str]:
         notes.append(f"{reg_with_token} regularisation caption(s) name {token!r}: reg images are images of the class, "
                      "and these captions will train the pivot on them")
     return notes
+
+
+def _prepended_note(items: list[ImageItem], token: str) -> str | None:
+    """The count of captions the token was prepended to; when they share a first tag (or all lie in one kohya folder
+    ``<repeats>_<name>``) that could be a token, the suggestion to train it as the pivot (``--token_string``)."""
+    prepended = [item for item in items if item.token_prepended]
+    if not prepended:
+        return None
+    note = f"{len(prepended)} caption(s) did not contain {token!r}; it was prepended to them"
+    firsts = {(tags_of(line.removeprefix(f"{token}, ")) or [""])[0]
+              for item in prepended for line in (item.caption_lines or (item.caption,))[:1]}
+    folders = {folder_class(Path(item.subset_name)).lower() if item.subset_name.partition("_")[0].isdigit() else ""
+               for item in prepended}
+    shared = firsts if len(firsts) == 1 else folders if len(folders) == 1 else set()
+    trigger = next(iter(shared), "")
+    if trigger and trigger != token.lower() and not any(c.isspace() or c == "." for c in trigger):
+        what = "their first tag" if shared is firsts else "their folder's name"
+        note += (f"; {what} is {trigger!r}: if it is your trigger word, train it as the pivot with "
+                 f"--token_string {trigger} (token_string = {trigger!r}; refused if it is already a word of the "
+                 f"tokenizer's vocabulary), otherwise it stays an ordinary word after {token!r}")
+    return note
+
+
+#: What a training image without a caption file is captioned with (``ImageItem.caption_source``), for the note.
+_SOURCES = {
+    "folder": "their folder's name {caption!r} (kohya's class_tokens)",
+    "class_tokens": "class_tokens {caption!r}",
+    "affixes": "caption_prefix/caption_suffix alone",
+    "template": "caption_template {caption!r}",
+    "folder_template": "caption_template {caption!r}, as the folder's name {name!r} does not contain {token!r} "
+                       "(kohya would caption them {name!r})",
+}
+
+
+def uncaptioned_note(items: list[ImageItem], token: str) -> str | None:
+    """The training images without a caption file (kohya warns of them too): how many, the first names, what each
+    subset's are captioned with (``ImageItem.caption_source``) and how to change it; None when there are none."""
+    uncaptioned = [item for item in items if not item.is_reg and item.caption_source != "file"]
+    if not uncaptioned:
+        return None
+    groups: dict[tuple[str, str, str], int] = {}
+    for item in uncaptioned:
+        key = (item.subset_name, item.caption_source, item.caption)
+        groups[key] = groups.get(key, 0) + 1
+    said = [f"the {n} of {name} take " + _SOURCES[source].format(caption=caption, token=token,
+                                                                    name=folder_class(Path(name)))
+            for (name, source, caption), n in groups.items()]
+    names = first_of([f"{item.subset_name}/{item.path.name}" for item in uncaptioned], 5)
+    return (f"{len(uncaptioned)} training image(s) have no caption file ({names}): {first_of(said, 5, '; ')}. To "
+            f"caption an image, write a caption file beside it (caption_extension); to caption a kohya folder's images "
+            f"without one, name the folder <repeats>_<caption naming {token!r}> (in a dataset_config: class_tokens)")
 
 
 def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:
@@ -79,4 +129,4 @@ def subset_counts(items: list[ImageItem]) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["dataset_notes", "subset_counts", "tag_frequency"]
+__all__ = ["dataset_notes", "subset_counts", "tag_frequency", "uncaptioned_note"]

@@ -16,8 +16,8 @@ from typing import Any
 
 from ..config import Config, ConfigError, first_of
 from .buckets import choose_bucket, make_buckets
-from .captions import caption_file, read_caption_lines, resolve_lines, resolve_reg_lines
-from .dataset import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, ImageItem, Subset, image_files
+from .captions import caption_file, count_token, read_caption_lines, resolve_lines, resolve_reg_lines
+from .dataset import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, ImageItem, Subset, folder_class, image_files
 from .dataset_stats import dataset_notes
 from .face_crop import face_box_of
 from .images import ImageRejected
@@ -91,13 +91,19 @@ def _note_caption_case(subset: Subset, files: list[Path | None]) -> None:
 
 def _warn_other_caption_files(subset: Subset, paths: list[Path]) -> None:
     """No image of ``subset`` has a ``caption_extension`` file: when its images have caption files of another
-    common extension, say so (the run would otherwise train every image on class_tokens or the template)."""
+    common extension, say so (the run would otherwise caption every image as one without a caption file)."""
+    if subset.class_tokens:
+        got = f"{'the folder name' if subset.kohya_folder else 'class_tokens'} {subset.class_tokens!r}"
+    else:
+        got = "caption_template, or caption_prefix/caption_suffix alone" if not subset.is_reg else \
+            "caption_template, with init_word for the token"
     for other in (".txt", ".caption", ".tags"):
         found = sum(p.with_suffix(other).is_file() for p in paths)
         if other != subset.caption_extension and found:
-            logger.warning("no %s caption file beside the %d image(s) of %s, but %d %s file(s): captions come from "
-                           "class_tokens or caption_template; set caption_extension = %r to read them",
-                           subset.caption_extension, len(paths), subset.image_dir, found, other, other)
+            logger.warning("no %s caption file beside the %d image(s) of %s, but %d %s file(s), which are not read: "
+                           "each image is captioned as one without a caption file (here: %s); set caption_extension "
+                           "= %r to read them", subset.caption_extension, len(paths), subset.image_dir, found, other,
+                           got, other)
             return
 
 
@@ -119,6 +125,18 @@ def _image_options(subset: Subset, path: Path, size: tuple[int, int]) -> dict[st
         raise ConfigError(f"{subset.where}: face_crop_aug_range: {path} is {size[0]}x{size[1]}, smaller than the "
                           f"resolution {width}x{height} on a side; the face crop never enlarges (kohya fails on it)")
     return options | {"face_box": box, "face_crop_aug_range": subset.face_crop_aug_range, "image_size": (width, height)}
+
+
+def _caption_source(subset: Subset, lines: list[str] | None, token: str) -> str:
+    """Where an image's caption comes from (``ImageItem.caption_source``); ``lines``: its caption file's, or None."""
+    if lines is not None:
+        return "file"
+    if subset.class_tokens:
+        return "folder" if subset.kohya_folder else "class_tokens"
+    options = subset.caption_options
+    if not subset.is_reg and count_token(f"{options.caption_prefix} {options.caption_suffix}", token) == 1:
+        return "affixes"
+    return "folder_template" if subset.kohya_folder and folder_class(subset.image_dir) else "template"
 
 
 def balance_reg_repeats(train_entries: int, reg_items: list[ImageItem]) -> list[ImageItem]:
@@ -166,7 +184,7 @@ def scan_images_and_held_out(config: Config, subsets: list[Subset],
         # kohya: bucket_no_upscale makes no bucket list (each image's bucket is its own size)
         buckets = make_buckets(width * height, min_reso, max_reso, step) if enable and not no_upscale else [(width, height)]
         entries = _image_entries(subset)
-        looked_at += len(entries)
+        looked_at += 0 if subset.is_reg else len(entries)
         for path, key, lines in entries:
             if path is None:
                 logger.warning("skipping %s: metadata entry %r has no image in %s", subset.metadata_file, key, subset.image_dir)
@@ -196,7 +214,8 @@ def scan_images_and_held_out(config: Config, subsets: list[Subset],
                 continue
             item = ImageItem(path, resolved[0], bucket, subset.num_repeats, subset.flip_aug, prepended, subset.is_reg,
                              tuple(resolved), subset.caption_options, subset.color_aug, subset.random_crop, subset.name,
-                             subset.dataset_index, subset_index, **_image_options(subset, path, size))
+                             subset.dataset_index, subset_index, **_image_options(subset, path, size),
+                             caption_source=_caption_source(subset, lines, config.token_string))
             (reg if subset.is_reg else train).append(item)
     train, held_out = split_validation(config, subsets, train)  # before the reg balancing, as kohya
     if not train:
