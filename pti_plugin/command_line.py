@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import textwrap
 import typing
 
 from .config import SIZE_KEYS, Config, ConfigError, field_names, parse_size, parse_value
@@ -12,6 +13,14 @@ from .kohya_config_file import first_text_encoder_lr
 from .kohya_options import REFUSED_OPTIONS
 
 logger = logging.getLogger(__name__)
+
+
+def _usage_lines(flag: str, key: str) -> str:
+    """``flag``'s lines of :data:`USAGE`: the documentation of the Config key ``key`` (the text ``--list_keys`` prints,
+    so that the two say the same), wrapped under the column of the others."""
+    text = Config.__dataclass_fields__[key].metadata["doc"].rstrip(".")
+    return textwrap.fill(text[:1].lower() + text[1:], 110, initial_indent=f"  {flag:<22} ", subsequent_indent=" " * 25)
+
 
 USAGE = """usage: train_pti.py [--preset FILE] [--KEY VALUE ...] [--set NESTED.KEY=VALUE ...]
 
@@ -25,8 +34,7 @@ USAGE = """usage: train_pti.py [--preset FILE] [--KEY VALUE ...] [--set NESTED.K
   --set KEY=VALUE        override a nested key, e.g. --set stages.0.steps=10
   --resume STATE_FOLDER  continue a run from a state it saved (save_state: <output_name>-state-stepNNNNNNNN),
                          bit-identical to the uninterrupted run; a stopped run prints the command
-  --overwrite            let this run replace an earlier run's files of the same names in output_dir
-                         (without it, a run that would replace them is refused at start)
+""" + _usage_lines("--overwrite", "overwrite") + """
   --list_keys            print every preset key with its default and documentation
 """
 

@@ -306,7 +306,10 @@ class Config:
     # --- reliability
     nan_policy: str = doc('"stop": a non-finite loss/gradient stops the run (last good state saved); "skip": skip that step.', "stop")
     max_nan_skips: int = doc('With nan_policy = "skip", stop after this many consecutive skipped steps.', 5)
-    overwrite: bool = doc("Allow this run to replace files of an earlier run with the same names in output_dir.", False)
+    overwrite: bool = doc("Let this run replace an earlier run of this output_name in output_dir (its files and state "
+                          "folders, as this run writes them; without it, a run that would replace one is refused at "
+                          "start); another run's embedding files (the same token_string, another output_name) are "
+                          "refused with or without it.", False)
     # --- composition
     stages: tuple = doc("Ordered stages ([[stages]] tables); resolved (ResolvedStage) once built.", factory=default_stages)
     plugins: dict[str, dict[str, Any]] = doc("Enabled plugins: [plugins.NAME] tables of options.", factory=dict)

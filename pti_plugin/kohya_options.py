@@ -12,6 +12,9 @@ from typing import Any
 _NOT_YET = "not implemented yet"
 _SD2 = "pti-plugin trains SD1.5 and SDXL models"
 _HUB = "pti-plugin never talks to a model hub; runs are local and offline"
+_CONSOLE = ("pti-plugin's console shows warnings and errors, the info lines naming the options it leaves out while "
+            "the configuration is read, and the run's own lines (the start-up block, each stage's start, saved states; "
+            "progress bars), at fixed levels; the run's log is its JSONL/TensorBoard files")
 
 REFUSED_OPTIONS: dict[str, str] = {
     # model
@@ -54,9 +57,9 @@ REFUSED_OPTIONS: dict[str, str] = {
                              "only there; ControlNet training is not supported)",
     "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory only (cache_text_encoder_outputs)",
     # kohya's logging set-up and DeepSpeed
-    "console_log_level": "pti-plugin's console shows warnings and errors; the run's log is its JSONL/TensorBoard files",
-    "console_log_file": "pti-plugin's console shows warnings and errors; the run's log is its JSONL/TensorBoard files",
-    "console_log_simple": "pti-plugin's console shows warnings and errors; the run's log is its JSONL/TensorBoard files",
+    "console_log_level": _CONSOLE,
+    "console_log_file": _CONSOLE,
+    "console_log_simple": _CONSOLE,
     **dict.fromkeys(("deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
                      "offload_param_device", "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
                      "fp16_master_weights_and_gradients"), "DeepSpeed is not supported"),

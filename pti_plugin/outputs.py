@@ -141,7 +141,8 @@ class RunFiles:
     output_dir: Path
     output_name: str
     token: str
-    overwrite: bool = False  # replace files of an earlier run with the same names (explicit opt-in)
+    overwrite: bool = False  # replace an earlier run of this output_name (explicit opt-in; never another run's
+    # embedding files: other_runs_files)
 
     def lora(self, suffix: str | None = None) -> Path:
         return self.output_dir / (f"{self.output_name}-{suffix}.safetensors" if suffix else f"{self.output_name}.safetensors")
@@ -216,26 +217,52 @@ class RunFiles:
             taken += sorted(self.output_dir.glob(f"{self.output_name}-state-*"))
             taken += [p for _, p in steps if p not in taken]
         if taken:
-            latest = max(states)[1] if states else None
-            resume = (self._continue_hint(latest) if latest is not None and self.config_toml.exists() and not resuming
-                      else "")
+            resume = self._continue_hint(states) if states and self.config_toml.exists() and not resuming else ""
             raise ConfigError(
                 f"output_dir {self.output_dir} already holds {taken[0].name}, which this run would write "
                 f"(output_name {self.output_name!r}, token {self.token!r}); choose another output_name/token_string "
                 f"or output_dir, move the earlier files away, or set overwrite = true (--overwrite){resume}"
             )
 
-    def _continue_hint(self, latest: Path) -> str:
-        """The command that continues the earlier run from its ``latest`` state, into this folder (its config names the
-        folder it ran in, which differs once the folder is moved or copied). Where the earlier run wrote its final
-        LoRA or embedding (it finished, or was stopped during its final save), a resume would write them again, so the
-        command needs ``--overwrite`` (before, the suggested command was refused in turn) and says what it replaces."""
+    def _continue_hint(self, states: list[tuple[int, Path]]) -> str:
+        """The command that continues the earlier run (the one whose config is in the folder) from its latest state
+        among ``states`` (:meth:`_latest_state_of_config`), into this folder (its config names the folder it ran in,
+        which differs once the folder is moved or copied). Where the earlier run wrote its final LoRA or embedding (it
+        finished, or was stopped during its final save), a resume would write them again, so the command needs
+        ``--overwrite`` (before, the suggested command was refused in turn) and says what it replaces."""
+        latest, note = self._latest_state_of_config(states)
         command = ("--preset", self.config_toml, "--resume", latest, "--output_dir", self.output_dir)
         final = [p.name for p in (self.lora(), self.embedding()) if p.exists()]
         if not final:
-            return f"; to continue the earlier run: {trainer_command(*command)}"
-        return (f"; to continue the earlier run, replacing its final {' and '.join(final)}: "
+            return f"; to continue the earlier run{note}: {trainer_command(*command)}"
+        return (f"; to continue the earlier run{note}, replacing its final {' and '.join(final)}: "
                 f"{trainer_command(*command, '--overwrite')}")
+
+    def _latest_state_of_config(self, states: list[tuple[int, Path]]) -> tuple[Path, str]:
+        """The state (of ``states``: (step, folder)) that continues the run whose config is in the folder, and a note
+        where the folder may hold another run's. A run (and a resume) writes its config at its start, before any state
+        it saves, and a run with ``overwrite`` leaves the earlier run's states it does not write again (a shorter run,
+        other save steps): so the states saved since the config was written (their ``progress.json``, the last file
+        a state writes, not older than it) are that run's, and the latest of them by step is the one; older ones at
+        later steps are named in the note (before, the hint named the highest step, an overwritten run's). When none is
+        newer than the config (the run or resume that wrote it saved no state), the latest by step, with a note."""
+        def written(path: Path) -> int:
+            done = path / "progress.json"
+            return (done if done.is_file() else path).stat().st_mtime_ns
+
+        since = self.config_toml.stat().st_mtime_ns
+        newer = [(step, path) for step, path in states if written(path) >= since]
+        if not newer:
+            return max(states)[1], (f" (every state folder here is older than {self.config_toml.name}, so the run or "
+                                    f"resume that wrote it saved none; this one may be left by an earlier run that "
+                                    f"--overwrite replaced)")
+        latest = max(newer)
+        older = [path.name for step, path in states if (step, path) > latest]
+        if not older:
+            return latest[1], ""
+        return latest[1], (f" (the latest state saved since {self.config_toml.name} was written; the folder also "
+                           f"holds older ones at later steps, {first_of(older, 3)}, perhaps left by an earlier run "
+                           f"that --overwrite replaced)")
 
     def _token_claims(self) -> list[str]:
         """The output_names of the runs whose resolved config in the folder (``<output_name>.config.toml``, written
