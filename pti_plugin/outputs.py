@@ -68,6 +68,35 @@ def state_folders(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, key=lambda sp: (sp[0], sp[1].name))]
 
 
+def latest_state_of_config(states: list[tuple[int, Path]], config: Path) -> tuple[Path, str]:
+    """The state (of ``states``: one run's (step, folder), not empty) that continues the run whose resolved config is
+    ``config`` (``<output_name>.config.toml`` in the states' folder), and a note (or "") where the folder may
+    hold another run's: every hint that suggests a state to resume picks it by this rule. A run (and a resume) writes
+    its config at its start, before any state it saves, and a run with ``overwrite`` leaves the earlier run's states it
+    does not write again (a shorter run, other save steps): so the states saved since the config was written (their
+    ``progress.json``, the last file a state writes, not older than it) are that run's, and the latest of them by step
+    is the one; older ones at later steps are named in the note (before, the hints named the highest step, an
+    overwritten run's). When none is newer than the config (the run or resume that wrote it saved no state), the
+    latest by step, with a note; without a config, the latest by step."""
+    def written(path: Path) -> int:
+        done = path / "progress.json"
+        return (done if done.is_file() else path).stat().st_mtime_ns
+
+    if not config.is_file():
+        return max(states)[1], ""
+    since = config.stat().st_mtime_ns
+    newer = [(step, path) for step, path in states if written(path) >= since]
+    if not newer:
+        return max(states)[1], (f"every state folder here is older than {config.name}, so the run or resume that "
+                                f"wrote it saved none; this one may be left by an earlier run that --overwrite replaced")
+    latest = max(newer)
+    older = [path.name for step, path in states if (step, path) > latest]
+    if not older:
+        return latest[1], ""
+    return latest[1], (f"the latest state saved since {config.name} was written; the folder also holds older ones at "
+                       f"later steps, {first_of(older, 3)}, perhaps left by an earlier run that --overwrite replaced")
+
+
 def run_finished(run_dir: Path, output_name: str, token: str) -> bool:
     """A run is finished when both its final files exist: the trainer writes the LoRA, then the embedding,
     so a run stopped between the two has the LoRA alone and is not finished."""
@@ -204,8 +233,9 @@ class RunFiles:
             later = [p for n, p in steps if resumed_step is not None and n > resumed_step]
             if later and not taken:
                 shown = first_of([p.name for p in later], 6)
-                latest = max(states)[1] if states else None
-                hint = (f"; or continue from the latest state instead: --resume {shlex.quote(str(latest))}"
+                latest, note = latest_state_of_config(states, self.config_toml) if states else (None, "")
+                hint = (f"; or continue from the latest state instead{f' ({note})' if note else ''}: "
+                        f"--resume {shlex.quote(str(latest))}"
                         if latest is not None and latest in later else "")
                 raise ConfigError(
                     f"key 'resume': output_dir {self.output_dir} already holds {shown}, which the earlier run saved after "
@@ -226,43 +256,18 @@ class RunFiles:
 
     def _continue_hint(self, states: list[tuple[int, Path]]) -> str:
         """The command that continues the earlier run (the one whose config is in the folder) from its latest state
-        among ``states`` (:meth:`_latest_state_of_config`), into this folder (its config names the folder it ran in,
+        among ``states`` (:func:`latest_state_of_config`), into this folder (its config names the folder it ran in,
         which differs once the folder is moved or copied). Where the earlier run wrote its final LoRA or embedding (it
         finished, or was stopped during its final save), a resume would write them again, so the command needs
         ``--overwrite`` (before, the suggested command was refused in turn) and says what it replaces."""
-        latest, note = self._latest_state_of_config(states)
+        latest, note = latest_state_of_config(states, self.config_toml)
+        note = f" ({note})" if note else ""
         command = ("--preset", self.config_toml, "--resume", latest, "--output_dir", self.output_dir)
         final = [p.name for p in (self.lora(), self.embedding()) if p.exists()]
         if not final:
             return f"; to continue the earlier run{note}: {trainer_command(*command)}"
         return (f"; to continue the earlier run{note}, replacing its final {' and '.join(final)}: "
                 f"{trainer_command(*command, '--overwrite')}")
-
-    def _latest_state_of_config(self, states: list[tuple[int, Path]]) -> tuple[Path, str]:
-        """The state (of ``states``: (step, folder)) that continues the run whose config is in the folder, and a note
-        where the folder may hold another run's. A run (and a resume) writes its config at its start, before any state
-        it saves, and a run with ``overwrite`` leaves the earlier run's states it does not write again (a shorter run,
-        other save steps): so the states saved since the config was written (their ``progress.json``, the last file
-        a state writes, not older than it) are that run's, and the latest of them by step is the one; older ones at
-        later steps are named in the note (before, the hint named the highest step, an overwritten run's). When none is
-        newer than the config (the run or resume that wrote it saved no state), the latest by step, with a note."""
-        def written(path: Path) -> int:
-            done = path / "progress.json"
-            return (done if done.is_file() else path).stat().st_mtime_ns
-
-        since = self.config_toml.stat().st_mtime_ns
-        newer = [(step, path) for step, path in states if written(path) >= since]
-        if not newer:
-            return max(states)[1], (f" (every state folder here is older than {self.config_toml.name}, so the run or "
-                                    f"resume that wrote it saved none; this one may be left by an earlier run that "
-                                    f"--overwrite replaced)")
-        latest = max(newer)
-        older = [path.name for step, path in states if (step, path) > latest]
-        if not older:
-            return latest[1], ""
-        return latest[1], (f" (the latest state saved since {self.config_toml.name} was written; the folder also "
-                           f"holds older ones at later steps, {first_of(older, 3)}, perhaps left by an earlier run "
-                           f"that --overwrite replaced)")
 
     def _token_claims(self) -> list[str]:
         """The output_names of the runs whose resolved config in the folder (``<output_name>.config.toml``, written

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -29,7 +30,7 @@ import torch
 
 from .atomic_io import atomic_torch_save, atomic_write_text, save_safetensors_atomic, umask, write_failed
 from .config import ConfigError
-from .outputs import state_folders
+from .outputs import STEP_TAG, latest_state_of_config, state_folders
 from .rule_changes import RULES
 
 logger = logging.getLogger(__name__)
@@ -147,14 +148,23 @@ STATE_FILES = ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt", "prog
 
 
 def _latest_state_hint(folder: Path) -> str:
-    """When ``folder`` is a run's output folder (it holds state folders, ``*-state-*``), the hint naming the latest
-    (a hidden one is an interrupted save's temporary, which the next run removes)."""
+    """When ``folder`` is a run's output folder (it holds state folders, ``*-state-*``), the hint naming the state to
+    continue from, for each run (output_name) there: by :func:`~.outputs.latest_state_of_config`'s rule, the latest
+    saved since the run's config was written (a hidden one is an interrupted save's temporary, which the next run
+    removes). Before, the highest step of any run, even one an overwritten run left."""
     states = [p for p in state_folders(folder) if (p / "progress.json").is_file()]
     if not states:
         return ""
-    latest = states[-1]
-    return (f"; it is a run's folder holding {len(states)} state folder(s): to continue, --resume {shlex.quote(str(latest))} "
-            "(the latest saved)")
+    runs: dict[str, list[tuple[int, Path]]] = {}
+    for path in states:
+        name = path.name.rpartition("-state-")[0]
+        runs.setdefault(name, []).append((int(re.search(rf"{STEP_TAG}$", path.name).group(1)), path))
+    choices = []
+    for name, run_states in sorted(runs.items()):
+        latest, note = latest_state_of_config(run_states, folder / f"{name}.config.toml")
+        whose = f"run {name!r}, " if len(runs) > 1 else ""
+        choices.append(f"--resume {shlex.quote(str(latest))} ({whose}{note or 'the latest saved'})")
+    return f"; it is a run's folder holding {len(states)} state folder(s): to continue, {' or '.join(choices)}"
 
 
 def read_progress(folder: Path) -> SavedProgress:
