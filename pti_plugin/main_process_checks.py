@@ -11,7 +11,10 @@ prints it and says so through the launcher's key-value store (:func:`tell_refusa
 for that word (:func:`main_process_printed`) and prints its own message only when process 0's differs or none comes.
 None comes when process 0 found nothing wrong: it then waits for the others at the next operation that waits for every
 process (a broadcast, a barrier, DDP's wrapping). Before each such point of the set-up, process 0 says that it found
-no refusal since the previous one (:func:`passed_without_refusal`), so that a process refused alone prints at once.
+no refusal since the previous one (:func:`passed_without_refusal`), so that a process refused alone prints at once. The
+first such point is the process group's start (:func:`process_group_starts`); after the last, the training steps begin
+(:func:`training_steps_begin`): from there a refusal is each process's own (an image only the process drawing it
+reads), and process 0 marks that stretch at its start, as it never leaves it.
 """
 
 from __future__ import annotations
@@ -116,6 +119,27 @@ def passed_without_refusal() -> None:
     if launcher_rank() == 0:
         _tell("")
     _points_passed += 1
+
+
+def process_group_starts() -> None:
+    """Every process, just before the process group starts (on CPUs gloo's start waits for every process): a point of
+    the set-up (:func:`passed_without_refusal`), so that a refusal another process alone finds before it (a resume
+    folder only it could not read) is printed at once. Only where the launcher's store is there before the group:
+    ``torchrun``'s and ``accelerate launch``'s agent holds it; a group started by hand hosts it on process 0 from the
+    group's start only, and process 0 would wait seconds here for it."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # the same on every process
+        passed_without_refusal()
+
+
+def training_steps_begin() -> None:
+    """Every process, as a stage's training steps begin (after the last point of its set-up): from here a refusal is
+    each process's own, not one every process finds. Process 0 marks this stretch as passed without a refusal ("") at
+    its start, not at its end (it never leaves it: it waits in the steps' collectives), so that another process
+    refused in the steps prints its own at once (:func:`main_process_printed`) instead of waiting for a word that
+    never comes. A refusal process 0 prints later in the stretch replaces the mark (another process that reads it
+    then says nothing when its own is the same). Nothing in a single-process run."""
+    if launcher_rank() == 0:
+        _tell("")
 
 
 def main_process_printed(timeout_s: float) -> str | None:

@@ -45,7 +45,7 @@ from .hooks import (
     schedule_of,
 )
 from .lora_regularisation import LoraRegularisation
-from .main_process_checks import checked_on_main_process
+from .main_process_checks import checked_on_main_process, process_group_starts, training_steps_begin
 from .models.loading import load_base_model
 from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process
@@ -85,6 +85,7 @@ class Trainer:
         # A state that cannot continue this run (another stage kind or optimizer) is refused before anything loads.
         self._resume_progress = check_resume_fits(Path(config.resume), config.stages, base_identity(config)) if config.resume else None
         check_lora_scales(self._resume_progress, config)  # a LoRA's alphas are part of what it learned
+        process_group_starts()  # several processes: a refusal another one alone found so far is said at once
         self.accelerator = make_accelerator(config, output_dir, logging_dir)  # from a fresh accelerate state
         warn_other_batch(self._resume_progress, batch_shape(config, self.accelerator.num_processes))
         self.files = RunFiles(output_dir, config.output_name, config.token_string, config.overwrite)
@@ -296,6 +297,7 @@ class Trainer:
         if offloaded:
             self._info(offloaded)
         progress = tqdm(total=plan.steps, initial=first_step, desc=stage.name, disable=not accelerator.is_main_process)
+        training_steps_begin()  # several processes: from here a refusal is each one's own, said at once (cli._fail)
         while state.stage_step < plan.steps:
             logs = self._optimizer_step(plan)
             self.lora_regularisation.after_step()  # max-norm; its values are read when the step is logged
