@@ -49,7 +49,7 @@ MODEL_FLAGS = {"pretrained_model_name_or_path": "--model", "tokenizer_path": "--
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argument_parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="@embedded", help="diffusers folder, single-file .safetensors/.ckpt, or @embedded")
     p.add_argument("--single_file_config", default="", help="config folder for a single-file checkpoint")
     p.add_argument("--tokenizer_path", default="", help="tokenizer folder for a single-file checkpoint")
@@ -65,10 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eos_factor", type=finite_float_at_least(0), default=E.DEFAULT_EOS_FACTOR,
                    help="the index passes when its CV is at most this times the EOS CV (or below --threshold)")
     p.add_argument("--max_sentences", type=int_at_least(2), default=None, help="keep a deterministic random subset of this many")
-    p.add_argument("--batch_size", type=positive_int, default=64)
-    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--batch_size", type=positive_int, default=64, help="sentences per text-encoder call")
+    p.add_argument("--device", type=device, default="cpu", help="torch device of the text encoder(s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in set and of --max_sentences' subset")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder of ellipsoid.json, centre.safetensors and the plots")
     args = p.parse_args(argv)
     if problem := template_problem(args.template, "the word"):
         p.error(f"--template {args.template!r}: {problem}")

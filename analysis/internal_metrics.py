@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rank correlation of the model-internal metrics with the toy world's ground truth over finished runs.
+"""Rank correlation of the model-internal metrics with the toy world's ground truth, over finished toy-world runs only.
 
     OMP_NUM_THREADS=1 python analysis/internal_metrics.py RUNS_FOLDER [RUNS_FOLDER ...] [--out DIR]
         [--seeds 16] [--sample_steps 25] [--guidance 3] [--max_images 8] [--output_name premise]
@@ -23,6 +23,10 @@ that are no longer under the folders (a lost working folder loses no score; ``--
 Writes ``internal_metrics.json`` and ``internal_metrics.md`` into ``--out`` (see
 :mod:`pti_plugin.protocol.internal_metrics`); the last line reads
 ``attention_leakage_spearman=<f> lo=<f> hi=<f> runs=<n>`` (against ``gt_leakage``).
+
+Toy-world runs only: a run whose model is not a toy-world model, or whose generations are not the toy world's 32 px
+scenes, is refused before anything is scored (exit 2), and so are folders without a finished run of
+``--output_name`` and a ``--sample_steps`` none of whose sampler steps falls in ``--band``.
 """
 
 from __future__ import annotations
@@ -94,20 +98,35 @@ def parse_args(argv):
     return args
 
 
+def no_runs_message(folders: list[Path], output_name: str) -> str:
+    """The usage error of folders without a finished run of ``--output_name``, naming the output names there are."""
+    from pti_plugin.protocol.internal_metrics import output_names
+
+    names = output_names(folders)
+    there = (f"; the finished runs there are named {', '.join(names)}: pass --output_name {names[0]}" if names
+             else "; no sub-folder there holds a finished run beside its <name>.config.toml")
+    return (f"--output_name {output_name}: no finished run ({output_name}.safetensors) under "
+            f"{', '.join(map(str, folders))}{there}")
+
+
 def main(argv=None) -> int:
     from pti_plugin.atomic_io import atomic_write_text
     from pti_plugin.protocol.internal_metrics import (add_independent_truth, check_committed_seeds, compact_rows,
                                                       find_runs, layer_rows, layer_test_small_sample, layer_test_verdict,
-                                                      score_runs, summarise, summary_lines, with_committed_rows)
+                                                      runs_problem, score_runs, summarise, summary_lines,
+                                                      with_committed_rows)
+    from pti_plugin.sweeps.usage import usage_exit
 
     args = parse_args(argv)
     runs = find_runs(args.folders, args.output_name)
     if not runs:
-        print(f"no finished run ({args.output_name}.safetensors) under {', '.join(map(str, args.folders))}")
-        return 1
+        raise usage_exit(no_runs_message(args.folders, args.output_name))
     from pti_plugin.protocol.h3_variants import POSITION_BAND
 
     band = None if args.no_band else (args.band or tuple(POSITION_BAND))
+    if not args.cached_only and (problem := runs_problem(runs, args.output_name, args.sample_steps,
+                                                         None if args.layers_only else band, args.band is None)):
+        raise usage_exit(problem)  # before any model loads: minutes of sampling used to end in a traceback
     committed = args.out / "internal_metrics.json"
     earlier = json.loads(committed.read_text()) if committed.is_file() and not args.replace else None
     if earlier is not None:  # refuse a mix of sampling settings before scoring anything

@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"run {run} given twice{also}: each run counts as one training seed")
         seen[key] = run
     check_out_folder(parser, args.out)
-    from pti_plugin.protocol.curve_scores import generation_size_problem, lora_checkpoints
+    from pti_plugin.protocol.curve_scores import lora_checkpoints
+    from pti_plugin.toy_world.run_checks import generation_size_problem
 
     for run in args.runs:  # every run checked before any is scored
         try:

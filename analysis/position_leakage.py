@@ -32,7 +32,12 @@ it is their distance):
   1 = layouts collapsed (r_D = 0) or sitting on the training layouts (r_A = 0); negative = more
   varied / farther from the training layouts than the base model.
 
-The same numbers are computed per prompt group (neutral, edit) and with centroid distances
+The headline ``leakage_score`` is the heatmap score of the **neutral** prompts (the version checked against
+the toy world's ground truth: README, "Model-internal metrics"), with a 95% bootstrap interval over the
+sampling seeds (:meth:`~pti_plugin.metrics.leakage.LeakageMeasurement.score_interval`; ``leakage_score_lo``,
+``leakage_score_hi`` and ``n_seeds`` in the JSON); the heatmap score of all prompts (neutral + edit) is printed
+and kept (``all_prompts_leakage_score``) as a secondary figure. The same numbers are computed per prompt group
+(all, neutral, edit) and with centroid distances
 (family ``centroid``); for edit prompts ``paired_distance`` (tuned vs base, same seed) shows whether
 the edit still moves the subject as it moves the class word. On the toy world
 (``--ground_truth auto`` detects its model), the toy world's detectors add a ``groundtruth``
@@ -65,12 +70,25 @@ import torch  # noqa: E402
 
 from pti_plugin.atomic_io import atomic_write_csv, atomic_write_text, atomic_write_with  # noqa: E402
 from pti_plugin.metrics.evaluate import json_ready  # noqa: E402
-from pti_plugin.metrics.leakage import GROUPS, LeakageMeasurement, measure_position_leakage  # noqa: E402
+from pti_plugin.metrics.leakage import GROUPS, HEADLINE_GROUP, LeakageMeasurement, measure_position_leakage  # noqa: E402
 from pti_plugin.metrics.prompts import NEUTRAL_PROMPTS, POSITION_EDIT_PROMPTS  # noqa: E402
 from pti_plugin.metrics.run_model import load_run  # noqa: E402
 from pti_plugin.script_args import argument_parser, check_out_folder, device, finite_float, int_at_least, positive_int  # noqa: E402
 
 README_FRAGMENT = __doc__
+#: The headline's interval: its level, the bootstrap's resamples and their random seed.
+BOOTSTRAP = {"level": 0.95, "draws": 2000, "seed": 0}
+
+EPILOG = ("The printed summary has one line per family (heatmap, centroid, groundtruth on the toy world) and prompt "
+          "group (all, neutral, edit): D and A of each model, r_D, r_A and the leakage score; 'paired' (all and edit "
+          "rows) is the mean layout distance between the two models' images of the same prompt and seed (on edit "
+          "prompts, small: the edit moves the pivot's subject as it moves the class word's; large: the fine-tuned "
+          "model places it elsewhere, e.g. keeps the training layouts); 'training base-vs-tuned observer' (all "
+          "rows) is the mean distance between the base and the fine-tuned model's heatmaps of the same training "
+          "image (how much the two instruments the attraction is measured with disagree; each model's generations "
+          "are compared with its own reading). "
+          "leakage_score= is the heatmap score of the neutral prompts with a 95% bootstrap interval over the "
+          "sampling seeds (with 2 seeds it collapses onto the estimate).")
 
 
 def toy_world_locator(run, mode: str):
@@ -224,12 +242,33 @@ def summary_lines(m: LeakageMeasurement) -> list[str]:
                 line += f"; paired {s['paired_distance']:.4g}"
             if "training_observer_distance" in s:
                 line += f"; training base-vs-tuned observer {s['training_observer_distance']:.4g}"
+            if (family, group) == ("heatmap", HEADLINE_GROUP):
+                line += "  <- the headline leakage_score"
             lines.append(line)
     return lines
 
 
+def headline_lines(m: LeakageMeasurement, record: dict) -> list[str]:
+    """The closing lines: ``--by_resolution``'s scores beside the headline's all-layer one (all of the neutral
+    prompts), the secondary all-prompt score and the headline ``leakage_score=`` with its interval."""
+    lines = []
+    for grid, scores in record.get("by_resolution", {}).items():
+        lines.append(f"{HEADLINE_GROUP} prompts, layers at {grid} only: leakage {scores['leakage_score']:+.3f} "
+                     f"(r_D {scores['diversity_ratio']:.2f}, r_A {scores['attraction_ratio']:.2f})")
+    if lines:
+        headline = m.summary["heatmap"][HEADLINE_GROUP]
+        lines.append(f"{HEADLINE_GROUP} prompts, every layer (the headline): leakage {m.score:+.3f} "
+                     f"(r_D {headline['diversity_ratio']:.2f}, r_A {headline['attraction_ratio']:.2f})")
+    lines.append(f"secondary: all_prompts_leakage_score={m.all_prompts_score:+.4f} (heatmaps, neutral + edit prompts; "
+                 "ranked the toy world's runs less well than the headline)")
+    lines.append(f"leakage_score={m.score:+.4f} [{record['leakage_score_lo']:+.4f}, {record['leakage_score_hi']:+.4f}] "
+                 f"({HEADLINE_GROUP} prompts, n_seeds={record['n_seeds']})  "
+                 "(0 = like the base model, 1 = layouts collapsed onto the training layouts)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argument_parser(description=__doc__.split("\n")[0])
+    parser = argument_parser(description=__doc__.split("\n")[0], epilog=EPILOG)
     parser.add_argument("--run", required=True, type=Path, help="the training run's output_dir")
     parser.add_argument("--output_name", default=None, help="which run, when the folder holds several")
     parser.add_argument("--n_seeds", type=int_at_least(2, "diversity compares seeds"), default=8,
@@ -267,8 +306,12 @@ def main(argv: list[str] | None = None) -> dict:
         training_timestep=args.training_timestep, locate=locate, log=lambda s: print(s, flush=True),
         by_resolution=args.by_resolution,
     )
+    interval = m.score_interval(**BOOTSTRAP)
     record = {
-        "leakage_score": m.score,
+        "leakage_score": m.score, "leakage_score_lo": interval.lo, "leakage_score_hi": interval.hi,
+        "leakage_score_prompts": f"heatmap, {HEADLINE_GROUP} prompts", "n_seeds": len(seeds),
+        "leakage_score_interval": BOOTSTRAP | {"method": "percentile bootstrap over the sampling seeds"},
+        "all_prompts_leakage_score": m.all_prompts_score,
         "formula": "leakage = 1 - sqrt(r_D * r_A); r_D = D_tuned / D_base (layout diversity across seeds), "
                    "r_A = A_tuned / A_base (mean distance to the nearest training layout)",
         "summary": m.summary,
@@ -286,15 +329,13 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "position_leakage.json", json.dumps(json_ready(record), indent=2) + "\n")
     atomic_write_csv(out / "position_leakage.csv", m.rows)
-    title = f"{args.run.name}: leakage score {m.score:+.3f} (r_D {m.summary['heatmap']['all']['diversity_ratio']:.2f}, " \
-            f"r_A {m.summary['heatmap']['all']['attraction_ratio']:.2f})"
+    headline = m.summary["heatmap"][HEADLINE_GROUP]
+    title = f"{args.run.name}: leakage score {m.score:+.3f}, {HEADLINE_GROUP} prompts (r_D {headline['diversity_ratio']:.2f}, " \
+            f"r_A {headline['attraction_ratio']:.2f})"
     plot_centroids(m, out / "position_leakage_centroids.png", title)
     plot_grid(m, out / "position_leakage_grid.png")
     print("\n".join(summary_lines(m)))
-    for grid, scores in record.get("by_resolution", {}).items():
-        print(f"neutral prompts, layers at {grid} only: leakage {scores['leakage_score']:+.3f} "
-              f"(r_D {scores['diversity_ratio']:.2f}, r_A {scores['attraction_ratio']:.2f})")
-    print(f"leakage_score={m.score:+.4f}  (0 = like the base model, 1 = layouts collapsed onto the training layouts)")
+    print("\n".join(headline_lines(m, record)))
     print(f"wrote {out}/position_leakage.json, .csv, _centroids.png, _grid.png")
     return record
 

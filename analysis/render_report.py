@@ -85,8 +85,9 @@ def screenshot_ink(browser: str, page: Path, shot: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argument_parser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("page", type=Path)
-    parser.add_argument("--screenshot", type=Path, default=None, help="where to keep the screenshot")
+    parser.add_argument("page", type=Path, help="the report page (.html) to open")
+    parser.add_argument("--screenshot", type=Path, default=None,
+                        help="a .png where to keep the screenshot (default: taken in a temporary folder, not kept)")
     parser.add_argument("--browser", default=None, help=f"browser executable (default: the first of {', '.join(BROWSERS)})")
     args = parser.parse_args(argv)
     if not args.page.is_file():

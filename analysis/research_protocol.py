@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The research protocol's training on the toy world (issue: research bench v2), resumable.
+"""The research protocol's training on the toy world, resumable.
 
     OMP_NUM_THREADS=1 python analysis/research_protocol.py h1 [--out outputs/protocol] [--seeds 42,1,2] [--no_vectors]
     OMP_NUM_THREADS=1 python analysis/research_protocol.py h2 [--out outputs/protocol] [--seeds 42,1,2] [--wait 3600] [--save_every 10]
@@ -24,6 +24,8 @@ Two processes with disjoint ``--seeds`` share the work on two cores; seeds outsi
 (42, 1, 2) add training seeds (``h1 --seeds 3 --lrs 2.75e-5 --no_vectors`` trains seed 3's pivot,
 then ``h3 --seeds 3`` its LoRA cells). ``--quick``: a few steps
 (plumbing). ``--model``: a diffusers folder (default: the embedded toy world).
+Ctrl-C or SIGTERM: a cell's training run saves its state, the script stops with one line (exit 128 + the
+signal), and the same command continues the run from that state (:func:`pti_plugin.protocol.premise.train_run`).
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench
 
 def parse_args(argv):
     parser = argument_parser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=("h1", "h2", "h3", "report", "all"))
+    parser.add_argument("part", choices=("h1", "h2", "h3", "report", "all"),
+                        help="the part to run (report: the statistics and the report, into --results)")
     parser.add_argument("--results", type=Path, default=Path("analysis/results/research_protocol"),
                         help="report: where it is written; h1, h3: the cells its cell archives hold are not trained again")
     parser.add_argument("--draws", type=positive_int, default=2000, help="report: bootstrap draws")
-    parser.add_argument("--out", type=Path, default=Path("outputs/protocol"))
+    parser.add_argument("--out", type=Path, default=Path("outputs/protocol"),
+                        help="the protocol's working folder: each part's runs and cached cells (OUT/h1, OUT/h2, OUT/h3)")
     parser.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the embedded toy world)")
     parser.add_argument("--seeds", default=None,
                         help="training seeds to run, comma-separated (default: the part's; others add seeds)")
@@ -65,7 +69,8 @@ def parse_args(argv):
     parser.add_argument("--variants", default=None, help="h3: variants, comma-separated (default: all)")
     parser.add_argument("--weights", action="append", default=[], metavar="VARIANT=W1,W2",
                         help="h3: one variant's weight grid (repeatable; default: the module's)")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="the whole protocol reduced to a few steps and seeds (plumbing, the tests)")
     args = parser.parse_args(argv)
     if args.model is not None and (problem := sd15_folder_problem(args.model, IMAGE_SIZE)):
         parser.error(f"--model {args.model}: {problem}")
@@ -158,9 +163,17 @@ def run_all(args, argv: list[str]) -> None:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.part == "all":
-        run_all(args, argv)
-        return
+    from pti_plugin.protocol.premise import stops_cleanly
+
+    with stops_cleanly():  # a stop signal: one line ("run the same command again"), exit 128 + signal, no traceback
+        if args.part == "all":
+            run_all(args, argv)
+        else:
+            run_part(args)
+
+
+def run_part(args) -> None:
+    """One part (h1, h2, h3, report) as ``args`` say."""
     import toml
     import torch
 

@@ -10,7 +10,9 @@ scorer's seeds), plus the ceiling (the scorer's own ground truth against the ind
 rho with fewer and with more seeds, and their difference with a 95% bootstrap interval over the runs
 (the same runs resampled on both sides: :func:`pti_plugin.metrics.correlation.paired_spearman_difference`).
 Writes ``sampling_seeds.md`` and ``.json`` to ``--out``; the last line printed reads
-``attention_leakage_vs_independent fewer=<f> more=<f> difference=<f> lo=<f> hi=<f> runs=<n>``.
+``attention_leakage_vs_independent Spearman rho: fewer=<f> (<n> seeds) more=<f> (<n> seeds) difference=<f> 95% lo=<f>
+hi=<f> runs=<n>`` (rho with each file's sampling seeds a prompt; the difference, more minus fewer, with its 95%
+bootstrap interval over the runs).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argument_parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("fewer", type=Path, help="internal_metrics.json scored with fewer sampling seeds")
     parser.add_argument("more", type=Path, help="internal_metrics.json of the same runs, more sampling seeds")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder of sampling_seeds.md and .json")
     parser.add_argument("--draws", type=positive_int, default=2000, help="bootstrap resamples")
     args = parser.parse_args(argv)
     missing = [str(p) for p in (args.fewer, args.more) if not p.is_file()]
@@ -120,9 +122,10 @@ def main(argv=None) -> int:
     atomic_write_text(args.out / "sampling_seeds.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(args.out / "sampling_seeds.md", "\n".join(table_lines(entries, seeds, len(more_rows))) + "\n")
     main_entry = next(e for e in entries if (e["internal"], e["ground_truth"]) == ("attention_leakage", INDEPENDENT))
-    print(f"attention_leakage_vs_independent fewer={main_entry['fewer']:.3f} more={main_entry['more']:.3f} "
-          f"difference={main_entry['difference']:.3f} lo={main_entry['difference_lo']:.3f} "
-          f"hi={main_entry['difference_hi']:.3f} runs={main_entry['n']}")
+    few, many = ("?" if count is None else count for count in seeds)
+    print(f"attention_leakage_vs_independent Spearman rho: fewer={main_entry['fewer']:.3f} ({few} seeds) "
+          f"more={main_entry['more']:.3f} ({many} seeds) difference={main_entry['difference']:.3f} "
+          f"95% lo={main_entry['difference_lo']:.3f} hi={main_entry['difference_hi']:.3f} runs={main_entry['n']}")
     return 0
 
 

@@ -4,7 +4,7 @@ Loads a diffusers folder with the standard ``StableDiffusionPipeline`` (offline)
 image per evaluation prompt (fixed prompts and seeds, DDIM 25 steps, guidance 3), reads each with
 the detectors and prints, as its last line::
 
-    colour=<f> shape=<f> background=<f> position=<f> position_entropy=<f> two_tone=<f>
+    colour=<f> shape=<f> background=<f> position=<f> position_entropy=<f> two_tone=<f> (<what each is over>)
 
 (fractions; ``position`` over prompts stating a cell; ``position_entropy`` = entropy of the 3x3
 histogram of detected cells for prompts stating no position, divided by log 9; ``two_tone`` =
@@ -39,7 +39,8 @@ from PIL import Image  # noqa: E402
 
 from pti_plugin.script_args import (argument_parser, check_out_folder, finite_float_at_least, sd15_folder_problem,  # noqa: E402
                                     number_list, positive_finite, positive_int)
-from pti_plugin.protocol.premise import PremiseSettings, check_init_word, premise_line, run_premise  # noqa: E402
+from pti_plugin.protocol.premise import (PremiseSettings, check_init_word, premise_line, run_premise,  # noqa: E402
+                                         stops_cleanly)
 from pti_plugin.toy_world import WEIGHTS_DIR  # noqa: E402
 from pti_plugin.toy_world.detectors import score_generations  # noqa: E402
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--guidance", type=finite_float_at_least(0), default=GUIDANCE,
                         help="classifier-free guidance scale (a finite number >= 0; 1 or less: no guidance)")
     parser.add_argument("--steps", type=positive_int, default=SAMPLE_STEPS, help="DDIM steps per image (>= 1)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/toy_quality"))
+    parser.add_argument("--out", type=Path, default=Path("outputs/toy_quality"),
+                        help="folder of toy_quality.json and .png (--premise: of premise/premise.json)")
     parser.add_argument("--premise", action="store_true", help="run the premise checks 2-4 (into <out>/premise)")
     parser.add_argument("--quick", action="store_true", help="with --premise: a few steps and seeds (plumbing only)")
     defaults = PremiseSettings()
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             check_init_word(args.model, settings.init_word)
         except ValueError as exc:
             parser.error(str(exc))
-        result = run_premise(args.model, args.out / "premise", toml.load(BENCH_PRESET), settings)
+        with stops_cleanly():  # a stop signal: one line ("run the same command again"), exit 128 + signal
+            result = run_premise(args.model, args.out / "premise", toml.load(BENCH_PRESET), settings)
         print(f"wrote {args.out / 'premise' / 'premise.json'}")
         print(premise_line(result["summary"]))
         return result["summary"]
@@ -146,7 +149,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"wrote {args.out / 'toy_quality.json'} and {args.out / 'toy_quality.png'}")
     if "named_two_tone" in figures:
         print(f"named_two_tone={figures['named_two_tone']:.3f} (the two-tone prompts with look names)")
-    print(" ".join(f"{k}={figures[k]:.3f}" for k in LINE_KEYS))
+    print(" ".join(f"{k}={figures[k]:.3f}" for k in LINE_KEYS)
+          + f" (fractions of the {len(prompts)} prompts' images, each over the prompts stating it; two_tone over "
+          f"{len(tone_prompts)} two-tone prompts; position_entropy: of the cells drawn for prompts stating none, "
+          "as a share of its maximum, log 9)")
     return figures
 
 

@@ -19,6 +19,7 @@ from .command_line import USAGE, parse_args  # noqa: E402
 from .config import Config, ConfigError, StageConfig  # noqa: E402
 from .config_loading import load_config, named_where_given  # noqa: E402
 from .main_process_checks import launcher_rank, main_process_printed, tell_refusal_printed, told_elsewhere  # noqa: E402
+from .outputs import trainer_is_the_program  # noqa: E402
 from .stop_signals import StopSignalled, stop_raises  # noqa: E402
 
 
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run training; returns the process exit code (2 for configuration errors)."""
     if argv is None:  # this process is the command: at its exit, the interpreter's last collections need not walk
         atexit.register(gc.freeze)  # the millions of objects torch and the model libraries hold (seconds a process)
+    trainer_is_the_program(argv is None)  # only then do printed commands name the script as started
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(USAGE)

@@ -466,10 +466,11 @@ def check_resume_folder(folder: Path, token_string: str) -> None:
         _wrap("resume", lambda: safe_torch_load(folder / name, mmap=True))
 
 
-def _component_config(config: Config, component: str = "text_encoder") -> Path | None:
-    """The ``config.json`` of the model's ``component`` (``text_encoder``, ``vae``) the run will use, when it can be
-    found without loading anything (a single file's: SD1.5's shipped configs, whose text encoder and VAE have the
-    architecture of SDXL's first text encoder and VAE, unless ``single_file_config`` names others)."""
+def _component_config(config: Config, component: str = "text_encoder", name: str = "config.json") -> Path | None:
+    """The ``config.json`` (``name``) of the model's ``component`` (``text_encoder``, ``vae``; ``scheduler`` with
+    ``scheduler_config.json``) the run will use, when it can be found without loading anything (a single file's:
+    SD1.5's shipped configs, whose text encoder and VAE have the architecture of SDXL's first text encoder and VAE,
+    unless ``single_file_config`` names others)."""
     from .models.single_file import SD15_CONFIG_DIR
 
     value = config.pretrained_model_name_or_path
@@ -480,7 +481,7 @@ def _component_config(config: Config, component: str = "text_encoder") -> Path |
     else:
         model = Path(value).expanduser()
         folder = model if model.is_dir() else Path(config.single_file_config).expanduser() if config.single_file_config else SD15_CONFIG_DIR
-    path = folder / component / "config.json"
+    path = folder / component / name
     return path if path.is_file() else None
 
 

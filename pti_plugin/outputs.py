@@ -115,13 +115,26 @@ def run_dir_finished(run_dir: Path, output_name: str) -> bool:
     return (run_dir / f"{output_name}.safetensors").is_file()
 
 
+#: Whether the trainer's own command line is this process's program (``train_pti.py``, ``pti-train``: :func:`cli.main
+#: <pti_plugin.cli.main>` called without ``argv`` records it, :func:`trainer_is_the_program`), so that printed commands
+#: may name the script as started; not when the trainer runs inside another program (an analysis script, a test).
+_PROGRAM = {"trainer": False}
+
+
+def trainer_is_the_program(yes: bool) -> None:
+    """Record whether the trainer's command line is this process's program (see :func:`trainer_command`)."""
+    _PROGRAM["trainer"] = yes
+
+
 def trainer_command(*args: str | Path) -> str:
     """The command line that runs the trainer with ``args``, each quoted for a POSIX shell (a path with a space stays
-    one argument), to copy and paste: ``accelerate launch`` with the script as this process was started
-    (``sys.argv[0]`` as given, e.g. ``/work/main/train_pti.py`` when started from another folder); the ``pti-train``
-    console script through ``accelerate launch --no_python``; ``train_pti.py`` when the trainer runs inside another
-    program (``sys.argv[0]`` not a Python script of its own)."""
-    script = sys.argv[0] if sys.argv else ""
+    one argument), to copy and paste. Where the trainer's command line is this process's program
+    (:func:`trainer_is_the_program`): ``accelerate launch`` with the script as this process was started
+    (``sys.argv[0]`` as given, e.g. ``/work/main/train_pti.py`` when started from another folder), or the
+    ``pti-train`` console script through ``accelerate launch --no_python``. Otherwise ``train_pti.py``: the trainer
+    runs inside another program (an analysis script such as ``analysis/lr_sweep.py``, whose own arguments are not
+    the trainer's: naming it gave a command that failed)."""
+    script = sys.argv[0] if sys.argv and _PROGRAM["trainer"] else ""
     name = Path(script).name
     if name == "pti-train":
         head = "accelerate launch --no_python pti-train"

@@ -8,7 +8,8 @@ with its usage error (``parser.error``: exit 2, the option named). The rules wri
 - comma-separated lists: :func:`number_list` and :func:`positive_finite` (learning rates and weights);
 - :func:`out_folder_problem` / :func:`check_out_folder`: an output folder that exists as a file, or lies
   under a file, or whose nearest existing parent cannot be written;
-- :func:`argument_parser`: every script's parser, which takes a flag only as typed in full;
+- :func:`argument_parser`: every script's parser, which takes a flag only as typed in full and whose ``--help``
+  shows each option's default (:class:`DefaultsHelpFormatter`);
 - :func:`sd15_folder_problem`: a ``--model`` of the toy-world scripts (SD1.x diffusers folders only; with the
   toy world's image size, toy-world models only);
 - :func:`flag_message`: a loader's :class:`~pti_plugin.config.ConfigError` about a preset key, naming the
@@ -23,10 +24,24 @@ import os
 from pathlib import Path
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with ``(default: ...)`` after an option's help, except where the help already says its
+    default or there is none to show (None, an off flag, an empty value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if ("default" in (action.help or "").lower() or default is None or default is False
+                or (isinstance(default, (str, list, tuple)) and not default)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def argument_parser(description: str | None = None, **kwargs) -> argparse.ArgumentParser:
     """A script's parser. A flag is taken only as typed in full: argparse's default reads a prefix as the one
     flag it begins, so another script's flag or a slip was taken silently as something else (``--gpus 2`` as
-    the bench's ``--gpus_per_run 2``); now it is an unrecognised argument (exit 2, the flag named)."""
+    the bench's ``--gpus_per_run 2``); now it is an unrecognised argument (exit 2, the flag named). ``--help``
+    shows every option's default (:class:`DefaultsHelpFormatter`)."""
+    kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
     return argparse.ArgumentParser(description=description, allow_abbrev=False, **kwargs)
 
 

@@ -70,6 +70,7 @@ def lora_sweep(tiny_model, tiny_dataset, tmp_path_factory):
 def test_lr_sweep_lora_end_to_end_with_shared_pivot(lora_sweep):
     out, printed = lora_sweep.out, lora_sweep.printed
     assert "train pivot" in printed and printed.count("train lora-lr") == 2
+    assert "reconstruction: proxy_denoise_mse (lower = better)" in printed  # the table's header, as the plots'
     with open(out / "lr_sweep_lora.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [float(r["lr"]) for r in rows] == [1e-3, 1e-1]
@@ -77,6 +78,8 @@ def test_lr_sweep_lora_end_to_end_with_shared_pivot(lora_sweep):
     for r in rows:
         assert float(r["pivot_l2_from_init"]) > 0  # the pivot run's distance from the init word
         assert float(r["lora_delta_norm"]) > 0 and r["leakage_score"] != ""
+        # the headline is the neutral prompts' score; the all-prompt one is kept (no edit prompts here: the same)
+        assert r["heatmap_all_leakage_score"] == r["leakage_score"] and "heatmap_neutral_leakage_score" not in r
         assert r["reconstruction_metric"] == "proxy_denoise_mse" and r["editability_metric"] == "proxy_edit_direction_cos"
         assert float(r["lr_x_steps"]) == pytest.approx(float(r["lr"])) and float(r["effective_lr"]) == float(r["lr"])
     assert float(rows[1]["lora_delta_norm"]) > float(rows[0]["lora_delta_norm"])
@@ -150,7 +153,12 @@ def test_position_leakage_command_line(lora_sweep, tmp_path):
             assert {"diversity_base", "diversity_tuned", "attraction_base", "attraction_tuned",
                     "diversity_ratio", "attraction_ratio", "leakage_score"} <= set(entry)
     assert "paired_distance" in summary["heatmap"]["edit"] and "training_observer_distance" in summary["heatmap"]["all"]
-    assert record["leakage_score"] == summary["heatmap"]["all"]["leakage_score"]
+    neutral, everything = summary["heatmap"]["neutral"]["leakage_score"], summary["heatmap"]["all"]["leakage_score"]
+    assert record["leakage_score"] == neutral != everything and record["all_prompts_leakage_score"] == everything
+    assert record["n_seeds"] == 2 and record["leakage_score_lo"] <= neutral <= record["leakage_score_hi"]
+    assert (f"leakage_score={neutral:+.4f} [{record['leakage_score_lo']:+.4f}, {record['leakage_score_hi']:+.4f}] "
+            "(neutral prompts, n_seeds=2)") in printed
+    assert f"neutral prompts, every layer (the headline): leakage {neutral:+.3f}" in printed
     assert record["settings"]["prompts"] == ["an anime illustration of tok1", "an anime illustration of tok1 at the top left"]
     with open(out / "position_leakage.csv") as handle:
         rows = list(csv.DictReader(handle))

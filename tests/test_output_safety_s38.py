@@ -132,6 +132,7 @@ def test_printed_commands_quote_paths_and_name_the_script_as_started(tmp_path, m
     ``pti-train``; ``train_pti.py`` inside another program). Before: paths unquoted, ``train_pti.py`` always, and the
     rerun's hint was arguments without a command."""
     monkeypatch.setattr("sys.argv", [argv0, "--preset", "x.toml"])
+    monkeypatch.setattr("pti_plugin.outputs._PROGRAM", {"trainer": True})  # as cli.main() records it for the command
     out = tmp_path / "My LoRAs"
     out.mkdir()
     (out / "char.config.toml").write_text(toml.dumps({"output_name": "char", "token_string": "tok1"}))

@@ -72,7 +72,10 @@ shipped = pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").is_file(), r
 def test_quality_line_carries_two_tone(tmp_path):
     _, printed = _script(["--prompts", "4", "--two_tone_prompts", "2", "--steps", "2", "--out", str(tmp_path)])
     keys = ("colour", "shape", "background", "position", "position_entropy", "two_tone")
-    assert re.fullmatch(" ".join(f"{k}={NUMBER}" for k in keys), printed.strip().splitlines()[-1])
+    line = printed.strip().splitlines()[-1]
+    figures, _, what = line.partition(" (")
+    assert re.fullmatch(" ".join(f"{k}={NUMBER}" for k in keys), figures), line
+    assert "the 4 prompts' images" in what and "over 2 two-tone prompts" in what and "log 9" in what, line
     assert json.loads((tmp_path / "toy_quality.json").read_text())["two_tone_prompts"] == 2
 
 
@@ -82,9 +85,11 @@ def test_quick_premise_check_prints_its_line_and_resumes_without_training(tmp_pa
     argv = ["--premise", "--quick", "--out", str(tmp_path)]
     summary, printed = _script(argv)
     line = printed.strip().splitlines()[-1]
-    assert re.fullmatch(" ".join(f"{k}={NUMBER}" for k in premise.LINE_KEYS), line), line
+    verdicts = " ".join(f"check{n}=(pass|fail)" for n in (2, 3, 4))
+    assert re.fullmatch(" ".join(f"{k}={NUMBER}" for k in premise.LINE_KEYS) + f" {verdicts}", line), line
     assert 0.0 <= summary["null_cells_lo"] <= summary["null_cells_hi"] <= 1.0
     result = json.loads((tmp_path / "premise" / "premise.json").read_text())
+    assert line.endswith(" ".join(f"{name}={verdict}" for name, verdict in result["checks"].items()))  # one verdict
     null = result["null"]
     assert null["training_cells_lo"] <= null["training_cells"] <= null["training_cells_hi"]
     assert [r["lr"] for r in result["inversions"]] == list(premise.PremiseSettings.quick().inversion_lrs)

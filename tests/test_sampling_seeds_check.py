@@ -59,7 +59,8 @@ def test_script_compares_the_runs_both_files_score(tmp_path, capsys):
     a, b = _summary(tmp_path / "a" / "internal_metrics.json", 16, fewer), _summary(tmp_path / "b" / "i.json", 64, more)
     assert _main([str(a), str(b), "--out", str(tmp_path / "out"), "--draws", "100"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("attention_leakage_vs_independent fewer=-1.000 more=1.000 difference=2.000")
+    assert last.startswith("attention_leakage_vs_independent Spearman rho: fewer=-1.000 (16 seeds) more=1.000 (64 seeds) "
+                           "difference=2.000 95% lo=")
     assert last.endswith("runs=5")
     saved = json.loads((tmp_path / "out" / "sampling_seeds.json").read_text())
     assert saved["seeds"] == [16, 64] and "only-here" not in saved["runs"]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .editability import measure_editability
-from .leakage import measure_position_leakage
+from .leakage import HEADLINE_GROUP, measure_position_leakage
 from .movement import lora_delta_norm, output_space_angles
 from .probes import make_probes
 from .reconstruction import measure_reconstruction
@@ -107,6 +107,7 @@ def evaluate_run(
         for family, groups in measurement.summary.items():
             for group, values in groups.items():
                 for key, value in values.items():
-                    prefix = "" if (family, group) == ("heatmap", "all") else f"{family}_{group}_"
+                    # unprefixed: the headline (heatmap, neutral prompts); "heatmap_all_...": all prompts
+                    prefix = "" if (family, group) == ("heatmap", HEADLINE_GROUP) else f"{family}_{group}_"
                     out[f"{prefix}{key}"] = value
     return {k: finite_or_none(v) for k, v in out.items()}

@@ -27,6 +27,12 @@ centroids; family ``groundtruth`` (toy world only) the distance between detected
 For edit prompts, ``paired_distance`` is the mean ``d`` between the two models' layouts for the
 same prompt and seed (does the edit still move the subject as it moves the class word?).
 
+The headline score (:attr:`LeakageMeasurement.score`) is family ``heatmap``, group ``neutral``
+(:data:`HEADLINE_GROUP`): the version whose ranking of the toy world's runs was checked against the
+ground truth (README, "Model-internal metrics"); the ``all`` group (neutral and edit prompts together)
+ranked them less well and is kept as a secondary figure. :meth:`LeakageMeasurement.score_interval`
+gives the headline a bootstrap interval over the sampling seeds.
+
 Each model's generations are compared with the training layouts *as that model sees them*: the
 training heatmaps are measured once by the base model (class word) and once by the fine-tuned
 model (pivot), so that a systematic difference between the two tokens' attention patterns does
@@ -44,9 +50,12 @@ import torch
 
 from .localisation import (centroids, generate_with_heatmaps, heatmap_stats, pixel_centres, resample,
                            training_heatmaps_by_layers)
+from .replication import Interval, resampled_interval
 
 MODELS = ("base", "tuned")
 GROUPS = ("all", "neutral", "edit")
+#: The prompt group of the headline score (family ``heatmap``): the neutral prompts (module docstring).
+HEADLINE_GROUP = "neutral"
 
 
 def layout_distance_matrix(p: torch.Tensor, q: torch.Tensor) -> np.ndarray:
@@ -69,11 +78,11 @@ def point_distance_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def mean_pairwise(distances: np.ndarray) -> float:
-    """Mean of the strict upper triangle of a square distance matrix (nan below 2 items)."""
-    n = distances.shape[0]
-    if n < 2:
-        return float("nan")
-    return float(distances[np.triu_indices(n, k=1)].mean())
+    """Mean of the finite entries of the strict upper triangle of a square distance matrix (nan when there are
+    none: below 2 items; NaN marks a pair left out, a seed that a resample drew twice)."""
+    upper = distances[np.triu_indices(distances.shape[0], k=1)]
+    upper = upper[np.isfinite(upper)]
+    return float(upper.mean()) if upper.size else float("nan")
 
 
 def leakage_score(div_tuned: float, div_base: float, attr_tuned: float, attr_base: float) -> dict[str, float]:
@@ -144,18 +153,54 @@ class LeakageMeasurement:
     #: with ``by_resolution``: the neutral prompts' ``heatmap`` summary from each UNet resolution's cross-attention
     #: layers alone, ``{"16x16": {"leakage_score", "diversity_ratio", "attraction_ratio", ...}}``, finest first
     by_resolution: dict = field(default_factory=dict)
+    #: the ``heatmap`` family's distances, per model and prompt: ``within[model][k]`` ``[S, S]`` between the seeds'
+    #: layouts, ``to_train[model][k]`` ``[S, n_train]`` to the training layouts (what :meth:`score_interval` resamples)
+    heatmap_distances: dict = field(default_factory=dict)
 
     @property
     def score(self) -> float:
-        """The leakage score (heatmap layouts, all prompts)."""
+        """The headline leakage score: heatmap layouts, neutral prompts (:data:`HEADLINE_GROUP`); nan without them."""
+        return self.summary["heatmap"].get(HEADLINE_GROUP, {}).get("leakage_score", float("nan"))
+
+    @property
+    def all_prompts_score(self) -> float:
+        """The secondary leakage score: heatmap layouts, neutral and edit prompts together."""
         return self.summary["heatmap"]["all"]["leakage_score"]
+
+    def score_interval(self, draws: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
+        """:attr:`score` with a percentile bootstrap interval over the sampling seeds (:func:`seed_interval`)."""
+        return seed_interval(self.heatmap_distances, self.groups, HEADLINE_GROUP, draws, level, seed)
+
+
+def seed_interval(distances: dict, groups: list[str], group: str, draws: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> Interval:
+    """``group``'s leakage score from ``distances`` (:attr:`LeakageMeasurement.heatmap_distances`) with a ``level``
+    percentile interval over ``draws`` resamples of the sampling seeds (the same seeds for every prompt and both
+    models, which share them; :func:`~.replication.resampled_interval`). Within a resample, the pairs of a seed
+    drawn twice are left out of the diversity (their distance is 0 by construction, not a measured one); a resample
+    with a single distinct seed has no diversity and is left out. With 2 seeds every usable resample holds the
+    same pair, so the interval is the estimate. All nan without prompts of ``group``."""
+    ks = [k for k, g in enumerate(groups) if group == "all" or g == group]
+    if not ks or not distances:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    within, to_train = distances["within"], distances["to_train"]
+    sub_groups = [groups[k] for k in ks]
+
+    def statistic(idx: np.ndarray) -> float:
+        same = idx[:, None] == idx[None, :]
+        w = {m: [np.where(same, np.nan, within[m][k][np.ix_(idx, idx)]) for k in ks] for m in MODELS}
+        t = {m: [to_train[m][k][idx] for k in ks] for m in MODELS}
+        return _family_summary(w, t, [np.zeros(0)] * len(ks), sub_groups)[group]["leakage_score"]
+
+    return resampled_interval(len(within["tuned"][ks[0]]), statistic, draws, level, seed)
 
 
 def _layout_summaries(heat: dict[str, torch.Tensor], cents: dict[str, np.ndarray], train_maps: dict[str, torch.Tensor],
-                      train_cents: dict[str, np.ndarray], groups: list[str], grid: int) -> tuple[dict, list[np.ndarray]]:
+                      train_cents: dict[str, np.ndarray], groups: list[str], grid: int) -> tuple[dict, dict]:
     """The ``heatmap`` and ``centroid`` families' summaries (diversity, attraction, score per group) from the
     generations' heatmaps ``heat[model] [P, S, h, w]`` and centroids ``cents[model] [P, S, 2]`` against the
-    training images' maps and centroids; also the tuned model's per-prompt heatmap distances to the training maps."""
+    training images' maps and centroids; also the ``heatmap`` family's distances
+    (:attr:`LeakageMeasurement.heatmap_distances`)."""
     train_grid = {m: resample(train_maps[m], grid) for m in MODELS}
     prompt_count = len(groups)
     within: dict[str, dict[str, list[np.ndarray]]] = {f: {m: [] for m in MODELS} for f in ("heatmap", "centroid")}
@@ -175,7 +220,7 @@ def _layout_summaries(heat: dict[str, torch.Tensor], cents: dict[str, np.ndarray
         np.diag(layout_distance_matrix(train_grid["tuned"], train_grid["base"])).mean())
     summary["centroid"]["all"]["training_observer_distance"] = float(
         np.linalg.norm(train_cents["tuned"] - train_cents["base"], axis=-1).mean())
-    return summary, to_train["heatmap"]
+    return summary, {"within": within["heatmap"], "to_train": to_train["heatmap"]}
 
 
 def layout_scores(heat: dict[str, torch.Tensor], train_maps: dict[str, torch.Tensor], groups: list[str],
@@ -183,9 +228,21 @@ def layout_scores(heat: dict[str, torch.Tensor], train_maps: dict[str, torch.Ten
     """The ``heatmap`` and ``centroid`` families' summaries (as in :attr:`LeakageMeasurement.summary`) of given
     heatmaps: ``heat[model]`` ``[P, S, h, w]`` of the generations (``groups[k]``: prompt k's group),
     ``train_maps[model]`` ``[n, h, w]`` of the training images, for each model of :data:`MODELS`."""
+    return scored_heatmaps(heat, train_maps, groups, grid).summary
+
+
+def scored_heatmaps(heat: dict[str, torch.Tensor], train_maps: dict[str, torch.Tensor], groups: list[str],
+                    grid: int = 16) -> LeakageMeasurement:
+    """A :class:`LeakageMeasurement` of given heatmaps alone (as :func:`layout_scores`; no images, no rows, the
+    prompts named by their group and the seeds numbered from 0): its :attr:`~LeakageMeasurement.score`,
+    summary and :meth:`~LeakageMeasurement.score_interval` re-score saved heatmaps."""
     cents = {m: centroids(heat[m].reshape(-1, *heat[m].shape[-2:])).reshape(*heat[m].shape[:2], 2) for m in MODELS}
     train_cents = {m: centroids(train_maps[m]) for m in MODELS}
-    return _layout_summaries(heat, cents, train_maps, train_cents, groups, grid)[0]
+    summary, distances = _layout_summaries(heat, cents, train_maps, train_cents, groups, grid)
+    return LeakageMeasurement(
+        prompts=list(groups), groups=list(groups), seeds=list(range(heat["tuned"].shape[1])), images={}, heatmaps=heat,
+        centroids=cents, training_images=[], training_heatmaps=train_maps, training_centroids=train_cents,
+        summary=summary, heatmap_distances=distances)
 
 
 def leakage_by_resolution(run, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5,
@@ -286,7 +343,7 @@ def measure_position_leakage(
     heat = {m: torch.stack(maps[m]) for m in MODELS}  # [P, S, h, w]
     cents = {m: centroids(heat[m].reshape(-1, *heat[m].shape[-2:])).reshape(len(prompts), len(seeds), 2) for m in MODELS}
     train_cents = {m: centroids(train_maps[m]) for m in MODELS}
-    summary, heatmap_to_train = _layout_summaries(heat, cents, train_maps, train_cents, groups, grid)
+    summary, distances = _layout_summaries(heat, cents, train_maps, train_cents, groups, grid)
 
     gt: dict[str, list[list]] = {}
     train_gt: list = []
@@ -295,7 +352,7 @@ def measure_position_leakage(
         train_gt = [locate(img) for img in train_images]
         summary["groundtruth"] = _groundtruth_summary(gt, train_gt, groups)
 
-    rows = _generation_rows(run, prompts, groups, seeds, heat, heatmap_to_train, gt if locate is not None else None)
+    rows = _generation_rows(run, prompts, groups, seeds, heat, distances["to_train"], gt if locate is not None else None)
     rows += _training_rows(run, train_maps, train_gt if locate is not None else None)
 
     return LeakageMeasurement(
@@ -303,7 +360,7 @@ def measure_position_leakage(
         images={m: np.stack(images[m]) for m in MODELS}, heatmaps=heat, centroids=cents,
         training_images=train_images, training_heatmaps=train_maps, training_centroids=train_cents,
         summary=summary, rows=rows, groundtruth=(gt | {"training": train_gt}) if locate is not None else {},
-        by_resolution=_scores_by_level(per_level, train_by_layers, grid),
+        by_resolution=_scores_by_level(per_level, train_by_layers, grid), heatmap_distances=distances,
         settings={"steps": steps, "guidance": guidance, "grid": grid, "training_timestep": training_timestep,
                   "capture_timesteps": capture_timesteps,
                   "class_word": run.class_word, "token": run.token},

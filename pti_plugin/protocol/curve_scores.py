@@ -30,15 +30,16 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import atomic_write_text
-from ..config import Config, ConfigError
+from ..config import Config
 from ..outputs import read_training_log
 from ..metrics.curves import crossing_time_ratio
 from ..metrics.evaluate import json_ready
 from ..metrics.replication import Interval, seed_level_interval, two_level_bootstrap
-from ..metrics.run_model import find_run_files, read_run_config, training_items
+from ..metrics.run_model import find_run_files, read_run_config
 from ..settings_cache import read_cache
 from ..toy_world.detectors import detect_character, has_detail
 from ..toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
+from ..toy_world.run_checks import generation_size_problem
 from ..toy_world.run_scores import NEUTRAL_PROMPTS
 from ..toy_world.world import CHARACTER_CELLS, IMAGE_SIZE
 
@@ -132,25 +133,6 @@ def _lora_checkpoints(run_dir: str | Path, output_name: str | None
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def generation_size_problem(run_dir: str | Path, output_name: str | None = None, config: Config | None = None
-                            ) -> str | None:
-    """Why the toy world's detectors cannot read the run's generations, else None: a run generates at its first
-    training image's bucket (:meth:`~pti_plugin.metrics.run_model.LoadedRun.default_size`), and they read the toy
-    world's ``IMAGE_SIZE`` px scenes only. Reads the run's config (unless ``config`` is given) and scans its images;
-    loads no model. None too when its images cannot be read: a run whose scores are all cached needs none, and
-    loading the run names them."""
-    config = read_run_config(find_run_files(run_dir, output_name)[0]) if config is None else config
-    try:
-        width, height = training_items(config)[0].bucket
-    except ConfigError:  # the run's images moved or were deleted since it trained
-        return None
-    if (width, height) == (IMAGE_SIZE, IMAGE_SIZE):
-        return None
-    return (f"its generations are {width}x{height} px (its first training image's bucket), not the toy world's "
-            f"{IMAGE_SIZE} px scenes that the learning curves' detectors read: learning curves are scored on toy-world "
-            "runs only (on your own model, analysis/position_leakage.py --run measures a run's position leakage)")
-
-
 def image_scores(images: np.ndarray) -> dict[str, list]:
     """Per-image ground truth of uint8 images ``[..., 32, 32, 3]`` (flattened in order): ``coarse``
     (the character's coarse look, 0/1), ``detail`` (its private dot, 0/1) and ``in_training_cell``

@@ -187,7 +187,7 @@ def run_h1(model: Path, out: Path, base_preset: dict, settings: H1Settings = H1S
     model, out = Path(model).resolve(), Path(out).resolve()
     check_init_word(model, settings.init_word)
     data_dir = bench_dataset(out)
-    parts = Parts(out, log)
+    parts = Parts(out, log, "h1")
     digest = model_digest(model)
     planned = []
     for cell in settings.cells():
@@ -203,7 +203,7 @@ def run_h1(model: Path, out: Path, base_preset: dict, settings: H1Settings = H1S
     for (lr, seed, vectors), preset, part_settings in planned:
         run_dir = cell_run_dir(out, preset, digest, lr, seed, vectors)
         record = parts.get(cell_name(lr, seed, vectors), part_settings,
-                           lambda: measure_cell(train_run(preset, run_dir, log), settings))
+                           lambda: measure_cell(train_run(preset, run_dir, log, "h1"), settings))
         cells.append(record | {"lr": lr, "seed": seed, "vectors": vectors, "steps": settings.steps})
     return cells
 

@@ -8,7 +8,8 @@ fraction of a cell is reported as excess over the null's first set.
 **The knee** (:func:`~pti_plugin.metrics.curves.knee_with_interval`, Kneedle's maximum distance to
 the chord; rates from a collapse on, defined below, left out) of the per-seed coarse-reconstruction curves against the seed-mean output-space angle
 of each learning rate, with a bootstrap interval over training seeds; the same curve is fitted with
-one line and with two joined segments (:func:`~pti_plugin.metrics.curves.segment_fits`, BIC).
+one line and with two joined segments (:func:`~pti_plugin.metrics.curves.segment_fits`, BIC; stored to
+:data:`FIT_DIGITS` significant digits, so that a rebuilt summary is byte-for-byte the committed one).
 
 **Verdict.** H1 says reconstruction is gained and editability lost as the pivot moves away. The
 rates from a *collapse* on (reconstruction falling below 0.9 of its best, past the best: the pivot
@@ -45,6 +46,9 @@ COLLAPSE_SHARE = 0.9
 #: The joint editabilities the verdict reads (position edits; backgrounds asked in the neutral prompts).
 EDIT_SCORES = ("joint_edit", "joint_background_edit")
 MOVEMENT = ("pivot_l2_from_init", "pivot_angle_from_init_deg", "output_angle_layernorm_deg")
+#: Significant digits the segment fits are stored with: far above the report's 3, far below the last digits
+#: in which least squares differs between machines (about 1e-13 relative), so that a rebuilt summary is the same file.
+FIT_DIGITS = 10
 
 
 def float_array(values: list) -> np.ndarray:
@@ -102,10 +106,19 @@ def per_seed_curves(groups: dict[float, list[dict]], key: str) -> np.ndarray:
     return out
 
 
+def rounded(value, digits: int = FIT_DIGITS):
+    """``value`` with every float (in dicts and lists too) rounded to ``digits`` significant digits."""
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, list):
+        return [rounded(item, digits) for item in value]
+    return float(f"{value:.{digits}g}") if isinstance(value, float) else value
+
+
 def knee_and_fits(rows: list[dict], groups: dict[float, list[dict]], draws: int = 2000) -> dict:
     """Knee of coarse reconstruction against the output-space angle and token L2, and segment fits."""
     out = {}
-    coarse = per_seed_curves(groups, "coarse")
+    coarse, joint_edit = per_seed_curves(groups, "coarse"), per_seed_curves(groups, "joint_edit")
     for axis in ("output_angle_layernorm_deg", "pivot_l2_from_init"):
         x = np.array([np.nan if r[axis] is None else r[axis] for r in rows])
         if np.isfinite(x).sum() < 3:
@@ -113,8 +126,8 @@ def knee_and_fits(rows: list[dict], groups: dict[float, list[dict]], draws: int 
         knee = knee_with_interval(x, coarse, draws=draws)
         out[axis] = {"knee_x": knee["knee_x"], "interval": knee["interval"].to_dict() if knee["interval"] else None,
                      "no_knee_fraction": knee["no_knee_fraction"],
-                     "segments_coarse": segment_fits(x, np.nanmean(coarse, axis=0)),
-                     "segments_joint_edit": segment_fits(x, np.nanmean(per_seed_curves(groups, "joint_edit"), axis=0))}
+                     "segments_coarse": rounded(segment_fits(x, np.nanmean(coarse, axis=0))),
+                     "segments_joint_edit": rounded(segment_fits(x, np.nanmean(joint_edit, axis=0)))}
     return out
 
 

@@ -121,5 +121,5 @@ def train_h2_runs(model: Path, out: Path, base_preset: dict, pivots: dict[int, P
             preset = run_preset(base_preset, model, data_dir, init_word, stage, pivot)
             preset |= {"seed": seed, "save_every_n_steps": settings.schedule(lr).save_every_n_steps}
             run_dir = out / "runs" / f"{h2_run_name(lr, seed)}-{preset_digest(preset | {'model_digest': digest})}"
-            runs[lr].append(train_run(preset, run_dir, log))
+            runs[lr].append(train_run(preset, run_dir, log, "h2"))
     return runs

@@ -230,7 +230,7 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
     model, out = Path(model).resolve(), Path(out).resolve()
     h1_out = out if h1_out is None else Path(h1_out).resolve()
     data_dir = bench_dataset(out)
-    parts = Parts(out, log)
+    parts = Parts(out, log, "h3")
     digest = model_digest(model)
     common = {"model_digest": digest} | settings.sampling()
     pivots = {s: pivot_file(model, h1_out, base_preset, settings.h1, settings.pivot_lr, s) for s in settings.training_seeds}
@@ -255,7 +255,7 @@ def run_h3(model: Path, out: Path, base_preset: dict, settings: H3Settings = H3S
     for (variant, weight, lr, seed), preset, part_settings in planned:
         name = cell_name(variant, weight, lr, seed)
         run_dir = out / "runs" / f"{name}-{preset_digest(preset | {'model_digest': digest})}"
-        record = parts.get(name, part_settings, lambda: measure_cell(train_run(preset, run_dir, log), settings, base_drift))
+        record = parts.get(name, part_settings, lambda: measure_cell(train_run(preset, run_dir, log, "h3"), settings, base_drift))
         cells.append(record | {"variant": variant, "weight": weight, "lr": lr, "seed": seed, "steps": settings.steps})
     return cells
 

@@ -1,4 +1,4 @@
-"""Do the model-internal metrics rank the toy world's runs as its ground truth does? (issue: research bench v2)
+"""Do the model-internal metrics rank the toy world's runs as its ground truth does?
 
 A real-model run has no detector: the project reads position leakage from cross-attention heatmaps
 of ``tok1`` (``attention_leakage``), reconstruction from the denoising proxy and editability from
@@ -96,6 +96,80 @@ def find_runs(folders: list[Path], output_name: str) -> list[Path]:
     """The finished runs (:func:`~pti_plugin.outputs.run_dir_finished`: the LoRA and the embedding) directly
     under ``folders``, sorted."""
     return sorted(d for folder in folders for d in Path(folder).iterdir() if d.is_dir() and run_dir_finished(d, output_name))
+
+
+def output_names(folders: list[Path]) -> list[str]:
+    """The output names of the finished runs directly under ``folders`` (from their ``<name>.config.toml``), for
+    the refusal of an ``--output_name`` no run has."""
+    names = set()
+    for run in (d for folder in folders for d in Path(folder).iterdir() if d.is_dir()):
+        names |= {name for name in (c.name[: -len(".config.toml")] for c in run.glob("*.config.toml"))
+                  if run_dir_finished(run, name)}
+    return sorted(names)
+
+
+def sampler_timesteps(scheduler_config: Path, steps: int) -> list[int]:
+    """The training-scale timesteps of the scorer's sampler at ``steps`` steps, descending: diffusers' DDIM scheduler
+    from the model's ``scheduler_config.json``, as :func:`~pti_plugin.metrics.run_model.open_model` builds it from
+    the model's scheduler. Reads that file; loads no model. ValueError where DDIM cannot take ``steps``."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(str(Path(scheduler_config).parent)))
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
+def band_steps_problem(scheduler_config: Path, steps: int, band: tuple[int, int], default_band: bool = False
+                       ) -> str | None:
+    """Why the band versions cannot be measured at ``steps`` sampler steps, else None: their heatmaps come from the
+    steps whose timestep lies in ``band`` (:func:`band_scores`), and no step of :func:`sampler_timesteps` does (with
+    2 or 4 steps none falls in the toy world's band 780-930), so no cross-attention call would be recorded after
+    the run's standard scoring. Names ``--sample_steps``, ``--band`` and the fewest steps above ``steps`` that reach
+    the band (``default_band``: ``--band`` was not given)."""
+    low, high = band
+    try:
+        timesteps = sampler_timesteps(scheduler_config, steps)
+    except ValueError as exc:
+        return f"--sample_steps {steps}: {exc}"
+    if any(low <= t <= high for t in timesteps):
+        return None
+    limit = int(json.loads(Path(scheduler_config).read_text(encoding="utf-8")).get("num_train_timesteps", 1000))
+    more = next((n for n in range(steps + 1, limit + 1)
+                 if any(low <= t <= high for t in sampler_timesteps(scheduler_config, n))), None)
+    given = f"--band {low},{high}" + (" (the default: the toy world's position band)" if default_band else "")
+    fix = (f"use --sample_steps {more} (the fewest steps above {steps} with one in the band) or --no_band"
+           if more is not None else "use --no_band or a wider --band")
+    return (f"--sample_steps {steps} with {given}: none of the DDIM sampler's timesteps "
+            f"({', '.join(map(str, timesteps))}; scheduler {scheduler_config}) lies in the band, so the band versions "
+            f"would record no cross-attention call: {fix}")
+
+
+def runs_problem(runs: list[Path], output_name: str, steps: int, band: tuple[int, int] | None,
+                 default_band: bool = False) -> str | None:
+    """Why ``runs`` cannot be scored, found before any model loads, else None: a run that is not a toy-world run
+    (:func:`~pti_plugin.toy_world.run_checks.toy_world_problem`: another model, or generations of another size, which
+    the toy world's detectors cannot read), or with ``band`` a band no sampler step reaches (:func:`band_steps_problem`,
+    from the scheduler config of each run's model). A run whose config cannot be read is left to the scorer (its
+    scores may be cached; loading it names what is wrong)."""
+    from ..config import ConfigError
+    from ..input_checks import _component_config
+    from ..metrics.run_model import find_run_files, read_run_config
+    from ..toy_world.run_checks import toy_world_problem
+
+    checked: dict[Path, str | None] = {}
+    for run in runs:
+        try:
+            config = read_run_config(find_run_files(run, output_name)[0])
+        except (OSError, ValueError, ConfigError):
+            continue
+        if problem := toy_world_problem(config):
+            return f"{run}: {problem}"
+        scheduler = _component_config(config, "scheduler", "scheduler_config.json") if band is not None else None
+        if scheduler is not None and scheduler not in checked:
+            checked[scheduler] = band_steps_problem(scheduler, steps, band, default_band)
+        if scheduler is not None and checked[scheduler]:
+            return checked[scheduler]
+    return None
 
 
 def band_scores(run: Path, scoring: argparse.Namespace, band: tuple[int, int], cached_only: bool = False) -> dict | None:

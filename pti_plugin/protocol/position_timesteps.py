@@ -19,11 +19,14 @@ regulariser's coverage of the band is its width over ``T``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..settings_cache import read_cache
 from ..toy_world.detectors import detect
 from ..toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 
@@ -47,6 +50,31 @@ class SwitchSettings:
     def switch_points(self) -> list[int]:
         points = list(range(0, self.sample_steps, self.switch_every))
         return points + [self.sample_steps]
+
+
+def record_settings(settings: SwitchSettings, model_digest: str) -> dict:
+    """The ``settings`` a band record is written with: the sampling, its switch points and the model's digest
+    (:func:`~.premise.model_digest`), which a record measured otherwise must not be replaced under."""
+    return asdict(settings) | {"switch_points": settings.switch_points(), "model_digest": model_digest}
+
+
+def replace_problem(path: Path, measuring: dict) -> str | None:
+    """Why the band record at ``path`` must not be replaced by one measured with ``measuring``
+    (:func:`record_settings`): written with other settings (``--quick``, other seeds, another model), or not
+    a record; None when there is none or it was measured alike (:func:`~pti_plugin.settings_cache.read_cache`)."""
+    if not Path(path).exists() or read_cache(path, measuring, None) is not None:
+        return None
+    try:
+        held = json.loads(Path(path).read_text(encoding="utf-8")).get("settings")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        held = None
+    if isinstance(held, dict):
+        changes = ", ".join(f"{key} {held.get(key, '(none)')} -> {measuring.get(key, '(none)')}"
+                            for key in sorted(set(held) | set(measuring)) if held.get(key) != measuring.get(key))
+        why = f"holds a band measured with other settings ({changes})"
+    else:
+        why = "is not a band record this script wrote"
+    return f"{path} {why}: pass --replace to replace it and its .png, or another --out"
 
 
 def sample_switched(pipe, cond_a: torch.Tensor, cond_b: torch.Tensor, uncond: torch.Tensor, switch_step: int,

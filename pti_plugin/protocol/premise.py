@@ -21,21 +21,27 @@ subject in place of ``{}``; seed ``k`` uses template ``k mod 4``):
 
 Every part is written as JSON under ``<out>/parts/`` with the settings it was measured with and is
 reused when they match (resumable: an interrupted check redoes only the unfinished part); training
-runs live in ``<out>/runs/<name>-<digest of the preset>``. :func:`run_premise` returns the summary,
-also written to ``<out>/premise.json``; :func:`premise_line` formats its figures.
+runs live in ``<out>/runs/<name>-<digest of the preset>``, and one stopped by a signal stops the script
+(:func:`stop_script`, :func:`stops_cleanly`) and is continued from its saved state by the next
+(:func:`train_run`, :func:`resumable_state`). :func:`run_premise` returns the summary, also written to
+``<out>/premise.json`` with each check's verdict (:func:`premise_checks`); :func:`premise_line` formats both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -43,12 +49,18 @@ import torch
 from ..atomic_io import atomic_write_text
 from ..metrics.run_model import file_digest
 from ..settings_cache import read_cache
+from ..stop_signals import STOP_SIGNALS, StopSignalled, stop_raises
 from ..toy_world.detectors import appearance_error, detect_character, has_detail
 from ..toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from ..toy_world.world import CHARACTER_CELLS, NEUTRAL_TEMPLATES, bench_dataset
 
+#: Check 2's least coarse rate of the conditioning oracle (the character's look is reachable).
+ORACLE_COARSE_MIN = 0.8
 #: Check 3's band for the inversion's coarse reconstruction rate.
 INVERSION_COARSE_BAND = (0.5, 0.9)
+#: Check 4: the largest detail rate any inversion may have, and the least some LoRA must reach.
+DETAIL_AFTER_INVERSION_MAX = 0.05
+DETAIL_AFTER_LORA_MIN = 0.5
 LINE_KEYS = ("oracle_coarse", "inversion_coarse", "inversion_training_cells", "null_cells_lo", "null_cells_hi",
              "detail_after_inversion", "detail_after_lora")
 
@@ -144,9 +156,10 @@ class Parts:
     A part's generations (the ``images`` its computation returns beside its figures) are kept as
     ``<name>.npz`` (uint8 ``images``, for re-scoring) and ``<name>.png`` (a grid, for looking)."""
 
-    def __init__(self, out: Path, log: Callable[[str], None]):
+    def __init__(self, out: Path, log: Callable[[str], None], part: str = "premise"):
         self.folder = out / "parts"
         self.log = log
+        self.part = part  # what the log lines name: the premise check, h1, h3
 
     def cached(self, name: str, settings: dict) -> dict | None:
         """The part ``name`` when it was measured under ``settings``, else None."""
@@ -156,9 +169,9 @@ class Parts:
         path = self.folder / f"{name}.json"
         cached = self.cached(name, settings)
         if cached is not None:
-            self.log(f"premise: {name} cached")
+            self.log(f"{self.part}: {name} cached")
             return cached
-        self.log(f"premise: measuring {name}")
+        self.log(f"{self.part}: measuring {name}")
         started = time.time()
         figures = compute()
         result = {"settings": settings, **figures, "seconds": round(time.time() - started, 1)}
@@ -289,8 +302,56 @@ def run_preset(base_preset: dict, model: Path, data_dir: Path, init_word: str, s
     return preset
 
 
-def train_run(preset: dict, run_dir: Path, log: Callable[[str], None]) -> Path:
-    """Train ``preset`` into ``run_dir`` with :func:`pti_plugin.cli.main` unless finished there; returns ``run_dir``."""
+def resumable_state(run_dir: Path, preset_file: Path, preset: dict) -> tuple[Path | None, str]:
+    """The saved state that continues the unfinished run of ``preset`` in ``run_dir`` (its preset file
+    ``preset_file``, written when it started) and a note; or None and why the run starts over. Only a run of the same
+    preset is continued (the file holds ``preset`` with this ``output_dir``), from a complete state folder of its
+    ``output_name`` (a ``--save_every`` save's, or the ``-interrupted-`` one a stopped run saves), the latest by
+    :func:`~pti_plugin.outputs.latest_state_of_config`'s rule."""
+    import toml
+
+    from ..outputs import STEP_TAG, latest_state_of_config, state_folders
+    from ..resume import STATE_FILES
+
+    name = preset["output_name"]
+    states = [(int(re.search(f"{STEP_TAG}$", path.name).group(1)), path) for path in state_folders(run_dir)
+              if path.name.rpartition("-state-")[0] == name and all((path / f).is_file() for f in STATE_FILES)]
+    if not states:
+        return None, "no saved state to continue from (it stopped before its first save)"
+    asked = toml.loads(toml.dumps(preset | {"output_dir": str(run_dir)}))
+    try:
+        same = toml.loads(preset_file.read_text(encoding="utf-8")) == asked
+    except (OSError, UnicodeDecodeError, toml.TomlDecodeError):
+        same = False
+    if not same:
+        return None, f"its saved states belong to another preset than this run's ({preset_file} differs or is missing)"
+    return latest_state_of_config(states, run_dir / f"{name}.config.toml")
+
+
+def stop_script(signum: int, what: str = "") -> NoReturn:
+    """End the script after a stop signal (SIGINT, SIGTERM): one line, exit status 128 + ``signum``, no traceback
+    (every part and run it finished is kept; a stopped training run saved its state and is continued)."""
+    print(f"{what}stopped by {signal.Signals(signum).name}; run the same command again to continue", flush=True)
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def stops_cleanly() -> Iterator[None]:
+    """While the block runs (a script's work), SIGINT or SIGTERM outside a training run (measuring, generating)
+    stops it at once with :func:`stop_script`'s line; a run's own handler saves its state first."""
+    try:
+        with stop_raises():
+            yield
+    except StopSignalled as stop:
+        stop_script(stop.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C that a run's handler turned into one
+        stop_script(signal.SIGINT)
+
+
+def train_run(preset: dict, run_dir: Path, log: Callable[[str], None], part: str = "premise") -> Path:
+    """Train ``preset`` into ``run_dir`` with :func:`pti_plugin.cli.main` unless finished there; returns ``run_dir``.
+    An unfinished run is continued from its latest saved state (:func:`resumable_state`), else started over; a run
+    stopped by a signal (it saved its state) stops the script (:func:`stop_script`). ``part`` names it in the log."""
     import toml
 
     from ..cli import main as train_main
@@ -298,15 +359,25 @@ def train_run(preset: dict, run_dir: Path, log: Callable[[str], None]) -> Path:
 
     if (run_dir / "premise.safetensors").is_file():
         return run_dir
-    if run_dir.is_dir():  # unfinished: refused (naming the process) while another process trains it, else restarted
+    path = run_dir.parent / f"{run_dir.name}.toml"  # not with_suffix: a name like "lr2.5e-05-..." holds a dot
+    state = None
+    if run_dir.is_dir():  # unfinished: refused (naming the process) while another process trains it
         with RunLock(run_dir, preset["output_name"]):
             pass
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    path = run_dir.parent / f"{run_dir.name}.toml"  # not with_suffix: a name like "lr2.5e-05-..." holds a dot
-    atomic_write_text(path, toml.dumps(preset | {"output_dir": str(run_dir)}))
-    log(f"premise: training {run_dir.name}")
-    code = train_main(["--preset", str(path)])  # each run starts from fresh accelerate state (Trainer._setup)
+        state, note = resumable_state(run_dir, path, preset)
+        if state is None:
+            log(f"{part}: starting {run_dir.name} over: {note}")
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            log(f"{part}: continuing {run_dir.name} from {state.name}" + (f" ({note})" if note else ""))
+    if state is None:
+        run_dir.mkdir(parents=True)
+        atomic_write_text(path, toml.dumps(preset | {"output_dir": str(run_dir)}))
+        log(f"{part}: training {run_dir.name}")
+    resume = [] if state is None else ["--resume", str(state)]
+    code = train_main(["--preset", str(path), *resume])  # each run starts from fresh accelerate state (Trainer._setup)
+    if (signum := code - 128) in STOP_SIGNALS:
+        stop_script(signum, f"{part}: {run_dir.name} ")
     if code != 0 or not (run_dir / "premise.safetensors").is_file():
         raise RuntimeError(f"premise run {run_dir.name} failed (exit code {code}); its preset is {path}")
     return run_dir
@@ -328,12 +399,33 @@ def preset_digest(preset: dict) -> str:
     return hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def inversion_qualifies(coarse: float, training_cells: float, null_lo: float, null_hi: float) -> bool:
+    """Check 3's rule for one inversion: coarse rate in :data:`INVERSION_COARSE_BAND`, training-cell fraction in the
+    null interval."""
+    low, high = INVERSION_COARSE_BAND
+    return low <= coarse <= high and null_lo <= training_cells <= null_hi
+
+
 def pick_inversion(inversions: list[dict], null_lo: float, null_hi: float) -> dict:
     """Check 3's learning rate: coarse rate in the band with the training-cell fraction in the null
     interval, the best coarse rate among those; when none qualifies, the best coarse rate overall."""
-    low, high = INVERSION_COARSE_BAND
-    qualified = [r for r in inversions if low <= r["coarse"] <= high and null_lo <= r["training_cells"] <= null_hi]
+    qualified = [r for r in inversions if inversion_qualifies(r["coarse"], r["training_cells"], null_lo, null_hi)]
     return max(qualified or inversions, key=lambda r: r["coarse"]) | {"passes": bool(qualified)}
+
+
+def premise_checks(summary: dict) -> dict[str, str]:
+    """Checks 2-4's verdicts (``"pass"`` or ``"fail"``) on a summary (:func:`run_premise`'s): the oracle's coarse rate at least
+    :data:`ORACLE_COARSE_MIN`; the picked inversion qualifying (:func:`inversion_qualifies`, the picked one qualifies
+    when any does); the detail rate at most :data:`DETAIL_AFTER_INVERSION_MAX` after every inversion and at least
+    :data:`DETAIL_AFTER_LORA_MIN` after some LoRA."""
+    passes = {
+        "check2": summary["oracle_coarse"] >= ORACLE_COARSE_MIN,
+        "check3": inversion_qualifies(summary["inversion_coarse"], summary["inversion_training_cells"],
+                                      summary["null_cells_lo"], summary["null_cells_hi"]),
+        "check4": (summary["detail_after_inversion"] <= DETAIL_AFTER_INVERSION_MAX
+                   and summary["detail_after_lora"] >= DETAIL_AFTER_LORA_MIN),
+    }
+    return {name: "pass" if ok else "fail" for name, ok in passes.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +448,7 @@ def run_premise(model: Path, out: Path, base_preset: dict, settings: PremiseSett
     model, out = Path(model).resolve(), Path(out).resolve()
     check_init_word(model, settings.init_word)
     data_dir = bench_dataset(out)
-    parts = Parts(out, log)
+    parts = Parts(out, log, "premise")
     common = {"model_digest": model_digest(model), "init_word": settings.init_word} | settings.sampling()
     null = parts.get("null", common | {"bootstrap": settings.bootstrap}, lambda: measure_null(model, settings))
     oracle = parts.get("oracle", common | {"steps": settings.oracle_steps, "lr": settings.oracle_lr},
@@ -387,10 +479,16 @@ def run_premise(model: Path, out: Path, base_preset: dict, settings: PremiseSett
         "model": str(model), "settings": dataclasses.asdict(settings), "summary": summary,
         "picked_inversion_lr": picked["lr"], "inversion_check_passes": picked["passes"],
         "null": null, "oracle": oracle, "inversions": inversions, "loras": loras,
+        "checks": premise_checks(summary),
         "notes": {
-            "detail_after_inversion": "the largest detail rate over the inversions (check 4: <= 0.05 for every one)",
-            "detail_after_lora": "the largest detail rate over the LoRA learning rates (check 4: >= 0.5 for some)",
-            "inversion_*": "at the picked learning rate (check 3: coarse in [0.5, 0.9], cells in the null interval)",
+            "oracle_coarse": f"the conditioning oracle's coarse rate (check 2: >= {ORACLE_COARSE_MIN:g})",
+            "detail_after_inversion": "the largest detail rate over the inversions (check 4: <= "
+                                      f"{DETAIL_AFTER_INVERSION_MAX:g} for every one)",
+            "detail_after_lora": "the largest detail rate over the LoRA learning rates (check 4: >= "
+                                 f"{DETAIL_AFTER_LORA_MIN:g} for some)",
+            "inversion_*": "at the picked learning rate (check 3: coarse in [{:g}, {:g}], cells in the null "
+                           "interval)".format(*INVERSION_COARSE_BAND),
+            "checks": "each check's verdict by these thresholds (premise_checks)",
         },
     }
     atomic_write_text(out / "premise.json", json.dumps(result, indent=2) + "\n")
@@ -398,5 +496,7 @@ def run_premise(model: Path, out: Path, base_preset: dict, settings: PremiseSett
 
 
 def premise_line(summary: dict) -> str:
-    """``oracle_coarse=<f> ... detail_after_lora=<f>`` (3 decimals)."""
-    return " ".join(f"{key}={summary[key]:.3f}" for key in LINE_KEYS)
+    """``oracle_coarse=<f> ... detail_after_lora=<f>`` (3 decimals), then ``check2=pass|fail check3=... check4=...``
+    (:func:`premise_checks`, the verdicts ``premise.json`` records)."""
+    figures = [f"{key}={summary[key]:.3f}" for key in LINE_KEYS]
+    return " ".join(figures + [f"{name}={verdict}" for name, verdict in premise_checks(summary).items()])

@@ -300,10 +300,13 @@ def timestep_lines(results: Path) -> list[str]:
     if not path.is_file():
         return []
     record = json.loads(path.read_text())
-    return ["", f"Where the world decides positions (`analysis/position_timesteps.py`, base model, prompt switch): "
-            f"the share of images keeping the first prompt's cell goes from 0.1 to 0.9 between timesteps "
-            f"{record['t_high']:.0f} and {record['t_low']:.0f}; pivot locality's rows reuse the step's uniform "
-            f"training timesteps, so {record['regulariser_coverage']:.0%} of them fall in that band."]
+    settings, pairs = record["settings"], len({row["prompt_a"] for row in record["rows"]})
+    return ["", f"Where the world decides positions (`analysis/position_timesteps.py`, base model, prompt switch; "
+            f"{settings['seeds']} sampling seeds x {pairs} prompt pairs, {settings['sample_steps']} sampler steps, "
+            f"a switch point every {settings['switch_every']}): the share of images keeping the first prompt's cell "
+            f"goes from 0.1 to 0.9 between timesteps {record['t_high']:.0f} and {record['t_low']:.0f}; pivot "
+            f"locality's rows reuse the step's uniform training timesteps, so {record['regulariser_coverage']:.0%} "
+            "of them fall in that band."]
 
 
 def write_protocol_report(out: Path, results: Path, h1, draws: int, pivot_lr: float) -> Path:

@@ -55,6 +55,11 @@ light points are chosen on those means, the correlations stay over runs, and the
 ``OUT/research_bench_seed_means.csv`` hold the means. With N = 1 the report is per run, without
 intervals.
 
+**Toy-world presets only**: the scores read the generations with the toy world's detectors, so a preset whose model
+is not a toy-world model (another family, or one drawing another size: a real SD1.5) or whose runs would generate at
+another size than the toy world's 32 px (their first training image's bucket) is refused before anything trains
+(:func:`~pti_plugin.toy_world.run_checks.toy_world_problem`; exit 2, naming ``--preset``, the model and the size).
+
 Everything is deterministic under the preset's seed: training draws every sample from
 (seed, stage, step, slot) and scoring uses fixed generation seeds. Finished runs are skipped and
 scores reused, so an interrupted bench continues where it stopped.
@@ -77,6 +82,7 @@ from pti_plugin.config import ConfigError, load_preset_dict
 from pti_plugin.config_loading import apply_overrides, build_config
 from pti_plugin.metrics.knee import knee_index
 from pti_plugin.metrics.replication import same_lr
+from pti_plugin.toy_world.run_checks import toy_world_problem
 from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correlations, light_point, plot, report_text,
                                             write_csv)
 from pti_plugin.sweeps.engines import add_engine_arguments
@@ -308,6 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
         config = build_config(copy.deepcopy(raw))
     except ConfigError as exc:
         raise usage_exit(str(exc)) from exc
+    if problem := toy_world_problem(config):  # a real model: hours of training, then scores the detectors cannot read
+        raise usage_exit(f"--preset {args.preset}" + (f" (with --set {', '.join(args.sets)})" if args.sets else "")
+                         + f": {problem}")
     stage_of(raw, "inversion"), stage_of(raw, "lora")  # both stages are needed (SystemExit naming them)
     engine = ["--engine", args.engine] + (["--address", args.address] if args.address else []) + (
         ["--gpus_per_run", str(args.gpus_per_run)] if args.gpus_per_run is not None else [])

@@ -16,8 +16,9 @@ from pti_plugin.settings_cache import read_cache
 from pti_plugin.sweeps.plan import RunSpec
 
 EVAL_FILE = "sweep_eval.json"
-#: Bump when the evaluation changes meaning, so that cached evaluations are recomputed.
-EVAL_VERSION = 1
+#: Bump when the evaluation changes meaning, so that cached evaluations are recomputed. 2: ``leakage_score`` is the
+#: neutral prompts' heatmap score (was neutral + edit prompts, now ``heatmap_all_leakage_score``).
+EVAL_VERSION = 2
 
 
 def eval_settings(args) -> dict:

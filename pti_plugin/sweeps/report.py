@@ -70,7 +70,7 @@ LABELS = {
     "output_angle_layernorm_deg": "pivot–class angle at the token, encoder output (deg, LayerNorm geometry)",
     "lr": "learning rate",
     "lora_delta_norm": "LoRA weight change ‖ΔW‖ (all modules)",
-    "leakage_score": "position-leakage score (0 = base-like)",
+    "leakage_score": "leakage_score: position leakage, neutral prompts (0 = base-like)",
 }
 
 
@@ -171,23 +171,27 @@ def write_csv(path: Path, rows: list[dict]) -> None:
              "pivot_l2_from_init",
              "pivot_angle_from_init_deg", "output_angle_layernorm_deg", "output_angle_raw_deg", "lora_delta_norm",
              "reconstruction_metric", "reconstruction", "reconstruction_base", "editability_metric", "editability",
-             "editability_base", "leakage_score", "diversity_ratio", "attraction_ratio", "pivot_digest", "finished"]
+             "editability_base", "leakage_score", "diversity_ratio", "attraction_ratio", "heatmap_all_leakage_score",
+             "pivot_digest", "finished"]
     atomic_write_csv(path, rows, first)
 
 
 def print_table(rows: list[dict], knees: dict, stage: str) -> None:
+    """The sweep's table: the scores' columns headed as the plots label them (metric, direction)."""
     x = "pivot_l2_from_init" if stage == "inversion" else "lora_delta_norm"
     cols = ["run", "lr", "lr_x_steps", x, "output_angle_layernorm_deg" if stage == "inversion" else "leakage_score",
             "reconstruction", "editability"]
-    print("  ".join(f"{c:>18}" for c in cols))
+    headers = [y_label(rows, c) if c in INTERVAL_KEYS else c for c in cols]
+    widths = [max(18, len(h)) for h in headers]
+    print("  ".join(f"{h:>{w}}" for h, w in zip(headers, widths)))
     for r in rows:
         cells = []
-        for c in cols:
+        for c, w in zip(cols, widths):
             v = r.get(c)
             if f"{c}_lo" in r:
-                cells.append(f"{format_interval(v, r[f'{c}_lo'], r[f'{c}_hi'], '.3g'):>18}")
+                cells.append(f"{format_interval(v, r[f'{c}_lo'], r[f'{c}_hi'], '.3g'):>{w}}")
             else:
-                cells.append(f"{v:>18.5g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{str(v):>18}")
+                cells.append(f"{v:>{w}.5g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{str(v):>{w}}")
         print("  ".join(cells))
     for curve, per_variant in knees.items():
         for variant, k in per_variant.items():
