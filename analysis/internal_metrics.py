@@ -38,7 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.script_args import argument_parser, device, out_folder_problem, positive_int  # noqa: E402
+from pti_plugin.script_args import (argument_parser, device, finite_float_at_least, out_folder_problem,  # noqa: E402
+                                    positive_int)
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS  # noqa: E402
 
 
@@ -68,7 +69,8 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=Path("outputs/internal_metrics"))
     parser.add_argument("--seeds", type=positive_int, default=16, help="sampling seeds per prompt")
     parser.add_argument("--sample_steps", type=positive_int, default=SAMPLE_STEPS)
-    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--guidance", type=finite_float_at_least(0), default=GUIDANCE,
+                        help="classifier-free guidance scale of the generations (a finite number >= 0)")
     parser.add_argument("--max_images", type=int, default=8, help="training images of the denoising probes")
     parser.add_argument("--output_name", default="premise", help="the runs' output name (<name>.safetensors)")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="score every N-th run from the K-th")

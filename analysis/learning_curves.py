@@ -8,8 +8,9 @@ cached in each run's folder) and summarises the runs as training seeds of one co
     OMP_NUM_THREADS=1 python analysis/learning_curves.py RUN_DIR [RUN_DIR ...] [--seeds 64] [--steps 25]
         [--guidance 3] [--dense_until 0] [--score_every 1] [--score_every_until N:M ...] [--out DIR]
 
-Runs must be toy-world runs (generations at the toy world's 32 px, which its detectors read; a run drawn at
-another size, e.g. a real SD1.5 or SDXL run, is refused before any scoring) trained with ``save_every_n_steps``
+Runs must be toy-world runs (a toy-world model's, generating the toy world's 32 px scenes, which its detectors read;
+a real SD1.5 or SDXL model's run, even one trained at 32 px, or a run drawn at another size is refused before any
+scoring: :func:`~pti_plugin.toy_world.run_checks.toy_world_problem`) trained with ``save_every_n_steps``
 (the same value for all). ``--dense_until M
 --score_every N`` scores every save up to LoRA step M and past it only those at multiples of N (the
 final save always), so runs saved often score densely where appearance moves and sparsely after;
@@ -86,15 +87,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"run {run} given twice{also}: each run counts as one training seed")
         seen[key] = run
     check_out_folder(parser, args.out)
+    from pti_plugin.metrics.run_model import find_run_files, read_run_config
     from pti_plugin.protocol.curve_scores import lora_checkpoints
-    from pti_plugin.toy_world.run_checks import generation_size_problem
+    from pti_plugin.toy_world.run_checks import toy_world_problem
 
     for run in args.runs:  # every run checked before any is scored
         try:
             lora_checkpoints(run)
+            config = read_run_config(find_run_files(run)[0])
         except (FileNotFoundError, ValueError) as exc:  # missing folder, no run, no intermediate saves
             parser.error(str(exc))
-        if problem := generation_size_problem(run):  # e.g. a real SD1.5 or SDXL run: 512 or 1024 px images
+        if problem := toy_world_problem(config):  # a real model's run (even at 32 px), or another size's
             parser.error(f"{run}: {problem}")
     return args
 

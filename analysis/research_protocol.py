@@ -46,6 +46,7 @@ BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench
 
 def parse_args(argv):
     parser = argument_parser(description=__doc__.split("\n")[0])
+    defaults = settings_defaults()  # the help's, from the parts' settings
     parser.add_argument("part", choices=("h1", "h2", "h3", "report", "all"),
                         help="the part to run (report: the statistics and the report, into --results)")
     parser.add_argument("--results", type=Path, default=Path("analysis/results/research_protocol"),
@@ -54,21 +55,21 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=Path("outputs/protocol"),
                         help="the protocol's working folder: each part's runs and cached cells (OUT/h1, OUT/h2, OUT/h3)")
     parser.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the embedded toy world)")
-    parser.add_argument("--seeds", default=None,
-                        help="training seeds to run, comma-separated (default: the part's; others add seeds)")
+    parser.add_argument("--seeds", default=None, help="training seeds to run, comma-separated; seeds outside the "
+                                                       f"part's add seeds (default: {defaults['seeds']})")
     parser.add_argument("--no_vectors", action="store_true", help="h1: only the 1-vector grid")
     parser.add_argument("--pivot_lr", type=float, default=2.75e-5,
                         help="h2, h3: the H1 learning rate whose pivot LoRAs start from (h1 always trains those cells)")
     parser.add_argument("--wait", type=float, default=0.0, help="h2, h3: seconds to wait for a missing pivot")
     parser.add_argument("--save_every", type=positive_int, default=None,
-                        help="h2, all: the LoRA runs save every N steps (default: H2Settings')")
+                        help=f"h2, all: the LoRA runs save every N steps (default: {defaults['save_every']})")
     parser.add_argument("--dense_until", type=positive_int, default=None,
-                        help="all: the learning curves score every save up to this step (default: H2Settings')")
-    parser.add_argument("--lrs", default=None,
-                        help="learning rates of the part's grid, comma-separated (h1: inversion; h2, h3: LoRA; default: the part's)")
-    parser.add_argument("--variants", default=None, help="h3: variants, comma-separated (default: all)")
+                        help=f"all: the learning curves score every save up to this step (default: {defaults['dense_until']})")
+    parser.add_argument("--lrs", default=None, help="learning rates of the part's grid, comma-separated (default: "
+                                                     f"{defaults['lrs']})")
+    parser.add_argument("--variants", default=None, help=f"h3: variants, comma-separated (default: {defaults['variants']})")
     parser.add_argument("--weights", action="append", default=[], metavar="VARIANT=W1,W2",
-                        help="h3: one variant's weight grid (repeatable; default: the module's)")
+                        help=f"h3: one variant's weight grid (repeatable; default: {defaults['weights']})")
     parser.add_argument("--quick", action="store_true",
                         help="the whole protocol reduced to a few steps and seeds (plumbing, the tests)")
     args = parser.parse_args(argv)
@@ -78,6 +79,28 @@ def parse_args(argv):
     if args.part == "report":
         check_out_folder(parser, args.results, "--results")
     return args
+
+
+def settings_defaults() -> dict[str, str]:
+    """The defaults ``--help`` shows for the flags that default to each part's settings (H1Settings, H2Settings,
+    H3Settings; ``--quick``'s own are smaller)."""
+    from pti_plugin.protocol.h1_inversion import H1Settings
+    from pti_plugin.protocol.h2_runs import H2Settings
+    from pti_plugin.protocol.h3_variants import H3Settings
+
+    h1, h2, h3 = H1Settings(), H2Settings(), H3Settings()
+    listed = lambda values: ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)  # noqa: E731
+    fine = " or ".join(f"{lr:g}" for lr in h2.fine_lrs)
+    at_fine = lambda value: f", {value} at lr {fine}" if fine else ""  # noqa: E731
+    seeds = {name: listed(h.training_seeds) for name, h in (("h1", h1), ("h2", h2), ("h3", h3))}
+    return {"save_every": f"{h2.save_every_n_steps}{at_fine(h2.fine_save_every)}",
+            "dense_until": f"{h2.dense_until}{at_fine(h2.fine_dense_until)}",
+            "seeds": (next(iter(seeds.values())) if len(set(seeds.values())) == 1
+                      else "; ".join(f"{k}: {v}" for k, v in seeds.items())),
+            "lrs": f"h1 (inversion): {listed(h1.inversion_lrs)}; h2 (LoRA): {listed(h2.lora_lrs)}; "
+                   f"h3 (LoRA): {listed(h3.lora_lrs)}",
+            "variants": listed(h3.variants),
+            "weights": "; ".join(f"{v}={listed(w)}" for v, w in h3.weights.items() if v != "none")}
 
 
 def float_list(text: str, flag: str) -> tuple[float, ...]:

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 #: Scripts other work owns: only the formatter's defaults and the absence of issue citations are checked.
-OWNED_ELSEWHERE = ("position_leakage", "research_bench", "internal_metrics")
+OWNED_ELSEWHERE = ("position_leakage", "internal_metrics")
 SCRIPTS = sorted(p.stem for p in (REPO / "analysis").glob("*.py"))
 
 
@@ -167,3 +167,46 @@ def test_h1_segment_fits_are_stored_alike_from_inputs_that_differ_in_the_last_di
     exact = segment_fits([0.5, 1.0, 2.0, 4.0, 8.0], [0.08, 0.33, 0.655, 0.83, 0.855])["two_segments"]
     for key, value in exact.items():  # far above the report's 3 significant digits
         assert stored[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_research_protocol_help_shows_the_parts_default_values(monkeypatch, capsys):
+    """``--save_every`` and ``--dense_until`` said "(default: H2Settings')", and ``--seeds``, ``--lrs``, ``--weights``
+    "the part's" or "the module's": the values are now shown (H2 saves every 10 steps and reads every save up to
+    step 100; at 3e-3 every 2 steps, up to 20)."""
+    _, lines, text = _help("research_protocol", monkeypatch, capsys)
+    assert "H2Settings" not in text and "the module's" not in text and "default: the part's" not in text
+    assert "(default: 10, 2 at lr 0.003)" in lines["--save_every"]
+    assert "(default: 100, 20 at lr 0.003)" in lines["--dense_until"]
+    assert "(default: 42,1,2)" in lines["--seeds"]
+    assert "h2 (LoRA): 0.001,0.003,0.01;" in lines["--lrs"] and "h1 (inversion): 3e-06,1e-05," in lines["--lrs"]
+    assert "half_angle=10,100;" in lines["--weights"] and "reg_images=1,3)" in lines["--weights"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1"])
+def test_lr_sweep_refuses_a_guidance_that_is_not_a_finite_number_at_least_0(value, tmp_path, capsys):
+    """``--guidance nan`` (or inf) was taken and every generation of the sweep's measurement came out NaN."""
+    from pti_plugin.sweeps.lr_sweep import parse_args
+
+    argv = ["--preset", str(tmp_path / "p.toml"), "--stage", "lora", "--lrs", "1e-3", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as stop:
+        parse_args([*argv, f"--guidance={value}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --guidance" in err and repr(value) in err
+    assert parse_args([*argv, "--guidance", "0"]).guidance == 0.0
+
+
+@pytest.mark.parametrize("script", ["research_bench", "internal_metrics"])
+def test_the_bench_and_internal_metrics_refuse_a_guidance_that_is_not_finite(script, tmp_path, capsys):
+    """``--guidance nan`` reached the generations of the bench and the internal metrics as it did lr_sweep's."""
+    if script == "research_bench":
+        from pti_plugin.sweeps.bench import parse_args
+    else:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("internal_metrics_cli", Path(__file__).parents[1] / "analysis" / "internal_metrics.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        parse_args = module.parse_args
+    argv = [str(tmp_path)] if script == "internal_metrics" else []
+    with pytest.raises(SystemExit) as stop:
+        parse_args([*argv, "--guidance", "nan"])
+    assert stop.value.code == 2 and "argument --guidance" in capsys.readouterr().err

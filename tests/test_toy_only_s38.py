@@ -173,3 +173,33 @@ def test_the_descriptions_say_toy_world_only_and_cite_no_issue(capsys):
     bench = capsys.readouterr().out
     assert "toy-world runs only" in " ".join(internal.split())
     assert "(issue" not in internal and "(issue" not in bench and "toy world" in " ".join(bench.split())
+
+
+# ---------------------------------------------------------------------------------------------- learning_curves.py
+def test_learning_curves_refuses_a_real_models_run_at_32_px_before_scoring(tiny_model, tiny_dataset, tmp_path,
+                                                                         capsys, monkeypatch):
+    """learning_curves.py checked only a run's generation size: a 512 px model's run trained at 32 px passed and was
+    scored with the toy world's detectors (every score 0). It is now refused as internal_metrics.py refuses it."""
+    import pti_plugin.protocol.curve_scores as curve_scores
+
+    monkeypatch.setattr(curve_scores, "score_checkpoints", _reached)
+    stages = [{"kind": "inversion", "steps": 1, "learning_rate": 5e-2}, {"kind": "lora", "steps": 2, "learning_rate": 1e-2}]
+    runs = {}
+    for name, model in (("toy", tiny_model), ("r512", _model_drawing_512(tiny_model, tmp_path / "model512"))):
+        run = runs[name] = _run(tmp_path / name, model, tiny_dataset, output_name="pti", stages=stages)
+        (run / "pti.safetensors").unlink()  # unfinished: its intermediate saves only, never read here
+        for step in (2, 3):
+            (run / f"pti-step{step:08d}.safetensors").write_bytes(b"")
+    spec = importlib.util.spec_from_file_location("learning_curves_s38", ROOT / "analysis" / "learning_curves.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stop:
+        script.main([str(runs["toy"]), str(runs["r512"]), *out])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert (f"error: {runs['r512']}: pretrained_model_name_or_path {tmp_path / 'model512'}: a model whose images are "
+            "512 px, not a toy-world model") in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(Reached):  # the tiny model's 32 px run alone goes on to the scoring
+        script.main([str(runs["toy"]), *out])

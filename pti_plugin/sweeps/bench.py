@@ -87,7 +87,7 @@ from pti_plugin.sweeps.bench_report import (VARIANTS, add_excess_leakage, correl
                                             write_csv)
 from pti_plugin.sweeps.engines import add_engine_arguments
 from pti_plugin.sweeps.lr_sweep import main as sweep_main
-from pti_plugin.script_args import argument_parser, check_out_folder, positive_int
+from pti_plugin.script_args import argument_parser, check_out_folder, finite_float_at_least, positive_int
 from pti_plugin.sweeps.plan import parse_lrs, point_name, preset_stages, seed_count
 from pti_plugin.toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from pti_plugin.sweeps.seeds import seed_means, seed_suffix
@@ -256,12 +256,16 @@ def _make_reg_images(run_dir: Path, class_word: str, folder: Path, count: int, a
 # ---------------------------------------------------------------------- main
 def parse_args(argv):
     parser = argument_parser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", type=Path, default=ROOT / "presets" / "research_bench.toml")
-    parser.add_argument("--out", type=Path, default=Path("outputs/research_bench"))
+    parser.add_argument("--preset", type=Path, default=ROOT / "presets" / "research_bench.toml",
+                        help="the toy-world training preset (.toml) both sweeps copy")
+    parser.add_argument("--out", type=Path, default=Path("outputs/research_bench"),
+                        help="folder of the sweeps' runs, the scores and the report")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help="preset override KEY=VALUE (nested keys with dots, e.g. plugins.pivot_locality.weight=1)")
-    parser.add_argument("--inversion_lrs", type=lrs_arg, default="1e-5,2e-5,2.75e-5,3e-5,1e-4,1e-3")
-    parser.add_argument("--lora_lrs", type=lrs_arg, default="1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3")
+    parser.add_argument("--inversion_lrs", type=lrs_arg, default="1e-5,2e-5,2.75e-5,3e-5,1e-4,1e-3",
+                        help="learning rates of the inversion sweep, comma-separated")
+    parser.add_argument("--lora_lrs", type=lrs_arg, default="1e-5,3e-5,1e-4,2e-4,5e-4,1e-3,2e-3,5e-3",
+                        help="learning rates of each variant's LoRA sweep, comma-separated")
     parser.add_argument("--inversion_steps", type=positive_int, default=1000, help="steps per inversion run (the method's protocol: 1000)")
     parser.add_argument("--lora_steps", type=positive_int, default=1000, help="steps per LoRA run (the method's protocol: 1000)")
     parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS), help=", ".join(VARIANTS))
@@ -274,14 +278,15 @@ def parse_args(argv):
                         help="generation seeds per prompt when scoring; 16 leave the leakage score uncertain by about "
                              "0.16 (two seed sets on the same run), use 64 or more to compare variants' leakage")
     parser.add_argument("--sample_steps", type=positive_int, default=SAMPLE_STEPS, help="DDIM steps of the generations")
-    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--guidance", type=finite_float_at_least(0), default=GUIDANCE,
+                        help="classifier-free guidance scale of the generations")
     parser.add_argument("--max_images", type=positive_int, default=8, help="training images of the model-internal proxies")
     parser.add_argument("--leakage_threshold", type=float, default=0.1,
                         help="largest leakage excess over the pivot's own of a light run")
     parser.add_argument("--editability_ratio", type=float, default=0.8,
                         help="a light run keeps at least this fraction of the pivot's GT editability")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="torch device of the scoring (default: CUDA when available)")
     add_engine_arguments(parser, gpus_flag=False)
     args = parser.parse_args(argv)
     check_out_folder(parser, args.out)

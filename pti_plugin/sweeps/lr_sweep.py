@@ -54,9 +54,10 @@ with ``--clip_model_path``, else ``proxy_denoise_mse``, lower = better), editabi
 (``clip_text_image``, else ``proxy_edit_direction_cos``), the base model's values beside them,
 the pivot's distance from its init in token-embedding space (``pivot_l2_from_init``, from the
 training log) and its output-space angle to the class word (``output_angle_layernorm_deg``), the
-LoRA's weight change ``lora_delta_norm``, and for lora sweeps the position-leakage score
-(``--leakage``). ``lr_x_steps`` is printed beside the measured distance; it is never used in its
-place (Adam moves each coordinate by up to lr per step, whatever the gradient).
+LoRA's weight change ``lora_delta_norm``, and for lora sweeps the position-leakage score ``leakage_score``
+(``--leakage``; heatmap layouts, neutral prompts; the all-prompt value is ``heatmap_all_leakage_score``).
+``lr_x_steps`` is printed beside the measured distance; it is never used in its place (Adam moves each
+coordinate by up to lr per step, whatever the gradient).
 
 **Plots and knees.** Inversion sweep: reconstruction and editability against the measured L2
 distance and against the output-space angle. LoRA sweep: reconstruction, editability and
@@ -83,7 +84,8 @@ from pti_plugin.config import ConfigError, load_preset_dict
 from pti_plugin.config_loading import apply_overrides
 from pti_plugin.sweeps.engines import add_engine_arguments, engine_from_args
 from pti_plugin.sweeps.evaluation import eval_settings, evaluate_one, evaluate_runs
-from pti_plugin.script_args import argument_parser, check_out_folder, int_at_least, positive_int
+from pti_plugin.script_args import (argument_parser, check_out_folder, finite_float_at_least, int_at_least,
+                                    positive_int)
 from pti_plugin.sweeps.plan import parse_lrs, plan_sweep, seed_count
 from pti_plugin.sweeps.report import write_report
 from pti_plugin.sweeps.runner import train_sweep, visible_gpus
@@ -117,7 +119,8 @@ def parse_args(argv):
     parser.add_argument("--clip_model_path", default=None, help="a LOCAL CLIPModel folder; without it, proxies are used")
     parser.add_argument("--n_seeds", type=positive_int, default=4, help="generations per prompt for the CLIP scores")
     parser.add_argument("--sample_steps", type=positive_int, default=25, help="DDIM steps of the generations")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale of the generations")
+    parser.add_argument("--guidance", type=finite_float_at_least(0), default=7.5,
+                        help="classifier-free guidance scale of the generations (finite, >= 0)")
     parser.add_argument("--leakage", choices=("auto", "on", "off"), default="auto", help="auto: on for lora sweeps")
     parser.add_argument("--leakage_seeds", type=seed_count, default=8, help="sampling seeds per prompt of the leakage measurement")
     parser.add_argument("--leakage_prompts", nargs="+", default=None, help="neutral prompts of the leakage measurement")
