@@ -60,12 +60,12 @@ def read_training_log(path: str | Path) -> list[dict]:
 STEP_TAG = r"-(?:interrupted-)?step(\d{8})"
 
 
-def state_folders(output_dir: Path) -> list[Path]:
+def state_folders(output_dir: Path) -> list[tuple[int, Path]]:
     """Every run's state folders in ``output_dir`` (``<output_name>-state-[interrupted-]stepNNNNNNNN/``, any
-    output_name; not an interrupted save's hidden temporary), sorted by step then name."""
+    output_name; not an interrupted save's hidden temporary) with their global step, sorted by step then name."""
     pattern = re.compile(rf"^[^.].*-state{STEP_TAG}$")
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := pattern.match(p.name))]
-    return [p for _, p in sorted(found, key=lambda sp: (sp[0], sp[1].name))]
+    return sorted(found, key=lambda sp: (sp[0], sp[1].name))
 
 
 def latest_state_of_config(states: list[tuple[int, Path]], config: Path) -> tuple[Path, str]:

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import shlex
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ import torch
 
 from .atomic_io import atomic_torch_save, atomic_write_text, save_safetensors_atomic, umask, write_failed
 from .config import ConfigError
-from .outputs import STEP_TAG, latest_state_of_config, state_folders
+from .outputs import latest_state_of_config, state_folders
 from .rule_changes import RULES
 
 logger = logging.getLogger(__name__)
@@ -152,13 +151,12 @@ def _latest_state_hint(folder: Path) -> str:
     continue from, for each run (output_name) there: by :func:`~.outputs.latest_state_of_config`'s rule, the latest
     saved since the run's config was written (a hidden one is an interrupted save's temporary, which the next run
     removes). Before, the highest step of any run, even one an overwritten run left."""
-    states = [p for p in state_folders(folder) if (p / "progress.json").is_file()]
+    states = [(step, p) for step, p in state_folders(folder) if (p / "progress.json").is_file()]
     if not states:
         return ""
     runs: dict[str, list[tuple[int, Path]]] = {}
-    for path in states:
-        name = path.name.rpartition("-state-")[0]
-        runs.setdefault(name, []).append((int(re.search(rf"{STEP_TAG}$", path.name).group(1)), path))
+    for step, path in states:
+        runs.setdefault(path.name.rpartition("-state-")[0], []).append((step, path))
     choices = []
     for name, run_states in sorted(runs.items()):
         latest, note = latest_state_of_config(run_states, folder / f"{name}.config.toml")

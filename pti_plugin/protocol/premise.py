@@ -34,7 +34,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import re
 import shutil
 import signal
 import time
@@ -310,11 +309,11 @@ def resumable_state(run_dir: Path, preset_file: Path, preset: dict) -> tuple[Pat
     :func:`~pti_plugin.outputs.latest_state_of_config`'s rule."""
     import toml
 
-    from ..outputs import STEP_TAG, latest_state_of_config, state_folders
+    from ..outputs import latest_state_of_config, state_folders
     from ..resume import STATE_FILES
 
     name = preset["output_name"]
-    states = [(int(re.search(f"{STEP_TAG}$", path.name).group(1)), path) for path in state_folders(run_dir)
+    states = [(step, path) for step, path in state_folders(run_dir)
               if path.name.rpartition("-state-")[0] == name and all((path / f).is_file() for f in STATE_FILES)]
     if not states:
         return None, "no saved state to continue from (it stopped before its first save)"
