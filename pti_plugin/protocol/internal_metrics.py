@@ -108,15 +108,20 @@ def output_names(folders: list[Path]) -> list[str]:
     return sorted(names)
 
 
-def sampler_timesteps(scheduler_config: Path, steps: int) -> list[int]:
-    """The training-scale timesteps of the scorer's sampler at ``steps`` steps, descending: diffusers' DDIM scheduler
-    from the model's ``scheduler_config.json``, as :func:`~pti_plugin.metrics.run_model.open_model` builds it from
-    the model's scheduler. Reads that file; loads no model. ValueError where DDIM cannot take ``steps``."""
+def scorer_sampler(scheduler_config: Path):
+    """The scorer's sampler: diffusers' DDIM scheduler from the model's ``scheduler_config.json``, as
+    :func:`~pti_plugin.metrics.run_model.open_model` builds it from the model's scheduler. Reads that file; loads no
+    model."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(str(Path(scheduler_config).parent)))
-    scheduler.set_timesteps(steps)
-    return [int(t) for t in scheduler.timesteps]
+    return DDIMScheduler.from_config(DDIMScheduler.load_config(str(Path(scheduler_config).parent)))
+
+
+def sampler_timesteps(sampler, steps: int) -> list[int]:
+    """The training-scale timesteps of ``sampler`` (:func:`scorer_sampler`) at ``steps`` steps, descending.
+    ValueError where DDIM cannot take ``steps``."""
+    sampler.set_timesteps(steps)
+    return [int(t) for t in sampler.timesteps]
 
 
 def band_steps_problem(scheduler_config: Path, steps: int, band: tuple[int, int], default_band: bool = False
@@ -127,15 +132,15 @@ def band_steps_problem(scheduler_config: Path, steps: int, band: tuple[int, int]
     the run's standard scoring. Names ``--sample_steps``, ``--band`` and the fewest steps above ``steps`` that reach
     the band (``default_band``: ``--band`` was not given)."""
     low, high = band
+    sampler = scorer_sampler(scheduler_config)  # read once; the search below only sets its steps
     try:
-        timesteps = sampler_timesteps(scheduler_config, steps)
+        timesteps = sampler_timesteps(sampler, steps)
     except ValueError as exc:
         return f"--sample_steps {steps}: {exc}"
     if any(low <= t <= high for t in timesteps):
         return None
-    limit = int(json.loads(Path(scheduler_config).read_text(encoding="utf-8")).get("num_train_timesteps", 1000))
-    more = next((n for n in range(steps + 1, limit + 1)
-                 if any(low <= t <= high for t in sampler_timesteps(scheduler_config, n))), None)
+    more = next((n for n in range(steps + 1, sampler.config.num_train_timesteps + 1)
+                 if any(low <= t <= high for t in sampler_timesteps(sampler, n))), None)
     given = f"--band {low},{high}" + (" (the default: the toy world's position band)" if default_band else "")
     fix = (f"use --sample_steps {more} (the fewest steps above {steps} with one in the band) or --no_band"
            if more is not None else "use --no_band or a wider --band")
