@@ -42,10 +42,11 @@ def parse_args(argv):
     if args.model is not None and (problem := sd15_folder_problem(args.model, IMAGE_SIZE)):
         parser.error(f"--model {args.model}: {problem}")
     check_out_folder(parser, args.out)
+    args.record_settings = measuring(args)  # the model's digest is read once, for the check and the record
     if not args.replace and (args.out / RECORD).exists():
         from pti_plugin.protocol.position_timesteps import replace_problem
 
-        if problem := replace_problem(args.out / RECORD, measuring(args)):
+        if problem := replace_problem(args.out / RECORD, args.record_settings):
             parser.error(problem)
     return args
 
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
     for t, s in zip(switch_t, share):
         print(f"switch at t={t:6.1f}: share in the first cell {s:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"model": str(model), "settings": measuring(args),
+    record = {"model": str(model), "settings": args.record_settings,
               "switch_timesteps": switch_t.tolist(), "share_first_cell": share.tolist(),
               "t_high": t_high, "t_low": t_low, "regulariser_coverage": coverage} | measured
     atomic_write_text(args.out / RECORD, json.dumps(record, indent=1) + "\n")
