@@ -14,7 +14,9 @@ process (a broadcast, a barrier, DDP's wrapping). Before each such point of the 
 no refusal since the previous one (:func:`passed_without_refusal`), so that a process refused alone prints at once. The
 first such point is the process group's start (:func:`process_group_starts`); after the last, the training steps begin
 (:func:`training_steps_begin`): from there a refusal is each process's own (an image only the process drawing it
-reads), and process 0 marks that stretch at its start, as it never leaves it.
+reads), and process 0 marks that stretch at its start, as it never leaves it. Each stage's set-up begins with a point
+(:func:`stage_set_up_begins`), which ends the previous stage's steps: a refusal every process finds in a later stage's
+set-up is said once too.
 """
 
 from __future__ import annotations
@@ -140,6 +142,15 @@ def training_steps_begin() -> None:
     then says nothing when its own is the same). Nothing in a single-process run."""
     if launcher_rank() == 0:
         _tell("")
+
+
+def stage_set_up_begins() -> None:
+    """Every process, as a stage's set-up begins (before its plan: what it trains, its optimizer): a point of the set-up
+    (:func:`passed_without_refusal`). After an earlier stage's training steps it ends their stretch, which process 0
+    marked as passed at its start (:func:`training_steps_begin`): a refusal every process finds in this stage's set-up
+    is then said once (another process waits for process 0's word instead of hearing the steps' mark and printing its
+    own too), and one another process alone finds is said at once (process 0 passes the set-up's next point)."""
+    passed_without_refusal()
 
 
 def main_process_printed(timeout_s: float) -> str | None:

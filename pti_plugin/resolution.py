@@ -317,32 +317,41 @@ def _group_rates(config: Config, stage: StageConfig, resolved: ResolvedStage) ->
     return found or None
 
 
-def _why_unused(config: Config, key: str, stage: StageConfig, resolved: ResolvedStage, typed: bool = False) -> str | None:
+@dataclass(frozen=True)
+class _Unused:
+    """Why a stage does not use a top-level value: ``text``, as the messages name it; ``by_epochs``: the top-level
+    ``max_train_epochs`` overrides it (``max_train_steps``), as in kohya, which is a warning rather than a refusal."""
+
+    text: str
+    by_epochs: bool = False
+
+
+def _why_unused(config: Config, key: str, stage: StageConfig, resolved: ResolvedStage, typed: bool = False) -> _Unused | None:
     """Why ``stage`` does not use the top-level ``key`` (None when it does). ``typed`` (a value the command line
     gave): a ``learning_rate`` that every group's own rate replaces counts as unused too (a preset may well set
     ``learning_rate`` beside ``unet_lr`` and ``text_encoder_lr``, as kohya configs do)."""
     where = f"stages.{resolved.index}"
     if key in STAGE_DEFAULT_KEYS:
         if getattr(stage, key) is not None:
-            return f"{where}.{key} = {getattr(stage, key)!r}"
+            return _Unused(f"{where}.{key} = {getattr(stage, key)!r}")
         rates = _group_rates(config, stage, resolved) if key == "learning_rate" and typed else None
-        return None if rates is None else f"{where}'s groups take {', '.join(text for _, text in rates)}"
+        return None if rates is None else _Unused(f"{where}'s groups take {', '.join(text for _, text in rates)}")
     if key in LENGTH_KEYS:
         for own in ("max_train_epochs", "steps"):
             if getattr(stage, own) is not None:
-                return f"{where}.{own} = {getattr(stage, own)!r}"
+                return _Unused(f"{where}.{own} = {getattr(stage, own)!r}")
         if key == "max_train_steps" and config.max_train_epochs is not None:
-            return f"{where} follows max_train_epochs = {config.max_train_epochs!r}"
+            return _Unused(f"{where} follows max_train_epochs = {config.max_train_epochs!r}", by_epochs=True)
         return None
     if stage.kind != "lora":
-        return f"{where} ({resolved.name!r}) is an inversion stage"
+        return _Unused(f"{where} ({resolved.name!r}) is an inversion stage")
     group = {"unet_lr": ("unet_lr", resolved.train_unet, "train_unet"),
              "text_encoder_lr": ("text_encoder_lr", resolved.train_text_encoder, "train_text_encoder"),
              **{switch: (target, True, "") for switch, target in SWITCH_TARGETS.items()}}[key]
     own, trains, switch = group
     if not trains:
-        return f"{where}.{switch} = false"
-    return None if getattr(stage, own) is None else f"{where}.{own} = {getattr(stage, own)!r}"
+        return _Unused(f"{where}.{switch} = false")
+    return None if getattr(stage, own) is None else _Unused(f"{where}.{own} = {getattr(stage, own)!r}")
 
 
 def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], given: dict[str, str]) -> None:
@@ -367,15 +376,16 @@ def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], g
                                if not (target in ("unet_lr", "text_encoder_lr", *SWITCH_TARGETS.values()) and s.kind != "lora")
                                and not (target == "steps" and raw.max_train_epochs is not None)
                                and not (target == "learning_rate" and _group_rates(config, raw, s)))
-        overridden = key == "max_train_steps" and any("follows max_train_epochs" in reason for reason in reasons)
+        overridden = any(reason.by_epochs for reason in reasons)
+        why = "; ".join(reason.text for reason in reasons)
         lead = f"To give a stage {value} steps instead" if overridden else "To change a stage"
         hint = f" {lead}, use {commands}." if commands else " No stage can use it: remove it."
         if overridden:  # kohya: max_train_epochs overrides max_train_steps
             logger.warning("max_train_epochs = %d (%s) replaces max_train_steps = %d (%s), as in kohya (\"override "
                            "steps\"): %s.%s", config.max_train_epochs, given.get("max_train_epochs", "preset"), value,
-                           source, "; ".join(reasons), hint)
+                           source, why, hint)
             continue
-        message = f"{key} = {_toml_literal(value)} ({source}) is used by no stage: " + "; ".join(reasons) + "." + hint
+        message = f"{key} = {_toml_literal(value)} ({source}) is used by no stage: " + why + "." + hint
         if not source.startswith("config_file"):
             raise ConfigError(message)
         logger.warning("%s (%s)", message, _what_kohya_does(key, given))

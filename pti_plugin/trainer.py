@@ -45,7 +45,7 @@ from .hooks import (
     schedule_of,
 )
 from .lora_regularisation import LoraRegularisation
-from .main_process_checks import checked_on_main_process, process_group_starts, training_steps_begin
+from .main_process_checks import checked_on_main_process, process_group_starts, stage_set_up_begins, training_steps_begin
 from .models.loading import load_base_model
 from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process
@@ -271,6 +271,7 @@ class Trainer:
     def _run_stage(self, stage_index: int, first_step: int, resumed) -> None:
         config, state, accelerator = self.config, self.state, self.accelerator
         stage = config.stages[stage_index]
+        stage_set_up_begins()  # several processes: ends an earlier stage's steps; a refusal each finds is said once
         state.stage, state.stage_index, state.stage_step = stage, stage_index, first_step
         plan: StagePlan = schedule_of(self.plugins).plan_stage(state, stage)
         state.plan = plan
