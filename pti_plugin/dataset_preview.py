@@ -63,14 +63,14 @@ class Preview:
 
 def _training_items(config: Config, log_notes: bool):
     from .data.dataset import load_subsets
-    from .data.scanning import scan_images
+    from .data.scanning import scan_images_and_held_out
 
     train_dir = None
     if config.train_data_dir == EMBEDDED:
         from .embedded_default import default_dataset_dir
 
         train_dir = default_dataset_dir(config.token_string)
-    return scan_images(config, load_subsets(config, train_dir), log_notes=log_notes)
+    return scan_images_and_held_out(config, load_subsets(config, train_dir), log_notes=log_notes)
 
 
 def preview_dataset(
@@ -87,7 +87,7 @@ def preview_dataset(
         raise ConfigError(f"--stage {stage_index}: the preset has {len(config.stages)} stage(s)")
     if num_processes < 1 or n < 0:
         raise ConfigError("--num_processes must be >= 1 and --n >= 0")
-    items = _training_items(config, log_notes=False)
+    items, held_out = _training_items(config, log_notes=False)
     entries = build_entries(items)
     global_batch = config.train_batch_size * num_processes * config.gradient_accumulation_steps
     stage = config.stages[stage_index]
@@ -117,7 +117,7 @@ def preview_dataset(
                 _save_pngs(*pixels_and_mask(item, sample.augmentation), out_dir / f"step{step:05d}_slot{slot:03d}")
         step += 1
     return Preview(stage_index, global_batch, order.batches_per_epoch, samples, subset_counts(items),
-                   tag_frequency(items), dataset_notes(items, config.token_string))
+                   tag_frequency(items), dataset_notes(items, config.token_string, held_out))
 
 
 def _save_folder_problem(config: Config, items, folder: Path) -> str | None:

@@ -112,8 +112,9 @@ class ImageItem:
     face_crop_aug_range: tuple[float, float] | None = None  # the subset's [lo, hi] (``face_crop.py``)
     mask_interpolation: str | None = None  # the filter of its mask file (``masks.mask_filter``); None: Lanczos
     #: where the caption came from: "file" (its caption file), else (no usable caption file) "folder" (its kohya
-    #: folder's name, kohya's class_tokens), "class_tokens", "affixes" (caption_prefix/suffix alone), "template", or
-    #: "folder_template" (the template: its kohya folder's name does not name the token); ``dataset_stats`` says so
+    #: folder's name, kohya's class_tokens), "class_tokens", "affixes" (caption_prefix/suffix alone), "template",
+    #: "folder_template" (the template: its kohya folder's name does not name the token) or "no_class_template" (the
+    #: template: its kohya folder ``10`` / ``10_`` has no class part, kohya's empty caption); ``dataset_stats`` says so
     caption_source: str = "file"
 
 
@@ -158,7 +159,9 @@ def _make_subset(values: dict[str, Any], image_dir: Path, where: str, dataset_in
 def _subsets_from_folder(config: Config, root: Path, is_reg: bool = False) -> list[Subset]:
     """kohya's folder convention: ``<repeats>_<name>`` subfolders; ``name`` is the subset's ``class_tokens`` (the caption
     of its images without a caption file), as kohya; for a training folder only where it names the token once
-    (with ``caption_prefix``/``caption_suffix``), else its images take the template (``dataset_stats`` says so)."""
+    (with ``caption_prefix``/``caption_suffix``), else its images take the template (``dataset_stats`` says so). A
+    folder without a name (``10``, ``10_``: kohya's empty class_tokens, an empty caption) has no class_tokens: its
+    images without a caption file take the template, or the prefix/suffix alone where they name the token."""
     values = _top_level(config)
     options = _caption_options(values)
     subsets = []
@@ -176,7 +179,7 @@ def _subsets_from_folder(config: Config, root: Path, is_reg: bool = False) -> li
         except ValueError:
             logger.warning("ignoring folder %s: kohya folders are named <repeats>_<name>", child)
             continue
-        usable = name and (is_reg or names_token_once(name, config.token_string, options))
+        usable = name and (is_reg or names_token_once(name, config.token_string, options))  # "10", "10_": none
         folder_values = values | {"num_repeats": repeats, "class_tokens": name if usable else None}
         subsets.append(replace(_make_subset(folder_values, child, str(child), 0, is_reg=is_reg), kohya_folder=True))
     if not subsets:

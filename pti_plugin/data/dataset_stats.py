@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..config import first_of
 from .captions import count_token, pinned_index, split_fixed_and_flexible, tags_of, with_prefix_suffix
 from .dataset import ImageItem, folder_class
 
 
-def dataset_notes(items: list[ImageItem], token: str) -> list[str]:
-    """What the trainer does to the captions, said once at start-up (and by the dataset preview)."""
-    notes = [note for note in (_prepended_note(items, token), uncaptioned_note(items, token)) if note]
+def dataset_notes(items: list[ImageItem], token: str, held_out: Sequence[ImageItem] = ()) -> list[str]:
+    """What the trainer does to the captions, said once at start-up (and by the dataset preview). ``held_out``: the
+    images ``validation_split`` holds out, whose captions are resolved as the others' and counted with them in the
+    prepended-token and no-caption-file notes (the other notes are about what training draws)."""
+    notes = [note for note in (_prepended_note(items, token, held_out), uncaptioned_note(items, token, held_out)) if note]
     in_flexible = 0
     for item in items:
         if item.is_reg or not item.caption_options.moves_tags:
@@ -38,13 +40,22 @@ def dataset_notes(items: list[ImageItem], token: str) -> list[str]:
     return notes
 
 
-def _prepended_note(items: list[ImageItem], token: str) -> str | None:
-    """The count of captions the token was prepended to; when they share a first tag (or all lie in one kohya folder
-    ``<repeats>_<name>``) that could be a token, the suggestion to train it as the pivot (``--token_string``)."""
-    prepended = [item for item in items if item.token_prepended]
+def _held_out_part(images: list[ImageItem], held_out: Sequence[ImageItem]) -> str:
+    """`` (k of them held out for validation ...)`` for the ``k`` of ``images`` that are among ``held_out``; else ""."""
+    held = {id(item) for item in held_out}
+    k = sum(1 for item in images if id(item) in held)
+    return f" ({k} of them held out for the validation loss by validation_split)" if k else ""
+
+
+def _prepended_note(items: list[ImageItem], token: str, held_out: Sequence[ImageItem] = ()) -> str | None:
+    """The count of captions the token was prepended to (``held_out``'s included); when they share a first tag (or all
+    lie in one kohya folder ``<repeats>_<name>``) that could be a token, the suggestion to train it as the pivot
+    (``--token_string``)."""
+    prepended = [item for item in [*items, *held_out] if item.token_prepended]
     if not prepended:
         return None
-    note = f"{len(prepended)} caption(s) did not contain {token!r}; it was prepended to them"
+    note = (f"{len(prepended)} caption(s) did not contain {token!r}{_held_out_part(prepended, held_out)}; it was "
+            "prepended to them")
     firsts = {(tags_of(line.removeprefix(f"{token}, ")) or [""])[0]
               for item in prepended for line in (item.caption_lines or (item.caption,))[:1]}
     folders = {folder_class(Path(item.subset_name)).lower() if item.subset_name.partition("_")[0].isdigit() else ""
@@ -67,13 +78,17 @@ _SOURCES = {
     "template": "caption_template {caption!r}",
     "folder_template": "caption_template {caption!r}, as the folder's name {name!r} does not contain {token!r} "
                        "(kohya would caption them {name!r})",
+    "no_class_template": "caption_template {caption!r}, as the folder's name has no class part after its repeats "
+                         "(kohya would give them an empty caption)",
 }
 
 
-def uncaptioned_note(items: list[ImageItem], token: str) -> str | None:
-    """The training images without a caption file (kohya warns of them too): how many, the first names, what each
-    subset's are captioned with (``ImageItem.caption_source``) and how to change it; None when there are none."""
-    uncaptioned = [item for item in items if not item.is_reg and item.caption_source != "file"]
+def uncaptioned_note(items: list[ImageItem], token: str, held_out: Sequence[ImageItem] = ()) -> str | None:
+    """The training images without a caption file (kohya warns of them too), ``held_out`` (the images
+    ``validation_split`` holds out) included, reg images not: how many, the first names, what each subset's are
+    captioned with (``ImageItem.caption_source``) and how to change it; None when there are none."""
+    uncaptioned = sorted((item for item in [*items, *held_out] if not item.is_reg and item.caption_source != "file"),
+                         key=lambda item: (item.subset_index, item.path))  # the held-out ones in their place
     if not uncaptioned:
         return None
     groups: dict[tuple[str, str, str], int] = {}
@@ -84,7 +99,8 @@ def uncaptioned_note(items: list[ImageItem], token: str) -> str | None:
                                                                     name=folder_class(Path(name)))
             for (name, source, caption), n in groups.items()]
     names = first_of([f"{item.subset_name}/{item.path.name}" for item in uncaptioned], 5)
-    return (f"{len(uncaptioned)} training image(s) have no caption file ({names}): {first_of(said, 5, '; ')}. To "
+    return (f"{len(uncaptioned)} training image(s){_held_out_part(uncaptioned, held_out)} have no caption file "
+            f"({names}): {first_of(said, 5, '; ')}. To "
             f"caption an image, write a caption file beside it (caption_extension); to caption a kohya folder's images "
             f"without one, name the folder <repeats>_<caption naming {token!r}> (in a dataset_config: class_tokens)")
 

@@ -136,7 +136,9 @@ def _caption_source(subset: Subset, lines: list[str] | None, token: str) -> str:
     options = subset.caption_options
     if not subset.is_reg and count_token(f"{options.caption_prefix} {options.caption_suffix}", token) == 1:
         return "affixes"
-    return "folder_template" if subset.kohya_folder and folder_class(subset.image_dir) else "template"
+    if not subset.kohya_folder:
+        return "template"
+    return "folder_template" if folder_class(subset.image_dir) else "no_class_template"
 
 
 def balance_reg_repeats(train_entries: int, reg_items: list[ImageItem]) -> list[ImageItem]:
@@ -243,9 +245,10 @@ def scan_images_and_held_out(config: Config, subsets: list[Subset],
                 logger.warning("dataset %d: %d regularisation entries for %d training entries: some reg images are not used "
                                "(as kohya)", dataset_index, reg_entries, train_entries)
     items = attach_loss_masks(subsets, train + balanced, alpha_peaks)  # alpha_mask, conditioning_data_dir: checked here
-    for note in dataset_notes(items, config.token_string) if log_notes else []:
+    held_out = attach_loss_masks(subsets, held_out, alpha_peaks) if held_out else []
+    for note in dataset_notes(items, config.token_string, held_out) if log_notes else []:
         logger.warning(note)
-    return items, attach_loss_masks(subsets, held_out, alpha_peaks) if held_out else []
+    return items, held_out
 
 
 def build_entries(items: list[ImageItem]) -> list[int]:
