@@ -87,18 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"run {run} given twice{also}: each run counts as one training seed")
         seen[key] = run
     check_out_folder(parser, args.out)
-    from pti_plugin.metrics.run_model import find_run_files, read_run_config
-    from pti_plugin.protocol.curve_scores import lora_checkpoints
-    from pti_plugin.toy_world.run_checks import toy_world_problem
+    from pti_plugin.protocol.curve_scores import check_run
 
-    for run in args.runs:  # every run checked before any is scored
+    for run in args.runs:  # every run checked before any is scored, by score_checkpoints' own rule
         try:
-            lora_checkpoints(run)
-            config = read_run_config(find_run_files(run)[0])
-        except (FileNotFoundError, ValueError) as exc:  # missing folder, no run, no intermediate saves
+            check_run(run)
+        except (FileNotFoundError, ValueError) as exc:  # missing folder, no run, no intermediate saves, not toy-world
             parser.error(str(exc))
-        if problem := toy_world_problem(config):  # a real model's run (even at 32 px), or another size's
-            parser.error(f"{run}: {problem}")
     return args
 
 

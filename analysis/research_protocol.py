@@ -30,6 +30,7 @@ signal), and the same command continues the run from that state (:func:`pti_plug
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -37,8 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a clone without install
 
-from pti_plugin.script_args import (argument_parser, check_out_folder, number_list, positive_finite,  # noqa: E402
-                                    positive_int, sd15_folder_problem)
+from pti_plugin.script_args import (argument_parser, check_out_folder, finite_float, finite_float_at_least,  # noqa: E402
+                                    number_list, positive_finite, positive_int, sd15_folder_problem)
 from pti_plugin.toy_world.world import IMAGE_SIZE  # noqa: E402
 
 BENCH_PRESET = Path(__file__).resolve().parents[1] / "presets" / "research_bench.toml"
@@ -58,9 +59,10 @@ def parse_args(argv):
     parser.add_argument("--seeds", default=None, help="training seeds to run, comma-separated; seeds outside the "
                                                        f"part's add seeds (default: {defaults['seeds']})")
     parser.add_argument("--no_vectors", action="store_true", help="h1: only the 1-vector grid")
-    parser.add_argument("--pivot_lr", type=float, default=2.75e-5,
+    parser.add_argument("--pivot_lr", type=positive_number, default=2.75e-5,
                         help="h2, h3: the H1 learning rate whose pivot LoRAs start from (h1 always trains those cells)")
-    parser.add_argument("--wait", type=float, default=0.0, help="h2, h3: seconds to wait for a missing pivot")
+    parser.add_argument("--wait", type=finite_float_at_least(0), default=0.0,
+                        help="h2, h3: seconds to wait for a missing pivot (0: do not wait)")
     parser.add_argument("--save_every", type=positive_int, default=None,
                         help=f"h2, all: the LoRA runs save every N steps (default: {defaults['save_every']})")
     parser.add_argument("--dense_until", type=positive_int, default=None,
@@ -101,6 +103,15 @@ def settings_defaults() -> dict[str, str]:
                    f"h3 (LoRA): {listed(h3.lora_lrs)}",
             "variants": listed(h3.variants),
             "weights": "; ".join(f"{v}={listed(w)}" for v, w in h3.weights.items() if v != "none")}
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a positive finite number (``--pivot_lr``: 0, a negative rate, ``nan`` and ``inf`` are refused,
+    as :func:`float_list` refuses them in ``--lrs``)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
 
 
 def float_list(text: str, flag: str) -> tuple[float, ...]:

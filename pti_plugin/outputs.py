@@ -15,6 +15,7 @@ intermediate saves (``save_schedule.py``). The commands printed for the user: :f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,6 +23,7 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,12 +120,31 @@ def run_dir_finished(run_dir: Path, output_name: str) -> bool:
 #: Whether the trainer's own command line is this process's program (``train_pti.py``, ``pti-train``: :func:`cli.main
 #: <pti_plugin.cli.main>` called without ``argv`` records it, :func:`trainer_is_the_program`), so that printed commands
 #: may name the script as started; not when the trainer runs inside another program (an analysis script, a test).
-_PROGRAM = {"trainer": False}
+#: ``"script"``: whether that other program is a script that says itself how to continue a stopped run
+#: (:func:`script_continues_runs`).
+_PROGRAM = {"trainer": False, "script": False}
 
 
 def trainer_is_the_program(yes: bool) -> None:
     """Record whether the trainer's command line is this process's program (see :func:`trainer_command`)."""
     _PROGRAM["trainer"] = yes
+
+
+@contextlib.contextmanager
+def script_continues_runs() -> Iterator[None]:
+    """While the block runs, the trainer runs inside a script (research_protocol, lr_sweep, research_bench) whose own
+    last line says how to continue a run a stop signal stopped (its same command): the trainer's stop message names
+    the state it saved without a ``resume with:`` command of its own, a second instruction the user would see."""
+    before, _PROGRAM["script"] = script_says_how_to_continue(), True
+    try:
+        yield
+    finally:
+        _PROGRAM["script"] = before
+
+
+def script_says_how_to_continue() -> bool:
+    """Whether the trainer runs inside :func:`script_continues_runs`."""
+    return _PROGRAM.get("script", False)
 
 
 def trainer_command(*args: str | Path) -> str:

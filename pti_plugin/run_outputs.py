@@ -24,7 +24,7 @@ from .formats.kohya_dataset_metadata import kohya_dataset_metadata, session_meta
 from .hooks import Plugin, TrainerState
 from .models.trainable import TrainableModel
 from .nan_policy import optimizer_state_is_finite
-from .outputs import RunFiles, trainer_command, write_lora_and_embedding
+from .outputs import RunFiles, script_says_how_to_continue, trainer_command, write_lora_and_embedding
 from .resume import SavedProgress, base_identity, batch_shape, lora_scales, save_state
 from .save_schedule import SaveSchedule, epoch_metadata, prune_saves
 from .tracker_keys import TrackerKeys
@@ -156,17 +156,23 @@ class RunOutputs:
         finite_state = optimizer_state_is_finite(optimizer)
         paths = self.save(optimizer, tag=tag, with_state=finite_state)
         if finite_state or not paths:
-            return self.resume_hint(paths)
+            return self.resume_hint(paths, after_stop=False)
         return (f"saved {paths['lora'].name} and {paths['embedding'].name} (the optimizer state was non-finite, so no "
                 f"resumable state); start a new run from them with network_weights = {paths['lora']} and weights = "
                 f"{paths['embedding']}")
 
-    def resume_hint(self, paths: dict[str, Path]) -> str:
-        """The files a save wrote and the command that resumes its state ("" when it saved no state)."""
+    def resume_hint(self, paths: dict[str, Path], after_stop: bool = True) -> str:
+        """The files a save wrote and the command that resumes its state ("" when it saved no state). After a stop
+        signal inside a script that says itself how to continue (:func:`~.outputs.script_continues_runs`), the files
+        alone: the script's last line is the one instruction (a non-finite step's save, not ``after_stop``, keeps
+        the command)."""
         if "state" not in paths:
             return ""
-        return (f"saved {paths['lora'].name}, {paths['embedding'].name} and the state {paths['state']}\n"
-                f"resume with: {trainer_command('--preset', self.files.config_toml, '--resume', paths['state'])}")
+        saved = f"saved {paths['lora'].name}, {paths['embedding'].name} and the state {paths['state']}"
+        if after_stop and script_says_how_to_continue():
+            return saved
+        command = trainer_command("--preset", self.files.config_toml, "--resume", paths["state"])
+        return f"{saved}\nresume with: {command}"
 
     @torch.no_grad()
     def sample(self, tag: str) -> list[Path]:

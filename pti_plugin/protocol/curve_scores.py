@@ -39,7 +39,7 @@ from ..metrics.run_model import find_run_files, read_run_config
 from ..settings_cache import read_cache
 from ..toy_world.detectors import detect_character, has_detail
 from ..toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
-from ..toy_world.run_checks import generation_size_problem
+from ..toy_world.run_checks import toy_world_problem
 from ..toy_world.run_scores import NEUTRAL_PROMPTS
 from ..toy_world.world import CHARACTER_CELLS, IMAGE_SIZE
 
@@ -132,6 +132,21 @@ def _lora_checkpoints(run_dir: str | Path, output_name: str | None
     return config, start, in_stage, [(step, path) for step, path in files if step <= start]
 
 
+def check_run(run_dir: str | Path, output_name: str | None = None) -> None:
+    """What :func:`score_checkpoints` refuses before it scores, checked without scoring (a command checks each of its
+    runs before it scores any): a missing folder or run (FileNotFoundError), too few saves inside the LoRA stage
+    (:class:`NoCheckpointsError`), a run that is not a toy-world one (ValueError, :func:`_refuse_unless_toy_world`)."""
+    _refuse_unless_toy_world(Path(run_dir), _lora_checkpoints(run_dir, output_name)[0])
+
+
+def _refuse_unless_toy_world(run_dir: Path, config: Config) -> None:
+    """ValueError naming ``run_dir`` when the run of ``config`` is not a toy-world run, whose generations the toy
+    world's detectors read (:func:`~pti_plugin.toy_world.run_checks.toy_world_problem`: its model is not a toy-world
+    model, e.g. a real SD1.5 trained at 32 px, or it generates at another size). Loads no model."""
+    if problem := toy_world_problem(config):
+        raise ValueError(f"{run_dir}: {problem}")
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 def image_scores(images: np.ndarray) -> dict[str, list]:
     """Per-image ground truth of uint8 images ``[..., 32, 32, 3]`` (flattened in order): ``coarse``
@@ -220,7 +235,8 @@ def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = SAMPLE
     mtime, written after every file, so a rerun (or a run after an interruption) scores only new or
     changed files. ``scored`` (e.g. :func:`scored_steps`) picks the
     saves to score by LoRA-stage step; the final save is always scored. Raises :class:`NoCheckpointsError` when no
-    save lies inside the LoRA stage before the final one (train with ``save_every_n_steps``).
+    save lies inside the LoRA stage before the final one (train with ``save_every_n_steps``), and ValueError, before any
+    model loads, when a file is left to score of a run that is not a toy-world one (:func:`check_run`).
     """
     run_dir, log = Path(run_dir), log or (lambda message: None)
     config, start, in_stage, before = _lora_checkpoints(run_dir, output_name)
@@ -242,8 +258,7 @@ def score_checkpoints(run_dir: str | Path, seeds: list[int], steps: int = SAMPLE
         atomic_write_text(cache, json.dumps({"settings": settings, "entries": entries}, indent=1) + "\n")
 
     if missing:
-        if problem := generation_size_problem(run_dir, output_name, config):  # before any model loads
-            raise ValueError(f"{run_dir}: {problem}")
+        _refuse_unless_toy_world(run_dir, config)  # before any model loads
         _score_files(run_dir, output_name, config, missing, settings, device, log, keep)
     ordered = [entries[key] for key in points]
     return {

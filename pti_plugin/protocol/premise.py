@@ -354,6 +354,7 @@ def train_run(preset: dict, run_dir: Path, log: Callable[[str], None], part: str
     import toml
 
     from ..cli import main as train_main
+    from ..outputs import script_continues_runs
     from ..run_lock import RunLock
 
     if (run_dir / "premise.safetensors").is_file():
@@ -374,7 +375,8 @@ def train_run(preset: dict, run_dir: Path, log: Callable[[str], None], part: str
         atomic_write_text(path, toml.dumps(preset | {"output_dir": str(run_dir)}))
         log(f"{part}: training {run_dir.name}")
     resume = [] if state is None else ["--resume", str(state)]
-    code = train_main(["--preset", str(path), *resume])  # each run starts from fresh accelerate state (Trainer._setup)
+    with script_continues_runs():  # a stopped run's message: its saved state, and this script's line below
+        code = train_main(["--preset", str(path), *resume])  # from fresh accelerate state (Trainer._setup)
     if (signum := code - 128) in STOP_SIGNALS:
         stop_script(signum, f"{part}: {run_dir.name} ")
     if code != 0 or not (run_dir / "premise.safetensors").is_file():

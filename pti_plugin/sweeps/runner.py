@@ -35,9 +35,15 @@ def worker_env(**extra: str) -> dict[str, str]:
     return os.environ | {"PYTHONPATH": path} | extra
 
 
+#: A training process's program: the trainer's ``main`` inside :func:`~pti_plugin.outputs.script_continues_runs` (a
+#: stopped run names its state; the sweep's last line says how to continue).
+TRAIN_PROGRAM = ("import sys\nfrom pti_plugin.cli import main\nfrom pti_plugin.outputs import script_continues_runs\n"
+                 "with script_continues_runs():\n    sys.exit(main(sys.argv[1:]))")
+
+
 def train_command(argv: list[str]) -> list[str]:
     """The command line of a training process (the trainer's ``main`` with ``argv``)."""
-    return [sys.executable, "-c", "import sys; from pti_plugin.cli import main; sys.exit(main(sys.argv[1:]))", *argv]
+    return [sys.executable, "-c", TRAIN_PROGRAM, *argv]
 
 
 def latest_state(spec: RunSpec) -> Path | None:
@@ -90,9 +96,11 @@ def prepare_run(spec: RunSpec) -> list[str] | None:
 
 def train_in_process(spec: RunSpec, argv: list[str]) -> bool:
     from pti_plugin.cli import main as train_main
+    from pti_plugin.outputs import script_continues_runs
 
     try:
-        code = train_main(argv)
+        with script_continues_runs():  # a stopped run's message: its saved state, and the sweep's line (stop_sweep)
+            code = train_main(argv)
     except Exception:  # each run starts from fresh accelerate state (Trainer._setup)
         traceback.print_exc()
         code = 1
