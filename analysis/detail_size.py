@@ -12,13 +12,15 @@ this prints, per condition and learning rate, the share of neutral images with a
 with a *true-size* one (``has_true_size_detail``: at most ``DETAIL_MAX_WHITE_PIXELS`` near-white
 pixels; the rendered dot covers 4-7), the median near-white area of the details found, and the
 training-cell fraction, means over training seeds with a 95% bootstrap interval over
-them; then H3's secondary-axis table (:mod:`pti_plugin.protocol.h3_detail_axis`) over the same cells.
+them (that table's intervals are over training seeds alone); then H3's secondary-axis table
+(:mod:`pti_plugin.protocol.h3_detail_axis`) over the same cells, whose intervals are two-level.
 A ``detail_size.json`` already in ``--results`` that holds cells this run cannot read (their images
 stayed in the working folder that measured them) is not replaced unless ``--replace`` is given.
 ``--out`` may be given several times (an exploratory folder beside the protocol's: its ``h1`` the same
 pivots); a cell in two folders is counted once. Where the cells hold a confirmatory test's condition on
 its stated seeds (``CONFIRMATORY`` and ``CEILING_TEST`` in :mod:`pti_plugin.protocol.h3_detail_axis`,
-stated in ``docs/method.md``), its verdict follows the table. ``--results`` also writes ``detail_size.md``,
+stated in ``docs/method.md``), its verdict follows the table, two-level, with its small-sample check
+(Student's t over the paired seeds) beside it. ``--results`` also writes ``detail_size.md``,
 ``.json`` and the secondary axis's plot (``h3_detail_axis.png``) there. Last line ``cells=<n>``.
 """
 

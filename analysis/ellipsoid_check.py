@@ -160,11 +160,22 @@ def _fmt(value, digits: int = 4) -> str:
 def _identity(args, model, results) -> dict:
     """The model's identity in the outputs: the text encoder's hash (one encoder), or each encoder's."""
     if len(results) == 1:
-        return {"argument": args.model, "path": model.source, "text_encoder_hash": E.text_encoder_hash(model.text_encoder),
-                "width": results[0].dim}
+        return {"argument": args.model, "path": model.source, "model_digest": _model_digest(model.source),
+                "text_encoder_hash": E.text_encoder_hash(model.text_encoder), "width": results[0].dim}
     hashes = {r.encoder: E.text_encoder_hash(te) for r, te in zip(results, model.text_encoders)}
-    return {"argument": args.model, "path": model.source, "family": model.family.name, "text_encoder_hashes": hashes,
+    return {"argument": args.model, "path": model.source, "model_digest": _model_digest(model.source),
+            "family": model.family.name, "text_encoder_hashes": hashes,
             "width": sum(r.dim for r in results), "widths": {r.encoder: r.dim for r in results}}
+
+
+def _model_digest(source) -> str | None:
+    """A diffusers folder's digest as the research protocol records its model (None for a single file)."""
+    from pti_plugin.protocol.premise import model_digest
+
+    try:
+        return model_digest(Path(source))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _measure_lines(result: E.EllipsoidResult, prefix: str = "") -> list[str]:

@@ -12,12 +12,16 @@ toy world's detectors (:mod:`pti_plugin.protocol.interpolation_paths`). Pairs: c
     OMP_NUM_THREADS=1 python analysis/interpolation_paths.py [--model DIR] [--out DIR] [--seeds 16]
         [--fractions 11] [--quick]
 
-Prints one line per pair and geometry, then a last line
+Prints one line per pair and geometry, then H4's rule (:mod:`pti_plugin.protocol.h4_verdict`: per pair, measure
+and two geometries, a paired sign-flip test of the per-seed means along the path, Bonferroni over the
+comparisons: ``differ``, ``no functional difference`` or ``untestable``), then a last line
 ``layernorm_min_validity=<f> centered_min_validity=<f> linear_min_validity=<f> layernorm_nonmonotone=<n>
 centered_nonmonotone=<n> linear_nonmonotone=<n>`` (validity: share of images with a detected object,
 lowest over pairs and fractions; nonmonotone: steps, summed over pairs, where the end attribute's
 share falls by more than 2 binomial standard errors). Writes ``interpolation_paths.json`` (every
-figure, intervals over sampling seeds only: there is one model), ``.csv`` (one row per pair,
+figure, intervals over sampling seeds only: there is one model; each image's 0/1 readings, ``hits``; the
+rule's comparisons, ``functional``; the model's ``model_digest``, which the research report matches
+against the protocol's model), ``.csv`` (one row per pair,
 geometry and fraction), ``interpolation_paths.png`` (validity and end share against the fraction)
 and ``interpolation_paths_grid.png`` (seed 0 along every path) into ``--out``.
 """
@@ -174,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"nonmonotone steps {g['nonmonotone_steps']}, crosses 0.5 at {g['crossing_fraction']}")
     print(f"wrote {args.out}/interpolation_paths.json, .csv, .png, _grid.png ({record['images_generated']} images, "
           f"{record['cpu_seconds']:.0f} CPU s, {record['threads']} thread(s))")
+    functional = record["functional"]
+    print(f"H4 rule (paired sign-flip tests, p < {functional['alpha']:.4f} each): {functional['label']}"
+          + (f" ({functional['reason']})" if "reason" in functional else ""))
     print(summary_line(record["summary"]))
     return record
 

@@ -2,6 +2,7 @@
 """Where along the noise schedule the toy world decides an object's position (the research protocol's H3).
 
     OMP_NUM_THREADS=1 python analysis/position_timesteps.py [--model DIR] [--seeds 32] [--switch_every 2] [--out DIR] [--quick] [--replace]
+    python analysis/position_timesteps.py --out DIR --replot
 
 Each image starts with a prompt asking for one cell and switches, after k of the 25 sampler steps,
 to the same prompt asking for the opposite corner (:mod:`pti_plugin.protocol.position_timesteps`).
@@ -10,7 +11,8 @@ where position is decided; the band's share of the uniform training timesteps is
 locality's rows (which reuse the step's timesteps) spend there. Writes ``position_timesteps.json``
 and ``.png``; the last line reads ``t_high=<f> t_low=<f> regulariser_coverage=<f>``. A record in ``--out``
 measured with other settings (``--quick``, other seeds or switch points, another model) is refused, naming
-what differs, before the model loads; ``--replace`` replaces it.
+what differs, before the model loads; ``--replace`` replaces it. ``--replot`` redraws the ``.png`` from the record
+in ``--out`` and measures nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="4 seeds, 4 sampler steps (plumbing)")
     parser.add_argument("--replace", action="store_true",
                         help="replace a position_timesteps.json in --out measured with other settings")
+    parser.add_argument("--replot", action="store_true", help="redraw the .png from --out's record, measure nothing")
     args = parser.parse_args(argv)
+    if args.replot:
+        if not (args.out / RECORD).is_file():
+            parser.error(f"--replot: no {RECORD} in --out {args.out}")
+        return args
     if args.model is not None and (problem := sd15_folder_problem(args.model, IMAGE_SIZE)):
         parser.error(f"--model {args.model}: {problem}")
     check_out_folder(parser, args.out)
@@ -73,26 +80,14 @@ def measuring(args) -> dict:
     return record_settings(switch_settings(args), model_digest(model_folder(args)))
 
 
-def plot(path: Path, switch_t, share, band, coverage: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(switch_t, share, "o-", label="first prompt's cell kept")
-    ax.axvspan(band[1], band[0], alpha=0.2, label=f"decision band (share 0.1-0.9): {coverage:.0%} of training t")
-    ax.set_xlabel("timestep of the switch (training scale; noisier to the left)")
-    ax.set_ylabel("share in the first cell")
-    ax.set_xlim(1000, 0)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from pti_plugin.protocol.position_timesteps import band_plot
+
+    if args.replot:
+        band_plot(json.loads((args.out / RECORD).read_text()), args.out / "position_timesteps.png")
+        print(f"wrote {args.out / 'position_timesteps.png'}")
+        return
     import torch
 
     from pti_plugin.atomic_io import atomic_write_text
@@ -114,7 +109,7 @@ def main(argv=None) -> None:
               "switch_timesteps": switch_t.tolist(), "share_first_cell": share.tolist(),
               "t_high": t_high, "t_low": t_low, "regulariser_coverage": coverage} | measured
     atomic_write_text(args.out / RECORD, json.dumps(record, indent=1) + "\n")
-    plot(args.out / "position_timesteps.png", switch_t, share, (t_high, t_low), coverage)
+    band_plot(record, args.out / "position_timesteps.png")
     print(f"t_high={t_high:.1f} t_low={t_low:.1f} regulariser_coverage={coverage:.3f}")
 
 

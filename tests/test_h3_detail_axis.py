@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pti_plugin.protocol.h3_detail_axis import (CEILING_TEST, ceiling_verdict, confirmatory_verdict, detail_axis_lines,
@@ -42,7 +44,8 @@ def test_leakage_is_read_where_the_detail_first_reaches_each_target():
     assert by["none"]["reached"]["estimate"] == pytest.approx(0.6)
     assert summary["n_cells"] == 18 and summary["not_measured"] == []
     lines = "\n".join(detail_axis_lines(summary))
-    assert "after an exploratory look" in lines and "| half_angle (w 1) | 3 | 3: 0.0001 to 0.001 | 0.25 [0.25, 0.25] | 0.5 | 0 | n/a" in lines
+    assert "after an exploratory look" in lines  # the highest detail's interval resamples the images too
+    assert re.search(r"\| half_angle \(w 1\) \| 3 \| 3: 0.0001 to 0.001 \| 0.25 \[[\d.]+, [\d.]+\] \| 0.5 \| 0 \| n/a", lines)
 
 
 def test_conditions_with_a_cell_not_read_are_left_off_the_axis():
@@ -78,8 +81,9 @@ def test_one_paired_seed_gives_no_interval_and_so_no_decision():
              + _cells("half_angle", 0.1, WEAK, seeds=(5, 6, 7)))
     verdict = confirmatory_verdict(cells, draws=100)
     assert verdict.startswith("inconclusive: -0.24") and "3 of 3 training seeds reach 0.5, 1 paired" in verdict
-    assert "| half_angle (w 0.1) | 3 | 3: 0.0001 to 0.001 | 0.60 [0.60, 0.60] | 0.5 | 3 | 0.42 [0.42, 0.42] | n/a | -0.24 (1 seed) |" in \
-        "\n".join(detail_axis_lines(detail_axis_summary(None, cells, draws=100)))
+    assert re.search(r"\| half_angle \(w 0.1\) \| 3 \| 3: 0.0001 to 0.001 \| 0.60 \[[\d.]+, [\d.]+\] \| 0.5 \| 3 \| "
+                     r"0.42 \[[\d.]+, [\d.]+\] \| n/a \| -0.24 \(1 seed\) \|",
+                     "\n".join(detail_axis_lines(detail_axis_summary(None, cells, draws=100))))
 
 
 def test_no_confirmatory_verdict_without_its_condition_on_its_stated_seeds():
@@ -100,10 +104,12 @@ def test_the_ceiling_test_reads_the_best_detail_under_the_ceiling_and_pairs_it()
     cells = _cells("none", None, PLAIN, CEILING_SEEDS, CEILING_LRS) + _cells("half_angle", 0.1, UNDER, CEILING_SEEDS, CEILING_LRS)
     cells += _cells("half_angle", 0.1, [(1.0, 0.40)], CEILING_SEEDS, (1e-2,))  # a rate the test did not state: ignored
     verdict = ceiling_verdict(cells, draws=100)
-    assert verdict.startswith("supported: 0.300 [0.300, 0.300]"), verdict  # 0.5 - 0.2 on every seed
+    # 0.5 - 0.2 on every seed (Student's t: no spread over seeds); the two-level interval adds the images' noise
+    assert verdict.split(" [")[0].endswith(": 0.300"), verdict
+    assert "0.300 [0.300, 0.300], which the rule reads as supported" in verdict
     assert "5 paired seeds; mean detail under the ceiling w0.1 0.50, none 0.20" in verdict
     reversed_ = _cells("none", None, UNDER, CEILING_SEEDS, CEILING_LRS) + _cells("half_angle", 0.1, PLAIN, CEILING_SEEDS, CEILING_LRS)
-    assert ceiling_verdict(reversed_, draws=100).startswith("refuted: -0.300")
+    assert "-0.300 [-0.300, -0.300], which the rule reads as refuted" in ceiling_verdict(reversed_, draws=100)
 
 
 def test_the_ceiling_test_drops_seeds_missing_a_rate_and_needs_four_pairs():
@@ -119,4 +125,4 @@ def test_a_cell_without_objects_does_not_count_as_under_the_ceiling():
         if cell["variant"] == "half_angle" and cell["lr"] == 4e-4:  # its 0.5 drawn with no object in any image
             cell["in_training_cell"] = [None] * N
     verdict = ceiling_verdict(cells, draws=100)  # w0.1's best under the ceiling falls back to 0.2, none's
-    assert verdict.startswith("refuted: 0.000 [0.000, 0.000]") and "w0.1 0.20, none 0.20" in verdict, verdict
+    assert verdict.split(" [")[0].endswith(": 0.000") and "w0.1 0.20, none 0.20" in verdict, verdict

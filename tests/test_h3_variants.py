@@ -332,17 +332,19 @@ def test_condition_table_shows_the_drift_at_the_highest_safe_rate_not_at_the_rea
 
 
 def test_each_condition_of_the_h3_plot_has_its_own_look():
-    """Eleven conditions (more than matplotlib's ten-colour cycle): colour says the variant, marker and
-    line the weight, and no two conditions are drawn alike."""
-    from pti_plugin.protocol.h3_lines import condition_styles
+    """Eleven conditions: one panel per variant other than no regulariser, each holding that variant's weights
+    and no regulariser (the reference, in every panel), and within a panel no two conditions drawn alike."""
+    from pti_plugin.protocol.h3_lines import panel_styles, variant_panels
 
     grid = [("none", None)] + [(v, w) for v in ("half_angle", "half_angle_band", "uniform_half", "class_endpoint")
                                for w in (10.0, 100.0)] + [("half_angle", 1.0), ("reg_images", 1.0)]
-    styles = condition_styles([{"variant": v, "weight": w} for v, w in grid])
-    looks = [tuple(sorted(s.items())) for s in styles]
-    assert len(set(looks)) == len(grid) == 11
-    colour = {v: {s["color"] for (vv, _), s in zip(grid, styles) if vv == v} for v, _ in grid}
-    assert all(len(c) == 1 for c in colour.values()) and len({next(iter(c)) for c in colour.values()}) == 6
+    panels = variant_panels([{"variant": v, "weight": w} for v, w in grid])
+    assert [v for v, _ in panels] == ["half_angle", "half_angle_band", "uniform_half", "class_endpoint", "reg_images"]
+    half_angle = [(c["variant"], c["weight"]) for c in panels[0][1]]
+    assert half_angle == [("none", None), ("half_angle", 10.0), ("half_angle", 100.0), ("half_angle", 1.0)]
+    for _, conditions in panels:
+        looks = [tuple(sorted(s.items())) for s in panel_styles(conditions)]
+        assert len(set(looks)) == len(conditions) and looks[0] == (("color", "black"), ("linestyle", "-"), ("marker", "o"))
 
 
 def test_reg_images_asked_by_two_processes_at_once_are_made_once(tmp_path, monkeypatch):

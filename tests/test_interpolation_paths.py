@@ -77,6 +77,10 @@ def test_quick_run_writes_every_file_with_ordered_intervals(quick_run):
                         continue
                     assert 0.0 <= share["lo"] <= share["estimate"] <= share["hi"] <= 1.0
                     shares += 1
+            for key, figure in (("valid", "validity"), ("end", "end_share")):  # each image's 0/1 reading, per fraction
+                assert [sum(h) / 4 for h in g["hits"][key]] == [share["estimate"] for share in g[figure]]
+    # H4's rule cannot decide with 4 sampling seeds: a sign-flip p is at least 2 / 2^4
+    assert record["functional"]["label"] == "untestable" and len(record["functional"]["comparisons"]) == 4 * 2 * 3
     assert shares == 4 * 3 * 3 * 3 - 3 * 3
     with open(out / "interpolation_paths.csv") as handle:
         rows = list(csv.DictReader(handle))

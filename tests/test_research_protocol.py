@@ -276,7 +276,7 @@ def test_report_rebuilt_without_the_runs_keeps_the_committed_results(quick_proto
 def test_h3_verdict_reads_the_paired_difference_interval():
     from pti_plugin.protocol.h3_lines import verdict
 
-    def summary(lo, hi, reaching=3, paired=2):
+    def summary(lo, hi, reaching=3, paired=3):
         entry = {"seeds_reaching": reaching,
                  "leakage_minus_none": {"estimate": (lo + hi) / 2, "lo": lo, "hi": hi, "n_paired": paired}}
         return {"variants": {"half_angle": {"matched": {"0.8": entry}}}}
@@ -288,7 +288,7 @@ def test_h3_verdict_reads_the_paired_difference_interval():
     assert verdict({"variants": {}}).startswith("inconclusive")
     full = {"variants": {"half_angle": {"chosen": {"weight": 100.0},
                                         "matched": summary(-0.4, -0.1)["variants"]["half_angle"]["matched"]}}}
-    assert verdict(full).endswith("(weight 100, 2 training seeds paired)")
+    assert verdict(full).endswith("(weight 100, 3 training seeds paired)")
 
 
 def test_seeds_outside_the_default_grid_add_training_seeds():

@@ -7,8 +7,8 @@ images), and trains through the command line (:mod:`pti_plugin.cli`); nothing in
 - :mod:`.premise`: the premise checks, and the training, sampling and caching every hypothesis uses;
 - :mod:`.h1_inversion` and :mod:`.h1_summary`: H1, the inversion grid and its statistics;
 - :mod:`.h2_runs` and :mod:`.curve_scores`: H2, LoRA runs saved every few steps and their learning curves;
-- :mod:`.h3_variants`, :mod:`.h3_summary`, :mod:`.h3_lines` and :mod:`.h3_detail_axis`: H3, the LoRA variants,
-  their statistics, the report's lines and the secondary (detail) axis;
+- :mod:`.h3_variants`, :mod:`.h3_summary`, :mod:`.h3_intervals`, :mod:`.h3_lines` and :mod:`.h3_detail_axis`: H3,
+  the LoRA variants, their statistics and two-level intervals, the report's lines and the secondary (detail) axis;
 - :mod:`.interpolation_paths`: H4, paths between two prompts' conditionings;
 - :mod:`.position_timesteps`: the timesteps where position is decided;
 - :mod:`.internal_metrics`: whether the model-internal metrics rank runs as the ground truth does;

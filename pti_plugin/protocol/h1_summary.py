@@ -7,9 +7,12 @@ fraction of a cell is reported as excess over the null's first set.
 
 **The knee** (:func:`~pti_plugin.metrics.curves.knee_with_interval`, Kneedle's maximum distance to
 the chord; rates from a collapse on, defined below, left out) of the per-seed coarse-reconstruction curves against the seed-mean output-space angle
-of each learning rate, with a bootstrap interval over training seeds; the same curve is fitted with
-one line and with two joined segments (:func:`~pti_plugin.metrics.curves.segment_fits`, BIC; stored to
-:data:`FIT_DIGITS` significant digits, so that a rebuilt summary is byte-for-byte the committed one).
+of each learning rate (and against the token L2), with a bootstrap interval over training seeds. Kneedle
+picks a point of the grid, so the knee's learning rate and the grid points on either side of it are
+kept (:func:`knee_grid`): an interval of zero width says every resample picked the same grid point, not
+that the knee is known more finely than the grid. The same curve is fitted with one line and with two
+joined segments (:func:`~pti_plugin.metrics.curves.segment_fits`, BIC; stored to :data:`FIT_DIGITS`
+significant digits, so that a rebuilt summary is byte-for-byte the committed one).
 
 **Verdict.** H1 says reconstruction is gained and editability lost as the pivot moves away. The
 rates from a *collapse* on (reconstruction falling below 0.9 of its best, past the best: the pivot
@@ -115,8 +118,24 @@ def rounded(value, digits: int = FIT_DIGITS):
     return float(f"{value:.{digits}g}") if isinstance(value, float) else value
 
 
+def knee_grid(rows: list[dict], x: np.ndarray, knee_x: float | None) -> dict:
+    """``knee_lr``, the learning rate of the grid point ``knee_x`` (``x[k]``: row k's position on the axis), and
+    ``grid_neighbours``, the grid points just below and just above it along ``x`` (each ``{"lr", "x"}``, None past
+    an end): Kneedle picks grid points, so the knee is placed no more finely than between these two."""
+    if knee_x is None:
+        return {"knee_lr": None, "grid_neighbours": [None, None]}
+    order = [int(k) for k in np.argsort(x) if np.isfinite(x[k])]
+    at = min(range(len(order)), key=lambda j: abs(x[order[j]] - knee_x))
+
+    def point(j: int) -> dict | None:
+        return {"lr": rows[order[j]].get("lr"), "x": float(x[order[j]])} if 0 <= j < len(order) else None
+
+    return {"knee_lr": rows[order[at]].get("lr"), "grid_neighbours": [point(at - 1), point(at + 1)]}
+
+
 def knee_and_fits(rows: list[dict], groups: dict[float, list[dict]], draws: int = 2000) -> dict:
-    """Knee of coarse reconstruction against the output-space angle and token L2, and segment fits."""
+    """Knee of coarse reconstruction against the output-space angle and token L2 (:func:`knee_grid` beside it),
+    and segment fits."""
     out = {}
     coarse, joint_edit = per_seed_curves(groups, "coarse"), per_seed_curves(groups, "joint_edit")
     for axis in ("output_angle_layernorm_deg", "pivot_l2_from_init"):
@@ -125,7 +144,7 @@ def knee_and_fits(rows: list[dict], groups: dict[float, list[dict]], draws: int 
             continue
         knee = knee_with_interval(x, coarse, draws=draws)
         out[axis] = {"knee_x": knee["knee_x"], "interval": knee["interval"].to_dict() if knee["interval"] else None,
-                     "no_knee_fraction": knee["no_knee_fraction"],
+                     "no_knee_fraction": knee["no_knee_fraction"]} | knee_grid(rows, x, knee["knee_x"]) | {
                      "segments_coarse": rounded(segment_fits(x, np.nanmean(coarse, axis=0))),
                      "segments_joint_edit": rounded(segment_fits(x, np.nanmean(joint_edit, axis=0)))}
     return out

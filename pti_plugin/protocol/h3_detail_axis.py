@@ -23,7 +23,9 @@ hypothesis for the next protocol, never as H3's verdict.
 **Confirmatory tests** (``docs/method.md``), each stated with its rule before its runs on training seeds
 never used before, and read only over those seeds: :data:`CONFIRMATORY` (leakage where the detail
 first reaches 0.5) and :data:`CEILING_TEST` (the best detail a seed reaches while its leakage stays
-under the null's upper bound).
+under the null's upper bound). Each verdict's interval is two-level (:mod:`.h3_intervals`; the rules
+were stated over training seeds, and the figures committed before this was so are over training seeds
+alone), and beside it the small-sample check: the same rule read on Student's t over the paired seeds.
 
 Only cells whose images were read carry ``true_size_detail``
 (:func:`~.protocol_sections.measured_h3_cells`; the archive keeps it from then on); a condition with a
@@ -33,13 +35,15 @@ cell without it is listed under ``not_measured``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
-from ..metrics.replication import same_lr, seed_level_interval, two_level_bootstrap
+from ..metrics.replication import same_lr, two_level_bootstrap
 from .h1_summary import per_seed_curves, seed_matrix
-from .h3_summary import (REFERENCE, group_conditions, interval_or_none, matched_entries, matched_per_seed,
-                         null_training_cells, paired_against)
+from .h3_intervals import MIN_SEEDS, ImageDraws, PerSeed, over_seeds, paired, seeds_text
+from .h3_summary import (REFERENCE, group_conditions, image_count, image_tensor, interval_or_none, matched_entries,
+                         matched_readings, null_reading, null_training_cells)
 from .protocol_report import fmt
 
 AXIS = "true_size_detail"
@@ -51,7 +55,8 @@ CONFIRMATORY_RULE = (f"`{CONFIRMATORY['variant']}` w{CONFIRMATORY['weight']:g}, 
                      f"regulariser's where the true-size detail first reaches {CONFIRMATORY['target']:g}, paired over "
                      f"training seeds: supported when at least {CONFIRMATORY['min_seeds']} seeds reach it and the 95% "
                      "interval lies below 0, refuted when the interval lies at or above 0, inconclusive otherwise "
-                     "(also when fewer than 2 seeds pair: one difference gives no interval)")
+                     f"(also when fewer than {MIN_SEEDS} seeds pair: no 95% interval is given over fewer; stated as fewer than 2 "
+                     "before the runs, tightened after them where the runs had one pair)")
 #: The second confirmatory test, stated before its runs on training seeds 10-14 (docs/method.md): per seed and
 #: condition, the highest true-size detail among its cells at ``lrs`` (0: the pivot alone) whose training-cell
 #: fraction is at most ``ceiling`` (the upper end of the committed null's 95% interval, 0.469).
@@ -84,22 +89,22 @@ def detail_rows(groups: dict[float, list[dict]], draws: int) -> list[dict]:
 
 def detail_axis_summary(null: dict | None, cells: list[dict], draws: int = 2000) -> dict:
     """The module docstring's readings over ``cells`` (with their lr-0 pivot cells), ``null`` as in
-    :func:`~.h3_summary.summarise_h3`."""
+    :func:`~.h3_summary.summarise_h3`; every reading over training seeds is two-level (:mod:`.h3_intervals`)."""
     null_a = null_training_cells(null)
     grouped = group_conditions(cells)
     measured = {condition: groups for condition, groups in grouped.items() if _measured(groups)}
-    per_seed = {condition: {"leakage": matched_per_seed(groups, "in_training_cell", DETAIL_TARGETS, axis=AXIS),
-                            "drift": matched_per_seed(groups, "drift", DETAIL_TARGETS, axis=AXIS)}
+    images = ImageDraws.make(image_count(cells, null_a), draws)
+    null_draws = null_reading(null_a, images)
+    readings = {condition: matched_readings(groups, ("in_training_cell", "drift"), DETAIL_TARGETS, images, axis=AXIS)
                 for condition, groups in measured.items()}
-    reference = next((per_seed[c] for c in measured if c[0] == REFERENCE), None)
+    reference = next((readings[c] for c in measured if c[0] == REFERENCE), None)
     conditions = []
     for (variant, weight), groups in measured.items():
-        reached = np.nanmax(per_seed_curves(groups, AXIS), axis=1)  # [training seeds]
+        reached = highest_reached(groups, images)
         against = None if variant == REFERENCE else reference
-        conditions.append({"variant": variant, "weight": weight, "seeds": len(reached),
-                           "lrs": sorted(lr for lr in groups if lr > 0),
-                           "reached": interval_or_none(lambda: seed_level_interval(reached, draws)),
-                           "matched": matched_entries(per_seed[(variant, weight)], DETAIL_TARGETS, null_a, against, draws),
+        conditions.append({"variant": variant, "weight": weight, "seeds": len(reached.seeds),
+                           "lrs": sorted(lr for lr in groups if lr > 0), "reached": over_seeds(reached),
+                           "matched": matched_entries(readings[(variant, weight)], DETAIL_TARGETS, null_draws, against),
                            "rows": detail_rows(groups, draws)})
     return {"axis": AXIS, "targets": list(DETAIL_TARGETS), "conditions": conditions,
             "null_training_cells": None if null_a is None else two_level_bootstrap(null_a, draws).to_dict(),
@@ -107,13 +112,13 @@ def detail_axis_summary(null: dict | None, cells: list[dict], draws: int = 2000)
             "n_cells": sum(1 for c in cells if c["lr"] > 0 and (c["variant"], c["weight"]) in measured)}
 
 
-def _over_seeds(entry: dict, key: str) -> str:
-    """``entry[key]`` formatted; an interval over one training seed (no spread to resample; for a paired
-    difference, one seed paired) as its value alone."""
-    value = entry.get(key)
-    if value and value.get("n_paired", entry["seeds_reaching"]) == 1:
-        return f"{value['estimate']:.2f} (1 seed)"
-    return fmt(entry.get(key), 2)
+def highest_reached(groups: dict[float, list[dict]], images: ImageDraws) -> PerSeed:
+    """Per training seed, the highest mean true-size detail over its learning rates, and on each draw's images."""
+    seeds = tuple(sorted({c["seed"] for members in groups.values() for c in members}))
+    with warnings.catch_warnings():  # a seed without a cell at some rate: NaN there
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        return PerSeed(seeds, np.nanmax(per_seed_curves(groups, AXIS), axis=1),
+                       np.nanmax(images.means(image_tensor(groups, AXIS, images.width)), axis=1))
 
 
 def _rates_read(condition: dict) -> str:
@@ -129,16 +134,18 @@ def detail_axis_lines(summary: dict) -> list[str]:
     lines = ["**Secondary axis, stated after an exploratory look: the private detail drawn to size** "
              f"({summary['n_cells']} LoRA cells whose images were read). Per training seed, the training-cell "
              "fraction where its true-size detail first reaches the target along the learning rates (lr 0: the "
-             "pivot alone); intervals over training seeds. A condition's highest detail is over the learning "
+             "pivot alone); 95% intervals two-level (training seeds, and the sampling seeds every cell and the null "
+             f"share: the excess over the null and the differences are paired image by image), none from fewer than "
+             f"{MIN_SEEDS} seeds (their values instead). A condition's highest detail is over the learning "
              "rates read so far. The targets were chosen after seeing where the pivot-locality variants get to: "
              "a hypothesis for the next protocol, not H3's verdict.", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for condition in sorted(summary["conditions"], key=lambda c: c["variant"] != REFERENCE):
         for target, entry in condition["matched"].items():
-            figures = [_over_seeds(entry, "leakage"), fmt(entry.get("leakage_excess"), 2),  # the excess resamples the null too
-                       _over_seeds(entry, "leakage_minus_none"), _over_seeds(entry, "drift_minus_none")]
+            figures = [seeds_text(entry.get(key)) for key in ("leakage", "leakage_excess", "leakage_minus_none",
+                                                              "drift_minus_none")]
             lines.append(f"| {_label((condition['variant'], condition['weight']))} | {condition['seeds']} | "
-                         f"{_rates_read(condition)} | {fmt(condition['reached'], 2)} | {target} | "
+                         f"{_rates_read(condition)} | {seeds_text(condition['reached'])} | {target} | "
                          f"{entry['seeds_reaching']} | " + " | ".join(figures) + " |")
     if summary["not_measured"]:
         lines += ["", "Not on this axis (cells archived without their images read): "
@@ -147,9 +154,19 @@ def detail_axis_lines(summary: dict) -> list[str]:
 
 
 def detail_axis_plot(summary: dict, path, verdict: str | None = None) -> None:
-    """Leakage against the true-size detail per condition along its learning rates (two-level 95%
-    intervals both ways; the null's training-cell interval, when the summary has one, as a grey band);
-    ``verdict``, a line giving the confirmatory tests' verdicts, goes under the title."""
+    """:func:`detail_axis_figure` written to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = detail_axis_figure(summary, verdict)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def detail_axis_figure(summary: dict, verdict: str | None = None):
+    """Leakage against the true-size detail along the learning rates, one panel per variant with no regulariser
+    in each as the reference (two-level 95% intervals both ways; the null's training-cell interval, when the
+    summary has one, as a grey band; each panel's legend below it, outside the panels); ``verdict``, a line giving
+    the confirmatory tests' verdicts, goes under the title."""
     import textwrap
 
     import matplotlib
@@ -157,27 +174,34 @@ def detail_axis_plot(summary: dict, path, verdict: str | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .h3_lines import condition_styles, errorbar_rows
+    from .h3_lines import errorbar_rows, panel_styles, variant_panels
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for condition, style in zip(summary["conditions"], condition_styles(summary["conditions"])):
-        errorbar_rows(ax, condition["rows"], AXIS, "in_training_cell", _label((condition["variant"], condition["weight"])),
-                      0.0, style)
+    panels = variant_panels(summary["conditions"])
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.6 * rows), squeeze=False, sharex=True,
+                             sharey=True)
     null = summary["null_training_cells"]
-    if null:
-        ax.axhspan(null["lo"], null["hi"], color="grey", alpha=0.3, label="null 95%")
-    for target in summary["targets"]:
-        ax.axvline(target, color="black", linewidth=0.6, linestyle=":")
-    ax.set(xlabel="share of neutral images with the private detail drawn to size",
-           ylabel="objects in a training cell (leakage)")
-    ax.legend(fontsize=7)
+    for ax, (variant, conditions) in zip(axes.flat, panels):
+        for condition, style in zip(conditions, panel_styles(conditions)):
+            errorbar_rows(ax, condition["rows"], AXIS, "in_training_cell",
+                          _label((condition["variant"], condition["weight"])), 0.0, style)
+        if null:
+            ax.axhspan(null["lo"], null["hi"], color="grey", alpha=0.3, label="null 95%")
+        for target in summary["targets"]:
+            ax.axvline(target, color="black", linewidth=0.6, linestyle=":")
+        ax.set_title(variant, fontsize=9)
+        ax.set(xlabel="true-size detail (share of neutral images)", ylabel="leakage (objects in a training cell)")
+        ax.tick_params(labelbottom=True, labelleft=True)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_axis_off()
     title = "H3, secondary axis (stated after a look): leakage against the true-size detail"
     if verdict is not None:
-        title += "\n" + textwrap.fill(verdict, 110)
-    ax.set_title(title, fontsize=8 if verdict else 9)
+        title += "\n" + textwrap.fill(verdict, 40 * columns)
+    fig.suptitle(title, fontsize=8 if verdict else 9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _stated_groups(test: dict, cells: list[dict]) -> tuple[dict | None, dict | None]:
@@ -188,64 +212,94 @@ def _stated_groups(test: dict, cells: list[dict]) -> tuple[dict | None, dict | N
     return tuple(groups if groups is not None and _measured(groups) else None for groups in sides)
 
 
+def small_sample_check(difference: dict, word: Callable[[dict], str]) -> str:
+    """``; small-sample check ...``: Student's t interval of the paired seeds' differences and ``word``, the
+    stated rule's reading, on it ("" with fewer than two pairs)."""
+    student = difference.get("student")
+    if student is None:
+        return ""
+    return (f"; small-sample check (Student's t over the {difference['n_paired']} paired seeds): {fmt(student)}, "
+            f"which the rule reads as {word(student)}")
+
+
+def _confirmatory_word(interval: dict, reaching: int) -> str:
+    """:data:`CONFIRMATORY_RULE`'s reading of one interval of the paired difference."""
+    if interval["hi"] < 0 and reaching >= CONFIRMATORY["min_seeds"]:
+        return "supported"
+    return "refuted" if interval["lo"] >= 0 else "inconclusive"
+
+
 def confirmatory_verdict(cells: list[dict], draws: int = 2000) -> str | None:
-    """:data:`CONFIRMATORY_RULE` on the cells of its stated training seeds (lr-0 pivots included); None
-    where they hold no cell of its condition."""
+    """:data:`CONFIRMATORY_RULE` on the cells of its stated training seeds (lr-0 pivots included), two-level
+    (:mod:`.h3_intervals`), with the small-sample check beside it; None where they hold no cell of its condition."""
     condition, reference = _stated_groups(CONFIRMATORY, cells)
     if condition is None:
         return None
     targets = (CONFIRMATORY["target"],)
-    leakage = matched_per_seed(condition, "in_training_cell", targets, axis=AXIS)  # {seed: [1]}
-    reaching = int(sum(np.isfinite(v[0]) for v in leakage.values()))
-    difference = None if reference is None else paired_against(
-        leakage, matched_per_seed(reference, "in_training_cell", targets, axis=AXIS), 0, draws)
-    basis = f"{reaching} of {len(leakage)} training seeds reach {CONFIRMATORY['target']:g}"
+    images = ImageDraws.make(image_count([c for c in cells if c["seed"] in CONFIRMATORY["seeds"]]), draws)
+    leakage = matched_readings(condition, ("in_training_cell",), targets, images, axis=AXIS)["in_training_cell"][0]
+    reaching = int(np.isfinite(leakage.estimate).sum())
+    difference = None if reference is None else paired(
+        leakage, matched_readings(reference, ("in_training_cell",), targets, images, axis=AXIS)["in_training_cell"][0])
+    basis = f"{reaching} of {len(leakage.seeds)} training seeds reach {CONFIRMATORY['target']:g}"
     if difference is None:
         return f"inconclusive: no paired difference ({basis})"
     basis += f", {difference['n_paired']} paired"
-    if difference["n_paired"] < 2:  # one difference has no spread: its "interval" is the value itself
-        return f"inconclusive: {fmt(difference)}, no interval over one paired seed ({basis})"
-    if difference["hi"] < 0 and reaching >= CONFIRMATORY["min_seeds"]:
-        return f"supported: {fmt(difference)} ({basis})"
-    if difference["lo"] >= 0:
-        return f"refuted: {fmt(difference)} ({basis})"
-    return f"inconclusive: {fmt(difference)} ({basis})"
+    if difference["n_paired"] < MIN_SEEDS:  # one difference has no spread, two a range, not a 95% interval
+        return (f"inconclusive: {seeds_text(difference, 3)}, no interval from fewer than {MIN_SEEDS} paired seeds "
+                f"({basis})")
+    word = _confirmatory_word(difference, reaching)
+    return f"{word}: {fmt(difference)} ({basis})" + small_sample_check(difference, lambda i: _confirmatory_word(i, reaching))
 
 
-def detail_under_ceiling(groups: dict[float, list[dict]], lrs: tuple[float, ...], ceiling: float) -> dict[int, float]:
+def under_ceiling(detail: np.ndarray, leakage: np.ndarray, ceiling: float) -> np.ndarray:
+    """Along the last axis (the rates): the highest ``detail`` whose ``leakage`` is at most ``ceiling`` (0 where
+    none is; a NaN leakage, a cell without objects, does not count)."""
+    return np.where(np.nan_to_num(leakage, nan=np.inf) <= ceiling, detail, 0.0).max(axis=-1)
+
+
+def detail_under_ceiling(groups: dict[float, list[dict]], lrs: tuple[float, ...], ceiling: float,
+                         images: ImageDraws) -> PerSeed:
     """Per training seed: the highest mean true-size detail among its cells at ``lrs`` whose mean training-cell
-    fraction is at most ``ceiling`` (0 where none is; a cell without objects has no fraction and does not
-    count); NaN for a seed that lacks a cell at one of ``lrs``."""
+    fraction is at most ``ceiling`` (:func:`under_ceiling`), and the same on each draw's images; NaN for a seed
+    that lacks a cell at one of ``lrs``."""
     stated = {lr: members for lr, members in groups.items() if any(same_lr(lr, x) for x in lrs)}
-    seeds = sorted({c["seed"] for members in stated.values() for c in members})  # per_seed_curves' row order
+    seeds = tuple(sorted({c["seed"] for members in stated.values() for c in members}))  # per_seed_curves' row order
     detail = per_seed_curves(stated, AXIS)  # [seeds, rates]
     with warnings.catch_warnings():  # a cell without any object has no training-cell fraction: NaN
         warnings.simplefilter("ignore", category=RuntimeWarning)
         leakage = per_seed_curves(stated, "in_training_cell")
-    complete = len(stated) == len(lrs) and np.isfinite(detail).all(axis=1)
-    under = np.where(np.nan_to_num(leakage, nan=np.inf) <= ceiling, detail, 0.0).max(axis=1)
-    return {seed: float(value) if ok else float("nan") for seed, value, ok in zip(seeds, under, complete)}
+    complete = np.isfinite(detail).all(axis=1) & (len(stated) == len(lrs))
+    on_draws = under_ceiling(*(images.means(image_tensor(stated, key, images.width)).swapaxes(1, 2)
+                               for key in (AXIS, "in_training_cell")), ceiling)  # [seeds, draws]
+    return PerSeed(seeds, np.where(complete, under_ceiling(detail, leakage, ceiling), np.nan),
+                   np.where(complete[:, None], on_draws, np.nan))
+
+
+def _ceiling_word(interval: dict) -> str:
+    """:data:`CEILING_RULE`'s reading of one interval of the paired difference."""
+    return "supported" if interval["lo"] > 0 else "refuted" if interval["hi"] <= 0 else "inconclusive"
 
 
 def ceiling_verdict(cells: list[dict], draws: int = 2000) -> str | None:
-    """:data:`CEILING_RULE` on the cells of its stated training seeds and rates (lr-0 pivots included); None
-    where they hold no measured cell of its condition or of no regulariser."""
+    """:data:`CEILING_RULE` on the cells of its stated training seeds and rates (lr-0 pivots included), two-level
+    (:mod:`.h3_intervals`), with the small-sample check beside it; None where they hold no measured cell of its
+    condition or of no regulariser."""
     condition, reference = _stated_groups(CEILING_TEST, cells)
     if condition is None or reference is None:
         return None
-    readings = [detail_under_ceiling(groups, CEILING_TEST["lrs"], CEILING_TEST["ceiling"])
+    images = ImageDraws.make(image_count([c for c in cells if c["seed"] in CEILING_TEST["seeds"]]), draws)
+    readings = [detail_under_ceiling(groups, CEILING_TEST["lrs"], CEILING_TEST["ceiling"], images)
                 for groups in (condition, reference)]
-    difference = paired_against(*({s: np.array([v]) for s, v in r.items()} for r in readings), 0, draws)
-    means = ", ".join(f"{name} {np.nanmean(list(r.values())):.2f}"
+    difference = paired(*readings)
+    means = ", ".join(f"{name} {np.nanmean(r.estimate):.2f}"
                       for name, r in zip((f"w{CEILING_TEST['weight']:g}", REFERENCE), readings))
-    per_seed = ", ".join(f"{seed} {readings[0][seed]:.2f} vs {readings[1].get(seed, float('nan')):.2f}"
-                         for seed in sorted(readings[0]))
+    theirs = dict(zip(readings[1].seeds, readings[1].estimate))
+    per_seed = ", ".join(f"{seed} {value:.2f} vs {theirs.get(seed, float('nan')):.2f}"
+                         for seed, value in sorted(zip(readings[0].seeds, readings[0].estimate)))
     basis = (f"{0 if difference is None else difference['n_paired']} paired seeds; mean detail under the ceiling "
              f"{means}; per seed {per_seed}")
     if difference is None or difference["n_paired"] < CEILING_TEST["min_paired"]:
-        return f"inconclusive: {fmt(difference)} ({basis})"
-    if difference["lo"] > 0:
-        return f"supported: {fmt(difference)} ({basis})"
-    if difference["hi"] <= 0:
-        return f"refuted: {fmt(difference)} ({basis})"
-    return f"inconclusive: {fmt(difference)} ({basis})"
+        return f"inconclusive: {seeds_text(difference, 3)} ({basis})"
+    return (f"{_ceiling_word(difference)}: {fmt(difference)} ({basis})"
+            + small_sample_check(difference, _ceiling_word))

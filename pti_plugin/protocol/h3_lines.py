@@ -5,7 +5,11 @@ Reads :func:`~.h3_summary.summarise_h3`'s summary (also as reloaded from ``h3_su
 **The verdict** (:data:`VERDICT_RULE`) is read at matched coarse reconstruction
 :data:`~.h3_summary.CHOICE_COARSE` for the user's variant (``half_angle``) at its chosen weight:
 the paired difference of the training-cell fraction against no regulariser, per training seed,
-with its interval over seeds.
+with its two-level interval (:mod:`.h3_intervals`). Before the interval is read, the comparison must be
+one: it is *untestable* when most paired seeds reach the matched reconstruction below the first trained
+LoRA rate (between the pivot alone and the lowest rate: the reading interpolates toward a LoRA that has
+barely trained) or most paired differences are exactly 0 (both sides read the same images). Beside it,
+the small-sample check: the same rule on Student's t over the paired seeds.
 """
 
 from __future__ import annotations
@@ -17,41 +21,65 @@ import numpy as np
 from ..metrics.replication import same_lr
 from ..toy_world.detectors import detail_size, detect, is_true_size
 from ..toy_world.world import CHARACTER_CELLS
+from .h3_intervals import MIN_SEEDS, has_interval, seeds_text
 from .h3_summary import CHOICE_COARSE, MATCHED_COARSE
 from .protocol_report import SMALL_SAMPLE_CHECK, fmt
 
 METHOD_VARIANT = "half_angle"
 VERDICT_RULE = (f"`{METHOD_VARIANT}` at its chosen weight, training-cell fraction minus no regulariser's at matched "
-                f"coarse {CHOICE_COARSE:g}, paired over training seeds: supported when the 95% interval lies below 0, "
-                "not supported when it lies at or above 0, inconclusive when it contains 0 or fewer than 2 seeds reach it")
+                f"coarse {CHOICE_COARSE:g}, paired over training seeds: untestable when in most paired seeds a side "
+                "reaches it below the first trained LoRA rate (between the pivot alone and the lowest rate) or most "
+                "paired differences are exactly 0; otherwise supported when the 95% interval lies below 0, not "
+                f"supported when it lies at or above 0, inconclusive when it contains 0 or fewer than {MIN_SEEDS} "
+                "seeds pair (no interval is given over fewer)")
 
 
 def _label(variant: str, weight) -> str:
     return variant if weight is None else f"{variant} (w {weight:g})"
 
 
-def verdict(summary: dict) -> str:
-    """:data:`VERDICT_RULE` applied to ``summary``."""
+def _difference(summary: dict) -> tuple[dict, dict, dict]:
+    """The chosen weight's record of :data:`METHOD_VARIANT`, its matched-coarse entry and the paired difference
+    there ({} where missing)."""
     record = summary["variants"].get(METHOD_VARIANT) or {}
     entry = (record.get("matched") or {}).get(f"{CHOICE_COARSE:g}") or {}
-    difference = entry.get("leakage_minus_none")
-    if difference is None or entry.get("seeds_reaching", 0) < 2:
-        return "inconclusive (too few training seeds reach the matched reconstruction)"
-    basis = (f" (weight {record['chosen']['weight']:g}, {difference['n_paired']} training seeds paired)"
-             if record.get("chosen") else "")
+    return record, entry, entry.get("leakage_minus_none") or {}
+
+
+def untestable(difference: dict) -> str | None:
+    """Why :data:`VERDICT_RULE` cannot test ``difference`` (a sentence), or None when it can."""
+    n, why = difference.get("n_paired", 0), []
+    if 2 * difference.get("below_first_rate", 0) > n:
+        why.append(f"in {difference['below_first_rate']} of {n} paired seeds a side reaches coarse {CHOICE_COARSE:g} "
+                   "below the first trained LoRA rate, between the pivot alone and the lowest rate")
+    if 2 * difference.get("zero_differences", 0) > n:
+        why.append(f"{difference['zero_differences']} of the {n} paired differences are exactly 0")
+    return "; ".join(why) or None
+
+
+def verdict(summary: dict) -> str:
+    """:data:`VERDICT_RULE` applied to ``summary``."""
+    record, entry, difference = _difference(summary)
+    n = difference.get("n_paired", 0)
+    if not has_interval(difference) or min(n, entry.get("seeds_reaching", 0)) < MIN_SEEDS:
+        return (f"inconclusive (fewer than {MIN_SEEDS} training seeds pair at the matched reconstruction: "
+                f"{seeds_text(difference, 3)})")
+    basis = f" (weight {record['chosen']['weight']:g}, {n} training seeds paired)" if record.get("chosen") else ""
+    why = untestable(difference)
+    if why:
+        return f"untestable: {why}; the paired difference reads {fmt(difference)}{basis}"
     return f"{_reading(difference)}{basis}"
 
 
 def verdict_check(summary: dict) -> str:
     """The small-sample check of :func:`verdict`: the paired difference's Student's t interval and the rule's
     reading on it (a sentence), or "" where the summary has none."""
-    record = summary["variants"].get(METHOD_VARIANT) or {}
-    difference = ((record.get("matched") or {}).get(f"{CHOICE_COARSE:g}") or {}).get("leakage_minus_none") or {}
+    _, _, difference = _difference(summary)
     student = difference.get("student")
-    if student is None:
+    if student is None or difference.get("n_paired", 0) < MIN_SEEDS:
         return ""
-    return (f"Small-sample check ({SMALL_SAMPLE_CHECK}): {fmt(student)}; the rule reads "
-            f"**{_reading(student).split(':')[0]}** with it. ")
+    word = "untestable" if untestable(difference) else _reading(student).split(':')[0]
+    return f"Small-sample check ({SMALL_SAMPLE_CHECK}): {fmt(student)}; the rule reads **{word}** with it. "
 
 
 def _reading(difference: dict) -> str:
@@ -64,17 +92,21 @@ def _reading(difference: dict) -> str:
 
 
 def lr_table(summary: dict) -> list[str]:
-    head = ["condition", "lr", "seeds", "coarse", "graded error", "training cells", "excess over null", "inside null",
-            "position entropy", "drift, unrelated prompts", "class drift", "`a character` draws the character"]
+    head = ["condition", "lr", "seeds", "coarse", "graded error", "training cells", "excess over null (paired)",
+            "indistinguishable from null", "position entropy", "drift, unrelated prompts", "class drift", "`a character` draws the character"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for condition in summary["conditions"]:
         for row in condition["rows"]:
             lines.append(f"| {_label(condition['variant'], condition['weight'])} | {row['lr']:g} | {row['n_seeds']} | "
                          f"{fmt(row['coarse'], 2)} | {fmt(row['appearance_error'])} | {fmt(row['in_training_cell'], 2)} | "
                          f"{fmt(row.get('training_cell_excess'), 2)} | "
-                         f"{row['inside_null']} | {fmt(row.get('position_entropy'), 2)} | {fmt(row.get('drift_unrelated'), 2)} | {fmt(row.get('drift_class'), 2)} | "
+                         f"{_yes_no(row['inside_null'])} | {fmt(row.get('position_entropy'), 2)} | {fmt(row.get('drift_unrelated'), 2)} | {fmt(row.get('drift_class'), 2)} | "
                          f"{fmt(row.get('class_character'), 2)} |")
     return lines
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "n/a" if flag is None else "yes" if flag else "no"
 
 
 def matched_table(summary: dict) -> list[str]:
@@ -85,8 +117,9 @@ def matched_table(summary: dict) -> list[str]:
         for target in MATCHED_COARSE:
             entry = condition["matched"][f"{target:g}"]
             lines.append(f"| {_label(condition['variant'], condition['weight'])} | {target:g} | {entry['seeds_reaching']} | "
-                         f"{fmt(entry['leakage'], 2)} | {fmt(entry.get('leakage_excess'), 2)} | "
-                         f"{fmt(entry.get('leakage_minus_none'), 2)} | {fmt(entry.get('drift_minus_none'), 2)} |")
+                         + " | ".join(seeds_text(entry.get(key)) for key in ("leakage", "leakage_excess",
+                                                                             "leakage_minus_none", "drift_minus_none"))
+                         + " |")
     return lines
 
 
@@ -103,7 +136,7 @@ def condition_table(summary: dict) -> list[str]:
     the rate that stopped the search and why, its leakage and drift at :data:`READ_AT_LR`, and its paired
     difference with no regulariser at matched coarse; the weight each variant's rule chose is marked."""
     at = f"{READ_AT_LR:g}"
-    head = ["condition", "training seeds", "highest safe lr", "graded error there",
+    head = ["condition", "training seeds", "highest safe lr", "excess over null there", "graded error there",
             "unrelated-prompt drift there", "search stopped at", f"training-cell excess at {at}",
             f"graded error at {at}", f"unrelated-prompt drift at {at}", f"class drift at {at}",
             f"minus none at matched coarse {CHOICE_COARSE:g}"]
@@ -115,12 +148,21 @@ def condition_table(summary: dict) -> list[str]:
         at_safe = {} if safe["lr"] is None else _row_at(condition, safe["lr"])
         seeds = max((r["n_seeds"] for r in condition["rows"] if r["lr"] > 0), default=0)
         lines.append(f"| {_label(condition['variant'], condition['weight'])}{mark} | {seeds} | "
-                     f"{'none' if safe['lr'] is None else format(safe['lr'], 'g')} | {fmt(safe['appearance_error'])} | "
+                     f"{'none' if safe['lr'] is None else format(safe['lr'], 'g')} | "
+                     f"{fmt(at_safe.get('training_cell_excess'), 2)} | {fmt(safe['appearance_error'])} | "
                      f"{fmt(at_safe.get('drift_unrelated'), 2)} | {_stopped(safe.get('stopped_at'))} | "
                      f"{fmt(row.get('training_cell_excess'), 2)} | {fmt(row.get('appearance_error'))} | "
                      f"{fmt(row.get('drift_unrelated'), 2)} | {fmt(row.get('drift_class'), 2)} | "
-                     f"{fmt(condition['matched'][f'{CHOICE_COARSE:g}'].get('leakage_minus_none'))} |")
+                     f"{seeds_text(condition['matched'][f'{CHOICE_COARSE:g}'].get('leakage_minus_none'), 3)} |")
     return lines
+
+
+def _safe_excess(summary: dict, variant: str, weight, lr: float | None) -> str:
+    """``: not distinguishable from the null (excess x [lo, hi])`` for a condition's highest safe rate, or ""."""
+    condition = next((c for c in summary["conditions"] if (c["variant"], c["weight"]) == (variant, weight)), None)
+    row = {} if condition is None or lr is None else _row_at(condition, lr)
+    excess = row.get("training_cell_excess")
+    return "" if excess is None else f": not distinguishable from the null (excess {fmt(excess, 2)})"
 
 
 def _stopped(stopped_at: dict | None) -> str:
@@ -136,24 +178,28 @@ def h3_lines(summary: dict) -> list[str]:
         entropy = summary.get("null_position_entropy")
         lines.append(f"- Null (base model, init word): training cells {fmt(null, 2)}"
                      + ("" if entropy is None else f", position entropy {fmt(entropy, 2)}")
-                     + "; a learning rate is *inside the null* when its excess over the null has a 95% interval "
-                     "reaching 0; the *highest safe* rate is the last one, going up, inside the null before a "
-                     "rate outside it or one that lost the look (coarse no better than the pivot alone's after "
-                     "a lower rate's was). Position entropy: per training seed, of its images' 3x3 cells "
-                     "(1 = uniform), interval over seeds.")
+                     + "; a learning rate's leakage is *not distinguishable from the null* when its excess over "
+                     "the null (per training seed, its share minus the null's on the same sampling seeds: paired "
+                     "image by image) has a 95% interval reaching 0, a failure to detect leakage rather than "
+                     "evidence of none; the *highest safe* rate is the last one, going up, not distinguishable "
+                     "from the null before a rate that is or one that lost the look (coarse no better than the "
+                     "pivot alone's after a lower rate's was). Position entropy: per training seed, of its "
+                     "images' 3x3 cells (1 = uniform), interval over seeds alone.")
     lines.append(f"- Weight per variant: {summary['choice_rule']}.")
     key = f"{CHOICE_COARSE:g}"
     for variant, record in summary["variants"].items():
         chosen, safe = record.get("chosen") or {}, record.get("highest_safe_lr") or {}
         paired = ((record.get("matched") or {}).get(key) or {}).get("leakage_minus_none")
-        against = "" if paired is None else f"; training cells minus none's at matched coarse {key}: {fmt(paired)}"
-        lines.append(f"- `{variant}`: weight {chosen.get('weight')}; highest safe learning rate "
-                     f"{safe.get('lr')} (graded error there {fmt(safe.get('appearance_error'))}){against}.")
+        against = "" if paired is None else f"; training cells minus none's at matched coarse {key}: {seeds_text(paired, 3)}"
+        lines.append(f"- `{variant}`: weight {chosen.get('weight')}; highest safe learning rate {safe.get('lr')}"
+                     f"{_safe_excess(summary, variant, chosen.get('weight'), safe.get('lr'))} (graded error there "
+                     f"{fmt(safe.get('appearance_error'))}){against}.")
     lines += ["", "Per condition (the weight each variant's rule chose is marked; two-level 95% intervals, the "
-              "paired difference over training seeds):", "", *condition_table(summary)]
+              "paired difference over training seeds and their shared sampling seeds):", "", *condition_table(summary)]
     lines += ["", "Per learning rate (lr 0 is the pivot alone, LoRA off; two-level 95% intervals):", "",
               *lr_table(summary), "", "At matched coarse reconstruction (per training seed, interpolated along the "
-              "learning rate; intervals over seeds):", "", *matched_table(summary)]
+              "learning rate; two-level intervals over training seeds and their shared sampling seeds, none from "
+              f"fewer than {MIN_SEEDS} seeds: their values instead):", "", *matched_table(summary)]
     return lines
 
 
@@ -177,55 +223,87 @@ def errorbar_rows(ax, rows: list[dict], x_key: str | None, y_key: str, label: st
     ax.errorbar(x, y, xerr=xerr, yerr=yerr, capsize=2, label=label, **style)
 
 
-def condition_styles(conditions: list[dict]) -> list[dict]:
-    """One colour per variant and one marker and line style per weight within it (more conditions than
-    a colour cycle has would otherwise share colours)."""
-    variants = list(dict.fromkeys(c["variant"] for c in conditions))
-    weights = {v: sorted({c["weight"] for c in conditions if c["variant"] == v}, key=lambda w: -1 if w is None else w)
-               for v in variants}
-    shapes = (("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."))
-    styles = []
+def panel_styles(conditions: list[dict]) -> list[dict]:
+    """Within one variant's panel: no regulariser in black, each other condition its own colour, marker and line."""
+    shapes = (("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"))
+    styles, k = [], 0
     for c in conditions:
-        marker, line = shapes[weights[c["variant"]].index(c["weight"]) % len(shapes)]
-        styles.append({"color": f"C{variants.index(c['variant']) % 10}", "marker": marker, "linestyle": line})
+        if c["variant"] == "none":
+            styles.append({"color": "black", "marker": "o", "linestyle": "-"})
+            continue
+        marker, line = shapes[k % len(shapes)]
+        styles.append({"color": f"C{k % 10}", "marker": marker, "linestyle": line})
+        k += 1
     return styles
 
 
+def variant_panels(conditions: list[dict]) -> list[tuple[str, list[dict]]]:
+    """One panel per variant other than no regulariser: its conditions, after no regulariser's (the reference drawn
+    in every panel), so that no panel draws more than a variant's weights and the reference."""
+    reference = [c for c in conditions if c["variant"] == "none"]
+    variants = [v for v in dict.fromkeys(c["variant"] for c in conditions) if v != "none"] or ["none"]
+    return [(v, reference + [c for c in conditions if c["variant"] == v and v != "none"]) for v in variants]
+
+
+def panel_legends(fig, axes) -> None:
+    """Each column's legend below its bottom panel, outside every axes, so that no data is covered."""
+    for column in range(axes.shape[1]):
+        handles, labels = axes[0, column].get_legend_handles_labels()
+        if handles:
+            axes[-1, column].legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3),
+                                    ncol=1, frameon=False)
+
+
 def h3_plot(summary: dict, path: Path) -> None:
-    """Leakage against reconstruction per condition (coarse, and the graded error that does not saturate:
-    the Pareto views), and the graded error and drift against the learning rate; error bars are the
-    two-level 95% intervals, grey the null's band."""
+    """:func:`h3_figure` written to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = h3_figure(summary)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def h3_figure(summary: dict):
+    """Per variant (a column; no regulariser drawn in each as the reference): leakage against reconstruction
+    (coarse, and the graded error that does not saturate: the Pareto views), and the graded error and drift
+    against the learning rate; error bars are the two-level 95% intervals, grey the null's band; each column's
+    legend below it, outside every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    panels = variant_panels(summary["conditions"])
+    fig, axes = plt.subplots(4, len(panels), figsize=(3.4 * len(panels), 13), squeeze=False, sharey="row")
     zero_at = pivot_lr_position(summary["conditions"])
-    for condition, style in zip(summary["conditions"], condition_styles(summary["conditions"])):
-        label, rows = _label(condition["variant"], condition["weight"]), condition["rows"]
-        errorbar_rows(axes[0, 0], rows, "coarse", "in_training_cell", label, zero_at, style)
-        errorbar_rows(axes[0, 1], rows, "appearance_error", "in_training_cell", label, zero_at, style)
-        errorbar_rows(axes[1, 0], rows, None, "appearance_error", label, zero_at, style)
-        drift = "drift_unrelated" if rows and rows[0].get("drift_unrelated") else "drift"
-        errorbar_rows(axes[1, 1], rows, None, drift, label, zero_at, style)
     null = summary.get("null_training_cells")
-    if null:
-        for ax in axes[0]:
-            ax.axhspan(null["lo"], null["hi"], color="grey", alpha=0.3, label="null 95%")
-    axes[0, 0].set(xlabel="coarse reconstruction", ylabel="objects in a training cell (leakage)")
-    axes[0, 1].set(xlabel="graded appearance error (lower = better)", ylabel="objects in a training cell (leakage)")
-    axes[0, 1].invert_xaxis()
-    lr_label = f"LoRA lr (lr 0, the pivot alone, drawn at {zero_at:.2g})"
-    axes[1, 0].set(xscale="log", xlabel=lr_label, ylabel="graded appearance error")
-    axes[1, 1].set(xscale="log", xlabel=lr_label, ylabel="drift of unrelated prompts")
-    for ax in axes.flat:
-        ax.legend(fontsize=7)
-    fig.suptitle("H3: variants along the LoRA learning rate (means over training seeds, 95% two-level intervals)",
-                 fontsize=10)
+    lr_label = f"LoRA lr (lr 0 at {zero_at:.2g})"
+    for column, (variant, conditions) in enumerate(panels):
+        ax = axes[:, column]
+        for condition, style in zip(conditions, panel_styles(conditions)):
+            label, rows = _label(condition["variant"], condition["weight"]), condition["rows"]
+            errorbar_rows(ax[0], rows, "coarse", "in_training_cell", label, zero_at, style)
+            errorbar_rows(ax[1], rows, "appearance_error", "in_training_cell", label, zero_at, style)
+            errorbar_rows(ax[2], rows, None, "appearance_error", label, zero_at, style)
+            drift = "drift_unrelated" if rows and rows[0].get("drift_unrelated") else "drift"
+            errorbar_rows(ax[3], rows, None, drift, label, zero_at, style)
+        if null:
+            for a in ax[:2]:
+                a.axhspan(null["lo"], null["hi"], color="grey", alpha=0.3, label="null 95%" if a is ax[0] else None)
+        ax[0].set_title(variant, fontsize=9)
+        ax[0].set(xlabel="coarse reconstruction")
+        ax[1].set(xlabel="graded appearance error (lower = better)")
+        ax[1].invert_xaxis()
+        ax[2].set(xscale="log", xlabel=lr_label)
+        ax[3].set(xscale="log", xlabel=lr_label)
+    for row, label in enumerate(("leakage (objects in a training cell)", "leakage (objects in a training cell)",
+                                 "graded appearance error", "drift of unrelated prompts")):
+        axes[row, 0].set_ylabel(label, fontsize=8)
+    panel_legends(fig, axes)
+    fig.suptitle("H3: each variant against no regulariser along the LoRA learning rate (means over training seeds, "
+                 "95% two-level intervals)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def image_readings(images: np.ndarray) -> dict[str, list]:

@@ -8,11 +8,14 @@ position leakage) and ``drift`` are read off where the seed's coarse curve reach
 :data:`MATCHED_COARSE`, first on the way up the learning rates, lr 0 being the pivot alone
 (:func:`~pti_plugin.metrics.curves.value_at_first_crossing`: linear interpolation on the crossing
 segment; NaN where the seed's curve does not reach the target, and that seed is left out). The leakage is
-reported as excess over H1's null (the base model with the init word, set ``a``:
-:func:`~pti_plugin.metrics.replication.excess_over_null`, resampling the seeds on one side and the
-null's images on the other) and as a paired difference against ``none``: per training seed the
-variant's value minus ``none``'s, with an interval over seeds
-(:func:`~pti_plugin.metrics.replication.seed_level_interval`).
+reported as excess over H1's null (the base model with the init word, set ``a``, whose images share
+the cells' sampling seeds: paired image by image) and as a paired difference against ``none``: per
+training seed the variant's value minus ``none``'s. Every such reading has a two-level interval that
+resamples the training seeds and the sampling seeds they share (:mod:`.h3_intervals`), none with fewer
+than :data:`~.h3_intervals.MIN_SEEDS` seeds (their values instead), and Student's t beside it. Each
+paired difference also counts its pairs that are exactly 0 and those where a side reaches the target
+below its first trained rate (between the pivot alone and the lowest LoRA rate): H3's verdict reads
+such a comparison as untestable (:mod:`.h3_lines`).
 
 **The weight of a variant** (:data:`CHOICE_RULE`): on the training seeds every one of its weights
 has (extra seeds added to one weight's condition must not decide), among its weights whose curves
@@ -20,11 +23,12 @@ reach coarse :data:`CHOICE_COARSE` in the most of those seeds, the one with the 
 there (ties: the smaller weight).
 
 **The highest safe learning rate** of a condition: going up from its lowest rate, the last rate
-whose training-cell fraction is *inside the null*: its excess over the null (two-level on both sides,
-:func:`~pti_plugin.metrics.replication.excess_over_null`) has a 95% interval that reaches 0, i.e.
-leakage is not distinguishable from the base model's own placement; and the graded appearance
-error there (None when the lowest rate is already outside). (Asking the condition's own interval to
-nest inside the null's would fail for sampling noise alone: two intervals of equal width rarely nest.)
+whose training-cell fraction is *not distinguishable from the null*: its excess over the null (per
+training seed its mean minus the null's on the same sampling seeds, two-level, :mod:`.h3_intervals`)
+has a 95% interval that reaches 0. That is a failure to detect leakage, not evidence of none; the
+report prints the excess beside it. The graded appearance error there is given with it (None when the
+lowest rate is already distinguishable). (Asking the condition's own interval to nest inside the
+null's would fail for sampling noise alone: two intervals of equal width rarely nest.)
 The search also stops at a rate that has *lost the look*: its coarse reconstruction's 95% interval
 reaches down to the pivot alone's estimate (the lr 0 row, LoRA off) after a lower rate's did not.
 There the run is broken, not safe: its layout falls back into the null because it no longer draws
@@ -47,10 +51,10 @@ import warnings
 import numpy as np
 
 from ..metrics.curves import value_at_first_crossing
-from ..metrics.replication import (excess_over_null, resampled_interval, seed_level_interval, student_interval,
-                                   two_level_bootstrap)
+from ..metrics.replication import resampled_interval, seed_level_interval, two_level_bootstrap
 from ..toy_world.detectors import position_entropy
 from .h1_summary import float_array, null_summary, per_seed_curves, seed_matrix
+from .h3_intervals import ImageDraws, PerSeed, over_seeds, paired, quiet_nanmean
 
 MATCHED_COARSE = (0.5, 0.8, 0.9)
 CHOICE_COARSE = 0.8
@@ -62,7 +66,7 @@ SCORES = ("coarse", "in_training_cell", "appearance_error", "drift", "drift_cell
           "class_character")
 REFERENCE = "none"
 #: Why the highest-safe-rate search stopped (:func:`highest_safe_lr`).
-OUTSIDE_NULL = "outside the null"
+OUTSIDE_NULL = "leakage above the null"
 LOST_THE_LOOK = "look lost: coarse no better than the pivot alone"
 
 
@@ -93,16 +97,74 @@ def interval_or_none(compute) -> dict | None:
         return None
 
 
+def image_count(cells: list[dict], null_a: np.ndarray | None = None) -> int:
+    """The most images any of ``cells`` (or the null's row) has: the width of :class:`~.h3_intervals.ImageDraws`."""
+    widths = [len(c["in_training_cell"]) for c in cells] + ([] if null_a is None else [null_a.shape[1]])
+    return max(widths, default=1)
+
+
+def image_tensor(groups: dict[float, list[dict]], key: str, width: int) -> np.ndarray:
+    """``[training seeds, learning rates, width]``: each cell's per-image ``key`` (NaN: no value, no image, or
+    no cell), rows in :func:`~.h1_summary.per_seed_curves`' order, image ``j`` from sampling seed ``j``."""
+    seeds = sorted({c["seed"] for cells in groups.values() for c in cells})
+    out = np.full((len(seeds), len(groups), width), np.nan)
+    for j, cells in enumerate(groups.values()):
+        for c in cells:
+            row = float_array(c[key])[:width]
+            out[seeds.index(c["seed"]), j, :row.size] = row
+    return out
+
+
+def matched_readings(groups: dict[float, list[dict]], keys: tuple[str, ...], targets: tuple[float, ...],
+                     images: ImageDraws, axis: str = "coarse") -> dict[str, list]:
+    """Per key of ``keys``, one :class:`~.h3_intervals.PerSeed` per target: :func:`matched_per_seed` and the
+    same reading on each draw's images; under ``"below"``, per target, whether each seed reaches it below
+    the first trained rate (lr above 0), i.e. on the segment from the pivot alone."""
+    seeds = tuple(sorted({c["seed"] for members in groups.values() for c in members}))
+    x = images.means(image_tensor(groups, axis, images.width))  # [seeds, rates, draws]
+    out: dict[str, list] = {}
+    for key in keys:
+        estimate = matched_per_seed(groups, key, targets, axis)
+        y = images.means(image_tensor(groups, key, images.width))
+        draws = np.stack([value_at_first_crossing(x[k].T, y[k].T, targets) for k in range(len(seeds))])
+        out[key] = [PerSeed(seeds, np.array([estimate[s][j] for s in seeds]), draws[:, :, j])
+                    for j in range(len(targets))]
+    out["below"] = crossing_below_first_rate(groups, keys[0], targets, axis)
+    return out
+
+
+def crossing_below_first_rate(groups: dict[float, list[dict]], key: str, targets: tuple[float, ...],
+                              axis: str) -> list[dict[int, bool]]:
+    """Per target, per seed whose ``axis`` curve reaches it (on the points where ``key`` has a value, as
+    :func:`matched_per_seed` reads it): whether the crossing falls below the lowest learning rate above 0."""
+    seeds = sorted({c["seed"] for members in groups.values() for c in members})
+    rates = np.array(list(groups), dtype=np.float64)
+    first = min((lr for lr in rates if lr > 0), default=math.inf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        x, y = per_seed_curves(groups, axis), per_seed_curves(groups, key)
+    at = value_at_first_crossing(x, np.where(np.isfinite(y), rates[None, :], np.nan), targets)  # the crossing's lr
+    return [{s: bool(at[k, j] < first) for k, s in enumerate(seeds) if np.isfinite(at[k, j])}
+            for j in range(len(targets))]
+
+
+def null_reading(null_a: np.ndarray | None, images: ImageDraws) -> tuple[float, np.ndarray] | None:
+    """The null's training-cell fraction (set ``a``, ``[1, images]``) and its mean on each draw's images."""
+    if null_a is None:
+        return None
+    row = np.full(images.width, np.nan)
+    row[:min(images.width, null_a.shape[1])] = null_a[0, :images.width]
+    return float(quiet_nanmean(null_a[0])), images.means(row)
+
+
 def paired_against(values: dict[int, np.ndarray], reference: dict[int, np.ndarray], index: int,
                    draws: int) -> dict | None:
-    """Mean over the shared training seeds of ``values - reference`` at target ``index``, interval over seeds,
-    ``n_paired``: how many seeds have a finite value on both sides (the pairs the interval is over), and
-    ``student``: Student's t interval over those pairs (None with fewer than two), the small-sample check."""
-    shared = sorted(set(values) & set(reference))
-    differences = np.array([values[s][index] - reference[s][index] for s in shared], dtype=np.float64)
-    interval = interval_or_none(lambda: seed_level_interval(differences, draws))
-    return None if interval is None else interval | {"n_paired": int(np.isfinite(differences).sum()),
-                                                     "student": interval_or_none(lambda: student_interval(differences))}
+    """:func:`~.h3_intervals.paired` of per-seed values whose images are not at hand (``values[seed][index]``
+    minus ``reference[seed][index]``): its interval resamples the training seeds alone."""
+    def reading(per_seed: dict[int, np.ndarray]) -> PerSeed:
+        return PerSeed.without_images({s: float(v[index]) for s, v in per_seed.items()}, draws)
+
+    return paired(reading(values), reading(reference))
 
 
 def cells_entropy(cells: list[int | None]) -> float:
@@ -115,24 +177,33 @@ def null_entropy(cells: list[int | None], draws: int, seed: int = 0) -> dict:
     return resampled_interval(len(cells), lambda p: cells_entropy([cells[i] for i in p]), draws, seed=seed).to_dict()
 
 
-def lr_rows(groups: dict[float, list[dict]], null_a: np.ndarray | None, draws: int) -> list[dict]:
+def lr_rows(groups: dict[float, list[dict]], null: tuple[float, np.ndarray] | None, images: ImageDraws,
+            draws: int) -> list[dict]:
     """One row per learning rate: each score's two-level interval, the training-cell fraction's excess
-    over the null (``null_a``: ``[1, images]``) and whether it is inside the null (the excess's interval
-    reaches 0 or below)."""
+    over the null (``null``: :func:`null_reading`; paired image by image, two-level) and whether it is not
+    distinguishable from the null (``inside_null``: the excess's interval reaches 0 or below)."""
     rows = []
     for lr, members in groups.items():
         row = {"lr": lr, "n_seeds": len(members), "seeds": [c["seed"] for c in members]}
         for key in SCORES:  # a score some cell lacks (an older part) is left out of the row
             row[key] = (interval_or_none(lambda: two_level_bootstrap(seed_matrix(members, key), draws))
                         if all(key in c for c in members) else None)
-        row["training_cell_excess"] = (None if null_a is None else interval_or_none(
-            lambda: excess_over_null(seed_matrix(members, "in_training_cell"), null_a, draws)))
+        row["training_cell_excess"] = None if null is None else row_excess(members, null, images)
         row["position_entropy"] = (interval_or_none(lambda: seed_level_interval(
             np.array([cells_entropy(c["cell"]) for c in members]), draws)) if all("cell" in c for c in members) else None)
         excess = row["training_cell_excess"]
         row["inside_null"] = None if excess is None else bool(excess["lo"] <= 0.0)
         rows.append(row)
     return rows
+
+
+def row_excess(members: list[dict], null: tuple[float, np.ndarray], images: ImageDraws) -> dict | None:
+    """The cells' training-cell fraction minus the null's, per training seed on the same sampling seeds, with
+    its two-level interval (from any number of seeds, as the row's other scores)."""
+    values = image_tensor({0.0: members}, "in_training_cell", images.width)[:, 0]  # [seeds, images], seed order
+    estimate = quiet_nanmean(seed_matrix(members, "in_training_cell"))  # members are in seed order too
+    reading = PerSeed(tuple(c["seed"] for c in members), estimate, images.means(values))
+    return over_seeds(reading.minus_null(*null), min_seeds=1)
 
 
 def _no_better_than_pivot(row: dict, pivot_alone: dict | None) -> bool:
@@ -166,35 +237,36 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def condition_summary(groups: dict[float, list[dict]], per_seed: dict[str, dict[int, np.ndarray]],
-                      null_a: np.ndarray | None,
-                      reference: dict[str, dict[int, np.ndarray]] | None, draws: int) -> dict:
-    """One (variant, weight): rows per rate, leakage and drift at matched coarse (``per_seed``: its
-    :func:`matched_per_seed` of ``leakage`` and ``drift``; ``reference``: ``none``'s, or None), the
+def condition_summary(groups: dict[float, list[dict]], readings: dict[str, list], null: tuple[float, np.ndarray] | None,
+                      reference: dict[str, list] | None, images: ImageDraws, draws: int) -> dict:
+    """One (variant, weight): rows per rate, leakage and drift at matched coarse (``readings``: its
+    :func:`matched_readings`; ``reference``: ``none``'s, or None; ``null``: :func:`null_reading`), the
     highest safe rate."""
-    rows = lr_rows(groups, null_a, draws)
-    return {"rows": rows, "matched": matched_entries(per_seed, MATCHED_COARSE, null_a, reference, draws),
+    rows = lr_rows(groups, null, images, draws)
+    return {"rows": rows, "matched": matched_entries(readings, MATCHED_COARSE, null, reference),
             "highest_safe_lr": highest_safe_lr(rows)}
 
 
-def matched_entries(per_seed: dict[str, dict[int, np.ndarray]], targets: tuple[float, ...], null_a: np.ndarray | None,
-                    reference: dict[str, dict[int, np.ndarray]] | None, draws: int) -> dict[str, dict]:
-    """Per target (keyed ``f"{target:g}"``): how many seeds reach it, the leakage per seed, the leakage and
-    drift over seeds (``per_seed``: :func:`matched_per_seed` of ``leakage`` and ``drift`` at ``targets``),
-    the leakage's excess over the null and, with ``reference`` (``none``'s), the paired differences."""
+def matched_entries(readings: dict[str, list], targets: tuple[float, ...], null: tuple[float, np.ndarray] | None,
+                    reference: dict[str, list] | None) -> dict[str, dict]:
+    """Per target (keyed ``f"{target:g}"``): how many seeds reach it, the leakage per seed, the seeds reaching it
+    below the first trained rate, the leakage and drift over seeds (``readings``: :func:`matched_readings` of
+    ``in_training_cell`` and ``drift`` at ``targets``), the leakage's excess over the null (paired image by
+    image) and, with ``reference`` (``none``'s readings), the paired differences; each :func:`~.h3_intervals.over_seeds`."""
     matched = {}
     for j, target in enumerate(targets):
-        leakage = np.array([v[j] for v in per_seed["leakage"].values()])  # [seeds]
-        drift = np.array([v[j] for v in per_seed["drift"].values()])
-        entry = {"seeds_reaching": int(np.isfinite(leakage).sum()),
-                 "leakage_per_seed": {str(s): _finite_or_none(v) for s, v in zip(per_seed["leakage"], leakage)},
-                 "leakage": interval_or_none(lambda: seed_level_interval(leakage, draws)),
-                 "drift": interval_or_none(lambda: seed_level_interval(drift, draws))}
-        if null_a is not None:  # one value per seed against the null's images
-            entry["leakage_excess"] = interval_or_none(lambda: excess_over_null(leakage[:, None], null_a, draws))
+        leakage, drift, below = readings["in_training_cell"][j], readings["drift"][j], readings["below"][j]
+        entry = {"seeds_reaching": int(np.isfinite(leakage.estimate).sum()),
+                 "leakage_per_seed": {str(s): _finite_or_none(v) for s, v in zip(leakage.seeds, leakage.estimate)},
+                 "below_first_rate": sorted(s for s, flag in below.items() if flag),
+                 "leakage": over_seeds(leakage), "drift": over_seeds(drift)}
+        if null is not None:
+            entry["leakage_excess"] = over_seeds(leakage.minus_null(*null))
         if reference is not None:
-            entry["leakage_minus_none"] = paired_against(per_seed["leakage"], reference["leakage"], j, draws)
-            entry["drift_minus_none"] = paired_against(per_seed["drift"], reference["drift"], j, draws)
+            theirs = reference["below"][j]
+            either = {s: below.get(s, False) or theirs.get(s, False) for s in set(below) | set(theirs)}
+            entry["leakage_minus_none"] = paired(leakage, reference["in_training_cell"][j], either)
+            entry["drift_minus_none"] = paired(drift, reference["drift"][j], either)
         matched[f"{target:g}"] = entry
     return matched
 
@@ -226,14 +298,16 @@ def summarise_h3(null: dict | None, cells: list[dict], draws: int = 2000) -> dic
     null_a = null_training_cells(null)
     null_interval = None if null_a is None else two_level_bootstrap(null_a, draws)
     grouped = group_conditions(cells)
-    per_seed = {condition: {"leakage": matched_per_seed(groups, "in_training_cell"),
-                            "drift": matched_per_seed(groups, "drift")} for condition, groups in grouped.items()}
-    reference = next((per_seed[c] for c in grouped if c[0] == REFERENCE), None)
+    images = ImageDraws.make(image_count(cells, null_a), draws)
+    null_draws = null_reading(null_a, images)
+    readings = {condition: matched_readings(groups, ("in_training_cell", "drift"), MATCHED_COARSE, images)
+                for condition, groups in grouped.items()}
+    reference = next((readings[c] for c in grouped if c[0] == REFERENCE), None)
     conditions = []
     for (variant, weight), groups in grouped.items():
         against = None if variant == REFERENCE else reference
         conditions.append({"variant": variant, "weight": weight}
-                          | condition_summary(groups, per_seed[(variant, weight)], null_a, against, draws))
+                          | condition_summary(groups, readings[(variant, weight)], null_draws, against, images, draws))
     variants = {}
     for variant in dict.fromkeys(c["variant"] for c in conditions):
         own = [c for c in conditions if c["variant"] == variant]

@@ -337,8 +337,44 @@ def summarise(rows: list[dict], draws: int = 2000) -> dict:
             entry["version"] = LEAKAGE_VERSIONS[internal]
             entry["meets_target"] = bool(c["spearman_lo"] >= TARGET)
         out.append(entry)
-    return {"runs": len(rows), "target": TARGET, "correlations": out, "per_rate": per_rate(rows, rates, draws),
-            "layer_versions": layer_comparison(rows, rates, draws)}
+    return add_varying_rate_reading({"runs": len(rows), "target": TARGET, "correlations": out,
+                                     "per_rate": per_rate(rows, rates, draws),
+                                     "layer_versions": layer_comparison(rows, rates, draws)}, rows, draws)
+
+
+#: The within-rate reading is also given without each learning rate whose independent truth (64 images a run) varies
+#: over its runs by less than one image, a standard deviation below 1/64: such runs cannot be ranked (at lr 1e-5 a
+#: training seed's runs are its pivot plus noise). A rule chosen after the look, so both readings are reported.
+MIN_TRUTH_SD = 1 / 64
+
+
+def varying_rates(rows: list[dict], rates: list[float | None]) -> list[float]:
+    """The learning rates (``rates[k]``: row k's) the second within-rate reading keeps: every rate but those whose
+    :data:`INDEPENDENT` truth is known for two or more runs and varies less than :data:`MIN_TRUTH_SD` (``np.std``,
+    as :func:`per_rate`'s truth's sd)."""
+    kept = []
+    for rate in sorted({r for r in rates if r is not None}):
+        values = [row[INDEPENDENT] for row, r in zip(rows, rates)
+                  if r == rate and isinstance(row.get(INDEPENDENT), (int, float))]
+        if len(values) < 2 or float(np.std(values)) >= MIN_TRUTH_SD:
+            kept.append(rate)
+    return kept
+
+
+def add_varying_rate_reading(summary: dict, rows: list[dict], draws: int = 2000) -> dict:
+    """``summary`` (of ``rows``) with each leakage correlation's ``within_varying_lr`` (those against a
+    :data:`LEAKAGE_TRUTHS` truth; the rule reads the leakage truth): the within-rate Spearman of ``within_lr`` over the
+    :func:`varying_rates` only; and ``varying_rates``: the rates kept and left out, and the rule's threshold. Also
+    what updates a summary written before this reading (its ``rows``)."""
+    rates = [run_learning_rate(r["run"]) for r in rows]
+    seeds = [run_training_seed(r["run"]) for r in rows]
+    kept = varying_rates(rows, rates)
+    groups = [rate if rate in kept else None for rate in rates]
+    for entry in (c for c in summary["correlations"] if c["ground_truth"] in LEAKAGE_TRUTHS):
+        x, y = [r.get(entry["internal"]) for r in rows], [r.get(entry["ground_truth"]) for r in rows]
+        entry["within_varying_lr"] = within_group_spearman(x, y, groups, draws, clusters=seeds)
+    left_out = sorted({r for r in rates if r is not None} - set(kept))
+    return summary | {"varying_rates": {"kept": kept, "left_out": left_out, "min_truth_sd": MIN_TRUTH_SD}}
 
 
 #: The truths :func:`layer_comparison` compares the layer versions against: the same generations', the independent one.
@@ -505,20 +541,21 @@ def _rho(c: dict) -> str:
 
 def summary_lines(summary: dict) -> list[str]:
     """The report's Markdown: one row per pair, the leakage versions first."""
+    varying = summary.get("varying_rates")
     head = ["internal metric", "version", "ground truth", "expected sign", "Spearman [95%, seeds resampled]",
-            "Spearman within a learning rate [95%]", "Pearson", "runs"]
+            "Spearman within a learning rate [95%]"] + (["the same, rates where the truth varies [95%]"] if varying else [])
+    head += ["Pearson", "runs"]
     lines = [f"Spearman's rho over {summary['runs']} LoRA runs (ground truth and internal metric from the same "
              f"generations); target for the attention leakage: rho >= {summary['target']:g}. Every leakage version "
              "the scorer computes is listed. *Within a learning rate*: rho inside each rate's runs, averaged with "
              "weights = runs; it leaves out the agreement that comes from barely and fully trained runs sitting apart "
-             "on both. Intervals resample training seeds, each with all its runs (a seed's runs share its pivot).", "",
+             "on both. Intervals resample training seeds, each with all its runs (a seed's runs share its pivot)."
+             + ("" if not varying else _varying_note(varying)), "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in summary["correlations"]:
-        within = c.get("within_lr") or {}
-        within_text = f"{_rho(within)} ({within['groups']} rates)" if within else "n/a"
+        cells = [_within_text(c.get("within_lr"))] + ([_within_text(c.get("within_varying_lr"))] if varying else [])
         lines.append(f"| `{c['internal']}` | {c.get('version', 'proxy')} | `{c['ground_truth']}` | {c['expected_sign']:+d} | "
-                     f"{_rho(c)} | {within_text} | "
-                     f"{_num(c['pearson'])} | {c['n']} |")
+                     f"{_rho(c)} | {' | '.join(cells)} | {_num(c['pearson'])} | {c['n']} |")
     if summary.get("per_rate"):
         lines += ["", "By learning rate (Spearman over that rate's runs, interval over its training seeds; the truth's "
                   "spread says whether they differ enough to be ranked):", "",
@@ -527,6 +564,18 @@ def summary_lines(summary: dict) -> list[str]:
         lines += [f"| {c['lr']:g} | `{c['internal']}` | `{c['ground_truth']}` | {_rho(c)} | {c['truth_sd']:.3f} | {c['n']} | "
                   f"{c.get('training_seeds', 'n/a')} |" for c in summary["per_rate"]]
     return lines + layer_lines(summary)
+
+
+def _within_text(within: dict | None) -> str:
+    return f"{_rho(within)} ({within['groups']} rates)" if within else "n/a"
+
+
+def _varying_note(varying: dict) -> str:
+    """The header's sentence on the second within-rate reading (:func:`add_varying_rate_reading`)."""
+    left = ", ".join(f"{rate:g}" for rate in varying["left_out"]) or "none"
+    return (f" *Rates where the truth varies*: the same average without each rate whose independent truth "
+            f"(`{INDEPENDENT}`) varies over its runs by less than one image in 64 (sd below {varying['min_truth_sd']:.3f}; "
+            f"left out: lr {left}), a rule chosen after the look, so both readings are given.")
 
 
 def layer_lines(summary: dict) -> list[str]:

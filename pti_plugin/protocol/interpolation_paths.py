@@ -29,6 +29,10 @@ along the way and reads them with the ground-truth detectors.
   (:func:`~pti_plugin.metrics.curves.share_decreases`) and the fraction where it first reaches 0.5
   (:func:`~pti_plugin.metrics.curves.first_crossing`).
 
+- **H4's rule** (:func:`~.h4_verdict.functional_verdict`): the record keeps each image's 0/1 validity and
+  end hit (``hits``, per geometry ``[fraction][seed]``) and the rule's paired comparisons of the geometries
+  (``functional``); the research report recomputes them from ``hits``.
+
 :func:`measure_paths` runs it all and returns a JSON-ready record.
 """
 
@@ -50,6 +54,7 @@ from ..metrics.replication import two_level_bootstrap
 from ..toy_world.detectors import Detection, detect
 from ..toy_world.recipe_config import GUIDANCE, SAMPLE_STEPS
 from ..toy_world.world import make_caption, parse_caption, sample_pretraining_scene
+from .h4_verdict import functional_verdict
 
 GEOMETRIES = ("layernorm", "centered", "linear")
 ATTRIBUTES = ("colour", "shape", "position")
@@ -290,7 +295,8 @@ def measure_pair(pair: PathPair, base, space: EncoderSpace, generate: Generator,
         figures = {key: [share_interval(s[column], settings.bootstrap) for s in scores]
                    for key, column in (("validity", "valid"), ("start_share", "start"), ("end_share", "end"))}
         figures |= path_summary(fractions, figures["validity"], figures["end_share"], settings.seeds, settings.tolerance_z)
-        result["geometries"][kind] = {"fractions": fractions, **figures}
+        hits = {key: [s[key].astype(int).tolist() for s in scores] for key in ("valid", "end")}
+        result["geometries"][kind] = {"fractions": fractions, **figures, "hits": hits}
         images[kind] = np.stack(stacks)
         log(f"interpolation_paths: {pair.name} {kind}: min validity {figures['min_validity']:.3f}, "
             f"nonmonotone {figures['nonmonotone_steps']}, crossing {figures['crossing_fraction']}")
@@ -330,6 +336,7 @@ def measure_paths(model: Path, settings: PathSettings = PathSettings(), pairs: t
     record = {
         "model": str(model), "model_digest": model_digest(Path(model)), "settings": dataclasses.asdict(settings),
         "geometries": list(GEOMETRIES), "summary": geometry_summary(results), "pairs": results,
+        "functional": None,
         "notes": {
             "intervals": INTERVAL_NOTE,
             "shares": "over every image of a (geometry, fraction): an image without a detected object counts as "
@@ -341,10 +348,16 @@ def measure_paths(model: Path, settings: PathSettings = PathSettings(), pairs: t
             "centre": f"mean conditioning of {settings.centre_captions} toy-world pretraining captions (seed "
                       f"{settings.centre_seed}), per token position, padding included",
             "endpoints": "fraction 0 and 1 are the prompts' own conditionings in every geometry (generated once)",
+            "hits": "per geometry: each image's 0/1 validity and end-attribute hit, [fraction][sampling seed]",
+            "functional": "H4's rule (pti_plugin.protocol.h4_verdict): per pair, measure and two geometries, the paired "
+                          "sign-flip test of the per-seed path means over the interior fractions, Bonferroni over "
+                          "the comparisons",
         },
         "distinct_conditionings": len(generate.cache),
         "images_generated": len(generate.cache) * settings.seeds,
         "seconds": round(time.time() - started, 1), "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "threads": torch.get_num_threads(),
     }
+    reading = functional_verdict(record)
+    record["functional"] = {key: reading[key] for key in ("label", "alpha", "reason", "comparisons") if key in reading}
     return record, images

@@ -158,6 +158,29 @@ def crossing_timestep(switch_t: np.ndarray, share: np.ndarray, level: float) -> 
     return float("nan")
 
 
+def crossing_bracket(switch_t, share, level: float) -> tuple[float, float] | None:
+    """The two switch points (timesteps, the noisier first) between which the share first reaches ``level``: where
+    the measurement places the crossing that :func:`crossing_timestep` interpolates (None if it never does)."""
+    for i in range(1, len(share)):
+        if share[i - 1] < level <= share[i]:
+            return float(switch_t[i - 1]), float(switch_t[i])
+    return None
+
+
+def band_resolution(record: dict) -> dict | None:
+    """What a band record (``analysis/position_timesteps.py``'s JSON) measured, beside its interpolated ends: the
+    switch points around each crossing (``high_bracket``: share 0.1, ``low_bracket``: 0.9) and the band's share of
+    the uniform training timesteps by those points alone, from the narrowest band they allow to the widest
+    (``coverage_range``, on the 1000-step schedule the toy world trains with); None where a crossing is not
+    bracketed (or the record has no curve)."""
+    t, share = record.get("switch_timesteps") or [], record.get("share_first_cell") or []
+    high, low = crossing_bracket(t, share, 0.1), crossing_bracket(t, share, 0.9)
+    if high is None or low is None:
+        return None
+    return {"high_bracket": high, "low_bracket": low,
+            "coverage_range": (band_coverage(high[1], low[0]), band_coverage(high[0], low[1]))}
+
+
 def decision_band(switch_t: np.ndarray, share: np.ndarray, low: float = 0.1, high: float = 0.9) -> tuple[float, float]:
     """``(t_high, t_low)``: the timesteps where A's share crosses ``low`` (noisier end) and ``high``."""
     return crossing_timestep(switch_t, share, low), crossing_timestep(switch_t, share, high)
@@ -168,3 +191,46 @@ def band_coverage(t_high: float, t_low: float, num_train_timesteps: int = 1000) 
     if not (np.isfinite(t_high) and np.isfinite(t_low)):
         return float("nan")
     return float(np.clip(t_high - t_low, 0, num_train_timesteps) / num_train_timesteps)
+
+
+def switch_counts(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled over pairs, per switch point in :func:`share_curve`'s order: images in A's cell, and in A's or B's."""
+    points = sorted({r["switch_step"] for r in rows})
+    in_a = np.array([sum(r["in_a"] for r in rows if r["switch_step"] == k) for k in points])
+    either = in_a + np.array([sum(r["in_b"] for r in rows if r["switch_step"] == k) for k in points])
+    return in_a, either
+
+
+def band_plot(record: dict, path: Path) -> None:
+    """The share of A's cell against the switch's timestep (95% Wilson interval per switch point, over the images
+    of all pairs), the band interpolated from it, and where the measurement places each end (between the switch
+    points around the crossing, :func:`band_resolution`); drawn from a band record, nothing measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import binomtest
+
+    t, share = np.asarray(record["switch_timesteps"]), np.asarray(record["share_first_cell"])
+    in_a, either = switch_counts(record["rows"])
+    bounds = np.array([binomtest(int(a), int(n)).proportion_ci(method="wilson") if n else (np.nan, np.nan)
+                       for a, n in zip(in_a, either)], dtype=np.float64).reshape(-1, 2)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.errorbar(t, share, yerr=[share - bounds[:, 0], bounds[:, 1] - share], fmt="o-", capsize=3,
+                label="first prompt's cell kept (95% Wilson interval over the pairs' images)")
+    ax.axvspan(record["t_low"], record["t_high"], alpha=0.25,
+               label=f"band, share 0.1 to 0.9 by linear interpolation: {record['regulariser_coverage']:.0%} of the "
+                     "uniform training timesteps")
+    resolution = band_resolution(record)
+    if resolution is not None:
+        low, high = resolution["coverage_range"]
+        for k, bracket in enumerate((resolution["high_bracket"], resolution["low_bracket"])):
+            ax.axvspan(bracket[1], bracket[0], fill=False, hatch="//", edgecolor="grey", linewidth=0,
+                       label=None if k else f"where each end can lie (between switch points): a band of {low:.0%} "
+                                            f"to {high:.0%} of the training timesteps")
+    ax.set_xlabel("timestep of the switch (training scale; noisier to the left)")
+    ax.set_ylabel("share in the first cell")
+    ax.set_xlim(1000, 0)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

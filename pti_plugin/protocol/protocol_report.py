@@ -19,6 +19,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from ..atomic_io import atomic_write_text
 from ..metrics.replication import student_interval
 from .h1_summary import SCORES
@@ -58,7 +60,7 @@ def h1_plot(summary: dict, path: Path) -> None:
             ax.errorbar(x, est, yerr=err, marker="o", capsize=3, label=key)
         ax.set_ylabel(label)
         ax.set_xscale("log")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left" if ax is axes[0, 0] else "best")  # fixed: the lr labels avoid it
     null = summary.get("null")
     if null:
         a = null["training_cells_a"]
@@ -70,14 +72,57 @@ def h1_plot(summary: dict, path: Path) -> None:
             ax.axvline(knee["knee_x"], color="k", linestyle=":", linewidth=1)
     for ax in axes[1]:
         ax.set_xlabel("output-space angle to the init word (deg, log)")
-    for r, xv in zip(rows, x):
-        axes[0, 0].annotate(f"{r['lr']:g}", (xv, r["coarse"]["estimate"]), fontsize=6, xytext=(2, -8),
-                            textcoords="offset points")
     fig.suptitle("H1: inversions along the learning rate (means over training seeds, 95% two-level intervals)",
                  fontsize=10)
     fig.tight_layout()
+    label_points(axes[0, 0], [(xv, r["coarse"]["estimate"]) for r, xv in zip(rows, x)], [f"{r['lr']:g}" for r in rows],
+                 [(xv, r[key][end]) for key in ("coarse", "detail") for end in ("estimate", "lo", "hi")
+                  for r, xv in zip(rows, x)])  # the markers and the error bars' caps
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+#: Where a point's label may go, in points from it (right/left, up/down), tried in order.
+LABEL_OFFSETS = ((4, -4), (4, 4), (-4, 4), (-4, -4), (4, -12), (4, 12), (-4, -12), (-4, 12),
+                 (12, -20), (12, 20), (-12, -20), (-12, 20))
+
+
+def label_points(ax, points: list[tuple[float, float]], labels: list[str], obstacles: list[tuple[float, float]],
+                 fontsize: int = 6) -> list:
+    """Annotate each of ``points`` (data coordinates) with its label at the first of :data:`LABEL_OFFSETS` whose box
+    lies inside the axes and clear of the labels placed before, of the legend and of every marker in ``obstacles``
+    (data coordinates); where none is clear, at the first offset. Measured on the drawn figure: call it once the
+    layout is final. Returns the texts."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    pad = 3 * fig.dpi / 72  # a marker's radius (markersize 6), in pixels
+    marks = ax.transData.transform(np.asarray(obstacles, dtype=np.float64).reshape(-1, 2))
+    frame = ax.get_window_extent(renderer)
+    taken = [legend.get_window_extent(renderer) for legend in [ax.get_legend()] if legend is not None]
+
+    def place(label: str, point: tuple[float, float], dx: float, dy: float):
+        text = ax.annotate(label, point, xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                           ha="left" if dx > 0 else "right", va="top" if dy < 0 else "bottom")
+        return text, text.get_window_extent(renderer)
+
+    def clear(box) -> bool:
+        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        return inside and not any(box.overlaps(other) for other in taken) and not any(
+            box.x0 - pad < mx < box.x1 + pad and box.y0 - pad < my < box.y1 + pad for mx, my in marks)
+
+    texts = []
+    for point, label in zip(points, labels):
+        for dx, dy in LABEL_OFFSETS:
+            text, box = place(label, point, dx, dy)
+            if clear(box):
+                break
+            text.remove()
+        else:
+            text, box = place(label, point, *LABEL_OFFSETS[0])
+        taken.append(box)
+        texts.append(text)
+    return texts
 
 
 def h1_table(summary: dict) -> list[str]:
@@ -102,14 +147,7 @@ def h1_lines(summary: dict) -> list[str]:
         checks = "; ".join(f"{key} {fmt(d['farthest_minus_best_student'])}" for key, d in v["editability_drops"].items())
         lines[-1:-1] = [f"Small-sample check ({SMALL_SAMPLE_CHECK}): {checks}; the rule reads "
                         f"**{v['verdict_student']}** with them."]
-    for axis, knee in summary["knees"].items():
-        seg = knee["segments_coarse"]
-        two = seg["two_segments"] or {}
-        lines.append(f"- Knee of coarse reconstruction against `{axis}`: {_num(knee['knee_x'])} "
-                     f"(95% over training seeds: {fmt(knee['interval'])}; no knee in "
-                     f"{knee['no_knee_fraction']:.0%} of resamples). Two segments vs one line (BIC "
-                     f"{_num(two.get('bic'))} vs {_num(seg['one_segment']['bic'])}): "
-                     f"{'two segments' if seg['prefers_two_segments'] else 'one line'} preferred.")
+    lines += [knee_line(axis, knee) for axis, knee in summary["knees"].items()]
     null = summary.get("null")
     if null:
         lines.append(f"- Null (base model, init word, disjoint seed sets): training cells "
@@ -122,6 +160,49 @@ def h1_lines(summary: dict) -> list[str]:
         lines += [f"| {r['vectors']} | {r['lr']:g} | {r['n_seeds']} | {fmt(r['coarse'])} | {fmt(r['joint_edit'])} | "
                   f"{fmt(r['appearance_error'])} |" for r in summary["vectors"]]
     return lines
+
+
+#: A BIC difference below this is no evidence either way: BIC's difference approximates twice the log Bayes factor,
+#: and below 2 that is "not worth more than a bare mention" (Kass and Raftery, 1995).
+BIC_NO_EVIDENCE = 2.0
+
+
+def _grid_point(point: dict | None) -> str:
+    if point is None:
+        return "the grid's end"
+    return _num(point["x"]) + ("" if point.get("lr") is None else f" (lr {point['lr']:g})")
+
+
+def knee_line(axis: str, knee: dict) -> str:
+    """One axis's knee with its learning rate and what its interval can say (Kneedle picks grid points: an interval
+    of zero width is grid-limited), then the segment fits' reading (:func:`segment_reading`)."""
+    interval, (below, above) = knee["interval"], knee.get("grid_neighbours") or (None, None)
+    at = "" if knee.get("knee_lr") is None else f" at lr {knee['knee_lr']:g}"
+    if interval and interval["lo"] == interval["hi"]:
+        spread = (f"every resample over training seeds picks this grid point, {fmt(interval)}: a grid-limited interval, "
+                  f"since Kneedle picks grid points; the grid places the knee no more finely than between "
+                  f"{_grid_point(below)} and {_grid_point(above)}")
+    else:
+        spread = f"95% over training seeds: {fmt(interval)}, its bounds grid points"
+    return (f"- Knee of coarse reconstruction against `{axis}`: {_num(knee['knee_x'])}{at} ({spread}; no knee in "
+            f"{knee['no_knee_fraction']:.0%} of resamples). {segment_reading(knee['segments_coarse'])}")
+
+
+def segment_reading(fits: dict) -> str:
+    """What one line against two joined segments (:func:`~pti_plugin.metrics.curves.segment_fits`) says, by
+    :data:`BIC_NO_EVIDENCE`: a difference below it is no evidence either way."""
+    two, one = fits["two_segments"], fits["one_segment"]["bic"]
+    if not two:
+        return f"Two segments not fitted ({fits['n_points']} points)."
+    gain = one - two["bic"]  # > 0: two segments fit better
+    text = f"One line against two joined segments: BIC {_num(one)} against {_num(two['bic'])}"
+    if abs(gain) < BIC_NO_EVIDENCE:
+        return f"{text}, a difference of {abs(gain):.1f} (below {BIC_NO_EVIDENCE:g}): no evidence either way."
+    if gain < 0:
+        return f"{text}: one line preferred by {-gain:.1f}."
+    return (f"{text}: two segments preferred by {gain:.1f}, breaking at {_num(two['breakpoint_x'])} (weak evidence "
+            f"still: on {fits['n_points']} points BIC prefers two segments on many straight noisy lines, see "
+            "`segment_fits`).")
 
 
 def write_h1_csv(path: Path, summary: dict) -> None:
@@ -241,6 +322,29 @@ def h2_overall(readings: dict[str, str], checks: dict[str, tuple[dict | None, st
         line += (f" Small-sample check ({SMALL_SAMPLE_CHECK}; T_pos / T_app on the runs' log ratios): {read}; the "
                  f"rule reads **{word}** with them.")
     return line
+
+
+def h2_threshold_line(records: dict[str, dict], null_hi: float | None) -> str | None:
+    """Where H2's threshold comes from and what the rule reads on a reference from the curves' own prompts: the
+    threshold is H1's null (the base model with the init word, on H1's four neutral templates), while the curves are
+    scored on two prompts of their own, where the only figure without a LoRA is each curve's first point, the pivot
+    alone (its interval over the runs' images, two-level). The rule of :func:`_h2_reading` read with that interval's
+    upper bound in place of the threshold; None without a threshold or curves."""
+    if null_hi is None or not records:
+        return None
+    pivots = {lr: record["summary"]["position"]["mean"][0] for lr, record in records.items()}
+    readings = {f"{float(lr):g}": _h2_reading(record["summary"], pivots[lr]["hi"],
+                                              _decisive_ratio(record["summary"])["ratio"])
+                for lr, record in records.items()}
+    alike = len({json.dumps(p, sort_keys=True) for p in pivots.values()}) == 1
+    reference = (f"reads {fmt(next(iter(pivots.values())), 2)} at every rate (the same pivots)" if alike else
+                 "reads " + "; ".join(f"{fmt(p, 2)} at lr {float(lr):g}" for lr, p in pivots.items()))
+    read = "; ".join(f"lr {lr}: {reading}" for lr, reading in readings.items())
+    return (f"The threshold {null_hi:.2f} is H1's null upper bound: the base model with the init word on H1's four "
+            "neutral templates. The curves are scored on two neutral prompts of their own, on which no base-model figure "
+            f"is committed; there the pivot alone (each curve's first point, before any LoRA step) {reference}. With "
+            f"that upper bound in place of the threshold (not the stated rule): {read}; the rule would read "
+            f"**{_h2_word(*_held_failed(readings))}**.")
 
 
 def h2_lines(records: dict[str, dict], null_hi: float | None) -> list[str]:

@@ -14,8 +14,9 @@ training runs, so a report rebuilt there keeps every finished result.
 - **H3** from the measured cells (:func:`~.h3_variants.load_h3_cells`) together with those archived in
   ``results/h3_cell_records.json``, with its plot; a committed summary over more
   cells than both hold is kept;
-- **H4** from the committed interpolation-path and ellipsoid results, and the position-decision
-  band (``analysis/position_timesteps.py``) when present.
+- **H4** from the committed interpolation-path and ellipsoid results, its verdict by
+  :mod:`.h4_verdict`'s rule and only for results measured on the protocol's model, and the
+  position-decision band (``analysis/position_timesteps.py``) when present.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import atomic_write_text
-from .protocol_report import h2_check, h2_lines, h2_overall, h2_verdict, write_h1_files, write_report
+from .protocol_report import h2_check, h2_lines, h2_overall, h2_threshold_line, h2_verdict, write_h1_files, write_report
 
 
 def h1_section(out: Path, results: Path, h1, draws: int) -> tuple[dict, dict | None]:
@@ -88,7 +89,8 @@ def h2_section(out: Path, results: Path, null_hi: float | None) -> dict | None:
     ordered = dict(sorted(records.items(), key=lambda item: float(item[0])))
     readings = {f"{float(lr):g}": h2_verdict(record["summary"], null_hi) for lr, record in ordered.items()}
     checks = {f"{float(lr):g}": h2_check(record["summary"], null_hi) for lr, record in ordered.items()}
-    lines = [h2_overall(readings, checks), "", *h2_lines(ordered, null_hi)]
+    threshold = h2_threshold_line(ordered, null_hi)
+    lines = [h2_overall(readings, checks), "", *([threshold, ""] if threshold else []), *h2_lines(ordered, null_hi)]
     figures = [(f"LoRA lr {lr}", results / f"h2_curves-lr{lr}.png")
                for lr in ordered if (results / f"h2_curves-lr{lr}.png").is_file()]
     return {"title": "H2: appearance before position along LoRA training", "lines": lines, "figures": figures}
@@ -239,29 +241,49 @@ def h3_cell_figures(out: Path, results: Path, cells: list[dict]) -> None:
 
 
 def h4_section(results: Path) -> dict:
-    """H4 from the committed interpolation-path and ellipsoid results (folders beside ``results``)."""
-    root = results.parent
-    lines = ["**Verdict on the toy world: no functional difference between the geometries; the geometric "
-             "question is not answerable with the toy encoder; on CLIP ViT-L it needs real weights.**", ""]
+    """H4 from the committed interpolation-path and ellipsoid results (folders beside ``results``): the
+    verdict is built by :mod:`.h4_verdict`'s rule, and only when both inputs are there and were measured on
+    the protocol's model (the digest its cell archives record); otherwise a bold "No verdict" line says
+    which input is missing or measured on another model, and the evidence present is still listed, labelled."""
+    from .h4_verdict import (checked_input, ellipsoid_line, functional_text, functional_verdict, path_lines,
+                             protocol_model_digest)
+
+    root, digest = results.parent, protocol_model_digest(results)
     paths = root / "interpolation_paths" / "interpolation_paths.json"
-    if paths.is_file():
-        record = json.loads(paths.read_text())
-        lines.append(f"Interpolation paths (`analysis/interpolation_paths.py`, {record['settings']['seeds']} sampling "
-                     "seeds per point, one model): lowest validity over pairs and fractions, steps where the end "
-                     "attribute's share falls beyond noise, and the fraction where it reaches 0.5:")
-        for geometry, figures in record["summary"].items():
-            crossings = ", ".join(f"{pair} {value:.2f}" for pair, value in figures["crossing_fraction"].items()
-                                  if value is not None)
-            lines.append(f"- `{geometry}`: validity {figures['min_validity']:.3f}, falls {figures['nonmonotone']}, "
-                         f"half-way at {crossings}.")
-    for ellipsoid in sorted((root / "ellipsoid_toy").glob("*/ellipsoid.json")):
-        record = json.loads(ellipsoid.read_text())
-        lines.append(f"- Ellipsoid statistics, toy encoder `{ellipsoid.parent.name}`: norm CV about the centre at index "
-                     f"{record['index']} {record['cv_about_centre']:.3f}, at EOS {record['eos_cv_about_centre']:.3f}; "
-                     f"rule's verdict: {record['verdict']} (width-64 encoder: no evidence either way).")
+    record, problem = checked_input(paths, lambda record: record.get("model_digest"), digest)
+    problems, lines, ellipsoid, reading = [], [], None, None
+    aside = (", **not the protocol's model: not part of the verdict**" if digest
+             else ", **not checked against the protocol's model: not part of the verdict**")
+    if problem:
+        problems.append(f"{problem} (`python analysis/interpolation_paths.py --out {paths.parent.as_posix()}`)")
+    if record is not None:
+        has_hits = all("hits" in g for pair in record["pairs"] for g in pair["geometries"].values())
+        reading = functional_verdict(record) if has_hits else None
+        if reading is None and not problem:
+            problems.append(f"`{paths.name}` has no per-image readings (rerun `analysis/interpolation_paths.py`)")
+        lines += path_lines(record, reading, f", model {record.get('model_digest')}"
+                            + (aside if problem else ""))
+    for found in sorted((root / "ellipsoid_toy").glob("*/ellipsoid.json")):
+        record, problem = checked_input(found, lambda record: (record.get("model") or {}).get("model_digest"), digest)
+        if record is None:
+            lines.append(f"- Ellipsoid statistics, `{found.parent.name}`: {problem}.")
+            continue
+        if problem is None and ellipsoid is None:
+            ellipsoid = record
+        own = (record.get("model") or {}).get("model_digest")
+        lines.append(ellipsoid_line(found.parent.name, record, f" (model {own or 'not recorded'}{aside if problem else ''})"))
+    if ellipsoid is None and digest is not None:
+        problems.append(f"no ellipsoid result of the protocol's model (digest {digest}) under `ellipsoid_toy/` "
+                        f"(`python analysis/ellipsoid_check.py --out {(root / 'ellipsoid_toy').as_posix()}/<name>`)")
     lines.append("- CLIP ViT-L with the ellipsoid paper's captions: **needs real weights** "
                  "(`python analysis/ellipsoid_check.py --model <local SD1.5 folder>`).")
-    return {"title": "H4: is slerp at the pivot's token index legitimate?", "lines": lines}
+    if problems:
+        head = f"**No verdict: {'; '.join(problems)}.**"
+    else:
+        head = (f"**Verdict on the toy model ({digest}): {functional_text(reading)}; the ellipsoid rule reads "
+                f"{ellipsoid['verdict']} at index {ellipsoid['index']} on its {ellipsoid.get('width', '?')}-wide text "
+                "encoder, which is not evidence about CLIP ViT-L; on CLIP ViT-L H4 needs real weights.**")
+    return {"title": "H4: is slerp at the pivot's token index legitimate?", "lines": [head, "", *lines]}
 
 
 def internal_metrics_section(results: Path) -> dict | None:
@@ -299,14 +321,28 @@ def timestep_lines(results: Path) -> list[str]:
     path = results / "position_timesteps.json"
     if not path.is_file():
         return []
+    from .position_timesteps import band_resolution
+
     record = json.loads(path.read_text())
     settings, pairs = record["settings"], len({row["prompt_a"] for row in record["rows"]})
+    resolution = band_resolution(record)
+    measured, between = "", ""
+    if resolution is not None:
+        share = dict(zip(record["switch_timesteps"], record["share_first_cell"]))
+        points = sorted({*resolution["high_bracket"], *resolution["low_bracket"]}, reverse=True)
+        (h0, h1), (l0, l1) = resolution["high_bracket"], resolution["low_bracket"]
+        read = ", ".join(f"{share[t]:.2f} at {t:.0f}" for t in points)
+        measured = (f" by linear interpolation; measured only at the switch points ({read}), it crosses 0.1 between "
+                    f"timesteps {h0:.0f} and {h1:.0f} and 0.9 between {l0:.0f} and {l1:.0f}, so each end is known only "
+                    "to within the switch points around it")
+        low, high = resolution["coverage_range"]
+        between = f" by the interpolated ends (between {low:.0%} and {high:.0%} by the switch points alone)"
     return ["", f"Where the world decides positions (`analysis/position_timesteps.py`, base model, prompt switch; "
             f"{settings['seeds']} sampling seeds x {pairs} prompt pairs, {settings['sample_steps']} sampler steps, "
             f"a switch point every {settings['switch_every']}): the share of images keeping the first prompt's cell "
-            f"goes from 0.1 to 0.9 between timesteps {record['t_high']:.0f} and {record['t_low']:.0f}; pivot "
+            f"goes from 0.1 to 0.9 between timesteps {record['t_high']:.0f} and {record['t_low']:.0f}{measured}. Pivot "
             f"locality's rows reuse the step's uniform training timesteps, so {record['regulariser_coverage']:.0%} "
-            "of them fall in that band."]
+            f"of them fall in that band{between}."]
 
 
 def write_protocol_report(out: Path, results: Path, h1, draws: int, pivot_lr: float) -> Path:
