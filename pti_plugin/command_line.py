@@ -9,6 +9,7 @@ import textwrap
 import typing
 
 from .config import SIZE_KEYS, Config, ConfigError, field_names, parse_size, parse_value
+from .config_loading import _split_set
 from .kohya_config_file import first_text_encoder_lr
 from .kohya_options import REFUSED_OPTIONS
 
@@ -50,7 +51,8 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
     every value up to the next flag (``--network_args conv_dim=4 conv_alpha=1``), and a size takes ``W,H``
     (``--resolution 512,768``); a TOML literal (``[...]``) is read as one. A value is read as kohya's parser reads
     it (:func:`_typed`): a string option keeps the text (``--output_name 2024``), a number takes Python's
-    forms (``.5``, ``1e-4``). A flag given twice keeps its last value, as in kohya (a list flag's is named)."""
+    forms (``.5``, ``1e-4``). A flag given twice keeps its last value, as in kohya (a list flag's is named); so does a
+    key given both as ``--key`` and by ``--set key=...`` (:func:`_last_of_flag_and_set`)."""
     preset, overrides, sets = None, {}, []
     known = set(field_names(Config)) | {"preset", "set"}
     bool_keys = {f for f in known - {"preset", "set"} if isinstance(getattr(Config(), f), bool)}
@@ -65,6 +67,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
             raise ConfigError(f"unexpected argument {arg!r}\n{USAGE}")
         key, eq, inline = arg[2:].partition("=")
         _refuse_an_abbreviation(key, known)
+        _last_of_flag_and_set(key, inline if eq else (argv[i + 1] if i + 1 < len(argv) else ""), overrides, sets)
         following = list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i + 1:]))
         if key in list_keys and key in overrides:
             logger.warning("--%s given twice: the last one, %s, replaces %s (as kohya's argparse)", key,
@@ -101,6 +104,23 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, list[str]]:
         rate = first_text_encoder_lr(overrides.pop("text_encoder_lr"), "--text_encoder_lr (command line)")
         overrides.update({} if rate is None else {"text_encoder_lr": rate})
     return preset, overrides, sets
+
+
+def _last_of_flag_and_set(key: str, value: str, overrides: dict, sets: list[str]) -> None:
+    """``--key`` and ``--set key=...`` (or ``--set key.sub=...``) on one command line: the later one wins, as a flag
+    given twice (kohya: the last one), with a warning naming the one it replaces. ``key``, ``value``: the argument being
+    read (``value``: the ``--set`` item); ``overrides``, ``sets``: the earlier ones, the replaced one taken out."""
+    if key == "set":
+        path = _split_set(value)[0]
+        if path in overrides:  # a flag's key has no dot: only --set key=... replaces it whole
+            logger.warning("--set %s replaces the earlier --%s %s (the last one wins, as for a flag given twice)",
+                           value, path, overrides.pop(path))
+        return
+    earlier = [item for item in sets if _split_set(item)[0] == key or _split_set(item)[0].startswith(key + ".")]
+    if key != "preset" and earlier:
+        logger.warning("--%s replaces the earlier --set %s (the last one wins, as for a flag given twice)", key,
+                       ", --set ".join(earlier))
+        sets[:] = [item for item in sets if item not in earlier]
 
 
 def _refuse_an_abbreviation(key: str, known: set[str]) -> None:

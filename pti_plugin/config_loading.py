@@ -18,11 +18,11 @@ from typing import Any
 
 from .config import (EMBEDDED, PATH_KEYS, PATH_LIST_KEYS, Config, ConfigError, StageConfig, _build, _read_kohya_config_file,
                      _type_name, deep_merge, load_preset_dict, parse_value)
-from .kohya_config_file import kohya_file_path
+from .kohya_config_file import DATA_SOURCES, kohya_file_path, replace_data_source
 from .config_checks import (check_stage_schedules, check_the_pivot_is_learned, validate_config, with_kohya_switches,
                             with_kohya_tracker)
 from .input_checks import with_leading_dot
-from .text_files import read_toml_file
+from .dataset_config_wins import with_dataset_config_values
 from .resolution import (check_given_values_are_used, default_stage_dicts, resolve_stages, warn_rate_reaching_inversion,
                          warn_unreached_intervals)
 
@@ -98,9 +98,12 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
                  data_only: bool = False, warn_intervals: bool = True) -> Config:
     """Validate and resolve ``raw`` into a frozen :class:`Config`; raise ConfigError naming the first bad key.
 
-    ``given`` (key -> "preset"/"command line"/"config_file <path>"): top-level values the user wrote; one that no
-    stage uses is an error (a warning for a kohya config_file's). ``data_only`` (a tool that loads no model: the dataset preview): the model, the
-    starting files, a state, the prompts and the output folders are neither looked for nor read. Stages
+    ``given`` (key -> "preset"/"command line"/"--set"/"config_file <path>"): top-level values the user wrote; one
+    that no stage uses is an error (a warning for a kohya config_file's); a dataset key that the ``dataset_config``
+    sets in every dataset or subset (``dataset_config_wins``; without ``given``, each key of ``raw`` counts as the
+    preset's) is named in a warning where it differs, and one value winning everywhere is taken into the config.
+    ``data_only`` (a tool that loads no model: the dataset preview): the model, the starting files, a state, the
+    prompts and the output folders are neither looked for nor read. Stages
     resolve here (``resolution.py``); an epoch-based stage's step count follows once the dataset is
     scanned (:func:`pti_plugin.resolution.with_epoch_steps`). A save or sample interval longer than the
     run is a warning (:func:`pti_plugin.resolution.warn_unreached_intervals`), unless ``warn_intervals`` is off (a
@@ -112,9 +115,9 @@ def build_config(raw: dict[str, Any], check_paths: bool = True, given: dict[str,
     validate_config(parsed, check_paths, data_only)
     parsed = _with_dims_from_weights(parsed, read=check_paths and not data_only)
     config = dataclasses.replace(parsed, stages=resolve_stages(parsed),
-                                 train_batch_size=_batch_size(parsed, given_size="train_batch_size" in raw),
                                  caption_extension=with_leading_dot(parsed.caption_extension),
                                  network_alpha=parsed.network_alpha or float(parsed.network_dim))  # kohya: 0 is dim
+    config = with_dataset_config_values(config, dict.fromkeys(raw, "preset") if given is None else given)
     if given:
         check_given_values_are_used(config, parsed.stages, given)
         warn_rate_reaching_inversion(config, parsed.stages, given)
@@ -154,46 +157,13 @@ def _with_dims_from_weights(parsed: Config, read: bool) -> Config:
     return taken
 
 
-def _batch_size(config: Config, given_size: bool) -> int:
-    """``train_batch_size``, or the dataset_config's ``batch_size`` (kohya: the dataset config wins), with a warning
-    when it replaces a ``train_batch_size`` the user gave (``given_size``), not the default."""
-    if not config.dataset_config:
-        return config.train_batch_size
-    size = _dataset_config_batch_size(Path(config.dataset_config))
-    if given_size and size is not None and size != config.train_batch_size:
-        logger.warning("dataset_config batch_size = %d replaces train_batch_size = %d (kohya: the dataset config wins)",
-                       size, config.train_batch_size)
-    return config.train_batch_size if size is None else size
-
-
-def _dataset_config_batch_size(path: Path) -> int | None:
-    """The one valid ``batch_size`` a dataset_config sets, else None (the file's problems, such as two
-    different values, are reported when its subsets are read: ``data/dataset.py``)."""
-    try:
-        raw = read_toml_file(path)
-    except (OSError, ValueError):
-        return None
-    general = raw.get("general") if isinstance(raw.get("general"), dict) else {}
-    datasets = [d for d in raw.get("datasets", []) if isinstance(d, dict)] if isinstance(raw.get("datasets"), list) else []
-    sizes = {d.get("batch_size", general.get("batch_size")) for d in datasets}
-    valid = {size for size in sizes if isinstance(size, int) and not isinstance(size, bool) and size >= 1}
-    return valid.pop() if len(valid) == 1 and len(sizes) == 1 else None
-
-
-#: The data sources: a command-line one replaces the preset's other one (with its companion keys).
-_DATA_SOURCES = {"train_data_dir": ("dataset_config",), "dataset_config": ("train_data_dir", "reg_data_dir", "in_json")}
-
-
-def _replace_data_source(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """kohya: ``--dataset_config`` on the command line replaces the preset's ``train_data_dir`` (and the
-    reverse), with a notice naming what it replaced. Both on the command line stay an error."""
-    given = [key for key in _DATA_SOURCES if overrides.get(key)]
-    if len(given) != 1:
-        return raw
-    replaced = {key: raw[key] for key in _DATA_SOURCES[given[0]] if raw.get(key) and key not in overrides}
-    if replaced:
-        logger.warning("--%s replaces the preset's %s", given[0], ", ".join(f"{k} = {v!r}" for k, v in replaced.items()))
-    return {k: v for k, v in raw.items() if k not in replaced}
+def _check_one_data_source(raw: dict[str, Any], given: dict[str, str]) -> None:
+    """Both data sources left at one layer (the presets, one command line): refused naming where each came from."""
+    if all(raw.get(key) for key in DATA_SOURCES):
+        both = ", ".join(f"{key} = {raw[key]!r} ({given.get(key, 'preset')})" for key in DATA_SOURCES)
+        raise ConfigError(f"set only one of 'train_data_dir' and 'dataset_config', got {both}. One a kohya config_file "
+                          "or the command line gives replaces the other one beneath it; to drop one that a preset "
+                          "extends, write it empty in yours (e.g. train_data_dir = \"\")")
 
 
 def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None,
@@ -201,9 +171,9 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     """The resolved config of ``preset`` (or the defaults) with command-line overrides applied.
 
     Besides :func:`build_config`'s checks, a top-level value given in the preset or on the command
-    line that no stage uses (every stage sets its own) is refused, naming the shadowing stage keys.
-    ``data_only``: see :func:`build_config`; a config that asks for ``debug_dataset`` is checked as one too, as
-    kohya's ``--debug_dataset`` shows the dataset before it looks for the model, the output folder or a device.
+    line (a flag or a ``--set``) that no stage uses (every stage sets its own) is refused, naming the shadowing
+    stage keys. ``data_only``: see :func:`build_config`; a config that asks for ``debug_dataset`` is checked as one
+    too, as kohya's ``--debug_dataset`` shows the dataset before it looks for the model, the output folder or a device.
     """
     overrides = dict(overrides or {})
     origins: dict[str, str] = {}
@@ -212,11 +182,13 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
         raw = _with_kohya_config_file(raw, overrides.pop("config_file"), origins)
     set_paths = _set_paths(sets or [])
     set_keys = {path.split(".")[-1] for path in set_paths if path.startswith("stages.")}
+    top_sets = _top_level_sets(sets or [])
     # a preset value that a --set of the stages shadows is the user's choice, not a forgotten key
     given = {key: origins.get(key, "preset") for key in raw if key not in set_keys} | {  # origins: a kohya config_file's
-        key: "command line" for key in overrides} | {
+        key: "command line" for key in overrides} | dict.fromkeys(top_sets, "--set") | {
         path: "--set" for path in set_paths if re.fullmatch(r"stages\.\d+\.learning_rate", path)}
-    raw = apply_overrides(_replace_data_source(raw, overrides), overrides, sets or [])
+    named = lambda key: f"--set {key}" if key in top_sets else f"--{key}"
+    raw = apply_overrides(replace_data_source(raw, overrides | top_sets, named, origins), overrides, sets or [])
     for key in PATH_KEYS:
         value = raw.get(key)
         if isinstance(value, str) and value and value != EMBEDDED:
@@ -225,6 +197,7 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
         if isinstance(raw.get(key), list):
             raw[key] = [str(Path(v).expanduser().resolve()) if isinstance(v, str) and v else v for v in raw[key]]
     try:
+        _check_one_data_source(raw, given)
         return build_config(raw, given=given, data_only=data_only or raw.get("debug_dataset") is True)
     except ConfigError as error:
         raise named_where_given(error, overrides, sets or [], origins) from None
@@ -233,11 +206,13 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
 def _with_kohya_config_file(raw: dict[str, Any], name: Any, origins: dict[str, str]) -> dict[str, Any]:
     """``raw`` (the preset) with kohya config file ``name`` (``--config_file``) read over it as kohya reads it
     (``kohya_config_file.py``: its relative paths are the current folder's); ``origins`` names the file as the
-    source of each key it sets."""
+    source of each key it sets. Its data source replaces the preset's other one, as one typed would."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"--config_file (command line) expects the path of a kohya TOML file, got {name!r}")
     kohya = _read_kohya_config_file(Path(name), base=Path.cwd())
-    origins.update(dict.fromkeys(kohya, f"config_file {kohya_file_path(name)}"))
+    origin = f"config_file {kohya_file_path(name)}"
+    raw = replace_data_source(raw, kohya, lambda key: f"{origin}: {key}", origins)
+    origins.update(dict.fromkeys(kohya, origin))
     return deep_merge(raw, kohya)
 
 
@@ -276,6 +251,13 @@ def _split_set(item: str) -> tuple[str, str]:
 def _set_paths(sets: list[str]) -> list[str]:
     """The dotted paths of ``--set`` items ``sets`` (``path=value``)."""
     return [_split_set(item)[0] for item in sets]
+
+
+def _top_level_sets(sets: list[str]) -> dict[str, Any]:
+    """The top-level keys ``--set`` items ``sets`` give (``--set learning_rate=1e-4``), each with its (last) value:
+    given on the command line as a flag is."""
+    return {path: parse_value(text) for path, text in (_split_set(item) for item in sets if "=" in item)
+            if path and "." not in path}
 
 
 def _set_path_of(key: str, sets: list[str]) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,37 @@ def kohya_arguments(raw: dict[str, Any], path: Path, switches: set[str]) -> dict
         if key in switches and type(value) is int and value in (0, 1):
             out[key] = bool(value)  # kohya: a switch's value is only tested for truth
     return out
+
+
+#: The data sources: one given over a layer (a kohya config_file over the presets beneath it, the command line over
+#: both) replaces the layer's other one (with its companion keys), as kohya's dataset config replaces its folder
+#: options. Both at one layer (the presets, one command line) stay an error.
+DATA_SOURCES = {"train_data_dir": ("dataset_config",), "dataset_config": ("train_data_dir", "reg_data_dir", "in_json")}
+
+
+def replace_data_source(raw: dict[str, Any], over: dict[str, Any], named: Callable[[str], str],
+                        origins: dict[str, str] | None) -> dict[str, Any]:
+    """``raw`` without the data source that ``over`` replaces (:data:`DATA_SOURCES`: over's ``dataset_config``
+    replaces raw's ``train_data_dir``, and the reverse), with a warning naming what it replaced and where that came
+    from (``origins``, updated: key -> a kohya config_file's; else the preset). ``named``: how ``over``'s key is
+    named (``--dataset_config``, ``--set dataset_config``, ``config_file F: dataset_config``). ``over`` giving both
+    replaces nothing."""
+    origins = {} if origins is None else origins
+    given = [key for key in DATA_SOURCES if over.get(key)]
+    if len(given) != 1:
+        return raw
+    replaced = [key for key in DATA_SOURCES[given[0]] if raw.get(key) and key not in over]
+    if replaced:
+        whose: dict[str, list[str]] = {}
+        for key in replaced:
+            origin = origins.get(key, "preset")
+            owner = "the preset's" if origin == "preset" else f"{origin}'s"
+            whose.setdefault(owner, []).append(f"{key} = {raw[key]!r}")
+        logger.warning("%s replaces %s", named(given[0]),
+                       " and ".join(f"{owner} {', '.join(items)}" for owner, items in whose.items()))
+    for key in replaced:
+        origins.pop(key, None)
+    return {k: v for k, v in raw.items() if k not in replaced}
 
 
 def first_text_encoder_lr(rates: list[Any], where: str) -> Any:

@@ -21,6 +21,8 @@ Rules (the README's table under "Stages", of where each top-level key applies, s
   named in a warning (:func:`warn_rate_reaching_inversion`).
 - ``max_train_epochs`` replaces ``max_train_steps`` where both reach a stage, with a warning naming both (kohya's
   "override steps").
+- A stage's own rate or switch for a group it does not train is refused; the pivot's weight decay is the stage's
+  ``optimizer_args``' ``weight_decay``, else ``pivot_weight_decay`` (:mod:`pti_plugin.stage_groups`).
 
 A value the user gives (top-level preset key or command-line flag) that no stage uses is an error
 naming the stage keys that shadow it and the ``--set`` command that would work.
@@ -33,7 +35,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .config import DEFAULT_STAGE_LRS, Config, ConfigError, StageConfig
+from .config import DEFAULT_STAGE_LRS, Config, ConfigError, StageConfig, toml_literal
+from .stage_groups import LORA_GROUPS, check_stage_keys, pivot_weight_decay, switch_commands, switch_text
 from .tracking import hparam_value, logged_config
 
 logger = logging.getLogger(__name__)
@@ -81,7 +84,7 @@ class ResolvedStage:
     pivot_lr: float | None
     unet_lr: float | None
     text_encoder_lr: float | None
-    pivot_weight_decay: float
+    pivot_weight_decay: float  # the optimizer_args' weight_decay, else the top-level pivot_weight_decay
     lora_enabled: bool  # LoRA takes part in the forward pass (a lora stage ran at or before this one)
 
     @property
@@ -112,9 +115,11 @@ class ResolvedStage:
         return {k: v for k, v in entry.items() if v is not None}
 
     def describe(self) -> str:
-        """The log line at stage start: ``key=value`` pairs of :meth:`preset_entry` (groups as ``<name>_lr``)."""
+        """The log line at stage start: ``key=value`` pairs of :meth:`preset_entry` (groups as ``<name>_lr``), and
+        the pivot's weight decay where the stage trains it (not a stage key: :mod:`pti_plugin.stage_groups`)."""
         entry = self.preset_entry()
         fields = [f"{key}={entry[key]!r}" for key in entry if key not in ("name", "kind")]
+        fields += [f"pivot_weight_decay={self.pivot_weight_decay!r}"] if self.train_pivot else []
         return f"stage {self.index} {self.name!r} ({self.kind}): " + " ".join(fields)
 
 
@@ -162,11 +167,14 @@ def resolve_stage(config: Config, stage: StageConfig, index: int, lora_seen: boo
                           if is_lora and getattr(stage, target) is None and getattr(config, switch))
         raise ConfigError.at(f"stages.{index}.train_pivot", f": stage {name!r} trains nothing{implied}: set train_pivot, "
                              "train_unet or train_text_encoder")
+    check_stage_keys(config, stage, index, name, {"train_pivot": train_pivot, "train_unet": train_unet,
+                                                  "train_text_encoder": train_te})
     steps, epochs = _length(config, stage, index)
     warmup, decay = own_or_top("lr_warmup_steps"), own_or_top("lr_decay_steps")
+    optimizer_args = tuple(own_or_top("optimizer_args"))
     return ResolvedStage(
         index=index, name=name, kind=stage.kind, steps=steps, max_train_epochs=epochs,
-        learning_rate=lr, optimizer_type=own_or_top("optimizer_type"), optimizer_args=tuple(own_or_top("optimizer_args")),
+        learning_rate=lr, optimizer_type=own_or_top("optimizer_type"), optimizer_args=optimizer_args,
         lr_scheduler=own_or_top("lr_scheduler"), lr_warmup_steps=warmup if steps is None else warmup_steps(warmup, steps),
         lr_scheduler_num_cycles=config.lr_scheduler_num_cycles, lr_scheduler_power=config.lr_scheduler_power,
         lr_scheduler_type=own_or_top("lr_scheduler_type"), lr_scheduler_args=tuple(own_or_top("lr_scheduler_args")),
@@ -177,7 +185,8 @@ def resolve_stage(config: Config, stage: StageConfig, index: int, lora_seen: boo
         pivot_lr=(stage.pivot_lr or lr) if train_pivot else None,
         unet_lr=(own_or_top("unet_lr") or lr) if train_unet else None,
         text_encoder_lr=(own_or_top("text_encoder_lr") or lr) if train_te else None,
-        pivot_weight_decay=config.pivot_weight_decay, lora_enabled=lora_seen or is_lora,
+        pivot_weight_decay=pivot_weight_decay(config, stage, index, name, optimizer_args, train_pivot),
+        lora_enabled=lora_seen or is_lora,
     )
 
 
@@ -350,56 +359,82 @@ def _why_unused(config: Config, key: str, stage: StageConfig, resolved: Resolved
              **{switch: (target, True, "") for switch, target in SWITCH_TARGETS.items()}}[key]
     own, trains, switch = group
     if not trains:
-        return _Unused(f"{where}.{switch} = false")
+        return _Unused(switch_text(stage, resolved.index, own))
     return None if getattr(stage, own) is None else _Unused(f"{where}.{own} = {getattr(stage, own)!r}")
 
 
 def check_given_values_are_used(config: Config, raw_stages: list[StageConfig], given: dict[str, str]) -> None:
     """Raise ConfigError for a given top-level value (``given``: key -> where it came from) that no stage uses; one a
-    kohya ``config_file`` gave (``"config_file <path>"``) is a warning instead, as kohya ignores it silently (its GUI
-    writes ``text_encoder_lr`` beside ``network_train_unet_only = true``)."""
+    kohya ``config_file`` gave (``"config_file <path>"``) is a warning instead, saying what kohya would do with it
+    (:func:`_what_kohya_does`; its GUI writes ``text_encoder_lr`` beside ``network_train_unet_only = true``)."""
     for key, source in given.items():
         if key.startswith("stages."):
             _check_stage_rate_is_used(config, raw_stages, key, source)
             continue
         if key not in STAGE_DEFAULT_KEYS + LENGTH_KEYS + LORA_SHORTHANDS:
             continue
-        reasons = [_why_unused(config, key, stage, resolved, typed=source == "command line")
+        reasons = [_why_unused(config, key, stage, resolved, typed=source in ("command line", "--set"))
                    for stage, resolved in zip(raw_stages, config.stages)]
         if any(reason is None for reason in reasons):
             continue
-        value = getattr(config, key)
-        target = ({"max_train_steps": "steps"} | SWITCH_TARGETS).get(key, key)
-        value_text = str(not value).lower() if key in SWITCH_TARGETS else _toml_literal(value)
-        commands = " or ".join(f"--set stages.{s.index}.{target}={value_text} ({s.kind} stage {s.name!r})"
-                               for s, raw in zip(config.stages, raw_stages)
-                               if not (target in ("unet_lr", "text_encoder_lr", *SWITCH_TARGETS.values()) and s.kind != "lora")
-                               and not (target == "steps" and raw.max_train_epochs is not None)
-                               and not (target == "learning_rate" and _group_rates(config, raw, s)))
+        kohya_rate = key == "learning_rate" and source.startswith("config_file")  # kohya's is the LoRA's, never the pivot's
+        value, commands = getattr(config, key), " or ".join(_hints(config, raw_stages, key, lora_only=kohya_rate))
         overridden = any(reason.by_epochs for reason in reasons)
         why = "; ".join(reason.text for reason in reasons)
         lead = f"To give a stage {value} steps instead" if overridden else "To change a stage"
-        hint = f" {lead}, use {commands}." if commands else " No stage can use it: remove it."
+        hint = (f" {lead}, use {commands}." if commands else " No lora stage can use it." if kohya_rate
+                else " No stage can use it: remove it.")
         if overridden:  # kohya: max_train_epochs overrides max_train_steps
             logger.warning("max_train_epochs = %d (%s) replaces max_train_steps = %d (%s), as in kohya (\"override "
                            "steps\"): %s.%s", config.max_train_epochs, given.get("max_train_epochs", "preset"), value,
                            source, why, hint)
             continue
-        message = f"{key} = {_toml_literal(value)} ({source}) is used by no stage: " + why + "." + hint
+        message = f"{key} = {toml_literal(value)} ({source}) is used by no stage: " + why + "."
         if not source.startswith("config_file"):
-            raise ConfigError(message)
-        logger.warning("%s (%s)", message, _what_kohya_does(key, given))
+            raise ConfigError(message + hint)
+        logger.warning("%s %s; the run goes on without it.%s", message, _what_kohya_does(config, raw_stages, key, given),
+                       hint)
+
+
+def _hints(config: Config, raw_stages: list[StageConfig], key: str, lora_only: bool = False) -> list[str]:
+    """The commands that make a stage use the top-level ``key``'s value, in stage order (none: no stage can). For
+    ``learning_rate`` (kohya's LoRA rate) the lora stages' come first, then kohya's ``--unet_lr``/``--text_encoder_lr``
+    where a lora stage would take them, then the inversion stages' (none with ``lora_only``: a kohya file's rate). A
+    LoRA rate whose lora stage does not train its group names the switch that trains it (a ``--set`` of the stage's
+    rate would be refused: ``stage_groups``)."""
+    value = getattr(config, key)
+    target = ({"max_train_steps": "steps"} | SWITCH_TARGETS).get(key, key)
+    value_text = str(not value).lower() if key in SWITCH_TARGETS else toml_literal(value)
+    lora_only = lora_only or target in ("unet_lr", "text_encoder_lr", *SWITCH_TARGETS.values())
+    stages, lora, other = list(zip(config.stages, raw_stages)), [], []
+    for s, raw in stages:
+        label = f"{s.kind} stage {s.name!r}"
+        if ((lora_only and s.kind != "lora") or (target == "steps" and raw.max_train_epochs is not None)
+                or (target == "learning_rate" and _group_rates(config, raw, s))):
+            continue
+        if key in LORA_GROUPS and not getattr(s, LORA_GROUPS[key][0]):
+            command = " or ".join(switch_commands(raw, s.index, key)) + f" ({label} then trains its {LORA_GROUPS[key][2]} at it)"
+        else:
+            command = f"--set stages.{s.index}.{target}={value_text} ({label})"
+        (lora if s.kind == "lora" or key != "learning_rate" else other).append(command)
+    if key != "learning_rate":
+        return lora
+    rates = [rate for rate, (switch, _, _) in LORA_GROUPS.items() if getattr(config, rate) is None and any(
+        s.kind == "lora" and getattr(s, switch) and getattr(raw, rate) is None for s, raw in stages)]
+    kohya = [" ".join(f"--{rate} {value_text}" for rate in rates) + " in place of learning_rate (kohya's LoRA "
+             "rates; the inversion keeps its own)"] if rates else []
+    return lora + kohya + other
 
 
 def warn_rate_reaching_inversion(config: Config, raw_stages: list[StageConfig], given: dict[str, str]) -> None:
-    """Once, at start-up: a warning when a top-level ``learning_rate`` that the command line or a kohya ``config_file``
-    gave (``given``: key -> where from) reaches an inversion stage that sets neither ``learning_rate`` nor ``pivot_lr``
-    (a built-in one, or a preset's): it replaces the inversion default (``DEFAULT_STAGE_LRS``) there, while in kohya
-    it is the LoRA's rate. It names the ``--set`` that keeps the default; a stage rate of the user's own (that
+    """Once, at start-up: a warning when a top-level ``learning_rate`` that the command line (a flag or a ``--set``) or
+    a kohya ``config_file`` gave (``given``: key -> where from) reaches an inversion stage that sets neither
+    ``learning_rate`` nor ``pivot_lr`` (a built-in one, or a preset's): it replaces the inversion default
+    (``DEFAULT_STAGE_LRS``) there, while in kohya it is the LoRA's rate. It names the ``--set`` that keeps the default; a stage rate of the user's own (that
     ``--set``, or the preset stage's) is what the user meant: that stage is left out. A preset's top-level
     ``learning_rate`` is the preset's design (the README says where it reaches): no warning."""
     source, default = given.get("learning_rate", ""), DEFAULT_STAGE_LRS["inversion"]
-    if not (source == "command line" or source.startswith("config_file")) or config.learning_rate == default:
+    if not (source in ("command line", "--set") or source.startswith("config_file")) or config.learning_rate == default:
         return
     reached = [s for s, raw in zip(config.stages, raw_stages)
                if s.kind == "inversion" and raw.learning_rate is None and raw.pivot_lr is None]
@@ -407,24 +442,57 @@ def warn_rate_reaching_inversion(config: Config, raw_stages: list[StageConfig], 
         return
     several = len(reached) > 1
     stages = ("stages " if several else "stage ") + " and ".join(f"stages.{s.index} ({s.name!r})" for s in reached)
-    commands = " ".join(f"--set stages.{s.index}.learning_rate={_toml_literal(default)}" for s in reached)
+    commands = " ".join(f"--set stages.{s.index}.learning_rate={toml_literal(default)}" for s in reached)
     logger.warning("learning_rate = %s (%s) is also the rate of the inversion %s, which set%s no learning_rate "
                    "of %s own: %s pivot learns at it instead of the inversion default %s. Here a top-level "
                    "learning_rate is the default of every stage; in kohya it is the LoRA's rate (and a lower rate "
                    "slows the inversion). To keep %s for the inversion, add %s (a stage rate of your own, set that "
-                   "way, also silences this warning).", _toml_literal(config.learning_rate), source, stages,
+                   "way, also silences this warning).", toml_literal(config.learning_rate), source, stages,
                    "" if several else "s", "their" if several else "its", "their" if several else "its",
-                   _toml_literal(default), _toml_literal(default), commands)
+                   toml_literal(default), toml_literal(default), commands)
 
 
-def _what_kohya_does(key: str, given: dict[str, str]) -> str:
-    """What kohya does with a kohya config file's ``key`` that no stage here uses: it ignores it, except a
-    ``text_encoder_lr`` in a file that leaves ``network_train_unet_only`` unset (whatever the preset says), where kohya's default (false) trains
-    a text-encoder LoRA at that rate and pti-plugin's (true) does not."""
-    if key == "text_encoder_lr" and not given.get("network_train_unet_only", "").startswith("config_file"):
-        return ("kohya would train a text-encoder LoRA at this rate, its network_train_unet_only defaulting to false; "
-                "pti-plugin's defaults to true: add network_train_unet_only = false to the file to train one")
-    return "kohya ignores it; the run goes on without it"
+_GROUP_WORDS = {"pivot": "the pivot", "unet_lora": "its UNet LoRA", "text_encoder_lora": "its text-encoder LoRA"}
+
+
+def _what_kohya_does(config: Config, raw_stages: list[StageConfig], key: str, given: dict[str, str]) -> str:
+    """What kohya's ``train_network.py`` would do with a kohya config file's ``key`` that no stage uses, and what the
+    (last) lora stage does here instead. kohya sees what the file and the command line give (not the preset's
+    values; its switches default to false). It ignores only a LoRA rate whose module its "only" switch leaves out,
+    and a ``learning_rate`` that each LoRA module's own rate replaces (``networks/lora.py``
+    ``prepare_optimizer_params``: ``learning_rate`` is the default rate); every other key shapes its one run
+    (``max_train_steps``: its length)."""
+    in_kohya = lambda k: given.get(k, "preset") != "preset"
+    off = lambda rate: in_kohya(LORA_GROUPS[rate][1]) and bool(getattr(config, LORA_GROUPS[rate][1]))
+    value, lora = toml_literal(getattr(config, key)), metadata_lora_stage(config)
+    if key in LENGTH_KEYS:
+        lengths = ", ".join(f"{s.name!r} {s.steps} steps" if s.steps is not None else f"{s.name!r} {s.max_train_epochs} "
+                            "epochs" for s in config.stages)
+        return (f"kohya would train {value} {'steps' if key == 'max_train_steps' else 'epochs'} in all; here each "
+                f"stage runs its own length ({lengths})")
+    here = "here no stage trains a LoRA" if lora is None else f"here stage {lora.name!r} trains " + ", ".join(
+        f"{_GROUP_WORDS[group]} at {rate:g}" for group, rate in lora.groups())
+    if key == "learning_rate":
+        takes = [LORA_GROUPS[rate][2] for rate in LORA_GROUPS if not off(rate) and not in_kohya(rate)]
+        if not takes:
+            return (f"kohya trains no LoRA module at it either (each has its own rate), it only records it as "
+                    f"ss_learning_rate; {here}")
+        return f"kohya would train the {' and '.join(takes)} at {value} (learning_rate is its default LoRA rate); {here}"
+    if key in LORA_GROUPS:
+        _, only, group = LORA_GROUPS[key]
+        if off(key):
+            return f"kohya ignores it too ({only} = true: it trains no {group})"
+        if key == "text_encoder_lr" and not in_kohya(only):  # kohya's default trains one, ours does not
+            own_switch = lora is not None and raw_stages[lora.index].train_text_encoder is not None
+            return ("kohya would train a text-encoder LoRA at this rate, its network_train_unet_only defaulting to "
+                    "false; pti-plugin's defaults to true" + ("" if own_switch else ": add network_train_unet_only = "
+                                                               "false to the file to train one") + f"; {here}")
+        return f"kohya would train a {group} at this rate; {here}"
+    if key in SWITCH_TARGETS:
+        group = next(group for _, only, group in LORA_GROUPS.values() if only == key)
+        return f"kohya would train {'no' if getattr(config, key) else 'a'} {group}; {here}"
+    used = "no stage trains a LoRA" if lora is None else f"stage {lora.name!r} uses {key} = {toml_literal(getattr(lora, key))}"
+    return f"kohya would train the LoRA with it; here {used}"
 
 
 def _check_stage_rate_is_used(config: Config, raw_stages: list[StageConfig], path: str, source: str) -> None:
@@ -434,21 +502,11 @@ def _check_stage_rate_is_used(config: Config, raw_stages: list[StageConfig], pat
     stage, resolved = raw_stages[index], config.stages[index]
     rates = _group_rates(config, stage, resolved)
     if rates:
-        value = _toml_literal(stage.learning_rate)
+        value = toml_literal(stage.learning_rate)
         commands = " or ".join(f"--set stages.{index}.{key}={value}" for key, _ in rates)
         raise ConfigError(f"{path} = {value} ({source}) reaches no parameter group of stages.{index} "
                           f"({resolved.name!r}): its groups take {', '.join(text for _, text in rates)}. "
                           f"To change them, use {commands}.")
-
-
-def _toml_literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 # ----------------------------------------------------------------------------- consumers
@@ -498,6 +556,7 @@ def training_metadata(config: Config) -> dict[str, str]:
                 meta[f"ss_{key}"] = str(getattr(stage, key))
         else:
             meta["pti_inversion_pivot_lr"] = str(stage.pivot_lr)
+            meta["pti_inversion_pivot_weight_decay"] = str(stage.pivot_weight_decay)
     return meta
 
 

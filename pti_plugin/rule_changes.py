@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: The training rules this version trains under, recorded with each state as progress.json's ``rules``.
-RULES = 3
+RULES = 4
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class RunFacts:
     token: str = ""
     num_vectors: int = 1
     model: Any = None
+    config: Any = None  # the resolved Config, for a change decided by a setting
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,13 @@ def _has_sdxl_pad_windows(facts: RunFacts) -> bool:
                for captions, anywhere in ((fixed, False), (moving, True)) if captions)
 
 
+def _decays_the_pivot_otherwise(facts: RunFacts) -> bool:
+    """A stage that trains the pivot at another weight decay than ``pivot_weight_decay`` (its ``optimizer_args``')."""
+    config = facts.config
+    return config is not None and any(stage.train_pivot and stage.pivot_weight_decay != config.pivot_weight_decay
+                                      for stage in config.stages)
+
+
 RULE_CHANGES: tuple[RuleChange, ...] = (
     RuleChange(1, "SDXL's size ids: crop_top_left is kohya's (the margins of the image fitted inside its bucket), "
                   "where it was the bucket window's offset", lambda f: f.family == "sdxl"),
@@ -94,6 +102,8 @@ RULE_CHANGES: tuple[RuleChange, ...] = (
     RuleChange(3, "a training image without a caption file in a kohya folder <repeats>_<name> whose name contains the "
                   "token is captioned with the name (kohya's class_tokens), where it took caption_template",
                lambda f: any(not item.is_reg and item.caption_source == "folder" for item in f.items)),
+    RuleChange(4, "a weight_decay in a stage's optimizer_args decays the pivot too (kohya's textual inversion), where "
+                  "the pivot took pivot_weight_decay alone", _decays_the_pivot_otherwise),
 )
 
 
@@ -121,7 +131,7 @@ def warn_older_rules(progress: Any, config: "Config", subsets: Sequence["Subset"
     from .family_checks import run_family
 
     facts = RunFacts(run_family(config), config.max_token_length, subsets, items, config.token_string,
-                     config.num_vectors_per_token, model)
+                     config.num_vectors_per_token, model, config)
     changed = [change.what for change in RULE_CHANGES if saved < change.rules <= RULES and change.touches(facts)]
     if changed:
         listed = "; ".join(f"({n}) {what}" for n, what in enumerate(changed, 1))

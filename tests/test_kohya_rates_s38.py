@@ -101,8 +101,9 @@ def test_the_used_by_no_stage_hint_names_each_stages_kind(in_tmp):
                                    '[[stages]]\nname = "lo"\nkind = "lora"\nlearning_rate = 1e-3\n')
     with pytest.raises(ConfigError) as caught:
         _load(["--preset", "p.toml", "--learning_rate", "1e-2"])
-    assert str(caught.value).endswith("To change a stage, use --set stages.0.learning_rate=0.01 (inversion stage "
-                                      "'inversion0') or --set stages.1.learning_rate=0.01 (lora stage 'lo').")
+    assert str(caught.value).endswith("To change a stage, use --set stages.1.learning_rate=0.01 (lora stage 'lo') or "
+                                      "--unet_lr 0.01 in place of learning_rate (kohya's LoRA rates; the inversion keeps "
+                                      "its own) or --set stages.0.learning_rate=0.01 (inversion stage 'inversion0').")
 
 
 @pytest.mark.parametrize("argv, file, source", [

@@ -47,7 +47,7 @@ def test_log_toml_and_metadata_hold_the_resolved_values(preset, tmp_path, capsys
     out = Path(raw["output_dir"])
 
     logged = _stage_log_lines(capsys.readouterr().out)
-    assert logged == EXPECTED
+    assert logged == EXPECTED | {"inversion": EXPECTED["inversion"] | {"pivot_weight_decay": 0.0}}  # not a stage key
     saved = {s.pop("name"): s for s in toml.loads((out / "pti.config.toml").read_text())["stages"]}
     assert {name: {k: v for k, v in s.items() if k != "kind"} for name, s in saved.items()} == EXPECTED
 
@@ -63,6 +63,7 @@ def test_log_toml_and_metadata_hold_the_resolved_values(preset, tmp_path, capsys
         "ss_learning_rate": "0.01", "ss_unet_lr": "0.003", "ss_text_encoder_lr": "None", "ss_max_train_steps": "2",
         "ss_lr_scheduler": "linear", "ss_lr_warmup_steps": "1", "ss_optimizer": "AdamW(weight_decay=0.1)", "ss_steps": "6"}
     assert {k: meta.get(k) for k in ("pti_inversion_learning_rate", "pti_inversion_max_train_steps",
-                                     "pti_inversion_lr_scheduler", "pti_inversion_pivot_lr")} == {
+                                     "pti_inversion_lr_scheduler", "pti_inversion_pivot_lr",
+                                     "pti_inversion_pivot_weight_decay")} == {
         "pti_inversion_learning_rate": "0.05", "pti_inversion_max_train_steps": "4",
-        "pti_inversion_lr_scheduler": "linear", "pti_inversion_pivot_lr": "0.05"}
+        "pti_inversion_lr_scheduler": "linear", "pti_inversion_pivot_lr": "0.05", "pti_inversion_pivot_weight_decay": "0.0"}

@@ -177,3 +177,15 @@ def test_a_rules_2_state_of_a_folder_run_whose_name_now_captions_its_images_is_w
         return OLDER in caplog.text and "(1) a training image without a caption file in a kohya folder" in caplog.text
 
     assert warned("1_tok1 girl") and not warned("1_girl") and not warned("1_tok1")
+
+
+def test_a_rules_3_state_whose_stage_decays_the_pivot_through_optimizer_args_is_warned_about(preset, tmp_path, caplog):
+    """Rules 4: a weight_decay in a stage's optimizer_args decays the pivot too (it took pivot_weight_decay alone); a
+    rules-3 state of a run whose pivot-training stage has one is warned about, one without is not."""
+    old = read_progress(_state(tmp_path / "old", rules=3))
+    with caplog.at_level("WARNING"):
+        warn_older_rules(old, build_config(preset()), [], [], None)
+    assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        warn_older_rules(old, build_config(preset(optimizer_args=["weight_decay=0.1"])), [], [], None)
+    assert OLDER in caplog.text and "decays the pivot too" in caplog.text
