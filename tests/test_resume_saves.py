@@ -48,7 +48,7 @@ def test_save_state_writes_a_final_state_that_continues_like_a_longer_run(preset
                         "token_string": "tok1", "base": {"model": Path(first["pretrained_model_name_or_path"]).name, "vae": None,
                                                            "base_weights": []},
                         "lora_scales": {"network_alpha": float(build_config(first).network_alpha), "conv_alpha": None},
-                        "batch": {"processes": 1, "train_batch_size": 2, "gradient_accumulation_steps": 1}, "rules": 3}
+                        "batch": {"processes": 1, "train_batch_size": 2, "gradient_accumulation_steps": 1}, "rules": 4}
     saved = load_file(state / "trainable.safetensors")
     assert torch.equal(saved["pivot.vectors"], load_file(tmp_path / "first" / "tok1.safetensors")["emb_params"])
 
