@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 
 # Training reads local files only, so nothing in its process may reach the Hugging Face Hub: bitsandbytes, which peft
 # and diffusers import, otherwise asks it for an optional CPU kernel at import. Set before any library loads (this
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from .formats.embedding import EmbeddingFormatError
     from .formats.kohya_lora import LoraFormatError
     from .safe_load import BadSafetensorsError, UnreadableFileError, UnsafeFileError
+    from .plugin_calls import PluginError
     from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
     user_errors = (ConfigError, CaptionError, EmbeddingFormatError, LoraFormatError, BadSafetensorsError,
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"error: {exc}", 2, quiet=told_elsewhere(exc), alike=other_rank)
     except NonFiniteLossError as exc:
         return _fail(f"error: {exc}", 3)
+    except PluginError as exc:  # the plugin's own frames above the line that names it, what was saved below
+        traceback.clear_frames(exc.__traceback__)  # the stopped stage's progress bar is closed now, not after the line
+        return _fail(f"{exc.plugin_traceback}error: {exc}", 5)
     except WriteFailedError as exc:  # a full disk, a file-size limit, a read-only folder: the file named
         return _fail(f"error: {exc}", 4)
     except TrainingInterrupted as exc:

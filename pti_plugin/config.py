@@ -325,6 +325,11 @@ class Config:
     stages: tuple = doc("Ordered stages ([[stages]] tables); resolved (ResolvedStage) once built.", factory=default_stages)
     plugins: dict[str, dict[str, Any]] = doc("Enabled plugins: [plugins.NAME] tables of options.", factory=dict)
 
+    def __post_init__(self) -> None:  # the plugin tables read-only too (plugins read them through state.config)
+        from .read_only import read_only_tables
+
+        object.__setattr__(self, "plugins", read_only_tables(self.plugins, "config.plugins"))
+
     @property
     def init_words(self) -> list[str]:
         """``init_word`` as a list: one word per pivot vector, or one word for all of them."""

@@ -375,6 +375,20 @@ def kohya_run_metadata(config) -> dict[str, str]:
     return meta | (kohya_source_metadata("vae", config.vae) if config.vae else {})
 
 
+def run_pti_metadata(config) -> dict[str, str]:
+    """The trainer's own ``pti_*`` keys of a saved LoRA beside the training keys: the token, init word, vectors,
+    stages, plugins and merged base weights (a plugin's metadata may not replace one: ``plugin_calls.py``)."""
+    from .base_weights import base_weights_metadata
+
+    return {
+        "pti_token_string": config.token_string,
+        "pti_init_word": json.dumps(config.init_word),
+        "pti_num_vectors_per_token": str(config.num_vectors_per_token),
+        "pti_stages": json.dumps(resolved_dict(config)["stages"]),
+        "pti_plugins": json.dumps(config.plugins),
+    } | base_weights_metadata(config.base_weights, config.base_weights_multiplier)
+
+
 def write_lora_and_embedding(
     files: RunFiles,
     suffix: str | None,
@@ -389,6 +403,7 @@ def write_lora_and_embedding(
     family=None,
     num_validation_images: int = 0,
     run_metadata: dict[str, str] | None = None,
+    training: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write the kohya LoRA (with the pivot bundled for A1111) and the standalone embedding.
 
@@ -397,13 +412,14 @@ def write_lora_and_embedding(
     holds one ``[n, d_i]`` tensor per text encoder. ``family`` (a ``ModelFamily``; None: SD1.5) names
     the modules (its key table) and lays out the embedding (its embedding layout). ``num_validation_images``: the
     images ``validation_split`` holds out (kohya's ``ss_num_validation_images``). ``run_metadata``: kohya's dataset,
-    session and epoch keys (``formats.kohya_dataset_metadata``), over the others.
+    session and epoch keys (``formats.kohya_dataset_metadata``), over the others. ``training``: the ``ss_*`` and
+    ``pti_*`` training keys (None: the preset's stages', ``resolution.training_metadata``; a schedule plugin's plans
+    give their own, ``plan_report.schedule_training_metadata``).
     """
     from .config import network_args
     from .formats.embedding import bundle_embedding_keys, save_embedding
     from .formats.kohya_lora import kohya_metadata, minimum_metadata, peft_to_kohya, save_lora
     from .formats.model_spec import OPTIONAL_FIELDS, model_spec_metadata, thumbnail_data_url
-    from .base_weights import base_weights_metadata
     from .models.family import make_family
 
     family = family if family is not None else make_family("sd15")
@@ -413,15 +429,10 @@ def write_lora_and_embedding(
     tensors = peft_to_kohya(lora, alphas, dtype=dtype, table=table)
     if bundle:
         tensors |= bundle_embedding_keys(config.token_string, vectors, layout)
-    pti = {
-        "pti_token_string": config.token_string,
-        "pti_init_word": json.dumps(config.init_word),
-        "pti_num_vectors_per_token": str(config.num_vectors_per_token),
-        "pti_stages": json.dumps(resolved_dict(config)["stages"]),
-        "pti_plugins": json.dumps(config.plugins),
-    } | base_weights_metadata(config.base_weights, config.base_weights_multiplier) | extra_metadata
+    pti = run_pti_metadata(config) | extra_metadata
     conv = network_args(config)
-    training = training_metadata(config)  # ss_* from the lora stage, pti_inversion_* from the inversion stage
+    if training is None:
+        training = training_metadata(config)  # ss_* from the lora stage, pti_inversion_* from the inversion stage
     now = time.time()
     metadata = kohya_metadata(
         network_dim=config.network_dim, network_alpha=config.network_alpha, output_name=config.output_name,

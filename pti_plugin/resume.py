@@ -6,13 +6,15 @@ project's allow-listed unpickler, ``safe_load.py``), ``progress.json`` the stage
 step counters, what the optimizer state belongs to: the stage's kind, its ``optimizer_type`` and
 its parameter groups (names and tensor counts), the ``token_string`` the pivot was trained for, and how its
 global batch was made (processes, batch, accumulation: a resume with another is warned about; state folders
-written before these were recorded lack them). Loading refuses, naming the culprit, a
+written before these were recorded lack them); ``plugins.json`` and ``plugins.safetensors`` the plugins' own states,
+when a plugin keeps one (``plugin_state.py``). Loading refuses, naming the culprit, a
 broken file and a state that does not fit the run (tensor names or shapes, stage kind, optimizer type,
 parameter groups, token).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,7 +23,7 @@ import shlex
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch
 from .atomic_io import atomic_torch_save, atomic_write_text, save_safetensors_atomic, umask, write_failed
 from .config import ConfigError
 from .outputs import latest_state_of_config, state_folders
+from .plugin_state import PluginStates, read_plugin_states
 from .rule_changes import RULES
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class SavedProgress:
     lora_scales: dict[str, Any] | None = None  # the LoRA's alphas (:func:`lora_scales`)
     batch: dict[str, int] | None = None  # how the global batch was made (:func:`batch_shape`)
     rules: int | None = None  # the training rules it was saved under (:mod:`~pti_plugin.rule_changes`)
+    plugins: PluginStates | None = field(default=None, compare=False, repr=False)  # read by check_resume_fits
 
 
 @dataclass
@@ -88,15 +92,16 @@ def save_state(
     stage_index: int, stage_step: int, global_step: int, *, stage_kind: str | None = None,
     optimizer_type: str | None = None, param_groups: list[tuple[str, int]] | None = None, replace: bool = False,
     token_string: str | None = None, base: dict[str, Any] | None = None, lora_scales: dict[str, Any] | None = None,
-    batch: dict[str, int] | None = None,
+    batch: dict[str, int] | None = None, plugins: PluginStates | None = None,
 ) -> Path:
     """Write the state folder (to a temporary folder first, renamed when complete).
 
     ``stage_kind``, ``optimizer_type``, ``param_groups`` (``(name, number of tensors)`` per optimizer
     group) and ``token_string`` go to ``progress.json``, so that a resume with another optimizer, stage
     or token is refused before it trains; ``base`` (:func:`base_identity`) too, so that a resume on another
-    base model is warned about, and ``batch`` (:func:`batch_shape`), so that one with another global batch is. An existing ``folder`` is refused unless ``replace``
-    (``overwrite = true``): then the new state takes its place once complete."""
+    base model is warned about, and ``batch`` (:func:`batch_shape`), so that one with another global batch is; ``plugins``
+    (:func:`~.plugin_state.collect_plugin_states`) beside them, so that each plugin continues from its own state. An
+    existing ``folder`` is refused unless ``replace`` (``overwrite = true``): then the new state takes its place once complete."""
     if folder.exists() and not replace:
         raise FileExistsError(f"refusing to overwrite state folder {folder} (set overwrite = true to allow it)")
     try:
@@ -109,6 +114,8 @@ def save_state(
         save_safetensors_atomic(tmp / "trainable.safetensors", {k: v.detach() for k, v in tensors.items()})
         atomic_torch_save(tmp / "optimizer.pt", optimizer)
         atomic_torch_save(tmp / "lr_scheduler.pt", lr_scheduler)
+        if plugins is not None:
+            plugins.write(tmp)
         progress: dict[str, Any] = {"stage_index": stage_index, "stage_step": stage_step, "global_step": global_step}
         if stage_kind is not None:
             progress["stage_kind"] = stage_kind
@@ -307,10 +314,11 @@ def check_resume_fits(folder: Path, stages, base: dict[str, Any] | None = None) 
     """Before anything loads: refuse a state whose stage is not in ``stages`` (the run's resolved stages)
     or was saved by a stage of another kind or optimizer type, or, when that stage's length is set in steps, past its
     end (:func:`check_resume_within_stage`; an epoch-based stage's is checked once the data is scanned); warn when it
-    was trained on another ``base`` (:func:`warn_other_base`); return its :class:`SavedProgress`."""
+    was trained on another ``base`` (:func:`warn_other_base`); return its :class:`SavedProgress`, with the plugins'
+    states it holds (:func:`~.plugin_state.read_plugin_states`)."""
     from .optimizers import optimizer_key
 
-    progress = read_progress(folder)
+    progress = dataclasses.replace(read_progress(folder), plugins=read_plugin_states(folder))
     index = progress.stage_index
     if index >= len(stages):
         raise ConfigError(f"key 'resume': {folder} is at stage {index}, but this run has {len(stages)} stage(s)")

@@ -21,10 +21,14 @@ from .data.captions import expand_token
 from .data.dataset import ImageItem, Subset
 from .data.dataset_stats import tag_frequency
 from .formats.kohya_dataset_metadata import kohya_dataset_metadata, session_metadata
-from .hooks import Plugin, TrainerState
+from .hooks import TrainerState, trainer_progress
 from .models.trainable import TrainableModel
 from .nan_policy import optimizer_state_is_finite
-from .outputs import RunFiles, script_says_how_to_continue, trainer_command, write_lora_and_embedding
+from .outputs import RunFiles, run_pti_metadata, script_says_how_to_continue, trainer_command, write_lora_and_embedding
+from .plan_report import schedule_training_metadata
+from .plugin_calls import PluginCalls, PluginError
+from .plugin_state import collect_plugin_states
+from .resolution import training_metadata
 from .resume import SavedProgress, base_identity, batch_shape, lora_scales, save_state
 from .save_schedule import SaveSchedule, epoch_metadata, prune_saves
 from .tracker_keys import TrackerKeys
@@ -52,13 +56,14 @@ def saves_left_in_place(config: Config, files: RunFiles, steps_per_epoch: int) -
 
 class RunOutputs:
     """A run's writes (see the module docstring). ``items``: the training images (the metadata's tag frequency, the
-    samples' size); ``vae_offloaded``: the VAE waits on the CPU and comes to the device for the samples."""
+    samples' size); ``vae_offloaded``: the VAE waits on the CPU and comes to the device for the samples; ``calls``: the
+    run's plugins, whose ``on_before_save`` each save calls."""
 
-    def __init__(self, config: Config, accelerator, files: RunFiles, model: TrainableModel, plugins: list[Plugin],
+    def __init__(self, config: Config, accelerator, files: RunFiles, model: TrainableModel, calls: PluginCalls,
                  state: TrainerState, items: list[ImageItem], num_validation_images: int, vae_offloaded: bool,
                  info: Callable[[str], None], subsets: list[Subset], global_batch: int):
         self.config, self.accelerator, self.files, self.model = config, accelerator, files, model
-        self.plugins, self.state, self.items, self.info = plugins, state, items, info
+        self.calls, self.plugins, self.state, self.items, self.info = calls, calls.plugins, state, items, info
         self.num_validation_images, self.vae_offloaded = num_validation_images, vae_offloaded
         # kohya's dataset and session keys, once (``subsets``: the scan's, which ``items`` index)
         self.kohya_keys = session_metadata(time.time()) | kohya_dataset_metadata(
@@ -97,22 +102,25 @@ class RunOutputs:
             numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float))}
             self.accelerator.log(numbers | (tracker_only or {}), step=step)
 
-    def save(self, optimizer, tag: str | None = None, with_state: bool = False) -> dict[str, Path]:
+    def save(self, optimizer, tag: str | None = None, with_state: bool = False, together: bool = True) -> dict[str, Path]:
         """Write the LoRA and embedding (final names when ``tag`` is None, else ``<name>-<tag>``),
         and the resumable state when asked (``<name>-state-<tag>``; the final one ``<name>-state-stepNNNNNNNN``;
-        ``optimizer``: the stage's, accelerate's wrapper or a plain one), from the main process."""
+        ``optimizer``: the stage's, accelerate's wrapper or a plain one), from the main process; the processes wait
+        for each other after it unless not ``together`` (a save one process makes alone)."""
         state, config, suffix, paths = self.state, self.config, tag, {}
         with_state = with_state or (tag is None and config.save_state_on_train_end)  # kohya's: the final save's state
         if self.accelerator.is_main_process:
-            files: dict[str, Any] = {"metadata": dict(state.metadata)}
-            for plugin in self.plugins:
-                plugin.on_before_save(state, files)
+            training = schedule_training_metadata(state)  # None: the preset's stages' (the built-in schedule)
+            training = training_metadata(config) if training is None else training
+            own = run_pti_metadata(config).keys() | {k for k in training if k.startswith("pti_")}
+            metadata = self.calls.save_metadata(own)  # on_before_save: a plugin's entries checked, bad ones dropped
             paths = write_lora_and_embedding(
                 self.files, suffix, self.model.lora_state_dicts(), self.model.lora_alphas,
-                tuple(p.vectors for p in self.model.pivots), config, state.global_step, files["metadata"],
+                tuple(p.vectors for p in self.model.pivots), config, state.global_step, metadata,
                 tag_frequency(self.items), family=self.model.family, num_validation_images=self.num_validation_images,
                 run_metadata=self.kohya_keys | epoch_metadata(config, state.steps_per_epoch, state.stage_index,
                                                               state.stage_step, final=tag is None),
+                training=training,
             )
             folder = self.files.state_dir(suffix or f"step{state.global_step:08d}")
             if with_state and config.resume and folder.resolve() == Path(config.resume).resolve():
@@ -126,11 +134,13 @@ class RunOutputs:
                     param_groups=[(g["name"], len(g["params"])) for g in state.plan.param_groups],
                     replace=self.files.overwrite, token_string=config.token_string, base=base_identity(config),
                     lora_scales=lora_scales(config), batch=batch_shape(config, self.accelerator.num_processes),
+                    plugins=collect_plugin_states(self.plugins),
                 )
                 self.info(f"saved state {paths['state']}")
             if not (tag or "").startswith("interrupted"):  # kohya's save_last_n_*: the run's older saves, by name
                 prune_saves(self.files, config, state.global_step, state.steps_per_epoch)
-        self.accelerator.wait_for_everyone()
+        if together:
+            self.accelerator.wait_for_everyone()
         if with_state:  # on every process (the others' paths are empty), so that they stop alike (save_on_stop)
             self._saved = (state.global_step, paths)
         return paths
@@ -160,6 +170,32 @@ class RunOutputs:
         return (f"saved {paths['lora'].name} and {paths['embedding'].name} (the optimizer state was non-finite, so no "
                 f"resumable state); start a new run from them with network_weights = {paths['lora']} and weights = "
                 f"{paths['embedding']}")
+
+    def save_after_plugin_error(self, optimizer, resumed: SavedProgress | None, error: PluginError) -> str:
+        """After a plugin's ``error``: save the last finished step's LoRA, embedding and state, as a stop signal does
+        (its own save's files when that step saved a state); return what was saved and how to go on. The weights,
+        optimizer and counters are those of the last finished step whichever hook failed (no hook runs between the
+        optimizer step and the counters' count); a schedule's failed ``plan_stage`` leaves the previous stage's plan,
+        so the state is that stage's end. Nothing is saved when no step finished in this run (since ``resumed``), or
+        after ``on_end`` (the final files are saved). Only this process saves (a plugin may fail on one process)."""
+        state, start = self.state, resumed.global_step if resumed is not None else 0
+        if error.hook == "on_end":
+            return "the run's final files were saved before on_end ran"
+        if state.global_step == start or optimizer is None or state.plan is None:
+            since = f"the resumed state {self.config.resume}, which holds these weights" if resumed else "the start"
+            return f"nothing saved: no training step finished since {since}"
+        if error.hook == "plan_stage":  # the position is the next stage's, the plan and optimizer the previous one's
+            position = trainer_progress(state)
+            position.stage_index -= 1
+            position.stage, position.stage_step = self.config.stages[state.stage_index], state.plan.steps
+        if self._saved is not None and self._saved[0] == state.global_step:
+            paths = self._saved[1]
+        else:
+            paths = self.save(optimizer, tag=f"interrupted-step{state.global_step:08d}", with_state=True, together=False)
+        if not paths:
+            return (f"nothing saved by process {self.accelerator.process_index}: only process 0 writes the run's files "
+                    "(the last step saves are kept)")
+        return self.resume_hint(paths, after_stop=False)
 
     def resume_hint(self, paths: dict[str, Path], after_stop: bool = True) -> str:
         """The files a save wrote and the command that resumes its state ("" when it saved no state). After a stop

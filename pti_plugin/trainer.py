@@ -43,6 +43,7 @@ from .hooks import (
     UNetRows,
     instantiate_plugins,
     schedule_of,
+    trainer_progress,
 )
 from .lora_regularisation import LoraRegularisation
 from .main_process_checks import checked_on_main_process, process_group_starts, stage_set_up_begins, training_steps_begin
@@ -50,6 +51,9 @@ from .models.loading import load_base_model
 from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process
 from .outputs import RunFiles
+from .plan_report import stage_banner, start_plan
+from .plugin_calls import PluginCalls, PluginError
+from .plugin_state import resume_plugins
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import (base_identity, batch_shape, check_lora_scales, check_resume_fits, check_resume_within_epochs,
                      load_state, warn_other_batch)
@@ -110,6 +114,7 @@ class Trainer:
         self.plugins: list[Plugin] = instantiate_plugins(config)
         self.state = TrainerState(config=config, accelerator=self.accelerator, model=None, output_dir=output_dir,  # type: ignore[arg-type]
                                   schedule=schedule_of(self.plugins))
+        self.calls = PluginCalls(self.plugins, self.state)  # every hook through it: a plugin's error names it
         self.state.model = self.model = model = self._build_model(base)
         self.lora_regularisation = LoraRegularisation(config, model)  # kohya's network_dropout, scale_weight_norms
         self.placement = place_model(config, base, model, device, self.accelerator.autocast)
@@ -124,18 +129,18 @@ class Trainer:
         self.validation = Validation(config, self.accelerator, model, self.text_cache, held_out, self._info)
         release_vae(self.placement, base.vae, self.latents.cached, device, output_dir)
         self._micro_batches = self._micro_batch_stream()
-        self.state.steps_per_epoch = steps_per_epoch
+        trainer_progress(self.state).steps_per_epoch = steps_per_epoch
         if config.log_with:
             self.accelerator.init_trackers(tracker_name(config), config=tracker_hparams(config), init_kwargs=tracker_init_kwargs(config))
-        self.outputs = RunOutputs(config, self.accelerator, self.files, model, self.plugins, self.state, self.items,
+        self.outputs = RunOutputs(config, self.accelerator, self.files, model, self.calls, self.state, self.items,
                                   len(self.validation.items), self.placement.vae_offloaded, self._info, self.subsets,
                                   self.global_batch)
         frozen_text = [s.name for s in config.stages if self.text_cache.caches(self.state.stage_trains(s).text_encoders)]
         announce(self._info, config, base, self.placement, device, items=self.items, entries=self.entries,
                  processes=self.accelerator.num_processes, global_batch=self.global_batch, frozen_text=frozen_text,
                  trainable_dtype=self.pivot.vectors.dtype, subsets=self.subsets, output_dir=output_dir)
-        for plugin in self.plugins:
-            plugin.on_setup(self.state)
+        resume_plugins(self.state, self._resume_progress, self.plugins)  # on_setup sees the saved step; plugins their state
+        self.calls.each("on_setup")
 
     def _scan_data(self) -> list[ImageItem]:
         """The training images into ``self.items``; returns the images ``validation_split`` holds out (never among them)."""
@@ -218,8 +223,9 @@ class Trainer:
     def run(self) -> dict[str, Path]:
         """Train every stage and write the final outputs; see the module docstring.
 
-        Raises ``NonFiniteLossError`` (nan_policy) and ``TrainingInterrupted`` (signals) after saving
-        the last good state under ``*-interrupted-*`` names with the command that resumes it.
+        Raises ``NonFiniteLossError`` (nan_policy), ``PluginError`` (a plugin's hook: ``plugin_calls.py``) and
+        ``TrainingInterrupted`` (signals) after saving the last good state under ``*-interrupted-*`` names with the
+        command that resumes it.
         """
         self._locks = self._micro_batches = None
         previous = {}
@@ -229,6 +235,9 @@ class Trainer:
             return self._run()
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"{exc}\n{self.outputs.save_last_finite(self.optimizer, self._resume_progress)}") from None
+        except PluginError as exc:  # a plugin's hook raised or broke the contract: the last finished step is saved
+            exc.saved = self.outputs.save_after_plugin_error(getattr(self, "optimizer", None), self._resume_progress, exc)
+            raise
         finally:
             if self._locks is not None:
                 self._locks.release()
@@ -242,7 +251,7 @@ class Trainer:
         if config.resume:
             resumed = load_state(self._resume_progress, self.model.trainable_tensors())
             progress = resumed.progress
-            start_stage, start_step, self.state.global_step = progress.stage_index, progress.stage_step, progress.global_step
+            start_stage, start_step = progress.stage_index, progress.stage_step  # the state's position: set before on_setup
             self._info(f"resumed from {config.resume}: stage {start_stage}, step {start_step}")
         if self.accelerator.is_main_process:  # a resume's too: its printed resume command reads the settings it ran with
             atomic_write_text(self.files.config_toml, toml.dumps(resolved_dict(config)))
@@ -263,8 +272,7 @@ class Trainer:
 
                 outputs["before_after"] = self.files.before_after_grid
                 write_grid([first_samples, outputs["samples"]], outputs["before_after"])
-        for plugin in self.plugins:
-            plugin.on_end(self.state)
+        self.calls.each("on_end")
         self.accelerator.end_training()
         return outputs
 
@@ -272,9 +280,10 @@ class Trainer:
         config, state, accelerator = self.config, self.state, self.accelerator
         stage = config.stages[stage_index]
         stage_set_up_begins()  # several processes: ends an earlier stage's steps; a refusal each finds is said once
-        state.stage, state.stage_index, state.stage_step = stage, stage_index, first_step
-        plan: StagePlan = schedule_of(self.plugins).plan_stage(state, stage)
-        state.plan = plan
+        position = trainer_progress(state)  # what plugins read from the state, read-only
+        position.stage, position.stage_index, position.stage_step = stage, stage_index, first_step
+        plan: StagePlan = self.calls.call(schedule_of(self.plugins), "plan_stage", stage)
+        start_plan(state, plan)  # checked (naming the schedule), the state's plan, recorded for the saved metadata
         if resumed is not None:
             resumed.load_into(plan.optimizer, plan.lr_scheduler, plan.param_groups, f"stage {stage_index} ({stage.name!r})")
         trainable = [p for group in plan.param_groups for p in group["params"]]
@@ -287,10 +296,8 @@ class Trainer:
         self.trainable = trainable
         order = self._micro_batches.draws.orders[stage_index]
         self._micro_batches.start_stage(stage_index, first_step, plan.steps)
-        self._info(stage.describe() + " | params " + ", ".join(
-            f"{g['name']} {sum(p.numel() for p in g['params'])}" for g in plan.param_groups))
-        for plugin in self.plugins:
-            plugin.on_stage_start(state)
+        self._info(stage_banner(state, plan))  # the plan that runs (the preset's stage for the built-in schedule)
+        self.calls.each("on_stage_start")
         returns_before = self.model.text_returns
         self.validation.start_stage(plan, order.batches_per_epoch)  # before the text encoders may leave the device
         offloaded = self.text_cache.start_stage(plan.trains.text_encoders, self.items, config.token_string,
@@ -302,13 +309,12 @@ class Trainer:
         while state.stage_step < plan.steps:
             logs = self._optimizer_step(plan)
             self.lora_regularisation.after_step()  # max-norm; its values are read when the step is logged
-            state.stage_step += 1
-            state.global_step += 1
+            position.stage_step += 1
+            position.global_step += 1
             progress.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage.name, **self.validation.postfix,  # + val_loss
                                  refresh=False)  # shown by update's refresh,
             progress.update(1)  # which tqdm rate-limits (a refresh per step formats and writes the bar every step)
-            for plugin in self.plugins:
-                plugin.on_step_end(state, logs)
+            self.calls.each("on_step_end", logs)
             logs |= self.validation.after_step(state, logs)  # validation_split's held-out loss, when due
             self._after_step(logs, order)
             self._stop_if_signalled()
@@ -316,8 +322,7 @@ class Trainer:
         self.text_cache.end_stage()
         if offloaded and self.model.text_returns > returns_before:
             self._info("the text encoders came back to the device during the stage (an encode needed them)")
-        for plugin in self.plugins:
-            plugin.on_stage_end(state)
+        self.calls.each("on_stage_end")
         self.model.use_forwards({}, accelerator.autocast)
         accelerator.free_memory()
 
@@ -412,11 +417,9 @@ class Trainer:
         scheduler = model.base.noise_scheduler
         noisy = scheduler.add_noise(batch.latents, input_noise, t)
         batch.noisy_latents, batch.timesteps = noisy, t
-        for plugin in self.plugins:
-            plugin.on_step_start(state, batch)
+        self.calls.each("on_step_start", batch)
         cond = self.text_cache.conditioning(batch)  # hidden states [b, 77, d] (+ SDXL's pooled embedding and time ids)
-        rows = [(p, p.extra_rows(state, batch)) for p in self.plugins]
-        extra = [(p, r) for p, r in rows if r is not None]
+        extra = self.calls.rows(batch, noisy, t, cond)  # [(plugin, its UNetRows)], checked against the main rows
         prediction_all = model.predict(*UNetRows.joined(noisy, t, cond, [r for _, r in extra]))
         b = noisy.shape[0]
         prediction = prediction_all[:b] if extra else prediction_all  # a slice's backward would copy the gradient
@@ -434,9 +437,7 @@ class Trainer:
             n = r.noisy_latents.shape[0]
             row_outputs[id(plugin)] = prediction_all[offset : offset + n]
             offset += n
-        for plugin in self.plugins:
-            for name, value in plugin.extra_losses(state, batch, main, row_outputs.get(id(plugin))).items():
-                terms[f"{plugin.name}/{name}"] = value
+        self.calls.losses(terms, batch, main, row_outputs)  # each a 0-dim floating tensor, as <plugin>/<term>
         return terms
 
     # ------------------------------------------------------------------ logs, samples, saves
@@ -445,7 +446,8 @@ class Trainer:
         kohya_keys = self.outputs.tracker_keys.after_step(state, logs)  # every step: kohya's average, epoch values
         if state.global_step % config.log_every_n_steps == 0 or state.stage_step == state.plan.steps or has_validation(logs):
             entry = {"global_step": state.global_step, "stage": state.stage.name, "stage_step": state.stage_step}
-            entry |= logs | self.lora_regularisation.logs() | self.pivot.distance_from_init() | state.logs
+            entry |= logs | self.lora_regularisation.logs() | self.pivot.distance_from_init()
+            entry |= self.calls.logged(entry)  # the plugins' state.logs, none of the trainer's keys
             self.outputs.write_log(entry, state.global_step, kohya_keys)
             state.logs = {}
         if save_due(config, state, order.batches_per_epoch):

@@ -15,6 +15,8 @@ import pytest
 from pti_plugin import cli, main_process_checks
 from pti_plugin.config import ConfigError
 from pti_plugin.main_process_checks import tell_refusal_printed
+from pti_plugin.hooks import Progress
+from pti_plugin.plugin_calls import PluginCalls
 from pti_plugin.trainer import Trainer
 
 from tests.test_training_refusal_s38 import _as_process, _launched
@@ -39,7 +41,8 @@ class _RefusingSchedule:
 def _stage_2_set_up_refused(schedule: _RefusingSchedule) -> None:
     """The trainer's set-up of the run's 2nd stage (index 1), refused at its plan."""
     trainer = SimpleNamespace(config=SimpleNamespace(stages=[SimpleNamespace(name="ti"), SimpleNamespace(name="lora")]),
-                              state=SimpleNamespace(), accelerator=None, plugins=[schedule])
+                              state=SimpleNamespace(_progress=Progress()), accelerator=None, plugins=[schedule])
+    trainer.calls = PluginCalls(trainer.plugins, trainer.state)  # the trainer's hook calls (plugin_calls.py)
     with pytest.raises(ConfigError):
         Trainer._run_stage(trainer, 1, 0, None)
 

@@ -18,8 +18,9 @@ from pti_plugin.hooks import Plugin, register_plugin
 from .conftest import draw_character
 
 
-class SetUp(Exception):
-    """Raised once the plugins before :class:`StopAfterSetup` are set up: the start-up lines are said, nothing trained."""
+class SetUp(BaseException):
+    """Raised once the plugins before :class:`StopAfterSetup` are set up: the start-up lines are said, nothing trained
+    (not an Exception: a stop the test makes, which the trainer does not take for the plugin's error)."""
 
 
 @register_plugin

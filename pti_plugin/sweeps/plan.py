@@ -26,6 +26,7 @@ from pti_plugin.checked_files import release
 from pti_plugin.config import default_stages, first_of, parse_value
 from pti_plugin.config_loading import build_config
 from pti_plugin.outputs import run_finished
+from pti_plugin.plan_report import sweep_schedule_warning
 from pti_plugin.script_args import int_at_least, number_list, positive_finite
 from pti_plugin.sweeps.seeds import seed_suffix
 from pti_plugin.sweeps.usage import usage_exit
@@ -251,6 +252,8 @@ def plan_runs(args, raw: dict, pivots: dict[int, RunSpec] | None = None, seed0: 
                 # fails here, before any training, on a bad preset or plugin option (the shared pivot may not exist yet)
                 config = build_config(copy.deepcopy(preset), check_paths=pivot_file is None or pivot_file.is_file(),
                                       warn_intervals=False)
+                if warning := sweep_schedule_warning(config, args.stage):  # its rates may not reach training
+                    logging.getLogger(__name__).warning(warning)  # once a sweep (plan_sweep: each_message_once)
                 path = write_run_preset(args.out, name, run_dir, config.output_name, config.token_string, preset)
                 specs.append(RunSpec(name, lr, variant or "none", path, run_dir, config.output_name, config.token_string,
                                      k, seed0 + k))
