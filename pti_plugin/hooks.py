@@ -370,10 +370,24 @@ def _named(entry: EntryPoint) -> str:
     return f"{entry.name} = {_target(entry)} ({where})"
 
 
+def _same_source(taken: type | EntryPoint, cls: type) -> bool:
+    """Whether ``taken`` is a class of ``cls``'s qualified name defined in the same file: the same plugin, imported
+    under another module name (a script imported as a module and also run as ``__main__``)."""
+    import inspect
+
+    if not isinstance(taken, type) or taken.__qualname__ != cls.__qualname__:
+        return False
+    try:
+        return Path(inspect.getfile(taken)).resolve() == Path(inspect.getfile(cls)).resolve()
+    except (TypeError, OSError):  # a class of no file (defined in an interactive session)
+        return False
+
+
 def register_plugin(cls: type[Plugin]) -> type[Plugin]:
     """Make ``cls`` available under ``cls.name`` in this process (usable as a class decorator). A name means one
     plugin: registering a built-in's name or a name another class holds is refused (ValueError); registering the same
-    class again (same module and qualified name, e.g. a re-run notebook cell) replaces it."""
+    class again (same module and qualified name, e.g. a re-run notebook cell, or the same file's class imported under
+    another module name) replaces it."""
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
         raise TypeError(f"register_plugin({cls!r}): a plugin is a subclass of pti_plugin.hooks.Plugin")
     name = cls.name
@@ -381,7 +395,7 @@ def register_plugin(cls: type[Plugin]) -> type[Plugin]:
         raise ValueError(f"register_plugin({cls.__qualname__}): name = {name!r}; a plugin's name is its preset table's "
                          "([plugins.NAME]): letters, digits, '_' or '-', not empty")
     taken = {e.name: e for e in builtin_entry_points()}.get(name) or _REGISTERED.get(name)
-    if taken is not None and _target(taken) != _target(cls):
+    if taken is not None and _target(taken) != _target(cls) and not _same_source(taken, cls):
         what = "the built-in plugin" if isinstance(taken, EntryPoint) else "registered to"
         raise ValueError(f"register_plugin({cls.__qualname__}): {name!r} is {what} {_target(taken)}; choose another name")
     _REGISTERED[name] = cls

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -221,3 +222,28 @@ def test_one_name_one_plugin(tmp_path, monkeypatch, registry, caplog):
     with pytest.raises(ValueError, match=r"name = ''; a plugin's name is its preset table's"):
         register_plugin(type("Nameless", (Plugin,), {}))
     assert registry == {"mine": Mine}
+
+
+def test_a_script_s_plugin_imported_and_also_run_as_main_registers_once(tmp_path, registry, monkeypatch):
+    """A benchmark script imported as a module by one caller and run as ``__main__`` by another (runpy) defines its
+    plugin class twice, from one file: the second registration replaces the first; a class of that name from another
+    file, imported under another module name, is still refused."""
+    import importlib.util
+    import runpy
+
+    source = ("from pti_plugin.hooks import Plugin, register_plugin\n\n\n@register_plugin\nclass Clock(Plugin):\n"
+              "    name = 'script_clock'\n")
+
+    def imported(path: Path, module_name: str) -> None:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, module_name, module)  # imported, as a test imports a benchmark
+        spec.loader.exec_module(module)
+
+    imported(tmp_path / "bench_script.py", "bench_script")
+    with pytest.raises(ValueError, match="'script_clock' is registered to bench_script:Clock"):
+        imported(tmp_path / "other" / "bench_script.py", "other_script")
+    runpy.run_path(str(tmp_path / "bench_script.py"), run_name="__main__")
+    assert registry["script_clock"].__module__ == "__main__"
