@@ -281,9 +281,9 @@ def parse_args(argv):
     parser.add_argument("--guidance", type=finite_float_at_least(0), default=GUIDANCE,
                         help="classifier-free guidance scale of the generations")
     parser.add_argument("--max_images", type=positive_int, default=8, help="training images of the model-internal proxies")
-    parser.add_argument("--leakage_threshold", type=float, default=0.1,
+    parser.add_argument("--leakage_threshold", type=finite_float_at_least(0), default=0.1,
                         help="largest leakage excess over the pivot's own of a light run")
-    parser.add_argument("--editability_ratio", type=float, default=0.8,
+    parser.add_argument("--editability_ratio", type=finite_float_at_least(0), default=0.8,
                         help="a light run keeps at least this fraction of the pivot's GT editability")
     parser.add_argument("--rescore", action="store_true", help="ignore cached scores")
     parser.add_argument("--device", default=None, help="torch device of the scoring (default: CUDA when available)")
@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise usage_exit(f"--preset {args.preset}" + (f" (with --set {', '.join(args.sets)})" if args.sets else "")
                          + f": {problem}")
     stage_of(raw, "inversion"), stage_of(raw, "lora")  # both stages are needed (SystemExit naming them)
+    if others := sorted(set(raw.get("plugins", {})) - {PLUGIN}):
+        print(f"research_bench: the preset's plugins {', '.join(others)} are left out: the bench trains its variants "
+              f"({', '.join(args.variants)}) with {PLUGIN} alone", file=sys.stderr, flush=True)
     engine = ["--engine", args.engine] + (["--address", args.address] if args.address else []) + (
         ["--gpus_per_run", str(args.gpus_per_run)] if args.gpus_per_run is not None else [])
     t0 = time.time()
