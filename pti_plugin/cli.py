@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from .command_line import USAGE, parse_args  # noqa: E402
 from .config import Config, ConfigError, StageConfig  # noqa: E402
 from .config_loading import load_config, named_where_given  # noqa: E402
+from .setting_sources import Origins, sources_lines  # noqa: E402
 from .main_process_checks import launcher_rank, main_process_printed, tell_refusal_printed, told_elsewhere  # noqa: E402
 from .outputs import trainer_is_the_program  # noqa: E402
 from .stop_signals import StopSignalled, stop_raises  # noqa: E402
@@ -111,16 +112,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     other_rank = launcher_rank() != 0  # another process of a multi-process run: process 0 says what every one finds
     logging.basicConfig(level=logging.ERROR if other_rank else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sources = Origins()
     try:
         preset, overrides, sets = parse_args(argv)
         with info_lines_shown(not other_rank):
-            config = load_config(preset, overrides, sets)
+            config = load_config(preset, overrides, sets, sources=sources)
     except ConfigError as exc:  # the same on every process (the same command and files): said once
         return _fail(f"error: {exc}", 2, quiet=other_rank)
     if config.debug_dataset:  # kohya's: show the dataset, train nothing
         from .dataset_preview import main as preview
 
         return preview(argv, config)  # the config loaded above: each of its warnings said once
+    for line in [] if other_rank else sources_lines(sources):  # the run's first lines: where each setting came from
+        print(line, flush=True)
     from .atomic_io import WriteFailedError
     from .data.captions import CaptionError
     from .formats.embedding import EmbeddingFormatError

@@ -467,10 +467,10 @@ def _rebase_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def load_preset_dict(path: str | Path, _seen: tuple[Path, ...] = (), origins: dict[str, str] | None = None) -> dict[str, Any]:
-    """Read a preset with its ``extends`` chain and ``config_file``; paths made absolute. ``origins``, when given,
-    receives ``key -> "config_file <path>"`` for each top-level key a kohya ``config_file`` set and no preset
-    replaced (for messages naming that file)."""
+def load_preset_dict(path: str | Path, _seen: tuple[Path, ...] = (), origins: Any = None) -> dict[str, Any]:
+    """Read a preset with its ``extends`` chain and ``config_file``; paths made absolute. ``origins``, when given (a
+    ``setting_sources.Origins``), records each preset and kohya ``config_file`` as a layer of settings, the deepest
+    first (``key -> "config_file <path>"`` for each top-level key such a file set and no preset replaced)."""
     path = Path(path).expanduser().resolve()
     if path in _seen:
         raise ConfigError(f"preset {path} extends itself (cycle: {' -> '.join(map(str, _seen + (path,)))})")
@@ -486,10 +486,9 @@ def load_preset_dict(path: str | Path, _seen: tuple[Path, ...] = (), origins: di
         named = f"config_file {raw['config_file']}: {{}}".format  # its data source replaces the extended presets'
         merged = deep_merge(replace_data_source(merged, kohya, named, origins), kohya)
         if origins is not None:
-            origins.update(dict.fromkeys(kohya, f"config_file {raw['config_file']}"))
+            origins.record(kohya, f"config_file {raw['config_file']}")
     if origins is not None:
-        for key in raw:
-            origins.pop(key, None)
+        origins.record({k: v for k, v in raw.items() if k not in ("extends", "config_file")}, f"preset {path}")
     merged = deep_merge(merged, raw)
     merged.pop("extends", None)
     merged.pop("config_file", None)

@@ -23,6 +23,7 @@ from .config_checks import (check_stage_schedules, check_the_pivot_is_learned, v
                             with_kohya_tracker)
 from .input_checks import with_leading_dot
 from .dataset_config_wins import with_dataset_config_values
+from .setting_sources import Origins
 from .resolution import (check_given_values_are_used, default_stage_dicts, resolve_stages, warn_rate_reaching_inversion,
                          warn_unreached_intervals)
 
@@ -167,16 +168,18 @@ def _check_one_data_source(raw: dict[str, Any], given: dict[str, str]) -> None:
 
 
 def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None,
-                *, data_only: bool = False) -> Config:
+                *, data_only: bool = False, sources: Origins | None = None) -> Config:
     """The resolved config of ``preset`` (or the defaults) with command-line overrides applied.
 
     Besides :func:`build_config`'s checks, a top-level value given in the preset or on the command
     line (a flag or a ``--set``) that no stage uses (every stage sets its own) is refused, naming the shadowing
     stage keys. ``data_only``: see :func:`build_config`; a config that asks for ``debug_dataset`` is checked as one
     too, as kohya's ``--debug_dataset`` shows the dataset before it looks for the model, the output folder or a device.
+    ``sources``, when given, receives where each setting came from, layer by layer (for the start-up lines,
+    ``setting_sources.sources_lines``); the messages read the same record.
     """
     overrides = dict(overrides or {})
-    origins: dict[str, str] = {}
+    origins = Origins() if sources is None else sources
     raw = load_preset_dict(preset, origins=origins) if preset else {}
     if "config_file" in overrides:  # kohya's --config_file: over the preset, beneath the flags typed
         raw = _with_kohya_config_file(raw, overrides.pop("config_file"), origins)
@@ -188,7 +191,10 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
         key: "command line" for key in overrides} | dict.fromkeys(top_sets, "--set") | {
         path: "--set" for path in set_paths if re.fullmatch(r"stages\.\d+\.learning_rate", path)}
     named = lambda key: f"--set {key}" if key in top_sets else f"--{key}"
-    raw = apply_overrides(replace_data_source(raw, overrides | top_sets, named, origins), overrides, sets or [])
+    raw = replace_data_source(raw, overrides | top_sets, named, origins)
+    origins.record(overrides, "command line")
+    origins.record(_set_values(sets or []), "--set", before=raw | overrides)  # before they apply (in place)
+    raw = apply_overrides(raw, overrides, sets or [])
     for key in PATH_KEYS:
         value = raw.get(key)
         if isinstance(value, str) and value and value != EMBEDDED:
@@ -196,6 +202,7 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     for key in PATH_LIST_KEYS:  # each path of a list (base_weights) as the one path of a PATH_KEYS key
         if isinstance(raw.get(key), list):
             raw[key] = [str(Path(v).expanduser().resolve()) if isinstance(v, str) and v else v for v in raw[key]]
+    origins.final = raw
     try:
         _check_one_data_source(raw, given)
         return build_config(raw, given=given, data_only=data_only or raw.get("debug_dataset") is True)
@@ -203,7 +210,7 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
         raise named_where_given(error, overrides, sets or [], origins) from None
 
 
-def _with_kohya_config_file(raw: dict[str, Any], name: Any, origins: dict[str, str]) -> dict[str, Any]:
+def _with_kohya_config_file(raw: dict[str, Any], name: Any, origins: Origins) -> dict[str, Any]:
     """``raw`` (the preset) with kohya config file ``name`` (``--config_file``) read over it as kohya reads it
     (``kohya_config_file.py``: its relative paths are the current folder's); ``origins`` names the file as the
     source of each key it sets. Its data source replaces the preset's other one, as one typed would."""
@@ -212,7 +219,7 @@ def _with_kohya_config_file(raw: dict[str, Any], name: Any, origins: dict[str, s
     kohya = _read_kohya_config_file(Path(name), base=Path.cwd())
     origin = f"config_file {kohya_file_path(name)}"
     raw = replace_data_source(raw, kohya, lambda key: f"{origin}: {key}", origins)
-    origins.update(dict.fromkeys(kohya, origin))
+    origins.record(kohya, origin)
     return deep_merge(raw, kohya)
 
 
@@ -253,11 +260,15 @@ def _set_paths(sets: list[str]) -> list[str]:
     return [_split_set(item)[0] for item in sets]
 
 
+def _set_values(sets: list[str]) -> dict[str, Any]:
+    """The dotted paths ``--set`` items ``sets`` give, each with its (last) value."""
+    return {path: parse_value(text) for path, text in (_split_set(item) for item in sets if "=" in item) if path}
+
+
 def _top_level_sets(sets: list[str]) -> dict[str, Any]:
     """The top-level keys ``--set`` items ``sets`` give (``--set learning_rate=1e-4``), each with its (last) value:
     given on the command line as a flag is."""
-    return {path: parse_value(text) for path, text in (_split_set(item) for item in sets if "=" in item)
-            if path and "." not in path}
+    return {path: value for path, value in _set_values(sets).items() if "." not in path}
 
 
 def _set_path_of(key: str, sets: list[str]) -> str | None:
