@@ -5,7 +5,8 @@ scorer) and the research bench it reuses (:mod:`pti_plugin.sweeps.bench`: H3's L
 images), and trains through the command line (:mod:`pti_plugin.cli`); nothing in the package imports it back.
 
 - :mod:`.premise`: the premise checks, and the training, sampling and caching every hypothesis uses;
-- :mod:`.h1_inversion` and :mod:`.h1_summary`: H1, the inversion grid and its statistics;
+- :mod:`.h1_inversion` and :mod:`.h1_summary`: H1, the inversion grid and its statistics; :mod:`.null_excess`: a
+  cell's excess over H1's null, paired image by image (H1's and H3's);
 - :mod:`.h2_runs` and :mod:`.curve_scores`: H2, LoRA runs saved every few steps and their learning curves;
 - :mod:`.h3_variants`, :mod:`.h3_summary`, :mod:`.h3_intervals`, :mod:`.h3_lines` and :mod:`.h3_detail_axis`: H3,
   the LoRA variants, their statistics and two-level intervals, the report's lines and the secondary (detail) axis;

@@ -2,8 +2,17 @@
 
 Every figure is a mean over training seeds of per-seed means over sampling seeds, with a 95%
 two-level bootstrap interval (:func:`~pti_plugin.metrics.replication.two_level_bootstrap`). The
-null is the base model with the init word sampled twice with disjoint seed sets; the training-cell
-fraction of a cell is reported as excess over the null's first set.
+null is the base model with the init word sampled twice with disjoint seed sets. The training-cell
+fraction of a cell is reported as excess over the null's first set, which draws image ``j`` from
+sampling seed ``j`` as every cell does: paired image by image, each training seed's mean minus the
+null's on the same sampling seeds, with a two-level interval that resamples the training seeds and the
+sampling seeds they share with the null (:func:`~.null_excess.paired_excess`). The two null sets share
+no sampling seed: their difference is bootstrapped on each side apart.
+
+A score's interval resamples each training seed's images apart, although the seeds share their sampling
+seeds and, where their pivots are alike, draw nearly the same images: then it is too narrow. Beside it,
+for :data:`SHARED_IMAGE_SCORES`, ``images_shared``: the same mean with an interval that resamples the
+sampling seeds once for all training seeds, as the excess does (:func:`~.null_excess.on_shared_images`).
 
 **The knee** (:func:`~pti_plugin.metrics.curves.knee_with_interval`, Kneedle's maximum distance to
 the chord; rates from a collapse on, defined below, left out) of the per-seed coarse-reconstruction curves against the seed-mean output-space angle
@@ -31,6 +40,8 @@ import numpy as np
 from ..metrics.curves import knee_with_interval, segment_fits
 from ..metrics.replication import (Interval, excess_over_null, paired_difference, same_lr, student_interval,
                                    two_level_bootstrap)
+from .h3_intervals import ImageDraws, over_seeds
+from .null_excess import image_count, null_reading, on_shared_images, paired_excess
 
 #: Per-image scores summarised for each learning rate, with what they mean.
 SCORES = {
@@ -49,6 +60,8 @@ COLLAPSE_SHARE = 0.9
 #: The joint editabilities the verdict reads (position edits; backgrounds asked in the neutral prompts).
 EDIT_SCORES = ("joint_edit", "joint_background_edit")
 MOVEMENT = ("pivot_l2_from_init", "pivot_angle_from_init_deg", "output_angle_layernorm_deg")
+#: Scores also given with the sampling seeds resampled once for all training seeds (``images_shared``).
+SHARED_IMAGE_SCORES = ("coarse", "in_training_cell", "appearance_error")
 #: Significant digits the segment fits are stored with: far above the report's 3, far below the last digits
 #: in which least squares differs between machines (about 1e-13 relative), so that a rebuilt summary is the same file.
 FIT_DIGITS = 10
@@ -83,8 +96,11 @@ def null_summary(null: dict, draws: int = 2000) -> dict:
             "difference_b_minus_a": excess_over_null(b, a, draws).to_dict()}
 
 
-def point_row(lr: float, cells: list[dict], null: dict | None, draws: int = 2000) -> dict:
-    """One learning rate's figures: movement means (and per seed), every score's interval, the leakage excess."""
+def point_row(lr: float, cells: list[dict], null: tuple[float, np.ndarray] | None, images: ImageDraws,
+              draws: int = 2000) -> dict:
+    """One learning rate's figures: movement means (and per seed), every score's interval (and ``images_shared``),
+    the leakage excess over the null (``null``: :func:`~.null_excess.null_reading` on ``images``; paired image by
+    image)."""
     row: dict = {"lr": lr, "lr_x_steps": lr * cells[0]["steps"], "n_seeds": len(cells),
                  "seeds": [c["seed"] for c in cells]}
     for key in MOVEMENT:
@@ -93,9 +109,11 @@ def point_row(lr: float, cells: list[dict], null: dict | None, draws: int = 2000
         row[f"{key}_per_seed"] = values
     for key in SCORES:
         row[key] = two_level_bootstrap(seed_matrix(cells, key), draws).to_dict()
+    row["images_shared"] = {key: over_seeds(on_shared_images(tuple(row["seeds"]), seed_matrix(cells, key), images),
+                                            min_seeds=1) for key in SHARED_IMAGE_SCORES}
     if null is not None:
-        row["training_cell_excess"] = excess_over_null(seed_matrix(cells, "in_training_cell"),
-                                                       float_array(null["a"]["in_training_cell"])[None, :], draws).to_dict()
+        row["training_cell_excess"] = paired_excess(tuple(row["seeds"]), seed_matrix(cells, "in_training_cell"),
+                                                    null, images)
     return row
 
 
@@ -221,7 +239,9 @@ def vector_rows(cells: list[dict], draws: int = 2000) -> list[dict]:
 def summarise_h1(null: dict | None, cells: list[dict], draws: int = 2000) -> dict:
     """Everything above for the measured cells (a partial grid gives a partial summary)."""
     groups = group_cells(cells, 1)
-    rows = [point_row(lr, members, null, draws) for lr, members in groups.items()]
+    null_a = None if null is None else float_array(null["a"]["in_training_cell"])[None, :]
+    images = ImageDraws.make(image_count(cells, null_a), draws)
+    rows = [point_row(lr, members, null_reading(null_a, images), images, draws) for lr, members in groups.items()]
     kept = rows[:collapse_index(rows)] if rows else rows  # the knee, like the verdict, stops at a collapse
     knees = knee_and_fits(kept, {r["lr"]: groups[r["lr"]] for r in kept}, draws) if len(kept) >= 3 else {}
     return {"rows": rows, "null": null_summary(null, draws) if null else None, "knees": knees,

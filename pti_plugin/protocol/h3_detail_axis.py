@@ -41,9 +41,10 @@ import numpy as np
 
 from ..metrics.replication import same_lr, two_level_bootstrap
 from .h1_summary import per_seed_curves, seed_matrix
-from .h3_intervals import MIN_SEEDS, ImageDraws, PerSeed, over_seeds, paired, seeds_text
+from .h3_intervals import MIN_SEEDS, ImageDraws, PerSeed, over_seeds, paired
 from .h3_summary import (REFERENCE, group_conditions, image_count, image_tensor, interval_or_none, matched_entries,
                          matched_readings, null_reading, null_training_cells)
+from .h3_lines import seeds_text
 from .protocol_report import fmt
 
 AXIS = "true_size_detail"

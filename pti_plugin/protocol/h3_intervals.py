@@ -21,9 +21,12 @@ agrees (no within-seed spread) the draws reduce to a bootstrap over the training
 images vary, the wider the interval gets than that one-level one.
 
 With fewer than :data:`MIN_SEEDS` training seeds no interval is given (over two seeds the percentile
-"interval" is their range): the report prints the seeds' own values (:func:`seeds_text`). Beside the
+"interval" is their range): the report prints the seeds' own values (:func:`~.h3_lines.seeds_text`). Beside the
 interval, Student's t over the per-seed values (:func:`~pti_plugin.metrics.replication.student_interval`),
 the small-sample check, from two seeds.
+
+H1's excess over the null and its ``images_shared`` figures are read on the same draws (:mod:`.null_excess`,
+:mod:`.h1_summary`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..metrics.replication import student_interval
-from .protocol_report import fmt
 
 #: The fewest training seeds an interval over seeds is given for.
 MIN_SEEDS = 3
@@ -145,19 +147,3 @@ def paired(values: PerSeed, reference: PerSeed, below: dict[int, bool] | None = 
 def has_interval(entry: dict | None) -> bool:
     """Whether ``entry`` (an :func:`over_seeds` dict, or an interval) carries a 95% interval."""
     return bool(entry) and entry.get("lo") is not None and entry.get("hi") is not None
-
-
-def seeds_text(entry: dict | None, digits: int = 2) -> str:
-    """``entry`` formatted: its interval with 3 or more seeds, else the seeds' own values
-    (``-0.25, -0.22 (2 seeds)``); ``n/a`` without one."""
-    if not entry or entry.get("estimate") is None:
-        return "n/a"
-    if has_interval(entry):
-        return fmt(entry, digits)
-    values = list((entry.get("per_seed") or {}).values()) or [entry["estimate"]]
-    return ", ".join(f"{v:.{digits}f}" for v in values) + f" ({len(values)} seed{'s' if len(values) != 1 else ''})"
-
-
-def student_text(entry: dict | None, digits: int = 3) -> str:
-    """``entry``'s Student's t interval formatted, or ``n/a``."""
-    return fmt((entry or {}).get("student"), digits)

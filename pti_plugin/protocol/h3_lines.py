@@ -21,7 +21,7 @@ import numpy as np
 from ..metrics.replication import same_lr
 from ..toy_world.detectors import detail_size, detect, is_true_size
 from ..toy_world.world import CHARACTER_CELLS
-from .h3_intervals import MIN_SEEDS, has_interval, seeds_text
+from .h3_intervals import MIN_SEEDS, has_interval
 from .h3_summary import CHOICE_COARSE, MATCHED_COARSE
 from .protocol_report import SMALL_SAMPLE_CHECK, fmt
 
@@ -32,6 +32,22 @@ VERDICT_RULE = (f"`{METHOD_VARIANT}` at its chosen weight, training-cell fractio
                 "paired differences are exactly 0; otherwise supported when the 95% interval lies below 0, not "
                 f"supported when it lies at or above 0, inconclusive when it contains 0 or fewer than {MIN_SEEDS} "
                 "seeds pair (no interval is given over fewer)")
+
+
+def seeds_text(entry: dict | None, digits: int = 2) -> str:
+    """``entry`` formatted: its interval with 3 or more seeds, else the seeds' own values
+    (``-0.25, -0.22 (2 seeds)``); ``n/a`` without one."""
+    if not entry or entry.get("estimate") is None:
+        return "n/a"
+    if has_interval(entry):
+        return fmt(entry, digits)
+    values = list((entry.get("per_seed") or {}).values()) or [entry["estimate"]]
+    return ", ".join(f"{v:.{digits}f}" for v in values) + f" ({len(values)} seed{'s' if len(values) != 1 else ''})"
+
+
+def student_text(entry: dict | None, digits: int = 3) -> str:
+    """``entry``'s Student's t interval formatted, or ``n/a``."""
+    return fmt((entry or {}).get("student"), digits)
 
 
 def _label(variant: str, weight) -> str:

@@ -54,7 +54,8 @@ from ..metrics.curves import value_at_first_crossing
 from ..metrics.replication import resampled_interval, seed_level_interval, two_level_bootstrap
 from ..toy_world.detectors import position_entropy
 from .h1_summary import float_array, null_summary, per_seed_curves, seed_matrix
-from .h3_intervals import ImageDraws, PerSeed, over_seeds, paired, quiet_nanmean
+from .h3_intervals import ImageDraws, PerSeed, over_seeds, paired
+from .null_excess import image_count, null_reading, paired_excess
 
 MATCHED_COARSE = (0.5, 0.8, 0.9)
 CHOICE_COARSE = 0.8
@@ -95,12 +96,6 @@ def interval_or_none(compute) -> dict | None:
         return compute().to_dict()
     except ValueError:
         return None
-
-
-def image_count(cells: list[dict], null_a: np.ndarray | None = None) -> int:
-    """The most images any of ``cells`` (or the null's row) has: the width of :class:`~.h3_intervals.ImageDraws`."""
-    widths = [len(c["in_training_cell"]) for c in cells] + ([] if null_a is None else [null_a.shape[1]])
-    return max(widths, default=1)
 
 
 def image_tensor(groups: dict[float, list[dict]], key: str, width: int) -> np.ndarray:
@@ -148,15 +143,6 @@ def crossing_below_first_rate(groups: dict[float, list[dict]], key: str, targets
             for j in range(len(targets))]
 
 
-def null_reading(null_a: np.ndarray | None, images: ImageDraws) -> tuple[float, np.ndarray] | None:
-    """The null's training-cell fraction (set ``a``, ``[1, images]``) and its mean on each draw's images."""
-    if null_a is None:
-        return None
-    row = np.full(images.width, np.nan)
-    row[:min(images.width, null_a.shape[1])] = null_a[0, :images.width]
-    return float(quiet_nanmean(null_a[0])), images.means(row)
-
-
 def paired_against(values: dict[int, np.ndarray], reference: dict[int, np.ndarray], index: int,
                    draws: int) -> dict | None:
     """:func:`~.h3_intervals.paired` of per-seed values whose images are not at hand (``values[seed][index]``
@@ -188,22 +174,14 @@ def lr_rows(groups: dict[float, list[dict]], null: tuple[float, np.ndarray] | No
         for key in SCORES:  # a score some cell lacks (an older part) is left out of the row
             row[key] = (interval_or_none(lambda: two_level_bootstrap(seed_matrix(members, key), draws))
                         if all(key in c for c in members) else None)
-        row["training_cell_excess"] = None if null is None else row_excess(members, null, images)
+        row["training_cell_excess"] = (None if null is None else paired_excess(
+            tuple(row["seeds"]), seed_matrix(members, "in_training_cell"), null, images))
         row["position_entropy"] = (interval_or_none(lambda: seed_level_interval(
             np.array([cells_entropy(c["cell"]) for c in members]), draws)) if all("cell" in c for c in members) else None)
         excess = row["training_cell_excess"]
         row["inside_null"] = None if excess is None else bool(excess["lo"] <= 0.0)
         rows.append(row)
     return rows
-
-
-def row_excess(members: list[dict], null: tuple[float, np.ndarray], images: ImageDraws) -> dict | None:
-    """The cells' training-cell fraction minus the null's, per training seed on the same sampling seeds, with
-    its two-level interval (from any number of seeds, as the row's other scores)."""
-    values = image_tensor({0.0: members}, "in_training_cell", images.width)[:, 0]  # [seeds, images], seed order
-    estimate = quiet_nanmean(seed_matrix(members, "in_training_cell"))  # members are in seed order too
-    reading = PerSeed(tuple(c["seed"] for c in members), estimate, images.means(values))
-    return over_seeds(reading.minus_null(*null), min_seeds=1)
 
 
 def _no_better_than_pivot(row: dict, pivot_alone: dict | None) -> bool:
