@@ -329,7 +329,8 @@ class Plugin:
     def on_end(self, state: TrainerState) -> None: ...
     def state_dict(self) -> dict[str, Any] | None:
         """What a resume needs of this plugin (tensors and JSON values by name), saved with every state (main
-        process); None: it keeps none (``plugin_state.py``)."""
+        process); None: it keeps none (``plugin_state.py``). A save after an error within a step takes it as it is
+        then and the resumed run repeats that step: change it in ``on_step_end``, not in the micro-batch hooks."""
         return None
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """On a resume, before ``on_setup``: what :meth:`state_dict` returned when the state was saved (tensors on

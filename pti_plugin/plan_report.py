@@ -47,12 +47,12 @@ def start_plan(state: TrainerState, plan: StagePlan) -> None:
         raise PlanError(f"{where}: steps is {plan.steps!r}, not a whole number >= 0", name)
     names = []
     for i, group in enumerate(plan.param_groups):
-        name = group.get("name") if isinstance(group, dict) else None
-        if not isinstance(name, str) or not name:
+        group_name = group.get("name") if isinstance(group, dict) else None
+        if not isinstance(group_name, str) or not group_name:
             raise PlanError(f"{where}: param_groups[{i}] has no \"name\" (a non-empty string): each parameter group "
                             "needs one, unique in the plan; it names the group's lr/<name> log and its place in a "
                             "saved state (the built-in names: pivot, unet_lora, text_encoder_lora)", name)
-        names.append(name)
+        names.append(group_name)
     if len(set(names)) < len(names):
         raise PlanError(f"{where}: two parameter groups share a name ({names}); each needs its own", name)
     progress = trainer_progress(state)

@@ -5,7 +5,8 @@
 plugin's own frames of the traceback kept (``plugin_traceback``, and the exception chained). The trainer catches it
 as it catches a non-finite loss: the last finished step is saved with its state (``RunOutputs.save_after_plugin_error``)
 and the command that resumes it is printed. A :class:`~pti_plugin.config.ConfigError` a hook raises is a refusal of
-the settings and passes as it is.
+the settings and passes as it is (exit 2); after ``on_setup`` the trainer saves the last finished step for it too,
+saying so above the error (:attr:`PluginCalls.refused_in` names the hook).
 
 What the hooks hand back is checked where the trainer takes it, with a few attribute reads: ``extra_losses``' terms
 (0-dim floating tensors on the main loss's device) and ``extra_rows``' rows (latents, timesteps and conditioning
@@ -56,7 +57,7 @@ def plugin_name(plugin: Any) -> str:
 
 
 def where(state: TrainerState, hook: str) -> str:
-    """Where the run was when ``hook`` ran, in the words of the non-finite loss's messages."""
+    """Where the run was when ``hook`` ran (the trainer's message of a non-finite step says it so too)."""
     if hook == "on_setup":
         return "during the set-up, before the first step"
     if hook == "on_end":
@@ -96,6 +97,7 @@ class PluginCalls:
         self._log_owners: dict[str, str] = {}  # a state.logs key -> the plugin whose hook left it first
         self._metadata_owners: dict[str, str] = {}  # the same for state.metadata
         self._warned: set[str] = set()  # the warnings said (each once, unless said otherwise)
+        self.refused_in: str | None = None  # the hook whose ConfigError passed (the trainer saves after it too)
 
     # ------------------------------------------------------------------ calls
     def call(self, plugin: Plugin, hook: str, *args: Any) -> Any:
@@ -104,7 +106,10 @@ class PluginCalls:
         state = self.state
         try:
             returned = getattr(plugin, hook)(state, *args)
-        except (ConfigError, PluginError):
+        except ConfigError:
+            self.refused_in = hook
+            raise
+        except PluginError:
             raise
         except Exception as exc:
             raise self.raised(plugin, hook, exc) from exc
@@ -227,18 +232,19 @@ class PluginCalls:
 
     def _checked_additions(self, plugin: Plugin, before: dict[str, str], after: Any, reserved: set[str]) -> dict[str, str]:
         """``before`` with the entries ``plugin``'s ``on_before_save`` added or changed in ``after`` that are its own
-        to write; each other one is dropped with a warning."""
+        to write (new keys, and those its own hooks left in ``state.metadata``); each other one is dropped with a
+        warning."""
         if not isinstance(after, dict):
             self._warn(plugin, "on_before_save", f'files["metadata"] became {describe(after)}; its entries are left out')
             return before
-        checked = dict(before)
+        checked, name = dict(before), plugin_name(plugin)
         for key, value in after.items():
             if key in before and before[key] == value:
                 continue
             problem = metadata_problem(key, value) or (
                 "one of the trainer's own metadata keys" if key in reserved else
-                "set before this plugin's hook (by another plugin or state.metadata), which is kept" if key in before
-                else "")
+                "set before this plugin's hook, by another plugin, and kept"
+                if key in before and self._metadata_owners.get(key) != name else "")
             if problem:
                 self._warn(plugin, "on_before_save", f'files["metadata"][{key!r}]: {problem}; the entry is dropped')
             else:

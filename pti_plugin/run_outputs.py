@@ -26,7 +26,7 @@ from .models.trainable import TrainableModel
 from .nan_policy import optimizer_state_is_finite
 from .outputs import RunFiles, run_pti_metadata, script_says_how_to_continue, trainer_command, write_lora_and_embedding
 from .plan_report import schedule_training_metadata
-from .plugin_calls import PluginCalls, PluginError
+from .plugin_calls import PluginCalls
 from .plugin_state import collect_plugin_states
 from .resolution import training_metadata
 from .resume import SavedProgress, base_identity, batch_shape, lora_scales, save_state
@@ -171,20 +171,21 @@ class RunOutputs:
                 f"resumable state); start a new run from them with network_weights = {paths['lora']} and weights = "
                 f"{paths['embedding']}")
 
-    def save_after_plugin_error(self, optimizer, resumed: SavedProgress | None, error: PluginError) -> str:
-        """After a plugin's ``error``: save the last finished step's LoRA, embedding and state, as a stop signal does
-        (its own save's files when that step saved a state); return what was saved and how to go on. The weights,
-        optimizer and counters are those of the last finished step whichever hook failed (no hook runs between the
-        optimizer step and the counters' count); a schedule's failed ``plan_stage`` leaves the previous stage's plan,
-        so the state is that stage's end. Nothing is saved when no step finished in this run (since ``resumed``), or
-        after ``on_end`` (the final files are saved). Only this process saves (a plugin may fail on one process)."""
+    def save_after_plugin_error(self, optimizer, resumed: SavedProgress | None, hook: str) -> str:
+        """After a plugin's error in ``hook`` (a :class:`~.plugin_calls.PluginError`, or a ConfigError after the
+        set-up): save the last finished step's LoRA, embedding and state, as a stop signal does (its own save's files
+        when that step saved a state); return what was saved and how to go on. The weights, optimizer and counters are
+        those of the last finished step whichever hook failed (no hook runs between the optimizer step and the
+        counters' count); a schedule's failed ``plan_stage`` leaves the previous stage's plan, so the state is that
+        stage's end. Nothing is saved when no step finished in this run (since ``resumed``), or after ``on_end`` (the
+        final files are saved). Only this process saves (a plugin may fail on one process): process 0 writes files."""
         state, start = self.state, resumed.global_step if resumed is not None else 0
-        if error.hook == "on_end":
+        if hook == "on_end":
             return "the run's final files were saved before on_end ran"
         if state.global_step == start or optimizer is None or state.plan is None:
             since = f"the resumed state {self.config.resume}, which holds these weights" if resumed else "the start"
             return f"nothing saved: no training step finished since {since}"
-        if error.hook == "plan_stage":  # the position is the next stage's, the plan and optimizer the previous one's
+        if hook == "plan_stage":  # the position is the next stage's, the plan and optimizer the previous one's
             position = trainer_progress(state)
             position.stage_index -= 1
             position.stage, position.stage_step = self.config.stages[state.stage_index], state.plan.steps
@@ -193,8 +194,8 @@ class RunOutputs:
         else:
             paths = self.save(optimizer, tag=f"interrupted-step{state.global_step:08d}", with_state=True, together=False)
         if not paths:
-            return (f"nothing saved by process {self.accelerator.process_index}: only process 0 writes the run's files "
-                    "(the last step saves are kept)")
+            return (f"process {self.accelerator.process_index} saves nothing: only process 0 writes the run's files "
+                    "(an error on this process alone stops process 0 too, without a save; the earlier saves are kept)")
         return self.resume_hint(paths, after_stop=False)
 
     def resume_hint(self, paths: dict[str, Path], after_stop: bool = True) -> str:

@@ -52,7 +52,7 @@ from .models.trainable import LoraSpec, TrainableModel
 from .nan_policy import NanPolicy, NonFiniteLossError, finite_on_every_process
 from .outputs import RunFiles
 from .plan_report import stage_banner, start_plan
-from .plugin_calls import PluginCalls, PluginError
+from .plugin_calls import PluginCalls, PluginError, where as step_where
 from .plugin_state import resume_plugins
 from .resolution import resolved_dict, tracker_hparams, with_epoch_steps
 from .resume import (base_identity, batch_shape, check_lora_scales, check_resume_fits, check_resume_within_epochs,
@@ -223,9 +223,9 @@ class Trainer:
     def run(self) -> dict[str, Path]:
         """Train every stage and write the final outputs; see the module docstring.
 
-        Raises ``NonFiniteLossError`` (nan_policy), ``PluginError`` (a plugin's hook: ``plugin_calls.py``) and
-        ``TrainingInterrupted`` (signals) after saving the last good state under ``*-interrupted-*`` names with the
-        command that resumes it.
+        Raises ``NonFiniteLossError`` (nan_policy), ``PluginError`` (a plugin's hook: ``plugin_calls.py``; a hook's
+        ``ConfigError`` after the set-up too) and ``TrainingInterrupted`` (signals) after saving the last good state
+        under ``*-interrupted-*`` names with the command that resumes it.
         """
         self._locks = self._micro_batches = None
         previous = {}
@@ -236,7 +236,12 @@ class Trainer:
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"{exc}\n{self.outputs.save_last_finite(self.optimizer, self._resume_progress)}") from None
         except PluginError as exc:  # a plugin's hook raised or broke the contract: the last finished step is saved
-            exc.saved = self.outputs.save_after_plugin_error(getattr(self, "optimizer", None), self._resume_progress, exc)
+            exc.saved = self.outputs.save_after_plugin_error(getattr(self, "optimizer", None), self._resume_progress, exc.hook)
+            raise
+        except ConfigError:  # a hook's refusal after the set-up: the last finished step saved, said above the error
+            hook = self.calls.refused_in if hasattr(self, "calls") else None
+            if hook not in (None, "on_setup") and self.accelerator.is_main_process:
+                self._info(self.outputs.save_after_plugin_error(getattr(self, "optimizer", None), self._resume_progress, hook))
             raise
         finally:
             if self._locks is not None:
@@ -390,8 +395,7 @@ class Trainer:
         the gradients, then skip or stop as ``nan_policy`` says."""
         state = self.state
         self.optimizer.zero_grad(set_to_none=True)
-        where = (f"at stage {state.stage_index} ({state.stage.name!r}), step {state.stage_step + 1} "
-                 f"(global step {state.global_step + 1})")
+        where = step_where(state, "on_step_start")  # the step being taken, as a plugin's error names it
         self._info(self._nan_policy.skip_or_stop(per_term, where, self.accelerator.num_processes))
         return {"loss": float("nan"), "skipped_nonfinite": 1.0}
 
