@@ -9,6 +9,7 @@ these, so every module may take ``Config`` and ``ConfigError`` from it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import re
@@ -31,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 def apply_overrides(raw: dict[str, Any], top_level: dict[str, Any], dotted: list[str]) -> dict[str, Any]:
-    """Apply ``--key value`` overrides and ``--set a.b.c=value`` (list indices allowed) to ``raw``."""
-    out = deep_merge(raw, {})
+    """A copy of ``raw`` with ``--key value`` overrides and ``--set a.b.c=value`` (list indices allowed) applied;
+    ``raw`` itself is left as it was (its nested tables and lists too)."""
+    out = copy.deepcopy(raw)
     for key, value in top_level.items():
         out[key] = value
     for item in dotted:
@@ -193,7 +195,7 @@ def load_config(preset: str | Path | None, overrides: dict[str, Any] | None = No
     named = lambda key: f"--set {key}" if key in top_sets else f"--{key}"
     raw = replace_data_source(raw, overrides | top_sets, named, origins)
     origins.record(overrides, "command line")
-    origins.record(_set_values(sets or []), "--set", before=raw | overrides)  # before they apply (in place)
+    origins.record(_set_values(sets or []), "--set", before=raw | overrides)  # the values they replace
     raw = apply_overrides(raw, overrides, sets or [])
     for key in PATH_KEYS:
         value = raw.get(key)

@@ -152,3 +152,13 @@ def test_dataset_keys_every_dataset_or_subset_replaces_are_named_and_the_config_
             config.flip_aug, config.train_batch_size) == (32, True, ".caption", 1, True, 3)
     assert {k: resolved_dict(config)[k] for k in ("resolution", "shuffle_caption", "caption_extension")} == {
         "resolution": 32, "shuffle_caption": True, "caption_extension": ".caption"}
+
+
+def test_set_items_leave_the_preset_dict_they_are_applied_to_as_it_was():
+    """``--set stages.1.x=...`` wrote into the given dict's stage table (a shallow copy shares the [[stages]] list)."""
+    from pti_plugin.config_loading import apply_overrides
+
+    raw = {"stages": [{"kind": "inversion", "steps": 5}, {"kind": "lora", "steps": 7}], "plugins": {"p": {"w": [1]}}}
+    out = apply_overrides(raw, {"seed": 3}, ["stages.1.steps=9", "plugins.p.w=[2]"])
+    assert out["stages"][1]["steps"] == 9 and out["plugins"]["p"]["w"] == [2] and out["seed"] == 3
+    assert raw == {"stages": [{"kind": "inversion", "steps": 5}, {"kind": "lora", "steps": 7}], "plugins": {"p": {"w": [1]}}}
