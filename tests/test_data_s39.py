@@ -11,29 +11,17 @@ the warning says so; its captioned images read their file as in any folder.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
-from PIL import Image
 
 from pti_plugin.config_loading import build_config
 from pti_plugin.data.dataset import load_subsets
 from pti_plugin.data.scanning import scan_images_and_held_out
 from pti_plugin.dataset_preview import preview_dataset
 
-TEMPLATE = "an anime illustration of tok1"  # caption_template's default with the token
+from .test_kohya_folders_s38 import TEMPLATE, _folder  # TEMPLATE: caption_template's default with the token
+
 REG_TEMPLATE = "an anime illustration of character"  # ... with init_word's default, for reg images
 NO_CLASS = "as the folder's name has no class part after its repeats (kohya would give them an empty caption)"
 HELD = "held out for the validation loss by validation_split"
-
-
-def _folder(path: Path, captions: list[str | None]) -> Path:
-    """Images ``0.png``... in ``path``, each with a ``.txt`` caption where ``captions`` gives one (None: no file)."""
-    path.mkdir(parents=True)
-    for i, caption in enumerate(captions):
-        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(path / f"{i}.png")
-        if caption is not None:
-            (path / f"{i}.txt").write_text(caption)
-    return path
 
 
 def _scan(caplog, **raw):
