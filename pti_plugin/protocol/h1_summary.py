@@ -12,7 +12,7 @@ no sampling seed: their difference is bootstrapped on each side apart.
 A score's interval resamples each training seed's images apart, although the seeds share their sampling
 seeds and, where their pivots are alike, draw nearly the same images: then it is too narrow. Beside it,
 for :data:`SHARED_IMAGE_SCORES`, ``images_shared``: the same mean with an interval that resamples the
-sampling seeds once for all training seeds, as the excess does (:func:`~.null_excess.on_shared_images`).
+sampling seeds once for all training seeds, as the excess does (:func:`~.null_excess.over_shared_images`).
 
 **The knee** (:func:`~pti_plugin.metrics.curves.knee_with_interval`, Kneedle's maximum distance to
 the chord; rates from a collapse on, defined below, left out) of the per-seed coarse-reconstruction curves against the seed-mean output-space angle
@@ -40,8 +40,8 @@ import numpy as np
 from ..metrics.curves import knee_with_interval, segment_fits
 from ..metrics.replication import (Interval, excess_over_null, paired_difference, same_lr, student_interval,
                                    two_level_bootstrap)
-from .h3_intervals import ImageDraws, over_seeds
-from .null_excess import image_count, null_reading, on_shared_images, paired_excess
+from .h3_intervals import ImageDraws
+from .null_excess import image_count, null_reading, over_shared_images, paired_excess
 
 #: Per-image scores summarised for each learning rate, with what they mean.
 SCORES = {
@@ -109,8 +109,8 @@ def point_row(lr: float, cells: list[dict], null: tuple[float, np.ndarray] | Non
         row[f"{key}_per_seed"] = values
     for key in SCORES:
         row[key] = two_level_bootstrap(seed_matrix(cells, key), draws).to_dict()
-    row["images_shared"] = {key: over_seeds(on_shared_images(tuple(row["seeds"]), seed_matrix(cells, key), images),
-                                            min_seeds=1) for key in SHARED_IMAGE_SCORES}
+    row["images_shared"] = {key: over_shared_images(tuple(row["seeds"]), seed_matrix(cells, key), images)
+                            for key in SHARED_IMAGE_SCORES}
     if null is not None:
         row["training_cell_excess"] = paired_excess(tuple(row["seeds"]), seed_matrix(cells, "in_training_cell"),
                                                     null, images)

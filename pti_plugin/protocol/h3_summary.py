@@ -17,6 +17,12 @@ paired difference also counts its pairs that are exactly 0 and those where a sid
 below its first trained rate (between the pivot alone and the lowest LoRA rate): H3's verdict reads
 such a comparison as untestable (:mod:`.h3_lines`).
 
+**A rate's figures** (each per-image score's mean over the training seeds of their means over images) have
+a two-level interval that resamples the sampling seeds once per draw for all training seeds
+(:func:`~.null_excess.over_shared_images`): the seeds draw image ``j`` from the same sampling seed, and where
+their pivots are alike nearly the same image, so resampling each seed's images apart would count those as
+independent (on the committed cells, intervals a median 1.4x to 2x too narrow).
+
 **The weight of a variant** (:data:`CHOICE_RULE`): on the training seeds every one of its weights
 has (extra seeds added to one weight's condition must not decide), among its weights whose curves
 reach coarse :data:`CHOICE_COARSE` in the most of those seeds, the one with the lowest mean leakage
@@ -30,7 +36,8 @@ report prints the excess beside it. The graded appearance error there is given w
 lowest rate is already distinguishable). (Asking the condition's own interval to nest inside the
 null's would fail for sampling noise alone: two intervals of equal width rarely nest.)
 The search also stops at a rate that has *lost the look*: its coarse reconstruction's 95% interval
-reaches down to the pivot alone's estimate (the lr 0 row, LoRA off) after a lower rate's did not.
+reaches down to the pivot alone's estimate (the lr 0 row, LoRA off) after a lower rate's did not (that
+interval resamples the shared sampling seeds, as every rate's figures do; the rule was added after the runs).
 There the run is broken, not safe: its layout falls back into the null because it no longer draws
 what it was taught (on this world, the lr 1e-2 runs). ``stopped_at`` says which rate ended the
 search and why.
@@ -55,7 +62,7 @@ from ..metrics.replication import resampled_interval, seed_level_interval, two_l
 from ..toy_world.detectors import position_entropy
 from .h1_summary import float_array, null_summary, per_seed_curves, seed_matrix
 from .h3_intervals import ImageDraws, PerSeed, over_seeds, paired
-from .null_excess import image_count, null_reading, paired_excess
+from .null_excess import image_count, null_reading, over_shared_images, paired_excess
 
 MATCHED_COARSE = (0.5, 0.8, 0.9)
 CHOICE_COARSE = 0.8
@@ -165,14 +172,15 @@ def null_entropy(cells: list[int | None], draws: int, seed: int = 0) -> dict:
 
 def lr_rows(groups: dict[float, list[dict]], null: tuple[float, np.ndarray] | None, images: ImageDraws,
             draws: int) -> list[dict]:
-    """One row per learning rate: each score's two-level interval, the training-cell fraction's excess
+    """One row per learning rate: each score's two-level interval (the sampling seeds resampled once for all
+    training seeds: :func:`~.null_excess.over_shared_images`), the training-cell fraction's excess
     over the null (``null``: :func:`null_reading`; paired image by image, two-level) and whether it is not
     distinguishable from the null (``inside_null``: the excess's interval reaches 0 or below)."""
     rows = []
     for lr, members in groups.items():
         row = {"lr": lr, "n_seeds": len(members), "seeds": [c["seed"] for c in members]}
         for key in SCORES:  # a score some cell lacks (an older part) is left out of the row
-            row[key] = (interval_or_none(lambda: two_level_bootstrap(seed_matrix(members, key), draws))
+            row[key] = (over_shared_images(tuple(row["seeds"]), seed_matrix(members, key), images)
                         if all(key in c for c in members) else None)
         row["training_cell_excess"] = (None if null is None else paired_excess(
             tuple(row["seeds"]), seed_matrix(members, "in_training_cell"), null, images))

@@ -11,7 +11,10 @@ training cell whatever the token) then cancels; where the cell and the null are 
 about as wide as two sides bootstrapped apart (:func:`~pti_plugin.metrics.replication.excess_over_null`; a
 little wider, since a training seed drawn twice in a draw brings the same images twice). H1's rows
 (:mod:`.h1_summary`) and H3's (:mod:`.h3_summary`) both read it from here; :func:`on_shared_images` is the
-per-seed reading it starts from, which H1 also gives for a rate's own figures.
+per-seed reading it starts from. A rate's own figures (a score's mean over its training seeds) get their interval
+the same way (:func:`over_shared_images`): the sampling seeds resampled once per draw for all training seeds,
+since the seeds draw image ``j`` from the same sampling seed and, where their pivots are alike, nearly the same
+image; resampling each seed's images apart would treat those as independent and give too narrow an interval.
 """
 
 from __future__ import annotations
@@ -47,6 +50,18 @@ def on_shared_images(seeds: tuple[int, ...], values: np.ndarray, images: ImageDr
     """Each training seed's mean of ``values`` (``[training seeds, images]``, row ``k`` training seed ``seeds[k]``,
     image ``j`` sampling seed ``j``; NaN: no value), from all its images and on each draw's ``images``."""
     return PerSeed(tuple(seeds), quiet_nanmean(values), images.means(fitted(values, images.width)))
+
+
+def over_shared_images(seeds: tuple[int, ...], values: np.ndarray, images: ImageDraws) -> dict | None:
+    """``values``' mean over training seeds (as :func:`on_shared_images`) with its two-level interval: each draw
+    resamples the sampling seeds once for every training seed (``images``) and the training seeds over them,
+    from any number of seeds (:func:`~.h3_intervals.over_seeds`). A score read on a fixed subset of the
+    sampling seeds (fewer columns than ``images.width``, the same subset in the same order for every training
+    seed: one prompt's drift images) is resampled on draws of its own width."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape[-1] != images.width:
+        images = ImageDraws.make(values.shape[-1], images.draws)
+    return over_seeds(on_shared_images(seeds, values, images), min_seeds=1)
 
 
 def paired_excess(seeds: tuple[int, ...], values: np.ndarray, null: tuple[float, np.ndarray],
