@@ -7,7 +7,8 @@ needs a GPU). With one, it builds the tiny SD1.5- and SDXL-shaped models (``pti_
 ``tiny_sdxl``) and runs, for each family, 2 inversion + 2 LoRA steps (text-encoder LoRA on) with:
 fp16 (trainable float32 + gradient scaler), bf16, xformers (when installed), AdamW8bit,
 PagedAdamW8bit, gradient checkpointing, kohya's full_bf16, fp8_base (bf16), fp8_base_unet (fp16) and
-torch_compile (inductor). Each line: the case, ``ok`` or the error, the run's wall seconds
+torch_compile (inductor), and (SD1.5) an fp16 resume whose gradient scaler continues the saved one's
+(``check_fp16_resume``). Each line: the case, ``ok`` or the error, the run's wall seconds
 divided by its steps (loading and latent caching included: a smoke check, not a speed benchmark),
 peak CUDA memory, and whether every saved tensor is finite.
 
@@ -85,6 +86,29 @@ def run_case(model: Path, data: Path, out: Path, options: dict, stages: list[dic
     return {"s_per_step": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "finite": bool(finite)}
 
 
+def check_fp16_resume(model: Path, data: Path, out: Path, resolution: int) -> str:
+    """fp16's gradient scaler goes with a state: a run of 2 inversion steps saving a state at each, resumed from
+    step 1, ends with the uninterrupted run's scaler state (``scaler.pt``: loss scale and growth tracker) at step 2.
+    Returns "" or what differs."""
+    from pti_plugin.config_loading import build_config
+    from pti_plugin.trainer import Trainer
+
+    raw = {"pretrained_model_name_or_path": str(model), "train_data_dir": str(data), "resolution": resolution,
+           "train_batch_size": 1, "cache_latents": True, "init_word": "character", "log_every_n_steps": 10**6,
+           "mixed_precision": "fp16", "save_state": True, "save_every_n_steps": 1,
+           "stages": [{"kind": "inversion", "steps": 2, "learning_rate": 5e-2}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        Trainer(build_config(raw | {"output_dir": str(out / "full")})).run()
+        Trainer(build_config(raw | {"output_dir": str(out / "resumed"),
+                                    "resume": str(out / "full" / "pti-state-step00000001")})).run()
+    scalers = [out / run / "pti-state-step00000002" / "scaler.pt" for run in ("full", "resumed")]
+    missing = [str(path) for path in scalers + [out / "full" / "pti-state-step00000001" / "scaler.pt"] if not path.is_file()]
+    if missing:
+        return f"no scaler.pt in {', '.join(missing)}"
+    full, resumed = (torch.load(path) for path in scalers)
+    return "" if full == resumed else f"resumed scaler {resumed} != uninterrupted {full}"
+
+
 def build_sdxl_architecture(out: Path) -> Path:
     """SDXL 1.0's architecture with random weights (bf16 on disk), from the shipped configs; once."""
     if (out / "model_index.json").is_file():
@@ -148,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             passed += r["finite"]
             print(f"{family:5s} {name:22s} ok  {r['s_per_step']:.3f} s/step (loading included)  peak {r['peak_gib']:.2f} GiB  "
                   f"finite {r['finite']}")
+    total += 1
+    try:
+        error = check_fp16_resume(models["sd15"], data, work / "runs" / "sd15-fp16_resume", 32)
+    except Exception as exc:  # noqa: BLE001
+        error = f"{type(exc).__name__}: {exc}"
+    passed += not error
+    print(f"sd15  fp16_resume            {'FAILED: ' + error if error else 'ok  (the resumed scaler continues the saved one)'}")
     if args.sdxl_memory:
         total += 1
         model = build_sdxl_architecture(work / "sdxl_architecture")

@@ -7,7 +7,8 @@ step counters, what the optimizer state belongs to: the stage's kind, its ``opti
 its parameter groups (names and tensor counts), the ``token_string`` the pivot was trained for, and how its
 global batch was made (processes, batch, accumulation: a resume with another is warned about; state folders
 written before these were recorded lack them); ``plugins.json`` and ``plugins.safetensors`` the plugins' own states,
-when a plugin keeps one (``plugin_state.py``). Loading refuses, naming the culprit, a
+when a plugin keeps one (``plugin_state.py``); ``scaler.pt`` fp16's gradient scaler state (its loss scale), when the run
+has a scaler (:func:`load_scaler`). Loading refuses, naming the culprit, a
 broken file and a state that does not fit the run (tensor names or shapes, stage kind, optimizer type,
 parameter groups, token).
 """
@@ -92,7 +93,7 @@ def save_state(
     stage_index: int, stage_step: int, global_step: int, *, stage_kind: str | None = None,
     optimizer_type: str | None = None, param_groups: list[tuple[str, int]] | None = None, replace: bool = False,
     token_string: str | None = None, base: dict[str, Any] | None = None, lora_scales: dict[str, Any] | None = None,
-    batch: dict[str, int] | None = None, plugins: PluginStates | None = None,
+    batch: dict[str, int] | None = None, plugins: PluginStates | None = None, scaler: dict[str, Any] | None = None,
 ) -> Path:
     """Write the state folder (to a temporary folder first, renamed when complete).
 
@@ -100,7 +101,8 @@ def save_state(
     group) and ``token_string`` go to ``progress.json``, so that a resume with another optimizer, stage
     or token is refused before it trains; ``base`` (:func:`base_identity`) too, so that a resume on another
     base model is warned about, and ``batch`` (:func:`batch_shape`), so that one with another global batch is; ``plugins``
-    (:func:`~.plugin_state.collect_plugin_states`) beside them, so that each plugin continues from its own state. An
+    (:func:`~.plugin_state.collect_plugin_states`) beside them, so that each plugin continues from its own state; ``scaler``
+    (fp16's gradient scaler's ``state_dict()``, None without one) as ``scaler.pt``, as accelerate's ``save_state`` writes it. An
     existing ``folder`` is refused unless ``replace`` (``overwrite = true``): then the new state takes its place once complete."""
     if folder.exists() and not replace:
         raise FileExistsError(f"refusing to overwrite state folder {folder} (set overwrite = true to allow it)")
@@ -116,6 +118,8 @@ def save_state(
         atomic_torch_save(tmp / "lr_scheduler.pt", lr_scheduler)
         if plugins is not None:
             plugins.write(tmp)
+        if scaler is not None:
+            atomic_torch_save(tmp / SCALER_FILE, scaler)
         progress: dict[str, Any] = {"stage_index": stage_index, "stage_step": stage_step, "global_step": global_step}
         if stage_kind is not None:
             progress["stage_kind"] = stage_kind
@@ -151,6 +155,8 @@ def save_state(
 
 #: The files of a complete state folder (each written atomically: present means whole).
 STATE_FILES = ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt", "progress.json")
+#: fp16's gradient scaler state, in a state saved by a run that has a scaler (accelerate's name and content)
+SCALER_FILE = "scaler.pt"
 
 
 def _latest_state_hint(folder: Path) -> str:
@@ -412,9 +418,41 @@ def _untrained_unet_lora(saved: dict[str, torch.Tensor], tensors: dict[str, torc
     return extra if ups and not any(bool(t.any()) for t in ups) else set()
 
 
-def load_state(progress: SavedProgress, tensors: dict[str, torch.nn.Parameter]) -> ResumedState:
+def load_scaler(folder: Path, scaler: Any) -> None:
+    """fp16's gradient ``scaler`` (the accelerator's; None in a run without one: no ``mixed_precision = "fp16"``, or a
+    device without one) continues from the state's ``scaler.pt``, its loss scale and growth tracker, as accelerate's
+    ``load_state`` restores it (before, every resume restarted the loss scale). A state without one (saved by an older
+    version or a run without a scaler) leaves the run's as it starts, said in an info line; a state with one resumed by
+    a run without a scaler is warned about, naming ``mixed_precision``."""
+    from .safe_load import safe_torch_load
+
+    path = folder / SCALER_FILE
+    if scaler is None:
+        if path.is_file():
+            logger.warning("resume: state %s holds fp16's gradient scaler state (%s), saved by a run with mixed_precision "
+                           "= \"fp16\"; this run has no gradient scaler (mixed_precision is not \"fp16\", or its device "
+                           "has none), so it is left out: resume with mixed_precision = \"fp16\" on a GPU to continue the "
+                           "run as it was", folder, SCALER_FILE)
+        return
+    if not path.is_file():
+        logger.info("resume: state %s holds no gradient scaler state (%s: saved by an older version or by a run without "
+                    "mixed_precision = \"fp16\"); fp16's loss scale starts afresh at %s", folder, SCALER_FILE,
+                    scaler.get_scale())
+        return
+    try:
+        saved = safe_torch_load(path)
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path} holds no gradient scaler state dict")
+        scaler.load_state_dict(saved)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise ConfigError(f"key 'resume': {path}: not a gradient scaler state that fits this run's ({exc})") from None
+    logger.info("resume: fp16's gradient scaler continues at loss scale %s (state %s)", scaler.get_scale(), folder)
+
+
+def load_state(progress: SavedProgress, tensors: dict[str, torch.nn.Parameter], scaler: Any = None) -> ResumedState:
     """Copy the saved trainable weights of ``progress.folder`` (read and checked by :func:`check_resume_fits`)
-    into ``tensors`` (by name) and return the rest of the state.
+    into ``tensors`` (by name), the saved loss scale into fp16's gradient ``scaler`` (:func:`load_scaler`), and
+    return the rest of the state.
 
     Every file goes through the safe loaders (``optimizer.pt``/``lr_scheduler.pt`` through the
     allow-listed unpickler); a state whose tensor names or shapes differ from this run's (another
@@ -444,6 +482,7 @@ def load_state(progress: SavedProgress, tensors: dict[str, torch.nn.Parameter]) 
                               "network_args differ from the saved run's)")
     if not isinstance(optimizer, dict) or not isinstance(scheduler, dict):
         raise ConfigError(f"key 'resume': {folder}: optimizer.pt and lr_scheduler.pt must hold state dicts")
+    load_scaler(folder, scaler)
     with torch.no_grad():
         for name, param in tensors.items():
             param.copy_(saved[name].to(param.device, param.dtype))

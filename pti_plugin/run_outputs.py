@@ -134,7 +134,8 @@ class RunOutputs:
                     param_groups=[(g["name"], len(g["params"])) for g in state.plan.param_groups],
                     replace=self.files.overwrite, token_string=config.token_string, base=base_identity(config),
                     lora_scales=lora_scales(config), batch=batch_shape(config, self.accelerator.num_processes),
-                    plugins=collect_plugin_states(self.plugins),
+                    plugins=collect_plugin_states(self.plugins), scaler=None if self.accelerator.scaler is None
+                    else self.accelerator.scaler.state_dict(),  # fp16's gradient scaler (accelerate's scaler.pt)
                 )
                 self.info(f"saved state {paths['state']}")
             if not (tag or "").startswith("interrupted"):  # kohya's save_last_n_*: the run's older saves, by name

@@ -254,7 +254,7 @@ class Trainer:
         config = self.config
         start_stage, start_step, resumed = 0, 0, None
         if config.resume:
-            resumed = load_state(self._resume_progress, self.model.trainable_tensors())
+            resumed = load_state(self._resume_progress, self.model.trainable_tensors(), self.accelerator.scaler)  # fp16's loss scale too
             progress = resumed.progress
             start_stage, start_step = progress.stage_index, progress.stage_step  # the state's position: set before on_setup
             self._info(f"resumed from {config.resume}: stage {start_stage}, step {start_step}")
